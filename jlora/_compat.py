@@ -1,0 +1,104 @@
+"""Every touchpoint with JAX internals, in one place.
+
+jlora evaluates jaxprs itself, so it reads equations, parameters and primitives that JAX does not
+promise to keep stable. Each difference between supported JAX versions lives here, with a comment
+naming the version that introduced it. Nothing else in the package imports from ``jax.extend`` or
+reads equation parameters that changed between versions.
+
+Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.extend import core as _core
+from jax.extend.core import primitives as _p
+
+Var = _core.Var
+Literal = _core.Literal
+Primitive = _core.Primitive
+
+dot_general_p = _p.dot_general_p
+conv_general_dilated_p = _p.conv_general_dilated_p
+gather_p = _p.gather_p
+transpose_p = _p.transpose_p
+reshape_p = _p.reshape_p
+convert_element_type_p = _p.convert_element_type_p
+copy_p = _p.copy_p
+sharding_constraint_p = _p.sharding_constraint_p
+scan_p = _p.scan_p
+while_p = _p.while_p
+cond_p = _p.cond_p
+remat_p = _p.remat_p  # the primitive behind jax.checkpoint ("remat2" / "checkpoint")
+custom_jvp_call_p = _p.custom_jvp_call_p
+custom_vjp_call_p = _p.custom_vjp_call_p
+# JAX 0.7 renamed pjit_p to jit_p.
+jit_p = getattr(_p, "jit_p", None) or getattr(_p, "pjit_p")
+
+
+def bind_params(eqn: Any) -> tuple[list, dict]:
+    """Split an equation's params into (subfuns, params) ready for ``primitive.bind``.
+
+    JAX 0.9.2 changed ``Primitive.get_bind_params`` to return one dict holding ``'subfuns'``;
+    before, it returned the tuple ``(subfuns, params)``.
+    """
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, dict):
+        params = dict(got)
+        subfuns = list(params.pop("subfuns", ()))
+        return subfuns, params
+    subfuns, params = got
+    return list(subfuns), dict(params)
+
+
+def bind(eqn: Any, invals: Sequence[Any]) -> list:
+    """Re-bind an equation unchanged on new inputs; always returns a list of outputs."""
+    subfuns, params = bind_params(eqn)
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def open_jaxpr(jaxpr: Any) -> tuple[Any, list]:
+    """Return ``(open_jaxpr, consts)`` for a closed or open jaxpr.
+
+    Higher-order params hold ``ClosedJaxpr`` (scan, while, cond, jit) or an open ``Jaxpr``
+    (checkpoint). JAX 0.11 made ``ClosedJaxpr`` an alias of ``Jaxpr``, which then carries its
+    consts itself; an open jaxpr with ``constvars`` but no ``consts`` has none to give.
+    """
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    if inner is None:
+        inner = jaxpr
+    consts = list(getattr(jaxpr, "consts", None) or ())
+    return inner, consts
+
+
+def is_literal(atom: Any) -> bool:
+    return isinstance(atom, Literal)
+
+
+def literal_value(atom: Any) -> Any:
+    return atom.val
+
+
+def is_drop_var(var: Any) -> bool:
+    # DropVar is a subclass of Var; its printed name is "_" in every supported version.
+    return type(var).__name__ == "DropVar"
+
+
+def abstractify(x: Any) -> jax.ShapeDtypeStruct:
+    """ShapeDtypeStruct of a concrete array or a tracer, keeping weak types."""
+    # jax.typeof appeared in JAX 0.6; older versions expose avals through jax.core.get_aval.
+    typeof = getattr(jax, "typeof", None)
+    aval = typeof(x) if typeof is not None else jax.core.get_aval(x)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+
+
+def is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def gather_dimension_numbers(**fields: Any) -> Any:
+    """Build ``lax.GatherDimensionNumbers``; batching fields exist in every supported version."""
+    return jax.lax.GatherDimensionNumbers(**fields)

@@ -1,0 +1,177 @@
+"""``LoraConfig``: what to adapt and how, validated when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+
+from jlora.layout import Layout
+from jlora.paths import compile_patterns
+
+INITS = ("kaiming_uniform", "gaussian")
+ALL_LINEAR = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True, init=False, eq=False)
+class LoraConfig:
+    """LoRA settings. All arguments are keywords; unknown ones are refused.
+
+    Args:
+      rank: ``r``, the rank of ``a @ b``.
+      alpha: scale numerator: ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
+      targets: param-path patterns to adapt (see ``jlora.paths``), or ``"all-linear"`` (every
+        dense ``kernel`` except the output head); ``None`` means ``"all-linear"``.
+      exclude: patterns never adapted.
+      rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path.
+      dropout: LoRA dropout on the input of the low-rank path (needs ``lora_rng`` in ``apply``).
+      init: ``"kaiming_uniform"`` (PEFT's default for ``a``) or ``"gaussian"`` (std ``1/rank``);
+        ``b`` starts at zero either way.
+      use_rslora: rank-stabilised scale ``alpha / sqrt(rank)``.
+      param_dtype: dtype of ``a`` and ``b``.
+      trainable: patterns of base leaves to fine-tune fully (biases, norms, a new head).
+      layouts: ``{pattern: "iio"}`` axis roles of n-D kernels (see ``jlora.layout``).
+
+    Example:
+        >>> LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"]).scale_for(8, 16)
+        2.0
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] | str
+    exclude: tuple[str, ...]
+    rank_pattern: tuple[tuple[str, int], ...]
+    alpha_pattern: tuple[tuple[str, float], ...]
+    dropout: float
+    init: str
+    use_rslora: bool
+    param_dtype: Any
+    trainable: tuple[str, ...]
+    layouts: tuple[tuple[str, str], ...]
+
+    def __init__(
+        self,
+        *,
+        rank: int = 8,
+        alpha: float = 8.0,
+        targets: Sequence[str] | str | None = None,
+        exclude: Sequence[str] = (),
+        rank_pattern: Mapping[str, int] | None = None,
+        alpha_pattern: Mapping[str, float] | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming_uniform",
+        use_rslora: bool = False,
+        param_dtype: Any = jnp.float32,
+        trainable: Sequence[str] = (),
+        layouts: Mapping[str, str] | None = None,
+        **unknown: Any,
+    ):
+        if unknown:
+            names = [f.name for f in dataclasses.fields(LoraConfig)]
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            raise ValueError(
+                "LoraConfig: unknown option(s) "
+                + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+                + f"; options are {', '.join(names)}"
+            )
+        _check_rank("rank", rank)
+        _check_alpha("alpha", alpha)
+        if targets is None:
+            targets = ALL_LINEAR
+        if isinstance(targets, str) and targets != ALL_LINEAR:
+            targets = (targets,)
+        if not isinstance(targets, str):
+            targets = tuple(targets)
+            if not targets:
+                raise ValueError("LoraConfig: targets is empty; give patterns or 'all-linear'")
+            compile_patterns(targets)
+        exclude = _patterns("exclude", exclude)
+        trainable = _patterns("trainable", trainable)
+        rank_pattern = _pattern_map("rank_pattern", rank_pattern, _check_rank)
+        alpha_pattern = _pattern_map("alpha_pattern", alpha_pattern, _check_alpha)
+        layouts_t = _pattern_map("layouts", layouts, lambda name, v: Layout.parse(v))
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"LoraConfig: init must be one of {INITS}, got {init!r}")
+        try:
+            dtype = jnp.dtype(param_dtype)
+        except TypeError:
+            raise ValueError(f"LoraConfig: param_dtype {param_dtype!r} is not a dtype") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"LoraConfig: param_dtype must be a float dtype, got {dtype.name}")
+        for name, value in dict(
+            rank=int(rank), alpha=float(alpha), targets=targets, exclude=exclude, rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern, dropout=float(dropout), init=init, use_rslora=bool(use_rslora),
+            param_dtype=dtype, trainable=trainable, layouts=layouts_t,
+        ).items():
+            object.__setattr__(self, name, value)
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, LoraConfig) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A copy with some options changed."""
+        return LoraConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able options; ``LoraConfig(**cfg.to_dict()) == cfg``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("rank_pattern", "alpha_pattern", "layouts"):
+            out[name] = {k: (str(v) if name == "layouts" else v) for k, v in out[name]}
+        for name in ("exclude", "trainable"):
+            out[name] = list(out[name])
+        if not isinstance(out["targets"], str):
+            out["targets"] = list(out["targets"])
+        out["param_dtype"] = out["param_dtype"].name
+        return out
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _check_rank(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"LoraConfig: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_alpha(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"LoraConfig: {name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    try:
+        compile_patterns(value)
+    except ValueError as err:
+        raise ValueError(f"LoraConfig: {name}: {err}") from None
+    return value
+
+
+def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tuple:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"LoraConfig: {name} must be a mapping of pattern -> value, got {type(value).__name__}")
+    _patterns(name, list(value))
+    items = []
+    for pattern, v in value.items():
+        check(f"{name}[{pattern!r}]", v)
+        items.append((pattern, v if name != "layouts" else str(Layout.parse(v))))
+    return tuple(items)

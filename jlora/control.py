@@ -1,0 +1,158 @@
+"""Higher-order primitives with lazy inputs: interpret the body, rebuild with the public API.
+
+``jit``, ``checkpoint``, ``scan``, ``while``, ``cond``, ``custom_jvp_call`` and
+``custom_vjp_call`` are rebuilt with ``jax.jit``, ``jax.checkpoint``, ``lax.scan``,
+``lax.while_loop``, ``lax.switch``, ``jax.custom_jvp`` and ``jax.custom_vjp`` around bodies that
+this evaluator interprets. Their parameters are read, never edited, so the equations' internal
+formats (which change between JAX releases) matter only through ``jlora._compat``.
+
+These rules work for every lazy kind: lazy values are pytrees, so they cross the rebuilt
+boundaries as their children.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+
+from jlora import _compat
+from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register
+from jlora.weight import Lazy
+
+
+def _outputs(outs: list, what: str) -> list:
+    # Bodies of loops and branches must return plain arrays: their output types are fixed.
+    return materialize_all(outs, what=what, why="a lazy value is returned from the body")
+
+
+@register(_compat.jit_p, Lazy)
+def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    closed = eqn.params["jaxpr"]
+    if eqn.params.get("inline", False):
+        return evaluate_closed(closed, invals, ctx)
+
+    def body(*args: Any) -> list:
+        return evaluate_closed(closed, list(args), ctx)
+
+    body.__name__ = str(eqn.params.get("name", "jit"))
+    return list(jax.jit(body)(*invals))
+
+
+@register(_compat.remat_p, Lazy)
+def checkpoint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
+
+    def body(*args: Any) -> list:
+        return _outputs(evaluate(jaxpr, consts, list(args), ctx), "checkpoint")
+
+    policy = eqn.params.get("policy")
+    return list(jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=policy)(*invals))
+
+
+@register(_compat.scan_p, Lazy)
+def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts = invals[:n_consts]
+    init = materialize_all(invals[n_consts:n_consts + n_carry], what="scan", why="a lazy loop carry")
+    xs_in = invals[n_consts + n_carry:]
+    xs, rebuilds = [], []
+    for x in xs_in:
+        spec = x.unstack() if is_lazy(x) else None
+        if spec is None:
+            xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily")[0])
+            rebuilds.append(None)
+        else:
+            xs.append(spec[0])
+            rebuilds.append(spec[1])
+    keys = jax.random.split(ctx.next_key(), p["length"]) if ctx.rng is not None else None
+
+    def body(carry: Any, scanned: Any) -> Any:
+        slices, step_key = scanned
+        xs_now = [x if rebuild is None else rebuild(x) for x, rebuild in zip(slices, rebuilds)]
+        step_ctx = ctx.with_rng(step_key) if step_key is not None else ctx
+        outs = _outputs(evaluate_closed(p["jaxpr"], list(consts) + list(carry) + xs_now, step_ctx), "scan")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+@register(_compat.while_p, Lazy)
+def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+    init = materialize_all(invals[nc + nb:], what="while", why="a lazy loop carry")
+
+    def cond_fn(carry: Any) -> Any:
+        return _outputs(evaluate_closed(p["cond_jaxpr"], list(cond_consts) + list(carry), ctx), "while")[0]
+
+    def body_fn(carry: Any) -> Any:
+        return _outputs(evaluate_closed(p["body_jaxpr"], list(body_consts) + list(carry), ctx), "while")
+
+    return list(lax.while_loop(cond_fn, body_fn, list(init)))
+
+
+@register(_compat.cond_p, Lazy)
+def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    index, *ops = invals
+
+    def branch(closed: Any):
+        return lambda *args: _outputs(evaluate_closed(closed, list(args), ctx), "cond")
+
+    return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
+
+
+def _flat_inputs(invals: list) -> tuple[list, Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(invals)
+    return leaves, treedef
+
+
+@register(_compat.custom_jvp_call_p, Lazy)
+def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs."""
+    leaves, treedef = _flat_inputs(invals)
+
+    def materialized(*flat: Any) -> list:
+        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)))
+
+    @jax.custom_jvp
+    def call(*flat: Any) -> list:
+        vals = jax.tree_util.tree_unflatten(treedef, list(flat))
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx), "custom_jvp_call")
+
+    @call.defjvp
+    def call_jvp(primals: tuple, tangents: tuple) -> Any:
+        mats, mat_tangents = jax.jvp(materialized, primals, tangents)
+        return jax.jvp(lambda *m: _compat.bind(eqn, list(m)), tuple(mats), tuple(mat_tangents))
+
+    return list(call(*leaves))
+
+
+@register(_compat.custom_vjp_call_p, Lazy)
+def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs."""
+    leaves, treedef = _flat_inputs(invals)
+
+    def materialized(*flat: Any) -> tuple:
+        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat))))
+
+    @jax.custom_vjp
+    def call(*flat: Any) -> list:
+        vals = jax.tree_util.tree_unflatten(treedef, list(flat))
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx), "custom_vjp_call")
+
+    def fwd(*flat: Any) -> Any:
+        mats, mat_vjp = jax.vjp(materialized, *flat)
+        outs, eqn_vjp = jax.vjp(lambda *m: _compat.bind(eqn, list(m)), *mats)
+        return outs, (mat_vjp, eqn_vjp)
+
+    def bwd(res: Any, cts: Any) -> Any:
+        mat_vjp, eqn_vjp = res
+        return mat_vjp(tuple(eqn_vjp(cts)))
+
+    call.defvjp(fwd, bwd)
+    return list(call(*leaves))

@@ -1,0 +1,181 @@
+"""``lora_init``: put ``LoraWeight`` at the matched kernels of a parameter tree."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import ALL_LINEAR, LoraConfig
+from jlora.layout import Layout
+from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
+from jlora.weight import LoraWeight, Trainable, is_node
+
+# Output heads that "all-linear" leaves alone, as PEFT does.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "logits"})
+WEIGHT_NAMES = ("kernel", "embedding")
+
+
+def _is_float_array(leaf: Any) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _describe(leaf: Any) -> str:
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return f"{jnp.dtype(leaf.dtype).name}[{','.join(map(str, leaf.shape))}]"
+    return type(leaf).__name__
+
+
+def _is_linear_kernel(path: str, leaf: Any) -> bool:
+    comps = path.split("/")
+    return (
+        comps[-1] == "kernel"
+        and _is_float_array(leaf)
+        and leaf.ndim >= 2
+        and not any(c in HEAD_NAMES for c in comps)
+    )
+
+
+def _pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, default: Any) -> Any:
+    hits = [(p, v) for p, v in table if Pattern(p).match(path)]
+    values = {v for _, v in hits}
+    if len(values) > 1:
+        raise ValueError(
+            f"LoraConfig.{option}: patterns {[p for p, _ in hits]} all match '{path}' with different values {sorted(values)}"
+        )
+    return hits[0][1] if hits else default
+
+
+def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list[str], list[str]]:
+    """Paths to adapt and paths to fine-tune fully, with the errors a user needs.
+
+    Example:
+        >>> select(LoraConfig(targets=["q"]), [("q/kernel", jnp.ones((2, 2))), ("q/bias", jnp.ones(2))])
+        (['q/kernel'], [])
+    """
+    paths = [p for p, _ in entries]
+    exclude = compile_patterns(config.exclude)
+    targets = () if config.targets == ALL_LINEAR else compile_patterns(config.targets)
+    trainable = compile_patterns(config.trainable)
+    hits = {pat: 0 for pat in targets + trainable}
+    adapt, tune = [], []
+    for path, leaf in entries:
+        if any(ex.match(path) for ex in exclude):
+            continue
+        name = path.rsplit("/", 1)[-1]
+        if config.targets == ALL_LINEAR:
+            chosen = _is_linear_kernel(path, leaf)
+        else:
+            kinds = {pat: pat.match(path) for pat in targets}
+            direct = [pat for pat, kind in kinds.items() if kind == LEAF]
+            for pat in direct:
+                if not (_is_float_array(leaf) and leaf.ndim >= 2):
+                    raise ValueError(
+                        f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
+                        "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
+                    )
+            chosen = bool(direct) or (
+                any(kinds.values()) and name in WEIGHT_NAMES and _is_float_array(leaf) and leaf.ndim >= 2
+            )
+            for pat, kind in kinds.items():
+                hits[pat] += bool(chosen and kind)
+        tuned = [pat for pat in trainable if pat.match(path)]
+        for pat in tuned:
+            if chosen and pat.match(path) == LEAF:
+                raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
+            hits[pat] += not chosen
+        if chosen:
+            adapt.append(path)
+        elif tuned:
+            tune.append(path)
+    for pat, n in hits.items():
+        if n == 0:
+            option = "targets" if pat in targets else "trainable"
+            raise ValueError(
+                f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
+                + (" it can use" if any(pat.match(p) for p in paths) else "")
+                + f"; nearest paths: {nearest(pat.text, paths)}"
+            )
+    if not adapt:
+        raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}")
+    return adapt, tune
+
+
+def _init_factors(key: Any, shape: tuple, layout: Layout, rank: int, config: LoraConfig, embedding: bool):
+    dtype = config.param_dtype
+    a_shape, b_shape = layout.a_shape(shape, rank), layout.b_shape(shape, rank)
+    if embedding:  # PEFT: A zeros, B normal for embeddings
+        return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
+    if config.init == "gaussian":
+        a = jax.random.normal(key, a_shape, dtype) / rank
+    else:  # kaiming_uniform(a=sqrt(5)) as in PEFT and torch.nn.Linear: bound = 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(layout.fan_in(shape))
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    return a, jnp.zeros(b_shape, dtype)
+
+
+def lora_init(
+    key: Any,
+    params: Any,
+    config: LoraConfig,
+    *,
+    infer_layout: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Replace the kernels ``config`` selects by ``LoraWeight(w, a, b)``; mark ``trainable`` leaves.
+
+    ``infer_layout(params)``, if given, is traced (abstractly) to learn how each kernel is used, which
+    gives the batch/input/output axes of n-D kernels (DenseGeneral, conv, ``nn.scan``-stacked layers).
+    2-D kernels default to ``(in, out)``; ``config.layouts`` declares layouts per pattern.
+
+    Example:
+        >>> params = {"q_proj": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}}
+        >>> p = lora_init(jax.random.key(0), params, LoraConfig(rank=4, targets=["q_proj"]))
+        >>> p["q_proj"]["kernel"].a.shape
+        (16, 4)
+    """
+    entries = leaves_with_paths(params, is_leaf=is_node)
+    for path, leaf in entries:
+        if is_node(leaf):
+            raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
+    adapt, tune = select(config, entries)
+    by_path = dict(entries)
+    declared = [(Pattern(p), Layout.parse(s)) for p, s in config.layouts]
+    inferred = {}
+    if infer_layout is not None:
+        from jlora.probe import infer_layouts
+
+        inferred = infer_layouts(infer_layout, params, adapt)
+    new = {}
+    for path in adapt:
+        w = by_path[path]
+        rank = _pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
+        alpha = _pattern_value(path, config.alpha_pattern, "alpha_pattern", config.alpha)
+        layouts = {str(l): l for pat, l in declared if pat.match(path)}
+        if len(layouts) > 1:
+            raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
+        layout = next(iter(layouts.values()), None) or inferred.get(path) or Layout.default(w.ndim)
+        if layout is None:
+            raise ValueError(
+                f"kernel '{path}' has shape {tuple(w.shape)}: jlora cannot tell its input and output axes. "
+                "Pass lora_init(..., infer_layout=lambda p: model.apply(p, example_input)) or declare "
+                f"LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': 'iio'}}) "
+                "(letters b/i/o per axis)"
+            )
+        if layout.ndim != w.ndim:
+            raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
+        fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
+        if rank > min(fan_in, fan_out):
+            raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
+        leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        a, b = _init_factors(leaf_key, tuple(w.shape), layout, rank, config, path.endswith("embedding"))
+        new[path] = LoraWeight(
+            w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
+        )
+    for path in tune:
+        new[path] = Trainable(by_path[path])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [new.get(path_str(kp), leaf) for kp, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,144 @@
+"""Axis layouts of adapted kernels: which axes of ``w`` are batch, input and output.
+
+A layout gives each axis of a kernel ``w`` a role and a position within its role group:
+
+- ``b`` batch axes (stacked layers, experts): present in ``w``, ``a`` and ``b``;
+- ``i`` input axes (contracted with the activation): present in ``w`` and ``a``;
+- ``o`` output axes: present in ``w`` and ``b``.
+
+``a`` has shape ``batch + input + (r,)`` and ``b`` has shape ``batch + (r,) + output``, each group
+in its own order (``k``), so ``ΔW = scale · a @ b`` is one batched matmul. Declared layouts are
+strings with one letter per axis of ``w``: ``"io"`` (Flax Dense), ``"oi"`` (GPT-2's Conv1D),
+``"ioo"`` (DenseGeneral to heads), ``"iio"`` (DenseGeneral from heads), ``"bio"`` (``nn.scan``
+stacked Dense), ``"iiio"`` (2-D conv window ``HWIO``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+ROLES = ("b", "i", "o")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Per-axis ``(role, k)`` of a kernel; ``k`` orders the axes of one role inside ``a``/``b``.
+
+    Example:
+        >>> Layout.parse("iio").group("i")
+        (0, 1)
+    """
+
+    axes: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(cls, spec: "str | Layout") -> "Layout":
+        """Layout from a string of ``b``/``i``/``o`` letters, one per axis, in order of appearance.
+
+        Example:
+            >>> str(Layout.parse("oi"))
+            'oi'
+        """
+        if isinstance(spec, Layout):
+            return spec
+        letters = spec.replace(",", "").replace(" ", "")
+        bad = sorted(set(letters) - set(ROLES))
+        if not isinstance(spec, str) or bad:
+            raise ValueError(
+                f"layout {spec!r}: use one letter per kernel axis from 'b' (batch), 'i' (input), "
+                f"'o' (output), e.g. 'io', 'oi', 'iio', 'bio'; got {bad or spec!r}"
+            )
+        counts = {role: 0 for role in ROLES}
+        axes = []
+        for role in letters:
+            axes.append((role, counts[role]))
+            counts[role] += 1
+        layout = cls(tuple(axes))
+        layout.check()
+        return layout
+
+    @classmethod
+    def default(cls, ndim: int) -> "Layout | None":
+        """The layout assumed without declaration or inference: ``(in, out)`` for 2-D kernels."""
+        return cls.parse("io") if ndim == 2 else None
+
+    def check(self) -> None:
+        for role in ("i", "o"):
+            if not self.group(role):
+                raise ValueError(f"layout '{self}' has no '{role}' axis: a kernel needs input and output axes")
+        for role in ROLES:
+            ks = sorted(k for r, k in self.axes if r == role)
+            if ks != list(range(len(ks))):
+                raise ValueError(f"layout {self.axes}: positions of role '{role}' are not 0..n-1")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    def group(self, role: str) -> tuple[int, ...]:
+        """Axes of ``w`` with ``role``, ordered as they are stored in ``a``/``b``."""
+        return tuple(ax for _, ax in sorted((k, ax) for ax, (r, k) in enumerate(self.axes) if r == role))
+
+    def group_shape(self, shape: Sequence[int], role: str) -> tuple[int, ...]:
+        return tuple(shape[ax] for ax in self.group(role))
+
+    def a_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+        return self.group_shape(shape, "b") + self.group_shape(shape, "i") + (rank,)
+
+    def b_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+        return self.group_shape(shape, "b") + (rank,) + self.group_shape(shape, "o")
+
+    def fan_in(self, shape: Sequence[int]) -> int:
+        return _prod(self.group_shape(shape, "i"))
+
+    def fan_out(self, shape: Sequence[int]) -> int:
+        return _prod(self.group_shape(shape, "o"))
+
+    def canonical_to_w(self) -> tuple[int, ...]:
+        """Permutation taking ``batch + input + output`` (the order of ``a @ b``) to ``w``'s axes."""
+        offsets = {"b": 0, "i": len(self.group("b")), "o": len(self.group("b")) + len(self.group("i"))}
+        return tuple(offsets[role] + k for role, k in self.axes)
+
+    def permute(self, perm: Sequence[int]) -> "Layout":
+        """Layout of ``transpose(w, perm)``."""
+        return Layout(tuple(self.axes[p] for p in perm))
+
+    def __str__(self) -> str:
+        return "".join(role for role, _ in self.axes)
+
+
+def _prod(xs: Sequence[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Split a row-major reshape into minimal groups of axes with equal products.
+
+    Returns ``[(old_axes, new_axes), ...]`` or ``None`` when a size-1 or size-0 axis makes the
+    grouping ambiguous.
+
+    Example:
+        >>> reshape_groups((4, 2, 3), (8, 3))
+        [([0, 1], [0]), ([2], [1])]
+    """
+    if any(d <= 1 for d in old) or any(d <= 1 for d in new) or _prod(old) != _prod(new):
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(old):
+        olds, news, po, pn = [i], [j], old[i], new[j]
+        while po != pn:
+            if po < pn:
+                i += 1
+                olds.append(i)
+                po *= old[i]
+            else:
+                j += 1
+                news.append(j)
+                pn *= new[j]
+        groups.append((olds, news))
+        i, j = i + 1, j + 1
+    return groups

@@ -1,0 +1,237 @@
+"""``apply(fn)``: run any JAX function on a tree holding lazy values, keeping them lazy.
+
+The function is traced once per input signature with ``jax.make_jaxpr`` (lazy leaves enter as
+plain abstract arrays), then its jaxpr is evaluated by a small interpreter in which values may be
+lazy. An equation with no lazy input is re-bound unchanged. Otherwise the rule registered for
+(primitive, lazy kind) runs; a rule may decline by returning ``NotImplemented``. Without a rule,
+lazy inputs are materialised exactly and a ``MaterializeWarning`` names the primitive and the
+param path, once. Correctness never depends on rule coverage; only speed does.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jlora import _compat
+from jlora.weight import Lazy, Trainable
+
+Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
+_RULES: dict[tuple[Any, type], Rule] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+class MaterializeWarning(UserWarning):
+    """A lazy value was materialised: correct, but the factored fast path was not taken."""
+
+
+def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
+    """Register ``rule(ctx, eqn, invals) -> outvals | NotImplemented`` for a primitive and lazy kind.
+
+    Example:
+        >>> @register(_compat.copy_p, Lazy)
+        ... def copy_rule(ctx, eqn, invals):
+        ...     return [invals[0]]
+    """
+
+    def deco(rule: Rule) -> Rule:
+        _RULES[(primitive, kind)] = rule
+        return rule
+
+    return deco
+
+
+def find_rule(primitive: Any, kind: type) -> Rule | None:
+    for cls in kind.__mro__:
+        rule = _RULES.get((primitive, cls))
+        if rule is not None:
+            return rule
+    return None
+
+
+def is_lazy(x: Any) -> bool:
+    return isinstance(x, Lazy)
+
+
+def warn_once(what: str, value: Any, why: str = "") -> None:
+    """Warn once per (what, param path) that a value was materialised."""
+    path = getattr(value, "path", "") or value.describe()
+    key = (what, path)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"jlora: {value.describe()} materialised at '{what}'{': ' + why if why else ''}. "
+        "The result is exact; only the factored fast path was skipped.",
+        MaterializeWarning,
+        stacklevel=3,
+    )
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already reported (each is reported once per process)."""
+    _WARNED.clear()
+
+
+def materialize(x: Any, what: str | None = None, why: str = "") -> Any:
+    """A plain array for ``x``; warns once when ``what`` names a fallback."""
+    if not is_lazy(x):
+        return x
+    if what is not None and getattr(x, "warn_on_fallback", True):
+        warn_once(what, x, why)
+    return x.materialize()
+
+
+def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "") -> list:
+    return [materialize(x, what, why) for x in xs]
+
+
+class Context:
+    """State shared by one evaluation: the dropout key, and what rules want to record."""
+
+    def __init__(self, rng: Any = None, records: dict | None = None):
+        self.rng = rng
+        self.records = records
+        self._counter = itertools.count()
+
+    def next_key(self) -> Any:
+        """A fresh key per use site (the site counter advances at trace time)."""
+        return jax.random.fold_in(self.rng, next(self._counter))
+
+    def with_rng(self, rng: Any) -> "Context":
+        child = Context(rng, self.records)
+        return child
+
+
+def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
+    """Evaluate an open jaxpr on values that may be lazy."""
+    env: dict[Any, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return _compat.literal_value(atom) if _compat.is_literal(atom) else env[atom]
+
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    if len(args) != len(jaxpr.invars):
+        raise ValueError(f"jaxpr takes {len(jaxpr.invars)} inputs, got {len(args)}")
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        lazy = [x for x in invals if is_lazy(x)]
+        outs: Any = NotImplemented
+        if lazy:
+            rule = find_rule(eqn.primitive, type(lazy[0]))
+            if rule is not None:
+                outs = rule(ctx, eqn, invals)
+            if outs is NotImplemented:
+                invals = materialize_all(invals, what=str(eqn.primitive))
+        if outs is NotImplemented:
+            outs = _compat.bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outs):
+            if not _compat.is_drop_var(var):
+                env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def evaluate_closed(closed: Any, args: Sequence[Any], ctx: Context) -> list:
+    jaxpr, consts = _compat.open_jaxpr(closed)
+    return evaluate(jaxpr, consts, args, ctx)
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or _compat.is_tracer(x)
+
+
+def _is_special(x: Any) -> bool:
+    return isinstance(x, (Lazy, Trainable))
+
+
+def _check_lazy(x: Lazy) -> None:
+    w = getattr(x, "w", x)
+    if w is None:
+        raise ValueError(
+            f"{x.describe()} has no base weight: this is the trainable half of jlora.split; "
+            "pass jlora.combine(trainable, frozen) instead"
+        )
+
+
+def apply(fn: Callable, *, cache_size: int = 32) -> Callable:
+    """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
+
+    The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
+    for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+        >>> lora = jlora.lora_init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=["dense"]))
+        >>> forward = jlora.apply(lambda p, x: x @ p["dense"]["kernel"])
+        >>> forward(lora, jnp.ones((2, 4))).shape
+        (2, 3)
+    """
+    cache: OrderedDict = OrderedDict()
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_special)
+        values, dynamic, abstract, static = [], [], [], []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, Trainable):
+                leaf = leaf.value
+            if isinstance(leaf, Lazy):
+                _check_lazy(leaf)
+                values.append(leaf.prepare())
+                abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                dynamic.append(i)
+            elif _is_array(leaf):
+                values.append(leaf)
+                abstract.append(_compat.abstractify(leaf))
+                dynamic.append(i)
+            else:
+                static.append((i, leaf))
+        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract)
+        closed, out_tree = traced
+        outs = evaluate_closed(closed, values, Context(rng=lora_rng))
+        return jax.tree_util.tree_unflatten(out_tree, materialize_all(outs))
+
+    wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
+    key = None
+    try:
+        key = (treedef, dynamic, tuple(static), tuple((a.shape, a.dtype, a.weak_type) for a in abstract))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+
+    def flat_fn(*dyn: Any) -> Any:
+        leaves: list[Any] = [None] * n_leaves
+        for i, v in static:
+            leaves[i] = v
+        for i, v in zip(dynamic, dyn):
+            leaves[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        return fn(*a, **k)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
+    result = (closed, jax.tree_util.tree_structure(out_shape))
+    _, consts = _compat.open_jaxpr(closed)
+    if key is not None and not any(_compat.is_tracer(c) for c in consts):
+        cache[key] = result
+        if len(cache) > cache_size:
+            cache.popitem(last=False)
+    return result

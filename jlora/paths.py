@@ -1,0 +1,146 @@
+"""Param paths as ``"a/b/c"`` strings, and the patterns that select them.
+
+A pattern is one of:
+
+- a **name** (``"q_proj"``): equals one path component;
+- a **sub-path** (``"attn/q_proj"``): equals a run of consecutive components;
+- a **glob** (``"*_proj"``, ``"layers/*/mlp/*"``): split at ``/``, each part ``fnmatch``-ed against
+  one component of a run of consecutive components; ``**`` spans any number of components;
+- a **regex** (``"re:.*layers/[0-3]/.*proj"``): ``re.fullmatch`` against the whole path, or against
+  any leading part of it (so it may name a module rather than its leaf).
+
+A match that ends at the leaf names the leaf itself; a match that ends earlier names a subtree.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
+
+import jax
+
+LEAF, SUBTREE = "leaf", "subtree"
+
+
+def key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """``"a/b/c"`` for a JAX key path; NNX ``Variable``'s trailing ``.value`` is dropped.
+
+    Example:
+        >>> path_str((jax.tree_util.DictKey("dense"), jax.tree_util.DictKey("kernel")))
+        'dense/kernel'
+    """
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value" and len(keys) > 1:
+        keys = keys[:-1]
+    return "/".join(key_str(k) for k in keys)
+
+
+def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
+    """``[(path, leaf), ...]`` in flattening order.
+
+    Example:
+        >>> leaves_with_paths({"a": {"b": 1}})
+        [('a/b', 1)]
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+class Pattern:
+    """A compiled path pattern (see the module docstring for the syntax).
+
+    Example:
+        >>> Pattern("q_proj").match("model/layers/0/q_proj/kernel")
+        'subtree'
+    """
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"pattern must be a non-empty string, got {text!r}")
+        self.text = text
+        if text.startswith("re:"):
+            try:
+                self._regex = re.compile(text[3:])
+            except re.error as err:
+                raise ValueError(f"pattern {text!r} is not a valid regular expression: {err}") from None
+            self._parts = None
+        else:
+            self._regex = None
+            self._parts = tuple(p for p in text.strip("/").split("/"))
+
+    def match(self, path: str) -> str | None:
+        """``"leaf"`` if the pattern names the leaf at ``path``, ``"subtree"`` if an ancestor."""
+        comps = path.split("/")
+        if self._regex is not None:
+            if self._regex.fullmatch(path):
+                return LEAF
+            for end in range(len(comps) - 1, 0, -1):
+                if self._regex.fullmatch("/".join(comps[:end])):
+                    return SUBTREE
+            return None
+        ends = _match_ends(self._parts, tuple(comps))
+        if not ends:
+            return None
+        return LEAF if len(comps) in ends else SUBTREE
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.text!r})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Pattern) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+@lru_cache(maxsize=65536)
+def _match_ends(parts: tuple[str, ...], comps: tuple[str, ...]) -> frozenset[int]:
+    """End positions of runs of ``comps`` matched by ``parts`` (``**`` spans any number)."""
+    ends: set[int] = set()
+    for start in range(len(comps)):
+        ends |= _ends_from(parts, comps, start)
+    return frozenset(ends)
+
+
+def _ends_from(parts: tuple[str, ...], comps: tuple[str, ...], start: int) -> set[int]:
+    if not parts:
+        return {start}
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        out: set[int] = set()
+        for nxt in range(start, len(comps) + 1):
+            out |= _ends_from(rest, comps, nxt)
+        return out
+    if start < len(comps) and fnmatch.fnmatchcase(comps[start], head):
+        return _ends_from(rest, comps, start + 1)
+    return set()
+
+
+def compile_patterns(patterns: Iterable[str] | str | None) -> tuple[Pattern, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return tuple(Pattern(p) for p in patterns)
+
+
+def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
+    """The paths closest to ``text``, to suggest in an error message."""
+    by_comp: dict[str, str] = {}
+    for p in paths:
+        for c in p.split("/"):
+            by_comp.setdefault(c, p)
+    close = difflib.get_close_matches(text, list(by_comp), n=n, cutoff=0.5)
+    out = [by_comp[c] for c in close]
+    out += [p for p in difflib.get_close_matches(text, list(paths), n=n, cutoff=0.3) if p not in out]
+    return out[:n] or list(paths[:n])

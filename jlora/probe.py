@@ -1,0 +1,192 @@
+"""Layout inference: trace a function of the params and see how each kernel is used.
+
+Each target kernel enters the evaluator of ``jlora.lazy`` as a ``Probe``, a lazy kind that follows
+the kernel through transposes, casts, reshapes and scans, and records at the first ``dot_general``,
+``gather`` or ``conv`` which of its original axes are contracted (input), batched (batch) or kept
+(output). Only abstract values are used: nothing is computed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+
+from jlora import _compat
+from jlora.layout import Layout, reshape_groups
+from jlora.lazy import Context, evaluate_closed, register
+from jlora.weight import Lazy
+
+
+class Probe(Lazy):
+    """Stands for a kernel during inference; ``axes[j]`` lists the original axes behind axis ``j``."""
+
+    warn_on_fallback = False
+
+    def __init__(self, value: Any, path: str, axes: tuple, sliced: tuple = ()):
+        self.value, self.path, self.axes, self.sliced = value, path, axes, sliced
+
+    def tree_flatten(self):
+        return (self.value,), (self.path, self.axes, self.sliced)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> "Probe":
+        return cls(children[0], *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    def materialize(self) -> Any:
+        return self.value
+
+    def unstack(self):
+        path, axes, sliced = self.path, self.axes[1:], self.sliced + self.axes[0]
+        return (self.value,), lambda ch: Probe(ch[0], path, axes, sliced)
+
+    def describe(self) -> str:
+        return f"kernel {self.path!r}"
+
+    def with_value(self, value: Any, axes: tuple | None = None) -> "Probe":
+        return Probe(value, self.path, self.axes if axes is None else axes, self.sliced)
+
+
+jax.tree_util.register_pytree_node_class(Probe)
+
+
+def _record(ctx: Context, probe: Probe, roles: dict[int, str]) -> None:
+    """Record a use: ``roles`` maps the probe's current axes to 'b'/'i'/'o'."""
+    per_axis: dict[int, str] = {ax: "b" for ax in probe.sliced}
+    for cur, role in roles.items():
+        for orig in probe.axes[cur]:
+            per_axis[orig] = role
+    n = len(per_axis)
+    if sorted(per_axis) != list(range(n)):
+        return
+    spec = "".join(per_axis[i] for i in range(n))
+    seen = ctx.records.setdefault(probe.path, [])
+    if spec not in seen:
+        seen.append(spec)
+
+
+@register(_compat.dot_general_p, Probe)
+def _dot(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for side, contract, batch in ((0, lc, lb), (1, rc, rb)):
+        probe = invals[side]
+        if isinstance(probe, Probe):
+            roles = {ax: ("i" if ax in contract else "b" if ax in batch else "o") for ax in range(probe.ndim)}
+            _record(ctx, probe, roles)
+    return NotImplemented
+
+
+@register(_compat.gather_p, Probe)
+def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
+    probe = invals[0]
+    if isinstance(probe, Probe):
+        dn = eqn.params["dimension_numbers"]
+        indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
+        _record(ctx, probe, {ax: ("i" if ax in indexed else "o") for ax in range(probe.ndim)})
+    return NotImplemented
+
+
+@register(_compat.conv_general_dilated_p, Probe)
+def _conv(ctx: Context, eqn: Any, invals: list) -> Any:
+    probe = invals[1]
+    if isinstance(probe, Probe):
+        out_feature = eqn.params["dimension_numbers"][1][0]
+        _record(ctx, probe, {ax: ("o" if ax == out_feature else "i") for ax in range(probe.ndim)})
+    return NotImplemented
+
+
+@register(_compat.transpose_p, Probe)
+def _transpose(ctx: Context, eqn: Any, invals: list) -> Any:
+    (probe,) = invals
+    perm = eqn.params["permutation"]
+    return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(probe.axes[p] for p in perm))]
+
+
+@register(_compat.convert_element_type_p, Probe)
+@register(_compat.copy_p, Probe)
+@register(_compat.sharding_constraint_p, Probe)
+def _same(ctx: Context, eqn: Any, invals: list) -> Any:
+    (probe,) = invals
+    return [probe.with_value(_compat.bind(eqn, [probe.value])[0])]
+
+
+@register(_compat.reshape_p, Probe)
+def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
+    (probe,) = invals
+    new_shape = tuple(eqn.outvars[0].aval.shape)
+    groups = reshape_groups(probe.shape, new_shape)
+    if groups is None or eqn.params.get("dimensions") is not None:
+        return NotImplemented
+    axes: list[tuple] = [()] * len(new_shape)
+    for olds, news in groups:
+        merged = tuple(o for ax in olds for o in probe.axes[ax])
+        for ax in news:
+            axes[ax] = merged
+    return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(axes))]
+
+
+def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str]) -> dict[str, Layout]:
+    """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> p = {"k": jnp.ones((3, 2, 4))}
+        >>> str(infer_layouts(lambda p: jnp.ones((5, 3)) @ p["k"].reshape(3, 8), p, ["k"])["k"])
+        'ioo'
+    """
+    from jlora.paths import path_str
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaf_paths = [path_str(kp) for kp, _ in flat]
+    wanted = set(paths)
+    abstract = [_compat.abstractify(leaf) for _, leaf in flat]
+
+    def call(*leaves: Any) -> Any:
+        return fn(jax.tree_util.tree_unflatten(treedef, list(leaves)))
+
+    closed = jax.make_jaxpr(call)(*abstract)
+    records: dict[str, list[str]] = {}
+
+    def run(*leaves: Any) -> Any:
+        vals = [
+            Probe(v, p, tuple((i,) for i in range(v.ndim))) if p in wanted else v
+            for p, v in zip(leaf_paths, leaves)
+        ]
+        out = evaluate_closed(closed, vals, Context(records=records))
+        return [o.materialize() if isinstance(o, Lazy) else o for o in out]
+
+    jax.make_jaxpr(run)(*abstract)
+    layouts = {}
+    for path, specs in records.items():
+        first = Layout.parse(specs[0]) if _valid(specs[0]) else None
+        if first is None:
+            continue
+        for other in specs[1:]:
+            if not _compatible(first, other):
+                warnings.warn(
+                    f"jlora: kernel {path!r} is used with layouts '{first}' and '{other}'; "
+                    f"using '{first}' (the other use will materialise)",
+                    stacklevel=2,
+                )
+        layouts[path] = first
+    return layouts
+
+
+def _valid(spec: str) -> bool:
+    return "i" in spec and "o" in spec
+
+
+def _compatible(layout: Layout, spec: str) -> bool:
+    # The same kernel used transposed (x @ E.T after E[ids]) swaps input and output roles.
+    mine = str(layout)
+    swapped = mine.translate(str.maketrans("io", "oi"))
+    return spec in (mine, swapped)

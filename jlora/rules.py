@@ -1,0 +1,285 @@
+"""Primitive rules for ``LoraWeight``: where ``w + scale·a@b`` stays factored.
+
+- ``dot_general`` (either side, any dimension numbers that contract exactly the input axes, or
+  exactly the output axes as in a tied ``x @ E.T``): ``x·w + scale·(x·a)·b``;
+- ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``;
+- ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``;
+- ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
+  ``sharding_constraint``: a new ``LoraWeight``.
+
+Every other use materialises (see ``jlora.lazy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora import _compat
+from jlora.layout import Layout, reshape_groups
+from jlora.lazy import Context, is_lazy, materialize, register, warn_once
+from jlora.weight import LoraWeight
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
+    if lw.dropout <= 0.0 or ctx.rng is None:
+        return x
+    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
+
+
+def contract(
+    x: jax.Array, x_labels: Sequence[int], y: jax.Array, y_labels: Sequence[int], keep: set,
+    preferred: Any = None, precision: Any = None,
+) -> tuple[jax.Array, list[int]]:
+    """Einsum of two labelled operands keeping the labels in ``keep``; returns (result, labels).
+
+    Shared labels in ``keep`` become batch dimensions, other shared labels are contracted; a label
+    in one operand only and not kept is summed out first.
+    """
+    x, x_labels = _sum_unused(x, list(x_labels), set(y_labels) | keep)
+    y, y_labels = _sum_unused(y, list(y_labels), set(x_labels) | keep)
+    shared = [l for l in x_labels if l in y_labels]
+    batch = [l for l in shared if l in keep]
+    contracted = [l for l in shared if l not in keep]
+    dims = (
+        (tuple(x_labels.index(l) for l in contracted), tuple(y_labels.index(l) for l in contracted)),
+        (tuple(x_labels.index(l) for l in batch), tuple(y_labels.index(l) for l in batch)),
+    )
+    out = lax.dot_general(x, y, dims, precision=precision, preferred_element_type=preferred)
+    labels = batch + [l for l in x_labels if l not in shared] + [l for l in y_labels if l not in shared]
+    return out, labels
+
+
+def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array, list[int]]:
+    unused = [i for i, l in enumerate(labels) if l not in needed]
+    if not unused:
+        return x, labels
+    return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
+
+
+def _to_order(x: jax.Array, labels: Sequence[int], order: Sequence[int]) -> jax.Array:
+    perm = tuple(labels.index(l) for l in order)
+    return x if perm == tuple(range(len(perm))) else jnp.transpose(x, perm)
+
+
+# --- dot_general --------------------------------------------------------------------------------
+
+@register(_compat.dot_general_p, LoraWeight)
+def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    lhs, rhs = invals
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if is_lazy(lhs) and is_lazy(rhs):
+        lhs = materialize(lhs, "dot_general", "both operands are lazy")
+    if isinstance(rhs, LoraWeight):
+        lw, x, w_contract, x_contract, w_batch, x_batch, lazy_rhs = rhs, lhs, rc, lc, rb, lb, True
+    else:
+        lw, x, w_contract, x_contract, w_batch, x_batch, lazy_rhs = lhs, rhs, lc, rc, lb, rb, False
+    layout = lw.layout
+    contracted = set(w_contract)
+    if contracted == set(layout.group("i")):
+        first = "a"
+    elif contracted == set(layout.group("o")):
+        first = "b"
+    else:
+        warn_once("dot_general", lw, f"layout '{layout}' does not match the contracted axes {tuple(w_contract)}")
+        return NotImplemented
+
+    # Label every axis; x·ΔW is then one einsum of x, a and b.
+    x_labels = list(range(x.ndim))
+    w_labels: list[Any] = [None] * lw.ndim
+    for xa, wa in zip(x_contract, w_contract):
+        w_labels[wa] = x_labels[xa]
+    for xa, wa in zip(x_batch, w_batch):
+        w_labels[wa] = x_labels[xa]
+    fresh = iter(range(x.ndim, x.ndim + lw.ndim + 1))
+    w_labels = [l if l is not None else next(fresh) for l in w_labels]
+    r_label = next(fresh)
+    a_labels = [w_labels[ax] for ax in layout.group("b") + layout.group("i")] + [r_label]
+    b_labels = [w_labels[ax] for ax in layout.group("b")] + [r_label] + [w_labels[ax] for ax in layout.group("o")]
+    lhs_labels, rhs_labels = (x_labels, w_labels) if lazy_rhs else (w_labels, x_labels)
+    lhs_batch = lb
+    out_labels = (
+        [lhs_labels[ax] for ax in lhs_batch]
+        + [l for i, l in enumerate(lhs_labels) if i not in lc and i not in lb]
+        + [l for i, l in enumerate(rhs_labels) if i not in rc and i not in rb]
+    )
+
+    base = _compat.bind(eqn, [x, lw.w] if lazy_rhs else [lw.w, x])[0]
+    dtype = x.dtype
+    prec = eqn.params.get("precision")
+    pref = eqn.params.get("preferred_element_type")
+    xd = _dropout(ctx, lw, x)
+    a, b = lw.a.astype(dtype), lw.b.astype(dtype)
+    keep_out = set(out_labels)
+    if first == "a":
+        t, t_labels = contract(xd, x_labels, a, a_labels, keep_out | set(b_labels), pref, prec)
+        t = (t * lw.scale).astype(dtype)
+        y, y_labels = contract(t, t_labels, b, b_labels, keep_out, pref, prec)
+    else:
+        t, t_labels = contract(xd, x_labels, b, b_labels, keep_out | set(a_labels), pref, prec)
+        t = (t * lw.scale).astype(dtype)
+        y, y_labels = contract(t, t_labels, a, a_labels, keep_out, pref, prec)
+    y = _to_order(y, y_labels, out_labels)
+    return [base + y.astype(base.dtype)]
+
+
+# --- gather (embedding lookup) -----------------------------------------------------------------
+
+@register(_compat.gather_p, LoraWeight)
+def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    lw, indices = invals
+    if is_lazy(indices):
+        return NotImplemented
+    dn = eqn.params["dimension_numbers"]
+    slice_sizes = tuple(eqn.params["slice_sizes"])
+    layout = lw.layout
+    ins, outs = layout.group("i"), layout.group("o")
+    if (
+        layout.group("b")
+        or getattr(dn, "operand_batching_dims", ())
+        or set(dn.collapsed_slice_dims) != set(ins)
+        or set(dn.start_index_map) != set(ins)
+        or any(slice_sizes[ax] != lw.shape[ax] for ax in outs)
+    ):
+        return NotImplemented
+    base = _compat.bind(eqn, [lw.w, indices])[0]
+    k_of = {ax: k for k, ax in enumerate(ins)}
+    n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
+    a_dn = _compat.gather_dimension_numbers(
+        offset_dims=(n_batch,),
+        collapsed_slice_dims=tuple(range(len(ins))),
+        start_index_map=tuple(k_of[ax] for ax in dn.start_index_map),
+        operand_batching_dims=(),
+        start_indices_batching_dims=(),
+    )
+    rows = lax.gather(
+        lw.a, indices, a_dn, (1,) * len(ins) + (lw.rank,),
+        indices_are_sorted=eqn.params.get("indices_are_sorted", False),
+        unique_indices=eqn.params.get("unique_indices", False),
+        mode=eqn.params.get("mode"), fill_value=eqn.params.get("fill_value"),
+    )
+    rows = (rows * lw.scale).astype(lw.b.dtype)
+    t = lax.dot_general(rows, lw.b, (((n_batch,), (0,)), ((), ())))  # batch..., outs (k order)
+    # Base output: offset dims hold w's non-collapsed axes (= outs, in w order); others are batch.
+    offset_axes = sorted(outs)
+    k_out = {ax: k for k, ax in enumerate(outs)}
+    perm, batch_i = [], 0
+    for pos in range(base.ndim):
+        if pos in dn.offset_dims:
+            perm.append(n_batch + k_out[offset_axes[list(dn.offset_dims).index(pos)]])
+        else:
+            perm.append(batch_i)
+            batch_i += 1
+    return [base + jnp.transpose(t, perm).astype(base.dtype)]
+
+
+# --- conv ---------------------------------------------------------------------------------------
+
+@register(_compat.conv_general_dilated_p, LoraWeight)
+def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    x, lw = invals
+    if is_lazy(x) or not isinstance(lw, LoraWeight):
+        return NotImplemented
+    p = eqn.params
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return NotImplemented
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    layout = lw.layout
+    if layout.group("b") or set(layout.group("o")) != {rhs_spec[0]} or set(layout.group("i")) != set(rhs_spec[1:]):
+        warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes")
+        return NotImplemented
+    base = _compat.bind(eqn, [x, lw.w])[0]
+    ins = layout.group("i")
+    k_of = {ax: k for k, ax in enumerate(ins)}
+    # a as a conv kernel: w's axes with the output feature axis replaced by r.
+    perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
+    kernel_a = jnp.transpose(lw.a, perm).astype(x.dtype)
+    subfuns, params = _compat.bind_params(eqn)
+    t = eqn.primitive.bind(*subfuns, _dropout(ctx, lw, x), kernel_a, **params)
+    t = (t * lw.scale).astype(x.dtype)
+    feat = out_spec[1]
+    y = lax.dot_general(t, lw.b.astype(x.dtype), (((feat,), (0,)), ((), ())),
+                        preferred_element_type=p.get("preferred_element_type"))
+    y = jnp.moveaxis(y, -1, feat)
+    return [base + y.astype(base.dtype)]
+
+
+# --- structural rules: a new LoraWeight ---------------------------------------------------------
+
+@register(_compat.transpose_p, LoraWeight)
+def transpose_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    perm = tuple(eqn.params["permutation"])
+    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0], layout=lw.layout.permute(perm))]
+
+
+@register(_compat.convert_element_type_p, LoraWeight)
+def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    new = eqn.params["new_dtype"]
+    if not jnp.issubdtype(new, jnp.floating):
+        return NotImplemented
+    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0], a=lw.a.astype(new), b=lw.b.astype(new))]
+
+
+@register(_compat.copy_p, LoraWeight)
+@register(_compat.sharding_constraint_p, LoraWeight)
+def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0])]
+
+
+@register(_compat.reshape_p, LoraWeight)
+def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    if eqn.params.get("dimensions") is not None:
+        return NotImplemented
+    new_shape = tuple(eqn.outvars[0].aval.shape)
+    groups = reshape_groups(lw.shape, new_shape)
+    if groups is None:
+        return NotImplemented
+    layout = lw.layout
+    new_axes: list[tuple[str, int]] = [("", 0)] * len(new_shape)
+    # per role: list of (old k-range) -> new sizes, in k order
+    changes: dict[str, dict[int, tuple[int, tuple[int, ...]]]] = {"b": {}, "i": {}, "o": {}}
+    for olds, news in groups:
+        roles = {layout.axes[ax][0] for ax in olds}
+        ks = [layout.axes[ax][1] for ax in olds]
+        if len(roles) != 1 or ks != list(range(ks[0], ks[0] + len(ks))):
+            return NotImplemented
+        role = roles.pop()
+        changes[role][ks[0]] = (len(ks), tuple(new_shape[ax] for ax in news))
+        for j, ax in enumerate(news):
+            new_axes[ax] = (role, (ks[0], j))  # renumbered below
+    # renumber k within each role: order by (old k start, position in group)
+    for role in ("b", "i", "o"):
+        members = sorted((k, ax) for ax, (r, k) in enumerate(new_axes) if r == role)
+        for new_k, (_, ax) in enumerate(members):
+            new_axes[ax] = (role, new_k)
+    new_layout = Layout(tuple(new_axes))
+
+    def regroup(shape: tuple[int, ...], role: str, offset: int) -> tuple[int, ...]:
+        sizes, k = [], 0
+        n = len(layout.group(role))
+        while k < n:
+            if k in changes[role]:
+                span, news = changes[role][k]
+                sizes.extend(news)
+                k += span
+            else:
+                sizes.append(shape[offset + k])
+                k += 1
+        return tuple(sizes)
+
+    nb, ni = len(layout.group("b")), len(layout.group("i"))
+    batch_a = regroup(lw.a.shape, "b", 0)
+    a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
+    b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
+    w = _compat.bind(eqn, [lw.w])[0]
+    return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]

@@ -1,0 +1,222 @@
+"""Whole-tree operations: split/combine, merge/unmerge, labels, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.paths import leaves_with_paths, path_str
+from jlora.weight import LoraWeight, Trainable, is_node
+
+FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
+
+
+def _is_node_or_none(x: Any) -> bool:
+    return x is None or is_node(x)
+
+
+def split(tree: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: each has ``None`` where the other holds a value, like ``eqx.partition``.
+
+    The trainable half holds ``LoraWeight(None, a, b)`` and ``Trainable`` leaves; the frozen half
+    holds ``LoraWeight(w, None, None)``, ``Trainable(None)`` and every other leaf.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> trainable, frozen = split({"k": lw, "bias": jnp.zeros(2)})
+        >>> trainable["bias"] is None, frozen["k"].a is None
+        (True, True)
+    """
+
+    def trainable(x: Any) -> Any:
+        if isinstance(x, LoraWeight):
+            return x.replace(w=None)
+        return x if isinstance(x, Trainable) else None
+
+    def frozen(x: Any) -> Any:
+        if isinstance(x, LoraWeight):
+            return x.replace(a=None, b=None)
+        return Trainable(None) if isinstance(x, Trainable) else x
+
+    return jax.tree.map(trainable, tree, is_leaf=is_node), jax.tree.map(frozen, tree, is_leaf=is_node)
+
+
+def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: str) -> None:
+    s1 = jax.tree_util.tree_structure(first, is_leaf=lambda x: x is None)
+    s2 = jax.tree_util.tree_structure(second, is_leaf=lambda x: x is None)
+    if s1 == s2:
+        return
+    p1 = {p: l for p, l in leaves_with_paths(first, is_leaf=lambda x: x is None)}
+    p2 = {p: l for p, l in leaves_with_paths(second, is_leaf=lambda x: x is None)}
+    only1, only2 = sorted(set(p1) - set(p2)), sorted(set(p2) - set(p1))
+    detail = ""
+    if only1 or only2:
+        detail = f": only in {names[0]}: {only1[:5]}; only in {names[1]}: {only2[:5]}"
+    else:
+        nodes1 = {p: l for p, l in leaves_with_paths(first, is_leaf=is_node) if is_node(l)}
+        nodes2 = {p: l for p, l in leaves_with_paths(second, is_leaf=is_node) if is_node(l)}
+        diff = [p for p in sorted(set(nodes1) | set(nodes2)) if repr(nodes1.get(p)) != repr(nodes2.get(p))]
+        detail = f": they differ at {diff[:5] or 'the node metadata'}"
+    raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of ``split``: at every leaf take the value that is not ``None``.
+
+    Example:
+        >>> tree = {"w": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)}
+        >>> combine(*split(tree))["w"].w.shape
+        (2, 2)
+    """
+    _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def merge(tree: Any) -> Any:
+    """Plain arrays for the unmodified model: ``w + scale·a@b`` in ``w``'s dtype, ``Trainable`` unwrapped.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> merge({"k": lw})["k"]
+        Array([[1.5, 1.5],
+               [1.5, 1.5]], dtype=float32)
+    """
+
+    def one(x: Any) -> Any:
+        if isinstance(x, LoraWeight):
+            return x.materialize()
+        return x.value if isinstance(x, Trainable) else x
+
+    return jax.tree.map(one, tree, is_leaf=is_node)
+
+
+def unmerge(merged: Any, adapters: Any) -> Any:
+    """Recover the LoRA tree from merged params and the adapters (a LoRA tree or its trainable half).
+
+    ``LoraWeight`` leaves get ``w = merged - scale·a@b``; ``Trainable`` leaves take the merged value.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> unmerge(merge({"k": lw}), {"k": lw})["k"].w
+        Array([[1., 1.],
+               [1., 1.]], dtype=float32)
+    """
+    adapter_leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node_or_none)
+    merged_leaves, merged_def = jax.tree_util.tree_flatten_with_path(merged)
+    if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:
+        a_paths = {path_str(p) for p, _ in adapter_leaves}
+        m_paths = {path_str(p) for p, _ in merged_leaves}
+        raise ValueError(
+            "jlora.unmerge: merged params and adapters do not match: only in merged: "
+            f"{sorted(m_paths - a_paths)[:5]}; only in adapters: {sorted(a_paths - m_paths)[:5]}"
+        )
+    out = []
+    for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
+        if isinstance(node, LoraWeight):
+            shape = tuple(value.shape)
+            fits = len(shape) == node.layout.ndim and (
+                node.layout.a_shape(shape, node.rank) == tuple(node.a.shape)
+                and node.layout.b_shape(shape, node.rank) == tuple(node.b.shape)
+            )
+            if not fits:
+                raise ValueError(
+                    f"jlora.unmerge: merged '{path_str(path)}' has shape {shape}, which does not fit the "
+                    f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{node.layout}')"
+                )
+            delta = node.replace(w=value).delta()
+            wide = jnp.promote_types(value.dtype, delta.dtype)
+            w = (value.astype(wide) - delta.astype(wide)).astype(value.dtype)
+            out.append(node.replace(w=w))
+        elif isinstance(node, Trainable):
+            out.append(Trainable(value))
+        else:
+            out.append(value)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def labels(tree: Any) -> Any:
+    """The tree with each leaf replaced by ``"frozen"``, ``"lora_a"``, ``"lora_b"`` or ``"trainable"``.
+
+    Works on a full LoRA tree and on either half of ``split``.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> jax.tree.leaves(labels({"k": lw, "bias": jnp.zeros(2)}))
+        ['frozen', 'frozen', 'lora_a', 'lora_b']
+    """
+
+    def one(x: Any) -> Any:
+        if isinstance(x, LoraWeight):
+            return x.replace(
+                w=None if x.w is None else FROZEN,
+                a=None if x.a is None else LORA_A,
+                b=None if x.b is None else LORA_B,
+            )
+        if isinstance(x, Trainable):
+            return Trainable(None if x.value is None else TRAINABLE)
+        return FROZEN
+
+    return jax.tree.map(one, tree, is_leaf=is_node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Parameter counts of a LoRA tree; ``str()`` prints a table like PEFT's summary."""
+
+    trainable: int
+    total: int
+    targets: tuple[tuple[str, str, str, int, float, int], ...]  # path, shape, layout, rank, scale, params
+    fully_trained: tuple[tuple[str, int], ...]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.targets:
+            width = max(len(t[0]) for t in self.targets)
+            lines.append(f"{'target':<{width}}  {'shape':<18} layout  rank  scale    params")
+            for path, shape, layout, rank, scale, n in self.targets:
+                lines.append(f"{path:<{width}}  {shape:<18} {layout:<6}  {rank:>4}  {scale:<7g}  {n:,}")
+        for path, n in self.fully_trained:
+            lines.append(f"{path}  (fully trained)  {n:,}")
+        lines.append(
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def _size(x: Any) -> int:
+    return int(getattr(x, "size", 0) or 0) if x is not None else 0
+
+
+def summary(tree: Any) -> Summary:
+    """Trainable / total parameter counts, overall and per target (like PEFT's
+    ``print_trainable_parameters``).
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")
+        >>> s = summary({"k": lw}); (s.trainable, s.total)
+        (8, 24)
+    """
+    trainable = total = 0
+    targets, fully = [], []
+    for path, x in leaves_with_paths(tree, is_leaf=is_node):
+        if isinstance(x, LoraWeight):
+            n = _size(x.a) + _size(x.b)
+            trainable += n
+            total += n + _size(x.w)
+            shape = "x".join(map(str, x.w.shape)) if x.w is not None else "?"
+            targets.append((path, shape, str(x.layout), x.rank, x.scale, n))
+        elif isinstance(x, Trainable):
+            n = _size(x.value)
+            trainable += n
+            total += n
+            fully.append((path, n))
+        else:
+            total += _size(x)
+    return Summary(trainable, total, tuple(targets), tuple(fully))

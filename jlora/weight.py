@@ -1,0 +1,233 @@
+"""The values jlora puts in a parameter tree: ``LoraWeight`` and ``Trainable``.
+
+Both are pytree nodes, so ``jax.tree`` functions, ``jax.jit``, optax and orbax see their arrays.
+``LoraWeight`` is the first *lazy* kind: a value that stands for an array (``materialize()``) and
+that the evaluator of ``jlora.apply`` can use without forming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.layout import Layout
+
+
+class Lazy:
+    """A value that stands for an array without holding it.
+
+    Subclasses are pytree nodes and define ``shape``, ``dtype``, ``materialize()``; the evaluator's
+    rules (``jlora.lazy.register``) decide where they stay lazy.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        out = 1
+        for d in self.shape:
+            out *= d
+        return out
+
+    def materialize(self) -> jax.Array:
+        raise NotImplementedError
+
+    def prepare(self) -> "Lazy":
+        """Called once when the value enters the evaluator (e.g. to stop gradients)."""
+        return self
+
+    def unstack(self) -> "tuple[tuple, Callable[[tuple], Lazy]] | None":
+        """``(children, rebuild)`` to scan over axis 0, or ``None`` if it cannot stay lazy."""
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def _shape_str(x: Any) -> str:
+    if x is None:
+        return "None"
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return type(x).__name__
+    return f"{jnp.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
+
+
+class LoraWeight(Lazy):
+    """A frozen kernel ``w`` plus the low-rank update ``scale · a @ b``.
+
+    Behaves like an array of ``w``'s shape and dtype; ``materialize()`` gives ``w + scale·a@b``.
+    ``layout`` says which axes of ``w`` are batch/input/output (see ``jlora.layout``); ``a`` has
+    shape ``batch + input + (r,)``, ``b`` has ``batch + (r,) + output``.
+
+    Example:
+        >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
+        >>> lw = LoraWeight(w, a, b, scale=1.0)
+        >>> lw.shape, bool((lw.materialize() == w).all())
+        ((4, 3), True)
+    """
+
+    __slots__ = ("w", "a", "b", "scale", "layout", "path", "dropout")
+
+    def __init__(
+        self,
+        w: Any,
+        a: Any,
+        b: Any,
+        *,
+        scale: float,
+        layout: "Layout | str" = "io",
+        path: str = "",
+        dropout: float = 0.0,
+    ):
+        layout = Layout.parse(layout)
+        if _has_shape(w) and len(w.shape) != layout.ndim:
+            raise ValueError(f"LoraWeight {path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
+        if _has_shape(w) and _has_shape(a) and _has_shape(b):
+            rank = a.shape[-1]
+            want_a, want_b = layout.a_shape(w.shape, rank), layout.b_shape(w.shape, rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ValueError(
+                    f"LoraWeight {path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank}, "
+                    f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
+                )
+        _set(self, w, a, b, float(scale), layout, path, float(dropout))
+
+    # --- pytree -------------------------------------------------------------------------------
+    def _aux(self) -> tuple:
+        return (self.scale, self.layout, self.path, self.dropout)
+
+    def tree_flatten_with_keys(self):
+        keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
+        return tuple(zip(keys, (self.w, self.a, self.b))), self._aux()
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> "LoraWeight":
+        obj = object.__new__(cls)
+        _set(obj, *children, *aux)
+        return obj
+
+    def replace(self, **changes: Any) -> "LoraWeight":
+        """A copy with some fields changed, without re-validating (like ``dataclasses.replace``)."""
+        fields = dict(w=self.w, a=self.a, b=self.b, scale=self.scale, layout=self.layout,
+                      path=self.path, dropout=self.dropout)
+        fields.update(changes)
+        obj = object.__new__(type(self))
+        _set(obj, fields["w"], fields["a"], fields["b"], fields["scale"], Layout.parse(fields["layout"]),
+             fields["path"], fields["dropout"])
+        return obj
+
+    # --- array-like ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.w is None:
+            raise ValueError(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.w.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    def delta(self) -> jax.Array:
+        """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype."""
+        nb = len(self.layout.group("b"))
+        d = lax.dot_general(
+            self.a, self.b, (((self.a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+        )
+        d = jnp.transpose(d, self.layout.canonical_to_w()) if d.ndim > 1 else d
+        return self.scale * d
+
+    def materialize(self) -> jax.Array:
+        """``w + scale·a@b`` in ``w``'s dtype (the sum is formed in the wider of the two dtypes)."""
+        delta = self.delta()
+        wide = jnp.promote_types(self.w.dtype, delta.dtype)
+        return (self.w.astype(wide) + delta.astype(wide)).astype(self.w.dtype)
+
+    def prepare(self) -> "LoraWeight":
+        return self.replace(w=lax.stop_gradient(self.w))
+
+    def unstack(self):
+        if self.layout.axes[0] != ("b", 0):
+            return None
+        sliced = Layout(tuple((r, k - 1 if r == "b" else k) for r, k in self.layout.axes[1:]))
+        template = self.replace(w=None, a=None, b=None, layout=sliced)
+        return (self.w, self.a, self.b), lambda ch: template.replace(w=ch[0], a=ch[1], b=ch[2])
+
+    def describe(self) -> str:
+        return f"LoraWeight at {self.path!r}" if self.path else "LoraWeight"
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraWeight(w={_shape_str(self.w)}, a={_shape_str(self.a)}, b={_shape_str(self.b)}, "
+            f"scale={self.scale:g}, layout='{self.layout}'" + (f", path={self.path!r}" if self.path else "") + ")"
+        )
+
+
+def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
+    object.__setattr__(obj, "w", w)
+    object.__setattr__(obj, "a", a)
+    object.__setattr__(obj, "b", b)
+    object.__setattr__(obj, "scale", scale)
+    object.__setattr__(obj, "layout", layout)
+    object.__setattr__(obj, "path", path)
+    object.__setattr__(obj, "dropout", dropout)
+
+
+def _has_shape(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+jax.tree_util.register_pytree_with_keys_class(LoraWeight)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Trainable:
+    """Marks a base leaf that is fine-tuned fully (a bias, a norm, a task head).
+
+    ``jlora.apply`` and ``jlora.merge`` unwrap it; ``split`` puts it in the trainable half.
+
+    Example:
+        >>> Trainable(jnp.zeros(3)).shape
+        (3,)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        object.__setattr__(self, "value", value)
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple) -> "Trainable":
+        return cls(children[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    def __repr__(self) -> str:
+        return f"Trainable({_shape_str(self.value)})"
+
+
+def is_node(x: Any) -> bool:
+    """True for the nodes jlora adds to a tree (``LoraWeight``, ``Trainable``)."""
+    return isinstance(x, (LoraWeight, Trainable))
