@@ -27,36 +27,41 @@ transpose_p = _p.transpose_p
 reshape_p = _p.reshape_p
 convert_element_type_p = _p.convert_element_type_p
 copy_p = _p.copy_p
+squeeze_p = _p.squeeze_p
+slice_p = _p.slice_p
+dynamic_slice_p = _p.dynamic_slice_p
 sharding_constraint_p = _p.sharding_constraint_p
 scan_p = _p.scan_p
 while_p = _p.while_p
 cond_p = _p.cond_p
-remat_p = _p.remat_p  # the primitive behind jax.checkpoint ("remat2" / "checkpoint")
+
+
+def _traced_primitive(fn: Any, *args: Any) -> Any:
+    """The primitive of the one equation ``fn`` traces to, found through the public API."""
+    return jax.make_jaxpr(fn)(*args).jaxpr.eqns[0].primitive
+
+
+# jax.checkpoint's primitive ("remat2"/"checkpoint") joined jax.extend.core.primitives after JAX 0.6.
+remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambda x: x * 2), 1.0)
 custom_jvp_call_p = _p.custom_jvp_call_p
 custom_vjp_call_p = _p.custom_vjp_call_p
 # JAX 0.7 renamed pjit_p to jit_p.
 jit_p = getattr(_p, "jit_p", None) or getattr(_p, "pjit_p")
 
 
-def bind_params(eqn: Any) -> tuple[list, dict]:
-    """Split an equation's params into (subfuns, params) ready for ``primitive.bind``.
+def bind(eqn: Any, invals: Sequence[Any]) -> list:
+    """Re-bind an equation unchanged on new inputs; always returns a list of outputs.
 
-    JAX 0.9.2 changed ``Primitive.get_bind_params`` to return one dict holding ``'subfuns'``;
-    before, it returned the tuple ``(subfuns, params)``.
+    JAX 0.9.2 changed ``Primitive.get_bind_params`` to return one dict that keeps ``'subfuns'``
+    inside the params (``bind(*args, **params)``); before, it returned ``(subfuns, params)`` and
+    the subfuns went first among the positional arguments.
     """
     got = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(got, dict):
-        params = dict(got)
-        subfuns = list(params.pop("subfuns", ()))
-        return subfuns, params
-    subfuns, params = got
-    return list(subfuns), dict(params)
-
-
-def bind(eqn: Any, invals: Sequence[Any]) -> list:
-    """Re-bind an equation unchanged on new inputs; always returns a list of outputs."""
-    subfuns, params = bind_params(eqn)
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
+        out = eqn.primitive.bind(*invals, **got)
+    else:
+        subfuns, params = got
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 

@@ -5,7 +5,8 @@
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``;
 - ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``;
 - ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
-  ``sharding_constraint``: a new ``LoraWeight``.
+  ``sharding_constraint``, ``squeeze`` of size-1 axes, and ``slice``/``dynamic_slice`` of batch
+  axes (picking layer ``i`` of a stack): a new ``LoraWeight``.
 
 Every other use materialises (see ``jlora.lazy``).
 """
@@ -200,8 +201,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
     kernel_a = jnp.transpose(lw.a, perm).astype(x.dtype)
-    subfuns, params = _compat.bind_params(eqn)
-    t = eqn.primitive.bind(*subfuns, _dropout(ctx, lw, x), kernel_a, **params)
+    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a])[0]
     t = (t * lw.scale).astype(x.dtype)
     feat = out_spec[1]
     y = lax.dot_general(t, lw.b.astype(x.dtype), (((feat,), (0,)), ((), ())),
@@ -283,3 +283,80 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
     w = _compat.bind(eqn, [lw.w])[0]
     return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]
+
+
+def _factor_axes(layout: Layout) -> tuple[dict[int, int], dict[int, int]]:
+    """Where each axis of ``w`` sits in ``a`` and in ``b`` (absent if it is not there)."""
+    nb, ni = len(layout.group("b")), len(layout.group("i"))
+    in_a, in_b = {}, {}
+    for ax, (role, k) in enumerate(layout.axes):
+        if role == "b":
+            in_a[ax], in_b[ax] = k, k
+        elif role == "i":
+            in_a[ax] = nb + k
+        else:
+            in_b[ax] = nb + 1 + k
+    return in_a, in_b
+
+
+def _batch_only_slice(lw: LoraWeight, sizes: Sequence[int]) -> bool:
+    return all(size == dim or lw.layout.axes[ax][0] == "b" for ax, (size, dim) in enumerate(zip(sizes, lw.shape)))
+
+
+@register(_compat.dynamic_slice_p, LoraWeight)
+def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    lw, *starts = invals
+    sizes = tuple(eqn.params["slice_sizes"])
+    if any(is_lazy(s) for s in starts) or not _batch_only_slice(lw, sizes):
+        return NotImplemented
+    in_a, in_b = _factor_axes(lw.layout)
+
+    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
+        at = {pos: ax for ax, pos in where.items()}
+        return lax.dynamic_slice(
+            x,
+            [starts[at[i]] if i in at else 0 for i in range(x.ndim)],
+            [sizes[at[i]] if i in at else x.shape[i] for i in range(x.ndim)],
+        )
+
+    w = _compat.bind(eqn, [lw.w, *starts])[0]
+    return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
+
+
+@register(_compat.slice_p, LoraWeight)
+def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params.get("strides") or (1,) * lw.ndim
+    sizes = [(hi - lo + st - 1) // st for lo, hi, st in zip(start, limit, strides)]
+    if not _batch_only_slice(lw, sizes):
+        return NotImplemented
+    in_a, in_b = _factor_axes(lw.layout)
+
+    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
+        at = {pos: ax for ax, pos in where.items()}
+        lo = [start[at[i]] if i in at else 0 for i in range(x.ndim)]
+        hi = [limit[at[i]] if i in at else x.shape[i] for i in range(x.ndim)]
+        st = [strides[at[i]] if i in at else 1 for i in range(x.ndim)]
+        return lax.slice(x, lo, hi, st)
+
+    w = _compat.bind(eqn, [lw.w])[0]
+    return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
+
+
+@register(_compat.squeeze_p, LoraWeight)
+def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    dropped = {d % lw.ndim for d in eqn.params["dimensions"]}
+    kept_roles = [lw.layout.axes[ax][0] for ax in range(lw.ndim) if ax not in dropped]
+    if "i" not in kept_roles or "o" not in kept_roles:
+        return NotImplemented
+    in_a, in_b = _factor_axes(lw.layout)
+    a = jnp.squeeze(lw.a, tuple(in_a[ax] for ax in dropped if ax in in_a))
+    b = jnp.squeeze(lw.b, tuple(in_b[ax] for ax in dropped if ax in in_b))
+    kept = [lw.layout.axes[ax] for ax in range(lw.ndim) if ax not in dropped]
+    renumbered = []
+    for role, k in kept:  # close the gaps left in each role's k order
+        renumbered.append((role, sum(1 for r, kk in kept if r == role and kk < k)))
+    w = _compat.bind(eqn, [lw.w])[0]
+    return [lw.replace(w=w, a=a, b=b, layout=Layout(tuple(renumbered)))]

@@ -1,0 +1,85 @@
+"""Independent oracles for tests: the materialised weight, written with numpy einsum."""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from jlora.weight import LoraWeight, Trainable
+
+
+def oracle_merge(tree: Any) -> Any:
+    """Materialise every LoraWeight as w + Δ in w's dtype (jnp, differentiable in a and b)."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, LoraWeight):
+            letters = iter(string.ascii_lowercase)
+            w_letters = [next(letters) for _ in range(x.w.ndim)]
+            r = next(letters)
+            groups = {role: sorted((k, ax) for ax, (rr, k) in enumerate(x.layout.axes) if rr == role) for role in "bio"}
+            ax = {role: [a for _, a in g] for role, g in groups.items()}
+            a_sub = "".join(w_letters[i] for i in ax["b"] + ax["i"]) + r
+            b_sub = "".join(w_letters[i] for i in ax["b"]) + r + "".join(w_letters[i] for i in ax["o"])
+            delta = x.scale * jnp.einsum(f"{a_sub},{b_sub}->{''.join(w_letters)}", x.a, x.b,
+                                         precision=jax.lax.Precision.HIGHEST)
+            return (x.w + delta).astype(x.w.dtype)
+        if isinstance(x, Trainable):
+            return x.value
+        return x
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, (LoraWeight, Trainable)))
+
+
+def perturb(tree: Any, key: Any, scale: float = 0.5) -> Any:
+    """Random non-zero b (and a) so that gradients w.r.t. both factors are non-trivial."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, LoraWeight))
+    out = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, LoraWeight):
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            x = x.replace(
+                a=scale * jax.random.normal(ka, x.a.shape, x.a.dtype),
+                b=scale * jax.random.normal(kb, x.b.shape, x.b.dtype),
+            )
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_against_oracle(fn: Callable, params: Any, *args: Any, rtol: float = 1e-5, atol: float = 1e-5,
+                         jit: bool = True, mode: str = "reverse") -> None:
+    """apply(fn) == fn on the oracle-merged weight: outputs, and derivatives w.r.t. the trainable
+    half, reverse mode (grads) or forward mode (JVPs, for ``while_loop``)."""
+    forward = jlora.apply(fn)
+    run = jax.jit(forward) if jit else forward
+    got = run(params, *args)
+    want = fn(oracle_merge(params), *args)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=atol), got, want)
+
+    trainable, frozen = jlora.split(params)
+    if mode == "forward":
+        tangent = jax.tree.map(lambda t: jax.random.normal(jax.random.key(5), t.shape, t.dtype), trainable)
+        lazy_fn = lambda t: forward(jlora.combine(t, frozen), *args)
+        ref_fn = lambda t: fn(oracle_merge(jlora.combine(t, frozen)), *args)
+        _, t_lazy = jax.jit(lambda t, d: jax.jvp(lazy_fn, (t,), (d,)))(trainable, tangent)
+        _, t_ref = jax.jvp(ref_fn, (trainable,), (tangent,))
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=atol), t_lazy, t_ref)
+        return
+    cot = jax.tree.map(lambda o: jax.random.normal(jax.random.key(7), o.shape, o.dtype), want)
+
+    def loss(t, f):
+        out = f(jlora.combine(t, frozen), *args)
+        return sum(jnp.vdot(o, c) for o, c in zip(jax.tree.leaves(out), jax.tree.leaves(cot)))
+
+    g_lazy = (jax.jit(jax.grad(loss, argnums=0), static_argnums=1) if jit else jax.grad(loss))(trainable, forward)
+    g_ref = jax.grad(lambda t: loss(t, lambda p, *a: fn(oracle_merge(p), *a)))(trainable)
+    flat_lazy = jax.tree_util.tree_flatten_with_path(g_lazy)[0]
+    flat_ref = jax.tree_util.tree_flatten_with_path(g_ref)[0]
+    assert [p for p, _ in flat_lazy] == [p for p, _ in flat_ref]
+    for (path, g), (_, w) in zip(flat_lazy, flat_ref):
+        scale = float(np.abs(np.asarray(w)).max()) or 1.0
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path))
