@@ -63,10 +63,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     hits = {pat: 0 for pat in targets + trainable}
     adapt, tune = [], []
     for path, leaf in entries:
-        if any(ex.match(path) for ex in exclude):
-            continue
         name = path.rsplit("/", 1)[-1]
-        if config.targets == ALL_LINEAR:
+        if any(ex.match(path) for ex in exclude):
+            chosen = False
+        elif config.targets == ALL_LINEAR:
             chosen = _is_linear_kernel(path, leaf)
         else:
             kinds = {pat: pat.match(path) for pat in targets}

@@ -105,7 +105,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                [1., 1.]], dtype=float32)
     """
     adapter_leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node_or_none)
-    merged_leaves, merged_def = jax.tree_util.tree_flatten_with_path(merged)
+    merged_leaves, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=lambda x: x is None)
     if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:
         a_paths = {path_str(p) for p, _ in adapter_leaves}
         m_paths = {path_str(p) for p, _ in merged_leaves}

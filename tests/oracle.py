@@ -35,7 +35,7 @@ def oracle_merge(tree: Any) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, (LoraWeight, Trainable)))
 
 
-def perturb(tree: Any, key: Any, scale: float = 0.5) -> Any:
+def perturb(tree: Any, key: Any, scale: float = 0.1) -> Any:
     """Random non-zero b (and a) so that gradients w.r.t. both factors are non-trivial."""
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, LoraWeight))
     out = []

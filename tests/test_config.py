@@ -1,0 +1,40 @@
+import jax.numpy as jnp
+import pytest
+
+from jlora import LoraConfig
+
+
+def test_defaults_and_scale():
+    cfg = LoraConfig()
+    assert (cfg.rank, cfg.alpha, cfg.targets, cfg.init) == (8, 8.0, "all-linear", "kaiming_uniform")
+    assert LoraConfig(rank=4, alpha=16).scale_for(4, 16) == 4.0
+    assert LoraConfig(rank=4, alpha=16, use_rslora=True).scale_for(4, 16) == 8.0
+
+
+def test_hashable_equal_and_round_trips_through_a_dict():
+    cfg = LoraConfig(rank=4, targets=["q_proj"], rank_pattern={"v_proj": 2}, layouts={"c_attn": "oi"},
+                     param_dtype=jnp.bfloat16)
+    assert hash(cfg) == hash(LoraConfig(**cfg.to_dict()))
+    assert LoraConfig(**cfg.to_dict()) == cfg
+    assert cfg.replace(rank=2).rank == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=0), "rank must be an integer >= 1"),
+        (dict(rank=2.5), "rank must be an integer"),
+        (dict(alpha=-1), "alpha must be a number > 0"),
+        (dict(targets=[]), "targets is empty"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(init="xavier"), "init must be one of"),
+        (dict(param_dtype=jnp.int32), "param_dtype must be a float"),
+        (dict(ranks=4), "unknown option.*'ranks'.*did you mean 'rank'"),
+        (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be"),
+        (dict(targets=["re:(unclosed"]), "not a valid regular expression"),
+        (dict(layouts={"c_attn": "xy"}), "layout"),
+    ],
+)
+def test_bad_options_name_what_is_wrong(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**kwargs)

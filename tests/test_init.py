@@ -1,0 +1,127 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora import LoraConfig, lora_init
+
+KEY = jax.random.key(0)
+
+
+def base():
+    return {
+        "layers": [
+            {"attn": {"q_proj": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)},
+                      "v_proj": {"kernel": jnp.ones((16, 8))}},
+             "norm": {"scale": jnp.ones(16)}}
+            for _ in range(2)
+        ],
+        "embed": {"embedding": jnp.ones((50, 16))},
+        "lm_head": {"kernel": jnp.ones((16, 50))},
+        "step": jnp.array(3, jnp.int32),
+    }
+
+
+def adapted(tree):
+    return {x.path: x for x in jax.tree.leaves(tree, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)}
+
+
+def test_targets_select_kernels_of_matched_modules():
+    p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["q_proj", "v_proj"]))
+    assert sorted(adapted(p)) == [f"layers/{i}/attn/{m}/kernel" for i in range(2) for m in ("q_proj", "v_proj")]
+    lw = p["layers"][0]["attn"]["q_proj"]["kernel"]
+    assert lw.a.shape == (16, 4) and lw.b.shape == (4, 16) and float(jnp.abs(lw.b).max()) == 0.0
+    bound = 1 / np.sqrt(16)  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(jnp.abs(lw.a).max()) <= bound and float(jnp.abs(lw.a).max()) > 0.5 * bound
+
+
+def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_target():
+    assert sorted(adapted(lora_init(KEY, base(), LoraConfig(targets="all-linear")))) == [
+        f"layers/{i}/attn/{m}/kernel" for i in range(2) for m in ("q_proj", "v_proj")]
+    p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
+    emb = adapted(p)["embed/embedding"]
+    assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
+
+
+def test_exclude_rank_alpha_patterns_rslora_dtype_dropout_trainable():
+    cfg = LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], exclude=["layers/1/**"],
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True,
+                     param_dtype=jnp.bfloat16, dropout=0.1, trainable=["norm", "q_proj/bias"])
+    p = lora_init(KEY, base(), cfg)
+    got = adapted(p)
+    assert sorted(got) == ["layers/0/attn/q_proj/kernel", "layers/0/attn/v_proj/kernel"]
+    v = got["layers/0/attn/v_proj/kernel"]
+    assert v.rank == 2 and v.scale == pytest.approx(4 / np.sqrt(2)) and v.a.dtype == jnp.bfloat16
+    assert v.dropout == 0.1
+    assert isinstance(p["layers"][0]["norm"]["scale"], jlora.Trainable)
+    assert isinstance(p["layers"][1]["norm"]["scale"], jlora.Trainable)
+    assert isinstance(p["layers"][0]["attn"]["q_proj"]["bias"], jlora.Trainable)
+
+
+def test_deterministic_per_key_and_independent_of_other_targets():
+    one = lora_init(KEY, base(), LoraConfig(targets=["q_proj"]))
+    two = lora_init(KEY, base(), LoraConfig(targets=["q_proj", "v_proj"]))
+    a1 = adapted(one)["layers/0/attn/q_proj/kernel"].a
+    assert bool((a1 == adapted(two)["layers/0/attn/q_proj/kernel"].a).all())
+    other = adapted(lora_init(jax.random.key(1), base(), LoraConfig(targets=["q_proj"])))
+    assert not bool((a1 == other["layers/0/attn/q_proj/kernel"].a).all())
+
+
+def test_works_under_jit_on_frozendicts_and_custom_layouts():
+    from flax.core import freeze
+
+    cfg = LoraConfig(rank=2, targets=["c_attn"], layouts={"c_attn": "oi"})
+    params = freeze({"c_attn": {"kernel": jnp.ones((12, 4))}})
+    p = jax.jit(lambda k, p: lora_init(k, p, cfg))(KEY, params)
+    lw = p["c_attn"]["kernel"]
+    assert str(lw.layout) == "oi" and lw.a.shape == (4, 2) and lw.b.shape == (2, 12)
+
+
+def test_infer_layout_for_scanned_dense_general():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.DenseGeneral((2, 4), name="qkv")(h).reshape(h.shape), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)[0]
+
+    x = jnp.ones((2, 8))
+    params = Model().init(KEY, x)["params"]
+    p = lora_init(KEY, params, LoraConfig(rank=2, targets=["qkv"]),
+                  infer_layout=lambda p: Model().apply({"params": p}, x))
+    lw = adapted(p)["ScanBlock_0/qkv/kernel"]
+    assert str(lw.layout) == "bioo" and lw.a.shape == (3, 8, 2) and lw.b.shape == (3, 2, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (LoraConfig(targets=["q_prj"]), r"'q_prj' matches no param; nearest paths: \['layers/0/attn/q_proj"),
+        (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale', a float32\[16\] leaf"),
+        (LoraConfig(targets=["step"]), r"int32\[\] leaf"),
+        (LoraConfig(rank=9, targets=["v_proj"]), r"rank 9 for 'layers/0/attn/v_proj/kernel' exceeds min\(in=16, out=8\)"),
+        (LoraConfig(targets=["attn"], rank_pattern={"q_proj": 2, "layers/0/attn/q_proj": 4}),
+         "patterns .* all match 'layers/0/attn/q_proj/kernel' with different values"),
+        (LoraConfig(targets=["q_proj"], trainable=["q_proj/kernel"]), "both a LoRA target and LoraConfig.trainable"),
+        (LoraConfig(targets=["q_proj"], trainable=["nothing_here"]), "trainable: pattern 'nothing_here' matches no"),
+    ],
+)
+def test_bad_input_names_the_path(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        lora_init(KEY, base(), cfg)
+
+
+def test_nd_kernel_without_layout_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout"):
+        lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))
+
+
+def test_already_adapted_params_are_refused():
+    p = lora_init(KEY, base(), LoraConfig(targets=["q_proj"]))
+    with pytest.raises(ValueError, match="already hold"):
+        lora_init(KEY, p, LoraConfig(targets=["q_proj"]))

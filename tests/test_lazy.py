@@ -1,0 +1,178 @@
+"""apply(): tracing, caching, what enters and leaves the evaluator, and the FLOPs it saves."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jlora
+from oracle import check_against_oracle, oracle_merge, perturb
+
+KEY = jax.random.key(0)
+
+
+def lora(params, targets, fn=None, **kw):
+    cfg = jlora.LoraConfig(rank=2, targets=targets, **kw)
+    return perturb(jlora.lora_init(KEY, params, cfg, infer_layout=fn), KEY)
+
+
+def test_plain_matmul_and_einsum_functions():
+    params = {"w1": jax.random.normal(KEY, (8, 16)) / 3, "w2": jax.random.normal(KEY, (16, 4)) / 4}
+    p = lora(params, ["w1", "w2"])
+    x = jax.random.normal(KEY, (3, 8))
+    check_against_oracle(lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"], p, x)
+    check_against_oracle(lambda p, x: jnp.einsum("bo,oh->bh", jnp.einsum("bi,io->bo", x, p["w1"]), p["w2"]), p, x)
+    check_against_oracle(lambda p, x: jnp.dot(jnp.matmul(x, p["w1"]), p["w2"]), p, x)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(8, name="fc")(h)), None
+
+
+class Everything(nn.Module):
+    """Dense, DenseGeneral both ways, Conv, Embed (lookup and attend), Einsum, scan + remat."""
+
+    @nn.compact
+    def __call__(self, ids, img):
+        emb = nn.Embed(11, 8, name="embed")
+        h = emb(ids)                                                  # gather
+        q = nn.DenseGeneral((2, 4), name="to_heads")(h)               # (in, heads, dim)
+        h = h + nn.DenseGeneral(8, axis=(-2, -1), name="from_heads")(q)  # (heads, dim, out)
+        h = nn.Einsum((8, 8), "btd,de->bte", name="einsum")(h)
+        stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        h, _ = stack(name="layers")(h, None)
+        c = nn.Conv(8, (3, 3), name="conv")(img).mean(axis=(1, 2))[:, None, :]
+        h = nn.Dense(8, name="dense")(h + c)
+        return emb.attend(h)                                          # x @ E.T
+
+
+def test_linen_model_with_every_layer_kind():
+    model = Everything()
+    ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]])
+    img = jax.random.normal(KEY, (2, 6, 6, 3))
+    params = model.init(KEY, ids, img)["params"]
+    fn = lambda p, ids, img: model.apply({"params": p}, ids, img)
+    p = lora(params, ["embed", "to_heads", "from_heads", "einsum", "fc", "conv", "dense"],
+             fn=lambda p: fn(p, ids, img))
+    layouts = {lw.path: str(lw.layout) for lw in jax.tree.leaves(p, is_leaf=jlora.weight.is_node)
+               if isinstance(lw, jlora.LoraWeight)}
+    assert layouts == {
+        "conv/kernel": "iiio", "dense/kernel": "io", "einsum/kernel": "io", "embed/embedding": "io",
+        "from_heads/kernel": "iio", "layers/fc/kernel": "bio", "to_heads/kernel": "ioo",
+    }
+    check_against_oracle(fn, p, ids, img)
+
+
+def test_kernel_used_in_a_matmul_and_elsewhere():
+    params = {"w": jax.random.normal(KEY, (6, 6)) / 3}
+    p = lora(params, ["w"])
+    fn = lambda p, x: x @ p["w"] + jnp.linalg.norm(p["w"])
+    with pytest.warns(jlora.MaterializeWarning, match="'w'"):
+        check_against_oracle(fn, p, jnp.ones((2, 6)))
+
+
+def test_nnx_model_via_split_and_merge():
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(6, 12, rngs=rngs)
+            self.down = nnx.Linear(12, 6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(nnx.gelu(self.up(x)))
+
+    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    p = lora(state, ["up", "down"])
+    adapted = [x.path for x in jax.tree.leaves(p, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)]
+    assert adapted == ["down/kernel", "up/kernel"]
+    check_against_oracle(fn, p, jax.random.normal(KEY, (3, 6)))
+
+
+def test_trace_is_cached_per_signature():
+    calls = []
+
+    def fn(p, x, flag=True):
+        calls.append(1)
+        return x @ p["w"] if flag else x
+
+    forward = jlora.apply(fn)
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    forward(p, jnp.ones((2, 4)))
+    forward(p, jnp.zeros((2, 4)))
+    assert len(calls) == 1
+    forward(p, jnp.ones((3, 4)))          # new shape
+    forward(p, jnp.ones((3, 4)), flag=False)  # new static flag
+    assert len(calls) == 3
+
+
+def test_static_leaves_and_trainable_leaves_pass_through():
+    params = {"w": jnp.ones((4, 4)), "bias": jnp.arange(4.0)}
+    p = jlora.lora_init(KEY, params, jlora.LoraConfig(rank=2, targets=["w"], trainable=["bias"]))
+    assert isinstance(p["bias"], jlora.Trainable)
+    fn = lambda p, x, *, mode: (x @ p["w"] + p["bias"]) if mode == "add" else x
+    out = jax.jit(jlora.apply(fn), static_argnames="mode")(p, jnp.ones((1, 4)), mode="add")
+    np.testing.assert_allclose(out, jnp.ones((1, 4)) @ jnp.ones((4, 4)) + jnp.arange(4.0))
+
+
+def test_trainable_half_alone_is_refused():
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    trainable, _ = jlora.split(p)
+    with pytest.raises(ValueError, match="trainable half"):
+        jlora.apply(lambda p, x: x @ p["w"])(trainable, jnp.ones((1, 4)))
+
+
+def test_function_closing_over_an_outer_tracer_is_not_cached_stale():
+    p = lora({"w": jnp.ones((4, 4)) / 4}, ["w"])
+
+    @jax.jit
+    def step(p, x, y):
+        return jlora.apply(lambda p: x @ p["w"] + y)(p)
+
+    a = step(p, jnp.ones((1, 4)), 1.0)
+    b = step(p, jnp.ones((1, 4)), 2.0)
+    np.testing.assert_allclose(b - a, 1.0, rtol=1e-6)
+
+
+def test_no_gradient_reaches_the_frozen_weight():
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    g = jax.grad(lambda p: jlora.apply(lambda p: (jnp.ones((2, 4)) @ p["w"]).sum())(p))(p)
+    assert float(jnp.abs(g["w"].w).max()) == 0.0
+    assert float(jnp.abs(g["w"].a).max()) > 0.0
+
+
+def _flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+
+def test_factoring_is_verified_by_compiled_flops():
+    """A LoRA grad step of a deep MLP of square layers costs ~4N FLOPs per token, not 6N."""
+    depth, width, rank, batch = 6, 512, 8, 64
+    keys = jax.random.split(KEY, depth)
+    base = {f"layer{i}": {"kernel": jax.random.normal(k, (width, width)) / 16} for i, k in enumerate(keys)}
+
+    def mlp(p, x):
+        for i in range(depth):
+            x = jnp.tanh(x @ p[f"layer{i}"]["kernel"])
+        return jnp.mean(x**2)
+
+    x = jax.random.normal(KEY, (batch, width))
+    full_step = lambda p, x: jax.grad(mlp)(p, x)
+    p = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=rank, targets="all-linear"))
+    trainable, frozen = jlora.split(p)
+    forward = jlora.apply(mlp)
+    lora_step = lambda t, f, x: jax.grad(lambda t: forward(jlora.combine(t, f), x))(t)
+    materialised_step = lambda t, f, x: jax.grad(lambda t: mlp(jlora.merge(jlora.combine(t, f)), x))(t)
+    full, lora_flops = _flops(full_step, base, x), _flops(lora_step, trainable, frozen, x)
+    materialised = _flops(materialised_step, trainable, frozen, x)
+    print(f"LoRA / full fine-tune FLOPs: {lora_flops / full:.3f}; materialised / full: {materialised / full:.3f}")
+    assert lora_flops <= 0.72 * full, (lora_flops, full)
+    assert lora_flops < materialised

@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from oracle import perturb
+
+KEY = jax.random.key(0)
+
+
+def setup():
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.zeros(8)}, "out": {"kernel": jnp.ones((8, 2))}}
+    p = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q"], trainable=["q/bias"]))
+    fn = jlora.apply(lambda p, x: jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["out"]["kernel"])
+    x = jax.random.normal(KEY, (4, 8))
+    return perturb(p, KEY), fn, x
+
+
+def loss_of(fn, x):
+    return lambda p: jnp.mean(fn(p, x) ** 2)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_frozen_leaves_unchanged_bitwise_and_loss_drops(half):
+    p, fn, x = setup()
+    tx = jlora.optimizer(optax.adam(1e-2), p)
+    trainable, frozen = jlora.split(p)
+
+    @jax.jit
+    def step(p, state):
+        if half:
+            t, f = jlora.split(p)
+            g = jax.grad(lambda t: loss_of(fn, x)(jlora.combine(t, f)))(t)
+            u, state = tx.update(g, state, t)
+            return jlora.combine(optax.apply_updates(t, u), f), state
+        g = jax.grad(loss_of(fn, x))(p)
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    state = tx.init(trainable if half else p)
+    start = loss_of(fn, x)(p)
+    for _ in range(20):
+        p, state = step(p, state)
+    assert loss_of(fn, x)(p) < 0.9 * start
+    np.testing.assert_array_equal(p["q"]["kernel"].w, frozen["q"]["kernel"].w)
+    np.testing.assert_array_equal(p["out"]["kernel"], frozen["out"]["kernel"])
+    assert not np.array_equal(p["q"]["bias"].value, trainable["q"]["bias"].value)
+
+
+def test_frozen_leaves_have_no_optimizer_state():
+    p, _, _ = setup()
+    state = jlora.optimizer(optax.adam(1e-2), p).init(p)
+    sizes = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, "size") and x.ndim > 0)
+    adapter = (8 * 2 + 2 * 8) + 8  # a, b, bias
+    assert sizes == 2 * adapter  # adam's mu and nu, nothing for w or out
+
+
+def test_lora_plus_scales_b_updates_by_the_ratio():
+    p, fn, x = setup()
+    g = jax.grad(loss_of(fn, x))(p)
+    plain = jlora.optimizer(optax.sgd(0.1), p)
+    plus = jlora.optimizer(optax.sgd(0.1), p, b_lr_ratio=16.0)
+    u1, _ = plain.update(g, plain.init(p), p)
+    u2, _ = plus.update(g, plus.init(p), p)
+    np.testing.assert_allclose(u2["q"]["kernel"].b, 16.0 * u1["q"]["kernel"].b, rtol=1e-6)
+    np.testing.assert_array_equal(u2["q"]["kernel"].a, u1["q"]["kernel"].a)
+    np.testing.assert_array_equal(u2["q"]["bias"].value, u1["q"]["bias"].value)
+
+
+def test_clipping_inside_tx_sees_adapter_gradients_only():
+    p, fn, x = setup()
+    g = jax.grad(loss_of(fn, x))(p)
+    g = jax.tree.map(lambda l: l, g)
+    huge = {"q": {"kernel": g["q"]["kernel"].replace(w=1e6 * jnp.ones((8, 8))), "bias": g["q"]["bias"]},
+            "out": {"kernel": 1e6 * jnp.ones((8, 2))}}
+    tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)), p)
+    u, _ = tx.update(huge, tx.init(p), p)
+    t, _ = jlora.split(g)
+    adapter_norm = jnp.sqrt(sum(jnp.sum(l**2) for l in jax.tree.leaves(t)))
+    t_u, _ = jlora.split(u)
+    expected = jax.tree.map(lambda l: -l * 1e-3 / adapter_norm, t)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), t_u, expected)
+    assert float(jnp.abs(u["out"]["kernel"]).max()) == 0.0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no LoraWeight"):
+        jlora.optimizer(optax.sgd(1.0), {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="b_lr_ratio"):
+        jlora.optimizer(optax.sgd(1.0), b_lr_ratio=0)

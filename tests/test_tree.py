@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from oracle import oracle_merge, perturb
+
+KEY = jax.random.key(0)
+
+
+def tree():
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.zeros(8)},
+            "v": {"kernel": jax.random.normal(KEY, (8, 4))}, "none": None}
+    cfg = jlora.LoraConfig(rank=2, targets=["q", "v"], trainable=["q/bias"])
+    return perturb(jlora.lora_init(KEY, base, cfg), KEY)
+
+
+def test_split_and_combine_partition_like_equinox():
+    p = tree()
+    trainable, frozen = jlora.split(p)
+    assert trainable["v"]["kernel"].w is None and frozen["v"]["kernel"].a is None
+    assert isinstance(trainable["q"]["bias"], jlora.Trainable) and frozen["q"]["bias"].value is None
+    assert len(jax.tree.leaves(trainable)) == 5 and len(jax.tree.leaves(frozen)) == 2
+    back = jlora.combine(trainable, frozen)
+    assert jax.tree.structure(back) == jax.tree.structure(p)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), back, p)
+
+
+def test_combine_refuses_trees_that_do_not_match():
+    trainable, _ = jlora.split(tree())
+    other = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 8))}}, jlora.LoraConfig(rank=2, targets=["q"]))
+    with pytest.raises(ValueError, match="jlora.combine: trainable and frozen do not have the same structure"):
+        jlora.combine(trainable, jlora.split(other)[1])
+
+
+def test_merge_is_exact_and_runs_the_unmodified_function():
+    p = tree()
+    merged = jlora.merge(p)
+    np.testing.assert_allclose(merged["q"]["kernel"], oracle_merge(p)["q"]["kernel"], rtol=1e-6, atol=1e-6)
+    fn = lambda p, x: (x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]
+    x = jax.random.normal(KEY, (3, 8))
+    np.testing.assert_allclose(fn(merged, x), jlora.apply(fn)(p, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_merge_with_donated_params():
+    p = tree()
+    want = jlora.merge(p)
+    got = jax.jit(jlora.merge, donate_argnums=0)(jax.tree.map(jnp.copy, p))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_unmerge_recovers_the_base_from_full_or_trainable_adapters():
+    p = tree()
+    merged = jlora.merge(p)
+    for adapters in (p, jlora.split(p)[0]):
+        back = jlora.unmerge(merged, adapters)
+        np.testing.assert_allclose(back["q"]["kernel"].w, p["q"]["kernel"].w, rtol=1e-6, atol=1e-5)
+        assert isinstance(back["q"]["bias"], jlora.Trainable)
+
+
+def test_unmerge_refuses_mismatched_trees_and_shapes():
+    p = tree()
+    merged = jlora.merge(p)
+    with pytest.raises(ValueError, match="only in merged"):
+        jlora.unmerge({**merged, "extra": jnp.ones(3)}, p)
+    bad = {**merged, "v": {"kernel": jnp.ones((4, 8))}}
+    with pytest.raises(ValueError, match=r"merged 'v/kernel' has shape \(4, 8\)"):
+        jlora.unmerge(bad, p)
+
+
+def test_labels_of_full_tree_and_halves():
+    p = tree()
+    assert jax.tree.leaves(jlora.labels(p)) == ["trainable", "frozen", "lora_a", "lora_b", "frozen", "lora_a", "lora_b"]
+    assert jax.tree.leaves(jlora.labels(jlora.split(p)[0])) == ["trainable", "lora_a", "lora_b", "lora_a", "lora_b"]
+
+
+def test_summary_counts_like_peft():
+    s = jlora.summary(tree())
+    assert (s.trainable, s.total) == (2 * (8 + 8) + 2 * (8 + 4) + 8, 64 + 32 + 8 + 32 + 24)
+    text = str(s)
+    assert "q/kernel" in text and "trainable params: 64 || all params: 160 || trainable%: 40.0000" in text

@@ -1,0 +1,40 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from oracle import oracle_merge
+from test_rules import random_lora
+
+
+def test_array_like_and_repr_shows_shapes_not_values():
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    assert (lw.shape, lw.dtype, lw.ndim, lw.size, lw.rank) == ((4, 6), jnp.float32, 2, 24, 2)
+    assert repr(lw) == "LoraWeight(w=float32[4,6], a=float32[4,2], b=float32[2,6], scale=0.7, layout='io', path='w')"
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 6), "io"), ((6, 4), "oi"), ((3, 4, 5), "bio"), ((2, 3, 5), "iio"),
+                                           ((5, 2, 3), "ioo"), ((3, 3, 2, 4), "iiio")])
+def test_materialize_matches_the_einsum_oracle(shape, layout):
+    lw = random_lora(jax.random.key(1), shape, layout, 2)
+    np.testing.assert_allclose(lw.materialize(), oracle_merge({"w": lw})["w"], rtol=1e-6, atol=1e-6)
+
+
+def test_materialize_keeps_w_dtype():
+    lw = random_lora(jax.random.key(1), (4, 6), "io", 2)
+    lw = lw.replace(w=lw.w.astype(jnp.bfloat16))
+    assert lw.materialize().dtype == jnp.bfloat16
+
+
+def test_pytree_round_trip_and_key_paths():
+    lw = random_lora(jax.random.key(1), (4, 6), "io", 2)
+    leaves, treedef = jax.tree_util.tree_flatten(lw)
+    assert len(leaves) == 3 and jax.tree_util.tree_unflatten(treedef, leaves).layout == lw.layout
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lw)[0]]
+    assert paths == [".w", ".a", ".b"]
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match=r"a must be \(4, 2\) and b \(2, 6\)"):
+        jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
