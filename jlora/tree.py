@@ -169,21 +169,21 @@ class Summary:
     trainable: int
     total: int
     targets: tuple[tuple[str, str, str, int, float, int], ...]  # path, shape, layout, rank, scale, params
-    fully_trained: tuple[tuple[str, int], ...]
+    fully_trained: tuple[tuple[str, str, int], ...]  # path, shape, params
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
+        rows = [(p, shape, layout, str(rank), f"{scale:g}", f"{n:,}") for p, shape, layout, rank, scale, n in self.targets]
+        rows += [(p, shape, "full", "-", "-", f"{n:,}") for p, shape, n in self.fully_trained]
         lines = []
-        if self.targets:
-            width = max(len(t[0]) for t in self.targets)
-            lines.append(f"{'target':<{width}}  {'shape':<18} layout  rank  scale    params")
-            for path, shape, layout, rank, scale, n in self.targets:
-                lines.append(f"{path:<{width}}  {shape:<18} {layout:<6}  {rank:>4}  {scale:<7g}  {n:,}")
-        for path, n in self.fully_trained:
-            lines.append(f"{path}  (fully trained)  {n:,}")
+        if rows:
+            header = ("param", "shape", "layout", "rank", "scale", "trainable")
+            widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+            for row in [header] + rows:
+                lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         lines.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
         )
@@ -216,7 +216,7 @@ def summary(tree: Any) -> Summary:
             n = _size(x.value)
             trainable += n
             total += n
-            fully.append((path, n))
+            fully.append((path, "x".join(map(str, x.value.shape)), n))
         else:
             total += _size(x)
     return Summary(trainable, total, tuple(targets), tuple(fully))

@@ -1,0 +1,39 @@
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from jlora.probe import infer_layouts
+
+
+def test_plain_dense_and_transposed_storage():
+    p = {"dense": jnp.ones((4, 6)), "conv1d": jnp.ones((6, 4))}  # GPT-2's Conv1D stores (out, in)
+    fn = lambda p: jnp.ones((2, 4)) @ p["dense"] + jnp.ones((2, 4)) @ p["conv1d"].T
+    got = infer_layouts(fn, p, ["dense", "conv1d"])
+    assert {k: str(v) for k, v in got.items()} == {"dense": "io", "conv1d": "oi"}
+
+
+def test_scan_slices_mark_batch_axes_and_reshape_merges():
+    p = {"stack": jnp.ones((3, 4, 2, 2))}
+
+    def fn(p):
+        return lax.scan(lambda h, w: (h @ w.reshape(4, 4), None), jnp.ones((2, 4)), p["stack"])[0]
+
+    assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bioo"
+
+
+def test_tied_embedding_lookup_then_attend_is_one_layout():
+    p = {"emb": jnp.ones((10, 4))}
+    fn = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T
+    assert str(infer_layouts(fn, p, ["emb"])["emb"]) == "io"
+
+
+def test_conflicting_uses_warn_and_keep_the_first():
+    p = {"w": jnp.ones((3, 4, 5))}
+    fn = lambda p: jnp.einsum("i,ijk->jk", jnp.ones(3), p["w"]) + jnp.einsum("ij,ijk->k", jnp.ones((3, 4)), p["w"])[None]
+    with pytest.warns(UserWarning, match="used with layouts 'ioo' and 'iio'"):
+        assert str(infer_layouts(fn, p, ["w"])["w"]) == "ioo"
+
+
+def test_unused_kernel_has_no_layout():
+    assert infer_layouts(lambda p: p["w"].sum(), {"w": jnp.ones((2, 3, 4))}, ["w"]) == {}
