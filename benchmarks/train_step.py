@@ -1,0 +1,230 @@
+"""Train-step benchmark: full fine-tune, the frozen floor, jlora LoRA, hand-written LoRA and
+LoRA by materialising ``W + s·A@B``, on the same HF FlaxLlama model in one run.
+
+Each mode runs in its own process (clean peak-memory figures, no cache sharing); the driver prints
+one table with ratios against the floor and the full fine-tune measured in the same run.
+
+    python benchmarks/train_step.py                    # small Llama, runs on a CPU in a minute or two
+    python benchmarks/train_step.py --preset llama-1b  # Llama-3.2-1B shape, bf16, batch 4 x 1024 (GPU)
+
+Modes:
+  full         grads for every weight + adamw on all of them
+  floor        backward through every layer with no weight gradient (grad w.r.t. the embeddings'
+               output only): what any LoRA step has to pay at least
+  jlora        jlora.apply over the unmodified model, r on q,k,v,o,gate,up,down + adamw on A/B
+  hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
+               targeted Dense (the hand-factored baseline)
+  materialize  the same LoRA computed by forming W + s·A@B for each weight
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+PRESETS = {
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, vocab_size=2048, batch=2, seq=128, rank=8, dtype="float32", steps=5),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, batch=4, seq=1024, rank=16, dtype="bfloat16",
+                     steps=10),
+}
+MODES = ("full", "floor", "jlora", "hand", "materialize")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_mode(mode: str, preset: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+    import optax
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLM
+
+    import jlora
+
+    dtype = jnp.dtype(preset["dtype"])
+    config = LlamaConfig(
+        hidden_size=preset["hidden_size"], intermediate_size=preset["intermediate_size"],
+        num_hidden_layers=preset["num_hidden_layers"], num_attention_heads=preset["num_attention_heads"],
+        num_key_value_heads=preset["num_key_value_heads"], vocab_size=preset["vocab_size"],
+        max_position_embeddings=preset["seq"], rope_theta=500000.0, tie_word_embeddings=False,
+    )
+    model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
+    module = model.module
+    batch, seq, rank = preset["batch"], preset["seq"], preset["rank"]
+    key = jax.random.key(0)
+    params = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(dtype), model.init_weights(k, (1, 8))))(key)
+    ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    mask = jnp.ones_like(inputs)
+    pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+
+    def xent(logits: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+    def logits_of(p: Any, fn=module.apply) -> jax.Array:
+        return fn({"params": p}, inputs, mask, pos, return_dict=False)[0]
+
+    tx = optax.adamw(1e-4)
+    cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=list(TARGETS))
+
+    if mode == "full":
+        state = tx.init(params)
+
+        def step(p, s, frozen):
+            loss, g = jax.value_and_grad(lambda p: xent(logits_of(p)))(p)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        train, frozen = params, None
+    elif mode == "floor":
+        delta = jnp.zeros((batch, seq, config.hidden_size), dtype)
+
+        def step(d, s, frozen):
+            def add_delta(next_fun, args, kwargs, context):
+                out = next_fun(*args, **kwargs)
+                if context.module.name == "embed_tokens" and context.method_name == "__call__":
+                    out = out + d
+                return out
+
+            def loss_fn(d):
+                with nn.intercept_methods(add_delta):
+                    return xent(logits_of(frozen))
+
+            loss, g = jax.value_and_grad(loss_fn)(d)
+            return g, s, loss  # no parameters: the gradient itself is the result
+
+        train, state, frozen = delta, (), params
+    else:
+        lora = jlora.lora_init(jax.random.key(2), params, cfg)
+        train, frozen = jlora.split(lora)
+        opt = jlora.optimizer(tx, train)
+        state = opt.init(train)
+
+        if mode == "jlora":
+            forward = jlora.apply(module.apply)
+
+            def loss_fn(t, frozen):
+                return xent(logits_of(jlora.combine(t, frozen), forward))
+        elif mode == "materialize":
+            def loss_fn(t, frozen):
+                return xent(logits_of(jlora.merge(jlora.combine(t, frozen))))
+        elif mode == "hand":
+            is_lora = lambda x: isinstance(x, jlora.LoraWeight)
+
+            def loss_fn(t, frozen):
+                factors = {
+                    tuple(lw.path.split("/")[:-1]): (lw.a, lw.b, lw.scale)
+                    for lw in jax.tree.leaves(t, is_leaf=is_lora) if is_lora(lw)
+                }
+                base = jax.tree.map(lambda x: x.w if is_lora(x) else x, frozen, is_leaf=is_lora)
+
+                def add_lora(next_fun, args, kwargs, context):
+                    out = next_fun(*args, **kwargs)
+                    path = tuple(context.module.path)
+                    if context.method_name == "__call__" and path in factors:
+                        a, b, s = factors[path]
+                        x = args[0]
+                        out = out + ((x @ a.astype(x.dtype)) * s) @ b.astype(x.dtype)
+                    return out
+
+                with nn.intercept_methods(add_lora):
+                    return xent(logits_of(base))
+        else:
+            raise ValueError(mode)
+
+        def step(t, s, frozen):
+            loss, g = jax.value_and_grad(loss_fn)(t, frozen)
+            u, s = opt.update(g, s, t)
+            return optax.apply_updates(t, u), s, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    lowered = jitted.lower(train, state, frozen)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    footprint = None
+    if mem is not None:
+        footprint = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                     - getattr(mem, "alias_size_in_bytes", 0))
+    for _ in range(2):  # warm-up
+        train, state, loss = compiled(train, state, frozen)
+    jax.block_until_ready((train, state, loss))
+    steps = preset["steps"]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train, state, loss = compiled(train, state, frozen)
+    jax.block_until_ready((train, state, loss))
+    step_s = (time.perf_counter() - t0) / steps
+    stats = jax.local_devices()[0].memory_stats() or {}
+    n_adapter = sum(x.size for x in jax.tree.leaves(train)) if mode not in ("full", "floor") else 0
+    return dict(
+        mode=mode, step_ms=1e3 * step_s, tokens_per_s=batch * seq / step_s, compile_s=compile_s,
+        peak_bytes=stats.get("peak_bytes_in_use"), footprint_bytes=footprint, loss=float(loss),
+        adapter_params=int(n_adapter), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    parser.add_argument("--json-out", default=None, help="also write all results to this JSON file")
+    args = parser.parse_args()
+    preset = dict(PRESETS[args.preset])
+    if args.steps:
+        preset["steps"] = args.steps
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args.mode, preset)), flush=True)
+        return
+
+    results = {}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--mode", mode]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"[{mode}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        results[mode] = json.loads(lines[-1][len("RESULT "):])
+        r = results[mode]
+        print(f"[{mode}] {r['tokens_per_s']:.0f} tokens/s, {r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s",
+              flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(dict(preset=args.preset, config=preset, results=results), f, indent=2)
+    print_table(args.preset, results)
+
+
+def print_table(preset: str, results: dict) -> None:
+    if not results:
+        return
+    any_r = next(iter(results.values()))
+    print(f"\npreset {preset}; device {any_r['device']}; jax {any_r['jax']}")
+    floor = results.get("floor", {}).get("tokens_per_s")
+    full = results.get("full", {})
+    hand = results.get("hand", {}).get("tokens_per_s")
+    gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
+    print(f"{'mode':<12}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x hand':>8}{'peak GiB':>10}"
+          f"{'XLA GiB':>9}{'compile s':>11}{'x full':>8}")
+    for mode, r in results.items():
+        xf = f"{r['tokens_per_s'] / floor:.3f}" if floor else "-"
+        xh = f"{r['tokens_per_s'] / hand:.3f}" if hand else "-"
+        xc = f"{r['compile_s'] / full['compile_s']:.2f}" if full else "-"
+        print(f"{mode:<12}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11.0f}{xf:>9}{xh:>8}{gib(r['peak_bytes']):>10}"
+              f"{gib(r['footprint_bytes']):>9}{r['compile_s']:>11.1f}{xc:>8}")
+
+
+if __name__ == "__main__":
+    main()
