@@ -79,6 +79,23 @@ def open_jaxpr(jaxpr: Any) -> tuple[Any, list]:
     return inner, consts
 
 
+def scan_counts(params: dict) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation.
+
+    JAX 0.11 replaced the ``num_consts`` / ``num_carry`` params by ``ft_in``, a flat tree of the
+    three input groups ``(consts, carry, xs)``.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].elts
+    return len(list(consts.vals)), len(list(carry.vals))
+
+
+def inlined(params: dict) -> bool:
+    """Whether a jit equation asks to be inlined (a bool before JAX 0.11, an ``Inline`` since)."""
+    return params.get("inline", False) is True
+
+
 def is_literal(atom: Any) -> bool:
     return isinstance(atom, Literal)
 

@@ -30,7 +30,7 @@ def _outputs(outs: list, what: str) -> list:
 @register(_compat.jit_p, Lazy)
 def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     closed = eqn.params["jaxpr"]
-    if eqn.params.get("inline", False):
+    if _compat.inlined(eqn.params):
         return evaluate_closed(closed, invals, ctx)
 
     def body(*args: Any) -> list:
@@ -54,7 +54,7 @@ def checkpoint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.scan_p, Lazy)
 def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = _compat.scan_counts(p)
     consts = invals[:n_consts]
     init = materialize_all(invals[n_consts:n_consts + n_carry], what="scan", why="a lazy loop carry")
     xs_in = invals[n_consts + n_carry:]
