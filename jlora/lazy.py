@@ -93,11 +93,13 @@ def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "") -
 
 
 class Context:
-    """State shared by one evaluation: the dropout key, and what rules want to record."""
+    """State shared by one evaluation: the dropout key, what rules want to record, and the frame
+    (jaxpr, environment, position) of the equation being evaluated, for rules that look around."""
 
     def __init__(self, rng: Any = None, records: dict | None = None):
         self.rng = rng
         self.records = records
+        self.frame: Frame | None = None
         self._counter = itertools.count()
 
     def next_key(self) -> Any:
@@ -105,8 +107,87 @@ class Context:
         return jax.random.fold_in(self.rng, next(self._counter))
 
     def with_rng(self, rng: Any) -> "Context":
-        child = Context(rng, self.records)
-        return child
+        return Context(rng, self.records)
+
+
+# Equations that only restructure a value: safe to evaluate ahead of their turn.
+_STRUCTURAL = (
+    _compat.convert_element_type_p, _compat.transpose_p, _compat.reshape_p, _compat.copy_p,
+    _compat.sharding_constraint_p,
+)
+
+
+class Frame:
+    """One jaxpr being evaluated: its equations, the values computed so far, and what rules
+    computed ahead of time for later equations (``pending``)."""
+
+    def __init__(self, jaxpr: Any, env: dict):
+        self.eqns = jaxpr.eqns
+        self.env = env
+        self.index = 0
+        self.pending: dict[int, Any] = {}
+        self.done: set[int] = set()
+        self._users: dict[Any, list[int]] | None = None
+        self._producer: dict[Any, int] | None = None
+
+    def _index(self) -> None:
+        self._users, self._producer = {}, {}
+        for i, eqn in enumerate(self.eqns):
+            for v in eqn.invars:
+                if not _compat.is_literal(v):
+                    self._users.setdefault(v, []).append(i)
+            for v in eqn.outvars:
+                self._producer[v] = i
+
+    def users(self, var: Any) -> list[int]:
+        """Indices of the equations that read ``var``, in order."""
+        if self._users is None:
+            self._index()
+        return self._users.get(var, [])  # type: ignore[union-attr]
+
+    def value(self, var: Any, ctx: Context, depth: int = 3) -> Any:
+        """The value of ``var``; computed ahead of its turn through structural equations
+        (casts, transposes, reshapes) if needed; ``None`` if it is not available yet."""
+        if _compat.is_literal(var):
+            return _compat.literal_value(var)
+        if var in self.env:
+            return self.env[var]
+        if self._producer is None:
+            self._index()
+        i = self._producer.get(var)  # type: ignore[union-attr]
+        if i is None or depth == 0 or i in self.done or self.eqns[i].primitive not in _STRUCTURAL:
+            return None
+        eqn = self.eqns[i]
+        invals = [self.value(v, ctx, depth - 1) for v in eqn.invars]
+        if any(v is None for v in invals):
+            return None
+        _write(self.env, eqn, _eval_eqn(ctx, self, eqn, invals))
+        self.done.add(i)
+        return self.env[var]
+
+
+def _write(env: dict, eqn: Any, outs: Sequence[Any]) -> None:
+    for var, val in zip(eqn.outvars, outs):
+        if not _compat.is_drop_var(var):
+            env[var] = val
+
+
+def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
+    lazy = [x for x in invals if is_lazy(x)]
+    outs: Any = NotImplemented
+    if lazy:
+        rule = find_rule(eqn.primitive, type(lazy[0]))
+        if rule is not None:
+            outer, ctx.frame = ctx.frame, frame
+            try:
+                outs = rule(ctx, eqn, invals)
+            finally:
+                ctx.frame = outer
+        if outs is NotImplemented:
+            invals = materialize_all(invals, what=str(eqn.primitive))
+    if outs is NotImplemented:
+        outs = _compat.bind(eqn, invals)
+    return outs
 
 
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
@@ -122,21 +203,12 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Contex
         raise ValueError(f"jaxpr takes {len(jaxpr.invars)} inputs, got {len(args)}")
     for var, val in zip(jaxpr.invars, args):
         env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        lazy = [x for x in invals if is_lazy(x)]
-        outs: Any = NotImplemented
-        if lazy:
-            rule = find_rule(eqn.primitive, type(lazy[0]))
-            if rule is not None:
-                outs = rule(ctx, eqn, invals)
-            if outs is NotImplemented:
-                invals = materialize_all(invals, what=str(eqn.primitive))
-        if outs is NotImplemented:
-            outs = _compat.bind(eqn, invals)
-        for var, val in zip(eqn.outvars, outs):
-            if not _compat.is_drop_var(var):
-                env[var] = val
+    frame = Frame(jaxpr, env)
+    for i, eqn in enumerate(jaxpr.eqns):
+        if i in frame.done:
+            continue
+        frame.index = i
+        _write(env, eqn, _eval_eqn(ctx, frame, eqn, [read(v) for v in eqn.invars]))
     return [read(v) for v in jaxpr.outvars]
 
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora import _compat
@@ -115,19 +116,70 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     dtype = x.dtype
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
-    xd = _dropout(ctx, lw, x)
-    a, b = lw.a.astype(dtype), lw.b.astype(dtype)
     keep_out = set(out_labels)
     if first == "a":
-        t, t_labels = contract(xd, x_labels, a, a_labels, keep_out | set(b_labels), pref, prec)
-        t = (t * lw.scale).astype(dtype)
-        y, y_labels = contract(t, t_labels, b, b_labels, keep_out, pref, prec)
+        t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
+                                       keep_out | set(b_labels), pref, prec)
+        y, y_labels = contract(t, t_labels, lw.b.astype(dtype), b_labels, keep_out, pref, prec)
     else:
-        t, t_labels = contract(xd, x_labels, b, b_labels, keep_out | set(a_labels), pref, prec)
+        t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,
+                               keep_out | set(a_labels), pref, prec)
         t = (t * lw.scale).astype(dtype)
-        y, y_labels = contract(t, t_labels, a, a_labels, keep_out, pref, prec)
+        y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     return [base + y.astype(base.dtype)]
+
+
+def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels: list, lw: LoraWeight,
+                     a_labels: list, keep: set, pref: Any, prec: Any) -> tuple[jax.Array, list]:
+    """``scale · x @ a``, computed once for all adapters that read the same ``x`` the same way.
+
+    q, k and v (and gate and up) read one activation: a single ``x @ [a_q | a_k | a_v]`` reads it
+    once instead of three times, in the forward and in the backward. Results for the later
+    equations wait in the frame's ``pending``.
+    """
+    frame, dtype = ctx.frame, x.dtype
+    if frame is not None and frame.index in frame.pending:
+        return frame.pending.pop(frame.index)
+    siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not _dropping(ctx, lw) else []
+    group = [lw] + [other for _, other in siblings]
+    a = group[0].a if len(group) == 1 else jnp.concatenate([g.a for g in group], axis=-1)
+    t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec)
+    r_axis = t_labels.index(a_labels[-1])
+    parts = jnp.split(t, np.cumsum([g.rank for g in group])[:-1].tolist(), axis=r_axis) if siblings else [t]
+    for (j, other), part in zip(siblings, parts[1:]):
+        frame.pending[j] = ((part * other.scale).astype(dtype), t_labels)
+    return (parts[0] * lw.scale).astype(dtype), t_labels
+
+
+def _dropping(ctx: Context, lw: LoraWeight) -> bool:
+    return lw.dropout > 0.0 and ctx.rng is not None
+
+
+def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[int, LoraWeight]]:
+    """Later ``dot_general`` equations of this jaxpr with the same ``x``, the same dimension
+    numbers and a ``LoraWeight`` whose ``a`` has the same axes."""
+    frame = ctx.frame
+    x_var = eqn.invars[x_pos]
+    if _compat.is_literal(x_var):
+        return []
+    found = []
+    for j in frame.users(x_var):
+        other_eqn = frame.eqns[j]
+        if (
+            j <= frame.index or j in frame.done or j in frame.pending
+            or other_eqn.primitive is not _compat.dot_general_p
+            or other_eqn.invars[x_pos] is not x_var or other_eqn.params != eqn.params
+        ):
+            continue
+        other = frame.value(other_eqn.invars[1 - x_pos], ctx)
+        if (
+            isinstance(other, LoraWeight) and not _dropping(ctx, other)
+            and other.ndim == lw.ndim and other.a.shape[:-1] == lw.a.shape[:-1]
+            and all(other.layout.group(r) == lw.layout.group(r) for r in ("b", "i"))
+        ):
+            found.append((j, other))
+    return found
 
 
 # --- gather (embedding lookup) -----------------------------------------------------------------

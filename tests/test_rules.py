@@ -151,3 +151,32 @@ def test_bf16_low_rank_path_runs_in_activation_dtype():
     assert out.dtype == jnp.bfloat16
     ref = x.astype(jnp.float32) @ oracle_merge({"w": lw})["w"].astype(jnp.float32)
     np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=5e-2, atol=5e-2)
+
+
+def _count_dots(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return str(jaxpr).count("dot_general")
+
+
+def test_adapters_reading_one_input_share_one_down_projection():
+    key = jax.random.key(0)
+    p = {n: random_lora(jax.random.fold_in(key, i), (8, 6 + i), "io", 2 + i) for i, n in enumerate("qkv")}
+    p["o"] = random_lora(jax.random.fold_in(key, 9), (6, 8), "oi", 2)  # stored (out, in): used as x @ o.T
+
+    def fn(p, x):
+        h = x @ p["q"] + (x @ p["k"]).sum(-1, keepdims=True) + (x @ p["v"])[:, :1]
+        return (x @ p["o"].T.astype(jnp.float32)) * h.sum()
+
+    x = jax.random.normal(key, (5, 8))
+    # 4 base matmuls + 1 shared down-projection (q, k, v, o) + 4 up-projections
+    assert _count_dots(jlora.apply(fn), p, x) == 9
+    check_against_oracle(fn, p, x)
+
+
+def test_no_shared_down_projection_under_dropout():
+    key = jax.random.key(0)
+    p = {n: random_lora(jax.random.fold_in(key, i), (8, 6), "io", 2).replace(dropout=0.5) for i, n in enumerate("qk")}
+    fn = lambda p, x: x @ p["q"] + x @ p["k"]
+    x = jnp.ones((3, 8))
+    assert _count_dots(lambda p, x: jlora.apply(fn)(p, x, lora_rng=jax.random.key(1)), p, x) == 6
+    assert _count_dots(jlora.apply(fn), p, x) == 5
