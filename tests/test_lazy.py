@@ -176,3 +176,13 @@ def test_factoring_is_verified_by_compiled_flops():
     print(f"LoRA / full fine-tune FLOPs: {lora_flops / full:.3f}; materialised / full: {materialised / full:.3f}")
     assert lora_flops <= 0.72 * full, (lora_flops, full)
     assert lora_flops < materialised
+
+
+def test_a_fallback_warns_once_per_primitive_and_path():
+    p = lora({"w": jnp.ones((4, 4)) / 4}, ["w"])
+    fn = jlora.apply(lambda p, x: x @ p["w"] + jnp.sin(p["w"]).sum() + jnp.cos(p["w"]).sum())
+    with pytest.warns(jlora.MaterializeWarning) as record:
+        fn(p, jnp.ones((1, 4)))
+        fn(p, jnp.ones((2, 4)))  # traced again: no new warning
+    messages = sorted(str(w.message).split(" materialised at ")[1].split("'")[1] for w in record)
+    assert messages == ["cos", "sin"]
