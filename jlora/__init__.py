@@ -22,6 +22,16 @@ from jlora.weight import Lazy, LoraWeight, Trainable
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # jlora.hf needs transformers (the "hf" extra): imported on first use, not with jlora.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("jlora.hf")
+    raise AttributeError(f"module 'jlora' has no attribute {name!r}")
+
+
 __all__ = [
     "Layout",
     "Lazy",

@@ -24,7 +24,8 @@ class LoraConfig:
       rank: ``r``, the rank of ``a @ b``.
       alpha: scale numerator: ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
       targets: param-path patterns to adapt (see ``jlora.paths``), or ``"all-linear"`` (every
-        dense ``kernel`` except the output head); ``None`` means ``"all-linear"``.
+        dense ``kernel`` except the output head); ``None`` (default) means ``"all-linear"`` for
+        ``jlora.lora_init`` and the model type's preset for ``jlora.hf``.
       exclude: patterns never adapted.
       rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path.
       dropout: LoRA dropout on the input of the low-rank path (needs ``lora_rng`` in ``apply``).
@@ -42,7 +43,7 @@ class LoraConfig:
 
     rank: int
     alpha: float
-    targets: tuple[str, ...] | str
+    targets: tuple[str, ...] | str | None
     exclude: tuple[str, ...]
     rank_pattern: tuple[tuple[str, int], ...]
     alpha_pattern: tuple[tuple[str, float], ...]
@@ -80,11 +81,9 @@ class LoraConfig:
             )
         _check_rank("rank", rank)
         _check_alpha("alpha", alpha)
-        if targets is None:
-            targets = ALL_LINEAR
         if isinstance(targets, str) and targets != ALL_LINEAR:
             targets = (targets,)
-        if not isinstance(targets, str):
+        if targets is not None and not isinstance(targets, str):
             targets = tuple(targets)
             if not targets:
                 raise ValueError("LoraConfig: targets is empty; give patterns or 'all-linear'")
@@ -131,7 +130,7 @@ class LoraConfig:
             out[name] = {k: (str(v) if name == "layouts" else v) for k, v in out[name]}
         for name in ("exclude", "trainable"):
             out[name] = list(out[name])
-        if not isinstance(out["targets"], str):
+        if isinstance(out["targets"], tuple):
             out["targets"] = list(out["targets"])
         out["param_dtype"] = out["param_dtype"].name
         return out

@@ -58,7 +58,8 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     """
     paths = [p for p, _ in entries]
     exclude = compile_patterns(config.exclude)
-    targets = () if config.targets == ALL_LINEAR else compile_patterns(config.targets)
+    all_linear = config.targets in (None, ALL_LINEAR)
+    targets = () if all_linear else compile_patterns(config.targets)
     trainable = compile_patterns(config.trainable)
     hits = {pat: 0 for pat in targets + trainable}
     adapt, tune = [], []
@@ -66,7 +67,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
         name = path.rsplit("/", 1)[-1]
         if any(ex.match(path) for ex in exclude):
             chosen = False
-        elif config.targets == ALL_LINEAR:
+        elif all_linear:
             chosen = _is_linear_kernel(path, leaf)
         else:
             kinds = {pat: pat.match(path) for pat in targets}

@@ -6,7 +6,7 @@ from jlora import LoraConfig
 
 def test_defaults_and_scale():
     cfg = LoraConfig()
-    assert (cfg.rank, cfg.alpha, cfg.targets, cfg.init) == (8, 8.0, "all-linear", "kaiming_uniform")
+    assert (cfg.rank, cfg.alpha, cfg.targets, cfg.init) == (8, 8.0, None, "kaiming_uniform")
     assert LoraConfig(rank=4, alpha=16).scale_for(4, 16) == 4.0
     assert LoraConfig(rank=4, alpha=16, use_rslora=True).scale_for(4, 16) == 8.0
 

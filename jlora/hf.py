@@ -1,0 +1,137 @@
+"""HuggingFace Flax models (transformers 4.x): target presets, layouts, and a small handle.
+
+Example:
+    >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+    >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    >>> lm = LoraModel(model, jlora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
+    >>> lm(jnp.ones((1, 5), jnp.int32)).logits.shape
+    (1, 5, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+import jlora
+from jlora.config import LoraConfig
+
+# PEFT's default targets per model type, as Flax param-path patterns.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "bart": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gpt_neo": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
+    "bloom": ("query_key_value",),
+    "vit": ("query", "value"),
+}
+
+# Kernels stored (out, in): declared, never guessed.
+LAYOUT_PRESETS: dict[str, dict[str, str]] = {
+    "gpt2": {"c_attn": "oi", "c_proj": "oi", "c_fc": "oi", "q_attn": "oi"},
+}
+
+
+def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConfig:
+    """``config`` with the model type's preset targets (when it names none) and declared layouts.
+
+    Example:
+        >>> preset_config("gpt2").targets, preset_config("gpt2").to_dict()["layouts"]["c_attn"]
+        (('c_attn',), 'oi')
+    """
+    config = config or LoraConfig()
+    changes: dict[str, Any] = {}
+    if config.targets is None:
+        if model_type not in TARGET_PRESETS:
+            raise ValueError(
+                f"jlora.hf: no target preset for model type {model_type!r} (presets: "
+                f"{', '.join(sorted(TARGET_PRESETS))}); pass LoraConfig(targets=[...]) or targets='all-linear'"
+            )
+        changes["targets"] = list(TARGET_PRESETS[model_type])
+    layouts = {**LAYOUT_PRESETS.get(model_type, {}), **dict(config.layouts)}
+    if layouts != dict(config.layouts):
+        changes["layouts"] = layouts
+    return config.replace(**changes) if changes else config
+
+
+def example_inputs(model: Any) -> dict[str, jax.Array]:
+    """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts)."""
+    if "pixel_values" in _call_args(model):  # HF's Flax vision models take NCHW and transpose
+        c = model.config
+        return {"pixel_values": jnp.zeros((1, c.num_channels, c.image_size, c.image_size), jnp.float32)}
+    return {"input_ids": jnp.ones((1, 8), jnp.int32)}
+
+
+def _call_args(model: Any) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(type(model).__call__).parameters)
+
+
+def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: Any = None) -> Any:
+    """``jlora.lora_init`` for a HF Flax model: preset targets and layouts, inferred n-D layouts.
+
+    Example:
+        >>> from transformers import BertConfig, FlaxBertModel
+        >>> m = FlaxBertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                              intermediate_size=64, vocab_size=50))
+        >>> p = lora_init(jax.random.key(0), m)  # bert preset: query, value
+    """
+    config = preset_config(model.config.model_type, config)
+    params = model.params if params is None else params
+    inputs = example_inputs(model)
+    return jlora.lora_init(key, params, config, infer_layout=lambda p: model(**inputs, params=p))
+
+
+class LoraModel:
+    """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
+
+    ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters;
+    ``lm.generate(...)`` is HF's ``generate`` on the adapted model, unmerged (``merged=False``,
+    the lazy path) or merged; ``lm.merge()`` gives plain params for the unmodified model.
+
+    Example:
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+        >>> print(lm.summary())  # doctest: +ELLIPSIS
+        param ...
+    """
+
+    def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None):
+        self.model = model
+        self.config = preset_config(model.config.model_type, config)
+        key = jax.random.key(0) if key is None else key
+        self.params = lora_init(key, model, self.config, params)
+        self._forward = jlora.apply(model.__call__)
+        self._generate: dict[tuple, Callable] = {}
+
+    def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
+        return self._forward(*args, params=self.params if params is None else params, lora_rng=lora_rng, **kwargs)
+
+    def generate(self, input_ids: jax.Array, *, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
+        """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters."""
+        params = self.params if params is None else params
+        if merged:
+            return self.model.generate(input_ids, params=jlora.merge(params), **kwargs)
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, jax.Array)))
+        dynamic = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+        fn = self._generate.get(static)
+        if fn is None:
+            fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **dict(static), **dyn))
+            self._generate[static] = fn
+        return fn(params, input_ids, dynamic)
+
+    def merge(self) -> Any:
+        """Plain params for the unmodified HF model (``model(..., params=lm.merge())``)."""
+        return jlora.merge(self.params)
+
+    def summary(self) -> jlora.Summary:
+        return jlora.summary(self.params)

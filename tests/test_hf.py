@@ -1,0 +1,159 @@
+"""HF Flax models: presets for every listed model type, lazy == merged, training, generate,
+gradient checkpointing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers as tf
+
+import jlora
+from jlora import hf
+from oracle import perturb
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
+
+TINY = {
+    "gpt2": lambda: tf.FlaxGPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)),
+    "llama": lambda: tf.FlaxLlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32)),
+    "mistral": lambda: tf.FlaxMistralForCausalLM(tf.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, sliding_window=16)),
+    "gemma": lambda: tf.FlaxGemmaForCausalLM(tf.GemmaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, vocab_size=64, max_position_embeddings=32)),
+    "bert": lambda: tf.FlaxBertForSequenceClassification(tf.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64, num_labels=3)),
+    "roberta": lambda: tf.FlaxRobertaModel(tf.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=40)),
+    "bart": lambda: tf.FlaxBartForConditionalGeneration(tf.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, max_position_embeddings=32)),
+    "opt": lambda: tf.FlaxOPTForCausalLM(tf.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=32, word_embed_proj_dim=32)),
+    "gpt_neo": lambda: tf.FlaxGPTNeoForCausalLM(tf.GPTNeoConfig(
+        hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]], vocab_size=64,
+        max_position_embeddings=32, window_size=8)),
+    "gptj": lambda: tf.FlaxGPTJForCausalLM(tf.GPTJConfig(
+        n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=64, n_positions=32)),
+    "bloom": lambda: tf.FlaxBloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64)),
+    "vit": lambda: tf.FlaxViTModel(tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)),
+}
+IDS = jnp.array([[3, 5, 7, 9, 11, 2, 4, 6]])
+
+
+def first_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+@pytest.mark.parametrize("targets", ["preset", "all-linear"])
+def test_every_model_type_lazy_equals_merged(model_type, targets):
+    model = TINY[model_type]()
+    assert model.config.model_type == model_type
+    cfg = jlora.LoraConfig(rank=2, targets=None if targets == "preset" else "all-linear")
+    lm = hf.LoraModel(model, cfg, jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    adapted = {x.path for x in jax.tree.leaves(lm.params, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)}
+    if targets == "preset":
+        assert adapted and all(any(t in p for t in hf.TARGET_PRESETS[model_type]) for p in adapted)
+    inputs = hf.example_inputs(model)
+    lazy = jax.jit(lambda p: first_output(lm(**inputs, params=p)))(lm.params)
+    merged = first_output(model(**inputs, params=lm.merge()))
+    np.testing.assert_allclose(lazy, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_layout_is_declared_out_in():
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2, targets="all-linear"))
+    c_attn = lm.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    assert str(c_attn.layout) == "oi" and c_attn.a.shape == (32, 2) and c_attn.b.shape == (2, 96)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral"])
+def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
+    model = TINY[model_type]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"), jax.random.key(0))
+    trainable, frozen = jlora.split(lm.params)
+    tx = jlora.optimizer(optax.adam(1e-2), trainable, b_lr_ratio=4.0)
+    state = tx.init(trainable)
+    seq = jnp.tile(jnp.arange(2, 18)[None], (4, 1))
+
+    def loss_fn(t):
+        logits = lm(seq[:, :-1], params=jlora.combine(t, frozen)).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, seq[:, 1:]).mean()
+
+    @jax.jit
+    def step(t, s):
+        loss, g = jax.value_and_grad(loss_fn)(t)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    first = None
+    for _ in range(30):
+        trainable, state, loss = step(trainable, state)
+        first = first if first is not None else float(loss)
+    assert float(loss) < 0.9 * first
+    lm.params = jlora.combine(trainable, frozen)
+    prompt = jnp.array([[2, 3, 4, 5]])
+    unmerged = lm.generate(prompt, max_new_tokens=6, do_sample=False).sequences
+    merged = lm.generate(prompt, max_new_tokens=6, do_sample=False, merged=True).sequences
+    np.testing.assert_array_equal(unmerged, merged)
+    assert unmerged.shape == (1, 10)
+
+
+def test_bert_classifier_trains_with_a_fully_trained_head():
+    model = TINY["bert"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier"]))
+    assert isinstance(lm.params["classifier"]["kernel"], jlora.Trainable)
+    ids = jax.random.randint(jax.random.key(0), (8, 8), 0, 64)
+    labels = jnp.arange(8) % 3
+    trainable, frozen = jlora.split(lm.params)
+    tx = jlora.optimizer(optax.adam(3e-2), trainable)
+    state = tx.init(trainable)
+
+    def loss_fn(t):
+        logits = lm(ids, params=jlora.combine(t, frozen)).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(t, s):
+        loss, g = jax.value_and_grad(loss_fn)(t)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    losses = []
+    for _ in range(30):
+        trainable, state, loss = step(trainable, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])  # HF implements it for these, not Llama or GPT-2
+def test_gradient_checkpointing_gives_the_same_grads(model_type):
+    model = TINY[model_type]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    remat = TINY[model_type]()
+    remat.enable_gradient_checkpointing()
+    lm_remat = hf.LoraModel(remat, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(0))
+    trainable, frozen = jlora.split(params)
+
+    def grads(handle):
+        loss = lambda t: jnp.mean(first_output(handle(IDS, params=jlora.combine(t, frozen))) ** 2)
+        return jax.jit(jax.grad(loss))(trainable)
+
+    jaxpr = str(jax.make_jaxpr(lambda t: first_output(lm_remat(IDS, params=jlora.combine(t, frozen))))(trainable))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(lm), grads(lm_remat))
+
+
+def test_model_type_without_preset_needs_targets():
+    with pytest.raises(ValueError, match="no target preset for model type 'mystery'"):
+        hf.preset_config("mystery")
+    assert hf.preset_config("mystery", jlora.LoraConfig(targets=["dense"])).targets == ("dense",)
