@@ -1,0 +1,184 @@
+"""jlora's own adapter files: ``adapter_config.json`` + ``adapter.safetensors``.
+
+Only the trainable half is stored (``a``, ``b`` and fully trained leaves), keyed by param path; the
+JSON holds the LoRA config, each target's layout, rank, scale and base shape, and free-form
+metadata (the base model). Loading checks every key, shape and dtype against the base params
+before building anything. Writes are atomic: a new directory is written beside the old and
+renamed into place, so an interrupted save leaves the last adapter intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.layout import Layout
+from jlora.paths import leaves_with_paths, path_str
+from jlora.weight import LoraWeight, Trainable, is_node
+
+CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
+
+
+def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = None, metadata: dict | None = None) -> Path:
+    """Write the adapters of ``params`` (a LoRA tree or its trainable half) to directory ``path``.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> _ = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+    """
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    targets, trainable = {}, {}
+    for p, x in leaves_with_paths(params, is_leaf=is_node):
+        if isinstance(x, LoraWeight):
+            tensors[f"{p}/a"], tensors[f"{p}/b"] = np.asarray(x.a), np.asarray(x.b)
+            shape = [int(d) for d in (x.w.shape if x.w is not None else _w_shape(x))]
+            targets[p] = {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
+                          "shape": shape}
+        elif isinstance(x, Trainable):
+            tensors[p] = np.asarray(x.value)
+            trainable[p] = list(np.shape(x.value))
+    if not targets and not trainable:
+        raise ValueError("save_adapter: params hold no LoraWeight or Trainable leaf")
+    config = {
+        "format": FORMAT, "version": 1, "targets": targets, "trainable": trainable,
+        "lora_config": lora_config.to_dict() if lora_config is not None else None,
+        "metadata": metadata or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _w_shape(lw: LoraWeight) -> tuple[int, ...]:
+    shape = [0] * lw.layout.ndim
+    nb, ni = len(lw.layout.group("b")), len(lw.layout.group("i"))
+    for k, ax in enumerate(lw.layout.group("b")):
+        shape[ax] = lw.a.shape[k]
+    for k, ax in enumerate(lw.layout.group("i")):
+        shape[ax] = lw.a.shape[nb + k]
+    for k, ax in enumerate(lw.layout.group("o")):
+        shape[ax] = lw.b.shape[nb + 1 + k]
+    return tuple(shape)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The adapter's JSON, with a clear error for a missing or foreign directory."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        old = path.with_name(f".{path.name}.old")
+        hint = f" (an interrupted save left the previous adapter at {old})" if (old / CONFIG_FILE).is_file() else ""
+        raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE}){hint}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_file}: corrupted JSON ({err})") from None
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: not a jlora adapter (format {config.get('format')!r})")
+    return config
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
+
+
+def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
+    """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
+
+    Every key, shape and dtype is checked against the base before anything is built.
+    """
+    config = read_config(path)
+    tensors = load_tensors(path)
+    targets, trainable = config["targets"], config["trainable"]
+    expected = {f"{p}/{f}" for p in targets for f in ("a", "b")} | set(trainable)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+    by_path = {path_str(kp): leaf for kp, leaf in flat}
+    absent = sorted(p for p in list(targets) + list(trainable) if p not in by_path)
+    if absent:
+        raise ValueError(f"{path}: adapter for another base model: no param at {absent[:5]}")
+    for p, spec in targets.items():
+        if list(by_path[p].shape) != spec["shape"]:
+            raise ValueError(
+                f"{path}: adapter for another base model: '{p}' has shape {list(by_path[p].shape)} "
+                f"in the base, {spec['shape']} in the adapter"
+            )
+        layout = Layout.parse(spec["layout"])
+        want_a, want_b = layout.a_shape(spec["shape"], spec["rank"]), layout.b_shape(spec["shape"], spec["rank"])
+        if tensors[f"{p}/a"].shape != want_a or tensors[f"{p}/b"].shape != want_b:
+            raise ValueError(f"{path}: '{p}': a/b shapes {tensors[f'{p}/a'].shape}, {tensors[f'{p}/b'].shape} "
+                             f"do not match rank {spec['rank']} and layout '{layout}' (want {want_a}, {want_b})")
+    for p, shape in trainable.items():
+        if list(by_path[p].shape) != list(shape) or tensors[p].dtype != np.dtype(by_path[p].dtype):
+            raise ValueError(f"{path}: '{p}' is {tensors[p].dtype}{list(tensors[p].shape)} in the adapter, "
+                             f"{np.dtype(by_path[p].dtype)}{list(by_path[p].shape)} in the base")
+    leaves = []
+    for kp, leaf in flat:
+        p = path_str(kp)
+        if p in targets:
+            spec = targets[p]
+            leaf = LoraWeight(leaf, jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
+                              layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0))
+        elif p in trainable:
+            leaf = Trainable(jnp.asarray(tensors[p]))
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def describe(path: str | os.PathLike) -> str:
+    """What an adapter holds: targets, ranks, parameter counts, size on disk."""
+    config = read_config(path)
+    tensors = load_tensors(path)
+    lines = [f"adapter: {Path(path)}"]
+    meta = config.get("metadata") or {}
+    for key in sorted(meta):
+        lines.append(f"{key}: {meta[key]}")
+    n_lora = sum(tensors[f"{p}/a"].size + tensors[f"{p}/b"].size for p in config["targets"])
+    n_full = sum(tensors[p].size for p in config["trainable"])
+    ranks = sorted({spec["rank"] for spec in config["targets"].values()})
+    lines.append(f"targets: {len(config['targets'])} kernels, rank {', '.join(map(str, ranks)) or '-'}")
+    for p, spec in sorted(config["targets"].items()):
+        lines.append(f"  {p}  {'x'.join(map(str, spec['shape']))}  layout {spec['layout']}  r={spec['rank']}  "
+                     f"scale={spec['scale']:g}")
+    for p, shape in sorted(config["trainable"].items()):
+        lines.append(f"  {p}  {'x'.join(map(str, shape))}  fully trained")
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_full:,} fully trained; {size / 2**20:.2f} MiB on disk")
+    return "\n".join(lines)

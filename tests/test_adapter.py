@@ -1,0 +1,60 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora.adapter import describe, load_adapter, save_adapter
+from oracle import perturb
+
+KEY = jax.random.key(0)
+
+
+def lora_tree():
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.zeros(8)},
+            "stack": {"kernel": jnp.ones((3, 8, 4))}}
+    cfg = jlora.LoraConfig(rank=2, targets=["q", "stack"], trainable=["q/bias"], layouts={"stack": "bio"})
+    return base, cfg, perturb(jlora.lora_init(KEY, base, cfg), KEY)
+
+
+def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg, metadata={"base_model": "tiny"})
+    back = load_adapter(tmp_path / "ad", base)
+    jax.tree.map(np.testing.assert_array_equal, back, p)
+    assert jax.tree.structure(back) == jax.tree.structure(p)
+    weights = (tmp_path / "ad" / "adapter.safetensors").stat().st_size
+    stored = sum(x.size * 4 for x in jax.tree.leaves(jlora.split(p)[0]))
+    assert stored <= weights <= stored + 4096  # the bytes of a, b and the bias, plus a small header
+    text = describe(tmp_path / "ad")
+    assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
+
+
+def test_a_second_save_replaces_the_first_atomically(tmp_path):
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    p2 = perturb(p, jax.random.key(5))
+    save_adapter(tmp_path / "ad", p2, lora_config=cfg)
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ad"]
+
+
+def test_bad_adapters_give_clear_errors(tmp_path):
+    base, cfg, p = lora_tree()
+    with pytest.raises(ValueError, match="not a jlora adapter directory"):
+        load_adapter(tmp_path / "nothing", base)
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    other = {**base, "q": {"kernel": jnp.ones((8, 16)), "bias": jnp.zeros(8)}}
+    with pytest.raises(ValueError, match=r"another base model: 'q/kernel' has shape \[8, 16\]"):
+        load_adapter(tmp_path / "ad", other)
+    with pytest.raises(ValueError, match="another base model: no param at"):
+        load_adapter(tmp_path / "ad", {"stack": base["stack"]})
+    weights = tmp_path / "ad" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read adapter weights"):
+        load_adapter(tmp_path / "ad", base)
+    (tmp_path / "ad" / "adapter_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="corrupted JSON"):
+        load_adapter(tmp_path / "ad", base)

@@ -1,0 +1,116 @@
+"""The jlora command end to end on tiny models and data files (the default job on the real model is
+the README's first command, not a unit test)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tf
+
+import jlora
+from jlora.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "very", "food", "service"]
+
+
+def _tokenizer(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS))
+    return tf.BertTokenizerFast(vocab_file=str(vocab))
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    model = tf.FlaxBertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, vocab_size=len(WORDS) + 5))
+    model.save_pretrained(tmp_path / "bert")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        label = i % 2
+        words = rng.choice(WORDS[:3] if label else WORDS[3:6], 3).tolist() + ["the", "film"]
+        rows.append(json.dumps({"text": " ".join(rng.permutation(words)), "label": ["neg", "pos"][label]}))
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(rows))
+    return path
+
+
+def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "12", "--batch-size", "8",
+                 "--max-length", "8", "--lr", "1e-2", "--out", str(out), "--save-every", "5"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "baseline (frozen encoder + head)" in printed and "LoRA (r=8) + head" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["neg", "pos"] and len(metrics["losses"]["lora"]) == 12
+    assert (out / "loss_curve.png").stat().st_size > 1000
+
+    assert main(["info", str(out / "adapter")]) == 0
+    info = capsys.readouterr().out
+    assert "encoder/encoder/layer/0/attention/self/query/kernel" in info and "head/kernel" in info
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(merged_dir)]) == 0
+    merged = tf.FlaxBertModel.from_pretrained(merged_dir)
+    base = tf.FlaxBertModel.from_pretrained(bert_dir)
+    lora = jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
+        "kernel": np.zeros((32, 2), np.float32), "bias": np.zeros(2, np.float32)}})
+    ids = jnp.array([[2, 5, 12, 3]])
+    lazy = jlora.apply(base.__call__)(ids, params=lora["encoder"]).last_hidden_state
+    np.testing.assert_allclose(merged(ids).last_hidden_state, lazy, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_lm_on_a_text_file(tmp_path, capsys):
+    model = tf.FlaxGPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(WORDS) + 5,
+                                                 n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "gpt2")
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(["the film was very good"] * 60))
+    code = main(["finetune", "--task", "causal-lm", "--model", str(tmp_path / "gpt2"), "--data", str(text),
+                 "--steps", "15", "--batch-size", "4", "--max-length", "16", "--lr", "2e-2", "--out",
+                 str(tmp_path / "lm"), "--no-plot"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "lm" / "metrics.json").read_text())
+    assert metrics["last_loss"] < metrics["first_loss"]
+    assert json.loads((tmp_path / "lm" / "adapter" / "adapter_config.json").read_text())["targets"]
+
+
+def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--model /no/such/dir: not a directory"):
+        main(["finetune", "--model", "/no/such/dir", "--data", str(data_file)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good film", "label": "pos"}\n{"text": "no label"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: expected a JSON object with 'text' and 'label'"):
+        main(["finetune", "--model", str(bert_dir), "--data", str(bad), "--steps", "1"])
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "not a jlora adapter directory" in capsys.readouterr().err
+
+    distil = tf.FlaxDistilBertModel(tf.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                        vocab_size=len(WORDS) + 5))
+    distil.save_pretrained(tmp_path / "distil")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "distil")
+    assert main(["finetune", "--model", str(tmp_path / "distil"), "--data", str(data_file), "--steps", "1"]) == 2
+    assert "no target preset for model type 'distilbert'" in capsys.readouterr().err
+
+
+def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "2", "--batch-size", "8",
+          "--max-length", "8", "--out", str(out), "--no-plot", "--no-baseline"])
+    other = tf.FlaxBertModel(tf.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, vocab_size=len(WORDS) + 5))
+    other.save_pretrained(tmp_path / "other")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "other")
+    assert main(["merge", str(out / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m")]) == 2
+    assert "adapter for another base model" in capsys.readouterr().err
