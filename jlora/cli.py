@@ -91,7 +91,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if opts.task == "classify":
         if "baseline" in results:
             b = results["baseline"]
-            print(f"baseline (frozen encoder + head): val {b['val_accuracy']:.4f}  test {b['test_accuracy']:.4f}")
+            print(f"baseline (frozen encoder + head): val {b['val_accuracy']:.4f}  test {b['test_accuracy']:.4f}"
+                  f"  (head lr {b['lr']:g})")
         l = results["lora"]
         print(f"LoRA (r={opts.rank}) + head:            val {l['val_accuracy']:.4f}  test {l['test_accuracy']:.4f}")
     else:

@@ -10,6 +10,7 @@ import pytest
 import transformers as tf
 
 import jlora
+import jlora.adapter
 from jlora.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
@@ -114,3 +115,27 @@ def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path
     _tokenizer(tmp_path).save_pretrained(tmp_path / "other")
     assert main(["merge", str(out / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m")]) == 2
     assert "adapter for another base model" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_a_loadable_adapter(bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    from jlora import finetune
+
+    real = finetune._batches
+
+    def interrupted_after_7(n, batch, rng):
+        for i, rows in enumerate(real(n, batch, rng)):
+            if i == 7:
+                raise KeyboardInterrupt
+            yield rows
+
+    monkeypatch.setattr(finetune, "_batches", interrupted_after_7)
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "50", "--batch-size", "8",
+                 "--max-length", "8", "--out", str(out), "--save-every", "5", "--no-baseline", "--no-plot"])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().out
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["metadata"]["step"] == 7
+    base = tf.FlaxBertModel.from_pretrained(bert_dir)
+    jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
+        "kernel": np.zeros((32, 2), np.float32), "bias": np.zeros(2, np.float32)}})
