@@ -106,15 +106,10 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
 
 
-def _flat_inputs(invals: list) -> tuple[list, Any]:
-    leaves, treedef = jax.tree_util.tree_flatten(invals)
-    return leaves, treedef
-
-
 @register(_compat.custom_jvp_call_p, Lazy)
 def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs."""
-    leaves, treedef = _flat_inputs(invals)
+    leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> list:
         return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)))
@@ -135,7 +130,7 @@ def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.custom_vjp_call_p, Lazy)
 def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs."""
-    leaves, treedef = _flat_inputs(invals)
+    leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> tuple:
         return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat))))
