@@ -1,0 +1,152 @@
+"""Adapter checkpoints with orbax: the trainable half only, optionally the optimizer state.
+
+Built on ``orbax.checkpoint.CheckpointManager``: keep the last N (or the best N by a metric),
+asynchronous saves that do not stall training, and orbax's own atomic commit (a step directory is
+renamed into place only when complete, so a process killed mid-save leaves the previous step
+restorable). Arrays are stored under their param paths, so a restore needs only the directory and
+the base params (or their abstract shapes and shardings).
+
+Example:
+    >>> ckpt = AdapterCheckpointer("/tmp/run/ckpt", max_to_keep=2)       # doctest: +SKIP
+    >>> ckpt.save(step, params, opt_state=opt_state, metrics={"loss": loss})  # doctest: +SKIP
+    >>> params, opt_state, step = ckpt.restore(base_params, opt_state_like=opt_state)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jlora.layout import Layout
+from jlora.paths import leaves_with_paths, path_str
+from jlora.tree import split
+from jlora.weight import LoraWeight, Trainable, is_node
+
+
+def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({path: array}, {path: spec})`` for the trainable half of ``params``."""
+    arrays, specs = {}, {}
+    for p, x in leaves_with_paths(split(params)[0], is_leaf=is_node):
+        if isinstance(x, LoraWeight):
+            arrays[f"{p}/a"], arrays[f"{p}/b"] = x.a, x.b
+            specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout}
+        elif isinstance(x, Trainable):
+            arrays[p] = x.value
+            specs[p] = {"kind": "trainable"}
+    if not arrays:
+        raise ValueError("AdapterCheckpointer: params hold no LoraWeight or Trainable leaf")
+    return arrays, specs
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+class AdapterCheckpointer:
+    """Save and restore adapters (and optimizer state) through an orbax ``CheckpointManager``.
+
+    Args:
+      directory: where step directories go.
+      max_to_keep: how many checkpoints to keep (the newest, or the best with ``best_metric``).
+      best_metric: a key of the ``metrics`` given to ``save``; keeps the best ``max_to_keep``.
+      best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
+      async_save: write in a background thread; ``wait()`` (or ``close()``) joins it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, best_metric: str | None = None,
+                 best_mode: str = "min", async_save: bool = True, lora_config: Any = None):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"AdapterCheckpointer: best_mode must be 'min' or 'max', got {best_mode!r}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+        )
+        self.directory = os.fspath(directory)
+        self.lora_config = lora_config
+        self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+
+    def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        """Save the trainable half of ``params`` (and ``opt_state``) as ``step``."""
+        arrays, specs = _adapter_arrays(params)
+        meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None}
+        items = {"adapters": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(_flat(opt_state))
+        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
+        """``(params, opt_state, step)``: ``base_params`` (arrays or ``jax.ShapeDtypeStruct`` with
+        shardings) with the saved adapters; ``opt_state`` restored into the structure, dtypes and
+        shardings of ``opt_state_like`` (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``), or
+        ``None``. Defaults to the latest step."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{self.directory}: no checkpoint to restore")
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        specs = meta["specs"]
+        flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+        by_path = {path_str(kp): leaf for kp, leaf in flat}
+        absent = sorted(p for p in specs if p not in by_path)
+        if absent:
+            raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
+        restore_args = {"adapters": ocp.args.StandardRestore()}
+        if opt_state_like is not None:
+            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(_flat(opt_state_like)))
+        got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
+        arrays = got["adapters"]
+        leaves = []
+        for kp, leaf in flat:
+            p = path_str(kp)
+            spec = specs.get(p)
+            if spec is None:
+                leaves.append(leaf)
+            elif spec["kind"] == "trainable":
+                leaves.append(Trainable(_place(arrays[p], leaf)))
+            else:
+                layout = Layout.parse(spec["layout"])
+                a, b = arrays[f"{p}/a"], arrays[f"{p}/b"]
+                if (layout.a_shape(leaf.shape, a.shape[-1]), layout.b_shape(leaf.shape, a.shape[-1])) != (a.shape, b.shape):
+                    raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
+                                     f"{tuple(leaf.shape)} but its adapter has a {a.shape}, b {b.shape}")
+                leaves.append(LoraWeight(leaf, a, b, scale=spec["scale"], layout=layout, path=p,
+                                         dropout=spec.get("dropout", 0.0)))
+        params = jax.tree_util.tree_unflatten(treedef, leaves)
+        opt_state = None
+        if opt_state_like is not None:
+            saved = got["opt_state"]
+            opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
+        return params, opt_state, step
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+def _place(value: Any, like: Any) -> Any:
+    sharding = getattr(like, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else value

@@ -1,0 +1,176 @@
+"""Orbax adapter checkpoints: exact round trips, retention, size, and crash safety."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora.checkpoint import AdapterCheckpointer
+from oracle import perturb
+
+KEY = jax.random.key(0)
+
+
+def setup():
+    base = {"q": {"kernel": jax.random.normal(KEY, (64, 64)), "bias": jnp.zeros(64)}, "out": {"kernel": jnp.ones((64, 8))}}
+    cfg = jlora.LoraConfig(rank=4, targets=["q"], trainable=["q/bias"])
+    params = perturb(jlora.lora_init(KEY, base, cfg), KEY)
+    tx = jlora.optimizer(optax.adam(1e-2), params)
+    return base, cfg, params, tx
+
+
+def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path):
+    base, cfg, params, tx = setup()
+    trainable, _ = jlora.split(params)
+    opt_state = tx.init(trainable)
+    g = jax.tree.map(jnp.ones_like, trainable)
+    _, opt_state = tx.update(g, opt_state, trainable)
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg)
+    ckpt.save(7, params, opt_state=opt_state)
+    ckpt.wait()
+    back, state_back, step = AdapterCheckpointer(tmp_path / "ckpt").restore(base, opt_state_like=tx.init(trainable))
+    assert step == 7
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    jax.tree.map(np.testing.assert_array_equal, state_back, opt_state)
+
+
+def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
+    base, cfg, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt")
+    ckpt.save(1, params)
+    ckpt.wait()
+    abstract = jax.eval_shape(lambda: base)
+    back, _, _ = ckpt.restore(abstract)
+    np.testing.assert_array_equal(back["q"]["kernel"].a, params["q"]["kernel"].a)
+    with pytest.raises(ValueError, match="another base model: no param at"):
+        ckpt.restore({"out": base["out"]})
+    with pytest.raises(ValueError, match="no checkpoint to restore"):
+        AdapterCheckpointer(tmp_path / "empty").restore(base)
+
+
+def test_keeps_the_last_n_or_the_best_n(tmp_path):
+    _, _, params, _ = setup()
+    last = AdapterCheckpointer(tmp_path / "last", max_to_keep=2, async_save=False)
+    for step in range(5):
+        last.save(step, params)
+    assert last.all_steps() == [3, 4]
+    best = AdapterCheckpointer(tmp_path / "best", max_to_keep=2, best_metric="loss", async_save=False)
+    for step, loss in enumerate([5.0, 1.0, 3.0, 0.5, 4.0]):
+        best.save(step, params, metrics={"loss": loss})
+    assert sorted(best.all_steps()) == [1, 3] and best.best_step() == 3
+
+
+def test_a_checkpoint_is_the_bytes_of_the_adapters_plus_small_metadata(tmp_path):
+    _, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(0, params)
+    size = sum(f.stat().st_size for f in pathlib.Path(tmp_path / "ckpt").rglob("*") if f.is_file())
+    adapter_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jlora.split(params)[0]))
+    base_bytes = 64 * 64 * 4
+    assert adapter_bytes <= size < adapter_bytes + 64 * 1024 and size < base_bytes + adapter_bytes
+
+
+TRAIN_SCRIPT = textwrap.dedent('''
+    import sys, jax, jax.numpy as jnp, optax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import jlora
+    from jlora.checkpoint import AdapterCheckpointer
+    from test_checkpoint import setup
+    base, cfg, params, tx = setup()
+    trainable, frozen = jlora.split(params)
+    ckpt = AdapterCheckpointer({ckpt!r}, max_to_keep=3)
+    state = tx.init(trainable)
+    start = 0
+    if ckpt.latest_step() is not None:
+        params, state, start = ckpt.restore(base, opt_state_like=state)
+        trainable, frozen = jlora.split(params)
+    fwd = jlora.apply(lambda p, x: jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["out"]["kernel"])
+    x = jax.random.normal(jax.random.key(1), (16, 64))
+    loss = lambda t: jnp.mean(fwd(jlora.combine(t, frozen), x) ** 2)
+    @jax.jit
+    def step(t, s):
+        l, g = jax.value_and_grad(loss)(t)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, l
+    for i in range(start, {steps}):
+        trainable, state, l = step(trainable, state)
+        print(f"step {{i + 1}} loss {{float(l):.8f}}", flush=True)
+        ckpt.save(i + 1, jlora.combine(trainable, frozen), opt_state=state)
+        ckpt.wait()
+        if i + 1 == {stall}:
+            print("stalled", flush=True)
+            import time; time.sleep(600)
+    ckpt.close()
+''')
+
+
+def _run(tmp_path, ckpt, steps, stall=-1):
+    script = TRAIN_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), ckpt=str(ckpt), steps=steps, stall=stall)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _losses(lines):
+    return {int(l.split()[1]): l.split()[3] for l in lines if l.startswith("step")}
+
+
+def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path):
+    full = _run(tmp_path, tmp_path / "full", steps=8)
+    full_losses = _losses(full.communicate(timeout=240)[0].splitlines())
+    assert full.returncode == 0 and len(full_losses) == 8
+
+    crashed = _run(tmp_path, tmp_path / "crash", steps=8, stall=4)
+    lines = []
+    for line in crashed.stdout:
+        lines.append(line)
+        if line.startswith("stalled"):
+            break
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait(timeout=60)
+    resumed = _run(tmp_path, tmp_path / "crash", steps=8)
+    out = resumed.communicate(timeout=240)[0].splitlines()
+    assert resumed.returncode == 0
+    got = {**_losses(lines), **_losses(out)}
+    assert min(_losses(out)) == 5  # resumed after the last checkpoint, step 4
+    assert got == full_losses
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    script = textwrap.dedent(f'''
+        import sys, jax, jax.numpy as jnp
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+        import jlora
+        from jlora.checkpoint import AdapterCheckpointer
+        from test_checkpoint import setup
+        base, cfg, params, tx = setup()
+        ckpt = AdapterCheckpointer({str(ckpt_dir)!r})
+        ckpt.save(1, params); ckpt.wait()
+        print("saved 1", flush=True)
+        big = jlora.lora_init(jax.random.key(0), {{"q": {{"kernel": jnp.ones((4096, 4096)), "bias": jnp.zeros(4096)}},
+                              "out": {{"kernel": jnp.ones((4096, 8))}}}}, jlora.LoraConfig(rank=512, targets=["q"]))
+        while True:
+            ckpt.save(2, big, force=True)
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.stdout.readline().startswith("saved 1")
+    time.sleep(0.5)  # inside the large save of step 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    base, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(ckpt_dir)
+    assert ckpt.latest_step() in (1, 2)
+    back, _, step = ckpt.restore(base, step=1)
+    np.testing.assert_array_equal(back["q"]["kernel"].b, params["q"]["kernel"].b)
