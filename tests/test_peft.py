@@ -1,0 +1,80 @@
+"""Parity with the real PEFT on PyTorch: adapters exported by jlora give the same logits in PEFT,
+and adapters made by PEFT give the same logits in jlora."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import jlora
+import jlora.peft
+from jlora import hf
+from oracle import perturb
+from test_hf import TINY
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # torch / transformers / peft chatter
+IDS = np.array([[3, 5, 7, 9, 11, 2, 4, 6], [1, 2, 3, 4, 5, 6, 7, 8]])
+TORCH = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "bert": tf.BertForSequenceClassification}
+
+
+def pair(model_type, tmp_path):
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    model = TINY[model_type]()
+    torch.manual_seed(0)
+    torch_model = load_flax_weights_in_pytorch_model(TORCH[model_type](model.config), model.params).eval()
+    with torch.no_grad():
+        want = torch_model(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(model(IDS).logits, want, rtol=1e-4, atol=1e-5)  # same base weights
+    return model, torch_model
+
+
+@pytest.mark.parametrize("model_type", sorted(TORCH))
+def test_jlora_adapter_runs_the_same_in_peft(model_type, tmp_path):
+    model, torch_model = pair(model_type, tmp_path)
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets="all-linear", rank_pattern={"layers/1/**": 2} if model_type == "llama" else None,
+                           use_rslora=model_type == "bert")
+    lm = hf.LoraModel(model, cfg, jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "adapter", lm.params, model.config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(got, lm(IDS).logits, rtol=1e-4, atol=1e-5)
+    assert float(np.abs(got - model(IDS).logits).max()) > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("model_type", sorted(TORCH))
+def test_peft_adapter_runs_the_same_in_jlora(model_type, tmp_path):
+    model, torch_model = pair(model_type, tmp_path)
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value"]}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets[model_type], init_lora_weights=False,
+                          use_rslora=True, rank_pattern={targets[model_type][-1]: 2},
+                          alpha_pattern={targets[model_type][0]: 16}, fan_in_fan_out=model_type == "gpt2")
+    peft_model = peft.get_peft_model(torch_model, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    got = jlora.apply(model.__call__)(IDS, params=params).logits
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_and_broken_adapters_are_refused(tmp_path):
+    model, torch_model = pair("llama", tmp_path)
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    peft.get_peft_model(torch_model, cfg).save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        jlora.peft.load_adapter(tmp_path / "dora", model.params, model.config)
+    other = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2), jax.random.key(0))
+    jlora.peft.save_adapter(tmp_path / "ok", lm.params, model.config)
+    with pytest.raises(ValueError, match="another base model"):
+        jlora.peft.load_adapter(tmp_path / "ok", other.params, other.config)
+    weights = tmp_path / "ok" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(ValueError, match="cannot read adapter weights"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
