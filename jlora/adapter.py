@@ -54,12 +54,21 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         "lora_config": lora_config.to_dict() if lora_config is not None else None,
         "metadata": metadata or {},
     }
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+
+    return write_directory(path, write)
+
+
+def write_directory(path: str | os.PathLike, write: Any) -> Path:
+    """Atomically (re)place directory ``path`` by what ``write(tmp_dir)`` puts in a fresh directory
+    beside it: an interrupted write leaves the old directory as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        write(tmp)
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

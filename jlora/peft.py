@@ -18,8 +18,6 @@ import collections
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.adapter import write_directory
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
@@ -92,18 +91,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_directory(path, write)
 
 
 def _pattern_value(table: dict, name: str, default: Any) -> Any:
