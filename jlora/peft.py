@@ -4,7 +4,8 @@ PEFT's format is what vLLM, TGI, LoRAX and PEFT itself load. A Flax param path m
 PyTorch module of the same name (``model/layers/0/self_attn/q_proj/kernel`` ↔
 ``model.layers.0.self_attn.q_proj``, as HF names its Flax and PyTorch modules alike);
 ``lora_A.weight`` is ``aᵀ`` (r, in) and ``lora_B.weight`` is ``bᵀ`` (out, r), for ``(in, out)``
-kernels and GPT-2's ``(out, in)`` Conv1D alike (PEFT's ``fan_in_fan_out``). Options jlora cannot
+kernels and GPT-2's ``(out, in)`` Conv1D alike (PEFT's ``fan_in_fan_out``). Trained biases
+(PEFT's ``bias="all"`` / ``"lora_only"``) are ``Trainable`` leaves. Options jlora cannot
 represent are refused, never dropped.
 
 Example:
@@ -29,7 +30,7 @@ from jlora.adapter import write_directory
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import LoraWeight, is_node
+from jlora.weight import LoraWeight, Trainable, is_node
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -57,12 +58,15 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     onto the PyTorch model with the same base weights."""
     from safetensors.numpy import save_file
 
-    targets = [(p, x) for p, x in leaves_with_paths(params, is_leaf=is_node) if isinstance(x, LoraWeight)]
-    others = [p for p, x in leaves_with_paths(params, is_leaf=is_node) if is_node(x) and not isinstance(x, LoraWeight)]
+    nodes = [(p, x) for p, x in leaves_with_paths(params, is_leaf=is_node) if is_node(x)]
+    targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
+    biases = [(p, x) for p, x in nodes if not isinstance(x, LoraWeight) and p.endswith("/bias")]
+    others = [p for p, x in nodes if not isinstance(x, LoraWeight) and not p.endswith("/bias")]
     if not targets:
         raise ValueError("jlora.peft.save_adapter: params hold no LoraWeight")
     if others:
-        raise ValueError(f"jlora.peft.save_adapter: fully trained leaves {others[:3]} have no PEFT LoRA form yet")
+        raise ValueError(f"jlora.peft.save_adapter: fully trained leaves {others[:3]} have no PEFT LoRA form "
+                         "(only biases do, as PEFT's bias='all' / 'lora_only')")
     model_type = hf_config.model_type
     fan_in_fan_out = model_type in LAYOUT_PRESETS
     tensors, ranks, alphas, modules = {}, {}, {}, []
@@ -77,6 +81,13 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lw.b, np.float32).T)
         ranks[name] = lw.rank
         alphas[name] = lw.scale * lw.rank  # PEFT: scaling = lora_alpha / r (rsLoRA is folded in)
+    lora_modules = set(modules)
+    for p, x in biases:  # PEFT names the bias of a LoRA-wrapped module "<module>.base_layer.bias"
+        name = p[: -len("/bias")].replace("/", ".")
+        wrapped = ".base_layer" if name in lora_modules else ""
+        tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value, np.float32)
+    bias_mode = "none" if not biases else (
+        "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     if task_type is None:
@@ -86,7 +97,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
         "target_modules": sorted(modules),
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "modules_to_save": None,
+        "fan_in_fan_out": fan_in_fan_out, "bias": bias_mode, "use_rslora": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},
@@ -124,8 +135,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for key, allowed in REFUSED.items():
         if config.get(key, allowed) not in (allowed, None, False, {}):
             raise ValueError(f"{path}: PEFT option {key}={config[key]!r} is not supported by jlora")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora (only 'none')")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
     if config.get("modules_to_save"):
         raise ValueError(f"{path}: PEFT option modules_to_save={config['modules_to_save']!r} is not supported yet")
     try:
@@ -135,11 +146,21 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
     by_path = {path_str(kp): i for i, (kp, _) in enumerate(flat)}
     factors: dict[str, dict[str, np.ndarray]] = {}
+    biases: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
+        if key.startswith(PREFIX) and key.endswith(".bias") and config.get("bias", "none") != "none":
+            name = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
+            biases[name.replace(".", "/") + "/bias"] = value
+            continue
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
         name, part = key[len(PREFIX):].rsplit(".lora_", 1)
         factors.setdefault(name, {})[part[0]] = value
+    for p, value in biases.items():
+        if p not in by_path:
+            raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
+        if tuple(flat[by_path[p]][1].shape) != value.shape:
+            raise ValueError(f"{path}: '{p}' is {tuple(flat[by_path[p]][1].shape)} in the base, {value.shape} in the adapter")
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     leaves = [leaf for _, leaf in flat]
     for name, ab in sorted(factors.items()):
@@ -162,4 +183,6 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         leaves[by_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
                                         dropout=float(config.get("lora_dropout", 0.0)))
+    for p, value in biases.items():  # PEFT's trained biases: fully trained leaves
+        leaves[by_path[p]] = Trainable(jnp.asarray(value, leaves[by_path[p]].dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)

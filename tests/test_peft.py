@@ -78,3 +78,26 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(ValueError, match="cannot read adapter weights"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+
+
+def test_trained_biases_cross_both_ways(tmp_path):
+    model, torch_model = pair("gpt2", tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False, bias="all",
+                          fan_in_fan_out=True)
+    peft_model = peft.get_peft_model(torch_model, cfg).eval()
+    with torch.no_grad():
+        for layer in peft_model.base_model.model.transformer.h:
+            layer.mlp.c_fc.bias.add_(0.1)   # a bias of a module without LoRA
+            layer.attn.c_attn.bias.add_(-0.2)
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    assert isinstance(params["transformer"]["h"]["0"]["mlp"]["c_fc"]["bias"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+
+    jlora.peft.save_adapter(tmp_path / "back", params, model.config)
+    assert '"bias": "all"' in (tmp_path / "back" / "adapter_config.json").read_text()
+    _, fresh = pair("gpt2", tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "back").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(torch.tensor(IDS)).logits.numpy(), want, rtol=1e-4, atol=1e-5)
