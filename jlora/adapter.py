@@ -41,7 +41,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         if isinstance(x, LoraWeight):
             tensors[f"{p}/a"], tensors[f"{p}/b"] = np.asarray(x.a), np.asarray(x.b)
-            shape = [int(d) for d in (x.w.shape if x.w is not None else _w_shape(x))]
+            shape = [int(d) for d in (x.w.shape if x.w is not None else x.layout.w_shape(x.a.shape, x.b.shape))]
             targets[p] = {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
                           "shape": shape}
         elif isinstance(x, Trainable):
@@ -73,18 +73,6 @@ def write_directory(path: str | os.PathLike, write: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _w_shape(lw: LoraWeight) -> tuple[int, ...]:
-    shape = [0] * lw.layout.ndim
-    nb, ni = len(lw.layout.group("b")), len(lw.layout.group("i"))
-    for k, ax in enumerate(lw.layout.group("b")):
-        shape[ax] = lw.a.shape[k]
-    for k, ax in enumerate(lw.layout.group("i")):
-        shape[ax] = lw.a.shape[nb + k]
-    for k, ax in enumerate(lw.layout.group("o")):
-        shape[ax] = lw.b.shape[nb + 1 + k]
-    return tuple(shape)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

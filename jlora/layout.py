@@ -95,6 +95,30 @@ class Layout:
     def fan_out(self, shape: Sequence[int]) -> int:
         return _prod(self.group_shape(shape, "o"))
 
+    def factor_axes(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Where each axis of ``w`` sits in ``a`` and in ``b`` (absent where it is not there).
+
+        Example:
+            >>> Layout.parse("bio").factor_axes()
+            ({0: 0, 1: 1}, {0: 0, 2: 2})
+        """
+        nb = len(self.group("b"))
+        in_a: dict[int, int] = {}
+        in_b: dict[int, int] = {}
+        for ax, (role, k) in enumerate(self.axes):
+            if role == "b":
+                in_a[ax], in_b[ax] = k, k
+            elif role == "i":
+                in_a[ax] = nb + k
+            else:
+                in_b[ax] = nb + 1 + k
+        return in_a, in_b
+
+    def w_shape(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of ``w`` that factors of these shapes belong to (inverse of ``a_shape``/``b_shape``)."""
+        in_a, in_b = self.factor_axes()
+        return tuple(int(a_shape[in_a[ax]]) if ax in in_a else int(b_shape[in_b[ax]]) for ax in range(self.ndim))
+
     def canonical_to_w(self) -> tuple[int, ...]:
         """Permutation taking ``batch + input + output`` (the order of ``a @ b``) to ``w``'s axes."""
         offsets = {"b": 0, "i": len(self.group("b")), "o": len(self.group("b")) + len(self.group("i"))}

@@ -329,7 +329,7 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                 k += 1
         return tuple(sizes)
 
-    nb, ni = len(layout.group("b")), len(layout.group("i"))
+    nb = len(layout.group("b"))
     batch_a = regroup(lw.a.shape, "b", 0)
     a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
     b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
@@ -337,18 +337,10 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]
 
 
-def _factor_axes(layout: Layout) -> tuple[dict[int, int], dict[int, int]]:
-    """Where each axis of ``w`` sits in ``a`` and in ``b`` (absent if it is not there)."""
-    nb, ni = len(layout.group("b")), len(layout.group("i"))
-    in_a, in_b = {}, {}
-    for ax, (role, k) in enumerate(layout.axes):
-        if role == "b":
-            in_a[ax], in_b[ax] = k, k
-        elif role == "i":
-            in_a[ax] = nb + k
-        else:
-            in_b[ax] = nb + 1 + k
-    return in_a, in_b
+def _per_factor_axis(x: jax.Array, where: dict[int, int], per_w_axis: Sequence[Any], fill: Sequence[Any]) -> list:
+    """``per_w_axis`` moved onto the axes of factor ``x`` (``where``: w axis -> x axis); ``fill`` elsewhere."""
+    at = {pos: ax for ax, pos in where.items()}
+    return [per_w_axis[at[i]] if i in at else fill[i] for i in range(x.ndim)]
 
 
 def _batch_only_slice(lw: LoraWeight, sizes: Sequence[int]) -> bool:
@@ -361,15 +353,11 @@ def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     sizes = tuple(eqn.params["slice_sizes"])
     if any(is_lazy(s) for s in starts) or not _batch_only_slice(lw, sizes):
         return NotImplemented
-    in_a, in_b = _factor_axes(lw.layout)
+    in_a, in_b = lw.layout.factor_axes()
 
     def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        at = {pos: ax for ax, pos in where.items()}
-        return lax.dynamic_slice(
-            x,
-            [starts[at[i]] if i in at else 0 for i in range(x.ndim)],
-            [sizes[at[i]] if i in at else x.shape[i] for i in range(x.ndim)],
-        )
+        return lax.dynamic_slice(x, _per_factor_axis(x, where, starts, [0] * x.ndim),
+                                 _per_factor_axis(x, where, sizes, x.shape))
 
     w = _compat.bind(eqn, [lw.w, *starts])[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
@@ -383,14 +371,11 @@ def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     sizes = [(hi - lo + st - 1) // st for lo, hi, st in zip(start, limit, strides)]
     if not _batch_only_slice(lw, sizes):
         return NotImplemented
-    in_a, in_b = _factor_axes(lw.layout)
+    in_a, in_b = lw.layout.factor_axes()
 
     def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        at = {pos: ax for ax, pos in where.items()}
-        lo = [start[at[i]] if i in at else 0 for i in range(x.ndim)]
-        hi = [limit[at[i]] if i in at else x.shape[i] for i in range(x.ndim)]
-        st = [strides[at[i]] if i in at else 1 for i in range(x.ndim)]
-        return lax.slice(x, lo, hi, st)
+        return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
+                         _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
 
     w = _compat.bind(eqn, [lw.w])[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
@@ -403,7 +388,7 @@ def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     kept_roles = [lw.layout.axes[ax][0] for ax in range(lw.ndim) if ax not in dropped]
     if "i" not in kept_roles or "o" not in kept_roles:
         return NotImplemented
-    in_a, in_b = _factor_axes(lw.layout)
+    in_a, in_b = lw.layout.factor_axes()
     a = jnp.squeeze(lw.a, tuple(in_a[ax] for ax in dropped if ax in in_a))
     b = jnp.squeeze(lw.b, tuple(in_b[ax] for ax in dropped if ax in in_b))
     kept = [lw.layout.axes[ax] for ax in range(lw.ndim) if ax not in dropped]

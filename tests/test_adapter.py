@@ -28,6 +28,8 @@ def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
     weights = (tmp_path / "ad" / "adapter.safetensors").stat().st_size
     stored = sum(x.size * 4 for x in jax.tree.leaves(jlora.split(p)[0]))
     assert stored <= weights <= stored + 4096  # the bytes of a, b and the bias, plus a small header
+    save_adapter(tmp_path / "half", jlora.split(p)[0], lora_config=cfg)  # no base weights: shapes from a, b
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "half", base), p)
     text = describe(tmp_path / "ad")
     assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
 
