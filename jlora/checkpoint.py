@@ -20,9 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
+from jlora.sharding import factor_specs
 from jlora.tree import split
 from jlora.weight import LoraWeight, Trainable, is_node
 
@@ -33,10 +35,12 @@ def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     for p, x in leaves_with_paths(split(params)[0], is_leaf=is_node):
         if isinstance(x, LoraWeight):
             arrays[f"{p}/a"], arrays[f"{p}/b"] = x.a, x.b
-            specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout}
+            specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout,
+                        "rank": x.rank, "dtype": np.dtype(x.a.dtype).name,
+                        "shape": list(x.layout.w_shape(x.a.shape, x.b.shape))}
         elif isinstance(x, Trainable):
             arrays[p] = x.value
-            specs[p] = {"kind": "trainable"}
+            specs[p] = {"kind": "trainable", "dtype": np.dtype(x.value.dtype).name, "shape": list(np.shape(x.value))}
     if not arrays:
         raise ValueError("AdapterCheckpointer: params hold no LoraWeight or Trainable leaf")
     return arrays, specs
@@ -96,7 +100,11 @@ class AdapterCheckpointer:
         absent = sorted(p for p in specs if p not in by_path)
         if absent:
             raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
-        restore_args = {"adapters": ocp.args.StandardRestore()}
+        for p, spec in specs.items():
+            if tuple(spec["shape"]) != tuple(by_path[p].shape):
+                raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
+                                 f"{tuple(by_path[p].shape)} here but {tuple(spec['shape'])} in the checkpoint")
+        restore_args = {"adapters": ocp.args.StandardRestore(_adapter_targets(specs, by_path))}
         if opt_state_like is not None:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(_flat(opt_state_like)))
         got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
@@ -108,14 +116,9 @@ class AdapterCheckpointer:
             if spec is None:
                 leaves.append(leaf)
             elif spec["kind"] == "trainable":
-                leaves.append(Trainable(_place(arrays[p], leaf)))
+                leaves.append(Trainable(arrays[p]))
             else:
-                layout = Layout.parse(spec["layout"])
-                a, b = arrays[f"{p}/a"], arrays[f"{p}/b"]
-                if (layout.a_shape(leaf.shape, a.shape[-1]), layout.b_shape(leaf.shape, a.shape[-1])) != (a.shape, b.shape):
-                    raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
-                                     f"{tuple(leaf.shape)} but its adapter has a {a.shape}, b {b.shape}")
-                leaves.append(LoraWeight(leaf, a, b, scale=spec["scale"], layout=layout, path=p,
+                leaves.append(LoraWeight(leaf, arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
                                          dropout=spec.get("dropout", 0.0)))
         params = jax.tree_util.tree_unflatten(treedef, leaves)
         opt_state = None
@@ -147,6 +150,21 @@ def _abstract(tree: Any) -> Any:
     )
 
 
-def _place(value: Any, like: Any) -> Any:
-    sharding = getattr(like, "sharding", None)
-    return jax.device_put(value, sharding) if sharding is not None else value
+def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract arrays to restore the adapters into: factors sharded as derived from the base
+    kernel's sharding (``jlora.sharding.factor_specs``), trainable leaves like their base leaf."""
+    targets = {}
+    for p, spec in specs.items():
+        like = base[p]
+        sharding = getattr(like, "sharding", None)
+        if spec["kind"] == "trainable":
+            targets[p] = jax.ShapeDtypeStruct(like.shape, spec.get("dtype", like.dtype), sharding=sharding)
+            continue
+        layout, rank = Layout.parse(spec["layout"]), spec["rank"]
+        a_sharding = b_sharding = None
+        if isinstance(sharding, NamedSharding):
+            a_spec, b_spec = factor_specs(sharding.spec, layout)
+            a_sharding, b_sharding = NamedSharding(sharding.mesh, a_spec), NamedSharding(sharding.mesh, b_spec)
+        targets[f"{p}/a"] = jax.ShapeDtypeStruct(layout.a_shape(like.shape, rank), spec["dtype"], sharding=a_sharding)
+        targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec["dtype"], sharding=b_sharding)
+    return targets

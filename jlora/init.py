@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
+from jlora.sharding import factor_specs
 from jlora.weight import LoraWeight, Trainable, is_node
 
 # Output heads that "all-linear" leaves alone, as PEFT does.
@@ -118,6 +121,14 @@ def _init_factors(key: Any, shape: tuple, layout: Layout, rank: int, config: Lor
     return a, jnp.zeros(b_shape, dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _sharded_factory(w_sharding: NamedSharding, layout: Layout) -> Callable:
+    """``_init_factors`` made on the devices, in the shardings derived from ``w``'s."""
+    a_spec, b_spec = factor_specs(w_sharding.spec, layout)
+    out = (NamedSharding(w_sharding.mesh, a_spec), NamedSharding(w_sharding.mesh, b_spec))
+    return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=out)
+
+
 def lora_init(
     key: Any,
     params: Any,
@@ -130,6 +141,10 @@ def lora_init(
     ``infer_layout(params)``, if given, is traced (abstractly) to learn how each kernel is used, which
     gives the batch/input/output axes of n-D kernels (DenseGeneral, conv, ``nn.scan``-stacked layers).
     2-D kernels default to ``(in, out)``; ``config.layouts`` declares layouts per pattern.
+
+    A kernel with a ``NamedSharding`` gets factors created directly on its devices in the derived
+    shardings (``jlora.sharding.factor_specs``). Under ``jax.jit`` give the out shardings instead:
+    ``jlora.sharding.shardings(jax.eval_shape(init, params), mesh, rules)``.
 
     Example:
         >>> params = {"q_proj": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}}
@@ -171,7 +186,8 @@ def lora_init(
         if rank > min(fan_in, fan_out):
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        a, b = _init_factors(leaf_key, tuple(w.shape), layout, rank, config, path.endswith("embedding"))
+        make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
+        a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.endswith("embedding"))
         new[path] = LoraWeight(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
         )

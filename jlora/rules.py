@@ -22,6 +22,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
+from jlora.sharding import factor_specs
 from jlora.lazy import Context, is_lazy, materialize, register, warn_once
 from jlora.weight import LoraWeight
 
@@ -281,10 +282,23 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
 
 @register(_compat.copy_p, LoraWeight)
-@register(_compat.sharding_constraint_p, LoraWeight)
 def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     return [lw.replace(w=_compat.bind(eqn, [lw.w])[0])]
+
+
+@register(_compat.sharding_constraint_p, LoraWeight)
+def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """The constraint on ``w``, and the derived ones (``jlora.sharding.factor_specs``) on ``a`` and ``b``."""
+    (lw,) = invals
+    w = _compat.bind(eqn, [lw.w])[0]
+    sharding = eqn.params.get("sharding")
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return [lw.replace(w=w)]
+    a_spec, b_spec = factor_specs(sharding.spec, lw.layout)
+    a = lax.with_sharding_constraint(lw.a, jax.sharding.NamedSharding(sharding.mesh, a_spec))
+    b = lax.with_sharding_constraint(lw.b, jax.sharding.NamedSharding(sharding.mesh, b_spec))
+    return [lw.replace(w=w, a=a, b=b)]
 
 
 @register(_compat.reshape_p, LoraWeight)

@@ -1,0 +1,314 @@
+"""Place base params, adapters and optimizer state on a device mesh (jit with shardings).
+
+*Rules* map a param path (and its shape) to the ``PartitionSpec`` of the **base** leaf; the first
+rule that answers wins and unmatched leaves are replicated. An adapter never gets a rule of its
+own: its factors derive their specs from the base kernel (``factor_specs``) — ``a`` takes ``w``'s
+batch and input-axis specs and ``None`` for the rank, ``b`` takes ``None`` for the rank and
+``w``'s batch and output-axis specs — so a train step works on sharded factors and never
+gathers a full-size ``ΔW``.
+
+Example:
+    >>> mesh = make_mesh({"data": 1, "fsdp": -1})
+    >>> params = place(base_params, mesh, [fsdp()])                          # doctest: +SKIP
+    >>> params = jlora.lora_init(key, params, config)   # a, b created sharded  # doctest: +SKIP
+    >>> opt_state = init_state(tx, params, mesh, [fsdp()])                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jlora.layout import Layout
+from jlora.paths import Pattern, path_str
+from jlora.weight import LoraWeight, Trainable, is_node
+
+# A rule: (path, shape, mesh) -> the base leaf's PartitionSpec, or None to let later rules answer.
+Rule = Callable[[str, tuple, Mesh], Union[PartitionSpec, None]]
+RuleLike = Union[Rule, tuple]
+
+# Megatron-style splits per HF model type: "column" shards a kernel's output axis (q, k, v, the
+# MLP's up projections), "row" its input axis (the projections back to the hidden size), so each
+# attention / MLP block needs one all-reduce.
+TENSOR_PARALLEL_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {"column": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"),
+              "row": ("o_proj", "down_proj")},
+    "gpt2": {"column": ("attn/c_attn", "mlp/c_fc", "lm_head"), "row": ("attn/c_proj", "mlp/c_proj")},
+    "bert": {"column": ("query", "key", "value", "intermediate/dense"),
+             "row": ("attention/output/dense", "layer/*/output/dense")},
+    "opt": {"column": ("q_proj", "k_proj", "v_proj", "fc1", "lm_head"), "row": ("out_proj", "fc2")},
+}
+for _alias, _of in {"mistral": "llama", "gemma": "llama", "qwen2": "llama", "roberta": "bert"}.items():
+    TENSOR_PARALLEL_PRESETS[_alias] = TENSOR_PARALLEL_PRESETS[_of]
+
+
+def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with named axes over ``devices`` (default: all devices of all processes).
+
+    One size may be ``-1``: the devices left over; without one, the first ``prod(sizes)`` devices
+    are used (``{"data": 1}`` is a one-device mesh). Axes are ``Auto`` (sharding by ``jit`` in/out
+    shardings and propagation), the mode jlora's rules are written for.
+
+    Example:
+        >>> mesh = make_mesh({"data": -1})
+        >>> mesh.axis_names
+        ('data',)
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = list(axes), [int(s) for s in axes.values()]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"make_mesh: sizes must be positive with at most one -1, got {dict(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices do not divide into {dict(axes)}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) > len(devices):
+        raise ValueError(f"make_mesh: axes {dict(zip(names, sizes))} need {math.prod(sizes)} devices; there are {len(devices)}")
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=auto, devices=devices[: math.prod(sizes)])
+
+
+def rule(pattern: str, spec: Any) -> Rule:
+    """A rule giving leaves whose path matches ``pattern`` (see ``jlora.paths``) the spec ``spec``.
+
+    Example:
+        >>> r = rule("embedding", PartitionSpec("model", None))
+        >>> r("wte/embedding", (64, 8), None)
+        PartitionSpec('model', None)
+    """
+    compiled, spec = Pattern(pattern), _as_spec(spec)
+    return lambda path, shape, mesh: spec if compiled.match(path) else None
+
+
+def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
+    """Shard each leaf's largest axis that divides evenly over the mesh axis ``axis`` (FSDP / ZeRO-3).
+
+    Leaves smaller than ``min_size`` elements (biases, norms) stay replicated.
+
+    Example:
+        >>> mesh = make_mesh({"fsdp": -1})
+        >>> fsdp(min_size=1)("w", (8 * mesh.size, 3), mesh)
+        PartitionSpec('fsdp', None)
+    """
+
+    def fsdp_rule(path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
+        n = mesh.shape[axis] if axis in mesh.axis_names else 0
+        if not n or math.prod(shape) < min_size:
+            return None
+        fits = [ax for ax in range(len(shape)) if shape[ax] % n == 0]
+        if not fits:
+            return None
+        best = max(fits, key=lambda ax: (shape[ax], -ax))
+        return PartitionSpec(*(axis if ax == best else None for ax in range(len(shape))))
+
+    return fsdp_rule
+
+
+def tensor_parallel(model_type: str, axis: str = "model") -> list[Rule]:
+    """Megatron column/row rules for a HF model type (``TENSOR_PARALLEL_PRESETS``) over ``axis``.
+
+    Column-parallel kernels shard their output axis (and their bias), row-parallel kernels their
+    input axis; kernels stored ``(out, in)`` (GPT-2's Conv1D) are handled through their layout.
+
+    Example:
+        >>> rules = tensor_parallel("llama")
+        >>> rules[0]("model/layers/0/self_attn/q_proj/kernel", (64, 64), None)
+        PartitionSpec(None, 'model')
+    """
+    if model_type not in TENSOR_PARALLEL_PRESETS:
+        raise ValueError(
+            f"tensor_parallel: no preset for model type {model_type!r} (presets: "
+            f"{', '.join(sorted(TENSOR_PARALLEL_PRESETS))}); write rules with jlora.sharding.rule"
+        )
+    from jlora.hf import LAYOUT_PRESETS
+
+    layouts = [(Pattern(p), Layout.parse(s)) for p, s in LAYOUT_PRESETS.get(model_type, {}).items()]
+    preset = TENSOR_PARALLEL_PRESETS[model_type]
+
+    def make(pattern: str, role: str) -> Rule:
+        compiled = Pattern(pattern)
+
+        def tp_rule(path: str, shape: tuple, mesh: Any) -> PartitionSpec | None:
+            if not compiled.match(path):
+                return None
+            name = path.rsplit("/", 1)[-1]
+            if name == "bias" and len(shape) == 1:
+                return PartitionSpec(axis) if role == "o" else PartitionSpec()
+            if name != "kernel" or len(shape) != 2:
+                return None
+            layout = next((l for pat, l in layouts if pat.match(path)), Layout.parse("io"))
+            return PartitionSpec(*(axis if r == role else None for r, _ in layout.axes))
+
+        return tp_rule
+
+    return [make(p, "o") for p in preset["column"]] + [make(p, "i") for p in preset["row"]]
+
+
+def factor_specs(w_spec: Any, layout: Layout | str, ndim: int | None = None) -> tuple[PartitionSpec, PartitionSpec]:
+    """``(a_spec, b_spec)`` derived from the spec of the base kernel ``w``.
+
+    Example:
+        >>> factor_specs(PartitionSpec("fsdp", "model"), "io")
+        (PartitionSpec('fsdp', None), PartitionSpec(None, 'model'))
+    """
+    layout = Layout.parse(layout)
+    entries = tuple(_as_spec(w_spec)) + (None,) * (layout.ndim - len(tuple(_as_spec(w_spec))))
+    in_a, in_b = layout.factor_axes()
+    nb, ni, no = (len(layout.group(r)) for r in ("b", "i", "o"))
+    a, b = [None] * (nb + ni + 1), [None] * (nb + 1 + no)
+    for ax, spec in enumerate(entries):
+        if ax in in_a:
+            a[in_a[ax]] = spec
+        if ax in in_b:
+            b[in_b[ax]] = spec
+    return PartitionSpec(*a), PartitionSpec(*b)
+
+
+def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
+    """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half).
+
+    ``LoraWeight`` nodes get a ``LoraWeight`` of specs, with the factors' specs derived from
+    ``w``'s. Each spec is checked against the leaf's shape and the mesh.
+
+    Example:
+        >>> mesh = make_mesh({"model": 1})
+        >>> partition_specs({"w": np.ones((4, 2))}, mesh, [("w", PartitionSpec("model"))])
+        {'w': PartitionSpec('model',)}
+    """
+    compiled = [r if callable(r) else rule(*r) for r in rules]
+
+    def spec_for(path: str, shape: tuple) -> PartitionSpec:
+        for r in compiled:
+            spec = r(path, tuple(shape), mesh)
+            if spec is not None:
+                return _checked(path, tuple(shape), _as_spec(spec), mesh)
+        return PartitionSpec()
+
+    def one(keypath: Any, x: Any) -> Any:
+        path = path_str(keypath)
+        if isinstance(x, LoraWeight):
+            w_shape = x.shape if x.w is not None else x.layout.w_shape(x.a.shape, x.b.shape)
+            w_spec = spec_for(x.path or path, w_shape)
+            a_spec, b_spec = factor_specs(w_spec, x.layout)
+            return x.replace(w=None if x.w is None else w_spec, a=None if x.a is None else a_spec,
+                             b=None if x.b is None else b_spec)
+        if isinstance(x, Trainable):
+            return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
+        return None if x is None else spec_for(path, np.shape(x))
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_node(x))
+
+
+def shardings(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
+    """``partition_specs`` as ``NamedSharding`` on ``mesh`` (for ``jax.jit`` in/out shardings).
+
+    Example:
+        >>> mesh = make_mesh({"data": -1})
+        >>> shardings({"w": np.ones(2)}, mesh, [])["w"].spec
+        PartitionSpec()
+    """
+    specs = partition_specs(tree, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
+    """``tree`` with every array on ``mesh`` as the rules say (every process passes the same values).
+
+    Example:
+        >>> mesh = make_mesh({"data": -1})
+        >>> place({"w": np.ones((2, 2))}, mesh, [])["w"].sharding.spec
+        PartitionSpec()
+    """
+    return jax.tree.map(_put, tree, shardings(tree, mesh, rules))
+
+
+def state_shardings(tx: optax.GradientTransformation, state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of an optimizer state: each per-param leaf (Adam's moments, ...) shards like its
+    param; counts and other scalars are replicated. ``param_shardings`` is ``shardings(params, ...)``
+    for the params ``state`` was made from (the full tree or the trainable half).
+
+    Example:
+        >>> tx = optax.adam(1e-3); params = {"w": np.ones(2)}; mesh = make_mesh({"data": -1})
+        >>> sh = state_shardings(tx, tx.init(params), shardings(params, mesh, []), mesh)
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(leaf: Any, sharding: Any) -> Any:
+        if leaf is None or isinstance(leaf, optax.MaskedNode):
+            return leaf
+        if isinstance(leaf, LoraWeight):
+            return sharding.replace(w=leaf.w)
+        return sharding
+
+    return optax.tree_map_params(
+        tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
+    )
+
+
+def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
+    """``tx.init(params)`` created directly in the shardings of ``state_shardings``.
+
+    Example:
+        >>> mesh = make_mesh({"data": -1}); tx = optax.adam(1e-3)
+        >>> state = init_state(tx, {"w": np.ones(2)}, mesh, [])
+    """
+    param_shardings = shardings(params, mesh, rules)
+    abstract = jax.eval_shape(tx.init, params)
+    out = state_shardings(tx, abstract, param_shardings, mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Shard a batch's leading axis over those of ``axes`` the mesh has (data and FSDP parallel).
+
+    Example:
+        >>> batch_sharding(make_mesh({"data": -1})).spec
+        PartitionSpec('data',)
+    """
+    present = tuple(a for a in axes if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(present if len(present) > 1 else (present[0] if present else None)))
+
+
+def _as_spec(spec: Any) -> PartitionSpec:
+    if isinstance(spec, PartitionSpec):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return PartitionSpec(*spec)
+    if spec is None or isinstance(spec, str):
+        return PartitionSpec(spec)
+    raise ValueError(f"expected a PartitionSpec (or a tuple of mesh axis names), got {spec!r}")
+
+
+def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
+    for ax, names in enumerate(spec):
+        if names is None:
+            continue
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in names if n not in mesh.axis_names]
+        if unknown:
+            raise ValueError(f"sharding rule for '{path}': mesh has no axis {unknown[0]!r} (axes: {mesh.axis_names})")
+        n = math.prod(mesh.shape[name] for name in names)
+        if shape[ax] % n:
+            raise ValueError(
+                f"sharding rule for '{path}': axis {ax} of shape {shape} has size {shape[ax]}, which does not "
+                f"divide over mesh axes {names} of size {n} (spec {spec})"
+            )
+    return spec
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    if x is None:
+        return None
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # another process holds part of the mesh: each process gives its shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
