@@ -95,10 +95,13 @@ def global_batch(step: int, batch: int, seq: int, vocab: int, data_sharding: Any
     return jax.make_array_from_callback(tokens.shape, data_sharding, lambda index: tokens[index])
 
 
-def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny", steps: int = 5,
-          batch: int = 8, seq: int = 16, rank: int = 8, lr: float = 1e-2, seed: int = 0,
-          checkpoint_dir: str | None = None, log: bool = True) -> dict:
-    """Train and return ``{"losses", "params", "mesh", "step_time"}``."""
+def setup(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny", seq: int = 16,
+          rank: int = 8, lr: float = 1e-2, seed: int = 0, merged: bool = False) -> dict:
+    """Model, sharded params and optimizer state, and the jitted train step.
+
+    ``merged=True`` runs the step on ``W + s·A@B`` formed each step (``jlora.merge``) instead of the
+    lazy factored path: a baseline to compare the compiled programs with.
+    """
     mesh = sharding.make_mesh(mesh_axes)
     rules = rules_for(parallel)
     model, dtype = make_model(preset, seq)
@@ -108,10 +111,12 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
     trainable, frozen = jlora.split(params)
     tx = jlora.optimizer(optax.adamw(lr), trainable)
     opt_state = sharding.init_state(tx, trainable, mesh, rules)
-    forward = jlora.apply(model.__call__)
+    lazy_forward = jlora.apply(model.__call__)
 
     def loss_fn(trainable: Any, frozen: Any, tokens: jax.Array) -> jax.Array:
-        logits = forward(tokens, params=jlora.combine(trainable, frozen)).logits.astype(jnp.float32)
+        params = jlora.combine(trainable, frozen)
+        out = model(tokens, params=jlora.merge(params)) if merged else lazy_forward(tokens, params=params)
+        logits = out.logits.astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
     def step(trainable: Any, opt_state: Any, frozen: Any, tokens: jax.Array) -> tuple:
@@ -123,12 +128,20 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
     state_shardings = sharding.state_shardings(tx, opt_state, trainable_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = jax.jit(step, out_shardings=(trainable_shardings, state_shardings, replicated), donate_argnums=(0, 1))
-    data = sharding.batch_sharding(mesh)
-    vocab = model.config.vocab_size
+    return {"mesh": mesh, "model": model, "step": step, "trainable": trainable, "frozen": frozen,
+            "opt_state": opt_state, "data_sharding": sharding.batch_sharding(mesh), "seq": seq}
 
+
+def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny", steps: int = 5,
+          batch: int = 8, seq: int = 16, rank: int = 8, lr: float = 1e-2, seed: int = 0,
+          checkpoint_dir: str | None = None, log: bool = True) -> dict:
+    """Train and return ``{"losses", "params", "mesh", "step_time"}``."""
+    run = setup(mesh_axes, parallel, preset, seq, rank, lr, seed)
+    step, trainable, opt_state, frozen = run["step"], run["trainable"], run["opt_state"], run["frozen"]
+    vocab = run["model"].config.vocab_size
     losses, times = [], []
     for i in range(steps):
-        tokens = global_batch(i, batch, seq, vocab, data)
+        tokens = global_batch(i, batch, seq, vocab, run["data_sharding"])
         start = time.perf_counter()
         trainable, opt_state, loss = step(trainable, opt_state, frozen, tokens)
         loss = float(loss.addressable_data(0))  # replicated: every process holds it
@@ -141,7 +154,7 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
         ckpt = AdapterCheckpointer(checkpoint_dir, async_save=False)
         ckpt.save(steps, params, opt_state=opt_state, force=True)
         ckpt.close()
-    return {"losses": losses, "params": params, "mesh": mesh, "step_time": float(np.median(times[1:] or times))}
+    return {"losses": losses, "params": params, "mesh": run["mesh"], "step_time": float(np.median(times[1:] or times))}
 
 
 def main(argv: list[str] | None = None) -> None:

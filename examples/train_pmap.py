@@ -35,8 +35,10 @@ def batches(step: int, n_devices: int, per_device: int, seq: int, vocab: int) ->
     return tokens.reshape(n_devices, per_device, seq).astype(np.int32)
 
 
-def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3, log: bool = True) -> dict:
-    """Train and return ``{"losses", "params"}`` (``params`` of device 0)."""
+def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3, n_devices: int | None = None,
+          log: bool = True) -> dict:
+    """Train on ``n_devices`` (default: all local ones); return ``{"losses", "params", "devices"}``
+    with ``params`` from device 0."""
     from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
     model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=64, n_positions=seq), seed=0)
@@ -44,13 +46,13 @@ def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3,
     trainable, frozen = jlora.split(params)
     tx = jlora.optimizer(optax.adamw(lr), trainable)
     forward = jlora.apply(model.__call__)
-    n = jax.local_device_count()
+    n = n_devices or jax.local_device_count()
 
     def loss_fn(trainable: Any, frozen: Any, tokens: jax.Array) -> jax.Array:
         logits = forward(tokens, params=jlora.combine(trainable, frozen)).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
-    @functools.partial(jax.pmap, axis_name="data", donate_argnums=(0, 1))
+    @functools.partial(jax.pmap, axis_name="data", donate_argnums=(0, 1), devices=jax.local_devices()[:n])
     def step(trainable: Any, opt_state: Any, frozen: Any, tokens: jax.Array) -> tuple:
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
         grads, loss = lax.pmean((grads, loss), axis_name="data")  # adapter grads only
@@ -58,7 +60,7 @@ def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3,
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     trainable, frozen = replicate(trainable, n), replicate(frozen, n)
-    opt_state = jax.pmap(tx.init)(trainable)
+    opt_state = jax.pmap(tx.init, devices=jax.local_devices()[:n])(trainable)
     losses = []
     for i in range(steps):
         trainable, opt_state, loss = step(trainable, opt_state, frozen, batches(i, n, per_device, seq, 64))

@@ -43,10 +43,42 @@ def _traced_primitive(fn: Any, *args: Any) -> Any:
 
 # jax.checkpoint's primitive ("remat2"/"checkpoint") joined jax.extend.core.primitives after JAX 0.6.
 remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambda x: x * 2), 1.0)
+
+
+def _shard_map_eqn() -> Any:
+    """A traced ``shard_map`` of ``x @ w`` with ``w`` replicated (no devices needed)."""
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    mesh = AbstractMesh((1,), ("i",))
+    f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(), P("i")), out_specs=P("i"))
+    s = jax.ShapeDtypeStruct((2, 2), jax.numpy.float32)
+    return jax.make_jaxpr(f)(s, s).jaxpr.eqns[0]
+
+
+# shard_map's primitive and pvary (which marks a replicated value as varying over manual axes
+# before it meets a varying one) are not in jax.extend.core.primitives (JAX 0.6 - 0.10): both are
+# read off a traced shard_map. Params (0.6+): mesh, in_specs, out_specs, check_vma, and the manual
+# axes (see shard_map_axes).
+_smap = _shard_map_eqn()
+shard_map_p = _smap.primitive
+pvary_p = _smap.params["jaxpr"].eqns[0].primitive
+
+
+def shard_map_axes(params: dict) -> set:
+    """The mesh axes a shard_map equation makes manual: ``manual_axes`` up to JAX 0.9,
+    ``newly_manual_axes`` from 0.10 (the axes already manual outside it are not repeated)."""
+    return set(params["manual_axes"] if "manual_axes" in params else params["newly_manual_axes"])
+
+
 custom_jvp_call_p = _p.custom_jvp_call_p
 custom_vjp_call_p = _p.custom_vjp_call_p
 # JAX 0.7 renamed pjit_p to jit_p.
 jit_p = getattr(_p, "jit_p", None) or getattr(_p, "pjit_p")
+
+
+def varying_axes(x: Any) -> frozenset:
+    """Manual mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
+    return frozenset(getattr(jax.typeof(x), "vma", ()) or ())
 
 
 def bind(eqn: Any, invals: Sequence[Any]) -> list:
@@ -115,6 +147,15 @@ def abstractify(x: Any) -> jax.ShapeDtypeStruct:
     typeof = getattr(jax, "typeof", None)
     aval = typeof(x) if typeof is not None else jax.core.get_aval(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+
+
+def type_key(x: Any) -> tuple:
+    """What a traced jaxpr depends on about an argument: shape, dtype, weak type and (inside
+    ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""
+    typeof = getattr(jax, "typeof", None)
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) or typeof is None else typeof(x)
+    vma = tuple(sorted(getattr(aval, "vma", ()) or ()))
+    return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
 
 
 def is_tracer(x: Any) -> bool:

@@ -1,8 +1,8 @@
 """Higher-order primitives with lazy inputs: interpret the body, rebuild with the public API.
 
-``jit``, ``checkpoint``, ``scan``, ``while``, ``cond``, ``custom_jvp_call`` and
-``custom_vjp_call`` are rebuilt with ``jax.jit``, ``jax.checkpoint``, ``lax.scan``,
-``lax.while_loop``, ``lax.switch``, ``jax.custom_jvp`` and ``jax.custom_vjp`` around bodies that
+``jit``, ``checkpoint``, ``scan``, ``while``, ``cond``, ``custom_jvp_call``, ``custom_vjp_call``
+and ``shard_map`` are rebuilt with ``jax.jit``, ``jax.checkpoint``, ``lax.scan``,
+``lax.while_loop``, ``lax.switch``, ``jax.custom_jvp``, ``jax.custom_vjp`` and ``jax.shard_map`` around bodies that
 this evaluator interprets. Their parameters are read, never edited, so the equations' internal
 formats (which change between JAX releases) matter only through ``jlora._compat``.
 
@@ -19,7 +19,8 @@ from jax import lax
 
 from jlora import _compat
 from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register
-from jlora.weight import Lazy
+from jlora.sharding import factor_specs
+from jlora.weight import Lazy, LoraWeight
 
 
 def _outputs(outs: list, what: str) -> list:
@@ -151,3 +152,28 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
     call.defvjp(fwd, bwd)
     return list(call(*leaves))
+
+
+@register(_compat.shard_map_p, Lazy)
+def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Rebuilt with ``jax.shard_map``: a ``LoraWeight`` enters as ``w``, ``a`` and ``b`` with the
+    factors' specs derived from ``w``'s (``jlora.sharding.factor_specs``), so the body computes
+    with the factors' blocks and never forms ``ΔW``."""
+    p = eqn.params
+    if not all(isinstance(v, LoraWeight) or not is_lazy(v) for v in invals):
+        return NotImplemented
+    jaxpr, consts = _compat.open_jaxpr(p["jaxpr"])
+
+    def spec_of(value: Any, spec: Any) -> Any:
+        if not isinstance(value, LoraWeight):
+            return spec
+        a_spec, b_spec = factor_specs(spec, value.layout)
+        return value.replace(w=spec, a=a_spec, b=b_spec)
+
+    def body(*args: Any) -> tuple:
+        return tuple(_outputs(evaluate(jaxpr, consts, list(args), ctx), "shard_map"))
+
+    in_specs = tuple(spec_of(v, s) for v, s in zip(invals, p["in_specs"]))
+    f = jax.shard_map(body, mesh=p["mesh"], in_specs=in_specs, out_specs=tuple(p["out_specs"]),
+                      axis_names=_compat.shard_map_axes(p), check_vma=p["check_vma"])
+    return list(f(*invals))

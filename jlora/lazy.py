@@ -262,11 +262,11 @@ def apply(fn: Callable, *, cache_size: int = 32) -> Callable:
             if isinstance(leaf, Lazy):
                 _check_lazy(leaf)
                 values.append(leaf.prepare())
-                abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                abstract.append(leaf.example())
                 dynamic.append(i)
             elif _is_array(leaf):
                 values.append(leaf)
-                abstract.append(_compat.abstractify(leaf))
+                abstract.append(leaf)  # make_jaxpr takes its type (shape, dtype, weak type, vma)
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
@@ -282,7 +282,7 @@ def apply(fn: Callable, *, cache_size: int = 32) -> Callable:
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     key = None
     try:
-        key = (treedef, dynamic, tuple(static), tuple((a.shape, a.dtype, a.weak_type) for a in abstract))
+        key = (treedef, dynamic, tuple(static), tuple(_compat.type_key(a) for a in abstract))
         hash(key)
     except TypeError:
         key = None

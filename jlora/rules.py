@@ -24,7 +24,7 @@ from jlora import _compat
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_specs
 from jlora.lazy import Context, is_lazy, materialize, register, warn_once
-from jlora.weight import LoraWeight
+from jlora.weight import Lazy, LoraWeight
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -299,6 +299,20 @@ def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     a = lax.with_sharding_constraint(lw.a, jax.sharding.NamedSharding(sharding.mesh, a_spec))
     b = lax.with_sharding_constraint(lw.b, jax.sharding.NamedSharding(sharding.mesh, b_spec))
     return [lw.replace(w=w, a=a, b=b)]
+
+
+@register(_compat.pvary_p, Lazy)
+def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Inside ``shard_map``: mark every child varying over the axes the equation names (those it
+    does not vary over already), so the factors meet varying activations like ``w`` does."""
+    def one(x: Any) -> Any:
+        missing = tuple(a for a in eqn.params["axes"] if a not in _compat.varying_axes(x))
+        if not missing:
+            return x
+        out = eqn.primitive.bind(x, **{**eqn.params, "axes": missing})
+        return out[0] if eqn.primitive.multiple_results else out
+
+    return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
 
 
 @register(_compat.reshape_p, LoraWeight)

@@ -40,6 +40,10 @@ class Lazy:
     def materialize(self) -> jax.Array:
         raise NotImplementedError
 
+    def example(self) -> Any:
+        """A value of the type this one has in the traced function (an array or ShapeDtypeStruct)."""
+        return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
     def prepare(self) -> "Lazy":
         """Called once when the value enters the evaluator (e.g. to stop gradients)."""
         return self
@@ -155,6 +159,9 @@ class LoraWeight(Lazy):
         delta = self.delta()
         wide = jnp.promote_types(self.w.dtype, delta.dtype)
         return (self.w.astype(wide) + delta.astype(wide)).astype(self.w.dtype)
+
+    def example(self) -> Any:
+        return self.w  # its type, including the mesh axes it varies over inside shard_map
 
     def prepare(self) -> "LoraWeight":
         return self.replace(w=lax.stop_gradient(self.w))

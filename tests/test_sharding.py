@@ -1,0 +1,353 @@
+"""jlora.sharding and multi-device training (8 CPU devices: see conftest.py)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jlora
+from jlora import sharding
+from jlora.checkpoint import AdapterCheckpointer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
+
+
+def example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def adapters(params):
+    """``{path/a: array, path/b: array}`` of every LoraWeight."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))[0]:
+        if isinstance(x, jlora.LoraWeight):
+            out[f"{x.path}/a"], out[f"{x.path}/b"] = np.asarray(x.a), np.asarray(x.b)
+    return out
+
+
+# --- specs and rules ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout, w_spec, a_spec, b_spec", [
+    ("io", P("x", "y"), P("x", None), P(None, "y")),
+    ("oi", P("x", "y"), P("y", None), P(None, "x")),
+    ("oi", P("x"), P(None, None), P(None, "x")),
+    ("bio", P("s", None, "m"), P("s", None, None), P("s", None, "m")),
+    ("iio", P(None, "h", "m"), P(None, "h", None), P(None, "m")),
+    ("ioo", P("f", ("h", "d"), None), P("f", None), P(None, ("h", "d"), None)),
+])
+def test_factor_specs_follow_the_kernel_axes(layout, w_spec, a_spec, b_spec):
+    assert sharding.factor_specs(w_spec, layout) == (a_spec, b_spec)
+
+
+def test_make_mesh_sizes():
+    assert dict(sharding.make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
+    assert sharding.make_mesh({"data": 1}).size == 1
+    with pytest.raises(ValueError, match="need 16 devices"):
+        sharding.make_mesh({"data": 16})
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh({"data": -1, "fsdp": -1})
+
+
+def test_fsdp_rule_shards_the_largest_divisible_axis_and_skips_small_leaves():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    rule = sharding.fsdp(min_size=64)
+    assert rule("k", (64, 256), mesh) == P(None, "fsdp")
+    assert rule("k", (256, 6), mesh) == P("fsdp", None)
+    assert rule("k", (6, 250), mesh) is None  # nothing divides by 4
+    assert rule("bias", (32,), mesh) is None  # small
+    assert sharding.fsdp("absent")("k", (64, 256), mesh) is None
+
+
+def test_tensor_parallel_presets_split_columns_and_rows():
+    llama = sharding.tensor_parallel("llama")
+    spec = lambda rules, path, shape: next((s for r in rules if (s := r(path, shape, None)) is not None), None)
+    assert spec(llama, "model/layers/0/self_attn/q_proj/kernel", (64, 64)) == P(None, "model")
+    assert spec(llama, "model/layers/0/self_attn/o_proj/kernel", (64, 64)) == P("model", None)
+    assert spec(llama, "model/layers/0/mlp/down_proj/kernel", (128, 64)) == P("model", None)
+    assert spec(llama, "model/norm/weight", (64,)) is None
+    gpt2 = sharding.tensor_parallel("gpt2")  # Conv1D kernels are stored (out, in)
+    assert spec(gpt2, "transformer/h/0/attn/c_attn/kernel", (192, 64)) == P("model", None)
+    assert spec(gpt2, "transformer/h/0/attn/c_attn/bias", (192,)) == P("model")
+    assert spec(gpt2, "transformer/h/0/mlp/c_proj/kernel", (64, 256)) == P(None, "model")
+    bert = sharding.tensor_parallel("bert")
+    assert spec(bert, "encoder/layer/0/attention/output/dense/kernel", (64, 64)) == P("model", None)
+    assert spec(bert, "encoder/layer/0/output/dense/kernel", (128, 64)) == P("model", None)
+    assert spec(bert, "encoder/layer/0/intermediate/dense/kernel", (64, 128)) == P(None, "model")
+    with pytest.raises(ValueError, match="no preset for model type 'mystery'"):
+        sharding.tensor_parallel("mystery")
+
+
+def test_bad_rules_name_the_param():
+    mesh = sharding.make_mesh({"data": 2, "model": 4})
+    params = {"dense": {"kernel": np.ones((6, 8))}}
+    with pytest.raises(ValueError, match=r"'dense/kernel'.*size 6.*'model',\) of size 4"):
+        sharding.partition_specs(params, mesh, [("dense", P("model", None))])
+    with pytest.raises(ValueError, match="'dense/kernel': mesh has no axis 'fsdp'"):
+        sharding.partition_specs(params, mesh, [("dense", P(None, "fsdp"))])
+    with pytest.raises(ValueError, match="'dense/kernel': spec .* has 3 entries"):
+        sharding.partition_specs(params, mesh, [("dense", P(None, None, "model"))])
+
+
+# --- lora_init on sharded params ------------------------------------------------------------------
+
+def _base(dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(0), 3)
+    return {
+        "up": {"kernel": jax.random.normal(k[0], (32, 64), dtype), "bias": jnp.zeros(64, dtype)},
+        "down": {"kernel": jax.random.normal(k[1], (64, 32), dtype)},
+        "stack": {"kernel": jax.random.normal(k[2], (4, 32, 64), dtype)},
+    }
+
+
+RULES = [("up/kernel", P(None, "model")), ("down/kernel", P("model", None)), ("stack/kernel", P(None, "fsdp", "model"))]
+CONFIG = jlora.LoraConfig(rank=4, targets=["up", "down", "stack"], layouts={"stack": "bio"}, trainable=["bias"])
+
+
+def test_lora_init_creates_factors_in_the_derived_shardings_on_the_devices():
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    placed = sharding.place(_base(), mesh, RULES)
+    key = jax.random.key(1)
+    with jax.transfer_guard_device_to_host("disallow"):
+        params = jlora.lora_init(key, placed, CONFIG)
+    expected = {"up": (P(None, None), P(None, "model")), "down": (P("model", None), P(None, None)),
+                "stack": (P(None, "fsdp", None), P(None, None, "model"))}
+    for name, (a_spec, b_spec) in expected.items():
+        lw = params[name]["kernel"]
+        assert lw.w.sharding == placed[name]["kernel"].sharding
+        assert lw.a.sharding.is_equivalent_to(NamedSharding(mesh, a_spec), lw.a.ndim), name
+        assert lw.b.sharding.is_equivalent_to(NamedSharding(mesh, b_spec), lw.b.ndim), name
+    # the same values as on one device
+    single = jlora.lora_init(key, _base(), CONFIG)
+    for path, value in adapters(single).items():
+        np.testing.assert_array_equal(adapters(params)[path], value)
+
+
+def test_lora_init_under_jit_with_derived_out_shardings():
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    init = lambda p: jlora.lora_init(jax.random.key(1), p, CONFIG)
+    out = sharding.shardings(jax.eval_shape(init, _base()), mesh, RULES)
+    params = jax.jit(init, out_shardings=out)(_base())
+    assert params["up"]["kernel"].b.sharding.spec == P(None, "model")
+    assert params["stack"]["kernel"].a.sharding.spec == P(None, "fsdp", None)
+    assert params["up"]["bias"].value.sharding.spec == P()
+
+
+def test_optimizer_state_shards_like_the_adapters():
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG)
+    trainable, _ = jlora.split(params)
+    tx = jlora.optimizer(optax.adamw(1e-3), trainable, b_lr_ratio=4.0)
+    for tree in (trainable, params):  # the trainable half or the whole tree
+        state = sharding.init_state(tx, tree, mesh, RULES)
+        mu = state.inner_states["adapter"].inner_state[0][0].mu
+        assert mu["up"]["kernel"].b.sharding.spec == P(None, "model")
+        assert mu["stack"]["kernel"].a.sharding.spec == P(None, "fsdp", None)
+        assert state.inner_states["adapter"].inner_state[0][0].count.sharding.spec == P()
+
+
+# --- sharded training == single-device training ----------------------------------------------------
+
+@pytest.mark.parametrize("mesh_axes, parallel", [({"data": 2, "fsdp": 4}, "fsdp"), ({"data": 2, "model": 4}, "tp")])
+def test_sharded_training_equals_single_device(mesh_axes, parallel):
+    train = example("train_fsdp").train
+    # Adam turns round-off in near-zero gradients into lr-sized steps: a small lr keeps them small
+    single = train({"data": 1}, "dp", steps=3, lr=1e-3, log=False)
+    sharded = train(mesh_axes, parallel, steps=3, lr=1e-3, log=False)
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5)
+    got, want = adapters(sharded["params"]), adapters(single["params"])
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-5, err_msg=path)
+    # the frozen kernels kept their shardings; the factors have the derived ones
+    rules = example("train_fsdp").rules_for(parallel)
+    mesh = sharded["mesh"]
+    want_specs = sharding.partition_specs(sharded["params"], mesh, rules)
+    leaves = jax.tree.leaves(sharded["params"])
+    specs = jax.tree.leaves(want_specs, is_leaf=lambda x: isinstance(x, P))
+    assert len(leaves) == len(specs)
+    for leaf, spec in zip(leaves, specs):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
+
+
+COLLECTIVES = r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+
+
+def _hlo_shapes(hlo: str, op: str) -> set:
+    """Result shapes (dims tuples) of the HLO instructions whose opcode matches ``op``."""
+    shapes = set()
+    for line in hlo.splitlines():
+        if "=" not in line:
+            continue
+        rhs = line.split("=", 1)[1]
+        m = re.search(op, rhs)
+        if m:
+            for dims in re.findall(r"\w+\[([\d,]*)\]", rhs[: m.start()]):
+                shapes.add(tuple(int(d) for d in dims.split(",") if d))
+    return shapes
+
+
+def _compiled_step(mesh_axes, parallel, merged=False):
+    # 10 tokens a sequence, rank 4: no activation or factor has the shape of a kernel (64, 32, 96 wide)
+    # or of its block on a device
+    run = example("train_fsdp").setup(mesh_axes, parallel, seq=10, rank=4, merged=merged)
+    tokens = example("train_fsdp").global_batch(0, 8, run["seq"], 128, run["data_sharding"])
+    hlo = run["step"].lower(run["trainable"], run["opt_state"], run["frozen"], tokens).compile().as_text()
+    # a kernel's full shape and the shape of its block on one device
+    kernels = set()
+    for x in jax.tree.leaves(run["frozen"], is_leaf=lambda x: isinstance(x, jlora.LoraWeight)):
+        if isinstance(x, jlora.LoraWeight):
+            kernels |= {tuple(x.shape), tuple(x.w.sharding.shard_shape(x.shape))}
+    return hlo, kernels
+
+
+@pytest.mark.parametrize("mesh_axes, parallel", [({"data": 8}, "dp"), ({"data": 2, "model": 4}, "tp"),
+                                                 ({"data": 2, "fsdp": 4}, "fsdp")])
+def test_the_train_step_never_forms_or_moves_a_full_size_delta_w(mesh_axes, parallel):
+    hlo, kernels = _compiled_step(mesh_axes, parallel)
+    assert kernels
+    # no dot forms a full-size product (ΔW = a@b, or a weight gradient), whole or a device's block
+    # of it; no gradient of a full-size weight is reduced: only the adapters' gradients cross devices
+    assert not kernels & _hlo_shapes(hlo, r"\bdot\("), "a full-size product is formed"
+    assert not kernels & _hlo_shapes(hlo, r"(all-reduce|reduce-scatter)(-start)?\(")
+    if parallel in ("dp", "tp"):  # weights replicated or split Megatron-style: no weight ever moves
+        assert not kernels & _hlo_shapes(hlo, COLLECTIVES)
+    # the check can fail: the step on merged weights forms ΔW
+    merged, _ = _compiled_step(mesh_axes, parallel, merged=True)
+    assert kernels & _hlo_shapes(merged, r"\bdot\(")
+
+
+# --- pmap and shard_map -------------------------------------------------------------------------------
+
+def test_pmap_data_parallel_equals_one_device():
+    train = example("train_pmap").train
+    eight = train(steps=4, per_device=2, n_devices=8, log=False)
+    one = train(steps=4, per_device=16, n_devices=1, log=False)
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    assert eight["losses"][-1] < eight["losses"][0]
+    for path, value in adapters(one["params"]).items():
+        np.testing.assert_allclose(adapters(eight["params"])[path], value, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def _mlp_params():
+    base = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (16, 32))},
+            "l2": {"kernel": jax.random.normal(jax.random.key(1), (32, 8))}}
+    params = jlora.lora_init(jax.random.key(2), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
+    return jax.tree.map(lambda x: x + 0.1, params)  # b != 0: every factor matters
+
+
+def _mlp_loss(p, x):
+    return jnp.mean((jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]) ** 2)
+
+
+def _assert_grads_close(got, want):
+    for g, w in zip(jax.tree.leaves(jlora.split(got)[0]), jax.tree.leaves(jlora.split(want)[0])):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_runs_inside_shard_map():
+    mesh = sharding.make_mesh({"data": 8})
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+
+    def per_device(grad_of):
+        body = lambda p, x: jax.lax.pmean(jax.grad(grad_of)(p, x), "data")
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(params, x)
+
+    lazy = per_device(jlora.apply(_mlp_loss))
+    oracle = per_device(lambda p, x: _mlp_loss(jlora.merge(p), x))
+    _assert_grads_close(lazy, oracle)
+
+
+def test_shard_map_inside_the_function_keeps_sharded_factors():
+    """Megatron MLP written with shard_map: l1 split by columns, l2 by rows, one psum."""
+    mesh = sharding.make_mesh({"model": 8})
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+
+    def loss(p, x):
+        def block(p, x):
+            return jax.lax.psum(jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"], "model")
+
+        specs = {"l1": {"kernel": P(None, "model")}, "l2": {"kernel": P("model", None)}}
+        y = jax.shard_map(block, mesh=mesh, in_specs=(specs, P()), out_specs=P())(p, x)
+        return jnp.mean(y ** 2)
+
+    lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)
+    oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
+    _assert_grads_close(lazy, oracle)
+
+
+def test_sharding_constraint_on_a_kernel_constrains_its_factors():
+    mesh = sharding.make_mesh({"model": 8})
+    params, x = _mlp_params(), jnp.ones((4, 16))
+
+    def fn(p, x):
+        return x @ jax.lax.with_sharding_constraint(p["l1"]["kernel"], NamedSharding(mesh, P(None, "model")))
+
+    out = jax.jit(jlora.apply(fn))(params, x)
+    np.testing.assert_allclose(out, x @ jlora.merge(params)["l1"]["kernel"], rtol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jlora.apply(fn))(params, x))
+    assert jaxpr.count("sharding_constraint") == 3  # on w, a (replicated) and b (split like w's columns)
+
+
+# --- checkpoints and several processes --------------------------------------------------------------
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    fsdp = sharding.make_mesh({"fsdp": 2, "model": 4})
+    params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), fsdp, RULES), CONFIG)
+    params = jax.tree.map(lambda x: x + 1.0, params)
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params)
+    other = sharding.make_mesh({"model": 2, "fsdp": 4})
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        sharding.place(_base(), other, RULES))
+    restored, _, step = ckpt.restore(base)
+    lw = restored["down"]["kernel"]
+    assert lw.a.sharding.is_equivalent_to(NamedSharding(other, P("model", None)), 2)
+    assert restored["stack"]["kernel"].a.sharding.is_equivalent_to(NamedSharding(other, P(None, "fsdp", None)), 3)
+    for path, value in adapters(params).items():
+        np.testing.assert_array_equal(adapters(restored)[path], value)
+    np.testing.assert_array_equal(restored["up"]["bias"].value, params["up"]["bias"].value)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_single_process_losses(tmp_path):
+    script = str(ROOT / "examples" / "train_fsdp.py")
+    port, ckpt_dir = _free_port(), tmp_path / "ckpt"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, script, "--mesh", "data=2,fsdp=4", "--steps", "3", "--lr", "1e-3", "--json", "--num-processes", "2",
+         "--process-id", str(i), "--coordinator", f"localhost:{port}", "--checkpoint-dir", str(ckpt_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    losses = json.loads([l for l in outs[0].splitlines() if l.startswith("{")][-1])["losses"]
+
+    train_fsdp = example("train_fsdp")
+    single = train_fsdp.train({"data": 2, "fsdp": 4}, "fsdp", steps=3, lr=1e-3, log=False)
+    np.testing.assert_allclose(losses, single["losses"], rtol=1e-5)
+    # the checkpoint every process wrote restores in this one process, on another mesh
+    run = train_fsdp.setup({"data": 2, "model": 4}, "tp")
+    base = jax.tree.map(lambda x: x.w if isinstance(x, jlora.LoraWeight) else x, run["frozen"],
+                        is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    restored, _, step = AdapterCheckpointer(ckpt_dir).restore(base)
+    assert step == 3
+    for path, value in adapters(single["params"]).items():
+        np.testing.assert_allclose(adapters(restored)[path], value, rtol=1e-5, atol=1e-5, err_msg=path)
