@@ -5,8 +5,10 @@ PyTorch module of the same name (``model/layers/0/self_attn/q_proj/kernel`` ↔
 ``model.layers.0.self_attn.q_proj``, as HF names its Flax and PyTorch modules alike);
 ``lora_A.weight`` is ``aᵀ`` (r, in) and ``lora_B.weight`` is ``bᵀ`` (out, r), for ``(in, out)``
 kernels and GPT-2's ``(out, in)`` Conv1D alike (PEFT's ``fan_in_fan_out``). Trained biases
-(PEFT's ``bias="all"`` / ``"lora_only"``) are ``Trainable`` leaves. Options jlora cannot
-represent are refused, never dropped.
+(PEFT's ``bias="all"`` / ``"lora_only"``) are ``Trainable`` leaves, and so are the modules PEFT
+trains whole (``modules_to_save``: a task head, a norm; every leaf of the module is stored, under
+PyTorch's names: ``kernel`` ↔ ``weight`` transposed, ``embedding``/``scale`` ↔ ``weight``). Options
+jlora cannot represent are refused, never dropped.
 
 Example:
     >>> save_adapter("out/peft", lm.params, model.config)                          # doctest: +SKIP
@@ -48,8 +50,38 @@ def module_name(path: str) -> str:
     return path[: -len("/kernel")].replace("/", ".")
 
 
+# Flax leaf name -> PyTorch parameter name inside a module.
+TORCH_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
+    """``(torch parameter name, array in torch's layout)`` of a Flax leaf of a saved module."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf not in TORCH_NAMES or (leaf == "kernel" and np.ndim(value) != 2):
+        raise ValueError(f"'{path}': {leaf} {np.shape(value)} has no PyTorch counterpart jlora knows "
+                         f"(module leaves: {sorted(TORCH_NAMES)}, kernels 2-D)")
+    value = np.asarray(value, np.float32)
+    return TORCH_NAMES[leaf], np.ascontiguousarray(value.T if leaf == "kernel" else value)
+
+
 def _layout_ok(lw: LoraWeight) -> bool:
-    return str(lw.layout) in ("io", "oi")
+    return str(lw.layout) in ("io", "oi", "iiio")
+
+
+def _factors_to_torch(lw: LoraWeight) -> tuple[np.ndarray, np.ndarray]:
+    """``(lora_A.weight, lora_B.weight)``: Linear ``(r, in)``, ``(out, r)``; a 2-D conv (Flax
+    ``HWIO`` kernel) ``(r, in, h, w)``, ``(out, r, 1, 1)`` as PEFT's Conv2d LoRA."""
+    a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+    if str(lw.layout) == "iiio":
+        return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
+    return a.T, b.T
+
+
+def _factors_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, fan_in_fan_out: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(a, b, layout)`` from PEFT's ``lora_A.weight`` and ``lora_B.weight``."""
+    if lora_a.ndim == 4:
+        return lora_a.transpose(2, 3, 1, 0), lora_b.reshape(lora_b.shape[0], -1).T, "iiio"
+    return lora_a.T, lora_b.T, "oi" if fan_in_fan_out else "io"
 
 
 def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_model_name_or_path: str | None = None,
@@ -58,27 +90,32 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     onto the PyTorch model with the same base weights."""
     from safetensors.numpy import save_file
 
-    nodes = [(p, x) for p, x in leaves_with_paths(params, is_leaf=is_node) if is_node(x)]
+    entries = leaves_with_paths(params, is_leaf=is_node)
+    nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
-    biases = [(p, x) for p, x in nodes if not isinstance(x, LoraWeight) and p.endswith("/bias")]
-    others = [p for p, x in nodes if not isinstance(x, LoraWeight) and not p.endswith("/bias")]
     if not targets:
         raise ValueError("jlora.peft.save_adapter: params hold no LoraWeight")
-    if others:
-        raise ValueError(f"jlora.peft.save_adapter: fully trained leaves {others[:3]} have no PEFT LoRA form "
-                         "(only biases do, as PEFT's bias='all' / 'lora_only')")
+    # a module with a fully trained leaf other than its bias is saved whole (modules_to_save)
+    saved = sorted({p.rsplit("/", 1)[0] for p, x in nodes if isinstance(x, Trainable) and not p.endswith("/bias")})
+    in_saved = lambda p: p.rsplit("/", 1)[0] in saved
+    biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
+    clash = [p for p, _ in targets if in_saved(p)]
+    if clash:
+        raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
+                         "in the same module; PEFT trains a module either way, not both")
     model_type = hf_config.model_type
     fan_in_fan_out = model_type in LAYOUT_PRESETS
     tensors, ranks, alphas, modules = {}, {}, {}, []
     for p, lw in targets:
         if not _layout_ok(lw):
-            raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels only)")
-        if (str(lw.layout) == "oi") != fan_in_fan_out:
+            raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels and 2-D convs only)")
+        if str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != fan_in_fan_out:
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
         name = module_name(p)
         modules.append(name)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lw.a, np.float32).T)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lw.b, np.float32).T)
+        lora_a, lora_b = _factors_to_torch(lw)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
         ranks[name] = lw.rank
         alphas[name] = lw.scale * lw.rank  # PEFT: scaling = lora_alpha / r (rsLoRA is folded in)
     lora_modules = set(modules)
@@ -86,6 +123,10 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         name = p[: -len("/bias")].replace("/", ".")
         wrapped = ".base_layer" if name in lora_modules else ""
         tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value, np.float32)
+    for p, x in entries:  # modules_to_save: every leaf of the module, trained or not
+        if in_saved(p):
+            name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x)
+            tensors[f"{PREFIX}{p.rsplit('/', 1)[0].replace('/', '.')}.{name}"] = value
     bias_mode = "none" if not biases else (
         "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -97,7 +138,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
         "target_modules": sorted(modules),
-        "fan_in_fan_out": fan_in_fan_out, "bias": bias_mode, "use_rslora": False, "modules_to_save": None,
+        "fan_in_fan_out": fan_in_fan_out, "bias": bias_mode, "use_rslora": False,
+        "modules_to_save": [m.replace("/", ".") for m in saved] or None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},
@@ -116,6 +158,17 @@ def _pattern_value(table: dict, name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key.strip("^$"), name):
             return value
     return default
+
+
+def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str:
+    """The Flax path of a saved module's PyTorch parameter (``weight`` is a kernel, embedding or scale)."""
+    prefix = module.replace(".", "/")
+    names = [n for n, t in TORCH_NAMES.items() if t == torch_name]
+    found = [f"{prefix}/{n}" for n in names if f"{prefix}/{n}" in by_path]
+    if not found:
+        raise ValueError(f"{source}: adapter for another base model: no Flax param for {module}.{torch_name} "
+                         f"(looked for {[f'{prefix}/{n}' for n in names] or torch_name})")
+    return found[0]
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> Any:
@@ -137,8 +190,6 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: PEFT option {key}={config[key]!r} is not supported by jlora")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{path}: PEFT option modules_to_save={config['modules_to_save']!r} is not supported yet")
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
@@ -146,17 +197,23 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
     by_path = {path_str(kp): i for i, (kp, _) in enumerate(flat)}
     factors: dict[str, dict[str, np.ndarray]] = {}
-    biases: dict[str, np.ndarray] = {}
+    tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
+    saved = tuple(config.get("modules_to_save") or ())
     for key, value in tensors.items():
+        module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
+        if saved and "lora_" not in key and any(module == m or module.endswith("." + m) for m in saved):
+            p = _flax_leaf(module, leaf, by_path, path)
+            tuned[p] = value.T if p.endswith("/kernel") else value
+            continue
         if key.startswith(PREFIX) and key.endswith(".bias") and config.get("bias", "none") != "none":
             name = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
-            biases[name.replace(".", "/") + "/bias"] = value
+            tuned[name.replace(".", "/") + "/bias"] = value
             continue
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
         name, part = key[len(PREFIX):].rsplit(".lora_", 1)
         factors.setdefault(name, {})[part[0]] = value
-    for p, value in biases.items():
+    for p, value in tuned.items():
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
         if tuple(flat[by_path[p]][1].shape) != value.shape:
@@ -170,9 +227,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
         w = leaves[by_path[p]]
-        a, b = ab["A"].T, ab["B"].T  # a: (in, r), b: (r, out)
-        layout = Layout.parse("oi" if fan_in_fan_out else "io")
-        r = a.shape[1]
+        if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
+            raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
+        a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out)
+        layout = Layout.parse(layout)
+        r = a.shape[-1]
         if layout.a_shape(w.shape, r) != a.shape or layout.b_shape(w.shape, r) != b.shape:
             raise ValueError(f"{path}: adapter for another base model: '{p}' is {tuple(w.shape)} but lora_A/lora_B "
                              f"are {ab['A'].shape}/{ab['B'].shape}")
@@ -183,6 +242,6 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         leaves[by_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
                                         dropout=float(config.get("lora_dropout", 0.0)))
-    for p, value in biases.items():  # PEFT's trained biases: fully trained leaves
+    for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         leaves[by_path[p]] = Trainable(jnp.asarray(value, leaves[by_path[p]].dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)

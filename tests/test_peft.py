@@ -101,3 +101,78 @@ def test_trained_biases_cross_both_ways(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "back").eval()
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(torch.tensor(IDS)).logits.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_modules_to_save_cross_both_ways(tmp_path):
+    """A task head PEFT trains whole (modules_to_save) is a Trainable module in jlora."""
+    model, torch_model = pair("bert", tmp_path)
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier"]),
+                      jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    head = params["classifier"]
+    params["classifier"] = {"kernel": jlora.Trainable(head["kernel"].value + 0.3), "bias": jlora.Trainable(head["bias"].value - 0.2)}
+    jlora.peft.save_adapter(tmp_path / "out", params, model.config)
+    assert '"classifier"' in (tmp_path / "out" / "adapter_config.json").read_text()
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "out").eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(got, lm(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
+
+    _, fresh = pair("bert", tmp_path)
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False,
+                          modules_to_save=["classifier"])
+    peft_model = peft.get_peft_model(fresh, cfg).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    peft_model.save_pretrained(tmp_path / "in")
+    loaded = jlora.peft.load_adapter(tmp_path / "in", model.params, model.config)
+    assert isinstance(loaded["classifier"]["kernel"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=loaded).logits, want, rtol=1e-4, atol=1e-5)
+
+
+MORE_TORCH = {"mistral": tf.MistralForCausalLM, "gemma": tf.GemmaForCausalLM, "opt": tf.OPTForCausalLM,
+              "gpt_neo": tf.GPTNeoForCausalLM, "gptj": tf.GPTJForCausalLM, "bloom": tf.BloomForCausalLM,
+              "roberta": tf.RobertaModel, "bart": tf.BartForConditionalGeneration, "vit": tf.ViTModel}
+
+
+@pytest.mark.parametrize("model_type", sorted(MORE_TORCH))
+def test_every_preset_model_type_maps_its_names_to_peft(model_type, tmp_path):
+    """Flax param paths and PyTorch module names agree for every preset: the exported adapter
+    gives the same outputs in PEFT."""
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    from test_hf import first_output
+
+    model = TINY[model_type]()
+    torch.manual_seed(0)
+    torch_model = load_flax_weights_in_pytorch_model(MORE_TORCH[model_type](model.config), model.params).eval()
+    inputs = hf.example_inputs(model)
+    if "input_ids" in inputs:
+        inputs = {"input_ids": IDS}
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, alpha=4, targets="all-linear"), jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "adapter", params, model.config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = first_output(peft_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}))
+    want = first_output(lm(**inputs, params=params))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert float(np.abs(np.asarray(want) - first_output(model(**inputs))).max()) > 1e-3  # the adapter matters
+
+
+def test_peft_conv2d_adapter_runs_the_same_in_jlora(tmp_path):
+    """PEFT's Conv2d LoRA (ViT's patch projection): lora_A a conv, lora_B a 1x1 conv."""
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    model = TINY["vit"]()
+    torch_model = load_flax_weights_in_pytorch_model(tf.ViTModel(model.config), model.params).eval()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["projection", "query"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(torch_model, cfg).eval()
+    pixels = np.asarray(jax.random.normal(jax.random.key(0), hf.example_inputs(model)["pixel_values"].shape))
+    with torch.no_grad():
+        want = peft_model(pixel_values=torch.tensor(pixels)).last_hidden_state.numpy()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    assert str(params["embeddings"]["patch_embeddings"]["projection"]["kernel"].layout) == "iiio"
+    got = jlora.apply(model.__call__)(pixel_values=pixels, params=params).last_hidden_state
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
