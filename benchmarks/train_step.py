@@ -12,6 +12,8 @@ Modes:
   floor        backward through every layer with no weight gradient (grad w.r.t. the embeddings'
                output only): what any LoRA step has to pay at least
   jlora        jlora.apply over the unmodified model, r on q,k,v,o,gate,up,down + adamw on A/B
+  jlora-recompute  the same with jlora.apply(..., recompute=True): only matmul outputs are kept
+               for the backward, the rest (the adapters' inputs among it) is recomputed
   hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
                targeted Dense (the hand-factored baseline)
   materialize  the same LoRA computed by forming W + s·A@B for each weight
@@ -34,7 +36,7 @@ PRESETS = {
                      num_key_value_heads=8, vocab_size=128256, batch=4, seq=1024, rank=16, dtype="bfloat16",
                      steps=10),
 }
-MODES = ("full", "floor", "jlora", "hand", "materialize")
+MODES = ("full", "floor", "jlora", "jlora-recompute", "hand", "materialize")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,8 +118,8 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False) -> dict:
         opt = jlora.optimizer(tx, train)
         state = opt.init(train)
 
-        if mode == "jlora":
-            forward = jlora.apply(module.apply)
+        if mode in ("jlora", "jlora-recompute"):
+            forward = jlora.apply(module.apply, recompute=mode == "jlora-recompute")
 
             def loss_fn(t, frozen):
                 return xent(logits_of(jlora.combine(t, frozen), forward))

@@ -236,11 +236,16 @@ def _check_lazy(x: Lazy) -> None:
         )
 
 
-def apply(fn: Callable, *, cache_size: int = 32) -> Callable:
+def apply(fn: Callable, *, cache_size: int = 32, recompute: bool = False) -> Callable:
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
     for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays.
+
+    ``recompute``: under differentiation, keep only matmul outputs for the backward and recompute
+    the rest (``jax.checkpoint`` with ``dots_saveable`` around the whole function). The adapters'
+    inputs (the ``x`` of ``x @ a``, which ``dA = xᵀ·dt`` needs) are then mostly cheap elementwise
+    recomputations (a norm's output, the MLP's ``silu(gate)·up``) instead of stored activations.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -272,8 +277,13 @@ def apply(fn: Callable, *, cache_size: int = 32) -> Callable:
                 static.append((i, leaf))
         traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract)
         closed, out_tree = traced
-        outs = evaluate_closed(closed, values, Context(rng=lora_rng))
-        return jax.tree_util.tree_unflatten(out_tree, materialize_all(outs))
+
+        def run(values: list, rng: Any) -> list:
+            return materialize_all(evaluate_closed(closed, values, Context(rng=rng)))
+
+        if recompute:
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
+        return jax.tree_util.tree_unflatten(out_tree, run(values, lora_rng))
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped

@@ -51,10 +51,10 @@ def perturb(tree: Any, key: Any, scale: float = 0.1) -> Any:
 
 
 def check_against_oracle(fn: Callable, params: Any, *args: Any, rtol: float = 1e-5, atol: float = 1e-5,
-                         jit: bool = True, mode: str = "reverse") -> None:
+                         jit: bool = True, mode: str = "reverse", **apply_options: Any) -> None:
     """apply(fn) == fn on the oracle-merged weight: outputs, and derivatives w.r.t. the trainable
     half, reverse mode (grads) or forward mode (JVPs, for ``while_loop``)."""
-    forward = jlora.apply(fn)
+    forward = jlora.apply(fn, **apply_options)
     run = jax.jit(forward) if jit else forward
     got = run(params, *args)
     want = fn(oracle_merge(params), *args)

@@ -68,6 +68,23 @@ def test_linen_model_with_every_layer_kind():
         "from_heads/kernel": "iio", "layers/fc/kernel": "bio", "to_heads/kernel": "ioo",
     }
     check_against_oracle(fn, p, ids, img)
+    check_against_oracle(fn, p, ids, img, recompute=True)
+
+
+def test_recompute_keeps_only_matmul_outputs_for_the_backward():
+    p = perturb(lora({"w1": jax.random.normal(KEY, (16, 16)), "w2": jax.random.normal(KEY, (16, 16))}, ["w1", "w2"]), KEY)
+    trainable, frozen = jlora.split(p)
+    fn = lambda p, x: jnp.sum(jnp.sin(jnp.tanh(x @ p["w1"]) @ p["w2"]))
+    x = jax.random.normal(KEY, (4, 16))
+    hidden = np.tanh(np.asarray(x @ oracle_merge(p)["w1"]))  # the second adapter's input
+
+    def keeps_hidden(recompute):
+        forward = jlora.apply(fn, recompute=recompute)
+        _, vjp = jax.vjp(lambda t: forward(jlora.combine(t, frozen), x), trainable)
+        return any(np.shape(r) == hidden.shape and np.allclose(r, hidden, atol=1e-5) for r in jax.tree.leaves(vjp))
+
+    assert keeps_hidden(False) and not keeps_hidden(True)  # recomputed from the kept x @ w1
+    check_against_oracle(fn, p, x, recompute=True)
 
 
 def test_kernel_used_in_a_matmul_and_elsewhere():
