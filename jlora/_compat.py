@@ -47,9 +47,9 @@ remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambd
 
 def _shard_map_eqn() -> Any:
     """A traced ``shard_map`` of ``x @ w`` with ``w`` replicated (no devices needed)."""
-    from jax.sharding import AbstractMesh, PartitionSpec as P
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-    mesh = AbstractMesh((1,), ("i",))
+    mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Auto,))  # JAX 0.11 defaults to Explicit
     f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(), P("i")), out_specs=P("i"))
     s = jax.ShapeDtypeStruct((2, 2), jax.numpy.float32)
     return jax.make_jaxpr(f)(s, s).jaxpr.eqns[0]
