@@ -84,7 +84,7 @@ def run(mode: str, n_devices: int, preset: str, batch: int, seq: int, rank: int,
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(trainable))
     return dict(
         mode=mode, devices=n_devices, step_ms=1e3 * step_s, tokens_per_s=batch * n_devices * seq / step_s,
-        compile_s=compile_s, peak_bytes_per_device=max(peaks) if all(peaks) else None,
+        setup_and_compile_s=compile_s, peak_bytes_per_device=max(peaks) if all(peaks) else None,
         xla_bytes_per_device=(mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None,
         all_reduce_bytes=int(sum(BYTES.get(t, 4) * np.prod(s) for t, s in reduced)), adapter_bytes=int(adapter_bytes),
         full_size_all_reduce=sorted({s for _, s in reduced if s in kernels}), loss=float(loss.addressable_data(0)),
