@@ -46,22 +46,23 @@ remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambd
 
 
 def _shard_map_eqn() -> Any:
-    """A traced ``shard_map`` of ``x @ w`` with ``w`` replicated (no devices needed)."""
+    """A traced ``shard_map`` of ``x @ w`` with ``w`` replicated over a 2-way manual axis (no
+    devices needed; size-1 axes may be left out of types, and then no pvary is traced)."""
     from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-    mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Auto,))  # JAX 0.11 defaults to Explicit
+    mesh = AbstractMesh((2,), ("i",), axis_types=(AxisType.Auto,))  # JAX 0.11 defaults to Explicit
     f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(), P("i")), out_specs=P("i"))
     s = jax.ShapeDtypeStruct((2, 2), jax.numpy.float32)
-    return jax.make_jaxpr(f)(s, s).jaxpr.eqns[0]
+    return jax.make_jaxpr(f)(s, jax.ShapeDtypeStruct((4, 2), jax.numpy.float32)).jaxpr.eqns[0]
 
 
 # shard_map's primitive and pvary (which marks a replicated value as varying over manual axes
 # before it meets a varying one) are not in jax.extend.core.primitives (JAX 0.6 - 0.10): both are
 # read off a traced shard_map. Params (0.6+): mesh, in_specs, out_specs, check_vma, and the manual
-# axes (see shard_map_axes).
+# axes (see shard_map_axes). Without a pvary (a JAX that does not trace one) its rule is not needed.
 _smap = _shard_map_eqn()
 shard_map_p = _smap.primitive
-pvary_p = _smap.params["jaxpr"].eqns[0].primitive
+pvary_p = next((e.primitive for e in _smap.params["jaxpr"].eqns if e.primitive.name == "pvary"), None)
 
 
 def shard_map_axes(params: dict) -> set:
@@ -76,9 +77,17 @@ custom_vjp_call_p = _p.custom_vjp_call_p
 jit_p = getattr(_p, "jit_p", None) or getattr(_p, "pjit_p")
 
 
+def _vma(aval: Any) -> frozenset:
+    # Manual axes a value varies over: ``aval.vma`` in JAX 0.6 - 0.9, ``aval.mat.varying`` from 0.10.
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(vma or ())
+
+
 def varying_axes(x: Any) -> frozenset:
     """Manual mesh axes over which ``x`` varies inside ``shard_map`` (empty outside one)."""
-    return frozenset(getattr(jax.typeof(x), "vma", ()) or ())
+    return _vma(jax.typeof(x))
 
 
 def bind(eqn: Any, invals: Sequence[Any]) -> list:
@@ -154,7 +163,7 @@ def type_key(x: Any) -> tuple:
     ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""
     typeof = getattr(jax, "typeof", None)
     aval = x if isinstance(x, jax.ShapeDtypeStruct) or typeof is None else typeof(x)
-    vma = tuple(sorted(getattr(aval, "vma", ()) or ()))
+    vma = () if isinstance(x, jax.ShapeDtypeStruct) else tuple(sorted(_vma(aval)))
     return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
 
 

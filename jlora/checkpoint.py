@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
-from jlora.sharding import factor_specs
+from jlora.sharding import factor_shardings
 from jlora.tree import split
 from jlora.weight import LoraWeight, Trainable, is_node
 
@@ -100,11 +100,13 @@ class AdapterCheckpointer:
         absent = sorted(p for p in specs if p not in by_path)
         if absent:
             raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
+        legacy = any("shape" not in spec for spec in specs.values())  # written before shapes were kept
         for p, spec in specs.items():
-            if tuple(spec["shape"]) != tuple(by_path[p].shape):
+            if not legacy and tuple(spec["shape"]) != tuple(by_path[p].shape):
                 raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
                                  f"{tuple(by_path[p].shape)} here but {tuple(spec['shape'])} in the checkpoint")
-        restore_args = {"adapters": ocp.args.StandardRestore(_adapter_targets(specs, by_path))}
+        targets = None if legacy else _adapter_targets(specs, by_path)  # legacy: LoraWeight checks shapes
+        restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if opt_state_like is not None:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(_flat(opt_state_like)))
         got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
@@ -161,10 +163,7 @@ def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, j
             targets[p] = jax.ShapeDtypeStruct(like.shape, spec.get("dtype", like.dtype), sharding=sharding)
             continue
         layout, rank = Layout.parse(spec["layout"]), spec["rank"]
-        a_sharding = b_sharding = None
-        if isinstance(sharding, NamedSharding):
-            a_spec, b_spec = factor_specs(sharding.spec, layout)
-            a_sharding, b_sharding = NamedSharding(sharding.mesh, a_spec), NamedSharding(sharding.mesh, b_spec)
+        a_sharding, b_sharding = factor_shardings(sharding, layout) if isinstance(sharding, NamedSharding) else (None, None)
         targets[f"{p}/a"] = jax.ShapeDtypeStruct(layout.a_shape(like.shape, rank), spec["dtype"], sharding=a_sharding)
         targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec["dtype"], sharding=b_sharding)
     return targets

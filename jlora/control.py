@@ -158,7 +158,8 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Rebuilt with ``jax.shard_map``: a ``LoraWeight`` enters as ``w``, ``a`` and ``b`` with the
     factors' specs derived from ``w``'s (``jlora.sharding.factor_specs``), so the body computes
-    with the factors' blocks and never forms ``ΔW``."""
+    with the factors' blocks and never forms ``ΔW``. LoRA dropout inside uses one key on every device,
+    so the blocks of one activation get the same mask pattern."""
     p = eqn.params
     if not all(isinstance(v, LoraWeight) or not is_lazy(v) for v in invals):
         return NotImplemented

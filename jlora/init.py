@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
-from jlora.sharding import factor_specs
+from jlora.sharding import factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_node
 
 # Output heads that "all-linear" leaves alone, as PEFT does.
@@ -124,9 +124,7 @@ def _init_factors(key: Any, shape: tuple, layout: Layout, rank: int, config: Lor
 @functools.lru_cache(maxsize=None)
 def _sharded_factory(w_sharding: NamedSharding, layout: Layout) -> Callable:
     """``_init_factors`` made on the devices, in the shardings derived from ``w``'s."""
-    a_spec, b_spec = factor_specs(w_sharding.spec, layout)
-    out = (NamedSharding(w_sharding.mesh, a_spec), NamedSharding(w_sharding.mesh, b_spec))
-    return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=out)
+    return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=factor_shardings(w_sharding, layout))
 
 
 def lora_init(

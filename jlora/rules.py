@@ -22,7 +22,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
-from jlora.sharding import factor_specs
+from jlora.sharding import factor_shardings
 from jlora.lazy import Context, is_lazy, materialize, register, warn_once
 from jlora.weight import Lazy, LoraWeight
 
@@ -295,10 +295,8 @@ def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     sharding = eqn.params.get("sharding")
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return [lw.replace(w=w)]
-    a_spec, b_spec = factor_specs(sharding.spec, lw.layout)
-    a = lax.with_sharding_constraint(lw.a, jax.sharding.NamedSharding(sharding.mesh, a_spec))
-    b = lax.with_sharding_constraint(lw.b, jax.sharding.NamedSharding(sharding.mesh, b_spec))
-    return [lw.replace(w=w, a=a, b=b)]
+    a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
+    return [lw.replace(w=w, a=lax.with_sharding_constraint(lw.a, a_sharding), b=lax.with_sharding_constraint(lw.b, b_sharding))]
 
 
 @register(_compat.pvary_p, Lazy)

@@ -150,7 +150,7 @@ def tensor_parallel(model_type: str, axis: str = "model") -> list[Rule]:
     return [make(p, "o") for p in preset["column"]] + [make(p, "i") for p in preset["row"]]
 
 
-def factor_specs(w_spec: Any, layout: Layout | str, ndim: int | None = None) -> tuple[PartitionSpec, PartitionSpec]:
+def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, PartitionSpec]:
     """``(a_spec, b_spec)`` derived from the spec of the base kernel ``w``.
 
     Example:
@@ -168,6 +168,18 @@ def factor_specs(w_spec: Any, layout: Layout | str, ndim: int | None = None) -> 
         if ax in in_b:
             b[in_b[ax]] = spec
     return PartitionSpec(*a), PartitionSpec(*b)
+
+
+def factor_shardings(w_sharding: NamedSharding, layout: Layout | str) -> tuple[NamedSharding, NamedSharding]:
+    """``(a_sharding, b_sharding)`` on ``w``'s mesh, from ``factor_specs``.
+
+    Example:
+        >>> mesh = make_mesh({"model": -1})
+        >>> factor_shardings(NamedSharding(mesh, PartitionSpec(None, "model")), "io")[1].spec
+        PartitionSpec(None, 'model')
+    """
+    a_spec, b_spec = factor_specs(w_sharding.spec, layout)
+    return NamedSharding(w_sharding.mesh, a_spec), NamedSharding(w_sharding.mesh, b_spec)
 
 
 def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
@@ -239,11 +251,17 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     """
     replicated = NamedSharding(mesh, PartitionSpec())
 
+    def placeholder(x: Any) -> bool:  # where the state holds no array for a param
+        return x is None or isinstance(x, optax.MaskedNode)
+
     def one(leaf: Any, sharding: Any) -> Any:
-        if leaf is None or isinstance(leaf, optax.MaskedNode):
+        if placeholder(leaf):
             return leaf
         if isinstance(leaf, LoraWeight):
-            return sharding.replace(w=leaf.w)
+            pick = lambda mine, theirs: mine if placeholder(mine) else theirs
+            return sharding.replace(w=pick(leaf.w, sharding.w), a=pick(leaf.a, sharding.a), b=pick(leaf.b, sharding.b))
+        if isinstance(leaf, Trainable) and placeholder(leaf.value):
+            return leaf
         return sharding
 
     return optax.tree_map_params(
@@ -308,7 +326,7 @@ def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> Partit
 def _put(x: Any, sharding: NamedSharding) -> Any:
     if x is None:
         return None
-    if sharding.is_fully_addressable:
+    if sharding.is_fully_addressable or isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)  # another process holds part of the mesh: each process gives its shards
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

@@ -174,3 +174,23 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path
     assert ckpt.latest_step() in (1, 2)
     back, _, step = ckpt.restore(base, step=1)
     np.testing.assert_array_equal(back["q"]["kernel"].b, params["q"]["kernel"].b)
+
+
+def test_a_checkpoint_written_without_shapes_in_its_metadata_still_restores(tmp_path, monkeypatch):
+    """Checkpoints from before the metadata kept rank, dtype and shape (restore then reads the
+    arrays as saved and LoraWeight checks their shapes)."""
+    import jlora.checkpoint as checkpoint
+
+    base, _, params, _ = setup()
+    plain = checkpoint._adapter_arrays
+    legacy_keys = ("kind", "layout", "scale", "dropout")
+    monkeypatch.setattr(checkpoint, "_adapter_arrays", lambda p: (
+        plain(p)[0], {k: {f: v for f, v in s.items() if f in legacy_keys} for k, s in plain(p)[1].items()}))
+    ckpt = AdapterCheckpointer(tmp_path / "old", async_save=False)
+    ckpt.save(1, params)
+    monkeypatch.undo()
+    restored, _, _ = AdapterCheckpointer(tmp_path / "old").restore(base)
+    np.testing.assert_array_equal(restored["q"]["kernel"].b, params["q"]["kernel"].b)
+    other = {**base, "q": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
+    with pytest.raises(ValueError, match="'q/kernel'"):
+        AdapterCheckpointer(tmp_path / "old").restore(other)

@@ -158,6 +158,10 @@ def test_optimizer_state_shards_like_the_adapters():
         assert mu["up"]["kernel"].b.sharding.spec == P(None, "model")
         assert mu["stack"]["kernel"].a.sharding.spec == P(None, "fsdp", None)
         assert state.inner_states["adapter"].inner_state[0][0].count.sharding.spec == P()
+    # a plain optax optimizer keeps moments for every leaf, w included: they shard like their params
+    state = sharding.init_state(optax.adam(1e-3), params, mesh, RULES)
+    assert state[0].mu["down"]["kernel"].w.sharding.spec == P("model", None)
+    assert state[0].mu["down"]["kernel"].a.sharding.spec == P("model", None)
 
 
 # --- sharded training == single-device training ----------------------------------------------------
@@ -287,6 +291,21 @@ def test_shard_map_inside_the_function_keeps_sharded_factors():
     lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)
     oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
     _assert_grads_close(lazy, oracle)
+    # the body works on the factors' blocks: no product of a kernel's (or a block's) shape is formed
+    jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(loss)))(params, x))
+    for shape in ("16,32", "32,8", "16,4", "4,8"):
+        assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
+    assert "shard_map" in jaxpr
+
+
+def test_the_same_wrapped_function_inside_and_outside_shard_map():
+    """The trace cache tells a replicated value from one that varies over manual axes."""
+    mesh = sharding.make_mesh({"data": 8})
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    forward = jlora.apply(lambda p, x: x @ p["l1"]["kernel"])
+    outside = jax.jit(forward)(params, x[:8])
+    inside = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))(params, x)
+    np.testing.assert_allclose(inside[:8], outside, rtol=1e-5, atol=1e-6)
 
 
 def test_sharding_constraint_on_a_kernel_constrains_its_factors():
