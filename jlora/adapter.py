@@ -41,7 +41,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         if isinstance(x, LoraWeight):
             tensors[f"{p}/a"], tensors[f"{p}/b"] = np.asarray(x.a), np.asarray(x.b)
-            shape = [int(d) for d in (x.w.shape if x.w is not None else x.layout.w_shape(x.a.shape, x.b.shape))]
+            shape = [int(d) for d in x.kernel_shape]
             targets[p] = {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
                           "shape": shape}
         elif isinstance(x, Trainable):

@@ -37,7 +37,7 @@ def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             arrays[f"{p}/a"], arrays[f"{p}/b"] = x.a, x.b
             specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout,
                         "rank": x.rank, "dtype": np.dtype(x.a.dtype).name,
-                        "shape": list(x.layout.w_shape(x.a.shape, x.b.shape))}
+                        "shape": list(x.kernel_shape)}
         elif isinstance(x, Trainable):
             arrays[p] = x.value
             specs[p] = {"kind": "trainable", "dtype": np.dtype(x.value.dtype).name, "shape": list(np.shape(x.value))}

@@ -205,8 +205,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     def one(keypath: Any, x: Any) -> Any:
         path = path_str(keypath)
         if isinstance(x, LoraWeight):
-            w_shape = x.shape if x.w is not None else x.layout.w_shape(x.a.shape, x.b.shape)
-            w_spec = spec_for(x.path or path, w_shape)
+            w_spec = spec_for(x.path or path, x.kernel_shape)
             a_spec, b_spec = factor_specs(w_spec, x.layout)
             return x.replace(w=None if x.w is None else w_spec, a=None if x.a is None else a_spec,
                              b=None if x.b is None else b_spec)

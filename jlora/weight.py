@@ -142,6 +142,13 @@ class LoraWeight(Lazy):
         return self.w.dtype
 
     @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """``w``'s shape, also in the trainable half of ``jlora.split`` (from ``a`` and ``b``)."""
+        if self.w is not None:
+            return tuple(self.w.shape)
+        return self.layout.w_shape(self.a.shape, self.b.shape)
+
+    @property
     def rank(self) -> int:
         return int(self.a.shape[-1])
 
