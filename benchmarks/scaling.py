@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import time
+
+from child import run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRESETS = {  # per-device batch; the model presets live in examples/train_fsdp.py
@@ -117,16 +116,11 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         for n in counts:
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--one", f"{mode},{n}"]
-            if args.steps:
-                cmd += ["--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"[{mode} x{n}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            result = run_child(__file__, ["--preset", args.preset, "--one", f"{mode},{n}"]
+                               + (["--steps", str(args.steps)] if args.steps else []), f"{mode} x{n}")
+            if result is None:
                 continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-            print(lines[-1], flush=True)
+            results.append(result)
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump(dict(preset=args.preset, config=p, results=results), f, indent=2)

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
+
+from child import run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 PRESETS = {
     "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -208,16 +207,11 @@ def main() -> None:
 
     results = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--mode", mode]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"[{mode}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        result = run_child(__file__, ["--preset", args.preset, "--mode", mode]
+                           + (["--steps", str(args.steps)] if args.steps else []), mode)
+        if result is None:
             continue
-        results[mode] = json.loads(lines[-1][len("RESULT "):])
-        print(lines[-1], flush=True)
+        results[mode] = result
         if args.json_out:  # written after every mode: a run cut short keeps what it measured
             with open(args.json_out, "w") as f:
                 json.dump(dict(preset=args.preset, config=preset, results=results), f, indent=2)
