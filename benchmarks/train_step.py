@@ -12,6 +12,8 @@ Modes:
   floor        backward through every layer with no weight gradient (grad w.r.t. the embeddings'
                output only): what any LoRA step has to pay at least
   jlora        jlora.apply over the unmodified model, r on q,k,v,o,gate,up,down + adamw on A/B
+               (default ``recompute="inputs"``: adapters' inputs rebuilt in the backward)
+  jlora-store  the same with jlora.apply(..., recompute=False): the adapters' inputs are stored
   jlora-recompute  the same with jlora.apply(..., recompute=True): only matmul outputs are kept
                for the backward, the rest (the adapters' inputs among it) is recomputed
   hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
@@ -35,7 +37,8 @@ PRESETS = {
                      num_key_value_heads=8, vocab_size=128256, batch=4, seq=1024, rank=16, dtype="bfloat16",
                      steps=10),
 }
-MODES = ("full", "floor", "jlora", "jlora-recompute", "hand", "materialize")
+MODES = ("full", "floor", "jlora", "jlora-store", "jlora-recompute", "hand", "materialize")
+RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -117,8 +120,8 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False) -> dict:
         opt = jlora.optimizer(tx, train)
         state = opt.init(train)
 
-        if mode in ("jlora", "jlora-recompute"):
-            forward = jlora.apply(module.apply, recompute=mode == "jlora-recompute")
+        if mode in RECOMPUTE:
+            forward = jlora.apply(module.apply, recompute=RECOMPUTE[mode])
 
             def loss_fn(t, frozen):
                 return xent(logits_of(jlora.combine(t, frozen), forward))

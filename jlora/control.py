@@ -87,6 +87,7 @@ def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
     init = materialize_all(invals[nc + nb:], what="while", why="a lazy loop carry")
+    ctx = ctx.forward_mode()
 
     def cond_fn(carry: Any) -> Any:
         return _outputs(evaluate_closed(p["cond_jaxpr"], list(cond_consts) + list(carry), ctx), "while")[0]

@@ -96,9 +96,10 @@ class Context:
     """State shared by one evaluation: the dropout key, what rules want to record, and the frame
     (jaxpr, environment, position) of the equation being evaluated, for rules that look around."""
 
-    def __init__(self, rng: Any = None, records: dict | None = None):
+    def __init__(self, rng: Any = None, records: dict | None = None, rebuild_inputs: bool = False):
         self.rng = rng
         self.records = records
+        self.rebuild_inputs = rebuild_inputs  # see jlora.rebuild
         self.frame: Frame | None = None
         self._counter = itertools.count()
 
@@ -107,7 +108,11 @@ class Context:
         return jax.random.fold_in(self.rng, next(self._counter))
 
     def with_rng(self, rng: Any) -> "Context":
-        return Context(rng, self.records)
+        return Context(rng, self.records, self.rebuild_inputs)
+
+    def forward_mode(self) -> "Context":
+        """This context for a body that only forward mode can differentiate (``while_loop``)."""
+        return Context(self.rng, self.records, rebuild_inputs=False)
 
 
 # Equations that only restructure a value: safe to evaluate ahead of their turn.
@@ -127,6 +132,7 @@ class Frame:
         self.index = 0
         self.pending: dict[int, Any] = {}
         self.done: set[int] = set()
+        self.memo: dict[Any, Any] = {}  # what rules derived from the jaxpr (types only)
         self._users: dict[Any, list[int]] | None = None
         self._producer: dict[Any, int] | None = None
 
@@ -138,6 +144,12 @@ class Frame:
                     self._users.setdefault(v, []).append(i)
             for v in eqn.outvars:
                 self._producer[v] = i
+
+    def producer(self, var: Any) -> int | None:
+        """Index of the equation that computes ``var`` (``None`` for the jaxpr's inputs)."""
+        if self._producer is None:
+            self._index()
+        return self._producer.get(var)  # type: ignore[union-attr]
 
     def users(self, var: Any) -> list[int]:
         """Indices of the equations that read ``var``, in order."""
@@ -236,7 +248,7 @@ def _check_lazy(x: Lazy) -> None:
         )
 
 
-def apply(fn: Callable, *, cache_size: int = 32, recompute: bool = False) -> Callable:
+def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
@@ -258,6 +270,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool = False) -> Cal
         >>> forward(lora, jnp.ones((2, 4))).shape
         (2, 3)
     """
+    if recompute not in (False, True, "inputs"):
+        raise ValueError(f"recompute must be False, True or 'inputs', got {recompute!r}")
     cache: OrderedDict = OrderedDict()
 
     @functools.wraps(fn)
@@ -282,9 +296,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool = False) -> Cal
         closed, out_tree = traced
 
         def run(values: list, rng: Any) -> list:
-            return materialize_all(evaluate_closed(closed, values, Context(rng=rng)))
+            ctx = Context(rng=rng, rebuild_inputs=recompute == "inputs")
+            return materialize_all(evaluate_closed(closed, values, ctx))
 
-        if recompute:
+        if recompute is True:
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
         return jax.tree_util.tree_unflatten(out_tree, run(values, lora_rng))
 

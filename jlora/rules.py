@@ -13,6 +13,7 @@ Every other use materialises (see ``jlora.lazy``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora import _compat
+from jlora import _compat, rebuild
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
 from jlora.lazy import Context, is_lazy, materialize, register, warn_once
@@ -38,14 +39,18 @@ def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
 
 def contract(
     x: jax.Array, x_labels: Sequence[int], y: jax.Array, y_labels: Sequence[int], keep: set,
-    preferred: Any = None, precision: Any = None,
+    preferred: Any = None, precision: Any = None, through: Any = None,
 ) -> tuple[jax.Array, list[int]]:
     """Einsum of two labelled operands keeping the labels in ``keep``; returns (result, labels).
 
     Shared labels in ``keep`` become batch dimensions, other shared labels are contracted; a label
-    in one operand only and not kept is summed out first.
+    in one operand only and not kept is summed out first. ``through(dot, x, y)``, if given, runs
+    the contraction ``dot`` (used unless ``x`` had to be summed first).
     """
+    n_x = len(x_labels)
     x, x_labels = _sum_unused(x, list(x_labels), set(y_labels) | keep)
+    if len(x_labels) != n_x:
+        through = None
     y, y_labels = _sum_unused(y, list(y_labels), set(x_labels) | keep)
     shared = [l for l in x_labels if l in y_labels]
     batch = [l for l in shared if l in keep]
@@ -54,7 +59,9 @@ def contract(
         (tuple(x_labels.index(l) for l in contracted), tuple(y_labels.index(l) for l in contracted)),
         (tuple(x_labels.index(l) for l in batch), tuple(y_labels.index(l) for l in batch)),
     )
-    out = lax.dot_general(x, y, dims, precision=precision, preferred_element_type=preferred)
+    dot = functools.partial(lax.dot_general, dimension_numbers=dims, precision=precision,
+                            preferred_element_type=preferred)
+    out = dot(x, y) if through is None else through(dot, x, y)
     labels = batch + [l for l in x_labels if l not in shared] + [l for l in y_labels if l not in shared]
     return out, labels
 
@@ -128,7 +135,10 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         t = (t * lw.scale).astype(dtype)
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
-    return [base + y.astype(base.dtype)]
+    out = base + y.astype(base.dtype)
+    if ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx):
+        out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
+    return [out]
 
 
 def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels: list, lw: LoraWeight,
@@ -145,7 +155,12 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not _dropping(ctx, lw) else []
     group = [lw] + [other for _, other in siblings]
     a = group[0].a if len(group) == 1 else jnp.concatenate([g.a for g in group], axis=-1)
-    t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec)
+    chain = rebuild.find(frame, eqn.invars[x_pos]) if ctx.rebuild_inputs and not _dropping(ctx, lw) else None
+    leaves = [frame.env.get(v) for v in chain.leaves] if chain is not None else []
+    through = None
+    if chain is not None and not any(v is None or is_lazy(v) for v in leaves):
+        through = lambda dot, x, a: rebuild.down_projection(x, chain, leaves, a, dot)
+    t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec, through)
     r_axis = t_labels.index(a_labels[-1])
     parts = jnp.split(t, np.cumsum([g.rank for g in group])[:-1].tolist(), axis=r_axis) if siblings else [t]
     for (j, other), part in zip(siblings, parts[1:]):

@@ -1,0 +1,193 @@
+"""Rebuild an adapter's input in the backward instead of storing it.
+
+``dA = xᵀ·dt`` needs the input ``x`` of every adapted matmul, which a frozen model's backward
+never needs (``dx = dy·Wᵀ`` needs no activation). Stored, these inputs are most of LoRA's memory
+over the frozen floor. But ``x`` is usually a cheap elementwise function of values that backward
+keeps anyway: a norm's output of its input and statistics, ``silu(gate)·up`` of ``gate`` and
+``up``. Those values are kept because the chain that makes ``x`` is itself differentiated (the
+frozen matmul reading ``x`` sends its gradient back through it), and a nonlinear step's
+derivative needs its operands.
+
+``find`` walks back from ``x`` through single-use elementwise equations of the jaxpr being
+evaluated; ``down_projection`` computes ``x @ a`` with a ``custom_vjp`` that keeps the chain's
+leaves instead of ``x`` and replays the chain in the backward (behind an optimisation barrier, so
+the compiler cannot merge the replay with the forward and keep ``x`` after all).
+
+A ``custom_vjp`` supports reverse mode only: ``jlora.apply(fn, recompute=False)`` stores the
+inputs and keeps forward mode (``jax.jvp``) working.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora import _compat
+from jlora.lazy import Frame
+from jlora.weight import LoraWeight
+
+# Elementwise primitives (by name: stable across JAX releases) a chain may replay.
+_LINEAR = {
+    "add", "sub", "neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze",
+    "expand_dims", "copy", "reduce_precision", "select_n",
+}
+_NONLINEAR = {
+    "mul", "div", "exp", "exp2", "log", "log1p", "expm1", "logistic", "tanh", "rsqrt", "sqrt",
+    "integer_pow", "pow", "square", "max", "min", "erf", "abs", "sin", "cos",
+}
+_PASS_THROUGH = {"convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "expand_dims", "copy"}
+_MAX_CHAIN = 64
+
+
+class Chain:
+    """Equations (in order) that compute ``x`` from ``leaves``."""
+
+    def __init__(self, eqns: list, leaves: list, out: Any):
+        self.eqns, self.leaves, self.out = eqns, leaves, out
+
+    def replay(self, leaf_values: Sequence[Any]) -> Any:
+        env = dict(zip(self.leaves, leaf_values))
+        for eqn in self.eqns:
+            ins = [_compat.literal_value(v) if _compat.is_literal(v) else env[v] for v in eqn.invars]
+            for var, val in zip(eqn.outvars, _compat.bind(eqn, ins)):
+                env[var] = val
+        return env[self.out]
+
+
+def _kind(eqn: Any) -> str | None:
+    """'linear', 'nonlinear' or None (not elementwise) for one equation."""
+    name = eqn.primitive.name
+    if name in _LINEAR:
+        return "linear"
+    if name in _NONLINEAR:
+        return "nonlinear"
+    inner = eqn.params.get("jaxpr") if eqn.primitive is _compat.jit_p else (
+        eqn.params.get("call_jaxpr") if eqn.primitive is _compat.custom_jvp_call_p else None)
+    if inner is None:
+        return None
+    kinds = [_kind(e) for e in _compat.open_jaxpr(inner)[0].eqns]
+    if None in kinds:
+        return None
+    return "nonlinear" if "nonlinear" in kinds else "linear"
+
+
+def find(frame: Frame | None, x_var: Any) -> Chain | None:
+    """The chain rebuilding the value of ``x_var`` from values its backward keeps anyway, or
+    ``None`` when storing it is as good (no nonlinear step, or a large leaf that nothing in the
+    chain's own backward would keep). Decided from types alone, so also ahead of evaluation."""
+    if frame is None or _compat.is_literal(x_var):
+        return None
+    key = ("chain", x_var)
+    if key not in frame.memo:
+        frame.memo[key] = _find(frame, x_var)
+    return frame.memo[key]
+
+
+def _find(frame: Frame, x_var: Any) -> Chain | None:
+    producer = frame.producer(x_var)
+    if producer is None:
+        return None
+    chain: set[int] = set()
+    kinds: dict[int, str] = {}
+    heap, seen = [-producer], {producer}
+    while heap:  # latest equation first: all users of a value are decided before the value
+        i = -heapq.heappop(heap)
+        eqn = frame.eqns[i]
+        kind = _kind(eqn)
+        internal = i == producer or all(u in chain for v in eqn.outvars for u in frame.users(v))
+        if kind is None or not internal or len(eqn.outvars) != 1 or len(chain) >= _MAX_CHAIN:
+            continue
+        chain.add(i)
+        kinds[i] = kind
+        for v in eqn.invars:
+            j = None if _compat.is_literal(v) else frame.producer(v)
+            if j is not None and j not in seen:
+                seen.add(j)
+                heapq.heappush(heap, -j)
+    produced = {frame.eqns[i].outvars[0] for i in chain}
+    leaves: list = []
+    for i in sorted(chain):
+        for v in frame.eqns[i].invars:
+            if not _compat.is_literal(v) and v not in produced and v not in leaves:
+                leaves.append(v)
+    # A large leaf must feed a nonlinear step (directly or through casts and reshapes): then the
+    # chain's own backward keeps it anyway.
+    kept = {v for i in chain if kinds[i] == "nonlinear" for v in frame.eqns[i].invars if not _compat.is_literal(v)}
+    for i in sorted(chain, reverse=True):
+        eqn = frame.eqns[i]
+        if eqn.outvars[0] in kept and eqn.primitive.name in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
+            kept.add(eqn.invars[0])
+    big = lambda v: _nbytes(v) * 4 >= _nbytes(x_var)
+    if not kept or any(big(v) and v not in kept for v in leaves):
+        return None
+    return Chain([frame.eqns[i] for i in sorted(chain)], leaves, x_var)
+
+
+def _nbytes(var: Any) -> int:
+    return int(np.prod(var.aval.shape)) * np.dtype(var.aval.dtype).itemsize
+
+
+def kept_for_rebuild(frame: Frame | None, var: Any, ctx: Any) -> bool:
+    """Whether ``var`` is a leaf of the chain that rebuilds a later adapted matmul's input.
+
+    Such a value is stored for the backward; left to the compiler, a sum ``x@w + s·t@b`` that is
+    only fused into its readers keeps both of its terms alive instead of itself.
+    """
+    if frame is None:
+        return False
+    frontier, seen, dots = [var], {var}, []
+    while frontier and len(seen) < _MAX_CHAIN:
+        v = frontier.pop()
+        for j in frame.users(v):
+            eqn = frame.eqns[j]
+            if eqn.primitive is _compat.dot_general_p:
+                dots.append(eqn)
+            elif _kind(eqn) is not None and len(eqn.outvars) == 1 and eqn.outvars[0] not in seen:
+                seen.add(eqn.outvars[0])
+                frontier.append(eqn.outvars[0])
+    for eqn in dots:
+        for pos in (0, 1):
+            if isinstance(frame.value(eqn.invars[1 - pos], ctx), LoraWeight):
+                chain = find(frame, eqn.invars[pos])
+                if chain is not None and var in chain.leaves:
+                    return True
+    return False
+
+
+def down_projection(x: jax.Array, chain: Chain, leaf_values: list, a: jax.Array,
+                    dot: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """``dot(x, a)``, whose backward rebuilds ``x`` from ``leaf_values`` instead of storing it."""
+
+    @jax.custom_vjp
+    def project(x: jax.Array, leaves: list, a: jax.Array) -> jax.Array:
+        return dot(x, a)
+
+    def fwd(x: jax.Array, leaves: list, a: jax.Array) -> tuple:
+        return dot(x, a), (leaves, a)
+
+    def bwd(res: tuple, dt: jax.Array) -> tuple:
+        leaves, a = res
+        x_again = chain.replay([leaf + _zero_after(dt, leaf.dtype) for leaf in leaves])
+        _, vjp = jax.vjp(dot, x_again, a)
+        dx, da = vjp(dt)
+        return dx, jax.tree.map(jax.numpy.zeros_like, leaves), da
+
+    project.defvjp(fwd, bwd)
+    return project(x, [lax.stop_gradient(v) for v in leaf_values], a)
+
+
+def _zero_after(dt: jax.Array, dtype: Any) -> jax.Array:
+    """``0 · dt[0]``: a zero the compiler cannot fold (``0 · x`` is NaN for a NaN or inf ``x``).
+
+    Adding it to the leaves makes the replay a backward computation: it cannot be merged with the
+    forward's own copy of the chain (which would keep ``x`` alive after all), yet, unlike an
+    optimisation barrier, it still fuses with the chain's backward that reads the same leaves.
+    A cotangent whose first element is NaN or inf makes this adapter's ``dA`` NaN (a step with
+    such a cotangent is lost anyway).
+    """
+    return (dt.reshape(-1)[0] * 0).astype(dtype)
