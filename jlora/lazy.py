@@ -254,13 +254,19 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
     for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays.
 
-    ``recompute``: under differentiation, keep only matmul outputs for the backward and recompute
-    the rest (``jax.checkpoint`` with ``dots_saveable`` around the whole function). The adapters'
-    inputs (the ``x`` of ``x @ a``, which ``dA = xᵀ·dt`` needs) are then mostly cheap elementwise
-    recomputations (a norm's output, the MLP's ``silu(gate)·up``) instead of stored activations.
-    It trades speed for memory: a Llama-3.2-1B-shaped step on an H100 peaks at 19.9 GiB instead of
-    24.2 (under the 21.3 GiB a frozen model's backward needs) and runs at 0.89x the speed
-    (``benchmarks/RESULTS.md``).
+    ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
+    ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
+
+    - ``"inputs"`` (default): an ``x`` that is an elementwise function of values the backward keeps
+      anyway (a norm's output, the MLP's ``silu(gate)·up``) is rebuilt from them in the backward
+      (``jlora.rebuild``); other inputs are stored. Reverse mode only (a ``custom_vjp``).
+    - ``False``: store every input; use it for forward mode (``jax.jvp``, ``jax.jacfwd``).
+    - ``True``: keep only matmul outputs and recompute the rest (``jax.checkpoint`` with
+      ``dots_saveable`` around the whole function): least memory, slowest.
+
+    Measured on a Llama-3.2-1B-shaped step (H100, ``benchmarks/RESULTS.md``): peak memory 21.65,
+    24.15 and 19.87 GiB (the frozen floor: 21.25) at 1.00x, 1.01x and 0.89x the hand-written
+    LoRA's speed.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora

@@ -23,7 +23,6 @@ import heapq
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -170,24 +169,33 @@ def down_projection(x: jax.Array, chain: Chain, leaf_values: list, a: jax.Array,
     def fwd(x: jax.Array, leaves: list, a: jax.Array) -> tuple:
         return dot(x, a), (leaves, a)
 
+    x_type = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
     def bwd(res: tuple, dt: jax.Array) -> tuple:
         leaves, a = res
-        x_again = chain.replay([leaf + _zero_after(dt, leaf.dtype) for leaf in leaves])
-        _, vjp = jax.vjp(dot, x_again, a)
-        dx, da = vjp(dt)
+        dx, = jax.linear_transpose(lambda x: dot(x, a), x_type)(dt)
+        x_again = chain.replay(_after(dx, leaves))
+        da, = jax.linear_transpose(lambda a: dot(x_again, a), a)(dt)
         return dx, jax.tree.map(jax.numpy.zeros_like, leaves), da
 
     project.defvjp(fwd, bwd)
     return project(x, [lax.stop_gradient(v) for v in leaf_values], a)
 
 
-def _zero_after(dt: jax.Array, dtype: Any) -> jax.Array:
-    """``0 · dt[0]``: a zero the compiler cannot fold (``0 · x`` is NaN for a NaN or inf ``x``).
+def _after(dx: jax.Array, leaves: list) -> list:
+    """``leaves`` made backward values: each leaf whose leading axes are ``x``'s (all but the
+    contracted last one) gets ``0 · dx[..., 0]`` added along them.
 
-    Adding it to the leaves makes the replay a backward computation: it cannot be merged with the
-    forward's own copy of the chain (which would keep ``x`` alive after all), yet, unlike an
-    optimisation barrier, it still fuses with the chain's backward that reads the same leaves.
-    A cotangent whose first element is NaN or inf makes this adapter's ``dA`` NaN (a step with
-    such a cotangent is lost anyway).
+    The replay can then not be merged with the forward's own copy of the chain (which would keep
+    ``x`` alive after all), yet, unlike behind an optimisation barrier, it still fuses with the
+    chain's backward that reads the same leaves. The zero is ``0 · dx``, which the compiler cannot
+    fold (it is NaN for a NaN or inf), taken elementwise from a value laid out like the leaves, so
+    that nothing moves between devices. A NaN or inf in ``dx`` makes ``dA`` NaN (such a step is
+    lost anyway). Where no leaf has those axes, an optimisation barrier does the job.
     """
-    return (dt.reshape(-1)[0] * 0).astype(dtype)
+    zero = dx[..., 0] * 0
+    tied = [leaf + zero.reshape(zero.shape + (1,) * (leaf.ndim - zero.ndim)).astype(leaf.dtype)
+            if zero.ndim and leaf.shape[:zero.ndim] == zero.shape else leaf for leaf in leaves]
+    if all(t is leaf for t, leaf in zip(tied, leaves)):
+        return list(lax.optimization_barrier(leaves))
+    return tied

@@ -1,0 +1,197 @@
+"""Adapters' inputs rebuilt in the backward (``apply(..., recompute="inputs")``, the default)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jlora
+from jlora import _compat, rebuild
+from jlora.lazy import Context, Frame
+from oracle import check_against_oracle, perturb
+
+KEY = jax.random.key(0)
+D, F = 16, 24
+
+
+def rms_norm(h, w):
+    var = jnp.mean(h.astype(jnp.float32) ** 2, axis=-1, keepdims=True)
+    return w * (h.astype(jnp.float32) / jnp.sqrt(var + 1e-6)).astype(h.dtype)
+
+
+def block(p, h):
+    """A pre-norm gated MLP with a residual, as in Llama."""
+    x = rms_norm(h, p["norm"])
+    act = jax.nn.silu(x @ p["gate"]) * (x @ p["up"])
+    return h + act @ p["down"]
+
+
+def model(p, h):
+    for layer in p["layers"]:
+        h = block(layer, h)
+    return h
+
+
+def base_params(dtype=jnp.float32):
+    def layer(k):
+        kg, ku, kd = jax.random.split(k, 3)
+        return {"norm": jnp.ones((D,), dtype), "gate": (jax.random.normal(kg, (D, F)) / 4).astype(dtype),
+                "up": (jax.random.normal(ku, (D, F)) / 4).astype(dtype),
+                "down": (jax.random.normal(kd, (F, D)) / 5).astype(dtype)}
+    return {"layers": [layer(k) for k in jax.random.split(KEY, 2)]}
+
+
+def adapted(targets=("gate", "up", "down"), dtype=jnp.float32):
+    cfg = jlora.LoraConfig(rank=4, targets=list(targets))
+    return perturb(jlora.lora_init(KEY, base_params(dtype), cfg), KEY)
+
+
+def frame_of(fn, *args):
+    closed = jax.make_jaxpr(fn)(*args)
+    return Frame(_compat.open_jaxpr(closed)[0], {})
+
+
+def dot_inputs(frame):
+    """The ``x`` operand of every matmul, in order."""
+    return [e.invars[0] for e in frame.eqns if e.primitive is _compat.dot_general_p]
+
+
+def test_chains_are_found_for_a_norm_output_and_a_gated_activation():
+    p = base_params()["layers"][0]
+    frame = frame_of(block, p, jnp.ones((3, D)))
+    norm_x, _, act_x = dot_inputs(frame)
+    norm_chain = rebuild.find(frame, norm_x)
+    assert norm_chain is not None
+    # rebuilt from the residual input, the norm statistics and the norm weight
+    assert sorted(tuple(v.aval.shape) for v in norm_chain.leaves) == [(3,), (3, D), (D,)]
+    act_chain = rebuild.find(frame, act_x)
+    assert act_chain is not None and [v.aval.shape for v in act_chain.leaves] == [(3, F), (3, F)]
+
+
+def test_no_chain_where_storing_is_as_good():
+    # a cast only: its backward keeps nothing, so the leaf would be stored instead of x
+    frame = frame_of(lambda h, w: h.astype(jnp.bfloat16) @ w, jnp.ones((3, D)), jnp.ones((D, 4), jnp.bfloat16))
+    assert rebuild.find(frame, dot_inputs(frame)[0]) is None
+    # the output of another matmul (attention's probs @ v): not elementwise
+    frame = frame_of(lambda a, b, w: (a @ b) @ w, jnp.ones((3, 5)), jnp.ones((5, D)), jnp.ones((D, 4)))
+    assert rebuild.find(frame, dot_inputs(frame)[1]) is None
+    # the function's own input
+    frame = frame_of(lambda h, w: h @ w, jnp.ones((3, D)), jnp.ones((D, 4)))
+    assert rebuild.find(frame, dot_inputs(frame)[0]) is None
+
+
+@pytest.mark.parametrize("recompute", ["inputs", False, True])
+def test_every_recompute_mode_matches_the_oracle(recompute):
+    check_against_oracle(model, adapted(), jax.random.normal(KEY, (2, 5, D)), recompute=recompute)
+
+
+def test_recompute_modes_give_the_same_gradients():
+    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    trainable, frozen = jlora.split(params)
+
+    def grads(recompute):
+        forward = jlora.apply(model, recompute=recompute)
+        loss = lambda t: jnp.sum(forward(jlora.combine(t, frozen), h) ** 2)
+        return jax.jit(jax.grad(loss))(trainable)
+
+    for got in (grads("inputs"), grads(True)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, grads(False))
+
+
+def residuals(recompute, params, h):
+    """The arrays a ``jax.vjp`` of the model keeps for its backward (w.r.t. adapters and input)."""
+    trainable, frozen = jlora.split(params)
+    forward = jlora.apply(model, recompute=recompute)
+    _, vjp = jax.vjp(lambda t, h: forward(jlora.combine(t, frozen), h), trainable, h)
+    return [np.asarray(r) for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
+
+
+def stored(value, arrays):
+    return any(r.shape == value.shape and np.allclose(r, value, rtol=1e-5, atol=1e-6) for r in arrays)
+
+
+def test_the_adapters_inputs_are_not_stored():
+    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    layer = jlora.merge(params)["layers"][1]
+    h1 = block(jlora.merge(params)["layers"][0], h)
+    x = rms_norm(h1, layer["norm"])  # the second block's adapted inputs: its input is differentiated
+    act = jax.nn.silu(x @ layer["gate"]) * (x @ layer["up"])
+    kept = residuals(False, params, h)
+    assert stored(x, kept) and stored(act, kept)  # the check can fail
+    lean = residuals("inputs", params, h)
+    assert not stored(x, lean) and not stored(act, lean)
+    assert stored(h1, lean)  # what the rebuild reads, kept by the norm's own backward
+
+
+def test_a_sum_read_by_a_rebuilt_chain_is_kept_whole():
+    layer, h = adapted()["layers"][0], jnp.ones((3, D))
+    jaxpr = _compat.open_jaxpr(jax.make_jaxpr(block)(jlora.merge(layer), h))[0]
+    values = jax.tree.leaves((layer, h), is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    frame = Frame(jaxpr, dict(zip(jaxpr.invars, values)))
+    gate_out, up_out, down_out = (e.outvars[0] for e in frame.eqns if e.primitive is _compat.dot_general_p)
+    # gate and up are the leaves that rebuild down's input; down's output is no leaf
+    assert rebuild.kept_for_rebuild(frame, gate_out, Context()) and rebuild.kept_for_rebuild(frame, up_out, Context())
+    assert not rebuild.kept_for_rebuild(frame, down_out, Context())
+
+
+def test_without_a_rebuilt_chain_no_sum_is_pinned():
+    params = adapted(targets=("gate", "up"))  # down is frozen: nothing reads silu(gate)·up's leaves
+    trainable, frozen = jlora.split(params)
+    forward = jlora.apply(model)
+    text = str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(forward(jlora.combine(t, frozen), jnp.ones((2, D))))))(trainable))
+    assert "optimization_barrier" not in text
+    full = adapted()
+    trainable, frozen = jlora.split(full)
+    text = str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(forward(jlora.combine(t, frozen), jnp.ones((2, D))))))(trainable))
+    assert "optimization_barrier" in text
+
+
+def test_bfloat16_model_is_as_accurate_as_storing():
+    params, h = adapted(dtype=jnp.bfloat16), jax.random.normal(KEY, (2, 5, D)).astype(jnp.bfloat16)
+    trainable, frozen = jlora.split(params)
+
+    def grads(recompute, dtype=jnp.bfloat16):
+        forward = jlora.apply(model, recompute=recompute)
+        cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+        loss = lambda t: jnp.sum(forward(jlora.combine(t, cast(frozen)), h.astype(dtype)).astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(loss))(trainable)
+
+    # the compiler may fuse the replayed chain differently (no bf16 rounding between fused steps):
+    # measure both against float32 and require the rebuilt gradients to be as accurate
+    exact = grads(False, jnp.float32)
+    error = lambda got: max(float(jnp.abs(g - e).max() / jnp.abs(e).max())
+                            for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(exact)))
+    assert error(grads("inputs")) <= 2 * error(grads(False)) + 1e-3 < 0.1
+
+
+def test_forward_mode_needs_stored_inputs():
+    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    trainable, frozen = jlora.split(params)
+    tangent = jax.tree.map(jnp.ones_like, trainable)
+    run = lambda recompute: jax.jvp(lambda t: jlora.apply(model, recompute=recompute)(jlora.combine(t, frozen), h),
+                                    (trainable,), (tangent,))
+    run(False)  # stored inputs: forward mode works
+    with pytest.raises(TypeError, match="custom_vjp"):
+        run("inputs")
+
+
+def test_unknown_recompute_option_is_an_error():
+    with pytest.raises(ValueError, match="recompute"):
+        jlora.apply(model, recompute="everything")
+
+
+def test_rebuilding_moves_nothing_more_between_devices():
+    mesh = jlora.sharding.make_mesh({"data": 8})
+    trainable, frozen = jlora.split(adapted())
+    h = jax.device_put(jax.random.normal(KEY, (8, 5, D)), NamedSharding(mesh, P("data")))
+
+    def collectives(recompute):
+        forward = jlora.apply(model, recompute=recompute)
+        step = jax.jit(jax.grad(lambda t, f, h: jnp.sum(forward(jlora.combine(t, f), h) ** 2)))
+        hlo = step.lower(trainable, frozen, h).compile().as_text()
+        return sorted(re.findall(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)", hlo))
+
+    assert collectives("inputs") == collectives(False)
