@@ -259,8 +259,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 
     - ``"inputs"`` (default): an ``x`` that is an elementwise function of values the backward keeps
       anyway (a norm's output, the MLP's ``silu(gate)·up``) is rebuilt from them in the backward
-      (``jlora.rebuild``); other inputs are stored. Reverse mode only (a ``custom_vjp``).
-    - ``False``: store every input; use it for forward mode (``jax.jvp``, ``jax.jacfwd``).
+      (``jlora.rebuild``); other inputs are stored. A ``custom_vjp``: gradients and derivatives of
+      gradients (Hessian-vector products) work, forward mode of the function itself does not.
+    - ``False``: store every input; use it for ``jax.jvp``, ``jax.linearize`` or ``jax.jacfwd``
+      of the wrapped function.
     - ``True``: keep only matmul outputs and recompute the rest (``jax.checkpoint`` with
       ``dots_saveable`` around the whole function): least memory, slowest.
 

@@ -20,8 +20,10 @@ derivative needs its operands.
 Measured on a Llama-3.2-1B-shaped step (H100): 21.65 GiB instead of 24.15 (the frozen floor:
 21.25) at the hand-written LoRA's speed (``benchmarks/RESULTS.md``).
 
-A ``custom_vjp`` supports reverse mode only: ``jlora.apply(fn, recompute=False)`` stores the
-inputs and keeps forward mode (``jax.jvp``) working.
+A ``custom_vjp`` has no forward mode: ``jax.jvp`` of the wrapped function raises, while gradients
+and their derivatives (a Hessian-vector product, a gradient penalty) work, the leaves being
+ordinary inputs of it. ``jlora.apply(fn, recompute=False)`` stores the inputs and keeps forward
+mode working.
 """
 
 from __future__ import annotations
@@ -176,17 +178,21 @@ def down_projection(x: jax.Array, chain: Chain, leaf_values: list, a: jax.Array,
     def fwd(x: jax.Array, leaves: list, a: jax.Array) -> tuple:
         return dot(x, a), (leaves, a)
 
-    x_type = jax.ShapeDtypeStruct(x.shape, x.dtype)
-
     def bwd(res: tuple, dt: jax.Array) -> tuple:
         leaves, a = res
-        dx, = jax.linear_transpose(lambda x: dot(x, a), x_type)(dt)
+        # dx needs no x; an untied replay gives the point to linearise at (x's type, with the mesh
+        # axes it varies over), and is dead code once dx is formed
+        _, vjp_x = jax.vjp(lambda x: dot(x, a), chain.replay(leaves))
+        dx, = vjp_x(dt)
         x_again = chain.replay(_after(dx, leaves))
-        da, = jax.linear_transpose(lambda a: dot(x_again, a), a)(dt)
-        return dx, jax.tree.map(jax.numpy.zeros_like, leaves), da
+        _, vjp_a = jax.vjp(lambda a: dot(x_again, a), a)
+        da, = vjp_a(dt)
+        return dx, [None] * len(leaves), da  # the leaves' own gradient flows through x
 
     project.defvjp(fwd, bwd)
-    return project(x, [lax.stop_gradient(v) for v in leaf_values], a)
+    # not under stop_gradient: a second derivative (a Hessian-vector product, a gradient penalty)
+    # differentiates dA through the rebuilt x
+    return project(x, list(leaf_values), a)
 
 
 def _after(dx: jax.Array, leaves: list) -> list:

@@ -167,7 +167,7 @@ def test_bfloat16_model_is_as_accurate_as_storing():
     assert error(grads("inputs")) <= 2 * error(grads(False)) + 1e-3 < 0.1
 
 
-def test_forward_mode_needs_stored_inputs():
+def test_forward_mode_of_the_function_needs_stored_inputs():
     params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
     trainable, frozen = jlora.split(params)
     tangent = jax.tree.map(jnp.ones_like, trainable)
@@ -195,3 +195,23 @@ def test_rebuilding_moves_nothing_more_between_devices():
         return sorted(re.findall(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)", hlo))
 
     assert collectives("inputs") == collectives(False)
+
+
+def test_second_derivatives_match_storing():
+    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    trainable, frozen = jlora.split(params)
+
+    def loss_of(recompute):
+        forward = jlora.apply(model, recompute=recompute)
+        return lambda t: jnp.sum(jnp.tanh(forward(jlora.combine(t, frozen), h)) ** 2)
+
+    def hvp(recompute):  # forward over reverse
+        return jax.jvp(jax.grad(loss_of(recompute)), (trainable,), (trainable,))[1]
+
+    def penalty_grad(recompute):  # reverse over reverse
+        grad = jax.grad(loss_of(recompute))
+        return jax.grad(lambda t: sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grad(t))))(trainable)
+
+    for derivative in (hvp, penalty_grad):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     derivative("inputs"), derivative(False))
