@@ -159,8 +159,13 @@ def kept_for_rebuild(frame: Frame | None, var: Any, ctx: Any) -> bool:
                 seen.add(eqn.outvars[0])
                 frontier.append(eqn.outvars[0])
     for eqn in dots:
+        contracting = eqn.params["dimension_numbers"][0]
         for pos in (0, 1):
-            if isinstance(frame.value(eqn.invars[1 - pos], ctx), LoraWeight):
+            lw = frame.value(eqn.invars[1 - pos], ctx)
+            # the matmul rule rebuilds x only for x @ a (the weight's input axes contracted), and
+            # not under dropout
+            if (isinstance(lw, LoraWeight) and set(contracting[1 - pos]) == set(lw.layout.group("i"))
+                    and not (lw.dropout > 0.0 and ctx.rng is not None)):
                 chain = find(frame, eqn.invars[pos])
                 if chain is not None and var in chain.leaves:
                     return True
