@@ -32,6 +32,7 @@ import heapq
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -201,8 +202,8 @@ def down_projection(x: jax.Array, chain: Chain, leaf_values: list, a: jax.Array,
 
 
 def _after(dx: jax.Array, leaves: list) -> list:
-    """``leaves`` made backward values: each leaf whose leading axes are ``x``'s (all but the
-    contracted last one) gets ``0 · dx[..., 0]`` added along them.
+    """``leaves`` made backward values: each floating leaf whose leading axes are those of
+    ``dx[..., 0]`` (``x``'s token axes, in the usual ``x @ a``) gets ``0 · dx[..., 0]`` added.
 
     The replay can then not be merged with the forward's own copy of the chain (which would keep
     ``x`` alive after all), yet, unlike behind an optimisation barrier, it still fuses with the
@@ -213,7 +214,8 @@ def _after(dx: jax.Array, leaves: list) -> list:
     """
     zero = dx[..., 0] * 0
     tied = [leaf + zero.reshape(zero.shape + (1,) * (leaf.ndim - zero.ndim)).astype(leaf.dtype)
-            if zero.ndim and leaf.shape[:zero.ndim] == zero.shape else leaf for leaf in leaves]
+            if zero.ndim and leaf.shape[:zero.ndim] == zero.shape and jnp.issubdtype(leaf.dtype, jnp.floating)
+            else leaf for leaf in leaves]
     if all(t is leaf for t, leaf in zip(tied, leaves)):
         return list(lax.optimization_barrier(leaves))
     return tied
