@@ -107,6 +107,10 @@ class Context:
         """A fresh key per use site (the site counter advances at trace time)."""
         return jax.random.fold_in(self.rng, next(self._counter))
 
+    def drops(self, value: Any) -> bool:
+        """Whether LoRA dropout applies to ``value`` here: it has a rate and a key was given."""
+        return getattr(value, "dropout", 0.0) > 0.0 and self.rng is not None
+
     def with_rng(self, rng: Any) -> "Context":
         return Context(rng, self.records, self.rebuild_inputs)
 

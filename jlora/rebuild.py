@@ -166,7 +166,7 @@ def kept_for_rebuild(frame: Frame | None, var: Any, ctx: Any) -> bool:
             # the matmul rule rebuilds x only for x @ a (the weight's input axes contracted), and
             # not under dropout
             if (isinstance(lw, LoraWeight) and set(contracting[1 - pos]) == set(lw.layout.group("i"))
-                    and not (lw.dropout > 0.0 and ctx.rng is not None)):
+                    and not ctx.drops(lw)):
                 chain = find(frame, eqn.invars[pos])
                 if chain is not None and var in chain.leaves:
                     return True

@@ -31,7 +31,7 @@ from jlora.weight import Lazy, LoraWeight
 # --- helpers ------------------------------------------------------------------------------------
 
 def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
-    if lw.dropout <= 0.0 or ctx.rng is None:
+    if not ctx.drops(lw):
         return x
     keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
@@ -152,10 +152,10 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     frame, dtype = ctx.frame, x.dtype
     if frame is not None and frame.index in frame.pending:
         return frame.pending.pop(frame.index)
-    siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not _dropping(ctx, lw) else []
+    siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not ctx.drops(lw) else []
     group = [lw] + [other for _, other in siblings]
     a = group[0].a if len(group) == 1 else jnp.concatenate([g.a for g in group], axis=-1)
-    chain = rebuild.find(frame, eqn.invars[x_pos]) if ctx.rebuild_inputs and not _dropping(ctx, lw) else None
+    chain = rebuild.find(frame, eqn.invars[x_pos]) if ctx.rebuild_inputs and not ctx.drops(lw) else None
     leaves = [frame.env.get(v) for v in chain.leaves] if chain is not None else []
     through = None
     if chain is not None and not any(v is None or is_lazy(v) for v in leaves):
@@ -166,10 +166,6 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     for (j, other), part in zip(siblings, parts[1:]):
         frame.pending[j] = ((part * other.scale).astype(dtype), t_labels)
     return (parts[0] * lw.scale).astype(dtype), t_labels
-
-
-def _dropping(ctx: Context, lw: LoraWeight) -> bool:
-    return lw.dropout > 0.0 and ctx.rng is not None
 
 
 def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[int, LoraWeight]]:
@@ -190,7 +186,7 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
             continue
         other = frame.value(other_eqn.invars[1 - x_pos], ctx)
         if (
-            isinstance(other, LoraWeight) and not _dropping(ctx, other)
+            isinstance(other, LoraWeight) and not ctx.drops(other)
             and other.ndim == lw.ndim and other.a.shape[:-1] == lw.a.shape[:-1]
             and all(other.layout.group(r) == lw.layout.group(r) for r in ("b", "i"))
         ):
