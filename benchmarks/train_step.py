@@ -24,6 +24,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any
@@ -42,7 +43,7 @@ RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def run_mode(mode: str, preset: dict, lower_only: bool = False) -> dict:
+def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -178,11 +179,12 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False) -> dict:
         train, state, loss = compiled(train, state, frozen)
     jax.block_until_ready((train, state, loss))
     steps = preset["steps"]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train, state, loss = compiled(train, state, frozen)
-    jax.block_until_ready((train, state, loss))
-    step_s = (time.perf_counter() - t0) / steps
+    with jax.profiler.trace(profile, create_perfetto_trace=True) if profile else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train, state, loss = compiled(train, state, frozen)
+        jax.block_until_ready((train, state, loss))
+        step_s = (time.perf_counter() - t0) / steps
     stats = jax.local_devices()[0].memory_stats() or {}
     n_adapter = sum(x.size for x in jax.tree.leaves(train)) if mode not in ("full", "floor") else 0
     return dict(
@@ -200,18 +202,21 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--lower-only", action="store_true", help=argparse.SUPPRESS)  # trace cost, no device
     parser.add_argument("--json-out", default=None, help="also write all results to this JSON file")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="write a profiler trace of each mode's timed steps to DIR/MODE")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
     if args.mode:
-        print("RESULT " + json.dumps(run_mode(args.mode, preset, args.lower_only)), flush=True)
+        print("RESULT " + json.dumps(run_mode(args.mode, preset, args.lower_only, args.profile)), flush=True)
         return
 
     results = {}
     for mode in args.modes.split(","):
         result = run_child(__file__, ["--preset", args.preset, "--mode", mode]
-                           + (["--steps", str(args.steps)] if args.steps else []), mode)
+                           + (["--steps", str(args.steps)] if args.steps else [])
+                           + (["--profile", f"{args.profile}/{mode}"] if args.profile else []), mode)
         if result is None:
             continue
         results[mode] = result

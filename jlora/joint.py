@@ -1,0 +1,59 @@
+"""``x @ w + t @ b`` as one matmul: ``[x | t] @ [w ; b]``, stacked along the contracted axis.
+
+An adapted matmul's output ``x@w + s·(x@a)@b`` is two matmuls and an add. Where that sum is
+stored for the backward as itself (see ``jlora.rebuild.kept_for_rebuild``: Llama's ``gate`` and
+``up``), the add is a pass of its own over a full-size activation: it reads both terms and writes
+the sum. Appending the rank-``r`` factor ``t = s·x@a`` to ``x`` and ``b`` to ``w`` along the
+contracted axis gives the sum from the base matmul itself, for the price of copying ``w`` once
+(``w`` plus ``r`` rows) instead of two full-size activation passes. That pays wherever the
+activation is at least about as large as the weight: many tokens per step.
+
+The backward is that of the two matmuls (``dx = dy·wᵀ``, ``dt = dy·bᵀ``, ``db = tᵀ·dy``; ``w``
+is frozen): it keeps ``t``, ``w`` and ``b``, not the stacked weight.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dot = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,
+              x_axis: int, w_axis: int) -> jax.Array:
+    """``dot(x, w) + dot(t, b)`` computed as ``dot([x | t], [w ; b])``.
+
+    ``dot`` contracts ``x_axis`` of its first operand with ``w_axis`` of its second; ``t`` is laid
+    out like ``x`` and ``b`` like ``w``, except for their size along those axes. ``w`` gets no
+    gradient (it is the frozen base weight).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, t, w, b = jnp.ones((5, 4)), jnp.ones((5, 2)), jnp.ones((4, 3)), jnp.ones((2, 3))
+        >>> joint_dot(x, t, w, b, jnp.matmul, 1, 0)[0]
+        Array([6., 6., 6.], dtype=float32)
+    """
+    shape = x.shape
+
+    def joint(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        return dot(jnp.concatenate([x, t], x_axis), jnp.concatenate([w, b], w_axis))
+
+    def fwd(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> tuple:
+        probe = lax.slice(x, (0,) * x.ndim, (1,) * x.ndim)  # x's type (with its mesh axes), 1 element
+        return joint(x, t, w, b), (probe, t, w, b)
+
+    def bwd(res: tuple, dy: jax.Array) -> tuple:
+        probe, t, w, b = res
+        # dot is linear in x: the vjp reads x's type, never its value
+        like_x = jnp.broadcast_to(probe, shape)
+        _, vjp = jax.vjp(lambda x, t, b: dot(x, lax.stop_gradient(w)) + dot(t, b), like_x, t, b)
+        dx, dt, db = vjp(dy)
+        return dx, dt, None, db
+
+    project = jax.custom_vjp(joint)
+    project.defvjp(fwd, bwd)
+    return project(x, t, w, b)

@@ -1,0 +1,69 @@
+"""``jlora.joint.joint_dot``: ``x@w + t@b`` as one matmul over stacked operands."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import jlora
+from jlora.joint import joint_dot
+
+KEY = jax.random.key(0)
+
+
+def operands(w_transposed=False):
+    kx, kt, kw, kb = jax.random.split(KEY, 4)
+    x, t = jax.random.normal(kx, (3, 5, 6)), jax.random.normal(kt, (3, 5, 2))
+    w, b = jax.random.normal(kw, (6, 4)), jax.random.normal(kb, (2, 4))
+    if w_transposed:  # a PyTorch-style (out, in) kernel, contracted on its axis 1
+        return x, t, w.T, b.T
+    return x, t, w, b
+
+
+def dot_for(w_axis):
+    return functools.partial(lax.dot_general, dimension_numbers=(((2,), (w_axis,)), ((), ())))
+
+
+@pytest.mark.parametrize("w_axis", [0, 1])
+def test_equals_two_matmuls_with_their_derivatives(w_axis):
+    x, t, w, b = operands(w_transposed=w_axis == 1)
+    dot = dot_for(w_axis)
+    joint = lambda x, t, b: jnp.sum(jnp.tanh(joint_dot(x, t, w, b, dot, 2, w_axis)) ** 2)
+    plain = lambda x, t, b: jnp.sum(jnp.tanh(dot(x, w) + dot(t, b)) ** 2)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    close(joint(x, t, b), plain(x, t, b))
+    jax.tree.map(close, jax.grad(joint, (0, 1, 2))(x, t, b), jax.grad(plain, (0, 1, 2))(x, t, b))
+    # derivatives of the gradient: forward over reverse and reverse over reverse
+    hvp = lambda f: jax.jvp(jax.grad(f, (0, 1, 2)), (x, t, b), (x, t, b))[1]
+    jax.tree.map(close, hvp(joint), hvp(plain))
+    penalty = lambda f: jax.grad(lambda *a: sum(jnp.sum(g ** 2) for g in jax.grad(f, (0, 1, 2))(*a)), (0, 1, 2))
+    jax.tree.map(close, penalty(joint)(x, t, b), penalty(plain)(x, t, b))
+
+
+def test_the_backward_keeps_neither_x_nor_the_stacked_weight():
+    x, t, w, b = operands()
+    _, vjp = jax.vjp(lambda x, t, b: joint_dot(x, t, w, b, dot_for(0), 2, 0), x, t, b)
+    shapes = sorted(tuple(r.shape) for r in jax.tree.leaves(vjp) if hasattr(r, "shape"))
+    assert x.shape not in shapes and (8, 4) not in shapes
+    assert t.shape in shapes and w.shape in shapes
+
+
+def test_inside_shard_map_with_a_replicated_weight():
+    mesh = jlora.sharding.make_mesh({"data": 8})
+    kx, kt, kw, kb = jax.random.split(KEY, 4)
+    x, t = jax.random.normal(kx, (8, 6)), jax.random.normal(kt, (8, 2))
+    w, b = jax.random.normal(kw, (6, 4)), jax.random.normal(kb, (2, 4))
+
+    def loss(x, t, b, joint):
+        def local(x, t, w, b):
+            y = joint_dot(x, t, w, b, jnp.matmul, 1, 0) if joint else x @ w + t @ b
+            return jax.lax.psum(jnp.sum(y ** 2), "data")
+        spec = (P("data"), P("data"), P(), P())
+        return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=P())(x, t, w, b)
+
+    grads = lambda joint: jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(x, t, b, joint)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5), grads(True), grads(False))
