@@ -217,6 +217,7 @@ def test_unknown_recompute_option_is_an_error():
         jlora.apply(model, recompute="everything")
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
 def test_rebuilding_moves_nothing_more_between_devices():
     mesh = jlora.sharding.make_mesh({"data": 8})
     trainable, frozen = jlora.split(adapted())
