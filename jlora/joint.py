@@ -5,8 +5,8 @@ stored for the backward as itself (see ``jlora.rebuild.kept_for_rebuild``: Llama
 ``up``), the add is a pass of its own over a full-size activation: it reads both terms and writes
 the sum. Appending the rank-``r`` factor ``t = s·x@a`` to ``x`` and ``b`` to ``w`` along the
 contracted axis gives the sum from the base matmul itself, for the price of copying ``w`` once
-(``w`` plus ``r`` rows) instead of two full-size activation passes. That pays wherever the
-activation is at least about as large as the weight: many tokens per step.
+(``w`` plus ``r`` rows) instead of two full-size activation passes. That pays wherever there are
+at least half as many tokens as input features (``joint_pays``).
 
 The backward is that of the two matmuls (``dx = dy·wᵀ``, ``dt = dy·bᵀ``, ``db = tᵀ·dy``; ``w``
 is frozen): it keeps ``t``, ``w`` and ``b``, not the stacked weight.
@@ -21,6 +21,22 @@ import jax.numpy as jnp
 from jax import lax
 
 Dot = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def joint_pays(x: jax.Array, x_axis: int) -> bool:
+    """Whether stacking beats the sum for an input ``x`` contracted along ``x_axis``.
+
+    The stacked weight costs a read and a write of ``w`` (``2·d_in·d_out``); the sum costs
+    ``t@b``'s output and the add pass (about ``4·tokens·d_out``). So: ``2·tokens >= d_in``,
+    counting tokens over the whole (global) array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> joint_pays(jnp.ones((4096, 2048)), 1), joint_pays(jnp.ones((512, 2048)), 1)
+        (True, False)
+    """
+    d_in = x.shape[x_axis]
+    return 2 * (x.size // max(d_in, 1)) >= d_in
 
 
 def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,

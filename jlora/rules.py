@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from jlora import _compat, rebuild
-from jlora.joint import joint_dot
+from jlora.joint import joint_dot, joint_pays
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
 from jlora.lazy import Context, is_lazy, materialize, register, warn_once
@@ -129,7 +129,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
-        if kept and len(w_contract) == 1 and not w_batch and x.dtype == lw.w.dtype:
+        if kept and len(w_contract) == 1 and not w_batch and x.dtype == lw.w.dtype and joint_pays(x, x_contract[0]):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum
             r_of = lambda labels, contracted: [r_label if l == contracted else l for l in labels]
             t = _to_order(t, t_labels, r_of(x_labels, w_labels[w_contract[0]]))

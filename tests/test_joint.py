@@ -68,3 +68,11 @@ def test_inside_shard_map_with_a_replicated_weight():
 
     grads = lambda joint: jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(x, t, b, joint)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5), grads(True), grads(False))
+
+
+def test_stacking_pays_from_half_as_many_tokens_as_input_features():
+    from jlora.joint import joint_pays
+
+    assert joint_pays(jnp.ones((2, 4, 16)), 2)  # 8 tokens, 16 features
+    assert not joint_pays(jnp.ones((7, 16)), 1)
+    assert joint_pays(jnp.ones((16, 3)), 0)  # the contracted axis need not be last
