@@ -75,4 +75,5 @@ def test_stacking_pays_from_half_as_many_tokens_as_input_features():
 
     assert joint_pays(jnp.ones((2, 4, 16)), 2)  # 8 tokens, 16 features
     assert not joint_pays(jnp.ones((7, 16)), 1)
-    assert joint_pays(jnp.ones((16, 3)), 0)  # the contracted axis need not be last
+    # the contracted axis need not be last
+    assert joint_pays(jnp.ones((4, 32)), 0) and not joint_pays(jnp.ones((16, 3)), 0)
