@@ -14,11 +14,12 @@ derivative needs its operands.
   instead of ``x`` and replays the chain in the backward, tied to the cotangent (``_after``) so
   that the compiler can neither merge the replay with the forward nor schedule it early;
 - ``kept_for_rebuild`` tells the matmul rule which LoRA outputs are such leaves (``gate`` and
-  ``up``): their sum ``x@w + s·t@b`` is then materialised once, else the compiler fuses the sum
-  into its readers and keeps both terms alive instead.
+  ``up``): their sum ``x@w + s·t@b`` is then materialised once (as one matmul where
+  ``jlora.joint`` pays), else the compiler fuses the sum into its readers and keeps both terms
+  alive instead.
 
-Measured on a Llama-3.2-1B-shaped step (H100): 21.65 GiB instead of 24.15 (the frozen floor:
-21.25) at the hand-written LoRA's speed (``benchmarks/RESULTS.md``).
+Measured on a Llama-3.2-1B-shaped step (H100): 21.64 GiB instead of 24.15 (the frozen floor:
+21.25), 1.02x the hand-written LoRA's speed (``benchmarks/RESULTS.md``).
 
 A ``custom_vjp`` has no forward mode: ``jax.jvp`` of the wrapped function raises, while gradients
 and their derivatives (a Hessian-vector product, a gradient penalty) work, the leaves being
