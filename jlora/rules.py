@@ -129,11 +129,14 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
-        if kept and len(w_contract) == 1 and not w_batch and x.dtype == lw.w.dtype and joint_pays(x, x_contract[0]):
-            # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum
-            r_of = lambda labels, contracted: [r_label if l == contracted else l for l in labels]
-            t = _to_order(t, t_labels, r_of(x_labels, w_labels[w_contract[0]]))
-            b = _to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels, w_labels[w_contract[0]]))
+        r_of = lambda labels: [r_label if l in map(w_labels.__getitem__, w_contract) else l for l in labels]
+        if (kept and len(w_contract) == 1 and x.dtype == lw.w.dtype and joint_pays(x, x_contract[0])
+                and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
+            # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
+            # b must be laid out like x and w (not so for a kernel axis that the dot does not
+            # batch over, e.g. experts every token goes through)
+            t = _to_order(t, t_labels, r_of(x_labels))
+            b = _to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels))
             dot = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)

@@ -186,6 +186,34 @@ def test_a_sum_that_cannot_be_one_matmul_is_pinned():
     check_against_oracle(two_axis_block, perturb(jlora.lora_init(KEY, layer, cfg), KEY), jnp.ones((8, D)))
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_expert_kernels_match_the_oracle(routed):
+    """(experts, in, out) kernels: every token through every expert (the expert axis is no batch
+    axis of the matmul: t has it, x does not, so no joint matmul), or tokens already split per
+    expert (a batch axis of the matmul: joint)."""
+    E = 3
+
+    def experts(p, h):
+        x = rms_norm(h, p["norm"])
+        if routed:  # h: (experts, tokens, D)
+            act = jax.nn.silu(jnp.einsum("etd,edf->etf", x, p["gate"])) * jnp.einsum("etd,edf->etf", x, p["up"])
+            return h + jnp.einsum("etf,efd->etd", act, p["down"])
+        act = jax.nn.silu(jnp.einsum("td,edf->tef", x, p["gate"])) * jnp.einsum("td,edf->tef", x, p["up"])
+        return h + jnp.einsum("tef,efd->ted", act, p["down"]).sum(1)
+
+    keys = jax.random.split(KEY, 3)
+    base = {"norm": jnp.ones((D,)), "gate": jax.random.normal(keys[0], (E, D, F)) / 4,
+            "up": jax.random.normal(keys[1], (E, D, F)) / 4, "down": jax.random.normal(keys[2], (E, F, D)) / 5}
+    cfg = jlora.LoraConfig(rank=4, targets=["gate", "up", "down"], layouts={"gate": "bio", "up": "bio", "down": "bio"})
+    params = perturb(jlora.lora_init(KEY, base, cfg), KEY)
+    h = jax.random.normal(KEY, (E, 12, D) if routed else (12, D))
+    check_against_oracle(experts, params, h)
+    trainable, frozen = jlora.split(params)
+    forward = jlora.apply(experts)
+    text = str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(forward(jlora.combine(t, frozen), h) ** 2)))(trainable))
+    assert bool(re.search(r"f32\[3,20,24\] = concatenate", text)) == routed
+
+
 def test_bfloat16_model_is_as_accurate_as_storing():
     params, h = adapted(dtype=jnp.bfloat16), jax.random.normal(KEY, (2, 5, D)).astype(jnp.bfloat16)
     trainable, frozen = jlora.split(params)
