@@ -8,6 +8,12 @@ contracted axis gives the sum from the base matmul itself, for the price of copy
 (``w`` plus ``r`` rows) instead of two full-size activation passes. That pays wherever there are
 at least half as many tokens as input features (``joint_pays``).
 
+A weight sharded along its input axis (rows of ``w``, e.g. ``P("model", None)`` for a 2-D
+kernel) makes the stacked weight a reshuffle between devices every step: correct, but slower.
+``jlora.sharding``'s Megatron rules shard ``gate``/``up`` along their outputs, and so does its
+FSDP rule where a kernel has more outputs than inputs (Llama's ``gate``/``up``); for a weight
+sharded along its inputs, ``jlora.apply(fn, recompute=False)`` keeps the plain sum.
+
 The backward is that of the two matmuls (``dx = dy·wᵀ``, ``dt = dy·bᵀ``, ``db = tᵀ·dy``; ``w``
 is frozen): it keeps ``t``, ``w`` and ``b``, not the stacked weight.
 """
