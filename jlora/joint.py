@@ -34,7 +34,8 @@ def joint_pays(x: jax.Array, x_axis: int) -> bool:
 
     The stacked weight costs a read and a write of ``w`` (``2·d_in·d_out``); the sum costs
     ``t@b``'s output and the add pass (about ``4·tokens·d_out``). So: ``2·tokens >= d_in``,
-    counting tokens over the whole (global) array.
+    counting the tokens of ``x`` as the function sees it (one example under ``vmap``, one
+    device's share under ``shard_map``).
 
     Example:
         >>> import jax.numpy as jnp
