@@ -119,11 +119,12 @@ class Context:
         return Context(self.rng, self.records, rebuild_inputs=False)
 
 
-# Equations that only restructure a value: safe to evaluate ahead of their turn.
-_STRUCTURAL = (
+# Equations that only restructure a value: safe to evaluate ahead of their turn. (``pvary`` only
+# retypes a replicated value as varying inside shard_map: it stands between a weight and its use.)
+_STRUCTURAL = tuple(p for p in (
     _compat.convert_element_type_p, _compat.transpose_p, _compat.reshape_p, _compat.copy_p,
-    _compat.sharding_constraint_p,
-)
+    _compat.sharding_constraint_p, _compat.pvary_p,
+) if p is not None)
 
 
 class Frame:

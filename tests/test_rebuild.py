@@ -263,6 +263,25 @@ def test_rebuilding_moves_nothing_more_between_devices():
     assert collectives("inputs") == collectives(False)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
+def test_inside_shard_map_with_the_batch_split():
+    """Replicated weights meet a varying batch through JAX's ``pvary``: the gate and up sums are
+    still found to be kept whole (joint matmuls), and the gradients equal storing's."""
+    mesh = jlora.sharding.make_mesh({"data": 8})
+    trainable, frozen = jlora.split(adapted())
+    h = jax.random.normal(KEY, (8 * 8, D))
+
+    def loss(recompute):
+        forward = jlora.apply(model, recompute=recompute)
+        local = lambda t, f, h: jax.lax.psum(jnp.sum(forward(jlora.combine(t, f), h) ** 2), "data")
+        return lambda t, f, h: jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())(t, f, h)
+
+    text = str(jax.make_jaxpr(jax.grad(loss("inputs")))(trainable, frozen, h))
+    assert len(re.findall(r"f32\[20,24\]\S* = concatenate", text)) == 4
+    grads = lambda recompute: jax.jit(jax.grad(loss(recompute)))(trainable, frozen, h)
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-5), grads("inputs"), grads(False))
+
+
 def test_second_derivatives_match_storing():
     params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
     trainable, frozen = jlora.split(params)
