@@ -126,10 +126,13 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     pref = eqn.params.get("preferred_element_type")
     keep_out = set(out_labels)
     kept = ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx)
+    # the equation itself, with x and the weight in their places
+    dot = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
-        r_of = lambda labels: [r_label if l in map(w_labels.__getitem__, w_contract) else l for l in labels]
+        contracted = {w_labels[ax] for ax in w_contract}
+        r_of = lambda labels: [r_label if l in contracted else l for l in labels]
         if (kept and len(w_contract) == 1 and x.dtype == lw.w.dtype and joint_pays(x, x_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
@@ -137,7 +140,6 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # batch over, e.g. experts every token goes through)
             t = _to_order(t, t_labels, r_of(x_labels))
             b = _to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels))
-            dot = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
             return [lax.optimization_barrier(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
@@ -148,7 +150,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         t = (t * lw.scale).astype(dtype)
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
-    base = _compat.bind(eqn, [x, lw.w] if lazy_rhs else [lw.w, x])[0]
+    base = dot(x, lw.w)
     out = base + y.astype(base.dtype)
     if kept:
         out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
