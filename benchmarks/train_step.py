@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
@@ -43,7 +44,9 @@ RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | None = None) -> dict:
+def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = None) -> dict:
+    """One mode's step, to ``stop``: ``"lower"`` (trace only), ``"compile"`` or ``"run"`` (timed steps).
+    Lowering and compiling take abstract weights: nothing is allocated on the device."""
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -68,7 +71,8 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | N
     shapes = jax.eval_shape(lambda k: model.init_weights(k, (1, 8)), key)
     fill = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape)).astype(dtype), static_argnums=1)
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    if lower_only:
+    abstract = stop != "run"
+    if abstract:
         leaves = [jax.ShapeDtypeStruct(l.shape, dtype) for l in leaves]
     else:
         leaves = [fill(jax.random.fold_in(key, i), l.shape) if len(l.shape) > 1 else jnp.ones(l.shape, dtype)
@@ -89,7 +93,7 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | N
     cfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=list(TARGETS))
 
     if mode == "full":
-        state = jax.eval_shape(tx.init, params) if lower_only else tx.init(params)
+        state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
 
         def step(p, s, frozen):
             loss, g = jax.value_and_grad(lambda p: xent(logits_of(p)))(p)
@@ -162,11 +166,14 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | N
     t0 = time.perf_counter()
     lowered = jitted.lower(train, state, frozen)
     trace_s = time.perf_counter() - t0
-    if lower_only:
+    if stop == "lower":
         hlo = lowered.as_text()
         return dict(mode=mode, trace_s=trace_s, hlo_lines=hlo.count("\n"), dots=hlo.count("dot_general"))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    if stop == "compile":
+        return dict(mode=mode, trace_s=trace_s, compile_s=compile_s, **kernel_counts(compiled.as_text()),
+                    device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = (cost or {}).get("flops")
@@ -194,13 +201,27 @@ def run_mode(mode: str, preset: dict, lower_only: bool = False, profile: str | N
     )
 
 
+def kernel_counts(hlo: str) -> dict:
+    """What the compiler made of a step: its entry computation's instructions and fusions, and its
+    GEMMs (cuBLAS calls and Triton GEMM fusions), from the optimised HLO text."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    return dict(
+        entry_instructions=entry.count("\n"),
+        fusions=entry.count(" fusion("),
+        cublas_gemms=len(re.findall(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)', hlo)),
+        triton_gemms=hlo.count('"kind":"__triton_gemm"'),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
-    parser.add_argument("--lower-only", action="store_true", help=argparse.SUPPRESS)  # trace cost, no device
+    parser.add_argument("--stop", choices=("lower", "compile", "run"), default="run",
+                        help=argparse.SUPPRESS)  # internal: lower or compile only (abstract weights)
     parser.add_argument("--json-out", default=None, help="also write all results to this JSON file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write a profiler trace of each mode's timed steps to DIR/MODE")
@@ -209,7 +230,7 @@ def main() -> None:
     if args.steps:
         preset["steps"] = args.steps
     if args.mode:
-        print("RESULT " + json.dumps(run_mode(args.mode, preset, args.lower_only, args.profile)), flush=True)
+        print("RESULT " + json.dumps(run_mode(args.mode, preset, args.stop, args.profile)), flush=True)
         return
 
     results = {}

@@ -74,6 +74,12 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
 
 
+def _scaled(factor: jax.Array, scale: float) -> jax.Array:
+    """``scale · factor``: the scale goes on the small factor, never on an activation-sized
+    product (one op fewer per adapter on the activations, forward and backward)."""
+    return factor if scale == 1.0 else factor * scale
+
+
 def _to_order(x: jax.Array, labels: Sequence[int], order: Sequence[int]) -> jax.Array:
     perm = tuple(labels.index(l) for l in order)
     return x if perm == tuple(range(len(perm))) else jnp.transpose(x, perm)
@@ -145,9 +151,9 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             return [lax.optimization_barrier(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
         y, y_labels = contract(t, t_labels, lw.b.astype(dtype), b_labels, keep_out, pref, prec)
     else:
-        t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,
+        t, t_labels = contract(_dropout(ctx, lw, x), x_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels,
                                keep_out | set(a_labels), pref, prec)
-        t = (t * lw.scale).astype(dtype)
+        t = t.astype(dtype)
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     base = dot(x, lw.w)
@@ -170,7 +176,7 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
         return frame.pending.pop(frame.index)
     siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not ctx.drops(lw) else []
     group = [lw] + [other for _, other in siblings]
-    a = group[0].a if len(group) == 1 else jnp.concatenate([g.a for g in group], axis=-1)
+    a = jnp.concatenate([_scaled(g.a, g.scale) for g in group], axis=-1) if siblings else _scaled(lw.a, lw.scale)
     chain = rebuild.find(frame, eqn.invars[x_pos]) if ctx.rebuild_inputs and not ctx.drops(lw) else None
     leaves = [frame.env.get(v) for v in chain.leaves] if chain is not None else []
     through = None
@@ -179,9 +185,9 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec, through)
     r_axis = t_labels.index(a_labels[-1])
     parts = jnp.split(t, np.cumsum([g.rank for g in group])[:-1].tolist(), axis=r_axis) if siblings else [t]
-    for (j, other), part in zip(siblings, parts[1:]):
-        frame.pending[j] = ((part * other.scale).astype(dtype), t_labels)
-    return (parts[0] * lw.scale).astype(dtype), t_labels
+    for j, part in zip((j for j, _ in siblings), parts[1:]):
+        frame.pending[j] = (part.astype(dtype), t_labels)
+    return parts[0].astype(dtype), t_labels
 
 
 def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[int, LoraWeight]]:
@@ -280,9 +286,8 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     k_of = {ax: k for k, ax in enumerate(ins)}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
-    kernel_a = jnp.transpose(lw.a, perm).astype(x.dtype)
-    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a])[0]
-    t = (t * lw.scale).astype(x.dtype)
+    kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(x.dtype)
+    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a])[0].astype(x.dtype)
     feat = out_spec[1]
     y = lax.dot_general(t, lw.b.astype(x.dtype), (((feat,), (0,)), ((), ())),
                         preferred_element_type=p.get("preferred_element_type"))
