@@ -210,7 +210,7 @@ def kernel_counts(hlo: str) -> dict:
         entry_instructions=entry.count("\n"),
         fusions=entry.count(" fusion("),
         cublas_gemms=len(re.findall(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)', hlo)),
-        triton_gemms=hlo.count('"kind":"__triton_gemm"'),
+        triton_gemms=len(re.findall(r'"kind":"__triton_(?:nested_)?gemm(?:_fusion)?"', hlo)),  # name by XLA version
     )
 
 
