@@ -180,3 +180,32 @@ def test_no_shared_down_projection_under_dropout():
     x = jnp.ones((3, 8))
     assert _count_dots(lambda p, x: jlora.apply(fn)(p, x, lora_rng=jax.random.key(1)), p, x) == 6
     assert _count_dots(jlora.apply(fn), p, x) == 5
+
+
+def _muls_on(jaxpr, size: int) -> list:
+    """``mul`` equations (nested jaxprs included) with an operand or result that has an axis of ``size``."""
+    found = []
+    for eqn in jaxpr.eqns:
+        avals = [v.aval for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
+        if eqn.primitive is lax.mul_p and any(size in a.shape for a in avals):
+            found.append(eqn)
+        for sub in jax.tree.leaves(list(eqn.params.values()), is_leaf=lambda v: hasattr(v, "eqns") or hasattr(v, "jaxpr")):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                found += _muls_on(inner, size)
+    return found
+
+
+def test_scale_is_applied_to_the_factors_not_the_activations():
+    """``x@(s·a)`` rather than ``s·(x@a)``: no multiply on a ``[tokens, r]`` value, forward or backward
+    (on a GPU such a multiply is fused into the rank-r GEMMs and multiplies their distinct kernels)."""
+    key, tokens = jax.random.key(0), 37  # no weight has an axis of 37
+    p = {n: random_lora(jax.random.fold_in(key, i), (8, 6), "io", 2, scale=0.5 + i) for i, n in enumerate("qke")}
+
+    def fn(p, x):  # q and k share a down-projection; e is used tied (x @ E.T: b applied first)
+        return (x @ p["q"] + x @ p["k"]) @ p["e"].T
+
+    x = jax.random.normal(key, (tokens, 8))
+    grad = jax.make_jaxpr(jax.grad(lambda p: jlora.apply(fn)(p, x).sum()))(p)
+    assert _muls_on(grad.jaxpr, tokens) == []
+    check_against_oracle(fn, p, x)
