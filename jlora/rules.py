@@ -251,8 +251,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         unique_indices=eqn.params.get("unique_indices", False),
         mode=eqn.params.get("mode"), fill_value=eqn.params.get("fill_value"),
     )
-    rows = (rows * lw.scale).astype(lw.b.dtype)
-    t = lax.dot_general(rows, lw.b, (((n_batch,), (0,)), ((), ())))  # batch..., outs (k order)
+    t = lax.dot_general(rows.astype(lw.b.dtype), _scaled(lw.b, lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     # Base output: offset dims hold w's non-collapsed axes (= outs, in w order); others are batch.
     offset_axes = sorted(outs)
     k_out = {ax: k for k, ax in enumerate(outs)}
