@@ -185,7 +185,7 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec, through)
     r_axis = t_labels.index(a_labels[-1])
     parts = jnp.split(t, np.cumsum([g.rank for g in group])[:-1].tolist(), axis=r_axis) if siblings else [t]
-    for j, part in zip((j for j, _ in siblings), parts[1:]):
+    for (j, _), part in zip(siblings, parts[1:]):
         frame.pending[j] = (part.astype(dtype), t_labels)
     return parts[0].astype(dtype), t_labels
 
