@@ -11,6 +11,12 @@ to process, so a single figure per mode (as ``train_step.py`` gives) can move th
 more. Here modes run round-robin, each repeat in a fresh process (no compilation cache is shared),
 with abstract weights (nothing is allocated on the device); the ratio is taken of the medians.
 
+A mode written ``MODE@DIR`` runs ``MODE`` with the ``jlora`` package found in ``DIR`` (put first on
+``PYTHONPATH``): an A/B of two versions of the library in one run, e.g. the previous commit's
+(``git archive HEAD jlora | tar -x -C /tmp/before``) against the working tree:
+
+    python benchmarks/compile_time.py --preset llama-1b --modes full,jlora,jlora@/tmp/before --repeats 3
+
 With ``--passes DIR`` each child logs XLA's pass timings (``TF_CPP_VMODULE=hlo_pass_pipeline=1``;
 logs kept in DIR) and the driver prints, per pass, the seconds each mode spent in it, largest
 difference to the first mode first. What no pass accounts for is code generation (LLVM, ptxas)
@@ -66,6 +72,25 @@ def pass_seconds(log: str, module: str = "step") -> dict[str, float]:
     return dict(seconds)
 
 
+def child_mode(spec: str, env: dict) -> tuple[str, dict]:
+    """``MODE`` or ``MODE@DIR`` -> (the train_step.py mode, the child's added environment): with
+    ``DIR``, its ``jlora`` package is imported instead of the installed one.
+
+    Example:
+        >>> child_mode("jlora@/tmp/before", {})[1]["PYTHONPATH"].split(os.pathsep)[0]
+        '/tmp/before'
+    """
+    mode, _, tree = spec.partition("@")
+    if not tree:
+        return mode, env
+    path = os.pathsep.join(p for p in (os.path.abspath(tree), os.environ.get("PYTHONPATH")) if p)
+    return mode, {**env, "PYTHONPATH": path}
+
+
+def _file_name(spec: str) -> str:
+    return re.sub(r"[^\w.-]", "_", spec)
+
+
 def _clock(line: str) -> float | None:
     """Seconds since midnight of a glog/absl log line (``I1201 21:42:59.934406 ...``)."""
     m = _CLOCK.match(line)
@@ -88,9 +113,10 @@ def main() -> None:
     passes: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
-            log = os.path.join(args.passes, f"{mode}.{rep}.log") if args.passes else None
-            result = run_child(STEP, ["--preset", args.preset, "--mode", mode, "--stop", "compile"], mode,
-                               env=PASS_LOG if log else None, log=log)
+            log = os.path.join(args.passes, _file_name(mode) + f".{rep}.log") if args.passes else None
+            name, env = child_mode(mode, PASS_LOG if log else {})
+            result = run_child(STEP, ["--preset", args.preset, "--mode", name, "--stop", "compile"], mode,
+                               env=env, log=log)
             if result is None:
                 continue
             runs[mode].append(result)
