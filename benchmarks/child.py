@@ -1,13 +1,15 @@
 """Run one benchmark configuration in a fresh Python process and read back its result.
 
 Each configuration gets its own process: peak-memory figures start clean and no compilation cache
-is shared. The child prints one line ``RESULT <json>``.
+is shared. The child prints one line ``RESULT <json>``. A configuration may name another copy of
+the library to import (``child_mode``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,3 +29,23 @@ def run_child(script: str, args: list[str], label: str, env: dict | None = None,
         return None
     print(lines[-1], flush=True)
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def child_mode(spec: str, env: dict) -> tuple[str, dict]:
+    """``MODE`` or ``MODE@DIR`` -> (the train_step.py mode, the child's added environment): with
+    ``DIR``, its ``jlora`` package is imported instead of the installed one.
+
+    Example:
+        >>> child_mode("jlora@/tmp/before", {})[1]["PYTHONPATH"].split(os.pathsep)[0]
+        '/tmp/before'
+    """
+    mode, _, tree = spec.partition("@")
+    if not tree:
+        return mode, env
+    path = os.pathsep.join(p for p in (os.path.abspath(tree), os.environ.get("PYTHONPATH")) if p)
+    return mode, {**env, "PYTHONPATH": path}
+
+
+def file_name(spec: str) -> str:
+    """A configuration's name, made safe for a file or folder name (``jlora@/tmp/x`` -> ``jlora__tmp_x``)."""
+    return re.sub(r"[^\w.-]", "_", spec)

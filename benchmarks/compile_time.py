@@ -32,7 +32,7 @@ import os
 import re
 import statistics
 
-from child import run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import child_mode, file_name, run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
 PASS_LOG = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "hlo_pass_pipeline=1"}
@@ -72,25 +72,6 @@ def pass_seconds(log: str, module: str = "step") -> dict[str, float]:
     return dict(seconds)
 
 
-def child_mode(spec: str, env: dict) -> tuple[str, dict]:
-    """``MODE`` or ``MODE@DIR`` -> (the train_step.py mode, the child's added environment): with
-    ``DIR``, its ``jlora`` package is imported instead of the installed one.
-
-    Example:
-        >>> child_mode("jlora@/tmp/before", {})[1]["PYTHONPATH"].split(os.pathsep)[0]
-        '/tmp/before'
-    """
-    mode, _, tree = spec.partition("@")
-    if not tree:
-        return mode, env
-    path = os.pathsep.join(p for p in (os.path.abspath(tree), os.environ.get("PYTHONPATH")) if p)
-    return mode, {**env, "PYTHONPATH": path}
-
-
-def _file_name(spec: str) -> str:
-    return re.sub(r"[^\w.-]", "_", spec)
-
-
 def _clock(line: str) -> float | None:
     """Seconds since midnight of a glog/absl log line (``I1201 21:42:59.934406 ...``)."""
     m = _CLOCK.match(line)
@@ -113,7 +94,7 @@ def main() -> None:
     passes: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
-            log = os.path.join(args.passes, _file_name(mode) + f".{rep}.log") if args.passes else None
+            log = os.path.join(args.passes, file_name(mode) + f".{rep}.log") if args.passes else None
             name, env = child_mode(mode, PASS_LOG if log else {})
             result = run_child(STEP, ["--preset", args.preset, "--mode", name, "--stop", "compile"], mode,
                                env=env, log=log)
@@ -138,13 +119,14 @@ def print_table(preset: str, runs: dict[str, list[dict]]) -> None:
     any_r = next(iter(done.values()))[0]
     print(f"\npreset {preset}; device {any_r['device']}; jax {any_r['jax']}; medians of {max(map(len, done.values()))} processes")
     base = statistics.median(r["compile_s"] for r in next(iter(done.values())))
-    print(f"{'mode':<14}{'compile s':>10}{'min-max':>14}{'trace s':>9}{'x first':>9}"
+    w = max(14, *(len(m) + 2 for m in done))
+    print(f"{'mode':<{w}}{'compile s':>10}{'min-max':>14}{'trace s':>9}{'x first':>9}"
           f"{'entry ops':>11}{'fusions':>9}{'cuBLAS':>8}{'Triton':>8}")
     for mode, rs in done.items():
         c = [r["compile_s"] for r in rs]
         med = statistics.median(c)
         last = rs[-1]
-        print(f"{mode:<14}{med:>10.1f}{f'{min(c):.1f}-{max(c):.1f}':>14}{statistics.median(r['trace_s'] for r in rs):>9.1f}"
+        print(f"{mode:<{w}}{med:>10.1f}{f'{min(c):.1f}-{max(c):.1f}':>14}{statistics.median(r['trace_s'] for r in rs):>9.1f}"
               f"{med / base:>9.2f}{last['entry_instructions']:>11}{last['fusions']:>9}{last['cublas_gemms']:>8}"
               f"{last['triton_gemms']:>8}")
 

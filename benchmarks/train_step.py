@@ -19,6 +19,8 @@ Modes:
   hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
                targeted Dense (the hand-factored baseline)
   materialize  the same LoRA computed by forming W + s·A@B for each weight
+  MODE@DIR     MODE run on the jlora package found in DIR (e.g. the previous commit's, from
+               ``git archive HEAD jlora | tar -x -C DIR``): an A/B of two versions in one run
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import re
 import time
 from typing import Any
 
-from child import run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import child_mode, file_name, run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 PRESETS = {
     "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -235,9 +237,10 @@ def main() -> None:
 
     results = {}
     for mode in args.modes.split(","):
-        result = run_child(__file__, ["--preset", args.preset, "--mode", mode]
+        name, env = child_mode(mode, {})
+        result = run_child(__file__, ["--preset", args.preset, "--mode", name]
                            + (["--steps", str(args.steps)] if args.steps else [])
-                           + (["--profile", f"{args.profile}/{mode}"] if args.profile else []), mode)
+                           + (["--profile", f"{args.profile}/{file_name(mode)}"] if args.profile else []), mode, env=env)
         if result is None:
             continue
         results[mode] = result
@@ -256,13 +259,14 @@ def print_table(preset: str, results: dict) -> None:
     full = results.get("full", {})
     hand = results.get("hand", {}).get("tokens_per_s")
     gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
-    print(f"{'mode':<12}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x hand':>8}{'peak GiB':>10}"
+    w = max(12, *(len(m) + 2 for m in results))
+    print(f"{'mode':<{w}}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x hand':>8}{'peak GiB':>10}"
           f"{'XLA GiB':>9}{'compile s':>11}{'(trace)':>9}{'x full':>8}{'TFLOP':>8}")
     for mode, r in results.items():
         xf = f"{r['tokens_per_s'] / floor:.3f}" if floor else "-"
         xh = f"{r['tokens_per_s'] / hand:.3f}" if hand else "-"
         xc = f"{r['compile_s'] / full['compile_s']:.2f}" if full else "-"
-        print(f"{mode:<12}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11.0f}{xf:>9}{xh:>8}{gib(r['peak_bytes']):>10}"
+        print(f"{mode:<{w}}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11.0f}{xf:>9}{xh:>8}{gib(r['peak_bytes']):>10}"
               f"{gib(r['footprint_bytes']):>9}{r['compile_s']:>11.1f}{r['trace_s']:>9.1f}{xc:>8}"
               f"{(r['flops'] or 0) / 1e12:>8.3g}")
 
