@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from jlora.tree import FROZEN, labels
+from jlora.tree import FROZEN, combine, labels, split
 from jlora.weight import LoraWeight, is_node
 
 ADAPTER = "adapter"
@@ -43,23 +45,40 @@ def _group(params: Any) -> Any:
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
-    """``optax.multi_transform`` that freezes base weights and trains adapters with ``tx``.
+    """Train adapters only: ``tx`` on ``LoraWeight`` factors and ``Trainable`` leaves, nothing else.
 
-    Leaves labelled ``frozen`` (see ``jlora.labels``) get ``optax.set_to_zero()`` and no state.
-    ``lora_a``, ``lora_b`` and ``trainable`` leaves share one ``tx`` — so a clipping or global-norm
+    An ``optax.multi_transform`` over the trainable half of ``jlora.split``: ``lora_a``, ``lora_b``
+    and ``trainable`` leaves (see ``jlora.labels``) share one ``tx`` — so a clipping or global-norm
     transform inside ``tx`` sees all adapter gradients together and nothing else — followed by a
-    scale of ``b_lr_ratio`` on ``lora_b`` updates (LoRA+). Works on the full tree or on the trainable
-    half of ``jlora.split``. ``params``, if given, is checked to hold at least one adapter.
+    scale of ``b_lr_ratio`` on ``lora_b`` updates (LoRA+). Frozen leaves get zero updates and no
+    state. ``init``, ``update``'s gradients and its ``params`` may each be the full tree or the
+    trainable half (a state made from one serves the other); updates come back in the gradients'
+    structure. ``params``, if given, is checked to hold at least one adapter.
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.tree import split
         >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
         >>> tx = optimizer(optax.adam(1e-3), {"k": lw}, b_lr_ratio=16.0)
-        >>> state = tx.init({"k": lw})
+        >>> state = tx.init({"k": lw})                       # from the full tree ...
+        >>> trainable, _ = split({"k": lw})
+        >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
     """
-    if b_lr_ratio <= 0:
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be > 0, got {b_lr_ratio}")
+    if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, (int, float)) or not 0 < b_lr_ratio < math.inf:
+        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ValueError(f"jlora.optimizer: tx must be an optax.GradientTransformation, got {type(tx).__name__}")
     if params is not None and not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
         raise ValueError("jlora.optimizer: params hold no LoraWeight or Trainable leaf; call jlora.lora_init first")
     adapter = tx if b_lr_ratio == 1.0 else optax.chain(tx, scale_lora_b(b_lr_ratio))
-    return optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
+    inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
+
+    def init(params: Any) -> Any:
+        return inner.init(split(params)[0])
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        trainable, frozen = split(updates)
+        out, state = inner.update(trainable, state, None if params is None else split(params)[0])
+        return combine(out, jax.tree.map(jnp.zeros_like, frozen)), state
+
+    return optax.GradientTransformation(init, update)

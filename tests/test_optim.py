@@ -85,8 +85,32 @@ def test_clipping_inside_tx_sees_adapter_gradients_only():
     assert float(jnp.abs(u["out"]["kernel"]).max()) == 0.0
 
 
+@pytest.mark.parametrize("init_from", ["full", "trainable"])
+@pytest.mark.parametrize("grads_of", ["full", "trainable"])
+def test_state_from_either_tree_updates_either_tree(init_from, grads_of):
+    """DESIGN.md's program: the state is made from the full tree, the step updates the trainable half."""
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    tx = jlora.optimizer(optax.adam(1e-2), p, b_lr_ratio=4.0)
+    reference = jlora.optimizer(optax.adam(1e-2), p, b_lr_ratio=4.0)
+    state = tx.init(p if init_from == "full" else trainable)
+    ref_state = reference.init(trainable)
+    g = jax.grad(lambda t: loss_of(fn, x)(jlora.combine(t, frozen)))(trainable)
+    full_g = jlora.combine(g, jax.tree.map(jnp.zeros_like, frozen))
+    u, state = jax.jit(tx.update)(full_g if grads_of == "full" else g, state, p if grads_of == "full" else trainable)
+    ref_u, _ = jax.jit(reference.update)(g, ref_state, trainable)
+    assert jax.tree.structure(u) == jax.tree.structure(full_g if grads_of == "full" else g)
+    u_t, u_f = jlora.split(u)
+    jax.tree.map(np.testing.assert_array_equal, u_t, ref_u)
+    assert all(float(jnp.abs(l).max()) == 0.0 for l in jax.tree.leaves(u_f))
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="no LoraWeight"):
         jlora.optimizer(optax.sgd(1.0), {"w": jnp.ones(3)})
-    with pytest.raises(ValueError, match="b_lr_ratio"):
-        jlora.optimizer(optax.sgd(1.0), b_lr_ratio=0)
+    for ratio in (0, -1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="b_lr_ratio"):
+            jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
+    with pytest.raises(ValueError, match="GradientTransformation"):
+        jlora.optimizer(optax.sgd, b_lr_ratio=2.0)
