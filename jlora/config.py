@@ -7,6 +7,7 @@ import difflib
 import math
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from jlora.layout import Layout
@@ -81,13 +82,10 @@ class LoraConfig:
             )
         _check_rank("rank", rank)
         _check_alpha("alpha", alpha)
-        if isinstance(targets, str) and targets != ALL_LINEAR:
-            targets = (targets,)
-        if targets is not None and not isinstance(targets, str):
-            targets = tuple(targets)
+        if targets is not None and targets != ALL_LINEAR:
+            targets = _patterns("targets", targets)
             if not targets:
                 raise ValueError("LoraConfig: targets is empty; give patterns or 'all-linear'")
-            compile_patterns(targets)
         exclude = _patterns("exclude", exclude)
         trainable = _patterns("trainable", trainable)
         rank_pattern = _pattern_map("rank_pattern", rank_pattern, _check_rank)
@@ -95,6 +93,8 @@ class LoraConfig:
         layouts_t = _pattern_map("layouts", layouts, lambda name, v: Layout.parse(v))
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"LoraConfig: use_rslora must be True or False, got {use_rslora!r}")
         if init not in INITS:
             raise ValueError(f"LoraConfig: init must be one of {INITS}, got {init!r}")
         try:
@@ -147,14 +147,16 @@ def _check_rank(name: str, value: Any) -> int:
 
 
 def _check_alpha(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"LoraConfig: {name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"LoraConfig: {name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"LoraConfig: {name} must be a pattern or a list of patterns, got {value!r}")
     value = tuple(value)
     try:
         compile_patterns(value)
@@ -174,3 +176,19 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
         check(f"{name}[{pattern!r}]", v)
         items.append((pattern, v if name != "layouts" else str(Layout.parse(v))))
     return tuple(items)
+
+
+def check_key(key: Any, where: str) -> None:
+    """Refuse anything but a PRNG key (``jax.random.key`` or a legacy ``uint32[2]`` key) with a
+    message naming ``where`` it was passed.
+
+    Example:
+        >>> import jax
+        >>> check_key(jax.random.key(0), "lora_init")
+    """
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    legacy = dtype == jnp.uint32 and shape == (2,)
+    if not (typed or legacy):
+        what = f"{dtype}{list(shape)}" if shape is not None else repr(key)
+        raise ValueError(f"{where}: expected a PRNG key (jax.random.key(seed)), got {what}")

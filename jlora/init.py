@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import zlib
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from jlora.config import ALL_LINEAR, LoraConfig
+from jlora.config import ALL_LINEAR, LoraConfig, check_key
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
 from jlora.sharding import factor_shardings
@@ -19,7 +20,6 @@ from jlora.weight import LoraWeight, Trainable, is_node
 
 # Output heads that "all-linear" leaves alone, as PEFT does.
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "logits"})
-WEIGHT_NAMES = ("kernel", "embedding")
 
 
 def _is_float_array(leaf: Any) -> bool:
@@ -81,8 +81,13 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
                         f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
                     )
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            # a subtree match adapts its kernels; an embedding table only where the pattern names
+            # its module ("embed_tokens"), not a broader subtree ("model")
+            weight = name == "kernel" or (name == "embedding" and any(
+                kind and pat.match(parent) == LEAF for pat, kind in kinds.items()))
             chosen = bool(direct) or (
-                any(kinds.values()) and name in WEIGHT_NAMES and _is_float_array(leaf) and leaf.ndim >= 2
+                any(kinds.values()) and weight and _is_float_array(leaf) and leaf.ndim >= 2
             )
             for pat, kind in kinds.items():
                 hits[pat] += bool(chosen and kind)
@@ -105,6 +110,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             )
     if not adapt:
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}")
+    for option in ("rank_pattern", "alpha_pattern"):  # (layouts may describe a whole model family)
+        for text, _ in getattr(config, option):
+            if not any(Pattern(text).match(p) for p in paths):
+                raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param; "
+                                 f"nearest paths: {nearest(text, paths)}")
     return adapt, tune
 
 
@@ -150,7 +160,14 @@ def lora_init(
         >>> p["q_proj"]["kernel"].a.shape
         (16, 4)
     """
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {type(config).__name__}")
+    check_key(key, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_node)
+    clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
+    if clashes:
+        raise ValueError(f"params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
+                         "jlora addresses params by '/'-joined paths; rename the keys")
     for path, leaf in entries:
         if is_node(leaf):
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")

@@ -42,6 +42,8 @@ class Layout:
         """
         if isinstance(spec, Layout):
             return spec
+        if not isinstance(spec, str):
+            raise ValueError(f"layout {spec!r}: use a string of one letter per kernel axis, e.g. 'io', 'oi', 'iio', 'bio'")
         letters = spec.replace(",", "").replace(" ", "")
         bad = sorted(set(letters) - set(ROLES))
         if not isinstance(spec, str) or bad:

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from jlora import _compat
-from jlora.weight import Lazy, Trainable
+from jlora.config import check_key
+from jlora.weight import Lazy, LoraWeight, Trainable
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -245,10 +246,14 @@ def _is_special(x: Any) -> bool:
 
 
 def _check_lazy(x: Lazy) -> None:
-    w = getattr(x, "w", x)
-    if w is None:
+    half = None
+    if getattr(x, "w", x) is None:
+        half, what = "trainable", "no base weight"
+    elif isinstance(x, LoraWeight) and (x.a is None or x.b is None):
+        half, what = "frozen", "no factors"
+    if half is not None:
         raise ValueError(
-            f"{x.describe()} has no base weight: this is the trainable half of jlora.split; "
+            f"{x.describe()} has {what}: this is the {half} half of jlora.split; "
             "pass jlora.combine(trainable, frozen) instead"
         )
 
@@ -289,6 +294,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
+        if lora_rng is not None:
+            check_key(lora_rng, "lora_rng")
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_special)
         values, dynamic, abstract, static = [], [], [], []
         for i, leaf in enumerate(leaves):

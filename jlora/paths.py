@@ -141,6 +141,6 @@ def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
         for c in p.split("/"):
             by_comp.setdefault(c, p)
     close = difflib.get_close_matches(text, list(by_comp), n=n, cutoff=0.5)
-    out = [by_comp[c] for c in close]
+    out = list(dict.fromkeys(by_comp[c] for c in close))
     out += [p for p in difflib.get_close_matches(text, list(paths), n=n, cutoff=0.3) if p not in out]
     return out[:n] or list(paths[:n])

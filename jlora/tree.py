@@ -75,6 +75,17 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
+def _check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
+    """Refuse a node from one half of ``split`` where ``op`` needs the whole tree."""
+    if isinstance(x, LoraWeight):
+        half = "trainable" if need_w and x.w is None else "frozen" if x.a is None or x.b is None else None
+    else:
+        half = "frozen" if isinstance(x, Trainable) and x.value is None else None
+    if half is not None:
+        raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
+                         "pass jlora.combine(trainable, frozen)")
+
+
 def merge(tree: Any) -> Any:
     """Plain arrays for the unmodified model: ``w + scale·a@b`` in ``w``'s dtype, ``Trainable`` unwrapped.
 
@@ -85,12 +96,13 @@ def merge(tree: Any) -> Any:
                [1.5, 1.5]], dtype=float32)
     """
 
-    def one(x: Any) -> Any:
+    def one(path: Any, x: Any) -> Any:
+        _check_whole(x, path_str(path), "jlora.merge")
         if isinstance(x, LoraWeight):
             return x.materialize()
         return x.value if isinstance(x, Trainable) else x
 
-    return jax.tree.map(one, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
@@ -115,6 +127,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         )
     out = []
     for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
+        _check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
         if isinstance(node, LoraWeight):
             shape = tuple(value.shape)
             fits = len(shape) == node.layout.ndim and (
@@ -206,11 +219,12 @@ def summary(tree: Any) -> Summary:
     trainable = total = 0
     targets, fully = [], []
     for path, x in leaves_with_paths(tree, is_leaf=is_node):
+        _check_whole(x, path, "jlora.summary")
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)
             trainable += n
             total += n + _size(x.w)
-            shape = "x".join(map(str, x.w.shape)) if x.w is not None else "?"
+            shape = "x".join(map(str, x.w.shape))
             targets.append((path, shape, str(x.layout), x.rank, x.scale, n))
         elif isinstance(x, Trainable):
             n = _size(x.value)

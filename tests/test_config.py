@@ -24,7 +24,13 @@ def test_hashable_equal_and_round_trips_through_a_dict():
     [
         (dict(rank=0), "rank must be an integer >= 1"),
         (dict(rank=2.5), "rank must be an integer"),
-        (dict(alpha=-1), "alpha must be a number > 0"),
+        (dict(alpha=-1), "alpha must be a finite number > 0"),
+        (dict(alpha=float("inf")), "alpha must be a finite number > 0, got inf"),
+        (dict(targets=5), "targets must be a pattern or a list of patterns, got 5"),
+        (dict(targets=["q", 3]), "targets: pattern must be a non-empty string, got 3"),
+        (dict(exclude=None), "exclude must be a pattern or a list"),
+        (dict(trainable=3), "trainable must be a pattern or a list"),
+        (dict(use_rslora="no"), "use_rslora must be True or False"),
         (dict(targets=[]), "targets is empty"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(init="xavier"), "init must be one of"),
@@ -33,6 +39,7 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be"),
         (dict(targets=["re:(unclosed"]), "not a valid regular expression"),
         (dict(layouts={"c_attn": "xy"}), "layout"),
+        (dict(layouts={"c_attn": 3}), "layout 3: use a string"),
     ],
 )
 def test_bad_options_name_what_is_wrong(kwargs, match):

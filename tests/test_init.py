@@ -45,6 +45,13 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
 
 
+def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_named():
+    tree = {"enc": {"embed": {"embedding": jnp.ones((50, 16))}, "q": {"kernel": jnp.ones((16, 16))}}}
+    assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=["enc"])))) == ["enc/q/kernel"]
+    for named in (["embed"], ["enc/embed"], ["re:enc/emb.*"]):
+        assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=named)))) == ["enc/embed/embedding"]
+
+
 def test_exclude_rank_alpha_patterns_rslora_dtype_dropout_trainable():
     cfg = LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], exclude=["layers/1/**"],
                      rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True,
@@ -109,6 +116,8 @@ def test_infer_layout_for_scanned_dense_general():
          "patterns .* all match 'layers/0/attn/q_proj/kernel' with different values"),
         (LoraConfig(targets=["q_proj"], trainable=["q_proj/kernel"]), "both a LoRA target and LoraConfig.trainable"),
         (LoraConfig(targets=["q_proj"], trainable=["nothing_here"]), "trainable: pattern 'nothing_here' matches no"),
+        (LoraConfig(targets=["q_proj"], rank_pattern={"q_prj": 2}), r"rank_pattern: pattern 'q_prj' matches no param; nearest"),
+        (LoraConfig(targets=["q_proj"], alpha_pattern={"zzz": 2}), "alpha_pattern: pattern 'zzz' matches no param"),
     ],
 )
 def test_bad_input_names_the_path(cfg, match):
@@ -119,6 +128,19 @@ def test_bad_input_names_the_path(cfg, match):
 def test_nd_kernel_without_layout_is_a_clear_error():
     with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout"):
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))
+
+
+def test_params_whose_paths_collide_are_refused_not_overwritten():
+    tree = {"a/b": jnp.ones((4, 4)), "a": {"b": jnp.ones((4, 8))}}
+    with pytest.raises(ValueError, match=r"several leaves at each of the paths \['a/b'\]"):
+        lora_init(KEY, tree, LoraConfig(rank=2, targets=["re:a/b"]))
+
+
+def test_a_config_that_is_not_a_lora_config_or_a_key_that_is_not_a_key_is_refused():
+    with pytest.raises(ValueError, match="config must be a jlora.LoraConfig, got dict"):
+        lora_init(KEY, base(), {"rank": 2})
+    with pytest.raises(ValueError, match=r"lora_init: expected a PRNG key .* got 0"):
+        lora_init(0, base(), LoraConfig(targets=["q_proj"]))
 
 
 def test_already_adapted_params_are_refused():

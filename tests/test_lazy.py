@@ -138,11 +138,16 @@ def test_static_leaves_and_trainable_leaves_pass_through():
     np.testing.assert_allclose(out, jnp.ones((1, 4)) @ jnp.ones((4, 4)) + jnp.arange(4.0))
 
 
-def test_trainable_half_alone_is_refused():
+def test_one_half_alone_or_a_bad_rng_is_refused():
     p = lora({"w": jnp.ones((4, 4))}, ["w"])
-    trainable, _ = jlora.split(p)
+    trainable, frozen = jlora.split(p)
+    forward = jlora.apply(lambda p, x: x @ p["w"])
     with pytest.raises(ValueError, match="trainable half"):
-        jlora.apply(lambda p, x: x @ p["w"])(trainable, jnp.ones((1, 4)))
+        forward(trainable, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="frozen half"):
+        forward(frozen, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"lora_rng: expected a PRNG key .* got 3"):
+        forward(p, jnp.ones((1, 4)), lora_rng=3)
 
 
 def test_function_closing_over_an_outer_tracer_is_not_cached_stale():

@@ -81,3 +81,13 @@ def test_summary_counts_like_peft():
     assert (s.trainable, s.total) == (2 * (8 + 8) + 2 * (8 + 4) + 8, 64 + 32 + 8 + 32 + 24)
     text = str(s)
     assert "q/kernel" in text and "trainable params: 64 || all params: 160 || trainable%: 40.0000" in text
+
+
+def test_whole_tree_operations_refuse_one_half_of_split():
+    p = tree()
+    trainable, frozen = jlora.split(p)
+    for op, half, name in [(jlora.merge, trainable, "trainable"), (jlora.merge, frozen, "frozen"),
+                           (jlora.summary, trainable, "trainable"), (jlora.summary, frozen, "frozen"),
+                           (lambda t: jlora.unmerge(jlora.merge(p), t), frozen, "frozen")]:
+        with pytest.raises(ValueError, match=f"'q/(kernel|bias)' comes from the {name} half of jlora.split"):
+            op(half)
