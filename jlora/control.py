@@ -88,14 +88,22 @@ def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
     init = materialize_all(invals[nc + nb:], what="while", why="a lazy loop carry")
     ctx = ctx.forward_mode()
+    # LoRA dropout draws a new mask each iteration: the key travels in the carry
+    key = ctx.next_key() if ctx.rng is not None else None
 
-    def cond_fn(carry: Any) -> Any:
+    def cond_fn(state: Any) -> Any:
+        carry, _ = state
         return _outputs(evaluate_closed(p["cond_jaxpr"], list(cond_consts) + list(carry), ctx), "while")[0]
 
-    def body_fn(carry: Any) -> Any:
-        return _outputs(evaluate_closed(p["body_jaxpr"], list(body_consts) + list(carry), ctx), "while")
+    def body_fn(state: Any) -> Any:
+        carry, key = state
+        step_ctx = ctx
+        if key is not None:
+            key, step_key = jax.random.split(key)
+            step_ctx = ctx.with_rng(step_key)
+        return _outputs(evaluate_closed(p["body_jaxpr"], list(body_consts) + list(carry), step_ctx), "while"), key
 
-    return list(lax.while_loop(cond_fn, body_fn, list(init)))
+    return list(lax.while_loop(cond_fn, body_fn, (list(init), key))[0])
 
 
 @register(_compat.cond_p, Lazy)
@@ -110,11 +118,13 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
 @register(_compat.custom_jvp_call_p, Lazy)
 def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs."""
+    """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs (a
+    ``MaterializeWarning`` says so when it is differentiated)."""
     leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> list:
-        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)))
+        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_jvp_call",
+                               why="its JVP rule differentiates the weight whole")
 
     @jax.custom_jvp
     def call(*flat: Any) -> list:
@@ -131,11 +141,13 @@ def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
 @register(_compat.custom_vjp_call_p, Lazy)
 def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs."""
+    """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs (a
+    ``MaterializeWarning`` says so when it is differentiated)."""
     leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> tuple:
-        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat))))
+        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_vjp_call",
+                                     why="its fwd and bwd rules take the weight whole (a full-size gradient)"))
 
     @jax.custom_vjp
     def call(*flat: Any) -> list:

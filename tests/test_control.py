@@ -7,6 +7,7 @@ import pytest
 from jax import lax
 
 import jlora
+from jlora.lazy import MaterializeWarning
 from oracle import check_against_oracle
 from test_rules import random_lora
 
@@ -95,7 +96,8 @@ def test_custom_jvp_with_lazy_input_keeps_the_rule(params):
         return y, 2.0 * (1 - y**2) * (dx @ w + x @ dw)  # deliberately 2x: the custom rule must be used
 
     fn = lambda p, x: f(x, p["w"])
-    check_against_oracle(fn, params, X)
+    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_jvp_call': its JVP rule"):
+        check_against_oracle(fn, params, X)
 
 
 def test_custom_vjp_with_lazy_input_keeps_the_rule(params):
@@ -111,7 +113,26 @@ def test_custom_vjp_with_lazy_input_keeps_the_rule(params):
         return ct @ w.T, 3.0 * (x.T @ ct)  # deliberately 3x on w's cotangent
 
     f.defvjp(fwd, bwd)
-    check_against_oracle(lambda p, x: f(x, p["w"]), params, X)
+    jlora.apply(lambda p, x: f(x, p["w"]))(params, X)  # no derivative, no materialisation: no warning
+    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_vjp_call': its fwd and bwd"):
+        check_against_oracle(lambda p, x: f(x, p["w"]), params, X)
+
+
+def test_dropout_inside_while_loop_differs_per_iteration():
+    p = jlora.lora_init(jax.random.key(0), {"w": jnp.ones((8, 8))}, jlora.LoraConfig(rank=2, targets=["w"], dropout=0.5))
+    p = {"w": p["w"].replace(b=jnp.ones_like(p["w"].b))}
+    x = jnp.ones((1, 8))
+
+    def fn(p, x):  # row i of the result: the adapted matmul in iteration i
+        def body(c):
+            i, rows = c
+            return i + 1, rows.at[i].set((x @ p["w"])[0])
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, jnp.zeros((3, 8))))[1]
+
+    rows = jlora.apply(fn)(p, x, lora_rng=jax.random.key(1))
+    assert not np.allclose(rows[0], rows[1]) and not np.allclose(rows[1], rows[2])
+    same = jlora.apply(fn)(p, x)  # no key: deterministic, every iteration alike
+    np.testing.assert_allclose(same[0], same[2])
 
 
 def test_dropout_inside_scan_differs_per_step(params):
