@@ -58,22 +58,23 @@ def main() -> None:
     model = Transformer()
     params = model.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
 
-    def fit(loss_fn, p, tx, steps, offset):
+    def fit(loss_fn, p, frozen, tx, steps, offset):
+        """Train ``p`` on ``loss_fn(p, frozen, seq)``; ``frozen`` is an argument of the step, not a constant."""
         state = tx.init(p)
 
         @jax.jit
-        def step(p, state, key):
-            loss, g = jax.value_and_grad(loss_fn)(p, batch(key, offset))
+        def step(p, frozen, state, key):
+            loss, g = jax.value_and_grad(loss_fn)(p, frozen, batch(key, offset))
             u, state = tx.update(g, state, p)
             return optax.apply_updates(p, u), state, loss
 
         for i in range(steps):
-            p, state, loss = step(p, state, jax.random.key(i))
+            p, state, loss = step(p, frozen, state, jax.random.key(i))
         return p, float(loss)
 
     # A base model that counts by 1.
-    base_loss = lambda p, seq: next_token_loss(model.apply({"params": p}, seq[:, :-1]), seq)
-    params, loss = fit(base_loss, params, optax.adam(3e-3), 150, offset=1)
+    base_loss = lambda p, _, seq: next_token_loss(model.apply({"params": p}, seq[:, :-1]), seq)
+    params, loss = fit(base_loss, params, None, optax.adam(3e-3), 150, offset=1)
     print(f"base model (count by 1): loss {loss:.3f}")
 
     # LoRA teaches it to count by 3.
@@ -84,9 +85,10 @@ def main() -> None:
     print(jlora.summary(lora))
     forward = jlora.apply(model.apply)
     trainable, frozen = jlora.split(lora)
-    lora_loss = lambda t, seq: next_token_loss(forward({"params": jlora.combine(t, frozen)}, seq[:, :-1]), seq)
-    before = float(lora_loss(trainable, batch(jax.random.key(99), 3)))
-    trainable, after = fit(lora_loss, trainable, jlora.optimizer(optax.adam(3e-3), trainable, b_lr_ratio=4.0), 150, 3)
+    lora_loss = lambda t, f, seq: next_token_loss(forward({"params": jlora.combine(t, f)}, seq[:, :-1]), seq)
+    before = float(lora_loss(trainable, frozen, batch(jax.random.key(99), 3)))
+    tx = jlora.optimizer(optax.adam(3e-3), trainable, b_lr_ratio=4.0)
+    trainable, after = fit(lora_loss, trainable, frozen, tx, 150, 3)
     print(f"LoRA (count by 3): loss {before:.3f} -> {after:.3f}")
 
     lora = jlora.combine(trainable, frozen)

@@ -42,14 +42,14 @@ def main() -> None:
     opt_state = tx.init(trainable)
 
     @jax.jit
-    def step(trainable, opt_state):
+    def step(trainable, frozen, opt_state, x, y):  # arguments, not closed over: no baked-in constants
         loss, g = jax.value_and_grad(lambda t: jnp.mean((forward(jlora.combine(t, frozen), x) - y) ** 2))(trainable)
         updates, opt_state = tx.update(g, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     first = None
     for _ in range(200):
-        trainable, opt_state, loss = step(trainable, opt_state)
+        trainable, opt_state, loss = step(trainable, frozen, opt_state, x, y)
         first = float(loss) if first is None else first
     print(f"loss {first:.4f} -> {float(loss):.4f}")
 

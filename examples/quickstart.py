@@ -48,17 +48,19 @@ def task(key: jax.Array, shift: float, n: int = 512) -> tuple[jax.Array, jax.Arr
     return x, y
 
 
-def train(loss_fn, params, tx, steps: int):
+def train(loss_fn, params, tx, steps: int, *args):
+    """``steps`` of ``tx`` on ``loss_fn(params, *args)``. ``args`` (frozen weights, data) are passed to
+    the jitted step, not closed over: a closed-over array would be compiled in as a constant."""
     state = tx.init(params)
 
     @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+    def step(params, state, *args):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *args)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     for _ in range(steps):
-        params, state, loss = step(params, state)
+        params, state, loss = step(params, state, *args)
     return params, float(loss)
 
 
@@ -68,7 +70,7 @@ def main() -> None:
 
     # 1. A base model for task A.
     xa, ya = task(jax.random.key(1), shift=0.0)
-    base, loss_a = train(lambda p: jnp.mean((mlp(p, xa) - ya) ** 2), base, optax.adam(1e-3), STEPS)
+    base, loss_a = train(lambda p, x, y: jnp.mean((mlp(p, x) - y) ** 2), base, optax.adam(1e-3), STEPS, xa, ya)
     print(f"base model, task A loss: {loss_a:.2e}")
 
     # 2. LoRA on task B: adapters on the hidden layers, the 1-output head fully trained.
@@ -81,12 +83,12 @@ def main() -> None:
     tx = jlora.optimizer(optax.adam(1e-3), params, b_lr_ratio=4.0)
     trainable, frozen = jlora.split(params)
 
-    def loss_fn(trainable):
-        return jnp.mean((forward(jlora.combine(trainable, frozen), xb) - yb) ** 2)
+    def loss_fn(trainable, frozen, x, y):
+        return jnp.mean((forward(jlora.combine(trainable, frozen), x) - y) ** 2)
 
-    before = float(loss_fn(trainable))
+    before = float(loss_fn(trainable, frozen, xb, yb))
     start = time.perf_counter()
-    trainable, after = train(loss_fn, trainable, tx, STEPS)
+    trainable, after = train(loss_fn, trainable, tx, STEPS, frozen, xb, yb)
     print(f"task B loss: {before:.3e} -> {after:.3e} with LoRA ({STEPS} steps, {time.perf_counter() - start:.1f} s)")
     params = jlora.combine(trainable, frozen)
 

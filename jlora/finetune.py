@@ -176,17 +176,18 @@ class Run:
     interrupted: bool = False
 
 
-def train(loss_fn: Callable, trainable: Any, tx: Any, batches: Iterator, steps: int, label: str,
+def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iterator, steps: int, label: str,
           on_save: Callable[[Any, int], None] | None = None, save_every: int = 0,
           tokens_per_step: int = 0) -> tuple[Any, Run]:
-    """A jitted loop with a progress bar (loss, throughput); Ctrl-C stops it cleanly."""
+    """A jitted loop of ``loss_fn(trainable, frozen, batch)`` with a progress bar (loss, throughput);
+    Ctrl-C stops it cleanly. ``frozen`` is an argument of the step, so it never becomes HLO constants."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     state = tx.init(trainable)
 
     @jax.jit
-    def step(t, s, batch):
-        loss, g = jax.value_and_grad(loss_fn)(t, batch)
+    def step(t, f, s, batch):
+        loss, g = jax.value_and_grad(loss_fn)(t, f, batch)
         u, s = tx.update(g, s, t)
         return optax.apply_updates(t, u), s, loss
 
@@ -199,7 +200,7 @@ def train(loss_fn: Callable, trainable: Any, tx: Any, batches: Iterator, steps: 
         bar = progress.add_task(label, total=steps, info="")
         try:
             for i in range(steps):
-                trainable, state, loss = step(trainable, state, next(batches))
+                trainable, state, loss = step(trainable, frozen, state, next(batches))
                 losses.append(float(loss))
                 rate = tokens_per_step * (i + 1) / (time.perf_counter() - start)
                 progress.update(bar, advance=1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
@@ -249,12 +250,13 @@ def classify(opts: Options) -> dict:
                                "split": [len(train_idx), len(val_idx), len(test_idx)]}
     runs: dict[str, Run] = {}
     if opts.baseline:  # a frozen encoder with the same head, trained for the same steps on the same batches
-        embed = jax.jit(lambda i, m: pooled(model.params, i, m))
-        feats = np.concatenate([np.asarray(embed(ids[i:i + 64], mask[i:i + 64])) for i in range(0, len(texts), 64)])
-        head_loss = lambda h, b: xent(b["x"] @ h["kernel"] + h["bias"], b["y"])
+        embed = jax.jit(pooled)
+        feats = np.concatenate([np.asarray(embed(model.params, ids[i:i + 64], mask[i:i + 64]))
+                                for i in range(0, len(texts), 64)])
+        head_loss = lambda h, _, b: xent(b["x"] @ h["kernel"] + h["bias"], b["y"])
         best = None  # the head alone is cheap: give it its best learning rate on the validation split
         for lr in sorted({opts.lr, 1e-2, 3e-2, 1e-1}):
-            head, run = train(head_loss, head0, optax.adamw(lr, weight_decay=0.01),
+            head, run = train(head_loss, head0, None, optax.adamw(lr, weight_decay=0.01),
                               batches(lambda r: {"x": feats[r], "y": labels[r]}), steps,
                               f"baseline (frozen encoder, lr {lr:g})", tokens_per_step=tokens_per_step)
             predict = lambda r, head=head: feats[r] @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
@@ -272,13 +274,13 @@ def classify(opts: Options) -> dict:
     def logits_of(p, ids, mask):
         return pooled(p["encoder"], ids, mask) @ p["head"]["kernel"].value + p["head"]["bias"].value
 
-    loss_fn = lambda t, b: xent(logits_of(jlora.combine(t, frozen), b["ids"], b["mask"]), b["y"])
+    loss_fn = lambda t, f, b: xent(logits_of(jlora.combine(t, f), b["ids"], b["mask"]), b["y"])
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "classify",
             "classes": classes, "model_prefix": "encoder"}
     saver = lambda t, step: save_adapter(out / "adapter", jlora.combine(t, frozen), lora_config=cfg,
                                          metadata={**meta, "step": step})
     trainable, runs["lora"] = train(
-        loss_fn, trainable, jlora.optimizer(tx, trainable, b_lr_ratio=opts.b_lr_ratio),
+        loss_fn, trainable, frozen, jlora.optimizer(tx, trainable, b_lr_ratio=opts.b_lr_ratio),
         batches(lambda r: {"ids": ids[r], "mask": mask[r], "y": labels[r]}), steps, "LoRA", saver,
         opts.save_every, tokens_per_step)
     saver(trainable, len(runs["lora"].losses))
@@ -308,8 +310,8 @@ def causal_lm(opts: Options) -> dict:
     trainable, frozen = jlora.split(jlora.hf.lora_init(jax.random.key(opts.seed), model, cfg))
     forward = jlora.apply(model.__call__)
 
-    def loss_fn(t, seq):
-        logits = forward(seq[:, :-1], params=jlora.combine(t, frozen)).logits
+    def loss_fn(t, f, seq):
+        logits = forward(seq[:, :-1], params=jlora.combine(t, f)).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, seq[:, 1:]).mean()
 
     def batches():
@@ -321,7 +323,7 @@ def causal_lm(opts: Options) -> dict:
     saver = lambda t, step: save_adapter(out / "adapter", jlora.combine(t, frozen), lora_config=cfg,
                                          metadata={**meta, "step": step})
     tx = jlora.optimizer(optax.adamw(opts.lr), trainable, b_lr_ratio=opts.b_lr_ratio)
-    trainable, run = train(loss_fn, trainable, tx, batches(), steps, "LoRA", saver, opts.save_every,
+    trainable, run = train(loss_fn, trainable, frozen, tx, batches(), steps, "LoRA", saver, opts.save_every,
                            opts.batch_size * opts.max_length)
     saver(trainable, len(run.losses))
     results = {"steps": len(run.losses), "first_loss": run.losses[0] if run.losses else None,
