@@ -95,6 +95,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
                 raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
+            if not _is_float_array(leaf) and pat.match(path) == LEAF:
+                raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
+                                 "only float arrays can be trained")
+        tuned = [pat for pat in tuned if _is_float_array(leaf)]  # a subtree's counters and flags stay frozen
+        for pat in tuned:
             hits[pat] += not chosen
         if chosen:
             adapt.append(path)
@@ -191,9 +196,9 @@ def lora_init(
         if layout is None:
             raise ValueError(
                 f"kernel '{path}' has shape {tuple(w.shape)}: jlora cannot tell its input and output axes. "
-                "Pass lora_init(..., infer_layout=lambda p: model.apply(p, example_input)) or declare "
-                f"LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': 'iio'}}) "
-                "(letters b/i/o per axis)"
+                "Pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)) or "
+                f"declare LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': "
+                f"'{'i' * (w.ndim - 1)}o'}}) (one letter per axis: b batch, i input, o output)"
             )
         if layout.ndim != w.ndim:
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")

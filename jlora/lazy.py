@@ -11,6 +11,7 @@ param path, once. Correctness never depends on rule coverage; only speed does.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import warnings
 from collections import OrderedDict
@@ -290,6 +291,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     """
     if recompute not in (False, True, "inputs"):
         raise ValueError(f"recompute must be False, True or 'inputs', got {recompute!r}")
+    try:
+        own = "lora_rng" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        own = False
+    if own:
+        raise ValueError(f"jlora.apply: {getattr(fn, '__name__', fn)!s} has a parameter named 'lora_rng', "
+                         "the keyword the wrapped function takes for LoRA dropout's key; rename it")
     cache: OrderedDict = OrderedDict()
 
     @functools.wraps(fn)

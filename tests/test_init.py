@@ -52,6 +52,12 @@ def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_nam
         assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=named)))) == ["enc/embed/embedding"]
 
 
+def test_a_trainable_subtree_leaves_its_integer_leaves_frozen():
+    tree = {"q": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "count": jnp.array(0)}}
+    p = lora_init(KEY, tree, LoraConfig(rank=2, targets=["q"], trainable=["head"]))
+    assert isinstance(p["head"]["kernel"], jlora.Trainable) and not isinstance(p["head"]["count"], jlora.Trainable)
+
+
 def test_exclude_rank_alpha_patterns_rslora_dtype_dropout_trainable():
     cfg = LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], exclude=["layers/1/**"],
                      rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True,
@@ -116,6 +122,7 @@ def test_infer_layout_for_scanned_dense_general():
          "patterns .* all match 'layers/0/attn/q_proj/kernel' with different values"),
         (LoraConfig(targets=["q_proj"], trainable=["q_proj/kernel"]), "both a LoRA target and LoraConfig.trainable"),
         (LoraConfig(targets=["q_proj"], trainable=["nothing_here"]), "trainable: pattern 'nothing_here' matches no"),
+        (LoraConfig(targets=["q_proj"], trainable=["step"]), r"trainable 'step' matches 'step', a int32\[\] leaf"),
         (LoraConfig(targets=["q_proj"], rank_pattern={"q_prj": 2}), r"rank_pattern: pattern 'q_prj' matches no param; nearest"),
         (LoraConfig(targets=["q_proj"], alpha_pattern={"zzz": 2}), "alpha_pattern: pattern 'zzz' matches no param"),
     ],
@@ -126,8 +133,10 @@ def test_bad_input_names_the_path(cfg, match):
 
 
 def test_nd_kernel_without_layout_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout"):
+    with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout.*'k': 'iio'"):
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))
+    with pytest.raises(ValueError, match=r"'conv': 'iiio'"):
+        lora_init(KEY, {"conv": {"kernel": jnp.ones((3, 3, 4, 8))}}, LoraConfig(rank=2, targets=["conv"]))
 
 
 def test_params_whose_paths_collide_are_refused_not_overwritten():
