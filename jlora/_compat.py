@@ -71,6 +71,17 @@ def shard_map_axes(params: dict) -> set:
     return set(params["manual_axes"] if "manual_axes" in params else params["newly_manual_axes"])
 
 
+def primitives(*names: str) -> frozenset:
+    """Primitive objects of ``jax.extend.core.primitives`` by name (``"tanh"`` for ``tanh_p``), for
+    membership tests by object; a name a JAX version lacks is left out.
+
+    Example:
+        >>> primitives("tanh", "no_such_primitive") == {jax.extend.core.primitives.tanh_p}
+        True
+    """
+    return frozenset(getattr(_p, f"{n}_p") for n in names if hasattr(_p, f"{n}_p"))
+
+
 custom_jvp_call_p = _p.custom_jvp_call_p
 custom_vjp_call_p = _p.custom_vjp_call_p
 # JAX 0.7 renamed pjit_p to jit_p.

@@ -41,16 +41,16 @@ from jlora import _compat
 from jlora.lazy import Frame
 from jlora.weight import LoraWeight
 
-# Elementwise primitives (by name: stable across JAX releases) a chain may replay.
-_LINEAR = {
-    "add", "sub", "neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze",
-    "expand_dims", "copy", "reduce_precision", "select_n",
-}
-_NONLINEAR = {
+# Elementwise primitives a chain may replay (compared by object, see jlora._compat).
+_LINEAR = _compat.primitives(
+    "add", "sub", "neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "copy",
+    "reduce_precision", "select_n",
+)
+_NONLINEAR = _compat.primitives(
     "mul", "div", "exp", "exp2", "log", "log1p", "expm1", "logistic", "tanh", "rsqrt", "sqrt",
     "integer_pow", "pow", "square", "max", "min", "erf", "abs", "sin", "cos",
-}
-_PASS_THROUGH = {"convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "expand_dims", "copy"}
+)
+_PASS_THROUGH = _compat.primitives("convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "copy")
 _MAX_CHAIN = 64
 
 
@@ -71,10 +71,9 @@ class Chain:
 
 def _kind(eqn: Any) -> str | None:
     """'linear', 'nonlinear' or None (not elementwise) for one equation."""
-    name = eqn.primitive.name
-    if name in _LINEAR:
+    if eqn.primitive in _LINEAR:
         return "linear"
-    if name in _NONLINEAR:
+    if eqn.primitive in _NONLINEAR:
         return "nonlinear"
     inner = eqn.params.get("jaxpr") if eqn.primitive is _compat.jit_p else (
         eqn.params.get("call_jaxpr") if eqn.primitive is _compat.custom_jvp_call_p else None)
@@ -130,7 +129,7 @@ def _find(frame: Frame, x_var: Any) -> Chain | None:
     kept = {v for i in chain if kinds[i] == "nonlinear" for v in frame.eqns[i].invars if not _compat.is_literal(v)}
     for i in sorted(chain, reverse=True):
         eqn = frame.eqns[i]
-        if eqn.outvars[0] in kept and eqn.primitive.name in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
+        if eqn.outvars[0] in kept and eqn.primitive in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
             kept.add(eqn.invars[0])
     big = lambda v: _nbytes(v) * 4 >= _nbytes(x_var)
     if not kept or any(big(v) and v not in kept for v in leaves):
