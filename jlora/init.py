@@ -82,9 +82,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
                     )
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
-            # a subtree match adapts its kernels; an embedding table only where the pattern names
-            # its module ("embed_tokens"), not a broader subtree ("model")
-            weight = name == "kernel" or (name == "embedding" and any(
+            # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding
+            # table only where the pattern names its module ("embed_tokens"), not a broader subtree
+            weight = name in ("kernel", "weight") or (name == "embedding" and any(
                 kind and pat.match(parent) == LEAF for pat, kind in kinds.items()))
             chosen = bool(direct) or (
                 any(kinds.values()) and weight and _is_float_array(leaf) and leaf.ndim >= 2
@@ -192,7 +192,14 @@ def lora_init(
         layouts = {str(l): l for pat, l in declared if pat.match(path)}
         if len(layouts) > 1:
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
-        layout = next(iter(layouts.values()), None) or inferred.get(path) or Layout.default(w.ndim)
+        layout = next(iter(layouts.values()), None) or inferred.get(path)
+        if layout is None and path.rsplit("/", 1)[-1] == "weight" and w.ndim == 2:
+            raise ValueError(
+                f"'{path}' is a 2-D 'weight': jlora does not guess whether it is stored (out, in), as in "
+                "Equinox and PyTorch, or (in, out). Pass lora_init(..., infer_layout=lambda m: m(example_input)) "
+                "or declare LoraConfig(layouts={'weight': 'oi'}) ('io' for (in, out))"
+            )
+        layout = layout or Layout.default(w.ndim)
         if layout is None:
             raise ValueError(
                 f"kernel '{path}' has shape {tuple(w.shape)}: jlora cannot tell its input and output axes. "

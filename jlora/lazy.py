@@ -238,7 +238,8 @@ def evaluate_closed(closed: Any, args: Sequence[Any], ctx: Context) -> list:
 
 # --- apply --------------------------------------------------------------------------------------
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array leaf (traced by ``apply``); other leaves stay static."""
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or _compat.is_tracer(x)
 
 
@@ -314,7 +315,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
-            elif _is_array(leaf):
+            elif is_array(leaf):
                 values.append(leaf)
                 abstract.append(leaf)  # make_jaxpr takes its type (shape, dtype, weak type, vma)
                 dynamic.append(i)

@@ -15,7 +15,7 @@ import jax
 
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
-from jlora.lazy import Context, evaluate_closed, register
+from jlora.lazy import Context, evaluate_closed, is_array, register
 from jlora.weight import Lazy
 
 
@@ -146,20 +146,25 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str]) -
     from jlora.paths import path_str
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaf_paths = [path_str(kp) for kp, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf)]  # others (an Equinox activation) stay static
+    leaf_paths = [path_str(flat[i][0]) for i in dynamic]
     wanted = set(paths)
-    abstract = [_compat.abstractify(leaf) for _, leaf in flat]
+    abstract = [_compat.abstractify(leaves[i]) for i in dynamic]
 
-    def call(*leaves: Any) -> Any:
-        return fn(jax.tree_util.tree_unflatten(treedef, list(leaves)))
+    def call(*arrays: Any) -> Any:
+        full = list(leaves)
+        for i, a in zip(dynamic, arrays):
+            full[i] = a
+        return fn(jax.tree_util.tree_unflatten(treedef, full))
 
     closed = jax.make_jaxpr(call)(*abstract)
     records: dict[str, list[str]] = {}
 
-    def run(*leaves: Any) -> Any:
+    def run(*arrays: Any) -> Any:
         vals = [
             Probe(v, p, tuple((i,) for i in range(v.ndim))) if p in wanted else v
-            for p, v in zip(leaf_paths, leaves)
+            for p, v in zip(leaf_paths, arrays)
         ]
         out = evaluate_closed(closed, vals, Context(records=records))
         return [o.materialize() if isinstance(o, Lazy) else o for o in out]

@@ -52,6 +52,17 @@ def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_nam
         assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=named)))) == ["enc/embed/embedding"]
 
 
+def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
+    tree = {"lin": {"weight": jnp.ones((4, 8)), "bias": jnp.zeros(4)}}  # Equinox/PyTorch: (out, in)
+    with pytest.raises(ValueError, match=r"'lin/weight' is a 2-D 'weight'.*layouts=\{'weight': 'oi'\}"):
+        lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]))
+    lw = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"], layouts={"weight": "oi"}))["lin"]["weight"]
+    assert lw.a.shape == (8, 2) and lw.b.shape == (2, 4)
+    inferred = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]),
+                         infer_layout=lambda p: jnp.ones((3, 8)) @ p["lin"]["weight"].T)["lin"]["weight"]
+    assert str(inferred.layout) == "oi"
+
+
 def test_a_trainable_subtree_leaves_its_integer_leaves_frozen():
     tree = {"q": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "count": jnp.array(0)}}
     p = lora_init(KEY, tree, LoraConfig(rank=2, targets=["q"], trainable=["head"]))

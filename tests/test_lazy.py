@@ -2,6 +2,7 @@
 
 import warnings
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,20 @@ def test_nnx_model_via_split_and_merge():
     adapted = [x.path for x in jax.tree.leaves(p, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)]
     assert adapted == ["down/kernel", "up/kernel"]
     check_against_oracle(fn, p, jax.random.normal(KEY, (3, 6)))
+
+
+def test_equinox_model_with_inferred_layouts():
+    model = eqx.nn.MLP(6, 3, 12, 2, key=KEY)  # Linear weights are (out, in); activations are leaves
+    x = jax.random.normal(KEY, (4, 6))
+    fn = lambda m, x: jax.vmap(m)(x)
+    p = lora(model, ["layers"], fn=lambda m: fn(m, x))
+    layouts = {w.path: str(w.layout) for w in jax.tree.leaves(p, is_leaf=jlora.weight.is_node)
+               if isinstance(w, jlora.LoraWeight)}
+    assert layouts == {f"layers/{i}/weight": "oi" for i in range(3)}
+    check_against_oracle(fn, p, x, jit=False)  # jax.jit cannot take the activations: eqx.filter_jit can
+    trainable, frozen = jlora.split(p)
+    grads = eqx.filter_jit(jax.grad(lambda t, f: jlora.apply(fn)(jlora.combine(t, f), x).sum()))(trainable, frozen)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
 
 
 def test_trace_is_cached_per_signature():

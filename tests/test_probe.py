@@ -37,3 +37,9 @@ def test_conflicting_uses_warn_and_keep_the_first():
 
 def test_unused_kernel_has_no_layout():
     assert infer_layouts(lambda p: p["w"].sum(), {"w": jnp.ones((2, 3, 4))}, ["w"]) == {}
+
+
+def test_leaves_that_are_not_arrays_stay_static():
+    params = {"w": jnp.ones((3, 4)), "act": jnp.tanh, "name": "layer"}  # an Equinox module's fields
+    got = infer_layouts(lambda p: p["act"](jnp.ones((2, 4)) @ p["w"].T), params, ["w"])
+    assert str(got["w"]) == "oi"
