@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +155,9 @@ def _check_alpha(name: str, value: Any) -> float:
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
-    if not isinstance(value, (list, tuple)):
+    elif isinstance(value, (set, frozenset)):  # PEFT's target_modules are often sets
+        value = sorted(value, key=str)
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise ValueError(f"LoraConfig: {name} must be a pattern or a list of patterns, got {value!r}")
     value = tuple(value)
     try:
@@ -179,8 +181,8 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
 
 
 def check_key(key: Any, where: str) -> None:
-    """Refuse anything but a PRNG key (``jax.random.key`` or a legacy ``uint32[2]`` key) with a
-    message naming ``where`` it was passed.
+    """Refuse anything but a PRNG key (``jax.random.key``, or a legacy ``uint32`` key: 2 words for
+    threefry, 4 for rbg) with a message naming ``where`` it was passed.
 
     Example:
         >>> import jax
@@ -188,7 +190,7 @@ def check_key(key: Any, where: str) -> None:
     """
     dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
-    legacy = dtype == jnp.uint32 and shape == (2,)
+    legacy = dtype == jnp.uint32 and shape in ((2,), (4,))  # threefry; rbg and unsafe_rbg
     if not (typed or legacy):
         what = f"{dtype}{list(shape)}" if shape is not None else repr(key)
         raise ValueError(f"{where}: expected a PRNG key (jax.random.key(seed)), got {what}")

@@ -108,13 +108,18 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     for pat, n in hits.items():
         if n == 0:
             option = "targets" if pat in targets else "trainable"
+            matched = [p for p in paths if pat.match(p)]
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
-                + (" it can use" if any(pat.match(p) for p in paths) else "")
+                + (" it can use" if matched else "")
+                + (" (an embedding table is adapted only by a pattern naming its module)"
+                   if any(p.endswith("/embedding") for p in matched) else "")
                 + f"; nearest paths: {nearest(pat.text, paths)}"
             )
     if not adapt:
-        raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}")
+        raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
+                         + ("; 'all-linear' adapts Flax 'kernel' leaves: name other modules in targets"
+                            if all_linear else ""))
     for option in ("rank_pattern", "alpha_pattern"):  # (layouts may describe a whole model family)
         for text, _ in getattr(config, option):
             if not any(Pattern(text).match(p) for p in paths):
@@ -194,10 +199,13 @@ def lora_init(
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
         layout = next(iter(layouts.values()), None) or inferred.get(path)
         if layout is None and path.rsplit("/", 1)[-1] == "weight" and w.ndim == 2:
+            how = ("infer_layout saw no matmul or lookup it could read; declare it"
+                   if infer_layout is not None else
+                   "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")
             raise ValueError(
                 f"'{path}' is a 2-D 'weight': jlora does not guess whether it is stored (out, in), as in "
-                "Equinox and PyTorch, or (in, out). Pass lora_init(..., infer_layout=lambda m: m(example_input)) "
-                "or declare LoraConfig(layouts={'weight': 'oi'}) ('io' for (in, out))"
+                f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "
+                f"LoraConfig(layouts={{'{path}': 'oi'}}) ('io' for (in, out))"
             )
         layout = layout or Layout.default(w.ndim)
         if layout is None:

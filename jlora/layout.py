@@ -46,7 +46,7 @@ class Layout:
             raise ValueError(f"layout {spec!r}: use a string of one letter per kernel axis, e.g. 'io', 'oi', 'iio', 'bio'")
         letters = spec.replace(",", "").replace(" ", "")
         bad = sorted(set(letters) - set(ROLES))
-        if not isinstance(spec, str) or bad:
+        if bad:
             raise ValueError(
                 f"layout {spec!r}: use one letter per kernel axis from 'b' (batch), 'i' (input), "
                 f"'o' (output), e.g. 'io', 'oi', 'iio', 'bio'; got {bad or spec!r}"

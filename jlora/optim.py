@@ -47,13 +47,14 @@ def _group(params: Any) -> Any:
 def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
     """Train adapters only: ``tx`` on ``LoraWeight`` factors and ``Trainable`` leaves, nothing else.
 
-    An ``optax.multi_transform`` over the trainable half of ``jlora.split``: ``lora_a``, ``lora_b``
-    and ``trainable`` leaves (see ``jlora.labels``) share one ``tx`` — so a clipping or global-norm
+    An ``optax.multi_transform`` applied to the trainable half of ``jlora.split``: ``lora_a``,
+    ``lora_b`` and ``trainable`` leaves (see ``jlora.labels``) share one ``tx`` — so a clipping or global-norm
     transform inside ``tx`` sees all adapter gradients together and nothing else — followed by a
     scale of ``b_lr_ratio`` on ``lora_b`` updates (LoRA+). Frozen leaves get zero updates and no
     state. ``init``, ``update``'s gradients and its ``params`` may each be the full tree or the
     trainable half (a state made from one serves the other); updates come back in the gradients'
-    structure. ``params``, if given, is checked to hold at least one adapter.
+    structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
+    ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter.
 
     Example:
         >>> import jax.numpy as jnp
@@ -66,8 +67,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     """
     if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, (int, float)) or not 0 < b_lr_ratio < math.inf:
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
-    if not isinstance(tx, optax.GradientTransformation):
-        raise ValueError(f"jlora.optimizer: tx must be an optax.GradientTransformation, got {type(tx).__name__}")
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None and not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
         raise ValueError("jlora.optimizer: params hold no LoraWeight or Trainable leaf; call jlora.lora_init first")
     adapter = tx if b_lr_ratio == 1.0 else optax.chain(tx, scale_lora_b(b_lr_ratio))
@@ -76,9 +77,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     def init(params: Any) -> Any:
         return inner.init(split(params)[0])
 
-    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
-        out, state = inner.update(trainable, state, None if params is None else split(params)[0])
+        out, state = inner.update(trainable, state, None if params is None else split(params)[0], **extra_args)
         return combine(out, jax.tree.map(jnp.zeros_like, frozen)), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -45,3 +45,8 @@ def test_hashable_equal_and_round_trips_through_a_dict():
 def test_bad_options_name_what_is_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+def test_pattern_lists_may_be_sets_or_tuples():
+    assert LoraConfig(targets={"v_proj", "q_proj"}).targets == ("q_proj", "v_proj")
+    assert LoraConfig(targets=("q_proj",), exclude={"x"}).exclude == ("x",)

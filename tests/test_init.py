@@ -50,11 +50,14 @@ def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_nam
     assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=["enc"])))) == ["enc/q/kernel"]
     for named in (["embed"], ["enc/embed"], ["re:enc/emb.*"]):
         assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=named)))) == ["enc/embed/embedding"]
+    tables_only = {"enc": {"embed": {"embedding": jnp.ones((50, 16))}}, "q": {"kernel": jnp.ones((16, 16))}}
+    with pytest.raises(ValueError, match=r"'enc' matches no param it can use \(an embedding table is adapted only"):
+        lora_init(KEY, tables_only, LoraConfig(rank=2, targets=["q", "enc"]))
 
 
 def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     tree = {"lin": {"weight": jnp.ones((4, 8)), "bias": jnp.zeros(4)}}  # Equinox/PyTorch: (out, in)
-    with pytest.raises(ValueError, match=r"'lin/weight' is a 2-D 'weight'.*layouts=\{'weight': 'oi'\}"):
+    with pytest.raises(ValueError, match=r"'lin/weight' is a 2-D 'weight'.*layouts=\{'lin/weight': 'oi'\}"):
         lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]))
     lw = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"], layouts={"weight": "oi"}))["lin"]["weight"]
     assert lw.a.shape == (8, 2) and lw.b.shape == (2, 4)
