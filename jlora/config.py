@@ -25,7 +25,8 @@ class LoraConfig:
       rank: ``r``, the rank of ``a @ b``.
       alpha: scale numerator: ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
       targets: param-path patterns to adapt (see ``jlora.paths``), or ``"all-linear"`` (every
-        dense ``kernel`` except the output head); ``None`` (default) means ``"all-linear"`` for
+        dense ``kernel`` except the output head, and except conv windows where ``infer_layout``
+        shows them); ``None`` (default) means ``"all-linear"`` for
         ``jlora.lora_init`` and the model type's preset for ``jlora.hf``.
       exclude: patterns never adapted.
       rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path.

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from jlora import _compat
 from jlora.config import ALL_LINEAR, LoraConfig, check_key
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
@@ -184,11 +185,16 @@ def lora_init(
     adapt, tune = select(config, entries)
     by_path = dict(entries)
     declared = [(Pattern(p), Layout.parse(s)) for p, s in config.layouts]
-    inferred = {}
+    inferred, used_by = {}, {}
     if infer_layout is not None:
         from jlora.probe import infer_layouts
 
-        inferred = infer_layouts(infer_layout, params, adapt)
+        inferred = infer_layouts(infer_layout, params, adapt, used_by)
+        if config.targets in (None, ALL_LINEAR):  # dense kernels only, as PEFT: no conv window
+            adapt = [p for p in adapt if _compat.dot_general_p in used_by.get(p, {_compat.dot_general_p})]
+            if not adapt:
+                raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw "
+                                 "every kernel in a conv or a lookup, none in a matmul")
     new = {}
     for path in adapt:
         w = by_path[path]

@@ -59,8 +59,9 @@ class Probe(Lazy):
 jax.tree_util.register_pytree_node_class(Probe)
 
 
-def _record(ctx: Context, probe: Probe, roles: dict[int, str]) -> None:
-    """Record a use: ``roles`` maps the probe's current axes to 'b'/'i'/'o'."""
+def _record(ctx: Context, probe: Probe, roles: dict[int, str], primitive: Any) -> None:
+    """Record a use by ``primitive``: ``roles`` maps the probe's current axes to 'b'/'i'/'o'."""
+    ctx.records["used_by"].setdefault(probe.path, set()).add(primitive)
     per_axis: dict[int, str] = {ax: "b" for ax in probe.sliced}
     for cur, role in roles.items():
         for orig in probe.axes[cur]:
@@ -69,7 +70,7 @@ def _record(ctx: Context, probe: Probe, roles: dict[int, str]) -> None:
     if sorted(per_axis) != list(range(n)):
         return
     spec = "".join(per_axis[i] for i in range(n))
-    seen = ctx.records.setdefault(probe.path, [])
+    seen = ctx.records["layouts"].setdefault(probe.path, [])
     if spec not in seen:
         seen.append(spec)
 
@@ -81,7 +82,7 @@ def _dot(ctx: Context, eqn: Any, invals: list) -> Any:
         probe = invals[side]
         if isinstance(probe, Probe):
             roles = {ax: ("i" if ax in contract else "b" if ax in batch else "o") for ax in range(probe.ndim)}
-            _record(ctx, probe, roles)
+            _record(ctx, probe, roles, eqn.primitive)
     return NotImplemented
 
 
@@ -91,7 +92,7 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
     if isinstance(probe, Probe):
         dn = eqn.params["dimension_numbers"]
         indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
-        _record(ctx, probe, {ax: ("i" if ax in indexed else "o") for ax in range(probe.ndim)})
+        _record(ctx, probe, {ax: ("i" if ax in indexed else "o") for ax in range(probe.ndim)}, eqn.primitive)
     return NotImplemented
 
 
@@ -100,7 +101,7 @@ def _conv(ctx: Context, eqn: Any, invals: list) -> Any:
     probe = invals[1]
     if isinstance(probe, Probe):
         out_feature = eqn.params["dimension_numbers"][1][0]
-        _record(ctx, probe, {ax: ("o" if ax == out_feature else "i") for ax in range(probe.ndim)})
+        _record(ctx, probe, {ax: ("o" if ax == out_feature else "i") for ax in range(probe.ndim)}, eqn.primitive)
     return NotImplemented
 
 
@@ -134,8 +135,11 @@ def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(axes))]
 
 
-def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str]) -> dict[str, Layout]:
-    """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them.
+def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
+                  used_by: dict[str, set] | None = None) -> dict[str, Layout]:
+    """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them. ``used_by``, if
+    given, receives the primitives that use each kernel (of ``dot_general``, ``gather`` and
+    ``conv_general_dilated``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -159,7 +163,7 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str]) -
         return fn(jax.tree_util.tree_unflatten(treedef, full))
 
     closed = jax.make_jaxpr(call)(*abstract)
-    records: dict[str, list[str]] = {}
+    records: dict[str, dict] = {"layouts": {}, "used_by": {}}
 
     def run(*arrays: Any) -> Any:
         vals = [
@@ -170,8 +174,10 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str]) -
         return [o.materialize() if isinstance(o, Lazy) else o for o in out]
 
     jax.make_jaxpr(run)(*abstract)
+    if used_by is not None:
+        used_by.update(records["used_by"])
     layouts = {}
-    for path, specs in records.items():
+    for path, specs in records["layouts"].items():
         first = Layout.parse(specs[0]) if _valid(specs[0]) else None
         if first is None:
             continue

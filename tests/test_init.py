@@ -45,6 +45,22 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
 
 
+def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3))(x)
+            return nn.Dense(3)(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+
+    x = jnp.ones((2, 5, 5, 2))
+    params = CNN().init(KEY, x)["params"]
+    run = lambda p: CNN().apply({"params": p}, x)
+    assert sorted(adapted(lora_init(KEY, params, LoraConfig(rank=2), infer_layout=run))) == [
+        "Dense_0/kernel", "Dense_1/kernel"]
+    named = adapted(lora_init(KEY, params, LoraConfig(rank=2, targets=["Conv_0"]), infer_layout=run))
+    assert str(named["Conv_0/kernel"].layout) == "iiio"
+
+
 def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_named():
     tree = {"enc": {"embed": {"embedding": jnp.ones((50, 16))}, "q": {"kernel": jnp.ones((16, 16))}}}
     assert sorted(adapted(lora_init(KEY, tree, LoraConfig(rank=2, targets=["enc"])))) == ["enc/q/kernel"]
