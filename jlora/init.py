@@ -53,6 +53,10 @@ def _pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, def
     return hits[0][1] if hits else default
 
 
+def _all_linear(config: LoraConfig) -> bool:
+    return config.targets in (None, ALL_LINEAR)
+
+
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs.
 
@@ -62,7 +66,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     """
     paths = [p for p, _ in entries]
     exclude = compile_patterns(config.exclude)
-    all_linear = config.targets in (None, ALL_LINEAR)
+    all_linear = _all_linear(config)
     targets = () if all_linear else compile_patterns(config.targets)
     trainable = compile_patterns(config.trainable)
     hits = {pat: 0 for pat in targets + trainable}
@@ -190,7 +194,7 @@ def lora_init(
         from jlora.probe import infer_layouts
 
         inferred = infer_layouts(infer_layout, params, adapt, used_by)
-        if config.targets in (None, ALL_LINEAR):  # dense kernels only, as PEFT: no conv window
+        if _all_linear(config):  # dense kernels only, as PEFT: no conv window
             adapt = [p for p in adapt if _compat.dot_general_p in used_by.get(p, {_compat.dot_general_p})]
             if not adapt:
                 raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw "

@@ -22,7 +22,8 @@ import numpy as np
 
 from jlora import _compat
 from jlora.config import check_key
-from jlora.weight import Lazy, LoraWeight, Trainable
+from jlora.tree import check_whole
+from jlora.weight import Lazy, Trainable
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -247,19 +248,6 @@ def _is_special(x: Any) -> bool:
     return isinstance(x, (Lazy, Trainable))
 
 
-def _check_lazy(x: Lazy) -> None:
-    half = None
-    if getattr(x, "w", x) is None:
-        half, what = "trainable", "no base weight"
-    elif isinstance(x, LoraWeight) and (x.a is None or x.b is None):
-        half, what = "frozen", "no factors"
-    if half is not None:
-        raise ValueError(
-            f"{x.describe()} has {what}: this is the {half} half of jlora.split; "
-            "pass jlora.combine(trainable, frozen) instead"
-        )
-
-
 def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
@@ -311,7 +299,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             if isinstance(leaf, Trainable):
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
-                _check_lazy(leaf)
+                check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)

@@ -75,8 +75,13 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def _check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
-    """Refuse a node from one half of ``split`` where ``op`` needs the whole tree."""
+def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
+    """Refuse a node from one half of ``split`` where ``op`` needs the whole tree (``need_w=False``:
+    the trainable half will do).
+
+    Example:
+        >>> check_whole(Trainable(jnp.zeros(2)), "bias", "jlora.merge")
+    """
     if isinstance(x, LoraWeight):
         half = "trainable" if need_w and x.w is None else "frozen" if x.a is None or x.b is None else None
     else:
@@ -97,7 +102,7 @@ def merge(tree: Any) -> Any:
     """
 
     def one(path: Any, x: Any) -> Any:
-        _check_whole(x, path_str(path), "jlora.merge")
+        check_whole(x, path_str(path), "jlora.merge")
         if isinstance(x, LoraWeight):
             return x.materialize()
         return x.value if isinstance(x, Trainable) else x
@@ -127,7 +132,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         )
     out = []
     for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
-        _check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
+        check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
         if isinstance(node, LoraWeight):
             shape = tuple(value.shape)
             fits = len(shape) == node.layout.ndim and (
@@ -219,7 +224,7 @@ def summary(tree: Any) -> Summary:
     trainable = total = 0
     targets, fully = [], []
     for path, x in leaves_with_paths(tree, is_leaf=is_node):
-        _check_whole(x, path, "jlora.summary")
+        check_whole(x, path, "jlora.summary")
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)
             trainable += n
