@@ -65,17 +65,17 @@ def run(mode: str, n_devices: int, preset: str, batch: int, seq: int, rank: int,
     r = fsdp_example.setup(mesh_axes, mode, preset, seq=seq, rank=rank, lr=1e-4)
     step, trainable, opt_state, frozen = r["step"], r["trainable"], r["opt_state"], r["frozen"]
     tokens = fsdp_example.global_batch(0, batch * n_devices, seq, r["model"].config.vocab_size, r["data_sharding"])
-    compiled = step.lower(trainable, opt_state, frozen, tokens).compile()
+    compiled = step.lower(trainable, frozen, opt_state, tokens).compile()
     compile_s = time.perf_counter() - t0
     kernels = {tuple(x.shape) for x in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
                if isinstance(x, jlora.LoraWeight)}
     reduced = all_reduced(compiled.as_text())
     for _ in range(2):  # warm-up
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
+        trainable, opt_state, loss = compiled(trainable, frozen, opt_state, tokens)
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
     for _ in range(steps):
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, tokens)
+        trainable, opt_state, loss = compiled(trainable, frozen, opt_state, tokens)
     jax.block_until_ready(loss)
     step_s = (time.perf_counter() - t0) / steps
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in r["mesh"].devices.flat]

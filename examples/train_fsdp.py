@@ -119,7 +119,7 @@ def setup(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
         logits = out.logits.astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
-    def step(trainable: Any, opt_state: Any, frozen: Any, tokens: jax.Array) -> tuple:
+    def step(trainable: Any, frozen: Any, opt_state: Any, tokens: jax.Array) -> tuple:
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
@@ -127,7 +127,7 @@ def setup(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
     trainable_shardings = sharding.shardings(trainable, mesh, rules)
     state_shardings = sharding.state_shardings(tx, opt_state, trainable_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(step, out_shardings=(trainable_shardings, state_shardings, replicated), donate_argnums=(0, 1))
+    step = jax.jit(step, out_shardings=(trainable_shardings, state_shardings, replicated), donate_argnums=(0, 2))
     return {"mesh": mesh, "model": model, "step": step, "trainable": trainable, "frozen": frozen,
             "opt_state": opt_state, "data_sharding": sharding.batch_sharding(mesh), "seq": seq}
 
@@ -143,7 +143,7 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
     for i in range(steps):
         tokens = global_batch(i, batch, seq, vocab, run["data_sharding"])
         start = time.perf_counter()
-        trainable, opt_state, loss = step(trainable, opt_state, frozen, tokens)
+        trainable, opt_state, loss = step(trainable, frozen, opt_state, tokens)
         loss = float(loss.addressable_data(0))  # replicated: every process holds it
         times.append(time.perf_counter() - start)
         losses.append(loss)

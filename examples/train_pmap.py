@@ -52,8 +52,8 @@ def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3,
         logits = forward(tokens, params=jlora.combine(trainable, frozen)).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
-    @functools.partial(jax.pmap, axis_name="data", donate_argnums=(0, 1), devices=jax.local_devices()[:n])
-    def step(trainable: Any, opt_state: Any, frozen: Any, tokens: jax.Array) -> tuple:
+    @functools.partial(jax.pmap, axis_name="data", donate_argnums=(0, 2), devices=jax.local_devices()[:n])
+    def step(trainable: Any, frozen: Any, opt_state: Any, tokens: jax.Array) -> tuple:
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
         grads, loss = lax.pmean((grads, loss), axis_name="data")  # adapter grads only
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -63,7 +63,7 @@ def train(steps: int = 30, per_device: int = 2, seq: int = 16, lr: float = 3e-3,
     opt_state = jax.pmap(tx.init, devices=jax.local_devices()[:n])(trainable)
     losses = []
     for i in range(steps):
-        trainable, opt_state, loss = step(trainable, opt_state, frozen, batches(i, n, per_device, seq, 64))
+        trainable, opt_state, loss = step(trainable, frozen, opt_state, batches(i, n, per_device, seq, 64))
         losses.append(float(loss[0]))
         if log and (i % 10 == 0 or i == steps - 1):
             print(f"step {i:3d}  loss {losses[-1]:.4f}", flush=True)

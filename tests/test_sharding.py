@@ -209,7 +209,7 @@ def _compiled_step(mesh_axes, parallel, merged=False):
     # or of its block on a device
     run = example("train_fsdp").setup(mesh_axes, parallel, seq=10, rank=4, merged=merged)
     tokens = example("train_fsdp").global_batch(0, 8, run["seq"], 128, run["data_sharding"])
-    hlo = run["step"].lower(run["trainable"], run["opt_state"], run["frozen"], tokens).compile().as_text()
+    hlo = run["step"].lower(run["trainable"], run["frozen"], run["opt_state"], tokens).compile().as_text()
     # a kernel's full shape and the shape of its block on one device
     kernels = set()
     for x in jax.tree.leaves(run["frozen"], is_leaf=lambda x: isinstance(x, jlora.LoraWeight)):
