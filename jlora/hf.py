@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora.config import LoraConfig
+from jlora.config import ALL_LINEAR, LoraConfig
+from jlora.paths import leaves_with_paths
 
 # PEFT's default targets per model type, as Flax param-path patterns.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -87,8 +88,30 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     """
     config = preset_config(model.config.model_type, config)
     params = model.params if params is None else params
+    if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
+        config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
     inputs = example_inputs(model)
     return jlora.lora_init(key, params, config, infer_layout=lambda p: model(**inputs, params=p))
+
+
+def output_embeddings(params: Any, config: Any) -> list[str]:
+    """Paths of the kernels that project onto the vocabulary outside the layer stack: a model's
+    output embeddings (an LM or MLM head that is not tied to the input table), which PEFT's
+    ``all-linear`` leaves alone whatever their name (``get_output_embeddings``).
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> params = {"cls": {"predictions": {"decoder": {"kernel": jnp.ones((32, 50))}}},
+        ...           "bert": {"encoder": {"layer": {"0": {"output": {"dense": {"kernel": jnp.ones((64, 32))}}}}}}}
+        >>> output_embeddings(params, BertConfig(vocab_size=50))
+        ['cls/predictions/decoder/kernel']
+    """
+    vocab = getattr(config, "vocab_size", None)
+    return [
+        path for path, leaf in leaves_with_paths(params)
+        if vocab and path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2 and leaf.shape[-1] == vocab
+        and not any(c.isdigit() for c in path.split("/"))  # a kernel of layer "3" is no head
+    ]
 
 
 class LoraModel:

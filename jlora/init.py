@@ -19,8 +19,11 @@ from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, near
 from jlora.sharding import factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_node
 
-# Output heads that "all-linear" leaves alone, as PEFT does.
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "logits"})
+# Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
+# trains it as a module to save), an LM head where it is the projection itself (the dense inside
+# RoBERTa's lm_head is adapted; jlora.hf.output_embeddings finds its vocabulary projection).
+HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs", "head", "output_head", "logits"})
+LM_HEAD = "lm_head"
 
 
 def _is_float_array(leaf: Any) -> bool:
@@ -40,6 +43,7 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
         and _is_float_array(leaf)
         and leaf.ndim >= 2
         and not any(c in HEAD_NAMES for c in comps)
+        and not (len(comps) > 1 and comps[-2] == LM_HEAD)
     )
 
 

@@ -176,3 +176,40 @@ def test_peft_conv2d_adapter_runs_the_same_in_jlora(tmp_path):
     assert str(params["embeddings"]["patch_embeddings"]["projection"]["kernel"].layout) == "iiio"
     got = jlora.apply(model.__call__)(pixel_values=pixels, params=params).last_hidden_state
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _untied(config_class, **kw):
+    return config_class(vocab_size=64, tie_word_embeddings=False, **kw)
+
+
+BERTLIKE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+ALL_LINEAR_CASES = {  # Flax class, PyTorch class, config; untied output embeddings where the model has them
+    "bert-mlm": (tf.FlaxBertForMaskedLM, tf.BertForMaskedLM, lambda: _untied(tf.BertConfig, **BERTLIKE)),
+    "bert-pretraining": (tf.FlaxBertForPreTraining, tf.BertForPreTraining, lambda: _untied(tf.BertConfig, **BERTLIKE)),
+    "roberta-mlm": (tf.FlaxRobertaForMaskedLM, tf.RobertaForMaskedLM, lambda: _untied(tf.RobertaConfig, **BERTLIKE)),
+    "electra-mlm": (tf.FlaxElectraForMaskedLM, tf.ElectraForMaskedLM,
+                    lambda: _untied(tf.ElectraConfig, embedding_size=32, **BERTLIKE)),
+    "llama": (tf.FlaxLlamaForCausalLM, tf.LlamaForCausalLM, lambda: _untied(
+        tf.LlamaConfig, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)),
+    "gpt2": (tf.FlaxGPT2LMHeadModel, tf.GPT2LMHeadModel, lambda: tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)),
+    "roberta-classifier": (tf.FlaxRobertaForSequenceClassification, tf.RobertaForSequenceClassification,
+                           lambda: tf.RobertaConfig(vocab_size=64, num_labels=3, **BERTLIKE)),
+    "vit-classifier": (tf.FlaxViTForImageClassification, tf.ViTForImageClassification, lambda: tf.ViTConfig(
+        image_size=16, patch_size=8, num_labels=3, **BERTLIKE)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALL_LINEAR_CASES))
+def test_all_linear_adapts_what_peft_adapts(case):
+    """The modules jlora.hf's all-linear adapts are those PEFT's all-linear adapts on the PyTorch twin:
+    the output embeddings are left alone under any name (an MLM decoder), a dense inside an LM head
+    is adapted, and a classification head is left alone whole (PEFT's SEQ_CLS task)."""
+    flax_class, torch_class, make_config = ALL_LINEAR_CASES[case]
+    config = make_config()
+    params = hf.lora_init(jax.random.key(0), flax_class(config), jlora.LoraConfig(rank=2, targets="all-linear"))
+    ours = {jlora.peft.module_name(x.path) for x in jax.tree.leaves(params, is_leaf=jlora.weight.is_node)
+            if isinstance(x, jlora.LoraWeight)}
+    task = "SEQ_CLS" if case.endswith("classifier") else None
+    theirs = peft.get_peft_model(torch_class(config), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task))
+    assert ours == set(theirs.targeted_module_names)
