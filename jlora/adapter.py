@@ -63,7 +63,13 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
 
 def write_directory(path: str | os.PathLike, write: Any) -> Path:
     """Atomically (re)place directory ``path`` by what ``write(tmp_dir)`` puts in a fresh directory
-    beside it: an interrupted write leaves the old directory as it was."""
+    beside it: an interrupted write leaves the old directory as it was.
+
+    Example:
+        >>> out = write_directory(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
+        >>> (out / "f.txt").read_text()
+        'hi'
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -87,7 +93,13 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """The adapter's JSON, with a clear error for a missing or foreign directory."""
+    """The adapter's JSON, with a clear error for a missing or foreign directory.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> read_config(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw}))["targets"]["k"]["rank"]
+        2
+    """
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
@@ -104,6 +116,13 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The adapter's arrays by key (``<param path>/a``, ``<param path>/b``, trained leaves' paths).
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> sorted(load_tensors(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})))
+        ['k/a', 'k/b']
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -118,6 +137,12 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
 
     Every key, shape and dtype is checked against the base before anything is built.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> load_adapter(path, {"k": jnp.ones((4, 4))})["k"].b.shape
+        (2, 4)
     """
     config = read_config(path)
     tensors = load_tensors(path)
@@ -160,7 +185,16 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
 
 
 def describe(path: str | os.PathLike) -> str:
-    """What an adapter holds: targets, ranks, parameter counts, size on disk."""
+    """What an adapter holds: targets, ranks, parameter counts, size on disk.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> print(describe(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})))  # doctest: +ELLIPSIS
+        adapter: ...
+        targets: 1 kernels, rank 2
+          k  4x4  layout io  r=2  scale=1
+        parameters: 16 LoRA + 0 fully trained; ... MiB on disk
+    """
     config = read_config(path)
     tensors = load_tensors(path)
     lines = [f"adapter: {Path(path)}"]

@@ -59,6 +59,17 @@ class AdapterCheckpointer:
       best_metric: a key of the ``metrics`` given to ``save``; keeps the best ``max_to_keep``.
       best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
       async_save: write in a background thread; ``wait()`` (or ``close()``) joins it.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> base = {"dense": {"kernel": jnp.ones((4, 4))}}
+        >>> params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"]))
+        >>> ckpt = AdapterCheckpointer(tempfile.mkdtemp(), async_save=False)
+        >>> ckpt.save(7, params)
+        True
+        >>> restored, _, step = ckpt.restore(base)
+        >>> step, restored["dense"]["kernel"].a.shape, ckpt.all_steps()
+        (7, (4, 2), [7])
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, best_metric: str | None = None,
@@ -77,7 +88,8 @@ class AdapterCheckpointer:
 
     def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
-        """Save the trainable half of ``params`` (and ``opt_state``) as ``step``."""
+        """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
+        it was written: like orbax, a step not newer than the latest saved one is skipped (``False``)."""
         arrays, specs = _adapter_arrays(params)
         meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None}
         items = {"adapters": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(meta)}
@@ -130,12 +142,15 @@ class AdapterCheckpointer:
         return params, opt_state, step
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or ``None``."""
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The step with the best ``best_metric`` (the latest without one), or ``None``."""
         return self._manager.best_step()
 
     def all_steps(self) -> list[int]:
+        """Every step kept on disk, oldest first."""
         return list(self._manager.all_steps())
 
     def wait(self) -> None:
@@ -143,6 +158,7 @@ class AdapterCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish any pending save and release the manager."""
         self._manager.close()
 
 

@@ -121,11 +121,21 @@ class LoraConfig:
         return hash(self._key())
 
     def replace(self, **changes: Any) -> "LoraConfig":
-        """A copy with some options changed."""
+        """A copy with some options changed (validated again).
+
+        Example:
+            >>> LoraConfig(rank=8).replace(rank=4).rank
+            4
+        """
         return LoraConfig(**{**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able options; ``LoraConfig(**cfg.to_dict()) == cfg``."""
+        """Plain JSON-able options; ``LoraConfig(**cfg.to_dict()) == cfg``.
+
+        Example:
+            >>> LoraConfig(rank=4, targets=["q_proj"]).to_dict()["targets"]
+            ['q_proj']
+        """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("rank_pattern", "alpha_pattern", "layouts"):
             out[name] = {k: (str(v) if name == "layouts" else v) for k, v in out[name]}
@@ -137,7 +147,12 @@ class LoraConfig:
         return out
 
     def scale_for(self, rank: int, alpha: float) -> float:
-        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+
+        Example:
+            >>> LoraConfig().scale_for(16, 32.0), LoraConfig(use_rslora=True).scale_for(16, 32.0)
+            (2.0, 8.0)
+        """
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 

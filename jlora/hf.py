@@ -64,7 +64,13 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
 
 
 def example_inputs(model: Any) -> dict[str, jax.Array]:
-    """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts)."""
+    """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts).
+
+    Example:
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> example_inputs(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))["input_ids"].shape
+        (1, 8)
+    """
     if "pixel_values" in _call_args(model):  # HF's Flax vision models take NCHW and transpose
         c = model.config
         return {"pixel_values": jnp.zeros((1, c.num_channels, c.image_size, c.image_size), jnp.float32)}
@@ -140,7 +146,14 @@ class LoraModel:
         return self._forward(*args, params=self.params if params is None else params, lora_rng=lora_rng, **kwargs)
 
     def generate(self, input_ids: jax.Array, *, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
-        """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters."""
+        """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters.
+
+        Example:
+            >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+            >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> lm.generate(jnp.ones((1, 3), jnp.int32), max_new_tokens=2, pad_token_id=0).sequences.shape
+            (1, 5)
+        """
         params = self.params if params is None else params
         if merged:
             return self.model.generate(input_ids, params=jlora.merge(params), **kwargs)
@@ -153,8 +166,17 @@ class LoraModel:
         return fn(params, input_ids, dynamic)
 
     def merge(self) -> Any:
-        """Plain params for the unmodified HF model (``model(..., params=lm.merge())``)."""
+        """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).
+
+        Example:
+            >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+            >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> ids = jnp.ones((1, 3), jnp.int32)
+            >>> bool(jnp.allclose(lm.model(ids, params=lm.merge()).logits, lm(ids).logits, atol=1e-5))
+            True
+        """
         return jlora.merge(self.params)
 
     def summary(self) -> jlora.Summary:
+        """``jlora.summary`` of the adapted params (see the class example)."""
         return jlora.summary(self.params)

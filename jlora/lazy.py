@@ -31,7 +31,21 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 class MaterializeWarning(UserWarning):
-    """A lazy value was materialised: correct, but the factored fast path was not taken."""
+    """A lazy value was materialised: correct, but the factored fast path was not taken.
+
+    It names the primitive and the param path, once per pair. Make it an error to catch every
+    fallback (the test suite does), or silence it for one that is expected.
+
+    Example:
+        >>> import warnings, jax.numpy as jnp
+        >>> from jlora.weight import LoraWeight
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="doc/w")
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     _ = apply(lambda w: jnp.sin(w))(lw)  # sin takes the weight whole
+        >>> print(seen[0].message)
+        jlora: LoraWeight at 'doc/w' materialised at 'sin'. The result is exact; only the factored fast path was skipped.
+    """
 
 
 def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:

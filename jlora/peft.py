@@ -13,6 +13,7 @@ jlora cannot represent are refused, never dropped.
 Example:
     >>> save_adapter("out/peft", lm.params, model.config)                          # doctest: +SKIP
     >>> params = load_adapter("out/peft", model.params, model.config)              # doctest: +SKIP
+    >>> # in PyTorch: peft.PeftModel.from_pretrained(torch_model, "out/peft")
 """
 
 from __future__ import annotations
@@ -87,7 +88,17 @@ def _factors_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, fan_in_fan_out: 
 def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> Path:
     """Write ``params``' adapters as a PEFT LoRA adapter that ``peft.PeftModel.from_pretrained`` loads
-    onto the PyTorch model with the same base weights."""
+    onto the PyTorch model with the same base weights.
+
+    Example:
+        >>> import tempfile, jlora.hf
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+        >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
+        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> sorted(f.name for f in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
     from safetensors.numpy import save_file
 
     entries = leaves_with_paths(params, is_leaf=is_node)
@@ -172,7 +183,18 @@ def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> Any:
-    """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first)."""
+    """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first).
+
+    Example:
+        >>> import tempfile, jlora.hf
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+        >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
+        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> loaded = load_adapter(out, model.params, model.config)
+        >>> str(loaded["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].layout)  # GPT-2's Conv1D: (out, in)
+        'oi'
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 

@@ -182,7 +182,15 @@ def labels(tree: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Parameter counts of a LoRA tree; ``str()`` prints a table like PEFT's summary."""
+    """Parameter counts of a LoRA tree; ``str()`` prints a table like PEFT's summary.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> base = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+        >>> s = summary(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"])))
+        >>> s.trainable, s.total, round(s.percent, 1)
+        (32, 104, 30.8)
+    """
 
     trainable: int
     total: int
@@ -191,6 +199,7 @@ class Summary:
 
     @property
     def percent(self) -> float:
+        """Trainable parameters as a percentage of all of them."""
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:

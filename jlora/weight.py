@@ -121,7 +121,13 @@ class LoraWeight(Lazy):
         return obj
 
     def replace(self, **changes: Any) -> "LoraWeight":
-        """A copy with some fields changed, without re-validating (like ``dataclasses.replace``)."""
+        """A copy with some fields changed, without re-validating (like ``dataclasses.replace``).
+
+        Example:
+            >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
+            >>> lw.replace(scale=0.5).scale
+            0.5
+        """
         fields = dict(w=self.w, a=self.a, b=self.b, scale=self.scale, layout=self.layout,
                       path=self.path, dropout=self.dropout)
         fields.update(changes)
@@ -143,7 +149,12 @@ class LoraWeight(Lazy):
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
-        """``w``'s shape, also in the trainable half of ``jlora.split`` (from ``a`` and ``b``)."""
+        """``w``'s shape, also in the trainable half of ``jlora.split`` (from ``a`` and ``b``).
+
+        Example:
+            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).kernel_shape
+            (4, 3)
+        """
         if self.w is not None:
             return tuple(self.w.shape)
         return self.layout.w_shape(self.a.shape, self.b.shape)
@@ -153,7 +164,13 @@ class LoraWeight(Lazy):
         return int(self.a.shape[-1])
 
     def delta(self) -> jax.Array:
-        """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype."""
+        """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype.
+
+        Example:
+            >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+            >>> lw.delta()[0]
+            Array([1., 1., 1.], dtype=float32)
+        """
         nb = len(self.layout.group("b"))
         d = lax.dot_general(
             self.a, self.b, (((self.a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
@@ -162,7 +179,13 @@ class LoraWeight(Lazy):
         return self.scale * d
 
     def materialize(self) -> jax.Array:
-        """``w + scale·a@b`` in ``w``'s dtype (the sum is formed in the wider of the two dtypes)."""
+        """``w + scale·a@b`` in ``w``'s dtype (the sum is formed in the wider of the two dtypes).
+
+        Example:
+            >>> lw = LoraWeight(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+            >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
+            (dtype(bfloat16), 2.0)
+        """
         delta = self.delta()
         wide = jnp.promote_types(self.w.dtype, delta.dtype)
         return (self.w.astype(wide) + delta.astype(wide)).astype(self.w.dtype)
