@@ -341,7 +341,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     key = None
     try:
-        key = (treedef, dynamic, tuple(static), tuple(_compat.type_key(a) for a in abstract))
+        # static values with their types: 1, 1.0 and True are equal keys but trace differently
+        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract))
         hash(key)
     except TypeError:
         key = None

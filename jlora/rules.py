@@ -127,7 +127,10 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         + [l for i, l in enumerate(rhs_labels) if i not in rc and i not in rb]
     )
 
-    dtype = x.dtype
+    x_in, dtype = x, x.dtype
+    if not jnp.issubdtype(dtype, jnp.inexact):  # an int or bool activation (a mask, counts): the
+        dtype = eqn.outvars[0].aval.dtype      # low-rank path runs in the result's dtype, never
+        x = x.astype(dtype)                    # in x's (that would truncate a and b)
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
     keep_out = set(out_labels)
@@ -139,7 +142,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                                        keep_out | set(b_labels), pref, prec)
         contracted = {w_labels[ax] for ax in w_contract}
         r_of = lambda labels: [r_label if l in contracted else l for l in labels]
-        if (kept and len(w_contract) == 1 and x.dtype == lw.w.dtype and joint_pays(x, x_contract[0])
+        if (kept and len(w_contract) == 1 and x_in.dtype == lw.w.dtype and joint_pays(x, x_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
@@ -156,7 +159,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         t = t.astype(dtype)
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
-    base = dot(x, lw.w)
+    base = dot(x_in, lw.w)
     out = base + y.astype(base.dtype)
     if kept:
         out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
@@ -177,7 +180,8 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not ctx.drops(lw) else []
     group = [lw] + [other for _, other in siblings]
     a = jnp.concatenate([_scaled(g.a, g.scale) for g in group], axis=-1) if siblings else _scaled(lw.a, lw.scale)
-    chain = rebuild.find(frame, eqn.invars[x_pos]) if ctx.rebuild_inputs and not ctx.drops(lw) else None
+    rebuilds = ctx.rebuild_inputs and not ctx.drops(lw) and x.dtype == eqn.invars[x_pos].aval.dtype  # x not cast
+    chain = rebuild.find(frame, eqn.invars[x_pos]) if rebuilds else None
     leaves = [frame.env.get(v) for v in chain.leaves] if chain is not None else []
     through = None
     if chain is not None and not any(v is None or is_lazy(v) for v in leaves):
@@ -249,7 +253,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         lw.a, indices, a_dn, (1,) * len(ins) + (lw.rank,),
         indices_are_sorted=eqn.params.get("indices_are_sorted", False),
         unique_indices=eqn.params.get("unique_indices", False),
-        mode=eqn.params.get("mode"), fill_value=eqn.params.get("fill_value"),
+        mode=eqn.params.get("mode"), fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
     t = lax.dot_general(rows.astype(lw.b.dtype), _scaled(lw.b, lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     # Base output: offset dims hold w's non-collapsed axes (= outs, in w order); others are batch.

@@ -144,6 +144,17 @@ def test_trace_is_cached_per_signature():
     assert len(calls) == 3
 
 
+def test_static_values_equal_across_types_trace_apart():
+    """1, 1.0 and True are equal (and hash alike) in Python, but a function can tell them apart,
+    as jax.jit's static arguments do."""
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    x = jnp.ones((1, 4))
+    count = jlora.apply(lambda p, x, n: (x @ p["w"], jnp.arange(n)))
+    assert count(p, x, 3)[1].dtype == jnp.int32 and count(p, x, 3.0)[1].dtype == jnp.float32
+    sign = jlora.apply(lambda p, x, flag: x @ p["w"] if flag is True else -(x @ p["w"]))
+    assert float(sign(p, x, 1)[0, 0]) < 0 < float(sign(p, x, True)[0, 0])
+
+
 def test_static_leaves_and_trainable_leaves_pass_through():
     params = {"w": jnp.ones((4, 4)), "bias": jnp.arange(4.0)}
     p = jlora.lora_init(KEY, params, jlora.LoraConfig(rank=2, targets=["w"], trainable=["bias"]))

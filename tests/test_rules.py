@@ -84,6 +84,24 @@ def test_gather_embedding_lookup():
     check_against_oracle(lambda p, ids: p["w"][ids], {"w": lw}, ids)
 
 
+def test_gather_out_of_range_rows_are_the_fill_value_alone():
+    lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
+    ids = jnp.array([[0, 12, 9], [-20, 2, 1]])
+    for fill in (-1.0, None):  # None: NaN, the default fill
+        check_against_oracle(lambda p, ids: jnp.take(p["w"], ids, axis=0, mode="fill", fill_value=fill), {"w": lw}, ids)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_integer_and_bool_activations_get_the_adapter_in_the_result_dtype(transposed):
+    """x @ W with an int or bool x is a mixed-dtype dot: the low-rank path must not run in x's dtype
+    (that would truncate a and b to integers)."""
+    lw = random_lora(jax.random.key(0), (6, 5), "io", 2)
+    fn = (lambda p, x: x @ p["w"].T) if transposed else (lambda p, x: x @ p["w"])
+    n = 5 if transposed else 6
+    for x in (jnp.arange(2 * n).reshape(2, n) - 4, jnp.arange(n) % 2 == 0):
+        check_against_oracle(fn, {"w": lw}, x)
+
+
 def test_gather_on_output_axis_falls_back():
     lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
     fn = lambda p, ids: jnp.take(p["w"], ids, axis=1)
