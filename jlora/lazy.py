@@ -224,6 +224,21 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     return outs
 
 
+def evaluate_eqn(ctx: Context, eqn: Any, invals: list) -> list:
+    """``eqn`` on values that may be lazy, through their kind's rules (else materialised, with a
+    warning), apart from the jaxpr being evaluated: how a ``LoraWeight`` whose ``w`` is itself lazy
+    (a quantized base weight) forms its base term, e.g. ``x·w``, with ``w``'s own rules.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> eqn = jax.make_jaxpr(jnp.sin)(1.0).eqns[0]
+        >>> evaluate_eqn(Context(), eqn, [jnp.zeros(())])[0]
+        Array(0., dtype=float32)
+    """
+    inner = Context(ctx.next_key() if ctx.rng is not None else None, ctx.records, rebuild_inputs=False)
+    return _eval_eqn(inner, None, eqn, invals)
+
+
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
     """Evaluate an open jaxpr on values that may be lazy."""
     env: dict[Any, Any] = {}

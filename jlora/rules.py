@@ -25,7 +25,7 @@ from jlora import _compat, rebuild
 from jlora.joint import joint_dot, joint_pays
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
-from jlora.lazy import Context, is_lazy, materialize, register, warn_once
+from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register, warn_once
 from jlora.weight import Lazy, LoraWeight
 
 
@@ -72,6 +72,12 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     if not unused:
         return x, labels
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
+
+
+def _bind(ctx: Context, eqn: Any, invals: list) -> list:
+    """``eqn`` on a ``LoraWeight``'s base ``w`` and plain values; a lazy ``w`` (a quantized base)
+    goes through its own rules."""
+    return evaluate_eqn(ctx, eqn, invals) if any(is_lazy(v) for v in invals) else _compat.bind(eqn, invals)
 
 
 def _scaled(factor: jax.Array, scale: float) -> jax.Array:
@@ -136,13 +142,14 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     keep_out = set(out_labels)
     kept = ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx)
     # the equation itself, with x and the weight in their places
-    dot = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
+    dot = (lambda x, w: _bind(ctx, eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _bind(ctx, eqn, [w, x])[0])
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
         contracted = {w_labels[ax] for ax in w_contract}
         r_of = lambda labels: [r_label if l in contracted else l for l in labels]
-        if (kept and len(w_contract) == 1 and x_in.dtype == lw.w.dtype and joint_pays(x, x_contract[0])
+        if (kept and not is_lazy(lw.w) and len(w_contract) == 1 and x_in.dtype == lw.w.dtype
+                and joint_pays(x, x_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
@@ -239,7 +246,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         or any(slice_sizes[ax] != lw.shape[ax] for ax in outs)
     ):
         return NotImplemented
-    base = _compat.bind(eqn, [lw.w, indices])[0]
+    base = _bind(ctx, eqn, [lw.w, indices])[0]
     k_of = {ax: k for k, ax in enumerate(ins)}
     n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
     a_dn = _compat.gather_dimension_numbers(
@@ -284,7 +291,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if layout.group("b") or set(layout.group("o")) != {rhs_spec[0]} or set(layout.group("i")) != set(rhs_spec[1:]):
         warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes")
         return NotImplemented
-    base = _compat.bind(eqn, [x, lw.w])[0]
+    base = _bind(ctx, eqn, [x, lw.w])[0]
     ins = layout.group("i")
     k_of = {ax: k for k, ax in enumerate(ins)}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
@@ -304,7 +311,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def transpose_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     perm = tuple(eqn.params["permutation"])
-    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0], layout=lw.layout.permute(perm))]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], layout=lw.layout.permute(perm))]
 
 
 @register(_compat.convert_element_type_p, LoraWeight)
@@ -313,20 +320,20 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     new = eqn.params["new_dtype"]
     if not jnp.issubdtype(new, jnp.floating):
         return NotImplemented
-    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0], a=lw.a.astype(new), b=lw.b.astype(new))]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], a=lw.a.astype(new), b=lw.b.astype(new))]
 
 
 @register(_compat.copy_p, LoraWeight)
 def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
-    return [lw.replace(w=_compat.bind(eqn, [lw.w])[0])]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0])]
 
 
 @register(_compat.sharding_constraint_p, LoraWeight)
 def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The constraint on ``w``, and the derived ones (``jlora.sharding.factor_specs``) on ``a`` and ``b``."""
     (lw,) = invals
-    w = _compat.bind(eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w])[0]
     sharding = eqn.params.get("sharding")
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return [lw.replace(w=w)]
@@ -394,7 +401,7 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     batch_a = regroup(lw.a.shape, "b", 0)
     a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
     b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
-    w = _compat.bind(eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w])[0]
     return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]
 
 
@@ -420,7 +427,7 @@ def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.dynamic_slice(x, _per_factor_axis(x, where, starts, [0] * x.ndim),
                                  _per_factor_axis(x, where, sizes, x.shape))
 
-    w = _compat.bind(eqn, [lw.w, *starts])[0]
+    w = _bind(ctx, eqn, [lw.w, *starts])[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
 
 
@@ -438,7 +445,7 @@ def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
                          _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
 
-    w = _compat.bind(eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w])[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
 
 
@@ -456,5 +463,5 @@ def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     renumbered = []
     for role, k in kept:  # close the gaps left in each role's k order
         renumbered.append((role, sum(1 for r, kk in kept if r == role and kk < k)))
-    w = _compat.bind(eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w])[0]
     return [lw.replace(w=w, a=a, b=b, layout=Layout(tuple(renumbered)))]

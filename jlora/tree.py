@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -71,7 +71,10 @@ def combine(trainable: Any, frozen: Any) -> Any:
         >>> combine(*split(tree))["w"].w.shape
         (2, 2)
     """
-    _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
+    # a lazy base weight (a quantized kernel) is a pytree of its own where the trainable half has None
+    lazy_w_as_leaf = lambda x: x.replace(w=None) if isinstance(x, LoraWeight) and isinstance(x.w, Lazy) else x
+    _check_same_structure(trainable, jax.tree.map(lazy_w_as_leaf, frozen, is_leaf=is_node),
+                          ("trainable", "frozen"), "jlora.combine")
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 

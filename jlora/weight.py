@@ -186,15 +186,19 @@ class LoraWeight(Lazy):
             >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
             (dtype(bfloat16), 2.0)
         """
+        w = self.w.materialize() if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
         delta = self.delta()
-        wide = jnp.promote_types(self.w.dtype, delta.dtype)
-        return (self.w.astype(wide) + delta.astype(wide)).astype(self.w.dtype)
+        wide = jnp.promote_types(w.dtype, delta.dtype)
+        return (w.astype(wide) + delta.astype(wide)).astype(w.dtype)
 
     def example(self) -> Any:
+        if isinstance(self.w, Lazy):
+            return self.w.example()
         return self.w  # its type, including the mesh axes it varies over inside shard_map
 
     def prepare(self) -> "LoraWeight":
-        return self.replace(w=lax.stop_gradient(self.w))
+        w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
+        return self.replace(w=lax.stop_gradient(w))  # every leaf of a lazy base too
 
     def unstack(self):
         if self.layout.axes[0] != ("b", 0):

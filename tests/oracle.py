@@ -19,7 +19,7 @@ def oracle_merge(tree: Any) -> Any:
     def one(x: Any) -> Any:
         if isinstance(x, LoraWeight):
             letters = iter(string.ascii_lowercase)
-            w_letters = [next(letters) for _ in range(x.w.ndim)]
+            w_letters = [next(letters) for _ in range(len(x.w.shape))]
             r = next(letters)
             groups = {role: sorted((k, ax) for ax, (rr, k) in enumerate(x.layout.axes) if rr == role) for role in "bio"}
             ax = {role: [a for _, a in g] for role, g in groups.items()}
@@ -27,7 +27,8 @@ def oracle_merge(tree: Any) -> Any:
             b_sub = "".join(w_letters[i] for i in ax["b"]) + r + "".join(w_letters[i] for i in ax["o"])
             delta = x.scale * jnp.einsum(f"{a_sub},{b_sub}->{''.join(w_letters)}", x.a, x.b,
                                          precision=jax.lax.Precision.HIGHEST)
-            return (x.w + delta).astype(x.w.dtype)
+            w = x.w.materialize() if isinstance(x.w, jlora.Lazy) else x.w  # a lazy base's own definition
+            return (w + delta).astype(w.dtype)
         if isinstance(x, Trainable):
             return x.value
         return x

@@ -238,3 +238,61 @@ def test_a_fallback_warns_once_per_primitive_and_path():
         fn(p, jnp.ones((2, 4)))  # traced again: no new warning
     messages = sorted(str(w.message).split(" materialised at ")[1].split("'")[1] for w in record)
     assert messages == ["cos", "sin"]
+
+
+@jax.tree_util.register_pytree_node_class
+class Int8Weight(jlora.Lazy):
+    """A lazy kind of the test's own: an int8 kernel with a float scale per output column."""
+
+    def __init__(self, q, column_scale):
+        self.q, self.column_scale = q, column_scale
+
+    shape = property(lambda self: self.q.shape)
+    dtype = property(lambda self: self.column_scale.dtype)
+
+    def materialize(self):
+        return self.q.astype(self.column_scale.dtype) * self.column_scale
+
+    def tree_flatten(self):
+        return (self.q, self.column_scale), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+INT8_DOTS = []
+
+
+@jlora.register(jax.extend.core.primitives.dot_general_p, Int8Weight)
+def _int8_dot(ctx, eqn, invals):
+    x, w = invals
+    if not isinstance(w, Int8Weight) or eqn.params["dimension_numbers"] != (((x.ndim - 1,), (0,)), ((), ())):
+        return NotImplemented
+    INT8_DOTS.append(1)
+    return [(x @ w.q.astype(x.dtype)) * w.column_scale]
+
+
+def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
+    """An adapter over a quantized base (QLoRA's shape): x·w goes through the base kind's own rule,
+    the adapter stays factored, and the result and gradients equal the materialised oracle's."""
+    q = jax.random.randint(KEY, (8, 6), -127, 128).astype(jnp.int8)
+    base = Int8Weight(q, jnp.linspace(0.01, 0.02, 6))
+    lw = jlora.LoraWeight(base, 0.3 * jax.random.normal(KEY, (8, 2)), 0.3 * jnp.ones((2, 6)), scale=0.5, path="w")
+    x = jax.random.normal(jax.random.fold_in(KEY, 1), (3, 8))
+    fn = lambda p, x: jnp.tanh(x @ p["w"])
+    INT8_DOTS.clear()
+    check_against_oracle(fn, {"w": lw}, x)  # every MaterializeWarning is an error here
+    assert INT8_DOTS  # the base term used the int8 rule
+    np.testing.assert_allclose(jlora.merge({"w": lw})["w"], oracle_merge({"w": lw})["w"], rtol=1e-6)
+    # the base kind has no transpose rule: its own fallback, while the adapter stays factored
+    with pytest.warns(jlora.MaterializeWarning, match="Int8Weight materialised at 'transpose'"):
+        check_against_oracle(lambda p, x: (p["w"].T @ x.T).T, {"w": lw}, x)
+    with pytest.warns(jlora.MaterializeWarning, match="LoraWeight at 'w' materialised at 'sin'"):  # exactly
+        check_against_oracle(lambda p, x: x @ jnp.sin(p["w"]), {"w": lw}, x)
+    # stacked layers under scan: the base's leaves are sliced with the factors
+    stacked = jlora.LoraWeight(Int8Weight(jnp.stack([q[:6, :6]] * 3), jnp.full((3, 1, 6), 0.01)),
+                               0.3 * jax.random.normal(KEY, (3, 6, 2)), 0.3 * jnp.ones((3, 2, 6)), scale=0.5,
+                               layout="bio", path="stack")
+    layers = lambda p, h: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["stack"])[0]
+    check_against_oracle(layers, {"stack": stacked}, x[:, :6])
