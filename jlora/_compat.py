@@ -30,6 +30,7 @@ copy_p = _p.copy_p
 squeeze_p = _p.squeeze_p
 slice_p = _p.slice_p
 dynamic_slice_p = _p.dynamic_slice_p
+rev_p = _p.rev_p
 sharding_constraint_p = _p.sharding_constraint_p
 scan_p = _p.scan_p
 while_p = _p.while_p

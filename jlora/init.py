@@ -225,8 +225,10 @@ def lora_init(
         if layout is None:
             raise ValueError(
                 f"kernel '{path}' has shape {tuple(w.shape)}: jlora cannot tell its input and output axes. "
-                "Pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)) or "
-                f"declare LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': "
+                + ("infer_layout saw no matmul, lookup or conv of it that it could read; "
+                   if infer_layout is not None else
+                   "Pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)) or ")
+                + f"declare LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': "
                 f"'{'i' * (w.ndim - 1)}o'}}) (one letter per axis: b batch, i input, o output)"
             )
         if layout.ndim != w.ndim:

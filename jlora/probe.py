@@ -91,8 +91,10 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
     probe = invals[0]
     if isinstance(probe, Probe):
         dn = eqn.params["dimension_numbers"]
-        indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
-        _record(ctx, probe, {ax: ("i" if ax in indexed else "o") for ax in range(probe.ndim)}, eqn.primitive)
+        sizes = eqn.params["slice_sizes"]
+        # rows picked (collapsed, or sliced to 1 as vmap leaves them) are inputs; axes taken whole, outputs
+        whole = {ax for ax in range(probe.ndim) if sizes[ax] == probe.shape[ax] and ax not in dn.collapsed_slice_dims}
+        _record(ctx, probe, {ax: ("o" if ax in whole else "i") for ax in range(probe.ndim)}, eqn.primitive)
     return NotImplemented
 
 
@@ -118,6 +120,27 @@ def _transpose(ctx: Context, eqn: Any, invals: list) -> Any:
 def _same(ctx: Context, eqn: Any, invals: list) -> Any:
     (probe,) = invals
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0])]
+
+
+@register(_compat.slice_p, Probe)
+@register(_compat.dynamic_slice_p, Probe)
+@register(_compat.rev_p, Probe)
+def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
+    """A slice (``W[i]`` before its squeeze) or a flip keeps every axis in its place."""
+    probe, *rest = invals
+    if not isinstance(probe, Probe) or any(isinstance(v, Probe) for v in rest):
+        return NotImplemented
+    return [probe.with_value(_compat.bind(eqn, [probe.value, *rest])[0])]
+
+
+@register(_compat.squeeze_p, Probe)
+def _squeeze(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Dropped size-1 axes (layer ``i`` of a stack, picked by a slice) count as batch axes."""
+    (probe,) = invals
+    dropped = {d % probe.ndim for d in eqn.params["dimensions"]}
+    axes = tuple(a for ax, a in enumerate(probe.axes) if ax not in dropped)
+    sliced = probe.sliced + tuple(o for ax in sorted(dropped) for o in probe.axes[ax])
+    return [Probe(_compat.bind(eqn, [probe.value])[0], probe.path, axes, sliced)]
 
 
 @register(_compat.reshape_p, Probe)

@@ -231,45 +231,50 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
 
 @register(_compat.gather_p, LoraWeight)
 def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Rows of ``w`` picked along its input axes (each a slice of 1, collapsed or kept as a size-1
+    axis, as ``jax.vmap`` of an embedding leaves it), its output axes whole."""
     lw, indices = invals
     if is_lazy(indices):
         return NotImplemented
     dn = eqn.params["dimension_numbers"]
-    slice_sizes = tuple(eqn.params["slice_sizes"])
+    sizes = tuple(eqn.params["slice_sizes"])
     layout = lw.layout
     ins, outs = layout.group("i"), layout.group("o")
+    mode = eqn.params.get("mode")
+    collapsed = set(dn.collapsed_slice_dims)
     if (
         layout.group("b")
         or getattr(dn, "operand_batching_dims", ())
-        or set(dn.collapsed_slice_dims) != set(ins)
-        or set(dn.start_index_map) != set(ins)
-        or any(slice_sizes[ax] != lw.shape[ax] for ax in outs)
+        or not collapsed <= set(ins) or not set(ins) <= set(dn.start_index_map)
+        or any(sizes[ax] != 1 for ax in ins) or any(sizes[ax] != lw.shape[ax] for ax in outs)
+        # an output axis in start_index_map starts at 0 (clamped), except in fill mode
+        or (set(dn.start_index_map) != set(ins) and mode == lax.GatherScatterMode.FILL_OR_DROP)
     ):
         return NotImplemented
     base = _bind(ctx, eqn, [lw.w, indices])[0]
-    k_of = {ax: k for k, ax in enumerate(ins)}
     n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
+    position = {ax: k for k, ax in enumerate(dn.start_index_map)}
+    a_indices = indices if tuple(dn.start_index_map) == ins else indices[..., [position[ax] for ax in ins]]
     a_dn = _compat.gather_dimension_numbers(
-        offset_dims=(n_batch,),
-        collapsed_slice_dims=tuple(range(len(ins))),
-        start_index_map=tuple(k_of[ax] for ax in dn.start_index_map),
-        operand_batching_dims=(),
-        start_indices_batching_dims=(),
+        offset_dims=(n_batch,), collapsed_slice_dims=tuple(range(len(ins))), start_index_map=tuple(range(len(ins))),
+        operand_batching_dims=(), start_indices_batching_dims=(),
     )
     rows = lax.gather(
-        lw.a, indices, a_dn, (1,) * len(ins) + (lw.rank,),
+        lw.a, a_indices, a_dn, (1,) * len(ins) + (lw.rank,),
         indices_are_sorted=eqn.params.get("indices_are_sorted", False),
         unique_indices=eqn.params.get("unique_indices", False),
-        mode=eqn.params.get("mode"), fill_value=0,  # an index out of range: the base's fill, plus nothing
+        mode=mode, fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
     t = lax.dot_general(rows.astype(lw.b.dtype), _scaled(lw.b, lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
-    # Base output: offset dims hold w's non-collapsed axes (= outs, in w order); others are batch.
-    offset_axes = sorted(outs)
-    k_out = {ax: k for k, ax in enumerate(outs)}
+    # The base's offset dims hold w's uncollapsed axes in w's order: outputs whole, inputs not
+    # collapsed as size-1 axes; its other dims are the indices' batch dims.
+    kept = [ax for ax in range(lw.ndim) if ax not in collapsed]
+    t = jnp.transpose(t, tuple(range(n_batch)) + tuple(n_batch + outs.index(ax) for ax in kept if ax in outs))
+    t = t.reshape(t.shape[:n_batch] + tuple(1 if ax in ins else lw.shape[ax] for ax in kept))
     perm, batch_i = [], 0
     for pos in range(base.ndim):
         if pos in dn.offset_dims:
-            perm.append(n_batch + k_out[offset_axes[list(dn.offset_dims).index(pos)]])
+            perm.append(n_batch + list(dn.offset_dims).index(pos))
         else:
             perm.append(batch_i)
             batch_i += 1
@@ -312,6 +317,17 @@ def transpose_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     perm = tuple(eqn.params["permutation"])
     return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], layout=lw.layout.permute(perm))]
+
+
+@register(_compat.rev_p, LoraWeight)
+def rev_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Axes reversed (a conv window flipped, as a transposed conv does): the same axes of the factors."""
+    (lw,) = invals
+    dims = tuple(eqn.params["dimensions"])
+    in_a, in_b = lw.layout.factor_axes()
+    a = lax.rev(lw.a, tuple(in_a[d] for d in dims if d in in_a))
+    b = lax.rev(lw.b, tuple(in_b[d] for d in dims if d in in_b))
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], a=a, b=b)]
 
 
 @register(_compat.convert_element_type_p, LoraWeight)

@@ -167,6 +167,9 @@ def test_nd_kernel_without_layout_is_a_clear_error():
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))
     with pytest.raises(ValueError, match=r"'conv': 'iiio'"):
         lora_init(KEY, {"conv": {"kernel": jnp.ones((3, 3, 4, 8))}}, LoraConfig(rank=2, targets=["conv"]))
+    with pytest.raises(ValueError, match=r"\(4, 2, 3\).*infer_layout saw no matmul, lookup or conv of it"):
+        lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]),
+                  infer_layout=lambda p: jnp.sin(p["k"]["kernel"]).sum())
 
 
 def test_params_whose_paths_collide_are_refused_not_overwritten():

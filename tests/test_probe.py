@@ -22,6 +22,23 @@ def test_scan_slices_mark_batch_axes_and_reshape_merges():
     assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bioo"
 
 
+def test_layer_picked_by_index_is_a_batch_axis():
+    p = {"stack": jnp.ones((3, 4, 5))}
+    by_slice = lambda p: jnp.ones((2, 4)) @ p["stack"][1]  # slice + squeeze
+    by_index = lambda p: lax.fori_loop(0, 3, lambda i, h: h + jnp.ones((2, 4)) @ p["stack"][i], jnp.zeros((2, 5)))
+    for fn in (by_slice, by_index):
+        assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bio"
+
+
+def test_flipped_window_and_vmapped_lookup():
+    p = {"window": jnp.ones((3, 3, 2, 4)), "emb": jnp.ones((10, 4))}
+    flipped = lambda p: lax.conv_general_dilated(jnp.ones((1, 5, 5, 2)), lax.rev(p["window"], (0, 1)), (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert str(infer_layouts(flipped, p, ["window"])["window"]) == "iiio"
+    looked_up = lambda p: jax.vmap(lambda i: p["emb"][i])(jnp.array([1, 2]))  # gather with slice (1, 4), uncollapsed
+    assert str(infer_layouts(looked_up, p, ["emb"])["emb"]) == "io"
+
+
 def test_tied_embedding_lookup_then_attend_is_one_layout():
     p = {"emb": jnp.ones((10, 4))}
     fn = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T

@@ -102,6 +102,23 @@ def test_integer_and_bool_activations_get_the_adapter_in_the_result_dtype(transp
         check_against_oracle(fn, {"w": lw}, x)
 
 
+def test_gather_forms_of_vmap_and_of_index_maps_stay_factored():
+    """vmap of a lookup leaves the row axis uncollapsed (slice size 1) and indexes the output axis
+    at 0; a stacked lookup indexes rows through a permuted index vector."""
+    lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
+    ids = jnp.array([0, 3, 9, 3])
+    check_against_oracle(lambda p, ids: jax.vmap(lambda i: p["w"][i])(ids), {"w": lw}, ids)
+    check_against_oracle(lambda p, ids: jax.vmap(lambda i: jnp.take(p["w"], i, axis=0))(ids.reshape(2, 2)), {"w": lw}, ids)
+
+
+def test_flipped_kernel_stays_factored():
+    lw = random_lora(jax.random.key(0), (3, 3, 2, 4), "iiio", 2)
+    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 2))
+    fn = lambda p, x: lax.conv_general_dilated(x, lax.rev(p["w"], (0, 1, 3)), (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    check_against_oracle(fn, {"w": lw}, x)
+
+
 def test_gather_on_output_axis_falls_back():
     lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
     fn = lambda p, ids: jnp.take(p["w"], ids, axis=1)
