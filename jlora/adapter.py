@@ -3,8 +3,9 @@
 Only the trainable half is stored (``a``, ``b`` and fully trained leaves), keyed by param path; the
 JSON holds the LoRA config, each target's layout, rank, scale and base shape, and free-form
 metadata (the base model). Loading checks every key, shape and dtype against the base params
-before building anything. Writes are atomic: a new directory is written beside the old and
-renamed into place, so an interrupted save leaves the last adapter intact.
+before building anything. A save writes its two files beside the old ones and renames each into
+place (the weights, then the JSON): other files in the directory are left alone, and an interrupted
+save leaves whole files, never a truncated one.
 """
 
 from __future__ import annotations
@@ -58,38 +59,31 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
-    return write_directory(path, write)
+    return write_files(path, write)
 
 
-def write_directory(path: str | os.PathLike, write: Any) -> Path:
-    """Atomically (re)place directory ``path`` by what ``write(tmp_dir)`` puts in a fresh directory
-    beside it: an interrupted write leaves the old directory as it was.
+def write_files(path: str | os.PathLike, write: Any) -> Path:
+    """Put the files that ``write(tmp_dir)`` makes into directory ``path`` (created if needed), each
+    by an atomic rename over its namesake, JSON files last; other files in ``path`` stay as they
+    are, and an interrupted write leaves each file whole (old or new), never truncated.
 
     Example:
-        >>> out = write_directory(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
+        >>> out = write_files(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
         >>> (out / "f.txt").read_text()
         'hi'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory; an adapter is a directory of files")
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".jlora-write-", dir=path))
     try:
         write(tmp)
-        _swap_in(tmp, path)
+        for file in sorted(tmp.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
+            os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -103,9 +97,7 @@ def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        old = path.with_name(f".{path.name}.old")
-        hint = f" (an interrupted save left the previous adapter at {old})" if (old / CONFIG_FILE).is_file() else ""
-        raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE}){hint}")
+        raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE})")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:

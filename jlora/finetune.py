@@ -4,7 +4,7 @@ Text classification (default: the real all-MiniLM-L6-v2 on 3-class tweet sentime
 linear head on the mean-pooled encoder output, and compares it with the baseline of a frozen
 encoder with the same head trained for the same steps and batches (at the best of a few learning
 rates on the validation split, since the head alone costs next to nothing). Causal-LM fine-tuning trains adapters on a
-text file. Both save the adapter atomically every ``save_every`` steps and at the end.
+text file. Both save the adapter every ``save_every`` steps and at the end (each file by an atomic rename).
 """
 
 from __future__ import annotations

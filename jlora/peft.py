@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import write_directory
+from jlora.adapter import write_files
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
@@ -159,7 +159,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
-    return write_directory(path, write)
+    return write_files(path, write)
 
 
 def _pattern_value(table: dict, name: str, default: Any) -> Any:

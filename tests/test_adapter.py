@@ -34,13 +34,30 @@ def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
     assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
 
 
-def test_a_second_save_replaces_the_first_atomically(tmp_path):
+def test_a_second_save_replaces_the_first_and_nothing_else(tmp_path, monkeypatch):
     base, cfg, p = lora_tree()
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "notes.txt").write_text("the user's")  # e.g. the model saved beside its adapter
     save_adapter(tmp_path / "ad", p, lora_config=cfg)
     p2 = perturb(p, jax.random.key(5))
     save_adapter(tmp_path / "ad", p2, lora_config=cfg)
     jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p2)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["ad"]
+    assert sorted(f.name for f in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                                   "notes.txt"]
+    # a save that fails half-way leaves the previous adapter whole, and no temporary files
+    import safetensors.numpy
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_adapter(tmp_path / "ad", perturb(p, jax.random.key(6)), lora_config=cfg)
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p2)
+    assert len(list((tmp_path / "ad").iterdir())) == 3
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_adapter(tmp_path / "file", p2)
 
 
 def test_bad_adapters_give_clear_errors(tmp_path):
