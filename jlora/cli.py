@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.adapter))
             return 0
         return _merge(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input or a path that cannot be used: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -79,14 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from jlora import finetune
 
+    targets = "all-linear" if args.targets == ["all-linear"] else args.targets
     opts = finetune.Options(
-        model=args.model, data=args.data, task=args.task, rank=args.rank, alpha=args.alpha, targets=args.targets,
+        model=args.model, data=args.data, task=args.task, rank=args.rank, alpha=args.alpha, targets=targets,
         steps=args.steps, epochs=args.epochs, lr=args.lr, b_lr_ratio=args.b_lr_ratio, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, out=args.out, save_every=args.save_every,
         baseline=not args.no_baseline, plot=not args.no_plot,
     )
-    if opts.targets == ["all-linear"]:
-        opts.targets = "all-linear"  # type: ignore[assignment]
     results = finetune.classify(opts) if opts.task == "classify" else finetune.causal_lm(opts)
     out = Path(opts.out)
     if opts.task == "classify":
@@ -97,7 +96,10 @@ def _finetune(args: argparse.Namespace) -> int:
         l = results["lora"]
         print(f"LoRA (r={opts.rank}) + head:            val {l['val_accuracy']:.4f}  test {l['test_accuracy']:.4f}")
     else:
-        print(f"loss {results['first_loss']:.4f} -> {results['last_loss']:.4f} in {results['steps']} steps")
+        if results["steps"]:
+            print(f"loss {results['first_loss']:.4f} -> {results['last_loss']:.4f} in {results['steps']} steps")
+        else:
+            print("no step completed")
     if results.get("interrupted"):
         print("interrupted: the adapter holds the last completed step")
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}"
@@ -131,6 +133,8 @@ def _merge(args: argparse.Namespace) -> int:
                     node = node.setdefault(name, {})
                 node[leaf] = np.zeros(shape, np.float32)
     merged = jlora.merge(load_adapter(args.adapter, base))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
     model.save_pretrained(args.out, params=merged[prefix] if prefix else merged)
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}")

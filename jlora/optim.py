@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -65,7 +66,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         >>> trainable, _ = split({"k": lw})
         >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
     """
-    if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, (int, float)) or not 0 < b_lr_ratio < math.inf:
+    if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, numbers.Real) or not 0 < b_lr_ratio < math.inf:
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")

@@ -88,12 +88,23 @@ def test_causal_lm_on_a_text_file(tmp_path, capsys):
 
 
 def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--model /no/such/dir: not a directory"):
-        main(["finetune", "--model", "/no/such/dir", "--data", str(data_file)])
+    assert main(["finetune", "--model", "/no/such/dir", "--data", str(data_file)]) == 2
+    assert "error: --model /no/such/dir: not a directory" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "good film", "label": "pos"}\n{"text": "no label"}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: expected a JSON object with 'text' and 'label'"):
-        main(["finetune", "--model", str(bert_dir), "--data", str(bad), "--steps", "1"])
+    assert main(["finetune", "--model", str(bert_dir), "--data", str(bad), "--steps", "1"]) == 2
+    assert "bad.jsonl:2: expected a JSON object with 'text' and 'label'" in capsys.readouterr().err
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    assert main(["finetune", "--model", str(bert_dir), "--data", str(few), "--steps", "1", "--no-plot"]) == 2
+    assert "2 examples are too few for the fixed 70/15/15 split" in capsys.readouterr().err
+    for option, value in (("--batch-size", "-1"), ("--batch-size", "0"), ("--steps", "-3"), ("--epochs", "0"),
+                          ("--max-length", "0"), ("--save-every", "0")):
+        assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), option, value]) == 2
+        assert f"error: {option} must be" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "not a jlora adapter directory" in capsys.readouterr().err
 

@@ -1,4 +1,7 @@
+import json
+
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jlora import LoraConfig
@@ -32,6 +35,8 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(trainable=3), "trainable must be a pattern or a list"),
         (dict(use_rslora="no"), "use_rslora must be True or False"),
         (dict(targets=[]), "targets is empty"),
+        (dict(targets=["all-linear", "c_fc"]), "'all-linear' is not a pattern, it stands alone"),
+        (dict(dropout=True), "dropout must be in"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(init="xavier"), "init must be one of"),
         (dict(param_dtype=jnp.int32), "param_dtype must be a float"),
@@ -45,6 +50,13 @@ def test_hashable_equal_and_round_trips_through_a_dict():
 def test_bad_options_name_what_is_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    cfg = LoraConfig(rank=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1), rank_pattern={"q": np.int32(2)})
+    assert (cfg.rank, cfg.alpha, cfg.dropout, dict(cfg.rank_pattern)) == (4, 8.0, 0.1, {"q": 2})
+    assert type(cfg.rank) is int and type(dict(cfg.rank_pattern)["q"]) is int  # JSON-able in to_dict
+    json.dumps(cfg.to_dict(), default=str)
 
 
 def test_pattern_lists_may_be_sets_or_tuples():

@@ -31,15 +31,15 @@ def test_csv_data_and_its_errors(tmp_path):
     assert finetune.read_labelled(str(good)) == (["a, quoted text", "plain"], ["x", "y"])
     bad = tmp_path / "bad.csv"
     bad.write_text("body,label\nhello,x\n")
-    with pytest.raises(SystemExit, match="bad.csv:1: the header must name 'text' and 'label'"):
+    with pytest.raises(ValueError, match="bad.csv:1: the header must name 'text' and 'label'"):
         finetune.read_labelled(str(bad))
     missing = tmp_path / "m.csv"
     missing.write_text("text,label\nhello,x\nworld,\n")
-    with pytest.raises(SystemExit, match="m.csv:3: missing text or label"):
+    with pytest.raises(ValueError, match="m.csv:3: missing text or label"):
         finetune.read_labelled(str(missing))
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "a", "label": "x"}\n')
-    with pytest.raises(SystemExit, match="need at least 2 distinct labels"):
+    with pytest.raises(ValueError, match="need at least 2 distinct labels"):
         finetune.read_labelled(str(one))
 
 

@@ -129,3 +129,4 @@ def test_bad_input():
             jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
     with pytest.raises(ValueError, match="tx must be an optax transformation"):
         jlora.optimizer(optax.sgd, b_lr_ratio=2.0)
+    jlora.optimizer(optax.sgd(1.0), b_lr_ratio=np.float32(4.0))  # numpy scalars are numbers
