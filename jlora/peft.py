@@ -39,9 +39,15 @@ CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safete
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
-# Options PEFT writes that jlora can honour at these values only.
-REFUSED = {"use_dora": False, "layers_to_transform": None, "layers_pattern": None, "megatron_config": None,
-           "loftq_config": {}, "layer_replication": None, "use_qalora": False}
+# The PEFT options jlora reads, and those that only describe how an adapter was made or is run
+# (the saved tensors hold all the rest). Any other option must be unset: an option jlora cannot
+# represent (DoRA, layer selection, aLoRA, ...), or one a newer PEFT adds, is refused, never dropped.
+READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
+        "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+               "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config"}
+# Initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA and LoftQ change them).
+PLAIN_INITS = (True, False, "gaussian", "eva")
 
 
 def module_name(path: str) -> str:
@@ -205,13 +211,21 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         raise ValueError(f"{path}: no {CONFIG_FILE}: not a PEFT adapter directory") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / CONFIG_FILE}: corrupted JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r}; only LORA adapters are supported")
-    for key, allowed in REFUSED.items():
-        if config.get(key, allowed) not in (allowed, None, False, {}):
-            raise ValueError(f"{path}: PEFT option {key}={config[key]!r} is not supported by jlora")
+    for key, value in sorted(config.items()):
+        if key not in READ | DESCRIPTIVE and value not in (None, False, {}, [], ""):
+            raise ValueError(f"{path}: PEFT option {key}={value!r} is not supported by jlora")
+    for key in ("r", "lora_alpha"):
+        if isinstance(config.get(key), bool) or not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise ValueError(f"{path / CONFIG_FILE}: '{key}' must be a number > 0, got {config.get(key)!r}")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
+    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise ValueError(f"{path}: PEFT option init_lora_weights={config['init_lora_weights']!r} changes the base "
+                         "weights; jlora reads adapters over the unchanged base (convert it to plain LoRA in PEFT)")
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
@@ -222,6 +236,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
     for key, value in tensors.items():
+        # with bias="all", PEFT also writes the biases inside a module it trains whole: the base's
+        # copy (original_module: the base has it) and the trained one again (modules_to_save)
+        if ".original_module." in key:
+            continue
+        key = key.replace(".modules_to_save.", ".")
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
         if saved and "lora_" not in key and any(module == m or module.endswith("." + m) for m in saved):
             p = _flax_leaf(module, leaf, by_path, path)
@@ -234,6 +253,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
         name, part = key[len(PREFIX):].rsplit(".lora_", 1)
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{path}: tensor {key!r} is {value.dtype}; LoRA factors are floating point")
         factors.setdefault(name, {})[part[0]] = value
     for p, value in tuned.items():
         if p not in by_path:

@@ -1,6 +1,8 @@
 """Parity with the real PEFT on PyTorch: adapters exported by jlora give the same logits in PEFT,
 and adapters made by PEFT give the same logits in jlora."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +76,31 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     jlora.peft.save_adapter(tmp_path / "ok", lm.params, model.config)
     with pytest.raises(ValueError, match="another base model"):
         jlora.peft.load_adapter(tmp_path / "ok", other.params, other.config)
+    # options jlora cannot represent, from a newer PEFT or edited in, are refused, never dropped
+    _, torch_model = pair("llama", tmp_path)
+    alora = peft.LoraConfig(r=2, target_modules=["q_proj"], alora_invocation_tokens=[9, 10], task_type="CAUSAL_LM")
+    peft.get_peft_model(torch_model, alora).save_pretrained(tmp_path / "alora")
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[9, 10\] is not supported"):
+        jlora.peft.load_adapter(tmp_path / "alora", model.params, model.config)
+    config_file = tmp_path / "ok" / "adapter_config.json"
+    good = json.loads(config_file.read_text())
+    for change, match in (({"use_something_new": True}, "use_something_new=True is not supported"),
+                          ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' changes the base"),
+                          ({"r": None}, "'r' must be a number > 0, got None")):
+        config_file.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=match):
+            jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    config_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    config_file.write_text(json.dumps(good))
+    from safetensors.numpy import load_file, save_file
+
     weights = tmp_path / "ok" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v.astype(np.int32) if "lora_A" in k else v for k, v in tensors.items()}, str(weights))
+    with pytest.raises(ValueError, match="is int32; LoRA factors are floating point"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(ValueError, match="cannot read adapter weights"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
@@ -118,17 +144,24 @@ def test_modules_to_save_cross_both_ways(tmp_path):
         got = peft_model(torch.tensor(IDS)).logits.numpy()
     np.testing.assert_allclose(got, lm(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
 
-    _, fresh = pair("bert", tmp_path)
-    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False,
-                          modules_to_save=["classifier"])
-    peft_model = peft.get_peft_model(fresh, cfg).eval()
-    with torch.no_grad():
-        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
-        want = peft_model(torch.tensor(IDS)).logits.numpy()
-    peft_model.save_pretrained(tmp_path / "in")
-    loaded = jlora.peft.load_adapter(tmp_path / "in", model.params, model.config)
-    assert isinstance(loaded["classifier"]["kernel"], jlora.Trainable)
-    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=loaded).logits, want, rtol=1e-4, atol=1e-5)
+    for bias in ("none", "all"):  # with "all", PEFT also writes the head's biases under its wrapper's names
+        _, fresh = pair("bert", tmp_path)
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False,
+                              modules_to_save=["classifier"], bias=bias)
+        peft_model = peft.get_peft_model(fresh, cfg).eval()
+        with torch.no_grad():
+            peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+            peft_model.base_model.model.classifier.modules_to_save["default"].bias.add_(-0.3)
+            peft_model.base_model.model.bert.encoder.layer[0].intermediate.dense.bias.add_(0.2)
+            want = peft_model(torch.tensor(IDS)).logits.numpy()
+        peft_model.save_pretrained(tmp_path / bias)
+        loaded = jlora.peft.load_adapter(tmp_path / bias, model.params, model.config)
+        assert isinstance(loaded["classifier"]["kernel"], jlora.Trainable)
+        got = jlora.apply(model.__call__)(IDS, params=loaded).logits
+        if bias == "all":
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        else:  # the intermediate bias was not saved: only the head's change crosses
+            assert np.abs(np.asarray(got) - want).max() > 1e-3
 
 
 MORE_TORCH = {"mistral": tf.MistralForCausalLM, "gemma": tf.GemmaForCausalLM, "opt": tf.OPTForCausalLM,
