@@ -83,6 +83,9 @@ class AdapterCheckpointer:
             enable_async_checkpointing=async_save,
         )
         self.directory = os.fspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"AdapterCheckpointer: {self.directory} is a file, not a directory")
+        self.best_metric = best_metric
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
 
@@ -90,11 +93,17 @@ class AdapterCheckpointer:
              force: bool = False) -> bool:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``)."""
+        if self.best_metric is not None and not isinstance((metrics or {}).get(self.best_metric), (int, float)):
+            raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "
+                             f"(best_metric); got {metrics!r}")
         arrays, specs = _adapter_arrays(params)
         meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None}
-        items = {"adapters": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(meta)}
+        items = {"adapters": ocp.args.StandardSave(arrays)}
         if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardSave(_flat(opt_state))
+            flat = _flat(opt_state)
+            items["opt_state"] = ocp.args.StandardSave(flat)
+            meta["opt_state"] = [[list(np.shape(x)), np.dtype(x.dtype).name] for x in flat.values()]
+        items["meta"] = ocp.args.JsonSave(meta)
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
@@ -105,8 +114,16 @@ class AdapterCheckpointer:
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
+        if step not in self.all_steps():
+            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
+        nodes = [p for p, x in leaves_with_paths(base_params, is_leaf=is_node) if is_node(x)]
+        if nodes:
+            raise ValueError(f"AdapterCheckpointer.restore: base_params holds jlora nodes (at {nodes[:3]}); pass "
+                             "the base params lora_init started from (arrays or jax.ShapeDtypeStruct)")
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         specs = meta["specs"]
+        if opt_state_like is not None:
+            _check_opt_state(self.directory, step, meta, opt_state_like)
         flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
         by_path = {path_str(kp): leaf for kp, leaf in flat}
         absent = sorted(p for p in specs if p not in by_path)
@@ -166,6 +183,24 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
+
+
+def _check_opt_state(directory: str, step: int, meta: dict, like: Any) -> None:
+    """Refuse, naming the leaf, an ``opt_state_like`` that does not fit the saved state."""
+    if "opt_state" not in meta:
+        if not os.path.isdir(os.path.join(directory, str(step), "opt_state")):
+            raise ValueError(f"{directory}: step {step} was saved without an optimizer state; "
+                             "restore it without opt_state_like")
+        return  # written before the state's shapes were kept: orbax checks them
+    saved = meta["opt_state"]
+    leaves = jax.tree_util.tree_flatten_with_path(like)[0]
+    if len(leaves) != len(saved):
+        raise ValueError(f"{directory}: opt_state_like has {len(leaves)} leaves, step {step}'s optimizer state "
+                         f"{len(saved)}: another optimizer?")
+    for (kp, leaf), (shape, dtype) in zip(leaves, saved):
+        if tuple(np.shape(leaf)) != tuple(shape):
+            raise ValueError(f"{directory}: opt_state_like{jax.tree_util.keystr(kp)} has shape {tuple(np.shape(leaf))}, "
+                             f"step {step} saved {tuple(shape)} (another rank or optimizer?)")
 
 
 def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:

@@ -57,6 +57,24 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
         ckpt.restore({"out": base["out"]})
     with pytest.raises(ValueError, match="no checkpoint to restore"):
         AdapterCheckpointer(tmp_path / "empty").restore(base)
+    with pytest.raises(ValueError, match=r"no checkpoint of step 99; steps: \[1\]"):
+        ckpt.restore(base, step=99)
+    with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel'\]\)"):
+        ckpt.restore(params)
+    trainable = jlora.split(params)[0]
+    with pytest.raises(ValueError, match="saved without an optimizer state"):
+        ckpt.restore(base, opt_state_like=jlora.optimizer(optax.adam(1e-2), params).init(trainable))
+    adam = jlora.optimizer(optax.adam(1e-2), params)
+    ckpt.save(2, params, opt_state=adam.init(trainable))
+    ckpt.wait()
+    with pytest.raises(ValueError, match="opt_state_like has .* leaves, step 2's optimizer state .*another optimizer"):
+        ckpt.restore(base, opt_state_like=jlora.optimizer(optax.sgd(1e-2), params).init(trainable))
+    rank8 = jlora.lora_init(KEY, base, cfg.replace(rank=8))
+    with pytest.raises(ValueError, match=r"opt_state_like.* has shape \(64, 8\), step 2 saved \(64, 4\)"):
+        ckpt.restore(base, opt_state_like=adam.init(jlora.split(rank8)[0]))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        AdapterCheckpointer(tmp_path / "a_file")
 
 
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
@@ -69,6 +87,9 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     for step, loss in enumerate([5.0, 1.0, 3.0, 0.5, 4.0]):
         best.save(step, params, metrics={"loss": loss})
     assert sorted(best.all_steps()) == [1, 3] and best.best_step() == 3
+    with pytest.raises(ValueError, match="metrics must hold a number under 'loss'"):
+        best.save(9, params, metrics={"val_loss": 0.1})  # refused before orbax starts writing
+    assert best.save(10, params, metrics={"loss": 0.1}) and best.best_step() == 10
 
 
 def test_a_checkpoint_is_the_bytes_of_the_adapters_plus_small_metadata(tmp_path):
