@@ -179,6 +179,14 @@ def type_key(x: Any) -> tuple:
     return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
 
 
+def context_mesh() -> Any:
+    """The abstract mesh the trace runs under (``pmap``'s and ``shard_map``'s axes): a jaxpr traced
+    under one does not bind under another. ``jax.sharding.get_abstract_mesh`` is public since JAX
+    0.5; ``None`` where absent."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    return None if get is None else get()
+
+
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 

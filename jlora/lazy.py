@@ -357,7 +357,8 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     key = None
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
-        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract))
+        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract),
+               _compat.context_mesh())
         hash(key)
     except TypeError:
         key = None

@@ -246,6 +246,20 @@ def test_pmap_data_parallel_equals_one_device():
         np.testing.assert_allclose(adapters(eight["params"])[path], value, rtol=1e-5, atol=1e-5, err_msg=path)
 
 
+def test_one_wrapper_under_pmaps_of_different_axis_names():
+    """The trace cache keys on the mesh a call runs under: a jaxpr traced in pmap 'a' holds avals of
+    that mesh and cannot bind in pmap 'b' (an eval pmap and a train pmap share a forward)."""
+    params = _mlp_params()
+    n = jax.local_device_count()
+    rep = jax.tree.map(lambda x: jnp.stack([x] * n), params)
+    x = jax.random.normal(jax.random.key(3), (n, 4, 16))
+    forward = jlora.apply(lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) + jnp.ones((1, 32)))
+    want = jnp.tanh(x @ jlora.merge(params)["l1"]["kernel"]) + 1.0
+    for axis in ("a", "b", None):
+        got = jax.pmap(lambda p, x: forward(p, x), axis_name=axis)(rep, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _mlp_params():
     base = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (16, 32))},
             "l2": {"kernel": jax.random.normal(jax.random.key(1), (32, 8))}}
