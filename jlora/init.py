@@ -235,6 +235,8 @@ def lora_init(
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
+            if _all_linear(config):  # too narrow for the rank: an output head (NSP's 2 outputs, the classes)
+                continue
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors

@@ -40,6 +40,12 @@ def test_targets_select_kernels_of_matched_modules():
 def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_target():
     assert sorted(adapted(lora_init(KEY, base(), LoraConfig(targets="all-linear")))) == [
         f"layers/{i}/attn/{m}/kernel" for i in range(2) for m in ("q_proj", "v_proj")]
+    # a kernel narrower than the rank is an output head by its size (NSP's 2 outputs, the classes):
+    # all-linear leaves it out; named as a target, it is an error
+    narrow = {**base(), "nsp": {"kernel": jnp.ones((16, 2))}}
+    assert "nsp/kernel" not in adapted(lora_init(KEY, narrow, LoraConfig(rank=4, targets="all-linear")))
+    with pytest.raises(ValueError, match=r"rank 4 for 'nsp/kernel' exceeds min\(in=16, out=2\)"):
+        lora_init(KEY, narrow, LoraConfig(rank=4, targets=["nsp"]))
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
