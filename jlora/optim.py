@@ -41,6 +41,12 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def _no_change(x: Any) -> Any:
+    """A zero update that leaves ``x`` bitwise as it is under ``optax.apply_updates``: ``-0.0``,
+    since ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``)."""
+    return jnp.full_like(x, -0.0) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros_like(x)
+
+
 def _group(params: Any) -> Any:
     return jax.tree.map(lambda label: FROZEN if label == FROZEN else ADAPTER, labels(params))
 
@@ -81,6 +87,6 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
         out, state = inner.update(trainable, state, None if params is None else split(params)[0], **extra_args)
-        return combine(out, jax.tree.map(jnp.zeros_like, frozen)), state
+        return combine(out, jax.tree.map(_no_change, frozen)), state
 
     return optax.GradientTransformationExtraArgs(init, update)
