@@ -118,11 +118,17 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
         if n == 0:
             option = "targets" if pat in targets else "trainable"
             matched = [p for p in paths if pat.match(p)]
+            excluded = [p for p in matched if any(ex.match(p) for ex in exclude)]
+            leaf_of = dict(entries)
+            kernels = [p for p in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
+            why = (f" (LoraConfig.exclude leaves out {excluded[:3]})" if excluded else
+                   " (an embedding table is adapted only by a pattern naming its module)"
+                   if any(p.endswith("/embedding") for p in matched) else
+                   f" (its kernels are {[f'{p}: {_describe(leaf_of[p])}' for p in kernels[:3]]}: "
+                   "only float arrays with 2 or more axes can be adapted)" if kernels else "")
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
-                + (" it can use" if matched else "")
-                + (" (an embedding table is adapted only by a pattern naming its module)"
-                   if any(p.endswith("/embedding") for p in matched) else "")
+                + (" it can use" if matched else "") + why
                 + f"; nearest paths: {nearest(pat.text, paths)}"
             )
     if not adapt:

@@ -22,6 +22,7 @@ import numpy as np
 
 from jlora import _compat
 from jlora.config import check_key
+from jlora.paths import path_str
 from jlora.tree import check_whole
 from jlora.weight import Lazy, Trainable
 
@@ -217,6 +218,9 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                 outs = rule(ctx, eqn, invals)
             finally:
                 ctx.frame = outer
+            if outs is not NotImplemented and not isinstance(outs, (list, tuple)):
+                raise TypeError(f"jlora: the rule {getattr(rule, '__name__', rule)} for {eqn.primitive} returned "
+                                f"{type(outs).__name__}; a rule returns a list of outputs, or NotImplemented")
         if outs is NotImplemented:
             invals = materialize_all(invals, what=str(eqn.primitive))
     if outs is NotImplemented:
@@ -307,6 +311,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         >>> forward(lora, jnp.ones((2, 4))).shape
         (2, 3)
     """
+    if not callable(fn):
+        raise ValueError(f"jlora.apply: fn must be callable, got {fn!r}")
     if recompute not in (False, True, "inputs"):
         raise ValueError(f"recompute must be False, True or 'inputs', got {recompute!r}")
     try:
@@ -326,6 +332,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         values, dynamic, abstract, static = [], [], [], []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Trainable):
+                if leaf.value is None:  # the frozen half's placeholder
+                    where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_special)[0][i][0]
+                    check_whole(leaf, path_str(where[2:]), "jlora.apply")  # past (args, kwargs) and the argument
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
@@ -347,7 +356,15 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 
         if recompute is True:
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
-        return jax.tree_util.tree_unflatten(out_tree, run(values, lora_rng))
+        try:
+            out = run(values, lora_rng)
+        except TypeError as err:
+            if "forward-mode" not in str(err) or recompute != "inputs":
+                raise
+            raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
+                            "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
+                            "wrapped function use jlora.apply(fn, recompute=False)") from None
+        return jax.tree_util.tree_unflatten(out_tree, out)
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped

@@ -145,6 +145,8 @@ class LoraWeight(Lazy):
 
     @property
     def dtype(self) -> Any:
+        if self.w is None:
+            raise ValueError(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return self.w.dtype
 
     @property

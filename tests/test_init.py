@@ -168,6 +168,14 @@ def test_bad_input_names_the_path(cfg, match):
         lora_init(KEY, base(), cfg)
 
 
+def test_a_target_that_matches_only_what_it_cannot_use_says_why():
+    params = {"q": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "k": {"kernel": jnp.ones((4, 4), jnp.int8)}}
+    with pytest.raises(ValueError, match=r"'q' matches no param it can use \(LoraConfig.exclude leaves out"):
+        lora_init(KEY, params, LoraConfig(rank=2, targets=["q"], exclude=["q"]))
+    with pytest.raises(ValueError, match=r"'k' matches no param it can use \(its kernels are \['k/kernel: int8\[4,4\]'\]"):
+        lora_init(KEY, params, LoraConfig(rank=2, targets=["q", "k"]))
+
+
 def test_nd_kernel_without_layout_is_a_clear_error():
     with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout.*'k': 'iio'"):
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))

@@ -178,6 +178,26 @@ def test_one_half_alone_or_a_bad_rng_is_refused():
         forward(p, jnp.ones((1, 4)), lora_rng=legacy)
     with pytest.raises(ValueError, match="has a parameter named 'lora_rng'"):
         jlora.apply(lambda p, x, lora_rng=None: x @ p["w"])
+    with pytest.raises(ValueError, match="fn must be callable, got 3"):
+        jlora.apply(3)
+    head = jlora.lora_init(KEY, {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, jlora.LoraConfig(rank=2, targets=["w"], trainable=["b"]))
+    with pytest.raises(ValueError, match="'b' comes from the frozen half"):
+        jlora.apply(lambda p, x: x @ p["w"] + p["b"])(jlora.split(head)[1], jnp.ones((1, 4)))
+
+
+def test_a_rule_that_returns_a_bare_value_is_named():
+    class Doubled(jlora.Lazy):
+        def __init__(self, value):
+            self.value = value
+
+        shape = property(lambda self: self.value.shape)
+        dtype = property(lambda self: self.value.dtype)
+        materialize = lambda self: 2 * self.value
+
+    jax.tree_util.register_pytree_node(Doubled, lambda d: ((d.value,), None), lambda _, c: Doubled(*c))
+    jlora.register(jax.extend.core.primitives.neg_p, Doubled)(lambda ctx, eqn, invals: -2 * invals[0].value)
+    with pytest.raises(TypeError, match=r"rule <lambda> for neg returned ArrayImpl.*a list of outputs"):
+        jlora.apply(lambda w: -w)(Doubled(jnp.ones(3)))
 
 
 def test_function_closing_over_an_outer_tracer_is_not_cached_stale():

@@ -32,6 +32,13 @@ def test_combine_refuses_trees_that_do_not_match():
     other = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 8))}}, jlora.LoraConfig(rank=2, targets=["q"]))
     with pytest.raises(ValueError, match="jlora.combine: trainable and frozen do not have the same structure"):
         jlora.combine(trainable, jlora.split(other)[1])
+    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    alpha = lambda a: jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=a, targets=["q"]))
+    with pytest.raises(ValueError, match=r"differ at \['q/kernel'\], e.g. 'q/kernel': \{'scale': 1.0, .*\} in "
+                                         r"trainable, \{'scale': 2.0, .*\} in frozen"):
+        jlora.combine(jlora.split(alpha(2.0))[0], jlora.split(alpha(4.0))[1])
+    with pytest.raises(ValueError, match="trainable half"):
+        jlora.split(alpha(2.0))[0]["q"]["kernel"].dtype
 
 
 def test_merge_is_exact_and_runs_the_unmodified_function():
