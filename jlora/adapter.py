@@ -185,7 +185,7 @@ def describe(path: str | os.PathLike) -> str:
         adapter: ...
         targets: 1 kernels, rank 2
           k  4x4  layout io  r=2  scale=1
-        parameters: 16 LoRA + 0 fully trained; ... MiB on disk
+        parameters: 16 LoRA + 0 fully trained; ... KiB on disk
     """
     config = read_config(path)
     tensors = load_tensors(path)
@@ -203,5 +203,6 @@ def describe(path: str | os.PathLike) -> str:
     for p, shape in sorted(config["trainable"].items()):
         lines.append(f"  {p}  {'x'.join(map(str, shape))}  fully trained")
     size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-    lines.append(f"parameters: {n_lora:,} LoRA + {n_full:,} fully trained; {size / 2**20:.2f} MiB on disk")
+    on_disk = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_full:,} fully trained; {on_disk} on disk")
     return "\n".join(lines)

