@@ -179,12 +179,17 @@ def type_key(x: Any) -> tuple:
     return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
 
 
-def context_mesh() -> Any:
-    """The abstract mesh the trace runs under (``pmap``'s and ``shard_map``'s axes): a jaxpr traced
-    under one does not bind under another. ``jax.sharding.get_abstract_mesh`` is public since JAX
-    0.5; ``None`` where absent."""
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    return None if get is None else get()
+# The opaque trace state moved to jax.extend.core (JAX 0.10 deprecates jax.core's); JAX 0.6 has
+# only jax.core's.
+_get_trace_state = (getattr(jax.extend.core, "get_opaque_trace_state", None)
+                    or getattr(jax.core, "get_opaque_trace_state", None))
+
+
+def trace_state() -> Any:
+    """A token of the trace a call runs under (eager, a ``jit``, a ``vmap`` with its named axes, a
+    ``pmap``): tokens compare equal only within one trace. (Without the API: a fresh object, which
+    equals nothing.)"""
+    return object() if _get_trace_state is None else _get_trace_state(convention="jlora")
 
 
 def is_tracer(x: Any) -> bool:

@@ -374,14 +374,15 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     key = None
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
-        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract),
-               _compat.context_mesh())
+        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract))
         hash(key)
     except TypeError:
         key = None
-    if key is not None and key in cache:
+    # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace
+    state = _compat.trace_state()
+    if key is not None and key in cache and cache[key][0] == state:
         cache.move_to_end(key)
-        return cache[key]
+        return cache[key][1]
 
     def flat_fn(*dyn: Any) -> Any:
         leaves: list[Any] = [None] * n_leaves
@@ -396,7 +397,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     result = (closed, jax.tree_util.tree_structure(out_shape))
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):
-        cache[key] = result
+        cache[key] = (state, result)
         if len(cache) > cache_size:
             cache.popitem(last=False)
     return result

@@ -144,6 +144,18 @@ def test_trace_is_cached_per_signature():
     assert len(calls) == 3
 
 
+def test_a_trace_is_reused_only_under_the_trace_that_made_it():
+    """What a trace fixes (a vmap's axis size) differs between two vmaps of the same shapes."""
+    p = lora({"w": jax.random.normal(KEY, (4, 3))}, ["w"])
+    fn = lambda p, x: jax.lax.psum(x @ p["w"], "i") / jax.lax.psum(1, "i")  # the mean over the named axis
+    forward = jlora.apply(fn)
+    x = jax.random.normal(KEY, (4, 4))
+    for n in (2, 4):
+        got = jax.vmap(forward, in_axes=(None, 0), axis_name="i")(p, x[:n])
+        want = jax.vmap(fn, in_axes=(None, 0), axis_name="i")(oracle_merge(p), x[:n])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_static_values_equal_across_types_trace_apart():
     """1, 1.0 and True are equal (and hash alike) in Python, but a function can tell them apart,
     as jax.jit's static arguments do."""
