@@ -46,8 +46,10 @@ READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_i
         "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
                "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config"}
-# Initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA and LoftQ change them).
-PLAIN_INITS = (True, False, "gaussian", "eva")
+# Initialisations that change the base weights (the adapter then fits the changed base, not the
+# model jlora holds): PiSSA (and its "pissa_niter_N"), OLoRA, CorDA, LoftQ, LoRA-GA. Every other
+# one (gaussian, eva, orthogonal, mica, ...) only sets A and B, which the file holds.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def module_name(path: str) -> str:
@@ -228,7 +230,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path / CONFIG_FILE}: '{key}' must be a number > 0, got {config.get(key)!r}")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
-    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise ValueError(f"{path}: PEFT option init_lora_weights={config['init_lora_weights']!r} changes the base "
                          "weights; jlora reads adapters over the unchanged base (convert it to plain LoRA in PEFT)")
     try:
