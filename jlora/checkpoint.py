@@ -93,7 +93,10 @@ class AdapterCheckpointer:
              force: bool = False) -> bool:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``)."""
-        if self.best_metric is not None and not isinstance((metrics or {}).get(self.best_metric), (int, float)):
+        if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
+            metrics = {k: float(v) if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) else v
+                       for k, v in metrics.items()}
+        if self.best_metric is not None and not isinstance((metrics or {}).get(self.best_metric), float):
             raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "
                              f"(best_metric); got {metrics!r}")
         arrays, specs = _adapter_arrays(params)
@@ -102,7 +105,7 @@ class AdapterCheckpointer:
         if opt_state is not None:
             flat = _flat(opt_state)
             items["opt_state"] = ocp.args.StandardSave(flat)
-            meta["opt_state"] = [[list(np.shape(x)), np.dtype(x.dtype).name] for x in flat.values()]
+            meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]  # (a PRNG key has no numpy dtype)
         items["meta"] = ocp.args.JsonSave(meta)
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
@@ -197,7 +200,7 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any) -> None:
     if len(leaves) != len(saved):
         raise ValueError(f"{directory}: opt_state_like has {len(leaves)} leaves, step {step}'s optimizer state "
                          f"{len(saved)}: another optimizer?")
-    for (kp, leaf), (shape, dtype) in zip(leaves, saved):
+    for (kp, leaf), shape in zip(leaves, saved):
         if tuple(np.shape(leaf)) != tuple(shape):
             raise ValueError(f"{directory}: opt_state_like{jax.tree_util.keystr(kp)} has shape {tuple(np.shape(leaf))}, "
                              f"step {step} saved {tuple(shape)} (another rank or optimizer?)")

@@ -89,7 +89,21 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     assert sorted(best.all_steps()) == [1, 3] and best.best_step() == 3
     with pytest.raises(ValueError, match="metrics must hold a number under 'loss'"):
         best.save(9, params, metrics={"val_loss": 0.1})  # refused before orbax starts writing
-    assert best.save(10, params, metrics={"loss": 0.1}) and best.best_step() == 10
+    assert best.save(10, params, metrics={"loss": jnp.float32(0.1)}) and best.best_step() == 10  # a jax scalar
+
+
+def test_optimizer_state_with_a_prng_key_round_trips(tmp_path):
+    base, _, params, _ = setup()
+    trainable = jlora.split(params)[0]
+    tx = jlora.optimizer(optax.noisy_sgd(0.1), params)  # its state holds a typed key
+    state = tx.init(trainable)
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params, opt_state=state)
+    _, back, _ = ckpt.restore(base, opt_state_like=tx.init(trainable))
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+            got, want = jax.random.key_data(got), jax.random.key_data(want)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_checkpoint_is_the_bytes_of_the_adapters_plus_small_metadata(tmp_path):
