@@ -20,8 +20,9 @@ from jlora.sharding import factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_node
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
-# trains it as a module to save), an LM head where it is the projection itself (the dense inside
-# RoBERTa's lm_head is adapted; jlora.hf.output_embeddings finds its vocabulary projection).
+# trains it as a module to save); in an LM head, the projection (the head itself, or a kernel in it
+# that changes the width: onto the vocabulary), not a square transform before it (RoBERTa's
+# lm_head/dense, which PEFT adapts).
 HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs", "head", "output_head", "logits"})
 LM_HEAD = "lm_head"
 
@@ -43,8 +44,13 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
         and _is_float_array(leaf)
         and leaf.ndim >= 2
         and not any(c in HEAD_NAMES for c in comps)
-        and not (len(comps) > 1 and comps[-2] == LM_HEAD)
+        and not (LM_HEAD in comps[:-1] and (comps[-2] == LM_HEAD or leaf.shape[0] != leaf.shape[-1]))
     )
+
+
+def _outside_layers(path: str) -> bool:
+    """Whether ``path`` lies outside a stack of numbered layers (``layers/3/...``): where heads are."""
+    return not any(c.isdigit() for c in path.split("/"))
 
 
 def _pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, default: Any) -> Any:
@@ -241,7 +247,7 @@ def lora_init(
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
-            if _all_linear(config):  # too narrow for the rank: an output head (NSP's 2 outputs, the classes)
+            if _all_linear(config) and _outside_layers(path):  # a small head (NSP's 2 outputs, the classes)
                 continue
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -250,6 +256,9 @@ def lora_init(
         new[path] = LoraWeight(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
         )
+    if not new:
+        raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
+                         f"({adapt[:3]}...); lower the rank")
     for path in tune:
         new[path] = Trainable(by_path[path])
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)

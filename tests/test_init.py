@@ -46,6 +46,14 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     assert "nsp/kernel" not in adapted(lora_init(KEY, narrow, LoraConfig(rank=4, targets="all-linear")))
     with pytest.raises(ValueError, match=r"rank 4 for 'nsp/kernel' exceeds min\(in=16, out=2\)"):
         lora_init(KEY, narrow, LoraConfig(rank=4, targets=["nsp"]))
+    with pytest.raises(ValueError, match=r"rank 64 for 'layers/0/attn/q_proj/kernel' exceeds"):  # inside the layers
+        lora_init(KEY, base(), LoraConfig(rank=64, targets="all-linear"))
+    with pytest.raises(ValueError, match="rank 64 exceeds min.in, out. of every kernel all-linear selects"):
+        lora_init(KEY, {"dense": {"kernel": jnp.ones((16, 16))}}, LoraConfig(rank=64, targets="all-linear"))
+    # in an LM head, the projection onto the vocabulary is left alone, a square transform is not
+    lm = {**base(), "lm_head": {"Dense_0": {"kernel": jnp.ones((16, 50))}, "dense": {"kernel": jnp.ones((16, 16))}}}
+    picked = adapted(lora_init(KEY, lm, LoraConfig(rank=4, targets="all-linear")))
+    assert "lm_head/dense/kernel" in picked and "lm_head/Dense_0/kernel" not in picked
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
