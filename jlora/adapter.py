@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +51,21 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
             trainable[p] = list(np.shape(x.value))
     if not targets and not trainable:
         raise ValueError("save_adapter: params hold no LoraWeight or Trainable leaf")
+    save_id = uuid.uuid4().hex  # in both files: a load refuses a pair from two saves
     config = {
-        "format": FORMAT, "version": 1, "targets": targets, "trainable": trainable,
+        "format": FORMAT, "version": 1, "save_id": save_id, "targets": targets, "trainable": trainable,
         "lora_config": lora_config.to_dict() if lora_config is not None else None,
         "metadata": metadata or {},
     }
+
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"save_id": save_id})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
     return write_files(path, write)
 
 
-def write_files(path: str | os.PathLike, write: Any) -> Path:
+def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Put the files that ``write(tmp_dir)`` makes into directory ``path`` (created if needed), each
     by an atomic rename over its namesake, JSON files last; other files in ``path`` stay as they
     are, and an interrupted write leaves each file whole (old or new), never truncated.
@@ -76,6 +79,8 @@ def write_files(path: str | os.PathLike, write: Any) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; an adapter is a directory of files")
     path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(".jlora-write-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".jlora-write-", dir=path))
     try:
         write(tmp)
@@ -115,14 +120,21 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         >>> sorted(load_tensors(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})))
         ['k/a', 'k/b']
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
     file = Path(path) / WEIGHTS_FILE
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
+        with safe_open(str(file), "np") as f:
+            save_id = (f.metadata() or {}).get("save_id")
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
+    expected = read_config(path).get("save_id")
+    if expected is not None and save_id != expected:
+        raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one was "
+                         "interrupted between writing them); save the adapter again")
+    return tensors
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ft.add_argument("--out", "--output-dir", default="jlora-out", help="adapter, metrics.json and loss_curve.png "
                                                                        "go here (default: %(default)s)")
-    ft.add_argument("--save-every", type=int, default=50, help="save the adapter every N steps (default: %(default)s)")
+    ft.add_argument("--save-every", type=int, default=50, help="save the adapter every N steps, 0: only at the end (default: %(default)s)")
     ft.add_argument("--no-baseline", action="store_true", help="skip the frozen-encoder baseline")
     ft.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
 

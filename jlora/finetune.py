@@ -64,10 +64,10 @@ class Options:
         """Checks every option before any work: a bad one is a ``ValueError`` naming its flag."""
         if self.task not in ("classify", "causal-lm"):
             raise ValueError(f"--task must be classify or causal-lm, got {self.task!r}")
-        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
-                            ("--save-every", self.save_every), ("--steps", self.steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        for flag, value, least in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 1),
+                                   ("--save-every", self.save_every, 0), ("--steps", self.steps, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
         for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,27 @@ def test_a_second_save_replaces_the_first_and_nothing_else(tmp_path, monkeypatch
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         save_adapter(tmp_path / "file", p2)
+
+
+def test_a_save_interrupted_between_its_two_files_is_refused_on_load(tmp_path, monkeypatch):
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    replace = os.replace
+
+    def interrupted(src, dst):  # Ctrl-C after the weights are in place, before the JSON
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(tmp_path / "ad", perturb(p, jax.random.key(9)), lora_config=cfg.replace(alpha=64))
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ValueError, match="come from two different saves"):
+        load_adapter(tmp_path / "ad", base)
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)  # saving again mends it, and clears the leftovers
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p)
+    assert not list((tmp_path / "ad").glob(".jlora-write-*"))
 
 
 def test_bad_adapters_give_clear_errors(tmp_path):
