@@ -67,6 +67,19 @@ def _all_linear(config: LoraConfig) -> bool:
     return config.targets in (None, ALL_LINEAR)
 
 
+def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) -> str:
+    """Why a pattern's matches gave nothing to adapt, for its error message."""
+    excluded = [p for p, _ in matched if any(ex.match(p) for ex in exclude)]
+    if excluded:
+        return f" (LoraConfig.exclude leaves out {excluded[:3]})"
+    if any(p.endswith("/embedding") for p, _ in matched):
+        return " (an embedding table is adapted only by a pattern naming its module)"
+    kernels = [f"{p}: {_describe(leaf)}" for p, leaf in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
+    if kernels:
+        return f" (its kernels are {kernels[:3]}: only float arrays with 2 or more axes can be adapted)"
+    return ""
+
+
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs.
 
@@ -123,18 +136,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     for pat, n in hits.items():
         if n == 0:
             option = "targets" if pat in targets else "trainable"
-            matched = [p for p in paths if pat.match(p)]
-            excluded = [p for p in matched if any(ex.match(p) for ex in exclude)]
-            leaf_of = dict(entries)
-            kernels = [p for p in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
-            why = (f" (LoraConfig.exclude leaves out {excluded[:3]})" if excluded else
-                   " (an embedding table is adapted only by a pattern naming its module)"
-                   if any(p.endswith("/embedding") for p in matched) else
-                   f" (its kernels are {[f'{p}: {_describe(leaf_of[p])}' for p in kernels[:3]]}: "
-                   "only float arrays with 2 or more axes can be adapted)" if kernels else "")
+            matched = [(p, leaf) for p, leaf in entries if pat.match(p)]
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
-                + (" it can use" if matched else "") + why
+                + (" it can use" + _why_unused(matched, exclude) if matched else "")
                 + f"; nearest paths: {nearest(pat.text, paths)}"
             )
     if not adapt:

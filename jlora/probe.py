@@ -117,16 +117,12 @@ def _transpose(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.convert_element_type_p, Probe)
 @register(_compat.copy_p, Probe)
 @register(_compat.sharding_constraint_p, Probe)
-def _same(ctx: Context, eqn: Any, invals: list) -> Any:
-    (probe,) = invals
-    return [probe.with_value(_compat.bind(eqn, [probe.value])[0])]
-
-
 @register(_compat.slice_p, Probe)
 @register(_compat.dynamic_slice_p, Probe)
 @register(_compat.rev_p, Probe)
 def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
-    """A slice (``W[i]`` before its squeeze) or a flip keeps every axis in its place."""
+    """A cast, a copy, a constraint, a slice (``W[i]`` before its squeeze) or a flip keeps every
+    axis in its place."""
     probe, *rest = invals
     if not isinstance(probe, Probe) or any(isinstance(v, Probe) for v in rest):
         return NotImplemented

@@ -58,8 +58,7 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     else:
         nodes1 = {p: l for p, l in leaves_with_paths(first, is_leaf=is_node) if is_node(l)}
         nodes2 = {p: l for p, l in leaves_with_paths(second, is_leaf=is_node) if is_node(l)}
-        meta = lambda x: {k: v for k, v in zip(("scale", "layout", "path", "dropout"), x._aux())} if isinstance(
-            x, LoraWeight) else type(x).__name__
+        meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__
         diff = [p for p in sorted(set(nodes1) | set(nodes2)) if meta(nodes1.get(p)) != meta(nodes2.get(p))]
         detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta(nodes1.get(diff[0]))} in {names[0]}, "
                   f"{meta(nodes2.get(diff[0]))} in {names[1]}" if diff else ": they differ in the node metadata")

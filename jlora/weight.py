@@ -108,7 +108,16 @@ class LoraWeight(Lazy):
 
     # --- pytree -------------------------------------------------------------------------------
     def _aux(self) -> tuple:
-        return (self.scale, self.layout, self.path, self.dropout)
+        return tuple(self.metadata().values())
+
+    def metadata(self) -> dict[str, Any]:
+        """The static fields (what ``jax.tree`` keeps in the treedef, not as leaves).
+
+        Example:
+            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5).metadata()["scale"]
+            0.5
+        """
+        return {"scale": self.scale, "layout": self.layout, "path": self.path, "dropout": self.dropout}
 
     def tree_flatten_with_keys(self):
         keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
