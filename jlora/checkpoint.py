@@ -46,8 +46,19 @@ def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, specs
 
 
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
 def _flat(tree: Any) -> dict[str, Any]:
-    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+    """Leaves by position; a typed PRNG key (``noisy_sgd``'s state) as its raw data, which every
+    orbax version stores alike (abstract keys as the data's shape)."""
+    def raw(x: Any) -> Any:
+        if not _is_key(x):
+            return x
+        return jax.eval_shape(jax.random.key_data, x) if isinstance(x, jax.ShapeDtypeStruct) else jax.random.key_data(x)
+
+    return {str(i): raw(leaf) for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
 class AdapterCheckpointer:
@@ -105,7 +116,9 @@ class AdapterCheckpointer:
         if opt_state is not None:
             flat = _flat(opt_state)
             items["opt_state"] = ocp.args.StandardSave(flat)
-            meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]  # (a PRNG key has no numpy dtype)
+            meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
+            meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
+                                      for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
@@ -157,7 +170,9 @@ class AdapterCheckpointer:
         params = jax.tree_util.tree_unflatten(treedef, leaves)
         opt_state = None
         if opt_state_like is not None:
-            saved = got["opt_state"]
+            saved = dict(got["opt_state"])
+            for i, impl in meta.get("opt_state_keys", {}).items():
+                saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
         return params, opt_state, step
 
@@ -196,7 +211,8 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any) -> None:
                              "restore it without opt_state_like")
         return  # written before the state's shapes were kept: orbax checks them
     saved = meta["opt_state"]
-    leaves = jax.tree_util.tree_flatten_with_path(like)[0]
+    paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+    leaves = list(zip(paths, _flat(like).values()))
     if len(leaves) != len(saved):
         raise ValueError(f"{directory}: opt_state_like has {len(leaves)} leaves, step {step}'s optimizer state "
                          f"{len(saved)}: another optimizer?")
