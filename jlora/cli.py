@@ -145,6 +145,10 @@ def _merge(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out, params=merged[prefix] if prefix else merged)
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}")
+    outside = sorted(p for p in config["trainable"] if prefix and not p.startswith(prefix + "/"))
+    if outside:  # the job's own head is not part of the HF model
+        print(f"note: {', '.join(outside)} (trained beside the model, e.g. a classification head) "
+              f"are not in the merged model; they stay in {args.adapter}")
     return 0
 
 

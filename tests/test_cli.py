@@ -62,6 +62,7 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
 
     merged_dir = tmp_path / "merged"
     assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(merged_dir)]) == 0
+    assert "note: head/bias, head/kernel (trained beside the model" in capsys.readouterr().out
     merged = tf.FlaxBertModel.from_pretrained(merged_dir)
     base = tf.FlaxBertModel.from_pretrained(bert_dir)
     lora = jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
