@@ -112,12 +112,14 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The adapter's arrays by key (``<param path>/a``, ``<param path>/b``, trained leaves' paths).
+def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]:
+    """The adapter's arrays by key (``<param path>/a``, ``<param path>/b``, trained leaves' paths);
+    ``config`` is its JSON (``read_config``), whose save id the weights must carry.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> sorted(load_tensors(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})))
+        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> sorted(load_tensors(path, read_config(path)))
         ['k/a', 'k/b']
     """
     from safetensors import SafetensorError, safe_open
@@ -130,7 +132,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             save_id = (f.metadata() or {}).get("save_id")
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
-    expected = read_config(path).get("save_id")
+    expected = config.get("save_id")
     if expected is not None and save_id != expected:
         raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one was "
                          "interrupted between writing them); save the adapter again")
@@ -149,7 +151,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         (2, 4)
     """
     config = read_config(path)
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, config)
     targets, trainable = config["targets"], config["trainable"]
     expected = {f"{p}/{f}" for p in targets for f in ("a", "b")} | set(trainable)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -200,7 +202,7 @@ def describe(path: str | os.PathLike) -> str:
         parameters: 16 LoRA + 0 fully trained; ... KiB on disk
     """
     config = read_config(path)
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, config)
     lines = [f"adapter: {Path(path)}"]
     meta = config.get("metadata") or {}
     for key in sorted(meta):

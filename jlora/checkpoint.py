@@ -138,8 +138,9 @@ class AdapterCheckpointer:
                              "the base params lora_init started from (arrays or jax.ShapeDtypeStruct)")
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         specs = meta["specs"]
-        if opt_state_like is not None:
-            _check_opt_state(self.directory, step, meta, opt_state_like)
+        like_flat = None if opt_state_like is None else _flat(opt_state_like)
+        if like_flat is not None:
+            _check_opt_state(self.directory, step, meta, opt_state_like, like_flat)
         flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
         by_path = {path_str(kp): leaf for kp, leaf in flat}
         absent = sorted(p for p in specs if p not in by_path)
@@ -153,7 +154,7 @@ class AdapterCheckpointer:
         targets = None if legacy else _adapter_targets(specs, by_path)  # legacy: LoraWeight checks shapes
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if opt_state_like is not None:
-            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(_flat(opt_state_like)))
+            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat))
         got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
         arrays = got["adapters"]
         leaves = []
@@ -203,8 +204,8 @@ def _abstract(tree: Any) -> Any:
     )
 
 
-def _check_opt_state(directory: str, step: int, meta: dict, like: Any) -> None:
-    """Refuse, naming the leaf, an ``opt_state_like`` that does not fit the saved state."""
+def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat: dict[str, Any]) -> None:
+    """Refuse, naming the leaf, an ``opt_state_like`` (flattened: ``like_flat``) that does not fit the saved state."""
     if "opt_state" not in meta:
         if not os.path.isdir(os.path.join(directory, str(step), "opt_state")):
             raise ValueError(f"{directory}: step {step} was saved without an optimizer state; "
@@ -212,7 +213,7 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any) -> None:
         return  # written before the state's shapes were kept: orbax checks them
     saved = meta["opt_state"]
     paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
-    leaves = list(zip(paths, _flat(like).values()))
+    leaves = list(zip(paths, like_flat.values()))
     if len(leaves) != len(saved):
         raise ValueError(f"{directory}: opt_state_like has {len(leaves)} leaves, step {step}'s optimizer state "
                          f"{len(saved)}: another optimizer?")

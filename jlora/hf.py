@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 import jlora
 from jlora.config import ALL_LINEAR, LoraConfig
+from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
 
 # PEFT's default targets per model type, as Flax param-path patterns.
@@ -116,7 +117,7 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
     return [
         path for path, leaf in leaves_with_paths(params)
         if vocab and path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2 and leaf.shape[-1] == vocab
-        and not any(c.isdigit() for c in path.split("/"))  # a kernel of layer "3" is no head
+        and outside_layers(path)  # a kernel of layer "3" is no head
     ]
 
 

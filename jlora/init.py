@@ -48,8 +48,13 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
     )
 
 
-def _outside_layers(path: str) -> bool:
-    """Whether ``path`` lies outside a stack of numbered layers (``layers/3/...``): where heads are."""
+def outside_layers(path: str) -> bool:
+    """Whether ``path`` lies outside a stack of numbered layers (``layers/3/...``): where heads are.
+
+    Example:
+        >>> outside_layers("cls/predictions/decoder/kernel"), outside_layers("layers/3/q_proj/kernel")
+        (True, False)
+    """
     return not any(c.isdigit() for c in path.split("/"))
 
 
@@ -252,7 +257,7 @@ def lora_init(
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
-            if _all_linear(config) and _outside_layers(path):  # a small head (NSP's 2 outputs, the classes)
+            if _all_linear(config) and outside_layers(path):  # a small head (NSP's 2 outputs, the classes)
                 continue
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
