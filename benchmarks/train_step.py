@@ -19,6 +19,8 @@ Modes:
   hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
                targeted Dense (the hand-factored baseline)
   materialize  the same LoRA computed by forming W + s·A@B for each weight
+  torch-full   the PyTorch peer: the same Llama trained in full (benchmarks/torch_step.py)
+  peft         the PyTorch peer: the same LoRA with HF PEFT (benchmarks/torch_step.py)
   MODE@DIR     MODE run on the jlora package found in DIR (e.g. the previous commit's, from
                ``git archive HEAD jlora | tar -x -C DIR``): an A/B of two versions in one run
 """
@@ -33,6 +35,7 @@ import time
 from typing import Any
 
 from child import child_mode, file_name, run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from torch_step import MODES as TORCH_MODES, run_torch_mode
 
 PRESETS = {
     "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -231,6 +234,9 @@ def main() -> None:
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
+    if args.mode in TORCH_MODES:
+        print("RESULT " + json.dumps(run_torch_mode(args.mode, preset, TARGETS)), flush=True)
+        return
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args.mode, preset, args.stop, args.profile)), flush=True)
         return
@@ -254,22 +260,25 @@ def print_table(preset: str, results: dict) -> None:
     if not results:
         return
     any_r = next(iter(results.values()))
-    print(f"\npreset {preset}; device {any_r['device']}; jax {any_r['jax']}")
+    versions = "; ".join(f"{lib} {r[lib]}" for lib in ("jax", "torch")
+                         for r in [next((r for r in results.values() if lib in r), None)] if r)
+    print(f"\npreset {preset}; device {any_r['device']}; {versions}")
     floor = results.get("floor", {}).get("tokens_per_s")
-    full = results.get("full", {})
+    full = results.get("full", {}).get("compile_s")
     hand = results.get("hand", {}).get("tokens_per_s")
     gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
+    num = lambda x, spec: "-" if x is None else format(x, spec)
     w = max(12, *(len(m) + 2 for m in results))
     print(f"{'mode':<{w}}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x hand':>8}{'peak GiB':>10}"
           f"{'XLA GiB':>9}{'compile s':>11}{'(trace)':>9}{'x full':>8}{'TFLOP':>8}")
     for mode, r in results.items():
         xf = f"{r['tokens_per_s'] / floor:.3f}" if floor else "-"
         xh = f"{r['tokens_per_s'] / hand:.3f}" if hand else "-"
-        xc = f"{r['compile_s'] / full['compile_s']:.2f}" if full else "-"
+        xc = f"{r['compile_s'] / full:.2f}" if full and r["compile_s"] else "-"
+        tflop = None if r["flops"] is None else r["flops"] / 1e12
         print(f"{mode:<{w}}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11.0f}{xf:>9}{xh:>8}{gib(r['peak_bytes']):>10}"
-              f"{gib(r['footprint_bytes']):>9}{r['compile_s']:>11.1f}{r['trace_s']:>9.1f}{xc:>8}"
-              f"{(r['flops'] or 0) / 1e12:>8.3g}")
-
+              f"{gib(r['footprint_bytes']):>9}{num(r['compile_s'], '.1f'):>11}{num(r['trace_s'], '.1f'):>9}{xc:>8}"
+              f"{num(tflop, '.3g'):>8}")
 
 if __name__ == "__main__":
     main()
