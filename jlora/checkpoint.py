@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -103,7 +104,8 @@ class AdapterCheckpointer:
     def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
-        it was written: like orbax, a step not newer than the latest saved one is skipped (``False``)."""
+        it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
+        with a warning: a new run in an old run's directory would otherwise lose every save)."""
         if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
             metrics = {k: float(v) if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) else v
                        for k, v in metrics.items()}
@@ -120,6 +122,12 @@ class AdapterCheckpointer:
             meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
+        latest = self._manager.latest_step()
+        if not force and latest is not None and step <= latest:
+            warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
+                          f"step {latest}, and saved steps only increase; save into a new directory to start over",
+                          stacklevel=2)
+            return False
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:

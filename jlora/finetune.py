@@ -192,6 +192,13 @@ def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple
 
 # --- model --------------------------------------------------------------------------------------
 
+_MODEL_FILES = {  # what a HF model directory must hold -> the file names that provide it
+    "config.json": ("config.json",),
+    "weights (flax_model.msgpack, model.safetensors or pytorch_model.bin, maybe sharded)":
+        ("flax_model*.msgpack*", "model*.safetensors*", "pytorch_model*.bin*"),
+}
+
+
 def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
     """``(Flax model, tokenizer, directory)`` of a local HF model (Flax or PyTorch weights); the
     default name is the packaged all-MiniLM-L6-v2.
@@ -204,6 +211,10 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
     path = default_model_dir() if name == DEFAULT_MODEL else Path(name)
     if not path.is_dir():
         raise ValueError(f"--model {name}: not a directory with a HF model")
+    missing = [what for what, patterns in _MODEL_FILES.items() if not any(any(path.glob(p)) for p in patterns)]
+    if missing:
+        raise ValueError(f"--model {name}: {path} has no {' and no '.join(missing)}; a HF model directory "
+                         "holds config.json, the tokenizer's files and the weights")
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
     try:
         model = cls.from_pretrained(str(path))

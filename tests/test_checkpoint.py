@@ -83,6 +83,9 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     for step in range(5):
         last.save(step, params)
     assert last.all_steps() == [3, 4]
+    with pytest.warns(UserWarning, match="step 2 not written: .* already holds step 4"):
+        assert last.save(2, params) is False  # a new run in an old run's directory: never silent
+    assert last.all_steps() == [3, 4]
     best = AdapterCheckpointer(tmp_path / "best", max_to_keep=2, best_metric="loss", async_save=False)
     for step, loss in enumerate([5.0, 1.0, 3.0, 0.5, 4.0]):
         best.save(step, params, metrics={"loss": loss})

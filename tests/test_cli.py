@@ -91,6 +91,13 @@ def test_causal_lm_on_a_text_file(tmp_path, capsys):
 def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
     assert main(["finetune", "--model", "/no/such/dir", "--data", str(data_file)]) == 2
     assert "error: --model /no/such/dir: not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["finetune", "--model", str(tmp_path / "empty"), "--data", str(data_file)]) == 2
+    assert "has no config.json and no weights (flax_model.msgpack" in capsys.readouterr().err
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    assert main(["finetune", "--model", str(tmp_path / "config_only"), "--data", str(data_file)]) == 2
+    assert "config_only has no weights" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "good film", "label": "pos"}\n{"text": "no label"}\n')
     assert main(["finetune", "--model", str(bert_dir), "--data", str(bad), "--steps", "1"]) == 2
