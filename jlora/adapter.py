@@ -24,7 +24,7 @@ import numpy as np
 
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
 
@@ -139,6 +139,19 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
     return tensors
 
 
+def check_trainable_not_lazy(source: Any, trainable: Any, base: dict[str, Any]) -> None:
+    """Refuse fully trained leaves saved for base leaves that are lazy here (a quantized kernel
+    cannot hold a trained float array).
+
+    Example:
+        >>> check_trainable_not_lazy("adapter", ["bias"], {"bias": jnp.zeros(2)})
+    """
+    lazy = [p for p in trainable if isinstance(base[p], Lazy)]
+    if lazy:
+        raise ValueError(f"{source}: '{lazy[0]}' was trained in full, but the base holds a lazy "
+                         f"{type(base[lazy[0]]).__name__} there; load onto the float base, or leave it out")
+
+
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
 
@@ -157,11 +170,12 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
     by_path = {path_str(kp): leaf for kp, leaf in flat}
     absent = sorted(p for p in list(targets) + list(trainable) if p not in by_path)
     if absent:
         raise ValueError(f"{path}: adapter for another base model: no param at {absent[:5]}")
+    check_trainable_not_lazy(path, trainable, by_path)
     for p, spec in targets.items():
         if list(by_path[p].shape) != spec["shape"]:
             raise ValueError(

@@ -23,11 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from jlora.adapter import check_trainable_not_lazy
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
 from jlora.sharding import factor_shardings
 from jlora.tree import split
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import LoraWeight, Trainable, is_node, is_param
 
 
 def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,11 +150,12 @@ class AdapterCheckpointer:
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
         if like_flat is not None:
             _check_opt_state(self.directory, step, meta, opt_state_like, like_flat)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
         by_path = {path_str(kp): leaf for kp, leaf in flat}
         absent = sorted(p for p in specs if p not in by_path)
         if absent:
             raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
+        check_trainable_not_lazy(self.directory, [p for p, s in specs.items() if s["kind"] == "trainable"], by_path)
         legacy = any("shape" not in spec for spec in specs.values())  # written before shapes were kept
         for p, spec in specs.items():
             if not legacy and tuple(spec["shape"]) != tuple(by_path[p].shape):

@@ -17,7 +17,7 @@ from jlora.config import ALL_LINEAR, LoraConfig, check_key
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
 from jlora.sharding import factor_shardings
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
 # trains it as a module to save); in an LM head, the projection (the head itself, or a kernel in it
@@ -31,9 +31,15 @@ def _is_float_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _is_trainable(leaf: Any) -> bool:
+    """A leaf that can be trained in full: a float array, not a lazy one (a quantized kernel)."""
+    return _is_float_array(leaf) and not isinstance(leaf, Lazy)
+
+
 def _describe(leaf: Any) -> str:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return f"{jnp.dtype(leaf.dtype).name}[{','.join(map(str, leaf.shape))}]"
+        array = f"{jnp.dtype(leaf.dtype).name}[{','.join(map(str, leaf.shape))}]"
+        return f"lazy {type(leaf).__name__} {array}" if isinstance(leaf, Lazy) else array
     return type(leaf).__name__
 
 
@@ -128,10 +134,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
                 raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
-            if not _is_float_array(leaf) and pat.match(path) == LEAF:
+            if not _is_trainable(leaf) and pat.match(path) == LEAF:
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
                                  "only float arrays can be trained")
-        tuned = [pat for pat in tuned if _is_float_array(leaf)]  # a subtree's counters and flags stay frozen
+        tuned = [pat for pat in tuned if _is_trainable(leaf)]  # a subtree's counters, flags, quantized kernels stay frozen
         for pat in tuned:
             hits[pat] += not chosen
         if chosen:
@@ -204,7 +210,7 @@ def lora_init(
     if not isinstance(config, LoraConfig):
         raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {type(config).__name__}")
     check_key(key, "lora_init")
-    entries = leaves_with_paths(params, is_leaf=is_node)
+    entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
         raise ValueError(f"params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
@@ -271,6 +277,6 @@ def lora_init(
                          f"({adapt[:3]}...); lower the rank")
     for path in tune:
         new[path] = Trainable(by_path[path])
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
     leaves = [new.get(path_str(kp), leaf) for kp, leaf in flat]
     return jax.tree_util.tree_unflatten(treedef, leaves)

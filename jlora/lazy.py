@@ -24,7 +24,7 @@ from jlora import _compat
 from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
-from jlora.weight import Lazy, Trainable
+from jlora.weight import Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -277,10 +277,6 @@ def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or _compat.is_tracer(x)
 
 
-def _is_special(x: Any) -> bool:
-    return isinstance(x, (Lazy, Trainable))
-
-
 def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
@@ -328,12 +324,12 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
         if lora_rng is not None:
             check_key(lora_rng, "lora_rng")
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_special)
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_param)
         values, dynamic, abstract, static = [], [], [], []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Trainable):
                 if leaf.value is None:  # the frozen half's placeholder
-                    where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_special)[0][i][0]
+                    where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0][i][0]
                     check_whole(leaf, path_str(where[2:]), "jlora.apply")  # past (args, kwargs) and the argument
                 leaf = leaf.value
             if isinstance(leaf, Lazy):

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import write_files
+from jlora.adapter import check_trainable_not_lazy, write_files
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -238,7 +238,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
     by_path = {path_str(kp): i for i, (kp, _) in enumerate(flat)}
     factors: dict[str, dict[str, np.ndarray]] = {}
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
@@ -269,6 +269,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
         if tuple(flat[by_path[p]][1].shape) != value.shape:
             raise ValueError(f"{path}: '{p}' is {tuple(flat[by_path[p]][1].shape)} in the base, {value.shape} in the adapter")
+    check_trainable_not_lazy(path, tuned, {p: flat[by_path[p]][1] for p in tuned})
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     leaves = [leaf for _, leaf in flat]
     for name, ab in sorted(factors.items()):

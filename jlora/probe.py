@@ -16,7 +16,7 @@ import jax
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
 from jlora.lazy import Context, evaluate_closed, is_array, register
-from jlora.weight import Lazy
+from jlora.weight import Lazy, is_param
 
 
 class Probe(Lazy):
@@ -168,12 +168,14 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
     """
     from jlora.paths import path_str
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
     leaves = [leaf for _, leaf in flat]
-    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf)]  # others (an Equinox activation) stay static
+    # others (an Equinox activation) stay static; a lazy kernel (quantized) is traced as the array it stands for
+    dynamic = [i for i, leaf in enumerate(leaves) if is_array(leaf) or isinstance(leaf, Lazy)]
     leaf_paths = [path_str(flat[i][0]) for i in dynamic]
     wanted = set(paths)
-    abstract = [_compat.abstractify(leaves[i]) for i in dynamic]
+    abstract = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) if isinstance(leaves[i], Lazy)
+                else _compat.abstractify(leaves[i]) for i in dynamic]
 
     def call(*arrays: Any) -> Any:
         full = list(leaves)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import Lazy, LoraWeight, Trainable, is_node
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -97,7 +97,8 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
 
 
 def merge(tree: Any) -> Any:
-    """Plain arrays for the unmodified model: ``w + scale·a@b`` in ``w``'s dtype, ``Trainable`` unwrapped.
+    """Plain arrays for the unmodified model: ``w + scale·a@b`` in ``w``'s dtype, ``Trainable`` unwrapped,
+    every other lazy value (a quantized kernel) materialised.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
@@ -108,11 +109,11 @@ def merge(tree: Any) -> Any:
 
     def one(path: Any, x: Any) -> Any:
         check_whole(x, path_str(path), "jlora.merge")
-        if isinstance(x, LoraWeight):
+        if isinstance(x, Lazy):
             return x.materialize()
         return x.value if isinstance(x, Trainable) else x
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:

@@ -283,3 +283,14 @@ class Trainable:
 def is_node(x: Any) -> bool:
     """True for the nodes jlora adds to a tree (``LoraWeight``, ``Trainable``)."""
     return isinstance(x, (LoraWeight, Trainable))
+
+
+def is_param(x: Any) -> bool:
+    """True for what jlora takes as one parameter of a tree although it is a pytree node: its own
+    nodes and lazy values (a quantized kernel is one parameter, not its integer and scale parts).
+
+    Example:
+        >>> is_param(Trainable(jnp.zeros(2))), is_param(jnp.zeros(2))
+        (True, False)
+    """
+    return isinstance(x, (Lazy, Trainable))

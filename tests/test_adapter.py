@@ -9,6 +9,7 @@ import pytest
 import jlora
 from jlora.adapter import describe, load_adapter, save_adapter
 from oracle import perturb
+from quantized import quantize
 
 KEY = jax.random.key(0)
 
@@ -99,3 +100,17 @@ def test_bad_adapters_give_clear_errors(tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text("{broken")
     with pytest.raises(ValueError, match="corrupted JSON"):
         load_adapter(tmp_path / "ad", base)
+
+
+def test_an_adapter_loads_onto_a_quantized_base(tmp_path):
+    """The same adapter as on the float base, over the lazy (int8) kernel itself; a leaf trained in
+    full cannot go where the base is quantized."""
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    q8 = quantize(base["q"]["kernel"])
+    back = load_adapter(tmp_path / "ad", {**base, "q": {**base["q"], "kernel": q8}})
+    assert back["q"]["kernel"].w is q8
+    back["q"]["kernel"] = back["q"]["kernel"].replace(w=base["q"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, back, p)
+    with pytest.raises(ValueError, match="'q/bias' was trained in full, but the base holds a lazy Int8Weight"):
+        load_adapter(tmp_path / "ad", {**base, "q": {**base["q"], "bias": quantize(base["q"]["bias"])}})

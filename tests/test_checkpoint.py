@@ -17,6 +17,7 @@ import pytest
 import jlora
 from jlora.checkpoint import AdapterCheckpointer
 from oracle import perturb
+from quantized import quantize
 
 KEY = jax.random.key(0)
 
@@ -43,6 +44,22 @@ def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(params)
     jax.tree.map(np.testing.assert_array_equal, back, params)
     jax.tree.map(np.testing.assert_array_equal, state_back, opt_state)
+
+
+def test_restore_onto_a_quantized_base(tmp_path):
+    """The adapters and optimizer state as on the float base, over the lazy (int8) kernel itself."""
+    base, cfg, params, tx = setup()
+    trainable, _ = jlora.split(params)
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg, async_save=False)
+    ckpt.save(3, params, opt_state=tx.init(trainable))
+    q8 = quantize(base["q"]["kernel"])
+    back, state, _ = ckpt.restore({**base, "q": {**base["q"], "kernel": q8}}, opt_state_like=tx.init(trainable))
+    assert back["q"]["kernel"].w is q8
+    back["q"]["kernel"] = back["q"]["kernel"].replace(w=base["q"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    jax.tree.map(np.testing.assert_array_equal, state, tx.init(trainable))
+    with pytest.raises(ValueError, match="'q/bias' was trained in full, but the base holds a lazy Int8Weight"):
+        ckpt.restore({**base, "q": {**base["q"], "bias": quantize(base["q"]["bias"])}})
 
 
 def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):

@@ -6,6 +6,8 @@ import pytest
 
 import jlora
 from jlora import LoraConfig, lora_init
+from oracle import check_against_oracle, perturb
+from quantized import INT8_DOTS, quantize
 
 KEY = jax.random.key(0)
 
@@ -153,6 +155,31 @@ def test_infer_layout_for_scanned_dense_general():
                   infer_layout=lambda p: Model().apply({"params": p}, x))
     lw = adapted(p)["ScanBlock_0/qkv/kernel"]
     assert str(lw.layout) == "bioo" and lw.a.shape == (3, 8, 2) and lw.b.shape == (3, 2, 2, 4)
+
+
+def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
+    """QLoRA: lora_init on a base whose kernels are lazy (int8 with scales) takes each lazy kernel
+    as one leaf; infer_layout reads its use as an array's. The oracle: lora_init on the float base."""
+    x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+    fn = lambda p, x: jnp.einsum("bi,iho->bho", x @ p["q"]["kernel"] + p["q"]["bias"], p["heads"]["kernel"])
+    floats = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.zeros(8)},
+              "heads": {"kernel": jax.random.normal(jax.random.key(1), (8, 2, 4))}}
+    quantized = {"q": {"kernel": quantize(floats["q"]["kernel"]), "bias": floats["q"]["bias"]},
+                 "heads": {"kernel": quantize(floats["heads"]["kernel"])}}
+    cfg = LoraConfig(rank=2, targets=["q", "heads"], trainable=["q/bias"])
+    p = lora_init(KEY, quantized, cfg, infer_layout=lambda p: fn(p, x))
+    want = lora_init(KEY, floats, cfg, infer_layout=lambda p: fn(p, x))
+    for path in ("q", "heads"):
+        got, ref = p[path]["kernel"], want[path]["kernel"]
+        assert got.w is quantized[path]["kernel"] and got.layout == ref.layout and got.scale == ref.scale
+        np.testing.assert_array_equal(got.a, ref.a)
+        np.testing.assert_array_equal(got.b, ref.b)
+    assert str(p["heads"]["kernel"].layout) == "ioo"
+    INT8_DOTS.clear()
+    check_against_oracle(fn, perturb(p, KEY), x)  # every MaterializeWarning an error
+    assert len(INT8_DOTS) >= 2  # both base terms ran as int8 matmuls
+    with pytest.raises(ValueError, match=r"'q/kernel', a lazy Int8Weight float32\[8,8\] leaf: only float arrays"):
+        lora_init(KEY, quantized, LoraConfig(rank=2, targets=["heads"], trainable=["q/kernel"]))
 
 
 @pytest.mark.parametrize(

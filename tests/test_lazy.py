@@ -13,6 +13,7 @@ from flax import nnx
 
 import jlora
 from oracle import check_against_oracle, oracle_merge, perturb
+from quantized import INT8_DOTS, Int8Weight
 
 KEY = jax.random.key(0)
 
@@ -270,39 +271,6 @@ def test_a_fallback_warns_once_per_primitive_and_path():
         fn(p, jnp.ones((2, 4)))  # traced again: no new warning
     messages = sorted(str(w.message).split(" materialised at ")[1].split("'")[1] for w in record)
     assert messages == ["cos", "sin"]
-
-
-@jax.tree_util.register_pytree_node_class
-class Int8Weight(jlora.Lazy):
-    """A lazy kind of the test's own: an int8 kernel with a float scale per output column."""
-
-    def __init__(self, q, column_scale):
-        self.q, self.column_scale = q, column_scale
-
-    shape = property(lambda self: self.q.shape)
-    dtype = property(lambda self: self.column_scale.dtype)
-
-    def materialize(self):
-        return self.q.astype(self.column_scale.dtype) * self.column_scale
-
-    def tree_flatten(self):
-        return (self.q, self.column_scale), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
-
-
-INT8_DOTS = []
-
-
-@jlora.register(jax.extend.core.primitives.dot_general_p, Int8Weight)
-def _int8_dot(ctx, eqn, invals):
-    x, w = invals
-    if not isinstance(w, Int8Weight) or eqn.params["dimension_numbers"] != (((x.ndim - 1,), (0,)), ((), ())):
-        return NotImplemented
-    INT8_DOTS.append(1)
-    return [(x @ w.q.astype(x.dtype)) * w.column_scale]
 
 
 def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():

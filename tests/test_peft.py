@@ -15,6 +15,7 @@ import jlora
 import jlora.peft
 from jlora import hf
 from oracle import perturb
+from quantized import quantize
 from test_hf import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # torch / transformers / peft chatter
@@ -63,6 +64,18 @@ def test_peft_adapter_runs_the_same_in_jlora(model_type, tmp_path):
     params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
     got = jlora.apply(model.__call__)(IDS, params=params).logits
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    # onto a quantized base (QLoRA): the targets' kernels int8; the oracle is the float base they stand for
+    is_target = lambda path: path[-1].key == "kernel" and any(t in str(path) for t in targets[model_type])
+    quantized = jax.tree_util.tree_map_with_path(lambda path, x: quantize(x) if is_target(path) else x, model.params)
+    on_int8 = jlora.peft.load_adapter(tmp_path / "adapter", quantized, model.config)
+    dequantized = jax.tree.map(lambda x: x.materialize() if isinstance(x, jlora.Lazy) else x, quantized,
+                               is_leaf=lambda x: isinstance(x, jlora.Lazy))
+    on_float = jlora.peft.load_adapter(tmp_path / "adapter", dequantized, model.config)
+    lazy_bases = [lw.w for lw in jax.tree.leaves(on_int8, is_leaf=jlora.weight.is_node) if isinstance(lw, jlora.LoraWeight)]
+    assert lazy_bases and all(isinstance(w, jlora.Lazy) for w in lazy_bases)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=on_int8).logits,
+                               jlora.apply(model.__call__)(IDS, params=on_float).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_unsupported_and_broken_adapters_are_refused(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 import jlora
 from oracle import oracle_merge, perturb
+from quantized import quantize
 
 KEY = jax.random.key(0)
 
@@ -48,6 +49,19 @@ def test_merge_is_exact_and_runs_the_unmodified_function():
     fn = lambda p, x: (x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]
     x = jax.random.normal(KEY, (3, 8))
     np.testing.assert_allclose(fn(merged, x), jlora.apply(fn)(p, x), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_gives_plain_arrays_over_a_quantized_base():
+    """Adapters over int8 kernels and a quantized kernel no adapter touches: merged, all plain
+    arrays, equal to merging over the float kernels they stand for."""
+    p = tree()
+    q8, v8 = quantize(p["q"]["kernel"].w), quantize(p["v"]["kernel"].w)
+    over_int8 = {**p, "q": {**p["q"], "kernel": p["q"]["kernel"].replace(w=q8)}, "v": {"kernel": v8}}
+    over_float = {**p, "q": {**p["q"], "kernel": p["q"]["kernel"].replace(w=q8.materialize())},
+                  "v": {"kernel": v8.materialize()}}
+    merged = jlora.merge(over_int8)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
+    jax.tree.map(np.testing.assert_array_equal, merged, jlora.merge(over_float))
 
 
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")

@@ -1,0 +1,55 @@
+"""A quantized lazy kind of the tests' own (QLoRA's shape): an int8 kernel with a float scale per
+output column, and its matmul rule. Importing this module registers the rule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import jlora
+
+
+@jax.tree_util.register_pytree_node_class
+class Int8Weight(jlora.Lazy):
+    """``q * column_scale``: ``q`` int8, ``column_scale`` broadcast along the leading axes."""
+
+    def __init__(self, q, column_scale):
+        self.q, self.column_scale = q, column_scale
+
+    shape = property(lambda self: self.q.shape)
+    dtype = property(lambda self: self.column_scale.dtype)
+
+    def materialize(self):
+        return self.q.astype(self.column_scale.dtype) * self.column_scale
+
+    def tree_flatten(self):
+        return (self.q, self.column_scale), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def quantize(w: jax.Array) -> Int8Weight:
+    """Absmax int8 with one scale per index of the last axis."""
+    scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - 1))) / 127
+    scale = jnp.where(scale == 0, 1, scale).astype(w.dtype)
+    return Int8Weight(jnp.round(w / scale).astype(jnp.int8), scale)
+
+
+INT8_DOTS = []  # one entry per matmul the int8 rule computed
+
+
+@jlora.register(jax.extend.core.primitives.dot_general_p, Int8Weight)
+def _int8_dot(ctx, eqn, invals):
+    """``x · w`` contracting w's first axis: the int8 matmul, then the scales of w's other axes."""
+    x, w = invals
+    (_, w_contract), (x_batch, w_batch) = eqn.params["dimension_numbers"]
+    if not isinstance(w, Int8Weight) or isinstance(x, jlora.Lazy) or tuple(w_contract) != (0,) or x_batch or w_batch:
+        return NotImplemented
+    full = (1,) * (w.ndim - w.column_scale.ndim) + tuple(w.column_scale.shape)  # the scale's shape over w's axes
+    if full[0] != 1:
+        return NotImplemented
+    INT8_DOTS.append(1)
+    y = jax.lax.dot_general(x, w.q.astype(x.dtype), eqn.params["dimension_numbers"])
+    return [y * w.column_scale.reshape(full[1:])]
