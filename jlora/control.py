@@ -57,13 +57,13 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     p = eqn.params
     n_consts, n_carry = _compat.scan_counts(p)
     consts = invals[:n_consts]
-    init = materialize_all(invals[n_consts:n_consts + n_carry], what="scan", why="a lazy loop carry")
+    init = materialize_all(invals[n_consts:n_consts + n_carry], what="scan", why="a lazy loop carry", ctx=ctx)
     xs_in = invals[n_consts + n_carry:]
     xs, rebuilds = [], []
     for x in xs_in:
         spec = x.unstack() if is_lazy(x) else None
         if spec is None:
-            xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily")[0])
+            xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily", ctx=ctx)[0])
             rebuilds.append(None)
         else:
             xs.append(spec[0])
@@ -86,7 +86,7 @@ def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
-    init = materialize_all(invals[nc + nb:], what="while", why="a lazy loop carry")
+    init = materialize_all(invals[nc + nb:], what="while", why="a lazy loop carry", ctx=ctx)
     ctx = ctx.forward_mode()
     # LoRA dropout draws a new mask each iteration: the key travels in the carry
     key = ctx.next_key() if ctx.rng is not None else None

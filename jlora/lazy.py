@@ -77,16 +77,17 @@ def is_lazy(x: Any) -> bool:
     return isinstance(x, Lazy)
 
 
-def warn_once(what: str, value: Any, why: str = "") -> None:
-    """Warn once per (what, param path) that a value was materialised."""
-    path = getattr(value, "path", "") or value.describe()
-    key = (what, path)
+def warn_once(what: str, value: Any, why: str = "", where: str = "") -> None:
+    """Warn once per (what, param path) that a value was materialised. ``where`` names the param
+    of a value that has no ``path`` of its own (a quantized kernel, or the base of a ``LoraWeight``)."""
+    own = getattr(value, "path", "")
+    key = (what, own or where or value.describe())
     if key in _WARNED:
         return
     _WARNED.add(key)
     warnings.warn(
-        f"jlora: {value.describe()} materialised at '{what}'{': ' + why if why else ''}. "
-        "The result is exact; only the factored fast path was skipped.",
+        f"jlora: {value.describe()}{'' if own or not where else f' ({where})'} materialised at '{what}'"
+        f"{': ' + why if why else ''}. The result is exact; only the factored fast path was skipped.",
         MaterializeWarning,
         stacklevel=3,
     )
@@ -97,29 +98,36 @@ def reset_warnings() -> None:
     _WARNED.clear()
 
 
-def materialize(x: Any, what: str | None = None, why: str = "") -> Any:
-    """A plain array for ``x``; warns once when ``what`` names a fallback."""
+def materialize(x: Any, what: str | None = None, why: str = "", where: str = "") -> Any:
+    """A plain array for ``x``; warns once when ``what`` names a fallback (``where``: see ``warn_once``)."""
     if not is_lazy(x):
         return x
     if what is not None and getattr(x, "warn_on_fallback", True):
-        warn_once(what, x, why)
+        warn_once(what, x, why, where)
     return x.materialize()
 
 
-def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "") -> list:
-    return [materialize(x, what, why) for x in xs]
+def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None) -> list:
+    """``materialize`` of each; ``ctx`` names the params of lazy values without a path of their own."""
+    return [materialize(x, what, why, ctx.where(x) if ctx is not None else "") for x in xs]
 
 
 class Context:
     """State shared by one evaluation: the dropout key, what rules want to record, and the frame
     (jaxpr, environment, position) of the equation being evaluated, for rules that look around."""
 
-    def __init__(self, rng: Any = None, records: dict | None = None, rebuild_inputs: bool = False):
+    def __init__(self, rng: Any = None, records: dict | None = None, rebuild_inputs: bool = False,
+                 names: dict[int, str] | None = None):
         self.rng = rng
         self.records = records
         self.rebuild_inputs = rebuild_inputs  # see jlora.rebuild
+        self.names = names or {}  # id of a lazy input without a path -> where it is, for warnings
         self.frame: Frame | None = None
         self._counter = itertools.count()
+
+    def where(self, value: Any) -> str:
+        """Which param ``value`` is, for a warning, if it is one of the named inputs."""
+        return self.names.get(id(value), "")
 
     def next_key(self) -> Any:
         """A fresh key per use site (the site counter advances at trace time)."""
@@ -130,11 +138,11 @@ class Context:
         return getattr(value, "dropout", 0.0) > 0.0 and self.rng is not None
 
     def with_rng(self, rng: Any) -> "Context":
-        return Context(rng, self.records, self.rebuild_inputs)
+        return Context(rng, self.records, self.rebuild_inputs, self.names)
 
     def forward_mode(self) -> "Context":
         """This context for a body that only forward mode can differentiate (``while_loop``)."""
-        return Context(self.rng, self.records, rebuild_inputs=False)
+        return Context(self.rng, self.records, rebuild_inputs=False, names=self.names)
 
 
 # Equations that only restructure a value: safe to evaluate ahead of their turn. (``pvary`` only
@@ -222,16 +230,17 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                 raise TypeError(f"jlora: the rule {getattr(rule, '__name__', rule)} for {eqn.primitive} returned "
                                 f"{type(outs).__name__}; a rule returns a list of outputs, or NotImplemented")
         if outs is NotImplemented:
-            invals = materialize_all(invals, what=str(eqn.primitive))
+            invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx)
     if outs is NotImplemented:
         outs = _compat.bind(eqn, invals)
     return outs
 
 
-def evaluate_eqn(ctx: Context, eqn: Any, invals: list) -> list:
+def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
     """``eqn`` on values that may be lazy, through their kind's rules (else materialised, with a
     warning), apart from the jaxpr being evaluated: how a ``LoraWeight`` whose ``w`` is itself lazy
-    (a quantized base weight) forms its base term, e.g. ``x·w``, with ``w``'s own rules.
+    (a quantized base weight) forms its base term, e.g. ``x·w``, with ``w``'s own rules. ``where``
+    names the lazy inputs in warnings (``"the base of 'layers/0/q/kernel'"``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -239,7 +248,9 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list) -> list:
         >>> evaluate_eqn(Context(), eqn, [jnp.zeros(())])[0]
         Array(0., dtype=float32)
     """
-    inner = Context(ctx.next_key() if ctx.rng is not None else None, ctx.records, rebuild_inputs=False)
+    # a key only for a base that drops (stacked adapters): others must not shift the later adapters' keys
+    rng = ctx.next_key() if any(ctx.drops(v) for v in invals) else None
+    inner = Context(rng, ctx.records, rebuild_inputs=False, names={id(v): where for v in invals if is_lazy(v)})
     return _eval_eqn(inner, None, eqn, invals)
 
 
@@ -345,9 +356,14 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 static.append((i, leaf))
         traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract)
         closed, out_tree = traced
+        unnamed = [k for k, i in enumerate(dynamic) if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")]
+        if unnamed:  # a quantized kernel has no path of its own: its place in the arguments names it
+            where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0]
+            unnamed = {k: f"at '{path_str(where[dynamic[k]][0][2:])}'" for k in unnamed}
 
         def run(values: list, rng: Any) -> list:
-            ctx = Context(rng=rng, rebuild_inputs=recompute == "inputs")
+            names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
+            ctx = Context(rng=rng, rebuild_inputs=recompute == "inputs", names=names)
             return materialize_all(evaluate_closed(closed, values, ctx))
 
         if recompute is True:

@@ -74,10 +74,12 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
 
 
-def _bind(ctx: Context, eqn: Any, invals: list) -> list:
-    """``eqn`` on a ``LoraWeight``'s base ``w`` and plain values; a lazy ``w`` (a quantized base)
-    goes through its own rules."""
-    return evaluate_eqn(ctx, eqn, invals) if any(is_lazy(v) for v in invals) else _compat.bind(eqn, invals)
+def _bind(ctx: Context, eqn: Any, invals: list, lw: LoraWeight) -> list:
+    """``eqn`` on ``lw``'s base ``w`` and plain values; a lazy ``w`` (a quantized base) goes
+    through its own rules (a fallback's warning names ``lw``'s path)."""
+    if not any(is_lazy(v) for v in invals):
+        return _compat.bind(eqn, invals)
+    return evaluate_eqn(ctx, eqn, invals, f"the base of '{lw.path}'" if lw.path else "")
 
 
 def _scaled(factor: jax.Array, scale: float) -> jax.Array:
@@ -142,7 +144,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     keep_out = set(out_labels)
     kept = ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx)
     # the equation itself, with x and the weight in their places
-    dot = (lambda x, w: _bind(ctx, eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _bind(ctx, eqn, [w, x])[0])
+    dot = (lambda x, w: _bind(ctx, eqn, [x, w], lw)[0]) if lazy_rhs else (lambda x, w: _bind(ctx, eqn, [w, x], lw)[0])
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
@@ -251,7 +253,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         or (set(dn.start_index_map) != set(ins) and mode == lax.GatherScatterMode.FILL_OR_DROP)
     ):
         return NotImplemented
-    base = _bind(ctx, eqn, [lw.w, indices])[0]
+    base = _bind(ctx, eqn, [lw.w, indices], lw)[0]
     n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
     position = {ax: k for k, ax in enumerate(dn.start_index_map)}
     a_indices = indices if tuple(dn.start_index_map) == ins else indices[..., [position[ax] for ax in ins]]
@@ -296,7 +298,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if layout.group("b") or set(layout.group("o")) != {rhs_spec[0]} or set(layout.group("i")) != set(rhs_spec[1:]):
         warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes")
         return NotImplemented
-    base = _bind(ctx, eqn, [x, lw.w])[0]
+    base = _bind(ctx, eqn, [x, lw.w], lw)[0]
     ins = layout.group("i")
     k_of = {ax: k for k, ax in enumerate(ins)}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
@@ -316,7 +318,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def transpose_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     perm = tuple(eqn.params["permutation"])
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], layout=lw.layout.permute(perm))]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], layout=lw.layout.permute(perm))]
 
 
 @register(_compat.rev_p, LoraWeight)
@@ -327,7 +329,7 @@ def rev_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     in_a, in_b = lw.layout.factor_axes()
     a = lax.rev(lw.a, tuple(in_a[d] for d in dims if d in in_a))
     b = lax.rev(lw.b, tuple(in_b[d] for d in dims if d in in_b))
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], a=a, b=b)]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
 
 
 @register(_compat.convert_element_type_p, LoraWeight)
@@ -336,20 +338,20 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     new = eqn.params["new_dtype"]
     if not jnp.issubdtype(new, jnp.floating):
         return NotImplemented
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0], a=lw.a.astype(new), b=lw.b.astype(new))]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=lw.a.astype(new), b=lw.b.astype(new))]
 
 
 @register(_compat.copy_p, LoraWeight)
 def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w])[0])]
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0])]
 
 
 @register(_compat.sharding_constraint_p, LoraWeight)
 def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The constraint on ``w``, and the derived ones (``jlora.sharding.factor_specs``) on ``a`` and ``b``."""
     (lw,) = invals
-    w = _bind(ctx, eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w], lw)[0]
     sharding = eqn.params.get("sharding")
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return [lw.replace(w=w)]
@@ -417,7 +419,7 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     batch_a = regroup(lw.a.shape, "b", 0)
     a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
     b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
-    w = _bind(ctx, eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w], lw)[0]
     return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]
 
 
@@ -443,7 +445,7 @@ def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.dynamic_slice(x, _per_factor_axis(x, where, starts, [0] * x.ndim),
                                  _per_factor_axis(x, where, sizes, x.shape))
 
-    w = _bind(ctx, eqn, [lw.w, *starts])[0]
+    w = _bind(ctx, eqn, [lw.w, *starts], lw)[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
 
 
@@ -461,7 +463,7 @@ def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
                          _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
 
-    w = _bind(ctx, eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w], lw)[0]
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
 
 
@@ -479,5 +481,5 @@ def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     renumbered = []
     for role, k in kept:  # close the gaps left in each role's k order
         renumbered.append((role, sum(1 for r, kk in kept if r == role and kk < k)))
-    w = _bind(ctx, eqn, [lw.w])[0]
+    w = _bind(ctx, eqn, [lw.w], lw)[0]
     return [lw.replace(w=w, a=a, b=b, layout=Layout(tuple(renumbered)))]

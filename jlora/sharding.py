@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.layout import Layout
 from jlora.paths import Pattern, path_str
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # A rule: (path, shape, mesh) -> the base leaf's PartitionSpec, or None to let later rules answer.
 Rule = Callable[[str, tuple, Mesh], Union[PartitionSpec, None]]
@@ -186,7 +186,9 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half).
 
     ``LoraWeight`` nodes get a ``LoraWeight`` of specs, with the factors' specs derived from
-    ``w``'s. Each spec is checked against the leaf's shape and the mesh.
+    ``w``'s. Each spec is checked against the leaf's shape and the mesh. A lazy leaf (a quantized
+    kernel) gets the spec of the array it stands for, which its method ``part_specs(spec)`` turns
+    into its parts' specs (the same pytree); a kind without it can only be replicated.
 
     Example:
         >>> mesh = make_mesh({"model": 1})
@@ -207,13 +209,29 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         if isinstance(x, LoraWeight):
             w_spec = spec_for(x.path or path, x.kernel_shape)
             a_spec, b_spec = factor_specs(w_spec, x.layout)
-            return x.replace(w=None if x.w is None else w_spec, a=None if x.a is None else a_spec,
-                             b=None if x.b is None else b_spec)
+            return x.replace(w=None if x.w is None else _part_specs(x.w, w_spec, x.path or path),
+                             a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
         if isinstance(x, Trainable):
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
+        if isinstance(x, Lazy):
+            return _part_specs(x, spec_for(path, x.shape), path)
         return None if x is None else spec_for(path, np.shape(x))
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_node(x))
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
+
+
+def _part_specs(x: Any, spec: PartitionSpec, path: str) -> Any:
+    """The specs of a lazy value's parts when the array it stands for is sharded as ``spec``."""
+    if not isinstance(x, Lazy):
+        return spec
+    part_specs = getattr(x, "part_specs", None)
+    if callable(part_specs):
+        return part_specs(spec)
+    if all(s is None for s in spec):
+        return jax.tree.map(lambda _: PartitionSpec(), x)
+    raise ValueError(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, and the rules shard the array it "
+                     f"stands for as {tuple(spec)}: give {type(x).__name__} a method part_specs(spec) that returns its "
+                     "parts' PartitionSpecs (the same pytree), or a rule that replicates it")
 
 
 def shardings(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:

@@ -22,7 +22,8 @@ def split(tree: Any) -> tuple[Any, Any]:
     """``(trainable, frozen)``: each has ``None`` where the other holds a value, like ``eqx.partition``.
 
     The trainable half holds ``LoraWeight(None, a, b)`` and ``Trainable`` leaves; the frozen half
-    holds ``LoraWeight(w, None, None)``, ``Trainable(None)`` and every other leaf.
+    holds ``LoraWeight(w, None, None)``, ``Trainable(None)`` and every other leaf, a lazy one (a
+    quantized kernel) whole.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
@@ -41,16 +42,22 @@ def split(tree: Any) -> tuple[Any, Any]:
             return x.replace(a=None, b=None)
         return Trainable(None) if isinstance(x, Trainable) else x
 
-    return jax.tree.map(trainable, tree, is_leaf=is_node), jax.tree.map(frozen, tree, is_leaf=is_node)
+    return jax.tree.map(trainable, tree, is_leaf=is_param), jax.tree.map(frozen, tree, is_leaf=is_param)
+
+
+def _is_hole_or_lazy(x: Any) -> bool:
+    """``None`` (the other half's place) or a lazy value other than a ``LoraWeight`` (a quantized
+    kernel, which one half holds whole where the other has ``None``)."""
+    return x is None or (isinstance(x, Lazy) and not isinstance(x, LoraWeight))
 
 
 def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: str) -> None:
-    s1 = jax.tree_util.tree_structure(first, is_leaf=lambda x: x is None)
-    s2 = jax.tree_util.tree_structure(second, is_leaf=lambda x: x is None)
+    s1 = jax.tree_util.tree_structure(first, is_leaf=_is_hole_or_lazy)
+    s2 = jax.tree_util.tree_structure(second, is_leaf=_is_hole_or_lazy)
     if s1 == s2:
         return
-    p1 = {p: l for p, l in leaves_with_paths(first, is_leaf=lambda x: x is None)}
-    p2 = {p: l for p, l in leaves_with_paths(second, is_leaf=lambda x: x is None)}
+    p1 = {p: l for p, l in leaves_with_paths(first, is_leaf=_is_hole_or_lazy)}
+    p2 = {p: l for p, l in leaves_with_paths(second, is_leaf=_is_hole_or_lazy)}
     only1, only2 = sorted(set(p1) - set(p2)), sorted(set(p2) - set(p1))
     detail = ""
     if only1 or only2:
@@ -73,10 +80,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
         >>> combine(*split(tree))["w"].w.shape
         (2, 2)
     """
-    # a lazy base weight (a quantized kernel) is a pytree of its own where the trainable half has None
-    lazy_w_as_leaf = lambda x: x.replace(w=None) if isinstance(x, LoraWeight) and isinstance(x.w, Lazy) else x
-    _check_same_structure(trainable, jax.tree.map(lazy_w_as_leaf, frozen, is_leaf=is_node),
-                          ("trainable", "frozen"), "jlora.combine")
+    _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
@@ -238,7 +242,7 @@ def summary(tree: Any) -> Summary:
     """
     trainable = total = 0
     targets, fully = [], []
-    for path, x in leaves_with_paths(tree, is_leaf=is_node):
+    for path, x in leaves_with_paths(tree, is_leaf=is_param):
         check_whole(x, path, "jlora.summary")
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)

@@ -259,6 +259,9 @@ class Trainable:
     __slots__ = ("value",)
 
     def __init__(self, value: Any):
+        if isinstance(value, Lazy):
+            raise ValueError(f"Trainable: a lazy {type(value).__name__} (a quantized kernel, an adapter) cannot "
+                             "be trained in full; only arrays can")
         object.__setattr__(self, "value", value)
 
     def tree_flatten_with_keys(self):

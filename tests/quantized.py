@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 import jlora
 
@@ -18,6 +19,12 @@ class Int8Weight(jlora.Lazy):
 
     shape = property(lambda self: self.q.shape)
     dtype = property(lambda self: self.column_scale.dtype)
+    sharding = property(lambda self: getattr(self.q, "sharding", None))  # the kernel's: lora_init reads it
+
+    def part_specs(self, spec: PartitionSpec) -> "Int8Weight":
+        """``q`` shards as the kernel, the scales as the kernel's axes they span (the last ones)."""
+        full = tuple(spec) + (None,) * (self.ndim - len(spec))
+        return Int8Weight(spec, PartitionSpec(*full[self.ndim - self.column_scale.ndim:]))
 
     def materialize(self):
         return self.q.astype(self.column_scale.dtype) * self.column_scale

@@ -180,6 +180,10 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
     assert len(INT8_DOTS) >= 2  # both base terms ran as int8 matmuls
     with pytest.raises(ValueError, match=r"'q/kernel', a lazy Int8Weight float32\[8,8\] leaf: only float arrays"):
         lora_init(KEY, quantized, LoraConfig(rank=2, targets=["heads"], trainable=["q/kernel"]))
+    with pytest.raises(ValueError, match=r"trainable: pattern 'q' matches no param it can use \(its leaves "
+                                         r"\['q/kernel: lazy Int8Weight float32\[8,8\]'\] are lazy"):
+        lora_init(KEY, {"q": {"kernel": quantized["q"]["kernel"]}, "heads": quantized["heads"]},
+                  LoraConfig(rank=2, targets=["heads"], trainable=["q"]))
 
 
 @pytest.mark.parametrize(

@@ -286,8 +286,10 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
     assert INT8_DOTS  # the base term used the int8 rule
     np.testing.assert_allclose(jlora.merge({"w": lw})["w"], oracle_merge({"w": lw})["w"], rtol=1e-6)
     # the base kind has no transpose rule: its own fallback, while the adapter stays factored
-    with pytest.warns(jlora.MaterializeWarning, match="Int8Weight materialised at 'transpose'"):
+    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(the base of 'w'\) materialised at 'transpose'"):
         check_against_oracle(lambda p, x: (p["w"].T @ x.T).T, {"w": lw}, x)
+    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(at 'bare/kernel'\) materialised at 'transpose'"):
+        jlora.apply(lambda p, x: x @ p["bare"]["kernel"].T.T)({"bare": {"kernel": base}}, x)
     with pytest.warns(jlora.MaterializeWarning, match="LoraWeight at 'w' materialised at 'sin'"):  # exactly
         check_against_oracle(lambda p, x: x @ jnp.sin(p["w"]), {"w": lw}, x)
     # stacked layers under scan: the base's leaves are sliced with the factors
@@ -296,3 +298,18 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
                                layout="bio", path="stack")
     layers = lambda p, h: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["stack"])[0]
     check_against_oracle(layers, {"stack": stacked}, x[:, :6])
+
+
+def test_dropout_over_a_quantized_base_draws_the_keys_it_draws_over_the_float_base():
+    """The base term of a lazy w uses no randomness: later adapters' dropout masks stay those of
+    the same adapters over the float kernels."""
+    q = jax.random.randint(KEY, (8, 8), -127, 128).astype(jnp.int8)
+    int8 = Int8Weight(q, jnp.full((8,), 0.01))
+    first = jlora.LoraWeight(int8, jnp.ones((8, 2)), jnp.ones((2, 8)), scale=0.5, path="first", dropout=0.5)
+    second = jlora.LoraWeight(jnp.eye(8), jnp.ones((8, 2)), jnp.ones((2, 8)), scale=0.5, path="second", dropout=0.5)
+    fn = jlora.apply(lambda p, x: x @ p["first"] @ p["second"])
+    x, rng = jnp.ones((4, 8)), jax.random.key(3)
+    over_int8 = fn({"first": first, "second": second}, x, lora_rng=rng)
+    over_float = fn({"first": first.replace(w=int8.materialize()), "second": second}, x, lora_rng=rng)
+    np.testing.assert_allclose(over_int8, over_float, rtol=1e-6)
+    assert not np.allclose(over_int8, fn({"first": first, "second": second}, x))  # dropout is on

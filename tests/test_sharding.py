@@ -384,3 +384,40 @@ def test_two_processes_give_the_single_process_losses(tmp_path):
     assert step == 3
     for path, value in adapters(single["params"]).items():
         np.testing.assert_allclose(adapters(restored)[path], value, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_device():
+    """QLoRA under FSDP and TP: a lazy kernel (int8 and scales) is placed by its kind's part_specs;
+    the factors get the kernel's derived shardings; a sharded gradient equals the one-device one."""
+    from quantized import Int8Weight, quantize
+
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    quantized = {name: {**leaves, "kernel": quantize(leaves["kernel"])} for name, leaves in _base().items()}
+    placed = sharding.place(quantized, mesh, RULES)
+    assert placed["up"]["kernel"].q.sharding.spec == P(None, "model")
+    assert placed["up"]["kernel"].column_scale.sharding.spec == P("model")
+    assert placed["stack"]["kernel"].q.sharding.spec == P(None, "fsdp", "model")
+    params = jlora.lora_init(jax.random.key(1), placed, CONFIG)
+    assert params["up"]["kernel"].b.sharding.spec == P(None, "model")
+    assert params["stack"]["kernel"].a.sharding.spec == P(None, "fsdp", None)
+    for path, value in adapters(jlora.lora_init(jax.random.key(1), quantized, CONFIG)).items():
+        np.testing.assert_array_equal(adapters(params)[path], value)
+
+    fn = jlora.apply(lambda p, x: jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"]) @ p["down"]["kernel"])
+    loss = lambda t, f, x: (fn(jlora.combine(t, f), x) ** 2).mean()
+    x = jax.random.normal(jax.random.key(2), (8, 32))
+    trainable, frozen = jlora.split(params)
+    in_shardings = (sharding.shardings(trainable, mesh, RULES), sharding.shardings(frozen, mesh, RULES), None)
+    got = jax.jit(jax.grad(loss), in_shardings=in_shardings)(trainable, frozen, x)
+    want = jax.grad(loss)(*jlora.split(jlora.lora_init(jax.random.key(1), quantized, CONFIG)), x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+
+    @jax.tree_util.register_pytree_node_class
+    class NoPartSpecs(Int8Weight):
+        part_specs = None
+
+    unknown = {**quantized, "up": {**quantized["up"], "kernel": NoPartSpecs(*jax.tree.leaves(quantized["up"]["kernel"]))}}
+    with pytest.raises(ValueError, match="'up/kernel' is a lazy NoPartSpecs, and the rules shard the array it stands "
+                                         r"for as \(None, 'model'\): give NoPartSpecs a method part_specs"):
+        sharding.place(unknown, mesh, RULES)
+    assert sharding.place(unknown, mesh, [])["up"]["kernel"].q.sharding.spec == P()  # replicated: nothing to say

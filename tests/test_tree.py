@@ -112,3 +112,20 @@ def test_whole_tree_operations_refuse_one_half_of_split():
                            (lambda t: jlora.unmerge(jlora.merge(p), t), frozen, "frozen")]:
         with pytest.raises(ValueError, match=f"'q/(kernel|bias)' comes from the {name} half of jlora.split"):
             op(half)
+
+
+def test_split_puts_a_quantized_kernel_whole_in_the_frozen_half():
+    """A lazy kernel no adapter touches is frozen whole: the trainable half is the same over an
+    int8 base as over the float one, and summary counts the kernel by the array it stands for."""
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8))}, "k": {"kernel": jax.random.normal(KEY, (8, 4))}}
+    cfg = jlora.LoraConfig(rank=2, targets=["q"])
+    over_float = jlora.lora_init(KEY, base, cfg)
+    over_int8 = jlora.lora_init(KEY, {"q": {"kernel": quantize(base["q"]["kernel"])},
+                                      "k": {"kernel": quantize(base["k"]["kernel"])}}, cfg)
+    trainable, frozen = jlora.split(over_int8)
+    assert trainable["k"]["kernel"] is None and frozen["k"]["kernel"] is over_int8["k"]["kernel"]
+    assert jax.tree.structure(trainable) == jax.tree.structure(jlora.split(over_float)[0])
+    back = jlora.combine(jlora.split(over_float)[0], frozen)  # trained over the float base, run over int8
+    assert back["k"]["kernel"] is over_int8["k"]["kernel"] and back["q"]["kernel"].w is over_int8["q"]["kernel"].w
+    assert (jlora.summary(over_int8).trainable, jlora.summary(over_int8).total) == \
+           (jlora.summary(over_float).trainable, jlora.summary(over_float).total)

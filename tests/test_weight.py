@@ -38,3 +38,10 @@ def test_pytree_round_trip_and_key_paths():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"a must be \(4, 2\) and b \(2, 6\)"):
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
+
+
+def test_a_lazy_value_cannot_be_trained_in_full():
+    from quantized import quantize
+
+    with pytest.raises(ValueError, match="Trainable: a lazy Int8Weight .* cannot be trained in full"):
+        jlora.Trainable(quantize(jnp.ones((4, 4))))
