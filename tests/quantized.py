@@ -60,3 +60,13 @@ def _int8_dot(ctx, eqn, invals):
     INT8_DOTS.append(1)
     y = jax.lax.dot_general(x, w.q.astype(x.dtype), eqn.params["dimension_numbers"])
     return [y * w.column_scale.reshape(full[1:])]
+
+
+@jlora.register(jax.extend.core.primitives.convert_element_type_p, Int8Weight)
+def _int8_convert(ctx, eqn, invals):
+    """A cast of the kernel (a model computing in bf16) casts the scales: the int8 matmul still runs."""
+    (w,) = invals
+    new = eqn.params["new_dtype"]
+    if not jnp.issubdtype(new, jnp.floating):
+        return NotImplemented
+    return [Int8Weight(w.q, w.column_scale.astype(new))]

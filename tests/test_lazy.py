@@ -313,3 +313,15 @@ def test_dropout_over_a_quantized_base_draws_the_keys_it_draws_over_the_float_ba
     over_float = fn({"first": first.replace(w=int8.materialize()), "second": second}, x, lora_rng=rng)
     np.testing.assert_allclose(over_int8, over_float, rtol=1e-6)
     assert not np.allclose(over_int8, fn({"first": first, "second": second}, x))  # dropout is on
+
+
+def test_a_quantized_base_in_a_bf16_model_keeps_its_int8_matmul():
+    """A model that casts its kernels to bf16: the kind's convert rule keeps the base lazy, so the
+    int8 matmul runs (no fallback), and the adapter stays factored in bf16."""
+    q = jax.random.randint(KEY, (8, 6), -127, 128).astype(jnp.int8)
+    lw = jlora.LoraWeight(Int8Weight(q, jnp.linspace(0.01, 0.02, 6)), 0.3 * jax.random.normal(KEY, (8, 2)),
+                          0.3 * jnp.ones((2, 6)), scale=0.5, path="w")
+    fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)
+    INT8_DOTS.clear()
+    check_against_oracle(fn, {"w": lw}, jax.random.normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
+    assert INT8_DOTS
