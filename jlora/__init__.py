@@ -23,12 +23,16 @@ from jlora.weight import Lazy, LoraWeight, Trainable
 __version__ = "0.1.0"
 
 
+_ON_FIRST_USE = ("adapter", "checkpoint", "hf", "peft", "sharding")
+
+
 def __getattr__(name: str):
-    # jlora.hf needs transformers (the "hf" extra): imported on first use, not with jlora.
-    if name == "hf":
+    # Modules with heavier dependencies (transformers for hf and peft, orbax for checkpoint) are
+    # imported on first use, not with jlora: ``jlora.peft.save_adapter`` works after ``import jlora``.
+    if name in _ON_FIRST_USE:
         import importlib
 
-        return importlib.import_module("jlora.hf")
+        return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
 

@@ -14,8 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import threading
 import warnings
+import weakref
 from typing import Any
 
 import jax
@@ -71,7 +75,8 @@ class AdapterCheckpointer:
       max_to_keep: how many checkpoints to keep (the newest, or the best with ``best_metric``).
       best_metric: a key of the ``metrics`` given to ``save``; keeps the best ``max_to_keep``.
       best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
-      async_save: write in a background thread; ``wait()`` (or ``close()``) joins it.
+      async_save: write in a background thread; ``wait()`` (or ``close()``, or the end of a
+        ``with`` block) joins it, and so does the end of the program.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jlora
@@ -101,6 +106,8 @@ class AdapterCheckpointer:
         self.best_metric = best_metric
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+        if async_save:  # a script that ends without wait() or close() must not lose its last save
+            _at_exit(functools.partial(_finish, weakref.ref(self._manager)))
 
     def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
@@ -206,6 +213,24 @@ class AdapterCheckpointer:
     def close(self) -> None:
         """Finish any pending save and release the manager."""
         self._manager.close()
+
+    def __enter__(self) -> "AdapterCheckpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# Python joins the threads of concurrent.futures (which orbax's asynchronous saves need) before it
+# runs atexit's functions; threading's own exit hooks run before that join, the last registered
+# first (CPython 3.9+).
+_at_exit = getattr(threading, "_register_atexit", atexit.register)
+
+
+def _finish(manager: Any) -> None:
+    manager = manager()
+    if manager is not None:
+        manager.wait_until_finished()
 
 
 def _abstract(tree: Any) -> Any:

@@ -182,6 +182,17 @@ def factor_shardings(w_sharding: NamedSharding, layout: Layout | str) -> tuple[N
     return NamedSharding(w_sharding.mesh, a_spec), NamedSharding(w_sharding.mesh, b_spec)
 
 
+def _compile_rule(r: RuleLike) -> Rule:
+    if callable(r):
+        return r
+    if isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str):
+        return rule(*r)
+    nested = isinstance(r, (tuple, list)) and r and all(callable(x) or isinstance(x, tuple) for x in r)
+    raise ValueError(f"jlora.sharding: a rule is a function (path, shape, mesh) -> spec or a (pattern, spec) pair; "
+                     f"got {r!r}" + ("; a list of rules inside the rules (tensor_parallel() returns one): "
+                                     "pass it as the rules, or add the lists" if nested else ""))
+
+
 def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half).
 
@@ -195,7 +206,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         >>> tuple(partition_specs({"w": np.ones((4, 2))}, mesh, [("w", PartitionSpec("model"))])["w"])
         ('model',)
     """
-    compiled = [r if callable(r) else rule(*r) for r in rules]
+    compiled = [_compile_rule(r) for r in rules]
 
     def spec_for(path: str, shape: tuple) -> PartitionSpec:
         for r in compiled:

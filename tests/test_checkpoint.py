@@ -249,3 +249,20 @@ def test_a_checkpoint_written_without_shapes_in_its_metadata_still_restores(tmp_
     other = {**base, "q": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
     with pytest.raises(ValueError, match="'q/kernel'"):
         AdapterCheckpointer(tmp_path / "old").restore(other)
+
+
+def test_an_async_save_is_finished_when_the_program_ends_without_wait(tmp_path):
+    """A script whose last line is an asynchronous save (no wait(), no close()) keeps that step."""
+    script = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp, jlora
+        from jlora.checkpoint import AdapterCheckpointer
+        base = {{"q": {{"kernel": jnp.ones((64, 64))}}}}
+        params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, targets=["q"]))
+        AdapterCheckpointer({str(tmp_path / "ckpt")!r}).save(1, params)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert AdapterCheckpointer(tmp_path / "ckpt").all_steps() == [1]
+    with AdapterCheckpointer(tmp_path / "ckpt") as ckpt:  # a with block closes it
+        assert ckpt.restore({"q": {"kernel": jnp.ones((64, 64))}})[2] == 1

@@ -101,6 +101,10 @@ def test_bad_rules_name_the_param():
         sharding.partition_specs(params, mesh, [("dense", P(None, "fsdp"))])
     with pytest.raises(ValueError, match="'dense/kernel': spec .* has 3 entries"):
         sharding.partition_specs(params, mesh, [("dense", P(None, None, "model"))])
+    with pytest.raises(ValueError, match="a list of rules inside the rules .tensor_parallel.. returns one."):
+        sharding.partition_specs(params, mesh, [sharding.tensor_parallel("llama")])
+    with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
+        sharding.partition_specs(params, mesh, [3])
 
 
 # --- lora_init on sharded params ------------------------------------------------------------------

@@ -1,0 +1,20 @@
+"""The package itself: what ``import jlora`` loads and what it makes reachable."""
+
+import subprocess
+import sys
+
+
+def test_every_module_is_reachable_after_import_jlora_and_heavy_ones_load_on_first_use():
+    script = """
+import sys, jlora
+assert "transformers" not in sys.modules and "orbax.checkpoint" not in sys.modules, "imported with jlora"
+for name, attr in [("adapter", "save_adapter"), ("checkpoint", "AdapterCheckpointer"), ("hf", "LoraModel"),
+                   ("peft", "load_adapter"), ("sharding", "place")]:
+    assert callable(getattr(getattr(jlora, name), attr)), name
+try:
+    jlora.no_such_thing
+except AttributeError as err:
+    assert "no attribute 'no_such_thing'" in str(err)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
