@@ -264,7 +264,7 @@ def print_table(preset: str, results: dict) -> None:
                          for r in [next((r for r in results.values() if lib in r), None)] if r)
     print(f"\npreset {preset}; device {any_r['device']}; {versions}")
     floor = results.get("floor", {}).get("tokens_per_s")
-    full = results.get("full", {}).get("compile_s")
+    full_compile_s = results.get("full", {}).get("compile_s")
     hand = results.get("hand", {}).get("tokens_per_s")
     gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
     num = lambda x, spec: "-" if x is None else format(x, spec)
@@ -274,11 +274,12 @@ def print_table(preset: str, results: dict) -> None:
     for mode, r in results.items():
         xf = f"{r['tokens_per_s'] / floor:.3f}" if floor else "-"
         xh = f"{r['tokens_per_s'] / hand:.3f}" if hand else "-"
-        xc = f"{r['compile_s'] / full:.2f}" if full and r["compile_s"] else "-"
+        xc = f"{r['compile_s'] / full_compile_s:.2f}" if full_compile_s and r["compile_s"] else "-"
         tflop = None if r["flops"] is None else r["flops"] / 1e12
         print(f"{mode:<{w}}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11.0f}{xf:>9}{xh:>8}{gib(r['peak_bytes']):>10}"
               f"{gib(r['footprint_bytes']):>9}{num(r['compile_s'], '.1f'):>11}{num(r['trace_s'], '.1f'):>9}{xc:>8}"
               f"{num(tflop, '.3g'):>8}")
+
 
 if __name__ == "__main__":
     main()

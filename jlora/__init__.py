@@ -27,8 +27,8 @@ _ON_FIRST_USE = ("adapter", "checkpoint", "hf", "peft", "sharding")
 
 
 def __getattr__(name: str):
-    # Modules with heavier dependencies (transformers for hf and peft, orbax for checkpoint) are
-    # imported on first use, not with jlora: ``jlora.peft.save_adapter`` works after ``import jlora``.
+    # Submodules not imported with jlora (checkpoint brings in orbax; hf and peft need the "hf"
+    # extra at use) load on first access: ``jlora.peft.save_adapter`` works after ``import jlora``.
     if name in _ON_FIRST_USE:
         import importlib
 

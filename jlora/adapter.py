@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -139,7 +139,7 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
     return tensors
 
 
-def check_trainable_not_lazy(source: Any, trainable: Any, base: dict[str, Any]) -> None:
+def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str], base: dict[str, Any]) -> None:
     """Refuse fully trained leaves saved for base leaves that are lazy here (a quantized kernel
     cannot hold a trained float array).
 

@@ -14,12 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import threading
 import warnings
-import weakref
 from typing import Any
 
 import jax
@@ -106,14 +103,22 @@ class AdapterCheckpointer:
         self.best_metric = best_metric
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+        self._closed = False
         if async_save:  # a script that ends without wait() or close() must not lose its last save
-            _at_exit(functools.partial(_finish, weakref.ref(self._manager)))
+            _finish_at_exit(self)
 
     def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
         with a warning: a new run in an old run's directory would otherwise lose every save)."""
+        self._check_open("save")
+        latest = self._manager.latest_step()
+        if not force and latest is not None and step <= latest:
+            warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
+                          f"step {latest}, and saved steps only increase; save into a new directory to start over",
+                          stacklevel=2)
+            return False
         if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
             metrics = {k: float(v) if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) else v
                        for k, v in metrics.items()}
@@ -130,12 +135,6 @@ class AdapterCheckpointer:
             meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
-        latest = self._manager.latest_step()
-        if not force and latest is not None and step <= latest:
-            warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
-                          f"step {latest}, and saved steps only increase; save into a new directory to start over",
-                          stacklevel=2)
-            return False
         return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
@@ -143,6 +142,7 @@ class AdapterCheckpointer:
         shardings) with the saved adapters; ``opt_state`` restored into the structure, dtypes and
         shardings of ``opt_state_like`` (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``), or
         ``None``. Defaults to the latest step."""
+        self._check_open("restore")
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
@@ -211,8 +211,14 @@ class AdapterCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish any pending save and release the manager."""
+        """Finish any pending save and release the manager; later saves and restores are refused."""
+        _PENDING.discard(self)
         self._manager.close()
+        self._closed = True
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise ValueError(f"AdapterCheckpointer.{op}: {self.directory} was closed; make a new AdapterCheckpointer")
 
     def __enter__(self) -> "AdapterCheckpointer":
         return self
@@ -221,16 +227,32 @@ class AdapterCheckpointer:
         self.close()
 
 
-# Python joins the threads of concurrent.futures (which orbax's asynchronous saves need) before it
-# runs atexit's functions; threading's own exit hooks run before that join, the last registered
-# first (CPython 3.9+).
-_at_exit = getattr(threading, "_register_atexit", atexit.register)
+# Open asynchronous checkpointers, held until closed: one dropped right after its save (a
+# temporary) still has that save running.
+_PENDING: "set[AdapterCheckpointer]" = set()
+_HOOKED = False
 
 
-def _finish(manager: Any) -> None:
-    manager = manager()
-    if manager is not None:
-        manager.wait_until_finished()
+def _finish_at_exit(ckpt: AdapterCheckpointer) -> None:
+    """Finish ``ckpt``'s pending save when the program ends. The hook must run before Python joins
+    the threads of ``concurrent.futures``, which orbax's asynchronous saves need, and atexit's
+    functions run only after that join; threading's own exit hooks run before it, the last
+    registered first (``threading._register_atexit``, CPython 3.9+; where it is missing, call
+    ``wait()`` or ``close()`` yourself)."""
+    global _HOOKED
+    _PENDING.add(ckpt)
+    register = getattr(threading, "_register_atexit", None)
+    if not _HOOKED and register is not None:
+        register(_finish_pending)
+        _HOOKED = True
+
+
+def _finish_pending() -> None:
+    for ckpt in list(_PENDING):
+        try:
+            ckpt.wait()
+        except Exception as err:  # one failure must not keep the others (and Python's own hooks) from running
+            warnings.warn(f"AdapterCheckpointer: the last save to {ckpt.directory} failed at exit: {err!r}")
 
 
 def _abstract(tree: Any) -> Any:

@@ -35,7 +35,7 @@ def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return evaluate_closed(closed, invals, ctx)
 
     def body(*args: Any) -> list:
-        return evaluate_closed(closed, list(args), ctx)
+        return evaluate_closed(closed, list(args), ctx.renamed(invals, args))
 
     body.__name__ = str(eqn.params.get("name", "jit"))
     return list(jax.jit(body)(*invals))
@@ -46,7 +46,7 @@ def checkpoint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
 
     def body(*args: Any) -> list:
-        return _outputs(evaluate(jaxpr, consts, list(args), ctx), "checkpoint")
+        return _outputs(evaluate(jaxpr, consts, list(args), ctx.renamed(invals, args)), "checkpoint")
 
     policy = eqn.params.get("policy")
     return list(jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=policy)(*invals))
@@ -73,7 +73,7 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     def body(carry: Any, scanned: Any) -> Any:
         slices, step_key = scanned
         xs_now = [x if rebuild is None else rebuild(x) for x, rebuild in zip(slices, rebuilds)]
-        step_ctx = ctx.with_rng(step_key) if step_key is not None else ctx
+        step_ctx = (ctx.with_rng(step_key) if step_key is not None else ctx).renamed(xs_in, xs_now)
         outs = _outputs(evaluate_closed(p["jaxpr"], list(consts) + list(carry) + xs_now, step_ctx), "scan")
         return outs[:n_carry], outs[n_carry:]
 
@@ -111,7 +111,7 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     index, *ops = invals
 
     def branch(closed: Any):
-        return lambda *args: _outputs(evaluate_closed(closed, list(args), ctx), "cond")
+        return lambda *args: _outputs(evaluate_closed(closed, list(args), ctx.renamed(ops, args)), "cond")
 
     return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
 
@@ -129,7 +129,7 @@ def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     @jax.custom_jvp
     def call(*flat: Any) -> list:
         vals = jax.tree_util.tree_unflatten(treedef, list(flat))
-        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx), "custom_jvp_call")
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx.renamed(invals, vals)), "custom_jvp_call")
 
     @call.defjvp
     def call_jvp(primals: tuple, tangents: tuple) -> Any:
@@ -152,7 +152,7 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     @jax.custom_vjp
     def call(*flat: Any) -> list:
         vals = jax.tree_util.tree_unflatten(treedef, list(flat))
-        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx), "custom_vjp_call")
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx.renamed(invals, vals)), "custom_vjp_call")
 
     def fwd(*flat: Any) -> Any:
         mats, mat_vjp = jax.vjp(materialized, *flat)
@@ -185,7 +185,7 @@ def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return value.replace(w=spec, a=a_spec, b=b_spec)
 
     def body(*args: Any) -> tuple:
-        return tuple(_outputs(evaluate(jaxpr, consts, list(args), ctx), "shard_map"))
+        return tuple(_outputs(evaluate(jaxpr, consts, list(args), ctx.renamed(invals, args)), "shard_map"))
 
     in_specs = tuple(spec_of(v, s) for v, s in zip(invals, p["in_specs"]))
     f = jax.shard_map(body, mesh=p["mesh"], in_specs=in_specs, out_specs=tuple(p["out_specs"]),

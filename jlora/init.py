@@ -78,11 +78,14 @@ def _all_linear(config: LoraConfig) -> bool:
     return config.targets in (None, ALL_LINEAR)
 
 
-def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern], option: str = "targets") -> str:
-    """Why a pattern's matches gave nothing to adapt (or, for ``trainable``, to train), for its error message."""
-    if option == "trainable":
-        lazy = [f"{p}: {_describe(leaf)}" for p, leaf in matched if isinstance(leaf, Lazy)]
-        return f" (its leaves {lazy[:3]} are lazy: only plain float arrays can be trained in full)" if lazy else ""
+def _why_untrainable(matched: Sequence[tuple[str, Any]]) -> str:
+    """Why a ``trainable`` pattern's matches gave nothing to train, for its error message."""
+    lazy = [f"{p}: {_describe(leaf)}" for p, leaf in matched if isinstance(leaf, Lazy)]
+    return f" (its leaves {lazy[:3]} are lazy: only plain float arrays can be trained in full)" if lazy else ""
+
+
+def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) -> str:
+    """Why a target pattern's matches gave nothing to adapt, for its error message."""
     excluded = [p for p, _ in matched if any(ex.match(p) for ex in exclude)]
     if excluded:
         return f" (LoraConfig.exclude leaves out {excluded[:3]})"
@@ -153,7 +156,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             matched = [(p, leaf) for p, leaf in entries if pat.match(p)]
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
-                + (" it can use" + _why_unused(matched, exclude, option) if matched else "")
+                + (" it can use" + (_why_unused(matched, exclude) if option == "targets" else _why_untrainable(matched)) if matched else "")
                 + f"; nearest paths: {nearest(pat.text, paths)}"
             )
     if not adapt:

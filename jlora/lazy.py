@@ -10,6 +10,7 @@ param path, once. Correctness never depends on rule coverage; only speed does.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -129,6 +130,17 @@ class Context:
         """Which param ``value`` is, for a warning, if it is one of the named inputs."""
         return self.names.get(id(value), "")
 
+    def renamed(self, before: Sequence[Any], after: Sequence[Any]) -> "Context":
+        """This context for a body whose inputs ``after`` are new copies of ``before`` (a rebuilt
+        ``jit``, ``checkpoint``, loop or branch body): the names follow the values. The copy shares
+        the dropout key's site counter."""
+        names = {id(new): self.where(old) for old, new in zip(before, after) if self.where(old)}
+        if not names:
+            return self
+        ctx = copy.copy(self)
+        ctx.names = {**self.names, **names}
+        return ctx
+
     def next_key(self) -> Any:
         """A fresh key per use site (the site counter advances at trace time)."""
         return jax.random.fold_in(self.rng, next(self._counter))
@@ -136,6 +148,14 @@ class Context:
     def drops(self, value: Any) -> bool:
         """Whether LoRA dropout applies to ``value`` here: it has a rate and a key was given."""
         return getattr(value, "dropout", 0.0) > 0.0 and self.rng is not None
+
+    def drops_within(self, value: Any) -> bool:
+        """Whether dropout applies to ``value`` or to an adapter under it (its ``w``, that one's ...)."""
+        while isinstance(value, Lazy):
+            if self.drops(value):
+                return True
+            value = getattr(value, "w", None)
+        return False
 
     def with_rng(self, rng: Any) -> "Context":
         return Context(rng, self.records, self.rebuild_inputs, self.names)
@@ -240,7 +260,9 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
     """``eqn`` on values that may be lazy, through their kind's rules (else materialised, with a
     warning), apart from the jaxpr being evaluated: how a ``LoraWeight`` whose ``w`` is itself lazy
     (a quantized base weight) forms its base term, e.g. ``x·w``, with ``w``'s own rules. ``where``
-    names the lazy inputs in warnings (``"the base of 'layers/0/q/kernel'"``).
+    names the lazy inputs in warnings (``"the base of 'layers/0/q/kernel'"``). The rules get a
+    dropout key (``ctx.rng``) only where an adapter under ``w`` drops; a base kind's rules get
+    ``None``: they must not draw keys, or the later adapters' keys would depend on the base's kind.
 
     Example:
         >>> import jax.numpy as jnp
@@ -249,7 +271,7 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
         Array(0., dtype=float32)
     """
     # a key only for a base that drops (stacked adapters): others must not shift the later adapters' keys
-    rng = ctx.next_key() if any(ctx.drops(v) for v in invals) else None
+    rng = ctx.next_key() if any(ctx.drops_within(v) for v in invals) else None
     inner = Context(rng, ctx.records, rebuild_inputs=False, names={id(v): where for v in invals if is_lazy(v)})
     return _eval_eqn(inner, None, eqn, invals)
 
@@ -336,12 +358,17 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         if lora_rng is not None:
             check_key(lora_rng, "lora_rng")
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_param)
+
+        @functools.cache
+        def param_paths() -> list[str]:  # only for messages: flattening with paths costs more
+            flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0]
+            return [path_str(keys[2:]) for keys, _ in flat]  # past (args, kwargs) and the argument
+
         values, dynamic, abstract, static = [], [], [], []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Trainable):
                 if leaf.value is None:  # the frozen half's placeholder
-                    where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0][i][0]
-                    check_whole(leaf, path_str(where[2:]), "jlora.apply")  # past (args, kwargs) and the argument
+                    check_whole(leaf, param_paths()[i], "jlora.apply")
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
@@ -356,10 +383,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 static.append((i, leaf))
         traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract)
         closed, out_tree = traced
-        unnamed = [k for k, i in enumerate(dynamic) if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")]
-        if unnamed:  # a quantized kernel has no path of its own: its place in the arguments names it
-            where = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0]
-            unnamed = {k: f"at '{path_str(where[dynamic[k]][0][2:])}'" for k in unnamed}
+        # a quantized kernel has no path of its own: its place in the arguments names it
+        unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
+                   if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
         def run(values: list, rng: Any) -> list:
             names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None

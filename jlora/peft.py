@@ -33,7 +33,7 @@ from jlora.adapter import check_trainable_not_lazy, write_files
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import LoraWeight, Trainable, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -114,7 +114,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     """
     from safetensors.numpy import save_file
 
-    entries = leaves_with_paths(params, is_leaf=is_node)
+    entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
@@ -147,9 +147,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         name = p[: -len("/bias")].replace("/", ".")
         wrapped = ".base_layer" if name in lora_modules else ""
         tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value, np.float32)
-    for p, x in entries:  # modules_to_save: every leaf of the module, trained or not
+    for p, x in entries:  # modules_to_save: every leaf of the module, trained or not (a quantized one as floats)
         if in_saved(p):
-            name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x)
+            name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x.materialize() if isinstance(x, Lazy) else x)
             tensors[f"{PREFIX}{p.rsplit('/', 1)[0].replace('/', '.')}.{name}"] = value
     bias_mode = "none" if not biases else (
         "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")

@@ -218,10 +218,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     def one(keypath: Any, x: Any) -> Any:
         path = path_str(keypath)
         if isinstance(x, LoraWeight):
-            w_spec = spec_for(x.path or path, x.kernel_shape)
-            a_spec, b_spec = factor_specs(w_spec, x.layout)
-            return x.replace(w=None if x.w is None else _part_specs(x.w, w_spec, x.path or path),
-                             a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
+            return _part_specs(x, spec_for(x.path or path, x.kernel_shape), x.path or path)
         if isinstance(x, Trainable):
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
         if isinstance(x, Lazy):
@@ -232,9 +229,14 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
 
 def _part_specs(x: Any, spec: PartitionSpec, path: str) -> Any:
-    """The specs of a lazy value's parts when the array it stands for is sharded as ``spec``."""
+    """The specs of a lazy value's parts when the array it stands for is sharded as ``spec``: a
+    ``LoraWeight``'s factors as derived from it (``factor_specs``), its ``w`` (lazy too, maybe) as it."""
     if not isinstance(x, Lazy):
         return spec
+    if isinstance(x, LoraWeight):
+        a_spec, b_spec = factor_specs(spec, x.layout)
+        return x.replace(w=None if x.w is None else _part_specs(x.w, spec, path),
+                         a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
     part_specs = getattr(x, "part_specs", None)
     if callable(part_specs):
         return part_specs(spec)

@@ -51,7 +51,15 @@ def _is_hole_or_lazy(x: Any) -> bool:
     return x is None or (isinstance(x, Lazy) and not isinstance(x, LoraWeight))
 
 
+def _lazy_w_as_hole(tree: Any) -> Any:
+    """``None`` for every lazy ``w`` of a ``LoraWeight`` (a quantized kernel, an adapter under an
+    adapter): the frozen half holds it whole where the trainable half has ``None``."""
+    hole = lambda x: x.replace(w=None) if isinstance(x, LoraWeight) and isinstance(x.w, Lazy) else x
+    return jax.tree.map(hole, tree, is_leaf=is_node)
+
+
 def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: str) -> None:
+    first, second = _lazy_w_as_hole(first), _lazy_w_as_hole(second)
     s1 = jax.tree_util.tree_structure(first, is_leaf=_is_hole_or_lazy)
     s2 = jax.tree_util.tree_structure(second, is_leaf=_is_hole_or_lazy)
     if s1 == s2:

@@ -20,7 +20,11 @@ class Lazy:
     """A value that stands for an array without holding it.
 
     Subclasses are pytree nodes and define ``shape``, ``dtype``, ``materialize()``; the evaluator's
-    rules (``jlora.lazy.register``) decide where they stay lazy.
+    rules (``jlora.lazy.register``) decide where they stay lazy. To be sharded (a quantized base
+    under FSDP or tensor parallelism), a kind also defines ``sharding`` (the ``NamedSharding`` of
+    the array it stands for: ``lora_init`` derives the factors' from it) and ``part_specs(spec)``
+    (its parts' ``PartitionSpec``s, the same pytree, when that array is sharded as ``spec``:
+    ``jlora.sharding`` places it by them). ``tests/quantized.py`` has an example.
     """
 
     shape: tuple[int, ...]

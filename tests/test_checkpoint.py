@@ -266,3 +266,6 @@ def test_an_async_save_is_finished_when_the_program_ends_without_wait(tmp_path):
     assert AdapterCheckpointer(tmp_path / "ckpt").all_steps() == [1]
     with AdapterCheckpointer(tmp_path / "ckpt") as ckpt:  # a with block closes it
         assert ckpt.restore({"q": {"kernel": jnp.ones((64, 64))}})[2] == 1
+    with pytest.raises(ValueError, match="AdapterCheckpointer.save: .*ckpt was closed"):
+        ckpt.save(2, jlora.lora_init(jax.random.key(0), {"q": {"kernel": jnp.ones((64, 64))}},
+                                     jlora.LoraConfig(rank=4, targets=["q"])))

@@ -325,3 +325,27 @@ def test_a_quantized_base_in_a_bf16_model_keeps_its_int8_matmul():
     INT8_DOTS.clear()
     check_against_oracle(fn, {"w": lw}, jax.random.normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
     assert INT8_DOTS
+
+
+def test_a_fallback_inside_a_rebuilt_body_names_each_quantized_kernel():
+    """Lazy inputs of jit, checkpoint and cond bodies are new copies: their names follow them, so
+    two kernels falling back give two warnings, each naming its param."""
+    int8 = lambda k: Int8Weight(jax.random.randint(jax.random.key(k), (4, 4), -127, 128).astype(jnp.int8),
+                                jnp.full((4,), 0.01))
+    params = {"a": {"kernel": int8(1)}, "b": {"kernel": int8(2)}}
+    uses = lambda p, x: x @ p["a"]["kernel"].T.T + x @ p["b"]["kernel"].T.T  # transpose: no int8 rule
+    for wrap in (jax.checkpoint, lambda f: jax.jit(f, inline=False),
+                 lambda f: lambda p, x: jax.lax.cond(True, f, f, p, x)):
+        jlora.lazy.reset_warnings()
+        with pytest.warns(jlora.MaterializeWarning) as record:
+            jlora.apply(wrap(uses))(params, jnp.ones((2, 4)))
+        named = sorted(str(w.message).split("(")[1].split(")")[0] for w in record)
+        assert named == ["at 'a/kernel'", "at 'b/kernel'"], named
+
+
+def test_dropout_of_an_adapter_under_an_adapter_is_on():
+    inner = jlora.LoraWeight(jnp.eye(8), jnp.ones((8, 2)), jnp.ones((2, 8)), scale=0.5, path="w", dropout=0.5)
+    outer = jlora.LoraWeight(inner, jnp.ones((8, 1)), jnp.zeros((1, 8)), scale=1.0, path="w")  # no dropout
+    fn = jlora.apply(lambda p, x: x @ p["w"])
+    x = jnp.ones((4, 8))
+    assert not np.allclose(fn({"w": outer}, x, lora_rng=jax.random.key(0)), fn({"w": outer}, x))

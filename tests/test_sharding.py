@@ -425,3 +425,14 @@ def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_de
                                          r"for as \(None, 'model'\): give NoPartSpecs a method part_specs"):
         sharding.place(unknown, mesh, RULES)
     assert sharding.place(unknown, mesh, [])["up"]["kernel"].q.sharding.spec == P()  # replicated: nothing to say
+
+
+def test_an_adapter_stacked_on_an_adapter_shards_both_pairs_of_factors():
+    mesh = sharding.make_mesh({"data": 2, "model": 4})
+    inner = jlora.LoraWeight(jnp.ones((8, 16)), jnp.ones((8, 2)), jnp.ones((2, 16)), scale=0.5, path="w")
+    outer = {"w": jlora.LoraWeight(inner, jnp.ones((8, 1)), jnp.ones((1, 16)), scale=1.0, path="w")}
+    specs = sharding.partition_specs(outer, mesh, [("w", P(None, "model"))])
+    assert specs["w"].w.w == P(None, "model") and specs["w"].w.b == P(None, "model") and specs["w"].b == P(None, "model")
+    placed = sharding.place(outer, mesh, [("w", P(None, "model"))])
+    fn = jax.jit(jlora.apply(lambda p, x: x @ p["w"]))
+    np.testing.assert_allclose(fn(placed, jnp.ones((2, 8))), jnp.ones((2, 8)) @ jlora.merge(outer)["w"], rtol=1e-6)

@@ -129,3 +129,15 @@ def test_split_puts_a_quantized_kernel_whole_in_the_frozen_half():
     assert back["k"]["kernel"] is over_int8["k"]["kernel"] and back["q"]["kernel"].w is over_int8["q"]["kernel"].w
     assert (jlora.summary(over_int8).trainable, jlora.summary(over_int8).total) == \
            (jlora.summary(over_float).trainable, jlora.summary(over_float).total)
+
+
+def test_split_and_combine_an_adapter_stacked_on_an_adapter():
+    """A LoraWeight whose w is a LoraWeight (a second adapter over a merged-in first): the outer
+    factors are trainable, the inner adapter is frozen whole."""
+    inner = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w")
+    outer = {"w": jlora.LoraWeight(inner, jnp.full((4, 1), 2.0), jnp.ones((1, 4)), scale=1.0, path="w")}
+    trainable, frozen = jlora.split(outer)
+    assert trainable["w"].w is None and frozen["w"].w is inner
+    back = jlora.combine(trainable, frozen)
+    assert jax.tree.structure(back) == jax.tree.structure(outer)
+    np.testing.assert_array_equal(jlora.merge(back)["w"], jlora.merge(outer)["w"])
