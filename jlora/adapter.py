@@ -18,12 +18,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jlora.layout import Layout
-from jlora.paths import leaves_with_paths, path_str
+from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
@@ -170,8 +169,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
-    by_path = {path_str(kp): leaf for kp, leaf in flat}
+    by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
     absent = sorted(p for p in list(targets) + list(trainable) if p not in by_path)
     if absent:
         raise ValueError(f"{path}: adapter for another base model: no param at {absent[:5]}")
@@ -191,17 +189,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         if list(by_path[p].shape) != list(shape) or tensors[p].dtype != np.dtype(by_path[p].dtype):
             raise ValueError(f"{path}: '{p}' is {tensors[p].dtype}{list(tensors[p].shape)} in the adapter, "
                              f"{np.dtype(by_path[p].dtype)}{list(by_path[p].shape)} in the base")
-    leaves = []
-    for kp, leaf in flat:
-        p = path_str(kp)
-        if p in targets:
-            spec = targets[p]
-            leaf = LoraWeight(leaf, jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
-                              layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0))
-        elif p in trainable:
-            leaf = Trainable(jnp.asarray(tensors[p]))
-        leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
+                         layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
+    new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
+    return replace_leaves(base_params, new, is_leaf=is_param)
 
 
 def describe(path: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 
 from jlora.adapter import check_trainable_not_lazy
 from jlora.layout import Layout
-from jlora.paths import leaves_with_paths, path_str
+from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.tree import split
 from jlora.weight import LoraWeight, Trainable, is_node, is_param
@@ -157,8 +157,7 @@ class AdapterCheckpointer:
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
         if like_flat is not None:
             _check_opt_state(self.directory, step, meta, opt_state_like, like_flat)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
-        by_path = {path_str(kp): leaf for kp, leaf in flat}
+        by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
         absent = sorted(p for p in specs if p not in by_path)
         if absent:
             raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
@@ -174,18 +173,10 @@ class AdapterCheckpointer:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat))
         got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
         arrays = got["adapters"]
-        leaves = []
-        for kp, leaf in flat:
-            p = path_str(kp)
-            spec = specs.get(p)
-            if spec is None:
-                leaves.append(leaf)
-            elif spec["kind"] == "trainable":
-                leaves.append(Trainable(arrays[p]))
-            else:
-                leaves.append(LoraWeight(leaf, arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
-                                         dropout=spec.get("dropout", 0.0)))
-        params = jax.tree_util.tree_unflatten(treedef, leaves)
+        new = {p: Trainable(arrays[p]) if spec["kind"] == "trainable" else
+               LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
+                          dropout=spec.get("dropout", 0.0)) for p, spec in specs.items()}
+        params = replace_leaves(base_params, new, is_leaf=is_param)
         opt_state = None
         if opt_state_like is not None:
             saved = dict(got["opt_state"])

@@ -19,8 +19,8 @@ from jax import lax
 
 from jlora import _compat
 from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register
-from jlora.sharding import factor_specs
-from jlora.weight import Lazy, LoraWeight
+from jlora.sharding import part_specs
+from jlora.weight import Lazy
 
 
 def _outputs(outs: list, what: str) -> list:
@@ -169,25 +169,21 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
 @register(_compat.shard_map_p, Lazy)
 def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """Rebuilt with ``jax.shard_map``: a ``LoraWeight`` enters as ``w``, ``a`` and ``b`` with the
-    factors' specs derived from ``w``'s (``jlora.sharding.factor_specs``), so the body computes
-    with the factors' blocks and never forms ``ΔW``. LoRA dropout inside uses one key on every device,
-    so the blocks of one activation get the same mask pattern."""
+    """Rebuilt with ``jax.shard_map``: a lazy value enters as its parts, each with the spec
+    ``jlora.sharding.part_specs`` derives from the value's (a ``LoraWeight``'s ``w``, ``a`` and
+    ``b``; a quantized kernel's by its kind), so the body computes with the factors' blocks and never
+    forms ``ΔW``. A kind that cannot say its parts' specs is materialised. LoRA dropout inside uses
+    one key on every device, so the blocks of one activation get the same mask pattern."""
     p = eqn.params
-    if not all(isinstance(v, LoraWeight) or not is_lazy(v) for v in invals):
+    try:
+        in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))
+    except ValueError:
         return NotImplemented
     jaxpr, consts = _compat.open_jaxpr(p["jaxpr"])
-
-    def spec_of(value: Any, spec: Any) -> Any:
-        if not isinstance(value, LoraWeight):
-            return spec
-        a_spec, b_spec = factor_specs(spec, value.layout)
-        return value.replace(w=spec, a=a_spec, b=b_spec)
 
     def body(*args: Any) -> tuple:
         return tuple(_outputs(evaluate(jaxpr, consts, list(args), ctx.renamed(invals, args)), "shard_map"))
 
-    in_specs = tuple(spec_of(v, s) for v, s in zip(invals, p["in_specs"]))
     f = jax.shard_map(body, mesh=p["mesh"], in_specs=in_specs, out_specs=tuple(p["out_specs"]),
                       axis_names=_compat.shard_map_axes(p), check_vma=p["check_vma"])
     return list(f(*invals))

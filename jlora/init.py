@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jlora import _compat
 from jlora.config import ALL_LINEAR, LoraConfig, check_key
 from jlora.layout import Layout
-from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, path_str
+from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
@@ -283,6 +283,4 @@ def lora_init(
                          f"({adapt[:3]}...); lower the rank")
     for path in tune:
         new[path] = Trainable(by_path[path])
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
-    leaves = [new.get(path_str(kp), leaf) for kp, leaf in flat]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return replace_leaves(params, new, is_leaf=is_param)

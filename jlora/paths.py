@@ -18,7 +18,7 @@ import difflib
 import fnmatch
 import re
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 
@@ -54,6 +54,17 @@ def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def replace_leaves(tree: Any, new: Mapping[str, Any], is_leaf: Any = None) -> Any:
+    """``tree`` with the leaf at each path of ``new`` replaced by its value (the others kept).
+
+    Example:
+        >>> replace_leaves({"a": {"b": 1, "c": 2}}, {"a/c": 3})
+        {'a': {'b': 1, 'c': 3}}
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(kp), leaf) for kp, leaf in flat])
 
 
 class Pattern:

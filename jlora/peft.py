@@ -32,7 +32,7 @@ import numpy as np
 from jlora.adapter import check_trainable_not_lazy, write_files
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
-from jlora.paths import leaves_with_paths, path_str
+from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -238,8 +238,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
-    flat, treedef = jax.tree_util.tree_flatten_with_path(base_params, is_leaf=is_param)  # a quantized kernel is one leaf
-    by_path = {path_str(kp): i for i, (kp, _) in enumerate(flat)}
+    by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
     factors: dict[str, dict[str, np.ndarray]] = {}
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
@@ -267,18 +266,18 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p, value in tuned.items():
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
-        if tuple(flat[by_path[p]][1].shape) != value.shape:
-            raise ValueError(f"{path}: '{p}' is {tuple(flat[by_path[p]][1].shape)} in the base, {value.shape} in the adapter")
-    check_trainable_not_lazy(path, tuned, {p: flat[by_path[p]][1] for p in tuned})
+        if tuple(by_path[p].shape) != value.shape:
+            raise ValueError(f"{path}: '{p}' is {tuple(by_path[p].shape)} in the base, {value.shape} in the adapter")
+    check_trainable_not_lazy(path, tuned, by_path)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    leaves = [leaf for _, leaf in flat]
+    new = {}
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         p = name.replace(".", "/") + "/kernel"
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
-        w = leaves[by_path[p]]
+        w = by_path[p]
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
         a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out)
@@ -292,8 +291,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: module {name!r} has rank {r} but the config says {expected_r}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        leaves[by_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
-                                        dropout=float(config.get("lora_dropout", 0.0)))
+        new[p] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
+                            dropout=float(config.get("lora_dropout", 0.0)))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
-        leaves[by_path[p]] = Trainable(jnp.asarray(value, leaves[by_path[p]].dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        new[p] = Trainable(jnp.asarray(value, by_path[p].dtype))
+    return replace_leaves(base_params, new, is_leaf=is_param)

@@ -218,28 +218,37 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     def one(keypath: Any, x: Any) -> Any:
         path = path_str(keypath)
         if isinstance(x, LoraWeight):
-            return _part_specs(x, spec_for(x.path or path, x.kernel_shape), x.path or path)
+            return part_specs(x, spec_for(x.path or path, x.kernel_shape), x.path or path)
         if isinstance(x, Trainable):
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
         if isinstance(x, Lazy):
-            return _part_specs(x, spec_for(path, x.shape), path)
+            return part_specs(x, spec_for(path, x.shape), path)
         return None if x is None else spec_for(path, np.shape(x))
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
 
 
-def _part_specs(x: Any, spec: PartitionSpec, path: str) -> Any:
+def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
     """The specs of a lazy value's parts when the array it stands for is sharded as ``spec``: a
-    ``LoraWeight``'s factors as derived from it (``factor_specs``), its ``w`` (lazy too, maybe) as it."""
+    ``LoraWeight``'s factors as derived from it (``factor_specs``), its ``w`` (lazy too, maybe) as it;
+    another lazy kind's from its method ``part_specs(spec)``. A plain array keeps ``spec``. ``path``
+    names the value in errors.
+
+    Example:
+        >>> lw = LoraWeight(np.ones((4, 2)), np.ones((4, 1)), np.zeros((1, 2)), scale=1.0)
+        >>> specs = part_specs(lw, PartitionSpec("fsdp", "model"))
+        >>> tuple(specs.w), tuple(specs.a), tuple(specs.b)
+        (('fsdp', 'model'), ('fsdp', None), (None, 'model'))
+    """
     if not isinstance(x, Lazy):
         return spec
     if isinstance(x, LoraWeight):
         a_spec, b_spec = factor_specs(spec, x.layout)
-        return x.replace(w=None if x.w is None else _part_specs(x.w, spec, path),
+        return x.replace(w=None if x.w is None else part_specs(x.w, spec, path),
                          a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
-    part_specs = getattr(x, "part_specs", None)
-    if callable(part_specs):
-        return part_specs(spec)
+    kind_specs = getattr(x, "part_specs", None)
+    if callable(kind_specs):
+        return kind_specs(spec)
     if all(s is None for s in spec):
         return jax.tree.map(lambda _: PartitionSpec(), x)
     raise ValueError(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, and the rules shard the array it "

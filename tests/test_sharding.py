@@ -316,6 +316,48 @@ def test_shard_map_inside_the_function_keeps_sharded_factors():
     assert "shard_map" in jaxpr
 
 
+def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part_specs():
+    """The same Megatron MLP over int8 kernels, one adapted and one not: each enters the body as
+    its parts' blocks."""
+    from quantized import INT8_DOTS, quantize
+
+    mesh = sharding.make_mesh({"model": 8})
+    float_params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    l1 = float_params["l1"]["kernel"]
+    params = {"l1": {"kernel": l1.replace(w=quantize(l1.w))}, "l2": {"kernel": quantize(float_params["l2"]["kernel"].w)}}
+
+    def loss(p, x):
+        def block(p, x):
+            return jax.lax.psum(jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"], "model")
+
+        specs = {"l1": {"kernel": P(None, "model")}, "l2": {"kernel": P("model", None)}}
+        y = jax.shard_map(block, mesh=mesh, in_specs=(specs, P()), out_specs=P())(p, x)
+        return jnp.mean(y ** 2)
+
+    trainable, frozen = jlora.split(params)
+    INT8_DOTS.clear()
+    lazy = jax.jit(jax.grad(lambda t, x: jlora.apply(loss)(jlora.combine(t, frozen), x)))(trainable, x)
+    assert len(INT8_DOTS) >= 2  # the int8 rule ran on both kernels' blocks: nothing was dequantized whole
+    oracle = jax.grad(lambda t, x: _mlp_loss(jlora.merge(jlora.combine(t, frozen)), x))(trainable, x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), lazy, oracle)
+
+
+def test_shard_map_materialises_a_lazy_kind_without_part_specs_and_says_so():
+    from quantized import Int8Weight, quantize
+
+    @jax.tree_util.register_pytree_node_class
+    class NoPartSpecs(Int8Weight):
+        part_specs = None
+
+    mesh = sharding.make_mesh({"model": 8})
+    kernel = NoPartSpecs(*jax.tree.leaves(quantize(jax.random.normal(jax.random.key(0), (16, 32)))))
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    fn = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(None, "model"))
+    with pytest.warns(jlora.MaterializeWarning, match="shard_map"):
+        got = jax.jit(jlora.apply(fn))(kernel, x)
+    np.testing.assert_allclose(got, x @ kernel.materialize(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_same_wrapped_function_inside_and_outside_shard_map():
     """The trace cache tells a replicated value from one that varies over manual axes."""
     mesh = sharding.make_mesh({"data": 8})
