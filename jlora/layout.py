@@ -66,6 +66,11 @@ class Layout:
         return cls.parse("io") if ndim == 2 else None
 
     def check(self) -> None:
+        """Raise ``ValueError`` unless the layout has input and output axes, each role's ``k`` in order.
+
+        Example:
+            >>> Layout((("i", 0), ("o", 0))).check()
+        """
         for role in ("i", "o"):
             if not self.group(role):
                 raise ValueError(f"layout '{self}' has no '{role}' axis: a kernel needs input and output axes")
@@ -83,18 +88,48 @@ class Layout:
         return tuple(ax for _, ax in sorted((k, ax) for ax, (r, k) in enumerate(self.axes) if r == role))
 
     def group_shape(self, shape: Sequence[int], role: str) -> tuple[int, ...]:
+        """The sizes of a kernel of ``shape`` along the axes of one role.
+
+        Example:
+            >>> Layout.parse("iio").group_shape((4, 8, 32), "i")
+            (4, 8)
+        """
         return tuple(shape[ax] for ax in self.group(role))
 
     def a_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+        """The shape of ``a`` for a kernel of ``shape``: ``batch + input + (rank,)``.
+
+        Example:
+            >>> Layout.parse("bio").a_shape((6, 16, 32), 4)
+            (6, 16, 4)
+        """
         return self.group_shape(shape, "b") + self.group_shape(shape, "i") + (rank,)
 
     def b_shape(self, shape: Sequence[int], rank: int) -> tuple[int, ...]:
+        """The shape of ``b`` for a kernel of ``shape``: ``batch + (rank,) + output``.
+
+        Example:
+            >>> Layout.parse("bio").b_shape((6, 16, 32), 4)
+            (6, 4, 32)
+        """
         return self.group_shape(shape, "b") + (rank,) + self.group_shape(shape, "o")
 
     def fan_in(self, shape: Sequence[int]) -> int:
+        """The number of inputs of one kernel of the stack (the product of the input axes).
+
+        Example:
+            >>> Layout.parse("iio").fan_in((4, 8, 32))
+            32
+        """
         return _prod(self.group_shape(shape, "i"))
 
     def fan_out(self, shape: Sequence[int]) -> int:
+        """The number of outputs of one kernel of the stack (the product of the output axes).
+
+        Example:
+            >>> Layout.parse("ioo").fan_out((32, 4, 8))
+            32
+        """
         return _prod(self.group_shape(shape, "o"))
 
     def factor_axes(self) -> tuple[dict[int, int], dict[int, int]]:

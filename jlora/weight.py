@@ -24,7 +24,21 @@ class Lazy:
     under FSDP or tensor parallelism), a kind also defines ``sharding`` (the ``NamedSharding`` of
     the array it stands for: ``lora_init`` derives the factors' from it) and ``part_specs(spec)``
     (its parts' ``PartitionSpec``s, the same pytree, when that array is sharded as ``spec``:
-    ``jlora.sharding`` places it by them). ``tests/quantized.py`` has an example.
+    ``jlora.sharding`` places it by them). ``tests/quantized.py`` has a complete one: an int8
+    kernel with its matmul rule.
+
+    Example:
+        >>> @jax.tree_util.register_pytree_node_class
+        ... class Halved(Lazy):                      # stands for 0.5 * x
+        ...     def __init__(self, x): self.x = x
+        ...     shape = property(lambda self: self.x.shape)
+        ...     dtype = property(lambda self: self.x.dtype)
+        ...     def materialize(self): return 0.5 * self.x
+        ...     def tree_flatten(self): return (self.x,), None
+        ...     @classmethod
+        ...     def tree_unflatten(cls, aux, children): return cls(*children)
+        >>> Halved(jnp.ones(2)).materialize()
+        Array([0.5, 0.5], dtype=float32)
     """
 
     shape: tuple[int, ...]
@@ -42,6 +56,7 @@ class Lazy:
         return out
 
     def materialize(self) -> jax.Array:
+        """The array this value stands for."""
         raise NotImplementedError
 
     def example(self) -> Any:
@@ -57,6 +72,7 @@ class Lazy:
         return None
 
     def describe(self) -> str:
+        """How a fallback's warning names this value."""
         return type(self).__name__
 
 
