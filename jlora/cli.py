@@ -4,7 +4,7 @@
     jlora finetune --model DIR --data train.jsonl --rank 16 --targets query value
     jlora finetune --task causal-lm --model DIR --data corpus.txt
     jlora info jlora-out/adapter
-    jlora merge jlora-out/adapter --model DIR --out merged/
+    jlora merge jlora-out/adapter --model DIR --out merged/ [--torch]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="adapter directory")
     merge.add_argument("--model", default=None, help="base model directory (default: the one the adapter names)")
     merge.add_argument("--out", "--output-dir", required=True, help="directory to write")
+    merge.add_argument("--torch", action="store_true", help="also write model.safetensors for PyTorch's "
+                                                             "from_pretrained (needs torch)")
     return parser
 
 
@@ -142,9 +144,14 @@ def _merge(args: argparse.Namespace) -> int:
     merged = jlora.merge(load_adapter(args.adapter, base))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
-    model.save_pretrained(args.out, params=merged[prefix] if prefix else merged)
+    params = merged[prefix] if prefix else merged
+    model.save_pretrained(args.out, params=params)
+    if args.torch:
+        from jlora.hf import save_torch
+
+        save_torch(model, params, args.out)
     tokenizer.save_pretrained(args.out)
-    print(f"merged model written to {args.out}")
+    print(f"merged model written to {args.out}" + (" (Flax and PyTorch weights)" if args.torch else ""))
     outside = sorted(p for p in config["trainable"] if prefix and not p.startswith(prefix + "/"))
     if outside:  # the job's own head is not part of the HF model
         print(f"note: {', '.join(outside)} (trained beside the model, e.g. a classification head) "

@@ -10,10 +10,13 @@ Example:
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jlora
 from jlora.config import ALL_LINEAR, LoraConfig
@@ -119,6 +122,41 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
         if vocab and path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2 and leaf.shape[-1] == vocab
         and outside_layers(path)  # a kernel of layer "3" is no head
     ]
+
+
+def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
+    """Write ``params`` (plain arrays, e.g. ``jlora.merge``'s) for ``model``'s PyTorch class, as
+    ``model.safetensors`` and ``config.json`` in ``directory``: the model directory PyTorch's
+    ``from_pretrained`` loads, in transformers 4 and 5. Needs PyTorch.
+
+    (transformers 4.57's own ``from_pretrained(..., from_flax=True)`` leaves every weight on the
+    ``meta`` device; this builds the PyTorch model on the CPU and copies the weights in with
+    transformers' Flax-to-PyTorch converter.)
+
+    Example:
+        >>> import tempfile, torch, transformers
+        >>> model = transformers.FlaxBertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=16, vocab_size=16))
+        >>> out = save_torch(model, model.params, tempfile.mkdtemp())
+        >>> torch_model = transformers.BertModel.from_pretrained(out)
+        >>> bool(torch.equal(torch_model.pooler.dense.bias, torch.from_numpy(np.asarray(model.params["pooler"]["dense"]["bias"]))))
+        True
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ValueError("writing PyTorch weights needs PyTorch: pip install torch") from None
+    import transformers
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    name = type(model).__name__.removeprefix("Flax")
+    torch_class = getattr(transformers, name, None)
+    if torch_class is None:
+        raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
+    torch_model = torch_class(model.config).eval()  # on the CPU: every weight is then overwritten
+    load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
+    torch_model.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
 
 
 class LoraModel:

@@ -61,8 +61,9 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert "encoder/encoder/layer/0/attention/self/query/kernel" in info and "head/kernel" in info
 
     merged_dir = tmp_path / "merged"
-    assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(merged_dir)]) == 0
-    assert "note: head/bias, head/kernel (trained beside the model" in capsys.readouterr().out
+    assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(merged_dir), "--torch"]) == 0
+    printed = capsys.readouterr().out
+    assert "(Flax and PyTorch weights)" in printed and "note: head/bias, head/kernel (trained beside the model" in printed
     merged = tf.FlaxBertModel.from_pretrained(merged_dir)
     base = tf.FlaxBertModel.from_pretrained(bert_dir)
     lora = jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
@@ -70,6 +71,12 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     ids = jnp.array([[2, 5, 12, 3]])
     lazy = jlora.apply(base.__call__)(ids, params=lora["encoder"]).last_hidden_state
     np.testing.assert_allclose(merged(ids).last_hidden_state, lazy, rtol=1e-5, atol=1e-5)
+    # PyTorch's from_pretrained loads the same directory (its model.safetensors)
+    torch = pytest.importorskip("torch")
+    in_torch = tf.BertModel.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        hidden = in_torch(torch.tensor(np.asarray(ids))).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, lazy, rtol=1e-4, atol=1e-4)
 
 
 def test_causal_lm_on_a_text_file(tmp_path, capsys):

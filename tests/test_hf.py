@@ -69,6 +69,31 @@ def test_every_model_type_lazy_equals_merged(model_type, targets):
     np.testing.assert_allclose(lazy, merged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
+def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp_path):
+    """save_torch's directory, loaded by the PyTorch class's from_pretrained, computes what the
+    lazy adapters do (GPT-2's Conv1D kernels are stored (in, out) in PyTorch, the others (out, in))."""
+    torch = pytest.importorskip("torch")
+    model = TINY[model_type]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    inputs = hf.example_inputs(model)
+    lazy = first_output(lm(**inputs))
+    in_torch = getattr(tf, type(model).__name__.removeprefix("Flax")).from_pretrained(
+        hf.save_torch(model, lm.merge(), tmp_path)).eval()
+    with torch.no_grad():
+        got = first_output(in_torch(**{k: torch.from_numpy(np.array(v)) for k, v in inputs.items()})).numpy()
+    np.testing.assert_allclose(got, lazy, rtol=1e-4, atol=1e-4)
+
+
+def test_save_torch_needs_a_pytorch_class(tmp_path):
+    class FlaxNoSuchModel:
+        config = None
+
+    with pytest.raises(ValueError, match="FlaxNoSuchModel has no PyTorch class NoSuchModel"):
+        hf.save_torch(FlaxNoSuchModel(), {}, tmp_path)
+
+
 def test_gpt2_conv1d_layout_is_declared_out_in():
     lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2, targets="all-linear"))
     c_attn = lm.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
