@@ -23,6 +23,7 @@ import numpy as np
 
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
+from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
@@ -37,6 +38,11 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     """
     from safetensors.numpy import save_file
 
+    check_saveable("save_adapter", params)
+    check_other_format(path, "PEFT", "adapter_model.safetensors")
+    if lora_config is not None and not hasattr(lora_config, "to_dict"):
+        raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
+                         f"got {type(lora_config).__name__}")
     tensors: dict[str, np.ndarray] = {}
     targets, trainable = {}, {}
     for p, x in leaves_with_paths(params, is_leaf=is_node):
@@ -62,6 +68,18 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
     return write_files(path, write)
+
+
+def check_other_format(path: str | os.PathLike, other: str, other_weights: str) -> None:
+    """Refuse to write an adapter into a directory that holds one in the other format: the two
+    share ``adapter_config.json``, so the first would be lost.
+
+    Example:
+        >>> check_other_format(tempfile.mkdtemp(), "PEFT", "adapter_model.safetensors")
+    """
+    if (Path(path) / other_weights).exists():
+        raise ValueError(f"{path}: holds a {other} adapter ({other_weights}), whose {CONFIG_FILE} this save "
+                         "would replace; save into another directory")
 
 
 def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -106,9 +124,33 @@ def read_config(path: str | os.PathLike) -> dict:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_file}: corrupted JSON ({err})") from None
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file}: not a jlora adapter (format {config.get('format')!r})")
+    if isinstance(config, dict) and "peft_type" in config:
+        raise ValueError(f"{path}: a PEFT adapter, not a jlora one: read it with jlora.peft.load_adapter")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{cfg_file}: not a jlora adapter (format {got!r})")
+    _check_specs(cfg_file, config)
     return config
+
+
+def _check_specs(cfg_file: Path, config: dict) -> None:
+    """The adapter JSON's per-param entries have the types jlora wrote (a hand edit may break them)."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    is_shape = lambda v: isinstance(v, list) and all(is_int(d) and d >= 0 for d in v)
+    targets, trainable = config.get("targets"), config.get("trainable")
+    if not isinstance(targets, dict) or not isinstance(trainable, dict):
+        raise ValueError(f"{cfg_file}: 'targets' and 'trainable' must be JSON objects keyed by param path; "
+                         f"got {type(targets).__name__} and {type(trainable).__name__}")
+    for p, spec in targets.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("layout"), str) and is_int(spec.get("rank"))
+                and spec["rank"] >= 1 and is_number(spec.get("scale")) and is_shape(spec.get("shape"))
+                and is_number(spec.get("dropout", 0.0))):
+            raise ValueError(f"{cfg_file}: target '{p}' is {spec!r}; want layout (a string), rank (an int >= 1), "
+                             "scale (a number), shape (a list of ints) and an optional dropout (a number)")
+    for p, shape in trainable.items():
+        if not is_shape(shape):
+            raise ValueError(f"{cfg_file}: trainable '{p}' is {shape!r}; want its shape, a list of ints")
 
 
 def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]:
@@ -136,6 +178,46 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
         raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one was "
                          "interrupted between writing them); save the adapter again")
     return tensors
+
+
+def check_saveable(op: str, params: Any) -> None:
+    """Refuse the frozen half of ``jlora.split`` where adapters are to be saved (a LoRA tree or its
+    trainable half will do).
+
+    Example:
+        >>> check_saveable("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+    """
+    for p, x in leaves_with_paths(params, is_leaf=is_node):
+        check_whole(x, p, op, need_w=False)
+
+
+def check_base(source: str | os.PathLike, base_params: Any) -> dict[str, Any]:
+    """``base_params``' leaves by path (a quantized kernel is one leaf), refused if it already
+    holds adapters: an adapter loaded over them would apply on top of theirs.
+
+    Example:
+        >>> sorted(check_base("adapter", {"k": jnp.ones((2, 2))}))
+        ['k']
+    """
+    by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))
+    nodes = [p for p, x in by_path.items() if is_node(x)]
+    if nodes:
+        raise ValueError(f"{source}: base_params holds jlora nodes (at {nodes[:3]}); pass the base params the "
+                         "adapter was trained over (arrays or jax.ShapeDtypeStruct). To put an adapter over "
+                         "another, merge the first in (jlora.merge)")
+    return by_path
+
+
+def check_float_targets(source: str | os.PathLike, targets: Iterable[str], base: dict[str, Any]) -> None:
+    """Refuse adapters for base leaves that are not float kernels (``lora_init`` adapts no other).
+
+    Example:
+        >>> check_float_targets("adapter", ["k"], {"k": jnp.ones((2, 2))})
+    """
+    for p in targets:
+        if not jnp.issubdtype(base[p].dtype, jnp.floating):
+            raise ValueError(f"{source}: '{p}' is {jnp.dtype(base[p].dtype).name} in the base: an adapter goes on a float kernel "
+                             "(load it onto the float base the adapter was trained over)")
 
 
 def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str], base: dict[str, Any]) -> None:
@@ -169,10 +251,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
-    by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
+    by_path = check_base(path, base_params)
     absent = sorted(p for p in list(targets) + list(trainable) if p not in by_path)
     if absent:
         raise ValueError(f"{path}: adapter for another base model: no param at {absent[:5]}")
+    check_float_targets(path, targets, by_path)
     check_trainable_not_lazy(path, trainable, by_path)
     for p, spec in targets.items():
         if list(by_path[p].shape) != spec["shape"]:

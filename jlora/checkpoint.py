@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from jlora.adapter import check_trainable_not_lazy
+from jlora.adapter import check_base, check_float_targets, check_saveable, check_trainable_not_lazy
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import factor_shardings
@@ -34,6 +34,7 @@ from jlora.weight import LoraWeight, Trainable, is_node, is_param
 
 def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({path: array}, {path: spec})`` for the trainable half of ``params``."""
+    check_saveable("AdapterCheckpointer.save", params)
     arrays, specs = {}, {}
     for p, x in leaves_with_paths(split(params)[0], is_leaf=is_node):
         if isinstance(x, LoraWeight):
@@ -148,19 +149,16 @@ class AdapterCheckpointer:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
         if step not in self.all_steps():
             raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
-        nodes = [p for p, x in leaves_with_paths(base_params, is_leaf=is_node) if is_node(x)]
-        if nodes:
-            raise ValueError(f"AdapterCheckpointer.restore: base_params holds jlora nodes (at {nodes[:3]}); pass "
-                             "the base params lora_init started from (arrays or jax.ShapeDtypeStruct)")
+        by_path = check_base("AdapterCheckpointer.restore", base_params)
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         specs = meta["specs"]
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
         if like_flat is not None:
             _check_opt_state(self.directory, step, meta, opt_state_like, like_flat)
-        by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
         absent = sorted(p for p in specs if p not in by_path)
         if absent:
             raise ValueError(f"{self.directory}: checkpoint for another base model: no param at {absent[:5]}")
+        check_float_targets(self.directory, [p for p, s in specs.items() if s["kind"] != "trainable"], by_path)
         check_trainable_not_lazy(self.directory, [p for p, s in specs.items() if s["kind"] == "trainable"], by_path)
         legacy = any("shape" not in spec for spec in specs.values())  # written before shapes were kept
         for p, spec in specs.items():

@@ -139,7 +139,7 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
         ...     num_attention_heads=2, intermediate_size=16, vocab_size=16))
         >>> out = save_torch(model, model.params, tempfile.mkdtemp())
         >>> torch_model = transformers.BertModel.from_pretrained(out)
-        >>> bool(torch.equal(torch_model.pooler.dense.bias, torch.from_numpy(np.asarray(model.params["pooler"]["dense"]["bias"]))))
+        >>> bool(torch.equal(torch_model.pooler.dense.bias, torch.from_numpy(np.array(model.params["pooler"]["dense"]["bias"]))))
         True
     """
     try:

@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import check_trainable_not_lazy, write_files
+from jlora.adapter import FORMAT as ADAPTER_FORMAT
+from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
+from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
+                           check_trainable_not_lazy, write_files)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
@@ -114,6 +117,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     """
     from safetensors.numpy import save_file
 
+    check_saveable("jlora.peft.save_adapter", params)
+    check_other_format(path, "jlora", ADAPTER_WEIGHTS)
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
@@ -220,6 +225,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         raise ValueError(f"{path / CONFIG_FILE}: corrupted JSON ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") == ADAPTER_FORMAT:
+        raise ValueError(f"{path}: a jlora adapter, not a PEFT one: read it with jlora.adapter.load_adapter")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r}; only LORA adapters are supported")
     for key, value in sorted(config.items()):
@@ -238,7 +245,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
-    by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))  # a quantized kernel is one leaf
+    by_path = check_base(path, base_params)
     factors: dict[str, dict[str, np.ndarray]] = {}
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
@@ -278,6 +285,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
         w = by_path[p]
+        check_float_targets(path, [p], by_path)
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
         a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out)

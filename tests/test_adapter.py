@@ -102,6 +102,48 @@ def test_bad_adapters_give_clear_errors(tmp_path):
         load_adapter(tmp_path / "ad", base)
 
 
+def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
+    base, cfg, p = lora_tree()
+    trainable, frozen = jlora.split(p)
+    with pytest.raises(ValueError, match="save_adapter: 'q/bias' comes from the frozen half of jlora.split"):
+        save_adapter(tmp_path / "ad", frozen)
+    with pytest.raises(ValueError, match="lora_config must be the jlora.LoraConfig the adapter was made with, got dict"):
+        save_adapter(tmp_path / "ad", p, lora_config={"rank": 2})
+    save_adapter(tmp_path / "ad", p)
+    # loaded onto the LoRA tree itself, it would apply twice
+    with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel', 'stack/kernel'\]\)"):
+        load_adapter(tmp_path / "ad", p)
+    # onto an integer kernel, merge would round the adapter away while apply kept it
+    with pytest.raises(ValueError, match="'q/kernel' is int8 in the base: an adapter goes on a float kernel"):
+        load_adapter(tmp_path / "ad", {**base, "q": {**base["q"], "kernel": base["q"]["kernel"].astype(jnp.int8)}})
+    # the PEFT format shares adapter_config.json: one directory holds one adapter
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds a PEFT adapter .adapter_model.safetensors., whose adapter_config.json"):
+        save_adapter(tmp_path / "peft", p)
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(ValueError, match="a PEFT adapter, not a jlora one: read it with jlora.peft.load_adapter"):
+        load_adapter(tmp_path / "peft", base)
+
+
+def test_a_hand_edited_config_is_refused_naming_the_entry(tmp_path):
+    base, cfg, p = lora_tree()
+    config_file = save_adapter(tmp_path / "ad", p) / "adapter_config.json"
+    good = json.loads(config_file.read_text())
+    q_spec = good["targets"]["q/kernel"]
+    for config, match in (
+        ([1, 2], "not a jlora adapter .format 'list'."),
+        ({k: v for k, v in good.items() if k != "targets"}, "'targets' and 'trainable' must be JSON objects"),
+        ({**good, "trainable": ["q/bias"]}, "got dict and list"),
+        ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "scale": "x"}}}, "target 'q/kernel' is"),
+        ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "rank": 0}}}, "rank .an int >= 1."),
+        ({**good, "trainable": {"q/bias": "8"}}, "trainable 'q/bias' is '8'; want its shape"),
+    ):
+        config_file.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=match):
+            load_adapter(tmp_path / "ad", base)
+
+
 def test_an_adapter_loads_onto_a_quantized_base(tmp_path):
     """The same adapter as on the float base, over the lazy (int8) kernel itself; a leaf trained in
     full cannot go where the base is quantized."""

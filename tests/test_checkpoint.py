@@ -78,6 +78,10 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
         ckpt.restore(base, step=99)
     with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel'\]\)"):
         ckpt.restore(params)
+    with pytest.raises(ValueError, match="'q/kernel' is int8 in the base: an adapter goes on a float kernel"):
+        ckpt.restore({**base, "q": {**base["q"], "kernel": base["q"]["kernel"].astype(jnp.int8)}})
+    with pytest.raises(ValueError, match="AdapterCheckpointer.save: '.*' comes from the frozen half of jlora.split"):
+        ckpt.save(5, jlora.split(params)[1])
     trainable = jlora.split(params)[0]
     with pytest.raises(ValueError, match="saved without an optimizer state"):
         ckpt.restore(base, opt_state_like=jlora.optimizer(optax.adam(1e-2), params).init(trainable))

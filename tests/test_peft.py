@@ -12,6 +12,7 @@ import torch
 import transformers as tf
 
 import jlora
+import jlora.adapter
 import jlora.peft
 from jlora import hf
 from oracle import perturb
@@ -111,6 +112,15 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="expected a JSON object, got list"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     config_file.write_text(json.dumps(good))
+    with pytest.raises(ValueError, match="base_params holds jlora nodes"):  # onto adapters: they would apply twice
+        jlora.peft.load_adapter(tmp_path / "ok", lm.params, model.config)
+    with pytest.raises(ValueError, match="jlora.peft.save_adapter: '.*' comes from the frozen half of jlora.split"):
+        jlora.peft.save_adapter(tmp_path / "frozen", jlora.split(lm.params)[1], model.config)
+    jlora.adapter.save_adapter(tmp_path / "jlora_format", lm.params)
+    with pytest.raises(ValueError, match="holds a jlora adapter .adapter.safetensors., whose adapter_config.json"):
+        jlora.peft.save_adapter(tmp_path / "jlora_format", lm.params, model.config)
+    with pytest.raises(ValueError, match="a jlora adapter, not a PEFT one: read it with jlora.adapter.load_adapter"):
+        jlora.peft.load_adapter(tmp_path / "jlora_format", model.params, model.config)
     from safetensors.numpy import load_file, save_file
 
     weights = tmp_path / "ok" / "adapter_model.safetensors"
