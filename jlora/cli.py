@@ -127,6 +127,10 @@ def _merge(args: argparse.Namespace) -> int:
     model_dir = args.model or meta.get("base_model")
     if not model_dir or not Path(model_dir).is_dir():
         raise ValueError(f"--model {model_dir}: not a directory with a HF model")
+    for what, kept in (("the base model", model_dir), ("the adapter", args.adapter)):
+        if Path(args.out).resolve() == Path(kept).resolve():
+            raise ValueError(f"--out {args.out}: is {what}'s directory; write the merged model to another one "
+                             "(over the base, a later merge would apply the adapter twice)")
     from jlora.finetune import load_model
 
     model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))

@@ -22,6 +22,7 @@ import jlora
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
+from jlora.weight import is_node
 
 # PEFT's default targets per model type, as Flax param-path patterns.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -149,6 +150,9 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     import transformers
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
+    nodes = [p for p, x in leaves_with_paths(params, is_leaf=is_node) if is_node(x)]
+    if nodes:
+        raise ValueError(f"save_torch: params hold jlora nodes (at {nodes[:3]}); pass plain arrays: jlora.merge(params)")
     name = type(model).__name__.removeprefix("Flax")
     torch_class = getattr(transformers, name, None)
     if torch_class is None:
@@ -196,8 +200,9 @@ class LoraModel:
         params = self.params if params is None else params
         if merged:
             return self.model.generate(input_ids, params=jlora.merge(params), **kwargs)
-        static = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, jax.Array)))
-        dynamic = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+        is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if not is_array(v)))
+        dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
         fn = self._generate.get(static)
         if fn is None:
             fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **dict(static), **dyn))

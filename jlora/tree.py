@@ -89,7 +89,14 @@ def combine(trainable: Any, frozen: Any) -> Any:
         (2, 2)
     """
     _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+    tree = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+    for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LoraWeight)):
+        if isinstance(x, LoraWeight):
+            try:
+                x.check_shapes()
+            except ValueError as err:
+                raise ValueError(f"jlora.combine: the halves come from different models: {err}") from None
+    return tree
 
 
 def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:

@@ -113,18 +113,29 @@ class LoraWeight(Lazy):
         path: str = "",
         dropout: float = 0.0,
     ):
-        layout = Layout.parse(layout)
+        _set(self, w, a, b, float(scale), Layout.parse(layout), path, float(dropout))
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """Raise ``ValueError`` naming the path unless ``w``, ``a`` and ``b`` fit the layout (parts
+        that are ``None`` or carry no shape are not checked).
+
+        Example:
+            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).replace(w=jnp.ones((4, 5))).check_shapes()
+            Traceback (most recent call last):
+            ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2, a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
+        """
+        w, a, b, layout = self.w, self.a, self.b, self.layout
         if _has_shape(w) and len(w.shape) != layout.ndim:
-            raise ValueError(f"LoraWeight {path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
+            raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
         if _has_shape(w) and _has_shape(a) and _has_shape(b):
             rank = a.shape[-1]
             want_a, want_b = layout.a_shape(w.shape, rank), layout.b_shape(w.shape, rank)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise ValueError(
-                    f"LoraWeight {path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank}, "
+                    f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank}, "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
                 )
-        _set(self, w, a, b, float(scale), layout, path, float(dropout))
 
     # --- pytree -------------------------------------------------------------------------------
     def _aux(self) -> tuple:

@@ -131,6 +131,18 @@ def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
     assert "no target preset for model type 'distilbert'" in capsys.readouterr().err
 
 
+def test_merge_refuses_to_write_over_the_base_model_or_the_adapter(bert_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "2", "--batch-size", "8",
+                 "--max-length", "8", "--out", str(out), "--no-baseline", "--no-plot"]) == 0
+    before = sorted(p.name for p in bert_dir.iterdir())
+    capsys.readouterr()
+    for target, what in ((bert_dir, "the base model"), (out / "adapter", "the adapter")):
+        assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(target)]) == 2
+        assert f"is {what}'s directory; write the merged model to another one" in capsys.readouterr().err
+    assert sorted(p.name for p in bert_dir.iterdir()) == before
+
+
 def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "2", "--batch-size", "8",

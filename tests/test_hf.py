@@ -86,7 +86,12 @@ def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp
     np.testing.assert_allclose(got, lazy, rtol=1e-4, atol=1e-4)
 
 
-def test_save_torch_needs_a_pytorch_class(tmp_path):
+def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"save_torch: params hold jlora nodes \(at \['transformer/h/0/attn/c_attn/kernel'"):
+        hf.save_torch(model, lm.params, tmp_path)
+
     class FlaxNoSuchModel:
         config = None
 
@@ -130,6 +135,9 @@ def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
     merged = lm.generate(prompt, max_new_tokens=6, do_sample=False, merged=True).sequences
     np.testing.assert_array_equal(unmerged, merged)
     assert unmerged.shape == (1, 10)
+    mask = np.ones((1, 4), np.int32)  # what a tokenizer gives with return_tensors="np"
+    with_mask = lm.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False).sequences
+    np.testing.assert_array_equal(with_mask, unmerged)
 
 
 def test_bert_classifier_trains_with_a_fully_trained_head():

@@ -40,6 +40,13 @@ def test_combine_refuses_trees_that_do_not_match():
         jlora.combine(jlora.split(alpha(2.0))[0], jlora.split(alpha(4.0))[1])
     with pytest.raises(ValueError, match="trainable half"):
         jlora.split(alpha(2.0))[0]["q"]["kernel"].dtype
+    # same structure and metadata, other shapes: the factors would broadcast against w, silently wrong
+    cfg = jlora.LoraConfig(rank=1, targets=["q"])
+    small = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 1))}}, cfg)
+    big = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 6))}}, cfg)
+    with pytest.raises(ValueError, match=r"jlora.combine: the halves come from different models: LoraWeight 'q/kernel': "
+                                         r"for w \(8, 6\) .* b \(1, 6\); got a \(8, 1\), b \(1, 1\)"):
+        jlora.combine(jlora.split(small)[0], jlora.split(big)[1])
 
 
 def test_merge_is_exact_and_runs_the_unmodified_function():
