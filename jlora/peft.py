@@ -39,6 +39,8 @@ from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+LINEAR_FACTORS, EMBEDDING_FACTORS = (".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")
+BASE_COPY = ".base_layer.weight"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
@@ -56,15 +58,16 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def module_name(path: str) -> str:
-    """PyTorch module name of a Flax kernel path (``a/b/kernel`` → ``a.b``).
+    """PyTorch module name of a Flax kernel or embedding path (``a/b/kernel`` → ``a.b``).
 
     Example:
         >>> module_name("model/layers/0/self_attn/q_proj/kernel")
         'model.layers.0.self_attn.q_proj'
     """
-    if not path.endswith("/kernel"):
-        raise ValueError(f"'{path}': only dense kernels (…/kernel) can be exported in PEFT's format")
-    return path[: -len("/kernel")].replace("/", ".")
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf not in ("kernel", "embedding"):
+        raise ValueError(f"'{path}': only kernels and embeddings (…/kernel, …/embedding) can be exported in PEFT's format")
+    return path[: -len(leaf) - 1].replace("/", ".")
 
 
 # Flax leaf name -> PyTorch parameter name inside a module.
@@ -138,13 +141,18 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     for p, lw in targets:
         if not _layout_ok(lw):
             raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels and 2-D convs only)")
-        if str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != fan_in_fan_out:
+        embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
+        if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != fan_in_fan_out:
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
+        if embedding and str(lw.layout) != "io":
+            raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's form; "
+                             f"got '{lw.layout}'")
         name = module_name(p)
         modules.append(name)
         lora_a, lora_b = _factors_to_torch(lw)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        key_a, key_b = EMBEDDING_FACTORS if embedding else LINEAR_FACTORS
+        tensors[f"{PREFIX}{name}{key_a}"] = np.ascontiguousarray(lora_a)
+        tensors[f"{PREFIX}{name}{key_b}"] = np.ascontiguousarray(lora_b)
         ranks[name] = lw.rank
         alphas[name] = lw.scale * lw.rank  # PEFT: scaling = lora_alpha / r (rsLoRA is folded in)
     lora_modules = set(modules)
@@ -178,6 +186,23 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     return write_files(path, write)
+
+
+def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict) -> None:
+    """PEFT saves the base weight of an adapted embedding or LM head beside its adapter (for a
+    resized vocabulary): jlora reads adapters over the unchanged base, so the copy must be it."""
+    p = _flax_leaf(module, "weight", by_path, source)
+    base = by_path[p]
+    if isinstance(base, jax.ShapeDtypeStruct):  # abstract base params: only the shape can be checked
+        want, tol = np.zeros(tuple(reversed(base.shape)) if p.endswith("/kernel") else base.shape), None
+    else:
+        _, want = _to_torch(p, base.materialize() if isinstance(base, Lazy) else base)
+        tol = 4 * float(jnp.finfo(base.dtype).eps)
+    if want.shape != value.shape or (tol is not None and not np.allclose(
+            value, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))):
+        raise ValueError(f"{source}: the adapter carries a copy of {module}'s base weight (PEFT's "
+                         f"save_embedding_layers, for a resized vocabulary), and it is not base_params' '{p}'; "
+                         "load the adapter onto the base it was trained over")
 
 
 def _pattern_value(table: dict, name: str, default: Any) -> Any:
@@ -247,6 +272,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
     by_path = check_base(path, base_params)
     factors: dict[str, dict[str, np.ndarray]] = {}
+    embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
+    base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
     for key, value in tensors.items():
@@ -264,31 +291,39 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             name = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
             tuned[name.replace(".", "/") + "/bias"] = value
             continue
-        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if key.startswith(PREFIX) and key.endswith(BASE_COPY):  # PEFT's save_embedding_layers: checked below
+            base_copies[key[len(PREFIX): -len(BASE_COPY)]] = value
+            continue
+        embedding = key.endswith(EMBEDDING_FACTORS)
+        if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
-        name, part = key[len(PREFIX):].rsplit(".lora_", 1)
+        name, part = key[len(PREFIX):].rsplit(".lora_embedding_" if embedding else ".lora_", 1)
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}; LoRA factors are floating point")
         factors.setdefault(name, {})[part[0]] = value
+        if embedding:
+            embeddings.add(name)
     for p, value in tuned.items():
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
         if tuple(by_path[p].shape) != value.shape:
             raise ValueError(f"{path}: '{p}' is {tuple(by_path[p].shape)} in the base, {value.shape} in the adapter")
     check_trainable_not_lazy(path, tuned, by_path)
+    for name, value in base_copies.items():
+        _check_base_copy(path, name, value, by_path)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     new = {}
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        p = name.replace(".", "/") + "/kernel"
+        p = name.replace(".", "/") + ("/embedding" if name in embeddings else "/kernel")
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
-        a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out)
+        a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out and name not in embeddings)
         layout = Layout.parse(layout)
         r = a.shape[-1]
         if layout.a_shape(w.shape, r) != a.shape or layout.b_shape(w.shape, r) != b.shape:

@@ -79,6 +79,34 @@ def test_peft_adapter_runs_the_same_in_jlora(model_type, tmp_path):
                                jlora.apply(model.__call__)(IDS, params=on_float).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
+    """PEFT's Embedding LoRA (lora_embedding_A/B) and an adapted LM head, whose base weights PEFT
+    saves beside the adapter (save_embedding_layers): checked against the base, not loaded."""
+    targets = ["q_proj", "embed_tokens", "lm_head"]
+    model, torch_model = pair("llama", tmp_path)
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                                  init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    with torch.no_grad():
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    assert str(params["model"]["embed_tokens"]["embedding"].layout) == "io"
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+    assert float(np.abs(want - model(IDS).logits).max()) > 1e-3  # the adapter matters
+    resized = {**model.params, "lm_head": {"kernel": model.params["lm_head"]["kernel"] + 0.5}}
+    with pytest.raises(ValueError, match="carries a copy of lm_head's base weight .* not base_params' 'lm_head/kernel'"):
+        jlora.peft.load_adapter(tmp_path / "from_peft", resized, model.config)
+
+    model, torch_model = pair("llama", tmp_path)
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=targets), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "from_jlora").eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(got, lm(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     model, torch_model = pair("llama", tmp_path)
     cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
