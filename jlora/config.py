@@ -103,6 +103,8 @@ class LoraConfig:
         if init not in INITS:
             raise ValueError(f"LoraConfig: init must be one of {INITS}, got {init!r}")
         try:
+            if param_dtype is None:  # jnp.dtype(None) is float64, which JAX turns into float32 unless x64
+                raise TypeError
             dtype = jnp.dtype(param_dtype)
         except TypeError:
             raise ValueError(f"LoraConfig: param_dtype {param_dtype!r} is not a dtype") from None
@@ -177,7 +179,7 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
         value = (value,)
     elif isinstance(value, (set, frozenset)):  # PEFT's target_modules are often sets
         value = sorted(value, key=str)
-    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+    if not isinstance(value, Iterable) or isinstance(value, (Mapping, bytes)):
         raise ValueError(f"LoraConfig: {name} must be a pattern or a list of patterns, got {value!r}")
     value = tuple(value)
     try:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
@@ -402,17 +403,25 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
                             "wrapped function use jlora.apply(fn, recompute=False)") from None
+        out = [x if is_array(x) else jnp.asarray(x) for x in out]  # a constant output, as jax.jit gives it
         return jax.tree_util.tree_unflatten(out_tree, out)
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped
 
 
+def _static_key(v: Any) -> tuple:
+    """A static argument's part of the trace cache's key: its type and value, a float by its
+    ``repr`` (``-0.0 == 0.0`` though they trace differently, and ``nan`` equals no other ``nan``)."""
+    return (type(v), repr(v)) if isinstance(v, (float, complex)) else (type(v), v)
+
+
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     key = None
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
-        key = (treedef, dynamic, tuple((i, type(v), v) for i, v in static), tuple(_compat.type_key(a) for a in abstract))
+        key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
+               tuple(_compat.type_key(a) for a in abstract))
         hash(key)
     except TypeError:
         key = None

@@ -80,6 +80,8 @@ class Pattern:
             raise ValueError(f"pattern must be a non-empty string, got {text!r}")
         self.text = text
         if text.startswith("re:"):
+            if not text[3:]:
+                raise ValueError(f"pattern {text!r} has an empty regular expression after 're:'")
             try:
                 self._regex = re.compile(text[3:])
             except re.error as err:
@@ -88,6 +90,9 @@ class Pattern:
         else:
             self._regex = None
             self._parts = tuple(p for p in text.strip("/").split("/"))
+            if "" in self._parts:
+                raise ValueError(f"pattern {text!r} has an empty path component ('//' or only '/'); "
+                                 "paths are names joined by single '/'")
 
     def match(self, path: str) -> str | None:
         """``"leaf"`` if the pattern names the leaf at ``path``, ``"subtree"`` if an ancestor."""

@@ -82,6 +82,9 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
         ckpt.restore({**base, "q": {**base["q"], "kernel": base["q"]["kernel"].astype(jnp.int8)}})
     with pytest.raises(ValueError, match="AdapterCheckpointer.save: '.*' comes from the frozen half of jlora.split"):
         ckpt.save(5, jlora.split(params)[1])
+    for step in (4.5, "7", -1, True):
+        with pytest.raises(ValueError, match=f"step must be an int >= 0, got {step!r}"):
+            ckpt.save(step, params)
     trainable = jlora.split(params)[0]
     with pytest.raises(ValueError, match="saved without an optimizer state"):
         ckpt.restore(base, opt_state_like=jlora.optimizer(optax.adam(1e-2), params).init(trainable))
@@ -101,9 +104,9 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
     _, _, params, _ = setup()
     last = AdapterCheckpointer(tmp_path / "last", max_to_keep=2, async_save=False)
-    for step in range(5):
+    for step in np.arange(5):  # numpy integers (a loop over a step array) are plain steps
         last.save(step, params)
-    assert last.all_steps() == [3, 4]
+    assert last.all_steps() == [3, 4] and all(type(s) is int for s in last.all_steps())
     with pytest.warns(UserWarning, match="step 2 not written: .* already holds step 4"):
         assert last.save(2, params) is False  # a new run in an old run's directory: never silent
     assert last.all_steps() == [3, 4]

@@ -166,6 +166,14 @@ def test_static_values_equal_across_types_trace_apart():
     assert count(p, x, 3)[1].dtype == jnp.int32 and count(p, x, 3.0)[1].dtype == jnp.float32
     sign = jlora.apply(lambda p, x, flag: x @ p["w"] if flag is True else -(x @ p["w"]))
     assert float(sign(p, x, 1)[0, 0]) < 0 < float(sign(p, x, True)[0, 0])
+    # -0.0 == 0.0 but divides to the other infinity; nan equals nothing, yet one trace serves it
+    calls = []
+    scaled = jlora.apply(lambda p, x, s: calls.append(s) or (x @ p["w"]).sum() / s)
+    assert float(scaled(p, x, 0.0)) == np.inf and float(scaled(p, x, -0.0)) == -np.inf
+    scaled(p, x, float("nan")), scaled(p, x, float("nan"))
+    assert len(calls) == 3
+    # a constant output is an array, as jax.jit returns it
+    assert isinstance(jlora.apply(lambda p, x: (x @ p["w"], 3))(p, x)[1], jax.Array)
 
 
 def test_static_leaves_and_trainable_leaves_pass_through():
