@@ -93,7 +93,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LoraWeight)):
         if isinstance(x, LoraWeight):
             try:
-                x.check_shapes()
+                x.check_shapes(stacked=True)
             except ValueError as err:
                 raise ValueError(f"jlora.combine: the halves come from different models: {err}") from None
     return tree

@@ -116,9 +116,10 @@ class LoraWeight(Lazy):
         _set(self, w, a, b, float(scale), Layout.parse(layout), path, float(dropout))
         self.check_shapes()
 
-    def check_shapes(self) -> None:
+    def check_shapes(self, *, stacked: bool = False) -> None:
         """Raise ``ValueError`` naming the path unless ``w``, ``a`` and ``b`` fit the layout (parts
-        that are ``None`` or carry no shape are not checked).
+        that are ``None`` or carry no shape are not checked). ``stacked``: each may also carry
+        leading axes of its own (replicas for ``pmap``, adapters for ``vmap``); the rest must fit.
 
         Example:
             >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).replace(w=jnp.ones((4, 5))).check_shapes()
@@ -126,12 +127,16 @@ class LoraWeight(Lazy):
             ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2, a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
         """
         w, a, b, layout = self.w, self.a, self.b, self.layout
-        if _has_shape(w) and len(w.shape) != layout.ndim:
+        if _has_shape(w) and (len(w.shape) < layout.ndim if stacked else len(w.shape) != layout.ndim):
             raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
-        if _has_shape(w) and _has_shape(a) and _has_shape(b):
+        if _has_shape(w) and _has_shape(a) and _has_shape(b) and len(a.shape) > 0:
             rank = a.shape[-1]
-            want_a, want_b = layout.a_shape(w.shape, rank), layout.b_shape(w.shape, rank)
-            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            kernel = tuple(w.shape)[len(w.shape) - layout.ndim:]
+            want_a, want_b = layout.a_shape(kernel, rank), layout.b_shape(kernel, rank)
+            got_a, got_b = tuple(a.shape), tuple(b.shape)
+            if stacked:
+                got_a, got_b = got_a[max(len(got_a) - len(want_a), 0):], got_b[max(len(got_b) - len(want_b), 0):]
+            if got_a != want_a or got_b != want_b:
                 raise ValueError(
                     f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank}, "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"

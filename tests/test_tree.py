@@ -47,6 +47,13 @@ def test_combine_refuses_trees_that_do_not_match():
     with pytest.raises(ValueError, match=r"jlora.combine: the halves come from different models: LoraWeight 'q/kernel': "
                                          r"for w \(8, 6\) .* b \(1, 6\); got a \(8, 1\), b \(1, 1\)"):
         jlora.combine(jlora.split(small)[0], jlora.split(big)[1])
+    # halves with leading axes of their own (pmap replicas, vmapped adapters) still combine
+    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 3), tree)
+    replicated = jlora.combine(stack(jlora.split(big)[0]), stack(jlora.split(big)[1]))
+    assert replicated["q"]["kernel"].w.shape == (3, 8, 6) and replicated["q"]["kernel"].b.shape == (3, 1, 6)
+    jlora.combine(stack(jlora.split(big)[0]), jlora.split(big)[1])  # adapters stacked over one base
+    with pytest.raises(ValueError, match="the halves come from different models"):
+        jlora.combine(stack(jlora.split(small)[0]), stack(jlora.split(big)[1]))
 
 
 def test_merge_is_exact_and_runs_the_unmodified_function():
