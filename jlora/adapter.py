@@ -16,11 +16,12 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.config import LoraConfig
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.tree import check_whole
@@ -39,8 +40,8 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     from safetensors.numpy import save_file
 
     check_saveable("save_adapter", params)
-    check_other_format(path, "PEFT", "adapter_model.safetensors")
-    if lora_config is not None and not hasattr(lora_config, "to_dict"):
+    check_other_format(path, "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
                          f"got {type(lora_config).__name__}")
     tensors: dict[str, np.ndarray] = {}
@@ -70,16 +71,17 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     return write_files(path, write)
 
 
-def check_other_format(path: str | os.PathLike, other: str, other_weights: str) -> None:
+def check_other_format(path: str | os.PathLike, other: str, other_weights: Sequence[str]) -> None:
     """Refuse to write an adapter into a directory that holds one in the other format: the two
     share ``adapter_config.json``, so the first would be lost.
 
     Example:
-        >>> check_other_format(tempfile.mkdtemp(), "PEFT", "adapter_model.safetensors")
+        >>> check_other_format(tempfile.mkdtemp(), "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
     """
-    if (Path(path) / other_weights).exists():
-        raise ValueError(f"{path}: holds a {other} adapter ({other_weights}), whose {CONFIG_FILE} this save "
-                         "would replace; save into another directory")
+    for name in other_weights:
+        if (Path(path) / name).exists():
+            raise ValueError(f"{path}: holds a {other} adapter ({name}), whose {CONFIG_FILE} this save "
+                             "would replace; save into another directory")
 
 
 def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -125,7 +127,7 @@ def read_config(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_file}: corrupted JSON ({err})") from None
     if isinstance(config, dict) and "peft_type" in config:
-        raise ValueError(f"{path}: a PEFT adapter, not a jlora one: read it with jlora.peft.load_adapter")
+        raise ValueError(f"{path}: a PEFT adapter, not a jlora one (jlora.peft.load_adapter reads it)")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         got = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{cfg_file}: not a jlora adapter (format {got!r})")
@@ -151,6 +153,9 @@ def _check_specs(cfg_file: Path, config: dict) -> None:
     for p, shape in trainable.items():
         if not is_shape(shape):
             raise ValueError(f"{cfg_file}: trainable '{p}' is {shape!r}; want its shape, a list of ints")
+    both = sorted(set(targets) & set(trainable))
+    if both:
+        raise ValueError(f"{cfg_file}: {both[:3]} are both LoRA targets and fully trained; a param is one or the other")
 
 
 def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]:

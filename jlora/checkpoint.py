@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-import numbers
+import operator
 import os
 import threading
 import warnings
@@ -115,9 +115,13 @@ class AdapterCheckpointer:
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
         with a warning: a new run in an old run's directory would otherwise lose every save)."""
         self._check_open("save")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        try:  # an int, or an integer scalar of numpy or JAX (a TrainState's step), as a plain int
+            index = None if isinstance(step, bool) else operator.index(step)
+        except TypeError:
+            index = None
+        if index is None or index < 0:
             raise ValueError(f"AdapterCheckpointer.save: step must be an int >= 0, got {step!r}")
-        step = int(step)  # a numpy integer as a plain one (orbax lists the steps it was given)
+        step = index
         latest = self._manager.latest_step()
         if not force and latest is not None and step <= latest:
             warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "

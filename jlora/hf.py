@@ -22,7 +22,7 @@ import jlora
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
-from jlora.weight import is_node
+from jlora.weight import is_param
 
 # PEFT's default targets per model type, as Flax param-path patterns.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -150,14 +150,24 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     import transformers
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-    nodes = [p for p, x in leaves_with_paths(params, is_leaf=is_node) if is_node(x)]
-    if nodes:
-        raise ValueError(f"save_torch: params hold jlora nodes (at {nodes[:3]}); pass plain arrays: jlora.merge(params)")
+    given = dict(leaves_with_paths(params, is_leaf=is_param))
+    lazy = [p for p, x in given.items() if is_param(x)]
+    if lazy:
+        raise ValueError(f"save_torch: params hold jlora nodes or lazy values (at {lazy[:3]}); pass plain arrays: "
+                         "jlora.merge(params)")
+    # transformers' converter only logs what it misses (the PyTorch model keeps its random init there)
+    want = dict(leaves_with_paths(model.params_shape_tree))
+    missing = sorted(set(want) - set(given))
+    wrong = [p for p in sorted(set(want) & set(given)) if tuple(given[p].shape) != tuple(want[p].shape)]
+    if missing or wrong:
+        raise ValueError(f"save_torch: params do not fill {type(model).__name__}: missing {missing[:3]}, "
+                         + (f"'{wrong[0]}' is {tuple(given[wrong[0]].shape)} here but {tuple(want[wrong[0]].shape)} "
+                            "in the model" if wrong else "no shape differs"))
     name = type(model).__name__.removeprefix("Flax")
     torch_class = getattr(transformers, name, None)
     if torch_class is None:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
-    torch_model = torch_class(model.config).eval()  # on the CPU: every weight is then overwritten
+    torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
     load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
     torch_model.save_pretrained(directory, safe_serialization=True)
     return Path(directory)

@@ -403,7 +403,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
                             "wrapped function use jlora.apply(fn, recompute=False)") from None
-        out = [x if is_array(x) else jnp.asarray(x) for x in out]  # a constant output, as jax.jit gives it
+        # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
+        out = [x if isinstance(x, jax.Array) or _compat.is_tracer(x) else jnp.asarray(x) for x in out]
         return jax.tree_util.tree_unflatten(out_tree, out)
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
@@ -413,7 +414,11 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 def _static_key(v: Any) -> tuple:
     """A static argument's part of the trace cache's key: its type and value, a float by its
     ``repr`` (``-0.0 == 0.0`` though they trace differently, and ``nan`` equals no other ``nan``)."""
-    return (type(v), repr(v)) if isinstance(v, (float, complex)) else (type(v), v)
+    if isinstance(v, (float, complex)):
+        return (type(v), repr(v))
+    if type(v) is tuple:
+        return (tuple, tuple(_static_key(x) for x in v))
+    return (type(v), v)
 
 
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):

@@ -23,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     from safetensors.numpy import save_file
 
     check_saveable("jlora.peft.save_adapter", params)
-    check_other_format(path, "jlora", ADAPTER_WEIGHTS)
+    check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
@@ -144,6 +144,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
         if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != fan_in_fan_out:
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
+        if embedding:
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
         if embedding and str(lw.layout) != "io":
             raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's form; "
                              f"got '{lw.layout}'")
@@ -188,18 +190,27 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     return write_files(path, write)
 
 
+def _check_untied(what: str, shape: Sequence[int], hf_config: Any) -> None:
+    """Refuse an adapted embedding that the model ties to its LM head: jlora's adapter changes the
+    head with it (the head is the same param), PEFT's Embedding LoRA only the lookup."""
+    if getattr(hf_config, "tie_word_embeddings", False) and tuple(shape)[:1] == (hf_config.vocab_size,):
+        raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings): an adapter on it changes the head "
+                         "too in jlora but only the lookup in PEFT, so the two would compute different outputs; "
+                         "leave the embedding out of the targets")
+
+
 def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict) -> None:
     """PEFT saves the base weight of an adapted embedding or LM head beside its adapter (for a
     resized vocabulary): jlora reads adapters over the unchanged base, so the copy must be it."""
     p = _flax_leaf(module, "weight", by_path, source)
     base = by_path[p]
-    if isinstance(base, jax.ShapeDtypeStruct):  # abstract base params: only the shape can be checked
-        want, tol = np.zeros(tuple(reversed(base.shape)) if p.endswith("/kernel") else base.shape), None
-    else:
+    shape = tuple(reversed(base.shape)) if p.endswith("/kernel") else tuple(base.shape)  # PyTorch's (out, in)
+    same = shape == value.shape
+    if same and not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base)):  # abstract: shapes only
         _, want = _to_torch(p, base.materialize() if isinstance(base, Lazy) else base)
         tol = 4 * float(jnp.finfo(base.dtype).eps)
-    if want.shape != value.shape or (tol is not None and not np.allclose(
-            value, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))):
+        same = np.allclose(value, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))
+    if not same:
         raise ValueError(f"{source}: the adapter carries a copy of {module}'s base weight (PEFT's "
                          f"save_embedding_layers, for a resized vocabulary), and it is not base_params' '{p}'; "
                          "load the adapter onto the base it was trained over")
@@ -321,6 +332,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
         w = by_path[p]
         check_float_targets(path, [p], by_path)
+        if name in embeddings:
+            _check_untied(f"{path}: '{p}'", w.shape, hf_config)
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
         a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out and name not in embeddings)

@@ -95,7 +95,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
             try:
                 x.check_shapes(stacked=True)
             except ValueError as err:
-                raise ValueError(f"jlora.combine: the halves come from different models: {err}") from None
+                raise ValueError(f"jlora.combine: the halves do not fit together (from two models?): {err}") from None
     return tree
 
 

@@ -107,8 +107,13 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     trainable, frozen = jlora.split(p)
     with pytest.raises(ValueError, match="save_adapter: 'q/bias' comes from the frozen half of jlora.split"):
         save_adapter(tmp_path / "ad", frozen)
-    with pytest.raises(ValueError, match="lora_config must be the jlora.LoraConfig the adapter was made with, got dict"):
-        save_adapter(tmp_path / "ad", p, lora_config={"rank": 2})
+    class PeftLikeConfig:  # PEFT's LoraConfig has a to_dict too
+        def to_dict(self):
+            return {"r": 2}
+
+    for foreign in ({"rank": 2}, PeftLikeConfig()):
+        with pytest.raises(ValueError, match="lora_config must be the jlora.LoraConfig the adapter was made with"):
+            save_adapter(tmp_path / "ad", p, lora_config=foreign)
     save_adapter(tmp_path / "ad", p)
     # loaded onto the LoRA tree itself, it would apply twice
     with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel', 'stack/kernel'\]\)"):
@@ -122,7 +127,7 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds a PEFT adapter .adapter_model.safetensors., whose adapter_config.json"):
         save_adapter(tmp_path / "peft", p)
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    with pytest.raises(ValueError, match="a PEFT adapter, not a jlora one: read it with jlora.peft.load_adapter"):
+    with pytest.raises(ValueError, match=r"a PEFT adapter, not a jlora one \(jlora.peft.load_adapter reads it\)"):
         load_adapter(tmp_path / "peft", base)
 
 
@@ -138,6 +143,7 @@ def test_a_hand_edited_config_is_refused_naming_the_entry(tmp_path):
         ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "scale": "x"}}}, "target 'q/kernel' is"),
         ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "rank": 0}}}, "rank .an int >= 1."),
         ({**good, "trainable": {"q/bias": "8"}}, "trainable 'q/bias' is '8'; want its shape"),
+        ({**good, "trainable": {**good["trainable"], "q/kernel": [8, 8]}}, r"\['q/kernel'\] are both LoRA targets and fully"),
     ):
         config_file.write_text(json.dumps(config))
         with pytest.raises(ValueError, match=match):

@@ -104,7 +104,7 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
     _, _, params, _ = setup()
     last = AdapterCheckpointer(tmp_path / "last", max_to_keep=2, async_save=False)
-    for step in np.arange(5):  # numpy integers (a loop over a step array) are plain steps
+    for step in (0, np.int64(1), np.array(2), jnp.int32(3), jnp.array(4)):  # integer scalars of numpy or JAX too
         last.save(step, params)
     assert last.all_steps() == [3, 4] and all(type(s) is int for s in last.all_steps())
     with pytest.warns(UserWarning, match="step 2 not written: .* already holds step 4"):

@@ -89,11 +89,16 @@ def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp
 def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
     model = TINY["gpt2"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2), jax.random.key(0))
-    with pytest.raises(ValueError, match=r"save_torch: params hold jlora nodes \(at \['transformer/h/0/attn/c_attn/kernel'"):
+    with pytest.raises(ValueError, match=r"save_torch: params hold jlora nodes or lazy values \(at \['transformer/h/0/attn"):
         hf.save_torch(model, lm.params, tmp_path)
+    merged = lm.merge()
+    without_head = {"transformer": {k: v for k, v in merged["transformer"].items() if k != "ln_f"}}
+    with pytest.raises(ValueError, match=r"do not fill FlaxGPT2LMHeadModel: missing \['transformer/ln_f/bias'"):
+        hf.save_torch(model, without_head, tmp_path)
 
     class FlaxNoSuchModel:
         config = None
+        params_shape_tree = {}
 
     with pytest.raises(ValueError, match="FlaxNoSuchModel has no PyTorch class NoSuchModel"):
         hf.save_torch(FlaxNoSuchModel(), {}, tmp_path)

@@ -172,8 +172,11 @@ def test_static_values_equal_across_types_trace_apart():
     assert float(scaled(p, x, 0.0)) == np.inf and float(scaled(p, x, -0.0)) == -np.inf
     scaled(p, x, float("nan")), scaled(p, x, float("nan"))
     assert len(calls) == 3
+    tupled = jlora.apply(lambda p, x, s: (x @ p["w"]).sum() / s[0])
+    assert float(tupled(p, x, (0.0,))) == np.inf and float(tupled(p, x, (-0.0,))) == -np.inf
     # a constant output is an array, as jax.jit returns it
-    assert isinstance(jlora.apply(lambda p, x: (x @ p["w"], 3))(p, x)[1], jax.Array)
+    constants = jlora.apply(lambda p, x: (x @ p["w"], 3, np.ones(2)))(p, x)
+    assert all(type(c) is type(constants[0]) for c in constants)
 
 
 def test_static_leaves_and_trainable_leaves_pass_through():

@@ -41,14 +41,20 @@ def test_jlora_adapter_runs_the_same_in_peft(model_type, tmp_path):
     model, torch_model = pair(model_type, tmp_path)
     cfg = jlora.LoraConfig(rank=4, alpha=8, targets="all-linear", rank_pattern={"layers/1/**": 2} if model_type == "llama" else None,
                            use_rslora=model_type == "bert")
+    got = _same_in_peft(model, torch_model, cfg, tmp_path / "adapter")
+    assert float(np.abs(got - model(IDS).logits).max()) > 1e-3  # the adapter matters
+
+
+def _same_in_peft(model, torch_model, cfg, directory):
+    """jlora adapters (``cfg``, perturbed) saved in PEFT's format: PEFT's logits equal jlora's."""
     lm = hf.LoraModel(model, cfg, jax.random.key(0))
     lm.params = perturb(lm.params, jax.random.key(1))
-    jlora.peft.save_adapter(tmp_path / "adapter", lm.params, model.config)
-    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    jlora.peft.save_adapter(directory, lm.params, model.config)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, directory).eval()
     with torch.no_grad():
         got = peft_model(torch.tensor(IDS)).logits.numpy()
     np.testing.assert_allclose(got, lm(IDS).logits, rtol=1e-4, atol=1e-5)
-    assert float(np.abs(got - model(IDS).logits).max()) > 1e-3  # the adapter matters
+    return got
 
 
 @pytest.mark.parametrize("model_type", sorted(TORCH))
@@ -98,13 +104,16 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
         jlora.peft.load_adapter(tmp_path / "from_peft", resized, model.config)
 
     model, torch_model = pair("llama", tmp_path)
-    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=targets), jax.random.key(0))
-    lm.params = perturb(lm.params, jax.random.key(1))
-    jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
-    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "from_jlora").eval()
-    with torch.no_grad():
-        got = peft_model(torch.tensor(IDS)).logits.numpy()
-    np.testing.assert_allclose(got, lm(IDS).logits, rtol=1e-4, atol=1e-5)
+    _same_in_peft(model, torch_model, jlora.LoraConfig(rank=2, targets=targets), tmp_path / "from_jlora")
+
+    # GPT-2 ties wte to its head: jlora's adapter would change the head too, PEFT's only the lookup
+    model, torch_model = pair("gpt2", tmp_path)
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn", "wte"]), jax.random.key(0))
+    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
+        jlora.peft.save_adapter(tmp_path / "tied", lm.params, model.config)
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["wte"])).save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
+        jlora.peft.load_adapter(tmp_path / "tied", model.params, model.config)
 
 
 def test_unsupported_and_broken_adapters_are_refused(tmp_path):

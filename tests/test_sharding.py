@@ -293,19 +293,20 @@ def test_apply_runs_inside_shard_map():
     _assert_grads_close(lazy, oracle)
 
 
-def test_shard_map_inside_the_function_keeps_sharded_factors():
-    """Megatron MLP written with shard_map: l1 split by columns, l2 by rows, one psum."""
+def _megatron_loss(p, x):
+    """``_mlp_loss`` as a Megatron MLP written with shard_map: l1 split by columns, l2 by rows, one psum."""
+    def block(p, x):
+        return jax.lax.psum(jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"], "model")
+
     mesh = sharding.make_mesh({"model": 8})
+    specs = {"l1": {"kernel": P(None, "model")}, "l2": {"kernel": P("model", None)}}
+    y = jax.shard_map(block, mesh=mesh, in_specs=(specs, P()), out_specs=P())(p, x)
+    return jnp.mean(y ** 2)
+
+
+def test_shard_map_inside_the_function_keeps_sharded_factors():
     params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
-
-    def loss(p, x):
-        def block(p, x):
-            return jax.lax.psum(jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"], "model")
-
-        specs = {"l1": {"kernel": P(None, "model")}, "l2": {"kernel": P("model", None)}}
-        y = jax.shard_map(block, mesh=mesh, in_specs=(specs, P()), out_specs=P())(p, x)
-        return jnp.mean(y ** 2)
-
+    loss = _megatron_loss
     lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)
     oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
     _assert_grads_close(lazy, oracle)
@@ -321,22 +322,13 @@ def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part
     its parts' blocks."""
     from quantized import INT8_DOTS, quantize
 
-    mesh = sharding.make_mesh({"model": 8})
     float_params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
     l1 = float_params["l1"]["kernel"]
     params = {"l1": {"kernel": l1.replace(w=quantize(l1.w))}, "l2": {"kernel": quantize(float_params["l2"]["kernel"].w)}}
 
-    def loss(p, x):
-        def block(p, x):
-            return jax.lax.psum(jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"], "model")
-
-        specs = {"l1": {"kernel": P(None, "model")}, "l2": {"kernel": P("model", None)}}
-        y = jax.shard_map(block, mesh=mesh, in_specs=(specs, P()), out_specs=P())(p, x)
-        return jnp.mean(y ** 2)
-
     trainable, frozen = jlora.split(params)
     INT8_DOTS.clear()
-    lazy = jax.jit(jax.grad(lambda t, x: jlora.apply(loss)(jlora.combine(t, frozen), x)))(trainable, x)
+    lazy = jax.jit(jax.grad(lambda t, x: jlora.apply(_megatron_loss)(jlora.combine(t, frozen), x)))(trainable, x)
     assert len(INT8_DOTS) >= 2  # the int8 rule ran on both kernels' blocks: nothing was dequantized whole
     oracle = jax.grad(lambda t, x: _mlp_loss(jlora.merge(jlora.combine(t, frozen)), x))(trainable, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), lazy, oracle)

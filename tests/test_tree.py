@@ -44,7 +44,7 @@ def test_combine_refuses_trees_that_do_not_match():
     cfg = jlora.LoraConfig(rank=1, targets=["q"])
     small = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 1))}}, cfg)
     big = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 6))}}, cfg)
-    with pytest.raises(ValueError, match=r"jlora.combine: the halves come from different models: LoraWeight 'q/kernel': "
+    with pytest.raises(ValueError, match=r"jlora.combine: the halves do not fit together \(from two models\?\): LoraWeight 'q/kernel': "
                                          r"for w \(8, 6\) .* b \(1, 6\); got a \(8, 1\), b \(1, 1\)"):
         jlora.combine(jlora.split(small)[0], jlora.split(big)[1])
     # halves with leading axes of their own (pmap replicas, vmapped adapters) still combine
@@ -52,8 +52,11 @@ def test_combine_refuses_trees_that_do_not_match():
     replicated = jlora.combine(stack(jlora.split(big)[0]), stack(jlora.split(big)[1]))
     assert replicated["q"]["kernel"].w.shape == (3, 8, 6) and replicated["q"]["kernel"].b.shape == (3, 1, 6)
     jlora.combine(stack(jlora.split(big)[0]), jlora.split(big)[1])  # adapters stacked over one base
-    with pytest.raises(ValueError, match="the halves come from different models"):
+    with pytest.raises(ValueError, match="the halves do not fit together"):
         jlora.combine(stack(jlora.split(small)[0]), stack(jlora.split(big)[1]))
+    # statistics mapped over each half (no kernel axes left) combine as before
+    means = jlora.combine(*[jax.tree.map(jnp.mean, half) for half in jlora.split(big)])
+    assert means["q"]["kernel"].w.shape == ()
 
 
 def test_merge_is_exact_and_runs_the_unmodified_function():
