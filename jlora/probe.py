@@ -52,6 +52,10 @@ class Probe(Lazy):
     def describe(self) -> str:
         return f"kernel {self.path!r}"
 
+    def part_specs(self, spec: Any) -> "Probe":
+        """A probe splits as its kernel (a ``shard_map`` body sees a block of it, used the same way)."""
+        return self.with_value(spec)
+
     def with_value(self, value: Any, axes: tuple | None = None) -> "Probe":
         return Probe(value, self.path, self.axes if axes is None else axes, self.sliced)
 

@@ -2,8 +2,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jlora.probe import infer_layouts
+from jlora.sharding import make_mesh
 
 
 def test_plain_dense_and_transposed_storage():
@@ -28,6 +30,15 @@ def test_layer_picked_by_index_is_a_batch_axis():
     by_index = lambda p: lax.fori_loop(0, 3, lambda i, h: h + jnp.ones((2, 4)) @ p["stack"][i], jnp.zeros((2, 5)))
     for fn in (by_slice, by_index):
         assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bio"
+
+
+@pytest.mark.parametrize("spec", [P(), P(None, None, "model")])
+def test_a_shard_map_splitting_the_kernel_is_seen_through(spec):
+    mesh = make_mesh({"model": 8})
+    body = lambda k, x: jnp.einsum("lbi,lio->lbo", x, k)  # layer l of x through layer l of the stack
+    fn = lambda p: jax.shard_map(body, mesh=mesh, in_specs=(spec, P()), out_specs=P(None, None, "model"))(
+        p["stack"], jnp.ones((3, 4, 16)))
+    assert str(infer_layouts(fn, {"stack": jnp.ones((3, 16, 32))}, ["stack"])["stack"]) == "bio"
 
 
 def test_flipped_window_and_vmapped_lookup():
