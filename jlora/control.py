@@ -19,7 +19,7 @@ from jax import lax
 
 from jlora import _compat
 from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register
-from jlora.sharding import part_specs
+from jlora.sharding import NoPartSpecs, part_specs
 from jlora.weight import Lazy
 
 
@@ -177,7 +177,7 @@ def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     p = eqn.params
     try:
         in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))
-    except ValueError:
+    except NoPartSpecs:
         return NotImplemented
     jaxpr, consts = _compat.open_jaxpr(p["jaxpr"])
 

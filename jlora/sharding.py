@@ -228,6 +228,10 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
 
 
+class NoPartSpecs(ValueError):
+    """A lazy kind that cannot say its parts' specs, under a spec that splits the array it stands for."""
+
+
 def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
     """The specs of a lazy value's parts when the array it stands for is sharded as ``spec``: a
     ``LoraWeight``'s factors as derived from it (``factor_specs``), its ``w`` (lazy too, maybe) as it;
@@ -251,9 +255,9 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
         return kind_specs(spec)
     if all(s is None for s in spec):
         return jax.tree.map(lambda _: PartitionSpec(), x)
-    raise ValueError(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, and the rules shard the array it "
-                     f"stands for as {tuple(spec)}: give {type(x).__name__} a method part_specs(spec) that returns its "
-                     "parts' PartitionSpecs (the same pytree), or a rule that replicates it")
+    raise NoPartSpecs(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, and the rules shard the array it "
+                      f"stands for as {tuple(spec)}: give {type(x).__name__} a method part_specs(spec) that returns "
+                      "its parts' PartitionSpecs (the same pytree), or a rule that replicates it")
 
 
 def shardings(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
