@@ -221,8 +221,8 @@ def check_float_targets(source: str | os.PathLike, targets: Iterable[str], base:
     """
     for p in targets:
         if not jnp.issubdtype(base[p].dtype, jnp.floating):
-            raise ValueError(f"{source}: '{p}' is {jnp.dtype(base[p].dtype).name} in the base: an adapter goes on a float kernel "
-                             "(load it onto the float base the adapter was trained over)")
+            raise ValueError(f"{source}: '{p}' is {jnp.dtype(base[p].dtype).name} in the base: an adapter goes on "
+                             "a float kernel (load it onto the float base the adapter was trained over)")
 
 
 def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str], base: dict[str, Any]) -> None:
