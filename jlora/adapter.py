@@ -196,12 +196,15 @@ def check_saveable(op: str, params: Any) -> None:
         check_whole(x, p, op, need_w=False)
 
 
-def check_base(source: str | os.PathLike, base_params: Any) -> dict[str, Any]:
-    """``base_params``' leaves by path (a quantized kernel is one leaf), refused if it already
-    holds adapters: an adapter loaded over them would apply on top of theirs.
+def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[str] = (),
+               trainable: Iterable[str] = ()) -> dict[str, Any]:
+    """``base_params``' leaves by path (a quantized kernel is one leaf), checked as the base of an
+    adapter with LoRA ``targets`` and fully ``trainable`` leaves: it holds no adapters already (one
+    loaded over them would apply on top of theirs), and it has a param at every path, a float
+    kernel under each target and a plain array at each trainable leaf.
 
     Example:
-        >>> sorted(check_base("adapter", {"k": jnp.ones((2, 2))}))
+        >>> sorted(check_base("adapter", {"k": jnp.ones((2, 2))}, targets=["k"]))
         ['k']
     """
     by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))
@@ -210,6 +213,12 @@ def check_base(source: str | os.PathLike, base_params: Any) -> dict[str, Any]:
         raise ValueError(f"{source}: base_params holds jlora nodes (at {nodes[:3]}); pass the base params the "
                          "adapter was trained over (arrays or jax.ShapeDtypeStruct). To put an adapter over "
                          "another, merge the first in (jlora.merge)")
+    targets, trainable = list(targets), list(trainable)
+    absent = sorted(p for p in targets + trainable if p not in by_path)
+    if absent:
+        raise ValueError(f"{source}: made for another base model: no param at {absent[:5]}")
+    check_float_targets(source, targets, by_path)
+    check_trainable_not_lazy(source, trainable, by_path)
     return by_path
 
 
@@ -256,12 +265,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
-    by_path = check_base(path, base_params)
-    absent = sorted(p for p in list(targets) + list(trainable) if p not in by_path)
-    if absent:
-        raise ValueError(f"{path}: adapter for another base model: no param at {absent[:5]}")
-    check_float_targets(path, targets, by_path)
-    check_trainable_not_lazy(path, trainable, by_path)
+    by_path = check_base(path, base_params, targets, trainable)
     for p, spec in targets.items():
         if list(by_path[p].shape) != spec["shape"]:
             raise ValueError(

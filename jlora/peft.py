@@ -146,9 +146,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
         if embedding:
             _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
-        if embedding and str(lw.layout) != "io":
-            raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's form; "
-                             f"got '{lw.layout}'")
+            if str(lw.layout) != "io":
+                raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
+                                 f"form; got '{lw.layout}'")
         name = module_name(p)
         modules.append(name)
         lora_a, lora_b = _factors_to_torch(lw)

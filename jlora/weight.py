@@ -127,10 +127,11 @@ class LoraWeight(Lazy):
             ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2, a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
         """
         w, a, b, layout = self.w, self.a, self.b, self.layout
-        if stacked and _has_shape(w) and len(w.shape) < layout.ndim:
-            return  # fewer axes than a kernel: a slice of a stack (inside scan), or values mapped over the tree
-        if _has_shape(w) and len(w.shape) != layout.ndim and not stacked:
-            raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
+        if _has_shape(w) and len(w.shape) != layout.ndim:
+            if not stacked:
+                raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
+            if len(w.shape) < layout.ndim:
+                return  # fewer axes than a kernel: a slice of a stack (inside scan), or values mapped over the tree
         if _has_shape(w) and _has_shape(a) and _has_shape(b) and len(a.shape) > 0:
             rank = a.shape[-1]
             kernel = tuple(w.shape)[len(w.shape) - layout.ndim:]
