@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jlora.paths import leaves_with_paths
 from jlora.tree import FROZEN, combine, labels, split
 from jlora.weight import LoraWeight, is_node
 
@@ -51,6 +52,29 @@ def _group(params: Any) -> Any:
     return jax.tree.map(lambda label: FROZEN if label == FROZEN else ADAPTER, labels(params))
 
 
+def check_fits(grads: Any, params: Any) -> None:
+    """Refuse gradients that do not fit ``params`` leaf by leaf (from another model, or another
+    rank), naming the first path that differs, rather than failing inside ``tx``.
+
+    Example:
+        >>> check_fits({"k": jnp.zeros((2, 3))}, {"k": jnp.zeros((3, 2))})
+        Traceback (most recent call last):
+        ...
+        ValueError: jlora.optimizer: the gradients do not fit the params (from another model?): 'k' is (2, 3) in the gradients, (3, 2) in the params
+    """
+    shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else None
+    in_grads = {p: shape(x) for p, x in leaves_with_paths(grads)}
+    in_params = {p: shape(x) for p, x in leaves_with_paths(params)}
+    only_grads, only_params = sorted(set(in_grads) - set(in_params)), sorted(set(in_params) - set(in_grads))
+    what = "the gradients do not fit the params (from another model?)"
+    if only_grads or only_params:
+        raise ValueError(f"jlora.optimizer: {what}: only in the gradients: {only_grads[:5]}; "
+                         f"only in the params: {only_params[:5]}")
+    for path, s in in_grads.items():
+        if s != in_params[path]:
+            raise ValueError(f"jlora.optimizer: {what}: '{path}' is {s} in the gradients, {in_params[path]} in the params")
+
+
 def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
     """Train adapters only: ``tx`` on ``LoraWeight`` factors and ``Trainable`` leaves, nothing else.
 
@@ -61,7 +85,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     state. ``init``, ``update``'s gradients and its ``params`` may each be the full tree or the
     trainable half (a state made from one serves the other); updates come back in the gradients'
     structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
-    ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter.
+    ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
+    ``update``'s ``params``, if given, to fit the gradients leaf by leaf (``check_fits``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -86,7 +111,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
-        out, state = inner.update(trainable, state, None if params is None else split(params)[0], **extra_args)
+        trainable_params = None if params is None else split(params)[0]
+        if trainable_params is not None:
+            check_fits(trainable, trainable_params)
+        out, state = inner.update(trainable, state, trainable_params, **extra_args)
         return combine(out, jax.tree.map(_no_change, frozen)), state
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -135,3 +135,20 @@ def test_bad_input():
     with pytest.raises(ValueError, match="tx must be an optax transformation"):
         jlora.optimizer(optax.sgd, b_lr_ratio=2.0)
     jlora.optimizer(optax.sgd(1.0), b_lr_ratio=np.float32(4.0))  # numpy scalars are numbers
+
+
+def test_gradients_of_another_model_are_refused_by_path():
+    base = {"l1": {"kernel": jnp.ones((8, 8))}, "l2": {"kernel": jnp.ones((8, 8))}}
+    ours = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, alpha=4, targets=["kernel"]))
+    # same scale, so the same tree metadata: only the shapes tell the two apart
+    other = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, alpha=2, targets=["kernel"]))
+    tx = jlora.optimizer(optax.adamw(1e-3), ours)
+    trainable, _ = jlora.split(ours)
+    state = tx.init(trainable)
+    foreign, _ = jlora.split(other)
+    with pytest.raises(ValueError, match=r"'l1/kernel/a' is \(8, 2\) in the gradients, \(8, 4\) in the params"):
+        jax.jit(tx.update)(foreign, state, trainable)
+    one_layer = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, alpha=4, targets=["l1"]))
+    with pytest.raises(ValueError, match=r"only in the params: \['l2/kernel/a'"):
+        tx.update(jlora.split(one_layer)[0], state, jlora.split(one_layer)[0] | {"l2": trainable["l2"]})
+    tx.update(trainable, state, trainable)  # the right ones pass
