@@ -162,8 +162,11 @@ class Context:
         return Context(rng, self.records, self.rebuild_inputs, self.names)
 
     def forward_mode(self) -> "Context":
-        """This context for a body that only forward mode can differentiate (``while_loop``)."""
-        return Context(self.rng, self.records, rebuild_inputs=False, names=self.names)
+        """This context for a body that only forward mode can differentiate (``while_loop``). The
+        copy shares the dropout key's site counter."""
+        ctx = copy.copy(self)
+        ctx.rebuild_inputs = False
+        return ctx
 
 
 # Equations that only restructure a value: safe to evaluate ahead of their turn. (``pvary`` only

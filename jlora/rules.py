@@ -101,6 +101,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if is_lazy(lhs) and is_lazy(rhs):
         lhs = materialize(lhs, "dot_general", "both operands are lazy")
+        if not isinstance(rhs, LoraWeight):  # another kind (a quantized kernel): its own rules
+            return evaluate_eqn(ctx, eqn, [lhs, rhs], ctx.where(rhs))
     if isinstance(rhs, LoraWeight):
         lw, x, w_contract, x_contract, w_batch, x_batch, lazy_rhs = rhs, lhs, rc, lc, rb, lb, True
     else:

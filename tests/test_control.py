@@ -148,3 +148,11 @@ def test_dropout_inside_scan_differs_per_step(params):
     ref = jlora.apply(fn)(p, X) - base
     r = (low / ref).reshape(3, -1)
     assert not np.allclose(r[0], r[1])
+
+
+def test_a_while_loop_draws_a_dropout_key_of_its_own():
+    """The loop's context (``forward_mode``) shares the site counter: its key is not the one the
+    function's first dropout site drew."""
+    ctx = jlora.lazy.Context(jax.random.key(1))
+    first, in_loop = ctx.next_key(), ctx.forward_mode().next_key()
+    assert not np.array_equal(jax.random.key_data(first), jax.random.key_data(in_loop))

@@ -311,6 +311,18 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
     check_against_oracle(layers, {"stack": stacked}, x[:, :6])
 
 
+def test_a_lora_weight_times_a_quantized_kernel_uses_the_quantized_kinds_rule():
+    lw = jlora.LoraWeight(jax.random.normal(KEY, (4, 8)), jax.random.normal(KEY, (4, 2)),
+                          jax.random.normal(jax.random.fold_in(KEY, 1), (2, 8)), scale=0.5, path="lw")
+    q = jnp.round(10 * jax.random.normal(jax.random.fold_in(KEY, 2), (8, 6))).astype(jnp.int8)
+    int8 = Int8Weight(q, jnp.linspace(0.01, 0.02, 6))
+    INT8_DOTS.clear()
+    with pytest.warns(jlora.MaterializeWarning, match="'lw' materialised at 'dot_general': both operands are lazy"):
+        out = jlora.apply(lambda a, b: a @ b)(lw, int8)
+    np.testing.assert_allclose(out, lw.materialize() @ int8.materialize(), rtol=1e-5, atol=1e-5)
+    assert INT8_DOTS  # the int8 matmul, not a second fallback
+
+
 def test_dropout_over_a_quantized_base_draws_the_keys_it_draws_over_the_float_base():
     """The base term of a lazy w uses no randomness: later adapters' dropout masks stay those of
     the same adapters over the float kernels."""
