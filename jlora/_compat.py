@@ -16,9 +16,7 @@ import jax
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
 
-Var = _core.Var
 Literal = _core.Literal
-Primitive = _core.Primitive
 
 dot_general_p = _p.dot_general_p
 conv_general_dilated_p = _p.conv_general_dilated_p
@@ -164,17 +162,14 @@ def is_drop_var(var: Any) -> bool:
 
 def abstractify(x: Any) -> jax.ShapeDtypeStruct:
     """ShapeDtypeStruct of a concrete array or a tracer, keeping weak types."""
-    # jax.typeof appeared in JAX 0.6; older versions expose avals through jax.core.get_aval.
-    typeof = getattr(jax, "typeof", None)
-    aval = typeof(x) if typeof is not None else jax.core.get_aval(x)
+    aval = jax.typeof(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
 def type_key(x: Any) -> tuple:
     """What a traced jaxpr depends on about an argument: shape, dtype, weak type and (inside
     ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""
-    typeof = getattr(jax, "typeof", None)
-    aval = x if isinstance(x, jax.ShapeDtypeStruct) or typeof is None else typeof(x)
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
     vma = () if isinstance(x, jax.ShapeDtypeStruct) else tuple(sorted(_vma(aval)))
     return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
 
@@ -195,7 +190,3 @@ def trace_state() -> Any:
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
-
-def gather_dimension_numbers(**fields: Any) -> Any:
-    """Build ``lax.GatherDimensionNumbers``; batching fields exist in every supported version."""
-    return jax.lax.GatherDimensionNumbers(**fields)

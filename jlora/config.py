@@ -18,7 +18,7 @@ INITS = ("kaiming_uniform", "gaussian")
 ALL_LINEAR = "all-linear"
 
 
-@dataclasses.dataclass(frozen=True, init=False, eq=False)
+@dataclasses.dataclass(frozen=True, init=False)
 class LoraConfig:
     """LoRA settings. All arguments are keywords; unknown ones are refused.
 
@@ -95,7 +95,7 @@ class LoraConfig:
         trainable = _patterns("trainable", trainable)
         rank_pattern = _pattern_map("rank_pattern", rank_pattern, _check_rank)
         alpha_pattern = _pattern_map("alpha_pattern", alpha_pattern, _check_alpha)
-        layouts_t = _pattern_map("layouts", layouts, lambda name, v: Layout.parse(v))
+        layouts_t = _pattern_map("layouts", layouts, lambda name, v: str(Layout.parse(v)))
         if isinstance(dropout, bool) or not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
@@ -117,15 +117,6 @@ class LoraConfig:
         ).items():
             object.__setattr__(self, name, value)
 
-    def _key(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, LoraConfig) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some options changed (validated again).
 
@@ -144,7 +135,7 @@ class LoraConfig:
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("rank_pattern", "alpha_pattern", "layouts"):
-            out[name] = {k: (str(v) if name == "layouts" else v) for k, v in out[name]}
+            out[name] = dict(out[name])
         for name in ("exclude", "trainable"):
             out[name] = list(out[name])
         if isinstance(out["targets"], tuple):
@@ -197,8 +188,7 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
     _patterns(name, list(value))
     items = []
     for pattern, v in value.items():
-        checked = check(f"{name}[{pattern!r}]", v)  # a plain int or float (numpy scalars too)
-        items.append((pattern, checked if name != "layouts" else str(checked)))
+        items.append((pattern, check(f"{name}[{pattern!r}]", v)))  # a plain int, float or layout string
     return tuple(items)
 
 

@@ -16,6 +16,7 @@ stacked Dense), ``"iiio"`` (2-D conv window ``HWIO``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 ROLES = ("b", "i", "o")
@@ -121,7 +122,7 @@ class Layout:
             >>> Layout.parse("iio").fan_in((4, 8, 32))
             32
         """
-        return _prod(self.group_shape(shape, "i"))
+        return math.prod(self.group_shape(shape, "i"))
 
     def fan_out(self, shape: Sequence[int]) -> int:
         """The number of outputs of one kernel of the stack (the product of the output axes).
@@ -130,7 +131,7 @@ class Layout:
             >>> Layout.parse("ioo").fan_out((32, 4, 8))
             32
         """
-        return _prod(self.group_shape(shape, "o"))
+        return math.prod(self.group_shape(shape, "o"))
 
     def factor_axes(self) -> tuple[dict[int, int], dict[int, int]]:
         """Where each axis of ``w`` sits in ``a`` and in ``b`` (absent where it is not there).
@@ -169,13 +170,6 @@ class Layout:
         return "".join(role for role, _ in self.axes)
 
 
-def _prod(xs: Sequence[int]) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
-
-
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
     """Split a row-major reshape into minimal groups of axes with equal products.
 
@@ -186,7 +180,7 @@ def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[in
         >>> reshape_groups((4, 2, 3), (8, 3))
         [([0, 1], [0]), ([2], [1])]
     """
-    if any(d <= 1 for d in old) or any(d <= 1 for d in new) or _prod(old) != _prod(new):
+    if any(d <= 1 for d in old) or any(d <= 1 for d in new) or math.prod(old) != math.prod(new):
         return None
     groups, i, j = [], 0, 0
     while i < len(old):

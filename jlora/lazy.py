@@ -219,9 +219,7 @@ class Frame:
             return _compat.literal_value(var)
         if var in self.env:
             return self.env[var]
-        if self._producer is None:
-            self._index()
-        i = self._producer.get(var)  # type: ignore[union-attr]
+        i = self.producer(var)
         if i is None or depth == 0 or i in self.done or self.eqns[i].primitive not in _STRUCTURAL:
             return None
         eqn = self.eqns[i]
@@ -425,7 +423,6 @@ def _static_key(v: Any) -> tuple:
 
 
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
-    key = None
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +17,6 @@ from jlora.weight import LoraWeight, is_node
 ADAPTER = "adapter"
 
 
-class ScaleLoraBState(NamedTuple):
-    pass
-
-
 def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     """Multiply the updates of every ``LoraWeight.b`` by ``ratio`` (LoRA+: ``lr_b = ratio·lr_a``).
 
@@ -28,18 +24,12 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
         >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
     """
 
-    def init(params: Any) -> ScaleLoraBState:
-        return ScaleLoraBState()
+    def one(x: Any) -> Any:
+        if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):
+            return x.replace(b=(x.b * ratio).astype(x.b.dtype))
+        return x
 
-    def update(updates: Any, state: ScaleLoraBState, params: Any = None) -> Any:
-        def one(x: Any) -> Any:
-            if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):
-                return x.replace(b=(x.b * ratio).astype(x.b.dtype))
-            return x
-
-        return jax.tree.map(one, updates, is_leaf=is_node), state
-
-    return optax.GradientTransformation(init, update)
+    return optax.stateless(lambda updates, params=None: jax.tree.map(one, updates, is_leaf=is_node))
 
 
 def _no_change(x: Any) -> Any:
@@ -112,7 +102,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
         trainable_params = None if params is None else split(params)[0]
-        if trainable_params is not None:
+        if params is not None:
             check_fits(trainable, trainable_params)
         out, state = inner.update(trainable, state, trainable_params, **extra_args)
         return combine(out, jax.tree.map(_no_change, frozen)), state

@@ -142,11 +142,7 @@ def _ends_from(parts: tuple[str, ...], comps: tuple[str, ...], start: int) -> se
     return set()
 
 
-def compile_patterns(patterns: Iterable[str] | str | None) -> tuple[Pattern, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str):
-        patterns = [patterns]
+def compile_patterns(patterns: Iterable[str]) -> tuple[Pattern, ...]:
     return tuple(Pattern(p) for p in patterns)
 
 

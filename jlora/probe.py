@@ -1,9 +1,9 @@
 """Layout inference: trace a function of the params and see how each kernel is used.
 
 Each target kernel enters the evaluator of ``jlora.lazy`` as a ``Probe``, a lazy kind that follows
-the kernel through transposes, casts, reshapes and scans, and records at the first ``dot_general``,
+the kernel through transposes, casts, reshapes and scans, and records at every ``dot_general``,
 ``gather`` or ``conv`` which of its original axes are contracted (input), batched (batch) or kept
-(output). Only abstract values are used: nothing is computed.
+(output); the first use gives the layout, a later one that disagrees warns. Only abstract values are used: nothing is computed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
 from jlora.lazy import Context, evaluate_closed, is_array, register
+from jlora.paths import path_str
 from jlora.weight import Lazy, is_param
 
 
@@ -170,8 +171,6 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
         >>> str(infer_layouts(lambda p: jnp.ones((5, 3)) @ p["k"].reshape(3, 8), p, ["k"])["k"])
         'ioo'
     """
-    from jlora.paths import path_str
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
     leaves = [leaf for _, leaf in flat]
     # others (an Equinox activation) stay static; a lazy kernel (quantized) is traced as the array it stands for
@@ -203,9 +202,9 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
         used_by.update(records["used_by"])
     layouts = {}
     for path, specs in records["layouts"].items():
-        first = Layout.parse(specs[0]) if _valid(specs[0]) else None
-        if first is None:
+        if not _valid(specs[0]):
             continue
+        first = Layout.parse(specs[0])
         for other in specs[1:]:
             if not _compatible(first, other):
                 warnings.warn(

@@ -5,8 +5,9 @@
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``;
 - ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``;
 - ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
-  ``sharding_constraint``, ``squeeze`` of size-1 axes, and ``slice``/``dynamic_slice`` of batch
-  axes (picking layer ``i`` of a stack): a new ``LoraWeight``.
+  ``sharding_constraint``, ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary``
+  (inside ``shard_map``), and ``slice``/``dynamic_slice`` of batch axes (picking layer ``i`` of a
+  stack): a new ``LoraWeight``.
 
 Every other use materialises (see ``jlora.lazy``).
 """
@@ -130,9 +131,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     a_labels = [w_labels[ax] for ax in layout.group("b") + layout.group("i")] + [r_label]
     b_labels = [w_labels[ax] for ax in layout.group("b")] + [r_label] + [w_labels[ax] for ax in layout.group("o")]
     lhs_labels, rhs_labels = (x_labels, w_labels) if lazy_rhs else (w_labels, x_labels)
-    lhs_batch = lb
     out_labels = (
-        [lhs_labels[ax] for ax in lhs_batch]
+        [lhs_labels[ax] for ax in lb]
         + [l for i, l in enumerate(lhs_labels) if i not in lc and i not in lb]
         + [l for i, l in enumerate(rhs_labels) if i not in rc and i not in rb]
     )
@@ -248,7 +248,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     collapsed = set(dn.collapsed_slice_dims)
     if (
         layout.group("b")
-        or getattr(dn, "operand_batching_dims", ())
+        or dn.operand_batching_dims
         or not collapsed <= set(ins) or not set(ins) <= set(dn.start_index_map)
         or any(sizes[ax] != 1 for ax in ins) or any(sizes[ax] != lw.shape[ax] for ax in outs)
         # an output axis in start_index_map starts at 0 (clamped), except in fill mode
@@ -259,7 +259,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
     position = {ax: k for k, ax in enumerate(dn.start_index_map)}
     a_indices = indices if tuple(dn.start_index_map) == ins else indices[..., [position[ax] for ax in ins]]
-    a_dn = _compat.gather_dimension_numbers(
+    a_dn = lax.GatherDimensionNumbers(
         offset_dims=(n_batch,), collapsed_slice_dims=tuple(range(len(ins))), start_index_map=tuple(range(len(ins))),
         operand_batching_dims=(), start_indices_batching_dims=(),
     )
@@ -290,7 +290,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.conv_general_dilated_p, LoraWeight)
 def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     x, lw = invals
-    if is_lazy(x) or not isinstance(lw, LoraWeight):
+    if is_lazy(x):
         return NotImplemented
     p = eqn.params
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:

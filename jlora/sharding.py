@@ -158,7 +158,8 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
         [('fsdp', None), (None, 'model')]
     """
     layout = Layout.parse(layout)
-    entries = tuple(_as_spec(w_spec)) + (None,) * (layout.ndim - len(tuple(_as_spec(w_spec))))
+    entries = tuple(_as_spec(w_spec))
+    entries += (None,) * (layout.ndim - len(entries))
     in_a, in_b = layout.factor_axes()
     nb, ni, no = (len(layout.group(r)) for r in ("b", "i", "o"))
     a, b = [None] * (nb + ni + 1), [None] * (nb + 1 + no)
@@ -367,8 +368,6 @@ def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> Partit
 
 
 def _put(x: Any, sharding: NamedSharding) -> Any:
-    if x is None:
-        return None
     if sharding.is_fully_addressable or isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)  # another process holds part of the mesh: each process gives its shards

@@ -7,6 +7,8 @@ that the evaluator of ``jlora.apply`` can use without forming it.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import jax
@@ -50,10 +52,7 @@ class Lazy:
 
     @property
     def size(self) -> int:
-        out = 1
-        for d in self.shape:
-            out *= d
-        return out
+        return math.prod(self.shape)
 
     def materialize(self) -> jax.Array:
         """The array this value stands for."""
@@ -176,12 +175,9 @@ class LoraWeight(Lazy):
             >>> lw.replace(scale=0.5).scale
             0.5
         """
-        fields = dict(w=self.w, a=self.a, b=self.b, scale=self.scale, layout=self.layout,
-                      path=self.path, dropout=self.dropout)
-        fields.update(changes)
+        fields = {"w": self.w, "a": self.a, "b": self.b, **self.metadata(), **changes}
         obj = object.__new__(type(self))
-        _set(obj, fields["w"], fields["a"], fields["b"], fields["scale"], Layout.parse(fields["layout"]),
-             fields["path"], fields["dropout"])
+        _set(obj, **{**fields, "layout": Layout.parse(fields["layout"])})
         return obj
 
     # --- array-like ---------------------------------------------------------------------------
