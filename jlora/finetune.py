@@ -13,6 +13,8 @@ import csv
 import dataclasses
 import json
 import math
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -59,6 +61,7 @@ class Options:
     save_every: int = 50
     baseline: bool = True
     plot: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         """Checks every option before any work: a bad one is a ``ValueError`` naming its flag."""
@@ -71,9 +74,39 @@ class Options:
         for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
             raise ValueError(f"--out {self.out}: is a file, not a directory")
+        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        if earlier and not self.overwrite:
+            raise ValueError(f"--out {self.out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
+                             "to replace it, or choose another --out")
         jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)  # its own checks, before training
+
+
+RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes into --out
+
+
+def prepare_out(opts: Options) -> Path:
+    """``--out``, made before any work (a path that cannot be a directory fails now, not after
+    training), with an earlier run's files removed (``Options`` refuses them without ``overwrite``).
+
+    Example:
+        >>> import tempfile
+        >>> prepare_out(Options(out=tempfile.mkdtemp() + "/run")).is_dir()
+        True
+    """
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    return out
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -150,7 +183,8 @@ BUILTIN_DATA = {"bbc-news": bbc_news, "tweet-sentiment": tweet_sentiment}
 
 
 def read_labelled(path: str) -> tuple[list[str], list[str]]:
-    """``text,label`` rows from a .csv (with a header) or .jsonl file; errors name the line.
+    """``text,label`` rows from a UTF-8 .csv (with a header) or .jsonl file; errors name the line.
+    A text is a non-empty string; a label a non-empty string or an integer (kept as its digits).
 
     Example:
         >>> import tempfile
@@ -161,33 +195,73 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
     """
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--data {path}: no such file")
-    texts, labels = [], []
-    if file.suffix == ".jsonl":
-        for n, line in enumerate(file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(str(row["text"]))
-                labels.append(str(row["label"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
-    elif file.suffix == ".csv":
-        with file.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns")
-            for n, row in enumerate(reader, 2):
-                if row.get("text") is None or row.get("label") in (None, ""):
-                    raise ValueError(f"{path}:{n}: missing text or label")
-                texts.append(row["text"])
-                labels.append(row["label"])
-    else:
+        raise ValueError(f"--data {path}: no such file (built-in sets: {', '.join(BUILTIN_DATA)})")
+    suffix = file.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
         raise ValueError(f"--data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
+    texts, labels = [], []
+    try:
+        with file.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+            rows = _jsonl_rows(f, path) if suffix == ".jsonl" else _csv_rows(f, path)
+            for where, text, label in rows:
+                texts.append(_text(text, where))
+                labels.append(_label(label, where))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not texts:
+        raise ValueError(f"{path}: no rows")
     if len(set(labels)) < 2:
         raise ValueError(f"{path}: need at least 2 distinct labels, found {sorted(set(labels))}")
     return texts, labels
+
+
+def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    for n, line in enumerate(f, 1):  # a file splits at newlines only (str.splitlines also at U+2028)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            yield f"{path}:{n}", row["text"], row["label"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
+
+
+def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    reader = csv.DictReader(f)
+    columns = reader.fieldnames
+    if not columns or not {"text", "label"} <= set(columns):
+        raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:  # more fields than columns
+            raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
+                             "(quote a text that holds a comma)")
+        yield where, row["text"], row["label"]
+
+
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError(f"{where}: missing text (a non-empty string), got {value!r}")
+
+
+def _label(value: Any, where: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError(f"{where}: missing label (a non-empty string or an integer), got {value!r}")
+
+
+def class_order(labels: list[str]) -> list[str]:
+    """The distinct labels in order, numerically where all are integers (``2`` before ``10``).
+
+    Example:
+        >>> class_order(["10", "2", "0", "2"]), class_order(["pos", "neg"])
+        (['0', '2', '10'], ['neg', 'pos'])
+    """
+    names = sorted(set(labels))
+    return sorted(names, key=int) if all(re.fullmatch(r"-?\d+", n) for n in names) else names
 
 
 def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple[np.ndarray, ...]:
@@ -228,12 +302,37 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
         raise ValueError(f"--model {name}: {path} has no {' and no '.join(missing)}; a HF model directory "
                          "holds config.json, the tokenizer's files and the weights")
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
+    from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
-        model = cls.from_pretrained(str(path))
-    except (OSError, EnvironmentError, ValueError):
-        model = cls.from_pretrained(str(path), from_pt=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer, path
+        model = cls.from_pretrained(str(path), from_pt=from_pt)
+    except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
+        raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
+                         f"e.g. tokenizer.json or vocab.txt): {type(err).__name__}: {err}") from None
+    return model, tokenizer, path.resolve()
+
+
+def check_length(model: Any, max_length: int) -> None:
+    """Refuse ``--max-length`` beyond the model's positions (past them a model computes NaN).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), 1024)
+        Traceback (most recent call last):
+        ...
+        ValueError: --max-length 1024: the model has 512 positions
+    """
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(f"--max-length {max_length}: the model has {limit} positions")
+
+
+class Diverged(ValueError):
+    """The training loss became NaN or infinite."""
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -263,6 +362,8 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
     """A jitted loop of ``loss_fn(trainable, frozen, batch)`` with a progress bar on stderr (loss,
     throughput); Ctrl-C stops it cleanly. ``frozen`` is an argument of the step, so it never becomes HLO constants.
 
+    A non-finite loss raises ``Diverged`` before anything is saved from that step.
+
     Example:
         >>> import itertools
         >>> loss = lambda t, f, batch: ((t["w"] - batch) ** 2).sum()
@@ -291,6 +392,9 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
         try:
             for i in range(steps):
                 trainable, state, loss = step(trainable, frozen, state, next(batches))
+                if not math.isfinite(float(loss)):
+                    raise Diverged(f"{label}: the loss is {float(loss)} at step {i + 1} (last finite: "
+                                   f"{losses[-1] if losses else None}); try a lower --lr")
                 losses.append(float(loss))
                 rate = tokens_per_step * (i + 1) / (time.perf_counter() - start)
                 progress.update(bar, advance=1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
@@ -308,9 +412,13 @@ def classify(opts: Options) -> dict:
         >>> results = classify(Options(steps=50, out="run"))  # doctest: +SKIP
         >>> results["lora"]["test_accuracy"], results["baseline"]["test_accuracy"]  # doctest: +SKIP
     """
+    out = prepare_out(opts)
     model, tokenizer, model_path = load_model(opts.model, "classify")
+    check_length(model, opts.max_length)
+    if tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     texts, names = BUILTIN_DATA[opts.data]() if opts.data in BUILTIN_DATA else read_labelled(opts.data)
-    classes = sorted(set(names))
+    classes = class_order(names)
     labels = np.array([classes.index(n) for n in names], np.int32)
     enc = tokenizer(texts, max_length=opts.max_length, truncation=True, padding="max_length", return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
@@ -319,7 +427,6 @@ def classify(opts: Options) -> dict:
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
-    out = Path(opts.out)
     key = jax.random.key(opts.seed)
     hidden = model.config.hidden_size
     head0 = {"kernel": 0.02 * jax.random.normal(key, (hidden, len(classes))), "bias": jnp.zeros(len(classes))}
@@ -354,13 +461,20 @@ def classify(opts: Options) -> dict:
         head_loss = lambda h, _, b: xent(b["x"] @ h["kernel"] + h["bias"], b["y"])
         best = None  # the head alone is cheap: give it its best learning rate on the validation split
         for lr in sorted({opts.lr, 1e-2, 3e-2, 1e-1}):
-            head, run = train(head_loss, head0, None, optax.adamw(lr, weight_decay=0.01),
-                              batches(lambda r: {"x": feats[r], "y": labels[r]}), steps,
-                              f"baseline (frozen encoder, lr {lr:g})", tokens_per_step=tokens_per_step)
+            try:
+                head, run = train(head_loss, head0, None, optax.adamw(lr, weight_decay=0.01),
+                                  batches(lambda r: {"x": feats[r], "y": labels[r]}), steps,
+                                  f"baseline (frozen encoder, lr {lr:g})", tokens_per_step=tokens_per_step)
+            except Diverged:
+                continue  # a learning rate too high for this head: not a candidate
+            if run.interrupted:  # Ctrl-C ends the job, not only this learning rate's run
+                raise KeyboardInterrupt
             predict = lambda r, head=head: feats[r] @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
             val = accuracy(predict, val_idx)
             if best is None or val > best[0]:
                 best = (val, lr, run, predict)
+        if best is None:
+            raise Diverged("baseline: the loss diverged at every learning rate tried; check the data")
         val, lr, runs["baseline"], predict = best
         results["baseline"] = {"val_accuracy": val, "test_accuracy": accuracy(predict, test_idx), "lr": lr}
 
@@ -398,7 +512,9 @@ def causal_lm(opts: Options) -> dict:
     Example:
         >>> results = causal_lm(Options(task="causal-lm", model="gpt2-dir", data="corpus.txt"))  # doctest: +SKIP
     """
+    out = prepare_out(opts)
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
+    check_length(model, opts.max_length)
     file = Path(opts.data)
     if opts.data in BUILTIN_DATA or not file.is_file():
         raise ValueError("--task causal-lm needs --data FILE.txt (a text file)")
@@ -420,7 +536,6 @@ def causal_lm(opts: Options) -> dict:
         for rows in _batches(len(starts), min(opts.batch_size, len(starts)), np.random.default_rng(opts.seed)):
             yield np.stack([tokens[s:s + window] for s in starts[rows]])
 
-    out = Path(opts.out)
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "causal-lm"}
     saver = lambda t, step: save_adapter(out / "adapter", jlora.combine(t, frozen), lora_config=cfg,
                                          metadata={**meta, "step": step})

@@ -177,3 +177,87 @@ def test_ctrl_c_stops_cleanly_and_keeps_a_loadable_adapter(bert_dir, data_file, 
     base = tf.FlaxBertModel.from_pretrained(bert_dir)
     jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
         "kernel": np.zeros((32, 2), np.float32), "bias": np.zeros(2, np.float32)}})
+
+
+def test_an_earlier_run_is_kept_unless_overwrite_is_given(bert_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "2", "--batch-size", "8",
+            "--max-length", "8", "--out", str(out), "--no-baseline"]
+    assert main(args) == 0 and (out / "loss_curve.png").exists()
+    before = (out / "adapter" / "adapter.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--seed", "1"]) == 2
+    assert "holds an earlier run (adapter, metrics.json, loss_curve.png); pass --overwrite" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() == before
+    assert main(args + ["--seed", "1", "--overwrite", "--no-plot"]) == 0
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() != before
+    assert not (out / "loss_curve.png").exists()  # the earlier run's plot does not stay beside new metrics
+
+
+def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_directory(
+        bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--model", "bert", "--data", str(data_file), "--steps", "2", "--batch-size", "8",
+                 "--max-length", "8", "--out", "run", "--no-baseline", "--no-plot"]) == 0
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["metadata"]["base_model"] == str(bert_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a relative "bert" here would be another model, or none
+    assert main(["merge", str(tmp_path / "run" / "adapter"), "--out", "merged"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "run" / "adapter"), "--out", "merged"]) == 2
+    assert "--out merged: exists and is not empty" in capsys.readouterr().err
+    jlora.adapter.save_adapter(tmp_path / "plain", jlora.lora_init(
+        jax.random.key(0), tf.FlaxBertModel.from_pretrained(bert_dir).params, jlora.LoraConfig(targets=["query"])))
+    assert main(["merge", str(tmp_path / "plain"), "--out", "m2"]) == 2
+    assert "the adapter names no base model (it was saved without metadata); pass --model DIR" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_baseline_ends_the_job(bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    from jlora import finetune
+
+    real = finetune._batches
+
+    def interrupted_after_2(n, batch, rng):
+        for i, rows in enumerate(real(n, batch, rng)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield rows
+
+    monkeypatch.setattr(finetune, "_batches", interrupted_after_2)
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "50", "--batch-size", "8",
+                 "--max-length", "8", "--out", str(out), "--no-plot"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / "adapter").exists()
+
+
+def test_model_directories_that_cannot_be_used(bert_dir, data_file, tmp_path, capsys):
+    args = ["--data", str(data_file), "--steps", "1", "--batch-size", "8", "--no-plot", "--no-baseline"]
+    assert main(["finetune", "--model", str(bert_dir), "--max-length", "600", "--out", str(tmp_path / "a")] + args) == 2
+    assert "error: --max-length 600: the model has 512 positions" in capsys.readouterr().err
+    for flag in ("-1", str(2**64)):
+        assert main(["finetune", "--model", str(bert_dir), "--seed", flag] + args) == 2
+        assert "error: --seed must be an integer in [0, 2**63)" in capsys.readouterr().err
+    no_tokenizer = tmp_path / "no_tokenizer"
+    tf.FlaxBertModel.from_pretrained(bert_dir).save_pretrained(no_tokenizer)
+    assert main(["finetune", "--model", str(no_tokenizer), "--out", str(tmp_path / "b")] + args) == 2
+    assert "no_tokenizer: cannot load its tokenizer" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for file in bert_dir.iterdir():
+        (corrupt / file.name).write_bytes(file.read_bytes()[:100] if file.name == "flax_model.msgpack" else file.read_bytes())
+    assert main(["finetune", "--model", str(corrupt), "--out", str(tmp_path / "c")] + args) == 2
+    assert "corrupt: cannot load its Flax weights" in capsys.readouterr().err
+
+
+def test_a_model_without_a_pad_token_classifies(data_file, tmp_path):
+    model = tf.FlaxGPT2Model(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(WORDS) + 5, n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer = _tokenizer(tmp_path)
+    tokenizer.pad_token = None  # as GPT-2's and Llama's tokenizers ship
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    assert main(["finetune", "--model", str(tmp_path / "gpt2"), "--data", str(data_file), "--steps", "2",
+                 "--batch-size", "8", "--max-length", "8", "--out", str(tmp_path / "run"), "--no-plot",
+                 "--no-baseline"]) == 0

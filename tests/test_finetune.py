@@ -35,7 +35,7 @@ def test_csv_data_and_its_errors(tmp_path):
         finetune.read_labelled(str(bad))
     missing = tmp_path / "m.csv"
     missing.write_text("text,label\nhello,x\nworld,\n")
-    with pytest.raises(ValueError, match="m.csv:3: missing text or label"):
+    with pytest.raises(ValueError, match="m.csv:3: missing label"):
         finetune.read_labelled(str(missing))
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "a", "label": "x"}\n')
@@ -60,3 +60,46 @@ def test_no_weights_compiled_in_as_constants(bert_dir, data_file, tmp_path, comp
     assert baked_in(compiled_ir) == {}
     compiled = " ".join(f.name for f in compiled_ir.iterdir())
     assert all(f"jit_{name}_compile" in compiled for name in ("pooled", "step", "logits_of"))
+
+
+def test_data_files_as_users_write_them(tmp_path):
+    def read(name, content, encoding="utf-8"):
+        file = tmp_path / name
+        file.write_bytes(content.encode(encoding))
+        return finetune.read_labelled(str(file))
+
+    # Excel's UTF-8 BOM, an upper-case extension, U+2028 inside a text, integer labels
+    assert read("bom.csv", "\ufefftext,label\nhi,x\nyo,y\n") == (["hi", "yo"], ["x", "y"])
+    texts, labels = read("u.JSONL", '{"text": "a\u2028b", "label": 10}\n{"text": "c\u0085d", "label": 2}\n')
+    assert texts == ["a\u2028b", "c\u0085d"] and labels == ["10", "2"]
+    assert finetune.class_order(["10", "2", "0"]) == ["0", "2", "10"]
+    for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),
+                      ('{"text": "a", "label": NaN}', "missing label"), ('{"text": "a", "label": 1.0}', "missing label"),
+                      ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "missing label")):
+        with pytest.raises(ValueError, match=f"n.jsonl:2: {what}"):
+            read("n.jsonl", '{"text": "ok", "label": "y"}\n' + row + "\n")
+    with pytest.raises(ValueError, match=r"c.csv:4: 3 fields for 2 columns \(quote a text that holds a comma\)"):
+        read("c.csv", 'text,label\n"two\nlines",x\ngood, very good film,pos\n')
+    with pytest.raises(ValueError, match=r"h.csv:1: the header must name 'text' and 'label' columns, found \['text', ' label'\]"):
+        read("h.csv", "text, label\na,x\n")
+    for name, content in (("e.jsonl", ""), ("e.csv", "text,label\n")):
+        with pytest.raises(ValueError, match=f"{name}: no rows"):
+            read(name, content)
+    with pytest.raises(ValueError, match="l.csv: not UTF-8 text"):
+        read("l.csv", "text,label\ncaf\u00e9,x\n", encoding="latin-1")
+    with pytest.raises(ValueError, match="built-in sets: bbc-news, tweet-sentiment"):
+        finetune.read_labelled(str(tmp_path / "tweet_sentiment"))
+
+
+def test_a_diverging_loss_stops_training_before_it_is_saved():
+    import itertools
+
+    import jax.numpy as jnp
+    import optax
+
+    saved = []
+    loss = lambda t, f, batch: jnp.sum(t["w"] ** 2) * batch
+    with pytest.raises(finetune.Diverged, match=r"LoRA: the loss is inf at step 3 \(last finite: 2.0\); try a lower --lr"):
+        finetune.train(loss, {"w": jnp.ones(2)}, None, optax.sgd(0.0), iter([1.0, 1.0, float("inf")]), 3, "LoRA",
+                       on_save=lambda t, step: saved.append(step), save_every=1)
+    assert saved == [1, 2]
