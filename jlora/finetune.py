@@ -68,10 +68,12 @@ class Options:
         if self.task not in ("classify", "causal-lm"):
             raise ValueError(f"--task must be classify or causal-lm, got {self.task!r}")
         for flag, value, least in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 1),
-                                   ("--save-every", self.save_every, 0), ("--steps", self.steps, 1)):
+                                   ("--save-every", self.save_every, 0), ("--steps", self.steps, 1),
+                                   ("--rank", self.rank, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
+        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio),
+                            ("--alpha", self.alpha)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -90,8 +92,8 @@ RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes i
 
 
 def prepare_out(opts: Options) -> Path:
-    """``--out``, made before any work (a path that cannot be a directory fails now, not after
-    training), with an earlier run's files removed (``Options`` refuses them without ``overwrite``).
+    """``--out``, made before training (a path that cannot be a directory fails then, not after
+    it), with an earlier run's files removed (``Options`` refuses them without ``overwrite``).
 
     Example:
         >>> import tempfile
@@ -412,7 +414,6 @@ def classify(opts: Options) -> dict:
         >>> results = classify(Options(steps=50, out="run"))  # doctest: +SKIP
         >>> results["lora"]["test_accuracy"], results["baseline"]["test_accuracy"]  # doctest: +SKIP
     """
-    out = prepare_out(opts)
     model, tokenizer, model_path = load_model(opts.model, "classify")
     check_length(model, opts.max_length)
     if tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
@@ -426,6 +427,7 @@ def classify(opts: Options) -> dict:
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
+    out = prepare_out(opts)  # after every check on the input: --overwrite removes the earlier run here
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
     key = jax.random.key(opts.seed)
     hidden = model.config.hidden_size
@@ -512,16 +514,20 @@ def causal_lm(opts: Options) -> dict:
     Example:
         >>> results = causal_lm(Options(task="causal-lm", model="gpt2-dir", data="corpus.txt"))  # doctest: +SKIP
     """
-    out = prepare_out(opts)
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     check_length(model, opts.max_length)
     file = Path(opts.data)
-    if opts.data in BUILTIN_DATA or not file.is_file():
-        raise ValueError("--task causal-lm needs --data FILE.txt (a text file)")
-    tokens = np.asarray(tokenizer(file.read_text())["input_ids"], np.int32)
+    if opts.data in BUILTIN_DATA or not file.is_file() or file.suffix.lower() in (".jsonl", ".csv"):
+        raise ValueError(f"--data {opts.data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    tokens = np.asarray(tokenizer(text)["input_ids"], np.int32)
     window = opts.max_length + 1
     if len(tokens) < 2 * window:
         raise ValueError(f"{file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
+    out = prepare_out(opts)
     starts = np.arange(0, len(tokens) - window, opts.max_length)
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(starts) / opts.batch_size))
     cfg = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)

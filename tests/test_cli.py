@@ -114,9 +114,11 @@ def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
     assert main(["finetune", "--model", str(bert_dir), "--data", str(few), "--steps", "1", "--no-plot"]) == 2
     assert "2 examples are too few for the fixed 70/15/15 split" in capsys.readouterr().err
     for option, value in (("--batch-size", "-1"), ("--batch-size", "0"), ("--steps", "-3"), ("--epochs", "0"),
-                          ("--max-length", "0"), ("--save-every", "-1")):
+                          ("--max-length", "0"), ("--save-every", "-1"), ("--rank", "0"), ("--alpha", "0")):
         assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), option, value]) == 2
         assert f"error: {option} must be" in capsys.readouterr().err
+    assert main(["finetune", "--task", "causal-lm", "--model", str(bert_dir), "--data", str(data_file)]) == 2
+    assert "--task causal-lm needs a plain text file" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
     assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
