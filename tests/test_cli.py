@@ -157,18 +157,23 @@ def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path
     assert "adapter for another base model" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_a_loadable_adapter(bert_dir, data_file, tmp_path, monkeypatch, capsys):
+def _ctrl_c_at_batch(monkeypatch, at):
+    """Ctrl-C while the training loops draw their batch number ``at`` (counted per loop)."""
     from jlora import finetune
 
     real = finetune._batches
 
-    def interrupted_after_7(n, batch, rng):
+    def interrupted(n, batch, rng):
         for i, rows in enumerate(real(n, batch, rng)):
-            if i == 7:
+            if i == at:
                 raise KeyboardInterrupt
             yield rows
 
-    monkeypatch.setattr(finetune, "_batches", interrupted_after_7)
+    monkeypatch.setattr(finetune, "_batches", interrupted)
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_a_loadable_adapter(bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    _ctrl_c_at_batch(monkeypatch, 7)
     out = tmp_path / "run"
     code = main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "50", "--batch-size", "8",
                  "--max-length", "8", "--out", str(out), "--save-every", "5", "--no-baseline", "--no-plot"])
@@ -217,17 +222,7 @@ def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_direct
 
 
 def test_ctrl_c_in_the_baseline_ends_the_job(bert_dir, data_file, tmp_path, monkeypatch, capsys):
-    from jlora import finetune
-
-    real = finetune._batches
-
-    def interrupted_after_2(n, batch, rng):
-        for i, rows in enumerate(real(n, batch, rng)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield rows
-
-    monkeypatch.setattr(finetune, "_batches", interrupted_after_2)
+    _ctrl_c_at_batch(monkeypatch, 2)
     out = tmp_path / "run"
     assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "50", "--batch-size", "8",
                  "--max-length", "8", "--out", str(out), "--no-plot"]) == 130
