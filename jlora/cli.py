@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", "--output-dir", default="jlora-out", help="adapter, metrics.json and loss_curve.png "
                                                                        "go here (default: %(default)s)")
     ft.add_argument("--overwrite", "--overwrite-output-dir", action="store_true",
-                    help="replace an earlier run in --out (without it, such a run is refused)")
+                    help="replace an earlier run in --out, file by file as this run saves (without it, such a "
+                         "run is refused)")
     ft.add_argument("--save-every", type=int, default=50, help="save the adapter every N steps, 0: only at the end (default: %(default)s)")
     ft.add_argument("--no-baseline", action="store_true", help="skip the frozen-encoder baseline")
     ft.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
@@ -138,6 +139,11 @@ def _merge(args: argparse.Namespace) -> int:
     if not model_dir:
         raise ValueError(f"{args.adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass --model DIR")
+    from jlora.finetune import DEFAULT_MODEL, load_model
+
+    if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
+        raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory; "
+                         "pass --model DIR")
     out = Path(args.out)
     for what, kept in (("the base model", model_dir), ("the adapter", args.adapter)):
         if out.resolve() == Path(kept).resolve():
@@ -147,7 +153,6 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
     if out.is_dir() and any(out.iterdir()):  # another model's files would stay beside the merged ones
         raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
-    from jlora.finetune import load_model
 
     model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
     prefix = meta.get("model_prefix")

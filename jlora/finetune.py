@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.adapter import save_adapter
+from jlora.adapter import read_config, save_adapter
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
@@ -81,6 +80,13 @@ class Options:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {self.out}: is a file, not a directory")
+        adapter = out / "adapter"
+        if adapter.exists():
+            try:
+                read_config(adapter)
+            except ValueError:
+                raise ValueError(f"--out {self.out}: {adapter} is not a jlora adapter directory (a run writes "
+                                 "its adapter there); choose another --out") from None
         earlier = [name for name in RUN_FILES if (out / name).exists()]
         if earlier and not self.overwrite:
             raise ValueError(f"--out {self.out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
@@ -92,8 +98,7 @@ RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes i
 
 
 def prepare_out(opts: Options) -> Path:
-    """``--out``, made before training (a path that cannot be a directory fails then, not after
-    it), with an earlier run's files removed (``Options`` refuses them without ``overwrite``).
+    """``--out``, made before training: a path that cannot be a directory fails then, not after it.
 
     Example:
         >>> import tempfile
@@ -102,13 +107,29 @@ def prepare_out(opts: Options) -> Path:
     """
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        old = out / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
     return out
+
+
+def adapter_saver(out: Path, frozen: Any, config: jlora.LoraConfig, metadata: dict) -> Callable[[Any, int], None]:
+    """``save(trainable, step)``: the adapter into ``out/adapter``, each file replaced atomically.
+    An earlier run's (``--overwrite``) stays whole until this run's first save, which also removes
+    its metrics and plot: they would no longer describe the adapter.
+
+    Example:
+        >>> save = adapter_saver(Path("run"), frozen, config, {"task": "classify"})  # doctest: +SKIP
+    """
+    first = [True]
+
+    def save(trainable: Any, step: int) -> None:
+        if first:
+            for name in ("metrics.json", "loss_curve.png"):
+                if (out / name).is_file():
+                    (out / name).unlink()
+            first.clear()
+        save_adapter(out / "adapter", jlora.combine(trainable, frozen), lora_config=config,
+                     metadata={**metadata, "step": step})
+
+    return save
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
         raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
     for row in reader:
         where = f"{path}:{reader.line_num}"
-        if None in row:  # more fields than columns
+        if any(row.get(None) or ()):  # more (non-empty) fields than columns
             raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
                              "(quote a text that holds a comma)")
         yield where, row["text"], row["label"]
@@ -244,15 +265,19 @@ def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
 def _text(value: Any, where: str) -> str:
     if isinstance(value, str) and value.strip():
         return value
-    raise ValueError(f"{where}: missing text (a non-empty string), got {value!r}")
+    what = "missing text" if value is None or isinstance(value, str) else "the text must be a string"
+    raise ValueError(f"{where}: {what} (a non-empty string), got {value!r}")
 
 
 def _label(value: Any, where: str) -> str:
+    if isinstance(value, float) and value.is_integer():  # pandas writes an integer column holding a NaN so
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str) and value.strip():
         return value
-    raise ValueError(f"{where}: missing label (a non-empty string or an integer), got {value!r}")
+    what = "missing label" if value is None or isinstance(value, str) else "the label must be a string or an integer"
+    raise ValueError(f"{where}: {what} (a non-empty string or an integer), got {value!r}")
 
 
 def class_order(labels: list[str]) -> list[str]:
@@ -313,8 +338,9 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
+        detail = f": {err}" if isinstance(err, (OSError, ValueError)) else ""  # not HF's internal TypeErrors
         raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
-                         f"e.g. tokenizer.json or vocab.txt): {type(err).__name__}: {err}") from None
+                         f"e.g. tokenizer.json or vocab.txt){detail}") from None
     return model, tokenizer, path.resolve()
 
 
@@ -328,9 +354,15 @@ def check_length(model: Any, max_length: int) -> None:
         ...
         ValueError: --max-length 1024: the model has 512 positions
     """
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and getattr(config, "model_type", None) in _POSITIONS_AFTER_PAD:
+        limit -= (getattr(config, "pad_token_id", None) or 1) + 1  # positions count from pad_token_id + 1
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length}: the model has {limit} positions")
+
+
+_POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm")
 
 
 class Diverged(ValueError):
@@ -364,7 +396,7 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
     """A jitted loop of ``loss_fn(trainable, frozen, batch)`` with a progress bar on stderr (loss,
     throughput); Ctrl-C stops it cleanly. ``frozen`` is an argument of the step, so it never becomes HLO constants.
 
-    A non-finite loss raises ``Diverged`` before anything is saved from that step.
+    A non-finite loss or updated weight raises ``Diverged`` before anything is saved from that step.
 
     Example:
         >>> import itertools
@@ -382,7 +414,9 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
     def step(t, f, s, batch):
         loss, g = jax.value_and_grad(loss_fn)(t, f, batch)
         u, s = tx.update(g, s, t)
-        return optax.apply_updates(t, u), s, loss
+        t = optax.apply_updates(t, u)
+        finite = jnp.all(jnp.stack([jnp.isfinite(loss)] + [jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))
+        return t, s, loss, finite
 
     losses: list[float] = []
     start = time.perf_counter()
@@ -393,9 +427,10 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
         bar = progress.add_task(label, total=steps, info="")
         try:
             for i in range(steps):
-                trainable, state, loss = step(trainable, frozen, state, next(batches))
-                if not math.isfinite(float(loss)):
-                    raise Diverged(f"{label}: the loss is {float(loss)} at step {i + 1} (last finite: "
+                trainable, state, loss, finite = step(trainable, frozen, state, next(batches))
+                if not finite:
+                    what = f"the loss is {float(loss)}" if not math.isfinite(float(loss)) else "the weights are not finite"
+                    raise Diverged(f"{label}: {what} at step {i + 1} (last finite loss: "
                                    f"{losses[-1] if losses else None}); try a lower --lr")
                 losses.append(float(loss))
                 rate = tokens_per_step * (i + 1) / (time.perf_counter() - start)
@@ -491,8 +526,7 @@ def classify(opts: Options) -> dict:
     loss_fn = lambda t, f, b: xent(logits_of(jlora.combine(t, f), b["ids"], b["mask"]), b["y"])
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "classify",
             "classes": classes, "model_prefix": "encoder"}
-    saver = lambda t, step: save_adapter(out / "adapter", jlora.combine(t, frozen), lora_config=cfg,
-                                         metadata={**meta, "step": step})
+    saver = adapter_saver(out, frozen, cfg, meta)
     trainable, runs["lora"] = train(
         loss_fn, trainable, frozen, jlora.optimizer(tx, trainable, b_lr_ratio=opts.b_lr_ratio),
         batches(lambda r: {"ids": ids[r], "mask": mask[r], "y": labels[r]}), steps, "LoRA", saver,
@@ -543,8 +577,7 @@ def causal_lm(opts: Options) -> dict:
             yield np.stack([tokens[s:s + window] for s in starts[rows]])
 
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "causal-lm"}
-    saver = lambda t, step: save_adapter(out / "adapter", jlora.combine(t, frozen), lora_config=cfg,
-                                         metadata={**meta, "step": step})
+    saver = adapter_saver(out, frozen, cfg, meta)
     tx = jlora.optimizer(optax.adamw(opts.lr), trainable, b_lr_ratio=opts.b_lr_ratio)
     trainable, run = train(loss_fn, trainable, frozen, tx, batches(), steps, "LoRA", saver, opts.save_every,
                            opts.batch_size * opts.max_length)

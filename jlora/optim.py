@@ -42,27 +42,25 @@ def _group(params: Any) -> Any:
     return jax.tree.map(lambda label: FROZEN if label == FROZEN else ADAPTER, labels(params))
 
 
-def check_fits(grads: Any, params: Any) -> None:
-    """Refuse gradients that do not fit ``params`` leaf by leaf (from another model, or another
-    rank), naming the first path that differs, rather than failing inside ``tx``.
+def misfit(grads: Any, params: Any) -> str | None:
+    """Where gradients do not fit ``params`` leaf by leaf (from another model, or another rank):
+    the first path that differs and how, or ``None``. ``update`` asks only when ``tx`` fails, so
+    gradients of other shapes that ``tx`` takes (DP-SGD's per-example ones) still pass.
 
     Example:
-        >>> check_fits({"k": jnp.zeros((2, 3))}, {"k": jnp.zeros((3, 2))})
-        Traceback (most recent call last):
-        ...
-        ValueError: jlora.optimizer: the gradients do not fit the params (from another model?): 'k' is (2, 3) in the gradients, (3, 2) in the params
+        >>> misfit({"k": jnp.zeros((2, 3))}, {"k": jnp.zeros((3, 2))})
+        "'k' is (2, 3) in the gradients, (3, 2) in the params"
     """
     shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else None
     in_grads = {p: shape(x) for p, x in leaves_with_paths(grads)}
     in_params = {p: shape(x) for p, x in leaves_with_paths(params)}
     only_grads, only_params = sorted(set(in_grads) - set(in_params)), sorted(set(in_params) - set(in_grads))
-    what = "the gradients do not fit the params (from another model?)"
     if only_grads or only_params:
-        raise ValueError(f"jlora.optimizer: {what}: only in the gradients: {only_grads[:5]}; "
-                         f"only in the params: {only_params[:5]}")
+        return f"only in the gradients: {only_grads[:5]}; only in the params: {only_params[:5]}"
     for path, s in in_grads.items():
         if s != in_params[path]:
-            raise ValueError(f"jlora.optimizer: {what}: '{path}' is {s} in the gradients, {in_params[path]} in the params")
+            return f"'{path}' is {s} in the gradients, {in_params[path]} in the params"
+    return None
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
@@ -76,7 +74,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     trainable half (a state made from one serves the other); updates come back in the gradients'
     structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
     ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
-    ``update``'s ``params``, if given, to fit the gradients leaf by leaf (``check_fits``).
+    where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -102,9 +100,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
         trainable_params = None if params is None else split(params)[0]
-        if params is not None:
-            check_fits(trainable, trainable_params)
-        out, state = inner.update(trainable, state, trainable_params, **extra_args)
-        return combine(out, jax.tree.map(_no_change, frozen)), state
+        try:
+            out, state = inner.update(trainable, state, trainable_params, **extra_args)
+        except (TypeError, ValueError):  # a broadcasting error deep in tx: say which param, if it is that
+            problem = None if params is None else misfit(trainable, trainable_params)
+            if problem is None:
+                raise
+        else:
+            return combine(out, jax.tree.map(_no_change, frozen)), state
+        raise ValueError(f"jlora.optimizer: the gradients do not fit the params (from another model?): {problem}")
 
     return optax.GradientTransformationExtraArgs(init, update)

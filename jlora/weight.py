@@ -175,7 +175,11 @@ class LoraWeight(Lazy):
             >>> lw.replace(scale=0.5).scale
             0.5
         """
-        fields = {"w": self.w, "a": self.a, "b": self.b, **self.metadata(), **changes}
+        fields = {"w": self.w, "a": self.a, "b": self.b, **self.metadata()}
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(f"LoraWeight.replace: unknown field(s) {unknown}; fields are {', '.join(fields)}")
+        fields.update(changes)
         obj = object.__new__(type(self))
         _set(obj, **{**fields, "layout": Layout.parse(fields["layout"])})
         return obj

@@ -201,6 +201,25 @@ def test_an_earlier_run_is_kept_unless_overwrite_is_given(bert_dir, data_file, t
     assert not (out / "loss_curve.png").exists()  # the earlier run's plot does not stay beside new metrics
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves_and_never_takes_foreign_files(
+        bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "2", "--batch-size", "8",
+            "--max-length", "8", "--out", str(out)]
+    assert main(args + ["--no-baseline", "--no-plot"]) == 0
+    earlier = {p.name: p.read_bytes() for p in [out / "metrics.json", *(out / "adapter").iterdir()]}
+    _ctrl_c_at_batch(monkeypatch, 1)  # the new run stops in its baseline, before any save
+    assert main(args + ["--overwrite", "--seed", "1"]) == 130
+    assert {p.name: p.read_bytes() for p in [out / "metrics.json", *(out / "adapter").iterdir()]} == earlier
+    project = tmp_path / "project"
+    (project / "adapter").mkdir(parents=True)
+    (project / "adapter" / "__init__.py").write_text("# the user's own code")
+    capsys.readouterr()
+    assert main(args[:-1] + [str(project), "--overwrite"]) == 2
+    assert "adapter is not a jlora adapter directory" in capsys.readouterr().err
+    assert (project / "adapter" / "__init__.py").read_text() == "# the user's own code"
+
+
 def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_directory(
         bert_dir, data_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -215,6 +234,10 @@ def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_direct
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "run" / "adapter"), "--out", "merged"]) == 2
     assert "--out merged: exists and is not empty" in capsys.readouterr().err
+    (tmp_path / "bert").rename(tmp_path / "moved")
+    assert main(["merge", str(tmp_path / "run" / "adapter"), "--out", "m1"]) == 2
+    assert "bert (recorded at training) is not a directory; pass --model DIR" in capsys.readouterr().err
+    (tmp_path / "moved").rename(tmp_path / "bert")
     jlora.adapter.save_adapter(tmp_path / "plain", jlora.lora_init(
         jax.random.key(0), tf.FlaxBertModel.from_pretrained(bert_dir).params, jlora.LoraConfig(targets=["query"])))
     assert main(["merge", str(tmp_path / "plain"), "--out", "m2"]) == 2

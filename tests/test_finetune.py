@@ -73,9 +73,12 @@ def test_data_files_as_users_write_them(tmp_path):
     texts, labels = read("u.JSONL", '{"text": "a\u2028b", "label": 10}\n{"text": "c\u0085d", "label": 2}\n')
     assert texts == ["a\u2028b", "c\u0085d"] and labels == ["10", "2"]
     assert finetune.class_order(["10", "2", "0"]) == ["0", "2", "10"]
+    assert read("f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')[1] == ["1", "0"]  # pandas' 1.0
+    assert read("t.csv", "text,label\nhi,x,\nyo,y\n") == (["hi", "yo"], ["x", "y"])  # a trailing empty field
     for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),
-                      ('{"text": "a", "label": NaN}', "missing label"), ('{"text": "a", "label": 1.0}', "missing label"),
-                      ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "missing label")):
+                      ('{"text": "a", "label": NaN}', "the label must be"), ('{"text": "a", "label": 1.5}', "the label must be"),
+                      ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "the label must be"),
+                      ('{"text": 3, "label": "x"}', "the text must be a string")):
         with pytest.raises(ValueError, match=f"n.jsonl:2: {what}"):
             read("n.jsonl", '{"text": "ok", "label": "y"}\n' + row + "\n")
     with pytest.raises(ValueError, match=r"c.csv:4: 3 fields for 2 columns \(quote a text that holds a comma\)"):
@@ -99,7 +102,21 @@ def test_a_diverging_loss_stops_training_before_it_is_saved():
 
     saved = []
     loss = lambda t, f, batch: jnp.sum(t["w"] ** 2) * batch
-    with pytest.raises(finetune.Diverged, match=r"LoRA: the loss is inf at step 3 \(last finite: 2.0\); try a lower --lr"):
+    with pytest.raises(finetune.Diverged, match=r"LoRA: the loss is inf at step 3 \(last finite loss: 2.0\); try a lower --lr"):
         finetune.train(loss, {"w": jnp.ones(2)}, None, optax.sgd(0.0), iter([1.0, 1.0, float("inf")]), 3, "LoRA",
                        on_save=lambda t, step: saved.append(step), save_every=1)
     assert saved == [1, 2]
+    saved.clear()  # a finite loss whose gradient is not: the updated weights are caught before they are saved
+    with pytest.raises(finetune.Diverged, match="LoRA: the weights are not finite at step 1"):
+        finetune.train(lambda t, f, b: jnp.sqrt(t["w"]).sum(), {"w": jnp.zeros(2)}, None, optax.sgd(1.0),
+                       iter([0.0]), 1, "LoRA", on_save=lambda t, step: saved.append(step), save_every=1)
+    assert saved == []
+
+
+def test_max_length_counts_the_positions_a_model_can_use():
+    from types import SimpleNamespace
+
+    roberta = SimpleNamespace(config=SimpleNamespace(model_type="roberta", max_position_embeddings=514, pad_token_id=1))
+    finetune.check_length(roberta, 512)
+    with pytest.raises(ValueError, match="--max-length 513: the model has 512 positions"):
+        finetune.check_length(roberta, 513)

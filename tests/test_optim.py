@@ -152,3 +152,13 @@ def test_gradients_of_another_model_are_refused_by_path():
     with pytest.raises(ValueError, match=r"only in the params: \['l2/kernel/a'"):
         tx.update(jlora.split(one_layer)[0], state, jlora.split(one_layer)[0] | {"l2": trainable["l2"]})
     tx.update(trainable, state, trainable)  # the right ones pass
+
+
+def test_per_example_gradients_reach_a_tx_that_takes_them():
+    base = {"l1": {"kernel": jnp.ones((8, 8))}}
+    params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, alpha=4, targets=["kernel"]))
+    trainable, _ = jlora.split(params)
+    tx = jlora.optimizer(optax.contrib.differentially_private_aggregate(1.0, 0.0, 0), trainable)
+    per_example = jax.tree.map(lambda x: jnp.stack([x] * 5), trainable)  # DP-SGD: a leading batch axis
+    updates, _ = tx.update(per_example, tx.init(trainable), trainable)
+    assert updates["l1"]["kernel"].a.shape == (8, 4)

@@ -45,3 +45,9 @@ def test_a_lazy_value_cannot_be_trained_in_full():
 
     with pytest.raises(ValueError, match="Trainable: a lazy Int8Weight .* cannot be trained in full"):
         jlora.Trainable(quantize(jnp.ones((4, 4))))
+
+
+def test_replace_refuses_unknown_fields():
+    lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
+    with pytest.raises(ValueError, match=r"LoraWeight.replace: unknown field\(s\) \['rank'\]; fields are w, a, b, scale"):
+        lw.replace(rank=3)
