@@ -366,7 +366,7 @@ _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "ro
 
 
 class Diverged(ValueError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights after a step, became NaN or infinite."""
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -462,7 +462,7 @@ def classify(opts: Options) -> dict:
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
-    out = prepare_out(opts)  # after every check on the input: --overwrite removes the earlier run here
+    out = prepare_out(opts)  # after every check on the input
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
     key = jax.random.key(opts.seed)
     hidden = model.config.hidden_size

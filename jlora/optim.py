@@ -106,8 +106,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
             problem = None if params is None else misfit(trainable, trainable_params)
             if problem is None:
                 raise
-        else:
-            return combine(out, jax.tree.map(_no_change, frozen)), state
-        raise ValueError(f"jlora.optimizer: the gradients do not fit the params (from another model?): {problem}")
+            raise ValueError(f"jlora.optimizer: the gradients do not fit the params (from another model?): "
+                             f"{problem}") from None
+        return combine(out, jax.tree.map(_no_change, frozen)), state
 
     return optax.GradientTransformationExtraArgs(init, update)
