@@ -28,6 +28,7 @@ from jlora.adapter import read_config, save_adapter
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
+RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes into --out
 
 
 @dataclasses.dataclass
@@ -94,8 +95,6 @@ class Options:
         jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)  # its own checks, before training
 
 
-RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes into --out
-
 
 def prepare_out(opts: Options) -> Path:
     """``--out``, made before training: a path that cannot be a directory fails then, not after it.
@@ -113,19 +112,17 @@ def prepare_out(opts: Options) -> Path:
 def adapter_saver(out: Path, frozen: Any, config: jlora.LoraConfig, metadata: dict) -> Callable[[Any, int], None]:
     """``save(trainable, step)``: the adapter into ``out/adapter``, each file replaced atomically.
     An earlier run's (``--overwrite``) stays whole until this run's first save, which also removes
-    its metrics and plot: they would no longer describe the adapter.
+    its metrics and plot: they would no longer describe the adapter (this run writes its own only
+    after its last save).
 
     Example:
         >>> save = adapter_saver(Path("run"), frozen, config, {"task": "classify"})  # doctest: +SKIP
     """
-    first = [True]
 
     def save(trainable: Any, step: int) -> None:
-        if first:
-            for name in ("metrics.json", "loss_curve.png"):
-                if (out / name).is_file():
-                    (out / name).unlink()
-            first.clear()
+        for name in ("metrics.json", "loss_curve.png"):
+            if (out / name).is_file():
+                (out / name).unlink()
         save_adapter(out / "adapter", jlora.combine(trainable, frozen), lora_config=config,
                      metadata={**metadata, "step": step})
 

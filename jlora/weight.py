@@ -8,7 +8,6 @@ that the evaluator of ``jlora.apply`` can use without forming it.
 from __future__ import annotations
 
 import math
-
 from typing import Any, Callable
 
 import jax
