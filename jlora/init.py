@@ -97,6 +97,32 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) 
     return ""
 
 
+def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
+    """The modules holding a weight a target can name (>= 2-D float ``kernel``, ``weight`` or
+    ``embedding``), layer indices written ``*``.
+
+    Example:
+        >>> _weight_modules([("layers/0/query/kernel", jnp.ones((2, 2))), ("layers/1/query/kernel", jnp.ones((2, 2))),
+        ...                  ("layers/0/norm/scale", jnp.ones(2))])
+        ['layers/*/query']
+    """
+    return list(dict.fromkeys(
+        "/".join("*" if c.isdigit() else c for c in path.split("/")[:-1]) or "(the root)"
+        for path, leaf in entries
+        if path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") and _is_float_array(leaf) and leaf.ndim >= 2
+    ))
+
+
+def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[str, Any]]) -> str:
+    """The tail of a "pattern matches no param" error: what is near, and what a pattern could name."""
+    if option == "trainable":
+        return f"; nearest paths: {nearest(text, paths) or list(paths[:5])}"
+    modules = _weight_modules(entries)
+    near = nearest(text, modules, n=3)
+    listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
+    return (f"; nearest modules: {near}" if near else "") + f"; modules with weights to adapt: {listed or 'none'}"
+
+
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs.
 
@@ -157,7 +183,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
                 + (" it can use" + (_why_unused(matched, exclude) if option == "targets" else _why_untrainable(matched)) if matched else "")
-                + f"; nearest paths: {nearest(pat.text, paths)}"
+                + _no_match(option, pat.text, paths, entries)
             )
     if not adapt:
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
@@ -166,8 +192,8 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
     for option in ("rank_pattern", "alpha_pattern"):  # (layouts may describe a whole model family)
         for text, _ in getattr(config, option):
             if not any(Pattern(text).match(p) for p in paths):
-                raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param; "
-                                 f"nearest paths: {nearest(text, paths)}")
+                raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param"
+                                 + _no_match(option, text, paths, entries))
     return adapt, tune
 
 

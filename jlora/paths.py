@@ -149,7 +149,12 @@ def compile_patterns(patterns: Iterable[str]) -> tuple[Pattern, ...]:
 
 
 def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
-    """The paths closest to ``text``, to suggest in an error message."""
+    """The paths closest to ``text`` (none when nothing is close), to suggest in an error message.
+
+    Example:
+        >>> nearest("q_prj", ["model/q_proj/kernel", "model/mlp/kernel"])
+        ['model/q_proj/kernel']
+    """
     by_comp: dict[str, str] = {}
     for p in paths:
         for c in p.split("/"):
@@ -157,4 +162,4 @@ def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(text, list(by_comp), n=n, cutoff=0.5)
     out = list(dict.fromkeys(by_comp[c] for c in close))
     out += [p for p in difflib.get_close_matches(text, list(paths), n=n, cutoff=0.3) if p not in out]
-    return out[:n] or list(paths[:n])
+    return out[:n]

@@ -36,6 +36,7 @@ def test_paths_of_dicts_lists_and_nnx_variables_read_as_slash_joined():
 def test_nearest_suggests_similar_paths():
     paths = ["model/q_proj/kernel", "model/k_proj/kernel", "model/mlp/up/kernel"]
     assert nearest("q_prj", paths)[0] == "model/q_proj/kernel"
+    assert nearest("attention", paths) == []  # nothing close: no suggestion rather than an arbitrary one
 
 
 def test_bad_pattern():
