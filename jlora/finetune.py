@@ -92,7 +92,10 @@ class Options:
         if earlier and not self.overwrite:
             raise ValueError(f"--out {self.out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
                              "to replace it, or choose another --out")
-        jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)  # its own checks, before training
+        try:  # its own checks, before any loading
+            jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
+        except ValueError as err:
+            raise ValueError(as_flags(str(err))) from None
 
 
 
@@ -328,7 +331,8 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
     from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
-        model = cls.from_pretrained(str(path), from_pt=from_pt)
+        options = {"add_pooling_layer": False} if task == "classify" and _has_pooler(path) else {}
+        model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
@@ -339,6 +343,42 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
         raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
                          f"e.g. tokenizer.json or vocab.txt){detail}") from None
     return model, tokenizer, path.resolve()
+
+
+def _has_pooler(path: Path) -> bool:
+    """Whether the encoder at ``path`` has a pooler the classify job can leave out (it mean-pools
+    the last hidden states, so a pooler would only hold adapters that never train)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_MAPPING
+
+    model_class = FLAX_MODEL_MAPPING.get(type(AutoConfig.from_pretrained(str(path))), None)
+    module = getattr(model_class, "module_class", None)
+    return dataclasses.is_dataclass(module) and "add_pooling_layer" in {f.name for f in dataclasses.fields(module)}
+
+
+def adapt(key: Any, model: Any, opts: Options) -> tuple[jlora.LoraConfig, Any]:
+    """``(config, params with adapters)`` for ``opts``; a bad ``--rank``/``--targets`` fails here,
+    before any training, in the command line's words.
+
+    Example:
+        >>> config, params = adapt(jax.random.key(0), model, Options(rank=4))  # doctest: +SKIP
+    """
+    try:
+        config = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)
+        return config, jlora.hf.lora_init(key, model, config)
+    except ValueError as err:
+        raise ValueError(as_flags(str(err))) from None
+
+
+def as_flags(message: str) -> str:
+    """A ``LoraConfig`` error in terms of ``jlora finetune``'s flags.
+
+    Example:
+        >>> as_flags("LoraConfig.targets: pattern 'q_proj' matches no param")
+        "--targets: pattern 'q_proj' matches no param"
+    """
+    message = re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
+    return message.replace("targets='all-linear'", "--targets all-linear")
 
 
 def check_length(model: Any, max_length: int) -> None:
@@ -367,10 +407,20 @@ class Diverged(ValueError):
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Row indices, ``batch`` at a time, cut from one shuffled epoch after another: every row is
+    shown once an epoch (a batch may span two epochs), and every batch has the same shape.
+
+    Example:
+        >>> rows = _batches(5, 2, np.random.default_rng(0))
+        >>> sorted(np.concatenate([next(rows) for _ in range(5)])) == sorted(list(range(5)) * 2)
+        True
+    """
+    pending = np.empty(0, np.int64)
     while True:
-        order = rng.permutation(n)
-        for i in range(0, n - batch + 1, batch):
-            yield order[i:i + batch]
+        while len(pending) < batch:
+            pending = np.concatenate([pending, rng.permutation(n)])
+        yield pending[:batch]
+        pending = pending[batch:]
 
 
 @dataclasses.dataclass
@@ -459,9 +509,10 @@ def classify(opts: Options) -> dict:
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
+    key = jax.random.key(opts.seed)
+    cfg, encoder = adapt(jax.random.fold_in(key, 1), model, opts)
     out = prepare_out(opts)  # after every check on the input
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
-    key = jax.random.key(opts.seed)
     hidden = model.config.hidden_size
     head0 = {"kernel": 0.02 * jax.random.normal(key, (hidden, len(classes))), "bias": jnp.zeros(len(classes))}
     forward = jlora.apply(model.__call__)
@@ -512,9 +563,7 @@ def classify(opts: Options) -> dict:
         val, lr, runs["baseline"], predict = best
         results["baseline"] = {"val_accuracy": val, "test_accuracy": accuracy(predict, test_idx), "lr": lr}
 
-    cfg = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)
-    params = {"encoder": jlora.hf.lora_init(jax.random.fold_in(key, 1), model, cfg),
-              "head": jax.tree.map(jlora.Trainable, head0)}
+    params = {"encoder": encoder, "head": jax.tree.map(jlora.Trainable, head0)}
     trainable, frozen = jlora.split(params)
 
     def logits_of(p, ids, mask):
@@ -558,11 +607,11 @@ def causal_lm(opts: Options) -> dict:
     window = opts.max_length + 1
     if len(tokens) < 2 * window:
         raise ValueError(f"{file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
+    cfg, params = adapt(jax.random.key(opts.seed), model, opts)
     out = prepare_out(opts)
     starts = np.arange(0, len(tokens) - window, opts.max_length)
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(starts) / opts.batch_size))
-    cfg = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)
-    trainable, frozen = jlora.split(jlora.hf.lora_init(jax.random.key(opts.seed), model, cfg))
+    trainable, frozen = jlora.split(params)
     forward = jlora.apply(model.__call__)
 
     def loss_fn(t, f, seq):

@@ -1,4 +1,5 @@
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -120,3 +121,41 @@ def test_max_length_counts_the_positions_a_model_can_use():
     finetune.check_length(roberta, 512)
     with pytest.raises(ValueError, match="--max-length 513: the model has 512 positions"):
         finetune.check_length(roberta, 513)
+
+
+@pytest.mark.parametrize("n, batch", [(28, 8), (5, 5), (7, 3), (1, 1)])
+def test_every_row_is_shown_once_an_epoch(n, batch):
+    rows = finetune._batches(n, batch, np.random.default_rng(1))
+    drawn = [next(rows) for _ in range(n)]  # n batches: exactly `batch` epochs
+    assert all(b.shape == (batch,) for b in drawn)
+    epochs = np.concatenate(drawn).reshape(batch, n)
+    assert (np.sort(epochs, axis=1) == np.arange(n)).all()
+    assert n == 1 or not (epochs == epochs[0]).all()  # each epoch is shuffled anew
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"targets": ["q_proj"]},
+     r"^--targets: pattern 'q_proj' matches no param; modules with weights to adapt: .*encoder/layer/\*/attention/self/query"),
+    ({"targets": ["all-linear", "query"]}, r"stands alone: --targets all-linear \(got"),
+    ({"rank": 40}, r"^rank 40 for 'encoder/layer/0/attention/self/query/kernel' exceeds min\(in=32, out=32\)"),
+])
+def test_bad_lora_options_fail_before_any_training_in_the_flags_words(bert_dir, data_file, tmp_path, monkeypatch,
+                                                                   options, match):
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained before checking the LoRA options"))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        finetune.classify(finetune.Options(model=str(bert_dir), data=str(data_file), max_length=8, out=str(out),
+                                           **options))
+    assert not out.exists()
+
+
+def test_classify_leaves_out_the_pooler_it_never_uses(bert_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    results = finetune.classify(finetune.Options(model=str(bert_dir), data=str(data_file), targets="all-linear",
+                                                 rank=2, steps=2, batch_size=8, max_length=8, out=str(out),
+                                                 baseline=False, plot=False))
+    adapted = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert not any("pooler" in json.dumps(v) for v in adapted.values())
+    # 2 layers x (q, k, v, attention/output, intermediate, output) of a 32-wide BERT (intermediate 64), r=2, + head
+    per_layer = 4 * 2 * (32 + 32) + 2 * (32 + 64) + 2 * (64 + 32)
+    assert results["lora"]["trainable_params"] == 2 * per_layer + 32 * 2 + 2
