@@ -378,6 +378,7 @@ def as_flags(message: str) -> str:
         "--targets: pattern 'q_proj' matches no param"
     """
     message = re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
+    message = message.replace("LoraConfig: 'all-linear'", "--targets: 'all-linear'")
     return message.replace("targets='all-linear'", "--targets all-linear")
 
 
