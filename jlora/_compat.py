@@ -35,6 +35,18 @@ while_p = _p.while_p
 cond_p = _p.cond_p
 
 
+
+class _NoSuchError(Exception):
+    """Stands for an exception type this JAX does not have (never raised)."""
+
+
+# The type error of an op whose shardings cannot be inferred on a mesh with Explicit axes (JAX 0.5+).
+try:
+    from jax._src.core import ShardingTypeError
+except ImportError:  # pragma: no cover - an older or reorganised JAX
+    ShardingTypeError = _NoSuchError
+
+
 def _traced_primitive(fn: Any, *args: Any) -> Any:
     """The primitive of the one equation ``fn`` traces to, found through the public API."""
     return jax.make_jaxpr(fn)(*args).jaxpr.eqns[0].primitive

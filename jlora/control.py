@@ -18,7 +18,7 @@ import jax
 from jax import lax
 
 from jlora import _compat
-from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register
+from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register, warn_once
 from jlora.sharding import NoPartSpecs, part_specs
 from jlora.weight import Lazy
 
@@ -116,20 +116,30 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
 
 
+def _undropped(ctx: Context, invals: list, what: str, why: str) -> None:
+    """Warn for each input whose LoRA dropout a custom derivative rule's body must leave out."""
+    for x in invals:
+        if ctx.drops_within(x):
+            warn_once(what, x, why, ctx.where(x), undropped=True)
+
+
 @register(_compat.custom_jvp_call_p, Lazy)
 def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs (a
-    ``MaterializeWarning`` says so when it is differentiated)."""
+    ``MaterializeWarning`` says so when it is differentiated). LoRA dropout is left out inside,
+    differentiated or not, so that a loss and its gradient agree; a warning says so."""
+    why = "its JVP rule differentiates the weight whole"
+    _undropped(ctx, invals, "custom_jvp_call", why)
+    inner = ctx.with_rng(None)
     leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> list:
-        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_jvp_call",
-                               why="its JVP rule differentiates the weight whole")
+        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_jvp_call", why=why)
 
     @jax.custom_jvp
     def call(*flat: Any) -> list:
         vals = jax.tree_util.tree_unflatten(treedef, list(flat))
-        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx.renamed(invals, vals)), "custom_jvp_call")
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, inner.renamed(invals, vals)), "custom_jvp_call")
 
     @call.defjvp
     def call_jvp(primals: tuple, tangents: tuple) -> Any:
@@ -142,17 +152,20 @@ def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.custom_vjp_call_p, Lazy)
 def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs (a
-    ``MaterializeWarning`` says so when it is differentiated)."""
+    ``MaterializeWarning`` says so when it is differentiated). LoRA dropout is left out inside, as
+    for ``custom_jvp``."""
+    why = "its fwd and bwd rules take the weight whole (a full-size gradient)"
+    _undropped(ctx, invals, "custom_vjp_call", why)
+    inner = ctx.with_rng(None)
     leaves, treedef = jax.tree_util.tree_flatten(invals)
 
     def materialized(*flat: Any) -> tuple:
-        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_vjp_call",
-                                     why="its fwd and bwd rules take the weight whole (a full-size gradient)"))
+        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_vjp_call", why=why))
 
     @jax.custom_vjp
     def call(*flat: Any) -> list:
         vals = jax.tree_util.tree_unflatten(treedef, list(flat))
-        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, ctx.renamed(invals, vals)), "custom_vjp_call")
+        return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, inner.renamed(invals, vals)), "custom_vjp_call")
 
     def fwd(*flat: Any) -> Any:
         mats, mat_vjp = jax.vjp(materialized, *flat)

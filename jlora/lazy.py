@@ -79,17 +79,20 @@ def is_lazy(x: Any) -> bool:
     return isinstance(x, Lazy)
 
 
-def warn_once(what: str, value: Any, why: str = "", where: str = "") -> None:
+def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: bool = False) -> None:
     """Warn once per (what, param path) that a value was materialised. ``where`` names the param
-    of a value that has no ``path`` of its own (a quantized kernel, or the base of a ``LoraWeight``)."""
+    of a value that has no ``path`` of its own (a quantized kernel, or the base of a ``LoraWeight``);
+    ``undropped``: LoRA dropout was due there, and a whole weight has no low-rank path to drop."""
     own = getattr(value, "path", "")
     key = (what, own or where or value.describe())
     if key in _WARNED:
         return
     _WARNED.add(key)
+    outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
+               if undropped else "The result is exact; only the factored fast path was skipped")
     warnings.warn(
         f"jlora: {value.describe()}{'' if own or not where else f' ({where})'} materialised at '{what}'"
-        f"{': ' + why if why else ''}. The result is exact; only the factored fast path was skipped.",
+        f"{': ' + why if why else ''}. {outcome}.",
         MaterializeWarning,
         stacklevel=3,
     )
@@ -100,18 +103,22 @@ def reset_warnings() -> None:
     _WARNED.clear()
 
 
-def materialize(x: Any, what: str | None = None, why: str = "", where: str = "") -> Any:
-    """A plain array for ``x``; warns once when ``what`` names a fallback (``where``: see ``warn_once``)."""
+def materialize(x: Any, what: str | None = None, why: str = "", where: str = "", undropped: bool = False) -> Any:
+    """A plain array for ``x``; warns once when ``what`` names a fallback (``where``, ``undropped``:
+    see ``warn_once``)."""
     if not is_lazy(x):
         return x
-    if what is not None and getattr(x, "warn_on_fallback", True):
-        warn_once(what, x, why, where)
+    if what is not None and (undropped or getattr(x, "warn_on_fallback", True)):
+        warn_once(what, x, why, where, undropped)
     return x.materialize()
 
 
 def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None) -> list:
-    """``materialize`` of each; ``ctx`` names the params of lazy values without a path of their own."""
-    return [materialize(x, what, why, ctx.where(x) if ctx is not None else "") for x in xs]
+    """``materialize`` of each; ``ctx`` names the params of lazy values without a path of their own
+    and says where LoRA dropout was due."""
+    if ctx is None:
+        return [materialize(x, what, why) for x in xs]
+    return [materialize(x, what, why, ctx.where(x), ctx.drops_within(x)) for x in xs]
 
 
 class Context:
@@ -157,6 +164,12 @@ class Context:
                 return True
             value = getattr(value, "w", None)
         return False
+
+    def note_custom_vjp(self) -> None:
+        """Record that a rule put a ``custom_vjp`` of jlora's own in the program (forward mode
+        cannot differentiate it: ``apply`` then says how to avoid it)."""
+        if self.records is not None:
+            self.records["custom_vjp"] = True
 
     def with_rng(self, rng: Any) -> "Context":
         return Context(rng, self.records, self.rebuild_inputs, self.names)
@@ -389,18 +402,25 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
+        records: dict = {}
+
         def run(values: list, rng: Any) -> list:
             names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
-            ctx = Context(rng=rng, rebuild_inputs=recompute == "inputs", names=names)
+            ctx = Context(rng=rng, records=records, rebuild_inputs=recompute == "inputs", names=names)
             return materialize_all(evaluate_closed(closed, values, ctx))
 
         if recompute is True:
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
         try:
             out = run(values, lora_rng)
+        except _compat.ShardingTypeError as err:  # the function itself traced: these are the rules' ops
+            raise ValueError(f"jlora.apply works on meshes with Auto axes; on this one it could not shard the "
+                             f"low-rank path: {err} (a mesh from jax.make_mesh has Explicit axes from JAX 0.10 "
+                             "on: make it with jlora.sharding.make_mesh, or pass axis_types=(AxisType.Auto,) * n)"
+                             ) from None
         except TypeError as err:
-            if "forward-mode" not in str(err) or recompute != "inputs":
-                raise
+            if "forward-mode" not in str(err) or not records.get("custom_vjp"):
+                raise  # not jlora's custom_vjp (the function's own, say): JAX's error as it is
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
                             "wrapped function use jlora.apply(fn, recompute=False)") from None

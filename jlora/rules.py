@@ -101,7 +101,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     lhs, rhs = invals
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if is_lazy(lhs) and is_lazy(rhs):
-        lhs = materialize(lhs, "dot_general", "both operands are lazy")
+        lhs = materialize(lhs, "dot_general", "both operands are lazy", undropped=ctx.drops_within(lhs))
         if not isinstance(rhs, LoraWeight):  # another kind (a quantized kernel): its own rules
             return evaluate_eqn(ctx, eqn, [lhs, rhs], ctx.where(rhs))
     if isinstance(rhs, LoraWeight):
@@ -115,7 +115,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     elif contracted == set(layout.group("o")):
         first = "b"
     else:
-        warn_once("dot_general", lw, f"layout '{layout}' does not match the contracted axes {tuple(w_contract)}")
+        warn_once("dot_general", lw, f"layout '{layout}' does not match the contracted axes {tuple(w_contract)}",
+                  undropped=ctx.drops(lw))
         return NotImplemented
 
     # Label every axis; x·ΔW is then one einsum of x, a and b.
@@ -160,6 +161,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # batch over, e.g. experts every token goes through)
             t = _to_order(t, t_labels, r_of(x_labels))
             b = _to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels))
+            ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
             return [lax.optimization_barrier(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
@@ -197,6 +199,7 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
     through = None
     if chain is not None and not any(v is None or is_lazy(v) for v in leaves):
         through = lambda dot, x, a: rebuild.down_projection(x, chain, leaves, a, dot)
+        ctx.note_custom_vjp()
     t, t_labels = contract(_dropout(ctx, lw, x), x_labels, a.astype(dtype), a_labels, keep, pref, prec, through)
     r_axis = t_labels.index(a_labels[-1])
     parts = jnp.split(t, np.cumsum([g.rank for g in group])[:-1].tolist(), axis=r_axis) if siblings else [t]
@@ -298,7 +301,8 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     layout = lw.layout
     if layout.group("b") or set(layout.group("o")) != {rhs_spec[0]} or set(layout.group("i")) != set(rhs_spec[1:]):
-        warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes")
+        warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes",
+                  undropped=ctx.drops(lw))
         return NotImplemented
     base = _bind(ctx, eqn, [x, lw.w], lw)[0]
     ins = layout.group("i")
@@ -338,8 +342,8 @@ def rev_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     new = eqn.params["new_dtype"]
-    if not jnp.issubdtype(new, jnp.floating):
-        return NotImplemented
+    if not jnp.issubdtype(new, jnp.floating) or any(jnp.iscomplexobj(x) for x in (lw.w, lw.a, lw.b)):
+        return NotImplemented  # to a real dtype, Re(a@b) is not Re(a)@Re(b)
     return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=lw.a.astype(new), b=lw.b.astype(new))]
 
 

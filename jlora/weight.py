@@ -25,8 +25,9 @@ class Lazy:
     under FSDP or tensor parallelism), a kind also defines ``sharding`` (the ``NamedSharding`` of
     the array it stands for: ``lora_init`` derives the factors' from it) and ``part_specs(spec)``
     (its parts' ``PartitionSpec``s, the same pytree, when that array is sharded as ``spec``:
-    ``jlora.sharding`` places it by them). ``tests/quantized.py`` has a complete one: an int8
-    kernel with its matmul rule.
+    ``jlora.sharding`` places it by them). To stay lazy when ``lax.scan`` slices stacked layers,
+    it defines ``unstack()``. ``tests/quantized.py`` has a complete one: an int8 kernel with its
+    matmul rule.
 
     Example:
         >>> @jax.tree_util.register_pytree_node_class
@@ -66,7 +67,9 @@ class Lazy:
         return self
 
     def unstack(self) -> "tuple[tuple, Callable[[tuple], Lazy]] | None":
-        """``(children, rebuild)`` to scan over axis 0, or ``None`` if it cannot stay lazy."""
+        """``(children, rebuild)`` for ``lax.scan`` to slice along axis 0 (each child is sliced,
+        ``rebuild`` makes one layer's value from the slices), or ``None``: the scan then takes the
+        materialised array."""
         return None
 
     def describe(self) -> str:
@@ -252,9 +255,17 @@ class LoraWeight(Lazy):
     def unstack(self):
         if self.layout.axes[0] != ("b", 0):
             return None
+        if isinstance(self.w, Lazy):  # a lazy base (quantized, or another adapter) slices by its own rule
+            base = self.w.unstack()
+            if base is None:
+                return None
+            w_parts, w_rebuild = base
+        else:
+            w_parts, w_rebuild = (self.w,), lambda parts: parts[0]
+        n = len(w_parts)
         sliced = Layout(tuple((r, k - 1 if r == "b" else k) for r, k in self.layout.axes[1:]))
         template = self.replace(w=None, a=None, b=None, layout=sliced)
-        return (self.w, self.a, self.b), lambda ch: template.replace(w=ch[0], a=ch[1], b=ch[2])
+        return (*w_parts, self.a, self.b), lambda ch: template.replace(w=w_rebuild(ch[:n]), a=ch[n], b=ch[n + 1])
 
     def describe(self) -> str:
         return f"LoraWeight at {self.path!r}" if self.path else "LoraWeight"

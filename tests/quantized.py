@@ -29,6 +29,13 @@ class Int8Weight(jlora.Lazy):
     def materialize(self):
         return self.q.astype(self.column_scale.dtype) * self.column_scale
 
+    def unstack(self):
+        """Sliced per layer by ``lax.scan`` when the scales are per layer too (else ``None``:
+        materialised, since shared scales must not be sliced)."""
+        if self.column_scale.ndim != self.q.ndim or self.column_scale.shape[0] != self.q.shape[0]:
+            return None
+        return (self.q, self.column_scale), lambda parts: Int8Weight(*parts)
+
     def tree_flatten(self):
         return (self.q, self.column_scale), None
 

@@ -50,6 +50,24 @@ def test_scan_reverse_unrolled(params):
     check_against_oracle(fn, params, X)
 
 
+def test_scan_over_stacked_adapters_whose_base_is_lazy():
+    """Sliced for the body, an adapter over an adapter stays factored, and a quantized base that
+    cannot slice itself is materialised (with a warning), never sliced as a plain pytree."""
+    from quantized import Int8Weight
+
+    k = jax.random.split(jax.random.key(2), 6)
+    inner = jlora.LoraWeight(jax.random.normal(k[0], (3, 6, 6)), jax.random.normal(k[1], (3, 6, 2)),
+                             jax.random.normal(k[2], (3, 2, 6)), scale=0.5, layout="bio", path="inner")
+    outer = lambda base: jlora.LoraWeight(base, jax.random.normal(k[3], (3, 6, 2)), jax.random.normal(k[4], (3, 2, 6)),
+                                          scale=0.3, layout="bio", path="layers/w")
+    fn = lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+    check_against_oracle(fn, {"w": outer(inner)}, X)  # no warning: every MaterializeWarning is an error here
+
+    int8 = Int8Weight(jax.random.randint(k[5], (3, 6, 6), -127, 128).astype(jnp.int8), jnp.full((6,), 0.01))
+    with pytest.warns(MaterializeWarning, match="'layers/w' materialised at 'scan': cannot slice its leading axis"):
+        check_against_oracle(fn, {"w": outer(int8)}, X)
+
+
 def test_while_loop(params):
     def fn(p, x):
         return lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x))[1]
@@ -116,6 +134,33 @@ def test_custom_vjp_with_lazy_input_keeps_the_rule(params):
     jlora.apply(lambda p, x: f(x, p["w"]))(params, X)  # no derivative, no materialisation: no warning
     with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_vjp_call': its fwd and bwd"):
         check_against_oracle(lambda p, x: f(x, p["w"]), params, X)
+
+
+@pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
+def test_dropout_is_left_out_inside_a_custom_derivative_alike_with_and_without_grad(kind):
+    """Differentiated, such a function takes the weight whole, where no low-rank path can drop: the
+    loss must not change when its gradient is taken, and a warning says dropout is off there."""
+    k = jax.random.split(jax.random.key(0), 4)
+    lw = jlora.LoraWeight(jax.random.normal(k[0], (4, 3)), jax.random.normal(k[1], (4, 2)),
+                          jax.random.normal(k[2], (2, 3)), scale=0.7, path="w", dropout=0.5)
+    x = jax.random.normal(k[3], (5, 4))
+    if kind == "custom_jvp":
+        layer = jax.custom_jvp(lambda w, x: jnp.tanh(x @ w))
+        layer.defjvp(lambda p, t: (layer(*p), (1 - layer(*p) ** 2) * (p[1] @ t[0] + t[1] @ p[0])))
+    else:
+        layer = jax.custom_vjp(lambda w, x: jnp.tanh(x @ w))
+        layer.defvjp(lambda w, x: (jnp.tanh(x @ w), (w, x, jnp.tanh(x @ w))),
+                     lambda r, ct: ((r[1].T @ (ct * (1 - r[2] ** 2))), (ct * (1 - r[2] ** 2)) @ r[0].T))
+    trainable, frozen = jlora.split({"w": lw})
+    loss = lambda t: jnp.sum(jlora.apply(lambda p, x: layer(p["w"], x))(jlora.combine(t, frozen), x,
+                                                                       lora_rng=jax.random.key(3)))
+    undropped = float(jnp.sum(jnp.tanh(x @ lw.materialize())))
+    with pytest.warns(MaterializeWarning, match=f"'w' materialised at '{kind}_call'.*LoRA dropout is NOT applied"):
+        value = float(loss(trainable))
+    grad_value, grads = jax.value_and_grad(loss)(trainable)
+    np.testing.assert_allclose([value, float(grad_value)], [undropped, undropped], rtol=1e-5)
+    oracle = jax.grad(lambda t: jnp.sum(jnp.tanh(x @ jlora.combine(t, frozen)["w"].materialize())))(trainable)
+    np.testing.assert_allclose(grads["w"].a, oracle["w"].a, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_inside_while_loop_differs_per_iteration():

@@ -372,3 +372,14 @@ def test_dropout_of_an_adapter_under_an_adapter_is_on():
     fn = jlora.apply(lambda p, x: x @ p["w"])
     x = jnp.ones((4, 8))
     assert not np.allclose(fn({"w": outer}, x, lora_rng=jax.random.key(0)), fn({"w": outer}, x))
+
+
+def test_a_fallback_says_when_it_leaves_lora_dropout_out():
+    lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w", dropout=0.5)
+    fn = jlora.apply(lambda p, x: jnp.sin(p["w"]) @ x)  # sin: no rule, the weight is materialised
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. The result is exact"):
+        fn({"w": lw}, jnp.ones(4))
+    jlora.lazy.reset_warnings()
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. LoRA dropout is NOT applied to this use"):
+        out = fn({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
+    np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)

@@ -243,6 +243,17 @@ def test_forward_mode_of_the_function_needs_stored_inputs():
         run("inputs")
 
 
+def test_forward_mode_through_the_functions_own_custom_vjp_gets_no_jlora_hint():
+    """Nothing for jlora to rebuild here: the custom_vjp forward mode fails on is the user's."""
+    clip = jax.custom_vjp(lambda y: y)
+    clip.defvjp(lambda y: (y, None), lambda _, g: (jnp.clip(g, -1, 1),))
+    lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w")
+    fn = jlora.apply(lambda p, x: clip(x @ p["w"]))
+    with pytest.raises(TypeError, match="forward-mode") as raised:
+        jax.jvp(lambda x: fn({"w": lw}, x), (jnp.ones((3, 4)),), (jnp.ones((3, 4)),))
+    assert "recompute" not in str(raised.value)
+
+
 def test_unknown_recompute_option_is_an_error():
     with pytest.raises(ValueError, match="recompute"):
         jlora.apply(model, recompute="everything")

@@ -244,3 +244,16 @@ def test_scale_is_applied_to_the_factors_not_the_activations():
     grad = jax.make_jaxpr(jax.grad(lambda p: jlora.apply(fn)(p, x).sum()))(p)
     assert _muls_on(grad.jaxpr, tokens) == []
     check_against_oracle(fn, p, x)
+
+
+def test_a_complex_weight_cast_to_a_real_dtype_is_exact():
+    """Re(w + s·a@b) needs Im(a)@Im(b): the factors cannot simply be cast, so the weight is materialised."""
+    k = jax.random.split(jax.random.key(0), 7)
+    cplx = lambda k1, k2, s: (jax.random.normal(k1, s) + 1j * jax.random.normal(k2, s)).astype(jnp.complex64)
+    lw = jlora.LoraWeight(cplx(k[0], k[1], (4, 3)), cplx(k[2], k[3], (4, 2)), cplx(k[4], k[5], (2, 3)), scale=0.5,
+                          path="w")
+    x = jax.random.normal(k[6], (5, 4))
+    fn = lambda p, x: x @ lax.convert_element_type(p["w"], jnp.float32)
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'convert_element_type'"):
+        got = jlora.apply(fn)({"w": lw}, x)
+    np.testing.assert_allclose(got, x @ (lw.w + 0.5 * lw.a @ lw.b).real, rtol=1e-5, atol=1e-5)

@@ -470,3 +470,20 @@ def test_an_adapter_stacked_on_an_adapter_shards_both_pairs_of_factors():
     placed = sharding.place(outer, mesh, [("w", P(None, "model"))])
     fn = jax.jit(jlora.apply(lambda p, x: x @ p["w"]))
     np.testing.assert_allclose(fn(placed, jnp.ones((2, 8))), jnp.ones((2, 8)) @ jlora.merge(outer)["w"], rtol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh") or not hasattr(jax.sharding, "AxisType"),
+                    reason="Explicit mesh axes need a newer JAX")
+def test_a_mesh_with_explicit_axes_gets_a_clear_error():
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:2])
+    k = jax.random.split(jax.random.key(0), 4)
+    with jax.set_mesh(mesh):
+        put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
+        lw = jlora.LoraWeight(put(jax.random.normal(k[0], (4, 6)), P("model", None)),
+                              put(jax.random.normal(k[1], (4, 2)), P("model", None)),
+                              put(jax.random.normal(k[2], (2, 6)), P()), scale=0.5, path="o_proj/kernel")
+        x = put(jax.random.normal(k[3], (8, 4)), P(None, "model"))
+        fn = lambda p, x: jnp.einsum("td,df->tf", x, p["w"], out_sharding=P())
+        with pytest.raises(ValueError, match=r"jlora.apply works on meshes with Auto axes; .*Contracting dimensions"
+                                             r".*jlora.sharding.make_mesh"):
+            jax.jit(jlora.apply(fn))({"w": lw}, x)
