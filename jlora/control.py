@@ -18,7 +18,7 @@ import jax
 from jax import lax
 
 from jlora import _compat
-from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize_all, register, warn_once
+from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize, materialize_all, register, warn_once
 from jlora.sharding import NoPartSpecs, part_specs
 from jlora.weight import Lazy
 
@@ -116,11 +116,20 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
 
 
-def _undropped(ctx: Context, invals: list, what: str, why: str) -> None:
-    """Warn for each input whose LoRA dropout a custom derivative rule's body must leave out."""
-    for x in invals:
+def _materializer(ctx: Context, invals: list, treedef: Any, what: str, why: str) -> Any:
+    """For a custom derivative rule: a function of ``invals``' flat leaves that gives them
+    materialised, warning (once, named as ``ctx`` names them) when it runs, i.e. when the rule is
+    differentiated. Inputs whose LoRA dropout the rule must leave out are warned of at once."""
+    wheres = [ctx.where(x) for x in invals]
+    for x, where in zip(invals, wheres):
         if ctx.drops_within(x):
-            warn_once(what, x, why, ctx.where(x), undropped=True)
+            warn_once(what, x, why, where, undropped=True)
+
+    def materialized(*flat: Any) -> list:
+        values = jax.tree_util.tree_unflatten(treedef, list(flat))
+        return [materialize(v, what, why, where) for v, where in zip(values, wheres)]
+
+    return materialized
 
 
 @register(_compat.custom_jvp_call_p, Lazy)
@@ -128,13 +137,9 @@ def custom_jvp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's JVP rule runs on materialised inputs (a
     ``MaterializeWarning`` says so when it is differentiated). LoRA dropout is left out inside,
     differentiated or not, so that a loss and its gradient agree; a warning says so."""
-    why = "its JVP rule differentiates the weight whole"
-    _undropped(ctx, invals, "custom_jvp_call", why)
-    inner = ctx.with_rng(None)
     leaves, treedef = jax.tree_util.tree_flatten(invals)
-
-    def materialized(*flat: Any) -> list:
-        return materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_jvp_call", why=why)
+    materialized = _materializer(ctx, invals, treedef, "custom_jvp_call", "its JVP rule differentiates the weight whole")
+    inner = ctx.with_rng(None)
 
     @jax.custom_jvp
     def call(*flat: Any) -> list:
@@ -154,13 +159,10 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The primal is interpreted (lazy); the user's fwd/bwd run on materialised inputs (a
     ``MaterializeWarning`` says so when it is differentiated). LoRA dropout is left out inside, as
     for ``custom_jvp``."""
-    why = "its fwd and bwd rules take the weight whole (a full-size gradient)"
-    _undropped(ctx, invals, "custom_vjp_call", why)
-    inner = ctx.with_rng(None)
     leaves, treedef = jax.tree_util.tree_flatten(invals)
-
-    def materialized(*flat: Any) -> tuple:
-        return tuple(materialize_all(jax.tree_util.tree_unflatten(treedef, list(flat)), what="custom_vjp_call", why=why))
+    materialized = _materializer(ctx, invals, treedef, "custom_vjp_call",
+                                 "its fwd and bwd rules take the weight whole (a full-size gradient)")
+    inner = ctx.with_rng(None)
 
     @jax.custom_vjp
     def call(*flat: Any) -> list:
@@ -168,7 +170,7 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return _outputs(evaluate_closed(eqn.params["call_jaxpr"], vals, inner.renamed(invals, vals)), "custom_vjp_call")
 
     def fwd(*flat: Any) -> Any:
-        mats, mat_vjp = jax.vjp(materialized, *flat)
+        mats, mat_vjp = jax.vjp(lambda *f: tuple(materialized(*f)), *flat)
         outs, eqn_vjp = jax.vjp(lambda *m: _compat.bind(eqn, list(m)), *mats)
         return outs, (mat_vjp, eqn_vjp)
 

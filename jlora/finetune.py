@@ -312,9 +312,10 @@ _MODEL_FILES = {  # what a HF model directory must hold -> the file names that p
 }
 
 
-def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
+def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, Path]:
     """``(Flax model, tokenizer, directory)`` of a local HF model (Flax or PyTorch weights); the
-    default name is the packaged all-MiniLM-L6-v2.
+    default name is the packaged all-MiniLM-L6-v2. ``pooler=False`` leaves out an encoder's pooler
+    (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's).
 
     Example:
         >>> model, tokenizer, path = load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
@@ -331,7 +332,7 @@ def load_model(name: str, task: str) -> tuple[Any, Any, Path]:
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
     from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
-        options = {"add_pooling_layer": False} if task == "classify" and _has_pooler(path) else {}
+        options = {"add_pooling_layer": False} if not pooler and _has_pooler(path) else {}
         model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
@@ -376,10 +377,15 @@ def as_flags(message: str) -> str:
     Example:
         >>> as_flags("LoraConfig.targets: pattern 'q_proj' matches no param")
         "--targets: pattern 'q_proj' matches no param"
+        >>> as_flags("LoraConfig.targets='all-linear' selects no kernel")
+        '--targets all-linear selects no kernel'
     """
-    message = re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
-    message = message.replace("LoraConfig: 'all-linear'", "--targets: 'all-linear'")
-    return message.replace("targets='all-linear'", "--targets all-linear")
+    for python, flag in (("LoraConfig.targets=None", "--targets (the default)"),
+                         ("LoraConfig.targets='all-linear'", "--targets all-linear"),
+                         ("targets='all-linear'", "--targets all-linear"),
+                         ("LoraConfig: 'all-linear'", "--targets: 'all-linear'")):
+        message = message.replace(python, flag)
+    return re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
 
 
 def check_length(model: Any, max_length: int) -> None:
@@ -497,7 +503,7 @@ def classify(opts: Options) -> dict:
         >>> results = classify(Options(steps=50, out="run"))  # doctest: +SKIP
         >>> results["lora"]["test_accuracy"], results["baseline"]["test_accuracy"]  # doctest: +SKIP
     """
-    model, tokenizer, model_path = load_model(opts.model, "classify")
+    model, tokenizer, model_path = load_model(opts.model, "classify", pooler=False)
     check_length(model, opts.max_length)
     if tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import itertools
+import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -291,6 +292,17 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
     return _eval_eqn(inner, None, eqn, invals)
 
 
+def _raised_by_jlora(err: BaseException) -> bool:
+    """Whether the innermost frame outside JAX that ``err`` came through is jlora's own code."""
+    jax_dir, ours = os.path.dirname(jax.__file__) + os.sep, os.path.dirname(__file__) + os.sep
+    innermost, tb = None, err.__traceback__
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(jax_dir):
+            innermost = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return innermost is not None and innermost.startswith(ours) and not innermost.endswith(os.sep + "lazy.py")
+
+
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
     """Evaluate an open jaxpr on values that may be lazy."""
     env: dict[Any, Any] = {}
@@ -413,7 +425,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
         try:
             out = run(values, lora_rng)
-        except _compat.ShardingTypeError as err:  # the function itself traced: these are the rules' ops
+        except _compat.ShardingTypeError as err:
+            if not _raised_by_jlora(err):
+                raise  # the function's own code (a custom rule's fwd, run only when differentiated)
             raise ValueError(f"jlora.apply works on meshes with Auto axes; on this one it could not shard the "
                              f"low-rank path: {err} (a mesh from jax.make_mesh has Explicit axes from JAX 0.10 "
                              "on: make it with jlora.sharding.make_mesh, or pass axis_types=(AxisType.Auto,) * n)"

@@ -66,6 +66,11 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert "(Flax and PyTorch weights)" in printed and "note: head/bias, head/kernel (trained beside the model" in printed
     merged = tf.FlaxBertModel.from_pretrained(merged_dir)
     base = tf.FlaxBertModel.from_pretrained(bert_dir)
+    # the job trains without the pooler; the merged model keeps the base's (not a random one)
+    from flax.serialization import msgpack_restore
+
+    saved = msgpack_restore((merged_dir / "flax_model.msgpack").read_bytes())
+    np.testing.assert_array_equal(saved["pooler"]["dense"]["kernel"], base.params["pooler"]["dense"]["kernel"])
     lora = jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
         "kernel": np.zeros((32, 2), np.float32), "bias": np.zeros(2, np.float32)}})
     ids = jnp.array([[2, 5, 12, 3]])

@@ -487,3 +487,26 @@ def test_a_mesh_with_explicit_axes_gets_a_clear_error():
         with pytest.raises(ValueError, match=r"jlora.apply works on meshes with Auto axes; .*Contracting dimensions"
                                              r".*jlora.sharding.make_mesh"):
             jax.jit(jlora.apply(fn))({"w": lw}, x)
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh") or not hasattr(jax.sharding, "AxisType"),
+                    reason="Explicit mesh axes need a newer JAX")
+def test_a_sharding_error_of_the_functions_own_code_is_left_as_it_is():
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:2])
+
+    @jax.custom_vjp
+    def user_op(h):
+        return h
+
+    def fwd(h):  # runs only when differentiated: the user's own sharding conflict, no LoRA value in it
+        bad = jnp.ones((4, 4), out_sharding=P("model", None)) @ jnp.ones((4, 4), out_sharding=P(None, "model"))
+        return h + bad.sum(), None
+
+    user_op.defvjp(fwd, lambda _, g: (g,))
+    with jax.set_mesh(mesh):
+        trainable, frozen = jlora.split({"w": jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((4, 2)), jnp.ones((2, 6)),
+                                                               scale=0.5, path="w")})
+        loss = lambda t: jlora.apply(lambda p, x: user_op(x @ p["w"]))(jlora.combine(t, frozen), jnp.ones((8, 4))).sum()
+        with pytest.raises(Exception, match="illegally sharded") as raised:
+            jax.grad(loss)(trainable)
+        assert not isinstance(raised.value, ValueError)  # JAX's own error, not jlora's "Auto axes" one
