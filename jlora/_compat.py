@@ -35,7 +35,6 @@ while_p = _p.while_p
 cond_p = _p.cond_p
 
 
-
 class _NoSuchError(Exception):
     """Stands for an exception type this JAX does not have (never raised)."""
 

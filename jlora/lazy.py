@@ -293,14 +293,16 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
 
 
 def _raised_by_jlora(err: BaseException) -> bool:
-    """Whether the innermost frame outside JAX that ``err`` came through is jlora's own code."""
+    """Whether the innermost frame outside JAX that ``err`` came through is a rule's own op (not
+    the evaluator re-binding one of the function's equations: ``lazy`` and ``_compat``)."""
     jax_dir, ours = os.path.dirname(jax.__file__) + os.sep, os.path.dirname(__file__) + os.sep
     innermost, tb = None, err.__traceback__
     while tb is not None:
         if not tb.tb_frame.f_code.co_filename.startswith(jax_dir):
             innermost = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
-    return innermost is not None and innermost.startswith(ours) and not innermost.endswith(os.sep + "lazy.py")
+    return (innermost is not None and innermost.startswith(ours)
+            and os.path.basename(innermost) not in ("lazy.py", "_compat.py"))
 
 
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
