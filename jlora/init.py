@@ -31,6 +31,11 @@ def _is_float_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _is_adaptable(leaf: Any) -> bool:
+    """A leaf LoRA can adapt: a float array with 2 or more axes."""
+    return _is_float_array(leaf) and leaf.ndim >= 2
+
+
 def _is_trainable(leaf: Any) -> bool:
     """A leaf that can be trained in full: a float array, not a lazy one (a quantized kernel)."""
     return _is_float_array(leaf) and not isinstance(leaf, Lazy)
@@ -47,8 +52,7 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
     comps = path.split("/")
     return (
         comps[-1] == "kernel"
-        and _is_float_array(leaf)
-        and leaf.ndim >= 2
+        and _is_adaptable(leaf)
         and not any(c in HEAD_NAMES for c in comps)
         and not (LM_HEAD in comps[:-1] and (comps[-2] == LM_HEAD or leaf.shape[0] != leaf.shape[-1]))
     )
@@ -109,7 +113,7 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     return list(dict.fromkeys(
         "/".join("*" if c.isdigit() else c for c in path.split("/")[:-1]) or "(the root)"
         for path, leaf in entries
-        if path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") and _is_float_array(leaf) and leaf.ndim >= 2
+        if path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") and _is_adaptable(leaf)
     ))
 
 
@@ -147,7 +151,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             kinds = {pat: pat.match(path) for pat in targets}
             direct = [pat for pat, kind in kinds.items() if kind == LEAF]
             for pat in direct:
-                if not (_is_float_array(leaf) and leaf.ndim >= 2):
+                if not _is_adaptable(leaf):
                     raise ValueError(
                         f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
@@ -158,7 +162,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             weight = name in ("kernel", "weight") or (name == "embedding" and any(
                 kind and pat.match(parent) == LEAF for pat, kind in kinds.items()))
             chosen = bool(direct) or (
-                any(kinds.values()) and weight and _is_float_array(leaf) and leaf.ndim >= 2
+                any(kinds.values()) and weight and _is_adaptable(leaf)
             )
             for pat, kind in kinds.items():
                 hits[pat] += bool(chosen and kind)
