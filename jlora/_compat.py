@@ -10,6 +10,7 @@ Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproje
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import jax
@@ -111,20 +112,32 @@ def varying_axes(x: Any) -> frozenset:
     return _vma(jax.typeof(x))
 
 
-def bind(eqn: Any, invals: Sequence[Any]) -> list:
-    """Re-bind an equation unchanged on new inputs; always returns a list of outputs.
+def bind(eqn: Any, invals: Sequence[Any], **changed: Any) -> list:
+    """Re-bind an equation on new inputs, unchanged or with the params in ``changed`` replaced;
+    always returns a list of outputs.
 
     JAX 0.9.2 changed ``Primitive.get_bind_params`` to return one dict that keeps ``'subfuns'``
     inside the params (``bind(*args, **params)``); before, it returned ``(subfuns, params)`` and
     the subfuns went first among the positional arguments.
     """
-    got = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(got, dict):
-        out = eqn.primitive.bind(*invals, **got)
-    else:
-        subfuns, params = got
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    got = eqn.primitive.get_bind_params({**eqn.params, **changed} if changed else eqn.params)
+    with eqn_context(eqn):
+        if isinstance(got, dict):
+            out = eqn.primitive.bind(*invals, **got)
+        else:
+            subfuns, params = got
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eqn_context(eqn: Any) -> Any:
+    """The context ``eqn`` was traced in, to bind it (or a rule's ops in its place) in: the
+    abstract mesh (an ``auto_axes`` region inside a function on a mesh with Explicit axes, as
+    ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode.
+    JAX's own ``eval_jaxpr`` enters ``eqn.ctx.manager`` for each equation (JAX 0.4.36+)."""
+    ctx = getattr(eqn, "ctx", None)
+    manager = getattr(ctx, "manager", None)
+    return manager if manager is not None else contextlib.nullcontext()
 
 
 def open_jaxpr(jaxpr: Any) -> tuple[Any, list]:
@@ -196,6 +209,36 @@ def trace_state() -> Any:
     ``pmap``): tokens compare equal only within one trace. (Without the API: a fresh object, which
     equals nothing.)"""
     return object() if _get_trace_state is None else _get_trace_state(convention="jlora")
+
+
+def explicit_sharding(x: Any) -> Any:
+    """``x``'s ``NamedSharding`` where its type carries one over a mesh with an ``Explicit`` axis
+    (sharding in types: JAX 0.5+; ``jax.make_mesh``'s default from 0.10), else ``None``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", None) or ()
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    return sharding if explicit is not None and explicit in axis_types else None
+
+
+def reshard(x: Any, sharding: Any) -> Any:
+    """``jax.sharding.reshard`` (JAX 0.5+), called only on meshes with Explicit axes."""
+    return jax.sharding.reshard(x, sharding)
+
+
+def _reshard_primitive() -> Any:
+    """``reshard``'s primitive (not in ``jax.extend.core.primitives``), read off a trace on a
+    one-device abstract mesh; ``None`` on a JAX without Explicit axes."""
+    try:
+        from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+
+        mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Explicit,))
+        x = jax.ShapeDtypeStruct((1,), jax.numpy.float32, sharding=NamedSharding(mesh, P()))
+        return _traced_primitive(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P("i"))), x)
+    except (AttributeError, ImportError, TypeError, ValueError):  # pragma: no cover - JAX < 0.5
+        return None
+
+
+reshard_p = _reshard_primitive()
 
 
 def is_tracer(x: Any) -> bool:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora import _compat, explicit
+
 Dot = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -60,19 +62,22 @@ def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,
         >>> joint_dot(x, t, w, b, jnp.matmul, 1, 0)[0]
         Array([6., 6., 6.], dtype=float32)
     """
-    shape = x.shape
+    shape, dtype, x_sharding = x.shape, x.dtype, explicit.sharding(x)
 
     def joint(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         return dot(jnp.concatenate([x, t], x_axis), jnp.concatenate([w, b], w_axis))
 
     def fwd(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> tuple:
-        probe = lax.slice(x, (0,) * x.ndim, (1,) * x.ndim)  # x's type (with its mesh axes), 1 element
+        # x's type (with the manual mesh axes it varies over), 1 element; on a mesh with Explicit
+        # axes, where a sharded axis cannot be cut to 1, its sharding (kept aside) does that job
+        probe = None if x_sharding is not None else lax.slice(x, (0,) * x.ndim, (1,) * x.ndim)
         return joint(x, t, w, b), (probe, t, w, b)
 
     def bwd(res: tuple, dy: jax.Array) -> tuple:
         probe, t, w, b = res
         # dot is linear in x: the vjp reads x's type, never its value
-        like_x = jnp.broadcast_to(probe, shape)
+        like_x = (jnp.broadcast_to(probe, shape) if x_sharding is None
+                  else _compat.reshard(jnp.zeros(shape, dtype), x_sharding))
         _, vjp = jax.vjp(lambda x, t, b: dot(x, lax.stop_gradient(w)) + dot(t, b), like_x, t, b)
         dx, dt, db = vjp(dy)
         return dx, dt, None, db

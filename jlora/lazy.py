@@ -187,7 +187,7 @@ class Context:
 # retypes a replicated value as varying inside shard_map: it stands between a weight and its use.)
 _STRUCTURAL = tuple(p for p in (
     _compat.convert_element_type_p, _compat.transpose_p, _compat.reshape_p, _compat.copy_p,
-    _compat.sharding_constraint_p, _compat.pvary_p,
+    _compat.sharding_constraint_p, _compat.pvary_p, _compat.reshard_p,
 ) if p is not None)
 
 
@@ -259,7 +259,8 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
         if rule is not None:
             outer, ctx.frame = ctx.frame, frame
             try:
-                outs = rule(ctx, eqn, invals)
+                with _compat.eqn_context(eqn):  # the rule's ops in the context the equation was traced in
+                    outs = rule(ctx, eqn, invals)
             finally:
                 ctx.frame = outer
             if outs is not NotImplemented and not isinstance(outs, (list, tuple)):
@@ -430,9 +431,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         except _compat.ShardingTypeError as err:
             if not _raised_by_jlora(err):
                 raise  # the function's own code (a custom rule's fwd, run only when differentiated)
-            raise ValueError(f"jlora.apply works on meshes with Auto axes; on this one it could not shard the "
-                             f"low-rank path: {err} (a mesh from jax.make_mesh has Explicit axes from JAX 0.10 "
-                             "on: make it with jlora.sharding.make_mesh, or pass axis_types=(AxisType.Auto,) * n)"
+            raise ValueError(f"jlora.apply could not shard the low-rank path on this mesh's Explicit axes: {err} "
+                             "(a jlora bug: please report it with the function; a mesh with Auto axes avoids it: "
+                             "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
                              ) from None
         except TypeError as err:
             if "forward-mode" not in str(err) or not records.get("custom_vjp"):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora import _compat
+from jlora import _compat, explicit
 from jlora.lazy import Frame
 from jlora.weight import LoraWeight
 
@@ -212,10 +212,20 @@ def _after(dx: jax.Array, leaves: list) -> list:
     that nothing moves between devices. A NaN or inf in ``dx`` makes ``dA`` NaN (such a step is
     lost anyway). Where no leaf has those axes, an optimisation barrier does the job.
     """
+    if not explicit.unsharded(dx, dx.ndim - 1):  # on a mesh with Explicit axes: no slice of 1 of it
+        return list(lax.optimization_barrier(leaves))
     zero = dx[..., 0] * 0
     tied = [leaf + zero.reshape(zero.shape + (1,) * (leaf.ndim - zero.ndim)).astype(leaf.dtype)
             if zero.ndim and leaf.shape[:zero.ndim] == zero.shape and jnp.issubdtype(leaf.dtype, jnp.floating)
+            and _laid_out_like(leaf, zero)
             else leaf for leaf in leaves]
     if all(t is leaf for t, leaf in zip(tied, leaves)):
         return list(lax.optimization_barrier(leaves))
     return tied
+
+
+def _laid_out_like(leaf: jax.Array, zero: jax.Array) -> bool:
+    """Whether ``leaf``'s leading axes are sharded as ``zero``'s (as types say on a mesh with
+    Explicit axes; elsewhere always: the compiler lays them out alike)."""
+    leaf_axes, zero_axes = explicit.entries(leaf), explicit.entries(zero)
+    return leaf_axes is None or zero_axes is None or leaf_axes[:zero.ndim] == zero_axes

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora import _compat, rebuild
+from jlora import _compat, explicit, rebuild
 from jlora.joint import joint_dot, joint_pays
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
@@ -61,10 +61,12 @@ def contract(
         (tuple(x_labels.index(l) for l in contracted), tuple(y_labels.index(l) for l in contracted)),
         (tuple(x_labels.index(l) for l in batch), tuple(y_labels.index(l) for l in batch)),
     )
-    dot = functools.partial(lax.dot_general, dimension_numbers=dims, precision=precision,
-                            preferred_element_type=preferred)
-    out = dot(x, y) if through is None else through(dot, x, y)
     labels = batch + [l for l in x_labels if l not in shared] + [l for l in y_labels if l not in shared]
+    y, axes_of, mesh = explicit.fit(x, x_labels, y, y_labels)
+    sharded = explicit.out_sharding(axes_of, mesh, labels)
+    dot = functools.partial(lax.dot_general, dimension_numbers=dims, precision=precision,
+                            preferred_element_type=preferred, **({} if sharded is None else {"out_sharding": sharded}))
+    out = dot(x, y) if through is None else through(dot, x, y)
     return out, labels
 
 
@@ -155,12 +157,13 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         r_of = lambda labels: [r_label if l in contracted else l for l in labels]
         if (kept and not is_lazy(lw.w) and len(w_contract) == 1 and x_in.dtype == lw.w.dtype
                 and joint_pays(x, x_contract[0])
+                and explicit.unsharded(x, x_contract[0]) and explicit.unsharded(lw.w, w_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
             # batch over, e.g. experts every token goes through)
-            t = _to_order(t, t_labels, r_of(x_labels))
-            b = _to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels))
+            t = explicit.like(_to_order(t, t_labels, r_of(x_labels)), x)
+            b = explicit.like(_to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels)), lw.w)
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
@@ -173,7 +176,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     base = dot(x_in, lw.w)
-    out = base + y.astype(base.dtype)
+    out = base + explicit.like(y.astype(base.dtype), base)
     if kept:
         out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
     return [out]
@@ -310,12 +313,16 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
     kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(x.dtype)
-    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a])[0].astype(x.dtype)
     feat = out_spec[1]
-    y = lax.dot_general(t, lw.b.astype(x.dtype), (((feat,), (0,)), ((), ())),
-                        preferred_element_type=p.get("preferred_element_type"))
+    # the function's out_sharding (a mesh with Explicit axes) is for out features, not for the rank
+    whole_rank = explicit.whole_along(p.get("out_sharding"), feat)
+    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a], **({} if whole_rank is None else {"out_sharding": whole_rank}))
+    t = t[0].astype(x.dtype)
+    labels = list(range(t.ndim))
+    y, _ = contract(t, labels, lw.b.astype(x.dtype), [feat, t.ndim], set(labels) - {feat} | {t.ndim},
+                    p.get("preferred_element_type"))
     y = jnp.moveaxis(y, -1, feat)
-    return [base + y.astype(base.dtype)]
+    return [base + explicit.like(y.astype(base.dtype), base)]
 
 
 # --- structural rules: a new LoraWeight ---------------------------------------------------------
@@ -363,6 +370,20 @@ def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return [lw.replace(w=w)]
     a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
     return [lw.replace(w=w, a=lax.with_sharding_constraint(lw.a, a_sharding), b=lax.with_sharding_constraint(lw.b, b_sharding))]
+
+
+if _compat.reshard_p is not None:
+    @register(_compat.reshard_p, LoraWeight)
+    def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+        """On a mesh with Explicit axes (``jax.sharding.reshard``, e.g. FSDP's gather of a kernel
+        before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
+        (lw,) = invals
+        sharding = eqn.params.get("dst_sharding")
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return NotImplemented
+        a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
+        return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=_compat.reshard(lw.a, a_sharding),
+                           b=_compat.reshard(lw.b, b_sharding))]
 
 
 @register(_compat.pvary_p, Lazy)
