@@ -234,7 +234,7 @@ def _reshard_primitive() -> Any:
         mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Explicit,))
         x = jax.ShapeDtypeStruct((1,), jax.numpy.float32, sharding=NamedSharding(mesh, P()))
         return _traced_primitive(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P("i"))), x)
-    except (AttributeError, ImportError, TypeError, ValueError):  # pragma: no cover - JAX < 0.5
+    except Exception:  # pragma: no cover - a JAX without Explicit axes (< 0.5) or a changed reshard
         return None
 
 

@@ -12,7 +12,8 @@ A weight sharded along its input axis (rows of ``w``, e.g. ``P("model", None)`` 
 kernel) makes the stacked weight a reshuffle between devices every step: correct, but slower.
 ``jlora.sharding``'s Megatron rules shard ``gate``/``up`` along their outputs, and so does its
 FSDP rule where a kernel has more outputs than inputs (Llama's ``gate``/``up``); for a weight
-sharded along its inputs, ``jlora.apply(fn, recompute=False)`` keeps the plain sum.
+sharded along its inputs, ``jlora.apply(fn, recompute=False)`` keeps the plain sum. On a mesh
+with Explicit axes, where types show it, such a matmul keeps the plain sum by itself.
 
 The backward is that of the two matmuls (``dx = dy·wᵀ``, ``dt = dy·bᵀ``, ``db = tᵀ·dy``; ``w``
 is frozen): it keeps ``t``, ``w`` and ``b``, not the stacked weight.

@@ -210,7 +210,9 @@ def _after(dx: jax.Array, leaves: list) -> list:
     chain's backward that reads the same leaves. The zero is ``0 · dx``, which the compiler cannot
     fold (it is NaN for a NaN or inf), taken elementwise from a value laid out like the leaves, so
     that nothing moves between devices. A NaN or inf in ``dx`` makes ``dA`` NaN (such a step is
-    lost anyway). Where no leaf has those axes, an optimisation barrier does the job.
+    lost anyway). Where no leaf has those axes (or, on a mesh with Explicit axes, none is sharded
+    like ``dx``, or ``dx``'s last axis is sharded and cannot be cut to 1), an optimisation barrier
+    does the job.
     """
     if not explicit.unsharded(dx, dx.ndim - 1):  # on a mesh with Explicit axes: no slice of 1 of it
         return list(lax.optimization_barrier(leaves))

@@ -5,9 +5,11 @@
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``;
 - ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``;
 - ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
-  ``sharding_constraint``, ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary``
-  (inside ``shard_map``), and ``slice``/``dynamic_slice`` of batch axes (picking layer ``i`` of a
-  stack): a new ``LoraWeight``.
+  ``sharding_constraint``, ``reshard`` (a mesh with Explicit axes), ``squeeze`` of size-1 axes,
+  ``rev`` (a flipped conv window), ``pvary`` (inside ``shard_map``), and ``slice``/``dynamic_slice``
+  of batch axes (picking layer ``i`` of a stack): a new ``LoraWeight``.
+
+On a mesh with Explicit axes the ops a rule adds are sharded by ``jlora.explicit``.
 
 Every other use materialises (see ``jlora.lazy``).
 """
@@ -232,6 +234,7 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
             isinstance(other, LoraWeight) and not ctx.drops(other)
             and other.ndim == lw.ndim and other.a.shape[:-1] == lw.a.shape[:-1]
             and all(other.layout.group(r) == lw.layout.group(r) for r in ("b", "i"))
+            and explicit.same(other.a, lw.a)  # sharded alike, where types say (Explicit axes)
         ):
             found.append((j, other))
     return found

@@ -51,8 +51,10 @@ def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) 
     """A mesh with named axes over ``devices`` (default: all devices of all processes).
 
     One size may be ``-1``: the devices left over; without one, the first ``prod(sizes)`` devices
-    are used (``{"data": 1}`` is a one-device mesh). Axes are ``Auto`` (sharding by ``jit`` in/out
-    shardings and propagation), the mode jlora's rules are written for.
+    are used (``{"data": 1}`` is a one-device mesh). Axes are ``Auto``: sharding by ``jit`` in/out
+    shardings and propagation, so a function without sharding annotations (a HF Flax model) runs
+    on it. jlora works on ``Explicit`` axes too (``jax.make_mesh``'s default from JAX 0.10, see
+    ``jlora.explicit``), where the function itself says how its ops are sharded.
 
     Example:
         >>> mesh = make_mesh({"data": -1})

@@ -176,6 +176,20 @@ def test_kernel_kinds_equal_the_merged_oracle(kind, recompute):
         _assert_close(got, want)
 
 
+def test_weights_reading_one_input_but_sharded_differently_each_keep_their_own_down_projection():
+    k = jax.random.split(jax.random.key(2), 4)
+    params = _with_b(jlora.lora_init(k[0], {"q": jax.random.normal(k[1], (8, 8)), "k": jax.random.normal(k[2], (8, 8))},
+                                     jlora.LoraConfig(rank=2, targets=["q", "k"])), k[3])
+    fn = lambda p, x: (jnp.matmul(x, p["q"], out_sharding=P("data", None))
+                       + jnp.matmul(x, p["k"], out_sharding=P("data", None)))
+    mesh = _mesh()
+    with jax.set_mesh(mesh):  # a_q whole, a_k split by rows: no one x @ [a_q | a_k]
+        params = {"q": _place(mesh, params["q"], P(None, "model")), "k": _place(mesh, params["k"], P("model", None))}
+        x = jax.device_put(jax.random.normal(k[0], (4, 8)), NamedSharding(mesh, P("data", None)))
+        got, want, _ = _grads_and_oracle(fn, params, x, "inputs")
+        _assert_close(got, want)
+
+
 # --- the rest of the library ------------------------------------------------------------------------
 
 def test_init_optimizer_merge_and_unmerge():

@@ -1,5 +1,6 @@
 """apply(): tracing, caching, what enters and leaves the evaluator, and the FLOPs it saves."""
 
+import importlib.util
 import warnings
 
 import equinox as eqx
@@ -383,3 +384,22 @@ def test_a_fallback_says_when_it_leaves_lora_dropout_out():
     with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. LoRA dropout is NOT applied to this use"):
         out = fn({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
     np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax.experimental.xla_metadata") is None, reason="no XLA metadata API")
+def test_an_equation_and_its_rules_ops_keep_the_context_it_was_traced_in():
+    # the context JAX binds an equation in (XLA metadata here; an auto_axes region's abstract mesh
+    # on an Explicit mesh: tests/test_explicit.py) goes with it through the evaluator
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    def fn(p, x):
+        with set_xla_metadata(jlora_tag="kept"):
+            y = x @ p["w"]
+        return jnp.tanh(y) @ p["v"]
+
+    params = jlora.lora_init(jax.random.key(0), {"w": jnp.ones((4, 3)), "v": jnp.ones((3, 2))},
+                             jlora.LoraConfig(rank=2, targets=["w", "v"]))
+    hlo = jax.jit(jlora.apply(fn, recompute=False)).lower(params, jnp.ones((2, 4))).as_text()
+    tagged = [line for line in hlo.splitlines() if "dot_general" in line and 'jlora_tag = "kept"' in line]
+    untagged = [line for line in hlo.splitlines() if "dot_general" in line and "jlora_tag" not in line]
+    assert len(tagged) == 3 and len(untagged) == 3  # x@w, x@a, t@b tagged; v's three not
