@@ -31,6 +31,7 @@ slice_p = _p.slice_p
 dynamic_slice_p = _p.dynamic_slice_p
 rev_p = _p.rev_p
 sharding_constraint_p = _p.sharding_constraint_p
+device_put_p = _p.device_put_p
 scan_p = _p.scan_p
 while_p = _p.while_p
 cond_p = _p.cond_p
@@ -195,7 +196,9 @@ def type_key(x: Any) -> tuple:
     ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""
     aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
     vma = () if isinstance(x, jax.ShapeDtypeStruct) else tuple(sorted(_vma(aval)))
-    return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma)
+    # on a mesh with Explicit axes the sharding is part of the type, and the trace bakes it in
+    return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma,
+            _if_explicit(getattr(aval, "sharding", None)))
 
 
 # The opaque trace state moved to jax.extend.core (JAX 0.10 deprecates jax.core's); JAX 0.6 has
@@ -214,7 +217,10 @@ def trace_state() -> Any:
 def explicit_sharding(x: Any) -> Any:
     """``x``'s ``NamedSharding`` where its type carries one over a mesh with an ``Explicit`` axis
     (sharding in types: JAX 0.5+; ``jax.make_mesh``'s default from 0.10), else ``None``."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
+    return _if_explicit(getattr(jax.typeof(x), "sharding", None))
+
+
+def _if_explicit(sharding: Any) -> Any:
     axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", None) or ()
     explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
     return sharding if explicit is not None and explicit in axis_types else None

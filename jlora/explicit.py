@@ -43,8 +43,29 @@ def entries(x: Any) -> tuple[Entry, ...] | None:
     s = sharding(x)
     if s is None:
         return None
-    spec = tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
+    spec = partitions(s.spec)
+    spec = spec + (None,) * (x.ndim - len(spec))
     return tuple(() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec)
+
+
+def partitions(spec: Any) -> tuple:
+    """A spec's per-axis entries (``.partitions`` from JAX 0.10, where a spec also holds unreduced
+    and reduced axes and refuses to be iterated when it does)."""
+    partitions = getattr(spec, "partitions", None)
+    return tuple(spec) if partitions is None else tuple(partitions)
+
+
+def partial_sums(sharded: Any) -> bool:
+    """Whether ``sharded`` (an op's ``out_sharding`` or ``dst_sharding``: a ``NamedSharding``, a
+    ``PartitionSpec`` or ``None``) leaves sums across devices for later (``unreduced``) or marks
+    values as such (``reduced``), JAX 0.10+: a low-rank term cannot join those.
+
+    Example:
+        >>> partial_sums(None), partial_sums(PartitionSpec("data"))
+        (False, False)
+    """
+    spec = getattr(sharded, "spec", sharded)
+    return bool(getattr(spec, "unreduced", None) or getattr(spec, "reduced", None))
 
 
 def _spec(per_axis: Sequence[Entry]) -> PartitionSpec:
@@ -107,7 +128,6 @@ def same(x: Any, y: Any) -> bool:
     return entries(x) == entries(y)
 
 
-
 def unsharded(x: Any, axis: int) -> bool:
     """Whether ``x``'s axis ``axis`` is whole on every device as its type says (always off
     Explicit meshes, where types say nothing)."""
@@ -125,7 +145,7 @@ def whole_along(sharded: Any, axis: int) -> NamedSharding | None:
     """
     if sharded is None:
         return None
-    spec = tuple(getattr(sharded, "spec", sharded))
+    spec = partitions(getattr(sharded, "spec", sharded))
     spec = spec + (None,) * (axis + 1 - len(spec))
     spec = PartitionSpec(*spec[:axis], None, *spec[axis + 1:])
     return NamedSharding(sharded.mesh, spec) if isinstance(sharded, NamedSharding) else spec

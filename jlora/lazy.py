@@ -187,7 +187,7 @@ class Context:
 # retypes a replicated value as varying inside shard_map: it stands between a weight and its use.)
 _STRUCTURAL = tuple(p for p in (
     _compat.convert_element_type_p, _compat.transpose_p, _compat.reshape_p, _compat.copy_p,
-    _compat.sharding_constraint_p, _compat.pvary_p, _compat.reshard_p,
+    _compat.sharding_constraint_p, _compat.pvary_p, _compat.reshard_p, _compat.device_put_p,
 ) if p is not None)
 
 

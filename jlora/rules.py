@@ -37,7 +37,9 @@ from jlora.weight import Lazy, LoraWeight
 def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
     if not ctx.drops(lw):
         return x
-    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape)
+    sharded = explicit.sharding(x)  # on a mesh with Explicit axes: each device draws its own block
+    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape,
+                                **({} if sharded is None else {"out_sharding": sharded}))
     return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
 
 
@@ -113,6 +115,10 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     else:
         lw, x, w_contract, x_contract, w_batch, x_batch, lazy_rhs = lhs, rhs, lc, rc, lb, rb, False
     layout = lw.layout
+    if explicit.partial_sums(eqn.params.get("out_sharding")):
+        warn_once("dot_general", lw, "its output is left unreduced across devices (out_sharding with unreduced "
+                  "axes), which a low-rank term cannot join", undropped=ctx.drops(lw))
+        return NotImplemented
     contracted = set(w_contract)
     if contracted == set(layout.group("i")):
         first = "a"
@@ -375,6 +381,29 @@ def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [lw.replace(w=w, a=lax.with_sharding_constraint(lw.a, a_sharding), b=lax.with_sharding_constraint(lw.b, b_sharding))]
 
 
+@register(_compat.device_put_p, LoraWeight)
+def device_put_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``jax.device_put`` inside the function (one value or a tree of them): each kernel's ``w``
+    put where asked, its ``a`` and ``b`` on the derived shardings (device memory only)."""
+    targets = eqn.params.get("devices") or (None,) * len(invals)
+    adapted = [k for k, v in enumerate(invals) if isinstance(v, LoraWeight)]
+    for k in adapted:
+        target = targets[k]
+        if target is not None and (not isinstance(target, jax.sharding.NamedSharding)
+                                   or target.memory_kind not in (None, "device")
+                                   or getattr(target.spec, "unreduced", None)):
+            return NotImplemented
+    outs = _bind(ctx, eqn, [v.w if k in adapted else v for k, v in enumerate(invals)], invals[adapted[0]])
+    for k in adapted:
+        lw, target = invals[k], targets[k]
+        a, b = lw.a, lw.b
+        if target is not None:
+            a_sharding, b_sharding = factor_shardings(target, lw.layout)
+            a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+        outs[k] = lw.replace(w=outs[k], a=a, b=b)
+    return outs
+
+
 if _compat.reshard_p is not None:
     @register(_compat.reshard_p, LoraWeight)
     def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
@@ -382,7 +411,7 @@ if _compat.reshard_p is not None:
         before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
         (lw,) = invals
         sharding = eqn.params.get("dst_sharding")
-        if not isinstance(sharding, jax.sharding.NamedSharding):
+        if not isinstance(sharding, jax.sharding.NamedSharding) or getattr(sharding.spec, "unreduced", None):
             return NotImplemented
         a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
         return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=_compat.reshard(lw.a, a_sharding),
@@ -450,7 +479,13 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
     b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
     w = _bind(ctx, eqn, [lw.w], lw)[0]
-    return [lw.replace(w=w, a=lw.a.reshape(a_shape), b=lw.b.reshape(b_shape), layout=new_layout)]
+    sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
+    if isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None:
+        a_sharding, b_sharding = factor_shardings(sharded, new_layout)
+        a, b = lax.reshape(lw.a, a_shape, out_sharding=a_sharding), lax.reshape(lw.b, b_shape, out_sharding=b_sharding)
+    else:
+        a, b = lw.a.reshape(a_shape), lw.b.reshape(b_shape)
+    return [lw.replace(w=w, a=a, b=b, layout=new_layout)]
 
 
 def _per_factor_axis(x: jax.Array, where: dict[int, int], per_w_axis: Sequence[Any], fill: Sequence[Any]) -> list:

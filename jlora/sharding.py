@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora import explicit
 from jlora.layout import Layout
 from jlora.paths import Pattern, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
@@ -160,7 +161,8 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
         [('fsdp', None), (None, 'model')]
     """
     layout = Layout.parse(layout)
-    entries = tuple(_as_spec(w_spec))
+    w_spec = _as_spec(w_spec)
+    entries = explicit.partitions(w_spec)
     entries += (None,) * (layout.ndim - len(entries))
     in_a, in_b = layout.factor_axes()
     nb, ni, no = (len(layout.group(r)) for r in ("b", "i", "o"))
@@ -170,7 +172,9 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
             a[in_a[ax]] = spec
         if ax in in_b:
             b[in_b[ax]] = spec
-    return PartitionSpec(*a), PartitionSpec(*b)
+    # a kernel marked reduced over mesh axes (an Explicit mesh's FSDP gather, JAX 0.10+): so are its factors
+    marks = {k: v for k in ("reduced", "unreduced") if (v := getattr(w_spec, k, None))}
+    return PartitionSpec(*a, **marks), PartitionSpec(*b, **marks)
 
 
 def factor_shardings(w_sharding: NamedSharding, layout: Layout | str) -> tuple[NamedSharding, NamedSharding]:

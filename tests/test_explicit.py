@@ -190,6 +190,79 @@ def test_weights_reading_one_input_but_sharded_differently_each_keep_their_own_d
         _assert_close(got, want)
 
 
+def _adapter(mesh, shape, w_spec, layout="io", rank=2):
+    k = jax.random.split(jax.random.key(3), 3)
+    params = jlora.lora_init(k[0], {"w": jax.random.normal(k[1], shape) / 3},
+                             jlora.LoraConfig(rank=rank, targets=["w"], layouts={"w": layout}))
+    return {"w": _place(mesh, _with_b(params, k[2])["w"], w_spec, layout)}
+
+
+WAYS_TO_USE_A_KERNEL = {
+    # FSDP's gather marking the kernel reduced over the data axis (JAX 0.10+): the factors are too
+    "reduced_gather": (lambda p, x: x @ jax.sharding.reshard(p["w"], P(None, None, reduced={"data"})),
+                       (8, 16), P("data", None), "io"),
+    "device_put": (lambda p, x: x @ jax.device_put(p["w"], P(None, "model")), (8, 16), P("model", None), "io"),
+    "reshape_with_out_sharding": (lambda p, x: x @ jnp.reshape(p["w"], (8, 24), out_sharding=P(None, "model")),
+                                  (8, 4, 6), P(None, None, "model"), "ioo"),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS_TO_USE_A_KERNEL))
+def test_ways_to_reshard_a_kernel_keep_it_factored(way):
+    fn, shape, w_spec, layout = WAYS_TO_USE_A_KERNEL[way]
+    if way == "reduced_gather" and not hasattr(P(), "reduced"):
+        pytest.skip("reduced specs need JAX 0.10")
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        params = _adapter(mesh, shape, w_spec, layout)
+        x = jax.device_put(jax.random.normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", None)))
+        got, want, _ = _grads_and_oracle(fn, params, x, "inputs")  # a fallback would raise (pyproject.toml)
+        _assert_close(got, want)
+
+
+def test_an_unreduced_output_falls_back_exactly_and_says_why():
+    if not hasattr(P(), "unreduced"):
+        pytest.skip("unreduced specs need JAX 0.10")
+
+    def fn(p, x):  # a row-parallel matmul whose all-reduce is left for later
+        y = jnp.matmul(x, p["w"], out_sharding=P("data", None, unreduced={"model"}))
+        return jax.sharding.reshard(y, P("data", None))
+
+    mesh = _mesh()
+    with jax.set_mesh(mesh):
+        params = _adapter(mesh, (8, 16), P("model", None))
+        x = jax.device_put(jax.random.normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", "model")))
+        with pytest.warns(jlora.MaterializeWarning, match="left unreduced across devices"):
+            got, want, _ = _grads_and_oracle(fn, params, x, "inputs")
+        _assert_close(got, want)
+
+
+def test_inputs_of_another_sharding_get_a_trace_of_their_own():
+    # the sharding is part of an Explicit mesh's types, and a trace bakes it in (ones_like here)
+    mesh = _mesh()
+    fn = lambda p, x: (x + jnp.ones_like(x)) @ p["w"]
+    with jax.set_mesh(mesh):
+        params, wrapped = _adapter(mesh, (8, 16), P()), jlora.apply(fn)
+        x = jax.random.normal(jax.random.key(4), (4, 8))
+        for spec in (P("data", None), P("model", None)):
+            placed = jax.device_put(x, NamedSharding(mesh, spec))
+            got, want = wrapped(params, placed), fn(jlora.merge(params), placed)
+            assert jax.typeof(got).sharding.spec == jax.typeof(want).sharding.spec == P(spec[0], None)
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_merge_with_factors_sharded_along_the_rank():
+    mesh = _mesh()
+    with jax.set_mesh(mesh):  # placed by hand: factor_specs never shards the rank
+        lw = _adapter(mesh, (8, 16), P(None, "model"), rank=4)["w"]
+        put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
+        lw = lw.replace(a=put(lw.a, P(None, "model")), b=put(lw.b, P("model", None)))
+        merged = jlora.merge({"w": lw})["w"]
+        assert jax.typeof(merged).sharding.spec == P(None, "model")
+        np.testing.assert_allclose(merged, np.asarray(lw.w) + lw.scale * np.asarray(lw.a) @ np.asarray(lw.b),
+                                   rtol=1e-5, atol=1e-6)
+
+
 # --- the rest of the library ------------------------------------------------------------------------
 
 def test_init_optimizer_merge_and_unmerge():
