@@ -7,7 +7,8 @@
 - ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
   ``sharding_constraint``, ``reshard`` (a mesh with Explicit axes), ``squeeze`` of size-1 axes,
   ``rev`` (a flipped conv window), ``pvary`` (inside ``shard_map``), and ``slice``/``dynamic_slice``
-  of batch axes (picking layer ``i`` of a stack): a new ``LoraWeight``.
+  (layer ``i`` of a stack, rows of an embedding, one part of a fused kernel: the same slice of the
+  factors' matching axes): a new ``LoraWeight``.
 
 On a mesh with Explicit axes the ops a rule adds are sharded by ``jlora.explicit``.
 
@@ -494,15 +495,11 @@ def _per_factor_axis(x: jax.Array, where: dict[int, int], per_w_axis: Sequence[A
     return [per_w_axis[at[i]] if i in at else fill[i] for i in range(x.ndim)]
 
 
-def _batch_only_slice(lw: LoraWeight, sizes: Sequence[int]) -> bool:
-    return all(size == dim or lw.layout.axes[ax][0] == "b" for ax, (size, dim) in enumerate(zip(sizes, lw.shape)))
-
-
 @register(_compat.dynamic_slice_p, LoraWeight)
 def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     lw, *starts = invals
     sizes = tuple(eqn.params["slice_sizes"])
-    if any(is_lazy(s) for s in starts) or not _batch_only_slice(lw, sizes):
+    if any(is_lazy(s) for s in starts):
         return NotImplemented
     in_a, in_b = lw.layout.factor_axes()
 
@@ -519,9 +516,6 @@ def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
     strides = eqn.params.get("strides") or (1,) * lw.ndim
-    sizes = [(hi - lo + st - 1) // st for lo, hi, st in zip(start, limit, strides)]
-    if not _batch_only_slice(lw, sizes):
-        return NotImplemented
     in_a, in_b = lw.layout.factor_axes()
 
     def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:

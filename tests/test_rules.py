@@ -267,3 +267,17 @@ def test_device_put_of_a_tree_inside_the_function_keeps_its_adapters_factored():
     x = jnp.arange(8.0).reshape(2, 4)
     # no MaterializeWarning (an error in this suite): the factors went through device_put as they are
     np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, x), fn(jlora.merge(params), x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("rows", lambda p, x: x[:, :4] @ p["w"][2:6]),
+    ("strided columns", lambda p, x: x @ p["w"][:, 1:6:2]),
+    ("one part of a fused kernel", lambda p, x: x @ lax.dynamic_slice_in_dim(p["w"], 3, 3, axis=1)),
+    ("a block", lambda p, x: x[:, :4] @ p["w"][2:6, 1:8]),
+])
+def test_slices_of_a_kernel_slice_its_factors(name, fn):
+    params = jlora.lora_init(jax.random.key(0), {"w": jax.random.normal(jax.random.key(1), (8, 9))},
+                             jlora.LoraConfig(rank=3, targets=["w"]))
+    params["w"] = params["w"].replace(b=jax.random.normal(jax.random.key(2), params["w"].b.shape))
+    # no MaterializeWarning (an error in this suite): w[rows] = w0[rows] + s·a[rows]@b, and so on
+    check_against_oracle(fn, params, jax.random.normal(jax.random.key(3), (5, 8)))
