@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
 
@@ -216,8 +217,20 @@ def trace_state() -> Any:
 
 def explicit_sharding(x: Any) -> Any:
     """``x``'s ``NamedSharding`` where its type carries one over a mesh with an ``Explicit`` axis
-    (sharding in types: JAX 0.5+; ``jax.make_mesh``'s default from 0.10), else ``None``."""
+    (sharding in types: JAX 0.6+; ``jax.make_mesh``'s default from 0.10), else ``None``.
+
+    Example:
+        >>> explicit_sharding(jax.numpy.ones(3)) is None   # no mesh in the type
+        True
+    """
     return _if_explicit(getattr(jax.typeof(x), "sharding", None))
+
+
+def spec_partitions(spec: Any) -> tuple:
+    """A ``PartitionSpec``'s per-axis entries: ``.partitions`` where a spec also holds unreduced and
+    reduced axes (and refuses to be iterated when it does, JAX 0.8+), else the spec itself."""
+    partitions = getattr(spec, "partitions", None)
+    return tuple(spec) if partitions is None else tuple(partitions)
 
 
 def _if_explicit(sharding: Any) -> Any:
@@ -226,25 +239,46 @@ def _if_explicit(sharding: Any) -> Any:
     return sharding if explicit is not None and explicit in axis_types else None
 
 
-def reshard(x: Any, sharding: Any) -> Any:
-    """``jax.sharding.reshard`` (JAX 0.5+), called only on meshes with Explicit axes."""
-    return jax.sharding.reshard(x, sharding)
+def _reshard_function() -> Any:
+    # jax.sharding.reshard from JAX 0.7; jax.experimental.shard.reshard in 0.6.
+    found = getattr(jax.sharding, "reshard", None)
+    if found is None:
+        try:
+            from jax.experimental.shard import reshard as found
+        except ImportError:  # pragma: no cover - a JAX without Explicit axes
+            return None
+    return found
+
+
+reshard = _reshard_function()
 
 
 def _reshard_primitive() -> Any:
     """``reshard``'s primitive (not in ``jax.extend.core.primitives``), read off a trace on a
-    one-device abstract mesh; ``None`` on a JAX without Explicit axes."""
-    try:
-        from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+    one-device abstract mesh."""
+    from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
-        mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Explicit,))
-        x = jax.ShapeDtypeStruct((1,), jax.numpy.float32, sharding=NamedSharding(mesh, P()))
-        return _traced_primitive(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P("i"))), x)
-    except Exception:  # pragma: no cover - a JAX without Explicit axes (< 0.5) or a changed reshard
-        return None
+    mesh = AbstractMesh((1,), ("i",), axis_types=(AxisType.Explicit,))
+    x = jax.ShapeDtypeStruct((1,), jax.numpy.float32, sharding=NamedSharding(mesh, P()))
+    return _traced_primitive(lambda x: reshard(x, NamedSharding(mesh, P("i"))), x)
 
 
-reshard_p = _reshard_primitive()
+reshard_p = None if reshard is None else _reshard_primitive()
+
+# A kernel gathered as "reduced" over mesh axes (FSDP on an Explicit mesh) passes the mark to its
+# factors; JAX 0.8 lacks reduced rules for ops of the low-rank path (a scale, a broadcast), so
+# there (until 0.10, where it was tested) such a kernel is materialised instead.
+REDUCED_FACTORS = tuple(getattr(jax, "__version_info__", (0, 0))[:2]) >= (0, 10)
+
+def context_key() -> str:
+    """The context an equation traced now records (see ``eqn_context``), as part of a trace's
+    cache key: a jaxpr replays each equation in its own, so one traced under another context
+    (``compute_on``, XLA metadata, a mesh) must not be reused."""
+    eqn = jax.make_jaxpr(lambda x: -x)(_ONE).eqns[0]
+    return repr(getattr(eqn, "ctx", None))
+
+
+_ONE = np.float32(1)
 
 
 def is_tracer(x: Any) -> bool:

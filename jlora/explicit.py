@@ -6,10 +6,10 @@ operands': a matmul that contracts a sharded axis needs an ``out_sharding``, and
 share an axis must shard it alike. The function's own ops are written that way already; the ops
 jlora adds (``x @ a``, ``t @ b``, the sum with the base term) are made so here:
 
-- ``fit``: before ``x · factor``, the factor (small) is resharded so that the axes it shares with
-  ``x`` are sharded as in ``x`` and its other axes use no mesh axis that ``x`` uses; the
-  product's sharding then follows, label by label (``out_sharding``);
-- ``like``: the low-rank term resharded to the base term's sharding before the sum.
+- ``fit_factor``: before ``x · factor``, the factor (small) is resharded so that the axes it
+  shares with ``x`` are sharded as in ``x`` and its other axes use no mesh axis that ``x`` uses;
+  the product's sharding then follows, label by label (``out_sharding``);
+- ``resharded_like``: the low-rank term resharded to the base term's sharding before the sum.
 
 Elsewhere (``Auto`` axes, one device, inside ``shard_map``) every function here returns its input
 unchanged, so jlora builds the same program as without this module.
@@ -19,46 +19,40 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _compat
 
 Entry = tuple  # the mesh axes one array axis is sharded over, () for none
 
-
-def sharding(x: Any) -> NamedSharding | None:
-    """``x``'s sharding where its type has one over a mesh with Explicit axes, else ``None``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> sharding(jnp.ones(3)) is None   # no mesh in the type
-        True
-    """
-    return _compat.explicit_sharding(x)
+sharding = _compat.explicit_sharding  # x's NamedSharding on a mesh with Explicit axes, else None
 
 
 def entries(x: Any) -> tuple[Entry, ...] | None:
-    """``x``'s sharding one entry per axis (a tuple of mesh axis names), or ``None`` (see ``sharding``)."""
+    """``x``'s sharding, one entry per axis (a tuple of mesh axis names), or ``None`` off
+    Explicit meshes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> entries(jnp.ones((2, 3))) is None
+        True
+    """
     s = sharding(x)
     if s is None:
         return None
-    spec = partitions(s.spec)
+    spec = _compat.spec_partitions(s.spec)
     spec = spec + (None,) * (x.ndim - len(spec))
     return tuple(() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec)
 
 
-def partitions(spec: Any) -> tuple:
-    """A spec's per-axis entries (``.partitions`` from JAX 0.10, where a spec also holds unreduced
-    and reduced axes and refuses to be iterated when it does)."""
-    partitions = getattr(spec, "partitions", None)
-    return tuple(spec) if partitions is None else tuple(partitions)
+def _spec(per_axis: Sequence[Entry]) -> PartitionSpec:
+    return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else tuple(e) for e in per_axis))
 
 
 def partial_sums(sharded: Any) -> bool:
     """Whether ``sharded`` (an op's ``out_sharding`` or ``dst_sharding``: a ``NamedSharding``, a
     ``PartitionSpec`` or ``None``) leaves sums across devices for later (``unreduced``) or marks
-    values as such (``reduced``), JAX 0.10+: a low-rank term cannot join those.
+    values as such (``reduced``; both in newer JAX): a low-rank term cannot join those.
 
     Example:
         >>> partial_sums(None), partial_sums(PartitionSpec("data"))
@@ -68,21 +62,18 @@ def partial_sums(sharded: Any) -> bool:
     return bool(getattr(spec, "unreduced", None) or getattr(spec, "reduced", None))
 
 
-def _spec(per_axis: Sequence[Entry]) -> PartitionSpec:
-    return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else tuple(e) for e in per_axis))
-
-
-def fit(x: Any, x_labels: Sequence[Any], y: Any, y_labels: Sequence[Any]) -> tuple[Any, dict | None, Any]:
-    """``(y, axes_of, mesh)``: ``y`` resharded to meet ``x`` in an einsum over labelled axes.
+def fit_factor(x: Any, x_labels: Sequence[Any], y: Any, y_labels: Sequence[Any]) -> tuple[Any, dict | None, Any]:
+    """``(y, axes_of, mesh)``: the factor ``y`` resharded to meet ``x`` in an einsum over
+    labelled axes.
 
     An axis of ``y`` that ``x`` has too (a contracted or a batch axis) takes ``x``'s sharding;
     another axis keeps its own, unless it uses a mesh axis ``x`` uses (then it is gathered: ``y``
-    is a small factor). ``axes_of`` maps each label to its mesh axes; ``None`` (and ``y`` as it
-    is) off Explicit meshes.
+    is small). ``axes_of`` maps each label to its mesh axes; ``None`` (and ``y`` as it is) off
+    Explicit meshes.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> fit(jnp.ones((4, 3)), [0, 1], jnp.ones((3, 2)), [1, 2])[1] is None
+        >>> fit_factor(jnp.ones((4, 3)), [0, 1], jnp.ones((3, 2)), [1, 2])[1] is None
         True
     """
     x_axes, y_axes = entries(x), entries(y)
@@ -101,20 +92,26 @@ def fit(x: Any, x_labels: Sequence[Any], y: Any, y_labels: Sequence[Any]) -> tup
     return y, axes_of, mesh
 
 
-def out_sharding(axes_of: dict | None, mesh: Any, labels: Sequence[Any]) -> NamedSharding | None:
-    """The sharding of an einsum's result with axes ``labels`` (see ``fit``); ``None`` off
-    Explicit meshes. A contracted sharded axis is summed across devices."""
+def out_sharding(axes_of: dict | None, mesh: Any, labels: Sequence[Any]) -> dict:
+    """The keyword arguments that give an einsum's result (axes ``labels``, see ``fit_factor``)
+    its sharding: ``{"out_sharding": ...}``, or ``{}`` off Explicit meshes. A contracted sharded
+    axis is summed across devices.
+
+    Example:
+        >>> out_sharding(None, None, [0, 1])
+        {}
+    """
     if axes_of is None:
-        return None
-    return NamedSharding(mesh, _spec([axes_of[l] for l in labels]))
+        return {}
+    return {"out_sharding": NamedSharding(mesh, _spec([axes_of[l] for l in labels]))}
 
 
-def like(y: Any, base: Any) -> Any:
+def resharded_like(y: Any, base: Any) -> Any:
     """``y`` resharded to ``base``'s sharding where both have one and they differ.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> like(jnp.ones(2), jnp.zeros(2)).tolist()
+        >>> resharded_like(jnp.ones(2), jnp.zeros(2)).tolist()
         [1.0, 1.0]
     """
     target = sharding(base)
@@ -123,14 +120,26 @@ def like(y: Any, base: Any) -> Any:
     return _compat.reshard(y, target)
 
 
-def same(x: Any, y: Any) -> bool:
-    """Whether ``x`` and ``y`` are sharded alike (always off Explicit meshes)."""
+def sharded_alike(x: Any, y: Any) -> bool:
+    """Whether ``x`` and ``y`` are sharded alike (always off Explicit meshes, where types say nothing).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> sharded_alike(jnp.ones(2), jnp.ones((3, 4)))
+        True
+    """
     return entries(x) == entries(y)
 
 
 def unsharded(x: Any, axis: int) -> bool:
     """Whether ``x``'s axis ``axis`` is whole on every device as its type says (always off
-    Explicit meshes, where types say nothing)."""
+    Explicit meshes, where types say nothing).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> unsharded(jnp.ones((2, 3)), 1)
+        True
+    """
     per_axis = entries(x)
     return per_axis is None or not per_axis[axis]
 
@@ -140,12 +149,12 @@ def whole_along(sharded: Any, axis: int) -> NamedSharding | None:
     with axis ``axis`` whole; ``None`` where there is none.
 
     Example:
-        >>> whole_along(None, 0) is None
-        True
+        >>> tuple(whole_along(PartitionSpec("data", "model"), 1))
+        ('data', None)
     """
     if sharded is None:
         return None
-    spec = partitions(getattr(sharded, "spec", sharded))
+    spec = _compat.spec_partitions(getattr(sharded, "spec", sharded))
     spec = spec + (None,) * (axis + 1 - len(spec))
     spec = PartitionSpec(*spec[:axis], None, *spec[axis + 1:])
     return NamedSharding(sharded.mesh, spec) if isinstance(sharded, NamedSharding) else spec

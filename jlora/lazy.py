@@ -273,11 +273,12 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     return outs
 
 
-def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
+def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str | Sequence[str] = "") -> list:
     """``eqn`` on values that may be lazy, through their kind's rules (else materialised, with a
     warning), apart from the jaxpr being evaluated: how a ``LoraWeight`` whose ``w`` is itself lazy
     (a quantized base weight) forms its base term, e.g. ``x·w``, with ``w``'s own rules. ``where``
-    names the lazy inputs in warnings (``"the base of 'layers/0/q/kernel'"``). The rules get a
+    names the lazy inputs in warnings (``"the base of 'layers/0/q/kernel'"``; one name per input
+    where they differ). The rules get a
     dropout key (``ctx.rng``) only where an adapter under ``w`` drops; a base kind's rules get
     ``None``: they must not draw keys, or the later adapters' keys would depend on the base's kind.
 
@@ -289,7 +290,9 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str = "") -> list:
     """
     # a key only for a base that drops (stacked adapters): others must not shift the later adapters' keys
     rng = ctx.next_key() if any(ctx.drops_within(v) for v in invals) else None
-    inner = Context(rng, ctx.records, rebuild_inputs=False, names={id(v): where for v in invals if is_lazy(v)})
+    per_input = [where] * len(invals) if isinstance(where, str) else list(where)
+    inner = Context(rng, ctx.records, rebuild_inputs=False,
+                    names={id(v): name for v, name in zip(invals, per_input) if is_lazy(v)})
     return _eval_eqn(inner, None, eqn, invals)
 
 
@@ -463,7 +466,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract))
+               tuple(_compat.type_key(a) for a in abstract), _compat.context_key())
         hash(key)
     except TypeError:
         key = None

@@ -18,7 +18,7 @@ Every other use materialises (see ``jlora.lazy``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,7 @@ from jlora.weight import Lazy, LoraWeight
 def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
     if not ctx.drops(lw):
         return x
-    sharded = explicit.sharding(x)  # on a mesh with Explicit axes: each device draws its own block
-    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape,
-                                **({} if sharded is None else {"out_sharding": sharded}))
+    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
 
 
@@ -67,10 +65,9 @@ def contract(
         (tuple(x_labels.index(l) for l in batch), tuple(y_labels.index(l) for l in batch)),
     )
     labels = batch + [l for l in x_labels if l not in shared] + [l for l in y_labels if l not in shared]
-    y, axes_of, mesh = explicit.fit(x, x_labels, y, y_labels)
-    sharded = explicit.out_sharding(axes_of, mesh, labels)
+    y, axes_of, mesh = explicit.fit_factor(x, x_labels, y, y_labels)
     dot = functools.partial(lax.dot_general, dimension_numbers=dims, precision=precision,
-                            preferred_element_type=preferred, **({} if sharded is None else {"out_sharding": sharded}))
+                            preferred_element_type=preferred, **explicit.out_sharding(axes_of, mesh, labels))
     out = dot(x, y) if through is None else through(dot, x, y)
     return out, labels
 
@@ -82,12 +79,14 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
 
 
-def _bind(ctx: Context, eqn: Any, invals: list, lw: LoraWeight) -> list:
-    """``eqn`` on ``lw``'s base ``w`` and plain values; a lazy ``w`` (a quantized base) goes
-    through its own rules (a fallback's warning names ``lw``'s path)."""
+def _bind(ctx: Context, eqn: Any, invals: list, owner: LoraWeight | Sequence[LoraWeight | None]) -> list:
+    """``eqn`` on the base ``w`` of ``owner`` and plain values (or on several inputs, each the base
+    of its ``owner`` or ``None``); a lazy ``w`` (a quantized base) goes through its own rules (a
+    fallback's warning names its owner's path)."""
     if not any(is_lazy(v) for v in invals):
         return _compat.bind(eqn, invals)
-    return evaluate_eqn(ctx, eqn, invals, f"the base of '{lw.path}'" if lw.path else "")
+    name = lambda lw: f"the base of '{lw.path}'" if lw is not None and lw.path else ""
+    return evaluate_eqn(ctx, eqn, invals, name(owner) if isinstance(owner, LoraWeight) else [name(o) for o in owner])
 
 
 def _scaled(factor: jax.Array, scale: float) -> jax.Array:
@@ -171,8 +170,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
             # batch over, e.g. experts every token goes through)
-            t = explicit.like(_to_order(t, t_labels, r_of(x_labels)), x)
-            b = explicit.like(_to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels)), lw.w)
+            t = explicit.resharded_like(_to_order(t, t_labels, r_of(x_labels)), x)
+            b = explicit.resharded_like(_to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels)), lw.w)
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
@@ -185,7 +184,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     base = dot(x_in, lw.w)
-    out = base + explicit.like(y.astype(base.dtype), base)
+    out = base + explicit.resharded_like(y.astype(base.dtype), base)
     if kept:
         out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
     return [out]
@@ -241,7 +240,7 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
             isinstance(other, LoraWeight) and not ctx.drops(other)
             and other.ndim == lw.ndim and other.a.shape[:-1] == lw.a.shape[:-1]
             and all(other.layout.group(r) == lw.layout.group(r) for r in ("b", "i"))
-            and explicit.same(other.a, lw.a)  # sharded alike, where types say (Explicit axes)
+            and explicit.sharded_alike(other.a, lw.a)  # sharded alike, where types say (Explicit axes)
         ):
             found.append((j, other))
     return found
@@ -332,7 +331,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     y, _ = contract(t, labels, lw.b.astype(x.dtype), [feat, t.ndim], set(labels) - {feat} | {t.ndim},
                     p.get("preferred_element_type"))
     y = jnp.moveaxis(y, -1, feat)
-    return [base + explicit.like(y.astype(base.dtype), base)]
+    return [base + explicit.resharded_like(y.astype(base.dtype), base)]
 
 
 # --- structural rules: a new LoraWeight ---------------------------------------------------------
@@ -370,16 +369,30 @@ def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0])]
 
 
+def _placed(lw: LoraWeight, w: Any, target: Any, put: Callable[[Any, Any], Any]) -> LoraWeight:
+    """``lw`` with its base placed as ``w`` and its factors ``put`` on the shardings derived from
+    ``target`` (``jlora.sharding.factor_shardings``); a target that is no ``NamedSharding`` leaves
+    the factors where they are."""
+    if not isinstance(target, jax.sharding.NamedSharding):
+        return lw.replace(w=w)
+    a_sharding, b_sharding = factor_shardings(target, lw.layout)
+    return lw.replace(w=w, a=put(lw.a, a_sharding), b=put(lw.b, b_sharding))
+
+
+def _unplaceable(target: Any) -> bool:
+    """A placement the factors cannot follow: host memory, or sums across devices left unreduced."""
+    return (getattr(target, "memory_kind", None) not in (None, "device")
+            or bool(getattr(getattr(target, "spec", None), "unreduced", None)))
+
+
 @register(_compat.sharding_constraint_p, LoraWeight)
 def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """The constraint on ``w``, and the derived ones (``jlora.sharding.factor_specs``) on ``a`` and ``b``."""
     (lw,) = invals
-    w = _bind(ctx, eqn, [lw.w], lw)[0]
-    sharding = eqn.params.get("sharding")
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return [lw.replace(w=w)]
-    a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
-    return [lw.replace(w=w, a=lax.with_sharding_constraint(lw.a, a_sharding), b=lax.with_sharding_constraint(lw.b, b_sharding))]
+    target = eqn.params.get("sharding")
+    if _unplaceable(target):
+        return NotImplemented
+    return [_placed(lw, _bind(ctx, eqn, [lw.w], lw)[0], target, lax.with_sharding_constraint)]
 
 
 @register(_compat.device_put_p, LoraWeight)
@@ -387,22 +400,14 @@ def device_put_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """``jax.device_put`` inside the function (one value or a tree of them): each kernel's ``w``
     put where asked, its ``a`` and ``b`` on the derived shardings (device memory only)."""
     targets = eqn.params.get("devices") or (None,) * len(invals)
-    adapted = [k for k, v in enumerate(invals) if isinstance(v, LoraWeight)]
-    for k in adapted:
-        target = targets[k]
-        if target is not None and (not isinstance(target, jax.sharding.NamedSharding)
-                                   or target.memory_kind not in (None, "device")
-                                   or getattr(target.spec, "unreduced", None)):
-            return NotImplemented
-    outs = _bind(ctx, eqn, [v.w if k in adapted else v for k, v in enumerate(invals)], invals[adapted[0]])
-    for k in adapted:
-        lw, target = invals[k], targets[k]
-        a, b = lw.a, lw.b
-        if target is not None:
-            a_sharding, b_sharding = factor_shardings(target, lw.layout)
-            a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
-        outs[k] = lw.replace(w=outs[k], a=a, b=b)
-    return outs
+    owners = [v if isinstance(v, LoraWeight) else None for v in invals]
+    if any(lw is not None and target is not None and (not isinstance(target, jax.sharding.NamedSharding)
+                                                       or _unplaceable(target))
+           for lw, target in zip(owners, targets)):
+        return NotImplemented  # a device, host memory: materialised
+    outs = _bind(ctx, eqn, [v if lw is None else lw.w for v, lw in zip(invals, owners)], owners)
+    return [out if lw is None else _placed(lw, out, target, jax.device_put)
+            for out, lw, target in zip(outs, owners, targets)]
 
 
 if _compat.reshard_p is not None:
@@ -411,12 +416,11 @@ if _compat.reshard_p is not None:
         """On a mesh with Explicit axes (``jax.sharding.reshard``, e.g. FSDP's gather of a kernel
         before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
         (lw,) = invals
-        sharding = eqn.params.get("dst_sharding")
-        if not isinstance(sharding, jax.sharding.NamedSharding) or getattr(sharding.spec, "unreduced", None):
+        target = eqn.params.get("dst_sharding")
+        if (not isinstance(target, jax.sharding.NamedSharding) or _unplaceable(target)
+                or (getattr(target.spec, "reduced", None) and not _compat.REDUCED_FACTORS)):
             return NotImplemented
-        a_sharding, b_sharding = factor_shardings(sharding, lw.layout)
-        return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=_compat.reshard(lw.a, a_sharding),
-                           b=_compat.reshard(lw.b, b_sharding))]
+        return [_placed(lw, _bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
 
 
 @register(_compat.pvary_p, Lazy)

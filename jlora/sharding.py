@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jlora import explicit
+from jlora import _compat
 from jlora.layout import Layout
 from jlora.paths import Pattern, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
@@ -162,7 +162,7 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
     """
     layout = Layout.parse(layout)
     w_spec = _as_spec(w_spec)
-    entries = explicit.partitions(w_spec)
+    entries = _compat.spec_partitions(w_spec)
     entries += (None,) * (layout.ndim - len(entries))
     in_a, in_b = layout.factor_axes()
     nb, ni, no = (len(layout.group(r)) for r in ("b", "i", "o"))

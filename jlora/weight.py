@@ -227,11 +227,10 @@ class LoraWeight(Lazy):
         nb, r = len(self.layout.group("b")), self.a.ndim - 1
         a_labels = list(range(self.a.ndim))  # batch..., inputs..., rank
         b_labels = a_labels[:nb] + [r] + list(range(r + 1, r + self.b.ndim - nb))
-        b, axes_of, mesh = explicit.fit(self.a, a_labels, self.b, b_labels)  # a mesh with Explicit axes
-        sharded = explicit.out_sharding(axes_of, mesh, a_labels[:r] + b_labels[nb + 1:])
+        b, axes_of, mesh = explicit.fit_factor(self.a, a_labels, self.b, b_labels)  # a mesh with Explicit axes
         d = lax.dot_general(
             self.a, b, (((r,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
-            **({} if sharded is None else {"out_sharding": sharded}),
+            **explicit.out_sharding(axes_of, mesh, a_labels[:r] + b_labels[nb + 1:]),
         )
         d = jnp.transpose(d, self.layout.canonical_to_w()) if d.ndim > 1 else d
         return self.scale * d
@@ -245,7 +244,7 @@ class LoraWeight(Lazy):
             (dtype(bfloat16), 2.0)
         """
         w = self.w.materialize() if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
-        delta = explicit.like(self.delta(), w)
+        delta = explicit.resharded_like(self.delta(), w)
         wide = jnp.promote_types(w.dtype, delta.dtype)
         return (w.astype(wide) + delta.astype(wide)).astype(w.dtype)
 

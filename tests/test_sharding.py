@@ -373,6 +373,21 @@ def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     assert jaxpr.count("sharding_constraint") == 3  # on w, a (replicated) and b (split like w's columns)
 
 
+def test_device_put_of_a_kernel_puts_its_factors_and_a_device_target_falls_back():
+    mesh = sharding.make_mesh({"model": 8})
+    params, x = _mlp_params(), jnp.ones((4, 16))
+    to_columns = lambda p, x: x @ jax.device_put(p["l1"]["kernel"], NamedSharding(mesh, P(None, "model")))
+    out = jax.jit(jlora.apply(to_columns))(params, x)
+    np.testing.assert_allclose(out, to_columns(jlora.merge(params), x), rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(jlora.apply(to_columns))(params, x)
+    put = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "device_put"]
+    assert [tuple(e.params["devices"][0].spec) for e in put] == [(None, "model"), (None, None), (None, "model")]
+    to_a_device = lambda p, x: x @ jax.device_put(p["l1"]["kernel"], jax.devices()[0])
+    with pytest.warns(jlora.MaterializeWarning, match="materialised at 'device_put'"):
+        out = jax.jit(jlora.apply(to_a_device))(params, x)
+    np.testing.assert_allclose(out, to_a_device(jlora.merge(params), x), rtol=1e-5, atol=1e-5)
+
+
 # --- checkpoints and several processes --------------------------------------------------------------
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
