@@ -403,3 +403,21 @@ def test_an_equation_and_its_rules_ops_keep_the_context_it_was_traced_in():
     tagged = [line for line in hlo.splitlines() if "dot_general" in line and 'jlora_tag = "kept"' in line]
     untagged = [line for line in hlo.splitlines() if "dot_general" in line and "jlora_tag" not in line]
     assert len(tagged) == 3 and len(untagged) == 3  # x@w, x@a, t@b tagged; v's three not
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax.experimental.xla_metadata") is None, reason="no XLA metadata API")
+def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
+    # a jaxpr replays each equation in the context it was traced in: a call in another context
+    # (outside the metadata region here) needs a trace of its own
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    params = jlora.lora_init(jax.random.key(0), {"w": jnp.ones((4, 3))}, jlora.LoraConfig(rank=2, targets=["w"]))
+    wrapped = jlora.apply(lambda p, x: x @ p["w"], recompute=False)
+
+    def step(p, x):
+        with set_xla_metadata(jlora_tag="inside"):
+            inside = wrapped(p, x)
+        return inside, wrapped(p, 2 * x)
+
+    dots = [line for line in jax.jit(step).lower(params, jnp.ones((2, 4))).as_text().splitlines() if "dot_general" in line]
+    assert len(dots) == 6 and sum('jlora_tag = "inside"' in line for line in dots) == 3
