@@ -381,8 +381,8 @@ def _placed(lw: LoraWeight, w: Any, target: Any, put: Callable[[Any, Any], Any])
 
 def _unplaceable(target: Any) -> bool:
     """A placement the factors cannot follow: host memory, or sums across devices left unreduced."""
-    return (getattr(target, "memory_kind", None) not in (None, "device")
-            or bool(getattr(getattr(target, "spec", None), "unreduced", None)))
+    return (getattr(target, "memory_kind", None) == "pinned_host"  # a device's own memory is "device"
+            or bool(getattr(getattr(target, "spec", None), "unreduced", None)))  # (or "unpinned_host" on CPU)
 
 
 @register(_compat.sharding_constraint_p, LoraWeight)
