@@ -8,7 +8,7 @@ from jax import lax
 
 import jlora
 from jlora.lazy import MaterializeWarning
-from oracle import check_against_oracle
+from oracle import check_against_oracle, normal
 from test_rules import random_lora
 
 
@@ -21,7 +21,7 @@ def params():
     }
 
 
-X = jax.random.normal(jax.random.key(9), (4, 6))
+X = normal(jax.random.key(9), (4, 6))
 
 
 def test_nested_jit(params):
@@ -56,9 +56,9 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
     from quantized import Int8Weight
 
     k = jax.random.split(jax.random.key(2), 6)
-    inner = jlora.LoraWeight(jax.random.normal(k[0], (3, 6, 6)), jax.random.normal(k[1], (3, 6, 2)),
-                             jax.random.normal(k[2], (3, 2, 6)), scale=0.5, layout="bio", path="inner")
-    outer = lambda base: jlora.LoraWeight(base, jax.random.normal(k[3], (3, 6, 2)), jax.random.normal(k[4], (3, 2, 6)),
+    inner = jlora.LoraWeight(normal(k[0], (3, 6, 6)), normal(k[1], (3, 6, 2)),
+                             normal(k[2], (3, 2, 6)), scale=0.5, layout="bio", path="inner")
+    outer = lambda base: jlora.LoraWeight(base, normal(k[3], (3, 6, 2)), normal(k[4], (3, 2, 6)),
                                           scale=0.3, layout="bio", path="layers/w")
     fn = lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
     check_against_oracle(fn, {"w": outer(inner)}, X)  # no warning: every MaterializeWarning is an error here
@@ -141,9 +141,9 @@ def test_dropout_is_left_out_inside_a_custom_derivative_alike_with_and_without_g
     """Differentiated, such a function takes the weight whole, where no low-rank path can drop: the
     loss must not change when its gradient is taken, and a warning says dropout is off there."""
     k = jax.random.split(jax.random.key(0), 4)
-    lw = jlora.LoraWeight(jax.random.normal(k[0], (4, 3)), jax.random.normal(k[1], (4, 2)),
-                          jax.random.normal(k[2], (2, 3)), scale=0.7, path="w", dropout=0.5)
-    x = jax.random.normal(k[3], (5, 4))
+    lw = jlora.LoraWeight(normal(k[0], (4, 3)), normal(k[1], (4, 2)),
+                          normal(k[2], (2, 3)), scale=0.7, path="w", dropout=0.5)
+    x = normal(k[3], (5, 4))
     if kind == "custom_jvp":
         layer = jax.custom_jvp(lambda w, x: jnp.tanh(x @ w))
         layer.defjvp(lambda p, t: (layer(*p), (1 - layer(*p) ** 2) * (p[1] @ t[0] + t[1] @ p[0])))

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
 from jlora import _compat, explicit, sharding
+from oracle import normal
 
 pytestmark = [
     pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)"),
@@ -36,7 +37,7 @@ def _place(mesh, lw, w_spec, layout="io"):
 def _with_b(params, key):
     """Nonzero ``b`` everywhere, so that the low-rank path counts."""
     def one(x):
-        return x.replace(b=0.1 * jax.random.normal(key, x.b.shape)) if isinstance(x, jlora.LoraWeight) else x
+        return x.replace(b=0.1 * normal(key, x.b.shape)) if isinstance(x, jlora.LoraWeight) else x
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
 
 
@@ -80,10 +81,10 @@ def _block(parallel):
 
 def _block_params(mesh, parallel, dropout=0.0):
     k = jax.random.split(jax.random.key(0), 6)
-    base = {"embed": {"embedding": jax.random.normal(k[0], (16, 8))},
-            "gate": {"kernel": jax.random.normal(k[1], (8, 16)) / 3},
-            "up": {"kernel": jax.random.normal(k[2], (8, 16)) / 3},
-            "down": {"kernel": jax.random.normal(k[3], (16, 8)) / 4},
+    base = {"embed": {"embedding": normal(k[0], (16, 8))},
+            "gate": {"kernel": normal(k[1], (8, 16)) / 3},
+            "up": {"kernel": normal(k[2], (8, 16)) / 3},
+            "down": {"kernel": normal(k[3], (16, 8)) / 4},
             "norm": {"scale": jnp.ones((8,))}}
     config = jlora.LoraConfig(rank=2, targets=["gate", "up", "down", "embed/embedding"], dropout=dropout)
     params = _with_b(jlora.lora_init(k[4], base, config), k[5])
@@ -167,32 +168,32 @@ def test_kernel_kinds_equal_the_merged_oracle(kind, recompute):
     fn, w_shape, w_spec, layout, x_shape, x_spec = KINDS[kind]
     k = jax.random.split(jax.random.key(1), 4)
     config = jlora.LoraConfig(rank=3, targets=["w"], layouts={"w": layout})
-    params = _with_b(jlora.lora_init(k[0], {"w": jax.random.normal(k[1], w_shape) / 3}, config), k[2])
+    params = _with_b(jlora.lora_init(k[0], {"w": normal(k[1], w_shape) / 3}, config), k[2])
     mesh = _mesh()
     with jax.set_mesh(mesh):
         params = {"w": _place(mesh, params["w"], w_spec, layout)}
-        x = jax.device_put(jax.random.normal(k[3], x_shape), NamedSharding(mesh, x_spec))
+        x = jax.device_put(normal(k[3], x_shape), NamedSharding(mesh, x_spec))
         got, want, _ = _grads_and_oracle(fn, params, x, recompute)
         _assert_close(got, want)
 
 
 def test_weights_reading_one_input_but_sharded_differently_each_keep_their_own_down_projection():
     k = jax.random.split(jax.random.key(2), 4)
-    params = _with_b(jlora.lora_init(k[0], {"q": jax.random.normal(k[1], (8, 8)), "k": jax.random.normal(k[2], (8, 8))},
+    params = _with_b(jlora.lora_init(k[0], {"q": normal(k[1], (8, 8)), "k": normal(k[2], (8, 8))},
                                      jlora.LoraConfig(rank=2, targets=["q", "k"])), k[3])
     fn = lambda p, x: (jnp.matmul(x, p["q"], out_sharding=P("data", None))
                        + jnp.matmul(x, p["k"], out_sharding=P("data", None)))
     mesh = _mesh()
     with jax.set_mesh(mesh):  # a_q whole, a_k split by rows: no one x @ [a_q | a_k]
         params = {"q": _place(mesh, params["q"], P(None, "model")), "k": _place(mesh, params["k"], P("model", None))}
-        x = jax.device_put(jax.random.normal(k[0], (4, 8)), NamedSharding(mesh, P("data", None)))
+        x = jax.device_put(normal(k[0], (4, 8)), NamedSharding(mesh, P("data", None)))
         got, want, _ = _grads_and_oracle(fn, params, x, "inputs")
         _assert_close(got, want)
 
 
 def _adapter(mesh, shape, w_spec, layout="io", rank=2):
     k = jax.random.split(jax.random.key(3), 3)
-    params = jlora.lora_init(k[0], {"w": jax.random.normal(k[1], shape) / 3},
+    params = jlora.lora_init(k[0], {"w": normal(k[1], shape) / 3},
                              jlora.LoraConfig(rank=rank, targets=["w"], layouts={"w": layout}))
     return {"w": _place(mesh, _with_b(params, k[2])["w"], w_spec, layout)}
 
@@ -215,7 +216,7 @@ def test_ways_to_reshard_a_kernel_keep_it_factored(way):
     mesh = _mesh()
     with jax.set_mesh(mesh):
         params = _adapter(mesh, shape, w_spec, layout)
-        x = jax.device_put(jax.random.normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", None)))
+        x = jax.device_put(normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", None)))
         got, want, _ = _grads_and_oracle(fn, params, x, "inputs")  # a fallback would raise (pyproject.toml)
         _assert_close(got, want)
 
@@ -231,7 +232,7 @@ def test_an_unreduced_output_falls_back_exactly_and_says_why():
     mesh = _mesh()
     with jax.set_mesh(mesh):
         params = _adapter(mesh, (8, 16), P("model", None))
-        x = jax.device_put(jax.random.normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", "model")))
+        x = jax.device_put(normal(jax.random.key(4), (4, 8)), NamedSharding(mesh, P("data", "model")))
         with pytest.warns(jlora.MaterializeWarning, match="left unreduced across devices"):
             got, want, _ = _grads_and_oracle(fn, params, x, "inputs")
         _assert_close(got, want)
@@ -243,7 +244,7 @@ def test_inputs_of_another_sharding_get_a_trace_of_their_own():
     fn = lambda p, x: (x + jnp.ones_like(x)) @ p["w"]
     with jax.set_mesh(mesh):
         params, wrapped = _adapter(mesh, (8, 16), P()), jlora.apply(fn)
-        x = jax.random.normal(jax.random.key(4), (4, 8))
+        x = normal(jax.random.key(4), (4, 8))
         for spec in (P("data", None), P("model", None)):
             placed = jax.device_put(x, NamedSharding(mesh, spec))
             got, want = wrapped(params, placed), fn(jlora.merge(params), placed)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from oracle import check_against_oracle, oracle_merge, perturb
+from oracle import check_against_oracle, normal, oracle_merge, perturb
 from quantized import INT8_DOTS, Int8Weight
 
 KEY = jax.random.key(0)
@@ -25,9 +25,9 @@ def lora(params, targets, fn=None, **kw):
 
 
 def test_plain_matmul_and_einsum_functions():
-    params = {"w1": jax.random.normal(KEY, (8, 16)) / 3, "w2": jax.random.normal(KEY, (16, 4)) / 4}
+    params = {"w1": normal(KEY, (8, 16)) / 3, "w2": normal(KEY, (16, 4)) / 4}
     p = lora(params, ["w1", "w2"])
-    x = jax.random.normal(KEY, (3, 8))
+    x = normal(KEY, (3, 8))
     check_against_oracle(lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"], p, x)
     check_against_oracle(lambda p, x: jnp.einsum("bo,oh->bh", jnp.einsum("bi,io->bo", x, p["w1"]), p["w2"]), p, x)
     check_against_oracle(lambda p, x: jnp.dot(jnp.matmul(x, p["w1"]), p["w2"]), p, x)
@@ -59,7 +59,7 @@ class Everything(nn.Module):
 def test_linen_model_with_every_layer_kind():
     model = Everything()
     ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]])
-    img = jax.random.normal(KEY, (2, 6, 6, 3))
+    img = normal(KEY, (2, 6, 6, 3))
     params = model.init(KEY, ids, img)["params"]
     fn = lambda p, ids, img: model.apply({"params": p}, ids, img)
     p = lora(params, ["embed", "to_heads", "from_heads", "einsum", "fc", "conv", "dense"],
@@ -75,10 +75,10 @@ def test_linen_model_with_every_layer_kind():
 
 
 def test_recompute_keeps_only_matmul_outputs_for_the_backward():
-    p = perturb(lora({"w1": jax.random.normal(KEY, (16, 16)), "w2": jax.random.normal(KEY, (16, 16))}, ["w1", "w2"]), KEY)
+    p = perturb(lora({"w1": normal(KEY, (16, 16)), "w2": normal(KEY, (16, 16))}, ["w1", "w2"]), KEY)
     trainable, frozen = jlora.split(p)
     fn = lambda p, x: jnp.sum(jnp.cos(jnp.sin(x @ p["w1"]) @ p["w2"]))
-    x = jax.random.normal(KEY, (4, 16))
+    x = normal(KEY, (4, 16))
     hidden = np.sin(np.asarray(x @ oracle_merge(p)["w1"]))  # the second adapter's input
 
     def keeps_hidden(recompute):
@@ -91,7 +91,7 @@ def test_recompute_keeps_only_matmul_outputs_for_the_backward():
 
 
 def test_kernel_used_in_a_matmul_and_elsewhere():
-    params = {"w": jax.random.normal(KEY, (6, 6)) / 3}
+    params = {"w": normal(KEY, (6, 6)) / 3}
     p = lora(params, ["w"])
     fn = lambda p, x: x @ p["w"] + jnp.linalg.norm(p["w"])
     with pytest.warns(jlora.MaterializeWarning, match="'w'"):
@@ -112,12 +112,12 @@ def test_nnx_model_via_split_and_merge():
     p = lora(state, ["up", "down"])
     adapted = [x.path for x in jax.tree.leaves(p, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)]
     assert adapted == ["down/kernel", "up/kernel"]
-    check_against_oracle(fn, p, jax.random.normal(KEY, (3, 6)))
+    check_against_oracle(fn, p, normal(KEY, (3, 6)))
 
 
 def test_equinox_model_with_inferred_layouts():
     model = eqx.nn.MLP(6, 3, 12, 2, key=KEY)  # Linear weights are (out, in); activations are leaves
-    x = jax.random.normal(KEY, (4, 6))
+    x = normal(KEY, (4, 6))
     fn = lambda m, x: jax.vmap(m)(x)
     p = lora(model, ["layers"], fn=lambda m: fn(m, x))
     layouts = {w.path: str(w.layout) for w in jax.tree.leaves(p, is_leaf=jlora.weight.is_node)
@@ -148,10 +148,10 @@ def test_trace_is_cached_per_signature():
 
 def test_a_trace_is_reused_only_under_the_trace_that_made_it():
     """What a trace fixes (a vmap's axis size) differs between two vmaps of the same shapes."""
-    p = lora({"w": jax.random.normal(KEY, (4, 3))}, ["w"])
+    p = lora({"w": normal(KEY, (4, 3))}, ["w"])
     fn = lambda p, x: jax.lax.psum(x @ p["w"], "i") / jax.lax.psum(1, "i")  # the mean over the named axis
     forward = jlora.apply(fn)
-    x = jax.random.normal(KEY, (4, 4))
+    x = normal(KEY, (4, 4))
     for n in (2, 4):
         got = jax.vmap(forward, in_axes=(None, 0), axis_name="i")(p, x[:n])
         want = jax.vmap(fn, in_axes=(None, 0), axis_name="i")(oracle_merge(p), x[:n])
@@ -254,14 +254,14 @@ def test_factoring_is_verified_by_compiled_flops():
     """A LoRA grad step of a deep MLP of square layers costs ~4N FLOPs per token, not 6N."""
     depth, width, rank, batch = 6, 512, 8, 64
     keys = jax.random.split(KEY, depth)
-    base = {f"layer{i}": {"kernel": jax.random.normal(k, (width, width)) / 16} for i, k in enumerate(keys)}
+    base = {f"layer{i}": {"kernel": normal(k, (width, width)) / 16} for i, k in enumerate(keys)}
 
     def mlp(p, x):
         for i in range(depth):
             x = jnp.tanh(x @ p[f"layer{i}"]["kernel"])
         return jnp.mean(x**2)
 
-    x = jax.random.normal(KEY, (batch, width))
+    x = normal(KEY, (batch, width))
     full_step = lambda p, x: jax.grad(mlp)(p, x)
     p = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=rank, targets="all-linear"))
     trainable, frozen = jlora.split(p)
@@ -290,8 +290,8 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
     the adapter stays factored, and the result and gradients equal the materialised oracle's."""
     q = jax.random.randint(KEY, (8, 6), -127, 128).astype(jnp.int8)
     base = Int8Weight(q, jnp.linspace(0.01, 0.02, 6))
-    lw = jlora.LoraWeight(base, 0.3 * jax.random.normal(KEY, (8, 2)), 0.3 * jnp.ones((2, 6)), scale=0.5, path="w")
-    x = jax.random.normal(jax.random.fold_in(KEY, 1), (3, 8))
+    lw = jlora.LoraWeight(base, 0.3 * normal(KEY, (8, 2)), 0.3 * jnp.ones((2, 6)), scale=0.5, path="w")
+    x = normal(jax.random.fold_in(KEY, 1), (3, 8))
     fn = lambda p, x: jnp.tanh(x @ p["w"])
     INT8_DOTS.clear()
     check_against_oracle(fn, {"w": lw}, x)  # every MaterializeWarning is an error here
@@ -306,16 +306,16 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
         check_against_oracle(lambda p, x: x @ jnp.sin(p["w"]), {"w": lw}, x)
     # stacked layers under scan: the base's leaves are sliced with the factors
     stacked = jlora.LoraWeight(Int8Weight(jnp.stack([q[:6, :6]] * 3), jnp.full((3, 1, 6), 0.01)),
-                               0.3 * jax.random.normal(KEY, (3, 6, 2)), 0.3 * jnp.ones((3, 2, 6)), scale=0.5,
+                               0.3 * normal(KEY, (3, 6, 2)), 0.3 * jnp.ones((3, 2, 6)), scale=0.5,
                                layout="bio", path="stack")
     layers = lambda p, h: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["stack"])[0]
     check_against_oracle(layers, {"stack": stacked}, x[:, :6])
 
 
 def test_a_lora_weight_times_a_quantized_kernel_uses_the_quantized_kinds_rule():
-    lw = jlora.LoraWeight(jax.random.normal(KEY, (4, 8)), jax.random.normal(KEY, (4, 2)),
-                          jax.random.normal(jax.random.fold_in(KEY, 1), (2, 8)), scale=0.5, path="lw")
-    q = jnp.round(10 * jax.random.normal(jax.random.fold_in(KEY, 2), (8, 6))).astype(jnp.int8)
+    lw = jlora.LoraWeight(normal(KEY, (4, 8)), normal(KEY, (4, 2)),
+                          normal(jax.random.fold_in(KEY, 1), (2, 8)), scale=0.5, path="lw")
+    q = jnp.round(10 * normal(jax.random.fold_in(KEY, 2), (8, 6))).astype(jnp.int8)
     int8 = Int8Weight(q, jnp.linspace(0.01, 0.02, 6))
     INT8_DOTS.clear()
     with pytest.warns(jlora.MaterializeWarning, match="'lw' materialised at 'dot_general': both operands are lazy"):
@@ -343,11 +343,11 @@ def test_a_quantized_base_in_a_bf16_model_keeps_its_int8_matmul():
     """A model that casts its kernels to bf16: the kind's convert rule keeps the base lazy, so the
     int8 matmul runs (no fallback), and the adapter stays factored in bf16."""
     q = jax.random.randint(KEY, (8, 6), -127, 128).astype(jnp.int8)
-    lw = jlora.LoraWeight(Int8Weight(q, jnp.linspace(0.01, 0.02, 6)), 0.3 * jax.random.normal(KEY, (8, 2)),
+    lw = jlora.LoraWeight(Int8Weight(q, jnp.linspace(0.01, 0.02, 6)), 0.3 * normal(KEY, (8, 2)),
                           0.3 * jnp.ones((2, 6)), scale=0.5, path="w")
     fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)
     INT8_DOTS.clear()
-    check_against_oracle(fn, {"w": lw}, jax.random.normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
+    check_against_oracle(fn, {"w": lw}, normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
     assert INT8_DOTS
 
 

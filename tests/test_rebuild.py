@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import _compat, rebuild
 from jlora.lazy import Context, Frame
-from oracle import check_against_oracle, perturb
+from oracle import check_against_oracle, normal, perturb
 
 KEY = jax.random.key(0)
 D, F = 16, 24
@@ -38,9 +38,9 @@ def model(p, h):
 def base_params(dtype=jnp.float32):
     def layer(k):
         kg, ku, kd = jax.random.split(k, 3)
-        return {"norm": jnp.ones((D,), dtype), "gate": (jax.random.normal(kg, (D, F)) / 4).astype(dtype),
-                "up": (jax.random.normal(ku, (D, F)) / 4).astype(dtype),
-                "down": (jax.random.normal(kd, (F, D)) / 5).astype(dtype)}
+        return {"norm": jnp.ones((D,), dtype), "gate": (normal(kg, (D, F)) / 4).astype(dtype),
+                "up": (normal(ku, (D, F)) / 4).astype(dtype),
+                "down": (normal(kd, (F, D)) / 5).astype(dtype)}
     return {"layers": [layer(k) for k in jax.random.split(KEY, 2)]}
 
 
@@ -85,11 +85,11 @@ def test_no_chain_where_storing_is_as_good():
 
 @pytest.mark.parametrize("recompute", ["inputs", False, True])
 def test_every_recompute_mode_matches_the_oracle(recompute):
-    check_against_oracle(model, adapted(), jax.random.normal(KEY, (2, 5, D)), recompute=recompute)
+    check_against_oracle(model, adapted(), normal(KEY, (2, 5, D)), recompute=recompute)
 
 
 def test_recompute_modes_give_the_same_gradients():
-    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    params, h = adapted(), normal(KEY, (2, 5, D))
     trainable, frozen = jlora.split(params)
 
     def grads(recompute):
@@ -120,7 +120,7 @@ def stored(value, arrays):
 
 
 def test_the_adapters_inputs_are_not_stored():
-    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    params, h = adapted(), normal(KEY, (2, 5, D))
     layer = jlora.merge(params)["layers"][1]
     h1 = block(jlora.merge(params)["layers"][0], h)
     x = rms_norm(h1, layer["norm"])  # the second block's adapted inputs: its input is differentiated
@@ -202,11 +202,11 @@ def test_expert_kernels_match_the_oracle(routed):
         return h + jnp.einsum("tef,efd->ted", act, p["down"]).sum(1)
 
     keys = jax.random.split(KEY, 3)
-    base = {"norm": jnp.ones((D,)), "gate": jax.random.normal(keys[0], (E, D, F)) / 4,
-            "up": jax.random.normal(keys[1], (E, D, F)) / 4, "down": jax.random.normal(keys[2], (E, F, D)) / 5}
+    base = {"norm": jnp.ones((D,)), "gate": normal(keys[0], (E, D, F)) / 4,
+            "up": normal(keys[1], (E, D, F)) / 4, "down": normal(keys[2], (E, F, D)) / 5}
     cfg = jlora.LoraConfig(rank=4, targets=["gate", "up", "down"], layouts={"gate": "bio", "up": "bio", "down": "bio"})
     params = perturb(jlora.lora_init(KEY, base, cfg), KEY)
-    h = jax.random.normal(KEY, (E, 12, D) if routed else (12, D))
+    h = normal(KEY, (E, 12, D) if routed else (12, D))
     check_against_oracle(experts, params, h)
     trainable, frozen = jlora.split(params)
     forward = jlora.apply(experts)
@@ -215,7 +215,7 @@ def test_expert_kernels_match_the_oracle(routed):
 
 
 def test_bfloat16_model_is_as_accurate_as_storing():
-    params, h = adapted(dtype=jnp.bfloat16), jax.random.normal(KEY, (2, 5, D)).astype(jnp.bfloat16)
+    params, h = adapted(dtype=jnp.bfloat16), normal(KEY, (2, 5, D)).astype(jnp.bfloat16)
     trainable, frozen = jlora.split(params)
 
     def grads(recompute, dtype=jnp.bfloat16):
@@ -233,7 +233,7 @@ def test_bfloat16_model_is_as_accurate_as_storing():
 
 
 def test_forward_mode_of_the_function_needs_stored_inputs():
-    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    params, h = adapted(), normal(KEY, (2, 5, D))
     trainable, frozen = jlora.split(params)
     tangent = jax.tree.map(jnp.ones_like, trainable)
     run = lambda recompute: jax.jvp(lambda t: jlora.apply(model, recompute=recompute)(jlora.combine(t, frozen), h),
@@ -263,7 +263,7 @@ def test_unknown_recompute_option_is_an_error():
 def test_rebuilding_moves_nothing_more_between_devices():
     mesh = jlora.sharding.make_mesh({"data": 8})
     trainable, frozen = jlora.split(adapted())
-    h = jax.device_put(jax.random.normal(KEY, (8, 5, D)), NamedSharding(mesh, P("data")))
+    h = jax.device_put(normal(KEY, (8, 5, D)), NamedSharding(mesh, P("data")))
 
     def collectives(recompute):
         forward = jlora.apply(model, recompute=recompute)
@@ -280,7 +280,7 @@ def test_inside_shard_map_with_the_batch_split():
     still found to be kept whole (joint matmuls), and the gradients equal storing's."""
     mesh = jlora.sharding.make_mesh({"data": 8})
     trainable, frozen = jlora.split(adapted())
-    h = jax.random.normal(KEY, (8 * 8, D))
+    h = normal(KEY, (8 * 8, D))
 
     def loss(recompute):
         forward = jlora.apply(model, recompute=recompute)
@@ -294,7 +294,7 @@ def test_inside_shard_map_with_the_batch_split():
 
 
 def test_second_derivatives_match_storing():
-    params, h = adapted(), jax.random.normal(KEY, (2, 5, D))
+    params, h = adapted(), normal(KEY, (2, 5, D))
     trainable, frozen = jlora.split(params)
 
     def loss_of(recompute):

@@ -10,7 +10,7 @@ from jax import lax
 
 import jlora
 from jlora.layout import Layout
-from oracle import check_against_oracle, oracle_merge
+from oracle import check_against_oracle, normal, oracle_merge
 
 
 def random_lora(key, shape, layout, rank, scale=0.7):
@@ -18,9 +18,9 @@ def random_lora(key, shape, layout, rank, scale=0.7):
     kw, ka, kb = jax.random.split(key, 3)
     fan_in = layout.fan_in(shape)  # unit-variance activations keep float32 comparisons well conditioned
     return jlora.LoraWeight(
-        jax.random.normal(kw, shape) / np.sqrt(fan_in),
-        jax.random.normal(ka, layout.a_shape(shape, rank)) / np.sqrt(fan_in),
-        jax.random.normal(kb, layout.b_shape(shape, rank)) / np.sqrt(rank),
+        normal(kw, shape) / np.sqrt(fan_in),
+        normal(ka, layout.a_shape(shape, rank)) / np.sqrt(fan_in),
+        normal(kb, layout.b_shape(shape, rank)) / np.sqrt(rank),
         scale=scale, layout=layout, path="w",
     )
 
@@ -54,7 +54,7 @@ def test_dot_general_any_dimension_numbers(case, seed):
     key = jax.random.key(seed)
     lw = random_lora(key, tuple(sizes), "".join(roles), rank)
     x_shape = tuple(sizes[a] if kind in ("c", "bt") else a for kind, a in x_axes)
-    x = jax.random.normal(jax.random.fold_in(key, 1), x_shape)
+    x = normal(jax.random.fold_in(key, 1), x_shape)
     x_contract = tuple(i for i, (kind, _) in enumerate(x_axes) if kind == "c")
     w_contract = tuple(a for kind, a in x_axes if kind == "c")
     x_batch = tuple(i for i, (kind, _) in enumerate(x_axes) if kind == "bt")
@@ -70,7 +70,7 @@ def test_dot_general_any_dimension_numbers(case, seed):
 
 def test_dot_general_layout_mismatch_falls_back_exactly_and_warns():
     lw = random_lora(jax.random.key(0), (3, 4, 5), "ioo", 2)
-    x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    x = normal(jax.random.key(1), (2, 3, 4))
     fn = lambda p, x: jnp.einsum("bij,ijk->bk", x, p["w"])  # contracts an output axis too
     with pytest.warns(jlora.MaterializeWarning, match="'w'.*dot_general"):
         out = jlora.apply(fn)({"w": lw}, x)
@@ -113,7 +113,7 @@ def test_gather_forms_of_vmap_and_of_index_maps_stay_factored():
 
 def test_flipped_kernel_stays_factored():
     lw = random_lora(jax.random.key(0), (3, 3, 2, 4), "iiio", 2)
-    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 2))
+    x = normal(jax.random.key(1), (1, 5, 5, 2))
     fn = lambda p, x: lax.conv_general_dilated(x, lax.rev(p["w"], (0, 1, 3)), (1, 1), "SAME",
                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
     check_against_oracle(fn, {"w": lw}, x)
@@ -129,7 +129,7 @@ def test_gather_on_output_axis_falls_back():
 @pytest.mark.parametrize("spec", ["NHWC", "NCHW"])
 def test_conv(spec):
     lw = random_lora(jax.random.key(0), (3, 3, 4, 5), "iiio", 2)
-    x = jax.random.normal(jax.random.key(1), (2, 7, 7, 4) if spec == "NHWC" else (2, 4, 7, 7))
+    x = normal(jax.random.key(1), (2, 7, 7, 4) if spec == "NHWC" else (2, 4, 7, 7))
     fn = lambda p, x: lax.conv_general_dilated(
         x, p["w"], (1, 2), "SAME", rhs_dilation=(2, 1), dimension_numbers=(spec, "HWIO", spec)
     )
@@ -138,7 +138,7 @@ def test_conv(spec):
 
 def test_structural_rules_keep_lazy():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
-    x = jax.random.normal(jax.random.key(1), (3, 2, 3))
+    x = normal(jax.random.key(1), (3, 2, 3))
 
     def fn(p, x):  # (4, 6) -> T (6, 4) -> reshape (2, 3, 4) -> contract (2, 3)
         w = p["w"].astype(jnp.float32).T.reshape(2, 3, 4)
@@ -181,7 +181,7 @@ def test_dropout_is_on_the_low_rank_input_only():
 def test_bf16_low_rank_path_runs_in_activation_dtype():
     lw = random_lora(jax.random.key(0), (16, 16), "io", 4)
     lw = lw.replace(w=lw.w.astype(jnp.bfloat16))
-    x = jax.random.normal(jax.random.key(1), (4, 16), jnp.bfloat16)
+    x = normal(jax.random.key(1), (4, 16), jnp.bfloat16)
     out = jlora.apply(lambda p, x: x @ p["w"])({"w": lw}, x)
     assert out.dtype == jnp.bfloat16
     ref = x.astype(jnp.float32) @ oracle_merge({"w": lw})["w"].astype(jnp.float32)
@@ -202,7 +202,7 @@ def test_adapters_reading_one_input_share_one_down_projection():
         h = x @ p["q"] + (x @ p["k"]).sum(-1, keepdims=True) + (x @ p["v"])[:, :1]
         return (x @ p["o"].T.astype(jnp.float32)) * h.sum()
 
-    x = jax.random.normal(key, (5, 8))
+    x = normal(key, (5, 8))
     # 4 base matmuls + 1 shared down-projection (q, k, v, o) + 4 up-projections
     assert _count_dots(jlora.apply(fn), p, x) == 9
     check_against_oracle(fn, p, x)
@@ -240,7 +240,7 @@ def test_scale_is_applied_to_the_factors_not_the_activations():
     def fn(p, x):  # q and k share a down-projection; e is used tied (x @ E.T: b applied first)
         return (x @ p["q"] + x @ p["k"]) @ p["e"].T
 
-    x = jax.random.normal(key, (tokens, 8))
+    x = normal(key, (tokens, 8))
     grad = jax.make_jaxpr(jax.grad(lambda p: jlora.apply(fn)(p, x).sum()))(p)
     assert _muls_on(grad.jaxpr, tokens) == []
     check_against_oracle(fn, p, x)
@@ -249,10 +249,10 @@ def test_scale_is_applied_to_the_factors_not_the_activations():
 def test_a_complex_weight_cast_to_a_real_dtype_is_exact():
     """Re(w + s·a@b) needs Im(a)@Im(b): the factors cannot simply be cast, so the weight is materialised."""
     k = jax.random.split(jax.random.key(0), 7)
-    cplx = lambda k1, k2, s: (jax.random.normal(k1, s) + 1j * jax.random.normal(k2, s)).astype(jnp.complex64)
+    cplx = lambda k1, k2, s: (normal(k1, s) + 1j * normal(k2, s)).astype(jnp.complex64)
     lw = jlora.LoraWeight(cplx(k[0], k[1], (4, 3)), cplx(k[2], k[3], (4, 2)), cplx(k[4], k[5], (2, 3)), scale=0.5,
                           path="w")
-    x = jax.random.normal(k[6], (5, 4))
+    x = normal(k[6], (5, 4))
     fn = lambda p, x: x @ lax.convert_element_type(p["w"], jnp.float32)
     with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'convert_element_type'"):
         got = jlora.apply(fn)({"w": lw}, x)
@@ -282,8 +282,8 @@ def test_device_put_of_a_tree_inside_the_function_keeps_its_adapters_factored():
 ])
 @pytest.mark.parametrize("layer", [1, 2])
 def test_slices_of_a_kernel_slice_its_factors(name, shape, layout, fn, layer):
-    params = jlora.lora_init(jax.random.key(0), {"w": jax.random.normal(jax.random.key(1), shape)},
+    params = jlora.lora_init(jax.random.key(0), {"w": normal(jax.random.key(1), shape)},
                              jlora.LoraConfig(rank=3, targets=["w"], layouts={"w": layout}))
-    params["w"] = params["w"].replace(b=jax.random.normal(jax.random.key(2), params["w"].b.shape))
+    params["w"] = params["w"].replace(b=normal(jax.random.key(2), params["w"].b.shape))
     # no MaterializeWarning (an error in this suite): w[rows] = w0[rows] + s·a[rows]@b, and so on
-    check_against_oracle(fn, params, jax.random.normal(jax.random.key(3), (5, 8)), jnp.int32(layer))
+    check_against_oracle(fn, params, normal(jax.random.key(3), (5, 8)), jnp.int32(layer))

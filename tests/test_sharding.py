@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import sharding
 from jlora.checkpoint import AdapterCheckpointer
+from oracle import normal
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
@@ -112,9 +113,9 @@ def test_bad_rules_name_the_param():
 def _base(dtype=jnp.float32):
     k = jax.random.split(jax.random.key(0), 3)
     return {
-        "up": {"kernel": jax.random.normal(k[0], (32, 64), dtype), "bias": jnp.zeros(64, dtype)},
-        "down": {"kernel": jax.random.normal(k[1], (64, 32), dtype)},
-        "stack": {"kernel": jax.random.normal(k[2], (4, 32, 64), dtype)},
+        "up": {"kernel": normal(k[0], (32, 64), dtype), "bias": jnp.zeros(64, dtype)},
+        "down": {"kernel": normal(k[1], (64, 32), dtype)},
+        "stack": {"kernel": normal(k[2], (4, 32, 64), dtype)},
     }
 
 
@@ -256,7 +257,7 @@ def test_one_wrapper_under_pmaps_of_different_axis_names():
     params = _mlp_params()
     n = jax.local_device_count()
     rep = jax.tree.map(lambda x: jnp.stack([x] * n), params)
-    x = jax.random.normal(jax.random.key(3), (n, 4, 16))
+    x = normal(jax.random.key(3), (n, 4, 16))
     forward = jlora.apply(lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) + jnp.ones((1, 32)))
     want = jnp.tanh(x @ jlora.merge(params)["l1"]["kernel"]) + 1.0
     for axis in ("a", "b", None):
@@ -265,8 +266,8 @@ def test_one_wrapper_under_pmaps_of_different_axis_names():
 
 
 def _mlp_params():
-    base = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (16, 32))},
-            "l2": {"kernel": jax.random.normal(jax.random.key(1), (32, 8))}}
+    base = {"l1": {"kernel": normal(jax.random.key(0), (16, 32))},
+            "l2": {"kernel": normal(jax.random.key(1), (32, 8))}}
     params = jlora.lora_init(jax.random.key(2), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
     return jax.tree.map(lambda x: x + 0.1, params)  # b != 0: every factor matters
 
@@ -282,7 +283,7 @@ def _assert_grads_close(got, want):
 
 def test_apply_runs_inside_shard_map():
     mesh = sharding.make_mesh({"data": 8})
-    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
 
     def per_device(grad_of):
         body = lambda p, x: jax.lax.pmean(jax.grad(grad_of)(p, x), "data")
@@ -305,7 +306,7 @@ def _megatron_loss(p, x):
 
 
 def test_shard_map_inside_the_function_keeps_sharded_factors():
-    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
     loss = _megatron_loss
     lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)
     oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
@@ -322,7 +323,7 @@ def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part
     its parts' blocks."""
     from quantized import INT8_DOTS, quantize
 
-    float_params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    float_params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
     l1 = float_params["l1"]["kernel"]
     params = {"l1": {"kernel": l1.replace(w=quantize(l1.w))}, "l2": {"kernel": quantize(float_params["l2"]["kernel"].w)}}
 
@@ -342,8 +343,8 @@ def test_shard_map_materialises_a_lazy_kind_without_part_specs_and_says_so():
         part_specs = None
 
     mesh = sharding.make_mesh({"model": 8})
-    kernel = NoPartSpecs(*jax.tree.leaves(quantize(jax.random.normal(jax.random.key(0), (16, 32)))))
-    x = jax.random.normal(jax.random.key(1), (4, 16))
+    kernel = NoPartSpecs(*jax.tree.leaves(quantize(normal(jax.random.key(0), (16, 32)))))
+    x = normal(jax.random.key(1), (4, 16))
     fn = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(None, "model"))
     with pytest.warns(jlora.MaterializeWarning, match="shard_map"):
         got = jax.jit(jlora.apply(fn))(kernel, x)
@@ -353,7 +354,7 @@ def test_shard_map_materialises_a_lazy_kind_without_part_specs_and_says_so():
 def test_the_same_wrapped_function_inside_and_outside_shard_map():
     """The trace cache tells a replicated value from one that varies over manual axes."""
     mesh = sharding.make_mesh({"data": 8})
-    params, x = _mlp_params(), jax.random.normal(jax.random.key(3), (64, 16))
+    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
     forward = jlora.apply(lambda p, x: x @ p["l1"]["kernel"])
     outside = jax.jit(forward)(params, x[:8])
     inside = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))(params, x)
@@ -458,7 +459,7 @@ def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_de
 
     fn = jlora.apply(lambda p, x: jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"]) @ p["down"]["kernel"])
     loss = lambda t, f, x: (fn(jlora.combine(t, f), x) ** 2).mean()
-    x = jax.random.normal(jax.random.key(2), (8, 32))
+    x = normal(jax.random.key(2), (8, 32))
     trainable, frozen = jlora.split(params)
     in_shardings = (sharding.shardings(trainable, mesh, RULES), sharding.shardings(frozen, mesh, RULES), None)
     got = jax.jit(jax.grad(loss), in_shardings=in_shardings)(trainable, frozen, x)
