@@ -11,12 +11,14 @@ Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproje
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
+from jax.sharding import PartitionSpec
 
 Literal = _core.Literal
 
@@ -264,6 +266,27 @@ def _reshard_primitive() -> Any:
 
 
 reshard_p = None if reshard is None else _reshard_primitive()
+
+def dropout_mask(key: Any, keep: float, like: Any) -> Any:
+    """A Bernoulli(``keep``) mask of ``like``'s shape. On an Explicit mesh it is drawn in
+    ``like``'s sharding, each device drawing its own block (a mask drawn unsharded has a
+    replicated type, which every device computes whole). ``jax.random.bernoulli`` takes
+    ``out_sharding`` from JAX 0.7; on 0.6 the whole mask is drawn and resharded.
+
+    Example:
+        >>> dropout_mask(jax.random.key(0), 0.9, jax.numpy.ones((2, 3))).shape
+        (2, 3)
+    """
+    sharding = explicit_sharding(like)
+    if sharding is None:
+        return jax.random.bernoulli(key, keep, like.shape)
+    sharding = type(sharding)(sharding.mesh, PartitionSpec(*spec_partitions(sharding.spec)))
+    if _BERNOULLI_OUT_SHARDING:
+        return jax.random.bernoulli(key, keep, like.shape, out_sharding=sharding)
+    return reshard(jax.random.bernoulli(key, keep, like.shape), sharding)
+
+
+_BERNOULLI_OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.bernoulli).parameters
 
 # A kernel gathered as "reduced" over mesh axes (FSDP on an Explicit mesh) passes the mark to its
 # factors; JAX 0.8 lacks reduced rules for ops of the low-rank path (a scale, a broadcast), so

@@ -135,6 +135,26 @@ def test_dropout_draws_the_mask_of_one_device(parallel):
     assert abs(float(one_device) - float(without)) > 1e-3  # the mask counted
 
 
+@pytest.mark.parametrize("recompute", [False, "inputs"])
+def test_each_device_draws_only_its_block_of_the_dropout_mask(recompute):
+    """A mask drawn without a sharding has a replicated type: every device would draw all of it."""
+    import re
+
+    mesh, key = _mesh(), jax.random.key(7)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(normal(jax.random.key(1), (64, 32, 128)), P("data", None, "model"))
+        w = jax.device_put(normal(jax.random.key(2), (128, 96)), P("model", None))
+        params = jlora.lora_init(jax.random.key(3), {"l": {"kernel": w}},
+                                 jlora.LoraConfig(rank=4, targets=["l"], dropout=0.1))
+        trainable, frozen = jlora.split(params)
+        lazy = jlora.apply(lambda p, x: jnp.matmul(x, p["l"]["kernel"], out_sharding=P("data")), recompute=recompute)
+        loss = lambda t, x: jnp.sum(lazy(jlora.combine(t, frozen), x, lora_rng=key) ** 2)
+        hlo = jax.jit(jax.grad(loss)).lower(trainable, x).compile().as_text()
+    random_bits = {tuple(map(int, s.split(","))) for s in re.findall(r"u32\[([\d,]+)\]", hlo)}
+    assert (32, 32, 64) in random_bits  # a device's block of x: the mask is drawn
+    assert not {b for b in random_bits if np.prod(b) > 32 * 32 * 64}, random_bits
+
+
 # --- kernel kinds ---------------------------------------------------------------------------------
 
 def _conv(p, x):

@@ -361,6 +361,20 @@ def test_the_same_wrapped_function_inside_and_outside_shard_map():
     np.testing.assert_allclose(inside[:8], outside, rtol=1e-5, atol=1e-6)
 
 
+def test_each_device_draws_only_its_block_of_the_dropout_mask():
+    mesh = sharding.make_mesh({"data": 8})
+    x = jax.device_put(normal(jax.random.key(1), (64, 32, 128)), NamedSharding(mesh, P("data")))
+    params = jlora.lora_init(jax.random.key(3), {"l": {"kernel": normal(jax.random.key(2), (128, 96))}},
+                             jlora.LoraConfig(rank=4, targets=["l"], dropout=0.1))
+    trainable, frozen = jlora.split(params)
+    lazy = jlora.apply(lambda p, x: x @ p["l"]["kernel"])
+    loss = lambda t, x: jnp.sum(lazy(jlora.combine(t, frozen), x, lora_rng=jax.random.key(7)) ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(trainable, x).compile().as_text()
+    random_bits = {tuple(map(int, s.split(","))) for s in re.findall(r"u32\[([\d,]+)\]", hlo)}
+    assert (8, 32, 128) in random_bits  # a device's block of x: the mask is drawn
+    assert not {b for b in random_bits if np.prod(b) > 8 * 32 * 128}, random_bits
+
+
 def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     mesh = sharding.make_mesh({"model": 8})
     params, x = _mlp_params(), jnp.ones((4, 16))
