@@ -41,7 +41,7 @@ def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(x, LoraWeight):
             arrays[f"{p}/a"], arrays[f"{p}/b"] = x.a, x.b
             specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout,
-                        "rank": x.rank, "dtype": np.dtype(x.a.dtype).name,
+                        "rank": x.rank, "dtype": np.dtype(x.a.dtype).name, "b_dtype": np.dtype(x.b.dtype).name,
                         "shape": list(x.kernel_shape)}
         elif isinstance(x, Trainable):
             arrays[p] = x.value
@@ -141,6 +141,7 @@ class AdapterCheckpointer:
             flat = _flat(opt_state)
             items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
+            meta["opt_state_paths"] = _key_paths(opt_state)
             meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
@@ -262,15 +263,23 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
                              "restore it without opt_state_like")
         return  # written before the state's shapes were kept: orbax checks them
     saved = meta["opt_state"]
-    paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
-    leaves = list(zip(paths, like_flat.values()))
-    if len(leaves) != len(saved):
-        raise ValueError(f"{directory}: opt_state_like has {len(leaves)} leaves, step {step}'s optimizer state "
+    paths = _key_paths(like)
+    if len(paths) != len(saved):
+        raise ValueError(f"{directory}: opt_state_like has {len(paths)} leaves, step {step}'s optimizer state "
                          f"{len(saved)}: another optimizer?")
-    for (kp, leaf), shape in zip(leaves, saved):
+    for path, saved_path in zip(paths, meta.get("opt_state_paths", paths)):  # none in older checkpoints
+        if path != saved_path:
+            raise ValueError(f"{directory}: opt_state_like{path} is where step {step} saved opt_state{saved_path}: "
+                             "the state of another optimizer, or of adapters on other params (other targets?)")
+    for path, leaf, shape in zip(paths, like_flat.values(), saved):
         if tuple(np.shape(leaf)) != tuple(shape):
-            raise ValueError(f"{directory}: opt_state_like{jax.tree_util.keystr(kp)} has shape {tuple(np.shape(leaf))}, "
+            raise ValueError(f"{directory}: opt_state_like{path} has shape {tuple(np.shape(leaf))}, "
                              f"step {step} saved {tuple(shape)} (another rank or optimizer?)")
+
+
+def _key_paths(tree: Any) -> list[str]:
+    """Each leaf's key path (``.inner_states['adapter']...mu['dense']['kernel'].a``)."""
+    return [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -286,5 +295,6 @@ def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, j
         layout, rank = Layout.parse(spec["layout"]), spec["rank"]
         a_sharding, b_sharding = factor_shardings(sharding, layout) if isinstance(sharding, NamedSharding) else (None, None)
         targets[f"{p}/a"] = jax.ShapeDtypeStruct(layout.a_shape(like.shape, rank), spec["dtype"], sharding=a_sharding)
-        targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec["dtype"], sharding=b_sharding)
+        targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec.get("b_dtype", spec["dtype"]),
+                                                 sharding=b_sharding)
     return targets

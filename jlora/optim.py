@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlora.paths import leaves_with_paths
@@ -63,6 +64,35 @@ def misfit(grads: Any, params: Any) -> str | None:
     return None
 
 
+def _check_ratio(ratio: Any) -> None:
+    """A finite number > 0: a Python or numpy number, or a 0-d array (a traced one, as
+    ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
+    dtype = getattr(ratio, "dtype", None)
+    real = isinstance(ratio, numbers.Real) or (
+        dtype is not None and np.ndim(ratio) == 0
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
+    if isinstance(ratio, bool) or not real:
+        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
+    if isinstance(ratio, jax.core.Tracer):
+        return
+    if not 0 < float(ratio) < math.inf:
+        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
+
+
+# States of transformations whose updates are differences of iterates, not steps proportional to
+# the learning rate: scaling b's updates would not scale b's learning rate.
+_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState")
+
+
+def _check_scalable(state: Any) -> None:
+    found = [type(x).__name__ for x in jax.tree.leaves(state, is_leaf=lambda x: type(x).__name__ in _NOT_SCALABLE)
+             if type(x).__name__ in _NOT_SCALABLE]
+    if found:
+        raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
+                         f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "
+                         "b_lr_ratio=1.0, or give b its own tx: optax.multi_transform over jlora.labels(params)")
+
+
 def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
     """Train adapters only: ``tx`` on ``LoraWeight`` factors and ``Trainable`` leaves, nothing else.
 
@@ -76,6 +106,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
     where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``).
 
+    ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
+    multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
+    its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
+    are differences of iterates (schedule-free, lookahead) is refused with a ratio other than 1.
+    Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
+    inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
+    result, initialised on the full tree, would keep a zero copy of every frozen weight).
+
     Example:
         >>> import jax.numpy as jnp
         >>> from jlora.tree import split
@@ -85,17 +123,20 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         >>> trainable, _ = split({"k": lw})
         >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
     """
-    if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, numbers.Real) or not 0 < b_lr_ratio < math.inf:
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
+    _check_ratio(b_lr_ratio)
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None and not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
         raise ValueError("jlora.optimizer: params hold no LoraWeight or Trainable leaf; call jlora.lora_init first")
-    adapter = tx if b_lr_ratio == 1.0 else optax.chain(tx, scale_lora_b(b_lr_ratio))
+    plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
+    adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
 
     def init(params: Any) -> Any:
-        return inner.init(split(params)[0])
+        state = inner.init(split(params)[0])
+        if not plain:
+            _check_scalable(state)
+        return state
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)

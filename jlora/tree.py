@@ -75,9 +75,29 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         nodes2 = {p: l for p, l in leaves_with_paths(second, is_leaf=is_node) if is_node(l)}
         meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__
         diff = [p for p in sorted(set(nodes1) | set(nodes2)) if meta(nodes1.get(p)) != meta(nodes2.get(p))]
+        container = _container_difference(s1, s2)
         detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta(nodes1.get(diff[0]))} in {names[0]}, "
-                  f"{meta(nodes2.get(diff[0]))} in {names[1]}" if diff else ": they differ in the node metadata")
+                  f"{meta(nodes2.get(diff[0]))} in {names[1]}" if diff else
+                  f": at '{container[0]}' {names[0]} has a {container[1]}, {names[1]} a {container[2]}"
+                  if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
+
+
+def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:
+    """``(path, type, type)`` of the first container whose type differs between two tree
+    structures (a ``FrozenDict`` where the other has a ``dict``, a list for a tuple), or ``None``."""
+    data1, data2 = first.node_data(), second.node_data()
+    type1, type2 = (data1 or (None,))[0], (data2 or (None,))[0]
+    if type1 is not type2:
+        name = lambda t: "leaf" if t is None else t.__name__
+        return path or "/", name(type1), name(type2)
+    children1, children2 = first.children(), second.children()
+    keys = data1[1] if data1 and isinstance(data1[1], (list, tuple)) and len(data1[1]) == len(children1) else None
+    for i, (c1, c2) in enumerate(zip(children1, children2)):
+        found = _container_difference(c1, c2, f"{path}/{keys[i] if keys else i}".lstrip("/"))
+        if found:
+            return found
+    return None
 
 
 def combine(trainable: Any, frozen: Any) -> Any:

@@ -46,6 +46,29 @@ def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state_back, opt_state)
 
 
+def test_an_optimizer_state_of_other_targets_is_refused_by_path(tmp_path):
+    """Targets of the same shapes give a state of the same leaf count and shapes: only the paths tell."""
+    base = {"l1": {"kernel": jnp.ones((8, 8))}, "l2": {"kernel": jnp.ones((8, 8))}}
+    state_of = lambda target: (lambda p: jlora.optimizer(optax.adam(1e-2), p).init(p))(
+        jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=[target])))
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["l1"])), opt_state=state_of("l1"))
+    with pytest.raises(ValueError, match=r"opt_state_like.*\['l2'\]\['kernel'\].a is where step 1 saved "
+                                         r"opt_state.*\['l1'\]\['kernel'\].a.*other targets"):
+        ckpt.restore(base, opt_state_like=state_of("l2"))
+    ckpt.restore(base, opt_state_like=state_of("l1"))
+
+
+def test_factors_of_two_dtypes_round_trip(tmp_path):
+    base, cfg, params, tx = setup()
+    params["q"]["kernel"] = params["q"]["kernel"].replace(b=params["q"]["kernel"].b.astype(jnp.bfloat16))
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params)
+    back = ckpt.restore(base)[0]["q"]["kernel"]
+    assert (back.a.dtype, back.b.dtype) == (jnp.float32, jnp.bfloat16)
+    np.testing.assert_array_equal(back.b, params["q"]["kernel"].b)
+
+
 def test_restore_onto_a_quantized_base(tmp_path):
     """The adapters and optimizer state as on the float base, over the lazy (int8) kernel itself."""
     base, cfg, params, tx = setup()

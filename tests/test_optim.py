@@ -135,6 +135,48 @@ def test_bad_input():
     with pytest.raises(ValueError, match="tx must be an optax transformation"):
         jlora.optimizer(optax.sgd, b_lr_ratio=2.0)
     jlora.optimizer(optax.sgd(1.0), b_lr_ratio=np.float32(4.0))  # numpy scalars are numbers
+    for ratio in (jnp.float32(-1.0), jnp.ones(2)):
+        with pytest.raises(ValueError, match="b_lr_ratio"):
+            jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
+
+
+def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
+    p, fn, x = setup()
+    trainable, _ = jlora.split(p)
+    g = jax.grad(loss_of(fn, x))(p)
+    ref = jlora.optimizer(optax.adam(0.1), p, b_lr_ratio=4.0)
+    want, _ = ref.update(g, ref.init(p), p)
+    scalar = jlora.optimizer(optax.adam(0.1), p, b_lr_ratio=jnp.float32(4.0))
+    injected = optax.inject_hyperparams(jlora.optimizer, static_args=("tx",))(optax.adam(0.1), b_lr_ratio=4.0)
+    got_scalar, _ = scalar.update(g, scalar.init(trainable), p)
+    got_injected, state = jax.jit(injected.update)(g, injected.init(trainable), p)
+    for got in (got_scalar, got_injected):
+        np.testing.assert_allclose(got["q"]["kernel"].b, want["q"]["kernel"].b, rtol=1e-6)
+    state.hyperparams["b_lr_ratio"] = jnp.float32(8.0)  # a new ratio, as a schedule would set
+    again, _ = jax.jit(injected.update)(g, state, p)
+    np.testing.assert_allclose(again["q"]["kernel"].b, 2 * want["q"]["kernel"].b, rtol=1e-5)
+
+
+def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
+    """Schedule-free and lookahead return differences of iterates: scaling them is not LoRA+."""
+    p, _, _ = setup()
+    for tx in (optax.contrib.schedule_free_sgd(0.1), optax.lookahead(optax.sgd(0.1), 2, 0.5)):
+        with pytest.raises(ValueError, match="b_lr_ratio scales b's updates"):
+            jlora.optimizer(tx, p, b_lr_ratio=4.0).init(p)
+    jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
+
+
+def test_multisteps_inside_accumulates_the_adapters_gradients_only():
+    p, fn, x = setup()
+    tx = jlora.optimizer(optax.MultiSteps(optax.sgd(1.0), 2).gradient_transformation(), p)
+    state = tx.init(p)
+    adapter = (8 * 2 + 2 * 8) + 8  # a, b, bias
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0) == adapter  # sgd has none: the accumulators
+    g = jax.grad(loss_of(fn, x))(p)
+    first, state = tx.update(g, state, p)
+    second, state = tx.update(g, state, p)
+    assert float(jnp.abs(first["q"]["kernel"].a).max()) == 0.0
+    np.testing.assert_allclose(second["q"]["kernel"].a, -g["q"]["kernel"].a, rtol=1e-6)  # the mean of 2 equal grads
 
 
 def test_gradients_of_another_model_are_refused_by_path():

@@ -163,7 +163,7 @@ def test_elementwise_use_materialises_exactly():
 
 def test_dropout_is_on_the_low_rank_input_only():
     lw = random_lora(jax.random.key(0), (8, 8), "io", 2).replace(dropout=0.5)
-    x = jnp.ones((64, 8))
+    x = jnp.ones((4096, 8))  # the mean of 4096 rows is within about 0.01 of the expectation
     fwd = jlora.apply(lambda p, x: x @ p["w"])
     deterministic = fwd({"w": lw}, x)
     np.testing.assert_allclose(deterministic, x @ oracle_merge({"w": lw})["w"], rtol=1e-5)
@@ -173,7 +173,7 @@ def test_dropout_is_on_the_low_rank_input_only():
     # each row's low-rank part is (mask·x/(1-p)) @ a @ b·s: differs from the deterministic one,
     # but the base part is untouched and the expectation matches.
     assert not np.allclose(dropped, deterministic)
-    np.testing.assert_allclose(low.mean(0), (deterministic - base).mean(0), rtol=0.35, atol=0.35)
+    np.testing.assert_allclose(low.mean(0), (deterministic - base).mean(0), rtol=0, atol=0.08)
     again = fwd({"w": lw}, x, lora_rng=jax.random.key(3))
     np.testing.assert_array_equal(dropped, again)
 

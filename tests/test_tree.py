@@ -40,6 +40,13 @@ def test_combine_refuses_trees_that_do_not_match():
         jlora.combine(jlora.split(alpha(2.0))[0], jlora.split(alpha(4.0))[1])
     with pytest.raises(ValueError, match="trainable half"):
         jlora.split(alpha(2.0))[0]["q"]["kernel"].dtype
+    # the same leaves in other containers (a half restored as FrozenDicts, a list become a tuple)
+    from flax.core import freeze
+    trainable, frozen = jlora.split({**alpha(2.0), "extra": [jnp.ones(2)]})
+    with pytest.raises(ValueError, match="at 'q' trainable has a FrozenDict, frozen a dict"):
+        jlora.combine({**trainable, "q": freeze(trainable["q"])}, frozen)
+    with pytest.raises(ValueError, match="at 'extra' trainable has a tuple, frozen a list"):
+        jlora.combine({**trainable, "extra": tuple(trainable["extra"])}, frozen)
     # same structure and metadata, other shapes: the factors would broadcast against w, silently wrong
     cfg = jlora.LoraConfig(rank=1, targets=["q"])
     small = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 1))}}, cfg)
