@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora import _compat
 from jlora.paths import leaves_with_paths
 from jlora.tree import FROZEN, combine, labels, split
 from jlora.weight import LoraWeight, is_node
@@ -73,7 +74,7 @@ def _check_ratio(ratio: Any) -> None:
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
     if isinstance(ratio, bool) or not real:
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
-    if isinstance(ratio, jax.core.Tracer):
+    if _compat.is_tracer(ratio):
         return
     if not 0 < float(ratio) < math.inf:
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
