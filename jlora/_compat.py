@@ -18,7 +18,6 @@ import jax
 import numpy as np
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
-from jax.sharding import PartitionSpec
 
 Literal = _core.Literal
 
@@ -267,23 +266,20 @@ def _reshard_primitive() -> Any:
 
 reshard_p = None if reshard is None else _reshard_primitive()
 
-def dropout_mask(key: Any, keep: float, like: Any) -> Any:
-    """A Bernoulli(``keep``) mask of ``like``'s shape. On an Explicit mesh it is drawn in
-    ``like``'s sharding, each device drawing its own block (a mask drawn unsharded has a
-    replicated type, which every device computes whole). ``jax.random.bernoulli`` takes
-    ``out_sharding`` from JAX 0.7; on 0.6 the whole mask is drawn and resharded.
+def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any:
+    """``jax.random.bernoulli`` drawn in ``out_sharding`` (a ``NamedSharding`` or ``None``), each
+    device drawing its own block. The function takes ``out_sharding`` from JAX 0.7; on 0.6 the
+    whole array is drawn and resharded.
 
     Example:
-        >>> dropout_mask(jax.random.key(0), 0.9, jax.numpy.ones((2, 3))).shape
+        >>> bernoulli(jax.random.key(0), 0.9, (2, 3)).shape
         (2, 3)
     """
-    sharding = explicit_sharding(like)
-    if sharding is None:
-        return jax.random.bernoulli(key, keep, like.shape)
-    sharding = type(sharding)(sharding.mesh, PartitionSpec(*spec_partitions(sharding.spec)))
+    if out_sharding is None:
+        return jax.random.bernoulli(key, p, shape)
     if _BERNOULLI_OUT_SHARDING:
-        return jax.random.bernoulli(key, keep, like.shape, out_sharding=sharding)
-    return reshard(jax.random.bernoulli(key, keep, like.shape), sharding)
+        return jax.random.bernoulli(key, p, shape, out_sharding=out_sharding)
+    return reshard(jax.random.bernoulli(key, p, shape), out_sharding)
 
 
 _BERNOULLI_OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.bernoulli).parameters

@@ -9,7 +9,8 @@ jlora adds (``x @ a``, ``t @ b``, the sum with the base term) are made so here:
 - ``fit_factor``: before ``x · factor``, the factor (small) is resharded so that the axes it
   shares with ``x`` are sharded as in ``x`` and its other axes use no mesh axis that ``x`` uses;
   the product's sharding then follows, label by label (``out_sharding``);
-- ``resharded_like``: the low-rank term resharded to the base term's sharding before the sum.
+- ``resharded_like``: the low-rank term resharded to the base term's sharding before the sum;
+- ``mask_sharding``: a dropout mask drawn in its activation's sharding, a block per device.
 
 Elsewhere (``Auto`` axes, one device, inside ``shard_map``) every function here returns its input
 unchanged, so jlora builds the same program as without this module.
@@ -43,6 +44,20 @@ def entries(x: Any) -> tuple[Entry, ...] | None:
     spec = _compat.spec_partitions(s.spec)
     spec = spec + (None,) * (x.ndim - len(spec))
     return tuple(() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec)
+
+
+def mask_sharding(x: Any) -> NamedSharding | None:
+    """The sharding to draw a dropout mask of ``x`` in: ``x``'s, less any reduced or unreduced
+    marks; ``None`` off Explicit meshes. A mask drawn without one has a replicated type, which
+    every device would draw whole.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mask_sharding(jnp.ones((2, 3))) is None
+        True
+    """
+    per_axis = entries(x)
+    return None if per_axis is None else NamedSharding(sharding(x).mesh, _spec(per_axis))
 
 
 def _spec(per_axis: Sequence[Entry]) -> PartitionSpec:

@@ -69,14 +69,10 @@ def _check_ratio(ratio: Any) -> None:
     """A finite number > 0: a Python or numpy number, or a 0-d array (a traced one, as
     ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
     dtype = getattr(ratio, "dtype", None)
-    real = isinstance(ratio, numbers.Real) or (
+    real = not isinstance(ratio, bool) and (isinstance(ratio, numbers.Real) or (
         dtype is not None and np.ndim(ratio) == 0
-        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
-    if isinstance(ratio, bool) or not real:
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
-    if _compat.is_tracer(ratio):
-        return
-    if not 0 < float(ratio) < math.inf:
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
+    if not real or not (_compat.is_tracer(ratio) or 0 < float(ratio) < math.inf):
         raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
 
 
@@ -86,8 +82,8 @@ _NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState")
 
 
 def _check_scalable(state: Any) -> None:
-    found = [type(x).__name__ for x in jax.tree.leaves(state, is_leaf=lambda x: type(x).__name__ in _NOT_SCALABLE)
-             if type(x).__name__ in _NOT_SCALABLE]
+    unscalable = lambda x: type(x).__name__ in _NOT_SCALABLE
+    found = [type(x).__name__ for x in jax.tree.leaves(state, is_leaf=unscalable) if unscalable(x)]
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "

@@ -38,7 +38,7 @@ from jlora.weight import Lazy, LoraWeight
 def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
     if not ctx.drops(lw):
         return x
-    keep = _compat.dropout_mask(ctx.next_key(), 1.0 - lw.dropout, x)
+    keep = _compat.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape, explicit.mask_sharding(x))
     return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
 
 

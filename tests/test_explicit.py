@@ -3,6 +3,8 @@
 The oracle is the same function on the merged weights, on the same mesh.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,8 +140,6 @@ def test_dropout_draws_the_mask_of_one_device(parallel):
 @pytest.mark.parametrize("recompute", [False, "inputs"])
 def test_each_device_draws_only_its_block_of_the_dropout_mask(recompute):
     """A mask drawn without a sharding has a replicated type: every device would draw all of it."""
-    import re
-
     mesh, key = _mesh(), jax.random.key(7)
     with jax.set_mesh(mesh):
         x = jax.device_put(normal(jax.random.key(1), (64, 32, 128)), P("data", None, "model"))
