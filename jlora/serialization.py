@@ -1,0 +1,66 @@
+"""jlora's nodes in Flax's state dicts: ``flax.serialization`` (``to_bytes``/``from_bytes``,
+``to_state_dict``/``from_state_dict``) takes trees that hold ``LoraWeight`` and ``Trainable``, as
+in a ``flax.training.train_state.TrainState`` with adapter params and their optimizer state.
+
+A ``LoraWeight`` is stored as ``{"w": ..., "a": ..., "b": ...}`` (``None`` for a part that the
+half of ``jlora.split`` leaves out); its scale, layout and path come from the target, as a
+``flax.struct`` field marked static would. A ``Trainable`` is stored as the array it wraps.
+Restoring checks each factor's shape against the target's, since the scale that goes with it is
+the target's: a rank-16 state restored onto a rank-8 target is an error, not a wrong scale.
+
+Example:
+    >>> import jax, jax.numpy as jnp, flax, jlora
+    >>> base = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+    >>> cfg = jlora.LoraConfig(rank=2, targets=["dense"], trainable=["bias"])
+    >>> trainable, _ = jlora.split(jlora.lora_init(jax.random.key(0), base, cfg))
+    >>> data = flax.serialization.to_bytes(trainable)
+    >>> restored = flax.serialization.from_bytes(trainable, data)
+    >>> restored["dense"]["kernel"].a.shape, type(restored["dense"]["bias"]).__name__
+    ((4, 2), 'Trainable')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import serialization
+
+from jlora.weight import LoraWeight, Trainable
+
+_PARTS = ("w", "a", "b")
+
+
+def _lora_to_state_dict(x: LoraWeight) -> dict[str, Any]:
+    return {part: serialization.to_state_dict(getattr(x, part)) for part in _PARTS}
+
+
+def _lora_from_state_dict(target: LoraWeight, state: Any) -> LoraWeight:
+    where = f"LoraWeight {target.path or serialization.current_path()!r}"
+    if not isinstance(state, dict) or set(state) != set(_PARTS):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{where}: the state must be a dict with keys {list(_PARTS)}, got {got}")
+    parts = {}
+    for part in _PARTS:
+        want, got = getattr(target, part), state[part]
+        if (want is None) != (got is None):
+            has, lacks = ("the state", "the target") if want is None else ("the target", "the state")
+            raise ValueError(f"{where}: {has} has {part} and {lacks} has none; restore onto the same half of "
+                             "jlora.split (the trainable half has no w) that was saved")
+        restored = serialization.from_state_dict(want, got, name=part)
+        if hasattr(want, "shape") and tuple(want.shape) != tuple(getattr(restored, "shape", ())):
+            raise ValueError(f"{where}: {part} has shape {tuple(getattr(restored, 'shape', ()))} in the state but "
+                             f"{tuple(want.shape)} in the target (another rank or base model?)")
+        parts[part] = restored
+    return target.replace(**parts)
+
+
+def _trainable_to_state_dict(x: Trainable) -> Any:
+    return serialization.to_state_dict(x.value)
+
+
+def _trainable_from_state_dict(target: Trainable, state: Any) -> Trainable:
+    return Trainable(serialization.from_state_dict(target.value, state))
+
+
+serialization.register_serialization_state(LoraWeight, _lora_to_state_dict, _lora_from_state_dict)
+serialization.register_serialization_state(Trainable, _trainable_to_state_dict, _trainable_from_state_dict)
