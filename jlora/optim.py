@@ -149,3 +149,30 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         return combine(out, jax.tree.map(_no_change, frozen)), state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def schedule_free_eval_params(opt_state: Any, params: Any) -> Any:
+    """The params to evaluate with when ``jlora.optimizer`` wraps a schedule-free ``tx``
+    (``optax.contrib.schedule_free_*``): ``optax.contrib.schedule_free_eval_params`` applied to the
+    adapters, found inside jlora's state. ``params`` may be the full tree (frozen leaves come back as
+    they are) or the trainable half; each leaf keeps its dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> tx = optimizer(optax.contrib.schedule_free_sgd(0.1), {"k": lw})
+        >>> state = tx.init({"k": lw})
+        >>> schedule_free_eval_params(state, {"k": lw})["k"].a.shape
+        (2, 1)
+    """
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free) if _is_schedule_free(s)]
+    if len(found) != 1:
+        raise ValueError(f"jlora.optim.schedule_free_eval_params: opt_state must hold one ScheduleFreeState (the "
+                         f"state of jlora.optimizer(optax.contrib.schedule_free_...)), found {len(found)}")
+    trainable, frozen = split(params)
+    evaluated = optax.contrib.schedule_free_eval_params(found[0], trainable)
+    return combine(jax.tree.map(lambda e, p: e.astype(p.dtype), evaluated, trainable), frozen)
+
+
+def _is_schedule_free(x: Any) -> bool:
+    return type(x).__name__ == "ScheduleFreeState"

@@ -166,6 +166,35 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
 
 
+def test_schedule_free_eval_params_match_optax_on_the_adapters_alone():
+    p, fn, x = setup()
+    sf = optax.contrib.schedule_free_adamw(0.1, warmup_steps=2)
+    tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), sf), p)
+    lw = p["q"]["kernel"]
+    plain = {"a": lw.a, "b": lw.b, "bias": p["q"]["bias"].value}  # the oracle: optax on the adapters as a dict
+    state, plain_state = tx.init(p), optax.chain(optax.clip_by_global_norm(1.0), sf).init(plain)
+    for _ in range(3):
+        g = jax.grad(loss_of(fn, x))(p)
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+        gk = g["q"]["kernel"]
+        pu, plain_state = optax.chain(optax.clip_by_global_norm(1.0), sf).update(
+            {"a": gk.a, "b": gk.b, "bias": g["q"]["bias"].value}, plain_state, plain)
+        plain = optax.apply_updates(plain, pu)
+    want = optax.contrib.schedule_free_eval_params(plain_state[1], plain)
+    for half in (p, jlora.split(p)[0]):  # the full tree or the trainable half
+        got = jlora.optim.schedule_free_eval_params(state, half)
+        np.testing.assert_allclose(got["q"]["kernel"].a, want["a"], rtol=1e-6)
+        np.testing.assert_allclose(got["q"]["kernel"].b, want["b"], rtol=1e-6)
+        np.testing.assert_allclose(got["q"]["bias"].value, want["bias"], rtol=1e-6)
+        assert not np.allclose(got["q"]["kernel"].b, p["q"]["kernel"].b)  # not the training iterate
+    assert got["q"]["kernel"].w is None and got["out"]["kernel"] is None
+    full = jlora.optim.schedule_free_eval_params(state, p)
+    assert full["out"]["kernel"] is p["out"]["kernel"] and full["q"]["kernel"].w is p["q"]["kernel"].w
+    with pytest.raises(ValueError, match="must hold one ScheduleFreeState.*found 0"):
+        jlora.optim.schedule_free_eval_params(jlora.optimizer(optax.adam(0.1), p).init(p), p)
+
+
 def test_multisteps_inside_accumulates_the_adapters_gradients_only():
     p, fn, x = setup()
     tx = jlora.optimizer(optax.MultiSteps(optax.sgd(1.0), 2).gradient_transformation(), p)
