@@ -32,6 +32,10 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "gemma": ("q_proj", "v_proj"),
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "t5": ("q", "v"),
+    "mt5": ("q", "v"),
     "bart": ("q_proj", "v_proj"),
     "opt": ("q_proj", "v_proj"),
     "gpt_neo": ("q_proj", "v_proj"),
@@ -69,17 +73,33 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
 
 
 def example_inputs(model: Any) -> dict[str, jax.Array]:
-    """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts).
+    """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts): token ids
+    (``input_ids``, and ``decoder_input_ids`` for an encoder-decoder), ``pixel_values`` (NCHW, as
+    HF's Flax vision models take them), ``input_features`` (speech) and ``input_values`` (audio),
+    each shaped like the dummy HF initialises the model with (``model.input_shape``).
 
     Example:
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> example_inputs(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))["input_ids"].shape
         (1, 8)
     """
-    if "pixel_values" in _call_args(model):  # HF's Flax vision models take NCHW and transpose
-        c = model.config
-        return {"pixel_values": jnp.zeros((1, c.num_channels, c.image_size, c.image_size), jnp.float32)}
-    return {"input_ids": jnp.ones((1, 8), jnp.int32)}
+    args = _call_args(model)
+    shapes = model.input_shape if isinstance(model.input_shape[0], tuple) else (model.input_shape,)
+    of_rank = lambda n: next((tuple(s) for s in shapes if len(s) == n), None)  # HF's dummy with n axes
+    inputs = {}
+    if "input_ids" in args:  # at least 8 tokens; more where the model needs them (BigBird's blocks)
+        tokens = of_rank(2)
+        inputs["input_ids"] = jnp.ones((1, max(8, tokens[-1] if tokens else 0)), jnp.int32)
+    if "decoder_input_ids" in args:
+        inputs["decoder_input_ids"] = jnp.ones((1, 8), jnp.int32)
+    for name, rank in (("pixel_values", 4), ("input_features", 3), ("input_values", 2)):
+        shape = of_rank(rank)
+        if name in args and shape is not None:  # pixels: HF's dummy is NHWC, __call__ takes NCHW
+            inputs[name] = jnp.zeros((shape[0], shape[3], shape[1], shape[2]) if rank == 4 else shape, jnp.float32)
+    if not inputs:
+        raise ValueError(f"jlora.hf: no example inputs for {type(model).__name__} (its __call__ takes "
+                         f"{', '.join(args[1:6])}, ...); pass inputs={{...}}: keyword arguments for one small call")
+    return inputs
 
 
 def _call_args(model: Any) -> tuple[str, ...]:
@@ -88,8 +108,10 @@ def _call_args(model: Any) -> tuple[str, ...]:
     return tuple(inspect.signature(type(model).__call__).parameters)
 
 
-def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: Any = None) -> Any:
+def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: Any = None, *,
+              inputs: dict[str, Any] | None = None) -> Any:
     """``jlora.lora_init`` for a HF Flax model: preset targets and layouts, inferred n-D layouts.
+    The layouts come from tracing ``model(**inputs)`` (``example_inputs(model)`` by default).
 
     Example:
         >>> from transformers import BertConfig, FlaxBertModel
@@ -101,7 +123,7 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     params = model.params if params is None else params
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
-    inputs = example_inputs(model)
+    inputs = example_inputs(model) if inputs is None else inputs
     return jlora.lora_init(key, params, config, infer_layout=lambda p: model(**inputs, params=p))
 
 
@@ -187,11 +209,12 @@ class LoraModel:
         param ...
     """
 
-    def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None):
+    def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None,
+                 inputs: dict[str, Any] | None = None):
         self.model = model
         self.config = preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key
-        self.params = lora_init(key, model, self.config, params)
+        self.params = lora_init(key, model, self.config, params, inputs=inputs)
         self._forward = jlora.apply(model.__call__)
         self._generate: dict[tuple, Callable] = {}
 

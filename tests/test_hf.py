@@ -10,7 +10,7 @@ import transformers as tf
 
 import jlora
 from jlora import hf
-from oracle import perturb
+from oracle import normal, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
 
@@ -44,6 +44,34 @@ TINY = {
     "bloom": lambda: tf.FlaxBloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64)),
     "vit": lambda: tf.FlaxViTModel(tf.ViTConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)),
+    "electra": lambda: tf.FlaxElectraForMaskedLM(tf.ElectraConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64)),
+    "xlm-roberta": lambda: tf.FlaxXLMRobertaModel(tf.XLMRobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=40)),
+}
+# Models whose __call__ takes more than token ids, or other inputs: example_inputs must build them.
+OTHER_INPUTS = {
+    "whisper": (lambda: tf.FlaxWhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+        max_target_positions=32, begin_suppress_tokens=None, suppress_tokens=None)), "all-linear"),
+    "clip": (lambda: tf.FlaxCLIPModel(tf.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=16)), "all-linear"),
+    "wav2vec2": (lambda: tf.FlaxWav2Vec2Model(tf.Wav2Vec2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer")), "all-linear"),
+    "big_bird": (lambda: tf.FlaxBigBirdModel(tf.BigBirdConfig(  # block-sparse attention needs 12 blocks of tokens
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, attention_type="block_sparse", block_size=4, num_random_blocks=2)), "all-linear"),
+    "resnet": (lambda: tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
+                                          input_shape=(1, 32, 32, 3)),  # no image_size in its config
+               ["convolution"]),
 }
 IDS = jnp.array([[3, 5, 7, 9, 11, 2, 4, 6]])
 
@@ -189,6 +217,50 @@ def test_gradient_checkpointing_gives_the_same_grads(model_type):
     jaxpr = str(jax.make_jaxpr(lambda t: first_output(lm_remat(IDS, params=jlora.combine(t, frozen))))(trainable))
     assert "remat" in jaxpr or "checkpoint" in jaxpr
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(lm), grads(lm_remat))
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_INPUTS))
+def test_models_taking_other_inputs_are_traced_on_their_own_dummy_inputs(name):
+    make, targets = OTHER_INPUTS[name]
+    model = make()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=targets), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    inputs = {k: jnp.asarray(normal(jax.random.key(2), v.shape)) if v.dtype == jnp.float32 else v
+              for k, v in hf.example_inputs(model).items()}
+    out = lambda o: o.logits_per_image if hasattr(o, "logits_per_image") else first_output(o)
+    lazy = jax.jit(lambda p: out(lm(**inputs, params=p)))(lm.params)
+    plain = jax.jit(lambda p: out(model(**inputs, params=p)))  # one compile, not one per op
+    merged = plain(lm.merge())
+    np.testing.assert_allclose(lazy, merged, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(np.asarray(merged) - plain(model.params)).max()) > 1e-4  # the adapters matter
+
+
+def test_example_inputs_can_be_given():
+    class FlaxTokensGPT2(tf.FlaxGPT2LMHeadModel):  # a __call__ whose inputs example_inputs does not know
+        def __call__(self, tokens, params=None, **kwargs):
+            return super().__call__(tokens, params=params, **kwargs)
+
+    model = FlaxTokensGPT2(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match=r"no example inputs for FlaxTokensGPT2 \(its __call__ takes tokens, params"):
+        hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs={"tokens": IDS})
+    assert str(lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].layout) == "oi"
+    assert jax.jit(lambda p: lm(IDS, params=p).logits)(lm.params).shape == (1, 8, 64)
+
+
+def test_t5_preset_adapts_q_and_v():
+    try:
+        model = tf.FlaxT5ForConditionalGeneration(tf.T5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
+    except TypeError as e:  # HF's Flax T5 calls jnp.clip(a_max=...), which JAX 0.8 removed
+        pytest.skip(f"FlaxT5 does not run on this JAX: {e}")
+    lm = hf.LoraModel(model, None, jax.random.key(0))
+    adapted = sorted(x.path for x in jax.tree.leaves(lm.params, is_leaf=jlora.weight.is_node)
+                     if isinstance(x, jlora.LoraWeight))
+    assert len(adapted) == 2 * 3 and all(p.split("/")[-2] in ("q", "v") for p in adapted)  # enc self, dec self, cross
+    inputs = hf.example_inputs(model)
+    lm.params = perturb(lm.params, jax.random.key(1))
+    np.testing.assert_allclose(lm(**inputs).logits, model(**inputs, params=lm.merge()).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_model_type_without_preset_needs_targets():
