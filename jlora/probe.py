@@ -99,7 +99,18 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
         sizes = eqn.params["slice_sizes"]
         # rows picked (collapsed, or sliced to 1 as vmap leaves them) are inputs; axes taken whole, outputs
         whole = {ax for ax in range(probe.ndim) if sizes[ax] == probe.shape[ax] and ax not in dn.collapsed_slice_dims}
-        _record(ctx, probe, {ax: ("o" if ax in whole else "i") for ax in range(probe.ndim)}, eqn.primitive)
+        if len(whole) < 2:  # an embedding lookup: the rows are the input
+            _record(ctx, probe, {ax: ("o" if ax in whole else "i") for ax in range(probe.ndim)}, eqn.primitive)
+            return NotImplemented
+        # matrices picked from a stack (an expert per token, W[idx]): the picked axes are batch axes,
+        # and the matrices' use (a later matmul) tells their input and output axes
+        batching = tuple(getattr(dn, "operand_batching_dims", ()))
+        kept = [ax for ax in range(probe.ndim) if ax not in dn.collapsed_slice_dims and ax not in batching]
+        axes: list[tuple] = [()] * len(eqn.outvars[0].aval.shape)
+        for ax, out in zip(kept, dn.offset_dims):
+            axes[out] = probe.axes[ax] if ax in whole else ()
+        sliced = probe.sliced + tuple(o for ax in range(probe.ndim) if ax not in whole for o in probe.axes[ax])
+        return [Probe(_compat.bind(eqn, [probe.value, *invals[1:]])[0], probe.path, tuple(axes), sliced)]
     return NotImplemented
 
 

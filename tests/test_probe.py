@@ -4,6 +4,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+import jlora
 from jlora.probe import infer_layouts
 from jlora.sharding import make_mesh
 
@@ -49,6 +50,18 @@ def test_flipped_window_and_vmapped_lookup():
     assert str(infer_layouts(flipped, p, ["window"])["window"]) == "iiio"
     looked_up = lambda p: jax.vmap(lambda i: p["emb"][i])(jnp.array([1, 2]))  # gather with slice (1, 4), uncollapsed
     assert str(infer_layouts(looked_up, p, ["emb"])["emb"]) == "io"
+
+
+def test_matrices_picked_from_a_stack_are_batched_not_looked_up():
+    """W[idx] (an expert per token) then a matmul: the expert axis is a batch axis, a rank-r adapter
+    per expert, not one full-rank 'embedding' update."""
+    p = {"experts": jnp.ones((4, 16, 8))}
+    x, idx = jnp.ones((6, 16)), jnp.array([0, 3, 1, 1, 2, 0])
+    per_token = lambda p: jnp.einsum("td,tdf->tf", x, p["experts"][idx])
+    assert str(infer_layouts(per_token, p, ["experts"])["experts"]) == "bio"
+    lw = jlora.lora_init(jax.random.key(0), p, jlora.LoraConfig(rank=2, targets=["experts"]), infer_layout=per_token)["experts"]
+    assert lw.a.shape == (4, 16, 2) and lw.b.shape == (4, 2, 8)
+    assert infer_layouts(lambda p: p["experts"][idx].sum(), p, ["experts"]) == {}  # no matmul: no guess
 
 
 def test_tied_embedding_lookup_then_attend_is_one_layout():
