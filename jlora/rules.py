@@ -308,7 +308,10 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if is_lazy(x):
         return NotImplemented
     p = eqn.params
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:  # x's channel groups meet blocks of w
+        warn_once("conv_general_dilated", lw, f"a grouped or depthwise conv (feature_group_count="
+                  f"{p['feature_group_count']}, batch_group_count={p['batch_group_count']}) has no factored rule",
+                  undropped=ctx.drops(lw))
         return NotImplemented
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     layout = lw.layout

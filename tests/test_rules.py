@@ -136,6 +136,15 @@ def test_conv(spec):
     check_against_oracle(fn, {"w": lw}, x)
 
 
+def test_grouped_conv_falls_back_exactly_saying_why():
+    lw = random_lora(jax.random.key(0), (3, 3, 2, 8), "iiio", 2)  # 4 groups of 2 input channels
+    x = normal(jax.random.key(1), (2, 7, 7, 8))
+    fn = lambda p, x: lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                               feature_group_count=4)
+    with pytest.warns(jlora.MaterializeWarning, match=r"'w'.*grouped or depthwise conv \(feature_group_count=4"):
+        check_against_oracle(fn, {"w": lw}, x)
+
+
 def test_structural_rules_keep_lazy():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     x = normal(jax.random.key(1), (3, 2, 3))
