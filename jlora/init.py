@@ -98,6 +98,10 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) 
     kernels = [f"{p}: {_describe(leaf)}" for p, leaf in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
     if kernels:
         return f" (its kernels are {kernels[:3]}: only float arrays with 2 or more axes can be adapted)"
+    others = [p for p, leaf in matched if _is_adaptable(leaf)]
+    if others:  # e.g. a GRU cell's weight_ih and weight_hh
+        return (f" (a module is adapted at its 'kernel' or 'weight'; its leaves {others[:4]} are adapted by "
+                f"patterns naming them, e.g. '{others[0]}')")
     return ""
 
 

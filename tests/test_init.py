@@ -214,6 +214,11 @@ def test_a_target_that_matches_only_what_it_cannot_use_says_why():
         lora_init(KEY, params, LoraConfig(rank=2, targets=["q"], exclude=["q"]))
     with pytest.raises(ValueError, match=r"'k' matches no param it can use \(its kernels are \['k/kernel: int8\[4,4\]'\]"):
         lora_init(KEY, params, LoraConfig(rank=2, targets=["q", "k"]))
+    gru = {"cell": {"weight_ih": jnp.ones((12, 4)), "weight_hh": jnp.ones((12, 4)), "bias": jnp.ones(12)}}  # Equinox's GRUCell
+    with pytest.raises(ValueError, match=r"'cell' matches no param it can use \(a module is adapted at its 'kernel' or "
+                                         r"'weight'; its leaves \['cell/weight_hh', 'cell/weight_ih'\] are adapted by "
+                                         r"patterns naming them, e.g. 'cell/weight_hh'\)"):
+        lora_init(KEY, gru, LoraConfig(rank=2, targets=["cell"]))
 
 
 def test_nd_kernel_without_layout_is_a_clear_error():
