@@ -81,9 +81,14 @@ def _check_ratio(ratio: Any) -> None:
 _NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState")
 
 
+def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
+    """The inner states in ``state`` whose type is named one of ``names``."""
+    named = lambda x: type(x).__name__ in names
+    return [x for x in jax.tree.leaves(state, is_leaf=named) if named(x)]
+
+
 def _check_scalable(state: Any) -> None:
-    unscalable = lambda x: type(x).__name__ in _NOT_SCALABLE
-    found = [type(x).__name__ for x in jax.tree.leaves(state, is_leaf=unscalable) if unscalable(x)]
+    found = [type(x).__name__ for x in _states_named(state, _NOT_SCALABLE)]
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "
@@ -165,14 +170,10 @@ def schedule_free_eval_params(opt_state: Any, params: Any) -> Any:
         >>> schedule_free_eval_params(state, {"k": lw})["k"].a.shape
         (2, 1)
     """
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free) if _is_schedule_free(s)]
+    found = _states_named(opt_state, ("ScheduleFreeState",))
     if len(found) != 1:
         raise ValueError(f"jlora.optim.schedule_free_eval_params: opt_state must hold one ScheduleFreeState (the "
                          f"state of jlora.optimizer(optax.contrib.schedule_free_...)), found {len(found)}")
     trainable, frozen = split(params)
     evaluated = optax.contrib.schedule_free_eval_params(found[0], trainable)
     return combine(jax.tree.map(lambda e, p: e.astype(p.dtype), evaluated, trainable), frozen)
-
-
-def _is_schedule_free(x: Any) -> bool:
-    return type(x).__name__ == "ScheduleFreeState"

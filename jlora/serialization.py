@@ -47,9 +47,10 @@ def _lora_from_state_dict(target: LoraWeight, state: Any) -> LoraWeight:
             raise ValueError(f"{where}: {has} has {part} and {lacks} has none; restore onto the same half of "
                              "jlora.split (the trainable half has no w) that was saved")
         restored = serialization.from_state_dict(want, got, name=part)
-        if hasattr(want, "shape") and tuple(want.shape) != tuple(getattr(restored, "shape", ())):
-            raise ValueError(f"{where}: {part} has shape {tuple(getattr(restored, 'shape', ()))} in the state but "
-                             f"{tuple(want.shape)} in the target (another rank or base model?)")
+        shape = tuple(getattr(restored, "shape", ()))
+        if hasattr(want, "shape") and tuple(want.shape) != shape:
+            raise ValueError(f"{where}: {part} has shape {shape} in the state but {tuple(want.shape)} in the "
+                             "target (another rank or base model?)")
         parts[part] = restored
     return target.replace(**parts)
 
