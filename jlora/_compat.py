@@ -58,6 +58,25 @@ def _traced_primitive(fn: Any, *args: Any) -> Any:
 # jax.checkpoint's primitive ("remat2"/"checkpoint") joined jax.extend.core.primitives after JAX 0.6.
 remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambda x: x * 2), 1.0)
 
+concatenate_p = _p.concatenate_p
+broadcast_in_dim_p = _p.broadcast_in_dim_p
+# Not in jax.extend.core.primitives (JAX 0.6 - 0.10): read off a trace. ``split`` (params axis,
+# sizes) is a primitive in every supported JAX; ``unstack`` and ``stack`` (param axis) became
+# primitives after 0.6 (before, jnp.unstack traced to a jit of split and squeezes, jnp.stack to
+# broadcast_in_dim and concatenate): None where they are not.
+split_p = _traced_primitive(lambda x: jax.lax.split(x, (1, 1)), np.zeros(2, np.float32))
+ragged_dot_general_p = _traced_primitive(
+    lambda x, w: jax.lax.ragged_dot(x, w, np.array([1], np.int32)), np.zeros((1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
+
+
+def _own_primitive(name: str, fn: Any, *args: Any) -> Any:
+    prim = _traced_primitive(fn, *args)
+    return prim if prim.name == name else None
+
+
+unstack_p = _own_primitive("unstack", lambda x: jax.numpy.unstack(x), np.zeros((2, 1), np.float32))
+stack_p = _own_primitive("stack", lambda x: jax.numpy.stack([x, x]), np.zeros(1, np.float32))
+
 
 def _shard_map_eqn() -> Any:
     """A traced ``shard_map`` of ``x @ w`` with ``w`` replicated over a 2-way manual axis (no

@@ -267,7 +267,8 @@ def lora_init(
 
         inferred = infer_layouts(infer_layout, params, adapt, used_by)
         if _all_linear(config):  # dense kernels only, as PEFT: no conv window
-            adapt = [p for p in adapt if _compat.dot_general_p in used_by.get(p, {_compat.dot_general_p})]
+            linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
+            adapt = [p for p in adapt if linear & used_by.get(p, linear)]
             if not adapt:
                 raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw "
                                  "every kernel in a conv or a lookup, none in a matmul")

@@ -21,15 +21,17 @@ from jlora.weight import Lazy, is_param
 
 
 class Probe(Lazy):
-    """Stands for a kernel during inference; ``axes[j]`` lists the original axes behind axis ``j``."""
+    """Stands for a kernel during inference; ``axes[j]`` lists the original axes behind axis ``j``.
+    ``also``: the paths of kernels joined with this one (``jnp.concatenate``, ``jnp.stack``), whose
+    axes went the same way."""
 
     warn_on_fallback = False
 
-    def __init__(self, value: Any, path: str, axes: tuple, sliced: tuple = ()):
-        self.value, self.path, self.axes, self.sliced = value, path, axes, sliced
+    def __init__(self, value: Any, path: str, axes: tuple, sliced: tuple = (), also: tuple = ()):
+        self.value, self.path, self.axes, self.sliced, self.also = value, path, axes, sliced, also
 
     def tree_flatten(self):
-        return (self.value,), (self.path, self.axes, self.sliced)
+        return (self.value,), (self.path, self.axes, self.sliced, self.also)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple, children: tuple) -> "Probe":
@@ -47,8 +49,7 @@ class Probe(Lazy):
         return self.value
 
     def unstack(self):
-        path, axes, sliced = self.path, self.axes[1:], self.sliced + self.axes[0]
-        return (self.value,), lambda ch: Probe(ch[0], path, axes, sliced)
+        return (self.value,), lambda ch: self.moved(ch[0], self.axes[1:], self.axes[0])
 
     def describe(self) -> str:
         return f"kernel {self.path!r}"
@@ -58,7 +59,12 @@ class Probe(Lazy):
         return self.with_value(spec)
 
     def with_value(self, value: Any, axes: tuple | None = None) -> "Probe":
-        return Probe(value, self.path, self.axes if axes is None else axes, self.sliced)
+        return Probe(value, self.path, self.axes if axes is None else axes, self.sliced, self.also)
+
+    def moved(self, value: Any, axes: tuple, sliced: tuple) -> "Probe":
+        """This kernel as ``value``, whose axes hold ``axes``, with the original axes in ``sliced``
+        now picked (a layer of a stack, an expert per token: batch axes)."""
+        return Probe(value, self.path, axes, self.sliced + tuple(sliced), self.also)
 
 
 jax.tree_util.register_pytree_node_class(Probe)
@@ -66,7 +72,8 @@ jax.tree_util.register_pytree_node_class(Probe)
 
 def _record(ctx: Context, probe: Probe, roles: dict[int, str], primitive: Any) -> None:
     """Record a use by ``primitive``: ``roles`` maps the probe's current axes to 'b'/'i'/'o'."""
-    ctx.records["used_by"].setdefault(probe.path, set()).add(primitive)
+    for path in (probe.path, *probe.also):
+        ctx.records["used_by"].setdefault(path, set()).add(primitive)
     per_axis: dict[int, str] = {ax: "b" for ax in probe.sliced}
     for cur, role in roles.items():
         for orig in probe.axes[cur]:
@@ -75,9 +82,10 @@ def _record(ctx: Context, probe: Probe, roles: dict[int, str], primitive: Any) -
     if sorted(per_axis) != list(range(n)):
         return
     spec = "".join(per_axis[i] for i in range(n))
-    seen = ctx.records["layouts"].setdefault(probe.path, [])
-    if spec not in seen:
-        seen.append(spec)
+    for path in (probe.path, *probe.also):
+        seen = ctx.records["layouts"].setdefault(path, [])
+        if spec not in seen:
+            seen.append(spec)
 
 
 @register(_compat.dot_general_p, Probe)
@@ -88,6 +96,19 @@ def _dot(ctx: Context, eqn: Any, invals: list) -> Any:
         if isinstance(probe, Probe):
             roles = {ax: ("i" if ax in contract else "b" if ax in batch else "o") for ax in range(probe.ndim)}
             _record(ctx, probe, roles, eqn.primitive)
+    return NotImplemented
+
+
+@register(_compat.ragged_dot_general_p, Probe)
+def _ragged_dot(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``ragged_dot(x, W, group_sizes)``: W's group axis is a batch axis (an expert per group of rows)."""
+    probe = invals[1]
+    if isinstance(probe, Probe):
+        rdn = eqn.params["ragged_dot_dimension_numbers"]
+        (_, rc), (_, rb) = rdn.dot_dimension_numbers
+        batch = set(rb) | set(rdn.rhs_group_dimensions)
+        _record(ctx, probe, {ax: "i" if ax in rc else "b" if ax in batch else "o" for ax in range(probe.ndim)},
+                eqn.primitive)
     return NotImplemented
 
 
@@ -109,8 +130,8 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
         axes: list[tuple] = [()] * len(eqn.outvars[0].aval.shape)
         for ax, out in zip(kept, dn.offset_dims):
             axes[out] = probe.axes[ax] if ax in whole else ()
-        sliced = probe.sliced + tuple(o for ax in range(probe.ndim) if ax not in whole for o in probe.axes[ax])
-        return [Probe(_compat.bind(eqn, [probe.value, *invals[1:]])[0], probe.path, tuple(axes), sliced)]
+        sliced = tuple(o for ax in range(probe.ndim) if ax not in whole for o in probe.axes[ax])
+        return [probe.moved(_compat.bind(eqn, [probe.value, *invals[1:]])[0], tuple(axes), sliced)]
     return NotImplemented
 
 
@@ -151,8 +172,61 @@ def _squeeze(ctx: Context, eqn: Any, invals: list) -> Any:
     (probe,) = invals
     dropped = {d % probe.ndim for d in eqn.params["dimensions"]}
     axes = tuple(a for ax, a in enumerate(probe.axes) if ax not in dropped)
-    sliced = probe.sliced + tuple(o for ax in sorted(dropped) for o in probe.axes[ax])
-    return [Probe(_compat.bind(eqn, [probe.value])[0], probe.path, axes, sliced)]
+    sliced = tuple(o for ax in sorted(dropped) for o in probe.axes[ax])
+    return [probe.moved(_compat.bind(eqn, [probe.value])[0], axes, sliced)]
+
+
+@register(_compat.split_p, Probe)
+def _split(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Parts of a kernel (``jnp.split``) keep every axis in its place."""
+    (probe,) = invals
+    return [probe.with_value(part) for part in _compat.bind(eqn, [probe.value])]
+
+
+if _compat.unstack_p is not None:
+    @register(_compat.unstack_p, Probe)
+    def _unstack(ctx: Context, eqn: Any, invals: list) -> Any:
+        """Layers of a stack (``jnp.unstack``): the unstacked axis counts as a batch axis."""
+        (probe,) = invals
+        axis = eqn.params["axis"] % probe.ndim
+        axes = probe.axes[:axis] + probe.axes[axis + 1:]
+        return [probe.moved(part, axes, probe.axes[axis]) for part in _compat.bind(eqn, [probe.value])]
+
+
+@register(_compat.broadcast_in_dim_p, Probe)
+def _expand_dims(ctx: Context, eqn: Any, invals: list) -> Any:
+    """New size-1 axes (``w[None]``) stand for none of the kernel's axes."""
+    probe, *rest = invals
+    shape, kept = eqn.params["shape"], tuple(eqn.params["broadcast_dimensions"])
+    if rest or any(shape[ax] != 1 for ax in range(len(shape)) if ax not in kept) or list(kept) != sorted(kept):
+        return NotImplemented
+    of = dict(zip(kept, probe.axes))
+    return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(of.get(ax, ()) for ax in range(len(shape))))]
+
+
+def _joined(eqn: Any, invals: list, axes_of: Callable[[Probe], tuple]) -> Any:
+    """Kernels joined into one value: a probe for all of them, if their axes went the same way."""
+    probes = [v for v in invals if isinstance(v, Probe)]
+    if len({(p.axes, p.sliced) for p in probes}) > 1:
+        return NotImplemented
+    first = probes[0]
+    also = tuple(dict.fromkeys(path for p in probes for path in (p.path, *p.also) if path != first.path))
+    value = _compat.bind(eqn, [v.value if isinstance(v, Probe) else v for v in invals])[0]
+    return [Probe(value, first.path, axes_of(first), first.sliced, also)]
+
+
+@register(_compat.concatenate_p, Probe)
+def _concatenate(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Kernels joined along an axis (fused gates) keep their axes in place."""
+    return _joined(eqn, invals, lambda p: p.axes)
+
+
+if _compat.stack_p is not None:
+    @register(_compat.stack_p, Probe)
+    def _stack(ctx: Context, eqn: Any, invals: list) -> Any:
+        """Kernels stacked (``jnp.stack``): the new axis stands for none of theirs."""
+        axis = eqn.params["axis"]
+        return _joined(eqn, invals, lambda p: p.axes[:axis] + ((),) + p.axes[axis:])
 
 
 @register(_compat.reshape_p, Probe)

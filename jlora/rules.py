@@ -246,6 +246,41 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
     return found
 
 
+# --- ragged_dot (a mixture of experts: rows grouped by expert) ---------------------------------
+
+@register(_compat.ragged_dot_general_p, LoraWeight)
+def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``lax.ragged_dot(x, W, group_sizes)``, each group of rows through its own expert's kernel
+    (``W``'s group axis a batch axis): ``ragged_dot(x, W) + ragged_dot(ragged_dot(x, s·a), b)``."""
+    x, lw, group_sizes, *rest = invals
+    rdn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+    layout = lw.layout if isinstance(lw, LoraWeight) else None
+    if (layout is None or is_lazy(x) or is_lazy(group_sizes) or rest or lb or rb
+            or eqn.params.get("group_offset") is not None or set(rdn.lhs_ragged_dimensions) & set(lc)
+            or tuple(rdn.rhs_group_dimensions) != layout.group("b") or len(layout.group("b")) != 1
+            or set(rc) != set(layout.group("i"))):
+        return NotImplemented  # the weight as lhs, a ragged contraction (a weight's gradient), offsets
+    in_a, _ = layout.factor_axes()
+    (ragged,) = rdn.lhs_ragged_dimensions
+    free = [ax for ax in range(x.ndim) if ax not in lc]  # t's axes: these, then the rank
+    params = {k: eqn.params[k] for k in ("precision", "preferred_element_type")}
+
+    def grouped(lhs: jax.Array, rhs: jax.Array, lhs_contract: tuple, rhs_contract: tuple, ragged_axis: int) -> jax.Array:
+        dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=((lhs_contract, rhs_contract), ((), ())),
+                                             lhs_ragged_dimensions=(ragged_axis,), rhs_group_dimensions=(0,))
+        return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
+
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else eqn.outvars[0].aval.dtype
+    t = grouped(_dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype), tuple(lc),
+                tuple(in_a[ax] for ax in rc), ragged).astype(dtype)
+    y = grouped(t, lw.b.astype(dtype), (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
+    lead = list(range(-len(free), 0))  # labels: x's free axes, then the w axis each output holds
+    y = _to_order(y, lead + list(layout.group("o")), lead + sorted(layout.group("o")))
+    base = _bind(ctx, eqn, [x, lw.w, group_sizes], lw)[0]
+    return [base + y.astype(base.dtype)]
+
+
 # --- gather (embedding lookup) -----------------------------------------------------------------
 
 @register(_compat.gather_p, LoraWeight)
@@ -258,6 +293,11 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
     layout = lw.layout
+    matrix = set(layout.group("i") + layout.group("o"))
+    if (all(sizes[ax] == lw.shape[ax] for ax in matrix) and not matrix & set(dn.collapsed_slice_dims + dn.operand_batching_dims)
+            # a start on an axis taken whole is clamped to 0 (as vmap of W[i] has it), except in fill mode
+            and not (matrix & set(dn.start_index_map) and eqn.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP)):
+        return _picked_matrices(ctx, eqn, lw, indices)
     ins, outs = layout.group("i"), layout.group("o")
     mode = eqn.params.get("mode")
     collapsed = set(dn.collapsed_slice_dims)
@@ -298,6 +338,50 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             perm.append(batch_i)
             batch_i += 1
     return [base + jnp.transpose(t, perm).astype(base.dtype)]
+
+
+def _picked_matrices(ctx: Context, eqn: Any, lw: LoraWeight, indices: jax.Array) -> Any:
+    """Whole matrices picked from a stack by index (``W[expert_of_token]``): a ``LoraWeight`` of
+    the picked ``w`` and the same picks of ``a`` and ``b``, the indices' axes as batch axes."""
+    dn, sizes, layout = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], lw.layout
+    in_a, in_b = layout.factor_axes()
+    gone = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    n_index = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
+
+    picked = [k for k, ax in enumerate(dn.start_index_map) if layout.axes[ax][0] == "b"]  # the others start at 0
+    f_indices = indices if len(picked) == len(dn.start_index_map) else indices[..., picked]
+
+    def pick(f: jax.Array, where: dict[int, int]) -> jax.Array | None:
+        batching = tuple(where[ax] for ax in dn.operand_batching_dims)
+        if list(batching) != sorted(batching):
+            return None
+        f_dn = lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(n_index, n_index + f.ndim - len(gone))),
+            collapsed_slice_dims=tuple(sorted(where[ax] for ax in dn.collapsed_slice_dims)),
+            start_index_map=tuple(where[dn.start_index_map[k]] for k in picked),
+            operand_batching_dims=batching, start_indices_batching_dims=tuple(dn.start_indices_batching_dims),
+        )
+        at = {pos: ax for ax, pos in where.items()}
+        f_sizes = tuple(sizes[at[pos]] if pos in at else f.shape[pos] for pos in range(f.ndim))
+        return _compat.bind(eqn, [f, f_indices], dimension_numbers=f_dn, slice_sizes=f_sizes)[0]
+
+    a, b = pick(lw.a, in_a), pick(lw.b, in_b)
+    if a is None or b is None:
+        return NotImplemented
+    # the result's axes: the indices' batch axes, then w's remaining axes where gather puts them
+    kept_batch = [ax for ax in layout.group("b") if ax not in gone]  # in their order in a and b
+    kept = iter(ax for ax in range(lw.ndim) if ax not in gone)
+    n_out = n_index + lw.ndim - len(gone)
+    index_axis = iter(range(n_index))
+    axes = []
+    for pos in range(n_out):
+        if pos not in dn.offset_dims:
+            axes.append(("b", next(index_axis)))
+            continue
+        ax = next(kept)
+        role, k = layout.axes[ax]
+        axes.append(("b", n_index + kept_batch.index(ax)) if role == "b" else (role, k))
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w, indices], lw)[0], a=a, b=b, layout=Layout(tuple(axes)))]
 
 
 # --- conv ---------------------------------------------------------------------------------------
@@ -518,28 +602,47 @@ def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
 
 
-@register(_compat.slice_p, LoraWeight)
-def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    strides = eqn.params.get("strides") or (1,) * lw.ndim
+def _cut(lw: LoraWeight, start: Sequence[int], limit: Sequence[int], strides: Sequence[int]) -> tuple:
+    """``a`` and ``b`` of ``w[start:limit:strides]``: the same slice of the factors' matching axes."""
     in_a, in_b = lw.layout.factor_axes()
 
     def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
         return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
                          _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
 
-    w = _bind(ctx, eqn, [lw.w], lw)[0]
-    return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
+    return cut(lw.a, in_a), cut(lw.b, in_b)
 
 
-@register(_compat.squeeze_p, LoraWeight)
-def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+@register(_compat.slice_p, LoraWeight)
+def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
-    dropped = {d % lw.ndim for d in eqn.params["dimensions"]}
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    a, b = _cut(lw, start, limit, eqn.params.get("strides") or (1,) * lw.ndim)
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
+
+
+def _pieces(lw: LoraWeight, axis: int, sizes: Sequence[int]) -> list[tuple]:
+    """``(a, b)`` of each piece of ``w`` cut along ``axis`` into ``sizes``."""
+    ends = np.cumsum(sizes).tolist()
+    return [_cut(lw, [end - size if ax == axis else 0 for ax in range(lw.ndim)],
+                 [end if ax == axis else lw.shape[ax] for ax in range(lw.ndim)], (1,) * lw.ndim)
+            for size, end in zip(sizes, ends)]
+
+
+@register(_compat.split_p, LoraWeight)
+def split_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``jnp.split`` of a fused kernel (q, k and v in one): each piece a ``LoraWeight``."""
+    (lw,) = invals
+    ws = _bind(ctx, eqn, [lw.w], lw)
+    return [lw.replace(w=w, a=a, b=b) for w, (a, b) in zip(ws, _pieces(lw, eqn.params["axis"], eqn.params["sizes"]))]
+
+
+def _squeezed(lw: LoraWeight, dropped: set[int]) -> tuple | None:
+    """``(a, b, layout)`` of ``w`` with its size-1 axes ``dropped``, or ``None`` when no input or
+    no output axis would be left."""
     kept_roles = [lw.layout.axes[ax][0] for ax in range(lw.ndim) if ax not in dropped]
     if "i" not in kept_roles or "o" not in kept_roles:
-        return NotImplemented
+        return None
     in_a, in_b = lw.layout.factor_axes()
     a = jnp.squeeze(lw.a, tuple(in_a[ax] for ax in dropped if ax in in_a))
     b = jnp.squeeze(lw.b, tuple(in_b[ax] for ax in dropped if ax in in_b))
@@ -547,5 +650,123 @@ def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     renumbered = []
     for role, k in kept:  # close the gaps left in each role's k order
         renumbered.append((role, sum(1 for r, kk in kept if r == role and kk < k)))
-    w = _bind(ctx, eqn, [lw.w], lw)[0]
-    return [lw.replace(w=w, a=a, b=b, layout=Layout(tuple(renumbered)))]
+    return a, b, Layout(tuple(renumbered))
+
+
+@register(_compat.squeeze_p, LoraWeight)
+def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    squeezed = _squeezed(lw, {d % lw.ndim for d in eqn.params["dimensions"]})
+    if squeezed is None:
+        return NotImplemented
+    a, b, layout = squeezed
+    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b, layout=layout)]
+
+
+if _compat.unstack_p is not None:
+    @register(_compat.unstack_p, LoraWeight)
+    def unstack_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+        """``jnp.unstack`` (``for w in W`` unrolled): each layer of a stack a ``LoraWeight``."""
+        (lw,) = invals
+        axis = eqn.params["axis"] % lw.ndim
+        pieces = [_squeezed(lw.replace(a=a, b=b), {axis}) for a, b in _pieces(lw, axis, (1,) * lw.shape[axis])]
+        if not pieces or pieces[0] is None:
+            return NotImplemented
+        return [lw.replace(w=w, a=a, b=b, layout=layout)
+                for w, (a, b, layout) in zip(_bind(ctx, eqn, [lw.w], lw), pieces)]
+
+
+# --- kernels joined: several in, one LoraWeight out ---------------------------------------------
+
+def _expanded(lw: LoraWeight, new_axes: Sequence[int]) -> LoraWeight:
+    """``lw`` (factors and layout; ``w`` untouched) with size-1 batch axes inserted at ``new_axes``
+    of the result, first in the batch order."""
+    ndim = lw.ndim + len(new_axes)
+    old = iter(lw.layout.axes)
+    axes = [("b", new_axes.index(ax)) if ax in new_axes else next(old) for ax in range(ndim)]
+    axes = [(role, k + len(new_axes)) if role == "b" and ax not in new_axes else (role, k)
+            for ax, (role, k) in enumerate(axes)]
+    lead = (1,) * len(new_axes)
+    return lw.replace(a=lw.a.reshape(lead + lw.a.shape), b=lw.b.reshape(lead + lw.b.shape), layout=Layout(tuple(axes)))
+
+
+@register(_compat.broadcast_in_dim_p, LoraWeight)
+def expand_dims_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """New size-1 axes (``w[None]``, as ``jnp.stack`` makes before it joins kernels): batch axes."""
+    lw, *dyn = invals
+    shape, kept = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    new_axes = [ax for ax in range(len(shape)) if ax not in kept]
+    if dyn or eqn.params.get("sharding") is not None or tuple(shape[ax] for ax in kept) != lw.shape \
+            or any(shape[ax] != 1 for ax in new_axes) or list(kept) != sorted(kept):
+        return NotImplemented
+    return [_expanded(lw, new_axes).replace(w=_bind(ctx, eqn, [lw.w], lw)[0])]
+
+
+@register(_compat.concatenate_p, LoraWeight)
+def concatenate_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Kernels joined along one axis (linen's ``OptimizedLSTMCell`` joins its gates' kernels):
+    one ``LoraWeight`` (see ``_joined``)."""
+    return _joined(ctx, eqn, invals, invals, eqn.params["dimension"])
+
+
+if _compat.stack_p is not None:
+    @register(_compat.stack_p, LoraWeight)
+    def stack_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+        """Kernels stacked along a new batch axis (layers stacked for a scan): one ``LoraWeight``."""
+        axis = eqn.params["axis"]
+        parts = [_expanded(v, [axis]) if isinstance(v, LoraWeight) else jnp.expand_dims(v, axis) for v in invals]
+        return _joined(ctx, eqn, invals, parts, axis)
+
+
+def _joined(ctx: Context, eqn: Any, invals: list, parts: list, axis: int) -> Any:
+    """``eqn`` joining ``invals`` (``parts``: each as joined along ``axis``) as one ``LoraWeight``.
+
+    Along an input (output) axis the adapters' ``a`` (``b``) sit in their own blocks of the rank
+    axis, zero elsewhere, and the other factors are concatenated along it: the rank is the sum of
+    theirs, and a plain kernel joins with zero factors. Along a batch axis the factors are joined
+    as ``w`` is, each padded with zeros to the largest rank. Scales that differ go into ``b``.
+    """
+    adapters = [p for p in parts if isinstance(p, LoraWeight)]
+    dropouts = {lw.dropout if ctx.drops(lw) else 0.0 for lw in adapters}  # one rate, or none drawn
+    if (any(is_lazy(p) and not isinstance(p, LoraWeight) for p in parts)
+            or len({lw.layout for lw in adapters}) > 1 or len(dropouts) > 1
+            or any(explicit.sharding(x) is not None for lw in adapters for x in (lw.a, lw.b))):
+        return NotImplemented
+    layout, first = adapters[0].layout, adapters[0]
+    axis %= layout.ndim
+    role = layout.axes[axis][0]
+    in_a, in_b = layout.factor_axes()
+    r_a, r_b = layout.ndim - len(layout.group("o")), len(layout.group("b"))  # the rank axis of a, of b
+    scales = {lw.scale for lw in adapters}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    a_dtype = jnp.result_type(*(lw.a for lw in adapters))
+    b_dtype = jnp.result_type(*(lw.b for lw in adapters))
+    b_of = lambda lw: (lw.b if lw.scale == scale else lw.b * (lw.scale / scale)).astype(b_dtype)
+
+    def padded(x: jax.Array, rank_axis: int, before: int, total: int) -> jax.Array:
+        pad = [(0, 0)] * x.ndim
+        pad[rank_axis] = (before, total - before - x.shape[rank_axis])
+        return jnp.pad(x, pad)
+
+    if role == "b":
+        rank = max(lw.rank for lw in adapters)
+        a = [padded(p.a.astype(a_dtype), r_a, 0, rank) if isinstance(p, LoraWeight)
+             else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for p in parts]
+        b = [padded(b_of(p), r_b, 0, rank) if isinstance(p, LoraWeight)
+             else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for p in parts]
+        a, b = jnp.concatenate(a, in_a[axis]), jnp.concatenate(b, in_b[axis])
+    else:
+        rank = sum(lw.rank for lw in adapters)
+        offsets = dict(zip(map(id, adapters), np.cumsum([0] + [lw.rank for lw in adapters]).tolist()))
+        if role == "i":  # a in blocks along the joined input axis, b stacked along the rank
+            a = jnp.concatenate([padded(p.a.astype(a_dtype), r_a, offsets[id(p)], rank) if isinstance(p, LoraWeight)
+                                 else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for p in parts], in_a[axis])
+            b = jnp.concatenate([b_of(lw) for lw in adapters], r_b)
+        else:
+            a = jnp.concatenate([lw.a.astype(a_dtype) for lw in adapters], r_a)
+            b = jnp.concatenate([padded(b_of(p), r_b, offsets[id(p)], rank) if isinstance(p, LoraWeight)
+                                 else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for p in parts], in_b[axis])
+    owners = [v if isinstance(v, LoraWeight) else None for v in invals]
+    w = _bind(ctx, eqn, [v.w if isinstance(v, LoraWeight) else v for v in invals], owners)[0]
+    path = " + ".join(lw.path for lw in adapters if lw.path)
+    return [first.replace(w=w, a=a, b=b, scale=scale, layout=layout, path=path, dropout=dropouts.pop())]

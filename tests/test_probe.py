@@ -64,6 +64,24 @@ def test_matrices_picked_from_a_stack_are_batched_not_looked_up():
     assert infer_layouts(lambda p: p["experts"][idx].sum(), p, ["experts"]) == {}  # no matmul: no guess
 
 
+@pytest.mark.parametrize("name, fn, want", [
+    ("layers unstacked", lambda p, x: sum(x @ w for w in jnp.unstack(p["w"])), {"w": "bio"}),
+    ("a stack's output axis split",
+     lambda p, x: sum(jnp.einsum("lti,lio->lto", jnp.stack([x] * 3), w).sum() for w in jnp.split(p["w"], 2, axis=2)),
+     {"w": "bio"}),
+    # an LSTM's gate kernels, stacked per layer for a scan and joined in the body
+    ("gates joined in a scanned body", lambda p, x: lax.scan(
+        lambda h, ws: (h @ jnp.concatenate(ws, axis=1)[:, :16], None), x, (p["w"], p["v"]))[0], {"w": "bio", "v": "bio"}),
+    ("stacked along the last axis", lambda p, x: jnp.einsum("lti,lioc->ltoc", jnp.stack([x] * 3), jnp.stack([p["w"], p["v"]], -1)),
+     {"w": "bio", "v": "bio"}),
+    ("one layer, indexed after w[None]", lambda p, x: x @ p["w"][None][0, 1], {"w": "bio"}),
+])
+def test_kernels_split_unstacked_or_joined_are_followed(name, fn, want):
+    p = {"w": jnp.ones((3, 16, 8)), "v": jnp.ones((3, 16, 8))}
+    x = jnp.ones((5, 16))
+    assert {k: str(v) for k, v in infer_layouts(lambda p: fn(p, x), p, list(want)).items()} == want
+
+
 def test_tied_embedding_lookup_then_attend_is_one_layout():
     p = {"emb": jnp.ones((10, 4))}
     fn = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T

@@ -10,7 +10,7 @@ from jax import lax
 
 import jlora
 from jlora.layout import Layout
-from oracle import check_against_oracle, normal, oracle_merge
+from oracle import check_against_oracle, normal, oracle_merge, perturb
 
 
 def random_lora(key, shape, layout, rank, scale=0.7):
@@ -296,3 +296,108 @@ def test_slices_of_a_kernel_slice_its_factors(name, shape, layout, fn, layer):
     params["w"] = params["w"].replace(b=normal(jax.random.key(2), params["w"].b.shape))
     # no MaterializeWarning (an error in this suite): w[rows] = w0[rows] + s·a[rows]@b, and so on
     check_against_oracle(fn, params, normal(jax.random.key(3), (5, 8)), jnp.int32(layer))
+
+
+JOINED = {
+    "side by side, a plain kernel between": lambda p, x: x @ jnp.concatenate([p["q"], p["plain"], p["k"]], axis=1),
+    "one above the other": lambda p, x: jnp.concatenate([x, x[:, :6]], 1) @ jnp.concatenate([p["q"], p["short"]], 0),
+    "stacked, then each layer's output": lambda p, x: jnp.einsum("ti,lio->lto", x, jnp.stack([p["q"], p["k"]])),
+    "stacked, then scanned": lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w[:, :8]), h @ w), x,
+                                                   jnp.stack([p["q"], p["k"], p["q"]]))[1],
+    "stacks joined": lambda p, x: jnp.einsum("ti,lio->lto", x, jnp.concatenate(
+        [jnp.stack([p["q"]]), jnp.stack([p["k"], p["q"]])], axis=0)),
+    "split in parts": lambda p, x: jnp.concatenate([jnp.sin(x @ w) for w in jnp.split(p["q"], [4, 12], axis=1)], 1),
+    "a stack unstacked": lambda p, x: sum(jnp.sin(x @ w) for w in jnp.unstack(jnp.stack([p["q"], p["k"]]))),
+    "one layer of a stack": lambda p, x: x @ jnp.expand_dims(p["q"], 0)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(JOINED))
+def test_kernels_joined_or_split_stay_factored(name):
+    # ranks 2 and 3 and scales 0.7 and 2.0: joined along an input or output axis the adapters take
+    # their own blocks of a rank-5 factor; along a batch axis the rank-2 one is padded to 3
+    params = {"q": random_lora(jax.random.key(0), (8, 16), "io", 2),
+              "k": random_lora(jax.random.key(1), (8, 16), "io", 3, scale=2.0),
+              "short": random_lora(jax.random.key(2), (6, 16), "io", 2),
+              "plain": normal(jax.random.key(3), (8, 4))}
+    # no MaterializeWarning (an error in this suite)
+    check_against_oracle(JOINED[name], params, normal(jax.random.key(4), (5, 8)))
+
+
+def test_linen_lstm_cell_joining_its_gate_kernels_stays_factored():
+    import flax.linen as nn
+
+    cell = nn.OptimizedLSTMCell(16)
+    x = normal(jax.random.key(0), (3, 8))
+    carry = cell.initialize_carry(jax.random.key(1), x.shape)
+    params = jlora.lora_init(jax.random.key(2), cell.init(jax.random.key(3), carry, x),
+                             jlora.LoraConfig(rank=2, targets="all-linear"))
+    params = perturb(params, jax.random.key(4))
+    assert sum(isinstance(v, jlora.LoraWeight) for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, jlora.LoraWeight))) == 8
+    check_against_oracle(lambda p, c, x: cell.apply(p, c, x), params, carry, x)
+
+
+def test_kernels_of_different_dropout_joined_fall_back_exactly():
+    params = {"q": random_lora(jax.random.key(0), (8, 16), "io", 2).replace(dropout=0.5),
+              "k": random_lora(jax.random.key(1), (8, 16), "io", 3)}
+    fn = lambda p, x: x @ jnp.concatenate([p["q"], p["k"]], axis=1)
+    x = normal(jax.random.key(4), (5, 8))
+    check_against_oracle(fn, params, x)  # no key, no dropout: joined and factored
+    with pytest.warns(jlora.MaterializeWarning, match="'w'.*'concatenate'.*NOT applied"):
+        dropped = jlora.apply(fn)(params, x, lora_rng=jax.random.key(5))
+    np.testing.assert_allclose(dropped, fn(oracle_merge(params), x), rtol=1e-5, atol=1e-5)
+
+
+def _reordered_outputs(lw, order):
+    """``lw`` with its output axes stored in another order (the same kernel, another layout)."""
+    outs = lw.layout.group("o")
+    perm = [ax for ax in range(lw.ndim) if ax not in outs] + [outs[k] for k in order]
+    return lw.replace(w=jnp.transpose(lw.w, perm), layout=lw.layout.permute(perm))
+
+
+EXPERT_IDS = jnp.array([0, 3, 1, 1, 2, 0])
+PICKED = {
+    "W[ids], then a matmul per token": ((4, 16, 8), "bio", lambda p, x: jnp.einsum("td,tdf->tf", x, p["w"][EXPERT_IDS])),
+    "jnp.take": ((4, 16, 8), "bio", lambda p, x: jnp.einsum("td,tdf->tf", x, jnp.take(p["w"], EXPERT_IDS, axis=0))),
+    "two experts per token": ((4, 16, 8), "bio", lambda p, x: jnp.einsum(
+        "nkd,nkdf->nkf", x.reshape(3, 2, 16), p["w"][EXPERT_IDS.reshape(3, 2)])),
+    "W[i] under vmap": ((4, 16, 8), "bio", lambda p, x: jax.vmap(lambda xi, i: xi @ p["w"][i])(x, EXPERT_IDS)),
+    "an (out, in) stack": ((4, 8, 16), "boi", lambda p, x: jnp.einsum("td,tfd->tf", x, p["w"][EXPERT_IDS])),
+}
+
+
+@pytest.mark.parametrize("name", list(PICKED))
+def test_experts_picked_per_token_stay_factored(name):
+    shape, layout, fn = PICKED[name]
+    # no MaterializeWarning (an error in this suite): w[ids] + s·a[ids]@b[ids], a batched product per token
+    check_against_oracle(fn, {"w": random_lora(jax.random.key(0), shape, layout, 2)}, normal(jax.random.key(1), (6, 16)))
+
+
+GROUPED = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (1,)), ((), ())), lhs_ragged_dimensions=(0,),
+                                        rhs_group_dimensions=(0,))
+
+
+@pytest.mark.parametrize("name, shape, layout, fn", [
+    ("lax.ragged_dot", (4, 16, 8), "bio", lambda p, x, g: lax.ragged_dot(x, p["w"], g)),
+    ("(out, in) experts", (4, 8, 16), "boi", lambda p, x, g: lax.ragged_dot_general(
+        x, p["w"], g, lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,)))),
+    ("several output axes, stored in another order", (4, 16, 2, 3, 5), ("biooo", (2, 0, 1)),
+     lambda p, x, g: lax.ragged_dot_general(x, p["w"], g, GROUPED)),
+])
+def test_ragged_dot_of_experts_stays_factored(name, shape, layout, fn):
+    layout, order = layout if isinstance(layout, tuple) else (layout, None)
+    lw = random_lora(jax.random.key(0), shape, layout, 2)
+    lw = lw if order is None else _reordered_outputs(lw, order)
+    # groups of 3, 0 and 2 rows, the last row in none (its output is zero)
+    check_against_oracle(fn, {"w": lw}, normal(jax.random.key(1), (6, 16)), jnp.array([3, 0, 2, 0], jnp.int32))
+
+
+def test_ragged_dot_experts_get_their_layout_inferred_and_train():
+    base = {"experts": normal(jax.random.key(0), (4, 16, 8))}
+    x, groups = normal(jax.random.key(1), (6, 16)), jnp.array([2, 2, 1, 1], jnp.int32)
+    fn = lambda p, x: lax.ragged_dot(x, p["experts"], groups)
+    params = jlora.lora_init(jax.random.key(2), base, jlora.LoraConfig(rank=2, targets=["experts"]),
+                             infer_layout=lambda p: fn(p, x))
+    lw = params["experts"]
+    assert str(lw.layout) == "bio" and lw.a.shape == (4, 16, 2) and lw.b.shape == (4, 2, 8)  # an adapter per expert
+    check_against_oracle(fn, perturb(params, jax.random.key(3)), x)
