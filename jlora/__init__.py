@@ -12,6 +12,7 @@ Example:
 from jlora import control as _control  # noqa: F401  (registers higher-order rules)
 from jlora import probe as _probe  # noqa: F401  (registers layout-inference rules)
 from jlora import rules as _rules  # noqa: F401  (registers LoraWeight rules)
+from jlora import structural as _structural  # noqa: F401  (registers LoraWeight rules)
 from jlora import serialization as _serialization  # noqa: F401  (registers jlora's nodes with flax.serialization)
 from jlora.config import LoraConfig
 from jlora.init import lora_init

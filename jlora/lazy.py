@@ -347,7 +347,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
-    for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays.
+    for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays,
+    except a param returned as it came in (``return params``, NNX's ``nnx.state(model)``): that
+    comes back as the same ``LoraWeight``. A kernel returned after an op (``w.T``) comes back
+    merged, with a ``MaterializeWarning``.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -397,7 +400,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0]
             return [path_str(keys[2:]) for keys, _ in flat]  # past (args, kwargs) and the argument
 
-        values, dynamic, abstract, static = [], [], [], []
+        values, dynamic, abstract, static, given = [], [], [], [], {}
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Trainable):
                 if leaf.value is None:  # the frozen half's placeholder
@@ -405,6 +408,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
+                given[len(values)] = leaf
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
@@ -421,11 +425,16 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
         records: dict = {}
+        returned: dict[int, Any] = {}  # output position -> a lazy param returned as it came in
 
         def run(values: list, rng: Any) -> list:
             names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
             ctx = Context(rng=rng, records=records, rebuild_inputs=recompute == "inputs", names=names)
-            return materialize_all(evaluate_closed(closed, values, ctx))
+            out = evaluate_closed(closed, values, ctx)
+            position = {id(values[k]): k for k in given}
+            returned.update({j: given[position[id(o)]] for j, o in enumerate(out) if id(o) in position})
+            return [None if j in returned else materialize(o, "the function's output", _RETURNED, ctx.where(o))
+                    for j, o in enumerate(out)]
 
         if recompute is True:
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
@@ -445,11 +454,16 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
                             "wrapped function use jlora.apply(fn, recompute=False)") from None
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
-        out = [x if isinstance(x, jax.Array) or _compat.is_tracer(x) else jnp.asarray(x) for x in out]
+        out = [returned[j] if j in returned else x if isinstance(x, jax.Array) or _compat.is_tracer(x)
+               else jnp.asarray(x) for j, x in enumerate(out)]
         return jax.tree_util.tree_unflatten(out_tree, out)
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped
+
+
+_RETURNED = ("returned after an op, it comes back as an array, w + scale·a@b merged (a param returned as it "
+             "came in stays a LoraWeight)")
 
 
 def _static_key(v: Any) -> tuple:

@@ -1,16 +1,14 @@
-"""Primitive rules for ``LoraWeight``: where ``w + scale·a@b`` stays factored.
+"""Primitive rules for ``LoraWeight``: where ``w + scale·a@b`` stays factored in a product.
 
 - ``dot_general`` (either side, any dimension numbers that contract exactly the input axes, or
   exactly the output axes as in a tied ``x @ E.T``): ``x·w + scale·(x·a)·b``;
-- ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``;
-- ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``;
-- ``transpose``, ``convert_element_type``, group-preserving ``reshape``, ``copy``,
-  ``sharding_constraint``, ``reshard`` (a mesh with Explicit axes), ``squeeze`` of size-1 axes,
-  ``rev`` (a flipped conv window), ``pvary`` (inside ``shard_map``), and ``slice``/``dynamic_slice``
-  (layer ``i`` of a stack, rows of an embedding, one part of a fused kernel: the same slice of the
-  factors' matching axes): a new ``LoraWeight``.
+- ``ragged_dot_general`` (rows grouped by expert, ``lax.ragged_dot``): the same, per group;
+- ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``; whole matrices picked from a stack
+  (``W[expert_of_token]``) are a new ``LoraWeight`` (``jlora.structural``);
+- ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``.
 
-On a mesh with Explicit axes the ops a rule adds are sharded by ``jlora.explicit``.
+Ops that move, cut or join kernels keep them lazy by ``jlora.structural``. On a mesh with
+Explicit axes the ops a rule adds are sharded by ``jlora.explicit``.
 
 Every other use materialises (see ``jlora.lazy``).
 """
@@ -18,7 +16,7 @@ Every other use materialises (see ``jlora.lazy``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +25,9 @@ from jax import lax
 
 from jlora import _compat, explicit, rebuild
 from jlora.joint import joint_dot, joint_pays
-from jlora.layout import Layout, reshape_groups
-from jlora.sharding import factor_shardings
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register, warn_once
-from jlora.weight import Lazy, LoraWeight
+from jlora.structural import bind as _bind, picked_matrices
+from jlora.weight import LoraWeight
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -77,16 +74,6 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     if not unused:
         return x, labels
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
-
-
-def _bind(ctx: Context, eqn: Any, invals: list, owner: LoraWeight | Sequence[LoraWeight | None]) -> list:
-    """``eqn`` on the base ``w`` of ``owner`` and plain values (or on several inputs, each the base
-    of its ``owner`` or ``None``); a lazy ``w`` (a quantized base) goes through its own rules (a
-    fallback's warning names its owner's path)."""
-    if not any(is_lazy(v) for v in invals):
-        return _compat.bind(eqn, invals)
-    name = lambda lw: f"the base of '{lw.path}'" if lw is not None and lw.path else ""
-    return evaluate_eqn(ctx, eqn, invals, name(owner) if isinstance(owner, LoraWeight) else [name(o) for o in owner])
 
 
 def _scaled(factor: jax.Array, scale: float) -> jax.Array:
@@ -297,7 +284,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if (all(sizes[ax] == lw.shape[ax] for ax in matrix) and not matrix & set(dn.collapsed_slice_dims + dn.operand_batching_dims)
             # a start on an axis taken whole is clamped to 0 (as vmap of W[i] has it), except in fill mode
             and not (matrix & set(dn.start_index_map) and eqn.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP)):
-        return _picked_matrices(ctx, eqn, lw, indices)
+        return picked_matrices(ctx, eqn, lw, indices)
     ins, outs = layout.group("i"), layout.group("o")
     mode = eqn.params.get("mode")
     collapsed = set(dn.collapsed_slice_dims)
@@ -340,50 +327,6 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [base + jnp.transpose(t, perm).astype(base.dtype)]
 
 
-def _picked_matrices(ctx: Context, eqn: Any, lw: LoraWeight, indices: jax.Array) -> Any:
-    """Whole matrices picked from a stack by index (``W[expert_of_token]``): a ``LoraWeight`` of
-    the picked ``w`` and the same picks of ``a`` and ``b``, the indices' axes as batch axes."""
-    dn, sizes, layout = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], lw.layout
-    in_a, in_b = layout.factor_axes()
-    gone = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-    n_index = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
-
-    picked = [k for k, ax in enumerate(dn.start_index_map) if layout.axes[ax][0] == "b"]  # the others start at 0
-    f_indices = indices if len(picked) == len(dn.start_index_map) else indices[..., picked]
-
-    def pick(f: jax.Array, where: dict[int, int]) -> jax.Array | None:
-        batching = tuple(where[ax] for ax in dn.operand_batching_dims)
-        if list(batching) != sorted(batching):
-            return None
-        f_dn = lax.GatherDimensionNumbers(
-            offset_dims=tuple(range(n_index, n_index + f.ndim - len(gone))),
-            collapsed_slice_dims=tuple(sorted(where[ax] for ax in dn.collapsed_slice_dims)),
-            start_index_map=tuple(where[dn.start_index_map[k]] for k in picked),
-            operand_batching_dims=batching, start_indices_batching_dims=tuple(dn.start_indices_batching_dims),
-        )
-        at = {pos: ax for ax, pos in where.items()}
-        f_sizes = tuple(sizes[at[pos]] if pos in at else f.shape[pos] for pos in range(f.ndim))
-        return _compat.bind(eqn, [f, f_indices], dimension_numbers=f_dn, slice_sizes=f_sizes)[0]
-
-    a, b = pick(lw.a, in_a), pick(lw.b, in_b)
-    if a is None or b is None:
-        return NotImplemented
-    # the result's axes: the indices' batch axes, then w's remaining axes where gather puts them
-    kept_batch = [ax for ax in layout.group("b") if ax not in gone]  # in their order in a and b
-    kept = iter(ax for ax in range(lw.ndim) if ax not in gone)
-    n_out = n_index + lw.ndim - len(gone)
-    index_axis = iter(range(n_index))
-    axes = []
-    for pos in range(n_out):
-        if pos not in dn.offset_dims:
-            axes.append(("b", next(index_axis)))
-            continue
-        ax = next(kept)
-        role, k = layout.axes[ax]
-        axes.append(("b", n_index + kept_batch.index(ax)) if role == "b" else (role, k))
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w, indices], lw)[0], a=a, b=b, layout=Layout(tuple(axes)))]
-
-
 # --- conv ---------------------------------------------------------------------------------------
 
 @register(_compat.conv_general_dilated_p, LoraWeight)
@@ -419,354 +362,3 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                     p.get("preferred_element_type"))
     y = jnp.moveaxis(y, -1, feat)
     return [base + explicit.resharded_like(y.astype(base.dtype), base)]
-
-
-# --- structural rules: a new LoraWeight ---------------------------------------------------------
-
-@register(_compat.transpose_p, LoraWeight)
-def transpose_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    perm = tuple(eqn.params["permutation"])
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], layout=lw.layout.permute(perm))]
-
-
-@register(_compat.rev_p, LoraWeight)
-def rev_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """Axes reversed (a conv window flipped, as a transposed conv does): the same axes of the factors."""
-    (lw,) = invals
-    dims = tuple(eqn.params["dimensions"])
-    in_a, in_b = lw.layout.factor_axes()
-    a = lax.rev(lw.a, tuple(in_a[d] for d in dims if d in in_a))
-    b = lax.rev(lw.b, tuple(in_b[d] for d in dims if d in in_b))
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
-
-
-@register(_compat.convert_element_type_p, LoraWeight)
-def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    new = eqn.params["new_dtype"]
-    if not jnp.issubdtype(new, jnp.floating) or any(jnp.iscomplexobj(x) for x in (lw.w, lw.a, lw.b)):
-        return NotImplemented  # to a real dtype, Re(a@b) is not Re(a)@Re(b)
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=lw.a.astype(new), b=lw.b.astype(new))]
-
-
-@register(_compat.copy_p, LoraWeight)
-def same_shape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0])]
-
-
-def _placed(lw: LoraWeight, w: Any, target: Any, put: Callable[[Any, Any], Any]) -> LoraWeight:
-    """``lw`` with its base placed as ``w`` and its factors ``put`` on the shardings derived from
-    ``target`` (``jlora.sharding.factor_shardings``); a target that is no ``NamedSharding`` leaves
-    the factors where they are."""
-    if not isinstance(target, jax.sharding.NamedSharding):
-        return lw.replace(w=w)
-    a_sharding, b_sharding = factor_shardings(target, lw.layout)
-    return lw.replace(w=w, a=put(lw.a, a_sharding), b=put(lw.b, b_sharding))
-
-
-def _unplaceable(target: Any) -> bool:
-    """A placement the factors cannot follow: host memory, or sums across devices left unreduced."""
-    return (getattr(target, "memory_kind", None) == "pinned_host"  # a device's own memory is "device"
-            or bool(getattr(getattr(target, "spec", None), "unreduced", None)))  # (or "unpinned_host" on CPU)
-
-
-@register(_compat.sharding_constraint_p, LoraWeight)
-def sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """The constraint on ``w``, and the derived ones (``jlora.sharding.factor_specs``) on ``a`` and ``b``."""
-    (lw,) = invals
-    target = eqn.params.get("sharding")
-    if _unplaceable(target):
-        return NotImplemented
-    return [_placed(lw, _bind(ctx, eqn, [lw.w], lw)[0], target, lax.with_sharding_constraint)]
-
-
-@register(_compat.device_put_p, LoraWeight)
-def device_put_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """``jax.device_put`` inside the function (one value or a tree of them): each kernel's ``w``
-    put where asked, its ``a`` and ``b`` on the derived shardings (device memory only)."""
-    targets = eqn.params.get("devices") or (None,) * len(invals)
-    owners = [v if isinstance(v, LoraWeight) else None for v in invals]
-    if any(lw is not None and target is not None and (not isinstance(target, jax.sharding.NamedSharding)
-                                                       or _unplaceable(target))
-           for lw, target in zip(owners, targets)):
-        return NotImplemented  # a device, host memory: materialised
-    outs = _bind(ctx, eqn, [v if lw is None else lw.w for v, lw in zip(invals, owners)], owners)
-    return [out if lw is None else _placed(lw, out, target, jax.device_put)
-            for out, lw, target in zip(outs, owners, targets)]
-
-
-if _compat.reshard_p is not None:
-    @register(_compat.reshard_p, LoraWeight)
-    def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-        """On a mesh with Explicit axes (``jax.sharding.reshard``, e.g. FSDP's gather of a kernel
-        before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
-        (lw,) = invals
-        target = eqn.params.get("dst_sharding")
-        if (not isinstance(target, jax.sharding.NamedSharding) or _unplaceable(target)
-                or (getattr(target.spec, "reduced", None) and not _compat.REDUCED_FACTORS)):
-            return NotImplemented
-        return [_placed(lw, _bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
-
-
-@register(_compat.pvary_p, Lazy)
-def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """Inside ``shard_map``: mark every child varying over the axes the equation names (those it
-    does not vary over already), so the factors meet varying activations like ``w`` does."""
-    def one(x: Any) -> Any:
-        missing = tuple(a for a in eqn.params["axes"] if a not in _compat.varying_axes(x))
-        if not missing:
-            return x
-        out = eqn.primitive.bind(x, **{**eqn.params, "axes": missing})
-        return out[0] if eqn.primitive.multiple_results else out
-
-    return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
-
-
-@register(_compat.reshape_p, LoraWeight)
-def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    if eqn.params.get("dimensions") is not None:
-        return NotImplemented
-    new_shape = tuple(eqn.outvars[0].aval.shape)
-    groups = reshape_groups(lw.shape, new_shape)
-    if groups is None:
-        return NotImplemented
-    layout = lw.layout
-    new_axes: list[tuple[str, int]] = [("", 0)] * len(new_shape)
-    # per role: list of (old k-range) -> new sizes, in k order
-    changes: dict[str, dict[int, tuple[int, tuple[int, ...]]]] = {"b": {}, "i": {}, "o": {}}
-    for olds, news in groups:
-        roles = {layout.axes[ax][0] for ax in olds}
-        ks = [layout.axes[ax][1] for ax in olds]
-        if len(roles) != 1 or ks != list(range(ks[0], ks[0] + len(ks))):
-            return NotImplemented
-        role = roles.pop()
-        changes[role][ks[0]] = (len(ks), tuple(new_shape[ax] for ax in news))
-        for j, ax in enumerate(news):
-            new_axes[ax] = (role, (ks[0], j))  # renumbered below
-    # renumber k within each role: order by (old k start, position in group)
-    for role in ("b", "i", "o"):
-        members = sorted((k, ax) for ax, (r, k) in enumerate(new_axes) if r == role)
-        for new_k, (_, ax) in enumerate(members):
-            new_axes[ax] = (role, new_k)
-    new_layout = Layout(tuple(new_axes))
-
-    def regroup(shape: tuple[int, ...], role: str, offset: int) -> tuple[int, ...]:
-        sizes, k = [], 0
-        n = len(layout.group(role))
-        while k < n:
-            if k in changes[role]:
-                span, news = changes[role][k]
-                sizes.extend(news)
-                k += span
-            else:
-                sizes.append(shape[offset + k])
-                k += 1
-        return tuple(sizes)
-
-    nb = len(layout.group("b"))
-    batch_a = regroup(lw.a.shape, "b", 0)
-    a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
-    b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
-    w = _bind(ctx, eqn, [lw.w], lw)[0]
-    sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
-    if isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None:
-        a_sharding, b_sharding = factor_shardings(sharded, new_layout)
-        a, b = lax.reshape(lw.a, a_shape, out_sharding=a_sharding), lax.reshape(lw.b, b_shape, out_sharding=b_sharding)
-    else:
-        a, b = lw.a.reshape(a_shape), lw.b.reshape(b_shape)
-    return [lw.replace(w=w, a=a, b=b, layout=new_layout)]
-
-
-def _per_factor_axis(x: jax.Array, where: dict[int, int], per_w_axis: Sequence[Any], fill: Sequence[Any]) -> list:
-    """``per_w_axis`` moved onto the axes of factor ``x`` (``where``: w axis -> x axis); ``fill`` elsewhere."""
-    at = {pos: ax for ax, pos in where.items()}
-    return [per_w_axis[at[i]] if i in at else fill[i] for i in range(x.ndim)]
-
-
-@register(_compat.dynamic_slice_p, LoraWeight)
-def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    lw, *starts = invals
-    sizes = tuple(eqn.params["slice_sizes"])
-    if any(is_lazy(s) for s in starts):
-        return NotImplemented
-    in_a, in_b = lw.layout.factor_axes()
-
-    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        return lax.dynamic_slice(x, _per_factor_axis(x, where, starts, [0] * x.ndim),
-                                 _per_factor_axis(x, where, sizes, x.shape))
-
-    w = _bind(ctx, eqn, [lw.w, *starts], lw)[0]
-    return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
-
-
-def _cut(lw: LoraWeight, start: Sequence[int], limit: Sequence[int], strides: Sequence[int]) -> tuple:
-    """``a`` and ``b`` of ``w[start:limit:strides]``: the same slice of the factors' matching axes."""
-    in_a, in_b = lw.layout.factor_axes()
-
-    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
-                         _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
-
-    return cut(lw.a, in_a), cut(lw.b, in_b)
-
-
-@register(_compat.slice_p, LoraWeight)
-def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
-    a, b = _cut(lw, start, limit, eqn.params.get("strides") or (1,) * lw.ndim)
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
-
-
-def _pieces(lw: LoraWeight, axis: int, sizes: Sequence[int]) -> list[tuple]:
-    """``(a, b)`` of each piece of ``w`` cut along ``axis`` into ``sizes``."""
-    ends = np.cumsum(sizes).tolist()
-    return [_cut(lw, [end - size if ax == axis else 0 for ax in range(lw.ndim)],
-                 [end if ax == axis else lw.shape[ax] for ax in range(lw.ndim)], (1,) * lw.ndim)
-            for size, end in zip(sizes, ends)]
-
-
-@register(_compat.split_p, LoraWeight)
-def split_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """``jnp.split`` of a fused kernel (q, k and v in one): each piece a ``LoraWeight``."""
-    (lw,) = invals
-    ws = _bind(ctx, eqn, [lw.w], lw)
-    return [lw.replace(w=w, a=a, b=b) for w, (a, b) in zip(ws, _pieces(lw, eqn.params["axis"], eqn.params["sizes"]))]
-
-
-def _squeezed(lw: LoraWeight, dropped: set[int]) -> tuple | None:
-    """``(a, b, layout)`` of ``w`` with its size-1 axes ``dropped``, or ``None`` when no input or
-    no output axis would be left."""
-    kept_roles = [lw.layout.axes[ax][0] for ax in range(lw.ndim) if ax not in dropped]
-    if "i" not in kept_roles or "o" not in kept_roles:
-        return None
-    in_a, in_b = lw.layout.factor_axes()
-    a = jnp.squeeze(lw.a, tuple(in_a[ax] for ax in dropped if ax in in_a))
-    b = jnp.squeeze(lw.b, tuple(in_b[ax] for ax in dropped if ax in in_b))
-    kept = [lw.layout.axes[ax] for ax in range(lw.ndim) if ax not in dropped]
-    renumbered = []
-    for role, k in kept:  # close the gaps left in each role's k order
-        renumbered.append((role, sum(1 for r, kk in kept if r == role and kk < k)))
-    return a, b, Layout(tuple(renumbered))
-
-
-@register(_compat.squeeze_p, LoraWeight)
-def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    (lw,) = invals
-    squeezed = _squeezed(lw, {d % lw.ndim for d in eqn.params["dimensions"]})
-    if squeezed is None:
-        return NotImplemented
-    a, b, layout = squeezed
-    return [lw.replace(w=_bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b, layout=layout)]
-
-
-if _compat.unstack_p is not None:
-    @register(_compat.unstack_p, LoraWeight)
-    def unstack_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-        """``jnp.unstack`` (``for w in W`` unrolled): each layer of a stack a ``LoraWeight``."""
-        (lw,) = invals
-        axis = eqn.params["axis"] % lw.ndim
-        pieces = [_squeezed(lw.replace(a=a, b=b), {axis}) for a, b in _pieces(lw, axis, (1,) * lw.shape[axis])]
-        if not pieces or pieces[0] is None:
-            return NotImplemented
-        return [lw.replace(w=w, a=a, b=b, layout=layout)
-                for w, (a, b, layout) in zip(_bind(ctx, eqn, [lw.w], lw), pieces)]
-
-
-# --- kernels joined: several in, one LoraWeight out ---------------------------------------------
-
-def _expanded(lw: LoraWeight, new_axes: Sequence[int]) -> LoraWeight:
-    """``lw`` (factors and layout; ``w`` untouched) with size-1 batch axes inserted at ``new_axes``
-    of the result, first in the batch order."""
-    ndim = lw.ndim + len(new_axes)
-    old = iter(lw.layout.axes)
-    axes = [("b", new_axes.index(ax)) if ax in new_axes else next(old) for ax in range(ndim)]
-    axes = [(role, k + len(new_axes)) if role == "b" and ax not in new_axes else (role, k)
-            for ax, (role, k) in enumerate(axes)]
-    lead = (1,) * len(new_axes)
-    return lw.replace(a=lw.a.reshape(lead + lw.a.shape), b=lw.b.reshape(lead + lw.b.shape), layout=Layout(tuple(axes)))
-
-
-@register(_compat.broadcast_in_dim_p, LoraWeight)
-def expand_dims_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """New size-1 axes (``w[None]``, as ``jnp.stack`` makes before it joins kernels): batch axes."""
-    lw, *dyn = invals
-    shape, kept = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
-    new_axes = [ax for ax in range(len(shape)) if ax not in kept]
-    if dyn or eqn.params.get("sharding") is not None or tuple(shape[ax] for ax in kept) != lw.shape \
-            or any(shape[ax] != 1 for ax in new_axes) or list(kept) != sorted(kept):
-        return NotImplemented
-    return [_expanded(lw, new_axes).replace(w=_bind(ctx, eqn, [lw.w], lw)[0])]
-
-
-@register(_compat.concatenate_p, LoraWeight)
-def concatenate_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """Kernels joined along one axis (linen's ``OptimizedLSTMCell`` joins its gates' kernels):
-    one ``LoraWeight`` (see ``_joined``)."""
-    return _joined(ctx, eqn, invals, invals, eqn.params["dimension"])
-
-
-if _compat.stack_p is not None:
-    @register(_compat.stack_p, LoraWeight)
-    def stack_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-        """Kernels stacked along a new batch axis (layers stacked for a scan): one ``LoraWeight``."""
-        axis = eqn.params["axis"]
-        parts = [_expanded(v, [axis]) if isinstance(v, LoraWeight) else jnp.expand_dims(v, axis) for v in invals]
-        return _joined(ctx, eqn, invals, parts, axis)
-
-
-def _joined(ctx: Context, eqn: Any, invals: list, parts: list, axis: int) -> Any:
-    """``eqn`` joining ``invals`` (``parts``: each as joined along ``axis``) as one ``LoraWeight``.
-
-    Along an input (output) axis the adapters' ``a`` (``b``) sit in their own blocks of the rank
-    axis, zero elsewhere, and the other factors are concatenated along it: the rank is the sum of
-    theirs, and a plain kernel joins with zero factors. Along a batch axis the factors are joined
-    as ``w`` is, each padded with zeros to the largest rank. Scales that differ go into ``b``.
-    """
-    adapters = [p for p in parts if isinstance(p, LoraWeight)]
-    dropouts = {lw.dropout if ctx.drops(lw) else 0.0 for lw in adapters}  # one rate, or none drawn
-    if (any(is_lazy(p) and not isinstance(p, LoraWeight) for p in parts)
-            or len({lw.layout for lw in adapters}) > 1 or len(dropouts) > 1
-            or any(explicit.sharding(x) is not None for lw in adapters for x in (lw.a, lw.b))):
-        return NotImplemented
-    layout, first = adapters[0].layout, adapters[0]
-    axis %= layout.ndim
-    role = layout.axes[axis][0]
-    in_a, in_b = layout.factor_axes()
-    r_a, r_b = layout.ndim - len(layout.group("o")), len(layout.group("b"))  # the rank axis of a, of b
-    scales = {lw.scale for lw in adapters}
-    scale = scales.pop() if len(scales) == 1 else 1.0
-    a_dtype = jnp.result_type(*(lw.a for lw in adapters))
-    b_dtype = jnp.result_type(*(lw.b for lw in adapters))
-    b_of = lambda lw: (lw.b if lw.scale == scale else lw.b * (lw.scale / scale)).astype(b_dtype)
-
-    def padded(x: jax.Array, rank_axis: int, before: int, total: int) -> jax.Array:
-        pad = [(0, 0)] * x.ndim
-        pad[rank_axis] = (before, total - before - x.shape[rank_axis])
-        return jnp.pad(x, pad)
-
-    if role == "b":
-        rank = max(lw.rank for lw in adapters)
-        a = [padded(p.a.astype(a_dtype), r_a, 0, rank) if isinstance(p, LoraWeight)
-             else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for p in parts]
-        b = [padded(b_of(p), r_b, 0, rank) if isinstance(p, LoraWeight)
-             else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for p in parts]
-        a, b = jnp.concatenate(a, in_a[axis]), jnp.concatenate(b, in_b[axis])
-    else:
-        rank = sum(lw.rank for lw in adapters)
-        offsets = dict(zip(map(id, adapters), np.cumsum([0] + [lw.rank for lw in adapters]).tolist()))
-        if role == "i":  # a in blocks along the joined input axis, b stacked along the rank
-            a = jnp.concatenate([padded(p.a.astype(a_dtype), r_a, offsets[id(p)], rank) if isinstance(p, LoraWeight)
-                                 else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for p in parts], in_a[axis])
-            b = jnp.concatenate([b_of(lw) for lw in adapters], r_b)
-        else:
-            a = jnp.concatenate([lw.a.astype(a_dtype) for lw in adapters], r_a)
-            b = jnp.concatenate([padded(b_of(p), r_b, offsets[id(p)], rank) if isinstance(p, LoraWeight)
-                                 else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for p in parts], in_b[axis])
-    owners = [v if isinstance(v, LoraWeight) else None for v in invals]
-    w = _bind(ctx, eqn, [v.w if isinstance(v, LoraWeight) else v for v in invals], owners)[0]
-    path = " + ".join(lw.path for lw in adapters if lw.path)
-    return [first.replace(w=w, a=a, b=b, scale=scale, layout=layout, path=path, dropout=dropouts.pop())]

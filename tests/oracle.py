@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from jlora.layout import Layout
 from jlora.weight import LoraWeight, Trainable
 
 
@@ -94,3 +95,16 @@ def check_against_oracle(fn: Callable, params: Any, *args: Any, rtol: float = 1e
     for (path, g), (_, w) in zip(flat_lazy, flat_ref):
         scale = float(np.abs(np.asarray(w)).max()) or 1.0
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def random_lora(key: Any, shape: tuple[int, ...], layout: Any, rank: int, scale: float = 0.7) -> LoraWeight:
+    """A ``LoraWeight`` of random ``w``, ``a`` and ``b`` (``b`` non-zero), scaled for well-conditioned float32."""
+    layout = Layout.parse(layout) if isinstance(layout, str) else layout
+    kw, ka, kb = jax.random.split(key, 3)
+    fan_in = layout.fan_in(shape)  # unit-variance activations keep float32 comparisons well conditioned
+    return jlora.LoraWeight(
+        normal(kw, shape) / np.sqrt(fan_in),
+        normal(ka, layout.a_shape(shape, rank)) / np.sqrt(fan_in),
+        normal(kb, layout.b_shape(shape, rank)) / np.sqrt(rank),
+        scale=scale, layout=layout, path="w",
+    )

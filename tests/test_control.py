@@ -8,8 +8,7 @@ from jax import lax
 
 import jlora
 from jlora.lazy import MaterializeWarning
-from oracle import check_against_oracle, normal
-from test_rules import random_lora
+from oracle import check_against_oracle, normal, random_lora
 
 
 @pytest.fixture

@@ -115,6 +115,42 @@ def test_nnx_model_via_split_and_merge():
     check_against_oracle(fn, p, normal(KEY, (3, 6)))
 
 
+@pytest.mark.parametrize("recompute", [False, "inputs", True])
+def test_an_nnx_step_returning_the_models_state_keeps_its_adapters(recompute):
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 3, rngs=rngs)
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.dense(x))
+
+    graphdef, state = nnx.split(Block(nnx.Rngs(0)))
+    params = perturb(lora(state, ["dense"]), KEY)
+
+    def step(state, x):  # a train step that carries the BatchNorm statistics forward
+        model = nnx.merge(graphdef, state)
+        return model(x), nnx.state(model)
+
+    x = normal(KEY, (5, 4))
+    y, new = jax.jit(jlora.apply(step, recompute=recompute))(params, x)
+    assert jax.tree.structure(new, is_leaf=jlora.weight.is_node) == jax.tree.structure(params, is_leaf=jlora.weight.is_node)
+    value = lambda v: v.get_value() if hasattr(v, "get_value") else v.value  # flax < 0.12: .value
+    got, was = value(new["dense"]["kernel"]), value(params["dense"]["kernel"])
+    assert isinstance(got, jlora.LoraWeight)  # not merged: the next step trains the same adapters
+    jax.tree.map(np.testing.assert_array_equal, got, was)
+    want_y, want_state = step(oracle_merge(params), x)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(new["norm"]["mean"]), value(want_state["norm"]["mean"]), rtol=1e-5)
+
+
+def test_a_kernel_returned_after_an_op_comes_back_merged_and_says_so():
+    p = perturb(lora({"w": normal(KEY, (4, 3))}, ["w"]), KEY)
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'the function's output': returned after an op"):
+        got = jlora.apply(lambda p: p["w"].T)(p)
+    np.testing.assert_allclose(got, oracle_merge(p)["w"].T, rtol=1e-6)
+
+
 def test_equinox_model_with_inferred_layouts():
     model = eqx.nn.MLP(6, 3, 12, 2, key=KEY)  # Linear weights are (out, in); activations are leaves
     x = normal(KEY, (4, 6))

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 import jlora
-from oracle import oracle_merge
-from test_rules import random_lora
+from oracle import oracle_merge, random_lora
 
 
 def test_array_like_and_repr_shows_shapes_not_values():
