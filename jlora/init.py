@@ -23,7 +23,7 @@ from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 # trains it as a module to save); in an LM head, the projection (the head itself, or a kernel in it
 # that changes the width: onto the vocabulary), not a square transform before it (RoBERTa's
 # lm_head/dense, which PEFT adapts).
-HEAD_NAMES = frozenset({"classifier", "score", "qa_outputs", "head", "output_head", "logits"})
+HEAD_NAMES = frozenset({"classifier", "classification_head", "score", "qa_outputs", "head", "output_head", "logits"})
 LM_HEAD = "lm_head"
 
 

@@ -56,6 +56,9 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     lm = {**base(), "lm_head": {"Dense_0": {"kernel": jnp.ones((16, 50))}, "dense": {"kernel": jnp.ones((16, 16))}}}
     picked = adapted(lora_init(KEY, lm, LoraConfig(rank=4, targets="all-linear")))
     assert "lm_head/dense/kernel" in picked and "lm_head/Dense_0/kernel" not in picked
+    # a classification head (BART's) is left whole, its square dense too
+    cls = {**base(), "classification_head": {"dense": {"kernel": jnp.ones((16, 16))}, "out_proj": {"kernel": jnp.ones((16, 8))}}}
+    assert not [p for p in adapted(lora_init(KEY, cls, LoraConfig(rank=4, targets="all-linear"))) if "classification" in p]
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
