@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from jlora.adapter import check_base, check_saveable
+from jlora.config import LoraConfig
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import factor_shardings
@@ -76,6 +77,8 @@ class AdapterCheckpointer:
       best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
       async_save: write in a background thread; ``wait()`` (or ``close()``, or the end of a
         ``with`` block) joins it, and so does the end of the program.
+      lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
+        (``saved_config`` reads it back).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jlora
@@ -93,6 +96,9 @@ class AdapterCheckpointer:
                  best_mode: str = "min", async_save: bool = True, lora_config: Any = None):
         if best_mode not in ("min", "max"):
             raise ValueError(f"AdapterCheckpointer: best_mode must be 'min' or 'max', got {best_mode!r}")
+        if lora_config is not None and not isinstance(lora_config, LoraConfig):
+            raise ValueError("AdapterCheckpointer: lora_config must be the jlora.LoraConfig the adapters were made "
+                             f"with, got {type(lora_config).__name__}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
@@ -187,6 +193,26 @@ class AdapterCheckpointer:
                 saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
         return params, opt_state, step
+
+    def saved_config(self, step: int | None = None) -> LoraConfig | None:
+        """The ``LoraConfig`` saved with ``step`` (default: the latest), or ``None`` if none was given.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jlora
+            >>> cfg = jlora.LoraConfig(rank=2, targets=["dense"])
+            >>> params = jlora.lora_init(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 4))}}, cfg)
+            >>> directory = tempfile.mkdtemp()
+            >>> AdapterCheckpointer(directory, async_save=False, lora_config=cfg).save(1, params)
+            True
+            >>> AdapterCheckpointer(directory).saved_config() == cfg
+            True
+        """
+        self._check_open("saved_config")
+        step = self._manager.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
+        saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["lora_config"]
+        return None if saved is None else LoraConfig(**saved)
 
     def latest_step(self) -> int | None:
         """The newest saved step, or ``None``."""

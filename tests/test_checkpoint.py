@@ -46,6 +46,24 @@ def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state_back, opt_state)
 
 
+def test_the_lora_config_is_kept_with_each_step(tmp_path):
+    base, cfg, params, _ = setup()
+    with AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg, async_save=False) as ckpt:
+        ckpt.save(1, params)
+        ckpt.save(2, params)
+    reader = AdapterCheckpointer(tmp_path / "ckpt")
+    assert reader.saved_config() == cfg and reader.saved_config(1) == cfg
+    # the saved config makes the same adapters again (lora_init for a new run, say)
+    assert jax.tree.structure(jlora.lora_init(KEY, base, reader.saved_config())) == jax.tree.structure(params)
+    with AdapterCheckpointer(tmp_path / "none", async_save=False) as bare:
+        bare.save(1, params)
+        assert bare.saved_config() is None
+    with pytest.raises(ValueError, match="no checkpoint of step 5; steps: \\[1, 2\\]"):
+        reader.saved_config(5)
+    with pytest.raises(ValueError, match="lora_config must be the jlora.LoraConfig .* got dict"):
+        AdapterCheckpointer(tmp_path / "other", lora_config=cfg.to_dict())
+
+
 def test_an_optimizer_state_of_other_targets_is_refused_by_path(tmp_path):
     """Targets of the same shapes give a state of the same leaf count and shapes: only the paths tell."""
     base = {"l1": {"kernel": jnp.ones((8, 8))}, "l2": {"kernel": jnp.ones((8, 8))}}
