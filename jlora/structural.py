@@ -5,7 +5,7 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
   ``copy``, ``sharding_constraint``, ``device_put``, ``reshard`` (a mesh with Explicit axes),
   ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` (inside ``shard_map``),
   ``slice``/``dynamic_slice`` (layer ``i`` of a stack, rows of an embedding, one part of a fused
-  kernel), new size-1 axes (``w[None]``), and whole matrices picked from a stack
+  kernel), new axes (``w[None]``, ``jnp.broadcast_to``), and whole matrices picked from a stack
   (``W[expert_of_token]``, called by the gather rule of ``jlora.rules``);
 - one in, several out: ``split``, ``unstack``;
 - several in, one out: ``concatenate``, ``stack`` (each adapter in its own block of a larger
@@ -338,28 +338,30 @@ if _compat.unstack_p is not None:
 
 # --- kernels joined: several in, one LoraWeight out ---------------------------------------------
 
-def _expanded(lw: LoraWeight, new_axes: Sequence[int]) -> LoraWeight:
-    """``lw`` (factors and layout; ``w`` untouched) with size-1 batch axes inserted at ``new_axes``
-    of the result, first in the batch order."""
+def _expanded(lw: LoraWeight, new_axes: Sequence[int], sizes: Sequence[int] | None = None) -> LoraWeight:
+    """``lw`` (factors and layout; ``w`` untouched) with batch axes of ``sizes`` (default 1)
+    inserted at ``new_axes`` of the result, first in the batch order."""
     ndim = lw.ndim + len(new_axes)
     old = iter(lw.layout.axes)
     axes = [("b", new_axes.index(ax)) if ax in new_axes else next(old) for ax in range(ndim)]
     axes = [(role, k + len(new_axes)) if role == "b" and ax not in new_axes else (role, k)
             for ax, (role, k) in enumerate(axes)]
-    lead = (1,) * len(new_axes)
-    return lw.replace(a=lw.a.reshape(lead + lw.a.shape), b=lw.b.reshape(lead + lw.b.shape), layout=Layout(tuple(axes)))
+    lead = tuple(sizes) if sizes is not None else (1,) * len(new_axes)
+    spread = lambda f: jnp.broadcast_to(f.reshape((1,) * len(lead) + f.shape), lead + f.shape)
+    return lw.replace(a=spread(lw.a), b=spread(lw.b), layout=Layout(tuple(axes)))
 
 
 @register(_compat.broadcast_in_dim_p, LoraWeight)
-def expand_dims_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """New size-1 axes (``w[None]``, as ``jnp.stack`` makes before it joins kernels): batch axes."""
+def broadcast_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """New axes (``w[None]``, as ``jnp.stack`` makes before it joins kernels, or a kernel
+    broadcast over a batch for a batched matmul): batch axes, the factors broadcast alike."""
     lw, *dyn = invals
     shape, kept = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
     new_axes = [ax for ax in range(len(shape)) if ax not in kept]
-    if dyn or eqn.params.get("sharding") is not None or tuple(shape[ax] for ax in kept) != lw.shape \
-            or any(shape[ax] != 1 for ax in new_axes) or list(kept) != sorted(kept):
-        return NotImplemented
-    return [_expanded(lw, new_axes).replace(w=bind(ctx, eqn, [lw.w], lw)[0])]
+    if (dyn or eqn.params.get("sharding") is not None or tuple(shape[ax] for ax in kept) != lw.shape
+            or list(kept) != sorted(kept)):
+        return NotImplemented  # an axis of w itself broadcast, or reordered
+    return [_expanded(lw, new_axes, [shape[ax] for ax in new_axes]).replace(w=bind(ctx, eqn, [lw.w], lw)[0])]
 
 
 @register(_compat.concatenate_p, LoraWeight)

@@ -91,6 +91,7 @@ JOINED = {
     "split in parts": lambda p, x: jnp.concatenate([jnp.sin(x @ w) for w in jnp.split(p["q"], [4, 12], axis=1)], 1),
     "a stack unstacked": lambda p, x: sum(jnp.sin(x @ w) for w in jnp.unstack(jnp.stack([p["q"], p["k"]]))),
     "one layer of a stack": lambda p, x: x @ jnp.expand_dims(p["q"], 0)[0],
+    "broadcast over a batch": lambda p, x: jnp.matmul(jnp.stack([x, 2 * x]), jnp.broadcast_to(p["q"], (2, 8, 16))),
 }
 
 
