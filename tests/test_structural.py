@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 import jlora
@@ -147,3 +149,47 @@ def test_experts_picked_per_token_stay_factored(name):
     shape, layout, fn = PICKED[name]
     # no MaterializeWarning (an error in this suite): w[ids] + s·a[ids]@b[ids], a batched product per token
     check_against_oracle(fn, {"w": random_lora(jax.random.key(0), shape, layout, 2)}, normal(jax.random.key(1), (6, 16)))
+
+
+@st.composite
+def join_cases(draw):
+    """Kernels of one random layout joined along a random axis: each a LoraWeight of its own rank
+    and scale, or a plain array; then cut at a random point along that axis, or not."""
+    roles = draw(st.permutations(["i", "o", draw(st.sampled_from(["b", "i", "o"]))]))
+    sizes = [draw(st.integers(2, 3)) for _ in roles]
+    axis = draw(st.integers(0, 2))
+    parts = [(draw(st.integers(1, 3)), draw(st.sampled_from([None, 1, 2, 3])), draw(st.sampled_from([0.5, 2.0])))
+             for _ in range(draw(st.integers(2, 3)))]  # (extent along axis, rank or None for plain, scale)
+    if all(rank is None for _, rank, _ in parts):
+        parts[0] = (parts[0][0], 1, parts[0][2])
+    total = sum(extent for extent, _, _ in parts)
+    cut = draw(st.one_of(st.none(), st.integers(1, total - 1))) if total > 1 else None
+    return "".join(roles), sizes, axis, parts, cut
+
+
+@settings(max_examples=20, deadline=None)
+@given(join_cases(), st.integers(0, 2**16))
+def test_kernels_joined_along_any_axis_then_cut_equal_the_merged_oracle(case, seed):
+    layout, sizes, axis, parts, cut = case
+    key = jax.random.key(seed)
+    params = {}
+    for j, (extent, rank, scale) in enumerate(parts):
+        shape = tuple(extent if ax == axis else n for ax, n in enumerate(sizes))
+        k = jax.random.fold_in(key, j)
+        params[f"p{j}"] = normal(k, shape) if rank is None else random_lora(k, shape, layout, min(rank, *shape), scale)
+    total = sum(extent for extent, _, _ in parts)
+    kept = (cut if cut is not None else total) if layout[axis] != "o" else total  # what the dot below reads
+    x_shape = tuple((kept if ax == axis else n) for ax, n in enumerate(sizes) if layout[ax] != "o")
+    x = normal(jax.random.fold_in(key, 99), (4,) + x_shape)
+    letters = "abc"
+    w_sub = "".join(letters[:3])
+    x_sub = "t" + "".join(l for l, r in zip(letters, layout) if r != "o")
+    out_sub = "t" + "".join(l for l, r in zip(letters, layout) if r != "i")
+
+    def fn(p, x):
+        w = jnp.concatenate([p[f"p{j}"] for j in range(len(parts))], axis=axis)
+        if cut is not None:
+            w = jnp.split(w, [cut], axis=axis)[0]
+        return jnp.einsum(f"{x_sub},{w_sub}->{out_sub}", x, w)
+
+    check_against_oracle(fn, params, x)
