@@ -159,12 +159,7 @@ class AdapterCheckpointer:
         shardings of ``opt_state_like`` (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``), or
         ``None``. Defaults to the latest step."""
         self._check_open("restore")
-        step = self._manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"{self.directory}: no checkpoint to restore")
-        if step not in self.all_steps():
-            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        step, meta = self._meta(step)
         specs = meta["specs"]
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
         if like_flat is not None:
@@ -208,11 +203,17 @@ class AdapterCheckpointer:
             True
         """
         self._check_open("saved_config")
-        step = self._manager.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
-            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
-        saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["lora_config"]
+        saved = self._meta(step)[1]["lora_config"]
         return None if saved is None else LoraConfig(**saved)
+
+    def _meta(self, step: int | None) -> tuple[int, dict]:
+        """``(step, its metadata)``, the latest step by default; a clear error when there is none."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{self.directory}: no checkpoint to restore")
+        if step not in self.all_steps():
+            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
+        return step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def latest_step(self) -> int | None:
         """The newest saved step, or ``None``."""

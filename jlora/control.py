@@ -28,28 +28,53 @@ def _outputs(outs: list, what: str) -> list:
     return materialize_all(outs, what=what, why="a lazy value is returned from the body")
 
 
+class _Returned:
+    """The outputs of a body that are its lazy inputs returned as they came (``nnx.remat`` and
+    ``nnx.scan`` return the module's params), found while the rebuilt primitive traces the body.
+    They leave as the outer inputs, never through the primitive, which would need them merged."""
+
+    def __init__(self, first_in: int = 0, first_out: int = 0):
+        self.first_in, self.first_out = first_in, first_out  # inputs and outputs that may pass
+        self.at: dict[int, int] = {}  # output position -> input position
+
+    def others(self, args: list, outs: list) -> list:
+        """Record which of ``outs`` are lazy ``args``; return the rest."""
+        position = {id(a): k for k, a in enumerate(args) if k >= self.first_in and is_lazy(a)}
+        self.at = {j: position[id(o)] for j, o in enumerate(outs) if j >= self.first_out and id(o) in position}
+        return [o for j, o in enumerate(outs) if j not in self.at]
+
+    def rejoined(self, invals: list, computed: Any, n: int) -> list:
+        """``n`` outputs: the returned inputs (outer values) in their places, ``computed`` between."""
+        computed = iter(computed)
+        return [invals[self.at[j]] if j in self.at else next(computed) for j in range(n)]
+
+
 @register(_compat.jit_p, Lazy)
 def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     closed = eqn.params["jaxpr"]
     if _compat.inlined(eqn.params):
         return evaluate_closed(closed, invals, ctx)
+    returned = _Returned()
 
     def body(*args: Any) -> list:
-        return evaluate_closed(closed, list(args), ctx.renamed(invals, args))
+        return returned.others(list(args), evaluate_closed(closed, list(args), ctx.renamed(invals, args)))
 
     body.__name__ = str(eqn.params.get("name", "jit"))
-    return list(jax.jit(body)(*invals))
+    return returned.rejoined(invals, jax.jit(body)(*invals), len(eqn.outvars))
 
 
 @register(_compat.remat_p, Lazy)
 def checkpoint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
+    returned = _Returned()
 
     def body(*args: Any) -> list:
-        return _outputs(evaluate(jaxpr, consts, list(args), ctx.renamed(invals, args)), "checkpoint")
+        outs = evaluate(jaxpr, consts, list(args), ctx.renamed(invals, args))
+        return _outputs(returned.others(list(args), outs), "checkpoint")
 
     policy = eqn.params.get("policy")
-    return list(jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=policy)(*invals))
+    computed = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=policy)(*invals)
+    return returned.rejoined(invals, computed, len(eqn.outvars))
 
 
 @register(_compat.scan_p, Lazy)
@@ -69,16 +94,18 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             xs.append(spec[0])
             rebuilds.append(spec[1])
     keys = jax.random.split(ctx.next_key(), p["length"]) if ctx.rng is not None else None
+    returned = _Returned(first_in=n_consts + n_carry, first_out=n_carry)  # a layer's slice returned as ys: xs
 
     def body(carry: Any, scanned: Any) -> Any:
         slices, step_key = scanned
         xs_now = [x if rebuild is None else rebuild(x) for x, rebuild in zip(slices, rebuilds)]
         step_ctx = (ctx.with_rng(step_key) if step_key is not None else ctx).renamed(xs_in, xs_now)
-        outs = _outputs(evaluate_closed(p["jaxpr"], list(consts) + list(carry) + xs_now, step_ctx), "scan")
+        args = list(consts) + list(carry) + xs_now
+        outs = _outputs(returned.others(args, evaluate_closed(p["jaxpr"], args, step_ctx)), "scan")
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return list(carry) + list(ys)
+    return returned.rejoined(invals, list(carry) + list(ys), len(eqn.outvars))
 
 
 @register(_compat.while_p, Lazy)

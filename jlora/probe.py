@@ -194,11 +194,11 @@ if _compat.unstack_p is not None:
 
 
 @register(_compat.broadcast_in_dim_p, Probe)
-def _expand_dims(ctx: Context, eqn: Any, invals: list) -> Any:
-    """New size-1 axes (``w[None]``) stand for none of the kernel's axes."""
+def _broadcast(ctx: Context, eqn: Any, invals: list) -> Any:
+    """New axes (``w[None]``, ``jnp.broadcast_to``) stand for none of the kernel's axes."""
     probe, *rest = invals
     shape, kept = eqn.params["shape"], tuple(eqn.params["broadcast_dimensions"])
-    if rest or any(shape[ax] != 1 for ax in range(len(shape)) if ax not in kept) or list(kept) != sorted(kept):
+    if rest or tuple(shape[ax] for ax in kept) != probe.shape or list(kept) != sorted(kept):
         return NotImplemented
     of = dict(zip(kept, probe.axes))
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(of.get(ax, ()) for ax in range(len(shape))))]

@@ -1,7 +1,7 @@
 """Primitive rules for ``LoraWeight``: where ``w + scale·a@b`` stays factored in a product.
 
-- ``dot_general`` (either side, any dimension numbers that contract exactly the input axes, or
-  exactly the output axes as in a tied ``x @ E.T``): ``x·w + scale·(x·a)·b``;
+- ``dot_general`` (either side, any dimension numbers that contract the input axes, or the output
+  axes as in a tied ``x @ E.T``, and maybe batch axes with them): ``x·w + scale·(x·a)·b``;
 - ``ragged_dot_general`` (rows grouped by expert, ``lax.ragged_dot``): the same, per group;
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``; whole matrices picked from a stack
   (``W[expert_of_token]``) are a new ``LoraWeight`` (``jlora.structural``);
@@ -106,10 +106,11 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         warn_once("dot_general", lw, "its output is left unreduced across devices (out_sharding with unreduced "
                   "axes), which a low-rank term cannot join", undropped=ctx.drops(lw))
         return NotImplemented
-    contracted = set(w_contract)
-    if contracted == set(layout.group("i")):
+    # the input (output) axes, and maybe batch axes summed with them (experts summed in one einsum)
+    contracted, batch = set(w_contract), set(layout.group("b"))
+    if set(layout.group("i")) <= contracted <= set(layout.group("i")) | batch:
         first = "a"
-    elif contracted == set(layout.group("o")):
+    elif set(layout.group("o")) <= contracted <= set(layout.group("o")) | batch:
         first = "b"
     else:
         warn_once("dot_general", lw, f"layout '{layout}' does not match the contracted axes {tuple(w_contract)}",
@@ -273,7 +274,8 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.gather_p, LoraWeight)
 def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Rows of ``w`` picked along its input axes (each a slice of 1, collapsed or kept as a size-1
-    axis, as ``jax.vmap`` of an embedding leaves it), its output axes whole."""
+    axis, as ``jax.vmap`` of an embedding leaves it), its output axes whole. Whole matrices picked
+    along batch axes (``W[expert_of_token]``) stay a ``LoraWeight`` (``jlora.structural``)."""
     lw, indices = invals
     if is_lazy(indices):
         return NotImplemented

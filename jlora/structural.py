@@ -38,7 +38,6 @@ def bind(ctx: Context, eqn: Any, invals: list, owner: LoraWeight | Sequence[Lora
     return evaluate_eqn(ctx, eqn, invals, name(owner) if isinstance(owner, LoraWeight) else [name(o) for o in owner])
 
 
-
 def picked_matrices(ctx: Context, eqn: Any, lw: LoraWeight, indices: jax.Array) -> Any:
     """Whole matrices picked from a stack by index (``W[expert_of_token]``): a ``LoraWeight`` of
     the picked ``w`` and the same picks of ``a`` and ``b``, the indices' axes as batch axes."""
@@ -62,7 +61,9 @@ def picked_matrices(ctx: Context, eqn: Any, lw: LoraWeight, indices: jax.Array) 
         )
         at = {pos: ax for ax, pos in where.items()}
         f_sizes = tuple(sizes[at[pos]] if pos in at else f.shape[pos] for pos in range(f.ndim))
-        return _compat.bind(eqn, [f, f_indices], dimension_numbers=f_dn, slice_sizes=f_sizes)[0]
+        fill = {"fill_value": 0} if eqn.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP else {}
+        # an index out of range (fill mode): the base's fill, plus nothing
+        return _compat.bind(eqn, [f, f_indices], dimension_numbers=f_dn, slice_sizes=f_sizes, **fill)[0]
 
     a, b = pick(lw.a, in_a), pick(lw.b, in_b)
     if a is None or b is None:
@@ -368,7 +369,7 @@ def broadcast_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def concatenate_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Kernels joined along one axis (linen's ``OptimizedLSTMCell`` joins its gates' kernels):
     one ``LoraWeight`` (see ``_joined``)."""
-    return _joined(ctx, eqn, invals, invals, eqn.params["dimension"])
+    return _joined(ctx, eqn, invals, eqn.params["dimension"])
 
 
 if _compat.stack_p is not None:
@@ -376,23 +377,27 @@ if _compat.stack_p is not None:
     def stack_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         """Kernels stacked along a new batch axis (layers stacked for a scan): one ``LoraWeight``."""
         axis = eqn.params["axis"]
+        if any(is_lazy(v) and not isinstance(v, LoraWeight) for v in invals):
+            return NotImplemented
         parts = [_expanded(v, [axis]) if isinstance(v, LoraWeight) else jnp.expand_dims(v, axis) for v in invals]
-        return _joined(ctx, eqn, invals, parts, axis)
+        return _joined(ctx, eqn, invals, axis, parts)
 
 
-def _joined(ctx: Context, eqn: Any, invals: list, parts: list, axis: int) -> Any:
-    """``eqn`` joining ``invals`` (``parts``: each as joined along ``axis``) as one ``LoraWeight``.
+def _joined(ctx: Context, eqn: Any, invals: list, axis: int, parts: list | None = None) -> Any:
+    """``eqn`` joining ``invals`` (``parts``, if given: each as joined along ``axis``) as one ``LoraWeight``.
 
     Along an input (output) axis the adapters' ``a`` (``b``) sit in their own blocks of the rank
     axis, zero elsewhere, and the other factors are concatenated along it: the rank is the sum of
     theirs, and a plain kernel joins with zero factors. Along a batch axis the factors are joined
     as ``w`` is, each padded with zeros to the largest rank. Scales that differ go into ``b``.
     """
+    parts = invals if parts is None else parts
     adapters = [p for p in parts if isinstance(p, LoraWeight)]
-    dropouts = {lw.dropout if ctx.drops(lw) else 0.0 for lw in adapters}  # one rate, or none drawn
-    if (any(is_lazy(p) and not isinstance(p, LoraWeight) for p in parts)
-            or len({lw.layout for lw in adapters}) > 1 or len(dropouts) > 1
+    if (any(is_lazy(p) and not isinstance(p, LoraWeight) for p in parts) or len({lw.layout for lw in adapters}) > 1
             or any(explicit.sharding(x) is not None for lw in adapters for x in (lw.a, lw.b))):
+        return NotImplemented
+    dropouts = {lw.dropout if ctx.drops(lw) else 0.0 for lw in adapters}  # one rate, or none drawn
+    if len(dropouts) > 1:
         return NotImplemented
     layout, first = adapters[0].layout, adapters[0]
     axis %= layout.ndim
@@ -419,16 +424,19 @@ def _joined(ctx: Context, eqn: Any, invals: list, parts: list, axis: int) -> Any
         a, b = jnp.concatenate(a, in_a[axis]), jnp.concatenate(b, in_b[axis])
     else:
         rank = sum(lw.rank for lw in adapters)
-        offsets = dict(zip(map(id, adapters), np.cumsum([0] + [lw.rank for lw in adapters]).tolist()))
+        ranks = [p.rank if isinstance(p, LoraWeight) else 0 for p in parts]
+        offsets = np.cumsum([0] + ranks).tolist()  # part j's block of the rank axis starts at offsets[j]
         if role == "i":  # a in blocks along the joined input axis, b stacked along the rank
-            a = jnp.concatenate([padded(p.a.astype(a_dtype), r_a, offsets[id(p)], rank) if isinstance(p, LoraWeight)
-                                 else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for p in parts], in_a[axis])
+            a = jnp.concatenate([padded(p.a.astype(a_dtype), r_a, offsets[j], rank) if isinstance(p, LoraWeight)
+                                 else jnp.zeros(layout.a_shape(p.shape, rank), a_dtype) for j, p in enumerate(parts)],
+                                in_a[axis])
             b = jnp.concatenate([b_of(lw) for lw in adapters], r_b)
         else:
             a = jnp.concatenate([lw.a.astype(a_dtype) for lw in adapters], r_a)
-            b = jnp.concatenate([padded(b_of(p), r_b, offsets[id(p)], rank) if isinstance(p, LoraWeight)
-                                 else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for p in parts], in_b[axis])
+            b = jnp.concatenate([padded(b_of(p), r_b, offsets[j], rank) if isinstance(p, LoraWeight)
+                                 else jnp.zeros(layout.b_shape(p.shape, rank), b_dtype) for j, p in enumerate(parts)],
+                                in_b[axis])
     owners = [v if isinstance(v, LoraWeight) else None for v in invals]
     w = bind(ctx, eqn, [v.w if isinstance(v, LoraWeight) else v for v in invals], owners)[0]
     path = " + ".join(lw.path for lw in adapters if lw.path)
-    return [first.replace(w=w, a=a, b=b, scale=scale, layout=layout, path=path, dropout=dropouts.pop())]
+    return [first.replace(w=w, a=a, b=b, scale=scale, path=path, dropout=dropouts.pop())]

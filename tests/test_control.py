@@ -100,6 +100,51 @@ def test_checkpoint(params, policy):
     check_against_oracle(fn, params, X)
 
 
+def test_params_a_body_returns_as_they_came_pass_through_unmerged(params):
+    def fn(p, x):  # as nnx.remat returns the module's state, and nnx.scan each layer's
+        def layer(h, w):
+            h, w = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), w))(h, w)
+            return h, w
+        h, ws = lax.scan(layer, x, p["stack"])
+        return h, ws
+
+    check_against_oracle(lambda p, x: fn(p, x)[0], params, X)  # no MaterializeWarning (an error here)
+    h, ws = jax.jit(jlora.apply(fn))(params, X)
+    assert isinstance(ws, jlora.LoraWeight)  # the stack itself, not merged
+    jax.tree.map(np.testing.assert_array_equal, ws, params["stack"])
+
+
+def test_an_nnx_remat_scan_model_stays_factored():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(6, 6, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.dense(x))
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return Block(nnx.Rngs(key))
+
+    graphdef, state = nnx.split(make(jax.random.split(jax.random.key(0), 3)))
+
+    def fn(state, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def step(h, block):
+            return block(h)
+
+        return step(x, nnx.merge(graphdef, state))
+
+    cfg = jlora.LoraConfig(rank=2, targets=["dense"], layouts={"kernel": "bio"})
+    params = jlora.lora_init(jax.random.key(1), state, cfg)
+    params = jax.tree.map(lambda v: v.replace(b=normal(jax.random.key(2), v.b.shape)) if isinstance(v, jlora.LoraWeight)
+                          else v, params, is_leaf=lambda v: isinstance(v, jlora.LoraWeight))
+    check_against_oracle(fn, params, X)  # no MaterializeWarning (an error here): nnx.remat returns the params
+
+
 def test_custom_jvp_with_lazy_input_keeps_the_rule(params):
     @jax.custom_jvp
     def f(x, w):

@@ -96,8 +96,6 @@ def test_data_files_as_users_write_them(tmp_path):
 
 
 def test_a_diverging_loss_stops_training_before_it_is_saved():
-    import itertools
-
     import jax.numpy as jnp
     import optax
 

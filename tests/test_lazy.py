@@ -1,14 +1,12 @@
 """apply(): tracing, caching, what enters and leaves the evaluator, and the FLOPs it saves."""
 
 import importlib.util
-import warnings
 
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -142,6 +140,14 @@ def test_an_nnx_step_returning_the_models_state_keeps_its_adapters(recompute):
     want_y, want_state = step(oracle_merge(params), x)
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value(new["norm"]["mean"]), value(want_state["norm"]["mean"]), rtol=1e-5)
+
+
+def test_a_param_returned_through_a_nested_jit_or_a_branch_comes_back_as_it_went_in():
+    p = perturb(lora({"w": normal(KEY, (4, 3))}, ["w"]), KEY)
+    for fn in (lambda p: jax.jit(lambda q: q)(p)["w"], lambda p: jax.jit(lambda q: q["w"])(p)):
+        got = jax.jit(jlora.apply(fn))(p)
+        assert isinstance(got, jlora.LoraWeight)
+        jax.tree.map(np.testing.assert_array_equal, got, p["w"])
 
 
 def test_a_kernel_returned_after_an_op_comes_back_merged_and_says_so():

@@ -1,4 +1,3 @@
-import jax
 import pytest
 
 from jlora.paths import LEAF, SUBTREE, Pattern, leaves_with_paths, nearest

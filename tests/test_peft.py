@@ -4,7 +4,6 @@ and adapters made by PEFT give the same logits in jlora."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest

@@ -75,6 +75,8 @@ def test_matrices_picked_from_a_stack_are_batched_not_looked_up():
     ("stacked along the last axis", lambda p, x: jnp.einsum("lti,lioc->ltoc", jnp.stack([x] * 3), jnp.stack([p["w"], p["v"]], -1)),
      {"w": "bio", "v": "bio"}),
     ("one layer, indexed after w[None]", lambda p, x: x @ p["w"][None][0, 1], {"w": "bio"}),
+    ("broadcast over a batch", lambda p, x: jnp.einsum("nlti,nlio->nlto", jnp.broadcast_to(x, (2, 3, 5, 16)),
+                                                        jnp.broadcast_to(p["w"], (2, 3, 16, 8))), {"w": "bio"}),
 ])
 def test_kernels_split_unstacked_or_joined_are_followed(name, fn, want):
     p = {"w": jnp.ones((3, 16, 8)), "v": jnp.ones((3, 16, 8))}

@@ -64,6 +64,18 @@ def test_dot_general_layout_mismatch_falls_back_exactly_and_warns():
     np.testing.assert_allclose(out, fn(oracle_merge({"w": lw}), x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, fn", [
+    ("experts summed in one einsum (dense MoE)", lambda p, g, x: jnp.einsum("te,td,edf->tf", g, x, p["w"])),
+    ("the same, transposed use", lambda p, g, x: jnp.einsum("te,tf,edf->td", g, x[:, :8], p["w"])),
+    ("experts picked, then weighed and summed", lambda p, g, x: jnp.einsum(
+        "td,tkdf,tk->tf", x, p["w"][jnp.array([[0, 1], [3, 2], [1, 1], [2, 0], [0, 3]])], g[:, :2])),
+])
+def test_batch_axes_contracted_with_the_input_axes_stay_factored(name, fn):
+    # Σ_e g[t,e]·x[t]·(w[e] + s·a[e]@b[e]): the sum over e is the last contraction, of t@b
+    lw = random_lora(jax.random.key(0), (4, 16, 8), "bio", 2)
+    check_against_oracle(fn, {"w": lw}, normal(jax.random.key(1), (5, 4)), normal(jax.random.key(2), (5, 16)))
+
+
 def test_gather_embedding_lookup():
     lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
     ids = jnp.array([[0, 3, 9], [2, 2, 1]])

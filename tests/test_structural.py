@@ -11,6 +11,7 @@ from jax import lax
 
 import jlora
 from oracle import check_against_oracle, normal, oracle_merge, perturb, random_lora
+from quantized import quantize
 
 
 def test_flipped_kernel_stays_factored():
@@ -122,6 +123,19 @@ def test_linen_lstm_cell_joining_its_gate_kernels_stays_factored():
     check_against_oracle(lambda p, c, x: cell.apply(p, c, x), params, carry, x)
 
 
+def test_one_kernel_joined_with_itself_and_with_a_quantized_kernel():
+    q = random_lora(jax.random.key(0), (8, 16), "io", 2)
+    x = normal(jax.random.key(2), (5, 8))
+    # each copy in its own block of the rank
+    check_against_oracle(lambda p, x: jnp.concatenate([x] * 4, 1) @ jnp.concatenate([p["q"]] * 4, 0), {"q": q}, x)
+    int8 = quantize(normal(jax.random.key(1), (8, 16)))
+    fn = lambda p, x: jnp.einsum("ti,lio->lto", x, jnp.stack([p["q"], p["int8"]]))
+    # another lazy kind: merged, exactly (JAX 0.6 stacks by broadcast_in_dim, then concatenate)
+    with pytest.warns(jlora.MaterializeWarning, match="materialised at '(stack|broadcast_in_dim)'"):
+        got = jlora.apply(fn)({"q": q, "int8": int8}, x)
+    np.testing.assert_allclose(got, fn({**oracle_merge({"q": q}), "int8": int8.materialize()}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_of_different_dropout_joined_fall_back_exactly():
     params = {"q": random_lora(jax.random.key(0), (8, 16), "io", 2).replace(dropout=0.5),
               "k": random_lora(jax.random.key(1), (8, 16), "io", 3)}
@@ -141,6 +155,9 @@ PICKED = {
         "nkd,nkdf->nkf", x.reshape(3, 2, 16), p["w"][EXPERT_IDS.reshape(3, 2)])),
     "W[i] under vmap": ((4, 16, 8), "bio", lambda p, x: jax.vmap(lambda xi, i: xi @ p["w"][i])(x, EXPERT_IDS)),
     "an (out, in) stack": ((4, 8, 16), "boi", lambda p, x: jnp.einsum("td,tfd->tf", x, p["w"][EXPERT_IDS])),
+    # out of range: the fill alone (2.0 everywhere in the picked matrix), nothing of a and b
+    "an index out of range, filled": ((4, 16, 8), "bio", lambda p, x: jnp.einsum(
+        "td,tdf->tf", x, p["w"].at[EXPERT_IDS.at[2].set(7).at[4].set(-9)].get(mode="fill", fill_value=2.0))),
 }
 
 
