@@ -245,10 +245,11 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
     layout = lw.layout if isinstance(lw, LoraWeight) else None
     if (layout is None or is_lazy(x) or is_lazy(group_sizes) or rest or lb or rb
-            or eqn.params.get("group_offset") is not None or set(rdn.lhs_ragged_dimensions) & set(lc)
+            or eqn.params.get("group_offset") is not None or eqn.params.get("out_sharding") is not None
+            or set(rdn.lhs_ragged_dimensions) & set(lc)
             or tuple(rdn.rhs_group_dimensions) != layout.group("b") or len(layout.group("b")) != 1
             or set(rc) != set(layout.group("i"))):
-        return NotImplemented  # the weight as lhs, a ragged contraction (a weight's gradient), offsets
+        return NotImplemented  # the weight as lhs, a ragged contraction (a weight's gradient), offsets, shardings
     in_a, _ = layout.factor_axes()
     (ragged,) = rdn.lhs_ragged_dimensions
     free = [ax for ax in range(x.ndim) if ax not in lc]  # t's axes: these, then the rank
@@ -282,13 +283,13 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
     layout = lw.layout
-    matrix = set(layout.group("i") + layout.group("o"))
-    if (all(sizes[ax] == lw.shape[ax] for ax in matrix) and not matrix & set(dn.collapsed_slice_dims + dn.operand_batching_dims)
-            # a start on an axis taken whole is clamped to 0 (as vmap of W[i] has it), except in fill mode
-            and not (matrix & set(dn.start_index_map) and eqn.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP)):
-        return picked_matrices(ctx, eqn, lw, indices)
     ins, outs = layout.group("i"), layout.group("o")
     mode = eqn.params.get("mode")
+    matrix = set(ins + outs)
+    if (all(sizes[ax] == lw.shape[ax] for ax in matrix) and not matrix & set(dn.collapsed_slice_dims + dn.operand_batching_dims)
+            # a start on an axis taken whole is clamped to 0 (as vmap of W[i] has it), except in fill mode
+            and not (matrix & set(dn.start_index_map) and mode == lax.GatherScatterMode.FILL_OR_DROP)):
+        return picked_matrices(ctx, eqn, lw, indices)
     collapsed = set(dn.collapsed_slice_dims)
     if (
         layout.group("b")
