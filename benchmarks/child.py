@@ -7,11 +7,14 @@ the library to import (``child_mode``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
+from typing import Any
 
 
 def run_child(script: str, args: list[str], label: str, env: dict | None = None,
@@ -49,3 +52,21 @@ def child_mode(spec: str, env: dict) -> tuple[str, dict]:
 def file_name(spec: str) -> str:
     """A configuration's name, made safe for a file or folder name (``jlora@/tmp/x`` -> ``jlora__tmp_x``)."""
     return re.sub(r"[^\w.-]", "_", spec)
+
+
+def timed_steps(compiled: Any, train: Any, state: Any, frozen: Any, steps: int,
+                profile: str | None = None) -> tuple[Any, Any, Any, float]:
+    """Two warm-up steps, then ``steps`` timed ones of ``compiled(train, state, frozen) -> (train,
+    state, loss)`` (under a profiler trace written to ``profile``, if given): ``(train, state, loss,
+    seconds per step)``."""
+    import jax
+
+    for _ in range(2):
+        train, state, loss = compiled(train, state, frozen)
+    jax.block_until_ready((train, state, loss))
+    with jax.profiler.trace(profile, create_perfetto_trace=True) if profile else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train, state, loss = compiled(train, state, frozen)
+        jax.block_until_ready((train, state, loss))
+    return train, state, loss, (time.perf_counter() - t0) / steps

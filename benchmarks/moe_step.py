@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any
 
-from child import run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 PRESETS = {
     "cpu": dict(hidden=64, ffn=128, experts=4, layers=2, tokens=256, rank=4, dtype="float32", steps=5),
@@ -125,14 +125,7 @@ def run_mode(mode: str, preset: dict) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(train, state, frozen).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(2):  # warm-up
-        train, state, loss = compiled(train, state, frozen)
-    jax.block_until_ready((train, state, loss))
-    t0 = time.perf_counter()
-    for _ in range(preset["steps"]):
-        train, state, loss = compiled(train, state, frozen)
-    jax.block_until_ready((train, state, loss))
-    step_s = (time.perf_counter() - t0) / preset["steps"]
+    train, state, loss, step_s = timed_steps(compiled, train, state, frozen, preset["steps"])
     stats = jax.local_devices()[0].memory_stats() or {}
     return dict(mode=mode, step_ms=1e3 * step_s, tokens_per_s=n / step_s, compile_s=compile_s,
                 peak_bytes=stats.get("peak_bytes_in_use"), loss=float(loss),

@@ -28,13 +28,12 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import time
 from typing import Any
 
-from child import child_mode, file_name, run_child  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import child_mode, file_name, run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
 from torch_step import MODES as TORCH_MODES, run_torch_mode
 
 PRESETS = {
@@ -187,16 +186,7 @@ def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = N
     if mem is not None:
         footprint = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                      - getattr(mem, "alias_size_in_bytes", 0))
-    for _ in range(2):  # warm-up
-        train, state, loss = compiled(train, state, frozen)
-    jax.block_until_ready((train, state, loss))
-    steps = preset["steps"]
-    with jax.profiler.trace(profile, create_perfetto_trace=True) if profile else contextlib.nullcontext():
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train, state, loss = compiled(train, state, frozen)
-        jax.block_until_ready((train, state, loss))
-        step_s = (time.perf_counter() - t0) / steps
+    train, state, loss, step_s = timed_steps(compiled, train, state, frozen, preset["steps"], profile)
     stats = jax.local_devices()[0].memory_stats() or {}
     n_adapter = sum(x.size for x in jax.tree.leaves(train)) if mode not in ("full", "floor") else 0
     return dict(
