@@ -59,6 +59,7 @@ def _traced_primitive(fn: Any, *args: Any) -> Any:
 remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambda x: x * 2), 1.0)
 
 concatenate_p = _p.concatenate_p
+all_gather_p = _p.all_gather_p
 broadcast_in_dim_p = _p.broadcast_in_dim_p
 # Not in jax.extend.core.primitives (JAX 0.6 - 0.10): read off a trace. ``split`` (params axis,
 # sizes) is a primitive in every supported JAX; ``unstack`` and ``stack`` (param axis) became

@@ -3,7 +3,8 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
 
 - one in, one out: ``transpose``, ``convert_element_type``, group-preserving ``reshape``,
   ``copy``, ``sharding_constraint``, ``device_put``, ``reshard`` (a mesh with Explicit axes),
-  ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` (inside ``shard_map``),
+  ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` and ``all_gather``
+  (inside ``shard_map``),
   ``slice``/``dynamic_slice`` (layer ``i`` of a stack, rows of an embedding, one part of a fused
   kernel), new axes (``w[None]``, ``jnp.broadcast_to``), and whole matrices picked from a stack
   (``W[expert_of_token]``, called by the gather rule of ``jlora.rules``);
@@ -183,6 +184,20 @@ def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return out[0] if eqn.primitive.multiple_results else out
 
     return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
+
+
+@register(_compat.all_gather_p, LoraWeight)
+def all_gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Inside ``shard_map``, a kernel gathered whole before its use (FSDP written by hand): a factor
+    holding the gathered axis is split along it as ``w`` is (``jlora.sharding.factor_specs``) and is
+    gathered the same way; the other factor is whole already."""
+    (lw,) = invals
+    if not eqn.params.get("tiled", False):
+        return NotImplemented  # the blocks stacked along a new axis
+    axis = eqn.params["all_gather_dimension"]
+    in_a, in_b = lw.layout.factor_axes()
+    gather = lambda f, where: f if axis not in where else _compat.bind(eqn, [f], all_gather_dimension=where[axis])[0]
+    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b))]
 
 
 @register(_compat.reshape_p, LoraWeight)

@@ -318,6 +318,38 @@ def test_shard_map_inside_the_function_keeps_sharded_factors():
     assert "shard_map" in jaxpr
 
 
+def _fsdp_loss(p, x):
+    """``_mlp_loss`` with FSDP written by hand: each kernel split by rows, gathered whole before its
+    use, the batch split the same way."""
+    def block(p, x):
+        whole = lambda w: jax.lax.all_gather(w, "fsdp", axis=0, tiled=True)
+        y = jnp.tanh(x @ whole(p["l1"]["kernel"])) @ whole(p["l2"]["kernel"])
+        return jax.lax.pmean(jnp.mean(y ** 2), "fsdp")
+
+    mesh = sharding.make_mesh({"fsdp": 8})
+    specs = {"l1": {"kernel": P("fsdp", None)}, "l2": {"kernel": P("fsdp", None)}}
+    return jax.shard_map(block, mesh=mesh, in_specs=(specs, P("fsdp")), out_specs=P())(p, x)
+
+
+def test_kernels_gathered_inside_shard_map_gather_their_factors():
+    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
+    lazy = jax.jit(jax.grad(jlora.apply(_fsdp_loss)))(params, x)  # no MaterializeWarning (an error here)
+    oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
+    _assert_grads_close(lazy, oracle)
+    # a is gathered (split by rows as the kernel is); b is whole already: no ΔW is formed
+    jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(_fsdp_loss)))(params, x))
+    for shape in ("16,32", "32,8"):
+        assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
+    assert layouts_of(_fsdp_loss, params, x) == {"l1/kernel": "io", "l2/kernel": "io"}
+
+
+def layouts_of(fn, params, x):
+    from jlora.probe import infer_layouts
+
+    base = jlora.merge(params)
+    return {k: str(v) for k, v in infer_layouts(lambda p: fn(p, x), base, ["l1/kernel", "l2/kernel"]).items()}
+
+
 def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part_specs():
     """The same Megatron MLP over int8 kernels, one adapted and one not: each enters the body as
     its parts' blocks."""
