@@ -10,7 +10,10 @@ floor and the full fine-tune measured in the same run.
 Modes:
   full         grads for every expert kernel + adamw on all of them
   floor        backward through every layer with no weight gradient (grad w.r.t. the input only)
-  jlora        jlora.apply over the unmodified step: each expert's own rank-r adapter (``bio``),
+  jlora        jlora.apply over the unmodified step: each expert's own rank-r adapter (``bio``);
+               with 8 experts of rank 16 (128 ranks in all, up to ``jlora.rules.DENSE_EXPERT_RANKS``)
+               the low-rank path runs as dense matmuls over all experts' factors, masked per row
+  jlora-grouped  the same with the low-rank path as grouped matmuls,
                ``ragged_dot(x, w) + ragged_dot(ragged_dot(x, s·a), b)``
   hand         the same sum written by hand (the factored baseline)
   hand-dense   the same adapters by dense matmuls over all experts' factors at once, masked per
@@ -32,7 +35,7 @@ PRESETS = {
     "cpu": dict(hidden=64, ffn=128, experts=4, layers=2, tokens=256, rank=4, dtype="float32", steps=5),
     "gpu": dict(hidden=2048, ffn=5632, experts=8, layers=4, tokens=8192, rank=16, dtype="bfloat16", steps=10),
 }
-MODES = ("full", "floor", "jlora", "hand", "hand-dense", "materialize")
+MODES = ("full", "floor", "jlora", "jlora-grouped", "hand", "hand-dense", "materialize")
 KERNELS = ("w_gate", "w_up", "w_down")
 
 
@@ -101,7 +104,9 @@ def run_mode(mode: str, preset: dict) -> dict:
         train, frozen = jlora.split(lora)
         opt = jlora.optimizer(tx, train)
         state = opt.init(train)
-        if mode == "jlora":
+        if mode in ("jlora", "jlora-grouped"):
+            if mode == "jlora-grouped":
+                jlora.rules.DENSE_EXPERT_RANKS = 0
             forward = jlora.apply(run_plain)
             loss_fn = lambda t, frozen: forward(jlora.combine(t, frozen), x)
         elif mode == "materialize":

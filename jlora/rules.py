@@ -261,13 +261,47 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
 
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else eqn.outvars[0].aval.dtype
-    t = grouped(_dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype), tuple(lc),
-                tuple(in_a[ax] for ax in rc), ragged).astype(dtype)
-    y = grouped(t, lw.b.astype(dtype), (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
+    x_in, a = _dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype)
+    n_experts = lw.a.shape[0]
+    if n_experts * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:
+        y = _all_experts(x_in, a, lw.b.astype(dtype), group_sizes, lc, [in_a[ax] for ax in rc], ragged, params)
+    else:
+        t = grouped(x_in, a, tuple(lc), tuple(in_a[ax] for ax in rc), ragged).astype(dtype)
+        y = grouped(t, lw.b.astype(dtype), (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
     lead = list(range(-len(free), 0))  # labels: x's free axes, then the w axis each output holds
     y = _to_order(y, lead + list(layout.group("o")), lead + sorted(layout.group("o")))
     base = _bind(ctx, eqn, [x, lw.w, group_sizes], lw)[0]
     return [base + y.astype(base.dtype)]
+
+
+# Up to this many ranks of all experts together, the low-rank path runs as dense matmuls over
+# every expert's factors at once, each row's own expert picked by a mask (measured: see
+# benchmarks/RESULTS.md, moe_step.py's hand-dense mode); above it, as grouped matmuls.
+DENSE_EXPERT_RANKS = 256
+
+
+def _all_experts(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Array, x_contract: Sequence[int],
+                 a_contract: Sequence[int], ragged: int, params: dict) -> jax.Array:
+    """``ragged_dot(ragged_dot(x, a), b)`` as ``((x @ [a_1 .. a_E]) · mask) @ [b_1 ; .. ; b_E]``: the
+    mask keeps each row's own expert. Its gradients are dense matmuls too, where the grouped form's
+    are ragged contractions over the rows. Returns x's free axes, then b's outputs."""
+    n_experts = a.shape[0]
+    x_labels = list(range(x.ndim))
+    e_label, r_label = x.ndim, x.ndim + 1
+    a_labels = [e_label] + [None] * (a.ndim - 2) + [r_label]
+    for xa, aa in zip(x_contract, a_contract):
+        a_labels[aa] = x_labels[xa]
+    free = [l for l in x_labels if l not in x_contract]
+    t, t_labels = contract(x, x_labels, a, a_labels, set(free) | {e_label, r_label}, params["preferred_element_type"],
+                           params["precision"])
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[ragged]), side="right")  # E: no group
+    mask = (expert[:, None] == jnp.arange(n_experts)).astype(t.dtype)  # (rows, E)
+    mask = _to_order(mask.reshape(mask.shape + (1,) * (t.ndim - 2)), [ragged, e_label] + [l for l in t_labels
+                     if l not in (ragged, e_label)], t_labels)
+    o_labels = list(range(x.ndim + 2, x.ndim + 2 + b.ndim - 2))
+    y, _ = contract((t * mask).astype(x.dtype), t_labels, b, [e_label, r_label] + o_labels, set(free) | set(o_labels),
+                    params["preferred_element_type"], params["precision"])
+    return y
 
 
 # --- gather (embedding lookup) -----------------------------------------------------------------

@@ -245,8 +245,12 @@ GROUPED = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (1,)), (()
         x, p["w"], g, lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,)))),
     ("several output axes, stored in another order", (4, 16, 2, 3, 5), ("biooo", (2, 0, 1)),
      lambda p, x, g: lax.ragged_dot_general(x, p["w"], g, GROUPED)),
+    ("rows ragged along x's second axis", (4, 8, 5), "bio", lambda p, x, g: lax.ragged_dot_general(
+        x.reshape(2, 6, 8), p["w"], g, lax.RaggedDotDimensionNumbers((((2,), (1,)), ((), ())), (1,), (0,)))),
 ])
-def test_ragged_dot_of_experts_stays_factored(name, shape, layout, fn):
+@pytest.mark.parametrize("dense_up_to", [0, 256])  # the grouped form, the dense form over all experts
+def test_ragged_dot_of_experts_stays_factored(name, shape, layout, fn, dense_up_to, monkeypatch):
+    monkeypatch.setattr(jlora.rules, "DENSE_EXPERT_RANKS", dense_up_to)
     layout, order = layout if isinstance(layout, tuple) else (layout, None)
     lw = random_lora(jax.random.key(0), shape, layout, 2)
     lw = lw if order is None else _reordered_outputs(lw, order)
