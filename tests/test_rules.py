@@ -245,8 +245,11 @@ GROUPED = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (1,)), (()
         x, p["w"], g, lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,)))),
     ("several output axes, stored in another order", (4, 16, 2, 3, 5), ("biooo", (2, 0, 1)),
      lambda p, x, g: lax.ragged_dot_general(x, p["w"], g, GROUPED)),
-    ("rows ragged along x's second axis", (4, 8, 5), "bio", lambda p, x, g: lax.ragged_dot_general(
-        x.reshape(2, 6, 8), p["w"], g, lax.RaggedDotDimensionNumbers((((2,), (1,)), ((), ())), (1,), (0,)))),
+    # (on the GPU, JAX 0.11.2's own gradient of this ragged_dot, the oracle's, is zero for an expert
+    # whose rows it took in the forward)
+    pytest.param("rows ragged along x's second axis", (4, 8, 5), "bio", lambda p, x, g: lax.ragged_dot_general(
+        x.reshape(2, 6, 8), p["w"], g, lax.RaggedDotDimensionNumbers((((2,), (1,)), ((), ())), (1,), (0,))),
+        marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="JAX's ragged_dot gradient on the GPU")),
 ])
 @pytest.mark.parametrize("dense_up_to", [0, 256])  # the grouped form, the dense form over all experts
 def test_ragged_dot_of_experts_stays_factored(name, shape, layout, fn, dense_up_to, monkeypatch):
