@@ -2,7 +2,8 @@
 
 - ``dot_general`` (either side, any dimension numbers that contract the input axes, or the output
   axes as in a tied ``x @ E.T``, and maybe batch axes with them): ``x·w + scale·(x·a)·b``;
-- ``ragged_dot_general`` (rows grouped by expert, ``lax.ragged_dot``): the same, per group;
+- ``ragged_dot_general`` (rows grouped by expert, ``lax.ragged_dot``): the same per group, the
+  low-rank path as dense matmuls over all experts' factors when their ranks are few in all;
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``; whole matrices picked from a stack
   (``W[expert_of_token]``) are a new ``LoraWeight`` (``jlora.structural``);
 - ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``.
@@ -239,7 +240,8 @@ def _siblings(ctx: Context, eqn: Any, x_pos: int, lw: LoraWeight) -> list[tuple[
 @register(_compat.ragged_dot_general_p, LoraWeight)
 def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """``lax.ragged_dot(x, W, group_sizes)``, each group of rows through its own expert's kernel
-    (``W``'s group axis a batch axis): ``ragged_dot(x, W) + ragged_dot(ragged_dot(x, s·a), b)``."""
+    (``W``'s group axis a batch axis): ``ragged_dot(x, W) + ragged_dot(ragged_dot(x, s·a), b)``,
+    the low-rank term in the dense form of ``_all_experts`` up to ``DENSE_EXPERT_RANKS``."""
     x, lw, group_sizes, *rest = invals
     rdn = eqn.params["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
