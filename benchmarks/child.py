@@ -70,3 +70,17 @@ def timed_steps(compiled: Any, train: Any, state: Any, frozen: Any, steps: int,
             train, state, loss = compiled(train, state, frozen)
         jax.block_until_ready((train, state, loss))
     return train, state, loss, (time.perf_counter() - t0) / steps
+
+
+def adapter_step(loss_fn: Any, opt: Any) -> Any:
+    """The train step of an adapter mode: ``step(train, opt_state, frozen) -> (train, opt_state,
+    loss)`` for ``loss_fn(train, frozen)`` and the optax transformation ``opt``."""
+    import jax
+    import optax
+
+    def step(t: Any, s: Any, frozen: Any) -> Any:
+        loss, g = jax.value_and_grad(loss_fn)(t, frozen)
+        u, s = opt.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    return step

@@ -29,7 +29,7 @@ import json
 import time
 from typing import Any
 
-from child import run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import adapter_step, run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
 
 PRESETS = {
     "cpu": dict(hidden=64, ffn=128, experts=4, layers=2, tokens=256, rank=4, dtype="float32", steps=5),
@@ -139,10 +139,7 @@ def run_mode(mode: str, preset: dict) -> dict:
         else:
             raise ValueError(mode)
 
-        def step(t, s, frozen):
-            loss, g = jax.value_and_grad(loss_fn)(t, frozen)
-            u, s = opt.update(g, s, t)
-            return optax.apply_updates(t, u), s, loss
+        step = adapter_step(loss_fn, opt)
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import re
 import time
 from typing import Any
 
-from child import child_mode, file_name, run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
+from child import adapter_step, child_mode, file_name, run_child, timed_steps  # benchmarks/child.py (this folder is on sys.path when run as a script)
 from torch_step import MODES as TORCH_MODES, run_torch_mode
 
 PRESETS = {
@@ -161,10 +161,7 @@ def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = N
         else:
             raise ValueError(mode)
 
-        def step(t, s, frozen):
-            loss, g = jax.value_and_grad(loss_fn)(t, frozen)
-            u, s = opt.update(g, s, t)
-            return optax.apply_updates(t, u), s, loss
+        step = adapter_step(loss_fn, opt)
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
     t0 = time.perf_counter()
