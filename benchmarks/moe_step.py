@@ -6,6 +6,7 @@ floor and the full fine-tune measured in the same run.
 
     python benchmarks/moe_step.py                  # small, runs on a CPU in a minute
     python benchmarks/moe_step.py --preset gpu     # 8 experts of 2048 -> 5632, bf16, 8192 tokens
+    python benchmarks/moe_step.py --preset gpu --set experts=64 --set rank=8 --modes jlora-dense,jlora-grouped
 
 Modes:
   full         grads for every expert kernel + adamw on all of them
@@ -15,6 +16,7 @@ Modes:
                the low-rank path runs as dense matmuls over all experts' factors, masked per row
   jlora-grouped  the same with the low-rank path as grouped matmuls,
                ``ragged_dot(x, w) + ragged_dot(ragged_dot(x, s·a), b)``
+  jlora-dense  the same in the dense form, whatever the experts' ranks in all
   hand         the same sum written by hand (the factored baseline)
   hand-dense   the same adapters by dense matmuls over all experts' factors at once, masked per
                row (``(x @ [a_1 .. a_E]) * onehot @ [b_1 ; .. ; b_E]``): no ragged contraction in
@@ -35,7 +37,7 @@ PRESETS = {
     "cpu": dict(hidden=64, ffn=128, experts=4, layers=2, tokens=256, rank=4, dtype="float32", steps=5),
     "gpu": dict(hidden=2048, ffn=5632, experts=8, layers=4, tokens=8192, rank=16, dtype="bfloat16", steps=10),
 }
-MODES = ("full", "floor", "jlora", "jlora-grouped", "hand", "hand-dense", "materialize")
+MODES = ("full", "floor", "jlora", "jlora-grouped", "jlora-dense", "hand", "hand-dense", "materialize")
 KERNELS = ("w_gate", "w_up", "w_down")
 
 
@@ -104,9 +106,9 @@ def run_mode(mode: str, preset: dict) -> dict:
         train, frozen = jlora.split(lora)
         opt = jlora.optimizer(tx, train)
         state = opt.init(train)
-        if mode in ("jlora", "jlora-grouped"):
-            if mode == "jlora-grouped":
-                jlora.rules.DENSE_EXPERT_RANKS = 0
+        if mode in ("jlora", "jlora-grouped", "jlora-dense"):
+            if mode != "jlora":
+                jlora.rules.DENSE_EXPERT_RANKS = 0 if mode == "jlora-grouped" else e * preset["rank"]
             forward = jlora.apply(run_plain)
             loss_fn = lambda t, frozen: forward(jlora.combine(t, frozen), x)
         elif mode == "materialize":
@@ -152,20 +154,38 @@ def run_mode(mode: str, preset: dict) -> dict:
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__)
 
 
+def with_overrides(preset: dict, settings: list[str]) -> dict:
+    """The preset with ``KEY=VALUE`` entries replaced, each value of the type it replaces.
+
+    Example:
+        >>> with_overrides(PRESETS["cpu"], ["experts=8", "dtype=bfloat16"])["experts"]
+        8
+    """
+    out = dict(preset)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in out:
+            raise SystemExit(f"--set {setting!r}: expected KEY=VALUE with KEY one of {sorted(out)}")
+        out[key] = type(out[key])(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of the preset's entries, e.g. --set experts=32 (repeatable)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--json-out", default=None, help="also write all results to this JSON file")
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    preset = with_overrides(PRESETS[args.preset], args.set)
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args.mode, preset)), flush=True)
         return
     results = {}
     for mode in args.modes.split(","):
-        result = run_child(__file__, ["--preset", args.preset, "--mode", mode], mode)
+        result = run_child(__file__, ["--preset", args.preset, *(f"--set={kv}" for kv in args.set), "--mode", mode], mode)
         if result is not None:
             results[mode] = result
             if args.json_out:
@@ -174,7 +194,7 @@ def main() -> None:
     if not results:
         return
     any_r = next(iter(results.values()))
-    print(f"\npreset {args.preset}; device {any_r['device']}; jax {any_r['jax']}")
+    print(f"\npreset {args.preset} {preset}; device {any_r['device']}; jax {any_r['jax']}")
     floor = results.get("floor", {}).get("tokens_per_s")
     full = results.get("full", {})
     print(f"{'mode':<13}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x full':>8}{'peak GiB':>10}{'compile s':>11}")

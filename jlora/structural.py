@@ -15,6 +15,7 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -268,25 +269,21 @@ def dynamic_slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     sizes = tuple(eqn.params["slice_sizes"])
     if any(is_lazy(s) for s in starts):
         return NotImplemented
-    in_a, in_b = lw.layout.factor_axes()
+    a, b = _each_factor(lw, lambda x, per: lax.dynamic_slice(x, per(starts, [0] * x.ndim), per(sizes, x.shape)))
+    return [lw.replace(w=bind(ctx, eqn, [lw.w, *starts], lw)[0], a=a, b=b)]
 
-    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        return lax.dynamic_slice(x, _per_factor_axis(x, where, starts, [0] * x.ndim),
-                                 _per_factor_axis(x, where, sizes, x.shape))
 
-    w = bind(ctx, eqn, [lw.w, *starts], lw)[0]
-    return [lw.replace(w=w, a=cut(lw.a, in_a), b=cut(lw.b, in_b))]
+def _each_factor(lw: LoraWeight, cut: Any) -> tuple:
+    """``(cut(a, per), cut(b, per))``, where ``per(values, fill)`` puts per-``w``-axis ``values`` on
+    the factor's matching axes and ``fill`` on its others."""
+    return tuple(cut(x, functools.partial(_per_factor_axis, x, where))
+                 for x, where in zip((lw.a, lw.b), lw.layout.factor_axes()))
 
 
 def _cut(lw: LoraWeight, start: Sequence[int], limit: Sequence[int], strides: Sequence[int]) -> tuple:
     """``a`` and ``b`` of ``w[start:limit:strides]``: the same slice of the factors' matching axes."""
-    in_a, in_b = lw.layout.factor_axes()
-
-    def cut(x: jax.Array, where: dict[int, int]) -> jax.Array:
-        return lax.slice(x, _per_factor_axis(x, where, start, [0] * x.ndim),
-                         _per_factor_axis(x, where, limit, x.shape), _per_factor_axis(x, where, strides, [1] * x.ndim))
-
-    return cut(lw.a, in_a), cut(lw.b, in_b)
+    return _each_factor(lw, lambda x, per: lax.slice(x, per(start, [0] * x.ndim), per(limit, x.shape),
+                                                     per(strides, [1] * x.ndim)))
 
 
 @register(_compat.slice_p, LoraWeight)
