@@ -39,15 +39,11 @@ while_p = _p.while_p
 cond_p = _p.cond_p
 
 
-class _NoSuchError(Exception):
-    """Stands for an exception type this JAX does not have (never raised)."""
-
-
-# The type error of an op whose shardings cannot be inferred on a mesh with Explicit axes (JAX 0.5+).
-try:
-    from jax._src.core import ShardingTypeError
-except ImportError:  # pragma: no cover - an older or reorganised JAX
-    ShardingTypeError = _NoSuchError
+def is_sharding_type_error(err: BaseException) -> bool:
+    """Whether ``err`` is JAX's type error of an op whose shardings cannot be inferred on a mesh
+    with Explicit axes (JAX 0.5+). The class is not public (``jax._src.core.ShardingTypeError``
+    through 0.11), so it is known by its name."""
+    return type(err).__name__ == "ShardingTypeError"
 
 
 def _traced_primitive(fn: Any, *args: Any) -> Any:

@@ -364,7 +364,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     - ``True``: keep only matmul outputs and recompute the rest (``jax.checkpoint`` with
       ``dots_saveable`` around the whole function): least memory, slowest.
 
-    Measured on a Llama-3.2-1B-shaped step (H100, ``benchmarks/RESULTS.md``): peak memory 21.64,
+    Measured on a Llama-3.2-1B-shaped step (H200, ``benchmarks/RESULTS.md``): peak memory 21.64,
     24.15 and 19.87 GiB (the frozen floor: 21.25) at 1.02x, 1.01x and 0.89x the hand-written
     LoRA's speed.
 
@@ -440,19 +440,19 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
         try:
             out = run(values, lora_rng)
-        except _compat.ShardingTypeError as err:
-            if not _raised_by_jlora(err):
-                raise  # the function's own code (a custom rule's fwd, run only when differentiated)
-            raise ValueError(f"jlora.apply could not shard the low-rank path on this mesh's Explicit axes: {err} "
-                             "(a jlora bug: please report it with the function; a mesh with Auto axes avoids it: "
-                             "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
-                             ) from None
         except TypeError as err:
             if "forward-mode" not in str(err) or not records.get("custom_vjp"):
                 raise  # not jlora's custom_vjp (the function's own, say): JAX's error as it is
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
                             "wrapped function use jlora.apply(fn, recompute=False)") from None
+        except Exception as err:
+            if not (_compat.is_sharding_type_error(err) and _raised_by_jlora(err)):
+                raise  # the function's own code (a custom rule's fwd, run only when differentiated)
+            raise ValueError(f"jlora.apply could not shard the low-rank path on this mesh's Explicit axes: {err} "
+                             "(a jlora bug: please report it with the function; a mesh with Auto axes avoids it: "
+                             "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
+                             ) from None
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
         out = [returned[j] if j in returned else x if isinstance(x, jax.Array) or _compat.is_tracer(x)
                else jnp.asarray(x) for j, x in enumerate(out)]

@@ -111,7 +111,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, lookahead) is refused with a ratio other than 1.
+    are differences of iterates (schedule-free, lookahead) is refused with a ratio other than 1
+    (by ``optimizer`` when it is given ``params``, else by ``init``).
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
     result, initialised on the full tree, would keep a zero copy of every frozen weight).
@@ -153,6 +154,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
                              f"{problem}") from None
         return combine(out, jax.tree.map(_no_change, frozen)), state
 
+    if params is not None and not plain:
+        jax.eval_shape(init, params)  # refuses a ratio for a schedule-free tx now, not at the first init
     return optax.GradientTransformationExtraArgs(init, update)
 
 

@@ -18,7 +18,7 @@ derivative needs its operands.
   ``jlora.joint`` pays), else the compiler fuses the sum into its readers and keeps both terms
   alive instead.
 
-Measured on a Llama-3.2-1B-shaped step (H100): 21.64 GiB instead of 24.15 (the frozen floor:
+Measured on a Llama-3.2-1B-shaped step (H200): 21.64 GiB instead of 24.15 (the frozen floor:
 21.25), 1.02x the hand-written LoRA's speed (``benchmarks/RESULTS.md``).
 
 A ``custom_vjp`` has no forward mode: ``jax.jvp`` of the wrapped function raises, while gradients

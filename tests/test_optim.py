@@ -162,7 +162,9 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     p, _, _ = setup()
     for tx in (optax.contrib.schedule_free_sgd(0.1), optax.lookahead(optax.sgd(0.1), 2, 0.5)):
         with pytest.raises(ValueError, match="b_lr_ratio scales b's updates"):
-            jlora.optimizer(tx, p, b_lr_ratio=4.0).init(p)
+            jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
+        with pytest.raises(ValueError, match="b_lr_ratio scales b's updates"):
+            jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
 
 
