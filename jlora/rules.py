@@ -137,10 +137,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         + [l for i, l in enumerate(rhs_labels) if i not in rc and i not in rb]
     )
 
-    x_in, dtype = x, x.dtype
-    if not jnp.issubdtype(dtype, jnp.inexact):  # an int or bool activation (a mask, counts): the
-        dtype = eqn.outvars[0].aval.dtype      # low-rank path runs in the result's dtype, never
-        x = x.astype(dtype)                    # in x's (that would truncate a and b)
+    x_in, dtype = x, _path_dtype(eqn, x, eqn.invars[1 if lazy_rhs else 0].aval.dtype)
+    x = x.astype(dtype)
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
     keep_out = set(out_labels)
@@ -177,6 +175,15 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if kept:
         out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
     return [out]
+
+
+def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any) -> Any:
+    """The dtype the low-rank path computes in: that of ``x`` and the weight promoted together, as
+    the equation computes (a bf16 ``x`` against an f32 kernel keeps ``a`` and ``b`` in f32); for an
+    int or bool ``x`` (a mask, counts) the result's, never ``x``'s, which would truncate ``a`` and ``b``."""
+    if jnp.issubdtype(x.dtype, jnp.inexact) and jnp.issubdtype(w_dtype, jnp.inexact):
+        return jnp.promote_types(x.dtype, w_dtype)
+    return eqn.outvars[0].aval.dtype
 
 
 def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels: list, lw: LoraWeight,
@@ -262,7 +269,7 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                                              lhs_ragged_dimensions=(ragged_axis,), rhs_group_dimensions=(0,))
         return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
 
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else eqn.outvars[0].aval.dtype
+    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
     x_in, a = _dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype)
     n_experts = lw.a.shape[0]
     if n_experts * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:
@@ -393,14 +400,16 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     k_of = {ax: k for k, ax in enumerate(ins)}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
-    kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(x.dtype)
+    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
+    kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
     feat = out_spec[1]
     # the function's out_sharding (a mesh with Explicit axes) is for out features, not for the rank
     whole_rank = explicit.whole_along(p.get("out_sharding"), feat)
-    t = _compat.bind(eqn, [_dropout(ctx, lw, x), kernel_a], **({} if whole_rank is None else {"out_sharding": whole_rank}))
-    t = t[0].astype(x.dtype)
+    t = _compat.bind(eqn, [_dropout(ctx, lw, x.astype(dtype)), kernel_a],
+                     **({} if whole_rank is None else {"out_sharding": whole_rank}))
+    t = t[0].astype(dtype)
     labels = list(range(t.ndim))
-    y, _ = contract(t, labels, lw.b.astype(x.dtype), [feat, t.ndim], set(labels) - {feat} | {t.ndim},
+    y, _ = contract(t, labels, lw.b.astype(dtype), [feat, t.ndim], set(labels) - {feat} | {t.ndim},
                     p.get("preferred_element_type"))
     y = jnp.moveaxis(y, -1, feat)
     return [base + explicit.resharded_like(y.astype(base.dtype), base)]

@@ -101,6 +101,21 @@ def test_integer_and_bool_activations_get_the_adapter_in_the_result_dtype(transp
         check_against_oracle(fn, {"w": lw}, x)
 
 
+@pytest.mark.parametrize("op", ["einsum", "ragged_dot"])
+def test_a_bfloat16_activation_against_a_float32_kernel_keeps_the_adapter_in_float32(op):
+    """A mixed dot (bf16 x, f32 kernel, f32 result) computes in f32: so must the low-rank path, or
+    a and b are rounded to bf16 (0.5% off the merged weight's output and gradients)."""
+    x = normal(jax.random.key(1), (6, 8)).astype(jnp.bfloat16)
+    if op == "einsum":
+        params = {"w": random_lora(jax.random.key(0), (8, 5), "io", 2)}
+        fn = lambda p, x: jnp.einsum("ti,io->to", x, p["w"])
+    else:
+        params = {"w": random_lora(jax.random.key(0), (3, 8, 5), "bio", 2)}
+        fn = lambda p, x: lax.ragged_dot(x, p["w"], jnp.array([2, 0, 3], jnp.int32))
+    assert jax.eval_shape(fn, oracle_merge(params), x).dtype == jnp.float32
+    check_against_oracle(fn, params, x)
+
+
 def test_gather_forms_of_vmap_and_of_index_maps_stay_factored():
     """vmap of a lookup leaves the row axis uncollapsed (slice size 1) and indexes the output axis
     at 0; a stacked lookup indexes rows through a permuted index vector."""
