@@ -154,8 +154,12 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
                              f"{problem}") from None
         return combine(out, jax.tree.map(_no_change, frozen)), state
 
-    if params is not None and not plain:
-        jax.eval_shape(init, params)  # refuses a ratio for a schedule-free tx now, not at the first init
+    if params is not None and not plain:  # refuse a ratio for a schedule-free tx now, not at the first init
+        try:  # on the trainable half: frozen leaves need not be arrays (an Equinox module's fields)
+            state = jax.eval_shape(inner.init, split(params)[0])
+        except Exception:  # a tx whose init needs concrete values: init checks it
+            state = None
+        _check_scalable(state)
     return optax.GradientTransformationExtraArgs(init, update)
 
 

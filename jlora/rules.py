@@ -287,7 +287,7 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 # every expert's factors at once, each row's own expert picked by a mask; above it, as grouped
 # matmuls. Measured (benchmarks/RESULTS.md, "dense form of the experts' adapters: a sweep"): the
 # dense form was faster at every point from 128 to 4,096 ranks in all (8 to 128 experts, ranks 4
-# to 256; H200 and CPU), at less than half the grouped form's memory: JAX's ragged_dot there
+# to 256; H200 and CPU), at 37-75% of the grouped form's peak memory: JAX's ragged_dot there
 # costs in proportion to the number of experts already. Set it to 0 for the grouped form.
 DENSE_EXPERT_RANKS = 4096
 

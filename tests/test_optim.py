@@ -168,6 +168,15 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
 
 
+def test_a_ratio_is_taken_with_frozen_leaves_that_are_not_arrays():
+    # an Equinox module's tree holds its activation functions as leaves
+    p, _, _ = setup()
+    p = {**p, "activation": jax.nn.relu}
+    tx = jlora.optimizer(optax.adam(1e-3), p, b_lr_ratio=16.0)
+    updates, _ = tx.update(jlora.split(p)[0], tx.init(p))
+    assert updates["activation"] is None
+
+
 def test_schedule_free_eval_params_match_optax_on_the_adapters_alone():
     p, fn, x = setup()
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_adamw(0.1, warmup_steps=2))
