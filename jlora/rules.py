@@ -271,11 +271,11 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
     x_in, a = _dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype)
-    n_experts = lw.a.shape[0]
-    if n_experts * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:
-        y = _all_experts(x_in, a, lw.b.astype(dtype), group_sizes, lc, [in_a[ax] for ax in rc], ragged, params)
+    a_contract = tuple(in_a[ax] for ax in rc)
+    if lw.a.shape[0] * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:  # experts × rank
+        y = _all_experts(x_in, a, lw.b.astype(dtype), group_sizes, lc, a_contract, ragged, params)
     else:
-        t = grouped(x_in, a, tuple(lc), tuple(in_a[ax] for ax in rc), ragged).astype(dtype)
+        t = grouped(x_in, a, tuple(lc), a_contract, ragged).astype(dtype)
         y = grouped(t, lw.b.astype(dtype), (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
     lead = list(range(-len(free), 0))  # labels: x's free axes, then the w axis each output holds
     y = _to_order(y, lead + list(layout.group("o")), lead + sorted(layout.group("o")))

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import sharding
 from jlora.checkpoint import AdapterCheckpointer
+from jlora.probe import infer_layouts
 from oracle import normal
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -340,14 +341,9 @@ def test_kernels_gathered_inside_shard_map_gather_their_factors():
     jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(_fsdp_loss)))(params, x))
     for shape in ("16,32", "32,8"):
         assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
-    assert layouts_of(_fsdp_loss, params, x) == {"l1/kernel": "io", "l2/kernel": "io"}
-
-
-def layouts_of(fn, params, x):
-    from jlora.probe import infer_layouts
-
-    base = jlora.merge(params)
-    return {k: str(v) for k, v in infer_layouts(lambda p: fn(p, x), base, ["l1/kernel", "l2/kernel"]).items()}
+    want = {"l1/kernel": "io", "l2/kernel": "io"}
+    got = infer_layouts(lambda p: _fsdp_loss(p, x), jlora.merge(params), list(want))
+    assert {k: str(v) for k, v in got.items()} == want
 
 
 def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part_specs():
