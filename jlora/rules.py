@@ -286,10 +286,11 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 # Up to this many ranks of all experts together, the low-rank path runs as dense matmuls over
 # every expert's factors at once, each row's own expert picked by a mask; above it, as grouped
 # matmuls. Measured (benchmarks/RESULTS.md, "dense form of the experts' adapters: a sweep"): the
-# dense form was faster at every point from 128 to 4,096 ranks in all (8 to 128 experts, ranks 4
-# to 256; H200 and CPU), at 37-75% of the grouped form's peak memory: JAX's ragged_dot there
-# costs in proportion to the number of experts already. Set it to 0 for the grouped form.
-DENSE_EXPERT_RANKS = 4096
+# dense form was faster at every point from 128 to 65,536 ranks in all (8 to 256 experts, ranks 4
+# to 512; H200, and CPU up to 4,096), at 36-75% of the grouped form's peak memory: JAX's
+# ragged_dot there costs in proportion to the number of experts already. Set it to 0 for the
+# grouped form (e.g. where ragged_dot is a true grouped GEMM; not measured).
+DENSE_EXPERT_RANKS = 65536
 
 
 def _all_experts(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Array, x_contract: Sequence[int],
