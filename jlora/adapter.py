@@ -11,6 +11,7 @@ save leaves whole files, never a truncated one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +46,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
                          f"got {type(lora_config).__name__}")
+    metadata = plain_metadata(metadata)
     tensors: dict[str, np.ndarray] = {}
     targets, trainable = {}, {}
     for p, x in leaves_with_paths(params, is_leaf=is_node):
@@ -61,7 +64,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     config = {
         "format": FORMAT, "version": 1, "save_id": save_id, "targets": targets, "trainable": trainable,
         "lora_config": lora_config.to_dict() if lora_config is not None else None,
-        "metadata": metadata or {},
+        "metadata": metadata,
     }
 
     def write(tmp: Path) -> None:
@@ -69,6 +72,31 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
     return write_files(path, write)
+
+
+def plain_metadata(metadata: Any) -> dict:
+    """``metadata`` as plain JSON values (numpy and JAX scalars as numbers), or a ValueError: a
+    string or a list would be saved, then break ``describe`` and ``jlora info``.
+
+    Example:
+        >>> plain_metadata({"base_model": "all-MiniLM-L6-v2", "loss": np.float32(0.5)})
+        {'base_model': 'all-MiniLM-L6-v2', 'loss': 0.5}
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise ValueError(f"save_adapter: metadata must be a dict with str keys, got {type(metadata).__name__}")
+
+    def scalar(x: Any) -> Any:
+        if np.ndim(x) == 0 and hasattr(x, "item"):
+            return x.item()
+        raise TypeError(f"{type(x).__name__} is not a JSON value")
+
+    try:
+        return json.loads(json.dumps(metadata, default=scalar))
+    except (TypeError, ValueError) as err:
+        raise ValueError("save_adapter: metadata must hold JSON values (str, numbers, bools, None, "
+                         f"lists, dicts): {err}") from None
 
 
 def check_other_format(path: str | os.PathLike, other: str, other_weights: Sequence[str]) -> None:
@@ -138,7 +166,7 @@ def read_config(path: str | os.PathLike) -> dict:
 def _check_specs(cfg_file: Path, config: dict) -> None:
     """The adapter JSON's per-param entries have the types jlora wrote (a hand edit may break them)."""
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     is_shape = lambda v: isinstance(v, list) and all(is_int(d) and d >= 0 for d in v)
     targets, trainable = config.get("targets"), config.get("trainable")
     if not isinstance(targets, dict) or not isinstance(trainable, dict):
@@ -147,12 +175,14 @@ def _check_specs(cfg_file: Path, config: dict) -> None:
     for p, spec in targets.items():
         if not (isinstance(spec, dict) and isinstance(spec.get("layout"), str) and is_int(spec.get("rank"))
                 and spec["rank"] >= 1 and is_number(spec.get("scale")) and is_shape(spec.get("shape"))
-                and is_number(spec.get("dropout", 0.0))):
+                and is_number(spec.get("dropout", 0.0)) and 0 <= spec.get("dropout", 0.0) < 1):
             raise ValueError(f"{cfg_file}: target '{p}' is {spec!r}; want layout (a string), rank (an int >= 1), "
-                             "scale (a number), shape (a list of ints) and an optional dropout (a number)")
+                             "scale (a finite number), shape (a list of ints) and an optional dropout (in [0, 1))")
     for p, shape in trainable.items():
         if not is_shape(shape):
             raise ValueError(f"{cfg_file}: trainable '{p}' is {shape!r}; want its shape, a list of ints")
+    if not isinstance(config.get("metadata") or {}, dict):
+        raise ValueError(f"{cfg_file}: 'metadata' must be a JSON object, got {type(config['metadata']).__name__}")
     both = sorted(set(targets) & set(trainable))
     if both:
         raise ValueError(f"{cfg_file}: {both[:3]} are both LoRA targets and fully trained; a param is one or the other")
@@ -194,6 +224,21 @@ def check_saveable(op: str, params: Any) -> None:
     """
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         check_whole(x, p, op, need_w=False)
+        parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
+        abstract = [part for part in parts if not is_saveable_array(part)]
+        if abstract:
+            raise ValueError(f"{op}: '{p}' holds {type(abstract[0]).__name__}, not an array: save concrete "
+                             "arrays (jax.eval_shape's results have no values)")
+
+
+def is_saveable_array(x: Any) -> bool:
+    """Whether ``x`` holds values to write (a JAX or numpy array, not ``jax.ShapeDtypeStruct``).
+
+    Example:
+        >>> is_saveable_array(jnp.ones(2)), is_saveable_array(jax.ShapeDtypeStruct((2,), jnp.float32))
+        (True, False)
+    """
+    return hasattr(x, "__array__") and not isinstance(x, jax.ShapeDtypeStruct)
 
 
 def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[str] = (),
@@ -208,6 +253,9 @@ def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[st
         ['k']
     """
     by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))
+    if not by_path or ("" in by_path and not hasattr(by_path[""], "shape")):  # None, {}, a model, not its params
+        raise ValueError(f"{source}: base_params must be the base model's params (a tree of arrays or "
+                         f"jax.ShapeDtypeStruct), got {type(base_params).__name__}")
     nodes = [p for p, x in by_path.items() if is_node(x)]
     if nodes:
         raise ValueError(f"{source}: base_params holds jlora nodes (at {nodes[:3]}); pass the base params the "
@@ -216,10 +264,18 @@ def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[st
     targets, trainable = list(targets), list(trainable)
     absent = sorted(p for p in targets + trainable if p not in by_path)
     if absent:
-        raise ValueError(f"{source}: made for another base model: no param at {absent[:5]}")
+        raise ValueError(f"{source}: made for another base model: no param at {absent[:5]}{_nested_hint(absent, by_path)}")
     check_float_targets(source, targets, by_path)
     check_trainable_not_lazy(source, trainable, by_path)
     return by_path
+
+
+def _nested_hint(absent: list[str], by_path: dict[str, Any]) -> str:
+    """Where the absent paths are under one key of ``base_params`` (``{"params": ...}``), say so."""
+    for top in sorted({p.split("/", 1)[0] for p in by_path}):
+        if all(f"{top}/{p}" in by_path for p in absent):
+            return f"; base_params holds them under '{top}': pass base_params['{top}']"
+    return ""
 
 
 def check_float_targets(source: str | os.PathLike, targets: Iterable[str], base: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from jlora.adapter import check_base, check_saveable
+from jlora.adapter import check_base, check_saveable, is_saveable_array
 from jlora.config import LoraConfig
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
@@ -96,6 +96,10 @@ class AdapterCheckpointer:
                  best_mode: str = "min", async_save: bool = True, lora_config: Any = None):
         if best_mode not in ("min", "max"):
             raise ValueError(f"AdapterCheckpointer: best_mode must be 'min' or 'max', got {best_mode!r}")
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 1):  # orbax's 0 deletes every step, older runs' too
+            raise ValueError(f"AdapterCheckpointer: max_to_keep must be an int >= 1, or None to keep every "
+                             f"step; got {max_to_keep!r}")
         if lora_config is not None and not isinstance(lora_config, LoraConfig):
             raise ValueError("AdapterCheckpointer: lora_config must be the jlora.LoraConfig the adapters were made "
                              f"with, got {type(lora_config).__name__}")
@@ -104,6 +108,7 @@ class AdapterCheckpointer:
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
+            create=False,  # made by the first save: a restore from a mistyped path must not create it
         )
         self.directory = os.fspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
@@ -121,13 +126,7 @@ class AdapterCheckpointer:
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
         with a warning: a new run in an old run's directory would otherwise lose every save)."""
         self._check_open("save")
-        try:  # an int, or an integer scalar of numpy or JAX (a TrainState's step), as a plain int
-            index = None if isinstance(step, bool) else operator.index(step)
-        except TypeError:
-            index = None
-        if index is None or index < 0:
-            raise ValueError(f"AdapterCheckpointer.save: step must be an int >= 0, got {step!r}")
-        step = index
+        step = _step_index("save", step)
         latest = self._manager.latest_step()
         if not force and latest is not None and step <= latest:
             warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
@@ -141,6 +140,9 @@ class AdapterCheckpointer:
             raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "
                              f"(best_metric); got {metrics!r}")
         arrays, specs = _adapter_arrays(params)
+        if opt_state is not None:
+            _check_arrays(opt_state)
+        os.makedirs(self.directory, exist_ok=True)
         meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None}
         items = {"adapters": ocp.args.StandardSave(arrays)}
         if opt_state is not None:
@@ -208,12 +210,23 @@ class AdapterCheckpointer:
 
     def _meta(self, step: int | None) -> tuple[int, dict]:
         """``(step, its metadata)``, the latest step by default; a clear error when there is none."""
-        step = self._manager.latest_step() if step is None else step
+        if not os.path.isdir(self.directory):
+            raise ValueError(f"{self.directory}: no such directory, so no checkpoint to restore")
+        step = self._manager.latest_step() if step is None else _step_index("restore", step)
         if step is None:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
         if step not in self.all_steps():
             raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
-        return step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, json's for a broken one
+            meta = None
+            reason = f"{type(err).__name__}: {err}"
+        if not isinstance(meta, dict) or "specs" not in meta:
+            reason = reason if meta is None else "its metadata holds no adapter specs"
+            raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({reason}); restore another "
+                             f"step of {self.all_steps()}") from None
+        return step, meta
 
     def latest_step(self) -> int | None:
         """The newest saved step, or ``None``."""
@@ -274,6 +287,26 @@ def _finish_pending() -> None:
             ckpt.wait()
         except Exception as err:  # one failure must not keep the others (and Python's own hooks) from running
             warnings.warn(f"AdapterCheckpointer: the last save to {ckpt.directory} failed at exit: {err!r}")
+
+
+def _step_index(op: str, step: Any) -> int:
+    """``step`` as a plain int: an int, or an integer scalar of numpy or JAX (a TrainState's step)."""
+    try:
+        index = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
+        raise ValueError(f"AdapterCheckpointer.{op}: step must be an int >= 0, got {step!r}")
+    return index
+
+
+def _check_arrays(opt_state: Any) -> None:
+    """Refuse an optimizer state with leaves that are not arrays (the transformation itself, or
+    ``jax.eval_shape``'s abstract values), naming the first."""
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        if not is_saveable_array(leaf) and not isinstance(leaf, (int, float)):
+            raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} is "
+                             f"{type(leaf).__name__}, not an array: pass the state, e.g. tx.init(trainable)")
 
 
 def _abstract(tree: Any) -> Any:

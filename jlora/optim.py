@@ -25,6 +25,7 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     Example:
         >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
     """
+    _check_ratio(ratio, "jlora.scale_lora_b: ratio")
 
     def one(x: Any) -> Any:
         if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):
@@ -65,7 +66,39 @@ def misfit(grads: Any, params: Any) -> str | None:
     return None
 
 
-def _check_ratio(ratio: Any) -> None:
+def _check_has_adapters(params: Any, where: str) -> None:
+    if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+        raise ValueError(f"{where}: params hold no LoraWeight or Trainable leaf, so nothing would train; "
+                         "call jlora.lora_init first")
+
+
+def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any) -> None:
+    """Refuse a state that ``inner.init`` would not have made for the adapters ``trainable``: one
+    kept from adapters of another rank would broadcast into the new ones silently.
+    Shapes only (a state may keep its moments in another dtype); a ``tx`` whose ``init`` needs
+    concrete values is not checked."""
+    try:
+        expected = jax.eval_shape(inner.init, trainable)
+    except Exception:
+        return
+    got, got_def = jax.tree_util.tree_flatten_with_path(state)
+    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    if got_def != want_def:
+        got_paths = {jax.tree_util.keystr(k) for k, _ in got}
+        want_paths = {jax.tree_util.keystr(k) for k, _ in want}
+        detail = (f": only in the state {sorted(got_paths - want_paths)[:3]}, only in a state for these params "
+                  f"{sorted(want_paths - got_paths)[:3]}" if got_paths != want_paths else
+                  " (the same paths, other LoRA scales, layouts or dropout)")
+        raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
+                         "make it again with tx.init(params)")
+    for (kp, x), (_, y) in zip(got, want):
+        if np.shape(x) != tuple(y.shape):
+            raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
+                             f"but these params need {tuple(y.shape)}: a state kept from adapters of another "
+                             "rank? make it again with tx.init(params)")
+
+
+def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> None:
     """A finite number > 0: a Python or numpy number, or a 0-d array (a traced one, as
     ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
     dtype = getattr(ratio, "dtype", None)
@@ -73,7 +106,7 @@ def _check_ratio(ratio: Any) -> None:
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     if not real or not (_compat.is_tracer(ratio) or 0 < float(ratio) < math.inf):
-        raise ValueError(f"jlora.optimizer: b_lr_ratio must be a finite number > 0, got {ratio!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}")
 
 
 # States of transformations whose updates are differences of iterates, not steps proportional to
@@ -106,7 +139,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     trainable half (a state made from one serves the other); updates come back in the gradients'
     structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
     ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
-    where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``).
+    where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); given
+    ``params``, it refuses a state ``init`` would not have made for them (one kept from adapters of
+    another rank would otherwise broadcast into the new ones).
 
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
@@ -129,13 +164,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     _check_ratio(b_lr_ratio)
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
-    if params is not None and not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
-        raise ValueError("jlora.optimizer: params hold no LoraWeight or Trainable leaf; call jlora.lora_init first")
+    if params is not None:
+        _check_has_adapters(params, "jlora.optimizer")
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
 
     def init(params: Any) -> Any:
+        _check_has_adapters(params, "jlora.optimizer's init")
         state = inner.init(split(params)[0])
         if not plain:
             _check_scalable(state)
@@ -144,6 +180,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         trainable, frozen = split(updates)
         trainable_params = None if params is None else split(params)[0]
+        if trainable_params is not None:
+            _check_state(inner, state, trainable_params)
         try:
             out, state = inner.update(trainable, state, trainable_params, **extra_args)
         except (TypeError, ValueError):  # a broadcasting error deep in tx: say which param, if it is that

@@ -133,6 +133,11 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
     if half is not None:
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
                          "pass jlora.combine(trainable, frozen)")
+    if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
+        try:
+            x.check_shapes(stacked=True)
+        except ValueError as err:
+            raise ValueError(f"{op}: {err}") from None
 
 
 def merge(tree: Any) -> Any:

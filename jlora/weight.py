@@ -115,7 +115,9 @@ class LoraWeight(Lazy):
         path: str = "",
         dropout: float = 0.0,
     ):
-        _set(self, w, a, b, float(scale), Layout.parse(layout), path, float(dropout))
+        _set(self, w, a, b, _number(scale, "scale", path), Layout.parse(layout), path, _number(dropout, "dropout", path))
+        if not 0.0 <= self.dropout < 1.0:  # 1 or more would drop every input of the adapter
+            raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {dropout!r}")
         self.check_shapes()
 
     def check_shapes(self, *, stacked: bool = False) -> None:
@@ -290,6 +292,17 @@ def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
     object.__setattr__(obj, "layout", layout)
     object.__setattr__(obj, "path", path)
     object.__setattr__(obj, "dropout", dropout)
+
+
+def _number(x: Any, name: str, path: str) -> float:
+    """``x`` as a finite float, or a ValueError naming the field and the param."""
+    try:
+        value = None if isinstance(x, (bool, str)) else float(x)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"LoraWeight {path!r}: {name} must be a finite number, got {x!r}")
+    return value
 
 
 def _has_shape(x: Any) -> bool:

@@ -93,6 +93,19 @@ def test_bad_adapters_give_clear_errors(tmp_path):
         load_adapter(tmp_path / "ad", other)
     with pytest.raises(ValueError, match="another base model: no param at"):
         load_adapter(tmp_path / "ad", {"stack": base["stack"]})
+    with pytest.raises(ValueError, match=r"no param at .*; base_params holds them under 'params': pass base_params\['params'\]"):
+        load_adapter(tmp_path / "ad", {"params": base})  # linen's variables instead of their params
+    for not_params in (None, {}, object()):
+        with pytest.raises(ValueError, match="base_params must be the base model's params .*, got "):
+            load_adapter(tmp_path / "ad", not_params)
+    for metadata in ("run1", ["run1"], {"when": object()}):  # saved, they would break describe and `jlora info`
+        with pytest.raises(ValueError, match="save_adapter: metadata must "):
+            save_adapter(tmp_path / "meta", p, metadata=metadata)
+    assert not (tmp_path / "meta").exists()
+    save_adapter(tmp_path / "meta", p, metadata={"loss": jnp.float32(0.5), "steps": np.int64(3)})
+    assert "loss: 0.5" in describe(tmp_path / "meta") and "steps: 3" in describe(tmp_path / "meta")
+    with pytest.raises(ValueError, match="save_adapter: 'q/(bias|kernel)' holds ShapeDtypeStruct, not an array"):
+        save_adapter(tmp_path / "abstract", jax.eval_shape(lambda: p))
     weights = tmp_path / "ad" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read adapter weights"):
@@ -142,6 +155,9 @@ def test_a_hand_edited_config_is_refused_naming_the_entry(tmp_path):
         ({**good, "trainable": ["q/bias"]}, "got dict and list"),
         ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "scale": "x"}}}, "target 'q/kernel' is"),
         ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "rank": 0}}}, "rank .an int >= 1."),
+        ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "dropout": 5.0}}}, r"dropout .in \[0, 1\)."),
+        ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "scale": float("nan")}}}, "scale .a finite number."),
+        ({**good, "metadata": "run1"}, "'metadata' must be a JSON object, got str"),
         ({**good, "trainable": {"q/bias": "8"}}, "trainable 'q/bias' is '8'; want its shape"),
         ({**good, "trainable": {**good["trainable"], "q/kernel": [8, 8]}}, r"\['q/kernel'\] are both LoRA targets and fully"),
     ):

@@ -140,6 +140,29 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         AdapterCheckpointer(tmp_path / "a_file")
+    for step in ("1", 1.0):  # not read as "no step 1" while step 1 is there
+        with pytest.raises(ValueError, match=f"restore: step must be an int >= 0, got {step!r}"):
+            ckpt.restore(base, step=step)
+    with pytest.raises(ValueError, match="'q/(bias|kernel)' holds ShapeDtypeStruct, not an array"):
+        ckpt.save(3, jax.eval_shape(lambda: params))
+    with pytest.raises(ValueError, match=r"opt_state\[0\] is function, not an array: pass the state"):
+        ckpt.save(3, params, opt_state=(optax.adam(1e-2).update,))
+    assert ckpt.all_steps() == [1, 2] and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]  # nothing half-written
+
+
+def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path):
+    base, _, params, _ = setup()
+    with pytest.raises(ValueError, match="typo: no such directory"):
+        AdapterCheckpointer(tmp_path / "typo").restore(base)
+    assert not (tmp_path / "typo").exists()
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params)
+    ckpt.save(2, params)
+    for item in pathlib.Path(tmp_path / "ckpt" / "2" / "meta").iterdir():
+        item.write_text("{broken")
+    with pytest.raises(ValueError, match=r"step 2 is incomplete or corrupted .*; restore another step of \[1, 2\]"):
+        ckpt.restore(base)
+    assert ckpt.restore(base, step=1)[2] == 1
 
 
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
@@ -158,6 +181,10 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     with pytest.raises(ValueError, match="metrics must hold a number under 'loss'"):
         best.save(9, params, metrics={"val_loss": 0.1})  # refused before orbax starts writing
     assert best.save(10, params, metrics={"loss": jnp.float32(0.1)}) and best.best_step() == 10  # a jax scalar
+    for keep in (0, -1, "3", 2.5, True):  # orbax's max_to_keep=0 deletes every step, older runs' too
+        with pytest.raises(ValueError, match=f"max_to_keep must be an int >= 1, or None to keep every step; got {keep!r}"):
+            AdapterCheckpointer(tmp_path / "last", max_to_keep=keep)
+    assert last.all_steps() == [3, 4]
 
 
 def test_optimizer_state_with_a_prng_key_round_trips(tmp_path):

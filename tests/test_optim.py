@@ -129,6 +129,11 @@ def test_extra_arguments_multisteps_and_other_keys_reach_tx():
 def test_bad_input():
     with pytest.raises(ValueError, match="no LoraWeight"):
         jlora.optimizer(optax.sgd(1.0), {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="init: params hold no LoraWeight or Trainable leaf, so nothing would train"):
+        jlora.optimizer(optax.sgd(1.0)).init({"w": jnp.ones(3)})  # lora_init forgotten: every update would be 0
+    for ratio in (0, -1.0, "2"):
+        with pytest.raises(ValueError, match="jlora.scale_lora_b: ratio must be a finite number > 0"):
+            jlora.scale_lora_b(ratio)
     for ratio in (0, -1.0, float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="b_lr_ratio"):
             jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
@@ -243,3 +248,19 @@ def test_per_example_gradients_reach_a_tx_that_takes_them():
     per_example = jax.tree.map(lambda x: jnp.stack([x] * 5), trainable)  # DP-SGD: a leading batch axis
     updates, _ = tx.update(per_example, tx.init(trainable), trainable)
     assert updates["l1"]["kernel"].a.shape == (8, 4)
+
+
+def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
+    """Rank 1's moments would broadcast into rank 2's adapters without a word."""
+    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    of_rank = lambda r: jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=r, alpha=2 * r, targets=["q"])))[0]
+    tx = jlora.optimizer(optax.adam(1e-3))
+    grads = jax.tree.map(jnp.ones_like, of_rank(2))
+    for stale in (1, 4):
+        with pytest.raises(ValueError, match=rf"opt_state.*mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these "
+                                             r"params need \(8, 2\)"):
+            tx.update(grads, tx.init(of_rank(stale)), of_rank(2))
+    other_alpha = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=8, targets=["q"])))[0]
+    with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
+        tx.update(grads, tx.init(other_alpha), of_rank(2))
+    tx.update(grads, tx.init(of_rank(2)), of_rank(2))  # its own state passes

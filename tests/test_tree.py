@@ -138,6 +138,17 @@ def test_whole_tree_operations_refuse_one_half_of_split():
             op(half)
 
 
+def test_a_hand_edited_node_is_refused_before_jax_sees_it():
+    p = tree()
+    lw = p["q"]["kernel"]
+    bad = {**p, "q": {**p["q"], "kernel": lw.replace(b=jnp.zeros((lw.rank + 2, lw.shape[1])))}}
+    forward = jlora.apply(lambda params, x: x @ params["q"]["kernel"])
+    for op, call in (("jlora.merge", lambda: jlora.merge(bad)), ("jlora.apply", lambda: forward(bad, jnp.ones((1, lw.shape[0])))),
+                     ("jlora.summary", lambda: jlora.summary(bad))):
+        with pytest.raises(ValueError, match=rf"{op}: LoraWeight 'q/kernel': for w .* a must be .* and b "):
+            call()
+
+
 def test_split_puts_a_quantized_kernel_whole_in_the_frozen_half():
     """A lazy kernel no adapter touches is frozen whole: the trainable half is the same over an
     int8 base as over the float one, and summary counts the kernel by the array it stands for."""

@@ -39,6 +39,16 @@ def test_shape_mismatch_is_refused():
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
 
 
+def test_bad_scale_or_dropout_is_refused_naming_the_param():
+    w, a, b = jnp.ones((4, 6)), jnp.ones((4, 2)), jnp.ones((2, 6))
+    for dropout in (1.0, 2.0, -0.1, float("nan")):  # 1 or more would drop the adapter's every input
+        with pytest.raises(ValueError, match=r"LoraWeight 'x': dropout must be"):
+            jlora.LoraWeight(w, a, b, scale=1.0, dropout=dropout, path="x")
+    for scale in (None, "2", float("inf")):
+        with pytest.raises(ValueError, match=f"LoraWeight 'x': scale must be a finite number, got {scale!r}"):
+            jlora.LoraWeight(w, a, b, scale=scale, path="x")
+
+
 def test_a_lazy_value_cannot_be_trained_in_full():
     from quantized import quantize
 
