@@ -188,7 +188,11 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
     _patterns(name, list(value))
     items = []
     for pattern, v in value.items():
-        items.append((pattern, check(f"{name}[{pattern!r}]", v)))  # a plain int, float or layout string
+        try:
+            items.append((pattern, check(f"{name}[{pattern!r}]", v)))  # a plain int, float or layout string
+        except ValueError as err:
+            where = f"LoraConfig: {name}[{pattern!r}]"
+            raise ValueError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
     return tuple(items)
 
 

@@ -248,8 +248,13 @@ def lora_init(
         (16, 4)
     """
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {type(config).__name__}")
+        kind = type(config)
+        raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {kind.__module__}.{kind.__qualname__}"
+                         " (jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...]))")
     check_key(key, "lora_init")
+    if infer_layout is not None and not callable(infer_layout):
+        raise ValueError(f"lora_init: infer_layout must be a function of the params (e.g. lambda p: "
+                         f"model.apply(p, x)), got {type(infer_layout).__name__}")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:

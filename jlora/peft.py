@@ -120,6 +120,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     """
     from safetensors.numpy import save_file
 
+    _check_hf_config("jlora.peft.save_adapter", hf_config)
     check_saveable("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
@@ -190,6 +191,18 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     return write_files(path, write)
 
 
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+
+
+def _check_hf_config(op: str, hf_config: Any) -> None:
+    """Refuse anything but a HF config object (a model, its class, a dict), naming what was given."""
+    if isinstance(hf_config, type) or not isinstance(getattr(hf_config, "model_type", None), str):
+        hint = " (pass model.config)" if hasattr(hf_config, "config") else ""
+        raise ValueError(f"{op}: hf_config must be the model's transformers config, e.g. model.config; got "
+                         f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
+
+
 def _check_untied(what: str, shape: Sequence[int], hf_config: Any) -> None:
     """Refuse an adapted embedding that the model ties to its LM head: jlora's adapter changes the
     head with it (the head is the same param), PEFT's Embedding LoRA only the lookup."""
@@ -252,6 +265,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    _check_hf_config("jlora.peft.load_adapter", hf_config)
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -269,14 +283,26 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if key not in READ | DESCRIPTIVE and value not in (None, False, {}, [], ""):
             raise ValueError(f"{path}: PEFT option {key}={value!r} is not supported by jlora")
     for key in ("r", "lora_alpha"):
-        if isinstance(config.get(key), bool) or not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+        if not _positive(config.get(key)):
             raise ValueError(f"{path / CONFIG_FILE}: '{key}' must be a number > 0, got {config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        bad = {k: v for k, v in (config.get(key) or {}).items() if not _positive(v)}
+        if not isinstance(config.get(key) or {}, dict) or bad:
+            raise ValueError(f"{path / CONFIG_FILE}: '{key}' must map patterns to numbers > 0, got {config[key]!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if not (_positive(dropout) or dropout == 0) or dropout >= 1:
+        raise ValueError(f"{path / CONFIG_FILE}: 'lora_dropout' must be in [0, 1), got {config['lora_dropout']!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{path / CONFIG_FILE}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise ValueError(f"{path}: PEFT option init_lora_weights={config['init_lora_weights']!r} changes the base "
                          "weights; jlora reads adapters over the unchanged base (convert it to plain LoRA in PEFT)")
+    if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
+        raise ValueError(f"{path}: holds adapter_model.bin (PyTorch pickle); jlora reads {WEIGHTS_FILE} only: save "
+                         "it again in PEFT with model.save_pretrained(path, safe_serialization=True)")
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
@@ -307,7 +333,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             continue
         embedding = key.endswith(EMBEDDING_FACTORS)
         if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
-            raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
+            where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
+            raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter{where}")
         name, part = key[len(PREFIX):].rsplit(".lora_embedding_" if embedding else ".lora_", 1)
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}; LoRA factors are floating point")

@@ -171,6 +171,10 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         Array([[1., 1.],
                [1., 1.]], dtype=float32)
     """
+    nodes = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_node)[0] if is_node(x)]
+    if nodes:
+        raise ValueError(f"jlora.unmerge: merged holds jlora nodes (at {nodes[:3]}): pass the merged params "
+                         "(jlora.merge's result) first, the adapters second")
     adapter_leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node_or_none)
     merged_leaves, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=lambda x: x is None)
     if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:

@@ -47,7 +47,7 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(ranks=4), "unknown option.*'ranks'.*did you mean 'rank'"),
         (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be"),
         (dict(targets=["re:(unclosed"]), "not a valid regular expression"),
-        (dict(layouts={"c_attn": "xy"}), "layout"),
+        (dict(layouts={"c_attn": "xy"}), r"LoraConfig: layouts\['c_attn'\]: layout 'xy': use one letter per kernel axis"),
         (dict(layouts={"c_attn": 3}), "layout 3: use a string"),
     ],
 )

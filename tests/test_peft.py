@@ -137,7 +137,11 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     for change, match in (({"use_something_new": True}, "use_something_new=True is not supported"),
                           ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base"),
                           ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga' changes the base"),
-                          ({"r": None}, "'r' must be a number > 0, got None")):
+                          ({"r": None}, "'r' must be a number > 0, got None"),
+                          ({"lora_dropout": 1.5}, r"'lora_dropout' must be in \[0, 1\), got 1.5"),
+                          ({"alpha_pattern": {"q_proj": -4}}, "'alpha_pattern' must map patterns to numbers > 0"),
+                          ({"rank_pattern": {"q_proj": "2"}}, "'rank_pattern' must map patterns to numbers > 0"),
+                          ({"use_rslora": "yes"}, "'use_rslora' must be true or false, got 'yes'")):
         config_file.write_text(json.dumps({**good, **change}))
         with pytest.raises(ValueError, match=match):
             jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
@@ -157,10 +161,22 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
         jlora.peft.save_adapter(tmp_path / "jlora_format", lm.params, model.config)
     with pytest.raises(ValueError, match="a jlora adapter, not a PEFT one: read it with jlora.adapter.load_adapter"):
         jlora.peft.load_adapter(tmp_path / "jlora_format", model.params, model.config)
+    for not_a_config in (model, type(model.config), model.config.to_dict()):
+        with pytest.raises(ValueError, match="hf_config must be the model's transformers config, e.g. model.config"):
+            jlora.peft.save_adapter(tmp_path / "cfg", lm.params, not_a_config)
+        with pytest.raises(ValueError, match="hf_config must be the model's transformers config, e.g. model.config"):
+            jlora.peft.load_adapter(tmp_path / "ok", model.params, not_a_config)
     from safetensors.numpy import load_file, save_file
 
     weights = tmp_path / "ok" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
+    save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, str(weights))
+    with pytest.raises(ValueError, match="unexpected tensor .* .PEFT's keys start with 'base_model.model.'"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    weights.rename(tmp_path / "ok" / "adapter_model.bin")  # what PEFT writes with safe_serialization=False
+    with pytest.raises(ValueError, match="holds adapter_model.bin .PyTorch pickle.; jlora reads adapter_model.safetensors"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    (tmp_path / "ok" / "adapter_model.bin").unlink()
     save_file({k: v.astype(np.int32) if "lora_A" in k else v for k, v in tensors.items()}, str(weights))
     with pytest.raises(ValueError, match="is int32; LoRA factors are floating point"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)

@@ -113,6 +113,9 @@ def test_unmerge_refuses_mismatched_trees_and_shapes():
     bad = {**merged, "v": {"kernel": jnp.ones((4, 8))}}
     with pytest.raises(ValueError, match=r"merged 'v/kernel' has shape \(4, 8\)"):
         jlora.unmerge(bad, p)
+    for swapped in ((p, merged), (p, jlora.split(p)[0])):  # the arguments swapped, or the LoRA tree as merged
+        with pytest.raises(ValueError, match=r"merged holds jlora nodes .*: pass the merged params .* first"):
+            jlora.unmerge(*swapped)
 
 
 def test_labels_of_full_tree_and_halves():
