@@ -6,7 +6,8 @@
   low-rank path as dense matmuls over all experts' factors when their ranks are few in all;
 - ``gather`` (embedding lookup): ``w[i] + scale·a[i]·b``; whole matrices picked from a stack
   (``W[expert_of_token]``) are a new ``LoraWeight`` (``jlora.structural``);
-- ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``.
+- ``conv_general_dilated``: ``conv(x, w) + scale·conv(x, a)·b``; with the kernel's feature axes
+  swapped (``conv_transpose(..., transpose_kernel=True)``) ``conv(x, w) + scale·conv(x·bᵀ, a)``.
 
 Ops that move, cut or join kernels keep them lazy by ``jlora.structural``. On a mesh with
 Explicit axes the ops a rule adds are sharded by ``jlora.explicit``.
@@ -392,25 +393,34 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return NotImplemented
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     layout = lw.layout
-    if layout.group("b") or set(layout.group("o")) != {rhs_spec[0]} or set(layout.group("i")) != set(rhs_spec[1:]):
+    ins, outs = set(layout.group("i")), set(layout.group("o"))
+    # conv_transpose(transpose_kernel=True) swaps the kernel's feature axes: the conv reads w's
+    # output features as its input ones, so b runs first (x's features to the rank), then a's conv
+    swapped = outs == {rhs_spec[1]} and ins == {rhs_spec[0], *rhs_spec[2:]}
+    if layout.group("b") or not (swapped or (outs == {rhs_spec[0]} and ins == set(rhs_spec[1:]))):
         warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes",
                   undropped=ctx.drops(lw))
         return NotImplemented
     base = _bind(ctx, eqn, [x, lw.w], lw)[0]
-    ins = layout.group("i")
-    k_of = {ax: k for k, ax in enumerate(ins)}
+    k_of = {ax: k for k, ax in enumerate(layout.group("i"))}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
-    perm = tuple(k_of[ax] if ax in k_of else len(ins) for ax in range(lw.ndim))
+    perm = tuple(k_of.get(ax, len(k_of)) for ax in range(lw.ndim))
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
     kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
+    x = _dropout(ctx, lw, x.astype(dtype))
+    b = lw.b.astype(dtype)
+    if swapped:
+        feat = lhs_spec[1]
+        labels = list(range(x.ndim))
+        t, _ = contract(x, labels, b, [x.ndim, feat], set(labels) - {feat} | {x.ndim})
+        y = _compat.bind(eqn, [jnp.moveaxis(t.astype(dtype), -1, feat), kernel_a])[0]
+        return [base + explicit.resharded_like(y.astype(base.dtype), base)]
     feat = out_spec[1]
     # the function's out_sharding (a mesh with Explicit axes) is for out features, not for the rank
     whole_rank = explicit.whole_along(p.get("out_sharding"), feat)
-    t = _compat.bind(eqn, [_dropout(ctx, lw, x.astype(dtype)), kernel_a],
-                     **({} if whole_rank is None else {"out_sharding": whole_rank}))
+    t = _compat.bind(eqn, [x, kernel_a], **({} if whole_rank is None else {"out_sharding": whole_rank}))
     t = t[0].astype(dtype)
     labels = list(range(t.ndim))
-    y, _ = contract(t, labels, lw.b.astype(dtype), [feat, t.ndim], set(labels) - {feat} | {t.ndim},
-                    p.get("preferred_element_type"))
+    y, _ = contract(t, labels, b, [feat, t.ndim], set(labels) - {feat} | {t.ndim}, p.get("preferred_element_type"))
     y = jnp.moveaxis(y, -1, feat)
     return [base + explicit.resharded_like(y.astype(base.dtype), base)]

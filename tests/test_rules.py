@@ -142,6 +142,18 @@ def test_conv(spec):
     check_against_oracle(fn, {"w": lw}, x)
 
 
+@pytest.mark.parametrize("spec", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_conv_transpose(spec, transpose_kernel):
+    """With ``transpose_kernel`` the conv reads w's output features as its inputs: b runs first."""
+    lw = random_lora(jax.random.key(0), (3, 3, 4, 5), "iiio", 2)
+    channels = 5 if transpose_kernel else 4
+    x = normal(jax.random.key(1), (2, 6, 6, channels) if spec == "NHWC" else (2, channels, 6, 6))
+    fn = lambda p, x: lax.conv_transpose(x, p["w"], (2, 1), "SAME", dimension_numbers=(spec, "HWIO", spec),
+                                         transpose_kernel=transpose_kernel)
+    check_against_oracle(fn, {"w": lw}, x)
+
+
 def test_grouped_conv_falls_back_exactly_saying_why():
     lw = random_lora(jax.random.key(0), (3, 3, 2, 8), "iiio", 2)  # 4 groups of 2 input channels
     x = normal(jax.random.key(1), (2, 7, 7, 8))
