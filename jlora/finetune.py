@@ -13,7 +13,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,6 +83,7 @@ class Options:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {self.out}: is a file, not a directory")
+        check_creatable(out, "--out")
         adapter = out / "adapter"
         if adapter.exists():
             try:
@@ -97,6 +100,26 @@ class Options:
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
 
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """Refuse a directory ``path`` that cannot be made, or written in, before any work: the nearest
+    existing of it and its parents must be a directory where a directory can be created (tried).
+
+    Example:
+        >>> _, file = tempfile.mkstemp()
+        >>> check_creatable(Path(file) / "run", "--out")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --out .../run: ... is a file, not a directory
+    """
+    base = next(p for p in (path, *path.parents) if p.exists())
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".jlora-", dir=base))
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create a directory in {base} ({err.strerror})") from None
 
 
 def prepare_out(opts: Options) -> Path:
