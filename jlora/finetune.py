@@ -13,7 +13,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,6 +83,7 @@ class Options:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {self.out}: is a file, not a directory")
+        check_creatable(out, "--out")
         adapter = out / "adapter"
         if adapter.exists():
             try:
@@ -97,6 +100,26 @@ class Options:
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
 
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """Refuse a directory ``path`` that cannot be made, or written in, before any work: the nearest
+    existing of it and its parents must be a directory where a directory can be created (tried).
+
+    Example:
+        >>> _, file = tempfile.mkstemp()
+        >>> check_creatable(Path(file) / "run", "--out")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --out .../run: ... is a file, not a directory
+    """
+    base = next(p for p in (path, *path.parents) if p.exists())
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".jlora-", dir=base))
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create a directory in {base} ({err.strerror})") from None
 
 
 def prepare_out(opts: Options) -> Path:
@@ -406,6 +429,30 @@ def check_length(model: Any, max_length: int) -> None:
         raise ValueError(f"--max-length {max_length}: the model has {limit} positions")
 
 
+def check_causal(model: Any, name: str) -> None:
+    """Refuse ``--task causal-lm`` on a model whose logits see later tokens (a BERT encoder): its
+    next-token loss would train on the answer. Changing the last of a few tokens must leave the
+    logits before it alone (but for rounding).
+
+    Example:
+        >>> from transformers import BertConfig, FlaxBertForCausalLM
+        >>> check_causal(FlaxBertForCausalLM(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                             intermediate_size=16, vocab_size=16)), "bert-dir")
+        Traceback (most recent call last):
+        ...
+        ValueError: --model bert-dir: FlaxBertForCausalLM is not causal (its logits change with a later token); --task causal-lm needs a decoder (causal) model, e.g. GPT-2 or Llama
+    """
+    vocab = getattr(model.config, "vocab_size", None) or 6
+    ids = np.arange(1, 5, dtype=np.int32)[None] % vocab
+    changed = ids.copy()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    logits = jax.jit(lambda params, x: model(x, params=params).logits.astype(jnp.float32))  # weights: arguments
+    change = np.abs(np.asarray(logits(model.params, ids)) - np.asarray(logits(model.params, changed)))
+    if change[:, :-1].max() > 1e-5 * change[:, -1].max():  # on the scale of the changed token's own logits
+        raise ValueError(f"--model {name}: {type(model).__name__} is not causal (its logits change with a later "
+                         "token); --task causal-lm needs a decoder (causal) model, e.g. GPT-2 or Llama")
+
+
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm")
 
 
@@ -614,6 +661,7 @@ def causal_lm(opts: Options) -> dict:
     window = opts.max_length + 1
     if len(tokens) < 2 * window:
         raise ValueError(f"{file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
+    check_causal(model, opts.model)
     cfg, params = adapt(jax.random.key(opts.seed), model, opts)
     out = prepare_out(opts)
     starts = np.arange(0, len(tokens) - window, opts.max_length)

@@ -57,6 +57,9 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
         >>> preset_config("gpt2").targets, preset_config("gpt2").to_dict()["layouts"]["c_attn"]
         (('c_attn',), 'oi')
     """
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"jlora.hf: config must be a jlora.LoraConfig, e.g. jlora.LoraConfig(rank=8, alpha=16, "
+                        f"targets=[...]), got {_type_name(config)}")
     config = config or LoraConfig()
     changes: dict[str, Any] = {}
     if config.targets is None:
@@ -102,6 +105,23 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     return inputs
 
 
+def _type_name(x: Any) -> str:
+    module = type(x).__module__
+    return type(x).__qualname__ if module == "builtins" else f"{module}.{type(x).__qualname__}"
+
+
+def _check_model(model: Any, who: str) -> None:
+    """Refuse what is not a HF Flax model instance: its class, its params, another object."""
+    if isinstance(model, type):
+        name = model.__name__
+        raise TypeError(f"{who}: pass a model instance, e.g. {name}(config) or {name}.from_pretrained(...), "
+                        f"not the class {name}")
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        hint = "; pass the model, and params of your own as params=..." if isinstance(model, dict) else ""
+        raise TypeError(f"{who}: takes a HF Flax model (a transformers FlaxPreTrainedModel), "
+                        f"got {_type_name(model)}{hint}")
+
+
 def _call_args(model: Any) -> tuple[str, ...]:
     import inspect
 
@@ -119,6 +139,7 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
         ...                              intermediate_size=64, vocab_size=50))
         >>> p = lora_init(jax.random.key(0), m)  # bert preset: query, value
     """
+    _check_model(model, "jlora.hf.lora_init")
     config = preset_config(model.config.model_type, config)
     params = model.params if params is None else params
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
@@ -211,6 +232,7 @@ class LoraModel:
 
     def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None,
                  inputs: dict[str, Any] | None = None):
+        _check_model(model, "jlora.hf.LoraModel")
         self.model = model
         self.config = preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
 import numpy as np
@@ -62,6 +62,8 @@ def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) 
         >>> mesh.axis_names
         ('data',)
     """
+    if not isinstance(axes, Mapping):
+        raise TypeError(f"make_mesh: axes must map axis names to sizes, e.g. {{'data': -1}}, got {axes!r}")
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = list(axes), [int(s) for s in axes.values()]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -92,7 +94,8 @@ def rule(pattern: str, spec: Any) -> Rule:
 def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
     """Shard each leaf's largest axis that divides evenly over the mesh axis ``axis`` (FSDP / ZeRO-3).
 
-    Leaves smaller than ``min_size`` elements (biases, norms) stay replicated.
+    Leaves smaller than ``min_size`` elements (biases, norms) stay replicated; a mesh without
+    ``axis`` is an error (as for ``tensor_parallel``'s axis), not a silently replicated model.
 
     Example:
         >>> mesh = make_mesh({"fsdp": -1})
@@ -101,8 +104,8 @@ def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
     """
 
     def fsdp_rule(path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
-        n = mesh.shape[axis] if axis in mesh.axis_names else 0
-        if not n or math.prod(shape) < min_size:
+        n = mesh.shape[_axis_of("fsdp", axis, mesh)]
+        if math.prod(shape) < min_size:
             return None
         fits = [ax for ax in range(len(shape)) if shape[ax] % n == 0]
         if not fits:
@@ -138,6 +141,8 @@ def tensor_parallel(model_type: str, axis: str = "model") -> list[Rule]:
         compiled = Pattern(pattern)
 
         def tp_rule(path: str, shape: tuple, mesh: Any) -> PartitionSpec | None:
+            if mesh is not None:
+                _axis_of("tensor_parallel", axis, mesh)
             if not compiled.match(path):
                 return None
             name = path.rsplit("/", 1)[-1]
@@ -213,6 +218,10 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         >>> tuple(partition_specs({"w": np.ones((4, 2))}, mesh, [("w", PartitionSpec("model"))])["w"])
         ('model',)
     """
+    if not hasattr(mesh, "axis_names"):
+        raise TypeError(f"jlora.sharding: mesh must be a jax.sharding.Mesh (see make_mesh), got {type(mesh).__name__}")
+    if callable(rules) or isinstance(rules, (str, Mapping)) or not isinstance(rules, Iterable):
+        raise TypeError(f"jlora.sharding: rules must be a list of rules, e.g. [sharding.fsdp(\"fsdp\")], got {rules!r}")
     compiled = [_compile_rule(r) for r in rules]
 
     def spec_for(path: str, shape: tuple) -> PartitionSpec:
@@ -333,15 +342,26 @@ def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules:
     return jax.jit(tx.init, out_shardings=out)(params)
 
 
-def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
-    """Shard a batch's leading axis over those of ``axes`` the mesh has (data and FSDP parallel).
+def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> NamedSharding:
+    """Shard a batch's leading axis over the mesh axes ``axes`` (one name or several); by default
+    over those of ``("data", "fsdp")`` the mesh has (data and FSDP parallel).
 
     Example:
         >>> tuple(batch_sharding(make_mesh({"data": -1})).spec)
         ('data',)
     """
-    present = tuple(a for a in axes if a in mesh.axis_names)
+    if axes is None:
+        present = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    else:
+        present = tuple(_axis_of("batch_sharding", a, mesh) for a in ((axes,) if isinstance(axes, str) else axes))
     return NamedSharding(mesh, PartitionSpec(present if len(present) > 1 else (present[0] if present else None)))
+
+
+def _axis_of(who: str, axis: str, mesh: Mesh) -> str:
+    """``axis``, checked to be one of ``mesh``'s axes."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"jlora.sharding.{who}: mesh has no axis {axis!r} (axes: {mesh.axis_names})")
+    return axis
 
 
 def _as_spec(spec: Any) -> PartitionSpec:

@@ -2,6 +2,7 @@
 the README's first command, not a unit test)."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +287,18 @@ def test_a_model_without_a_pad_token_classifies(data_file, tmp_path):
     assert main(["finetune", "--model", str(tmp_path / "gpt2"), "--data", str(data_file), "--steps", "2",
                  "--batch-size", "8", "--max-length", "8", "--out", str(tmp_path / "run"), "--no-plot",
                  "--no-baseline"]) == 0
+
+
+def test_an_out_that_cannot_be_created_fails_before_the_model_loads(bert_dir, data_file, tmp_path, monkeypatch,
+                                                                    capsys):
+    from jlora import finetune
+
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    under_a_file = tmp_path / "a_file" / "run"
+    cases = {str(under_a_file): f"error: --out {under_a_file}: {tmp_path / 'a_file'} is a file, not a directory"}
+    if sys.platform == "linux":  # /proc takes no new directory, not even root's
+        cases["/proc/jlora-run"] = "error: --out /proc/jlora-run: cannot create a directory in /proc"
+    for out, error in cases.items():
+        assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--out", out]) == 2
+        assert error in capsys.readouterr().err

@@ -157,3 +157,21 @@ def test_classify_leaves_out_the_pooler_it_never_uses(bert_dir, data_file, tmp_p
     # 2 layers x (q, k, v, attention/output, intermediate, output) of a 32-wide BERT (intermediate 64), r=2, + head
     per_layer = 4 * 2 * (32 + 32) + 2 * (32 + 64) + 2 * (64 + 32)
     assert results["lora"]["trainable_params"] == 2 * per_layer + 32 * 2 + 2
+
+
+@pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
+def test_causal_lm_refuses_a_model_that_sees_later_tokens(bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained a model that sees the next token"))
+    (tmp_path / "corpus.txt").write_text(" ".join(["the film was very good"] * 20))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^--model .*bert: FlaxBertForCausalLM is not causal \(its logits change with "
+                                         r"a later token\); --task causal-lm needs a decoder \(causal\) model"):
+        finetune.causal_lm(finetune.Options(task="causal-lm", model=str(bert_dir), data=str(tmp_path / "corpus.txt"),
+                                            max_length=8, out=str(out)))
+    assert not out.exists()
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=17)
+    for causal in (tf.FlaxGPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=17)),
+                   tf.FlaxLlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=17)),
+                   tf.FlaxBertForCausalLM(tf.BertConfig(**bert, is_decoder=True))):  # a BERT made a decoder is causal
+        finetune.check_causal(causal, "lm")

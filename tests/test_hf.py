@@ -267,3 +267,20 @@ def test_model_type_without_preset_needs_targets():
     with pytest.raises(ValueError, match="no target preset for model type 'mystery'"):
         hf.preset_config("mystery")
     assert hf.preset_config("mystery", jlora.LoraConfig(targets=["dense"])).targets == ("dense",)
+
+
+def test_what_is_not_a_model_instance_or_a_jlora_config_is_refused_by_name():
+    model = TINY["gpt2"]()
+    with pytest.raises(TypeError, match=r"pass a model instance, e.g. FlaxGPT2LMHeadModel\(config\) or "
+                                        r"FlaxGPT2LMHeadModel.from_pretrained\(...\), not the class"):
+        hf.LoraModel(tf.FlaxGPT2LMHeadModel)
+    with pytest.raises(TypeError, match=r"lora_init: takes a HF Flax model .* got dict; pass the model, and params "
+                                        "of your own as params="):
+        hf.lora_init(jax.random.key(0), model.params)
+
+    class LoraConfig:  # PEFT's, say: another class of the same name
+        target_modules = ["c_attn"]
+
+    with pytest.raises(TypeError, match=r"config must be a jlora.LoraConfig, e.g. jlora.LoraConfig\(rank=8, alpha=16, "
+                                        r"targets=\[...\]\), got test_hf.test_what_.*<locals>.LoraConfig"):
+        hf.LoraModel(model, LoraConfig())

@@ -63,6 +63,8 @@ def test_make_mesh_sizes():
         sharding.make_mesh({"data": 16})
     with pytest.raises(ValueError, match="at most one -1"):
         sharding.make_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(TypeError, match=r"axes must map axis names to sizes.*got \['data'\]"):
+        sharding.make_mesh(["data"])
 
 
 def test_fsdp_rule_shards_the_largest_divisible_axis_and_skips_small_leaves():
@@ -72,7 +74,8 @@ def test_fsdp_rule_shards_the_largest_divisible_axis_and_skips_small_leaves():
     assert rule("k", (256, 6), mesh) == P("fsdp", None)
     assert rule("k", (6, 250), mesh) is None  # nothing divides by 4
     assert rule("bias", (32,), mesh) is None  # small
-    assert sharding.fsdp("absent")("k", (64, 256), mesh) is None
+    with pytest.raises(ValueError, match=r"fsdp: mesh has no axis 'absent' \(axes: \('data', 'fsdp'\)\)"):
+        sharding.fsdp("absent")("k", (64, 256), mesh)
 
 
 def test_tensor_parallel_presets_split_columns_and_rows():
@@ -107,6 +110,29 @@ def test_bad_rules_name_the_param():
         sharding.partition_specs(params, mesh, [sharding.tensor_parallel("llama")])
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
+
+
+def test_rules_over_an_axis_the_mesh_lacks_and_misplaced_arguments_are_errors():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    params = {"w": np.ones((64, 128))}
+    with pytest.raises(ValueError, match=r"fsdp: mesh has no axis 'model' \(axes: \('data', 'fsdp'\)\)"):
+        sharding.place(params, mesh, [sharding.fsdp("model", min_size=1)])
+    with pytest.raises(ValueError, match="tensor_parallel: mesh has no axis 'model'"):
+        sharding.place(params, mesh, sharding.tensor_parallel("llama", "model"))  # even where no path matches
+    with pytest.raises(TypeError, match=r"rules must be a list of rules, e.g. \[sharding.fsdp"):
+        sharding.place(params, mesh, sharding.fsdp("fsdp"))
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh .* got NoneType"):
+        sharding.place(params, None, [])
+
+
+def test_batch_sharding_takes_one_axis_name_or_several_of_the_mesh():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert sharding.batch_sharding(mesh, "data").spec == P("data")
+    assert sharding.batch_sharding(mesh, ("fsdp",)).spec == P("fsdp")
+    assert sharding.batch_sharding(sharding.make_mesh({"data": 2, "model": 4})).spec == P("data")
+    with pytest.raises(ValueError, match=r"batch_sharding: mesh has no axis 'model' \(axes: \('data', 'fsdp'\)\)"):
+        sharding.batch_sharding(mesh, ("data", "model"))
 
 
 # --- lora_init on sharded params ------------------------------------------------------------------
