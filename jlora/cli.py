@@ -139,7 +139,7 @@ def _merge(args: argparse.Namespace) -> int:
     if not model_dir:
         raise ValueError(f"{args.adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass --model DIR")
-    from jlora.finetune import DEFAULT_MODEL, load_model
+    from jlora.finetune import DEFAULT_MODEL, check_creatable, load_model
 
     if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
         raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory; "
@@ -153,6 +153,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
     if out.is_dir() and any(out.iterdir()):  # another model's files would stay beside the merged ones
         raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
+    check_creatable(out, "--out")  # now, not after the model has loaded
 
     model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
     prefix = meta.get("model_prefix")

@@ -149,6 +149,9 @@ def test_merge_refuses_to_write_over_the_base_model_or_the_adapter(bert_dir, dat
         assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(target)]) == 2
         assert f"is {what}'s directory; write the merged model to another one" in capsys.readouterr().err
     assert sorted(p.name for p in bert_dir.iterdir()) == before
+    (tmp_path / "a_file").write_text("")  # an --out that cannot be made fails before the model loads
+    assert main(["merge", str(out / "adapter"), "--model", str(bert_dir), "--out", str(tmp_path / "a_file" / "m")]) == 2
+    assert f"{tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path, capsys):
