@@ -224,6 +224,21 @@ def _sharded_factory(w_sharding: NamedSharding, layout: Layout) -> Callable:
     return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=factor_shardings(w_sharding, layout))
 
 
+def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool) -> str:
+    """The error for n-D kernels whose axes' roles are neither declared nor inferred: every one of
+    them, and the layouts of the common kinds (a guess would adapt the wrong axes, or share one
+    adapter across a stack of layers)."""
+    listed = ", ".join(f"'{p}' {tuple(by_path[p].shape)}" for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
+    how = ("infer_layout saw no matmul, lookup or conv of them that it could read; declare them"
+           if inferred else "pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)), "
+           "which reads them off one call, or declare them")
+    return (f"jlora cannot tell the input and output axes of the kernel(s) {listed}: {how} as "
+            "LoraConfig(layouts={pattern: layout}), one letter per axis: b batch (a stack of layers or experts, "
+            "each its own adapter), i input, o output. E.g. 'bio' for nn.scan-stacked Dense (layers, in, out), "
+            "'ioo' for DenseGeneral to heads (in, heads, head_dim), 'iio' for DenseGeneral from heads "
+            "(heads, head_dim, out), 'iiio' for a 2-D conv (h, w, in, out)")
+
+
 def lora_init(
     key: Any,
     params: Any,
@@ -277,7 +292,7 @@ def lora_init(
             if not adapt:
                 raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw "
                                  "every kernel in a conv or a lookup, none in a matmul")
-    new = {}
+    new, unknown = {}, []
     for path in adapt:
         w = by_path[path]
         rank = _pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
@@ -297,14 +312,8 @@ def lora_init(
             )
         layout = layout or Layout.default(w.ndim)
         if layout is None:
-            raise ValueError(
-                f"kernel '{path}' has shape {tuple(w.shape)}: jlora cannot tell its input and output axes. "
-                + ("infer_layout saw no matmul, lookup or conv of it that it could read; "
-                   if infer_layout is not None else
-                   "Pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)) or ")
-                + f"declare LoraConfig(layouts={{'{path.rsplit('/', 2)[-2] if '/' in path else path}': "
-                f"'{'i' * (w.ndim - 1)}o'}}) (one letter per axis: b batch, i input, o output)"
-            )
+            unknown.append(path)
+            continue
         if layout.ndim != w.ndim:
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
@@ -318,6 +327,8 @@ def lora_init(
         new[path] = LoraWeight(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
         )
+    if unknown:
+        raise ValueError(_no_layout(unknown, by_path, infer_layout is not None))
     if not new:
         raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
                          f"({adapt[:3]}...); lower the rank")

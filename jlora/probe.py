@@ -12,6 +12,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from jlora import _compat
 from jlora.layout import Layout, reshape_groups
@@ -165,6 +166,20 @@ def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
     if not isinstance(probe, Probe) or any(isinstance(v, Probe) for v in rest):
         return NotImplemented
     return [probe.with_value(_compat.bind(eqn, [probe.value, *rest])[0])]
+
+
+@register(_compat.mul_p, Probe)
+@register(_compat.div_p, Probe)
+@register(_compat.neg_p, Probe)
+@register(_compat.stop_gradient_p, Probe)
+def _scaled(ctx: Context, eqn: Any, invals: list) -> Any:
+    """A kernel negated, detached, or times (over) a scalar keeps every axis in its place."""
+    probes = [k for k, v in enumerate(invals) if isinstance(v, Probe)]
+    others = [v for v in invals if not isinstance(v, Probe)]
+    if len(probes) != 1 or any(np.ndim(v) for v in others) or (eqn.primitive is _compat.div_p and probes != [0]):
+        return NotImplemented
+    probe = invals[probes[0]]
+    return [probe.with_value(_compat.bind(eqn, [probe.value if k in probes else v for k, v in enumerate(invals)])[0])]
 
 
 @register(_compat.squeeze_p, Probe)

@@ -4,7 +4,7 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
 - one in, one out: ``transpose``, ``convert_element_type``, group-preserving ``reshape``,
   ``copy``, ``sharding_constraint``, ``device_put``, ``reshard`` (a mesh with Explicit axes),
   ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` and ``all_gather``
-  (inside ``shard_map``),
+  (inside ``shard_map``), ``stop_gradient``, ``neg``, and ``mul``/``div`` by a scalar (on ``b``),
   ``slice``/``dynamic_slice`` (layer ``i`` of a stack, rows of an embedding, one part of a fused
   kernel), new axes (``w[None]``, ``jnp.broadcast_to``), and whole matrices picked from a stack
   (``W[expert_of_token]``, called by the gather rule of ``jlora.rules``);
@@ -111,6 +111,43 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if not jnp.issubdtype(new, jnp.floating) or any(jnp.iscomplexobj(x) for x in (lw.w, lw.a, lw.b)):
         return NotImplemented  # to a real dtype, Re(a@b) is not Re(a)@Re(b)
     return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=lw.a.astype(new), b=lw.b.astype(new))]
+
+
+def _scaling(eqn: Any, invals: list) -> tuple[LoraWeight, Any] | None:
+    """``(kernel, c)`` where ``eqn`` multiplies a kernel by a real scalar ``c`` (either side) or
+    divides it by one; ``None`` for any other use (an elementwise product of arrays)."""
+    lw, c = invals if isinstance(invals[0], LoraWeight) else invals[::-1]
+    if eqn.primitive is _compat.div_p and lw is not invals[0]:
+        return None
+    if not isinstance(lw, LoraWeight) or is_lazy(c) or np.ndim(c) != 0 or jnp.iscomplexobj(c):
+        return None
+    return lw, c
+
+
+@register(_compat.mul_p, LoraWeight)
+@register(_compat.div_p, LoraWeight)
+def scalar_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """A kernel times or over a scalar (an equalized learning rate, a muP multiplier):
+    ``c·w + scale·a@(c·b)``."""
+    scaling = _scaling(eqn, invals)
+    if scaling is None:
+        return NotImplemented
+    lw, c = scaling
+    b = lw.b * c if eqn.primitive is _compat.mul_p else lw.b / c
+    return [lw.replace(w=bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0], b=b.astype(lw.b.dtype))]
+
+
+@register(_compat.neg_p, LoraWeight)
+def neg_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    (lw,) = invals
+    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], b=-lw.b)]
+
+
+@register(_compat.stop_gradient_p, LoraWeight)
+def stop_gradient_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """A detached kernel (a target network's or a teacher's pass): the factors detached too."""
+    (lw,) = invals
+    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=lax.stop_gradient(lw.a), b=lax.stop_gradient(lw.b))]
 
 
 @register(_compat.copy_p, LoraWeight)

@@ -225,11 +225,14 @@ def test_a_target_that_matches_only_what_it_cannot_use_says_why():
 
 
 def test_nd_kernel_without_layout_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"kernel 'k/kernel' has shape \(4, 2, 3\).*infer_layout.*'k': 'iio'"):
-        lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]))
-    with pytest.raises(ValueError, match=r"'conv': 'iiio'"):
-        lora_init(KEY, {"conv": {"kernel": jnp.ones((3, 3, 4, 8))}}, LoraConfig(rank=2, targets=["conv"]))
-    with pytest.raises(ValueError, match=r"\(4, 2, 3\).*infer_layout saw no matmul, lookup or conv of it"):
+    """Every undeclared kernel at once, and the layouts of the common kinds rather than one guess
+    (an 'iio' for attention's (in, heads, head_dim) q would adapt the wrong axes)."""
+    tree = {"q": {"kernel": jnp.ones((4, 2, 3))}, "conv": {"kernel": jnp.ones((3, 3, 4, 8))}}
+    with pytest.raises(ValueError, match=r"of the kernel\(s\) 'conv/kernel' \(3, 3, 4, 8\), 'q/kernel' \(4, 2, 3\): "
+                                         r"pass lora_init\(..., infer_layout=.*'bio' for nn.scan-stacked Dense .*"
+                                         r"'ioo' for DenseGeneral to heads .*'iiio' for a 2-D conv"):
+        lora_init(KEY, tree, LoraConfig(rank=2, targets=["q", "conv"]))
+    with pytest.raises(ValueError, match=r"\(4, 2, 3\): infer_layout saw no matmul, lookup or conv of them"):
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]),
                   infer_layout=lambda p: jnp.sin(p["k"]["kernel"]).sum())
 

@@ -16,6 +16,17 @@ def test_plain_dense_and_transposed_storage():
     assert {k: str(v) for k, v in got.items()} == {"dense": "io", "conv1d": "oi"}
 
 
+def test_a_kernel_scaled_by_a_scalar_is_seen_through():
+    p = {"conv": jnp.ones((3, 3, 4, 8)), "dense": jnp.ones((8, 2))}
+
+    def fn(p):  # StyleGAN's equalized learning rate: the kernel scaled on every call
+        y = lax.conv_general_dilated(jnp.ones((1, 5, 5, 4)), p["conv"] * 0.5, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return -y.mean((1, 2)) @ (p["dense"] / 3.0)
+
+    assert {k: str(v) for k, v in infer_layouts(fn, p, ["conv", "dense"]).items()} == {"conv": "iiio", "dense": "io"}
+
+
 def test_scan_slices_mark_batch_axes_and_reshape_merges():
     p = {"stack": jnp.ones((3, 4, 2, 2))}
 

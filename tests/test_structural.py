@@ -33,6 +33,26 @@ def test_structural_rules_keep_lazy():
     check_against_oracle(fn, {"w": lw}, x)
 
 
+@pytest.mark.parametrize("use", [
+    lambda w, c: w * c,  # StyleGAN's equalized learning rate, a muP multiplier
+    lambda w, c: c * w,
+    lambda w, c: w / c,
+    lambda w, c: -w,
+    lambda w, c: lax.stop_gradient(w) * c,  # a target network's or teacher's pass
+], ids=["w*c", "c*w", "w/c", "-w", "stop_gradient"])
+def test_a_kernel_scaled_negated_or_detached_stays_factored(use):
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    fn = lambda p, x, c: x @ use(p["w"], c)
+    check_against_oracle(fn, {"w": lw}, normal(jax.random.key(1), (3, 4)), jnp.float32(0.7))  # c traced too
+
+
+def test_a_kernel_times_an_array_falls_back():
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    fn = lambda p, x: x @ (p["w"] * (jnp.arange(24.0).reshape(4, 6) > 5))  # a pruning mask: no factored form
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'mul'"):
+        check_against_oracle(fn, {"w": lw}, jnp.ones((2, 4)))
+
+
 def test_reshape_across_roles_falls_back():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     fn = lambda p, x: x @ p["w"].reshape(6, 4)
