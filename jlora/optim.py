@@ -67,7 +67,10 @@ def misfit(grads: Any, params: Any) -> str | None:
 
 
 def _check_has_adapters(params: Any, where: str) -> None:
-    if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+    """Refuse arrays without a jlora node (``lora_init`` forgotten). A tree with no arrays either
+    passes: ``optax.tree_map_params`` calls ``init`` with placeholders for whole nodes."""
+    leaves = jax.tree.leaves(params, is_leaf=is_node)
+    if not any(is_node(x) for x in leaves) and any(hasattr(x, "shape") for x in leaves):
         raise ValueError(f"{where}: params hold no LoraWeight or Trainable leaf, so nothing would train; "
                          "call jlora.lora_init first")
 

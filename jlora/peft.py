@@ -286,8 +286,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if not _positive(config.get(key)):
             raise ValueError(f"{path / CONFIG_FILE}: '{key}' must be a number > 0, got {config.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
-        bad = {k: v for k, v in (config.get(key) or {}).items() if not _positive(v)}
-        if not isinstance(config.get(key) or {}, dict) or bad:
+        table = config.get(key) or {}
+        if not isinstance(table, dict) or not all(_positive(v) for v in table.values()):
             raise ValueError(f"{path / CONFIG_FILE}: '{key}' must map patterns to numbers > 0, got {config[key]!r}")
     dropout = config.get("lora_dropout") or 0.0
     if not (_positive(dropout) or dropout == 0) or dropout >= 1:

@@ -141,6 +141,7 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
                           ({"lora_dropout": 1.5}, r"'lora_dropout' must be in \[0, 1\), got 1.5"),
                           ({"alpha_pattern": {"q_proj": -4}}, "'alpha_pattern' must map patterns to numbers > 0"),
                           ({"rank_pattern": {"q_proj": "2"}}, "'rank_pattern' must map patterns to numbers > 0"),
+                          ({"rank_pattern": ["q_proj"]}, "'rank_pattern' must map patterns to numbers > 0"),
                           ({"use_rslora": "yes"}, "'use_rslora' must be true or false, got 'yes'")):
         config_file.write_text(json.dumps({**good, **change}))
         with pytest.raises(ValueError, match=match):
