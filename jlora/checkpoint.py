@@ -219,13 +219,12 @@ class AdapterCheckpointer:
             raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            reason = None if isinstance(meta, dict) and "specs" in meta else "its metadata holds no adapter specs"
         except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, json's for a broken one
-            meta = None
             reason = f"{type(err).__name__}: {err}"
-        if not isinstance(meta, dict) or "specs" not in meta:
-            reason = reason if meta is None else "its metadata holds no adapter specs"
+        if reason is not None:
             raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({reason}); restore another "
-                             f"step of {self.all_steps()}") from None
+                             f"step of {self.all_steps()}")
         return step, meta
 
     def latest_step(self) -> int | None:

@@ -196,6 +196,18 @@ def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tupl
     return tuple(items)
 
 
+def type_name(x: Any) -> str:
+    """``x``'s type as an error message names it: with its module, unless a builtin (a foreign
+    config of the same name, PEFT's ``LoraConfig``, is then told apart from jlora's).
+
+    Example:
+        >>> type_name({}), type_name(LoraConfig())
+        ('dict', 'jlora.config.LoraConfig')
+    """
+    module = type(x).__module__
+    return type(x).__qualname__ if module == "builtins" else f"{module}.{type(x).__qualname__}"
+
+
 def check_key(key: Any, where: str) -> None:
     """Refuse anything but a PRNG key (``jax.random.key``, or a legacy ``uint32`` key: 2 words for
     threefry, 4 for rbg) with a message naming ``where`` it was passed.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.config import ALL_LINEAR, LoraConfig
+from jlora.config import ALL_LINEAR, LoraConfig, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
 from jlora.weight import is_param
@@ -59,7 +59,7 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
     """
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"jlora.hf: config must be a jlora.LoraConfig, e.g. jlora.LoraConfig(rank=8, alpha=16, "
-                        f"targets=[...]), got {_type_name(config)}")
+                        f"targets=[...]), got {type_name(config)}")
     config = config or LoraConfig()
     changes: dict[str, Any] = {}
     if config.targets is None:
@@ -105,11 +105,6 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     return inputs
 
 
-def _type_name(x: Any) -> str:
-    module = type(x).__module__
-    return type(x).__qualname__ if module == "builtins" else f"{module}.{type(x).__qualname__}"
-
-
 def _check_model(model: Any, who: str) -> None:
     """Refuse what is not a HF Flax model instance: its class, its params, another object."""
     if isinstance(model, type):
@@ -119,7 +114,7 @@ def _check_model(model: Any, who: str) -> None:
     if not hasattr(getattr(model, "config", None), "model_type"):
         hint = "; pass the model, and params of your own as params=..." if isinstance(model, dict) else ""
         raise TypeError(f"{who}: takes a HF Flax model (a transformers FlaxPreTrainedModel), "
-                        f"got {_type_name(model)}{hint}")
+                        f"got {type_name(model)}{hint}")
 
 
 def _call_args(model: Any) -> tuple[str, ...]:

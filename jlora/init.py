@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from jlora import _compat
-from jlora.config import ALL_LINEAR, LoraConfig, check_key
+from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
 from jlora.sharding import factor_shardings
@@ -263,9 +263,8 @@ def lora_init(
         (16, 4)
     """
     if not isinstance(config, LoraConfig):
-        kind = type(config)
-        raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {kind.__module__}.{kind.__qualname__}"
-                         " (jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...]))")
+        raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {type_name(config)} "
+                         "(jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...]))")
     check_key(key, "lora_init")
     if infer_layout is not None and not callable(infer_layout):
         raise ValueError(f"lora_init: infer_layout must be a function of the params (e.g. lambda p: "

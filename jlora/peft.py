@@ -290,7 +290,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if not isinstance(table, dict) or not all(_positive(v) for v in table.values()):
             raise ValueError(f"{path / CONFIG_FILE}: '{key}' must map patterns to numbers > 0, got {config[key]!r}")
     dropout = config.get("lora_dropout") or 0.0
-    if not (_positive(dropout) or dropout == 0) or dropout >= 1:
+    if dropout != 0 and not (_positive(dropout) and dropout < 1):
         raise ValueError(f"{path / CONFIG_FILE}: 'lora_dropout' must be in [0, 1), got {config['lora_dropout']!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise ValueError(f"{path / CONFIG_FILE}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
