@@ -26,7 +26,7 @@ from jax import lax
 from jlora import _compat, explicit
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
-from jlora.lazy import Context, evaluate_eqn, is_lazy, register
+from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register
 from jlora.weight import Lazy, LoraWeight
 
 
@@ -366,9 +366,17 @@ def _squeezed(lw: LoraWeight, dropped: set[int]) -> tuple | None:
 @register(_compat.squeeze_p, LoraWeight)
 def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
-    squeezed = _squeezed(lw, {d % lw.ndim for d in eqn.params["dimensions"]})
+    dropped = {d % lw.ndim for d in eqn.params["dimensions"]}
+    squeezed = _squeezed(lw, dropped)
     if squeezed is None:
-        return NotImplemented
+        # a row (``W[i]``, a scalar index: no input axis left) or a column (no output axis left):
+        # w + scale·a@b costs no more than the result itself, so it is made whole without a
+        # warning. A row is an embedding lookup (no dropout, as in ``gather``); a column's matmul
+        # loses its dropout, and says so.
+        row = all(lw.layout.axes[ax][0] != "i" for ax in range(lw.ndim) if ax not in dropped)
+        undropped = not row and ctx.drops(lw)
+        whole = materialize(lw, "squeeze" if undropped else None, "a column of a kernel", undropped=undropped)
+        return _compat.bind(eqn, [whole])
     a, b, layout = squeezed
     return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b, layout=layout)]
 

@@ -63,6 +63,15 @@ def test_flipped_window_and_vmapped_lookup():
     assert str(infer_layouts(looked_up, p, ["emb"])["emb"]) == "io"
 
 
+def test_one_row_by_a_scalar_index_is_an_embedding_lookup():
+    """``W[i]`` (dynamic_slice then squeeze; Equinox's Embedding per token): the rows are the input."""
+    emb, stacked = {"emb": jnp.ones((10, 4))}, {"emb": jnp.ones((3, 10, 4))}
+    assert str(infer_layouts(lambda p: jnp.tanh(p["emb"][jnp.int32(2)]), emb, ["emb"])["emb"]) == "io"
+    assert str(infer_layouts(lambda p: p["emb"][7] * 2.0, emb, ["emb"])["emb"]) == "io"
+    assert str(infer_layouts(lambda p: p["emb"][1][jnp.int32(2)], stacked, ["emb"])["emb"]) == "bio"
+    assert infer_layouts(lambda p: p["emb"][1].sum(), stacked, ["emb"]) == {}  # a layer, unused: no guess
+
+
 def test_matrices_picked_from_a_stack_are_batched_not_looked_up():
     """W[idx] (an expert per token) then a matmul: the expert axis is a batch axis, a rank-r adapter
     per expert, not one full-rank 'embedding' update."""

@@ -103,6 +103,35 @@ def test_slices_of_a_kernel_slice_its_factors(name, shape, layout, fn, layer):
     check_against_oracle(fn, params, normal(jax.random.key(3), (5, 8)), jnp.int32(layer))
 
 
+ONE_ROW_OR_COLUMN = {
+    "a row by a traced index (eqx.nn.Embedding's per-token call)": lambda p, x, i: jnp.tanh(p["w"][i]) * x,
+    "a row by a Python int": lambda p, x, i: p["w"][3] * x,
+    "rows in a decoding loop": lambda p, x, i: lax.scan(lambda h, t: (h + p["w"][t], None), x, jnp.stack([i, 4, i]))[0],
+    "a column by a traced index": lambda p, x, i: (jnp.arange(8.0) @ p["w"][:, i]) * x,
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_ROW_OR_COLUMN))
+def test_one_row_or_column_of_a_kernel_is_made_whole_without_a_warning(name):
+    # w[i] = w0[i] + s·a[i]@b costs no more than its (9,) result: no fast path is lost, so no
+    # MaterializeWarning (an error in this suite)
+    params = {"w": random_lora(jax.random.key(0), (8, 9), "io", 3)}
+    check_against_oracle(ONE_ROW_OR_COLUMN[name], params, normal(jax.random.key(1), (9,)), jnp.int32(2))
+
+
+def test_a_row_is_not_dropped_and_a_columns_matmul_says_its_dropout_is_lost():
+    params = {"w": random_lora(jax.random.key(0), (8, 9), "io", 3).replace(dropout=0.5)}
+    x, merged = normal(jax.random.key(1), (9,)), oracle_merge(params)
+    row = ONE_ROW_OR_COLUMN["a row by a traced index (eqx.nn.Embedding's per-token call)"]
+    # an embedding lookup, as gather's: no dropout (as PEFT's Embedding), no warning
+    got = jlora.apply(row)(params, x, jnp.int32(2), lora_rng=jax.random.key(2))
+    np.testing.assert_allclose(got, row(merged, x, 2), rtol=1e-6)
+    column = ONE_ROW_OR_COLUMN["a column by a traced index"]
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'squeeze'.*NOT applied"):
+        got = jlora.apply(column)(params, x, jnp.int32(2), lora_rng=jax.random.key(2))
+    np.testing.assert_allclose(got, column(merged, x, 2), rtol=1e-5)
+
+
 JOINED = {
     "side by side, a plain kernel between": lambda p, x: x @ jnp.concatenate([p["q"], p["plain"], p["k"]], axis=1),
     "one above the other": lambda p, x: jnp.concatenate([x, x[:, :6]], 1) @ jnp.concatenate([p["q"], p["short"]], 0),
