@@ -171,6 +171,22 @@ def test_equinox_model_with_inferred_layouts():
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)
 
 
+def test_equinox_embedding_called_per_token_in_a_loop():
+    """eqx.nn.Embedding's call is ``weight[token]`` (a scalar index): inferred as a lookup, and each
+    row made whole (as small as the result) without a warning (an error in this suite)."""
+    k1, k2 = jax.random.split(KEY)
+    model = (eqx.nn.Embedding(20, 6, key=k1), eqx.nn.Linear(6, 6, key=k2))
+
+    def decode(m, tokens):  # one token per step, as a recurrent decoder feeds them
+        embed, cell = m
+        return jax.lax.scan(lambda h, t: (jnp.tanh(cell(h) + embed(t)), h), jnp.zeros(6), tokens)[1]
+
+    tokens = jnp.array([3, 0, 19, 7])
+    p = lora(model, ["weight"], fn=lambda m: decode(m, tokens))
+    assert (str(p[0].weight.layout), str(p[1].weight.layout)) == ("io", "oi")
+    check_against_oracle(decode, p, tokens, jit=False)
+
+
 def test_trace_is_cached_per_signature():
     calls = []
 
