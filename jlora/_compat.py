@@ -61,11 +61,14 @@ remat_p = getattr(_p, "remat_p", None) or _traced_primitive(jax.checkpoint(lambd
 concatenate_p = _p.concatenate_p
 all_gather_p = _p.all_gather_p
 broadcast_in_dim_p = _p.broadcast_in_dim_p
+pad_p = _p.pad_p
 # Not in jax.extend.core.primitives (JAX 0.6 - 0.10): read off a trace. ``split`` (params axis,
-# sizes) is a primitive in every supported JAX; ``unstack`` and ``stack`` (param axis) became
+# sizes), ``optimization_barrier`` (no params) and ``ragged_dot_general`` are primitives in every
+# supported JAX; ``unstack`` and ``stack`` (param axis) became
 # primitives after 0.6 (before, jnp.unstack traced to a jit of split and squeezes, jnp.stack to
 # broadcast_in_dim and concatenate): None where they are not.
 split_p = _traced_primitive(lambda x: jax.lax.split(x, (1, 1)), np.zeros(2, np.float32))
+optimization_barrier_p = _traced_primitive(jax.lax.optimization_barrier, np.zeros(1, np.float32))
 ragged_dot_general_p = _traced_primitive(
     lambda x, w: jax.lax.ragged_dot(x, w, np.array([1], np.int32)), np.zeros((1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
 

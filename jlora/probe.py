@@ -158,10 +158,11 @@ def _transpose(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.slice_p, Probe)
 @register(_compat.dynamic_slice_p, Probe)
 @register(_compat.rev_p, Probe)
+@register(_compat.pad_p, Probe)
 @register(_compat.all_gather_p, Probe)
 def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
-    """A cast, a copy, a constraint, a slice (``W[i]`` before its squeeze), a flip or a gather of
-    the blocks of ``shard_map`` keeps every axis in its place."""
+    """A cast, a copy, a constraint, a slice (``W[i]`` before its squeeze), a flip, a pad or a
+    gather of the blocks of ``shard_map`` keeps every axis in its place."""
     probe, *rest = invals
     if not isinstance(probe, Probe) or any(isinstance(v, Probe) for v in rest):
         return NotImplemented

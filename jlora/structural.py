@@ -6,8 +6,10 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
   ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` and ``all_gather``
   (inside ``shard_map``), ``stop_gradient``, ``neg``, and ``mul``/``div`` by a scalar (on ``b``),
   ``slice``/``dynamic_slice`` (layer ``i`` of a stack, rows of an embedding, one part of a fused
-  kernel), new axes (``w[None]``, ``jnp.broadcast_to``), and whole matrices picked from a stack
-  (``W[expert_of_token]``, called by the gather rule of ``jlora.rules``);
+  kernel), ``pad`` (zeros in the factors), new axes (``w[None]``, ``jnp.broadcast_to``), and whole
+  matrices picked from a stack (``W[expert_of_token]``, called by the gather rule of
+  ``jlora.rules``); a single row or column (nothing to factor: made whole, as small as the result);
+- any lazy kind: ``optimization_barrier`` (over its children);
 - one in, several out: ``split``, ``unstack``;
 - several in, one out: ``concatenate``, ``stack`` (each adapter in its own block of a larger
   rank, or the factors stacked as the kernels are).
@@ -224,6 +226,14 @@ def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
 
 
+@register(_compat.optimization_barrier_p, Lazy)
+def optimization_barrier_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``lax.optimization_barrier`` over lazy values (a scheduling fence around the params): the
+    barrier over their children, so it orders the same computation and they stay lazy."""
+    leaves, treedef = jax.tree.flatten(invals)
+    return jax.tree.unflatten(treedef, _compat.bind(eqn, leaves))
+
+
 @register(_compat.all_gather_p, LoraWeight)
 def all_gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Inside ``shard_map``, a kernel gathered whole before its use (FSDP written by hand): a factor
@@ -329,6 +339,19 @@ def slice_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
     a, b = _cut(lw, start, limit, eqn.params.get("strides") or (1,) * lw.ndim)
     return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
+
+
+@register(_compat.pad_p, LoraWeight)
+def pad_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``jnp.pad`` / ``lax.pad`` of a kernel (a vocabulary padded to a multiple of 128): the
+    factors' matching axes padded (cropped, interleaved) alike with zeros, so the new rows and
+    columns are the padding value alone."""
+    lw, fill = invals
+    if is_lazy(fill):
+        return NotImplemented
+    config = eqn.params["padding_config"]
+    a, b = _each_factor(lw, lambda x, per: lax.pad(x, jnp.zeros((), x.dtype), per(config, [(0, 0, 0)] * x.ndim)))
+    return [lw.replace(w=bind(ctx, eqn, [lw.w, fill], lw)[0], a=a, b=b)]
 
 
 def _pieces(lw: LoraWeight, axis: int, sizes: Sequence[int]) -> list[tuple]:

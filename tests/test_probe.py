@@ -72,6 +72,13 @@ def test_one_row_by_a_scalar_index_is_an_embedding_lookup():
     assert infer_layouts(lambda p: p["emb"][1].sum(), stacked, ["emb"]) == {}  # a layer, unused: no guess
 
 
+def test_a_padded_or_fenced_kernel_keeps_its_axes():
+    p = {"w": jnp.ones((3, 16, 8))}
+    padded = lambda p: jnp.einsum("lti,lio->lto", jnp.ones((4, 5, 18)), jnp.pad(p["w"], ((0, 1), (2, 0), (0, 0))))
+    fenced = lambda p: jnp.einsum("lti,lio->lto", jnp.ones((3, 5, 16)), lax.optimization_barrier(p["w"]))
+    assert str(infer_layouts(padded, p, ["w"])["w"]) == str(infer_layouts(fenced, p, ["w"])["w"]) == "bio"
+
+
 def test_matrices_picked_from_a_stack_are_batched_not_looked_up():
     """W[idx] (an expert per token) then a matmul: the expert axis is a batch axis, a rank-r adapter
     per expert, not one full-rank 'embedding' update."""

@@ -103,6 +103,23 @@ def test_slices_of_a_kernel_slice_its_factors(name, shape, layout, fn, layer):
     check_against_oracle(fn, params, normal(jax.random.key(3), (5, 8)), jnp.int32(layer))
 
 
+PADDED_OR_FENCED = {
+    "rows padded": ((6, 5), "io", lambda p, x: x @ jnp.pad(p["w"], ((1, 3), (0, 0)), constant_values=0.5)),
+    # interior padding on the input axis, a column cropped (negative padding) and one added before
+    "interleaved and cropped": ((6, 5), "io", lambda p, x: x @ lax.pad(p["w"], 0.3, ((0, -1, 1), (2, -1, 0)))),
+    "a stack padded on every axis": ((3, 6, 5), "bio", lambda p, x: jnp.einsum(
+        "ti,lio->lto", x[:, :8], jnp.pad(p["w"], ((1, 1), (0, 2), (0, 2))))),
+    "behind an optimization barrier": ((6, 5), "io", lambda p, x: x[:, :6] @ lax.optimization_barrier((p["w"], x))[0]),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_OR_FENCED))
+def test_a_kernel_padded_or_behind_a_barrier_stays_factored(name):
+    shape, layout, fn = PADDED_OR_FENCED[name]
+    # no MaterializeWarning (an error in this suite): the factors padded with zeros, or fenced too
+    check_against_oracle(fn, {"w": random_lora(jax.random.key(0), shape, layout, 2)}, normal(jax.random.key(1), (3, 10)))
+
+
 ONE_ROW_OR_COLUMN = {
     "a row by a traced index (eqx.nn.Embedding's per-token call)": lambda p, x, i: jnp.tanh(p["w"][i]) * x,
     "a row by a Python int": lambda p, x, i: p["w"][3] * x,
