@@ -2,8 +2,9 @@
 
 Only the trainable half is stored (``a``, ``b`` and fully trained leaves), keyed by param path; the
 JSON holds the LoRA config, each target's layout, rank, scale and base shape, and free-form
-metadata (the base model). Loading checks every key, shape and dtype against the base params
-before building anything. A save writes its two files beside the old ones and renames each into
+metadata (the base model). Loading checks every key and shape against the base params, and that
+each adapted kernel and fully trained leaf is a float, before building anything; a fully trained
+leaf keeps the dtype it was trained in (f32 over a bf16 base). A save writes its two files beside the old ones and renames each into
 place (the weights, then the JSON): other files in the directory are left alone, and an interrupted
 save leaves whole files, never a truncated one.
 """
@@ -306,7 +307,8 @@ def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str]
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
 
-    Every key, shape and dtype is checked against the base before anything is built.
+    Every key and shape is checked against the base before anything is built; a fully trained leaf
+    keeps the float dtype it was saved in.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
@@ -333,8 +335,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         if tensors[f"{p}/a"].shape != want_a or tensors[f"{p}/b"].shape != want_b:
             raise ValueError(f"{path}: '{p}': a/b shapes {tensors[f'{p}/a'].shape}, {tensors[f'{p}/b'].shape} "
                              f"do not match rank {spec['rank']} and layout '{layout}' (want {want_a}, {want_b})")
-    for p, shape in trainable.items():
-        if list(by_path[p].shape) != list(shape) or tensors[p].dtype != np.dtype(by_path[p].dtype):
+    for p, shape in trainable.items():  # kept in the dtype it was trained in (f32 over a bf16 base), as restore does
+        if list(by_path[p].shape) != list(shape) or not jnp.issubdtype(tensors[p].dtype, jnp.floating):
             raise ValueError(f"{path}: '{p}' is {tensors[p].dtype}{list(tensors[p].shape)} in the adapter, "
                              f"{np.dtype(by_path[p].dtype)}{list(by_path[p].shape)} in the base")
     new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],

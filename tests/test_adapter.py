@@ -36,6 +36,26 @@ def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
     assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
 
 
+def test_a_leaf_trained_in_f32_over_a_bf16_base_loads_as_trained(tmp_path):
+    """Mixed precision: the bias trained in f32 over a bf16 model comes back in f32, as
+    AdapterCheckpointer.restore gives it; a non-float leaf in its place is refused."""
+    base, cfg, p = lora_tree()
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    p = jlora.lora_init(KEY, base, cfg)
+    p["q"]["bias"] = jlora.weight.Trainable(jnp.linspace(0.0, 1.0, 8, dtype=jnp.float32))
+    save_adapter(tmp_path / "ad", p)
+    back = load_adapter(tmp_path / "ad", base)
+    assert back["q"]["bias"].value.dtype == jnp.float32
+    jax.tree.map(np.testing.assert_array_equal, back, p)
+    ckpt = jlora.checkpoint.AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, p)
+    jax.tree.map(np.testing.assert_array_equal, ckpt.restore(base)[0], back)
+    p["q"]["bias"] = jlora.weight.Trainable(jnp.arange(8, dtype=jnp.int32))
+    save_adapter(tmp_path / "int", p)
+    with pytest.raises(ValueError, match=r"'q/bias' is int32\[8\] in the adapter, bfloat16\[8\] in the base"):
+        load_adapter(tmp_path / "int", base)
+
+
 def test_a_second_save_replaces_the_first_and_nothing_else(tmp_path, monkeypatch):
     base, cfg, p = lora_tree()
     (tmp_path / "ad").mkdir()
