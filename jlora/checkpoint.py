@@ -134,7 +134,7 @@ class AdapterCheckpointer:
                           stacklevel=2)
             return False
         if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
-            metrics = {k: float(v) if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) else v
+            metrics = {k: float(v) if np.ndim(v) == 0 and jax.dtypes.issubdtype(np.asarray(v).dtype, np.number) else v
                        for k, v in metrics.items()}
         if self.best_metric is not None and not isinstance((metrics or {}).get(self.best_metric), float):
             raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "

@@ -336,7 +336,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter{where}")
         name, part = key[len(PREFIX):].rsplit(".lora_embedding_" if embedding else ".lora_", 1)
-        if not np.issubdtype(value.dtype, np.floating):
+        if not jnp.issubdtype(value.dtype, jnp.floating):  # numpy does not count bfloat16 as floating
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}; LoRA factors are floating point")
         factors.setdefault(name, {})[part[0]] = value
         if embedding:

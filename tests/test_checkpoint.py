@@ -181,6 +181,7 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     with pytest.raises(ValueError, match="metrics must hold a number under 'loss'"):
         best.save(9, params, metrics={"val_loss": 0.1})  # refused before orbax starts writing
     assert best.save(10, params, metrics={"loss": jnp.float32(0.1)}) and best.best_step() == 10  # a jax scalar
+    assert best.save(11, params, metrics={"loss": jnp.bfloat16(0.05)}) and best.best_step() == 11  # bf16 (a bf16 model's loss)
     for keep in (0, -1, "3", 2.5, True):  # orbax's max_to_keep=0 deletes every step, older runs' too
         with pytest.raises(ValueError, match=f"max_to_keep must be an int >= 1, or None to keep every step; got {keep!r}"):
             AdapterCheckpointer(tmp_path / "last", max_to_keep=keep)

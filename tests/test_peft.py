@@ -4,6 +4,7 @@ and adapters made by PEFT give the same logits in jlora."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -204,6 +205,28 @@ def test_trained_biases_cross_both_ways(tmp_path):
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)
     assert '"bias": "all"' in (tmp_path / "back" / "adapter_config.json").read_text()
     _, fresh = pair("gpt2", tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "back").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(torch.tensor(IDS)).logits.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_adapters_cross_both_ways(tmp_path):
+    """A PEFT model cast to bf16 saves bf16 factors (numpy does not count bfloat16 as a float
+    dtype); jlora reads them, and writes its own bf16 factors for PEFT. The oracle: PEFT with the
+    same bf16 factors held in an f32 model."""
+    model, torch_model = pair("llama", tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(torch_model, cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _, fresh = pair("llama", tmp_path)
+    on_f32 = peft.PeftModel.from_pretrained(fresh, tmp_path / "bf16").eval()  # bf16 values in f32 layers
+    with torch.no_grad():
+        want = on_f32(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "bf16", model.params, model.config)
+    lw = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert (lw.a.dtype, lw.b.dtype) == (jnp.bfloat16, jnp.bfloat16)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+    jlora.peft.save_adapter(tmp_path / "back", params, model.config)
+    _, fresh = pair("llama", tmp_path)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "back").eval()
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(torch.tensor(IDS)).logits.numpy(), want, rtol=1e-4, atol=1e-5)
