@@ -221,7 +221,9 @@ def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict
     same = shape == value.shape
     if same and not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base)):  # abstract: shapes only
         _, want = _to_torch(p, base.materialize() if isinstance(base, Lazy) else base)
-        tol = 4 * float(jnp.finfo(base.dtype).eps)
+        # the copy may be coarser than the base (a PEFT model cast to bf16, over an f32 base)
+        tol = 4 * max(float(jnp.finfo(d).eps) for d in (base.dtype, value.dtype))
+        value, want = np.asarray(value, np.float64), np.asarray(want, np.float64)
         same = np.allclose(value, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))
     if not same:
         raise ValueError(f"{source}: the adapter carries a copy of {module}'s base weight (PEFT's "

@@ -238,7 +238,8 @@ class LoraWeight(Lazy):
         return self.scale * d
 
     def materialize(self) -> jax.Array:
-        """``w + scale·a@b`` in ``w``'s dtype (the sum is formed in the wider of the two dtypes).
+        """``w + scale·a@b`` in ``w``'s dtype (``a@b`` and the sum formed in the widest of the three
+        dtypes: bf16 factors over an f32 kernel add an f32 product, as a matmul's low-rank path has it).
 
         Example:
             >>> lw = LoraWeight(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
@@ -246,9 +247,10 @@ class LoraWeight(Lazy):
             (dtype(bfloat16), 2.0)
         """
         w = self.w.materialize() if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
-        delta = explicit.resharded_like(self.delta(), w)
-        wide = jnp.promote_types(w.dtype, delta.dtype)
-        return (w.astype(wide) + delta.astype(wide)).astype(w.dtype)
+        wide = jnp.result_type(w.dtype, self.a.dtype, self.b.dtype)
+        widened = self if self.a.dtype == self.b.dtype == wide else self.replace(a=self.a.astype(wide), b=self.b.astype(wide))
+        delta = explicit.resharded_like(widened.delta(), w)
+        return (w.astype(wide) + delta).astype(w.dtype)
 
     def example(self) -> Any:
         if isinstance(self.w, Lazy):

@@ -26,9 +26,10 @@ def oracle_merge(tree: Any) -> Any:
             ax = {role: [a for _, a in g] for role, g in groups.items()}
             a_sub = "".join(w_letters[i] for i in ax["b"] + ax["i"]) + r
             b_sub = "".join(w_letters[i] for i in ax["b"]) + r + "".join(w_letters[i] for i in ax["o"])
-            delta = x.scale * jnp.einsum(f"{a_sub},{b_sub}->{''.join(w_letters)}", x.a, x.b,
-                                         precision=jax.lax.Precision.HIGHEST)
             w = x.w.materialize() if isinstance(x.w, jlora.Lazy) else x.w  # a lazy base's own definition
+            wide = jnp.result_type(w, x.a, x.b)  # the product in the widest dtype of the three
+            delta = x.scale * jnp.einsum(f"{a_sub},{b_sub}->{''.join(w_letters)}", x.a.astype(wide), x.b.astype(wide),
+                                         precision=jax.lax.Precision.HIGHEST)
             return (w + delta).astype(w.dtype)
         if isinstance(x, Trainable):
             return x.value

@@ -215,7 +215,8 @@ def test_bf16_adapters_cross_both_ways(tmp_path):
     dtype); jlora reads them, and writes its own bf16 factors for PEFT. The oracle: PEFT with the
     same bf16 factors held in an f32 model."""
     model, torch_model = pair("llama", tmp_path)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    # with the embedding: PEFT saves its base weight beside the adapter, in bf16 too
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False)
     peft.get_peft_model(torch_model, cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     _, fresh = pair("llama", tmp_path)
     on_f32 = peft.PeftModel.from_pretrained(fresh, tmp_path / "bf16").eval()  # bf16 values in f32 layers

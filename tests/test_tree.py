@@ -75,6 +75,23 @@ def test_merge_is_exact_and_runs_the_unmodified_function():
     np.testing.assert_allclose(fn(merged, x), jlora.apply(fn)(p, x), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_factors_over_an_f32_kernel_add_an_f32_product():
+    """Adapters kept in bf16 (as a PEFT model cast to bf16 saves them) over an f32 model: merge,
+    a matmul and an embedding lookup all form a@b from the bf16 values in f32, not rounded to bf16."""
+    p = tree()
+    lw = p["q"]["kernel"]
+    lw = lw.replace(a=(3 * lw.a).astype(jnp.bfloat16), b=(3 * lw.b).astype(jnp.bfloat16))
+    a, b = np.asarray(lw.a, np.float64), np.asarray(lw.b, np.float64)
+    want = np.asarray(lw.w, np.float64) + lw.scale * a @ b  # numpy, in float64
+    merged = jlora.merge({"q": lw})["q"]
+    assert merged.dtype == jnp.float32
+    np.testing.assert_allclose(merged, want, rtol=1e-6, atol=1e-6)
+    x, ids = jax.random.normal(KEY, (3, 8)), jnp.array([5, 0, 7])
+    np.testing.assert_allclose(jlora.apply(lambda p: x @ p["q"])({"q": lw}), x @ want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jlora.apply(lambda p: p["q"][ids])({"q": lw}), want[ids], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jlora.apply(lambda p: p["q"][ids[0]])({"q": lw}), want[5], rtol=1e-6, atol=1e-6)
+
+
 def test_merge_gives_plain_arrays_over_a_quantized_base():
     """Adapters over int8 kernels and a quantized kernel no adapter touches: merged, all plain
     arrays, equal to merging over the float kernels they stand for."""
