@@ -45,12 +45,14 @@ TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequen
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
-# (the saved tensors hold all the rest). Any other option must be unset: an option jlora cannot
-# represent (DoRA, layer selection, aLoRA, ...), or one a newer PEFT adds, is refused, never dropped.
+# (the saved tensors hold all the rest: which layers ``layers_to_transform`` picked is in their
+# keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
+# replication, aLoRA, ...), or one a newer PEFT adds, is refused, never dropped.
 READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
         "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-               "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config"}
+               "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config",
+               "layers_to_transform", "layers_pattern"}
 # Initialisations that change the base weights (the adapter then fits the changed base, not the
 # model jlora holds): PiSSA (and its "pissa_niter_N"), OLoRA, CorDA, LoftQ, LoRA-GA. Every other
 # one (gaussian, eva, orthogonal, mica, ...) only sets A and B, which the file holds.

@@ -210,6 +210,21 @@ def test_trained_biases_cross_both_ways(tmp_path):
         np.testing.assert_allclose(reloaded(torch.tensor(IDS)).logits.numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_an_adapter_on_some_layers_only_runs_the_same_in_jlora(tmp_path):
+    """layers_to_transform picked the layers when PEFT made the adapter; the file's keys say which."""
+    model, torch_model = pair("llama", tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          layers_to_transform=[1], layers_pattern="layers")
+    peft_model = peft.get_peft_model(torch_model, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    adapted = [lw.path for lw in jax.tree.leaves(params, is_leaf=jlora.weight.is_node) if isinstance(lw, jlora.LoraWeight)]
+    assert adapted == ["model/layers/1/self_attn/q_proj/kernel", "model/layers/1/self_attn/v_proj/kernel"]
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_adapters_cross_both_ways(tmp_path):
     """A PEFT model cast to bf16 saves bf16 factors (numpy does not count bfloat16 as a float
     dtype); jlora reads them, and writes its own bf16 factors for PEFT. The oracle: PEFT with the
