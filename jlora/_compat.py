@@ -80,6 +80,8 @@ def _own_primitive(name: str, fn: Any, *args: Any) -> Any:
 
 unstack_p = _own_primitive("unstack", lambda x: jax.numpy.unstack(x), np.zeros((2, 1), np.float32))
 stack_p = _own_primitive("stack", lambda x: jax.numpy.stack([x, x]), np.zeros(1, np.float32))
+# ``jnp.tile`` became a primitive (param reps) after 0.6; before, a broadcast_in_dim and a reshape.
+tile_p = _own_primitive("tile", lambda x: jax.numpy.tile(x, 2), np.zeros(1, np.float32))
 
 
 def _shard_map_eqn() -> Any:

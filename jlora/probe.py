@@ -169,6 +169,10 @@ def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
     return [probe.with_value(_compat.bind(eqn, [probe.value, *rest])[0])]
 
 
+if _compat.tile_p is not None:  # copies of the kernel along its own axes
+    register(_compat.tile_p, Probe)(_same_axes)
+
+
 @register(_compat.mul_p, Probe)
 @register(_compat.div_p, Probe)
 @register(_compat.neg_p, Probe)
@@ -216,10 +220,12 @@ if _compat.unstack_p is not None:
 
 @register(_compat.broadcast_in_dim_p, Probe)
 def _broadcast(ctx: Context, eqn: Any, invals: list) -> Any:
-    """New axes (``w[None]``, ``jnp.broadcast_to``) stand for none of the kernel's axes."""
+    """New axes (``w[None]``, ``jnp.broadcast_to``) stand for none of the kernel's axes; a size-1
+    axis grown keeps its place."""
     probe, *rest = invals
     shape, kept = eqn.params["shape"], tuple(eqn.params["broadcast_dimensions"])
-    if rest or tuple(shape[ax] for ax in kept) != probe.shape or list(kept) != sorted(kept):
+    if (rest or any(n not in (shape[ax], 1) for ax, n in zip(kept, probe.shape))
+            or list(kept) != sorted(kept)):
         return NotImplemented
     of = dict(zip(kept, probe.axes))
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(of.get(ax, ()) for ax in range(len(shape))))]

@@ -417,6 +417,19 @@ if _compat.unstack_p is not None:
                 for w, (a, b, layout) in zip(bind(ctx, eqn, [lw.w], lw), pieces)]
 
 
+if _compat.tile_p is not None:
+    @register(_compat.tile_p, LoraWeight)
+    def tile_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+        """``jnp.tile`` (copies of a layer for each of a batch): each factor tiled along its
+        matching axes, so every copy is ``w + scale·a@b`` again."""
+        (lw,) = invals
+        reps = tuple(eqn.params["reps"])
+        if len(reps) != lw.ndim:
+            return NotImplemented
+        a, b = _each_factor(lw, lambda x, per: jnp.tile(x, per(reps, [1] * x.ndim)))
+        return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
+
+
 # --- kernels joined: several in, one LoraWeight out ---------------------------------------------
 
 def _expanded(lw: LoraWeight, new_axes: Sequence[int], sizes: Sequence[int] | None = None) -> LoraWeight:
@@ -435,14 +448,19 @@ def _expanded(lw: LoraWeight, new_axes: Sequence[int], sizes: Sequence[int] | No
 @register(_compat.broadcast_in_dim_p, LoraWeight)
 def broadcast_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """New axes (``w[None]``, as ``jnp.stack`` makes before it joins kernels, or a kernel
-    broadcast over a batch for a batched matmul): batch axes, the factors broadcast alike."""
+    broadcast over a batch for a batched matmul): batch axes, the factors broadcast alike; a
+    size-1 axis of ``w`` grown (``jnp.broadcast_to(w[None], (n, ...))``): the factors' matching
+    axes grown alike."""
     lw, *dyn = invals
     shape, kept = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
     new_axes = [ax for ax in range(len(shape)) if ax not in kept]
-    if (dyn or eqn.params.get("sharding") is not None or tuple(shape[ax] for ax in kept) != lw.shape
-            or list(kept) != sorted(kept)):
-        return NotImplemented  # an axis of w itself broadcast, or reordered
-    return [_expanded(lw, new_axes, [shape[ax] for ax in new_axes]).replace(w=bind(ctx, eqn, [lw.w], lw)[0])]
+    sizes = tuple(shape[ax] for ax in kept)
+    if (dyn or eqn.params.get("sharding") is not None or list(kept) != sorted(kept)
+            or any(n not in (size, 1) for size, n in zip(sizes, lw.shape))):
+        return NotImplemented  # reordered
+    a, b = _each_factor(lw, lambda x, per: jnp.broadcast_to(x, per(sizes, x.shape)))
+    grown = lw.replace(a=a, b=b)
+    return [_expanded(grown, new_axes, [shape[ax] for ax in new_axes]).replace(w=bind(ctx, eqn, [lw.w], lw)[0])]
 
 
 @register(_compat.concatenate_p, LoraWeight)
