@@ -81,11 +81,13 @@ def is_lazy(x: Any) -> bool:
 
 
 def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: bool = False) -> None:
-    """Warn once per (what, param path) that a value was materialised. ``where`` names the param
-    of a value that has no ``path`` of its own (a quantized kernel, or the base of a ``LoraWeight``);
-    ``undropped``: LoRA dropout was due there, and a whole weight has no low-rank path to drop."""
+    """Warn once per (what, param path, dropout lost or not) that a value was materialised: a
+    fallback first met in an evaluation without ``lora_rng`` warns again where training then loses
+    its dropout. ``where`` names the param of a value that has no ``path`` of its own (a quantized
+    kernel, or the base of a ``LoraWeight``); ``undropped``: LoRA dropout was due there, and a
+    whole weight has no low-rank path to drop."""
     own = getattr(value, "path", "")
-    key = (what, own or where or value.describe())
+    key = (what, own or where or value.describe(), undropped)
     if key in _WARNED:
         return
     _WARNED.add(key)

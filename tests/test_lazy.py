@@ -438,7 +438,7 @@ def test_a_fallback_says_when_it_leaves_lora_dropout_out():
     fn = jlora.apply(lambda p, x: jnp.sin(p["w"]) @ x)  # sin: no rule, the weight is materialised
     with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. The result is exact"):
         fn({"w": lw}, jnp.ones(4))
-    jlora.lazy.reset_warnings()
+    # an evaluation without lora_rng first (as before training) does not hide the lost dropout
     with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. LoRA dropout is NOT applied to this use"):
         out = fn({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
     np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)
