@@ -323,6 +323,14 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
+    prefix, saved = (config.get("metadata") or {}).get("model_prefix"), [*targets, *trainable]
+    have = dict(leaves_with_paths(base_params, is_leaf=is_param)) if prefix else {}
+    if prefix and any(p not in have for p in saved) and all(
+            p.removeprefix(prefix + "/") in have for p in saved if p.startswith(prefix + "/")):
+        beside = sorted({p.split("/", 1)[0] for p in saved} - {prefix})
+        raise ValueError(f"{path}: saved by jlora finetune, with the model's params under '{prefix}' and "
+                         f"{', '.join(beside) or 'nothing'} beside them: load it with "
+                         f"jlora.finetune.load_job(path) (or load_classifier), or pass {{'{prefix}': base_params, ...}}")
     by_path = check_base(path, base_params, targets, trainable)
     for p, spec in targets.items():
         if list(by_path[p].shape) != spec["shape"]:

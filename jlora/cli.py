@@ -128,10 +128,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import numpy as np
-
     import jlora
-    from jlora.adapter import load_adapter, read_config
+    from jlora.adapter import read_config
 
     config = read_config(args.adapter)
     meta = config.get("metadata") or {}
@@ -139,7 +137,7 @@ def _merge(args: argparse.Namespace) -> int:
     if not model_dir:
         raise ValueError(f"{args.adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass --model DIR")
-    from jlora.finetune import DEFAULT_MODEL, check_creatable, load_model
+    from jlora.finetune import DEFAULT_MODEL, check_creatable, load_job
 
     if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
         raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory; "
@@ -155,20 +153,9 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
     check_creatable(out, "--out")  # now, not after the model has loaded
 
-    model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
+    model, tokenizer, lora, _ = load_job(args.adapter, model_dir)
     prefix = meta.get("model_prefix")
-    base = model.params
-    if prefix:  # the job's own leaves beside the HF model (a classification head) stay in the adapter
-        base = {prefix: model.params}
-        for path, shape in config["trainable"].items():
-            if not path.startswith(prefix + "/"):
-                *parents, leaf = path.split("/")
-                node = base
-                for name in parents:
-                    node = node.setdefault(name, {})
-                node[leaf] = np.zeros(shape, np.float32)
-    merged = jlora.merge(load_adapter(args.adapter, base))
-    params = merged[prefix] if prefix else merged
+    params = jlora.merge(lora[prefix] if prefix else lora)
     model.save_pretrained(args.out, params=params)
     if args.torch:
         from jlora.hf import save_torch

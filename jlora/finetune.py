@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -543,6 +544,80 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
     return trainable, Run(losses, time.perf_counter() - start, interrupted)
 
 
+def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> jax.Array:
+    """The classify job's sentence vector: the encoder's last hidden states averaged over the
+    tokens ``mask`` keeps (``forward``: the model's ``__call__``, under ``jlora.apply``)."""
+    h = forward(ids, attention_mask=mask, params=encoder_params).last_hidden_state
+    m = mask[..., None].astype(h.dtype)
+    return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
+def head_logits(forward: Callable, params: Any, ids: Any, mask: Any) -> jax.Array:
+    """The classify job's logits: its linear head (``params['head']``, trained whole) on
+    ``mean_pooled`` of ``params['encoder']``."""
+    head = params["head"]
+    value = lambda x: x.value if isinstance(x, jlora.Trainable) else x
+    return mean_pooled(forward, params["encoder"], ids, mask) @ value(head["kernel"]) + value(head["bias"])
+
+
+def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[Any, Any, Any, dict]:
+    """``(model, tokenizer, params, metadata)`` of an adapter ``jlora finetune`` wrote: the HF
+    model it was trained over (``model_dir``, else the one it records) and the LoRA tree over it.
+    A classify job's tree is ``{'encoder': <the model's params>, 'head': {'kernel', 'bias'}}``.
+
+    Example:
+        >>> model, tokenizer, params, meta = load_job("jlora-out/adapter")  # doctest: +SKIP
+        >>> meta["classes"]  # doctest: +SKIP
+        ['negative', 'neutral', 'positive']
+    """
+    from jlora.adapter import load_adapter
+
+    config = read_config(adapter)
+    meta = config.get("metadata") or {}
+    model_dir = model_dir or meta.get("base_model")
+    if not model_dir:
+        raise ValueError(f"{adapter}: the adapter names no base model (it was saved without metadata); "
+                         "pass the model's directory")
+    model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
+    prefix, base = meta.get("model_prefix"), model.params
+    if prefix:  # the job's own leaves beside the HF model (a classification head): placeholders to load onto
+        base = {prefix: model.params}
+        for path, shape in config["trainable"].items():
+            if not path.startswith(prefix + "/"):
+                *parents, leaf = path.split("/")
+                node = base
+                for name in parents:
+                    node = node.setdefault(name, {})
+                node[leaf] = np.zeros(shape, np.float32)
+    return model, tokenizer, load_adapter(adapter, base), meta
+
+
+def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) -> Callable[[Sequence[str]], list[str]]:
+    """A function from texts to the labels that the ``jlora finetune`` classifier at ``adapter``
+    predicts (its adapters lazy, its head and tokenization as in training).
+
+    Example:
+        >>> predict = load_classifier("jlora-out/adapter")  # doctest: +SKIP
+        >>> predict(["what a great day", "the worst service ever"])  # doctest: +SKIP
+        ['positive', 'negative']
+    """
+    model, tokenizer, params, meta = load_job(adapter, model_dir)
+    if meta.get("task", "classify") != "classify" or "classes" not in meta:
+        raise ValueError(f"{adapter}: not a classifier of jlora finetune (task {meta.get('task')!r}); "
+                         "load_job gives its model and params")
+    if tokenizer.pad_token is None:  # as in training: the pooling masks padding
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    run = jax.jit(functools.partial(head_logits, jlora.apply(model.__call__)))
+    max_length = meta.get("max_length", Options.max_length)
+
+    def predict(texts: Sequence[str]) -> list[str]:
+        enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="np")
+        logits = run(params, enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32))
+        return [meta["classes"][k] for k in np.asarray(logits).argmax(-1)]
+
+    return predict
+
+
 def classify(opts: Options) -> dict:
     """Fine-tune a sentence encoder for classification; returns the metrics it also writes.
 
@@ -570,11 +645,7 @@ def classify(opts: Options) -> dict:
     hidden = model.config.hidden_size
     head0 = {"kernel": 0.02 * jax.random.normal(key, (hidden, len(classes))), "bias": jnp.zeros(len(classes))}
     forward = jlora.apply(model.__call__)
-
-    def pooled(encoder_params, ids, mask):
-        h = forward(ids, attention_mask=mask, params=encoder_params).last_hidden_state
-        m = mask[..., None].astype(h.dtype)
-        return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    pooled = lambda encoder_params, ids, mask: mean_pooled(forward, encoder_params, ids, mask)
 
     def xent(logits, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -620,12 +691,10 @@ def classify(opts: Options) -> dict:
     params = {"encoder": encoder, "head": jax.tree.map(jlora.Trainable, head0)}
     trainable, frozen = jlora.split(params)
 
-    def logits_of(p, ids, mask):
-        return pooled(p["encoder"], ids, mask) @ p["head"]["kernel"].value + p["head"]["bias"].value
-
+    logits_of = lambda p, ids, mask: head_logits(forward, p, ids, mask)
     loss_fn = lambda t, f, b: xent(logits_of(jlora.combine(t, f), b["ids"], b["mask"]), b["y"])
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "classify",
-            "classes": classes, "model_prefix": "encoder"}
+            "classes": classes, "model_prefix": "encoder", "max_length": opts.max_length}
     saver = adapter_saver(out, frozen, cfg, meta)
     trainable, runs["lora"] = train(
         loss_fn, trainable, frozen, jlora.optimizer(tx, trainable, b_lr_ratio=opts.b_lr_ratio),

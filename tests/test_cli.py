@@ -57,6 +57,20 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert metrics["classes"] == ["neg", "pos"] and len(metrics["losses"]["lora"]) == 12
     assert (out / "loss_curve.png").stat().st_size > 1000
 
+    # the classifier back from Python gives the job's own test accuracy on the same split
+    from jlora import finetune
+
+    texts, names = finetune.read_labelled(str(data_file))
+    test_idx = finetune.split_indices(len(texts))[2]
+    predicted = finetune.load_classifier(out / "adapter")([texts[i] for i in test_idx])
+    assert set(predicted) <= {"neg", "pos"}
+    accuracy = np.mean([p == names[i] for p, i in zip(predicted, test_idx)])
+    assert accuracy == pytest.approx(metrics["lora"]["test_accuracy"])
+    base = tf.FlaxBertModel.from_pretrained(bert_dir)
+    with pytest.raises(ValueError, match=r"saved by jlora finetune, with the model's params under 'encoder' and head "
+                                         r"beside them: load it with jlora.finetune.load_job"):
+        jlora.adapter.load_adapter(out / "adapter", base.params)
+
     assert main(["info", str(out / "adapter")]) == 0
     info = capsys.readouterr().out
     assert "encoder/encoder/layer/0/attention/self/query/kernel" in info and "head/kernel" in info
@@ -66,7 +80,6 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(Flax and PyTorch weights)" in printed and "note: head/bias, head/kernel (trained beside the model" in printed
     merged = tf.FlaxBertModel.from_pretrained(merged_dir)
-    base = tf.FlaxBertModel.from_pretrained(bert_dir)
     # the job trains without the pooler; the merged model keeps the base's (not a random one)
     from flax.serialization import msgpack_restore
 
@@ -99,6 +112,14 @@ def test_causal_lm_on_a_text_file(tmp_path, capsys):
     metrics = json.loads((tmp_path / "lm" / "metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
     assert json.loads((tmp_path / "lm" / "adapter" / "adapter_config.json").read_text())["targets"]
+    from jlora import finetune
+
+    lm, _, params, meta = finetune.load_job(tmp_path / "lm" / "adapter")  # the LM back from Python, lazy adapters
+    assert meta["task"] == "causal-lm" and any(isinstance(v, jlora.LoraWeight) for v in jax.tree.leaves(
+        params, is_leaf=lambda v: isinstance(v, jlora.LoraWeight)))
+    assert jlora.apply(lm.__call__)(jnp.array([[5, 6]]), params=params).logits.shape == (1, 2, len(WORDS) + 5)
+    with pytest.raises(ValueError, match=r"not a classifier of jlora finetune \(task 'causal-lm'\)"):
+        finetune.load_classifier(tmp_path / "lm" / "adapter")
 
 
 def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
