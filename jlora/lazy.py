@@ -31,7 +31,7 @@ from jlora.weight import Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[tuple[tuple[str, str], bool]] = set()  # ((what, param), dropout lost)
 
 
 class MaterializeWarning(UserWarning):
@@ -81,16 +81,16 @@ def is_lazy(x: Any) -> bool:
 
 
 def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: bool = False) -> None:
-    """Warn once per (what, param path, dropout lost or not) that a value was materialised: a
-    fallback first met in an evaluation without ``lora_rng`` warns again where training then loses
-    its dropout. ``where`` names the param of a value that has no ``path`` of its own (a quantized
+    """Warn once per (what, param path) that a value was materialised, and once more where LoRA
+    dropout is lost there (a fallback first met in an evaluation without ``lora_rng``, then in
+    training). ``where`` names the param of a value that has no ``path`` of its own (a quantized
     kernel, or the base of a ``LoraWeight``); ``undropped``: LoRA dropout was due there, and a
     whole weight has no low-rank path to drop."""
     own = getattr(value, "path", "")
-    key = (what, own or where or value.describe(), undropped)
-    if key in _WARNED:
+    key = (what, own or where or value.describe())
+    if (key, undropped) in _WARNED or (key, True) in _WARNED:
         return
-    _WARNED.add(key)
+    _WARNED.update({(key, False), (key, undropped)})
     outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
                if undropped else "The result is exact; only the factored fast path was skipped")
     warnings.warn(
