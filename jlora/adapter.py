@@ -4,9 +4,9 @@ Only the trainable half is stored (``a``, ``b`` and fully trained leaves), keyed
 JSON holds the LoRA config, each target's layout, rank, scale and base shape, and free-form
 metadata (the base model). Loading checks every key and shape against the base params, and that
 each adapted kernel and fully trained leaf is a float, before building anything; a fully trained
-leaf keeps the dtype it was trained in (f32 over a bf16 base). A save writes its two files beside the old ones and renames each into
-place (the weights, then the JSON): other files in the directory are left alone, and an interrupted
-save leaves whole files, never a truncated one.
+leaf keeps the dtype it was trained in (f32 over a bf16 base). A save writes its two files beside
+the old ones and renames each into place (the weights, then the JSON): other files in the
+directory are left alone, and an interrupted save leaves whole files, never a truncated one.
 """
 
 from __future__ import annotations

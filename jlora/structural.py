@@ -457,7 +457,7 @@ def broadcast_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     sizes = tuple(shape[ax] for ax in kept)
     if (dyn or eqn.params.get("sharding") is not None or list(kept) != sorted(kept)
             or any(n not in (size, 1) for size, n in zip(sizes, lw.shape))):
-        return NotImplemented  # reordered
+        return NotImplemented  # w's axes reordered, or one of size > 1 changed
     a, b = _each_factor(lw, lambda x, per: jnp.broadcast_to(x, per(sizes, x.shape)))
     grown = lw.replace(a=a, b=b)
     return [_expanded(grown, new_axes, [shape[ax] for ax in new_axes]).replace(w=bind(ctx, eqn, [lw.w], lw)[0])]

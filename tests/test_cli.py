@@ -12,6 +12,7 @@ import transformers as tf
 
 import jlora
 import jlora.adapter
+from jlora import finetune
 from jlora.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
@@ -58,8 +59,6 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert (out / "loss_curve.png").stat().st_size > 1000
 
     # the classifier back from Python gives the job's own test accuracy on the same split
-    from jlora import finetune
-
     texts, names = finetune.read_labelled(str(data_file))
     test_idx = finetune.split_indices(len(texts))[2]
     predicted = finetune.load_classifier(out / "adapter")([texts[i] for i in test_idx])
@@ -112,8 +111,6 @@ def test_causal_lm_on_a_text_file(tmp_path, capsys):
     metrics = json.loads((tmp_path / "lm" / "metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
     assert json.loads((tmp_path / "lm" / "adapter" / "adapter_config.json").read_text())["targets"]
-    from jlora import finetune
-
     lm, _, params, meta = finetune.load_job(tmp_path / "lm" / "adapter")  # the LM back from Python, lazy adapters
     assert meta["task"] == "causal-lm" and any(isinstance(v, jlora.LoraWeight) for v in jax.tree.leaves(
         params, is_leaf=lambda v: isinstance(v, jlora.LoraWeight)))
