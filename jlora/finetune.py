@@ -611,6 +611,10 @@ def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) ->
     max_length = meta.get("max_length", Options.max_length)
 
     def predict(texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, str):
+            raise TypeError("predict takes a list of texts; got one str (wrap it: predict([text]))")
+        if not len(texts):
+            return []
         enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="np")
         logits = run(params, enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32))
         return [meta["classes"][k] for k in np.asarray(logits).argmax(-1)]

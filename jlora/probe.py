@@ -190,13 +190,16 @@ def _scaled(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.squeeze_p, Probe)
 def _squeeze(ctx: Context, eqn: Any, invals: list) -> Any:
     """Dropped size-1 axes (layer ``i`` of a stack, picked by a slice) count as batch axes; when
-    one axis is left, the dropped ones are an embedding's rows (``W[i]``, a scalar index) and
-    count as its input, as in a ``gather``."""
+    only the last axis is left, the one dropped before it is an embedding's rows (``W[i]``, a
+    scalar index; ``W[l, i]`` of a stack) and counts as its input, as in a ``gather``. A column
+    (``W[:, j]``) records nothing: its later use says more."""
     (probe,) = invals
     dropped = {d % probe.ndim for d in eqn.params["dimensions"]}
     axes = tuple(a for ax, a in enumerate(probe.axes) if ax not in dropped)
-    if len(axes) == 1:
-        _record(ctx, probe, {ax: "i" if ax in dropped else "o" for ax in range(probe.ndim)}, eqn.primitive)
+    if len(axes) == 1 and probe.ndim - 1 not in dropped:
+        rows = probe.ndim - 2
+        _record(ctx, probe, {ax: "o" if ax == rows + 1 else "i" if ax == rows else "b" for ax in range(probe.ndim)},
+                eqn.primitive)
     sliced = tuple(o for ax in sorted(dropped) for o in probe.axes[ax])
     return [probe.moved(_compat.bind(eqn, [probe.value])[0], axes, sliced)]
 

@@ -362,7 +362,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         unique_indices=eqn.params.get("unique_indices", False),
         mode=mode, fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
-    wide = jnp.promote_types(base.dtype, lw.b.dtype)  # bf16 factors over an f32 table: their rows' sum in f32
+    wide = jnp.result_type(base.dtype, lw.a.dtype, lw.b.dtype)  # as materialize: bf16 factors over f32 rows in f32
     t = lax.dot_general(rows.astype(wide), _scaled(lw.b.astype(wide), lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     # The base's offset dims hold w's uncollapsed axes in w's order: outputs whole, inputs not
     # collapsed as size-1 axes; its other dims are the indices' batch dims.
@@ -376,7 +376,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         else:
             perm.append(batch_i)
             batch_i += 1
-    return [base + jnp.transpose(t, perm).astype(base.dtype)]
+    return [(base.astype(wide) + jnp.transpose(t, perm)).astype(base.dtype)]
 
 
 # --- conv ---------------------------------------------------------------------------------------

@@ -61,7 +61,11 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     # the classifier back from Python gives the job's own test accuracy on the same split
     texts, names = finetune.read_labelled(str(data_file))
     test_idx = finetune.split_indices(len(texts))[2]
-    predicted = finetune.load_classifier(out / "adapter")([texts[i] for i in test_idx])
+    predict = finetune.load_classifier(out / "adapter")
+    predicted = predict([texts[i] for i in test_idx])
+    assert predict([]) == []
+    with pytest.raises(TypeError, match=r"predict takes a list of texts; got one str \(wrap it"):
+        predict("good film")
     assert set(predicted) <= {"neg", "pos"}
     accuracy = np.mean([p == names[i] for p, i in zip(predicted, test_idx)])
     assert accuracy == pytest.approx(metrics["lora"]["test_accuracy"])

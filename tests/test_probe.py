@@ -70,6 +70,13 @@ def test_one_row_by_a_scalar_index_is_an_embedding_lookup():
     assert str(infer_layouts(lambda p: jnp.tanh(p["emb"][jnp.int32(2)]), emb, ["emb"])["emb"]) == "io"
     assert str(infer_layouts(lambda p: p["emb"][7] * 2.0, emb, ["emb"])["emb"]) == "io"
     assert str(infer_layouts(lambda p: p["emb"][1][jnp.int32(2)], stacked, ["emb"])["emb"]) == "bio"
+    assert str(infer_layouts(lambda p: p["emb"][1, jnp.int32(2)], stacked, ["emb"])["emb"]) == "bio"  # one squeeze
+    # a column is no lookup: a Dense kernel read by column, then used whole, stays (in, out)
+    x = jnp.ones((5, 16))
+    column_then_whole = lambda p: jnp.tanh(x @ p["w"][:, 3])[:, None] + x @ p["w"]
+    lw = jlora.lora_init(jax.random.key(0), {"w": jnp.ones((16, 8))}, jlora.LoraConfig(rank=2, targets=["w"]),
+                         infer_layout=column_then_whole)["w"]
+    assert str(lw.layout) == "io" and lw.a.shape == (16, 2)
     assert infer_layouts(lambda p: p["emb"][1].sum(), stacked, ["emb"]) == {}  # a layer, unused: no guess
 
 
