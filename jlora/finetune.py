@@ -553,11 +553,10 @@ def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> 
 
 
 def head_logits(forward: Callable, params: Any, ids: Any, mask: Any) -> jax.Array:
-    """The classify job's logits: its linear head (``params['head']``, trained whole) on
+    """The classify job's logits: its linear head (``params['head']``, ``Trainable`` leaves) on
     ``mean_pooled`` of ``params['encoder']``."""
     head = params["head"]
-    value = lambda x: x.value if isinstance(x, jlora.Trainable) else x
-    return mean_pooled(forward, params["encoder"], ids, mask) @ value(head["kernel"]) + value(head["bias"])
+    return mean_pooled(forward, params["encoder"], ids, mask) @ head["kernel"].value + head["bias"].value
 
 
 def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[Any, Any, Any, dict]:
