@@ -17,6 +17,7 @@ from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
 from jlora.sharding import factor_shardings
+from jlora.variables import shared_paths, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
@@ -39,6 +40,19 @@ def _is_adaptable(leaf: Any) -> bool:
 def _is_trainable(leaf: Any) -> bool:
     """A leaf that can be trained in full: a float array, not a lazy one (a quantized kernel)."""
     return _is_float_array(leaf) and not isinstance(leaf, Lazy)
+
+
+def _check_not_shared(params: Any, chosen: set[str]) -> None:
+    """Refuse to adapt or train an NNX variable that the module holds at two paths: flattening
+    copies it, and each copy would be trained on its own."""
+    for paths in shared_paths(params):
+        if chosen & set(paths):
+            raise ValueError(
+                f"{' and '.join(repr(p) for p in paths)} are one NNX variable (a module used twice); flattened as a "
+                "pytree, the module holds it as separate copies, and each would get its own adapter. Adapt "
+                "nnx.split's state instead, which holds it once: graphdef, state = nnx.split(model); "
+                "lora = jlora.lora_init(key, state, config); run nnx.merge(graphdef, state)(x) under jlora.apply"
+            )
 
 
 def _describe(leaf: Any) -> str:
@@ -131,8 +145,10 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
     return (f"; nearest modules: {near}" if near else "") + f"; modules with weights to adapt: {listed or 'none'}"
 
 
-def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list[str], list[str]]:
-    """Paths to adapt and paths to fine-tune fully, with the errors a user needs.
+def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
+           state: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Paths to adapt and paths to fine-tune fully, with the errors a user needs. ``state``: paths
+    of NNX variables that the forward pass updates (``BatchStat``), never trained.
 
     Example:
         >>> select(LoraConfig(targets=["q"]), [("q/kernel", jnp.ones((2, 2))), ("q/bias", jnp.ones(2))])
@@ -177,7 +193,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]]) -> tuple[list
             if not _is_trainable(leaf) and pat.match(path) == LEAF:
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
                                  "only float arrays can be trained")
-        tuned = [pat for pat in tuned if _is_trainable(leaf)]  # a subtree's counters, flags, quantized kernels stay frozen
+            if path in state and pat.match(path) == LEAF:
+                raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', an NNX variable that is not "
+                                 "an nnx.Param (batch statistics, a cache): the forward pass updates it, not the optimizer")
+        # a subtree's counters, flags, quantized kernels and NNX state (batch statistics) stay frozen
+        tuned = [pat for pat in tuned if _is_trainable(leaf) and path not in state]
         for pat in tuned:
             hits[pat] += not chosen
         if chosen:
@@ -230,8 +250,9 @@ def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool) -> str
     adapter across a stack of layers)."""
     listed = ", ".join(f"'{p}' {tuple(by_path[p].shape)}" for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
     how = ("infer_layout saw no matmul, lookup or conv of them that it could read; declare them"
-           if inferred else "pass lora_init(..., infer_layout=lambda p: model.apply({'params': p}, example_input)), "
-           "which reads them off one call, or declare them")
+           if inferred else "pass lora_init(..., infer_layout=f), f a function of the params that runs the model once "
+           "(linen: lambda p: model.apply({'params': p}, x); an NNX or Equinox module: lambda m: m(x)), which "
+           "reads them off that call, or declare them")
     return (f"jlora cannot tell the input and output axes of the kernel(s) {listed}: {how} as "
             "LoraConfig(layouts={pattern: layout}), one letter per axis: b batch (a stack of layers or experts, "
             "each its own adapter), i input, o output. E.g. 'bio' for nn.scan-stacked Dense (layers, in, out), "
@@ -277,7 +298,8 @@ def lora_init(
     for path, leaf in entries:
         if is_node(leaf):
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
-    adapt, tune = select(config, entries)
+    adapt, tune = select(config, entries, state_paths(params))
+    _check_not_shared(params, set(adapt) | set(tune))
     by_path = dict(entries)
     declared = [(Pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}

@@ -16,7 +16,7 @@ import inspect
 import itertools
 import os
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
 
 import jax
@@ -407,6 +407,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             if isinstance(leaf, Trainable):
                 if leaf.value is None:  # the frozen half's placeholder
                     check_whole(leaf, param_paths()[i], "jlora.apply")
+                given[len(values)] = leaf  # returned as it came in, it comes back a Trainable
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
@@ -427,13 +428,14 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
         records: dict = {}
-        returned: dict[int, Any] = {}  # output position -> a lazy param returned as it came in
+        returned: dict[int, Any] = {}  # output position -> a lazy or Trainable param returned as it came in
 
         def run(values: list, rng: Any) -> list:
             names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
             ctx = Context(rng=rng, records=records, rebuild_inputs=recompute == "inputs", names=names)
             out = evaluate_closed(closed, values, ctx)
-            position = {id(values[k]): k for k in given}
+            ids = Counter(map(id, values))  # one array passed twice names neither
+            position = {id(values[k]): k for k in given if ids[id(values[k])] == 1}
             returned.update({j: given[position[id(o)]] for j, o in enumerate(out) if id(o) in position})
             return [None if j in returned else materialize(o, "the function's output", _RETURNED, ctx.where(o))
                     for j, o in enumerate(out)]

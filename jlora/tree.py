@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
+from jlora.variables import state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -78,26 +79,50 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         container = _container_difference(s1, s2)
         detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta(nodes1.get(diff[0]))} in {names[0]}, "
                   f"{meta(nodes2.get(diff[0]))} in {names[1]}" if diff else
-                  f": at '{container[0]}' {names[0]} has a {container[1]}, {names[1]} a {container[2]}"
+                  f": at '{container[0]}' {names[0]} has {container[1]}, {names[1]} {container[2]}"
                   if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
 
 
 def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:
-    """``(path, type, type)`` of the first container whose type differs between two tree
-    structures (a ``FrozenDict`` where the other has a ``dict``, a list for a tuple), or ``None``."""
+    """``(path, what, what)`` of the first container that differs between two tree structures: in
+    type (a ``FrozenDict`` where the other has a ``dict``, a list for a tuple) or in a static field
+    (an NNX module's ``deterministic`` flag after ``.eval()``), or ``None``."""
     data1, data2 = first.node_data(), second.node_data()
     type1, type2 = (data1 or (None,))[0], (data2 or (None,))[0]
     if type1 is not type2:
         name = lambda t: "leaf" if t is None else t.__name__
-        return path or "/", name(type1), name(type2)
+        return path or "/", f"a {name(type1)}", f"a {name(type2)}"
+    fields = _static_fields(data1[1]) if data1 else None, _static_fields(data2[1]) if data2 else None
+    if fields[0] and fields[1] and fields[0].keys() == fields[1].keys():
+        for field, value in fields[0].items():
+            if value is not fields[1][field] and _differ(value, fields[1][field]):
+                return path or "/", f"{field}={value!r}", f"{field}={fields[1][field]!r}"
     children1, children2 = first.children(), second.children()
-    keys = data1[1] if data1 and isinstance(data1[1], (list, tuple)) and len(data1[1]) == len(children1) else None
+    keys = fields[0] and data1[1][0] or data1 and data1[1]  # an NNX module's children names, a dict's keys
+    keys = keys if isinstance(keys, (list, tuple)) and len(keys) == len(children1) else None
     for i, (c1, c2) in enumerate(zip(children1, children2)):
         found = _container_difference(c1, c2, f"{path}/{keys[i] if keys else i}".lstrip("/"))
         if found:
             return found
     return None
+
+
+def _static_fields(aux: Any) -> dict[str, Any] | None:
+    """An NNX module node's static fields by name (its aux data holds their names, then their
+    values), or ``None`` for another kind of node."""
+    if isinstance(aux, tuple) and len(aux) == 3 and all(isinstance(x, tuple) for x in aux):
+        names, values = aux[1], aux[2]
+        if len(names) == len(values) and all(isinstance(n, str) for n in names):
+            return dict(zip(names, values))
+    return None
+
+
+def _differ(x: Any, y: Any) -> bool:
+    try:
+        return bool(x != y)
+    except Exception:  # an array-valued field: compared elementwise, or not at all
+        return True
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
@@ -277,7 +302,8 @@ def _size(x: Any) -> int:
 
 def summary(tree: Any) -> Summary:
     """Trainable / total parameter counts, overall and per target (like PEFT's
-    ``print_trainable_parameters``).
+    ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state)
+    are not counted, as PyTorch buffers are not.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")
@@ -286,8 +312,11 @@ def summary(tree: Any) -> Summary:
     """
     trainable = total = 0
     targets, fully = [], []
+    state = state_paths(tree)  # NNX batch statistics, caches, RNG state: not params
     for path, x in leaves_with_paths(tree, is_leaf=is_param):
         check_whole(x, path, "jlora.summary")
+        if path in state:
+            continue
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)
             trainable += n

@@ -8,7 +8,7 @@ that the evaluator of ``jlora.apply`` can use without forming it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,14 @@ class Lazy:
     def describe(self) -> str:
         """How a fallback's warning names this value."""
         return type(self).__name__
+
+    def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
+                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params)")
+
+    # a model called on the LoRA tree without jlora.apply says so, not "not subscriptable"
+    __jax_array__ = __array__ = __getitem__ = _used_outside_apply
+    __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _used_outside_apply
 
 
 def _shape_str(x: Any) -> str:

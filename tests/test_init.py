@@ -229,7 +229,8 @@ def test_nd_kernel_without_layout_is_a_clear_error():
     (an 'iio' for attention's (in, heads, head_dim) q would adapt the wrong axes)."""
     tree = {"q": {"kernel": jnp.ones((4, 2, 3))}, "conv": {"kernel": jnp.ones((3, 3, 4, 8))}}
     with pytest.raises(ValueError, match=r"of the kernel\(s\) 'conv/kernel' \(3, 3, 4, 8\), 'q/kernel' \(4, 2, 3\): "
-                                         r"pass lora_init\(..., infer_layout=.*'bio' for nn.scan-stacked Dense .*"
+                                         r"pass lora_init\(..., infer_layout=f\), .*an NNX or Equinox module: lambda m: m\(x\).*"
+                                         r"'bio' for nn.scan-stacked Dense .*"
                                          r"'ioo' for DenseGeneral to heads .*'iiio' for a 2-D conv"):
         lora_init(KEY, tree, LoraConfig(rank=2, targets=["q", "conv"]))
     with pytest.raises(ValueError, match=r"\(4, 2, 3\): infer_layout saw no matmul, lookup or conv of them"):
@@ -256,3 +257,38 @@ def test_already_adapted_params_are_refused():
     p = lora_init(KEY, base(), LoraConfig(targets=["q_proj"]))
     with pytest.raises(ValueError, match="already hold"):
         lora_init(KEY, p, LoraConfig(targets=["q_proj"]))
+
+
+def test_an_nnx_variable_shared_by_two_modules_is_adapted_once_or_refused():
+    from flax import nnx
+
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.b = self.a  # one layer used twice
+            self.c = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+
+    # flattened as a pytree, the module holds the shared layer twice: two adapters would each train
+    with pytest.raises(ValueError, match=r"'a/kernel' and 'b/kernel' are one NNX variable .*nnx.split"):
+        lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["a"]))
+    with pytest.raises(ValueError, match=r"'a/bias' and 'b/bias' are one NNX variable"):
+        lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["c"], trainable=["a/bias"]))
+    assert list(adapted(lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["c"])))) == ["c/kernel"]
+    _, state = nnx.split(Tied())  # the split state holds it once
+    assert list(adapted(lora_init(KEY, state, LoraConfig(rank=2, targets=["a"])))) == ["a/kernel"]
+
+
+def test_nnx_batch_statistics_are_state_not_trainable_params():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+
+    for tree in (Net(nnx.Rngs(0)), nnx.split(Net(nnx.Rngs(0)))[1]):
+        p = lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn"]))
+        assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["bn/bias", "bn/scale"]
+        with pytest.raises(ValueError, match=r"trainable 'bn/mean' matches 'bn/mean', an NNX variable that is not an "
+                                             r"nnx.Param .*the forward pass updates it"):
+            lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn/mean"]))

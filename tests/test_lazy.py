@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -479,3 +480,63 @@ def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
 
     dots = [line for line in jax.jit(step).lower(params, jnp.ones((2, 4))).as_text().splitlines() if "dot_general" in line]
     assert len(dots) == 6 and sum('jlora_tag = "inside"' in line for line in dots) == 3
+
+
+def test_an_nnx_module_passed_directly_as_a_pytree():
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(6, 12, rngs=rngs)
+            self.down = nnx.Linear(12, 6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(nnx.gelu(self.up(x)))
+
+    p = lora(MLP(nnx.Rngs(0)), ["up", "down"])  # no nnx.split: a Flax module is a pytree
+    assert isinstance(p, MLP) and isinstance(p.up.kernel.get_value(), jlora.LoraWeight)
+    check_against_oracle(lambda m, x: m(x), p, normal(KEY, (3, 6)))
+
+
+def test_a_trainable_leaf_returned_as_it_came_in_stays_trainable():
+    base = {"k": normal(KEY, (4, 4)), "head": {"kernel": normal(KEY, (4, 2))}}
+    p = lora(base, ["k"], trainable=["head"])
+    out, back = jlora.apply(lambda p, x: (x @ p["k"] @ p["head"]["kernel"], p))(p, jnp.ones((1, 4)))
+    is_node = jlora.weight.is_node
+    assert jax.tree.structure(back, is_leaf=is_node) == jax.tree.structure(p, is_leaf=is_node)
+    assert back["head"]["kernel"] is p["head"]["kernel"] and back["k"] is p["k"]
+    doubled = jlora.apply(lambda p: 2 * p["head"]["kernel"])(p)  # a new value: an array
+    assert isinstance(doubled, jax.Array)
+
+
+def test_an_nnx_step_returning_the_module_carries_its_statistics_into_the_next_step():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.bn(self.l1(x))))
+
+    params = jlora.lora_init(KEY, Net(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"], trainable=["bn", "head"]))
+    forward = jlora.apply(lambda m, x: (m(x), m))  # the module's BatchNorm updates its statistics
+    trainable, frozen = jlora.split(params)
+    tx = jlora.optimizer(optax.adam(1e-2), trainable)
+    opt_state = tx.init(trainable)
+    x = normal(KEY, (16, 4))
+
+    @jax.jit
+    def step(trainable, frozen, opt_state):
+        def loss(t):
+            y, model = forward(jlora.combine(t, frozen), x)
+            return jnp.mean(y ** 2), model
+        (_, model), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), jlora.split(model)[1], opt_state
+
+    trained = [row[0] for row in jlora.summary(params).fully_trained]
+    assert sorted(trained) == ["bn/bias", "bn/scale", "head/bias", "head/kernel"]  # not the statistics
+    mean0 = frozen.bn.mean.get_value()
+    for _ in range(2):  # the returned module's frozen half has the tree the next step takes
+        trainable, frozen, opt_state = step(trainable, frozen, opt_state)
+    assert not np.allclose(frozen.bn.mean.get_value(), mean0)
+    assert isinstance(frozen.l1.kernel.get_value(), jlora.LoraWeight)

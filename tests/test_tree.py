@@ -196,3 +196,32 @@ def test_split_and_combine_an_adapter_stacked_on_an_adapter():
     back = jlora.combine(trainable, frozen)
     assert jax.tree.structure(back) == jax.tree.structure(outer)
     np.testing.assert_array_equal(jlora.merge(back)["w"], jlora.merge(outer)["w"])
+
+
+def test_summary_counts_nnx_params_not_their_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)  # holds RNG state
+
+    model = Net(nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    s = jlora.summary(jlora.lora_init(KEY, model, jlora.LoraConfig(rank=2, targets=["l1"])))
+    assert (s.trainable, s.total) == (2 * (4 + 8), params + 2 * (4 + 8))  # as PEFT leaves out buffers
+
+
+def test_combine_names_the_static_field_two_nnx_halves_differ_in():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 4, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    trainable, frozen = jlora.split(jlora.lora_init(KEY, Net(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"])))
+    frozen.eval()  # one half switched to evaluation
+    with pytest.raises(ValueError, match="at 'drop' trainable has deterministic=False, frozen deterministic=True"):
+        jlora.combine(trainable, frozen)

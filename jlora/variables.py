@@ -1,0 +1,79 @@
+"""Flax NNX ``Variable``s in a param tree: which hold state rather than params, which are shared.
+
+An NNX module is a pytree (Flax 0.11+), and ``nnx.split``'s state holds its variables; both go to
+``lora_init`` like any tree. Two things the flattened leaves do not say are read here:
+
+- a ``BatchStat``, a cache or an RNG counter (any variable but an ``nnx.Param``) is state that the
+  forward pass updates: not a param to fine-tune, nor to count as one;
+- a module used twice (a tied layer) holds one ``Variable`` at two paths of the module, and
+  flattening copies it: adapted there, each copy would get its own adapter.
+
+Nothing here imports Flax: with ``flax.nnx`` not loaded, a tree holds no NNX variables.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from typing import Any
+
+import jax
+
+from jlora.paths import path_str
+
+
+def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
+    """``[(path, variable, is_param), ...]`` for the NNX variables in ``tree``.
+
+    ``is_param``: an ``nnx.Param`` (or a subclass). An ``nnx.split`` state of an older Flax holds
+    ``VariableState``\\ s, whose ``type`` says the same.
+
+    Example:
+        >>> from flax import nnx
+        >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+        >>> sorted((p, is_param) for p, _, is_param in nnx_variables(nnx.state(bn)))
+        [('bias', True), ('mean', False), ('scale', True), ('var', False)]
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return []
+    # VariableState is a real class in older Flax, a deprecated alias (behind __getattr__) in newer
+    kinds = tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kinds))[0]
+    out = []
+    for keypath, v in flat:
+        if isinstance(v, kinds):
+            kind = v.type if not isinstance(v, nnx.Variable) else type(v)
+            out.append((path_str(keypath), v, issubclass(kind, nnx.Param)))
+    return out
+
+
+def state_paths(tree: Any) -> frozenset[str]:
+    """Paths of the NNX variables in ``tree`` that are not params (batch statistics, caches, RNG
+    state).
+
+    Example:
+        >>> from flax import nnx
+        >>> sorted(state_paths(nnx.state(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))))
+        ['mean', 'var']
+    """
+    return frozenset(path for path, _, is_param in nnx_variables(tree) if not is_param)
+
+
+def shared_paths(tree: Any) -> list[list[str]]:
+    """The paths of each NNX variable that ``tree`` holds at more than one path (a module used
+    twice, seen through flattening).
+
+    Example:
+        >>> from flax import nnx
+        >>> class Tied(nnx.Module):
+        ...     def __init__(self):
+        ...         self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+        ...         self.b = self.a
+        >>> shared_paths(Tied())
+        [['a/bias', 'b/bias'], ['a/kernel', 'b/kernel']]
+    """
+    where: dict[int, list[str]] = defaultdict(list)
+    for path, v, _ in nnx_variables(tree):
+        where[id(v)].append(path)
+    return [paths for paths in where.values() if len(paths) > 1]
