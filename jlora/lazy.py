@@ -351,7 +351,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
     for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays,
     except a param returned as it came in (``return params``, NNX's ``nnx.state(model)``): that
-    comes back as the same ``LoraWeight``. A kernel returned after an op (``w.T``) comes back
+    comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
     merged, with a ``MaterializeWarning``.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
