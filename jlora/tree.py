@@ -109,12 +109,15 @@ def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str,
 
 
 def _static_fields(aux: Any) -> dict[str, Any] | None:
-    """An NNX module node's static fields by name (its aux data holds their names, then their
-    values), or ``None`` for another kind of node."""
-    if isinstance(aux, tuple) and len(aux) == 3 and all(isinstance(x, tuple) for x in aux):
-        names, values = aux[1], aux[2]
-        if len(names) == len(values) and all(isinstance(n, str) for n in names):
-            return dict(zip(names, values))
+    """An NNX module node's static fields by name, or ``None`` for another kind of node. Its aux
+    data holds its children's names, then the static fields: their names and their values (Flax
+    0.12), or ``(name, value)`` pairs (Flax 0.11)."""
+    if not (isinstance(aux, tuple) and len(aux) in (2, 3) and all(isinstance(x, tuple) for x in aux)):
+        return None
+    if len(aux) == 3 and len(aux[1]) == len(aux[2]) and all(isinstance(n, str) for n in aux[1]):
+        return dict(zip(aux[1], aux[2]))
+    if len(aux) == 2 and all(isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str) for f in aux[1]):
+        return dict(aux[1])
     return None
 
 

@@ -134,7 +134,7 @@ def test_an_nnx_step_returning_the_models_state_keeps_its_adapters(recompute):
     x = normal(KEY, (5, 4))
     y, new = jax.jit(jlora.apply(step, recompute=recompute))(params, x)
     assert jax.tree.structure(new, is_leaf=jlora.weight.is_node) == jax.tree.structure(params, is_leaf=jlora.weight.is_node)
-    value = lambda v: v.get_value() if hasattr(v, "get_value") else v.value  # flax < 0.12: .value
+    value = lambda v: v.value if hasattr(v, "get_value") else v.value  # flax < 0.12: .value
     got, was = value(new["dense"]["kernel"]), value(params["dense"]["kernel"])
     assert isinstance(got, jlora.LoraWeight)  # not merged: the next step trains the same adapters
     jax.tree.map(np.testing.assert_array_equal, got, was)
@@ -482,6 +482,11 @@ def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
     assert len(dots) == 6 and sum('jlora_tag = "inside"' in line for line in dots) == 3
 
 
+def value_of(variable):
+    """An NNX variable's value: ``get_value()`` (Flax 0.12, where ``.value`` is deprecated) or ``.value``."""
+    return variable.get_value() if hasattr(type(variable), "get_value") else variable.value
+
+
 def test_an_nnx_module_passed_directly_as_a_pytree():
     class MLP(nnx.Module):
         def __init__(self, rngs):
@@ -492,7 +497,7 @@ def test_an_nnx_module_passed_directly_as_a_pytree():
             return self.down(nnx.gelu(self.up(x)))
 
     p = lora(MLP(nnx.Rngs(0)), ["up", "down"])  # no nnx.split: a Flax module is a pytree
-    assert isinstance(p, MLP) and isinstance(p.up.kernel.get_value(), jlora.LoraWeight)
+    assert isinstance(p, MLP) and isinstance(value_of(p.up.kernel), jlora.LoraWeight)
     check_against_oracle(lambda m, x: m(x), p, normal(KEY, (3, 6)))
 
 
@@ -535,8 +540,8 @@ def test_an_nnx_step_returning_the_module_carries_its_statistics_into_the_next_s
 
     trained = [row[0] for row in jlora.summary(params).fully_trained]
     assert sorted(trained) == ["bn/bias", "bn/scale", "head/bias", "head/kernel"]  # not the statistics
-    mean0 = frozen.bn.mean.get_value()
+    mean0 = value_of(frozen.bn.mean)
     for _ in range(2):  # the returned module's frozen half has the tree the next step takes
         trainable, frozen, opt_state = step(trainable, frozen, opt_state)
-    assert not np.allclose(frozen.bn.mean.get_value(), mean0)
-    assert isinstance(frozen.l1.kernel.get_value(), jlora.LoraWeight)
+    assert not np.allclose(value_of(frozen.bn.mean), mean0)
+    assert isinstance(value_of(frozen.l1.kernel), jlora.LoraWeight)
