@@ -3,14 +3,14 @@
 jlora evaluates jaxprs itself, so it reads equations, parameters and primitives that JAX does not
 promise to keep stable. Each difference between supported JAX versions lives here, with a comment
 naming the version that introduced it. Nothing else in the package imports from ``jax.extend`` or
-reads equation parameters that changed between versions.
+reads equation parameters that changed between versions, except by ``params.get`` where the older
+versions' absent parameter means the default (``ragged_dot_general``'s ``out_sharding``).
 
 Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import Any, Sequence
 
@@ -163,9 +163,7 @@ def eqn_context(eqn: Any) -> Any:
     abstract mesh (an ``auto_axes`` region inside a function on a mesh with Explicit axes, as
     ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode.
     JAX's own ``eval_jaxpr`` enters ``eqn.ctx.manager`` for each equation (JAX 0.4.36+)."""
-    ctx = getattr(eqn, "ctx", None)
-    manager = getattr(ctx, "manager", None)
-    return manager if manager is not None else contextlib.nullcontext()
+    return eqn.ctx.manager
 
 
 def open_jaxpr(jaxpr: Any) -> tuple[Any, list]:
@@ -236,9 +234,8 @@ _get_trace_state = (getattr(jax.extend.core, "get_opaque_trace_state", None)
 
 def trace_state() -> Any:
     """A token of the trace a call runs under (eager, a ``jit``, a ``vmap`` with its named axes, a
-    ``pmap``): tokens compare equal only within one trace. (Without the API: a fresh object, which
-    equals nothing.)"""
-    return object() if _get_trace_state is None else _get_trace_state(convention="jlora")
+    ``pmap``): tokens compare equal only within one trace."""
+    return _get_trace_state(convention="jlora")
 
 
 def explicit_sharding(x: Any) -> Any:
@@ -261,18 +258,14 @@ def spec_partitions(spec: Any) -> tuple:
 
 def _if_explicit(sharding: Any) -> Any:
     axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", None) or ()
-    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
-    return sharding if explicit is not None and explicit in axis_types else None
+    return sharding if jax.sharding.AxisType.Explicit in axis_types else None
 
 
 def _reshard_function() -> Any:
     # jax.sharding.reshard from JAX 0.7; jax.experimental.shard.reshard in 0.6.
     found = getattr(jax.sharding, "reshard", None)
     if found is None:
-        try:
-            from jax.experimental.shard import reshard as found
-        except ImportError:  # pragma: no cover - a JAX without Explicit axes
-            return None
+        from jax.experimental.shard import reshard as found
     return found
 
 
@@ -289,7 +282,7 @@ def _reshard_primitive() -> Any:
     return _traced_primitive(lambda x: reshard(x, NamedSharding(mesh, P("i"))), x)
 
 
-reshard_p = None if reshard is None else _reshard_primitive()
+reshard_p = _reshard_primitive()
 
 def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any:
     """``jax.random.bernoulli`` drawn in ``out_sharding`` (a ``NamedSharding`` or ``None``), each
@@ -312,7 +305,7 @@ _BERNOULLI_OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.bernoul
 # A kernel gathered as "reduced" over mesh axes (FSDP on an Explicit mesh) passes the mark to its
 # factors; JAX 0.8 lacks reduced rules for ops of the low-rank path (a scale, a broadcast), so
 # there (until 0.10, where it was tested) such a kernel is materialised instead.
-REDUCED_FACTORS = tuple(getattr(jax, "__version_info__", (0, 0))[:2]) >= (0, 10)
+REDUCED_FACTORS = jax.__version_info__[:2] >= (0, 10)
 
 def context_key() -> str:
     """The context an equation traced now records (see ``eqn_context``), as part of a trace's

@@ -342,7 +342,7 @@ def evaluate_closed(closed: Any, args: Sequence[Any], ctx: Context) -> list:
 
 def is_array(x: Any) -> bool:
     """Whether ``x`` is an array leaf (traced by ``apply``); other leaves stay static."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or _compat.is_tracer(x)
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))  # a tracer is a jax.Array
 
 
 def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:
@@ -458,7 +458,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                              "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
                              ) from None
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
-        out = [returned[j] if j in returned else x if isinstance(x, jax.Array) or _compat.is_tracer(x)
+        out = [returned[j] if j in returned else x if isinstance(x, jax.Array)
                else jnp.asarray(x) for j, x in enumerate(out)]
         return jax.tree_util.tree_unflatten(out_tree, out)
 

@@ -143,8 +143,6 @@ def _ends_from(parts: tuple[str, ...], comps: tuple[str, ...], start: int) -> se
 
 
 def compile_patterns(patterns: Iterable[str]) -> tuple[Pattern, ...]:
-    if isinstance(patterns, str):
-        raise TypeError(f"compile_patterns takes a list of patterns, not the string {patterns!r}")
     return tuple(Pattern(p) for p in patterns)
 
 

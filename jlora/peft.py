@@ -379,7 +379,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         new[p] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
-                            dropout=float(config.get("lora_dropout", 0.0)))
+                            dropout=float(dropout))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[p] = Trainable(jnp.asarray(value, by_path[p].dtype))
     return replace_leaves(base_params, new, is_leaf=is_param)

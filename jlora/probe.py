@@ -2,8 +2,8 @@
 
 Each target kernel enters the evaluator of ``jlora.lazy`` as a ``Probe``, a lazy kind that follows
 the kernel through transposes, casts, reshapes and scans, and records at every ``dot_general``,
-``gather`` or ``conv`` which of its original axes are contracted (input), batched (batch) or kept
-(output); the first use gives the layout, a later one that disagrees warns. Only abstract values are used: nothing is computed.
+``ragged_dot``, ``gather`` (or a single row's ``squeeze``) or ``conv`` which of its original axes
+are contracted (input), batched (batch) or kept (output); the first use gives the layout, a later one that disagrees warns. Only abstract values are used: nothing is computed.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _gather(ctx: Context, eqn: Any, invals: list) -> Any:
             return NotImplemented
         # matrices picked from a stack (an expert per token, W[idx]): the picked axes are batch axes,
         # and the matrices' use (a later matmul) tells their input and output axes
-        batching = tuple(getattr(dn, "operand_batching_dims", ()))
+        batching = tuple(dn.operand_batching_dims)
         kept = [ax for ax in range(probe.ndim) if ax not in dn.collapsed_slice_dims and ax not in batching]
         axes: list[tuple] = [()] * len(eqn.outvars[0].aval.shape)
         for ax, out in zip(kept, dn.offset_dims):
@@ -277,8 +277,8 @@ def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
 def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
                   used_by: dict[str, set] | None = None) -> dict[str, Layout]:
     """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them. ``used_by``, if
-    given, receives the primitives that use each kernel (of ``dot_general``, ``gather`` and
-    ``conv_general_dilated``).
+    given, receives the primitives that use each kernel (of ``dot_general``, ``ragged_dot_general``,
+    ``gather``, ``squeeze`` and ``conv_general_dilated``).
 
     Example:
         >>> import jax.numpy as jnp

@@ -199,17 +199,16 @@ def device_put_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             for out, lw, target in zip(outs, owners, targets)]
 
 
-if _compat.reshard_p is not None:
-    @register(_compat.reshard_p, LoraWeight)
-    def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-        """On a mesh with Explicit axes (``jax.sharding.reshard``, e.g. FSDP's gather of a kernel
-        before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
-        (lw,) = invals
-        target = eqn.params.get("dst_sharding")
-        if (not isinstance(target, jax.sharding.NamedSharding) or _unplaceable(target)
-                or (getattr(target.spec, "reduced", None) and not _compat.REDUCED_FACTORS)):
-            return NotImplemented
-        return [_placed(lw, bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
+@register(_compat.reshard_p, LoraWeight)
+def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """On a mesh with Explicit axes (``jax.sharding.reshard``, e.g. FSDP's gather of a kernel
+    before its use): ``w`` resharded, and ``a`` and ``b`` to the derived shardings."""
+    (lw,) = invals
+    target = eqn.params.get("dst_sharding")
+    if (not isinstance(target, jax.sharding.NamedSharding) or _unplaceable(target)
+            or (getattr(target.spec, "reduced", None) and not _compat.REDUCED_FACTORS)):
+        return NotImplemented
+    return [_placed(lw, bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
 
 
 @register(_compat.pvary_p, Lazy)
@@ -260,14 +259,14 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     layout = lw.layout
     new_axes: list[tuple[str, int]] = [("", 0)] * len(new_shape)
     # per role: list of (old k-range) -> new sizes, in k order
-    changes: dict[str, dict[int, tuple[int, tuple[int, ...]]]] = {"b": {}, "i": {}, "o": {}}
+    changes: dict[str, dict[int, tuple[int, ...]]] = {"b": {}, "i": {}, "o": {}}
     for olds, news in groups:
         roles = {layout.axes[ax][0] for ax in olds}
         ks = [layout.axes[ax][1] for ax in olds]
         if len(roles) != 1 or ks != list(range(ks[0], ks[0] + len(ks))):
             return NotImplemented
         role = roles.pop()
-        changes[role][ks[0]] = (len(ks), tuple(new_shape[ax] for ax in news))
+        changes[role][ks[0]] = tuple(new_shape[ax] for ax in news)
         for j, ax in enumerate(news):
             new_axes[ax] = (role, (ks[0], j))  # renumbered below
     # renumber k within each role: order by (old k start, position in group)
@@ -277,23 +276,11 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             new_axes[ax] = (role, new_k)
     new_layout = Layout(tuple(new_axes))
 
-    def regroup(shape: tuple[int, ...], role: str, offset: int) -> tuple[int, ...]:
-        sizes, k = [], 0
-        n = len(layout.group(role))
-        while k < n:
-            if k in changes[role]:
-                span, news = changes[role][k]
-                sizes.extend(news)
-                k += span
-            else:
-                sizes.append(shape[offset + k])
-                k += 1
-        return tuple(sizes)
+    def regroup(role: str) -> tuple[int, ...]:  # every axis of a role is in one group
+        return tuple(size for k in sorted(changes[role]) for size in changes[role][k])
 
-    nb = len(layout.group("b"))
-    batch_a = regroup(lw.a.shape, "b", 0)
-    a_shape = batch_a + regroup(lw.a.shape, "i", nb) + (lw.rank,)
-    b_shape = batch_a + (lw.rank,) + regroup(lw.b.shape, "o", nb + 1)
+    a_shape = regroup("b") + regroup("i") + (lw.rank,)
+    b_shape = regroup("b") + (lw.rank,) + regroup("o")
     w = bind(ctx, eqn, [lw.w], lw)[0]
     sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
     if isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None:
@@ -424,8 +411,6 @@ if _compat.tile_p is not None:
         matching axes, so every copy is ``w + scale·a@b`` again."""
         (lw,) = invals
         reps = tuple(eqn.params["reps"])
-        if len(reps) != lw.ndim:
-            return NotImplemented
         a, b = _each_factor(lw, lambda x, per: jnp.tile(x, per(reps, [1] * x.ndim)))
         return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b)]
 

@@ -150,6 +150,9 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     for init in ("orthogonal", "mica", "gaussian", False):  # these only set A and B: read as they are
         config_file.write_text(json.dumps({**good, "init_lora_weights": init}))
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    config_file.write_text(json.dumps({**good, "lora_dropout": None}))  # PEFT's own reading: no dropout
+    loaded = jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    assert {x.dropout for x in jax.tree.leaves(loaded, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)} == {0.0}
     config_file.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object, got list"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
