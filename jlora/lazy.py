@@ -102,7 +102,19 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
 
 
 def reset_warnings() -> None:
-    """Forget which fallbacks were already reported (each is reported once per process)."""
+    """Forget which fallbacks were already reported (each is reported once per process).
+
+    Example:
+        >>> import warnings, jax, jax.numpy as jnp, jlora
+        >>> lw = jlora.lora_init(jax.random.key(0), {"k": jnp.ones((4, 4))}, jlora.LoraConfig(rank=1, targets=["k"]))
+        >>> sine = jlora.apply(lambda p: jnp.sin(p["k"]))  # no rule for sin: w + scale·a@b, with a warning
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     reset_warnings(); _ = sine(lw); _ = sine(lw)  # reported once
+        ...     reset_warnings(); _ = sine(lw)                # and again
+        >>> sum(issubclass(w.category, jlora.MaterializeWarning) for w in seen)
+        2
+    """
     _WARNED.clear()
 
 

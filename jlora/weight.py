@@ -361,7 +361,13 @@ class Trainable:
 
 
 def is_node(x: Any) -> bool:
-    """True for the nodes jlora adds to a tree (``LoraWeight``, ``Trainable``)."""
+    """True for the nodes jlora adds to a tree (``LoraWeight``, ``Trainable``): the ``is_leaf`` to
+    see them whole in ``jax.tree`` functions.
+
+    Example:
+        >>> is_node(Trainable(jnp.zeros(2))), is_node(jnp.zeros(2))
+        (True, False)
+    """
     return isinstance(x, (LoraWeight, Trainable))
 
 
