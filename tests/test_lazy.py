@@ -97,20 +97,25 @@ def test_kernel_used_in_a_matmul_and_elsewhere():
         check_against_oracle(fn, p, jnp.ones((2, 6)))
 
 
-def test_nnx_model_via_split_and_merge():
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.up = nnx.Linear(6, 12, rngs=rngs)
-            self.down = nnx.Linear(12, 6, rngs=rngs)
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(6, 12, rngs=rngs)
+        self.down = nnx.Linear(12, 6, rngs=rngs)
 
-        def __call__(self, x):
-            return self.down(nnx.gelu(self.up(x)))
+    def __call__(self, x):
+        return self.down(nnx.gelu(self.up(x)))
 
-    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
-    fn = lambda s, x: nnx.merge(graphdef, s)(x)
-    p = lora(state, ["up", "down"])
+
+@pytest.mark.parametrize("split", [True, False])
+def test_nnx_model_via_split_and_merge_or_as_a_pytree(split):
+    if split:
+        graphdef, tree = nnx.split(NnxMLP(nnx.Rngs(0)))
+        fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    else:  # a Flax module is a pytree itself
+        tree, fn = NnxMLP(nnx.Rngs(0)), lambda m, x: m(x)
+    p = lora(tree, ["up", "down"])
     adapted = [x.path for x in jax.tree.leaves(p, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)]
-    assert adapted == ["down/kernel", "up/kernel"]
+    assert adapted == ["down/kernel", "up/kernel"] and type(p) is type(tree)
     check_against_oracle(fn, p, normal(KEY, (3, 6)))
 
 
@@ -485,20 +490,6 @@ def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
 def value_of(variable):
     """An NNX variable's value: ``get_value()`` (Flax 0.12, where ``.value`` is deprecated) or ``.value``."""
     return variable.get_value() if hasattr(type(variable), "get_value") else variable.value
-
-
-def test_an_nnx_module_passed_directly_as_a_pytree():
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.up = nnx.Linear(6, 12, rngs=rngs)
-            self.down = nnx.Linear(12, 6, rngs=rngs)
-
-        def __call__(self, x):
-            return self.down(nnx.gelu(self.up(x)))
-
-    p = lora(MLP(nnx.Rngs(0)), ["up", "down"])  # no nnx.split: a Flax module is a pytree
-    assert isinstance(p, MLP) and isinstance(value_of(p.up.kernel), jlora.LoraWeight)
-    check_against_oracle(lambda m, x: m(x), p, normal(KEY, (3, 6)))
 
 
 def test_a_trainable_leaf_returned_as_it_came_in_stays_trainable():
