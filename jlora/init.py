@@ -17,7 +17,7 @@ from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
 from jlora.sharding import factor_shardings
-from jlora.variables import shared_paths, state_paths
+from jlora.variables import in_state, shared_paths, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
@@ -193,11 +193,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             if not _is_trainable(leaf) and pat.match(path) == LEAF:
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
                                  "only float arrays can be trained")
-            if path in state and pat.match(path) == LEAF:
+            if in_state(path, state) and pat.match(path) == LEAF:
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', an NNX variable that is not "
                                  "an nnx.Param (batch statistics, a cache): the forward pass updates it, not the optimizer")
         # a subtree's counters, flags, quantized kernels and NNX state (batch statistics) stay frozen
-        tuned = [pat for pat in tuned if _is_trainable(leaf) and path not in state]
+        tuned = [pat for pat in tuned if _is_trainable(leaf) and not in_state(path, state)]
         for pat in tuned:
             hits[pat] += not chosen
         if chosen:

@@ -416,10 +416,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
 
         values, dynamic, abstract, static, given = [], [], [], [], {}
         for i, leaf in enumerate(leaves):
-            if isinstance(leaf, Trainable):
+            trainable = leaf if isinstance(leaf, Trainable) else None
+            if trainable is not None:
                 if leaf.value is None:  # the frozen half's placeholder
                     check_whole(leaf, param_paths()[i], "jlora.apply")
-                given[len(values)] = leaf  # returned as it came in, it comes back a Trainable
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
@@ -428,6 +428,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 abstract.append(leaf.example())
                 dynamic.append(i)
             elif is_array(leaf):
+                if trainable is not None:  # returned as it came in, it comes back a Trainable
+                    given[len(values)] = trainable
                 values.append(leaf)
                 abstract.append(leaf)  # make_jaxpr takes its type (shape, dtype, weak type, vma)
                 dynamic.append(i)

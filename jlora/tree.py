@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
-from jlora.variables import state_paths
+from jlora.variables import in_state, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -318,7 +318,7 @@ def summary(tree: Any) -> Summary:
     state = state_paths(tree)  # NNX batch statistics, caches, RNG state: not params
     for path, x in leaves_with_paths(tree, is_leaf=is_param):
         check_whole(x, path, "jlora.summary")
-        if path in state:
+        if in_state(path, state):
             continue
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)

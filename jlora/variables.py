@@ -60,6 +60,17 @@ def state_paths(tree: Any) -> frozenset[str]:
     return frozenset(path for path, _, is_param in nnx_variables(tree) if not is_param)
 
 
+def in_state(path: str, state: frozenset[str]) -> bool:
+    """Whether the leaf at ``path`` is in one of the ``state`` variables (whose value may be a
+    tuple or dict: ``sow``'s ``nnx.Intermediate``).
+
+    Example:
+        >>> in_state("feat/value/0", frozenset({"feat"})), in_state("feature", frozenset({"feat"}))
+        (True, False)
+    """
+    return any(path == s or path.startswith(s + "/") for s in state)
+
+
 def shared_paths(tree: Any) -> list[list[str]]:
     """The paths of each NNX variable that ``tree`` holds at more than one path (a module used
     twice, seen through flattening).

@@ -18,7 +18,28 @@ from jlora import explicit
 from jlora.layout import Layout
 
 
-class Lazy:
+class NotAnArray:
+    """A jlora node a model may meet as an array when called on a LoRA tree without
+    ``jlora.apply``: the array protocols and operators say so, not ``'LoraWeight' object is not
+    subscriptable`` (other attributes, ``.T`` or ``.reshape``, are not there)."""
+
+    __slots__ = ()
+
+    def describe(self) -> str:
+        """How messages (a fallback's warning) name this value."""
+        return type(self).__name__
+
+    def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
+                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params)")
+
+    __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
+    __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _used_outside_apply
+    reshape = astype = _used_outside_apply  # methods, not properties such as .T: hasattr never raises
+
+
+class Lazy(NotAnArray):
     """A value that stands for an array without holding it.
 
     Subclasses are pytree nodes and define ``shape``, ``dtype``, ``materialize()``; the evaluator's
@@ -72,18 +93,6 @@ class Lazy:
         ``rebuild`` makes one layer's value from the slices), or ``None``: the scan then takes the
         materialised array."""
         return None
-
-    def describe(self) -> str:
-        """How a fallback's warning names this value."""
-        return type(self).__name__
-
-    def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
-                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params)")
-
-    # a model called on the LoRA tree without jlora.apply says so, not "not subscriptable"
-    __jax_array__ = __array__ = __getitem__ = _used_outside_apply
-    __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _used_outside_apply
 
 
 def _shape_str(x: Any) -> str:
@@ -323,7 +332,7 @@ jax.tree_util.register_pytree_with_keys_class(LoraWeight)
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class Trainable:
+class Trainable(NotAnArray):
     """Marks a base leaf that is fine-tuned fully (a bias, a norm, a task head).
 
     ``jlora.apply`` and ``jlora.merge`` unwrap it; ``split`` puts it in the trainable half.
@@ -358,6 +367,8 @@ class Trainable:
 
     def __repr__(self) -> str:
         return f"Trainable({_shape_str(self.value)})"
+
+    describe = __repr__
 
 
 def is_node(x: Any) -> bool:

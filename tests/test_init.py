@@ -292,3 +292,18 @@ def test_nnx_batch_statistics_are_state_not_trainable_params():
         with pytest.raises(ValueError, match=r"trainable 'bn/mean' matches 'bn/mean', an NNX variable that is not an "
                                              r"nnx.Param .*the forward pass updates it"):
             lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn/mean"]))
+
+
+def test_a_sown_nnx_intermediate_is_state_whatever_its_value_holds():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 4, rngs=rngs)
+            self.feat = nnx.Intermediate((jnp.ones(3), jnp.ones(3)))  # a tuple, as sow leaves it
+
+    model = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="trainable: pattern 'feat' matches no param it can use"):
+        lora_init(KEY, model, LoraConfig(rank=2, targets=["l1"], trainable=["feat"]))
+    p = lora_init(KEY, model, LoraConfig(rank=2, targets=["l1"], trainable=["l1/bias"]))
+    assert jlora.summary(p).total == 4 * 4 + 4 + 2 * (4 + 4)

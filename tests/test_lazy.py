@@ -139,13 +139,12 @@ def test_an_nnx_step_returning_the_models_state_keeps_its_adapters(recompute):
     x = normal(KEY, (5, 4))
     y, new = jax.jit(jlora.apply(step, recompute=recompute))(params, x)
     assert jax.tree.structure(new, is_leaf=jlora.weight.is_node) == jax.tree.structure(params, is_leaf=jlora.weight.is_node)
-    value = lambda v: v.value if hasattr(v, "get_value") else v.value  # flax < 0.12: .value
-    got, was = value(new["dense"]["kernel"]), value(params["dense"]["kernel"])
+    got, was = value_of(new["dense"]["kernel"]), value_of(params["dense"]["kernel"])
     assert isinstance(got, jlora.LoraWeight)  # not merged: the next step trains the same adapters
     jax.tree.map(np.testing.assert_array_equal, got, was)
     want_y, want_state = step(oracle_merge(params), x)
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(value(new["norm"]["mean"]), value(want_state["norm"]["mean"]), rtol=1e-5)
+    np.testing.assert_allclose(value_of(new["norm"]["mean"]), value_of(want_state["norm"]["mean"]), rtol=1e-5)
 
 
 def test_a_param_returned_through_a_nested_jit_or_a_branch_comes_back_as_it_went_in():
@@ -536,3 +535,9 @@ def test_an_nnx_step_returning_the_module_carries_its_statistics_into_the_next_s
         trainable, frozen, opt_state = step(trainable, frozen, opt_state)
     assert not np.allclose(value_of(frozen.bn.mean), mean0)
     assert isinstance(value_of(frozen.l1.kernel), jlora.LoraWeight)
+
+
+def test_a_trainable_python_number_stays_static_and_returns_are_not_shifted():
+    arr = normal(KEY, (3,))
+    got = jlora.apply(lambda p: p["b"])({"a": jlora.Trainable(2.0), "b": arr})
+    assert isinstance(got, jax.Array) and np.array_equal(got, arr)

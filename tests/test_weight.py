@@ -69,3 +69,22 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
     for use in uses:  # a model called on the LoRA tree without jlora.apply
         with pytest.raises(TypeError, match="LoraWeight at 'w' was used as an array outside jlora.apply: .*jlora.merge"):
             use()
+
+
+def test_a_model_called_on_the_lora_tree_without_apply_says_so():
+    import flax.linen as nn
+
+    class PreNorm(nn.Module):  # the trainable norm is met first
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.LayerNorm()(x))
+
+    model, x = PreNorm(), jnp.ones((2, 4))
+    base = model.init(jax.random.key(0), x)["params"]
+    lora = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["Dense_0"], trainable=["LayerNorm_0"]))
+    with pytest.raises(TypeError, match=r"Trainable\(float32\[4\]\) was used as an array outside jlora.apply"):
+        model.apply({"params": lora}, x)
+    with pytest.raises(TypeError, match="LoraWeight at 'Dense_0/kernel' was used as an array outside jlora.apply"):
+        model.apply({"params": jlora.merge(lora) | {"Dense_0": lora["Dense_0"]}}, x)
+    np.testing.assert_allclose(jlora.apply(model.apply)({"params": lora}, x), model.apply({"params": jlora.merge(lora)}, x),
+                               rtol=1e-6, atol=1e-6)
