@@ -21,9 +21,12 @@ from jlora.layout import Layout
 class NotAnArray:
     """A jlora node a model may meet as an array when called on a LoRA tree without
     ``jlora.apply``: the array protocols and operators say so, not ``'LoraWeight' object is not
-    subscriptable`` (other attributes, ``.T`` or ``.reshape``, are not there)."""
+    subscriptable`` (``.T`` and other attributes are not there: ``hasattr`` must not raise)."""
 
     __slots__ = ()
+
+    def __bool__(self) -> bool:  # true, as any object, not through the __len__ below
+        return True
 
     def describe(self) -> str:
         """How messages (a fallback's warning) name this value."""
@@ -36,7 +39,7 @@ class NotAnArray:
     __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _used_outside_apply
-    reshape = astype = _used_outside_apply  # methods, not properties such as .T: hasattr never raises
+    reshape = astype = _used_outside_apply
 
 
 class Lazy(NotAnArray):

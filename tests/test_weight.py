@@ -88,3 +88,17 @@ def test_a_model_called_on_the_lora_tree_without_apply_says_so():
         model.apply({"params": jlora.merge(lora) | {"Dense_0": lora["Dense_0"]}}, x)
     np.testing.assert_allclose(jlora.apply(model.apply)({"params": lora}, x), model.apply({"params": jlora.merge(lora)}, x),
                                rtol=1e-6, atol=1e-6)
+    from flax import nnx
+
+    class NnxPreNorm(nnx.Module):
+        def __init__(self, rngs):
+            self.norm, self.dense = nnx.LayerNorm(4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.dense(self.norm(x))
+
+    module = jlora.lora_init(jax.random.key(1), NnxPreNorm(nnx.Rngs(0)),
+                             jlora.LoraConfig(rank=2, targets=["dense"], trainable=["norm"]))
+    with pytest.raises(TypeError, match="was used as an array outside jlora.apply"):
+        module(x)
+    assert bool(lora["Dense_0"]["kernel"]) and bool(lora["LayerNorm_0"]["scale"])  # truthy as objects, not by len
