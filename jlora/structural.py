@@ -258,7 +258,7 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return NotImplemented
     layout = lw.layout
     new_axes: list[tuple[str, int]] = [("", 0)] * len(new_shape)
-    # per role: list of (old k-range) -> new sizes, in k order
+    # per role: the first old k of each group -> the group's new sizes
     changes: dict[str, dict[int, tuple[int, ...]]] = {"b": {}, "i": {}, "o": {}}
     for olds, news in groups:
         roles = {layout.axes[ax][0] for ax in olds}
@@ -279,8 +279,9 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     def regroup(role: str) -> tuple[int, ...]:  # every axis of a role is in one group
         return tuple(size for k in sorted(changes[role]) for size in changes[role][k])
 
-    a_shape = regroup("b") + regroup("i") + (lw.rank,)
-    b_shape = regroup("b") + (lw.rank,) + regroup("o")
+    batch = regroup("b")
+    a_shape = batch + regroup("i") + (lw.rank,)
+    b_shape = batch + (lw.rank,) + regroup("o")
     w = bind(ctx, eqn, [lw.w], lw)[0]
     sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
     if isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None:

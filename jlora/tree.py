@@ -99,7 +99,8 @@ def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str,
             if value is not fields[1][field] and _differ(value, fields[1][field]):
                 return path or "/", f"{field}={value!r}", f"{field}={fields[1][field]!r}"
     children1, children2 = first.children(), second.children()
-    keys = fields[0] and data1[1][0] or data1 and data1[1]  # an NNX module's children names, a dict's keys
+    # the children's names: an NNX module's aux data starts with them; a dict's aux data is its keys
+    keys = data1[1][0] if fields[0] is not None else data1[1] if data1 else None
     keys = keys if isinstance(keys, (list, tuple)) and len(keys) == len(children1) else None
     for i, (c1, c2) in enumerate(zip(children1, children2)):
         found = _container_difference(c1, c2, f"{path}/{keys[i] if keys else i}".lstrip("/"))
