@@ -42,25 +42,16 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     """
     from safetensors.numpy import save_file
 
-    check_saveable("save_adapter", params)
+    arrays, adapters, trained = saved_arrays("save_adapter", params)
     check_other_format(path, "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
                          f"got {type(lora_config).__name__}")
     metadata = plain_metadata(metadata)
-    tensors: dict[str, np.ndarray] = {}
-    targets, trainable = {}, {}
-    for p, x in leaves_with_paths(params, is_leaf=is_node):
-        if isinstance(x, LoraWeight):
-            tensors[f"{p}/a"], tensors[f"{p}/b"] = np.asarray(x.a), np.asarray(x.b)
-            shape = [int(d) for d in x.kernel_shape]
-            targets[p] = {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
-                          "shape": shape}
-        elif isinstance(x, Trainable):
-            tensors[p] = np.asarray(x.value)
-            trainable[p] = list(np.shape(x.value))
-    if not targets and not trainable:
-        raise ValueError("save_adapter: params hold no LoraWeight or Trainable leaf")
+    tensors = {key: np.asarray(x) for key, x in arrays.items()}
+    targets = {p: {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
+                   "shape": [int(d) for d in x.kernel_shape]} for p, x in adapters.items()}
+    trainable = {p: list(np.shape(x)) for p, x in trained.items()}
     save_id = uuid.uuid4().hex  # in both files: a load refuses a pair from two saves
     config = {
         "format": FORMAT, "version": 1, "save_id": save_id, "targets": targets, "trainable": trainable,
@@ -214,6 +205,29 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
         raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one was "
                          "interrupted between writing them); save the adapter again")
     return tensors
+
+
+def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWeight], dict[str, Any]]:
+    """What a save of ``params`` (a LoRA tree or its trainable half) writes: ``(arrays, adapters,
+    trained)``, the arrays keyed ``<path>/a``, ``<path>/b`` and ``<path>``, the ``LoraWeight`` nodes
+    and the fully trained values by path. A ValueError naming ``op`` if there is nothing to save.
+
+    Example:
+        >>> arrays, adapters, trained = saved_arrays("save", {"k": LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)),
+        ...     jnp.zeros((2, 4)), scale=1.0), "bias": Trainable(jnp.zeros(4))})
+        >>> sorted(arrays), list(adapters), list(trained)
+        (['bias', 'k/a', 'k/b'], ['k'], ['bias'])
+    """
+    check_saveable(op, params)
+    arrays, adapters, trained = {}, {}, {}
+    for p, x in leaves_with_paths(params, is_leaf=is_node):
+        if isinstance(x, LoraWeight):
+            arrays[f"{p}/a"], arrays[f"{p}/b"], adapters[p] = x.a, x.b, x
+        elif isinstance(x, Trainable):
+            arrays[p] = trained[p] = x.value
+    if not arrays:
+        raise ValueError(f"{op}: params hold no LoraWeight or Trainable leaf")
+    return arrays, adapters, trained
 
 
 def check_saveable(op: str, params: Any) -> None:

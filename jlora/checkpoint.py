@@ -25,30 +25,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from jlora.adapter import check_base, check_saveable, is_saveable_array
+from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
 from jlora.layout import Layout
-from jlora.paths import leaves_with_paths, replace_leaves
+from jlora.paths import replace_leaves
 from jlora.sharding import factor_shardings
-from jlora.tree import split
-from jlora.weight import LoraWeight, Trainable, is_node, is_param
+from jlora.weight import LoraWeight, Trainable, is_param
 
 
 def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({path: array}, {path: spec})`` for the trainable half of ``params``."""
-    check_saveable("AdapterCheckpointer.save", params)
-    arrays, specs = {}, {}
-    for p, x in leaves_with_paths(split(params)[0], is_leaf=is_node):
-        if isinstance(x, LoraWeight):
-            arrays[f"{p}/a"], arrays[f"{p}/b"] = x.a, x.b
-            specs[p] = {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout,
-                        "rank": x.rank, "dtype": np.dtype(x.a.dtype).name, "b_dtype": np.dtype(x.b.dtype).name,
-                        "shape": list(x.kernel_shape)}
-        elif isinstance(x, Trainable):
-            arrays[p] = x.value
-            specs[p] = {"kind": "trainable", "dtype": np.dtype(x.value.dtype).name, "shape": list(np.shape(x.value))}
-    if not arrays:
-        raise ValueError("AdapterCheckpointer: params hold no LoraWeight or Trainable leaf")
+    arrays, adapters, trained = saved_arrays("AdapterCheckpointer.save", params)
+    specs = {p: {"kind": "lora", "layout": str(x.layout), "scale": x.scale, "dropout": x.dropout,
+                 "rank": x.rank, "dtype": np.dtype(x.a.dtype).name, "b_dtype": np.dtype(x.b.dtype).name,
+                 "shape": list(x.kernel_shape)} for p, x in adapters.items()}
+    specs |= {p: {"kind": "trainable", "dtype": np.dtype(x.dtype).name, "shape": list(np.shape(x))}
+              for p, x in trained.items()}
     return arrays, specs
 
 
@@ -88,8 +80,8 @@ class AdapterCheckpointer:
         >>> ckpt.save(7, params)
         True
         >>> restored, _, step = ckpt.restore(base)
-        >>> step, restored["dense"]["kernel"].a.shape, ckpt.all_steps()
-        (7, (4, 2), [7])
+        >>> step, restored["dense"]["kernel"].a.shape, ckpt.all_steps(), ckpt.latest_step(), ckpt.best_step()
+        (7, (4, 2), [7], 7, 7)
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, best_metric: str | None = None,

@@ -71,12 +71,10 @@ class Options:
         if self.task not in ("classify", "causal-lm"):
             raise ValueError(f"--task must be classify or causal-lm, got {self.task!r}")
         for flag, value, least in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 1),
-                                   ("--save-every", self.save_every, 0), ("--steps", self.steps, 1),
-                                   ("--rank", self.rank, 1)):
+                                   ("--save-every", self.save_every, 0), ("--steps", self.steps, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio),
-                            ("--alpha", self.alpha)):
+        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -96,7 +94,7 @@ class Options:
         if earlier and not self.overwrite:
             raise ValueError(f"--out {self.out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
                              "to replace it, or choose another --out")
-        try:  # its own checks, before any loading
+        try:  # --rank, --alpha and --targets by LoraConfig's own checks, before any loading
             jlora.LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
@@ -339,7 +337,8 @@ _MODEL_FILES = {  # what a HF model directory must hold -> the file names that p
 def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, Path]:
     """``(Flax model, tokenizer, directory)`` of a local HF model (Flax or PyTorch weights); the
     default name is the packaged all-MiniLM-L6-v2. ``pooler=False`` leaves out an encoder's pooler
-    (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's).
+    (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's). For
+    ``"classify"``, a tokenizer without a pad token pads with its end (or unknown) token.
 
     Example:
         >>> model, tokenizer, path = load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
@@ -367,6 +366,8 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
         detail = f": {err}" if isinstance(err, (OSError, ValueError)) else ""  # not HF's internal TypeErrors
         raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
                          f"e.g. tokenizer.json or vocab.txt){detail}") from None
+    if task == "classify" and tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model, tokenizer, path.resolve()
 
 
@@ -604,8 +605,6 @@ def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) ->
     if meta.get("task", "classify") != "classify" or "classes" not in meta:
         raise ValueError(f"{adapter}: not a classifier of jlora finetune (task {meta.get('task')!r}); "
                          "load_job gives its model and params")
-    if tokenizer.pad_token is None:  # as in training: the pooling masks padding
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     run = jax.jit(functools.partial(head_logits, jlora.apply(model.__call__)))
     max_length = meta.get("max_length", Options.max_length)
 
@@ -630,8 +629,6 @@ def classify(opts: Options) -> dict:
     """
     model, tokenizer, model_path = load_model(opts.model, "classify", pooler=False)
     check_length(model, opts.max_length)
-    if tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     texts, names = BUILTIN_DATA[opts.data]() if opts.data in BUILTIN_DATA else read_labelled(opts.data)
     classes = class_order(names)
     labels = np.array([classes.index(n) for n in names], np.int32)

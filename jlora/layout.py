@@ -63,7 +63,12 @@ class Layout:
 
     @classmethod
     def default(cls, ndim: int) -> "Layout | None":
-        """The layout assumed without declaration or inference: ``(in, out)`` for 2-D kernels."""
+        """The layout assumed without declaration or inference: ``(in, out)`` for 2-D kernels.
+
+        Example:
+            >>> str(Layout.default(2)), Layout.default(3)
+            ('io', None)
+        """
         return cls.parse("io") if ndim == 2 else None
 
     def check(self) -> None:
@@ -85,7 +90,12 @@ class Layout:
         return len(self.axes)
 
     def group(self, role: str) -> tuple[int, ...]:
-        """Axes of ``w`` with ``role``, ordered as they are stored in ``a``/``b``."""
+        """Axes of ``w`` with ``role``, ordered as they are stored in ``a``/``b``.
+
+        Example:
+            >>> Layout.parse("ioo").group("o")
+            (1, 2)
+        """
         return tuple(ax for _, ax in sorted((k, ax) for ax, (r, k) in enumerate(self.axes) if r == role))
 
     def group_shape(self, shape: Sequence[int], role: str) -> tuple[int, ...]:
@@ -153,17 +163,32 @@ class Layout:
         return in_a, in_b
 
     def w_shape(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple[int, ...]:
-        """The shape of ``w`` that factors of these shapes belong to (inverse of ``a_shape``/``b_shape``)."""
+        """The shape of ``w`` that factors of these shapes belong to (inverse of ``a_shape``/``b_shape``).
+
+        Example:
+            >>> Layout.parse("bio").w_shape((6, 16, 4), (6, 4, 32))
+            (6, 16, 32)
+        """
         in_a, in_b = self.factor_axes()
         return tuple(int(a_shape[in_a[ax]]) if ax in in_a else int(b_shape[in_b[ax]]) for ax in range(self.ndim))
 
     def canonical_to_w(self) -> tuple[int, ...]:
-        """Permutation taking ``batch + input + output`` (the order of ``a @ b``) to ``w``'s axes."""
+        """Permutation taking ``batch + input + output`` (the order of ``a @ b``) to ``w``'s axes.
+
+        Example:
+            >>> Layout.parse("oi").canonical_to_w()  # a @ b is (in, out); w is (out, in)
+            (1, 0)
+        """
         offsets = {"b": 0, "i": len(self.group("b")), "o": len(self.group("b")) + len(self.group("i"))}
         return tuple(offsets[role] + k for role, k in self.axes)
 
     def permute(self, perm: Sequence[int]) -> "Layout":
-        """Layout of ``transpose(w, perm)``."""
+        """Layout of ``transpose(w, perm)``.
+
+        Example:
+            >>> str(Layout.parse("bio").permute((0, 2, 1)))
+            'boi'
+        """
         return Layout(tuple(self.axes[p] for p in perm))
 
     def __str__(self) -> str:

@@ -29,7 +29,12 @@ class NotAnArray:
         return True
 
     def describe(self) -> str:
-        """How messages (a fallback's warning) name this value."""
+        """How messages (a fallback's warning) name this value.
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0, path="q/kernel").describe()
+            "LoraWeight at 'q/kernel'"
+        """
         return type(self).__name__
 
     def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -80,21 +85,47 @@ class Lazy(NotAnArray):
         return math.prod(self.shape)
 
     def materialize(self) -> jax.Array:
-        """The array this value stands for."""
+        """The array this value stands for.
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5).materialize()
+            Array([[1.5, 1.5],
+                   [1.5, 1.5]], dtype=float32)
+        """
         raise NotImplementedError
 
     def example(self) -> Any:
-        """A value of the type this one has in the traced function (an array or ShapeDtypeStruct)."""
+        """A value of the type this one has in the traced function (an array or ShapeDtypeStruct).
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
+            (2, 3)
+        """
         return jax.ShapeDtypeStruct(self.shape, self.dtype)
 
     def prepare(self) -> "Lazy":
-        """Called once when the value enters the evaluator (e.g. to stop gradients)."""
+        """Called once when the value enters the evaluator (e.g. to stop gradients).
+
+        Example:
+            >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)
+            >>> jax.grad(lambda w: lw.replace(w=w).prepare().materialize().sum())(jnp.ones((2, 2)))  # w frozen
+            Array([[0., 0.],
+                   [0., 0.]], dtype=float32)
+        """
         return self
 
     def unstack(self) -> "tuple[tuple, Callable[[tuple], Lazy]] | None":
         """``(children, rebuild)`` for ``lax.scan`` to slice along axis 0 (each child is sliced,
         ``rebuild`` makes one layer's value from the slices), or ``None``: the scan then takes the
-        materialised array."""
+        materialised array.
+
+        Example:
+            >>> stack = LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
+            ...                    layout="bio")
+            >>> children, rebuild = stack.unstack()
+            >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0, still factored
+            LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
+        """
         return None
 
 
