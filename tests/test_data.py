@@ -1,0 +1,72 @@
+import collections
+
+import numpy as np
+import pytest
+
+from jlora import data
+
+
+def test_builtin_data_sets():
+    texts, labels = data.tweet_sentiment()
+    assert len(texts) == 6000 and len(set(texts)) == 6000
+    assert collections.Counter(labels) == {"negative": 2982, "neutral": 2262, "positive": 756}
+    texts, labels = data.bbc_news()
+    assert len(texts) == 2225 and sorted(set(labels)) == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_split_is_fixed_and_disjoint():
+    a = data.split_indices(1000)
+    b = data.split_indices(1000)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [len(x) for x in a] == [700, 150, 150]
+    assert len(set(np.concatenate(a))) == 1000
+
+
+def test_csv_data_and_its_errors(tmp_path):
+    good = tmp_path / "d.csv"
+    good.write_text('text,label\n"a, quoted text",x\nplain,y\n')
+    assert data.read_labelled(str(good)) == (["a, quoted text", "plain"], ["x", "y"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("body,label\nhello,x\n")
+    with pytest.raises(ValueError, match="bad.csv:1: the header must name 'text' and 'label'"):
+        data.read_labelled(str(bad))
+    missing = tmp_path / "m.csv"
+    missing.write_text("text,label\nhello,x\nworld,\n")
+    with pytest.raises(ValueError, match="m.csv:3: missing label"):
+        data.read_labelled(str(missing))
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "a", "label": "x"}\n')
+    with pytest.raises(ValueError, match="need at least 2 distinct labels"):
+        data.read_labelled(str(one))
+
+
+def test_data_files_as_users_write_them(tmp_path):
+    def read(name, content, encoding="utf-8"):
+        file = tmp_path / name
+        file.write_bytes(content.encode(encoding))
+        return data.read_labelled(str(file))
+
+    # Excel's UTF-8 BOM, an upper-case extension, U+2028 inside a text, integer labels
+    assert read("bom.csv", "\ufefftext,label\nhi,x\nyo,y\n") == (["hi", "yo"], ["x", "y"])
+    texts, labels = read("u.JSONL", '{"text": "a\u2028b", "label": 10}\n{"text": "c\u0085d", "label": 2}\n')
+    assert texts == ["a\u2028b", "c\u0085d"] and labels == ["10", "2"]
+    assert data.class_order(["10", "2", "0"]) == ["0", "2", "10"]
+    assert read("f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')[1] == ["1", "0"]  # pandas' 1.0
+    assert read("t.csv", "text,label\nhi,x,\nyo,y\n") == (["hi", "yo"], ["x", "y"])  # a trailing empty field
+    for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),
+                      ('{"text": "a", "label": NaN}', "the label must be"), ('{"text": "a", "label": 1.5}', "the label must be"),
+                      ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "the label must be"),
+                      ('{"text": 3, "label": "x"}', "the text must be a string")):
+        with pytest.raises(ValueError, match=f"n.jsonl:2: {what}"):
+            read("n.jsonl", '{"text": "ok", "label": "y"}\n' + row + "\n")
+    with pytest.raises(ValueError, match=r"c.csv:4: 3 fields for 2 columns \(quote a text that holds a comma\)"):
+        read("c.csv", 'text,label\n"two\nlines",x\ngood, very good film,pos\n')
+    with pytest.raises(ValueError, match=r"h.csv:1: the header must name 'text' and 'label' columns, found \['text', ' label'\]"):
+        read("h.csv", "text, label\na,x\n")
+    for name, content in (("e.jsonl", ""), ("e.csv", "text,label\n")):
+        with pytest.raises(ValueError, match=f"{name}: no rows"):
+            read(name, content)
+    with pytest.raises(ValueError, match="l.csv: not UTF-8 text"):
+        read("l.csv", "text,label\ncaf\u00e9,x\n", encoding="latin-1")
+    with pytest.raises(ValueError, match="built-in sets: bbc-news, tweet-sentiment"):
+        data.read_labelled(str(tmp_path / "tweet_sentiment"))
