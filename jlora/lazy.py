@@ -27,6 +27,7 @@ from jlora import _compat
 from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
+from jlora.variables import set_value, state_variables, value_of
 from jlora.weight import Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
@@ -364,7 +365,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays,
     except a param returned as it came in (``return params``, NNX's ``nnx.state(model)``): that
     comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
-    merged, with a ``MaterializeWarning``.
+    merged, with a ``MaterializeWarning``. The state of a Flax NNX module in the arguments (a
+    ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the params) is updated
+    as ``fn`` updates it, as a call of the module would.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -435,7 +438,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
-        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract)
+        # NNX state in the arguments (BatchNorm statistics, a Dropout's RNG count): updated as fn updates it
+        state = [(path, v) for path, v in state_variables((args, kwargs)) if is_array(value_of(v))]
+        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
+                        tuple(path for path, _ in state))
         closed, out_tree = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
         unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
@@ -474,7 +480,14 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
         out = [returned[j] if j in returned else x if isinstance(x, jax.Array)
                else jnp.asarray(x) for j, x in enumerate(out)]
-        return jax.tree_util.tree_unflatten(out_tree, out)
+        result = jax.tree_util.tree_unflatten(out_tree, out)
+        if not state:
+            return result
+        result, updated = result
+        for (_, variable), value in zip(state, updated):
+            if value is not None and value is not value_of(variable):  # changed by fn
+                set_value(variable, value)
+        return result
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped
@@ -494,11 +507,11 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, state_paths=()):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract), _compat.context_key())
+               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), state_paths)
         hash(key)
     except TypeError:
         key = None
@@ -515,7 +528,11 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract):
         for i, v in zip(dynamic, dyn):
             leaves[i] = v
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
-        return fn(*a, **k)
+        out = fn(*a, **k)
+        if not state_paths:
+            return out
+        after = dict(state_variables((a, k)))  # the NNX state variables, as fn left them
+        return out, [value_of(after[p]) if p in after else None for p in state_paths]
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
     result = (closed, jax.tree_util.tree_structure(out_shape))

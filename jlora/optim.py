@@ -14,6 +14,7 @@ import optax
 from jlora import _compat
 from jlora.paths import leaves_with_paths
 from jlora.tree import FROZEN, combine, labels, split
+from jlora.variables import values
 from jlora.weight import LoraWeight, is_node
 
 ADAPTER = "adapter"
@@ -139,8 +140,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     transform inside ``tx`` sees all adapter gradients together and nothing else — followed by a
     scale of ``b_lr_ratio`` on ``lora_b`` updates (LoRA+). Frozen leaves get zero updates and no
     state. ``init``, ``update``'s gradients and its ``params`` may each be the full tree or the
-    trainable half (a state made from one serves the other); updates come back in the gradients'
-    structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
+    trainable half (a state made from one serves the other), with or without Flax NNX variables
+    (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
+    updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
     ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
     where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); given
     ``params``, it refuses a state ``init`` would not have made for them (one kept from adapters of
@@ -168,12 +170,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None:
+        params = values(params)
         _check_has_adapters(params, "jlora.optimizer")
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
 
     def init(params: Any) -> Any:
+        params = values(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
         _check_has_adapters(params, "jlora.optimizer's init")
         state = inner.init(split(params)[0])
         if not plain:
@@ -181,8 +185,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         return state
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
-        trainable, frozen = split(updates)
-        trainable_params = None if params is None else split(params)[0]
+        bare = values(updates)
+        trainable, frozen = split(bare)
+        trainable_params = None if params is None else split(values(params))[0]
         if trainable_params is not None:
             _check_state(inner, state, trainable_params)
         try:
@@ -193,7 +198,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
                 raise
             raise ValueError(f"jlora.optimizer: the gradients do not fit the params (from another model?): "
                              f"{problem}") from None
-        return combine(out, jax.tree.map(_no_change, frozen)), state
+        out = combine(out, jax.tree.map(_no_change, frozen))
+        if bare is not updates:  # back in the gradients' structure, their NNX variables included
+            out = jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(out))
+        return out, state
 
     if params is not None and not plain:  # refuse a ratio for a schedule-free tx now, not at the first init
         try:  # on the trainable half: frozen leaves need not be arrays (an Equinox module's fields)

@@ -8,6 +8,9 @@ An NNX module is a pytree (Flax 0.11+), and ``nnx.split``'s state holds its vari
 - a module used twice (a tied layer) holds one ``Variable`` at two paths of the module, and
   flattening copies it: adapted there, each copy would get its own adapter.
 
+``jlora.apply`` writes the state variables back after a call (``state_variables``, ``set_value``),
+and ``jlora.optimizer`` reads through the variables to their values (``values``).
+
 Nothing here imports Flax: with ``flax.nnx`` not loaded, a tree holds no NNX variables.
 """
 
@@ -22,6 +25,48 @@ import jax
 from jlora.paths import path_str
 
 
+def _variable_kinds() -> tuple[type, ...]:
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return ()
+    # VariableState is a real class in older Flax, a deprecated alias (behind __getattr__) in newer
+    return tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+
+
+def values(tree: Any) -> Any:
+    """``tree`` with each NNX variable replaced by its value (as Flax's ``nnx.as_pure``; the same
+    leaves in the same order). ``nnx.Optimizer`` wraps each ``Variable`` that its ``tx.init`` returns
+    in one of its own, which cannot hold a ``LoraWeight``: ``jlora.optimizer`` keeps its state free
+    of them with this.
+
+    Example:
+        >>> from flax import nnx
+        >>> values(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))["kernel"].shape
+        (2, 3)
+    """
+    kinds = _variable_kinds()
+    if not kinds:
+        return tree
+    is_variable = lambda x: isinstance(x, kinds)
+    if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+        return tree
+    return jax.tree.map(lambda x: values(value_of(x)) if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def value_of(variable: Any) -> Any:
+    """An NNX variable's value, in every Flax version.
+
+    Example:
+        >>> from flax import nnx
+        >>> value_of(nnx.BatchStat(1.0))
+        1.0
+    """
+    for name in ("get_raw_value", "get_value"):  # Flax 0.12 (where .value is deprecated)
+        if hasattr(variable, name):
+            return getattr(variable, name)()
+    return variable.value
+
+
 def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
     """``[(path, variable, is_param), ...]`` for the NNX variables in ``tree``.
 
@@ -34,11 +79,10 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
         >>> sorted((p, is_param) for p, _, is_param in nnx_variables(nnx.state(bn)))
         [('bias', True), ('mean', False), ('scale', True), ('var', False)]
     """
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is None:
+    kinds = _variable_kinds()
+    if not kinds:
         return []
-    # VariableState is a real class in older Flax, a deprecated alias (behind __getattr__) in newer
-    kinds = tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+    nnx = sys.modules["flax.nnx"]
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kinds))[0]
     out = []
     for keypath, v in flat:
@@ -46,6 +90,34 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
             kind = v.type if not isinstance(v, nnx.Variable) else type(v)
             out.append((path_str(keypath), v, issubclass(kind, nnx.Param)))
     return out
+
+
+def state_variables(tree: Any) -> list[tuple[str, Any]]:
+    """``[(path, variable), ...]`` for the NNX variables in ``tree`` that are not params: what a
+    call of an NNX module updates in place (a ``BatchNorm``'s statistics, a ``Dropout``'s RNG count).
+
+    Example:
+        >>> from flax import nnx
+        >>> [path for path, _ in state_variables(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))]
+        ['mean', 'var']
+    """
+    return [(path, v) for path, v, is_param in nnx_variables(tree) if not is_param]
+
+
+def set_value(variable: Any, value: Any) -> None:
+    """Give an NNX variable a new value (as a call of its module would).
+
+    Example:
+        >>> from flax import nnx
+        >>> count = nnx.BatchStat(0)
+        >>> set_value(count, 1)
+        >>> count.get_value() if hasattr(count, "get_value") else count.value
+        1
+    """
+    if hasattr(variable, "set_value"):  # Flax 0.12, where .value is deprecated
+        variable.set_value(value)
+    else:
+        variable.value = value
 
 
 def state_paths(tree: Any) -> frozenset[str]:
@@ -57,7 +129,7 @@ def state_paths(tree: Any) -> frozenset[str]:
         >>> sorted(state_paths(nnx.state(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))))
         ['mean', 'var']
     """
-    return frozenset(path for path, _, is_param in nnx_variables(tree) if not is_param)
+    return frozenset(path for path, _ in state_variables(tree))
 
 
 def in_state(path: str, state: frozenset[str]) -> bool:

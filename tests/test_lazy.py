@@ -15,6 +15,8 @@ import jlora
 from oracle import check_against_oracle, normal, oracle_merge, perturb
 from quantized import INT8_DOTS, Int8Weight
 
+from jlora.variables import state_variables, value_of
+
 KEY = jax.random.key(0)
 
 
@@ -486,11 +488,6 @@ def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
     assert len(dots) == 6 and sum('jlora_tag = "inside"' in line for line in dots) == 3
 
 
-def value_of(variable):
-    """An NNX variable's value: ``get_value()`` (Flax 0.12, where ``.value`` is deprecated) or ``.value``."""
-    return variable.get_value() if hasattr(type(variable), "get_value") else variable.value
-
-
 def test_a_trainable_leaf_returned_as_it_came_in_stays_trainable():
     base = {"k": normal(KEY, (4, 4)), "head": {"kernel": normal(KEY, (4, 2))}}
     p = lora(base, ["k"], trainable=["head"])
@@ -535,6 +532,43 @@ def test_an_nnx_step_returning_the_module_carries_its_statistics_into_the_next_s
         trainable, frozen, opt_state = step(trainable, frozen, opt_state)
     assert not np.allclose(value_of(frozen.bn.mean), mean0)
     assert isinstance(value_of(frozen.l1.kernel), jlora.LoraWeight)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_an_nnx_modules_state_changes_as_a_call_of_the_module_changes_it(jit):
+    """BatchNorm statistics and a Dropout's RNG count move in the module given to the wrapped
+    function as they do in the module called directly (its merged copy); in eval mode nothing is
+    written."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.bn(self.l1(x)))
+
+    model = perturb(jlora.lora_init(KEY, Net(nnx.Rngs(0, dropout=1)), jlora.LoraConfig(rank=2, targets=["l1"])), KEY)
+    merged = jlora.merge(model)  # a plain module of its own, with the same weights and state
+    forward = jlora.apply(lambda m, x: m(x))
+    run, call = (nnx.jit(forward), nnx.jit(lambda m, x: m(x))) if jit else (forward, lambda m, x: m(x))
+    x = normal(KEY, (16, 4))
+    for _ in range(2):  # the second step's dropout mask is a new one in both
+        np.testing.assert_allclose(run(model, x), call(merged, x), rtol=1e-5, atol=1e-6)
+    plain = lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+    state, want = dict(state_variables(model)), dict(state_variables(merged))
+    assert sorted(state) == sorted(want) and len(state) >= 4
+    for path, variable in state.items():
+        np.testing.assert_allclose(plain(value_of(variable)), plain(value_of(want[path])), rtol=1e-5, err_msg=path)
+
+    model.eval()
+    before = {path: value_of(v) for path, v in state_variables(model)}
+    run(model, x)
+    for path, variable in state_variables(model):
+        if jit:  # nnx.jit writes its outputs back: equal values in new arrays
+            np.testing.assert_array_equal(plain(value_of(variable)), plain(before[path]), err_msg=path)
+        else:
+            assert value_of(variable) is before[path], path
 
 
 def test_a_trainable_python_number_stays_static_and_returns_are_not_shifted():

@@ -264,3 +264,59 @@ def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
     with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
         tx.update(grads, tx.init(other_alpha), of_rank(2))
     tx.update(grads, tx.init(of_rank(2)), of_rank(2))  # its own state passes
+
+
+
+def test_nnx_optimizer_trains_a_lora_module_as_split_and_combine_do():
+    """Flax's own loop (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)``, ``nnx.grad``,
+    ``optimizer.update``) updates a and b as jlora's split/combine step does, leaves w bitwise as
+    it was, and keeps no state of w's shape."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.head = nnx.Linear(4, 16, rngs=rngs), nnx.Linear(16, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.up(x)))
+
+    def make():  # a and b both non-zero: both get gradients from the first step
+        cfg = jlora.LoraConfig(rank=2, targets=["up"], trainable=["head"])
+        return perturb(jlora.lora_init(jax.random.key(1), MLP(nnx.Rngs(0)), cfg), jax.random.key(2))
+
+    forward = jlora.apply(lambda m, x: m(x))
+    loss_fn = lambda m, x, y: jnp.mean((forward(m, x) - y) ** 2)
+    x = jax.random.normal(jax.random.key(3), (32, 4))
+    y = jnp.sin(x[:, :1])
+    tx = lambda params: jlora.optimizer(optax.adamw(1e-2), params, b_lr_ratio=4.0)
+
+    model = make()
+    frozen_before = [np.array(leaf) for leaf in jax.tree.leaves(jlora.split(model)[1])]
+    opt = nnx.Optimizer(model, tx(nnx.state(model, nnx.Param)), wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, opt, x, y):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(nnx_step(model, opt, x, y)) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert (4, 16) not in {np.shape(leaf) for leaf in jax.tree.leaves(nnx.state(opt))}  # no moments of w
+
+    trainable, frozen = jlora.split(make())
+    ref_tx = tx(trainable)
+    state = ref_tx.init(trainable)
+
+    @jax.jit
+    def step(trainable, state):
+        grads = jax.grad(lambda t: loss_fn(jlora.combine(t, frozen), x, y))(trainable)
+        updates, state = ref_tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    for _ in range(4):
+        trainable, state = step(trainable, state)
+    for got, want in zip(jax.tree.leaves(jlora.split(model)[0]), jax.tree.leaves(trainable), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(jax.tree.leaves(jlora.split(model)[1]), frozen_before, strict=True):
+        np.testing.assert_array_equal(got, want)
