@@ -27,7 +27,7 @@ from jlora import _compat
 from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
-from jlora.variables import set_value, state_variables, value_of
+from jlora.variables import nnx_variables, state_after_call, state_variables, value_of, write_back
 from jlora.weight import Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
@@ -367,7 +367,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
     merged, with a ``MaterializeWarning``. The state of a Flax NNX module in the arguments (a
     ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the params) is updated
-    as ``fn`` updates it, as a call of the module would.
+    as ``fn`` updates it, as a call of the module would; a variable the call creates (``sow``'s) is
+    not added to the module, and a warning says so.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -438,10 +439,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
-        # NNX state in the arguments (BatchNorm statistics, a Dropout's RNG count): updated as fn updates it
-        state = [(path, v) for path, v in state_variables((args, kwargs)) if is_array(value_of(v))]
-        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
-                        tuple(path for path, _ in state))
+        # NNX modules in the arguments: their state (BatchNorm statistics) is updated as fn updates it
+        nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
+        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
         closed, out_tree = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
         unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
@@ -481,12 +481,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         out = [returned[j] if j in returned else x if isinstance(x, jax.Array)
                else jnp.asarray(x) for j, x in enumerate(out)]
         result = jax.tree_util.tree_unflatten(out_tree, out)
-        if not state:
+        if not nnx_vars:
             return result
         result, updated = result
-        for (_, variable), value in zip(state, updated):
-            if value is not None and value is not value_of(variable):  # changed by fn
-                set_value(variable, value)
+        write_back([(path, v) for path, v, is_param in nnx_vars if not is_param], updated)
         return result
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
@@ -507,11 +505,11 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, state_paths=()):
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx=False):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), state_paths)
+               tuple(_compat.type_key(a) for a in abstract), _compat.context_key())
         hash(key)
     except TypeError:
         key = None
@@ -528,13 +526,20 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         for i, v in zip(dynamic, dyn):
             leaves[i] = v
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        if not has_nnx:
+            return fn(*a, **k)
+        before = {path: value_of(v) for path, v in state_variables({"args": a, "kwargs": k})}
         out = fn(*a, **k)
-        if not state_paths:
-            return out
-        after = dict(state_variables((a, k)))  # the NNX state variables, as fn left them
-        return out, [value_of(after[p]) if p in after else None for p in state_paths]
+        values, new = state_after_call({"args": a, "kwargs": k}, before)
+        created.extend(new)
+        return out, values
 
+    created: list[str] = []
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
+    if created:
+        warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {created[:3]} (sow's "
+                      "intermediates, a cache made in the call), which are not put into its arguments: return what "
+                      "you need of them (e.g. nnx.pop(module, nnx.Intermediate) inside the function)", stacklevel=3)
     result = (closed, jax.tree_util.tree_structure(out_shape))
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):

@@ -14,7 +14,7 @@ import optax
 from jlora import _compat
 from jlora.paths import leaves_with_paths
 from jlora.tree import FROZEN, combine, labels, split
-from jlora.variables import values
+from jlora.variables import without_variables
 from jlora.weight import LoraWeight, is_node
 
 ADAPTER = "adapter"
@@ -142,11 +142,11 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     state. ``init``, ``update``'s gradients and its ``params`` may each be the full tree or the
     trainable half (a state made from one serves the other), with or without Flax NNX variables
     (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
-    updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for ``reduce_on_plateau``, ``lbfgs``'s
-    ``value_fn``) reach ``tx``. ``params``, if given, is checked to hold at least one adapter;
-    where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); given
-    ``params``, it refuses a state ``init`` would not have made for them (one kept from adapters of
-    another rank would otherwise broadcast into the new ones).
+    updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
+    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, is checked
+    to hold at least one adapter; where ``tx`` fails, ``update`` names the param whose gradient does
+    not fit (``misfit``); given ``params``, it refuses a state ``init`` would not have made for them
+    (one kept from adapters of another rank would otherwise broadcast into the new ones).
 
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
@@ -170,14 +170,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None:
-        params = values(params)
+        params = without_variables(params)
         _check_has_adapters(params, "jlora.optimizer")
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
 
     def init(params: Any) -> Any:
-        params = values(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
+        params = without_variables(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
         _check_has_adapters(params, "jlora.optimizer's init")
         state = inner.init(split(params)[0])
         if not plain:
@@ -185,9 +185,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         return state
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
-        bare = values(updates)
+        bare = without_variables(updates)
         trainable, frozen = split(bare)
-        trainable_params = None if params is None else split(values(params))[0]
+        trainable_params = None if params is None else split(without_variables(params))[0]
         if trainable_params is not None:
             _check_state(inner, state, trainable_params)
         try:

@@ -8,8 +8,9 @@ An NNX module is a pytree (Flax 0.11+), and ``nnx.split``'s state holds its vari
 - a module used twice (a tied layer) holds one ``Variable`` at two paths of the module, and
   flattening copies it: adapted there, each copy would get its own adapter.
 
-``jlora.apply`` writes the state variables back after a call (``state_variables``, ``set_value``),
-and ``jlora.optimizer`` reads through the variables to their values (``values``).
+``jlora.apply`` puts what a call changed in the state variables back into its arguments
+(``state_after_call``, ``write_back``), and ``jlora.optimizer`` reads through the variables to their
+values (``without_variables``).
 
 Nothing here imports Flax: with ``flax.nnx`` not loaded, a tree holds no NNX variables.
 """
@@ -33,7 +34,7 @@ def _variable_kinds() -> tuple[type, ...]:
     return tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
 
 
-def values(tree: Any) -> Any:
+def without_variables(tree: Any) -> Any:
     """``tree`` with each NNX variable replaced by its value (as Flax's ``nnx.as_pure``; the same
     leaves in the same order). ``nnx.Optimizer`` wraps each ``Variable`` that its ``tx.init`` returns
     in one of its own, which cannot hold a ``LoraWeight``: ``jlora.optimizer`` keeps its state free
@@ -41,7 +42,7 @@ def values(tree: Any) -> Any:
 
     Example:
         >>> from flax import nnx
-        >>> values(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))["kernel"].shape
+        >>> without_variables(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))["kernel"].shape
         (2, 3)
     """
     kinds = _variable_kinds()
@@ -50,7 +51,7 @@ def values(tree: Any) -> Any:
     is_variable = lambda x: isinstance(x, kinds)
     if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
         return tree
-    return jax.tree.map(lambda x: values(value_of(x)) if is_variable(x) else x, tree, is_leaf=is_variable)
+    return jax.tree.map(lambda x: without_variables(value_of(x)) if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
 def value_of(variable: Any) -> Any:
@@ -102,6 +103,76 @@ def state_variables(tree: Any) -> list[tuple[str, Any]]:
         ['mean', 'var']
     """
     return [(path, v) for path, v, is_param in nnx_variables(tree) if not is_param]
+
+
+def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    """``(values, created)``: the values that a (traced) call left in the state variables of
+    ``tree`` that held ``before`` (path -> value) ahead of it, in that order, ``None`` where the
+    call did not change one; and the paths of state variables the call created (``sow``'s
+    intermediates, a cache made in the call), which are not in the arguments to write to. A
+    change to a value that is not an array is an error: a trace would replay it as a constant.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+        >>> before = {path: value_of(v) for path, v in state_variables(bn)}
+        >>> _ = bn(jnp.ones((3, 2)))
+        >>> values, created = state_after_call(bn, before)
+        >>> [new is not None for new in values], created  # mean and var changed
+        ([True, True], [])
+    """
+    from jlora.lazy import is_array
+
+    after = dict(state_variables(tree))
+    values = []
+    for path, was in before.items():
+        now = value_of(after[path]) if path in after else was
+        if _same(now, was):
+            values.append(None)
+            continue
+        if not all(is_array(leaf) for leaf in jax.tree.leaves(now)):
+            raise ValueError(f"jlora.apply: the call changed the NNX variable at '{path}' to {now!r}, not an array: "
+                             "jlora.apply traces the function once per input signature, so that change would be "
+                             "lost; hold the value as an array (e.g. jnp.asarray(0))")
+        values.append(now)
+    return values, sorted(set(after) - set(before))
+
+
+def write_back(state: list[tuple[str, Any]], updated: list[Any]) -> None:
+    """Give each variable of ``state`` (``state_variables`` of a call's arguments) the value the
+    call left in it (``state_after_call``; ``None``: unchanged). One variable changed at two places
+    of the arguments (a module passed twice, or a module and a part of it) is an error: each place
+    started from the same value, so no order of the two changes is the call's.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+        >>> write_back(state_variables(bn), [jnp.ones(2), None])
+        >>> value_of(bn.mean), value_of(bn.var)
+        (Array([1., 1.], dtype=float32), Array([1., 1.], dtype=float32))
+    """
+    writes: dict[int, list[tuple[str, Any, Any]]] = defaultdict(list)
+    for (path, variable), value in zip(state, updated, strict=True):
+        if value is not None:
+            writes[id(variable)].append((path, variable, value))
+    for found in writes.values():
+        if len(found) > 1:
+            raise ValueError(f"jlora.apply: the NNX variable at {' and '.join(repr(p) for p, _, _ in found)} is one "
+                             "variable (a module passed twice, or a module and a part of it), changed at each place; "
+                             "pass it once")
+    for ((_, variable, value),) in writes.values():
+        set_value(variable, value)
+
+
+def _same(now: Any, was: Any) -> bool:
+    """Whether ``now`` holds the very leaves of ``was`` (a traced value passed through unchanged)."""
+    if now is was:
+        return True
+    now_leaves, now_def = jax.tree.flatten(now)
+    was_leaves, was_def = jax.tree.flatten(was)
+    return now_def == was_def and all(x is y for x, y in zip(now_leaves, was_leaves))
 
 
 def set_value(variable: Any, value: Any) -> None:

@@ -571,6 +571,54 @@ def test_an_nnx_modules_state_changes_as_a_call_of_the_module_changes_it(jit):
             assert value_of(variable) is before[path], path
 
 
+def test_nnx_state_written_back_only_where_a_call_of_the_module_would_leave_it():
+    """A module passed twice: the copy used is written (as the merged module's call); both used
+    (each copy from the same start) is an error. A variable the call creates (sow) warns that it
+    is not written; a Python number the call changes is an error (a trace replays constants)."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.bn = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.l1(x))
+
+    model = perturb(jlora.lora_init(KEY, Net(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"])), KEY)
+    merged = jlora.merge(model)
+    x = normal(KEY, (16, 4))
+    for second in (False, True):
+        use = (lambda m1, m2, x: m2(x)) if second else (lambda m1, m2, x: m1(x))
+        jlora.apply(use)(model, model, x)
+        use(merged, merged, x)
+        np.testing.assert_allclose(value_of(model.bn.mean), value_of(merged.bn.mean), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"'args/0/bn/mean' and 'args/1/bn/mean' is one variable .* pass it once"):
+        jlora.apply(lambda m1, m2, x: m1(x) + m2(x))(model, model, x)
+
+    class Sown(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.l1(x)
+            self.sow(nnx.Intermediate, "h", h)
+            return h
+
+    sown = jlora.lora_init(KEY, Sown(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"]))
+    with pytest.warns(UserWarning, match=r"created NNX variables at \['args/0/h'\] .* nnx.pop"):
+        jlora.apply(lambda m, x: m(x))(sown, x)
+
+    class Counted(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.calls = nnx.Linear(4, 8, rngs=rngs), nnx.BatchStat(0)
+
+        def __call__(self, x):
+            self.calls.value += 1
+            return self.l1(x)
+
+    counted = jlora.lora_init(KEY, Counted(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"]))
+    with pytest.raises(ValueError, match=r"changed the NNX variable at 'args/0/calls' to 1, not an array"):
+        jlora.apply(lambda m, x: m(x))(counted, x)
+
+
 def test_a_trainable_python_number_stays_static_and_returns_are_not_shifted():
     arr = normal(KEY, (3,))
     got = jlora.apply(lambda p: p["b"])({"a": jlora.Trainable(2.0), "b": arr})
