@@ -528,7 +528,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
         if not has_nnx:
             return fn(*a, **k)
-        before = {path: value_of(v) for path, v in state_variables({"args": a, "kwargs": k})}
+        before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables({"args": a, "kwargs": k})}
         out = fn(*a, **k)
         values, new = state_after_call({"args": a, "kwargs": k}, before)
         created.extend(new)

@@ -107,16 +107,17 @@ def state_variables(tree: Any) -> list[tuple[str, Any]]:
 
 def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[list[Any], list[str]]:
     """``(values, created)``: the values that a (traced) call left in the state variables of
-    ``tree`` that held ``before`` (path -> value) ahead of it, in that order, ``None`` where the
-    call did not change one; and the paths of state variables the call created (``sow``'s
-    intermediates, a cache made in the call), which are not in the arguments to write to. A
-    change to a value that is not an array is an error: a trace would replay it as a constant.
+    ``tree``, whose values were flattened into ``before`` (path -> ``jax.tree.flatten(value)``)
+    ahead of it, in that order, ``None`` where the call did not change one (a dict filled in
+    place, as ``nnx.capture``'s, is a change); and the paths of state variables the call created
+    (``sow``'s intermediates, a cache made in the call), which are not in the arguments to write
+    to. A change to a value that is not an array is an error: a trace would replay it as a constant.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-        >>> before = {path: value_of(v) for path, v in state_variables(bn)}
+        >>> before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables(bn)}
         >>> _ = bn(jnp.ones((3, 2)))
         >>> values, created = state_after_call(bn, before)
         >>> [new is not None for new in values], created  # mean and var changed
@@ -126,12 +127,13 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[list[Any], list
 
     after = dict(state_variables(tree))
     values = []
-    for path, was in before.items():
-        now = value_of(after[path]) if path in after else was
-        if _same(now, was):
-            values.append(None)
+    for path, (was_leaves, was_def) in before.items():
+        now = value_of(after[path]) if path in after else None
+        now_leaves, now_def = jax.tree.flatten(now)
+        if path not in after or (now_def == was_def and all(x is y for x, y in zip(now_leaves, was_leaves))):
+            values.append(None)  # what came in, passed through
             continue
-        if not all(is_array(leaf) for leaf in jax.tree.leaves(now)):
+        if not all(is_array(leaf) for leaf in now_leaves):
             raise ValueError(f"jlora.apply: the call changed the NNX variable at '{path}' to {now!r}, not an array: "
                              "jlora.apply traces the function once per input signature, so that change would be "
                              "lost; hold the value as an array (e.g. jnp.asarray(0))")
@@ -164,15 +166,6 @@ def write_back(state: list[tuple[str, Any]], updated: list[Any]) -> None:
                              "pass it once")
     for ((_, variable, value),) in writes.values():
         set_value(variable, value)
-
-
-def _same(now: Any, was: Any) -> bool:
-    """Whether ``now`` holds the very leaves of ``was`` (a traced value passed through unchanged)."""
-    if now is was:
-        return True
-    now_leaves, now_def = jax.tree.flatten(now)
-    was_leaves, was_def = jax.tree.flatten(was)
-    return now_def == was_def and all(x is y for x, y in zip(now_leaves, was_leaves))
 
 
 def set_value(variable: Any, value: Any) -> None:
