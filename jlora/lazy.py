@@ -539,7 +539,8 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
     if created:
         warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {created[:3]} (sow's "
                       "intermediates, a cache made in the call), which are not put into its arguments: return what "
-                      "you need of them (e.g. nnx.pop(module, nnx.Intermediate) inside the function)", stacklevel=3)
+                      "you need of them (nnx.pop(module, nnx.Intermediate) inside the function), or call the wrapped function "
+                      "through nnx.capture", stacklevel=3)
     result = (closed, jax.tree_util.tree_structure(out_shape))
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):
