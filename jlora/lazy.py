@@ -441,6 +441,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 static.append((i, leaf))
         # NNX modules in the arguments: their state (BatchNorm statistics) is updated as fn updates it
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
+        state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
         closed, out_tree = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
@@ -483,8 +484,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         result = jax.tree_util.tree_unflatten(out_tree, out)
         if not nnx_vars:
             return result
-        result, updated = result
-        write_back([(path, v) for path, v, is_param in nnx_vars if not is_param], updated)
+        result, changed = result
+        write_back(state, changed)
         return result
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
@@ -505,7 +506,7 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx=False):
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
@@ -530,17 +531,17 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
             return fn(*a, **k)
         before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables({"args": a, "kwargs": k})}
         out = fn(*a, **k)
-        values, new = state_after_call({"args": a, "kwargs": k}, before)
+        changed, new = state_after_call({"args": a, "kwargs": k}, before)
         created.extend(new)
-        return out, values
+        return out, changed
 
     created: list[str] = []
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
     if created:
         warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {created[:3]} (sow's "
                       "intermediates, a cache made in the call), which are not put into its arguments: return what "
-                      "you need of them (nnx.pop(module, nnx.Intermediate) inside the function), or call the wrapped function "
-                      "through nnx.capture", stacklevel=3)
+                      "you need of them (nnx.pop(module, nnx.Intermediate) inside the function), or, with Flax 0.12, call "
+                      "the wrapped function through nnx.capture", stacklevel=3)
     result = (closed, jax.tree_util.tree_structure(out_shape))
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):

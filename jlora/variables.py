@@ -51,7 +51,7 @@ def without_variables(tree: Any) -> Any:
     is_variable = lambda x: isinstance(x, kinds)
     if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
         return tree
-    return jax.tree.map(lambda x: without_variables(value_of(x)) if is_variable(x) else x, tree, is_leaf=is_variable)
+    return jax.tree.map(lambda x: value_of(x) if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
 def value_of(variable: Any) -> Any:
@@ -81,8 +81,9 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
         [('bias', True), ('mean', False), ('scale', True), ('var', False)]
     """
     kinds = _variable_kinds()
-    if not kinds:
-        return []
+    is_variable = lambda x: isinstance(x, kinds)
+    if not kinds or not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+        return []  # (without building paths: apply asks on every call)
     nnx = sys.modules["flax.nnx"]
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kinds))[0]
     out = []
@@ -105,13 +106,13 @@ def state_variables(tree: Any) -> list[tuple[str, Any]]:
     return [(path, v) for path, v, is_param in nnx_variables(tree) if not is_param]
 
 
-def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    """``(values, created)``: the values that a (traced) call left in the state variables of
-    ``tree``, whose values were flattened into ``before`` (path -> ``jax.tree.flatten(value)``)
-    ahead of it, in that order, ``None`` where the call did not change one (a dict filled in
-    place, as ``nnx.capture``'s, is a change); and the paths of state variables the call created
-    (``sow``'s intermediates, a cache made in the call), which are not in the arguments to write
-    to. A change to a value that is not an array is an error: a trace would replay it as a constant.
+def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(changed, created)``: the values that a (traced) call left in the state variables of
+    ``tree`` that it changed (path -> value; ``before`` holds each one's ``jax.tree.flatten``
+    from ahead of the call, and a dict filled in place, as ``nnx.capture``'s, is a change); and
+    the paths of state variables the call created (``sow``'s intermediates, a cache made in the
+    call), which are not in the arguments to write to. A change to a value that is not an array
+    is an error: a trace would replay it as a constant.
 
     Example:
         >>> import jax.numpy as jnp
@@ -119,46 +120,48 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[list[Any], list
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
         >>> before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables(bn)}
         >>> _ = bn(jnp.ones((3, 2)))
-        >>> values, created = state_after_call(bn, before)
-        >>> [new is not None for new in values], created  # mean and var changed
-        ([True, True], [])
+        >>> changed, created = state_after_call(bn, before)
+        >>> sorted(changed), created
+        (['mean', 'var'], [])
     """
     from jlora.lazy import is_array
 
     after = dict(state_variables(tree))
-    values = []
+    changed = {}
     for path, (was_leaves, was_def) in before.items():
-        now = value_of(after[path]) if path in after else None
-        now_leaves, now_def = jax.tree.flatten(now)
-        if path not in after or (now_def == was_def and all(x is y for x, y in zip(now_leaves, was_leaves))):
-            values.append(None)  # what came in, passed through
+        if path not in after:
             continue
+        now = value_of(after[path])
+        now_leaves, now_def = jax.tree.flatten(now)
+        if now_def == was_def and all(x is y for x, y in zip(now_leaves, was_leaves)):
+            continue  # what came in, passed through
         if not all(is_array(leaf) for leaf in now_leaves):
             raise ValueError(f"jlora.apply: the call changed the NNX variable at '{path}' to {now!r}, not an array: "
                              "jlora.apply traces the function once per input signature, so that change would be "
                              "lost; hold the value as an array (e.g. jnp.asarray(0))")
-        values.append(now)
-    return values, sorted(set(after) - set(before))
+        changed[path] = now
+    return changed, sorted(set(after) - set(before))
 
 
-def write_back(state: list[tuple[str, Any]], updated: list[Any]) -> None:
+def write_back(state: list[tuple[str, Any]], changed: dict[str, Any]) -> None:
     """Give each variable of ``state`` (``state_variables`` of a call's arguments) the value the
-    call left in it (``state_after_call``; ``None``: unchanged). One variable changed at two places
-    of the arguments (a module passed twice, or a module and a part of it) is an error: each place
-    started from the same value, so no order of the two changes is the call's.
+    call left in it, where it changed one (``changed``: path -> value, from ``state_after_call``).
+    One variable changed at two places of the arguments (a module passed twice, or a module and a
+    part of it) is an error: each place started from the same value, so no order of the two
+    changes is the call's.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-        >>> write_back(state_variables(bn), [jnp.ones(2), None])
+        >>> write_back(state_variables(bn), {"var": jnp.full(2, 2.0, jnp.float32)})
         >>> value_of(bn.mean), value_of(bn.var)
-        (Array([1., 1.], dtype=float32), Array([1., 1.], dtype=float32))
+        (Array([0., 0.], dtype=float32), Array([2., 2.], dtype=float32))
     """
     writes: dict[int, list[tuple[str, Any, Any]]] = defaultdict(list)
-    for (path, variable), value in zip(state, updated, strict=True):
-        if value is not None:
-            writes[id(variable)].append((path, variable, value))
+    for path, variable in state:
+        if path in changed:
+            writes[id(variable)].append((path, variable, changed[path]))
     for found in writes.values():
         if len(found) > 1:
             raise ValueError(f"jlora.apply: the NNX variable at {' and '.join(repr(p) for p, _, _ in found)} is one "
@@ -175,7 +178,7 @@ def set_value(variable: Any, value: Any) -> None:
         >>> from flax import nnx
         >>> count = nnx.BatchStat(0)
         >>> set_value(count, 1)
-        >>> count.get_value() if hasattr(count, "get_value") else count.value
+        >>> value_of(count)
         1
     """
     if hasattr(variable, "set_value"):  # Flax 0.12, where .value is deprecated

@@ -29,12 +29,7 @@ class NotAnArray:
         return True
 
     def describe(self) -> str:
-        """How messages (a fallback's warning) name this value.
-
-        Example:
-            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0, path="q/kernel").describe()
-            "LoraWeight at 'q/kernel'"
-        """
+        """How messages (a fallback's warning) name this value."""
         return type(self).__name__
 
     def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -85,47 +80,21 @@ class Lazy(NotAnArray):
         return math.prod(self.shape)
 
     def materialize(self) -> jax.Array:
-        """The array this value stands for.
-
-        Example:
-            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5).materialize()
-            Array([[1.5, 1.5],
-                   [1.5, 1.5]], dtype=float32)
-        """
+        """The array this value stands for."""
         raise NotImplementedError
 
     def example(self) -> Any:
-        """A value of the type this one has in the traced function (an array or ShapeDtypeStruct).
-
-        Example:
-            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
-            (2, 3)
-        """
+        """A value of the type this one has in the traced function (an array or ShapeDtypeStruct)."""
         return jax.ShapeDtypeStruct(self.shape, self.dtype)
 
     def prepare(self) -> "Lazy":
-        """Called once when the value enters the evaluator (e.g. to stop gradients).
-
-        Example:
-            >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)
-            >>> jax.grad(lambda w: lw.replace(w=w).prepare().materialize().sum())(jnp.ones((2, 2)))  # w frozen
-            Array([[0., 0.],
-                   [0., 0.]], dtype=float32)
-        """
+        """Called once when the value enters the evaluator (e.g. to stop gradients)."""
         return self
 
     def unstack(self) -> "tuple[tuple, Callable[[tuple], Lazy]] | None":
         """``(children, rebuild)`` for ``lax.scan`` to slice along axis 0 (each child is sliced,
         ``rebuild`` makes one layer's value from the slices), or ``None``: the scan then takes the
-        materialised array.
-
-        Example:
-            >>> stack = LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
-            ...                    layout="bio")
-            >>> children, rebuild = stack.unstack()
-            >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0, still factored
-            LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
-        """
+        materialised array."""
         return None
 
 
@@ -304,15 +273,39 @@ class LoraWeight(Lazy):
         return (w.astype(wide) + delta).astype(w.dtype)
 
     def example(self) -> Any:
+        """``w`` (a lazy base's example): its type, including the mesh axes it varies over.
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
+            (2, 3)
+        """
         if isinstance(self.w, Lazy):
             return self.w.example()
         return self.w  # its type, including the mesh axes it varies over inside shard_map
 
     def prepare(self) -> "LoraWeight":
+        """The same adapter with ``w`` under ``stop_gradient``: the base never gets a gradient.
+
+        Example:
+            >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)
+            >>> jax.grad(lambda w: lw.replace(w=w).prepare().materialize().sum())(jnp.ones((2, 2)))
+            Array([[0., 0.],
+                   [0., 0.]], dtype=float32)
+        """
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
         return self.replace(w=lax.stop_gradient(w))  # every leaf of a lazy base too
 
     def unstack(self):
+        """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together, each layer's
+        adapter rebuilt factored; ``None`` for any other layout.
+
+        Example:
+            >>> stack = LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
+            ...                    layout="bio")
+            >>> children, rebuild = stack.unstack()
+            >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
+            LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
+        """
         if self.layout.axes[0] != ("b", 0):
             return None
         if isinstance(self.w, Lazy):  # a lazy base (quantized, or another adapter) slices by its own rule
@@ -328,6 +321,12 @@ class LoraWeight(Lazy):
         return (*w_parts, self.a, self.b), lambda ch: template.replace(w=w_rebuild(ch[:n]), a=ch[n], b=ch[n + 1])
 
     def describe(self) -> str:
+        """``LoraWeight at '<path>'``, as messages name it.
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0, path="q/kernel").describe()
+            "LoraWeight at 'q/kernel'"
+        """
         return f"LoraWeight at {self.path!r}" if self.path else "LoraWeight"
 
     def __repr__(self) -> str:

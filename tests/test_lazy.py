@@ -15,7 +15,7 @@ import jlora
 from oracle import check_against_oracle, normal, oracle_merge, perturb
 from quantized import INT8_DOTS, Int8Weight
 
-from jlora.variables import state_variables, value_of
+from jlora.variables import set_value, state_variables, value_of
 
 KEY = jax.random.key(0)
 
@@ -621,6 +621,18 @@ def test_nnx_state_written_back_only_where_a_call_of_the_module_would_leave_it()
     counted = jlora.lora_init(KEY, Counted(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"]))
     with pytest.raises(ValueError, match=r"changed the NNX variable at 'args/0/calls' to 1, not an array"):
         jlora.apply(lambda m, x: m(x))(counted, x)
+
+    class Cleared(nnx.Module):  # a cache emptied by the call: None is a value like any other
+        def __init__(self, rngs):
+            self.l1, self.cache = nnx.Linear(4, 8, rngs=rngs), nnx.BatchStat(jnp.ones(3))
+
+        def __call__(self, x):
+            set_value(self.cache, None)
+            return self.l1(x)
+
+    cleared = jlora.lora_init(KEY, Cleared(nnx.Rngs(0)), jlora.LoraConfig(rank=2, targets=["l1"]))
+    jlora.apply(lambda m, x: m(x))(cleared, x)
+    assert value_of(cleared.cache) is None
 
 
 def test_a_trainable_python_number_stays_static_and_returns_are_not_shifted():

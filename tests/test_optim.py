@@ -320,3 +320,15 @@ def test_nnx_optimizer_trains_a_lora_module_as_split_and_combine_do():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     for got, want in zip(jax.tree.leaves(jlora.split(model)[1]), frozen_before, strict=True):
         np.testing.assert_array_equal(got, want)
+
+    # called by hand on nnx.state's Params (Variables in the gradients too): updates in their structure
+    params, (trainable, frozen) = nnx.state(model, nnx.Param), jlora.split(model)
+    grads = nnx.grad(loss_fn)(model, x, y)
+    by_hand = tx(params)
+    updates, _ = by_hand.update(grads, by_hand.init(params), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(grads)
+    grads_split = jax.grad(lambda t: loss_fn(jlora.combine(t, frozen), x, y))(trainable)
+    updates_split, _ = ref_tx.update(grads_split, ref_tx.init(trainable), trainable)
+    for got, want in zip(jax.tree.leaves(jlora.split(optax.apply_updates(params, updates))[0]),
+                         jax.tree.leaves(optax.apply_updates(trainable, updates_split)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
