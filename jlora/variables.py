@@ -85,7 +85,7 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
     if not kinds or not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
         return []  # (without building paths: apply asks on every call)
     nnx = sys.modules["flax.nnx"]
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kinds))[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]
     out = []
     for keypath, v in flat:
         if isinstance(v, kinds):

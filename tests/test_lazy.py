@@ -194,6 +194,30 @@ def test_equinox_embedding_called_per_token_in_a_loop():
     check_against_oracle(decode, p, tokens, jit=False)
 
 
+@pytest.mark.filterwarnings("ignore:When `eqx.nn.BatchNorm")
+def test_equinox_batch_norm_state_comes_back_as_from_the_merged_model():
+    """Equinox keeps BatchNorm statistics in an ``eqx.nn.State`` passed in and returned: through
+    ``apply`` the returned state (and output) equal the merged model's."""
+    class Net(eqx.Module):
+        l1: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+
+        def __init__(self, key):
+            self.l1, self.bn = eqx.nn.Linear(4, 8, key=key), eqx.nn.BatchNorm(8, axis_name="batch")
+
+        def __call__(self, x, state):
+            return self.bn(self.l1(x), state)
+
+    model, state = eqx.nn.make_with_state(Net)(KEY)
+    x = normal(KEY, (16, 4))
+    run = lambda m, x, s: jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, s)
+    p = lora(model, ["l1"], fn=lambda m: run(m, x, state))
+    (y, new), (want_y, want) = jlora.apply(run)(p, x, state), run(jlora.merge(p), x, state)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(jax.tree.leaves(new), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=1e-5, atol=1e-7)
+
+
 def test_trace_is_cached_per_signature():
     calls = []
 
