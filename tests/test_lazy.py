@@ -595,6 +595,27 @@ def test_an_nnx_modules_state_changes_as_a_call_of_the_module_changes_it(jit):
             assert value_of(variable) is before[path], path
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_attention_decodes_token_by_token_through_its_kv_cache(jit):
+    """``nnx.MultiHeadAttention(decode=True)`` keeps its keys, values and position in ``nnx.Cache``
+    variables: decoding through ``apply`` fills them and gives the merged module's outputs."""
+    batch, length, features = 2, 5, 8
+    mha = nnx.MultiHeadAttention(2, features, qkv_features=8, decode=True, rngs=nnx.Rngs(0))
+    mha.init_cache((batch, length, features))
+    model = perturb(jlora.lora_init(KEY, mha, jlora.LoraConfig(rank=2, targets=["query", "value"],
+                                                                layouts={"query": "ioo", "value": "ioo"})), KEY)
+    merged = jlora.merge(model)
+    forward, call = jlora.apply(lambda m, x: m(x)), lambda m, x: m(x)
+    if jit:
+        forward, call = nnx.jit(forward), nnx.jit(call)
+    for token in normal(KEY, (length, batch, 1, features)):
+        np.testing.assert_allclose(forward(model, token), call(merged, token), rtol=1e-5, atol=1e-6)
+    state, want = dict(state_variables(model)), dict(state_variables(merged))
+    assert sorted(state) == sorted(want) and int(value_of(state["cache_index"])) == length
+    for path, variable in state.items():
+        np.testing.assert_allclose(value_of(variable), value_of(want[path]), rtol=1e-5, atol=1e-6, err_msg=path)
+
+
 def test_nnx_state_written_back_only_where_a_call_of_the_module_would_leave_it():
     """A module passed twice: the copy used is written (as the merged module's call); both used
     (each copy from the same start) is an error. A variable the call creates (sow) warns that it
