@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
 from jlora.paths import path_str
 
 
-def _variable_kinds() -> tuple[type, ...]:
+def _variable_test(tree: Any) -> Callable[[Any], bool] | None:
+    """``isinstance`` for NNX variables, or ``None`` where ``tree`` holds none (or Flax NNX is not
+    loaded), found without building paths: ``apply`` asks on every call."""
     nnx = sys.modules.get("flax.nnx")
     if nnx is None:
-        return ()
+        return None
     # VariableState is a real class in older Flax, a deprecated alias (behind __getattr__) in newer
-    return tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+    kinds = tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+    is_variable = lambda x: isinstance(x, kinds)
+    return is_variable if any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)) else None
 
 
 def without_variables(tree: Any) -> Any:
@@ -45,11 +49,8 @@ def without_variables(tree: Any) -> Any:
         >>> without_variables(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))["kernel"].shape
         (2, 3)
     """
-    kinds = _variable_kinds()
-    if not kinds:
-        return tree
-    is_variable = lambda x: isinstance(x, kinds)
-    if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+    is_variable = _variable_test(tree)
+    if is_variable is None:
         return tree
     return jax.tree.map(lambda x: value_of(x) if is_variable(x) else x, tree, is_leaf=is_variable)
 
@@ -80,15 +81,14 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
         >>> sorted((p, is_param) for p, _, is_param in nnx_variables(nnx.state(bn)))
         [('bias', True), ('mean', False), ('scale', True), ('var', False)]
     """
-    kinds = _variable_kinds()
-    is_variable = lambda x: isinstance(x, kinds)
-    if not kinds or not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
-        return []  # (without building paths: apply asks on every call)
+    is_variable = _variable_test(tree)
+    if is_variable is None:
+        return []
     nnx = sys.modules["flax.nnx"]
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]
     out = []
     for keypath, v in flat:
-        if isinstance(v, kinds):
+        if is_variable(v):
             kind = v.type if not isinstance(v, nnx.Variable) else type(v)
             out.append((path_str(keypath), v, issubclass(kind, nnx.Param)))
     return out
