@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import threading
@@ -65,7 +66,8 @@ class AdapterCheckpointer:
     Args:
       directory: where step directories go.
       max_to_keep: how many checkpoints to keep (the newest, or the best with ``best_metric``).
-      best_metric: a key of the ``metrics`` given to ``save``; keeps the best ``max_to_keep``.
+      best_metric: a key of the ``metrics`` given to ``save``; keeps the best ``max_to_keep``. A
+        save whose metric is NaN or infinite (a diverged run) is refused, keeping the steps saved.
       best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
       async_save: write in a background thread; ``wait()`` (or ``close()``, or the end of a
         ``with`` block) joins it, and so does the end of the program.
@@ -125,12 +127,19 @@ class AdapterCheckpointer:
                           f"step {latest}, and saved steps only increase; save into a new directory to start over",
                           stacklevel=2)
             return False
+        if metrics is not None and not isinstance(metrics, dict):
+            raise ValueError(f"AdapterCheckpointer.save: metrics must be a dict of names to numbers, got {metrics!r}")
         if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
             metrics = {k: float(v) if np.ndim(v) == 0 and jax.dtypes.issubdtype(np.asarray(v).dtype, np.number) else v
                        for k, v in metrics.items()}
-        if self.best_metric is not None and not isinstance((metrics or {}).get(self.best_metric), float):
-            raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "
-                             f"(best_metric); got {metrics!r}")
+        if self.best_metric is not None:
+            value = (metrics or {}).get(self.best_metric)
+            if not isinstance(value, float):
+                raise ValueError(f"AdapterCheckpointer.save: metrics must hold a number under '{self.best_metric}' "
+                                 f"(best_metric); got {metrics!r}")
+            if not math.isfinite(value):  # orbax would rank it above the good steps and delete those
+                raise ValueError(f"AdapterCheckpointer.save: step {step} not written: metrics['{self.best_metric}'] "
+                                 f"is {value}, so it cannot be ranked against the kept steps {self.all_steps()}")
         arrays, specs = _adapter_arrays(params)
         if opt_state is not None:
             _check_arrays(opt_state)
@@ -169,7 +178,11 @@ class AdapterCheckpointer:
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if opt_state_like is not None:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat))
-        got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
+        try:
+            got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
+        except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, tensorstore's and json's for broken files
+            raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({type(err).__name__}: "
+                             f"{str(err)[:300]}); restore another step of {self.all_steps()}") from err
         arrays = got["adapters"]
         new = {p: Trainable(arrays[p]) if spec["kind"] == "trainable" else
                LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,25 @@ def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path
     assert ckpt.restore(base, step=1)[2] == 1
 
 
+@pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item"])
+def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
+    base, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params)
+    ckpt.save(2, params)
+    adapters = tmp_path / "ckpt" / "2" / "adapters"
+    if damage == "truncated arrays":
+        for f in (adapters / "d").iterdir():
+            f.write_bytes(f.read_bytes()[:20])
+    elif damage == "broken array metadata":
+        (adapters / "_METADATA").write_text("{broken")
+    else:
+        shutil.rmtree(adapters)
+    with pytest.raises(ValueError, match=r"step 2 is incomplete or corrupted .*; restore another step of \[1, 2\]"):
+        ckpt.restore(base)
+    assert ckpt.restore(base, step=1)[2] == 1
+
+
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
     _, _, params, _ = setup()
     last = AdapterCheckpointer(tmp_path / "last", max_to_keep=2, async_save=False)
@@ -182,6 +202,12 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
         best.save(9, params, metrics={"val_loss": 0.1})  # refused before orbax starts writing
     assert best.save(10, params, metrics={"loss": jnp.float32(0.1)}) and best.best_step() == 10  # a jax scalar
     assert best.save(11, params, metrics={"loss": jnp.bfloat16(0.05)}) and best.best_step() == 11  # bf16 (a bf16 model's loss)
+    for bad in (float("nan"), np.inf, -np.inf):  # a diverged run: ranked by orbax, it displaced the best steps
+        with pytest.raises(ValueError, match=rf"step 12 not written: metrics\['loss'\] is {bad}, so it cannot be ranked"):
+            best.save(12, params, metrics={"loss": bad})
+    assert sorted(best.all_steps()) == [10, 11]
+    with pytest.raises(ValueError, match="metrics must be a dict of names to numbers, got 0.5"):
+        best.save(12, params, metrics=0.5)
     for keep in (0, -1, "3", 2.5, True):  # orbax's max_to_keep=0 deletes every step, older runs' too
         with pytest.raises(ValueError, match=f"max_to_keep must be an int >= 1, or None to keep every step; got {keep!r}"):
             AdapterCheckpointer(tmp_path / "last", max_to_keep=keep)
