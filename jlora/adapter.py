@@ -123,11 +123,20 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".jlora-write-", dir=path))
     try:
         write(tmp)
+        mode = 0o666 & ~_umask()  # as open() would make them: safetensors writes owner-only temporary files
         for file in sorted(tmp.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
+            os.chmod(file, mode)
             os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (which can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -221,10 +230,16 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
     check_saveable(op, params)
     arrays, adapters, trained = {}, {}, {}
     for p, x in leaves_with_paths(params, is_leaf=is_node):
+        if p in adapters or p in trained:
+            raise ValueError(f"{op}: two params have the path '{p}' (a key holding '/'); the saved adapter would "
+                             "give both the same arrays")
         if isinstance(x, LoraWeight):
             arrays[f"{p}/a"], arrays[f"{p}/b"], adapters[p] = x.a, x.b, x
         elif isinstance(x, Trainable):
             arrays[p] = trained[p] = x.value
+    for key, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{op}: '{key}' is {np.dtype(x.dtype)}; LoRA factors and trained leaves are floating point")
     if not arrays:
         raise ValueError(f"{op}: params hold no LoraWeight or Trainable leaf")
     return arrays, adapters, trained
@@ -352,7 +367,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
                 f"{path}: adapter for another base model: '{p}' has shape {list(by_path[p].shape)} "
                 f"in the base, {spec['shape']} in the adapter"
             )
-        layout = Layout.parse(spec["layout"])
+        try:
+            layout = Layout.parse(spec["layout"])
+        except ValueError as err:
+            raise ValueError(f"{path}: '{p}' in {CONFIG_FILE}: {err}") from None
+        for f in ("a", "b"):
+            if not jnp.issubdtype(tensors[f"{p}/{f}"].dtype, jnp.floating):
+                raise ValueError(f"{path}: tensor '{p}/{f}' is {tensors[f'{p}/{f}'].dtype}; LoRA factors are floating point")
         want_a, want_b = layout.a_shape(spec["shape"], spec["rank"]), layout.b_shape(spec["shape"], spec["rank"])
         if tensors[f"{p}/a"].shape != want_a or tensors[f"{p}/b"].shape != want_b:
             raise ValueError(f"{path}: '{p}': a/b shapes {tensors[f'{p}/a'].shape}, {tensors[f'{p}/b'].shape} "

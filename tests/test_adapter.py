@@ -36,6 +36,14 @@ def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
     assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
 
 
+def _write_tensor(adapter, key, value):
+    """Put ``value`` at ``key`` in a saved adapter's weights, as a hand edit would."""
+    from safetensors.numpy import load_file, save_file
+    weights = str(adapter / "adapter.safetensors")
+    save_id = json.loads((adapter / "adapter_config.json").read_text())["save_id"]
+    save_file({**load_file(weights), key: value}, weights, metadata={"save_id": save_id})
+
+
 def test_a_leaf_trained_in_f32_over_a_bf16_base_loads_as_trained(tmp_path):
     """Mixed precision: the bias trained in f32 over a bf16 model comes back in f32, as
     AdapterCheckpointer.restore gives it; a non-float leaf in its place is refused."""
@@ -50,8 +58,9 @@ def test_a_leaf_trained_in_f32_over_a_bf16_base_loads_as_trained(tmp_path):
     ckpt = jlora.checkpoint.AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(1, p)
     jax.tree.map(np.testing.assert_array_equal, ckpt.restore(base)[0], back)
-    p["q"]["bias"] = jlora.weight.Trainable(jnp.arange(8, dtype=jnp.int32))
-    save_adapter(tmp_path / "int", p)
+    with pytest.raises(ValueError, match="save_adapter: 'q/bias' is int32; LoRA factors and trained leaves are floating"):
+        save_adapter(tmp_path / "int", {**p, "q": {**p["q"], "bias": jlora.weight.Trainable(jnp.arange(8, dtype=jnp.int32))}})
+    _write_tensor(save_adapter(tmp_path / "int", p), "q/bias", np.arange(8, dtype=np.int32))  # an int leaf in the file
     with pytest.raises(ValueError, match=r"'q/bias' is int32\[8\] in the adapter, bfloat16\[8\] in the base"):
         load_adapter(tmp_path / "int", base)
 
@@ -164,6 +173,35 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
         load_adapter(tmp_path / "peft", base)
 
 
+def test_what_is_not_an_adapter_is_not_written_over_one(tmp_path):
+    """Integer factors or trained leaves (a cast tree), or two params at one path, are refused before
+    the good adapter on disk is replaced; integer factors in a file are refused on load."""
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p)
+    for dtype in (jnp.int8, jnp.complex64):
+        with pytest.raises(ValueError, match=f"save_adapter: 'q/bias' is {np.dtype(dtype)}; LoRA factors and trained"):
+            save_adapter(tmp_path / "ad", jax.tree.map(lambda x: x.astype(dtype), p))
+    lw = p["q"]["kernel"]
+    with pytest.raises(ValueError, match="save_adapter: two params have the path 'q/kernel'"):
+        save_adapter(tmp_path / "ad", {"q/kernel": lw, "q": {"kernel": lw.replace(b=lw.b + 1)}})
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p)
+    _write_tensor(tmp_path / "ad", "q/kernel/a", np.asarray(lw.a).astype(np.int8))
+    with pytest.raises(ValueError, match="tensor 'q/kernel/a' is int8; LoRA factors are floating point"):
+        load_adapter(tmp_path / "ad", base)
+
+
+def test_files_are_readable_as_the_umask_allows(tmp_path):
+    """A server running as another user reads the adapter (safetensors writes owner-only files)."""
+    _, _, p = lora_tree()
+    old = os.umask(0o022)
+    try:
+        save_adapter(tmp_path / "ad", p)
+    finally:
+        os.umask(old)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "ad").iterdir()} == {
+        "adapter.safetensors": "0o644", "adapter_config.json": "0o644"}
+
+
 def test_a_hand_edited_config_is_refused_naming_the_entry(tmp_path):
     base, cfg, p = lora_tree()
     config_file = save_adapter(tmp_path / "ad", p) / "adapter_config.json"
@@ -180,6 +218,8 @@ def test_a_hand_edited_config_is_refused_naming_the_entry(tmp_path):
         ({**good, "metadata": "run1"}, "'metadata' must be a JSON object, got str"),
         ({**good, "trainable": {"q/bias": "8"}}, "trainable 'q/bias' is '8'; want its shape"),
         ({**good, "trainable": {**good["trainable"], "q/kernel": [8, 8]}}, r"\['q/kernel'\] are both LoRA targets and fully"),
+        ({**good, "targets": {**good["targets"], "q/kernel": {**q_spec, "layout": "xyz"}}},
+         "ad: 'q/kernel' in adapter_config.json: layout 'xyz'"),
     ):
         config_file.write_text(json.dumps(config))
         with pytest.raises(ValueError, match=match):
