@@ -76,11 +76,12 @@ def _check_has_adapters(params: Any, where: str) -> None:
                          "call jlora.lora_init first")
 
 
-def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any) -> None:
+def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any, per_example_ok: bool = False) -> None:
     """Refuse a state that ``inner.init`` would not have made for the adapters ``trainable``: one
     kept from adapters of another rank would broadcast into the new ones silently.
     Shapes only (a state may keep its moments in another dtype); a ``tx`` whose ``init`` needs
-    concrete values is not checked."""
+    concrete values is not checked. ``per_example_ok``: ``trainable`` are gradients, which may have
+    a leading axis more than the state (DP-SGD's per-example gradients)."""
     try:
         expected = jax.eval_shape(inner.init, trainable)
     except Exception:
@@ -96,6 +97,8 @@ def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
                          "make it again with tx.init(params)")
     for (kp, x), (_, y) in zip(got, want):
+        if per_example_ok and len(y.shape) == np.ndim(x) + 1:
+            continue
         if np.shape(x) != tuple(y.shape):
             raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
                              f"but these params need {tuple(y.shape)}: a state kept from adapters of another "
@@ -145,8 +148,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
     ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, is checked
     to hold at least one adapter; where ``tx`` fails, ``update`` names the param whose gradient does
-    not fit (``misfit``); given ``params``, it refuses a state ``init`` would not have made for them
-    (one kept from adapters of another rank would otherwise broadcast into the new ones).
+    not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
+    them, the gradients): one kept from adapters of another rank would otherwise broadcast into the
+    new ones.
 
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
@@ -188,7 +192,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         bare = without_variables(updates)
         trainable, frozen = split(bare)
         trainable_params = None if params is None else split(without_variables(params))[0]
-        if trainable_params is not None:
+        if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
+            _check_state(inner, state, trainable, per_example_ok=True)
+        else:
             _check_state(inner, state, trainable_params)
         try:
             out, state = inner.update(trainable, state, trainable_params, **extra_args)

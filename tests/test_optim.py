@@ -248,6 +248,9 @@ def test_per_example_gradients_reach_a_tx_that_takes_them():
     per_example = jax.tree.map(lambda x: jnp.stack([x] * 5), trainable)  # DP-SGD: a leading batch axis
     updates, _ = tx.update(per_example, tx.init(trainable), trainable)
     assert updates["l1"]["kernel"].a.shape == (8, 4)
+    tx = jlora.optimizer(optax.chain(optax.contrib.differentially_private_aggregate(1.0, 0.0, 0), optax.adam(1e-3)))
+    updates, _ = tx.update(per_example, tx.init(trainable))  # without params: the state is checked, its axis allowed
+    assert updates["l1"]["kernel"].a.shape == (8, 4)
 
 
 def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
@@ -260,10 +263,15 @@ def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
         with pytest.raises(ValueError, match=rf"opt_state.*mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these "
                                              r"params need \(8, 2\)"):
             tx.update(grads, tx.init(of_rank(stale)), of_rank(2))
+        with pytest.raises(ValueError, match=rf"mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these params need"):
+            tx.update(grads, tx.init(of_rank(stale)))  # without params (adam's usual call): the gradients' shapes
     other_alpha = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=8, targets=["q"])))[0]
     with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
         tx.update(grads, tx.init(other_alpha), of_rank(2))
+    with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
+        tx.update(grads, tx.init(other_alpha))
     tx.update(grads, tx.init(of_rank(2)), of_rank(2))  # its own state passes
+    tx.update(grads, tx.init(of_rank(2)))
 
 
 
