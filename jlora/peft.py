@@ -4,10 +4,12 @@ PEFT's format is what vLLM, TGI, LoRAX and PEFT itself load. A Flax param path m
 PyTorch module of the same name (``model/layers/0/self_attn/q_proj/kernel`` ↔
 ``model.layers.0.self_attn.q_proj``, as HF names its Flax and PyTorch modules alike);
 ``lora_A.weight`` is ``aᵀ`` (r, in) and ``lora_B.weight`` is ``bᵀ`` (out, r), for ``(in, out)``
-kernels and GPT-2's ``(out, in)`` Conv1D alike (PEFT's ``fan_in_fan_out``). Trained biases
+kernels and GPT-2's ``(out, in)`` Conv1D alike (PEFT's ``fan_in_fan_out``, which PEFT, and so
+jlora, sets by the module's type whatever the config says). Trained biases
 (PEFT's ``bias="all"`` / ``"lora_only"``) are ``Trainable`` leaves, and so are the modules PEFT
 trains whole (``modules_to_save``: a task head, a norm; every leaf of the module is stored, under
-PyTorch's names: ``kernel`` ↔ ``weight`` transposed, ``embedding``/``scale`` ↔ ``weight``). Options
+PyTorch's names: ``kernel`` ↔ ``weight`` transposed, ``embedding``/``scale``/``weight`` ↔ ``weight``;
+a task head PEFT trains whole, as its ``classifier``, is saved as that one module). Options
 jlora cannot represent are refused, never dropped.
 
 Example:
@@ -44,6 +46,8 @@ BASE_COPY = ".base_layer.weight"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+# The modules PEFT's model for a task type trains whole, whatever modules_to_save says.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
 # (the saved tensors hold all the rest: which layers ``layers_to_transform`` picked is in their
 # keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
@@ -73,7 +77,7 @@ def module_name(path: str) -> str:
 
 
 # Flax leaf name -> PyTorch parameter name inside a module.
-TORCH_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+TORCH_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
 
 
 def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
@@ -84,6 +88,17 @@ def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
                          f"(module leaves: {sorted(TORCH_NAMES)}, kernels 2-D)")
     value = np.asarray(value, np.float32)
     return TORCH_NAMES[leaf], np.ascontiguousarray(value.T if leaf == "kernel" else value)
+
+
+def _is_conv1d(model_type: str, module: str) -> bool:
+    """Whether the PyTorch module is a ``Conv1D`` (GPT-2's ``(out, in)`` kernels, PEFT's
+    ``fan_in_fan_out``): PEFT decides it by the module's type, whatever the config says.
+
+    Example:
+        >>> _is_conv1d("gpt2", "transformer.h.0.attn.c_attn"), _is_conv1d("llama", "model.layers.0.self_attn.q_proj")
+        (True, False)
+    """
+    return LAYOUT_PRESETS.get(model_type, {}).get(module.rsplit(".", 1)[-1]) == "oi"
 
 
 def _layout_ok(lw: LoraWeight) -> bool:
@@ -130,10 +145,18 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
         raise ValueError("jlora.peft.save_adapter: params hold no LoraWeight")
-    # a module with a fully trained leaf other than its bias is saved whole (modules_to_save)
-    saved = sorted({p.rsplit("/", 1)[0] for p, x in nodes if isinstance(x, Trainable) and not p.endswith("/bias")})
-    in_saved = lambda p: p.rsplit("/", 1)[0] in saved
+    if task_type is None:
+        archs = getattr(hf_config, "architectures", None) or []
+        task_type = next((t for arch in archs for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
+    # a module with a fully trained leaf other than its bias is saved whole (modules_to_save), as
+    # the task's head that PEFT saves whole for the task type where it is part of one
+    saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p, x in nodes
+                    if isinstance(x, Trainable) and not p.endswith("/bias")})
+    in_saved = lambda p: any(p.startswith(m + "/") for m in saved)
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
+    for p, _ in nodes:
+        if in_saved(p):
+            _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
     clash = [p for p, _ in targets if in_saved(p)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
@@ -145,8 +168,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         if not _layout_ok(lw):
             raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels and 2-D convs only)")
         embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
-        if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != fan_in_fan_out:
+        if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != _is_conv1d(model_type, module_name(p)):
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
+        _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
         if embedding:
             _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
             if str(lw.layout) != "io":
@@ -173,9 +197,6 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    if task_type is None:
-        archs = getattr(hf_config, "architectures", None) or []
-        task_type = next((t for arch in archs for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
@@ -191,6 +212,22 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     return write_files(path, write)
+
+
+def _task_head(module: str, task_type: str | None) -> str:
+    """The module PEFT trains whole for ``task_type`` (its ``classifier``, ``score`` or
+    ``qa_outputs``) that Flax module path ``module`` is in, else ``module``: saved as its parts,
+    the head would be wrapped twice, and PEFT could not load it.
+
+    Example:
+        >>> _task_head("classifier/dense", "SEQ_CLS"), _task_head("classifier/dense", None)
+        ('classifier', 'classifier/dense')
+    """
+    parts = module.split("/")
+    for i in range(1, len(parts) + 1):
+        if any(parts[i - 1].endswith(head) for head in TASK_HEADS.get(task_type, ())):
+            return "/".join(parts[:i])
+    return module
 
 
 def _positive(x: Any) -> bool:
@@ -212,6 +249,16 @@ def _check_untied(what: str, shape: Sequence[int], hf_config: Any) -> None:
         raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings): an adapter on it changes the head "
                          "too in jlora but only the lookup in PEFT, so the two would compute different outputs; "
                          "leave the embedding out of the targets")
+
+
+def _check_not_shared(what: str, path: str, hf_config: Any) -> None:
+    """Refuse an adapter on (or a full fine-tune of) an encoder-decoder's ``shared`` embedding: Flax
+    looks tokens up in it, but PyTorch's encoder and decoder call their own ``embed_tokens``
+    modules (sharing its weight), so PEFT's adapter on ``shared`` is never run there."""
+    if getattr(hf_config, "is_encoder_decoder", False) and path.split("/")[-2:-1] == ["shared"]:
+        raise ValueError(f"{what}: an encoder-decoder's shared embedding, adapted or trained, changes every lookup "
+                         "in jlora (Flax reads tokens from it) but none in PEFT (PyTorch's encoder and decoder call "
+                         "their own embed_tokens), so the two would compute different outputs; leave it out")
 
 
 def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict) -> None:
@@ -240,6 +287,29 @@ def _pattern_value(table: dict, name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key.strip("^$"), name):
             return value
     return default
+
+
+def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
+    """Whether PyTorch module ``module`` is one of ``modules_to_save`` or inside one. PEFT trains
+    whole each module whose name ends with an entry (as a string: ``"layer_norm"`` takes
+    ``self_attn_layer_norm``) and saves its submodules' tensors (``classifier.dense.weight``).
+
+    Example:
+        >>> _in_saved_module("classifier.dense", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"])
+        (True, True)
+        >>> _in_saved_module("model.classifier_proj", ["classifier"])
+        False
+    """
+    parts = module.split(".")
+    return any(".".join(parts[:i]).endswith(m) for m in saved for i in range(1, len(parts) + 1))
+
+
+def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path: dict[str, Any]) -> bool:
+    """Whether the saved leaf ``p``, which Flax does not have, is PyTorch's second name for one it
+    does in an enclosing module (BERT's ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``:
+    the state dict, and so PEFT, holds a tied parameter under each name)."""
+    return any(q in by_path and p.startswith(q.rsplit("/", 1)[0] + "/") and np.shape(v) == np.shape(value)
+               and np.array_equal(v, value) for q, v in tuned.items() if q != p)
 
 
 def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str:
@@ -274,7 +344,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: no {CONFIG_FILE}: not a PEFT adapter directory") from None
+        named = sorted(d.name for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if path.is_dir() else []
+        hint = f"; it holds named adapters (PEFT saves each under its name): load one of {named}" if named else ""
+        raise ValueError(f"{path}: no {CONFIG_FILE}: not a PEFT adapter directory{hint}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / CONFIG_FILE}: corrupted JSON ({err})") from None
     if not isinstance(config, dict):
@@ -324,7 +396,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             continue
         key = key.replace(".modules_to_save.", ".")
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
-        if saved and "lora_" not in key and any(module == m or module.endswith("." + m) for m in saved):
+        if saved and "lora_" not in key and _in_saved_module(module, saved):
             p = _flax_leaf(module, leaf, by_path, path)
             tuned[p] = value.T if p.endswith("/kernel") else value
             continue
@@ -345,15 +417,18 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         factors.setdefault(name, {})[part[0]] = value
         if embedding:
             embeddings.add(name)
+    for p in [p for p, v in tuned.items() if p not in by_path and _tied_copy(p, v, tuned, by_path)]:
+        del tuned[p]
     for p, value in tuned.items():
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
         if tuple(by_path[p].shape) != value.shape:
             raise ValueError(f"{path}: '{p}' is {tuple(by_path[p].shape)} in the base, {value.shape} in the adapter")
+    for p in tuned:
+        _check_not_shared(f"{path}: '{p}'", p, hf_config)
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     new = {}
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
@@ -365,9 +440,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         check_float_targets(path, [p], by_path)
         if name in embeddings:
             _check_untied(f"{path}: '{p}'", w.shape, hf_config)
+        if ab["A"].ndim not in (2, 4):
+            raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
+                             "jlora reads PEFT's Linear, Embedding and Conv2d adapters")
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
-        a, b, layout = _factors_from_torch(ab["A"], ab["B"], fan_in_fan_out and name not in embeddings)
+        _check_not_shared(f"{path}: '{p}'", p, hf_config)
+        a, b, layout = _factors_from_torch(ab["A"], ab["B"], name not in embeddings and _is_conv1d(hf_config.model_type, name))
         layout = Layout.parse(layout)
         r = a.shape[-1]
         if layout.a_shape(w.shape, r) != a.shape or layout.b_shape(w.shape, r) != b.shape:

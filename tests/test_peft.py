@@ -185,6 +185,13 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     save_file({k: v.astype(np.int32) if "lora_A" in k else v for k, v in tensors.items()}, str(weights))
     with pytest.raises(ValueError, match="is int32; LoRA factors are floating point"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    save_file({k: v[..., None] if "lora_A" in k else v for k, v in tensors.items()}, str(weights))  # Conv1d's
+    with pytest.raises(ValueError, match=r"lora_A \(2, 64, 1\) is a 1-D conv's; jlora reads PEFT's Linear, Embedding"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    (tmp_path / "named").mkdir()
+    (tmp_path / "dora").rename(tmp_path / "named" / "mine")  # PEFT saves an adapter not named "default" so
+    with pytest.raises(ValueError, match=r"no adapter_config.json: .*it holds named adapters .*: load one of \['mine'\]"):
+        jlora.peft.load_adapter(tmp_path / "named", model.params, model.config)
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(ValueError, match="cannot read adapter weights"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
@@ -366,3 +373,138 @@ def test_all_linear_adapts_what_peft_adapts(case):
     task = "SEQ_CLS" if case.endswith("classifier") else None
     theirs = peft.get_peft_model(torch_class(config), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task))
     assert ours == set(theirs.targeted_module_names)
+
+
+def _torch_twin(model, torch_class):
+    """The PyTorch model with ``model``'s (Flax) base weights."""
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    torch.manual_seed(0)
+    return load_flax_weights_in_pytorch_model(torch_class(model.config), model.params).eval()
+
+
+def _peft_logits(peft_model, **inputs):
+    with torch.no_grad():
+        return peft_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}).logits.numpy()
+
+
+def _perturb_saved_modules(peft_model, amount=0.3):
+    """Train PEFT's whole-module copies (modules_to_save), as a fine-tune would."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(amount * torch.randn_like(param))
+
+
+def _tiny_roberta_classifier():
+    return tf.FlaxRobertaForSequenceClassification(tf.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=40, num_labels=3, architectures=["RobertaForSequenceClassification"]))
+
+
+def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
+    """RoBERTa's classifier is two Linears (dense, out_proj). PEFT's SEQ_CLS model trains the
+    whole ``classifier`` and saves its parts; jlora reads them as its Trainable leaves, and saves
+    a head trained in jlora as that one module (its parts as modules, PEFT could not load)."""
+    model = _tiny_roberta_classifier()
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.RobertaForSequenceClassification), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False)).eval()
+    _perturb_saved_modules(peft_model)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    assert isinstance(params["classifier"]["dense"]["kernel"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier/out_proj"]),
+                      jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    params["classifier"]["out_proj"]["kernel"] = jlora.Trainable(params["classifier"]["out_proj"]["kernel"].value + 0.3)
+    jlora.peft.save_adapter(tmp_path / "from_jlora", params, model.config)
+    assert json.loads((tmp_path / "from_jlora" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    peft_model = peft.PeftModel.from_pretrained(_torch_twin(model, tf.RobertaForSequenceClassification),
+                                                tmp_path / "from_jlora").eval()
+    np.testing.assert_allclose(_peft_logits(peft_model, input_ids=IDS), lm(IDS, params=params).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
+    """A norm trained whole: Llama's RMSNorm (Flax leaf ``weight``) both ways; PEFT's entries match
+    the end of a module's name as a string (``layer_norm`` takes BART's ``self_attn_layer_norm``)."""
+    model = TINY["llama"]()
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["model.norm"])).eval()
+    _perturb_saved_modules(peft_model)
+    peft_model.save_pretrained(tmp_path / "norm")
+    params = jlora.peft.load_adapter(tmp_path / "norm", model.params, model.config)
+    assert isinstance(params["model"]["norm"]["weight"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+    jlora.peft.save_adapter(tmp_path / "norm_back", params, model.config)
+    reloaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.LlamaForCausalLM), tmp_path / "norm_back").eval()
+    np.testing.assert_allclose(_peft_logits(reloaded, input_ids=IDS), _peft_logits(peft_model, input_ids=IDS),
+                               rtol=1e-4, atol=1e-5)
+
+    model = TINY["bart"]()
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.BartForConditionalGeneration), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["layer_norm"])).eval()
+    _perturb_saved_modules(peft_model)
+    peft_model.save_pretrained(tmp_path / "suffix")
+    params = jlora.peft.load_adapter(tmp_path / "suffix", model.params, model.config)
+    assert isinstance(params["model"]["encoder"]["layers"]["0"]["self_attn_layer_norm"]["scale"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+
+
+def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
+    """PyTorch's BERT ties ``cls.predictions.decoder.bias`` to ``cls.predictions.bias``; with
+    bias="all" PEFT saves both names, and Flax has the one."""
+    model = tf.FlaxBertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, vocab_size=64))
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.BertForMaskedLM), peft.LoraConfig(
+        r=4, target_modules=["query", "value"], init_lora_weights=False, bias="all")).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.cls.predictions.bias.add_(0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    assert isinstance(params["cls"]["predictions"]["bias"], jlora.Trainable)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_fan_in_fan_out_is_the_module_type_as_in_peft(model_type, tmp_path):
+    """PEFT sets fan_in_fan_out by the module's type (GPT-2's Conv1D: on), whatever the config
+    says; an adapter whose config says otherwise runs as PEFT runs it."""
+    model = TINY[model_type]()
+    torch_class, target = {"llama": (tf.LlamaForCausalLM, "q_proj"), "gpt2": (tf.GPT2LMHeadModel, "c_proj")}[model_type]
+    made = peft.get_peft_model(_torch_twin(model, torch_class), peft.LoraConfig(
+        r=4, target_modules=[target], init_lora_weights=False, fan_in_fan_out=model_type == "gpt2")).eval()
+    made.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "fan_in_fan_out": model_type != "gpt2"}))
+    peft_model = peft.PeftModel.from_pretrained(_torch_twin(model, torch_class), tmp_path / "adapter").eval()
+    want = _peft_logits(peft_model, input_ids=IDS)
+    np.testing.assert_allclose(want, _peft_logits(made, input_ids=IDS), rtol=1e-5, atol=1e-6)
+    params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_on_an_encoder_decoders_shared_embedding_is_refused_both_ways(tmp_path):
+    """Flax's BART looks every token up in ``model/shared``; PyTorch's encoder and decoder call
+    their own ``embed_tokens``, so PEFT never runs an adapter on ``model.shared``."""
+    model = tf.FlaxBartForConditionalGeneration(tf.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False))
+    message = "'model/shared/embedding': an encoder-decoder's shared embedding, adapted or trained, changes every"
+    for cfg in (jlora.LoraConfig(rank=4, targets=["shared", "q_proj"]),
+                jlora.LoraConfig(rank=4, targets=["q_proj"], trainable=["shared"])):
+        lm = hf.LoraModel(model, cfg, jax.random.key(0))
+        with pytest.raises(ValueError, match=message):
+            jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
+    for cfg in (peft.LoraConfig(r=4, target_modules=["shared", "q_proj"], init_lora_weights=False),
+                peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["shared"])):
+        directory = tmp_path / str(len(cfg.target_modules))
+        peft.get_peft_model(_torch_twin(model, tf.BartForConditionalGeneration), cfg).save_pretrained(directory)
+        with pytest.raises(ValueError, match=message):
+            jlora.peft.load_adapter(directory, model.params, model.config)
