@@ -192,6 +192,14 @@ def scan_counts(params: dict) -> tuple[int, int]:
     return len(list(consts.vals)), len(list(carry.vals))
 
 
+def jit_shardings(params: dict) -> tuple[list, list]:
+    """``(in_shardings, out_shardings)`` of a jit equation, ``None`` where it names no
+    ``NamedSharding`` (``UnspecifiedValue``, ``AUTO``): the params' names are those of ``pjit_p``
+    since JAX 0.4 and of ``jit_p`` (0.7+)."""
+    named = lambda s: s if isinstance(s, jax.sharding.NamedSharding) else None
+    return ([named(s) for s in params.get("in_shardings", ())], [named(s) for s in params.get("out_shardings", ())])
+
+
 def inlined(params: dict) -> bool:
     """Whether a jit equation asks to be inlined (a bool before JAX 0.11, an ``Inline`` since)."""
     return params.get("inline", False) is True

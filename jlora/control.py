@@ -55,12 +55,22 @@ def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if _compat.inlined(eqn.params):
         return evaluate_closed(closed, invals, ctx)
     returned = _Returned()
+    in_shardings, out_shardings = _compat.jit_shardings(eqn.params)
 
     def body(*args: Any) -> list:
-        return returned.others(list(args), evaluate_closed(closed, list(args), ctx.renamed(invals, args)))
+        # the jit's shardings, as constraints on its plain inputs and outputs (a lazy one goes as it is)
+        args = [_constrained(a, s) for a, s in zip(args, in_shardings)] if any(in_shardings) else list(args)
+        outs = evaluate_closed(closed, args, ctx.renamed(invals, args))
+        if any(out_shardings):
+            outs = [_constrained(o, s) for o, s in zip(outs, out_shardings)]
+        return returned.others(args, outs)
 
     body.__name__ = str(eqn.params.get("name", "jit"))
     return returned.rejoined(invals, jax.jit(body)(*invals), len(eqn.outvars))
+
+
+def _constrained(x: Any, sharding: Any) -> Any:
+    return x if sharding is None or is_lazy(x) else lax.with_sharding_constraint(x, sharding)
 
 
 @register(_compat.remat_p, Lazy)
@@ -118,9 +128,17 @@ def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     # LoRA dropout draws a new mask each iteration: the key travels in the carry
     key = ctx.next_key() if ctx.rng is not None else None
 
-    def cond_fn(state: Any) -> Any:
-        carry, _ = state
+    # vmap of a loop whose condition differs per example makes the condition one flag per example
+    # (a prefix of every carry's shape): the loop runs while any goes on, and each step keeps the
+    # carry of the examples that have stopped, as JAX lowers such a loop
+    per_example = _compat.open_jaxpr(p["cond_jaxpr"])[0].outvars[0].aval.ndim > 0
+
+    def going(carry: list) -> Any:
         return _outputs(evaluate_closed(p["cond_jaxpr"], list(cond_consts) + list(carry), ctx), "while")[0]
+
+    def cond_fn(state: Any) -> Any:
+        go = going(state[0])
+        return go.any() if per_example else go
 
     def body_fn(state: Any) -> Any:
         carry, key = state
@@ -128,7 +146,11 @@ def while_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         if key is not None:
             key, step_key = jax.random.split(key)
             step_ctx = ctx.with_rng(step_key)
-        return _outputs(evaluate_closed(p["body_jaxpr"], list(body_consts) + list(carry), step_ctx), "while"), key
+        new = _outputs(evaluate_closed(p["body_jaxpr"], list(body_consts) + list(carry), step_ctx), "while")
+        if per_example:
+            go = going(carry)
+            new = [lax.select(lax.broadcast_in_dim(go, n.shape, range(go.ndim)), n, c) for n, c in zip(new, carry)]
+        return new, key
 
     return list(lax.while_loop(cond_fn, body_fn, (list(init), key))[0])
 

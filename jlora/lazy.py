@@ -365,7 +365,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays,
     except a param returned as it came in (``return params``, NNX's ``nnx.state(model)``): that
     comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
-    merged, with a ``MaterializeWarning``. The state of a Flax NNX module in the arguments (a
+    merged, with a ``MaterializeWarning``. Outputs that are neither arrays nor numbers (an Equinox
+    module's activation function) come back as the function returned them. The state of a Flax NNX module in the arguments (a
     ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the params) is updated
     as ``fn`` updates it, as a call of the module would; a variable the call creates (``sow``'s) is
     not added to the module, and a warning says so.
@@ -443,7 +444,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
-        closed, out_tree = traced
+        closed, out_tree, static_out = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
         unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
@@ -479,9 +480,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                              "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
                              ) from None
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
-        out = [returned[j] if j in returned else x if isinstance(x, jax.Array)
-               else jnp.asarray(x) for j, x in enumerate(out)]
-        result = jax.tree_util.tree_unflatten(out_tree, out)
+        out = iter(returned[j] if j in returned else x if isinstance(x, jax.Array)
+                   else jnp.asarray(x) for j, x in enumerate(out))
+        result = jax.tree_util.tree_unflatten(
+            out_tree, [static_out[j] if j in static_out else next(out) for j in range(out_tree.num_leaves)])
         if not nnx_vars:
             return result
         result, changed = result
@@ -528,21 +530,30 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
             leaves[i] = v
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
         if not has_nnx:
-            return fn(*a, **k)
+            return traced_outputs(fn(*a, **k))
         before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables({"args": a, "kwargs": k})}
         out = fn(*a, **k)
         changed, new = state_after_call({"args": a, "kwargs": k}, before)
         created.extend(new)
-        return out, changed
+        return traced_outputs((out, changed))
+
+    def traced_outputs(result: Any) -> list:
+        # outputs that are not arrays or numbers (an Equinox module's activation function) leave
+        # the trace as they are, as Equinox's filter_jit does: make_jaxpr takes arrays only
+        flat, out_def = jax.tree.flatten(result)
+        keep = [is_array(x) or isinstance(x, (bool, int, float, complex)) for x in flat]
+        outputs.update(tree=out_def, static={j: x for j, (x, k) in enumerate(zip(flat, keep)) if not k})
+        return [x for x, k in zip(flat, keep) if k]
 
     created: list[str] = []
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
+    outputs: dict[str, Any] = {}
+    closed = jax.make_jaxpr(flat_fn)(*abstract)
     if created:
         warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {created[:3]} (sow's "
                       "intermediates, a cache made in the call), which are not put into its arguments: return what "
                       "you need of them (nnx.pop(module, nnx.Intermediate) inside the function), or, with Flax 0.12, call "
                       "the wrapped function through nnx.capture", stacklevel=3)
-    result = (closed, jax.tree_util.tree_structure(out_shape))
+    result = (closed, outputs["tree"], outputs["static"])
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):
         cache[key] = (state, result)

@@ -74,6 +74,20 @@ def test_while_loop(params):
     check_against_oracle(fn, params, X, mode="forward")
 
 
+def test_vmap_of_a_while_loop_that_stops_per_example(params):
+    """vmap makes the condition one flag per example (the body leaves finished ones as they are)."""
+    def loop(p, x):
+        def one(x_i):
+            return lax.while_loop(lambda c: c[0] < 2 + (x_i.sum() > 0), lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])),
+                                  (0, x_i))
+        return jax.vmap(one)(x)
+
+    steps, _ = jlora.apply(loop)(params, X)
+    np.testing.assert_array_equal(steps, loop(jlora.merge(params), X)[0])
+    assert len(set(np.asarray(steps).tolist())) == 2  # the examples stop at different steps
+    check_against_oracle(lambda p, x: loop(p, x)[1], params, X, mode="forward")
+
+
 def test_fori_loop_indexing_a_stacked_weight(params):
     def fn(p, x):
         n = (x[0, 0] > -100).astype(jnp.int32) * 3  # traced bound: a while loop

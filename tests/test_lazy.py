@@ -176,6 +176,11 @@ def test_equinox_model_with_inferred_layouts():
     trainable, frozen = jlora.split(p)
     grads = eqx.filter_jit(jax.grad(lambda t, f: jlora.apply(fn)(jlora.combine(t, f), x).sum()))(trainable, frozen)
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    # the module returned (its activations are not arrays): it comes back whole, adapters as they came in
+    y, back = jlora.apply(lambda m, x: (fn(m, x), m))(p, x)
+    np.testing.assert_allclose(y, fn(jlora.merge(p), x), rtol=1e-5, atol=1e-6)
+    assert back.activation is p.activation and all(b is q for b, q in zip(
+        jax.tree.leaves(back, is_leaf=jlora.weight.is_node), jax.tree.leaves(p, is_leaf=jlora.weight.is_node)))
 
 
 def test_equinox_embedding_called_per_token_in_a_loop():

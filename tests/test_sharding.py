@@ -442,6 +442,22 @@ def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     assert jaxpr.count("sharding_constraint") == 3  # on w, a (replicated) and b (split like w's columns)
 
 
+def test_a_jit_inside_the_function_keeps_its_shardings():
+    """``jax.jit(..., in_shardings=..., out_shardings=...)`` called inside: its plain inputs and
+    outputs are placed as the plain function places them."""
+    mesh = sharding.make_mesh({"model": 8})
+    params, x = _mlp_params(), jnp.ones((8, 16))
+    rows, cols = NamedSharding(mesh, P("model")), NamedSharding(mesh, P(None, "model"))
+    inner = jax.jit(lambda p, x: (x @ p["l1"]["kernel"], x * 2), out_shardings=(cols, rows))
+    fn = lambda p, x: inner(p, x)
+    want = fn(jlora.merge(params), x)
+    got = jlora.apply(fn)(params, x)
+    assert [o.sharding for o in got] == [cols, rows] == [o.sharding for o in want]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    pinned = jax.jit(lambda p, x: x @ p["l1"]["kernel"], in_shardings=(None, rows))
+    assert "sharding_constraint" in str(jax.make_jaxpr(jlora.apply(lambda p, x: pinned(p, x)))(params, x))
+
+
 def test_device_put_of_a_kernel_puts_its_factors_and_a_device_target_falls_back():
     mesh = sharding.make_mesh({"model": 8})
     params, x = _mlp_params(), jnp.ones((4, 16))
