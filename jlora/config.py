@@ -29,8 +29,9 @@ class LoraConfig:
         dense ``kernel`` except the output head, and except conv windows where ``infer_layout``
         shows them); ``None`` (default) means ``"all-linear"`` for
         ``jlora.lora_init`` and the model type's preset for ``jlora.hf``.
-      exclude: patterns never adapted.
-      rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path.
+      exclude: patterns never adapted (each must match a param: a typo is an error, not a no-op).
+      rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path (each
+        pattern must match a param).
       dropout: LoRA dropout on the input of the low-rank path (needs ``lora_rng`` in ``apply``).
       init: ``"kaiming_uniform"`` (PEFT's default for ``a``) or ``"gaussian"`` (std ``1/rank``);
         ``b`` starts at zero either way.

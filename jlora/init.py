@@ -217,8 +217,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
                          + ("; 'all-linear' adapts Flax 'kernel' leaves: name other modules in targets"
                             if all_linear else ""))
-    for option in ("rank_pattern", "alpha_pattern"):  # (layouts may describe a whole model family)
-        for text, _ in getattr(config, option):
+    patterns = {"rank_pattern": [text for text, _ in config.rank_pattern],
+                "alpha_pattern": [text for text, _ in config.alpha_pattern], "exclude": config.exclude}
+    for option, texts in patterns.items():  # (layouts may describe a whole model family)
+        for text in texts:
             if not any(Pattern(text).match(p) for p in paths):
                 raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param"
                                  + _no_match(option, text, paths, entries))

@@ -204,6 +204,7 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
         (LoraConfig(targets=["q_proj"], trainable=["step"]), r"trainable 'step' matches 'step', a int32\[\] leaf"),
         (LoraConfig(targets=["q_proj"], rank_pattern={"q_prj": 2}), r"rank_pattern: pattern 'q_prj' matches no param; nearest"),
         (LoraConfig(targets=["q_proj"], alpha_pattern={"zzz": 2}), "alpha_pattern: pattern 'zzz' matches no param"),
+        (LoraConfig(targets=["q_proj", "v_proj"], exclude=["v_prj"]), r"exclude: pattern 'v_prj' matches no param; nearest"),
     ],
 )
 def test_bad_input_names_the_path(cfg, match):
