@@ -144,7 +144,7 @@ def _label(value: Any, where: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str) and value.strip():
-        return value
+        return value.strip()  # "pos " and "pos" are one class
     what = "missing label" if value is None or isinstance(value, str) else "the label must be a string or an integer"
     raise ValueError(f"{where}: {what} (a non-empty string or an integer), got {value!r}")
 

@@ -475,6 +475,10 @@ def classify(opts: Options) -> dict:
     """
     model, tokenizer, model_path = load_model(opts.model, "classify", pooler=False)
     check_length(model, opts.max_length)
+    special = tokenizer.num_special_tokens_to_add()
+    if opts.max_length <= special:  # the tokenizer cannot truncate to it: ragged rows, or no text at all
+        raise ValueError(f"--max-length {opts.max_length}: must be at least {special + 1} (the tokenizer adds "
+                         f"{special} special tokens to each text)")
     texts, names = BUILTIN_DATA[opts.data]() if opts.data in BUILTIN_DATA else read_labelled(opts.data)
     classes = class_order(names)
     labels = np.array([classes.index(n) for n in names], np.int32)

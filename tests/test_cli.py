@@ -288,6 +288,8 @@ def test_model_directories_that_cannot_be_used(bert_dir, data_file, tmp_path, ca
     args = ["--data", str(data_file), "--steps", "1", "--batch-size", "8", "--no-plot", "--no-baseline"]
     assert main(["finetune", "--model", str(bert_dir), "--max-length", "600", "--out", str(tmp_path / "a")] + args) == 2
     assert "error: --max-length 600: the model has 512 positions" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(bert_dir), "--max-length", "2", "--out", str(tmp_path / "a")] + args) == 2
+    assert "error: --max-length 2: must be at least 3 (the tokenizer adds 2 special tokens" in capsys.readouterr().err
     for flag in ("-1", str(2**64)):
         assert main(["finetune", "--model", str(bert_dir), "--seed", flag] + args) == 2
         assert "error: --seed must be an integer in [0, 2**63)" in capsys.readouterr().err

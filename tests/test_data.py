@@ -53,6 +53,7 @@ def test_data_files_as_users_write_them(tmp_path):
     assert data.class_order(["10", "2", "0"]) == ["0", "2", "10"]
     assert read("f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')[1] == ["1", "0"]  # pandas' 1.0
     assert read("t.csv", "text,label\nhi,x,\nyo,y\n") == (["hi", "yo"], ["x", "y"])  # a trailing empty field
+    assert read("w.csv", "text,label\nhi,pos\nyo,pos \nho, neg\n")[1] == ["pos", "pos", "neg"]  # one class each
     for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),
                       ('{"text": "a", "label": NaN}', "the label must be"), ('{"text": "a", "label": 1.5}', "the label must be"),
                       ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "the label must be"),
