@@ -85,7 +85,7 @@ class LoraConfig:
             )
         _check_rank("rank", rank)
         _check_alpha("alpha", alpha)
-        if targets is not None and targets != ALL_LINEAR:
+        if targets is not None and not (isinstance(targets, str) and targets == ALL_LINEAR):
             targets = _patterns("targets", targets)
             if not targets:
                 raise ValueError("LoraConfig: targets is empty; give patterns or 'all-linear'")
@@ -173,7 +173,7 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
         value = sorted(value, key=str)
     if not isinstance(value, Iterable) or isinstance(value, (Mapping, bytes)):
         raise ValueError(f"LoraConfig: {name} must be a pattern or a list of patterns, got {value!r}")
-    value = tuple(value)
+    value = tuple(str(v) if isinstance(v, str) else v for v in value)  # numpy's str_ as str
     try:
         compile_patterns(value)
     except ValueError as err:

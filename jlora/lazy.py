@@ -15,6 +15,7 @@ import functools
 import inspect
 import itertools
 import os
+import re
 import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
@@ -443,7 +444,16 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         # NNX modules in the arguments: their state (BatchNorm statistics) is updated as fn updates it
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
-        traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
+        try:
+            traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
+        except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
+            named = [f"dyn[{k}] is the argument at '{param_paths()[dynamic[int(k)]]}'"
+                     for k in dict.fromkeys(re.findall(r"\bdyn\[(\d+)\]", str(err))) if int(k) < len(dynamic)]
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once per input signature, as jax.jit "
+                             "does, so Python code in it cannot read the values of its array arguments"
+                             + (f" ({'; '.join(named)})" if named else ""))
+            raise
         closed, out_tree, static_out = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
         unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
@@ -493,6 +503,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
     return wrapped
 
+
+_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                          jax.errors.TracerIntegerConversionError)
 
 _RETURNED = ("returned after an op, it comes back as an array, w + scale·a@b merged (a param returned as it "
              "came in stays a LoraWeight)")

@@ -66,3 +66,5 @@ def test_numpy_scalars_are_numbers():
 def test_pattern_lists_may_be_sets_or_tuples():
     assert LoraConfig(targets={"v_proj", "q_proj"}).targets == ("q_proj", "v_proj")
     assert LoraConfig(targets=("q_proj",), exclude={"x"}).exclude == ("x",)
+    from_numpy = LoraConfig(targets=np.array(["q_proj", "v_proj"]))  # a column read with numpy or pandas
+    assert from_numpy.targets == ("q_proj", "v_proj") and all(type(t) is str for t in from_numpy.targets)

@@ -283,6 +283,19 @@ def test_static_leaves_and_trainable_leaves_pass_through():
     np.testing.assert_allclose(out, jnp.ones((1, 4)) @ jnp.ones((4, 4)) + jnp.arange(4.0))
 
 
+@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes are Python 3.11+")
+def test_a_param_read_in_python_is_named_by_its_path():
+    """The plain function may read a value in Python (eagerly); jlora traces, as jax.jit does, and
+    JAX's error names its trace's argument: a note says which param that is."""
+    p = lora({"q": {"kernel": jnp.ones((4, 4))}}, ["q"])
+    fn = lambda p, x: x @ p["q"]["kernel"] * float(p["q"]["kernel"].max())
+    fn(jlora.merge(p), jnp.ones((1, 4)))
+    with pytest.raises(jax.errors.ConcretizationTypeError) as caught:
+        jlora.apply(fn)(p, jnp.ones((1, 4)))
+    assert "cannot read the values of its array arguments (dyn[0] is the argument at 'q/kernel')" in "".join(
+        caught.value.__notes__)
+
+
 def test_one_half_alone_or_a_bad_rng_is_refused():
     p = lora({"w": jnp.ones((4, 4))}, ["w"])
     trainable, frozen = jlora.split(p)
