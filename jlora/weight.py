@@ -148,7 +148,7 @@ class LoraWeight(Lazy):
         Example:
             >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).replace(w=jnp.ones((4, 5))).check_shapes()
             Traceback (most recent call last):
-            ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2, a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
+            ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2 (a's last axis), a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
         """
         w, a, b, layout = self.w, self.a, self.b, self.layout
         if _has_shape(w) and len(w.shape) != layout.ndim:
@@ -165,7 +165,7 @@ class LoraWeight(Lazy):
                 got_a, got_b = got_a[max(len(got_a) - len(want_a), 0):], got_b[max(len(got_b) - len(want_b), 0):]
             if got_a != want_a or got_b != want_b:
                 raise ValueError(
-                    f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank}, "
+                    f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank} (a's last axis), "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
                 )
 
