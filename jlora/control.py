@@ -236,8 +236,9 @@ def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Rebuilt with ``jax.shard_map``: a lazy value enters as its parts, each with the spec
     ``jlora.sharding.part_specs`` derives from the value's (a ``LoraWeight``'s ``w``, ``a`` and
     ``b``; a quantized kernel's by its kind), so the body computes with the factors' blocks and never
-    forms ``ΔW``. A kind that cannot say its parts' specs is materialised. LoRA dropout inside uses
-    one key on every device, so the blocks of one activation get the same mask pattern."""
+    forms ``ΔW``. A kind that cannot say its parts' specs is materialised. LoRA dropout inside
+    draws a device's mask from the key folded with its index along each axis the input varies
+    over: blocks of one activation get masks of their own, a replicated input the same mask."""
     p = eqn.params
     try:
         in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))

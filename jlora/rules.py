@@ -37,7 +37,10 @@ from jlora.weight import LoraWeight
 def _dropout(ctx: Context, lw: LoraWeight, x: jax.Array) -> jax.Array:
     if not ctx.drops(lw):
         return x
-    keep = _compat.bernoulli(ctx.next_key(), 1.0 - lw.dropout, x.shape, explicit.mask_sharding(x))
+    key = ctx.next_key()
+    for axis in sorted(_compat.varying_axes(x)):  # inside shard_map: a block of x per device, a mask of its own
+        key = jax.random.fold_in(key, lax.axis_index(axis))
+    keep = _compat.bernoulli(key, 1.0 - lw.dropout, x.shape, explicit.mask_sharding(x))
     return jnp.where(keep, x / (1.0 - lw.dropout), jnp.zeros((), x.dtype))
 
 

@@ -429,6 +429,23 @@ def test_each_device_draws_only_its_block_of_the_dropout_mask():
     assert not {b for b in random_bits if np.prod(b) > 8 * 32 * 128}, random_bits
 
 
+def test_dropout_inside_shard_map_draws_a_mask_per_block_of_the_input():
+    """Data blocks get masks of their own (not one block's mask repeated); devices that hold the
+    same block (the input replicated over 'model') draw the same mask. The mask is read directly:
+    w = 0, a = b = I, x = 1, so the output is keep / (1 - p)."""
+    mesh = sharding.make_mesh({"data": 4, "model": 2})
+    r = 8
+    lw = jlora.lora_init(jax.random.key(0), {"k": jnp.zeros((r, r))}, jlora.LoraConfig(rank=r, targets=["k"], dropout=0.5))["k"]
+    params, x = {"k": lw.replace(a=jnp.eye(r), b=jnp.eye(r))}, jnp.ones((32, r))
+    per_device = lambda p, x: x @ p["k"]
+    fn = lambda p, x: jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data", "model"))(p, x)
+    keep = np.asarray(jax.jit(jlora.apply(fn))(params, x, lora_rng=jax.random.key(7))) > 0  # (32, 2 * r)
+    blocks = keep.reshape(4, 8, 2, r)  # data block, its rows, model index, features
+    assert all(np.array_equal(blocks[i, :, 0], blocks[i, :, 1]) for i in range(4))  # one block: one mask
+    assert len({blocks[i, :, 0].tobytes() for i in range(4)}) == 4  # each data block its own
+    assert 0.3 < keep.mean() < 0.7
+
+
 def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     mesh = sharding.make_mesh({"model": 8})
     params, x = _mlp_params(), jnp.ones((4, 16))
