@@ -136,6 +136,8 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
           batch: int = 8, seq: int = 16, rank: int = 8, lr: float = 1e-2, seed: int = 0,
           checkpoint_dir: str | None = None, log: bool = True) -> dict:
     """Train and return ``{"losses", "params", "mesh", "step_time"}``."""
+    if checkpoint_dir and AdapterCheckpointer(checkpoint_dir, async_save=False).all_steps():  # now, not after training
+        raise SystemExit(f"--checkpoint-dir {checkpoint_dir} holds an earlier run's steps; pass a new directory")
     run = setup(mesh_axes, parallel, preset, seq, rank, lr, seed)
     step, trainable, opt_state, frozen = run["step"], run["trainable"], run["opt_state"], run["frozen"]
     vocab = run["model"].config.vocab_size
@@ -152,7 +154,7 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
     params = jlora.combine(trainable, frozen)
     if checkpoint_dir:
         ckpt = AdapterCheckpointer(checkpoint_dir, async_save=False)
-        ckpt.save(steps, params, opt_state=opt_state, force=True)
+        ckpt.save(steps, params, opt_state=opt_state)
         ckpt.close()
     return {"losses": losses, "params": params, "mesh": run["mesh"], "step_time": float(np.median(times[1:] or times))}
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import os
@@ -24,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
@@ -118,10 +119,14 @@ class AdapterCheckpointer:
              force: bool = False) -> bool:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
-        with a warning: a new run in an old run's directory would otherwise lose every save)."""
+        with a warning: a new run in an old run's directory would otherwise lose every save).
+        ``force=True`` writes such a step too, but never over one on disk (an error)."""
         self._check_open("save")
         step = _step_index("save", step)
         latest = self._manager.latest_step()
+        if force and step in self.all_steps():
+            raise ValueError(f"AdapterCheckpointer.save: step {step} is already in {self.directory}, and a save never "
+                             "replaces one; save into a new directory to start over")
         if not force and latest is not None and step <= latest:
             warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
                           f"step {latest}, and saved steps only increase; save into a new directory to start over",
@@ -180,7 +185,9 @@ class AdapterCheckpointer:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat))
         try:
             got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
-        except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, tensorstore's and json's for broken files
+        except (KeyError, OSError, ValueError) as err:
+            if not _damaged(err):
+                raise
             raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({type(err).__name__}: "
                              f"{str(err)[:300]}); restore another step of {self.all_steps()}") from err
         arrays = got["adapters"]
@@ -313,10 +320,24 @@ def _check_arrays(opt_state: Any) -> None:
                              f"{type(leaf).__name__}, not an array: pass the state, e.g. tx.init(trainable)")
 
 
+def _damaged(err: Exception) -> bool:
+    """Whether orbax's error on a restore says the step's files are missing or broken (not that the
+    request does not fit them): a missing item (``KeyError``), broken JSON, tensorstore failing to
+    read its files."""
+    return (isinstance(err, (KeyError, OSError, json.JSONDecodeError))
+            or any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error reading", "Error opening")))
+
+
+def _placed(x: Any) -> Any:
+    """Where to restore an array like ``x``: its sharding, or (a numpy array, ``jax.eval_shape``'s
+    result) the first local device. Never ``None``: orbax would then put it where it was saved,
+    a mesh this process may not have."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else SingleDeviceSharding(jax.local_devices()[0])
+
+
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_placed(x)), tree)
 
 
 def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat: dict[str, Any]) -> None:
@@ -352,12 +373,17 @@ def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, j
     targets = {}
     for p, spec in specs.items():
         like = base[p]
-        sharding = getattr(like, "sharding", None)
+        sharding = _placed(like)
         if spec["kind"] == "trainable":
             targets[p] = jax.ShapeDtypeStruct(like.shape, spec.get("dtype", like.dtype), sharding=sharding)
             continue
         layout, rank = Layout.parse(spec["layout"]), spec["rank"]
-        a_sharding, b_sharding = factor_shardings(sharding, layout) if isinstance(sharding, NamedSharding) else (None, None)
+        if isinstance(sharding, NamedSharding):
+            a_sharding, b_sharding = factor_shardings(sharding, layout)
+        elif isinstance(sharding, SingleDeviceSharding):
+            a_sharding = b_sharding = sharding
+        else:  # another multi-device kind: orbax places the factors as they were saved
+            a_sharding = b_sharding = None
         targets[f"{p}/a"] = jax.ShapeDtypeStruct(layout.a_shape(like.shape, rank), spec["dtype"], sharding=a_sharding)
         targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec.get("b_dtype", spec["dtype"]),
                                                  sharding=b_sharding)

@@ -194,6 +194,8 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     with pytest.warns(UserWarning, match="step 2 not written: .* already holds step 4"):
         assert last.save(2, params) is False  # a new run in an old run's directory: never silent
     assert last.all_steps() == [3, 4]
+    with pytest.raises(ValueError, match="save: step 4 is already in .*, and a save never replaces one"):
+        last.save(4, params, force=True)  # orbax raised its StepAlreadyExistsError
     best = AdapterCheckpointer(tmp_path / "best", max_to_keep=2, best_metric="loss", async_save=False)
     for step, loss in enumerate([5.0, 1.0, 3.0, 0.5, 4.0]):
         best.save(step, params, metrics={"loss": loss})

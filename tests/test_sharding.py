@@ -510,6 +510,47 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(restored["up"]["bias"].value, params["up"]["bias"].value)
 
 
+RESTORE_ON_ONE_DEVICE = """
+import sys, jax, numpy as np, optax, jlora
+from jlora.checkpoint import AdapterCheckpointer
+base = {k: {n: np.load(sys.argv[2])[f"{k}/{n}"] for n in ("kernel", "bias") if f"{k}/{n}" in np.load(sys.argv[2])}
+        for k in ("up", "down", "stack")}
+ckpt = AdapterCheckpointer(sys.argv[1])
+params, _, _ = ckpt.restore(base)  # numpy base: the factors on this process's device
+trainable = jlora.split(params)[0]
+_, state, _ = ckpt.restore(base, opt_state_like=jax.eval_shape(jlora.optimizer(optax.adam(1e-3)).init, trainable))
+np.savez(sys.argv[3], **{p: np.asarray(x) for p, x in jlora.adapter.saved_arrays("test", params)[0].items()},
+         **{f"state/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
+"""
+
+
+def test_checkpoint_of_a_sharded_run_restores_on_one_device_and_on_another_device(tmp_path):
+    """Trained on 8 devices, evaluated on 1 (another process), from plain base arrays and an
+    optimizer state from jax.eval_shape; a base on device 3 gets its adapters on device 3."""
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    params = jax.tree.map(lambda x: x + 1.0, jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG))
+    trainable = jlora.split(params)[0]
+    tx = jlora.optimizer(optax.adam(1e-3))
+    state = jax.tree.map(lambda x: x + jnp.asarray(1, x.dtype), sharding.init_state(tx, trainable, mesh, RULES))
+    AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, params, opt_state=state)
+    np.savez(tmp_path / "base.npz", **{p: np.asarray(x) for p, x in jlora.paths.leaves_with_paths(_base())})
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", RESTORE_ON_ONE_DEVICE, str(tmp_path / "ckpt"), str(tmp_path / "base.npz"),
+                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    for p, x in jlora.adapter.saved_arrays("test", params)[0].items():
+        np.testing.assert_array_equal(got[p], x)
+    for i, x in enumerate(jax.tree.leaves(state)):
+        np.testing.assert_array_equal(got[f"state/{i}"], x)
+
+    on_3 = jax.device_put(_base(), jax.devices()[3])
+    restored, _, _ = AdapterCheckpointer(tmp_path / "ckpt").restore(on_3)
+    assert {d.id for lw in (restored["up"]["kernel"], restored["stack"]["kernel"]) for x in (lw.w, lw.a, lw.b)
+            for d in x.devices()} == {3}
+    jax.jit(jlora.apply(lambda p, x: x @ p["up"]["kernel"]))(restored, jnp.ones((2, 32)))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
