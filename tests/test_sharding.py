@@ -167,6 +167,8 @@ def test_lora_init_creates_factors_in_the_derived_shardings_on_the_devices():
     single = jlora.lora_init(key, _base(), CONFIG)
     for path, value in adapters(single).items():
         np.testing.assert_array_equal(adapters(params)[path], value)
+    on_3 = jlora.lora_init(key, jax.device_put(_base(), jax.devices()[3]), CONFIG)  # a kernel put on one device
+    assert {d.id for lw in (on_3["up"]["kernel"], on_3["stack"]["kernel"]) for x in (lw.a, lw.b) for d in x.devices()} == {3}
 
 
 def test_lora_init_under_jit_with_derived_out_shardings():
