@@ -347,7 +347,8 @@ def lora_init(
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
         a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.endswith("embedding"))
-        if getattr(w, "committed", False) and isinstance(w.sharding, SingleDeviceSharding):  # w put on a device
+        if (isinstance(w, jax.Array) and not _compat.is_tracer(w) and w.committed
+                and isinstance(w.sharding, SingleDeviceSharding)):  # w put on a device
             a, b = jax.device_put((a, b), w.sharding)
         new[path] = LoraWeight(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
