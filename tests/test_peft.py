@@ -396,6 +396,19 @@ def _perturb_saved_modules(peft_model, amount=0.3):
                 param.add_(amount * torch.randn_like(param))
 
 
+def _read_as_peft_runs_it(model, torch_class, directory, **peft_options):
+    """A PEFT adapter (``peft_options``; the modules it trains whole perturbed) read by jlora:
+    its logits equal PEFT's. Returns ``(jlora params, PEFT model)``."""
+    peft_model = peft.get_peft_model(_torch_twin(model, torch_class),
+                                     peft.LoraConfig(r=4, init_lora_weights=False, **peft_options)).eval()
+    _perturb_saved_modules(peft_model)
+    peft_model.save_pretrained(directory)
+    params = jlora.peft.load_adapter(directory, model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+    return params, peft_model
+
+
 def _tiny_roberta_classifier():
     return tf.FlaxRobertaForSequenceClassification(tf.RobertaConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
@@ -407,14 +420,9 @@ def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
     whole ``classifier`` and saves its parts; jlora reads them as its Trainable leaves, and saves
     a head trained in jlora as that one module (its parts as modules, PEFT could not load)."""
     model = _tiny_roberta_classifier()
-    peft_model = peft.get_peft_model(_torch_twin(model, tf.RobertaForSequenceClassification), peft.LoraConfig(
-        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False)).eval()
-    _perturb_saved_modules(peft_model)
-    peft_model.save_pretrained(tmp_path / "from_peft")
-    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    params, _ = _read_as_peft_runs_it(model, tf.RobertaForSequenceClassification, tmp_path / "from_peft",
+                                      task_type="SEQ_CLS", target_modules=["query", "value"])
     assert isinstance(params["classifier"]["dense"]["kernel"], jlora.Trainable)
-    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
-                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
 
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier/out_proj"]),
                       jax.random.key(0))
@@ -432,28 +440,18 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     """A norm trained whole: Llama's RMSNorm (Flax leaf ``weight``) both ways; PEFT's entries match
     the end of a module's name as a string (``layer_norm`` takes BART's ``self_attn_layer_norm``)."""
     model = TINY["llama"]()
-    peft_model = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
-        r=4, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["model.norm"])).eval()
-    _perturb_saved_modules(peft_model)
-    peft_model.save_pretrained(tmp_path / "norm")
-    params = jlora.peft.load_adapter(tmp_path / "norm", model.params, model.config)
+    params, peft_model = _read_as_peft_runs_it(model, tf.LlamaForCausalLM, tmp_path / "norm", target_modules=["q_proj"],
+                                               modules_to_save=["model.norm"])
     assert isinstance(params["model"]["norm"]["weight"], jlora.Trainable)
-    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
-                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
     jlora.peft.save_adapter(tmp_path / "norm_back", params, model.config)
     reloaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.LlamaForCausalLM), tmp_path / "norm_back").eval()
     np.testing.assert_allclose(_peft_logits(reloaded, input_ids=IDS), _peft_logits(peft_model, input_ids=IDS),
                                rtol=1e-4, atol=1e-5)
 
     model = TINY["bart"]()
-    peft_model = peft.get_peft_model(_torch_twin(model, tf.BartForConditionalGeneration), peft.LoraConfig(
-        r=4, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["layer_norm"])).eval()
-    _perturb_saved_modules(peft_model)
-    peft_model.save_pretrained(tmp_path / "suffix")
-    params = jlora.peft.load_adapter(tmp_path / "suffix", model.params, model.config)
+    params, _ = _read_as_peft_runs_it(model, tf.BartForConditionalGeneration, tmp_path / "suffix",
+                                      target_modules=["q_proj"], modules_to_save=["layer_norm"])
     assert isinstance(params["model"]["encoder"]["layers"]["0"]["self_attn_layer_norm"]["scale"], jlora.Trainable)
-    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
-                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
 
 
 def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
