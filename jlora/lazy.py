@@ -28,7 +28,7 @@ from jlora import _compat
 from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
-from jlora.variables import nnx_variables, state_after_call, state_variables, value_of, write_back
+from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
 from jlora.weight import Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
@@ -369,8 +369,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     merged, with a ``MaterializeWarning``. Outputs that are neither arrays nor numbers (an Equinox
     module's activation function) come back as the function returned them. The state of a Flax NNX module in the arguments (a
     ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the params) is updated
-    as ``fn`` updates it, as a call of the module would; a variable the call creates (``sow``'s) is
-    not added to the module, and a warning says so.
+    as ``fn`` updates it, as a call of the module would, and a variable the call creates (``sow``'s
+    intermediates) is added to its module.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -496,8 +496,12 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             out_tree, [static_out[j] if j in static_out else next(out) for j in range(out_tree.num_leaves)])
         if not nnx_vars:
             return result
-        result, changed = result
+        result, changed, created = result
         write_back(state, changed)
+        missed = add_created({"args": args, "kwargs": kwargs}, created)  # sow's intermediates, as a call adds them
+        if missed:
+            warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {missed[:3]}, which "
+                          "have no module in its arguments to go into: return what you need of them", stacklevel=2)
         return result
 
     wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
@@ -546,9 +550,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
             return traced_outputs(fn(*a, **k))
         before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables({"args": a, "kwargs": k})}
         out = fn(*a, **k)
-        changed, new = state_after_call({"args": a, "kwargs": k}, before)
-        created.extend(new)
-        return traced_outputs((out, changed))
+        return traced_outputs((out, *state_after_call({"args": a, "kwargs": k}, before)))
 
     def traced_outputs(result: Any) -> list:
         # outputs that are not arrays or numbers (an Equinox module's activation function) leave
@@ -558,14 +560,8 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         outputs.update(tree=out_def, static={j: x for j, (x, k) in enumerate(zip(flat, keep)) if not k})
         return [x for x, k in zip(flat, keep) if k]
 
-    created: list[str] = []
     outputs: dict[str, Any] = {}
     closed = jax.make_jaxpr(flat_fn)(*abstract)
-    if created:
-        warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {created[:3]} (sow's "
-                      "intermediates, a cache made in the call), which are not put into its arguments: return what "
-                      "you need of them (nnx.pop(module, nnx.Intermediate) inside the function), or, with Flax 0.12, call "
-                      "the wrapped function through nnx.capture", stacklevel=3)
     result = (closed, outputs["tree"], outputs["static"])
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):

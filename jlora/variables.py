@@ -8,8 +8,8 @@ An NNX module is a pytree (Flax 0.11+), and ``nnx.split``'s state holds its vari
 - a module used twice (a tied layer) holds one ``Variable`` at two paths of the module, and
   flattening copies it: adapted there, each copy would get its own adapter.
 
-``jlora.apply`` puts what a call changed in the state variables back into its arguments
-(``state_after_call``, ``write_back``), and ``jlora.optimizer`` reads through the variables to their
+``jlora.apply`` puts what a call changed in the state variables back into its arguments, and the
+variables it created into their modules (``state_after_call``, ``write_back``, ``add_created``), and ``jlora.optimizer`` reads through the variables to their
 values (``without_variables``).
 
 Nothing here imports Flax: with ``flax.nnx`` not loaded, a tree holds no NNX variables.
@@ -106,13 +106,13 @@ def state_variables(tree: Any) -> list[tuple[str, Any]]:
     return [(path, v) for path, v, is_param in nnx_variables(tree) if not is_param]
 
 
-def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(changed, created)``: the values that a (traced) call left in the state variables of
     ``tree`` that it changed (path -> value; ``before`` holds each one's ``jax.tree.flatten``
     from ahead of the call, and a dict filled in place, as ``nnx.capture``'s, is a change); and
-    the paths of state variables the call created (``sow``'s intermediates, a cache made in the
-    call), which are not in the arguments to write to. A change to a value that is not an array
-    is an error: a trace would replay it as a constant.
+    the state variables the call created (path -> variable: ``sow``'s intermediates, a cache made
+    in the call), for ``add_created``. A change to a value that is not an array is an error: a
+    trace would replay it as a constant.
 
     Example:
         >>> import jax.numpy as jnp
@@ -122,7 +122,7 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any],
         >>> _ = bn(jnp.ones((3, 2)))
         >>> changed, created = state_after_call(bn, before)
         >>> sorted(changed), created
-        (['mean', 'var'], [])
+        (['mean', 'var'], {})
     """
     from jlora.lazy import is_array
 
@@ -140,7 +140,39 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any],
                              "jlora.apply traces the function once per input signature, so that change would be "
                              "lost; hold the value as an array (e.g. jnp.asarray(0))")
         changed[path] = now
-    return changed, sorted(set(after) - set(before))
+    return changed, {path: after[path] for path in sorted(set(after) - set(before))}
+
+
+def add_created(tree: Any, created: dict[str, Any]) -> list[str]:
+    """Put each variable of ``created`` (path -> variable, from ``state_after_call`` on a copy of
+    ``tree``) into the module of ``tree`` at its path's parent, under its last name, as the call of
+    the module did to the copy; returns the paths it could not put (no module there).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        >>> add_created({"args": [model]}, {"args/0/layers/0/h": nnx.Intermediate((jnp.ones(2),))})
+        []
+        >>> model.layers[0].h.shape if hasattr(model.layers[0].h, "shape") else type(model.layers[0].h).__name__
+        'Intermediate'
+    """
+    missed = []
+    for path, variable in created.items():
+        *parents, name = path.split("/")
+        node = tree
+        try:
+            for part in parents:
+                node = node[part] if isinstance(node, dict) else node[int(part)] if isinstance(node, (list, tuple)) \
+                    else getattr(node, part) if hasattr(node, part) else node[int(part)]
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+            node = None
+        nnx = sys.modules.get("flax.nnx")
+        if nnx is None or not isinstance(node, nnx.Module) or hasattr(node, name):
+            missed.append(path)
+        else:
+            setattr(node, name, variable)
+    return missed
 
 
 def write_back(state: list[tuple[str, Any]], changed: dict[str, Any]) -> None:

@@ -31,3 +31,18 @@ def test_state_is_every_variable_but_params():
 
 def test_a_tree_without_variables_has_none():
     assert nnx_variables({"w": jax.numpy.ones(2)}) == [] and state_paths([]) == frozenset()
+
+
+def test_created_variables_go_into_the_module_at_their_path_and_nowhere_else():
+    import jax.numpy as jnp
+
+    from jlora.variables import add_created
+
+    model = nnx.Sequential(Net(nnx.Rngs(0)))
+    h = nnx.Intermediate((jnp.ones(3),))
+    tree = {"args": (model, {"not": "a module"}), "kwargs": {}}
+    missed = add_created(tree, {"args/0/layers/0/h": h, "args/0/layers/0/l1": nnx.Intermediate(()),
+                                "args/1/not/g": nnx.Intermediate(()), "args/2/x": nnx.Intermediate(())})
+    assert model.layers[0].h is h
+    assert missed == ["args/0/layers/0/l1", "args/1/not/g", "args/2/x"]  # taken, not a module, no such place
+    assert isinstance(model.layers[0].l1, nnx.Linear)
