@@ -492,12 +492,14 @@ def classify(opts: Options) -> dict:
     cfg, encoder = adapt(jax.random.fold_in(key, 1), model, opts)
     out = prepare_out(opts)  # after every check on the input
     steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
-    hidden = model.config.hidden_size
-    head0 = {"kernel": 0.02 * jax.random.normal(key, (hidden, len(classes))), "bias": jnp.zeros(len(classes))}
     forward = jlora.apply(model.__call__)
 
     def pooled(encoder_params, ids, mask):  # named: its jit is "pooled" in compile logs and IR dumps
         return mean_pooled(forward, encoder_params, ids, mask)
+
+    # the head as wide as the encoder's output (OPT's word_embed_proj_dim, not its hidden_size)
+    hidden = jax.eval_shape(pooled, encoder, ids[:1], mask[:1]).shape[-1]
+    head0 = {"kernel": 0.02 * jax.random.normal(key, (hidden, len(classes))), "bias": jnp.zeros(len(classes))}
 
     def xent(logits, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -554,7 +556,10 @@ def classify(opts: Options) -> dict:
         loss_fn, trainable, frozen, jlora.optimizer(tx, trainable, b_lr_ratio=opts.b_lr_ratio),
         batches(lambda r: {"ids": ids[r], "mask": mask[r], "y": labels[r]}), steps, "LoRA", saver,
         opts.save_every, tokens_per_step)
+    if runs["lora"].interrupted and not runs["lora"].losses:  # no step done: the earlier run's adapter stays
+        raise KeyboardInterrupt
     saver(trainable, len(runs["lora"].losses))
+    results["steps"] = len(runs["lora"].losses)
     tuned = jlora.combine(trainable, frozen)
     run_logits = jax.jit(logits_of)
     predict = lambda r: run_logits(tuned, ids[r], mask[r])
@@ -605,6 +610,8 @@ def causal_lm(opts: Options) -> dict:
     tx = jlora.optimizer(optax.adamw(opts.lr), trainable, b_lr_ratio=opts.b_lr_ratio)
     trainable, run = train(loss_fn, trainable, frozen, tx, batches(), steps, "LoRA", saver, opts.save_every,
                            opts.batch_size * opts.max_length)
+    if run.interrupted and not run.losses:  # no step done: the earlier run's adapter stays
+        raise KeyboardInterrupt
     saver(trainable, len(run.losses))
     results = {"steps": len(run.losses), "first_loss": run.losses[0] if run.losses else None,
                "last_loss": run.losses[-1] if run.losses else None, "interrupted": run.interrupted,

@@ -242,6 +242,9 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves_and_never_takes
     _ctrl_c_at_batch(monkeypatch, 1)  # the new run stops in its baseline, before any save
     assert main(args + ["--overwrite", "--seed", "1"]) == 130
     assert {p.name: p.read_bytes() for p in [out / "metrics.json", *(out / "adapter").iterdir()]} == earlier
+    _ctrl_c_at_batch(monkeypatch, 0)  # ... or in its first LoRA step (its compile): no step done, nothing saved
+    assert main(args + ["--overwrite", "--seed", "1", "--no-baseline"]) == 130
+    assert {p.name: p.read_bytes() for p in [out / "metrics.json", *(out / "adapter").iterdir()]} == earlier
     project = tmp_path / "project"
     (project / "adapter").mkdir(parents=True)
     (project / "adapter" / "__init__.py").write_text("# the user's own code")

@@ -112,3 +112,16 @@ def test_causal_lm_refuses_a_model_that_sees_later_tokens(bert_dir, tmp_path, mo
                                                           num_attention_heads=2, num_key_value_heads=1, vocab_size=17)),
                    tf.FlaxBertForCausalLM(tf.BertConfig(**bert, is_decoder=True))):  # a BERT made a decoder is causal
         finetune.check_causal(causal, "lm")
+
+
+@pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
+def test_classify_sizes_the_head_by_the_encoders_output(data_file, tmp_path):
+    """OPT-350m's outputs are word_embed_proj_dim wide (512), not hidden_size (1024)."""
+    model = tf.FlaxOPTModel(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                         word_embed_proj_dim=16, vocab_size=len(WORDS) + 5))
+    model.save_pretrained(tmp_path / "opt")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "opt")
+    finetune.classify(finetune.Options(model=str(tmp_path / "opt"), data=str(data_file), steps=2, batch_size=8,
+                                       max_length=8, out=str(tmp_path / "run"), baseline=False, plot=False))
+    _, _, params, _ = finetune.load_job(tmp_path / "run" / "adapter", str(tmp_path / "opt"))
+    assert params["head"]["kernel"].value.shape[0] == 16
