@@ -79,7 +79,8 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts): token ids
     (``input_ids``, and ``decoder_input_ids`` for an encoder-decoder), ``pixel_values`` (NCHW, as
     HF's Flax vision models take them), ``input_features`` (speech) and ``input_values`` (audio),
-    each shaped like the dummy HF initialises the model with (``model.input_shape``).
+    each shaped like the dummy HF initialises the model with (``model.input_shape``); a
+    multiple-choice model's token ids have two choices.
 
     Example:
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
@@ -92,7 +93,9 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     inputs = {}
     if "input_ids" in args:  # at least 8 tokens; more where the model needs them (BigBird's blocks)
         tokens = of_rank(2)
-        inputs["input_ids"] = jnp.ones((1, max(8, tokens[-1] if tokens else 0)), jnp.int32)
+        length = max(8, tokens[-1] if tokens else 0)
+        choices = (2,) if type(model).__name__.endswith("ForMultipleChoice") else ()  # (batch, choices, tokens)
+        inputs["input_ids"] = jnp.ones((1, *choices, length), jnp.int32)
     if "decoder_input_ids" in args:
         inputs["decoder_input_ids"] = jnp.ones((1, 8), jnp.int32)
     for name, rank in (("pixel_values", 4), ("input_features", 3), ("input_values", 2)):
@@ -140,7 +143,18 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
     inputs = example_inputs(model) if inputs is None else inputs
-    return jlora.lora_init(key, params, config, infer_layout=lambda p: model(**inputs, params=p))
+
+    def traced(p: Any) -> Any:
+        try:
+            return model(**inputs, params=p)
+        except Exception as err:
+            if hasattr(err, "add_note"):  # Python 3.11+
+                shapes = {k: tuple(np.shape(v)) for k, v in inputs.items()}
+                err.add_note(f"jlora.hf: the call traced to infer layouts, {type(model).__name__}(**{shapes}), failed; "
+                             "pass inputs={...}: keyword arguments for one small call that the model takes")
+            raise
+
+    return jlora.lora_init(key, params, config, infer_layout=traced)
 
 
 def output_embeddings(params: Any, config: Any) -> list[str]:

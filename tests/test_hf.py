@@ -69,6 +69,8 @@ OTHER_INPUTS = {
     "big_bird": (lambda: tf.FlaxBigBirdModel(tf.BigBirdConfig(  # block-sparse attention needs 12 blocks of tokens
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128, attention_type="block_sparse", block_size=4, num_random_blocks=2)), "all-linear"),
+    "bert-multiple-choice": (lambda: tf.FlaxBertForMultipleChoice(tf.BertConfig(  # ids (batch, choices, tokens)
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)), None),
     "resnet": (lambda: tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
                                           input_shape=(1, 32, 32, 3)),  # no image_size in its config
                ["convolution"]),
@@ -246,6 +248,11 @@ def test_example_inputs_can_be_given():
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs={"tokens": IDS})
     assert str(lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].layout) == "oi"
     assert jax.jit(lambda p: lm(IDS, params=p).logits)(lm.params).shape == (1, 8, 64)
+    if hasattr(Exception, "add_note"):  # Python 3.11+: inputs the model cannot take say where they came from
+        with pytest.raises(Exception) as caught:
+            hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs={"tokens": IDS[0, 0]})
+        assert "the call traced to infer layouts, FlaxTokensGPT2(**{'tokens': ()}), failed; pass inputs=" in "".join(
+            caught.value.__notes__)
 
 
 def test_t5_preset_adapts_q_and_v():
