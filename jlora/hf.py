@@ -108,6 +108,23 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     return inputs
 
 
+def _frozen(value: Any) -> Any:
+    """``value`` with its lists, tuples and dicts as (sorted) tuples, to key a cache."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return value
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_model(model: Any, who: str) -> None:
     """Refuse what is not a HF Flax model instance: its class, its params, another object."""
     if isinstance(model, type):
@@ -265,12 +282,14 @@ class LoraModel:
         if merged:
             return self.model.generate(input_ids, params=jlora.merge(params), **kwargs)
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
-        static = tuple(sorted((k, v) for k, v in kwargs.items() if not is_array(v)))
+        static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
-        fn = self._generate.get(static)
+        key = _frozen(static)  # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
+        fn = self._generate.get(key) if _hashable(key) else None
         if fn is None:
-            fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **dict(static), **dyn))
-            self._generate[static] = fn
+            fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **static, **dyn))
+            if _hashable(key):
+                self._generate[key] = fn
         return fn(params, input_ids, dynamic)
 
     def merge(self) -> Any:
