@@ -202,7 +202,10 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
         options = {"add_pooling_layer": False} if not pooler and _has_pooler(path) else {}
-        model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
+        if from_pt and (path / SHARDED_SAFETENSORS).is_file() and not (path / "model.safetensors").is_file():
+            model = _from_sharded_safetensors(cls, path, **options)
+        else:
+            model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
@@ -215,6 +218,29 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     if task == "classify" and tokenizer.pad_token is None:  # GPT-2, Llama: the pooling masks padding, so any token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model, tokenizer, path.resolve()
+
+
+SHARDED_SAFETENSORS = "model.safetensors.index.json"
+
+
+def _from_sharded_safetensors(cls: Any, path: Path, **options: Any) -> Any:
+    """The Flax model of PyTorch weights in sharded safetensors (``model-0000k-of-0000n.safetensors``
+    and their index: how large checkpoints ship), which HF's Flax loader refuses; converted as it
+    converts one such file (a weight the shards lack keeps its random initialisation, as there)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    state = {}
+    for shard in sorted(set(json.loads((path / SHARDED_SAFETENSORS).read_text())["weight_map"].values())):
+        with safe_open(str(path / shard), framework="flax") as f:
+            state.update({key: f.get_tensor(key) for key in f.keys()})
+    model = cls.from_config(AutoConfig.from_pretrained(str(path)), **options)
+    params = flatten_dict(model.params)
+    params.update(flatten_dict(convert_pytorch_state_dict_to_flax(state, model)))
+    model.params = unflatten_dict(params)
+    return model
 
 
 def _has_pooler(path: Path) -> bool:

@@ -125,3 +125,21 @@ def test_classify_sizes_the_head_by_the_encoders_output(data_file, tmp_path):
                                        max_length=8, out=str(tmp_path / "run"), baseline=False, plot=False))
     _, _, params, _ = finetune.load_job(tmp_path / "run" / "adapter", str(tmp_path / "opt"))
     assert params["head"]["kernel"].value.shape[0] == 16
+
+
+@pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
+def test_pytorch_weights_in_sharded_safetensors_load_as_in_one_file(tmp_path):
+    """Large checkpoints ship as model-0000k-of-0000n.safetensors, which HF's Flax loader refuses."""
+    import jax
+    import torch
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(WORDS) + 5, n_positions=32))
+    for name, shard in (("one", "1GB"), ("sharded", "20KB")):
+        model.save_pretrained(tmp_path / name, max_shard_size=shard)
+        _tokenizer(tmp_path).save_pretrained(tmp_path / name)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    one, _, _ = finetune.load_model(str(tmp_path / "one"), "causal-lm")
+    sharded, _, _ = finetune.load_model(str(tmp_path / "sharded"), "causal-lm")
+    assert jax.tree.structure(one.params) == jax.tree.structure(sharded.params)
+    jax.tree.map(np.testing.assert_array_equal, sharded.params, one.params)
