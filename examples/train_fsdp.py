@@ -136,8 +136,10 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
           batch: int = 8, seq: int = 16, rank: int = 8, lr: float = 1e-2, seed: int = 0,
           checkpoint_dir: str | None = None, log: bool = True) -> dict:
     """Train and return ``{"losses", "params", "mesh", "step_time"}``."""
-    if checkpoint_dir and AdapterCheckpointer(checkpoint_dir, async_save=False).all_steps():  # now, not after training
-        raise SystemExit(f"--checkpoint-dir {checkpoint_dir} holds an earlier run's steps; pass a new directory")
+    if checkpoint_dir:  # refused now, not after training
+        with AdapterCheckpointer(checkpoint_dir, async_save=False) as earlier:
+            if earlier.all_steps():
+                raise SystemExit(f"--checkpoint-dir {checkpoint_dir} holds an earlier run's steps; pass a new directory")
     run = setup(mesh_axes, parallel, preset, seq, rank, lr, seed)
     step, trainable, opt_state, frozen = run["step"], run["trainable"], run["opt_state"], run["frozen"]
     vocab = run["model"].config.vocab_size

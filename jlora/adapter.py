@@ -11,6 +11,7 @@ directory are left alone, and an interrupted save leaves whole files, never a tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -125,7 +126,8 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         mode = 0o666 & ~_umask()  # as open() would make them: safetensors writes owner-only temporary files
         for file in sorted(tmp.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
-            os.chmod(file, mode)
+            with contextlib.suppress(PermissionError):  # a file system without modes keeps its own
+                os.chmod(file, mode)
             os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +135,14 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
 
 def _umask() -> int:
-    """The process's umask (which can only be read by setting it)."""
+    """The process's umask: read from Linux's /proc, else by setting it (for an instant, which
+    another thread creating a file then would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -20,12 +20,13 @@ import operator
 import os
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
@@ -132,7 +133,7 @@ class AdapterCheckpointer:
                           f"step {latest}, and saved steps only increase; save into a new directory to start over",
                           stacklevel=2)
             return False
-        if metrics is not None and not isinstance(metrics, dict):
+        if metrics is not None and not isinstance(metrics, Mapping):
             raise ValueError(f"AdapterCheckpointer.save: metrics must be a dict of names to numbers, got {metrics!r}")
         if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
             metrics = {k: float(v) if np.ndim(v) == 0 and jax.dtypes.issubdtype(np.asarray(v).dtype, np.number) else v
@@ -179,17 +180,17 @@ class AdapterCheckpointer:
             if not legacy and tuple(spec["shape"]) != tuple(by_path[p].shape):
                 raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
                                  f"{tuple(by_path[p].shape)} here but {tuple(spec['shape'])} in the checkpoint")
-        targets = None if legacy else _adapter_targets(specs, by_path)  # legacy: LoraWeight checks shapes
+        default = _default_placement(by_path)
+        targets = None if legacy else _adapter_targets(specs, by_path, default)  # legacy: LoraWeight checks shapes
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if opt_state_like is not None:
-            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat))
+            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat, default))
         try:
             got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
         except (KeyError, OSError, ValueError) as err:
             if not _damaged(err):
                 raise
-            raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({type(err).__name__}: "
-                             f"{str(err)[:300]}); restore another step of {self.all_steps()}") from err
+            raise self._corrupted(step, f"{type(err).__name__}: {str(err)[:300]}") from err
         arrays = got["adapters"]
         new = {p: Trainable(arrays[p]) if spec["kind"] == "trainable" else
                LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
@@ -235,9 +236,13 @@ class AdapterCheckpointer:
         except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, json's for a broken one
             reason = f"{type(err).__name__}: {err}"
         if reason is not None:
-            raise ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({reason}); restore another "
-                             f"step of {self.all_steps()}")
+            raise self._corrupted(step, reason)
         return step, meta
+
+    def _corrupted(self, step: int, reason: str) -> ValueError:
+        others = [s for s in self.all_steps() if s != step]
+        return ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({reason}); "
+                          + (f"restore another step of {self.all_steps()}" if others else "it is the only step"))
 
     def latest_step(self) -> int | None:
         """The newest saved step, or ``None``."""
@@ -322,22 +327,40 @@ def _check_arrays(opt_state: Any) -> None:
 
 def _damaged(err: Exception) -> bool:
     """Whether orbax's error on a restore says the step's files are missing or broken (not that the
-    request does not fit them): a missing item (``KeyError``), broken JSON, tensorstore failing to
-    read its files."""
-    return (isinstance(err, (KeyError, OSError, json.JSONDecodeError))
-            or any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error reading", "Error opening")))
+    request does not fit them, nor a failing disk or permission): an item missing from the step,
+    a file gone, broken JSON, tensorstore unable to read what it finds."""
+    return (isinstance(err, (FileNotFoundError, json.JSONDecodeError))
+            or (isinstance(err, KeyError) and "was not found in the checkpoint" in str(err))
+            or (isinstance(err, ValueError) and any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS"))))
 
 
-def _placed(x: Any) -> Any:
-    """Where to restore an array like ``x``: its sharding, or (a numpy array, ``jax.eval_shape``'s
-    result) the first local device. Never ``None``: orbax would then put it where it was saved,
-    a mesh this process may not have."""
+def _default_placement(base: Any) -> Any:
+    """Where to restore what carries no placement of its own (a numpy leaf, ``jax.eval_shape``'s
+    result): replicated on the mesh of a base leaf that has one, else on that leaf's device, else
+    on the first local device. Never ``None``: orbax would then put it where it was saved, on a
+    mesh this process may not have."""
+    for leaf in jax.tree.leaves(base):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+        if isinstance(sharding, SingleDeviceSharding):
+            return sharding
+    return SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _placed(x: Any, default: Any) -> Any:
+    """Where to restore an array like ``x``: its sharding (one over an abstract mesh, as
+    ``jax.eval_shape`` gives, on ``default``'s mesh where that is the same mesh), else ``default``."""
     sharding = getattr(x, "sharding", None)
-    return sharding if isinstance(sharding, jax.sharding.Sharding) else SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(sharding, NamedSharding) and not isinstance(sharding.mesh, jax.sharding.Mesh):
+        mesh = getattr(default, "mesh", None)
+        same = mesh is not None and getattr(mesh, "abstract_mesh", None) == sharding.mesh
+        return NamedSharding(mesh, sharding.spec) if same else default
+    return sharding if isinstance(sharding, jax.sharding.Sharding) else default
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_placed(x)), tree)
+def _abstract(tree: Any, default: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_placed(x, default)), tree)
 
 
 def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat: dict[str, Any]) -> None:
@@ -367,13 +390,13 @@ def _key_paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _adapter_targets(specs: dict[str, Any], base: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+def _adapter_targets(specs: dict[str, Any], base: dict[str, Any], default: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract arrays to restore the adapters into: factors sharded as derived from the base
     kernel's sharding (``jlora.sharding.factor_specs``), trainable leaves like their base leaf."""
     targets = {}
     for p, spec in specs.items():
         like = base[p]
-        sharding = _placed(like)
+        sharding = _placed(like, default)
         if spec["kind"] == "trainable":
             targets[p] = jax.ShapeDtypeStruct(like.shape, spec.get("dtype", like.dtype), sharding=sharding)
             continue

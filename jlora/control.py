@@ -70,7 +70,11 @@ def jit_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
 
 def _constrained(x: Any, sharding: Any) -> Any:
-    return x if sharding is None or is_lazy(x) else lax.with_sharding_constraint(x, sharding)
+    if sharding is None or is_lazy(x):
+        return x
+    if jax.sharding.AxisType.Explicit in tuple(getattr(sharding.mesh, "axis_types", ())):
+        return _compat.reshard(x, sharding)  # a constraint may name Auto axes only
+    return lax.with_sharding_constraint(x, sharding)
 
 
 @register(_compat.remat_p, Lazy)
@@ -238,7 +242,8 @@ def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     ``b``; a quantized kernel's by its kind), so the body computes with the factors' blocks and never
     forms ``ΔW``. A kind that cannot say its parts' specs is materialised. LoRA dropout inside
     draws a device's mask from the key folded with its index along each axis the input varies
-    over: blocks of one activation get masks of their own, a replicated input the same mask."""
+    over: blocks of one activation get masks of their own, a replicated input the same mask. With
+    ``check_vma=False`` JAX does not track those axes, and every device draws the same mask."""
     p = eqn.params
     try:
         in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))

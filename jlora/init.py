@@ -349,7 +349,7 @@ def lora_init(
         a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.endswith("embedding"))
         if (isinstance(w, jax.Array) and not _compat.is_tracer(w) and w.committed
                 and isinstance(w.sharding, SingleDeviceSharding)):  # w put on a device
-            a, b = jax.device_put((a, b), w.sharding)
+            a, b = jax.device_put((a, b), next(iter(w.devices())))  # the device, not its memory kind
         new[path] = LoraWeight(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
         )

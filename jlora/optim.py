@@ -97,7 +97,7 @@ def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
                          "make it again with tx.init(params)")
     for (kp, x), (_, y) in zip(got, want):
-        if per_example_ok and len(y.shape) == np.ndim(x) + 1:
+        if per_example_ok and tuple(y.shape[1:]) == np.shape(x):
             continue
         if np.shape(x) != tuple(y.shape):
             raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "

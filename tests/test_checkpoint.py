@@ -164,6 +164,12 @@ def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path
     with pytest.raises(ValueError, match=r"step 2 is incomplete or corrupted .*; restore another step of \[1, 2\]"):
         ckpt.restore(base)
     assert ckpt.restore(base, step=1)[2] == 1
+    only = AdapterCheckpointer(tmp_path / "only", async_save=False)
+    only.save(5, params)
+    for item in pathlib.Path(tmp_path / "only" / "5" / "meta").iterdir():
+        item.write_text("{broken")
+    with pytest.raises(ValueError, match=r"step 5 is incomplete or corrupted .*; it is the only step$"):
+        only.restore(base)
 
 
 @pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item"])

@@ -251,6 +251,9 @@ def test_per_example_gradients_reach_a_tx_that_takes_them():
     tx = jlora.optimizer(optax.chain(optax.contrib.differentially_private_aggregate(1.0, 0.0, 0), optax.adam(1e-3)))
     updates, _ = tx.update(per_example, tx.init(trainable))  # without params: the state is checked, its axis allowed
     assert updates["l1"]["kernel"].a.shape == (8, 4)
+    stale = jlora.split(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, alpha=2, targets=["kernel"])))[0]
+    with pytest.raises(ValueError, match=r"has shape \(8, 2\), but these params need \(5, 8, 4\)"):
+        tx.update(per_example, tx.init(stale))  # the axis allowed, not the rank: a stale state still refused
 
 
 def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
