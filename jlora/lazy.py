@@ -368,10 +368,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
     merged, with a ``MaterializeWarning``. Outputs that are neither arrays nor numbers (an Equinox
     module's activation function) come back as the function returned them, as from Equinox's
-    ``filter_jit`` (a closure over a traced value would leak it). The state of a Flax NNX module in the arguments (a
-    ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the params) is updated
-    as ``fn`` updates it, as a call of the module would, and a variable the call creates (``sow``'s
-    intermediates) is added to its module.
+    ``filter_jit`` (a closure over a traced value would leak it). The state of a Flax NNX module in
+    the arguments (a ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the
+    params) is updated as ``fn`` updates it, as a call of the module would, and a variable the
+    call creates (``sow``'s intermediates) is added to its module.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).

@@ -9,8 +9,8 @@ An NNX module is a pytree (Flax 0.11+), and ``nnx.split``'s state holds its vari
   flattening copies it: adapted there, each copy would get its own adapter.
 
 ``jlora.apply`` puts what a call changed in the state variables back into its arguments, and the
-variables it created into their modules (``state_after_call``, ``write_back``, ``add_created``), and ``jlora.optimizer`` reads through the variables to their
-values (``without_variables``).
+variables it created into their modules (``state_after_call``, ``write_back``, ``add_created``);
+``jlora.optimizer`` reads through the variables to their values (``without_variables``).
 
 Nothing here imports Flax: with ``flax.nnx`` not loaded, a tree holds no NNX variables.
 """
