@@ -9,6 +9,7 @@ text file. Both save the adapter every ``save_every`` steps and at the end (each
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -226,10 +228,11 @@ SHARDED_SAFETENSORS = "model.safetensors.index.json"
 def _from_sharded_safetensors(cls: Any, path: Path, **options: Any) -> Any:
     """The Flax model of PyTorch weights in sharded safetensors (``model-0000k-of-0000n.safetensors``
     and their index: how large checkpoints ship), which HF's Flax loader refuses; converted as it
-    converts one such file (a weight the shards lack keeps its random initialisation, as there)."""
+    converts one such file: weights the model has no place for are dropped, and one the shards
+    lack keeps its random initialisation, with a warning."""
     from flax.traverse_util import flatten_dict, unflatten_dict
     from safetensors import safe_open
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GenerationConfig
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
     state = {}
@@ -238,8 +241,15 @@ def _from_sharded_safetensors(cls: Any, path: Path, **options: Any) -> Any:
             state.update({key: f.get_tensor(key) for key in f.keys()})
     model = cls.from_config(AutoConfig.from_pretrained(str(path)), **options)
     params = flatten_dict(model.params)
-    params.update(flatten_dict(convert_pytorch_state_dict_to_flax(state, model)))
-    model.params = unflatten_dict(params)
+    loaded = {k: v for k, v in flatten_dict(convert_pytorch_state_dict_to_flax(state, model)).items() if k in params}
+    missing = sorted("/".join(map(str, k)) for k in set(params) - set(loaded))
+    if missing:
+        warnings.warn(f"{path}: {len(missing)} weights of {type(model).__name__} are not in its shards and keep "
+                      f"their random initialisation: {missing[:5]}", stacklevel=3)
+    model.params = unflatten_dict({**params, **loaded})
+    if model.can_generate():  # from_config leaves out generation_config.json (a list of end tokens, sampling)
+        with contextlib.suppress(OSError):
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
 
 

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -92,9 +93,10 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     of_rank = lambda n: next((tuple(s) for s in shapes if len(s) == n), None)  # HF's dummy with n axes
     inputs = {}
     if "input_ids" in args:  # at least 8 tokens; more where the model needs them (BigBird's blocks)
-        tokens = of_rank(2)
+        multiple_choice = any(c.__name__.endswith("ForMultipleChoice") for c in type(model).__mro__)
+        tokens = (multiple_choice and of_rank(3)) or of_rank(2)  # HF's multiple-choice dummy: 2-D or (1, 1, tokens)
         length = max(8, tokens[-1] if tokens else 0)
-        choices = (2,) if type(model).__name__.endswith("ForMultipleChoice") else ()  # (batch, choices, tokens)
+        choices = (2,) if multiple_choice else ()  # (batch, choices, tokens)
         inputs["input_ids"] = jnp.ones((1, *choices, length), jnp.int32)
     if "decoder_input_ids" in args:
         inputs["decoder_input_ids"] = jnp.ones((1, 8), jnp.int32)
@@ -111,7 +113,7 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
 def _frozen(value: Any) -> Any:
     """``value`` with its lists, tuples and dicts as (sorted) tuples, to key a cache."""
     if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+        return tuple(sorted(((k, _frozen(v)) for k, v in value.items()), key=repr))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_frozen(v) for v in value))
     return value
@@ -166,7 +168,7 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
             return model(**inputs, params=p)
         except Exception as err:
             if hasattr(err, "add_note"):  # Python 3.11+
-                shapes = {k: tuple(np.shape(v)) for k, v in inputs.items()}
+                shapes = {k: tuple(v.shape) if hasattr(v, "shape") else type(v).__name__ for k, v in inputs.items()}
                 err.add_note(f"jlora.hf: the call traced to infer layouts, {type(model).__name__}(**{shapes}), failed; "
                              "pass inputs={...}: keyword arguments for one small call that the model takes")
             raise
@@ -287,6 +289,7 @@ class LoraModel:
         key = _frozen(static)  # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
         fn = self._generate.get(key) if _hashable(key) else None
         if fn is None:
+            static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
             fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **static, **dyn))
             if _hashable(key):
                 self._generate[key] = fn

@@ -134,12 +134,18 @@ def test_pytorch_weights_in_sharded_safetensors_load_as_in_one_file(tmp_path):
     import torch
 
     torch.manual_seed(0)
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(WORDS) + 5, n_positions=32))
-    for name, shard in (("one", "1GB"), ("sharded", "20KB")):
-        model.save_pretrained(tmp_path / name, max_shard_size=shard)
-        _tokenizer(tmp_path).save_pretrained(tmp_path / name)
-    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
-    one, _, _ = finetune.load_model(str(tmp_path / "one"), "causal-lm")
-    sharded, _, _ = finetune.load_model(str(tmp_path / "sharded"), "causal-lm")
-    assert jax.tree.structure(one.params) == jax.tree.structure(sharded.params)
-    jax.tree.map(np.testing.assert_array_equal, sharded.params, one.params)
+    lm = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(WORDS) + 5, n_positions=32))
+    lm.generation_config.eos_token_id, lm.generation_config.do_sample = [2, 3], True  # Llama-3-like end tokens
+    classifier = tf.BertForSequenceClassification(tf.BertConfig(  # loaded as a bare encoder: head and pooler dropped
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=len(WORDS) + 5))
+    for model, task in ((lm, "causal-lm"), (classifier, "classify")):
+        for name, shard in (("one", "1GB"), ("sharded", "20KB")):
+            model.save_pretrained(tmp_path / task / name, max_shard_size=shard)
+            _tokenizer(tmp_path).save_pretrained(tmp_path / task / name)
+        assert len(list((tmp_path / task / "sharded").glob("model-*-of-*.safetensors"))) > 2
+        one, _, _ = finetune.load_model(str(tmp_path / task / "one"), task, pooler=False)
+        sharded, _, _ = finetune.load_model(str(tmp_path / task / "sharded"), task, pooler=False)
+        assert jax.tree.structure(one.params) == jax.tree.structure(sharded.params), task
+        jax.tree.map(np.testing.assert_array_equal, sharded.params, one.params)
+        if task == "causal-lm":
+            assert sharded.generation_config.to_dict() == one.generation_config.to_dict()

@@ -178,6 +178,13 @@ def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
     np.testing.assert_array_equal(suppressed, lm.generate(prompt, max_new_tokens=6, do_sample=False,
                                                           suppress_tokens=banned, merged=True).sequences)
     assert not set(banned) & set(np.asarray(suppressed[0, 4:]).tolist())
+    mine = [int(t) for t in unmerged[0, 6:8]]
+    lm.generate(prompt, max_new_tokens=6, do_sample=False, suppress_tokens=mine)
+    want = lm.generate(prompt[:, :3], max_new_tokens=6, do_sample=False, suppress_tokens=list(mine), merged=True)
+    again = list(mine)
+    mine.clear()  # the caller's list changed after its call: a later trace (a new prompt length) must not see it
+    np.testing.assert_array_equal(lm.generate(prompt[:, :3], max_new_tokens=6, do_sample=False,
+                                              suppress_tokens=again).sequences, want.sequences)
 
 
 def test_bert_classifier_trains_with_a_fully_trained_head():
