@@ -154,9 +154,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                     if isinstance(x, Trainable) and not p.endswith("/bias")})
     in_saved = lambda p: any(p.startswith(m + "/") for m in saved)
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
-    for p, _ in nodes:
-        if in_saved(p):
-            _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
+    for p, _ in nodes:  # adapted or trained whole
+        _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
     clash = [p for p, _ in targets if in_saved(p)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
@@ -170,7 +169,6 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
         if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != _is_conv1d(model_type, module_name(p)):
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
-        _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
         if embedding:
             _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
             if str(lw.layout) != "io":
@@ -224,10 +222,8 @@ def _task_head(module: str, task_type: str | None) -> str:
         ('classifier', 'classifier/dense')
     """
     parts = module.split("/")
-    for i in range(1, len(parts) + 1):
-        if any(parts[i - 1].endswith(head) for head in TASK_HEADS.get(task_type, ())):
-            return "/".join(parts[:i])
-    return module
+    end = _saved_prefix(parts, TASK_HEADS.get(task_type, ()))
+    return module if end is None else "/".join(parts[:end])
 
 
 def _positive(x: Any) -> bool:
@@ -300,8 +296,13 @@ def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
         >>> _in_saved_module("model.classifier_proj", ["classifier"])
         False
     """
-    parts = module.split(".")
-    return any(".".join(parts[:i]).endswith(m) for m in saved for i in range(1, len(parts) + 1))
+    return _saved_prefix(module.split("."), saved) is not None
+
+
+def _saved_prefix(parts: Sequence[str], saved: Sequence[str]) -> int | None:
+    """How many of a module path's ``parts`` name the module PEFT trains whole that it is in: the
+    first prefix whose name ends with an entry of ``saved`` (PEFT's ``key.endswith(target)``)."""
+    return next((i for i in range(1, len(parts) + 1) if any(".".join(parts[:i]).endswith(m) for m in saved)), None)
 
 
 def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path: dict[str, Any]) -> bool:
