@@ -287,11 +287,12 @@ class LoraModel:
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
         key = _frozen(static)  # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
-        fn = self._generate.get(key) if _hashable(key) else None
+        cacheable = _hashable(key)
+        fn = self._generate.get(key) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
             fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **static, **dyn))
-            if _hashable(key):
+            if cacheable:
                 self._generate[key] = fn
         return fn(params, input_ids, dynamic)
 
