@@ -26,7 +26,7 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     Example:
         >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
     """
-    _check_ratio(ratio, "jlora.scale_lora_b: ratio")
+    ratio = _check_ratio(ratio, "jlora.scale_lora_b: ratio")
 
     def one(x: Any) -> Any:
         if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):
@@ -38,7 +38,10 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
 
 def _no_change(x: Any) -> Any:
     """A zero update that leaves ``x`` bitwise as it is under ``optax.apply_updates``: ``-0.0``,
-    since ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``)."""
+    since ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``;
+    a complex ``p``'s two parts likewise)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return jnp.full_like(x, complex(-0.0, -0.0))
     return jnp.full_like(x, -0.0) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros_like(x)
 
 
@@ -105,20 +108,21 @@ def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any
                              "rank? make it again with tx.init(params)")
 
 
-def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> None:
-    """A finite number > 0: a Python or numpy number, or a 0-d array (a traced one, as
-    ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
+def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
+    """``ratio`` if a finite number > 0: a Python or numpy number (a ``Fraction`` as a float), or
+    a 0-d array (a traced one, as ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
     dtype = getattr(ratio, "dtype", None)
     real = not isinstance(ratio, bool) and (isinstance(ratio, numbers.Real) or (
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     if not real or not (_compat.is_tracer(ratio) or 0 < float(ratio) < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}")
+    return ratio if dtype is not None else float(ratio)
 
 
 # States of transformations whose updates are differences of iterates, not steps proportional to
 # the learning rate: scaling b's updates would not scale b's learning rate.
-_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState")
+_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState", "MechanicState", "COCOBState")
 
 
 def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
@@ -155,7 +159,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, lookahead) is refused with a ratio other than 1
+    are differences of iterates (schedule-free, Mechanic, COCOB) is refused with a ratio other than 1
     (by ``optimizer`` when it is given ``params``, else by ``init``).
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
@@ -170,7 +174,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         >>> trainable, _ = split({"k": lw})
         >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
     """
-    _check_ratio(b_lr_ratio)
+    b_lr_ratio = _check_ratio(b_lr_ratio)
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None:

@@ -29,7 +29,7 @@ from jlora import _compat, explicit, rebuild
 from jlora.joint import joint_dot, joint_pays
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register, warn_once
 from jlora.structural import bind as _bind, picked_matrices
-from jlora.weight import LoraWeight
+from jlora.weight import LoraWeight, widest
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         + [l for i, l in enumerate(rhs_labels) if i not in rc and i not in rb]
     )
 
-    x_in, dtype = x, _path_dtype(eqn, x, eqn.invars[1 if lazy_rhs else 0].aval.dtype)
+    x_in, dtype = x, _path_dtype(eqn, x, eqn.invars[1 if lazy_rhs else 0].aval.dtype, lw)
     x = x.astype(dtype)
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
@@ -181,12 +181,17 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [out]
 
 
-def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any) -> Any:
+def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:
     """The dtype the low-rank path computes in: that of ``x`` and the weight promoted together, as
     the equation computes (a bf16 ``x`` against an f32 kernel keeps ``a`` and ``b`` in f32); for an
-    int or bool ``x`` (a mask, counts) the result's, never ``x``'s, which would truncate ``a`` and ``b``."""
+    int or bool ``x`` (a mask, counts) the result's, never ``x``'s, which would truncate ``a`` and ``b``;
+    for an 8-bit float matmul the widest of its result's and the factors' (fp8 is for the base term:
+    ``a`` and ``b`` in fp8 would lose most of the update)."""
     if jnp.issubdtype(x.dtype, jnp.inexact) and jnp.issubdtype(w_dtype, jnp.inexact):
-        return jnp.promote_types(x.dtype, w_dtype)
+        dtype = jnp.promote_types(x.dtype, w_dtype)
+        if jnp.finfo(dtype).bits < 16:
+            return widest(eqn.outvars[0].aval.dtype, lw.a.dtype)
+        return dtype
     return eqn.outvars[0].aval.dtype
 
 
@@ -273,7 +278,7 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                                              lhs_ragged_dimensions=(ragged_axis,), rhs_group_dimensions=(0,))
         return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
 
-    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
+    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
     x_in, a = _dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype)
     a_contract = tuple(in_a[ax] for ax in rc)
     if lw.a.shape[0] * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:  # experts × rank
@@ -365,7 +370,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         unique_indices=eqn.params.get("unique_indices", False),
         mode=mode, fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
-    wide = jnp.result_type(base.dtype, lw.a.dtype, lw.b.dtype)  # as materialize: bf16 factors over f32 rows in f32
+    wide = widest(base.dtype, lw.a.dtype, lw.b.dtype)  # as materialize: bf16 factors over f32 rows in f32
     t = lax.dot_general(rows.astype(wide), _scaled(lw.b.astype(wide), lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     # The base's offset dims hold w's uncollapsed axes in w's order: outputs whole, inputs not
     # collapsed as size-1 axes; its other dims are the indices' batch dims.
@@ -409,7 +414,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     k_of = {ax: k for k, ax in enumerate(layout.group("i"))}
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of.get(ax, len(k_of)) for ax in range(lw.ndim))
-    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype)
+    dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
     kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
     x = _dropout(ctx, lw, x.astype(dtype))
     b = lw.b.astype(dtype)

@@ -227,9 +227,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                     f"jlora.unmerge: merged '{path_str(path)}' has shape {shape}, which does not fit the "
                     f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{node.layout}')"
                 )
-            delta = node.replace(w=value).delta()
-            wide = jnp.promote_types(value.dtype, delta.dtype)
-            w = (value.astype(wide) - delta.astype(wide)).astype(value.dtype)
+            delta = node.replace(w=value).delta(over=value.dtype)  # formed as merge formed it
+            w = (value.astype(delta.dtype) - delta).astype(value.dtype)
             out.append(node.replace(w=w))
         elif isinstance(node, Trainable):
             out.append(Trainable(value))

@@ -18,6 +18,18 @@ from jlora import explicit
 from jlora.layout import Layout
 
 
+def widest(*dtypes: Any) -> Any:
+    """JAX's promotion of ``dtypes``, where 8-bit floats, which JAX promotes with no other float,
+    give way to the wider ones: the dtype in which ``w + scale·a@b`` is formed.
+
+    Example:
+        >>> widest(jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)
+        dtype('float32')
+    """
+    wide = [d for d in dtypes if not (jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 16)]
+    return jnp.result_type(*(wide or dtypes))
+
+
 class NotAnArray:
     """A jlora node a model may meet as an array when called on a LoRA tree without
     ``jlora.apply``: the array protocols and operators say so, not ``'LoraWeight' object is not
@@ -238,14 +250,20 @@ class LoraWeight(Lazy):
     def rank(self) -> int:
         return int(self.a.shape[-1])
 
-    def delta(self) -> jax.Array:
-        """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype.
+    def delta(self, over: Any = None) -> jax.Array:
+        """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype; with ``over`` (the dtype
+        of the weight it is added to), formed in the widest of that and the factors' dtypes, as
+        ``materialize`` forms it (bf16 factors over an f32 kernel: an f32 product).
 
         Example:
             >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
             >>> lw.delta()[0]
             Array([1., 1., 1.], dtype=float32)
         """
+        if over is not None:
+            wide = widest(over, self.a.dtype, self.b.dtype)
+            if not self.a.dtype == self.b.dtype == wide:
+                return self.replace(a=self.a.astype(wide), b=self.b.astype(wide)).delta()
         nb, r = len(self.layout.group("b")), self.a.ndim - 1
         a_labels = list(range(self.a.ndim))  # batch..., inputs..., rank
         b_labels = a_labels[:nb] + [r] + list(range(r + 1, r + self.b.ndim - nb))
@@ -267,10 +285,8 @@ class LoraWeight(Lazy):
             (dtype(bfloat16), 2.0)
         """
         w = self.w.materialize() if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
-        wide = jnp.result_type(w.dtype, self.a.dtype, self.b.dtype)
-        widened = self if self.a.dtype == self.b.dtype == wide else self.replace(a=self.a.astype(wide), b=self.b.astype(wide))
-        delta = explicit.resharded_like(widened.delta(), w)
-        return (w.astype(wide) + delta).astype(w.dtype)
+        delta = explicit.resharded_like(self.delta(over=w.dtype), w)
+        return (w.astype(delta.dtype) + delta).astype(w.dtype)
 
     def example(self) -> Any:
         """``w`` (a lazy base's example): its type, including the mesh axes it varies over.

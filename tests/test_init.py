@@ -62,6 +62,9 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
+    # a matmul leaf whose name merely ends in "embedding" gets the matmul init
+    unemb = adapted(lora_init(KEY, {"unembedding": jnp.ones((16, 50))}, LoraConfig(rank=4, targets=["unembedding"])))
+    assert float(jnp.abs(unemb["unembedding"].a).max()) > 0 and float(jnp.abs(unemb["unembedding"].b).max()) == 0.0
 
 
 def test_all_linear_leaves_conv_kernels_alone_as_peft_does():

@@ -1,3 +1,5 @@
+import fractions
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,15 @@ def test_frozen_leaves_unchanged_bitwise_and_loss_drops(half):
     assert not np.array_equal(p["q"]["bias"].value, trainable["q"]["bias"].value)
 
 
+def test_a_frozen_complex_leaf_keeps_its_signed_zeros():
+    """A complex leaf's zero update is -0.0 in both parts: +0.0 would turn a -0.0 part into +0.0."""
+    p, _, _ = setup()
+    p["phase"] = jnp.array([complex(-0.0, 1.0), complex(2.0, -0.0)], jnp.complex64)
+    tx = jlora.optimizer(optax.sgd(0.1), p)
+    u, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    assert np.asarray(optax.apply_updates(p, u)["phase"]).tobytes() == np.asarray(p["phase"]).tobytes()
+
+
 def test_frozen_leaves_have_no_optimizer_state():
     p, _, _ = setup()
     state = jlora.optimizer(optax.adam(1e-2), p).init(p)
@@ -72,6 +83,9 @@ def test_lora_plus_scales_b_updates_by_the_ratio():
     np.testing.assert_allclose(u2["q"]["kernel"].b, 16.0 * u1["q"]["kernel"].b, rtol=1e-6)
     np.testing.assert_array_equal(u2["q"]["kernel"].a, u1["q"]["kernel"].a)
     np.testing.assert_array_equal(u2["q"]["bias"].value, u1["q"]["bias"].value)
+    as_fraction = jlora.optimizer(optax.sgd(0.1), p, b_lr_ratio=fractions.Fraction(3, 2))  # any real number
+    u3, _ = as_fraction.update(g, as_fraction.init(p), p)
+    np.testing.assert_allclose(u3["q"]["kernel"].b, 1.5 * u1["q"]["kernel"].b, rtol=1e-6)
 
 
 def test_clipping_inside_tx_sees_adapter_gradients_only():
@@ -163,14 +177,36 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
 
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
-    """Schedule-free and lookahead return differences of iterates: scaling them is not LoRA+."""
+    """Schedule-free, lookahead, Mechanic and COCOB return differences of iterates: scaling them is
+    not LoRA+ (a ratio above 2 makes b oscillate and grow)."""
     p, _, _ = setup()
-    for tx in (optax.contrib.schedule_free_sgd(0.1), optax.lookahead(optax.sgd(0.1), 2, 0.5)):
+    for tx in (optax.contrib.schedule_free_sgd(0.1), optax.lookahead(optax.sgd(0.1), 2, 0.5),
+               optax.contrib.mechanize(optax.sgd(0.1)), optax.contrib.cocob()):
         with pytest.raises(ValueError, match="b_lr_ratio scales b's updates"):
             jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
         with pytest.raises(ValueError, match="b_lr_ratio scales b's updates"):
             jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
+
+
+def test_lookahead_goes_around_the_optimizer_with_a_ratio():
+    """Lookahead's slow/fast params do not fit inside a multi_transform; around jlora.optimizer, the
+    fast adapters take LoRA+ steps and the slow ones follow them (fast - slow, every 2 steps)."""
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    tx = optax.lookahead(jlora.optimizer(optax.sgd(0.1), trainable, b_lr_ratio=4.0), 2, 0.5)
+    plain = jlora.optimizer(optax.sgd(0.1), trainable, b_lr_ratio=4.0)
+    params = optax.LookaheadParams.init_synced(trainable)
+    state = tx.init(params)
+    g = jax.grad(lambda t: loss_of(fn, x)(jlora.combine(t, frozen)))(trainable)
+    u, state = tx.update(g, state, params)
+    want, _ = plain.update(g, plain.init(trainable), trainable)
+    jax.tree.map(np.testing.assert_array_equal, u.fast, want)  # the first fast step is the plain one
+    params = optax.apply_updates(params, u)
+    u, state = tx.update(g, state, params)  # the second: slow moves halfway to fast
+    params = optax.apply_updates(params, u)
+    moved = jax.tree.map(lambda s, t: s - t, params.slow, trainable)
+    np.testing.assert_allclose(moved["q"]["kernel"].b, 0.5 * 2 * want["q"]["kernel"].b, rtol=1e-5)
 
 
 def test_a_ratio_is_taken_with_frozen_leaves_that_are_not_arrays():

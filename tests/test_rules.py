@@ -197,6 +197,25 @@ def test_bf16_low_rank_path_runs_in_activation_dtype():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=5e-2, atol=5e-2)
 
 
+def test_an_fp8_matmul_keeps_the_low_rank_path_in_its_result_dtype():
+    """fp8 x · fp8 kernel accumulated in f32 (``preferred_element_type``): the adapter's f32 factors
+    are not rounded to fp8 (7% off the update), the path runs in the result's dtype; the gradients
+    too, against float64 numpy."""
+    lw = random_lora(jax.random.key(0), (8, 6), "io", 2)
+    lw = lw.replace(w=lw.w.astype(jnp.float8_e4m3fn))
+    x = normal(jax.random.key(1), (3, 8)).astype(jnp.float8_e4m3fn)
+    fn = jlora.apply(lambda p, x: jnp.dot(x, p["w"], preferred_element_type=jnp.float32))
+    xf, a, b = (np.asarray(v.astype(jnp.float32), np.float64) for v in (x, lw.a, lw.b))
+    want = xf @ np.asarray(lw.w.astype(jnp.float32), np.float64) + lw.scale * xf @ a @ b
+    out = fn({"w": lw}, x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda lw: fn({"w": lw}, x).sum())(lw)
+    ones = np.ones_like(want)
+    np.testing.assert_allclose(g.a, lw.scale * xf.T @ ones @ b.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.b, lw.scale * (xf @ a).T @ ones, rtol=1e-5, atol=1e-5)
+
+
 def _count_dots(fn, *args):
     jaxpr = jax.make_jaxpr(fn)(*args)
     return str(jaxpr).count("dot_general")

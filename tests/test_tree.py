@@ -122,6 +122,23 @@ def test_unmerge_recovers_the_base_from_full_or_trainable_adapters():
         assert isinstance(back["q"]["bias"], jlora.Trainable)
 
 
+def test_unmerge_subtracts_the_product_merge_added():
+    """bf16 factors over an f32 kernel: merge adds an f32 product, so unmerge must subtract that one
+    (a bf16 product is 4e-3 off); f32 factors over an fp8 kernel (fp8 promotes with no other float
+    in JAX) merge in f32, rounded once to fp8, and unmerge."""
+    p = tree()
+    lw = p["q"]["kernel"]
+    lw = lw.replace(a=(3 * lw.a).astype(jnp.bfloat16), b=(3 * lw.b).astype(jnp.bfloat16))
+    back = jlora.unmerge(jlora.merge({"q": lw}), {"q": lw})["q"]
+    np.testing.assert_allclose(back.w, lw.w, rtol=0, atol=4e-6)
+    lw8 = p["q"]["kernel"].replace(w=p["q"]["kernel"].w.astype(jnp.float8_e4m3fn))
+    merged = jlora.merge({"q": lw8})["q"]
+    want = np.asarray(lw8.w.astype(jnp.float32), np.float64) + lw8.scale * np.asarray(lw8.a, np.float64) @ np.asarray(lw8.b, np.float64)
+    assert merged.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(merged, jnp.asarray(want, jnp.float32).astype(jnp.float8_e4m3fn))
+    assert jlora.unmerge({"q": merged}, {"q": lw8})["q"].w.dtype == jnp.float8_e4m3fn
+
+
 def test_unmerge_refuses_mismatched_trees_and_shapes():
     p = tree()
     merged = jlora.merge(p)
