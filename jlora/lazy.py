@@ -29,7 +29,7 @@ from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
-from jlora.weight import Lazy, Trainable, is_param
+from jlora.weight import TRACING_APPLY, Lazy, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -429,8 +429,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                     check_whole(leaf, param_paths()[i], "jlora.apply")
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
-                check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
                 given[len(values)] = leaf
+                leaf = check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
@@ -562,7 +562,11 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         return [x for x, k in zip(flat, keep) if k]
 
     outputs: dict[str, Any] = {}
-    closed = jax.make_jaxpr(flat_fn)(*abstract)
+    token = TRACING_APPLY.set(True)
+    try:
+        closed = jax.make_jaxpr(flat_fn)(*abstract)
+    finally:
+        TRACING_APPLY.reset(token)
     result = (closed, outputs["tree"], outputs["static"])
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):

@@ -148,12 +148,15 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return tree
 
 
-def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
+def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> Any:
     """Refuse a node from one half of ``split`` where ``op`` needs the whole tree (``need_w=False``:
-    the trainable half will do).
+    the trainable half will do), or one whose arrays do not fit its layout; ``x``, a
+    ``LoraWeight``'s layout fitted to its arrays (``LoraWeight.fitted``: an ensemble's or a
+    stack's layer).
 
     Example:
         >>> check_whole(Trainable(jnp.zeros(2)), "bias", "jlora.merge")
+        Trainable(float32[2])
     """
     if isinstance(x, LoraWeight):
         half = "trainable" if need_w and x.w is None else "frozen" if x.a is None or x.b is None else None
@@ -163,10 +166,12 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> None:
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
                          "pass jlora.combine(trainable, frozen)")
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
+        x = x.fitted()
         try:
-            x.check_shapes(stacked=True)
+            x.check_shapes()
         except ValueError as err:
             raise ValueError(f"{op}: {err}") from None
+    return x
 
 
 def merge(tree: Any) -> Any:
@@ -181,7 +186,7 @@ def merge(tree: Any) -> Any:
     """
 
     def one(path: Any, x: Any) -> Any:
-        check_whole(x, path_str(path), "jlora.merge")
+        x = check_whole(x, path_str(path), "jlora.merge")
         if isinstance(x, Lazy):
             return x.materialize()
         return x.value if isinstance(x, Trainable) else x
@@ -215,19 +220,19 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         )
     out = []
     for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
-        check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
+        fitted = check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
         if isinstance(node, LoraWeight):
-            shape = tuple(value.shape)
-            fits = len(shape) == node.layout.ndim and (
-                node.layout.a_shape(shape, node.rank) == tuple(node.a.shape)
-                and node.layout.b_shape(shape, node.rank) == tuple(node.b.shape)
+            shape, layout = tuple(value.shape), fitted.layout
+            fits = len(shape) == layout.ndim and (
+                layout.a_shape(shape, node.rank) == tuple(node.a.shape)
+                and layout.b_shape(shape, node.rank) == tuple(node.b.shape)
             )
             if not fits:
                 raise ValueError(
                     f"jlora.unmerge: merged '{path_str(path)}' has shape {shape}, which does not fit the "
-                    f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{node.layout}')"
+                    f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{layout}')"
                 )
-            delta = node.replace(w=value).delta(over=value.dtype)  # formed as merge formed it
+            delta = fitted.replace(w=value).delta(over=value.dtype)  # formed as merge formed it
             w = (value.astype(delta.dtype) - delta).astype(value.dtype)
             out.append(node.replace(w=w))
         elif isinstance(node, Trainable):

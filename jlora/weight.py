@@ -7,6 +7,7 @@ that the evaluator of ``jlora.apply`` can use without forming it.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Callable, NoReturn
 
@@ -30,6 +31,10 @@ def widest(*dtypes: Any) -> Any:
     return jnp.result_type(*(wide or dtypes))
 
 
+# Set while jlora.apply traces its function: a node met as an array then was not an argument.
+TRACING_APPLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_tracing_apply", default=False)
+
+
 class NotAnArray:
     """A jlora node a model may meet as an array when called on a LoRA tree without
     ``jlora.apply``: the array protocols and operators say so, not ``'LoraWeight' object is not
@@ -45,6 +50,10 @@ class NotAnArray:
         return type(self).__name__
 
     def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
+        if TRACING_APPLY.get():
+            raise TypeError(f"{self.describe()} was used as an array inside jlora.apply, but it is not in the wrapped "
+                            "function's arguments (closed over, or an attribute of the function): pass the params or "
+                            "the module as an argument, jlora.apply(lambda params, x: ...)(params, x)")
         raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
                         "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params)")
 
@@ -180,6 +189,36 @@ class LoraWeight(Lazy):
                     f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank} (a's last axis), "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
                 )
+
+    def fitted(self) -> "LoraWeight":
+        """This adapter with its layout fitted to its arrays, where ``w`` (if given), ``a`` and
+        ``b`` all have ``k`` leading axes more than it says (``jax.vmap(lora_init)``'s ensemble,
+        ``pmap``'s replicas: they become leading batch axes, a member's own adapter each) or fewer
+        (a layer of a stack sliced outside jlora, by ``lax.scan`` over stacked params: the layout's
+        leading batch axes go); otherwise ``self``.
+
+        Example:
+            >>> stack = LoraWeight(jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), jnp.ones((3, 1, 2)), scale=1.0, layout="bio")
+            >>> str(jax.tree.map(lambda x: x[0], stack).fitted().layout)
+            'io'
+        """
+        layout, nb = self.layout, len(self.layout.group("b"))
+        if not (_has_shape(self.a) and _has_shape(self.b)):
+            return self
+        k = len(self.a.shape) - (nb + len(layout.group("i")) + 1)
+        if k == 0 or len(self.b.shape) - (nb + 1 + len(layout.group("o"))) != k or (
+                _has_shape(self.w) and len(self.w.shape) - layout.ndim != k):
+            return self
+        if k > 0:
+            lead = [tuple(x.shape[:k]) for x in (self.w, self.a, self.b) if _has_shape(x)]
+            if any(s != lead[0] for s in lead):
+                return self
+            axes = tuple(("b", j) for j in range(k)) + tuple((r, j + k if r == "b" else j) for r, j in layout.axes)
+        else:
+            if any(layout.axes[j] != ("b", j) for j in range(-k)):
+                return self
+            axes = tuple((r, j + k if r == "b" else j) for r, j in layout.axes[-k:])
+        return self.replace(layout=Layout(axes))
 
     # --- pytree -------------------------------------------------------------------------------
     def _aux(self) -> tuple:

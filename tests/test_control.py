@@ -8,7 +8,7 @@ from jax import lax
 
 import jlora
 from jlora.lazy import MaterializeWarning
-from oracle import check_against_oracle, normal, random_lora
+from oracle import check_against_oracle, normal, oracle_merge, perturb, random_lora
 
 
 @pytest.fixture
@@ -259,3 +259,42 @@ def test_a_while_loop_draws_a_dropout_key_of_its_own():
     ctx = jlora.lazy.Context(jax.random.key(1))
     first, in_loop = ctx.next_key(), ctx.forward_mode().next_key()
     assert not np.array_equal(jax.random.key_data(first), jax.random.key_data(in_loop))
+
+
+def test_a_per_layer_function_mapped_over_stacked_params_outside_apply():
+    """``jlora.apply(layer)`` under a ``lax.scan``, ``vmap`` or ``lax.map`` over the stack: each slice
+    carries the stack's layout 'bio' and is one layer's adapter, also where the rank equals the width
+    (read as a batch axis, that gave wrong numbers under a warning that called them exact)."""
+    stack = random_lora(jax.random.key(0), (3, 4, 4), "bio", 4)
+    layer = lambda w, h: jnp.tanh(h @ w)
+    step, x = jlora.apply(layer), normal(jax.random.key(1), (2, 4))
+    lazy = lambda s: lax.scan(lambda h, w: (step(w, h), None), x, s)[0]
+    plain = lambda s: lax.scan(lambda h, w: (layer(w, h), None), x, oracle_merge({"s": s})["s"])[0]
+    np.testing.assert_allclose(lazy(stack), plain(stack), rtol=1e-5, atol=1e-5)
+    g, g_ref = jax.grad(lambda s: lazy(s).sum())(stack), jax.grad(lambda s: plain(s).sum())(stack)
+    np.testing.assert_allclose(g.a, g_ref.a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.b, g_ref.b, rtol=1e-5, atol=1e-5)
+    merged = oracle_merge({"s": stack})["s"]
+    np.testing.assert_allclose(jax.vmap(step, in_axes=(0, None))(stack, x), jax.vmap(layer, in_axes=(0, None))(merged, x),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lax.map(jlora.merge, stack), merged, rtol=1e-6, atol=1e-6)
+
+
+def test_an_ensemble_made_by_vmap_of_lora_init_has_an_adapter_per_member():
+    """``jax.vmap(lora_init)`` gives each node leading axes its 'io' layout does not name: inside
+    ``apply`` (vmapped over, in an einsum, indexed), in ``merge`` and ``unmerge`` they are batch axes,
+    a member's own adapter each; ``unmerge`` gives the nodes back as they were."""
+    base = {"k": normal(jax.random.key(1), (6, 5))}
+    init = lambda key: jlora.lora_init(key, base, jlora.LoraConfig(rank=2, targets=["k"]))
+    ens = perturb(jax.vmap(init)(jax.random.split(jax.random.key(0), 3)), jax.random.key(2))
+    x, f = normal(jax.random.key(9), (4, 6)), lambda p, x: jnp.tanh(x @ p["k"])
+    want = jax.vmap(lambda e: f(oracle_merge(e), x))(ens)
+    for inside in (lambda e, x: jax.vmap(f, in_axes=(0, None))(e, x),
+                   lambda e, x: jnp.tanh(jnp.einsum("bi,eio->ebo", x, e["k"])),
+                   lambda e, x: jnp.stack([f({"k": e["k"][i]}, x) for i in range(3)])):
+        np.testing.assert_allclose(jlora.apply(inside)(ens, x), want, rtol=1e-5, atol=1e-5)
+    merged = jlora.merge(ens)
+    np.testing.assert_allclose(merged["k"], jax.vmap(oracle_merge)(ens)["k"], rtol=1e-6, atol=1e-6)
+    back = jlora.unmerge(merged, ens)
+    assert jax.tree.structure(back) == jax.tree.structure(ens)
+    np.testing.assert_allclose(back["k"].w, ens["k"].w, rtol=1e-5, atol=1e-5)

@@ -71,6 +71,15 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
             use()
 
 
+def test_a_lora_weight_closed_over_inside_apply_says_to_pass_it():
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    with pytest.raises(TypeError, match="used as an array inside jlora.apply, but it is not in the wrapped function's "
+                                        "arguments"):
+        jlora.apply(lambda x: x @ lw)(jnp.ones((1, 4)))
+    with pytest.raises(TypeError, match="used as an array outside jlora.apply"):  # the trace is over
+        jnp.ones((1, 4)) @ lw
+
+
 def test_a_model_called_on_the_lora_tree_without_apply_says_so():
     import flax.linen as nn
 
