@@ -21,9 +21,11 @@ Example:
 from __future__ import annotations
 
 import collections
+import collections.abc
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +48,12 @@ BASE_COPY = ".base_layer.weight"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+# Architectures with an LM head (which a model may tie to its input embedding).
+LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining", "MTModel")
+# Flax variable collections other than params, beside them in a model's tree.
+FLAX_COLLECTIONS = ("batch_stats", "cache", "intermediates", "constants")
+# Models PEFT's SEQ_2_SEQ_LM model cannot run (it passes input_ids; they take speech or pixels).
+NOT_TEXT_TO_TEXT = ("whisper", "speech-encoder-decoder", "vision-encoder-decoder")
 # The modules PEFT's model for a task type trains whole, whatever modules_to_save says.
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
@@ -76,29 +84,73 @@ def module_name(path: str) -> str:
     return path[: -len(leaf) - 1].replace("/", ".")
 
 
-# Flax leaf name -> PyTorch parameter name inside a module.
+# Flax leaf name -> PyTorch parameter name inside a module; any other leaf (DINOv2's layer scale
+# ``lambda1``, a ``cls_token``) has the same name in both.
 TORCH_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
+BATCH_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """A Flax kernel ``(*window, in, out)`` (a Dense's is 2-D) as PyTorch's ``(out, in, *window)``.
+
+    Example:
+        >>> _kernel_to_torch(np.zeros((3, 5, 2, 4))).shape  # a 2-D conv: HWIO -> OIHW
+        (4, 2, 3, 5)
+    """
+    n = kernel.ndim
+    return np.ascontiguousarray(kernel.transpose(n - 1, n - 2, *range(n - 2)))
+
+
+def _kernel_from_torch(weight: np.ndarray) -> np.ndarray:
+    """The inverse of ``_kernel_to_torch``: PyTorch's ``(out, in, *window)`` as Flax's ``(*window, in, out)``.
+
+    Example:
+        >>> _kernel_from_torch(np.zeros((4, 2, 3, 5))).shape
+        (3, 5, 2, 4)
+    """
+    return weight.transpose(*range(2, weight.ndim), 1, 0)
 
 
 def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
     """``(torch parameter name, array in torch's layout)`` of a Flax leaf of a saved module."""
     leaf = path.rsplit("/", 1)[-1]
-    if leaf not in TORCH_NAMES or (leaf == "kernel" and np.ndim(value) != 2):
-        raise ValueError(f"'{path}': {leaf} {np.shape(value)} has no PyTorch counterpart jlora knows "
-                         f"(module leaves: {sorted(TORCH_NAMES)}, kernels 2-D)")
-    value = np.asarray(value, np.float32)
-    return TORCH_NAMES[leaf], np.ascontiguousarray(value.T if leaf == "kernel" else value)
+    value = np.asarray(value)
+    if leaf == "kernel":
+        return "weight", _kernel_to_torch(value)
+    return TORCH_NAMES.get(leaf, leaf), value
 
 
-def _is_conv1d(model_type: str, module: str) -> bool:
+# A composite model's parts (an encoder-decoder's, a dual encoder's) and their configs.
+SUBMODELS = {"encoder": "encoder", "decoder": "decoder", "vision_model": "vision_config", "text_model": "text_config"}
+
+
+def _model_type(hf_config: Any, module: str) -> str:
+    """The model type ``module`` belongs to: a composite model's part has its own (the GPT-2
+    decoder of a ``vision-encoder-decoder``).
+
+    Example:
+        >>> from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+        >>> cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), GPT2Config())
+        >>> _model_type(cfg, "decoder.transformer.h.0.attn.c_attn"), _model_type(cfg, "encoder.pooler.dense")
+        ('gpt2', 'vit')
+    """
+    head, _, rest = module.partition(".")
+    part = getattr(hf_config, SUBMODELS.get(head, ""), None) if rest else None
+    if isinstance(getattr(part, "model_type", None), str):
+        return _model_type(part, rest)
+    return hf_config.model_type
+
+
+def _is_conv1d(hf_config: Any, module: str) -> bool:
     """Whether the PyTorch module is a ``Conv1D`` (GPT-2's ``(out, in)`` kernels, PEFT's
     ``fan_in_fan_out``): PEFT decides it by the module's type, whatever the config says.
 
     Example:
-        >>> _is_conv1d("gpt2", "transformer.h.0.attn.c_attn"), _is_conv1d("llama", "model.layers.0.self_attn.q_proj")
+        >>> from transformers import GPT2Config, LlamaConfig
+        >>> _is_conv1d(GPT2Config(), "transformer.h.0.attn.c_attn"), _is_conv1d(LlamaConfig(), "model.layers.0.self_attn.q_proj")
         (True, False)
     """
-    return LAYOUT_PRESETS.get(model_type, {}).get(module.rsplit(".", 1)[-1]) == "oi"
+    return LAYOUT_PRESETS.get(_model_type(hf_config, module), {}).get(module.rsplit(".", 1)[-1]) == "oi"
 
 
 def _layout_ok(lw: LoraWeight) -> bool:
@@ -108,7 +160,7 @@ def _layout_ok(lw: LoraWeight) -> bool:
 def _factors_to_torch(lw: LoraWeight) -> tuple[np.ndarray, np.ndarray]:
     """``(lora_A.weight, lora_B.weight)``: Linear ``(r, in)``, ``(out, r)``; a 2-D conv (Flax
     ``HWIO`` kernel) ``(r, in, h, w)``, ``(out, r, 1, 1)`` as PEFT's Conv2d LoRA."""
-    a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+    a, b = np.asarray(lw.a), np.asarray(lw.b)  # in their dtype (bf16 factors stay bf16, as PEFT writes them)
     if str(lw.layout) == "iiio":
         return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
     return a.T, b.T
@@ -122,9 +174,16 @@ def _factors_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, fan_in_fan_out: 
 
 
 def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> Path:
+                 task_type: str | None = "infer") -> Path:
     """Write ``params``' adapters as a PEFT LoRA adapter that ``peft.PeftModel.from_pretrained`` loads
     onto the PyTorch model with the same base weights.
+
+    ``task_type`` is PEFT's (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; ``None`` writes none, and PEFT
+    loads the adapter onto the model as it is). ``"infer"`` takes it from ``hf_config.architectures``
+    where PEFT's model for it can load the adapter: for a classification or QA task only if the
+    adapter trains the head whole (PEFT's model for the task loads the head from the adapter, and
+    cannot hold a LoRA inside it), and not ``SEQ_2_SEQ_LM`` for a model of speech or images
+    (PEFT's model for it passes ``input_ids``).
 
     Example:
         >>> import tempfile, jlora.hf
@@ -140,19 +199,28 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     _check_hf_config("jlora.peft.save_adapter", hf_config)
     check_saveable("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
+    params = _module_params(params)[0]
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
         raise ValueError("jlora.peft.save_adapter: params hold no LoraWeight")
-    if task_type is None:
-        archs = getattr(hf_config, "architectures", None) or []
-        task_type = next((t for arch in archs for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
     # a module with a fully trained leaf other than its bias is saved whole (modules_to_save), as
     # the task's head that PEFT saves whole for the task type where it is part of one
-    saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p, x in nodes
-                    if isinstance(x, Trainable) and not p.endswith("/bias")})
+    trained = [p for p, x in nodes if isinstance(x, Trainable) and not p.endswith("/bias")]
+    task_type = _task_type(task_type, hf_config, [p for p, _ in targets], trained)
+    if any("/" not in p for p in trained):
+        raise ValueError(f"jlora.peft.save_adapter: '{next(p for p in trained if '/' not in p)}' is a param of the "
+                         "model itself, not of a module: PEFT trains whole modules only (modules_to_save), so it "
+                         "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
+    saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
     in_saved = lambda p: any(p.startswith(m + "/") for m in saved)
+    missing = [p for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
+               if x is None and in_saved(p)]
+    if missing:
+        raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
+                         "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
+                         "tree, jlora.combine(trainable, frozen)")
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
     for p, _ in nodes:  # adapted or trained whole
         _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
@@ -160,15 +228,14 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
                          "in the same module; PEFT trains a module either way, not both")
-    model_type = hf_config.model_type
-    fan_in_fan_out = model_type in LAYOUT_PRESETS
     tensors, ranks, alphas, modules = {}, {}, {}, []
     for p, lw in targets:
         if not _layout_ok(lw):
             raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels and 2-D convs only)")
         embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
-        if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != _is_conv1d(model_type, module_name(p)):
-            raise ValueError(f"'{p}': layout '{lw.layout}' does not match {model_type}'s PyTorch layout")
+        if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != _is_conv1d(hf_config, module_name(p)):
+            raise ValueError(f"'{p}': layout '{lw.layout}' does not match {_model_type(hf_config, module_name(p))}'s "
+                             "PyTorch layout")
         if embedding:
             _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
             if str(lw.layout) != "io":
@@ -186,7 +253,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     for p, x in biases:  # PEFT names the bias of a LoRA-wrapped module "<module>.base_layer.bias"
         name = p[: -len("/bias")].replace("/", ".")
         wrapped = ".base_layer" if name in lora_modules else ""
-        tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value, np.float32)
+        tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value)
     for p, x in entries:  # modules_to_save: every leaf of the module, trained or not (a quantized one as floats)
         if in_saved(p):
             name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x.materialize() if isinstance(x, Lazy) else x)
@@ -199,7 +266,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
         "target_modules": sorted(modules),
-        "fan_in_fan_out": fan_in_fan_out, "bias": bias_mode, "use_rslora": False,
+        "fan_in_fan_out": any(_is_conv1d(hf_config, m) for m in modules), "bias": bias_mode, "use_rslora": False,
         "modules_to_save": [m.replace("/", ".") for m in saved] or None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
@@ -210,6 +277,61 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     return write_files(path, write)
+
+
+def _module_params(tree: Any) -> tuple[Any, Any]:
+    """``(params, put_back)``: the tree whose paths are PyTorch's module names, and how to put a new
+    one back. HF's Flax models with batch norm (ResNet, RegNet) hold ``{"params": ..., "batch_stats":
+    ...}``; the module names start inside ``params``.
+
+    Example:
+        >>> inner, put_back = _module_params({"params": {"conv": 1}, "batch_stats": {"bn": 2}})
+        >>> inner, put_back({"conv": 3})
+        ({'conv': 1}, {'params': {'conv': 3}, 'batch_stats': {'bn': 2}})
+    """
+    if isinstance(tree, collections.abc.Mapping) and "params" in tree and set(tree) <= {"params", *FLAX_COLLECTIONS}:
+        return tree["params"], lambda inner: {**tree, "params": inner}
+    return tree, lambda inner: inner
+
+
+def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], trained: Sequence[str]) -> str | None:
+    """The task type to write (see ``save_adapter``); a ValueError for a given one PEFT's model
+    for it could not load the adapter with.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> cfg = BertConfig(architectures=["BertForSequenceClassification"])
+        >>> _task_type("infer", cfg, ["bert/q/kernel"], ["classifier/kernel"]), _task_type("infer", cfg, ["bert/q/kernel"], [])
+        ('SEQ_CLS', None)
+    """
+    heads = TASK_HEADS.get(task_type, ())
+    if task_type == "infer":
+        archs = getattr(hf_config, "architectures", None) or []
+        inferred = next((t for arch in archs for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
+        if inferred == "SEQ_2_SEQ_LM" and hf_config.model_type in NOT_TEXT_TO_TEXT:
+            return None
+        return None if _head_problem(inferred, targets, trained) else inferred
+    problem = _head_problem(task_type, targets, trained) if heads else None
+    if problem:
+        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem}; pass task_type=None (PEFT "
+                         "then loads the adapter onto the model as it is)")
+    return task_type
+
+
+def _head_problem(task_type: str | None, targets: Sequence[str], trained: Sequence[str]) -> str | None:
+    """Why PEFT's model for ``task_type`` could not load these adapters (it trains the task's head
+    whole: loads it from the adapter, and cannot wrap a LoRA inside it), or ``None``."""
+    heads = TASK_HEADS.get(task_type, ())
+    if not heads:
+        return None
+    in_head = lambda p: _saved_prefix(p.split("/")[:-1], heads) is not None
+    lora = [p for p in targets if in_head(p)]
+    if lora:
+        return f"'{lora[0]}' has a LoRA adapter inside the task head, which PEFT's model for {task_type} trains whole"
+    if not any(in_head(p) for p in trained):
+        return (f"the task head ({' or '.join(heads)}) is not trained, but PEFT's model for {task_type} loads it "
+                "from the adapter")
+    return None
 
 
 def _task_head(module: str, task_type: str | None) -> str:
@@ -241,7 +363,9 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
 def _check_untied(what: str, shape: Sequence[int], hf_config: Any) -> None:
     """Refuse an adapted embedding that the model ties to its LM head: jlora's adapter changes the
     head with it (the head is the same param), PEFT's Embedding LoRA only the lookup."""
-    if getattr(hf_config, "tie_word_embeddings", False) and tuple(shape)[:1] == (hf_config.vocab_size,):
+    archs = getattr(hf_config, "architectures", None) or []
+    headless = archs and not any(a.endswith(LM_HEADS) for a in archs)  # a classifier: no head to tie
+    if getattr(hf_config, "tie_word_embeddings", False) and not headless and tuple(shape)[:1] == (hf_config.vocab_size,):
         raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings): an adapter on it changes the head "
                          "too in jlora but only the lookup in PEFT, so the two would compute different outputs; "
                          "leave the embedding out of the targets")
@@ -313,10 +437,26 @@ def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path:
                and np.array_equal(v, value) for q, v in tuned.items() if q != p)
 
 
+def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
+    """Refuse tensors for an ``lm_head`` (adapted, trained whole or its base copied) that the Flax
+    model does not have because it ties the head to its input embedding (GPT-2): PyTorch's model
+    has the module, the Flax one has nothing to load it onto."""
+    names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX)]
+    for head in sorted({".".join(parts[: parts.index("lm_head") + 1]) for parts in names if "lm_head" in parts}):
+        if getattr(hf_config, "tie_word_embeddings", False) and not any(p.startswith(head.replace(".", "/") + "/")
+                                                                         for p in by_path):
+            raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
+                             "embedding (tie_word_embeddings): it has no head of its own to load them onto")
+
+
 def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str:
     """The Flax path of a saved module's PyTorch parameter (``weight`` is a kernel, embedding or scale)."""
     prefix = module.replace(".", "/")
-    names = [n for n, t in TORCH_NAMES.items() if t == torch_name]
+    if torch_name in BATCH_STATISTICS:
+        raise ValueError(f"{source}: {module}.{torch_name} is a BatchNorm's running statistic: jlora's adapters hold "
+                         "params, not the statistics (Flax keeps them in batch_stats); leave the norm out of "
+                         "modules_to_save")
+    names = [n for n, t in TORCH_NAMES.items() if t == torch_name] or [torch_name]
     found = [f"{prefix}/{n}" for n in names if f"{prefix}/{n}" in by_path]
     if not found:
         raise ValueError(f"{source}: adapter for another base model: no Flax param for {module}.{torch_name} "
@@ -357,7 +497,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r}; only LORA adapters are supported")
     for key, value in sorted(config.items()):
-        if key not in READ | DESCRIPTIVE and value not in (None, False, {}, [], ""):
+        if key not in READ | DESCRIPTIVE and not (value is None or value is False or value in ({}, [], "")):
             raise ValueError(f"{path}: PEFT option {key}={value!r} is not supported by jlora")
     for key in ("r", "lora_alpha"):
         if not _positive(config.get(key)):
@@ -384,12 +524,14 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
+    base_params, put_back = _module_params(base_params)
     by_path = check_base(path, base_params)
     factors: dict[str, dict[str, np.ndarray]] = {}
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
+    _check_head_exists(path, tensors, by_path, hf_config)
     for key, value in tensors.items():
         # with bias="all", PEFT also writes the biases inside a module it trains whole: the base's
         # copy (original_module: the base has it) and the trained one again (modules_to_save)
@@ -399,7 +541,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
         if saved and "lora_" not in key and _in_saved_module(module, saved):
             p = _flax_leaf(module, leaf, by_path, path)
-            tuned[p] = value.T if p.endswith("/kernel") else value
+            tuned[p] = _kernel_from_torch(value) if p.endswith("/kernel") else value
             continue
         if key.startswith(PREFIX) and key.endswith(".bias") and config.get("bias", "none") != "none":
             name = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
@@ -430,6 +572,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
+    if not factors:
+        raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA factors (lora_A / lora_B): an empty or damaged adapter")
     new = {}
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
@@ -447,9 +591,16 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
         _check_not_shared(f"{path}: '{p}'", p, hf_config)
-        a, b, layout = _factors_from_torch(ab["A"], ab["B"], name not in embeddings and _is_conv1d(hf_config.model_type, name))
+        a, b, layout = _factors_from_torch(ab["A"], ab["B"], name not in embeddings and _is_conv1d(hf_config, name))
         layout = Layout.parse(layout)
         r = a.shape[-1]
+        if layout.ndim == 4 and w.ndim == 4 and a.shape[:2] == tuple(w.shape[:2]) and a.shape[2] != w.shape[2]:
+            raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} reads {a.shape[2]} input channels, "
+                             f"the kernel {tuple(w.shape)} {w.shape[2]}: a grouped conv, whose PEFT adapter jlora "
+                             "cannot represent")
+        if b.shape[0] != r:
+            raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} has rank {r}, lora_B {ab['B'].shape} "
+                             f"rank {b.shape[0]}; a damaged adapter")
         if layout.a_shape(w.shape, r) != a.shape or layout.b_shape(w.shape, r) != b.shape:
             raise ValueError(f"{path}: adapter for another base model: '{p}' is {tuple(w.shape)} but lora_A/lora_B "
                              f"are {ab['A'].shape}/{ab['B'].shape}")
@@ -462,4 +613,27 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
                             dropout=float(dropout))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[p] = Trainable(jnp.asarray(value, by_path[p].dtype))
-    return replace_leaves(base_params, new, is_leaf=is_param)
+    unloaded = _unloaded_targets(config, by_path, set(factors))
+    if unloaded:
+        warnings.warn(f"{path}: the config targets {len(unloaded)} module(s) the adapter holds no factors for, left "
+                      f"without an adapter (PEFT warns of missing adapter keys likewise): {unloaded[:4]}", stacklevel=2)
+    return put_back(replace_leaves(base_params, new, is_leaf=is_param))
+
+
+def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str]:
+    """The base's modules that the config's ``target_modules`` name (as PEFT matches them: a name or
+    a suffix of ``.``-parts, a regex string matched whole) but the adapter holds no factors for: a
+    truncated or hand-edited file. Not checked for options that pick modules jlora does not follow
+    (``layers_to_transform``, ``exclude_modules``, ``"all-linear"``)."""
+    import re
+
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear" or config.get("layers_to_transform") is not None or config.get("exclude_modules"):
+        return []
+    if isinstance(targets, str):
+        hit = lambda m: re.fullmatch(targets, m) is not None
+    else:
+        hit = lambda m: any(m == t or m.endswith("." + t) for t in targets)
+    whole = [*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ())]
+    modules = {p.rsplit("/", 1)[0].replace("/", ".") for p in by_path if p.endswith(("/kernel", "/embedding"))}
+    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole))

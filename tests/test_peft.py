@@ -252,6 +252,8 @@ def test_bf16_adapters_cross_both_ways(tmp_path):
     assert (lw.a.dtype, lw.b.dtype) == (jnp.bfloat16, jnp.bfloat16)
     np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)
+    from safetensors.numpy import load_file
+    assert {str(t.dtype) for t in load_file(tmp_path / "back" / "adapter_model.safetensors").values()} == {"bfloat16"}
     _, fresh = pair("llama", tmp_path)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "back").eval()
     with torch.no_grad():
@@ -506,3 +508,151 @@ def test_an_adapter_on_an_encoder_decoders_shared_embedding_is_refused_both_ways
         peft.get_peft_model(_torch_twin(model, tf.BartForConditionalGeneration), cfg).save_pretrained(directory)
         with pytest.raises(ValueError, match=message):
             jlora.peft.load_adapter(directory, model.params, model.config)
+
+
+def _torch_twin(model, torch_class):
+    """The PyTorch model of ``torch_class`` with the Flax model's weights."""
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    torch.manual_seed(0)
+    return load_flax_weights_in_pytorch_model(torch_class(model.config), model.params).eval()
+
+
+def _torch_out(torch_model, **inputs):
+    with torch.no_grad():
+        out = torch_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()})
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).numpy()
+
+
+def test_a_gpt2_decoder_inside_a_vision_encoder_decoder_keeps_its_conv1d_layout(tmp_path):
+    """The composite model's type is vision-encoder-decoder; its decoder's is gpt2, whose Conv1D
+    kernels are (out, in): a square one read as (in, out) gave other outputs without an error."""
+    vit = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                       patch_size=8)
+    gpt2 = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    model = tf.FlaxVisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2))
+    torch_model = _torch_twin(model, tf.VisionEncoderDecoderModel)
+    inputs = {"pixel_values": np.asarray(jax.random.normal(jax.random.key(0), (1, 3, 16, 16))),
+              "decoder_input_ids": IDS[:1, :5]}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "q_attn"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(torch_model, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    want = _torch_out(peft_model, **inputs)
+    params = jlora.peft.load_adapter(tmp_path / "peft", model.params, model.config)
+    assert str(params["decoder"]["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"].layout) == "oi"
+    np.testing.assert_allclose(jlora.apply(model.__call__)(**inputs, params=params).logits, want, rtol=1e-4, atol=1e-5)
+    jlora.peft.save_adapter(tmp_path / "back", params, model.config)  # and back: PEFT gives the same outputs
+    again = peft.PeftModel.from_pretrained(_torch_twin(model, tf.VisionEncoderDecoderModel), tmp_path / "back").eval()
+    np.testing.assert_allclose(_torch_out(again, **inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_kernel_trained_whole_crosses_both_ways(tmp_path):
+    """ViT's patch projection in modules_to_save: Flax's HWIO kernel is PyTorch's OIHW weight
+    (transposed whole it was WHIO, which a square window hid from the shape check)."""
+    model = TINY["vit"]()
+    pixels = np.asarray(jax.random.normal(jax.random.key(0), (1, 3, 16, 16)))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"], trainable=["projection"]), jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    projection = params["embeddings"]["patch_embeddings"]["projection"]
+    projection["kernel"] = jlora.Trainable(projection["kernel"].value + 0.1 * jax.random.normal(
+        jax.random.key(2), projection["kernel"].value.shape))
+    jlora.peft.save_adapter(tmp_path / "out", params, model.config)
+    theirs = peft.PeftModel.from_pretrained(_torch_twin(model, tf.ViTModel), tmp_path / "out").eval()
+    got = jlora.apply(model.__call__)(pixels, params=params).last_hidden_state
+    np.testing.assert_allclose(_torch_out(theirs, pixel_values=pixels), got, rtol=1e-4, atol=1e-4)
+    cfg = peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["projection"], init_lora_weights=False)
+    made = peft.get_peft_model(_torch_twin(model, tf.ViTModel), cfg).eval()
+    with torch.no_grad():
+        weight = made.base_model.model.embeddings.patch_embeddings.projection.modules_to_save.default.weight
+        weight.add_(0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    made.save_pretrained(tmp_path / "peft")
+    loaded = jlora.peft.load_adapter(tmp_path / "peft", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(pixels, params=loaded).last_hidden_state,
+                               _torch_out(made, pixel_values=pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_batch_statistics_crosses_both_ways(tmp_path):
+    """ResNet's Flax params are {"params", "batch_stats"}: PyTorch's module names start inside
+    "params" (saved with the prefix, PEFT matched no module)."""
+    model = tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
+                               input_shape=(1, 32, 32, 3))
+    pixels = np.asarray(jax.random.normal(jax.random.key(0), (1, 3, 32, 32)))
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["convolution"], init_lora_weights=False)
+    made = peft.get_peft_model(_torch_twin(model, tf.ResNetModel), cfg).eval()
+    made.save_pretrained(tmp_path / "peft")
+    params = jlora.peft.load_adapter(tmp_path / "peft", model.params, model.config)
+    assert set(params) == {"params", "batch_stats"}
+    got = jlora.apply(model.__call__)(pixels, params=params).last_hidden_state
+    np.testing.assert_allclose(got, _torch_out(made, pixel_values=pixels), rtol=1e-4, atol=1e-4)
+    jlora.peft.save_adapter(tmp_path / "back", params, model.config)
+    theirs = peft.PeftModel.from_pretrained(_torch_twin(model, tf.ResNetModel), tmp_path / "back").eval()
+    np.testing.assert_allclose(_torch_out(theirs, pixel_values=pixels), got, rtol=1e-4, atol=1e-4)
+
+
+def test_the_task_type_is_one_peft_can_load_the_adapter_with(tmp_path):
+    """Inferred from the architecture only where PEFT's model for it loads the adapter (a classifier
+    task's head trained whole: PEFT loads it from the file); given, a ValueError otherwise."""
+    model, torch_model = pair("bert", tmp_path)
+    model.config.architectures = ["BertForSequenceClassification"]
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"]), jax.random.key(0))
+    params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "frozen_head", params, model.config)
+    assert json.loads((tmp_path / "frozen_head" / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "frozen_head").eval()
+    np.testing.assert_allclose(_torch_out(theirs, input_ids=IDS), lm(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS': the task head \(classifier or score\) is not trained"):
+        jlora.peft.save_adapter(tmp_path / "given", params, model.config, task_type="SEQ_CLS")
+    on_head = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query", "classifier"]), jax.random.key(0)).params
+    with pytest.raises(ValueError, match="'classifier/kernel' has a LoRA adapter inside the task head"):
+        jlora.peft.save_adapter(tmp_path / "given", on_head, model.config, task_type="SEQ_CLS")
+    trained = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"], trainable=["classifier"]),
+                           jax.random.key(0)).params
+    jlora.peft.save_adapter(tmp_path / "trained_head", trained, model.config)
+    assert json.loads((tmp_path / "trained_head" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    jlora.peft.save_adapter(tmp_path / "none", trained, model.config, task_type=None)
+    assert json.loads((tmp_path / "none" / "adapter_config.json").read_text())["task_type"] is None
+
+
+def test_what_peft_cannot_hold_is_refused_on_save(tmp_path):
+    model = TINY["bert"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"], trainable=["classifier/kernel"]),
+                      jax.random.key(0))
+    trainable = jlora.split(lm.params)[0]  # the head's bias is in the frozen half: PEFT loads the module whole
+    with pytest.raises(ValueError, match="'classifier/bias' is in the frozen half of jlora.split, but its module is "
+                                         "saved whole"):
+        jlora.peft.save_adapter(tmp_path / "half", trainable, model.config)
+    jlora.peft.save_adapter(tmp_path / "whole", lm.params, model.config)
+    with pytest.raises(ValueError, match="'logit_scale' is a param of the model itself, not of a module"):
+        jlora.peft.save_adapter(tmp_path / "top", {**lm.params, "logit_scale": jlora.Trainable(jnp.ones(()))},
+                                model.config)
+
+
+def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model, torch_model = pair("llama", tmp_path)
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if ".layers.1." not in k}, str(weights))  # a layer lost
+    with pytest.warns(UserWarning, match=r"targets 1 module\(s\) the adapter holds no factors for.*layers.1.self_attn"):
+        jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+    save_file({}, str(weights))
+    with pytest.raises(ValueError, match="holds no LoRA factors"):
+        jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_something_new": 0}))
+    with pytest.raises(ValueError, match="use_something_new=0 is not supported"):  # 0 == False, but set
+        jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+
+    gpt2, gpt2_torch = pair("gpt2", tmp_path)  # Flax ties GPT-2's head to wte: nothing to load it onto
+    peft.get_peft_model(gpt2_torch, peft.LoraConfig(r=2, target_modules=["lm_head"])).save_pretrained(tmp_path / "head")
+    with pytest.raises(ValueError, match="tensors for lm_head, which the Flax model ties to its input embedding"):
+        jlora.peft.load_adapter(tmp_path / "head", gpt2.params, gpt2.config)
+
+    regnet = tf.FlaxRegNetModel(tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8),
+                                input_shape=(1, 32, 32, 3))
+    cfg = peft.LoraConfig(r=2, target_modules=["convolution"])
+    peft.get_peft_model(_torch_twin(regnet, tf.RegNetModel), cfg).save_pretrained(tmp_path / "grouped")
+    with pytest.raises(ValueError, match="a grouped conv, whose PEFT adapter jlora cannot represent"):
+        jlora.peft.load_adapter(tmp_path / "grouped", regnet.params, regnet.config)
