@@ -263,14 +263,17 @@ if _compat.stack_p is not None:
 def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
     (probe,) = invals
     new_shape = tuple(eqn.outvars[0].aval.shape)
-    groups = reshape_groups(probe.shape, new_shape)
+    # size-1 axes aside (one added stands for none of the kernel's axes, as a stack's new axis)
+    old_at = [ax for ax, d in enumerate(probe.shape) if d != 1]
+    new_at = [ax for ax, d in enumerate(new_shape) if d != 1]
+    groups = reshape_groups([probe.shape[ax] for ax in old_at], [new_shape[ax] for ax in new_at])
     if groups is None or eqn.params.get("dimensions") is not None:
         return NotImplemented
     axes: list[tuple] = [()] * len(new_shape)
     for olds, news in groups:
-        merged = tuple(o for ax in olds for o in probe.axes[ax])
+        merged = tuple(o for ax in olds for o in probe.axes[old_at[ax]])
         for ax in news:
-            axes[ax] = merged
+            axes[new_at[ax]] = merged
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(axes))]
 
 

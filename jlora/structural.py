@@ -252,10 +252,45 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     if eqn.params.get("dimensions") is not None:
         return NotImplemented
-    new_shape = tuple(eqn.outvars[0].aval.shape)
-    groups = reshape_groups(lw.shape, new_shape)
-    if groups is None:
+    sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
+    if not (isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None):
+        sharded = None
+    factors = _reshaped(lw, tuple(lw.shape), tuple(eqn.outvars[0].aval.shape), sharded)
+    if factors is None:
         return NotImplemented
+    a, b, layout = factors
+    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b, layout=layout)]
+
+
+def _reshaped(lw: LoraWeight, old_shape: tuple, new_shape: tuple, sharded: Any = None) -> tuple | None:
+    """``(a, b, layout)`` of ``w`` (of ``old_shape``) reshaped to ``new_shape``, or ``None`` where an
+    axis group mixes roles. Size-1 axes (one KV head: ``W.reshape(d, 1, k)``) go and come apart from
+    the rest: one removed leaves its role, one added is a batch axis of size 1 (both factors get it)."""
+    if 0 in old_shape or 0 in new_shape:
+        return None
+    ones_old = {ax for ax, d in enumerate(old_shape) if d == 1}
+    ones_new = [ax for ax, d in enumerate(new_shape) if d == 1]
+    if not ones_old and not ones_new:
+        return _regrouped(lw, old_shape, new_shape, sharded)
+    if sharded is not None:
+        return None
+    squeezed = _squeezed(lw, ones_old) if ones_old else (lw.a, lw.b, lw.layout)
+    if squeezed is None:
+        return None
+    core = lw.replace(a=squeezed[0], b=squeezed[1], layout=squeezed[2])
+    inner = _regrouped(core, tuple(d for d in old_shape if d != 1), tuple(d for d in new_shape if d != 1))
+    if inner is None:
+        return None
+    out = _expanded(core.replace(a=inner[0], b=inner[1], layout=inner[2]), ones_new) if ones_new else (
+        core.replace(a=inner[0], b=inner[1], layout=inner[2]))
+    return out.a, out.b, out.layout
+
+
+def _regrouped(lw: LoraWeight, old_shape: tuple, new_shape: tuple, sharded: Any = None) -> tuple | None:
+    """``_reshaped`` where no axis has size 1: each group of axes with equal products keeps its role."""
+    groups = reshape_groups(old_shape, new_shape)
+    if groups is None:
+        return None
     layout = lw.layout
     new_axes: list[tuple[str, int]] = [("", 0)] * len(new_shape)
     # per role: the first old k of each group -> the group's new sizes
@@ -264,7 +299,7 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         roles = {layout.axes[ax][0] for ax in olds}
         ks = [layout.axes[ax][1] for ax in olds]
         if len(roles) != 1 or ks != list(range(ks[0], ks[0] + len(ks))):
-            return NotImplemented
+            return None
         role = roles.pop()
         changes[role][ks[0]] = tuple(new_shape[ax] for ax in news)
         for j, ax in enumerate(news):
@@ -282,14 +317,11 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     batch = regroup("b")
     a_shape = batch + regroup("i") + (lw.rank,)
     b_shape = batch + (lw.rank,) + regroup("o")
-    w = bind(ctx, eqn, [lw.w], lw)[0]
-    sharded = eqn.params.get("sharding")  # the reshape's out_sharding (a mesh with Explicit axes)
-    if isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None:
+    if sharded is not None:
         a_sharding, b_sharding = factor_shardings(sharded, new_layout)
-        a, b = lax.reshape(lw.a, a_shape, out_sharding=a_sharding), lax.reshape(lw.b, b_shape, out_sharding=b_sharding)
-    else:
-        a, b = lw.a.reshape(a_shape), lw.b.reshape(b_shape)
-    return [lw.replace(w=w, a=a, b=b, layout=new_layout)]
+        return (lax.reshape(lw.a, a_shape, out_sharding=a_sharding), lax.reshape(lw.b, b_shape, out_sharding=b_sharding),
+                new_layout)
+    return lw.a.reshape(a_shape), lw.b.reshape(b_shape), new_layout
 
 
 def _per_factor_axis(x: jax.Array, where: dict[int, int], per_w_axis: Sequence[Any], fill: Sequence[Any]) -> list:
@@ -421,7 +453,7 @@ if _compat.tile_p is not None:
 def _expanded(lw: LoraWeight, new_axes: Sequence[int], sizes: Sequence[int] | None = None) -> LoraWeight:
     """``lw`` (factors and layout; ``w`` untouched) with batch axes of ``sizes`` (default 1)
     inserted at ``new_axes`` of the result, first in the batch order."""
-    ndim = lw.ndim + len(new_axes)
+    ndim = lw.layout.ndim + len(new_axes)
     old = iter(lw.layout.axes)
     axes = [("b", new_axes.index(ax)) if ax in new_axes else next(old) for ax in range(ndim)]
     axes = [(role, k + len(new_axes)) if role == "b" and ax not in new_axes else (role, k)

@@ -37,6 +37,12 @@ def test_scan_slices_mark_batch_axes_and_reshape_merges():
     assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bioo"
 
 
+def test_a_reshape_adding_a_size_1_axis_keeps_the_kernels_axes():
+    p = {"k_proj": jnp.ones((6, 4))}  # one KV head: (d, 1, head_dim)
+    fn = lambda p: jnp.einsum("td,dhk->thk", jnp.ones((3, 6)), p["k_proj"].reshape(6, 1, 4))
+    assert str(infer_layouts(fn, p, ["k_proj"])["k_proj"]) == "io"
+
+
 def test_layer_picked_by_index_is_a_batch_axis():
     p = {"stack": jnp.ones((3, 4, 5))}
     by_slice = lambda p: jnp.ones((2, 4)) @ p["stack"][1]  # slice + squeeze

@@ -61,6 +61,23 @@ def test_reshape_across_roles_falls_back():
         check_against_oracle(fn, {"w": lw}, jnp.ones((2, 6)))
 
 
+SIZE_1_RESHAPES = {
+    "one KV head (MQA)": lambda p, x: jnp.einsum("td,dhk->thk", x, p["w"].reshape(6, 1, 4)),
+    "a trailing 1": lambda p, x: jnp.einsum("td,dko->tko", x, p["w"].reshape(6, 4, 1)),
+    "inputs split beside a 1": lambda p, x: jnp.einsum("tab,abhk->thk", x.reshape(3, 3, 2), p["w"].reshape(3, 2, 1, 4)),
+    "added, then removed": lambda p, x: x @ p["w"].reshape(6, 1, 4).reshape(6, 4),
+    "a stack of one layer, flattened": lambda p, x: x @ p["stack"].reshape(6, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZE_1_RESHAPES))
+def test_a_reshape_through_size_1_axes_stays_factored(name):
+    """A size-1 axis removed leaves its role; one added is a batch axis of size 1."""
+    params = {"w": random_lora(jax.random.key(0), (6, 4), "io", 2),
+              "stack": random_lora(jax.random.key(1), (1, 6, 4), "bio", 2)}
+    check_against_oracle(SIZE_1_RESHAPES[name], params, normal(jax.random.key(2), (3, 6)))  # no MaterializeWarning
+
+
 def test_a_complex_weight_cast_to_a_real_dtype_is_exact():
     """Re(w + s·a@b) needs Im(a)@Im(b): the factors cannot simply be cast, so the weight is materialised."""
     k = jax.random.split(jax.random.key(0), 7)
