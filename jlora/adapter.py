@@ -263,6 +263,11 @@ def check_saveable(op: str, params: Any) -> None:
     """
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         check_whole(x, p, op, need_w=False)
+        if isinstance(x, LoraWeight) and hasattr(x.a, "shape") and tuple(x.a.shape) != x.layout.a_shape(
+                x.kernel_shape, x.rank):
+            raise ValueError(f"{op}: '{p}' has a {tuple(x.a.shape)}, b {tuple(x.b.shape)}, which layout '{x.layout}' "
+                             "does not name all the axes of (an ensemble from jax.vmap(lora_init), or replicas): save "
+                             "one member at a time, jax.tree.map(lambda v: v[i], params)")
         parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
         abstract = [part for part in parts if not is_saveable_array(part)]
         if abstract:

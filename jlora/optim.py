@@ -133,6 +133,9 @@ def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
 
 def _check_scalable(state: Any) -> None:
     found = [type(x).__name__ for x in _states_named(state, _NOT_SCALABLE)]
+    if found and found[0] == "LookaheadState":
+        raise ValueError("jlora.optimizer: optax.lookahead goes around it, not inside (its slow and fast params do "
+                         "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio), ...)")
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "

@@ -48,8 +48,8 @@ BASE_COPY = ".base_layer.weight"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
-# Architectures with an LM head (which a model may tie to its input embedding).
-LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining", "MTModel")
+# Architectures of a classifier: no LM head (to tie to the input embedding).
+CLASSIFIERS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 # Flax variable collections other than params, beside them in a model's tree.
 FLAX_COLLECTIONS = ("batch_stats", "cache", "intermediates", "constants")
 # Models PEFT's SEQ_2_SEQ_LM model cannot run (it passes input_ids; they take speech or pixels).
@@ -124,21 +124,25 @@ def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
 SUBMODELS = {"encoder": "encoder", "decoder": "decoder", "vision_model": "vision_config", "text_model": "text_config"}
 
 
-def _model_type(hf_config: Any, module: str) -> str:
-    """The model type ``module`` belongs to: a composite model's part has its own (the GPT-2
-    decoder of a ``vision-encoder-decoder``).
+def _part_config(hf_config: Any, module: str) -> Any:
+    """The config of the model ``module`` belongs to: a composite model's part has its own (the
+    GPT-2 decoder of a ``vision-encoder-decoder``).
 
     Example:
         >>> from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
         >>> cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), GPT2Config())
-        >>> _model_type(cfg, "decoder.transformer.h.0.attn.c_attn"), _model_type(cfg, "encoder.pooler.dense")
+        >>> _part_config(cfg, "decoder.transformer.h.0.attn.c_attn").model_type, _part_config(cfg, "encoder.pooler.dense").model_type
         ('gpt2', 'vit')
     """
     head, _, rest = module.partition(".")
     part = getattr(hf_config, SUBMODELS.get(head, ""), None) if rest else None
     if isinstance(getattr(part, "model_type", None), str):
-        return _model_type(part, rest)
-    return hf_config.model_type
+        return _part_config(part, rest)
+    return hf_config
+
+
+def _model_type(hf_config: Any, module: str) -> str:
+    return _part_config(hf_config, module).model_type
 
 
 def _is_conv1d(hf_config: Any, module: str) -> bool:
@@ -237,7 +241,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {_model_type(hf_config, module_name(p))}'s "
                              "PyTorch layout")
         if embedding:
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", lw.kernel_shape, hf_config)
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, lw.kernel_shape, hf_config)
             if str(lw.layout) != "io":
                 raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
                                  f"form; got '{lw.layout}'")
@@ -360,12 +364,15 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
                          f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
 
 
-def _check_untied(what: str, shape: Sequence[int], hf_config: Any) -> None:
-    """Refuse an adapted embedding that the model ties to its LM head: jlora's adapter changes the
-    head with it (the head is the same param), PEFT's Embedding LoRA only the lookup."""
+def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any) -> None:
+    """Refuse an adapted embedding (at Flax ``path``) that the model ties to its LM head: jlora's
+    adapter changes the head with it (the head is the same param), PEFT's Embedding LoRA only the
+    lookup. A classifier (``architectures`` saying so) has no LM head to tie."""
     archs = getattr(hf_config, "architectures", None) or []
-    headless = archs and not any(a.endswith(LM_HEADS) for a in archs)  # a classifier: no head to tie
-    if getattr(hf_config, "tie_word_embeddings", False) and not headless and tuple(shape)[:1] == (hf_config.vocab_size,):
+    headless = archs and all(a.endswith(CLASSIFIERS) for a in archs)
+    part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
+    if (getattr(part, "tie_word_embeddings", False) and not headless
+            and tuple(shape)[:1] == (getattr(part, "vocab_size", None),)):
         raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings): an adapter on it changes the head "
                          "too in jlora but only the lookup in PEFT, so the two would compute different outputs; "
                          "leave the embedding out of the targets")
@@ -443,7 +450,7 @@ def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: An
     has the module, the Flax one has nothing to load it onto."""
     names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX)]
     for head in sorted({".".join(parts[: parts.index("lm_head") + 1]) for parts in names if "lm_head" in parts}):
-        if getattr(hf_config, "tie_word_embeddings", False) and not any(p.startswith(head.replace(".", "/") + "/")
+        if getattr(_part_config(hf_config, head), "tie_word_embeddings", False) and not any(p.startswith(head.replace(".", "/") + "/")
                                                                          for p in by_path):
             raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
                              "embedding (tie_word_embeddings): it has no head of its own to load them onto")
@@ -584,7 +591,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if name in embeddings:
-            _check_untied(f"{path}: '{p}'", w.shape, hf_config)
+            _check_untied(f"{path}: '{p}'", p, w.shape, hf_config)
         if ab["A"].ndim not in (2, 4):
             raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
                              "jlora reads PEFT's Linear, Embedding and Conv2d adapters")
@@ -596,8 +603,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         r = a.shape[-1]
         if layout.ndim == 4 and w.ndim == 4 and a.shape[:2] == tuple(w.shape[:2]) and a.shape[2] != w.shape[2]:
             raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} reads {a.shape[2]} input channels, "
-                             f"the kernel {tuple(w.shape)} {w.shape[2]}: a grouped conv, whose PEFT adapter jlora "
-                             "cannot represent")
+                             f"the kernel {tuple(w.shape)} {w.shape[2]}: an adapter for another base model, or a "
+                             "grouped conv's, which jlora cannot represent")
         if b.shape[0] != r:
             raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} has rank {r}, lora_B {ab['B'].shape} "
                              f"rank {b.shape[0]}; a damaged adapter")

@@ -154,7 +154,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
                                        keep_out | set(b_labels), pref, prec)
         contracted = {w_labels[ax] for ax in w_contract}
         r_of = lambda labels: [r_label if l in contracted else l for l in labels]
-        if (kept and not is_lazy(lw.w) and len(w_contract) == 1 and x_in.dtype == lw.w.dtype
+        if (kept and not is_lazy(lw.w) and len(w_contract) == 1 and x_in.dtype == lw.w.dtype == dtype
                 and joint_pays(x, x_contract[0])
                 and explicit.unsharded(x, x_contract[0]) and explicit.unsharded(lw.w, w_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
@@ -188,7 +188,7 @@ def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:
     for an 8-bit float matmul the widest of its result's and the factors' (fp8 is for the base term:
     ``a`` and ``b`` in fp8 would lose most of the update)."""
     if jnp.issubdtype(x.dtype, jnp.inexact) and jnp.issubdtype(w_dtype, jnp.inexact):
-        dtype = jnp.promote_types(x.dtype, w_dtype)
+        dtype = widest(x.dtype, w_dtype)  # an fp8 kernel against a bf16 x: bf16
         if jnp.finfo(dtype).bits < 16:
             return widest(eqn.outvars[0].aval.dtype, lw.a.dtype)
         return dtype

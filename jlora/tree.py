@@ -168,7 +168,7 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> Any:
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
         x = x.fitted()
         try:
-            x.check_shapes()
+            x.check_shapes(stacked=True)  # leading axes of w's or the factors' own (pmap, vmap) pass
         except ValueError as err:
             raise ValueError(f"{op}: {err}") from None
     return x

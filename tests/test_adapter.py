@@ -156,6 +156,13 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     for foreign in ({"rank": 2}, PeftLikeConfig()):
         with pytest.raises(ValueError, match="lora_config must be the jlora.LoraConfig the adapter was made with"):
             save_adapter(tmp_path / "ad", p, lora_config=foreign)
+    # an ensemble (jax.vmap(lora_init)): its 'io' layout names none of the members' axis, so the file
+    # would hold arrays no base fits; refused, whole or halved
+    ensemble = jax.vmap(lambda key: jlora.lora_init(key, base, cfg))(jax.random.split(KEY, 3))
+    for tree in (ensemble, jlora.split(ensemble)[0]):
+        with pytest.raises(ValueError, match=r"'q/kernel' has a \(3, 8, 2\), b \(3, 2, 8\), which layout 'io' does "
+                                             "not name all the axes of .an ensemble"):
+            save_adapter(tmp_path / "ensemble", tree)
     save_adapter(tmp_path / "ad", p)
     # loaded onto the LoRA tree itself, it would apply twice
     with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel', 'stack/kernel'\]\)"):

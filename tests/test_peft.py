@@ -385,9 +385,11 @@ def _torch_twin(model, torch_class):
     return load_flax_weights_in_pytorch_model(torch_class(model.config), model.params).eval()
 
 
-def _peft_logits(peft_model, **inputs):
+def _torch_out(torch_model, **inputs):
+    """The model's logits (or last hidden state) for numpy ``inputs``."""
     with torch.no_grad():
-        return peft_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}).logits.numpy()
+        out = torch_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()})
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).numpy()
 
 
 def _perturb_saved_modules(peft_model, amount=0.3):
@@ -407,7 +409,7 @@ def _read_as_peft_runs_it(model, torch_class, directory, **peft_options):
     peft_model.save_pretrained(directory)
     params = jlora.peft.load_adapter(directory, model.params, model.config)
     np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
-                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+                               _torch_out(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
     return params, peft_model
 
 
@@ -434,7 +436,7 @@ def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
     assert json.loads((tmp_path / "from_jlora" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
     peft_model = peft.PeftModel.from_pretrained(_torch_twin(model, tf.RobertaForSequenceClassification),
                                                 tmp_path / "from_jlora").eval()
-    np.testing.assert_allclose(_peft_logits(peft_model, input_ids=IDS), lm(IDS, params=params).logits,
+    np.testing.assert_allclose(_torch_out(peft_model, input_ids=IDS), lm(IDS, params=params).logits,
                                rtol=1e-4, atol=1e-5)
 
 
@@ -447,7 +449,7 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     assert isinstance(params["model"]["norm"]["weight"], jlora.Trainable)
     jlora.peft.save_adapter(tmp_path / "norm_back", params, model.config)
     reloaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.LlamaForCausalLM), tmp_path / "norm_back").eval()
-    np.testing.assert_allclose(_peft_logits(reloaded, input_ids=IDS), _peft_logits(peft_model, input_ids=IDS),
+    np.testing.assert_allclose(_torch_out(reloaded, input_ids=IDS), _torch_out(peft_model, input_ids=IDS),
                                rtol=1e-4, atol=1e-5)
 
     model = TINY["bart"]()
@@ -469,7 +471,7 @@ def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
     params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
     assert isinstance(params["cls"]["predictions"]["bias"], jlora.Trainable)
     np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
-                               _peft_logits(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+                               _torch_out(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -484,8 +486,8 @@ def test_fan_in_fan_out_is_the_module_type_as_in_peft(model_type, tmp_path):
     config_file = tmp_path / "adapter" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "fan_in_fan_out": model_type != "gpt2"}))
     peft_model = peft.PeftModel.from_pretrained(_torch_twin(model, torch_class), tmp_path / "adapter").eval()
-    want = _peft_logits(peft_model, input_ids=IDS)
-    np.testing.assert_allclose(want, _peft_logits(made, input_ids=IDS), rtol=1e-5, atol=1e-6)
+    want = _torch_out(peft_model, input_ids=IDS)
+    np.testing.assert_allclose(want, _torch_out(made, input_ids=IDS), rtol=1e-5, atol=1e-6)
     params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
     np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
 
@@ -510,20 +512,6 @@ def test_an_adapter_on_an_encoder_decoders_shared_embedding_is_refused_both_ways
             jlora.peft.load_adapter(directory, model.params, model.config)
 
 
-def _torch_twin(model, torch_class):
-    """The PyTorch model of ``torch_class`` with the Flax model's weights."""
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
-
-    torch.manual_seed(0)
-    return load_flax_weights_in_pytorch_model(torch_class(model.config), model.params).eval()
-
-
-def _torch_out(torch_model, **inputs):
-    with torch.no_grad():
-        out = torch_model(**{k: torch.tensor(np.asarray(v)) for k, v in inputs.items()})
-    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).numpy()
-
-
 def test_a_gpt2_decoder_inside_a_vision_encoder_decoder_keeps_its_conv1d_layout(tmp_path):
     """The composite model's type is vision-encoder-decoder; its decoder's is gpt2, whose Conv1D
     kernels are (out, in): a square one read as (in, out) gave other outputs without an error."""
@@ -544,6 +532,10 @@ def test_a_gpt2_decoder_inside_a_vision_encoder_decoder_keeps_its_conv1d_layout(
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)  # and back: PEFT gives the same outputs
     again = peft.PeftModel.from_pretrained(_torch_twin(model, tf.VisionEncoderDecoderModel), tmp_path / "back").eval()
     np.testing.assert_allclose(_torch_out(again, **inputs), want, rtol=1e-4, atol=1e-5)
+    model.config.architectures = ["VisionEncoderDecoderModel"]  # the decoder ties its LM head to wte, as GPT-2 does
+    on_wte = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["wte"]), jax.random.key(0)).params
+    with pytest.raises(ValueError, match="'decoder/transformer/wte/embedding' is tied to the LM head"):
+        jlora.peft.save_adapter(tmp_path / "wte", on_wte, model.config)
 
 
 def test_a_conv_kernel_trained_whole_crosses_both_ways(tmp_path):
@@ -654,5 +646,5 @@ def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tm
                                 input_shape=(1, 32, 32, 3))
     cfg = peft.LoraConfig(r=2, target_modules=["convolution"])
     peft.get_peft_model(_torch_twin(regnet, tf.RegNetModel), cfg).save_pretrained(tmp_path / "grouped")
-    with pytest.raises(ValueError, match="a grouped conv, whose PEFT adapter jlora cannot represent"):
+    with pytest.raises(ValueError, match="or a grouped conv's, which jlora cannot represent"):
         jlora.peft.load_adapter(tmp_path / "grouped", regnet.params, regnet.config)

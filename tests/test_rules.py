@@ -216,6 +216,27 @@ def test_an_fp8_matmul_keeps_the_low_rank_path_in_its_result_dtype():
     np.testing.assert_allclose(g.b, lw.scale * (xf @ a).T @ ones, rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_kernels_chained_keep_the_adapter_out_of_fp8_with_inputs_rebuilt():
+    """Under recompute="inputs" a LoRA output a rebuild reads is computed as one matmul [x | t] @ [w ; b]
+    in w's dtype: not for an fp8 w (b rounded to fp8, 7% off); and an fp8 kernel against a bf16 x
+    promotes to bf16 (lax.dot_general takes them mixed)."""
+    l1, l2 = (random_lora(jax.random.key(i), (8, 8), "io", 2) for i in (0, 1))
+    l1, l2 = (lw.replace(w=lw.w.astype(jnp.float8_e4m3fn)) for lw in (l1, l2))
+    f8 = lambda h, w: jnp.dot(h.astype(jnp.float8_e4m3fn), w, preferred_element_type=jnp.float32)
+    fn = lambda p, x: f8(jax.nn.silu(f8(x, p["l1"])), p["l2"])
+    x = normal(jax.random.key(2), (16, 8))  # at least d_in / 2 tokens: the joint matmul would pay
+    whole = lambda lw: lw.w.astype(jnp.float32) + lw.scale * jnp.dot(lw.a, lw.b, precision="highest")  # f32, unrounded
+    f32 = lambda h, w: jnp.dot(h.astype(jnp.float8_e4m3fn).astype(jnp.float32), w, precision="highest")
+    want = f32(jax.nn.silu(f32(x, whole(l1))), whole(l2))
+    for recompute in ("inputs", False):
+        got = jlora.apply(fn, recompute=recompute)({"l1": l1, "l2": l2}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    mixed = lambda p, x: lax.dot_general(x, p["l1"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    xb = x.astype(jnp.bfloat16)
+    np.testing.assert_allclose(jlora.apply(mixed)({"l1": l1}, xb), jnp.dot(xb.astype(jnp.float32), whole(l1)),
+                               rtol=2e-2, atol=2e-2)  # the adapter's path in bf16
+
+
 def _count_dots(fn, *args):
     jaxpr = jax.make_jaxpr(fn)(*args)
     return str(jaxpr).count("dot_general")
