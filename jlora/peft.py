@@ -25,6 +25,7 @@ import collections.abc
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -213,8 +214,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     # the task's head that PEFT saves whole for the task type where it is part of one
     trained = [p for p, x in nodes if isinstance(x, Trainable) and not p.endswith("/bias")]
     task_type = _task_type(task_type, hf_config, [p for p, _ in targets], trained)
-    if any("/" not in p for p in trained):
-        raise ValueError(f"jlora.peft.save_adapter: '{next(p for p in trained if '/' not in p)}' is a param of the "
+    model_level = [p for p in trained if "/" not in p]
+    if model_level:
+        raise ValueError(f"jlora.peft.save_adapter: '{model_level[0]}' is a param of the "
                          "model itself, not of a module: PEFT trains whole modules only (modules_to_save), so it "
                          "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
     saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
@@ -408,8 +410,6 @@ def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict
 
 
 def _pattern_value(table: dict, name: str, default: Any) -> Any:
-    import re
-
     for key, value in table.items():  # PEFT matches a key against the end of the module name
         if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key.strip("^$"), name):
             return value
@@ -632,8 +632,6 @@ def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str
     a suffix of ``.``-parts, a regex string matched whole) but the adapter holds no factors for: a
     truncated or hand-edited file. Not checked for options that pick modules jlora does not follow
     (``layers_to_transform``, ``exclude_modules``, ``"all-linear"``)."""
-    import re
-
     targets = config.get("target_modules")
     if not targets or targets == "all-linear" or config.get("layers_to_transform") is not None or config.get("exclude_modules"):
         return []
