@@ -109,7 +109,7 @@ class AdapterCheckpointer:
         self.directory = os.fspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"AdapterCheckpointer: {self.directory} is a file, not a directory")
-        self.best_metric = best_metric
+        self.best_metric, self._best_mode, self._ranking_checked = best_metric, best_mode, False
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
         self._closed = False
@@ -146,11 +146,13 @@ class AdapterCheckpointer:
             if not math.isfinite(value):  # orbax would rank it above the good steps and delete those
                 raise ValueError(f"AdapterCheckpointer.save: step {step} not written: metrics['{self.best_metric}'] "
                                  f"is {value}, so it cannot be ranked against the kept steps {self.all_steps()}")
+        self._check_ranking("save")
         arrays, specs = _adapter_arrays(params)
         if opt_state is not None:
             _check_arrays(opt_state)
         os.makedirs(self.directory, exist_ok=True)
-        meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None}
+        meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None,
+                "ranking": self._ranking()}
         items = {"adapters": ocp.args.StandardSave(arrays)}
         if opt_state is not None:
             flat = _flat(opt_state)
@@ -250,7 +252,26 @@ class AdapterCheckpointer:
 
     def best_step(self) -> int | None:
         """The step with the best ``best_metric`` (the latest without one), or ``None``."""
+        self._check_ranking("best_step")
         return self._manager.best_step()
+
+    def _ranking(self) -> list | None:
+        """``[best_metric, best_mode]``, or ``None`` when steps are kept by recency."""
+        return None if self.best_metric is None else [self.best_metric, self._best_mode]
+
+    def _check_ranking(self, op: str) -> None:
+        """Refuse to prune or rank the directory's steps otherwise than they were saved: reopened
+        without its ``best_metric``, orbax would keep the newest steps and delete the best."""
+        latest = self._manager.latest_step()
+        if self._ranking_checked or latest is None:  # once: the steps this checkpointer writes rank as it does
+            return
+        saved = self._meta(latest)[1].get("ranking", self._ranking())  # a step saved before rankings were kept
+        if saved != self._ranking():
+            how = "by recency" if saved is None else f"best_metric={saved[0]!r}, best_mode={saved[1]!r}"
+            mine = "by recency" if self.best_metric is None else f"best_metric={self.best_metric!r}, best_mode={self._best_mode!r}"
+            raise ValueError(f"AdapterCheckpointer.{op}: {self.directory} keeps its steps {how}, this checkpointer "
+                             f"{mine}: it would rank them otherwise and keep other steps; open it with {how}")
+        self._ranking_checked = True
 
     def all_steps(self) -> list[int]:
         """Every step kept on disk, oldest first."""

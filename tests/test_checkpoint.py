@@ -192,7 +192,7 @@ def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
 
 
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
-    _, _, params, _ = setup()
+    base, _, params, _ = setup()
     last = AdapterCheckpointer(tmp_path / "last", max_to_keep=2, async_save=False)
     for step in (0, np.int64(1), np.array(2), jnp.int32(3), jnp.array(4)):  # integer scalars of numpy or JAX too
         last.save(step, params)
@@ -216,6 +216,19 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     assert sorted(best.all_steps()) == [10, 11]
     with pytest.raises(ValueError, match="metrics must be a dict of names to numbers, got 0.5"):
         best.save(12, params, metrics=0.5)
+    # reopened ranking otherwise (a resume script without best_metric): orbax would keep the newest
+    # steps and delete the best ones; refused, the steps untouched
+    for other in ({}, {"best_metric": "loss", "best_mode": "max"}, {"best_metric": "acc"}):
+        again = AdapterCheckpointer(tmp_path / "best", max_to_keep=2, async_save=False, **other)
+        with pytest.raises(ValueError, match="keeps its steps best_metric='loss', best_mode='min', this checkpointer"):
+            again.save(13, params, metrics={"loss": 0.01, "acc": 0.9})
+        with pytest.raises(ValueError, match="open it with best_metric='loss', best_mode='min'"):
+            again.best_step()
+        again.restore(base)  # reading a step is fine
+    assert sorted(best.all_steps()) == [10, 11]
+    assert AdapterCheckpointer(tmp_path / "best", max_to_keep=2, best_metric="loss").best_step() == 11
+    with pytest.raises(ValueError, match="keeps its steps by recency, this checkpointer best_metric='loss'"):
+        AdapterCheckpointer(tmp_path / "last", best_metric="loss").save(9, params, metrics={"loss": 0.1})
     for keep in (0, -1, "3", 2.5, True):  # orbax's max_to_keep=0 deletes every step, older runs' too
         with pytest.raises(ValueError, match=f"max_to_keep must be an int >= 1, or None to keep every step; got {keep!r}"):
             AdapterCheckpointer(tmp_path / "last", max_to_keep=keep)

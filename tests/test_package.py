@@ -6,11 +6,14 @@ import sys
 
 def test_every_module_is_reachable_after_import_jlora_and_heavy_ones_load_on_first_use():
     script = """
-import sys, jlora
+import pkgutil, sys, jlora
 assert "transformers" not in sys.modules and "orbax.checkpoint" not in sys.modules, "imported with jlora"
 for name, attr in [("adapter", "save_adapter"), ("checkpoint", "AdapterCheckpointer"), ("hf", "LoraModel"),
-                   ("peft", "load_adapter"), ("sharding", "place")]:
+                   ("peft", "load_adapter"), ("sharding", "place"), ("finetune", "load_job")]:
     assert callable(getattr(getattr(jlora, name), attr)), name
+for module in pkgutil.iter_modules(jlora.__path__):  # every public module, as the README names them
+    if not module.name.startswith("_"):
+        getattr(jlora, module.name)
 try:
     jlora.no_such_thing
 except AttributeError as err:
