@@ -326,6 +326,29 @@ def context_key() -> str:
 _ONE = np.float32(1)
 
 
+def trace_config() -> Any:
+    """JAX's configuration that a trace depends on (x64, the default PRNG implementation, matmul
+    precision, dtype and rank promotion, ...), as ``jax.jit`` keys its cache on it: JAX's own
+    ``trace_context`` where there is one (every version from 0.6 to 0.11), else the public flags;
+    and the default PRNG implementation, which ``jax.jit`` leaves out (a stale key type).
+
+    Example:
+        >>> with jax.default_matmul_precision("bfloat16"):
+        ...     inside = trace_config()
+        >>> inside != trace_config()
+        True
+    """
+    try:
+        from jax._src.config import trace_context
+    except ImportError:
+        trace_context = None
+    prng = getattr(jax.config, "jax_default_prng_impl", None)  # not in trace_context: jax.jit keeps a stale trace
+    if trace_context is not None:
+        return trace_context(), prng
+    return prng, *(getattr(jax.config, name, None) for name in (
+        "jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion", "jax_numpy_rank_promotion"))
+
+
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import os
 import re
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
@@ -355,8 +356,11 @@ def evaluate_closed(closed: Any, args: Sequence[Any], ctx: Context) -> list:
 # --- apply --------------------------------------------------------------------------------------
 
 def is_array(x: Any) -> bool:
-    """Whether ``x`` is an array leaf (traced by ``apply``); other leaves stay static."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))  # a tracer is a jax.Array
+    """Whether ``x`` is an array leaf (traced by ``apply``); other leaves stay static, numpy
+    strings and objects too (``np.str_``: an item of an array of labels)."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.dtype.kind not in "OSUV"
+    return isinstance(x, jax.Array)  # a tracer is a jax.Array
 
 
 def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:
@@ -372,6 +376,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     the arguments (a ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the
     params) is updated as ``fn`` updates it, as a call of the module would, and a variable the
     call creates (``sow``'s intermediates) is added to its module.
+
+    ``fn`` is traced once per input signature, as ``jax.jit`` does, and the trace is reused: array
+    leaves by their types, every other leaf (a Python number, a string, a function) as a static
+    value, by its type and equality (as ``jax.jit``'s static arguments), and JAX's configuration
+    (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
+    arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
+    (the least recently used go first); ``wrapped.cache_clear()`` drops them.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -399,8 +410,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     """
     if not callable(fn):
         raise ValueError(f"jlora.apply: fn must be callable, got {fn!r}")
-    if recompute not in (False, True, "inputs"):
-        raise ValueError(f"recompute must be False, True or 'inputs', got {recompute!r}")
+    if not (recompute is False or recompute is True or recompute == "inputs" and isinstance(recompute, str)):
+        raise ValueError(f"jlora.apply: recompute must be False, True or 'inputs', got {recompute!r}")
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        raise ValueError(f"jlora.apply: cache_size must be an int >= 1 (traces kept), got {cache_size!r}")
     try:
         own = "lora_rng" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # no signature to read (some builtins)
@@ -409,6 +422,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         raise ValueError(f"jlora.apply: {getattr(fn, '__name__', fn)!s} has a parameter named 'lora_rng', "
                          "the keyword the wrapped function takes for LoRA dropout's key; rename it")
     cache: OrderedDict = OrderedDict()
+    lock = threading.Lock()  # the cache's order and size, under calls from several threads
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
@@ -446,9 +460,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
-            traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract, bool(nnx_vars))
+            traced = _trace(fn, (cache, lock), cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
+                            bool(nnx_vars))
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
-            named = [f"dyn[{k}] is the argument at '{param_paths()[dynamic[int(k)]]}'"
+            named = [f"dyn[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"
                      for k in dict.fromkeys(re.findall(r"\bdyn\[(\d+)\]", str(err))) if int(k) < len(dynamic)]
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once per input signature, as jax.jit "
@@ -526,19 +541,37 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
+def _argument(args: tuple, kwargs: dict, leaf: int) -> str:
+    """How a message names leaf ``leaf`` of ``(args, kwargs)``: the argument, and the path in it.
+
+    Example:
+        >>> _argument((1, {"flag": 2}), {}, 1)
+        "argument 1 at 'flag'"
+    """
+    keys = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0][leaf][0]
+    which = f"argument {keys[1].idx}" if keys[0].idx == 0 else f"keyword argument '{keys[1].key}'"
+    inside = path_str(keys[2:])
+    return f"{which} at '{inside}'" if inside else which
+
+
+def _trace(fn, cache_and_lock, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
+    cache, lock = cache_and_lock
     try:
-        # static values with their types: 1, 1.0 and True are equal keys but trace differently
+        # static values with their types: 1, 1.0 and True are equal keys but trace differently;
+        # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
+        # rules), as jax.jit's cache has it
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract), _compat.context_key())
+               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config())
         hash(key)
     except TypeError:
         key = None
     # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace
     state = _compat.trace_state()
-    if key is not None and key in cache and cache[key][0] == state:
-        cache.move_to_end(key)
-        return cache[key][1]
+    with lock:
+        hit = cache.get(key) if key is not None else None
+        if hit is not None and hit[0] == state:
+            cache.move_to_end(key)
+            return hit[1]
 
     def flat_fn(*dyn: Any) -> Any:
         leaves: list[Any] = [None] * n_leaves
@@ -570,7 +603,8 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
     result = (closed, outputs["tree"], outputs["static"])
     _, consts = _compat.open_jaxpr(closed)
     if key is not None and not any(_compat.is_tracer(c) for c in consts):
-        cache[key] = (state, result)
-        if len(cache) > cache_size:
-            cache.popitem(last=False)
+        with lock:
+            cache[key] = (state, result)
+            while len(cache) > cache_size:
+                cache.popitem(last=False)
     return result

@@ -274,6 +274,67 @@ def test_static_values_equal_across_types_trace_apart():
     assert all(type(c) is type(constants[0]) for c in constants)
 
 
+def test_a_trace_is_not_reused_under_another_jax_configuration():
+    """x64, matmul precision, promotion rules and the default PRNG change what a trace holds: a
+    trace made under one is not reused under another (as jax.jit's cache, and the PRNG besides)."""
+    p = lora({"w": jnp.ones((3, 3))}, ["w"])
+    forward = jlora.apply(lambda p, x: x @ p["w"] + jnp.arange(3.0))
+    x = jnp.ones((1, 3))
+    assert forward(p, x).dtype == jnp.float32
+    from jax import experimental
+
+    with (jax.enable_x64(True) if hasattr(jax, "enable_x64") else experimental.enable_x64()):  # JAX 0.6's place
+        assert forward(p, x).dtype == jnp.float64
+    assert forward(p, x).dtype == jnp.float32
+    mixed = jlora.apply(lambda p, x: x @ p["w"] + jnp.ones(3, jnp.int32))
+    mixed(p, x)
+    with jax.numpy_dtype_promotion("strict"), pytest.raises(ValueError, match="promotion"):  # a TypePromotionError
+        mixed(p, x)
+    noise = jlora.apply(lambda p, x, seed: x @ p["w"] + jax.random.normal(jax.random.key(seed), (3,)))
+    threefry = noise(p, x, 0)
+    impl = jax.config.jax_default_prng_impl
+    try:
+        jax.config.update("jax_default_prng_impl", "rbg")
+        rbg = noise(p, x, 0)
+        np.testing.assert_allclose(rbg, x @ oracle_merge(p)["w"] + jax.random.normal(jax.random.key(0), (3,)), rtol=1e-6)
+        assert not np.allclose(rbg, threefry)
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
+
+
+def test_calls_from_several_threads_share_the_cache_safely():
+    """Threads evicting and reading one small cache (more signatures than it keeps): every call
+    gives its own result, none fails inside the cache."""
+    import concurrent.futures
+    import sys
+
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    forward = jlora.apply(lambda p, x: x @ p["w"], cache_size=2)
+    want = {n: jnp.ones((n, 4)) @ oracle_merge(p)["w"] for n in range(1, 7)}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda n: (n, forward(p, jnp.ones((n, 4)))), [1 + i % 6 for i in range(1000)]))
+    finally:
+        sys.setswitchinterval(interval)
+    for n, got in results:
+        np.testing.assert_allclose(got, want[n], rtol=1e-6)
+
+
+def test_apply_options_and_numpy_strings_are_checked():
+    for bad in (1, 0.0, np.True_, "Inputs", None):  # equal to True/False/"inputs" but not them: refused
+        with pytest.raises(ValueError, match="jlora.apply: recompute must be False, True or 'inputs'"):
+            jlora.apply(lambda p: p, recompute=bad)
+    for bad in (None, "8", 0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="jlora.apply: cache_size must be an int >= 1"):
+            jlora.apply(lambda p: p, cache_size=bad)
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    labels = np.array(["neg", "pos"])  # an item of an array of labels is a numpy string: static, as a str
+    pick = jlora.apply(lambda p, x, label: x @ p["w"] if label == "pos" else -x)
+    np.testing.assert_allclose(pick(p, jnp.ones((1, 4)), labels[1]), jnp.ones((1, 4)) @ oracle_merge(p)["w"], rtol=1e-6)
+
+
 def test_static_leaves_and_trainable_leaves_pass_through():
     params = {"w": jnp.ones((4, 4)), "bias": jnp.arange(4.0)}
     p = jlora.lora_init(KEY, params, jlora.LoraConfig(rank=2, targets=["w"], trainable=["bias"]))
@@ -292,8 +353,12 @@ def test_a_param_read_in_python_is_named_by_its_path():
     fn(jlora.merge(p), jnp.ones((1, 4)))
     with pytest.raises(jax.errors.ConcretizationTypeError) as caught:
         jlora.apply(fn)(p, jnp.ones((1, 4)))
-    assert "cannot read the values of its array arguments (dyn[0] is the argument at 'q/kernel')" in "".join(
+    assert "cannot read the values of its array arguments (dyn[0] is argument 0 at 'q/kernel')" in "".join(
         caught.value.__notes__)
+    gate = lambda p, x, batch: x @ p["q"]["kernel"] if batch["flag"] else x
+    with pytest.raises(jax.errors.ConcretizationTypeError) as caught:
+        jlora.apply(gate)(p, jnp.ones((1, 4)), batch={"flag": jnp.array(True)})
+    assert "(dyn[2] is keyword argument 'batch' at 'flag')" in "".join(caught.value.__notes__)  # dyn[1] is x
 
 
 def test_one_half_alone_or_a_bad_rng_is_refused():
