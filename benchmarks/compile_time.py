@@ -91,6 +91,7 @@ def main() -> None:
         os.makedirs(args.passes, exist_ok=True)
 
     runs: dict[str, list[dict]] = {m: [] for m in modes}
+    failed: list[str] = []
     passes: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(args.repeats):
         for mode in modes:
@@ -99,6 +100,7 @@ def main() -> None:
             result = run_child(STEP, ["--preset", args.preset, "--mode", name, "--stop", "compile"], mode,
                                env=env, log=log)
             if result is None:
+                failed.append(mode)
                 continue
             runs[mode].append(result)
             if log:
@@ -110,6 +112,8 @@ def main() -> None:
     print_table(args.preset, runs)
     if args.passes:
         print_passes(passes)
+    if failed:  # a mode missing from the table must not look like a clean run
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are above)")
 
 
 def print_table(preset: str, runs: dict[str, list[dict]]) -> None:
@@ -122,13 +126,14 @@ def print_table(preset: str, runs: dict[str, list[dict]]) -> None:
     w = max(14, *(len(m) + 2 for m in done))
     print(f"{'mode':<{w}}{'compile s':>10}{'min-max':>14}{'trace s':>9}{'x first':>9}"
           f"{'entry ops':>11}{'fusions':>9}{'cuBLAS':>8}{'Triton':>8}")
+    gpu = (lambda n: "-") if "cpu" in any_r["device"].lower() else str  # GEMM kernels exist on a GPU only
     for mode, rs in done.items():
         c = [r["compile_s"] for r in rs]
         med = statistics.median(c)
         last = rs[-1]
         print(f"{mode:<{w}}{med:>10.1f}{f'{min(c):.1f}-{max(c):.1f}':>14}{statistics.median(r['trace_s'] for r in rs):>9.1f}"
-              f"{med / base:>9.2f}{last['entry_instructions']:>11}{last['fusions']:>9}{last['cublas_gemms']:>8}"
-              f"{last['triton_gemms']:>8}")
+              f"{med / base:>9.2f}{last['entry_instructions']:>11}{last['fusions']:>9}{gpu(last['cublas_gemms']):>8}"
+              f"{gpu(last['triton_gemms']):>8}")
 
 
 def print_passes(passes: dict[str, list[dict]], top: int = 25) -> None:
@@ -141,9 +146,10 @@ def print_passes(passes: dict[str, list[dict]], top: int = 25) -> None:
     names = sorted(set().union(*medians.values()),
                    key=lambda n: -max(abs(medians[m].get(n, 0.0) - medians[first].get(n, 0.0)) for m in medians))
     print(f"\nXLA passes, seconds (median over processes); largest difference to {first} first")
-    print(f"{'pass':<44}" + "".join(f"{m:>12}" for m in medians))
+    w = max(12, *(len(m) + 2 for m in medians))
+    print(f"{'pass':<44}" + "".join(f"{m:>{w}}" for m in medians))
     for name in names[:top]:
-        print(f"{name[:43]:<44}" + "".join(f"{p.get(name, 0.0):>12.2f}" for p in medians.values()))
+        print(f"{name[:43]:<44}" + "".join(f"{p.get(name, 0.0):>{w}.2f}" for p in medians.values()))
 
 
 if __name__ == "__main__":

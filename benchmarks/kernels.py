@@ -41,6 +41,9 @@ def device_times(trace_dir: str) -> dict[str, list]:
             op = e.get("args", {}).get("hlo_op") or e["name"]
             times[op][0] += e.get("dur", 0.0)
             times[op][1] += 1
+    if not times:
+        raise SystemExit(f"{path}: no device events (processes {sorted(set(process.values()))}): kernels.py reads "
+                         "a GPU profile; a CPU trace has only host events")
     return times
 
 

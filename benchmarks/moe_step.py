@@ -183,18 +183,25 @@ def main() -> None:
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args.mode, preset)), flush=True)
         return
-    results = {}
+    results, failed = {}, []
     for mode in args.modes.split(","):
         result = run_child(__file__, ["--preset", args.preset, *(f"--set={kv}" for kv in args.set), "--mode", mode], mode)
-        if result is not None:
+        if result is None:
+            failed.append(mode)
+        else:
             results[mode] = result
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump(dict(preset=args.preset, config=preset, results=results), f, indent=2)
-    if not results:
-        return
+    if results:
+        print_table(args.preset, preset, results)
+    if failed:  # a mode missing from the table must not look like a clean run
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are above)")
+
+
+def print_table(preset_name: str, preset: dict, results: dict) -> None:
     any_r = next(iter(results.values()))
-    print(f"\npreset {args.preset} {preset}; device {any_r['device']}; jax {any_r['jax']}")
+    print(f"\npreset {preset_name} {preset}; device {any_r['device']}; jax {any_r['jax']}")
     floor = results.get("floor", {}).get("tokens_per_s")
     full = results.get("full", {})
     print(f"{'mode':<13}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x full':>8}{'peak GiB':>10}{'compile s':>11}")

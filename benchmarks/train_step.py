@@ -228,19 +228,22 @@ def main() -> None:
         print("RESULT " + json.dumps(run_mode(args.mode, preset, args.stop, args.profile)), flush=True)
         return
 
-    results = {}
+    results, failed = {}, []
     for mode in args.modes.split(","):
         name, env = child_mode(mode, {})
         result = run_child(__file__, ["--preset", args.preset, "--mode", name]
                            + (["--steps", str(args.steps)] if args.steps else [])
                            + (["--profile", f"{args.profile}/{file_name(mode)}"] if args.profile else []), mode, env=env)
         if result is None:
+            failed.append(mode)
             continue
         results[mode] = result
         if args.json_out:  # written after every mode: a run cut short keeps what it measured
             with open(args.json_out, "w") as f:
                 json.dump(dict(preset=args.preset, config=preset, results=results), f, indent=2)
     print_table(args.preset, results)
+    if failed:  # a mode missing from the table must not look like a clean run
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are above)")
 
 
 def print_table(preset: str, results: dict) -> None:
@@ -257,7 +260,7 @@ def print_table(preset: str, results: dict) -> None:
     num = lambda x, spec: "-" if x is None else format(x, spec)
     w = max(12, *(len(m) + 2 for m in results))
     print(f"{'mode':<{w}}{'ms/step':>9}{'tokens/s':>11}{'x floor':>9}{'x hand':>8}{'peak GiB':>10}"
-          f"{'XLA GiB':>9}{'compile s':>11}{'(trace)':>9}{'x full':>8}{'TFLOP':>8}")
+          f"{'XLA GiB':>9}{'compile s':>11}{'(trace)':>9}{'x full c':>9}{'TFLOP':>8}")
     for mode, r in results.items():
         xf = f"{r['tokens_per_s'] / floor:.3f}" if floor else "-"
         xh = f"{r['tokens_per_s'] / hand:.3f}" if hand else "-"
