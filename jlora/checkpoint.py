@@ -109,9 +109,10 @@ class AdapterCheckpointer:
         self.directory = os.fspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"AdapterCheckpointer: {self.directory} is a file, not a directory")
-        self.best_metric, self._best_mode, self._ranking_checked = best_metric, best_mode, False
+        self.best_metric, self._best_mode = best_metric, best_mode
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+        self._saved_ranking = self._read_ranking()
         self._closed = False
         if async_save:  # a script that ends without wait() or close() must not lose its last save
             _finish_at_exit(self)
@@ -259,19 +260,31 @@ class AdapterCheckpointer:
         """``[best_metric, best_mode]``, or ``None`` when steps are kept by recency."""
         return None if self.best_metric is None else [self.best_metric, self._best_mode]
 
+    def _read_ranking(self) -> tuple | None:
+        """``(ranking,)`` the directory's newest readable step was saved with, or ``None`` (no step,
+        or none readable). Read from the step's metadata file itself: orbax's restore would wait for
+        every process (a call on one process alone would hang) and for a save in flight."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):  # damaged, or another orbax layout: the step before
+                continue
+            if isinstance(meta, dict) and "specs" in meta:
+                return (meta.get("ranking", self._ranking()),)  # saved before rankings were kept: any
+        return None
+
     def _check_ranking(self, op: str) -> None:
         """Refuse to prune or rank the directory's steps otherwise than they were saved: reopened
         without its ``best_metric``, orbax would keep the newest steps and delete the best."""
-        latest = self._manager.latest_step()
-        if self._ranking_checked or latest is None:  # once: the steps this checkpointer writes rank as it does
+        if self._saved_ranking is None:
             return
-        saved = self._meta(latest)[1].get("ranking", self._ranking())  # a step saved before rankings were kept
+        (saved,) = self._saved_ranking
         if saved != self._ranking():
             how = "by recency" if saved is None else f"best_metric={saved[0]!r}, best_mode={saved[1]!r}"
             mine = "by recency" if self.best_metric is None else f"best_metric={self.best_metric!r}, best_mode={self._best_mode!r}"
             raise ValueError(f"AdapterCheckpointer.{op}: {self.directory} keeps its steps {how}, this checkpointer "
                              f"{mine}: it would rank them otherwise and keep other steps; open it with {how}")
-        self._ranking_checked = True
 
     def all_steps(self) -> list[int]:
         """Every step kept on disk, oldest first."""

@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import itertools
+import numbers
 import os
 import re
 import threading
@@ -410,9 +411,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     """
     if not callable(fn):
         raise ValueError(f"jlora.apply: fn must be callable, got {fn!r}")
-    if not (recompute is False or recompute is True or recompute == "inputs" and isinstance(recompute, str)):
+    if not (recompute is False or recompute is True or isinstance(recompute, str) and recompute == "inputs"):
         raise ValueError(f"jlora.apply: recompute must be False, True or 'inputs', got {recompute!r}")
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+    if isinstance(cache_size, bool) or not isinstance(cache_size, numbers.Integral) or cache_size < 1:
         raise ValueError(f"jlora.apply: cache_size must be an int >= 1 (traces kept), got {cache_size!r}")
     try:
         own = "lora_rng" in inspect.signature(fn).parameters
@@ -422,7 +423,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         raise ValueError(f"jlora.apply: {getattr(fn, '__name__', fn)!s} has a parameter named 'lora_rng', "
                          "the keyword the wrapped function takes for LoRA dropout's key; rename it")
     cache: OrderedDict = OrderedDict()
-    lock = threading.Lock()  # the cache's order and size, under calls from several threads
+    lock = threading.RLock()  # the cache's order and size, under calls from several threads
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
@@ -520,7 +521,11 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                           "have no module in its arguments to go into: return what you need of them", stacklevel=2)
         return result
 
-    wrapped.cache_clear = cache.clear  # type: ignore[attr-defined]
+    def cache_clear() -> None:
+        with lock:
+            cache.clear()
+
+    wrapped.cache_clear = cache_clear  # type: ignore[attr-defined]
     return wrapped
 
 

@@ -235,6 +235,19 @@ def test_keeps_the_last_n_or_the_best_n(tmp_path):
     assert last.all_steps() == [3, 4]
 
 
+def test_the_ranking_is_read_from_the_newest_readable_step(tmp_path):
+    """Read from the step's own metadata file (orbax's restore waits for every process: a call on
+    one process alone hung); a damaged newest step leaves the one before to say it."""
+    base, _, params, _ = setup()
+    best = AdapterCheckpointer(tmp_path, max_to_keep=3, best_metric="loss", async_save=False)
+    best.save(1, params, metrics={"loss": 1.0})
+    best.save(2, params, metrics={"loss": 2.0})
+    (tmp_path / "2" / "meta" / "metadata").write_text("{broken")
+    assert AdapterCheckpointer(tmp_path, max_to_keep=3, best_metric="loss").best_step() == 1
+    with pytest.raises(ValueError, match="keeps its steps best_metric='loss'"):
+        AdapterCheckpointer(tmp_path, max_to_keep=3).best_step()
+
+
 def test_optimizer_state_with_a_prng_key_round_trips(tmp_path):
     base, _, params, _ = setup()
     trainable = jlora.split(params)[0]

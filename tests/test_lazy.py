@@ -303,8 +303,8 @@ def test_a_trace_is_not_reused_under_another_jax_configuration():
 
 
 def test_calls_from_several_threads_share_the_cache_safely():
-    """Threads evicting and reading one small cache (more signatures than it keeps): every call
-    gives its own result, none fails inside the cache."""
+    """Threads evicting, clearing and reading one small cache (more signatures than it keeps):
+    every call gives its own result, none fails inside the cache."""
     import concurrent.futures
     import sys
 
@@ -315,7 +315,8 @@ def test_calls_from_several_threads_share_the_cache_safely():
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda n: (n, forward(p, jnp.ones((n, 4)))), [1 + i % 6 for i in range(1000)]))
+            call = lambda i: (1 + i % 6, forward(p, jnp.ones((1 + i % 6, 4))), i % 50 or forward.cache_clear())
+            results = [(n, got) for n, got, _ in pool.map(call, range(1000))]
     finally:
         sys.setswitchinterval(interval)
     for n, got in results:
