@@ -360,7 +360,7 @@ def is_array(x: Any) -> bool:
     """Whether ``x`` is an array leaf (traced by ``apply``); other leaves stay static, numpy
     strings and objects too (``np.str_``: an item of an array of labels)."""
     if isinstance(x, (np.ndarray, np.generic)):
-        return x.dtype.kind not in "OSUV"
+        return x.dtype.kind not in "OSU"  # bfloat16 and fp8 (ml_dtypes) are kind "V": arrays
     return isinstance(x, jax.Array)  # a tracer is a jax.Array
 
 

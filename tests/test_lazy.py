@@ -334,6 +334,12 @@ def test_apply_options_and_numpy_strings_are_checked():
     labels = np.array(["neg", "pos"])  # an item of an array of labels is a numpy string: static, as a str
     pick = jlora.apply(lambda p, x, label: x @ p["w"] if label == "pos" else -x)
     np.testing.assert_allclose(pick(p, jnp.ones((1, 4)), labels[1]), jnp.ones((1, 4)) @ oracle_merge(p)["w"], rtol=1e-6)
+    calls = []  # a numpy bf16 array (ml_dtypes' kind "V") is an array: traced, not static
+    scaled = jlora.apply(lambda p, x: calls.append(1) or x.astype(jnp.float32) @ p["w"])
+    for value in (1.0, 2.0):
+        out = scaled(p, np.full((1, 4), value, jnp.bfloat16))
+    assert len(calls) == 1
+    np.testing.assert_allclose(out, np.full((1, 4), 2.0) @ oracle_merge(p)["w"], rtol=1e-6)
 
 
 def test_static_leaves_and_trainable_leaves_pass_through():
