@@ -34,6 +34,17 @@ def run_child(script: str, args: list[str], label: str, env: dict | None = None,
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def exit_if_failed(failed: list[str]) -> None:
+    """End a driver's run (after its table) with an error naming the modes that failed: a mode
+    missing from the table must not look like a clean run.
+
+    Example:
+        >>> exit_if_failed([])
+    """
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are above)")
+
+
 def child_mode(spec: str, env: dict) -> tuple[str, dict]:
     """``MODE`` or ``MODE@DIR`` -> (the train_step.py mode, the child's added environment): with
     ``DIR``, its ``jlora`` package is imported instead of the installed one.

@@ -260,10 +260,11 @@ class AdapterCheckpointer:
         """``[best_metric, best_mode]``, or ``None`` when steps are kept by recency."""
         return None if self.best_metric is None else [self.best_metric, self._best_mode]
 
-    def _read_ranking(self) -> tuple | None:
-        """``(ranking,)`` the directory's newest readable step was saved with, or ``None`` (no step,
-        or none readable). Read from the step's metadata file itself: orbax's restore would wait for
-        every process (a call on one process alone would hang) and for a save in flight."""
+    def _read_ranking(self) -> list | None:
+        """The ranking the directory's newest readable step was saved with; this checkpointer's own
+        where there is none (no step, none readable, or one saved before rankings were kept). Read
+        from the step's metadata file itself: orbax's restore would wait for every process (a call
+        on one process alone would hang) and for a save in flight."""
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
@@ -271,20 +272,17 @@ class AdapterCheckpointer:
             except (OSError, ValueError):  # damaged, or another orbax layout: the step before
                 continue
             if isinstance(meta, dict) and "specs" in meta:
-                return (meta.get("ranking", self._ranking()),)  # saved before rankings were kept: any
-        return None
+                return meta.get("ranking", self._ranking())
+        return self._ranking()
 
     def _check_ranking(self, op: str) -> None:
         """Refuse to prune or rank the directory's steps otherwise than they were saved: reopened
         without its ``best_metric``, orbax would keep the newest steps and delete the best."""
-        if self._saved_ranking is None:
-            return
-        (saved,) = self._saved_ranking
-        if saved != self._ranking():
-            how = "by recency" if saved is None else f"best_metric={saved[0]!r}, best_mode={saved[1]!r}"
-            mine = "by recency" if self.best_metric is None else f"best_metric={self.best_metric!r}, best_mode={self._best_mode!r}"
+        if self._saved_ranking != self._ranking():
+            how = _describe_ranking(self._saved_ranking)
             raise ValueError(f"AdapterCheckpointer.{op}: {self.directory} keeps its steps {how}, this checkpointer "
-                             f"{mine}: it would rank them otherwise and keep other steps; open it with {how}")
+                             f"{_describe_ranking(self._ranking())}: it would rank them otherwise and keep other "
+                             f"steps; open it with {how}")
 
     def all_steps(self) -> list[int]:
         """Every step kept on disk, oldest first."""
@@ -357,6 +355,10 @@ def _check_arrays(opt_state: Any) -> None:
         if not is_saveable_array(leaf) and not isinstance(leaf, (int, float)):
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} is "
                              f"{type(leaf).__name__}, not an array: pass the state, e.g. tx.init(trainable)")
+
+
+def _describe_ranking(ranking: list | None) -> str:
+    return "by recency" if ranking is None else f"best_metric={ranking[0]!r}, best_mode={ranking[1]!r}"
 
 
 def _damaged(err: Exception) -> bool:

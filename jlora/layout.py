@@ -191,6 +191,21 @@ class Layout:
         """
         return Layout(tuple(self.axes[p] for p in perm))
 
+    def batched(self, k: int) -> "Layout | None":
+        """This layout with ``k`` leading batch axes added (a stack of ``k``-deep copies), or, for a
+        negative ``k``, its first ``-k`` axes removed (a layer of the stack); ``None`` where those
+        are not its leading batch axes.
+
+        Example:
+            >>> str(Layout.parse("io").batched(1)), str(Layout.parse("bio").batched(-1)), Layout.parse("ibo").batched(-1)
+            ('bio', 'io', None)
+        """
+        if k >= 0:
+            return Layout(tuple(("b", j) for j in range(k)) + tuple((r, j + k if r == "b" else j) for r, j in self.axes))
+        if any(self.axes[j] != ("b", j) for j in range(-k)):
+            return None
+        return Layout(tuple((r, j + k if r == "b" else j) for r, j in self.axes[-k:]))
+
     def __str__(self) -> str:
         return "".join(role for role, _ in self.axes)
 

@@ -461,7 +461,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
-            traced = _trace(fn, (cache, lock), cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
+            traced = _trace(fn, cache, lock, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
                             bool(nnx_vars))
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
             named = [f"dyn[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"
@@ -559,8 +559,7 @@ def _argument(args: tuple, kwargs: dict, leaf: int) -> str:
     return f"{which} at '{inside}'" if inside else which
 
 
-def _trace(fn, cache_and_lock, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
-    cache, lock = cache_and_lock
+def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion

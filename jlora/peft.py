@@ -310,14 +310,13 @@ def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], tr
         >>> _task_type("infer", cfg, ["bert/q/kernel"], ["classifier/kernel"]), _task_type("infer", cfg, ["bert/q/kernel"], [])
         ('SEQ_CLS', None)
     """
-    heads = TASK_HEADS.get(task_type, ())
     if task_type == "infer":
         archs = getattr(hf_config, "architectures", None) or []
         inferred = next((t for arch in archs for suffix, t in TASK_TYPES.items() if arch.endswith(suffix)), None)
         if inferred == "SEQ_2_SEQ_LM" and hf_config.model_type in NOT_TEXT_TO_TEXT:
             return None
         return None if _head_problem(inferred, targets, trained) else inferred
-    problem = _head_problem(task_type, targets, trained) if heads else None
+    problem = _head_problem(task_type, targets, trained)
     if problem:
         raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem}; pass task_type=None (PEFT "
                          "then loads the adapter onto the model as it is)")
@@ -450,8 +449,8 @@ def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: An
     has the module, the Flax one has nothing to load it onto."""
     names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX)]
     for head in sorted({".".join(parts[: parts.index("lm_head") + 1]) for parts in names if "lm_head" in parts}):
-        if getattr(_part_config(hf_config, head), "tie_word_embeddings", False) and not any(p.startswith(head.replace(".", "/") + "/")
-                                                                         for p in by_path):
+        tied = getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
+        if tied and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path):
             raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
                              "embedding (tie_word_embeddings): it has no head of its own to load them onto")
 

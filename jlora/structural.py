@@ -281,8 +281,9 @@ def _reshaped(lw: LoraWeight, old_shape: tuple, new_shape: tuple, sharded: Any =
     inner = _regrouped(core, tuple(d for d in old_shape if d != 1), tuple(d for d in new_shape if d != 1))
     if inner is None:
         return None
-    out = _expanded(core.replace(a=inner[0], b=inner[1], layout=inner[2]), ones_new) if ones_new else (
-        core.replace(a=inner[0], b=inner[1], layout=inner[2]))
+    out = core.replace(a=inner[0], b=inner[1], layout=inner[2])
+    if ones_new:
+        out = _expanded(out, ones_new)
     return out.a, out.b, out.layout
 
 

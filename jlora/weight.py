@@ -209,16 +209,11 @@ class LoraWeight(Lazy):
         if k == 0 or len(self.b.shape) - (nb + 1 + len(layout.group("o"))) != k or (
                 _has_shape(self.w) and len(self.w.shape) - layout.ndim != k):
             return self
-        if k > 0:
-            lead = [tuple(x.shape[:k]) for x in (self.w, self.a, self.b) if _has_shape(x)]
-            if any(s != lead[0] for s in lead):
-                return self
-            axes = tuple(("b", j) for j in range(k)) + tuple((r, j + k if r == "b" else j) for r, j in layout.axes)
-        else:
-            if any(layout.axes[j] != ("b", j) for j in range(-k)):
-                return self
-            axes = tuple((r, j + k if r == "b" else j) for r, j in layout.axes[-k:])
-        return self.replace(layout=Layout(axes))
+        lead = [tuple(x.shape[:k]) for x in (self.w, self.a, self.b) if _has_shape(x)] if k > 0 else []
+        if any(s != lead[0] for s in lead):
+            return self
+        fitted = layout.batched(k)
+        return self if fitted is None else self.replace(layout=fitted)
 
     # --- pytree -------------------------------------------------------------------------------
     def _aux(self) -> tuple:
@@ -361,7 +356,8 @@ class LoraWeight(Lazy):
             >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
             LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
         """
-        if self.layout.axes[0] != ("b", 0):
+        sliced = self.layout.batched(-1)
+        if sliced is None:
             return None
         if isinstance(self.w, Lazy):  # a lazy base (quantized, or another adapter) slices by its own rule
             base = self.w.unstack()
@@ -371,7 +367,6 @@ class LoraWeight(Lazy):
         else:
             w_parts, w_rebuild = (self.w,), lambda parts: parts[0]
         n = len(w_parts)
-        sliced = Layout(tuple((r, k - 1 if r == "b" else k) for r, k in self.layout.axes[1:]))
         template = self.replace(w=None, a=None, b=None, layout=sliced)
         return (*w_parts, self.a, self.b), lambda ch: template.replace(w=w_rebuild(ch[:n]), a=ch[n], b=ch[n + 1])
 
