@@ -453,14 +453,24 @@ if _compat.tile_p is not None:
 
 def _expanded(lw: LoraWeight, new_axes: Sequence[int], sizes: Sequence[int] | None = None) -> LoraWeight:
     """``lw`` (factors and layout; ``w`` untouched) with batch axes of ``sizes`` (default 1)
-    inserted at ``new_axes`` of the result, first in the batch order."""
+    inserted at ``new_axes`` of the result. Batch axes numbered in position order stay so (a
+    stack's axis 0 stays the one a scan takes); otherwise the new axes come first."""
     ndim = lw.layout.ndim + len(new_axes)
     old = iter(lw.layout.axes)
-    axes = [("b", new_axes.index(ax)) if ax in new_axes else next(old) for ax in range(ndim)]
-    axes = [(role, k + len(new_axes)) if role == "b" and ax not in new_axes else (role, k)
-            for ax, (role, k) in enumerate(axes)]
-    lead = tuple(sizes) if sizes is not None else (1,) * len(new_axes)
-    spread = lambda f: jnp.broadcast_to(f.reshape((1,) * len(lead) + f.shape), lead + f.shape)
+    axes: list = [("b", None) if ax in new_axes else next(old) for ax in range(ndim)]
+    old_ks = [k for role, k in axes if role == "b" and k is not None]
+    if old_ks == sorted(old_ks):
+        count = iter(range(ndim))
+        axes = [(role, next(count)) if role == "b" else (role, k) for role, k in axes]
+    else:
+        axes = [("b", new_axes.index(ax)) if ax in new_axes else (role, k + len(new_axes) if role == "b" else k)
+                for ax, (role, k) in enumerate(axes)]
+    size_at = {axes[ax][1]: (sizes[j] if sizes is not None else 1) for j, ax in enumerate(new_axes)}
+
+    def spread(f: jax.Array) -> jax.Array:
+        f = jnp.expand_dims(f, sorted(size_at))
+        return jnp.broadcast_to(f, tuple(size_at.get(k, d) for k, d in enumerate(f.shape)))
+
     return lw.replace(a=spread(lw.a), b=spread(lw.b), layout=Layout(tuple(axes)))
 
 

@@ -78,6 +78,19 @@ def test_a_reshape_through_size_1_axes_stays_factored(name):
     check_against_oracle(SIZE_1_RESHAPES[name], params, normal(jax.random.key(2), (3, 6)))  # no MaterializeWarning
 
 
+def test_a_stack_given_a_size_1_axis_still_scans_factored():
+    """The size-1 axis added to a stack (one KV head per layer) is a batch axis after the stack's
+    own: the scan still takes the layers off axis 0 without materialising them."""
+    params = {"stack": random_lora(jax.random.key(0), (3, 6, 4), "bio", 2)}
+
+    def fn(p, x):
+        def layer(total, w):
+            return total + jnp.einsum("td,dhk->thk", x, w), None
+        return lax.scan(layer, jnp.zeros((x.shape[0], 1, 4)), p["stack"].reshape(3, 6, 1, 4))[0]
+
+    check_against_oracle(fn, params, normal(jax.random.key(1), (5, 6)))  # no MaterializeWarning
+
+
 def test_a_complex_weight_cast_to_a_real_dtype_is_exact():
     """Re(w + s·a@b) needs Im(a)@Im(b): the factors cannot simply be cast, so the weight is materialised."""
     k = jax.random.split(jax.random.key(0), 7)
