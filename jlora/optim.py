@@ -135,14 +135,14 @@ def _check_scalable(state: Any) -> None:
     found = [type(x).__name__ for x in _states_named(state, _NOT_SCALABLE)]
     if found and found[0] == "LookaheadState":
         raise ValueError("jlora.optimizer: optax.lookahead goes around it, not inside (its slow and fast params do "
-                         "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio), ...)")
+                         "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio=...), ...)")
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "
                          "b_lr_ratio=1.0, or give b its own tx: optax.multi_transform over jlora.labels(params)")
 
 
-def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
+def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
     """Train adapters only: ``tx`` on ``LoraWeight`` factors and ``Trainable`` leaves, nothing else.
 
     An ``optax.multi_transform`` applied to the trainable half of ``jlora.split``: ``lora_a``,
@@ -153,8 +153,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
     trainable half (a state made from one serves the other), with or without Flax NNX variables
     (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
     updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
-    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, is checked
-    to hold at least one adapter; where ``tx`` fails, ``update`` names the param whose gradient does
+    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, must hold
+    at least one adapter (``b_lr_ratio`` is keyword-only: ``optimizer(tx, 16.0)`` is refused); where ``tx`` fails, ``update`` names the param whose gradient does
     not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
     them, the gradients): one kept from adapters of another rank would otherwise broadcast into the
     new ones.
@@ -182,7 +182,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, b_lr_ratio: 
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None:
         params = without_variables(params)
-        _check_has_adapters(params, "jlora.optimizer")
+        if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+            raise ValueError(f"jlora.optimizer: params must be the param tree after jlora.lora_init (or its trainable "
+                             f"half), got a {type(params).__name__} with no LoraWeight or Trainable leaf; a LoRA+ ratio "
+                             "goes in b_lr_ratio=")
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
