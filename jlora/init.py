@@ -148,7 +148,7 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
            state: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs. ``state``: paths
-    of NNX variables that the forward pass updates (``BatchStat``), never trained.
+    of variables that the forward pass updates (NNX ``BatchStat``, linen ``batch_stats``), never trained.
 
     Example:
         >>> select(LoraConfig(targets=["q"]), [("q/kernel", jnp.ones((2, 2))), ("q/bias", jnp.ones(2))])
@@ -195,7 +195,8 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                                  "only float arrays can be trained")
             if in_state(path, state) and pat.match(path) == LEAF:
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', an NNX variable that is not "
-                                 "an nnx.Param (batch statistics, a cache): the forward pass updates it, not the optimizer")
+                                 "an nnx.Param or a linen collection other than 'params' (batch statistics, a cache): "
+                                 "the forward pass updates it, not the optimizer")
         # a subtree's counters, flags, quantized kernels and NNX state (batch statistics) stay frozen
         tuned = [pat for pat in tuned if _is_trainable(leaf) and not in_state(path, state)]
         for pat in tuned:

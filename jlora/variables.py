@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -220,15 +221,19 @@ def set_value(variable: Any, value: Any) -> None:
 
 
 def state_paths(tree: Any) -> frozenset[str]:
-    """Paths of the NNX variables in ``tree`` that are not params (batch statistics, caches, RNG
-    state).
+    """Paths of the variables in ``tree`` that are not params: NNX variables of other kinds (batch
+    statistics, caches, RNG state), and a linen variables dict's collections beside ``params``
+    (``batch_stats``, ``cache``). The forward pass updates them, never the optimizer.
 
     Example:
         >>> from flax import nnx
         >>> sorted(state_paths(nnx.state(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))))
         ['mean', 'var']
+        >>> sorted(state_paths({"params": {"w": 1.0}, "batch_stats": {"mean": 0.0}}))
+        ['batch_stats']
     """
-    return frozenset(path for path, _ in state_variables(tree))
+    linen = [str(k) for k in tree if k != "params"] if isinstance(tree, Mapping) and "params" in tree else []
+    return frozenset(path for path, _ in state_variables(tree)) | frozenset(linen)
 
 
 def in_state(path: str, state: frozenset[str]) -> bool:

@@ -298,6 +298,26 @@ def test_nnx_batch_statistics_are_state_not_trainable_params():
             lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn/mean"]))
 
 
+def test_linen_collections_beside_params_are_state_not_trainable_params():
+    """A subtree pattern in ``trainable`` names a module's params, not its running statistics:
+    an optimizer step (weight decay) would move them."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x))
+
+    variables = Net().init(KEY, jnp.ones((2, 4)))
+    p = lora_init(KEY, variables, LoraConfig(rank=2, targets=["Dense_0"], trainable=["BatchNorm_0"]))
+    assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["params/BatchNorm_0/bias",
+                                                                         "params/BatchNorm_0/scale"]
+    assert jlora.summary(p).total == 4 * 8 + 8 + 2 * 8 + 2 * (4 + 8)  # no batch statistics counted
+    with pytest.raises(ValueError, match=r"'batch_stats/BatchNorm_0/var', an NNX variable that is not an nnx.Param or "
+                                         r"a linen collection other than 'params'"):
+        lora_init(KEY, variables, LoraConfig(rank=2, targets=["Dense_0"], trainable=["batch_stats/BatchNorm_0/var"]))
+
+
 def test_a_sown_nnx_intermediate_is_state_whatever_its_value_holds():
     from flax import nnx
 
