@@ -31,7 +31,8 @@ class LoraConfig:
         ``jlora.lora_init`` and the model type's preset for ``jlora.hf``.
       exclude: patterns never adapted (each must match a param: a typo is an error, not a no-op).
       rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path (each
-        pattern must match a param).
+        pattern must match a param). Kept (as ``layouts``) as a tuple of ``(pattern, value)``
+        pairs, so that a config is hashable; ``to_dict()`` gives them as dicts.
       dropout: LoRA dropout on the input of the low-rank path (needs ``lora_rng`` in ``apply``).
       init: ``"kaiming_uniform"`` (PEFT's default for ``a``) or ``"gaussian"`` (std ``1/rank``);
         ``b`` starts at zero either way.
@@ -64,15 +65,15 @@ class LoraConfig:
         rank: int = 8,
         alpha: float = 8.0,
         targets: Sequence[str] | str | None = None,
-        exclude: Sequence[str] = (),
-        rank_pattern: Mapping[str, int] | None = None,
-        alpha_pattern: Mapping[str, float] | None = None,
+        exclude: Sequence[str] | None = (),
+        rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] | None = None,
+        alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
         dropout: float = 0.0,
         init: str = "kaiming_uniform",
         use_rslora: bool = False,
         param_dtype: Any = jnp.float32,
-        trainable: Sequence[str] = (),
-        layouts: Mapping[str, str] | None = None,
+        trainable: Sequence[str] | None = (),
+        layouts: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         **unknown: Any,
     ):
         if unknown:
@@ -83,6 +84,7 @@ class LoraConfig:
                 + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
                 + f"; options are {', '.join(names)}"
             )
+        rank, alpha, dropout, use_rslora = (_scalar(v) for v in (rank, alpha, dropout, use_rslora))
         _check_rank("rank", rank)
         _check_alpha("alpha", alpha)
         if targets is not None and not (isinstance(targets, str) and targets == ALL_LINEAR):
@@ -92,8 +94,8 @@ class LoraConfig:
             if ALL_LINEAR in targets:
                 raise ValueError("LoraConfig: 'all-linear' is not a pattern, it stands alone: "
                                  f"targets='all-linear' (got {list(targets)})")
-        exclude = _patterns("exclude", exclude)
-        trainable = _patterns("trainable", trainable)
+        exclude = _patterns("exclude", () if exclude is None else exclude)
+        trainable = _patterns("trainable", () if trainable is None else trainable)
         rank_pattern = _pattern_map("rank_pattern", rank_pattern, _check_rank)
         alpha_pattern = _pattern_map("alpha_pattern", alpha_pattern, _check_alpha)
         layouts_t = _pattern_map("layouts", layouts, lambda name, v: str(Layout.parse(v)))
@@ -154,13 +156,25 @@ class LoraConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d NumPy or JAX array as the Python number it holds (``rank=jnp.int32(8)``); else ``value``."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        try:
+            return value.item()
+        except Exception:  # a tracer: refused below as it is
+            return value
+    return value
+
+
 def _check_rank(name: str, value: Any) -> int:
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
         raise ValueError(f"LoraConfig: {name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
 def _check_alpha(name: str, value: Any) -> float:
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"LoraConfig: {name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -181,9 +195,11 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
     return value
 
 
-def _pattern_map(name: str, value: Mapping[str, Any] | None, check: Any) -> tuple:
+def _pattern_map(name: str, value: Mapping[str, Any] | Sequence[tuple[str, Any]] | None, check: Any) -> tuple:
     if value is None:
         return ()
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in value):
+        value = dict(value)  # the form a config keeps (dataclasses.replace passes it back)
     if not isinstance(value, Mapping):
         raise ValueError(f"LoraConfig: {name} must be a mapping of pattern -> value, got {type(value).__name__}")
     _patterns(name, list(value))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ def test_hashable_equal_and_round_trips_through_a_dict():
     assert hash(cfg) == hash(LoraConfig(**cfg.to_dict()))
     assert LoraConfig(**cfg.to_dict()) == cfg
     assert cfg.replace(rank=2).rank == 2
+    replaced = dataclasses.replace(cfg, rank=2)  # passes the kept (pattern, value) pairs back in
+    assert replaced == cfg.replace(rank=2) and dict(replaced.rank_pattern) == {"v_proj": 2}
 
 
 @pytest.mark.parametrize(
@@ -31,7 +34,7 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(alpha=float("inf")), "alpha must be a finite number > 0, got inf"),
         (dict(targets=5), "targets must be a pattern or a list of patterns, got 5"),
         (dict(targets=["q", 3]), "targets: pattern must be a non-empty string, got 3"),
-        (dict(exclude=None), "exclude must be a pattern or a list"),
+        (dict(exclude=3), "exclude must be a pattern or a list"),
         (dict(trainable=3), "trainable must be a pattern or a list"),
         (dict(use_rslora="no"), "use_rslora must be True or False"),
         (dict(targets=[]), "targets is empty"),
@@ -61,6 +64,12 @@ def test_numpy_scalars_are_numbers():
     assert (cfg.rank, cfg.alpha, cfg.dropout, dict(cfg.rank_pattern)) == (4, 8.0, 0.1, {"q": 2})
     assert type(cfg.rank) is int and type(dict(cfg.rank_pattern)["q"]) is int  # JSON-able in to_dict
     json.dumps(cfg.to_dict(), default=str)
+    from_jax = LoraConfig(rank=jnp.int32(4), alpha=jnp.float32(8), use_rslora=np.bool_(True))
+    assert (type(from_jax.rank), type(from_jax.alpha), from_jax.use_rslora) == (int, float, True)
+
+
+def test_none_means_no_patterns_as_in_peft():
+    assert LoraConfig(exclude=None, trainable=None) == LoraConfig()
 
 
 def test_pattern_lists_may_be_sets_or_tuples():
