@@ -209,6 +209,10 @@ class Layout:
     def __str__(self) -> str:
         return "".join(role for role, _ in self.axes)
 
+    def __repr__(self) -> str:
+        """``Layout('bio')``, or the axes where their order within a role is not the letters' own."""
+        return f"Layout({str(self)!r})" if Layout.parse(str(self)) == self else f"Layout(axes={self.axes!r})"
+
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
     """Split a row-major reshape into minimal groups of axes with equal products.

@@ -13,7 +13,7 @@ import optax
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths
-from jlora.tree import FROZEN, combine, labels, split
+from jlora.tree import FROZEN, _container_difference, combine, labels, split
 from jlora.variables import without_variables
 from jlora.weight import LoraWeight, is_node
 
@@ -94,8 +94,10 @@ def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any
     if got_def != want_def:
         got_paths = {jax.tree_util.keystr(k) for k, _ in got}
         want_paths = {jax.tree_util.keystr(k) for k, _ in want}
+        differ = None if got_paths != want_paths else _container_difference(got_def, want_def)
         detail = (f": only in the state {sorted(got_paths - want_paths)[:3]}, only in a state for these params "
                   f"{sorted(want_paths - got_paths)[:3]}" if got_paths != want_paths else
+                  f": at '{differ[0]}' the state has {differ[1]}, these params {differ[2]}" if differ else
                   " (the same paths, other LoRA scales, layouts or dropout)")
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
                          "make it again with tx.init(params)")

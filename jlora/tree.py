@@ -93,6 +93,11 @@ def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str,
     if type1 is not type2:
         name = lambda t: "leaf" if t is None else t.__name__
         return path or "/", f"a {name(type1)}", f"a {name(type2)}"
+    if type1 is LoraWeight and data1[1] != data2[1]:  # its static fields, in metadata()'s order
+        names = LoraWeight(None, None, None, scale=1.0).metadata()
+        for field, value1, value2 in zip(names, data1[1], data2[1]):
+            if value1 != value2:
+                return path or "/", f"{field}={value1!r}", f"{field}={value2!r}"
     fields = _static_fields(data1[1]) if data1 else None, _static_fields(data2[1]) if data2 else None
     if fields[0] and fields[1] and fields[0].keys() == fields[1].keys():
         for field, value in fields[0].items():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
 import jlora
 from oracle import perturb
@@ -310,10 +311,14 @@ def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
         with pytest.raises(ValueError, match=rf"mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these params need"):
             tx.update(grads, tx.init(of_rank(stale)))  # without params (adam's usual call): the gradients' shapes
     other_alpha = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=8, targets=["q"])))[0]
-    with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
+    with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*q/kernel' the state has "
+                                         "scale=4.0, these params scale=2.0"):
         tx.update(grads, tx.init(other_alpha), of_rank(2))
-    with pytest.raises(ValueError, match="opt_state was not made for these adapters .the same paths, other LoRA scales"):
+    with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*q/kernel' the state has scale"):
         tx.update(grads, tx.init(other_alpha))
+    with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*' the state has a "
+                                         "FrozenDict, these params a dict"):
+        tx.update(grads, tx.init(FrozenDict(of_rank(2))), of_rank(2))  # unfrozen after init
     tx.update(grads, tx.init(of_rank(2)), of_rank(2))  # its own state passes
     tx.update(grads, tx.init(of_rank(2)))
 
