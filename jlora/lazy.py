@@ -457,6 +457,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
+        unhashable = [i for i, v in static if not _hashable(v)]
+        if unhashable and not any(_compat.is_tracer(v) for v in values):  # under jax.jit a trace is made once anyway
+            leaf = leaves[unhashable[0]]
+            warnings.warn(f"jlora.apply: {_argument(args, kwargs, unhashable[0])} is a {type(leaf).__name__}, which "
+                          f"cannot be hashed, so {getattr(fn, '__name__', 'fn')}'s trace cannot be cached: each call "
+                          "traces it again (jax.jit refuses such an argument); make it hashable (a frozen dataclass, "
+                          "a tuple) or call inside jax.jit", stacklevel=2)
         # NNX modules in the arguments: their state (BatchNorm statistics) is updated as fn updates it
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
@@ -544,6 +551,14 @@ def _static_key(v: Any) -> tuple:
     if type(v) is tuple:
         return (tuple, tuple(_static_key(x) for x in v))
     return (type(v), v)
+
+
+def _hashable(v: Any) -> bool:
+    try:
+        hash(_static_key(v))
+    except TypeError:
+        return False
+    return True
 
 
 def _argument(args: tuple, kwargs: dict, leaf: int) -> str:

@@ -1,6 +1,7 @@
 """apply(): tracing, caching, what enters and leaves the evaluator, and the FLOPs it saves."""
 
 import importlib.util
+import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -238,6 +239,25 @@ def test_trace_is_cached_per_signature():
     forward(p, jnp.ones((3, 4)))          # new shape
     forward(p, jnp.ones((3, 4)), flag=False)  # new static flag
     assert len(calls) == 3
+
+
+def test_an_unhashable_static_argument_is_named_as_the_reason_each_call_traces_again():
+    """jax.jit refuses such an argument; apply takes it, traces each call, and says why."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Options:  # not frozen: no hash
+        scale: float = 2.0
+
+    calls = []
+    forward = jlora.apply(lambda p, x, options: (calls.append(1), x @ p["w"] * options.scale)[1])
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    with pytest.warns(UserWarning, match="argument 2 is a Options, which cannot be hashed, so <lambda>'s trace "
+                                         "cannot be cached: each call traces it again"):
+        forward(p, jnp.ones((2, 4)), Options())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(lambda p, x: forward(p, x, Options()))(p, jnp.ones((2, 4)))  # traced once by jit: no word
 
 
 def test_a_trace_is_reused_only_under_the_trace_that_made_it():
