@@ -122,11 +122,10 @@ class Lazy(NotAnArray):
 def _shape_str(x: Any) -> str:
     if x is None:
         return "None"
-    shape = getattr(x, "shape", None)
-    dtype = getattr(x, "dtype", None)
-    if shape is None or dtype is None:
-        return type(x).__name__
-    return f"{jnp.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
+    if not _has_shape(x) or isinstance(x, type):  # a tree mapped to something else (jax.tree.map(jnp.shape, p))
+        text = repr(x)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"{jnp.dtype(x.dtype).name}[{','.join(str(d) for d in x.shape)}]"
 
 
 class LoraWeight(Lazy):

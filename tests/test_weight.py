@@ -11,6 +11,10 @@ def test_array_like_and_repr_shows_shapes_not_values():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     assert (lw.shape, lw.dtype, lw.ndim, lw.size, lw.rank) == ((4, 6), jnp.float32, 2, 24, 2)
     assert repr(lw) == "LoraWeight(w=float32[4,6], a=float32[4,2], b=float32[2,6], scale=0.7, layout='io', path='w')"
+    # a tree mapped to other values shows them (inspecting a tree: jax.tree.map(jnp.shape, p))
+    assert repr(jax.tree.map(jnp.shape, lw)) == "LoraWeight(w=(4, 6), a=(4, 2), b=(2, 6), scale=0.7, layout='io', path='w')"
+    assert "w=<class" in repr(jax.tree.map(type, lw)) and "Trainable(dtype('float32'))" == repr(
+        jax.tree.map(lambda x: x.dtype, jlora.Trainable(jnp.ones(2))))
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 6), "io"), ((6, 4), "oi"), ((3, 4, 5), "bio"), ((2, 3, 5), "iio"),
