@@ -172,9 +172,12 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             direct = [pat for pat, kind in kinds.items() if kind == LEAF]
             for pat in direct:
                 if not _is_adaptable(leaf):
+                    parent = path.rsplit("/", 1)[0] if "/" in path else ""
                     raise ValueError(
                         f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
+                        + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
+                           "reaching into it matches its other leaves too" if parent else "")
                     )
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
             # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding

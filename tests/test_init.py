@@ -198,6 +198,8 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
         (LoraConfig(targets=["q_prj"]), r"'q_prj' matches no param; nearest modules: \['layers/\*/attn/q_proj', .*\]; modules with weights to adapt: "),
         (LoraConfig(targets=["query"]), r"'query' matches no param; modules with weights to adapt: .*layers/\*/attn/q_proj"),
         (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale', a float32\[16\] leaf"),
+        (LoraConfig(targets=["q_proj/*"]), r"matches 'layers/0/attn/q_proj/bias', a float32\[16\] leaf: .*; a pattern "
+                                           r"naming the module \('q_proj'\) adapts its kernel"),
         (LoraConfig(targets=["step"]), r"int32\[\] leaf"),
         (LoraConfig(rank=9, targets=["v_proj"]), r"rank 9 for 'layers/0/attn/v_proj/kernel' exceeds min\(in=16, out=8\)"),
         (LoraConfig(targets=["attn"], rank_pattern={"q_proj": 2, "layers/0/attn/q_proj": 4}),
