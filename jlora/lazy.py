@@ -533,7 +533,28 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             cache.clear()
 
     wrapped.cache_clear = cache_clear  # type: ignore[attr-defined]
+    signature = _with_lora_rng(fn)
+    if signature is not None:
+        wrapped.__signature__ = signature  # type: ignore[attr-defined]
     return wrapped
+
+
+def _with_lora_rng(fn: Callable) -> inspect.Signature | None:
+    """``fn``'s signature with the keyword ``lora_rng=None`` that ``apply``'s wrapper adds (before
+    a ``**kwargs``), or ``None`` where ``fn`` has none to read.
+
+    Example:
+        >>> str(_with_lora_rng(lambda params, x, **kw: x))
+        '(params, x, *, lora_rng=None, **kw)'
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())
+    at = len(params) - (1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else 0)
+    added = inspect.Parameter("lora_rng", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[*params[:at], added, *params[at:]])
 
 
 _CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,

@@ -1,6 +1,7 @@
 """apply(): tracing, caching, what enters and leaves the evaluator, and the FLOPs it saves."""
 
 import importlib.util
+import inspect
 import warnings
 
 import equinox as eqx
@@ -258,6 +259,12 @@ def test_an_unhashable_static_argument_is_named_as_the_reason_each_call_traces_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.jit(lambda p, x: forward(p, x, Options()))(p, jnp.ones((2, 4)))  # traced once by jit: no word
+
+
+def test_the_wrapped_signature_shows_the_lora_rng_keyword():
+    forward = jlora.apply(lambda params, x, *, train=False, **extra: x)
+    assert str(inspect.signature(forward)) == "(params, x, *, train=False, lora_rng=None, **extra)"
+    inspect.signature(forward).bind({}, 1, lora_rng=jax.random.key(0))  # as the call itself takes it
 
 
 def test_a_trace_is_reused_only_under_the_trace_that_made_it():
