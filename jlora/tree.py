@@ -202,7 +202,8 @@ def merge(tree: Any) -> Any:
 def unmerge(merged: Any, adapters: Any) -> Any:
     """Recover the LoRA tree from merged params and the adapters (a LoRA tree or its trainable half).
 
-    ``LoraWeight`` leaves get ``w = merged - scale·a@b``; ``Trainable`` leaves take the merged value.
+    ``LoraWeight`` leaves get ``w = merged - scale·a@b`` (the base back to its dtype's rounding,
+    not bit for bit: keep the base where exact bits matter); ``Trainable`` leaves take the merged value.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
