@@ -336,7 +336,7 @@ def summary(tree: Any) -> Summary:
             trainable += n
             total += n + _size(x.w)
             shape = "x".join(map(str, x.w.shape))
-            targets.append((path, shape, str(x.layout), x.rank, x.scale, n))
+            targets.append((path, shape, str(x.fitted().layout), x.rank, x.scale, n))  # an ensemble's 'bio'
         elif isinstance(x, Trainable):
             n = _size(x.value)
             trainable += n

@@ -41,6 +41,8 @@ def test_pytree_round_trip_and_key_paths():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"a must be \(4, 2\) and b \(2, 6\)"):
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
+    with pytest.raises(ValueError, match=r"LoraWeight 'x': w must be a float array, got int32\[4,6\]"):
+        jlora.LoraWeight(jnp.ones((4, 6), jnp.int32), jnp.ones((4, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
 
 
 def test_bad_scale_or_dropout_is_refused_naming_the_param():
