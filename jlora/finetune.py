@@ -412,12 +412,15 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
         bar = progress.add_task(label, total=steps, info="")
         try:
             for i in range(steps):
-                trainable, state, loss, finite = step(trainable, frozen, state, next(batches))
+                # taken only once checked: a Ctrl-C while the step runs keeps the last step, whole
+                stepped, stepped_state, loss, finite = step(trainable, frozen, state, next(batches))
                 if not finite:
                     what = f"the loss is {float(loss)}" if not math.isfinite(float(loss)) else "the weights are not finite"
                     raise Diverged(f"{label}: {what} at step {i + 1} (last finite loss: "
                                    f"{losses[-1] if losses else None}); try a lower --lr")
-                losses.append(float(loss))
+                value = float(loss)
+                trainable, state = stepped, stepped_state
+                losses.append(value)
                 rate = tokens_per_step * (i + 1) / (time.perf_counter() - start)
                 progress.update(bar, advance=1, info=f"loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
                 if on_save is not None and save_every and (i + 1) % save_every == 0:

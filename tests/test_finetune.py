@@ -49,6 +49,37 @@ def test_a_diverging_loss_stops_training_before_it_is_saved():
     assert saved == []
 
 
+def test_ctrl_c_while_a_step_runs_keeps_the_last_whole_step(monkeypatch):
+    """Ctrl-C lands while the loop waits for a step's result: what ``train`` returns (and a job
+    saves as its last step) is the step its losses end at, not the half-taken next one."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    class CtrlC:  # step 4's result, waited for when the user presses Ctrl-C
+        def __bool__(self):
+            raise KeyboardInterrupt
+
+    real_jit, calls = jax.jit, []
+
+    def jit(fn):
+        jitted = real_jit(fn)
+
+        def step(*args):
+            out = jitted(*args)
+            calls.append(1)
+            return (*out[:3], CtrlC()) if len(calls) == 4 else out
+        return step
+
+    monkeypatch.setattr(jax, "jit", jit)
+    t, run = finetune.train(lambda t, f, b: -t["w"].sum(), {"w": jnp.zeros(1)}, None, optax.sgd(1.0),
+                            itertools.repeat(0.0), 10, "LoRA")  # each step adds 1 to w
+    monkeypatch.undo()
+    assert run.interrupted and len(run.losses) == 3 and float(t["w"][0]) == 3.0
+
+
 def test_max_length_counts_the_positions_a_model_can_use():
     from types import SimpleNamespace
 
