@@ -119,16 +119,22 @@ def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
 
 
 def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    limit = csv.field_size_limit(2**31 - 1)  # a long text is a text (the default stops at 128 KiB)
     reader = csv.DictReader(f)
-    columns = reader.fieldnames
-    if not columns or not {"text", "label"} <= set(columns):
-        raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if any(row.get(None) or ()):  # more (non-empty) fields than columns
-            raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
-                             "(quote a text that holds a comma)")
-        yield where, row["text"], row["label"]
+    try:
+        columns = reader.fieldnames
+        if not columns or not {"text", "label"} <= set(columns):
+            raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if any(row.get(None) or ()):  # more (non-empty) fields than columns
+                raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
+                                 "(quote a text that holds a comma)")
+            yield where, row["text"], row["label"]
+    except csv.Error as err:
+        raise ValueError(f"{path}:{reader.line_num}: not CSV the reader can read ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _text(value: Any, where: str) -> str:

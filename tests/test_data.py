@@ -1,4 +1,5 @@
 import collections
+import csv
 
 import numpy as np
 import pytest
@@ -64,6 +65,9 @@ def test_data_files_as_users_write_them(tmp_path):
         read("c.csv", 'text,label\n"two\nlines",x\ngood, very good film,pos\n')
     with pytest.raises(ValueError, match=r"h.csv:1: the header must name 'text' and 'label' columns, found \['text', ' label'\]"):
         read("h.csv", "text, label\na,x\n")
+    limit = csv.field_size_limit()
+    assert read("long.csv", f"text,label\n{'word ' * 40_000},x\nshort,y\n")[1] == ["x", "y"]  # a 200 kB text
+    assert csv.field_size_limit() == limit  # the reader's limit left as it was
     for name, content in (("e.jsonl", ""), ("e.csv", "text,label\n")):
         with pytest.raises(ValueError, match=f"{name}: no rows"):
             read(name, content)
