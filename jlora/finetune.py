@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -77,7 +78,8 @@ class Options:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
         for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--b-lr-ratio", self.b_lr_ratio)):
-            if value is not None and not (math.isfinite(value) and value > 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
@@ -344,6 +346,44 @@ class Diverged(ValueError):
     """The training loss, or the weights after a step, became NaN or infinite."""
 
 
+def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np.ndarray, source: str) -> None:
+    """Warn where held-out texts are also training texts (rows repeated in a user's data): their
+    accuracy would not be held out. The built-in sets have no repeated rows.
+
+    Example:
+        >>> check_held_out(["a", "b", "c"], np.array([0, 1]), np.array([2]), "data.csv")  # nothing to say
+    """
+    in_train = {texts[i] for i in train_idx}
+    repeated = sum(texts[i] in in_train for i in held_out_idx)
+    if repeated:
+        warnings.warn(f"{source}: {repeated} of the {len(held_out_idx)} validation and test texts are also in the "
+                      "training split (rows repeated in the data), so their accuracy is not held out; remove the "
+                      "repeated rows", stacklevel=3)
+
+
+def window_starts(n_tokens: int, max_length: int) -> np.ndarray:
+    """Where each training window of the causal-lm job starts: every whole window of
+    ``max_length + 1`` tokens (inputs and their next tokens), one every ``max_length`` tokens.
+
+    Example:
+        >>> window_starts(65, 8).tolist()
+        [0, 8, 16, 24, 32, 40, 48, 56]
+    """
+    return np.arange(0, n_tokens - max_length, max_length)
+
+
+def _schedule(opts: Options, n: int) -> tuple[int, int]:
+    """``(rows per batch, steps)`` for ``n`` training rows: ``--batch-size`` rows (all ``n`` where
+    fewer), for ``--steps``, else ``--epochs`` (default 1) passes over the rows.
+
+    Example:
+        >>> _schedule(Options(batch_size=32, epochs=10), 19)
+        (19, 10)
+    """
+    batch = min(opts.batch_size, n)
+    return batch, opts.steps or max(1, math.ceil((opts.epochs or 1.0) * n / batch))
+
+
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Row indices, ``batch`` at a time, cut from one shuffled epoch after another: every row is
     shown once an epoch (a batch may span two epochs), and every batch has the same shape.
@@ -524,13 +564,14 @@ def classify(opts: Options) -> dict:
     enc = tokenizer(texts, max_length=opts.max_length, truncation=True, padding="max_length", return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     train_idx, val_idx, test_idx = split_indices(len(texts))
+    check_held_out(texts, train_idx, np.concatenate([val_idx, test_idx]), opts.data)
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
     key = jax.random.key(opts.seed)
     cfg, encoder = adapt(jax.random.fold_in(key, 1), model, opts)
     out = prepare_out(opts)  # after every check on the input
-    steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(train_idx) / opts.batch_size))
+    batch, steps = _schedule(opts, len(train_idx))
     forward = jlora.apply(model.__call__)
 
     def pooled(encoder_params, ids, mask):  # named: its jit is "pooled" in compile logs and IR dumps
@@ -544,7 +585,7 @@ def classify(opts: Options) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def batches(make):
-        for rows in _batches(len(train_idx), min(opts.batch_size, len(train_idx)), np.random.default_rng(opts.seed)):
+        for rows in _batches(len(train_idx), batch, np.random.default_rng(opts.seed)):
             yield make(train_idx[rows])
 
     def accuracy(predict: Callable, rows: np.ndarray) -> float:
@@ -553,7 +594,7 @@ def classify(opts: Options) -> dict:
         return hits / len(rows)
 
     tx = optax.adamw(opts.lr, weight_decay=0.01)
-    tokens_per_step = opts.batch_size * opts.max_length
+    tokens_per_step = batch * opts.max_length
     results: dict[str, Any] = {"classes": classes, "steps": steps, "seed": opts.seed,
                                "split": [len(train_idx), len(val_idx), len(test_idx)]}
     runs: dict[str, Run] = {}
@@ -626,13 +667,14 @@ def causal_lm(opts: Options) -> dict:
         raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     tokens = np.asarray(tokenizer(text)["input_ids"], np.int32)
     window = opts.max_length + 1
-    if len(tokens) < 2 * window:
-        raise ValueError(f"{file}: {len(tokens)} tokens; need at least {2 * window} for --max-length {opts.max_length}")
+    if len(tokens) < opts.max_length + window:  # two windows, overlapping by a token
+        raise ValueError(f"{file}: {len(tokens)} tokens; need at least {opts.max_length + window} for --max-length "
+                         f"{opts.max_length}")
     check_causal(model, opts.model)
     cfg, params = adapt(jax.random.key(opts.seed), model, opts)
     out = prepare_out(opts)
-    starts = np.arange(0, len(tokens) - window, opts.max_length)
-    steps = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(starts) / opts.batch_size))
+    starts = window_starts(len(tokens), opts.max_length)
+    batch, steps = _schedule(opts, len(starts))
     trainable, frozen = jlora.split(params)
     forward = jlora.apply(model.__call__)
 
@@ -641,14 +683,14 @@ def causal_lm(opts: Options) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, seq[:, 1:]).mean()
 
     def batches():
-        for rows in _batches(len(starts), min(opts.batch_size, len(starts)), np.random.default_rng(opts.seed)):
+        for rows in _batches(len(starts), batch, np.random.default_rng(opts.seed)):
             yield np.stack([tokens[s:s + window] for s in starts[rows]])
 
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "causal-lm"}
     saver = adapter_saver(out, frozen, cfg, meta)
     tx = jlora.optimizer(optax.adamw(opts.lr), trainable, b_lr_ratio=opts.b_lr_ratio)
     trainable, run = train(loss_fn, trainable, frozen, tx, batches(), steps, "LoRA", saver, opts.save_every,
-                           opts.batch_size * opts.max_length)
+                           batch * opts.max_length)
     if run.interrupted and not run.losses:  # no step done: the earlier run's adapter stays
         raise KeyboardInterrupt
     saver(trainable, len(run.losses))

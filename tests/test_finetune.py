@@ -80,6 +80,33 @@ def test_ctrl_c_while_a_step_runs_keeps_the_last_whole_step(monkeypatch):
     assert run.interrupted and len(run.losses) == 3 and float(t["w"][0]) == 3.0
 
 
+def test_epochs_count_the_rows_a_batch_can_hold(tmp_path):
+    """A batch larger than the data holds all of it: ``--epochs 10`` is then 10 steps, not 6."""
+    opts = lambda **kw: finetune.Options(out=str(tmp_path / "out"), **kw)
+    assert finetune._schedule(opts(batch_size=32, epochs=10), 19) == (19, 10)
+    assert finetune._schedule(opts(batch_size=8, epochs=2), 20) == (8, 5)
+    assert finetune._schedule(opts(batch_size=8, steps=3), 20) == (8, 3)
+
+
+@pytest.mark.parametrize("n_tokens, max_length", [(65, 8), (64, 8), (17, 8), (100, 7)])
+def test_causal_lm_windows_are_every_whole_one(n_tokens, max_length):
+    starts = finetune.window_starts(n_tokens, max_length)
+    whole = [s for s in range(0, n_tokens, max_length) if s + max_length + 1 <= n_tokens]  # inputs + next tokens
+    assert starts.tolist() == whole
+
+
+def test_held_out_texts_repeated_in_training_are_reported():
+    texts = ["good", "bad", "good", "fine", "bad"]
+    with pytest.warns(UserWarning, match="d.csv: 2 of the 3 validation and test texts are also in the training split"):
+        finetune.check_held_out(texts, np.array([0, 1]), np.array([2, 3, 4]), "d.csv")
+
+
+def test_options_of_the_wrong_type_name_their_flag(tmp_path):
+    for kw, flag in (({"lr": "1e-3"}, "--lr"), ({"epochs": True}, "--epochs")):
+        with pytest.raises(ValueError, match=f"{flag} must be a number > 0"):
+            finetune.Options(out=str(tmp_path / "out"), **kw)
+
+
 def test_max_length_counts_the_positions_a_model_can_use():
     from types import SimpleNamespace
 
