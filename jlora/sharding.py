@@ -313,20 +313,42 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     def placeholder(x: Any) -> bool:  # where the state holds no array for a param
         return x is None or isinstance(x, optax.MaskedNode)
 
+    def fitting(leaf: Any, sharding: Any) -> Any:  # Adafactor's factored moments have other shapes than their param
+        return sharding if _fits(sharding, np.shape(leaf), mesh) else replicated
+
     def one(leaf: Any, sharding: Any) -> Any:
         if placeholder(leaf):
             return leaf
         if isinstance(leaf, LoraWeight):
-            pick = lambda mine, theirs: mine if placeholder(mine) else theirs
+            if not isinstance(sharding, LoraWeight):
+                raise ValueError("jlora.sharding.state_shardings: the state holds an adapter where param_shardings "
+                                 f"has {'none' if sharding is None else type(sharding).__name__}: give the shardings of the params the state was "
+                                 "made from (shardings(params, mesh, rules))")
+            pick = lambda mine, theirs: mine if placeholder(mine) else fitting(mine, theirs)
             return sharding.replace(w=pick(leaf.w, sharding.w), a=pick(leaf.a, sharding.a), b=pick(leaf.b, sharding.b))
-        if isinstance(leaf, Trainable) and placeholder(leaf.value):
-            return leaf
-        return sharding
+        if isinstance(leaf, Trainable):
+            return leaf if placeholder(leaf.value) else Trainable(fitting(leaf.value, sharding.value))
+        return fitting(leaf, sharding)
 
     return optax.tree_map_params(
         tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
         is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
     )
+
+
+def _fits(sharding: Any, shape: tuple, mesh: Mesh) -> bool:
+    """Whether a ``NamedSharding`` can lay out an array of ``shape``: no more spec entries than
+    axes, and each sharded axis divisible by its mesh axes' sizes."""
+    if not isinstance(sharding, NamedSharding):
+        return True
+    spec = tuple(sharding.spec)
+    if len(spec) > len(shape):
+        return False
+    for size, axes in zip(shape, spec):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if size % math.prod(mesh.shape[name] for name in names):
+            return False
+    return True
 
 
 def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:

@@ -196,6 +196,18 @@ def test_optimizer_state_shards_like_the_adapters():
     state = sharding.init_state(optax.adam(1e-3), params, mesh, RULES)
     assert state[0].mu["down"]["kernel"].w.sharding.spec == P("model", None)
     assert state[0].mu["down"]["kernel"].a.sharding.spec == P("model", None)
+    # Adafactor's moments are per param but of other shapes (factored rows and columns, (1,)
+    # placeholders): replicated where the param's sharding cannot lay them out
+    for factored in (True, False):
+        tx = jlora.optimizer(optax.adafactor(1e-2, factored=factored, min_dim_size_to_factor=4), trainable)
+        state = sharding.init_state(tx, trainable, mesh, RULES)
+        jax.tree.map(lambda x: x.sharding.shard_shape(x.shape), state)  # each laid out as its sharding says
+        want = jax.eval_shape(tx.init, trainable)
+        assert [np.shape(x) for x in jax.tree.leaves(state)] == [np.shape(x) for x in jax.tree.leaves(want)]
+    other = jlora.split(jlora.lora_init(jax.random.key(1), _base(), jlora.LoraConfig(rank=2, targets=["down"])))[0]
+    with pytest.raises(ValueError, match="state_shardings: the state holds an adapter where param_shardings has "
+                                         "none: give the shardings of the params the state was made from"):
+        sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(other, mesh, RULES), mesh)
 
 
 # --- sharded training == single-device training ----------------------------------------------------
