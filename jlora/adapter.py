@@ -247,6 +247,9 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
         elif isinstance(x, Trainable):
             arrays[p] = trained[p] = x.value
     for key, x in arrays.items():
+        if getattr(x, "is_deleted", lambda: False)():
+            raise ValueError(f"{op}: '{key}' was deleted (donated to a jitted step: donate_argnums); save the "
+                             "params the step returned")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{op}: '{key}' is {np.dtype(x.dtype)}; LoRA factors and trained leaves are floating point")
     if not arrays:

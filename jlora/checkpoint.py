@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
 from jlora.layout import Layout
-from jlora.paths import replace_leaves
+from jlora.paths import path_str, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_param
 
@@ -187,7 +187,8 @@ class AdapterCheckpointer:
         targets = None if legacy else _adapter_targets(specs, by_path, default)  # legacy: LoraWeight checks shapes
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if opt_state_like is not None:
-            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract(like_flat, default))
+            restore_args["opt_state"] = ocp.args.StandardRestore(_abstract_state(opt_state_like, like_flat, targets,
+                                                                                 default))
         try:
             got = self._manager.restore(step, args=ocp.args.Composite(**restore_args))
         except (KeyError, OSError, ValueError) as err:
@@ -374,13 +375,25 @@ def _default_placement(base: Any) -> Any:
     """Where to restore what carries no placement of its own (a numpy leaf, ``jax.eval_shape``'s
     result): replicated on the mesh of a base leaf that has one, else on that leaf's device, else
     on the first local device. Never ``None``: orbax would then put it where it was saved, on a
-    mesh this process may not have."""
+    mesh this process may not have. A base on an abstract mesh only (``jax.eval_shape`` under
+    ``jax.set_mesh``) takes the mesh set where it is that mesh."""
+    abstract = None
     for leaf in jax.tree.leaves(base):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
             return NamedSharding(sharding.mesh, PartitionSpec())
         if isinstance(sharding, SingleDeviceSharding):
             return sharding
+        if isinstance(sharding, NamedSharding) and abstract is None:
+            abstract = sharding.mesh
+    if abstract is not None:
+        get_mesh = getattr(jax.sharding, "get_mesh", None)  # JAX 0.7+ (jax.set_mesh)
+        mesh = get_mesh() if get_mesh is not None else None
+        if not (isinstance(mesh, jax.sharding.Mesh) and mesh.abstract_mesh == abstract):
+            raise ValueError(f"AdapterCheckpointer.restore: the base's shardings are on an abstract mesh {abstract} "
+                             "and no mesh of that shape is set to restore onto: restore inside "
+                             "`with jax.set_mesh(mesh):`, or give the base's arrays")
+        return NamedSharding(mesh, PartitionSpec())
     return SingleDeviceSharding(jax.local_devices()[0])
 
 
@@ -395,8 +408,22 @@ def _placed(x: Any, default: Any) -> Any:
     return sharding if isinstance(sharding, jax.sharding.Sharding) else default
 
 
-def _abstract(tree: Any, default: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_placed(x, default)), tree)
+def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any] | None, default: Any) -> dict:
+    """``_abstract`` of an optimizer state ``like`` (flattened: ``like_flat``). A leaf with no
+    placement of its own (``jax.eval_shape`` on a mesh with Auto axes) that is per adapter (its
+    path ends in the adapter's, as Adam's ``mu['dense']['kernel'].a``; same shape) is placed as
+    that adapter is, not replicated."""
+    out = {}
+    for (keys, _), (i, x) in zip(jax.tree_util.tree_flatten_with_path(like)[0], like_flat.items()):
+        place = _placed(x, default)
+        if getattr(x, "sharding", None) is None and targets:
+            path = "/" + path_str(keys).removesuffix("/value")  # a Trainable's value
+            for name, target in targets.items():
+                if path.endswith("/" + name) and tuple(target.shape) == tuple(np.shape(x)):
+                    place = target.sharding or place
+                    break
+        out[i] = jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=place)
+    return out
 
 
 def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat: dict[str, Any]) -> None:

@@ -149,6 +149,11 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     trainable, frozen = jlora.split(p)
     with pytest.raises(ValueError, match="save_adapter: 'q/bias' comes from the frozen half of jlora.split"):
         save_adapter(tmp_path / "ad", frozen)
+    donated = jax.tree.map(jnp.copy, trainable)
+    jax.jit(lambda t: t, donate_argnums=0)(donated)  # a step given donate_argnums: the arrays are gone
+    with pytest.raises(ValueError, match=r"save_adapter: '.*' was deleted \(donated to a jitted step"):
+        save_adapter(tmp_path / "ad", donated)
+
     class PeftLikeConfig:  # PEFT's LoraConfig has a to_dict too
         def to_dict(self):
             return {"r": 2}

@@ -321,6 +321,27 @@ def test_init_optimizer_merge_and_unmerge():
         np.testing.assert_allclose(restored, base["down"]["kernel"], atol=1e-6)
 
 
+def test_a_checkpoint_restores_onto_the_abstract_base_of_the_mesh_set(tmp_path):
+    """``jax.eval_shape`` under ``jax.set_mesh`` gives shardings on an abstract mesh: the adapters
+    restore onto the mesh set (they went to device 0, and the first step failed)."""
+    from jlora.checkpoint import AdapterCheckpointer
+
+    mesh = _mesh()
+    config = jlora.LoraConfig(rank=4, targets=["up"])
+    saved = jlora.lora_init(jax.random.key(0), {"up": {"kernel": jnp.ones((8, 16))}}, config)
+    AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, saved)
+    make = lambda: {"up": {"kernel": jax.sharding.reshard(jnp.ones((8, 16)), P(None, "model"))}}
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(make)
+        restored, _, _ = AdapterCheckpointer(tmp_path / "ckpt").restore(abstract)
+        b = restored["up"]["kernel"].b
+        assert b.sharding.mesh == mesh and b.sharding.spec == P(None, "model")
+        np.testing.assert_array_equal(b, saved["up"]["kernel"].b)
+    with pytest.raises(ValueError, match="the base's shardings are on an abstract mesh .* restore inside "
+                                         "`with jax.set_mesh"):
+        AdapterCheckpointer(tmp_path / "ckpt").restore(abstract)  # no mesh set
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 def test_a_sharding_error_in_jloras_own_ops_names_the_mesh_mode(monkeypatch):

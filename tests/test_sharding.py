@@ -567,6 +567,12 @@ def test_checkpoint_of_a_sharded_run_restores_on_one_device_and_on_another_devic
     restored, back, _ = AdapterCheckpointer(tmp_path / "ckpt").restore(
         sharding.place(_base(), mesh, RULES), opt_state_like=jax.eval_shape(tx.init, trainable))
     jax.tree.map(np.testing.assert_array_equal, back, state)
+    # the moments placed as their adapters are, not replicated on every device
+    mu_of = lambda s: s.inner_states["adapter"].inner_state[0].mu
+    for path, (got, want) in zip(["up", "down", "stack"], [(mu_of(back)[k]["kernel"], mu_of(state)[k]["kernel"])
+                                                           for k in ("up", "down", "stack")]):
+        for x, y in ((got.a, want.a), (got.b, want.b)):
+            assert x.sharding.is_equivalent_to(y.sharding, x.ndim), path
     restored_trainable = jlora.split(restored)[0]
     jax.jit(lambda t, s: tx.update(jax.tree.map(jnp.ones_like, t), s, t))(restored_trainable, back)  # one mesh
 
