@@ -20,7 +20,7 @@ from jax import lax
 from jlora import _compat
 from jlora.lazy import Context, evaluate, evaluate_closed, is_lazy, materialize, materialize_all, register, warn_once
 from jlora.sharding import NoPartSpecs, part_specs
-from jlora.weight import Lazy
+from jlora.weight import Lazy, LoraWeight
 
 
 def _outputs(outs: list, what: str) -> list:
@@ -100,6 +100,11 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     xs_in = invals[n_consts + n_carry:]
     xs, rebuilds = [], []
     for x in xs_in:
+        if isinstance(x, LoraWeight) and is_lazy(x.w) and x.w.unstack() is None and x.layout.batched(-1) is not None:
+            # a base that cannot slice (a quantized stack with one scale for all layers): it alone is
+            # materialised, the adapter stays factored
+            where = f"the base of '{x.path}'" if x.path else ctx.where(x)
+            x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily", where))
         spec = x.unstack() if is_lazy(x) else None
         if spec is None:
             xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily", ctx=ctx)[0])
