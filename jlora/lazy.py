@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
 
 from jlora import _compat
 from jlora.config import check_key
@@ -65,6 +66,12 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
         ...     return [invals[0]]
     """
 
+    if not isinstance(primitive, Primitive):
+        raise TypeError(f"jlora.register: {primitive!r} is not a JAX primitive; rules are for primitives, as "
+                        "jax.extend.core.primitives.dot_general_p (not the function jax.lax.dot_general)")
+    if not (isinstance(kind, type) and issubclass(kind, Lazy)):
+        raise TypeError(f"jlora.register: kind must be a subclass of jlora.Lazy, got {kind!r}")
+
     def deco(rule: Rule) -> Rule:
         _RULES[(primitive, kind)] = rule
         return rule
@@ -73,9 +80,12 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
 
 
 def find_rule(primitive: Any, kind: type) -> Rule | None:
+    """The rule for ``primitive`` on ``kind``: its own, else a base class's where ``kind`` keeps that
+    class's ``materialize`` (a subclass that changes what it stands for, DoRA over ``LoraWeight``,
+    does not inherit rules computing the old value), else the rules of every ``Lazy``."""
     for cls in kind.__mro__:
         rule = _RULES.get((primitive, cls))
-        if rule is not None:
+        if rule is not None and (cls is kind or cls is Lazy or kind.materialize is cls.materialize):
             return rule
     return None
 
@@ -281,14 +291,29 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                     outs = rule(ctx, eqn, invals)
             finally:
                 ctx.frame = outer
-            if outs is not NotImplemented and not isinstance(outs, (list, tuple)):
-                raise TypeError(f"jlora: the rule {getattr(rule, '__name__', rule)} for {eqn.primitive} returned "
-                                f"{type(outs).__name__}; a rule returns a list of outputs, or NotImplemented")
+            if outs is not NotImplemented:
+                _check_outputs(rule, eqn, outs)
         if outs is NotImplemented:
             invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx)
     if outs is NotImplemented:
         outs = _compat.bind(eqn, invals)
     return outs
+
+
+def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:
+    """Refuse, naming the rule, outputs that are not the equation's: a list of as many values, each
+    of its output's shape and dtype (a rule's wrong result would flow on silently, or fail far away)."""
+    name = f"jlora: the rule {getattr(rule, '__name__', rule)} for {eqn.primitive}"
+    if not isinstance(outs, (list, tuple)):
+        raise TypeError(f"{name} returned {type(outs).__name__}; a rule returns a list of outputs, or NotImplemented")
+    if len(outs) != len(eqn.outvars):
+        raise TypeError(f"{name} returned {len(outs)} outputs; the equation has {len(eqn.outvars)}")
+    for i, (out, var) in enumerate(zip(outs, eqn.outvars)):
+        want = (tuple(var.aval.shape), jnp.dtype(var.aval.dtype)) if hasattr(var.aval, "shape") else None
+        got = (tuple(np.shape(out)), jnp.dtype(out.dtype)) if hasattr(out, "dtype") else None
+        if want is not None and got is not None and got != want:
+            raise TypeError(f"{name} returned output {i} of {got[1].name}{list(got[0])}; the equation's is "
+                            f"{want[1].name}{list(want[0])}")
 
 
 def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str | Sequence[str] = "") -> list:
@@ -445,7 +470,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 leaf = leaf.value
             if isinstance(leaf, Lazy):
                 given[len(values)] = leaf
-                leaf = check_whole(leaf, getattr(leaf, "path", ""), "jlora.apply")
+                try:
+                    leaf = check_whole(leaf, getattr(leaf, "path", "") or param_paths()[i], "jlora.apply")
+                except ValueError as err:
+                    if "half of jlora.split" not in str(err):
+                        raise
+                    raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}; an optimizer state's or the "
+                                     "gradients' adapter nodes hold no base weight: they are not params)") from None
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)

@@ -414,6 +414,12 @@ def test_one_half_alone_or_a_bad_rng_is_refused():
     head = jlora.lora_init(KEY, {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, jlora.LoraConfig(rank=2, targets=["w"], trainable=["b"]))
     with pytest.raises(ValueError, match="'b' comes from the frozen half"):
         jlora.apply(lambda p, x: x @ p["w"] + p["b"])(jlora.split(head)[1], jnp.ones((1, 4)))
+    # an optimizer state passed in (a whole train step wrapped): its adapter nodes have no w
+    trainable = jlora.split(head)[0]
+    state = optax.adam(1e-3).init(trainable)
+    with pytest.raises(ValueError, match=r"'w' comes from the trainable half of jlora.split; .* \(it is argument 1 "
+                                         r"at '0/mu/w'; an optimizer state's or the gradients' adapter nodes"):
+        jlora.apply(lambda p, s, x: x @ p["w"])(head, state, jnp.ones((1, 4)))
 
 
 def test_a_rule_that_returns_a_bare_value_is_named():
@@ -429,6 +435,33 @@ def test_a_rule_that_returns_a_bare_value_is_named():
     jlora.register(jax.extend.core.primitives.neg_p, Doubled)(lambda ctx, eqn, invals: -2 * invals[0].value)
     with pytest.raises(TypeError, match=r"rule <lambda> for neg returned ArrayImpl.*a list of outputs"):
         jlora.apply(lambda w: -w)(Doubled(jnp.ones(3)))
+    # a result of another shape or dtype than the equation's would flow on silently, or fail far away
+    for wrong, got in ((lambda v: [-2 * v.value[:2]], r"float32\[2\]"), (lambda v: [(-2 * v.value).astype(jnp.bfloat16)],
+                                                                        r"bfloat16\[3\]")):
+        jlora.register(jax.extend.core.primitives.neg_p, Doubled)(lambda ctx, eqn, invals, wrong=wrong: wrong(invals[0]))
+        with pytest.raises(TypeError, match=rf"rule <lambda> for neg returned output 0 of {got}; the equation's is "
+                                            r"float32\[3\]"):
+            jlora.apply(lambda w: -w)(Doubled(jnp.ones(3)))
+    with pytest.raises(TypeError, match="jlora.register: <function neg .*> is not a JAX primitive"):
+        jlora.register(jax.lax.neg, Doubled)
+    with pytest.raises(TypeError, match="kind must be a subclass of jlora.Lazy, got <class 'int'>"):
+        jlora.register(jax.extend.core.primitives.neg_p, int)
+
+
+def test_a_subclass_that_changes_materialize_does_not_inherit_the_rules_of_the_old_value():
+    """A DoRA-like subclass of LoraWeight: LoraWeight's dot rule would compute plain LoRA, while
+    merge used the subclass's value; without rules of its own it is materialised (exact)."""
+    class Halved(jlora.LoraWeight):
+        def materialize(self):
+            return 0.5 * super().materialize()
+
+    jax.tree_util.register_pytree_with_keys_class(Halved)
+    lw = lora({"w": normal(KEY, (4, 3))}, ["w"])["w"]
+    halved = Halved(lw.w, lw.a, jnp.ones_like(lw.b), scale=lw.scale, path="w")
+    x = normal(KEY, (2, 4))
+    with pytest.warns(jlora.MaterializeWarning, match="materialised at 'dot_general'"):
+        got = jlora.apply(lambda p, x: x @ p["w"])({"w": halved}, x)
+    np.testing.assert_allclose(got, x @ halved.materialize(), rtol=1e-6)
 
 
 def test_function_closing_over_an_outer_tracer_is_not_cached_stale():
