@@ -137,7 +137,8 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
 
 def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[str, Any]]) -> str:
     """The tail of a "pattern matches no param" error: what is near, and what a pattern could name."""
-    if option == "trainable":
+    if option == "trainable":  # among what can be trained: not an Equinox module's flags and rates
+        paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
         return f"; nearest paths: {nearest(text, paths) or list(paths[:5])}"
     modules = _weight_modules(entries)
     near = nearest(text, modules, n=3)

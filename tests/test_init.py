@@ -217,6 +217,13 @@ def test_bad_input_names_the_path(cfg, match):
         lora_init(KEY, base(), cfg)
 
 
+def test_a_trainable_pattern_matching_nothing_suggests_only_what_can_train():
+    """An Equinox Dropout's rate and flag are leaves too, but never params to train."""
+    base = {"drop": {"p": 0.1, "inference": False}, "lin": {"weight": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+    with pytest.raises(ValueError, match=r"pattern 'dropout' matches no param; nearest paths: \['lin/bias', 'lin/weight'\]"):
+        lora_init(KEY, base, LoraConfig(rank=2, targets=["lin"], trainable=["dropout"]))
+
+
 def test_a_target_that_matches_only_what_it_cannot_use_says_why():
     params = {"q": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "k": {"kernel": jnp.ones((4, 4), jnp.int8)}}
     with pytest.raises(ValueError, match=r"'q' matches no param it can use \(LoraConfig.exclude leaves out"):
