@@ -511,7 +511,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             raise
         closed, out_tree, static_out = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
-        unnamed = {k: f"at '{param_paths()[i]}'" for k, i in enumerate(dynamic)
+        unnamed = {k: _argument(args, kwargs, i) for k, i in enumerate(dynamic)
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
         records: dict = {}

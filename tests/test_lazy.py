@@ -539,8 +539,11 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
     # the base kind has no transpose rule: its own fallback, while the adapter stays factored
     with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(the base of 'w'\) materialised at 'transpose'"):
         check_against_oracle(lambda p, x: (p["w"].T @ x.T).T, {"w": lw}, x)
-    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(at 'bare/kernel'\) materialised at 'transpose'"):
+    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(argument 0 at 'bare/kernel'\) materialised at "
+                                                      r"'transpose'"):
         jlora.apply(lambda p, x: x @ p["bare"]["kernel"].T.T)({"bare": {"kernel": base}}, x)
+    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(argument 1\) materialised at 'sin'"):  # no path
+        jlora.apply(lambda x, w: x @ jnp.sin(w))(x, base)
     with pytest.warns(jlora.MaterializeWarning, match="LoraWeight at 'w' materialised at 'sin'"):  # exactly
         check_against_oracle(lambda p, x: x @ jnp.sin(p["w"]), {"w": lw}, x)
     # stacked layers under scan: the base's leaves are sliced with the factors
