@@ -309,11 +309,12 @@ def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:
     if len(outs) != len(eqn.outvars):
         raise TypeError(f"{name} returned {len(outs)} outputs; the equation has {len(eqn.outvars)}")
     for i, (out, var) in enumerate(zip(outs, eqn.outvars)):
-        want = (tuple(var.aval.shape), jnp.dtype(var.aval.dtype)) if hasattr(var.aval, "shape") else None
-        got = (tuple(np.shape(out)), jnp.dtype(out.dtype)) if hasattr(out, "dtype") else None
-        if want is not None and got is not None and got != want:
-            raise TypeError(f"{name} returned output {i} of {got[1].name}{list(got[0])}; the equation's is "
-                            f"{want[1].name}{list(want[0])}")
+        if not (hasattr(var.aval, "shape") and hasattr(out, "dtype")):
+            continue
+        want, got = (tuple(var.aval.shape), var.aval.dtype), (tuple(np.shape(out)), out.dtype)
+        if got[0] != want[0] or got[1] != want[1]:  # dtypes compared as they are: a PRNG key's is no numpy dtype
+            raise TypeError(f"{name} returned output {i} of {got[1]}{list(got[0])}; the equation's is "
+                            f"{want[1]}{list(want[0])}")
 
 
 def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str | Sequence[str] = "") -> list:

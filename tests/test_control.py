@@ -70,6 +70,21 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
         "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily"]
 
 
+def test_a_loop_carrying_a_typed_prng_key_stays_factored(params):
+    """A sampling loop (HF's generate with do_sample) carries a jax.random.key, whose dtype is no
+    numpy dtype; the adapter stays factored through it."""
+    def fn(p, x, key):
+        def body(c):
+            i, key, h = c
+            key, sub = jax.random.split(key)
+            return i + 1, key, jnp.tanh(h @ p["w"]) + 0.1 * jax.random.normal(sub, h.shape)
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, key, x))[2]
+
+    for key in (jax.random.key(1), jax.random.PRNGKey(1)):  # typed, legacy
+        got = jlora.apply(fn)(params, X, key)
+        np.testing.assert_allclose(got, fn(jlora.merge(params), X, key), rtol=1e-5, atol=1e-6)
+
+
 def test_while_loop(params):
     def fn(p, x):
         return lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x))[1]
