@@ -606,7 +606,7 @@ def test_a_fallback_inside_a_rebuilt_body_names_each_quantized_kernel():
         with pytest.warns(jlora.MaterializeWarning) as record:
             jlora.apply(wrap(uses))(params, jnp.ones((2, 4)))
         named = sorted(str(w.message).split("(")[1].split(")")[0] for w in record)
-        assert named == ["at 'a/kernel'", "at 'b/kernel'"], named
+        assert named == ["argument 0 at 'a/kernel'", "argument 0 at 'b/kernel'"], named
 
 
 def test_dropout_of_an_adapter_under_an_adapter_is_on():
