@@ -265,11 +265,24 @@ class LoraModel:
         self.config = preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key
         self.params = lora_init(key, model, self.config, params, inputs=inputs)
-        self._forward = jlora.apply(model.__call__)
+
+        def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused
+            return model(*args, **kwargs)
+
+        self._forward = jlora.apply(forward)
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
-        return self._forward(*args, params=self.params if params is None else params, lora_rng=lora_rng, **kwargs)
+        return self._forward(*args, params=self.params if params is None else params, lora_rng=lora_rng,
+                             model_state=self._model_state(), **kwargs)
+
+    def _model_state(self) -> tuple:
+        """What the model's calls read besides their arguments: its config, its generation config and
+        its module (``enable_gradient_checkpointing`` swaps it). Part of each trace's key, so that a
+        change (``eos_token_id``, ``output_hidden_states``) is traced anew, as the model itself sees it."""
+        generation = getattr(self.model, "generation_config", None)
+        return (self.model.config.to_json_string(), None if generation is None else generation.to_json_string(),
+                id(self.model.module))
 
     def generate(self, input_ids: jax.Array, *, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
         """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters.
@@ -286,7 +299,8 @@ class LoraModel:
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
-        key = _frozen(static)  # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
+        # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
+        key = (_frozen(static), self._model_state())
         cacheable = _hashable(key)
         fn = self._generate.get(key) if cacheable else None
         if fn is None:

@@ -185,6 +185,14 @@ def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
     mine.clear()  # the caller's list changed after its call: a later trace (a new prompt length) must not see it
     np.testing.assert_array_equal(lm.generate(prompt[:, :3], max_new_tokens=6, do_sample=False,
                                               suppress_tokens=again).sequences, want.sequences)
+    # the model's config changed after a first call: traced anew, as the model itself reads it
+    stop = int(unmerged[0, 5])
+    lm.model.generation_config.eos_token_id = stop
+    np.testing.assert_array_equal(lm.generate(prompt, max_new_tokens=6, do_sample=False).sequences,
+                                  lm.generate(prompt, max_new_tokens=6, do_sample=False, merged=True).sequences)
+    lm.model.config.output_hidden_states = True
+    assert lm(prompt).hidden_states is not None
+    lm.model.config.output_hidden_states = False
 
 
 def test_bert_classifier_trains_with_a_fully_trained_head():
