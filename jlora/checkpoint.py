@@ -392,7 +392,7 @@ def _default_placement(base: Any) -> Any:
         if not (isinstance(mesh, jax.sharding.Mesh) and mesh.abstract_mesh == abstract):
             raise ValueError(f"AdapterCheckpointer.restore: the base's shardings are on an abstract mesh {abstract} "
                              "and no mesh of that shape is set to restore onto: restore inside "
-                             "`with jax.set_mesh(mesh):`, or give the base's arrays")
+                             "`with jax.set_mesh(mesh):` (JAX 0.7+), or give the base's arrays")
         return NamedSharding(mesh, PartitionSpec())
     return SingleDeviceSharding(jax.local_devices()[0])
 
@@ -409,19 +409,19 @@ def _placed(x: Any, default: Any) -> Any:
 
 
 def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any] | None, default: Any) -> dict:
-    """``_abstract`` of an optimizer state ``like`` (flattened: ``like_flat``). A leaf with no
-    placement of its own (``jax.eval_shape`` on a mesh with Auto axes) that is per adapter (its
-    path ends in the adapter's, as Adam's ``mu['dense']['kernel'].a``; same shape) is placed as
-    that adapter is, not replicated."""
+    """Abstract arrays to restore an optimizer state like ``like`` (flattened: ``like_flat``) into:
+    each leaf's own placement (``_placed``), or, for one with none (``jax.eval_shape`` on a mesh
+    with Auto axes) that is per adapter (its path ends in the adapter's, as Adam's
+    ``mu['dense']['kernel'].a``, the longest such; same shape), the adapter's, not replicated."""
     out = {}
     for (keys, _), (i, x) in zip(jax.tree_util.tree_flatten_with_path(like)[0], like_flat.items()):
         place = _placed(x, default)
         if getattr(x, "sharding", None) is None and targets:
-            path = "/" + path_str(keys).removesuffix("/value")  # a Trainable's value
-            for name, target in targets.items():
-                if path.endswith("/" + name) and tuple(target.shape) == tuple(np.shape(x)):
-                    place = target.sharding or place
-                    break
+            path = "/" + path_str(keys)
+            ends = [name for name, t in targets.items()
+                    if path.endswith("/" + name) and tuple(t.shape) == tuple(np.shape(x))]
+            if ends:
+                place = targets[max(ends, key=len)].sharding or place
         out[i] = jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=place)
     return out
 

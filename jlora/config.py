@@ -84,9 +84,8 @@ class LoraConfig:
                 + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
                 + f"; options are {', '.join(names)}"
             )
-        rank, alpha, dropout, use_rslora = (_scalar(v) for v in (rank, alpha, dropout, use_rslora))
-        _check_rank("rank", rank)
-        _check_alpha("alpha", alpha)
+        dropout, use_rslora = _scalar(dropout), _scalar(use_rslora)
+        rank, alpha = _check_rank("rank", rank), _check_alpha("alpha", alpha)
         if targets is not None and not (isinstance(targets, str) and targets == ALL_LINEAR):
             targets = _patterns("targets", targets)
             if not targets:

@@ -103,8 +103,9 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         if isinstance(x, LoraWeight) and is_lazy(x.w) and x.w.unstack() is None and x.layout.batched(-1) is not None:
             # a base that cannot slice (a quantized stack with one scale for all layers): it alone is
             # materialised, the adapter stays factored
-            where = f"the base of '{x.path}'" if x.path else ctx.where(x)
-            x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily", where))
+            name = f"'{x.path}'" if x.path else ctx.where(x)
+            x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily",
+                                        f"the base of {name}" if name else "", ctx.drops_within(x.w)))
         spec = x.unstack() if is_lazy(x) else None
         if spec is None:
             xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily", ctx=ctx)[0])

@@ -174,11 +174,13 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             for pat in direct:
                 if not _is_adaptable(leaf):
                     parent = path.rsplit("/", 1)[0] if "/" in path else ""
+                    kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in ("kernel", "weight")
+                                 and _is_adaptable(x) for p, x in entries) and pat.text != path
                     raise ValueError(
                         f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
-                           "reaching into it matches its other leaves too" if parent else "")
+                           "reaching into it matches its other leaves too" if kernel else "")
                     )
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
             # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding

@@ -211,7 +211,12 @@ class Layout:
 
     def __repr__(self) -> str:
         """``Layout('bio')``, or the axes where their order within a role is not the letters' own."""
-        return f"Layout({str(self)!r})" if Layout.parse(str(self)) == self else f"Layout(axes={self.axes!r})"
+        counts = {role: 0 for role in "bio"}
+        in_order = True
+        for role, k in self.axes:  # the k of each role counting up, as parse numbers them
+            in_order = in_order and k == counts.get(role)
+            counts[role] = counts.get(role, 0) + 1
+        return f"Layout({str(self)!r})" if in_order else f"Layout(axes={self.axes!r})"
 
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:

@@ -58,7 +58,10 @@ class MaterializeWarning(UserWarning):
 
 
 def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
-    """Register ``rule(ctx, eqn, invals) -> outvals | NotImplemented`` for a primitive and lazy kind.
+    """Register ``rule(ctx, eqn, invals) -> outvals | NotImplemented`` for a primitive (of
+    ``jax.extend.core.primitives``) and lazy kind. The outputs must have the equation's shapes and
+    dtypes (checked). A subclass of ``kind`` inherits the rule unless it overrides ``materialize``
+    (it then stands for another value: DoRA over ``LoraWeight``) and registers its own.
 
     Example:
         >>> @register(_compat.copy_p, Lazy)
@@ -442,7 +445,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     if isinstance(cache_size, bool) or not isinstance(cache_size, numbers.Integral) or cache_size < 1:
         raise ValueError(f"jlora.apply: cache_size must be an int >= 1 (traces kept), got {cache_size!r}")
     try:
-        own = "lora_rng" in inspect.signature(fn).parameters
+        own = "lora_rng" in inspect.signature(fn).parameters and not _applied(fn)
     except (TypeError, ValueError):  # no signature to read (some builtins)
         own = False
     if own:
@@ -476,8 +479,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 except ValueError as err:
                     if "half of jlora.split" not in str(err):
                         raise
-                    raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}; an optimizer state's or the "
-                                     "gradients' adapter nodes hold no base weight: they are not params)") from None
+                    raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}: a trainable half, an optimizer "
+                                     "state or gradients hold no base weight)") from None
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
@@ -565,10 +568,23 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             cache.clear()
 
     wrapped.cache_clear = cache_clear  # type: ignore[attr-defined]
+    wrapped._jlora_apply = True  # type: ignore[attr-defined]  # its lora_rng is apply's own (see _applied)
     signature = _with_lora_rng(fn)
     if signature is not None:
         wrapped.__signature__ = signature  # type: ignore[attr-defined]
     return wrapped
+
+
+def _applied(fn: Callable) -> bool:
+    """Whether ``fn`` is, or wraps (``jax.jit``, ``functools.wraps``), a function ``apply`` made:
+    the ``lora_rng`` its signature shows is apply's own, not the user's."""
+    for _ in range(100):  # a chain of __wrapped__, as inspect.unwrap follows it
+        if getattr(fn, "_jlora_apply", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
 
 
 def _with_lora_rng(fn: Callable) -> inspect.Signature | None:
@@ -583,6 +599,8 @@ def _with_lora_rng(fn: Callable) -> inspect.Signature | None:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
+    if "lora_rng" in signature.parameters:  # fn is apply's own (nested apply)
+        return signature
     params = list(signature.parameters.values())
     at = len(params) - (1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else 0)
     added = inspect.Parameter("lora_rng", inspect.Parameter.KEYWORD_ONLY, default=None)

@@ -314,16 +314,16 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
         return x is None or isinstance(x, optax.MaskedNode)
 
     def fitting(leaf: Any, sharding: Any) -> Any:  # Adafactor's factored moments have other shapes than their param
-        return sharding if _fits(sharding, np.shape(leaf), mesh) else replicated
+        return sharding if _fits(sharding, np.shape(leaf)) else replicated
 
     def one(leaf: Any, sharding: Any) -> Any:
         if placeholder(leaf):
             return leaf
+        if is_node(leaf) and type(sharding) is not type(leaf):
+            raise ValueError(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} where "
+                             f"param_shardings has {'none' if sharding is None else type(sharding).__name__}: give "
+                             "the shardings of the params the state was made from (shardings(params, mesh, rules))")
         if isinstance(leaf, LoraWeight):
-            if not isinstance(sharding, LoraWeight):
-                raise ValueError("jlora.sharding.state_shardings: the state holds an adapter where param_shardings "
-                                 f"has {'none' if sharding is None else type(sharding).__name__}: give the shardings of the params the state was "
-                                 "made from (shardings(params, mesh, rules))")
             pick = lambda mine, theirs: mine if placeholder(mine) else fitting(mine, theirs)
             return sharding.replace(w=pick(leaf.w, sharding.w), a=pick(leaf.a, sharding.a), b=pick(leaf.b, sharding.b))
         if isinstance(leaf, Trainable):
@@ -336,7 +336,7 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     )
 
 
-def _fits(sharding: Any, shape: tuple, mesh: Mesh) -> bool:
+def _fits(sharding: Any, shape: tuple) -> bool:
     """Whether a ``NamedSharding`` can lay out an array of ``shape``: no more spec entries than
     axes, and each sharded axis divisible by its mesh axes' sizes."""
     if not isinstance(sharding, NamedSharding):
@@ -346,7 +346,7 @@ def _fits(sharding: Any, shape: tuple, mesh: Mesh) -> bool:
         return False
     for size, axes in zip(shape, spec):
         names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if size % math.prod(mesh.shape[name] for name in names):
+        if size % math.prod(sharding.mesh.shape[name] for name in names):
             return False
     return True
 

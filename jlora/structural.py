@@ -211,18 +211,19 @@ def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return [_placed(lw, bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
 
 
-@register(_compat.pvary_p, Lazy)
-def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
-    """Inside ``shard_map``: mark every child varying over the axes the equation names (those it
-    does not vary over already), so the factors meet varying activations like ``w`` does."""
-    def one(x: Any) -> Any:
-        missing = tuple(a for a in eqn.params["axes"] if a not in _compat.varying_axes(x))
-        if not missing:
-            return x
-        out = eqn.primitive.bind(x, **{**eqn.params, "axes": missing})
-        return out[0] if eqn.primitive.multiple_results else out
+if _compat.pvary_p is not None:  # None where JAX traces no pvary (see _compat)
+    @register(_compat.pvary_p, Lazy)
+    def pvary_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+        """Inside ``shard_map``: mark every child varying over the axes the equation names (those it
+        does not vary over already), so the factors meet varying activations like ``w`` does."""
+        def one(x: Any) -> Any:
+            missing = tuple(a for a in eqn.params["axes"] if a not in _compat.varying_axes(x))
+            if not missing:
+                return x
+            out = eqn.primitive.bind(x, **{**eqn.params, "axes": missing})
+            return out[0] if eqn.primitive.multiple_results else out
 
-    return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
+        return [jax.tree.map(one, v) if is_lazy(v) else _compat.bind(eqn, [v])[0] for v in invals]
 
 
 @register(_compat.optimization_barrier_p, Lazy)

@@ -94,8 +94,7 @@ def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str,
         name = lambda t: "leaf" if t is None else t.__name__
         return path or "/", f"a {name(type1)}", f"a {name(type2)}"
     if type1 is LoraWeight and data1[1] != data2[1]:  # its static fields, in metadata()'s order
-        names = LoraWeight(None, None, None, scale=1.0).metadata()
-        for field, value1, value2 in zip(names, data1[1], data2[1]):
+        for field, value1, value2 in zip(LoraWeight.STATIC_FIELDS, data1[1], data2[1]):
             if value1 != value2:
                 return path or "/", f"{field}={value1!r}", f"{field}={value2!r}"
     fields = _static_fields(data1[1]) if data1 else None, _static_fields(data2[1]) if data2 else None
@@ -317,7 +316,7 @@ def _size(x: Any) -> int:
 def summary(tree: Any) -> Summary:
     """Trainable / total parameter counts, overall and per target (like PEFT's
     ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state)
-    are not counted, as PyTorch buffers are not.
+    and a linen variables dict's collections beside ``params`` are not counted, as PyTorch buffers are not.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")

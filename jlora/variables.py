@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
+from flax.core import FrozenDict
 
 from jlora.paths import path_str
 
@@ -223,7 +223,8 @@ def set_value(variable: Any, value: Any) -> None:
 def state_paths(tree: Any) -> frozenset[str]:
     """Paths of the variables in ``tree`` that are not params: NNX variables of other kinds (batch
     statistics, caches, RNG state), and a linen variables dict's collections beside ``params``
-    (``batch_stats``, ``cache``). The forward pass updates them, never the optimizer.
+    (``batch_stats``, ``cache``: a plain dict or ``FrozenDict`` with a ``params`` key, not an NNX
+    state, whose ``params`` would be a submodule). The forward pass updates them, never the optimizer.
 
     Example:
         >>> from flax import nnx
@@ -232,7 +233,7 @@ def state_paths(tree: Any) -> frozenset[str]:
         >>> sorted(state_paths({"params": {"w": 1.0}, "batch_stats": {"mean": 0.0}}))
         ['batch_stats']
     """
-    linen = [str(k) for k in tree if k != "params"] if isinstance(tree, Mapping) and "params" in tree else []
+    linen = [str(k) for k in tree if k != "params"] if type(tree) in (dict, FrozenDict) and "params" in tree else []
     return frozenset(path for path, _ in state_variables(tree)) | frozenset(linen)
 
 

@@ -143,6 +143,7 @@ class LoraWeight(Lazy):
     """
 
     __slots__ = ("w", "a", "b", "scale", "layout", "path", "dropout")
+    STATIC_FIELDS = ("scale", "layout", "path", "dropout")  # the treedef's, in order (see metadata)
 
     def __init__(
         self,
@@ -229,7 +230,7 @@ class LoraWeight(Lazy):
             >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5).metadata()["scale"]
             0.5
         """
-        return {"scale": self.scale, "layout": self.layout, "path": self.path, "dropout": self.dropout}
+        return {name: getattr(self, name) for name in self.STATIC_FIELDS}
 
     def tree_flatten_with_keys(self):
         keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))

@@ -405,3 +405,26 @@ def test_an_async_save_is_finished_when_the_program_ends_without_wait(tmp_path):
     with pytest.raises(ValueError, match="AdapterCheckpointer.save: .*ckpt was closed"):
         ckpt.save(2, jlora.lora_init(jax.random.key(0), {"q": {"kernel": jnp.ones((64, 64))}},
                                      jlora.LoraConfig(rank=4, targets=["q"])))
+
+
+def test_a_state_like_jax_eval_shapes_is_placed_as_its_own_adapter(tmp_path):
+    """On a mesh with Auto axes ``jax.eval_shape`` gives the moments no placement: each takes its
+    adapter's (the longest path it ends in: 'x/up/kernel', not 'up/kernel')."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jlora import sharding
+
+    mesh = sharding.make_mesh({"d": 2})
+    rows, columns = NamedSharding(mesh, P("d", None)), NamedSharding(mesh, P(None, "d"))
+    base = {"up": {"kernel": jax.device_put(jnp.ones((8, 8)), rows)},
+            "x": {"up": {"kernel": jax.device_put(jnp.ones((8, 8)), columns)}}}
+    params = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["up"]))
+    trainable = jlora.split(params)[0]
+    tx = jlora.optimizer(optax.adam(1e-3))
+    AdapterCheckpointer(tmp_path, async_save=False).save(1, params, opt_state=tx.init(trainable))
+    _, state, _ = AdapterCheckpointer(tmp_path).restore(base, opt_state_like=jax.eval_shape(tx.init, trainable))
+    mu = state.inner_states["adapter"].inner_state[0].mu
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    restored = {path: (spec(lw.a), spec(lw.b)) for path, lw in
+                (("up", mu["up"]["kernel"]), ("x/up", mu["x"]["up"]["kernel"]))}
+    assert restored == {"up": (("d", None), (None, None)), "x/up": ((None, None), (None, "d"))}

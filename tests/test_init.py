@@ -197,7 +197,7 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
     [
         (LoraConfig(targets=["q_prj"]), r"'q_prj' matches no param; nearest modules: \['layers/\*/attn/q_proj', .*\]; modules with weights to adapt: "),
         (LoraConfig(targets=["query"]), r"'query' matches no param; modules with weights to adapt: .*layers/\*/attn/q_proj"),
-        (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale', a float32\[16\] leaf"),
+        (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale', a float32\[16\] leaf: .*LoraConfig.trainable\)$"),
         (LoraConfig(targets=["q_proj/*"]), r"matches 'layers/0/attn/q_proj/bias', a float32\[16\] leaf: .*; a pattern "
                                            r"naming the module \('q_proj'\) adapts its kernel"),
         (LoraConfig(targets=["step"]), r"int32\[\] leaf"),
@@ -325,6 +325,16 @@ def test_linen_collections_beside_params_are_state_not_trainable_params():
     with pytest.raises(ValueError, match=r"'batch_stats/BatchNorm_0/var', an NNX variable that is not an nnx.Param or "
                                          r"a linen collection other than 'params'"):
         lora_init(KEY, variables, LoraConfig(rank=2, targets=["Dense_0"], trainable=["batch_stats/BatchNorm_0/var"]))
+    # a tree that merely holds a module named 'params' (an NNX module's state) is no linen variables dict
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.params = nnx.Linear(4, 4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    p = lora_init(KEY, nnx.state(Net(nnx.Rngs(0))), LoraConfig(rank=2, targets=["params"], trainable=["head"]))
+    assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["head/bias", "head/kernel"]
 
 
 def test_a_sown_nnx_intermediate_is_state_whatever_its_value_holds():

@@ -265,6 +265,9 @@ def test_the_wrapped_signature_shows_the_lora_rng_keyword():
     forward = jlora.apply(lambda params, x, *, train=False, **extra: x)
     assert str(inspect.signature(forward)) == "(params, x, *, train=False, lora_rng=None, **extra)"
     inspect.signature(forward).bind({}, 1, lora_rng=jax.random.key(0))  # as the call itself takes it
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    for nested in (jlora.apply(forward), jlora.apply(jax.jit(forward))):  # its lora_rng is apply's, not the user's
+        nested(p, jnp.ones((1, 4)))
 
 
 def test_a_trace_is_reused_only_under_the_trace_that_made_it():
@@ -418,7 +421,7 @@ def test_one_half_alone_or_a_bad_rng_is_refused():
     trainable = jlora.split(head)[0]
     state = optax.adam(1e-3).init(trainable)
     with pytest.raises(ValueError, match=r"'w' comes from the trainable half of jlora.split; .* \(it is argument 1 "
-                                         r"at '0/mu/w'; an optimizer state's or the gradients' adapter nodes"):
+                                         r"at '0/mu/w': a trainable half, an optimizer state or gradients hold no"):
         jlora.apply(lambda p, s, x: x @ p["w"])(head, state, jnp.ones((1, 4)))
 
 
