@@ -205,7 +205,7 @@ def test_optimizer_state_shards_like_the_adapters():
         want = jax.eval_shape(tx.init, trainable)
         assert [np.shape(x) for x in jax.tree.leaves(state)] == [np.shape(x) for x in jax.tree.leaves(want)]
     other = jlora.split(jlora.lora_init(jax.random.key(1), _base(), jlora.LoraConfig(rank=2, targets=["down"])))[0]
-    with pytest.raises(ValueError, match="state_shardings: the state holds an adapter where param_shardings has "
+    with pytest.raises(ValueError, match="state_shardings: the state holds a LoraWeight where param_shardings has "
                                          "none: give the shardings of the params the state was made from"):
         sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(other, mesh, RULES), mesh)
 
