@@ -79,8 +79,8 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
 def example_inputs(model: Any) -> dict[str, jax.Array]:
     """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts): token ids
     (``input_ids``, and ``decoder_input_ids`` for an encoder-decoder), ``pixel_values`` (NCHW, as
-    HF's Flax vision models take them), ``input_features`` (speech) and ``input_values`` (audio),
-    each shaped like the dummy HF initialises the model with (``model.input_shape``); a
+    HF's Flax vision models take them), ``input_features`` (speech), ``input_values`` (audio) and
+    a speech encoder-decoder's ``inputs``, each shaped like the dummy HF initialises the model with (``model.input_shape``); a
     multiple-choice model's token ids have two choices.
 
     Example:
@@ -104,6 +104,8 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
         shape = of_rank(rank)
         if name in args and shape is not None:  # pixels: HF's dummy is NHWC, __call__ takes NCHW
             inputs[name] = jnp.zeros((shape[0], shape[3], shape[1], shape[2]) if rank == 4 else shape, jnp.float32)
+    if "inputs" in args and "input_ids" not in args:  # a speech encoder-decoder: the encoder's dummy, HF's first
+        inputs["inputs"] = jnp.zeros(shapes[0], jnp.float32)
     if not inputs:
         raise ValueError(f"jlora.hf: no example inputs for {type(model).__name__} (its __call__ takes "
                          f"{', '.join(args[1:6])}, ...); pass inputs={{...}}: keyword arguments for one small call")
@@ -284,8 +286,10 @@ class LoraModel:
         return (self.model.config.to_json_string(), None if generation is None else generation.to_json_string(),
                 id(self.model.module))
 
-    def generate(self, input_ids: jax.Array, *, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
-        """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters.
+    def generate(self, *inputs: Any, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
+        """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters;
+        the inputs as the model's ``generate`` takes them (``input_ids``, or ``input_features=`` for
+        Whisper, ``pixel_values=`` for a vision encoder-decoder).
 
         Example:
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
@@ -295,20 +299,20 @@ class LoraModel:
         """
         params = self.params if params is None else params
         if merged:
-            return self.model.generate(input_ids, params=jlora.merge(params), **kwargs)
+            return self.model.generate(*inputs, params=jlora.merge(params), **kwargs)
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
         # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
-        key = (_frozen(static), self._model_state())
+        key = (len(inputs), _frozen(static), self._model_state())
         cacheable = _hashable(key)
         fn = self._generate.get(key) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
-            fn = jlora.apply(lambda p, ids, dyn: self.model.generate(ids, params=p, **static, **dyn))
+            fn = jlora.apply(lambda p, inputs, dyn: self.model.generate(*inputs, params=p, **static, **dyn))
             if cacheable:
                 self._generate[key] = fn
-        return fn(params, input_ids, dynamic)
+        return fn(params, inputs, dynamic)
 
     def merge(self) -> Any:
         """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).

@@ -71,6 +71,15 @@ OTHER_INPUTS = {
         max_position_embeddings=128, attention_type="block_sparse", block_size=4, num_random_blocks=2)), "all-linear"),
     "bert-multiple-choice": (lambda: tf.FlaxBertForMultipleChoice(tf.BertConfig(  # ids (batch, choices, tokens)
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)), None),
+    "speech-encoder-decoder": (lambda: tf.FlaxSpeechEncoderDecoderModel(  # its __call__ takes `inputs`
+        tf.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+            tf.Wav2Vec2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+                              feat_extract_norm="layer"),
+            tf.BartConfig(vocab_size=64, d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                          max_position_embeddings=128, is_decoder=True, add_cross_attention=True))),
+        "all-linear"),
     "resnet": (lambda: tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
                                           input_shape=(1, 32, 32, 3)),  # no image_size in its config
                ["convolution"]),
@@ -255,6 +264,22 @@ def test_models_taking_other_inputs_are_traced_on_their_own_dummy_inputs(name):
     merged = plain(lm.merge())
     np.testing.assert_allclose(lazy, merged, rtol=1e-5, atol=1e-5)
     assert float(np.abs(np.asarray(merged) - plain(model.params)).max()) > 1e-4  # the adapters matter
+
+
+def test_generate_takes_the_inputs_as_the_models_generate_does():
+    """Whisper's generate is called with input_features=, as HF's examples call it."""
+    model = tf.FlaxWhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+        max_target_positions=32, begin_suppress_tokens=None, suppress_tokens=None, decoder_start_token_id=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    features = normal(jax.random.key(2), (1, 8, 32))
+    by_keyword = lm.generate(input_features=features, max_new_tokens=3).sequences
+    np.testing.assert_array_equal(by_keyword, lm.generate(features, max_new_tokens=3).sequences)
+    np.testing.assert_array_equal(by_keyword, lm.generate(input_features=features, max_new_tokens=3,
+                                                          merged=True).sequences)
 
 
 def test_example_inputs_can_be_given():
