@@ -72,8 +72,8 @@ class Lazy(NotAnArray):
     the array it stands for: ``lora_init`` derives the factors' from it) and ``part_specs(spec)``
     (its parts' ``PartitionSpec``s, the same pytree, when that array is sharded as ``spec``:
     ``jlora.sharding`` places it by them). To stay lazy when ``lax.scan`` slices stacked layers,
-    it defines ``unstack()``. ``tests/quantized.py`` has a complete one: an int8 kernel with its
-    matmul rule.
+    it defines ``unstack()``. ``tests/quantized.py`` (in jlora's repository) has a complete one: an
+    int8 kernel with its matmul rule.
 
     Example:
         >>> @jax.tree_util.register_pytree_node_class
