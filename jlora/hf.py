@@ -80,8 +80,8 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     """Small dummy inputs that the model's ``__call__`` accepts (to trace layouts): token ids
     (``input_ids``, and ``decoder_input_ids`` for an encoder-decoder), ``pixel_values`` (NCHW, as
     HF's Flax vision models take them), ``input_features`` (speech), ``input_values`` (audio) and
-    a speech encoder-decoder's ``inputs``, each shaped like the dummy HF initialises the model with (``model.input_shape``); a
-    multiple-choice model's token ids have two choices.
+    a speech encoder-decoder's ``inputs``, each shaped like the dummy HF initialises the model with
+    (``model.input_shape``); a multiple-choice model's token ids have two choices.
 
     Example:
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel

@@ -171,9 +171,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         else:
             kinds = {pat: pat.match(path) for pat in targets}
             direct = [pat for pat, kind in kinds.items() if kind == LEAF]
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
             for pat in direct:
                 if not _is_adaptable(leaf):
-                    parent = path.rsplit("/", 1)[0] if "/" in path else ""
                     kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in ("kernel", "weight")
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
                     raise ValueError(
@@ -182,7 +182,6 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
                     )
-            parent = path.rsplit("/", 1)[0] if "/" in path else ""
             # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding
             # table only where the pattern names its module ("embed_tokens"), not a broader subtree
             weight = name in ("kernel", "weight") or (name == "embedding" and any(

@@ -315,7 +315,7 @@ def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:
         if not (hasattr(var.aval, "shape") and hasattr(out, "dtype")):
             continue
         want, got = (tuple(var.aval.shape), var.aval.dtype), (tuple(np.shape(out)), out.dtype)
-        if got[0] != want[0] or got[1] != want[1]:  # dtypes compared as they are: a PRNG key's is no numpy dtype
+        if got != want:  # dtypes compared as they are: a PRNG key's is no numpy dtype
             raise TypeError(f"{name} returned output {i} of {got[1]}{list(got[0])}; the equation's is "
                             f"{want[1]}{list(want[0])}")
 

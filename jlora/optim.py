@@ -156,8 +156,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
     updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
     ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, must hold
-    at least one adapter (``b_lr_ratio`` is keyword-only: ``optimizer(tx, 16.0)`` is refused); where ``tx`` fails, ``update`` names the param whose gradient does
-    not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
+    at least one adapter (``b_lr_ratio`` is keyword-only: ``optimizer(tx, 16.0)`` is refused);
+    where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
     them, the gradients): one kept from adapters of another rank would otherwise broadcast into the
     new ones.
 

@@ -337,17 +337,13 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
 
 
 def _fits(sharding: Any, shape: tuple) -> bool:
-    """Whether a ``NamedSharding`` can lay out an array of ``shape``: no more spec entries than
-    axes, and each sharded axis divisible by its mesh axes' sizes."""
+    """Whether a ``NamedSharding`` can lay out an array of ``shape`` (``_checked`` would take it)."""
     if not isinstance(sharding, NamedSharding):
         return True
-    spec = tuple(sharding.spec)
-    if len(spec) > len(shape):
+    try:
+        _checked("", tuple(shape), sharding.spec, sharding.mesh)
+    except ValueError:
         return False
-    for size, axes in zip(shape, spec):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if size % math.prod(sharding.mesh.shape[name] for name in names):
-            return False
     return True
 
 
