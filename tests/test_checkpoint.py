@@ -407,6 +407,7 @@ def test_an_async_save_is_finished_when_the_program_ends_without_wait(tmp_path):
                                      jlora.LoraConfig(rank=4, targets=["q"])))
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in conftest.py)")
 def test_a_state_like_jax_eval_shapes_is_placed_as_its_own_adapter(tmp_path):
     """On a mesh with Auto axes ``jax.eval_shape`` gives the moments no placement: each takes its
     adapter's (the longest path it ends in: 'x/up/kernel', not 'up/kernel')."""
