@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -246,6 +247,48 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
+@jax.tree_util.register_pytree_node_class
+class _EveryKey:
+    """A HF ``ModelOutput`` as a pytree of every key it holds. HF sets some keys after building the
+    output (``outputs["past_key_values"] = ...`` in Llama, Mistral, Gemma, OPT, ...), and its
+    pytree registration flattens the class's fields only, so a traced call would drop them.
+
+    Example:
+        >>> from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+        >>> out = FlaxCausalLMOutput(logits=jnp.ones(2)); out["past_key_values"] = {"k": jnp.ones(1)}
+        >>> list(_EveryKey.unwrap(jax.tree.map(lambda x: x, _EveryKey.wrap(out))).keys())
+        ['logits', 'past_key_values']
+    """
+
+    def __init__(self, output_type: type, items: dict[str, Any]):
+        self.output_type, self.items = output_type, items
+
+    @classmethod
+    def wrap(cls, output: Any) -> Any:
+        if isinstance(output, dict) and dataclasses.is_dataclass(output) and (
+                set(output) - {f.name for f in dataclasses.fields(output)}):
+            return cls(type(output), dict(output))
+        return output
+
+    @staticmethod
+    def unwrap(output: Any) -> Any:
+        if not isinstance(output, _EveryKey):
+            return output
+        fields = {f.name for f in dataclasses.fields(output.output_type)}
+        rebuilt = output.output_type(**{k: v for k, v in output.items.items() if k in fields})
+        for key, value in output.items.items():
+            if key not in fields:
+                rebuilt[key] = value
+        return rebuilt
+
+    def tree_flatten(self) -> tuple[tuple, tuple]:
+        return tuple(self.items.values()), (self.output_type, tuple(self.items))
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: Any) -> "_EveryKey":
+        return cls(aux[0], dict(zip(aux[1], children)))
+
+
 class LoraModel:
     """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
 
@@ -269,14 +312,14 @@ class LoraModel:
         self.params = lora_init(key, model, self.config, params, inputs=inputs)
 
         def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused
-            return model(*args, **kwargs)
+            return _EveryKey.wrap(model(*args, **kwargs))
 
         self._forward = jlora.apply(forward)
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
-        return self._forward(*args, params=self.params if params is None else params, lora_rng=lora_rng,
-                             model_state=self._model_state(), **kwargs)
+        return _EveryKey.unwrap(self._forward(*args, params=self.params if params is None else params,
+                                              lora_rng=lora_rng, model_state=self._model_state(), **kwargs))
 
     def _model_state(self) -> tuple:
         """What the model's calls read besides their arguments: its config, its generation config and

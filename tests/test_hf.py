@@ -204,6 +204,26 @@ def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
     lm.model.config.output_hidden_states = False
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+def test_a_kv_cache_comes_back_from_the_adapted_model_and_decodes_as_the_merged_one(model_type):
+    """Llama and OPT (as Mistral, Gemma, ...) set ``past_key_values`` on an output class without that field: the
+    key must come back all the same, and decoding one token at a time with it must give the full
+    sequence's logits."""
+    model = TINY[model_type]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    ids, length = IDS[:, :4], 8
+    mask = jnp.zeros((1, length), jnp.int32).at[:, :4].set(1)
+    full = model(ids, params=lm.merge()).logits
+    step_logits, cache = [], model.init_cache(1, length)
+    for i in range(4):
+        out = lm(ids[:, i:i + 1], attention_mask=mask, past_key_values=cache, position_ids=jnp.array([[i]]))
+        assert "past_key_values" in out.keys()
+        step_logits.append(out.logits)
+        cache = out.past_key_values
+    np.testing.assert_allclose(jnp.concatenate(step_logits, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_bert_classifier_trains_with_a_fully_trained_head():
     model = TINY["bert"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier"]))
