@@ -18,6 +18,7 @@ import json
 import math
 import operator
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
+from jlora.init import pattern_value
 from jlora.layout import Layout
 from jlora.paths import path_str, replace_leaves
 from jlora.sharding import factor_shardings
@@ -72,9 +74,13 @@ class AdapterCheckpointer:
         save whose metric is NaN or infinite (a diverged run) is refused, keeping the steps saved.
       best_mode: ``"min"`` or ``"max"`` for ``best_metric``.
       async_save: write in a background thread; ``wait()`` (or ``close()``, or the end of a
-        ``with`` block) joins it, and so does the end of the program.
+        ``with`` block) joins it, raising its error, and so does the end of the program, where an
+        error is printed to stderr (the exit status is the script's: call ``close()`` to have it).
       lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
-        (``saved_config`` reads it back).
+        (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale.
+
+    Steps are read from the directory at each call, so a checkpointer sees the steps other processes
+    save (an evaluator polling a trainer's directory).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jlora
@@ -106,16 +112,15 @@ class AdapterCheckpointer:
             enable_async_checkpointing=async_save,
             create=False,  # made by the first save: a restore from a mistyped path must not create it
         )
-        self.directory = os.fspath(directory)
+        self.directory = os.path.abspath(directory)  # a later os.chdir must not move it
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"AdapterCheckpointer: {self.directory} is a file, not a directory")
         self.best_metric, self._best_mode = best_metric, best_mode
         self.lora_config = lora_config
-        self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._saved_ranking = self._read_ranking()
         self._closed = False
-        if async_save:  # a script that ends without wait() or close() must not lose its last save
-            _finish_at_exit(self)
+        self._async = async_save
 
     def save(self, step: int, params: Any, *, opt_state: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
@@ -125,7 +130,9 @@ class AdapterCheckpointer:
         ``force=True`` writes such a step too, but never over one on disk (an error)."""
         self._check_open("save")
         step = _step_index("save", step)
-        latest = self._manager.latest_step()
+        self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
+        self._manager.reload()
+        latest = self.latest_step()
         if force and step in self.all_steps():
             raise ValueError(f"AdapterCheckpointer.save: step {step} is already in {self.directory}, and a save never "
                              "replaces one; save into a new directory to start over")
@@ -136,9 +143,8 @@ class AdapterCheckpointer:
             return False
         if metrics is not None and not isinstance(metrics, Mapping):
             raise ValueError(f"AdapterCheckpointer.save: metrics must be a dict of names to numbers, got {metrics!r}")
-        if metrics is not None:  # numpy and jax scalars as plain numbers (JSON)
-            metrics = {k: float(v) if np.ndim(v) == 0 and jax.dtypes.issubdtype(np.asarray(v).dtype, np.number) else v
-                       for k, v in metrics.items()}
+        if metrics is not None:
+            metrics = {k: _json_scalar(k, v) for k, v in metrics.items()}
         if self.best_metric is not None:
             value = (metrics or {}).get(self.best_metric)
             if not isinstance(value, float):
@@ -149,6 +155,8 @@ class AdapterCheckpointer:
                                  f"is {value}, so it cannot be ranked against the kept steps {self.all_steps()}")
         self._check_ranking("save")
         arrays, specs = _adapter_arrays(params)
+        if self.lora_config is not None:
+            _check_config(self.lora_config, params)
         if opt_state is not None:
             _check_arrays(opt_state)
         os.makedirs(self.directory, exist_ok=True)
@@ -157,13 +165,17 @@ class AdapterCheckpointer:
         items = {"adapters": ocp.args.StandardSave(arrays)}
         if opt_state is not None:
             flat = _flat(opt_state)
-            items["opt_state"] = ocp.args.StandardSave(flat)
+            if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
+                items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
             meta["opt_state_paths"] = _key_paths(opt_state)
             meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
-        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        if saved and self._async:  # a script that ends without wait() or close() must not lose its last save
+            _finish_at_exit(self)
+        return saved
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
         """``(params, opt_state, step)``: ``base_params`` (arrays or ``jax.ShapeDtypeStruct`` with
@@ -186,7 +198,7 @@ class AdapterCheckpointer:
         default = _default_placement(by_path)
         targets = None if legacy else _adapter_targets(specs, by_path, default)  # legacy: LoraWeight checks shapes
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
-        if opt_state_like is not None:
+        if like_flat:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract_state(opt_state_like, like_flat, targets,
                                                                                  default))
         try:
@@ -202,7 +214,7 @@ class AdapterCheckpointer:
         params = replace_leaves(base_params, new, is_leaf=is_param)
         opt_state = None
         if opt_state_like is not None:
-            saved = dict(got["opt_state"])
+            saved = dict(got["opt_state"]) if like_flat else {}
             for i, impl in meta.get("opt_state_keys", {}).items():
                 saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
@@ -229,7 +241,7 @@ class AdapterCheckpointer:
         """``(step, its metadata)``, the latest step by default; a clear error when there is none."""
         if not os.path.isdir(self.directory):
             raise ValueError(f"{self.directory}: no such directory, so no checkpoint to restore")
-        step = self._manager.latest_step() if step is None else _step_index("restore", step)
+        step = self.latest_step() if step is None else _step_index("restore", step)
         if step is None:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
         if step not in self.all_steps():
@@ -250,11 +262,12 @@ class AdapterCheckpointer:
 
     def latest_step(self) -> int | None:
         """The newest saved step, or ``None``."""
-        return self._manager.latest_step()
+        return max(self.all_steps(), default=None)
 
     def best_step(self) -> int | None:
         """The step with the best ``best_metric`` (the latest without one), or ``None``."""
         self._check_ranking("best_step")
+        self._refresh()
         return self._manager.best_step()
 
     def _ranking(self) -> list | None:
@@ -287,11 +300,20 @@ class AdapterCheckpointer:
 
     def all_steps(self) -> list[int]:
         """Every step kept on disk, oldest first."""
-        return list(self._manager.all_steps())
+        self._refresh()
+        return sorted(self._manager.all_steps())
+
+    def _refresh(self) -> None:
+        """Read the directory's steps again: another process (the trainer, for an evaluator) may have
+        saved or pruned some since. Not while a save of this checkpointer's is in flight: its step
+        is not on disk yet, and the directory holds nobody else's."""
+        if not self._manager.is_saving_in_progress():
+            self._manager.reload()
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished."""
         self._manager.wait_until_finished()
+        _PENDING.discard(self)
 
     def close(self) -> None:
         """Finish any pending save and release the manager; later saves and restores are refused."""
@@ -310,8 +332,8 @@ class AdapterCheckpointer:
         self.close()
 
 
-# Open asynchronous checkpointers, held until closed: one dropped right after its save (a
-# temporary) still has that save running.
+# Asynchronous checkpointers with a save not yet waited for, held until then: one dropped right
+# after its save (a temporary) still has that save running.
 _PENDING: "set[AdapterCheckpointer]" = set()
 _HOOKED = False
 
@@ -335,7 +357,8 @@ def _finish_pending() -> None:
         try:
             ckpt.wait()
         except Exception as err:  # one failure must not keep the others (and Python's own hooks) from running
-            warnings.warn(f"AdapterCheckpointer: the last save to {ckpt.directory} failed at exit: {err!r}")
+            print(f"ERROR: AdapterCheckpointer: the last save to {ckpt.directory} failed at exit: {err!r}; "
+                  "call wait() or close() before the end to have it raised", file=sys.stderr)
 
 
 def _step_index(op: str, step: Any) -> int:
@@ -347,6 +370,36 @@ def _step_index(op: str, step: Any) -> int:
     if index is None or index < 0:
         raise ValueError(f"AdapterCheckpointer.{op}: step must be an int >= 0, got {step!r}")
     return index
+
+
+def _json_scalar(name: str, value: Any) -> Any:
+    """A metric as the JSON value orbax writes: a 0-d numeric array (a jax or numpy loss) as a float,
+    a 0-d boolean as a bool; anything else that JSON cannot hold is refused, naming it, before a
+    step is half written."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if np.ndim(value) == 0 and hasattr(value, "dtype"):
+        dtype = np.asarray(value).dtype
+        if dtype == np.bool_:
+            return bool(value)
+        if jax.dtypes.issubdtype(dtype, np.number) and not jax.dtypes.issubdtype(dtype, np.complexfloating):
+            return float(value)
+    raise ValueError(f"AdapterCheckpointer.save: metrics['{name}'] is {type(value).__name__} of shape "
+                     f"{np.shape(value)}: metrics are written as JSON, so each must be a number, a bool or a string")
+
+
+def _check_config(config: LoraConfig, params: Any) -> None:
+    """Refuse a ``lora_config`` that would not make these adapters: ``saved_config`` would then
+    rebuild other ones. Compares each adapter's rank and scale with the config's for its path."""
+    for x in jax.tree.leaves(params, is_leaf=is_param):
+        if not isinstance(x, LoraWeight) or not x.path:
+            continue
+        rank = pattern_value(x.path, config.rank_pattern, "rank_pattern", config.rank)
+        scale = config.scale_for(rank, pattern_value(x.path, config.alpha_pattern, "alpha_pattern", config.alpha))
+        if x.rank != rank or not math.isclose(x.scale, scale, rel_tol=1e-6):
+            raise ValueError(f"AdapterCheckpointer.save: lora_config makes '{x.path}' rank {rank}, scale {scale:g}; "
+                             f"the adapter there has rank {x.rank}, scale {x.scale:g}: pass the LoraConfig the "
+                             "adapters were made with")
 
 
 def _check_arrays(opt_state: Any) -> None:
@@ -422,7 +475,8 @@ def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any
                     if path.endswith("/" + name) and tuple(t.shape) == tuple(np.shape(x))]
             if ends:
                 place = targets[max(ends, key=len)].sharding or place
-        out[i] = jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=place)
+        out[i] = jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype,
+                                      sharding=place)
     return out
 
 

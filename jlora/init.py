@@ -82,7 +82,7 @@ def outside_layers(path: str) -> bool:
     return not any(c.isdigit() for c in path.split("/"))
 
 
-def _pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, default: Any) -> Any:
+def pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, default: Any) -> Any:
     hits = [(p, v) for p, v in table if Pattern(p).match(path)]
     values = {v for _, v in hits}
     if len(values) > 1:
@@ -324,8 +324,8 @@ def lora_init(
     new, unknown = {}, []
     for path in adapt:
         w = by_path[path]
-        rank = _pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
-        alpha = _pattern_value(path, config.alpha_pattern, "alpha_pattern", config.alpha)
+        rank = pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
+        alpha = pattern_value(path, config.alpha_pattern, "alpha_pattern", config.alpha)
         layouts = {str(l): l for pat, l in declared if pat.match(path)}
         if len(layouts) > 1:
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")

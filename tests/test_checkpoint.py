@@ -1,5 +1,7 @@
 """Orbax adapter checkpoints: exact round trips, retention, size, and crash safety."""
 
+import gc
+import json
 import os
 import pathlib
 import shutil
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,8 @@ def test_the_lora_config_is_kept_with_each_step(tmp_path):
     assert reader.saved_config() == cfg and reader.saved_config(1) == cfg
     # the saved config makes the same adapters again (lora_init for a new run, say)
     assert jax.tree.structure(jlora.lora_init(KEY, base, reader.saved_config())) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match="lora_config makes 'q/kernel' rank 8, .*; the adapter there has rank 4"):
+        AdapterCheckpointer(tmp_path / "other", lora_config=cfg.replace(rank=8), async_save=False).save(1, params)
     with AdapterCheckpointer(tmp_path / "none", async_save=False) as bare:
         bare.save(1, params)
         assert bare.saved_config() is None
@@ -405,6 +410,109 @@ def test_an_async_save_is_finished_when_the_program_ends_without_wait(tmp_path):
     with pytest.raises(ValueError, match="AdapterCheckpointer.save: .*ckpt was closed"):
         ckpt.save(2, jlora.lora_init(jax.random.key(0), {"q": {"kernel": jnp.ones((64, 64))}},
                                      jlora.LoraConfig(rank=4, targets=["q"])))
+
+
+def test_a_checkpointer_sees_the_steps_another_one_saves_and_never_writes_over_them(tmp_path):
+    """An evaluator opened before the trainer's later saves reads them and restores the newest; its
+    own save of a step already on disk is refused (it replaced the trainer's step)."""
+    base, _, params, _ = setup()
+    newer = perturb(params, jax.random.key(3))
+    trainer, evaluator = AdapterCheckpointer(tmp_path, async_save=False), AdapterCheckpointer(tmp_path)
+    trainer.save(1, params)
+    trainer.save(3, newer)
+    assert evaluator.all_steps() == [1, 3] and evaluator.latest_step() == 3
+    restored, _, step = evaluator.restore(base)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, restored, newer)
+    with pytest.warns(UserWarning, match="step 3 not written: .* already holds step 3"):
+        assert evaluator.save(3, params) is False
+    with pytest.raises(ValueError, match="step 3 is already in"):
+        evaluator.save(3, params, force=True)
+    jax.tree.map(np.testing.assert_array_equal, AdapterCheckpointer(tmp_path).restore(base)[0], newer)
+    trainer.save(4, params)
+    shutil.rmtree(tmp_path / "1")  # pruned by another process
+    assert evaluator.all_steps() == [3, 4] and evaluator.latest_step() == 4
+
+
+def test_a_forced_older_step_leaves_the_newest_step_latest(tmp_path):
+    base, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path, max_to_keep=3)
+    for step in (10, 20, 30):
+        ckpt.save(step, params)
+    assert ckpt.save(5, params, force=True)
+    ckpt.wait()
+    assert ckpt.all_steps() == [5, 20, 30] and ckpt.latest_step() == 30 and ckpt.restore(base)[2] == 30
+    ckpt.save(40, params)
+    ckpt.wait()
+    assert ckpt.all_steps() == [20, 30, 40]  # the oldest step pruned, not step 20
+
+
+def test_metrics_are_json_scalars_or_refused_before_a_step_is_written(tmp_path):
+    base, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path, best_metric="loss", async_save=False)
+    assert ckpt.save(1, params, metrics={"loss": jnp.float32(0.5), "improved": jnp.array(True), "phase": "warmup"})
+    written = json.loads((tmp_path / "1" / "metrics" / "metrics").read_text())
+    assert written == {"loss": 0.5, "improved": True, "phase": "warmup"}
+    for name, bad in (("grad_norms", jnp.ones(2)), ("where", object())):
+        with pytest.raises(ValueError, match=rf"metrics\['{name}'\] is .*: metrics are written as JSON"):
+            ckpt.save(2, params, metrics={"loss": 0.4, name: bad})
+    assert sorted(os.listdir(tmp_path)) == ["1"]  # nothing half written
+
+
+def test_optimizer_states_without_arrays_or_with_python_numbers_round_trip(tmp_path):
+    base, _, params, _ = setup()
+    trainable, _ = jlora.split(params)
+    sgd_state = jlora.optimizer(optax.sgd(1e-2), trainable).init(trainable)  # no array leaves at all
+    hand_state = {"count": 5, "lr": 0.1, "mu": jnp.arange(3.0)}
+    ckpt = AdapterCheckpointer(tmp_path, async_save=False)
+    for step, state in enumerate((sgd_state, hand_state), start=1):
+        assert ckpt.save(step, params, opt_state=state)
+        _, back, _ = ckpt.restore(base, step, opt_state_like=state)
+        assert jax.tree.structure(back) == jax.tree.structure(state)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-7), back, state)  # 0.1 as float32
+    with pytest.raises(ValueError, match="opt_state_like has 3 leaves, step 1's optimizer state 0"):
+        ckpt.restore(base, 1, opt_state_like=hand_state)
+
+
+def test_a_relative_directory_stays_where_it_was_opened(tmp_path, monkeypatch):
+    base, _, params, _ = setup()
+    monkeypatch.chdir(tmp_path)
+    ckpt = AdapterCheckpointer("ckpt", async_save=False)
+    ckpt.save(1, params)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert ckpt.restore(base)[2] == 1 and ckpt.save(2, params)
+    assert not (tmp_path / "elsewhere" / "ckpt").exists() and ckpt.all_steps() == [1, 2]
+
+
+def test_a_reader_is_not_kept_alive_and_a_failed_last_save_is_an_error_at_exit(tmp_path):
+    """Only a checkpointer with a save in flight is held until the program ends (an evaluator
+    opening a fresh reader per poll leaked them all); the last save failing there (a full disk) is
+    reported on stderr, naming the directory, and the step before stays restorable."""
+    base, _, params, _ = setup()
+    AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, params)
+    reader = AdapterCheckpointer(tmp_path / "ckpt")
+    reader.restore(base)
+    gone = weakref.ref(reader)
+    del reader
+    gc.collect()
+    assert gone() is None
+    script = textwrap.dedent(f"""
+        import resource, signal, jax, jax.numpy as jnp, jlora
+        from jlora.checkpoint import AdapterCheckpointer
+        params = jlora.lora_init(jax.random.key(0), {{"q": {{"kernel": jnp.ones((64, 64))}}}},
+                                 jlora.LoraConfig(rank=4, targets=["q"]))
+        ckpt = AdapterCheckpointer({str(tmp_path / "full")!r})
+        ckpt.save(1, params)
+        ckpt.wait()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))  # the disk is full
+        ckpt.save(2, params)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert f"ERROR: AdapterCheckpointer: the last save to {tmp_path / 'full'} failed at exit" in run.stderr, run.stderr[-2000:]
+    assert AdapterCheckpointer(tmp_path / "full").all_steps() == [1]
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in conftest.py)")
