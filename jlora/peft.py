@@ -228,8 +228,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
                          "tree, jlora.combine(trainable, frozen)")
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
-    for p, _ in nodes:  # adapted or trained whole
+    shapes = {p: tuple(x.kernel_shape) if isinstance(x, LoraWeight) else np.shape(x.value if isinstance(x, Trainable) else x)
+              for p, x in entries}
+    for p, x in nodes:  # adapted or trained whole
         _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
+        if isinstance(x, Trainable) and p.endswith("/embedding"):
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, shapes[p], hf_config, shapes)
     clash = [p for p, _ in targets if in_saved(p)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
@@ -243,7 +247,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {_model_type(hf_config, module_name(p))}'s "
                              "PyTorch layout")
         if embedding:
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, lw.kernel_shape, hf_config)
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, lw.kernel_shape, hf_config, shapes)
+            _check_not_positions(f"jlora.peft.save_adapter: '{p}'", p)
             if str(lw.layout) != "io":
                 raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
                                  f"form; got '{lw.layout}'")
@@ -365,18 +370,40 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
                          f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
 
 
-def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any) -> None:
-    """Refuse an adapted embedding (at Flax ``path``) that the model ties to its LM head: jlora's
-    adapter changes the head with it (the head is the same param), PEFT's Embedding LoRA only the
-    lookup. A classifier (``architectures`` saying so) has no LM head to tie."""
+def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any, shapes: dict[str, tuple]) -> None:
+    """Refuse an embedding (at Flax ``path``; adapted, or trained whole) that the model ties to its
+    LM head: jlora's change reaches the head with it (the head is the same param), PEFT's (an
+    Embedding LoRA, or the module in ``modules_to_save``) only the lookup. Not tied: a model
+    whose params (``shapes``: every leaf's) hold an ``lm_head`` kernel of its own (Flax's Llama
+    keeps one whatever ``tie_word_embeddings`` says), or one without an LM head by its
+    ``architectures`` (a classifier, the model type's bare model: ``BertModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # model type -> its bare model class
+
     archs = getattr(hf_config, "architectures", None) or []
-    headless = archs and all(a.endswith(CLASSIFIERS) for a in archs)
+    bare = MODEL_MAPPING_NAMES.get(hf_config.model_type)
+    headless = archs and all(a.endswith(CLASSIFIERS) or a == bare for a in archs)
     part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
-    if (getattr(part, "tie_word_embeddings", False) and not headless
-            and tuple(shape)[:1] == (getattr(part, "vocab_size", None),)):
-        raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings): an adapter on it changes the head "
-                         "too in jlora but only the lookup in PEFT, so the two would compute different outputs; "
-                         "leave the embedding out of the targets")
+    shape = tuple(shape)
+    own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]
+                                       for q, s in shapes.items())
+    if (getattr(part, "tie_word_embeddings", False) and not headless and not own_head
+            and shape[:1] == (getattr(part, "vocab_size", None),)):
+        raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings, and architectures "
+                         f"{archs or 'unset'}): a change to it reaches the head too in jlora but only the lookup in "
+                         "PEFT, so the two would compute different outputs; leave the embedding out of the targets "
+                         "and of trainable (if the model has no LM head, set its config's architectures to its "
+                         "class, e.g. ['BertForSequenceClassification'])")
+
+
+def _check_not_positions(what: str, path: str) -> None:
+    """Refuse an adapter on a learned position embedding (BART's, OPT's, Whisper's ``embed_positions``):
+    PyTorch's module takes the token ids and looks the positions up itself, and PEFT's Embedding
+    LoRA looks its factors up by what the module is given, the token ids, so PEFT would compute
+    other outputs than jlora (and than PEFT's own merged model)."""
+    if path.split("/")[-2:-1] == ["embed_positions"]:
+        raise ValueError(f"{what}: an adapter on a learned position embedding (embed_positions) is looked up by "
+                         "token ids in PEFT, by positions in jlora, so the two would compute different outputs; "
+                         "leave it out of the targets (training it whole, in trainable, is fine)")
 
 
 def _check_not_shared(what: str, path: str, hf_config: Any) -> None:
@@ -443,6 +470,21 @@ def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path:
                and np.array_equal(v, value) for q, v in tuned.items() if q != p)
 
 
+def _check_own_lookups(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
+    """Refuse tensors for an encoder-decoder's ``embed_tokens`` that Flax does not have (BART, T5):
+    PyTorch's encoder and decoder each look tokens up in a module of their own, sharing the
+    ``shared`` weight, which Flax holds once and reads directly."""
+    if not getattr(hf_config, "is_encoder_decoder", False):
+        return
+    keys = [k[len(PREFIX):].replace(".modules_to_save.", ".") for k in tensors if k.startswith(PREFIX)]
+    names = {k.split(".lora_")[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in keys}
+    for name in sorted(names):
+        if name.endswith("embed_tokens") and not any(p.startswith(name.replace(".", "/") + "/") for p in by_path):
+            raise ValueError(f"{source}: '{name}' is PyTorch's own lookup module over the shared embedding, which "
+                             "Flax holds once (shared) and looks every token up in: jlora cannot give the encoder's "
+                             "and decoder's lookups changes of their own; leave embed_tokens out of the adapter")
+
+
 def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
     """Refuse tensors for an ``lm_head`` (adapted, trained whole or its base copied) that the Flax
     model does not have because it ties the head to its input embedding (GPT-2): PyTorch's model
@@ -490,6 +532,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
+    except NotADirectoryError:
+        raise ValueError(f"{path}: a file, not a PEFT adapter directory: pass the directory that holds "
+                         f"{CONFIG_FILE} and {WEIGHTS_FILE} ({path.parent})") from None
     except FileNotFoundError:
         named = sorted(d.name for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if path.is_dir() else []
         hint = f"; it holds named adapters (PEFT saves each under its name): load one of {named}" if named else ""
@@ -538,6 +583,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
     _check_head_exists(path, tensors, by_path, hf_config)
+    _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():
         # with bias="all", PEFT also writes the biases inside a module it trains whole: the base's
         # copy (original_module: the base has it) and the trained one again (modules_to_save)
@@ -573,8 +619,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
         if tuple(by_path[p].shape) != value.shape:
             raise ValueError(f"{path}: '{p}' is {tuple(by_path[p].shape)} in the base, {value.shape} in the adapter")
+    shapes = {p: tuple(x.shape) for p, x in by_path.items()}
     for p in tuned:
         _check_not_shared(f"{path}: '{p}'", p, hf_config)
+        if p.endswith("/embedding"):
+            _check_untied(f"{path}: '{p}'", p, by_path[p].shape, hf_config, shapes)
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
@@ -590,7 +639,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if name in embeddings:
-            _check_untied(f"{path}: '{p}'", p, w.shape, hf_config)
+            _check_untied(f"{path}: '{p}'", p, w.shape, hf_config, shapes)
+            _check_not_positions(f"{path}: '{p}'", p)
         if ab["A"].ndim not in (2, 4):
             raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
                              "jlora reads PEFT's Linear, Embedding and Conv2d adapters")

@@ -114,6 +114,50 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
     peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["wte"])).save_pretrained(tmp_path / "tied")
     with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
         jlora.peft.load_adapter(tmp_path / "tied", model.params, model.config)
+    # trained whole, the same: PEFT's copy (modules_to_save) changes the lookup only
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn"], trainable=["wte"]), jax.random.key(0))
+    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
+        jlora.peft.save_adapter(tmp_path / "tied_whole", lm.params, model.config)
+    peft.get_peft_model(_torch_twin(model, tf.GPT2LMHeadModel), peft.LoraConfig(
+        r=2, target_modules=["c_attn"], modules_to_save=["wte"])).save_pretrained(tmp_path / "tied_whole")
+    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
+        jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
+
+
+@pytest.mark.parametrize("case", ["llama-tied-config", "bert-model", "bert-classifier"])
+def test_an_embedding_nothing_ties_crosses_both_ways_whatever_the_config_says(case, tmp_path):
+    """Flax's Llama keeps its own lm_head whatever tie_word_embeddings says; a bare BertModel or a
+    classifier (by its architectures) has no LM head: their embeddings' adapters cross (they were
+    refused as tied)."""
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    model, torch_class, embedding = {
+        "llama-tied-config": (lambda: tf.FlaxLlamaForCausalLM(tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=64, max_position_embeddings=32, tie_word_embeddings=True)), tf.LlamaForCausalLM, "embed_tokens"),
+        "bert-model": (lambda: tf.FlaxBertModel(tf.BertConfig(architectures=["BertModel"], **bert)),
+                       tf.BertModel, "word_embeddings"),
+        "bert-classifier": (lambda: tf.FlaxBertForSequenceClassification(tf.BertConfig(
+            architectures=["BertForSequenceClassification"], num_labels=3, **bert)),
+            tf.BertForSequenceClassification, "word_embeddings"),
+    }[case]
+    model = model()
+    if case == "llama-tied-config":  # PyTorch's head is the embedding; Flax's its own kernel, as loaded from PyTorch
+        model.params = {**model.params, "lm_head": {"kernel": model.params["model"]["embed_tokens"]["embedding"].T}}
+    torch_model = _torch_twin(model, torch_class)
+    np.testing.assert_allclose(_torch_out(torch_model, input_ids=IDS), model(IDS)[0], rtol=1e-4, atol=1e-5)
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=[embedding]), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config, task_type=None)
+    want = np.asarray(jlora.apply(model.__call__)(IDS, params=lm.params)[0])
+    got = _torch_out(peft.PeftModel.from_pretrained(_torch_twin(model, torch_class), tmp_path / "from_jlora").eval(),
+                     input_ids=IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=[embedding], init_lora_weights=False)
+                        ).save_pretrained(tmp_path / "from_peft")
+    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    assert isinstance(jax.tree.leaves(params, is_leaf=jlora.weight.is_node)[0], (jlora.LoraWeight, jax.Array))
+    assert any(isinstance(x, jlora.LoraWeight) and x.path.endswith(f"{embedding}/embedding")
+               for x in jax.tree.leaves(params, is_leaf=jlora.weight.is_node))
 
 
 def test_unsupported_and_broken_adapters_are_refused(tmp_path):
@@ -510,6 +554,32 @@ def test_an_adapter_on_an_encoder_decoders_shared_embedding_is_refused_both_ways
         peft.get_peft_model(_torch_twin(model, tf.BartForConditionalGeneration), cfg).save_pretrained(directory)
         with pytest.raises(ValueError, match=message):
             jlora.peft.load_adapter(directory, model.params, model.config)
+
+
+def test_learned_positions_and_an_encoder_decoders_embed_tokens_are_refused_with_the_reason(tmp_path):
+    """PEFT's Embedding LoRA on BART's ``embed_positions`` looks its factors up by the token ids
+    (the module takes them), so PEFT computes other outputs (than its own merged model, too);
+    PEFT's ``embed_tokens`` are lookups over ``shared``, which Flax reads directly."""
+    model = tf.FlaxBartForConditionalGeneration(tf.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["q_proj", "embed_positions"]), jax.random.key(0))
+    message = "'model/decoder/embed_positions/embedding': an adapter on a learned position embedding"
+    with pytest.raises(ValueError, match=message):
+        jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
+    twin = _torch_twin(model, tf.BartForConditionalGeneration)
+    peft.get_peft_model(twin, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_positions"])
+                        ).save_pretrained(tmp_path / "positions")
+    with pytest.raises(ValueError, match=message.replace("decoder", "(en|de)coder")):
+        jlora.peft.load_adapter(tmp_path / "positions", model.params, model.config)
+    twin = _torch_twin(model, tf.BartForConditionalGeneration)
+    peft.get_peft_model(twin, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])
+                        ).save_pretrained(tmp_path / "tokens")
+    with pytest.raises(ValueError, match="'model.(en|de)coder.embed_tokens' is PyTorch's own lookup module over the "
+                                         "shared embedding"):
+        jlora.peft.load_adapter(tmp_path / "tokens", model.params, model.config)
+    with pytest.raises(ValueError, match="adapter_model.safetensors: a file, not a PEFT adapter directory: pass"):
+        jlora.peft.load_adapter(tmp_path / "tokens" / "adapter_model.safetensors", model.params, model.config)
 
 
 def test_a_gpt2_decoder_inside_a_vision_encoder_decoder_keeps_its_conv1d_layout(tmp_path):
