@@ -246,6 +246,17 @@ def trace_state() -> Any:
     return _get_trace_state(convention="jlora")
 
 
+def eager() -> bool:
+    """Whether code runs outside every trace (no ``jit``, ``vmap``, ``grad`` around it). JAX has
+    no public test; ``jax._src.core.trace_state_clean`` (JAX 0.4.1 to at least 0.11) is it, and
+    without it every call counts as traced (``apply`` then interprets eagerly, as it did before)."""
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:
+        return False
+    return trace_state_clean()
+
+
 def explicit_sharding(x: Any) -> Any:
     """``x``'s ``NamedSharding`` where its type carries one over a mesh with an ``Explicit`` axis
     (sharding in types: JAX 0.6+; ``jax.make_mesh``'s default from 0.10), else ``None``.

@@ -32,11 +32,12 @@ from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
-from jlora.weight import TRACING_APPLY, Lazy, Trainable, is_param
+from jlora.weight import TRACING_APPLY, Lazy, NotAnArray, Trainable, is_param
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
 _WARNED: set[tuple[tuple[str, str], bool]] = set()  # ((what, param), dropout lost)
+_RESETS = 0  # reset_warnings calls so far
 
 
 class MaterializeWarning(UserWarning):
@@ -132,7 +133,9 @@ def reset_warnings() -> None:
         >>> sum(issubclass(w.category, jlora.MaterializeWarning) for w in seen)
         2
     """
+    global _RESETS
     _WARNED.clear()
+    _RESETS += 1  # an eager call's compiled evaluation warned when compiled: compiled again, it warns again
 
 
 def materialize(x: Any, what: str | None = None, why: str = "", where: str = "", undropped: bool = False) -> Any:
@@ -412,7 +415,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     value, by its type and equality (as ``jax.jit``'s static arguments), and JAX's configuration
     (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
     arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
-    (the least recently used go first); ``wrapped.cache_clear()`` drops them.
+    (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
+    trace (no ``jax.jit`` around it), the evaluation itself runs compiled, once per trace, as
+    under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``, ``cond`` or loop body a
+    weight enters would be compiled again at each call.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -513,26 +519,41 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                              "does, so Python code in it cannot read the values of its array arguments"
                              + (f" ({'; '.join(named)})" if named else ""))
             raise
-        closed, out_tree, static_out = traced
+        closed, out_tree, static_out, compiled = traced
         # a quantized kernel has no path of its own: its place in the arguments names it
         unnamed = {k: _argument(args, kwargs, i) for k, i in enumerate(dynamic)
                    if isinstance(leaves[i], Lazy) and not getattr(leaves[i], "path", "")}
 
-        records: dict = {}
-        returned: dict[int, Any] = {}  # output position -> a lazy or Trainable param returned as it came in
+        def interpreter(came_back: dict[int, int], records: dict) -> Callable:
+            """The jaxpr's evaluation with the rules; ``came_back`` gets, as it runs, the output
+            positions that are inputs returned as they came in (their value positions), which
+            leave as the given objects (a lazy or Trainable param as itself, not merged)."""
+            def run(values: list, rng: Any) -> list:
+                names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
+                ctx = Context(rng=rng, records=records, rebuild_inputs=recompute == "inputs", names=names)
+                out = evaluate_closed(closed, values, ctx)
+                ids = Counter(map(id, values))  # one array passed twice names neither
+                position = {id(v): k for k, v in enumerate(values) if ids[id(v)] == 1}
+                came_back.update({j: position[id(o)] for j, o in enumerate(out) if id(o) in position})
+                return [None if j in came_back else materialize(o, "the function's output", _RETURNED, ctx.where(o))
+                        for j, o in enumerate(out)]
 
-        def run(values: list, rng: Any) -> list:
-            names = {id(values[k]): name for k, name in unnamed.items()} if unnamed else None
-            ctx = Context(rng=rng, records=records, rebuild_inputs=recompute == "inputs", names=names)
-            out = evaluate_closed(closed, values, ctx)
-            ids = Counter(map(id, values))  # one array passed twice names neither
-            position = {id(values[k]): k for k in given if ids[id(values[k])] == 1}
-            returned.update({j: given[position[id(o)]] for j, o in enumerate(out) if id(o) in position})
-            return [None if j in returned else materialize(o, "the function's output", _RETURNED, ctx.where(o))
-                    for j, o in enumerate(out)]
+            if recompute is True:
+                return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
+            return run
 
-        if recompute is True:
-            run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
+        # Called outside any trace, the evaluation runs compiled, once per trace and set of params
+        # that may come back: evaluated eagerly, every rebuilt jit, scan, cond or loop body is a new
+        # function to JAX, and so compiled again at each call.
+        if compiled is not None and _compat.eager() and not any(_compat.is_tracer(v) for v in values):
+            slot = (tuple(given), _RESETS)
+            if slot not in compiled:
+                came_back, records = {}, {}
+                compiled[slot] = (jax.jit(interpreter(came_back, records)), came_back, records)
+            run, came_back, records = compiled[slot]
+        else:
+            came_back, records = {}, {}
+            run = interpreter(came_back, records)
         try:
             out = run(values, lora_rng)
         except TypeError as err:
@@ -549,8 +570,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                              "jlora.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n))"
                              ) from None
         # a constant output (a Python or numpy value in the jaxpr) as an array, as jax.jit gives it
-        out = iter(returned[j] if j in returned else x if isinstance(x, jax.Array)
-                   else jnp.asarray(x) for j, x in enumerate(out))
+        out = [given.get(came_back[j], values[came_back[j]]) if j in came_back else x for j, x in enumerate(out)]
+        out = iter(x if isinstance(x, (jax.Array, NotAnArray)) else jnp.asarray(x) for x in out)
         result = jax.tree_util.tree_unflatten(
             out_tree, [static_out[j] if j in static_out else next(out) for j in range(out_tree.num_leaves)])
         if not nnx_vars:
@@ -690,9 +711,11 @@ def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abst
         closed = jax.make_jaxpr(flat_fn)(*abstract)
     finally:
         TRACING_APPLY.reset(token)
-    result = (closed, outputs["tree"], outputs["static"])
     _, consts = _compat.open_jaxpr(closed)
-    if key is not None and not any(_compat.is_tracer(c) for c in consts):
+    cached = key is not None and not any(_compat.is_tracer(c) for c in consts)
+    # with a cache entry, a place for the trace's compiled evaluations (see apply's eager calls)
+    result = (closed, outputs["tree"], outputs["static"], {} if cached else None)
+    if cached:
         with lock:
             cache[key] = (state, result)
             while len(cache) > cache_size:
