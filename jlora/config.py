@@ -35,7 +35,8 @@ class LoraConfig:
         pairs, so that a config is hashable; ``to_dict()`` gives them as dicts.
       dropout: LoRA dropout on the input of the low-rank path (needs ``lora_rng`` in ``apply``).
       init: ``"kaiming_uniform"`` (PEFT's default for ``a``) or ``"gaussian"`` (std ``1/rank``);
-        ``b`` starts at zero either way.
+        ``b`` starts at zero either way. An embedding table's factors start as PEFT's do, whatever
+        ``init``: ``a`` zeros, ``b`` standard normal.
       use_rslora: rank-stabilised scale ``alpha / sqrt(rank)``.
       param_dtype: dtype of ``a`` and ``b``.
       trainable: patterns of base leaves to fine-tune fully (biases, norms, a new head).

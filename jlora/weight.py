@@ -38,7 +38,8 @@ TRACING_APPLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jlora_trac
 class NotAnArray:
     """A jlora node a model may meet as an array when called on a LoRA tree without
     ``jlora.apply``: the array protocols and operators say so, not ``'LoraWeight' object is not
-    subscriptable`` (``.T`` and other attributes are not there: ``hasattr`` must not raise)."""
+    subscriptable`` (``.T`` raises an ``AttributeError``, other attributes are not there:
+    ``hasattr`` must not raise)."""
 
     __slots__ = ()
 
@@ -61,6 +62,17 @@ class NotAnArray:
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _used_outside_apply
     reshape = astype = _used_outside_apply
+
+    @property
+    def T(self) -> NoReturn:
+        """``w.T`` (a tied head's ``x @ w.T``): the same message, as an ``AttributeError``, so that
+        ``hasattr(x, "T")`` stays false."""
+        try:
+            self._used_outside_apply()
+        except TypeError as err:
+            raise AttributeError(str(err)) from None
+
+    mT = T
 
 
 class Lazy(NotAnArray):
@@ -152,7 +164,7 @@ class LoraWeight(Lazy):
         b: Any,
         *,
         scale: float,
-        layout: "Layout | str" = "io",
+        layout: Layout | str = "io",
         path: str = "",
         dropout: float = 0.0,
     ):

@@ -75,6 +75,10 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
     for use in uses:  # a model called on the LoRA tree without jlora.apply
         with pytest.raises(TypeError, match="LoraWeight at 'w' was used as an array outside jlora.apply: .*jlora.merge"):
             use()
+    for use in (lambda: jnp.ones((1, 6)) @ lw.T, lambda: lw.mT):  # a tied head's x @ w.T
+        with pytest.raises(AttributeError, match="LoraWeight at 'w' was used as an array outside jlora.apply"):
+            use()
+    assert not hasattr(lw, "T")
 
 
 def test_a_lora_weight_closed_over_inside_apply_says_to_pass_it():
