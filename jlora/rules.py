@@ -372,6 +372,9 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     )
     wide = widest(base.dtype, lw.a.dtype, lw.b.dtype)  # as materialize: bf16 factors over f32 rows in f32
     t = lax.dot_general(rows.astype(wide), _scaled(lw.b.astype(wide), lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
+    if mode == lax.GatherScatterMode.PROMISE_IN_BOUNDS:  # W[ids]'s: an id out of range is clamped, its gradient dropped
+        inside = jnp.all((a_indices >= 0) & (a_indices < jnp.array([lw.shape[ax] for ax in ins])), axis=-1)
+        t = jnp.where(inside.reshape(inside.shape + (1,) * (t.ndim - n_batch)), t, lax.stop_gradient(t))
     # The base's offset dims hold w's uncollapsed axes in w's order: outputs whole, inputs not
     # collapsed as size-1 axes; its other dims are the indices' batch dims.
     kept = [ax for ax in range(lw.ndim) if ax not in collapsed]

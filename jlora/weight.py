@@ -175,6 +175,11 @@ class LoraWeight(Lazy):
             if _has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
                 raise ValueError(f"LoraWeight {path!r}: {name} must be a float array, got {_shape_str(x)} "
                                  "(a quantized kernel goes in as a lazy value: see jlora.register)")
+        complex_factor = [n for n, x in (("a", a), ("b", b)) if _has_shape(x) and jnp.issubdtype(x.dtype, jnp.complexfloating)]
+        if complex_factor and _has_shape(w) and not jnp.issubdtype(w.dtype, jnp.complexfloating):
+            # merged, w + scale·a@b would be cast to w's real dtype, dropping the imaginary part
+            raise ValueError(f"LoraWeight {path!r}: {complex_factor[0]} is complex but w is {_shape_str(w)}: a real "
+                             "weight takes real factors")
         self.check_shapes()
 
     def check_shapes(self, *, stacked: bool = False) -> None:

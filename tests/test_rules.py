@@ -83,11 +83,14 @@ def test_gather_embedding_lookup():
     check_against_oracle(lambda p, ids: p["w"][ids], {"w": lw}, ids)
 
 
-def test_gather_out_of_range_rows_are_the_fill_value_alone():
+def test_gather_out_of_range_rows_are_the_fill_value_alone_or_clamped():
     lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
     ids = jnp.array([[0, 12, 9], [-20, 2, 1]])
     for fill in (-1.0, None):  # None: NaN, the default fill
         check_against_oracle(lambda p, ids: jnp.take(p["w"], ids, axis=0, mode="fill", fill_value=fill), {"w": lw}, ids)
+    # W[ids] promises its ids in range: one out of it is clamped, and its gradient dropped (it reached b)
+    check_against_oracle(lambda p, ids: p["w"][ids], {"w": lw}, ids)
+    check_against_oracle(lambda p, ids: jnp.take(p["w"], ids, axis=0, mode="clip"), {"w": lw}, ids)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

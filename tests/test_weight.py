@@ -43,6 +43,11 @@ def test_shape_mismatch_is_refused():
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
     with pytest.raises(ValueError, match=r"LoraWeight 'x': w must be a float array, got int32\[4,6\]"):
         jlora.LoraWeight(jnp.ones((4, 6), jnp.int32), jnp.ones((4, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
+    # merged into a real w, a complex product loses its imaginary part: apply and merge would differ
+    with pytest.raises(ValueError, match=r"LoraWeight 'x': a is complex but w is float32\[4,6\]: a real weight"):
+        jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((4, 2), jnp.complex64), jnp.ones((2, 6), jnp.complex64), scale=1.0,
+                         path="x")
+    jlora.LoraWeight(jnp.ones((4, 6), jnp.complex64), jnp.ones((4, 2)), jnp.ones((2, 6)), scale=1.0)  # the other way: fine
 
 
 def test_bad_scale_or_dropout_is_refused_naming_the_param():
