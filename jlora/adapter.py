@@ -32,6 +32,7 @@ from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
+VERSION = 1  # of the adapter format this jlora writes and reads
 
 
 def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = None, metadata: dict | None = None) -> Path:
@@ -55,7 +56,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     trainable = {p: list(np.shape(x)) for p, x in trained.items()}
     save_id = uuid.uuid4().hex  # in both files: a load refuses a pair from two saves
     config = {
-        "format": FORMAT, "version": 1, "save_id": save_id, "targets": targets, "trainable": trainable,
+        "format": FORMAT, "version": VERSION, "save_id": save_id, "targets": targets, "trainable": trainable,
         "lora_config": lora_config.to_dict() if lora_config is not None else None,
         "metadata": metadata,
     }
@@ -169,6 +170,10 @@ def read_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         got = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{cfg_file}: not a jlora adapter (format {got!r})")
+    version = config.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version > VERSION:
+        raise ValueError(f"{cfg_file}: format version {version!r}; this jlora reads versions up to {VERSION} "
+                         "(a newer jlora wrote it: upgrade jlora)")
     _check_specs(cfg_file, config)
     return config
 

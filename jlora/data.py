@@ -144,6 +144,10 @@ def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
 
 def _text(value: Any, where: str) -> str:
     if isinstance(value, str) and value.strip():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate (a cut emoji in JSON's \ud83d): no tokenizer takes it
+            raise ValueError(f"{where}: the text is not valid Unicode ({err.reason} at character {err.start})") from None
         return value
     what = "missing text" if value is None or isinstance(value, str) else "the text must be a string"
     raise ValueError(f"{where}: {what} (a non-empty string), got {value!r}")

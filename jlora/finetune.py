@@ -81,8 +81,10 @@ class Options:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                       or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{flag} must be a number > 0, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            # jax.random.key keeps 32 bits: seeds 2**32 apart would start from the same adapters
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_data(self.data, self.task)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {self.out}: is a file, not a directory")
@@ -103,6 +105,29 @@ class Options:
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
 
+
+
+def check_data(data: str, task: str) -> None:
+    """Refuse ``--data`` that is neither a built-in set nor a file the task reads, before any
+    model is loaded (a large one takes minutes).
+
+    Example:
+        >>> check_data("tweet-sentiment", "classify")
+        >>> check_data("corpus.txt", "classify")
+        Traceback (most recent call last):
+        ...
+        ValueError: --data corpus.txt: no such file (built-in sets: bbc-news, tweet-sentiment)
+    """
+    file = Path(data)
+    if task == "classify" and data in BUILTIN_DATA:
+        return
+    if not file.is_file():
+        sets = f" (built-in sets: {', '.join(BUILTIN_DATA)})" if task == "classify" else ""
+        raise ValueError(f"--data {data}: no such file{sets}")
+    if task == "classify" and file.suffix.lower() not in (".jsonl", ".csv"):
+        raise ValueError(f"--data {data}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
+    if task == "causal-lm" and file.suffix.lower() in (".jsonl", ".csv"):
+        raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
 
 
 def check_creatable(path: Path, flag: str) -> None:
@@ -195,7 +220,7 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     """
     from transformers import AutoTokenizer, FlaxAutoModel, FlaxAutoModelForCausalLM
 
-    path = default_model_dir() if name == DEFAULT_MODEL else Path(name)
+    path = default_model_dir() if name == DEFAULT_MODEL and not Path(name).is_dir() else Path(name)  # a local copy first
     if not path.is_dir():
         raise ValueError(f"--model {name}: not a directory with a HF model")
     missing = [what for what, patterns in _MODEL_FILES.items() if not any(any(path.glob(p)) for p in patterns)]
@@ -203,6 +228,12 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
         raise ValueError(f"--model {name}: {path} has no {' and no '.join(missing)}; a HF model directory "
                          "holds config.json, the tokenizer's files and the weights")
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
+    if task == "architecture":  # the class config.json names (an adapter saved from Python, with no job's task)
+        import transformers
+
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        cls = getattr(transformers, f"Flax{archs[0].removeprefix('Flax')}", None) if archs else None
+        cls = cls or FlaxAutoModel
     from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
         options = {"add_pooling_layer": False} if not pooler and _has_pooler(path) else {}
@@ -290,6 +321,7 @@ def as_flags(message: str) -> str:
         '--targets all-linear selects no kernel'
     """
     for python, flag in (("LoraConfig.targets=None", "--targets (the default)"),
+                         ("pass LoraConfig(targets=[...]) or targets='all-linear'", "pass --targets PATTERN ... or --targets all-linear"),
                          ("LoraConfig.targets='all-linear'", "--targets all-linear"),
                          ("targets='all-linear'", "--targets all-linear"),
                          ("LoraConfig: 'all-linear'", "--targets: 'all-linear'")):
@@ -346,15 +378,22 @@ class Diverged(ValueError):
     """The training loss, or the weights after a step, became NaN or infinite."""
 
 
-def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np.ndarray, source: str) -> None:
+def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np.ndarray, source: str,
+                   labels: Sequence[str] | None = None) -> None:
     """Warn where held-out texts are also training texts (rows repeated in a user's data): their
-    accuracy would not be held out. The built-in sets have no repeated rows.
+    accuracy would not be held out; and where a label has no training rows (the split is not
+    stratified): the model cannot learn it. The built-in sets have neither.
 
     Example:
         >>> check_held_out(["a", "b", "c"], np.array([0, 1]), np.array([2]), "data.csv")  # nothing to say
     """
     in_train = {texts[i] for i in train_idx}
     repeated = sum(texts[i] in in_train for i in held_out_idx)
+    if labels is not None:
+        unseen = sorted({labels[i] for i in held_out_idx} - {labels[i] for i in train_idx})
+        if unseen:
+            warnings.warn(f"{source}: label(s) {unseen} have no training rows (all fell in the validation and test "
+                          "splits), so the model can never predict them; add rows of each label", stacklevel=3)
     if repeated:
         warnings.warn(f"{source}: {repeated} of the {len(held_out_idx)} validation and test texts are also in the "
                       "training split (rows repeated in the data), so their accuracy is not held out; remove the "
@@ -503,7 +542,7 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[
     if not model_dir:
         raise ValueError(f"{adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass the model's directory")
-    model, tokenizer, _ = load_model(model_dir, meta.get("task", "classify"))
+    model, tokenizer, _ = load_model(model_dir, meta.get("task", "architecture"))
     prefix, base = meta.get("model_prefix"), model.params
     if prefix:  # the job's own leaves beside the HF model (a classification head): placeholders to load onto
         base = {prefix: model.params}
@@ -564,7 +603,7 @@ def classify(opts: Options) -> dict:
     enc = tokenizer(texts, max_length=opts.max_length, truncation=True, padding="max_length", return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     train_idx, val_idx, test_idx = split_indices(len(texts))
-    check_held_out(texts, train_idx, np.concatenate([val_idx, test_idx]), opts.data)
+    check_held_out(texts, train_idx, np.concatenate([val_idx, test_idx]), opts.data, names)
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")

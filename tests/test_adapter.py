@@ -139,6 +139,10 @@ def test_bad_adapters_give_clear_errors(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read adapter weights"):
         load_adapter(tmp_path / "ad", base)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**config, "version": 99}))
+    with pytest.raises(ValueError, match="format version 99; this jlora reads versions up to 1 .a newer jlora"):
+        load_adapter(tmp_path / "ad", base)
     (tmp_path / "ad" / "adapter_config.json").write_text("{broken")
     with pytest.raises(ValueError, match="corrupted JSON"):
         load_adapter(tmp_path / "ad", base)

@@ -53,6 +53,9 @@ def test_data_files_as_users_write_them(tmp_path):
     assert texts == ["a\u2028b", "c\u0085d"] and labels == ["10", "2"]
     assert data.class_order(["10", "2", "0"]) == ["0", "2", "10"]
     assert read("f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')[1] == ["1", "0"]  # pandas' 1.0
+    with pytest.raises(ValueError, match=r"s.jsonl:2: the text is not valid Unicode \(surrogates not allowed at "
+                                         r"character 4\)"):  # a cut emoji: the tokenizer failed deep inside
+        read("s.jsonl", '{"text": "ok", "label": "x"}\n{"text": "cut \\ud83d", "label": "y"}\n')
     assert read("t.csv", "text,label\nhi,x,\nyo,y\n") == (["hi", "yo"], ["x", "y"])  # a trailing empty field
     assert read("w.csv", "text,label\nhi,pos\nyo,pos \nho, neg\n")[1] == ["pos", "pos", "neg"]  # one class each
     for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),

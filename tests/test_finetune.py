@@ -101,6 +101,35 @@ def test_held_out_texts_repeated_in_training_are_reported():
         finetune.check_held_out(texts, np.array([0, 1]), np.array([2, 3, 4]), "d.csv")
 
 
+def test_a_label_without_training_rows_is_reported():
+    with pytest.warns(UserWarning, match=r"d.csv: label\(s\) \['rare'\] have no training rows"):
+        finetune.check_held_out(["a", "b", "c", "d"], np.array([0, 1]), np.array([2, 3]), "d.csv",
+                                ["pos", "neg", "pos", "rare"])
+
+
+def test_data_is_checked_before_any_model_loads(tmp_path):
+    for data, task, match in ((tmp_path / "missing.jsonl", "classify", "no such file .built-in sets: bbc-news"),
+                              (tmp_path, "classify", "no such file"),
+                              (tmp_path / "rows.csv", "causal-lm", "--task causal-lm needs a plain text file"),
+                              (tmp_path / "corpus.txt", "classify", "use a .csv or .jsonl file")):
+        if data.name in ("rows.csv", "corpus.txt"):
+            data.write_text("text,label\n")
+        with pytest.raises(ValueError, match=f"--data {data}: {match}"):
+            finetune.Options(data=str(data), task=task, out=str(tmp_path / "out"))
+
+
+def test_a_local_directory_named_as_the_default_model_is_the_one_loaded(bert_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bert_dir.rename(tmp_path / finetune.DEFAULT_MODEL)
+    assert finetune.load_model(finetune.DEFAULT_MODEL, "classify")[2] == (tmp_path / finetune.DEFAULT_MODEL).resolve()
+
+
+def test_a_model_type_without_a_preset_is_told_in_flags():
+    assert finetune.as_flags("jlora.hf: no target preset for model type 'distilbert' (presets: bert); pass "
+                             "LoraConfig(targets=[...]) or targets='all-linear'").endswith(
+        "pass --targets PATTERN ... or --targets all-linear")
+
+
 def test_options_of_the_wrong_type_name_their_flag(tmp_path):
     for kw, flag in (({"lr": "1e-3"}, "--lr"), ({"epochs": True}, "--epochs")):
         with pytest.raises(ValueError, match=f"{flag} must be a number > 0"):
