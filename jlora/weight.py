@@ -367,8 +367,9 @@ class LoraWeight(Lazy):
         return self.replace(w=lax.stop_gradient(w))  # every leaf of a lazy base too
 
     def unstack(self):
-        """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together, each layer's
-        adapter rebuilt factored; ``None`` for any other layout.
+        """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together (the factors'
+        batch axis for it moved to their front), each layer's adapter rebuilt factored; ``None``
+        for any other layout.
 
         Example:
             >>> stack = LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
@@ -377,6 +378,11 @@ class LoraWeight(Lazy):
             >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
             LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
         """
+        role, k = self.layout.axes[0]
+        if role == "b" and k != 0:  # vmap of a scan over a stack puts the scanned axis first: the factors follow
+            axes = (("b", 0),) + tuple(("b", j + 1 if j < k else j) if r == "b" else (r, j)
+                                       for r, j in self.layout.axes[1:])
+            return self.replace(a=jnp.moveaxis(self.a, k, 0), b=jnp.moveaxis(self.b, k, 0), layout=Layout(axes)).unstack()
         sliced = self.layout.batched(-1)
         if sliced is None:
             return None

@@ -49,6 +49,18 @@ def test_scan_reverse_unrolled(params):
     check_against_oracle(fn, params, X)
 
 
+def test_an_ensemble_of_stacks_scanned_under_vmap_stays_factored():
+    """vmap of a scan over stacked layers moves the scanned axis first (a transpose): the factors'
+    batch axis for it moves with it, and the stack is sliced factored, not merged whole."""
+    members = random_lora(jax.random.key(3), (2, 3, 6, 6), "bbio", 2)  # (members, layers, in, out)
+
+    def fn(p, x):
+        layers = lambda w, x: lax.scan(lambda h, w_i: (jnp.tanh(h @ w_i), None), x, w)[0]
+        return jax.vmap(layers)(p["members"], x)
+
+    check_against_oracle(fn, {"members": members}, normal(jax.random.key(4), (2, 4, 6)))
+
+
 def test_scan_over_stacked_adapters_whose_base_is_lazy():
     """Sliced for the body, an adapter over an adapter stays factored, and a quantized base that
     cannot slice itself is materialised (with a warning), never sliced as a plain pytree; the
