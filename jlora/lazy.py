@@ -428,7 +428,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
       (``jlora.rebuild``); other inputs are stored. A ``custom_vjp``: gradients and derivatives of
       gradients (Hessian-vector products) work, forward mode of the function itself does not.
     - ``False``: store every input; use it for ``jax.jvp``, ``jax.linearize`` or ``jax.jacfwd``
-      of the wrapped function.
+      of the wrapped function (with the default, ``jax.linearize`` returns, and its linear
+      function raises JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function").
     - ``True``: keep only matmul outputs and recompute the rest (``jax.checkpoint`` with
       ``dots_saveable`` around the whole function): least memory, slowest.
 
