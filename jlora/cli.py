@@ -143,10 +143,10 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory; "
                          "pass --model DIR")
     out = Path(args.out)
-    for what, kept in (("the base model", model_dir), ("the adapter", args.adapter)):
+    for what, kept, why in (("the base model", model_dir, "over the base, a later merge would apply the adapter twice"),
+                            ("the adapter", args.adapter, "it would mix the model's files with the adapter's")):
         if out.resolve() == Path(kept).resolve():
-            raise ValueError(f"--out {args.out}: is {what}'s directory; write the merged model to another one "
-                             "(over the base, a later merge would apply the adapter twice)")
+            raise ValueError(f"--out {args.out}: is {what}'s directory; write the merged model to another one ({why})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out}: is a file, not a directory")  # HF's save_pretrained only logs it
     if out.is_dir() and any(out.iterdir()):  # another model's files would stay beside the merged ones
