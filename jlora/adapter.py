@@ -125,14 +125,19 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".jlora-write-", dir=path))
     try:
         write(tmp)
-        mode = 0o666 & ~_umask()  # as open() would make them: safetensors writes owner-only temporary files
         for file in sorted(tmp.iterdir(), key=lambda f: (f.suffix == ".json", f.name)):
-            with contextlib.suppress(PermissionError):  # a file system without modes keeps its own
-                os.chmod(file, mode)
+            as_opened(file)
             os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def as_opened(file: Path) -> None:
+    """Give ``file`` the mode ``open()`` would have (safetensors writes owner-only temporary files);
+    a file system without modes keeps its own."""
+    with contextlib.suppress(PermissionError):
+        os.chmod(file, 0o666 & ~_umask())
 
 
 def _umask() -> int:

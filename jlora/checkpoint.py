@@ -132,8 +132,9 @@ class AdapterCheckpointer:
         step = _step_index("save", step)
         self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
         self._manager.reload()
-        latest = self.latest_step()
-        if force and step in self.all_steps():
+        steps = list(self._manager.all_steps())
+        latest = max(steps, default=None)
+        if force and step in steps:
             raise ValueError(f"AdapterCheckpointer.save: step {step} is already in {self.directory}, and a save never "
                              "replaces one; save into a new directory to start over")
         if not force and latest is not None and step <= latest:
@@ -373,19 +374,28 @@ def _step_index(op: str, step: Any) -> int:
 
 
 def _json_scalar(name: str, value: Any) -> Any:
-    """A metric as the JSON value orbax writes: a 0-d numeric array (a jax or numpy loss) as a float,
-    a 0-d boolean as a bool; anything else that JSON cannot hold is refused, naming it, before a
-    step is half written."""
-    if isinstance(value, (str, bool, int, float)) or value is None:
+    """A metric as the JSON value orbax writes: a number (a Python int, a 0-d jax or numpy array)
+    as a float, a 0-d boolean as a bool, strings and JSON's lists and dicts as they are; anything
+    else is refused, naming it, before a step is half written."""
+    if isinstance(value, (str, bool, float)) or value is None:
         return value
-    if np.ndim(value) == 0 and hasattr(value, "dtype"):
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, (list, dict)):
+        try:
+            json.dumps(value, allow_nan=True)
+            return value
+        except (TypeError, ValueError):
+            pass
+    elif np.ndim(value) == 0 and hasattr(value, "dtype"):
         dtype = np.asarray(value).dtype
         if dtype == np.bool_:
             return bool(value)
         if jax.dtypes.issubdtype(dtype, np.number) and not jax.dtypes.issubdtype(dtype, np.complexfloating):
             return float(value)
-    raise ValueError(f"AdapterCheckpointer.save: metrics['{name}'] is {type(value).__name__} of shape "
-                     f"{np.shape(value)}: metrics are written as JSON, so each must be a number, a bool or a string")
+    raise ValueError(f"AdapterCheckpointer.save: metrics['{name}'] is {type(value).__name__}"
+                     f"{f' of shape {np.shape(value)}' if hasattr(value, 'shape') else ''}: metrics are written as "
+                     "JSON, so each must be a number, a bool, a string, or a list or dict of those")
 
 
 def _check_config(config: LoraConfig, params: Any) -> None:

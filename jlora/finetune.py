@@ -31,6 +31,7 @@ import optax
 import jlora
 from jlora.adapter import read_config, save_adapter
 from jlora.data import BUILTIN_DATA, class_order, read_labelled, split_indices
+from jlora.paths import leaves_with_paths
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
@@ -119,8 +120,10 @@ def check_data(data: str, task: str) -> None:
         ValueError: --data corpus.txt: no such file (built-in sets: bbc-news, tweet-sentiment)
     """
     file = Path(data)
-    if task == "classify" and data in BUILTIN_DATA:
-        return
+    if data in BUILTIN_DATA:
+        if task == "classify":
+            return
+        raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
     if not file.is_file():
         sets = f" (built-in sets: {', '.join(BUILTIN_DATA)})" if task == "classify" else ""
         raise ValueError(f"--data {data}: no such file{sets}")
@@ -214,6 +217,8 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     default name is the packaged all-MiniLM-L6-v2. ``pooler=False`` leaves out an encoder's pooler
     (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's). For
     ``"classify"``, a tokenizer without a pad token pads with its end (or unknown) token.
+    ``task="architecture"`` loads the class ``config.json`` names (``FlaxGPT2LMHeadModel`` for
+    ``GPT2LMHeadModel``), else the bare model.
 
     Example:
         >>> model, tokenizer, path = load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
@@ -228,7 +233,7 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
         raise ValueError(f"--model {name}: {path} has no {' and no '.join(missing)}; a HF model directory "
                          "holds config.json, the tokenizer's files and the weights")
     cls = FlaxAutoModelForCausalLM if task == "causal-lm" else FlaxAutoModel
-    if task == "architecture":  # the class config.json names (an adapter saved from Python, with no job's task)
+    if task == "architecture":  # the class config.json names
         import transformers
 
         archs = json.loads((path / "config.json").read_text()).get("architectures") or []
@@ -524,6 +529,12 @@ def head_logits(forward: Callable, params: Any, ids: Any, mask: Any) -> jax.Arra
     return mean_pooled(forward, params["encoder"], ids, mask) @ head["kernel"].value + head["bias"].value
 
 
+def _holds(params: Any, config: dict) -> bool:
+    """Whether ``params`` has a leaf at every path of an adapter's ``config``."""
+    paths = {p for p, _ in leaves_with_paths(params)}
+    return all(p in paths for p in [*config["targets"], *config["trainable"]])
+
+
 def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[Any, Any, Any, dict]:
     """``(model, tokenizer, params, metadata)`` of an adapter ``jlora finetune`` wrote: the HF
     model it was trained over (``model_dir``, else the one it records) and the LoRA tree over it.
@@ -542,7 +553,10 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[
     if not model_dir:
         raise ValueError(f"{adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass the model's directory")
-    model, tokenizer, _ = load_model(model_dir, meta.get("task", "architecture"))
+    task = meta.get("task")
+    model, tokenizer, _ = load_model(model_dir, task or "classify")
+    if task is None and not _holds(model.params, config):  # saved from Python over the class config.json names
+        model, tokenizer, _ = load_model(model_dir, "architecture")
     prefix, base = meta.get("model_prefix"), model.params
     if prefix:  # the job's own leaves beside the HF model (a classification head): placeholders to load onto
         base = {prefix: model.params}
@@ -697,9 +711,7 @@ def causal_lm(opts: Options) -> dict:
     """
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     check_length(model, opts.max_length)
-    file = Path(opts.data)
-    if opts.data in BUILTIN_DATA or not file.is_file() or file.suffix.lower() in (".jsonl", ".csv"):
-        raise ValueError(f"--data {opts.data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
+    file = Path(opts.data)  # a plain text file: Options checked it
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.adapter import _umask
+from jlora.adapter import as_opened
 from jlora.config import ALL_LINEAR, LoraConfig, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
@@ -245,8 +245,8 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
     load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
     torch_model.save_pretrained(directory, safe_serialization=True)
-    for file in Path(directory).glob("model*.safetensors"):  # safetensors writes them owner-only
-        os.chmod(file, 0o666 & ~_umask())
+    for file in Path(directory).glob("model*.safetensors"):
+        as_opened(file)
     return Path(directory)
 
 

@@ -135,7 +135,7 @@ def reset_warnings() -> None:
     """
     global _RESETS
     _WARNED.clear()
-    _RESETS += 1  # an eager call's compiled evaluation warned when compiled: compiled again, it warns again
+    _RESETS += 1  # an eager call's evaluation warned when compiled: compiled again (_compiled_entry), it warns again
 
 
 def materialize(x: Any, what: str | None = None, why: str = "", where: str = "", undropped: bool = False) -> Any:
@@ -434,7 +434,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
       ``dots_saveable`` around the whole function): least memory, slowest.
 
     Measured on a Llama-3.2-1B-shaped step (H100, ``benchmarks/RESULTS.md``): peak memory 21.64,
-    24.15 and 19.87 GiB (the frozen floor: 21.25) at 1.02x, 1.01x and 0.89x the hand-written
+    24.15 and 19.87 GiB (the frozen floor: 21.25) at 1.02x, 1.01x and 0.90x the hand-written
     LoRA's speed.
 
     Example:
@@ -543,20 +543,19 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
             return run
 
-        # Called outside any trace, the evaluation runs compiled, once per trace and set of params
-        # that may come back: evaluated eagerly, every rebuilt jit, scan, cond or loop body is a new
-        # function to JAX, and so compiled again at each call.
-        if compiled is not None and _compat.eager() and not any(_compat.is_tracer(v) for v in values):
-            slot = (tuple(given), _RESETS)
-            if slot not in compiled:
-                came_back, records = {}, {}
-                compiled[slot] = (jax.jit(interpreter(came_back, records)), came_back, records)
-            run, came_back, records = compiled[slot]
-        else:
-            came_back, records = {}, {}
-            run = interpreter(came_back, records)
+        eager = compiled is not None and _compat.eager() and not any(_compat.is_tracer(v) for v in values)
+        entry = _compiled_entry(compiled, tuple(given), interpreter) if eager else None
+        came_back, records = ({}, {}) if entry is None else entry[1:]
         try:
-            out = run(values, lora_rng)
+            try:
+                out = (interpreter(came_back, records) if entry is None else entry[0])(values, lora_rng)
+            except _CONCRETE_VALUE_ERRORS:
+                if entry is None:
+                    raise
+                # a lazy kind or rule that reads its arrays' values (host code): evaluated eagerly
+                compiled[tuple(given)] = (_RESETS, None, {}, {})
+                came_back, records = {}, {}
+                out = interpreter(came_back, records)(values, lora_rng)
         except TypeError as err:
             if "forward-mode" not in str(err) or not records.get("custom_vjp"):
                 raise  # not jlora's custom_vjp (the function's own, say): JAX's error as it is
@@ -595,6 +594,20 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     if signature is not None:
         wrapped.__signature__ = signature  # type: ignore[attr-defined]
     return wrapped
+
+
+def _compiled_entry(compiled: dict, given: tuple, interpreter: Callable) -> tuple | None:
+    """``(run, came_back, records)`` for a call outside any trace: the evaluation compiled once
+    per trace and set of params that may come back (``given``; ``interpreter`` makes it), and
+    again after ``reset_warnings`` (it warns when compiled). Evaluated eagerly, every ``jit``,
+    ``scan``, ``cond`` or loop body the rules rebuild is a new function to JAX, compiled again at
+    each call. ``None`` where the evaluation reads its arrays' values (it runs eagerly)."""
+    entry = compiled.get(given)
+    if entry is None or entry[0] != _RESETS:
+        came_back: dict[int, int] = {}
+        records: dict = {}
+        entry = compiled[given] = (_RESETS, jax.jit(interpreter(came_back, records)), came_back, records)
+    return None if entry[1] is None else entry[1:]
 
 
 def _applied(fn: Callable) -> bool:

@@ -380,8 +380,9 @@ def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any, sh
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # model type -> its bare model class
 
     archs = getattr(hf_config, "architectures", None) or []
-    bare = MODEL_MAPPING_NAMES.get(hf_config.model_type)
-    headless = archs and all(a.endswith(CLASSIFIERS) or a == bare for a in archs)
+    bare = MODEL_MAPPING_NAMES.get(hf_config.model_type, ())
+    bare = (bare,) if isinstance(bare, str) else tuple(bare)  # some types have two (funnel)
+    headless = archs and all(a.endswith(CLASSIFIERS) or a in bare for a in archs)
     part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
     shape = tuple(shape)
     own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]

@@ -449,14 +449,17 @@ def test_a_forced_older_step_leaves_the_newest_step_latest(tmp_path):
 
 def test_metrics_are_json_scalars_or_refused_before_a_step_is_written(tmp_path):
     base, _, params, _ = setup()
-    ckpt = AdapterCheckpointer(tmp_path, best_metric="loss", async_save=False)
-    assert ckpt.save(1, params, metrics={"loss": jnp.float32(0.5), "improved": jnp.array(True), "phase": "warmup"})
-    written = json.loads((tmp_path / "1" / "metrics" / "metrics").read_text())
-    assert written == {"loss": 0.5, "improved": True, "phase": "warmup"}
-    for name, bad in (("grad_norms", jnp.ones(2)), ("where", object())):
+    ckpt = AdapterCheckpointer(tmp_path / "main", best_metric="loss", async_save=False)
+    assert ckpt.save(1, params, metrics={"loss": jnp.float32(0.5), "improved": jnp.array(True), "phase": "warmup",
+                                         "epoch": 3, "per_class": [0.9, 0.8]})
+    written = json.loads((tmp_path / "main" / "1" / "metrics" / "metrics").read_text())
+    assert written == {"loss": 0.5, "improved": True, "phase": "warmup", "epoch": 3.0, "per_class": [0.9, 0.8]}
+    assert AdapterCheckpointer(tmp_path / "by_epoch", best_metric="epoch", best_mode="max", async_save=False).save(
+        1, params, metrics={"epoch": 3})  # a Python int ranks as a number
+    for name, bad in (("grad_norms", jnp.ones(2)), ("where", object()), ("norms", [jnp.ones(2)])):
         with pytest.raises(ValueError, match=rf"metrics\['{name}'\] is .*: metrics are written as JSON"):
             ckpt.save(2, params, metrics={"loss": 0.4, name: bad})
-    assert sorted(os.listdir(tmp_path)) == ["1"]  # nothing half written
+    assert sorted(os.listdir(tmp_path / "main")) == ["1"]  # nothing half written
 
 
 def test_optimizer_states_without_arrays_or_with_python_numbers_round_trip(tmp_path):

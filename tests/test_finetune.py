@@ -1,11 +1,14 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 import transformers as tf
 from test_cli import WORDS, _tokenizer, bert_dir, data_file  # noqa: F401 (fixtures)
 from test_examples import baked_in, compiled_ir  # noqa: F401 (fixture)
 
+import jlora
+import jlora.adapter
 from jlora import finetune
 
 
@@ -111,11 +114,25 @@ def test_data_is_checked_before_any_model_loads(tmp_path):
     for data, task, match in ((tmp_path / "missing.jsonl", "classify", "no such file .built-in sets: bbc-news"),
                               (tmp_path, "classify", "no such file"),
                               (tmp_path / "rows.csv", "causal-lm", "--task causal-lm needs a plain text file"),
-                              (tmp_path / "corpus.txt", "classify", "use a .csv or .jsonl file")):
-        if data.name in ("rows.csv", "corpus.txt"):
+                              (tmp_path / "corpus.txt", "classify", "use a .csv or .jsonl file"),
+                              ("tweet-sentiment", "causal-lm", "--task causal-lm needs a plain text file")):
+        if getattr(data, "name", "") in ("rows.csv", "corpus.txt"):
             data.write_text("text,label\n")
         with pytest.raises(ValueError, match=f"--data {data}: {match}"):
             finetune.Options(data=str(data), task=task, out=str(tmp_path / "out"))
+
+
+def test_an_adapter_saved_from_python_loads_over_the_class_that_holds_it(bert_dir, tmp_path):
+    """Without a job's metadata: the bare model first, then the class config.json names (a hub
+    BERT names BertForMaskedLM, whose params sit under 'bert')."""
+    config = json.loads((bert_dir / "config.json").read_text())
+    (bert_dir / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    bare = tf.FlaxBertModel.from_pretrained(bert_dir)
+    lora = jlora.lora_init(jax.random.key(0), bare.params, jlora.LoraConfig(rank=2, targets=["query"]))
+    jlora.adapter.save_adapter(tmp_path / "adapter", lora)
+    model, _, params, meta = finetune.load_job(tmp_path / "adapter", str(bert_dir))
+    assert type(model).__name__ == "FlaxBertModel" and meta == {}
+    assert isinstance(params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"], jlora.LoraWeight)
 
 
 def test_a_local_directory_named_as_the_default_model_is_the_one_loaded(bert_dir, tmp_path, monkeypatch):

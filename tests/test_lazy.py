@@ -868,3 +868,22 @@ def test_an_eager_call_compiles_once_per_input_signature(caplog):
     assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     np.testing.assert_allclose(out, fn(oracle_merge(params), x)[0], rtol=1e-5, atol=1e-6)
     assert weight is params["k"] and same_x is x  # inputs returned come back as themselves
+
+
+def test_a_lazy_kind_that_reads_its_values_runs_eagerly_outside_jit():
+    """A kind whose materialize is host code (numpy) cannot be compiled: an eager call, which
+    runs compiled where it can, evaluates it eagerly again."""
+    class HostScaled(jlora.Lazy):
+        def __init__(self, value):
+            self.value = value
+
+        shape = property(lambda self: self.value.shape)
+        dtype = property(lambda self: self.value.dtype)
+        materialize = lambda self: jnp.asarray(np.asarray(self.value) * 2)
+
+    jax.tree_util.register_pytree_node(HostScaled, lambda d: ((d.value,), None), lambda _, c: HostScaled(*c))
+    fn = jlora.apply(lambda w, x: jnp.sin(w) + x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jlora.MaterializeWarning)  # no rule for sin: materialised, as meant
+        for _ in range(2):
+            np.testing.assert_allclose(fn(HostScaled(jnp.ones(3)), jnp.ones(3)), jnp.sin(2.0) + 1, rtol=1e-6)
