@@ -223,6 +223,8 @@ def test_fp8_kernels_chained_keep_the_adapter_out_of_fp8_with_inputs_rebuilt():
     """Under recompute="inputs" a LoRA output a rebuild reads is computed as one matmul [x | t] @ [w ; b]
     in w's dtype: not for an fp8 w (b rounded to fp8, 7% off); and an fp8 kernel against a bf16 x
     promotes to bf16 (lax.dot_general takes them mixed)."""
+    if jax.default_backend() != "cpu":  # measured on an H200: the oracle itself, jitted, is 0.27 off its eager self
+        pytest.skip("XLA's GPU rewrite of fp8 matmuls rounds otherwise than the oracle's op-by-op evaluation")
     l1, l2 = (random_lora(jax.random.key(i), (8, 8), "io", 2) for i in (0, 1))
     l1, l2 = (lw.replace(w=lw.w.astype(jnp.float8_e4m3fn)) for lw in (l1, l2))
     f8 = lambda h, w: jnp.dot(h.astype(jnp.float8_e4m3fn), w, preferred_element_type=jnp.float32)
