@@ -242,11 +242,12 @@ class AdapterCheckpointer:
         """``(step, its metadata)``, the latest step by default; a clear error when there is none."""
         if not os.path.isdir(self.directory):
             raise ValueError(f"{self.directory}: no such directory, so no checkpoint to restore")
-        step = self.latest_step() if step is None else _step_index("restore", step)
+        steps = self.all_steps()
+        step = max(steps, default=None) if step is None else _step_index("restore", step)
         if step is None:
             raise ValueError(f"{self.directory}: no checkpoint to restore")
-        if step not in self.all_steps():
-            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {self.all_steps()}")
+        if step not in steps:
+            raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {steps}")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             reason = None if isinstance(meta, dict) and "specs" in meta else "its metadata holds no adapter specs"

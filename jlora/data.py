@@ -90,12 +90,8 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
         >>> read_labelled(str(file))
         (['good', 'bad'], ['pos', 'neg'])
     """
+    suffix = check_labelled_file(path)
     file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--data {path}: no such file (built-in sets: {', '.join(BUILTIN_DATA)})")
-    suffix = file.suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"--data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
     texts, labels = [], []
     try:
         with file.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:  # -sig: Excel's BOM
@@ -110,6 +106,24 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
     if len(set(labels)) < 2:
         raise ValueError(f"{path}: need at least 2 distinct labels, found {sorted(set(labels))}")
     return texts, labels
+
+
+def check_labelled_file(path: str) -> str:
+    """``path``'s suffix (``.csv`` or ``.jsonl``), or a ``ValueError`` saying what ``--data`` needs.
+
+    Example:
+        >>> check_labelled_file("missing.csv")
+        Traceback (most recent call last):
+        ...
+        ValueError: --data missing.csv: no such file (built-in sets: bbc-news, tweet-sentiment)
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--data {path}: no such file (built-in sets: {', '.join(BUILTIN_DATA)})")
+    suffix = file.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"--data {path}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
+    return suffix
 
 
 def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:

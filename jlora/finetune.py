@@ -30,7 +30,7 @@ import optax
 
 import jlora
 from jlora.adapter import read_config, save_adapter
-from jlora.data import BUILTIN_DATA, class_order, read_labelled, split_indices
+from jlora.data import BUILTIN_DATA, check_labelled_file, class_order, read_labelled, split_indices
 from jlora.paths import leaves_with_paths
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -119,17 +119,16 @@ def check_data(data: str, task: str) -> None:
         ...
         ValueError: --data corpus.txt: no such file (built-in sets: bbc-news, tweet-sentiment)
     """
+    if task == "classify":
+        if data not in BUILTIN_DATA:
+            check_labelled_file(data)
+        return
     file = Path(data)
     if data in BUILTIN_DATA:
-        if task == "classify":
-            return
         raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
     if not file.is_file():
-        sets = f" (built-in sets: {', '.join(BUILTIN_DATA)})" if task == "classify" else ""
-        raise ValueError(f"--data {data}: no such file{sets}")
-    if task == "classify" and file.suffix.lower() not in (".jsonl", ".csv"):
-        raise ValueError(f"--data {data}: use a .csv or .jsonl file with text,label (or a .txt for causal-lm)")
-    if task == "causal-lm" and file.suffix.lower() in (".jsonl", ".csv"):
+        raise ValueError(f"--data {data}: no such file")
+    if file.suffix.lower() in (".jsonl", ".csv"):
         raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
 
 

@@ -233,7 +233,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     for p, x in nodes:  # adapted or trained whole
         _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
         if isinstance(x, Trainable) and p.endswith("/embedding"):
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, shapes[p], hf_config, shapes)
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
     clash = [p for p, _ in targets if in_saved(p)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
@@ -247,7 +247,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {_model_type(hf_config, module_name(p))}'s "
                              "PyTorch layout")
         if embedding:
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, lw.kernel_shape, hf_config, shapes)
+            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
             _check_not_positions(f"jlora.peft.save_adapter: '{p}'", p)
             if str(lw.layout) != "io":
                 raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
@@ -370,7 +370,7 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
                          f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
 
 
-def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any, shapes: dict[str, tuple]) -> None:
+def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]) -> None:
     """Refuse an embedding (at Flax ``path``; adapted, or trained whole) that the model ties to its
     LM head: jlora's change reaches the head with it (the head is the same param), PEFT's (an
     Embedding LoRA, or the module in ``modules_to_save``) only the lookup. Not tied: a model
@@ -384,7 +384,7 @@ def _check_untied(what: str, path: str, shape: Sequence[int], hf_config: Any, sh
     bare = (bare,) if isinstance(bare, str) else tuple(bare)  # some types have two (funnel)
     headless = archs and all(a.endswith(CLASSIFIERS) or a in bare for a in archs)
     part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
-    shape = tuple(shape)
+    shape = tuple(shapes[path])
     own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]
                                        for q, s in shapes.items())
     if (getattr(part, "tie_word_embeddings", False) and not headless and not own_head
@@ -624,7 +624,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p in tuned:
         _check_not_shared(f"{path}: '{p}'", p, hf_config)
         if p.endswith("/embedding"):
-            _check_untied(f"{path}: '{p}'", p, by_path[p].shape, hf_config, shapes)
+            _check_untied(f"{path}: '{p}'", p, hf_config, shapes)
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
@@ -640,7 +640,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if name in embeddings:
-            _check_untied(f"{path}: '{p}'", p, w.shape, hf_config, shapes)
+            _check_untied(f"{path}: '{p}'", p, hf_config, shapes)
             _check_not_positions(f"{path}: '{p}'", p)
         if ab["A"].ndim not in (2, 4):
             raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
