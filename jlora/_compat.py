@@ -192,6 +192,13 @@ def scan_counts(params: dict) -> tuple[int, int]:
     return len(list(consts.vals)), len(list(carry.vals))
 
 
+def cond_platforms(params: dict) -> tuple | None:
+    """Per branch of a cond equation, the platforms it is lowered for (``None`` for the default
+    branch), where ``lax.platform_dependent`` traced it; ``None`` for an ordinary cond. JAX 0.4.2x
+    added ``branches_platforms``; a cond without it has no platform branches."""
+    return params.get("branches_platforms")
+
+
 def jit_shardings(params: dict) -> tuple[list, list]:
     """``(in_shardings, out_shardings)`` of a jit equation, ``None`` where it names no
     ``NamedSharding`` (``UnspecifiedValue``, ``AUTO``): the params' names are those of ``pjit_p``

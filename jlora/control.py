@@ -172,7 +172,19 @@ def cond_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     def branch(closed: Any):
         return lambda *args: _outputs(evaluate_closed(closed, list(args), ctx.renamed(ops, args)), "cond")
 
-    return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
+    branches = [branch(b) for b in eqn.params["branches"]]
+    platforms = _compat.cond_platforms(eqn.params)
+    if platforms is None:
+        return list(lax.switch(index, branches, *ops))
+    # lax.platform_dependent: lower only the branch of the platform compiled for, as JAX does (a
+    # Pallas TPU kernel in one branch does not lower on CPU); its index is the platform's
+    per_platform, default = {}, None
+    for fn, names in zip(branches, platforms):
+        if names is None:
+            default = fn
+        else:
+            per_platform.update((name, fn) for name in names)
+    return list(lax.platform_dependent(*ops, default=default, **per_platform))
 
 
 def _materializer(ctx: Context, invals: list, treedef: Any, what: str, why: str) -> Any:

@@ -135,6 +135,19 @@ def test_cond_and_switch(params):
     check_against_oracle(fn, params, -X)
 
 
+def test_platform_dependent_lowers_only_the_branch_of_the_platform(params):
+    tpu_only = jax.extend.core.Primitive("tpu_only_sin")  # as a TPU kernel library's op: no CPU/GPU lowering
+    tpu_only.def_abstract_eval(lambda h: jax.core.ShapedArray(h.shape, h.dtype))
+    jax.interpreters.mlir.register_lowering(tpu_only, jax.interpreters.mlir.lower_fun(jnp.sin, multiple_results=False),
+                                            platform="tpu")
+    jax.interpreters.ad.defjvp(tpu_only, lambda tangent, h: tangent * jnp.cos(h))
+
+    def fn(p, x):
+        return lax.platform_dependent(x, tpu=lambda x: tpu_only.bind(x @ p["w"]), default=lambda x: jnp.sin(x @ p["w"]))
+
+    check_against_oracle(fn, params, X)
+
+
 @pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable,
                                     jax.checkpoint_policies.dots_with_no_batch_dims_saveable])
 def test_checkpoint(params, policy):
