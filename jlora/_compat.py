@@ -199,6 +199,14 @@ def cond_platforms(params: dict) -> tuple | None:
     return params.get("branches_platforms")
 
 
+def symbolic(shape: tuple) -> bool:
+    """Whether ``shape`` has a symbolic size (``jax.export``'s shape polymorphism): one that only
+    some comparisons decide. ``jax.export`` is not loaded by ``import jax`` before JAX 0.7."""
+    from jax import export
+
+    return any(export.is_symbolic_dim(d) for d in shape)
+
+
 def jit_shardings(params: dict) -> tuple[list, list]:
     """``(in_shardings, out_shardings)`` of a jit equation, ``None`` where it names no
     ``NamedSharding`` (``UnspecifiedValue``, ``AUTO``): the params' names are those of ``pjit_p``

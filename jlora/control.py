@@ -124,7 +124,8 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         outs = _outputs(returned.others(args, evaluate_closed(p["jaxpr"], args, step_ctx)), "scan")
         return outs[:n_carry], outs[n_carry:]
 
-    carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    length = None if xs else p["length"]  # from xs where there are some: a symbolic length (jax.export) is refused
+    carry, ys = lax.scan(body, init, (xs, keys), length=length, reverse=p["reverse"], unroll=p["unroll"])
     return returned.rejoined(invals, list(carry) + list(ys), len(eqn.outvars))
 
 

@@ -131,13 +131,16 @@ def _find(frame: Frame, x_var: Any) -> Chain | None:
         eqn = frame.eqns[i]
         if eqn.outvars[0] in kept and eqn.primitive in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
             kept.add(eqn.invars[0])
-    big = lambda v: _nbytes(v) * 4 >= _nbytes(x_var)
+    big = lambda v: _nbytes(v) is None or _nbytes(x_var) is None or _nbytes(v) * 4 >= _nbytes(x_var)
     if not kept or any(big(v) and v not in kept for v in leaves):
         return None
     return Chain([frame.eqns[i] for i in sorted(chain)], leaves, x_var)
 
 
-def _nbytes(var: Any) -> int:
+def _nbytes(var: Any) -> int | None:
+    """``var``'s size in bytes; ``None`` for a symbolic shape (``jax.export``'s shape polymorphism)."""
+    if _compat.symbolic(var.aval.shape):
+        return None
     return int(np.prod(var.aval.shape)) * np.dtype(var.aval.dtype).itemsize
 
 

@@ -148,6 +148,14 @@ def test_platform_dependent_lowers_only_the_branch_of_the_platform(params):
     check_against_oracle(fn, params, X)
 
 
+def test_a_scan_of_symbolic_length_exports(params):
+    fn = lambda p, xs: lax.scan(lambda c, x: (c, jnp.tanh(x @ p["w"])), 0.0, xs)[1]
+    steps, = jax.export.symbolic_shape("steps")
+    exported = jax.export.export(jax.jit(jlora.apply(fn)))(params, jax.ShapeDtypeStruct((steps, 4, 6), X.dtype))
+    xs = jnp.stack([X, -X, 2 * X])
+    np.testing.assert_allclose(exported.call(params, xs), fn(oracle_merge(params), xs), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable,
                                     jax.checkpoint_policies.dots_with_no_batch_dims_saveable])
 def test_checkpoint(params, policy):

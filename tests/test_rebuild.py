@@ -254,6 +254,17 @@ def test_forward_mode_through_the_functions_own_custom_vjp_gets_no_jlora_hint():
     assert "recompute" not in str(raised.value)
 
 
+@pytest.mark.parametrize("recompute", ["inputs", False, True])
+def test_a_shape_polymorphic_export_matches_the_oracle(recompute):
+    """``jax.export`` with a symbolic batch: sizes that are symbols are not compared."""
+    params, h = adapted(), normal(KEY, (3, D))
+    batch, = jax.export.symbolic_shape("b")
+    forward = jax.jit(jlora.apply(model, recompute=recompute))
+    exported = jax.export.export(forward)(params, jax.ShapeDtypeStruct((batch, D), h.dtype))
+    assert exported.out_avals[0].shape == (batch, D)
+    np.testing.assert_allclose(exported.call(params, h), model(jlora.merge(params), h), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_recompute_option_is_an_error():
     with pytest.raises(ValueError, match="recompute"):
         jlora.apply(model, recompute="everything")
