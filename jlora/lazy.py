@@ -482,7 +482,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             if isinstance(leaf, Lazy):
                 given[len(values)] = leaf
                 try:
-                    leaf = check_whole(leaf, getattr(leaf, "path", "") or param_paths()[i], "jlora.apply")
+                    leaf = check_whole(leaf, getattr(leaf, "path", "") or param_paths()[i], "jlora.apply",
+                                       used_as_is=True)
                 except ValueError as err:
                     if "half of jlora.split" not in str(err):
                         raise

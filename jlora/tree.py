@@ -152,11 +152,12 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return tree
 
 
-def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> Any:
+def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: bool = False) -> Any:
     """Refuse a node from one half of ``split`` where ``op`` needs the whole tree (``need_w=False``:
     the trainable half will do), or one whose arrays do not fit its layout; ``x``, a
     ``LoraWeight``'s layout fitted to its arrays (``LoraWeight.fitted``: an ensemble's or a
-    stack's layer).
+    stack's layer). ``used_as_is``: ``op`` computes with the node (``merge``, ``apply``), so factors
+    with leading axes ``w`` lacks (adapters stacked over one base, for ``jax.vmap``) are refused too.
 
     Example:
         >>> check_whole(Trainable(jnp.zeros(2)), "bias", "jlora.merge")
@@ -175,7 +176,19 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True) -> Any:
             x.check_shapes(stacked=True)  # leading axes of w's or the factors' own (pmap, vmap) pass
         except ValueError as err:
             raise ValueError(f"{op}: {err}") from None
+        if used_as_is and _shaped(x.w, x.a, x.b) and len(x.w.shape) == x.layout.ndim:
+            extra = len(x.a.shape) - len(x.layout.a_shape(x.w.shape, x.rank))
+            if extra > 0:
+                raise ValueError(
+                    f"{op}: '{path}' has a {tuple(x.a.shape)} and b {tuple(x.b.shape)} with {extra} leading axis(es) "
+                    f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "
+                    "under jax.vmap over the trainable half: jax.vmap(lambda t, *xs: f(jlora.combine(t, frozen), "
+                    "*xs), in_axes=(0, None))(stacked, x)")
     return x
+
+
+def _shaped(*xs: Any) -> bool:
+    return all(hasattr(x, "shape") for x in xs)
 
 
 def merge(tree: Any) -> Any:
@@ -190,7 +203,7 @@ def merge(tree: Any) -> Any:
     """
 
     def one(path: Any, x: Any) -> Any:
-        x = check_whole(x, path_str(path), "jlora.merge")
+        x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
         if isinstance(x, Lazy):
             return x.materialize()
         return x.value if isinstance(x, Trainable) else x

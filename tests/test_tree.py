@@ -245,3 +245,23 @@ def test_combine_names_the_static_field_two_nnx_halves_differ_in():
     frozen.eval()  # one half switched to evaluation
     with pytest.raises(ValueError, match="at 'drop' trainable has deterministic=False, frozen deterministic=True"):
         jlora.combine(trainable, frozen)
+
+
+def test_adapters_stacked_over_one_base_are_used_under_vmap_only():
+    base = {"q": {"kernel": jax.random.normal(KEY, (6, 5))}}
+    config = jlora.LoraConfig(rank=2, targets=["q"])
+    _, frozen = jlora.split(jlora.lora_init(KEY, base, config))
+    adapters = [perturb(jlora.split(jlora.lora_init(jax.random.key(i), base, config))[0], jax.random.key(i))
+                for i in range(3)]
+    stacked = jax.tree.map(lambda *z: jnp.stack(z), *adapters)
+    fn = lambda p, x: x @ p["q"]["kernel"]
+    x = jnp.ones((4, 6))
+    mapped = jax.vmap(lambda t: jlora.merge(jlora.combine(t, frozen)), in_axes=0)(stacked)
+    for i, adapter in enumerate(adapters):
+        want = oracle_merge(jlora.combine(adapter, frozen))
+        np.testing.assert_allclose(mapped["q"]["kernel"][i], want["q"]["kernel"], rtol=1e-6)
+    together = jlora.combine(stacked, frozen)  # combine keeps it: it is what jax.vmap's in_axes take
+    for use, name in [(jlora.merge, "merge"), (lambda p: jlora.apply(fn)(p, x), "apply")]:
+        with pytest.raises(ValueError, match=rf"jlora.{name}: 'q/kernel' has a \(3, 6, 2\) and b \(3, 2, 5\) "
+                                             r"with 1 leading axis.*w \(6, 5\) lacks.*jax.vmap"):
+            use(together)
