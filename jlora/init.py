@@ -17,7 +17,7 @@ from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
 from jlora.sharding import factor_shardings
-from jlora.variables import in_state, shared_paths, state_paths
+from jlora.variables import check_unshared, in_state, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
@@ -40,19 +40,6 @@ def _is_adaptable(leaf: Any) -> bool:
 def _is_trainable(leaf: Any) -> bool:
     """A leaf that can be trained in full: a float array, not a lazy one (a quantized kernel)."""
     return _is_float_array(leaf) and not isinstance(leaf, Lazy)
-
-
-def _check_not_shared(params: Any, chosen: set[str]) -> None:
-    """Refuse to adapt or train an NNX variable that the module holds at two paths: flattening
-    copies it, and each copy would be trained on its own."""
-    for paths in shared_paths(params):
-        if chosen & set(paths):
-            raise ValueError(
-                f"{' and '.join(repr(p) for p in paths)} are one NNX variable (a module used twice); flattened as a "
-                "pytree, the module holds it as separate copies, and each would get its own adapter. Adapt "
-                "nnx.split's state instead, which holds it once: graphdef, state = nnx.split(model); "
-                "lora = jlora.lora_init(key, state, config); run nnx.merge(graphdef, state)(x) under jlora.apply"
-            )
 
 
 def _describe(leaf: Any) -> str:
@@ -298,6 +285,7 @@ def lora_init(
     if infer_layout is not None and not callable(infer_layout):
         raise ValueError(f"lora_init: infer_layout must be a function of the params (e.g. lambda p: "
                          f"model.apply(p, x)), got {type(infer_layout).__name__}")
+    check_unshared(params, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
@@ -307,7 +295,6 @@ def lora_init(
         if is_node(leaf):
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
     adapt, tune = select(config, entries, state_paths(params))
-    _check_not_shared(params, set(adapt) | set(tune))
     by_path = dict(entries)
     declared = [(Pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
-from jlora.variables import in_state, state_paths
+from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -43,6 +43,7 @@ def split(tree: Any) -> tuple[Any, Any]:
             return x.replace(a=None, b=None)
         return Trainable(None) if isinstance(x, Trainable) else x
 
+    check_unshared(tree, "jlora.split")
     return jax.tree.map(trainable, tree, is_leaf=is_param), jax.tree.map(frozen, tree, is_leaf=is_param)
 
 
@@ -329,7 +330,8 @@ def _size(x: Any) -> int:
 def summary(tree: Any) -> Summary:
     """Trainable / total parameter counts, overall and per target (like PEFT's
     ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state)
-    and a linen variables dict's collections beside ``params`` are not counted, as PyTorch buffers are not.
+    and a linen variables dict's collections beside ``params`` are not counted, as PyTorch buffers are
+    not; an NNX variable a module holds twice (a layer used twice) counts once.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")
@@ -339,9 +341,10 @@ def summary(tree: Any) -> Summary:
     trainable = total = 0
     targets, fully = [], []
     state = state_paths(tree)  # NNX batch statistics, caches, RNG state: not params
+    copies = frozenset(p for paths in shared_paths(tree) for p in paths[1:])  # a module used twice: counted once
     for path, x in leaves_with_paths(tree, is_leaf=is_param):
         check_whole(x, path, "jlora.summary")
-        if in_state(path, state):
+        if in_state(path, state) or in_state(path, copies):
             continue
         if isinstance(x, LoraWeight):
             n = _size(x.a) + _size(x.b)

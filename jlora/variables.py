@@ -198,8 +198,11 @@ def write_back(state: list[tuple[str, Any]], changed: dict[str, Any]) -> None:
     for found in writes.values():
         if len(found) > 1:
             raise ValueError(f"jlora.apply: the NNX variable at {' and '.join(repr(p) for p, _, _ in found)} is one "
-                             "variable (a module passed twice, or a module and a part of it), changed at each place; "
-                             "pass it once")
+                             "variable (a module passed twice, a module and a part of it, a module used twice in "
+                             "another, or an nnx.Rngs kept by two modules), changed at each place from the same value. "
+                             "Pass each module once, and a module that holds a variable twice as nnx.split's state, "
+                             "which holds it once: graphdef, state = nnx.split(model); run nnx.merge(graphdef, "
+                             "state)(x) under jlora.apply")
     for ((_, variable, value),) in writes.values():
         set_value(variable, value)
 
@@ -265,3 +268,29 @@ def shared_paths(tree: Any) -> list[list[str]]:
     for path, v, _ in nnx_variables(tree):
         where[id(v)].append(path)
     return [paths for paths in where.values() if len(paths) > 1]
+
+
+def check_unshared(tree: Any, op: str) -> None:
+    """Refuse a tree holding an NNX variable at more than one path (a module used twice, an
+    ``nnx.Rngs`` kept by two modules): flattened, as ``op`` sees a tree, the variable becomes
+    separate copies, each adapted, trained, advanced or donated on its own. ``nnx.split``'s state
+    holds it once.
+
+    Example:
+        >>> from flax import nnx
+        >>> class Tied(nnx.Module):
+        ...     def __init__(self):
+        ...         self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+        ...         self.b = self.a
+        >>> check_unshared(Tied(), "jlora.split")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: jlora.split: 'a/bias' and 'b/bias' are one NNX variable (a module used twice, ...
+    """
+    for paths in shared_paths(tree):
+        raise ValueError(
+            f"{op}: {' and '.join(repr(p) for p in paths)} are one NNX variable (a module used twice, or an "
+            "nnx.Rngs kept by two modules); flattened as a pytree, the module holds it as separate copies, each "
+            "adapted, trained or advanced on its own. Pass nnx.split's state, which holds it once: graphdef, state "
+            "= nnx.split(model); lora = jlora.lora_init(key, state, config); run nnx.merge(graphdef, state)(x) "
+            "under jlora.apply"
+        )

@@ -272,7 +272,7 @@ def test_already_adapted_params_are_refused():
         lora_init(KEY, p, LoraConfig(targets=["q_proj"]))
 
 
-def test_an_nnx_variable_shared_by_two_modules_is_adapted_once_or_refused():
+def test_a_module_holding_an_nnx_variable_twice_is_refused_its_split_state_adapted():
     from flax import nnx
 
     class Tied(nnx.Module):
@@ -281,14 +281,32 @@ def test_an_nnx_variable_shared_by_two_modules_is_adapted_once_or_refused():
             self.b = self.a  # one layer used twice
             self.c = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
 
-    # flattened as a pytree, the module holds the shared layer twice: two adapters would each train
-    with pytest.raises(ValueError, match=r"'a/kernel' and 'b/kernel' are one NNX variable .*nnx.split"):
-        lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["a"]))
-    with pytest.raises(ValueError, match=r"'a/bias' and 'b/bias' are one NNX variable"):
-        lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["c"], trainable=["a/bias"]))
-    assert list(adapted(lora_init(KEY, Tied(), LoraConfig(rank=2, targets=["c"])))) == ["c/kernel"]
-    _, state = nnx.split(Tied())  # the split state holds it once
-    assert list(adapted(lora_init(KEY, state, LoraConfig(rank=2, targets=["a"])))) == ["a/kernel"]
+    # flattened as a pytree, the module holds the shared layer twice: two adapters would each train,
+    # and even untouched, the copies would be two variables (donated twice, no longer tied)
+    for targets in (["a"], ["c"]):
+        with pytest.raises(ValueError, match=r"lora_init: 'a/bias' and 'b/bias' are one NNX variable .*nnx.split"):
+            lora_init(KEY, Tied(), LoraConfig(rank=2, targets=targets))
+    graphdef, state = nnx.split(Tied())  # the split state holds it once
+    lora = lora_init(KEY, state, LoraConfig(rank=2, targets=["a"]))
+    assert list(adapted(lora)) == ["a/kernel"]
+    model = nnx.merge(graphdef, lora)
+    assert model.a is model.b and isinstance(model.b.kernel.get_value(), jlora.LoraWeight)
+
+
+def test_a_module_holding_an_nnx_rngs_twice_is_refused():
+    from flax import nnx
+
+    class Draw(nnx.Module):
+        def __init__(self, rngs):
+            self.rngs = rngs  # the one nnx.Rngs: each call advances its count
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 4, rngs=rngs)
+            self.d1, self.d2 = Draw(rngs), Draw(rngs)
+
+    with pytest.raises(ValueError, match=r"'d1/rngs/\w+/\w+' and 'd2/rngs/\w+/\w+' are one NNX variable"):
+        lora_init(KEY, Net(nnx.Rngs(0, dropout=1)), LoraConfig(rank=2, targets=["l1"]))
 
 
 def test_nnx_batch_statistics_are_state_not_trainable_params():

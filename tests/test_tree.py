@@ -265,3 +265,23 @@ def test_adapters_stacked_over_one_base_are_used_under_vmap_only():
         with pytest.raises(ValueError, match=rf"jlora.{name}: 'q/kernel' has a \(3, 6, 2\) and b \(3, 2, 5\) "
                                              r"with 1 leading axis.*w \(6, 5\) lacks.*jax.vmap"):
             use(together)
+
+
+def test_a_module_holding_a_layer_twice_is_counted_once_and_not_split():
+    from flax import nnx
+
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+            self.b = self.a  # one layer used twice
+            self.c = nnx.Linear(8, 2, rngs=nnx.Rngs(1))
+
+    graphdef, state = nnx.split(Tied())
+    state = jlora.lora_init(KEY, state, jlora.LoraConfig(rank=2, targets=["a", "c"]))
+    model = nnx.merge(graphdef, state)
+    counted = jlora.summary(model)
+    assert (counted.trainable, counted.total) == ((8 * 2 + 2 * 8) + (8 * 2 + 2 * 2), 8 * 8 + 8 + 8 * 2 + 2 + 52)
+    assert (counted.trainable, counted.total) == (jlora.summary(state).trainable, jlora.summary(state).total)
+    # split would give each place its own copy of the adapter, each then trained on its own
+    with pytest.raises(ValueError, match=r"jlora.split: 'a/bias' and 'b/bias' are one NNX variable.*nnx.split"):
+        jlora.split(model)
