@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, FORMAT = "adapter_config.json", "adapter.safetensors", "jlora-adapter"
 VERSION = 1  # of the adapter format this jlora writes and reads
+_STALE_AFTER_S = 3600  # a temporary directory of a write older than this was left by a killed writer
 
 
 def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = None, metadata: dict | None = None) -> Path:
@@ -45,6 +47,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     from safetensors.numpy import save_file
 
     arrays, adapters, trained = saved_arrays("save_adapter", params)
+    check_on_this_host("save_adapter", params)
     check_other_format(path, "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
@@ -109,7 +112,9 @@ def check_other_format(path: str | os.PathLike, other: str, other_weights: Seque
 def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Put the files that ``write(tmp_dir)`` makes into directory ``path`` (created if needed), each
     by an atomic rename over its namesake, JSON files last; other files in ``path`` stay as they
-    are, and an interrupted write leaves each file whole (old or new), never truncated.
+    are, and an interrupted write leaves each file whole (old or new), never truncated. In a job of
+    several processes, process 0 writes and the others return ``path``: each would otherwise replace
+    files of the others' mid-save.
 
     Example:
         >>> out = write_files(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
@@ -119,9 +124,13 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; an adapter is a directory of files")
+    if jax.process_index() != 0:
+        return path
     path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob(".jlora-write-*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in path.glob(".jlora-write-*"):  # left by a writer that was killed (not one writing now)
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > _STALE_AFTER_S:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".jlora-write-", dir=path))
     try:
         write(tmp)
@@ -286,6 +295,22 @@ def check_saveable(op: str, params: Any) -> None:
         if abstract:
             raise ValueError(f"{op}: '{p}' holds {type(abstract[0]).__name__}, not an array: save concrete "
                              "arrays (jax.eval_shape's results have no values)")
+
+
+def check_on_this_host(op: str, params: Any) -> None:
+    """Refuse factors or trained values split across the devices of several processes (FSDP over
+    hosts): a file save needs each array whole on the process that writes it.
+
+    Example:
+        >>> check_on_this_host("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+    """
+    for p, x in leaves_with_paths(params, is_leaf=is_node):
+        parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
+        if any(isinstance(part, jax.Array) and not part.is_fully_addressable for part in parts):
+            raise ValueError(
+                f"{op}: '{p}' is split across the devices of several processes; gather the trainable half on "
+                "every process first, then save it: trainable = jax.experimental.multihost_utils."
+                "process_allgather(jlora.split(params)[0], tiled=True)")
 
 
 def is_saveable_array(x: Any) -> bool:

@@ -49,6 +49,16 @@ def _adapter_arrays(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, specs
 
 
+def _as_global(arrays: dict[str, Any]) -> dict[str, Any]:
+    """In a job of several processes, each array that lives on this process's devices only (one
+    device's, as a restore from numpy base params or ``pmap``'s replica gives) as a numpy array:
+    orbax refuses a process's own ``jax.Array`` there, and writes a numpy one as process 0 holds it."""
+    if jax.process_count() == 1:
+        return arrays
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable
+    return {k: np.asarray(x) if local(x) else x for k, x in arrays.items()}
+
+
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
@@ -76,11 +86,15 @@ class AdapterCheckpointer:
       async_save: write in a background thread; ``wait()`` (or ``close()``, or the end of a
         ``with`` block) joins it, raising its error, and so does the end of the program, where an
         error is printed to stderr (the exit status is the script's: call ``close()`` to have it).
+        In a job of several processes a save commits through them all: call ``close()`` before
+        ``jax.distributed.shutdown()``, or the last save is lost.
       lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
         (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale.
 
     Steps are read from the directory at each call, so a checkpointer sees the steps other processes
-    save (an evaluator polling a trainer's directory).
+    save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
+    make it, save and restore on every process, as orbax synchronises them; process 0 writes what all
+    processes hold alike.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jlora
@@ -156,6 +170,7 @@ class AdapterCheckpointer:
                                  f"is {value}, so it cannot be ranked against the kept steps {self.all_steps()}")
         self._check_ranking("save")
         arrays, specs = _adapter_arrays(params)
+        arrays = _as_global(arrays)
         if self.lora_config is not None:
             _check_config(self.lora_config, params)
         if opt_state is not None:
@@ -165,7 +180,7 @@ class AdapterCheckpointer:
                 "ranking": self._ranking()}
         items = {"adapters": ocp.args.StandardSave(arrays)}
         if opt_state is not None:
-            flat = _flat(opt_state)
+            flat = _as_global(_flat(opt_state))
             if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
                 items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
@@ -360,7 +375,8 @@ def _finish_pending() -> None:
             ckpt.wait()
         except Exception as err:  # one failure must not keep the others (and Python's own hooks) from running
             print(f"ERROR: AdapterCheckpointer: the last save to {ckpt.directory} failed at exit: {err!r}; "
-                  "call wait() or close() before the end to have it raised", file=sys.stderr)
+                  "call wait() or close() before the end (and before jax.distributed.shutdown()) to have it "
+                  "finished or raised", file=sys.stderr)
 
 
 def _step_index(op: str, step: Any) -> int:

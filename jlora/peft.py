@@ -36,7 +36,7 @@ import numpy as np
 
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
-from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
+from jlora.adapter import (check_base, check_float_targets, check_on_this_host, check_other_format, check_saveable,
                            check_trainable_not_lazy, write_files)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
@@ -203,6 +203,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
 
     _check_hf_config("jlora.peft.save_adapter", hf_config)
     check_saveable("jlora.peft.save_adapter", params)
+    check_on_this_host("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     params = _module_params(params)[0]
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf

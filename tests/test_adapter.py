@@ -254,3 +254,67 @@ def test_an_adapter_loads_onto_a_quantized_base(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back, p)
     with pytest.raises(ValueError, match="'q/bias' was trained in full, but the base holds a lazy Int8Weight"):
         load_adapter(tmp_path / "ad", {**base, "q": {**base["q"], "bias": quantize(base["q"]["bias"])}})
+
+
+TWO_PROCESS_SAVES = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+import jax.numpy as jnp, numpy as np, jlora
+from jax.experimental import multihost_utils
+from jlora import sharding
+from jlora.checkpoint import AdapterCheckpointer
+
+out, config = sys.argv[3], jlora.LoraConfig(rank=2, targets=["l1", "l2"])
+base = {"l1": {"kernel": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)},
+        "l2": {"kernel": np.linspace(1, 2, 32, dtype=np.float32).reshape(8, 4)}}
+mesh = sharding.make_mesh({"fsdp": 2, "data": -1})  # fsdp over the two processes
+params = jlora.lora_init(jax.random.key(1), sharding.place(base, mesh, [sharding.rule("l1", jax.sharding.PartitionSpec("fsdp"))]), config)
+try:
+    jlora.adapter.save_adapter(out + "/split", params)
+except ValueError as err:
+    print("refused:", err)
+gathered = multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)
+for _ in range(20):  # every process saves: process 0 writes, the others leave its files alone
+    jlora.adapter.save_adapter(out + "/adapter", gathered, lora_config=config)
+local = jlora.lora_init(jax.random.key(1), jax.tree.map(jnp.asarray, base), config)  # on one device of each process
+with AdapterCheckpointer(out + "/ckpt", async_save=False) as ckpt:
+    ckpt.save(1, local)
+    restored, _, _ = ckpt.restore(base)  # numpy base: onto one device of each process
+    ckpt.save(2, jax.tree.map(lambda x: x * 2, restored))
+multihost_utils.sync_global_devices("done")
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_arrays(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SAVES, str(port), str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    for out in outs:
+        assert "refused: save_adapter: 'l1/kernel' is split across the devices of several processes" in out
+        assert "process_allgather" in out
+    base = {"l1": {"kernel": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)},
+            "l2": {"kernel": np.linspace(1, 2, 32, dtype=np.float32).reshape(8, 4)}}
+    want = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
+    got = load_adapter(tmp_path / "adapter", base)
+    assert not list(tmp_path.glob("adapter/.jlora-write-*"))
+    from jlora.checkpoint import AdapterCheckpointer
+
+    doubled, _, step = AdapterCheckpointer(tmp_path / "ckpt").restore(base)
+    assert step == 2
+    for name in ("l1", "l2"):
+        for part in ("a", "b"):
+            want_part = getattr(want[name]["kernel"], part)
+            np.testing.assert_array_equal(getattr(got[name]["kernel"], part), want_part)
+            np.testing.assert_array_equal(getattr(doubled[name]["kernel"], part), 2 * want_part)
