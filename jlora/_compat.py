@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
 
@@ -68,6 +69,8 @@ pad_p = _p.pad_p
 # primitives after 0.6 (before, jnp.unstack traced to a jit of split and squeezes, jnp.stack to
 # broadcast_in_dim and concatenate): None where they are not.
 split_p = _traced_primitive(lambda x: jax.lax.split(x, (1, 1)), np.zeros(2, np.float32))
+# checkpoint_name's primitive ("name") joined jax.extend.core.primitives after JAX 0.6
+name_p = _traced_primitive(lambda x: checkpoint_name(x, "n"), np.zeros(1, np.float32))
 optimization_barrier_p = _traced_primitive(jax.lax.optimization_barrier, np.zeros(1, np.float32))
 ragged_dot_general_p = _traced_primitive(
     lambda x, w: jax.lax.ragged_dot(x, w, np.array([1], np.int32)), np.zeros((1, 1), np.float32), np.zeros((1, 1, 1), np.float32))

@@ -9,7 +9,7 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
   kernel), ``pad`` (zeros in the factors), new axes (``w[None]``, ``jnp.broadcast_to``), and whole
   matrices picked from a stack (``W[expert_of_token]``, called by the gather rule of
   ``jlora.rules``); a single row or column (nothing to factor: made whole, as small as the result);
-- any lazy kind: ``optimization_barrier`` (over its children);
+- any lazy kind: ``optimization_barrier`` and ``checkpoint_name`` (over its children);
 - one in, several out: ``split``, ``unstack``;
 - several in, one out: ``concatenate``, ``stack`` (each adapter in its own block of a larger
   rank, or the factors stacked as the kernels are).
@@ -232,6 +232,14 @@ def optimization_barrier_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     barrier over their children, so it orders the same computation and they stay lazy."""
     leaves, treedef = jax.tree.flatten(invals)
     return jax.tree.unflatten(treedef, _compat.bind(eqn, leaves))
+
+
+@register(_compat.name_p, Lazy)
+def checkpoint_name_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``jax.ad_checkpoint.checkpoint_name`` of a kernel (a tag for a remat policy's
+    ``save_only_these_names``): each child tagged, so the policy saves or drops them as the kernel."""
+    (x,) = invals
+    return [jax.tree.map(lambda leaf: _compat.bind(eqn, [leaf])[0], x)]
 
 
 @register(_compat.all_gather_p, LoraWeight)

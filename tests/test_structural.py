@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 import jlora
 from jlora import _compat
@@ -141,11 +142,14 @@ PADDED_OR_FENCED = {
     "a stack padded on every axis": ((3, 6, 5), "bio", lambda p, x: jnp.einsum(
         "ti,lio->lto", x[:, :8], jnp.pad(p["w"], ((1, 1), (0, 2), (0, 2))))),
     "behind an optimization barrier": ((6, 5), "io", lambda p, x: x[:, :6] @ lax.optimization_barrier((p["w"], x))[0]),
+    "named for a remat policy": ((6, 5), "io", jax.checkpoint(
+        lambda p, x: jnp.tanh(x[:, :6] @ checkpoint_name(p["w"], "kernel")),
+        policy=jax.checkpoint_policies.save_only_these_names("kernel"))),
 }
 
 
 @pytest.mark.parametrize("name", list(PADDED_OR_FENCED))
-def test_a_kernel_padded_or_behind_a_barrier_stays_factored(name):
+def test_a_kernel_padded_fenced_or_named_stays_factored(name):
     shape, layout, fn = PADDED_OR_FENCED[name]
     # no MaterializeWarning (an error in this suite): the factors padded with zeros, or fenced too
     check_against_oracle(fn, {"w": random_lora(jax.random.key(0), shape, layout, 2)}, normal(jax.random.key(1), (3, 10)))
