@@ -60,8 +60,9 @@ class NotAnArray:
 
     __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
-    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _used_outside_apply
-    reshape = astype = _used_outside_apply
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rpow__ = _used_outside_apply
+    __lt__ = __le__ = __gt__ = __ge__ = __abs__ = __pos__ = __float__ = __int__ = _used_outside_apply
+    reshape = astype = sum = mean = _used_outside_apply
 
     @property
     def T(self) -> NoReturn:
