@@ -2,9 +2,10 @@
 
 jlora evaluates jaxprs itself, so it reads equations, parameters and primitives that JAX does not
 promise to keep stable. Each difference between supported JAX versions lives here, with a comment
-naming the version that introduced it. Nothing else in the package imports from ``jax.extend`` or
-reads equation parameters that changed between versions, except by ``params.get`` where the older
-versions' absent parameter means the default (``ragged_dot_general``'s ``out_sharding``).
+naming the version that introduced it. Nothing else in the package reads equation parameters
+that changed between versions, except by ``params.get`` where the older versions' absent parameter
+means the default (``ragged_dot_general``'s ``out_sharding``); elsewhere ``jax.extend`` gives only
+the ``Primitive`` class, and the primitives' own names.
 
 Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproject.toml``.
 """
@@ -273,6 +274,12 @@ def eager() -> bool:
     except ImportError:
         return False
     return trace_state_clean()
+
+
+def current_mesh() -> Any:
+    """The mesh ``jax.set_mesh`` set (JAX 0.7+), or ``None``: before 0.7 there is none to set."""
+    get_mesh = getattr(jax.sharding, "get_mesh", None)
+    return get_mesh() if get_mesh is not None else None
 
 
 def explicit_sharding(x: Any) -> Any:

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from jlora import _compat
 from jlora.adapter import check_base, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
 from jlora.init import pattern_value
@@ -467,8 +468,7 @@ def _default_placement(base: Any) -> Any:
         if isinstance(sharding, NamedSharding) and abstract is None:
             abstract = sharding.mesh
     if abstract is not None:
-        get_mesh = getattr(jax.sharding, "get_mesh", None)  # JAX 0.7+ (jax.set_mesh)
-        mesh = get_mesh() if get_mesh is not None else None
+        mesh = _compat.current_mesh()
         if not (isinstance(mesh, jax.sharding.Mesh) and mesh.abstract_mesh == abstract):
             raise ValueError(f"AdapterCheckpointer.restore: the base's shardings are on an abstract mesh {abstract} "
                              "and no mesh of that shape is set to restore onto: restore inside "

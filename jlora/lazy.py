@@ -59,15 +59,51 @@ class MaterializeWarning(UserWarning):
 
 
 def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
-    """Register ``rule(ctx, eqn, invals) -> outvals | NotImplemented`` for a primitive (of
-    ``jax.extend.core.primitives``) and lazy kind. The outputs must have the equation's shapes and
-    dtypes (checked). A subclass of ``kind`` inherits the rule unless it overrides ``materialize``
-    (it then stands for another value: DoRA over ``LoraWeight``) and registers its own.
+    """Register ``rule(ctx, eqn, invals) -> outvals | NotImplemented`` for a primitive and a lazy kind.
 
-    Example:
-        >>> @register(_compat.copy_p, Lazy)
-        ... def copy_rule(ctx, eqn, invals):
-        ...     return [invals[0]]
+    ``apply`` calls the rule for each equation of the traced function that has an input of ``kind``:
+
+    - ``eqn``: the JAX equation: ``eqn.primitive``, ``eqn.params``, ``eqn.invars`` and
+      ``eqn.outvars`` (their ``.aval``: shapes and dtypes);
+    - ``invals``: its inputs, each an array (a tracer) or a lazy value (a ``LoraWeight``, a kind's);
+    - ``ctx`` (a ``jlora.lazy.Context``): ``ctx.drops(x)`` says whether LoRA dropout applies to
+      ``x`` (it has a rate and the call was given ``lora_rng``), ``ctx.next_key()`` gives a key for
+      one use, ``ctx.where(x)`` names a param for a message. A rule that ignores ``ctx.drops``
+      leaves dropout out there, silently.
+
+    It returns the list of outputs (arrays, or lazy values with the equation's shapes and dtypes:
+    checked), or ``NotImplemented``: the lazy inputs are then materialised, with a
+    ``MaterializeWarning``. ``evaluate_eqn(ctx, eqn, invals)`` computes the equation on other
+    inputs: it binds it on arrays, and sends a lazy one (a quantized ``w`` under a ``LoraWeight``)
+    through its own kind's rules.
+
+    A rule registered on ``Lazy`` applies to every kind. A subclass of a kind inherits the kind's
+    rules unless it overrides ``materialize`` (it then stands for another value: DoRA over
+    ``LoraWeight``). Registering a pair that has a rule replaces that rule, with a warning;
+    ``find_rule(primitive, kind)`` gives the rule in force, for a new one to fall back to.
+    ``jax.extend.core.primitives`` holds most primitives; any other is read off a trace,
+    ``jax.make_jaxpr(fn)(*args).eqns[0].primitive``. A ``jax.custom_jvp`` function is JAX's generic
+    ``custom_jvp_call`` (jlora's rule runs its primal lazily): to give an op a rule, make it a primitive.
+
+    Example: a kind for ``s·x`` whose matmul scales the product instead of the kernel.
+        >>> @jax.tree_util.register_pytree_node_class
+        ... class Scaled(Lazy):
+        ...     def __init__(self, x, s): self.x, self.s = x, s
+        ...     shape = property(lambda self: self.x.shape)
+        ...     dtype = property(lambda self: self.x.dtype)
+        ...     def materialize(self): return self.s * self.x
+        ...     def tree_flatten(self): return (self.x, self.s), None
+        ...     @classmethod
+        ...     def tree_unflatten(cls, _, children): return cls(*children)
+        >>> @register(jax.extend.core.primitives.dot_general_p, Scaled)
+        ... def scaled_matmul(ctx, eqn, invals):
+        ...     x, w = invals
+        ...     if is_lazy(x) or not isinstance(w, Scaled):
+        ...         return NotImplemented  # materialised, with a warning
+        ...     return [w.s * evaluate_eqn(ctx, eqn, [x, w.x])[0]]
+        >>> import jax.numpy as jnp
+        >>> apply(lambda w, x: x @ w)(Scaled(jnp.eye(2), jnp.float32(3.0)), jnp.ones((1, 2)))
+        Array([[3., 3.]], dtype=float32)
     """
 
     if not isinstance(primitive, Primitive):
@@ -77,6 +113,12 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
         raise TypeError(f"jlora.register: kind must be a subclass of jlora.Lazy, got {kind!r}")
 
     def deco(rule: Rule) -> Rule:
+        replaced = _RULES.get((primitive, kind))
+        if replaced is not None and replaced is not rule:
+            warnings.warn(f"jlora.register: the rule {getattr(replaced, '__qualname__', replaced)} for "
+                          f"{primitive.name} on {kind.__name__} is replaced by {getattr(rule, '__qualname__', rule)}; "
+                          "find_rule(primitive, kind) before registering gives the old one to fall back to",
+                          stacklevel=2)
         _RULES[(primitive, kind)] = rule
         return rule
 
