@@ -254,6 +254,25 @@ def custom_vjp_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     return list(call(*leaves))
 
 
+def _splittable(ctx: Context, x: Any, spec: Any) -> Any:
+    """``x`` as ``shard_map`` can split it by ``spec``: as it is, or the part whose kind says no
+    ``part_specs`` materialised (a quantized base alone, its adapter staying factored), with a
+    warning that says so."""
+    try:
+        part_specs(x, spec)
+        return x
+    except NoPartSpecs:
+        pass
+    base = x.w if isinstance(x, LoraWeight) else None
+    whole = x if base is None or not is_lazy(base) else base
+    why = f"{type(whole).__name__} defines no part_specs(spec) to split its parts by {tuple(spec)}"
+    name = f"'{x.path}'" if getattr(x, "path", "") else ctx.where(x)
+    if whole is x:
+        return materialize(x, "shard_map", why, ctx.where(x), ctx.drops_within(x))
+    return _splittable(ctx, x.replace(w=materialize(base, "shard_map", why, f"the base of {name}" if name else "",
+                                                    ctx.drops_within(base))), spec)
+
+
 @register(_compat.shard_map_p, Lazy)
 def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Rebuilt with ``jax.shard_map``: a lazy value enters as its parts, each with the spec
@@ -264,10 +283,8 @@ def shard_map_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     over: blocks of one activation get masks of their own, a replicated input the same mask. With
     ``check_vma=False`` JAX does not track those axes, and every device draws the same mask."""
     p = eqn.params
-    try:
-        in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))
-    except NoPartSpecs:
-        return NotImplemented
+    invals = [_splittable(ctx, v, s) for v, s in zip(invals, p["in_specs"])]
+    in_specs = tuple(part_specs(v, s) for v, s in zip(invals, p["in_specs"]))
     jaxpr, consts = _compat.open_jaxpr(p["jaxpr"])
 
     def body(*args: Any) -> tuple:

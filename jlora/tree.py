@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
@@ -176,7 +177,11 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         try:
             x.check_shapes(stacked=True)  # leading axes of w's or the factors' own (pmap, vmap) pass
         except ValueError as err:
-            raise ValueError(f"{op}: {err}") from None
+            inside = any(_compat.varying_axes(v) for v in (x.w, x.a, x.b) if hasattr(v, "shape") and hasattr(v, "dtype"))
+            hint = (" (one device's blocks inside shard_map: give a LoraWeight the in_specs of "
+                    "jlora.sharding.partition_specs(params, mesh, rules), which split its factors to match the kernel)"
+                    if inside else "")
+            raise ValueError(f"{op}: {err}{hint}") from None
         if used_as_is and _shaped(x.w, x.a, x.b) and len(x.w.shape) == x.layout.ndim:
             extra = len(x.a.shape) - len(x.layout.a_shape(x.w.shape, x.rank))
             if extra > 0:

@@ -20,7 +20,7 @@ import jlora
 from jlora import sharding
 from jlora.checkpoint import AdapterCheckpointer
 from jlora.probe import infer_layouts
-from oracle import normal
+from oracle import normal, perturb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
@@ -414,9 +414,32 @@ def test_shard_map_materialises_a_lazy_kind_without_part_specs_and_says_so():
     kernel = NoPartSpecs(*jax.tree.leaves(quantize(normal(jax.random.key(0), (16, 32)))))
     x = normal(jax.random.key(1), (4, 16))
     fn = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(None, "model"))
-    with pytest.warns(jlora.MaterializeWarning, match="shard_map"):
+    with pytest.warns(jlora.MaterializeWarning, match=r"shard_map': NoPartSpecs defines no part_specs\(spec\) to "
+                                                      r"split its parts by \(None, 'model'\)"):
         got = jax.jit(jlora.apply(fn))(kernel, x)
     np.testing.assert_allclose(got, x @ kernel.materialize(), rtol=1e-5, atol=1e-5)
+    # under an adapter: the base alone is materialised, the adapter enters as its factors' blocks
+    lw = perturb(jlora.lora_init(jax.random.key(2), {"k": kernel}, jlora.LoraConfig(rank=2, targets=["k"])), jax.random.key(3))
+    jlora.lazy.reset_warnings()
+    with pytest.warns(jlora.MaterializeWarning) as seen:
+        got = jax.jit(jlora.apply(lambda p, x: fn(p["k"], x)))(lw, x)
+    assert [str(w.message).split(" materialised")[0] for w in seen] == ["jlora: NoPartSpecs (the base of 'k')"]
+    np.testing.assert_allclose(got, x @ jlora.merge(lw)["k"], rtol=1e-5, atol=1e-5)
+
+
+def test_shard_map_in_specs_written_for_the_plain_kernel_are_refused_with_the_specs_to_use():
+    mesh = sharding.make_mesh({"model": 8})
+    base = {"l1": {"kernel": normal(jax.random.key(0), (16, 32))}}
+    params = perturb(jlora.lora_init(jax.random.key(2), base, jlora.LoraConfig(rank=8, targets=["l1"])), jax.random.key(4))
+    x = normal(jax.random.key(3), (8, 16))
+    fn = jlora.apply(lambda p, x: x @ p["l1"]["kernel"])
+    plain = {"l1": {"kernel": P(None, "model")}}  # as for the unmodified model: splits a's rank axis too
+    with pytest.raises(ValueError, match=r"jlora.apply: LoraWeight 'l1/kernel': .* \(one device's blocks inside "
+                                         r"shard_map: .*jlora.sharding.partition_specs\(params, mesh, rules\)"):
+        jax.shard_map(fn, mesh=mesh, in_specs=(plain, P()), out_specs=P(None, "model"))(params, x)
+    specs = sharding.partition_specs(params, mesh, [("l1/kernel", P(None, "model"))])
+    got = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P()), out_specs=P(None, "model"))(params, x)
+    np.testing.assert_allclose(got, x @ jlora.merge(params)["l1"]["kernel"], rtol=1e-5, atol=1e-5)
 
 
 def test_the_same_wrapped_function_inside_and_outside_shard_map():
