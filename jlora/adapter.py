@@ -39,6 +39,9 @@ _STALE_AFTER_S = 3600  # a temporary directory of a write older than this was le
 
 def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = None, metadata: dict | None = None) -> Path:
     """Write the adapters of ``params`` (a LoRA tree or its trainable half) to directory ``path``.
+    ``lora_config``: the ``jlora.LoraConfig`` the adapters were made with, kept in
+    ``adapter_config.json``; ``metadata``: a dict of JSON values kept there too (the base model's
+    name, a metric), which ``describe`` and ``jlora info`` show.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")

@@ -154,6 +154,11 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     """``jlora.lora_init`` for a HF Flax model: preset targets and layouts, inferred n-D layouts.
     The layouts come from tracing ``model(**inputs)`` (``example_inputs(model)`` by default).
 
+    ``config``: ``None`` for the model type's preset (``TARGET_PRESETS``); a config without targets takes
+    the preset's. ``params``: the base params to adapt (``model.params`` by default: a model made
+    with ``_do_init=False`` holds none). ``inputs``: keyword arguments for one small call of the
+    model, where the default inputs do not suit it.
+
     Example:
         >>> from transformers import BertConfig, FlaxBertModel
         >>> m = FlaxBertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -295,7 +300,11 @@ class _EveryKey:
 class LoraModel:
     """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
 
-    ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters;
+    ``model``, ``config``, ``params``, ``inputs``: as for ``jlora.hf.lora_init``; ``key`` makes the
+    adapters (``jax.random.key(0)`` by default). ``lm.params`` holds the LoRA tree.
+
+    ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
+    or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
     ``lm.generate(...)`` is HF's ``generate`` on the adapted model, unmerged (``merged=False``,
     the lazy path) or merged; ``lm.merge()`` gives plain params for the unmodified model.
 

@@ -181,7 +181,9 @@ def _factors_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, fan_in_fan_out: 
 def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_model_name_or_path: str | None = None,
                  task_type: str | None = "infer") -> Path:
     """Write ``params``' adapters as a PEFT LoRA adapter that ``peft.PeftModel.from_pretrained`` loads
-    onto the PyTorch model with the same base weights.
+    onto the PyTorch model with the same base weights. ``hf_config``: the HF model's config
+    (``model.config``); ``base_model_name_or_path``: the base model PEFT is to load the adapter onto
+    (a hub name or a directory), written into ``adapter_config.json``.
 
     ``task_type`` is PEFT's (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; ``None`` writes none, and PEFT
     loads the adapter onto the model as it is). ``"infer"`` takes it from ``hf_config.architectures``
@@ -516,6 +518,8 @@ def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str
 
 def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> Any:
     """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first).
+    ``hf_config``: the HF model's config (``model.config``), which gives PyTorch's module names and
+    layouts (GPT-2's ``Conv1D`` is ``(in, out)``, ``nn.Linear`` ``(out, in)``) and which embeddings are tied.
 
     Example:
         >>> import tempfile, jlora.hf

@@ -336,7 +336,8 @@ def summary(tree: Any) -> Summary:
     """Trainable / total parameter counts, overall and per target (like PEFT's
     ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state)
     and a linen variables dict's collections beside ``params`` are not counted, as PyTorch buffers are
-    not; an NNX variable a module holds twice (a layer used twice) counts once.
+    not; an NNX variable a module holds twice (a layer used twice) counts once. A half of ``split``
+    is refused (the frozen half has no factors, the trainable half no base): pass the whole tree.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")

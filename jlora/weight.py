@@ -146,7 +146,10 @@ class LoraWeight(Lazy):
 
     Behaves like an array of ``w``'s shape and dtype; ``materialize()`` gives ``w + scale·a@b``.
     ``layout`` says which axes of ``w`` are batch/input/output (see ``jlora.layout``); ``a`` has
-    shape ``batch + input + (r,)``, ``b`` has ``batch + (r,) + output``.
+    shape ``batch + input + (r,)``, ``b`` has ``batch + (r,) + output``. ``path`` names the param in
+    messages (``lora_init`` sets it); ``dropout`` is the LoRA dropout rate on the low-rank path, in
+    ``[0, 1)``. A ``ValueError`` naming the path refuses factors that do not fit ``w`` and the
+    layout, an integer array, complex factors over a real ``w``, and a rate outside ``[0, 1)``.
 
     Example:
         >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
