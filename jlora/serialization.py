@@ -8,6 +8,10 @@ half of ``jlora.split`` leaves out); its scale, layout and path come from the ta
 Restoring checks each factor's shape against the target's, since the scale that goes with it is
 the target's: a rank-16 state restored onto a rank-8 target is an error, not a wrong scale.
 
+A function exported with ``jax.export`` that takes such trees serializes too
+(``Exported.serialize()``; JAX needs the ``flatbuffers`` package for it): a ``LoraWeight``'s
+scale, layout, path and dropout rate are kept as JSON.
+
 Example:
     >>> import jax, jax.numpy as jnp, flax, jlora
     >>> base = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
@@ -21,10 +25,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flax import serialization
+from jax import export
 
+from jlora.layout import Layout
 from jlora.weight import LoraWeight, Trainable
 
 _PARTS = ("w", "a", "b")
@@ -65,3 +72,20 @@ def _trainable_from_state_dict(target: Trainable, state: Any) -> Trainable:
 
 serialization.register_serialization_state(LoraWeight, _lora_to_state_dict, _lora_from_state_dict)
 serialization.register_serialization_state(Trainable, _trainable_to_state_dict, _trainable_from_state_dict)
+
+
+def _lora_aux_to_bytes(aux: tuple) -> bytes:
+    scale, layout, path, dropout = aux
+    return json.dumps([scale, str(layout), path, dropout]).encode()
+
+
+def _lora_aux_from_bytes(data: bytes) -> tuple:
+    scale, layout, path, dropout = json.loads(data)
+    return scale, Layout.parse(layout), path, dropout
+
+
+export.register_pytree_node_serialization(LoraWeight, serialized_name="jlora.LoraWeight",
+                                          serialize_auxdata=_lora_aux_to_bytes,
+                                          deserialize_auxdata=_lora_aux_from_bytes)
+export.register_pytree_node_serialization(Trainable, serialized_name="jlora.Trainable",
+                                          serialize_auxdata=lambda aux: b"", deserialize_auxdata=lambda data: None)
