@@ -187,7 +187,11 @@ def materialize(x: Any, what: str | None = None, why: str = "", where: str = "",
         return x
     if what is not None and (undropped or getattr(x, "warn_on_fallback", True)):
         warn_once(what, x, why, where, undropped)
-    return x.materialize()
+    out = x.materialize()
+    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), jnp.dtype(x.dtype)):  # a kind's own bug, said here
+        raise TypeError(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, but the "
+                        f"value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
+    return out
 
 
 def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None) -> list:

@@ -453,6 +453,22 @@ def test_a_rule_that_returns_a_bare_value_is_named():
         jlora.register(jax.extend.core.primitives.neg_p, int)
 
 
+def test_a_kind_whose_materialize_disagrees_with_its_shape_or_dtype_is_named():
+    class Claims(jlora.Lazy):  # materialize gives x as it is, whatever shape and dtype it claims
+        def __init__(self, x, shape, dtype):
+            self.x, self.shape, self.dtype = x, shape, dtype
+
+        materialize = lambda self: self.x
+
+    jax.tree_util.register_pytree_node(Claims, lambda c: ((c.x,), (c.shape, c.dtype)), lambda aux, c: Claims(*c, *aux))
+    fn = jlora.apply(lambda w, x: jnp.sin(x @ w))
+    for shape, dtype, said in (((4, 3), jnp.bfloat16, r"bfloat16\[4, 3\]"), ((3, 4), jnp.float32, r"float32\[3, 4\]")):
+        with pytest.raises(TypeError, match=rf"Claims.materialize\(\) gave float32\[4, 3\], but the value says it is {said}"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", jlora.MaterializeWarning)
+                fn(Claims(jnp.ones((4, 3)), shape, dtype), jnp.ones((2, shape[0]), dtype))
+
+
 def test_a_subclass_that_changes_materialize_does_not_inherit_the_rules_of_the_old_value():
     """A DoRA-like subclass of LoraWeight: LoraWeight's dot rule would compute plain LoRA, while
     merge used the subclass's value; without rules of its own it is materialised (exact)."""
