@@ -41,7 +41,9 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     """Write the adapters of ``params`` (a LoRA tree or its trainable half) to directory ``path``.
     ``lora_config``: the ``jlora.LoraConfig`` the adapters were made with, kept in
     ``adapter_config.json``; ``metadata``: a dict of JSON values kept there too (the base model's
-    name, a metric), which ``describe`` and ``jlora info`` show.
+    name, a metric), which ``describe`` and ``jlora info`` show. In a job of several processes,
+    arrays on the devices of all of them (data parallelism) are written by process 0 alone (the
+    others return at once: read the files after a barrier); see ``writes_here``.
 
     Example:
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
@@ -50,7 +52,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     from safetensors.numpy import save_file
 
     arrays, adapters, trained = saved_arrays("save_adapter", params)
-    check_on_this_host("save_adapter", params)
+    here = writes_here("save_adapter", params)
     check_other_format(path, "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
@@ -71,7 +73,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"save_id": save_id})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
-    return write_files(path, write)
+    return write_files(path, write) if here else Path(path)
 
 
 def plain_metadata(metadata: Any) -> dict:
@@ -115,9 +117,7 @@ def check_other_format(path: str | os.PathLike, other: str, other_weights: Seque
 def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Put the files that ``write(tmp_dir)`` makes into directory ``path`` (created if needed), each
     by an atomic rename over its namesake, JSON files last; other files in ``path`` stay as they
-    are, and an interrupted write leaves each file whole (old or new), never truncated. In a job of
-    several processes, process 0 writes and the others return ``path``: each would otherwise replace
-    files of the others' mid-save.
+    are, and an interrupted write leaves each file whole (old or new), never truncated.
 
     Example:
         >>> out = write_files(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
@@ -127,8 +127,6 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; an adapter is a directory of files")
-    if jax.process_index() != 0:
-        return path
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob(".jlora-write-*"):  # left by a writer that was killed (not one writing now)
         with contextlib.suppress(OSError):
@@ -300,20 +298,28 @@ def check_saveable(op: str, params: Any) -> None:
                              "arrays (jax.eval_shape's results have no values)")
 
 
-def check_on_this_host(op: str, params: Any) -> None:
-    """Refuse factors or trained values split across the devices of several processes (FSDP over
-    hosts): a file save needs each array whole on the process that writes it.
+def writes_here(op: str, params: Any) -> bool:
+    """Whether this process writes the save of ``params``: arrays on the devices of several
+    processes (replicated over them, as in data parallelism) are the same on each, and process 0
+    writes them; a process's own arrays it writes itself. Factors or trained values split across
+    processes (FSDP over hosts) are refused: a file needs each array whole on its writer.
 
     Example:
-        >>> check_on_this_host("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+        >>> writes_here("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+        True
     """
+    spans = False
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
-        if any(isinstance(part, jax.Array) and not part.is_fully_addressable for part in parts):
-            raise ValueError(
-                f"{op}: '{p}' is split across the devices of several processes; gather the trainable half on "
-                "every process first, then save it: trainable = jax.experimental.multihost_utils."
-                "process_allgather(jlora.split(params)[0], tiled=True)")
+        for part in parts:
+            if isinstance(part, jax.Array) and not part.is_fully_addressable:
+                if not part.is_fully_replicated:
+                    raise ValueError(
+                        f"{op}: '{p}' is split across the devices of several processes; gather the trainable half "
+                        "on every process first, then save it: trainable = jax.experimental.multihost_utils."
+                        "process_allgather(jlora.split(params)[0], tiled=True)")
+                spans = True
+    return not spans or jax.process_index() == 0
 
 
 def is_saveable_array(x: Any) -> bool:

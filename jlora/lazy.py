@@ -73,14 +73,14 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
 
     It returns the list of outputs (arrays, or lazy values with the equation's shapes and dtypes:
     checked), or ``NotImplemented``: the lazy inputs are then materialised, with a
-    ``MaterializeWarning``. ``evaluate_eqn(ctx, eqn, invals)`` computes the equation on other
+    ``MaterializeWarning``. ``jlora.lazy.evaluate_eqn(ctx, eqn, invals)`` computes the equation on other
     inputs: it binds it on arrays, and sends a lazy one (a quantized ``w`` under a ``LoraWeight``)
     through its own kind's rules.
 
     A rule registered on ``Lazy`` applies to every kind. A subclass of a kind inherits the kind's
     rules unless it overrides ``materialize`` (it then stands for another value: DoRA over
     ``LoraWeight``). Registering a pair that has a rule replaces that rule, with a warning;
-    ``find_rule(primitive, kind)`` gives the rule in force, for a new one to fall back to.
+    ``jlora.lazy.find_rule(primitive, kind)`` gives the rule in force, for a new one to fall back to.
     ``jax.extend.core.primitives`` holds most primitives; any other is read off a trace,
     ``jax.make_jaxpr(fn)(*args).eqns[0].primitive``. A ``jax.custom_jvp`` function is JAX's generic
     ``custom_jvp_call`` (jlora's rule runs its primal lazily): to give an op a rule, make it a primitive.
@@ -117,7 +117,7 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
         if replaced is not None and replaced is not rule:
             warnings.warn(f"jlora.register: the rule {getattr(replaced, '__qualname__', replaced)} for "
                           f"{primitive.name} on {kind.__name__} is replaced by {getattr(rule, '__qualname__', rule)}; "
-                          "find_rule(primitive, kind) before registering gives the old one to fall back to",
+                          "jlora.lazy.find_rule(primitive, kind) before registering gives the old one to fall back to",
                           stacklevel=2)
         _RULES[(primitive, kind)] = rule
         return rule

@@ -36,8 +36,8 @@ import numpy as np
 
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
-from jlora.adapter import (check_base, check_float_targets, check_on_this_host, check_other_format, check_saveable,
-                           check_trainable_not_lazy, write_files)
+from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
+                           check_trainable_not_lazy, write_files, writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
@@ -205,7 +205,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
 
     _check_hf_config("jlora.peft.save_adapter", hf_config)
     check_saveable("jlora.peft.save_adapter", params)
-    check_on_this_host("jlora.peft.save_adapter", params)
+    here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     params = _module_params(params)[0]
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
@@ -290,7 +290,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
-    return write_files(path, write)
+    return write_files(path, write) if here else Path(path)
 
 
 def _module_params(tree: Any) -> tuple[Any, Any]:

@@ -75,13 +75,13 @@ serialization.register_serialization_state(Trainable, _trainable_to_state_dict, 
 
 
 def _lora_aux_to_bytes(aux: tuple) -> bytes:
-    scale, layout, path, dropout = aux
-    return json.dumps([scale, str(layout), path, dropout]).encode()
+    scale, layout, path, dropout = aux  # the layout's (role, k) per axis: its string leaves k out
+    return json.dumps([scale, [list(axis) for axis in layout.axes], path, dropout]).encode()
 
 
 def _lora_aux_from_bytes(data: bytes) -> tuple:
-    scale, layout, path, dropout = json.loads(data)
-    return scale, Layout.parse(layout), path, dropout
+    scale, axes, path, dropout = json.loads(data)
+    return scale, Layout(tuple(tuple(axis) for axis in axes)), path, dropout
 
 
 export.register_pytree_node_serialization(LoraWeight, serialized_name="jlora.LoraWeight",

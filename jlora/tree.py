@@ -185,11 +185,12 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         if used_as_is and _shaped(x.w, x.a, x.b) and len(x.w.shape) == x.layout.ndim:
             extra = len(x.a.shape) - len(x.layout.a_shape(x.w.shape, x.rank))
             if extra > 0:
+                mapped = ("jax.vmap(lambda t: jlora.merge(jlora.combine(t, frozen)))(stacked)" if op == "jlora.merge"
+                          else "jax.vmap(lambda t, *xs: f(jlora.combine(t, frozen), *xs), in_axes=(0, None))(stacked, x)")
                 raise ValueError(
                     f"{op}: '{path}' has a {tuple(x.a.shape)} and b {tuple(x.b.shape)} with {extra} leading axis(es) "
                     f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "
-                    "under jax.vmap over the trainable half: jax.vmap(lambda t, *xs: f(jlora.combine(t, frozen), "
-                    "*xs), in_axes=(0, None))(stacked, x)")
+                    f"under jax.vmap over the trainable half: {mapped}")
     return x
 
 

@@ -286,11 +286,13 @@ def check_unshared(tree: Any, op: str) -> None:
         Traceback (most recent call last):
         ValueError: jlora.split: 'a/bias' and 'b/bias' are one NNX variable (a module used twice, ...
     """
+    how = {"lora_init": "lora = jlora.lora_init(key, state, config), and run nnx.merge(graphdef, lora)(x) under "
+                        "jlora.apply",
+           "jlora.split": "trainable, frozen = jlora.split(state)"}.get(op, f"{op}(state)")
     for paths in shared_paths(tree):
         raise ValueError(
             f"{op}: {' and '.join(repr(p) for p in paths)} are one NNX variable (a module used twice, or an "
             "nnx.Rngs kept by two modules); flattened as a pytree, the module holds it as separate copies, each "
             "adapted, trained or advanced on its own. Pass nnx.split's state, which holds it once: graphdef, state "
-            "= nnx.split(model); lora = jlora.lora_init(key, state, config); run nnx.merge(graphdef, state)(x) "
-            "under jlora.apply"
+            f"= nnx.split(model); {how}"
         )

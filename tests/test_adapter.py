@@ -275,9 +275,11 @@ try:
     jlora.adapter.save_adapter(out + "/split", params)
 except ValueError as err:
     print("refused:", err)
-gathered = multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)
+gathered = multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)  # numpy: this process's own
+jlora.adapter.save_adapter(out + f"/gathered{jax.process_index()}", gathered, lora_config=config)
+replicated = jlora.lora_init(jax.random.key(1), sharding.place(base, mesh, []), config)  # data parallel
 for _ in range(20):  # every process saves: process 0 writes, the others leave its files alone
-    jlora.adapter.save_adapter(out + "/adapter", gathered, lora_config=config)
+    jlora.adapter.save_adapter(out + "/replicated", replicated, lora_config=config)
 local = jlora.lora_init(jax.random.key(1), jax.tree.map(jnp.asarray, base), config)  # on one device of each process
 with AdapterCheckpointer(out + "/ckpt", async_save=False) as ckpt:
     ckpt.save(1, local)
@@ -307,8 +309,8 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
     base = {"l1": {"kernel": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)},
             "l2": {"kernel": np.linspace(1, 2, 32, dtype=np.float32).reshape(8, 4)}}
     want = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
-    got = load_adapter(tmp_path / "adapter", base)
-    assert not list(tmp_path.glob("adapter/.jlora-write-*"))
+    saved = [load_adapter(tmp_path / name, base) for name in ("gathered0", "gathered1", "replicated")]
+    assert not list(tmp_path.glob("replicated/.jlora-write-*"))
     from jlora.checkpoint import AdapterCheckpointer
 
     doubled, _, step = AdapterCheckpointer(tmp_path / "ckpt").restore(base)
@@ -316,5 +318,6 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
     for name in ("l1", "l2"):
         for part in ("a", "b"):
             want_part = getattr(want[name]["kernel"], part)
-            np.testing.assert_array_equal(getattr(got[name]["kernel"], part), want_part)
+            for got in saved:
+                np.testing.assert_array_equal(getattr(got[name]["kernel"], part), want_part)
             np.testing.assert_array_equal(getattr(doubled[name]["kernel"], part), 2 * want_part)

@@ -100,3 +100,9 @@ def test_an_exported_function_of_a_lora_tree_serializes_and_runs_as_saved():
     restored = export.deserialize(exported.serialize())
     assert restored.in_tree == exported.in_tree  # scale, layout, path and dropout rate kept
     np.testing.assert_allclose(restored.call(params, x), fn(jlora.merge(params), x), rtol=1e-6)
+    # a layout whose input axes go into a in another order than w's (its string does not say so)
+    layout = jlora.Layout((("o", 0), ("i", 1), ("i", 0)))
+    lw = jlora.LoraWeight(jnp.ones((5, 3, 4)), jnp.ones((4, 3, 2)), jnp.ones((2, 5)), scale=0.5, layout=layout, path="k")
+    fn = lambda w, x: jnp.einsum("jk,ojk->o", x, w)
+    exported = export.deserialize(export.export(jax.jit(jlora.apply(fn)))(lw, x[:, :4]).serialize())
+    np.testing.assert_allclose(exported.call(lw, x[:, :4]), fn(jlora.merge(lw), x[:, :4]), rtol=1e-6)

@@ -261,9 +261,10 @@ def test_adapters_stacked_over_one_base_are_used_under_vmap_only():
         want = oracle_merge(jlora.combine(adapter, frozen))
         np.testing.assert_allclose(mapped["q"]["kernel"][i], want["q"]["kernel"], rtol=1e-6)
     together = jlora.combine(stacked, frozen)  # combine keeps it: it is what jax.vmap's in_axes take
-    for use, name in [(jlora.merge, "merge"), (lambda p: jlora.apply(fn)(p, x), "apply")]:
+    for use, name, mapped in [(jlora.merge, "merge", r"jlora.merge\(jlora.combine\(t, frozen\)\)\)\(stacked\)"),
+                              (lambda p: jlora.apply(fn)(p, x), "apply", r"in_axes=\(0, None\)\)\(stacked, x\)")]:
         with pytest.raises(ValueError, match=rf"jlora.{name}: 'q/kernel' has a \(3, 6, 2\) and b \(3, 2, 5\) "
-                                             r"with 1 leading axis.*w \(6, 5\) lacks.*jax.vmap"):
+                                             rf"with 1 leading axis.*w \(6, 5\) lacks.*jax.vmap.*{mapped}"):
             use(together)
 
 
@@ -283,5 +284,6 @@ def test_a_module_holding_a_layer_twice_is_counted_once_and_not_split():
     assert (counted.trainable, counted.total) == ((8 * 2 + 2 * 8) + (8 * 2 + 2 * 2), 8 * 8 + 8 + 8 * 2 + 2 + 52)
     assert (counted.trainable, counted.total) == (jlora.summary(state).trainable, jlora.summary(state).total)
     # split would give each place its own copy of the adapter, each then trained on its own
-    with pytest.raises(ValueError, match=r"jlora.split: 'a/bias' and 'b/bias' are one NNX variable.*nnx.split"):
+    with pytest.raises(ValueError, match=r"jlora.split: 'a/bias' and 'b/bias' are one NNX variable.*nnx.split\(model\); "
+                                         r"trainable, frozen = jlora.split\(state\)$"):
         jlora.split(model)
