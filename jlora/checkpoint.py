@@ -522,7 +522,8 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
     for path, saved_path in zip(paths, meta.get("opt_state_paths", paths)):  # none in older checkpoints
         if path != saved_path:
             raise ValueError(f"{directory}: opt_state_like{path} is where step {step} saved opt_state{saved_path}: "
-                             "the state of another optimizer, or of adapters on other params (other targets?)")
+                             "the state of another optimizer (jlora.optimizer's b_lr_ratio of 1 wraps tx in "
+                             "nothing, another ratio in a chain), or of adapters on other params (other targets?)")
     for path, leaf, shape in zip(paths, like_flat.values(), saved):
         if tuple(np.shape(leaf)) != tuple(shape):
             raise ValueError(f"{directory}: opt_state_like{path} has shape {tuple(np.shape(leaf))}, "

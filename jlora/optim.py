@@ -135,6 +135,9 @@ def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
 
 def _check_scalable(state: Any) -> None:
     found = [type(x).__name__ for x in _states_named(state, _NOT_SCALABLE)]
+    # optax.contrib.sam's transparent mode (the default) steps to the adversarial point and back
+    found += ["SAMState in transparent mode (optax.contrib.sam's default; opaque_mode=True is fine)"
+              for x in _states_named(state, ("SAMState",)) if getattr(x, "cache", None) is not None]
     if found and found[0] == "LookaheadState":
         raise ValueError("jlora.optimizer: optax.lookahead goes around it, not inside (its slow and fast params do "
                          "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio=...), ...)")
@@ -164,8 +167,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, Mechanic, COCOB) is refused with a ratio other than 1
-    (by ``optimizer`` when it is given ``params``, else by ``init``).
+    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode) is refused
+    with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); a
+    transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
+    be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
     result, initialised on the full tree, would keep a zero copy of every frozen weight).

@@ -182,17 +182,20 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
 
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
-    """Schedule-free, lookahead, Mechanic and COCOB return differences of iterates: scaling them is
-    not LoRA+ (a ratio above 2 makes b oscillate and grow)."""
+    """Schedule-free, lookahead, Mechanic, COCOB and SAM (stepping to its adversarial point and back)
+    return differences of iterates: scaling them is not LoRA+ (a ratio above 2 makes b oscillate and grow)."""
     p, _, _ = setup()
     scaled = "b_lr_ratio scales b's updates"
+    sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05))
     for tx, match in ((optax.contrib.schedule_free_sgd(0.1), scaled), (optax.contrib.mechanize(optax.sgd(0.1)), scaled),
-                      (optax.contrib.cocob(), scaled), (optax.lookahead(optax.sgd(0.1), 2, 0.5), "goes around it")):
+                      (optax.contrib.cocob(), scaled), (optax.lookahead(optax.sgd(0.1), 2, 0.5), "goes around it"),
+                      (sam, "SAMState in transparent mode .*opaque_mode=True is fine")):
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
+    jlora.optimizer(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), opaque_mode=True), p, b_lr_ratio=4.0).init(p)
 
 
 def test_lookahead_goes_around_the_optimizer_with_a_ratio():
