@@ -278,11 +278,8 @@ def check_unshared(tree: Any, op: str) -> None:
 
     Example:
         >>> from flax import nnx
-        >>> class Tied(nnx.Module):
-        ...     def __init__(self):
-        ...         self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-        ...         self.b = self.a
-        >>> check_unshared(Tied(), "jlora.split")  # doctest: +ELLIPSIS
+        >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+        >>> check_unshared({"a": layer, "b": layer}, "jlora.split")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ValueError: jlora.split: 'a/bias' and 'b/bias' are one NNX variable (a module used twice, ...
     """
