@@ -223,7 +223,10 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                          "model itself, not of a module: PEFT trains whole modules only (modules_to_save), so it "
                          "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
     saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
-    in_saved = lambda p: any(p.startswith(m + "/") for m in saved)
+    # as PEFT matches modules_to_save: every module whose name ends with an entry (DistilBERT's
+    # "classifier" takes "pre_classifier" too), each saved whole, trained or not
+    in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."),
+                                                      [m.replace("/", ".") for m in saved])
     missing = [p for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
                if x is None and in_saved(p)]
     if missing:
@@ -237,10 +240,17 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
         if isinstance(x, Trainable) and p.endswith("/embedding"):
             _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
-    clash = [p for p, _ in targets if in_saved(p)]
+    clash = [p for p, _ in targets if any(p.startswith(m + "/") for m in saved)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
                          "in the same module; PEFT trains a module either way, not both")
+    ends = [p for p, _ in targets if in_saved(p)]
+    if ends:
+        module = module_name(ends[0])
+        raise ValueError(f"jlora.peft.save_adapter: '{ends[0]}' has a LoRA adapter, and PEFT would train its module "
+                         f"'{module}' whole too: modules_to_save={[m.replace('/', '.') for m in saved]} (the modules "
+                         f"trained whole here) takes every module whose name ends so, and PEFT cannot load both; leave "
+                         f"'{module}' out of the targets (LoraConfig(exclude=['{module.rsplit('.', 1)[-1]}']))")
     tensors, ranks, alphas, modules = {}, {}, {}, []
     for p, lw in targets:
         if not _layout_ok(lw):

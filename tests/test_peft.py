@@ -21,6 +21,7 @@ from test_hf import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # torch / transformers / peft chatter
 IDS = np.array([[3, 5, 7, 9, 11, 2, 4, 6], [1, 2, 3, 4, 5, 6, 7, 8]])
+KEY = jax.random.key(0)
 TORCH = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "bert": tf.BertForSequenceClassification}
 
 
@@ -500,6 +501,21 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     params, _ = _read_as_peft_runs_it(model, tf.BartForConditionalGeneration, tmp_path / "suffix",
                                       target_modules=["q_proj"], modules_to_save=["layer_norm"])
     assert isinstance(params["model"]["encoder"]["layers"]["0"]["self_attn_layer_norm"]["scale"], jlora.Trainable)
+
+    # so a head trained whole takes a LoRA-adapted module whose name ends like it: PEFT cannot load that
+    model = tf.FlaxDistilBertForSequenceClassification(tf.DistilBertConfig(
+        dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=64, num_labels=3,
+        architectures=["DistilBertForSequenceClassification"]))
+    config = jlora.LoraConfig(rank=4, targets="all-linear", trainable=["classifier"])
+    with pytest.raises(ValueError, match=r"'pre_classifier/kernel' has a LoRA adapter, and PEFT would train its module "
+                                         r"'pre_classifier' whole too: .*modules_to_save=\['classifier'\].*"
+                                         r"exclude=\['pre_classifier'\]"):
+        jlora.peft.save_adapter(tmp_path / "ends", jlora.hf.lora_init(jax.random.key(0), model, config), model.config)
+    params = perturb(jlora.hf.lora_init(jax.random.key(0), model, config.replace(exclude=("pre_classifier",))), KEY)
+    jlora.peft.save_adapter(tmp_path / "ends", params, model.config)  # pre_classifier saved whole, as PEFT reads it
+    loaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.DistilBertForSequenceClassification), tmp_path / "ends")
+    np.testing.assert_allclose(_torch_out(loaded.eval(), input_ids=IDS),
+                               jlora.apply(model.__call__)(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
