@@ -306,8 +306,11 @@ def lora_init(
             linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
             adapt = [p for p in adapt if linear & used_by.get(p, linear)]
             if not adapt:
-                raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw "
-                                 "every kernel in a conv or a lookup, none in a matmul")
+                convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
+                                and _compat.conv_general_dilated_p in used_by[p]})
+                raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw every kernel in "
+                                 "a conv or a lookup, none in a matmul (all-linear adapts dense kernels, as PEFT's); "
+                                 "name the kernels to adapt" + (f", e.g. targets={convs[:3]}" if convs else ""))
     new, unknown = {}, []
     for path in adapt:
         w = by_path[path]

@@ -60,6 +60,13 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     # a classification head (BART's) is left whole, its square dense too
     cls = {**base(), "classification_head": {"dense": {"kernel": jnp.ones((16, 16))}, "out_proj": {"kernel": jnp.ones((16, 8))}}}
     assert not [p for p in adapted(lora_init(KEY, cls, LoraConfig(rank=4, targets="all-linear"))) if "classification" in p]
+    # a model of convs only: all-linear takes none, and the message names the convs to take instead
+    convs = nn.Sequential([nn.Conv(4, (3, 3)), nn.Conv(4, (1, 1))])
+    x = jnp.ones((1, 8, 8, 3))
+    conv_params = convs.init(KEY, x)
+    with pytest.raises(ValueError, match=r"selects no kernel: .*name the kernels to adapt, e.g. targets=\['layers_0', "
+                                         r"'layers_1'\]"):
+        lora_init(KEY, conv_params, LoraConfig(rank=2, targets="all-linear"), infer_layout=lambda p: convs.apply(p, x))
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
