@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax import export  # a submodule that ``import jax`` does not load before JAX 0.7
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as _core
 from jax.extend.core import primitives as _p
@@ -205,9 +206,7 @@ def cond_platforms(params: dict) -> tuple | None:
 
 def symbolic(shape: tuple) -> bool:
     """Whether ``shape`` has a symbolic size (``jax.export``'s shape polymorphism): one that only
-    some comparisons decide. ``jax.export`` is not loaded by ``import jax`` before JAX 0.7."""
-    from jax import export
-
+    some comparisons decide."""
     return any(export.is_symbolic_dim(d) for d in shape)
 
 

@@ -291,11 +291,16 @@ def check_saveable(op: str, params: Any) -> None:
             raise ValueError(f"{op}: '{p}' has a {tuple(x.a.shape)}, b {tuple(x.b.shape)}, which layout '{x.layout}' "
                              "does not name all the axes of (an ensemble from jax.vmap(lora_init), or replicas): save "
                              "one member at a time, jax.tree.map(lambda v: v[i], params)")
-        parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
+        parts = _saved_parts(x)
         abstract = [part for part in parts if not is_saveable_array(part)]
         if abstract:
             raise ValueError(f"{op}: '{p}' holds {type(abstract[0]).__name__}, not an array: save concrete "
                              "arrays (jax.eval_shape's results have no values)")
+
+
+def _saved_parts(x: Any) -> tuple:
+    """The arrays a save writes of node ``x``: a ``LoraWeight``'s factors, a ``Trainable``'s value."""
+    return (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
 
 
 def writes_here(op: str, params: Any) -> bool:
@@ -310,7 +315,7 @@ def writes_here(op: str, params: Any) -> bool:
     """
     spans = False
     for p, x in leaves_with_paths(params, is_leaf=is_node):
-        parts = (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
+        parts = _saved_parts(x)
         for part in parts:
             if isinstance(part, jax.Array) and not part.is_fully_addressable:
                 if not part.is_fully_replicated:

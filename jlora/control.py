@@ -266,9 +266,9 @@ def _splittable(ctx: Context, x: Any, spec: Any) -> Any:
     base = x.w if isinstance(x, LoraWeight) else None
     whole = x if base is None or not is_lazy(base) else base
     why = f"{type(whole).__name__} defines no part_specs(spec) to split its parts by {tuple(spec)}"
-    name = f"'{x.path}'" if getattr(x, "path", "") else ctx.where(x)
     if whole is x:
         return materialize(x, "shard_map", why, ctx.where(x), ctx.drops_within(x))
+    name = f"'{x.path}'" if x.path else ctx.where(x)
     return _splittable(ctx, x.replace(w=materialize(base, "shard_map", why, f"the base of {name}" if name else "",
                                                     ctx.drops_within(base))), spec)
 

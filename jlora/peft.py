@@ -223,10 +223,10 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                          "model itself, not of a module: PEFT trains whole modules only (modules_to_save), so it "
                          "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
     saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
+    to_save = [m.replace("/", ".") for m in saved]  # modules_to_save, PyTorch's names
     # as PEFT matches modules_to_save: every module whose name ends with an entry (DistilBERT's
     # "classifier" takes "pre_classifier" too), each saved whole, trained or not
-    in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."),
-                                                      [m.replace("/", ".") for m in saved])
+    in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
     missing = [p for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
                if x is None and in_saved(p)]
     if missing:
@@ -248,7 +248,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     if ends:
         module = module_name(ends[0])
         raise ValueError(f"jlora.peft.save_adapter: '{ends[0]}' has a LoRA adapter, and PEFT would train its module "
-                         f"'{module}' whole too: modules_to_save={[m.replace('/', '.') for m in saved]} (the modules "
+                         f"'{module}' whole too: modules_to_save={to_save} (the modules "
                          f"trained whole here) takes every module whose name ends so, and PEFT cannot load both; leave "
                          f"'{module}' out of the targets (LoraConfig(exclude=['{module.rsplit('.', 1)[-1]}']))")
     tensors, ranks, alphas, modules = {}, {}, {}, []
@@ -291,7 +291,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
         "target_modules": sorted(modules),
         "fan_in_fan_out": any(_is_conv1d(hf_config, m) for m in modules), "bias": bias_mode, "use_rslora": False,
-        "modules_to_save": [m.replace("/", ".") for m in saved] or None,
+        "modules_to_save": to_save or None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},

@@ -131,7 +131,12 @@ def _find(frame: Frame, x_var: Any) -> Chain | None:
         eqn = frame.eqns[i]
         if eqn.outvars[0] in kept and eqn.primitive in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
             kept.add(eqn.invars[0])
-    big = lambda v: _nbytes(v) is None or _nbytes(x_var) is None or _nbytes(v) * 4 >= _nbytes(x_var)
+    x_bytes = _nbytes(x_var)
+
+    def big(v: Any) -> bool:  # a symbolic size (jax.export) counts as big
+        v_bytes = _nbytes(v)
+        return v_bytes is None or x_bytes is None or v_bytes * 4 >= x_bytes
+
     if not kept or any(big(v) and v not in kept for v in leaves):
         return None
     return Chain([frame.eqns[i] for i in sorted(chain)], leaves, x_var)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -177,12 +177,12 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         try:
             x.check_shapes(stacked=True)  # leading axes of w's or the factors' own (pmap, vmap) pass
         except ValueError as err:
-            inside = any(_compat.varying_axes(v) for v in (x.w, x.a, x.b) if hasattr(v, "shape") and hasattr(v, "dtype"))
+            inside = any(_compat.varying_axes(v) for v in (x.w, x.a, x.b) if has_shape(v))
             hint = (" (one device's blocks inside shard_map: give a LoraWeight the in_specs of "
                     "jlora.sharding.partition_specs(params, mesh, rules), which split its factors to match the kernel)"
                     if inside else "")
             raise ValueError(f"{op}: {err}{hint}") from None
-        if used_as_is and _shaped(x.w, x.a, x.b) and len(x.w.shape) == x.layout.ndim:
+        if used_as_is and all(map(has_shape, (x.w, x.a, x.b))) and len(x.w.shape) == x.layout.ndim:
             extra = len(x.a.shape) - len(x.layout.a_shape(x.w.shape, x.rank))
             if extra > 0:
                 mapped = ("jax.vmap(lambda t: jlora.merge(jlora.combine(t, frozen)))(stacked)" if op == "jlora.merge"
@@ -192,10 +192,6 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
                     f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "
                     f"under jax.vmap over the trainable half: {mapped}")
     return x
-
-
-def _shaped(*xs: Any) -> bool:
-    return all(hasattr(x, "shape") for x in xs)
 
 
 def merge(tree: Any) -> Any:

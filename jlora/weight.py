@@ -135,7 +135,7 @@ class Lazy(NotAnArray):
 def _shape_str(x: Any) -> str:
     if x is None:
         return "None"
-    if not _has_shape(x) or isinstance(x, type):  # a tree mapped to something else (jax.tree.map(jnp.shape, p))
+    if not has_shape(x) or isinstance(x, type):  # a tree mapped to something else (jax.tree.map(jnp.shape, p))
         text = repr(x)
         return text if len(text) <= 60 else text[:57] + "..."
     return f"{jnp.dtype(x.dtype).name}[{','.join(str(d) for d in x.shape)}]"
@@ -176,11 +176,11 @@ class LoraWeight(Lazy):
         if not 0.0 <= self.dropout < 1.0:  # 1 or more would drop every input of the adapter
             raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {dropout!r}")
         for name, x in (("w", w), ("a", a), ("b", b)):  # an integer w + scale·a@b, merged, would drop the adapter
-            if _has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
+            if has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
                 raise ValueError(f"LoraWeight {path!r}: {name} must be a float array, got {_shape_str(x)} "
                                  "(a quantized kernel goes in as a lazy value: see jlora.register)")
-        complex_factor = [n for n, x in (("a", a), ("b", b)) if _has_shape(x) and jnp.issubdtype(x.dtype, jnp.complexfloating)]
-        if complex_factor and _has_shape(w) and not jnp.issubdtype(w.dtype, jnp.complexfloating):
+        complex_factor = [n for n, x in (("a", a), ("b", b)) if has_shape(x) and jnp.issubdtype(x.dtype, jnp.complexfloating)]
+        if complex_factor and has_shape(w) and not jnp.issubdtype(w.dtype, jnp.complexfloating):
             # merged, w + scale·a@b would be cast to w's real dtype, dropping the imaginary part
             raise ValueError(f"LoraWeight {path!r}: {complex_factor[0]} is complex but w is {_shape_str(w)}: a real "
                              "weight takes real factors")
@@ -197,12 +197,12 @@ class LoraWeight(Lazy):
             ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2 (a's last axis), a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
         """
         w, a, b, layout = self.w, self.a, self.b, self.layout
-        if _has_shape(w) and len(w.shape) != layout.ndim:
+        if has_shape(w) and len(w.shape) != layout.ndim:
             if not stacked:
                 raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
             if len(w.shape) < layout.ndim:
                 return  # fewer axes than a kernel: a slice of a stack (inside scan), or values mapped over the tree
-        if _has_shape(w) and _has_shape(a) and _has_shape(b) and len(a.shape) > 0:
+        if has_shape(w) and has_shape(a) and has_shape(b) and len(a.shape) > 0:
             rank = a.shape[-1]
             kernel = tuple(w.shape)[len(w.shape) - layout.ndim:]
             want_a, want_b = layout.a_shape(kernel, rank), layout.b_shape(kernel, rank)
@@ -228,13 +228,13 @@ class LoraWeight(Lazy):
             'io'
         """
         layout, nb = self.layout, len(self.layout.group("b"))
-        if not (_has_shape(self.a) and _has_shape(self.b)):
+        if not (has_shape(self.a) and has_shape(self.b)):
             return self
         k = len(self.a.shape) - (nb + len(layout.group("i")) + 1)
         if k == 0 or len(self.b.shape) - (nb + 1 + len(layout.group("o"))) != k or (
-                _has_shape(self.w) and len(self.w.shape) - layout.ndim != k):
+                has_shape(self.w) and len(self.w.shape) - layout.ndim != k):
             return self
-        lead = [tuple(x.shape[:k]) for x in (self.w, self.a, self.b) if _has_shape(x)] if k > 0 else []
+        lead = [tuple(x.shape[:k]) for x in (self.w, self.a, self.b) if has_shape(x)] if k > 0 else []
         if any(s != lead[0] for s in lead):
             return self
         fitted = layout.batched(k)
@@ -438,7 +438,13 @@ def _number(x: Any, name: str, path: str) -> float:
     return value
 
 
-def _has_shape(x: Any) -> bool:
+def has_shape(x: Any) -> bool:
+    """Whether ``x`` carries a shape and a dtype (an array, a tracer, a lazy value, a ShapeDtypeStruct).
+
+    Example:
+        >>> has_shape(jnp.ones(2)), has_shape(None)
+        (True, False)
+    """
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
