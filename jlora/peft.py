@@ -499,6 +499,20 @@ def _check_own_lookups(source: Path, tensors: dict, by_path: dict, hf_config: An
                              "and decoder's lookups changes of their own; leave embed_tokens out of the adapter")
 
 
+def _check_saved_not_nested(source: Path, tensors: dict) -> None:
+    """Refuse a file in which a module PEFT trains whole sits inside another one it trains whole
+    (BigBird's ``qa_outputs`` in ``qa_classifier``, the QUESTION_ANS task type adding the inner
+    one): PEFT writes two copies of the inner module that it cannot load back itself."""
+    wrapped = {k[len(PREFIX):].split(".modules_to_save.")[0] for k in tensors
+               if k.startswith(PREFIX) and ".modules_to_save." in k}
+    for inner in sorted(wrapped):
+        outer = next((o for o in sorted(wrapped) if inner.startswith(o + ".")), None)
+        if outer:
+            raise ValueError(f"{source}: PEFT trained '{inner}' whole inside '{outer}', which it also trained whole "
+                             "(modules_to_save names both, or a task type added one): PEFT cannot load such a file "
+                             "back, nor can jlora; save it with modules_to_save naming the outer module only")
+
+
 def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
     """Refuse tensors for an ``lm_head`` (adapted, trained whole or its base copied) that the Flax
     model does not have because it ties the head to its input embedding (GPT-2): PyTorch's model
@@ -598,6 +612,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
+    _check_saved_not_nested(path, tensors)
     _check_head_exists(path, tensors, by_path, hf_config)
     _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():

@@ -485,6 +485,21 @@ def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
+    """PEFT's QUESTION_ANS adds ``qa_outputs``, which BigBird has inside ``qa_classifier``: PEFT
+    writes the file but cannot load it back; jlora says so instead of blaming the base model."""
+    config = tf.BigBirdConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, attention_type="original_full")
+    torch_model = tf.BigBirdForQuestionAnswering(config)
+    peft.get_peft_model(torch_model, peft.LoraConfig(task_type="QUESTION_ANS", r=2, target_modules=["query"],
+                                                     modules_to_save=["qa_classifier"])).save_pretrained(tmp_path)
+    with pytest.raises(KeyError):  # PEFT's own round trip
+        peft.PeftModel.from_pretrained(tf.BigBirdForQuestionAnswering(config), tmp_path)
+    model = tf.FlaxBigBirdForQuestionAnswering(config)
+    with pytest.raises(ValueError, match=r"PEFT trained 'qa_classifier.qa_outputs' whole inside 'qa_classifier'"):
+        jlora.peft.load_adapter(tmp_path, model.params, model.config)
+
+
 def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     """A norm trained whole: Llama's RMSNorm (Flax leaf ``weight``) both ways; PEFT's entries match
     the end of a module's name as a string (``layer_norm`` takes BART's ``self_attn_layer_norm``)."""
