@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import numbers
 import os
@@ -241,10 +242,11 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     from_pt = not any(path.glob("flax_model*.msgpack*"))  # PyTorch weights only
     try:
         options = {"add_pooling_layer": False} if not pooler and _has_pooler(path) else {}
-        if from_pt and (path / SHARDED_SAFETENSORS).is_file() and not (path / "model.safetensors").is_file():
-            model = _from_sharded_safetensors(cls, path, **options)
-        else:
-            model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
+        with _without_load_chatter():
+            if from_pt and (path / SHARDED_SAFETENSORS).is_file() and not (path / "model.safetensors").is_file():
+                model = _from_sharded_safetensors(cls, path, **options)
+            else:
+                model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
@@ -260,6 +262,27 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
 
 
 SHARDED_SAFETENSORS = "model.safetensors.index.json"
+
+
+class _LoadChatter(logging.Filter):
+    """Drops transformers' notes that a ``jlora finetune`` user cannot act on: Flax classes being
+    deprecated (jlora pins transformers 4) and checkpoint weights the model does not use (the
+    pooler it leaves out, a pretraining head). Weights left newly initialised are still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "classes are deprecated" not in text and "were not used when initializing" not in text
+
+
+@contextlib.contextmanager
+def _without_load_chatter() -> Iterator[None]:
+    """Filters transformers' loading notes (``_LoadChatter``) for the duration of the block."""
+    logger, chatter = logging.getLogger("transformers.modeling_flax_utils"), _LoadChatter()
+    logger.addFilter(chatter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(chatter)
 
 
 def _from_sharded_safetensors(cls: Any, path: Path, **options: Any) -> Any:

@@ -1,4 +1,5 @@
 import json
+import logging.handlers
 
 import jax
 import numpy as np
@@ -242,6 +243,8 @@ def test_pytorch_weights_in_sharded_safetensors_load_as_in_one_file(tmp_path):
     lm.generation_config.eos_token_id, lm.generation_config.do_sample = [2, 3], True  # Llama-3-like end tokens
     classifier = tf.BertForSequenceClassification(tf.BertConfig(  # loaded as a bare encoder: head and pooler dropped
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=len(WORDS) + 5))
+    notes = logging.handlers.BufferingHandler(capacity=1000)
+    logging.getLogger("transformers").addHandler(notes)
     for model, task in ((lm, "causal-lm"), (classifier, "classify")):
         for name, shard in (("one", "1GB"), ("sharded", "20KB")):
             model.save_pretrained(tmp_path / task / name, max_shard_size=shard)
@@ -253,3 +256,5 @@ def test_pytorch_weights_in_sharded_safetensors_load_as_in_one_file(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, sharded.params, one.params)
         if task == "causal-lm":
             assert sharded.generation_config.to_dict() == one.generation_config.to_dict()
+    logging.getLogger("transformers").removeHandler(notes)
+    assert not [r for r in notes.buffer if "were not used" in r.getMessage()]  # head, pooler left out on purpose
