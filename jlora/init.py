@@ -127,10 +127,13 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
     if option == "trainable":  # among what can be trained: not an Equinox module's flags and rates
         paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
         return f"; nearest paths: {nearest(text, paths) or list(paths[:5])}"
-    modules = _weight_modules(entries)
+    modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"
+    if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Haliax, Penzai): the leaves themselves
+        modules = [p for p, leaf in entries if _is_adaptable(leaf)]
+        kind, what = "leaves", "no leaf is named kernel, weight or embedding; leaves a target can name"
     near = nearest(text, modules, n=3)
     listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
-    return (f"; nearest modules: {near}" if near else "") + f"; modules with weights to adapt: {listed or 'none'}"
+    return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}"
 
 
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],

@@ -225,6 +225,15 @@ def test_bad_input_names_the_path(cfg, match):
         lora_init(KEY, base(), cfg)
 
 
+def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_can_name():
+    """A Keras variable list, Haliax (``weight/0``), Penzai (``weights/value/data_array``)."""
+    with pytest.raises(ValueError, match=r"'dense' matches no param; no leaf is named kernel, weight or embedding; "
+                                         r"leaves a target can name: 0, 2$"):
+        lora_init(KEY, [jnp.ones((16, 32)), jnp.zeros(32), jnp.ones((32, 4))], LoraConfig(rank=2, targets=["dense"]))
+    with pytest.raises(ValueError, match=r"nearest leaves: \['l1/weight/0'\]; .* a target can name: l1/weight/0$"):
+        lora_init(KEY, {"l1": {"weight": [jnp.ones((16, 32))]}}, LoraConfig(rank=2, targets=["l1/weight/1"]))
+
+
 def test_a_trainable_pattern_matching_nothing_suggests_only_what_can_train():
     """An Equinox Dropout's rate and flag are leaves too, but never params to train."""
     base = {"drop": {"p": 0.1, "inference": False}, "lin": {"weight": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
