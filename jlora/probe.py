@@ -261,19 +261,23 @@ if _compat.stack_p is not None:
 
 @register(_compat.reshape_p, Probe)
 def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Size-1 axes aside: one added stands for none of the kernel's axes (as a stack's new axis);
+    one removed or moved joins its neighbour's group (a single head's ``(d, 1, h)`` as ``(d, h)``,
+    a depthwise ``(kh, kw, c, 1)`` as ``(kh, kw, 1, c)``), since either role fits it."""
     (probe,) = invals
     new_shape = tuple(eqn.outvars[0].aval.shape)
-    # size-1 axes aside (one added stands for none of the kernel's axes, as a stack's new axis)
     old_at = [ax for ax, d in enumerate(probe.shape) if d != 1]
     new_at = [ax for ax, d in enumerate(new_shape) if d != 1]
     groups = reshape_groups([probe.shape[ax] for ax in old_at], [new_shape[ax] for ax in new_at])
-    if groups is None or eqn.params.get("dimensions") is not None:
+    if groups is None or not old_at or eqn.params.get("dimensions") is not None:
         return NotImplemented
+    joins = {ax: max((k for k in old_at if k < ax), default=old_at[0]) for ax in range(probe.ndim) if ax not in old_at}
     axes: list[tuple] = [()] * len(new_shape)
     for olds, news in groups:
-        merged = tuple(o for ax in olds for o in probe.axes[old_at[ax]])
+        merged = tuple(o for ax in olds for a in (old_at[ax], *(k for k, to in joins.items() if to == old_at[ax]))
+                       for o in probe.axes[a])
         for ax in news:
-            axes[new_at[ax]] = merged
+            axes[new_at[ax]] = tuple(sorted(merged))
     return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(axes))]
 
 
@@ -318,9 +322,10 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
     jax.make_jaxpr(run)(*abstract)
     if used_by is not None:
         used_by.update(records["used_by"])
+    ndim = {p: v.ndim for p, v in zip(leaf_paths, abstract)}
     layouts = {}
     for path, specs in records["layouts"].items():
-        if not _valid(specs[0]):
+        if not _valid(specs[0]) or len(specs[0]) != ndim[path]:  # an axis the probe lost track of
             continue
         first = Layout.parse(specs[0])
         for other in specs[1:]:

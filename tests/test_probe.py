@@ -43,6 +43,18 @@ def test_a_reshape_adding_a_size_1_axis_keeps_the_kernels_axes():
     assert str(infer_layouts(fn, p, ["k_proj"])["k_proj"]) == "io"
 
 
+def test_a_size_1_axis_a_reshape_drops_or_moves_joins_a_neighbour():
+    p = {"q": jnp.ones((6, 1, 4)), "o": jnp.ones((1, 4, 6)), "depthwise": jnp.ones((3, 3, 8, 1))}
+
+    def fn(p):  # one head stored (d, 1, head_dim) and used flat; Keras's depthwise kernel (kh, kw, c, 1)
+        y = lax.conv_general_dilated(jnp.ones((1, 5, 5, 8)), p["depthwise"].reshape(3, 3, 1, 8), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8)
+        return (jnp.ones((2, 6)) @ p["q"].reshape(6, 4)) @ p["o"].reshape(4, 6) + y.sum()
+
+    got = {k: str(v) for k, v in infer_layouts(fn, p, ["q", "o", "depthwise"]).items()}
+    assert got == {"q": "iio", "o": "iio", "depthwise": "iioo"}
+
+
 def test_layer_picked_by_index_is_a_batch_axis():
     p = {"stack": jnp.ones((3, 4, 5))}
     by_slice = lambda p: jnp.ones((2, 4)) @ p["stack"][1]  # slice + squeeze
