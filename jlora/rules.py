@@ -27,6 +27,7 @@ from jax import lax
 
 from jlora import _compat, explicit, rebuild
 from jlora.joint import joint_dot, joint_pays
+from jlora.layout import Layout
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register, warn_once
 from jlora.structural import bind as _bind, picked_matrices
 from jlora.weight import LoraWeight, widest
@@ -331,31 +332,32 @@ def _all_experts(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Arra
 @register(_compat.gather_p, LoraWeight)
 def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Rows of ``w`` picked along its input axes (each a slice of 1, collapsed or kept as a size-1
-    axis, as ``jax.vmap`` of an embedding leaves it), its output axes whole. Whole matrices picked
-    along batch axes (``W[expert_of_token]``) stay a ``LoraWeight`` (``jlora.structural``)."""
+    axis, as ``jax.vmap`` of an embedding leaves it), its output axes whole; or, the same with the
+    roles swapped, columns picked along its output axes (``W[:, ids]``, label words' logits).
+    Whole matrices picked along batch axes (``W[expert_of_token]``) stay a ``LoraWeight``
+    (``jlora.structural``)."""
     lw, indices = invals
     if is_lazy(indices):
         return NotImplemented
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
-    layout = lw.layout
-    ins, outs = layout.group("i"), layout.group("o")
     mode = eqn.params.get("mode")
-    matrix = set(ins + outs)
+    matrix = set(lw.layout.group("i") + lw.layout.group("o"))
     if (all(sizes[ax] == lw.shape[ax] for ax in matrix) and not matrix & set(dn.collapsed_slice_dims + dn.operand_batching_dims)
             # a start on an axis taken whole is clamped to 0 (as vmap of W[i] has it), except in fill mode
             and not (matrix & set(dn.start_index_map) and mode == lax.GatherScatterMode.FILL_OR_DROP)):
         return picked_matrices(ctx, eqn, lw, indices)
+    if not _picks_rows(lw, dn, sizes, mode):
+        # columns: the same W with its axes' roles swapped (a dropout due on x would be lost: the fallback says so)
+        if lw.layout.group("b") or ctx.drops(lw):
+            return NotImplemented
+        lw = lw.replace(a=jnp.moveaxis(lw.b, 0, -1), b=jnp.moveaxis(lw.a, -1, 0),
+                        layout=Layout(tuple(({"i": "o", "o": "i"}[r], k) for r, k in lw.layout.axes)))
+        if not _picks_rows(lw, dn, sizes, mode):
+            return NotImplemented
+    layout = lw.layout
+    ins, outs = layout.group("i"), layout.group("o")
     collapsed = set(dn.collapsed_slice_dims)
-    if (
-        layout.group("b")
-        or dn.operand_batching_dims
-        or not collapsed <= set(ins) or not set(ins) <= set(dn.start_index_map)
-        or any(sizes[ax] != 1 for ax in ins) or any(sizes[ax] != lw.shape[ax] for ax in outs)
-        # an output axis in start_index_map starts at 0 (clamped), except in fill mode
-        or (set(dn.start_index_map) != set(ins) and mode == lax.GatherScatterMode.FILL_OR_DROP)
-    ):
-        return NotImplemented
     base = _bind(ctx, eqn, [lw.w, indices], lw)[0]
     n_batch = indices.ndim - 1  # lax.gather keeps the index vector in the last axis
     position = {ax: k for k, ax in enumerate(dn.start_index_map)}
@@ -388,6 +390,19 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             perm.append(batch_i)
             batch_i += 1
     return [(base.astype(wide) + jnp.transpose(t, perm)).astype(base.dtype)]
+
+
+def _picks_rows(lw: LoraWeight, dn: Any, sizes: tuple, mode: Any) -> bool:
+    """Whether a gather picks rows of ``lw`` along all its input axes, its output axes whole."""
+    ins, outs = lw.layout.group("i"), lw.layout.group("o")
+    return not (
+        lw.layout.group("b")
+        or dn.operand_batching_dims
+        or not set(dn.collapsed_slice_dims) <= set(ins) or not set(ins) <= set(dn.start_index_map)
+        or any(sizes[ax] != 1 for ax in ins) or any(sizes[ax] != lw.shape[ax] for ax in outs)
+        # an output axis in start_index_map starts at 0 (clamped), except in fill mode
+        or (set(dn.start_index_map) != set(ins) and mode == lax.GatherScatterMode.FILL_OR_DROP)
+    )
 
 
 # --- conv ---------------------------------------------------------------------------------------

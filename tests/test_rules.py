@@ -1,5 +1,7 @@
 """LoraWeight rules: factored results equal the materialised oracle, values and gradients."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,11 +130,29 @@ def test_gather_forms_of_vmap_and_of_index_maps_stay_factored():
     check_against_oracle(lambda p, ids: jax.vmap(lambda i: jnp.take(p["w"], i, axis=0))(ids.reshape(2, 2)), {"w": lw}, ids)
 
 
-def test_gather_on_output_axis_falls_back():
-    lw = random_lora(jax.random.key(0), (10, 6), "io", 3)
-    fn = lambda p, ids: jnp.take(p["w"], ids, axis=1)
+@pytest.mark.parametrize("name, fn", [
+    ("W[..., ids]", lambda p, ids: p["w"][..., ids]),
+    ("take, fill", lambda p, ids: jnp.take(p["w"], ids, axis=-1, mode="fill", fill_value=-1.0)),
+    ("rows of W.T", lambda p, ids: jnp.swapaxes(jnp.swapaxes(p["w"], 0, -1)[ids], 0, -1)),
+])
+@pytest.mark.parametrize("shape, layout", [((10, 6), "io"), ((2, 5, 6), "iio")])
+def test_gather_of_columns_stays_factored(name, fn, shape, layout):
+    """Columns picked along the output axis (label words' logits from an LM head): w's columns plus
+    a @ (s·b's columns); an id out of range (7) is the fill, or clamped with its gradient dropped."""
+    lw = random_lora(jax.random.key(0), shape, layout, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jlora.MaterializeWarning)
+        check_against_oracle(fn, {"w": lw}, jnp.array([1, 4, 4, 7]))
+
+
+def test_gather_of_columns_falls_back_for_one_output_axis_of_two_or_under_dropout():
+    lw = random_lora(jax.random.key(0), (10, 3, 6), "ioo", 3)
     with pytest.warns(jlora.MaterializeWarning, match="gather"):
-        check_against_oracle(fn, {"w": lw}, jnp.array([1, 4]))
+        check_against_oracle(lambda p, ids: jnp.take(p["w"], ids, axis=2), {"w": lw}, jnp.array([1, 4]))
+    lw = random_lora(jax.random.key(0), (10, 6), "io", 3).replace(dropout=0.5)
+    with pytest.warns(jlora.MaterializeWarning, match="gather.*dropout"):
+        jlora.apply(lambda p, x: x @ p["w"][:, jnp.array([1, 4])])({"w": lw}, jnp.ones((2, 10)),
+                                                                    lora_rng=jax.random.key(0))
 
 
 @pytest.mark.parametrize("spec", ["NHWC", "NCHW"])
