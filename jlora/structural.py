@@ -265,6 +265,9 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if not (isinstance(sharded, jax.sharding.NamedSharding) and explicit.sharding(lw.w) is not None):
         sharded = None
     factors = _reshaped(lw, tuple(lw.shape), tuple(eqn.outvars[0].aval.shape), sharded)
+    if factors is None and len({lw.layout.axes[ax][0] for ax, d in enumerate(lw.shape) if d != 1}) == 1:
+        # a (d, 1) head as a vector: as squeeze's column, made whole (no larger than the result)
+        return _made_whole(ctx, eqn, lw, row=all(lw.layout.axes[ax][0] != "i" for ax, d in enumerate(lw.shape) if d != 1))
     if factors is None:
         return NotImplemented
     a, b, layout = factors
@@ -421,17 +424,19 @@ def squeeze_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     (lw,) = invals
     dropped = {d % lw.ndim for d in eqn.params["dimensions"]}
     squeezed = _squeezed(lw, dropped)
-    if squeezed is None:
-        # a row (``W[i]``, a scalar index: no input axis left) or a column (no output axis left):
-        # w + scale·a@b costs no more than the result itself, so it is made whole without a
-        # warning. A row is an embedding lookup (no dropout, as in ``gather``); a column's matmul
-        # loses its dropout, and says so.
-        row = all(lw.layout.axes[ax][0] != "i" for ax in range(lw.ndim) if ax not in dropped)
-        undropped = not row and ctx.drops(lw)
-        whole = materialize(lw, "squeeze" if undropped else None, "a column of a kernel", undropped=undropped)
-        return _compat.bind(eqn, [whole])
+    if squeezed is None:  # a row (``W[i]``, a scalar index: no input axis left) or a column (no output axis left)
+        return _made_whole(ctx, eqn, lw, row=all(lw.layout.axes[ax][0] != "i" for ax in range(lw.ndim) if ax not in dropped))
     a, b, layout = squeezed
     return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=a, b=b, layout=layout)]
+
+
+def _made_whole(ctx: Context, eqn: Any, lw: LoraWeight, row: bool) -> list:
+    """``eqn`` of ``w + scale·a@b`` made whole, without a warning: a row or a column of a kernel costs
+    no more than the result itself. A row is an embedding lookup (no dropout, as in ``gather``); a
+    column's matmul loses its dropout, and says so."""
+    undropped = not row and ctx.drops(lw)
+    whole = materialize(lw, eqn.primitive.name if undropped else None, "a column of a kernel", undropped=undropped)
+    return _compat.bind(eqn, [whole])
 
 
 if _compat.unstack_p is not None:

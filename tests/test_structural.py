@@ -171,6 +171,14 @@ def test_one_row_or_column_of_a_kernel_is_made_whole_without_a_warning(name):
     check_against_oracle(ONE_ROW_OR_COLUMN[name], params, normal(jax.random.key(1), (9,)), jnp.int32(2))
 
 
+
+@pytest.mark.parametrize("shape, layout", [((8, 1), "io"), ((1, 8), "io"), ((8, 1, 1), "ioo")])
+def test_a_kernel_of_one_column_or_row_reshaped_to_a_vector_is_made_whole_without_a_warning(shape, layout):
+    """A value head's (d, 1) kernel as a (d,) vector, as h[:, 0] would give it."""
+    params = {"w": random_lora(jax.random.key(0), shape, layout, 1)}
+    check_against_oracle(lambda p, x: x @ p["w"].reshape(8), params, normal(jax.random.key(1), (3, 8)))
+
+
 def test_a_row_is_not_dropped_and_a_columns_matmul_says_its_dropout_is_lost():
     params = {"w": random_lora(jax.random.key(0), (8, 9), "io", 3).replace(dropout=0.5)}
     x, merged = normal(jax.random.key(1), (9,)), oracle_merge(params)
