@@ -106,6 +106,19 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) 
     return ""
 
 
+def _wrapped_weights(paths: Sequence[str]) -> set[str]:
+    """Leaves that are a module's weight one level down, the only child of a ``kernel`` or
+    ``weight`` node: Haliax's ``NamedArray`` holds its array at ``q_proj/weight/0``.
+
+    Example:
+        >>> sorted(_wrapped_weights(["q_proj/weight/0", "q_proj/bias/0", "gru/weight/0", "gru/weight/1"]))
+        ['q_proj/weight/0']
+    """
+    parents = collections.Counter(p.rsplit("/", 1)[0] for p in paths if "/" in p)
+    return {p for p in paths if "/" in p and p.rsplit("/", 1)[1].isdigit() and parents[p.rsplit("/", 1)[0]] == 1
+            and p.rsplit("/", 2)[-2] in ("kernel", "weight")}
+
+
 def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     """The modules holding a weight a target can name (>= 2-D float ``kernel``, ``weight`` or
     ``embedding``), layer indices written ``*``.
@@ -115,10 +128,11 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
         ...                  ("layers/0/norm/scale", jnp.ones(2))])
         ['layers/*/query']
     """
+    wrapped = _wrapped_weights([p for p, _ in entries])
     return list(dict.fromkeys(
-        "/".join("*" if c.isdigit() else c for c in path.split("/")[:-1]) or "(the root)"
+        "/".join("*" if c.isdigit() else c for c in path.split("/")[:-2 if path in wrapped else -1]) or "(the root)"
         for path, leaf in entries
-        if path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") and _is_adaptable(leaf)
+        if (path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") or path in wrapped) and _is_adaptable(leaf)
     ))
 
 
@@ -151,6 +165,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
     targets = () if all_linear else compile_patterns(config.targets)
     trainable = compile_patterns(config.trainable)
     hits = {pat: 0 for pat in targets + trainable}
+    wrapped = _wrapped_weights(paths)
     adapt, tune = [], []
     for path, leaf in entries:
         name = path.rsplit("/", 1)[-1]
@@ -174,7 +189,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                     )
             # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding
             # table only where the pattern names its module ("embed_tokens"), not a broader subtree
-            weight = name in ("kernel", "weight") or (name == "embedding" and any(
+            weight = name in ("kernel", "weight") or path in wrapped or (name == "embedding" and any(
                 kind and pat.match(parent) == LEAF for pat, kind in kinds.items()))
             chosen = bool(direct) or (
                 any(kinds.values()) and weight and _is_adaptable(leaf)

@@ -230,8 +230,16 @@ def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_
     with pytest.raises(ValueError, match=r"'dense' matches no param; no leaf is named kernel, weight or embedding; "
                                          r"leaves a target can name: 0, 2$"):
         lora_init(KEY, [jnp.ones((16, 32)), jnp.zeros(32), jnp.ones((32, 4))], LoraConfig(rank=2, targets=["dense"]))
-    with pytest.raises(ValueError, match=r"nearest leaves: \['l1/weight/0'\]; .* a target can name: l1/weight/0$"):
-        lora_init(KEY, {"l1": {"weight": [jnp.ones((16, 32))]}}, LoraConfig(rank=2, targets=["l1/weight/1"]))
+    with pytest.raises(ValueError, match=r"nearest leaves: \['l1/weights/value'\]; .* a target can name: l1/weights/value$"):
+        lora_init(KEY, {"l1": {"weights": {"value": jnp.ones((16, 32))}}}, LoraConfig(rank=2, targets=["l1/weights/v"]))
+
+
+def test_a_weight_held_one_level_down_is_its_modules_weight():
+    """Haliax's NamedArray holds a Linear's array at ``q/weight/0``: a pattern naming the module adapts it."""
+    base = {"q": {"weight": [jnp.ones((8, 4))], "bias": [jnp.zeros(4)]}, "gru": {"weight": [jnp.ones((4, 4))] * 2}}
+    assert list(adapted(lora_init(KEY, base, LoraConfig(rank=2, targets=["q"])))) == ["q/weight/0"]
+    with pytest.raises(ValueError, match=r"'gru' matches no param it can use .*modules with weights to adapt: q$"):
+        lora_init(KEY, base, LoraConfig(rank=2, targets=["gru"]))  # two arrays: not one module's weight
 
 
 def test_a_trainable_pattern_matching_nothing_suggests_only_what_can_train():
