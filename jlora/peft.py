@@ -28,7 +28,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -449,11 +449,18 @@ def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict
                          "load the adapter onto the base it was trained over")
 
 
-def _pattern_value(table: dict, name: str, default: Any) -> Any:
-    for key, value in table.items():  # PEFT matches a key against the end of the module name
-        if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key.strip("^$"), name):
-            return value
-    return default
+def _pattern_lookup(table: dict, default: Any) -> Callable[[str], Any]:
+    """A module's value in PEFT's ``rank_pattern`` or ``alpha_pattern``: the first key matching the
+    end of its name, or all of it as a regex; ``default`` where none does. Each key is compiled
+    once (an adapter of hundreds of layers has a key per module, more than ``re``'s cache holds).
+
+    Example:
+        >>> _pattern_lookup({"mlp.up_proj": 8}, 16)("model.layers.0.mlp.up_proj")
+        8
+    """
+    compiled = [(re.compile(rf"(.*\.)?({key})$"), re.compile(key.strip("^$")), value) for key, value in table.items()]
+    return lambda name: next((value for tail, whole, value in compiled if tail.match(name) or whole.fullmatch(name)),
+                             default)
 
 
 def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
@@ -661,6 +668,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     if not factors:
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA factors (lora_A / lora_B): an empty or damaged adapter")
     new = {}
+    rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
+    alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
@@ -691,10 +700,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if layout.a_shape(w.shape, r) != a.shape or layout.b_shape(w.shape, r) != b.shape:
             raise ValueError(f"{path}: adapter for another base model: '{p}' is {tuple(w.shape)} but lora_A/lora_B "
                              f"are {ab['A'].shape}/{ab['B'].shape}")
-        expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        expected_r = rank_of(name)
         if expected_r != r:
             raise ValueError(f"{path}: module {name!r} has rank {r} but the config says {expected_r}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        alpha = alpha_of(name)
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         new[p] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
                             dropout=float(dropout))
