@@ -224,14 +224,14 @@ class AdapterCheckpointer:
             if not _damaged(err):
                 raise
             raise self._corrupted(step, f"{type(err).__name__}: {str(err)[:300]}") from err
-        arrays = got["adapters"]
+        arrays = _on_device(got["adapters"])
         new = {p: Trainable(arrays[p]) if spec["kind"] == "trainable" else
                LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
                           dropout=spec.get("dropout", 0.0)) for p, spec in specs.items()}
         params = replace_leaves(base_params, new, is_leaf=is_param)
         opt_state = None
         if opt_state_like is not None:
-            saved = dict(got["opt_state"]) if like_flat else {}
+            saved = _on_device(dict(got["opt_state"])) if like_flat else {}
             for i, impl in meta.get("opt_state_keys", {}).items():
                 saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
@@ -452,19 +452,23 @@ def _damaged(err: Exception) -> bool:
             or (isinstance(err, ValueError) and any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS"))))
 
 
+UNCOMMITTED = "uncommitted"  # a placement: restored on the host, then put where JAX puts new arrays
+
+
 def _default_placement(base: Any) -> Any:
     """Where to restore what carries no placement of its own (a numpy leaf, ``jax.eval_shape``'s
     result): replicated on the mesh of a base leaf that has one, else on that leaf's device, else
-    on the first local device. Never ``None``: orbax would then put it where it was saved, on a
-    mesh this process may not have. A base on an abstract mesh only (``jax.eval_shape`` under
-    ``jax.set_mesh``) takes the mesh set where it is that mesh."""
+    ``UNCOMMITTED``, as ``lora_init`` and ``tx.init`` make arrays (a committed one would be another
+    input to an already compiled step, compiling it again). Never ``None``: orbax would then put
+    it where it was saved, on a mesh this process may not have. A base on an abstract mesh only
+    (``jax.eval_shape`` under ``jax.set_mesh``) takes the mesh set where it is that mesh."""
     abstract = None
     for leaf in jax.tree.leaves(base):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
             return NamedSharding(sharding.mesh, PartitionSpec())
         if isinstance(sharding, SingleDeviceSharding):
-            return sharding
+            return sharding if _committed(leaf) else UNCOMMITTED
         if isinstance(sharding, NamedSharding) and abstract is None:
             abstract = sharding.mesh
     if abstract is not None:
@@ -474,7 +478,26 @@ def _default_placement(base: Any) -> Any:
                              "and no mesh of that shape is set to restore onto: restore inside "
                              "`with jax.set_mesh(mesh):` (JAX 0.7+), or give the base's arrays")
         return NamedSharding(mesh, PartitionSpec())
-    return SingleDeviceSharding(jax.local_devices()[0])
+    return UNCOMMITTED
+
+
+def _committed(x: Any) -> bool:
+    """Whether ``x`` was put on its device on purpose (``device_put`` to a device, a sharding):
+    JAX keeps it there, where an uncommitted array follows its computation."""
+    return getattr(x, "committed", True)
+
+
+def _restore_target(shape: tuple, dtype: Any, sharding: Any) -> Any:
+    """What orbax restores an array into: abstract with its placement, or, ``UNCOMMITTED``, a
+    numpy view of no memory (orbax then reads it to the host, and ``_on_device`` puts it)."""
+    if sharding is UNCOMMITTED:
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _on_device(arrays: dict[str, Any]) -> dict[str, Any]:
+    """Arrays restored on the host (``UNCOMMITTED``) put on the default device, uncommitted."""
+    return {k: jax.numpy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
 def _placed(x: Any, default: Any) -> Any:
@@ -485,6 +508,8 @@ def _placed(x: Any, default: Any) -> Any:
         mesh = getattr(default, "mesh", None)
         same = mesh is not None and getattr(mesh, "abstract_mesh", None) == sharding.mesh
         return NamedSharding(mesh, sharding.spec) if same else default
+    if isinstance(sharding, SingleDeviceSharding) and not _committed(x):
+        return UNCOMMITTED
     return sharding if isinstance(sharding, jax.sharding.Sharding) else default
 
 
@@ -501,9 +526,8 @@ def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any
             ends = [name for name, t in targets.items()
                     if path.endswith("/" + name) and tuple(t.shape) == tuple(np.shape(x))]
             if ends:
-                place = targets[max(ends, key=len)].sharding or place
-        out[i] = jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype,
-                                      sharding=place)
+                place = getattr(targets[max(ends, key=len)], "sharding", UNCOMMITTED) or place
+        out[i] = _restore_target(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype, place)
     return out
 
 
@@ -543,16 +567,15 @@ def _adapter_targets(specs: dict[str, Any], base: dict[str, Any], default: Any) 
         like = base[p]
         sharding = _placed(like, default)
         if spec["kind"] == "trainable":
-            targets[p] = jax.ShapeDtypeStruct(like.shape, spec.get("dtype", like.dtype), sharding=sharding)
+            targets[p] = _restore_target(like.shape, spec.get("dtype", like.dtype), sharding)
             continue
         layout, rank = Layout.parse(spec["layout"]), spec["rank"]
         if isinstance(sharding, NamedSharding):
             a_sharding, b_sharding = factor_shardings(sharding, layout)
-        elif isinstance(sharding, SingleDeviceSharding):
+        elif isinstance(sharding, SingleDeviceSharding) or sharding is UNCOMMITTED:
             a_sharding = b_sharding = sharding
         else:  # another multi-device kind: orbax places the factors as they were saved
             a_sharding = b_sharding = None
-        targets[f"{p}/a"] = jax.ShapeDtypeStruct(layout.a_shape(like.shape, rank), spec["dtype"], sharding=a_sharding)
-        targets[f"{p}/b"] = jax.ShapeDtypeStruct(layout.b_shape(like.shape, rank), spec.get("b_dtype", spec["dtype"]),
-                                                 sharding=b_sharding)
+        targets[f"{p}/a"] = _restore_target(layout.a_shape(like.shape, rank), spec["dtype"], a_sharding)
+        targets[f"{p}/b"] = _restore_target(layout.b_shape(like.shape, rank), spec.get("b_dtype", spec["dtype"]), b_sharding)
     return targets

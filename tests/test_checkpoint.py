@@ -50,6 +50,25 @@ def test_round_trip_is_bit_exact_with_optimizer_state(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state_back, opt_state)
 
 
+def test_a_restored_state_is_placed_as_new_arrays_are_and_compiles_no_step_again(tmp_path):
+    """lora_init and tx.init make uncommitted arrays: restored ones committed to a device would be
+    other inputs to the compiled step (one more compile); a base put on a device keeps its device."""
+    base, cfg, params, tx = setup()
+    trainable, frozen = jlora.split(params)
+    opt_state = tx.init(trainable)
+    step = jax.jit(lambda t, s: tx.update(jax.tree.map(jnp.ones_like, t), s, t)[1])
+    step(trainable, opt_state)
+    ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, params, opt_state=opt_state)
+    back, state_back, _ = ckpt.restore(base, opt_state_like=opt_state)
+    assert not any(x.committed for x in jax.tree.leaves((jlora.split(back)[0], state_back)))
+    step(jlora.split(back)[0], state_back)
+    assert step._cache_size() == 1
+    device = jax.devices()[-1]
+    back, state_back, _ = ckpt.restore(jax.device_put(base, device), opt_state_like=jax.device_put(opt_state, device))
+    assert all(x.committed and x.devices() == {device} for x in jax.tree.leaves((jlora.split(back)[0], state_back)))
+
+
 def test_the_lora_config_is_kept_with_each_step(tmp_path):
     base, cfg, params, _ = setup()
     with AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg, async_save=False) as ckpt:
