@@ -133,6 +133,7 @@ class AdapterCheckpointer:
         self.best_metric, self._best_mode = best_metric, best_mode
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._reload_next = False
         self._saved_ranking = self._read_ranking()
         self._closed = False
         self._async = async_save
@@ -146,7 +147,7 @@ class AdapterCheckpointer:
         self._check_open("save")
         step = _step_index("save", step)
         self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
-        self._manager.reload()
+        self._refresh()
         steps = list(self._manager.all_steps())
         latest = max(steps, default=None)
         if force and step in steps:
@@ -190,6 +191,7 @@ class AdapterCheckpointer:
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        self._reload_next = force  # orbax holds an older step forced in as its newest: a reload orders it
         if saved and self._async:  # a script that ends without wait() or close() must not lose its last save
             _finish_at_exit(self)
         return saved
@@ -322,11 +324,23 @@ class AdapterCheckpointer:
         return sorted(self._manager.all_steps())
 
     def _refresh(self) -> None:
-        """Read the directory's steps again: another process (the trainer, for an evaluator) may have
-        saved or pruned some since. Not while a save of this checkpointer's is in flight: its step
-        is not on disk yet, and the directory holds nobody else's."""
-        if not self._manager.is_saving_in_progress():
+        """Read the directory's steps again where they are not the ones the manager knows: another
+        process (the trainer, for an evaluator) may have saved or pruned some since. Only then:
+        orbax's reload reads every step's metadata, a cost growing with the steps kept. Not while a
+        save of this checkpointer's is in flight: its step is not on disk yet, and the directory
+        holds nobody else's."""
+        if self._manager.is_saving_in_progress():
+            return
+        if self._reload_next or self._steps_on_disk() != set(self._manager.all_steps()):
             self._manager.reload()
+            self._reload_next = False
+
+    def _steps_on_disk(self) -> set[int]:
+        """The steps whose directories are in ``directory`` (orbax names a finished one by its number)."""
+        try:
+            return {int(name) for name in os.listdir(self.directory) if name.isdigit()}
+        except FileNotFoundError:
+            return set()
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished."""

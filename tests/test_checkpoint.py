@@ -453,6 +453,22 @@ def test_a_checkpointer_sees_the_steps_another_one_saves_and_never_writes_over_t
     assert evaluator.all_steps() == [3, 4] and evaluator.latest_step() == 4
 
 
+def test_the_steps_metadata_is_read_again_only_when_the_steps_on_disk_change(tmp_path):
+    """orbax's reload reads every kept step's metadata: at every save or query, a run keeping
+    hundreds of steps slowed down with each one."""
+    _, _, params, _ = setup()
+    ckpt = AdapterCheckpointer(tmp_path, max_to_keep=None, async_save=False)
+    reloads = []
+    reload = ckpt._manager.reload
+    ckpt._manager.reload = lambda: reloads.append(1) or reload()
+    for step in range(1, 6):
+        ckpt.save(step, params)
+        assert ckpt.all_steps() == list(range(1, step + 1)) and ckpt.latest_step() == step
+    assert not reloads
+    AdapterCheckpointer(tmp_path, async_save=False).save(9, params)  # another process's save
+    assert ckpt.latest_step() == 9 and len(reloads) == 1
+
+
 def test_a_forced_older_step_leaves_the_newest_step_latest(tmp_path):
     base, _, params, _ = setup()
     ckpt = AdapterCheckpointer(tmp_path, max_to_keep=3)
