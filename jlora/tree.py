@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401 (the examples use it)
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
@@ -208,10 +208,26 @@ def merge(tree: Any) -> Any:
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
         if isinstance(x, Lazy):
-            return x.materialize()
+            return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
         return x.value if isinstance(x, Trainable) else x
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+
+
+@jax.jit
+def _merged(x: Lazy) -> jax.Array:
+    """``x.materialize()`` compiled (once per shape, dtype, scale and layout: ``path`` is left out):
+    one fused pass, where op by op each step's full-size copy (a bf16 kernel cast to f32, the
+    product, the sum) stayed alive, peaking at several times the kernel."""
+    return x.materialize()
+
+
+@jax.jit
+def _unmerged(merged: LoraWeight) -> jax.Array:
+    """The base of an adapter whose ``w`` is the merged weight: ``w - scale·a@b``, formed as
+    ``merge`` formed the sum, and compiled as ``_merged``."""
+    delta = merged.delta(over=merged.w.dtype)
+    return (merged.w.astype(delta.dtype) - delta).astype(merged.w.dtype)
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
@@ -253,9 +269,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                     f"jlora.unmerge: merged '{path_str(path)}' has shape {shape}, which does not fit the "
                     f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{layout}')"
                 )
-            delta = fitted.replace(w=value).delta(over=value.dtype)  # formed as merge formed it
-            w = (value.astype(delta.dtype) - delta).astype(value.dtype)
-            out.append(node.replace(w=w))
+            out.append(node.replace(w=_unmerged(fitted.replace(w=value, path=None))))
         elif isinstance(node, Trainable):
             out.append(Trainable(value))
         else:
