@@ -1,0 +1,136 @@
+"""Host-side operations at scale, each against a baseline measured in the same run.
+
+- ``merge``: ``jlora.merge`` of one ``nn.scan``-stacked bf16 kernel against a hand-written
+  ``jax.jit`` merge of it (time, and peak resident memory above the kernel: one process each).
+- ``checkpoint``: ``AdapterCheckpointer.save`` into a directory already holding ``--steps`` steps
+  against orbax's ``CheckpointManager.save`` of the same arrays there.
+- ``peft_load``: ``jlora.peft.load_adapter`` of a ``--layers``-deep Llama adapter whose MLP has
+  another rank (a ``rank_pattern`` key per module, as PEFT and jlora write it) against reading its
+  safetensors file alone.
+
+    python benchmarks/host_ops.py                       # all three, small sizes
+    python benchmarks/host_ops.py --parts merge --layers 16 --width 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MERGE_CHILD = r"""
+import sys, time, jax, jax.numpy as jnp, jlora
+layers, width, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def peak_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+w = jnp.ones((layers, width, 11 * width // 4), jnp.bfloat16)
+cfg = jlora.LoraConfig(rank=16, targets=["mlp"], layouts={"mlp": "bio"})
+lw = jlora.lora_init(jax.random.key(0), {"mlp": {"kernel": w}}, cfg)["mlp"]["kernel"]
+lw = lw.replace(b=lw.b + 0.01)
+hand = jax.jit(lambda w, a, b: (w.astype(jnp.float32) + lw.scale * jnp.einsum("lir,lro->lio", a, b)).astype(w.dtype))
+run = (lambda: jlora.merge({"k": lw})["k"]) if how == "jlora" else (lambda: hand(lw.w, lw.a, lw.b))
+jax.block_until_ready(run())  # compiled, and its result freed, before measuring
+open("/proc/self/clear_refs", "w").write("5")
+before, start = peak_mib(), time.perf_counter()
+out = jax.block_until_ready(run())
+print(time.perf_counter() - start, peak_mib() - before, w.nbytes / 2**20)
+"""
+
+
+def merge(layers: int, width: int) -> None:
+    rows = {}
+    for how in ("hand", "jlora"):
+        out = subprocess.run([sys.executable, "-c", MERGE_CHILD, str(layers), str(width), how],
+                             capture_output=True, text=True, check=True).stdout.split()
+        rows[how] = [float(v) for v in out]
+    (t_hand, m_hand, size), (t_jlora, m_jlora, _) = rows["hand"], rows["jlora"]
+    print(f"merge of a {size:.0f} MiB stacked bf16 kernel: jlora {t_jlora:.2f} s, +{m_jlora:.0f} MiB; "
+          f"hand-written jax.jit {t_hand:.2f} s, +{m_hand:.0f} MiB; x hand: time {t_jlora / t_hand:.2f}, "
+          f"memory {m_jlora / max(m_hand, 1):.2f}")
+
+
+def checkpoint(steps: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    import jlora
+    from jlora.checkpoint import AdapterCheckpointer
+
+    base = {"layers": {str(i): {"q": {"kernel": jnp.ones((256, 256))}} for i in range(16)}}
+    params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=8, targets=["q"]))
+    arrays = jlora.split(params)[0]
+    times = {}
+    for how in ("orbax", "jlora"):
+        directory = tempfile.mkdtemp()
+        AdapterCheckpointer(directory, async_save=False).save(0, params)
+        for step in range(1, steps):
+            shutil.copytree(f"{directory}/0", f"{directory}/{step}")
+        if how == "jlora":
+            saver = AdapterCheckpointer(directory, max_to_keep=None, async_save=False)
+            save = lambda step: saver.save(step, params)
+        else:
+            manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+            save = lambda step: manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays)))
+        start = time.perf_counter()
+        for step in range(steps, steps + 5):
+            save(step)
+        times[how] = (time.perf_counter() - start) / 5
+        shutil.rmtree(directory)
+    print(f"checkpoint save with {steps} steps kept: jlora {1e3 * times['jlora']:.0f} ms, orbax "
+          f"{1e3 * times['orbax']:.0f} ms; x orbax {times['jlora'] / times['orbax']:.2f}")
+
+
+def peft_load(layers: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import safetensors.numpy
+    import transformers
+
+    import jlora
+    import jlora.peft
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+    def layer() -> dict:
+        return {"self_attn": {n: {"kernel": jnp.ones((64, 64))} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                "mlp": {"up_proj": {"kernel": jnp.ones((64, 128))}, "down_proj": {"kernel": jnp.ones((128, 64))}}}
+
+    base = {"model": {"layers": {str(i): layer() for i in range(layers)}}}
+    cfg = jlora.LoraConfig(rank=16, targets=["self_attn", "mlp"], rank_pattern={"mlp": 8}, use_rslora=True)
+    directory = tempfile.mkdtemp()
+    jlora.peft.save_adapter(directory, jlora.lora_init(jax.random.key(0), base, cfg), config)
+    start = time.perf_counter()
+    safetensors.numpy.load_file(f"{directory}/adapter_model.safetensors")
+    floor = time.perf_counter() - start
+    start = time.perf_counter()
+    jlora.peft.load_adapter(directory, base, config)
+    took = time.perf_counter() - start
+    shutil.rmtree(directory)
+    print(f"PEFT load of a {layers}-layer adapter with a rank_pattern: jlora {took:.2f} s, the file alone "
+          f"{floor:.3f} s; x file {took / floor:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="merge,checkpoint,peft_load")
+    parser.add_argument("--layers", type=int, default=4, help="merge: layers of the stacked kernel; peft_load: model depth x 8")
+    parser.add_argument("--width", type=int, default=1024, help="merge: the kernel's input width")
+    parser.add_argument("--steps", type=int, default=100, help="checkpoint: steps already in the directory")
+    args = parser.parse_args()
+    for part in args.parts.split(","):
+        if part == "merge":
+            merge(args.layers, args.width)
+        elif part == "checkpoint":
+            checkpoint(args.steps)
+        elif part == "peft_load":
+            peft_load(8 * args.layers)
+        else:
+            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load)")
+
+
+if __name__ == "__main__":
+    main()
