@@ -466,13 +466,13 @@ def _damaged(err: Exception) -> bool:
             or (isinstance(err, ValueError) and any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS"))))
 
 
-UNCOMMITTED = "uncommitted"  # a placement: restored on the host, then put where JAX puts new arrays
+_UNCOMMITTED = object()  # a placement: restored on the host, then put where JAX puts new arrays
 
 
 def _default_placement(base: Any) -> Any:
     """Where to restore what carries no placement of its own (a numpy leaf, ``jax.eval_shape``'s
     result): replicated on the mesh of a base leaf that has one, else on that leaf's device, else
-    ``UNCOMMITTED``, as ``lora_init`` and ``tx.init`` make arrays (a committed one would be another
+    ``_UNCOMMITTED``, as ``lora_init`` and ``tx.init`` make arrays (a committed one would be another
     input to an already compiled step, compiling it again). Never ``None``: orbax would then put
     it where it was saved, on a mesh this process may not have. A base on an abstract mesh only
     (``jax.eval_shape`` under ``jax.set_mesh``) takes the mesh set where it is that mesh."""
@@ -482,7 +482,7 @@ def _default_placement(base: Any) -> Any:
         if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
             return NamedSharding(sharding.mesh, PartitionSpec())
         if isinstance(sharding, SingleDeviceSharding):
-            return sharding if _committed(leaf) else UNCOMMITTED
+            return sharding if _committed(leaf) else _UNCOMMITTED
         if isinstance(sharding, NamedSharding) and abstract is None:
             abstract = sharding.mesh
     if abstract is not None:
@@ -492,25 +492,32 @@ def _default_placement(base: Any) -> Any:
                              "and no mesh of that shape is set to restore onto: restore inside "
                              "`with jax.set_mesh(mesh):` (JAX 0.7+), or give the base's arrays")
         return NamedSharding(mesh, PartitionSpec())
-    return UNCOMMITTED
+    return _UNCOMMITTED
 
 
 def _committed(x: Any) -> bool:
-    """Whether ``x`` was put on its device on purpose (``device_put`` to a device, a sharding):
-    JAX keeps it there, where an uncommitted array follows its computation."""
-    return getattr(x, "committed", True)
+    """Whether ``x`` (an array, or a lazy kind's arrays: a quantized kernel) was put on its device on
+    purpose (``device_put`` to a device, a sharding): JAX keeps it there, where an uncommitted array
+    follows its computation. An abstract value with a placement counts as committed.
+
+    Example:
+        >>> _committed(jax.numpy.ones(2)), _committed(jax.device_put(jax.numpy.ones(2), jax.devices()[0]))
+        (False, True)
+    """
+    arrays = [leaf for leaf in jax.tree.leaves(x) if isinstance(leaf, jax.Array)]
+    return any(getattr(leaf, "committed", True) for leaf in arrays) if arrays else True
 
 
 def _restore_target(shape: tuple, dtype: Any, sharding: Any) -> Any:
-    """What orbax restores an array into: abstract with its placement, or, ``UNCOMMITTED``, a
+    """What orbax restores an array into: abstract with its placement, or, ``_UNCOMMITTED``, a
     numpy view of no memory (orbax then reads it to the host, and ``_on_device`` puts it)."""
-    if sharding is UNCOMMITTED:
+    if sharding is _UNCOMMITTED:
         return np.broadcast_to(np.zeros((), dtype), shape)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def _on_device(arrays: dict[str, Any]) -> dict[str, Any]:
-    """Arrays restored on the host (``UNCOMMITTED``) put on the default device, uncommitted."""
+    """Arrays restored on the host (``_UNCOMMITTED``) put on the default device, uncommitted."""
     return {k: jax.numpy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
@@ -523,12 +530,12 @@ def _placed(x: Any, default: Any) -> Any:
         same = mesh is not None and getattr(mesh, "abstract_mesh", None) == sharding.mesh
         return NamedSharding(mesh, sharding.spec) if same else default
     if isinstance(sharding, SingleDeviceSharding) and not _committed(x):
-        return UNCOMMITTED
+        return _UNCOMMITTED
     return sharding if isinstance(sharding, jax.sharding.Sharding) else default
 
 
 def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any] | None, default: Any) -> dict:
-    """Abstract arrays to restore an optimizer state like ``like`` (flattened: ``like_flat``) into:
+    """What to restore an optimizer state like ``like`` (flattened: ``like_flat``) into (``_restore_target``):
     each leaf's own placement (``_placed``), or, for one with none (``jax.eval_shape`` on a mesh
     with Auto axes) that is per adapter (its path ends in the adapter's, as Adam's
     ``mu['dense']['kernel'].a``, the longest such; same shape), the adapter's, not replicated."""
@@ -540,7 +547,7 @@ def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any
             ends = [name for name, t in targets.items()
                     if path.endswith("/" + name) and tuple(t.shape) == tuple(np.shape(x))]
             if ends:
-                place = getattr(targets[max(ends, key=len)], "sharding", UNCOMMITTED) or place
+                place = getattr(targets[max(ends, key=len)], "sharding", _UNCOMMITTED) or place
         out[i] = _restore_target(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype, place)
     return out
 
@@ -573,8 +580,8 @@ def _key_paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _adapter_targets(specs: dict[str, Any], base: dict[str, Any], default: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract arrays to restore the adapters into: factors sharded as derived from the base
+def _adapter_targets(specs: dict[str, Any], base: dict[str, Any], default: Any) -> dict[str, Any]:
+    """What to restore the adapters into (``_restore_target``): factors sharded as derived from the base
     kernel's sharding (``jlora.sharding.factor_specs``), trainable leaves like their base leaf."""
     targets = {}
     for p, spec in specs.items():
@@ -586,7 +593,7 @@ def _adapter_targets(specs: dict[str, Any], base: dict[str, Any], default: Any) 
         layout, rank = Layout.parse(spec["layout"]), spec["rank"]
         if isinstance(sharding, NamedSharding):
             a_sharding, b_sharding = factor_shardings(sharding, layout)
-        elif isinstance(sharding, SingleDeviceSharding) or sharding is UNCOMMITTED:
+        elif isinstance(sharding, SingleDeviceSharding) or sharding is _UNCOMMITTED:
             a_sharding = b_sharding = sharding
         else:  # another multi-device kind: orbax places the factors as they were saved
             a_sharding = b_sharding = None

@@ -330,6 +330,7 @@ def lora_init(
                                  "a conv or a lookup, none in a matmul (all-linear adapts dense kernels, as PEFT's); "
                                  "name the kernels to adapt" + (f", e.g. targets={convs[:3]}" if convs else ""))
     new, unknown = {}, []
+    wrapped = _wrapped_weights(list(by_path))
     for path in adapt:
         w = by_path[path]
         rank = pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
@@ -338,12 +339,12 @@ def lora_init(
         if len(layouts) > 1:
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
         layout = next(iter(layouts.values()), None) or inferred.get(path)
-        if layout is None and path.rsplit("/", 1)[-1] == "weight" and w.ndim == 2:
+        if layout is None and (path.rsplit("/", 1)[-1] == "weight" or path in wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")
             raise ValueError(
-                f"'{path}' is a 2-D 'weight': jlora does not guess whether it is stored (out, in), as in "
+                f"'{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
                 f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "
                 f"LoraConfig(layouts={{'{path}': 'oi'}}) ('io' for (in, out))"
             )

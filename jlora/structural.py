@@ -266,8 +266,9 @@ def reshape_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         sharded = None
     factors = _reshaped(lw, tuple(lw.shape), tuple(eqn.outvars[0].aval.shape), sharded)
     if factors is None and len({lw.layout.axes[ax][0] for ax, d in enumerate(lw.shape) if d != 1}) == 1:
-        # a (d, 1) head as a vector: as squeeze's column, made whole (no larger than the result)
-        return _made_whole(ctx, eqn, lw, row=all(lw.layout.axes[ax][0] != "i" for ax, d in enumerate(lw.shape) if d != 1))
+        # a (d, 1) head as a vector: as squeeze's column, made whole (no larger than the result); not
+        # a lookup, so a dropout due on its input is lost, and said to be
+        return _made_whole(ctx, eqn, lw, row=False)
     if factors is None:
         return NotImplemented
     a, b, layout = factors

@@ -207,6 +207,9 @@ def merge(tree: Any) -> Any:
 
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
+        if isinstance(x, Lazy) and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(x)):
+            raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "
+                             "jax.eval_shape gives), not arrays: merge needs the weights themselves")
         if isinstance(x, Lazy):
             return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
         return x.value if isinstance(x, Trainable) else x

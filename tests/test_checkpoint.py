@@ -64,6 +64,9 @@ def test_a_restored_state_is_placed_as_new_arrays_are_and_compiles_no_step_again
     assert not any(x.committed for x in jax.tree.leaves((jlora.split(back)[0], state_back)))
     step(jlora.split(back)[0], state_back)
     assert step._cache_size() == 1
+    back, state_back, _ = ckpt.restore({**base, "q": {**base["q"], "kernel": quantize(base["q"]["kernel"])}},
+                                       opt_state_like=opt_state)  # over an int8 base (QLoRA) alike
+    assert not any(x.committed for x in jax.tree.leaves((jlora.split(back)[0], state_back)))
     device = jax.devices()[-1]
     back, state_back, _ = ckpt.restore(jax.device_put(base, device), opt_state_like=jax.device_put(opt_state, device))
     assert all(x.committed and x.devices() == {device} for x in jax.tree.leaves((jlora.split(back)[0], state_back)))

@@ -103,7 +103,7 @@ def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_nam
 
 def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     tree = {"lin": {"weight": jnp.ones((4, 8)), "bias": jnp.zeros(4)}}  # Equinox/PyTorch: (out, in)
-    with pytest.raises(ValueError, match=r"'lin/weight' is a 2-D 'weight'.*layouts=\{'lin/weight': 'oi'\}"):
+    with pytest.raises(ValueError, match=r"'lin/weight' is a 2-D weight.*layouts=\{'lin/weight': 'oi'\}"):
         lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]))
     lw = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"], layouts={"weight": "oi"}))["lin"]["weight"]
     assert lw.a.shape == (8, 2) and lw.b.shape == (2, 4)
@@ -237,7 +237,10 @@ def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_
 def test_a_weight_held_one_level_down_is_its_modules_weight():
     """Haliax's NamedArray holds a Linear's array at ``q/weight/0``: a pattern naming the module adapts it."""
     base = {"q": {"weight": [jnp.ones((8, 4))], "bias": [jnp.zeros(4)]}, "gru": {"weight": [jnp.ones((4, 4))] * 2}}
-    assert list(adapted(lora_init(KEY, base, LoraConfig(rank=2, targets=["q"])))) == ["q/weight/0"]
+    with pytest.raises(ValueError, match=r"'q/weight/0' is a 2-D weight: jlora does not guess"):  # (out, in) or (in, out)
+        lora_init(KEY, base, LoraConfig(rank=2, targets=["q"]))
+    lora = lora_init(KEY, base, LoraConfig(rank=2, targets=["q"]), infer_layout=lambda p: jnp.ones(4) @ p["q"]["weight"][0].T)
+    assert list(adapted(lora)) == ["q/weight/0"] and str(lora["q"]["weight"][0].layout) == "oi"
     with pytest.raises(ValueError, match=r"'gru' matches no param it can use .*modules with weights to adapt: q$"):
         lora_init(KEY, base, LoraConfig(rank=2, targets=["gru"]))  # two arrays: not one module's weight
 

@@ -110,6 +110,12 @@ def test_merge_and_unmerge_compile_once_per_kind_of_kernel_not_per_param():
         np.testing.assert_allclose(back[i]["q"]["kernel"].w.astype(jnp.float32), lw.w.astype(jnp.float32), atol=0.07)
 
 
+def test_merge_of_abstract_values_names_the_param():
+    lw = jlora.LoraWeight(jax.ShapeDtypeStruct((4, 4), jnp.float32), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=1.0)
+    with pytest.raises(ValueError, match=r"jlora.merge: 'q/kernel' holds abstract values \(jax.ShapeDtypeStruct"):
+        jlora.merge({"q": {"kernel": lw}})
+
+
 def test_merge_gives_plain_arrays_over_a_quantized_base():
     """Adapters over int8 kernels and a quantized kernel no adapter touches: merged, all plain
     arrays, equal to merging over the float kernels they stand for."""
