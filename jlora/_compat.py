@@ -277,8 +277,15 @@ def eager() -> bool:
 
 def current_mesh() -> Any:
     """The mesh ``jax.set_mesh`` set (JAX 0.7+), or ``None``: before 0.7 there is none to set."""
-    get_mesh = getattr(jax.sharding, "get_mesh", None)
-    return get_mesh() if get_mesh is not None else None
+    get_mesh = getattr(jax.sharding, "get_mesh", None)  # JAX 0.8+
+    if get_mesh is not None:
+        return get_mesh()
+    try:  # JAX 0.7: jax.set_mesh sets it, and the getter is not public yet
+        from jax._src.mesh import get_concrete_mesh
+    except ImportError:
+        return None
+    mesh = get_concrete_mesh()
+    return None if mesh is None or mesh.empty else mesh
 
 
 def explicit_sharding(x: Any) -> Any:
@@ -329,8 +336,8 @@ reshard_p = _reshard_primitive()
 
 def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any:
     """``jax.random.bernoulli`` drawn in ``out_sharding`` (a ``NamedSharding`` or ``None``), each
-    device drawing its own block. The function takes ``out_sharding`` from JAX 0.7; on 0.6 the
-    whole array is drawn and resharded.
+    device drawing its own block. ``bernoulli`` takes ``out_sharding`` from JAX 0.8, ``uniform``
+    (of which it is ``< p``) from 0.7; on 0.6 the whole array is drawn and resharded.
 
     Example:
         >>> bernoulli(jax.random.key(0), 0.9, (2, 3)).shape
@@ -340,6 +347,8 @@ def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any
         return jax.random.bernoulli(key, p, shape)
     if _BERNOULLI_OUT_SHARDING:
         return jax.random.bernoulli(key, p, shape, out_sharding=out_sharding)
+    if "out_sharding" in inspect.signature(jax.random.uniform).parameters:  # JAX 0.7
+        return jax.random.uniform(key, shape, out_sharding=out_sharding) < p
     return reshard(jax.random.bernoulli(key, p, shape), out_sharding)
 
 
