@@ -68,7 +68,7 @@ pad_p = _p.pad_p
 # Not in jax.extend.core.primitives (JAX 0.6 - 0.10): read off a trace. ``split`` (params axis,
 # sizes), ``optimization_barrier`` (no params) and ``ragged_dot_general`` are primitives in every
 # supported JAX; ``unstack`` and ``stack`` (param axis) became
-# primitives after 0.6 (before, jnp.unstack traced to a jit of split and squeezes, jnp.stack to
+# primitives in 0.10 (before, jnp.unstack traced to a jit of split and squeezes, jnp.stack to
 # broadcast_in_dim and concatenate): None where they are not.
 split_p = _traced_primitive(lambda x: jax.lax.split(x, (1, 1)), np.zeros(2, np.float32))
 # checkpoint_name's primitive ("name") joined jax.extend.core.primitives after JAX 0.6
@@ -85,7 +85,7 @@ def _own_primitive(name: str, fn: Any, *args: Any) -> Any:
 
 unstack_p = _own_primitive("unstack", lambda x: jax.numpy.unstack(x), np.zeros((2, 1), np.float32))
 stack_p = _own_primitive("stack", lambda x: jax.numpy.stack([x, x]), np.zeros(1, np.float32))
-# ``jnp.tile`` became a primitive (param reps) after 0.6; before, a broadcast_in_dim and a reshape.
+# ``jnp.tile`` became a primitive (param reps) in 0.9; before, a broadcast_in_dim and a reshape.
 tile_p = _own_primitive("tile", lambda x: jax.numpy.tile(x, 2), np.zeros(1, np.float32))
 
 

@@ -233,6 +233,8 @@ def test_ways_to_reshard_a_kernel_keep_it_factored(way):
     fn, shape, w_spec, layout = WAYS_TO_USE_A_KERNEL[way]
     if way == "reduced_gather" and not _compat.REDUCED_FACTORS:
         pytest.skip("reduced factors need JAX 0.10 (before, such a kernel is materialised)")
+    if way == "device_put" and (0, 8, 2) <= jax.__version_info__ <= (0, 8, 3):
+        pytest.skip("JAX 0.8.2-0.8.3: the gradient through device_put on an Explicit mesh fails, plain JAX alike")
     mesh = _mesh()
     with jax.set_mesh(mesh):
         params = _adapter(mesh, shape, w_spec, layout)

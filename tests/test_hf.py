@@ -324,7 +324,7 @@ def test_t5_preset_adapts_q_and_v():
     try:
         model = tf.FlaxT5ForConditionalGeneration(tf.T5Config(
             vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
-    except TypeError as e:  # HF's Flax T5 calls jnp.clip(a_max=...), which JAX 0.8 removed
+    except TypeError as e:  # HF's Flax T5 calls jnp.clip(a_max=...), which JAX 0.10 removed
         pytest.skip(f"FlaxT5 does not run on this JAX: {e}")
     lm = hf.LoraModel(model, None, jax.random.key(0))
     adapted = sorted(x.path for x in jax.tree.leaves(lm.params, is_leaf=jlora.weight.is_node)
