@@ -347,12 +347,13 @@ def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any
         return jax.random.bernoulli(key, p, shape)
     if _BERNOULLI_OUT_SHARDING:
         return jax.random.bernoulli(key, p, shape, out_sharding=out_sharding)
-    if "out_sharding" in inspect.signature(jax.random.uniform).parameters:  # JAX 0.7
+    if _UNIFORM_OUT_SHARDING:  # JAX 0.7
         return jax.random.uniform(key, shape, out_sharding=out_sharding) < p
     return reshard(jax.random.bernoulli(key, p, shape), out_sharding)
 
 
 _BERNOULLI_OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.bernoulli).parameters
+_UNIFORM_OUT_SHARDING = "out_sharding" in inspect.signature(jax.random.uniform).parameters
 
 # A kernel gathered as "reduced" over mesh axes (FSDP on an Explicit mesh) passes the mark to its
 # factors; JAX 0.8 lacks reduced rules for ops of the low-rank path (a scale, a broadcast), so
