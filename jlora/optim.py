@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,15 +80,35 @@ def _check_has_adapters(params: Any, where: str) -> None:
                          "call jlora.lora_init first")
 
 
-def _check_state(inner: optax.GradientTransformation, state: Any, trainable: Any, per_example_ok: bool = False) -> None:
-    """Refuse a state that ``inner.init`` would not have made for the adapters ``trainable``: one
-    kept from adapters of another rank would broadcast into the new ones silently.
-    Shapes only (a state may keep its moments in another dtype); a ``tx`` whose ``init`` needs
-    concrete values is not checked. ``per_example_ok``: ``trainable`` are gradients, which may have
-    a leading axis more than the state (DP-SGD's per-example gradients)."""
-    try:
-        expected = jax.eval_shape(inner.init, trainable)
-    except Exception:
+def _state_shapes(inner: optax.GradientTransformation) -> Callable[[Any], Any]:
+    """``trainable -> jax.eval_shape(inner.init, trainable)``, or ``None`` for a ``tx`` whose
+    ``init`` needs concrete values; remembered per structure and shapes, so an eager ``update``
+    traces ``init`` once, not at every step."""
+    @functools.lru_cache(maxsize=4)
+    def of_avals(structure: Any, avals: tuple) -> Any:
+        try:
+            return jax.eval_shape(inner.init, jax.tree.unflatten(structure, avals))
+        except Exception:
+            return None
+
+    def shapes(trainable: Any) -> Any:
+        leaves, structure = jax.tree.flatten(trainable)
+        try:
+            return of_avals(structure, tuple(jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves))
+        except (AttributeError, TypeError):  # a leaf with no dtype, or aux data that does not hash
+            return of_avals.__wrapped__(structure, leaves)
+
+    return shapes
+
+
+def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> None:
+    """Refuse a state unlike ``expected``, the state ``init`` would have made for the adapters (from
+    ``_state_shapes``): one kept from adapters of another rank would broadcast into the new ones
+    silently. Shapes only (a state may keep its moments in another dtype); with no ``expected``
+    (a ``tx`` whose ``init`` needs concrete values) nothing is checked. ``per_example_ok``: the
+    adapters are gradients, which may have a leading axis more than the state (DP-SGD's
+    per-example gradients)."""
+    if expected is None:
         return
     got, got_def = jax.tree_util.tree_flatten_with_path(state)
     want, want_def = jax.tree_util.tree_flatten_with_path(expected)
@@ -196,6 +217,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)
+    state_shapes = _state_shapes(inner)
 
     def init(params: Any) -> Any:
         params = without_variables(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
@@ -210,9 +232,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
         trainable, frozen = split(bare)
         trainable_params = None if params is None else split(without_variables(params))[0]
         if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
-            _check_state(inner, state, trainable, per_example_ok=True)
+            _check_state(state_shapes(trainable), state, per_example_ok=True)
         else:
-            _check_state(inner, state, trainable_params)
+            _check_state(state_shapes(trainable_params), state)
         try:
             out, state = inner.update(trainable, state, trainable_params, **extra_args)
         except (TypeError, ValueError):  # a broadcasting error deep in tx: say which param, if it is that
@@ -227,11 +249,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
         return out, state
 
     if params is not None and not plain:  # refuse a ratio for a schedule-free tx now, not at the first init
-        try:  # on the trainable half: frozen leaves need not be arrays (an Equinox module's fields)
-            state = jax.eval_shape(inner.init, split(params)[0])
-        except Exception:  # a tx whose init needs concrete values: init checks it
-            state = None
-        _check_scalable(state)
+        # on the trainable half: frozen leaves need not be arrays (an Equinox module's fields); a tx
+        # whose init needs concrete values gives None, and init checks it
+        _check_scalable(state_shapes(split(params)[0]))
     return optax.GradientTransformationExtraArgs(init, update)
 
 
