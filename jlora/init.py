@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jlora import _compat
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
-from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, replace_leaves
+from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, pattern, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.variables import check_unshared, in_state, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
@@ -70,7 +70,7 @@ def outside_layers(path: str) -> bool:
 
 
 def pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, default: Any) -> Any:
-    hits = [(p, v) for p, v in table if Pattern(p).match(path)]
+    hits = [(p, v) for p, v in table if pattern(p).match(path)]
     values = {v for _, v in hits}
     if len(values) > 1:
         raise ValueError(
@@ -232,7 +232,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                 "alpha_pattern": [text for text, _ in config.alpha_pattern], "exclude": config.exclude}
     for option, texts in patterns.items():  # (layouts may describe a whole model family)
         for text in texts:
-            if not any(Pattern(text).match(p) for p in paths):
+            if not any(pattern(text).match(p) for p in paths):
                 raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param"
                                  + _no_match(option, text, paths, entries))
     return adapt, tune
@@ -314,7 +314,7 @@ def lora_init(
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
     adapt, tune = select(config, entries, state_paths(params))
     by_path = dict(entries)
-    declared = [(Pattern(p), Layout.parse(s)) for p, s in config.layouts]
+    declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}
     if infer_layout is not None:
         from jlora.probe import infer_layouts

@@ -142,8 +142,19 @@ def _ends_from(parts: tuple[str, ...], comps: tuple[str, ...], start: int) -> se
     return set()
 
 
+@lru_cache(maxsize=4096)
+def pattern(text: str) -> Pattern:
+    """``Pattern(text)``, compiled once per text: a config's patterns are matched against every path.
+
+    Example:
+        >>> pattern("q_proj") is pattern("q_proj")
+        True
+    """
+    return Pattern(text)
+
+
 def compile_patterns(patterns: Iterable[str]) -> tuple[Pattern, ...]:
-    return tuple(Pattern(p) for p in patterns)
+    return tuple(pattern(p) for p in patterns)
 
 
 def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
