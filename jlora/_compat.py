@@ -364,11 +364,26 @@ def context_key() -> str:
     """The context an equation traced now records (see ``eqn_context``), as part of a trace's
     cache key: a jaxpr replays each equation in its own, so one traced under another context
     (``compute_on``, XLA metadata, a mesh) must not be reused."""
-    eqn = jax.make_jaxpr(lambda x: -x)(_ONE).eqns[0]
+    if _EQN_CONTEXT is not None:  # JAX 0.10+ builds it from the configuration, as a new equation does
+        return repr(_EQN_CONTEXT())
+    eqn = jax.make_jaxpr(lambda x: -x)(_ONE).eqns[0]  # 1 ms
     return repr(getattr(eqn, "ctx", None))
 
 
 _ONE = np.float32(1)
+
+
+def _no_argument_eqn_context() -> Any:
+    try:
+        from jax._src.core import JaxprEqnContext
+
+        JaxprEqnContext()
+        return JaxprEqnContext
+    except (ImportError, TypeError):  # before JAX 0.10 it takes the context's parts
+        return None
+
+
+_EQN_CONTEXT = _no_argument_eqn_context()
 
 
 def trace_config() -> Any:

@@ -16,6 +16,7 @@ stacked Dense), ``"iiio"`` (2-D conv window ``HWIO``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -96,7 +97,12 @@ class Layout:
             >>> Layout.parse("ioo").group("o")
             (1, 2)
         """
-        return tuple(ax for _, ax in sorted((k, ax) for ax, (r, k) in enumerate(self.axes) if r == role))
+        return self._groups[role]
+
+    @functools.cached_property
+    def _groups(self) -> dict[str, tuple[int, ...]]:  # asked for at every call of a wrapped function
+        return {role: tuple(ax for _, ax in sorted((k, ax) for ax, (r, k) in enumerate(self.axes) if r == role))
+                for role in ROLES}
 
     def group_shape(self, shape: Sequence[int], role: str) -> tuple[int, ...]:
         """The sizes of a kernel of ``shape`` along the axes of one role.

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora import explicit
+from jlora import _compat, explicit
 from jlora.layout import Layout
 
 
@@ -368,6 +368,8 @@ class LoraWeight(Lazy):
                    [0., 0.]], dtype=float32)
         """
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
+        if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
+            return self if w is self.w else self.replace(w=w)
         return self.replace(w=lax.stop_gradient(w))  # every leaf of a lazy base too
 
     def unstack(self):
