@@ -8,8 +8,12 @@
 - ``peft_load``: ``jlora.peft.load_adapter`` of a ``--layers``-deep Llama adapter whose MLP has
   another rank (a ``rank_pattern`` key per module, as PEFT and jlora write it) against reading its
   safetensors file alone.
+- ``eager``: calls outside ``jax.jit`` on ``--layers`` x 56 small kernels, each against what it
+  wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jlora.optimizer``'s
+  update against the same ``optax.adamw`` on the trainable half; ``lora_init`` with a
+  ``rank_pattern`` and ``alpha_pattern`` key per kernel against ``lora_init`` without them.
 
-    python benchmarks/host_ops.py                       # all three, small sizes
+    python benchmarks/host_ops.py                       # all four, small sizes
     python benchmarks/host_ops.py --parts merge --layers 16 --width 2048
 """
 
@@ -115,10 +119,53 @@ def peft_load(layers: int) -> None:
           f"{floor:.3f} s; x file {took / floor:.0f}")
 
 
+def eager(layers: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    def per_call(fn, *args, calls: int = 20) -> float:
+        jax.block_until_ready(fn(*args))  # traced and compiled once, as a user's loop does
+        start = time.perf_counter()
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+        return (time.perf_counter() - start) / calls
+
+    n = 56 * layers
+    base = {f"l{i}": {"kernel": jnp.full((16, 16), 0.01)} for i in range(n)}
+    cfg = jlora.LoraConfig(rank=2, alpha=4, targets=["kernel"])
+    params = jlora.lora_init(jax.random.key(0), base, cfg)
+
+    def f(p, x):
+        for i in range(n):
+            x = x @ p[f"l{i}"]["kernel"]
+        return x
+
+    x = jnp.ones((2, 16))
+    lazy, plain = per_call(jlora.apply(f), params, x), per_call(jax.jit(f), jlora.merge(params), x)
+    print(f"eager call, {n} kernels: jlora.apply {lazy * 1e3:.2f} ms, jax.jit on merged params "
+          f"{plain * 1e3:.2f} ms; x jit {lazy / plain:.1f}")
+    trainable, _ = jlora.split(params)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    tx, inner = jlora.optimizer(optax.adamw(1e-3), params), optax.adamw(1e-3)
+    ours = per_call(tx.update, grads, tx.init(trainable), trainable, calls=5)
+    theirs = per_call(inner.update, grads, inner.init(trainable), trainable, calls=5)
+    print(f"eager optimizer update, {n} adapters: jlora.optimizer {ours * 1e3:.0f} ms, optax.adamw alone "
+          f"{theirs * 1e3:.0f} ms; x optax {ours / theirs:.2f}")
+    patterns = {f"l{i}": 2 + i % 3 for i in range(n)}
+    shaped = jlora.LoraConfig(rank=2, alpha=4, targets=["kernel"], rank_pattern=patterns, alpha_pattern=patterns)
+    init = lambda config: jax.eval_shape(lambda: jlora.lora_init(jax.random.key(0), base, config))
+    with_patterns, without = per_call(init, shaped, calls=2), per_call(init, cfg, calls=2)
+    print(f"lora_init of {n} kernels (abstract): {n} rank_pattern and alpha_pattern keys {with_patterns:.2f} s, "
+          f"none {without:.2f} s; x none {with_patterns / without:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="merge,checkpoint,peft_load")
-    parser.add_argument("--layers", type=int, default=4, help="merge: layers of the stacked kernel; peft_load: model depth x 8")
+    parser.add_argument("--parts", default="merge,checkpoint,peft_load,eager")
+    parser.add_argument("--layers", type=int, default=4, help="merge: layers of the stacked kernel; peft_load: model depth x 8; eager: kernels x 56")
     parser.add_argument("--width", type=int, default=1024, help="merge: the kernel's input width")
     parser.add_argument("--steps", type=int, default=100, help="checkpoint: steps already in the directory")
     args = parser.parse_args()
@@ -129,8 +176,10 @@ def main() -> None:
             checkpoint(args.steps)
         elif part == "peft_load":
             peft_load(8 * args.layers)
+        elif part == "eager":
+            eager(args.layers)
         else:
-            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load)")
+            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load, eager)")
 
 
 if __name__ == "__main__":
