@@ -6,10 +6,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
 import transformers as tf
+from safetensors.numpy import load_file
 
 import jlora
 import jlora.adapter
@@ -749,3 +751,67 @@ def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tm
     peft.get_peft_model(_torch_twin(regnet, tf.RegNetModel), cfg).save_pretrained(tmp_path / "grouped")
     with pytest.raises(ValueError, match="or a grouped conv's, which jlora cannot represent"):
         jlora.peft.load_adapter(tmp_path / "grouped", regnet.params, regnet.config)
+
+
+@pytest.mark.parametrize("model_type", sorted(TORCH))
+def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_path):
+    """The same adapter trained 3 steps in jlora and in PEFT (AdamW with weight decay; LoRA+ as
+    jlora's b_lr_ratio and PEFT's create_loraplus_optimizer): the same losses, the same adapters.
+    BERT's head is trained whole (modules_to_save) at ratio 1: PEFT's LoRA+ puts every 1-D param
+    (the head's bias) at lr·ratio, jlora's b_lr_ratio scales LoRA's b only."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    model, torch_model = pair(model_type, tmp_path)
+    classify = model_type == "bert"
+    model.config.architectures = ["BertForSequenceClassification"] if classify else model.config.architectures
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}[model_type]
+    cfg = jlora.LoraConfig(rank=4, alpha=6, use_rslora=model_type == "llama", targets=targets,
+                           rank_pattern={"layers/1/**": 2} if model_type == "llama" else None,
+                           trainable=["classifier"] if classify else ())
+    params = perturb(hf.LoraModel(model, cfg, jax.random.key(0)).params, jax.random.key(1))  # b != 0: a learns
+    jlora.peft.save_adapter(tmp_path / "start", params, model.config)
+    theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "start", is_trainable=True).eval()
+    ratio = 1.0 if classify else 16.0
+    no_bias_decay = lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t)  # PEFT's LoRA+ decays no bias
+    tx = jlora.optimizer(optax.adamw(1e-3, weight_decay=0.01, mask=no_bias_decay), params, b_lr_ratio=ratio)
+    torch_tx = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio,
+                                         loraplus_weight_decay=0.01)  # weight_decay= would be ignored
+    labels = np.array([0, 2])
+    forward = jlora.apply(model.__call__)
+
+    def loss_fn(trainable, frozen, ids):
+        logits = forward(ids, params=jlora.combine(trainable, frozen)).logits
+        if classify:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    def torch_loss(ids):
+        logits = theirs(input_ids=torch.tensor(ids)).logits
+        if classify:
+            return torch.nn.functional.cross_entropy(logits, torch.tensor(labels))
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), torch.tensor(ids[:, 1:]).flatten())
+
+    @jax.jit
+    def step(trainable, frozen, state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
+        updates, state = tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state, loss
+
+    trainable, frozen = jlora.split(params)
+    state = tx.init(trainable)
+    for ids in (IDS, IDS[::-1].copy(), (IDS * 5) % 64):
+        trainable, state, loss = step(trainable, frozen, state, ids)
+        torch_tx.zero_grad()
+        want = torch_loss(ids)
+        want.backward()
+        torch_tx.step()
+        np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+    jlora.peft.save_adapter(tmp_path / "jlora", jlora.combine(trainable, frozen), model.config)
+    theirs.save_pretrained(tmp_path / "peft")
+    got, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("jlora", "peft"))
+    want = {k.replace(".modules_to_save.", "."): v for k, v in want.items()}
+    assert sorted(got) == sorted(want)
+    start = load_file(str(tmp_path / "start" / "adapter_model.safetensors"))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        assert np.abs(want[k] - start[k]).max() > 1e-3, k  # every tensor trained
