@@ -547,7 +547,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             else:
                 static.append((i, leaf))
         unhashable = [i for i, v in static if not _hashable(v)]
-        if unhashable and not any(_compat.is_tracer(v) for v in values):  # under jax.jit a trace is made once anyway
+        if unhashable and _compat.eager():  # under jax.jit (or grad, vmap) a trace is made once anyway
             leaf = leaves[unhashable[0]]
             warnings.warn(f"jlora.apply: {_argument(args, kwargs, unhashable[0])} is a {type(leaf).__name__}, which "
                           f"cannot be hashed, so {getattr(fn, '__name__', 'fn')}'s trace cannot be cached: each call "

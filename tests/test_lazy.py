@@ -259,6 +259,8 @@ def test_an_unhashable_static_argument_is_named_as_the_reason_each_call_traces_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.jit(lambda p, x: forward(p, x, Options()))(p, jnp.ones((2, 4)))  # traced once by jit: no word
+        x = jnp.ones((2, 4))
+        jax.jit(lambda p: forward(p, x, Options()))(p)  # only the adapters traced: the same
 
 
 def test_the_wrapped_signature_shows_the_lora_rng_keyword():
