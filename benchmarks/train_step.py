@@ -6,6 +6,7 @@ one table with ratios against the floor and the full fine-tune measured in the s
 
     python benchmarks/train_step.py                    # small Llama, runs on a CPU in a minute or two
     python benchmarks/train_step.py --preset llama-1b  # Llama-3.2-1B shape, bf16, batch 4 x 1024 (GPU)
+    python benchmarks/train_step.py --preset llama-160m  # a small Llama, bf16, batch 8 x 512 (GPU)
 
 Modes:
   full         grads for every weight + adamw on all of them
@@ -42,6 +43,11 @@ PRESETS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, batch=4, seq=1024, rank=16, dtype="bfloat16",
                      steps=10),
+    # a small model (GPT-2-small-sized Llama, 0.16 B params with its embeddings) at a common fine-tuning batch:
+    # the adapters' fixed costs (small kernels, launches) weigh most here
+    "llama-160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000, batch=8, seq=512, rank=16, dtype="bfloat16",
+                       steps=20),
 }
 MODES = ("full", "floor", "jlora", "jlora-store", "jlora-recompute", "hand", "materialize")
 RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True}
