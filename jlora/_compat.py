@@ -242,6 +242,11 @@ def abstractify(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
+# A mutable array (jax.new_ref and jax.Ref from JAX 0.7; jax.experimental.mutable_array's
+# MutableArray before): an argument jax.jit traces, as an array.
+Ref = tuple(getattr(jax._src.core, name) for name in ("Ref", "MutableArray") if hasattr(jax._src.core, name))
+
+
 def type_key(x: Any) -> tuple:
     """What a traced jaxpr depends on about an argument: shape, dtype, weak type and (inside
     ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""

@@ -439,7 +439,7 @@ def is_array(x: Any) -> bool:
     strings and objects too (``np.str_``: an item of an array of labels)."""
     if isinstance(x, (np.ndarray, np.generic)):
         return x.dtype.kind not in "OSU"  # bfloat16 and fp8 (ml_dtypes) are kind "V": arrays
-    return isinstance(x, jax.Array)  # a tracer is a jax.Array
+    return isinstance(x, (jax.Array, _compat.Ref))  # a tracer is a jax.Array; a Ref (JAX 0.7+) is traced too
 
 
 def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs") -> Callable:

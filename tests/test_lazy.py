@@ -907,3 +907,33 @@ def test_a_lazy_kind_that_reads_its_values_runs_eagerly_outside_jit():
         warnings.simplefilter("ignore", jlora.MaterializeWarning)  # no rule for sin: materialised, as meant
         for _ in range(2):
             np.testing.assert_allclose(fn(HostScaled(jnp.ones(3)), jnp.ones(3)), jnp.sin(2.0) + 1, rtol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(jax, "new_ref"), reason="jax.new_ref is JAX 0.7+")
+def test_a_ref_argument_is_traced_as_jax_jit_traces_it():
+    # a Ref (an output buffer, a cache) is an array argument: one trace serves every Ref, the
+    # function's writes reach it, and no cached trace keeps a Ref it was made with alive
+    import gc
+    import weakref
+
+    calls = []
+
+    def f(p, x, out):
+        calls.append(1)
+        y = x @ p["w"]
+        out[...] = out[...] + y
+        return jnp.tanh(y)
+
+    p = perturb(lora({"w": normal(KEY, (4, 3))}, ["w"]), KEY)
+    x = normal(jax.random.key(1), (2, 4))
+    want = np.asarray(x @ oracle_merge(p)["w"])
+    forward = jlora.apply(f)
+    for call in (forward, forward, jax.jit(forward)):
+        out = jax.new_ref(jnp.ones((2, 3)))
+        np.testing.assert_allclose(call(p, x, out), np.tanh(want), rtol=1e-5)
+        np.testing.assert_allclose(out[...], 1 + want, rtol=1e-5)
+    assert len(calls) == 2  # one trace for the eager calls, one inside jax.jit
+    gone = weakref.ref(out)
+    del out
+    gc.collect()
+    assert gone() is None
