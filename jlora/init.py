@@ -17,7 +17,7 @@ from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, pattern, replace_leaves
 from jlora.sharding import factor_shardings
-from jlora.variables import check_unshared, in_state, state_paths
+from jlora.variables import check_unshared, in_state, mutable_kind, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
@@ -314,6 +314,13 @@ def lora_init(
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
     adapt, tune = select(config, entries, state_paths(params))
     by_path = dict(entries)
+    mutable = [(p, mutable_kind(by_path[p])) for p in adapt + tune if mutable_kind(by_path[p])]
+    if mutable:
+        raise ValueError(f"lora_init: '{mutable[0][0]}' is {mutable[0][1]} (mutable), not an array"
+                         + (f", as are {len(mutable) - 1} more selected leaves" if len(mutable) > 1 else "")
+                         + ": jlora adapts arrays. For a Flax NNX model in ref or hijax variable mode, pass "
+                         "nnx.with_vars(model, ref=False, hijax=False); for a tree of Refs, read them: "
+                         "jax.tree.map(lambda r: r[...], params)")
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}
     if infer_layout is not None:

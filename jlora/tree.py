@@ -173,6 +173,10 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
                          "pass jlora.combine(trainable, frozen)")
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
+        held = [name for name in ("w", "a", "b") if isinstance(getattr(x, name), _compat.Ref)]
+        if held:
+            raise ValueError(f"{op}: '{path}' holds a jax Ref as its {held[0]} (jax.tree.map(jax.new_ref, ...) over "
+                             "a LoraWeight?): it takes arrays; read the Refs first (r[...])")
         x = x.fitted()
         try:
             x.check_shapes(stacked=True)  # leading axes of w's or the factors' own (pmap, vmap) pass

@@ -22,9 +22,26 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax.core import FrozenDict
 
+from jlora import _compat
 from jlora.paths import path_str
+
+
+def mutable_kind(leaf: Any) -> str | None:
+    """What makes a leaf a mutable container, not an array: a jax ``Ref`` (Flax NNX's ref variable
+    mode makes them) or an NNX ``HijaxVariable`` (its hijax mode); ``None`` for anything else.
+
+    Example:
+        >>> mutable_kind(np.ones(2)) is None
+        True
+    """
+    if isinstance(leaf, _compat.Ref):
+        return "a jax Ref"
+    variablelib = sys.modules.get("flax.nnx.variablelib")
+    hijax = getattr(variablelib, "HijaxVariable", None)
+    return "an NNX HijaxVariable" if isinstance(hijax, type) and isinstance(leaf, hijax) else None
 
 
 def _variable_test(tree: Any) -> Callable[[Any], bool] | None:

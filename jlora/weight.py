@@ -176,6 +176,9 @@ class LoraWeight(Lazy):
         if not 0.0 <= self.dropout < 1.0:  # 1 or more would drop every input of the adapter
             raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {dropout!r}")
         for name, x in (("w", w), ("a", a), ("b", b)):  # an integer w + scale·a@b, merged, would drop the adapter
+            if isinstance(x, _compat.Ref):
+                raise ValueError(f"LoraWeight {path!r}: {name} is a jax Ref (mutable): a LoraWeight holds arrays; "
+                                 f"read the Ref first ({name}[...])")
             if has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
                 raise ValueError(f"LoraWeight {path!r}: {name} must be a float array, got {_shape_str(x)} "
                                  "(a quantized kernel goes in as a lazy value: see jlora.register)")

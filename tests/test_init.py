@@ -397,3 +397,28 @@ def test_a_sown_nnx_intermediate_is_state_whatever_its_value_holds():
         lora_init(KEY, model, LoraConfig(rank=2, targets=["l1"], trainable=["feat"]))
     p = lora_init(KEY, model, LoraConfig(rank=2, targets=["l1"], trainable=["l1/bias"]))
     assert jlora.summary(p).total == 4 * 4 + 4 + 2 * (4 + 4)
+
+
+@pytest.mark.skipif(not hasattr(jax, "new_ref"), reason="jax.new_ref is JAX 0.7+")
+def test_mutable_leaves_are_refused_by_path_with_the_way_to_arrays():
+    cfg = LoraConfig(rank=2, targets=["kernel"])
+    refs = {"dense": {"kernel": jax.new_ref(jnp.ones((4, 4)))}}
+    with pytest.raises(ValueError, match=r"'dense/kernel' is a jax Ref \(mutable\), not an array.*"
+                                         r"jax.tree.map\(lambda r: r\[...\], params\)"):
+        lora_init(KEY, refs, cfg)
+    lora_init(KEY, jax.tree.map(lambda r: r[...], refs), cfg)  # as the message says
+    adapted = lora_init(KEY, {"k": jnp.ones((4, 4))}, LoraConfig(rank=2, targets=["k"]))
+    held = jax.tree.map(jax.new_ref, adapted)  # tree_map builds the node without its checks
+    for call in (lambda: jlora.apply(lambda p, x: x @ p["k"])(held, jnp.ones((2, 4))), lambda: jlora.merge(held)):
+        with pytest.raises(ValueError, match="'k' holds a jax Ref as its w"):
+            call()
+    nnx = pytest.importorskip("flax.nnx")
+    if not hasattr(nnx, "var_defaults"):
+        pytest.skip("NNX variable modes are Flax 0.12+")
+    for mode, kind in (({"ref": True}, "a jax Ref"), ({"hijax": True}, "an NNX HijaxVariable")):
+        with nnx.var_defaults(**mode):
+            model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match=f"'kernel' is {kind} .*nnx.with_vars\\(model, ref=False, hijax=False\\)"):
+            lora_init(KEY, model, cfg)
+        plain = lora_init(KEY, nnx.with_vars(model, ref=False, hijax=False), cfg)
+        assert jlora.apply(lambda m, x: m(x))(plain, jnp.ones((2, 4))).shape == (2, 3)
