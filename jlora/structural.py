@@ -112,7 +112,10 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     new = eqn.params["new_dtype"]
     if not jnp.issubdtype(new, jnp.floating) or any(jnp.iscomplexobj(x) for x in (lw.w, lw.a, lw.b)):
         return NotImplemented  # to a real dtype, Re(a@b) is not Re(a)@Re(b)
-    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=lw.a.astype(new), b=lw.b.astype(new))]
+    w = bind(ctx, eqn, [lw.w], lw)[0]
+    if jnp.finfo(new).bits < 16:  # fp8 is for the base term (see rules._path_dtype): a and b in fp8
+        return [lw.replace(w=w)]  # would lose most of the update, and their gradients underflow to 0
+    return [lw.replace(w=w, a=lw.a.astype(new), b=lw.b.astype(new))]
 
 
 def _scaling(eqn: Any, invals: list) -> tuple[LoraWeight, Any] | None:
