@@ -43,7 +43,7 @@ PRESETS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, batch=4, seq=1024, rank=16, dtype="bfloat16",
                      steps=10),
-    # a small model (GPT-2-small-sized Llama, 0.16 B params with its embeddings) at a common fine-tuning batch:
+    # a small model (GPT-2-small-sized Llama, 0.13 B params with its untied embeddings) at a common fine-tuning batch:
     # the adapters' fixed costs (small kernels, launches) weigh most here
     "llama-160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=12, vocab_size=32000, batch=8, seq=512, rank=16, dtype="bfloat16",

@@ -253,8 +253,8 @@ def type_key(x: Any) -> tuple:
     aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
     vma = () if isinstance(x, jax.ShapeDtypeStruct) else tuple(sorted(_vma(aval)))
     # on a mesh with Explicit axes the sharding is part of the type, and the trace bakes it in
-    return (tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma,
-            _if_explicit(getattr(aval, "sharding", None)))
+    return (hasattr(aval, "inner_aval"), tuple(aval.shape), aval.dtype, getattr(aval, "weak_type", False), vma,
+            _if_explicit(getattr(aval, "sharding", None)))  # a Ref (an AbstractRef) is not an array of its shape
 
 
 # The opaque trace state moved to jax.extend.core (JAX 0.10 deprecates jax.core's); JAX 0.6 has
@@ -369,7 +369,7 @@ def context_key() -> str:
     """The context an equation traced now records (see ``eqn_context``), as part of a trace's
     cache key: a jaxpr replays each equation in its own, so one traced under another context
     (``compute_on``, XLA metadata, a mesh) must not be reused."""
-    if _EQN_CONTEXT is not None:  # JAX 0.10+ builds it from the configuration, as a new equation does
+    if _EQN_CONTEXT is not None:  # JAX 0.10.1+ builds it from the configuration, as a new equation does
         return repr(_EQN_CONTEXT())
     eqn = jax.make_jaxpr(lambda x: -x)(_ONE).eqns[0]  # 1 ms
     return repr(getattr(eqn, "ctx", None))
@@ -384,7 +384,7 @@ def _no_argument_eqn_context() -> Any:
 
         JaxprEqnContext()
         return JaxprEqnContext
-    except (ImportError, TypeError):  # before JAX 0.10 it takes the context's parts
+    except (ImportError, TypeError):  # before JAX 0.10.1 it takes the context's parts
         return None
 
 

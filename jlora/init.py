@@ -169,6 +169,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
     adapt, tune = [], []
     for path, leaf in entries:
         name = path.rsplit("/", 1)[-1]
+        mutable = mutable_kind(leaf)
+        if mutable and (all_linear or any(pat.match(path) for pat in targets + trainable)):
+            raise ValueError(f"lora_init: '{path}' is {mutable} (mutable), not an array: jlora adapts and trains "
+                             "arrays. For a Flax NNX model in ref or hijax variable mode, pass nnx.with_vars(model, "
+                             "ref=False, hijax=False); for a tree of Refs, read them: jax.tree.map(lambda r: r[...], params)")
         if any(ex.match(path) for ex in exclude):
             chosen = False
         elif all_linear:
@@ -314,13 +319,6 @@ def lora_init(
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
     adapt, tune = select(config, entries, state_paths(params))
     by_path = dict(entries)
-    mutable = [(p, mutable_kind(by_path[p])) for p in adapt + tune if mutable_kind(by_path[p])]
-    if mutable:
-        raise ValueError(f"lora_init: '{mutable[0][0]}' is {mutable[0][1]} (mutable), not an array"
-                         + (f", as are {len(mutable) - 1} more selected leaves" if len(mutable) > 1 else "")
-                         + ": jlora adapts arrays. For a Flax NNX model in ref or hijax variable mode, pass "
-                         "nnx.with_vars(model, ref=False, hijax=False); for a tree of Refs, read them: "
-                         "jax.tree.map(lambda r: r[...], params)")
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}
     if infer_layout is not None:

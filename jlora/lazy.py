@@ -762,6 +762,11 @@ def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abst
         # outputs that are not arrays or numbers (an Equinox module's activation function) leave
         # the trace as they are, as Equinox's filter_jit does: make_jaxpr takes arrays only
         flat, out_def = jax.tree.flatten(result)
+        refs = [j for j, x in enumerate(flat)
+                if isinstance(x, _compat.Ref) or _compat.is_tracer(x) and hasattr(jax.typeof(x), "inner_aval")]
+        if refs:
+            raise ValueError(f"jlora.apply: {getattr(fn, '__name__', 'fn')} returns a jax Ref (output {refs[0]} of "
+                             f"{len(flat)}), which jax.jit refuses too: return its value (r[...])")
         keep = [is_array(x) or isinstance(x, (bool, int, float, complex)) for x in flat]
         outputs.update(tree=out_def, static={j: x for j, (x, k) in enumerate(zip(flat, keep)) if not k})
         return [x for x, k in zip(flat, keep) if k]

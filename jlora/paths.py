@@ -142,7 +142,6 @@ def _ends_from(parts: tuple[str, ...], comps: tuple[str, ...], start: int) -> se
     return set()
 
 
-@lru_cache(maxsize=4096)
 def pattern(text: str) -> Pattern:
     """``Pattern(text)``, compiled once per text: a config's patterns are matched against every path.
 
@@ -150,6 +149,11 @@ def pattern(text: str) -> Pattern:
         >>> pattern("q_proj") is pattern("q_proj")
         True
     """
+    return _compiled(text) if isinstance(text, str) else Pattern(text)  # Pattern refuses a non-string
+
+
+@lru_cache(maxsize=4096)
+def _compiled(text: str) -> Pattern:
     return Pattern(text)
 
 

@@ -372,7 +372,7 @@ class LoraWeight(Lazy):
         """
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
         if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
-            return self if w is self.w else self.replace(w=w)
+            return self.replace(w=w)  # a node of its own: apply tells a returned input by its id
         return self.replace(w=lax.stop_gradient(w))  # every leaf of a lazy base too
 
     def unstack(self):

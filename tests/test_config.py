@@ -34,6 +34,7 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(alpha=float("inf")), "alpha must be a finite number > 0, got inf"),
         (dict(targets=5), "targets must be a pattern or a list of patterns, got 5"),
         (dict(targets=["q", 3]), "targets: pattern must be a non-empty string, got 3"),
+        (dict(targets=[["q"]]), r"targets: pattern must be a non-empty string, got \['q'\]"),  # unhashable
         (dict(exclude=3), "exclude must be a pattern or a list"),
         (dict(trainable=3), "trainable must be a pattern or a list"),
         (dict(use_rslora="no"), "use_rslora must be True or False"),

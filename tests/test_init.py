@@ -420,5 +420,7 @@ def test_mutable_leaves_are_refused_by_path_with_the_way_to_arrays():
             model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
         with pytest.raises(ValueError, match=f"'kernel' is {kind} .*nnx.with_vars\\(model, ref=False, hijax=False\\)"):
             lora_init(KEY, model, cfg)
+        with pytest.raises(ValueError, match=f"'bias' is {kind} "):  # a leaf to train in full, likewise
+            lora_init(KEY, model, LoraConfig(rank=2, targets=["kernel"], trainable=["bias"]))
         plain = lora_init(KEY, nnx.with_vars(model, ref=False, hijax=False), cfg)
         assert jlora.apply(lambda m, x: m(x))(plain, jnp.ones((2, 4))).shape == (2, 3)

@@ -688,6 +688,21 @@ def test_a_trace_is_reused_only_in_the_context_it_was_made_in():
     assert len(dots) == 6 and sum('jlora_tag = "inside"' in line for line in dots) == 3
 
 
+def test_one_adapter_passed_twice_comes_back_as_itself_inside_a_trace():
+    # a tied weight, or one tree as student and teacher: each place holds the same node, and the
+    # node returned comes back as it came in (not merged), eager or inside jit, vmap and grad
+    p = lora({"enc": jnp.ones((4, 4))}, ["enc"])
+    tied = {"enc": p["enc"], "dec": p["enc"]}
+    forward = jlora.apply(lambda s, t, x: (x @ s["enc"] @ t["dec"], s))
+    x = jnp.ones((2, 4))
+    for run in (lambda: forward(tied, tied, x)[1], lambda: jax.jit(lambda x: forward(tied, tied, x)[1])(x),
+                lambda: jax.vmap(lambda x: forward(tied, tied, x), out_axes=(0, None))(jnp.ones((3, 2, 4)))[1],
+                lambda: jax.grad(lambda x: (forward(tied, tied, x)[0].sum(), forward(tied, tied, x)[1]),
+                                 has_aux=True)(x)[1]):
+        back = run()
+        assert isinstance(back["enc"], jlora.LoraWeight) and isinstance(back["dec"], jlora.LoraWeight)
+
+
 def test_a_trainable_leaf_returned_as_it_came_in_stays_trainable():
     base = {"k": normal(KEY, (4, 4)), "head": {"kernel": normal(KEY, (4, 2))}}
     p = lora(base, ["k"], trainable=["head"])
@@ -933,6 +948,11 @@ def test_a_ref_argument_is_traced_as_jax_jit_traces_it():
         np.testing.assert_allclose(call(p, x, out), np.tanh(want), rtol=1e-5)
         np.testing.assert_allclose(out[...], 1 + want, rtol=1e-5)
     assert len(calls) == 2  # one trace for the eager calls, one inside jax.jit
+    read = jlora.apply(lambda p, x, c: x @ p["w"] + c[...])  # an array and a Ref of one shape: two traces
+    for c in (jnp.ones((2, 3)), jax.new_ref(jnp.ones((2, 3))), jnp.ones((2, 3))):
+        np.testing.assert_allclose(read(p, x, c), 1 + want, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"<lambda> returns a jax Ref \(output 0 of 1\), which jax.jit refuses too"):
+        jlora.apply(lambda p, out: out)(p, out)
     gone = weakref.ref(out)
     del out
     gc.collect()

@@ -773,9 +773,9 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_pa
     theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "start", is_trainable=True).eval()
     ratio = 1.0 if classify else 16.0
     no_bias_decay = lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t)  # PEFT's LoRA+ decays no bias
-    tx = jlora.optimizer(optax.adamw(1e-3, weight_decay=0.01, mask=no_bias_decay), params, b_lr_ratio=ratio)
+    tx = jlora.optimizer(optax.adamw(1e-3, weight_decay=0.5, mask=no_bias_decay), params, b_lr_ratio=ratio)
     torch_tx = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio,
-                                         loraplus_weight_decay=0.01)  # weight_decay= would be ignored
+                                         loraplus_weight_decay=0.5)  # weight_decay= would be ignored
     labels = np.array([0, 2])
     forward = jlora.apply(model.__call__)
 
