@@ -457,7 +457,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     call creates (``sow``'s intermediates) is added to its module.
 
     ``fn`` is traced once per input signature, as ``jax.jit`` does, and the trace is reused: array
-    leaves by their types, every other leaf (a Python number, a string, a function) as a static
+    leaves (and jax ``Ref``s) by their types, every other leaf (a Python number, a string, a function) as a static
     value, by its type and equality (as ``jax.jit``'s static arguments), and JAX's configuration
     (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
     arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
