@@ -175,7 +175,12 @@ def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE})")
+        step = lambda p: (p / "adapters").is_dir() and (p / "meta").is_dir()  # an AdapterCheckpointer step
+        steps = path.is_dir() and any(step(p) for p in path.iterdir() if p.name.isdigit())
+        where = path if steps else path.parent if step(path) else None
+        raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE})" + (
+            f"; it holds AdapterCheckpointer steps: restore one with jlora.checkpoint.AdapterCheckpointer('{where}')"
+            ".restore(base_params)" if where is not None else ""))
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:

@@ -134,6 +134,7 @@ class AdapterCheckpointer:
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._reload_next = False
+        self._own_steps: set[int] = set()  # steps seen to be adapter checkpoints (see _foreign_items)
         self._saved_ranking = self._read_ranking()
         self._closed = False
         self._async = async_save
@@ -171,6 +172,12 @@ class AdapterCheckpointer:
                 raise ValueError(f"AdapterCheckpointer.save: step {step} not written: metrics['{self.best_metric}'] "
                                  f"is {value}, so it cannot be ranked against the kept steps {self.all_steps()}")
         self._check_ranking("save")
+        foreign = {s: items for s in steps if (items := self._foreign_items(s)) is not None}
+        if foreign:  # orbax would prune them as this checkpointer's own steps (max_to_keep)
+            step_, items = next(iter(foreign.items()))
+            raise ValueError(f"AdapterCheckpointer.save: {self.directory} holds steps {sorted(foreign)} that "
+                             f"AdapterCheckpointer did not write (step {step_} holds {items}), and keeping its last "
+                             "steps would delete them; save the adapters into a directory of their own")
         arrays, specs = _adapter_arrays(params)
         arrays = _as_global(arrays)
         if self.lora_config is not None:
@@ -263,9 +270,16 @@ class AdapterCheckpointer:
         steps = self.all_steps()
         step = max(steps, default=None) if step is None else _step_index("restore", step)
         if step is None:
-            raise ValueError(f"{self.directory}: no checkpoint to restore")
+            written_by_save_adapter = os.path.isfile(os.path.join(self.directory, "adapter_config.json"))
+            raise ValueError(f"{self.directory}: no checkpoint to restore" + (
+                " (it is an adapter directory, as save_adapter and jlora finetune write: read it with "
+                "jlora.adapter.load_adapter)" if written_by_save_adapter else ""))
         if step not in steps:
             raise ValueError(f"{self.directory}: no checkpoint of step {step}; steps: {steps}")
+        foreign = self._foreign_items(step)
+        if foreign is not None:
+            raise ValueError(f"{self.directory}: step {step} was not written by AdapterCheckpointer (it holds "
+                             f"{foreign}): read it with orbax itself")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             reason = None if isinstance(meta, dict) and "specs" in meta else "its metadata holds no adapter specs"
@@ -274,6 +288,28 @@ class AdapterCheckpointer:
         if reason is not None:
             raise self._corrupted(step, reason)
         return step, meta
+
+    def _foreign_items(self, step: int) -> list[str] | None:
+        """The items of a step another writer saved here (plain orbax: no ``meta`` item, or one
+        holding no adapter specs), or ``None`` for an adapter checkpoint, a damaged one included.
+        Read from the step's files, once per step found to be an adapter checkpoint."""
+        if step in self._own_steps:
+            return None
+        where = os.path.join(self.directory, str(step))
+        try:
+            items = sorted(name for name in os.listdir(where) if os.path.isdir(os.path.join(where, name)))
+        except OSError:
+            return None
+        if "meta" in items:
+            try:
+                with open(os.path.join(where, "meta", "metadata")) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):  # damaged: an adapter checkpoint still, named as such on restore
+                meta = {"specs": None}
+            if not isinstance(meta, dict) or "specs" in meta:
+                self._own_steps.add(step)
+                return None
+        return items
 
     def _corrupted(self, step: int, reason: str) -> ValueError:
         others = [s for s in self.all_steps() if s != step]

@@ -6,7 +6,10 @@ A ``LoraWeight`` is stored as ``{"w": ..., "a": ..., "b": ...}`` (``None`` for a
 half of ``jlora.split`` leaves out); its scale, layout and path come from the target, as a
 ``flax.struct`` field marked static would. A ``Trainable`` is stored as the array it wraps.
 Restoring checks each factor's shape against the target's, since the scale that goes with it is
-the target's: a rank-16 state restored onto a rank-8 target is an error, not a wrong scale.
+the target's: a rank-16 state restored onto a rank-8 target is an error, not a wrong scale; a
+``Trainable``'s too (a value of another shape would broadcast). A tree holding a lazy kind of
+your own (a quantized kernel) needs that kind registered with
+``flax.serialization.register_serialization_state``, or save the trainable half, which holds none.
 
 A function exported with ``jax.export`` that takes such trees serializes too
 (``Exported.serialize()``; JAX needs the ``flatbuffers`` package for it): a ``LoraWeight``'s
@@ -53,13 +56,18 @@ def _lora_from_state_dict(target: LoraWeight, state: Any) -> LoraWeight:
             has, lacks = ("the state", "the target") if want is None else ("the target", "the state")
             raise ValueError(f"{where}: {has} has {part} and {lacks} has none; restore onto the same half of "
                              "jlora.split (the trainable half has no w) that was saved")
-        restored = serialization.from_state_dict(want, got, name=part)
-        shape = tuple(getattr(restored, "shape", ()))
-        if hasattr(want, "shape") and tuple(want.shape) != shape:
-            raise ValueError(f"{where}: {part} has shape {shape} in the state but {tuple(want.shape)} in the "
-                             "target (another rank or base model?)")
-        parts[part] = restored
+        parts[part] = _same_shape(want, serialization.from_state_dict(want, got, name=part), f"{where}: {part}")
     return target.replace(**parts)
+
+
+def _same_shape(want: Any, restored: Any, what: str) -> Any:
+    """``restored``, unless its shape is not the target's: another rank, or another model's leaf,
+    would broadcast silently."""
+    shape = tuple(getattr(restored, "shape", ()))
+    if hasattr(want, "shape") and tuple(want.shape) != shape:
+        raise ValueError(f"{what} has shape {shape} in the state but {tuple(want.shape)} in the target (another "
+                         "rank or base model?)")
+    return restored
 
 
 def _trainable_to_state_dict(x: Trainable) -> Any:
@@ -67,7 +75,8 @@ def _trainable_to_state_dict(x: Trainable) -> Any:
 
 
 def _trainable_from_state_dict(target: Trainable, state: Any) -> Trainable:
-    return Trainable(serialization.from_state_dict(target.value, state))
+    restored = serialization.from_state_dict(target.value, state)
+    return Trainable(_same_shape(target.value, restored, f"Trainable {serialization.current_path()!r}"))
 
 
 serialization.register_serialization_state(LoraWeight, _lora_to_state_dict, _lora_from_state_dict)

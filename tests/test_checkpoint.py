@@ -578,3 +578,28 @@ def test_a_state_like_jax_eval_shapes_is_placed_as_its_own_adapter(tmp_path):
     restored = {path: (spec(lw.a), spec(lw.b)) for path, lw in
                 (("up", mu["up"]["kernel"]), ("x/up", mu["x"]["up"]["kernel"]))}
     assert restored == {"up": (("d", None), (None, None)), "x/up": ((None, None), (None, "d"))}
+
+
+def test_steps_another_writer_saved_are_never_pruned_and_each_format_names_the_others_reader(tmp_path):
+    import orbax.checkpoint as ocp
+
+    base, _, params, _ = setup()
+    with ocp.CheckpointManager(tmp_path / "run") as manager:  # the run's own full-state checkpoints
+        for step in (100, 200):
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.ones(3)})))
+    ckpt = AdapterCheckpointer(tmp_path / "run", max_to_keep=1, async_save=False)
+    with pytest.raises(ValueError, match=r"holds steps \[100, 200\] that AdapterCheckpointer did not write \(step 100 "
+                                         r"holds \['state'\]\).*save the adapters into a directory of their own"):
+        ckpt.save(300, params)
+    assert sorted(os.listdir(tmp_path / "run")) == ["100", "200"]
+    with pytest.raises(ValueError, match=r"step 200 was not written by AdapterCheckpointer \(it holds \['state'\]\): "
+                                         "read it with orbax itself"):
+        ckpt.restore(base)
+    adapter = jlora.adapter.save_adapter(tmp_path / "adapter", params)
+    with pytest.raises(ValueError, match="no checkpoint to restore .*read it with jlora.adapter.load_adapter"):
+        AdapterCheckpointer(adapter).restore(base)
+    AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, params)
+    for where in (tmp_path / "ckpt", tmp_path / "ckpt" / "1"):
+        with pytest.raises(ValueError, match=r"AdapterCheckpointer steps: restore one with "
+                                             rf"jlora.checkpoint.AdapterCheckpointer\('{tmp_path / 'ckpt'}'\)"):
+            jlora.adapter.load_adapter(where, base)

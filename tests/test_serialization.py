@@ -73,6 +73,14 @@ def test_a_state_of_another_rank_is_refused_naming_the_path_and_shapes():
         flax.serialization.from_bytes(params_of(rank=2), data)
 
 
+def test_a_trained_leaf_of_another_shape_is_refused_naming_the_path():
+    params = params_of()
+    state = flax.serialization.to_state_dict(params)
+    state["dense"]["bias"] = np.ones(1, np.float32)  # another model's: it would broadcast in the forward
+    with pytest.raises(ValueError, match=r"Trainable '\./dense/bias' has shape \(1,\) in the state but \(8,\)"):
+        flax.serialization.from_state_dict(params, state)
+
+
 def test_a_state_of_the_other_half_is_refused():
     params = params_of()
     trainable, _ = jlora.split(params)
