@@ -290,15 +290,19 @@ class AdapterCheckpointer:
         return step, meta
 
     def _foreign_items(self, step: int) -> list[str] | None:
-        """The items of a step another writer saved here (plain orbax: no ``meta`` item, or one
-        holding no adapter specs), or ``None`` for an adapter checkpoint, a damaged one included.
-        Read from the step's files, once per step found to be an adapter checkpoint."""
+        """The items of a step another writer saved here (plain orbax: no ``adapters`` item, and no
+        ``meta`` item or one holding no adapter specs), or ``None`` for an adapter checkpoint, a
+        damaged one included. Read from the step's files, once per step found to be an adapter
+        checkpoint."""
         if step in self._own_steps:
             return None
         where = os.path.join(self.directory, str(step))
         try:
             items = sorted(name for name in os.listdir(where) if os.path.isdir(os.path.join(where, name)))
         except OSError:
+            return None
+        if "adapters" in items:  # its metadata lost: still an adapter checkpoint, named damaged on restore
+            self._own_steps.add(step)
             return None
         if "meta" in items:
             try:

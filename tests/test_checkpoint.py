@@ -199,7 +199,7 @@ def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path
         only.restore(base)
 
 
-@pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item"])
+@pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item", "no meta item"])
 def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
     base, _, params, _ = setup()
     ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
@@ -211,11 +211,14 @@ def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
             f.write_bytes(f.read_bytes()[:20])
     elif damage == "broken array metadata":
         (adapters / "_METADATA").write_text("{broken")
-    else:
+    elif damage == "no adapters item":
         shutil.rmtree(adapters)
+    else:
+        shutil.rmtree(adapters.parent / "meta")
     with pytest.raises(ValueError, match=r"step 2 is incomplete or corrupted .*; restore another step of \[1, 2\]"):
         ckpt.restore(base)
     assert ckpt.restore(base, step=1)[2] == 1
+    assert ckpt.save(3, params)  # a damaged step of its own is no other writer's: saving goes on
 
 
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
