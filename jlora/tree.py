@@ -154,6 +154,15 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return tree
 
 
+# (layout, what w, a and b are, need_w, used_as_is) -> the fitted layout, for nodes seen to pass
+# check_whole: an eager jlora.apply call checks every node of its arguments again
+_PASSED: dict[tuple, Any] = {}
+
+
+def _part_key(v: Any) -> Any:
+    return None if v is None else (type(v), tuple(v.shape)) if has_shape(v) else type(v)
+
+
 def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: bool = False) -> Any:
     """Refuse a node from one half of ``split`` where ``op`` needs the whole tree (``need_w=False``:
     the trainable half will do), or one whose arrays do not fit its layout; ``x``, a
@@ -173,6 +182,10 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
                          "pass jlora.combine(trainable, frozen)")
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
+        key = (x.layout, _part_key(x.w), _part_key(x.a), _part_key(x.b), need_w, used_as_is)
+        layout = _PASSED.get(key)
+        if layout is not None:
+            return x if layout == x.layout else x.replace(layout=layout)
         held = [name for name in ("w", "a", "b") if isinstance(getattr(x, name), _compat.Ref)]
         if held:
             raise ValueError(f"{op}: '{path}' holds a jax Ref as its {held[0]} (jax.tree.map(jax.new_ref, ...) over "
@@ -195,6 +208,8 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
                     f"{op}: '{path}' has a {tuple(x.a.shape)} and b {tuple(x.b.shape)} with {extra} leading axis(es) "
                     f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "
                     f"under jax.vmap over the trainable half: {mapped}")
+        if len(_PASSED) < 4096:
+            _PASSED[key] = x.layout
     return x
 
 

@@ -957,3 +957,18 @@ def test_a_ref_argument_is_traced_as_jax_jit_traces_it():
     del out
     gc.collect()
     assert gone() is None
+
+
+def test_nodes_are_checked_at_every_call_whatever_passed_before():
+    # the checks of a node's shapes are remembered for shapes that passed, never for others
+    p = lora({"w": jnp.ones((4, 3))}, ["w"])
+    forward = jlora.apply(lambda p, x: x @ p["w"])
+    x = jnp.ones((2, 4))
+    forward(p, x)
+    with pytest.raises(ValueError, match=r"LoraWeight 'w': for w \(4, 3\) .* a must be \(4, 2\) and b \(2, 3\); got "
+                                         r"a \(4, 2\), b \(2, 5\)"):
+        forward({"w": p["w"].replace(b=jnp.ones((2, 5)))}, x)
+    if hasattr(jax, "new_ref"):
+        with pytest.raises(ValueError, match="'w' holds a jax Ref as its w"):
+            forward(jax.tree.map(jax.new_ref, p), x)
+    assert forward(p, x).shape == (2, 3)
