@@ -305,15 +305,21 @@ class AdapterCheckpointer:
             self._own_steps.add(step)
             return None
         if "meta" in items:
-            try:
-                with open(os.path.join(where, "meta", "metadata")) as f:
-                    meta = json.load(f)
-            except (OSError, ValueError):  # damaged: an adapter checkpoint still, named as such on restore
-                meta = {"specs": None}
+            meta = self._step_meta(step)  # None, damaged: an adapter checkpoint still, named as such on restore
             if not isinstance(meta, dict) or "specs" in meta:
                 self._own_steps.add(step)
                 return None
         return items
+
+    def _step_meta(self, step: int) -> Any:
+        """The JSON of a step's ``meta`` item, read from its file, or ``None`` where it cannot be read.
+        Not through orbax's restore, which would wait for every process (a call on one process alone
+        would hang) and for a save in flight."""
+        try:
+            with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     def _corrupted(self, step: int, reason: str) -> ValueError:
         others = [s for s in self.all_steps() if s != step]
@@ -336,15 +342,9 @@ class AdapterCheckpointer:
 
     def _read_ranking(self) -> list | None:
         """The ranking the directory's newest readable step was saved with; this checkpointer's own
-        where there is none (no step, none readable, or one saved before rankings were kept). Read
-        from the step's metadata file itself: orbax's restore would wait for every process (a call
-        on one process alone would hang) and for a save in flight."""
+        where there is none (no step, none readable, or one saved before rankings were kept)."""
         for step in sorted(self.all_steps(), reverse=True):
-            try:
-                with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
-                    meta = json.load(f)
-            except (OSError, ValueError):  # damaged, or another orbax layout: the step before
-                continue
+            meta = self._step_meta(step)  # None (damaged) or another writer's: the step before
             if isinstance(meta, dict) and "specs" in meta:
                 return meta.get("ranking", self._ranking())
         return self._ranking()
