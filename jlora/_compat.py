@@ -247,6 +247,12 @@ def abstractify(x: Any) -> jax.ShapeDtypeStruct:
 Ref = tuple(getattr(jax._src.core, name) for name in ("Ref", "MutableArray") if hasattr(jax._src.core, name))
 
 
+def is_ref(x: Any) -> bool:
+    """Whether ``x`` is a jax Ref, concrete or traced (its type an ``AbstractRef``, which has an
+    ``inner_aval``)."""
+    return isinstance(x, Ref) or is_tracer(x) and hasattr(jax.typeof(x), "inner_aval")
+
+
 def type_key(x: Any) -> tuple:
     """What a traced jaxpr depends on about an argument: shape, dtype, weak type and (inside
     ``shard_map``) the manual axes it varies over. ``x``: an array, a tracer or a ShapeDtypeStruct."""

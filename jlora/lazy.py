@@ -762,8 +762,7 @@ def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abst
         # outputs that are not arrays or numbers (an Equinox module's activation function) leave
         # the trace as they are, as Equinox's filter_jit does: make_jaxpr takes arrays only
         flat, out_def = jax.tree.flatten(result)
-        refs = [j for j, x in enumerate(flat)
-                if isinstance(x, _compat.Ref) or _compat.is_tracer(x) and hasattr(jax.typeof(x), "inner_aval")]
+        refs = [j for j, x in enumerate(flat) if _compat.is_ref(x)]
         if refs:
             raise ValueError(f"jlora.apply: {getattr(fn, '__name__', 'fn')} returns a jax Ref (output {refs[0]} of "
                              f"{len(flat)}), which jax.jit refuses too: return its value (r[...])")
