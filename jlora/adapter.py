@@ -233,21 +233,38 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
         >>> sorted(load_tensors(path, read_config(path)))
         ['k/a', 'k/b']
     """
+    return _read_weights(path, config, lambda f: {key: f.get_tensor(key) for key in f.keys()})
+
+
+def tensor_shapes(path: str | os.PathLike, config: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each of the adapter's arrays by key, as ``load_tensors`` names them, read from
+    the weights file's header alone (no array is read).
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> tensor_shapes(path, read_config(path))
+        {'k/a': (4, 2), 'k/b': (2, 4)}
+    """
+    return _read_weights(path, config, lambda f: {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+
+
+def _read_weights(path: str | os.PathLike, config: dict, read: Callable[[Any], Any]) -> Any:
+    """``read`` applied to the opened weights file of the adapter at ``path``, once its save id is
+    checked against ``config``'s; a clear error for a file that cannot be read."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import load_file
 
     file = Path(path) / WEIGHTS_FILE
     try:
-        tensors = load_file(str(file))
         with safe_open(str(file), "np") as f:
             save_id = (f.metadata() or {}).get("save_id")
-    except (SafetensorError, OSError, ValueError) as err:
+            expected = config.get("save_id")
+            if expected is not None and save_id != expected:
+                raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one "
+                                 "was interrupted between writing them); save the adapter again")
+            return read(f)
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
-    expected = config.get("save_id")
-    if expected is not None and save_id != expected:
-        raise ValueError(f"{path}: {WEIGHTS_FILE} and {CONFIG_FILE} come from two different saves (one was "
-                         "interrupted between writing them); save the adapter again")
-    return tensors
 
 
 def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWeight], dict[str, Any]]:
@@ -418,11 +435,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """
     config = read_config(path)
     tensors = load_tensors(path, config)
+    _check_keys(path, config, tensors)
     targets, trainable = config["targets"], config["trainable"]
-    expected = {f"{p}/{f}" for p in targets for f in ("a", "b")} | set(trainable)
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or extra:
-        raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
     prefix, saved = (config.get("metadata") or {}).get("model_prefix"), [*targets, *trainable]
     have = dict(leaves_with_paths(base_params, is_leaf=is_param)) if prefix else {}
     if prefix and any(p not in have for p in saved) and all(
@@ -459,6 +473,14 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     return replace_leaves(base_params, new, is_leaf=is_param)
 
 
+def _check_keys(path: str | os.PathLike, config: dict, tensors: Iterable[str]) -> None:
+    """Refuse an adapter whose weights file holds other keys than its config names."""
+    expected = {f"{p}/{f}" for p in config["targets"] for f in ("a", "b")} | set(config["trainable"])
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:5]}, extra {extra[:5]}")
+
+
 def describe(path: str | os.PathLike) -> str:
     """What an adapter holds: targets, ranks, parameter counts, size on disk.
 
@@ -471,13 +493,14 @@ def describe(path: str | os.PathLike) -> str:
         parameters: 16 LoRA + 0 fully trained; ... KiB on disk
     """
     config = read_config(path)
-    tensors = load_tensors(path, config)
+    shapes = tensor_shapes(path, config)
+    _check_keys(path, config, shapes)
     lines = [f"adapter: {Path(path)}"]
     meta = config.get("metadata") or {}
     for key in sorted(meta):
         lines.append(f"{key}: {meta[key]}")
-    n_lora = sum(tensors[f"{p}/a"].size + tensors[f"{p}/b"].size for p in config["targets"])
-    n_full = sum(tensors[p].size for p in config["trainable"])
+    n_lora = sum(math.prod(shapes[f"{p}/{factor}"]) for p in config["targets"] for factor in "ab")
+    n_full = sum(math.prod(shapes[p]) for p in config["trainable"])
     ranks = sorted({spec["rank"] for spec in config["targets"].values()})
     lines.append(f"targets: {len(config['targets'])} kernels, rank {', '.join(map(str, ranks)) or '-'}")
     for p, spec in sorted(config["targets"].items()):

@@ -36,6 +36,31 @@ def test_round_trip_is_exact_and_stores_only_the_trainable_half(tmp_path):
     assert "q/kernel  8x8  layout io  r=2" in text and "base_model: tiny" in text
 
 
+def test_describe_counts_what_the_weights_file_holds_and_refuses_a_mismatch(tmp_path, monkeypatch):
+    """``describe`` (``jlora info``) counts the parameters from the weights file's header, without
+    reading an array, and refuses weights that do not match the config as loading does."""
+    from safetensors import safe_open
+
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    trained = jlora.split(p)[0]
+    n_lora = sum(x.size for node in jax.tree.leaves(trained, is_leaf=jlora.weight.is_node)
+                 if isinstance(node, jlora.LoraWeight) for x in (node.a, node.b))
+    with safe_open(str(tmp_path / "ad" / "adapter.safetensors"), "np") as f:
+        opened = type(f)
+    monkeypatch.setattr(opened, "get_tensor", lambda *a: pytest.fail("describe read an array"), raising=False)
+    assert f"parameters: {n_lora:,} LoRA + 8 fully trained;" in describe(tmp_path / "ad")
+    monkeypatch.undo()
+    from safetensors.numpy import load_file, save_file
+    weights = str(tmp_path / "ad" / "adapter.safetensors")
+    save_id = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["save_id"]
+    kept = {k: v for k, v in load_file(weights).items() if k != "q/kernel/b"}
+    save_file(kept, weights, metadata={"save_id": save_id})
+    for read in (lambda: load_adapter(tmp_path / "ad", base), lambda: describe(tmp_path / "ad")):
+        with pytest.raises(ValueError, match=r"do not match its config: missing \['q/kernel/b'\]"):
+            read()
+
+
 def _write_tensor(adapter, key, value):
     """Put ``value`` at ``key`` in a saved adapter's weights, as a hand edit would."""
     from safetensors.numpy import load_file, save_file
@@ -105,8 +130,9 @@ def test_a_save_interrupted_between_its_two_files_is_refused_on_load(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         save_adapter(tmp_path / "ad", perturb(p, jax.random.key(9)), lora_config=cfg.replace(alpha=64))
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(ValueError, match="come from two different saves"):
-        load_adapter(tmp_path / "ad", base)
+    for read in (lambda: load_adapter(tmp_path / "ad", base), lambda: describe(tmp_path / "ad")):
+        with pytest.raises(ValueError, match="come from two different saves"):
+            read()
     save_adapter(tmp_path / "ad", p, lora_config=cfg)  # saving again mends it, and clears the leftovers
     jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p)
     assert not list((tmp_path / "ad").glob(".jlora-write-*"))
