@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.layout import Layout
 from jlora.paths import compile_patterns
@@ -233,9 +234,11 @@ def check_key(key: Any, where: str) -> None:
         >>> import jax
         >>> check_key(jax.random.key(0), "lora_init")
     """
-    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
-    legacy = dtype == jnp.uint32 and shape in ((2,), (4,))  # threefry; rbg and unsafe_rbg
+    array = isinstance(key, (jax.Array, np.ndarray))  # not an object whose attributes are made on demand (nnx.Rngs)
+    dtype, shape = (key.dtype, key.shape) if array else (None, None)
+    typed = array and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    legacy = array and dtype == jnp.uint32 and shape in ((2,), (4,))  # threefry; rbg and unsafe_rbg
     if not (typed or legacy):
-        what = f"{dtype}{list(shape)}" if shape is not None else repr(key)
-        raise ValueError(f"{where}: expected a PRNG key (jax.random.key(seed)), got {what}")
+        what = f"{dtype}{list(shape)}" if array else repr(key) if isinstance(key, (int, float, str)) else type_name(key)
+        hint = "; draw one from an nnx.Rngs: rngs.dropout()" if type(key).__module__.startswith("flax.nnx") else ""
+        raise ValueError(f"{where}: expected a PRNG key (jax.random.key(seed)), got {what}{hint}")

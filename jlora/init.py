@@ -44,7 +44,7 @@ def _is_trainable(leaf: Any) -> bool:
 
 def _describe(leaf: Any) -> str:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        array = f"{jnp.dtype(leaf.dtype).name}[{','.join(map(str, leaf.shape))}]"
+        array = f"{leaf.dtype}[{','.join(map(str, leaf.shape))}]"  # str: a PRNG key's dtype has no numpy name
         return f"lazy {type(leaf).__name__} {array}" if isinstance(leaf, Lazy) else array
     return type(leaf).__name__
 
@@ -83,17 +83,29 @@ def _all_linear(config: LoraConfig) -> bool:
     return config.targets in (None, ALL_LINEAR)
 
 
-def _why_untrainable(matched: Sequence[tuple[str, Any]]) -> str:
+def _updated_state(matched: Sequence[tuple[str, Any]], state: frozenset[str]) -> str:
+    """Why matches in ``state`` are neither adapted nor trained, for an error message; '' if none is."""
+    updated = [p for p, _ in matched if in_state(p, state)]
+    return (f" ({updated[:3]}: the forward pass updates them, not the optimizer; NNX variables other than "
+            "nnx.Param and linen collections other than 'params' are state, neither adapted nor trained)"
+            ) if updated else ""
+
+
+def _why_untrainable(matched: Sequence[tuple[str, Any]], state: frozenset[str]) -> str:
     """Why a ``trainable`` pattern's matches gave nothing to train, for its error message."""
+    if updated := _updated_state(matched, state):
+        return updated
     lazy = [f"{p}: {_describe(leaf)}" for p, leaf in matched if isinstance(leaf, Lazy)]
     return f" (its leaves {lazy[:3]} are lazy: only plain float arrays can be trained in full)" if lazy else ""
 
 
-def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern]) -> str:
+def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern], state: frozenset[str]) -> str:
     """Why a target pattern's matches gave nothing to adapt, for its error message."""
     excluded = [p for p, _ in matched if any(ex.match(p) for ex in exclude)]
     if excluded:
         return f" (LoraConfig.exclude leaves out {excluded[:3]})"
+    if updated := _updated_state(matched, state):
+        return updated
     if any(p.endswith("/embedding") for p, _ in matched):
         return " (an embedding table is adapted only by a pattern naming its module)"
     kernels = [f"{p}: {_describe(leaf)}" for p, leaf in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
@@ -174,7 +186,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             raise ValueError(f"lora_init: '{path}' is {mutable} (mutable), not an array: jlora adapts and trains "
                              "arrays. For a Flax NNX model in ref or hijax variable mode, pass nnx.with_vars(model, "
                              "ref=False, hijax=False); for a tree of Refs, read them: jax.tree.map(lambda r: r[...], params)")
-        if any(ex.match(path) for ex in exclude):
+        if any(ex.match(path) for ex in exclude) or in_state(path, state):  # state: updated by the forward pass
             chosen = False
         elif all_linear:
             chosen = _is_linear_kernel(path, leaf)
@@ -205,14 +217,11 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
                 raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
-            if not _is_trainable(leaf) and pat.match(path) == LEAF:
+            if not _is_trainable(leaf) and pat.match(path) == LEAF and not in_state(path, state):
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
                                  "only float arrays can be trained")
-            if in_state(path, state) and pat.match(path) == LEAF:
-                raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', an NNX variable that is not "
-                                 "an nnx.Param or a linen collection other than 'params' (batch statistics, a cache): "
-                                 "the forward pass updates it, not the optimizer")
-        # a subtree's counters, flags, quantized kernels and NNX state (batch statistics) stay frozen
+        # a subtree's counters, flags, quantized kernels and NNX state (batch statistics, RNG keys)
+        # stay frozen; a pattern that names nothing else is refused below
         tuned = [pat for pat in tuned if _is_trainable(leaf) and not in_state(path, state)]
         for pat in tuned:
             hits[pat] += not chosen
@@ -226,7 +235,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             matched = [(p, leaf) for p, leaf in entries if pat.match(p)]
             raise ValueError(
                 f"LoraConfig.{option}: pattern {pat.text!r} matches no param"
-                + (" it can use" + (_why_unused(matched, exclude) if option == "targets" else _why_untrainable(matched)) if matched else "")
+                + (" it can use" + (_why_unused(matched, exclude, state) if option == "targets" else _why_untrainable(matched, state)) if matched else "")
                 + _no_match(option, pat.text, paths, entries)
             )
     if not adapt:

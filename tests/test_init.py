@@ -349,9 +349,43 @@ def test_nnx_batch_statistics_are_state_not_trainable_params():
     for tree in (Net(nnx.Rngs(0)), nnx.split(Net(nnx.Rngs(0)))[1]):
         p = lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn"]))
         assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["bn/bias", "bn/scale"]
-        with pytest.raises(ValueError, match=r"trainable 'bn/mean' matches 'bn/mean', an NNX variable that is not an "
-                                             r"nnx.Param .*the forward pass updates it"):
+        with pytest.raises(ValueError, match=r"trainable: pattern 'bn/mean' matches no param it can use \(\['bn/mean'\]: "
+                                             r"the forward pass updates them, not the optimizer; NNX variables other "
+                                             r"than nnx.Param"):
             lora_init(KEY, tree, LoraConfig(rank=2, targets=["l1"], trainable=["bn/mean"]))
+
+
+def test_nnx_state_variables_are_not_adapted_even_where_a_target_names_them():
+    """NNX variables other than params (an ``nnx.Rngs``' key, a buffer of a ``Variable`` subclass)
+    are updated by the forward pass, never by the optimizer: a target naming them passes over
+    them (PEFT's ``key`` names a ``MultiHeadAttention``'s projection and its dropout's RNG key),
+    and a target naming only them is refused, saying why."""
+    from flax import nnx
+
+    attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, dropout_rate=0.1, decode=False,
+                                  rngs=nnx.Rngs(0, dropout=1))
+    state = nnx.split(attn)[1]
+    p = lora_init(KEY, state, LoraConfig(rank=2, targets=["query", "key", "value"], layouts={"kernel": "ioo"}))
+    assert sorted(row[0] for row in jlora.summary(p).targets) == ["key/kernel", "query/kernel", "value/kernel"]
+    p = lora_init(KEY, state, LoraConfig(rank=2, targets=["query"], trainable=["key"], layouts={"kernel": "ioo"}))
+    assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["key/bias", "key/kernel"]
+
+    class Buffer(nnx.Variable):
+        pass
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+            self.table = Buffer(jnp.ones((8, 8)))
+            self.fixed = nnx.Module()
+            self.fixed.kernel = Buffer(jnp.ones((8, 8)))  # a fixed projection, not trained
+
+    state = nnx.split(Net(nnx.Rngs(0)))[1]
+    p = lora_init(KEY, state, LoraConfig(rank=2))  # all-linear
+    assert [row[0] for row in jlora.summary(p).targets] == ["lin/kernel"]
+    with pytest.raises(ValueError, match=r"targets: pattern 'table' matches no param it can use \(\['table'\]: the "
+                                         r"forward pass updates them"):
+        lora_init(KEY, state, LoraConfig(rank=2, targets=["lin", "table"], layouts={"table": "io"}))
 
 
 def test_linen_collections_beside_params_are_state_not_trainable_params():
@@ -369,8 +403,9 @@ def test_linen_collections_beside_params_are_state_not_trainable_params():
     assert sorted(row[0] for row in jlora.summary(p).fully_trained) == ["params/BatchNorm_0/bias",
                                                                          "params/BatchNorm_0/scale"]
     assert jlora.summary(p).total == 4 * 8 + 8 + 2 * 8 + 2 * (4 + 8)  # no batch statistics counted
-    with pytest.raises(ValueError, match=r"'batch_stats/BatchNorm_0/var', an NNX variable that is not an nnx.Param or "
-                                         r"a linen collection other than 'params'"):
+    with pytest.raises(ValueError, match=r"\['batch_stats/BatchNorm_0/var'\]: the forward pass updates them, not the "
+                                         r"optimizer; NNX variables other than nnx.Param and linen collections other "
+                                         r"than 'params' are state"):
         lora_init(KEY, variables, LoraConfig(rank=2, targets=["Dense_0"], trainable=["batch_stats/BatchNorm_0/var"]))
     # a tree that merely holds a module named 'params' (an NNX module's state) is no linen variables dict
     from flax import nnx

@@ -410,6 +410,9 @@ def test_one_half_alone_or_a_bad_rng_is_refused():
         forward(frozen, jnp.ones((1, 4)))
     with pytest.raises(ValueError, match=r"lora_rng: expected a PRNG key .* got 3"):
         forward(p, jnp.ones((1, 4)), lora_rng=3)
+    from flax import nnx
+    with pytest.raises(ValueError, match=r"got flax.nnx.rnglib.Rngs; draw one from an nnx.Rngs: rngs.dropout\(\)"):
+        forward(p, jnp.ones((1, 4)), lora_rng=nnx.Rngs(0))  # whose attributes are streams, its dtype one too
     for legacy in (jax.random.PRNGKey(0), jnp.zeros(4, jnp.uint32)):  # threefry's 2 words, rbg's 4
         forward(p, jnp.ones((1, 4)), lora_rng=legacy)
     with pytest.raises(ValueError, match="has a parameter named 'lora_rng'"):
