@@ -229,6 +229,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         bare = without_variables(updates)
+        if not any(is_node(x) for x in jax.tree.leaves(bare, is_leaf=is_node)):
+            raise ValueError("jlora.optimizer: the gradients hold no adapters (no LoraWeight or Trainable): take "
+                             "them with respect to the LoRA params (their trainable half), not the merged or base "
+                             "params")
         trainable, frozen = split(bare)
         trainable_params = None if params is None else split(without_variables(params))[0]
         if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)

@@ -282,6 +282,10 @@ def test_gradients_of_another_model_are_refused_by_path():
     one_layer = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, alpha=4, targets=["l1"]))
     with pytest.raises(ValueError, match=r"only in the params: \['l2/kernel/a'"):
         tx.update(jlora.split(one_layer)[0], state, jlora.split(one_layer)[0] | {"l2": trainable["l2"]})
+    merged_grads = jax.grad(lambda p: jnp.sum(p["l1"]["kernel"] @ p["l2"]["kernel"]))(jlora.merge(ours))
+    for params in (None, trainable):  # taken with respect to the merged params: no adapter in them
+        with pytest.raises(ValueError, match=r"the gradients hold no adapters .*not the merged or base params"):
+            tx.update(merged_grads, state, params)
     tx.update(trainable, state, trainable)  # the right ones pass
 
 
