@@ -79,8 +79,10 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__
         diff = [p for p in sorted(set(nodes1) | set(nodes2)) if meta(nodes1.get(p)) != meta(nodes2.get(p))]
         container = _container_difference(s1, s2)
-        detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta(nodes1.get(diff[0]))} in {names[0]}, "
-                  f"{meta(nodes2.get(diff[0]))} in {names[1]}" if diff else
+        meta1, meta2 = (meta(nodes.get(diff[0])) if diff else None for nodes in (nodes1, nodes2))
+        scales = isinstance(meta1, dict) and isinstance(meta2, dict) and meta1["scale"] != meta2["scale"]
+        detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta1} in {names[0]}, {meta2} in {names[1]}"
+                  + (" (LoRA scales of another rank or alpha: from two lora_init calls?)" if scales else "") if diff else
                   f": at '{container[0]}' {names[0]} has {container[1]}, {names[1]} {container[2]}"
                   if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
