@@ -156,11 +156,11 @@ def _merge(args: argparse.Namespace) -> int:
     model, tokenizer, lora, _ = load_job(args.adapter, model_dir)
     prefix = meta.get("model_prefix")
     params = jlora.merge(lora[prefix] if prefix else lora)
-    model.save_pretrained(args.out, params=params)
-    if args.torch:
+    if args.torch:  # first: it refuses weights PyTorch's class cannot take before anything is written
         from jlora.hf import save_torch
 
         save_torch(model, params, args.out)
+    model.save_pretrained(args.out, params=params)
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}" + (" (Flax and PyTorch weights)" if args.torch else ""))
     outside = sorted(p for p in config["trainable"] if prefix and not p.startswith(prefix + "/"))

@@ -224,7 +224,7 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
         True
     """
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise ValueError("writing PyTorch weights needs PyTorch: pip install torch") from None
     import transformers
@@ -248,7 +248,15 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     if torch_class is None:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
     torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
+    with torch.no_grad():  # NaN marks each weight the converter has not written (it only logs those)
+        for weight in torch_model.parameters():
+            weight.fill_(float("nan"))
     load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
+    unfilled = [name for name, weight in torch_model.named_parameters() if bool(torch.isnan(weight).all())]
+    if unfilled:  # a Flax module named unlike its PyTorch twin (ResNet's basic layer: layer/layer_0, layer.0)
+        raise ValueError(f"save_torch: transformers' Flax-to-PyTorch converter fills no value into {unfilled[:3]}"
+                         + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "") + f" of {name}: the "
+                         "Flax and PyTorch classes name those modules differently, so no PyTorch model is written")
     torch_model.save_pretrained(directory, safe_serialization=True)
     for file in Path(directory).glob("model*.safetensors"):
         as_opened(file)

@@ -141,6 +141,14 @@ def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
 
     with pytest.raises(ValueError, match="FlaxNoSuchModel has no PyTorch class NoSuchModel"):
         hf.save_torch(FlaxNoSuchModel(), {}, tmp_path)
+    # HF's Flax ResNet of basic layers names their convs layer/layer_0, PyTorch layer.0: transformers'
+    # converter only logs the weights it leaves at their random init
+    resnet = tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                depths=[1, 1], layer_type="basic"))
+    with pytest.raises(ValueError, match=r"converter fills no value into \['encoder.stages.0.layers.0.layer.0."
+                                         r"convolution.weight', .* and \d+ more of ResNetModel"):
+        hf.save_torch(resnet, resnet.params, tmp_path / "resnet")
+    assert not (tmp_path / "resnet").exists()
 
 
 def test_gpt2_conv1d_layout_is_declared_out_in():
