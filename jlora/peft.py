@@ -85,6 +85,20 @@ def module_name(path: str) -> str:
     return path[: -len(leaf) - 1].replace("/", ".")
 
 
+def _torch_style(path: str) -> str:
+    """``path`` with each module of an unnamed list that a module of its own holds named as PyTorch's
+    ``nn.Sequential`` names it: linen names them ``<attr>_<i>`` (HF's Flax ResNet of basic layers:
+    ``layer/layer_0``), PyTorch ``<i>`` (``layer.0``). Every other path stays as it is.
+
+    Example:
+        >>> _torch_style("stages/0/layers/0/layer/layer_1/convolution/kernel")
+        'stages/0/layers/0/layer/1/convolution/kernel'
+    """
+    parts = path.split("/")
+    listed = lambda i: i > 0 and parts[i].startswith(parts[i - 1] + "_") and parts[i][len(parts[i - 1]) + 1:].isdigit()
+    return "/".join(part[len(parts[i - 1]) + 1:] if listed(i) else part for i, part in enumerate(parts))
+
+
 # Flax leaf name -> PyTorch parameter name inside a module; any other leaf (DINOv2's layer scale
 # ``lambda1``, a ``cls_token``) has the same name in both.
 TORCH_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
@@ -208,7 +222,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     params = _module_params(params)[0]
-    entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized kernel is one leaf
+    entries = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=is_param)]  # a quantized kernel: one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
@@ -228,7 +242,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     # "classifier" takes "pre_classifier" too), each saved whole, trained or not
     in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
     missing = [p for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
-               if x is None and in_saved(p)]
+               if x is None and in_saved(_torch_style(p))]
     if missing:
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
@@ -613,7 +627,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
     base_params, put_back = _module_params(base_params)
-    by_path = check_base(path, base_params)
+    by_flax_path = check_base(path, base_params)
+    flax_path = {_torch_style(p): p for p in by_flax_path}  # from PyTorch's module names, '/'-joined
+    by_path = {_torch_style(p): x for p, x in by_flax_path.items()}
     factors: dict[str, dict[str, np.ndarray]] = {}
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
@@ -705,10 +721,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: module {name!r} has rank {r} but the config says {expected_r}")
         alpha = alpha_of(name)
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        new[p] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout, path=p,
-                            dropout=float(dropout))
+        new[flax_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout,
+                                       path=flax_path[p], dropout=float(dropout))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
-        new[p] = Trainable(jnp.asarray(value, by_path[p].dtype))
+        new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     unloaded = _unloaded_targets(config, by_path, set(factors))
     if unloaded:
         warnings.warn(f"{path}: the config targets {len(unloaded)} module(s) the adapter holds no factors for, left "

@@ -666,21 +666,46 @@ def test_a_conv_kernel_trained_whole_crosses_both_ways(tmp_path):
                                _torch_out(made, pixel_values=pixels), rtol=1e-4, atol=1e-4)
 
 
-def test_a_model_with_batch_statistics_crosses_both_ways(tmp_path):
+def _resnet_twin(model):
+    """The PyTorch ResNet with ``model``'s base weights, copied by hand: transformers' converter
+    misses the basic layers' convs, which Flax names ``layer/layer_0`` and PyTorch ``layer.0``."""
+    import re
+    from jlora.paths import leaves_with_paths
+
+    torch_model = tf.ResNetModel(model.config).eval()
+    state = torch_model.state_dict()
+    torch_name = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+    for collection in ("params", "batch_stats"):
+        for p, x in leaves_with_paths(model.params[collection]):
+            module, leaf = re.sub(r"layer/layer_(\d+)", r"layer/\1", p).rsplit("/", 1)
+            x = np.asarray(x)
+            state[f"{module.replace('/', '.')}.{torch_name.get(leaf, leaf)}"] = torch.tensor(
+                x.transpose(3, 2, 0, 1) if x.ndim == 4 else x)
+    assert torch_model.load_state_dict(state, strict=True)
+    return torch_model
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
+def test_a_model_with_batch_statistics_crosses_both_ways(layer_type, tmp_path):
     """ResNet's Flax params are {"params", "batch_stats"}: PyTorch's module names start inside
-    "params" (saved with the prefix, PEFT matched no module)."""
-    model = tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
-                               input_shape=(1, 32, 32, 3))
+    "params" (saved with the prefix, PEFT matched no module). Its basic layers' convs are
+    layer/layer_0 in Flax, layer.0 in PyTorch (saved under Flax's names, PEFT adapted the others only)."""
+    model = tf.FlaxResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                               layer_type=layer_type), input_shape=(1, 32, 32, 3))
     pixels = np.asarray(jax.random.normal(jax.random.key(0), (1, 3, 32, 32)))
+    np.testing.assert_allclose(_torch_out(_resnet_twin(model), pixel_values=pixels),
+                               model(pixels).last_hidden_state, rtol=1e-4, atol=1e-4)  # the twin is the same model
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["convolution"], init_lora_weights=False)
-    made = peft.get_peft_model(_torch_twin(model, tf.ResNetModel), cfg).eval()
+    made = peft.get_peft_model(_resnet_twin(model), cfg).eval()
     made.save_pretrained(tmp_path / "peft")
     params = jlora.peft.load_adapter(tmp_path / "peft", model.params, model.config)
     assert set(params) == {"params", "batch_stats"}
+    adapted = [row[0] for row in jlora.summary(params).targets]
+    assert len(adapted) == sum(".lora_A." in k for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     got = jlora.apply(model.__call__)(pixels, params=params).last_hidden_state
     np.testing.assert_allclose(got, _torch_out(made, pixel_values=pixels), rtol=1e-4, atol=1e-4)
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)
-    theirs = peft.PeftModel.from_pretrained(_torch_twin(model, tf.ResNetModel), tmp_path / "back").eval()
+    theirs = peft.PeftModel.from_pretrained(_resnet_twin(model), tmp_path / "back").eval()
     np.testing.assert_allclose(_torch_out(theirs, pixel_values=pixels), got, rtol=1e-4, atol=1e-4)
 
 
