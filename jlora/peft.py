@@ -520,18 +520,24 @@ def _check_own_lookups(source: Path, tensors: dict, by_path: dict, hf_config: An
                              "and decoder's lookups changes of their own; leave embed_tokens out of the adapter")
 
 
-def _check_saved_not_nested(source: Path, tensors: dict) -> None:
+def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -> None:
     """Refuse a file in which a module PEFT trains whole sits inside another one it trains whole
-    (BigBird's ``qa_outputs`` in ``qa_classifier``, the QUESTION_ANS task type adding the inner
-    one): PEFT writes two copies of the inner module that it cannot load back itself."""
-    wrapped = {k[len(PREFIX):].split(".modules_to_save.")[0] for k in tensors
-               if k.startswith(PREFIX) and ".modules_to_save." in k}
-    for inner in sorted(wrapped):
-        outer = next((o for o in sorted(wrapped) if inner.startswith(o + ".")), None)
-        if outer:
+    (``whole``: the modules PEFT trains whole, its ``modules_to_save`` and the task's head):
+    BigBird's ``qa_outputs`` in ``qa_classifier``, the QUESTION_ANS task type adding the inner one;
+    ``"embeddings"``, which names BERT's ``embeddings`` and the tables in it. PEFT writes a file it
+    cannot load back itself, holding copies its forward pass did not use."""
+    for key in tensors:
+        if not key.startswith(PREFIX) or "lora_" in key or ".original_module." in key:
+            continue
+        wrapped = ".modules_to_save." in key  # the module PEFT wrapped, then its copy's tensors
+        parts = key[len(PREFIX):].split(".modules_to_save.")[0].split(".")[:None if wrapped else -1]
+        ends = [i for i in range(1, len(parts) + 1) if any(".".join(parts[:i]).endswith(m) for m in whole)]
+        if len(ends) > 1:
+            outer, inner = ".".join(parts[:ends[0]]), ".".join(parts[:ends[1]])
             raise ValueError(f"{source}: PEFT trained '{inner}' whole inside '{outer}', which it also trained whole "
-                             "(modules_to_save names both, or a task type added one): PEFT cannot load such a file "
-                             "back, nor can jlora; save it with modules_to_save naming the outer module only")
+                             f"(modules_to_save {list(whole)}: PEFT takes every module whose name ends with an entry, "
+                             "or a task type added one): PEFT cannot load such a file back, nor can jlora; save it "
+                             "with modules_to_save naming the outer module only")
 
 
 def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
@@ -635,7 +641,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
-    _check_saved_not_nested(path, tensors)
+    _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())])
     _check_head_exists(path, tensors, by_path, hf_config)
     _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():

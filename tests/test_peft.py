@@ -500,6 +500,17 @@ def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
     model = tf.FlaxBigBirdForQuestionAnswering(config)
     with pytest.raises(ValueError, match=r"PEFT trained 'qa_classifier.qa_outputs' whole inside 'qa_classifier'"):
         jlora.peft.load_adapter(tmp_path, model.params, model.config)
+    # "embeddings" names BERT's embeddings and each table in it: PEFT 0.21 writes the tables of the
+    # inner copies (which its forward pass does not use) under plain names
+    model = TINY["bert"]()
+    made = peft.get_peft_model(_torch_twin(model, tf.BertForSequenceClassification),
+                               peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["embeddings"]))
+    made.save_pretrained(tmp_path / "embeddings")
+    assert not any(".modules_to_save." in k for k in load_file(tmp_path / "embeddings" / "adapter_model.safetensors"))
+    with pytest.raises(KeyError):  # PEFT's own round trip
+        peft.PeftModel.from_pretrained(_torch_twin(model, tf.BertForSequenceClassification), tmp_path / "embeddings")
+    with pytest.raises(ValueError, match=r"PEFT trained 'bert.embeddings.\w+' whole inside 'bert.embeddings'"):
+        jlora.peft.load_adapter(tmp_path / "embeddings", model.params, model.config)
 
 
 def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
