@@ -49,6 +49,7 @@ BASE_COPY = ".base_layer.weight"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft.TaskType
 # Architectures of a classifier: no LM head (to tie to the input embedding).
 CLASSIFIERS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 # Flax variable collections other than params, beside them in a model's tree.
@@ -218,6 +219,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     from safetensors.numpy import save_file
 
     _check_hf_config("jlora.peft.save_adapter", hf_config)
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ValueError(f"jlora.peft.save_adapter: base_model_name_or_path must be a hub name or a directory, got "
+                         f"{type(base_model_name_or_path).__name__}")
     check_saveable("jlora.peft.save_adapter", params)
     here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
@@ -348,6 +354,9 @@ def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], tr
         if inferred == "SEQ_2_SEQ_LM" and hf_config.model_type in NOT_TEXT_TO_TEXT:
             return None
         return None if _head_problem(inferred, targets, trained) else inferred
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r} is none of PEFT's task types "
+                         f"{list(PEFT_TASK_TYPES)}; pass one, 'infer' or None")
     problem = _head_problem(task_type, targets, trained)
     if problem:
         raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem}; pass task_type=None (PEFT "

@@ -756,6 +756,15 @@ def test_what_peft_cannot_hold_is_refused_on_save(tmp_path):
     with pytest.raises(ValueError, match="'logit_scale' is a param of the model itself, not of a module"):
         jlora.peft.save_adapter(tmp_path / "top", {**lm.params, "logit_scale": jlora.Trainable(jnp.ones(()))},
                                 model.config)
+    for task_type in ("causal_lm", "FOO"):  # PEFT would write it, then refuse to load it
+        with pytest.raises(ValueError, match=rf"task_type='{task_type}' is none of PEFT's task types \['SEQ_CLS'"):
+            jlora.peft.save_adapter(tmp_path / "task", lm.params, model.config, task_type=task_type)
+    with pytest.raises(ValueError, match="base_model_name_or_path must be a hub name or a directory, got int"):
+        jlora.peft.save_adapter(tmp_path / "task", lm.params, model.config, base_model_name_or_path=3)
+    assert not (tmp_path / "task").exists()
+    jlora.peft.save_adapter(tmp_path / "named", lm.params, model.config, base_model_name_or_path=tmp_path / "base")
+    saved = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
 
 
 def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tmp_path):
