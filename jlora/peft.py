@@ -277,8 +277,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             raise ValueError(f"'{p}': layout '{lw.layout}' has no PEFT form (2-D kernels and 2-D convs only)")
         embedding = p.endswith("/embedding")  # PEFT's Embedding: lora_embedding_A (r, vocab), _B (dim, r)
         if not embedding and str(lw.layout) != "iiio" and (str(lw.layout) == "oi") != _is_conv1d(hf_config, module_name(p)):
+            want = "oi" if _is_conv1d(hf_config, module_name(p)) else "io"
             raise ValueError(f"'{p}': layout '{lw.layout}' does not match {_model_type(hf_config, module_name(p))}'s "
-                             "PyTorch layout")
+                             f"PyTorch layout: its Flax kernel is {'(out, in)' if want == 'oi' else '(in, out)'}, layout "
+                             f"'{want}'; make the adapters with jlora.hf.lora_init, which reads the layouts off the "
+                             f"model, or declare LoraConfig(layouts={{'{p.rsplit('/', 2)[-2]}': '{want}'}})")
         if embedding:
             _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
             _check_not_positions(f"jlora.peft.save_adapter: '{p}'", p)
@@ -561,6 +564,19 @@ def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: An
                              "embedding (tie_word_embeddings): it has no head of its own to load them onto")
 
 
+def _other_level(p: str, by_path: dict) -> str:
+    """A hint for a path the base lacks that it has one level down (the adapter saved from the bare
+    model, ``LlamaModel``, read onto one with a head) or up (the other way round); '' if neither."""
+    inside = sorted({q[: -len(p) - 1] for q in by_path if q.endswith("/" + p)})
+    if inside:
+        return (f"; the base has it under '{inside[0]}': the adapter was saved from the model without its head "
+                f"(PEFT on the bare model class): read it onto the params at '{inside[0]}', then put them back")
+    if "/" in p and p.split("/", 1)[1] in by_path:
+        return (f"; the base has '{p.split('/', 1)[1]}': the adapter was saved from a model with a head around "
+                f"this one (its names start '{p.split('/', 1)[0]}.'): read it onto that model's params")
+    return ""
+
+
 def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str:
     """The Flax path of a saved module's PyTorch parameter (``weight`` is a kernel, embedding or scale)."""
     prefix = module.replace(".", "/")
@@ -706,7 +722,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         p = name.replace(".", "/") + ("/embedding" if name in embeddings else "/kernel")
         if p not in by_path:
-            raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}")
+            raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}"
+                             + _other_level(p, by_path))
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if name in embeddings:

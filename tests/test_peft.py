@@ -174,6 +174,21 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     jlora.peft.save_adapter(tmp_path / "ok", lm.params, model.config)
     with pytest.raises(ValueError, match="another base model"):
         jlora.peft.load_adapter(tmp_path / "ok", other.params, other.config)
+    # the same model a level down or up: PEFT on the bare LlamaModel, read onto the causal LM and back
+    with pytest.raises(ValueError, match=r"no Flax param 'model/layers/0/self_attn/q_proj/kernel' .*; the base has "
+                                         r"'layers/0/self_attn/q_proj/kernel': the adapter was saved from a model "
+                                         r"with a head around this one \(its names start 'model.'\)"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params["model"], model.config)
+    peft.get_peft_model(tf.LlamaModel(model.config), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"no Flax param 'layers/0/self_attn/q_proj/kernel' .*; the base has it under "
+                                         r"'model': the adapter was saved from the model without its head"):
+        jlora.peft.load_adapter(tmp_path / "bare", model.params, model.config)
+    plain = jlora.lora_init(jax.random.key(0), other.params, jlora.LoraConfig(rank=2, targets=["c_attn"]))
+    with pytest.raises(ValueError, match=r"layout 'io' does not match gpt2's PyTorch layout: its Flax kernel is "
+                                         r"\(out, in\), layout 'oi'; make the adapters with jlora.hf.lora_init, .* "
+                                         r"LoraConfig\(layouts=\{'c_attn': 'oi'\}\)"):
+        jlora.peft.save_adapter(tmp_path / "gpt2", plain, other.config)
     # options jlora cannot represent, from a newer PEFT or edited in, are refused, never dropped
     _, torch_model = pair("llama", tmp_path)
     alora = peft.LoraConfig(r=2, target_modules=["q_proj"], alora_invocation_tokens=[9, 10], task_type="CAUSAL_LM")
