@@ -13,6 +13,7 @@ Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproje
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Sequence
 
 import jax
@@ -169,6 +170,24 @@ def eqn_context(eqn: Any) -> Any:
     ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode.
     JAX's own ``eval_jaxpr`` enters ``eqn.ctx.manager`` for each equation (JAX 0.4.36+)."""
     return eqn.ctx.manager
+
+
+def traced_at(eqn: Any, internal: tuple[str, ...]) -> str:
+    """Where the user's code made ``eqn``, for a warning: the innermost frame of its traceback
+    outside JAX and the ``internal`` directories, and the innermost outside installed packages too
+    where that is another (a linen ``Dense``, called from the model's file); '' where JAX keeps no
+    traceback. Frames come from jaxlib's ``Traceback.frames`` (innermost first, the same through
+    0.11), not from ``jax._src.source_info_util``, whose functions changed arguments in 0.7."""
+    try:
+        frames = [(f.file_name, f.line_num, f.function_name) for f in eqn.source_info.traceback.frames]
+    except AttributeError:
+        return ""
+    outside = [f for f in frames if not f[0].startswith(internal)]
+    mine = next((f for f in outside if "-packages" + os.sep not in f[0]), None)
+    say = lambda f: f"{f[0].split('-packages' + os.sep)[-1]}:{f[1]} ({f[2]})"
+    if not outside:
+        return ""
+    return say(outside[0]) + (f", from {say(mine)}" if mine is not None and mine != outside[0] else "")
 
 
 def open_jaxpr(jaxpr: Any) -> tuple[Any, list]:

@@ -17,6 +17,7 @@ import itertools
 import numbers
 import os
 import re
+import sys
 import threading
 import warnings
 from collections import Counter, OrderedDict
@@ -38,6 +39,9 @@ Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
 _WARNED: set[tuple[tuple[str, str], bool]] = set()  # ((what, param), dropout lost)
 _RESETS = 0  # reset_warnings calls so far
+_EVALUATING = threading.local()  # .eqns: the equations with lazy inputs being evaluated, innermost last
+# Where no frame is the user's: JAX's, jlora's and the standard library's files
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np, inspect)) + (os.path.dirname(__file__) + os.sep,)
 
 
 class MaterializeWarning(UserWarning):
@@ -53,8 +57,8 @@ class MaterializeWarning(UserWarning):
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")
         ...     _ = apply(lambda w: jnp.sin(w))(lw)  # sin takes the weight whole
-        >>> print(seen[0].message)
-        jlora: LoraWeight at 'doc/w' materialised at 'sin'. The result is exact; only the factored fast path was skipped.
+        >>> print(seen[0].message)  # doctest: +ELLIPSIS
+        jlora: LoraWeight at 'doc/w' materialised at 'sin' in <doctest ...>:3 (<lambda>). The result is exact; only the factored fast path was skipped.
     """
 
 
@@ -153,12 +157,31 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
     _WARNED.update({(key, False), (key, undropped)})
     outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
                if undropped else "The result is exact; only the factored fast path was skipped")
+    eqns = _evaluating()
+    traced = _compat.traced_at(eqns[-1], _INTERNAL) if eqns else ""
     warnings.warn(
         f"jlora: {value.describe()}{'' if own or not where else f' ({where})'} materialised at '{what}'"
-        f"{': ' + why if why else ''}. {outcome}.",
+        f"{f' in {traced}' if traced else ''}{': ' + why if why else ''}. {outcome}.",
         MaterializeWarning,
-        stacklevel=3,
+        stacklevel=_user_stacklevel(),
     )
+
+
+def _evaluating() -> list:
+    """This thread's stack of the equations with lazy inputs being evaluated, innermost last."""
+    if not hasattr(_EVALUATING, "eqns"):
+        _EVALUATING.eqns = []
+    return _EVALUATING.eqns
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning from jlora's caller's caller: the innermost frame outside
+    jlora, JAX and the standard library (the user's call of the wrapped function, or the step it
+    is traced in), as ``warnings.warn`` counts from this function's caller."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def reset_warnings() -> None:
@@ -335,18 +358,23 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     lazy = [x for x in invals if is_lazy(x)]
     outs: Any = NotImplemented
     if lazy:
-        rule = find_rule(eqn.primitive, type(lazy[0]))
-        if rule is not None:
-            outer, ctx.frame = ctx.frame, frame
-            try:
-                with _compat.eqn_context(eqn):  # the rule's ops in the context the equation was traced in
-                    outs = rule(ctx, eqn, invals)
-            finally:
-                ctx.frame = outer
-            if outs is not NotImplemented:
-                _check_outputs(rule, eqn, outs)
-        if outs is NotImplemented:
-            invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx)
+        evaluating = _evaluating()
+        evaluating.append(eqn)  # a fallback's warning says where the function made it
+        try:
+            rule = find_rule(eqn.primitive, type(lazy[0]))
+            if rule is not None:
+                outer, ctx.frame = ctx.frame, frame
+                try:
+                    with _compat.eqn_context(eqn):  # the rule's ops in the context the equation was traced in
+                        outs = rule(ctx, eqn, invals)
+                finally:
+                    ctx.frame = outer
+                if outs is not NotImplemented:
+                    _check_outputs(rule, eqn, outs)
+            if outs is NotImplemented:
+                invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx)
+        finally:
+            evaluating.pop()
     if outs is NotImplemented:
         outs = _compat.bind(eqn, invals)
     return outs

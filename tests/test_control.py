@@ -1,5 +1,7 @@
 """Higher-order primitives with lazy inputs: the body is interpreted, the result is exact."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,7 +80,7 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
     int8 = Int8Weight(jax.random.randint(k[5], (3, 6, 6), -127, 128).astype(jnp.int8), jnp.full((6,), 0.01))
     with pytest.warns(MaterializeWarning) as seen:
         check_against_oracle(fn, {"w": outer(int8)}, X)
-    assert [str(w.message).split(". ")[0] for w in seen] == [
+    assert [re.sub(r" in .*?\(.*?\)", "", str(w.message)).split(". ")[0] for w in seen] == [
         "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily"]
 
 
@@ -223,7 +225,7 @@ def test_custom_jvp_with_lazy_input_keeps_the_rule(params):
         return y, 2.0 * (1 - y**2) * (dx @ w + x @ dw)  # deliberately 2x: the custom rule must be used
 
     fn = lambda p, x: f(x, p["w"])
-    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_jvp_call': its JVP rule"):
+    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_jvp_call' in .*: its JVP rule"):
         check_against_oracle(fn, params, X)
 
 
@@ -241,7 +243,7 @@ def test_custom_vjp_with_lazy_input_keeps_the_rule(params):
 
     f.defvjp(fwd, bwd)
     jlora.apply(lambda p, x: f(x, p["w"]))(params, X)  # no derivative, no materialisation: no warning
-    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_vjp_call': its fwd and bwd"):
+    with pytest.warns(MaterializeWarning, match="'w' materialised at 'custom_vjp_call' in .*: its fwd and bwd"):
         check_against_oracle(lambda p, x: f(x, p["w"]), params, X)
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import inspect
+import os
 import warnings
 
 import equinox as eqx
@@ -586,7 +587,7 @@ def test_a_lora_weight_times_a_quantized_kernel_uses_the_quantized_kinds_rule():
     q = jnp.round(10 * normal(jax.random.fold_in(KEY, 2), (8, 6))).astype(jnp.int8)
     int8 = Int8Weight(q, jnp.linspace(0.01, 0.02, 6))
     INT8_DOTS.clear()
-    with pytest.warns(jlora.MaterializeWarning, match="'lw' materialised at 'dot_general': both operands are lazy"):
+    with pytest.warns(jlora.MaterializeWarning, match="'lw' materialised at 'dot_general' in .*: both operands are lazy"):
         out = jlora.apply(lambda a, b: a @ b)(lw, int8)
     np.testing.assert_allclose(out, lw.materialize() @ int8.materialize(), rtol=1e-5, atol=1e-5)
     assert INT8_DOTS  # the int8 matmul, not a second fallback
@@ -646,10 +647,12 @@ def test_dropout_of_an_adapter_under_an_adapter_is_on():
 def test_a_fallback_says_when_it_leaves_lora_dropout_out():
     lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w", dropout=0.5)
     fn = jlora.apply(lambda p, x: jnp.sin(p["w"]) @ x)  # sin: no rule, the weight is materialised
-    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. The result is exact"):
-        fn({"w": lw}, jnp.ones(4))
+    with pytest.warns(jlora.MaterializeWarning, match=r"'w' materialised at 'sin' in .*test_lazy.py:\d+ "
+                                                      r"\(.*<lambda>\)\. The result is exact") as seen:
+        fn({"w": lw}, jnp.ones(4))  # where the function applied sin, and the warning points at this call
+    assert [os.path.basename(w.filename) for w in seen] == ["test_lazy.py"]
     # an evaluation without lora_rng first (as before training) does not hide the lost dropout
-    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin'. LoRA dropout is NOT applied to this use"):
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin' in .*\\. LoRA dropout is NOT applied to this use"):
         out = fn({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
     np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)
 
