@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp  # noqa: F401 (the examples use it)
+import jax.numpy as jnp
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
@@ -369,9 +369,9 @@ def _size(x: Any) -> int:
 
 def summary(tree: Any) -> Summary:
     """Trainable / total parameter counts, overall and per target (like PEFT's
-    ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state)
-    and a linen variables dict's collections beside ``params`` are not counted, as PyTorch buffers are
-    not; an NNX variable a module holds twice (a layer used twice) counts once. A half of ``split``
+    ``print_trainable_parameters``). NNX variables other than params (batch statistics, RNG state),
+    a linen variables dict's collections beside ``params``, integer arrays and PRNG keys are not
+    counted, as PyTorch buffers are not; an NNX variable a module holds twice (a layer used twice) counts once. A half of ``split``
     is refused (the frozen half has no factors, the trainable half no base): pass the whole tree.
 
     Example:
@@ -398,6 +398,6 @@ def summary(tree: Any) -> Summary:
             trainable += n
             total += n
             fully.append((path, "x".join(map(str, x.value.shape)), n))
-        else:
-            total += _size(x)
+        elif isinstance(x, Lazy) or jnp.issubdtype(getattr(x, "dtype", jnp.int32), jnp.inexact):
+            total += _size(x)  # not an integer array or a PRNG key: an index table, a counter, RNG state
     return Summary(trainable, total, tuple(targets), tuple(fully))

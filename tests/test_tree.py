@@ -189,6 +189,10 @@ def test_summary_counts_like_peft():
     assert (s.trainable, s.total) == (2 * (8 + 8) + 2 * (8 + 4) + 8, 64 + 32 + 8 + 32 + 24)
     text = str(s)
     assert "q/kernel" in text and "trainable params: 64 || all params: 160 || trainable%: 40.0000" in text
+    # integer arrays and PRNG keys are no params (an index table, a step counter, RNG state), as PyTorch's buffers
+    with_buffers = {**tree(), "positions": jnp.arange(100), "step": jnp.int32(3), "rng": jax.random.key(0),
+                    "rate": 0.1}
+    assert (jlora.summary(with_buffers).trainable, jlora.summary(with_buffers).total) == (s.trainable, s.total)
     members = jax.vmap(lambda k: jlora.lora_init(k, {"w": jnp.ones((8, 8))}, jlora.LoraConfig(rank=2, targets=["w"])))(
         jax.random.split(KEY, 3))  # an ensemble: a member's adapter each
     assert jlora.summary(members).targets[0][1:3] == ("3x8x8", "bio")
