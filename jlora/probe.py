@@ -332,7 +332,8 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
             if not _compatible(first, other):
                 warnings.warn(
                     f"jlora: kernel {path!r} is used with layouts '{first}' and '{other}'; "
-                    f"using '{first}' (the other use will materialise)",
+                    f"using '{first}' (a rule may still keep the other use factored; where none does, it materialises, "
+                    "and jlora.apply warns)",
                     stacklevel=2,
                 )
         layouts[path] = first
