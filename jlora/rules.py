@@ -425,8 +425,11 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     # output features as its input ones, so b runs first (x's features to the rank), then a's conv
     swapped = outs == {rhs_spec[1]} and ins == {rhs_spec[0], *rhs_spec[2:]}
     if layout.group("b") or not (swapped or (outs == {rhs_spec[0]} and ins == set(rhs_spec[1:]))):
-        warn_once("conv_general_dilated", lw, f"layout '{layout}' does not match the kernel's conv axes",
-                  undropped=ctx.drops(lw))
+        why = (f"its layout '{layout}' has a batch axis 'b' (a stack, or a vmap over the adapter), which a conv "
+               "cannot keep factored" if layout.group("b") else f"its layout '{layout}' does not match the conv's "
+               f"kernel axes (output features: axis {rhs_spec[0]}, input features: axis {rhs_spec[1]}, window: "
+               f"{list(rhs_spec[2:])})")
+        warn_once("conv_general_dilated", lw, why, undropped=ctx.drops(lw))
         return NotImplemented
     base = _bind(ctx, eqn, [x, lw.w], lw)[0]
     k_of = {ax: k for k, ax in enumerate(layout.group("i"))}
