@@ -56,7 +56,9 @@ class NotAnArray:
                             "function's arguments (closed over, or an attribute of the function): pass the params or "
                             "the module as an argument, jlora.apply(lambda params, x: ...)(params, x)")
         raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
-                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params)")
+                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params). To look at it, "
+                        "print it or read its fields (an NNX variable holding it: variable.get_value(), not "
+                        "variable[...])")
 
     __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply

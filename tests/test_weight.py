@@ -85,6 +85,12 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
         with pytest.raises(AttributeError, match="LoraWeight at 'w' was used as an array outside jlora.apply"):
             use()
     assert not hasattr(lw, "T")
+    from flax import nnx
+    layer = jlora.lora_init(jax.random.key(0), nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jlora.LoraConfig(rank=2))
+    with pytest.raises(TypeError, match=r"To look at it, .*variable.get_value\(\), not variable\[...\]"):
+        layer.kernel[...]  # Flax 0.12's accessor of a variable's array
+    assert isinstance(layer.kernel.get_value() if hasattr(layer.kernel, "get_value") else layer.kernel.value,
+                      jlora.LoraWeight)
 
 
 def test_a_lora_weight_closed_over_inside_apply_says_to_pass_it():
