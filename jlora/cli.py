@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show what an adapter holds", description="Show an adapter's targets, "
                                                                                  "ranks, parameter counts and size.")
-    info.add_argument("adapter", help="adapter directory (from jlora finetune --out DIR: DIR/adapter)")
+    info.add_argument("adapter", help="adapter directory (from jlora finetune --out DIR: DIR/adapter), or a PEFT "
+                                      "LoRA adapter's")
 
     merge = sub.add_parser("merge", help="write a merged HF model directory",
                            description="Merge an adapter into its base model and write a HF model directory: "
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             return _finetune(args)
         if args.command == "info":
-            from jlora.adapter import describe
-
+            if _is_peft(args.adapter):
+                from jlora.peft import describe
+            else:
+                from jlora.adapter import describe
             print(describe(args.adapter))
             return 0
         return _merge(args)
@@ -94,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the LoRA loop (which stops cleanly and saves): nothing to keep
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _is_peft(directory: str) -> bool:
+    """Whether ``directory`` holds a PEFT adapter (its JSON names a ``peft_type``)."""
+    try:
+        config = json.loads((Path(directory) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False  # jlora's reader says what is wrong
+    return isinstance(config, dict) and "peft_type" in config
 
 
 def _finetune(args: argparse.Namespace) -> int:

@@ -592,25 +592,19 @@ def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str
     return found[0]
 
 
-def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> Any:
-    """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first).
-    ``hf_config``: the HF model's config (``model.config``), which gives PyTorch's module names and
-    layouts (GPT-2's ``Conv1D`` is ``(in, out)``, ``nn.Linear`` ``(out, in)``) and which embeddings are tied.
+def read_config(path: str | os.PathLike) -> dict:
+    """A PEFT LoRA adapter's ``adapter_config.json``, once every option in it is one jlora reads
+    (a clear error for another PEFT method or an option jlora cannot represent), and its weights
+    file is one jlora reads.
 
     Example:
         >>> import tempfile, jlora.hf
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
         >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
-        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
-        >>> loaded = load_adapter(out, model.params, model.config)
-        >>> str(loaded["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].layout)  # GPT-2's Conv1D: (out, in)
-        'oi'
+        >>> read_config(save_adapter(tempfile.mkdtemp() + "/peft", params, model.config))["r"]
+        4
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    _check_hf_config("jlora.peft.load_adapter", hf_config)
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -653,6 +647,85 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
         raise ValueError(f"{path}: holds adapter_model.bin (PyTorch pickle); jlora reads {WEIGHTS_FILE} only: save "
                          "it again in PEFT with model.save_pretrained(path, safe_serialization=True)")
+    return config
+
+
+def describe(path: str | os.PathLike) -> str:
+    """What a PEFT LoRA adapter holds (``jlora info`` on one): its base model and task, each adapted
+    module's rank and scale, the tensors trained whole, parameter counts, size on disk. Reads the
+    weights file's header only.
+
+    Example:
+        >>> import tempfile, jlora.hf
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+        >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4, targets=["c_attn"]))
+        >>> print(describe(save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)))  # doctest: +ELLIPSIS
+        PEFT LoRA adapter: ...
+        targets: 1 modules, rank 4
+          transformer.h.0.attn.c_attn  32 -> 96  r=4  scale=2
+        parameters: 512 LoRA + 0 trained whole; ... KiB on disk
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path, config = Path(path), read_config(path)
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "np") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
+    rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
+    alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
+    factors: dict[str, dict[str, tuple]] = {}
+    whole = {}
+    for key, shape in shapes.items():
+        name = key.removeprefix(PREFIX)
+        if key.endswith(LINEAR_FACTORS + EMBEDDING_FACTORS):
+            module, part = name.rsplit(".lora_embedding_" if ".lora_embedding_" in name else ".lora_", 1)
+            factors.setdefault(module, {})[part[0]] = shape
+        else:
+            whole[name] = shape
+    lines = [f"PEFT LoRA adapter: {path}"]
+    lines += [f"{key}: {config[key]}" for key in ("base_model_name_or_path", "task_type") if config.get(key)]
+    ranks = sorted({rank_of(m) for m in factors})
+    lines.append(f"targets: {len(factors)} modules, rank {', '.join(map(str, ranks)) or '-'}")
+    for module, ab in sorted(factors.items()):
+        a, b = ab.get("A", ()), ab.get("B", ())  # (r, in, *window) and (out, r, ...); an embedding's (r, vocab), (dim, r)
+        fan_in, fan_out = a[1] if len(a) > 1 else "?", b[0] if b else "?"
+        embedding = PREFIX + module + EMBEDDING_FACTORS[0] in shapes
+        r = rank_of(module)
+        scale = alpha_of(module) / (math.sqrt(r) if config.get("use_rslora") else r)
+        lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}")
+    lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
+    n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
+    n_whole = sum(math.prod(shape) for shape in whole.values())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    on_disk = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole; {on_disk} on disk")
+    return "\n".join(lines)
+
+
+def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> Any:
+    """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first).
+    ``hf_config``: the HF model's config (``model.config``), which gives PyTorch's module names and
+    layouts (GPT-2's ``Conv1D`` is ``(in, out)``, ``nn.Linear`` ``(out, in)``) and which embeddings are tied.
+
+    Example:
+        >>> import tempfile, jlora.hf
+        >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
+        >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+        >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
+        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> loaded = load_adapter(out, model.params, model.config)
+        >>> str(loaded["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].layout)  # GPT-2's Conv1D: (out, in)
+        'oi'
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    _check_hf_config("jlora.peft.load_adapter", hf_config)
+    path, config = Path(path), read_config(path)
+    dropout = config.get("lora_dropout") or 0.0
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:

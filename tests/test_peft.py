@@ -875,3 +875,23 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_pa
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
         assert np.abs(want[k] - start[k]).max() > 1e-3, k  # every tensor trained
+
+
+def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
+    from jlora.cli import main
+
+    model = TINY["llama"]()
+    made = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, modules_to_save=["norm"]))
+    made.save_pretrained(tmp_path / "peft")
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert main(["info", str(tmp_path / "peft")]) == 0
+    info = capsys.readouterr().out
+    assert info.startswith(f"PEFT LoRA adapter: {tmp_path / 'peft'}\n")
+    assert "targets: 4 modules, rank 2, 4" in info
+    assert "  model.layers.0.self_attn.q_proj  64 -> 64  r=4  scale=2\n" in info
+    assert "  model.layers.0.self_attn.v_proj  64 -> 32  r=2  scale=4\n" in info  # 2 KV heads of 16
+    assert "  model.norm.weight  64  trained whole" in info
+    n_lora = sum(v.size for k, v in tensors.items() if "lora_" in k)
+    n_whole = sum(v.size for k, v in tensors.items() if "lora_" not in k)
+    assert f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole;" in info
