@@ -263,7 +263,7 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
     if not isinstance(x, Lazy):
         return spec
     if isinstance(x, LoraWeight):
-        a_spec, b_spec = factor_specs(spec, x.layout)
+        a_spec, b_spec = factor_specs(spec, x.fitted().layout)  # an ensemble's (jax.vmap(lora_init)) leading axis: b
         return x.replace(w=None if x.w is None else part_specs(x.w, spec, path),
                          a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
     kind_specs = getattr(x, "part_specs", None)

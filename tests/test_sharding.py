@@ -181,6 +181,24 @@ def test_lora_init_under_jit_with_derived_out_shardings():
     assert params["up"]["bias"].value.sharding.spec == P()
 
 
+def test_an_ensembles_factors_shard_by_the_member_axis_and_the_kernels_own():
+    """``jax.vmap(lora_init)``'s ensemble keeps the layout of one member ('io') over arrays with a
+    leading member axis: its factors' specs come from the layout fitted to them ('bio')."""
+    members = 8
+    base = {"up": {"kernel": jnp.ones((members, 32, 64))}}
+    ensemble = jax.vmap(lambda k, p: jlora.lora_init(k, p, jlora.LoraConfig(rank=4, targets=["up"])))(
+        jax.random.split(jax.random.key(1), members), base)
+    assert str(ensemble["up"]["kernel"].layout) == "io"
+    mesh = sharding.make_mesh({"model": 8})
+    for w_spec, a_spec, b_spec in [(P("model", None, None), P("model", None, None), P("model", None, None)),
+                                   (P(None, None, "model"), P(None, None, None), P(None, None, "model")),
+                                   (P(None, "model", None), P(None, "model", None), P(None, None, None))]:
+        specs = sharding.partition_specs(ensemble, mesh, [("up/kernel", w_spec)])["up"]["kernel"]
+        assert (tuple(specs.a), tuple(specs.b)) == (tuple(a_spec), tuple(b_spec)), w_spec
+        placed = sharding.place(ensemble, mesh, [("up/kernel", w_spec)])["up"]["kernel"]  # the rank axis unsplit
+        np.testing.assert_array_equal(placed.b, ensemble["up"]["kernel"].b)
+
+
 def test_optimizer_state_shards_like_the_adapters():
     mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
     params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG)
@@ -414,7 +432,7 @@ def test_shard_map_materialises_a_lazy_kind_without_part_specs_and_says_so():
     kernel = NoPartSpecs(*jax.tree.leaves(quantize(normal(jax.random.key(0), (16, 32)))))
     x = normal(jax.random.key(1), (4, 16))
     fn = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(None, "model"))
-    with pytest.warns(jlora.MaterializeWarning, match=r"shard_map': NoPartSpecs defines no part_specs\(spec\) to "
+    with pytest.warns(jlora.MaterializeWarning, match=r"shard_map'( in .*)?: NoPartSpecs defines no part_specs\(spec\) to "
                                                       r"split its parts by \(None, 'model'\)"):
         got = jax.jit(jlora.apply(fn))(kernel, x)
     np.testing.assert_allclose(got, x @ kernel.materialize(), rtol=1e-5, atol=1e-5)
