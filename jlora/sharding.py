@@ -330,10 +330,18 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
             return leaf if placeholder(leaf.value) else Trainable(fitting(leaf.value, sharding.value))
         return fitting(leaf, sharding)
 
-    return optax.tree_map_params(
-        tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
-    )
+    try:
+        return optax.tree_map_params(
+            tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
+        )
+    except ValueError as err:
+        if "jlora" in str(err):  # one's own, naming the leaf
+            raise
+        raise ValueError("jlora.sharding.state_shardings: the state's per-param leaves are not shaped like the tree "
+                         "of param_shardings (a tx that takes its params wrapped, optax.lookahead's LookaheadParams: "
+                         "give the shardings of the tree the state keeps per param, shardings(params.fast, mesh, "
+                         f"rules)); JAX says: {str(err)[:200]}") from None
 
 
 def _fits(sharding: Any, shape: tuple) -> bool:
@@ -348,13 +356,15 @@ def _fits(sharding: Any, shape: tuple) -> bool:
 
 
 def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
-    """``tx.init(params)`` created directly in the shardings of ``state_shardings``.
+    """``tx.init(params)`` created directly in the shardings of ``state_shardings`` (``params`` may be
+    ``optax.lookahead``'s ``LookaheadParams``, whose state mirrors its fast params).
 
     Example:
         >>> mesh = make_mesh({"data": -1}); tx = optax.adam(1e-3)
         >>> state = init_state(tx, {"w": np.ones(2)}, mesh, [])
     """
-    param_shardings = shardings(params, mesh, rules)
+    per_param = params.fast if isinstance(params, optax.LookaheadParams) else params  # what the state mirrors
+    param_shardings = shardings(per_param, mesh, rules)
     abstract = jax.eval_shape(tx.init, params)
     out = state_shardings(tx, abstract, param_shardings, mesh)
     return jax.jit(tx.init, out_shardings=out)(params)

@@ -226,6 +226,17 @@ def test_optimizer_state_shards_like_the_adapters():
     with pytest.raises(ValueError, match="state_shardings: the state holds a LoraWeight where param_shardings has "
                                          "none: give the shardings of the params the state was made from"):
         sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(other, mesh, RULES), mesh)
+    # optax.lookahead around the optimizer (as the README has it) takes LookaheadParams: its state mirrors the fast ones
+    lookahead = optax.lookahead(jlora.optimizer(optax.adam(1e-2), trainable, b_lr_ratio=4.0), sync_period=2,
+                                slow_step_size=0.5)
+    both = optax.LookaheadParams.init_synced(trainable)
+    state = sharding.init_state(lookahead, both, mesh, RULES)
+    mu = state.fast_state.inner_states["adapter"].inner_state[0][0].mu
+    assert mu["up"]["kernel"].b.sharding.spec == P(None, "model")
+    jax.tree.map(np.testing.assert_array_equal, state, lookahead.init(both))
+    with pytest.raises(ValueError, match=r"state_shardings: the state's per-param leaves are not shaped like the tree "
+                                         r"of param_shardings .*shardings\(params.fast, mesh, rules\)"):
+        sharding.state_shardings(lookahead, lookahead.init(both), sharding.shardings(both, mesh, RULES), mesh)
 
 
 # --- sharded training == single-device training ----------------------------------------------------
