@@ -69,8 +69,8 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         "metadata": metadata,
     }
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"save_id": save_id})
+    def write(tmp: Path) -> None:  # the weights carry the config too: they go in place first, whole
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"save_id": save_id, "config": json.dumps(config)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
     return write_files(path, write) if here else Path(path)
@@ -174,17 +174,24 @@ def read_config(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
+    own = _weights_config(path)  # the config the weights file carries: a save stopped before its JSON was in place
+    if not cfg_file.is_file() and own is None:
         step = lambda p: (p / "adapters").is_dir() and (p / "meta").is_dir()  # an AdapterCheckpointer step
         steps = path.is_dir() and any(step(p) for p in path.iterdir() if p.name.isdigit())
         where = path if steps else path.parent if step(path) else None
+        run = path.is_dir() and (path / "adapter" / CONFIG_FILE).is_file()  # jlora finetune's --out
         raise ValueError(f"{path}: not a jlora adapter directory (no {CONFIG_FILE})" + (
             f"; it holds AdapterCheckpointer steps: restore one with jlora.checkpoint.AdapterCheckpointer('{where}')"
-            ".restore(base_params)" if where is not None else ""))
+            ".restore(base_params)" if where is not None else
+            f"; it is a jlora finetune run: its adapter is {path / 'adapter'}" if run else ""))
     try:
-        config = json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else own
     except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file}: corrupted JSON ({err})") from None
+        if own is None:
+            raise ValueError(f"{cfg_file}: corrupted JSON ({err})") from None
+        config = own
+    if own is not None and isinstance(config, dict) and config.get("save_id") != own.get("save_id"):
+        config = own  # the JSON of an earlier save: the weights, renamed into place first, are the newer one's
     if isinstance(config, dict) and "peft_type" in config:
         raise ValueError(f"{path}: a PEFT adapter, not a jlora one (jlora.peft.load_adapter reads it)")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -196,6 +203,20 @@ def read_config(path: str | os.PathLike) -> dict:
                          "(a newer jlora wrote it: upgrade jlora)")
     _check_specs(cfg_file, config)
     return config
+
+
+def _weights_config(path: Path) -> dict | None:
+    """The config that the adapter's weights file carries in its header (saves since jlora 0.1's
+    first release of it; ``None`` for older ones, or where there is no readable weights file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "np") as f:
+            text = (f.metadata() or {}).get("config")
+        config = None if text is None else json.loads(text)
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _check_specs(cfg_file: Path, config: dict) -> None:

@@ -92,7 +92,8 @@ class Options:
             raise ValueError(f"--out {self.out}: is a file, not a directory")
         check_creatable(out, "--out")
         adapter = out / "adapter"
-        if adapter.exists():
+        leftovers = adapter.is_dir() and all(f.name.startswith(".jlora-write-") for f in adapter.iterdir())
+        if adapter.exists() and not leftovers:  # leftovers: a run's first save, stopped before its files were in place
             try:
                 read_config(adapter)
             except ValueError:

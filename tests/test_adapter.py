@@ -116,9 +116,12 @@ def test_a_second_save_replaces_the_first_and_nothing_else(tmp_path, monkeypatch
         save_adapter(tmp_path / "file", p2)
 
 
-def test_a_save_interrupted_between_its_two_files_is_refused_on_load(tmp_path, monkeypatch):
+def test_a_save_interrupted_between_its_two_files_loads_as_the_newer_save(tmp_path, monkeypatch):
+    """The weights file goes in place first and carries the save's config: a save stopped before its
+    JSON replaced the last one (a kill, a second Ctrl-C) leaves the newer adapter, whole."""
     base, cfg, p = lora_tree()
     save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    newer = perturb(p, jax.random.key(9))
     replace = os.replace
 
     def interrupted(src, dst):  # Ctrl-C after the weights are in place, before the JSON
@@ -128,14 +131,24 @@ def test_a_save_interrupted_between_its_two_files_is_refused_on_load(tmp_path, m
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_adapter(tmp_path / "ad", perturb(p, jax.random.key(9)), lora_config=cfg.replace(alpha=64))
+        save_adapter(tmp_path / "ad", newer, lora_config=cfg.replace(alpha=64))
     monkeypatch.setattr(os, "replace", replace)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_config"]["alpha"] != 64  # the old JSON
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), newer)
+    assert jlora.adapter.read_config(tmp_path / "ad")["lora_config"]["alpha"] == 64
+    assert "q/kernel  8x8" in describe(tmp_path / "ad")
+    (tmp_path / "ad" / "adapter_config.json").unlink()  # a first save stopped there: no JSON at all
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), newer)
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)  # saving again writes both, and clears the leftovers
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p)
+    assert not list((tmp_path / "ad").glob(".jlora-write-*"))
+    # an adapter whose weights carry no config (written before they did) with a JSON of another save
+    from safetensors.numpy import load_file, save_file
+    weights = str(tmp_path / "ad" / "adapter.safetensors")
+    save_file(load_file(weights), weights, metadata={"save_id": "an-earlier-save"})
     for read in (lambda: load_adapter(tmp_path / "ad", base), lambda: describe(tmp_path / "ad")):
         with pytest.raises(ValueError, match="come from two different saves"):
             read()
-    save_adapter(tmp_path / "ad", p, lora_config=cfg)  # saving again mends it, and clears the leftovers
-    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), p)
-    assert not list((tmp_path / "ad").glob(".jlora-write-*"))
 
 
 def test_bad_adapters_give_clear_errors(tmp_path):

@@ -74,6 +74,8 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
                                          r"beside them: load it with jlora.finetune.load_job"):
         jlora.adapter.load_adapter(out / "adapter", base.params)
 
+    assert main(["info", str(out)]) == 2  # the run's directory, not its adapter's
+    assert f"it is a jlora finetune run: its adapter is {out / 'adapter'}" in capsys.readouterr().err
     assert main(["info", str(out / "adapter")]) == 0
     info = capsys.readouterr().out
     assert "encoder/encoder/layer/0/attention/self/query/kernel" in info and "head/kernel" in info
@@ -259,6 +261,9 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves_and_never_takes
     assert main(args[:-1] + [str(project), "--overwrite"]) == 2
     assert "adapter is not a jlora adapter directory" in capsys.readouterr().err
     assert (project / "adapter" / "__init__.py").read_text() == "# the user's own code"
+    killed = tmp_path / "killed"  # a run killed in its first save, before its files were in place
+    (killed / "adapter" / ".jlora-write-x1").mkdir(parents=True)
+    finetune.Options(model=str(bert_dir), data=str(data_file), out=str(killed), overwrite=True)  # taken as a run's
 
 
 def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_directory(
