@@ -334,6 +334,7 @@ def adapt(key: Any, model: Any, opts: Options) -> tuple[jlora.LoraConfig, Any]:
     """
     try:
         config = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)
+        config = jlora.hf.preset_config(model.config.model_type, config)  # as applied: saved with the adapter
         return config, jlora.hf.lora_init(key, model, config)
     except ValueError as err:
         raise ValueError(as_flags(str(err))) from None

@@ -74,6 +74,8 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
                                          r"beside them: load it with jlora.finetune.load_job"):
         jlora.adapter.load_adapter(out / "adapter", base.params)
 
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())["lora_config"]
+    assert saved["targets"] == list(jlora.hf.TARGET_PRESETS["bert"])  # the preset applied, not None
     assert main(["info", str(out)]) == 2  # the run's directory, not its adapter's
     assert f"it is a jlora finetune run: its adapter is {out / 'adapter'}" in capsys.readouterr().err
     assert main(["info", str(out / "adapter")]) == 0
