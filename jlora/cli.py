@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.adapter))
             return 0
         return _merge(args)
+    except BrokenPipeError:  # the reader of the output went away (jlora info ... | head): as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        return 141  # 128 + SIGPIPE
     except (ValueError, OSError) as err:  # bad input or a path that cannot be used: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

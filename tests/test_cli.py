@@ -346,3 +346,19 @@ def test_an_out_that_cannot_be_created_fails_before_the_model_loads(bert_dir, da
     for out, error in cases.items():
         assert main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--out", out]) == 2
         assert error in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """``jlora info ADAPTER | head``: the closed pipe ends the command as it ends others (status
+    141, 128 + SIGPIPE), with no error line."""
+    import subprocess
+    import sys
+
+    lw = lambda i: jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path=f"k{i}")
+    jlora.adapter.save_adapter(tmp_path / "ad", {f"k{i}": lw(i) for i in range(5000)})  # more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "info", str(tmp_path / "ad")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"adapter: ")
+    proc.stdout.close()  # as head does after its lines
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
