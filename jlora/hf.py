@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -251,7 +252,13 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     with torch.no_grad():  # NaN marks each weight the converter has not written (it only logs those)
         for weight in torch_model.parameters():
             weight.fill_(float("nan"))
-    load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
+    logger = logging.getLogger("transformers.modeling_flax_pytorch_utils")  # its notes: checked below instead
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # (a tied head, GPT-2's, is "newly initialized" there, and is filled)
+    try:
+        load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
+    finally:
+        logger.setLevel(level)
     unfilled = [name for name, weight in torch_model.named_parameters() if bool(torch.isnan(weight).all())]
     if unfilled:  # a Flax module named unlike its PyTorch twin (ResNet's basic layer: layer/layer_0, layer.0)
         raise ValueError(f"save_torch: transformers' Flax-to-PyTorch converter fills no value into {unfilled[:3]}"

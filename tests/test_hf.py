@@ -126,8 +126,18 @@ def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp
 
 
 def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
+    import logging
+
     model = TINY["gpt2"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2), jax.random.key(0))
+    notes, handler = [], logging.Handler()
+    handler.emit = notes.append
+    logging.getLogger("transformers.modeling_flax_pytorch_utils").addHandler(handler)
+    try:
+        hf.save_torch(model, lm.merge(), tmp_path / "gpt2")  # its head, tied to the embedding, is filled with it
+    finally:
+        logging.getLogger("transformers.modeling_flax_pytorch_utils").removeHandler(handler)
+    assert not [n.getMessage() for n in notes if "newly initialized" in n.getMessage()]  # as transformers logs it
     with pytest.raises(ValueError, match=r"save_torch: params hold jlora nodes or lazy values \(at \['transformer/h/0/attn"):
         hf.save_torch(model, lm.params, tmp_path)
     merged = lm.merge()
