@@ -259,6 +259,10 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
         load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
     finally:
         logger.setLevel(level)
+    floats = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}
+    half = {jnp.dtype(jnp.bfloat16): torch.bfloat16, jnp.dtype(jnp.float16): torch.float16}
+    if len(floats) == 1 and next(iter(floats)) in half:  # the converter goes through float32 (numpy has no bf16)
+        torch_model = torch_model.to(half[next(iter(floats))])
     unfilled = [name for name, weight in torch_model.named_parameters() if bool(torch.isnan(weight).all())]
     if unfilled:  # a Flax module named unlike its PyTorch twin (ResNet's basic layer: layer/layer_0, layer.0)
         raise ValueError(f"save_torch: transformers' Flax-to-PyTorch converter fills no value into {unfilled[:3]}"

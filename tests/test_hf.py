@@ -138,6 +138,13 @@ def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
     finally:
         logging.getLogger("transformers.modeling_flax_pytorch_utils").removeHandler(handler)
     assert not [n.getMessage() for n in notes if "newly initialized" in n.getMessage()]  # as transformers logs it
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lm.merge())  # kept in bf16, not widened to float32
+    hf.save_torch(model, half, tmp_path / "bf16")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        wte = f.get_tensor("transformer.wte.weight").float().numpy()
+    np.testing.assert_array_equal(wte, np.asarray(half["transformer"]["wte"]["embedding"], np.float32))
     with pytest.raises(ValueError, match=r"save_torch: params hold jlora nodes or lazy values \(at \['transformer/h/0/attn"):
         hf.save_torch(model, lm.params, tmp_path)
     merged = lm.merge()
