@@ -26,7 +26,7 @@ from jlora.adapter import as_opened
 from jlora.config import ALL_LINEAR, LoraConfig, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
-from jlora.weight import is_param
+from jlora.weight import LoraWeight, is_node, is_param
 
 # PEFT's default targets per model type, as Flax param-path patterns.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -320,7 +320,9 @@ class LoraModel:
     """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
 
     ``model``, ``config``, ``params``, ``inputs``: as for ``jlora.hf.lora_init``; ``key`` makes the
-    adapters (``jax.random.key(0)`` by default). ``lm.params`` holds the LoRA tree.
+    adapters (``jax.random.key(0)`` by default). ``lm.params`` holds the LoRA tree. ``params`` that
+    hold adapters already (a saved adapter, ``jlora.adapter.load_adapter(path, model.params)``) are
+    taken as they are.
 
     ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
     or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
@@ -340,7 +342,8 @@ class LoraModel:
         self.model = model
         self.config = preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key
-        self.params = lora_init(key, model, self.config, params, inputs=inputs)
+        loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
+        self.params = params if loaded else lora_init(key, model, self.config, params, inputs=inputs)
 
         def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused
             return _EveryKey.wrap(model(*args, **kwargs))

@@ -327,6 +327,16 @@ def test_generate_takes_the_inputs_as_the_models_generate_does():
                                                           merged=True).sequences)
 
 
+def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
+    model = TINY["gpt2"]()
+    trained = perturb(hf.LoraModel(model, jlora.LoraConfig(rank=2)).params, jax.random.key(1))
+    jlora.adapter.save_adapter(tmp_path / "ad", trained)
+    lm = hf.LoraModel(model, params=jlora.adapter.load_adapter(tmp_path / "ad", model.params))
+    jax.tree.map(np.testing.assert_array_equal, lm.params, trained)
+    ids = jnp.array([[3, 5, 7, 9]])
+    np.testing.assert_allclose(lm(ids).logits, model(ids, params=jlora.merge(trained)).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_example_inputs_can_be_given():
     class FlaxTokensGPT2(tf.FlaxGPT2LMHeadModel):  # a __call__ whose inputs example_inputs does not know
         def __call__(self, tokens, params=None, **kwargs):
