@@ -163,8 +163,8 @@ def _text(value: Any, where: str) -> str:
         except UnicodeEncodeError as err:  # a lone surrogate (a cut emoji in JSON's \ud83d): no tokenizer takes it
             raise ValueError(f"{where}: the text is not valid Unicode ({err.reason} at character {err.start})") from None
         return value
-    what = "missing text" if value is None or isinstance(value, str) else "the text must be a string"
-    raise ValueError(f"{where}: {what} (a non-empty string), got {value!r}")
+    what = "missing text" if value is None or isinstance(value, str) else "not a text"
+    raise ValueError(f"{where}: {what} (a text is a non-empty string), got {value!r}")
 
 
 def _label(value: Any, where: str) -> str:
@@ -174,8 +174,8 @@ def _label(value: Any, where: str) -> str:
         return str(value)
     if isinstance(value, str) and value.strip():
         return value.strip()  # "pos " and "pos" are one class
-    what = "missing label" if value is None or isinstance(value, str) else "the label must be a string or an integer"
-    raise ValueError(f"{where}: {what} (a non-empty string or an integer), got {value!r}")
+    what = "missing label" if value is None or isinstance(value, str) else "not a label"
+    raise ValueError(f"{where}: {what} (a label is a non-empty string or an integer), got {value!r}")
 
 
 def class_order(labels: list[str]) -> list[str]:

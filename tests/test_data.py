@@ -59,9 +59,10 @@ def test_data_files_as_users_write_them(tmp_path):
     assert read("t.csv", "text,label\nhi,x,\nyo,y\n") == (["hi", "yo"], ["x", "y"])  # a trailing empty field
     assert read("w.csv", "text,label\nhi,pos\nyo,pos \nho, neg\n")[1] == ["pos", "pos", "neg"]  # one class each
     for row, what in (('{"text": null, "label": "x"}', "missing text"), ('{"text": "a", "label": null}', "missing label"),
-                      ('{"text": "a", "label": NaN}', "the label must be"), ('{"text": "a", "label": 1.5}', "the label must be"),
-                      ('{"text": "  ", "label": "x"}', "missing text"), ('{"text": "a", "label": true}', "the label must be"),
-                      ('{"text": 3, "label": "x"}', "the text must be a string")):
+                      ('{"text": "a", "label": NaN}', "not a label"), ('{"text": "a", "label": 1.5}', "not a label"),
+                      ('{"text": "  ", "label": "x"}', "missing text"),
+                      ('{"text": "a", "label": true}', r"not a label \(a label is a non-empty string or an integer\), got True"),
+                      ('{"text": 3, "label": "x"}', r"not a text \(a text is a non-empty string\), got 3")):
         with pytest.raises(ValueError, match=f"n.jsonl:2: {what}"):
             read("n.jsonl", '{"text": "ok", "label": "y"}\n' + row + "\n")
     with pytest.raises(ValueError, match=r"c.csv:4: 3 fields for 2 columns \(quote a text that holds a comma\)"):
