@@ -183,10 +183,10 @@ def traced_at(eqn: Any, internal: tuple[str, ...]) -> str:
     except AttributeError:
         return ""
     outside = [f for f in frames if not f[0].startswith(internal)]
-    mine = next((f for f in outside if "-packages" + os.sep not in f[0]), None)
-    say = lambda f: f"{f[0].split('-packages' + os.sep)[-1]}:{f[1]} ({f[2]})"
     if not outside:
         return ""
+    mine = next((f for f in outside if "-packages" + os.sep not in f[0]), None)
+    say = lambda f: f"{f[0].split('-packages' + os.sep)[-1]}:{f[1]} ({f[2]})"
     return say(outside[0]) + (f", from {say(mine)}" if mine is not None and mine != outside[0] else "")
 
 

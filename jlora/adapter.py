@@ -206,8 +206,8 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def _weights_config(path: Path) -> dict | None:
-    """The config that the adapter's weights file carries in its header (saves since jlora 0.1's
-    first release of it; ``None`` for older ones, or where there is no readable weights file)."""
+    """The config that the adapter's weights file carries in its header; ``None`` for weights saved
+    before they carried it, or where there is no readable weights file."""
     from safetensors import SafetensorError, safe_open
 
     try:
