@@ -423,6 +423,13 @@ def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np
         if unseen:
             warnings.warn(f"{source}: label(s) {unseen} have no training rows (all fell in the validation and test "
                           "splits), so the model can never predict them; add rows of each label", stacklevel=3)
+        seen: dict[str, set[str]] = {}
+        for text, label in zip(texts, labels):
+            seen.setdefault(text, set()).add(label)
+        torn = [text for text, those in seen.items() if len(those) > 1]
+        if torn:
+            warnings.warn(f"{source}: {len(torn)} text(s) appear with different labels (e.g. {torn[0][:60]!r} as "
+                          f"{sorted(seen[torn[0]])}): no model can fit both; fix or drop those rows", stacklevel=3)
     if repeated:
         warnings.warn(f"{source}: {repeated} of the {len(held_out_idx)} validation and test texts are also in the "
                       "training split (rows repeated in the data), so their accuracy is not held out; remove the "

@@ -105,6 +105,13 @@ def test_held_out_texts_repeated_in_training_are_reported():
         finetune.check_held_out(texts, np.array([0, 1]), np.array([2, 3, 4]), "d.csv")
 
 
+def test_a_text_given_two_labels_is_reported():
+    with pytest.warns(UserWarning, match=r"d.csv: 1 text\(s\) appear with different labels \(e.g. 'good' as "
+                                         r"\['neg', 'pos'\]\)"):
+        finetune.check_held_out(["good", "bad", "good", "fine"], np.array([0, 1]), np.array([2, 3]), "d.csv",
+                                ["pos", "neg", "neg", "pos"])
+
+
 def test_a_label_without_training_rows_is_reported():
     with pytest.warns(UserWarning, match=r"d.csv: label\(s\) \['rare'\] have no training rows"):
         finetune.check_held_out(["a", "b", "c", "d"], np.array([0, 1]), np.array([2, 3]), "d.csv",
