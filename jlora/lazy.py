@@ -133,10 +133,15 @@ def find_rule(primitive: Any, kind: type) -> Rule | None:
     """The rule for ``primitive`` on ``kind``: its own, else a base class's where ``kind`` keeps that
     class's ``materialize`` (a subclass that changes what it stands for, DoRA over ``LoraWeight``,
     does not inherit rules computing the old value), else the rules of every ``Lazy``."""
+    cls = _rule_class(primitive, kind)
+    return None if cls is None else _RULES[(primitive, cls)]
+
+
+def _rule_class(primitive: Any, kind: type) -> type | None:
+    """The class whose rule for ``primitive`` applies to ``kind`` (see ``find_rule``), or ``None``."""
     for cls in kind.__mro__:
-        rule = _RULES.get((primitive, cls))
-        if rule is not None and (cls is kind or cls is Lazy or kind.materialize is cls.materialize):
-            return rule
+        if (primitive, cls) in _RULES and (cls is kind or cls is Lazy or kind.materialize is cls.materialize):
+            return cls
     return None
 
 
@@ -361,7 +366,11 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
         evaluating = _evaluating()
         evaluating.append(eqn)  # a fallback's warning says where the function made it
         try:
-            rule = find_rule(eqn.primitive, type(lazy[0]))
+            owner = _rule_class(eqn.primitive, type(lazy[0]))
+            rule = None if owner is None else _RULES[(eqn.primitive, owner)]
+            if rule is not None and any(isinstance(x, owner) and find_rule(eqn.primitive, type(x)) is not rule
+                                        for x in lazy[1:]):
+                rule = None  # another input is a subclass that changed what it stands for (DoRA over LoraWeight)
             if rule is not None:
                 outer, ctx.frame = ctx.frame, frame
                 try:

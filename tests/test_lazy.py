@@ -489,6 +489,12 @@ def test_a_subclass_that_changes_materialize_does_not_inherit_the_rules_of_the_o
     with pytest.warns(jlora.MaterializeWarning, match="materialised at 'dot_general'"):
         got = jlora.apply(lambda p, x: x @ p["w"])({"w": halved}, x)
     np.testing.assert_allclose(got, x @ halved.materialize(), rtol=1e-6)
+    # nor does a plain LoraWeight beside it lend it its rules: joined after one, it is no plain adapter
+    joined = lambda p, x: x @ jnp.concatenate([p["plain"], p["halved"]], axis=1)
+    both = {"plain": lw, "halved": halved}
+    with pytest.warns(jlora.MaterializeWarning, match="materialised at 'concatenate'"):
+        got = jlora.apply(joined)(both, x)
+    np.testing.assert_allclose(got, joined(jlora.merge(both), x), rtol=1e-5)
 
 
 def test_function_closing_over_an_outer_tracer_is_not_cached_stale():
