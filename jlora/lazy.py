@@ -38,7 +38,7 @@ from jlora.weight import TRACING_APPLY, Lazy, NotAnArray, Trainable, is_param
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
 _WARNED: set[tuple[tuple[str, str], bool]] = set()  # ((what, param), dropout lost)
-_RESETS = 0  # reset_warnings calls so far
+_GENERATION = 0  # bumped where eager calls' compiled evaluations go stale: warnings reset, a rule registered
 _EVALUATING = threading.local()  # .eqns: the equations with lazy inputs being evaluated, innermost last
 # Where no frame is the user's: JAX's, jlora's and the standard library's files
 _INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np, inspect)) + (os.path.dirname(__file__) + os.sep,)
@@ -123,6 +123,9 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
                           f"{primitive.name} on {kind.__name__} is replaced by {getattr(rule, '__qualname__', rule)}; "
                           "jlora.lazy.find_rule(primitive, kind) before registering gives the old one to fall back to",
                           stacklevel=2)
+        global _GENERATION
+        if replaced is not rule:  # wrappers called eagerly before evaluate with it from their next call
+            _GENERATION += 1
         _RULES[(primitive, kind)] = rule
         return rule
 
@@ -203,9 +206,9 @@ def reset_warnings() -> None:
         >>> sum(issubclass(w.category, jlora.MaterializeWarning) for w in seen)
         2
     """
-    global _RESETS
+    global _GENERATION
     _WARNED.clear()
-    _RESETS += 1  # an eager call's evaluation warned when compiled: compiled again (_compiled_entry), it warns again
+    _GENERATION += 1  # an eager call's evaluation warned when compiled: compiled again (_compiled_entry), it warns again
 
 
 def materialize(x: Any, what: str | None = None, why: str = "", where: str = "", undropped: bool = False) -> Any:
@@ -637,7 +640,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 if entry is None:
                     raise
                 # a lazy kind or rule that reads its arrays' values (host code): evaluated eagerly
-                compiled[tuple(given)] = (_RESETS, None, {}, {})
+                compiled[tuple(given)] = (_GENERATION, None, {}, {})
                 came_back, records = {}, {}
                 out = interpreter(came_back, records)(values, lora_rng)
         except TypeError as err:
@@ -687,10 +690,10 @@ def _compiled_entry(compiled: dict, given: tuple, interpreter: Callable) -> tupl
     ``scan``, ``cond`` or loop body the rules rebuild is a new function to JAX, compiled again at
     each call. ``None`` where the evaluation reads its arrays' values (it runs eagerly)."""
     entry = compiled.get(given)
-    if entry is None or entry[0] != _RESETS:
+    if entry is None or entry[0] != _GENERATION:
         came_back: dict[int, int] = {}
         records: dict = {}
-        entry = compiled[given] = (_RESETS, jax.jit(interpreter(came_back, records)), came_back, records)
+        entry = compiled[given] = (_GENERATION, jax.jit(interpreter(came_back, records)), came_back, records)
     return None if entry[1] is None else entry[1:]
 
 

@@ -459,6 +459,28 @@ def test_a_rule_that_returns_a_bare_value_is_named():
         jlora.register(jax.extend.core.primitives.neg_p, int)
 
 
+def test_a_rule_registered_after_an_eager_call_applies_to_the_wrapper_from_its_next_call():
+    """A user adds the rule a fallback's warning asked for: the wrapper that already ran eagerly
+    (its evaluation compiled and kept) evaluates with it from then on, not with the fallback."""
+    class Tripled(jlora.Lazy):
+        def __init__(self, value):
+            self.value = value
+
+        shape = property(lambda self: self.value.shape)
+        dtype = property(lambda self: self.value.dtype)
+        materialize = lambda self: 3 * self.value
+
+    jax.tree_util.register_pytree_node(Tripled, lambda t: ((t.value,), None), lambda _, c: Tripled(*c))
+    negate = jlora.apply(lambda w: -w)
+    with pytest.warns(jlora.MaterializeWarning, match="materialised at 'neg'"):
+        np.testing.assert_array_equal(negate(Tripled(jnp.ones(3))), -3.0)
+    calls = []
+    jlora.register(jax.extend.core.primitives.neg_p, Tripled)(
+        lambda ctx, eqn, invals: calls.append(1) or [-3 * invals[0].value])
+    np.testing.assert_array_equal(negate(Tripled(jnp.ones(3))), -3.0)
+    assert calls  # the new rule, not the compiled fallback
+
+
 def test_a_kind_whose_materialize_disagrees_with_its_shape_or_dtype_is_named():
     class Claims(jlora.Lazy):  # materialize gives x as it is, whatever shape and dtype it claims
         def __init__(self, x, shape, dtype):
