@@ -16,10 +16,6 @@ from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
 
-def _is_node_or_none(x: Any) -> bool:
-    return x is None or is_node(x)
-
-
 def split(tree: Any) -> tuple[Any, Any]:
     """``(trainable, frozen)``: each has ``None`` where the other holds a value, like ``eqx.partition``.
 
@@ -270,7 +266,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     if nodes:
         raise ValueError(f"jlora.unmerge: merged holds jlora nodes (at {nodes[:3]}): pass the merged params "
                          "(jlora.merge's result) first, the adapters second")
-    adapter_leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node_or_none)
+    # a lazy leaf no adapter is on (a quantized kernel left untargeted) is one leaf, as merged holds it
+    adapter_leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=lambda x: x is None or is_param(x))
     merged_leaves, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=lambda x: x is None)
     if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:
         a_paths = {path_str(p) for p, _ in adapter_leaves}
@@ -296,8 +293,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
             out.append(node.replace(w=_unmerged(fitted.replace(w=value, path=None))))
         elif isinstance(node, Trainable):
             out.append(Trainable(value))
-        else:
-            out.append(value)
+        else:  # a frozen lazy leaf (a quantized kernel) is the base itself
+            out.append(node if isinstance(node, Lazy) else value)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

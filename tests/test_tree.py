@@ -146,6 +146,11 @@ def test_unmerge_recovers_the_base_from_full_or_trainable_adapters():
         back = jlora.unmerge(merged, adapters)
         np.testing.assert_allclose(back["q"]["kernel"].w, p["q"]["kernel"].w, rtol=1e-6, atol=1e-5)
         assert isinstance(back["q"]["bias"], jlora.Trainable)
+    # QLoRA: a quantized kernel no adapter is on comes back as the base it is, from the whole tree
+    qlora = {**p, "o": {"kernel": quantize(jax.random.normal(jax.random.key(5), (8, 8)))}}
+    back = jlora.unmerge(jlora.merge(qlora), qlora)
+    assert back["o"]["kernel"] is qlora["o"]["kernel"]
+    np.testing.assert_allclose(back["q"]["kernel"].w, p["q"]["kernel"].w, rtol=1e-6, atol=1e-5)
 
 
 def test_unmerge_subtracts_the_product_merge_added():
