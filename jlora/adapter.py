@@ -329,6 +329,11 @@ def check_saveable(op: str, params: Any) -> None:
     """
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         check_whole(x, p, op, need_w=False)
+        if isinstance(x, LoraWeight) and (type(x).materialize is not LoraWeight.materialize
+                                          or len(x.tree_flatten_with_keys()[0]) != 3):  # w, a, b
+            raise ValueError(f"{op}: '{p}' is a {type(x).__name__}, a LoraWeight that stands for another value "
+                             "(its own materialize) or holds more arrays than w, a and b: the saved adapter would "
+                             "hold its a and b alone and load as plain LoRA; save it with a saver of its own")
         if isinstance(x, LoraWeight) and hasattr(x.a, "shape") and tuple(x.a.shape) != x.layout.a_shape(
                 x.kernel_shape, x.rank):
             raise ValueError(f"{op}: '{p}' has a {tuple(x.a.shape)}, b {tuple(x.b.shape)}, which layout '{x.layout}' "

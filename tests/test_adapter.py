@@ -187,6 +187,26 @@ def test_bad_adapters_give_clear_errors(tmp_path):
         load_adapter(tmp_path / "ad", base)
 
 
+def test_a_lora_weight_subclass_of_another_value_is_not_saved_as_plain_lora(tmp_path):
+    """A DoRA-like subclass (its own materialize, a magnitude beside a and b) has no form in these
+    files: saved, it would come back as plain LoRA, computing something else."""
+    class Halved(jlora.LoraWeight):
+        def materialize(self):
+            return 0.5 * super().materialize()
+
+    jax.tree_util.register_pytree_with_keys_class(Halved)
+    base, cfg, p = lora_tree()
+    lw = p["q"]["kernel"]
+    halved = {**p, "q": {**p["q"], "kernel": Halved(lw.w, lw.a, lw.b, scale=lw.scale, path="q/kernel")}}
+    for op, save in (("save_adapter", lambda: save_adapter(tmp_path / "ad", halved)),
+                     ("AdapterCheckpointer.save", lambda: jlora.checkpoint.AdapterCheckpointer(
+                         tmp_path / "ckpt", async_save=False).save(1, halved))):
+        with pytest.raises(ValueError, match=rf"{op}: 'q/kernel' is a Halved, a LoraWeight that stands for another "
+                                             r"value .* load as plain LoRA"):
+            save()
+    assert not (tmp_path / "ad").exists()
+
+
 def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     base, cfg, p = lora_tree()
     trainable, frozen = jlora.split(p)
