@@ -33,7 +33,7 @@ from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
-from jlora.weight import TRACING_APPLY, Lazy, NotAnArray, Trainable, is_param
+from jlora.weight import TRACING_APPLY, Lazy, NotAnArray, Trainable, is_param, materialized
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -218,11 +218,7 @@ def materialize(x: Any, what: str | None = None, why: str = "", where: str = "",
         return x
     if what is not None and (undropped or getattr(x, "warn_on_fallback", True)):
         warn_once(what, x, why, where, undropped)
-    out = x.materialize()
-    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), jnp.dtype(x.dtype)):  # a kind's own bug, said here
-        raise TypeError(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, but the "
-                        f"value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
-    return out
+    return materialized(x)
 
 
 def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None) -> list:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param, materialized
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -228,7 +228,12 @@ def merge(tree: Any) -> Any:
             raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "
                              "jax.eval_shape gives), not arrays: merge needs the weights themselves")
         if isinstance(x, Lazy):
-            return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
+            try:
+                return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
+            except TypeError as err:  # materialized's: a kind's materialize() of another shape or dtype
+                if ".materialize() gave" not in str(err):
+                    raise
+                raise TypeError(f"jlora.merge: '{path_str(path)}': {err}") from None
         return x.value if isinstance(x, Trainable) else x
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
@@ -239,7 +244,7 @@ def _merged(x: Lazy) -> jax.Array:
     """``x.materialize()`` compiled (once per shape, dtype, scale and layout: ``path`` is left out):
     one fused pass, where op by op each step's full-size copy (a bf16 kernel cast to f32, the
     product, the sum) stayed alive, peaking at several times the kernel."""
-    return x.materialize()
+    return materialized(x)
 
 
 @jax.jit

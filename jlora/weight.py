@@ -348,7 +348,7 @@ class LoraWeight(Lazy):
             >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
             (dtype(bfloat16), 2.0)
         """
-        w = self.w.materialize() if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
+        w = materialized(self.w) if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
         delta = explicit.resharded_like(self.delta(over=w.dtype), w)
         return (w.astype(delta.dtype) + delta).astype(w.dtype)
 
@@ -496,6 +496,21 @@ class Trainable(NotAnArray):
         return f"Trainable({_shape_str(self.value)})"
 
     describe = __repr__
+
+
+def materialized(x: "Lazy") -> jax.Array:
+    """``x.materialize()``, refused, naming the kind, where it is not of the shape and dtype ``x``
+    says it has (a kind's own bug, which would flow on silently or fail far away).
+
+    Example:
+        >>> materialized(LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)).shape
+        (2, 2)
+    """
+    out = x.materialize()
+    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), jnp.dtype(x.dtype)):
+        raise TypeError(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, but the "
+                        f"value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
+    return out
 
 
 def is_node(x: Any) -> bool:

@@ -495,6 +495,13 @@ def test_a_kind_whose_materialize_disagrees_with_its_shape_or_dtype_is_named():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", jlora.MaterializeWarning)
                 fn(Claims(jnp.ones((4, 3)), shape, dtype), jnp.ones((2, shape[0]), dtype))
+        with pytest.raises(TypeError, match=rf"jlora.merge: 'k': Claims.materialize\(\) gave float32\[4, 3\], but "
+                                            rf"the value says it is {said}"):  # bare, and as an adapter's base
+            jlora.merge({"k": Claims(jnp.ones((4, 3)), shape, dtype)})
+        base = Claims(jnp.ones((4, 3)), shape, dtype)
+        with pytest.raises(TypeError, match=rf"jlora.merge: 'k': Claims.materialize\(\) gave float32\[4, 3\]"):
+            jlora.merge({"k": jlora.LoraWeight(base, jnp.ones((shape[0], 1), dtype), jnp.zeros((1, shape[1]), dtype),
+                                               scale=1.0)})
 
 
 def test_a_subclass_that_changes_materialize_does_not_inherit_the_rules_of_the_old_value():
