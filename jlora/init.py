@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import warnings
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -343,7 +344,7 @@ def lora_init(
                 raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw every kernel in "
                                  "a conv or a lookup, none in a matmul (all-linear adapts dense kernels, as PEFT's); "
                                  "name the kernels to adapt" + (f", e.g. targets={convs[:3]}" if convs else ""))
-    new, unknown = {}, []
+    new, unknown, narrow = {}, [], []
     wrapped = _wrapped_weights(list(by_path))
     for path in adapt:
         w = by_path[path]
@@ -370,7 +371,9 @@ def lora_init(
             raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
-            if _all_linear(config) and outside_layers(path):  # a small head (NSP's 2 outputs, the classes)
+            # a small head (NSP's 2 outputs, the classes); a stack of layers (a batch axis) is no head
+            if _all_linear(config) and outside_layers(path) and not layout.group("b"):
+                narrow.append(f"{path} ({fan_in}x{fan_out})")
                 continue
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -384,6 +387,10 @@ def lora_init(
         )
     if unknown:
         raise ValueError(_no_layout(unknown, by_path, infer_layout is not None))
+    if narrow:  # said: linen names a list of layers layers_0, layers_1, which no rule tells from a head
+        warnings.warn(f"lora_init: all-linear leaves out {len(narrow)} kernel(s) narrower than rank {config.rank}, "
+                      f"taken for heads: {narrow[:4]}; to adapt them, give them a rank that fits (rank_pattern)",
+                      stacklevel=2)
     if not new:
         raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
                          f"({adapt[:3]}...); lower the rank")

@@ -46,7 +46,12 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     # a kernel narrower than the rank is an output head by its size (NSP's 2 outputs, the classes):
     # all-linear leaves it out; named as a target, it is an error
     narrow = {**base(), "nsp": {"kernel": jnp.ones((16, 2))}}
-    assert "nsp/kernel" not in adapted(lora_init(KEY, narrow, LoraConfig(rank=4, targets="all-linear")))
+    with pytest.warns(UserWarning, match=r"all-linear leaves out 1 kernel\(s\) narrower than rank 4, taken for "
+                                         r"heads: \['nsp/kernel \(16x2\)'\]"):  # said: linen's layers_0 is no index
+        assert "nsp/kernel" not in adapted(lora_init(KEY, narrow, LoraConfig(rank=4, targets="all-linear")))
+    stack = {**base(), "layers": {"gate": {"kernel": jnp.ones((3, 16, 2))}}}  # nn.scan's stack: layers, not a head
+    with pytest.raises(ValueError, match=r"rank 4 for 'layers/gate/kernel' exceeds min\(in=16, out=2\)"):
+        lora_init(KEY, stack, LoraConfig(rank=4, targets="all-linear", layouts={"gate": "bio"}))
     with pytest.raises(ValueError, match=r"rank 4 for 'nsp/kernel' exceeds min\(in=16, out=2\)"):
         lora_init(KEY, narrow, LoraConfig(rank=4, targets=["nsp"]))
     with pytest.raises(ValueError, match=r"rank 64 for 'layers/0/attn/q_proj/kernel' exceeds"):  # inside the layers
