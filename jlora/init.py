@@ -316,8 +316,9 @@ def lora_init(
                          "(jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...]))")
     check_key(key, "lora_init")
     if infer_layout is not None and not callable(infer_layout):
-        raise ValueError(f"lora_init: infer_layout must be a function of the params (e.g. lambda p: "
-                         f"model.apply(p, x)), got {type(infer_layout).__name__}")
+        raise ValueError(f"lora_init: infer_layout must be a function of the params that runs the model once (linen: "
+                         f"lambda p: model.apply({{'params': p}}, x); an NNX or Equinox module: lambda m: m(x)), got "
+                         f"{type(infer_layout).__name__}")
     check_unshared(params, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
