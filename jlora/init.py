@@ -272,10 +272,10 @@ def _sharded_factory(w_sharding: NamedSharding, layout: Layout) -> Callable:
     return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=factor_shardings(w_sharding, layout))
 
 
-def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool) -> str:
+def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool, unused: Sequence[str] = ()) -> str:
     """The error for n-D kernels whose axes' roles are neither declared nor inferred: every one of
     them, and the layouts of the common kinds (a guess would adapt the wrong axes, or share one
-    adapter across a stack of layers)."""
+    adapter across a stack of layers); ``unused``: declared layout patterns that match no param (a typo?)."""
     listed = ", ".join(f"'{p}' {tuple(by_path[p].shape)}" for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
     how = ("infer_layout saw no matmul, lookup or conv of them that it could read; declare them"
            if inferred else "pass lora_init(..., infer_layout=f), f a function of the params that runs the model once "
@@ -285,7 +285,8 @@ def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool) -> str
             "LoraConfig(layouts={pattern: layout}), one letter per axis: b batch (a stack of layers or experts, "
             "each its own adapter), i input, o output. E.g. 'bio' for nn.scan-stacked Dense (layers, in, out), "
             "'ioo' for DenseGeneral to heads (in, heads, head_dim), 'iio' for DenseGeneral from heads "
-            "(heads, head_dim, out), 'iiio' for a 2-D conv (h, w, in, out)")
+            "(heads, head_dim, out), 'iiio' for a 2-D conv (h, w, in, out)"
+            + (f". LoraConfig.layouts patterns {list(unused)[:5]} match no param" if unused else ""))
 
 
 def lora_init(
@@ -387,7 +388,8 @@ def lora_init(
             w, a, b, scale=config.scale_for(rank, alpha), layout=layout, path=path, dropout=config.dropout
         )
     if unknown:
-        raise ValueError(_no_layout(unknown, by_path, infer_layout is not None))
+        unused = [text for text, _ in config.layouts if not any(pattern(text).match(p) for p in by_path)]
+        raise ValueError(_no_layout(unknown, by_path, infer_layout is not None, unused))
     if narrow:  # said: linen names a list of layers layers_0, layers_1, which no rule tells from a head
         warnings.warn(f"lora_init: all-linear leaves out {len(narrow)} kernel(s) narrower than rank {config.rank}, "
                       f"taken for heads: {narrow[:4]}; to adapt them, give them a rank that fits (rank_pattern)",

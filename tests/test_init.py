@@ -279,6 +279,8 @@ def test_nd_kernel_without_layout_is_a_clear_error():
                                          r"'bio' for nn.scan-stacked Dense .*"
                                          r"'ioo' for DenseGeneral to heads .*'iiio' for a 2-D conv"):
         lora_init(KEY, tree, LoraConfig(rank=2, targets=["q", "conv"]))
+    with pytest.raises(ValueError, match=r"'q/kernel' \(4, 2, 3\).* LoraConfig.layouts patterns \['qq'\] match no param$"):
+        lora_init(KEY, tree, LoraConfig(rank=2, targets=["q"], layouts={"qq": "ioo"}))  # a typo
     with pytest.raises(ValueError, match=r"\(4, 2, 3\): infer_layout saw no matmul, lookup or conv of them"):
         lora_init(KEY, {"k": {"kernel": jnp.ones((4, 2, 3))}}, LoraConfig(rank=2, targets=["k"]),
                   infer_layout=lambda p: jnp.sin(p["k"]["kernel"]).sum())
