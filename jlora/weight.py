@@ -143,6 +143,11 @@ def _shape_str(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}[{','.join(str(d) for d in x.shape)}]"
 
 
+class NoBaseWeight(ValueError, AttributeError):
+    """A ``LoraWeight`` of the trainable half of ``jlora.split`` asked for its base's shape or dtype:
+    a ValueError, and an AttributeError so that ``hasattr(x, "shape")`` answers ``False``."""
+
+
 class LoraWeight(Lazy):
     """A frozen kernel ``w`` plus the low-rank update ``scale · a @ b``.
 
@@ -289,13 +294,13 @@ class LoraWeight(Lazy):
     @property
     def shape(self) -> tuple[int, ...]:
         if self.w is None:
-            raise ValueError(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
+            raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return tuple(self.w.shape)
 
     @property
     def dtype(self) -> Any:
         if self.w is None:
-            raise ValueError(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
+            raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return self.w.dtype
 
     @property

@@ -133,3 +133,12 @@ def test_a_model_called_on_the_lora_tree_without_apply_says_so():
     with pytest.raises(TypeError, match="was used as an array outside jlora.apply"):
         module(x)
     assert bool(lora["Dense_0"]["kernel"]) and bool(lora["LayerNorm_0"]["scale"])  # truthy as objects, not by len
+
+
+def test_a_trainable_half_node_has_no_shape_and_says_why():
+    """``hasattr(x, "shape")`` answers (generic tree tools ask it); reading it says why there is none."""
+    trainable = jlora.split(jlora.lora_init(jax.random.key(0), {"d": jnp.ones((8, 8))},
+                                            jlora.LoraConfig(rank=2, targets=["d"])))[0]["d"]
+    assert not hasattr(trainable, "shape") and getattr(trainable, "dtype", None) is None
+    with pytest.raises(ValueError, match=r"LoraWeight 'd' has no base weight \(the trainable half of jlora.split\)"):
+        trainable.shape
