@@ -380,3 +380,44 @@ def test_ragged_dot_experts_get_their_layout_inferred_and_train():
     lw = params["experts"]
     assert str(lw.layout) == "bio" and lw.a.shape == (4, 16, 2) and lw.b.shape == (4, 2, 8)  # an adapter per expert
     check_against_oracle(fn, perturb(params, jax.random.key(3)), x)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention, fp8 matmuls and pinned host memory: GPU")
+@pytest.mark.parametrize("case", ["cudnn_attention", "fp8_cast", "offloaded_base"])
+def test_gpu_paths_stay_factored_and_agree_with_the_merged_weights(case):
+    """Attention through cuDNN on adapted q, k, v, o; a kernel cast to fp8 at its use; a frozen
+    base kept in pinned host memory and brought in inside the step. bf16, so compared against
+    the merged weights at bf16's rounding; every MaterializeWarning is an error here."""
+    batch, tokens, width, heads = 2, 128, 256, 4
+    keys = jax.random.split(jax.random.key(0), 6)
+    base = {n: {"kernel": (normal(keys[i], (width, width)) / 16).astype(jnp.bfloat16)} for i, n in enumerate("qkvo")}
+    params = perturb(jlora.lora_init(keys[4], base, jlora.LoraConfig(rank=8, targets=list("qkvo"),
+                                                                     param_dtype=jnp.bfloat16)), keys[5])
+    x = normal(keys[5], (batch, tokens, width)).astype(jnp.bfloat16)
+
+    def attention(p, x, implementation=None):
+        split = lambda name: (x @ p[name]["kernel"]).reshape(batch, tokens, heads, width // heads)
+        out = jax.nn.dot_product_attention(split("q"), split("k"), split("v"), is_causal=True,
+                                           implementation=implementation)
+        return out.reshape(batch, tokens, width) @ p["o"]["kernel"]
+
+    if case == "cudnn_attention":
+        fn = lambda p, x: attention(p, x, "cudnn")
+    elif case == "fp8_cast":
+        fn = lambda p, x: jnp.dot(x.astype(jnp.float8_e4m3fn), p["q"]["kernel"].astype(jnp.float8_e4m3fn),
+                                  preferred_element_type=jnp.bfloat16)
+    else:
+        device = jax.devices()[0]
+        on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        trainable, frozen = jlora.split(params)
+        frozen = jax.tree.map(lambda w: jax.device_put(w, on_host), frozen)
+        back = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+        step = lambda t, f, x: jlora.apply(attention)(jlora.combine(t, jax.device_put(f, back)), x)
+        got = jax.jit(step)(trainable, frozen, x)
+        want = attention(jlora.merge(params), x)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05 * float(jnp.abs(want).max()))
+        return
+    got = jax.jit(jlora.apply(fn))(params, x)
+    want = fn(jlora.merge(params), x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=0.05 * float(jnp.abs(want.astype(jnp.float32)).max()))
