@@ -356,6 +356,11 @@ def lora_init(
         if len(layouts) > 1:
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
         layout = next(iter(layouts.values()), None) or inferred.get(path)
+        if layouts and path in inferred and str(inferred[path]) != str(layout):
+            warnings.warn(f"lora_init: LoraConfig.layouts declares '{layout}' for '{path}', but infer_layout saw it "
+                          f"used as '{inferred[path]}': the declared layout is kept (the adapter's axes, its init "
+                          "and its PEFT form follow it), and jlora.apply materialises the weight at a use it does "
+                          "not fit", stacklevel=2)
         if layout is None and (path.rsplit("/", 1)[-1] == "weight" or path in wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else

@@ -1,3 +1,5 @@
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -268,6 +270,20 @@ def test_a_target_that_matches_only_what_it_cannot_use_says_why():
                                          r"'weight'; its leaves \['cell/weight_hh', 'cell/weight_ih'\] are adapted by "
                                          r"patterns naming them, e.g. 'cell/weight_hh'\)"):
         lora_init(KEY, gru, LoraConfig(rank=2, targets=["cell"]))
+
+
+def test_a_declared_layout_that_the_traced_use_contradicts_is_said():
+    """Declared 'oi' for a kernel the function uses as x @ w ('io'): kept, as declared, but said
+    (its adapter's axes, init and PEFT form follow the declaration; the use materialises)."""
+    params = {"up": {"kernel": jnp.ones((8, 4))}}
+    use = lambda p: jnp.ones((2, 8)) @ p["up"]["kernel"]
+    with pytest.warns(UserWarning, match=r"LoraConfig.layouts declares 'oi' for 'up/kernel', but infer_layout saw it "
+                                         r"used as 'io': the declared layout is kept"):
+        p = lora_init(KEY, params, LoraConfig(rank=2, targets=["up"], layouts={"up": "oi"}), infer_layout=use)
+    assert str(p["up"]["kernel"].layout) == "oi"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # agreeing: nothing to say
+        lora_init(KEY, params, LoraConfig(rank=2, targets=["up"], layouts={"up": "io"}), infer_layout=use)
 
 
 def test_nd_kernel_without_layout_is_a_clear_error():
