@@ -650,6 +650,11 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def _scale(config: dict, alpha: float, r: int) -> float:
+    """PEFT's LoRA scale of a module of rank ``r``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
 def describe(path: str | os.PathLike) -> str:
     """What a PEFT LoRA adapter holds (``jlora info`` on one): its base model and task, each adapted
     module's rank and scale, the tensors trained whole, parameter counts, size on disk. Reads the
@@ -694,7 +699,7 @@ def describe(path: str | os.PathLike) -> str:
         fan_in, fan_out = a[1] if len(a) > 1 else "?", b[0] if b else "?"
         embedding = PREFIX + module + EMBEDDING_FACTORS[0] in shapes
         r = rank_of(module)
-        scale = alpha_of(module) / (math.sqrt(r) if config.get("use_rslora") else r)
+        scale = _scale(config, alpha_of(module), r)
         lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}")
     lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
     n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
@@ -825,7 +830,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if expected_r != r:
             raise ValueError(f"{path}: module {name!r} has rank {r} but the config says {expected_r}")
         alpha = alpha_of(name)
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = _scale(config, alpha, r)
         new[flax_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout,
                                        path=flax_path[p], dropout=float(dropout))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves

@@ -299,6 +299,10 @@ def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     return jax.tree.map(_put, tree, shardings(tree, mesh, rules))
 
 
+class _NotTheParams(ValueError):
+    """``state_shardings``' own refusal, told apart from the tree errors of optax it explains."""
+
+
 def state_shardings(tx: optax.GradientTransformation, state: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings of an optimizer state: each per-param leaf (Adam's moments, ...) shards like its
     param; counts and other scalars are replicated. ``param_shardings`` is ``shardings(params, ...)``
@@ -320,7 +324,7 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
         if placeholder(leaf):
             return leaf
         if is_node(leaf) and type(sharding) is not type(leaf):
-            raise ValueError(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} where "
+            raise _NotTheParams(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} where "
                              f"param_shardings has {'none' if sharding is None else type(sharding).__name__}: give "
                              "the shardings of the params the state was made from (shardings(params, mesh, rules))")
         if isinstance(leaf, LoraWeight):
@@ -335,9 +339,9 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
             tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
             is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
         )
+    except _NotTheParams:  # one's own, naming the leaf
+        raise
     except ValueError as err:
-        if "jlora" in str(err):  # one's own, naming the leaf
-            raise
         raise ValueError("jlora.sharding.state_shardings: the state's per-param leaves are not shaped like the tree "
                          "of param_shardings (a tx that takes its params wrapped, optax.lookahead's LookaheadParams: "
                          "give the shardings of the tree the state keeps per param, shardings(params.fast, mesh, "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param, materialized
+from jlora.weight import Lazy, LoraWeight, MaterializeMismatch, Trainable, has_shape, is_node, is_param, materialized
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -230,10 +230,8 @@ def merge(tree: Any) -> Any:
         if isinstance(x, Lazy):
             try:
                 return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
-            except TypeError as err:  # materialized's: a kind's materialize() of another shape or dtype
-                if ".materialize() gave" not in str(err):
-                    raise
-                raise TypeError(f"jlora.merge: '{path_str(path)}': {err}") from None
+            except MaterializeMismatch as err:  # a kind's materialize() of another shape or dtype
+                raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
         return x.value if isinstance(x, Trainable) else x
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)

@@ -503,6 +503,10 @@ class Trainable(NotAnArray):
     describe = __repr__
 
 
+class MaterializeMismatch(TypeError):
+    """A lazy kind's ``materialize()`` gave an array of another shape or dtype than the value says."""
+
+
 def materialized(x: "Lazy") -> jax.Array:
     """``x.materialize()``, refused, naming the kind, where it is not of the shape and dtype ``x``
     says it has (a kind's own bug, which would flow on silently or fail far away).
@@ -513,8 +517,8 @@ def materialized(x: "Lazy") -> jax.Array:
     """
     out = x.materialize()
     if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), jnp.dtype(x.dtype)):
-        raise TypeError(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, but the "
-                        f"value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
+        raise MaterializeMismatch(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, "
+                                  f"but the value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
     return out
 
 
