@@ -159,7 +159,6 @@ def _transpose(ctx: Context, eqn: Any, invals: list) -> Any:
 @register(_compat.dynamic_slice_p, Probe)
 @register(_compat.rev_p, Probe)
 @register(_compat.pad_p, Probe)
-@register(_compat.all_gather_p, Probe)
 def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
     """A cast, a copy, a constraint, a slice (``W[i]`` before its squeeze), a flip, a pad or a
     gather of the blocks of ``shard_map`` keeps every axis in its place."""
@@ -167,6 +166,19 @@ def _same_axes(ctx: Context, eqn: Any, invals: list) -> Any:
     if not isinstance(probe, Probe) or any(isinstance(v, Probe) for v in rest):
         return NotImplemented
     return [probe.with_value(_compat.bind(eqn, [probe.value, *rest])[0])]
+
+
+@register(_compat.all_gather_p, Probe)
+def _gathered(ctx: Context, eqn: Any, invals: list) -> Any:
+    """Inside ``shard_map``, the blocks of a kernel gathered: tiled, every axis keeps its place;
+    untiled, the blocks are stacked along a new axis that stands for none of the kernel's axes
+    until a reshape joins it to the axis they were split along."""
+    if eqn.params.get("tiled", False):
+        return _same_axes(ctx, eqn, invals)
+    (probe,) = invals
+    axes = list(probe.axes)
+    axes.insert(eqn.params["all_gather_dimension"], ())
+    return [probe.with_value(_compat.bind(eqn, [probe.value])[0], tuple(axes))]
 
 
 if _compat.tile_p is not None:  # copies of the kernel along its own axes

@@ -249,14 +249,42 @@ def checkpoint_name_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 def all_gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """Inside ``shard_map``, a kernel gathered whole before its use (FSDP written by hand): a factor
     holding the gathered axis is split along it as ``w`` is (``jlora.sharding.factor_specs``) and is
-    gathered the same way; the other factor is whole already."""
+    gathered the same way; the other factor is whole already. Untiled (the blocks stacked along a
+    new axis), the factors that differ between devices are gathered: the new axis is an input axis
+    where only ``a`` does, an output axis where only ``b`` does, a batch axis where both do."""
     (lw,) = invals
-    if not eqn.params.get("tiled", False):
-        return NotImplemented  # the blocks stacked along a new axis
     axis = eqn.params["all_gather_dimension"]
+    if not eqn.params.get("tiled", False):
+        return _stacked_blocks(ctx, eqn, lw, axis)
     in_a, in_b = lw.layout.factor_axes()
     gather = lambda f, where: f if axis not in where else _compat.bind(eqn, [f], all_gather_dimension=where[axis])[0]
     return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b))]
+
+
+def _stacked_blocks(ctx: Context, eqn: Any, lw: LoraWeight, axis: int) -> Any:
+    """``all_gather(w, tiled=False)``: the devices' blocks stacked along a new axis at ``axis``.
+    Which factors vary over the gather's mesh axes (``shard_map``'s type of each value) gives its
+    role; where they do not say (``check_vma=False``), the kernel is materialised."""
+    names = eqn.params["axis_name"]
+    names = set(names) if isinstance(names, (tuple, list)) else {names}
+    varies = lambda x: names <= _compat.varying_axes(x)
+    if not varies(lw.w) and not isinstance(lw.w, Lazy):
+        return NotImplemented  # no types to tell what differs between devices
+    a_varies, b_varies = varies(lw.a), varies(lw.b)
+    if not (a_varies or b_varies) or any(names & _compat.varying_axes(f) for f, v in
+                                         ((lw.a, a_varies), (lw.b, b_varies)) if not v):
+        return NotImplemented  # factors alike on every device, or varying over some of the axes only
+    role = "b" if a_varies and b_varies else "i" if a_varies else "o"
+    old = lw.layout.axes
+    # the new axis comes before the next axis of its role in w (or after the last one)
+    after = [k for role_, k in old[axis:] if role_ == role]
+    new_k = min(after) if after else len(lw.layout.group(role))
+    axes = [(r, k + 1 if r == role and k >= new_k else k) for r, k in old]
+    axes.insert(axis, (role, new_k))
+    layout = Layout(tuple(axes))
+    in_a, in_b = layout.factor_axes()
+    gather = lambda f, where: _compat.bind(eqn, [f], all_gather_dimension=where[axis])[0] if axis in where else f
+    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b), layout=layout)]
 
 
 @register(_compat.reshape_p, LoraWeight)

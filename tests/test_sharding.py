@@ -415,6 +415,74 @@ def test_kernels_gathered_inside_shard_map_gather_their_factors():
     assert {k: str(v) for k, v in got.items()} == want
 
 
+def _untiled_gather_loss(split_by):
+    """``_mlp_loss`` with each kernel split by ``split_by`` ("rows" or "columns") and gathered
+    untiled (the blocks stacked along a new axis), then reshaped whole before its use."""
+    axis = {"rows": 0, "columns": 1}[split_by]
+
+    def whole(w):
+        blocks = jax.lax.all_gather(w, "fsdp", axis=axis)  # rows: (8, in/8, out); columns: (in, 8, out/8)
+        return blocks.reshape(w.shape[0] * (8 if axis == 0 else 1), -1)
+
+    def block(p, x):
+        y = jnp.tanh(x @ whole(p["l1"]["kernel"])) @ whole(p["l2"]["kernel"])
+        return jax.lax.pmean(jnp.mean(y ** 2), "fsdp")
+
+    spec = P("fsdp", None) if axis == 0 else P(None, "fsdp")
+    specs = {"l1": {"kernel": spec}, "l2": {"kernel": spec}}
+    mesh = sharding.make_mesh({"fsdp": 8})
+    return lambda p, x: jax.shard_map(block, mesh=mesh, in_specs=(specs, P("fsdp")), out_specs=P())(p, x)
+
+
+@pytest.mark.parametrize("split_by", ["rows", "columns"])
+def test_kernels_gathered_untiled_inside_shard_map_gather_the_factors_that_differ(split_by):
+    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
+    loss = _untiled_gather_loss(split_by)
+    lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)  # no MaterializeWarning (an error here)
+    oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
+    _assert_grads_close(lazy, oracle)
+    jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(loss)))(params, x))
+    for shape in ("16,32", "32,8"):
+        assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
+    want = {"l1/kernel": "io", "l2/kernel": "io"}
+    got = infer_layouts(lambda p: loss(p, x), jlora.merge(params), list(want))
+    assert {k: str(v) for k, v in got.items()} == want
+
+
+def test_a_stack_split_by_layers_and_gathered_untiled_stays_factored():
+    stack = normal(jax.random.key(0), (8, 16, 16)) / 4  # unit-variance activations: float32 well conditioned
+    cfg = jlora.LoraConfig(rank=2, targets=["layers"], layouts={"layers": "bio"})
+    params = perturb(jlora.lora_init(jax.random.key(1), {"layers": stack}, cfg), jax.random.key(2))
+    x = normal(jax.random.key(3), (4, 16))
+
+    def run(layers, x):
+        for w in layers:
+            x = jnp.tanh(x @ w)
+        return jnp.mean(x ** 2)
+
+    def block(p, x):  # each device holds one layer; all of them gathered (8, 1, 16, 16) and reshaped
+        return jax.lax.pmean(run(jax.lax.all_gather(p["layers"], "layers").reshape(8, 16, 16), x), "layers")
+
+    mesh = sharding.make_mesh({"layers": 8})
+    loss = jax.shard_map(block, mesh=mesh, in_specs=({"layers": P("layers")}, P()), out_specs=P())
+    lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)  # no MaterializeWarning (an error here)
+    oracle = jax.grad(lambda p, x: run(jlora.merge(p)["layers"], x))(params, x)
+    _assert_grads_close(lazy, oracle)
+
+
+def test_an_untiled_gather_without_shard_maps_types_is_materialised_and_says_so():
+    params, x = {"l1": _mlp_params()["l1"]}, normal(jax.random.key(3), (64, 16))
+
+    def block(p, x):
+        return jax.lax.all_gather(p["l1"]["kernel"], "fsdp", axis=0).reshape(16, 32)[:2, :2]
+
+    fn = jax.shard_map(block, mesh=sharding.make_mesh({"fsdp": 8}), in_specs=({"l1": {"kernel": P("fsdp", None)}}, P()),
+                       out_specs=P(), check_vma=False)
+    with pytest.warns(jlora.MaterializeWarning, match="all_gather"):
+        got = jax.jit(jlora.apply(fn))(params, x)
+    np.testing.assert_allclose(got, jlora.merge(params)["l1"]["kernel"][:2, :2], rtol=1e-6)
+
+
 def test_shard_map_inside_the_function_splits_a_quantized_base_by_its_kinds_part_specs():
     """The same Megatron MLP over int8 kernels, one adapted and one not: each enters the body as
     its parts' blocks."""
