@@ -19,7 +19,7 @@ from jlora.layout import Layout
 from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, pattern, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.variables import check_unshared, in_state, mutable_kind, state_paths
-from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
 # trains it as a module to save); in an LM head, the projection (the head itself, or a kernel in it
@@ -329,6 +329,11 @@ def lora_init(
     for path, leaf in entries:
         if is_node(leaf):
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
+        if isinstance(leaf, Lazy):
+            try:
+                check_registered(leaf)
+            except TypeError as err:
+                raise TypeError(f"lora_init: '{path}': {err}") from None
     adapt, tune = select(config, entries, state_paths(params))
     by_path = dict(entries)
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
-from jlora.weight import Lazy, LoraWeight, MaterializeMismatch, Trainable, has_shape, is_node, is_param, materialized
+from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
+                          is_param, materialized)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -179,6 +180,11 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
     if half is not None:
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
                          "pass jlora.combine(trainable, frozen)")
+    if isinstance(x, Lazy):
+        try:
+            check_registered(x)
+        except TypeError as err:
+            raise TypeError(f"{op}: '{path}': {err}") from None
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
         key = (x.layout, _part_key(x.w), _part_key(x.a), _part_key(x.b), need_w, used_as_is)
         layout = _PASSED.get(key)

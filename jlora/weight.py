@@ -107,6 +107,18 @@ class Lazy(NotAnArray):
     shape: tuple[int, ...]
     dtype: Any
 
+    def __getattr__(self, name: str) -> Any:  # after a failed lookup, or a property's AttributeError
+        if name in ("shape", "dtype") and not any(name in vars(kind) for kind in type(self).__mro__):
+            raise AttributeError(f"{type(self).__name__}, a jlora.Lazy kind, defines no {name}: a kind says the shape "
+                                 "and dtype of the array it stands for (two properties, or attributes set in __init__)")
+        return object.__getattribute__(self, name)  # the lookup's own error again (a property's message)
+
+    @property
+    def __jax_array__(self) -> Callable[..., NoReturn]:
+        """JAX asks for this of a value that is no pytree node: a kind left unregistered is named."""
+        check_registered(self)
+        return self._used_outside_apply
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -117,7 +129,8 @@ class Lazy(NotAnArray):
 
     def materialize(self) -> jax.Array:
         """The array this value stands for."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}, a jlora.Lazy kind, defines no materialize(): jlora needs "
+                                  "the array it stands for where no rule keeps it lazy (a fallback, jlora.merge)")
 
     def example(self) -> Any:
         """A value of the type this one has in the traced function (an array or ShapeDtypeStruct)."""
@@ -132,6 +145,26 @@ class Lazy(NotAnArray):
         ``rebuild`` makes one layer's value from the slices), or ``None``: the scan then takes the
         materialised array."""
         return None
+
+
+_REGISTERED: set[type] = set()
+
+
+def check_registered(x: Lazy) -> None:
+    """A ``TypeError`` naming ``x``'s kind where it is no pytree node (JAX would take it for an
+    array and fail far away).
+
+    Example:
+        >>> check_registered(LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0))
+    """
+    kind = type(x)
+    if kind in _REGISTERED:
+        return
+    if jax.tree_util.all_leaves([x]):
+        raise TypeError(f"{kind.__name__}, a jlora.Lazy kind, is not a pytree node: register it, e.g. with "
+                        "@jax.tree_util.register_pytree_node_class and its tree_flatten/tree_unflatten, so that "
+                        "jax.jit and jlora see its arrays (see jlora.Lazy)")
+    _REGISTERED.add(kind)
 
 
 def _shape_str(x: Any) -> str:

@@ -142,3 +142,60 @@ def test_a_trainable_half_node_has_no_shape_and_says_why():
     assert not hasattr(trainable, "shape") and getattr(trainable, "dtype", None) is None
     with pytest.raises(ValueError, match=r"LoraWeight 'd' has no base weight \(the trainable half of jlora.split\)"):
         trainable.shape
+
+
+class _HalfOf(jlora.Lazy):
+    """Stands for 0.5 * x, but says neither its shape nor its dtype."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def materialize(self):
+        return 0.5 * self.x
+
+    def tree_flatten(self):
+        return (self.x,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+class _Unregistered(_HalfOf):
+    shape = property(lambda self: self.x.shape)
+    dtype = property(lambda self: self.x.dtype)
+
+
+_NoShape = jax.tree_util.register_pytree_node_class(type("_NoShape", (_HalfOf,), {}))
+_NoMaterialize = jax.tree_util.register_pytree_node_class(
+    type("_NoMaterialize", (_Unregistered,), {"materialize": jlora.Lazy.materialize}))
+
+
+def _uses():
+    sin = lambda p, x: jnp.sin(p["k"]) + x  # no rule for sin: the kind is materialised
+    return {"apply under jit": lambda p: jax.jit(jlora.apply(sin))(p, 1.0), "apply": lambda p: jlora.apply(sin)(p, 1.0),
+            "merge": jlora.merge,
+            "lora_init": lambda p: jlora.lora_init(jax.random.key(0), p, jlora.LoraConfig(rank=1, targets=["k"]))}
+
+
+@pytest.mark.parametrize("use", ["apply", "merge", "lora_init"])
+def test_a_kind_not_registered_as_a_pytree_node_is_named(use):
+    with pytest.raises(TypeError, match=r"'k': _Unregistered, a jlora.Lazy kind, is not a pytree node: register it"):
+        _uses()[use]({"k": _Unregistered(jnp.ones((2, 2)))})
+
+
+def test_a_kind_not_registered_as_a_pytree_node_is_named_under_jit():
+    # jax.jit takes the value for an array before jlora sees it; JAX's error comes from jlora's
+    with pytest.raises(TypeError) as caught:
+        _uses()["apply under jit"]({"k": _Unregistered(jnp.ones((2, 2)))})
+    assert "_Unregistered, a jlora.Lazy kind, is not a pytree node" in str(caught.value.__context__)
+
+
+@pytest.mark.filterwarnings("ignore::jlora.MaterializeWarning")  # sin has no rule: the kind is materialised
+@pytest.mark.parametrize("use", ["apply under jit", "apply", "merge"])
+def test_a_kind_without_shape_or_materialize_is_named(use):
+    with pytest.raises(AttributeError, match=r"_NoShape, a jlora.Lazy kind, defines no shape: a kind says the shape"):
+        _uses()[use]({"k": _NoShape(jnp.ones((2, 2)))})
+    with pytest.raises(NotImplementedError, match=r"_NoMaterialize, a jlora.Lazy kind, defines no materialize\(\)"):
+        _uses()[use]({"k": _NoMaterialize(jnp.ones((2, 2)))})
+    assert not hasattr(_NoShape(jnp.ones(2)), "dtype")  # an AttributeError: hasattr answers
