@@ -12,8 +12,11 @@
   wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jlora.optimizer``'s
   update against the same ``optax.adamw`` on the trainable half; ``lora_init`` with a
   ``rank_pattern`` and ``alpha_pattern`` key per kernel against ``lora_init`` without them.
+- ``tokenize``: ``jlora.tokens.token_ids`` (the causal-LM job's tokenization, in windows) of a
+  ``--chars`` MB text against one call of the same tokenizer (the default model's WordPiece): time
+  and peak resident memory (one process each), and whether the ids are the same.
 
-    python benchmarks/host_ops.py                       # all four, small sizes
+    python benchmarks/host_ops.py                       # all five, small sizes
     python benchmarks/host_ops.py --parts merge --layers 16 --width 2048
 """
 
@@ -162,12 +165,50 @@ def eager(layers: int) -> None:
           f"none {without:.2f} s; x none {with_patterns / without:.2f}")
 
 
+TOKENIZE_CHILD = r"""
+import sys, time, numpy as np
+from transformers import AutoTokenizer
+from jlora.finetune import default_model_dir
+from jlora.tokens import token_ids
+chars, how, out = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
+tokenizer.model_max_length = 1 << 62  # no warning that the text is longer than the model takes
+rng = np.random.default_rng(0)
+words = np.array([f"{w}{n}" for n in range(400) for w in ("the", "word", "café", "naïve", "x")])
+line = lambda: " ".join(rng.choice(words, size=40)) + ".\n"
+text = "".join(line() for _ in range(int(chars * 1e6 / 300)))
+peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")
+before, start = peak(), time.perf_counter()
+ids = token_ids(tokenizer, text) if how == "jlora" else np.asarray(tokenizer(text)["input_ids"], np.int32)
+np.save(out, ids)
+print(time.perf_counter() - start, peak() - before, len(text) / 1e6)
+"""
+
+
+def tokenize(chars: float) -> None:
+    import numpy as np
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for how in ("one_call", "jlora"):
+            out = subprocess.run([sys.executable, "-c", TOKENIZE_CHILD, str(chars), how, f"{tmp}/{how}.npy"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            rows[how] = [float(v) for v in out]
+        same = np.array_equal(np.load(f"{tmp}/one_call.npy"), np.load(f"{tmp}/jlora.npy"))
+    (t_one, m_one, size), (t_jlora, m_jlora, _) = rows["one_call"], rows["jlora"]
+    print(f"tokenize a {size:.1f} M-character text: jlora token_ids {t_jlora:.1f} s, +{m_jlora:.0f} MiB; one "
+          f"tokenizer call {t_one:.1f} s, +{m_one:.0f} MiB; x one call: time {t_jlora / t_one:.2f}, memory "
+          f"{m_jlora / max(m_one, 1):.2f}; same ids: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="merge,checkpoint,peft_load,eager")
+    parser.add_argument("--parts", default="merge,checkpoint,peft_load,eager,tokenize")
     parser.add_argument("--layers", type=int, default=4, help="merge: layers of the stacked kernel; peft_load: model depth x 8; eager: kernels x 56")
     parser.add_argument("--width", type=int, default=1024, help="merge: the kernel's input width")
     parser.add_argument("--steps", type=int, default=100, help="checkpoint: steps already in the directory")
+    parser.add_argument("--chars", type=float, default=4.0, help="tokenize: the text's size in millions of characters")
     args = parser.parse_args()
     for part in args.parts.split(","):
         if part == "merge":
@@ -178,8 +219,10 @@ def main() -> None:
             peft_load(8 * args.layers)
         elif part == "eager":
             eager(args.layers)
+        elif part == "tokenize":
+            tokenize(args.chars)
         else:
-            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load, eager)")
+            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load, eager, tokenize)")
 
 
 if __name__ == "__main__":

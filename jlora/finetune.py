@@ -33,6 +33,7 @@ import jlora
 from jlora.adapter import read_config, save_adapter
 from jlora.data import BUILTIN_DATA, check_labelled_file, class_order, read_labelled, split_indices
 from jlora.paths import leaves_with_paths
+from jlora.tokens import token_ids
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
@@ -747,7 +748,7 @@ def causal_lm(opts: Options) -> dict:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    tokens = np.asarray(tokenizer(text)["input_ids"], np.int32)
+    tokens = token_ids(tokenizer, text)  # in windows: a whole corpus in one call holds ~200 bytes a character
     window = opts.max_length + 1
     if len(tokens) < opts.max_length + window:  # two windows, overlapping by a token
         raise ValueError(f"{file}: {len(tokens)} tokens; need at least {opts.max_length + window} for --max-length "
