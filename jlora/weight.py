@@ -346,7 +346,7 @@ class LoraWeight(Lazy):
         """
         if self.w is not None:
             return tuple(self.w.shape)
-        return self.layout.w_shape(self.a.shape, self.b.shape)
+        return self.fitted().layout.w_shape(self.a.shape, self.b.shape)  # an ensemble's: its leading axes too
 
     @property
     def rank(self) -> int:

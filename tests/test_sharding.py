@@ -195,6 +195,9 @@ def test_an_ensembles_factors_shard_by_the_member_axis_and_the_kernels_own():
                                    (P(None, "model", None), P(None, "model", None), P(None, None, None))]:
         specs = sharding.partition_specs(ensemble, mesh, [("up/kernel", w_spec)])["up"]["kernel"]
         assert (tuple(specs.a), tuple(specs.b)) == (tuple(a_spec), tuple(b_spec)), w_spec
+        # the trainable half (no w) is seen as the same kernel: rules get its shape, specs agree
+        half = sharding.partition_specs(jlora.split(ensemble)[0], mesh, [("up/kernel", w_spec)])["up"]["kernel"]
+        assert (tuple(half.a), tuple(half.b)) == (tuple(a_spec), tuple(b_spec)), w_spec
         placed = sharding.place(ensemble, mesh, [("up/kernel", w_spec)])["up"]["kernel"]  # the rank axis unsplit
         np.testing.assert_array_equal(placed.b, ensemble["up"]["kernel"].b)
 

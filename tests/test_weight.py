@@ -38,6 +38,12 @@ def test_pytree_round_trip_and_key_paths():
     assert paths == [".w", ".a", ".b"]
 
 
+def test_kernel_shape_of_a_trainable_half_counts_an_ensembles_leading_axes():
+    lw = random_lora(jax.random.key(0), (8, 4), "io", 2)
+    ensemble = jax.vmap(lambda _: lw)(jnp.arange(3))  # layout 'io' over (3, 8, 4) arrays
+    assert jlora.split({"k": ensemble})[0]["k"].kernel_shape == ensemble.kernel_shape == (3, 8, 4)
+
+
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"a must be \(4, 2\) and b \(2, 6\)"):
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((6, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
