@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jlora import _compat
 from jlora.layout import Layout
 from jlora.paths import Pattern, path_str
-from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
 
 # A rule: (path, shape, mesh) -> the base leaf's PartitionSpec, or None to let later rules answer.
 Rule = Callable[[str, tuple, Mesh], Union[PartitionSpec, None]]
@@ -206,7 +206,8 @@ def _compile_rule(r: RuleLike) -> Rule:
 
 
 def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
-    """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half).
+    """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half);
+    ``None`` for a leaf that is no array (an Equinox module's activation function).
 
     ``LoraWeight`` nodes get a ``LoraWeight`` of specs, with the factors' specs derived from
     ``w``'s. Each spec is checked against the leaf's shape and the mesh. A lazy leaf (a quantized
@@ -239,7 +240,9 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
         if isinstance(x, Lazy):
             return part_specs(x, spec_for(path, x.shape), path)
-        return None if x is None else spec_for(path, np.shape(x))
+        if not has_shape(x):  # an Equinox module's activation, a string: no array to place
+            return None
+        return spec_for(path, np.shape(x))
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
 
@@ -296,7 +299,7 @@ def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         >>> tuple(place({"w": np.ones((2, 2))}, mesh, [])["w"].sharding.spec)
         ()
     """
-    return jax.tree.map(_put, tree, shardings(tree, mesh, rules))
+    return jax.tree.map(lambda x, s: x if s is None else _put(x, s), tree, shardings(tree, mesh, rules))
 
 
 class _NotTheParams(ValueError):
@@ -369,9 +372,15 @@ def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules:
     """
     per_param = params.fast if isinstance(params, optax.LookaheadParams) else params  # what the state mirrors
     param_shardings = shardings(per_param, mesh, rules)
-    abstract = jax.eval_shape(tx.init, params)
-    out = state_shardings(tx, abstract, param_shardings, mesh)
-    return jax.jit(tx.init, out_shardings=out)(params)
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    arrays = [x for x in flat if has_shape(x)]  # an Equinox module's functions stay out of the trace
+
+    def init(arrays: list) -> Any:
+        given = iter(arrays)
+        return tx.init(treedef.unflatten([next(given) if has_shape(x) else x for x in flat]))
+
+    out = state_shardings(tx, jax.eval_shape(init, arrays), param_shardings, mesh)
+    return jax.jit(init, out_shardings=out)(arrays)
 
 
 def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> NamedSharding:

@@ -202,6 +202,25 @@ def test_an_ensembles_factors_shard_by_the_member_axis_and_the_kernels_own():
         np.testing.assert_array_equal(placed.b, ensemble["up"]["kernel"].b)
 
 
+def test_an_equinox_modules_functions_are_left_where_they_are():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(16, 8, 32, 2, key=jax.random.key(0))  # holds activation functions as leaves
+    mesh = sharding.make_mesh({"model": 8})
+    rules = [("layers/0/weight", P("model", None))]
+    assert sharding.shardings(model, mesh, rules).activation is None
+    placed = sharding.place(model, mesh, rules)
+    assert placed.activation is model.activation and tuple(placed.layers[0].weight.sharding.spec) == ("model", None)
+    params = jlora.lora_init(jax.random.key(1), placed, jlora.LoraConfig(rank=2, targets=["layers"],
+                                                                          layouts={"weight": "oi"}))
+    tx = jlora.optimizer(optax.adam(1e-3), params)
+    state = sharding.init_state(tx, params, mesh, rules)
+    mu = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    b = next(x for x in mu if isinstance(x, jlora.LoraWeight) and x.path == "layers/0/weight").b
+    assert tuple(b.sharding.spec) == (None, "model")  # 'oi': b holds the output axis the rule splits
+    jax.tree.map(np.testing.assert_array_equal, state, tx.init(params))
+
+
 def test_optimizer_state_shards_like_the_adapters():
     mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
     params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG)
