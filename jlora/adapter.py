@@ -29,6 +29,7 @@ import numpy as np
 from jlora.config import LoraConfig
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
+from jlora.sharding import follow_base
 from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
@@ -496,6 +497,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
+    new = {p: follow_base(node, by_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
     return replace_leaves(base_params, new, is_leaf=is_param)
 
 

@@ -41,6 +41,7 @@ from jlora.adapter import (check_base, check_float_targets, check_other_format, 
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
+from jlora.sharding import follow_base
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -835,6 +836,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
                                        path=flax_path[p], dropout=float(dropout))
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
+    new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
     unloaded = _unloaded_targets(config, by_path, set(factors))
     if unloaded:
         warnings.warn(f"{path}: the config targets {len(unloaded)} module(s) the adapter holds no factors for, left "

@@ -302,6 +302,31 @@ def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     return jax.tree.map(lambda x, s: x if s is None else _put(x, s), tree, shardings(tree, mesh, rules))
 
 
+def follow_base(node: LoraWeight | Trainable, base_leaf: Any) -> LoraWeight | Trainable:
+    """``node`` (an adapter or a fully trained leaf loaded from a file) with its arrays put where
+    the base leaf it goes over is, as ``lora_init`` puts new ones: factors in the shardings derived
+    from its ``NamedSharding`` (``factor_shardings``), a trainable leaf in that sharding; on its
+    device where it was put on one. An uncommitted or abstract base leaves them where they are.
+
+    Example:
+        >>> w = jax.device_put(np.ones((4, 2), np.float32), jax.devices()[0])
+        >>> lw = follow_base(LoraWeight(w, np.ones((4, 1)), np.zeros((1, 2)), scale=1.0), w)
+        >>> lw.a.devices() == w.devices()
+        True
+    """
+    sharding = getattr(base_leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+        a_sharding, b_sharding = factor_shardings(sharding, node.fitted().layout) if isinstance(node, LoraWeight) else (None, None)
+    elif (isinstance(sharding, jax.sharding.SingleDeviceSharding) and isinstance(base_leaf, jax.Array)
+          and not _compat.is_tracer(base_leaf) and base_leaf.committed):
+        a_sharding = b_sharding = sharding
+    else:
+        return node
+    if isinstance(node, Trainable):
+        return Trainable(_put(node.value, sharding))
+    return node.replace(a=_put(node.a, a_sharding), b=_put(node.b, b_sharding))
+
+
 class _NotTheParams(ValueError):
     """``state_shardings``' own refusal, told apart from the tree errors of optax it explains."""
 
@@ -331,8 +356,15 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
                              f"param_shardings has {'none' if sharding is None else type(sharding).__name__}: give "
                              "the shardings of the params the state was made from (shardings(params, mesh, rules))")
         if isinstance(leaf, LoraWeight):
-            pick = lambda mine, theirs: mine if placeholder(mine) else fitting(mine, theirs)
-            return sharding.replace(w=pick(leaf.w, sharding.w), a=pick(leaf.a, sharding.a), b=pick(leaf.b, sharding.b))
+            def pick(name: str) -> Any:
+                mine, theirs = getattr(leaf, name), getattr(sharding, name)
+                if not placeholder(mine) and theirs is None:
+                    half = "frozen" if name != "w" else "trainable"
+                    raise _NotTheParams(f"jlora.sharding.state_shardings: the state holds an array for the {name} of "
+                                        f"'{leaf.path}', but param_shardings has none (the shardings of the {half} half of "
+                                        "jlora.split?): give the shardings of the params the state was made from")
+                return mine if placeholder(mine) else fitting(mine, theirs)
+            return sharding.replace(w=pick("w"), a=pick("a"), b=pick("b"))
         if isinstance(leaf, Trainable):
             return leaf if placeholder(leaf.value) else Trainable(fitting(leaf.value, sharding.value))
         return fitting(leaf, sharding)

@@ -895,3 +895,20 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
     n_lora = sum(v.size for k, v in tensors.items() if "lora_" in k)
     n_whole = sum(v.size for k, v in tensors.items() if "lora_" not in k)
     assert f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole;" in info
+
+
+def test_a_peft_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shards_it(tmp_path):
+    from jax.sharding import PartitionSpec as P
+
+    model = TINY["llama"]()
+    mesh = jlora.sharding.make_mesh({"model": 4})
+    base = jlora.sharding.place(model.params, mesh, jlora.sharding.tensor_parallel("llama"))
+    cfg = jlora.LoraConfig(rank=4, alpha=8, targets=["q_proj", "o_proj"], trainable=["input_layernorm"])
+    fresh = jlora.lora_init(KEY, base, cfg)
+    jlora.peft.save_adapter(tmp_path / "adapter", perturb(fresh, KEY), model.config)
+    loaded = jlora.peft.load_adapter(tmp_path / "adapter", base, model.config)
+    is_node = lambda x: isinstance(x, (jlora.LoraWeight, jlora.Trainable))
+    placement = lambda tree: [(x.a.sharding, x.b.sharding) if isinstance(x, jlora.LoraWeight) else x.value.sharding
+                              for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
+    assert placement(loaded) == placement(fresh)
+    assert P(None, "model") in [b.spec for pair in placement(loaded) if isinstance(pair, tuple) for b in pair]

@@ -221,6 +221,19 @@ def test_an_equinox_modules_functions_are_left_where_they_are():
     jax.tree.map(np.testing.assert_array_equal, state, tx.init(params))
 
 
+def test_an_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shards_it(tmp_path):
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    base = sharding.place(_base(), mesh, RULES)
+    fresh = jlora.lora_init(jax.random.key(1), base, CONFIG)
+    path = jlora.adapter.save_adapter(tmp_path / "adapter", perturb(fresh, jax.random.key(2)))
+    loaded = jlora.adapter.load_adapter(path, base)
+    is_node = lambda x: isinstance(x, (jlora.LoraWeight, jlora.Trainable))
+    placement = lambda tree: [(x.a.sharding, x.b.sharding) if isinstance(x, jlora.LoraWeight) else x.value.sharding
+                              for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
+    assert placement(loaded) == placement(fresh)
+    assert any(any(s.spec) for pair in placement(loaded) if isinstance(pair, tuple) for s in pair)  # some are split
+
+
 def test_optimizer_state_shards_like_the_adapters():
     mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
     params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG)
@@ -248,6 +261,10 @@ def test_optimizer_state_shards_like_the_adapters():
     with pytest.raises(ValueError, match="state_shardings: the state holds a LoraWeight where param_shardings has "
                                          "none: give the shardings of the params the state was made from"):
         sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(other, mesh, RULES), mesh)
+    frozen = jlora.split(params)[1]  # the other half's: no factors' shardings, which jax.jit took as "unspecified"
+    with pytest.raises(ValueError, match=r"the state holds an array for the a of '\w+/kernel', but param_shardings has none "
+                                         r"\(the shardings of the frozen half of jlora.split\?\)"):
+        sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(frozen, mesh, RULES), mesh)
     # optax.lookahead around the optimizer (as the README has it) takes LookaheadParams: its state mirrors the fast ones
     lookahead = optax.lookahead(jlora.optimizer(optax.adam(1e-2), trainable, b_lr_ratio=4.0), sync_period=2,
                                 slow_step_size=0.5)
