@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
@@ -26,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora import _compat
 from jlora.layout import Layout
-from jlora.paths import Pattern, path_str
+from jlora.paths import Pattern, nearest, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
 
 # A rule: (path, shape, mesh) -> the base leaf's PartitionSpec, or None to let later rules answer.
@@ -87,8 +88,18 @@ def rule(pattern: str, spec: Any) -> Rule:
         >>> tuple(r("wte/embedding", (64, 8), None))
         ('model', None)
     """
-    compiled, spec = Pattern(pattern), _as_spec(spec)
-    return lambda path, shape, mesh: spec if compiled.match(path) else None
+    return _PatternRule(Pattern(pattern), _as_spec(spec))
+
+
+class _PatternRule:
+    """``rule``'s rule; ``partition_specs`` warns of one whose pattern matches no leaf (a typo
+    would leave the leaves it meant replicated)."""
+
+    def __init__(self, pattern: Pattern, spec: PartitionSpec):
+        self.pattern, self.spec = pattern, spec
+
+    def __call__(self, path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
+        return self.spec if self.pattern.match(path) else None
 
 
 def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
@@ -224,6 +235,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     if callable(rules) or isinstance(rules, (str, Mapping)) or not isinstance(rules, Iterable):
         raise TypeError(f"jlora.sharding: rules must be a list of rules, e.g. [sharding.fsdp(\"fsdp\")], got {rules!r}")
     compiled = [_compile_rule(r) for r in rules]
+    seen: list[str] = []  # every leaf's path, a split half's None too
 
     def spec_for(path: str, shape: tuple) -> PartitionSpec:
         for r in compiled:
@@ -234,6 +246,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
     def one(keypath: Any, x: Any) -> Any:
         path = path_str(keypath)
+        seen.append(x.path if isinstance(x, LoraWeight) and x.path else path)
         if isinstance(x, LoraWeight):
             return part_specs(x, spec_for(x.path or path, x.kernel_shape), x.path or path)
         if isinstance(x, Trainable):
@@ -244,7 +257,14 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
             return None
         return spec_for(path, np.shape(x))
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
+    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
+    for r in compiled:
+        if isinstance(r, _PatternRule) and not any(map(r.pattern.match, seen)):
+            from jlora.lazy import _user_stacklevel
+
+            warnings.warn(f"jlora.sharding: the rule for '{r.pattern.text}' matches no param, so it shards nothing "
+                          f"(nearest paths: {nearest(r.pattern.text, seen, 3)})", stacklevel=_user_stacklevel())
+    return out
 
 
 class NoPartSpecs(ValueError):
@@ -450,6 +470,11 @@ def _as_spec(spec: Any) -> PartitionSpec:
 def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     if len(spec) > len(shape):
         raise ValueError(f"sharding rule for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
+    used = [n for names in spec if names is not None for n in ((names,) if isinstance(names, str) else names)]
+    twice = sorted({n for n in used if used.count(n) > 1})
+    if twice:
+        raise ValueError(f"sharding rule for '{path}': spec {spec} splits two axes over mesh axis {twice[0]!r}; "
+                         "a mesh axis splits one axis of a leaf")
     for ax, names in enumerate(spec):
         if names is None:
             continue

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,20 @@ def test_bad_rules_name_the_param():
         sharding.partition_specs(params, mesh, [("dense", P(None, "fsdp"))])
     with pytest.raises(ValueError, match="'dense/kernel': spec .* has 3 entries"):
         sharding.partition_specs(params, mesh, [("dense", P(None, None, "model"))])
+    with pytest.raises(ValueError, match=r"'dense/kernel': spec .* splits two axes over mesh axis 'model'"):
+        sharding.partition_specs(params, mesh, [("dense", P("model", "model"))])
     with pytest.raises(ValueError, match="a list of rules inside the rules .tensor_parallel.. returns one."):
         sharding.partition_specs(params, mesh, [sharding.tensor_parallel("llama")])
+    # a pattern that matches nothing (a typo) shards nothing: said, naming the nearest paths
+    with pytest.warns(UserWarning, match=r"the rule for 'dense/kernels' matches no param, so it shards nothing "
+                                         r"\(nearest paths: \['dense/kernel'\]\)") as seen:
+        sharding.partition_specs(params, mesh, [("dense/kernels", P(None, "model")), ("dense", P())])
+    assert seen[0].filename == __file__
+    trainable = jlora.split(jlora.lora_init(jax.random.key(0), {**params, "head": np.ones((8, 2))},
+                                            jlora.LoraConfig(rank=2, targets=["dense"])))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.partition_specs(trainable, mesh, [("head", P("model"))])  # a leaf the half holds as None
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
 
