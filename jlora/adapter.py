@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig
+from jlora.init import pattern_value
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import follow_base
@@ -58,6 +59,8 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise ValueError(f"save_adapter: lora_config must be the jlora.LoraConfig the adapter was made with, "
                          f"got {type(lora_config).__name__}")
+    if lora_config is not None:
+        check_config_makes("save_adapter", lora_config, params)
     metadata = plain_metadata(metadata)
     tensors = {key: np.asarray(x) for key, x in arrays.items()}
     targets = {p: {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
@@ -446,6 +449,24 @@ def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str]
     if lazy:
         raise ValueError(f"{source}: '{lazy[0]}' was trained in full, but the base holds a lazy "
                          f"{type(base[lazy[0]]).__name__} there; load onto the float base, or leave it out")
+
+
+def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
+    """Refuse a ``lora_config`` to be saved beside adapters it would not make (a reader would
+    rebuild other ones): each adapter's rank and scale against the config's for its path.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> check_config_makes("save_adapter", LoraConfig(rank=2, alpha=2, targets=["k"]), {"k": lw})
+    """
+    for x in jax.tree.leaves(params, is_leaf=is_param):
+        if not isinstance(x, LoraWeight) or not x.path:
+            continue
+        rank = pattern_value(x.path, config.rank_pattern, "rank_pattern", config.rank)
+        scale = config.scale_for(rank, pattern_value(x.path, config.alpha_pattern, "alpha_pattern", config.alpha))
+        if x.rank != rank or not math.isclose(x.scale, scale, rel_tol=1e-6):
+            raise ValueError(f"{op}: lora_config makes '{x.path}' rank {rank}, scale {scale:g}; the adapter there has "
+                             f"rank {x.rank}, scale {x.scale:g}: pass the LoraConfig the adapters were made with")
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:

@@ -30,9 +30,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _compat
-from jlora.adapter import check_base, is_saveable_array, saved_arrays
+from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays
 from jlora.config import LoraConfig
-from jlora.init import pattern_value
 from jlora.layout import Layout
 from jlora.paths import path_str, replace_leaves
 from jlora.sharding import factor_shardings
@@ -181,7 +180,7 @@ class AdapterCheckpointer:
         arrays, specs = _adapter_arrays(params)
         arrays = _as_global(arrays)
         if self.lora_config is not None:
-            _check_config(self.lora_config, params)
+            check_config_makes("AdapterCheckpointer.save", self.lora_config, params)
         if opt_state is not None:
             _check_arrays(opt_state)
         os.makedirs(self.directory, exist_ok=True)
@@ -468,20 +467,6 @@ def _json_scalar(name: str, value: Any) -> Any:
     raise ValueError(f"AdapterCheckpointer.save: metrics['{name}'] is {type(value).__name__}"
                      f"{f' of shape {np.shape(value)}' if hasattr(value, 'shape') else ''}: metrics are written as "
                      "JSON, so each must be a number, a bool, a string, or a list or dict of those")
-
-
-def _check_config(config: LoraConfig, params: Any) -> None:
-    """Refuse a ``lora_config`` that would not make these adapters: ``saved_config`` would then
-    rebuild other ones. Compares each adapter's rank and scale with the config's for its path."""
-    for x in jax.tree.leaves(params, is_leaf=is_param):
-        if not isinstance(x, LoraWeight) or not x.path:
-            continue
-        rank = pattern_value(x.path, config.rank_pattern, "rank_pattern", config.rank)
-        scale = config.scale_for(rank, pattern_value(x.path, config.alpha_pattern, "alpha_pattern", config.alpha))
-        if x.rank != rank or not math.isclose(x.scale, scale, rel_tol=1e-6):
-            raise ValueError(f"AdapterCheckpointer.save: lora_config makes '{x.path}' rank {rank}, scale {scale:g}; "
-                             f"the adapter there has rank {x.rank}, scale {x.scale:g}: pass the LoraConfig the "
-                             "adapters were made with")
 
 
 def _check_arrays(opt_state: Any) -> None:

@@ -322,7 +322,8 @@ class LoraModel:
     ``model``, ``config``, ``params``, ``inputs``: as for ``jlora.hf.lora_init``; ``key`` makes the
     adapters (``jax.random.key(0)`` by default). ``lm.params`` holds the LoRA tree. ``params`` that
     hold adapters already (a saved adapter, ``jlora.adapter.load_adapter(path, model.params)``) are
-    taken as they are.
+    taken as they are; ``lm.config`` is then the ``config`` given, or ``None`` (the adapter's own
+    config is ``jlora.adapter.read_config(path)``).
 
     ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
     or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
@@ -340,9 +341,10 @@ class LoraModel:
                  inputs: dict[str, Any] | None = None):
         _check_model(model, "jlora.hf.LoraModel")
         self.model = model
-        self.config = preset_config(model.config.model_type, config)
-        key = jax.random.key(0) if key is None else key
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
+        # loaded adapters were made with a config this model does not know: the one given, or none
+        self.config = config if loaded else preset_config(model.config.model_type, config)
+        key = jax.random.key(0) if key is None else key
         self.params = params if loaded else lora_init(key, model, self.config, params, inputs=inputs)
 
         def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused
@@ -375,8 +377,14 @@ class LoraModel:
             (1, 5)
         """
         params = self.params if params is None else params
+        if "lora_rng" in kwargs:
+            raise ValueError("LoraModel.generate runs the adapters without LoRA dropout, as HF generates in eval "
+                             "mode; lora_rng is for training calls, lm(..., lora_rng=key)")
         if merged:
             return self.model.generate(*inputs, params=jlora.merge(params), **kwargs)
+        if kwargs.get("trace", True) is False:
+            raise ValueError("LoraModel.generate: trace=False runs HF's decoding loop in Python on the tokens' "
+                             "values, which jlora.apply's trace cannot give; generate with merged=True for it")
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
@@ -386,10 +394,10 @@ class LoraModel:
         fn = self._generate.get(key) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
-            fn = jlora.apply(lambda p, inputs, dyn: self.model.generate(*inputs, params=p, **static, **dyn))
+            fn = jlora.apply(lambda inputs, dyn, params: self.model.generate(*inputs, params=params, **static, **dyn))
             if cacheable:
                 self._generate[key] = fn
-        return fn(params, inputs, dynamic)
+        return fn(inputs, dynamic, params=params)  # a keyword: an error names it as the caller passed it
 
     def merge(self) -> Any:
         """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).

@@ -569,8 +569,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 except ValueError as err:
                     if "half of jlora.split" not in str(err):
                         raise
-                    raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}: a trainable half, an optimizer "
-                                     "state or gradients hold no base weight)") from None
+                    lacks = ("a trainable half, an optimizer state or gradients hold no base weight"
+                             if getattr(leaf, "w", True) is None else "the frozen half holds no adapters")
+                    raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}: {lacks})") from None
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)

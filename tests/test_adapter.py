@@ -131,11 +131,11 @@ def test_a_save_interrupted_between_its_two_files_loads_as_the_newer_save(tmp_pa
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_adapter(tmp_path / "ad", newer, lora_config=cfg.replace(alpha=64))
+        save_adapter(tmp_path / "ad", newer, lora_config=cfg.replace(init="gaussian"))  # a mark of this save
     monkeypatch.setattr(os, "replace", replace)
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_config"]["alpha"] != 64  # the old JSON
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_config"]["init"] != "gaussian"  # old
     jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), newer)
-    assert jlora.adapter.read_config(tmp_path / "ad")["lora_config"]["alpha"] == 64
+    assert jlora.adapter.read_config(tmp_path / "ad")["lora_config"]["init"] == "gaussian"
     assert "q/kernel  8x8" in describe(tmp_path / "ad")
     (tmp_path / "ad" / "adapter_config.json").unlink()  # a first save stopped there: no JSON at all
     jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), newer)

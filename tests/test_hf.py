@@ -335,6 +335,36 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, lm.params, trained)
     ids = jnp.array([[3, 5, 7, 9]])
     np.testing.assert_allclose(lm(ids).logits, model(ids, params=jlora.merge(trained)).logits, rtol=1e-5, atol=1e-5)
+    # the adapter's config is not the model type's preset: lm.config is None, or the config given
+    assert lm.config is None
+    made_with = jlora.LoraConfig(rank=2, targets=["c_attn"])
+    assert hf.LoraModel(model, made_with, params=lm.params).config is made_with
+    with pytest.raises(ValueError, match=r"save_adapter: lora_config makes '.*c_attn/kernel' rank 8, scale 1; the "
+                                         r"adapter there has rank 2, scale 4"):
+        jlora.adapter.save_adapter(tmp_path / "again", lm.params, lora_config=jlora.LoraConfig(rank=8, targets=["c_attn"]))
+    # a model type without a preset: loaded adapters need none
+    xglm = tf.FlaxXGLMForCausalLM(tf.XGLMConfig(vocab_size=64, d_model=32, num_layers=1, attention_heads=2, ffn_dim=64,
+                                                 max_position_embeddings=32))
+    adapted = jlora.lora_init(jax.random.key(0), xglm.params, jlora.LoraConfig(rank=2, targets=["q_proj"]))
+    assert hf.LoraModel(xglm, params=adapted).params is adapted
+
+
+def test_generate_says_what_it_cannot_do():
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2))
+    ids = jnp.array([[3, 5, 7, 9]])
+    with pytest.raises(ValueError, match=r"trace=False runs HF's decoding loop in Python .* generate with merged=True"):
+        lm.generate(ids, max_new_tokens=2, trace=False)
+    assert lm.generate(ids, max_new_tokens=2, trace=False, merged=True).sequences.shape == (1, 6)
+    with pytest.raises(ValueError, match=r"generate runs the adapters without LoRA dropout.* lm\(\.\.\., lora_rng=key\)"):
+        lm.generate(ids, max_new_tokens=2, lora_rng=jax.random.key(0))
+    trainable, frozen = jlora.split(lm.params)
+    with pytest.raises(ValueError, match=r"frozen half of jlora.split.* \(it is keyword argument 'params' at '.*': the "
+                                         r"frozen half holds no adapters\)"):
+        lm.generate(ids, max_new_tokens=2, params=frozen)
+    with pytest.raises(ValueError, match=r"trainable half of jlora.split.* \(it is keyword argument 'params' at '.*': a "
+                                         r"trainable half, an optimizer state or gradients hold no base weight\)"):
+        lm.generate(ids, max_new_tokens=2, params=trainable)
 
 
 def test_example_inputs_can_be_given():
