@@ -173,7 +173,8 @@ def _shape_str(x: Any) -> str:
     if not has_shape(x) or isinstance(x, type):  # a tree mapped to something else (jax.tree.map(jnp.shape, p))
         text = repr(x)
         return text if len(text) <= 60 else text[:57] + "..."
-    return f"{jnp.dtype(x.dtype).name}[{','.join(str(d) for d in x.shape)}]"
+    core = f"{jnp.dtype(x.dtype).name}[{','.join(str(d) for d in x.shape)}]"
+    return f"{type(x).__name__}({core})" if isinstance(x, Lazy) else core  # a quantized base says its kind
 
 
 class NoBaseWeight(ValueError, AttributeError):
@@ -457,7 +458,7 @@ class LoraWeight(Lazy):
 
     def __repr__(self) -> str:
         return (
-            f"LoraWeight(w={_shape_str(self.w)}, a={_shape_str(self.a)}, b={_shape_str(self.b)}, "
+            f"{type(self).__name__}(w={_shape_str(self.w)}, a={_shape_str(self.a)}, b={_shape_str(self.b)}, "
             f"scale={self.scale:g}, layout='{self.layout}'" + (f", path={self.path!r}" if self.path else "") + ")"
         )
 

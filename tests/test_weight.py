@@ -15,6 +15,17 @@ def test_array_like_and_repr_shows_shapes_not_values():
     assert repr(jax.tree.map(jnp.shape, lw)) == "LoraWeight(w=(4, 6), a=(4, 2), b=(2, 6), scale=0.7, layout='io', path='w')"
     assert "w=<class" in repr(jax.tree.map(type, lw)) and "Trainable(dtype('float32'))" == repr(
         jax.tree.map(lambda x: x.dtype, jlora.Trainable(jnp.ones(2))))
+    # a quantized base and a subclass say their kinds
+    from quantized import quantize
+
+    on_int8 = lw.replace(w=quantize(lw.w))
+    assert repr(on_int8).startswith("LoraWeight(w=Int8Weight(float32[4,6]), a=float32[4,2]")
+
+    @jax.tree_util.register_pytree_with_keys_class
+    class DoraLike(jlora.LoraWeight):
+        pass
+
+    assert repr(DoraLike(lw.w, lw.a, lw.b, scale=0.7)).startswith("DoraLike(w=float32[4,6]")
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 6), "io"), ((6, 4), "oi"), ((3, 4, 5), "bio"), ((2, 3, 5), "iio"),
