@@ -170,7 +170,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
     check_creatable(out, "--out")  # now, not after the model has loaded
 
-    model, tokenizer, lora, _ = load_job(args.adapter, model_dir)
+    model, tokenizer, lora, _ = load_job(args.adapter, model_dir, need_tokenizer=False)  # a merge needs weights only
     prefix = meta.get("model_prefix")
     params = jlora.merge(lora[prefix] if prefix else lora)
     if args.torch:  # first: it refuses weights PyTorch's class cannot take before anything is written
@@ -178,8 +178,11 @@ def _merge(args: argparse.Namespace) -> int:
 
         save_torch(model, params, args.out)
     model.save_pretrained(args.out, params=params)
-    tokenizer.save_pretrained(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}" + (" (Flax and PyTorch weights)" if args.torch else ""))
+    if tokenizer is None:
+        print(f"note: {model_dir} has no tokenizer, so the merged model has none; copy its tokenizer's files there")
     outside = sorted(p for p in config["trainable"] if prefix and not p.startswith(prefix + "/"))
     if outside:  # the job's own head is not part of the HF model
         print(f"note: {', '.join(outside)} (trained beside the model, e.g. a classification head) "

@@ -214,11 +214,12 @@ _MODEL_FILES = {  # what a HF model directory must hold -> the file names that p
 }
 
 
-def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, Path]:
+def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: bool = True) -> tuple[Any, Any, Path]:
     """``(Flax model, tokenizer, directory)`` of a local HF model (Flax or PyTorch weights); the
     default name is the packaged all-MiniLM-L6-v2. ``pooler=False`` leaves out an encoder's pooler
     (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's). For
-    ``"classify"``, a tokenizer without a pad token pads with its end (or unknown) token.
+    ``"classify"``, a tokenizer without a pad token pads with its end (or unknown) token;
+    ``need_tokenizer=False`` (a merge): ``None`` for a directory without one.
     ``task="architecture"`` loads the class ``config.json`` names (``FlaxGPT2LMHeadModel`` for
     ``GPT2LMHeadModel``), else the bare model.
 
@@ -255,6 +256,8 @@ def load_model(name: str, task: str, *, pooler: bool = True) -> tuple[Any, Any, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
+        if not need_tokenizer:
+            return model, None, path.resolve()
         detail = f": {err}" if isinstance(err, (OSError, ValueError)) else ""  # not HF's internal TypeErrors
         raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
                          f"e.g. tokenizer.json or vocab.txt){detail}") from None
@@ -567,10 +570,12 @@ def _holds(params: Any, config: dict) -> bool:
     return all(p in paths for p in [*config["targets"], *config["trainable"]])
 
 
-def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[Any, Any, Any, dict]:
+def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
+             need_tokenizer: bool = True) -> tuple[Any, Any, Any, dict]:
     """``(model, tokenizer, params, metadata)`` of an adapter ``jlora finetune`` wrote: the HF
     model it was trained over (``model_dir``, else the one it records) and the LoRA tree over it.
     A classify job's tree is ``{'encoder': <the model's params>, 'head': {'kernel', 'bias'}}``.
+    ``need_tokenizer=False``: the tokenizer is ``None`` where the model's directory has none.
 
     Example:
         >>> model, tokenizer, params, meta = load_job("jlora-out/adapter")  # doctest: +SKIP
@@ -586,9 +591,9 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None) -> tuple[
         raise ValueError(f"{adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass the model's directory")
     task = meta.get("task")
-    model, tokenizer, _ = load_model(model_dir, task or "classify")
+    model, tokenizer, _ = load_model(model_dir, task or "classify", need_tokenizer=need_tokenizer)
     if task is None and not _holds(model.params, config):  # saved from Python over the class config.json names
-        model, tokenizer, _ = load_model(model_dir, "architecture")
+        model, tokenizer, _ = load_model(model_dir, "architecture", need_tokenizer=need_tokenizer)
     prefix, base = meta.get("model_prefix"), model.params
     if prefix:  # the job's own leaves beside the HF model (a classification head): placeholders to load onto
         base = {prefix: model.params}

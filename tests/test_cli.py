@@ -103,6 +103,18 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     with torch.no_grad():
         hidden = in_torch(torch.tensor(np.asarray(ids))).last_hidden_state.numpy()
     np.testing.assert_allclose(hidden, lazy, rtol=1e-4, atol=1e-4)
+    assert (merged_dir / "tokenizer_config.json").is_file()
+
+    # a base directory without a tokenizer merges too (a merge needs the weights), and says so
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for f in bert_dir.iterdir():
+        if f.name in ("config.json", "flax_model.msgpack"):
+            (weights_only / f.name).write_bytes(f.read_bytes())
+    assert main(["merge", str(out / "adapter"), "--model", str(weights_only), "--out", str(tmp_path / "m2")]) == 0
+    assert f"note: {weights_only} has no tokenizer, so the merged model has none" in capsys.readouterr().out
+    np.testing.assert_allclose(tf.FlaxBertModel.from_pretrained(tmp_path / "m2")(ids).last_hidden_state, lazy,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_causal_lm_on_a_text_file(tmp_path, capsys):
