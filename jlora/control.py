@@ -12,9 +12,10 @@ boundaries as their children.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax import lax
 
 from jlora import _compat
@@ -106,7 +107,7 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             name = f"'{x.path}'" if x.path else ctx.where(x)
             x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily",
                                         f"the base of {name}" if name else "", ctx.drops_within(x.w)))
-        spec = x.unstack() if is_lazy(x) else None
+        spec = _unstacked(x, p["length"]) if is_lazy(x) else None
         if spec is None:
             xs.append(materialize_all([x], what="scan", why="cannot slice its leading axis lazily", ctx=ctx)[0])
             rebuilds.append(None)
@@ -118,7 +119,7 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
 
     def body(carry: Any, scanned: Any) -> Any:
         slices, step_key = scanned
-        xs_now = [x if rebuild is None else rebuild(x) for x, rebuild in zip(slices, rebuilds)]
+        xs_now = [x if rebuild is None else _layer(rebuild, x, stack) for x, rebuild, stack in zip(slices, rebuilds, xs_in)]
         step_ctx = (ctx.with_rng(step_key) if step_key is not None else ctx).renamed(xs_in, xs_now)
         args = list(consts) + list(carry) + xs_now
         outs = _outputs(returned.others(args, evaluate_closed(p["jaxpr"], args, step_ctx)), "scan")
@@ -127,6 +128,29 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     length = None if xs else p["length"]  # from xs where there are some: a symbolic length (jax.export) is refused
     carry, ys = lax.scan(body, init, (xs, keys), length=length, reverse=p["reverse"], unroll=p["unroll"])
     return returned.rejoined(invals, list(carry) + list(ys), len(eqn.outvars))
+
+
+def _unstacked(x: Any, length: int) -> tuple | None:
+    """``x.unstack()``, refused, naming the kind, where a child has not the stack's leading axis."""
+    spec = x.unstack()
+    if spec is not None:
+        for k, child in enumerate(jax.tree.leaves(spec[0])):
+            if not np.shape(child) or np.shape(child)[0] != length:
+                raise ValueError(f"{type(x).__name__}.unstack(): its child {k} has shape {tuple(np.shape(child))}, "
+                                 f"but lax.scan slices {length} layers off the {tuple(x.shape)} stack: each child "
+                                 "needs the stack's leading axis")
+    return spec
+
+
+def _layer(rebuild: Callable, slices: Any, stack: Any) -> Any:
+    """One layer of a lazy stack from its children's slices, refused, naming the kind, where it is
+    not of the layer's shape and dtype."""
+    layer = rebuild(slices)
+    if (tuple(layer.shape), np.dtype(layer.dtype)) != (tuple(stack.shape[1:]), np.dtype(stack.dtype)):
+        raise ValueError(f"{type(stack).__name__}.unstack(): its rebuild gave a {np.dtype(layer.dtype).name}"
+                         f"{list(layer.shape)} layer of the {np.dtype(stack.dtype).name}{list(stack.shape)} stack; "
+                         f"a layer is {np.dtype(stack.dtype).name}{list(stack.shape[1:])}")
+    return layer
 
 
 @register(_compat.while_p, Lazy)

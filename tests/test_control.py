@@ -84,6 +84,29 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
         "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily"]
 
 
+def test_a_kinds_faulty_unstack_is_named():
+    from quantized import Int8Weight
+
+    @jax.tree_util.register_pytree_node_class
+    class TransposedLayers(Int8Weight):  # gives each layer transposed
+        def unstack(self):
+            return (self.q, self.column_scale), lambda parts: Int8Weight(parts[0].T, parts[1])
+
+    @jax.tree_util.register_pytree_node_class
+    class ShortScales(Int8Weight):  # its scales shared by the layers, yet handed to the scan to slice
+        def unstack(self):
+            return (self.q, self.column_scale), lambda parts: Int8Weight(*parts)
+
+    q = jax.random.randint(jax.random.key(0), (3, 6, 4), -127, 128).astype(jnp.int8)
+    fn = lambda p, x: lax.scan(lambda h, w: (h @ w @ w.T, None), x, p["w"])[0]
+    with pytest.raises(ValueError, match=r"TransposedLayers.unstack\(\): its rebuild gave a float32\[4, 6\] layer of "
+                                         r"the float32\[3, 6, 4\] stack; a layer is float32\[6, 4\]"):
+        jlora.apply(fn)({"w": TransposedLayers(q, jnp.full((3, 1, 4), 0.01))}, X)
+    with pytest.raises(ValueError, match=r"ShortScales.unstack\(\): its child 1 has shape \(4,\), but lax.scan slices "
+                                         r"3 layers off the \(3, 6, 4\) stack"):
+        jlora.apply(fn)({"w": ShortScales(q, jnp.full((4,), 0.01))}, X)
+
+
 def test_a_loop_carrying_a_typed_prng_key_stays_factored(params):
     """A sampling loop (HF's generate with do_sample) carries a jax.random.key, whose dtype is no
     numpy dtype; the adapter stays factored through it."""
