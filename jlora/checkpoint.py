@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -148,6 +149,38 @@ class AdapterCheckpointer:
         step = _step_index("save", step)
         self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
         self._refresh()
+        try:
+            checked = self._checked_save(step, params, opt_state, metrics, force)
+            refusal = None
+        except ValueError as err:
+            checked, refusal = None, err
+        _agree_across_processes(step, checked, refusal, opt_state is not None, metrics, self.lora_config, force)
+        if checked is False:
+            return False
+        arrays, specs, metrics = checked
+        os.makedirs(self.directory, exist_ok=True)
+        meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None,
+                "ranking": self._ranking()}
+        items = {"adapters": ocp.args.StandardSave(arrays)}
+        if opt_state is not None:
+            flat = _as_global(_flat(opt_state))
+            if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
+                items["opt_state"] = ocp.args.StandardSave(flat)
+            meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
+            meta["opt_state_paths"] = _key_paths(opt_state)
+            meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
+                                      for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
+        items["meta"] = ocp.args.JsonSave(meta)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        self._reload_next = force  # orbax holds an older step forced in as its newest: a reload orders it
+        if saved and self._async:  # a script that ends without wait() or close() must not lose its last save
+            _finish_at_exit(self)
+        return saved
+
+    def _checked_save(self, step: int, params: Any, opt_state: Any, metrics: Any, force: bool) -> Any:
+        """What ``save`` writes, ``(arrays, specs, metrics)``, after every check of this process's
+        arguments (a ``ValueError`` names what is wrong); ``False`` for a step not newer than the
+        latest on disk (with a warning)."""
         steps = list(self._manager.all_steps())
         latest = max(steps, default=None)
         if force and step in steps:
@@ -156,7 +189,7 @@ class AdapterCheckpointer:
         if not force and latest is not None and step <= latest:
             warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
                           f"step {latest}, and saved steps only increase; save into a new directory to start over",
-                          stacklevel=2)
+                          stacklevel=3)
             return False
         if metrics is not None and not isinstance(metrics, Mapping):
             raise ValueError(f"AdapterCheckpointer.save: metrics must be a dict of names to numbers, got {metrics!r}")
@@ -183,24 +216,7 @@ class AdapterCheckpointer:
             check_config_makes("AdapterCheckpointer.save", self.lora_config, params)
         if opt_state is not None:
             _check_arrays(opt_state)
-        os.makedirs(self.directory, exist_ok=True)
-        meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None,
-                "ranking": self._ranking()}
-        items = {"adapters": ocp.args.StandardSave(arrays)}
-        if opt_state is not None:
-            flat = _as_global(_flat(opt_state))
-            if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
-                items["opt_state"] = ocp.args.StandardSave(flat)
-            meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
-            meta["opt_state_paths"] = _key_paths(opt_state)
-            meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
-                                      for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
-        items["meta"] = ocp.args.JsonSave(meta)
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
-        self._reload_next = force  # orbax holds an older step forced in as its newest: a reload orders it
-        if saved and self._async:  # a script that ends without wait() or close() must not lose its last save
-            _finish_at_exit(self)
-        return saved
+        return arrays, specs, metrics
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
         """``(params, opt_state, step)``: ``base_params`` (arrays or ``jax.ShapeDtypeStruct`` with
@@ -279,13 +295,12 @@ class AdapterCheckpointer:
         if foreign is not None:
             raise ValueError(f"{self.directory}: step {step} was not written by AdapterCheckpointer (it holds "
                              f"{foreign}): read it with orbax itself")
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            reason = None if isinstance(meta, dict) and "specs" in meta else "its metadata holds no adapter specs"
-        except (KeyError, OSError, ValueError) as err:  # orbax's for a missing item, json's for a broken one
-            reason = f"{type(err).__name__}: {err}"
-        if reason is not None:
-            raise self._corrupted(step, reason)
+        if self._manager.is_saving_in_progress():  # its own step: read once written
+            self._manager.wait_until_finished()
+        meta = self._step_meta(step)  # from the file: orbax's restore would wait for every process
+        if not (isinstance(meta, dict) and "specs" in meta):
+            raise self._corrupted(step, "its metadata cannot be read" if meta is None else
+                                  "its metadata holds no adapter specs")
         return step, meta
 
     def _foreign_items(self, step: int) -> list[str] | None:
@@ -321,6 +336,9 @@ class AdapterCheckpointer:
             return None
 
     def _corrupted(self, step: int, reason: str) -> ValueError:
+        if not os.path.isdir(os.path.join(self.directory, str(step))):  # pruned by a writer as it was read
+            return ValueError(f"{self.directory}: step {step} was deleted while it was read (the writer keeps only "
+                              f"its last steps, max_to_keep); restore another step of {self.all_steps()}")
         others = [s for s in self.all_steps() if s != step]
         return ValueError(f"{self.directory}: step {step} is incomplete or corrupted ({reason}); "
                           + (f"restore another step of {self.all_steps()}" if others else "it is the only step"))
@@ -371,7 +389,13 @@ class AdapterCheckpointer:
         if self._manager.is_saving_in_progress():
             return
         if self._reload_next or self._steps_on_disk() != set(self._manager.all_steps()):
-            self._manager.reload()
+            for attempt in range(3):
+                try:
+                    self._manager.reload()
+                    break
+                except FileNotFoundError:  # a step the writer pruned (max_to_keep) while orbax listed it
+                    if attempt == 2:
+                        raise
             self._reload_next = False
 
     def _steps_on_disk(self) -> set[int]:
@@ -467,6 +491,40 @@ def _json_scalar(name: str, value: Any) -> Any:
     raise ValueError(f"AdapterCheckpointer.save: metrics['{name}'] is {type(value).__name__}"
                      f"{f' of shape {np.shape(value)}' if hasattr(value, 'shape') else ''}: metrics are written as "
                      "JSON, so each must be a number, a bool, a string, or a list or dict of those")
+
+
+def _agree_across_processes(step: int, checked: Any, refusal: ValueError | None, with_opt_state: bool,
+                            metrics: Any, lora_config: LoraConfig | None, force: bool) -> None:
+    """Raise ``refusal`` (this process's own check failed), on every process of a multi-process
+    job where any process refused the save or the processes were given different arguments: orbax's
+    save is collective, so one process going ahead alone would wait for the others forever."""
+    if jax.process_count() == 1:
+        if refusal is not None:
+            raise refusal
+        return
+    from jax.experimental import multihost_utils
+
+    call = json.dumps({"step": step, "force": force, "skipped": checked is False, "opt_state": with_opt_state,
+                       "metrics": metrics, "lora_config": None if lora_config is None else lora_config.to_dict()},
+                      sort_keys=True, default=str)
+    said = (str(refusal) if refusal is not None else "").encode()[:_SAID]
+    row = np.frombuffer(hashlib.sha256(call.encode()).digest() + bytes([refusal is not None])
+                        + said.ljust(_SAID, b"\0"), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    if refusal is not None:
+        raise refusal
+    refused = [k for k in range(len(rows)) if rows[k, 32]]
+    if refused:
+        text = bytes(rows[refused[0], 33:]).rstrip(b"\0").decode(errors="replace")
+        raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {refused[0]} refused it: {text}")
+    differ = [k for k in range(len(rows)) if bytes(rows[k, :32]) != bytes(rows[0, :32])]
+    if differ:
+        raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {differ[0]} was called with other "
+                         "arguments than process 0 (the step, metrics, lora_config, force or whether opt_state is "
+                         "given); every process must make the same call, as the save is collective")
+
+
+_SAID = 400  # bytes of a refusal's message that the other processes get
 
 
 def _check_arrays(opt_state: Any) -> None:

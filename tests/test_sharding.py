@@ -786,6 +786,50 @@ def test_two_processes_give_the_single_process_losses(tmp_path):
         np.testing.assert_allclose(adapters(restored)[path], value, rtol=1e-5, atol=1e-5, err_msg=path)
 
 
+DISAGREEING_SAVES = r"""
+import sys, jax, jax.numpy as jnp, numpy as np, jlora
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jlora.checkpoint import AdapterCheckpointer
+me = jax.process_index()
+cfg = jlora.LoraConfig(rank=2, targets=["k"])
+params = jlora.lora_init(jax.random.key(0), {"k": np.ones((8, 8), np.float32)}, cfg)
+ckpt = AdapterCheckpointer(sys.argv[3], async_save=False, lora_config=cfg, best_metric="loss")
+ckpt.save(1, params, metrics={"loss": 1.0})
+for step, loss in ((2, float("nan") if me == 1 else 0.5), (2 + me, 0.5)):  # one process refuses; steps differ
+    try:
+        ckpt.save(step, params, metrics={"loss": loss})
+        print(me, "saved", step)
+    except ValueError as err:
+        print(me, "refused", step, str(err)[:160])
+if me == 0:
+    print(me, "config", ckpt.saved_config() == cfg, ckpt.all_steps())  # on one process alone: no collective
+jax.distributed.shutdown()
+"""
+
+
+def test_a_save_that_one_process_refuses_is_refused_by_all_of_them(tmp_path):
+    """orbax's save is collective: a process going ahead alone would wait for the others forever."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", DISAGREEING_SAVES, f"localhost:{port}", str(i), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hang (a process waiting in the collective save) ends with the test
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    said = [[line for line in out.splitlines() if line[:2] in ("0 ", "1 ")] for out in outs]
+    assert said[1][0].startswith("1 refused 2 AdapterCheckpointer.save: step 2 not written: metrics['loss'] is nan")
+    assert said[0][0].startswith("0 refused 2 AdapterCheckpointer.save: step 2 not written: process 1 refused it: "
+                                 "AdapterCheckpointer.save: step 2 not written: metrics['loss'] is nan")
+    for me in (0, 1):
+        assert said[me][1].startswith(f"{me} refused {2 + me} AdapterCheckpointer.save: step {2 + me} not written: "
+                                      "process 1 was called with other arguments than process 0")
+    assert said[0][2] == "0 config True [1]"
+
+
 def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_device():
     """QLoRA under FSDP and TP: a lazy kernel (int8 and scales) is placed by its kind's part_specs;
     the factors get the kernel's derived shardings; a sharded gradient equals the one-device one."""
