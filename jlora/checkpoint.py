@@ -94,8 +94,10 @@ class AdapterCheckpointer:
 
     Steps are read from the directory at each call, so a checkpointer sees the steps other processes
     save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
-    make it, save and restore on every process, as orbax synchronises them; process 0 writes what all
-    processes hold alike.
+    make it, save and restore on every process, with the same arguments, as orbax synchronises
+    them (a save that one process refuses, or that the processes call differently, is refused on
+    all); process 0 writes what all processes hold alike. ``saved_config``, ``all_steps``,
+    ``latest_step`` and ``best_step`` read files only: one process may call them alone.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jlora
