@@ -440,41 +440,16 @@ def test_shard_map_inside_the_function_keeps_sharded_factors():
     assert "shard_map" in jaxpr
 
 
-def _fsdp_loss(p, x):
-    """``_mlp_loss`` with FSDP written by hand: each kernel split by rows, gathered whole before its
-    use, the batch split the same way."""
-    def block(p, x):
-        whole = lambda w: jax.lax.all_gather(w, "fsdp", axis=0, tiled=True)
-        y = jnp.tanh(x @ whole(p["l1"]["kernel"])) @ whole(p["l2"]["kernel"])
-        return jax.lax.pmean(jnp.mean(y ** 2), "fsdp")
-
-    mesh = sharding.make_mesh({"fsdp": 8})
-    specs = {"l1": {"kernel": P("fsdp", None)}, "l2": {"kernel": P("fsdp", None)}}
-    return jax.shard_map(block, mesh=mesh, in_specs=(specs, P("fsdp")), out_specs=P())(p, x)
-
-
-def test_kernels_gathered_inside_shard_map_gather_their_factors():
-    params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
-    lazy = jax.jit(jax.grad(jlora.apply(_fsdp_loss)))(params, x)  # no MaterializeWarning (an error here)
-    oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
-    _assert_grads_close(lazy, oracle)
-    # a is gathered (split by rows as the kernel is); b is whole already: no ΔW is formed
-    jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(_fsdp_loss)))(params, x))
-    for shape in ("16,32", "32,8"):
-        assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
-    want = {"l1/kernel": "io", "l2/kernel": "io"}
-    got = infer_layouts(lambda p: _fsdp_loss(p, x), jlora.merge(params), list(want))
-    assert {k: str(v) for k, v in got.items()} == want
-
-
-def _untiled_gather_loss(split_by):
-    """``_mlp_loss`` with each kernel split by ``split_by`` ("rows" or "columns") and gathered
-    untiled (the blocks stacked along a new axis), then reshaped whole before its use."""
+def _gathered_loss(split_by, tiled):
+    """``_mlp_loss`` with FSDP written by hand: each kernel split by ``split_by`` ("rows" or
+    "columns") and gathered whole before its use, the batch split too. Untiled, the gather stacks
+    the blocks along a new axis ((8, in/8, out) or (in, 8, out/8)), reshaped whole."""
     axis = {"rows": 0, "columns": 1}[split_by]
 
     def whole(w):
-        blocks = jax.lax.all_gather(w, "fsdp", axis=axis)  # rows: (8, in/8, out); columns: (in, 8, out/8)
-        return blocks.reshape(w.shape[0] * (8 if axis == 0 else 1), -1)
+        if tiled:
+            return jax.lax.all_gather(w, "fsdp", axis=axis, tiled=True)
+        return jax.lax.all_gather(w, "fsdp", axis=axis).reshape(w.shape[0] * (8 if axis == 0 else 1), -1)
 
     def block(p, x):
         y = jnp.tanh(x @ whole(p["l1"]["kernel"])) @ whole(p["l2"]["kernel"])
@@ -486,15 +461,17 @@ def _untiled_gather_loss(split_by):
     return lambda p, x: jax.shard_map(block, mesh=mesh, in_specs=(specs, P("fsdp")), out_specs=P())(p, x)
 
 
-@pytest.mark.parametrize("split_by", ["rows", "columns"])
-def test_kernels_gathered_untiled_inside_shard_map_gather_the_factors_that_differ(split_by):
+@pytest.mark.parametrize("split_by, tiled", [("rows", True), ("rows", False), ("columns", False)])
+def test_kernels_gathered_inside_shard_map_gather_the_factors_that_differ(split_by, tiled):
+    """Tiled, the factor split like the kernel is gathered (rows: a; b is whole already); untiled,
+    the factors that vary over the mesh axis are, the new axis an input or output axis."""
     params, x = _mlp_params(), normal(jax.random.key(3), (64, 16))
-    loss = _untiled_gather_loss(split_by)
+    loss = _gathered_loss(split_by, tiled)
     lazy = jax.jit(jax.grad(jlora.apply(loss)))(params, x)  # no MaterializeWarning (an error here)
     oracle = jax.grad(lambda p, x: _mlp_loss(jlora.merge(p), x))(params, x)
     _assert_grads_close(lazy, oracle)
     jaxpr = str(jax.make_jaxpr(jax.grad(jlora.apply(loss)))(params, x))
-    for shape in ("16,32", "32,8"):
+    for shape in ("16,32", "32,8"):  # no ΔW is formed
         assert not re.search(rf"f32\[{shape}\] = dot_general", jaxpr), shape
     want = {"l1/kernel": "io", "l2/kernel": "io"}
     got = infer_layouts(lambda p: loss(p, x), jlora.merge(params), list(want))
