@@ -540,8 +540,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     if own:
         raise ValueError(f"jlora.apply: {getattr(fn, '__name__', fn)!s} has a parameter named 'lora_rng', "
                          "the keyword the wrapped function takes for LoRA dropout's key; rename it")
-    cache: OrderedDict = OrderedDict()
-    lock = threading.RLock()  # the cache's order and size, under calls from several threads
+    cache = _TraceCache()
 
     @functools.wraps(fn)
     def wrapped(*args: Any, lora_rng: Any = None, **kwargs: Any) -> Any:
@@ -594,7 +593,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         nnx_vars = nnx_variables({"args": args, "kwargs": kwargs})
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
-            traced = _trace(fn, cache, lock, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
+            traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
                             bool(nnx_vars))
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
             named = [f"dyn[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"
@@ -669,7 +668,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         return result
 
     def cache_clear() -> None:
-        with lock:
+        with cache.lock:
             cache.clear()
 
     wrapped.cache_clear = cache_clear  # type: ignore[attr-defined]
@@ -678,6 +677,26 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     if signature is not None:
         wrapped.__signature__ = signature  # type: ignore[attr-defined]
     return wrapped
+
+
+class _TraceCache(OrderedDict):
+    """``apply``'s traces, the least recently used first, and the lock that guards their order and
+    number under calls from several threads. Pickled empty: a wrapped function shipped to a worker
+    (cloudpickle: Ray, multiprocessing) traces again there, as ``jax.jit``'s does.
+
+    Example:
+        >>> import pickle
+        >>> cache = _TraceCache(); cache["key"] = "a trace"
+        >>> len(pickle.loads(pickle.dumps(cache)))
+        0
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.RLock()
+
+    def __reduce__(self) -> tuple:
+        return _TraceCache, ()
 
 
 def _compiled_entry(compiled: dict, given: tuple, interpreter: Callable) -> tuple | None:
@@ -764,7 +783,7 @@ def _argument(args: tuple, kwargs: dict, leaf: int) -> str:
     return f"{which} at '{inside}'" if inside else which
 
 
-def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
@@ -776,7 +795,7 @@ def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abst
         key = None
     # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace
     state = _compat.trace_state()
-    with lock:
+    with cache.lock:
         hit = cache.get(key) if key is not None else None
         if hit is not None and hit[0] == state:
             cache.move_to_end(key)
@@ -818,7 +837,7 @@ def _trace(fn, cache, lock, cache_size, treedef, n_leaves, dynamic, static, abst
     # with a cache entry, a place for the trace's compiled evaluations (see apply's eager calls)
     result = (closed, outputs["tree"], outputs["static"], {} if cached else None)
     if cached:
-        with lock:
+        with cache.lock:
             cache[key] = (state, result)
             while len(cache) > cache_size:
                 cache.popitem(last=False)

@@ -356,6 +356,20 @@ def test_calls_from_several_threads_share_the_cache_safely():
         np.testing.assert_allclose(got, want[n], rtol=1e-6)
 
 
+def test_a_wrapped_function_ships_to_workers_as_jit_does():
+    """cloudpickle (Ray, multiprocessing) pickles a closure by value: its traces (locks, JAX's
+    weak references) stay behind, and the worker's copy traces again."""
+    import cloudpickle
+
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    forward = jlora.apply(lambda p, x: jnp.tanh(x @ p["w"]))
+    x = jnp.ones((2, 4))
+    for _ in range(2):  # before its first call and after
+        shipped = cloudpickle.loads(cloudpickle.dumps(forward))
+        np.testing.assert_allclose(shipped(p, x), jnp.tanh(x @ oracle_merge(p)["w"]), rtol=1e-6)
+        forward(p, x)
+
+
 def test_apply_options_and_numpy_strings_are_checked():
     for bad in (1, 0.0, np.True_, "Inputs", None):  # equal to True/False/"inputs" but not them: refused
         with pytest.raises(ValueError, match="jlora.apply: recompute must be False, True or 'inputs'"):
