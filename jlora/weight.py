@@ -351,7 +351,14 @@ class LoraWeight(Lazy):
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[-1])
+        """The adapter's rank: ``a``'s last axis (a symbolic size under ``jax.export``'s shape
+        polymorphism: one export serves every rank).
+
+        Example:
+            >>> LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).rank
+            2
+        """
+        return self.a.shape[-1]
 
     def delta(self, over: Any = None) -> jax.Array:
         """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype; with ``over`` (the dtype

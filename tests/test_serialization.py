@@ -114,3 +114,24 @@ def test_an_exported_function_of_a_lora_tree_serializes_and_runs_as_saved():
     fn = lambda w, x: jnp.einsum("jk,ojk->o", x, w)
     exported = export.deserialize(export.export(jax.jit(jlora.apply(fn)))(lw, x[:, :4]).serialize())
     np.testing.assert_allclose(exported.call(lw, x[:, :4]), fn(jlora.merge(lw), x[:, :4]), rtol=1e-6)
+
+
+def test_one_export_serves_adapters_of_every_rank():
+    """The rank as a symbolic size: the scale is in the tree's structure, so adapters whose alpha
+    grows with their rank (one scale) all run through one exported function."""
+    base = {"dense": {"kernel": jax.random.normal(jax.random.key(1), (6, 5))}}
+    make = lambda r: perturb(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=r, alpha=2 * r, targets=["dense"])),
+                             jax.random.key(r))
+    fn = lambda p, x: jnp.tanh(x @ p["dense"]["kernel"])
+    trainable, frozen = jlora.split(make(2))
+    batch, rank = export.symbolic_shape("batch, rank")
+    symbolic = jax.tree.map(lambda lw: lw.replace(a=jax.ShapeDtypeStruct((6, rank), jnp.float32),
+                                                  b=jax.ShapeDtypeStruct((rank, 5), jnp.float32)),
+                            trainable, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    step = jax.jit(lambda t, f, x: jlora.apply(fn)(jlora.combine(t, f), x))
+    exported = export.deserialize(export.export(step)(symbolic, frozen, jax.ShapeDtypeStruct((batch, 6), jnp.float32))
+                                  .serialize())
+    for r, n in ((2, 3), (4, 1), (5, 7)):
+        trainable, frozen = jlora.split(make(r))
+        x = jax.random.normal(jax.random.key(n), (n, 6))
+        np.testing.assert_allclose(exported.call(trainable, frozen, x), fn(jlora.merge(make(r)), x), rtol=1e-5, atol=1e-6)
