@@ -83,8 +83,10 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
 
 
 def _scaled(factor: jax.Array, scale: float) -> jax.Array:
-    """``scale · factor``: the scale goes on the small factor, never on an activation-sized
-    product (one op fewer per adapter on the activations, forward and backward)."""
+    """``scale · factor``: the scale goes on the second factor of the path, never on an
+    activation-sized product (one op fewer per adapter on the activations, forward and backward),
+    nor on the first factor: ``x @ (s·a)`` would overflow float16 where ``x @ w`` does not (with
+    ``b = 0``, a fresh adapter gives ``inf · 0 = NaN``); PEFT, too, scales last."""
     return factor if scale == 1.0 else factor * scale
 
 
@@ -163,17 +165,18 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
             # batch over, e.g. experts every token goes through)
             t = explicit.resharded_like(_to_order(t, t_labels, r_of(x_labels)), x)
-            b = explicit.resharded_like(_to_order(lw.b.astype(lw.w.dtype), b_labels, r_of(w_labels)), lw.w)
+            b = explicit.resharded_like(_to_order(_scaled(lw.b, lw.scale).astype(lw.w.dtype), b_labels, r_of(w_labels)),
+                                        lw.w)
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
             return [lax.optimization_barrier(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
-        y, y_labels = contract(t, t_labels, lw.b.astype(dtype), b_labels, keep_out, pref, prec)
+        y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels, keep_out, pref, prec)
     else:
-        t, t_labels = contract(_dropout(ctx, lw, x), x_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels,
+        t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,
                                keep_out | set(a_labels), pref, prec)
         t = t.astype(dtype)
-        y, y_labels = contract(t, t_labels, lw.a.astype(dtype), a_labels, keep_out, pref, prec)
+        y, y_labels = contract(t, t_labels, _scaled(lw.a, lw.scale).astype(dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     base = dot(x_in, lw.w)
     out = base + explicit.resharded_like(y.astype(base.dtype), base)
@@ -198,7 +201,8 @@ def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:
 
 def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels: list, lw: LoraWeight,
                      a_labels: list, keep: set, pref: Any, prec: Any) -> tuple[jax.Array, list]:
-    """``scale · x @ a``, computed once for all adapters that read the same ``x`` the same way.
+    """``x @ a`` (the scale goes on ``b``), computed once for all adapters that read the same
+    ``x`` the same way.
 
     q, k and v (and gate and up) read one activation: a single ``x @ [a_q | a_k | a_v]`` reads it
     once instead of three times, in the forward and in the backward. Results for the later
@@ -209,7 +213,7 @@ def _down_projection(ctx: Context, eqn: Any, x_pos: int, x: jax.Array, x_labels:
         return frame.pending.pop(frame.index)
     siblings = _siblings(ctx, eqn, x_pos, lw) if frame is not None and not ctx.drops(lw) else []
     group = [lw] + [other for _, other in siblings]
-    a = jnp.concatenate([_scaled(g.a, g.scale) for g in group], axis=-1) if siblings else _scaled(lw.a, lw.scale)
+    a = jnp.concatenate([g.a for g in group], axis=-1) if siblings else lw.a
     rebuilds = ctx.rebuild_inputs and not ctx.drops(lw) and x.dtype == eqn.invars[x_pos].aval.dtype  # x not cast
     chain = rebuild.find(frame, eqn.invars[x_pos]) if rebuilds else None
     leaves = [frame.env.get(v) for v in chain.leaves] if chain is not None else []
@@ -280,13 +284,13 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
 
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
-    x_in, a = _dropout(ctx, lw, x.astype(dtype)), _scaled(lw.a, lw.scale).astype(dtype)
+    x_in, a, b = _dropout(ctx, lw, x.astype(dtype)), lw.a.astype(dtype), _scaled(lw.b, lw.scale).astype(dtype)
     a_contract = tuple(in_a[ax] for ax in rc)
     if lw.a.shape[0] * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:  # experts × rank
-        y = _all_experts(x_in, a, lw.b.astype(dtype), group_sizes, lc, a_contract, ragged, params)
+        y = _all_experts(x_in, a, b, group_sizes, lc, a_contract, ragged, params)
     else:
         t = grouped(x_in, a, tuple(lc), a_contract, ragged).astype(dtype)
-        y = grouped(t, lw.b.astype(dtype), (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
+        y = grouped(t, b, (t.ndim - 1,), (1,), free.index(ragged))  # x's free axes, b's outputs
     lead = list(range(-len(free), 0))  # labels: x's free axes, then the w axis each output holds
     y = _to_order(y, lead + list(layout.group("o")), lead + sorted(layout.group("o")))
     base = _bind(ctx, eqn, [x, lw.w, group_sizes], lw)[0]
@@ -436,15 +440,17 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     # a as a conv kernel: w's axes with the output feature axis replaced by r.
     perm = tuple(k_of.get(ax, len(k_of)) for ax in range(lw.ndim))
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
-    kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
     x = _dropout(ctx, lw, x.astype(dtype))
-    b = lw.b.astype(dtype)
-    if swapped:
+    if swapped:  # b first, then a's conv: the scale on a
+        kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
+        b = lw.b.astype(dtype)
         feat = lhs_spec[1]
         labels = list(range(x.ndim))
         t, _ = contract(x, labels, b, [x.ndim, feat], set(labels) - {feat} | {x.ndim})
         y = _compat.bind(eqn, [jnp.moveaxis(t.astype(dtype), -1, feat), kernel_a])[0]
         return [base + explicit.resharded_like(y.astype(base.dtype), base)]
+    kernel_a = jnp.transpose(lw.a, perm).astype(dtype)
+    b = _scaled(lw.b, lw.scale).astype(dtype)
     feat = out_spec[1]
     # the function's out_sharding (a mesh with Explicit axes) is for out features, not for the rank
     whole_rank = explicit.whole_along(p.get("out_sharding"), feat)

@@ -220,6 +220,29 @@ def test_bf16_low_rank_path_runs_in_activation_dtype():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("op", ["matmul", "tied head", "conv"])
+def test_a_float16_model_with_a_large_scale_stays_finite(op):
+    """The scale goes on the path's second factor, as PEFT applies it last: s·(x@a) overflows
+    float16 where x@w does not, and a fresh adapter (b = 0) then gave inf · 0 = NaN."""
+    shape = {"matmul": (256, 32), "tied head": (32, 256), "conv": (3, 3, 256, 32)}[op]
+    kernel = (normal(jax.random.key(0), shape) * 0.02).astype(jnp.float16)
+    layouts = {"matmul": "io", "tied head": "io", "conv": "iiio"}  # the head contracts w's output axis: b first
+    cfg = jlora.LoraConfig(rank=8, alpha=512, targets=["k"], layouts={"k": layouts[op]})  # scale 64, b = 0
+    params = jlora.lora_init(jax.random.key(1), {"k": kernel}, cfg)
+    x = jnp.full((2, 5, 5, 256) if op == "conv" else (2, 256), 1000.0, jnp.float16)
+    fn = {"matmul": lambda p, x: x @ p["k"], "tied head": lambda p, x: x @ p["k"].T,
+          "conv": lambda p, x: lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))}[op]
+    want = fn({"k": kernel}, x)
+    assert bool(jnp.all(jnp.isfinite(want)))
+    np.testing.assert_array_equal(jlora.apply(fn)(params, x), want)  # b = 0: the base's output exactly
+    if op == "tied head":  # b first: b's gradient, s·(g@a)ᵀx, is itself beyond float16 here (76,000)
+        return
+    trainable, frozen = jlora.split(params)
+    grads = jax.grad(lambda t: jnp.sum(jlora.apply(fn)(jlora.combine(t, frozen), x).astype(jnp.float32)))(trainable)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
 def test_an_fp8_matmul_keeps_the_low_rank_path_in_its_result_dtype():
     """fp8 x · fp8 kernel accumulated in f32 (``preferred_element_type``): the adapter's f32 factors
     are not rounded to fp8 (7% off the update), the path runs in the result's dtype; the gradients
