@@ -114,6 +114,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: param_dtype {param_dtype!r} is not a dtype") from None
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"LoraConfig: param_dtype must be a float dtype, got {dtype.name}")
+        if jnp.finfo(dtype).bits < 16:
+            raise ValueError(f"LoraConfig: param_dtype {dtype.name} has 8 bits: factors that narrow lose most of "
+                             "each update, and their gradients underflow to 0; use float32 (or bfloat16). An fp8 "
+                             "base works: its kernels may be fp8, the factors not")
         for name, value in dict(
             rank=int(rank), alpha=float(alpha), targets=targets, exclude=exclude, rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern, dropout=float(dropout), init=init, use_rslora=bool(use_rslora),

@@ -44,6 +44,7 @@ def test_hashable_equal_and_round_trips_through_a_dict():
         (dict(dropout=1.0), "dropout must be in"),
         (dict(init="xavier"), "init must be one of"),
         (dict(param_dtype=jnp.int32), "param_dtype must be a float"),
+        (dict(param_dtype=jnp.float8_e4m3fn), "param_dtype float8_e4m3fn has 8 bits: factors that narrow lose most"),
         (dict(param_dtype=None), "param_dtype None is not a dtype"),
         (dict(targets=b"q"), "targets must be a pattern or a list of patterns, got b'q'"),
         (dict(targets=["q//k"]), "pattern 'q//k' has an empty path component"),
