@@ -157,7 +157,8 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
     modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"
     if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Haliax, Penzai): the leaves themselves
         modules = [p for p, leaf in entries if _is_adaptable(leaf)]
-        kind, what = "leaves", "no leaf is named kernel, weight or embedding; leaves a target can name"
+        kind, what = "leaves", "no adaptable (float, 2-D or more) leaf is named kernel, weight or embedding; " \
+                               "leaves a target can name"
     near = nearest(text, modules, n=3)
     listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
     return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}"

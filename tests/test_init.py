@@ -234,8 +234,8 @@ def test_bad_input_names_the_path(cfg, match):
 
 def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_can_name():
     """A Keras variable list, Haliax (``weight/0``), Penzai (``weights/value/data_array``)."""
-    with pytest.raises(ValueError, match=r"'dense' matches no param; no leaf is named kernel, weight or embedding; "
-                                         r"leaves a target can name: 0, 2$"):
+    with pytest.raises(ValueError, match=r"'dense' matches no param; no adaptable \(float, 2-D or more\) leaf is named "
+                                         r"kernel, weight or embedding; leaves a target can name: 0, 2$"):
         lora_init(KEY, [jnp.ones((16, 32)), jnp.zeros(32), jnp.ones((32, 4))], LoraConfig(rank=2, targets=["dense"]))
     with pytest.raises(ValueError, match=r"nearest leaves: \['l1/weights/value'\]; .* a target can name: l1/weights/value$"):
         lora_init(KEY, {"l1": {"weights": {"value": jnp.ones((16, 32))}}}, LoraConfig(rank=2, targets=["l1/weights/v"]))
