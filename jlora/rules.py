@@ -147,6 +147,8 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     x_in, dtype = x, _path_dtype(eqn, x, eqn.invars[1 if lazy_rhs else 0].aval.dtype, lw)
     x = x.astype(dtype)
     prec = eqn.params.get("precision")
+    if isinstance(prec, tuple) and not lazy_rhs:  # per operand, (w's, x's): x goes first in x@a and t@b
+        prec = prec[::-1]
     pref = eqn.params.get("preferred_element_type")
     keep_out = set(out_labels)
     kept = ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx)

@@ -243,6 +243,20 @@ def test_a_float16_model_with_a_large_scale_stays_finite(op):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+def test_a_per_operand_precision_follows_the_kernel_to_its_factors():
+    """``precision=(for the kernel, for x)`` with the kernel as lhs: x goes first in x@a and t@b,
+    so the factors get the kernel's precision and x keeps its own."""
+    from jax.lax import Precision
+
+    p = jlora.lora_init(jax.random.key(0), {"k": jnp.ones((64, 48))}, jlora.LoraConfig(rank=4, targets=["k"]))
+    fn = lambda p, x: lax.dot_general(p["k"], x, (((0,), (1,)), ((), ())), precision=(Precision.HIGHEST, Precision.DEFAULT))
+    dots = [e for e in jax.make_jaxpr(jlora.apply(fn))(p, jnp.ones((8, 64))).jaxpr.eqns if e.primitive.name == "dot_general"]
+    for eqn in dots:
+        kernel_side = 0 if eqn.invars[0].aval.shape in ((64, 48), (64, 4), (4, 48)) else 1
+        assert eqn.params["precision"][kernel_side] == Precision.HIGHEST, eqn
+    assert len(dots) == 3
+
+
 def test_an_fp8_matmul_keeps_the_low_rank_path_in_its_result_dtype():
     """fp8 x · fp8 kernel accumulated in f32 (``preferred_element_type``): the adapter's f32 factors
     are not rounded to fp8 (7% off the update), the path runs in the result's dtype; the gradients
