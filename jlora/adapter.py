@@ -324,6 +324,21 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
     return arrays, adapters, trained
 
 
+def _unsaveable_axes(op: str, path: str, lw: LoraWeight) -> str:
+    """Why an adapter whose arrays have other axes than its layout names cannot be saved, and what
+    to save instead: one member of an ensemble, one adapter of several over one base."""
+    shapes = f"a {tuple(lw.a.shape)}, b {tuple(lw.b.shape)}"
+    if lw.w is not None and hasattr(lw.w, "shape") and len(lw.w.shape) < lw.layout.ndim:
+        return (f"{op}: '{path}' has w {tuple(lw.w.shape)}, fewer axes than its layout '{lw.layout}' names ({shapes}): "
+                "a slice of the whole tree cut the base too; slice the trainable half only")
+    if lw.w is not None and hasattr(lw.w, "shape") and len(lw.a.shape) > len(lw.layout.a_shape(lw.w.shape, 1)) \
+            and len(lw.w.shape) == lw.layout.ndim:
+        return (f"{op}: '{path}' holds adapters stacked over one base ({shapes} over w {tuple(lw.w.shape)}): save "
+                "one at a time from the trainable half, jax.tree.map(lambda v: v[i], jlora.split(params)[0])")
+    return (f"{op}: '{path}' has {shapes}, which layout '{lw.layout}' does not name all the axes of (an ensemble "
+            "from jax.vmap(lora_init), or replicas): save one member at a time, jax.tree.map(lambda v: v[i], params)")
+
+
 def check_saveable(op: str, params: Any) -> None:
     """Refuse the frozen half of ``jlora.split`` where adapters are to be saved (a LoRA tree or its
     trainable half will do).
@@ -340,9 +355,7 @@ def check_saveable(op: str, params: Any) -> None:
                              "hold its a and b alone and load as plain LoRA; save it with a saver of its own")
         if isinstance(x, LoraWeight) and hasattr(x.a, "shape") and tuple(x.a.shape) != x.layout.a_shape(
                 x.kernel_shape, x.rank):
-            raise ValueError(f"{op}: '{p}' has a {tuple(x.a.shape)}, b {tuple(x.b.shape)}, which layout '{x.layout}' "
-                             "does not name all the axes of (an ensemble from jax.vmap(lora_init), or replicas): save "
-                             "one member at a time, jax.tree.map(lambda v: v[i], params)")
+            raise ValueError(_unsaveable_axes(op, p, x))
         parts = _saved_parts(x)
         abstract = [part for part in parts if not is_saveable_array(part)]
         if abstract:
@@ -407,8 +420,9 @@ def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[st
     nodes = [p for p, x in by_path.items() if is_node(x)]
     if nodes:
         raise ValueError(f"{source}: base_params holds jlora nodes (at {nodes[:3]}); pass the base params the "
-                         "adapter was trained over (arrays or jax.ShapeDtypeStruct). To put an adapter over "
-                         "another, merge the first in (jlora.merge)")
+                         "adapter was trained over (arrays or jax.ShapeDtypeStruct). To swap adapters, load the "
+                         "next onto those base params again (the LoRA tree keeps them as its LoraWeights' w); to "
+                         "stack one adapter over another, merge the first in (jlora.merge)")
     targets, trainable = list(targets), list(trainable)
     absent = sorted(p for p in targets + trainable if p not in by_path)
     if absent:

@@ -231,6 +231,16 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
         with pytest.raises(ValueError, match=r"'q/kernel' has a \(3, 8, 2\), b \(3, 2, 8\), which layout 'io' does "
                                              "not name all the axes of .an ensemble"):
             save_adapter(tmp_path / "ensemble", tree)
+    # adapters stacked over one base (for jax.vmap over the trainable half): saved one at a time
+    trainable, frozen = jlora.split(p)
+    stacked = jlora.combine(jax.tree.map(lambda v: jnp.stack([v, v + 1]), trainable), frozen)
+    with pytest.raises(ValueError, match=r"'q/kernel' holds adapters stacked over one base \(a \(2, 8, 2\), b \(2, 2, 8\) "
+                                         r"over w \(8, 8\)\): save one at a time from the trainable half"):
+        save_adapter(tmp_path / "stacked", stacked)
+    with pytest.raises(ValueError, match=r"'stack/kernel' has w \(8, 4\), fewer axes than its layout 'bio' names .* slice the "
+                                         r"trainable half only"):
+        save_adapter(tmp_path / "stacked", jax.tree.map(lambda v: v[1], stacked))  # the base cut too
+    save_adapter(tmp_path / "stacked", jax.tree.map(lambda v: v[1], jlora.split(stacked)[0]))
     save_adapter(tmp_path / "ad", p)
     # loaded onto the LoRA tree itself, it would apply twice
     with pytest.raises(ValueError, match=r"base_params holds jlora nodes \(at \['q/bias', 'q/kernel', 'stack/kernel'\]\)"):
