@@ -30,14 +30,26 @@ def _byte_level():  # GPT-2's kind: byte-level BPE, offsets trimmed of the leadi
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def _metaspace():  # Llama's kind: SentencePiece BPE with a dummy prefix at the text's start, a BOS token
+def _metaspace(merged_across_words=False):
+    """Llama 2's kind: SentencePiece BPE over the whole text (no split), a dummy prefix at its
+    start, a BOS token. Trained as SentencePiece trains, word by word, no token holds ``▁`` but at
+    its start; ``merged_across_words``: trained on the whole text, some do (',▁film')."""
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=merged_across_words is False)
     tok.decoder = decoders.Metaspace()
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     tok.train_from_iterator(_TRAIN, trainers.BpeTrainer(vocab_size=400, special_tokens=special))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+
+
+def _unigram():  # T5's, XLM-R's kind: SentencePiece Unigram, words split at spaces
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.train_from_iterator(_TRAIN + ["ab" * 50, "aab" * 30, "a" * 200],
+                            trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>"], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
 def _word_piece():  # BERT's kind: lower-cased WordPiece between [CLS] and [SEP]
@@ -62,8 +74,12 @@ class _Spy:
         self.lengths.append(len(text))
         return self.tokenizer(text, **kwargs)
 
+    def get_vocab(self):
+        return self.tokenizer.get_vocab()
 
-KINDS = {"byte-level BPE": _byte_level, "SentencePiece BPE": _metaspace, "WordPiece": _word_piece}
+
+KINDS = {"byte-level BPE": _byte_level, "SentencePiece BPE": _metaspace, "SentencePiece Unigram": _unigram,
+         "WordPiece": _word_piece}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -77,10 +93,53 @@ def test_windows_give_the_ids_of_one_call(kind):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_windows_that_disagree_give_way_to_one_call(kind):
-    # a 3000-character word: WordPiece makes it one [UNK] whole, [UNK]s in pieces, so no joint holds
-    tokenizer, text = KINDS[kind](), _text(1000, seed=0) + "a" * 3000 + _text(2000, seed=1)
-    assert token_ids(_Spy(tokenizer), text, chunk_chars=2000, context_chars=200).tolist() == tokenizer(text)["input_ids"]
+def test_a_word_longer_than_a_window_gives_way_to_one_call(kind):
+    """Tokens of a long word depend on all of it (Unigram's best split, BPE's merges of 'ab'
+    pairs): with no word starting near a joint, the windows cannot be joined there."""
+    tokenizer = KINDS[kind]()
+    for word in ("ab" * 2500, "a" * 5001):
+        text = _text(1000, seed=0) + " " + word + " " + _text(2000, seed=1)  # the word across the first joint
+        spy = _Spy(tokenizer)
+        assert token_ids(spy, text, chunk_chars=2000, context_chars=200).tolist() == tokenizer(text)["input_ids"]
+        assert len(text) in spy.lengths
+
+
+def test_a_sentencepiece_vocabulary_with_tokens_across_words_gives_way_to_one_call():
+    """Merges learned across ▁ (',▁film'): a ▁ starts no word the tokenizer keeps apart."""
+    tokenizer, text = _metaspace(merged_across_words=True), _text(6000, seed=5)
+    spy = _Spy(tokenizer)
+    assert token_ids(spy, text, chunk_chars=2000, context_chars=200).tolist() == tokenizer(text)["input_ids"]
+    assert len(text) in spy.lengths
+
+
+class _Encoding(dict):
+    def __init__(self, ids, offsets, words):
+        super().__init__(input_ids=ids, offset_mapping=offsets)
+        self.words = words
+
+    def word_ids(self):
+        return self.words
+
+    def tokens(self):
+        return [""] * len(self.words)
+
+
+class _ReadsTheWholeText:
+    """A token per letter, words split at spaces, but each id shifted by the text's length: windows
+    agree on where words start, not on their tokens."""
+
+    is_fast = True
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        letters = [k for k, c in enumerate(text) if c != " "]
+        words = [text[:k].count(" ") for k in letters]
+        return _Encoding([ord(text[k]) + len(text) % 7 for k in letters], [(k, k + 1) for k in letters], words)
+
+
+def test_windows_that_disagree_on_tokens_give_way_to_one_call():
+    text = _text(6000, seed=6)
+    assert token_ids(_ReadsTheWholeText(), text, chunk_chars=2000, context_chars=200).tolist() == \
+        _ReadsTheWholeText()(text)["input_ids"]
 
 
 def test_a_short_text_or_a_slow_tokenizer_is_tokenized_in_one_call():
