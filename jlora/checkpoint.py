@@ -149,17 +149,16 @@ class AdapterCheckpointer:
         ``force=True`` writes such a step too, but never over one on disk (an error)."""
         self._check_open("save")
         step = _step_index("save", step)
-        self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
-        self._refresh()
         try:
-            checked = self._checked_save(step, params, opt_state, metrics, force)
-            refusal = None
-        except ValueError as err:
+            self._manager.wait_until_finished()  # as orbax's save does first; then the directory as it is now
+            self._refresh()
+            checked, refusal = self._checked_save(step, params, opt_state, metrics, force), None
+        except Exception as err:  # any: in a job of several processes, the others must hear of it
             checked, refusal = None, err
-        _agree_across_processes(step, checked, refusal, opt_state is not None, metrics, self.lora_config, force)
+        metrics = _agree_across_processes(step, checked, refusal, opt_state is not None, self.lora_config, force)
         if checked is False:
             return False
-        arrays, specs, metrics = checked
+        arrays, specs, _ = checked
         os.makedirs(self.directory, exist_ok=True)
         meta = {"specs": specs, "lora_config": self.lora_config.to_dict() if self.lora_config else None,
                 "ranking": self._ranking()}
@@ -495,38 +494,52 @@ def _json_scalar(name: str, value: Any) -> Any:
                      "JSON, so each must be a number, a bool, a string, or a list or dict of those")
 
 
-def _agree_across_processes(step: int, checked: Any, refusal: ValueError | None, with_opt_state: bool,
-                            metrics: Any, lora_config: LoraConfig | None, force: bool) -> None:
-    """Raise ``refusal`` (this process's own check failed), on every process of a multi-process
-    job where any process refused the save or the processes were given different arguments: orbax's
-    save is collective, so one process going ahead alone would wait for the others forever."""
+def _agree_across_processes(step: int, checked: Any, refusal: Exception | None, with_opt_state: bool,
+                            lora_config: LoraConfig | None, force: bool) -> Any:
+    """The metrics to save (process 0's, in a job of several processes: they rank the steps alike
+    on every process), after raising ``refusal`` (this process's own check failed) on every process
+    where any process refused the save or the processes were called differently: orbax's save is
+    collective, so one process going ahead alone would wait for the others forever."""
+    metrics = checked[2] if isinstance(checked, tuple) else None
     if jax.process_count() == 1:
         if refusal is not None:
             raise refusal
-        return
+        return metrics
     from jax.experimental import multihost_utils
 
-    call = json.dumps({"step": step, "force": force, "skipped": checked is False, "opt_state": with_opt_state,
-                       "metrics": metrics, "lora_config": None if lora_config is None else lora_config.to_dict()},
-                      sort_keys=True, default=str)
-    said = (str(refusal) if refusal is not None else "").encode()[:_SAID]
-    row = np.frombuffer(hashlib.sha256(call.encode()).digest() + bytes([refusal is not None])
-                        + said.ljust(_SAID, b"\0"), np.uint8)
+    fields = {"step": step, "force": force, "skipped": checked is False, "opt_state": with_opt_state,
+              "lora_config": None if lora_config is None else lora_config.to_dict()}
+    digests = b"".join(hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).digest()[:8]
+                       for v in fields.values())
+    said = (f"{type(refusal).__name__}: {refusal}" if refusal is not None else "").encode()[:_SAID]
+    shared = json.dumps(metrics).encode()
+    if len(shared) > _SHARED:
+        refusal = refusal or ValueError(f"AdapterCheckpointer.save: metrics take {len(shared)} bytes as JSON; keep "
+                                        f"them to a few numbers (at most {_SHARED} bytes)")
+        shared = b"null"
+    row = np.frombuffer(digests + bytes([refusal is not None]) + said.ljust(_SAID, b"\0") + shared.ljust(_SHARED, b"\0"),
+                        np.uint8)
     rows = np.asarray(multihost_utils.process_allgather(row))
     if refusal is not None:
         raise refusal
-    refused = [k for k in range(len(rows)) if rows[k, 32]]
+    flag = len(digests)
+    refused = [k for k in range(len(rows)) if rows[k, flag]]
     if refused:
-        text = bytes(rows[refused[0], 33:]).rstrip(b"\0").decode(errors="replace")
-        raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {refused[0]} refused it: {text}")
-    differ = [k for k in range(len(rows)) if bytes(rows[k, :32]) != bytes(rows[0, :32])]
-    if differ:
-        raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {differ[0]} was called with other "
-                         "arguments than process 0 (the step, metrics, lora_config, force or whether opt_state is "
-                         "given); every process must make the same call, as the save is collective")
+        text = bytes(rows[refused[0], flag + 1:flag + 1 + _SAID]).rstrip(b"\0").decode(errors="replace")
+        raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {refused[0]} refused it ({text})")
+    for j, name in enumerate(fields):
+        differ = [k for k in range(len(rows)) if bytes(rows[k, 8 * j:8 * j + 8]) != bytes(rows[0, 8 * j:8 * j + 8])]
+        if differ:
+            raise ValueError(f"AdapterCheckpointer.save: step {step} not written: process {differ[0]} differs from "
+                             f"process 0 in {_FIELDS[name]}; every process must make the same call, as the save is "
+                             "collective")
+    return json.loads(bytes(rows[0, flag + 1 + _SAID:]).rstrip(b"\0"))
 
 
+_FIELDS = {"step": "the step", "force": "force", "skipped": "whether the step is newer than the directory's latest",
+           "opt_state": "whether opt_state is given", "lora_config": "the checkpointer's lora_config"}
 _SAID = 400  # bytes of a refusal's message that the other processes get
+_SHARED = 4096  # bytes of process 0's metrics (JSON) that every process saves
 
 
 def _check_arrays(opt_state: Any) -> None:

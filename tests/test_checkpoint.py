@@ -178,6 +178,37 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
     assert ckpt.all_steps() == [1, 2] and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]  # nothing half-written
 
 
+def test_an_evaluator_polling_a_directory_its_writer_prunes_reads_on(tmp_path, monkeypatch):
+    """The writer (max_to_keep) deletes a step while orbax lists the directory: the listing is read
+    again; a step deleted while it is restored is named as deleted, not as corrupted."""
+    base, _, params, _ = setup()
+    writer = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
+    writer.save(1, params)
+    evaluator = AdapterCheckpointer(tmp_path / "ckpt")
+    writer.save(2, params)
+    reload, calls = evaluator._manager.reload, []
+
+    def pruned_under_it():
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(f"[Errno 2] No such file or directory: '{tmp_path}/ckpt/1'")
+        reload()
+
+    monkeypatch.setattr(evaluator._manager, "reload", pruned_under_it)
+    assert evaluator.all_steps() == [1, 2] and len(calls) == 2
+    monkeypatch.undo()
+    restore = evaluator._manager.restore
+
+    def deleted_as_read(step, *args, **kwargs):
+        shutil.rmtree(tmp_path / "ckpt" / str(step))
+        return restore(step, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator._manager, "restore", deleted_as_read)
+    with pytest.raises(ValueError, match=r"step 2 was deleted while it was read \(the writer keeps only its last "
+                                         r"steps, max_to_keep\); restore another step of \[1\]"):
+        evaluator.restore(base)
+
+
 def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path):
     base, _, params, _ = setup()
     with pytest.raises(ValueError, match="typo: no such directory"):

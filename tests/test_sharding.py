@@ -773,12 +773,14 @@ cfg = jlora.LoraConfig(rank=2, targets=["k"])
 params = jlora.lora_init(jax.random.key(0), {"k": np.ones((8, 8), np.float32)}, cfg)
 ckpt = AdapterCheckpointer(sys.argv[3], async_save=False, lora_config=cfg, best_metric="loss")
 ckpt.save(1, params, metrics={"loss": 1.0})
-for step, loss in ((2, float("nan") if me == 1 else 0.5), (2 + me, 0.5)):  # one process refuses; steps differ
+# one process refuses; the steps differ; each process's own loss (process 0's ranks the steps on all)
+for step, loss in ((2, float("nan") if me == 1 else 0.5), (2 + me, 0.5), (4, 0.5 - 0.25 * me), (5, 0.25 + 0.5 * me)):
     try:
         ckpt.save(step, params, metrics={"loss": loss})
         print(me, "saved", step)
     except ValueError as err:
-        print(me, "refused", step, str(err)[:160])
+        print(me, "refused", step, str(err)[:200])
+print(me, "best", ckpt.best_step())
 if me == 0:
     print(me, "config", ckpt.saved_config() == cfg, ckpt.all_steps())  # on one process alone: no collective
 jax.distributed.shutdown()
@@ -799,12 +801,13 @@ def test_a_save_that_one_process_refuses_is_refused_by_all_of_them(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     said = [[line for line in out.splitlines() if line[:2] in ("0 ", "1 ")] for out in outs]
     assert said[1][0].startswith("1 refused 2 AdapterCheckpointer.save: step 2 not written: metrics['loss'] is nan")
-    assert said[0][0].startswith("0 refused 2 AdapterCheckpointer.save: step 2 not written: process 1 refused it: "
-                                 "AdapterCheckpointer.save: step 2 not written: metrics['loss'] is nan")
+    assert said[0][0].startswith("0 refused 2 AdapterCheckpointer.save: step 2 not written: process 1 refused it "
+                                 "(ValueError: AdapterCheckpointer.save: step 2 not written: metrics['loss'] is nan")
     for me in (0, 1):
         assert said[me][1].startswith(f"{me} refused {2 + me} AdapterCheckpointer.save: step {2 + me} not written: "
-                                      "process 1 was called with other arguments than process 0")
-    assert said[0][2] == "0 config True [1]"
+                                      "process 1 differs from process 0 in the step")
+        assert said[me][2:5] == [f"{me} saved 4", f"{me} saved 5", f"{me} best 5"]  # process 0's losses: 5 is best
+    assert said[0][5] == "0 config True [1, 4, 5]"
 
 
 def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_device():
