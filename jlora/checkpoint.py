@@ -96,7 +96,8 @@ class AdapterCheckpointer:
     save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
     make it, save and restore on every process, with the same arguments, as orbax synchronises
     them (a save that one process refuses, or that the processes call differently, is refused on
-    all); process 0 writes what all processes hold alike. ``saved_config``, ``all_steps``,
+    all; ``metrics`` may differ, and process 0's are saved and rank the steps on every process);
+    process 0 writes what all processes hold alike. ``saved_config``, ``all_steps``,
     ``latest_step`` and ``best_step`` read files only: one process may call them alone.
 
     Example:

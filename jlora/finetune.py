@@ -219,7 +219,7 @@ def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: boo
     default name is the packaged all-MiniLM-L6-v2. ``pooler=False`` leaves out an encoder's pooler
     (the classify job never uses it; ``merge`` keeps it, so the merged model has the base's). For
     ``"classify"``, a tokenizer without a pad token pads with its end (or unknown) token;
-    ``need_tokenizer=False`` (a merge): ``None`` for a directory without one.
+    ``need_tokenizer=False`` (a merge): ``None`` for a directory without a tokenizer's files.
     ``task="architecture"`` loads the class ``config.json`` names (``FlaxGPT2LMHeadModel`` for
     ``GPT2LMHeadModel``), else the bare model.
 
@@ -253,11 +253,11 @@ def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: boo
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    if not need_tokenizer and not any(any(path.glob(p)) for p in _TOKENIZER_FILES):
+        return model, None, path.resolve()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
-        if not need_tokenizer:
-            return model, None, path.resolve()
         detail = f": {err}" if isinstance(err, (OSError, ValueError)) else ""  # not HF's internal TypeErrors
         raise ValueError(f"--model {name}: cannot load its tokenizer (a HF model directory holds its files, "
                          f"e.g. tokenizer.json or vocab.txt){detail}") from None
@@ -267,6 +267,9 @@ def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: boo
 
 
 SHARDED_SAFETENSORS = "model.safetensors.index.json"
+# A tokenizer's files (any one): a directory with none has no tokenizer; one with some that do not load is an error
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "*.model",
+                    "*.tiktoken")
 
 
 class _LoadChatter(logging.Filter):

@@ -54,6 +54,12 @@ LAYOUT_PRESETS: dict[str, dict[str, str]] = {
 }
 
 
+def _check_config_type(config: Any) -> None:
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"jlora.hf: config must be a jlora.LoraConfig, e.g. jlora.LoraConfig(rank=8, alpha=16, "
+                        f"targets=[...]), got {type_name(config)}")
+
+
 def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConfig:
     """``config`` with the model type's preset targets (when it names none) and declared layouts.
 
@@ -61,9 +67,7 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
         >>> preset_config("gpt2").targets, preset_config("gpt2").to_dict()["layouts"]["c_attn"]
         (('c_attn',), 'oi')
     """
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"jlora.hf: config must be a jlora.LoraConfig, e.g. jlora.LoraConfig(rank=8, alpha=16, "
-                        f"targets=[...]), got {type_name(config)}")
+    _check_config_type(config)
     config = config or LoraConfig()
     changes: dict[str, Any] = {}
     if config.targets is None:
@@ -343,6 +347,11 @@ class LoraModel:
         self.model = model
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
         # loaded adapters were made with a config this model does not know: the one given, or none
+        if loaded and config is not None:
+            from jlora.adapter import check_config_makes
+
+            _check_config_type(config)
+            check_config_makes("jlora.hf.LoraModel", config, params)
         self.config = config if loaded else preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key
         self.params = params if loaded else lora_init(key, model, self.config, params, inputs=inputs)

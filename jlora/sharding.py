@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora import _compat
 from jlora.layout import Layout
+from jlora.lazy import _user_stacklevel
 from jlora.paths import Pattern, nearest, path_str
 from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
 
@@ -218,7 +219,8 @@ def _compile_rule(r: RuleLike) -> Rule:
 
 def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     """The ``PartitionSpec`` of every leaf of ``tree`` (base params, LoRA params or either half);
-    ``None`` for a leaf that is no array (an Equinox module's activation function).
+    ``None`` for a leaf that is no array (an Equinox module's activation function, a Python float).
+    A ``(pattern, spec)`` rule that matches no leaf is warned of (a typo would replicate what it meant).
 
     ``LoraWeight`` nodes get a ``LoraWeight`` of specs, with the factors' specs derived from
     ``w``'s. Each spec is checked against the leaf's shape and the mesh. A lazy leaf (a quantized
@@ -260,8 +262,6 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
     for r in compiled:
         if isinstance(r, _PatternRule) and not any(map(r.pattern.match, seen)):
-            from jlora.lazy import _user_stacklevel
-
             warnings.warn(f"jlora.sharding: the rule for '{r.pattern.text}' matches no param, so it shards nothing "
                           f"(nearest paths: {nearest(r.pattern.text, seen, 3)})", stacklevel=_user_stacklevel())
     return out
@@ -312,7 +312,8 @@ def shardings(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
 
 def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
-    """``tree`` with every array on ``mesh`` as the rules say (every process passes the same values).
+    """``tree`` with every array on ``mesh`` as the rules say (every process passes the same values);
+    leaves that are no arrays (functions, Python numbers) stay as they are.
 
     Example:
         >>> mesh = make_mesh({"data": -1})
@@ -325,8 +326,9 @@ def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 def follow_base(node: LoraWeight | Trainable, base_leaf: Any) -> LoraWeight | Trainable:
     """``node`` (an adapter or a fully trained leaf loaded from a file) with its arrays put where
     the base leaf it goes over is, as ``lora_init`` puts new ones: factors in the shardings derived
-    from its ``NamedSharding`` (``factor_shardings``), a trainable leaf in that sharding; on its
-    device where it was put on one. An uncommitted or abstract base leaves them where they are.
+    from its ``NamedSharding`` on a mesh of devices (an array's, or a ``jax.ShapeDtypeStruct``'s), a
+    trainable leaf in that sharding; on its device where it was put on one. A base leaf left
+    uncommitted, or without a placement, leaves them where they are.
 
     Example:
         >>> w = jax.device_put(np.ones((4, 2), np.float32), jax.devices()[0])
@@ -470,15 +472,15 @@ def _as_spec(spec: Any) -> PartitionSpec:
 def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     if len(spec) > len(shape):
         raise ValueError(f"sharding rule for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
-    used = [n for names in spec if names is not None for n in ((names,) if isinstance(names, str) else names)]
+    per_axis = [() if names is None else (names,) if isinstance(names, str) else tuple(names) for names in spec]
+    used = [n for names in per_axis for n in names]
     twice = sorted({n for n in used if used.count(n) > 1})
     if twice:
         raise ValueError(f"sharding rule for '{path}': spec {spec} splits two axes over mesh axis {twice[0]!r}; "
                          "a mesh axis splits one axis of a leaf")
-    for ax, names in enumerate(spec):
-        if names is None:
+    for ax, names in enumerate(per_axis):
+        if not names:
             continue
-        names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in mesh.axis_names]
         if unknown:
             raise ValueError(f"sharding rule for '{path}': mesh has no axis {unknown[0]!r} (axes: {mesh.axis_names})")

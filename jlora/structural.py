@@ -256,9 +256,7 @@ def all_gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     axis = eqn.params["all_gather_dimension"]
     if not eqn.params.get("tiled", False):
         return _stacked_blocks(ctx, eqn, lw, axis)
-    in_a, in_b = lw.layout.factor_axes()
-    gather = lambda f, where: f if axis not in where else _compat.bind(eqn, [f], all_gather_dimension=where[axis])[0]
-    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b))]
+    return [_gathered(ctx, eqn, lw, axis, lw.layout)]
 
 
 def _stacked_blocks(ctx: Context, eqn: Any, lw: LoraWeight, axis: int) -> Any:
@@ -281,10 +279,15 @@ def _stacked_blocks(ctx: Context, eqn: Any, lw: LoraWeight, axis: int) -> Any:
     new_k = min(after) if after else len(lw.layout.group(role))
     axes = [(r, k + 1 if r == role and k >= new_k else k) for r, k in old]
     axes.insert(axis, (role, new_k))
-    layout = Layout(tuple(axes))
+    return [_gathered(ctx, eqn, lw, axis, Layout(tuple(axes)))]
+
+
+def _gathered(ctx: Context, eqn: Any, lw: LoraWeight, axis: int, layout: Layout) -> LoraWeight:
+    """``lw`` with ``w`` gathered by ``eqn`` along ``axis``, and each factor that holds that axis of
+    the result's ``layout`` gathered along its own axis for it."""
     in_a, in_b = layout.factor_axes()
     gather = lambda f, where: _compat.bind(eqn, [f], all_gather_dimension=where[axis])[0] if axis in where else f
-    return [lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b), layout=layout)]
+    return lw.replace(w=bind(ctx, eqn, [lw.w], lw)[0], a=gather(lw.a, in_a), b=gather(lw.b, in_b), layout=layout)
 
 
 @register(_compat.reshape_p, LoraWeight)

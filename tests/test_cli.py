@@ -115,6 +115,9 @@ def test_finetune_info_and_merge(bert_dir, data_file, tmp_path, capsys):
     assert f"note: {weights_only} has no tokenizer, so the merged model has none" in capsys.readouterr().out
     np.testing.assert_allclose(tf.FlaxBertModel.from_pretrained(tmp_path / "m2")(ids).last_hidden_state, lazy,
                                rtol=1e-5, atol=1e-5)
+    (weights_only / "tokenizer.json").write_text("{broken")  # one that does not load is an error, not "none"
+    assert main(["merge", str(out / "adapter"), "--model", str(weights_only), "--out", str(tmp_path / "m3")]) == 2
+    assert "cannot load its tokenizer" in capsys.readouterr().err
 
 
 def test_causal_lm_on_a_text_file(tmp_path, capsys):

@@ -339,6 +339,11 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     assert lm.config is None
     made_with = jlora.LoraConfig(rank=2, targets=["c_attn"])
     assert hf.LoraModel(model, made_with, params=lm.params).config is made_with
+    with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: lora_config makes '.*' rank 4, .*; the adapter there has "
+                                         r"rank 2"):
+        hf.LoraModel(model, jlora.LoraConfig(rank=4), params=lm.params)
+    with pytest.raises(TypeError, match="config must be a jlora.LoraConfig"):
+        hf.LoraModel(model, {"rank": 2}, params=lm.params)
     with pytest.raises(ValueError, match=r"save_adapter: lora_config makes '.*c_attn/kernel' rank 8, scale 1; the "
                                          r"adapter there has rank 2, scale 4"):
         jlora.adapter.save_adapter(tmp_path / "again", lm.params, lora_config=jlora.LoraConfig(rank=8, targets=["c_attn"]))
