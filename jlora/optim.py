@@ -38,9 +38,10 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
 
 
 def _no_change(x: Any) -> Any:
-    """A zero update that leaves ``x`` bitwise as it is under ``optax.apply_updates``: ``-0.0``,
-    since ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``;
-    a complex ``p``'s two parts likewise)."""
+    """A zero update that leaves ``x`` as it is under ``optax.apply_updates``: ``-0.0``, since
+    ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``; a
+    complex ``p``'s two parts likewise). Bitwise where XLA folds the add (in the jitted step that
+    made the update); an add of its own flushes subnormals and quiets signalling NaNs, as any does."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         return jnp.full_like(x, complex(-0.0, -0.0))
     return jnp.full_like(x, -0.0) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros_like(x)
@@ -179,7 +180,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     trainable half (a state made from one serves the other), with or without Flax NNX variables
     (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
     updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
-    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``. ``params``, if given, must hold
+    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx`` as given: a callback among them
+    gets the trainable half, and a tree-shaped one (``grad=``) must be the trainable half's. ``params``, if given, must hold
     at least one adapter (``b_lr_ratio`` is keyword-only: ``optimizer(tx, 16.0)`` is refused);
     where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
     them, the gradients): one kept from adapters of another rank would otherwise broadcast into the
