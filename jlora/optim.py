@@ -113,23 +113,25 @@ def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> Non
         return
     got, got_def = jax.tree_util.tree_flatten_with_path(state)
     want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    got_paths = [jax.tree_util.keystr(k) for k, _ in got]
+    same_paths = got_paths == [jax.tree_util.keystr(k) for k, _ in want]
+    if same_paths:  # another rank first: its scale differs too, but the shapes say what is wrong
+        for (kp, x), (_, y) in zip(got, want):
+            if per_example_ok and tuple(y.shape[1:]) == np.shape(x):
+                continue
+            if np.shape(x) != tuple(y.shape):
+                raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
+                                 f"but these adapters need {tuple(y.shape)}: a state kept from adapters of another "
+                                 "rank? make it again with tx.init(params)")
     if got_def != want_def:
-        got_paths = {jax.tree_util.keystr(k) for k, _ in got}
         want_paths = {jax.tree_util.keystr(k) for k, _ in want}
-        differ = None if got_paths != want_paths else _container_difference(got_def, want_def)
-        detail = (f": only in the state {sorted(got_paths - want_paths)[:3]}, only in a state for these params "
-                  f"{sorted(want_paths - got_paths)[:3]}" if got_paths != want_paths else
-                  f": at '{differ[0]}' the state has {differ[1]}, these params {differ[2]}" if differ else
+        differ = _container_difference(got_def, want_def) if set(got_paths) == want_paths else None
+        detail = (f": only in the state {sorted(set(got_paths) - want_paths)[:3]}, only in a state for these "
+                  f"adapters {sorted(want_paths - set(got_paths))[:3]}" if set(got_paths) != want_paths else
+                  f": at '{differ[0]}' the state has {differ[1]}, these adapters {differ[2]}" if differ else
                   " (the same paths, other LoRA scales, layouts or dropout)")
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
                          "make it again with tx.init(params)")
-    for (kp, x), (_, y) in zip(got, want):
-        if per_example_ok and tuple(y.shape[1:]) == np.shape(x):
-            continue
-        if np.shape(x) != tuple(y.shape):
-            raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
-                             f"but these params need {tuple(y.shape)}: a state kept from adapters of another "
-                             "rank? make it again with tx.init(params)")
 
 
 def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:

@@ -301,7 +301,7 @@ def test_per_example_gradients_reach_a_tx_that_takes_them():
     updates, _ = tx.update(per_example, tx.init(trainable))  # without params: the state is checked, its axis allowed
     assert updates["l1"]["kernel"].a.shape == (8, 4)
     stale = jlora.split(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, alpha=2, targets=["kernel"])))[0]
-    with pytest.raises(ValueError, match=r"has shape \(8, 2\), but these params need \(5, 8, 4\)"):
+    with pytest.raises(ValueError, match=r"has shape \(8, 2\), but these adapters need \(5, 8, 4\)"):
         tx.update(per_example, tx.init(stale))  # the axis allowed, not the rank: a stale state still refused
 
 
@@ -313,18 +313,22 @@ def test_a_state_kept_from_adapters_of_another_rank_is_refused_by_path():
     grads = jax.tree.map(jnp.ones_like, of_rank(2))
     for stale in (1, 4):
         with pytest.raises(ValueError, match=rf"opt_state.*mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these "
-                                             r"params need \(8, 2\)"):
+                                             r"adapters need \(8, 2\)"):
             tx.update(grads, tx.init(of_rank(stale)), of_rank(2))
-        with pytest.raises(ValueError, match=rf"mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these params need"):
+        with pytest.raises(ValueError, match=rf"mu\['q'\]\['kernel'\].a has shape \(8, {stale}\), but these adapters need"):
             tx.update(grads, tx.init(of_rank(stale)))  # without params (adam's usual call): the gradients' shapes
+    rank_4_same_alpha = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, alpha=4, targets=["q"])))[0]
+    with pytest.raises(ValueError, match=r"a has shape \(8, 4\), but these adapters need \(8, 2\): a state kept from "
+                                         r"adapters of another rank"):  # its scale differs too: the shapes say why
+        tx.update(grads, tx.init(rank_4_same_alpha))
     other_alpha = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=8, targets=["q"])))[0]
     with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*q/kernel' the state has "
-                                         "scale=4.0, these params scale=2.0"):
+                                         "scale=4.0, these adapters scale=2.0"):
         tx.update(grads, tx.init(other_alpha), of_rank(2))
     with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*q/kernel' the state has scale"):
         tx.update(grads, tx.init(other_alpha))
     with pytest.raises(ValueError, match="opt_state was not made for these adapters: at '.*' the state has a "
-                                         "FrozenDict, these params a dict"):
+                                         "FrozenDict, these adapters a dict"):
         tx.update(grads, tx.init(FrozenDict(of_rank(2))), of_rank(2))  # unfrozen after init
     tx.update(grads, tx.init(of_rank(2)), of_rank(2))  # its own state passes
     tx.update(grads, tx.init(of_rank(2)))
