@@ -253,6 +253,9 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     if torch_class is None:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
     torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
+    # the tables the class computes itself, frozen (Marian's, Pegasus' sinusoidal positions): Flax computes them too
+    computed = {name: weight.detach().clone() for name, weight in torch_model.named_parameters()
+                if not weight.requires_grad}
     with torch.no_grad():  # NaN marks each weight the converter has not written (it only logs those)
         for weight in torch_model.parameters():
             weight.fill_(float("nan"))
@@ -267,11 +270,16 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     half = {jnp.dtype(jnp.bfloat16): torch.bfloat16, jnp.dtype(jnp.float16): torch.float16}
     if len(floats) == 1 and next(iter(floats)) in half:  # the converter goes through float32 (numpy has no bf16)
         torch_model = torch_model.to(half[next(iter(floats))])
+    with torch.no_grad():
+        for weight_name, weight in torch_model.named_parameters():
+            if weight_name in computed and bool(torch.isnan(weight).all()):
+                weight.copy_(computed[weight_name].to(weight.dtype))
     unfilled = [name for name, weight in torch_model.named_parameters() if bool(torch.isnan(weight).all())]
     if unfilled:  # a Flax module named unlike its PyTorch twin (ResNet's basic layer: layer/layer_0, layer.0)
         raise ValueError(f"save_torch: transformers' Flax-to-PyTorch converter fills no value into {unfilled[:3]}"
-                         + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "") + f" of {name}: the "
-                         "Flax and PyTorch classes name those modules differently, so no PyTorch model is written")
+                         + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "") + f" of {name}: the Flax "
+                         "model holds no such weights (the classes name those modules differently, or the PyTorch "
+                         "class has modules the Flax one lacks), so no PyTorch model is written")
     torch_model.save_pretrained(directory, safe_serialization=True)
     for file in Path(directory).glob("model*.safetensors"):
         as_opened(file)

@@ -125,6 +125,23 @@ def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp
     np.testing.assert_allclose(got, lazy, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_whose_pytorch_class_computes_its_positions_is_written_for_pytorch(tmp_path):
+    """Marian's PyTorch class holds a frozen sinusoidal position table that Flax computes on the
+    fly: the converter leaves it as the class made it, and save_torch keeps it."""
+    torch = pytest.importorskip("torch")
+    model = tf.FlaxMarianMTModel(tf.MarianConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=63, decoder_start_token_id=63))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"]), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    ids = np.arange(3, 11)[None]
+    lazy = lm(ids, decoder_input_ids=ids).logits
+    in_torch = tf.MarianMTModel.from_pretrained(hf.save_torch(model, lm.merge(), tmp_path)).eval()
+    with torch.no_grad():
+        got = in_torch(torch.tensor(ids), decoder_input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, lazy, rtol=1e-4, atol=1e-4)
+
+
 def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
     import logging
 
