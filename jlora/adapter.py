@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig
-from jlora.init import pattern_value
+from jlora.init import pattern_value, select
 from jlora.layout import Layout
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import follow_base
@@ -533,7 +534,24 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
     new = {p: follow_base(node, by_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
+    _warn_unadapted(path, config.get("lora_config"), by_path, set(targets))
     return replace_leaves(base_params, new, is_leaf=is_param)
+
+
+def _warn_unadapted(path: str | os.PathLike, saved: dict | None, by_path: dict[str, Any], adapted: set[str]) -> None:
+    """Warn where the config an adapter was saved with adapts kernels of this base that it holds
+    no adapter for: a base deeper than the one it was trained on (all-MiniLM-L12 for -L6)."""
+    if not saved:
+        return
+    try:
+        would, _ = select(LoraConfig(**saved), [(p, x) for p, x in by_path.items() if not is_node(x)])
+    except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
+        return
+    missing = sorted(set(would) - adapted)
+    if missing:
+        warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
+                      f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",
+                      stacklevel=3)
 
 
 def _check_keys(path: str | os.PathLike, config: dict, tensors: Iterable[str]) -> None:

@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -391,3 +392,19 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
             for got in saved:
                 np.testing.assert_array_equal(getattr(got[name]["kernel"], part), want_part)
             np.testing.assert_array_equal(getattr(doubled[name]["kernel"], part), 2 * want_part)
+
+
+def test_an_adapter_loaded_onto_a_deeper_base_says_which_kernels_it_leaves_as_they_are(tmp_path):
+    """all-MiniLM-L6's adapter on -L12: the saved config adapts kernels the adapter has none for."""
+    layer = lambda k: {"q": {"kernel": jax.random.normal(jax.random.key(k), (8, 8))}}
+    cfg = jlora.LoraConfig(rank=2, targets=["q"])
+    shallow = {"layers": {"0": layer(0), "1": layer(1)}}
+    save_adapter(tmp_path / "ad", jlora.lora_init(KEY, shallow, cfg), lora_config=cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(tmp_path / "ad", shallow)  # its own base: no warning
+    deeper = {"layers": {**shallow["layers"], "2": layer(2)}}
+    with pytest.warns(UserWarning, match=r"its config adapts 1 kernel\(s\) of this base that the adapter holds no "
+                                         r"adapter for, left as they are .*\['layers/2/q/kernel'\]"):
+        loaded = load_adapter(tmp_path / "ad", deeper)
+    assert not isinstance(loaded["layers"]["2"]["q"]["kernel"], jlora.LoraWeight)
