@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.adapter import as_opened
+from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
@@ -254,7 +254,7 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
     torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
     # the tables the class computes itself, frozen (Marian's, Pegasus' sinusoidal positions): Flax computes them too
-    computed = {name: weight.detach().clone() for name, weight in torch_model.named_parameters()
+    computed = {key: weight.detach().clone() for key, weight in torch_model.named_parameters()
                 if not weight.requires_grad}
     with torch.no_grad():  # NaN marks each weight the converter has not written (it only logs those)
         for weight in torch_model.parameters():
@@ -356,8 +356,6 @@ class LoraModel:
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
         # loaded adapters were made with a config this model does not know: the one given, or none
         if loaded and config is not None:
-            from jlora.adapter import check_config_makes
-
             _check_config_type(config)
             check_config_makes("jlora.hf.LoraModel", config, params)
         self.config = config if loaded else preset_config(model.config.model_type, config)
