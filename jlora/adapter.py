@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -539,15 +540,19 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
 
 
 def _warn_unadapted(path: str | os.PathLike, saved: dict | None, by_path: dict[str, Any], adapted: set[str]) -> None:
-    """Warn where the config an adapter was saved with adapts kernels of this base that it holds
-    no adapter for: a base deeper than the one it was trained on (all-MiniLM-L12 for -L6)."""
+    """Warn where the config an adapter was saved with adapts kernels of this base, in layers of
+    the modules it has adapters for, that it holds no adapter for: a base deeper than the one it
+    was trained on (all-MiniLM-L12 for -L6). (A module the trained model lacked, a pooler the job
+    left out, is not warned of.)"""
     if not saved:
         return
     try:
         would, _ = select(LoraConfig(**saved), [(p, x) for p, x in by_path.items() if not is_node(x)])
     except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
         return
-    missing = sorted(set(would) - adapted)
+    layered = lambda p: re.sub(r"(?<![^/])\d+(?![^/])", "*", p)  # layers/11/q/kernel -> layers/*/q/kernel
+    kinds = {layered(p) for p in adapted}
+    missing = sorted(p for p in set(would) - adapted if layered(p) in kinds)  # another layer of an adapted module
     if missing:
         warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
                       f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",

@@ -403,6 +403,7 @@ def test_an_adapter_loaded_onto_a_deeper_base_says_which_kernels_it_leaves_as_th
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapter(tmp_path / "ad", shallow)  # its own base: no warning
+        load_adapter(tmp_path / "ad", {**shallow, "pooler": layer(5)})  # a module the trained model lacked: none
     deeper = {"layers": {**shallow["layers"], "2": layer(2)}}
     with pytest.warns(UserWarning, match=r"its config adapts 1 kernel\(s\) of this base that the adapter holds no "
                                          r"adapter for, left as they are .*\['layers/2/q/kernel'\]"):
