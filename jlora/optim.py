@@ -113,9 +113,8 @@ def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> Non
         return
     got, got_def = jax.tree_util.tree_flatten_with_path(state)
     want, want_def = jax.tree_util.tree_flatten_with_path(expected)
-    got_paths = [jax.tree_util.keystr(k) for k, _ in got]
-    same_paths = got_paths == [jax.tree_util.keystr(k) for k, _ in want]
-    if same_paths:  # another rank first: its scale differs too, but the shapes say what is wrong
+
+    def check_shapes() -> None:
         for (kp, x), (_, y) in zip(got, want):
             if per_example_ok and tuple(y.shape[1:]) == np.shape(x):
                 continue
@@ -123,15 +122,20 @@ def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> Non
                 raise ValueError(f"jlora.optimizer: opt_state{jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
                                  f"but these adapters need {tuple(y.shape)}: a state kept from adapters of another "
                                  "rank? make it again with tx.init(params)")
-    if got_def != want_def:
+
+    if got_def != want_def:  # the paths only here: every update of an eager step checks its state
+        got_paths = {jax.tree_util.keystr(k) for k, _ in got}
         want_paths = {jax.tree_util.keystr(k) for k, _ in want}
-        differ = _container_difference(got_def, want_def) if set(got_paths) == want_paths else None
-        detail = (f": only in the state {sorted(set(got_paths) - want_paths)[:3]}, only in a state for these "
-                  f"adapters {sorted(want_paths - set(got_paths))[:3]}" if set(got_paths) != want_paths else
+        if got_paths == want_paths:
+            check_shapes()  # another rank first: its scale differs too, but the shapes say what is wrong
+        differ = _container_difference(got_def, want_def) if got_paths == want_paths else None
+        detail = (f": only in the state {sorted(got_paths - want_paths)[:3]}, only in a state for these "
+                  f"adapters {sorted(want_paths - got_paths)[:3]}" if got_paths != want_paths else
                   f": at '{differ[0]}' the state has {differ[1]}, these adapters {differ[2]}" if differ else
                   " (the same paths, other LoRA scales, layouts or dropout)")
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
                          "make it again with tx.init(params)")
+    check_shapes()
 
 
 def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
