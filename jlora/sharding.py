@@ -238,11 +238,13 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         raise TypeError(f"jlora.sharding: rules must be a list of rules, e.g. [sharding.fsdp(\"fsdp\")], got {rules!r}")
     compiled = [_compile_rule(r) for r in rules]
     seen: list[str] = []  # every leaf's path, a split half's None too
+    used: set[int] = set()  # the rules that gave a spec: matched, no need to look again
 
     def spec_for(path: str, shape: tuple) -> PartitionSpec:
         for r in compiled:
             spec = r(path, tuple(shape), mesh)
             if spec is not None:
+                used.add(id(r))
                 return _checked(path, tuple(shape), _as_spec(spec), mesh)
         return PartitionSpec()
 
@@ -261,7 +263,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
     out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: x is None or is_param(x))
     for r in compiled:
-        if isinstance(r, _PatternRule) and not any(map(r.pattern.match, seen)):
+        if isinstance(r, _PatternRule) and id(r) not in used and not any(map(r.pattern.match, seen)):
             warnings.warn(f"jlora.sharding: the rule for '{r.pattern.text}' matches no param, so it shards nothing "
                           f"(nearest paths: {nearest(r.pattern.text, seen, 3)})", stacklevel=_user_stacklevel())
     return out
