@@ -27,6 +27,10 @@ from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, is_node,
 # lm_head/dense, which PEFT adapts).
 HEAD_NAMES = frozenset({"classifier", "classification_head", "score", "qa_outputs", "head", "output_head", "logits"})
 LM_HEAD = "lm_head"
+# A module's weight leaf: Flax's ``kernel``, Equinox's (and PyTorch-style trees') ``weight``, Haiku's
+# (and plain dicts') ``w``; its embedding table: Flax's ``embedding``, Haiku's ``embeddings``.
+WEIGHT_NAMES = ("kernel", "weight", "w")
+EMBEDDING_NAMES = ("embedding", "embeddings")
 
 
 def _is_float_array(leaf: Any) -> bool:
@@ -53,7 +57,7 @@ def _describe(leaf: Any) -> str:
 def _is_linear_kernel(path: str, leaf: Any) -> bool:
     comps = path.split("/")
     return (
-        comps[-1] == "kernel"
+        comps[-1] in ("kernel", "w")  # not Equinox's "weight": its embedding tables have that name too
         and _is_adaptable(leaf)
         and not any(c in HEAD_NAMES for c in comps)
         and not (LM_HEAD in comps[:-1] and (comps[-2] == LM_HEAD or leaf.shape[0] != leaf.shape[-1]))
@@ -107,14 +111,14 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern], 
         return f" (LoraConfig.exclude leaves out {excluded[:3]})"
     if updated := _updated_state(matched, state):
         return updated
-    if any(p.endswith("/embedding") for p, _ in matched):
+    if any(p.rsplit("/", 1)[-1] in EMBEDDING_NAMES for p, _ in matched):
         return " (an embedding table is adapted only by a pattern naming its module)"
-    kernels = [f"{p}: {_describe(leaf)}" for p, leaf in matched if p.rsplit("/", 1)[-1] in ("kernel", "weight")]
+    kernels = [f"{p}: {_describe(leaf)}" for p, leaf in matched if p.rsplit("/", 1)[-1] in WEIGHT_NAMES]
     if kernels:
         return f" (its kernels are {kernels[:3]}: only float arrays with 2 or more axes can be adapted)"
     others = [p for p, leaf in matched if _is_adaptable(leaf)]
     if others:  # e.g. a GRU cell's weight_ih and weight_hh
-        return (f" (a module is adapted at its 'kernel' or 'weight'; its leaves {others[:4]} are adapted by "
+        return (f" (a module is adapted at its 'kernel', 'weight' or 'w'; its leaves {others[:4]} are adapted by "
                 f"patterns naming them, e.g. '{others[0]}')")
     return ""
 
@@ -133,8 +137,8 @@ def _wrapped_weights(paths: Sequence[str]) -> set[str]:
 
 
 def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
-    """The modules holding a weight a target can name (>= 2-D float ``kernel``, ``weight`` or
-    ``embedding``), layer indices written ``*``.
+    """The modules holding a weight a target can name (a >= 2-D float leaf of ``WEIGHT_NAMES`` or
+    ``EMBEDDING_NAMES``), layer indices written ``*``.
 
     Example:
         >>> _weight_modules([("layers/0/query/kernel", jnp.ones((2, 2))), ("layers/1/query/kernel", jnp.ones((2, 2))),
@@ -145,7 +149,7 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     return list(dict.fromkeys(
         "/".join("*" if c.isdigit() else c for c in path.split("/")[:-2 if path in wrapped else -1]) or "(the root)"
         for path, leaf in entries
-        if (path.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding") or path in wrapped) and _is_adaptable(leaf)
+        if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
     ))
 
 
@@ -155,10 +159,14 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
         paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
         return f"; nearest paths: {nearest(text, paths) or list(paths[:5])}"
     modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"
-    if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Haliax, Penzai): the leaves themselves
+    if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Penzai): the leaves themselves
         modules = [p for p, leaf in entries if _is_adaptable(leaf)]
-        kind, what = "leaves", "no adaptable (float, 2-D or more) leaf is named kernel, weight or embedding; " \
+        kind, what = "leaves", "no adaptable (float, 2-D or more) leaf is named kernel, weight, w or embedding; " \
                                "leaves a target can name"
+    boxed = sorted({type_name(leaf) for _, leaf in entries if not hasattr(leaf, "dtype")})
+    if not modules and boxed:
+        return (f"; no leaf is an array: the tree's leaves are {', '.join(boxed[:3])} objects; unwrap them "
+                "first, e.g. Penzai's pz.freeze_params(model)")
     near = nearest(text, modules, n=3)
     listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
     return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}"
@@ -198,7 +206,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
             for pat in direct:
                 if not _is_adaptable(leaf):
-                    kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in ("kernel", "weight")
+                    kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in WEIGHT_NAMES
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
                     raise ValueError(
                         f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
@@ -206,9 +214,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
                     )
-            # a subtree match adapts its kernels (Flax "kernel", Equinox "weight"); an embedding
-            # table only where the pattern names its module ("embed_tokens"), not a broader subtree
-            weight = name in ("kernel", "weight") or path in wrapped or (name == "embedding" and any(
+            # a subtree match adapts its kernels (WEIGHT_NAMES); an embedding table only where the
+            # pattern names its module ("embed_tokens"), not a broader subtree
+            weight = name in WEIGHT_NAMES or path in wrapped or (name in EMBEDDING_NAMES and any(
                 kind and pat.match(parent) == LEAF for pat, kind in kinds.items()))
             chosen = bool(direct) or (
                 any(kinds.values()) and weight and _is_adaptable(leaf)
@@ -242,7 +250,8 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             )
     if not adapt:
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
-                         + ("; 'all-linear' adapts Flax 'kernel' leaves: name other modules in targets"
+                         + ("; 'all-linear' adapts dense kernels (leaves named 'kernel' or 'w'): name the modules "
+                            "or leaves to adapt in targets" + _no_match("targets", "", paths, entries)
                             if all_linear else ""))
     patterns = {"rank_pattern": [text for text, _ in config.rank_pattern],
                 "alpha_pattern": [text for text, _ in config.alpha_pattern], "exclude": config.exclude}
@@ -391,7 +400,7 @@ def lora_init(
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
-        a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.rsplit("/", 1)[-1] == "embedding")
+        a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.rsplit("/", 1)[-1] in EMBEDDING_NAMES)
         if (isinstance(w, jax.Array) and not _compat.is_tracer(w) and w.committed
                 and isinstance(w.sharding, SingleDeviceSharding)):  # w put on a device
             a, b = jax.device_put((a, b), next(iter(w.devices())))  # the device, not its memory kind

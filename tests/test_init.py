@@ -235,10 +235,35 @@ def test_bad_input_names_the_path(cfg, match):
 def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_can_name():
     """A Keras variable list, Haliax (``weight/0``), Penzai (``weights/value/data_array``)."""
     with pytest.raises(ValueError, match=r"'dense' matches no param; no adaptable \(float, 2-D or more\) leaf is named "
-                                         r"kernel, weight or embedding; leaves a target can name: 0, 2$"):
+                                         r"kernel, weight, w or embedding; leaves a target can name: 0, 2$"):
         lora_init(KEY, [jnp.ones((16, 32)), jnp.zeros(32), jnp.ones((32, 4))], LoraConfig(rank=2, targets=["dense"]))
     with pytest.raises(ValueError, match=r"nearest leaves: \['l1/weights/value'\]; .* a target can name: l1/weights/value$"):
         lora_init(KEY, {"l1": {"weights": {"value": jnp.ones((16, 32))}}}, LoraConfig(rank=2, targets=["l1/weights/v"]))
+
+
+def test_a_haiku_modules_w_and_embeddings_are_its_weight_and_table():
+    """Haiku (and plain dicts) call a Linear's (in, out) weight ``w`` and an Embed's table ``embeddings``."""
+    base = {"mlp/~/linear_0": {"w": jnp.ones((16, 32)), "b": jnp.zeros(32)},
+            "mlp/~/linear_1": {"w": jnp.ones((32, 4)), "b": jnp.zeros(4)},
+            "embed": {"embeddings": jnp.ones((50, 16))}}
+    assert list(adapted(lora_init(KEY, base, LoraConfig(rank=2, targets=["linear_0"])))) == ["mlp/~/linear_0/w"]
+    assert sorted(adapted(lora_init(KEY, base, LoraConfig(rank=2)))) == ["mlp/~/linear_0/w", "mlp/~/linear_1/w"]
+    table = lora_init(KEY, base, LoraConfig(rank=2, targets=["embed"]))["embed"]["embeddings"]
+    assert not table.a.any() and table.b.any()  # PEFT's init of an embedding: A zeros, B normal
+    assert sorted(adapted(lora_init(KEY, base, LoraConfig(rank=2, targets=["mlp", "embed/embeddings"])))) == [
+        "embed/embeddings", "mlp/~/linear_0/w", "mlp/~/linear_1/w"]
+
+
+def test_a_tree_of_boxed_variables_is_told_to_unwrap_them():
+    """Penzai's unfrozen model holds ``pz.Parameter`` objects, no arrays."""
+    class Parameter:
+        def __init__(self, value):
+            self.value = value
+    boxed = {"linear": {"weights": Parameter(jnp.ones((4, 4)))}}
+    for targets in (["linear"], "all-linear"):
+        with pytest.raises(ValueError, match=r"no leaf is an array: the tree's leaves are test_init\..*Parameter objects; "
+                                             r"unwrap them first, e.g. Penzai's pz.freeze_params\(model\)$"):
+            lora_init(KEY, boxed, LoraConfig(rank=2, targets=targets))
 
 
 def test_a_weight_held_one_level_down_is_its_modules_weight():
@@ -266,8 +291,8 @@ def test_a_target_that_matches_only_what_it_cannot_use_says_why():
     with pytest.raises(ValueError, match=r"'k' matches no param it can use \(its kernels are \['k/kernel: int8\[4,4\]'\]"):
         lora_init(KEY, params, LoraConfig(rank=2, targets=["q", "k"]))
     gru = {"cell": {"weight_ih": jnp.ones((12, 4)), "weight_hh": jnp.ones((12, 4)), "bias": jnp.ones(12)}}  # Equinox's GRUCell
-    with pytest.raises(ValueError, match=r"'cell' matches no param it can use \(a module is adapted at its 'kernel' or "
-                                         r"'weight'; its leaves \['cell/weight_hh', 'cell/weight_ih'\] are adapted by "
+    with pytest.raises(ValueError, match=r"'cell' matches no param it can use \(a module is adapted at its 'kernel', "
+                                         r"'weight' or 'w'; its leaves \['cell/weight_hh', 'cell/weight_ih'\] are adapted by "
                                          r"patterns naming them, e.g. 'cell/weight_hh'\)"):
         lora_init(KEY, gru, LoraConfig(rank=2, targets=["cell"]))
 
