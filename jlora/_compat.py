@@ -12,9 +12,11 @@ Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproje
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -164,12 +166,43 @@ def bind(eqn: Any, invals: Sequence[Any], **changed: Any) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def eqn_context(eqn: Any) -> Any:
+@contextlib.contextmanager
+def eqn_context(eqn: Any) -> Iterator[None]:
     """The context ``eqn`` was traced in, to bind it (or a rule's ops in its place) in: the
     abstract mesh (an ``auto_axes`` region inside a function on a mesh with Explicit axes, as
-    ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode.
-    JAX's own ``eval_jaxpr`` enters ``eqn.ctx.manager`` for each equation (JAX 0.4.36+)."""
-    return eqn.ctx.manager
+    ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode;
+    and where it was traced: its ``jax.named_scope`` names and the user's line, which the ops keep
+    in the HLO's metadata (profiles, XLA dumps, ``jax_debug_nans``). JAX's own ``eval_jaxpr`` enters
+    ``eqn.ctx.manager`` (JAX 0.4.36+) and ``source_info_util.user_context`` (the same through 0.11)
+    for each equation."""
+    outer = getattr(_ENTERED, "eqn", None)
+    if outer is eqn:  # a rule binding its own equation anew: in its scope already
+        with eqn.ctx.manager:
+            yield
+        return
+    _ENTERED.eqn = eqn
+    try:
+        with _source_context(eqn), eqn.ctx.manager:
+            yield
+    finally:
+        _ENTERED.eqn = outer
+
+
+_ENTERED = threading.local()  # the equation whose context this thread is in
+
+
+def _source_context(eqn: Any) -> Any:
+    info = getattr(eqn, "source_info", None)
+    if _source_info_util is None or info is None:
+        return contextlib.nullcontext()
+    return _source_info_util.user_context(
+        info.traceback, name_stack=_source_info_util.current_name_stack() + info.name_stack)
+
+
+try:
+    from jax._src import source_info_util as _source_info_util
+except ImportError:  # moved: the ops lose their scope names, nothing else
+    _source_info_util = None
 
 
 def traced_at(eqn: Any, internal: tuple[str, ...]) -> str:

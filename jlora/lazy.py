@@ -166,7 +166,9 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
     outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
                if undropped else "The result is exact; only the factored fast path was skipped")
     eqns = _evaluating()
-    traced = _compat.traced_at(eqns[-1], _INTERNAL) if eqns else ""
+    # the innermost equation made in the user's code: one inside a jnp function that is itself a
+    # jit (jnp.sort) has only JAX's frames
+    traced = next((t for eqn in reversed(eqns) if (t := _compat.traced_at(eqn, _INTERNAL))), "")
     warnings.warn(
         f"jlora: {value.describe()}{'' if own or not where else f' ({where})'} materialised at '{what}'"
         f"{f' in {traced}' if traced else ''}{': ' + why if why else ''}. {outcome}.",

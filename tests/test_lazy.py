@@ -3,6 +3,7 @@
 import importlib.util
 import inspect
 import os
+import re
 import warnings
 
 import equinox as eqx
@@ -704,6 +705,32 @@ def test_a_fallback_says_when_it_leaves_lora_dropout_out():
     with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'sin' in .*\\. LoRA dropout is NOT applied to this use"):
         out = fn({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
     np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)
+
+
+def test_a_fallback_inside_a_jitted_jnp_function_names_the_users_line():
+    lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w")
+    fn = jlora.apply(lambda p, x: jnp.sort(p["w"], axis=0) @ x)  # jnp.sort: a jit of lax.sort, all JAX's frames
+    with pytest.warns(jlora.MaterializeWarning, match=r"'w' materialised at 'sort' in .*test_lazy.py:\d+ "):
+        fn({"w": lw}, jnp.ones(4))
+
+
+def test_the_ops_keep_their_named_scopes_and_the_users_lines():
+    """Profiles, XLA dumps and ``jax_debug_nans`` map ops to the model's code by their metadata."""
+    def f(p, x):
+        with jax.named_scope("attn_block"):
+            h = jnp.sin(x @ p["w"])
+            h = jax.jit(lambda h, k: h @ k, inline=False)(h, p["w"])
+        return jax.named_call(jnp.tanh, name="mlp_block")(h)
+
+    lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w")
+    names = lambda text: set(re.findall(r'loc\("(jit\(f\)[^"]*)"', text))  # jit(f)/attn_block/sin
+    scopes = lambda text: {name.rsplit("/", 1)[0] for name in names(text)}
+    plain = jax.jit(f).lower({"w": lw.materialize()}, jnp.ones(4)).as_text(debug_info=True)
+    lazy = jax.jit(jlora.apply(f)).lower({"w": lw}, jnp.ones(4)).as_text(debug_info=True)
+    assert {"attn_block", "mlp_block"} <= {scope.rsplit("/", 1)[-1] for scope in scopes(plain)}  # JAX 0.6: jit(f)/jit(main)/
+    assert names(plain) <= names(lazy) and scopes(lazy) == scopes(plain), (names(plain), names(lazy))
+    files = set(re.findall(r'loc\("([^"]+\.py)":\d+', lazy))
+    assert __file__ in files and not any("jlora" + os.sep + "_compat.py" in name for name in files), files
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax.experimental.xla_metadata") is None, reason="no XLA metadata API")
