@@ -557,7 +557,7 @@ def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: An
     """Refuse tensors for an ``lm_head`` (adapted, trained whole or its base copied) that the Flax
     model does not have because it ties the head to its input embedding (GPT-2): PyTorch's model
     has the module, the Flax one has nothing to load it onto."""
-    names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX)]
+    names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX) and not _plain_copy(k)]
     for head in sorted({".".join(parts[: parts.index("lm_head") + 1]) for parts in names if "lm_head" in parts}):
         tied = getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
         if tied and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path):
@@ -576,6 +576,18 @@ def _other_level(p: str, by_path: dict) -> str:
         return (f"; the base has '{p.split('/', 1)[1]}': the adapter was saved from a model with a head around "
                 f"this one (its names start '{p.split('/', 1)[0]}.'): read it onto that model's params")
     return ""
+
+
+def _plain_copy(key: str) -> bool:
+    """Whether a tensor is a module's base weight under its plain name: what PEFT's
+    ``save_embedding_layers`` writes for an embedding or LM head it did not adapt."""
+    return (key.startswith(PREFIX) and key.endswith(".weight") and "lora_" not in key
+            and ".modules_to_save." not in key and ".original_module." not in key)
+
+
+def _has_weight(module: str, by_path: dict) -> bool:
+    """Whether the base has the PyTorch module's ``weight``, as a kernel or an embedding table."""
+    return any(f"{module.replace('.', '/')}/{name}" in by_path for name in ("kernel", "embedding"))
 
 
 def _flax_leaf(module: str, torch_name: str, by_path: dict, source: Path) -> str:
@@ -743,6 +755,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     factors: dict[str, dict[str, np.ndarray]] = {}
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
+    tied_head_copies: dict[str, np.ndarray] = {}  # ... of a head tied to the input embedding
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
     _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())])
@@ -766,6 +779,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if key.startswith(PREFIX) and key.endswith(BASE_COPY):  # PEFT's save_embedding_layers: checked below
             base_copies[key[len(PREFIX): -len(BASE_COPY)]] = value
             continue
+        if _plain_copy(key):  # the same, of an embedding or head it did not adapt
+            if _has_weight(module, by_path):
+                base_copies[module] = value
+                continue
+            if "lm_head" in module.split("."):  # tied to the input embedding: Flax has no head of its own
+                tied_head_copies[module] = value
+                continue
         embedding = key.endswith(EMBEDDING_FACTORS)
         if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
             where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
@@ -791,6 +811,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
+    for name, value in tied_head_copies.items():
+        if not any(np.shape(c) == np.shape(value) and np.array_equal(c, value) for c in base_copies.values()):
+            raise ValueError(f"{path}: the adapter carries a copy of {name}'s base weight (PEFT's save_embedding_layers), "
+                             "which the Flax model ties to its input embedding, and it is not the input embedding's copy")
     if not factors:
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA factors (lora_A / lora_B): an empty or damaged adapter")
     new = {}

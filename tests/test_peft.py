@@ -127,6 +127,26 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
         jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_base_copies_of_embeddings_and_heads_it_did_not_adapt_are_checked_not_refused(model_type, tmp_path):
+    """save_embedding_layers=True also writes the base weights of an embedding and a head that are
+    no target, under their plain names (GPT-2's head, tied to wte, too)."""
+    model, torch_model = pair(model_type, tmp_path)
+    target = {"llama": "q_proj", "gpt2": "c_attn"}[model_type]
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=[target], init_lora_weights=False))
+    peft_model.eval().save_pretrained(tmp_path / "copies", save_embedding_layers=True)
+    assert any(k.endswith("lm_head.weight") for k in load_file(tmp_path / "copies" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "copies", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
+    table = {"llama": ("model", "embed_tokens"), "gpt2": ("transformer", "wte")}[model_type]
+    resized = jax.tree.map(lambda x: x, model.params)
+    resized[table[0]][table[1]]["embedding"] = resized[table[0]][table[1]]["embedding"] + 0.5
+    with pytest.raises(ValueError, match=f"carries a copy of {'.'.join(table)}'s base weight .* not base_params'"):
+        jlora.peft.load_adapter(tmp_path / "copies", resized, model.config)
+
+
 @pytest.mark.parametrize("case", ["llama-tied-config", "bert-model", "bert-classifier"])
 def test_an_embedding_nothing_ties_crosses_both_ways_whatever_the_config_says(case, tmp_path):
     """Flax's Llama keeps its own lm_head whatever tie_word_embeddings says; a bare BertModel or a
