@@ -67,7 +67,8 @@ READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_i
         "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
                "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config",
-               "layers_to_transform", "layers_pattern"}
+               "layers_to_transform", "layers_pattern",
+               "lora_ga_config", "corda_config"}  # left by PEFT's conversion of such an init to plain LoRA
 # Initialisations that change the base weights (the adapter then fits the changed base, not the
 # model jlora holds): PiSSA (and its "pissa_niter_N"), OLoRA, CorDA, LoftQ, LoRA-GA. Every other
 # one (gaussian, eva, orthogonal, mica, ...) only sets A and B, which the file holds.
@@ -636,6 +637,14 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: a jlora adapter, not a PEFT one: read it with jlora.adapter.load_adapter")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: PEFT type {config.get('peft_type')!r}; only LORA adapters are supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        how = ("PEFT cannot convert LoftQ's adapter, which fits the base it quantized, to plain LoRA"
+               if init.lower().startswith("loftq") else
+               "convert it to plain LoRA in PEFT: model.save_pretrained(out, path_initial_model_for_weight_conversion="
+               "<the directory of the adapter saved before training>)")
+        raise ValueError(f"{path}: PEFT option init_lora_weights={config['init_lora_weights']!r} changes the base "
+                         f"weights; jlora reads adapters over the unchanged base ({how})")
     for key, value in sorted(config.items()):
         if key not in READ | DESCRIPTIVE and not (value is None or value is False or value in ({}, [], "")):
             raise ValueError(f"{path}: PEFT option {key}={value!r} is not supported by jlora")
@@ -653,10 +662,6 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path / CONFIG_FILE}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ValueError(f"{path}: PEFT option bias={config['bias']!r} is not supported by jlora")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise ValueError(f"{path}: PEFT option init_lora_weights={config['init_lora_weights']!r} changes the base "
-                         "weights; jlora reads adapters over the unchanged base (convert it to plain LoRA in PEFT)")
     if not (path / WEIGHTS_FILE).exists() and (path / "adapter_model.bin").exists():
         raise ValueError(f"{path}: holds adapter_model.bin (PyTorch pickle); jlora reads {WEIGHTS_FILE} only: save "
                          "it again in PEFT with model.save_pretrained(path, safe_serialization=True)")
@@ -705,15 +710,18 @@ def describe(path: str | os.PathLike) -> str:
             whole[name] = shape
     lines = [f"PEFT LoRA adapter: {path}"]
     lines += [f"{key}: {config[key]}" for key in ("base_model_name_or_path", "task_type") if config.get(key)]
-    ranks = sorted({rank_of(m) for m in factors})
+    saved_rank = lambda m: factors[m]["A"][0] if factors[m].get("A") else rank_of(m)  # what the tensors hold
+    ranks = sorted({saved_rank(m) for m in factors})
     lines.append(f"targets: {len(factors)} modules, rank {', '.join(map(str, ranks)) or '-'}")
     for module, ab in sorted(factors.items()):
         a, b = ab.get("A", ()), ab.get("B", ())  # (r, in, *window) and (out, r, ...); an embedding's (r, vocab), (dim, r)
         fan_in, fan_out = a[1] if len(a) > 1 else "?", b[0] if b else "?"
         embedding = PREFIX + module + EMBEDDING_FACTORS[0] in shapes
-        r = rank_of(module)
+        r = saved_rank(module)
         scale = _scale(config, alpha_of(module), r)
-        lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}")
+        other = (f"  ({CONFIG_FILE} says r={rank_of(module)}: neither PEFT nor jlora loads it)"
+                 if r != rank_of(module) else "")
+        lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}{other}")
     lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
     n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
     n_whole = sum(math.prod(shape) for shape in whole.values())

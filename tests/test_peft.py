@@ -219,7 +219,10 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     good = json.loads(config_file.read_text())
     for change, match in (({"use_something_new": True}, "use_something_new=True is not supported"),
                           ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base"),
-                          ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga' changes the base"),
+                          ({"init_lora_weights": "lora_ga", "lora_ga_config": {"direction": "ArB2r"}},
+                           "init_lora_weights='lora_ga' changes the base .*path_initial_model_for_weight_conversion"),
+                          ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
+                           "'loftq' changes the base .*PEFT cannot convert LoftQ's adapter"),
                           ({"r": None}, "'r' must be a number > 0, got None"),
                           ({"lora_dropout": 1.5}, r"'lora_dropout' must be in \[0, 1\), got 1.5"),
                           ({"alpha_pattern": {"q_proj": -4}}, "'alpha_pattern' must map patterns to numbers > 0"),
@@ -231,6 +234,9 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
             jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     for init in ("orthogonal", "mica", "gaussian", False):  # these only set A and B: read as they are
         config_file.write_text(json.dumps({**good, "init_lora_weights": init}))
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    for made_by in ("lora_ga_config", "corda_config"):  # left by PEFT's conversion of such an adapter to plain LoRA
+        config_file.write_text(json.dumps({**good, "init_lora_weights": True, made_by: {"some": "record"}}))
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     config_file.write_text(json.dumps({**good, "lora_dropout": None}))  # PEFT's own reading: no dropout
     loaded = jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
@@ -912,6 +918,14 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
     assert "  model.layers.0.self_attn.q_proj  64 -> 64  r=4  scale=2\n" in info
     assert "  model.layers.0.self_attn.v_proj  64 -> 32  r=2  scale=4\n" in info  # 2 KV heads of 16
     assert "  model.norm.weight  64  trained whole" in info
+    # PEFT takes the first rank_pattern key that matches, but saves the keys sorted: the file's
+    # tensors, not its config, say what each module's rank is
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "rank_pattern": {
+        "v_proj": 2, "layers.0.self_attn.q_proj": 6}}))
+    assert main(["info", str(tmp_path / "peft")]) == 0
+    assert ("  model.layers.0.self_attn.q_proj  64 -> 64  r=4  scale=2  (adapter_config.json says r=6: neither PEFT "
+            "nor jlora loads it)\n") in capsys.readouterr().out
     n_lora = sum(v.size for k, v in tensors.items() if "lora_" in k)
     n_whole = sum(v.size for k, v in tensors.items() if "lora_" not in k)
     assert f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole;" in info
