@@ -223,12 +223,13 @@ def materialize(x: Any, what: str | None = None, why: str = "", where: str = "",
     return materialized(x)
 
 
-def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None) -> list:
+def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None,
+                    looks_only: bool = False) -> list:
     """``materialize`` of each; ``ctx`` names the params of lazy values without a path of their own
-    and says where LoRA dropout was due."""
+    and says where LoRA dropout was due (``looks_only``: nowhere, a use with no result)."""
     if ctx is None:
         return [materialize(x, what, why) for x in xs]
-    return [materialize(x, what, why, ctx.where(x), ctx.drops_within(x)) for x in xs]
+    return [materialize(x, what, why, ctx.where(x), ctx.drops_within(x) and not looks_only) for x in xs]
 
 
 class Context:
@@ -381,8 +382,8 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                     ctx.frame = outer
                 if outs is not NotImplemented:
                     _check_outputs(rule, eqn, outs)
-            if outs is NotImplemented:
-                invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx)
+            if outs is NotImplemented:  # an equation without outputs (jax.debug.callback) only looks
+                invals = materialize_all(invals, what=str(eqn.primitive), ctx=ctx, looks_only=not eqn.outvars)
         finally:
             evaluating.pop()
     if outs is NotImplemented:
@@ -646,7 +647,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 raise  # not jlora's custom_vjp (the function's own, say): JAX's error as it is
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "
                             "(recompute='inputs', the default); for jax.jvp, jax.linearize or jax.jacfwd of the "
-                            "wrapped function use jlora.apply(fn, recompute=False)") from None
+                            "wrapped function use jlora.apply(fn, recompute=False) (a custom_vjp of the function's "
+                            "own has no forward mode either)") from None
         except Exception as err:
             if not (_compat.is_sharding_type_error(err) and _raised_by_jlora(err)):
                 raise  # the function's own code (a custom rule's fwd, run only when differentiated)

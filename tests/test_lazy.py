@@ -707,6 +707,19 @@ def test_a_fallback_says_when_it_leaves_lora_dropout_out():
     np.testing.assert_allclose(out, jnp.sin(lw.materialize()) @ jnp.ones(4), rtol=1e-6)
 
 
+def test_a_debug_callback_of_a_dropped_weight_is_no_lost_dropout():
+    lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w", dropout=0.5)
+
+    def f(p, x):
+        jax.debug.callback(lambda w: None, p["w"])  # only looks: no result for dropout to reach
+        return x @ p["w"]
+
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'debug_callback' .*The result is exact") as seen:
+        out = jlora.apply(f)({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(0))
+    assert not any("NOT applied" in str(w.message) for w in seen)
+    assert not np.allclose(out, jlora.apply(f)({"w": lw}, jnp.ones(4), lora_rng=jax.random.key(1)))  # the matmul drops
+
+
 def test_a_fallback_inside_a_jitted_jnp_function_names_the_users_line():
     lw = jlora.LoraWeight(jnp.eye(4), jnp.ones((4, 2)), jnp.ones((2, 4)), scale=0.5, path="w")
     fn = jlora.apply(lambda p, x: jnp.sort(p["w"], axis=0) @ x)  # jnp.sort: a jit of lax.sort, all JAX's frames
