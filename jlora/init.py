@@ -169,7 +169,19 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
                 "first, e.g. Penzai's pz.freeze_params(model)")
     near = nearest(text, modules, n=3)
     listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
-    return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}"
+    return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}" + _layer_of_stack(text, entries)
+
+
+def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]]) -> str:
+    """A note for a pattern naming one layer (``layers/3/up``) of layers stacked into one param
+    (``layers/up/kernel``, nn.scan's), for an error message; '' for any other."""
+    unindexed = "/".join(c for c in text.split("/") if not (c.isdigit() or c == "*"))
+    if text.startswith("re:") or unindexed in (text, ""):
+        return ""
+    stacked = [p for p, leaf in entries if getattr(leaf, "ndim", 0) >= 3 and pattern(unindexed).match(p)]
+    return (f" ('{text}' names layers, but they are stacked in one param ({', '.join(stacked[:3])}), which takes one "
+            "rank, alpha and adapter shape for all of them: to set them per layer, or adapt some layers only, unroll "
+            "the layers or stack them separately)") if stacked else ""
 
 
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
@@ -261,6 +273,12 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                 raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param"
                                  + _no_match(option, text, paths, entries))
     return adapt, tune
+
+
+def _refines(declared: str, inferred: str) -> bool:
+    """Whether a declared layout fits the use ``infer_layout`` saw: the same, or a stack ('b')
+    where the use keeps the axis as an output (members of an ensemble applied to one input)."""
+    return len(declared) == len(inferred) and all(d == i or (d, i) == ("b", "o") for d, i in zip(declared, inferred))
 
 
 def _init_factors(key: Any, shape: tuple, layout: Layout, rank: int, config: LoraConfig, embedding: bool):
@@ -371,7 +389,7 @@ def lora_init(
         if len(layouts) > 1:
             raise ValueError(f"LoraConfig.layouts: conflicting layouts {sorted(layouts)} for '{path}'")
         layout = next(iter(layouts.values()), None) or inferred.get(path)
-        if layouts and path in inferred and str(inferred[path]) != str(layout):
+        if layouts and path in inferred and not _refines(str(layout), str(inferred[path])):
             warnings.warn(f"lora_init: LoraConfig.layouts declares '{layout}' for '{path}', but infer_layout saw it "
                           f"used as '{inferred[path]}': the declared layout is kept (the adapter's axes, its init "
                           "and its PEFT form follow it), and jlora.apply materialises the weight at a use it does "

@@ -78,7 +78,9 @@ def _record(ctx: Context, probe: Probe, roles: dict[int, str], primitive: Any) -
     per_axis: dict[int, str] = {ax: "b" for ax in probe.sliced}
     for cur, role in roles.items():
         for orig in probe.axes[cur]:
-            per_axis[orig] = role
+            # a stack split into chunks, scanned over one part and kept in the other (lax.map's
+            # batch_size): still a stack
+            per_axis[orig] = "b" if orig in probe.sliced and role == "o" else role
     n = len(per_axis)
     if sorted(per_axis) != list(range(n)):
         return

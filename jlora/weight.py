@@ -466,7 +466,8 @@ class LoraWeight(Lazy):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(w={_shape_str(self.w)}, a={_shape_str(self.a)}, b={_shape_str(self.b)}, "
-            f"scale={self.scale:g}, layout='{self.layout}'" + (f", path={self.path!r}" if self.path else "") + ")"
+            f"scale={self.scale:g}, layout='{self.fitted().layout}'"  # a sliced layer's, an ensemble's
+            + (f", path={self.path!r}" if self.path else "") + ")"
         )
 
 
@@ -498,7 +499,7 @@ def has_shape(x: Any) -> bool:
         >>> has_shape(jnp.ones(2)), has_shape(None)
         (True, False)
     """
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type)  # jax.Array itself: no shape
 
 
 jax.tree_util.register_pytree_with_keys_class(LoraWeight)

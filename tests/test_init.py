@@ -241,6 +241,19 @@ def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_
         lora_init(KEY, {"l1": {"weights": {"value": jnp.ones((16, 32))}}}, LoraConfig(rank=2, targets=["l1/weights/v"]))
 
 
+def test_a_pattern_naming_a_layer_of_a_stack_is_told_the_stack_is_one_param():
+    stacked = {"layers": {"up": {"kernel": jnp.ones((12, 16, 16))}}}  # nn.scan's: (layers, in, out)
+    config = dict(rank=2, targets=["up"], layouts={"up": "bio"})
+    for option in (dict(rank_pattern={"layers/3/up": 8}), dict(alpha_pattern={"layers/*/up": 4.0}),
+                   dict(exclude=["layers/0/up"])):
+        with pytest.raises(ValueError, match=r"matches no param; .*names layers, but they are stacked in one param "
+                                             r"\(layers/up/kernel\), which takes one rank, alpha and adapter shape"):
+            lora_init(KEY, stacked, LoraConfig(**config, **option))
+    with pytest.raises(ValueError, match=r"'layers/3/down' matches no param; nearest modules: \['layers/up'\]; "
+                                         r"modules with weights to adapt: layers/up$"):  # no stack it could mean
+        lora_init(KEY, stacked, LoraConfig(**config, rank_pattern={"layers/3/down": 8}))
+
+
 def test_a_haiku_modules_w_and_embeddings_are_its_weight_and_table():
     """Haiku (and plain dicts) call a Linear's (in, out) weight ``w`` and an Embed's table ``embeddings``."""
     base = {"mlp/~/linear_0": {"w": jnp.ones((16, 32)), "b": jnp.zeros(32)},
@@ -309,6 +322,12 @@ def test_a_declared_layout_that_the_traced_use_contradicts_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # agreeing: nothing to say
         lora_init(KEY, params, LoraConfig(rank=2, targets=["up"], layouts={"up": "io"}), infer_layout=use)
+        # an ensemble applied to one input is seen as one wide output ('oio'); declared a stack, each
+        # member gets its own adapter, and apply keeps it factored
+        stack, x = {"w": jnp.ones((3, 8, 4))}, jnp.ones((2, 8))
+        use = lambda p: jax.vmap(lambda w: x @ w)(p["w"])
+        p = lora_init(KEY, stack, LoraConfig(rank=2, targets=["w"], layouts={"w": "bio"}), infer_layout=use)
+        check_against_oracle(lambda p, x: jax.vmap(lambda w: x @ w)(p["w"]), perturb(p, KEY), x)
 
 
 def test_nd_kernel_without_layout_is_a_clear_error():

@@ -37,6 +37,15 @@ def test_scan_slices_mark_batch_axes_and_reshape_merges():
     assert str(infer_layouts(fn, p, ["stack"])["stack"]) == "bioo"
 
 
+def test_a_stack_mapped_in_chunks_is_still_a_stack():
+    """lax.map(batch_size=8) splits the 48 layers into 6 chunks of 8, scans over the chunks and
+    applies the 8 in each to the one input: the layer axis is a stack, as without batch_size."""
+    p = {"w": jnp.ones((48, 16, 16))}
+    for batch_size in (None, 8):
+        fn = lambda p: lax.map(lambda w: jnp.tanh(jnp.ones((5, 16)) @ w), p["w"], batch_size=batch_size)
+        assert str(infer_layouts(fn, p, ["w"])["w"]) == "bio", batch_size
+
+
 def test_a_reshape_adding_a_size_1_axis_keeps_the_kernels_axes():
     p = {"k_proj": jnp.ones((6, 4))}  # one KV head: (d, 1, head_dim)
     fn = lambda p: jnp.einsum("td,dhk->thk", jnp.ones((3, 6)), p["k_proj"].reshape(6, 1, 4))

@@ -26,6 +26,10 @@ def test_array_like_and_repr_shows_shapes_not_values():
         pass
 
     assert repr(DoraLike(lw.w, lw.a, lw.b, scale=0.7)).startswith("DoraLike(w=float32[4,6]")
+    # a layer sliced from a stack, and an ensemble, show the layout their arrays have
+    stack = random_lora(jax.random.key(0), (3, 4, 6), "bio", 2)
+    assert repr(jax.tree.map(lambda x: x[0], stack)).endswith("scale=0.7, layout='io', path='w')")
+    assert "layout='bio'" in repr(jax.tree.map(lambda x: jnp.stack([x] * 3), lw))  # as jax.vmap(lora_init) makes
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 6), "io"), ((6, 4), "oi"), ((3, 4, 5), "bio"), ((2, 3, 5), "iio"),
