@@ -486,9 +486,30 @@ def _pattern_lookup(table: dict, default: Any) -> Callable[[str], Any]:
         >>> _pattern_lookup({"mlp.up_proj": 8}, 16)("model.layers.0.mlp.up_proj")
         8
     """
-    compiled = [(re.compile(rf"(.*\.)?({key})$"), re.compile(key.strip("^$")), value) for key, value in table.items()]
-    return lambda name: next((value for tail, whole, value in compiled if tail.match(name) or whole.fullmatch(name)),
-                             default)
+    hits = _pattern_hits(table)
+    return lambda name: next((value for _, value in hits(name)), default)
+
+
+def _pattern_hits(table: dict) -> Callable[[str], list[tuple[str, Any]]]:
+    """The ``(key, value)`` pairs of PEFT's ``rank_pattern`` or ``alpha_pattern`` whose key matches
+    a module's name (its end, or all of it as a regex), in the table's order."""
+    compiled = [(re.compile(rf"(.*\.)?({key})$"), re.compile(key.strip("^$")), key, value) for key, value in table.items()]
+    return lambda name: [(key, value) for tail, whole, key, value in compiled if tail.match(name) or whole.fullmatch(name)]
+
+
+def _warn_ambiguous_alpha(source: Path, table: dict, modules: Sequence[str]) -> None:
+    """Warn of a module that two ``alpha_pattern`` keys match with other values: PEFT trains with
+    the first in its config's order but saves the keys sorted, so a reload (PEFT's, and jlora's,
+    which reads as PEFT does) may scale it by another alpha than it was trained with."""
+    hits = _pattern_hits(table)
+    for module in modules:
+        found = hits(module)
+        if len({value for _, value in found}) > 1:
+            warnings.warn(f"{source}: alpha_pattern keys {[k for k, _ in found]} all match {module!r}, with values "
+                          f"{[v for _, v in found]}: jlora takes the first, {found[0][1]}, as PEFT's reload does, but "
+                          "PEFT saves the keys sorted, and may have trained it with another; check the adapter's "
+                          "outputs against the trained model", stacklevel=3)
+            return
 
 
 def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
@@ -828,6 +849,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     new = {}
     rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
     alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
+    _warn_ambiguous_alpha(path, config.get("alpha_pattern") or {}, sorted(factors))
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")

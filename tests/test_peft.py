@@ -2,6 +2,7 @@
 and adapters made by PEFT give the same logits in jlora."""
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -901,6 +902,24 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_pa
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
         assert np.abs(want[k] - start[k]).max() > 1e-3, k  # every tensor trained
+
+
+def test_alpha_pattern_keys_that_disagree_on_a_module_are_warned_of(tmp_path):
+    """PEFT trains with the first matching key in its config's order, but saves the keys sorted."""
+    model = TINY["llama"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["q_proj"]), jax.random.key(0))
+    jlora.peft.save_adapter(tmp_path / "a", lm.params, model.config)
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "alpha_pattern": {"layers.0.self_attn.q_proj": 32, "q_proj": 2}}))
+    with pytest.warns(UserWarning, match=r"alpha_pattern keys \['layers.0.self_attn.q_proj', 'q_proj'\] all match "
+                                         r"'model.layers.0.self_attn.q_proj', with values \[32, 2\]: jlora takes the first"):
+        loaded = jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+    assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == 16  # 32 / rank 2, as PEFT reloads
+    config_file.write_text(json.dumps({**config, "alpha_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 2}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
 
 
 def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
