@@ -176,6 +176,9 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
     inputs = example_inputs(model) if inputs is None else inputs
+    if not isinstance(inputs, dict):
+        raise ValueError(f"jlora.hf: inputs= takes the keyword arguments of one small call of the model, a dict such "
+                         f"as {{'input_ids': ids}}; got {type_name(inputs)}")
 
     def traced(p: Any) -> Any:
         try:
@@ -210,6 +213,25 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
     ]
 
 
+def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> None:
+    """Refuse ``params`` (plain, or a LoRA tree: its bases) that are not ``model``'s: leaves it
+    lacks, or of other shapes; ``whole``: every leaf of it, too (a half of ``jlora.split`` may lack some)."""
+    want = {p: tuple(x.shape) for p, x in leaves_with_paths(model.params_shape_tree)}
+    given = {}
+    for p, x in leaves_with_paths(params, is_leaf=is_param):
+        x = x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, jlora.Trainable) else x
+        if hasattr(x, "shape"):
+            given[p] = tuple(x.shape)
+    missing = sorted(set(want) - set(given)) if whole else []
+    extra = sorted(set(given) - set(want))
+    wrong = [p for p in sorted(set(want) & set(given)) if given[p] != want[p]]
+    if missing or wrong or extra:
+        said = ([f"missing {missing[:3]}"] if missing else []) + (
+            [f"'{wrong[0]}' is {given[wrong[0]]} here but {want[wrong[0]]} in the model"] if wrong else []) + (
+            [f"{extra[:3]} are no params of the model (a head of your own?)"] if extra else [])
+        raise ValueError(f"{op}: params do not fit {type(model).__name__} (another model's?): {'; '.join(said)}")
+
+
 def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     """Write ``params`` (plain arrays, e.g. ``jlora.merge``'s) for ``model``'s PyTorch class, as
     ``model.safetensors`` and ``config.json`` in ``directory``: the model directory PyTorch's
@@ -240,14 +262,20 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     if lazy:
         raise ValueError(f"save_torch: params hold jlora nodes or lazy values (at {lazy[:3]}); pass plain arrays: "
                          "jlora.merge(params)")
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"save_torch: {directory} exists and is not a directory; a PyTorch model is a directory of files")
     # transformers' converter only logs what it misses (the PyTorch model keeps its random init there)
     want = dict(leaves_with_paths(model.params_shape_tree))
-    missing = sorted(set(want) - set(given))
-    wrong = [p for p in sorted(set(want) & set(given)) if tuple(given[p].shape) != tuple(want[p].shape)]
-    if missing or wrong:
-        raise ValueError(f"save_torch: params do not fill {type(model).__name__}: missing {missing[:3]}, "
-                         + (f"'{wrong[0]}' is {tuple(given[wrong[0]].shape)} here but {tuple(want[wrong[0]].shape)} "
-                            "in the model" if wrong else "no shape differs"))
+    _check_fits("save_torch", model, params, whole=True)
+    other = [p for p in sorted(given) if jnp.dtype(given[p].dtype) != jnp.dtype(want[p].dtype)
+             and not (jnp.issubdtype(given[p].dtype, jnp.floating) and jnp.issubdtype(want[p].dtype, jnp.floating))]
+    if other:
+        raise ValueError(f"save_torch: '{other[0]}' is {given[other[0]].dtype} here but {want[other[0]].dtype} in the "
+                         "model; pass its float weights")
+    diverged = [p for p, x in given.items() if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all())]
+    if diverged:
+        raise ValueError(f"save_torch: params hold NaN or inf at {diverged[:3]}" + (f" and {len(diverged) - 3} more"
+                         if len(diverged) > 3 else "") + " (a diverged run?); no PyTorch model is written")
     name = type(model).__name__.removeprefix("Flax")
     torch_class = getattr(transformers, name, None)
     if torch_class is None:
@@ -355,6 +383,8 @@ class LoraModel:
         self.model = model
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
         # loaded adapters were made with a config this model does not know: the one given, or none
+        if loaded:
+            _check_fits("jlora.hf.LoraModel", model, params)
         if loaded and config is not None:
             _check_config_type(config)
             check_config_makes("jlora.hf.LoraModel", config, params)

@@ -180,6 +180,9 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
     layout = Layout.parse(layout)
     w_spec = _as_spec(w_spec)
     entries = _compat.spec_partitions(w_spec)
+    if len(entries) > layout.ndim:
+        raise ValueError(f"jlora.sharding.factor_specs: the kernel's spec {w_spec} has {len(entries)} entries, but "
+                         f"layout '{layout}' has {layout.ndim} axes")
     entries += (None,) * (layout.ndim - len(entries))
     in_a, in_b = layout.factor_axes()
     nb, ni, no = (len(layout.group(r)) for r in ("b", "i", "o"))

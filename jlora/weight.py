@@ -217,6 +217,9 @@ class LoraWeight(Lazy):
         if not 0.0 <= self.dropout < 1.0:  # 1 or more would drop every input of the adapter
             raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {dropout!r}")
         for name, x in (("w", w), ("a", a), ("b", b)):  # an integer w + scale·a@b, merged, would drop the adapter
+            if x is not None and not has_shape(x) and not isinstance(x, _compat.Ref):
+                raise ValueError(f"LoraWeight {path!r}: {name} must be an array (or None, in a half of jlora.split), "
+                                 f"got {type(x).__name__}")
             if isinstance(x, _compat.Ref):
                 raise ValueError(f"LoraWeight {path!r}: {name} is a jax Ref (mutable): a LoraWeight holds arrays; "
                                  f"read the Ref first ({name}[...])")
@@ -252,6 +255,15 @@ class LoraWeight(Lazy):
             want_a, want_b = layout.a_shape(kernel, rank), layout.b_shape(kernel, rank)
             got_a, got_b = tuple(a.shape), tuple(b.shape)
             if stacked:
+                leads = {"w": tuple(w.shape)[:len(w.shape) - layout.ndim], "a": got_a[:max(len(got_a) - len(want_a), 0)],
+                         "b": got_b[:max(len(got_b) - len(want_b), 0)]}
+                for (m, x), (n, y) in ((("w", leads["w"]), ("a", leads["a"])), (("w", leads["w"]), ("b", leads["b"])),
+                                       (("a", leads["a"]), ("b", leads["b"]))):
+                    common = min(len(x), len(y))
+                    if common and x[len(x) - common:] != y[len(y) - common:]:
+                        raise ValueError(f"LoraWeight {self.path!r}: the leading axes of {m} {tuple(getattr(self, m).shape)} "
+                                         f"and {n} {tuple(getattr(self, n).shape)} differ, {x} and {y} (ensembles or "
+                                         "replicas of other sizes?)")
                 got_a, got_b = got_a[max(len(got_a) - len(want_a), 0):], got_b[max(len(got_b) - len(want_b), 0):]
             if got_a != want_a or got_b != want_b:
                 raise ValueError(
@@ -320,6 +332,8 @@ class LoraWeight(Lazy):
         if unknown:
             raise ValueError(f"LoraWeight.replace: unknown field(s) {unknown}; fields are {', '.join(fields)}")
         fields.update(changes)
+        for name in {"scale", "dropout"} & set(changes):  # checked as the constructor checks them
+            fields[name] = _number(changes[name], name, fields["path"])
         obj = object.__new__(type(self))
         _set(obj, **{**fields, "layout": Layout.parse(fields["layout"])})
         return obj

@@ -166,8 +166,19 @@ def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
         hf.save_torch(model, lm.params, tmp_path)
     merged = lm.merge()
     without_head = {"transformer": {k: v for k, v in merged["transformer"].items() if k != "ln_f"}}
-    with pytest.raises(ValueError, match=r"do not fill FlaxGPT2LMHeadModel: missing \['transformer/ln_f/bias'"):
+    with pytest.raises(ValueError, match=r"do not fit FlaxGPT2LMHeadModel \(another model.s\?\): missing \['transformer/ln_f/bias'"):
         hf.save_torch(model, without_head, tmp_path)
+    with pytest.raises(ValueError, match=r"do not fit FlaxGPT2LMHeadModel \(another model.s\?\): \[.head/kernel.\] are no params of the model"):
+        hf.save_torch(model, {**merged, "head": {"kernel": jnp.ones((2, 2))}}, tmp_path)  # it would be left out
+    as_int8 = jax.tree_util.tree_map_with_path(lambda p, x: x.astype(jnp.int8) if "c_fc" in str(p) else x, merged)
+    with pytest.raises(ValueError, match=r"'transformer/h/0/mlp/c_fc/bias' is int8 here but float32 in the model"):
+        hf.save_torch(model, as_int8, tmp_path)  # would be written as zeros
+    diverged = jax.tree_util.tree_map_with_path(lambda p, x: x * jnp.nan if "c_proj" in str(p) else x, merged)
+    with pytest.raises(ValueError, match=r"params hold NaN or inf at \['transformer/h/0/attn/c_proj/bias', .*diverged"):
+        hf.save_torch(model, diverged, tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a_file exists and is not a directory"):  # transformers only logs it
+        hf.save_torch(model, merged, tmp_path / "a_file")
 
     class FlaxNoSuchModel:
         config = None
@@ -364,6 +375,10 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     with pytest.raises(ValueError, match=r"save_adapter: lora_config makes '.*c_attn/kernel' rank 8, scale 1; the "
                                          r"adapter there has rank 2, scale 4"):
         jlora.adapter.save_adapter(tmp_path / "again", lm.params, lora_config=jlora.LoraConfig(rank=8, targets=["c_attn"]))
+    other = TINY["llama"]()  # another model's adapters: said here, not by Flax at the first call
+    with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: params do not fit FlaxLlamaForCausalLM \(another model's\?\): "
+                                         r"\['transformer/h/0/attn/c_attn/bias', .*\] are no params of the model"):
+        hf.LoraModel(other, params=lm.params)
     # a model type without a preset: loaded adapters need none
     xglm = tf.FlaxXGLMForCausalLM(tf.XGLMConfig(vocab_size=64, d_model=32, num_layers=1, attention_heads=2, ffn_dim=64,
                                                  max_position_embeddings=32))
@@ -397,6 +412,9 @@ def test_example_inputs_can_be_given():
     model = FlaxTokensGPT2(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError, match=r"no example inputs for FlaxTokensGPT2 \(its __call__ takes tokens, params"):
         hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"))
+    with pytest.raises(ValueError, match=r"inputs= takes the keyword arguments of one small call of the model, a dict "
+                                         r"such as \{'input_ids': ids\}; got jax.*Array"):
+        hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs=IDS)
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs={"tokens": IDS})
     assert str(lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].layout) == "oi"
     assert jax.jit(lambda p: lm(IDS, params=p).logits)(lm.params).shape == (1, 8, 64)

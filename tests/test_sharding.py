@@ -57,6 +57,11 @@ def test_factor_specs_follow_the_kernel_axes(layout, w_spec, a_spec, b_spec):
     assert sharding.factor_specs(w_spec, layout) == (a_spec, b_spec)
 
 
+def test_a_kernel_spec_with_more_entries_than_the_layout_has_axes_is_refused():
+    with pytest.raises(ValueError, match=r"spec P\(None, 'fsdp', 'data'\) has 3 entries, but layout 'io' has 2 axes"):
+        sharding.factor_specs(P(None, "fsdp", "data"), "io")  # 'data' would be dropped
+
+
 def test_make_mesh_sizes():
     assert dict(sharding.make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
     assert sharding.make_mesh({"data": 1}).size == 1

@@ -65,6 +65,31 @@ def test_combine_refuses_trees_that_do_not_match():
     # statistics mapped over each half (no kernel axes left) combine as before
     means = jlora.combine(*[jax.tree.map(jnp.mean, half) for half in jlora.split(big)])
     assert means["q"]["kernel"].w.shape == ()
+    # ensembles (jax.vmap(lora_init)) of other sizes
+    stack_of = lambda n, tree: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
+    with pytest.raises(ValueError, match=r"LoraWeight 'q/kernel': the leading axes of w \(3, 8, 6\) and a \(2, 8, 1\) "
+                                         r"differ, \(3,\) and \(2,\) \(ensembles or replicas of other sizes\?\)"):
+        jlora.combine(stack_of(2, jlora.split(big)[0]), stack_of(3, jlora.split(big)[1]))
+    # one adapter over a stack of bases: merge broadcasts it; apply takes one base at a time
+    trainable, frozen = jlora.split(big)[0], stack_of(3, jlora.split(big)[1])
+    shared = jlora.combine(trainable, frozen)
+    fn, x = (lambda p, x: x @ p["q"]["kernel"]), jnp.ones((2, 8))
+    with pytest.raises(ValueError, match=r"jlora.apply: 'q/kernel' has w \(3, 8, 6\) with 1 leading axis\(es\) that a "
+                                         r"\(8, 1\) and b \(1, 6\) lack: one adapter over a stack of bases"):
+        jlora.apply(fn)(shared, x)
+    per_base = jax.vmap(lambda fr, x: jlora.apply(fn)(jlora.combine(trainable, fr), x), in_axes=(0, None))(frozen, x)
+    np.testing.assert_allclose(per_base, fn(jlora.merge(shared), x), rtol=1e-6)  # the hint's way, and merge's
+
+
+def test_combine_refuses_halves_that_both_hold_a_value():
+    """A full tree passed as a half would overwrite the other half's values (the trained factors)."""
+    p = tree()
+    trainable, frozen = jlora.split(p)
+    with pytest.raises(ValueError, match=r"jlora.combine: both halves hold \['q/bias', 'q/kernel/a', "
+                                         r"'q/kernel/b'\] and more: it takes the halves of jlora.split"):
+        jlora.combine(jax.tree.map(lambda x: x + 1, trainable), p)
+    with pytest.raises(ValueError, match=r"both halves hold \['q/kernel/w', 'v/kernel/w'\]: "):
+        jlora.combine(p, frozen)
 
 
 def test_merge_is_exact_and_runs_the_unmodified_function():
@@ -151,6 +176,9 @@ def test_unmerge_recovers_the_base_from_full_or_trainable_adapters():
     back = jlora.unmerge(jlora.merge(qlora), qlora)
     assert back["o"]["kernel"] is qlora["o"]["kernel"]
     np.testing.assert_allclose(back["q"]["kernel"].w, p["q"]["kernel"].w, rtol=1e-6, atol=1e-5)
+    as_int = {**merged, "v": {"kernel": merged["v"]["kernel"].astype(jnp.int8)}}
+    with pytest.raises(ValueError, match=r"jlora.unmerge: merged 'v/kernel' is int8; a merged kernel is float"):
+        jlora.unmerge(as_int, p)
 
 
 def test_unmerge_subtracts_the_product_merge_added():
