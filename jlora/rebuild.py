@@ -51,6 +51,7 @@ _NONLINEAR = _compat.primitives(
     "integer_pow", "pow", "square", "max", "min", "erf", "abs", "sin", "cos",
 )
 _PASS_THROUGH = _compat.primitives("convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "copy")
+_OFFSET = _compat.primitives("add", "sub")  # of a large value and small ones (a bias): kept if their sum is
 _MAX_CHAIN = 64
 
 
@@ -124,18 +125,24 @@ def _find(frame: Frame, x_var: Any) -> Chain | None:
         for v in frame.eqns[i].invars:
             if not _compat.is_literal(v) and v not in produced and v not in leaves:
                 leaves.append(v)
-    # A large leaf must feed a nonlinear step (directly or through casts and reshapes): then the
-    # chain's own backward keeps it anyway.
-    kept = {v for i in chain if kinds[i] == "nonlinear" for v in frame.eqns[i].invars if not _compat.is_literal(v)}
-    for i in sorted(chain, reverse=True):
-        eqn = frame.eqns[i]
-        if eqn.outvars[0] in kept and eqn.primitive in _PASS_THROUGH and not _compat.is_literal(eqn.invars[0]):
-            kept.add(eqn.invars[0])
+    # A large leaf must feed a nonlinear step (directly or through casts and reshapes, or offset by
+    # a small value: a bias): then the chain's own backward keeps it, or as much, anyway.
     x_bytes = _nbytes(x_var)
 
     def big(v: Any) -> bool:  # a symbolic size (jax.export) counts as big
         v_bytes = _nbytes(v)
         return v_bytes is None or x_bytes is None or v_bytes * 4 >= x_bytes
+
+    kept = {v for i in chain if kinds[i] == "nonlinear" for v in frame.eqns[i].invars if not _compat.is_literal(v)}
+    for i in sorted(chain, reverse=True):
+        eqn = frame.eqns[i]
+        ins = [v for v in eqn.invars if not _compat.is_literal(v)]
+        if eqn.outvars[0] not in kept or not ins:
+            continue
+        if eqn.primitive in _PASS_THROUGH:
+            kept.add(ins[0])
+        elif eqn.primitive in _OFFSET and sum(map(big, ins)) == 1:  # h + bias: h is as good as the sum
+            kept.update(ins)
 
     if not kept or any(big(v) and v not in kept for v in leaves):
         return None

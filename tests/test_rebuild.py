@@ -132,6 +132,29 @@ def test_the_adapters_inputs_are_not_stored():
     assert stored(h1, lean)  # what the rebuild reads, kept by the norm's own backward
 
 
+def biased_mlp(p, h):
+    """GPT-2's and BERT's MLP: Dense with a bias, then GELU."""
+    for layer in p["layers"]:
+        h = h + jax.nn.gelu(h @ layer["fc"]["kernel"] + layer["fc"]["bias"]) @ layer["proj"]["kernel"]
+    return h
+
+
+def test_an_activation_of_a_biased_matmul_is_rebuilt_not_stored():
+    base = {"layers": [{"fc": {"kernel": normal(k, (D, F)) / 4, "bias": normal(k, (F,))},
+                        "proj": {"kernel": normal(k, (F, D)) / 5}} for k in jax.random.split(KEY, 2)]}
+    frame = frame_of(biased_mlp, base, jnp.ones((64, D)))  # a bias is small beside 64 tokens' activations
+    chain = rebuild.find(frame, dot_inputs(frame)[1])  # gelu(h + bias): rebuilt from h and the bias
+    assert chain is not None and sorted(tuple(v.aval.shape) for v in chain.leaves) == [(F,), (64, F)]
+    params = perturb(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, targets=["fc", "proj"])), KEY)
+    h = normal(KEY, (2, 32, D))
+    check_against_oracle(biased_mlp, params, h)
+    trainable, frozen = jlora.split(params)
+    _, vjp = jax.vjp(lambda t: jlora.apply(biased_mlp)(jlora.combine(t, frozen), h), trainable)
+    layer = jlora.merge(params)["layers"][0]
+    act = jax.nn.gelu(h @ layer["fc"]["kernel"] + layer["fc"]["bias"])
+    assert not stored(act, [np.asarray(r) for r in jax.tree.leaves(vjp) if hasattr(r, "shape")])
+
+
 def test_a_sum_read_by_a_rebuilt_chain_is_kept_whole():
     layer, h = adapted()["layers"][0], jnp.ones((3, D))
     jaxpr = _compat.open_jaxpr(jax.make_jaxpr(block)(jlora.merge(layer), h))[0]
