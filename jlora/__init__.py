@@ -25,7 +25,7 @@ from jlora.weight import Lazy, LoraWeight, Trainable
 __version__ = "0.1.0"
 
 
-_ON_FIRST_USE = ("adapter", "checkpoint", "cli", "data", "finetune", "hf", "peft", "sharding")
+_ON_FIRST_USE = ("adapter", "checkpoint", "cli", "data", "finetune", "hf", "peft", "sharding", "tokens")
 
 
 def __getattr__(name: str):

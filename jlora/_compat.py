@@ -296,7 +296,8 @@ def abstractify(x: Any) -> jax.ShapeDtypeStruct:
 
 # A mutable array (jax.new_ref and jax.Ref from JAX 0.7; jax.experimental.mutable_array's
 # MutableArray before): an argument jax.jit traces, as an array.
-Ref = tuple(getattr(jax._src.core, name) for name in ("Ref", "MutableArray") if hasattr(jax._src.core, name))
+_SRC_CORE = getattr(getattr(jax, "_src", None), "core", None)  # None if moved: then no Ref is told apart
+Ref = tuple(getattr(_SRC_CORE, name) for name in ("Ref", "MutableArray") if hasattr(_SRC_CORE, name))
 
 
 def is_ref(x: Any) -> bool:

@@ -337,8 +337,9 @@ def _unsaveable_axes(op: str, path: str, lw: LoraWeight) -> str:
             and len(lw.w.shape) == lw.layout.ndim:
         return (f"{op}: '{path}' holds adapters stacked over one base ({shapes} over w {tuple(lw.w.shape)}): save "
                 "one at a time from the trainable half, jax.tree.map(lambda v: v[i], jlora.split(params)[0])")
-    return (f"{op}: '{path}' has {shapes}, which layout '{lw.layout}' does not name all the axes of (an ensemble "
-            "from jax.vmap(lora_init), or replicas): save one member at a time, jax.tree.map(lambda v: v[i], params)")
+    return (f"{op}: '{path}' has {shapes}, leading axes more than its adapter's layout '{lw.layout}' names (an "
+            f"ensemble from jax.vmap(lora_init), or replicas; '{lw.fitted().layout}' with them): save one member at "
+            "a time, jax.tree.map(lambda v: v[i], params)")
 
 
 def check_saveable(op: str, params: Any) -> None:

@@ -8,7 +8,7 @@ def test_every_module_is_reachable_after_import_jlora_and_heavy_ones_load_on_fir
     script = """
 import pkgutil, sys, jlora
 assert "transformers" not in sys.modules and "orbax.checkpoint" not in sys.modules, "imported with jlora"
-for name, attr in [("adapter", "save_adapter"), ("checkpoint", "AdapterCheckpointer"), ("hf", "LoraModel"),
+for name, attr in [("tokens", "token_ids"), ("adapter", "save_adapter"), ("checkpoint", "AdapterCheckpointer"), ("hf", "LoraModel"),
                    ("peft", "load_adapter"), ("sharding", "place"), ("finetune", "load_job")]:
     assert callable(getattr(getattr(jlora, name), attr)), name
 for module in pkgutil.iter_modules(jlora.__path__):  # every public module, as the README names them
