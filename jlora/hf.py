@@ -413,7 +413,8 @@ class LoraModel:
     def generate(self, *inputs: Any, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
         """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters;
         the inputs as the model's ``generate`` takes them (``input_ids``, or ``input_features=`` for
-        Whisper, ``pixel_values=`` for a vision encoder-decoder).
+        Whisper; a vision encoder-decoder's pixels go first, by position, as HF's Flax ``generate``
+        takes them: ``lm.generate(pixel_values, ...)``).
 
         Example:
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
