@@ -171,32 +171,44 @@ def eqn_context(eqn: Any) -> Iterator[None]:
     """The context ``eqn`` was traced in, to bind it (or a rule's ops in its place) in: the
     abstract mesh (an ``auto_axes`` region inside a function on a mesh with Explicit axes, as
     ``x.at[i].get(out_sharding=...)`` traces), ``compute_on``, XLA metadata, the threefry mode;
-    and where it was traced: its ``jax.named_scope`` names and the user's line, which the ops keep
-    in the HLO's metadata (profiles, XLA dumps, ``jax_debug_nans``). JAX's own ``eval_jaxpr`` enters
-    ``eqn.ctx.manager`` (JAX 0.4.36+) and ``source_info_util.user_context`` (the same through 0.11)
-    for each equation."""
-    outer = getattr(_ENTERED, "eqn", None)
-    if outer is eqn:  # a rule binding its own equation anew: in its scope already
-        with eqn.ctx.manager:
-            yield
-        return
-    _ENTERED.eqn = eqn
+    and where it was traced: its ``jax.named_scope`` names, under those of the jaxpr's evaluation
+    (``evaluating_jaxpr``), and the user's line, which the ops keep in the HLO's metadata
+    (profiles, XLA dumps, ``jax_debug_nans``). JAX's own ``eval_jaxpr`` enters ``eqn.ctx.manager``
+    (JAX 0.4.36+) and ``source_info_util.user_context`` (the same through 0.11) for each equation."""
+    with _source_context(eqn), eqn.ctx.manager:
+        yield
+
+
+@contextlib.contextmanager
+def evaluating_jaxpr() -> Iterator[None]:
+    """Bind a jaxpr's equations under the names of the scope its evaluation starts in: an equation
+    bound inside another's (a rule replaying equations of the same jaxpr) takes its own names, not
+    both."""
+    bases = _name_bases()
+    bases.append(None if _source_info_util is None else _source_info_util.current_name_stack())
     try:
-        with _source_context(eqn), eqn.ctx.manager:
-            yield
+        yield
     finally:
-        _ENTERED.eqn = outer
+        bases.pop()
 
 
-_ENTERED = threading.local()  # the equation whose context this thread is in
+def _name_bases() -> list:
+    if not hasattr(_THREAD, "name_bases"):
+        _THREAD.name_bases = []
+    return _THREAD.name_bases
+
+
+_THREAD = threading.local()
 
 
 def _source_context(eqn: Any) -> Any:
     info = getattr(eqn, "source_info", None)
     if _source_info_util is None or info is None:
         return contextlib.nullcontext()
-    return _source_info_util.user_context(
-        info.traceback, name_stack=_source_info_util.current_name_stack() + info.name_stack)
+    bases, current = _name_bases(), _source_info_util.current_name_stack()
+    if not bases or bases[-1] is None:  # outside an evaluation (a rebuild replayed in the backward): where it runs
+        return _source_info_util.user_context(info.traceback, name_stack=current)
+    return _source_info_util.user_context(info.traceback, name_stack=bases[-1] + info.name_stack)
 
 
 try:

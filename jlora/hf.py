@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,7 +177,7 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
     inputs = example_inputs(model) if inputs is None else inputs
-    if not isinstance(inputs, dict):
+    if not isinstance(inputs, Mapping):  # a dict, a tokenizer's BatchEncoding, a FrozenDict
         raise ValueError(f"jlora.hf: inputs= takes the keyword arguments of one small call of the model, a dict such "
                          f"as {{'input_ids': ids}}; got {type_name(inputs)}")
 
@@ -213,10 +214,12 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
     ]
 
 
-def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> None:
+def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> dict[str, Any]:
     """Refuse ``params`` (plain, or a LoRA tree: its bases) that are not ``model``'s: leaves it
-    lacks, or of other shapes; ``whole``: every leaf of it, too (a half of ``jlora.split`` may lack some)."""
-    want = {p: tuple(x.shape) for p, x in leaves_with_paths(model.params_shape_tree)}
+    lacks, or of other shapes; ``whole``: every leaf of it, too (a half of ``jlora.split`` may lack
+    some). Returns the model's leaves (shapes and dtypes) by path."""
+    model_leaves = dict(leaves_with_paths(model.params_shape_tree))
+    want = {p: tuple(x.shape) for p, x in model_leaves.items()}
     given = {}
     for p, x in leaves_with_paths(params, is_leaf=is_param):
         x = x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, jlora.Trainable) else x
@@ -230,6 +233,7 @@ def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> None:
             [f"'{wrong[0]}' is {given[wrong[0]]} here but {want[wrong[0]]} in the model"] if wrong else []) + (
             [f"{extra[:3]} are no params of the model (a head of your own?)"] if extra else [])
         raise ValueError(f"{op}: params do not fit {type(model).__name__} (another model's?): {'; '.join(said)}")
+    return model_leaves
 
 
 def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
@@ -265,8 +269,7 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     if Path(directory).exists() and not Path(directory).is_dir():
         raise ValueError(f"save_torch: {directory} exists and is not a directory; a PyTorch model is a directory of files")
     # transformers' converter only logs what it misses (the PyTorch model keeps its random init there)
-    want = dict(leaves_with_paths(model.params_shape_tree))
-    _check_fits("save_torch", model, params, whole=True)
+    want = _check_fits("save_torch", model, params, whole=True)
     other = [p for p in sorted(given) if jnp.dtype(given[p].dtype) != jnp.dtype(want[p].dtype)
              and not (jnp.issubdtype(given[p].dtype, jnp.floating) and jnp.issubdtype(want[p].dtype, jnp.floating))]
     if other:

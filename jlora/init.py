@@ -164,7 +164,7 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
         kind, what = "leaves", "no adaptable (float, 2-D or more) leaf is named kernel, weight, w or embedding; " \
                                "leaves a target can name"
     boxed = sorted({type_name(leaf) for _, leaf in entries if not hasattr(leaf, "dtype")})
-    if not modules and boxed:
+    if not modules and boxed and not any(hasattr(leaf, "dtype") for _, leaf in entries):
         return (f"; no leaf is an array: the tree's leaves are {', '.join(boxed[:3])} objects; unwrap them "
                 "first, e.g. Penzai's pz.freeze_params(model)")
     near = nearest(text, modules, n=3)

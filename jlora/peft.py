@@ -840,10 +840,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
-    for name, value in tied_head_copies.items():
-        if not any(np.shape(c) == np.shape(value) and np.array_equal(c, value) for c in base_copies.values()):
+    for name, value in tied_head_copies.items():  # checked against the input embedding it is tied to
+        tables = [p for p in by_path if p.endswith("/embedding") and tuple(by_path[p].shape) == np.shape(value)]
+        if not tables:
             raise ValueError(f"{path}: the adapter carries a copy of {name}'s base weight (PEFT's save_embedding_layers), "
-                             "which the Flax model ties to its input embedding, and it is not the input embedding's copy")
+                             f"{np.shape(value)}, which the Flax model ties to its input embedding, and base_params hold "
+                             "no embedding of that shape")
+        _check_base_copy(path, tables[0].rsplit("/", 1)[0].replace("/", "."), value, by_path)
     if not factors:
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA factors (lora_A / lora_B): an empty or damaged adapter")
     new = {}

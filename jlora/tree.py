@@ -143,16 +143,14 @@ def combine(trainable: Any, frozen: Any) -> Any:
         (2, 2)
     """
     _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
-    both: list[str] = []
-
-    def pick(path: Any, t: Any, f: Any) -> Any:
-        if t is not None and f is not None:
-            both.append(path_str(path))
-        return f if t is None else t
-
-    tree = jax.tree_util.tree_map_with_path(pick, trainable, frozen, is_leaf=lambda x: x is None)
-    if both:
-        raise ValueError(f"jlora.combine: both halves hold {both[:3]}{' and more' if len(both) > 3 else ''}: it takes "
+    both = []
+    pick = lambda t, f: both.append(None) if t is not None and f is not None else f if t is None else t
+    tree = jax.tree.map(pick, trainable, frozen, is_leaf=lambda x: x is None)
+    if both:  # the paths only now: combine runs at every step
+        hole = lambda x: x is None
+        pairs = zip(leaves_with_paths(trainable, is_leaf=hole), jax.tree.leaves(frozen, is_leaf=hole))
+        held = [p for (p, t), f in pairs if t is not None and f is not None]
+        raise ValueError(f"jlora.combine: both halves hold {held[:3]}{' and more' if len(held) > 3 else ''}: it takes "
                          "the halves of jlora.split, which hold each value once (a full tree passed as a half?); "
                          "one would overwrite the other")
     for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LoraWeight)):
@@ -164,7 +162,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return tree
 
 
-# (layout, what w, a and b are, need_w, used_as_is, merging) -> the fitted layout, for nodes seen to pass
+# (layout, what w, a and b are, need_w, used_as_is) -> the fitted layout, for nodes seen to pass
 # check_whole: an eager jlora.apply call checks every node of its arguments again
 _PASSED: dict[tuple, Any] = {}
 
@@ -197,7 +195,7 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         except TypeError as err:
             raise TypeError(f"{op}: '{path}': {err}") from None
     if isinstance(x, LoraWeight):  # a hand-built or hand-edited node: say so here, not deep inside JAX
-        key = (x.layout, _part_key(x.w), _part_key(x.a), _part_key(x.b), need_w, used_as_is, op == "jlora.merge")
+        key = (x.layout, _part_key(x.w), _part_key(x.a), _part_key(x.b), need_w, used_as_is)
         layout = _PASSED.get(key)
         if layout is not None:
             return x if layout == x.layout else x.replace(layout=layout)
@@ -223,13 +221,6 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
                     f"{op}: '{path}' has a {tuple(x.a.shape)} and b {tuple(x.b.shape)} with {extra} leading axis(es) "
                     f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "
                     f"under jax.vmap over the trainable half: {mapped}")
-        if (used_as_is and op != "jlora.merge" and all(map(has_shape, (x.w, x.a, x.b)))
-                and len(x.w.shape) > x.layout.ndim and len(x.a.shape) == x.layout.ndim):
-            raise ValueError(
-                f"{op}: '{path}' has w {tuple(x.w.shape)} with {len(x.w.shape) - x.layout.ndim} leading axis(es) that "
-                f"a {tuple(x.a.shape)} and b {tuple(x.b.shape)} lack: one adapter over a stack of bases is used with "
-                "one base at a time, under jax.vmap over the frozen half: jax.vmap(lambda fr, *xs: "
-                "f(jlora.combine(trainable, fr), *xs), in_axes=(0, None))(frozen, x)")
         if len(_PASSED) < 4096:
             _PASSED[key] = x.layout
     return x

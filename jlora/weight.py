@@ -213,9 +213,7 @@ class LoraWeight(Lazy):
         path: str = "",
         dropout: float = 0.0,
     ):
-        _set(self, w, a, b, _number(scale, "scale", path), Layout.parse(layout), path, _number(dropout, "dropout", path))
-        if not 0.0 <= self.dropout < 1.0:  # 1 or more would drop every input of the adapter
-            raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {dropout!r}")
+        _set(self, w, a, b, _number(scale, "scale", path), Layout.parse(layout), path, _dropout(dropout, path))
         for name, x in (("w", w), ("a", a), ("b", b)):  # an integer w + scale·a@b, merged, would drop the adapter
             if x is not None and not has_shape(x) and not isinstance(x, _compat.Ref):
                 raise ValueError(f"LoraWeight {path!r}: {name} must be an array (or None, in a half of jlora.split), "
@@ -259,8 +257,9 @@ class LoraWeight(Lazy):
                          "b": got_b[:max(len(got_b) - len(want_b), 0)]}
                 for (m, x), (n, y) in ((("w", leads["w"]), ("a", leads["a"])), (("w", leads["w"]), ("b", leads["b"])),
                                        (("a", leads["a"]), ("b", leads["b"]))):
-                    common = min(len(x), len(y))
-                    if common and x[len(x) - common:] != y[len(y) - common:]:
+                    # as many leading axes, of other sizes (ensembles of other sizes); more axes on
+                    # one side are adapters stacked over one base, or replicas of such (pmap of vmap)
+                    if len(x) == len(y) and x != y:
                         raise ValueError(f"LoraWeight {self.path!r}: the leading axes of {m} {tuple(getattr(self, m).shape)} "
                                          f"and {n} {tuple(getattr(self, n).shape)} differ, {x} and {y} (ensembles or "
                                          "replicas of other sizes?)")
@@ -320,7 +319,9 @@ class LoraWeight(Lazy):
         return obj
 
     def replace(self, **changes: Any) -> "LoraWeight":
-        """A copy with some fields changed, without re-validating (like ``dataclasses.replace``).
+        """A copy with some fields changed (like ``dataclasses.replace``): ``scale`` and ``dropout``
+        checked as the constructor checks them, the arrays not (a rule or ``split`` puts ``None``
+        or other values there).
 
         Example:
             >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
@@ -332,8 +333,10 @@ class LoraWeight(Lazy):
         if unknown:
             raise ValueError(f"LoraWeight.replace: unknown field(s) {unknown}; fields are {', '.join(fields)}")
         fields.update(changes)
-        for name in {"scale", "dropout"} & set(changes):  # checked as the constructor checks them
-            fields[name] = _number(changes[name], name, fields["path"])
+        if "scale" in changes:
+            fields["scale"] = _number(changes["scale"], "scale", fields["path"])
+        if "dropout" in changes:
+            fields["dropout"] = _dropout(changes["dropout"], fields["path"])
         obj = object.__new__(type(self))
         _set(obj, **{**fields, "layout": Layout.parse(fields["layout"])})
         return obj
@@ -503,6 +506,14 @@ def _number(x: Any, name: str, path: str) -> float:
         value = None
     if value is None or not math.isfinite(value):
         raise ValueError(f"LoraWeight {path!r}: {name} must be a finite number, got {x!r}")
+    return value
+
+
+def _dropout(x: Any, path: str) -> float:
+    """``x`` as a dropout rate in [0, 1) (1 or more would drop every input of the adapter)."""
+    value = _number(x, "dropout", path)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"LoraWeight {path!r}: dropout must be in [0, 1), got {x!r}")
     return value
 
 

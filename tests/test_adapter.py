@@ -232,6 +232,11 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
         with pytest.raises(ValueError, match=r"'q/kernel' has a \(3, 8, 2\), b \(3, 2, 8\), leading axes more than its "
                                              r"adapter's layout 'io' names \(an ensemble .*; 'bio' with them\)"):
             save_adapter(tmp_path / "ensemble", tree)
+    # one adapter over a stack of bases: the trainable half is what to save
+    shared = jlora.combine(jlora.split(p)[0], jax.tree.map(lambda x: jnp.stack([x] * 3), jlora.split(p)[1]))
+    with pytest.raises(ValueError, match=r"'q/kernel' is one adapter \(a \(8, 2\), b \(2, 8\)\) over a stack of bases "
+                                         r"\(w \(3, 8, 8\)\): save the trainable half"):
+        save_adapter(tmp_path / "shared", shared)
     # adapters stacked over one base (for jax.vmap over the trainable half): saved one at a time
     trainable, frozen = jlora.split(p)
     stacked = jlora.combine(jax.tree.map(lambda v: jnp.stack([v, v + 1]), trainable), frozen)

@@ -415,7 +415,7 @@ def test_example_inputs_can_be_given():
     with pytest.raises(ValueError, match=r"inputs= takes the keyword arguments of one small call of the model, a dict "
                                          r"such as \{'input_ids': ids\}; got jax.*Array"):
         hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs=IDS)
-    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs={"tokens": IDS})
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets="all-linear"), inputs=tf.BatchEncoding({"tokens": IDS}))
     assert str(lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].layout) == "oi"
     assert jax.jit(lambda p: lm(IDS, params=p).logits)(lm.params).shape == (1, 8, 64)
     if hasattr(Exception, "add_note"):  # Python 3.11+: inputs the model cannot take say where they came from

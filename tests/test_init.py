@@ -277,6 +277,8 @@ def test_a_tree_of_boxed_variables_is_told_to_unwrap_them():
         with pytest.raises(ValueError, match=r"no leaf is an array: the tree's leaves are test_init\..*Parameter objects; "
                                              r"unwrap them first, e.g. Penzai's pz.freeze_params\(model\)$"):
             lora_init(KEY, boxed, LoraConfig(rank=2, targets=targets))
+    with pytest.raises(ValueError, match=r"selects no kernel; .*leaves a target can name: none$"):  # some are arrays
+        lora_init(KEY, {"norm": {"scale": jnp.ones(3)}, "step": 5}, LoraConfig(rank=2))
 
 
 def test_a_weight_held_one_level_down_is_its_modules_weight():

@@ -70,15 +70,19 @@ def test_combine_refuses_trees_that_do_not_match():
     with pytest.raises(ValueError, match=r"LoraWeight 'q/kernel': the leading axes of w \(3, 8, 6\) and a \(2, 8, 1\) "
                                          r"differ, \(3,\) and \(2,\) \(ensembles or replicas of other sizes\?\)"):
         jlora.combine(stack_of(2, jlora.split(big)[0]), stack_of(3, jlora.split(big)[1]))
-    # one adapter over a stack of bases: merge broadcasts it; apply takes one base at a time
+    # one adapter over a stack of bases: no rule reads it; materialised, it broadcasts as merge does
     trainable, frozen = jlora.split(big)[0], stack_of(3, jlora.split(big)[1])
     shared = jlora.combine(trainable, frozen)
-    fn, x = (lambda p, x: x @ p["q"]["kernel"]), jnp.ones((2, 8))
-    with pytest.raises(ValueError, match=r"jlora.apply: 'q/kernel' has w \(3, 8, 6\) with 1 leading axis\(es\) that a "
-                                         r"\(8, 1\) and b \(1, 6\) lack: one adapter over a stack of bases"):
-        jlora.apply(fn)(shared, x)
-    per_base = jax.vmap(lambda fr, x: jlora.apply(fn)(jlora.combine(trainable, fr), x), in_axes=(0, None))(frozen, x)
-    np.testing.assert_allclose(per_base, fn(jlora.merge(shared), x), rtol=1e-6)  # the hint's way, and merge's
+    x = jnp.ones((2, 8))
+    for fn in (lambda p, x: x @ p["q"]["kernel"],
+               lambda p, x: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w) @ jnp.ones((6, 8)), None), x, p["q"]["kernel"])[0]):
+        with pytest.warns(jlora.MaterializeWarning, match="LoraWeight at 'q/kernel' materialised"):
+            got = jlora.apply(fn)(shared, x)
+        np.testing.assert_allclose(got, fn(jlora.merge(shared), x), rtol=1e-6)
+        jlora.lazy.reset_warnings()
+    # replicas of adapters stacked over one base (pmap of a vmap over the trainable half): (2,) and (2, 3)
+    replicas = jlora.combine(stack_of(2, stack_of(3, jlora.split(big)[0])), stack_of(2, jlora.split(big)[1]))
+    assert replicas["q"]["kernel"].a.shape == (2, 3, 8, 1)
 
 
 def test_combine_refuses_halves_that_both_hold_a_value():

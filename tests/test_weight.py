@@ -79,6 +79,15 @@ def test_bad_scale_or_dropout_is_refused_naming_the_param():
     for scale in (None, "2", float("inf")):
         with pytest.raises(ValueError, match=f"LoraWeight 'x': scale must be a finite number, got {scale!r}"):
             jlora.LoraWeight(w, a, b, scale=scale, path="x")
+    # replace checks them as the constructor does (a bad scale broke repr, merge and apply later)
+    lw = jlora.LoraWeight(w, a, b, scale=1.0, path="x")
+    with pytest.raises(ValueError, match=r"LoraWeight 'x': scale must be a finite number, got '2'"):
+        lw.replace(scale="2")
+    with pytest.raises(ValueError, match=r"LoraWeight 'x': dropout must be in \[0, 1\), got 1.5"):
+        lw.replace(dropout=1.5)
+    for field in ("w", "a", "b"):  # a list or a string would fail later, deep in JAX
+        with pytest.raises(ValueError, match=f"LoraWeight 'x': {field} must be an array .*, got list"):
+            jlora.LoraWeight(**{"w": w, "a": a, "b": b, field: [[1.0]]}, scale=1.0, path="x")
 
 
 def test_a_lazy_value_cannot_be_trained_in_full():
