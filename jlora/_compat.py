@@ -185,7 +185,10 @@ def evaluating_jaxpr() -> Iterator[None]:
     bound inside another's (a rule replaying equations of the same jaxpr) takes its own names, not
     both."""
     bases = _name_bases()
-    bases.append(None if _source_info_util is None else _source_info_util.current_name_stack())
+    if _source_info_util is None:
+        yield
+        return
+    bases.append(_source_info_util.current_name_stack())
     try:
         yield
     finally:
@@ -206,7 +209,7 @@ def _source_context(eqn: Any) -> Any:
     if _source_info_util is None or info is None:
         return contextlib.nullcontext()
     bases, current = _name_bases(), _source_info_util.current_name_stack()
-    if not bases or bases[-1] is None:  # outside an evaluation (a rebuild replayed in the backward): where it runs
+    if not bases:  # outside an evaluation (a rebuild replayed in the backward): where it runs
         return _source_info_util.user_context(info.traceback, name_stack=current)
     return _source_info_util.user_context(info.traceback, name_stack=bases[-1] + info.name_stack)
 

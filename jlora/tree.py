@@ -144,7 +144,12 @@ def combine(trainable: Any, frozen: Any) -> Any:
     """
     _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
     both = []
-    pick = lambda t, f: both.append(None) if t is not None and f is not None else f if t is None else t
+
+    def pick(t: Any, f: Any) -> Any:
+        if t is not None and f is not None:
+            both.append(True)
+        return f if t is None else t
+
     tree = jax.tree.map(pick, trainable, frozen, is_leaf=lambda x: x is None)
     if both:  # the paths only now: combine runs at every step
         hole = lambda x: x is None
