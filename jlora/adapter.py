@@ -333,8 +333,7 @@ def _unsaveable_axes(op: str, path: str, lw: LoraWeight) -> str:
     if lw.w is not None and hasattr(lw.w, "shape") and len(lw.w.shape) < lw.layout.ndim:
         return (f"{op}: '{path}' has w {tuple(lw.w.shape)}, fewer axes than its layout '{lw.layout}' names ({shapes}): "
                 "a slice of the whole tree cut the base too; slice the trainable half only")
-    if lw.w is not None and hasattr(lw.w, "shape") and len(lw.w.shape) > lw.layout.ndim and len(lw.a.shape) == len(
-            lw.layout.a_shape(tuple(lw.w.shape)[-lw.layout.ndim:], 1)):
+    if lw.over_stacked_bases():
         return (f"{op}: '{path}' is one adapter ({shapes}) over a stack of bases (w {tuple(lw.w.shape)}): save the "
                 "trainable half, jlora.split(params)[0], whose adapter it is")
     if lw.w is not None and hasattr(lw.w, "shape") and len(lw.a.shape) > len(lw.layout.a_shape(lw.w.shape, 1)) \

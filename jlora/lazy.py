@@ -33,7 +33,7 @@ from jlora.config import check_key
 from jlora.paths import path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
-from jlora.weight import TRACING_APPLY, Lazy, LoraWeight, NotAnArray, Trainable, has_shape, is_param, materialized
+from jlora.weight import TRACING_APPLY, Lazy, LoraWeight, NotAnArray, Trainable, is_param, materialized
 
 Rule = Callable[["Context", Any, list], "list | type(NotImplemented)"]
 _RULES: dict[tuple[Any, type], Rule] = {}
@@ -361,15 +361,6 @@ def _write(env: dict, eqn: Any, outs: Sequence[Any]) -> None:
             env[var] = val
 
 
-def _over_stacked_bases(x: Any) -> bool:
-    """Whether ``x`` is one adapter over a stack of bases: ``w`` has leading axes that its factors
-    and its layout lack (``jlora.combine`` of one adapter's trainable half with a stack's frozen
-    one). No rule reads it; materialised, ``w + s·a@b`` broadcasts over the stack."""
-    if not (isinstance(x, LoraWeight) and has_shape(x.w) and has_shape(x.a)) or len(x.w.shape) <= x.layout.ndim:
-        return False
-    return len(x.a.shape) == len(x.layout.a_shape(tuple(x.w.shape)[-x.layout.ndim:], x.rank))
-
-
 def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     lazy = [x for x in invals if is_lazy(x)]
     outs: Any = NotImplemented
@@ -377,7 +368,9 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
         evaluating = _evaluating()
         evaluating.append(eqn)  # a fallback's warning says where the function made it
         try:
-            owner = None if any(map(_over_stacked_bases, lazy)) else _rule_class(eqn.primitive, type(lazy[0]))
+            # one adapter over a stack of bases: no rule reads it; materialised, it broadcasts as merge's
+            stacked_bases = any(isinstance(x, LoraWeight) and x.over_stacked_bases() for x in lazy)
+            owner = None if stacked_bases else _rule_class(eqn.primitive, type(lazy[0]))
             rule = None if owner is None else _RULES[(eqn.primitive, owner)]
             if rule is not None and any(isinstance(x, owner) and find_rule(eqn.primitive, type(x)) is not rule
                                         for x in lazy[1:]):

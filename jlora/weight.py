@@ -270,6 +270,20 @@ class LoraWeight(Lazy):
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
                 )
 
+    def over_stacked_bases(self) -> bool:
+        """Whether this is one adapter over a stack of bases: ``w`` has leading axes that its factors
+        and its layout lack (``jlora.combine`` of one adapter's trainable half with a stack's frozen
+        one). ``merge`` broadcasts it; no rule of ``apply`` reads it.
+
+        Example:
+            >>> one = LoraWeight(jnp.ones((4, 2)), jnp.ones((4, 1)), jnp.ones((1, 2)), scale=1.0)
+            >>> one.over_stacked_bases(), one.replace(w=jnp.ones((3, 4, 2))).over_stacked_bases()
+            (False, True)
+        """
+        if not (has_shape(self.w) and has_shape(self.a)) or len(self.w.shape) <= self.layout.ndim:
+            return False
+        return len(self.a.shape) == len(self.layout.a_shape(tuple(self.w.shape)[-self.layout.ndim:], self.rank))
+
     def fitted(self) -> "LoraWeight":
         """This adapter with its layout fitted to its arrays, where ``w`` (if given), ``a`` and
         ``b`` all have ``k`` leading axes more than it says (``jax.vmap(lora_init)``'s ensemble,
