@@ -12,11 +12,15 @@
   wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jlora.optimizer``'s
   update against the same ``optax.adamw`` on the trainable half; ``lora_init`` with a
   ``rank_pattern`` and ``alpha_pattern`` key per kernel against ``lora_init`` without them.
+- ``dispatch``: the host time of one call of a jitted LoRA train step (``jlora.apply``,
+  ``jlora.optimizer(optax.adamw)``) on ``--layers`` x 56 adapters, until it returns (not until the
+  device is done: the time a train loop that logs every step cannot hide) against the same step
+  jitted on the flat list of its leaves (the least any tree of those arrays costs).
 - ``tokenize``: ``jlora.tokens.token_ids`` (the causal-LM job's tokenization, in windows) of a
   ``--chars`` MB text against one call of the same tokenizer (the default model's WordPiece): time
   and peak resident memory (one process each), and whether the ids are the same.
 
-    python benchmarks/host_ops.py                       # all five, small sizes
+    python benchmarks/host_ops.py                       # all six, small sizes
     python benchmarks/host_ops.py --parts merge --layers 16 --width 2048
 """
 
@@ -165,6 +169,57 @@ def eager(layers: int) -> None:
           f"none {without:.2f} s; x none {with_patterns / without:.2f}")
 
 
+def dispatch(layers: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    n = 56 * layers
+    base = {f"l{i}": {"kernel": jnp.full((16, 16), 0.01), "bias": jnp.zeros(16)} for i in range(n)}
+    trainable, frozen = jlora.split(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["kernel"])))
+    tx = jlora.optimizer(optax.adamw(1e-3), trainable)
+    x = jnp.ones((2, 16))
+
+    def step(t, s, f):
+        forward = jlora.apply(lambda p: sum(x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"] for i in range(n)).sum())
+        loss, g = jax.value_and_grad(lambda t: forward(jlora.combine(t, f)))(t)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    args = (trainable, tx.init(trainable), frozen)
+    leaves, treedef = jax.tree.flatten(args)
+    flat_step = lambda *ls: jax.tree.leaves(step(*jax.tree.unflatten(treedef, ls)))
+
+    def returns_in(fn, *args, calls: int = 50) -> float:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            out = fn(*args)
+            times.append(time.perf_counter() - start)
+            jax.block_until_ready(out)
+        return min(times)  # the least disturbed call: the step also runs on these cores
+
+    tree, flat = returns_in(jax.jit(step), *args), returns_in(jax.jit(flat_step), *leaves)
+    print(f"jitted train step, {n} adapters ({len(leaves)} arrays in): returns in {tree * 1e3:.2f} ms; the same "
+          f"step on its flat leaves {flat * 1e3:.2f} ms; x flat {tree / flat:.2f}")
+
+    def tree_work(tree, calls: int = 200) -> float:  # what jit does with a tree at each call, besides the arrays
+        start = time.perf_counter()
+        for _ in range(calls):
+            leaves, treedef = jax.tree.flatten(tree)
+            jax.tree.unflatten(treedef, leaves)
+        return (time.perf_counter() - start) / calls
+
+    is_lora = lambda x: isinstance(x, jlora.LoraWeight)
+    as_dicts = jax.tree.map(lambda x: {"w": x.w, "a": x.a, "b": x.b} if is_lora(x) else x, args, is_leaf=is_lora)
+    ours, dicts = tree_work(args), tree_work(as_dicts)
+    print(f"  its trees flattened and unflattened once: {ours * 1e3:.2f} ms; the same arrays in dicts "
+          f"(w, a, b) {dicts * 1e3:.2f} ms; x dicts {ours / dicts:.2f}")
+
+
 TOKENIZE_CHILD = r"""
 import sys, time, numpy as np
 from transformers import AutoTokenizer
@@ -204,7 +259,7 @@ def tokenize(chars: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="merge,checkpoint,peft_load,eager,tokenize")
+    parser.add_argument("--parts", default="merge,checkpoint,peft_load,eager,dispatch,tokenize")
     parser.add_argument("--layers", type=int, default=4, help="merge: layers of the stacked kernel; peft_load: model depth x 8; eager: kernels x 56")
     parser.add_argument("--width", type=int, default=1024, help="merge: the kernel's input width")
     parser.add_argument("--steps", type=int, default=100, help="checkpoint: steps already in the directory")
@@ -219,10 +274,12 @@ def main() -> None:
             peft_load(8 * args.layers)
         elif part == "eager":
             eager(args.layers)
+        elif part == "dispatch":
+            dispatch(args.layers)
         elif part == "tokenize":
             tokenize(args.chars)
         else:
-            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load, eager, tokenize)")
+            raise SystemExit(f"--parts: unknown part {part!r} (merge, checkpoint, peft_load, eager, dispatch, tokenize)")
 
 
 if __name__ == "__main__":

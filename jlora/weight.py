@@ -310,9 +310,9 @@ class LoraWeight(Lazy):
         return self if fitted is None else self.replace(layout=fitted)
 
     # --- pytree -------------------------------------------------------------------------------
-    def _aux(self) -> tuple:
-        return tuple(self.metadata().values())
-
+    # A jitted train step flattens every adapter at each call (its trainable half, the optimizer's
+    # moments, the frozen half) and unflattens the outputs: these run hundreds of times a step, so
+    # they do the least Python they can (the key-aware form serves key paths only).
     def metadata(self) -> dict[str, Any]:
         """The static fields (what ``jax.tree`` keeps in the treedef, not as leaves).
 
@@ -322,9 +322,12 @@ class LoraWeight(Lazy):
         """
         return {name: getattr(self, name) for name in self.STATIC_FIELDS}
 
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), (self.scale, self.layout, self.path, self.dropout)  # STATIC_FIELDS' order
+
     def tree_flatten_with_keys(self):
-        keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
-        return tuple(zip(keys, (self.w, self.a, self.b))), self._aux()
+        children, aux = self.tree_flatten()
+        return tuple(zip(_FIELD_KEYS, children)), aux
 
     @classmethod
     def tree_unflatten(cls, aux: tuple, children: tuple) -> "LoraWeight":
@@ -502,14 +505,17 @@ class LoraWeight(Lazy):
         )
 
 
+_FIELD_KEYS = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
+
+
 def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
-    object.__setattr__(obj, "w", w)
-    object.__setattr__(obj, "a", a)
-    object.__setattr__(obj, "b", b)
-    object.__setattr__(obj, "scale", scale)
-    object.__setattr__(obj, "layout", layout)
-    object.__setattr__(obj, "path", path)
-    object.__setattr__(obj, "dropout", dropout)
+    # the slots' own setters: LoraWeight refuses setattr, and this runs at every unflatten
+    _SET_W(obj, w), _SET_A(obj, a), _SET_B(obj, b), _SET_SCALE(obj, scale), _SET_LAYOUT(obj, layout)
+    _SET_PATH(obj, path), _SET_DROPOUT(obj, dropout)
+
+
+_SET_W, _SET_A, _SET_B, _SET_SCALE, _SET_LAYOUT, _SET_PATH, _SET_DROPOUT = (
+    LoraWeight.__dict__[name].__set__ for name in LoraWeight.__slots__)
 
 
 def _number(x: Any, name: str, path: str) -> float:
@@ -562,6 +568,9 @@ class Trainable(NotAnArray):
             raise ValueError(f"Trainable: a lazy {type(value).__name__} (a quantized kernel, an adapter) cannot "
                              "be trained in full; only arrays can")
         object.__setattr__(self, "value", value)
+
+    def tree_flatten(self):
+        return (self.value,), None
 
     def tree_flatten_with_keys(self):
         return ((jax.tree_util.GetAttrKey("value"), self.value),), None

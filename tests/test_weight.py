@@ -46,11 +46,18 @@ def test_materialize_keeps_w_dtype():
 
 
 def test_pytree_round_trip_and_key_paths():
-    lw = random_lora(jax.random.key(1), (4, 6), "io", 2)
+    lw = random_lora(jax.random.key(1), (4, 6), "io", 2).replace(path="m/kernel", dropout=0.1)
     leaves, treedef = jax.tree_util.tree_flatten(lw)
-    assert len(leaves) == 3 and jax.tree_util.tree_unflatten(treedef, leaves).layout == lw.layout
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lw)[0]]
-    assert paths == [".w", ".a", ".b"]
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert len(leaves) == 3 and all(x is y for x, y in zip((back.w, back.a, back.b), leaves))
+    assert back.metadata() == lw.metadata() == {"scale": lw.scale, "layout": lw.layout, "path": "m/kernel", "dropout": 0.1}
+    with_paths, keyed_treedef = jax.tree_util.tree_flatten_with_path(lw)
+    assert [jax.tree_util.keystr(p) for p, _ in with_paths] == [".w", ".a", ".b"]
+    assert keyed_treedef == treedef and [x for _, x in with_paths] == leaves  # the fast and the key-aware flatten agree
+    value = jnp.zeros(3)
+    leaves, treedef = jax.tree_util.tree_flatten(jlora.Trainable(value))
+    assert jax.tree_util.tree_unflatten(treedef, leaves).value is value
+    assert jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(jlora.Trainable(value))[0][0][0]) == ".value"
 
 
 def test_kernel_shape_of_a_trainable_half_counts_an_ensembles_leading_axes():
