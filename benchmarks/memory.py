@@ -19,8 +19,8 @@ Columns (MiB, from ``memory_analysis()``): arg = ``argument_size_in_bytes``, out
 ``output_size_in_bytes``, alias = ``alias_size_in_bytes`` (outputs written into donated
 arguments), temp = ``temp_size_in_bytes`` (the step's scratch: activations kept for the backward
 and everything else that is neither argument nor output); x hand and x floor are temp over the
-hand-written LoRA's and the floor's temp in the same run. With ``--steps N``: ms/step, the median
-of N steps (after one to warm up; a time is the device's only on a GPU), and its ratios. Under each table, the loss of jlora, of
+hand-written LoRA's and the floor's temp in the same run. With ``--steps N``: ms/step, the mean
+of N steps run back to back (after two to warm up; a time is the device's only on a GPU), and its ratios. Under each table, the loss of jlora, of
 the hand-written LoRA (checked to agree before measuring) and of the model without adapters.
 """
 
@@ -157,7 +157,9 @@ def floor_step(model: Any, xent: Callable, ids: jax.Array, embedding: str) -> Ca
 
 def memory(step: Callable, *args: Any, steps: int = 0) -> dict[str, Any]:
     """``memory_analysis()`` bytes of ``jax.jit(step, donate_argnums=(0, 1))`` compiled for ``args``;
-    with ``steps``, also the median ms of a step over ``steps`` runs (each fed the last one's outputs)."""
+    with ``steps``, also the mean ms of a step over ``steps`` runs, each fed the last one's outputs
+    and dispatched while the last runs (as ``train_step.py`` times them: the host's time to call a
+    step is hidden behind the device's, as in a loop that does not read each loss)."""
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
     mem = compiled.memory_analysis()
     if mem is None:
@@ -165,13 +167,14 @@ def memory(step: Callable, *args: Any, steps: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes")) for f in FIELDS}
     if steps:
         first, state, rest = jax.tree.map(jnp.copy, args[:2]) + (args[2],)  # the originals serve the next mode
-        times = []
-        for _ in range(steps + 1):  # the first run warms up
-            t0 = time.perf_counter()
+        for _ in range(2):  # warm-up
             first, state, loss = compiled(first, state, rest)
-            loss.block_until_ready()
-            times.append(time.perf_counter() - t0)
-        out["ms_per_step"] = 1e3 * sorted(times[1:])[steps // 2]
+        jax.block_until_ready((first, state, loss))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            first, state, loss = compiled(first, state, rest)
+        jax.block_until_ready((first, state, loss))
+        out["ms_per_step"] = 1e3 * (time.perf_counter() - t0) / steps
     return out
 
 
@@ -239,7 +242,7 @@ def main() -> None:
     parser.add_argument("--targets", choices=("all-linear", "preset"), default="all-linear",
                         help="LoRA targets: every dense kernel, or the model type's PEFT preset (jlora.hf)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha 2·rank)")
-    parser.add_argument("--steps", type=int, default=0, help="also time each mode: median ms of this many steps")
+    parser.add_argument("--steps", type=int, default=0, help="also time each mode: mean ms of this many steps, run back to back")
     parser.add_argument("--json-out", default=None, help="also write all rows to this JSON file")
     args = parser.parse_args()
     size, dtype, rows, models = SIZES[args.size], jnp.dtype(args.dtype), [], args.models.split(",")
