@@ -612,6 +612,17 @@ def test_a_state_like_jax_eval_shapes_is_placed_as_its_own_adapter(tmp_path):
     restored = {path: (spec(lw.a), spec(lw.b)) for path, lw in
                 (("up", mu["up"]["kernel"]), ("x/up", mu["x"]["up"]["kernel"]))}
     assert restored == {"up": (("d", None), (None, None)), "x/up": ((None, None), (None, "d"))}
+    # in flax's boxes (nn.LogicallyPartitioned, as MaxText keeps its params) the moments' paths hold the box's
+    # value key, the adapters' do not
+    import flax.linen as nn
+
+    boxed = {"up": {"kernel": nn.LogicallyPartitioned(base["up"]["kernel"], names=("embed", "mlp"))}}
+    params = jlora.lora_init(KEY, boxed, jlora.LoraConfig(rank=2, targets=["up"]))
+    trainable = jlora.split(params)[0]
+    AdapterCheckpointer(tmp_path / "boxed", async_save=False).save(1, params, opt_state=tx.init(trainable))
+    _, state, _ = AdapterCheckpointer(tmp_path / "boxed").restore(boxed, opt_state_like=jax.eval_shape(tx.init, trainable))
+    lw = state.inner_states["adapter"].inner_state[0].mu["up"]["kernel"].value
+    assert (spec(lw.a), spec(lw.b)) == (("d", None), (None, None))
 
 
 def test_steps_another_writer_saved_are_never_pruned_and_each_format_names_the_others_reader(tmp_path):

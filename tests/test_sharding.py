@@ -252,6 +252,27 @@ def test_an_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shards_it
     assert any(any(s.spec) for pair in placement(loaded) if isinstance(pair, tuple) for s in pair)  # some are split
 
 
+def test_optimizer_state_of_an_nnx_model_shards_like_the_adapters():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(16, 32, rngs=rngs)
+
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    rules = [("up/kernel", P(None, "model"))]
+    state = sharding.place(nnx.state(Model(nnx.Rngs(0))), mesh, rules)
+    trainable, _ = jlora.split(jlora.lora_init(jax.random.key(1), state, jlora.LoraConfig(rank=4, targets=["up"])))
+    tx = jlora.optimizer(optax.adam(1e-3), trainable, b_lr_ratio=2.0)  # its state holds no NNX variables
+    opt_state = sharding.init_state(tx, trainable, mesh, rules)
+    mu = opt_state.inner_states["adapter"].inner_state[0][0].mu
+    assert mu["up"]["kernel"].b.sharding.spec == P(None, "model") and mu["up"]["kernel"].a.sharding.is_fully_replicated
+    jax.tree.map(np.testing.assert_array_equal, opt_state, tx.init(trainable))
+    # a plain optax optimizer keeps the variables in its state: its shardings keep them too
+    plain = optax.adam(1e-3)
+    assert sharding.init_state(plain, state, mesh, rules)[0].mu["up"]["kernel"].sharding.spec == P(None, "model")
+
+
 def test_optimizer_state_shards_like_the_adapters():
     mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
     params = jlora.lora_init(jax.random.key(1), sharding.place(_base(), mesh, RULES), CONFIG)
