@@ -27,6 +27,10 @@ from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, is_node,
 # lm_head/dense, which PEFT adapts).
 HEAD_NAMES = frozenset({"classifier", "classification_head", "score", "qa_outputs", "head", "output_head", "logits"})
 LM_HEAD = "lm_head"
+# Output layers known by the name of the module holding the kernel itself, not of a subtree (BERT's
+# cls/predictions/transform/dense is adapted, as PEFT does): Keras's classifiers' "predictions",
+# MaxText's "logits_dense".
+OUTPUT_LAYER_NAMES = frozenset({"predictions", "logits_dense"})
 # A module's weight leaf: Flax's ``kernel``, Equinox's (and PyTorch-style trees') ``weight``, Haiku's
 # (and plain dicts') ``w``; its embedding table: Flax's ``embedding``, Haiku's ``embeddings``.
 WEIGHT_NAMES = ("kernel", "weight", "w")
@@ -60,6 +64,7 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
         comps[-1] in ("kernel", "w")  # not Equinox's "weight": its embedding tables have that name too
         and _is_adaptable(leaf)
         and not any(c in HEAD_NAMES for c in comps)
+        and not (len(comps) > 1 and comps[-2] in OUTPUT_LAYER_NAMES)
         and not (LM_HEAD in comps[:-1] and (comps[-2] == LM_HEAD or leaf.shape[0] != leaf.shape[-1]))
     )
 

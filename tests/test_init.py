@@ -67,6 +67,12 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     # a classification head (BART's) is left whole, its square dense too
     cls = {**base(), "classification_head": {"dense": {"kernel": jnp.ones((16, 16))}, "out_proj": {"kernel": jnp.ones((16, 8))}}}
     assert not [p for p in adapted(lora_init(KEY, cls, LoraConfig(rank=4, targets="all-linear"))) if "classification" in p]
+    # Keras's classifier layer, MaxText's output layer; a square transform under BERT's cls/predictions is adapted
+    named = {**base(), "predictions": {"kernel": jnp.ones((16, 8))}, "decoder": {"logits_dense": {"kernel": jnp.ones((16, 50))}},
+             "cls": {"predictions": {"transform": {"dense": {"kernel": jnp.ones((16, 16))}}}}}
+    picked = adapted(lora_init(KEY, named, LoraConfig(rank=4, targets="all-linear")))
+    assert "cls/predictions/transform/dense/kernel" in picked
+    assert "predictions/kernel" not in picked and "decoder/logits_dense/kernel" not in picked
     # a model of convs only: all-linear takes none, and the message names the convs to take instead
     convs = nn.Sequential([nn.Conv(4, (3, 3)), nn.Conv(4, (1, 1))])
     x = jnp.ones((1, 8, 8, 3))
