@@ -362,6 +362,11 @@ def lora_init(
     for path, leaf in entries:
         if is_node(leaf):
             raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
+        if hasattr(type(leaf), "__jax_array__") and not isinstance(leaf, (jax.Array, Lazy)) and not mutable_kind(leaf):
+            kind = f"{type(leaf).__module__.split('.')[0]}.{type(leaf).__name__}"  # keras.Variable
+            raise ValueError(f"lora_init: '{path}' is a {kind}, a variable holding an array, not an array: jlora "
+                             "takes the arrays (Keras: {v.path: v.value for v in model.trainable_variables}, and "
+                             "model.stateless_call to run the model on them)")
         if isinstance(leaf, Lazy):
             try:
                 check_registered(leaf)

@@ -522,6 +522,18 @@ def test_mutable_leaves_are_refused_by_path_with_the_way_to_arrays():
     for call in (lambda: jlora.apply(lambda p, x: x @ p["k"])(held, jnp.ones((2, 4))), lambda: jlora.merge(held)):
         with pytest.raises(ValueError, match="'k' holds a jax Ref as its w"):
             call()
+
+    class Variable:  # as Keras's: an object holding an array, turned into one by __jax_array__
+        def __init__(self, value):
+            self.value, self.shape, self.dtype = value, value.shape, value.dtype
+
+        def __jax_array__(self):
+            return self.value
+
+    held = {"dense": {"kernel": jnp.ones((4, 4)), "bias": Variable(jnp.zeros(4))}}
+    with pytest.raises(ValueError, match=r"'dense/bias' is a tests?.*Variable, a variable holding an array, not an "
+                                         r"array: jlora takes the arrays \(Keras: \{v.path: v.value for v in"):
+        lora_init(KEY, held, cfg)  # apply could not take it, adapted or not
     nnx = pytest.importorskip("flax.nnx")
     if not hasattr(nnx, "var_defaults"):
         pytest.skip("NNX variable modes are Flax 0.12+")
