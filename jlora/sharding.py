@@ -104,6 +104,30 @@ class _PatternRule:
         return self.spec if self.pattern.match(path) else None
 
 
+def from_specs(specs: Any) -> Rule:
+    """A rule giving each base leaf the spec at its path in ``specs``, a tree of ``PartitionSpec``
+    (or ``NamedSharding``) shaped like the base params: what Flax's partition metadata gives, e.g.
+    ``nn.logical_to_mesh(nn.get_partition_spec(params), logical_rules)`` (MaxText's logical axes)
+    or ``nnx.get_partition_spec(state)``. The factors then take specs derived from their kernel's,
+    as from any rule; Flax's own specs of a LoRA tree would give the kernel's to ``a`` and ``b``.
+    Paths ``specs`` lacks (or holds ``None`` at) are left to later rules.
+
+    Example:
+        >>> r = from_specs({"wi": {"kernel": PartitionSpec("fsdp", None)}})
+        >>> tuple(r("wi/kernel", (64, 32), None)), r("wo/kernel", (32, 64), None)
+        (('fsdp', None), None)
+    """
+    is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    others = sorted({type(x).__name__ for _, x in flat if not is_spec(x)})
+    if others:
+        raise ValueError(f"jlora.sharding.from_specs: specs must be a tree of PartitionSpec (or NamedSharding), "
+                         f"found {', '.join(others)} (the params themselves? give their specs, e.g. "
+                         "nn.logical_to_mesh(nn.get_partition_spec(params), rules))")
+    table = {path_str(kp): x.spec if isinstance(x, NamedSharding) else x for kp, x in flat if x is not None}
+    return lambda path, shape, mesh: table.get(path)
+
+
 def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
     """Shard each leaf's largest axis that divides evenly over the mesh axis ``axis`` (FSDP / ZeRO-3).
 

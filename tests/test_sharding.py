@@ -252,6 +252,44 @@ def test_an_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shards_it
     assert any(any(s.spec) for pair in placement(loaded) if isinstance(pair, tuple) for s in pair)  # some are split
 
 
+def test_flax_logical_partitioning_becomes_rules_whose_factors_take_derived_specs():
+    """MaxText's way: kernels boxed with logical axis names, a scanned stack of layers, n-D attention kernels."""
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            init = lambda names: nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+            q = nn.DenseGeneral((4, 8), kernel_init=init(("embed", "heads", "kv")), use_bias=False, name="query")(h)
+            h = h + nn.DenseGeneral(32, axis=(-2, -1), kernel_init=init(("heads", "kv", "embed")), use_bias=False,
+                                    name="out")(q)
+            return h + nn.Dense(32, kernel_init=init(("embed", "mlp")), use_bias=False, name="wi")(h), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(name="layers")(h, None)[0]
+
+    mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
+    logical = (("embed", "fsdp"), ("heads", "model"), ("mlp", "model"), ("layers", None), ("kv", None))
+    x = jnp.ones((2, 32))
+    boxed = Model().init(jax.random.key(0), x)["params"]
+    rules = [sharding.from_specs(nn.logical_to_mesh(nn.get_partition_spec(boxed), logical))]
+    base = sharding.place(nn.unbox(boxed), mesh, rules)
+    cfg = jlora.LoraConfig(rank=2, targets=["query", "out", "wi"])
+    init = lambda p: jlora.lora_init(jax.random.key(1), p, cfg, infer_layout=lambda q: Model().apply({"params": q}, x))
+    lora = jax.jit(init, out_shardings=sharding.shardings(jax.eval_shape(init, base), mesh, rules))(base)
+    got = {name: tuple(tuple(getattr(lora["layers"][name]["kernel"], f).sharding.spec) for f in "wab")
+           for name in ("query", "out", "wi")}
+    assert got == {"query": ((None, "fsdp", "model", None), (None, "fsdp", None), (None, None, "model", None)),
+                   "out": ((None, "model", None, "fsdp"), (None, "model", None, None), (None, None, "fsdp")),
+                   "wi": ((None, "fsdp", "model"), (None, "fsdp", None), (None, None, "model"))}
+    with pytest.raises(ValueError, match=r"from_specs: specs must be a tree of PartitionSpec .*found ArrayImpl \(the params "
+                                         r"themselves\? give their specs"):
+        sharding.from_specs(boxed)
+
+
 def test_optimizer_state_of_an_nnx_model_shards_like_the_adapters():
     from flax import nnx
 
