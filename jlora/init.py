@@ -428,7 +428,9 @@ def lora_init(
             raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
-        a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.rsplit("/", 1)[-1] in EMBEDDING_NAMES)
+        # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)
+        lookup_only = used_by.get(path) == {_compat.gather_p}
+        a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.rsplit("/", 1)[-1] in EMBEDDING_NAMES or lookup_only)
         if (isinstance(w, jax.Array) and not _compat.is_tracer(w) and w.committed
                 and isinstance(w.sharding, SingleDeviceSharding)):  # w put on a device
             a, b = jax.device_put((a, b), next(iter(w.devices())))  # the device, not its memory kind

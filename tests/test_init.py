@@ -86,6 +86,13 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     # a matmul leaf whose name merely ends in "embedding" gets the matmul init
     unemb = adapted(lora_init(KEY, {"unembedding": jnp.ones((16, 50))}, LoraConfig(rank=4, targets=["unembedding"])))
     assert float(jnp.abs(unemb["unembedding"].a).max()) > 0 and float(jnp.abs(unemb["unembedding"].b).max()) == 0.0
+    # a table of another name that infer_layout sees looked up only (Equinox's Embedding.weight) gets the
+    # embedding init; one also multiplied (a tied head) the matmul init
+    tables = {"tok": {"weight": jnp.ones((50, 16))}, "tied": {"weight": jnp.ones((50, 16))}}
+    use = lambda p: p["tok"]["weight"][jnp.arange(3)].sum() + (p["tied"]["weight"][jnp.arange(3)] @ p["tied"]["weight"].T).sum()
+    got = adapted(lora_init(KEY, tables, LoraConfig(rank=4, targets=["tok", "tied"]), infer_layout=use))
+    assert float(jnp.abs(got["tok/weight"].a).max()) == 0.0 and float(jnp.abs(got["tok/weight"].b).max()) > 0
+    assert float(jnp.abs(got["tied/weight"].a).max()) > 0 and float(jnp.abs(got["tied/weight"].b).max()) == 0.0
 
 
 def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
