@@ -29,7 +29,7 @@ from jlora import _compat
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
 from jlora.paths import Pattern, nearest, path_str
-from jlora.variables import without_variables
+from jlora.variables import has_variables, without_variables
 from jlora.weight import Lazy, LoraWeight, Trainable, has_shape, is_node, is_param
 
 # A rule: (path, shape, mesh) -> the base leaf's PartitionSpec, or None to let later rules answer.
@@ -393,7 +393,7 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
         >>> sh = state_shardings(tx, tx.init(params), shardings(params, mesh, []), mesh)
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    if without_variables(state) is state:  # jlora.optimizer keeps NNX variables out of its state: so do its shardings
+    if not has_variables(state):  # jlora.optimizer keeps NNX variables out of its state: so do its shardings
         param_shardings = without_variables(param_shardings)
 
     def placeholder(x: Any) -> bool:  # where the state holds no array for a param

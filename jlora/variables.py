@@ -73,6 +73,17 @@ def without_variables(tree: Any) -> Any:
     return jax.tree.map(lambda x: value_of(x) if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
+def has_variables(tree: Any) -> bool:
+    """Whether ``tree`` holds NNX variables (``jlora.optimizer``'s state holds none).
+
+    Example:
+        >>> from flax import nnx
+        >>> has_variables(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))), has_variables({"w": 1.0})
+        (True, False)
+    """
+    return _variable_test(tree) is not None
+
+
 def value_of(variable: Any) -> Any:
     """An NNX variable's value, in every Flax version.
 

@@ -510,8 +510,13 @@ _FIELD_KEYS = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax
 
 def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
     # the slots' own setters: LoraWeight refuses setattr, and this runs at every unflatten
-    _SET_W(obj, w), _SET_A(obj, a), _SET_B(obj, b), _SET_SCALE(obj, scale), _SET_LAYOUT(obj, layout)
-    _SET_PATH(obj, path), _SET_DROPOUT(obj, dropout)
+    _SET_W(obj, w)
+    _SET_A(obj, a)
+    _SET_B(obj, b)
+    _SET_SCALE(obj, scale)
+    _SET_LAYOUT(obj, layout)
+    _SET_PATH(obj, path)
+    _SET_DROPOUT(obj, dropout)
 
 
 _SET_W, _SET_A, _SET_B, _SET_SCALE, _SET_LAYOUT, _SET_PATH, _SET_DROPOUT = (
