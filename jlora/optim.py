@@ -146,7 +146,9 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     if not real or not (_compat.is_tracer(ratio) or 0 < float(ratio) < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}")
+        schedule = (" (to schedule it, wrap the optimizer: optax.inject_hyperparams(jlora.optimizer, "
+                    "static_args=('tx',))(tx, params, b_lr_ratio=schedule))" if callable(ratio) else "")
+        raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}{schedule}")
     return ratio if dtype is not None else float(ratio)
 
 
@@ -161,7 +163,17 @@ def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
     return [x for x in jax.tree.leaves(state, is_leaf=named) if named(x)]
 
 
+# States of a line search: it picks the step length for tx's own update, so a b scaled after it
+# takes a step no search checked (the loss can diverge).
+_LINE_SEARCH = ("ScaleByZoomLinesearchState", "ScaleByBacktrackingLinesearchState")
+
+
 def _check_scalable(state: Any) -> None:
+    searches = [type(x).__name__ for x in _states_named(state, _LINE_SEARCH)]
+    if searches:
+        raise ValueError(f"jlora.optimizer: tx holds a {searches[0]}: its line search picks the step length for "
+                         "tx's update, so b's update scaled by b_lr_ratio after it is a step no search checked. "
+                         "Use b_lr_ratio=1.0, or a fixed step (optax.lbfgs(learning_rate=..., linesearch=None))")
     found = [type(x).__name__ for x in _states_named(state, _NOT_SCALABLE)]
     # optax.contrib.sam's transparent mode (the default) steps to the adversarial point and back
     found += ["SAMState in transparent mode (optax.contrib.sam's default; opaque_mode=True is fine)"
@@ -172,7 +184,8 @@ def _check_scalable(state: Any) -> None:
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "
-                         "b_lr_ratio=1.0, or give b its own tx: optax.multi_transform over jlora.labels(params)")
+                         "b_lr_ratio=1.0 (a Python number: an array, as optax.inject_hyperparams passes it, scales "
+                         "even at 1), or give b its own tx: optax.multi_transform over jlora.labels(params)")
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
@@ -196,8 +209,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode) is refused
-    with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); a
+    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode), or whose
+    step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); a
     transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
     be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:

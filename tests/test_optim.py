@@ -183,7 +183,8 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
     """Schedule-free, lookahead, Mechanic, COCOB and SAM (stepping to its adversarial point and back)
-    return differences of iterates: scaling them is not LoRA+ (a ratio above 2 makes b oscillate and grow)."""
+    return differences of iterates: scaling them is not LoRA+ (a ratio above 2 makes b oscillate and grow);
+    a line search checks the step it picks, not b's scaled one (the loss diverges)."""
     p, _, _ = setup()
     scaled = "b_lr_ratio scales b's updates"
     sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05))
@@ -196,6 +197,19 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
             jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
     jlora.optimizer(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), opaque_mode=True), p, b_lr_ratio=4.0).init(p)
+    with pytest.raises(ValueError, match=r"b_lr_ratio=1.0 \(a Python number: an array, as optax.inject_hyperparams "
+                                         "passes it, scales even at 1\)"):
+        jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p, b_lr_ratio=jnp.float32(1.0))
+    # a line search picks the step for tx's own update: b's, scaled after it, is a step it never checked
+    search = "its line search picks the step length for tx's update"
+    for tx in (optax.lbfgs(), optax.chain(optax.sgd(1.0), optax.scale_by_backtracking_linesearch(max_backtracking_steps=5))):
+        with pytest.raises(ValueError, match=f"tx holds a ScaleBy\\w+LinesearchState: {search}"):
+            jlora.optimizer(tx, p, b_lr_ratio=4.0)
+        jlora.optimizer(tx, p).init(p)  # no ratio: fine
+    jlora.optimizer(optax.lbfgs(learning_rate=0.05, linesearch=None), p, b_lr_ratio=4.0).init(p)  # a fixed step
+    with pytest.raises(ValueError, match=r"got <function .*\(to schedule it, wrap the optimizer: "
+                                         r"optax.inject_hyperparams\(jlora.optimizer, static_args=\('tx',\)\)"):
+        jlora.optimizer(optax.sgd(0.1), p, b_lr_ratio=optax.linear_schedule(1.0, 16.0, 100))
 
 
 def test_lookahead_goes_around_the_optimizer_with_a_ratio():
