@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -242,8 +243,13 @@ def merge(tree: Any) -> Any:
                [1.5, 1.5]], dtype=float32)
     """
 
+    narrow: list[str] = []  # adapted kernels in 8 bits or fewer: w + Δ rounded there loses most of Δ
+
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
+        if (isinstance(x, LoraWeight) and has_shape(x.w) and jnp.issubdtype(x.w.dtype, jnp.floating)
+                and jnp.finfo(x.w.dtype).bits <= 8):
+            narrow.append(f"{path_str(path)} ({jnp.dtype(x.w.dtype).name})")
         if isinstance(x, Lazy) and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(x)):
             raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "
                              "jax.eval_shape gives), not arrays: merge needs the weights themselves")
@@ -254,7 +260,13 @@ def merge(tree: Any) -> Any:
                 raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
         return x.value if isinstance(x, Trainable) else x
 
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+    merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+    if narrow:
+        warnings.warn(f"jlora.merge: {len(narrow)} adapted kernel(s) in 8-bit floats, e.g. {narrow[0]}: w + scale·a@b "
+                      "rounded to w's dtype keeps little of the adapter, which jlora.apply ran in a wider dtype; "
+                      "serve the adapters unmerged (jlora.apply), or merge over w cast to a wider dtype "
+                      "(lw.replace(w=lw.w.astype(jnp.bfloat16)))", stacklevel=2)
+    return merged
 
 
 @jax.jit

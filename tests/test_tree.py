@@ -195,7 +195,9 @@ def test_unmerge_subtracts_the_product_merge_added():
     back = jlora.unmerge(jlora.merge({"q": lw}), {"q": lw})["q"]
     np.testing.assert_allclose(back.w, lw.w, rtol=0, atol=4e-6)
     lw8 = p["q"]["kernel"].replace(w=p["q"]["kernel"].w.astype(jnp.float8_e4m3fn))
-    merged = jlora.merge({"q": lw8})["q"]
+    with pytest.warns(UserWarning, match=r"jlora.merge: 1 adapted kernel\(s\) in 8-bit floats, e.g. q "
+                                         r"\(float8_e4m3fn\): w \+ scale·a@b rounded to w's dtype keeps little"):
+        merged = jlora.merge({"q": lw8})["q"]  # as it says, and as asked
     want = np.asarray(lw8.w.astype(jnp.float32), np.float64) + lw8.scale * np.asarray(lw8.a, np.float64) @ np.asarray(lw8.b, np.float64)
     assert merged.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(merged, jnp.asarray(want, jnp.float32).astype(jnp.float8_e4m3fn))
