@@ -380,6 +380,8 @@ class LoraModel:
         param ...
     """
 
+    GENERATE_CACHE_SIZE = 32  # generate's compiled calls kept, the least recently used dropped first
+
     def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None,
                  inputs: dict[str, Any] | None = None):
         _check_model(model, "jlora.hf.LoraModel")
@@ -417,7 +419,10 @@ class LoraModel:
         """HF ``generate`` (greedy, sampling, beams: whatever the model supports) with the adapters;
         the inputs as the model's ``generate`` takes them (``input_ids``, or ``input_features=`` for
         Whisper; a vision encoder-decoder's pixels go first, by position, as HF's Flax ``generate``
-        takes them: ``lm.generate(pixel_values, ...)``).
+        takes them: ``lm.generate(pixel_values, ...)``). Compiled once per prompt shape and set of
+        options (the 32 used last kept: ``GENERATE_CACHE_SIZE``), as ``jlora.apply``. ``merged=True`` runs HF's ``generate`` as it
+        is on ``jlora.merge(params)``: merged at every call, its loop compiled anew each time (about
+        90× slower a call on a small model), for what the lazy path cannot do (``trace=False``).
 
         Example:
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
@@ -440,12 +445,14 @@ class LoraModel:
         # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
         key = (len(inputs), _frozen(static), self._model_state())
         cacheable = _hashable(key)
-        fn = self._generate.get(key) if cacheable else None
+        fn = self._generate.pop(key, None) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
             fn = jlora.apply(lambda inputs, dyn, params: self.model.generate(*inputs, params=params, **static, **dyn))
-            if cacheable:
-                self._generate[key] = fn
+        if cacheable:  # the last used last; one per temperature, prompt length...: the least recently used go
+            self._generate[key] = fn
+            while len(self._generate) > self.GENERATE_CACHE_SIZE:
+                self._generate.pop(next(iter(self._generate)))
         return fn(inputs, dynamic, params=params)  # a keyword: an error names it as the caller passed it
 
     def merge(self) -> Any:

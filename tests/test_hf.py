@@ -404,6 +404,15 @@ def test_generate_says_what_it_cannot_do():
         lm.generate(ids, max_new_tokens=2, params=trainable)
 
 
+def test_generate_keeps_its_compiled_calls_used_last(monkeypatch):
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2))
+    monkeypatch.setattr(lm, "GENERATE_CACHE_SIZE", 2)
+    ids = jnp.array([[3, 5, 7, 9]])
+    for n in (1, 2, 1, 3):  # 1 used again before 3 comes: 2 goes
+        lm.generate(ids, max_new_tokens=n, pad_token_id=0)
+    assert [dict(key[1])["max_new_tokens"] for key in lm._generate] == [1, 3]
+
+
 def test_example_inputs_can_be_given():
     class FlaxTokensGPT2(tf.FlaxGPT2LMHeadModel):  # a __call__ whose inputs example_inputs does not know
         def __call__(self, tokens, params=None, **kwargs):
