@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -118,6 +119,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: param_dtype {dtype.name} has 8 bits: factors that narrow lose most of "
                              "each update, and their gradients underflow to 0; use float32 (or bfloat16). An fp8 "
                              "base works: its kernels may be fp8, the factors not")
+        if dtype == jnp.float16:
+            warnings.warn("LoraConfig: float16 factors: optax's Adam(W) gives NaN or inf updates where gradients "
+                          "are small (its eps=1e-8 is 0 in float16, and squared gradients underflow); bfloat16 "
+                          "or float32 factors train (a float16 base with float32 factors is fine)", stacklevel=2)
         for name, value in dict(
             rank=int(rank), alpha=float(alpha), targets=targets, exclude=exclude, rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern, dropout=float(dropout), init=init, use_rslora=bool(use_rslora),

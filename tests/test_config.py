@@ -3,6 +3,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jlora import LoraConfig
@@ -59,6 +60,15 @@ def test_hashable_equal_and_round_trips_through_a_dict():
 def test_bad_options_name_what_is_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+def test_float16_factors_are_warned_of_as_adam_cannot_train_them():
+    with pytest.warns(UserWarning, match=r"float16 factors: optax's Adam\(W\) gives NaN or inf updates where "
+                                         "gradients are small"):
+        LoraConfig(param_dtype=jnp.float16)
+    small = {"a": jnp.full(2, 1e-5, jnp.float16)}  # what the warning says
+    tx = optax.adam(1e-3)
+    assert not bool(jnp.isfinite(tx.update(small, tx.init(small))[0]["a"]).all())
 
 
 def test_numpy_scalars_are_numbers():

@@ -81,7 +81,8 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
     with pytest.warns(MaterializeWarning) as seen:
         check_against_oracle(fn, {"w": outer(int8)}, X)
     assert [re.sub(r" in .*?\(.*?\)", "", str(w.message)).split(". ")[0] for w in seen] == [
-        "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily"]
+        "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily "
+        "(an unstack() method on Int8Weight keeps it lazy under scan)"]
 
 
 def test_a_kinds_faulty_unstack_is_named():
