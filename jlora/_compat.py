@@ -491,3 +491,20 @@ def trace_config() -> Any:
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
+
+def vmapped_by(x: Any) -> frozenset:
+    """The ``jax.vmap`` traces that map ``x`` (ids), through the tracers of differentiation around
+    it: two values batched alike have the same. JAX has no public test; a ``BatchTracer`` (its
+    ``batch_dim``, ``val``) and a JVP or linearize tracer (its ``primal``) are read as JAX 0.5 to
+    0.11 have them (stackless tracing, ``_trace``); any other tracer ends the walk."""
+    found = set()
+    while isinstance(x, jax.core.Tracer):
+        if hasattr(x, "batch_dim"):
+            dim = x.batch_dim
+            if dim is not None and type(dim).__name__ != "NotMapped":
+                found.add(id(getattr(x, "_trace", None)))
+            x = getattr(x, "val", None)
+        else:
+            x = getattr(x, "primal", None)
+    return frozenset(found)
+

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
@@ -84,6 +85,44 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
                   f": at '{container[0]}' {names[0]} has {container[1]}, {names[1]} {container[2]}"
                   if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
+
+
+def stack(adapters: Sequence[Any]) -> Any:
+    """Adapters of one structure stacked along a new leading axis, to serve them over one base:
+    trainable halves of ``jlora.split`` (no base weight: each would be copied), run under
+    ``jax.vmap`` over the stack with one frozen half, one adapter per batch row. Refuses, naming
+    the param, adapters that differ in structure, in a ``LoraWeight``'s static fields (scale,
+    dropout rate: set ``dropout=0.0`` to serve) or in a shape (another rank).
+
+    Example:
+        >>> import jlora
+        >>> lw = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=1.0)
+        >>> trainable, frozen = split({"k": lw})
+        >>> stacked = stack([trainable, trainable])
+        >>> run = lambda t, x: jlora.apply(lambda p, x: x @ p["k"])(combine(t, frozen), x)
+        >>> jax.vmap(run)(stacked, jnp.ones((2, 1, 4))).shape
+        (2, 1, 3)
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("jlora.stack: no adapters to stack")
+    for i, tree in enumerate(adapters):
+        based = [p for p, x in leaves_with_paths(tree, is_leaf=is_node) if isinstance(x, LoraWeight) and has_shape(x.w)]
+        if based:
+            raise ValueError(f"jlora.stack: adapter {i} holds base weights (w at '{based[0]}'): stack the trainable "
+                             "halves (jlora.split(params)[0]) and run them with one frozen half, or the base is "
+                             "copied once per adapter")
+        if i:
+            try:
+                _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
+            except ValueError as err:
+                raise ValueError(f"{err}; adapters stack where their scales (alpha and rank), dropout rates and "
+                                 "targets agree (to serve, set the rate to 0: lw.replace(dropout=0.0))") from None
+            for (path, x), (_, y) in zip(leaves_with_paths(adapters[0]), leaves_with_paths(tree)):
+                if np.shape(x) != np.shape(y):
+                    raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
+                                     f"{np.shape(x)} (another rank?)")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
 def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:

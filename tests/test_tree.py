@@ -356,3 +356,37 @@ def test_a_module_holding_a_layer_twice_is_counted_once_and_not_split():
     with pytest.raises(ValueError, match=r"jlora.split: 'a/bias' and 'b/bias' are one NNX variable.*nnx.split\(model\); "
                                          r"trainable, frozen = jlora.split\(state\)$"):
         jlora.split(model)
+
+
+def test_stacked_adapters_serve_one_per_row_over_one_base():
+    """Multi-tenant serving: each row of the batch with its own adapter, the base once; each row as
+    the merged weights of its adapter give it, and no adapter's ΔW formed."""
+    fn = lambda p, x: jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]
+    trees = [perturb(tree(), jax.random.key(i)) for i in range(3)]
+    frozen = jlora.split(trees[0])[1]
+    halves = [jlora.split(t)[0] for t in trees]
+    stacked = jlora.stack(halves)
+    assert stacked["q"]["kernel"].a.shape == (3, 8, 2) and stacked["q"]["kernel"].w is None
+    x = jax.random.normal(KEY, (3, 5, 8))
+    serve = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))
+    got = serve(stacked, x)
+    for i, half in enumerate(halves):
+        np.testing.assert_allclose(got[i], fn(oracle_merge(jlora.combine(half, frozen)), x[i]), rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x))
+    assert "3,8,8]" not in jaxpr  # no per-adapter (3, 8, 8) ΔW
+    with pytest.raises(ValueError, match=r"jlora.stack: adapter 0 holds base weights \(w at 'q/kernel'\): stack the "
+                                         r"trainable halves"):
+        jlora.stack(trees)
+    dropped = jax.tree.map(lambda x: x.replace(dropout=0.1) if isinstance(x, jlora.LoraWeight) else x, halves[1],
+                           is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.raises(ValueError, match=r"jlora.stack: adapter 0 and adapter 1 do not have the same structure: .*"
+                                         r"'dropout': 0.1.*set the rate to 0: lw.replace\(dropout=0.0\)"):
+        jlora.stack([halves[0], dropped])
+    base = {"q": {"kernel": trees[0]["q"]["kernel"].w, "bias": jnp.zeros(8)}, "v": {"kernel": trees[0]["v"]["kernel"].w},
+            "none": None}
+    # rank 4 at alpha 16: the same scale as rank 2 at alpha 8
+    wider = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, alpha=16, targets=["q", "v"],
+                                                                     trainable=["q/bias"])))[0]
+    with pytest.raises(ValueError, match=r"jlora.stack: at 'q/kernel/a' adapter 1 has shape \(8, 4\), adapter 0 \(8, 2\) "
+                                         r"\(another rank\?\)"):
+        jlora.stack([halves[0], wider])
