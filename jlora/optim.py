@@ -23,11 +23,15 @@ ADAPTER = "adapter"
 
 def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     """Multiply the updates of every ``LoraWeight.b`` by ``ratio`` (LoRA+: ``lr_b = ratio·lr_a``).
+    A ratio that is not a finite number > 0 is refused; a traced one (``optax.inject_hyperparams``
+    under ``jax.jit``), which cannot be, makes ``b``'s updates NaN instead (never a silent sign flip).
 
     Example:
         >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
     """
     ratio = _check_ratio(ratio, "jlora.scale_lora_b: ratio")
+    if _compat.is_tracer(ratio):
+        ratio = jnp.where((ratio > 0) & (ratio < jnp.inf), ratio, jnp.nan)
 
     def one(x: Any) -> Any:
         if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):

@@ -179,6 +179,11 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
     state.hyperparams["b_lr_ratio"] = jnp.float32(8.0)  # a new ratio, as a schedule would set
     again, _ = jax.jit(injected.update)(g, state, p)
     np.testing.assert_allclose(again["q"]["kernel"].b, 2 * want["q"]["kernel"].b, rtol=1e-5)
+    state.hyperparams["b_lr_ratio"] = jnp.float32(-5.0)  # refused eagerly; traced, it cannot be: NaN, not a sign flip
+    with pytest.raises(ValueError, match="b_lr_ratio must be a finite number > 0"):
+        injected.update(g, state, p)
+    bad, _ = jax.jit(injected.update)(g, state, p)
+    assert bool(jnp.isnan(bad["q"]["kernel"].b).all()) and bool(jnp.isfinite(bad["q"]["kernel"].a).all())
 
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
