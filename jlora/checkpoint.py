@@ -642,10 +642,12 @@ def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any
     for (keys, _), (i, x) in zip(jax.tree_util.tree_flatten_with_path(like)[0], like_flat.items()):
         place = _placed(x, default)
         if getattr(x, "sharding", None) is None and targets:
-            # a box's value key (flax's LogicallyPartitioned) sits inside a moment's path, not in the adapter's
-            path = "/" + path_str([k for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")])
-            ends = [name for name, t in targets.items()
-                    if path.endswith("/" + name) and tuple(t.shape) == tuple(np.shape(x))]
+            path = "/" + path_str(keys)
+            # a box's value key (flax's LogicallyPartitioned) sits inside a moment's path, not in the
+            # adapter's; a field named value (Equinox's attention) is in both
+            unboxed = "/" + path_str([k for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")])
+            ends = [name for name, t in targets.items() if (path.endswith("/" + name) or unboxed.endswith("/" + name))
+                    and tuple(t.shape) == tuple(np.shape(x))]
             if ends:
                 place = getattr(targets[max(ends, key=len)], "sharding", _UNCOMMITTED) or place
         out[i] = _restore_target(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype, place)

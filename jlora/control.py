@@ -105,8 +105,8 @@ def scan_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # a base that cannot slice (a quantized stack with one scale for all layers): it alone is
             # materialised, the adapter stays factored
             name = f"'{x.path}'" if x.path else ctx.where(x)
-            x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily (an unstack() method "
-                                        f"on {type(x.w).__name__} keeps it lazy under scan)",
+            x = x.replace(w=materialize(x.w, "scan", "cannot slice its leading axis lazily (an unstack() of "
+                                        f"{type(x.w).__name__} that returns its children keeps it lazy under scan)",
                                         f"the base of {name}" if name else "", ctx.drops_within(x.w)))
         spec = _unstacked(x, p["length"]) if is_lazy(x) else None
         if spec is None:

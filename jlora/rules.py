@@ -161,8 +161,9 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         r_of = lambda labels: [r_label if l in contracted else l for l in labels]
         if (kept and not is_lazy(lw.w) and len(w_contract) == 1 and x_in.dtype == lw.w.dtype == dtype
                 and joint_pays(x, x_contract[0])
-                # one base under adapters mapped by a vmap (served, an ensemble): [w ; b] would copy w per adapter
-                and _compat.vmapped_by(lw.w) == _compat.vmapped_by(lw.b)
+                # one base under adapters mapped by a vmap (served, an ensemble): [w ; b] would copy w per
+                # adapter; one adapter over mapped bases copies only b per base
+                and _compat.vmapped_by(lw.b) <= _compat.vmapped_by(lw.w)
                 and explicit.unsharded(x, x_contract[0]) and explicit.unsharded(lw.w, w_contract[0])
                 and sorted(t_labels) == sorted(r_of(x_labels)) and sorted(b_labels) == sorted(r_of(w_labels))):
             # stored as itself: one matmul [x | t] @ [w ; b] (jlora.joint) instead of a sum; t and

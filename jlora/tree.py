@@ -103,9 +103,8 @@ def stack(adapters: Sequence[Any]) -> Any:
         >>> jax.vmap(run)(stacked, jnp.ones((2, 1, 4))).shape
         (2, 1, 3)
     """
-    adapters = list(adapters)
-    if not adapters:
-        raise ValueError("jlora.stack: no adapters to stack")
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise ValueError(f"jlora.stack: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
     for i, tree in enumerate(adapters):
         based = [p for p, x in leaves_with_paths(tree, is_leaf=is_node) if isinstance(x, LoraWeight) and has_shape(x.w)]
         if based:
@@ -121,7 +120,10 @@ def stack(adapters: Sequence[Any]) -> Any:
             for (path, x), (_, y) in zip(leaves_with_paths(adapters[0]), leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
-                                     f"{np.shape(x)} (another rank?)")
+                                     f"{np.shape(x)} (another rank, or ensembles of other sizes?)")
+                if getattr(x, "dtype", None) != getattr(y, "dtype", None):
+                    raise ValueError(f"jlora.stack: at '{path}' adapter {i} is {getattr(y, 'dtype', None)}, adapter 0 "
+                                     f"{getattr(x, 'dtype', None)}: cast them alike (stacking would promote them)")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
@@ -301,10 +303,12 @@ def merge(tree: Any) -> Any:
 
     merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
     if narrow:
-        warnings.warn(f"jlora.merge: {len(narrow)} adapted kernel(s) in 8-bit floats, e.g. {narrow[0]}: w + scale·a@b "
+        from jlora.lazy import _user_stacklevel  # lazy imports this module
+
+        warnings.warn(f"jlora.merge: {len(narrow)} adapted kernel(s) in floats of 8 bits or fewer, e.g. {narrow[0]}: w + scale·a@b "
                       "rounded to w's dtype keeps little of the adapter, which jlora.apply ran in a wider dtype; "
                       "serve the adapters unmerged (jlora.apply), or merge over w cast to a wider dtype "
-                      "(lw.replace(w=lw.w.astype(jnp.bfloat16)))", stacklevel=2)
+                      "(lw.replace(w=lw.w.astype(jnp.bfloat16)))", stacklevel=_user_stacklevel())
     return merged
 
 

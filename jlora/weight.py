@@ -520,7 +520,7 @@ def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
 
 
 _SET_W, _SET_A, _SET_B, _SET_SCALE, _SET_LAYOUT, _SET_PATH, _SET_DROPOUT = (
-    LoraWeight.__dict__[name].__set__ for name in LoraWeight.__slots__)
+    LoraWeight.__dict__[name].__set__ for name in ("w", "a", "b", "scale", "layout", "path", "dropout"))
 
 
 def _number(x: Any, name: str, path: str) -> float:

@@ -623,6 +623,21 @@ def test_a_state_like_jax_eval_shapes_is_placed_as_its_own_adapter(tmp_path):
     _, state, _ = AdapterCheckpointer(tmp_path / "boxed").restore(boxed, opt_state_like=jax.eval_shape(tx.init, trainable))
     lw = state.inner_states["adapter"].inner_state[0].mu["up"]["kernel"].value
     assert (spec(lw.a), spec(lw.b)) == (("d", None), (None, None))
+    # a field named value (an Equinox attention's) is in both paths
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Attention:
+        value: dict
+
+    jax.tree_util.register_dataclass(Attention, data_fields=["value"], meta_fields=[])
+    fields = {"attn": Attention(value={"kernel": base["up"]["kernel"]})}
+    params = jlora.lora_init(KEY, fields, jlora.LoraConfig(rank=2, targets=["attn/value/kernel"]))
+    trainable = jlora.split(params)[0]
+    AdapterCheckpointer(tmp_path / "field", async_save=False).save(1, params, opt_state=tx.init(trainable))
+    _, state, _ = AdapterCheckpointer(tmp_path / "field").restore(fields, opt_state_like=jax.eval_shape(tx.init, trainable))
+    lw = state.inner_states["adapter"].inner_state[0].mu["attn"].value["kernel"]
+    assert (spec(lw.a), spec(lw.b)) == (("d", None), (None, None))
 
 
 def test_steps_another_writer_saved_are_never_pruned_and_each_format_names_the_others_reader(tmp_path):

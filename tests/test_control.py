@@ -82,7 +82,7 @@ def test_scan_over_stacked_adapters_whose_base_is_lazy():
         check_against_oracle(fn, {"w": outer(int8)}, X)
     assert [re.sub(r" in .*?\(.*?\)", "", str(w.message)).split(". ")[0] for w in seen] == [
         "jlora: Int8Weight (the base of 'layers/w') materialised at 'scan': cannot slice its leading axis lazily "
-        "(an unstack() method on Int8Weight keeps it lazy under scan)"]
+        "(an unstack() of Int8Weight that returns its children keeps it lazy under scan)"]
 
 
 def test_a_kinds_faulty_unstack_is_named():

@@ -195,7 +195,7 @@ def test_unmerge_subtracts_the_product_merge_added():
     back = jlora.unmerge(jlora.merge({"q": lw}), {"q": lw})["q"]
     np.testing.assert_allclose(back.w, lw.w, rtol=0, atol=4e-6)
     lw8 = p["q"]["kernel"].replace(w=p["q"]["kernel"].w.astype(jnp.float8_e4m3fn))
-    with pytest.warns(UserWarning, match=r"jlora.merge: 1 adapted kernel\(s\) in 8-bit floats, e.g. q "
+    with pytest.warns(UserWarning, match=r"jlora.merge: 1 adapted kernel\(s\) in floats of 8 bits or fewer, e.g. q "
                                          r"\(float8_e4m3fn\): w \+ scale·a@b rounded to w's dtype keeps little"):
         merged = jlora.merge({"q": lw8})["q"]  # as it says, and as asked
     want = np.asarray(lw8.w.astype(jnp.float32), np.float64) + lw8.scale * np.asarray(lw8.a, np.float64) @ np.asarray(lw8.b, np.float64)
@@ -373,7 +373,11 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     for i, half in enumerate(halves):
         np.testing.assert_allclose(got[i], fn(oracle_merge(jlora.combine(half, frozen)), x[i]), rtol=1e-5, atol=1e-6)
     jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x))
-    assert "3,8,8]" not in jaxpr  # no per-adapter (3, 8, 8) ΔW
+    assert "3,8,8]" not in jaxpr  # no per-adapter (3, 8, 8) ΔW, nor a copy of w per adapter
+    # one adapter over a stack of bases keeps the stacked matmul [x | t] @ [w ; b]: it copies b per base
+    bases = jax.tree.map(lambda w: jnp.stack([w] * 3), frozen)
+    over_bases = jax.vmap(lambda f, x: jlora.apply(fn)(jlora.combine(halves[0], f), x))
+    assert "concatenate" in str(jax.make_jaxpr(over_bases)(bases, x))
     with pytest.raises(ValueError, match=r"jlora.stack: adapter 0 holds base weights \(w at 'q/kernel'\): stack the "
                                          r"trainable halves"):
         jlora.stack(trees)
@@ -388,5 +392,9 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     wider = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, alpha=16, targets=["q", "v"],
                                                                      trainable=["q/bias"])))[0]
     with pytest.raises(ValueError, match=r"jlora.stack: at 'q/kernel/a' adapter 1 has shape \(8, 4\), adapter 0 \(8, 2\) "
-                                         r"\(another rank\?\)"):
+                                         r"\(another rank, or ensembles of other sizes\?\)"):
         jlora.stack([halves[0], wider])
+    with pytest.raises(ValueError, match=r"jlora.stack: at 'q/bias' adapter 1 is bfloat16, adapter 0 float32"):
+        jlora.stack([halves[0], jax.tree.map(lambda x: x.astype(jnp.bfloat16), halves[1])])
+    with pytest.raises(ValueError, match="jlora.stack: adapters must be a non-empty list of adapters, got dict"):
+        jlora.stack(halves[0])
