@@ -175,7 +175,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
-            return [lax.optimization_barrier(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
+            return [_stored(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
         y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels, keep_out, pref, prec)
     else:
         t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,
@@ -186,8 +186,28 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     base = dot(x_in, lw.w)
     out = base + explicit.resharded_like(y.astype(base.dtype), base)
     if kept:
-        out = lax.optimization_barrier(out)  # stored as itself, not as its two terms
+        ctx.note_custom_vjp()
+        out = _stored(out)  # stored as itself, not as its two terms
     return [out]
+
+
+@jax.custom_vjp
+def _stored(y: jax.Array) -> jax.Array:
+    """``y`` behind an optimisation barrier where it is differentiated (and its cotangent behind
+    one, as the barrier's own rules have it), so that the backward's rebuild reads it as stored;
+    as it is otherwise, so that a forward-only call (serving) fuses it with what reads it."""
+    return y
+
+
+def _stored_fwd(y: jax.Array) -> tuple[jax.Array, None]:
+    return lax.optimization_barrier(y), None
+
+
+def _stored_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    return (lax.optimization_barrier(g),)
+
+
+_stored.defvjp(_stored_fwd, _stored_bwd)
 
 
 def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:

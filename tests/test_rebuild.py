@@ -188,6 +188,16 @@ def test_a_sum_read_by_a_rebuilt_chain_is_one_matmul():
     assert not re.search(stacked, text) and "optimization_barrier" not in text
 
 
+def test_a_stored_sum_is_pinned_only_where_differentiated():
+    """Behind a barrier in a grad step (its backward's rebuild reads it as stored); in a forward-only
+    call (serving) it fuses with what reads it, as it would in the plain model."""
+    params = adapted()
+    few = grad_jaxpr(params, tokens=7)  # the plain sum, not [x | t] @ [w ; b]
+    assert few.count("optimization_barrier") >= 4  # gate and up of 2 layers, and their cotangents
+    forward = str(jax.make_jaxpr(jlora.apply(model))(params, jnp.ones((7, D))))
+    assert "optimization_barrier" not in forward
+
+
 def test_a_sum_that_cannot_be_one_matmul_is_pinned():
     def two_axis_block(p, h):  # gate's kernel (2, D/2, F) contracts two axes of x
         x = rms_norm(h, p["norm"])
