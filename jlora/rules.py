@@ -186,28 +186,21 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     base = dot(x_in, lw.w)
     out = base + explicit.resharded_like(y.astype(base.dtype), base)
     if kept:
-        ctx.note_custom_vjp()
         out = _stored(out)  # stored as itself, not as its two terms
     return [out]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _stored(y: jax.Array) -> jax.Array:
-    """``y`` behind an optimisation barrier where it is differentiated (and its cotangent behind
-    one, as the barrier's own rules have it), so that the backward's rebuild reads it as stored;
-    as it is otherwise, so that a forward-only call (serving) fuses it with what reads it."""
+    """``y`` behind an optimisation barrier where it is differentiated (its tangent, and so its
+    cotangent, behind one too: the barrier's own JVP rule), so that the backward's rebuild reads it
+    as stored; as it is otherwise, so that a forward-only call (serving) fuses it with what reads it."""
     return y
 
 
-def _stored_fwd(y: jax.Array) -> tuple[jax.Array, None]:
-    return lax.optimization_barrier(y), None
-
-
-def _stored_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-    return (lax.optimization_barrier(g),)
-
-
-_stored.defvjp(_stored_fwd, _stored_bwd)
+@_stored.defjvp
+def _stored_jvp(primals: tuple, tangents: tuple) -> tuple:
+    return lax.optimization_barrier(primals[0]), lax.optimization_barrier(tangents[0])
 
 
 def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
@@ -196,6 +197,16 @@ def test_a_stored_sum_is_pinned_only_where_differentiated():
     assert few.count("optimization_barrier") >= 4  # gate and up of 2 layers, and their cotangents
     forward = str(jax.make_jaxpr(jlora.apply(model))(params, jnp.ones((7, D))))
     assert "optimization_barrier" not in forward
+
+    def mixed(p, h):  # down's input in bf16 against an f32 kernel: gate's and up's sums kept, nothing rebuilt
+        act = (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])).astype(jnp.bfloat16)
+        return h + lax.dot_general(act, p["down"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    layer = jlora.lora_init(KEY, {k: v for k, v in base_params()["layers"][0].items() if k != "norm"},
+                            jlora.LoraConfig(rank=4, targets=["gate", "up", "down"]))
+    x = jnp.ones((7, D))
+    _, tangent = jax.jvp(lambda x: jlora.apply(mixed)(layer, x), (x,), (x,))  # forward mode works, as without jlora
+    np.testing.assert_allclose(tangent, jax.jvp(lambda x: mixed(jlora.merge(layer), x), (x,), (x,))[1], rtol=2e-2)
 
 
 def test_a_sum_that_cannot_be_one_matmul_is_pinned():
