@@ -364,9 +364,12 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                 and layout.b_shape(shape, node.rank) == tuple(node.b.shape)
             )
             if not fits:
+                stacked = len(shape) < layout.ndim  # the adapter has axes the kernel lacks
                 raise ValueError(
                     f"jlora.unmerge: merged '{path_str(path)}' has shape {shape}, which does not fit the "
                     f"adapter's a {tuple(node.a.shape)} and b {tuple(node.b.shape)} (layout '{layout}')"
+                    + ("; a stack of adapters (jlora.stack) has one merged model per adapter: unmerge each "
+                       "with its own" if stacked else "")
                 )
             if not jnp.issubdtype(value.dtype, jnp.floating):
                 raise ValueError(f"jlora.unmerge: merged '{path_str(path)}' is {value.dtype}; a merged kernel is float "

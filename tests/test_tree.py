@@ -398,3 +398,6 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
         jlora.stack([halves[0], jax.tree.map(lambda x: x.astype(jnp.bfloat16), halves[1])])
     with pytest.raises(ValueError, match="jlora.stack: adapters must be a non-empty list of adapters, got dict"):
         jlora.stack(halves[0])
+    with pytest.raises(ValueError, match=r"jlora.unmerge: merged 'q/kernel' has shape \(8, 8\), .*\(layout 'bio'\); a "
+                                         r"stack of adapters \(jlora.stack\) has one merged model per adapter"):
+        jlora.unmerge(jlora.merge(trees[0]), stacked)
