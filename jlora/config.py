@@ -15,6 +15,7 @@ import numpy as np
 
 from jlora.layout import Layout
 from jlora.paths import compile_patterns
+from jlora.weight import narrow_float
 
 INITS = ("kaiming_uniform", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -115,7 +116,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: param_dtype {param_dtype!r} is not a dtype") from None
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"LoraConfig: param_dtype must be a float dtype, got {dtype.name}")
-        if jnp.finfo(dtype).bits < 16:
+        if narrow_float(dtype):
             raise ValueError(f"LoraConfig: param_dtype {dtype.name} has 8 bits: factors that narrow lose most of "
                              "each update, and their gradients underflow to 0; use float32 (or bfloat16). An fp8 "
                              "base works: its kernels may be fp8, the factors not")

@@ -30,7 +30,7 @@ from jlora.joint import joint_dot, joint_pays
 from jlora.layout import Layout
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register, warn_once
 from jlora.structural import bind as _bind, picked_matrices
-from jlora.weight import LoraWeight, widest
+from jlora.weight import LoraWeight, narrow_float, widest
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def _path_dtype(eqn: Any, x: jax.Array, w_dtype: Any, lw: LoraWeight) -> Any:
     ``a`` and ``b`` in fp8 would lose most of the update)."""
     if jnp.issubdtype(x.dtype, jnp.inexact) and jnp.issubdtype(w_dtype, jnp.inexact):
         dtype = widest(x.dtype, w_dtype)  # an fp8 kernel against a bf16 x: bf16
-        if jnp.finfo(dtype).bits < 16:
+        if narrow_float(dtype):
             return widest(eqn.outvars[0].aval.dtype, lw.a.dtype)
         return dtype
     return eqn.outvars[0].aval.dtype

@@ -29,7 +29,7 @@ from jlora import _compat, explicit
 from jlora.layout import Layout, reshape_groups
 from jlora.sharding import factor_shardings
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register
-from jlora.weight import Lazy, LoraWeight
+from jlora.weight import Lazy, LoraWeight, narrow_float
 
 
 def bind(ctx: Context, eqn: Any, invals: list, owner: LoraWeight | Sequence[LoraWeight | None]) -> list:
@@ -113,7 +113,7 @@ def convert_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if not jnp.issubdtype(new, jnp.floating) or any(jnp.iscomplexobj(x) for x in (lw.w, lw.a, lw.b)):
         return NotImplemented  # to a real dtype, Re(a@b) is not Re(a)@Re(b)
     w = bind(ctx, eqn, [lw.w], lw)[0]
-    if jnp.finfo(new).bits < 16:  # fp8 is for the base term (see rules._path_dtype): a and b in fp8
+    if narrow_float(new):  # fp8 is for the base term (see rules._path_dtype): a and b in fp8
         return [lw.replace(w=w)]  # would lose most of the update, and their gradients underflow to 0
     return [lw.replace(w=w, a=lw.a.astype(new), b=lw.b.astype(new))]
 

@@ -13,7 +13,7 @@ import numpy as np
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
-                          is_param, materialized)
+                          is_param, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -105,6 +105,7 @@ def stack(adapters: Sequence[Any]) -> Any:
     """
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.stack: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
+    first = leaves_with_paths(adapters[0])
     for i, tree in enumerate(adapters):
         based = [p for p, x in leaves_with_paths(tree, is_leaf=is_node) if isinstance(x, LoraWeight) and has_shape(x.w)]
         if based:
@@ -117,7 +118,7 @@ def stack(adapters: Sequence[Any]) -> Any:
             except ValueError as err:
                 raise ValueError(f"{err}; adapters stack where their scales (alpha and rank), dropout rates and "
                                  "targets agree (to serve, set the rate to 0: lw.replace(dropout=0.0))") from None
-            for (path, x), (_, y) in zip(leaves_with_paths(adapters[0]), leaves_with_paths(tree)):
+            for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
                                      f"{np.shape(x)} (another rank, or ensembles of other sizes?)")
@@ -284,12 +285,11 @@ def merge(tree: Any) -> Any:
                [1.5, 1.5]], dtype=float32)
     """
 
-    narrow: list[str] = []  # adapted kernels in 8 bits or fewer: w + Δ rounded there loses most of Δ
+    narrow: list[str] = []  # adapted kernels in fp8 or narrower: w + Δ rounded there loses most of Δ
 
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
-        if (isinstance(x, LoraWeight) and has_shape(x.w) and jnp.issubdtype(x.w.dtype, jnp.floating)
-                and jnp.finfo(x.w.dtype).bits <= 8):
+        if isinstance(x, LoraWeight) and has_shape(x.w) and narrow_float(x.w.dtype):
             narrow.append(f"{path_str(path)} ({jnp.dtype(x.w.dtype).name})")
         if isinstance(x, Lazy) and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(x)):
             raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "

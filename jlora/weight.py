@@ -19,6 +19,17 @@ from jlora import _compat, explicit
 from jlora.layout import Layout
 
 
+def narrow_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a float of fewer than 16 bits (fp8, fp4): fine for a base kernel, too
+    narrow for an adapter's factors or for ``w + scale·a@b``.
+
+    Example:
+        >>> narrow_float(jnp.float8_e4m3fn), narrow_float(jnp.bfloat16), narrow_float(jnp.int8)
+        (True, False, False)
+    """
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 16
+
+
 def widest(*dtypes: Any) -> Any:
     """JAX's promotion of ``dtypes``, where 8-bit floats, which JAX promotes with no other float,
     give way to the wider ones: the dtype in which ``w + scale·a@b`` is formed.
@@ -27,7 +38,7 @@ def widest(*dtypes: Any) -> Any:
         >>> widest(jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)
         dtype('float32')
     """
-    wide = [d for d in dtypes if not (jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 16)]
+    wide = [d for d in dtypes if not narrow_float(d)]
     return jnp.result_type(*(wide or dtypes))
 
 
@@ -520,7 +531,7 @@ def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
 
 
 _SET_W, _SET_A, _SET_B, _SET_SCALE, _SET_LAYOUT, _SET_PATH, _SET_DROPOUT = (
-    LoraWeight.__dict__[name].__set__ for name in ("w", "a", "b", "scale", "layout", "path", "dropout"))
+    LoraWeight.__dict__[name].__set__ for name in ("w", "a", "b", *LoraWeight.STATIC_FIELDS))
 
 
 def _number(x: Any, name: str, path: str) -> float:
