@@ -27,6 +27,7 @@ from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
+from jlora.tree import check_whole
 from jlora.weight import LoraWeight, is_node, is_param
 
 # PEFT's default targets per model type, as Flax param-path patterns.
@@ -390,6 +391,8 @@ class LoraModel:
         # loaded adapters were made with a config this model does not know: the one given, or none
         if loaded:
             _check_fits("jlora.hf.LoraModel", model, params)
+            for path, x in leaves_with_paths(params, is_leaf=is_param):  # a half, a stack: refused now, not at the call
+                check_whole(x, path, "jlora.hf.LoraModel", used_as_is=True)
         if loaded and config is not None:
             _check_config_type(config)
             check_config_makes("jlora.hf.LoraModel", config, params)

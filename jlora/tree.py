@@ -263,8 +263,10 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         if used_as_is and all(map(has_shape, (x.w, x.a, x.b))) and len(x.w.shape) == x.layout.ndim:
             extra = len(x.a.shape) - len(x.layout.a_shape(x.w.shape, x.rank))
             if extra > 0:
-                mapped = ("jax.vmap(lambda t: jlora.merge(jlora.combine(t, frozen)))(stacked)" if op == "jlora.merge"
-                          else "jax.vmap(lambda t, *xs: f(jlora.combine(t, frozen), *xs), in_axes=(0, None))(stacked, x)")
+                mapped = {"jlora.merge": "jax.vmap(lambda t: jlora.merge(jlora.combine(t, frozen)))(stacked)",
+                          "jlora.hf.LoraModel": "build it on one adapter's params, then jax.vmap(lambda t, x: "
+                                                "lm(x, params=jlora.combine(t, frozen)), in_axes=(0, None))(stacked, x)",
+                          }.get(op, "jax.vmap(lambda t, *xs: f(jlora.combine(t, frozen), *xs), in_axes=(0, None))(stacked, x)")
                 raise ValueError(
                     f"{op}: '{path}' has a {tuple(x.a.shape)} and b {tuple(x.b.shape)} with {extra} leading axis(es) "
                     f"that w {tuple(x.w.shape)} lacks: adapters stacked over one base are used one at a time, "

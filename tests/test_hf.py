@@ -386,6 +386,23 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     assert hf.LoraModel(xglm, params=adapted).params is adapted
 
 
+def test_a_lora_model_refuses_a_half_or_a_stack_of_adapters_when_built_and_serves_a_stack_under_vmap():
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn"]))
+    trainable, frozen = jlora.split(perturb(lm.params, jax.random.key(1)))
+    stacked = jlora.stack([trainable, jax.tree.map(lambda x: 2 * x, trainable)])
+    with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: '.*c_attn/kernel' comes from the trainable half"):
+        hf.LoraModel(model, params=trainable)
+    with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: '.*c_attn/kernel' has a \(2, 32, 2\) .* 1 leading axis\(es\) "
+                                         r"that w \(96, 32\) lacks: .* build it on one adapter's params, then jax.vmap"):
+        hf.LoraModel(model, params=jlora.combine(stacked, frozen))
+    ids = jnp.array([[3, 5, 7, 9]])
+    served = jax.vmap(lambda t, x: lm(x, params=jlora.combine(t, frozen)).logits, in_axes=(0, None))(stacked, ids)
+    for i, t in enumerate([trainable, jax.tree.map(lambda x: 2 * x, trainable)]):
+        want = model(ids, params=jlora.merge(jlora.combine(t, frozen))).logits
+        np.testing.assert_allclose(served[i], want, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_says_what_it_cannot_do():
     model = TINY["gpt2"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2))
