@@ -299,6 +299,9 @@ _STRUCTURAL = tuple(p for p in (
     _compat.convert_element_type_p, _compat.transpose_p, _compat.reshape_p, _compat.copy_p,
     _compat.sharding_constraint_p, _compat.pvary_p, _compat.reshard_p, _compat.device_put_p,
 ) if p is not None)
+# Evaluated ahead only as a lazy value's scaling (a kernel's dequantisation, ``w * s[None, :]``),
+# with the scale's ``broadcast_in_dim``: never over plain values alone, whose order stays the program's.
+_SCALINGS = (_compat.mul_p, _compat.div_p)
 
 
 class Frame:
@@ -336,23 +339,40 @@ class Frame:
             self._index()
         return self._users.get(var, [])  # type: ignore[union-attr]
 
-    def value(self, var: Any, ctx: Context, depth: int = 3) -> Any:
+    def value(self, var: Any, ctx: Context, depth: int = 3, spread: bool = False) -> Any:
         """The value of ``var``; computed ahead of its turn through structural equations
-        (casts, transposes, reshapes) if needed; ``None`` if it is not available yet."""
+        (casts, transposes, reshapes, a lazy value's scaling) if needed; ``None`` if it is not
+        available yet."""
         if _compat.is_literal(var):
             return _compat.literal_value(var)
         if var in self.env:
             return self.env[var]
         i = self.producer(var)
-        if i is None or depth == 0 or i in self.done or self.eqns[i].primitive not in _STRUCTURAL:
+        if i is None or depth == 0 or i in self.done:
             return None
         eqn = self.eqns[i]
-        invals = [self.value(v, ctx, depth - 1) for v in eqn.invars]
+        scaling = eqn.primitive in _SCALINGS and any(self._reaches_lazy(v, depth - 1) for v in eqn.invars)
+        if not (eqn.primitive in _STRUCTURAL or scaling or (spread and eqn.primitive is _compat.broadcast_in_dim_p)):
+            return None
+        invals = [self.value(v, ctx, depth - 1, spread=scaling) for v in eqn.invars]
         if any(v is None for v in invals):
             return None
         _write(self.env, eqn, _eval_eqn(ctx, self, eqn, invals))
         self.done.add(i)
         return self.env[var]
+
+
+    def _reaches_lazy(self, var: Any, depth: int) -> bool:
+        """Whether ``var`` is a lazy value, or structural equations ``value`` would follow lead
+        to one, without evaluating any."""
+        if _compat.is_literal(var):
+            return False
+        if var in self.env:
+            return is_lazy(self.env[var])
+        i = self.producer(var)
+        if i is None or depth == 0 or i in self.done or self.eqns[i].primitive not in _STRUCTURAL:
+            return False
+        return any(self._reaches_lazy(v, depth - 1) for v in self.eqns[i].invars)
 
 
 def _write(env: dict, eqn: Any, outs: Sequence[Any]) -> None:

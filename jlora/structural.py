@@ -4,7 +4,8 @@ a new ``LoraWeight`` whose factors went through the same op along their matching
 - one in, one out: ``transpose``, ``convert_element_type``, group-preserving ``reshape``,
   ``copy``, ``sharding_constraint``, ``device_put``, ``reshard`` (a mesh with Explicit axes),
   ``squeeze`` of size-1 axes, ``rev`` (a flipped conv window), ``pvary`` and ``all_gather``
-  (inside ``shard_map``), ``stop_gradient``, ``neg``, and ``mul``/``div`` by a scalar (on ``b``),
+  (inside ``shard_map``), ``stop_gradient``, ``neg``, and ``mul``/``div`` by a scalar (on ``b``)
+  or by a per-channel scale (on the factor holding its axes),
   ``slice``/``dynamic_slice`` (layer ``i`` of a stack, rows of an embedding, one part of a fused
   kernel), ``pad`` (zeros in the factors), new axes (``w[None]``, ``jnp.broadcast_to``), and whole
   matrices picked from a stack (``W[expert_of_token]``, called by the gather rule of
@@ -133,13 +134,72 @@ def _scaling(eqn: Any, invals: list) -> tuple[LoraWeight, Any] | None:
 @register(_compat.div_p, LoraWeight)
 def scalar_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     """A kernel times or over a scalar (an equalized learning rate, a muP multiplier):
-    ``c·w + scale·a@(c·b)``."""
+    ``c·w + scale·a@(c·b)``; or over a per-channel scale (a quantized kernel's dequantisation,
+    ``w * s[None, :]``): ``w·C + scale·a@(b·c)`` for ``c`` along output (and batch) axes,
+    ``w·C + scale·(c·a)@b`` along input axes."""
     scaling = _scaling(eqn, invals)
     if scaling is None:
-        return NotImplemented
+        return _channel_rule(ctx, eqn, invals)
     lw, c = scaling
     b = lw.b * c if eqn.primitive is _compat.mul_p else lw.b / c
     return [lw.replace(w=bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0], b=b.astype(lw.b.dtype))]
+
+
+def _channel_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``scalar_rule`` for a scale broadcast along some of the kernel's axes: on the factor that
+    holds all of the axes it varies along (``NotImplemented`` where none does)."""
+    pos = 0 if isinstance(invals[0], LoraWeight) else 1
+    lw, other = invals[pos], invals[1 - pos]
+    if (is_lazy(other) or (eqn.primitive is _compat.div_p and pos == 1) or ctx.frame is None
+            or _compat.is_literal(eqn.invars[1 - pos])):
+        return NotImplemented
+    if tuple(eqn.outvars[0].aval.shape) != lw.shape:
+        return NotImplemented  # the kernel itself broadcast: no longer a kernel of its shape
+    # JAX broadcasts size-1 axes in the op itself (``w * s[None, :]``); older JAX spreads first
+    c = other if np.shape(other) != lw.shape else _per_channel(ctx, eqn.invars[1 - pos])
+    if c is None:
+        return NotImplemented
+    varying = {ax for ax, n in enumerate(c.shape) if n != 1}
+    roles = {lw.layout.axes[ax][0] for ax in varying}
+    for factor, where, allowed in (("b", lw.layout.factor_axes()[1], {"b", "o"}), ("a", lw.layout.factor_axes()[0], {"b", "i"})):
+        if roles <= allowed:
+            x = getattr(lw, factor)
+            on_x = _on_factor(c, where, x.ndim)
+            scaled = x * on_x if eqn.primitive is _compat.mul_p else x / on_x
+            w = bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0]
+            return [lw.replace(w=w, **{factor: explicit.resharded_like(scaled.astype(x.dtype), x)})]
+    return NotImplemented
+
+
+def _per_channel(ctx: Context, var: Any) -> jax.Array | None:
+    """The value of ``var`` with size 1 along the axes it is constant on, where it is a
+    ``broadcast_in_dim`` of a smaller array (``s[None, :]`` spread over a kernel); else ``None``."""
+    i = ctx.frame.producer(var)
+    if i is None:
+        return None
+    eqn = ctx.frame.eqns[i]
+    if eqn.primitive is not _compat.broadcast_in_dim_p or len(eqn.invars) != 1:
+        return None
+    operand = ctx.frame.value(eqn.invars[0], ctx)
+    if operand is None or is_lazy(operand):
+        return None
+    dims, shape = tuple(eqn.params["broadcast_dimensions"]), tuple(eqn.params["shape"])
+    kept = [1] * len(shape)
+    for k, ax in enumerate(dims):
+        kept[ax] = np.shape(operand)[k]
+    if kept == list(shape):
+        return None  # varies along every axis: no factor holds it
+    return lax.broadcast_in_dim(operand, tuple(kept), dims)
+
+
+def _on_factor(c: jax.Array, where: dict[int, int], ndim: int) -> jax.Array:
+    """``c`` (one axis per ``w`` axis, size 1 off the factor's) moved onto a factor's axes
+    (``where``: ``w`` axis -> factor axis), size 1 on the rank axis."""
+    c = jnp.squeeze(c, tuple(ax for ax in range(c.ndim) if ax not in where))
+    on = sorted(where)  # the w axes left, in order
+    c = jnp.transpose(c, sorted(range(len(on)), key=lambda k: where[on[k]]))
+    rank_axis = next(k for k in range(ndim) if k not in where.values())
+    return jnp.expand_dims(c, rank_axis)
 
 
 @register(_compat.neg_p, LoraWeight)

@@ -337,6 +337,18 @@ def test_adapters_reading_one_input_share_one_down_projection():
     check_against_oracle(fn, p, x)
 
 
+def test_kernels_dequantised_per_channel_share_one_down_projection():
+    """An int8 or fp8 model's q, k and v, each ``w.astype(f32) * s`` before its matmul: the
+    later kernels' scales are read ahead like their casts, and one down-projection serves all."""
+    key = jax.random.key(0)
+    p = {n: random_lora(jax.random.fold_in(key, i), (8, 6), "io", 2) for i, n in enumerate("qkv")}
+    scales = {n: 0.01 * jnp.arange(1.0, 7.0) + i for i, n in enumerate("qkv")}
+    fn = lambda p, s, x: sum(x @ (p[n].astype(jnp.float32) * s[n]) for n in "qkv")
+    x = normal(key, (5, 8))
+    assert _count_dots(jlora.apply(fn), p, scales, x) == 7  # 3 base, 1 shared down, 3 up
+    check_against_oracle(fn, p, scales, x)
+
+
 def test_no_shared_down_projection_under_dropout():
     key = jax.random.key(0)
     p = {n: random_lora(jax.random.fold_in(key, i), (8, 6), "io", 2).replace(dropout=0.5) for i, n in enumerate("qk")}

@@ -48,6 +48,40 @@ def test_a_kernel_scaled_negated_or_detached_stays_factored(use):
     check_against_oracle(fn, {"w": lw}, normal(jax.random.key(1), (3, 4)), jnp.float32(0.7))  # c traced too
 
 
+PER_CHANNEL = {  # (kernel shape, layout, the scale's shape, how the kernel meets the input)
+    "output channels": ((4, 6), "io", (1, 6), lambda x, w: x @ w),
+    "input channels": ((4, 6), "io", (4, 1), lambda x, w: x @ w),
+    "a torch-ordered kernel's outputs": ((6, 4), "oi", (6, 1), lambda x, w: x @ w.T),
+    "DenseGeneral's heads and head_dim": ((4, 2, 3), "ioo", (1, 2, 3), lambda x, w: jnp.einsum("ti,ihk->thk", x, w)),
+    "each layer of a stack, and its outputs": ((2, 4, 6), "bio", (2, 1, 6), lambda x, w: jnp.einsum("ti,lio->lto", x, w)),
+    "each layer of a stack": ((2, 4, 6), "bio", (2, 1, 1), lambda x, w: jnp.einsum("ti,lio->lto", x, w)),
+}
+
+
+@pytest.mark.parametrize("name", list(PER_CHANNEL))
+@pytest.mark.parametrize("op", ["w*s", "s*w", "w/s", "w*broadcast_to(s)"])
+def test_a_kernel_scaled_per_channel_stays_factored(name, op):
+    """A quantized kernel's dequantisation, ``w * s[None, :]``: the scale goes on the factor that
+    holds its axes, ``w·C + scale·a@(b·c)``; JAX's own size-1 broadcast, and a spread one."""
+    shape, layout, scale_shape, use = PER_CHANNEL[name]
+    lw = random_lora(jax.random.key(0), shape, layout, 2)
+    scale = 0.5 + jnp.abs(normal(jax.random.key(1), scale_shape))
+    times = {"w*s": lambda w, s: w * s, "s*w": lambda w, s: s * w, "w/s": lambda w, s: w / s,
+             "w*broadcast_to(s)": lambda w, s: w * jnp.broadcast_to(s, w.shape)}[op]
+    fn = lambda p, x, s: use(x, times(p["w"], s))
+    check_against_oracle(fn, {"w": lw}, normal(jax.random.key(2), (3, shape[layout.index("i")])), scale)
+
+
+def test_a_kernel_scaled_along_inputs_and_outputs_falls_back():
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    scale = jnp.arange(1.0, 25.0).reshape(4, 6)
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'mul'"):
+        check_against_oracle(lambda p, x: x @ (p["w"] * jnp.broadcast_to(scale[:, :1] * scale[:1], (4, 6))),
+                             {"w": lw}, jnp.ones((2, 4)))
+    with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'div'"):  # s / w has no factored form
+        check_against_oracle(lambda p, x: x @ (scale[:1] / p["w"]), {"w": lw}, jnp.ones((2, 4)))
+
+
 def test_a_kernel_times_an_array_falls_back():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     fn = lambda p, x: x @ (p["w"] * (jnp.arange(24.0).reshape(4, 6) > 5))  # a pruning mask: no factored form
