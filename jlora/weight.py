@@ -75,7 +75,8 @@ class NotAnArray:
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rpow__ = _used_outside_apply
     __lt__ = __le__ = __gt__ = __ge__ = __abs__ = __pos__ = __float__ = __int__ = _used_outside_apply
-    reshape = astype = sum = mean = _used_outside_apply
+    reshape = astype = transpose = swapaxes = squeeze = ravel = flatten = _used_outside_apply
+    sum = mean = max = min = prod = dot = take = clip = _used_outside_apply
 
     @property
     def T(self) -> NoReturn:

@@ -114,7 +114,8 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     uses = [lambda: jnp.ones((1, 4)) @ lw, lambda: lw @ jnp.ones((6,)), lambda: lw[0], lambda: jnp.asarray(lw),
             lambda: np.asarray(lw), lambda: 2 * lw, lambda: lw + 1, lambda: jax.jit(lambda w: w @ jnp.ones(6))(lw),
-            lambda: lw < 0, lambda: abs(lw), lambda: float(lw), lambda: lw.sum(), lambda: jnp.sum(lw)]
+            lambda: lw < 0, lambda: abs(lw), lambda: float(lw), lambda: lw.sum(), lambda: jnp.sum(lw),
+            lambda: lw.transpose(), lambda: lw.squeeze(), lambda: lw.max()]  # HF's Conv1D: kernel.transpose()
     for use in uses:  # a model called on the LoRA tree without jlora.apply
         with pytest.raises(TypeError, match="LoraWeight at 'w' was used as an array outside jlora.apply: .*jlora.merge"):
             use()
