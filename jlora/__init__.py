@@ -19,7 +19,7 @@ from jlora.init import lora_init
 from jlora.layout import Layout
 from jlora.lazy import MaterializeWarning, apply, register
 from jlora.optim import optimizer, scale_lora_b
-from jlora.tree import Summary, combine, labels, merge, split, stack, summary, unmerge
+from jlora.tree import Summary, base, combine, labels, merge, split, stack, summary, unmerge
 from jlora.weight import Lazy, LoraWeight, Trainable
 
 __version__ = "0.1.0"
@@ -47,6 +47,7 @@ __all__ = [
     "Summary",
     "Trainable",
     "apply",
+    "base",
     "combine",
     "labels",
     "lora_init",

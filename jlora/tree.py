@@ -314,6 +314,34 @@ def merge(tree: Any) -> Any:
     return merged
 
 
+def base(tree: Any) -> Any:
+    """The base model's params under a LoRA tree, nothing copied: each ``LoraWeight``'s ``w``,
+    each ``Trainable``'s value. The reference pass of DPO or a KL penalty (the adapters off), in the
+    same step as the adapted one: ``model.apply(base(params), x)``; through ``jlora.apply`` where a
+    ``w`` is lazy itself (a quantized kernel, or an adapter under the one taken off). The frozen
+    half does too, where nothing is trained whole: ``LoraConfig(trainable=...)`` leaves hold their
+    current values, so keep ``base(params)`` from before training for their first ones.
+
+    Example:
+        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> base({"k": lw, "bias": Trainable(jnp.zeros(2))})["k"]
+        Array([[1., 1.],
+               [1., 1.]], dtype=float32)
+    """
+
+    def one(path: Any, x: Any) -> Any:
+        if isinstance(x, Trainable) and x.value is None:
+            raise ValueError(f"jlora.base: '{path_str(path)}' is trained whole (LoraConfig.trainable), and the frozen half "
+                             "of jlora.split holds no value for it: pass jlora.combine(trainable, frozen) for its "
+                             "current value, or keep jlora.base(params) from before training for its first one")
+        if isinstance(x, LoraWeight) and x.w is None:
+            raise ValueError(f"jlora.base: '{path_str(path)}' comes from the trainable half of jlora.split, which holds "
+                             "no base weight: pass the frozen half, or jlora.combine(trainable, frozen)")
+        return x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+
+
 @jax.jit
 def _merged(x: Lazy) -> jax.Array:
     """``x.materialize()`` compiled (once per shape, dtype, scale and layout: ``path`` is left out):

@@ -105,6 +105,36 @@ def test_merge_is_exact_and_runs_the_unmodified_function():
     np.testing.assert_allclose(fn(merged, x), jlora.apply(fn)(p, x), rtol=1e-5, atol=1e-5)
 
 
+def test_base_takes_the_adapters_off_without_copying_for_a_reference_pass():
+    """DPO's or a KL penalty's reference: the base model, in the same step as the adapted one."""
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.ones(8)}, "v": {"kernel": jnp.ones((8, 4))}}
+    p = perturb(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q", "v"])), KEY)
+    fn = lambda p, x: (x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]
+    x = jax.random.normal(KEY, (3, 8))
+    assert jlora.base(p)["q"]["kernel"] is base["q"]["kernel"]  # the same arrays, nothing copied
+    trainable, frozen = jlora.split(p)
+    for tree in (p, frozen):
+        np.testing.assert_array_equal(jax.jit(lambda t, x: fn(jlora.base(t), x))(tree, x), jax.jit(fn)(base, x))
+
+    def dpo_like(trainable, frozen, x):  # the reference under stop_gradient, the policy adapted
+        reference = jax.lax.stop_gradient(fn(jlora.base(frozen), x))
+        return jnp.sum((jlora.apply(fn)(jlora.combine(trainable, frozen), x) - reference) ** 2)
+
+    oracle = lambda trainable, frozen, x: jnp.sum((fn(oracle_merge(jlora.combine(trainable, frozen)), x) - fn(base, x)) ** 2)
+    jax.tree.map(lambda g, o: np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-4),  # grads up to ~30
+                 jax.grad(dpo_like)(trainable, frozen, x), jax.grad(oracle)(trainable, frozen, x))
+    over = {"w": jlora.LoraWeight(p["q"]["kernel"], jnp.ones((8, 1)), jnp.ones((1, 8)), scale=1.0)}
+    assert jlora.base(over)["w"] is p["q"]["kernel"]  # one adapter off: the one under it stays
+    with_head = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["v"], trainable=["q/bias"]))
+    np.testing.assert_array_equal(jlora.base(with_head)["q"]["bias"], base["q"]["bias"])
+    trainable, frozen = jlora.split(with_head)
+    with pytest.raises(ValueError, match=r"jlora.base: 'q/bias' is trained whole .* keep jlora.base\(params\) from "
+                                         "before training"):
+        jlora.base(frozen)
+    with pytest.raises(ValueError, match="jlora.base: 'v/kernel' comes from the trainable half"):
+        jlora.base(trainable)
+
+
 def test_bf16_factors_over_an_f32_kernel_add_an_f32_product():
     """Adapters kept in bf16 (as a PEFT model cast to bf16 saves them) over an f32 model: merge,
     a matmul and an embedding lookup all form a@b from the bf16 values in f32, not rounded to bf16."""
