@@ -235,8 +235,10 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
     else:
         half = "frozen" if isinstance(x, Trainable) and x.value is None else None
     if half is not None:
+        alone = ("; for the base model alone (the adapters off, a reference pass) pass jlora.base(frozen)"
+                 if half == "frozen" and op == "jlora.apply" and isinstance(x, LoraWeight) else "")
         raise ValueError(f"{op}: '{path}' comes from the {half} half of jlora.split; "
-                         "pass jlora.combine(trainable, frozen)")
+                         f"pass jlora.combine(trainable, frozen){alone}")
     if isinstance(x, Lazy):
         try:
             check_registered(x)

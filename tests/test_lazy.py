@@ -438,6 +438,9 @@ def test_one_half_alone_or_a_bad_rng_is_refused():
     head = jlora.lora_init(KEY, {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, jlora.LoraConfig(rank=2, targets=["w"], trainable=["b"]))
     with pytest.raises(ValueError, match="'b' comes from the frozen half"):
         jlora.apply(lambda p, x: x @ p["w"] + p["b"])(jlora.split(head)[1], jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"'w' comes from the frozen half of jlora.split; pass jlora.combine\(trainable, "
+                                         r"frozen\); for the base model alone .* pass jlora.base\(frozen\)"):
+        jlora.apply(lambda p, x: x @ p["w"])({"w": jlora.split(head)[1]["w"]}, jnp.ones((1, 4)))
     # an optimizer state passed in (a whole train step wrapped): its adapter nodes have no w
     trainable = jlora.split(head)[0]
     state = optax.adam(1e-3).init(trainable)
