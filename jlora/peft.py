@@ -229,7 +229,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     check_saveable("jlora.peft.save_adapter", params)
     here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
-    params = _module_params(params)[0]
+    params, stats = _module_params(params)[0], _batch_stats(params)
     entries = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=is_param)]  # a quantized kernel: one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
@@ -255,6 +255,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
                          "tree, jlora.combine(trainable, frozen)")
+    normed = [m for m in stats if in_saved(m + "/scale")]
+    if normed:
+        raise ValueError(f"jlora.peft.save_adapter: '{normed[0]}' keeps running statistics (batch_stats: a batch norm), "
+                         "and PEFT loads a module saved whole (modules_to_save) with them, which jlora's adapters do not "
+                         "hold; leave the norm out of LoraConfig(trainable=...), or save with jlora.adapter.save_adapter")
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
     shapes = {p: tuple(x.kernel_shape) if isinstance(x, LoraWeight) else np.shape(x.value if isinstance(x, Trainable) else x)
               for p, x in entries}
@@ -341,6 +346,18 @@ def _module_params(tree: Any) -> tuple[Any, Any]:
     if isinstance(tree, collections.abc.Mapping) and "params" in tree and set(tree) <= {"params", *FLAX_COLLECTIONS}:
         return tree["params"], lambda inner: {**tree, "params": inner}
     return tree, lambda inner: inner
+
+
+def _batch_stats(tree: Any) -> list[str]:
+    """The modules (PyTorch-style paths) that keep running statistics in ``tree``'s ``batch_stats``.
+
+    Example:
+        >>> _batch_stats({"params": {}, "batch_stats": {"bn": {"mean": 0, "var": 1}}})
+        ['bn']
+    """
+    if not (isinstance(tree, collections.abc.Mapping) and "params" in tree and "batch_stats" in tree):
+        return []
+    return sorted({_torch_style(p).rsplit("/", 1)[0] for p, _ in leaves_with_paths(tree["batch_stats"])})
 
 
 def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], trained: Sequence[str]) -> str | None:

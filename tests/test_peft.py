@@ -760,6 +760,11 @@ def test_a_model_with_batch_statistics_crosses_both_ways(layer_type, tmp_path):
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)
     theirs = peft.PeftModel.from_pretrained(_resnet_twin(model), tmp_path / "back").eval()
     np.testing.assert_allclose(_torch_out(theirs, pixel_values=pixels), got, rtol=1e-4, atol=1e-4)
+    # a batch norm trained whole: PEFT would load it with running statistics the adapter does not hold
+    norm = "embedder/embedder/normalization"
+    normed = hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2, targets=["convolution"], trainable=[norm]))
+    with pytest.raises(ValueError, match=f"jlora.peft.save_adapter: '{norm}' keeps running statistics .* leave the norm out"):
+        jlora.peft.save_adapter(tmp_path / "normed", normed, model.config)
 
 
 def test_the_task_type_is_one_peft_can_load_the_adapter_with(tmp_path):
