@@ -386,9 +386,10 @@ def lora_init(
             if not adapt:
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
                                 and _compat.conv_general_dilated_p in used_by[p]})
-                raise ValueError("LoraConfig.targets='all-linear' selects no kernel: infer_layout saw every kernel in "
-                                 "a conv or a lookup, none in a matmul (all-linear adapts dense kernels, as PEFT's); "
-                                 "name the kernels to adapt" + (f", e.g. targets={convs[:3]}" if convs else ""))
+                raise ValueError("LoraConfig.targets='all-linear' selects no kernel: it adapts dense kernels but for "
+                                 "the output head, as PEFT's, and infer_layout saw every other kernel in a conv or a "
+                                 "lookup, none in a matmul; name the kernels to adapt"
+                                 + (f", e.g. targets={convs[:3]}" if convs else ""))
     new, unknown, narrow = {}, [], []
     wrapped = _wrapped_weights(list(by_path))
     for path in adapt:

@@ -80,6 +80,16 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     with pytest.raises(ValueError, match=r"selects no kernel: .*name the kernels to adapt, e.g. targets=\['layers_0', "
                                          r"'layers_1'\]"):
         lora_init(KEY, conv_params, LoraConfig(rank=2, targets="all-linear"), infer_layout=lambda p: convs.apply(p, x))
+    class Classifier(nn.Module):  # its only matmul the head
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="classifier")(nn.Conv(4, (3, 3))(x).mean((1, 2)))
+
+    classifier = Classifier()
+    with pytest.raises(ValueError, match=r"selects no kernel: it adapts dense kernels but for the output head, .* "
+                                         r"every other kernel in a conv"):
+        lora_init(KEY, classifier.init(KEY, x), LoraConfig(rank=2, targets="all-linear"),
+                  infer_layout=lambda p: classifier.apply(p, x))
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
     emb = adapted(p)["embed/embedding"]
     assert float(jnp.abs(emb.a).max()) == 0.0 and float(jnp.abs(emb.b).max()) > 0  # PEFT's embedding init
