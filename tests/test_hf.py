@@ -403,6 +403,19 @@ def test_a_lora_model_refuses_a_half_or_a_stack_of_adapters_when_built_and_serve
         np.testing.assert_allclose(served[i], want, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_init_refuses_params_that_are_not_the_models_own():
+    model = TINY["gpt2"]()
+    with_head = {"lm": model.params, "v_head": {"kernel": jnp.ones((32, 1))}}  # PPO's value head beside the model
+    with pytest.raises(ValueError, match=r"jlora.hf.lora_init: params do not fit FlaxGPT2LMHeadModel .*; params beyond "
+                                         r"the model's .*: jlora.lora_init\(key, params, config, infer_layout=f\)"):
+        hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2), params=with_head)
+    bigger = jax.tree.map(lambda x: jnp.ones((2, *x.shape)), model.params)
+    with pytest.raises(ValueError, match=r"params do not fit .* is \(2, .*\) here but"):
+        hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2), params=bigger)
+    own = jax.tree.map(lambda x: x + 1, model.params)  # the model's own tree, other values: taken
+    assert jax.tree.leaves(hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2), params=own))
+
+
 def test_generate_says_what_it_cannot_do():
     model = TINY["gpt2"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2))
