@@ -361,7 +361,9 @@ def lora_init(
                          "jlora addresses params by '/'-joined paths; rename the keys")
     for path, leaf in entries:
         if is_node(leaf):
-            raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params")
+            raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params (a new "
+                             "adapter over this one: lora_init(key, jlora.merge(params), config), whose base, "
+                             "jlora.base, is then the adapted model)")
         if hasattr(type(leaf), "__jax_array__") and not isinstance(leaf, (jax.Array, Lazy)) and not mutable_kind(leaf):
             kind = f"{type(leaf).__module__.split('.')[0]}.{type(leaf).__name__}"  # keras.Variable
             raise ValueError(f"lora_init: '{path}' is a {kind}, a variable holding an array, not an array: jlora "
