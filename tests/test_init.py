@@ -388,7 +388,7 @@ def test_a_config_that_is_not_a_lora_config_or_a_key_that_is_not_a_key_is_refuse
 
 def test_already_adapted_params_are_refused():
     p = lora_init(KEY, base(), LoraConfig(targets=["q_proj"]))
-    with pytest.raises(ValueError, match=r"already hold .* a new adapter over this one: lora_init\(key, jlora.merge\(params\)"):
+    with pytest.raises(ValueError, match=r"already hold .*\(a new adapter over this one: lora_init\(key, jlora.merge\(params\)"):
         lora_init(KEY, p, LoraConfig(targets=["q_proj"]))
 
 
