@@ -69,12 +69,20 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     p1 = {p: l for p, l in leaves_with_paths(first, is_leaf=_is_hole_or_lazy)}
     p2 = {p: l for p, l in leaves_with_paths(second, is_leaf=_is_hole_or_lazy)}
     only1, only2 = sorted(set(p1) - set(p2)), sorted(set(p2) - set(p1))
+    nodes = [{p: l for p, l in leaves_with_paths(t, is_leaf=is_node) if is_node(l)} for t in (first, second)]
+    # a node's own slots (a LoraWeight's a, b, w) named as the node
+    as_node = lambda paths, held: sorted({next((n for n in held if p.startswith(n + "/")), p) for p in paths})
+    only1, only2 = as_node(only1, nodes[0]), as_node(only2, nodes[1])
     detail = ""
-    if only1 or only2:
+    both = [p for p in only1 if p in only2]
+    if both:
+        kind = lambda held: f"a {type(held[both[0]]).__name__}" if both[0] in held else "a plain leaf"
+        detail = (f": at '{both[0]}' {names[0]} has {kind(nodes[0])}, {names[1]} {kind(nodes[1])} (from lora_init "
+                  "calls with other targets?)")
+    elif only1 or only2:
         detail = f": only in {names[0]}: {only1[:5]}; only in {names[1]}: {only2[:5]}"
     else:
-        nodes1 = {p: l for p, l in leaves_with_paths(first, is_leaf=is_node) if is_node(l)}
-        nodes2 = {p: l for p, l in leaves_with_paths(second, is_leaf=is_node) if is_node(l)}
+        nodes1, nodes2 = nodes
         meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__
         diff = [p for p in sorted(set(nodes1) | set(nodes2)) if meta(nodes1.get(p)) != meta(nodes2.get(p))]
         container = _container_difference(s1, s2)

@@ -85,6 +85,15 @@ def test_combine_refuses_trees_that_do_not_match():
     assert replicas["q"]["kernel"].a.shape == (2, 3, 8, 1)
 
 
+def test_combine_of_halves_with_other_targets_names_the_param():
+    base = {"q": {"kernel": jnp.ones((8, 8))}, "v": {"kernel": jnp.ones((8, 8))}}
+    _, frozen = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q", "v"])))
+    trainable, _ = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q"])))
+    with pytest.raises(ValueError, match=r"at 'v/kernel' trainable has a plain leaf, frozen a LoraWeight \(from "
+                                         r"lora_init calls with other targets\?\)"):
+        jlora.combine(trainable, frozen)
+
+
 def test_combine_refuses_halves_that_both_hold_a_value():
     """A full tree passed as a half would overwrite the other half's values (the trained factors)."""
     p = tree()
