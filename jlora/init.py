@@ -162,7 +162,12 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
     """The tail of a "pattern matches no param" error: what is near, and what a pattern could name."""
     if option == "trainable":  # among what can be trained: not an Equinox module's flags and rates
         paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
-        return f"; nearest paths: {nearest(text, paths) or list(paths[:5])}"
+        near = nearest(text, paths)
+        if near:
+            return f"; nearest paths: {near}"
+        owners = list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in p.split("/")[:-1]) or "(the root)"
+                                    for p in paths))
+        return f"; no path is near it; modules with params: {_listed(owners)}"
     modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"
     if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Penzai): the leaves themselves
         modules = [p for p, leaf in entries if _is_adaptable(leaf)]
@@ -173,8 +178,12 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
         return (f"; no leaf is an array: the tree's leaves are {', '.join(boxed[:3])} objects; unwrap them "
                 "first, e.g. Penzai's pz.freeze_params(model)")
     near = nearest(text, modules, n=3)
-    listed = ", ".join(modules[:12]) + (f" and {len(modules) - 12} more" if len(modules) > 12 else "")
-    return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {listed or 'none'}" + _layer_of_stack(text, entries)
+    return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {_listed(modules)}" + _layer_of_stack(text, entries)
+
+
+def _listed(names: Sequence[str], n: int = 12) -> str:
+    """The first ``n`` of ``names`` for a message, with how many more."""
+    return (", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")) or "none"
 
 
 def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]]) -> str:
