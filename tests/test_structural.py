@@ -72,6 +72,13 @@ def test_a_kernel_scaled_per_channel_stays_factored(name, op):
     check_against_oracle(fn, {"w": lw}, normal(jax.random.key(2), (3, shape[layout.index("i")])), scale)
 
 
+def test_a_learned_per_channel_gain_gets_its_gradient_from_both_terms():
+    """A gain trained with the adapter (a magnitude vector): ``w·C`` and ``b·c`` both carry it."""
+    params = {"w": random_lora(jax.random.key(0), (4, 6), "io", 2),
+              "gain": jlora.Trainable(0.5 + jnp.abs(normal(jax.random.key(1), (6,))))}
+    check_against_oracle(lambda p, x: jnp.tanh(x @ (p["w"] * p["gain"])), params, normal(jax.random.key(2), (3, 4)))
+
+
 def test_a_kernel_scaled_along_inputs_and_outputs_falls_back():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     scale = jnp.arange(1.0, 25.0).reshape(4, 6)
