@@ -18,6 +18,7 @@ from jlora.config import LoraConfig
 from jlora.init import lora_init
 from jlora.layout import Layout
 from jlora.lazy import MaterializeWarning, apply, register
+from jlora.mix import mix
 from jlora.optim import optimizer, scale_lora_b
 from jlora.tree import Summary, base, combine, labels, merge, split, stack, summary, unmerge
 from jlora.weight import Lazy, LoraWeight, Trainable
@@ -52,6 +53,7 @@ __all__ = [
     "labels",
     "lora_init",
     "merge",
+    "mix",
     "optimizer",
     "register",
     "scale_lora_b",

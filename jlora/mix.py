@@ -1,0 +1,99 @@
+"""Adapters mixed into one (PEFT's ``add_weighted_adapter``): ``Σ wᵢ·Δᵢ`` exactly, their factors
+side by side (PEFT's ``"cat"``), or its best approximation of a given rank, from an SVD formed
+through the factors, never the whole kernel (PEFT's ``"svd"``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.paths import path_str
+from jlora.weight import LoraWeight, Trainable, is_node
+
+
+def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = None) -> Any:
+    """One adapter whose update is ``Σ weights[i] · scaleᵢ · aᵢ @ bᵢ``: of the adapters' ranks
+    summed (exact), or of ``rank`` (the closest of that rank, by an SVD of each kernel's sum;
+    exact where ``rank`` is the sum's own). The adapters are trees of one structure (trainable
+    halves of ``jlora.split``, or whole trees, whose other leaves and base weights are taken from
+    the first) with adapters at the same params, of any ranks and scales; a weight may be negative
+    (a task subtracted) or a traced array. The result has the first adapter's scale and dropout
+    rate, so that a mix of trainable halves combines with the first's frozen half. Leaves trained
+    whole (``Trainable``) are refused: mix their values as you mean to.
+
+    Example:
+        >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
+        >>> mixed = mix([{"k": lw}, {"k": lw}], [0.5, 0.25])["k"]
+        >>> mixed.rank, mixed.scale, float(mixed.delta()[0, 0])
+        (2, 2.0, 1.5)
+    """
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise ValueError(f"jlora.mix: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
+    if not isinstance(weights, (list, tuple, np.ndarray, jax.Array)) or len(weights) != len(adapters):
+        raise ValueError(f"jlora.mix: weights must be a list of one number per adapter ({len(adapters)}), got {weights!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"jlora.mix: rank must be a positive int, or None for the ranks summed; got {rank!r}")
+    flat = [jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node) for tree in adapters]
+    treedef = flat[0][1]
+    for i, (_, other) in enumerate(flat[1:], 1):
+        if other != treedef:
+            raise ValueError(f"jlora.mix: adapter {i} has another structure than adapter 0 (adapters at other params?): "
+                             "mix takes adapters made for one base with the same targets")
+    out = []
+    for j, (path, first) in enumerate(flat[0][0]):
+        nodes = [leaves[j][1] for leaves, _ in flat]
+        where = path_str(path)
+        if any(isinstance(n, Trainable) for n in nodes):
+            raise ValueError(f"jlora.mix: '{where}' is trained whole (Trainable), not an adapter: mix the adapters "
+                             "without it (jlora.split's trainable half with it set to None), and its values as you mean to")
+        if not isinstance(first, LoraWeight):
+            out.append(first)
+            continue
+        out.append(_mixed([_checked(n, first, i, where) for i, n in enumerate(nodes)], weights, rank, where))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _checked(node: Any, first: LoraWeight, i: int, where: str) -> LoraWeight:
+    """``node`` (adapter ``i``'s at ``where``) fitted to its arrays, refused where it is no adapter
+    of the same kernel as ``first``."""
+    if not isinstance(node, LoraWeight) or node.a is None or node.b is None:
+        raise ValueError(f"jlora.mix: adapter {i} has no adapter at '{where}' (a frozen half?)")
+    node, first = node.fitted(), first.fitted()
+    kernel = lambda lw: lw.layout.w_shape(lw.a.shape[:-1] + (1,), lw.b.shape)  # rank 1: the kernel's shape
+    if node.layout != first.layout or kernel(node) != kernel(first):
+        raise ValueError(f"jlora.mix: at '{where}' adapter {i} adapts a kernel {kernel(node)} with layout "
+                         f"'{node.layout}', adapter 0 a kernel {kernel(first)} with layout '{first.layout}'")
+    return node
+
+
+def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, where: str) -> LoraWeight:
+    first = nodes[0]
+    nb = len(first.layout.group("b"))
+    scale = first.scale or 1.0  # the first's: the mixed trainable half combines with its frozen half
+    a = jnp.concatenate([(n.a * (c * n.scale / scale)).astype(first.a.dtype) for n, c in zip(nodes, weights)], axis=-1)
+    b = jnp.concatenate([n.b.astype(first.b.dtype) for n in nodes], axis=nb)  # b's rank axis follows its batch axes
+    if rank is None:
+        return first.replace(a=a, b=b, scale=scale)
+    batch, ins, outs = a.shape[:nb], a.shape[nb:-1], b.shape[nb + 1:]
+    summed, n_in, n_out = a.shape[-1], math.prod(ins), math.prod(outs)
+    most = min(summed, n_in, n_out)
+    if rank > most:
+        raise ValueError(f"jlora.mix: rank {rank} at '{where}' is more than the mixed update has ({most}: the ranks "
+                         f"summed, {summed}, or the kernel's in or out size); rank=None keeps it whole")
+    wide = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    flat_a = a.astype(wide).reshape(*batch, n_in, summed)
+    flat_b = b.astype(wide).reshape(*batch, summed, n_out)
+    q_a, r_a = jnp.linalg.qr(flat_a)  # a @ b = q_a (r_a r_bᵀ) q_bᵀ: an SVD of a small matrix
+    q_b, r_b = jnp.linalg.qr(jnp.swapaxes(flat_b, -1, -2))
+    u, s, vt = jnp.linalg.svd(r_a @ jnp.swapaxes(r_b, -1, -2), full_matrices=False)
+    root = jnp.sqrt(s[..., :rank])
+    new_a = (q_a @ u[..., :rank]) * root[..., None, :]
+    new_b = root[..., :, None] * (vt[..., :rank, :] @ jnp.swapaxes(q_b, -1, -2))
+    return first.replace(a=new_a.reshape(*batch, *ins, rank).astype(first.a.dtype),
+                         b=new_b.reshape(*batch, rank, *outs).astype(first.b.dtype), scale=scale)
+

@@ -1,0 +1,89 @@
+"""``jlora.mix``: adapters mixed into one, checked against the weighted sum of their materialised
+updates (and numpy's SVD of it, for a lower rank)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from oracle import normal, oracle_merge, random_lora
+
+KEY = jax.random.key(0)
+
+
+def delta(lw: jlora.LoraWeight) -> np.ndarray:
+    """The update an adapter adds, through the oracle: merged minus base."""
+    return np.asarray(oracle_merge({"k": lw})["k"] - lw.w, np.float64)
+
+
+def adapters(shape, layout, ranks):
+    return [random_lora(jax.random.fold_in(KEY, i), shape, layout, r).replace(scale=0.5 * (i + 1))
+            for i, r in enumerate(ranks)]
+
+
+@pytest.mark.parametrize("shape, layout", [((6, 5), "io"), ((5, 6), "oi"), ((3, 6, 5), "bio"),
+                                           ((3, 3, 4, 5), "iiio"), ((6, 2, 3), "ioo")])
+def test_mixed_adapters_add_their_weighted_updates_exactly(shape, layout):
+    parts = adapters(shape, layout, (2, 3))
+    mixed = jlora.mix([{"k": p} for p in parts], [0.7, -0.4])["k"]
+    assert mixed.rank == 5 and mixed.scale == parts[0].scale and mixed.w is parts[0].w
+    np.testing.assert_allclose(delta(mixed), 0.7 * delta(parts[0]) - 0.4 * delta(parts[1]), rtol=1e-5, atol=1e-6)
+    if layout == "io":  # and the mixed adapter runs as any adapter does
+        x = normal(KEY, (2, shape[0]))
+        np.testing.assert_allclose(jlora.apply(lambda p, x: x @ p["k"])({"k": mixed}, x),
+                                   x @ (parts[0].w + 0.7 * delta(parts[0]) - 0.4 * delta(parts[1])), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, layout", [((8, 6), "io"), ((2, 8, 6), "bio"), ((8, 2, 3), "ioo")])
+def test_a_lower_rank_is_the_closest_by_an_svd_and_the_full_one_exact(shape, layout):
+    parts = adapters(shape, layout, (2, 3))
+    want = 1.5 * delta(parts[0]) + 0.5 * delta(parts[1])
+    full = jlora.mix([{"k": p} for p in parts], [1.5, 0.5], rank=5)["k"]
+    np.testing.assert_allclose(delta(full), want, rtol=1e-5, atol=1e-5)
+    low = jlora.mix([{"k": p} for p in parts], [1.5, 0.5], rank=2)["k"]
+    assert low.rank == 2
+    nb = layout.count("b")
+    flat = want.reshape(*want.shape[:nb], -1, want.shape[-1]) if layout != "ioo" else want.reshape(shape[0], -1)
+    u, s, vt = np.linalg.svd(flat, full_matrices=False)
+    best = (u[..., :2] * s[..., None, :2]) @ vt[..., :2, :]
+    np.testing.assert_allclose(delta(low).reshape(best.shape), best, rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_halves_mix_and_combine_with_the_frozen_half():
+    base = {"q": {"kernel": normal(KEY, (8, 8))}, "head": {"kernel": jnp.ones((8, 2))}}
+    made = [jlora.lora_init(jax.random.key(i), base, jlora.LoraConfig(rank=r, alpha=8, targets=["q"]))
+            for i, r in enumerate((2, 4))]
+    made = [jax.tree.map(lambda x: x.replace(b=normal(KEY, x.b.shape)) if isinstance(x, jlora.LoraWeight) else x, p,
+                         is_leaf=lambda x: isinstance(x, jlora.LoraWeight)) for p in made]
+    halves = [jlora.split(p)[0] for p in made]
+    frozen = jlora.split(made[0])[1]
+    mixed = jlora.combine(jlora.mix(halves, jnp.array([0.5, 0.5])), frozen)
+    x = normal(KEY, (3, 8))
+    fn = lambda p, x: x @ p["q"]["kernel"] @ p["head"]["kernel"]
+    want = 0.5 * fn(jlora.merge(made[0]), x) + 0.5 * fn(jlora.merge(made[1]), x)
+    np.testing.assert_allclose(jlora.apply(fn)(mixed, x), want, rtol=1e-5, atol=1e-5)
+    traced = jax.jit(lambda w: jlora.mix(halves, w))(jnp.array([0.5, 0.5]))  # weights traced
+    np.testing.assert_allclose(traced["q"]["kernel"].a, jlora.mix(halves, [0.5, 0.5])["q"]["kernel"].a, rtol=1e-6)
+
+
+def test_what_does_not_mix_is_refused_by_name():
+    one, other = adapters((6, 5), "io", (2, 2))
+    with pytest.raises(ValueError, match="non-empty list"):
+        jlora.mix([], [])
+    with pytest.raises(ValueError, match=r"one number per adapter \(2\)"):
+        jlora.mix([{"k": one}, {"k": other}], [1.0])
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        jlora.mix([{"k": one}], [1.0], rank=0)
+    with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0"):
+        jlora.mix([{"k": one}, {"j": other}], [1.0, 1.0])
+    wide = random_lora(KEY, (6, 7), "io", 2)
+    with pytest.raises(ValueError, match=r"at 'k' adapter 1 adapts a kernel \(6, 7\) with layout 'io', adapter 0 a "
+                                         r"kernel \(6, 5\)"):
+        jlora.mix([{"k": one}, {"k": wide}], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"adapter 1 has no adapter at 'k' \(a frozen half\?\)"):
+        jlora.mix([{"k": one}, {"k": jlora.split({"k": other})[1]["k"]}], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"'b' is trained whole \(Trainable\), not an adapter"):
+        jlora.mix([{"k": one, "b": jlora.Trainable(jnp.ones(5))}] * 2, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"rank 6 at 'k' is more than the mixed update has \(4"):
+        jlora.mix([{"k": one}, {"k": other}], [1.0, 1.0], rank=6)
