@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import jlora
+from serve import report  # benchmarks/serve.py (this folder is on sys.path when run as a script)
 
 TARGETS = ("gate", "up", "down")
 FP8, BF16 = jnp.float8_e4m3fn, jnp.bfloat16
@@ -107,11 +108,8 @@ def main() -> None:
                    args.steps)
     theirs = measure(step_of(hand, tx), (trainable, tx.init(trainable), frozen, x), args.steps)
     np.testing.assert_allclose(ours[2], theirs[2], rtol=2e-2)
-    print(f"{args.layers} MLP blocks {d}x{f}, fp8 kernels with per-channel scales, rank {args.rank}, {args.tokens} tokens; "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-    for name, (scratch, ms, _) in (("jlora", ours), ("hand-written", theirs)):
-        print(f"{name:<14}scratch {scratch:8.1f} MiB, {ms:8.2f} ms")
-    print(f"x hand: scratch {ours[0] / theirs[0]:.2f}, time {ours[1] / theirs[1]:.2f}")
+    report(f"{args.layers} MLP blocks {d}x{f}, fp8 kernels with per-channel scales, rank {args.rank}, {args.tokens} tokens",
+           ours, theirs)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,13 @@ def main() -> None:
     ours = measure(served, stacked, xs, calls=args.calls)
     theirs = measure(lambda t, x: hand(t, frozen, x), stacked, xs, calls=args.calls)
     np.testing.assert_allclose(ours[2], theirs[2], rtol=2e-4, atol=2e-5)
-    print(f"{args.adapters} adapters (rank {args.rank}) over one {d}x{f} MLP block, {args.tokens} tokens a row; "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-    for name, (scratch, ms, _) in (("jlora", ours), ("hand-written", theirs)):
+    report(f"{args.adapters} adapters (rank {args.rank}) over one {d}x{f} MLP block, {args.tokens} tokens a row", ours, theirs)
+
+
+def report(title: str, ours: tuple, theirs: tuple) -> None:
+    """Print jlora's and the hand-written baseline's ``(scratch MiB, ms, ...)``, and their ratios."""
+    print(f"{title}; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for name, (scratch, ms, *_) in (("jlora", ours), ("hand-written", theirs)):
         print(f"{name:<14}scratch {scratch:8.1f} MiB, {ms:8.2f} ms")
     print(f"x hand: scratch {ours[0] / theirs[0]:.2f}, time {ours[1] / theirs[1]:.2f}")
 
