@@ -28,11 +28,16 @@ class Layout:
     """Per-axis ``(role, k)`` of a kernel; ``k`` orders the axes of one role inside ``a``/``b``.
 
     Example:
-        >>> Layout.parse("iio").group("i")
-        (0, 1)
+        >>> Layout.parse("iio").group("i"), Layout("iio") == Layout.parse("iio")
+        ((0, 1), True)
     """
 
     axes: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        """``Layout("iio")``: the letters parsed, as ``Layout.parse`` does; pairs taken as they are."""
+        if isinstance(self.axes, str):
+            object.__setattr__(self, "axes", Layout.parse(self.axes).axes)
 
     @classmethod
     def parse(cls, spec: "str | Layout") -> "Layout":

@@ -71,6 +71,17 @@ class NotAnArray:
                         "print it or read its fields (an NNX variable holding it: variable.get_value(), not "
                         "variable[...])")
 
+    def __eq__(self, other: Any) -> Any:
+        """``w == 0`` (a count of nonzeros, a mask) as any array use; a node is equal to itself only."""
+        if isinstance(other, (int, float, complex, jax.Array)) or hasattr(other, "__array__") and not isinstance(other, NotAnArray):
+            self._used_outside_apply()
+        return NotImplemented
+
+    def __ne__(self, other: Any) -> Any:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = object.__hash__
     __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rpow__ = _used_outside_apply
@@ -440,9 +451,25 @@ class LoraWeight(Lazy):
             >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
             (dtype(bfloat16), 2.0)
         """
+        half = "trainable" if self.w is None else "frozen" if self.a is None or self.b is None else None
+        if half is not None:
+            raise ValueError(f"LoraWeight {self.path!r} comes from the {half} half of jlora.split, which holds no "
+                             f"{'base weight' if half == 'trainable' else 'adapter'}: materialise "
+                             "jlora.combine(trainable, frozen)'s (jlora.merge)")
         w = materialized(self.w) if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
         delta = explicit.resharded_like(self.delta(over=w.dtype), w)
         return (w.astype(delta.dtype) + delta).astype(w.dtype)
+
+    @property
+    def sharding(self) -> Any:
+        """``w``'s sharding (``None`` where it has none): Flax's ``nnx.eval_shape`` under a mesh
+        reads it of a variable's value, and gives a value without one a plain array's place.
+
+        Example:
+            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).sharding.is_fully_replicated
+            True
+        """
+        return getattr(self.w, "sharding", None)
 
     def example(self) -> Any:
         """``w`` (a lazy base's example): its type, including the mesh axes it varies over.

@@ -10,12 +10,15 @@ def test_parse_groups_and_shapes():
     assert Layout.parse("oi").canonical_to_w() == (1, 0)
     assert str(Layout.parse("oi").permute((1, 0))) == "io"
     assert Layout.parse("iio").fan_in((2, 3, 4)) == 6
+    assert Layout("bio") == layout and str(Layout("bio")) == "bio"  # the letters, as the constructor's argument too
 
 
 @pytest.mark.parametrize("spec", ["ii", "oo", "iox", ""])
 def test_bad_layouts(spec):
     with pytest.raises(ValueError):
         Layout.parse(spec)
+    with pytest.raises(ValueError):
+        Layout(spec)
 
 
 def test_reshape_groups():

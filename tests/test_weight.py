@@ -115,7 +115,8 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
     uses = [lambda: jnp.ones((1, 4)) @ lw, lambda: lw @ jnp.ones((6,)), lambda: lw[0], lambda: jnp.asarray(lw),
             lambda: np.asarray(lw), lambda: 2 * lw, lambda: lw + 1, lambda: jax.jit(lambda w: w @ jnp.ones(6))(lw),
             lambda: lw < 0, lambda: abs(lw), lambda: float(lw), lambda: lw.sum(), lambda: jnp.sum(lw),
-            lambda: lw.transpose(), lambda: lw.squeeze(), lambda: lw.max()]  # HF's Conv1D: kernel.transpose()
+            lambda: lw.transpose(), lambda: lw.squeeze(), lambda: lw.max(),  # HF's Conv1D: kernel.transpose()
+            lambda: lw == 0, lambda: lw != 0, lambda: 0 == lw, lambda: jnp.sum(lw != 0)]  # not a silent False
     for use in uses:  # a model called on the LoRA tree without jlora.apply
         with pytest.raises(TypeError, match="LoraWeight at 'w' was used as an array outside jlora.apply: .*jlora.merge"):
             use()
@@ -123,6 +124,11 @@ def test_a_lora_weight_used_as_an_array_outside_apply_says_so():
         with pytest.raises(AttributeError, match="LoraWeight at 'w' was used as an array outside jlora.apply"):
             use()
     assert not hasattr(lw, "T")
+    assert lw == lw and lw != random_lora(jax.random.key(0), (4, 6), "io", 2) and lw in [lw] and {lw: 1}[lw] == 1
+    trainable, frozen = jlora.split({"w": lw})
+    for half, which, lacks in ((trainable, "trainable", "base weight"), (frozen, "frozen", "adapter")):
+        with pytest.raises(ValueError, match=f"'w' comes from the {which} half of jlora.split, which holds no {lacks}"):
+            half["w"].materialize()
     from flax import nnx
     layer = jlora.lora_init(jax.random.key(0), nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jlora.LoraConfig(rank=2))
     with pytest.raises(TypeError, match=r"To look at it, .*variable.get_value\(\), not variable\[...\]"):
@@ -237,3 +243,16 @@ def test_a_kind_without_shape_or_materialize_is_named(use):
     with pytest.raises(NotImplementedError, match=r"_NoMaterialize, a jlora.Lazy kind, defines no materialize\(\)"):
         _uses()[use]({"k": _NoMaterialize(jnp.ones((2, 2)))})
     assert not hasattr(_NoShape(jnp.ones(2)), "dtype")  # an AttributeError: hasattr answers
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="jax.set_mesh: JAX 0.7+")
+def test_nnx_eval_shape_under_a_mesh_keeps_the_adapters():
+    """Flax's abstract model for a sharded restore: it gives a variable's value without a
+    ``sharding`` an array's place, which dropped every adapter."""
+    from flax import nnx
+    create = lambda: jlora.lora_init(jax.random.key(1), nnx.Linear(8, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(rank=2))
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        abstract = nnx.eval_shape(create).kernel.get_value()
+    assert isinstance(abstract, jlora.LoraWeight) and abstract.a.shape == (8, 2) and abstract.b.shape == (2, 4)
+    lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
+    assert lw.sharding == lw.w.sharding and jlora.split({"w": lw})[0]["w"].sharding is None
