@@ -361,7 +361,6 @@ class Frame:
         self.done.add(i)
         return self.env[var]
 
-
     def _reaches_lazy(self, var: Any, depth: int) -> bool:
         """Whether ``var`` is a lazy value, or structural equations ``value`` would follow lead
         to one, without evaluating any."""
