@@ -214,8 +214,8 @@ def _source_context(eqn: Any) -> Any:
     return _source_info_util.user_context(info.traceback, name_stack=bases[-1] + info.name_stack)
 
 
-try:
-    from jax._src import source_info_util as _source_info_util
+try:  # public in jax.extend from JAX 0.4.x through 0.11 (the same functions as JAX's own module)
+    from jax.extend import source_info_util as _source_info_util
 except ImportError:  # moved: the ops lose their scope names, nothing else
     _source_info_util = None
 
