@@ -309,10 +309,13 @@ def abstractify(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
-# A mutable array (jax.new_ref and jax.Ref from JAX 0.7; jax.experimental.mutable_array's
-# MutableArray before): an argument jax.jit traces, as an array.
-_SRC_CORE = getattr(getattr(jax, "_src", None), "core", None)  # None if moved: then no Ref is told apart
-Ref = tuple(getattr(_SRC_CORE, name) for name in ("Ref", "MutableArray") if hasattr(_SRC_CORE, name))
+# A mutable array (jax.new_ref and the public jax.Ref from JAX 0.7; jax.experimental.mutable_array's
+# MutableArray, a class of jax._src.core only, before): an argument jax.jit traces, as an array.
+if hasattr(jax, "Ref"):
+    Ref: tuple = (jax.Ref,)
+else:  # JAX 0.6: if jax._src.core moved, no Ref is told apart
+    _SRC_CORE = getattr(getattr(jax, "_src", None), "core", None)
+    Ref = tuple(getattr(_SRC_CORE, name) for name in ("Ref", "MutableArray") if hasattr(_SRC_CORE, name))
 
 
 def is_ref(x: Any) -> bool:
