@@ -347,14 +347,13 @@ def trace_state() -> Any:
 
 
 def eager() -> bool:
-    """Whether code runs outside every trace (no ``jit``, ``vmap``, ``grad`` around it). JAX has
-    no public test; ``jax._src.core.trace_state_clean`` (JAX 0.4.1 to at least 0.11) is it, and
-    without it every call counts as traced (``apply`` then interprets eagerly, as it did before)."""
-    try:
-        from jax._src.core import trace_state_clean
-    except ImportError:
-        return False
-    return trace_state_clean()
+    """Whether code runs outside every trace (no ``jit``, ``vmap``, ``grad`` around it): the trace
+    state is the one jlora was imported under (JAX has no public test of its own). Imported inside
+    a trace, every call counts as traced (``apply`` then interprets eagerly: slower, the same values)."""
+    return trace_state() == _IMPORTED_UNDER
+
+
+_IMPORTED_UNDER = trace_state()
 
 
 def current_mesh() -> Any:
