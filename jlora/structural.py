@@ -141,8 +141,16 @@ def scalar_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     if scaling is None:
         return _channel_rule(ctx, eqn, invals)
     lw, c = scaling
-    b = lw.b * c if eqn.primitive is _compat.mul_p else lw.b / c
-    return [lw.replace(w=bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0], b=b.astype(lw.b.dtype))]
+    b = _scaled_by(lw.b, c, eqn.primitive is _compat.div_p)
+    return [lw.replace(w=bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0], b=b)]
+
+
+def _scaled_by(x: jax.Array, c: Any, divide: bool) -> jax.Array:
+    """``x·c`` (``x/c``) in ``x``'s dtype; an 8-bit float scale cast to ``x``'s first (JAX
+    promotes none implicitly)."""
+    if narrow_float(jnp.result_type(c)):
+        c = jnp.asarray(c).astype(x.dtype)
+    return (x / c if divide else x * c).astype(x.dtype)
 
 
 def _channel_rule(ctx: Context, eqn: Any, invals: list) -> Any:
@@ -157,17 +165,16 @@ def _channel_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return NotImplemented  # the kernel itself broadcast: no longer a kernel of its shape
     # JAX broadcasts size-1 axes in the op itself (``w * s[None, :]``); older JAX spreads first
     c = other if np.shape(other) != lw.shape else _per_channel(ctx, eqn.invars[1 - pos])
-    if c is None:
-        return NotImplemented
+    if c is None or np.ndim(c) == 0 or jnp.iscomplexobj(c):
+        return NotImplemented  # a complex scale on real factors would lose its imaginary part
     varying = {ax for ax, n in enumerate(c.shape) if n != 1}
     roles = {lw.layout.axes[ax][0] for ax in varying}
     for factor, where, allowed in (("b", lw.layout.factor_axes()[1], {"b", "o"}), ("a", lw.layout.factor_axes()[0], {"b", "i"})):
         if roles <= allowed:
             x = getattr(lw, factor)
-            on_x = _on_factor(c, where, x.ndim)
-            scaled = x * on_x if eqn.primitive is _compat.mul_p else x / on_x
+            scaled = _scaled_by(x, _on_factor(c, where, x.ndim), eqn.primitive is _compat.div_p)
             w = bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0]
-            return [lw.replace(w=w, **{factor: explicit.resharded_like(scaled.astype(x.dtype), x)})]
+            return [lw.replace(w=w, **{factor: explicit.resharded_like(scaled, x)})]
     return NotImplemented
 
 

@@ -79,6 +79,33 @@ def test_a_learned_per_channel_gain_gets_its_gradient_from_both_terms():
     check_against_oracle(lambda p, x: jnp.tanh(x @ (p["w"] * p["gain"])), params, normal(jax.random.key(2), (3, 4)))
 
 
+def test_an_8_bit_float_scale_stays_factored():
+    """fp8 times fp8 (JAX promotes no fp8 implicitly): the scale is cast to the factor's dtype."""
+    lw = random_lora(jax.random.key(0), (5, 4), "io", 2)
+    lw = lw.replace(w=lw.w.astype(jnp.float8_e4m3fn))
+    scale = jnp.array([2.0, 1.0, 4.0, 1.0], jnp.float8_e4m3fn)  # exact in fp8, as is their product with w
+    x = normal(jax.random.key(1), (2, 5))
+    for times in (lambda w, s: w * s[None, :], lambda w, s: w * s[0]):
+        fn = lambda p, s, x: x @ times(p["w"], s).astype(jnp.float32)
+        whole = lw.w.astype(jnp.float32) + lw.scale * lw.a @ lw.b  # in f32: the path keeps the update unrounded
+        np.testing.assert_allclose(jlora.apply(fn)({"w": lw}, scale, x), x @ times(whole, scale.astype(jnp.float32)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_complex_scale_of_real_factors_is_exact():
+    """A complex per-channel or scalar scale of a complex kernel with real factors: made whole, as
+    the factors cannot hold it."""
+    lw = random_lora(jax.random.key(0), (5, 4), "io", 2)
+    lw = lw.replace(w=lw.w.astype(jnp.complex64) * (1 + 1j))
+    x = normal(jax.random.key(1), (2, 5)).astype(jnp.complex64)
+    for scale in (jnp.arange(1, 5) * (1 + 2j), jnp.complex64(1 + 2j)):
+        fn = lambda p, s, x: x @ (p["w"] * s)
+        jlora.lazy.reset_warnings()  # each is said
+        with pytest.warns(jlora.MaterializeWarning, match="'w' materialised at 'mul'"):
+            got = jlora.apply(fn)({"w": lw}, scale.astype(jnp.complex64), x)
+        np.testing.assert_allclose(got, fn(oracle_merge({"w": lw}), scale.astype(jnp.complex64), x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_kernel_scaled_along_inputs_and_outputs_falls_back():
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     scale = jnp.arange(1.0, 25.0).reshape(4, 6)
