@@ -40,10 +40,13 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
         raise ValueError(f"jlora.mix: rank must be a positive int, or None for the ranks summed; got {rank!r}")
     flat = [jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node) for tree in adapters]
     treedef = flat[0][1]
-    for i, (_, other) in enumerate(flat[1:], 1):
+    for i, (leaves, other) in enumerate(flat[1:], 1):
         if other != treedef:
-            raise ValueError(f"jlora.mix: adapter {i} has another structure than adapter 0 (adapters at other params?): "
-                             "mix takes adapters made for one base with the same targets")
+            paths = [{path_str(p) for p, _ in found} for found in (flat[0][0], leaves)]
+            differ = sorted(paths[0] ^ paths[1])
+            raise ValueError(f"jlora.mix: adapter {i} has another structure than adapter 0"
+                             + (f", at '{differ[0]}'" if differ else "") + " (made with other targets?): mix takes "
+                             "adapters made for one base with the same targets")
     out = []
     for j, (path, first) in enumerate(flat[0][0]):
         nodes = [leaves[j][1] for leaves, _ in flat]
@@ -54,15 +57,19 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
         if not isinstance(first, LoraWeight):
             out.append(first)
             continue
-        out.append(_mixed([_checked(n, first, i, where) for i, n in enumerate(nodes)], weights, rank, where))
+        fitted = [_checked(n, first, i, where) for i, n in enumerate(nodes)]
+        out.append(first.replace(**_mixed(fitted, weights, rank, where)))  # first's layout: a stack's stays its own
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _checked(node: Any, first: LoraWeight, i: int, where: str) -> LoraWeight:
     """``node`` (adapter ``i``'s at ``where``) fitted to its arrays, refused where it is no adapter
     of the same kernel as ``first``."""
-    if not isinstance(node, LoraWeight) or node.a is None or node.b is None:
-        raise ValueError(f"jlora.mix: adapter {i} has no adapter at '{where}' (a frozen half?)")
+    if not isinstance(node, LoraWeight):
+        raise ValueError(f"jlora.mix: adapter {i} has no adapter at '{where}', adapter 0 has one (made with other "
+                         "targets?)")
+    if node.a is None or node.b is None:
+        raise ValueError(f"jlora.mix: adapter {i} has no factors at '{where}' (the frozen half of jlora.split?)")
     node, first = node.fitted(), first.fitted()
     kernel = lambda lw: lw.layout.w_shape(lw.a.shape[:-1] + (1,), lw.b.shape)  # rank 1: the kernel's shape
     if node.layout != first.layout or kernel(node) != kernel(first):
@@ -71,14 +78,15 @@ def _checked(node: Any, first: LoraWeight, i: int, where: str) -> LoraWeight:
     return node
 
 
-def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, where: str) -> LoraWeight:
+def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, where: str) -> dict[str, Any]:
+    """The mixed adapter's ``a``, ``b`` and ``scale``, of ``nodes`` fitted to their arrays."""
     first = nodes[0]
     nb = len(first.layout.group("b"))
     scale = first.scale or 1.0  # the first's: the mixed trainable half combines with its frozen half
     a = jnp.concatenate([(n.a * (c * n.scale / scale)).astype(first.a.dtype) for n, c in zip(nodes, weights)], axis=-1)
     b = jnp.concatenate([n.b.astype(first.b.dtype) for n in nodes], axis=nb)  # b's rank axis follows its batch axes
     if rank is None:
-        return first.replace(a=a, b=b, scale=scale)
+        return {"a": a, "b": b, "scale": scale}
     batch, ins, outs = a.shape[:nb], a.shape[nb:-1], b.shape[nb + 1:]
     summed, n_in, n_out = a.shape[-1], math.prod(ins), math.prod(outs)
     most = min(summed, n_in, n_out)
@@ -94,6 +102,6 @@ def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, wh
     root = jnp.sqrt(s[..., :rank])
     new_a = (q_a @ u[..., :rank]) * root[..., None, :]
     new_b = root[..., :, None] * (vt[..., :rank, :] @ jnp.swapaxes(q_b, -1, -2))
-    return first.replace(a=new_a.reshape(*batch, *ins, rank).astype(first.a.dtype),
-                         b=new_b.reshape(*batch, rank, *outs).astype(first.b.dtype), scale=scale)
+    return {"a": new_a.reshape(*batch, *ins, rank).astype(first.a.dtype),
+            "b": new_b.reshape(*batch, rank, *outs).astype(first.b.dtype), "scale": scale}
 

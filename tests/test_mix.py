@@ -67,6 +67,21 @@ def test_trainable_halves_mix_and_combine_with_the_frozen_half():
     np.testing.assert_allclose(traced["q"]["kernel"].a, jlora.mix(halves, [0.5, 0.5])["q"]["kernel"].a, rtol=1e-6)
 
 
+def test_stacked_adapters_mix_member_by_member_and_keep_their_layout():
+    """A stack to serve (``jlora.stack``): each member mixed with its own, the node's layout kept,
+    so the mix still combines with the frozen half under ``vmap``."""
+    lws = adapters((6, 5), "io", (2, 2, 2))
+    trainable = [jlora.split({"k": lw.replace(scale=0.5)})[0] for lw in lws]
+    frozen = jlora.split({"k": lws[0].replace(scale=0.5)})[1]
+    stacked = jlora.stack(trainable)
+    mixed = jlora.mix([stacked, stacked], [0.25, 0.5])
+    assert mixed["k"].layout == stacked["k"].layout and mixed["k"].a.shape == (3, 6, 4)
+    x = normal(KEY, (3, 2, 6))
+    run = jax.vmap(lambda t, x: jlora.apply(lambda p, x: x @ p["k"])(jlora.combine(t, frozen), x))
+    want = jnp.stack([x[i] @ (frozen["k"].w + 0.75 * delta(lw.replace(scale=0.5))) for i, lw in enumerate(lws)])
+    np.testing.assert_allclose(run(mixed, x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_what_does_not_mix_is_refused_by_name():
     one, other = adapters((6, 5), "io", (2, 2))
     with pytest.raises(ValueError, match="non-empty list"):
@@ -75,13 +90,15 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}, {"k": other}], [1.0])
     with pytest.raises(ValueError, match="rank must be a positive int"):
         jlora.mix([{"k": one}], [1.0], rank=0)
-    with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0"):
+    with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0, at 'j'"):
         jlora.mix([{"k": one}, {"j": other}], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1 has no adapter at 'k', adapter 0 has one"):
+        jlora.mix([{"k": one}, {"k": jnp.ones((6, 5))}], [1.0, 1.0])
     wide = random_lora(KEY, (6, 7), "io", 2)
     with pytest.raises(ValueError, match=r"at 'k' adapter 1 adapts a kernel \(6, 7\) with layout 'io', adapter 0 a "
                                          r"kernel \(6, 5\)"):
         jlora.mix([{"k": one}, {"k": wide}], [1.0, 1.0])
-    with pytest.raises(ValueError, match=r"adapter 1 has no adapter at 'k' \(a frozen half\?\)"):
+    with pytest.raises(ValueError, match=r"adapter 1 has no factors at 'k' \(the frozen half of jlora.split\?\)"):
         jlora.mix([{"k": one}, {"k": jlora.split({"k": other})[1]["k"]}], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"'b' is trained whole \(Trainable\), not an adapter"):
         jlora.mix([{"k": one, "b": jlora.Trainable(jnp.ones(5))}] * 2, [1.0, 1.0])
