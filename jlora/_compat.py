@@ -356,6 +356,16 @@ def eager() -> bool:
 _IMPORTED_UNDER = trace_state()
 
 
+def replicated_on_set_mesh() -> Any:
+    """A replicated ``NamedSharding`` on the (abstract) mesh ``jax.set_mesh`` set, or ``None``
+    where none is set (``jax.sharding.get_abstract_mesh``: JAX 0.5+)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = None if get is None else get()
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def current_mesh() -> Any:
     """The mesh ``jax.set_mesh`` set (JAX 0.7+), or ``None``: before 0.7 there is none to set."""
     get_mesh = getattr(jax.sharding, "get_mesh", None)  # JAX 0.8+

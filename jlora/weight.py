@@ -462,14 +462,13 @@ class LoraWeight(Lazy):
 
     @property
     def sharding(self) -> Any:
-        """``w``'s sharding (``None`` where it has none): Flax's ``nnx.eval_shape`` under a mesh
-        reads it of a variable's value, and gives a value without one a plain array's place.
+        """``w``'s sharding (see ``sharding_of``).
 
         Example:
             >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).sharding.is_fully_replicated
             True
         """
-        return getattr(self.w, "sharding", None)
+        return sharding_of(self.w)
 
     def example(self) -> Any:
         """``w`` (a lazy base's example): its type, including the mesh axes it varies over.
@@ -631,10 +630,29 @@ class Trainable(NotAnArray):
     def dtype(self) -> Any:
         return self.value.dtype
 
+    @property
+    def sharding(self) -> Any:
+        """The value's sharding (see ``sharding_of``)."""
+        return sharding_of(self.value)
+
     def __repr__(self) -> str:
         return f"Trainable({_shape_str(self.value)})"
 
     describe = __repr__
+
+
+def sharding_of(x: Any) -> Any:
+    """``x``'s sharding; where it has none (an abstract value, inside ``jax.eval_shape``) and
+    ``jax.set_mesh`` set a mesh, a replicated one there; else ``None``. Flax's ``nnx.eval_shape``
+    under a mesh reads a variable's value's ``sharding`` and gives a value without one an array's
+    place: a node's adapters (a ``Trainable``'s wrapper) would be dropped from the abstract model.
+
+    Example:
+        >>> sharding_of(None) is None
+        True
+    """
+    found = getattr(x, "sharding", None)
+    return found if found is not None or x is None else _compat.replicated_on_set_mesh()
 
 
 class MaterializeMismatch(TypeError):

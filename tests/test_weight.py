@@ -250,9 +250,13 @@ def test_nnx_eval_shape_under_a_mesh_keeps_the_adapters():
     """Flax's abstract model for a sharded restore: it gives a variable's value without a
     ``sharding`` an array's place, which dropped every adapter."""
     from flax import nnx
-    create = lambda: jlora.lora_init(jax.random.key(1), nnx.Linear(8, 4, rngs=nnx.Rngs(0)), jlora.LoraConfig(rank=2))
-    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-        abstract = nnx.eval_shape(create).kernel.get_value()
-    assert isinstance(abstract, jlora.LoraWeight) and abstract.a.shape == (8, 2) and abstract.b.shape == (2, 4)
+    create = lambda: jlora.lora_init(jax.random.key(1), nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
+                                     jlora.LoraConfig(rank=2, trainable=["bias"]))
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):  # jlora.sharding.make_mesh's Auto
+        with jax.set_mesh(jax.make_mesh((1,), ("data",), axis_types=(axis_type,))):
+            abstract = nnx.eval_shape(create)
+        lw = abstract.kernel.get_value()
+        assert isinstance(lw, jlora.LoraWeight) and lw.a.shape == (8, 2) and lw.b.shape == (2, 4), axis_type
+        assert isinstance(abstract.bias.get_value(), jlora.Trainable), axis_type
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     assert lw.sharding == lw.w.sharding and jlora.split({"w": lw})[0]["w"].sharding is None
