@@ -229,7 +229,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     check_saveable("jlora.peft.save_adapter", params)
     here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
-    params, stats = _module_params(params)[0], _batch_stats(params)
+    whole_tree, params = params, _module_params(params)[0]
     entries = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=is_param)]  # a quantized kernel: one leaf
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
@@ -255,7 +255,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
                          "tree, jlora.combine(trainable, frozen)")
-    normed = [m for m in stats if in_saved(m + "/scale")]
+    normed = _batch_norms(whole_tree, sorted({p.rsplit("/", 1)[0] for p, _ in entries if in_saved(p)}), hf_config)
     if normed:
         raise ValueError(f"jlora.peft.save_adapter: '{normed[0]}' keeps running statistics (batch_stats: a batch norm), "
                          "and PEFT loads a module saved whole (modules_to_save) with them, which jlora's adapters do not "
@@ -348,16 +348,27 @@ def _module_params(tree: Any) -> tuple[Any, Any]:
     return tree, lambda inner: inner
 
 
-def _batch_stats(tree: Any) -> list[str]:
-    """The modules (PyTorch-style paths) that keep running statistics in ``tree``'s ``batch_stats``.
+# HF's Flax models with batch norms, and their norms' module name: where the params come without
+# their batch_stats, how a saved module is told to be one.
+BATCH_NORMS = {"resnet": "normalization", "regnet": "normalization"}
+
+
+def _batch_norms(tree: Any, modules: Sequence[str], hf_config: Any) -> list[str]:
+    """The batch norms among ``modules`` (PyTorch-style paths): those with running statistics in
+    ``tree``'s ``batch_stats``, or named as ``hf_config``'s model type names its batch norms.
 
     Example:
-        >>> _batch_stats({"params": {}, "batch_stats": {"bn": {"mean": 0, "var": 1}}})
+        >>> from transformers import ResNetConfig
+        >>> _batch_norms({"params": {}, "batch_stats": {"bn": {"mean": 0, "var": 1}}}, ["bn", "fc"], ResNetConfig())
         ['bn']
+        >>> _batch_norms({}, ["embedder/embedder/normalization"], ResNetConfig())
+        ['embedder/embedder/normalization']
     """
-    if not (isinstance(tree, collections.abc.Mapping) and "params" in tree and "batch_stats" in tree):
-        return []
-    return sorted({_torch_style(p).rsplit("/", 1)[0] for p, _ in leaves_with_paths(tree["batch_stats"])})
+    stats = set()
+    if isinstance(tree, collections.abc.Mapping) and "params" in tree and "batch_stats" in tree:
+        stats = {_torch_style(p).rsplit("/", 1)[0] for p, _ in leaves_with_paths(tree["batch_stats"])}
+    named = lambda m: m.rsplit("/", 1)[-1] == BATCH_NORMS.get(_model_type(hf_config, m.replace("/", ".")))
+    return sorted(m for m in modules if m in stats or named(m))
 
 
 def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], trained: Sequence[str]) -> str | None:
