@@ -176,7 +176,7 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     config = preset_config(model.config.model_type, config)
     if params is not None:  # refused here, not by Flax inside the trace: another model's, or more than the model's
         try:
-            _check_fits("jlora.hf.lora_init", model, params)
+            _check_fits("jlora.hf.lora_init", model, params, whole=True)  # the trace reads every param
         except ValueError as err:
             raise ValueError(f"{err}; params beyond the model's (a value head beside it): jlora.lora_init(key, params, "
                              "config, infer_layout=f), f a function of them that runs your whole model") from None
