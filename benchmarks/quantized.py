@@ -7,7 +7,7 @@ adapters on all three kernels, bf16 activations, Adam on the adapters. jlora: th
 is, under ``jlora.apply``. Baseline, in the same run: the same step written by hand with the scale
 folded into the adapter, ``x @ (w·C) + scale·(x@a)@(b·c)``. Prints, for each, the compiled step's
 scratch memory (``memory_analysis().temp_size_in_bytes``) and time (least of ``--steps``), and
-jlora's ratios to the baseline; the losses are checked to agree first.
+jlora's ratios to the baseline; the first losses are checked to agree.
 
     python benchmarks/quantized.py
     python benchmarks/quantized.py --layers 8 --tokens 4096

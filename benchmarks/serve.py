@@ -6,7 +6,7 @@ adapters' trainable halves stacked (``jlora.stack``) and ``jax.vmap`` over them 
 ``jlora.apply``, with one frozen half. Baseline, in the same run: the same block written by hand,
 ``x@w + scale·(x@a_i)@b_i`` per row with the base matmul shared. Prints, for each, the compiled
 call's scratch memory (``memory_analysis().temp_size_in_bytes``) and time (least of ``--calls``),
-and jlora's ratios to the baseline; outputs are checked to agree first.
+and jlora's ratios to the baseline; the outputs are checked to agree.
 
     python benchmarks/serve.py
     python benchmarks/serve.py --adapters 32 --tokens 256

@@ -35,9 +35,11 @@ class Layout:
     axes: tuple[tuple[str, int], ...]
 
     def __post_init__(self) -> None:
-        """``Layout("iio")``: the letters parsed, as ``Layout.parse`` does; pairs taken as they are."""
-        if isinstance(self.axes, str):
-            object.__setattr__(self, "axes", Layout.parse(self.axes).axes)
+        """``Layout("iio")``: the letters parsed, as ``Layout.parse`` does (a ``Layout`` taken as
+        it is); pairs as a tuple of tuples (hashable)."""
+        axes = self.axes
+        axes = Layout.parse(axes).axes if isinstance(axes, (str, Layout)) else tuple(tuple(pair) for pair in axes)
+        object.__setattr__(self, "axes", axes)
 
     @classmethod
     def parse(cls, spec: "str | Layout") -> "Layout":

@@ -11,6 +11,7 @@ def test_parse_groups_and_shapes():
     assert str(Layout.parse("oi").permute((1, 0))) == "io"
     assert Layout.parse("iio").fan_in((2, 3, 4)) == 6
     assert Layout("bio") == layout and str(Layout("bio")) == "bio"  # the letters, as the constructor's argument too
+    assert Layout(layout) == layout and hash(Layout([["b", 0], ["i", 0], ["o", 0]])) == hash(layout)
 
 
 @pytest.mark.parametrize("spec", ["ii", "oo", "iox", ""])
