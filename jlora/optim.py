@@ -149,10 +149,12 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
     real = not isinstance(ratio, bool) and (isinstance(ratio, numbers.Real) or (
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
-    if not real or not (_compat.is_tracer(ratio) or 0 < float(ratio) < math.inf):
+    f32 = np.finfo(np.float32)  # the updates' dtype: a ratio outside its range is 0 or inf there
+    if not real or not (_compat.is_tracer(ratio) or f32.tiny <= float(ratio) <= f32.max):
         schedule = (" (to schedule it, wrap the optimizer: optax.inject_hyperparams(jlora.optimizer, "
                     "static_args=('tx',))(tx, params, b_lr_ratio=schedule))" if callable(ratio) else "")
-        raise ValueError(f"{name} must be a finite number > 0, got {ratio!r}{schedule}")
+        bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < float(ratio) < math.inf else ""
+        raise ValueError(f"{name} must be a finite number > 0{bounds}, got {ratio!r}{schedule}")
     return ratio if dtype is not None else float(ratio)
 
 

@@ -156,6 +156,9 @@ def test_bad_input():
     for ratio in (0, -1.0, float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="b_lr_ratio"):
             jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
+    for ratio in (1e300, 1e-50):  # inf and 0 in the updates' float32
+        with pytest.raises(ValueError, match=r"b_lr_ratio must be a finite number > 0 \(within float32's range"):
+            jlora.optimizer(optax.sgd(1.0), b_lr_ratio=ratio)
     with pytest.raises(ValueError, match="tx must be an optax transformation"):
         jlora.optimizer(optax.sgd, b_lr_ratio=2.0)
     jlora.optimizer(optax.sgd(1.0), b_lr_ratio=np.float32(4.0))  # numpy scalars are numbers
