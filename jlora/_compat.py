@@ -348,12 +348,21 @@ def trace_state() -> Any:
 
 def eager() -> bool:
     """Whether code runs outside every trace (no ``jit``, ``vmap``, ``grad`` around it): the trace
-    state is the one jlora was imported under (JAX has no public test of its own). Imported inside
-    a trace, every call counts as traced (``apply`` then interprets eagerly: slower, the same values)."""
-    return trace_state() == _IMPORTED_UNDER
+    state is a new thread's, which starts outside every trace (JAX has no public test of its own)."""
+    return trace_state() == _TOP_LEVEL
 
 
-_IMPORTED_UNDER = trace_state()
+def _top_level_state() -> Any:
+    """The trace state outside every trace, read in a new thread: right even where jlora is first
+    imported inside a traced function."""
+    found: list = []
+    reader = threading.Thread(target=lambda: found.append(trace_state()))
+    reader.start()
+    reader.join()
+    return found[0]
+
+
+_TOP_LEVEL = _top_level_state()
 
 
 def replicated_on_set_mesh() -> Any:

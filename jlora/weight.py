@@ -642,17 +642,20 @@ class Trainable(NotAnArray):
 
 
 def sharding_of(x: Any) -> Any:
-    """``x``'s sharding; where it has none (an abstract value, inside ``jax.eval_shape``) and
-    ``jax.set_mesh`` set a mesh, a replicated one there; else ``None``. Flax's ``nnx.eval_shape``
-    under a mesh reads a variable's value's ``sharding`` and gives a value without one an array's
-    place: a node's adapters (a ``Trainable``'s wrapper) would be dropped from the abstract model.
+    """``x``'s sharding (``None`` for a tracer: its type has it); for an abstract value without
+    one (a ``ShapeDtypeStruct`` from ``jax.eval_shape``) where ``jax.set_mesh`` set a mesh, a
+    replicated one there. Flax's ``nnx.eval_shape`` under a mesh reads a variable's value's
+    ``sharding`` and gives a value without one an array's place: a node's adapters (a
+    ``Trainable``'s wrapper) would be dropped from the abstract model.
 
     Example:
-        >>> sharding_of(None) is None
-        True
+        >>> sharding_of(None) is None, sharding_of(jax.ShapeDtypeStruct((2,), jnp.float32)) is None
+        (True, True)
     """
-    found = getattr(x, "sharding", None)
-    return found if found is not None or x is None else _compat.replicated_on_set_mesh()
+    found = getattr(x, "sharding", None)  # a tracer's raises: None
+    if found is None and isinstance(x, jax.ShapeDtypeStruct):
+        return _compat.replicated_on_set_mesh()
+    return found
 
 
 class MaterializeMismatch(TypeError):

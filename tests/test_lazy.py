@@ -1021,6 +1021,21 @@ def test_an_eager_call_compiles_once_per_input_signature(caplog):
     assert weight is params["k"] and same_x is x  # inputs returned come back as themselves
 
 
+def test_outside_every_trace_is_told_wherever_jlora_was_first_imported():
+    """The top-level trace state is read in a new thread: read inside a trace (jlora first imported
+    inside a jitted function), it is still the top level's, so eager calls still run compiled."""
+    from jlora import _compat
+
+    seen = {}
+
+    def traced(x):
+        seen["top"], seen["eager"] = _compat._top_level_state(), _compat.eager()
+        return x
+
+    jax.jit(traced)(1.0)
+    assert seen["top"] == _compat.trace_state() and _compat.eager() and not seen["eager"]
+
+
 def test_a_lazy_kind_that_reads_its_values_runs_eagerly_outside_jit():
     """A kind whose materialize is host code (numpy) cannot be compiled: an eager call, which
     runs compiled where it can, evaluates it eagerly again."""

@@ -260,3 +260,7 @@ def test_nnx_eval_shape_under_a_mesh_keeps_the_adapters():
         assert isinstance(abstract.bias.get_value(), jlora.Trainable), axis_type
     lw = random_lora(jax.random.key(0), (4, 6), "io", 2)
     assert lw.sharding == lw.w.sharding and jlora.split({"w": lw})[0]["w"].sharding is None
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
+        seen = []  # a tracer's type has its sharding: nothing made up for it
+        jax.jit(lambda lw: seen.append(lw.sharding) or lw.w)(lw)
+    assert seen == [None]
