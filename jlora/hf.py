@@ -178,8 +178,14 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
         try:
             _check_fits("jlora.hf.lora_init", model, params, whole=True)  # the trace reads every param
         except ValueError as err:
-            raise ValueError(f"{err}; params beyond the model's (a value head beside it): jlora.lora_init(key, params, "
-                             "config, infer_layout=f), f a function of them that runs your whole model") from None
+            hints = []
+            if "missing" in str(err):  # a task model's head, absent from a base model's checkpoint
+                hints.append("a task model made with _do_init=False from a base model's weights: initialise the "
+                             "missing ones first, model.init_weights(key, model.input_shape, params=params)")
+            if "are no params of the model" in str(err):
+                hints.append("params beyond the model's (a value head beside it): jlora.lora_init(key, params, "
+                             "config, infer_layout=f), f a function of them that runs your whole model")
+            raise ValueError("; ".join([str(err), *hints])) from None
     params = model.params if params is None else params
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Sequence
 
 ROLES = ("b", "i", "o")
@@ -38,7 +39,15 @@ class Layout:
         """``Layout("iio")``: the letters parsed, as ``Layout.parse`` does (a ``Layout`` taken as
         it is); pairs as a tuple of tuples (hashable)."""
         axes = self.axes
-        axes = Layout.parse(axes).axes if isinstance(axes, (str, Layout)) else tuple(tuple(pair) for pair in axes)
+        if isinstance(axes, (str, Layout)):
+            axes = Layout.parse(axes).axes
+        else:
+            pairs = tuple(axes) if isinstance(axes, (tuple, list)) else None
+            if pairs is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and p[0] in ROLES
+                                        and isinstance(p[1], numbers.Integral) for p in pairs):
+                raise ValueError(f"Layout takes the letters of its axes ('io', 'bio') or (role, k) pairs "
+                                 f"((('i', 0), ('o', 0))); got {axes!r}")
+            axes = tuple((role, int(k)) for role, k in pairs)
         object.__setattr__(self, "axes", axes)
 
     @classmethod
@@ -51,6 +60,8 @@ class Layout:
         """
         if isinstance(spec, Layout):
             return spec
+        if isinstance(spec, (tuple, list)):  # (role, k) pairs
+            return cls(spec)
         if not isinstance(spec, str):
             raise ValueError(f"layout {spec!r}: use a string of one letter per kernel axis, e.g. 'io', 'oi', 'iio', 'bio'")
         letters = spec.replace(",", "").replace(" ", "")

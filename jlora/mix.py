@@ -45,8 +45,9 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
             paths = [{path_str(p) for p, _ in found} for found in (flat[0][0], leaves)]
             differ = sorted(paths[0] ^ paths[1])
             raise ValueError(f"jlora.mix: adapter {i} has another structure than adapter 0"
-                             + (f", at '{differ[0]}'" if differ else "") + " (made with other targets?): mix takes "
-                             "adapters made for one base with the same targets")
+                             + (f", at '{differ[0]}'" if differ else "") + " (made with other targets, or a half of "
+                             "jlora.split beside a whole tree?): mix takes adapters of one kind, made for one base "
+                             "with the same targets")
     out = []
     for j, (path, first) in enumerate(flat[0][0]):
         nodes = [leaves[j][1] for leaves, _ in flat]
@@ -55,6 +56,10 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
             raise ValueError(f"jlora.mix: '{where}' is trained whole (Trainable), not an adapter: mix the adapters "
                              "without it (jlora.split's trainable half with it set to None), and its values as you mean to")
         if not isinstance(first, LoraWeight):
+            extra = next((i for i, n in enumerate(nodes) if isinstance(n, LoraWeight)), None)
+            if extra is not None:
+                raise ValueError(f"jlora.mix: adapter {extra} has an adapter at '{where}', adapter 0 has none (made "
+                                 "with other targets?)")
             out.append(first)
             continue
         fitted = [_checked(n, first, i, where) for i, n in enumerate(nodes)]

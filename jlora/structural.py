@@ -165,13 +165,15 @@ def _channel_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return NotImplemented  # the kernel itself broadcast: no longer a kernel of its shape
     # JAX broadcasts size-1 axes in the op itself (``w * s[None, :]``); older JAX spreads first
     c = other if np.shape(other) != lw.shape else _per_channel(ctx, eqn.invars[1 - pos])
-    if c is None or np.ndim(c) == 0 or jnp.iscomplexobj(c):
-        return NotImplemented  # a complex scale on real factors would lose its imaginary part
+    if c is None or np.ndim(c) == 0:
+        return NotImplemented
     varying = {ax for ax, n in enumerate(c.shape) if n != 1}
     roles = {lw.layout.axes[ax][0] for ax in varying}
     for factor, where, allowed in (("b", lw.layout.factor_axes()[1], {"b", "o"}), ("a", lw.layout.factor_axes()[0], {"b", "i"})):
         if roles <= allowed:
             x = getattr(lw, factor)
+            if jnp.iscomplexobj(c) and not jnp.iscomplexobj(x):
+                return NotImplemented  # real factors would lose the scale's imaginary part
             scaled = _scaled_by(x, _on_factor(c, where, x.ndim), eqn.primitive is _compat.div_p)
             w = bind(ctx, eqn, [lw.w if v is lw else v for v in invals], lw)[0]
             return [lw.replace(w=w, **{factor: explicit.resharded_like(scaled, x)})]

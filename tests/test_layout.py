@@ -22,6 +22,12 @@ def test_bad_layouts(spec):
         Layout(spec)
 
 
+@pytest.mark.parametrize("pairs", [["i", "o"], [("x", 0), ("o", 0)], None, [("i", 0.5), ("o", 0)]])
+def test_pairs_that_are_no_roles_are_refused_by_the_constructor(pairs):
+    with pytest.raises(ValueError, match="Layout takes the letters of its axes .* or \\(role, k\\) pairs"):
+        Layout(pairs)
+
+
 def test_reshape_groups():
     assert reshape_groups((4, 6), (24,)) == [([0, 1], [0])]
     assert reshape_groups((4, 6), (2, 2, 6)) == [([0], [0, 1]), ([1], [2])]

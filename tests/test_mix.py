@@ -94,6 +94,10 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}, {"j": other}], [1.0, 1.0])
     with pytest.raises(ValueError, match="adapter 1 has no adapter at 'k', adapter 0 has one"):
         jlora.mix([{"k": one}, {"k": jnp.ones((6, 5))}], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1 has an adapter at 'k', adapter 0 has none"):  # either order
+        jlora.mix([{"k": jnp.ones((6, 5))}, {"k": one}], [1.0, 1.0])
+    with pytest.raises(ValueError, match="another structure .* or a half of jlora.split beside a whole tree"):
+        jlora.mix([{"k": one, "bias": jnp.ones(5)}, jlora.split({"k": other, "bias": jnp.ones(5)})[0]], [1.0, 1.0])
     wide = random_lora(KEY, (6, 7), "io", 2)
     with pytest.raises(ValueError, match=r"at 'k' adapter 1 adapts a kernel \(6, 7\) with layout 'io', adapter 0 a "
                                          r"kernel \(6, 5\)"):

@@ -92,6 +92,15 @@ def test_an_8_bit_float_scale_stays_factored():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_complex_scale_of_complex_factors_stays_factored():
+    lw = random_lora(jax.random.key(0), (5, 4), "io", 2)
+    lw = lw.replace(w=lw.w.astype(jnp.complex64) * (1 + 1j), a=lw.a.astype(jnp.complex64), b=lw.b.astype(jnp.complex64) * 1j)
+    x = normal(jax.random.key(1), (2, 5)).astype(jnp.complex64)
+    fn = lambda p, s, x: x @ (p["w"] * s)
+    scale = (jnp.arange(1, 5) * (1 + 2j)).astype(jnp.complex64)
+    np.testing.assert_allclose(jlora.apply(fn)({"w": lw}, scale, x), fn(oracle_merge({"w": lw}), scale, x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_complex_scale_of_real_factors_is_exact():
     """A complex per-channel or scalar scale of a complex kernel with real factors: made whole, as
     the factors cannot hold it."""
