@@ -403,6 +403,24 @@ def test_a_lora_model_refuses_a_half_or_a_stack_of_adapters_when_built_and_serve
         np.testing.assert_allclose(served[i], want, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_generate_each_with_its_own_adapter_under_vmap():
+    """PEFT's mixed-adapter batches (``generate(adapter_names=...)``): a stack of trainable halves,
+    ``jax.vmap`` over ``LoraModel.generate``; each row decodes as its adapter alone does."""
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn"]))
+    trainable, frozen = jlora.split(lm.params)
+    halves = [perturb(lm.params, jax.random.key(i), scale=0.5) for i in range(2)]
+    halves = [jlora.split(h)[0] for h in halves] + [jax.tree.map(jnp.zeros_like, trainable)]  # the last: the base
+    ids = jnp.array([[3, 5, 7], [9, 11, 2], [4, 6, 8]])
+    generate = lambda t, row: lm.generate(row[None], params=jlora.combine(t, frozen), max_new_tokens=4,
+                                          pad_token_id=0).sequences[0]
+    rows = jax.jit(jax.vmap(generate))(jlora.stack(halves), ids)
+    for i, half in enumerate(halves):
+        alone = model.generate(ids[i:i + 1], params=jlora.merge(jlora.combine(half, frozen)), max_new_tokens=4,
+                               pad_token_id=0).sequences[0]
+        np.testing.assert_array_equal(rows[i], alone)
+
+
 def test_lora_init_refuses_params_that_are_not_the_models_own():
     model = TINY["gpt2"]()
     with_head = {"lm": model.params, "v_head": {"kernel": jnp.ones((32, 1))}}  # PPO's value head beside the model
