@@ -419,6 +419,16 @@ def test_rows_generate_each_with_its_own_adapter_under_vmap():
         alone = model.generate(ids[i:i + 1], params=jlora.merge(jlora.combine(half, frozen)), max_new_tokens=4,
                                pad_token_id=0).sequences[0]
         np.testing.assert_array_equal(rows[i], alone)
+    # sampling with a key per row and a mask per row; beams
+    keys, mask = jax.random.split(jax.random.key(7), 3), jnp.array([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    for option in (dict(do_sample=True), dict(num_beams=2)):
+        run = lambda t, row, key, m: lm.generate(row[None], attention_mask=m[None], params=jlora.combine(t, frozen),
+                                                 max_new_tokens=3, pad_token_id=0, prng_key=key, **option).sequences[0]
+        rows = jax.jit(jax.vmap(run))(jlora.stack(halves), ids, keys, mask)
+        for i, half in enumerate(halves):
+            alone = lm.generate(ids[i:i + 1], attention_mask=mask[i:i + 1], params=jlora.combine(half, frozen),
+                                max_new_tokens=3, pad_token_id=0, prng_key=keys[i], **option).sequences[0]
+            np.testing.assert_array_equal(rows[i], alone)
 
 
 def test_lora_init_refuses_params_that_are_not_the_models_own():
