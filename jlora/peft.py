@@ -296,6 +296,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                 raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
                                  f"form; got '{lw.layout}'")
         name = module_name(p)
+        grouped = GROUPED_CONVS.get(_model_type(hf_config, name))
+        groups = grouped[1](_part_config(hf_config, name), lw.kernel_shape[-1]) if grouped and name.endswith(grouped[0]) else 1
+        if groups > 1:
+            raise ValueError(f"jlora.peft.save_adapter: '{p}' is a grouped conv ({groups} groups): PEFT's Conv2d adapter "
+                             "over it is a block per group, another function than this adapter over the kernel, and "
+                             "PEFT cannot load it; leave it out of the targets, or save with jlora.adapter.save_adapter")
         modules.append(name)
         lora_a, lora_b = _factors_to_torch(lw)
         key_a, key_b = EMBEDDING_FACTORS if embedding else LINEAR_FACTORS
@@ -347,6 +353,11 @@ def _module_params(tree: Any) -> tuple[Any, Any]:
         return tree["params"], lambda inner: {**tree, "params": inner}
     return tree, lambda inner: inner
 
+
+# Convs HF's models group (feature_group_count > 1): PEFT's Conv2d adapter over one is a block
+# per group, another function than jlora's one adapter over the kernel. Model type -> (the end of
+# such a conv's PyTorch module name, its groups from the model's config and the conv's outputs).
+GROUPED_CONVS = {"regnet": (".layer.1.convolution", lambda config, out: max(1, out // config.groups_width))}
 
 # HF's Flax models with batch norms, and their norms' module name: where the params come without
 # their batch_stats, how a saved module is told to be one.

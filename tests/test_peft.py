@@ -844,6 +844,9 @@ def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tm
     peft.get_peft_model(_torch_twin(regnet, tf.RegNetModel), cfg).save_pretrained(tmp_path / "grouped")
     with pytest.raises(ValueError, match="or a grouped conv's, which jlora cannot represent"):
         jlora.peft.load_adapter(tmp_path / "grouped", regnet.params, regnet.config)
+    ours = hf.lora_init(jax.random.key(0), regnet, jlora.LoraConfig(rank=2, targets=["convolution"]))
+    with pytest.raises(ValueError, match=r"'.*stages/1/layers/0/layer/1/convolution/kernel' is a grouped conv \(2 groups\)"):
+        jlora.peft.save_adapter(tmp_path / "ours", ours, regnet.config)  # stage 0's conv: 8 // 8, one group
 
 
 @pytest.mark.parametrize("model_type", sorted(TORCH))
