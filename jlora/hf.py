@@ -175,17 +175,11 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     _check_model(model, "jlora.hf.lora_init")
     config = preset_config(model.config.model_type, config)
     if params is not None:  # refused here, not by Flax inside the trace: another model's, or more than the model's
-        try:
-            _check_fits("jlora.hf.lora_init", model, params, whole=True)  # the trace reads every param
-        except ValueError as err:
-            hints = []
-            if "missing" in str(err):  # a task model's head, absent from a base model's checkpoint
-                hints.append("a task model made with _do_init=False from a base model's weights: initialise the "
-                             "missing ones first, model.init_weights(key, model.input_shape, params=params)")
-            if "are no params of the model" in str(err):
-                hints.append("params beyond the model's (a value head beside it): jlora.lora_init(key, params, "
-                             "config, infer_layout=f), f a function of them that runs your whole model")
-            raise ValueError("; ".join([str(err), *hints])) from None
+        _check_fits("jlora.hf.lora_init", model, params, whole=True,  # the trace reads every param
+                    missing_hint="a task model made with _do_init=False from a base model's weights: initialise the "
+                                 "missing ones first, model.init_weights(key, model.input_shape, params=params)",
+                    extra_hint="params beyond the model's (a value head beside it): jlora.lora_init(key, params, "
+                               "config, infer_layout=f), f a function of them that runs your whole model")
     params = model.params if params is None else params
     if config.targets == ALL_LINEAR:  # PEFT's all-linear leaves the output embeddings alone
         config = config.replace(exclude=config.exclude + tuple(output_embeddings(params, model.config)))
@@ -227,10 +221,12 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
     ]
 
 
-def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> dict[str, Any]:
+def _check_fits(op: str, model: Any, params: Any, whole: bool = False, *, missing_hint: str = "",
+                extra_hint: str = "") -> dict[str, Any]:
     """Refuse ``params`` (plain, or a LoRA tree: its bases) that are not ``model``'s: leaves it
     lacks, or of other shapes; ``whole``: every leaf of it, too (a half of ``jlora.split`` may lack
-    some). Returns the model's leaves (shapes and dtypes) by path."""
+    some). The hints end the message where leaves are missing, or extra. Returns the model's leaves
+    (shapes and dtypes) by path."""
     model_leaves = dict(leaves_with_paths(model.params_shape_tree))
     want = {p: tuple(x.shape) for p, x in model_leaves.items()}
     given = {}
@@ -245,7 +241,8 @@ def _check_fits(op: str, model: Any, params: Any, whole: bool = False) -> dict[s
         said = ([f"missing {missing[:3]}"] if missing else []) + (
             [f"'{wrong[0]}' is {given[wrong[0]]} here but {want[wrong[0]]} in the model"] if wrong else []) + (
             [f"{extra[:3]} are no params of the model (a head of your own?)"] if extra else [])
-        raise ValueError(f"{op}: params do not fit {type(model).__name__} (another model's?): {'; '.join(said)}")
+        hints = [hint for hint, found in ((missing_hint, missing), (extra_hint, extra)) if hint and found]
+        raise ValueError(f"{op}: params do not fit {type(model).__name__} (another model's?): {'; '.join(said + hints)}")
     return model_leaves
 
 

@@ -62,20 +62,24 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
                                  "with other targets?)")
             out.append(first)
             continue
-        fitted = [_checked(n, first, i, where) for i, n in enumerate(nodes)]
+        fitted: list[LoraWeight] = []
+        for i, node in enumerate(nodes):
+            fitted.append(_checked(node, fitted[0] if fitted else None, i, where))
         out.append(first.replace(**_mixed(fitted, weights, rank, where)))  # first's layout: a stack's stays its own
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _checked(node: Any, first: LoraWeight, i: int, where: str) -> LoraWeight:
+def _checked(node: Any, first: LoraWeight | None, i: int, where: str) -> LoraWeight:
     """``node`` (adapter ``i``'s at ``where``) fitted to its arrays, refused where it is no adapter
-    of the same kernel as ``first``."""
+    of the same kernel as ``first`` (adapter 0's, fitted; ``None`` for adapter 0 itself)."""
     if not isinstance(node, LoraWeight):
         raise ValueError(f"jlora.mix: adapter {i} has no adapter at '{where}', adapter 0 has one (made with other "
                          "targets?)")
-    if node.a is None or node.b is None:
+    if node.half == "frozen":
         raise ValueError(f"jlora.mix: adapter {i} has no factors at '{where}' (the frozen half of jlora.split?)")
-    node, first = node.fitted(), first.fitted()
+    node = node.fitted()
+    if first is None:
+        return node
     kernel = lambda lw: lw.layout.w_shape(lw.a.shape[:-1] + (1,), lw.b.shape)  # rank 1: the kernel's shape
     if node.layout != first.layout or kernel(node) != kernel(first):
         raise ValueError(f"jlora.mix: at '{where}' adapter {i} adapts a kernel {kernel(node)} with layout "

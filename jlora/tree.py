@@ -239,7 +239,7 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
         Trainable(float32[2])
     """
     if isinstance(x, LoraWeight):
-        half = "trainable" if need_w and x.w is None else "frozen" if x.a is None or x.b is None else None
+        half = None if x.half == "trainable" and not need_w else x.half
     else:
         half = "frozen" if isinstance(x, Trainable) and x.value is None else None
     if half is not None:
@@ -344,7 +344,7 @@ def base(tree: Any) -> Any:
             raise ValueError(f"jlora.base: '{path_str(path)}' is trained whole (LoraConfig.trainable), and the frozen half "
                              "of jlora.split holds no value for it: pass jlora.combine(trainable, frozen) for its "
                              "current value, or keep jlora.base(params) from before training for its first one")
-        if isinstance(x, LoraWeight) and x.w is None:
+        if isinstance(x, LoraWeight) and x.half == "trainable":
             raise ValueError(f"jlora.base: '{path_str(path)}' comes from the trainable half of jlora.split, which holds "
                              "no base weight: pass the frozen half, or jlora.combine(trainable, frozen)")
         return x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x

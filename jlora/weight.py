@@ -381,6 +381,17 @@ class LoraWeight(Lazy):
         _set(obj, **{**fields, "layout": Layout.parse(fields["layout"])})
         return obj
 
+    @property
+    def half(self) -> str | None:
+        """Which half of ``jlora.split`` this node is: ``"trainable"`` (no ``w``), ``"frozen"`` (no
+        factors), or ``None`` (whole).
+
+        Example:
+            >>> LoraWeight(None, jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).half
+            'trainable'
+        """
+        return "trainable" if self.w is None else "frozen" if self.a is None or self.b is None else None
+
     # --- array-like ---------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
@@ -451,10 +462,9 @@ class LoraWeight(Lazy):
             >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
             (dtype(bfloat16), 2.0)
         """
-        half = "trainable" if self.w is None else "frozen" if self.a is None or self.b is None else None
-        if half is not None:
-            raise ValueError(f"LoraWeight {self.path!r} comes from the {half} half of jlora.split, which holds no "
-                             f"{'base weight' if half == 'trainable' else 'adapter'}: materialise "
+        if self.half is not None:
+            raise ValueError(f"LoraWeight {self.path!r} comes from the {self.half} half of jlora.split, which holds no "
+                             f"{'base weight' if self.half == 'trainable' else 'adapter'}: materialise "
                              "jlora.combine(trainable, frozen)'s (jlora.merge)")
         w = materialized(self.w) if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
         delta = explicit.resharded_like(self.delta(over=w.dtype), w)
