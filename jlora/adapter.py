@@ -551,7 +551,10 @@ def _warn_unadapted(path: str | os.PathLike, saved: dict | None, by_path: dict[s
     if not saved:
         return
     try:
-        would, _ = select(LoraConfig(**saved), [(p, x) for p, x in by_path.items() if not is_node(x)])
+        with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
+            warnings.simplefilter("ignore")
+            config = LoraConfig(**saved)
+        would, _ = select(config, [(p, x) for p, x in by_path.items() if not is_node(x)])
     except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
         return
     layered = lambda p: re.sub(r"(?<![^/])\d+(?![^/])", "*", p)  # layers/11/q/kernel -> layers/*/q/kernel

@@ -235,7 +235,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                     kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in WEIGHT_NAMES
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
                     raise ValueError(
-                        f"target {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: only float arrays "
+                        f"target {pat.text!r} matches '{path}' ({_describe(leaf)}): only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
@@ -254,7 +254,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             if chosen and pat.match(path) == LEAF:
                 raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
             if not _is_trainable(leaf) and pat.match(path) == LEAF and not in_state(path, state):
-                raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}', a {_describe(leaf)} leaf: "
+                raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}' ({_describe(leaf)}): "
                                  "only float arrays can be trained")
         # a subtree's counters, flags, quantized kernels and NNX state (batch statistics, RNG keys)
         # stay frozen; a pattern that names nothing else is refused below

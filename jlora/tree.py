@@ -13,7 +13,7 @@ import numpy as np
 from jlora import _compat
 from jlora.paths import leaves_with_paths, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
-                          is_param, materialized, narrow_float)
+                          is_param, check_float, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -298,9 +298,12 @@ def merge(tree: Any) -> Any:
     """
 
     narrow: list[str] = []  # adapted kernels in fp8 or narrower: w + Δ rounded there loses most of Δ
+    overflows: list[tuple[str, jax.Array]] = []  # float16 (or fp8) kernels: (path, count of entries w + Δ overflowed)
 
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
+        if isinstance(x, LoraWeight):
+            check_float("w", x.w, path_str(path))  # an integer w (put there by a tree map) would drop the adapter
         if isinstance(x, LoraWeight) and has_shape(x.w) and narrow_float(x.w.dtype):
             narrow.append(f"{path_str(path)} ({jnp.dtype(x.w.dtype).name})")
         if isinstance(x, Lazy) and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(x)):
@@ -308,12 +311,25 @@ def merge(tree: Any) -> Any:
                              "jax.eval_shape gives), not arrays: merge needs the weights themselves")
         if isinstance(x, Lazy):
             try:
-                return _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
+                out = _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
             except MaterializeMismatch as err:  # a kind's materialize() of another shape or dtype
                 raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
+            if (isinstance(x, LoraWeight) and not isinstance(x.w, Lazy) and jnp.issubdtype(x.w.dtype, jnp.floating)
+                    and jnp.finfo(x.w.dtype).max < jnp.finfo(jnp.float32).max and not _compat.is_tracer(out)):
+                overflows.append((path_str(path), _overflowed(x.w, out)))
+            return out
         return x.value if isinstance(x, Trainable) else x
 
     merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+    overflowed = [(p, n) for p, n in zip([p for p, _ in overflows], jax.device_get([n for _, n in overflows])) if n]
+    if overflowed:
+        from jlora.lazy import _user_stacklevel  # lazy imports this module
+
+        p, n = overflowed[0]
+        warnings.warn(f"jlora.merge: w + scale·a@b overflows its dtype in {len(overflowed)} kernel(s), e.g. {p} "
+                      f"({n} entries became inf or nan where w is finite): the merged model computes inf there, where "
+                      "jlora.apply does not; serve the adapters unmerged (jlora.apply), or merge over w cast to a "
+                      "wider dtype (lw.replace(w=lw.w.astype(jnp.float32)))", stacklevel=_user_stacklevel())
     if narrow:
         from jlora.lazy import _user_stacklevel  # lazy imports this module
 
@@ -358,6 +374,12 @@ def _merged(x: Lazy) -> jax.Array:
     one fused pass, where op by op each step's full-size copy (a bf16 kernel cast to f32, the
     product, the sum) stayed alive, peaking at several times the kernel."""
     return materialized(x)
+
+
+@jax.jit
+def _overflowed(w: jax.Array, merged: jax.Array) -> jax.Array:
+    """How many entries of ``merged`` are inf or nan where ``w`` is finite."""
+    return jnp.sum(jnp.isfinite(w) & ~jnp.isfinite(merged))
 
 
 @jax.jit

@@ -38,6 +38,7 @@ def widest(*dtypes: Any) -> Any:
         >>> widest(jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)
         dtype('float32')
     """
+    dtypes = [jax.dtypes.canonicalize_dtype(d) for d in dtypes]  # numpy's float64 with x64 off: float32, unwarned
     wide = [d for d in dtypes if not narrow_float(d)]
     return jnp.result_type(*(wide or dtypes))
 
@@ -237,16 +238,14 @@ class LoraWeight(Lazy):
         dropout: float = 0.0,
     ):
         _set(self, w, a, b, _number(scale, "scale", path), Layout.parse(layout), path, _dropout(dropout, path))
-        for name, x in (("w", w), ("a", a), ("b", b)):  # an integer w + scale·a@b, merged, would drop the adapter
+        for name, x in (("w", w), ("a", a), ("b", b)):
             if x is not None and not has_shape(x) and not isinstance(x, _compat.Ref):
                 raise ValueError(f"LoraWeight {path!r}: {name} must be an array (or None, in a half of jlora.split), "
                                  f"got {type(x).__name__}")
             if isinstance(x, _compat.Ref):
                 raise ValueError(f"LoraWeight {path!r}: {name} is a jax Ref (mutable): a LoraWeight holds arrays; "
                                  f"read the Ref first ({name}[...])")
-            if has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
-                raise ValueError(f"LoraWeight {path!r}: {name} must be a float array, got {_shape_str(x)} "
-                                 "(a quantized kernel goes in as a lazy value: see jlora.register)")
+            check_float(name, x, path)
         complex_factor = [n for n, x in (("a", a), ("b", b)) if has_shape(x) and jnp.issubdtype(x.dtype, jnp.complexfloating)]
         if complex_factor and has_shape(w) and not jnp.issubdtype(w.dtype, jnp.complexfloating):
             # merged, w + scale·a@b would be cast to w's real dtype, dropping the imaginary part
@@ -359,9 +358,9 @@ class LoraWeight(Lazy):
         return obj
 
     def replace(self, **changes: Any) -> "LoraWeight":
-        """A copy with some fields changed (like ``dataclasses.replace``): ``scale`` and ``dropout``
-        checked as the constructor checks them, the arrays not (a rule or ``split`` puts ``None``
-        or other values there).
+        """A copy with some fields changed (like ``dataclasses.replace``): ``scale``, ``dropout`` and
+        an array's dtype (float) checked as the constructor checks them, arrays' shapes not (a rule
+        or ``split`` puts ``None`` or other values there).
 
         Example:
             >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
@@ -373,6 +372,9 @@ class LoraWeight(Lazy):
         if unknown:
             raise ValueError(f"LoraWeight.replace: unknown field(s) {unknown}; fields are {', '.join(fields)}")
         fields.update(changes)
+        for name in ("w", "a", "b"):
+            if name in changes:
+                check_float(name, changes[name], fields["path"])
         if "scale" in changes:
             fields["scale"] = _number(changes["scale"], "scale", fields["path"])
         if "dropout" in changes:
@@ -430,8 +432,9 @@ class LoraWeight(Lazy):
 
     def delta(self, over: Any = None) -> jax.Array:
         """``scale · a @ b`` in ``w``'s axis order, in the adapter's dtype; with ``over`` (the dtype
-        of the weight it is added to), formed in the widest of that and the factors' dtypes, as
-        ``materialize`` forms it (bf16 factors over an f32 kernel: an f32 product).
+        of the weight it is added to), formed in the widest of that, the factors' dtypes and float32,
+        as ``materialize`` forms it (bf16 factors over a bf16 kernel: an f32 product, rounded once
+        with the sum, not once for the product, once for the scale and once for the sum).
 
         Example:
             >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
@@ -439,7 +442,7 @@ class LoraWeight(Lazy):
             Array([1., 1., 1.], dtype=float32)
         """
         if over is not None:
-            wide = widest(over, self.a.dtype, self.b.dtype)
+            wide = widest(over, self.a.dtype, self.b.dtype, jnp.float32)
             if not self.a.dtype == self.b.dtype == wide:
                 return self.replace(a=self.a.astype(wide), b=self.b.astype(wide)).delta()
         nb, r = len(self.layout.group("b")), self.a.ndim - 1
@@ -454,8 +457,8 @@ class LoraWeight(Lazy):
         return self.scale * d
 
     def materialize(self) -> jax.Array:
-        """``w + scale·a@b`` in ``w``'s dtype (``a@b`` and the sum formed in the widest of the three
-        dtypes: bf16 factors over an f32 kernel add an f32 product, as a matmul's low-rank path has it).
+        """``w + scale·a@b`` in ``w``'s dtype, rounded once: ``a@b`` and the sum formed in the widest
+        of the three dtypes and float32 (bf16 factors over a bf16 kernel add an f32 product).
 
         Example:
             >>> lw = LoraWeight(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
@@ -569,6 +572,14 @@ def _set(obj, w, a, b, scale, layout, path, dropout) -> None:
 
 _SET_W, _SET_A, _SET_B, _SET_SCALE, _SET_LAYOUT, _SET_PATH, _SET_DROPOUT = (
     LoraWeight.__dict__[name].__set__ for name in ("w", "a", "b", *LoraWeight.STATIC_FIELDS))
+
+
+def check_float(name: str, x: Any, path: str) -> None:
+    """A ``ValueError`` naming the path for an integer (or bool) ``w``, ``a`` or ``b``: an integer
+    ``w + scale·a@b``, merged, would drop the adapter."""
+    if has_shape(x) and not isinstance(x, Lazy) and not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise ValueError(f"LoraWeight {path!r}: {name} must be a float array, got {_shape_str(x)} "
+                         "(a quantized kernel goes in as a lazy value: see jlora.register)")
 
 
 def _number(x: Any, name: str, path: str) -> float:

@@ -409,6 +409,11 @@ def test_an_adapter_loaded_onto_a_deeper_base_says_which_kernels_it_leaves_as_th
         warnings.simplefilter("error")
         load_adapter(tmp_path / "ad", shallow)  # its own base: no warning
         load_adapter(tmp_path / "ad", {**shallow, "pooler": layer(5)})  # a module the trained model lacked: none
+        f16 = jax.tree.map(lambda x: x.astype(jnp.float16), shallow)  # the config's advice on Adam is for training
+        with pytest.warns(UserWarning, match="float16"):
+            cfg16 = jlora.LoraConfig(rank=2, targets=["q"], param_dtype=jnp.float16)
+        save_adapter(tmp_path / "ad16", jlora.lora_init(KEY, f16, cfg16), lora_config=cfg16)
+        load_adapter(tmp_path / "ad16", f16)
     deeper = {"layers": {**shallow["layers"], "2": layer(2)}}
     with pytest.warns(UserWarning, match=r"its config adapts 1 kernel\(s\) of this base that the adapter holds no "
                                          r"adapter for, left as they are .*\['layers/2/q/kernel'\]"):

@@ -371,6 +371,25 @@ def test_a_wrapped_function_ships_to_workers_as_jit_does():
         forward(p, x)
 
 
+def test_numpy_float64_params_and_inputs_with_x64_off_run_unwarned():
+    """numpy's float64 arrays, which JAX takes as float32 with x64 off (plain JAX says nothing):
+    the low-rank path's dtype is found without JAX's "float64 is not available" warning, forward
+    and backward."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 on: float64 is available")
+    f = lambda p, x: x @ p["k"]
+    p = jlora.lora_init(KEY, {"k": np.ones((8, 4))}, jlora.LoraConfig(rank=2, targets=["k"]))
+    trainable, frozen = jlora.split(p)
+    x = np.ones((2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jlora.apply(f)(p, x).dtype == jnp.float32
+        grads = jax.grad(lambda t: jlora.apply(f)(jlora.combine(t, frozen), x).sum())(trainable)
+    as_jax = jax.tree.map(jnp.asarray, frozen)  # the oracle on float32 arrays
+    oracle = jax.grad(lambda t: f(oracle_merge(jlora.combine(t, as_jax)), jnp.asarray(x)).sum())(trainable)
+    jax.tree.map(lambda g, o: np.testing.assert_allclose(g, o, rtol=1e-6), grads, oracle)
+
+
 def test_apply_options_and_numpy_strings_are_checked():
     for bad in (1, 0.0, np.True_, "Inputs", None):  # equal to True/False/"inputs" but not them: refused
         with pytest.raises(ValueError, match="jlora.apply: recompute must be False, True or 'inputs'"):

@@ -1,3 +1,5 @@
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,53 @@ def test_merge_and_unmerge_compile_once_per_kind_of_kernel_not_per_param():
         want = (lw.w.astype(jnp.float32) + lw.scale * lw.a @ lw.b).astype(jnp.bfloat16)
         np.testing.assert_array_equal(merged[i]["q"]["kernel"], want)
         np.testing.assert_allclose(back[i]["q"]["kernel"].w.astype(jnp.float32), lw.w.astype(jnp.float32), atol=0.07)
+
+
+def test_merge_of_half_precision_factors_rounds_once():
+    """bf16 factors over a bf16 kernel, a scale that is no power of two: w + scale·a@b formed in
+    float32 and rounded once, not once for the product, once for the scale and once for the sum
+    (which put a quarter of the entries one step off)."""
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    w = jax.random.normal(k1, (64, 48), jnp.bfloat16)
+    lw = jlora.LoraWeight(w, jax.random.normal(k2, (64, 4), jnp.bfloat16), jax.random.normal(k3, (4, 48), jnp.bfloat16),
+                          scale=16 / 6)
+    f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
+    want = jnp.asarray(f64(w) + (16 / 6) * f64(lw.a) @ f64(lw.b), jnp.float32).astype(jnp.bfloat16)
+    for got in (jlora.merge({"q": lw})["q"], lw.materialize()):
+        off = np.asarray(got != want)  # the correctly rounded sum but where float32's own rounding tips a near tie
+        assert got.dtype == jnp.bfloat16 and off.mean() < 0.01, off.mean()  # 23% before
+        np.testing.assert_allclose(f64(got)[off], f64(want)[off], rtol=2 ** -7)  # one step at most
+
+
+def test_merge_warns_where_a_float16_sum_overflows():
+    """An adapter whose update passes float16's largest value (65504): the merged kernel holds inf
+    where w is finite, which jlora.apply never computes; merge says so, naming the param."""
+    lw = jlora.LoraWeight(jnp.ones((4, 4), jnp.float16), jnp.full((4, 1), 300.0), jnp.full((1, 4), 300.0), scale=1.0)
+    with pytest.warns(UserWarning, match=r"jlora.merge: w \+ scale·a@b overflows its dtype in 1 kernel\(s\), e.g. "
+                                         r"layers/0/q \(16 entries became inf or nan where w is finite\)"):
+        merged = jlora.merge({"layers": [{"q": lw}, {"q": lw.replace(a=lw.a / 300)}]})
+    assert np.isinf(merged["layers"][0]["q"]).all() and np.isfinite(merged["layers"][1]["q"]).all()
+    inf_base = lw.replace(w=jnp.full((4, 4), jnp.inf, jnp.float16), a=lw.a / 300)  # inf already in w: not the merge's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.merge({"q": inf_base})
+        jax.jit(jlora.merge)({"q": lw})  # traced: nothing to count
+
+
+def test_an_integer_base_put_in_by_a_tree_map_is_refused_not_truncated():
+    """The constructor refuses an integer w (w + scale·a@b rounded to integers drops the adapter);
+    replace, merge and apply refuse one a tree map or replace put there, naming the param."""
+    lw = jlora.LoraWeight(jnp.ones((8, 4)), jnp.full((8, 2), 0.25), jnp.full((2, 4), 0.25), scale=1.0, path="q/kernel")
+    as_int = jax.tree.map(lambda x: x.astype(jnp.int8) if x.shape == (8, 4) else x, lw)
+    message = r"w must be a float array, got int8\[8,4\]"
+    with pytest.raises(ValueError, match=r"LoraWeight 'layer/q': " + message):
+        jlora.merge({"layer": {"q": as_int}})
+    with pytest.raises(ValueError, match=r"LoraWeight 'q/kernel': " + message):
+        jlora.apply(lambda w, x: x @ w)(as_int, jnp.ones((1, 8)))
+    with pytest.raises(ValueError, match=r"LoraWeight 'q/kernel': " + message):
+        lw.replace(w=jnp.ones((8, 4), jnp.int8))
+    with pytest.raises(ValueError, match=r"LoraWeight 'q/kernel': b must be a float array, got int32\[2,4\]"):
+        lw.replace(b=jnp.ones((2, 4), jnp.int32))
 
 
 def test_merge_of_abstract_values_names_the_param():
