@@ -134,7 +134,9 @@ def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> Non
             check_shapes()  # another rank first: its scale differs too, but the shapes say what is wrong
         differ = _container_difference(got_def, want_def) if got_paths == want_paths else None
         detail = (f": only in the state {sorted(got_paths - want_paths)[:3]}, only in a state for these "
-                  f"adapters {sorted(want_paths - got_paths)[:3]}" if got_paths != want_paths else
+                  f"adapters {sorted(want_paths - got_paths)[:3]} (adapters on other params, or a state of another "
+                  "tx or b_lr_ratio: a ratio of 1 wraps tx in nothing, another in a chain with its scale)"
+                  if got_paths != want_paths else
                   f": at '{differ[0]}' the state has {differ[1]}, these adapters {differ[2]}" if differ else
                   " (the same paths, other LoRA scales, layouts or dropout)")
         raise ValueError(f"jlora.optimizer: opt_state was not made for these adapters{detail}; "
@@ -150,7 +152,7 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     f32 = np.finfo(np.float32)  # the updates' dtype: a ratio outside its range is 0 or inf there
-    if not real or not (_compat.is_tracer(ratio) or f32.tiny <= float(ratio) <= f32.max):
+    if not real or not (_compat.is_tracer(ratio) or float(f32.tiny) <= float(ratio) <= float(f32.max)):
         schedule = (" (to schedule it, wrap the optimizer: optax.inject_hyperparams(jlora.optimizer, "
                     "static_args=('tx',))(tx, params, b_lr_ratio=schedule))" if callable(ratio) else "")
         bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < float(ratio) < math.inf else ""
