@@ -6,7 +6,8 @@ over the frozen floor. But ``x`` is usually a cheap elementwise function of valu
 keeps anyway: a norm's output of its input and statistics, ``silu(gate)·up`` of ``gate`` and
 ``up``. Those values are kept because the chain that makes ``x`` is itself differentiated (the
 frozen matmul reading ``x`` sends its gradient back through it), and a nonlinear step's
-derivative needs its operands.
+derivative needs its operands (not so ``tanh``'s, the logistic's or ``exp``'s, formed from their
+outputs: ``x = tanh(h + bias)`` is stored, as its backward keeps it anyway).
 
 - ``find`` walks back from ``x`` through single-use elementwise equations of the jaxpr being
   evaluated, and accepts the chain when every large leaf feeds one of its nonlinear steps;
@@ -50,6 +51,10 @@ _NONLINEAR = _compat.primitives(
     "mul", "div", "exp", "exp2", "log", "log1p", "expm1", "logistic", "tanh", "rsqrt", "sqrt",
     "integer_pow", "pow", "square", "max", "min", "erf", "abs", "sin", "cos",
 )
+# Nonlinear steps whose derivative JAX forms from their output alone (at the default accuracy):
+# their backward keeps the output, not the operand, so nothing it keeps rebuilds what reads them
+# (tanh(h + bias) rebuilt from h would store h beside the output tanh's backward stores anyway).
+_BY_OUTPUT = _compat.primitives("tanh", "logistic", "exp", "exp2", "sqrt", "expm1")
 _PASS_THROUGH = _compat.primitives("convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "copy")
 _OFFSET = _compat.primitives("add", "sub")  # of a large value and small ones (a bias): kept if their sum is
 _MAX_CHAIN = 64
@@ -71,9 +76,12 @@ class Chain:
 
 
 def _kind(eqn: Any) -> str | None:
-    """'linear', 'nonlinear' or None (not elementwise) for one equation."""
+    """'linear', 'nonlinear' (its backward keeps its operands), 'by_output' (its backward keeps
+    its output only) or None (not elementwise) for one equation."""
     if eqn.primitive in _LINEAR:
         return "linear"
+    if eqn.primitive in _BY_OUTPUT and eqn.params.get("accuracy") is None:
+        return "by_output"
     if eqn.primitive in _NONLINEAR:
         return "nonlinear"
     inner = eqn.params.get("jaxpr") if eqn.primitive is _compat.jit_p else (
@@ -83,7 +91,7 @@ def _kind(eqn: Any) -> str | None:
     kinds = [_kind(e) for e in _compat.open_jaxpr(inner)[0].eqns]
     if None in kinds:
         return None
-    return "nonlinear" if "nonlinear" in kinds else "linear"
+    return next((kind for kind in ("nonlinear", "by_output") if kind in kinds), "linear")
 
 
 def find(frame: Frame | None, x_var: Any) -> Chain | None:
