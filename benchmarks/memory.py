@@ -7,6 +7,7 @@ state donated) in several modes and prints one table per model:
 
     python benchmarks/memory.py                                  # CPU, about a minute
     python benchmarks/memory.py --size base --dtype bfloat16 --steps 20   # GPU-sized, and timed
+    python benchmarks/memory.py --forward                        # an evaluation (the loss alone)
 
 Modes:
   floor          backward through the frozen model with no weight gradients (grad w.r.t. a zero
@@ -14,6 +15,10 @@ Modes:
   jlora(R)       ``jlora.apply(model.__call__, recompute=R)`` for R = inputs (default), False, True
   hand           the same LoRA written by hand: ``y + s·(x@A)@B`` added to each targeted module's
                  output (after its bias, as PEFT) by ``flax.linen.intercept_methods``
+
+With ``--forward``, each mode's evaluation instead (the loss, nothing differentiated: serving an
+unmerged adapter), and ``merged`` (the unmodified model on ``jlora.merge``'s params) in the
+floor's place; ``jlora(inputs)`` only, as ``recompute`` changes no forward-only call.
 
 Columns (MiB, from ``memory_analysis()``): arg = ``argument_size_in_bytes``, out =
 ``output_size_in_bytes``, alias = ``alias_size_in_bytes`` (outputs written into donated
@@ -137,6 +142,12 @@ def adapter_step(loss_fn: Callable, opt: optax.GradientTransformation) -> Callab
     return step
 
 
+def eval_step(loss_fn: Callable) -> Callable:
+    """step(first, state, rest) -> (first, state, loss): ``loss_fn(first, rest)`` alone, nothing
+    differentiated (an evaluation); ``first`` and ``state`` come back as they are."""
+    return lambda first, state, rest: (first, state, loss_fn(first, rest))
+
+
 def floor_step(model: Any, xent: Callable, ids: jax.Array, embedding: str) -> Callable:
     """step(delta, (), params) -> (grad, (), loss): the frozen model's backward, grad w.r.t. a delta on
     the token embeddings' output only (params plain, not differentiated)."""
@@ -192,9 +203,10 @@ def check_hand(model: Any, xent: Callable, ids: jax.Array, trainable: Any, froze
     return dict(loss_jlora=jl, loss_hand=hand, loss_no_adapters=plain)
 
 
-def run_model(name: str, size: dict, dtype: Any, targets: str, rank: int, steps: int = 0) -> list[dict]:
+def run_model(name: str, size: dict, dtype: Any, targets: str, rank: int, steps: int = 0,
+              forward: bool = False) -> list[dict]:
     """Every mode's memory (and, with ``steps``, time) for model ``name``: one row per mode, ratios to
-    hand and floor filled in."""
+    hand and floor (with ``forward``: merged) filled in."""
     model, params = build(name, size, dtype)
     ids, xent = batch_and_loss(name, size)
     config = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=None if targets == "preset" else targets)
@@ -205,26 +217,36 @@ def run_model(name: str, size: dict, dtype: Any, targets: str, rank: int, steps:
     opt = jlora.optimizer(optax.adamw(1e-4), trainable)
     losses = check_hand(model, xent, ids, trainable, frozen, params, 1e-4 if dtype == jnp.float32 else 1e-3)
 
-    delta = jnp.zeros((size["batch"], size["seq"], size["hidden"]), dtype)
-    rows = [dict(mode="floor", **memory(floor_step(model, xent, ids, EMBEDDING[name]), delta, (), params, steps=steps))]
-    modes = [(m, jlora_loss(model, xent, ids, r)) for m, r in RECOMPUTE.items()]
-    for mode, fn in modes + [("hand", hand_loss(model, xent, ids))]:
-        rows.append(dict(mode=mode, **memory(adapter_step(fn, opt), trainable, opt.init(trainable), frozen, steps=steps)))
+    if forward:
+        merged = jax.jit(jlora.merge)(jlora.combine(trainable, frozen))
+        plain = lambda first, p: xent(model(ids, params=p, return_dict=False)[0])
+        rows = [dict(mode="merged", **memory(eval_step(plain), (), (), merged, steps=steps))]
+        modes = [("jlora(inputs)", jlora_loss(model, xent, ids, "inputs")), ("hand", hand_loss(model, xent, ids))]
+        for mode, fn in modes:
+            rows.append(dict(mode=mode, **memory(eval_step(fn), trainable, (), frozen, steps=steps)))
+    else:
+        delta = jnp.zeros((size["batch"], size["seq"], size["hidden"]), dtype)
+        rows = [dict(mode="floor", **memory(floor_step(model, xent, ids, EMBEDDING[name]), delta, (), params, steps=steps))]
+        modes = [(m, jlora_loss(model, xent, ids, r)) for m, r in RECOMPUTE.items()]
+        for mode, fn in modes + [("hand", hand_loss(model, xent, ids))]:
+            rows.append(dict(mode=mode, **memory(adapter_step(fn, opt), trainable, opt.init(trainable), frozen, steps=steps)))
     temp = {r["mode"]: r["temp_bytes"] for r in rows}
     ms = {r["mode"]: r.get("ms_per_step") for r in rows}
+    floor = rows[0]["mode"]  # the floor, or the merged model's evaluation
     for r in rows:
         r.update(model=name, **losses, temp_vs_hand=r["temp_bytes"] / temp["hand"],
-                 temp_vs_floor=r["temp_bytes"] / temp["floor"])
+                 temp_vs_floor=r["temp_bytes"] / temp[floor])
         if steps:
-            r.update(time_vs_hand=r["ms_per_step"] / ms["hand"], time_vs_floor=r["ms_per_step"] / ms["floor"])
+            r.update(time_vs_hand=r["ms_per_step"] / ms["hand"], time_vs_floor=r["ms_per_step"] / ms[floor])
     return rows
 
 
 def print_table(name: str, rows: list[dict]) -> None:
     """One model's rows: MiB per memory_analysis field, temp over hand and over floor."""
     timed = "ms_per_step" in rows[0]
-    columns = ("arg MiB", "out MiB", "alias MiB", "temp MiB", "x hand", "x floor") + (
-        ("ms/step", "x hand", "x floor") if timed else ())
+    floor = f"x {rows[0]['mode']}"
+    columns = ("arg MiB", "out MiB", "alias MiB", "temp MiB", "x hand", floor) + (
+        ("ms/step", "x hand", floor) if timed else ())
     print(f"\n{name:<14}" + "".join(f"{c:>10}" for c in columns))
     for r in rows:
         mib = "".join(f"{r[f + '_bytes'] / 2**20:>10.1f}" for f in FIELDS)
@@ -243,19 +265,22 @@ def main() -> None:
                         help="LoRA targets: every dense kernel, or the model type's PEFT preset (jlora.hf)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha 2·rank)")
     parser.add_argument("--steps", type=int, default=0, help="also time each mode: mean ms of this many steps, run back to back")
+    parser.add_argument("--forward", action="store_true", help="evaluations (the loss alone), not train steps")
     parser.add_argument("--json-out", default=None, help="also write all rows to this JSON file")
     args = parser.parse_args()
     size, dtype, rows, models = SIZES[args.size], jnp.dtype(args.dtype), [], args.models.split(",")
     if set(models) - set(EMBEDDING):
         parser.error(f"--models: {', '.join(sorted(set(models) - set(EMBEDDING)))}; known: {', '.join(EMBEDDING)}")
     print(f"size {args.size} {size}; {args.dtype}; targets {args.targets}; rank {args.rank}; "
+          f"{'evaluation' if args.forward else 'train step'}; "
           f"device {jax.devices()[0].device_kind}; jax {jax.__version__}")
     for name in models:
         t0 = time.perf_counter()
-        model_rows = run_model(name, size, dtype, args.targets, args.rank, args.steps)
+        model_rows = run_model(name, size, dtype, args.targets, args.rank, args.steps, args.forward)
         print_table(name, model_rows)
         print(f"({time.perf_counter() - t0:.0f} s to build, check and compile)")
-        rows += [dict(r, size=args.size, dtype=args.dtype, targets=args.targets, rank=args.rank) for r in model_rows]
+        rows += [dict(r, size=args.size, dtype=args.dtype, targets=args.targets, rank=args.rank, forward=args.forward)
+                 for r in model_rows]
         if args.json_out:  # written after every model: a run cut short keeps what it measured
             with open(args.json_out, "w") as f:
                 json.dump(dict(config=size, rows=rows), f, indent=2)

@@ -175,7 +175,10 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
-            return [_stored(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
+            # the equation on plain values (w is no lazy value here), closing over nothing traced:
+            # the backward joint_dot keeps in the jaxpr would keep this trace alive
+            plain = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
+            return [_stored(joint_dot(x, t, lw.w, b, plain, x_contract[0], w_contract[0]))]
         y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels, keep_out, pref, prec)
     else:
         t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,

@@ -242,6 +242,19 @@ def test_a_stored_sum_is_pinned_only_where_differentiated():
     np.testing.assert_allclose(tangent, jax.jvp(lambda x: mixed(jlora.merge(layer), x), (x,), (x,))[1], rtol=2e-2)
 
 
+def test_no_trace_is_leaked_by_the_backward_a_jaxpr_keeps():
+    """The custom_vjp backward of a stacked matmul or a rebuilt down-projection, kept in the traced
+    jaxpr, closes over nothing of the trace (it kept a LoraWeight of tracers: jax.checking_leaks raised)."""
+    params = adapted()
+    trainable, frozen = jlora.split(params)
+    h = jnp.ones((64, D))
+    loss = lambda t: jnp.sum(jlora.apply(model)(jlora.combine(t, frozen), h))
+    assert re.search(r"f32\[20,24\] = concatenate", str(jax.make_jaxpr(jax.grad(loss))(trainable)))  # both are there
+    with jax.checking_leaks():
+        jax.jit(jlora.apply(model))(params, h)
+        jax.jit(jax.grad(loss))(trainable)
+
+
 def test_a_sum_that_cannot_be_one_matmul_is_pinned():
     def two_axis_block(p, h):  # gate's kernel (2, D/2, F) contracts two axes of x
         x = rms_norm(h, p["norm"])
