@@ -607,6 +607,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 values.append(leaf)
                 abstract.append(leaf)  # make_jaxpr takes its type (shape, dtype, weak type, vma)
                 dynamic.append(i)
+            elif isinstance(leaf, jax.ShapeDtypeStruct):  # as jax.jit refuses it: fn would meet it as a value
+                raise ValueError(f"jlora.apply: {_argument(args, kwargs, i)} is a jax.ShapeDtypeStruct, not an array: "
+                                 "for shapes alone, call it under jax.eval_shape(forward, ...) or compile it with "
+                                 "jax.jit(forward).lower(...)")
             else:
                 static.append((i, leaf))
         unhashable = [i for i, v in static if not _hashable(v)]

@@ -390,6 +390,21 @@ def test_numpy_float64_params_and_inputs_with_x64_off_run_unwarned():
     jax.tree.map(lambda g, o: np.testing.assert_allclose(g, o, rtol=1e-6), grads, oracle)
 
 
+def test_an_abstract_argument_is_refused_pointing_to_eval_shape():
+    """A jax.ShapeDtypeStruct in the arguments (as jax.jit refuses it): fn would meet it as a value
+    and fail deep inside; jax.eval_shape and lower take abstract inputs."""
+    params = jlora.lora_init(KEY, {"k": jnp.ones((6, 3)), "bias": jnp.zeros(3)}, jlora.LoraConfig(rank=2, targets=["k"]))
+    f = jlora.apply(lambda p, x: x @ p["k"] + p["bias"])
+    x = jax.ShapeDtypeStruct((4, 6), jnp.float32)
+    with pytest.raises(ValueError, match=r"jlora.apply: argument 1 is a jax.ShapeDtypeStruct, not an array: .*"
+                                         r"jax.eval_shape"):
+        f(params, x)
+    with pytest.raises(ValueError, match=r"argument 0 at 'bias' is a jax.ShapeDtypeStruct"):
+        f({**params, "bias": jax.ShapeDtypeStruct((3,), jnp.float32)}, jnp.ones((4, 6)))
+    assert jax.eval_shape(f, params, x).shape == (4, 3)
+    assert jax.jit(f).lower(params, x).compile()(params, jnp.ones((4, 6))).shape == (4, 3)
+
+
 def test_apply_options_and_numpy_strings_are_checked():
     for bad in (1, 0.0, np.True_, "Inputs", None):  # equal to True/False/"inputs" but not them: refused
         with pytest.raises(ValueError, match="jlora.apply: recompute must be False, True or 'inputs'"):
