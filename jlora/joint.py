@@ -17,8 +17,8 @@ with Explicit axes, where types show it, such a matmul keeps the plain sum by it
 
 The backward is that of the two matmuls (``dx = dy·wᵀ``, ``dt = dy·bᵀ``, ``db = tᵀ·dy``; ``w``
 is frozen): it keeps ``t``, ``w`` and ``b``, not the stacked weight. A call that is not
-differentiated (serving, an evaluation) computes the plain sum, which XLA fuses into its readers:
-there is nothing to store, and the stacking would only copy ``x`` and ``w``.
+differentiated (serving, an evaluation) stacks too: measured on an H100, a Llama evaluation runs
+4% faster than with the plain sum, at the same peak memory (the CPU's scratch is higher).
 """
 
 from __future__ import annotations
@@ -87,6 +87,6 @@ def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,
         dx, dt, db = vjp(dy)
         return dx, dt, None, db
 
-    project = jax.custom_vjp(lambda x, t, w, b: dot(x, w) + dot(t, b))  # undifferentiated: the plain sum
+    project = jax.custom_vjp(joint)  # undifferentiated too: one pass, faster on the GPU than the sum (RESULTS.md)
     project.defvjp(fwd, bwd)
     return project(x, t, w, b)

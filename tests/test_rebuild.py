@@ -226,10 +226,6 @@ def test_a_stored_sum_is_pinned_only_where_differentiated():
     assert few.count("optimization_barrier") >= 4  # gate and up of 2 layers, and their cotangents
     forward = str(jax.make_jaxpr(jlora.apply(model))(params, jnp.ones((7, D))))
     assert "optimization_barrier" not in forward
-    # nor, with tokens enough to stack, [x | t] @ [w ; b]: undifferentiated, the sum fuses into its readers
-    stacked = r"f32\[20,24\] = concatenate"  # [w ; b] of gate and up
-    assert not re.search(stacked, str(jax.make_jaxpr(jlora.apply(model))(params, jnp.ones((64, D)))))
-    assert re.search(stacked, grad_jaxpr(params, tokens=64))
 
     def mixed(p, h):  # down's input in bf16 against an f32 kernel: gate's and up's sums kept, nothing rebuilt
         act = (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])).astype(jnp.bfloat16)

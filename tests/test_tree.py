@@ -449,7 +449,7 @@ def test_a_module_holding_a_layer_twice_is_counted_once_and_not_split():
 def test_stacked_adapters_serve_one_per_row_over_one_base():
     """Multi-tenant serving: each row of the batch with its own adapter, the base once; each row as
     the merged weights of its adapter give it, and no adapter's ΔW formed."""
-    fn = lambda p, x: jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]
+    fn = lambda p, x: jax.nn.silu(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["v"]["kernel"]  # q's sum kept: stacked
     trees = [perturb(tree(), jax.random.key(i)) for i in range(3)]
     frozen = jlora.split(trees[0])[1]
     halves = [jlora.split(t)[0] for t in trees]
