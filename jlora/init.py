@@ -355,8 +355,10 @@ def lora_init(
         (16, 4)
     """
     if not isinstance(config, LoraConfig):
+        order = (" (the arguments go lora_init(key, params, config))"
+                 if any(isinstance(x, LoraConfig) for x in (key, params)) else "")
         raise ValueError(f"lora_init: config must be a jlora.LoraConfig, got {type_name(config)} "
-                         "(jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...]))")
+                         f"(jlora's is jlora.LoraConfig(rank=..., alpha=..., targets=[...])){order}")
     check_key(key, "lora_init")
     if infer_layout is not None and not callable(infer_layout):
         raise ValueError(f"lora_init: infer_layout must be a function of the params that runs the model once (linen: "

@@ -83,6 +83,10 @@ def _check_has_adapters(params: Any, where: str) -> None:
     if not any(is_node(x) for x in leaves) and any(hasattr(x, "shape") for x in leaves):
         raise ValueError(f"{where}: params hold no LoraWeight or Trainable leaf, so nothing would train; "
                          "call jlora.lora_init first")
+    nodes = [x for x in leaves if is_node(x)]
+    if nodes and all(x.half == "frozen" if isinstance(x, LoraWeight) else x.value is None for x in nodes):
+        raise ValueError(f"{where}: params are the frozen half of jlora.split (no factors, nothing would train): "
+                         "jlora.split returns (trainable, frozen), in that order")
 
 
 def _state_shapes(inner: optax.GradientTransformation) -> Callable[[Any], Any]:
@@ -243,6 +247,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
             raise ValueError(f"jlora.optimizer: params must be the param tree after jlora.lora_init (or its trainable "
                              f"half), got a {type(params).__name__} with no LoraWeight or Trainable leaf; a LoRA+ ratio "
                              "goes in b_lr_ratio=")
+        _check_has_adapters(params, "jlora.optimizer")
     plain = isinstance(b_lr_ratio, numbers.Real) and b_lr_ratio == 1.0
     adapter = tx if plain else optax.chain(tx, scale_lora_b(b_lr_ratio))
     inner = optax.multi_transform({FROZEN: optax.set_to_zero(), ADAPTER: adapter}, _group)

@@ -382,6 +382,8 @@ def test_params_whose_paths_collide_are_refused_not_overwritten():
 def test_a_config_that_is_not_a_lora_config_or_a_key_that_is_not_a_key_is_refused():
     with pytest.raises(ValueError, match="config must be a jlora.LoraConfig, got dict .jlora's is jlora.LoraConfig"):
         lora_init(KEY, base(), {"rank": 2})
+    with pytest.raises(ValueError, match=r"PRNGKeyArray .*\)\) \(the arguments go lora_init\(key, params, config\)\)"):
+        lora_init(base(), LoraConfig(targets=["q_proj"]), KEY)  # lorax's order
     with pytest.raises(ValueError, match=r"infer_layout must be a function of the params .*model.apply\(\{'params': p\}, x\).*, got int"):
         lora_init(KEY, base(), LoraConfig(targets=["q_proj"]), infer_layout=3)
     with pytest.raises(ValueError, match=r"lora_init: expected a PRNG key .* got 0"):

@@ -152,6 +152,14 @@ def test_bad_input():
         jlora.optimizer(optax.sgd(1.0), 16.0)  # the ratio passed where the params go would leave b's rate as it is
     with pytest.raises(TypeError):
         jlora.optimizer(optax.sgd(1.0), None, 16.0)  # keyword-only
+    base = {"q": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+    p = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q/kernel"], trainable=["q/bias"]))
+    trainable, frozen = jlora.split(p)  # lorax's init_lora gave (frozen, tunable): that order, trained, never moves
+    for make in (lambda: jlora.optimizer(optax.sgd(1.0), frozen), lambda: jlora.optimizer(optax.sgd(1.0)).init(frozen)):
+        with pytest.raises(ValueError, match=r"params are the frozen half of jlora.split \(no factors, nothing would "
+                                             r"train\): jlora.split returns \(trainable, frozen\)"):
+            make()
+    jlora.optimizer(optax.sgd(1.0), trainable).init(p)
     for ratio in (0, -1.0, "2"):
         with pytest.raises(ValueError, match="jlora.scale_lora_b: ratio must be a finite number > 0"):
             jlora.scale_lora_b(ratio)
