@@ -607,10 +607,6 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 values.append(leaf)
                 abstract.append(leaf)  # make_jaxpr takes its type (shape, dtype, weak type, vma)
                 dynamic.append(i)
-            elif isinstance(leaf, jax.ShapeDtypeStruct):  # as jax.jit refuses it: fn would meet it as a value
-                raise ValueError(f"jlora.apply: {_argument(args, kwargs, i)} is a jax.ShapeDtypeStruct, not an array: "
-                                 "for shapes alone, call it under jax.eval_shape(forward, ...) or compile it with "
-                                 "jax.jit(forward).lower(...)")
             else:
                 static.append((i, leaf))
         unhashable = [i for i, v in static if not _hashable(v)]
@@ -633,6 +629,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once per input signature, as jax.jit "
                              "does, so Python code in it cannot read the values of its array arguments"
                              + (f" ({'; '.join(named)})" if named else ""))
+            raise
+        except TypeError as err:  # a static jax.ShapeDtypeStruct (a callback's result spec is one) used as a value
+            specs = [_argument(args, kwargs, i) for i, v in static if isinstance(v, jax.ShapeDtypeStruct)]
+            if specs and hasattr(err, "add_note"):
+                err.add_note(f"jlora.apply: {', '.join(specs[:3])} is a jax.ShapeDtypeStruct, which "
+                             f"{getattr(fn, '__name__', 'fn')} gets as it is, not as an array: for shapes alone, call "
+                             "the wrapped function under jax.eval_shape, or compile it with jax.jit(...).lower(...)")
             raise
         closed, out_tree, static_out, compiled = traced
         # a quantized kernel has no path of its own: its place in the arguments names it

@@ -397,7 +397,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         unique_indices=eqn.params.get("unique_indices", False),
         mode=mode, fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
-    wide = widest(base.dtype, lw.a.dtype, lw.b.dtype)  # as materialize: bf16 factors over f32 rows in f32
+    wide = widest(base.dtype, lw.a.dtype, lw.b.dtype, jnp.float32)  # as materialize: rows rounded once
     t = lax.dot_general(rows.astype(wide), _scaled(lw.b.astype(wide), lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     if mode == lax.GatherScatterMode.PROMISE_IN_BOUNDS:  # W[ids]'s: an id out of range is clamped, its gradient dropped
         inside = jnp.all((a_indices >= 0) & (a_indices < jnp.array([lw.shape[ax] for ax in ins])), axis=-1)

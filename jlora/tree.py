@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Sequence
 
@@ -298,7 +299,7 @@ def merge(tree: Any) -> Any:
     """
 
     narrow: list[str] = []  # adapted kernels in fp8 or narrower: w + Δ rounded there loses most of Δ
-    overflows: list[tuple[str, jax.Array]] = []  # float16 (or fp8) kernels: (path, count of entries w + Δ overflowed)
+    overflows: list[tuple[str, jax.Array]] = []  # float16 or fp8 kernels: (path, entries w + Δ made non-finite)
 
     def one(path: Any, x: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
@@ -310,13 +311,14 @@ def merge(tree: Any) -> Any:
             raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "
                              "jax.eval_shape gives), not arrays: merge needs the weights themselves")
         if isinstance(x, Lazy):
+            count = isinstance(x, LoraWeight) and jnp.issubdtype(x.w.dtype, jnp.floating) and float(
+                jnp.finfo(x.w.dtype).max) <= float(jnp.finfo(jnp.float16).max)  # no wider range overflows
             try:
-                out = _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x)
+                out, overflowed = _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x, count=count)
             except MaterializeMismatch as err:  # a kind's materialize() of another shape or dtype
                 raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
-            if (isinstance(x, LoraWeight) and not isinstance(x.w, Lazy) and jnp.issubdtype(x.w.dtype, jnp.floating)
-                    and jnp.finfo(x.w.dtype).max < jnp.finfo(jnp.float32).max and not _compat.is_tracer(out)):
-                overflows.append((path_str(path), _overflowed(x.w, out)))
+            if count and not _compat.is_tracer(out):  # under jax.jit nothing can be counted
+                overflows.append((path_str(path), overflowed))
             return out
         return x.value if isinstance(x, Trainable) else x
 
@@ -326,10 +328,11 @@ def merge(tree: Any) -> Any:
         from jlora.lazy import _user_stacklevel  # lazy imports this module
 
         p, n = overflowed[0]
-        warnings.warn(f"jlora.merge: w + scale·a@b overflows its dtype in {len(overflowed)} kernel(s), e.g. {p} "
-                      f"({n} entries became inf or nan where w is finite): the merged model computes inf there, where "
-                      "jlora.apply does not; serve the adapters unmerged (jlora.apply), or merge over w cast to a "
-                      "wider dtype (lw.replace(w=lw.w.astype(jnp.float32)))", stacklevel=_user_stacklevel())
+        warnings.warn(f"jlora.merge: w + scale·a@b is not finite in {len(overflowed)} kernel(s) where w is, e.g. {p} "
+                      f"({n} entries; past the range of w's dtype, or an adapter that is not finite itself): the "
+                      "merged model computes inf or nan there; serve the adapters unmerged (jlora.apply), or merge "
+                      "over w cast to a wider dtype (lw.replace(w=lw.w.astype(jnp.float32)))",
+                      stacklevel=_user_stacklevel())
     if narrow:
         from jlora.lazy import _user_stacklevel  # lazy imports this module
 
@@ -368,18 +371,17 @@ def base(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
 
 
-@jax.jit
-def _merged(x: Lazy) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="count")
+def _merged(x: Lazy, count: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """``x.materialize()`` compiled (once per shape, dtype, scale and layout: ``path`` is left out):
     one fused pass, where op by op each step's full-size copy (a bf16 kernel cast to f32, the
-    product, the sum) stayed alive, peaking at several times the kernel."""
-    return materialized(x)
-
-
-@jax.jit
-def _overflowed(w: jax.Array, merged: jax.Array) -> jax.Array:
-    """How many entries of ``merged`` are inf or nan where ``w`` is finite."""
-    return jnp.sum(jnp.isfinite(w) & ~jnp.isfinite(merged))
+    product, the sum) stayed alive, peaking at several times the kernel; with ``count`` (a
+    ``LoraWeight``), also how many of its entries are inf or nan where ``w`` is finite."""
+    out = materialized(x)
+    if not count:
+        return out, None
+    w = materialized(x.w) if isinstance(x.w, Lazy) else x.w  # a quantized base: the same pass's (CSE)
+    return out, jnp.sum(jnp.isfinite(w) & ~jnp.isfinite(out))
 
 
 @jax.jit

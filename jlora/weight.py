@@ -358,9 +358,10 @@ class LoraWeight(Lazy):
         return obj
 
     def replace(self, **changes: Any) -> "LoraWeight":
-        """A copy with some fields changed (like ``dataclasses.replace``): ``scale``, ``dropout`` and
-        an array's dtype (float) checked as the constructor checks them, arrays' shapes not (a rule
-        or ``split`` puts ``None`` or other values there).
+        """A copy with some fields changed (like ``dataclasses.replace``): ``scale`` and ``dropout``
+        checked as the constructor checks them, and that an array given is a float one; not the
+        arrays' shapes, nor complex factors over a real ``w`` (a rule or ``split`` puts ``None`` or
+        other values there).
 
         Example:
             >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
@@ -471,7 +472,7 @@ class LoraWeight(Lazy):
                              "jlora.combine(trainable, frozen)'s (jlora.merge)")
         w = materialized(self.w) if isinstance(self.w, Lazy) else self.w  # a lazy base: a quantized weight
         delta = explicit.resharded_like(self.delta(over=w.dtype), w)
-        return (w.astype(delta.dtype) + delta).astype(w.dtype)
+        return (w.astype(delta.dtype) + delta).astype(jax.dtypes.canonicalize_dtype(w.dtype))  # numpy's float64: x64's
 
     @property
     def sharding(self) -> Any:
@@ -503,6 +504,10 @@ class LoraWeight(Lazy):
             Array([[0., 0.],
                    [0., 0.]], dtype=float32)
         """
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in (self.w, self.a, self.b)):
+            raise ValueError(f"LoraWeight {self.path!r} holds abstract values (jax.ShapeDtypeStruct, as jax.eval_shape "
+                             "gives), not arrays: run the wrapped function under jax.eval_shape, or compile it with "
+                             "jax.jit(...).lower(...)")
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
         if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
             return self.replace(w=w)  # a node of its own: apply tells a returned input by its id
@@ -692,9 +697,10 @@ def materialized(x: "Lazy") -> jax.Array:
         (2, 2)
     """
     out = x.materialize()
-    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), jnp.dtype(x.dtype)):
+    want = jax.dtypes.canonicalize_dtype(x.dtype)  # numpy's float64 with x64 off: float32, as JAX makes it
+    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), want):
         raise MaterializeMismatch(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, "
-                                  f"but the value says it is {jnp.dtype(x.dtype).name}{list(x.shape)} (its shape and dtype)")
+                                  f"but the value says it is {want.name}{list(x.shape)} (its shape and dtype)")
     return out
 
 

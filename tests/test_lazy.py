@@ -4,6 +4,7 @@ import importlib.util
 import inspect
 import os
 import re
+import sys
 import warnings
 
 import equinox as eqx
@@ -385,24 +386,34 @@ def test_numpy_float64_params_and_inputs_with_x64_off_run_unwarned():
         warnings.simplefilter("error")
         assert jlora.apply(f)(p, x).dtype == jnp.float32
         grads = jax.grad(lambda t: jlora.apply(f)(jlora.combine(t, frozen), x).sum())(trainable)
+        assert p["k"].materialize().dtype == jlora.merge(p)["k"].dtype == jnp.float32
     as_jax = jax.tree.map(jnp.asarray, frozen)  # the oracle on float32 arrays
     oracle = jax.grad(lambda t: f(oracle_merge(jlora.combine(t, as_jax)), jnp.asarray(x)).sum())(trainable)
     jax.tree.map(lambda g, o: np.testing.assert_allclose(g, o, rtol=1e-6), grads, oracle)
 
 
-def test_an_abstract_argument_is_refused_pointing_to_eval_shape():
-    """A jax.ShapeDtypeStruct in the arguments (as jax.jit refuses it): fn would meet it as a value
-    and fail deep inside; jax.eval_shape and lower take abstract inputs."""
+def test_abstract_values_in_the_arguments_point_to_eval_shape():
+    """A jax.ShapeDtypeStruct is a static value to the wrapped function (a callback's result spec,
+    a module's field); where the function uses it as an array the error says so, and abstract
+    params (jax.eval_shape's) are refused naming the param."""
     params = jlora.lora_init(KEY, {"k": jnp.ones((6, 3)), "bias": jnp.zeros(3)}, jlora.LoraConfig(rank=2, targets=["k"]))
     f = jlora.apply(lambda p, x: x @ p["k"] + p["bias"])
     x = jax.ShapeDtypeStruct((4, 6), jnp.float32)
-    with pytest.raises(ValueError, match=r"jlora.apply: argument 1 is a jax.ShapeDtypeStruct, not an array: .*"
-                                         r"jax.eval_shape"):
-        f(params, x)
-    with pytest.raises(ValueError, match=r"argument 0 at 'bias' is a jax.ShapeDtypeStruct"):
-        f({**params, "bias": jax.ShapeDtypeStruct((3,), jnp.float32)}, jnp.ones((4, 6)))
     assert jax.eval_shape(f, params, x).shape == (4, 3)
     assert jax.jit(f).lower(params, x).compile()(params, jnp.ones((4, 6))).shape == (4, 3)
+    spec = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    with_callback = jlora.apply(lambda p, x, spec: jax.pure_callback(np.tanh, spec, x @ p["k"]))
+    np.testing.assert_allclose(with_callback(params, jnp.ones((4, 6)), spec), np.tanh(jnp.ones((4, 6)) @ params["k"].w),
+                               rtol=1e-6)
+    with pytest.raises(TypeError) as err:
+        f(params, x)
+    if sys.version_info >= (3, 11):  # the note
+        assert "jlora.apply: argument 1 is a jax.ShapeDtypeStruct, which <lambda> gets as it is" in "".join(err.value.__notes__)
+    abstract = jax.eval_shape(lambda: params)
+    with pytest.raises(ValueError, match=r"LoraWeight 'k' holds abstract values \(jax.ShapeDtypeStruct, as "
+                                         r"jax.eval_shape gives\), not arrays: run the wrapped function under jax.eval_shape"):
+        f(abstract, jnp.ones((4, 6)))
+    assert jax.eval_shape(f, abstract, x).shape == (4, 3)
 
 
 def test_apply_options_and_numpy_strings_are_checked():

@@ -7,7 +7,7 @@ import pytest
 
 import jlora
 from oracle import oracle_merge, perturb
-from quantized import quantize
+from quantized import Int8Weight, quantize
 
 KEY = jax.random.key(0)
 
@@ -191,7 +191,9 @@ def test_merge_of_half_precision_factors_rounds_once():
                           scale=16 / 6)
     f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     want = jnp.asarray(f64(w) + (16 / 6) * f64(lw.a) @ f64(lw.b), jnp.float32).astype(jnp.bfloat16)
-    for got in (jlora.merge({"q": lw})["q"], lw.materialize()):
+    ids = jnp.arange(64)
+    looked_up = jlora.apply(lambda p: p["q"][ids])({"q": lw})  # an embedding lookup forms its rows alike
+    for got in (jlora.merge({"q": lw})["q"], lw.materialize(), looked_up):
         off = np.asarray(got != want)  # the correctly rounded sum but where float32's own rounding tips a near tie
         assert got.dtype == jnp.bfloat16 and off.mean() < 0.01, off.mean()  # 23% before
         np.testing.assert_allclose(f64(got)[off], f64(want)[off], rtol=2 ** -7)  # one step at most
@@ -201,8 +203,8 @@ def test_merge_warns_where_a_float16_sum_overflows():
     """An adapter whose update passes float16's largest value (65504): the merged kernel holds inf
     where w is finite, which jlora.apply never computes; merge says so, naming the param."""
     lw = jlora.LoraWeight(jnp.ones((4, 4), jnp.float16), jnp.full((4, 1), 300.0), jnp.full((1, 4), 300.0), scale=1.0)
-    with pytest.warns(UserWarning, match=r"jlora.merge: w \+ scale·a@b overflows its dtype in 1 kernel\(s\), e.g. "
-                                         r"layers/0/q \(16 entries became inf or nan where w is finite\)"):
+    with pytest.warns(UserWarning, match=r"jlora.merge: w \+ scale·a@b is not finite in 1 kernel\(s\) where w is, "
+                                         r"e.g. layers/0/q \(16 entries; past the range of w's dtype"):
         merged = jlora.merge({"layers": [{"q": lw}, {"q": lw.replace(a=lw.a / 300)}]})
     assert np.isinf(merged["layers"][0]["q"]).all() and np.isfinite(merged["layers"][1]["q"]).all()
     inf_base = lw.replace(w=jnp.full((4, 4), jnp.inf, jnp.float16), a=lw.a / 300)  # inf already in w: not the merge's
@@ -210,6 +212,10 @@ def test_merge_warns_where_a_float16_sum_overflows():
         warnings.simplefilter("error")
         jlora.merge({"q": inf_base})
         jax.jit(jlora.merge)({"q": lw})  # traced: nothing to count
+    # over a quantized base (QLoRA merged onto a float16 model) too
+    q8 = Int8Weight(jnp.ones((4, 4), jnp.int8), jnp.ones(4, jnp.float16))
+    with pytest.warns(UserWarning, match=r"is not finite in 1 kernel\(s\) where w is, e.g. q \(16 entries"):
+        assert np.isinf(jlora.merge({"q": lw.replace(w=q8)})["q"]).all()
 
 
 def test_an_integer_base_put_in_by_a_tree_map_is_refused_not_truncated():
