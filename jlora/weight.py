@@ -697,8 +697,8 @@ def materialized(x: "Lazy") -> jax.Array:
         (2, 2)
     """
     out = x.materialize()
-    want = jax.dtypes.canonicalize_dtype(x.dtype)  # numpy's float64 with x64 off: float32, as JAX makes it
-    if (tuple(out.shape), jnp.dtype(out.dtype)) != (tuple(x.shape), want):
+    shape, want = tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)  # numpy's float64, x64 off: float32
+    if (tuple(out.shape), jnp.dtype(out.dtype)) != (shape, want):
         raise MaterializeMismatch(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, "
                                   f"but the value says it is {want.name}{list(x.shape)} (its shape and dtype)")
     return out
