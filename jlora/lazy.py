@@ -681,6 +681,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                             "wrapped function use jlora.apply(fn, recompute=False) (a custom_vjp of the function's "
                             "own has no forward mode either)") from None
         except Exception as err:
+            named = [f"values[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"  # jax.jit's own names for the arguments
+                     for k in dict.fromkeys(re.findall(r"\bvalues\[(\d+)\]", str(err))) if int(k) < len(dynamic)]
+            if named and "interpreter.<locals>.run" in str(err) and hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"jlora.apply: {'; '.join(named)}")  # devices that differ, say
             if not (_compat.is_sharding_type_error(err) and _raised_by_jlora(err)):
                 raise  # the function's own code (a custom rule's fwd, run only when differentiated)
             raise ValueError(f"jlora.apply could not shard the low-rank path on this mesh's Explicit axes: {err} "

@@ -920,3 +920,15 @@ def test_an_adapter_stacked_on_an_adapter_shards_both_pairs_of_factors():
     placed = sharding.place(outer, mesh, [("w", P(None, "model"))])
     fn = jax.jit(jlora.apply(lambda p, x: x @ p["w"]))
     np.testing.assert_allclose(fn(placed, jnp.ones((2, 8))), jnp.ones((2, 8)) @ jlora.merge(outer)["w"], rtol=1e-6)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the note: Python 3.11+")
+def test_params_on_different_devices_are_named_by_path():
+    """JAX's error names the arguments of jlora's compiled evaluation (values[k]); a note names the params."""
+    d = jax.devices()
+    base = {"dense": {"kernel": jax.device_put(jnp.ones((8, 4)), d[1]), "bias": jax.device_put(jnp.zeros(4), d[2])}}
+    p = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"]))
+    with pytest.raises(ValueError, match="incompatible devices") as err:
+        jlora.apply(lambda p, x: x @ p["dense"]["kernel"] + p["dense"]["bias"])(p, jnp.ones((2, 8)))
+    assert "jlora.apply: values[0] is argument 0 at 'dense/bias'; values[1] is argument 0 at 'dense/kernel'" in \
+        err.value.__notes__
