@@ -623,8 +623,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
                             bool(nnx_vars))
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
-            named = [f"dyn[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"
-                     for k in dict.fromkeys(re.findall(r"\bdyn\[(\d+)\]", str(err))) if int(k) < len(dynamic)]
+            named = _named_values(err, "dyn", args, kwargs, dynamic)
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once per input signature, as jax.jit "
                              "does, so Python code in it cannot read the values of its array arguments"
@@ -681,8 +680,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                             "wrapped function use jlora.apply(fn, recompute=False) (a custom_vjp of the function's "
                             "own has no forward mode either)") from None
         except Exception as err:
-            named = [f"values[{k}] is {_argument(args, kwargs, dynamic[int(k)])}"  # jax.jit's own names for the arguments
-                     for k in dict.fromkeys(re.findall(r"\bvalues\[(\d+)\]", str(err))) if int(k) < len(dynamic)]
+            named = _named_values(err, "values", args, kwargs, dynamic)  # jax.jit's names for run's arguments
             if named and "interpreter.<locals>.run" in str(err) and hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply: {'; '.join(named)}")  # devices that differ, say
             if not (_compat.is_sharding_type_error(err) and _raised_by_jlora(err)):
@@ -807,6 +805,13 @@ def _hashable(v: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _named_values(err: Exception, name: str, args: tuple, kwargs: dict, dynamic: Sequence[int]) -> list[str]:
+    """``"<name>[k] is argument ... at '...'"`` for each ``<name>[k]`` JAX's message ``err`` names:
+    jlora's traced or compiled function's k-th array, the k-th of ``dynamic`` among the leaves."""
+    found = dict.fromkeys(int(k) for k in re.findall(rf"\b{name}\[(\d+)\]", str(err)))
+    return [f"{name}[{k}] is {_argument(args, kwargs, dynamic[k])}" for k in found if k < len(dynamic)]
 
 
 def _argument(args: tuple, kwargs: dict, leaf: int) -> str:

@@ -152,8 +152,14 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     pref = eqn.params.get("preferred_element_type")
     keep_out = set(out_labels)
     kept = ctx.rebuild_inputs and rebuild.kept_for_rebuild(ctx.frame, eqn.outvars[0], ctx)
-    # the equation itself, with x and the weight in their places
-    dot = (lambda x, w: _bind(ctx, eqn, [x, w], lw)[0]) if lazy_rhs else (lambda x, w: _bind(ctx, eqn, [w, x], lw)[0])
+    # the equation itself, with x and the weight in their places: over a lazy base (a quantized
+    # kernel) by its own rules; else closing over nothing traced (joint_dot's backward, kept in
+    # the traced jaxpr, would keep this trace alive)
+    order = (lambda x, w: [x, w]) if lazy_rhs else (lambda x, w: [w, x])
+    if is_lazy(lw.w):
+        dot = lambda x, w: _bind(ctx, eqn, order(x, w), lw)[0]
+    else:
+        dot = lambda x, w: _compat.bind(eqn, order(x, w))[0]
     if first == "a":
         t, t_labels = _down_projection(ctx, eqn, 1 - int(lazy_rhs), x, x_labels, lw, a_labels,
                                        keep_out | set(b_labels), pref, prec)
@@ -175,10 +181,7 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
-            # the equation on plain values (w is no lazy value here), closing over nothing traced:
-            # the backward joint_dot keeps in the jaxpr would keep this trace alive
-            plain = (lambda x, w: _compat.bind(eqn, [x, w])[0]) if lazy_rhs else (lambda x, w: _compat.bind(eqn, [w, x])[0])
-            return [_stored(joint_dot(x, t, lw.w, b, plain, x_contract[0], w_contract[0]))]
+            return [_stored(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
         y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels, keep_out, pref, prec)
     else:
         t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,

@@ -305,8 +305,8 @@ def merge(tree: Any) -> Any:
         x = check_whole(x, path_str(path), "jlora.merge", used_as_is=True)
         if isinstance(x, LoraWeight):
             check_float("w", x.w, path_str(path))  # an integer w (put there by a tree map) would drop the adapter
-        if isinstance(x, LoraWeight) and has_shape(x.w) and narrow_float(x.w.dtype):
-            narrow.append(f"{path_str(path)} ({jnp.dtype(x.w.dtype).name})")
+            if has_shape(x.w) and narrow_float(x.w.dtype):
+                narrow.append(f"{path_str(path)} ({jnp.dtype(x.w.dtype).name})")
         if isinstance(x, Lazy) and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(x)):
             raise ValueError(f"jlora.merge: '{path_str(path)}' holds abstract values (jax.ShapeDtypeStruct, as "
                              "jax.eval_shape gives), not arrays: merge needs the weights themselves")
@@ -323,10 +323,13 @@ def merge(tree: Any) -> Any:
         return x.value if isinstance(x, Trainable) else x
 
     merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
-    overflowed = [(p, n) for p, n in zip([p for p, _ in overflows], jax.device_get([n for _, n in overflows])) if n]
-    if overflowed:
-        from jlora.lazy import _user_stacklevel  # lazy imports this module
+    counts = jax.device_get([n for _, n in overflows])  # one wait for them all
+    overflowed = [(p, n) for (p, _), n in zip(overflows, counts) if n]
+    if not (overflowed or narrow):
+        return merged
+    from jlora.lazy import _user_stacklevel  # lazy imports this module
 
+    if overflowed:
         p, n = overflowed[0]
         warnings.warn(f"jlora.merge: w + scale·a@b is not finite in {len(overflowed)} kernel(s) where w is, e.g. {p} "
                       f"({n} entries; past the range of w's dtype, or an adapter that is not finite itself): the "
@@ -334,8 +337,6 @@ def merge(tree: Any) -> Any:
                       "over w cast to a wider dtype (lw.replace(w=lw.w.astype(jnp.float32)))",
                       stacklevel=_user_stacklevel())
     if narrow:
-        from jlora.lazy import _user_stacklevel  # lazy imports this module
-
         warnings.warn(f"jlora.merge: {len(narrow)} adapted kernel(s) in floats of 8 bits or fewer, e.g. {narrow[0]}: w + scale·a@b "
                       "rounded to w's dtype keeps little of the adapter, which jlora.apply ran in a wider dtype; "
                       "serve the adapters unmerged (jlora.apply), or merge over w cast to a wider dtype "
