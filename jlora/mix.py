@@ -18,24 +18,36 @@ from jlora.weight import LoraWeight, Trainable, is_node
 
 def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = None) -> Any:
     """One adapter whose update is ``Σ weights[i] · scaleᵢ · aᵢ @ bᵢ``: of the adapters' ranks
-    summed (exact), or of ``rank`` (the closest of that rank, by an SVD of each kernel's sum;
-    exact where ``rank`` is the sum's own). The adapters are trees of one structure (trainable
-    halves of ``jlora.split``, or whole trees, whose other leaves and base weights are taken from
-    the first) with adapters at the same params, of any ranks and scales; a weight may be negative
-    (a task subtracted) or a traced array. The result has the first adapter's scale and dropout
-    rate, so that a mix of trainable halves combines with the first's frozen half. Leaves trained
-    whole (``Trainable``) are refused: mix their values as you mean to.
+    summed (exact), or of ``rank`` (the closest of that rank, by an SVD of each kernel's sum).
+
+    The adapters are trees of one structure (trainable halves of ``jlora.split``, or whole trees,
+    whose other leaves and base weights are taken from the first) with adapters at the same params,
+    of any ranks and scales. (PEFT's ``add_weighted_adapter`` also takes adapters of other targets,
+    each param mixing those that have one; here that is refused, naming the param.) A weight is a
+    real number, one per adapter: negative for a task subtracted, or a traced array.
+
+    With ``rank``, a param whose summed update has no more than ``rank`` directions (the ranks
+    summed, or the kernel's in or out size) keeps it exactly, its factors padded with zeros to
+    ``rank`` (as PEFT's ``"svd"``). The fit's gradient with respect to the weights is NaN where
+    the summed update has fewer directions than the ranks summed (a weight of zero, an adapter
+    mixed with itself): learn weights with ``rank=None``, then fit.
+
+    The result has the first adapter's scale and dropout rate, so that a mix of trainable halves
+    combines with the first's frozen half. Leaves trained whole (``Trainable``) are refused: mix
+    their values as you mean to.
 
     Example:
-        >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
-        >>> mixed = mix([{"k": lw}, {"k": lw}], [0.5, 0.25])["k"]
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
+        >>> mixed = jlora.mix([{"k": lw}, {"k": lw}], [0.5, 0.25])["k"]
         >>> mixed.rank, mixed.scale, float(mixed.delta()[0, 0])
         (2, 2.0, 1.5)
+        >>> jlora.mix([{"k": lw}, {"k": lw}], [0.5, 0.25], rank=3)["k"].rank  # exact, padded
+        3
     """
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.mix: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
-    if not isinstance(weights, (list, tuple, np.ndarray, jax.Array)) or len(weights) != len(adapters):
-        raise ValueError(f"jlora.mix: weights must be a list of one number per adapter ({len(adapters)}), got {weights!r}")
+    weights = _checked_weights(weights, len(adapters))
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"jlora.mix: rank must be a positive int, or None for the ranks summed; got {rank!r}")
     flat = [jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node) for tree in adapters]
@@ -65,8 +77,28 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
         fitted: list[LoraWeight] = []
         for i, node in enumerate(nodes):
             fitted.append(_checked(node, fitted[0] if fitted else None, i, where))
-        out.append(first.replace(**_mixed(fitted, weights, rank, where)))  # first's layout: a stack's stays its own
+        out.append(first.replace(**_mixed(fitted, weights, rank)))  # first's layout: a stack's stays its own
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _checked_weights(weights: Any, n: int) -> list[Any]:
+    """``weights`` as a list of ``n`` real scalars (Python numbers or 0-d arrays, traced or not),
+    or a ``ValueError`` naming what is wrong."""
+    what = f"jlora.mix: weights must be one real number per adapter ({n})"
+    if not isinstance(weights, (list, tuple, np.ndarray, jax.Array)):
+        raise ValueError(f"{what}, got {type(weights).__name__}")
+    if isinstance(weights, (np.ndarray, jax.Array)) and weights.ndim != 1:
+        raise ValueError(f"{what}: an array of shape ({n},), got shape {tuple(weights.shape)}")
+    if len(weights) != n:
+        raise ValueError(f"{what}, got {len(weights)}: {weights!r}")
+    for i, c in enumerate(weights):
+        real = isinstance(c, numbers.Real) and not isinstance(c, bool) or (
+            isinstance(c, (np.ndarray, np.generic, jax.Array)) and np.ndim(c) == 0
+            and jnp.issubdtype(c.dtype, jnp.integer) | jnp.issubdtype(c.dtype, jnp.floating))
+        if not real:
+            got = f"{c.dtype}{list(np.shape(c))}" if hasattr(c, "dtype") else f"{c!r} ({type(c).__name__})"
+            raise ValueError(f"{what}: weights[{i}] is {got}")
+    return list(weights)
 
 
 def _checked(node: Any, first: LoraWeight | None, i: int, where: str) -> LoraWeight:
@@ -87,7 +119,7 @@ def _checked(node: Any, first: LoraWeight | None, i: int, where: str) -> LoraWei
     return node
 
 
-def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, where: str) -> dict[str, Any]:
+def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None) -> dict[str, Any]:
     """The mixed adapter's ``a``, ``b`` and ``scale``, of ``nodes`` fitted to their arrays."""
     first = nodes[0]
     nb = len(first.layout.group("b"))
@@ -98,19 +130,25 @@ def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None, wh
         return {"a": a, "b": b, "scale": scale}
     batch, ins, outs = a.shape[:nb], a.shape[nb:-1], b.shape[nb + 1:]
     summed, n_in, n_out = a.shape[-1], math.prod(ins), math.prod(outs)
-    most = min(summed, n_in, n_out)
-    if rank > most:
-        raise ValueError(f"jlora.mix: rank {rank} at '{where}' is more than the mixed update has ({most}: the ranks "
-                         f"summed, {summed}, or the kernel's in or out size); rank=None keeps it whole")
+    if rank >= summed:  # the sum itself, padded: every direction it has is kept
+        return {"a": _padded(a, rank, -1), "b": _padded(b, rank, nb), "scale": scale}
+    kept = min(rank, n_in, n_out)  # a rank past the kernel's size: every direction, padded
     wide = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     flat_a = a.astype(wide).reshape(*batch, n_in, summed)
     flat_b = b.astype(wide).reshape(*batch, summed, n_out)
     q_a, r_a = jnp.linalg.qr(flat_a)  # a @ b = q_a (r_a r_bᵀ) q_bᵀ: an SVD of a small matrix
     q_b, r_b = jnp.linalg.qr(jnp.swapaxes(flat_b, -1, -2))
     u, s, vt = jnp.linalg.svd(r_a @ jnp.swapaxes(r_b, -1, -2), full_matrices=False)
-    root = jnp.sqrt(s[..., :rank])
-    new_a = (q_a @ u[..., :rank]) * root[..., None, :]
-    new_b = root[..., :, None] * (vt[..., :rank, :] @ jnp.swapaxes(q_b, -1, -2))
-    return {"a": new_a.reshape(*batch, *ins, rank).astype(first.a.dtype),
-            "b": new_b.reshape(*batch, rank, *outs).astype(first.b.dtype), "scale": scale}
+    root = jnp.sqrt(s[..., :kept])
+    new_a = (q_a @ u[..., :kept]) * root[..., None, :]
+    new_b = root[..., :, None] * (vt[..., :kept, :] @ jnp.swapaxes(q_b, -1, -2))
+    new_a = new_a.reshape(*batch, *ins, kept).astype(first.a.dtype)
+    new_b = new_b.reshape(*batch, kept, *outs).astype(first.b.dtype)
+    return {"a": _padded(new_a, rank, -1), "b": _padded(new_b, rank, nb), "scale": scale}
 
+
+def _padded(x: jax.Array, rank: int, axis: int) -> jax.Array:
+    """``x`` with zeros appended along its rank ``axis`` up to ``rank``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rank - x.shape[axis])
+    return jnp.pad(x, pad)

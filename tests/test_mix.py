@@ -86,8 +86,15 @@ def test_what_does_not_mix_is_refused_by_name():
     one, other = adapters((6, 5), "io", (2, 2))
     with pytest.raises(ValueError, match="non-empty list"):
         jlora.mix([], [])
-    with pytest.raises(ValueError, match=r"one number per adapter \(2\)"):
+    with pytest.raises(ValueError, match=r"one real number per adapter \(2\), got 1"):
         jlora.mix([{"k": one}, {"k": other}], [1.0])
+    for weights, got in ((["a", "b"], r"weights\[0\] is 'a' \(str\)"), ([None, 1.0], r"weights\[0\] is None"),
+                         ([1.0, 1j], r"weights\[1\] is 1j"), ([True, 1.0], r"weights\[0\] is True"),
+                         ([1.0, np.ones(2)], r"weights\[1\] is float64\[2\]"),
+                         (jnp.ones((2, 2)), r"an array of shape \(2,\), got shape \(2, 2\)"),
+                         (np.ones(2, complex), r"weights\[0\] is complex128\[\]"), (0.5, "got float")):
+        with pytest.raises(ValueError, match=got):
+            jlora.mix([{"k": one}, {"k": other}], weights)
     with pytest.raises(ValueError, match="rank must be a positive int"):
         jlora.mix([{"k": one}], [1.0], rank=0)
     with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0, at 'j'"):
@@ -106,5 +113,24 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}, {"k": jlora.split({"k": other})[1]["k"]}], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"'b' is trained whole \(Trainable\), not an adapter"):
         jlora.mix([{"k": one, "b": jlora.Trainable(jnp.ones(5))}] * 2, [1.0, 1.0])
-    with pytest.raises(ValueError, match=r"rank 6 at 'k' is more than the mixed update has \(4"):
-        jlora.mix([{"k": one}, {"k": other}], [1.0, 1.0], rank=6)
+
+
+def test_a_rank_past_what_a_param_sums_keeps_its_sum_exactly_padded_with_zeros():
+    """As PEFT's ``"svd"`` with a larger ``svd_rank``: one ``rank`` for every param, whose sums may
+    have fewer directions (rank patterns), the ranks summed or the kernel's size."""
+    small, big = adapters((6, 5), "io", (1, 1)), adapters((6, 5), "io", (3, 4))  # sums of rank 2 and 7 (> 5)
+    trees = [{"small": s, "big": b} for s, b in zip(small, big)]
+    mixed = jlora.mix(trees, [0.5, -1.0], rank=4)
+    for name, parts in (("small", small), ("big", big)):
+        got = mixed[name]
+        assert got.rank == 4 and got.a.shape == (6, 4) and got.b.shape == (4, 5)
+        want = 0.5 * delta(parts[0]) - 1.0 * delta(parts[1])
+        if name == "small":  # exact, and its padding zero
+            np.testing.assert_allclose(delta(got), want, rtol=1e-5, atol=1e-6)
+            assert not np.any(got.a[:, 2:]) and not np.any(got.b[2:])
+        else:  # the best of rank 4 (the sum has rank 5: the kernel's out size)
+            u, s, vt = np.linalg.svd(want)
+            np.testing.assert_allclose(delta(got), (u[:, :4] * s[:4]) @ vt[:4], rtol=1e-4, atol=1e-5)
+    past = jlora.mix([{"k": b} for b in big], [0.5, -1.0], rank=6)["k"]  # past the kernel's 5: all of it, padded
+    assert past.rank == 6 and not np.any(past.a[:, 5:]) and not np.any(past.b[5:])
+    np.testing.assert_allclose(delta(past), 0.5 * delta(big[0]) - delta(big[1]), rtol=1e-4, atol=1e-5)
