@@ -65,8 +65,15 @@ def misfit(grads: Any, params: Any) -> str | None:
         "'k' is (2, 3) in the gradients, (3, 2) in the params"
     """
     shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else None
-    in_grads = {p: shape(x) for p, x in leaves_with_paths(grads)}
-    in_params = {p: shape(x) for p, x in leaves_with_paths(params)}
+
+    def flat(tree: Any) -> dict[str, Any]:  # a frozen leaf's None in a trainable half is a place too
+        out = {}
+        for path, x in leaves_with_paths(tree, is_leaf=lambda x: x is None or is_node(x)):
+            out.update({f"{path}/{field}": shape(y) for field, y in leaves_with_paths(x)} if is_node(x) else
+                       {path: shape(x)})
+        return out
+
+    in_grads, in_params = flat(grads), flat(params)
     only_grads, only_params = sorted(set(in_grads) - set(in_params)), sorted(set(in_params) - set(in_grads))
     if only_grads or only_params:
         return f"only in the gradients: {only_grads[:5]}; only in the params: {only_params[:5]}"

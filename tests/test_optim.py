@@ -218,7 +218,7 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
     jlora.optimizer(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), opaque_mode=True), p, b_lr_ratio=4.0).init(p)
     with pytest.raises(ValueError, match=r"b_lr_ratio=1.0 \(a Python number: an array, as optax.inject_hyperparams "
-                                         "passes it, scales even at 1\)"):
+                                         r"passes it, scales even at 1\)"):
         jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p, b_lr_ratio=jnp.float32(1.0))
     # a line search picks the step for tx's own update: b's, scaled after it, is a step it never checked
     search = "its line search picks the step length for tx's update"
@@ -321,6 +321,10 @@ def test_gradients_of_another_model_are_refused_by_path():
         with pytest.raises(ValueError, match=r"the gradients hold no adapters .*not the merged or base params"):
             tx.update(merged_grads, state, params)
     tx.update(trainable, state, trainable)  # the right ones pass
+    with_head = jlora.split({**ours, "head": {"kernel": jnp.ones((8, 2))}})[0]  # None there: a place all the same
+    state = tx.init(with_head)
+    with pytest.raises(ValueError, match=r"only in the gradients: \[\]; only in the params: \['head/kernel'\]$"):
+        tx.update({k: v for k, v in with_head.items() if k != "head"}, state, with_head)
 
 
 def test_per_example_gradients_reach_a_tx_that_takes_them():
