@@ -24,7 +24,7 @@ import numpy as np
 
 import jlora
 from jlora.adapter import as_opened, check_config_makes
-from jlora.config import ALL_LINEAR, LoraConfig, type_name
+from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
 from jlora.paths import leaves_with_paths
 from jlora.tree import check_whole
@@ -97,6 +97,7 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
         >>> example_inputs(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))["input_ids"].shape
         (1, 8)
     """
+    _check_model(model, "jlora.hf.example_inputs")
     args = _call_args(model)
     shapes = model.input_shape if isinstance(model.input_shape[0], tuple) else (model.input_shape,)
     of_rank = lambda n: next((tuple(s) for s in shapes if len(s) == n), None)  # HF's dummy with n axes
@@ -407,6 +408,7 @@ class LoraModel:
             check_config_makes("jlora.hf.LoraModel", config, params)
         self.config = config if loaded else preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key
+        check_key(key, "jlora.hf.LoraModel")
         self.params = params if loaded else lora_init(key, model, self.config, params, inputs=inputs)
 
         def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused

@@ -43,6 +43,9 @@ def token_ids(tokenizer: Any, text: str, chunk_chars: int = 1 << 20, context_cha
         >>> token_ids(PreTrainedTokenizerFast(tokenizer_object=words), "a b " * 3000, 2048, 256).size
         6000
     """
+    if not isinstance(text, str) or not callable(tokenizer):
+        raise ValueError(f"token_ids: takes a tokenizer (a transformers tokenizer, called on the text) and a str, "
+                         f"got {type(tokenizer).__name__} and {type(text).__name__}")
     if chunk_chars < 4 * context_chars or context_chars < 2:
         raise ValueError(f"token_ids: chunk_chars ({chunk_chars}) must be at least 4 × context_chars ({context_chars}), "
                          "and context_chars at least 2")

@@ -525,6 +525,10 @@ def test_what_is_not_a_model_instance_or_a_jlora_config_is_refused_by_name():
     with pytest.raises(TypeError, match=r"lora_init: takes a HF Flax model .* got dict; pass the model, and params "
                                         "of your own as params="):
         hf.lora_init(jax.random.key(0), model.params)
+    with pytest.raises(TypeError, match=r"example_inputs: takes a HF Flax model .* got object"):
+        hf.example_inputs(object())
+    with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: expected a PRNG key \(jax.random.key\(seed\)\), got 0"):
+        hf.LoraModel(model, None, 0)
 
     class LoraConfig:  # PEFT's, say: another class of the same name
         target_modules = ["c_attn"]

@@ -151,3 +151,8 @@ def test_a_short_text_or_a_slow_tokenizer_is_tokenized_in_one_call():
     assert tokenizer.lengths[1:] == [len(text) * 10]
     with pytest.raises(ValueError, match=r"chunk_chars \(100\) must be at least 4 × context_chars \(50\)"):
         token_ids(tokenizer, text, chunk_chars=100, context_chars=50)
+    for args, got in (((None, text), "got NoneType and str"), ((tokenizer, None), r"got _Spy and NoneType"),
+                      ((tokenizer, [text]), "got _Spy and list")):
+        with pytest.raises(ValueError, match=r"takes a tokenizer \(a transformers tokenizer, called on the text\) and "
+                                             "a str, " + got):
+            token_ids(*args)
