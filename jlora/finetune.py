@@ -355,6 +355,8 @@ def as_flags(message: str) -> str:
         "--targets: pattern 'q_proj' matches no param"
         >>> as_flags("LoraConfig.targets='all-linear' selects no kernel")
         '--targets all-linear selects no kernel'
+        >>> as_flags("lora_init: rank 512 for 'q/kernel' exceeds min(in=384, out=384) of its float32[384,384] kernel")
+        "--rank 512 is too large for 'q/kernel': it exceeds min(in=384, out=384) of its float32[384,384] kernel"
     """
     for python, flag in (("LoraConfig.targets=None", "--targets (the default)"),
                          ("pass LoraConfig(targets=[...]) or targets='all-linear'", "pass --targets PATTERN ... or --targets all-linear"),
@@ -362,6 +364,7 @@ def as_flags(message: str) -> str:
                          ("targets='all-linear'", "--targets all-linear"),
                          ("LoraConfig: 'all-linear'", "--targets: 'all-linear'")):
         message = message.replace(python, flag)
+    message = re.sub(r"^lora_init: rank (\d+) for ('[^']*') exceeds", r"--rank \1 is too large for \2: it exceeds", message)
     return re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
 
 

@@ -235,7 +235,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                     kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in WEIGHT_NAMES
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
                     raise ValueError(
-                        f"target {pat.text!r} matches '{path}' ({_describe(leaf)}): only float arrays "
+                        f"lora_init: target {pat.text!r} matches '{path}' ({_describe(leaf)}): only float arrays "
                         "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
@@ -252,7 +252,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         tuned = [pat for pat in trainable if pat.match(path)]
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
-                raise ValueError(f"'{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
+                raise ValueError(f"lora_init: '{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
             if not _is_trainable(leaf) and pat.match(path) == LEAF and not in_state(path, state):
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}' ({_describe(leaf)}): "
                                  "only float arrays can be trained")
@@ -368,11 +368,11 @@ def lora_init(
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
-        raise ValueError(f"params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
+        raise ValueError(f"lora_init: params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
                          "jlora addresses params by '/'-joined paths; rename the keys")
     for path, leaf in entries:
         if is_node(leaf):
-            raise ValueError(f"params already hold {leaf!r} at '{path}'; lora_init takes the base params (a new "
+            raise ValueError(f"lora_init: params already hold {leaf!r} at '{path}'; lora_init takes the base params (a new "
                              "adapter over this one: lora_init(key, jlora.merge(params), config), whose base, "
                              "jlora.base, is then the adapted model)")
         if hasattr(type(leaf), "__jax_array__") and not isinstance(leaf, (jax.Array, Lazy)) and not mutable_kind(leaf):
@@ -423,7 +423,7 @@ def lora_init(
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")
             raise ValueError(
-                f"'{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
+                f"lora_init: '{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
                 f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "
                 f"LoraConfig(layouts={{'{path}': 'oi'}}) ('io' for (in, out))"
             )
@@ -432,14 +432,14 @@ def lora_init(
             unknown.append(path)
             continue
         if layout.ndim != w.ndim:
-            raise ValueError(f"layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
+            raise ValueError(f"lora_init: layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
             # a small head (NSP's 2 outputs, the classes); a stack of layers (a batch axis) is no head
             if _all_linear(config) and outside_layers(path) and not layout.group("b"):
                 narrow.append(f"{path} ({fan_in}x{fan_out})")
                 continue
-            raise ValueError(f"rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
+            raise ValueError(f"lora_init: rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
         # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)
