@@ -124,8 +124,18 @@ def from_specs(specs: Any) -> Rule:
         raise ValueError(f"jlora.sharding.from_specs: specs must be a tree of PartitionSpec (or NamedSharding), "
                          f"found {', '.join(others)} (the params themselves? give their specs, e.g. "
                          "nn.logical_to_mesh(nn.get_partition_spec(params), rules))")
-    table = {path_str(kp): x.spec if isinstance(x, NamedSharding) else x for kp, x in flat if x is not None}
-    return lambda path, shape, mesh: table.get(path)
+    return _SpecsRule({path_str(kp): x.spec if isinstance(x, NamedSharding) else x for kp, x in flat if x is not None})
+
+
+class _SpecsRule:
+    """``from_specs``'s rule; ``partition_specs`` warns of paths in it that no param has (a typo, or
+    the specs of another model, would leave the leaves they meant replicated)."""
+
+    def __init__(self, table: dict[str, PartitionSpec]):
+        self.table = table
+
+    def __call__(self, path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
+        return self.table.get(path)
 
 
 def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
@@ -294,6 +304,10 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         if isinstance(r, _PatternRule) and id(r) not in used and not any(map(r.pattern.match, seen)):
             warnings.warn(f"jlora.sharding: the rule for '{r.pattern.text}' matches no param, so it shards nothing "
                           f"(nearest paths: {nearest(r.pattern.text, seen, 3)})", stacklevel=_user_stacklevel())
+        if isinstance(r, _SpecsRule) and (stray := sorted(set(r.table) - set(seen))):
+            warnings.warn(f"jlora.sharding: from_specs holds specs at {len(stray)} paths no param has, so they shard "
+                          f"nothing: {stray[:3]} (nearest paths to '{stray[0]}': {nearest(stray[0], seen, 3)})",
+                          stacklevel=_user_stacklevel())
     return out
 
 

@@ -126,6 +126,11 @@ def test_bad_rules_name_the_param():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sharding.partition_specs(trainable, mesh, [("head", P("model"))])  # a leaf the half holds as None
+        sharding.partition_specs(trainable, mesh, [sharding.from_specs({"head": P("model"), "dense": {"kernel": P()}})])
+    # so does a tree of specs with a path the params lack
+    with pytest.warns(UserWarning, match=r"from_specs holds specs at 1 paths no param has, so they shard nothing: "
+                                         r"\['dnse/kernel'\] \(nearest paths to 'dnse/kernel': \['dense/kernel'\]\)"):
+        sharding.partition_specs(params, mesh, [sharding.from_specs({"dnse": {"kernel": P(None, "model")}})])
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
 
