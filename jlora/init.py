@@ -366,6 +366,9 @@ def lora_init(
                          f"{type(infer_layout).__name__}")
     check_unshared(params, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
+    if not entries:
+        raise ValueError(f"lora_init: params hold no arrays (got {type_name(params)}{'' if params is None else ' ' + repr(params)[:60]}): "
+                         "pass the base model's param tree")
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
         raise ValueError(f"lora_init: params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "

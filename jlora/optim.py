@@ -261,6 +261,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     state_shapes = _state_shapes(inner)
 
     def init(params: Any) -> Any:
+        if params is None:
+            raise ValueError("jlora.optimizer's init: params is None; pass the LoRA params (lora_init's tree, or its "
+                             "trainable half)")
         params = without_variables(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
         _check_has_adapters(params, "jlora.optimizer's init")
         state = inner.init(split(params)[0])

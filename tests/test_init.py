@@ -388,6 +388,9 @@ def test_a_config_that_is_not_a_lora_config_or_a_key_that_is_not_a_key_is_refuse
         lora_init(KEY, base(), LoraConfig(targets=["q_proj"]), infer_layout=3)
     with pytest.raises(ValueError, match=r"lora_init: expected a PRNG key .* got 0"):
         lora_init(0, base(), LoraConfig(targets=["q_proj"]))
+    for params, got in ((None, "NoneType"), ({"layer": {}}, r"dict \{'layer': \{\}\}")):
+        with pytest.raises(ValueError, match=rf"lora_init: params hold no arrays \(got {got}\): pass the base model's"):
+            lora_init(KEY, params, LoraConfig(targets=["q_proj"]))
 
 
 def test_already_adapted_params_are_refused():

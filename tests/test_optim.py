@@ -148,6 +148,8 @@ def test_bad_input():
         jlora.optimizer(optax.sgd(1.0), {"w": jnp.ones(3)})
     with pytest.raises(ValueError, match="init: params hold no LoraWeight or Trainable leaf, so nothing would train"):
         jlora.optimizer(optax.sgd(1.0)).init({"w": jnp.ones(3)})  # lora_init forgotten: every update would be 0
+    with pytest.raises(ValueError, match="init: params is None; pass the LoRA params"):
+        jlora.optimizer(optax.sgd(1.0)).init(None)
     with pytest.raises(ValueError, match="got a float with no LoraWeight or Trainable leaf; a LoRA\\+ ratio goes in b_lr_ratio="):
         jlora.optimizer(optax.sgd(1.0), 16.0)  # the ratio passed where the params go would leave b's rate as it is
     with pytest.raises(TypeError):
