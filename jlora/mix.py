@@ -20,11 +20,11 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
     """One adapter whose update is ``Σ weights[i] · scaleᵢ · aᵢ @ bᵢ``: of the adapters' ranks
     summed (exact), or of ``rank`` (the closest of that rank, by an SVD of each kernel's sum).
 
-    The adapters are trees of one structure (trainable halves of ``jlora.split``, or whole trees,
-    whose other leaves and base weights are taken from the first) with adapters at the same params,
-    of any ranks and scales. (PEFT's ``add_weighted_adapter`` also takes adapters of other targets,
-    each param mixing those that have one; here that is refused, naming the param.) A weight is a
-    real number, one per adapter: negative for a task subtracted, or a traced array.
+    The adapters are trees of one structure, of any ranks and scales: trainable halves of
+    ``jlora.split`` with adapters at the same params, or whole trees, whose other leaves are
+    taken from the first. Whole trees may have adapters at other params: each param then mixes the
+    adapters that have one (as PEFT's ``add_weighted_adapter``), its base from the first of those.
+    A weight is a real number, one per adapter: negative for a task subtracted, or a traced array.
 
     With ``rank``, a param whose summed update has no more than ``rank`` directions (the ranks
     summed, or the kernel's in or out size) keeps it exactly, its factors padded with zeros to
@@ -32,8 +32,8 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
     the summed update has fewer directions than the ranks summed (a weight of zero, an adapter
     mixed with itself): learn weights with ``rank=None``, then fit.
 
-    The result has the first adapter's scale and dropout rate, so that a mix of trainable halves
-    combines with the first's frozen half. Leaves trained whole (``Trainable``) are refused: mix
+    The result has the first adapter's scale and dropout rate (at each param, of the first that
+    has one there), so that a mix of trainable halves combines with the first's frozen half. Leaves trained whole (``Trainable``) are refused: mix
     their values as you mean to.
 
     Example:
@@ -58,8 +58,8 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
             differ = sorted(paths[0] ^ paths[1])
             raise ValueError(f"jlora.mix: adapter {i} has another structure than adapter 0"
                              + (f", at '{differ[0]}'" if differ else "") + " (made with other targets, or a half of "
-                             "jlora.split beside a whole tree?): mix takes adapters of one kind, made for one base "
-                             "with the same targets")
+                             "jlora.split beside a whole tree?): mix takes adapters of one kind, made for one base; "
+                             "halves of other targets mix as whole trees (jlora.combine(half, frozen))")
     out = []
     for j, (path, first) in enumerate(flat[0][0]):
         nodes = [leaves[j][1] for leaves, _ in flat]
@@ -67,18 +67,30 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
         if any(isinstance(n, Trainable) for n in nodes):
             raise ValueError(f"jlora.mix: '{where}' is trained whole (Trainable), not an adapter: mix the adapters "
                              "without it (jlora.split's trainable half with it set to None), and its values as you mean to")
-        if not isinstance(first, LoraWeight):
-            extra = next((i for i, n in enumerate(nodes) if isinstance(n, LoraWeight)), None)
-            if extra is not None:
-                raise ValueError(f"jlora.mix: adapter {extra} has an adapter at '{where}', adapter 0 has none (made "
-                                 "with other targets?)")
+        holders = [i for i, n in enumerate(nodes) if isinstance(n, LoraWeight)]
+        if not holders:
             out.append(first)
             continue
         fitted: list[LoraWeight] = []
-        for i, node in enumerate(nodes):
-            fitted.append(_checked(node, fitted[0] if fitted else None, i, where))
-        out.append(first.replace(**_mixed(fitted, weights, rank)))  # first's layout: a stack's stays its own
+        for i in holders:
+            fitted.append(_checked(nodes[i], fitted[0] if fitted else None, i, holders[0], where))
+        for i in sorted(set(range(len(nodes))) - set(holders)):  # whole trees of other targets: the base here
+            _check_base(nodes[i], fitted[0], i, holders[0], where)
+        # the first holder's layout (a stack's stays its own), scale and base
+        out.append(nodes[holders[0]].replace(**_mixed(fitted, [weights[i] for i in holders], rank)))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_base(value: Any, holder: LoraWeight, i: int, h: int, where: str) -> None:
+    """Refuse ``value`` (adapter ``i``'s at ``where``, which has no adapter there) unless it is the
+    base kernel of adapter ``h``'s adapter ``holder`` there: a whole tree made with other targets."""
+    if not hasattr(value, "shape") or holder.w is None:
+        raise ValueError(f"jlora.mix: adapter {h} has an adapter at '{where}', adapter {i} has none: mix adapters of "
+                         "other targets as whole trees (jlora.combine(half, frozen)), each param mixing those that "
+                         "have one")
+    if tuple(value.shape) != tuple(holder.w.shape):
+        raise ValueError(f"jlora.mix: at '{where}' adapter {i} has a kernel {tuple(value.shape)}, adapter {h} an "
+                         f"adapter of a kernel {tuple(holder.w.shape)}: the adapters are not of one base")
 
 
 def _checked_weights(weights: Any, n: int) -> list[Any]:
@@ -101,12 +113,9 @@ def _checked_weights(weights: Any, n: int) -> list[Any]:
     return list(weights)
 
 
-def _checked(node: Any, first: LoraWeight | None, i: int, where: str) -> LoraWeight:
+def _checked(node: LoraWeight, first: LoraWeight | None, i: int, h: int, where: str) -> LoraWeight:
     """``node`` (adapter ``i``'s at ``where``) fitted to its arrays, refused where it is no adapter
-    of the same kernel as ``first`` (adapter 0's, fitted; ``None`` for adapter 0 itself)."""
-    if not isinstance(node, LoraWeight):
-        raise ValueError(f"jlora.mix: adapter {i} has no adapter at '{where}', adapter 0 has one (made with other "
-                         "targets?)")
+    of the same kernel as ``first`` (adapter ``h``'s, fitted; ``None`` for that one itself)."""
     if node.half == "frozen":
         raise ValueError(f"jlora.mix: adapter {i} has no factors at '{where}' (the frozen half of jlora.split?)")
     node = node.fitted()
@@ -115,7 +124,7 @@ def _checked(node: Any, first: LoraWeight | None, i: int, where: str) -> LoraWei
     kernel = lambda lw: lw.layout.w_shape(lw.a.shape[:-1] + (1,), lw.b.shape)  # rank 1: the kernel's shape
     if node.layout != first.layout or kernel(node) != kernel(first):
         raise ValueError(f"jlora.mix: at '{where}' adapter {i} adapts a kernel {kernel(node)} with layout "
-                         f"'{node.layout}', adapter 0 a kernel {kernel(first)} with layout '{first.layout}'")
+                         f"'{node.layout}', adapter {h} a kernel {kernel(first)} with layout '{first.layout}'")
     return node
 
 

@@ -99,10 +99,13 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}], [1.0], rank=0)
     with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0, at 'j'"):
         jlora.mix([{"k": one}, {"j": other}], [1.0, 1.0])
-    with pytest.raises(ValueError, match="adapter 1 has no adapter at 'k', adapter 0 has one"):
-        jlora.mix([{"k": one}, {"k": jnp.ones((6, 5))}], [1.0, 1.0])
-    with pytest.raises(ValueError, match="adapter 1 has an adapter at 'k', adapter 0 has none"):  # either order
-        jlora.mix([{"k": jnp.ones((6, 5))}, {"k": one}], [1.0, 1.0])
+    for trees in ([{"k": one}, {"k": jnp.ones((5, 6))}], [{"k": jnp.ones((5, 6))}, {"k": one}]):  # either order
+        with pytest.raises(ValueError, match=r"at 'k' adapter \d has a kernel \(5, 6\), adapter \d an adapter of a "
+                                             r"kernel \(6, 5\): the adapters are not of one base"):
+            jlora.mix(trees, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"another structure than adapter 0, at 'k'.*halves of other targets mix as "
+                                         r"whole trees \(jlora.combine\(half, frozen\)\)"):
+        jlora.mix([jlora.split({"k": one})[0], {"k": None}], [1.0, 1.0])
     with pytest.raises(ValueError, match="another structure .* or a half of jlora.split beside a whole tree"):
         jlora.mix([{"k": one, "bias": jnp.ones(5)}, jlora.split({"k": other, "bias": jnp.ones(5)})[0]], [1.0, 1.0])
     wide = random_lora(KEY, (6, 7), "io", 2)
@@ -113,6 +116,22 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}, {"k": jlora.split({"k": other})[1]["k"]}], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"'b' is trained whole \(Trainable\), not an adapter"):
         jlora.mix([{"k": one, "b": jlora.Trainable(jnp.ones(5))}] * 2, [1.0, 1.0])
+
+
+def test_whole_trees_of_other_targets_mix_at_each_param_the_adapters_it_has():
+    """As PEFT's ``add_weighted_adapter``: q from the first and second, v from the first, k from the second."""
+    q, v, k = (adapters(shape, "io", (2, 3)) for shape in ((6, 5), (6, 4), (6, 3)))
+    first = {"q": q[0], "v": v[0], "k": k[0].w}
+    second = {"q": q[1], "v": v[1].w, "k": k[1]}
+    mixed = jlora.mix([first, second], [0.5, 2.0])
+    np.testing.assert_allclose(delta(mixed["q"]), 0.5 * delta(q[0]) + 2.0 * delta(q[1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta(mixed["v"]), 0.5 * delta(v[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta(mixed["k"]), 2.0 * delta(k[1]), rtol=1e-5, atol=1e-6)
+    assert (mixed["q"].rank, mixed["v"].rank, mixed["k"].rank) == (5, 2, 3)
+    assert mixed["k"].scale == k[1].scale and mixed["k"].w is k[1].w  # the first that has one: its scale and base
+    fitted = jlora.mix([first, second], [0.5, 2.0], rank=3)
+    assert all(fitted[n].rank == 3 for n in "qvk")
+    np.testing.assert_allclose(delta(fitted["v"]), 0.5 * delta(v[0]), rtol=1e-5, atol=1e-6)  # exact, padded
 
 
 def test_a_rank_past_what_a_param_sums_keeps_its_sum_exactly_padded_with_zeros():
