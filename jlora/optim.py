@@ -27,7 +27,8 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     under ``jax.jit``), which cannot be, makes ``b``'s updates NaN instead (never a silent sign flip).
 
     Example:
-        >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
+        >>> import optax, jlora
+        >>> tx = optax.chain(optax.sgd(1e-3), jlora.scale_lora_b(16.0))
     """
     ratio = _check_ratio(ratio, "jlora.scale_lora_b: ratio")
     if _compat.is_tracer(ratio):
@@ -61,6 +62,8 @@ def misfit(grads: Any, params: Any) -> str | None:
     gradients of other shapes that ``tx`` takes (DP-SGD's per-example ones) still pass.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.optim import misfit
         >>> misfit({"k": jnp.zeros((2, 3))}, {"k": jnp.zeros((3, 2))})
         "'k' is (2, 3) in the gradients, (3, 2) in the params"
     """
@@ -230,10 +233,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     result, initialised on the full tree, would keep a zero copy of every frozen weight).
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax.numpy as jnp, optax, jlora
         >>> from jlora.tree import split
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> tx = optimizer(optax.adam(1e-3), {"k": lw}, b_lr_ratio=16.0)
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> tx = jlora.optimizer(optax.adam(1e-3), {"k": lw}, b_lr_ratio=16.0)
         >>> state = tx.init({"k": lw})                       # from the full tree ...
         >>> trainable, _ = split({"k": lw})
         >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
@@ -300,9 +303,10 @@ def schedule_free_eval_params(opt_state: Any, params: Any) -> Any:
     they are) or the trainable half; each leaf keeps its dtype.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> tx = optimizer(optax.contrib.schedule_free_sgd(0.1), {"k": lw})
+        >>> import jax.numpy as jnp, optax, jlora
+        >>> from jlora.optim import schedule_free_eval_params
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> tx = jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), {"k": lw})
         >>> state = tx.init({"k": lw})
         >>> schedule_free_eval_params(state, {"k": lw})["k"].a.shape
         (2, 1)
