@@ -156,7 +156,18 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
 def as_opened(file: Path) -> None:
     """Give ``file`` the mode ``open()`` would have (safetensors writes owner-only temporary files);
-    a file system without modes keeps its own."""
+    a file system without modes keeps its own.
+
+    Example:
+        >>> import os, tempfile, jlora
+        >>> from pathlib import Path
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "opened").write_text("")                # the mode open() gives
+        >>> os.close(os.open(folder / "written", os.O_CREAT, 0o600))  # owner-only
+        >>> jlora.adapter.as_opened(folder / "written")
+        >>> (folder / "written").stat().st_mode == (folder / "opened").stat().st_mode
+        True
+    """
     with contextlib.suppress(PermissionError):
         os.chmod(file, 0o666 & ~_umask())
 

@@ -425,7 +425,17 @@ _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "ro
 
 
 class Diverged(ValueError):
-    """The training loss, or the weights after a step, became NaN or infinite."""
+    """The training loss, or the weights after a step, became NaN or infinite.
+
+    Example:
+        >>> import itertools, jax.numpy as jnp, optax, jlora
+        >>> loss = lambda t, f, batch: jnp.log(t["w"] - batch).sum()  # log of a negative number: NaN
+        >>> batches = itertools.repeat(jnp.ones(2))
+        >>> jlora.finetune.train(loss, {"w": jnp.zeros(2)}, None, optax.sgd(0.1), batches, 3, "demo")
+        Traceback (most recent call last):
+        ...
+        jlora.finetune.Diverged: demo: the loss is nan at step 1 (last finite loss: None); try a lower --lr
+    """
 
 
 def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np.ndarray, source: str,
@@ -572,7 +582,16 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
 
 def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> jax.Array:
     """The classify job's sentence vector: the encoder's last hidden states averaged over the
-    tokens ``mask`` keeps (``forward``: the model's ``__call__``, under ``jlora.apply``)."""
+    tokens ``mask`` keeps (``forward``: the model's ``__call__``, under ``jlora.apply``).
+
+    Example:
+        >>> import types, jax.numpy as jnp, jlora
+        >>> def forward(ids, attention_mask, params):  # stands for the encoder: token i's state is i * params
+        ...     return types.SimpleNamespace(last_hidden_state=ids[..., None] * params)
+        >>> ids, mask = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1, 1, 0]])  # the third token is padding
+        >>> jlora.finetune.mean_pooled(forward, jnp.ones(2), ids, mask)
+        Array([[1.5, 1.5]], dtype=float32)
+    """
     h = forward(ids, attention_mask=mask, params=encoder_params).last_hidden_state
     m = mask[..., None].astype(h.dtype)
     return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -580,7 +599,17 @@ def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> 
 
 def head_logits(forward: Callable, params: Any, ids: Any, mask: Any) -> jax.Array:
     """The classify job's logits: its linear head (``params['head']``, ``Trainable`` leaves) on
-    ``mean_pooled`` of ``params['encoder']``."""
+    ``mean_pooled`` of ``params['encoder']``.
+
+    Example:
+        >>> import types, jax.numpy as jnp, jlora
+        >>> def forward(ids, attention_mask, params):  # stands for the encoder: token i's state is i * params
+        ...     return types.SimpleNamespace(last_hidden_state=ids[..., None] * params)
+        >>> ids, mask = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1, 1, 0]])  # the third token is padding
+        >>> head = {"kernel": jlora.Trainable(jnp.ones((2, 3))), "bias": jlora.Trainable(jnp.arange(3.0))}
+        >>> jlora.finetune.head_logits(forward, {"encoder": jnp.ones(2), "head": head}, ids, mask)
+        Array([[3., 4., 5.]], dtype=float32)
+    """
     head = params["head"]
     return mean_pooled(forward, params["encoder"], ids, mask) @ head["kernel"].value + head["bias"].value
 

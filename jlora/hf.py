@@ -175,6 +175,11 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
         >>> m = FlaxBertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                              intermediate_size=64, vocab_size=50))
         >>> p = jlora.hf.lora_init(jax.random.key(0), m)  # bert preset: query, value
+        >>> print(jlora.summary(p))
+        param                                        shape  layout  rank  scale  trainable
+        encoder/layer/0/attention/self/query/kernel  32x32  io         8      1        512
+        encoder/layer/0/attention/self/value/kernel  32x32  io         8      1        512
+        trainable params: 1,024 || all params: 28,736 || trainable%: 3.5635
     """
     _check_model(model, "jlora.hf.lora_init")
     config = preset_config(model.config.model_type, config)
@@ -422,6 +427,7 @@ class LoraModel:
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
+        """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA dropout where ``lora_rng=`` is given."""
         return _EveryKey.unwrap(self._forward(*args, params=self.params if params is None else params,
                                               lora_rng=lora_rng, model_state=self._model_state(), **kwargs))
 
@@ -478,12 +484,17 @@ class LoraModel:
         """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).
 
         Example:
-            >>> import jax.numpy as jnp, jlora
+            >>> import jax, jax.numpy as jnp, jlora
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
             >>> lm = jlora.hf.LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> is_lw = lambda x: isinstance(x, jlora.LoraWeight)
+            >>> lm.params = jax.tree.map(lambda x: x.replace(b=x.b + 0.1) if is_lw(x) else x, lm.params,
+            ...                          is_leaf=is_lw)  # as if trained: b is no longer 0
             >>> ids = jnp.ones((1, 3), jnp.int32)
             >>> bool(jnp.allclose(lm.model(ids, params=lm.merge()).logits, lm(ids).logits, atol=1e-5))
             True
+            >>> bool(jnp.allclose(lm.model(ids).logits, lm(ids).logits, atol=1e-5))  # the base alone differs
+            False
         """
         return jlora.merge(self.params)
 

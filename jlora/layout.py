@@ -110,6 +110,7 @@ class Layout:
 
     @property
     def ndim(self) -> int:
+        """The number of axes of ``w``."""
         return len(self.axes)
 
     def group(self, role: str) -> tuple[int, ...]:

@@ -312,7 +312,18 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
 
 class NoPartSpecs(ValueError):
-    """A lazy kind that cannot say its parts' specs, under a spec that splits the array it stands for."""
+    """A lazy kind that cannot say its parts' specs, under a spec that splits the array it stands for.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> class Packed(jlora.Lazy):  # a lazy kind without part_specs(spec)
+        ...     shape, dtype = (4, 4), jnp.int8
+        >>> jlora.sharding.part_specs(Packed(), P("fsdp", None), "k")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jlora.sharding.NoPartSpecs: jlora.sharding: 'k' is a lazy Packed, and the rules shard the array it stands for as ('fsdp', None): ...
+    """
 
 
 def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
@@ -409,9 +420,12 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
 
     Example:
         >>> import numpy as np, optax, jlora
-        >>> tx = optax.adam(1e-3); params = {"w": np.ones(2)}; mesh = jlora.sharding.make_mesh({"data": -1})
-        >>> param_shardings = jlora.sharding.shardings(params, mesh, [])
-        >>> sh = jlora.sharding.state_shardings(tx, tx.init(params), param_shardings, mesh)
+        >>> from jax.sharding import PartitionSpec as P
+        >>> tx, params, mesh = optax.adam(1e-3), {"w": np.ones(8)}, jlora.sharding.make_mesh({"data": -1})
+        >>> param_shardings = jlora.sharding.shardings(params, mesh, [("w", P("data"))])
+        >>> adam, _ = jlora.sharding.state_shardings(tx, tx.init(params), param_shardings, mesh)
+        >>> tuple(adam.mu["w"].spec), tuple(adam.nu["w"].spec), tuple(adam.count.spec)  # moments like w; count replicated
+        (('data',), ('data',), ())
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     if not has_variables(state):  # jlora.optimizer keeps NNX variables out of its state: so do its shardings

@@ -150,10 +150,12 @@ class Lazy(NotAnArray):
 
     @property
     def ndim(self) -> int:
+        """The number of axes of the array this value stands for."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """The number of elements of the array this value stands for."""
         return math.prod(self.shape)
 
     def materialize(self) -> jax.Array:
@@ -413,12 +415,14 @@ class LoraWeight(Lazy):
     # --- array-like ---------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of the kernel ``w`` (a ``NoBaseWeight`` error for the trainable half, which has no ``w``)."""
         if self.w is None:
             raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return tuple(self.w.shape)
 
     @property
     def dtype(self) -> Any:
+        """The dtype of the kernel ``w`` (a ``NoBaseWeight`` error for the trainable half, which has no ``w``)."""
         if self.w is None:
             raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return self.w.dtype
@@ -679,10 +683,12 @@ class Trainable(NotAnArray):
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The value's shape."""
         return tuple(self.value.shape)
 
     @property
     def dtype(self) -> Any:
+        """The value's dtype."""
         return self.value.dtype
 
     @property
