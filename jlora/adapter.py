@@ -50,8 +50,9 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     others return at once: read the files after a barrier); see ``writes_here``.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> _ = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> _ = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
     """
     from safetensors.numpy import save_file
 
@@ -87,7 +88,8 @@ def plain_metadata(metadata: Any) -> dict:
     string or a list would be saved, then break ``describe`` and ``jlora info``.
 
     Example:
-        >>> plain_metadata({"base_model": "all-MiniLM-L6-v2", "loss": np.float32(0.5)})
+        >>> import numpy as np, jlora
+        >>> jlora.adapter.plain_metadata({"base_model": "all-MiniLM-L6-v2", "loss": np.float32(0.5)})
         {'base_model': 'all-MiniLM-L6-v2', 'loss': 0.5}
     """
     if metadata is None:
@@ -112,7 +114,9 @@ def check_other_format(path: str | os.PathLike, other: str, other_weights: Seque
     share ``adapter_config.json``, so the first would be lost.
 
     Example:
-        >>> check_other_format(tempfile.mkdtemp(), "PEFT", ["adapter_model.safetensors", "adapter_model.bin"])
+        >>> import tempfile, jlora
+        >>> weights = ["adapter_model.safetensors", "adapter_model.bin"]
+        >>> jlora.adapter.check_other_format(tempfile.mkdtemp(), "PEFT", weights)
     """
     for name in other_weights:
         if (Path(path) / name).exists():
@@ -126,7 +130,8 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     are, and an interrupted write leaves each file whole (old or new), never truncated.
 
     Example:
-        >>> out = write_files(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
+        >>> import tempfile, jlora
+        >>> out = jlora.adapter.write_files(tempfile.mkdtemp() + "/d", lambda tmp: (tmp / "f.txt").write_text("hi"))
         >>> (out / "f.txt").read_text()
         'hi'
     """
@@ -151,7 +156,18 @@ def write_files(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
 def as_opened(file: Path) -> None:
     """Give ``file`` the mode ``open()`` would have (safetensors writes owner-only temporary files);
-    a file system without modes keeps its own."""
+    a file system without modes keeps its own.
+
+    Example:
+        >>> import os, tempfile, jlora
+        >>> from pathlib import Path
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "opened").write_text("")                # the mode open() gives
+        >>> os.close(os.open(folder / "written", os.O_CREAT, 0o600))  # owner-only
+        >>> jlora.adapter.as_opened(folder / "written")
+        >>> (folder / "written").stat().st_mode == (folder / "opened").stat().st_mode
+        True
+    """
     with contextlib.suppress(PermissionError):
         os.chmod(file, 0o666 & ~_umask())
 
@@ -174,8 +190,10 @@ def read_config(path: str | os.PathLike) -> dict:
     """The adapter's JSON, with a clear error for a missing or foreign directory.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> read_config(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw}))["targets"]["k"]["rank"]
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> jlora.adapter.read_config(path)["targets"]["k"]["rank"]
         2
     """
     path = Path(path)
@@ -255,9 +273,10 @@ def load_tensors(path: str | os.PathLike, config: dict) -> dict[str, np.ndarray]
     ``config`` is its JSON (``read_config``), whose save id the weights must carry.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
-        >>> sorted(load_tensors(path, read_config(path)))
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> sorted(jlora.adapter.load_tensors(path, jlora.adapter.read_config(path)))
         ['k/a', 'k/b']
     """
     return _read_weights(path, config, lambda f: {key: f.get_tensor(key) for key in f.keys()})
@@ -268,9 +287,10 @@ def tensor_shapes(path: str | os.PathLike, config: dict) -> dict[str, tuple[int,
     the weights file's header alone (no array is read).
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
-        >>> tensor_shapes(path, read_config(path))
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> jlora.adapter.tensor_shapes(path, jlora.adapter.read_config(path))
         {'k/a': (4, 2), 'k/b': (2, 4)}
     """
     return _read_weights(path, config, lambda f: {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
@@ -300,8 +320,10 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
     and the fully trained values by path. A ValueError naming ``op`` if there is nothing to save.
 
     Example:
-        >>> arrays, adapters, trained = saved_arrays("save", {"k": LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)),
-        ...     jnp.zeros((2, 4)), scale=1.0), "bias": Trainable(jnp.zeros(4))})
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
+        >>> params = {"k": lw, "bias": jlora.Trainable(jnp.zeros(4))}
+        >>> arrays, adapters, trained = jlora.adapter.saved_arrays("save", params)
         >>> sorted(arrays), list(adapters), list(trained)
         (['bias', 'k/a', 'k/b'], ['k'], ['bias'])
     """
@@ -350,7 +372,8 @@ def check_saveable(op: str, params: Any) -> None:
     trainable half will do).
 
     Example:
-        >>> check_saveable("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+        >>> import jax.numpy as jnp, jlora
+        >>> jlora.adapter.check_saveable("save_adapter", {"bias": jlora.Trainable(jnp.zeros(2))})
     """
     for p, x in leaves_with_paths(params, is_leaf=is_node):
         check_whole(x, p, op, need_w=False)
@@ -381,7 +404,8 @@ def writes_here(op: str, params: Any) -> bool:
     processes (FSDP over hosts) are refused: a file needs each array whole on its writer.
 
     Example:
-        >>> writes_here("save_adapter", {"bias": Trainable(jnp.zeros(2))})
+        >>> import jax.numpy as jnp, jlora
+        >>> jlora.adapter.writes_here("save_adapter", {"bias": jlora.Trainable(jnp.zeros(2))})
         True
     """
     spans = False
@@ -402,6 +426,8 @@ def is_saveable_array(x: Any) -> bool:
     """Whether ``x`` holds values to write (a JAX or numpy array, not ``jax.ShapeDtypeStruct``).
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.adapter import is_saveable_array
         >>> is_saveable_array(jnp.ones(2)), is_saveable_array(jax.ShapeDtypeStruct((2,), jnp.float32))
         (True, False)
     """
@@ -416,7 +442,8 @@ def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[st
     kernel under each target and a plain array at each trainable leaf.
 
     Example:
-        >>> sorted(check_base("adapter", {"k": jnp.ones((2, 2))}, targets=["k"]))
+        >>> import jax.numpy as jnp, jlora
+        >>> sorted(jlora.adapter.check_base("adapter", {"k": jnp.ones((2, 2))}, targets=["k"]))
         ['k']
     """
     by_path = dict(leaves_with_paths(base_params, is_leaf=is_param))
@@ -450,7 +477,8 @@ def check_float_targets(source: str | os.PathLike, targets: Iterable[str], base:
     """Refuse adapters for base leaves that are not float kernels (``lora_init`` adapts no other).
 
     Example:
-        >>> check_float_targets("adapter", ["k"], {"k": jnp.ones((2, 2))})
+        >>> import jax.numpy as jnp, jlora
+        >>> jlora.adapter.check_float_targets("adapter", ["k"], {"k": jnp.ones((2, 2))})
     """
     for p in targets:
         if not jnp.issubdtype(base[p].dtype, jnp.floating):
@@ -463,7 +491,8 @@ def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str]
     cannot hold a trained float array).
 
     Example:
-        >>> check_trainable_not_lazy("adapter", ["bias"], {"bias": jnp.zeros(2)})
+        >>> import jax.numpy as jnp, jlora
+        >>> jlora.adapter.check_trainable_not_lazy("adapter", ["bias"], {"bias": jnp.zeros(2)})
     """
     lazy = [p for p in trainable if isinstance(base[p], Lazy)]
     if lazy:
@@ -476,8 +505,10 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
     rebuild other ones): each adapter's rank and scale against the config's for its path.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> check_config_makes("save_adapter", LoraConfig(rank=2, alpha=2, targets=["k"]), {"k": lw})
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> config = jlora.LoraConfig(rank=2, alpha=2, targets=["k"])
+        >>> jlora.adapter.check_config_makes("save_adapter", config, {"k": lw})
     """
     for x in jax.tree.leaves(params, is_leaf=is_param):
         if not isinstance(x, LoraWeight) or not x.path:
@@ -496,9 +527,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     keeps the float dtype it was saved in.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> path = save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
-        >>> load_adapter(path, {"k": jnp.ones((4, 4))})["k"].b.shape
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> jlora.adapter.load_adapter(path, {"k": jnp.ones((4, 4))})["k"].b.shape
         (2, 4)
     """
     config = read_config(path)
@@ -578,8 +610,10 @@ def describe(path: str | os.PathLike) -> str:
     """What an adapter holds: targets, ranks, parameter counts, size on disk.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
-        >>> print(describe(save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})))  # doctest: +ELLIPSIS
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> print(jlora.adapter.describe(path))  # doctest: +ELLIPSIS
         adapter: ...
         targets: 1 kernels, rank 2
           k  4x4  layout io  r=2  scale=1

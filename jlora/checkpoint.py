@@ -7,7 +7,8 @@ restorable). Arrays are stored under their param paths, so a restore needs only 
 the base params (or their abstract shapes and shardings).
 
 Example:
-    >>> ckpt = AdapterCheckpointer("/tmp/run/ckpt", max_to_keep=2)       # doctest: +SKIP
+    >>> import jlora
+    >>> ckpt = jlora.checkpoint.AdapterCheckpointer("/tmp/run/ckpt", max_to_keep=2)  # doctest: +SKIP
     >>> ckpt.save(step, params, opt_state=opt_state, metrics={"loss": loss})  # doctest: +SKIP
     >>> params, opt_state, step = ckpt.restore(base_params, opt_state_like=opt_state)  # doctest: +SKIP
 """
@@ -101,10 +102,10 @@ class AdapterCheckpointer:
     ``latest_step`` and ``best_step`` read files only: one process may call them alone.
 
     Example:
-        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> import tempfile, jax, jax.numpy as jnp, jlora
         >>> base = {"dense": {"kernel": jnp.ones((4, 4))}}
         >>> params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"]))
-        >>> ckpt = AdapterCheckpointer(tempfile.mkdtemp(), async_save=False)
+        >>> ckpt = jlora.checkpoint.AdapterCheckpointer(tempfile.mkdtemp(), async_save=False)
         >>> ckpt.save(7, params)
         True
         >>> restored, _, step = ckpt.restore(base)
@@ -267,13 +268,13 @@ class AdapterCheckpointer:
         """The ``LoraConfig`` saved with ``step`` (default: the latest), or ``None`` if none was given.
 
         Example:
-            >>> import tempfile, jax.numpy as jnp, jlora
+            >>> import tempfile, jax, jax.numpy as jnp, jlora
             >>> cfg = jlora.LoraConfig(rank=2, targets=["dense"])
             >>> params = jlora.lora_init(jax.random.key(0), {"dense": {"kernel": jnp.ones((4, 4))}}, cfg)
             >>> directory = tempfile.mkdtemp()
-            >>> AdapterCheckpointer(directory, async_save=False, lora_config=cfg).save(1, params)
+            >>> jlora.checkpoint.AdapterCheckpointer(directory, async_save=False, lora_config=cfg).save(1, params)
             True
-            >>> AdapterCheckpointer(directory).saved_config() == cfg
+            >>> jlora.checkpoint.AdapterCheckpointer(directory).saved_config() == cfg
             True
         """
         self._check_open("saved_config")

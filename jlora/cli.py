@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     2 with a one-line ``error:`` on stderr for bad input.
 
     Example:
-        >>> main(["info", "/no/such/adapter"])
+        >>> import jlora
+        >>> jlora.cli.main(["info", "/no/such/adapter"])
         2
     """
     args = _parser().parse_args(argv)

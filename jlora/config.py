@@ -46,7 +46,8 @@ class LoraConfig:
       layouts: ``{pattern: "iio"}`` axis roles of n-D kernels (see ``jlora.layout``).
 
     Example:
-        >>> LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"]).scale_for(8, 16)
+        >>> import jlora
+        >>> jlora.LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"]).scale_for(8, 16)
         2.0
     """
 
@@ -135,7 +136,8 @@ class LoraConfig:
         """A copy with some options changed (validated again).
 
         Example:
-            >>> LoraConfig(rank=8).replace(rank=4).rank
+            >>> import jlora
+            >>> jlora.LoraConfig(rank=8).replace(rank=4).rank
             4
         """
         return LoraConfig(**{**self.to_dict(), **changes})
@@ -144,7 +146,8 @@ class LoraConfig:
         """Plain JSON-able options; ``LoraConfig(**cfg.to_dict()) == cfg``.
 
         Example:
-            >>> LoraConfig(rank=4, targets=["q_proj"]).to_dict()["targets"]
+            >>> import jlora
+            >>> jlora.LoraConfig(rank=4, targets=["q_proj"]).to_dict()["targets"]
             ['q_proj']
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -161,7 +164,8 @@ class LoraConfig:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
 
         Example:
-            >>> LoraConfig().scale_for(16, 32.0), LoraConfig(use_rslora=True).scale_for(16, 32.0)
+            >>> import jlora
+            >>> jlora.LoraConfig().scale_for(16, 32.0), jlora.LoraConfig(use_rslora=True).scale_for(16, 32.0)
             (2.0, 8.0)
         """
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
@@ -229,7 +233,9 @@ def type_name(x: Any) -> str:
     config of the same name, PEFT's ``LoraConfig``, is then told apart from jlora's).
 
     Example:
-        >>> type_name({}), type_name(LoraConfig())
+        >>> import jlora
+        >>> from jlora.config import type_name
+        >>> type_name({}), type_name(jlora.LoraConfig())
         ('dict', 'jlora.config.LoraConfig')
     """
     module = type(x).__module__
@@ -242,6 +248,7 @@ def check_key(key: Any, where: str) -> None:
 
     Example:
         >>> import jax
+        >>> from jlora.config import check_key
         >>> check_key(jax.random.key(0), "lora_init")
     """
     array = isinstance(key, (jax.Array, np.ndarray))  # not an object whose attributes are made on demand (nnx.Rngs)

@@ -4,8 +4,9 @@ The built-in sets are read from the files that PyPI packages ship (installed wit
 nothing is downloaded. A user's file is checked row by row; an error names the file and line.
 
 Example:
-    >>> texts, labels = BUILTIN_DATA["tweet-sentiment"](size=10)
-    >>> len(texts), class_order(labels)[0]
+    >>> import jlora
+    >>> texts, labels = jlora.data.BUILTIN_DATA["tweet-sentiment"](size=10)
+    >>> len(texts), jlora.data.class_order(labels)[0]
     (10, 'negative')
 """
 
@@ -26,7 +27,8 @@ def bbc_news() -> tuple[list[str], list[str]]:
     a held-out split), leaving 2,127.
 
     Example:
-        >>> texts, labels = bbc_news()
+        >>> import jlora
+        >>> texts, labels = jlora.data.bbc_news()
         >>> len(texts), sorted(set(labels))[:2]
         (2127, ['business', 'entertainment'])
     """
@@ -53,7 +55,8 @@ def tweet_sentiment(size: int = 6000) -> tuple[list[str], list[str]]:
     confidence below 0.6 are dropped, then a fixed random subset of ``size`` is taken.
 
     Example:
-        >>> texts, labels = tweet_sentiment(size=100)
+        >>> import jlora
+        >>> texts, labels = jlora.data.tweet_sentiment(size=100)
         >>> len(texts), sorted(set(labels))
         (100, ['negative', 'neutral', 'positive'])
     """
@@ -84,10 +87,11 @@ def read_labelled(path: str) -> tuple[list[str], list[str]]:
     A text is a non-empty string; a label a non-empty string or an integer (kept as its digits).
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, jlora
+        >>> from pathlib import Path
         >>> file = Path(tempfile.mkdtemp()) / "data.jsonl"
         >>> _ = file.write_text('{"text": "good", "label": "pos"}\\n{"text": "bad", "label": "neg"}\\n')
-        >>> read_labelled(str(file))
+        >>> jlora.data.read_labelled(str(file))
         (['good', 'bad'], ['pos', 'neg'])
     """
     suffix = check_labelled_file(path)
@@ -112,7 +116,8 @@ def check_labelled_file(path: str) -> str:
     """``path``'s suffix (``.csv`` or ``.jsonl``), or a ``ValueError`` saying what ``--data`` needs.
 
     Example:
-        >>> check_labelled_file("missing.csv")
+        >>> import jlora
+        >>> jlora.data.check_labelled_file("missing.csv")
         Traceback (most recent call last):
         ...
         ValueError: --data missing.csv: no such file (built-in sets: bbc-news, tweet-sentiment)
@@ -182,7 +187,8 @@ def class_order(labels: list[str]) -> list[str]:
     """The distinct labels in order, numerically where all are integers (``2`` before ``10``).
 
     Example:
-        >>> class_order(["10", "2", "0", "2"]), class_order(["pos", "neg"])
+        >>> import jlora
+        >>> jlora.data.class_order(["10", "2", "0", "2"]), jlora.data.class_order(["pos", "neg"])
         (['0', '2', '10'], ['neg', 'pos'])
     """
     names = sorted(set(labels))
@@ -193,7 +199,8 @@ def split_indices(n: int, fractions: tuple[float, float] = (0.7, 0.15)) -> tuple
     """A fixed train / validation / test split (the same for every --seed).
 
     Example:
-        >>> [len(part) for part in split_indices(20)]
+        >>> import jlora
+        >>> [len(part) for part in jlora.data.split_indices(20)]
         [14, 3, 3]
     """
     order = np.random.default_rng(1234).permutation(n)

@@ -35,6 +35,7 @@ def entries(x: Any) -> tuple[Entry, ...] | None:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import entries
         >>> entries(jnp.ones((2, 3))) is None
         True
     """
@@ -53,6 +54,7 @@ def mask_sharding(x: Any) -> NamedSharding | None:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import mask_sharding
         >>> mask_sharding(jnp.ones((2, 3))) is None
         True
     """
@@ -70,7 +72,9 @@ def partial_sums(sharded: Any) -> bool:
     values as such (``reduced``; both in newer JAX): a low-rank term cannot join those.
 
     Example:
-        >>> partial_sums(None), partial_sums(PartitionSpec("data"))
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from jlora.explicit import partial_sums
+        >>> partial_sums(None), partial_sums(P("data"))
         (False, False)
     """
     spec = getattr(sharded, "spec", sharded)
@@ -88,6 +92,7 @@ def fit_factor(x: Any, x_labels: Sequence[Any], y: Any, y_labels: Sequence[Any])
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import fit_factor
         >>> fit_factor(jnp.ones((4, 3)), [0, 1], jnp.ones((3, 2)), [1, 2])[1] is None
         True
     """
@@ -113,6 +118,7 @@ def out_sharding(axes_of: dict | None, mesh: Any, labels: Sequence[Any]) -> dict
     axis is summed across devices.
 
     Example:
+        >>> from jlora.explicit import out_sharding
         >>> out_sharding(None, None, [0, 1])
         {}
     """
@@ -126,6 +132,7 @@ def resharded_like(y: Any, base: Any) -> Any:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import resharded_like
         >>> resharded_like(jnp.ones(2), jnp.zeros(2)).tolist()
         [1.0, 1.0]
     """
@@ -140,6 +147,7 @@ def sharded_alike(x: Any, y: Any) -> bool:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import sharded_alike
         >>> sharded_alike(jnp.ones(2), jnp.ones((3, 4)))
         True
     """
@@ -152,6 +160,7 @@ def unsharded(x: Any, axis: int) -> bool:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.explicit import unsharded
         >>> unsharded(jnp.ones((2, 3)), 1)
         True
     """
@@ -164,7 +173,9 @@ def whole_along(sharded: Any, axis: int) -> NamedSharding | None:
     with axis ``axis`` whole; ``None`` where there is none.
 
     Example:
-        >>> tuple(whole_along(PartitionSpec("data", "model"), 1))
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from jlora.explicit import whole_along
+        >>> tuple(whole_along(P("data", "model"), 1))
         ('data', None)
     """
     if sharded is None:

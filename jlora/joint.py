@@ -44,6 +44,7 @@ def joint_pays(x: jax.Array, x_axis: int) -> bool:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.joint import joint_pays
         >>> joint_pays(jnp.ones((4096, 2048)), 1), joint_pays(jnp.ones((512, 2048)), 1)
         (True, False)
     """
@@ -63,6 +64,7 @@ def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.joint import joint_dot
         >>> x, t, w, b = jnp.ones((5, 4)), jnp.ones((5, 2)), jnp.ones((4, 3)), jnp.ones((2, 3))
         >>> joint_dot(x, t, w, b, jnp.matmul, 1, 0)[0]
         Array([6., 6., 6.], dtype=float32)

@@ -29,7 +29,8 @@ class Layout:
     """Per-axis ``(role, k)`` of a kernel; ``k`` orders the axes of one role inside ``a``/``b``.
 
     Example:
-        >>> Layout.parse("iio").group("i"), Layout("iio") == Layout.parse("iio")
+        >>> import jlora
+        >>> jlora.Layout.parse("iio").group("i"), jlora.Layout("iio") == jlora.Layout.parse("iio")
         ((0, 1), True)
     """
 
@@ -55,7 +56,8 @@ class Layout:
         """Layout from a string of ``b``/``i``/``o`` letters, one per axis, in order of appearance.
 
         Example:
-            >>> str(Layout.parse("oi"))
+            >>> import jlora
+            >>> str(jlora.Layout.parse("oi"))
             'oi'
         """
         if isinstance(spec, Layout):
@@ -85,7 +87,8 @@ class Layout:
         """The layout assumed without declaration or inference: ``(in, out)`` for 2-D kernels.
 
         Example:
-            >>> str(Layout.default(2)), Layout.default(3)
+            >>> import jlora
+            >>> str(jlora.Layout.default(2)), jlora.Layout.default(3)
             ('io', None)
         """
         return cls.parse("io") if ndim == 2 else None
@@ -94,7 +97,8 @@ class Layout:
         """Raise ``ValueError`` unless the layout has input and output axes, each role's ``k`` in order.
 
         Example:
-            >>> Layout((("i", 0), ("o", 0))).check()
+            >>> import jlora
+            >>> jlora.Layout((("i", 0), ("o", 0))).check()
         """
         for role in ("i", "o"):
             if not self.group(role):
@@ -106,13 +110,15 @@ class Layout:
 
     @property
     def ndim(self) -> int:
+        """The number of axes of ``w``."""
         return len(self.axes)
 
     def group(self, role: str) -> tuple[int, ...]:
         """Axes of ``w`` with ``role``, ordered as they are stored in ``a``/``b``.
 
         Example:
-            >>> Layout.parse("ioo").group("o")
+            >>> import jlora
+            >>> jlora.Layout.parse("ioo").group("o")
             (1, 2)
         """
         return self._groups[role]
@@ -126,7 +132,8 @@ class Layout:
         """The sizes of a kernel of ``shape`` along the axes of one role.
 
         Example:
-            >>> Layout.parse("iio").group_shape((4, 8, 32), "i")
+            >>> import jlora
+            >>> jlora.Layout.parse("iio").group_shape((4, 8, 32), "i")
             (4, 8)
         """
         return tuple(shape[ax] for ax in self.group(role))
@@ -135,7 +142,8 @@ class Layout:
         """The shape of ``a`` for a kernel of ``shape``: ``batch + input + (rank,)``.
 
         Example:
-            >>> Layout.parse("bio").a_shape((6, 16, 32), 4)
+            >>> import jlora
+            >>> jlora.Layout.parse("bio").a_shape((6, 16, 32), 4)
             (6, 16, 4)
         """
         return self.group_shape(shape, "b") + self.group_shape(shape, "i") + (rank,)
@@ -144,7 +152,8 @@ class Layout:
         """The shape of ``b`` for a kernel of ``shape``: ``batch + (rank,) + output``.
 
         Example:
-            >>> Layout.parse("bio").b_shape((6, 16, 32), 4)
+            >>> import jlora
+            >>> jlora.Layout.parse("bio").b_shape((6, 16, 32), 4)
             (6, 4, 32)
         """
         return self.group_shape(shape, "b") + (rank,) + self.group_shape(shape, "o")
@@ -153,7 +162,8 @@ class Layout:
         """The number of inputs of one kernel of the stack (the product of the input axes).
 
         Example:
-            >>> Layout.parse("iio").fan_in((4, 8, 32))
+            >>> import jlora
+            >>> jlora.Layout.parse("iio").fan_in((4, 8, 32))
             32
         """
         return math.prod(self.group_shape(shape, "i"))
@@ -162,7 +172,8 @@ class Layout:
         """The number of outputs of one kernel of the stack (the product of the output axes).
 
         Example:
-            >>> Layout.parse("ioo").fan_out((32, 4, 8))
+            >>> import jlora
+            >>> jlora.Layout.parse("ioo").fan_out((32, 4, 8))
             32
         """
         return math.prod(self.group_shape(shape, "o"))
@@ -171,7 +182,8 @@ class Layout:
         """Where each axis of ``w`` sits in ``a`` and in ``b`` (absent where it is not there).
 
         Example:
-            >>> Layout.parse("bio").factor_axes()
+            >>> import jlora
+            >>> jlora.Layout.parse("bio").factor_axes()
             ({0: 0, 1: 1}, {0: 0, 2: 2})
         """
         nb = len(self.group("b"))
@@ -190,7 +202,8 @@ class Layout:
         """The shape of ``w`` that factors of these shapes belong to (inverse of ``a_shape``/``b_shape``).
 
         Example:
-            >>> Layout.parse("bio").w_shape((6, 16, 4), (6, 4, 32))
+            >>> import jlora
+            >>> jlora.Layout.parse("bio").w_shape((6, 16, 4), (6, 4, 32))
             (6, 16, 32)
         """
         in_a, in_b = self.factor_axes()
@@ -200,7 +213,8 @@ class Layout:
         """Permutation taking ``batch + input + output`` (the order of ``a @ b``) to ``w``'s axes.
 
         Example:
-            >>> Layout.parse("oi").canonical_to_w()  # a @ b is (in, out); w is (out, in)
+            >>> import jlora
+            >>> jlora.Layout.parse("oi").canonical_to_w()  # a @ b is (in, out); w is (out, in)
             (1, 0)
         """
         offsets = {"b": 0, "i": len(self.group("b")), "o": len(self.group("b")) + len(self.group("i"))}
@@ -210,7 +224,8 @@ class Layout:
         """Layout of ``transpose(w, perm)``.
 
         Example:
-            >>> str(Layout.parse("bio").permute((0, 2, 1)))
+            >>> import jlora
+            >>> str(jlora.Layout.parse("bio").permute((0, 2, 1)))
             'boi'
         """
         return Layout(tuple(self.axes[p] for p in perm))
@@ -221,7 +236,9 @@ class Layout:
         are not its leading batch axes.
 
         Example:
-            >>> str(Layout.parse("io").batched(1)), str(Layout.parse("bio").batched(-1)), Layout.parse("ibo").batched(-1)
+            >>> import jlora
+            >>> parse = jlora.Layout.parse
+            >>> str(parse("io").batched(1)), str(parse("bio").batched(-1)), parse("ibo").batched(-1)
             ('bio', 'io', None)
         """
         if k >= 0:
@@ -250,6 +267,7 @@ def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[in
     grouping ambiguous.
 
     Example:
+        >>> from jlora.layout import reshape_groups
         >>> reshape_groups((4, 2, 3), (8, 3))
         [([0, 1], [0]), ([2], [1])]
     """

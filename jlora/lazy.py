@@ -51,12 +51,12 @@ class MaterializeWarning(UserWarning):
     fallback (the test suite does), or silence it for one that is expected.
 
     Example:
-        >>> import warnings, jax.numpy as jnp
+        >>> import warnings, jax.numpy as jnp, jlora
         >>> from jlora.weight import LoraWeight
         >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="doc/w")
         >>> with warnings.catch_warnings(record=True) as seen:
         ...     warnings.simplefilter("always")
-        ...     _ = apply(lambda w: jnp.sin(w))(lw)  # sin takes the weight whole
+        ...     _ = jlora.apply(lambda w: jnp.sin(w))(lw)  # sin takes the weight whole
         >>> print(seen[0].message)  # doctest: +ELLIPSIS
         jlora: LoraWeight at 'doc/w' materialised at 'sin' in <doctest ...>:3 (<lambda>). The result is exact; only the factored fast path was skipped.
     """
@@ -90,8 +90,10 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
     ``custom_jvp_call`` (jlora's rule runs its primal lazily): to give an op a rule, make it a primitive.
 
     Example: a kind for ``s·x`` whose matmul scales the product instead of the kernel.
+        >>> import jax, jlora
+        >>> from jlora.lazy import evaluate_eqn, is_lazy
         >>> @jax.tree_util.register_pytree_node_class
-        ... class Scaled(Lazy):
+        ... class Scaled(jlora.Lazy):
         ...     def __init__(self, x, s): self.x, self.s = x, s
         ...     shape = property(lambda self: self.x.shape)
         ...     dtype = property(lambda self: self.x.dtype)
@@ -99,14 +101,14 @@ def register(primitive: Any, kind: type = Lazy) -> Callable[[Rule], Rule]:
         ...     def tree_flatten(self): return (self.x, self.s), None
         ...     @classmethod
         ...     def tree_unflatten(cls, _, children): return cls(*children)
-        >>> @register(jax.extend.core.primitives.dot_general_p, Scaled)
+        >>> @jlora.register(jax.extend.core.primitives.dot_general_p, Scaled)
         ... def scaled_matmul(ctx, eqn, invals):
         ...     x, w = invals
         ...     if is_lazy(x) or not isinstance(w, Scaled):
         ...         return NotImplemented  # materialised, with a warning
         ...     return [w.s * evaluate_eqn(ctx, eqn, [x, w.x])[0]]
         >>> import jax.numpy as jnp
-        >>> apply(lambda w, x: x @ w)(Scaled(jnp.eye(2), jnp.float32(3.0)), jnp.ones((1, 2)))
+        >>> jlora.apply(lambda w, x: x @ w)(Scaled(jnp.eye(2), jnp.float32(3.0)), jnp.ones((1, 2)))
         Array([[3., 3.]], dtype=float32)
     """
 
@@ -199,6 +201,7 @@ def reset_warnings() -> None:
 
     Example:
         >>> import warnings, jax, jax.numpy as jnp, jlora
+        >>> from jlora.lazy import reset_warnings
         >>> lw = jlora.lora_init(jax.random.key(0), {"k": jnp.ones((4, 4))}, jlora.LoraConfig(rank=1, targets=["k"]))
         >>> sine = jlora.apply(lambda p: jnp.sin(p["k"]))  # no rule for sin: w + scale·a@b, with a warning
         >>> with warnings.catch_warnings(record=True) as seen:
@@ -439,7 +442,8 @@ def evaluate_eqn(ctx: Context, eqn: Any, invals: list, where: str | Sequence[str
     ``None``: they must not draw keys, or the later adapters' keys would depend on the base's kind.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.lazy import Context, evaluate_eqn
         >>> eqn = jax.make_jaxpr(jnp.sin)(1.0).eqns[0]
         >>> evaluate_eqn(Context(), eqn, [jnp.zeros(())])[0]
         Array(0., dtype=float32)

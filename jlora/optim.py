@@ -27,7 +27,12 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     under ``jax.jit``), which cannot be, makes ``b``'s updates NaN instead (never a silent sign flip).
 
     Example:
-        >>> tx = optax.chain(optax.sgd(1e-3), scale_lora_b(16.0))
+        >>> import jax.numpy as jnp, optax, jlora
+        >>> tx = optax.chain(optax.sgd(1.0), jlora.scale_lora_b(16.0))
+        >>> grads = {"k": jlora.LoraWeight(None, jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)}
+        >>> updates, _ = tx.update(grads, tx.init(grads))
+        >>> updates["k"].a.ravel().tolist(), updates["k"].b.ravel().tolist()
+        ([-1.0, -1.0], [-16.0, -16.0])
     """
     ratio = _check_ratio(ratio, "jlora.scale_lora_b: ratio")
     if _compat.is_tracer(ratio):
@@ -61,6 +66,8 @@ def misfit(grads: Any, params: Any) -> str | None:
     gradients of other shapes that ``tx`` takes (DP-SGD's per-example ones) still pass.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.optim import misfit
         >>> misfit({"k": jnp.zeros((2, 3))}, {"k": jnp.zeros((3, 2))})
         "'k' is (2, 3) in the gradients, (3, 2) in the params"
     """
@@ -237,13 +244,15 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     result, initialised on the full tree, would keep a zero copy of every frozen weight).
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> from jlora.tree import split
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> tx = optimizer(optax.adam(1e-3), {"k": lw}, b_lr_ratio=16.0)
+        >>> import jax, jax.numpy as jnp, optax, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> tx = jlora.optimizer(optax.adam(1e-3), {"k": lw}, b_lr_ratio=16.0)
         >>> state = tx.init({"k": lw})                       # from the full tree ...
-        >>> trainable, _ = split({"k": lw})
-        >>> updates, state = tx.update(trainable, state)     # ... updated with the trainable half
+        >>> trainable, _ = jlora.split({"k": lw})
+        >>> grads = jax.tree.map(jnp.ones_like, trainable)   # a gradient of 1 for each of a's and b's entries
+        >>> updates, state = tx.update(grads, state)         # ... updated with the trainable half
+        >>> float(updates["k"].b[0, 0] / updates["k"].a[0, 0])  # LoRA+: b's step is 16 times a's
+        16.0
     """
     b_lr_ratio = _check_ratio(b_lr_ratio)
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
@@ -310,9 +319,10 @@ def schedule_free_eval_params(opt_state: Any, params: Any) -> Any:
     they are) or the trainable half; each leaf keeps its dtype.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> tx = optimizer(optax.contrib.schedule_free_sgd(0.1), {"k": lw})
+        >>> import jax.numpy as jnp, optax, jlora
+        >>> from jlora.optim import schedule_free_eval_params
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> tx = jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), {"k": lw})
         >>> state = tx.init({"k": lw})
         >>> schedule_free_eval_params(state, {"k": lw})["k"].a.shape
         (2, 1)

@@ -36,6 +36,8 @@ def path_str(keypath: Sequence[Any]) -> str:
     """``"a/b/c"`` for a JAX key path; NNX ``Variable``'s trailing ``.value`` is dropped.
 
     Example:
+        >>> import jax
+        >>> from jlora.paths import path_str
         >>> path_str((jax.tree_util.DictKey("dense"), jax.tree_util.DictKey("kernel")))
         'dense/kernel'
     """
@@ -49,6 +51,7 @@ def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in flattening order.
 
     Example:
+        >>> from jlora.paths import leaves_with_paths
         >>> leaves_with_paths({"a": {"b": 1}})
         [('a/b', 1)]
     """
@@ -60,6 +63,7 @@ def replace_leaves(tree: Any, new: Mapping[str, Any], is_leaf: Any = None) -> An
     """``tree`` with the leaf at each path of ``new`` replaced by its value (the others kept).
 
     Example:
+        >>> from jlora.paths import replace_leaves
         >>> replace_leaves({"a": {"b": 1, "c": 2}}, {"a/c": 3})
         {'a': {'b': 1, 'c': 3}}
     """
@@ -71,6 +75,7 @@ class Pattern:
     """A compiled path pattern (see the module docstring for the syntax).
 
     Example:
+        >>> from jlora.paths import Pattern
         >>> Pattern("q_proj").match("model/layers/0/q_proj/kernel")
         'subtree'
     """
@@ -146,6 +151,7 @@ def pattern(text: str) -> Pattern:
     """``Pattern(text)``, compiled once per text: a config's patterns are matched against every path.
 
     Example:
+        >>> from jlora.paths import pattern
         >>> pattern("q_proj") is pattern("q_proj")
         True
     """
@@ -165,6 +171,7 @@ def nearest(text: str, paths: Sequence[str], n: int = 5) -> list[str]:
     """The paths closest to ``text`` (none when nothing is close), to suggest in an error message.
 
     Example:
+        >>> from jlora.paths import nearest
         >>> nearest("q_prj", ["model/q_proj/kernel", "model/mlp/kernel"])
         ['model/q_proj/kernel']
     """

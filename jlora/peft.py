@@ -13,8 +13,9 @@ a task head PEFT trains whole, as its ``classifier``, is saved as that one modul
 jlora cannot represent are refused, never dropped.
 
 Example:
-    >>> save_adapter("out/peft", lm.params, model.config)                          # doctest: +SKIP
-    >>> params = load_adapter("out/peft", model.params, model.config)              # doctest: +SKIP
+    >>> import jlora
+    >>> jlora.peft.save_adapter("out/peft", lm.params, model.config)                     # doctest: +SKIP
+    >>> params = jlora.peft.load_adapter("out/peft", model.params, model.config)         # doctest: +SKIP
     >>> # in PyTorch: peft.PeftModel.from_pretrained(torch_model, "out/peft")
 """
 
@@ -79,7 +80,8 @@ def module_name(path: str) -> str:
     """PyTorch module name of a Flax kernel or embedding path (``a/b/kernel`` → ``a.b``).
 
     Example:
-        >>> module_name("model/layers/0/self_attn/q_proj/kernel")
+        >>> import jlora
+        >>> jlora.peft.module_name("model/layers/0/self_attn/q_proj/kernel")
         'model.layers.0.self_attn.q_proj'
     """
     leaf = path.rsplit("/", 1)[-1]
@@ -210,11 +212,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     (PEFT's model for it passes ``input_ids``).
 
     Example:
-        >>> import tempfile, jlora.hf
+        >>> import tempfile, jax, jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
         >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
-        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> out = jlora.peft.save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
         >>> sorted(f.name for f in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
@@ -672,11 +674,11 @@ def read_config(path: str | os.PathLike) -> dict:
     file is one jlora reads.
 
     Example:
-        >>> import tempfile, jlora.hf
+        >>> import tempfile, jax, jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
         >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
-        >>> read_config(save_adapter(tempfile.mkdtemp() + "/peft", params, model.config))["r"]
+        >>> jlora.peft.read_config(jlora.peft.save_adapter(tempfile.mkdtemp() + "/peft", params, model.config))["r"]
         4
     """
     path = Path(path)
@@ -739,11 +741,12 @@ def describe(path: str | os.PathLike) -> str:
     weights file's header only.
 
     Example:
-        >>> import tempfile, jlora.hf
+        >>> import tempfile, jax, jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
         >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4, targets=["c_attn"]))
-        >>> print(describe(save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)))  # doctest: +ELLIPSIS
+        >>> out = jlora.peft.save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> print(jlora.peft.describe(out))  # doctest: +ELLIPSIS
         PEFT LoRA adapter: ...
         targets: 1 modules, rank 4
           transformer.h.0.attn.c_attn  32 -> 96  r=4  scale=2
@@ -797,12 +800,12 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     layouts (GPT-2's ``Conv1D`` is ``(in, out)``, ``nn.Linear`` ``(out, in)``) and which embeddings are tied.
 
     Example:
-        >>> import tempfile, jlora.hf
+        >>> import tempfile, jax, jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
         >>> model = FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
         >>> params = jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4))
-        >>> out = save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
-        >>> loaded = load_adapter(out, model.params, model.config)
+        >>> out = jlora.peft.save_adapter(tempfile.mkdtemp() + "/peft", params, model.config)
+        >>> loaded = jlora.peft.load_adapter(out, model.params, model.config)
         >>> str(loaded["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].layout)  # GPT-2's Conv1D: (out, in)
         'oi'
     """

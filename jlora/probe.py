@@ -303,6 +303,7 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jlora.probe import infer_layouts
         >>> p = {"k": jnp.ones((3, 2, 4))}
         >>> str(infer_layouts(lambda p: jnp.ones((5, 3)) @ p["k"].reshape(3, 8), p, ["k"])["k"])
         'ioo'

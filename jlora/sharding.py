@@ -8,10 +8,11 @@ batch and input-axis specs and ``None`` for the rank, ``b`` takes ``None`` for t
 gathers a full-size ``ΔW``.
 
 Example:
-    >>> mesh = make_mesh({"data": 1, "fsdp": -1})
-    >>> params = place(base_params, mesh, [fsdp()])                          # doctest: +SKIP
-    >>> params = jlora.lora_init(key, params, config)   # a, b created sharded  # doctest: +SKIP
-    >>> opt_state = init_state(tx, params, mesh, [fsdp()])                   # doctest: +SKIP
+    >>> import jlora
+    >>> mesh = jlora.sharding.make_mesh({"data": 1, "fsdp": -1})
+    >>> params = jlora.sharding.place(base_params, mesh, [jlora.sharding.fsdp()])         # doctest: +SKIP
+    >>> params = jlora.lora_init(key, params, config)   # a, b created sharded            # doctest: +SKIP
+    >>> opt_state = jlora.sharding.init_state(tx, params, mesh, [jlora.sharding.fsdp()])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) 
     ``jlora.explicit``), where the function itself says how its ops are sharded.
 
     Example:
-        >>> mesh = make_mesh({"data": -1})
+        >>> import jlora
+        >>> mesh = jlora.sharding.make_mesh({"data": -1})
         >>> mesh.axis_names
         ('data',)
     """
@@ -86,7 +88,9 @@ def rule(pattern: str, spec: Any) -> Rule:
     """A rule giving leaves whose path matches ``pattern`` (see ``jlora.paths``) the spec ``spec``.
 
     Example:
-        >>> r = rule("embedding", PartitionSpec("model", None))
+        >>> import jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> r = jlora.sharding.rule("embedding", P("model", None))
         >>> tuple(r("wte/embedding", (64, 8), None))
         ('model', None)
     """
@@ -113,7 +117,9 @@ def from_specs(specs: Any) -> Rule:
     Paths ``specs`` lacks (or holds ``None`` at) are left to later rules.
 
     Example:
-        >>> r = from_specs({"wi": {"kernel": PartitionSpec("fsdp", None)}})
+        >>> import jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> r = jlora.sharding.from_specs({"wi": {"kernel": P("fsdp", None)}})
         >>> tuple(r("wi/kernel", (64, 32), None)), r("wo/kernel", (32, 64), None)
         (('fsdp', None), None)
     """
@@ -145,8 +151,9 @@ def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
     ``axis`` is an error (as for ``tensor_parallel``'s axis), not a silently replicated model.
 
     Example:
-        >>> mesh = make_mesh({"fsdp": -1})
-        >>> tuple(fsdp(min_size=1)("w", (8 * mesh.size, 3), mesh))
+        >>> import jlora
+        >>> mesh = jlora.sharding.make_mesh({"fsdp": -1})
+        >>> tuple(jlora.sharding.fsdp(min_size=1)("w", (8 * mesh.size, 3), mesh))
         ('fsdp', None)
     """
 
@@ -170,7 +177,8 @@ def tensor_parallel(model_type: str, axis: str = "model") -> list[Rule]:
     input axis; kernels stored ``(out, in)`` (GPT-2's Conv1D) are handled through their layout.
 
     Example:
-        >>> rules = tensor_parallel("llama")
+        >>> import jlora
+        >>> rules = jlora.sharding.tensor_parallel("llama")
         >>> tuple(rules[0]("model/layers/0/self_attn/q_proj/kernel", (64, 64), None))
         (None, 'model')
     """
@@ -209,7 +217,9 @@ def factor_specs(w_spec: Any, layout: Layout | str) -> tuple[PartitionSpec, Part
     """``(a_spec, b_spec)`` derived from the spec of the base kernel ``w``.
 
     Example:
-        >>> [tuple(spec) for spec in factor_specs(PartitionSpec("fsdp", "model"), "io")]
+        >>> import jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> [tuple(spec) for spec in jlora.sharding.factor_specs(P("fsdp", "model"), "io")]
         [('fsdp', None), (None, 'model')]
     """
     layout = Layout.parse(layout)
@@ -236,8 +246,10 @@ def factor_shardings(w_sharding: NamedSharding, layout: Layout | str) -> tuple[N
     """``(a_sharding, b_sharding)`` on ``w``'s mesh, from ``factor_specs``.
 
     Example:
-        >>> mesh = make_mesh({"model": -1})
-        >>> tuple(factor_shardings(NamedSharding(mesh, PartitionSpec(None, "model")), "io")[1].spec)
+        >>> import jlora
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jlora.sharding.make_mesh({"model": -1})
+        >>> tuple(jlora.sharding.factor_shardings(NamedSharding(mesh, P(None, "model")), "io")[1].spec)
         (None, 'model')
     """
     a_spec, b_spec = factor_specs(w_sharding.spec, layout)
@@ -266,8 +278,10 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     into its parts' specs (the same pytree); a kind without it can only be replicated.
 
     Example:
-        >>> mesh = make_mesh({"model": 1})
-        >>> tuple(partition_specs({"w": np.ones((4, 2))}, mesh, [("w", PartitionSpec("model"))])["w"])
+        >>> import numpy as np, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> mesh = jlora.sharding.make_mesh({"model": 1})
+        >>> tuple(jlora.sharding.partition_specs({"w": np.ones((4, 2))}, mesh, [("w", P("model"))])["w"])
         ('model',)
     """
     if not hasattr(mesh, "axis_names"):
@@ -312,7 +326,18 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
 
 
 class NoPartSpecs(ValueError):
-    """A lazy kind that cannot say its parts' specs, under a spec that splits the array it stands for."""
+    """A lazy kind that cannot say its parts' specs, under a spec that splits the array it stands for.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> class Packed(jlora.Lazy):  # a lazy kind without part_specs(spec)
+        ...     shape, dtype = (4, 4), jnp.int8
+        >>> jlora.sharding.part_specs(Packed(), P("fsdp", None), "k")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jlora.sharding.NoPartSpecs: jlora.sharding: 'k' is a lazy Packed, and the rules shard the array it stands for as ('fsdp', None): ...
+    """
 
 
 def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
@@ -322,8 +347,10 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
     names the value in errors.
 
     Example:
-        >>> lw = LoraWeight(np.ones((4, 2)), np.ones((4, 1)), np.zeros((1, 2)), scale=1.0)
-        >>> specs = part_specs(lw, PartitionSpec("fsdp", "model"))
+        >>> import numpy as np, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> lw = jlora.LoraWeight(np.ones((4, 2)), np.ones((4, 1)), np.zeros((1, 2)), scale=1.0)
+        >>> specs = jlora.sharding.part_specs(lw, P("fsdp", "model"))
         >>> tuple(specs.w), tuple(specs.a), tuple(specs.b)
         (('fsdp', 'model'), ('fsdp', None), (None, 'model'))
     """
@@ -347,8 +374,9 @@ def shardings(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     """``partition_specs`` as ``NamedSharding`` on ``mesh`` (for ``jax.jit`` in/out shardings).
 
     Example:
-        >>> mesh = make_mesh({"data": -1})
-        >>> tuple(shardings({"w": np.ones(2)}, mesh, [])["w"].spec)
+        >>> import numpy as np, jlora
+        >>> mesh = jlora.sharding.make_mesh({"data": -1})
+        >>> tuple(jlora.sharding.shardings({"w": np.ones(2)}, mesh, [])["w"].spec)
         ()
     """
     specs = partition_specs(tree, mesh, rules)
@@ -360,8 +388,9 @@ def place(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     leaves that are no arrays (functions, Python numbers) stay as they are.
 
     Example:
-        >>> mesh = make_mesh({"data": -1})
-        >>> tuple(place({"w": np.ones((2, 2))}, mesh, [])["w"].sharding.spec)
+        >>> import numpy as np, jlora
+        >>> mesh = jlora.sharding.make_mesh({"data": -1})
+        >>> tuple(jlora.sharding.place({"w": np.ones((2, 2))}, mesh, [])["w"].sharding.spec)
         ()
     """
     return jax.tree.map(lambda x, s: x if s is None else _put(x, s), tree, shardings(tree, mesh, rules))
@@ -375,8 +404,9 @@ def follow_base(node: LoraWeight | Trainable, base_leaf: Any) -> LoraWeight | Tr
     uncommitted, or without a placement, leaves them where they are.
 
     Example:
+        >>> import jax, numpy as np, jlora
         >>> w = jax.device_put(np.ones((4, 2), np.float32), jax.devices()[0])
-        >>> lw = follow_base(LoraWeight(w, np.ones((4, 1)), np.zeros((1, 2)), scale=1.0), w)
+        >>> lw = jlora.sharding.follow_base(jlora.LoraWeight(w, np.ones((4, 1)), np.zeros((1, 2)), scale=1.0), w)
         >>> lw.a.devices() == w.devices()
         True
     """
@@ -403,8 +433,13 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     for the params ``state`` was made from (the full tree or the trainable half).
 
     Example:
-        >>> tx = optax.adam(1e-3); params = {"w": np.ones(2)}; mesh = make_mesh({"data": -1})
-        >>> sh = state_shardings(tx, tx.init(params), shardings(params, mesh, []), mesh)
+        >>> import numpy as np, optax, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> tx, params, mesh = optax.adam(1e-3), {"w": np.ones(8)}, jlora.sharding.make_mesh({"data": -1})
+        >>> param_shardings = jlora.sharding.shardings(params, mesh, [("w", P("data"))])
+        >>> adam, _ = jlora.sharding.state_shardings(tx, tx.init(params), param_shardings, mesh)
+        >>> tuple(adam.mu["w"].spec), tuple(adam.nu["w"].spec), tuple(adam.count.spec)  # moments like w; count replicated
+        (('data',), ('data',), ())
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     if not has_variables(state):  # jlora.optimizer keeps NNX variables out of its state: so do its shardings
@@ -467,8 +502,9 @@ def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules:
     ``optax.lookahead``'s ``LookaheadParams``, whose state mirrors its fast params).
 
     Example:
-        >>> mesh = make_mesh({"data": -1}); tx = optax.adam(1e-3)
-        >>> state = init_state(tx, {"w": np.ones(2)}, mesh, [])
+        >>> import numpy as np, optax, jlora
+        >>> mesh = jlora.sharding.make_mesh({"data": -1}); tx = optax.adam(1e-3)
+        >>> state = jlora.sharding.init_state(tx, {"w": np.ones(2)}, mesh, [])
     """
     per_param = params.fast if isinstance(params, optax.LookaheadParams) else params  # what the state mirrors
     param_shardings = shardings(per_param, mesh, rules)
@@ -488,7 +524,8 @@ def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> Named
     over those of ``("data", "fsdp")`` the mesh has (data and FSDP parallel).
 
     Example:
-        >>> tuple(batch_sharding(make_mesh({"data": -1})).spec)
+        >>> import jlora
+        >>> tuple(jlora.sharding.batch_sharding(jlora.sharding.make_mesh({"data": -1})).spec)
         ('data',)
     """
     if axes is None:

@@ -11,12 +11,13 @@ word offsets), or a word as long as a window: the whole text in one call. The id
 ``tokenizer(text)``.
 
 Example:
+    >>> import jlora
     >>> from tokenizers import Tokenizer, models, pre_tokenizers
     >>> from transformers import PreTrainedTokenizerFast
     >>> words = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     >>> words.pre_tokenizer = pre_tokenizers.Whitespace()
     >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
-    >>> ids = token_ids(tokenizer, "a b " * 3000, chunk_chars=2048, context_chars=256)
+    >>> ids = jlora.tokens.token_ids(tokenizer, "a b " * 3000, chunk_chars=2048, context_chars=256)
     >>> ids.tolist() == tokenizer("a b " * 3000)["input_ids"], ids[:4]
     (True, array([0, 1, 0, 1], dtype=int32))
 """
@@ -36,11 +37,12 @@ def token_ids(tokenizer: Any, text: str, chunk_chars: int = 1 << 20, context_cha
     tokenizer, a short text, or no such word: the whole text in one call.
 
     Example:
+        >>> import jlora
         >>> from tokenizers import Tokenizer, models, pre_tokenizers
         >>> from transformers import PreTrainedTokenizerFast
         >>> words = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
         >>> words.pre_tokenizer = pre_tokenizers.Whitespace()
-        >>> token_ids(PreTrainedTokenizerFast(tokenizer_object=words), "a b " * 3000, 2048, 256).size
+        >>> jlora.tokens.token_ids(PreTrainedTokenizerFast(tokenizer_object=words), "a b " * 3000, 2048, 256).size
         6000
     """
     if not isinstance(text, str) or not callable(tokenizer):

@@ -28,8 +28,9 @@ def split(tree: Any) -> tuple[Any, Any]:
     quantized kernel) whole.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> trainable, frozen = split({"k": lw, "bias": jnp.zeros(2)})
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> trainable, frozen = jlora.split({"k": lw, "bias": jnp.zeros(2)})
         >>> trainable["bias"] is None, frozen["k"].a is None
         (True, True)
     """
@@ -104,11 +105,11 @@ def stack(adapters: Sequence[Any]) -> Any:
     dropout rate: set ``dropout=0.0`` to serve) or in a shape (another rank).
 
     Example:
-        >>> import jlora
-        >>> lw = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=1.0)
-        >>> trainable, frozen = split({"k": lw})
-        >>> stacked = stack([trainable, trainable])
-        >>> run = lambda t, x: jlora.apply(lambda p, x: x @ p["k"])(combine(t, frozen), x)
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=1.0)
+        >>> trainable, frozen = jlora.split({"k": lw})
+        >>> stacked = jlora.stack([trainable, trainable])
+        >>> run = lambda t, x: jlora.apply(lambda p, x: x @ p["k"])(jlora.combine(t, frozen), x)
         >>> jax.vmap(run)(stacked, jnp.ones((2, 1, 4))).shape
         (2, 1, 3)
     """
@@ -190,8 +191,9 @@ def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of ``split``: at every leaf take the value that is not ``None``.
 
     Example:
-        >>> tree = {"w": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)}
-        >>> combine(*split(tree))["w"].w.shape
+        >>> import jax.numpy as jnp, jlora
+        >>> tree = {"w": jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)}
+        >>> jlora.combine(*jlora.split(tree))["w"].w.shape
         (2, 2)
     """
     _check_same_structure(trainable, frozen, ("trainable", "frozen"), "jlora.combine")
@@ -236,7 +238,9 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
     with leading axes ``w`` lacks (adapters stacked over one base, for ``jax.vmap``) are refused too.
 
     Example:
-        >>> check_whole(Trainable(jnp.zeros(2)), "bias", "jlora.merge")
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.tree import check_whole
+        >>> check_whole(jlora.Trainable(jnp.zeros(2)), "bias", "jlora.merge")
         Trainable(float32[2])
     """
     if isinstance(x, LoraWeight):
@@ -292,8 +296,9 @@ def merge(tree: Any) -> Any:
     every other lazy value (a quantized kernel) materialised.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
-        >>> merge({"k": lw})["k"]
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> jlora.merge({"k": lw})["k"]
         Array([[1.5, 1.5],
                [1.5, 1.5]], dtype=float32)
     """
@@ -353,8 +358,9 @@ def base(tree: Any) -> Any:
     current values, so keep ``base(params)`` from before training for their first ones.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
-        >>> base({"k": lw, "bias": Trainable(jnp.zeros(2))})["k"]
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> jlora.base({"k": lw, "bias": jlora.Trainable(jnp.zeros(2))})["k"]
         Array([[1., 1.],
                [1., 1.]], dtype=float32)
     """
@@ -400,8 +406,9 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     not bit for bit: keep the base where exact bits matter); ``Trainable`` leaves take the merged value.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
-        >>> unmerge(merge({"k": lw}), {"k": lw})["k"].w
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> jlora.unmerge(jlora.merge({"k": lw}), {"k": lw})["k"].w
         Array([[1., 1.],
                [1., 1.]], dtype=float32)
     """
@@ -453,8 +460,9 @@ def labels(tree: Any) -> Any:
     Works on a full LoRA tree and on either half of ``split``.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
-        >>> jax.tree.leaves(labels({"k": lw, "bias": jnp.zeros(2)}))
+        >>> import jax, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)
+        >>> jax.tree.leaves(jlora.labels({"k": lw, "bias": jnp.zeros(2)}))
         ['frozen', 'frozen', 'lora_a', 'lora_b']
     """
 
@@ -479,7 +487,7 @@ class Summary:
     Example:
         >>> import jax, jax.numpy as jnp, jlora
         >>> base = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
-        >>> s = summary(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"])))
+        >>> s = jlora.summary(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["dense"])))
         >>> s.trainable, s.total, round(s.percent, 1)
         (32, 104, 30.8)
     """
@@ -521,8 +529,9 @@ def summary(tree: Any) -> Summary:
     is refused (the frozen half has no factors, the trainable half no base): pass the whole tree.
 
     Example:
-        >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")
-        >>> s = summary({"k": lw}); (s.trainable, s.total)
+        >>> import jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)), scale=1.0, path="k")
+        >>> s = jlora.summary({"k": lw}); (s.trainable, s.total)
         (8, 24)
     """
     trainable = total = 0

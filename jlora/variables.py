@@ -34,6 +34,8 @@ def mutable_kind(leaf: Any) -> str | None:
     mode makes them) or an NNX ``HijaxVariable`` (its hijax mode); ``None`` for anything else.
 
     Example:
+        >>> import numpy as np
+        >>> from jlora.variables import mutable_kind
         >>> mutable_kind(np.ones(2)) is None
         True
     """
@@ -64,6 +66,7 @@ def without_variables(tree: Any) -> Any:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import without_variables
         >>> without_variables(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))["kernel"].shape
         (2, 3)
     """
@@ -78,6 +81,7 @@ def has_variables(tree: Any) -> bool:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import has_variables
         >>> has_variables(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))), has_variables({"w": 1.0})
         (True, False)
     """
@@ -89,6 +93,7 @@ def value_of(variable: Any) -> Any:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import value_of
         >>> value_of(nnx.BatchStat(1.0))
         1.0
     """
@@ -106,6 +111,7 @@ def nnx_variables(tree: Any) -> list[tuple[str, Any, bool]]:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import nnx_variables
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
         >>> sorted((p, is_param) for p, _, is_param in nnx_variables(nnx.state(bn)))
         [('bias', True), ('mean', False), ('scale', True), ('var', False)]
@@ -129,6 +135,7 @@ def state_variables(tree: Any) -> list[tuple[str, Any]]:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import state_variables
         >>> [path for path, _ in state_variables(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))]
         ['mean', 'var']
     """
@@ -144,8 +151,9 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any],
     trace would replay it as a constant.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
+        >>> from jlora.variables import state_after_call, state_variables, value_of
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
         >>> before = {path: jax.tree.flatten(value_of(v)) for path, v in state_variables(bn)}
         >>> _ = bn(jnp.ones((3, 2)))
@@ -180,6 +188,7 @@ def add_created(tree: Any, created: dict[str, Any]) -> list[str]:
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
+        >>> from jlora.variables import add_created
         >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
         >>> add_created({"args": [model]}, {"args/0/layers/0/h": nnx.Intermediate((jnp.ones(2),))})
         []
@@ -214,6 +223,7 @@ def write_back(state: list[tuple[str, Any]], changed: dict[str, Any]) -> None:
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
+        >>> from jlora.variables import state_variables, value_of, write_back
         >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
         >>> write_back(state_variables(bn), {"var": jnp.full(2, 2.0, jnp.float32)})
         >>> value_of(bn.mean), value_of(bn.var)
@@ -240,6 +250,7 @@ def set_value(variable: Any, value: Any) -> None:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import set_value, value_of
         >>> count = nnx.BatchStat(0)
         >>> set_value(count, 1)
         >>> value_of(count)
@@ -259,6 +270,7 @@ def state_paths(tree: Any) -> frozenset[str]:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import state_paths
         >>> sorted(state_paths(nnx.state(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))))
         ['mean', 'var']
         >>> sorted(state_paths({"params": {"w": 1.0}, "batch_stats": {"mean": 0.0}}))
@@ -273,6 +285,7 @@ def in_state(path: str, state: frozenset[str]) -> bool:
     tuple or dict: ``sow``'s ``nnx.Intermediate``).
 
     Example:
+        >>> from jlora.variables import in_state
         >>> in_state("feat/value/0", frozenset({"feat"})), in_state("feature", frozenset({"feat"}))
         (True, False)
     """
@@ -285,6 +298,7 @@ def shared_paths(tree: Any) -> list[list[str]]:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import shared_paths
         >>> class Tied(nnx.Module):
         ...     def __init__(self):
         ...         self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
@@ -306,6 +320,7 @@ def check_unshared(tree: Any, op: str) -> None:
 
     Example:
         >>> from flax import nnx
+        >>> from jlora.variables import check_unshared
         >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
         >>> check_unshared({"a": layer, "b": layer}, "jlora.split")  # doctest: +ELLIPSIS
         Traceback (most recent call last):

@@ -24,6 +24,8 @@ def narrow_float(dtype: Any) -> bool:
     narrow for an adapter's factors or for ``w + scale·a@b``.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.weight import narrow_float
         >>> narrow_float(jnp.float8_e4m3fn), narrow_float(jnp.bfloat16), narrow_float(jnp.int8)
         (True, False, False)
     """
@@ -35,6 +37,8 @@ def widest(*dtypes: Any) -> Any:
     give way to the wider ones: the dtype in which ``w + scale·a@b`` is formed.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.weight import widest
         >>> widest(jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)
         dtype('float32')
     """
@@ -115,8 +119,9 @@ class Lazy(NotAnArray):
     int8 kernel with its matmul rule.
 
     Example:
+        >>> import jax, jax.numpy as jnp, jlora
         >>> @jax.tree_util.register_pytree_node_class
-        ... class Halved(Lazy):                      # stands for 0.5 * x
+        ... class Halved(jlora.Lazy):                      # stands for 0.5 * x
         ...     def __init__(self, x): self.x = x
         ...     shape = property(lambda self: self.x.shape)
         ...     dtype = property(lambda self: self.x.dtype)
@@ -145,10 +150,12 @@ class Lazy(NotAnArray):
 
     @property
     def ndim(self) -> int:
+        """The number of axes of the array this value stands for."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """The number of elements of the array this value stands for."""
         return math.prod(self.shape)
 
     def materialize(self) -> jax.Array:
@@ -179,7 +186,9 @@ def check_registered(x: Lazy) -> None:
     array and fail far away).
 
     Example:
-        >>> check_registered(LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0))
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.weight import check_registered
+        >>> check_registered(jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0))
     """
     kind = type(x)
     if kind in _REGISTERED:
@@ -217,8 +226,9 @@ class LoraWeight(Lazy):
     layout, an integer array, complex factors over a real ``w``, and a rate outside ``[0, 1)``.
 
     Example:
+        >>> import jax.numpy as jnp, jlora
         >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
-        >>> lw = LoraWeight(w, a, b, scale=1.0)
+        >>> lw = jlora.LoraWeight(w, a, b, scale=1.0)
         >>> lw.shape, bool((lw.materialize() == w).all())
         ((4, 3), True)
     """
@@ -259,7 +269,9 @@ class LoraWeight(Lazy):
         leading axes of its own (replicas for ``pmap``, adapters for ``vmap``); the rest must fit.
 
         Example:
-            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).replace(w=jnp.ones((4, 5))).check_shapes()
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0)
+            >>> lw.replace(w=jnp.ones((4, 5))).check_shapes()
             Traceback (most recent call last):
             ValueError: LoraWeight '': for w (4, 5) with layout 'io' and rank 2 (a's last axis), a must be (4, 2) and b (2, 5); got a (4, 2), b (2, 3)
         """
@@ -298,7 +310,8 @@ class LoraWeight(Lazy):
         one). ``merge`` broadcasts it; no rule of ``apply`` reads it.
 
         Example:
-            >>> one = LoraWeight(jnp.ones((4, 2)), jnp.ones((4, 1)), jnp.ones((1, 2)), scale=1.0)
+            >>> import jax.numpy as jnp, jlora
+            >>> one = jlora.LoraWeight(jnp.ones((4, 2)), jnp.ones((4, 1)), jnp.ones((1, 2)), scale=1.0)
             >>> one.over_stacked_bases(), one.replace(w=jnp.ones((3, 4, 2))).over_stacked_bases()
             (False, True)
         """
@@ -314,7 +327,8 @@ class LoraWeight(Lazy):
         leading batch axes go); otherwise ``self``.
 
         Example:
-            >>> stack = LoraWeight(jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), jnp.ones((3, 1, 2)), scale=1.0, layout="bio")
+            >>> import jax, jax.numpy as jnp, jlora
+            >>> stack = jlora.LoraWeight(jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), jnp.ones((3, 1, 2)), scale=1.0, layout="bio")
             >>> str(jax.tree.map(lambda x: x[0], stack).fitted().layout)
             'io'
         """
@@ -339,7 +353,8 @@ class LoraWeight(Lazy):
         """The static fields (what ``jax.tree`` keeps in the treedef, not as leaves).
 
         Example:
-            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5).metadata()["scale"]
+            >>> import jax.numpy as jnp, jlora
+            >>> jlora.LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5).metadata()["scale"]
             0.5
         """
         return {name: getattr(self, name) for name in self.STATIC_FIELDS}
@@ -364,7 +379,8 @@ class LoraWeight(Lazy):
         other values there).
 
         Example:
-            >>> lw = LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
             >>> lw.replace(scale=0.5).scale
             0.5
         """
@@ -390,7 +406,8 @@ class LoraWeight(Lazy):
         factors), or ``None`` (whole).
 
         Example:
-            >>> LoraWeight(None, jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).half
+            >>> import jax.numpy as jnp, jlora
+            >>> jlora.LoraWeight(None, jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).half
             'trainable'
         """
         return "trainable" if self.w is None else "frozen" if self.a is None or self.b is None else None
@@ -398,12 +415,14 @@ class LoraWeight(Lazy):
     # --- array-like ---------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of the kernel ``w`` (a ``NoBaseWeight`` error for the trainable half, which has no ``w``)."""
         if self.w is None:
             raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return tuple(self.w.shape)
 
     @property
     def dtype(self) -> Any:
+        """The dtype of the kernel ``w`` (a ``NoBaseWeight`` error for the trainable half, which has no ``w``)."""
         if self.w is None:
             raise NoBaseWeight(f"LoraWeight {self.path!r} has no base weight (the trainable half of jlora.split)")
         return self.w.dtype
@@ -413,7 +432,8 @@ class LoraWeight(Lazy):
         """``w``'s shape, also in the trainable half of ``jlora.split`` (from ``a`` and ``b``).
 
         Example:
-            >>> LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).kernel_shape
+            >>> import jax.numpy as jnp, jlora
+            >>> jlora.LoraWeight(None, jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).kernel_shape
             (4, 3)
         """
         if self.w is not None:
@@ -426,7 +446,8 @@ class LoraWeight(Lazy):
         polymorphism: one export serves every rank).
 
         Example:
-            >>> LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).rank
+            >>> import jax.numpy as jnp, jlora
+            >>> jlora.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=1.0).rank
             2
         """
         return self.a.shape[-1]
@@ -438,7 +459,8 @@ class LoraWeight(Lazy):
         with the sum, not once for the product, once for the scale and once for the sum).
 
         Example:
-            >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
             >>> lw.delta()[0]
             Array([1., 1., 1.], dtype=float32)
         """
@@ -462,7 +484,8 @@ class LoraWeight(Lazy):
         of the three dtypes and float32 (bf16 factors over a bf16 kernel add an f32 product).
 
         Example:
-            >>> lw = LoraWeight(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
             >>> lw.materialize().dtype, float(lw.materialize()[0, 0])
             (dtype(bfloat16), 2.0)
         """
@@ -479,7 +502,9 @@ class LoraWeight(Lazy):
         """``w``'s sharding (see ``sharding_of``).
 
         Example:
-            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).sharding.is_fully_replicated
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0)
+            >>> lw.sharding.is_fully_replicated
             True
         """
         return sharding_of(self.w)
@@ -488,7 +513,8 @@ class LoraWeight(Lazy):
         """``w`` (a lazy base's example): its type, including the mesh axes it varies over.
 
         Example:
-            >>> LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
+            >>> import jax.numpy as jnp, jlora
+            >>> jlora.LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
             (2, 3)
         """
         if isinstance(self.w, Lazy):
@@ -499,7 +525,8 @@ class LoraWeight(Lazy):
         """The same adapter with ``w`` under ``stop_gradient``: the base never gets a gradient.
 
         Example:
-            >>> lw = LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)
+            >>> import jax, jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0)
             >>> jax.grad(lambda w: lw.replace(w=w).prepare().materialize().sum())(jnp.ones((2, 2)))
             Array([[0., 0.],
                    [0., 0.]], dtype=float32)
@@ -519,7 +546,8 @@ class LoraWeight(Lazy):
         for any other layout.
 
         Example:
-            >>> stack = LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
+            >>> import jax, jax.numpy as jnp, jlora
+            >>> stack = jlora.LoraWeight(jnp.ones((3, 2, 2)), jnp.ones((3, 2, 1)), jnp.ones((3, 1, 2)), scale=1.0,
             ...                    layout="bio")
             >>> children, rebuild = stack.unstack()
             >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
@@ -548,7 +576,9 @@ class LoraWeight(Lazy):
         """``LoraWeight at '<path>'``, as messages name it.
 
         Example:
-            >>> LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0, path="q/kernel").describe()
+            >>> import jax.numpy as jnp, jlora
+            >>> lw = jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=1.0, path="q/kernel")
+            >>> lw.describe()
             "LoraWeight at 'q/kernel'"
         """
         return f"LoraWeight at {self.path!r}" if self.path else "LoraWeight"
@@ -610,6 +640,8 @@ def has_shape(x: Any) -> bool:
     """Whether ``x`` carries a shape and a dtype (an array, a tracer, a lazy value, a ShapeDtypeStruct).
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.weight import has_shape
         >>> has_shape(jnp.ones(2)), has_shape(None)
         (True, False)
     """
@@ -626,7 +658,8 @@ class Trainable(NotAnArray):
     ``jlora.apply`` and ``jlora.merge`` unwrap it; ``split`` puts it in the trainable half.
 
     Example:
-        >>> Trainable(jnp.zeros(3)).shape
+        >>> import jax.numpy as jnp, jlora
+        >>> jlora.Trainable(jnp.zeros(3)).shape
         (3,)
     """
 
@@ -650,10 +683,12 @@ class Trainable(NotAnArray):
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The value's shape."""
         return tuple(self.value.shape)
 
     @property
     def dtype(self) -> Any:
+        """The value's dtype."""
         return self.value.dtype
 
     @property
@@ -675,6 +710,8 @@ def sharding_of(x: Any) -> Any:
     ``Trainable``'s wrapper) would be dropped from the abstract model.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.weight import sharding_of
         >>> sharding_of(None) is None, sharding_of(jax.ShapeDtypeStruct((2,), jnp.float32)) is None
         (True, True)
     """
@@ -693,7 +730,9 @@ def materialized(x: "Lazy") -> jax.Array:
     says it has (a kind's own bug, which would flow on silently or fail far away).
 
     Example:
-        >>> materialized(LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)).shape
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.weight import materialized
+        >>> materialized(jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)).shape
         (2, 2)
     """
     out = x.materialize()
@@ -709,7 +748,9 @@ def is_node(x: Any) -> bool:
     see them whole in ``jax.tree`` functions.
 
     Example:
-        >>> is_node(Trainable(jnp.zeros(2))), is_node(jnp.zeros(2))
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.weight import is_node
+        >>> is_node(jlora.Trainable(jnp.zeros(2))), is_node(jnp.zeros(2))
         (True, False)
     """
     return isinstance(x, (LoraWeight, Trainable))
@@ -720,7 +761,9 @@ def is_param(x: Any) -> bool:
     nodes and lazy values (a quantized kernel is one parameter, not its integer and scale parts).
 
     Example:
-        >>> is_param(Trainable(jnp.zeros(2))), is_param(jnp.zeros(2))
+        >>> import jax.numpy as jnp, jlora
+        >>> from jlora.weight import is_param
+        >>> is_param(jlora.Trainable(jnp.zeros(2))), is_param(jnp.zeros(2))
         (True, False)
     """
     return isinstance(x, (Lazy, Trainable))
