@@ -366,7 +366,8 @@ def as_flags(message: str) -> str:
         "--targets: pattern 'q_proj' matches no param"
         >>> jlora.finetune.as_flags("LoraConfig.targets='all-linear' selects no kernel")
         '--targets all-linear selects no kernel'
-        >>> as_flags("lora_init: rank 512 for 'q/kernel' exceeds min(in=384, out=384) of its float32[384,384] kernel")
+        >>> jlora.finetune.as_flags("lora_init: rank 512 for 'q/kernel' exceeds min(in=384, out=384) of its "
+        ...                         "float32[384,384] kernel")
         "--rank 512 is too large for 'q/kernel': it exceeds min(in=384, out=384) of its float32[384,384] kernel"
     """
     for python, flag in (("LoraConfig.targets=None", "--targets (the default)"),

@@ -19,8 +19,6 @@ import jlora
 
 # Every public module: the package, its submodules loaded on first use and the core modules.
 MODULES = ["jlora"] + sorted(f"jlora.{m.name}" for m in pkgutil.iter_modules(jlora.__path__) if not m.name.startswith("_"))
-# Docstrings being rewritten elsewhere: their examples still lean on their module's names.
-PENDING = {"jlora.mix.mix": "mix's docstring is being rewritten on the main branch"}
 
 
 def _members(cls):
@@ -73,8 +71,7 @@ def test_discovery_finds_the_public_examples():
     assert {"jlora", "jlora.tree.merge", "jlora.hf.lora_init", "jlora.peft.save_adapter"} <= TESTS.keys()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=PENDING[n], strict=False))
-                                  if n in PENDING else n for n in sorted(TESTS)])
+@pytest.mark.parametrize("name", sorted(TESTS))
 def test_example_runs_with_only_public_imports(name):
     test = TESTS[name]
     test.globs = {"jax": jax, "jnp": jnp, "np": np, "optax": optax, "jlora": jlora}  # a fresh namespace each run
