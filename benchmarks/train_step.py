@@ -17,6 +17,8 @@ Modes:
   jlora-store  the same with jlora.apply(..., recompute=False): the adapters' inputs are stored
   jlora-recompute  the same with jlora.apply(..., recompute=True): only matmul outputs are kept
                for the backward, the rest (the adapters' inputs among it) is recomputed
+  jlora-flat   jlora with ``jlora.optimizer(optax.flatten(adamw))``: the adapters' gradients and
+               optimizer state as one vector each (one Adam update, fewer arrays per call)
   hand         the same LoRA written by hand: flax method interception adds s·(x@A)@B at each
                targeted Dense (the hand-factored baseline)
   materialize  the same LoRA computed by forming W + s·A@B for each weight
@@ -49,8 +51,8 @@ PRESETS = {
                        num_key_value_heads=12, vocab_size=32000, batch=8, seq=512, rank=16, dtype="bfloat16",
                        steps=20),
 }
-MODES = ("full", "floor", "jlora", "jlora-store", "jlora-recompute", "hand", "materialize")
-RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True}
+MODES = ("full", "floor", "jlora", "jlora-store", "jlora-recompute", "jlora-flat", "hand", "materialize")
+RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True, "jlora-flat": "inputs"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -132,7 +134,7 @@ def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = N
     else:
         lora = jlora.lora_init(jax.random.key(2), params, cfg)
         train, frozen = jlora.split(lora)
-        opt = jlora.optimizer(tx, train)
+        opt = jlora.optimizer(optax.flatten(tx) if mode == "jlora-flat" else tx, train)
         state = opt.init(train)
 
         if mode in RECOMPUTE:
