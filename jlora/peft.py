@@ -322,6 +322,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             tensors[f"{PREFIX}{p.rsplit('/', 1)[0].replace('/', '.')}.{name}"] = value
     bias_mode = "none" if not biases else (
         "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")
+    _warn_wider(params, bias_mode, lora_modules, in_saved)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -339,6 +340,24 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     return write_files(path, write) if here else Path(path)
+
+
+def _warn_wider(params: Any, bias_mode: str, lora_modules: set[str], in_saved: Callable[[str], bool]) -> None:
+    """Warn of the leaves PEFT will train that these adapters kept frozen: PEFT trains every bias
+    (``bias="all"``), every LoRA module's (``"lora_only"``), every leaf of a module in
+    ``modules_to_save``; the file holds the base's values there, so the outputs are the same."""
+    frozen = [_torch_style(p) for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
+              if not isinstance(x, (LoraWeight, Trainable))]
+    bias_of = lambda p: p.endswith("/bias") and (bias_mode == "all" or bias_mode == "lora_only"
+                                                 and p[: -len("/bias")].replace("/", ".") in lora_modules)
+    wider = [p for p in frozen if in_saved(p) or bias_of(p)]
+    if wider:
+        warnings.warn(f"jlora.peft.save_adapter: PEFT trains {len(wider)} leaves these adapters kept frozen, e.g. "
+                      f"{wider[:3]}: its modes are coarser (bias='{bias_mode}': "
+                      f"{'every bias' if bias_mode == 'all' else 'the LoRA modules biases' if bias_mode == 'lora_only' else 'none'}; "
+                      "modules_to_save: every leaf of each module). The file holds their base values, so the outputs "
+                      "are the same; trained on in PEFT, they train too. To match, train them here too "
+                      "(LoraConfig(trainable=...)), or leave their module's other leaves out", stacklevel=2)
 
 
 def _module_params(tree: Any) -> tuple[Any, Any]:

@@ -382,6 +382,26 @@ def test_modules_to_save_cross_both_ways(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("trainable", [["classifier", "key/bias"], ["classifier", "query/bias"], ["classifier/kernel"],
+                                       ["classifier", "attention/output/LayerNorm/scale"], ["classifier", "bias"]])
+def test_leaves_peft_would_train_beyond_the_adapters_are_warned_of(trainable, tmp_path):
+    """PEFT's modes are coarser than LoraConfig(trainable=...): bias="all" or "lora_only", whole modules.
+    Counted against PEFT itself: the tensors it trains beyond those jlora trained."""
+    model, torch_model = pair("bert", tmp_path)
+    params = hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=trainable))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        jlora.peft.save_adapter(tmp_path / "out", params, model.config)
+    wider = [str(w.message) for w in seen if "these adapters kept frozen" in str(w.message)]
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "out", is_trainable=True)
+    in_peft = sum(p.requires_grad for p in peft_model.parameters())
+    in_jlora = len(jax.tree.leaves(jlora.split(params)[0]))
+    if in_peft > in_jlora:
+        assert len(wider) == 1 and f"PEFT trains {in_peft - in_jlora} leaves these adapters kept frozen" in wider[0]
+    else:
+        assert in_peft == in_jlora and not wider
+
+
 MORE_TORCH = {"mistral": tf.MistralForCausalLM, "gemma": tf.GemmaForCausalLM, "opt": tf.OPTForCausalLM,
               "gpt_neo": tf.GPTNeoForCausalLM, "gptj": tf.GPTJForCausalLM, "bloom": tf.BloomForCausalLM,
               "roberta": tf.RobertaModel, "bart": tf.BartForConditionalGeneration, "vit": tf.ViTModel}
