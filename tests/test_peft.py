@@ -873,8 +873,8 @@ def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tm
 def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_path):
     """The same adapter trained 3 steps in jlora and in PEFT (AdamW with weight decay; LoRA+ as
     jlora's b_lr_ratio and PEFT's create_loraplus_optimizer): the same losses, the same adapters.
-    BERT's head is trained whole (modules_to_save) at ratio 1: PEFT's LoRA+ puts every 1-D param
-    (the head's bias) at lr·ratio, jlora's b_lr_ratio scales LoRA's b only."""
+    BERT's head is trained whole (modules_to_save): PEFT's LoRA+ puts every 1-D param (the head's
+    bias) at lr·ratio, jlora's b_lr_ratio scales LoRA's b only, so there the README's groups."""
     from peft.optimizers import create_loraplus_optimizer
 
     model, torch_model = pair(model_type, tmp_path)
@@ -887,9 +887,25 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_pa
     params = perturb(hf.LoraModel(model, cfg, jax.random.key(0)).params, jax.random.key(1))  # b != 0: a learns
     jlora.peft.save_adapter(tmp_path / "start", params, model.config)
     theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "start", is_trainable=True).eval()
-    ratio = 1.0 if classify else 16.0
+    ratio = 16.0
     no_bias_decay = lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t)  # PEFT's LoRA+ decays no bias
     tx = jlora.optimizer(optax.adamw(1e-3, weight_decay=0.5, mask=no_bias_decay), params, b_lr_ratio=ratio)
+    if classify:  # the README's groups of PEFT's create_loraplus_optimizer, word for word
+        def peft_groups(t):
+            def group(path, label, x):
+                name = jax.tree_util.keystr(path)
+                if label in ("lora_a", "lora_b") and "embed" in name:
+                    return "embedding"
+                if label == "lora_b" or label == "trainable" and x.ndim == 1:
+                    return "ratio, no decay" if label == "trainable" and ("bias" in name or "LayerNorm" in name) else "ratio"
+                return "lr"
+            return jax.tree_util.tree_map_with_path(group, jlora.labels(t), t)
+
+        lr, wd = 1e-3, 0.5
+        tx = jlora.optimizer(optax.multi_transform({
+            "lr": optax.adamw(lr, weight_decay=wd), "ratio": optax.adamw(lr * ratio, weight_decay=wd),
+            "ratio, no decay": optax.adamw(lr * ratio, weight_decay=0.0), "embedding": optax.adamw(1e-6, weight_decay=wd),
+        }, peft_groups))
     torch_tx = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio,
                                          loraplus_weight_decay=0.5)  # weight_decay= would be ignored
     labels = np.array([0, 2])
