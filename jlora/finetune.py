@@ -38,6 +38,7 @@ from jlora.tokens import token_ids
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATA = "tweet-sentiment"
 RUN_FILES = ("adapter", "metrics.json", "loss_curve.png")  # what a run writes into --out
+WEIGHT_DECAY = 0.01  # every job's AdamW (decoupled, times the learning rate, which is constant)
 
 
 @dataclasses.dataclass
@@ -740,7 +741,7 @@ def classify(opts: Options) -> dict:
                    for i in range(0, len(rows), 64))
         return hits / len(rows)
 
-    tx = optax.adamw(opts.lr, weight_decay=0.01)
+    tx = optax.adamw(opts.lr, weight_decay=WEIGHT_DECAY)
     tokens_per_step = batch * opts.max_length
     results: dict[str, Any] = {"classes": classes, "steps": steps, "seed": opts.seed,
                                "split": [len(train_idx), len(val_idx), len(test_idx)]}
@@ -753,7 +754,7 @@ def classify(opts: Options) -> dict:
         best = None  # the head alone is cheap: give it its best learning rate on the validation split
         for lr in sorted({opts.lr, 1e-2, 3e-2, 1e-1}):
             try:
-                head, run = train(head_loss, head0, None, optax.adamw(lr, weight_decay=0.01),
+                head, run = train(head_loss, head0, None, optax.adamw(lr, weight_decay=WEIGHT_DECAY),
                                   batches(lambda r: {"x": feats[r], "y": labels[r]}), steps,
                                   f"baseline (frozen encoder, lr {lr:g})", tokens_per_step=tokens_per_step)
             except Diverged:
@@ -835,7 +836,7 @@ def causal_lm(opts: Options) -> dict:
 
     meta = {"base_model": str(model_path), "model_type": model.config.model_type, "task": "causal-lm"}
     saver = adapter_saver(out, frozen, cfg, meta)
-    tx = jlora.optimizer(optax.adamw(opts.lr), trainable, b_lr_ratio=opts.b_lr_ratio)
+    tx = jlora.optimizer(optax.adamw(opts.lr, weight_decay=WEIGHT_DECAY), trainable, b_lr_ratio=opts.b_lr_ratio)
     trainable, run = train(loss_fn, trainable, frozen, tx, batches(), steps, "LoRA", saver, opts.save_every,
                            batch * opts.max_length)
     if run.interrupted and not run.losses:  # no step done: the earlier run's adapter stays
