@@ -65,11 +65,12 @@ def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def _flat(tree: Any, keys_as_data: bool = True) -> dict[str, Any]:
     """Leaves by position; a typed PRNG key (``noisy_sgd``'s state) as its raw data, which every
-    orbax version stores alike (abstract keys as the data's shape)."""
+    orbax version stores alike (abstract keys as the data's shape); with ``keys_as_data=False``,
+    as the key itself (how jlora saved one before it recorded ``opt_state_keys``)."""
     def raw(x: Any) -> Any:
-        if not _is_key(x):
+        if not _is_key(x) or not keys_as_data:
             return x
         return jax.eval_shape(jax.random.key_data, x) if isinstance(x, jax.ShapeDtypeStruct) else jax.random.key_data(x)
 
@@ -230,8 +231,14 @@ class AdapterCheckpointer:
         step, meta = self._meta(step)
         specs = meta["specs"]
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
+        # a state saved before jlora recorded its keys (opt_state_keys) has their shapes as keys, not data
+        keys = meta.get("opt_state_keys")
         if like_flat is not None:
-            _check_opt_state(self.directory, step, meta, opt_state_like, like_flat)
+            _check_opt_state(self.directory, step, meta, opt_state_like,
+                             like_flat if keys is not None else _flat(opt_state_like, keys_as_data=False))
+            if keys is None:
+                keys = {str(i): str(jax.random.key_impl(x)) for i, x in enumerate(jax.tree.leaves(opt_state_like))
+                        if _is_key(x)}
         trainable = [p for p, s in specs.items() if s["kind"] == "trainable"]
         by_path = check_base(self.directory, base_params, [p for p in specs if p not in trainable], trainable)
         legacy = any("shape" not in spec for spec in specs.values())  # written before shapes were kept
@@ -259,7 +266,7 @@ class AdapterCheckpointer:
         opt_state = None
         if opt_state_like is not None:
             saved = _on_device(dict(got["opt_state"])) if like_flat else {}
-            for i, impl in meta.get("opt_state_keys", {}).items():
+            for i, impl in keys.items():
                 saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
         return params, opt_state, step

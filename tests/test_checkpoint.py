@@ -663,3 +663,23 @@ def test_steps_another_writer_saved_are_never_pruned_and_each_format_names_the_o
         with pytest.raises(ValueError, match=r"AdapterCheckpointer steps: restore one with "
                                              rf"jlora.checkpoint.AdapterCheckpointer\('{tmp_path / 'ckpt'}'\)"):
             jlora.adapter.load_adapter(where, base)
+
+
+@pytest.mark.parametrize("written_by", ["34c4949", "6c2ff6f"])
+def test_a_state_saved_before_its_keys_were_recorded_restores_them_as_keys(written_by, tmp_path):
+    """``tests/data/checkpoint_<commit>_noisy_sgd``: a step written by jlora at that commit, whose
+    ``optax.noisy_sgd`` state holds a PRNG key that orbax stored as a key (jlora has since stored
+    keys as their data, recording which: ``opt_state_keys``). Restored, it is a key again."""
+    shutil.copytree(pathlib.Path(__file__).parent / "data" / f"checkpoint_{written_by}_noisy_sgd", tmp_path / "ck")
+    base = {"dense": {"kernel": jnp.arange(32.0).reshape(8, 4) / 10}}
+    params = jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, alpha=4.0, targets=["dense"]))
+    tx = jlora.optimizer(optax.noisy_sgd(0.1, key=0), params)
+    trainable = jlora.split(params)[0]
+    like = tx.init(trainable)
+    restored, state, step = AdapterCheckpointer(tmp_path / "ck").restore(base, opt_state_like=like)
+    assert step == 1 and jax.tree.structure(state) == jax.tree.structure(like)
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    (key,), (want,) = ([x for x in jax.tree.leaves(s) if is_key(x)] for s in (state, like))
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(want))  # noisy_sgd's key=0, as saved
+    assert restored["dense"]["kernel"].a.shape == (8, 2)
+    tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)  # the step resumes
