@@ -629,10 +629,15 @@ def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -
         ends = [i for i in range(1, len(parts) + 1) if any(".".join(parts[:i]).endswith(m) for m in whole)]
         if len(ends) > 1:
             outer, inner = ".".join(parts[:ends[0]]), ".".join(parts[:ends[1]])
+            short = outer.rsplit(".", 1)[-1]
+            # jlora before 3c1037a named a head's inner modules ('classifier.dense'), its task type adding the head
+            named_inside = any(m.startswith(short + ".") and inner.endswith(m) for m in whole)
             raise ValueError(f"{source}: PEFT trained '{inner}' whole inside '{outer}', which it also trained whole "
                              f"(modules_to_save {list(whole)}: PEFT takes every module whose name ends with an entry, "
                              "or a task type added one): PEFT cannot load such a file back, nor can jlora; save it "
-                             "with modules_to_save naming the outer module only")
+                             "with modules_to_save naming the outer module only" + (
+                                 f" (a file jlora wrote so, before 3c1037a, loads once its {CONFIG_FILE} names "
+                                 f"'{short}' there in place of the modules inside it)" if named_inside else ""))
 
 
 def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
@@ -657,6 +662,11 @@ def _other_level(p: str, by_path: dict) -> str:
     if "/" in p and p.split("/", 1)[1] in by_path:
         return (f"; the base has '{p.split('/', 1)[1]}': the adapter was saved from a model with a head around "
                 f"this one (its names start '{p.split('/', 1)[0]}.'): read it onto that model's params")
+    numbered = re.sub(r"(?<=/)[a-z]+_(\d+)(?=/)", r"\1", p)  # Flax's layer_0 where PyTorch's ModuleList has 0
+    if numbered != p and numbered in by_path:
+        return (f"; the base has '{numbered}': the file names modules as Flax does ('layer_0'), as jlora wrote "
+                "ResNet adapters before 96e5538, where PEFT and PyTorch number them ('layer.0'): rename its keys "
+                "and target_modules so")
     return ""
 
 

@@ -560,8 +560,23 @@ def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
     with pytest.raises(KeyError):  # PEFT's own round trip
         peft.PeftModel.from_pretrained(tf.BigBirdForQuestionAnswering(config), tmp_path)
     model = tf.FlaxBigBirdForQuestionAnswering(config)
-    with pytest.raises(ValueError, match=r"PEFT trained 'qa_classifier.qa_outputs' whole inside 'qa_classifier'"):
+    with pytest.raises(ValueError, match=r"PEFT trained 'qa_classifier.qa_outputs' whole inside 'qa_classifier'.*"
+                                         r"naming the outer module only$"):
         jlora.peft.load_adapter(tmp_path, model.params, model.config)
+    # as jlora wrote a head of several modules before 3c1037a: the modules inside it named, the task adding it
+    roberta = TINY["roberta"]()
+    roberta.config.architectures = ["RobertaForSequenceClassification"]
+    config = tf.RobertaConfig(**{**roberta.config.to_dict(), "num_labels": 2})
+    head = tf.FlaxRobertaForSequenceClassification(config)
+    old = hf.lora_init(jax.random.key(0), head, jlora.LoraConfig(rank=2, targets=["query"], trainable=["classifier"]))
+    jlora.peft.save_adapter(tmp_path / "old", old, head.config)
+    written = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["classifier"] and written["task_type"] == "SEQ_CLS"
+    (tmp_path / "old" / "adapter_config.json").write_text(
+        json.dumps({**written, "modules_to_save": ["classifier.dense", "classifier.out_proj"]}))
+    with pytest.raises(ValueError, match=r"\(a file jlora wrote so, before 3c1037a, loads once its adapter_config.json "
+                                         r"names 'classifier' there in place of the modules inside it\)"):
+        jlora.peft.load_adapter(tmp_path / "old", head.params, head.config)
     # "embeddings" names BERT's embeddings and each table in it: PEFT 0.21 writes the tables of the
     # inner copies (which its forward pass does not use) under plain names
     model = TINY["bert"]()
@@ -780,6 +795,19 @@ def test_a_model_with_batch_statistics_crosses_both_ways(layer_type, tmp_path):
     jlora.peft.save_adapter(tmp_path / "back", params, model.config)
     theirs = peft.PeftModel.from_pretrained(_resnet_twin(model), tmp_path / "back").eval()
     np.testing.assert_allclose(_torch_out(theirs, pixel_values=pixels), got, rtol=1e-4, atol=1e-4)
+    if layer_type == "basic":  # the file as jlora wrote it before 96e5538, under Flax's names: the way out said
+        import re
+        from safetensors.numpy import save_file
+
+        flax_named = lambda k: re.sub(r"\.layer\.(\d+)\.", r".layer.layer_\1.", k)
+        (tmp_path / "old").mkdir()
+        tensors = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
+        save_file({flax_named(k): v for k, v in tensors.items()}, str(tmp_path / "old" / "adapter_model.safetensors"))
+        config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+        (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"the base has '.*/layer/0/convolution/kernel': the file names modules as "
+                                             r"Flax does \('layer_0'\), as jlora wrote ResNet adapters before 96e5538"):
+            jlora.peft.load_adapter(tmp_path / "old", model.params, model.config)
     # a batch norm trained whole: PEFT would load it with running statistics the adapter does not hold
     norm = "embedder/embedder/normalization"
     normed = hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2, targets=["convolution"], trainable=[norm]))
