@@ -91,6 +91,24 @@ def test_lora_plus_scales_b_updates_by_the_ratio():
     np.testing.assert_allclose(u3["q"]["kernel"].b, 1.5 * u1["q"]["kernel"].b, rtol=1e-6)
 
 
+def test_optax_flatten_inside_keeps_each_moment_as_one_vector_for_the_same_steps():
+    """The README's way to halve the arrays a step takes: ``optax.flatten`` around ``tx``."""
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    loss = lambda t: loss_of(fn, x)(jlora.combine(t, frozen))
+    runs = {}
+    for name, tx in (("adam", optax.adam(0.1)), ("flat", optax.flatten(optax.adam(0.1)))):
+        tx = jlora.optimizer(tx, trainable, b_lr_ratio=4.0)
+        t, state = trainable, tx.init(trainable)
+        for _ in range(3):
+            u, state = tx.update(jax.grad(loss)(t), state, t)
+            t = optax.apply_updates(t, u)
+        runs[name] = t, state
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), runs["flat"][0], runs["adam"][0])
+    moments = lambda state: [x for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert len(moments(runs["adam"][1])) == 2 * 3 and len(moments(runs["flat"][1])) == 2  # a, b, bias: mu, nu
+
+
 def test_clipping_inside_tx_sees_adapter_gradients_only():
     p, fn, x = setup()
     g = jax.grad(loss_of(fn, x))(p)
