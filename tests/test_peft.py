@@ -897,45 +897,59 @@ def test_an_empty_partial_grouped_or_untied_head_adapter_is_refused_or_warned(tm
         jlora.peft.save_adapter(tmp_path / "ours", ours, regnet.config)  # stage 0's conv: 8 // 8, one group
 
 
-@pytest.mark.parametrize("model_type", sorted(TORCH))
-def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_path):
+# The Flax names of the modules PEFT's LoRA+ leaves undecayed beside biases (PyTorch's nn.LayerNorm;
+# Llama's RMSNorm is decayed), as the README's recipe takes them
+LAYER_NORMS = {"bert": ("LayerNorm",), "gpt2": ("ln_",), "llama": ()}
+
+
+def peft_loraplus_groups(norms):
+    """The README's label function: the groups of PEFT's ``create_loraplus_optimizer``, word for word."""
+    def peft_groups(t):
+        def group(path, label, x):
+            name = jax.tree_util.keystr(path)
+            if label in ("lora_a", "lora_b") and "['embedding']" in name:
+                return "embedding"  # an embedding adapter: loraplus_lr_embedding
+            if label == "trainable" and x.ndim == 1:  # lr·ratio; biases and LayerNorms not decayed
+                return "ratio, no decay" if "['bias']" in name or any(n in name for n in norms) else "ratio"
+            return "ratio" if label == "lora_b" else "lr"
+        return jax.tree_util.tree_map_with_path(group, jlora.labels(t), t)
+    return peft_groups
+
+
+@pytest.mark.parametrize("model_type, how", [("gpt2", "b_lr_ratio"), ("llama", "b_lr_ratio"),
+                                             ("bert", "groups"), ("gpt2", "groups"), ("llama", "groups")])
+def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, how, tmp_path):
     """The same adapter trained 3 steps in jlora and in PEFT (AdamW with weight decay; LoRA+ as
     jlora's b_lr_ratio and PEFT's create_loraplus_optimizer): the same losses, the same adapters.
-    BERT's head is trained whole (modules_to_save): PEFT's LoRA+ puts every 1-D param (the head's
-    bias) at lr·ratio, jlora's b_lr_ratio scales LoRA's b only, so there the README's groups."""
+    With leaves trained whole (a head, norms, biases) or an embedding adapter, PEFT's LoRA+ groups
+    them apart, and the README's label function (``groups``) does as PEFT does."""
     from peft.optimizers import create_loraplus_optimizer
 
     model, torch_model = pair(model_type, tmp_path)
     classify = model_type == "bert"
     model.config.architectures = ["BertForSequenceClassification"] if classify else model.config.architectures
     targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}[model_type]
+    trainable = ()
+    if how == "groups":  # leaves PEFT's LoRA+ groups apart: a head, norms (decayed or not), biases, an embedding
+        targets += ["embed_tokens"] if model_type == "llama" else []
+        # BERT's biases: bias="lora_only" (GPT-2's c_attn bias holds the keys', which no gradient moves but noise)
+        trainable = {"gpt2": ["ln_f"], "llama": ["model/norm"],
+                     "bert": ["classifier", "attention/output/LayerNorm", "query/bias", "value/bias"]}[model_type]
     cfg = jlora.LoraConfig(rank=4, alpha=6, use_rslora=model_type == "llama", targets=targets,
-                           rank_pattern={"layers/1/**": 2} if model_type == "llama" else None,
-                           trainable=["classifier"] if classify else ())
+                           rank_pattern={"layers/1/**": 2} if model_type == "llama" else None, trainable=trainable)
     params = perturb(hf.LoraModel(model, cfg, jax.random.key(0)).params, jax.random.key(1))  # b != 0: a learns
     jlora.peft.save_adapter(tmp_path / "start", params, model.config)
     theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "start", is_trainable=True).eval()
-    ratio = 16.0
+    ratio, lr, wd = 16.0, 1e-3, 0.5
     no_bias_decay = lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t)  # PEFT's LoRA+ decays no bias
-    tx = jlora.optimizer(optax.adamw(1e-3, weight_decay=0.5, mask=no_bias_decay), params, b_lr_ratio=ratio)
-    if classify:  # the README's groups of PEFT's create_loraplus_optimizer, word for word
-        def peft_groups(t):
-            def group(path, label, x):
-                name = jax.tree_util.keystr(path)
-                if label in ("lora_a", "lora_b") and "embed" in name:
-                    return "embedding"
-                if label == "lora_b" or label == "trainable" and x.ndim == 1:
-                    return "ratio, no decay" if label == "trainable" and ("bias" in name or "LayerNorm" in name) else "ratio"
-                return "lr"
-            return jax.tree_util.tree_map_with_path(group, jlora.labels(t), t)
-
-        lr, wd = 1e-3, 0.5
+    tx = jlora.optimizer(optax.adamw(lr, weight_decay=wd, mask=no_bias_decay), params, b_lr_ratio=ratio)
+    if how == "groups":
         tx = jlora.optimizer(optax.multi_transform({
             "lr": optax.adamw(lr, weight_decay=wd), "ratio": optax.adamw(lr * ratio, weight_decay=wd),
             "ratio, no decay": optax.adamw(lr * ratio, weight_decay=0.0), "embedding": optax.adamw(1e-6, weight_decay=wd),
-        }, peft_groups))
-    torch_tx = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio,
-                                         loraplus_weight_decay=0.5)  # weight_decay= would be ignored
+        }, peft_loraplus_groups(LAYER_NORMS[model_type])))
+    torch_tx = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                         loraplus_weight_decay=wd)  # weight_decay= would be ignored
     labels = np.array([0, 2])
     forward = jlora.apply(model.__call__)
 
@@ -974,7 +988,7 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, tmp_pa
     start = load_file(str(tmp_path / "start" / "adapter_model.safetensors"))
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
-        assert np.abs(want[k] - start[k]).max() > 1e-3, k  # every tensor trained
+        assert np.abs(want[k] - start[k]).max() > (1e-7 if "lora_embedding" in k else 1e-3), k  # every tensor trained
 
 
 def test_alpha_pattern_keys_that_disagree_on_a_module_are_warned_of(tmp_path):
