@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.paths import path_str
-from jlora.weight import LoraWeight, Trainable, is_node
+from jlora.weight import LoraWeight, Trainable, is_param
 
 
 def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = None) -> Any:
@@ -28,9 +28,9 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
 
     With ``rank``, a param whose summed update has no more than ``rank`` directions (the ranks
     summed, or the kernel's in or out size) keeps it exactly, its factors padded with zeros to
-    ``rank`` (as PEFT's ``"svd"``). The fit's gradient with respect to the weights is NaN where
-    the summed update has fewer directions than the ranks summed (a weight of zero, an adapter
-    mixed with itself): learn weights with ``rank=None``, then fit.
+    ``rank`` (as PEFT's ``"svd"``). The fit's gradient with respect to the weights can be NaN where
+    the summed update has fewer directions than the ranks summed (a weight of zero): learn weights
+    with ``rank=None``, then fit.
 
     The result has the first adapter's scale and dropout rate (at each param, of the first that
     has one there), so that a mix of trainable halves combines with the first's frozen half. Leaves trained whole (``Trainable``) are refused: mix
@@ -50,7 +50,7 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
     weights = _checked_weights(weights, len(adapters))
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"jlora.mix: rank must be a positive int, or None for the ranks summed; got {rank!r}")
-    flat = [jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node) for tree in adapters]
+    flat = [jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_param) for tree in adapters]  # a lazy base: one leaf
     treedef = flat[0][1]
     for i, (leaves, other) in enumerate(flat[1:], 1):
         if other != treedef:
@@ -60,6 +60,10 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
                              + (f", at '{differ[0]}'" if differ else "") + " (made with other targets, or a half of "
                              "jlora.split beside a whole tree?): mix takes adapters of one kind, made for one base; "
                              "halves of other targets mix as whole trees (jlora.combine(half, frozen))")
+    bare = [i for i, (leaves, _) in enumerate(flat) if not any(isinstance(x, LoraWeight) for _, x in leaves)]
+    if bare:
+        raise ValueError(f"jlora.mix: adapter {bare[0]} holds no adapter (LoraWeight) at any param: the base "
+                         "params, or a merged model? mix takes lora_init's trees or their trainable halves")
     out = []
     for j, (path, first) in enumerate(flat[0][0]):
         nodes = [leaves[j][1] for leaves, _ in flat]
@@ -91,6 +95,10 @@ def _check_base(value: Any, holder: LoraWeight, i: int, h: int, where: str) -> N
     if tuple(value.shape) != tuple(holder.w.shape):
         raise ValueError(f"jlora.mix: at '{where}' adapter {i} has a kernel {tuple(value.shape)}, adapter {h} an "
                          f"adapter of a kernel {tuple(holder.w.shape)}: the adapters are not of one base")
+    concrete = lambda x: isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+    if value is not holder.w and concrete(value) and concrete(holder.w) and not bool(jnp.array_equal(value, holder.w)):
+        raise ValueError(f"jlora.mix: at '{where}' adapter {i}'s kernel is not the base under adapter {h}'s adapter "
+                         "there (a merged model?): the adapters are not of one base")
 
 
 def _checked_weights(weights: Any, n: int) -> list[Any]:
@@ -139,9 +147,7 @@ def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None) ->
         return {"a": a, "b": b, "scale": scale}
     batch, ins, outs = a.shape[:nb], a.shape[nb:-1], b.shape[nb + 1:]
     summed, n_in, n_out = a.shape[-1], math.prod(ins), math.prod(outs)
-    if rank >= summed:  # the sum itself, padded: every direction it has is kept
-        return {"a": _padded(a, rank, -1), "b": _padded(b, rank, nb), "scale": scale}
-    kept = min(rank, n_in, n_out)  # a rank past the kernel's size: every direction, padded
+    kept = min(rank, summed, n_in, n_out)  # a rank past what the sum has: every direction, padded
     wide = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     flat_a = a.astype(wide).reshape(*batch, n_in, summed)
     flat_b = b.astype(wide).reshape(*batch, summed, n_out)

@@ -41,6 +41,7 @@ from jlora.adapter import (check_base, check_float_targets, check_other_format, 
                            check_trainable_not_lazy, write_files, writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
+from jlora.lazy import _user_stacklevel
 from jlora.paths import leaves_with_paths, replace_leaves
 from jlora.sharding import follow_base
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
@@ -357,7 +358,7 @@ def _warn_wider(params: Any, bias_mode: str, lora_modules: set[str], in_saved: C
                       f"{'every bias' if bias_mode == 'all' else 'the LoRA modules biases' if bias_mode == 'lora_only' else 'none'}; "
                       "modules_to_save: every leaf of each module). The file holds their base values, so the outputs "
                       "are the same; trained on in PEFT, they train too. To match, train them here too "
-                      "(LoraConfig(trainable=...)), or leave their module's other leaves out", stacklevel=2)
+                      "(LoraConfig(trainable=...)), or leave their module's other leaves out", stacklevel=_user_stacklevel())
 
 
 def _module_params(tree: Any) -> tuple[Any, Any]:

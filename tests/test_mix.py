@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jlora
-from oracle import normal, oracle_merge, random_lora
+from oracle import normal, oracle_merge, perturb, random_lora
+from quantized import quantize
 
 KEY = jax.random.key(0)
 
@@ -41,6 +42,10 @@ def test_a_lower_rank_is_the_closest_by_an_svd_and_the_full_one_exact(shape, lay
     want = 1.5 * delta(parts[0]) + 0.5 * delta(parts[1])
     full = jlora.mix([{"k": p} for p in parts], [1.5, 0.5], rank=5)["k"]
     np.testing.assert_allclose(delta(full), want, rtol=1e-5, atol=1e-5)
+    if layout == "io":  # the SVD's factors, as PEFT's "svd": a's columns orthogonal, in decreasing order
+        gram = np.asarray(full.a).T @ np.asarray(full.a)
+        np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-5)
+        assert np.all(np.diff(np.diag(gram)) <= 1e-6)
     low = jlora.mix([{"k": p} for p in parts], [1.5, 0.5], rank=2)["k"]
     assert low.rank == 2
     nb = layout.count("b")
@@ -99,10 +104,18 @@ def test_what_does_not_mix_is_refused_by_name():
         jlora.mix([{"k": one}], [1.0], rank=0)
     with pytest.raises(ValueError, match="adapter 1 has another structure than adapter 0, at 'j'"):
         jlora.mix([{"k": one}, {"j": other}], [1.0, 1.0])
-    for trees in ([{"k": one}, {"k": jnp.ones((5, 6))}], [{"k": jnp.ones((5, 6))}, {"k": one}]):  # either order
+    for trees in ([{"k": one, "j": other}, {"k": jnp.ones((5, 6)), "j": other}],
+                  [{"k": jnp.ones((5, 6)), "j": other}, {"k": one, "j": other}]):  # either order
         with pytest.raises(ValueError, match=r"at 'k' adapter \d has a kernel \(5, 6\), adapter \d an adapter of a "
                                              r"kernel \(6, 5\): the adapters are not of one base"):
             jlora.mix(trees, [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"at 'k' adapter 1's kernel is not the base under adapter 0's adapter there "
+                                         r"\(a merged model\?\)"):
+        jlora.mix([{"k": one, "j": other}, {"k": jlora.merge({"k": one})["k"], "j": other}], [1.0, 1.0])
+    for bare in ({"k": one.w}, jlora.merge({"k": one})):  # the base, a merged model: nothing to mix
+        with pytest.raises(ValueError, match=r"adapter 1 holds no adapter \(LoraWeight\) at any param: the base "
+                                             r"params, or a merged model\?"):
+            jlora.mix([{"k": one}, bare], [0.5, 0.5])
     with pytest.raises(ValueError, match=r"another structure than adapter 0, at 'k'.*halves of other targets mix as "
                                          r"whole trees \(jlora.combine\(half, frozen\)\)"):
         jlora.mix([jlora.split({"k": one})[0], {"k": None}], [1.0, 1.0])
@@ -121,8 +134,8 @@ def test_what_does_not_mix_is_refused_by_name():
 def test_whole_trees_of_other_targets_mix_at_each_param_the_adapters_it_has():
     """As PEFT's ``add_weighted_adapter``: q from the first and second, v from the first, k from the second."""
     q, v, k = (adapters(shape, "io", (2, 3)) for shape in ((6, 5), (6, 4), (6, 3)))
-    first = {"q": q[0], "v": v[0], "k": k[0].w}
-    second = {"q": q[1], "v": v[1].w, "k": k[1]}
+    first = {"q": q[0], "v": v[0], "k": k[1].w}
+    second = {"q": q[1], "v": v[0].w, "k": k[1]}
     mixed = jlora.mix([first, second], [0.5, 2.0])
     np.testing.assert_allclose(delta(mixed["q"]), 0.5 * delta(q[0]) + 2.0 * delta(q[1]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(delta(mixed["v"]), 0.5 * delta(v[0]), rtol=1e-5, atol=1e-6)
@@ -132,6 +145,13 @@ def test_whole_trees_of_other_targets_mix_at_each_param_the_adapters_it_has():
     fitted = jlora.mix([first, second], [0.5, 2.0], rank=3)
     assert all(fitted[n].rank == 3 for n in "qvk")
     np.testing.assert_allclose(delta(fitted["v"]), 0.5 * delta(v[0]), rtol=1e-5, atol=1e-6)  # exact, padded
+    # over a quantized base, whose kernels not adapted are one lazy leaf each
+    base = {"q": quantize(normal(KEY, (6, 5))), "v": quantize(normal(KEY, (6, 4)))}
+    made = [perturb(jlora.lora_init(jax.random.key(i), base, jlora.LoraConfig(rank=2, targets=[t])), KEY)
+            for i, t in enumerate("qv")]
+    mixed = jlora.mix(made, [0.5, 2.0])
+    np.testing.assert_allclose(mixed["q"].delta(), 0.5 * made[0]["q"].delta(), rtol=1e-6)
+    np.testing.assert_allclose(mixed["v"].delta(), 2.0 * made[1]["v"].delta(), rtol=1e-6)
 
 
 def test_a_rank_past_what_a_param_sums_keeps_its_sum_exactly_padded_with_zeros():

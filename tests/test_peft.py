@@ -393,6 +393,7 @@ def test_leaves_peft_would_train_beyond_the_adapters_are_warned_of(trainable, tm
         warnings.simplefilter("always")
         jlora.peft.save_adapter(tmp_path / "out", params, model.config)
     wider = [str(w.message) for w in seen if "these adapters kept frozen" in str(w.message)]
+    assert all(w.filename == __file__ for w in seen if "these adapters kept frozen" in str(w.message))  # the caller's line
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "out", is_trainable=True)
     in_peft = sum(p.requires_grad for p in peft_model.parameters())
     in_jlora = len(jax.tree.leaves(jlora.split(params)[0]))
