@@ -65,6 +65,14 @@ def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
+def _impl_name(key: Any) -> str:
+    """The name of a typed PRNG key's implementation (``"threefry2x32"``), of a concrete key or of a
+    ``jax.ShapeDtypeStruct`` of one (``jax.eval_shape``'s), found by its dtype."""
+    if not isinstance(key, jax.ShapeDtypeStruct):
+        return str(jax.random.key_impl(key))
+    return next(name for name in ("threefry2x32", "rbg", "unsafe_rbg") if jax.random.key(0, impl=name).dtype == key.dtype)
+
+
 def _flat(tree: Any, keys_as_data: bool = True) -> dict[str, Any]:
     """Leaves by position; a typed PRNG key (``noisy_sgd``'s state) as its raw data, which every
     orbax version stores alike (abstract keys as the data's shape); with ``keys_as_data=False``,
@@ -172,7 +180,7 @@ class AdapterCheckpointer:
                 items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
             meta["opt_state_paths"] = _key_paths(opt_state)
-            meta["opt_state_keys"] = {str(i): str(jax.random.key_impl(x))  # to wrap their data again
+            meta["opt_state_keys"] = {str(i): _impl_name(x)  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
         items["meta"] = ocp.args.JsonSave(meta)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
@@ -237,8 +245,7 @@ class AdapterCheckpointer:
             _check_opt_state(self.directory, step, meta, opt_state_like,
                              like_flat if keys is not None else _flat(opt_state_like, keys_as_data=False))
             if keys is None:
-                keys = {str(i): str(jax.random.key_impl(x)) for i, x in enumerate(jax.tree.leaves(opt_state_like))
-                        if _is_key(x)}
+                keys = {str(i): _impl_name(x) for i, x in enumerate(jax.tree.leaves(opt_state_like)) if _is_key(x)}
         trainable = [p for p, s in specs.items() if s["kind"] == "trainable"]
         by_path = check_base(self.directory, base_params, [p for p in specs if p not in trainable], trainable)
         legacy = any("shape" not in spec for spec in specs.values())  # written before shapes were kept

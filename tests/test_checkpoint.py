@@ -678,6 +678,8 @@ def test_a_state_saved_before_its_keys_were_recorded_restores_them_as_keys(writt
     like = tx.init(trainable)
     restored, state, step = AdapterCheckpointer(tmp_path / "ck").restore(base, opt_state_like=like)
     assert step == 1 and jax.tree.structure(state) == jax.tree.structure(like)
+    _, abstract, _ = AdapterCheckpointer(tmp_path / "ck").restore(base, opt_state_like=jax.eval_shape(lambda: like))
+    assert jax.tree.structure(abstract) == jax.tree.structure(like)  # restore takes eval_shape's state too
     is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     (key,), (want,) = ([x for x in jax.tree.leaves(s) if is_key(x)] for s in (state, like))
     np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(want))  # noisy_sgd's key=0, as saved
