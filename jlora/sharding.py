@@ -292,19 +292,22 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
     seen: list[str] = []  # every leaf's path, a split half's None too
     used: set[int] = set()  # the rules that gave a spec: matched, no need to look again
 
-    def spec_for(path: str, shape: tuple) -> PartitionSpec:
-        for r in compiled:
-            spec = r(path, tuple(shape), mesh)
-            if spec is not None:
-                used.add(id(r))
-                return _checked(path, tuple(shape), _as_spec(spec), mesh)
+    def spec_for(path: str, shape: tuple, also: str | None = None) -> PartitionSpec:
+        for where in (path, also) if also and also != path else (path,):
+            for r in compiled:
+                spec = r(where, tuple(shape), mesh)
+                if spec is not None:
+                    used.add(id(r))
+                    return _checked(where, tuple(shape), _as_spec(spec), mesh)
         return PartitionSpec()
 
     def one(keypath: Any, x: Any) -> Any:
         path = path_str(keypath)
         seen.append(x.path if isinstance(x, LoraWeight) and x.path else path)
-        if isinstance(x, LoraWeight):
-            return part_specs(x, spec_for(x.path or path, x.kernel_shape), x.path or path)
+        if isinstance(x, LoraWeight):  # matched by the path lora_init gave it, else by where it is now
+            if x.path and x.path != path:
+                seen.append(path)
+            return part_specs(x, spec_for(x.path or path, x.kernel_shape, also=path), x.path or path)
         if isinstance(x, Trainable):
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
         if isinstance(x, Lazy):

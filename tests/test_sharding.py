@@ -131,6 +131,14 @@ def test_bad_rules_name_the_param():
     with pytest.warns(UserWarning, match=r"from_specs holds specs at 1 paths no param has, so they shard nothing: "
                                          r"\['dnse/kernel'\] \(nearest paths to 'dnse/kernel': \['dense/kernel'\]\)"):
         sharding.partition_specs(params, mesh, [sharding.from_specs({"dnse": {"kernel": P(None, "model")}})])
+    # an adapted tree put inside another ({"params": ...}) after lora_init: its kernel's spec found where it is now
+    lora = jlora.lora_init(jax.random.key(0), {"dense": {"kernel": np.ones((6, 8)), "bias": np.ones(8)}},
+                           jlora.LoraConfig(rank=2, targets=["dense"]))
+    specs = {"params": {"dense": {"kernel": P(None, "model"), "bias": P("model")}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        placed = sharding.partition_specs({"params": lora}, mesh, [sharding.from_specs(specs)])["params"]["dense"]
+    assert placed["kernel"].w == P(None, "model") and placed["bias"] == P("model")
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
 
