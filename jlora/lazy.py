@@ -832,17 +832,20 @@ def _argument(args: tuple, kwargs: dict, leaf: int) -> str:
 
 
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
+    # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace;
+    # an eager call's entry (its compiled evaluations) and a transform's are kept apart, so a jit
+    # tracing the function does not evict the eager calls' compiled code
+    state = _compat.trace_state()
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
         # rules), as jax.jit's cache has it
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config())
+               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config(),
+               _compat.eager())
         hash(key)
     except TypeError:
         key = None
-    # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace
-    state = _compat.trace_state()
     with cache.lock:
         hit = cache.get(key) if key is not None else None
         if hit is not None and hit[0] == state:

@@ -1065,6 +1065,11 @@ def test_an_eager_call_compiles_once_per_input_signature(caplog):
     assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     np.testing.assert_allclose(out, fn(oracle_merge(params), x)[0], rtol=1e-5, atol=1e-6)
     assert weight is params["k"] and same_x is x  # inputs returned come back as themselves
+    jax.jit(forward)(params, x)  # a jit tracing the same function keeps its own entry: eager calls stay compiled
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        forward(params, x)
+    assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
 
 def test_outside_every_trace_is_told_wherever_jlora_was_first_imported():
