@@ -134,6 +134,16 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+def _by_identity(value: Any) -> bool:
+    """Whether ``value``, or an item of a list, tuple or dict in it, is an object that compares by
+    identity (its class keeps ``object``'s ``__eq__``): equal keys would not say its state is the same."""
+    if isinstance(value, dict):
+        return any(_by_identity(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_by_identity(v) for v in value)
+    return type(value).__module__ != "builtins" and type(value).__eq__ is object.__eq__
+
+
 def _hashable(value: Any) -> bool:
     try:
         hash(value)
@@ -446,7 +456,8 @@ class LoraModel:
         the inputs as the model's ``generate`` takes them (``input_ids``, or ``input_features=`` for
         Whisper; a vision encoder-decoder's pixels go first, by position, as HF's Flax ``generate``
         takes them: ``lm.generate(pixel_values, ...)``). Compiled once per prompt shape and set of
-        options (the 32 used last kept: ``GENERATE_CACHE_SIZE``), as ``jlora.apply``. ``merged=True`` runs HF's ``generate`` as it
+        options (the 32 used last kept: ``GENERATE_CACHE_SIZE``), as ``jlora.apply``; an option that
+        compares by identity (a logits processor, whose state may change) is traced anew at each call. ``merged=True`` runs HF's ``generate`` as it
         is on ``jlora.merge(params)``: merged at every call, its loop compiled anew each time (about
         90× slower a call on a small model), for what the lazy path cannot do (``trace=False``).
 
@@ -469,9 +480,10 @@ class LoraModel:
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
-        # lists (suppress_tokens) as tuples; a value still unhashable: no cached trace
+        # lists (suppress_tokens) as tuples; a value still unhashable, or one that compares by identity
+        # (a logits processor, whose state may change between calls): no cached trace
         key = (len(inputs), _frozen(static), self._model_state())
-        cacheable = _hashable(key)
+        cacheable = _hashable(key) and not _by_identity(static)
         fn = self._generate.pop(key, None) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed

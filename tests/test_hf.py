@@ -475,6 +475,29 @@ def test_generate_keeps_its_compiled_calls_used_last(monkeypatch):
     assert [dict(key[1])["max_new_tokens"] for key in lm._generate] == [1, 3]
 
 
+def test_generate_follows_an_option_whose_state_changed_between_calls():
+    """A logits processor compares by identity: a cached trace would keep the state it had first."""
+    from transformers.generation.flax_logits_process import FlaxLogitsProcessor, FlaxLogitsProcessorList
+
+    class Ban(FlaxLogitsProcessor):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, cur_len):
+            return scores.at[:, self.token].set(-jnp.inf)
+
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    ids, ban = jnp.array([[3, 5, 7, 9]]), Ban(0)
+    processors = FlaxLogitsProcessorList([ban])
+    first = lm.generate(ids, max_new_tokens=3, pad_token_id=0, logits_processor=processors).sequences
+    ban.token = int(first[0, 4])  # the first token it generated, banned now
+    got = lm.generate(ids, max_new_tokens=3, pad_token_id=0, logits_processor=processors).sequences
+    want = lm.model.generate(ids, max_new_tokens=3, pad_token_id=0, logits_processor=processors,
+                             params=lm.merge()).sequences
+    assert int(got[0, 4]) != int(first[0, 4]) and np.array_equal(got, want)
+
+
 def test_example_inputs_can_be_given():
     class FlaxTokensGPT2(tf.FlaxGPT2LMHeadModel):  # a __call__ whose inputs example_inputs does not know
         def __call__(self, tokens, params=None, **kwargs):
