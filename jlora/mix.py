@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _compat
 from jlora.paths import path_str
 from jlora.weight import LoraWeight, Trainable, is_param
 
@@ -33,8 +34,8 @@ def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = N
     with ``rank=None``, then fit.
 
     The result has the first adapter's scale and dropout rate (at each param, of the first that
-    has one there), so that a mix of trainable halves combines with the first's frozen half. Leaves trained whole (``Trainable``) are refused: mix
-    their values as you mean to.
+    has one there), so that a mix of trainable halves combines with the first's frozen half.
+    Leaves trained whole (``Trainable``) are refused: mix their values as you mean to.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -95,7 +96,7 @@ def _check_base(value: Any, holder: LoraWeight, i: int, h: int, where: str) -> N
     if tuple(value.shape) != tuple(holder.w.shape):
         raise ValueError(f"jlora.mix: at '{where}' adapter {i} has a kernel {tuple(value.shape)}, adapter {h} an "
                          f"adapter of a kernel {tuple(holder.w.shape)}: the adapters are not of one base")
-    concrete = lambda x: isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+    concrete = lambda x: isinstance(x, (np.ndarray, jax.Array)) and not _compat.is_tracer(x)
     if value is not holder.w and concrete(value) and concrete(holder.w) and not bool(jnp.array_equal(value, holder.w)):
         raise ValueError(f"jlora.mix: at '{where}' adapter {i}'s kernel is not the base under adapter {h}'s adapter "
                          "there (a merged model?): the adapters are not of one base")
