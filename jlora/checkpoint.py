@@ -70,7 +70,8 @@ def _impl_name(key: Any) -> str:
     ``jax.ShapeDtypeStruct`` of one (``jax.eval_shape``'s), found by its dtype."""
     if not isinstance(key, jax.ShapeDtypeStruct):
         return str(jax.random.key_impl(key))
-    return next(name for name in ("threefry2x32", "rbg", "unsafe_rbg") if jax.random.key(0, impl=name).dtype == key.dtype)
+    impls = ("threefry2x32", "rbg", "unsafe_rbg")
+    return next(name for name in impls if jax.random.key(0, impl=name).dtype == key.dtype)
 
 
 def _flat(tree: Any, keys_as_data: bool = True) -> dict[str, Any]:

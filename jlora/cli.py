@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", "--max-steps", type=int, default=None, help="training steps")
     length.add_argument("--epochs", "--num-train-epochs", type=float, default=None,
                         help="training epochs (default: 1)")
-    ft.add_argument("--lr", "--learning-rate", type=float, default=1e-3, help="learning rate of AdamW (constant; weight decay 0.01) (default: %(default)s)")
+    ft.add_argument("--lr", "--learning-rate", type=float, default=1e-3,
+                    help="learning rate of AdamW (constant; weight decay 0.01) (default: %(default)s)")
     ft.add_argument("--b-lr-ratio", type=float, default=4.0, help="LoRA+ ratio of B's to A's learning rate "
                                                                    "(default: %(default)s)")
     ft.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")

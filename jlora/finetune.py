@@ -377,7 +377,8 @@ def as_flags(message: str) -> str:
                          ("targets='all-linear'", "--targets all-linear"),
                          ("LoraConfig: 'all-linear'", "--targets: 'all-linear'")):
         message = message.replace(python, flag)
-    message = re.sub(r"^lora_init: rank (\d+) for ('[^']*') exceeds", r"--rank \1 is too large for \2: it exceeds", message)
+    message = re.sub(r"^lora_init: rank (\d+) for ('[^']*') exceeds", r"--rank \1 is too large for \2: it exceeds",
+                     message)
     return re.sub(r"LoraConfig(?:\.|: )(targets|rank|alpha)\b", r"--\1", message)
 
 

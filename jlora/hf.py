@@ -439,7 +439,8 @@ class LoraModel:
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
-        """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA dropout where ``lora_rng=`` is given."""
+        """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA
+        dropout where ``lora_rng=`` is given."""
         return _EveryKey.unwrap(self._forward(*args, params=self.params if params is None else params,
                                               lora_rng=lora_rng, model_state=self._model_state(), **kwargs))
 
@@ -457,9 +458,10 @@ class LoraModel:
         Whisper; a vision encoder-decoder's pixels go first, by position, as HF's Flax ``generate``
         takes them: ``lm.generate(pixel_values, ...)``). Compiled once per prompt shape and set of
         options (the 32 used last kept: ``GENERATE_CACHE_SIZE``), as ``jlora.apply``; an option that
-        compares by identity (a logits processor, whose state may change) is traced anew at each call. ``merged=True`` runs HF's ``generate`` as it
-        is on ``jlora.merge(params)``: merged at every call, its loop compiled anew each time (about
-        90× slower a call on a small model), for what the lazy path cannot do (``trace=False``).
+        compares by identity (a logits processor, whose state may change) is traced anew at each
+        call. ``merged=True`` runs HF's ``generate`` as it is on ``jlora.merge(params)``: merged at
+        every call, its loop compiled anew each time (about 90× slower a call on a small model), for
+        what the lazy path cannot do (``trace=False``).
 
         Example:
             >>> import jax.numpy as jnp, jlora

@@ -371,8 +371,8 @@ def lora_init(
     check_unshared(params, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     if not entries:
-        raise ValueError(f"lora_init: params hold no arrays (got {type_name(params)}{'' if params is None else ' ' + repr(params)[:60]}): "
-                         "pass the base model's param tree")
+        got = type_name(params) if params is None else f"{type_name(params)} {repr(params)[:60]}"
+        raise ValueError(f"lora_init: params hold no arrays (got {got}): pass the base model's param tree")
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
         raise ValueError(f"lora_init: params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
@@ -439,14 +439,16 @@ def lora_init(
             unknown.append(path)
             continue
         if layout.ndim != w.ndim:
-            raise ValueError(f"lora_init: layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has shape {tuple(w.shape)}")
+            raise ValueError(f"lora_init: layout '{layout}' for '{path}' has {layout.ndim} axes; the kernel has "
+                             f"shape {tuple(w.shape)}")
         fan_in, fan_out = layout.fan_in(w.shape), layout.fan_out(w.shape)
         if rank > min(fan_in, fan_out):
             # a small head (NSP's 2 outputs, the classes); a stack of layers (a batch axis) is no head
             if _all_linear(config) and outside_layers(path) and not layout.group("b"):
                 narrow.append(f"{path} ({fan_in}x{fan_out})")
                 continue
-            raise ValueError(f"lora_init: rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its {_describe(w)} kernel")
+            raise ValueError(f"lora_init: rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its "
+                             f"{_describe(w)} kernel")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
         # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)

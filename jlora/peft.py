@@ -355,7 +355,7 @@ def _warn_wider(params: Any, bias_mode: str, lora_modules: set[str], in_saved: C
     if wider:
         warnings.warn(f"jlora.peft.save_adapter: PEFT trains {len(wider)} leaves these adapters kept frozen, e.g. "
                       f"{wider[:3]}: its modes are coarser (bias='{bias_mode}': "
-                      f"{'every bias' if bias_mode == 'all' else 'the LoRA modules biases' if bias_mode == 'lora_only' else 'none'}; "
+                      f"{'every bias' if bias_mode == 'all' else 'the biases of the LoRA modules' if bias_mode == 'lora_only' else 'none'}; "
                       "modules_to_save: every leaf of each module). The file holds their base values, so the outputs "
                       "are the same; trained on in PEFT, they train too. To match, train them here too "
                       "(LoraConfig(trainable=...)), or leave their module's other leaves out", stacklevel=_user_stacklevel())
