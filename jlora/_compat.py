@@ -346,10 +346,11 @@ def trace_state() -> Any:
     return _get_trace_state(convention="jlora")
 
 
-def eager() -> bool:
+def eager(state: Any = None) -> bool:
     """Whether code runs outside every trace (no ``jit``, ``vmap``, ``grad`` around it): the trace
-    state is a new thread's, which starts outside every trace (JAX has no public test of its own)."""
-    return trace_state() == _TOP_LEVEL
+    state (``state``, a ``trace_state()`` already read, or the current one) is a new thread's, which
+    starts outside every trace (JAX has no public test of its own)."""
+    return (trace_state() if state is None else state) == _TOP_LEVEL
 
 
 def _top_level_state() -> Any:

@@ -842,7 +842,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         # rules), as jax.jit's cache has it
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
                tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config(),
-               _compat.eager())
+               _compat.eager(state))
         hash(key)
     except TypeError:
         key = None

@@ -83,8 +83,9 @@ def test_discovery_finds_the_public_examples():
 
 @pytest.mark.parametrize("name", sorted(TESTS))
 def test_example_runs_with_only_public_imports(name):
-    if _missing(name):
-        pytest.skip(f"needs {_missing(name)}, not installed")
+    missing = _missing(name)
+    if missing:
+        pytest.skip(f"needs {missing}, not installed")
     test = TESTS[name]
     test.globs = {"jax": jax, "jnp": jnp, "np": np, "optax": optax, "jlora": jlora}  # a fresh namespace each run
     out = io.StringIO()
