@@ -368,9 +368,11 @@ def as_flags(message: str) -> str:
         >>> jlora.finetune.as_flags("LoraConfig.targets='all-linear' selects no kernel")
         '--targets all-linear selects no kernel'
         >>> jlora.finetune.as_flags("lora_init: rank 512 for 'q/kernel' exceeds min(in=384, out=384) of its "
-        ...                         "float32[384,384] kernel")
+        ...                         "float32[384,384] kernel; lower the rank, or give this kernel one that fits "
+        ...                         "(LoraConfig(rank_pattern={'q': 384}))")
         "--rank 512 is too large for 'q/kernel': it exceeds min(in=384, out=384) of its float32[384,384] kernel"
     """
+    message = re.sub(r"( kernel); (?:lower the rank|targets='all-linear' took it).*$", r"\1", message)  # no per-kernel flags
     for python, flag in (("LoraConfig.targets=None", "--targets (the default)"),
                          ("pass LoraConfig(targets=[...]) or targets='all-linear'", "pass --targets PATTERN ... or --targets all-linear"),
                          ("LoraConfig.targets='all-linear'", "--targets all-linear"),

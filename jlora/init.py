@@ -447,8 +447,14 @@ def lora_init(
             if _all_linear(config) and outside_layers(path) and not layout.group("b"):
                 narrow.append(f"{path} ({fan_in}x{fan_out})")
                 continue
+            module, fits = path.rsplit("/", 1)[0] if "/" in path else path, min(fan_in, fan_out)
+            why = "it is a stack of layers (a batch axis)" if outside_layers(path) else "it sits in a numbered list of layers"
+            hint = (f"targets='all-linear' took it for a hidden layer, as {why}; "
+                    f"if it is the output head, leave it out (LoraConfig(exclude=['{module}'])), else give it a rank "
+                    f"that fits (LoraConfig(rank_pattern={{'{module}': {fits}}}))" if _all_linear(config) else
+                    f"lower the rank, or give this kernel one that fits (LoraConfig(rank_pattern={{'{module}': {fits}}}))")
             raise ValueError(f"lora_init: rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its "
-                             f"{_describe(w)} kernel")
+                             f"{_describe(w)} kernel; {hint}")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
         # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)

@@ -233,7 +233,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     here = writes_here("jlora.peft.save_adapter", params)
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     whole_tree, params = params, _module_params(params)[0]
-    entries = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=is_param)]  # a quantized kernel: one leaf
+    # every leaf, a quantized kernel as one, and the frozen half's Nones (a split tree)
+    every = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))]
+    entries = [(p, x) for p, x in every if x is not None]
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
@@ -252,8 +254,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     # as PEFT matches modules_to_save: every module whose name ends with an entry (DistilBERT's
     # "classifier" takes "pre_classifier" too), each saved whole, trained or not
     in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
-    missing = [p for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
-               if x is None and in_saved(_torch_style(p))]
+    missing = [p for p, x in every if x is None and in_saved(p)]
     if missing:
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "
@@ -314,7 +315,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         alphas[name] = lw.scale * lw.rank  # PEFT: scaling = lora_alpha / r (rsLoRA is folded in)
     lora_modules = set(modules)
     for p, x in biases:  # PEFT names the bias of a LoRA-wrapped module "<module>.base_layer.bias"
-        name = p[: -len("/bias")].replace("/", ".")
+        name = _bias_module(p)
         wrapped = ".base_layer" if name in lora_modules else ""
         tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value)
     for p, x in entries:  # modules_to_save: every leaf of the module, trained or not (a quantized one as floats)
@@ -322,8 +323,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
             name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x.materialize() if isinstance(x, Lazy) else x)
             tensors[f"{PREFIX}{p.rsplit('/', 1)[0].replace('/', '.')}.{name}"] = value
     bias_mode = "none" if not biases else (
-        "lora_only" if all(p[: -len("/bias")].replace("/", ".") in lora_modules for p, _ in biases) else "all")
-    _warn_wider(params, bias_mode, lora_modules, in_saved)
+        "lora_only" if all(_bias_module(p) in lora_modules for p, _ in biases) else "all")
+    _warn_wider(every, bias_mode, lora_modules, in_saved)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -343,14 +344,19 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     return write_files(path, write) if here else Path(path)
 
 
-def _warn_wider(params: Any, bias_mode: str, lora_modules: set[str], in_saved: Callable[[str], bool]) -> None:
+def _bias_module(path: str) -> str:
+    """The PyTorch module name of a bias's path: ``"h/0/attn/c_attn/bias"`` -> ``"h.0.attn.c_attn"``."""
+    return path[: -len("/bias")].replace("/", ".")
+
+
+def _warn_wider(leaves: list[tuple[str, Any]], bias_mode: str, lora_modules: set[str],
+                in_saved: Callable[[str], bool]) -> None:
     """Warn of the leaves PEFT will train that these adapters kept frozen: PEFT trains every bias
     (``bias="all"``), every LoRA module's (``"lora_only"``), every leaf of a module in
     ``modules_to_save``; the file holds the base's values there, so the outputs are the same."""
-    frozen = [_torch_style(p) for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
-              if not isinstance(x, (LoraWeight, Trainable))]
+    frozen = [p for p, x in leaves if not isinstance(x, (LoraWeight, Trainable))]
     bias_of = lambda p: p.endswith("/bias") and (bias_mode == "all" or bias_mode == "lora_only"
-                                                 and p[: -len("/bias")].replace("/", ".") in lora_modules)
+                                                 and _bias_module(p) in lora_modules)
     wider = [p for p in frozen if in_saved(p) or bias_of(p)]
     if wider:
         warnings.warn(f"jlora.peft.save_adapter: PEFT trains {len(wider)} leaves these adapters kept frozen, e.g. "

@@ -52,10 +52,23 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
                                          r"heads: \['nsp/kernel \(16x2\)'\]"):  # said: linen's layers_0 is no index
         assert "nsp/kernel" not in adapted(lora_init(KEY, narrow, LoraConfig(rank=4, targets="all-linear")))
     stack = {**base(), "layers": {"gate": {"kernel": jnp.ones((3, 16, 2))}}}  # nn.scan's stack: layers, not a head
-    with pytest.raises(ValueError, match=r"rank 4 for 'layers/gate/kernel' exceeds min\(in=16, out=2\)"):
+    with pytest.raises(ValueError, match=r"rank 4 for 'layers/gate/kernel' exceeds min\(in=16, out=2\) of its "
+                                         r"float32\[3,16,2\] kernel; targets='all-linear' took it for a hidden layer, "
+                                         r"as it is a stack of layers \(a batch axis\)"):
         lora_init(KEY, stack, LoraConfig(rank=4, targets="all-linear", layouts={"gate": "bio"}))
-    with pytest.raises(ValueError, match=r"rank 4 for 'nsp/kernel' exceeds min\(in=16, out=2\)"):
+    with pytest.raises(ValueError, match=r"rank 4 for 'nsp/kernel' exceeds min\(in=16, out=2\) of its float32\[16,2\] "
+                                         r"kernel; lower the rank, or give this kernel one that fits "
+                                         r"\(LoraConfig\(rank_pattern=\{'nsp': 2\}\)\)$"):
         lora_init(KEY, narrow, LoraConfig(rank=4, targets=["nsp"]))
+    # nnx.Sequential's classifier: its output layer is one of the numbered layers; the hint says how out
+    sequential = {"layers": {"0": {"kernel": jnp.ones((8, 16))}, "2": {"kernel": jnp.ones((16, 3))}}}
+    with pytest.raises(ValueError, match=r"'layers/2/kernel' exceeds .* as it sits in a numbered list of layers; if it "
+                                         r"is the output head, leave it out \(LoraConfig\(exclude=\['layers/2'\]\)\), else "
+                                         r"give it a rank that fits \(LoraConfig\(rank_pattern=\{'layers/2': 3\}\)\)$"):
+        lora_init(KEY, sequential, LoraConfig(rank=4))
+    assert sorted(adapted(lora_init(KEY, sequential, LoraConfig(rank=4, exclude=["layers/2"])))) == ["layers/0/kernel"]
+    assert sorted(adapted(lora_init(KEY, sequential, LoraConfig(rank=4, rank_pattern={"layers/2": 3})))) == [
+        "layers/0/kernel", "layers/2/kernel"]
     with pytest.raises(ValueError, match=r"rank 64 for 'layers/0/attn/q_proj/kernel' exceeds"):  # inside the layers
         lora_init(KEY, base(), LoraConfig(rank=64, targets="all-linear"))
     with pytest.raises(ValueError, match="rank 64 exceeds min.in, out. of every kernel all-linear selects"):
