@@ -213,7 +213,7 @@ def _squeeze(ctx: Context, eqn: Any, invals: list) -> Any:
     if len(axes) == 1 and probe.ndim - 1 not in dropped:
         rows = probe.ndim - 2
         _record(ctx, probe, {ax: "o" if ax == rows + 1 else "i" if ax == rows else "b" for ax in range(probe.ndim)},
-                eqn.primitive)
+                _compat.gather_p)  # a lookup, as a gather's: a table so used gets an embedding's init
     sliced = tuple(o for ax in sorted(dropped) for o in probe.axes[ax])
     return [probe.moved(_compat.bind(eqn, [probe.value])[0], axes, sliced)]
 

@@ -116,6 +116,11 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
     got = adapted(lora_init(KEY, tables, LoraConfig(rank=4, targets=["tok", "tied"]), infer_layout=use))
     assert float(jnp.abs(got["tok/weight"].a).max()) == 0.0 and float(jnp.abs(got["tok/weight"].b).max()) > 0
     assert float(jnp.abs(got["tied/weight"].a).max()) > 0 and float(jnp.abs(got["tied/weight"].b).max()) == 0.0
+    # looked up one token at a time (Equinox's Embedding called per token, W[i]: a slice, not a gather): the same
+    one = lambda p: p["tok"]["weight"][jnp.array(3)].sum() + p["tied"]["weight"][2].sum()
+    got = adapted(lora_init(KEY, tables, LoraConfig(rank=4, targets=["tok", "tied"]), infer_layout=one))
+    for path in ("tok/weight", "tied/weight"):
+        assert str(got[path].layout) == "io" and float(jnp.abs(got[path].a).max()) == 0.0, path
 
 
 def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
