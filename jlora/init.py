@@ -345,7 +345,9 @@ def lora_init(
 
     ``infer_layout(params)``, if given, is traced (abstractly) to learn how each kernel is used, which
     gives the batch/input/output axes of n-D kernels (DenseGeneral, conv, ``nn.scan``-stacked layers).
-    2-D kernels default to ``(in, out)``; ``config.layouts`` declares layouts per pattern.
+    A 2-D ``kernel`` (Flax) defaults to ``(in, out)``; a 2-D ``weight`` (Equinox's Linear and PyTorch
+    store ``(out, in)``, an embedding table ``(in, out)``) has no default: infer it or declare it.
+    ``config.layouts`` declares layouts per pattern.
 
     A kernel with a ``NamedSharding`` gets factors created directly on its devices in the derived
     shardings (``jlora.sharding.factor_specs``). Under ``jax.jit`` give the out shardings instead:
@@ -429,10 +431,15 @@ def lora_init(
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")
+            # named by a module above it, seen in no matmul: a stacked norm's scale (layers, features) more likely
+            other = (f"; if it is no linear weight (a norm's scale, stacked with its layers), leave it out: "
+                     f"LoraConfig(exclude=['{path.rsplit('/', 1)[0]}'])"
+                     if infer_layout is not None and "/" in path and not any(
+                         pat.match(path) == LEAF for pat in compile_patterns(() if _all_linear(config) else config.targets)) else "")
             raise ValueError(
                 f"lora_init: '{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
                 f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "
-                f"LoraConfig(layouts={{'{path}': 'oi'}}) ('io' for (in, out))"
+                f"LoraConfig(layouts={{'{path}': 'oi'}}) ('io' for (in, out)){other}"
             )
         layout = layout or Layout.default(w.ndim)
         if layout is None:

@@ -299,7 +299,7 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
                   used_by: dict[str, set] | None = None) -> dict[str, Layout]:
     """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them. ``used_by``, if
     given, receives the primitives that use each kernel (of ``dot_general``, ``ragged_dot_general``,
-    ``gather``, ``squeeze`` and ``conv_general_dilated``).
+    ``gather`` (a single row's ``squeeze`` too: a lookup) and ``conv_general_dilated``).
 
     Example:
         >>> import jax.numpy as jnp

@@ -158,6 +158,21 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     inferred = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]),
                          infer_layout=lambda p: jnp.ones((3, 8)) @ p["lin"]["weight"].T)["lin"]["weight"]
     assert str(inferred.layout) == "oi"
+    # a module above a stack of layers named: its norms' scales, (layers, features), are 2-D weights too; seen in
+    # no matmul, the error says how to leave them out as well as how to declare a layout
+    blocks = {"blocks": {"lin": {"weight": jnp.ones((2, 4, 8))}, "ln": {"weight": jnp.ones((2, 8))}}}
+
+    def scanned(p, x=jnp.ones(8)):
+        layer = lambda h, blk: (blk["lin"]["weight"] @ (h * blk["ln"]["weight"]), None)
+        return jax.lax.scan(lambda h, blk: (jnp.tile(layer(h, blk)[0], 2), None), x, p["blocks"])[0]
+    with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\); if it is no "
+                                         r"linear weight \(a norm's scale, stacked with its layers\), leave it out: "
+                                         r"LoraConfig\(exclude=\['blocks/ln'\]\)$"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=scanned)
+    stacked = lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"], exclude=["blocks/ln"]), infer_layout=scanned)
+    assert sorted(adapted(stacked)) == ["blocks/lin/weight"] and str(stacked["blocks"]["lin"]["weight"].layout) == "boi"
+    with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\)$"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=scanned)  # named: no hint
 
 
 def test_a_trainable_subtree_leaves_its_integer_leaves_frozen():
