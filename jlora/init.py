@@ -58,10 +58,12 @@ def _describe(leaf: Any) -> str:
     return type(leaf).__name__
 
 
-def _is_linear_kernel(path: str, leaf: Any) -> bool:
+def _is_linear_kernel(path: str, leaf: Any, weights: bool = False) -> bool:
+    """Whether all-linear adapts ``path``: a dense ``kernel`` (Haiku: ``w``) but the heads; with
+    ``weights`` (infer_layout given, to tell Equinox's linear weights from its tables), a ``weight`` too."""
     comps = path.split("/")
     return (
-        comps[-1] in ("kernel", "w")  # not Equinox's "weight": its embedding tables have that name too
+        comps[-1] in ("kernel", "w", *(("weight",) if weights else ()))
         and _is_adaptable(leaf)
         and not any(c in HEAD_NAMES for c in comps)
         and not (len(comps) > 1 and comps[-2] in OUTPUT_LAYER_NAMES)
@@ -200,9 +202,10 @@ def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]]) -> str:
 
 
 def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
-           state: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+           state: frozenset[str] = frozenset(), weights: bool = False) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs. ``state``: paths
-    of variables that the forward pass updates (NNX ``BatchStat``, linen ``batch_stats``), never trained.
+    of variables that the forward pass updates (NNX ``BatchStat``, linen ``batch_stats``), never trained;
+    ``weights``: all-linear takes 2-D ``weight`` leaves too, for infer_layout to sort out.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -228,7 +231,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         if any(ex.match(path) for ex in exclude) or in_state(path, state):  # state: updated by the forward pass
             chosen = False
         elif all_linear:
-            chosen = _is_linear_kernel(path, leaf)
+            chosen = _is_linear_kernel(path, leaf, weights)
         else:
             kinds = {pat: pat.match(path) for pat in targets}
             direct = [pat for pat, kind in kinds.items() if kind == LEAF]
@@ -279,8 +282,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             )
     if not adapt:
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
-                         + ("; 'all-linear' adapts dense kernels (leaves named 'kernel' or 'w'): name the modules "
-                            "or leaves to adapt in targets" + _no_match("targets", "", paths, entries)
+                         + ("; 'all-linear' adapts dense kernels (leaves named 'kernel' or 'w'; 'weight' where "
+                            "infer_layout sees it in a matmul, as Equinox's Linear): name the modules or leaves to "
+                            "adapt in targets, or pass lora_init(..., infer_layout=lambda m: m(x))"
+                            + _no_match("targets", "", paths, entries)
                             if all_linear else ""))
     patterns = {"rank_pattern": [text for text, _ in config.rank_pattern],
                 "alpha_pattern": [text for text, _ in config.alpha_pattern], "exclude": config.exclude}
@@ -394,7 +399,7 @@ def lora_init(
                 check_registered(leaf)
             except TypeError as err:
                 raise TypeError(f"lora_init: '{path}': {err}") from None
-    adapt, tune = select(config, entries, state_paths(params))
+    adapt, tune = select(config, entries, state_paths(params), weights=infer_layout is not None)
     by_path = dict(entries)
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}
@@ -404,7 +409,10 @@ def lora_init(
         inferred = infer_layouts(infer_layout, params, adapt, used_by)
         if _all_linear(config):  # dense kernels only, as PEFT: no conv window
             linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
-            adapt = [p for p in adapt if linear & used_by.get(p, linear)]
+            # a 'weight' (Equinox's Linear, Embedding and norms share the name): only one seen in a matmul, never looked up
+            dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses if p.rsplit("/", 1)[-1] == "weight"
+                                     else linear & (uses or linear))
+            adapt = [p for p in adapt if dense(p, used_by.get(p, set()))]
             if not adapt:
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
                                 and _compat.conv_general_dilated_p in used_by[p]})

@@ -83,7 +83,8 @@ def misfit(grads: Any, params: Any) -> str | None:
     in_grads, in_params = flat(grads), flat(params)
     only_grads, only_params = sorted(set(in_grads) - set(in_params)), sorted(set(in_params) - set(in_grads))
     if only_grads or only_params:
-        return f"only in the gradients: {only_grads[:5]}; only in the params: {only_params[:5]}"
+        return "; ".join(f"only in the {name}: {only[:5]}" for name, only in (("gradients", only_grads),
+                                                                             ("params", only_params)) if only)
     for path, s in in_grads.items():
         if s != in_params[path]:
             return f"'{path}' is {s} in the gradients, {in_params[path]} in the params"

@@ -82,7 +82,7 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         detail = (f": at '{both[0]}' {names[0]} has {kind(nodes[0])}, {names[1]} {kind(nodes[1])} (from lora_init "
                   "calls with other targets?)")
     elif only1 or only2:
-        detail = f": only in {names[0]}: {only1[:5]}; only in {names[1]}: {only2[:5]}"
+        detail = ": " + "; ".join(f"only in {name}: {only[:5]}" for name, only in zip(names, (only1, only2)) if only)
     else:
         nodes1, nodes2 = nodes
         meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__

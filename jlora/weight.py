@@ -66,6 +66,10 @@ class NotAnArray:
         """How messages (a fallback's warning) name this value."""
         return type(self).__name__
 
+    def _contents(self) -> str:
+        """Where its arrays are, for the message below."""
+        return "read its fields"
+
     def _used_outside_apply(self, *args: Any, **kwargs: Any) -> NoReturn:
         if TRACING_APPLY.get():
             raise TypeError(f"{self.describe()} was used as an array inside jlora.apply, but it is not in the wrapped "
@@ -73,7 +77,7 @@ class NotAnArray:
                             "the module as an argument, jlora.apply(lambda params, x: ...)(params, x)")
         raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
                         "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params). To look at it, "
-                        "print it or read its fields (an NNX variable holding it: variable.get_value(), not "
+                        f"print it or {self._contents()} (an NNX variable holding it: variable.get_value(), not "
                         "variable[...])")
 
     def __eq__(self, other: Any) -> Any:
@@ -670,6 +674,9 @@ class Trainable(NotAnArray):
             raise ValueError(f"Trainable: a lazy {type(value).__name__} (a quantized kernel, an adapter) cannot "
                              "be trained in full; only arrays can")
         object.__setattr__(self, "value", value)
+
+    def _contents(self) -> str:
+        return "read its array, .value"
 
     def tree_flatten(self):
         return (self.value,), None

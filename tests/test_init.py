@@ -123,6 +123,27 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
         assert str(got[path].layout) == "io" and float(jnp.abs(got[path].a).max()) == 0.0, path
 
 
+def test_all_linear_adapts_the_weights_infer_layout_sees_in_a_matmul_as_equinox_names_them():
+    """Equinox names every weight ``weight``, stored (out, in): its Linear's, its Embedding's table,
+    its norms' scales. all-linear adapts those infer_layout sees in a matmul and never looked up."""
+    tree = {"emb": {"weight": jnp.ones((50, 16))}, "ln": {"weight": jnp.ones(16)},
+            "layers": [{"weight": jnp.ones((32, 16)), "bias": jnp.zeros(32)}, {"weight": jnp.ones((16, 32))}],
+            "tied": {"weight": jnp.ones((50, 16))}, "head": {"weight": jnp.ones((16, 16))}}
+
+    def run(p, ids=jnp.arange(3)):
+        h = p["emb"]["weight"][ids] * p["ln"]["weight"] + p["tied"]["weight"][ids]
+        for layer in p["layers"]:
+            h = h @ layer["weight"].T
+        return (h @ p["head"]["weight"].T) @ p["tied"]["weight"].T  # a tied output embedding: looked up too
+
+    got = adapted(lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"), infer_layout=run))
+    assert sorted(got) == ["layers/0/weight", "layers/1/weight"]
+    assert {str(lw.layout) for lw in got.values()} == {"oi"}
+    with pytest.raises(ValueError, match=r"selects no kernel; .*'all-linear' adapts dense kernels \(leaves named 'kernel' "
+                                         r"or 'w'; 'weight' where infer_layout sees it in a matmul, as Equinox's Linear\)"):
+        lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"))
+
+
 def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
     class CNN(nn.Module):
         @nn.compact

@@ -35,6 +35,9 @@ def test_combine_refuses_trees_that_do_not_match():
     other = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 8))}}, jlora.LoraConfig(rank=2, targets=["q"]))
     with pytest.raises(ValueError, match="jlora.combine: trainable and frozen do not have the same structure"):
         jlora.combine(trainable, jlora.split(other)[1])
+    extra = {**tree(), "extra": {"count": jnp.zeros(2)}}  # a leaf one side has: only that side is named
+    with pytest.raises(ValueError, match=r"do not have the same structure: only in frozen: \['extra/count'\]$"):
+        jlora.combine(trainable, jlora.split(extra)[1])
     base = {"q": {"kernel": jnp.ones((8, 8))}}
     alpha = lambda a: jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=a, targets=["q"]))
     with pytest.raises(ValueError, match=r"differ at \['q/kernel'\], e.g. 'q/kernel': \{'scale': 1.0, 'layout': "

@@ -157,9 +157,11 @@ def test_a_model_called_on_the_lora_tree_without_apply_says_so():
     model, x = PreNorm(), jnp.ones((2, 4))
     base = model.init(jax.random.key(0), x)["params"]
     lora = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["Dense_0"], trainable=["LayerNorm_0"]))
-    with pytest.raises(TypeError, match=r"Trainable\(float32\[4\]\) was used as an array outside jlora.apply"):
+    with pytest.raises(TypeError, match=r"Trainable\(float32\[4\]\) was used as an array outside jlora.apply: .* To "
+                                        r"look at it, print it or read its array, .value \(an NNX variable"):
         model.apply({"params": lora}, x)
-    with pytest.raises(TypeError, match="LoraWeight at 'Dense_0/kernel' was used as an array outside jlora.apply"):
+    with pytest.raises(TypeError, match="LoraWeight at 'Dense_0/kernel' was used as an array outside jlora.apply: .* To "
+                                        "look at it, print it or read its fields"):
         model.apply({"params": jlora.merge(lora) | {"Dense_0": lora["Dense_0"]}}, x)
     np.testing.assert_allclose(jlora.apply(model.apply)({"params": lora}, x), model.apply({"params": jlora.merge(lora)}, x),
                                rtol=1e-6, atol=1e-6)
