@@ -101,7 +101,9 @@ class AdapterCheckpointer:
         In a job of several processes a save commits through them all: call ``close()`` before
         ``jax.distributed.shutdown()``, or the last save is lost.
       lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
-        (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale.
+        (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale,
+        and ``restore`` refuses a step saved with another config (or, saved with none, adapters it
+        would not make): resumed with an edited config, the adapters would be the saved config's.
 
     Steps are read from the directory at each call, so a checkpointer sees the steps other processes
     save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
@@ -239,6 +241,7 @@ class AdapterCheckpointer:
         self._check_open("restore")
         step, meta = self._meta(step)
         specs = meta["specs"]
+        self._check_config(step, meta["lora_config"])
         like_flat = None if opt_state_like is None else _flat(opt_state_like)
         # a state saved before jlora recorded its keys (opt_state_keys) has their shapes as keys, not data
         keys = meta.get("opt_state_keys")
@@ -271,6 +274,8 @@ class AdapterCheckpointer:
                LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
                           dropout=spec.get("dropout", 0.0)) for p, spec in specs.items()}
         params = replace_leaves(base_params, new, is_leaf=is_param)
+        if self.lora_config is not None and meta["lora_config"] is None:  # saved without one: the adapters say
+            check_config_makes("AdapterCheckpointer.restore", self.lora_config, params)
         opt_state = None
         if opt_state_like is not None:
             saved = _on_device(dict(got["opt_state"])) if like_flat else {}
@@ -278,6 +283,24 @@ class AdapterCheckpointer:
                 saved[i] = jax.random.wrap_key_data(saved[i], impl=impl)
             opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), [saved[str(i)] for i in range(len(saved))])
         return params, opt_state, step
+
+    def _check_config(self, step: int, saved: dict | None) -> None:
+        """Refuse to restore adapters made with another config than this checkpointer's
+        ``lora_config``: its later saves would write that config beside them (and refuse)."""
+        if self.lora_config is None or saved is None:
+            return
+        with warnings.catch_warnings():  # the config's own advice (float16 factors) was given when it was made
+            warnings.simplefilter("ignore")
+            theirs = LoraConfig(**saved)
+        if theirs == self.lora_config:
+            return
+        theirs, ours = theirs.to_dict(), self.lora_config.to_dict()
+        differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                  if theirs.get(k) != ours.get(k)]
+        raise ValueError(f"AdapterCheckpointer.restore: step {step} of {self.directory} was saved with another "
+                         f"LoraConfig than this checkpointer's lora_config ({'; '.join(differ)}): to go on training "
+                         "those adapters, pass lora_config=AdapterCheckpointer(directory).saved_config(); for "
+                         "adapters of the new config, lora_init them and save into another directory")
 
     def saved_config(self, step: int | None = None) -> LoraConfig | None:
         """The ``LoraConfig`` saved with ``step`` (default: the latest), or ``None`` if none was given.
@@ -566,6 +589,9 @@ def _check_arrays(opt_state: Any) -> None:
         if not is_saveable_array(leaf) and not isinstance(leaf, (int, float)):
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} is "
                              f"{type(leaf).__name__}, not an array: pass the state, e.g. tx.init(trainable)")
+        if getattr(leaf, "is_deleted", lambda: False)():  # orbax would fail halfway, its temporary folder left
+            raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} was deleted (donated "
+                             "to a jitted step: donate_argnums); save the state the step returned")
 
 
 def _describe_ranking(ranking: list | None) -> str:
@@ -680,8 +706,11 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
     saved = meta["opt_state"]
     paths = _key_paths(like)
     if len(paths) != len(saved):
+        adapters = sorted(p for p, spec in meta["specs"].items() if spec["kind"] != "trainable")
         raise ValueError(f"{directory}: opt_state_like has {len(paths)} leaves, step {step}'s optimizer state "
-                         f"{len(saved)}: another optimizer?")
+                         f"{len(saved)}: the state of another optimizer, or of adapters on other params (other "
+                         f"targets? step {step} has {len(adapters)} adapters: {adapters[:4]}"
+                         f"{', ...' if len(adapters) > 4 else ''})")
     for path, saved_path in zip(paths, meta.get("opt_state_paths", paths)):  # none in older checkpoints
         if path != saved_path:
             raise ValueError(f"{directory}: opt_state_like{path} is where step {step} saved opt_state{saved_path}: "

@@ -92,6 +92,28 @@ def test_the_lora_config_is_kept_with_each_step(tmp_path):
         AdapterCheckpointer(tmp_path / "other", lora_config=cfg.to_dict())
 
 
+def test_a_resume_with_another_lora_config_is_refused_at_restore(tmp_path):
+    """A checkpointer's lora_config is the one its adapters were made with: restoring adapters of
+    another (an edited alpha) is refused then, not after hours of training at the next save (or never:
+    a dropout, a param_dtype), naming the fields that differ."""
+    base, cfg, params, tx = setup()
+    AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg, async_save=False).save(1, params, opt_state=tx.init(params))
+    edited = cfg.replace(alpha=32.0, dropout=0.1)
+    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: step 1 of .* was saved with another LoraConfig "
+                                         r"than this checkpointer's lora_config \(alpha=8.0 there, 32.0 here; dropout=0.0 "
+                                         r"there, 0.1 here\): to go on training those adapters, pass lora_config="):
+        AdapterCheckpointer(tmp_path / "ckpt", lora_config=edited).restore(base, opt_state_like=tx.init(params))
+    for same in (cfg, jlora.LoraConfig(**cfg.to_dict()), None):
+        restored, _, _ = AdapterCheckpointer(tmp_path / "ckpt", lora_config=same).restore(base)
+        assert restored["q"]["kernel"].scale == params["q"]["kernel"].scale
+    # a step saved without a config: its adapters are checked as a save checks them
+    AdapterCheckpointer(tmp_path / "bare", async_save=False).save(1, params)
+    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: lora_config makes 'q/kernel' rank 4, scale 8; "
+                                         r"the adapter there has rank 4, scale 2"):
+        AdapterCheckpointer(tmp_path / "bare", lora_config=edited).restore(base)
+    AdapterCheckpointer(tmp_path / "bare", lora_config=cfg).restore(base)
+
+
 def test_an_optimizer_state_of_other_targets_is_refused_by_path(tmp_path):
     """Targets of the same shapes give a state of the same leaf count and shapes: only the paths tell."""
     base = {"l1": {"kernel": jnp.ones((8, 8))}, "l2": {"kernel": jnp.ones((8, 8))}}
@@ -545,8 +567,18 @@ def test_optimizer_states_without_arrays_or_with_python_numbers_round_trip(tmp_p
         _, back, _ = ckpt.restore(base, step, opt_state_like=state)
         assert jax.tree.structure(back) == jax.tree.structure(state)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-7), back, state)  # 0.1 as float32
-    with pytest.raises(ValueError, match="opt_state_like has 3 leaves, step 1's optimizer state 0"):
+    with pytest.raises(ValueError, match=r"opt_state_like has 3 leaves, step 1's optimizer state 0: the state of "
+                                         r"another optimizer, or of adapters on other params \(other targets\? step 1 "
+                                         r"has 1 adapters: \['q/kernel'\]\)"):
         ckpt.restore(base, 1, opt_state_like=hand_state)
+    # a state a jitted step was given to reuse (donate_argnums): refused before orbax writes anything
+    donated = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    state = {"mu": jnp.arange(3.0) + 0}
+    donated(state)
+    with pytest.raises(ValueError, match=r"opt_state\['mu'\] was deleted \(donated to a jitted step: donate_argnums\); "
+                                         r"save the state the step returned"):
+        ckpt.save(3, params, opt_state=state)
+    assert ckpt.save(3, params, opt_state=hand_state) and ckpt.all_steps() == [1, 2, 3]
 
 
 def test_a_relative_directory_stays_where_it_was_opened(tmp_path, monkeypatch):
