@@ -59,6 +59,21 @@ def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
     return [(path_str(kp), leaf) for kp, leaf in flat]
 
 
+def deleted_path(tree: Any) -> str | None:
+    """The path of the first array of ``tree`` that was deleted (donated to a jitted step:
+    ``donate_argnums``), or ``None``: what JAX's "Array has been deleted" does not say.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jlora.paths import deleted_path
+        >>> tree = {"b": jnp.zeros(2), "w": jnp.ones(2)}
+        >>> _ = jax.jit(lambda w: w * 2, donate_argnums=0)(tree["w"])  # tree["w"] given to the step to reuse
+        >>> deleted_path(tree), deleted_path({"b": tree["b"]})
+        ('w', None)
+    """
+    return next((p for p, x in leaves_with_paths(tree) if getattr(x, "is_deleted", lambda: False)()), None)
+
+
 def replace_leaves(tree: Any, new: Mapping[str, Any], is_leaf: Any = None) -> Any:
     """``tree`` with the leaf at each path of ``new`` replaced by its value (the others kept).
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
-from jlora.paths import leaves_with_paths, path_str
+from jlora.paths import deleted_path, leaves_with_paths, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
                           is_param, check_float, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
@@ -291,6 +291,14 @@ def check_whole(x: Any, path: str, op: str, need_w: bool = True, used_as_is: boo
     return x
 
 
+def _refuse_deleted(op: str, *trees: Any) -> None:
+    """Name an array of ``trees`` that a jitted step deleted (its ``donate_argnums``)."""
+    for tree in trees:
+        if (path := deleted_path(tree)) is not None:
+            raise ValueError(f"{op}: '{path}' was deleted (donated to a jitted step: donate_argnums); pass the "
+                             "params the step returned") from None
+
+
 def merge(tree: Any) -> Any:
     """Plain arrays for the unmodified model: ``w + scale·a@b`` in ``w``'s dtype, ``Trainable`` unwrapped,
     every other lazy value (a quantized kernel) materialised.
@@ -327,7 +335,11 @@ def merge(tree: Any) -> Any:
             return out
         return x.value if isinstance(x, Trainable) else x
 
-    merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+    try:
+        merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
+    except Exception:
+        _refuse_deleted("jlora.merge", tree)  # JAX's error names no param
+        raise
     counts = jax.device_get([n for _, n in overflows])  # one wait for them all
     overflowed = [(p, n) for (p, _), n in zip(overflows, counts) if n]
     if not (overflowed or narrow):
@@ -422,10 +434,9 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:
         a_paths = {path_str(p) for p, _ in adapter_leaves}
         m_paths = {path_str(p) for p, _ in merged_leaves}
-        raise ValueError(
-            "jlora.unmerge: merged params and adapters do not match: only in merged: "
-            f"{sorted(m_paths - a_paths)[:5]}; only in adapters: {sorted(a_paths - m_paths)[:5]}"
-        )
+        raise ValueError("jlora.unmerge: merged params and adapters do not match: " + "; ".join(
+            f"only in {name}: {sorted(only)[:5]}" for name, only in (("merged", m_paths - a_paths),
+                                                                     ("adapters", a_paths - m_paths)) if only))
     out = []
     for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
         fitted = check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
@@ -446,7 +457,11 @@ def unmerge(merged: Any, adapters: Any) -> Any:
             if not jnp.issubdtype(value.dtype, jnp.floating):
                 raise ValueError(f"jlora.unmerge: merged '{path_str(path)}' is {value.dtype}; a merged kernel is float "
                                  "(jlora.merge's result)")
-            out.append(node.replace(w=_unmerged(fitted.replace(w=value, path=None))))
+            try:
+                out.append(node.replace(w=_unmerged(fitted.replace(w=value, path=None))))
+            except Exception:
+                _refuse_deleted("jlora.unmerge", {"merged": merged, "adapters": adapters})  # JAX's names no param
+                raise
         elif isinstance(node, Trainable):
             out.append(Trainable(value))
         else:  # a frozen lazy leaf (a quantized kernel) is the base itself

@@ -498,3 +498,22 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     with pytest.raises(ValueError, match=r"jlora.unmerge: merged 'q/kernel' has shape \(8, 8\), .*\(layout 'bio'\); a "
                                          r"stack of adapters \(jlora.stack\) has one merged model per adapter"):
         jlora.unmerge(jlora.merge(trees[0]), stacked)
+
+
+def test_arrays_a_jitted_step_deleted_are_named_by_merge_unmerge_and_apply():
+    """An array given to a jitted step to reuse (donate_argnums) is deleted; JAX's error names no param."""
+    params = tree()
+    trainable, frozen = jlora.split(params)
+    stale = trainable
+    trainable = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(trainable)
+    if jlora.paths.deleted_path(stale) is None:
+        pytest.skip("this backend kept the donated arrays")
+    where, gone = r"(q/bias|q/kernel/a)", r"' was deleted \(donated to a jitted step: donate_argnums\); pass the params"
+    with pytest.raises(ValueError, match=r"jlora.merge: '" + where + gone):
+        jlora.merge(jlora.combine(stale, frozen))
+    with pytest.raises(ValueError, match=r"jlora.unmerge: 'adapters/" + where + gone):
+        jlora.unmerge(jlora.merge(jlora.combine(trainable, frozen)), stale)
+    forward = jlora.apply(lambda p, x: x @ p["q"]["kernel"] + p["q"]["bias"])
+    with pytest.raises(ValueError, match=r"jlora.apply: keyword argument 'p' at '" + where + gone):
+        forward(p=jlora.combine(stale, frozen), x=jnp.ones((2, 8)))
+    forward(jlora.combine(trainable, frozen), jnp.ones((2, 8)))  # the step's own are fine
