@@ -520,6 +520,12 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
                              f"rank {x.rank}, scale {x.scale:g}: pass the LoraConfig the adapters were made with")
 
 
+def size_on_disk(path: str | os.PathLike) -> str:
+    """The size of the files in the directory ``path``, in KiB or MiB, as ``describe`` says it."""
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
 
@@ -635,7 +641,5 @@ def describe(path: str | os.PathLike) -> str:
                      f"scale={spec['scale']:g}")
     for p, shape in sorted(config["trainable"].items()):
         lines.append(f"  {p}  {'x'.join(map(str, shape))}  fully trained")
-    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-    on_disk = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-    lines.append(f"parameters: {n_lora:,} LoRA + {n_full:,} fully trained; {on_disk} on disk")
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_full:,} fully trained; {size_on_disk(path)} on disk")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ import jlora
 from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
+from jlora.lazy import _hashable
 from jlora.paths import leaves_with_paths
 from jlora.tree import check_whole
 from jlora.weight import LoraWeight, is_node, is_param
@@ -142,14 +143,6 @@ def _by_identity(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_by_identity(v) for v in value)
     return type(value).__module__ != "builtins" and type(value).__eq__ is object.__eq__
-
-
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _check_model(model: Any, who: str) -> None:

@@ -58,7 +58,7 @@ def _describe(leaf: Any) -> str:
     return type(leaf).__name__
 
 
-def _is_linear_kernel(path: str, leaf: Any, weights: bool = False) -> bool:
+def _is_linear_kernel(path: str, leaf: Any, weights: bool) -> bool:
     """Whether all-linear adapts ``path``: a dense ``kernel`` (Haiku: ``w``) but the heads; with
     ``weights`` (infer_layout given, to tell Equinox's linear weights from its tables), a ``weight`` too."""
     comps = path.split("/")

@@ -38,7 +38,7 @@ import numpy as np
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
-                           check_trainable_not_lazy, write_files, writes_here)
+                           check_trainable_not_lazy, size_on_disk, write_files, writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
@@ -824,9 +824,7 @@ def describe(path: str | os.PathLike) -> str:
     lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
     n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
     n_whole = sum(math.prod(shape) for shape in whole.values())
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    on_disk = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole; {on_disk} on disk")
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole; {size_on_disk(path)} on disk")
     return "\n".join(lines)
 
 

@@ -22,7 +22,6 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from flax.core import FrozenDict
 
 from jlora import _compat

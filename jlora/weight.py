@@ -86,10 +86,6 @@ class NotAnArray:
             self._used_outside_apply()
         return NotImplemented
 
-    def __ne__(self, other: Any) -> Any:
-        result = self.__eq__(other)
-        return result if result is NotImplemented else not result
-
     __hash__ = object.__hash__
     __jax_array__ = __array__ = __getitem__ = __len__ = __neg__ = __pow__ = _used_outside_apply
     __matmul__ = __rmatmul__ = __add__ = __radd__ = __sub__ = __rsub__ = _used_outside_apply
