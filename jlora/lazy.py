@@ -677,6 +677,12 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 came_back, records = {}, {}
                 out = interpreter(came_back, records)(values, lora_rng)
         except TypeError as err:
+            if isinstance(err, jax.errors.UnexpectedTracerError) and hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once, as jax.jit does, then "
+                             "evaluates that trace: a jax.custom_jvp or custom_vjp function in it that closes over a "
+                             "traced value (an array it does not take as an argument) cannot be differentiated "
+                             "then, as under jax.grad(jax.jit(fn)); pass that value to it as an argument "
+                             "(or jax.closure_convert it)")
             if "forward-mode" not in str(err) or not records.get("custom_vjp"):
                 raise  # not jlora's custom_vjp (the function's own, say): JAX's error as it is
             raise TypeError(f"{err} jlora.apply rebuilds adapter inputs in the backward through a custom_vjp "

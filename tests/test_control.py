@@ -271,6 +271,36 @@ def test_custom_vjp_with_lazy_input_keeps_the_rule(params):
         check_against_oracle(lambda p, x: f(x, p["w"]), params, X)
 
 
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="notes on exceptions: Python 3.11+")
+def test_a_custom_jvp_closing_over_a_traced_value_says_to_pass_it_as_an_argument(params):
+    """JAX cannot differentiate such a rule once traced (jax.grad(jax.jit(f)) fails alike): the note says why."""
+    def closing(p, x):
+        @jax.custom_jvp
+        def act(y):
+            return y * x[0, 0]  # x: the function's traced argument, closed over
+        act.defjvp(lambda primals, tangents: (act(*primals), tangents[0] * x[0, 0]))
+        return act(x @ p["w"])
+
+    trainable, frozen = jlora.split(params)
+    loss = lambda t, fn: jlora.apply(fn)(jlora.combine(t, frozen), X).sum()
+    with pytest.raises(jax.errors.UnexpectedTracerError) as err:
+        jax.grad(loss)(trainable, closing)
+    assert "a jax.custom_jvp or custom_vjp function in it that closes over a traced value" in "".join(err.value.__notes__)
+
+    def passing(p, x):  # as the note says
+        @jax.custom_jvp
+        def act(y, s):
+            return y * s
+        act.defjvp(lambda primals, tangents: (act(*primals), tangents[0] * primals[1] + primals[0] * tangents[1]))
+        return act(x @ p["w"], x[0, 0])
+
+    merged = lambda w: passing({"w": w}, X).sum()
+    lw = params["w"]
+    got = jax.grad(loss)(trainable, passing)["w"]
+    want = jax.grad(merged)(jlora.merge(params)["w"])
+    np.testing.assert_allclose(got.b, lw.scale * lw.a.T @ want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["custom_jvp", "custom_vjp"])
 def test_dropout_is_left_out_inside_a_custom_derivative_alike_with_and_without_grad(kind):
     """Differentiated, such a function takes the weight whole, where no low-rank path can drop: the
