@@ -492,5 +492,14 @@ def lora_init(
         raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
                          f"({adapt[:3]}...); lower the rank")
     for path in tune:
-        new[path] = Trainable(by_path[path])
+        new[path] = Trainable(_own_copy(by_path[path]))
     return replace_leaves(params, new, is_leaf=is_param)
+
+
+def _own_copy(x: Any) -> Any:
+    """A leaf trained whole, copied: a step that donates the trainable half (``donate_argnums``)
+    deletes it, and the base's array (``model.params``' head) must stay the caller's, as PEFT's
+    ``modules_to_save`` trains a copy. Placed as ``x`` was."""
+    if not isinstance(x, jax.Array) or _compat.is_tracer(x):
+        return x
+    return jax.device_put(x, x.sharding, may_alias=False) if x.committed else jnp.copy(x)

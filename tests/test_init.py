@@ -196,6 +196,19 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=scanned)  # named: no hint
 
 
+def test_a_step_donating_the_trainable_half_leaves_the_base_params_whole():
+    """A leaf trained whole is a copy (as PEFT's modules_to_save): donating it deletes none of the base's arrays."""
+    base = {"q": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8) + 1}, "head": {"kernel": jnp.ones((8, 2)) + 0}}
+    devices = jax.devices()
+    base["head"]["kernel"] = jax.device_put(base["head"]["kernel"], devices[-1])  # committed, placed: stays there
+    lora = lora_init(KEY, base, LoraConfig(rank=2, targets=["q"], trainable=["q/bias", "head"]))
+    assert lora["head"]["kernel"].value.devices() == {devices[-1]} and lora["head"]["kernel"].value.committed
+    trainable, frozen = jlora.split(lora)
+    jax.jit(lambda t: jax.tree.map(lambda x: x * 2, t), donate_argnums=0)(trainable)
+    assert jlora.paths.deleted_path(base) is None
+    np.testing.assert_array_equal(base["q"]["bias"], jnp.ones(8))
+
+
 def test_a_trainable_subtree_leaves_its_integer_leaves_frozen():
     tree = {"q": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "count": jnp.array(0)}}
     p = lora_init(KEY, tree, LoraConfig(rank=2, targets=["q"], trainable=["head"]))
