@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Any
 
@@ -136,6 +137,11 @@ def train(mesh_axes: dict[str, int], parallel: str = "fsdp", preset: str = "tiny
           batch: int = 8, seq: int = 16, rank: int = 8, lr: float = 1e-2, seed: int = 0,
           checkpoint_dir: str | None = None, log: bool = True) -> dict:
     """Train and return ``{"losses", "params", "mesh", "step_time"}``."""
+    shape = dict(sharding.make_mesh(mesh_axes).shape)
+    splits = math.prod(shape.get(axis, 1) for axis in ("data", "fsdp"))  # batch_sharding's axes
+    if batch % splits:  # refused now, not after the model is built
+        raise SystemExit(f"--batch {batch} does not split over the mesh's data and fsdp axes ({splits} ways); "
+                         f"pass a multiple of {splits}")
     if checkpoint_dir:  # refused now, not after training
         with AdapterCheckpointer(checkpoint_dir, async_save=False) as earlier:
             if earlier.all_steps():

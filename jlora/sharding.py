@@ -39,7 +39,8 @@ RuleLike = Union[Rule, tuple]
 
 # Megatron-style splits per HF model type: "column" shards a kernel's output axis (q, k, v, the
 # MLP's up projections), "row" its input axis (the projections back to the hidden size), so each
-# attention / MLP block needs one all-reduce.
+# attention / MLP block needs one all-reduce. GPT-2's fused c_attn splits its q|k|v output as one
+# axis: each device's block is not whole heads, and XLA moves them about (collective-permutes) too.
 TENSOR_PARALLEL_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": {"column": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"),
               "row": ("o_proj", "down_proj")},
@@ -70,6 +71,9 @@ def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) 
     if not isinstance(axes, Mapping):
         raise TypeError(f"make_mesh: axes must map axis names to sizes, e.g. {{'data': -1}}, got {axes!r}")
     devices = list(jax.devices() if devices is None else devices)
+    odd = {name: s for name, s in axes.items() if isinstance(s, bool) or not isinstance(s, (int, np.integer))}
+    if odd:  # int() would take 2.7 as 2, True as 1, "4" as 4
+        raise ValueError(f"make_mesh: sizes must be whole numbers (at most one -1), got {odd}")
     names, sizes = list(axes), [int(s) for s in axes.values()]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: sizes must be positive with at most one -1, got {dict(axes)}")
@@ -113,7 +117,8 @@ def from_specs(specs: Any) -> Rule:
     (or ``NamedSharding``) shaped like the base params: what Flax's partition metadata gives, e.g.
     ``nn.logical_to_mesh(nn.get_partition_spec(params), logical_rules)`` (MaxText's logical axes)
     or ``nnx.get_partition_spec(state)``. The factors then take specs derived from their kernel's,
-    as from any rule; Flax's own specs of a LoRA tree would give the kernel's to ``a`` and ``b``.
+    as from any rule (Flax's own specs of a LoRA tree would give the kernel's to ``a`` and ``b``;
+    the specs ``partition_specs`` gives a LoRA tree are taken by their kernels', ``w``'s).
     Paths ``specs`` lacks (or holds ``None`` at) are left to later rules.
 
     Example:
@@ -124,7 +129,9 @@ def from_specs(specs: Any) -> Rule:
         (('fsdp', None), None)
     """
     is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))
-    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: is_spec(x) or is_node(x))[0]
+    # a LoRA tree's own specs (partition_specs of one): a kernel's is its w's, a leaf trained whole its value's
+    flat = [(kp, x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x) for kp, x in flat]
     others = sorted({type(x).__name__ for _, x in flat if not is_spec(x)})
     if others:
         raise ValueError(f"jlora.sharding.from_specs: specs must be a tree of PartitionSpec (or NamedSharding), "

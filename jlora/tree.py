@@ -330,6 +330,10 @@ def merge(tree: Any) -> Any:
                 out, overflowed = _merged(x.replace(path=None) if isinstance(x, LoraWeight) else x, count=count)
             except MaterializeMismatch as err:  # a kind's materialize() of another shape or dtype
                 raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
+            except Exception as err:  # JAX's names _merged's argument (factors on other devices than w, say)
+                if hasattr(err, "add_note"):  # Python 3.11+
+                    err.add_note(f"jlora.merge: at '{path_str(path)}'")
+                raise
             if count and not _compat.is_tracer(out):  # under jax.jit nothing can be counted
                 overflows.append((path_str(path), overflowed))
             return out

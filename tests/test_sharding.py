@@ -71,6 +71,9 @@ def test_make_mesh_sizes():
         sharding.make_mesh({"data": -1, "fsdp": -1})
     with pytest.raises(TypeError, match=r"axes must map axis names to sizes.*got \['data'\]"):
         sharding.make_mesh(["data"])
+    with pytest.raises(ValueError, match=r"sizes must be whole numbers \(at most one -1\), got \{'data': 2.7, 'fsdp': True\}"):
+        sharding.make_mesh({"data": 2.7, "fsdp": True, "model": 1})  # not taken as 2 and 1
+    assert sharding.make_mesh({"data": np.int64(2), "fsdp": -1}).size == 8
 
 
 def test_fsdp_rule_shards_the_largest_divisible_axis_and_skips_small_leaves():
@@ -139,6 +142,15 @@ def test_bad_rules_name_the_param():
         warnings.simplefilter("error")
         placed = sharding.partition_specs({"params": lora}, mesh, [sharding.from_specs(specs)])["params"]["dense"]
     assert placed["kernel"].w == P(None, "model") and placed["bias"] == P("model")
+    # the specs partition_specs gave a LoRA tree (a trained bias among them): each kernel's taken as its w's
+    tuned = jlora.lora_init(jax.random.key(0), {"dense": {"kernel": np.ones((6, 8)), "bias": np.ones(8)}},
+                            jlora.LoraConfig(rank=2, targets=["dense"], trainable=["bias"]))
+    own = sharding.partition_specs(tuned, mesh, [("dense/kernel", P(None, "model")), ("bias", P("model"))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = sharding.partition_specs(tuned, mesh, [sharding.from_specs(own)])
+    specs_of = lambda t: jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(x, P))[0]
+    assert specs_of(again) == specs_of(own) and again["dense"]["kernel"].b == P(None, "model")
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
 
@@ -373,6 +385,8 @@ def test_optimizer_state_shards_like_the_adapters():
 @pytest.mark.parametrize("mesh_axes, parallel", [({"data": 2, "fsdp": 4}, "fsdp"), ({"data": 2, "model": 4}, "tp")])
 def test_sharded_training_equals_single_device(mesh_axes, parallel):
     train = example("train_fsdp").train
+    with pytest.raises(SystemExit, match=r"--batch 6 does not split over the mesh's data and fsdp axes \(8 ways\)"):
+        train({"data": 2, "fsdp": 4}, "fsdp", batch=6, log=False)  # before the model is built
     # Adam turns round-off in near-zero gradients into lr-sized steps: a small lr keeps them small
     single = train({"data": 1}, "dp", steps=3, lr=1e-3, log=False)
     sharded = train(mesh_axes, parallel, steps=3, lr=1e-3, log=False)

@@ -517,3 +517,14 @@ def test_arrays_a_jitted_step_deleted_are_named_by_merge_unmerge_and_apply():
     with pytest.raises(ValueError, match=r"jlora.apply: keyword argument 'p' at '" + where + gone):
         forward(p=jlora.combine(stale, frozen), x=jnp.ones((2, 8)))
     forward(jlora.combine(trainable, frozen), jnp.ones((2, 8)))  # the step's own are fine
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note") or jax.device_count() < 2, reason="notes: Python 3.11+; 2 devices")
+def test_a_merge_that_jax_refuses_names_the_param():
+    """Factors on another device than w: JAX's error names merge's internal argument, the note the param."""
+    params = tree()
+    lw = params["q"]["kernel"]
+    params["q"]["kernel"] = lw.replace(w=jax.device_put(lw.w, jax.devices()[1]), a=jax.device_put(lw.a, jax.devices()[0]))
+    with pytest.raises(ValueError, match="incompatible devices") as err:
+        jlora.merge(params)
+    assert "jlora.merge: at 'q/kernel'" in err.value.__notes__
