@@ -30,7 +30,7 @@ from jax.extend.core import Primitive
 
 from jlora import _compat
 from jlora.config import check_key
-from jlora.paths import deleted_path, path_str
+from jlora.paths import DELETED, deleted_path, path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
 from jlora.weight import TRACING_APPLY, Lazy, LoraWeight, NotAnArray, Trainable, is_param, materialized
@@ -695,8 +695,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                                *((f"keyword argument '{k}'", v) for k, v in kwargs.items())]
                 for name, tree in given_trees:
                     if (path := deleted_path(tree)) is not None:
-                        raise ValueError(f"jlora.apply: {name} at '{path}' was deleted (donated to a jitted step: "
-                                         "donate_argnums); pass the params the step returned") from None
+                        raise ValueError(f"jlora.apply: {name} at '{path}' {DELETED}; pass live arrays (the "
+                                         "step's results, or copies made before)") from None
             named = _named_values(err, "values", args, kwargs, dynamic)  # jax.jit's names for run's arguments
             if named and "interpreter.<locals>.run" in str(err) and hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply: {'; '.join(named)}")  # devices that differ, say

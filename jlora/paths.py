@@ -59,6 +59,11 @@ def leaves_with_paths(tree: Any, is_leaf: Any = None) -> list[tuple[str, Any]]:
     return [(path_str(kp), leaf) for kp, leaf in flat]
 
 
+# what a deleted array's message says of it
+DELETED = ("was deleted (donated: given to a jitted step to reuse, donate_argnums, or by a framework's own loop, "
+           "as Keras's fit and predict donate its variables' arrays)")
+
+
 def deleted_path(tree: Any) -> str | None:
     """The path of the first array of ``tree`` that was deleted (donated to a jitted step:
     ``donate_argnums``), or ``None``: what JAX's "Array has been deleted" does not say.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
-from jlora.paths import deleted_path, leaves_with_paths, path_str
+from jlora.paths import DELETED, deleted_path, leaves_with_paths, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
                           is_param, check_float, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
@@ -295,8 +295,8 @@ def _refuse_deleted(op: str, *trees: Any) -> None:
     """Name an array of ``trees`` that a jitted step deleted (its ``donate_argnums``)."""
     for tree in trees:
         if (path := deleted_path(tree)) is not None:
-            raise ValueError(f"{op}: '{path}' was deleted (donated to a jitted step: donate_argnums); pass the "
-                             "params the step returned") from None
+            raise ValueError(f"{op}: '{path}' {DELETED}; pass live arrays (the step's results, or copies made "
+                             "before)") from None
 
 
 def merge(tree: Any) -> Any:

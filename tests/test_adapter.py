@@ -215,7 +215,7 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
         save_adapter(tmp_path / "ad", frozen)
     donated = jax.tree.map(jnp.copy, trainable)
     jax.jit(lambda t: t, donate_argnums=0)(donated)  # a step given donate_argnums: the arrays are gone
-    with pytest.raises(ValueError, match=r"save_adapter: '.*' was deleted \(donated to a jitted step"):
+    with pytest.raises(ValueError, match=r"save_adapter: '.*' was deleted \(donated: given to a jitted step to reuse, donate_argnums"):
         save_adapter(tmp_path / "ad", donated)
 
     class PeftLikeConfig:  # PEFT's LoraConfig has a to_dict too
