@@ -58,10 +58,11 @@ def _describe(leaf: Any) -> str:
     return type(leaf).__name__
 
 
-def _is_linear_kernel(path: str, leaf: Any, weights: bool) -> bool:
+def _is_linear_kernel(path: str, leaf: Any, weights: bool, wrapped: bool = False) -> bool:
     """Whether all-linear adapts ``path``: a dense ``kernel`` (Haiku: ``w``) but the heads; with
-    ``weights`` (infer_layout given, to tell Equinox's linear weights from its tables), a ``weight`` too."""
-    comps = path.split("/")
+    ``weights`` (infer_layout given, to tell Equinox's linear weights from its tables), a ``weight`` too,
+    or the array a ``weight`` node holds (``wrapped``: Haliax's ``weight/0``)."""
+    comps = path.split("/")[:-1] if wrapped else path.split("/")
     return (
         comps[-1] in ("kernel", "w", *(("weight",) if weights else ()))
         and _is_adaptable(leaf)
@@ -231,7 +232,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         if any(ex.match(path) for ex in exclude) or in_state(path, state):  # state: updated by the forward pass
             chosen = False
         elif all_linear:
-            chosen = _is_linear_kernel(path, leaf, weights)
+            chosen = _is_linear_kernel(path, leaf, weights, weights and path in wrapped)
         else:
             kinds = {pat: pat.match(path) for pat in targets}
             direct = [pat for pat, kind in kinds.items() if kind == LEAF]
@@ -401,6 +402,7 @@ def lora_init(
                 raise TypeError(f"lora_init: '{path}': {err}") from None
     adapt, tune = select(config, entries, state_paths(params), weights=infer_layout is not None)
     by_path = dict(entries)
+    wrapped = _wrapped_weights(list(by_path))
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
     inferred, used_by = {}, {}
     if infer_layout is not None:
@@ -410,8 +412,8 @@ def lora_init(
         if _all_linear(config):  # dense kernels only, as PEFT: no conv window
             linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
             # a 'weight' (Equinox's Linear, Embedding and norms share the name): only one seen in a matmul, never looked up
-            dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses if p.rsplit("/", 1)[-1] == "weight"
-                                     else linear & (uses or linear))
+            dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses
+                                     if p.rsplit("/", 1)[-1] == "weight" or p in wrapped else linear & (uses or linear))
             adapt = [p for p in adapt if dense(p, used_by.get(p, set()))]
             if not adapt:
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
@@ -421,7 +423,6 @@ def lora_init(
                                  "lookup, none in a matmul; name the kernels to adapt"
                                  + (f", e.g. targets={convs[:3]}" if convs else ""))
     new, unknown, narrow = {}, [], []
-    wrapped = _wrapped_weights(list(by_path))
     for path in adapt:
         w = by_path[path]
         rank = pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)

@@ -139,6 +139,11 @@ def test_all_linear_adapts_the_weights_infer_layout_sees_in_a_matmul_as_equinox_
     got = adapted(lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"), infer_layout=run))
     assert sorted(got) == ["layers/0/weight", "layers/1/weight"]
     assert {str(lw.layout) for lw in got.values()} == {"oi"}
+    # Haliax's NamedArray holds a Linear's array one level down, at weight/0: the same
+    named = {"up": {"weight": [jnp.ones((32, 16))], "bias": [jnp.zeros(32)]}, "emb": {"weight": [jnp.ones((50, 16))]}}
+    held = lambda p: (p["emb"]["weight"][0][jnp.arange(3)] @ p["up"]["weight"][0].T).sum()
+    got = adapted(lora_init(KEY, named, LoraConfig(rank=4, targets="all-linear"), infer_layout=held))
+    assert sorted(got) == ["up/weight/0"] and str(got["up/weight/0"].layout) == "oi"
     with pytest.raises(ValueError, match=r"selects no kernel; .*'all-linear' adapts dense kernels \(leaves named 'kernel' "
                                          r"or 'w'; 'weight' where infer_layout sees it in a matmul, as Equinox's Linear\)"):
         lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"))
