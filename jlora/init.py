@@ -177,10 +177,6 @@ def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tu
         modules = [p for p, leaf in entries if _is_adaptable(leaf)]
         kind, what = "leaves", "no adaptable (float, 2-D or more) leaf is named kernel, weight, w or embedding; " \
                                "leaves a target can name"
-    boxed = sorted({type_name(leaf) for _, leaf in entries if not hasattr(leaf, "dtype")})
-    if not modules and boxed and not any(hasattr(leaf, "dtype") for _, leaf in entries):
-        return (f"; no leaf is an array: the tree's leaves are {', '.join(boxed[:3])} objects; unwrap them "
-                "first, e.g. Penzai's pz.freeze_params(model)")
     near = nearest(text, modules, n=3)
     return (f"; nearest {kind}: {near}" if near else "") + f"; {what}: {_listed(modules)}" + _layer_of_stack(text, entries)
 
@@ -323,7 +319,8 @@ def _sharded_factory(w_sharding: NamedSharding, layout: Layout) -> Callable:
     return jax.jit(_init_factors, static_argnums=(1, 2, 3, 4, 5), out_shardings=factor_shardings(w_sharding, layout))
 
 
-def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool, unused: Sequence[str] = ()) -> str:
+def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool, unused: Sequence[str],
+               all_linear: bool) -> str:
     """The error for n-D kernels whose axes' roles are neither declared nor inferred: every one of
     them, and the layouts of the common kinds (a guess would adapt the wrong axes, or share one
     adapter across a stack of layers); ``unused``: declared layout patterns that match no param (a typo?)."""
@@ -337,7 +334,9 @@ def _no_layout(paths: list[str], by_path: dict[str, Any], inferred: bool, unused
             "each its own adapter), i input, o output. E.g. 'bio' for nn.scan-stacked Dense (layers, in, out), "
             "'ioo' for DenseGeneral to heads (in, heads, head_dim), 'iio' for DenseGeneral from heads "
             "(heads, head_dim, out), 'iiio' for a 2-D conv (h, w, in, out)"
-            + (f". LoraConfig.layouts patterns {list(unused)[:5]} match no param" if unused else ""))
+            + (f". LoraConfig.layouts patterns {list(unused)[:5]} match no param" if unused else "")
+            + (". targets='all-linear' adapts dense kernels only, as PEFT's, and tells a conv window from one "
+               "by infer_layout: with it, convs are left alone" if all_linear and not inferred else ""))
 
 
 def lora_init(
@@ -378,9 +377,14 @@ def lora_init(
                          f"{type(infer_layout).__name__}")
     check_unshared(params, "lora_init")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
-    if not entries:
+    if not any(hasattr(leaf, "dtype") for _, leaf in entries):  # a model object, its functions, a boxed tree
         got = type_name(params) if params is None else f"{type_name(params)} {repr(params)[:60]}"
-        raise ValueError(f"lora_init: params hold no arrays (got {got}): pass the base model's param tree")
+        kinds = sorted({type_name(leaf) for _, leaf in entries})
+        raise ValueError(f"lora_init: params hold no arrays (got {got}"
+                         + (f", whose leaves are {', '.join(kinds[:3])} objects" if entries else "")
+                         + "): pass the base model's param tree (a linen model's variables['params'], Haiku's "
+                         "transformed.init(key, x), Keras's {v.path: v.value for v in model.trainable_variables}, "
+                         "Penzai's pz.freeze_params(model); an NNX or Equinox module as it is)")
     clashes = sorted({p for p, n in collections.Counter(p for p, _ in entries).items() if n > 1})
     if clashes:
         raise ValueError(f"lora_init: params have several leaves at each of the paths {clashes[:5]} (a key holding '/'?): "
@@ -484,7 +488,7 @@ def lora_init(
         )
     if unknown:
         unused = [text for text, _ in config.layouts if not any(pattern(text).match(p) for p in by_path)]
-        raise ValueError(_no_layout(unknown, by_path, infer_layout is not None, unused))
+        raise ValueError(_no_layout(unknown, by_path, infer_layout is not None, unused, _all_linear(config)))
     if narrow:  # said: linen names a list of layers layers_0, layers_1, which no rule tells from a head
         warnings.warn(f"lora_init: all-linear leaves out {len(narrow)} kernel(s) narrower than rank {config.rank}, "
                       f"taken for heads: {narrow[:4]}; to adapt them, give them a rank that fits (rank_pattern)",

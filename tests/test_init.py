@@ -163,6 +163,11 @@ def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
         "Dense_0/kernel", "Dense_1/kernel"]
     named = adapted(lora_init(KEY, params, LoraConfig(rank=2, targets=["Conv_0"]), infer_layout=run))
     assert str(named["Conv_0/kernel"].layout) == "iiio"
+    # without infer_layout, all-linear cannot tell the conv window from a dense kernel: the error says how to
+    with pytest.raises(ValueError, match=r"'Conv_0/kernel' \(3, 3, 2, 4\).* targets='all-linear' adapts dense kernels "
+                                         r"only, as PEFT's, and tells a conv window from one by infer_layout: with it, "
+                                         r"convs are left alone$"):
+        lora_init(KEY, params, LoraConfig(rank=2, targets="all-linear"))
 
 
 def test_a_broad_subtree_adapts_its_kernels_and_an_embedding_table_only_when_named():
@@ -369,9 +374,14 @@ def test_a_tree_of_boxed_variables_is_told_to_unwrap_them():
             self.value = value
     boxed = {"linear": {"weights": Parameter(jnp.ones((4, 4)))}}
     for targets in (["linear"], "all-linear"):
-        with pytest.raises(ValueError, match=r"no leaf is an array: the tree's leaves are test_init\..*Parameter objects; "
-                                             r"unwrap them first, e.g. Penzai's pz.freeze_params\(model\)$"):
+        with pytest.raises(ValueError, match=r"params hold no arrays \(got dict .*, whose leaves are test_init\..*Parameter "
+                                             r"objects\): pass the base model's param tree .*Penzai's pz.freeze_params\(model\)"):
             lora_init(KEY, boxed, LoraConfig(rank=2, targets=targets))
+    # a model object, not its params (a Keras model, Haiku's transformed pair of functions)
+    for model, kind in ((Parameter(3), r"test_init\..*Parameter"), ((lambda: 0, lambda: 1), r"tuple .*function")):
+        with pytest.raises(ValueError, match=rf"params hold no arrays \(got {kind}.*\): pass the base model's param tree "
+                                             r"\(a linen model's variables\['params'\], Haiku's transformed.init\(key, x\)"):
+            lora_init(KEY, model, LoraConfig(rank=2))
     with pytest.raises(ValueError, match=r"selects no kernel; .*leaves a target can name: none$"):  # some are arrays
         lora_init(KEY, {"norm": {"scale": jnp.ones(3)}, "step": 5}, LoraConfig(rank=2))
 
