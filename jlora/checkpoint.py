@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _compat
 from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays
-from jlora.config import LoraConfig
+from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
 from jlora.paths import DELETED, path_str, replace_leaves
 from jlora.sharding import factor_shardings
@@ -102,8 +102,9 @@ class AdapterCheckpointer:
         ``jax.distributed.shutdown()``, or the last save is lost.
       lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
         (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale,
-        and ``restore`` refuses a step saved with another config (or, saved with none, adapters it
-        would not make): resumed with an edited config, the adapters would be the saved config's.
+        and ``restore`` refuses a step saved with a config that makes other adapters (targets, ranks,
+        scales; or, saved with none, adapters this one would not make): resumed with an edited config,
+        the adapters would be the saved config's.
 
     Steps are read from the directory at each call, so a checkpointer sees the steps other processes
     save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
@@ -285,22 +286,21 @@ class AdapterCheckpointer:
         return params, opt_state, step
 
     def _check_config(self, step: int, saved: dict | None) -> None:
-        """Refuse to restore adapters made with another config than this checkpointer's
-        ``lora_config``: its later saves would write that config beside them (and refuse)."""
+        """Refuse to restore adapters made with a config that makes other adapters than this
+        checkpointer's ``lora_config`` (other targets, ranks, scales, leaves trained whole): they would
+        be the saved config's, and this one would be saved beside them. Options that only start an
+        adapter or a step (``init``, ``param_dtype``, ``dropout``: restored from the step) may differ."""
         if self.lora_config is None or saved is None:
             return
         with warnings.catch_warnings():  # the config's own advice (float16 factors) was given when it was made
             warnings.simplefilter("ignore")
-            theirs = LoraConfig(**saved)
-        if theirs == self.lora_config:
-            return
-        theirs, ours = theirs.to_dict(), self.lora_config.to_dict()
-        differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
-                  if theirs.get(k) != ours.get(k)]
-        raise ValueError(f"AdapterCheckpointer.restore: step {step} of {self.directory} was saved with another "
-                         f"LoraConfig than this checkpointer's lora_config ({'; '.join(differ)}): to go on training "
-                         "those adapters, pass lora_config=AdapterCheckpointer(directory).saved_config(); for "
-                         "adapters of the new config, lora_init them and save into another directory")
+            theirs, ours = _what_it_makes(LoraConfig(**saved)), _what_it_makes(self.lora_config)
+        differ = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
+        if differ:
+            raise ValueError(f"AdapterCheckpointer.restore: step {step} of {self.directory} was saved with another "
+                             f"LoraConfig than this checkpointer's lora_config ({'; '.join(differ)}): to go on "
+                             "training those adapters, pass lora_config=AdapterCheckpointer(directory).saved_config(); "
+                             "for adapters of the new config, lora_init them and save into another directory")
 
     def saved_config(self, step: int | None = None) -> LoraConfig | None:
         """The ``LoraConfig`` saved with ``step`` (default: the latest), or ``None`` if none was given.
@@ -592,6 +592,18 @@ def _check_arrays(opt_state: Any) -> None:
         if getattr(leaf, "is_deleted", lambda: False)():  # orbax would fail halfway, its temporary folder left
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} {DELETED}; save the "
                              "state the step returned")
+
+
+def _what_it_makes(config: LoraConfig) -> dict[str, Any]:
+    """The options of ``config`` that decide which adapters ``lora_init`` makes, their ranks and
+    scales, and what is trained whole, in a form where the same ones compare equal (patterns in any
+    order; ``targets=None`` is ``"all-linear"``)."""
+    listed = lambda v: sorted(v) if isinstance(v, (list, tuple)) else v
+    d = config.to_dict()
+    return {"rank": d["rank"], "alpha": d["alpha"], "use_rslora": d["use_rslora"],
+            "targets": ALL_LINEAR if d["targets"] is None else listed(d["targets"]),
+            **{k: listed(d[k]) for k in ("exclude", "trainable")},
+            **{k: dict(sorted(d[k].items())) for k in ("rank_pattern", "alpha_pattern", "layouts")}}
 
 
 def _describe_ranking(ranking: list | None) -> str:

@@ -100,10 +100,16 @@ def test_a_resume_with_another_lora_config_is_refused_at_restore(tmp_path):
     AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg, async_save=False).save(1, params, opt_state=tx.init(params))
     edited = cfg.replace(alpha=32.0, dropout=0.1)
     with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: step 1 of .* was saved with another LoraConfig "
-                                         r"than this checkpointer's lora_config \(alpha=8.0 there, 32.0 here; dropout=0.0 "
-                                         r"there, 0.1 here\): to go on training those adapters, pass lora_config="):
+                                         r"than this checkpointer's lora_config \(alpha=8.0 there, 32.0 here\): to go "
+                                         r"on training those adapters, pass lora_config="):
         AdapterCheckpointer(tmp_path / "ckpt", lora_config=edited).restore(base, opt_state_like=tx.init(params))
-    for same in (cfg, jlora.LoraConfig(**cfg.to_dict()), None):
+    with pytest.raises(ValueError, match=r"\(targets=\['q'\] there, \['k', 'q'\] here\)"):
+        AdapterCheckpointer(tmp_path / "ckpt", lora_config=cfg.replace(targets=("q", "k"))).restore(base)
+    # the same adapters: patterns in another order (a set's, in a new process), what only starts training
+    AdapterCheckpointer(tmp_path / "patterns", lora_config=cfg.replace(rank_pattern={"q": 4, "out": 2}),
+                        async_save=False).save(1, params)
+    AdapterCheckpointer(tmp_path / "patterns", lora_config=cfg.replace(rank_pattern={"out": 2, "q": 4})).restore(base)
+    for same in (cfg, jlora.LoraConfig(**cfg.to_dict()), None, cfg.replace(dropout=0.1, init="gaussian")):
         restored, _, _ = AdapterCheckpointer(tmp_path / "ckpt", lora_config=same).restore(base)
         assert restored["q"]["kernel"].scale == params["q"]["kernel"].scale
     # a step saved without a config: its adapters are checked as a save checks them
