@@ -252,9 +252,15 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             )
             for pat, kind in kinds.items():
                 hits[pat] += bool(chosen and kind)
+        # all-linear's 'weight' (Equinox's, Haliax's) is adapted only where infer_layout sees it in a matmul:
+        # one that trainable names is trained whole where it is not (an Embedding's table), or named itself
+        provisional = all_linear and chosen and (name == "weight" or path in wrapped)
         tuned = [pat for pat in trainable if pat.match(path)]
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
+                if provisional:
+                    chosen = provisional = False
+                    continue
                 raise ValueError(f"lora_init: '{path}' is both a LoRA target and LoraConfig.trainable ({pat.text!r})")
             if not _is_trainable(leaf) and pat.match(path) == LEAF and not in_state(path, state):
                 raise ValueError(f"LoraConfig.trainable {pat.text!r} matches '{path}' ({_describe(leaf)}): "
@@ -263,10 +269,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         # stay frozen; a pattern that names nothing else is refused below
         tuned = [pat for pat in tuned if _is_trainable(leaf) and not in_state(path, state)]
         for pat in tuned:
-            hits[pat] += not chosen
+            hits[pat] += not chosen or provisional
         if chosen:
             adapt.append(path)
-        elif tuned:
+        if tuned and (not chosen or provisional):  # provisional: trained whole if lora_init leaves it out
             tune.append(path)
     for pat, n in hits.items():
         if n == 0:
@@ -419,6 +425,7 @@ def lora_init(
             dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses
                                      if p.rsplit("/", 1)[-1] == "weight" or p in wrapped else linear & (uses or linear))
             adapt = [p for p in adapt if dense(p, used_by.get(p, set()))]
+            tune = [p for p in tune if p not in set(adapt)]  # select's provisional weights, adapted after all
             if not adapt:
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
                                 and _compat.conv_general_dilated_p in used_by[p]})

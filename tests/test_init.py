@@ -139,6 +139,16 @@ def test_all_linear_adapts_the_weights_infer_layout_sees_in_a_matmul_as_equinox_
     got = adapted(lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"), infer_layout=run))
     assert sorted(got) == ["layers/0/weight", "layers/1/weight"]
     assert {str(lw.layout) for lw in got.values()} == {"oi"}
+    # trainable takes those all-linear leaves out (a table, a norm) and a weight it names itself
+    trained = lambda cfg: sorted(p for p, x in jlora.paths.leaves_with_paths(
+        lora_init(KEY, tree, cfg, infer_layout=run), is_leaf=lambda x: isinstance(x, jlora.Trainable))
+        if isinstance(x, jlora.Trainable))
+    for named in (["emb"], ["emb/weight"]):
+        assert trained(LoraConfig(rank=4, targets="all-linear", trainable=[*named, "ln"])) == ["emb/weight", "ln/weight"]
+    chosen = lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear", trainable=["layers/1/weight", "layers"]),
+                       infer_layout=run)
+    assert sorted(adapted(chosen)) == ["layers/0/weight"] and isinstance(chosen["layers"][1]["weight"], jlora.Trainable)
+    assert isinstance(chosen["layers"][0]["bias"], jlora.Trainable)  # a subtree: what it does not adapt
     # Haliax's NamedArray holds a Linear's array one level down, at weight/0: the same
     named = {"up": {"weight": [jnp.ones((32, 16))], "bias": [jnp.zeros(32)]}, "emb": {"weight": [jnp.ones((50, 16))]}}
     held = lambda p: (p["emb"]["weight"][0][jnp.arange(3)] @ p["up"]["weight"][0].T).sum()
