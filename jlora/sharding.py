@@ -118,7 +118,8 @@ def from_specs(specs: Any) -> Rule:
     ``nn.logical_to_mesh(nn.get_partition_spec(params), logical_rules)`` (MaxText's logical axes)
     or ``nnx.get_partition_spec(state)``. The factors then take specs derived from their kernel's,
     as from any rule (Flax's own specs of a LoRA tree would give the kernel's to ``a`` and ``b``;
-    the specs ``partition_specs`` gives a LoRA tree are taken by their kernels', ``w``'s).
+    the specs ``partition_specs`` gives a LoRA tree are taken by their kernels', ``w``'s; a trainable
+    half's, or those over a quantized kernel, hold none and are refused).
     Paths ``specs`` lacks (or holds ``None`` at) are left to later rules.
 
     Example:
@@ -131,6 +132,12 @@ def from_specs(specs: Any) -> Rule:
     is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: is_spec(x) or is_node(x))[0]
     # a LoRA tree's own specs (partition_specs of one): a kernel's is its w's, a leaf trained whole its value's
+    for kp, x in flat:
+        if isinstance(x, LoraWeight) and (x.w is None or not is_spec(x.w)):
+            raise ValueError(f"jlora.sharding.from_specs: the specs at '{path_str(kp)}' hold no kernel spec ("
+                             + ("a trainable half's, whose w is None" if x.w is None else
+                                f"its w is {type(x.w).__name__}, a quantized kernel")
+                             + "): give the specs of the base params, or of a whole LoRA tree over plain kernels")
     flat = [(kp, x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x) for kp, x in flat]
     others = sorted({type(x).__name__ for _, x in flat if not is_spec(x)})
     if others:

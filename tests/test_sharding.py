@@ -151,6 +151,10 @@ def test_bad_rules_name_the_param():
         again = sharding.partition_specs(tuned, mesh, [sharding.from_specs(own)])
     specs_of = lambda t: jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(x, P))[0]
     assert specs_of(again) == specs_of(own) and again["dense"]["kernel"].b == P(None, "model")
+    half = sharding.partition_specs(jlora.split(tuned)[0], mesh, [("dense/kernel", P(None, "model"))])
+    with pytest.raises(ValueError, match=r"from_specs: the specs at 'dense/kernel' hold no kernel spec \(a trainable "
+                                         r"half's, whose w is None\): give the specs of the base params"):
+        sharding.from_specs(half)
     with pytest.raises(ValueError, match="a rule is a function .* or a .pattern, spec. pair; got 3"):
         sharding.partition_specs(params, mesh, [3])
 
