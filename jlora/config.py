@@ -30,7 +30,8 @@ class LoraConfig:
       alpha: scale numerator: ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``).
       targets: param-path patterns to adapt (see ``jlora.paths``), or ``"all-linear"`` (every
         dense ``kernel`` except the output head, and except conv windows where ``infer_layout``
-        shows them); ``None`` (default) means ``"all-linear"`` for
+        shows them; with ``infer_layout``, each ``weight`` it sees in a matmul, as Equinox's
+        ``Linear``); ``None`` (default) means ``"all-linear"`` for
         ``jlora.lora_init`` and the model type's preset for ``jlora.hf``.
       exclude: patterns never adapted (each must match a param: a typo is an error, not a no-op).
       rank_pattern, alpha_pattern: ``{pattern: value}`` overriding ``rank``/``alpha`` per path (each

@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jlora import _compat
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.layout import Layout
-from jlora.paths import LEAF, Pattern, compile_patterns, leaves_with_paths, nearest, pattern, replace_leaves
+from jlora.paths import (DELETED, LEAF, Pattern, compile_patterns, deleted_path, leaves_with_paths, nearest, pattern,
+                         replace_leaves)
 from jlora.sharding import factor_shardings
 from jlora.variables import check_unshared, in_state, mutable_kind, state_paths
 from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, is_node, is_param
@@ -202,7 +203,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
            state: frozenset[str] = frozenset(), weights: bool = False) -> tuple[list[str], list[str]]:
     """Paths to adapt and paths to fine-tune fully, with the errors a user needs. ``state``: paths
     of variables that the forward pass updates (NNX ``BatchStat``, linen ``batch_stats``), never trained;
-    ``weights``: all-linear takes 2-D ``weight`` leaves too, for infer_layout to sort out.
+    ``weights``: all-linear takes ``weight`` leaves of 2 or more axes too, for infer_layout to sort out.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -382,6 +383,8 @@ def lora_init(
                          f"lambda p: model.apply({{'params': p}}, x); an NNX or Equinox module: lambda m: m(x)), got "
                          f"{type(infer_layout).__name__}")
     check_unshared(params, "lora_init")
+    if (gone := deleted_path(params)) is not None:  # JAX's error, where an array is first read, names none
+        raise ValueError(f"lora_init: '{gone}' {DELETED}; pass live arrays")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
     if not any(hasattr(leaf, "dtype") for _, leaf in entries):  # a model object, its functions, a boxed tree
         got = type_name(params) if params is None else f"{type_name(params)} {repr(params)[:60]}"

@@ -677,7 +677,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 came_back, records = {}, {}
                 out = interpreter(came_back, records)(values, lora_rng)
         except TypeError as err:
-            if isinstance(err, jax.errors.UnexpectedTracerError) and hasattr(err, "add_note"):  # Python 3.11+
+            custom = "custom_jvp_call" in str(closed.jaxpr) or "custom_vjp_call" in str(closed.jaxpr)
+            if isinstance(err, jax.errors.UnexpectedTracerError) and custom and hasattr(err, "add_note"):  # 3.11+
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once, as jax.jit does, then "
                              "evaluates that trace: a jax.custom_jvp or custom_vjp function in it that closes over a "
                              "traced value (an array it does not take as an argument) cannot be differentiated "

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 
+from jlora import _compat
+
 LEAF, SUBTREE = "leaf", "subtree"
 
 
@@ -76,7 +78,8 @@ def deleted_path(tree: Any) -> str | None:
         >>> deleted_path(tree), deleted_path({"b": tree["b"]})
         ('w', None)
     """
-    return next((p for p, x in leaves_with_paths(tree) if getattr(x, "is_deleted", lambda: False)()), None)
+    deleted = lambda x: isinstance(x, jax.Array) and not _compat.is_tracer(x) and x.is_deleted()
+    return next((p for p, x in leaves_with_paths(tree) if deleted(x)), None)
 
 
 def replace_leaves(tree: Any, new: Mapping[str, Any], is_leaf: Any = None) -> Any:

@@ -234,7 +234,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     check_other_format(path, "jlora", [ADAPTER_WEIGHTS])
     whole_tree, params = params, _module_params(params)[0]
     # every leaf, a quantized kernel as one, and the frozen half's Nones (a split tree)
-    every = [(_torch_style(p), x) for p, x in leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))]
+    as_given = leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
+    every = [(_torch_style(p), x) for p, x in as_given]
     entries = [(p, x) for p, x in every if x is not None]
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
@@ -254,7 +255,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     # as PEFT matches modules_to_save: every module whose name ends with an entry (DistilBERT's
     # "classifier" takes "pre_classifier" too), each saved whole, trained or not
     in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
-    missing = [p for p, x in every if x is None and in_saved(p)]
+    missing = [p for (p, x), (torch_path, _) in zip(as_given, every) if x is None and in_saved(torch_path)]
     if missing:
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
                          "module is saved whole (modules_to_save: PEFT loads every tensor of it); pass the whole "

@@ -73,7 +73,7 @@ def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) 
     devices = list(jax.devices() if devices is None else devices)
     odd = {name: s for name, s in axes.items() if isinstance(s, bool) or not isinstance(s, (int, np.integer))}
     if odd:  # int() would take 2.7 as 2, True as 1, "4" as 4
-        raise ValueError(f"make_mesh: sizes must be whole numbers (at most one -1), got {odd}")
+        raise ValueError(f"make_mesh: sizes must be integers (at most one -1), got {odd}")
     names, sizes = list(axes), [int(s) for s in axes.values()]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"make_mesh: sizes must be positive with at most one -1, got {dict(axes)}")

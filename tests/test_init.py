@@ -227,6 +227,9 @@ def test_a_step_donating_the_trainable_half_leaves_the_base_params_whole():
     jax.jit(lambda t: jax.tree.map(lambda x: x * 2, t), donate_argnums=0)(trainable)
     assert jlora.paths.deleted_path(base) is None
     np.testing.assert_array_equal(base["q"]["bias"], jnp.ones(8))
+    jax.jit(lambda b: b * 2, donate_argnums=0)(base["q"]["bias"])  # the base's own given to a step: named
+    with pytest.raises(ValueError, match=r"lora_init: 'q/bias' was deleted \(donated: .*\); pass live arrays$"):
+        lora_init(KEY, base, LoraConfig(rank=2, targets=["q"], trainable=["q/bias"]))
 
 
 def test_a_trainable_subtree_leaves_its_integer_leaves_frozen():

@@ -71,7 +71,7 @@ def test_make_mesh_sizes():
         sharding.make_mesh({"data": -1, "fsdp": -1})
     with pytest.raises(TypeError, match=r"axes must map axis names to sizes.*got \['data'\]"):
         sharding.make_mesh(["data"])
-    with pytest.raises(ValueError, match=r"sizes must be whole numbers \(at most one -1\), got \{'data': 2.7, 'fsdp': True\}"):
+    with pytest.raises(ValueError, match=r"sizes must be integers \(at most one -1\), got \{'data': 2.7, 'fsdp': True\}"):
         sharding.make_mesh({"data": 2.7, "fsdp": True, "model": 1})  # not taken as 2 and 1
     assert sharding.make_mesh({"data": np.int64(2), "fsdp": -1}).size == 8
 
