@@ -31,7 +31,7 @@ import numpy as np
 from jlora.config import LoraConfig
 from jlora.init import pattern_value, select
 from jlora.layout import Layout
-from jlora.paths import DELETED, leaves_with_paths, replace_leaves
+from jlora.paths import DELETED, is_deleted, leaves_with_paths, replace_leaves
 from jlora.sharding import follow_base
 from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
@@ -338,7 +338,7 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
         elif isinstance(x, Trainable):
             arrays[p] = trained[p] = x.value
     for key, x in arrays.items():
-        if getattr(x, "is_deleted", lambda: False)():
+        if is_deleted(x):
             raise ValueError(f"{op}: '{key}' {DELETED}; save the params the step returned")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{op}: '{key}' is {np.dtype(x.dtype)}; LoRA factors and trained leaves are floating point")

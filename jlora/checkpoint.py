@@ -35,7 +35,7 @@ from jlora import _compat
 from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
-from jlora.paths import DELETED, path_str, replace_leaves
+from jlora.paths import DELETED, is_deleted, path_str, replace_leaves
 from jlora.sharding import factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_param
 
@@ -589,7 +589,7 @@ def _check_arrays(opt_state: Any) -> None:
         if not is_saveable_array(leaf) and not isinstance(leaf, (int, float)):
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} is "
                              f"{type(leaf).__name__}, not an array: pass the state, e.g. tx.init(trainable)")
-        if getattr(leaf, "is_deleted", lambda: False)():  # orbax would fail halfway, its temporary folder left
+        if is_deleted(leaf):  # orbax would fail halfway, its temporary folder left
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} {DELETED}; save the "
                              "state the step returned")
 

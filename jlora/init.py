@@ -133,6 +133,12 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern], 
     return ""
 
 
+def _is_weight(path: str, wrapped: set[str]) -> bool:
+    """Whether ``path`` is a ``weight`` leaf (Equinox's, PyTorch-style: its layout not known by its
+    name) or the array one holds (``wrapped``: Haliax's ``weight/0``)."""
+    return path.rsplit("/", 1)[-1] == "weight" or path in wrapped
+
+
 def _wrapped_weights(paths: Sequence[str]) -> set[str]:
     """Leaves that are a module's weight one level down, the only child of a ``kernel`` or
     ``weight`` node: Haliax's ``NamedArray`` holds its array at ``q_proj/weight/0``.
@@ -255,7 +261,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                 hits[pat] += bool(chosen and kind)
         # all-linear's 'weight' (Equinox's, Haliax's) is adapted only where infer_layout sees it in a matmul:
         # one that trainable names is trained whole where it is not (an Embedding's table), or named itself
-        provisional = all_linear and chosen and (name == "weight" or path in wrapped)
+        provisional = all_linear and chosen and _is_weight(path, wrapped)
         tuned = [pat for pat in trainable if pat.match(path)]
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
@@ -425,10 +431,11 @@ def lora_init(
         if _all_linear(config):  # dense kernels only, as PEFT: no conv window
             linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
             # a 'weight' (Equinox's Linear, Embedding and norms share the name): only one seen in a matmul, never looked up
-            dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses
-                                     if p.rsplit("/", 1)[-1] == "weight" or p in wrapped else linear & (uses or linear))
+            dense = lambda p, uses: (linear & uses and _compat.gather_p not in uses if _is_weight(p, wrapped)
+                                     else linear & (uses or linear))
             adapt = [p for p in adapt if dense(p, used_by.get(p, set()))]
-            tune = [p for p in tune if p not in set(adapt)]  # select's provisional weights, adapted after all
+            adapted = set(adapt)
+            tune = [p for p in tune if p not in adapted]  # select's provisional weights, adapted after all
             if not adapt:
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
                                 and _compat.conv_general_dilated_p in used_by[p]})
@@ -450,7 +457,7 @@ def lora_init(
                           f"used as '{inferred[path]}': the declared layout is kept (the adapter's axes, its init "
                           "and its PEFT form follow it), and jlora.apply materialises the weight at a use it does "
                           "not fit", stacklevel=2)
-        if layout is None and (path.rsplit("/", 1)[-1] == "weight" or path in wrapped) and w.ndim == 2:
+        if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")

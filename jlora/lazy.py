@@ -30,7 +30,7 @@ from jax.extend.core import Primitive
 
 from jlora import _compat
 from jlora.config import check_key
-from jlora.paths import DELETED, deleted_path, path_str
+from jlora.paths import DELETED, is_deleted, path_str
 from jlora.tree import check_whole
 from jlora.variables import add_created, nnx_variables, state_after_call, state_variables, value_of, write_back
 from jlora.weight import TRACING_APPLY, Lazy, LoraWeight, NotAnArray, Trainable, is_param, materialized
@@ -677,8 +677,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 came_back, records = {}, {}
                 out = interpreter(came_back, records)(values, lora_rng)
         except TypeError as err:
-            custom = "custom_jvp_call" in str(closed.jaxpr) or "custom_vjp_call" in str(closed.jaxpr)
-            if isinstance(err, jax.errors.UnexpectedTracerError) and custom and hasattr(err, "add_note"):  # 3.11+
+            text = str(closed.jaxpr) if isinstance(err, jax.errors.UnexpectedTracerError) else ""
+            if ("custom_jvp_call" in text or "custom_vjp_call" in text) and hasattr(err, "add_note"):  # 3.11+
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once, as jax.jit does, then "
                              "evaluates that trace: a jax.custom_jvp or custom_vjp function in it that closes over a "
                              "traced value (an array it does not take as an argument) cannot be differentiated "
@@ -692,12 +692,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                             "own has no forward mode either)") from None
         except Exception as err:
             if "deleted" in str(err):  # a donated array: JAX's error names none
-                given_trees = [*((f"argument {i}", a) for i, a in enumerate(args)),
-                               *((f"keyword argument '{k}'", v) for k, v in kwargs.items())]
-                for name, tree in given_trees:
-                    if (path := deleted_path(tree)) is not None:
-                        raise ValueError(f"jlora.apply: {name} at '{path}' {DELETED}; pass live arrays (the "
-                                         "step's results, or copies made before)") from None
+                gone = next((i for i, x in enumerate(jax.tree.leaves((args, kwargs))) if is_deleted(x)), None)
+                if gone is not None:
+                    raise ValueError(f"jlora.apply: {_argument(args, kwargs, gone, is_leaf=None)} {DELETED}; pass "
+                                     "live arrays (the step's results, or copies made before)") from None
             named = _named_values(err, "values", args, kwargs, dynamic)  # jax.jit's names for run's arguments
             if named and "interpreter.<locals>.run" in str(err) and hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply: {'; '.join(named)}")  # devices that differ, say
@@ -832,14 +830,15 @@ def _named_values(err: Exception, name: str, args: tuple, kwargs: dict, dynamic:
     return [f"{name}[{k}] is {_argument(args, kwargs, dynamic[k])}" for k in found if k < len(dynamic)]
 
 
-def _argument(args: tuple, kwargs: dict, leaf: int) -> str:
-    """How a message names leaf ``leaf`` of ``(args, kwargs)``: the argument, and the path in it.
+def _argument(args: tuple, kwargs: dict, leaf: int, is_leaf: Any = is_param) -> str:
+    """How a message names leaf ``leaf`` of ``(args, kwargs)`` (flattened with ``is_leaf``): the
+    argument, and the path in it.
 
     Example:
         >>> _argument((1, {"flag": 2}), {}, 1)
         "argument 1 at 'flag'"
     """
-    keys = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0][leaf][0]
+    keys = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_leaf)[0][leaf][0]
     which = f"argument {keys[1].idx}" if keys[0].idx == 0 else f"keyword argument '{keys[1].key}'"
     inside = path_str(keys[2:])
     return f"{which} at '{inside}'" if inside else which

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from jlora import _compat
-from jlora.paths import leaves_with_paths
+from jlora.paths import leaves_with_paths, only_in
 from jlora.tree import FROZEN, _container_difference, combine, labels, split
 from jlora.variables import without_variables
 from jlora.weight import LoraWeight, is_node
@@ -81,10 +81,9 @@ def misfit(grads: Any, params: Any) -> str | None:
         return out
 
     in_grads, in_params = flat(grads), flat(params)
-    only_grads, only_params = sorted(set(in_grads) - set(in_params)), sorted(set(in_params) - set(in_grads))
+    only_grads, only_params = set(in_grads) - set(in_params), set(in_params) - set(in_grads)
     if only_grads or only_params:
-        return "; ".join(f"only in the {name}: {only[:5]}" for name, only in (("gradients", only_grads),
-                                                                             ("params", only_params)) if only)
+        return only_in(("the gradients", only_grads), ("the params", only_params))
     for path, s in in_grads.items():
         if s != in_params[path]:
             return f"'{path}' is {s} in the gradients, {in_params[path]} in the params"

@@ -66,6 +66,22 @@ DELETED = ("was deleted (donated: given to a jitted step to reuse, donate_argnum
            "as Keras's fit and predict donate its variables' arrays)")
 
 
+def is_deleted(x: Any) -> bool:
+    """Whether ``x`` is a concrete ``jax.Array`` that was deleted (donated); a tracer or a numpy array is not."""
+    return isinstance(x, jax.Array) and not _compat.is_tracer(x) and x.is_deleted()
+
+
+def only_in(*sides: tuple[str, Iterable[str]]) -> str:
+    """``"only in A: [...]; only in B: [...]"`` for the sides that have paths (the first five, sorted).
+
+    Example:
+        >>> from jlora.paths import only_in
+        >>> only_in(("trainable", []), ("frozen", {"b", "a"}))
+        "only in frozen: ['a', 'b']"
+    """
+    return "; ".join(f"only in {name}: {sorted(paths)[:5]}" for name, paths in sides if paths)
+
+
 def deleted_path(tree: Any) -> str | None:
     """The path of the first array of ``tree`` that was deleted (donated to a jitted step:
     ``donate_argnums``), or ``None``: what JAX's "Array has been deleted" does not say.
@@ -78,8 +94,7 @@ def deleted_path(tree: Any) -> str | None:
         >>> deleted_path(tree), deleted_path({"b": tree["b"]})
         ('w', None)
     """
-    deleted = lambda x: isinstance(x, jax.Array) and not _compat.is_tracer(x) and x.is_deleted()
-    return next((p for p, x in leaves_with_paths(tree) if deleted(x)), None)
+    return next((p for p, x in leaves_with_paths(tree) if is_deleted(x)), None)
 
 
 def replace_leaves(tree: Any, new: Mapping[str, Any], is_leaf: Any = None) -> Any:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
-from jlora.paths import DELETED, deleted_path, leaves_with_paths, path_str
+from jlora.paths import DELETED, deleted_path, leaves_with_paths, only_in, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
                           is_param, check_float, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
@@ -82,7 +82,7 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         detail = (f": at '{both[0]}' {names[0]} has {kind(nodes[0])}, {names[1]} {kind(nodes[1])} (from lora_init "
                   "calls with other targets?)")
     elif only1 or only2:
-        detail = ": " + "; ".join(f"only in {name}: {only[:5]}" for name, only in zip(names, (only1, only2)) if only)
+        detail = ": " + only_in((names[0], only1), (names[1], only2))
     else:
         nodes1, nodes2 = nodes
         meta = lambda x: x.metadata() if isinstance(x, LoraWeight) else type(x).__name__
@@ -331,6 +331,7 @@ def merge(tree: Any) -> Any:
             except MaterializeMismatch as err:  # a kind's materialize() of another shape or dtype
                 raise MaterializeMismatch(f"jlora.merge: '{path_str(path)}': {err}") from None
             except Exception as err:  # JAX's names _merged's argument (factors on other devices than w, say)
+                _refuse_deleted("jlora.merge", {path_str(path): x})  # JAX's names no param
                 if hasattr(err, "add_note"):  # Python 3.11+
                     err.add_note(f"jlora.merge: at '{path_str(path)}'")
                 raise
@@ -339,11 +340,7 @@ def merge(tree: Any) -> Any:
             return out
         return x.value if isinstance(x, Trainable) else x
 
-    try:
-        merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
-    except Exception:
-        _refuse_deleted("jlora.merge", tree)  # JAX's error names no param
-        raise
+    merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
     counts = jax.device_get([n for _, n in overflows])  # one wait for them all
     overflowed = [(p, n) for (p, _), n in zip(overflows, counts) if n]
     if not (overflowed or narrow):
@@ -438,9 +435,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     if [path_str(p) for p, _ in adapter_leaves] != [path_str(p) for p, _ in merged_leaves]:
         a_paths = {path_str(p) for p, _ in adapter_leaves}
         m_paths = {path_str(p) for p, _ in merged_leaves}
-        raise ValueError("jlora.unmerge: merged params and adapters do not match: " + "; ".join(
-            f"only in {name}: {sorted(only)[:5]}" for name, only in (("merged", m_paths - a_paths),
-                                                                     ("adapters", a_paths - m_paths)) if only))
+        raise ValueError("jlora.unmerge: merged params and adapters do not match: "
+                         + only_in(("merged", m_paths - a_paths), ("adapters", a_paths - m_paths)))
     out = []
     for (path, node), (_, value) in zip(adapter_leaves, merged_leaves):
         fitted = check_whole(node, path_str(path), "jlora.unmerge", need_w=False)
