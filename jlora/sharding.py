@@ -538,7 +538,9 @@ def init_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh, rules:
 
 def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> NamedSharding:
     """Shard a batch's leading axis over the mesh axes ``axes`` (one name or several); by default
-    over those of ``("data", "fsdp")`` the mesh has (data and FSDP parallel).
+    over those of ``("data", "fsdp")`` the mesh has (data and FSDP parallel). A mesh with neither
+    (``{"model": 8}``: tensor parallel only) gets the batch replicated, whole on every device; a
+    data-parallel axis of another name (``"batch"``, ``"dp"``) must be named in ``axes``.
 
     Example:
         >>> import jlora
