@@ -368,8 +368,9 @@ def lora_init(
     ``config.layouts`` declares layouts per pattern.
 
     A kernel with a ``NamedSharding`` gets factors created directly on its devices in the derived
-    shardings (``jlora.sharding.factor_specs``). Under ``jax.jit`` give the out shardings instead:
-    ``jlora.sharding.shardings(jax.eval_shape(init, params), mesh, rules)``.
+    shardings (``jlora.sharding.factor_specs``); under ``jax.jit``, so does one whose type says how
+    it is sharded (a mesh with ``Explicit`` axes). On ``Auto`` axes under ``jax.jit`` give the out
+    shardings instead: ``jlora.sharding.shardings(jax.eval_shape(init, params), mesh, rules)``.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -493,10 +494,14 @@ def lora_init(
             raise ValueError(f"lora_init: rank {rank} for '{path}' exceeds min(in={fan_in}, out={fan_out}) of its "
                              f"{_describe(w)} kernel; {hint}")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        make = _sharded_factory(w.sharding, layout) if isinstance(getattr(w, "sharding", None), NamedSharding) else _init_factors
+        traced = _compat.is_tracer(w)
+        make = (_sharded_factory(w.sharding, layout) if not traced and isinstance(getattr(w, "sharding", None), NamedSharding)
+                else _init_factors)
         # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)
         lookup_only = used_by.get(path) == {_compat.gather_p}
         a, b = make(leaf_key, tuple(w.shape), layout, rank, config, path.rsplit("/", 1)[-1] in EMBEDDING_NAMES or lookup_only)
+        if traced and (typed := _compat.explicit_sharding(w)) is not None:  # under jit on a mesh with Explicit axes
+            a, b = (_compat.reshard(f, s) for f, s in zip((a, b), factor_shardings(typed, layout)))
         if (isinstance(w, jax.Array) and not _compat.is_tracer(w) and w.committed
                 and isinstance(w.sharding, SingleDeviceSharding)):  # w put on a device
             a, b = jax.device_put((a, b), next(iter(w.devices())))  # the device, not its memory kind

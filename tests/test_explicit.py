@@ -323,6 +323,24 @@ def test_init_optimizer_merge_and_unmerge():
         np.testing.assert_allclose(restored, base["down"]["kernel"], atol=1e-6)
 
 
+def test_lora_init_under_jit_shards_the_factors_as_the_kernels_types_say():
+    """Under ``jax.jit`` on a mesh with Explicit axes the kernels' types carry their sharding: the
+    factors take the derived shardings there too, as outside jit (they came out replicated)."""
+    mesh = _mesh()
+    base = {"up": {"kernel": jnp.ones((8, 16)) / 8}, "stack": {"kernel": jnp.ones((2, 16, 8)) / 16}}
+    rules = [("up/kernel", P("data", "model")), ("stack/kernel", P("data", "model", None))]
+    config = jlora.LoraConfig(rank=4, targets=["up", "stack"], layouts={"stack": "bio"})
+    with jax.set_mesh(mesh):
+        placed = sharding.place(base, mesh, rules)
+        eager = jlora.lora_init(jax.random.key(0), placed, config)
+        jitted = jax.jit(lambda p: jlora.lora_init(jax.random.key(0), p, config))(placed)
+    for name, (a_spec, b_spec) in {"up": (P("data", None), P(None, "model")),
+                                   "stack": (P("data", "model", None), P("data", None, None))}.items():
+        for lw in (eager[name]["kernel"], jitted[name]["kernel"]):
+            assert (lw.a.sharding.spec, lw.b.sharding.spec) == (a_spec, b_spec), name
+        np.testing.assert_array_equal(jitted[name]["kernel"].a, eager[name]["kernel"].a)
+
+
 def test_a_checkpoint_restores_onto_the_abstract_base_of_the_mesh_set(tmp_path):
     """``jax.eval_shape`` under ``jax.set_mesh`` gives shardings on an abstract mesh: the adapters
     restore onto the mesh set (they went to device 0, and the first step failed)."""
