@@ -24,7 +24,8 @@ ADAPTER = "adapter"
 def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     """Multiply the updates of every ``LoraWeight.b`` by ``ratio`` (LoRA+: ``lr_b = ratio·lr_a``).
     A ratio that is not a finite number > 0 is refused; a traced one (``optax.inject_hyperparams``
-    under ``jax.jit``), which cannot be, makes ``b``'s updates NaN instead (never a silent sign flip).
+    under ``jax.jit``), which cannot be, gives ``b`` no update at 0 (a schedule decayed to its end)
+    and makes ``b``'s updates NaN where negative or not finite (never a silent sign flip).
 
     Example:
         >>> import jax.numpy as jnp, optax, jlora
@@ -36,7 +37,7 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     """
     ratio = _check_ratio(ratio, "jlora.scale_lora_b: ratio")
     if _compat.is_tracer(ratio):
-        ratio = jnp.where((ratio > 0) & (ratio < jnp.inf), ratio, jnp.nan)
+        ratio = jnp.where((ratio >= 0) & (ratio < jnp.inf), ratio, jnp.nan)
 
     def one(x: Any) -> Any:
         if isinstance(x, LoraWeight) and hasattr(x.b, "dtype"):
@@ -90,17 +91,34 @@ def misfit(grads: Any, params: Any) -> str | None:
     return None
 
 
-def _check_has_adapters(params: Any, where: str) -> None:
-    """Refuse arrays without a jlora node (``lora_init`` forgotten). A tree with no arrays either
-    passes: ``optax.tree_map_params`` calls ``init`` with placeholders for whole nodes."""
+def _check_has_adapters(params: Any, where: str, what: str = "params") -> None:
+    """Refuse arrays without a jlora node (``lora_init`` forgotten), or the frozen half of
+    ``jlora.split``; ``what`` names the argument. A tree with no arrays either passes:
+    ``optax.tree_map_params`` calls ``init`` with placeholders for whole nodes."""
     leaves = jax.tree.leaves(params, is_leaf=is_node)
     if not any(is_node(x) for x in leaves) and any(hasattr(x, "shape") for x in leaves):
-        raise ValueError(f"{where}: params hold no LoraWeight or Trainable leaf, so nothing would train; "
+        raise ValueError(f"{where}: {what} hold no LoraWeight or Trainable leaf, so nothing would train; "
                          "call jlora.lora_init first")
     nodes = [x for x in leaves if is_node(x)]
     if nodes and all(x.half == "frozen" if isinstance(x, LoraWeight) else x.value is None for x in nodes):
-        raise ValueError(f"{where}: params are the frozen half of jlora.split (no factors, nothing would train): "
+        raise ValueError(f"{where}: {what} are the frozen half of jlora.split (no factors, nothing would train): "
                          "jlora.split returns (trainable, frozen), in that order")
+
+
+def _has_nodes(tree: Any) -> bool:
+    """Whether ``tree`` holds a ``LoraWeight`` or ``Trainable`` (not a callback, not a number)."""
+    return not callable(tree) and any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
+
+
+def _check_arguments(grads: Any, state: Any, params: Any) -> None:
+    """Say what is wrong where ``update``'s arguments are a half of ``jlora.split`` other than the
+    one it takes, or in another order (``update(grads, params, opt_state)``)."""
+    if not isinstance(state, optax.MultiTransformState) and _has_nodes(state):  # ours is a multi_transform's
+        raise ValueError("jlora.optimizer: opt_state holds LoraWeight or Trainable nodes, as params do: "
+                         "update takes (grads, opt_state, params), in that order")
+    _check_has_adapters(grads, "jlora.optimizer's update", "the gradients")
+    if params is not None:
+        _check_has_adapters(without_variables(params), "jlora.optimizer's update")
 
 
 def _state_shapes(inner: optax.GradientTransformation) -> Callable[[Any], Any]:
@@ -179,8 +197,11 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
 
 
 # States of transformations whose updates are differences of iterates, not steps proportional to
-# the learning rate: scaling b's updates would not scale b's learning rate.
-_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState", "MechanicState", "COCOBState")
+# the learning rate, or whose step size grows with how far the params have moved (DoG, DoWG,
+# Prodigy: a b moved further raises a's step too): scaling b's updates would not scale b's
+# learning rate alone.
+_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState", "MechanicState", "COCOBState", "DoGState", "DoWGState",
+                 "ProdigyState")
 
 
 def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
@@ -194,7 +215,14 @@ def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
 _LINE_SEARCH = ("ScaleByZoomLinesearchState", "ScaleByBacktrackingLinesearchState")
 
 
-def _check_scalable(state: Any) -> None:
+def _check_scalable(state: Any, plain: bool = False) -> None:
+    """Refuse a ``tx`` that cannot run inside ``optimizer`` (``optax.lookahead``), or, unless
+    ``plain`` (a ratio of 1), one whose ``b`` updates a ratio would not make LoRA+."""
+    if _states_named(state, ("LookaheadState",)):
+        raise ValueError("jlora.optimizer: optax.lookahead goes around it, not inside (its slow and fast params do "
+                         "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio=...), ...)")
+    if plain:
+        return
     searches = [type(x).__name__ for x in _states_named(state, _LINE_SEARCH)]
     if searches:
         raise ValueError(f"jlora.optimizer: tx holds a {searches[0]}: its line search picks the step length for "
@@ -204,14 +232,14 @@ def _check_scalable(state: Any) -> None:
     # optax.contrib.sam's transparent mode (the default) steps to the adversarial point and back
     found += ["SAMState in transparent mode (optax.contrib.sam's default; opaque_mode=True is fine)"
               for x in _states_named(state, ("SAMState",)) if getattr(x, "cache", None) is not None]
-    if found and found[0] == "LookaheadState":
-        raise ValueError("jlora.optimizer: optax.lookahead goes around it, not inside (its slow and fast params do "
-                         "not fit a multi_transform): optax.lookahead(jlora.optimizer(tx, params, b_lr_ratio=...), ...)")
     if found:
         raise ValueError(f"jlora.optimizer: b_lr_ratio scales b's updates, which is LoRA+ only where an update is "
                          f"proportional to the learning rate; tx holds a {found[0]}, whose updates are not. Use "
                          "b_lr_ratio=1.0 (a Python number: an array, as optax.inject_hyperparams passes it, scales "
-                         "even at 1), or give b its own tx: optax.multi_transform over jlora.labels(params)")
+                         "even at 1), or give b its own tx: optax.multi_transform over jlora.labels(params)"
+                         + (" (then evaluate schedule-free's params with optax.contrib.schedule_free_eval_params of "
+                            "each label's state: jlora.optim.schedule_free_eval_params takes one)"
+                            if found[0] == "ScheduleFreeState" else ""))
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
@@ -225,8 +253,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     trainable half (a state made from one serves the other), with or without Flax NNX variables
     (``nnx.Optimizer(model, jlora.optimizer(...), wrt=nnx.Param)`` works: the state holds none);
     updates come back in the gradients' structure. Extra arguments of ``update`` (``value=`` for
-    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx`` as given: a callback among them
-    gets the trainable half, and a tree-shaped one (``grad=``) must be the trainable half's. ``params``, if given, must hold
+    ``reduce_on_plateau``, ``lbfgs``'s ``value_fn``) reach ``tx``: a callback among them gets the
+    trainable half, and a tree-shaped one (``grad=``, full tree or half) reaches it as the trainable half. ``params``, if given, must hold
     at least one adapter (``b_lr_ratio`` is keyword-only: ``optimizer(tx, 16.0)`` is refused);
     where ``tx`` fails, ``update`` names the param whose gradient does not fit (``misfit``); it refuses a state ``init`` would not have made for the params (or, without
     them, the gradients): one kept from adapters of another rank would otherwise broadcast into the
@@ -235,8 +263,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode), or whose
-    step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); a
+    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode), whose
+    step size grows with the params' distance from their start (DoG, DoWG, Prodigy), or whose
+    step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); ``optax.lookahead``
+    with any (it goes around ``optimizer``); a
     transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
     be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
@@ -276,8 +306,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
         params = without_variables(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
         _check_has_adapters(params, "jlora.optimizer's init")
         state = inner.init(split(params)[0])
-        if not plain:
-            _check_scalable(state)
+        _check_scalable(state, plain)
         return state
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
@@ -288,27 +317,37 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
                              "params")
         trainable, frozen = split(bare)
         trainable_params = None if params is None else split(without_variables(params))[0]
-        if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
-            _check_state(state_shapes(trainable), state, per_example_ok=True)
-        else:
-            _check_state(state_shapes(trainable_params), state)
+        try:
+            if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
+                _check_state(state_shapes(trainable), state, per_example_ok=True)
+            else:
+                _check_state(state_shapes(trainable_params), state)
+        except ValueError:
+            _check_arguments(bare, state, params)  # a frozen half, or the arguments in another order
+            raise
+        # a tree-shaped extra argument (lbfgs's grad=) as tx sees the gradients: the trainable half
+        extra_args = {k: split(without_variables(v))[0] if _has_nodes(v) else v for k, v in extra_args.items()}
         try:
             out, state = inner.update(trainable, state, trainable_params, **extra_args)
         except (TypeError, ValueError):  # a broadcasting error deep in tx: say which param, if it is that
+            _check_arguments(bare, state, params)
             problem = None if params is None else misfit(trainable, trainable_params)
             if problem is None:
                 raise
             raise ValueError(f"jlora.optimizer: the gradients do not fit the params (from another model?): "
                              f"{problem}") from None
-        out = combine(out, jax.tree.map(_no_change, frozen))
+        # frozen leaves' zero updates where tx's are None; not jlora.combine, whose checks want arrays
+        # where optax.masked around this optimizer leaves a MaskedNode
+        out = jax.tree.map(lambda zero, u: u if zero is None else zero, jax.tree.map(_no_change, frozen), out,
+                           is_leaf=lambda x: x is None)
         if bare is not updates:  # back in the gradients' structure, their NNX variables included
             out = jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(out))
         return out, state
 
-    if params is not None and not plain:  # refuse a ratio for a schedule-free tx now, not at the first init
+    if params is not None:  # refuse a ratio for a schedule-free tx now, not at the first init
         # on the trainable half: frozen leaves need not be arrays (an Equinox module's fields); a tx
         # whose init needs concrete values gives None, and init checks it
-        _check_scalable(state_shapes(split(params)[0]))
+        _check_scalable(state_shapes(split(params)[0]), plain)
     return optax.GradientTransformationExtraArgs(init, update)
 
 

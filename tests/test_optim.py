@@ -219,6 +219,10 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
         injected.update(g, state, p)
     bad, _ = jax.jit(injected.update)(g, state, p)
     assert bool(jnp.isnan(bad["q"]["kernel"].b).all()) and bool(jnp.isfinite(bad["q"]["kernel"].a).all())
+    state.hyperparams["b_lr_ratio"] = jnp.float32(0.0)  # a schedule decayed to its end: b stops, a goes on
+    stopped, _ = jax.jit(injected.update)(g, state, p)
+    assert float(jnp.abs(stopped["q"]["kernel"].b).max()) == 0.0
+    assert bool(jnp.isfinite(stopped["q"]["kernel"].a).all()) and float(jnp.abs(stopped["q"]["kernel"].a).min()) > 0
 
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
@@ -230,12 +234,18 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05))
     for tx, match in ((optax.contrib.schedule_free_sgd(0.1), scaled), (optax.contrib.mechanize(optax.sgd(0.1)), scaled),
                       (optax.contrib.cocob(), scaled), (optax.lookahead(optax.sgd(0.1), 2, 0.5), "goes around it"),
+                      (optax.contrib.dog(), scaled), (optax.contrib.dowg(), scaled), (optax.contrib.prodigy(), scaled),
                       (sam, "SAMState in transparent mode .*opaque_mode=True is fine")):
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
+    jlora.optimizer(optax.contrib.dog(), p).init(p)
+    for make in (lambda: jlora.optimizer(optax.lookahead(optax.sgd(0.1), 2, 0.5), p),  # inside, at any ratio
+                 lambda: jlora.optimizer(optax.lookahead(optax.sgd(0.1), 2, 0.5)).init(p)):
+        with pytest.raises(ValueError, match="optax.lookahead goes around it, not inside"):
+            make()
     jlora.optimizer(optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), opaque_mode=True), p, b_lr_ratio=4.0).init(p)
     with pytest.raises(ValueError, match=r"b_lr_ratio=1.0 \(a Python number: an array, as optax.inject_hyperparams "
                                          r"passes it, scales even at 1\)"):
@@ -250,6 +260,71 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
     with pytest.raises(ValueError, match=r"got <function .*\(to schedule it, wrap the optimizer: "
                                          r"optax.inject_hyperparams\(jlora.optimizer, static_args=\('tx',\)\)"):
         jlora.optimizer(optax.sgd(0.1), p, b_lr_ratio=optax.linear_schedule(1.0, 16.0, 100))
+
+
+def test_dog_with_a_ratio_would_move_a_too():
+    """Why DoG is refused with a ratio: its step size grows with the params' distance from their
+    start, so a b moved 16 times further raises a's step as well (not LoRA+)."""
+    p, fn, x = setup()
+    trainable, _ = jlora.split(p)
+    g = jax.tree.map(lambda z: jnp.full_like(z, 0.1), trainable)
+
+    def a_step(ratio):  # DoG by hand over the adapters, b's update scaled as a ratio would
+        tx, t = optax.contrib.dog(), trainable
+        s = tx.init(t)
+        for _ in range(3):
+            u, s = tx.update(g, s, t)
+            u = jax.tree.map(lambda x: x, u)
+            u["q"]["kernel"] = u["q"]["kernel"].replace(b=ratio * u["q"]["kernel"].b)
+            t = optax.apply_updates(t, u)
+        return float(jnp.linalg.norm(u["q"]["kernel"].a))
+
+    assert a_step(16.0) > 2 * a_step(1.0)
+
+
+def test_optax_masked_around_the_optimizer_takes_a_mask_per_leaf():
+    """optax.masked passes a MaskedNode where its mask is False; jlora.optimizer gave it back in
+    jlora.combine, which refused the tree. Masked leaves keep their raw updates, the others get tx's."""
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    g = jax.grad(lambda t: loss_of(fn, x)(jlora.combine(t, frozen)))(trainable)
+    no_b = jax.tree.map(lambda label: label != "lora_b", jlora.labels(trainable))
+    for tree in (trainable, p):
+        tx = optax.masked(jlora.optimizer(optax.adam(0.1), trainable), no_b if tree is trainable else
+                          jax.tree.map(lambda label: label != "lora_b", jlora.labels(p)))
+        grads = g if tree is trainable else jax.grad(loss_of(fn, x))(p)
+        u, _ = tx.update(grads, tx.init(tree), tree)
+        want, _ = optax.adam(0.1).update(g["q"]["kernel"].a, optax.adam(0.1).init(g["q"]["kernel"].a))
+        np.testing.assert_allclose(u["q"]["kernel"].a, want, rtol=1e-6)
+        np.testing.assert_array_equal(u["q"]["kernel"].b, g["q"]["kernel"].b)  # masked: passed through
+
+
+def test_update_names_a_frozen_half_or_arguments_in_another_order():
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    tx = jlora.optimizer(optax.adam(0.1), p)
+    state = tx.init(p)
+    g = jax.grad(lambda t: loss_of(fn, x)(jlora.combine(t, frozen)))(trainable)
+    with pytest.raises(ValueError, match=r"update: params are the frozen half of jlora.split"):
+        tx.update(g, state, frozen)
+    with pytest.raises(ValueError, match=r"update: the gradients are the frozen half of jlora.split"):
+        tx.update(frozen, state, trainable)
+    with pytest.raises(ValueError, match=r"opt_state holds LoraWeight or Trainable nodes, as params do: update takes "
+                                         r"\(grads, opt_state, params\)"):
+        tx.update(g, trainable, state)
+
+
+def test_lbfgs_takes_a_full_tree_gradient_as_its_trainable_half():
+    """A tree-shaped extra argument (lbfgs's grad=) reaches tx as the trainable half, as the gradients do."""
+    p, fn, x = setup()
+    trainable, frozen = jlora.split(p)
+    value_fn = lambda t: loss_of(fn, x)(jlora.combine(t, frozen))
+    tx = jlora.optimizer(optax.lbfgs(), p)
+    value, g = jax.value_and_grad(loss_of(fn, x))(p)
+    g_half = jax.grad(value_fn)(trainable)
+    got, _ = tx.update(g, tx.init(p), p, value=value, grad=g, value_fn=value_fn)
+    want, _ = tx.update(g_half, tx.init(trainable), trainable, value=value, grad=g_half, value_fn=value_fn)
+    np.testing.assert_allclose(got["q"]["kernel"].a, want["q"]["kernel"].a, rtol=1e-6)
 
 
 def test_lookahead_goes_around_the_optimizer_with_a_ratio():
