@@ -148,6 +148,13 @@ def varying_axes(x: Any) -> frozenset:
     return _vma(jax.typeof(x))
 
 
+def vary(x: Any, axes: tuple) -> Any:
+    """``x`` typed as varying over the manual mesh axes ``axes`` too (inside ``shard_map``):
+    ``jax.lax.pcast(x, axes, to="varying")`` from JAX 0.10, ``jax.lax.pvary`` before."""
+    pcast = getattr(jax.lax, "pcast", None)
+    return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)
+
+
 def bind(eqn: Any, invals: Sequence[Any], **changed: Any) -> list:
     """Re-bind an equation on new inputs, unchanged or with the params in ``changed`` replaced;
     always returns a list of outputs.

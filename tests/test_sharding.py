@@ -511,6 +511,33 @@ def test_apply_runs_inside_shard_map():
     _assert_grads_close(lazy, oracle)
 
 
+def test_an_adapter_per_device_over_a_replicated_base_inside_shard_map():
+    """Factors split over the mesh axis, ``w`` and ``x`` replicated: the weight varies as its factors
+    do, so the model's replicated bias meets a varying matmul (JAX refused the add: 'varying manual
+    axes to match'). Outputs and the factors' gradients equal the merged weights'."""
+    mesh = sharding.make_mesh({"d": 8})
+    base = {"l1": {"kernel": normal(jax.random.key(0), (16, 32)), "bias": jnp.ones(32)}}
+    trainable, frozen = jlora.split(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=4, targets=["l1"])))
+    stacked = jlora.stack([perturb(trainable, jax.random.key(i)) for i in range(8)])
+    x = normal(jax.random.key(9), (4, 16))
+    model = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) * jnp.sum(x)
+
+    def per_device(forward):
+        def body(t, frozen, x):
+            def loss(t):
+                y = forward(jlora.combine(jax.tree.map(lambda l: l[0], t), frozen), x)
+                return jnp.sum(y ** 2), y[None]
+            (_, y), g = jax.value_and_grad(loss, has_aux=True)(t)
+            return y, g
+        specs = (jax.tree.map(lambda _: P("d"), stacked), jax.tree.map(lambda _: P(), frozen), P())
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P("d"), specs[0])))(stacked, frozen, x)
+
+    (y, g), (y_want, g_want) = per_device(jlora.apply(model)), per_device(lambda p, x: model(jlora.merge(p), x))
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _megatron_loss(p, x):
     """``_mlp_loss`` as a Megatron MLP written with shard_map: l1 split by columns, l2 by rows, one psum."""
     def block(p, x):
