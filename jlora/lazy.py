@@ -631,7 +631,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(f"jlora.apply traces {getattr(fn, '__name__', 'fn')} once per input signature, as jax.jit "
                              "does, so Python code in it cannot read the values of its array arguments"
-                             + (f" ({'; '.join(named)})" if named else ""))
+                             + (f" ({'; '.join(named)})" if named else "")
+                             + " (under jax.disable_jit() too; to step through it eagerly, call it on "
+                             "jlora.merge(params))")
             raise
         except TypeError as err:  # a static jax.ShapeDtypeStruct (a callback's result spec is one) used as a value
             specs = [_argument(args, kwargs, i) for i, v in static if isinstance(v, jax.ShapeDtypeStruct)]

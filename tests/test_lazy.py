@@ -460,6 +460,10 @@ def test_a_param_read_in_python_is_named_by_its_path():
     with pytest.raises(jax.errors.ConcretizationTypeError) as caught:
         jlora.apply(gate)(p, jnp.ones((1, 4)), batch={"flag": jnp.array(True)})
     assert "(dyn[2] is keyword argument 'batch' at 'flag')" in "".join(caught.value.__notes__)  # dyn[1] is x
+    with jax.disable_jit(), pytest.raises(jax.errors.ConcretizationTypeError) as caught:  # traced all the same
+        jlora.apply(fn)(p, jnp.ones((1, 4)))
+    assert "under jax.disable_jit() too; to step through it eagerly, call it on jlora.merge(params)" in "".join(
+        caught.value.__notes__)
 
 
 def test_one_half_alone_or_a_bad_rng_is_refused():
