@@ -20,6 +20,7 @@ import json
 import math
 import operator
 import os
+import re
 import sys
 import threading
 import warnings
@@ -723,8 +724,9 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
                          f"{len(saved)}: the state of another optimizer, or of adapters on other params (other "
                          f"targets? step {step} has {len(adapters)} adapters: {adapters[:4]}"
                          f"{', ...' if len(adapters) > 4 else ''})")
+    unboxed = lambda path: re.sub(r"\.value(?=[.\[]|$)", "", path)  # a Flax box's value, on one side only
     for path, saved_path in zip(paths, meta.get("opt_state_paths", paths)):  # none in older checkpoints
-        if path != saved_path:
+        if unboxed(path) != unboxed(saved_path):
             raise ValueError(f"{directory}: opt_state_like{path} is where step {step} saved opt_state{saved_path}: "
                              "the state of another optimizer (jlora.optimizer's b_lr_ratio of 1 wraps tx in "
                              "nothing, another ratio in a chain), or of adapters on other params (other targets?)")

@@ -456,8 +456,9 @@ def lora_init(
         if layouts and path in inferred and not _refines(str(layout), str(inferred[path])):
             warnings.warn(f"lora_init: LoraConfig.layouts declares '{layout}' for '{path}', but infer_layout saw it "
                           f"used as '{inferred[path]}': the declared layout is kept (the adapter's axes, its init "
-                          "and its PEFT form follow it), and jlora.apply materialises the weight at a use it does "
-                          "not fit", stacklevel=2)
+                          "and its PEFT form follow it); jlora.apply keeps a use factored where that layout "
+                          "allows, and materialises the weight, with a MaterializeWarning, where it does not",
+                          stacklevel=2)
         if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else

@@ -723,3 +723,29 @@ def test_a_state_saved_before_its_keys_were_recorded_restores_them_as_keys(writt
     np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(want))  # noisy_sgd's key=0, as saved
     assert restored["dense"]["kernel"].a.shape == (8, 2)
     tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)  # the step resumes
+
+
+def test_an_optimizer_state_saved_in_flax_boxes_restores_onto_unboxed_params_and_back(tmp_path):
+    """Params in flax's boxes (nn.LogicallyPartitioned) put a box's ``.value`` in the moments' paths;
+    the same state unboxed differs by that key alone, leaf for leaf (it was refused as the state of
+    another optimizer)."""
+    import flax.linen as nn
+
+    kernel = jax.random.normal(jax.random.key(1), (8, 16))
+    boxed = {"up": {"kernel": nn.LogicallyPartitioned(kernel, names=("embed", "mlp"))}}
+    unboxed = {"up": {"kernel": kernel}}
+    config = jlora.LoraConfig(rank=2, targets=["up"])
+    tx = jlora.optimizer(optax.adam(1e-2))
+    for i, (saved_on, restored_on) in enumerate(((boxed, unboxed), (unboxed, boxed))):
+        trainable = jlora.split(perturb(jlora.lora_init(KEY, saved_on, config), KEY))[0]
+        grads = jax.tree.map(jnp.ones_like, trainable)
+        _, state = tx.update(grads, tx.init(trainable), trainable)  # moments that are not zeros
+        with AdapterCheckpointer(tmp_path / str(i), lora_config=config, async_save=False) as ckpt:
+            ckpt.save(1, jlora.combine(trainable, jlora.split(jlora.lora_init(KEY, saved_on, config))[1]),
+                      opt_state=state)
+        like = tx.init(jlora.split(jlora.lora_init(KEY, restored_on, config))[0])
+        with AdapterCheckpointer(tmp_path / str(i), lora_config=config) as ckpt:
+            _, got, _ = ckpt.restore(restored_on, opt_state_like=like)
+        assert jax.tree.structure(got) == jax.tree.structure(like)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(x, y)
