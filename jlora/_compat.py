@@ -451,6 +451,7 @@ def bernoulli(key: Any, p: float, shape: tuple, out_sharding: Any = None) -> Any
         >>> bernoulli(jax.random.key(0), 0.9, (2, 3)).shape
         (2, 3)
     """
+    p = np.float32(p)  # uniforms in float32 (a Python float is float64 with jax_enable_x64: twice the bits)
     if out_sharding is None:
         return jax.random.bernoulli(key, p, shape)
     if _BERNOULLI_OUT_SHARDING:

@@ -525,6 +525,28 @@ def size_on_disk(path: str | os.PathLike) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
+def load_config(path: str | os.PathLike) -> LoraConfig | None:
+    """The ``jlora.LoraConfig`` an adapter was saved with (``save_adapter``'s ``lora_config``), or
+    ``None`` where it was saved without one: what a saved adapter's next save, or a
+    ``jlora.hf.LoraModel`` of it, passes on.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> cfg = jlora.LoraConfig(rank=2, alpha=2, targets=["k"])
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw}, lora_config=cfg)
+        >>> jlora.adapter.load_config(path) == cfg
+        True
+    """
+    saved = read_config(path).get("lora_config")
+    if saved is None:
+        return None
+    try:
+        return LoraConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its lora_config is not one this jlora reads: {err}") from None
+
+
 def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """The LoRA tree: ``base_params`` with the adapter's ``LoraWeight`` and ``Trainable`` leaves.
 

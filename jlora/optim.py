@@ -23,9 +23,10 @@ ADAPTER = "adapter"
 
 def scale_lora_b(ratio: float) -> optax.GradientTransformation:
     """Multiply the updates of every ``LoraWeight.b`` by ``ratio`` (LoRA+: ``lr_b = ratio·lr_a``).
-    A ratio that is not a finite number > 0 is refused; a traced one (``optax.inject_hyperparams``
-    under ``jax.jit``), which cannot be, gives ``b`` no update at 0 (a schedule decayed to its end)
-    and makes ``b``'s updates NaN where negative or not finite (never a silent sign flip).
+    A ratio that is not a finite number > 0 is refused, but for a 0-d array of 0 (a schedule decayed
+    to its end, as ``optax.inject_hyperparams`` passes it), which gives ``b`` no update; a traced
+    one, which cannot be checked, makes ``b``'s updates NaN where negative or not finite (never a
+    silent sign flip).
 
     Example:
         >>> import jax.numpy as jnp, optax, jlora
@@ -182,13 +183,15 @@ def _check_state(expected: Any, state: Any, per_example_ok: bool = False) -> Non
 
 def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
     """``ratio`` if a finite number > 0: a Python or numpy number (a ``Fraction`` as a float), or
-    a 0-d array (a traced one, as ``optax.inject_hyperparams`` passes under ``jit``, is taken as it is)."""
+    a 0-d array (a traced one, as ``optax.inject_hyperparams`` passes under ``jit``, is taken as it
+    is; a concrete one may be 0, as a schedule's end is, alike eagerly and under ``jit``)."""
     dtype = getattr(ratio, "dtype", None)
     real = not isinstance(ratio, bool) and (isinstance(ratio, numbers.Real) or (
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     f32 = np.finfo(np.float32)  # the updates' dtype: a ratio outside its range is 0 or inf there
-    if not real or not (_compat.is_tracer(ratio) or float(f32.tiny) <= float(ratio) <= float(f32.max)):
+    scheduled_end = isinstance(ratio, jax.Array) and real and not _compat.is_tracer(ratio) and float(ratio) == 0
+    if not real or not (_compat.is_tracer(ratio) or scheduled_end or float(f32.tiny) <= float(ratio) <= float(f32.max)):
         schedule = (" (to schedule it, wrap the optimizer: optax.inject_hyperparams(jlora.optimizer, "
                     "static_args=('tx',))(tx, params, b_lr_ratio=schedule))" if callable(ratio) else "")
         bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < float(ratio) < math.inf else ""

@@ -82,12 +82,15 @@ def _sum_unused(x: jax.Array, labels: list[int], needed: set) -> tuple[jax.Array
     return x.sum(axis=tuple(unused)), [l for l in labels if l not in needed]
 
 
-def _scaled(factor: jax.Array, scale: float) -> jax.Array:
-    """``scale · factor``: the scale goes on the second factor of the path, never on an
-    activation-sized product (one op fewer per adapter on the activations, forward and backward),
-    nor on the first factor: ``x @ (s·a)`` would overflow float16 where ``x @ w`` does not (with
-    ``b = 0``, a fresh adapter gives ``inf · 0 = NaN``); PEFT, too, scales last."""
-    return factor if scale == 1.0 else factor * scale
+def _scaled(factor: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    """``scale · factor`` in the path's ``dtype``: the scale goes on the second factor of the path,
+    never on an activation-sized product (one op fewer per adapter on the activations, forward and
+    backward), nor on the first factor: ``x @ (s·a)`` would overflow float16 where ``x @ w`` does
+    not (with ``b = 0``, a fresh adapter gives ``inf · 0 = NaN``); PEFT, too, scales last. The
+    product is formed in the wider of the factor's dtype and ``dtype``: bfloat16 factors on a
+    float32 model are scaled in float32, not by a scale rounded to bfloat16 (4/3 as 1.336)."""
+    wide = factor.astype(jnp.promote_types(factor.dtype, dtype))
+    return (wide if scale == 1.0 else wide * scale).astype(dtype)
 
 
 def _to_order(x: jax.Array, labels: Sequence[int], order: Sequence[int]) -> jax.Array:
@@ -176,18 +179,18 @@ def dot_general_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             # b must be laid out like x and w (not so for a kernel axis that the dot does not
             # batch over, e.g. experts every token goes through)
             t = explicit.resharded_like(_to_order(t, t_labels, r_of(x_labels)), x)
-            b = explicit.resharded_like(_to_order(_scaled(lw.b, lw.scale).astype(lw.w.dtype), b_labels, r_of(w_labels)),
+            b = explicit.resharded_like(_to_order(_scaled(lw.b, lw.scale, lw.w.dtype), b_labels, r_of(w_labels)),
                                         lw.w)
             ctx.note_custom_vjp()
             # behind a barrier, as the sum below: XLA then fuses the rebuilt chain's backward into
             # one pass (measured: three passes without it, 1.8 ms a Llama-1B step)
             return [_stored(joint_dot(x, t, lw.w, b, dot, x_contract[0], w_contract[0]))]
-        y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale).astype(dtype), b_labels, keep_out, pref, prec)
+        y, y_labels = contract(t, t_labels, _scaled(lw.b, lw.scale, dtype), b_labels, keep_out, pref, prec)
     else:
         t, t_labels = contract(_dropout(ctx, lw, x), x_labels, lw.b.astype(dtype), b_labels,
                                keep_out | set(a_labels), pref, prec)
         t = t.astype(dtype)
-        y, y_labels = contract(t, t_labels, _scaled(lw.a, lw.scale).astype(dtype), a_labels, keep_out, pref, prec)
+        y, y_labels = contract(t, t_labels, _scaled(lw.a, lw.scale, dtype), a_labels, keep_out, pref, prec)
     y = _to_order(y, y_labels, out_labels)
     base = dot(x_in, lw.w)
     out = base + explicit.resharded_like(y.astype(base.dtype), base)
@@ -308,7 +311,7 @@ def ragged_dot_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         return lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **params)
 
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
-    x_in, a, b = _dropout(ctx, lw, x.astype(dtype)), lw.a.astype(dtype), _scaled(lw.b, lw.scale).astype(dtype)
+    x_in, a, b = _dropout(ctx, lw, x.astype(dtype)), lw.a.astype(dtype), _scaled(lw.b, lw.scale, dtype)
     a_contract = tuple(in_a[ax] for ax in rc)
     if lw.a.shape[0] * lw.rank <= DENSE_EXPERT_RANKS and explicit.sharding(x) is None:  # experts × rank
         y = _all_experts(x_in, a, b, group_sizes, lc, a_contract, ragged, params)
@@ -401,7 +404,7 @@ def gather_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         mode=mode, fill_value=0,  # an index out of range: the base's fill, plus nothing
     )
     wide = widest(base.dtype, lw.a.dtype, lw.b.dtype, jnp.float32)  # as materialize: rows rounded once
-    t = lax.dot_general(rows.astype(wide), _scaled(lw.b.astype(wide), lw.scale), (((n_batch,), (0,)), ((), ())))  # batch..., outs
+    t = lax.dot_general(rows.astype(wide), _scaled(lw.b, lw.scale, wide), (((n_batch,), (0,)), ((), ())))  # batch..., outs
     if mode == lax.GatherScatterMode.PROMISE_IN_BOUNDS:  # W[ids]'s: an id out of range is clamped, its gradient dropped
         inside = jnp.all((a_indices >= 0) & (a_indices < jnp.array([lw.shape[ax] for ax in ins])), axis=-1)
         t = jnp.where(inside.reshape(inside.shape + (1,) * (t.ndim - n_batch)), t, lax.stop_gradient(t))
@@ -466,7 +469,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
     dtype = _path_dtype(eqn, x, eqn.invars[1].aval.dtype, lw)
     x = _dropout(ctx, lw, x.astype(dtype))
     if swapped:  # b first, then a's conv: the scale on a
-        kernel_a = jnp.transpose(_scaled(lw.a, lw.scale), perm).astype(dtype)
+        kernel_a = jnp.transpose(_scaled(lw.a, lw.scale, dtype), perm)
         b = lw.b.astype(dtype)
         feat = lhs_spec[1]
         labels = list(range(x.ndim))
@@ -474,7 +477,7 @@ def conv_rule(ctx: Context, eqn: Any, invals: list) -> Any:
         y = _compat.bind(eqn, [jnp.moveaxis(t.astype(dtype), -1, feat), kernel_a])[0]
         return [base + explicit.resharded_like(y.astype(base.dtype), base)]
     kernel_a = jnp.transpose(lw.a, perm).astype(dtype)
-    b = _scaled(lw.b, lw.scale).astype(dtype)
+    b = _scaled(lw.b, lw.scale, dtype)
     feat = out_spec[1]
     # the function's out_sharding (a mesh with Explicit axes) is for out features, not for the rank
     whole_rank = explicit.whole_along(p.get("out_sharding"), feat)

@@ -454,7 +454,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                     + ("; a stack of adapters (jlora.stack) has one merged model per adapter: unmerge each "
                        "with its own" if stacked else "")
                 )
-            if not jnp.issubdtype(value.dtype, jnp.floating):
+            if not jnp.issubdtype(value.dtype, jnp.inexact):  # float, or complex as a complex w merges
                 raise ValueError(f"jlora.unmerge: merged '{path_str(path)}' is {value.dtype}; a merged kernel is float "
                                  "(jlora.merge's result)")
             try:

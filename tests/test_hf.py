@@ -367,6 +367,13 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     assert lm.config is None
     made_with = jlora.LoraConfig(rank=2, targets=["c_attn"])
     assert hf.LoraModel(model, made_with, params=lm.params).config is made_with
+    # saved with its config, the README's round trip keeps it for the next save
+    first = hf.LoraModel(model, jlora.LoraConfig(rank=2))
+    jlora.adapter.save_adapter(tmp_path / "with", first.params, lora_config=first.config)
+    assert jlora.adapter.load_config(tmp_path / "ad") is None  # saved without one
+    again = hf.LoraModel(model, jlora.adapter.load_config(tmp_path / "with"),
+                         params=jlora.adapter.load_adapter(tmp_path / "with", model.params))
+    assert again.config == first.config
     with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: lora_config makes '.*' rank 4, .*; the adapter there has "
                                          r"rank 2"):
         hf.LoraModel(model, jlora.LoraConfig(rank=4), params=lm.params)

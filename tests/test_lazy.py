@@ -309,6 +309,22 @@ def test_static_values_equal_across_types_trace_apart():
     assert all(type(c) is type(constants[0]) for c in constants)
 
 
+def test_the_dropout_mask_is_drawn_alike_with_and_without_x64():
+    """With jax_enable_x64 a Python float keep-probability made the mask of float64 uniforms: 64
+    random bits an element, and another mask for the same lora_rng than without x64."""
+    from jax import experimental
+
+    lw = lora({"w": jnp.ones((16, 8))}, ["w"], dropout=0.5)["w"]
+    p = {"w": lw.replace(a=jnp.ones_like(lw.a), b=jnp.ones_like(lw.b))}
+    forward = jlora.apply(lambda p, x: x @ p["w"])
+    x, key = jnp.ones((4, 16)), jax.random.key(1)
+    without = forward(p, x, lora_rng=key)
+    with (jax.enable_x64(True) if hasattr(jax, "enable_x64") else experimental.enable_x64()):  # JAX 0.6's place
+        text = str(jax.make_jaxpr(lambda p, x: forward(p, x, lora_rng=key))(p, x))
+        np.testing.assert_array_equal(forward(p, x, lora_rng=key), without)
+    assert "bit_width=32" in text and "bit_width=64" not in text
+
+
 def test_a_trace_is_not_reused_under_another_jax_configuration():
     """x64, matmul precision, promotion rules and the default PRNG change what a trace holds: a
     trace made under one is not reused under another (as jax.jit's cache, and the PRNG besides)."""

@@ -222,6 +222,8 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
     state.hyperparams["b_lr_ratio"] = jnp.float32(0.0)  # a schedule decayed to its end: b stops, a goes on
     stopped, _ = jax.jit(injected.update)(g, state, p)
     assert float(jnp.abs(stopped["q"]["kernel"].b).max()) == 0.0
+    eager, _ = injected.update(g, state, p)  # alike eagerly (it was refused as a ratio that is not > 0)
+    assert float(jnp.abs(eager["q"]["kernel"].b).max()) == 0.0
     assert bool(jnp.isfinite(stopped["q"]["kernel"].a).all()) and float(jnp.abs(stopped["q"]["kernel"].a).min()) > 0
 
 

@@ -470,3 +470,30 @@ def test_gpu_paths_stay_factored_and_agree_with_the_merged_weights(case):
     want = fn(jlora.merge(params), x)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=0.05 * float(jnp.abs(want.astype(jnp.float32)).max()))
+
+
+@pytest.mark.parametrize("use", ["matmul", "b_first", "conv", "ragged_dot"])
+def test_narrow_factors_on_a_wider_model_are_scaled_in_the_models_dtype(use):
+    """bfloat16 factors on a float32 model: the scale (4/3) multiplies the factor in float32, as
+    jlora.merge forms the weight; it was applied in bfloat16 first (4/3 as 1.336, 0.2% off the
+    adapter's term) and only the product cast up."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    if use == "conv":
+        base, x = {"k": normal(keys[0], (3, 3, 16, 8))}, normal(keys[1], (2, 6, 6, 16))
+        fn = lambda p, x: lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        layouts = {"k": "iiio"}
+    elif use == "ragged_dot":
+        base, x = {"k": normal(keys[0], (2, 16, 8))}, normal(keys[1], (6, 16))
+        fn = lambda p, x: lax.ragged_dot(x, p["k"], jnp.array([4, 2], jnp.int32))
+        layouts = {"k": "bio"}
+    else:
+        base, x = {"k": normal(keys[0], (16, 8))}, normal(keys[1], (6, 16) if use == "matmul" else (6, 8))
+        fn = (lambda p, x: x @ p["k"]) if use == "matmul" else (lambda p, x: x @ p["k"].T)  # x @ W.T: b first
+        layouts = {}
+    params = jlora.lora_init(keys[2], base, jlora.LoraConfig(rank=6, alpha=8, targets=["k"], layouts=layouts,
+                                                             param_dtype=jnp.bfloat16))
+    lw = params["k"]
+    params = {"k": lw.replace(a=jnp.full(lw.a.shape, 0.5, jnp.bfloat16), b=jnp.full(lw.b.shape, 0.25, jnp.bfloat16))}
+    base_term = fn(base, x)
+    got, want = jlora.apply(fn)(params, x) - base_term, fn(jlora.merge(params), x) - base_term
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))

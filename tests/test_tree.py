@@ -301,6 +301,19 @@ def test_unmerge_subtracts_the_product_merge_added():
     assert jlora.unmerge({"q": merged}, {"q": lw8})["q"].w.dtype == jnp.float8_e4m3fn
 
 
+def test_a_complex_kernel_merges_and_unmerges():
+    """A complex w (built by hand: lora_init adapts float kernels) merges to a complex kernel, which
+    unmerge took for no merged kernel at all."""
+    p = tree()
+    lw = p["q"]["kernel"]
+    lw = lw.replace(w=lw.w * (1 + 0.5j))
+    merged = jlora.merge({"q": lw})["q"]
+    assert merged.dtype == jnp.complex64
+    np.testing.assert_allclose(merged, lw.w + lw.scale * lw.a @ lw.b, rtol=1e-6)
+    back = jlora.unmerge({"q": merged}, {"q": lw})["q"]
+    np.testing.assert_allclose(back.w, lw.w, rtol=0, atol=1e-6)
+
+
 def test_unmerge_refuses_mismatched_trees_and_shapes():
     p = tree()
     merged = jlora.merge(p)
