@@ -111,6 +111,9 @@ class _PatternRule:
     def __call__(self, path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
         return self.spec if self.pattern.match(path) else None
 
+    def __repr__(self) -> str:
+        return f"sharding.rule({self.pattern.text!r}, {self.spec})"
+
 
 def from_specs(specs: Any) -> Rule:
     """A rule giving each base leaf the spec at its path in ``specs``, a tree of ``PartitionSpec``
@@ -312,7 +315,11 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
                 spec = r(where, tuple(shape), mesh)
                 if spec is not None:
                     used.add(id(r))
-                    return _checked(where, tuple(shape), _as_spec(spec), mesh)
+                    try:
+                        return _checked(where, tuple(shape), _as_spec(spec), mesh)
+                    except ValueError as err:  # which of several rules gave it
+                        named = r if isinstance(r, _PatternRule) else getattr(r, "__qualname__", r)
+                        raise ValueError(f"{err}; the rule: {named}") from None
         return PartitionSpec()
 
     def one(keypath: Any, x: Any) -> Any:

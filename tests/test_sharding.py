@@ -113,6 +113,15 @@ def test_bad_rules_name_the_param():
         sharding.partition_specs(params, mesh, [("dense", P("model", None))])
     with pytest.raises(ValueError, match="'dense/kernel': mesh has no axis 'fsdp'"):
         sharding.partition_specs(params, mesh, [("dense", P(None, "fsdp"))])
+    with pytest.raises(ValueError, match=r"mesh has no axis 'fsdp' .*; the rule: sharding.rule\('dense', "
+                                         r"P\(None, 'fsdp'\)\)"):  # which of several rules it is
+        sharding.partition_specs(params, mesh, [("other", P("model")), ("dense", P(None, "fsdp"))])
+
+    def my_rule(path, shape, mesh):
+        return P("absent")
+
+    with pytest.raises(ValueError, match=r"the rule: test_bad_rules_name_the_param.<locals>.my_rule"):
+        sharding.partition_specs(params, mesh, [my_rule])
     with pytest.raises(ValueError, match="'dense/kernel': spec .* has 3 entries"):
         sharding.partition_specs(params, mesh, [("dense", P(None, None, "model"))])
     with pytest.raises(ValueError, match=r"'dense/kernel': spec .* splits two axes over mesh axis 'model'"):
