@@ -88,8 +88,9 @@ def _scaled(factor: jax.Array, scale: float, dtype: Any) -> jax.Array:
     backward), nor on the first factor: ``x @ (s·a)`` would overflow float16 where ``x @ w`` does
     not (with ``b = 0``, a fresh adapter gives ``inf · 0 = NaN``); PEFT, too, scales last. The
     product is formed in the wider of the factor's dtype and ``dtype``: bfloat16 factors on a
-    float32 model are scaled in float32, not by a scale rounded to bfloat16 (4/3 as 1.336)."""
-    wide = factor.astype(jnp.promote_types(factor.dtype, dtype))
+    float32 model are scaled in float32, not by a scale rounded to bfloat16 (4/3 as 1.336). (Wider
+    by size: no promotion, which fp8 and ``jax.numpy_dtype_promotion("strict")`` refuse.)"""
+    wide = factor.astype(dtype) if jnp.dtype(dtype).itemsize > jnp.dtype(factor.dtype).itemsize else factor
     return (wide if scale == 1.0 else wide * scale).astype(dtype)
 
 

@@ -497,3 +497,8 @@ def test_narrow_factors_on_a_wider_model_are_scaled_in_the_models_dtype(use):
     base_term = fn(base, x)
     got, want = jlora.apply(fn)(params, x) - base_term, fn(jlora.merge(params), x) - base_term
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    if use == "matmul":  # and float32 factors on a bfloat16 model, under strict promotion: no promotion needed
+        wide = jlora.lora_init(keys[2], jax.tree.map(lambda w: w.astype(jnp.bfloat16), base),
+                               jlora.LoraConfig(rank=6, alpha=8, targets=["k"]))
+        with jax.numpy_dtype_promotion("strict"):
+            assert jlora.apply(fn)(wide, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
