@@ -519,13 +519,13 @@ class LoraWeight(Lazy):
         """
         if isinstance(self.w, Lazy):
             return self.w.example()
-        return self._varying_w()  # its type, including the mesh axes it varies over inside shard_map
+        return self._varying(self.w)  # its type, including the mesh axes it varies over inside shard_map
 
-    def _varying_w(self) -> Any:
-        """``w``, typed as varying over the manual mesh axes the factors vary over inside
-        ``shard_map`` (an adapter per device over a replicated base: the weight varies as they do)."""
-        extra = (_compat.varying_axes(self.a) | _compat.varying_axes(self.b)) - _compat.varying_axes(self.w)
-        return _compat.vary(self.w, tuple(sorted(extra))) if extra else self.w
+    def _varying(self, w: Any) -> Any:
+        """``w`` typed as varying over the manual mesh axes the factors vary over inside
+        ``shard_map`` too (an adapter per device over a replicated base: the weight varies as they do)."""
+        extra = (_compat.varying_axes(self.a) | _compat.varying_axes(self.b)) - _compat.varying_axes(w)
+        return _compat.vary(w, tuple(sorted(extra))) if extra else w
 
     def prepare(self) -> "LoraWeight":
         """The same adapter with ``w`` under ``stop_gradient``: the base never gets a gradient.
@@ -545,7 +545,7 @@ class LoraWeight(Lazy):
         if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
             return self.replace(w=w)  # a node of its own: apply tells a returned input by its id
         w = lax.stop_gradient(w)  # every leaf of a lazy base too
-        return self.replace(w=w if isinstance(w, Lazy) else self.replace(w=w)._varying_w())
+        return self.replace(w=w if isinstance(w, Lazy) else self._varying(w))
 
     def unstack(self):
         """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together (the factors'
