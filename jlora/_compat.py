@@ -522,6 +522,17 @@ def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def differentiated(x: Any) -> bool:
+    """Whether ``x`` is being differentiated (``jax.grad``, ``jvp``, ``linearize``): a JVP or
+    linearize tracer (its ``primal``) is in it, through ``vmap``'s (``val``), as JAX 0.5 to 0.11
+    have them (see ``vmapped_by``)."""
+    while isinstance(x, jax.core.Tracer):
+        if hasattr(x, "primal"):
+            return True
+        x = getattr(x, "val", None) if hasattr(x, "batch_dim") else None
+    return False
+
+
 def vmapped_by(x: Any) -> frozenset:
     """The ``jax.vmap`` traces that map ``x`` (ids), through the tracers of differentiation around
     it: two values batched alike have the same. JAX has no public test; a ``BatchTracer`` (its

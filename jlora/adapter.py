@@ -469,6 +469,10 @@ def _nested_hint(absent: list[str], by_path: dict[str, Any]) -> str:
     for top in sorted({p.split("/", 1)[0] for p in by_path}):
         if all(f"{top}/{p}" in by_path for p in absent):
             return f"; base_params holds them under '{top}': pass base_params['{top}']"
+    tops = {p.split("/", 1)[0] for p in absent if "/" in p}
+    if len(tops) == 1 and all(p.split("/", 1)[-1] in by_path for p in absent):  # saved from {"params": ...}
+        top = tops.pop()
+        return f"; they are base_params' own paths under '{top}': pass {{'{top}': base_params}}"
     return ""
 
 

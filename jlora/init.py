@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import re
 import warnings
 import zlib
 from typing import Any, Callable, Sequence
@@ -171,6 +172,30 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
 
 def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[str, Any]]) -> str:
     """The tail of a "pattern matches no param" error: what is near, and what a pattern could name."""
+    return _syntax_hint(text, paths) + _near(option, text, paths, entries)
+
+
+_REGEX_ONLY = re.compile(r"\.\*|\.\+|[|\\^$()]")  # in a PEFT target_modules regex, never in a glob
+
+
+def _syntax_hint(text: str, paths: Sequence[str]) -> str:
+    """A note for a pattern written as PEFT writes one: a regex without jlora's ``re:``, or a
+    module path joined with '.'; '' for any other."""
+    if text.startswith("re:"):
+        return ""
+    if _REGEX_ONLY.search(text):
+        slashed = "re:" + text.replace("\\.", "/")
+        if any(pattern(slashed).match(p) for p in paths):
+            return f"; a regular expression needs the prefix 're:', over '/'-joined paths: '{slashed}' matches"
+        return ("; a regular expression needs the prefix 're:' and matches a whole '/'-joined path "
+                "('re:.*/(q_proj|v_proj)')")
+    slashed = text.replace(".", "/")
+    if slashed != text and any(pattern(slashed).match(p) for p in paths):
+        return f"; paths are joined with '/', not '.': '{slashed}' matches"
+    return ""
+
+
+def _near(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[str, Any]]) -> str:
     if option == "trainable":  # among what can be trained: not an Equinox module's flags and rates
         paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
         near = nearest(text, paths)
@@ -304,6 +329,10 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             if not any(pattern(text).match(p) for p in paths):
                 raise ValueError(f"LoraConfig.{option}: pattern {text!r} matches no param"
                                  + _no_match(option, text, paths, entries))
+            if option != "exclude" and not any(pattern(text).match(p) for p in adapt):  # as PEFT, but said
+                warnings.warn(f"LoraConfig.{option}: pattern {text!r} matches no kernel that targets adapt (it names "
+                              f"params left out of them), so it sets nothing; adapted: {_listed(adapt, 4)}",
+                              stacklevel=3)
     return adapt, tune
 
 

@@ -186,6 +186,15 @@ def _evaluating() -> list:
     return _EVALUATING.eqns
 
 
+_DROPOUT_OFF_WARNED: list[bool] = []  # once per process: a training loop calls the function at every step
+
+
+def _dropout_differentiated(x: Any) -> bool:
+    """Whether ``x`` is an adapter with LoRA dropout whose factors are being differentiated."""
+    return (isinstance(x, LoraWeight) and x.dropout > 0
+            and any(_compat.differentiated(f) for f in (x.a, x.b) if f is not None))
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning from jlora's caller's caller: the innermost frame outside
     jlora, JAX and the standard library (the user's call of the wrapped function, or the step it
@@ -602,6 +611,12 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                     lacks = ("a trainable half, an optimizer state or gradients hold no base weight"
                              if getattr(leaf, "w", True) is None else "the frozen half holds no adapters")
                     raise ValueError(f"{err} (it is {_argument(args, kwargs, i)}: {lacks})") from None
+                if lora_rng is None and not _DROPOUT_OFF_WARNED and _dropout_differentiated(leaf):
+                    _DROPOUT_OFF_WARNED.append(True)
+                    warnings.warn(f"jlora.apply: the adapter at '{leaf.path or param_paths()[i]}' has LoRA dropout "
+                                  f"{leaf.dropout:g} and is differentiated without lora_rng=, so dropout is off (a "
+                                  "key as flax's rngs={'dropout': ...} does not reach it): pass lora_rng=key to the "
+                                  "wrapped function while training (warned once)", stacklevel=_user_stacklevel())
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)

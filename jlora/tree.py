@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
-from jlora.paths import DELETED, deleted_path, leaves_with_paths, only_in, path_str
+from jlora.paths import DELETED, deleted_path, is_deleted, leaves_with_paths, only_in, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
                           is_param, check_float, materialized, narrow_float)
 from jlora.variables import check_unshared, in_state, shared_paths, state_paths
@@ -46,6 +46,11 @@ def split(tree: Any) -> tuple[Any, Any]:
         return Trainable(None) if isinstance(x, Trainable) else x
 
     check_unshared(tree, "jlora.split")
+    leaves = jax.tree.leaves(tree, is_leaf=is_param)
+    if not any(is_node(x) for x in leaves) and any(has_shape(x) for x in leaves):
+        raise ValueError("jlora.split: params hold no LoraWeight or Trainable leaf, so the trainable half would be "
+                         "empty and nothing would train: split the tree jlora.lora_init returns (not the base params "
+                         "it was given, nor jlora.merge's result)")
     return jax.tree.map(trainable, tree, is_leaf=is_param), jax.tree.map(frozen, tree, is_leaf=is_param)
 
 
@@ -338,7 +343,10 @@ def merge(tree: Any) -> Any:
             if count and not _compat.is_tracer(out):  # under jax.jit nothing can be counted
                 overflows.append((path_str(path), overflowed))
             return out
-        return x.value if isinstance(x, Trainable) else x
+        value = x.value if isinstance(x, Trainable) else x
+        if is_deleted(value):  # returned as it is, it would fail in the model, naming no param
+            _refuse_deleted("jlora.merge", {path_str(path): value})
+        return value
 
     merged = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_param)
     counts = jax.device_get([n for _, n in overflows])  # one wait for them all

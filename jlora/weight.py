@@ -299,9 +299,14 @@ class LoraWeight(Lazy):
                                          "replicas of other sizes?)")
                 got_a, got_b = got_a[max(len(got_a) - len(want_a), 0):], got_b[max(len(got_b) - len(want_b), 0):]
             if got_a != want_a or got_b != want_b:
+                swapped_rank = b.shape[-1] if len(kernel) == 2 else None  # lorax's a (r, out), b (in, r)
+                swapped = swapped_rank is not None and (got_a, got_b) == (
+                    layout.b_shape(kernel, swapped_rank), layout.a_shape(kernel, swapped_rank))
                 raise ValueError(
                     f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank} (a's last axis), "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
+                    + (f" (lorax's orientation, ΔW = b @ a: jlora's a is (in, r) and b (r, out), ΔW = scale·a @ b; "
+                       "from lorax's, LoraWeight(w, a=lx.b, b=lx.a, scale=lx.alpha / r))" if swapped else "")
                 )
 
     def over_stacked_bases(self) -> bool:

@@ -164,6 +164,10 @@ def test_bad_adapters_give_clear_errors(tmp_path):
         load_adapter(tmp_path / "ad", {"stack": base["stack"]})
     with pytest.raises(ValueError, match=r"no param at .*; base_params holds them under 'params': pass base_params\['params'\]"):
         load_adapter(tmp_path / "ad", {"params": base})  # linen's variables instead of their params
+    save_adapter(tmp_path / "wrapped", {"params": p})  # saved from linen's variables: the other way round
+    with pytest.raises(ValueError, match=r"no param at .*; they are base_params' own paths under 'params': pass "
+                                         r"\{'params': base_params\}"):
+        load_adapter(tmp_path / "wrapped", base)
     for not_params in (None, {}, object()):
         with pytest.raises(ValueError, match="base_params must be the base model's params .*, got "):
             load_adapter(tmp_path / "ad", not_params)

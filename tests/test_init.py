@@ -325,6 +325,10 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
     [
         (LoraConfig(targets=["q_prj"]), r"'q_prj' matches no param; nearest modules: \['layers/\*/attn/q_proj', .*\]; modules with weights to adapt: "),
         (LoraConfig(targets=["query"]), r"'query' matches no param; modules with weights to adapt: .*layers/\*/attn/q_proj"),
+        # written as PEFT writes module names: '.'-joined, a regex without 're:'
+        (LoraConfig(targets=["attn.q_proj"]), r"paths are joined with '/', not '.': 'attn/q_proj' matches"),
+        (LoraConfig(targets=[r".*\.q_proj"]), r"needs the prefix 're:', over '/'-joined paths: 're:.\*/q_proj' matches"),
+        (LoraConfig(targets=["q_proj|v_proj"]), r"needs the prefix 're:' and matches a whole '/'-joined path"),
         (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale' \(float32\[16\]\): .*LoraConfig.trainable\)$"),
         (LoraConfig(targets=["q_proj/*"]), r"matches 'layers/0/attn/q_proj/bias' \(float32\[16\]\): .*; a pattern "
                                            r"naming the module \('q_proj'\) adapts its kernel"),
@@ -343,6 +347,18 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
 def test_bad_input_names_the_path(cfg, match):
     with pytest.raises(ValueError, match=match):
         lora_init(KEY, base(), cfg)
+
+
+def test_a_rank_or_alpha_pattern_naming_only_params_left_out_warns():
+    """As in PEFT a rank_pattern entry for a module no target adapts sets nothing; PEFT says nothing."""
+    for cfg in (LoraConfig(rank=2, targets=["q_proj"], rank_pattern={"v_proj": 4}),
+                LoraConfig(rank=2, targets=["q_proj"], alpha_pattern={"v_proj": 4})):
+        with pytest.warns(UserWarning, match=r"pattern 'v_proj' matches no kernel that targets adapt .*sets nothing; "
+                                             r"adapted: layers/0/attn/q_proj/kernel"):
+            lora_init(KEY, base(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_init(KEY, base(), LoraConfig(rank=2, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}))
 
 
 def test_a_target_in_a_tree_without_kernel_or_weight_leaves_lists_the_leaves_it_can_name():

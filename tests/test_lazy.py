@@ -20,6 +20,7 @@ import jlora
 from oracle import check_against_oracle, normal, oracle_merge, perturb
 from quantized import INT8_DOTS, Int8Weight
 
+from jlora import lazy
 from jlora.variables import set_value, state_variables, value_of
 
 KEY = jax.random.key(0)
@@ -307,6 +308,29 @@ def test_static_values_equal_across_types_trace_apart():
     # a constant output is an array, as jax.jit returns it
     constants = jlora.apply(lambda p, x: (x @ p["w"], 3, np.ones(2)))(p, x)
     assert all(type(c) is type(constants[0]) for c in constants)
+
+
+def test_an_adapter_with_dropout_differentiated_without_lora_rng_warns_once(monkeypatch):
+    """LoRA dropout set, but no lora_rng= in the training step (flax's rngs={'dropout': key} does
+    not reach the adapters): dropout is off, and a PEFT user expects it on. Evaluation, a step with
+    the key, or an input gradient say nothing."""
+    monkeypatch.setattr(lazy, "_DROPOUT_OFF_WARNED", [])
+    p = lora({"w": jnp.ones((8, 4))}, ["w"], dropout=0.1)
+    trainable, frozen = jlora.split(p)
+    forward = jlora.apply(lambda p, x: x @ p["w"])
+    x = jnp.ones((2, 8))
+    loss = lambda t, x, **kw: forward(jlora.combine(t, frozen), x, **kw).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forward(p, x)
+        jax.grad(loss)(trainable, x, lora_rng=jax.random.key(1))
+        jax.grad(loss, argnums=1)(trainable, x)
+    with pytest.warns(UserWarning, match=r"'w' has LoRA dropout 0.1 and is differentiated without lora_rng=, so "
+                                         r"dropout is off"):
+        jax.jit(jax.grad(loss))(trainable, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.grad(loss)(trainable, x)  # once
 
 
 def test_the_dropout_mask_is_drawn_alike_with_and_without_x64():

@@ -530,6 +530,15 @@ def test_arrays_a_jitted_step_deleted_are_named_by_merge_unmerge_and_apply():
     with pytest.raises(ValueError, match=r"jlora.apply: keyword argument 'p' at '" + where + gone):
         forward(p=jlora.combine(stale, frozen), x=jnp.ones((2, 8)))
     forward(jlora.combine(trainable, frozen), jnp.ones((2, 8)))  # the step's own are fine
+    # a plain leaf (a head no adapter touches) of a frozen half a step donated: merge returned it as it was
+    params = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 8))}, "head": jnp.ones((8, 2))},
+                             jlora.LoraConfig(rank=2, targets=["q"]))
+    trainable, frozen = jlora.split(params)
+    frozen = {"q": frozen["q"], "head": frozen["head"]}
+    kept = jax.jit(lambda f: f, donate_argnums=0)({"head": frozen["head"]})
+    with pytest.raises(ValueError, match=r"jlora.merge: 'head" + gone):
+        jlora.merge(jlora.combine(trainable, frozen))
+    jlora.merge(jlora.combine(trainable, {**frozen, **kept}))
 
 
 @pytest.mark.skipif(not hasattr(BaseException, "add_note") or jax.device_count() < 2, reason="notes: Python 3.11+; 2 devices")
