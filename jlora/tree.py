@@ -96,7 +96,8 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         meta1, meta2 = (meta(nodes.get(diff[0])) if diff else None for nodes in (nodes1, nodes2))
         scales = isinstance(meta1, dict) and isinstance(meta2, dict) and meta1["scale"] != meta2["scale"]
         detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta1} in {names[0]}, {meta2} in {names[1]}"
-                  + (" (LoRA scales of another rank or alpha: from two lora_init calls?)" if scales else "") if diff else
+                  + (" (LoRA scales of another rank or alpha: from two lora_init calls? a scale folds into b "
+                     "exactly: lw.replace(b=lw.b * (lw.scale / s), scale=s))" if scales else "") if diff else
                   f": at '{container[0]}' {names[0]} has {container[1]}, {names[1]} {container[2]}"
                   if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
@@ -132,7 +133,9 @@ def stack(adapters: Sequence[Any]) -> Any:
                 _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
             except ValueError as err:
                 raise ValueError(f"{err}; adapters stack where their scales (alpha and rank), dropout rates and "
-                                 "targets agree (to serve, set the rate to 0: lw.replace(dropout=0.0))") from None
+                                 "targets agree (to serve, set the rate to 0: lw.replace(dropout=0.0); a scale of the "
+                                 "same rank folds into b exactly: lw.replace(b=lw.b * (lw.scale / s), scale=s))"
+                                 ) from None
             for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "

@@ -42,8 +42,17 @@ def test_combine_refuses_trees_that_do_not_match():
     alpha = lambda a: jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=a, targets=["q"]))
     with pytest.raises(ValueError, match=r"differ at \['q/kernel'\], e.g. 'q/kernel': \{'scale': 1.0, 'layout': "
                                          r"Layout\('io'\), .*\} in trainable, \{'scale': 2.0, .*\} in frozen \(LoRA scales of "
-                                         r"another rank or alpha: from two lora_init calls\?\)"):
+                                         r"another rank or alpha: from two lora_init calls\? a scale folds into b "
+                                         r"exactly: lw.replace\(b=lw.b \* \(lw.scale / s\), scale=s\)\)"):
         jlora.combine(jlora.split(alpha(2.0))[0], jlora.split(alpha(4.0))[1])
+    # as it says: folded, the half combines with the other's frozen half and computes the same
+    half = jlora.split(perturb(alpha(2.0), KEY))[0]
+    lw = half["q"]["kernel"]
+    folded = {"q": {"kernel": lw.replace(b=lw.b * (lw.scale / 2.0), scale=2.0)}}
+    x = jnp.ones((1, 8))
+    forward = jlora.apply(lambda p, x: x @ p["q"]["kernel"])
+    np.testing.assert_allclose(forward(jlora.combine(folded, jlora.split(alpha(4.0))[1]), x),
+                               forward(jlora.combine(half, jlora.split(alpha(2.0))[1]), x), rtol=1e-6)
     with pytest.raises(ValueError, match="trainable half"):
         jlora.split(alpha(2.0))[0]["q"]["kernel"].dtype
     # the same leaves in other containers (a half restored as FrozenDicts, a list become a tuple)
