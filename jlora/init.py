@@ -185,7 +185,11 @@ def _syntax_hint(text: str, paths: Sequence[str]) -> str:
         return ""
     if _REGEX_ONLY.search(text):
         slashed = "re:" + text.replace("\\.", "/")
-        if any(pattern(slashed).match(p) for p in paths):
+        try:
+            matches = any(pattern(slashed).match(p) for p in paths)
+        except ValueError:  # no valid regular expression either ('q_proj(')
+            matches = False
+        if matches:
             return f"; a regular expression needs the prefix 're:', over '/'-joined paths: '{slashed}' matches"
         return ("; a regular expression needs the prefix 're:' and matches a whole '/'-joined path "
                 "('re:.*/(q_proj|v_proj)')")

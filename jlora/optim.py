@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import types
 from typing import Any, Callable
 
 import jax
@@ -107,8 +108,11 @@ def _check_has_adapters(params: Any, where: str, what: str = "params") -> None:
 
 
 def _has_nodes(tree: Any) -> bool:
-    """Whether ``tree`` holds a ``LoraWeight`` or ``Trainable`` (not a callback, not a number)."""
-    return not callable(tree) and any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
+    """Whether ``tree`` holds a ``LoraWeight`` or ``Trainable``: not a callback (a function, a
+    ``jax.tree_util.Partial`` over the frozen half), but an Equinox module of gradients, callable too."""
+    if isinstance(tree, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)):
+        return False
+    return any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
 
 
 def _check_arguments(grads: Any, state: Any, params: Any) -> None:
@@ -190,12 +194,14 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
         dtype is not None and np.ndim(ratio) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))))
     f32 = np.finfo(np.float32)  # the updates' dtype: a ratio outside its range is 0 or inf there
-    scheduled_end = isinstance(ratio, jax.Array) and real and not _compat.is_tracer(ratio) and float(ratio) == 0
-    if not real or not (_compat.is_tracer(ratio) or scheduled_end or float(f32.tiny) <= float(ratio) <= float(f32.max)):
+    value = None if not real or _compat.is_tracer(ratio) else float(ratio)
+    scheduled_end = isinstance(ratio, jax.Array) and value == 0
+    if not real or not (value is None or scheduled_end or float(f32.tiny) <= value <= float(f32.max)):
         schedule = (" (to schedule it, wrap the optimizer: optax.inject_hyperparams(jlora.optimizer, "
                     "static_args=('tx',))(tx, params, b_lr_ratio=schedule))" if callable(ratio) else "")
-        bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < float(ratio) < math.inf else ""
-        raise ValueError(f"{name} must be a finite number > 0{bounds}, got {ratio!r}{schedule}")
+        bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < value < math.inf else ""
+        zero = " (a 0-d array may be 0, a schedule's end)" if dtype is not None and real else ""
+        raise ValueError(f"{name} must be a finite number > 0{bounds}{zero}, got {ratio!r}{schedule}")
     return ratio if dtype is not None else float(ratio)
 
 
@@ -319,7 +325,11 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
                              "them with respect to the LoRA params (their trainable half), not the merged or base "
                              "params")
         trainable, frozen = split(bare)
-        trainable_params = None if params is None else split(without_variables(params))[0]
+        try:
+            trainable_params = None if params is None else split(without_variables(params))[0]
+        except ValueError:
+            _check_arguments(bare, state, params)  # merged params, say
+            raise
         try:
             if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
                 _check_state(state_shapes(trainable), state, per_example_ok=True)
@@ -341,8 +351,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
                              f"{problem}") from None
         # frozen leaves' zero updates where tx's are None; not jlora.combine, whose checks want arrays
         # where optax.masked around this optimizer leaves a MaskedNode
-        out = jax.tree.map(lambda zero, u: u if zero is None else zero, jax.tree.map(_no_change, frozen), out,
-                           is_leaf=lambda x: x is None)
+        out = jax.tree.map(lambda u, zero: zero if u is None else u, out, jax.tree.map(_no_change, frozen),
+                           is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
         if bare is not updates:  # back in the gradients' structure, their NNX variables included
             out = jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(out))
         return out, state

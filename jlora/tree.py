@@ -35,10 +35,18 @@ def split(tree: Any) -> tuple[Any, Any]:
         (True, True)
     """
 
+    seen = set()  # "node", "array": what the tree holds
+
     def trainable(x: Any) -> Any:
         if isinstance(x, LoraWeight):
+            seen.add("node")
             return x.replace(w=None)
-        return x if isinstance(x, Trainable) else None
+        if isinstance(x, Trainable):
+            seen.add("node")
+            return x
+        if has_shape(x):
+            seen.add("array")
+        return None
 
     def frozen(x: Any) -> Any:
         if isinstance(x, LoraWeight):
@@ -46,12 +54,12 @@ def split(tree: Any) -> tuple[Any, Any]:
         return Trainable(None) if isinstance(x, Trainable) else x
 
     check_unshared(tree, "jlora.split")
-    leaves = jax.tree.leaves(tree, is_leaf=is_param)
-    if not any(is_node(x) for x in leaves) and any(has_shape(x) for x in leaves):
+    half = jax.tree.map(trainable, tree, is_leaf=is_param)
+    if seen == {"array"}:
         raise ValueError("jlora.split: params hold no LoraWeight or Trainable leaf, so the trainable half would be "
                          "empty and nothing would train: split the tree jlora.lora_init returns (not the base params "
                          "it was given, nor jlora.merge's result)")
-    return jax.tree.map(trainable, tree, is_leaf=is_param), jax.tree.map(frozen, tree, is_leaf=is_param)
+    return half, jax.tree.map(frozen, tree, is_leaf=is_param)
 
 
 def _is_hole_or_lazy(x: Any) -> bool:

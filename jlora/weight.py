@@ -299,7 +299,7 @@ class LoraWeight(Lazy):
                                          "replicas of other sizes?)")
                 got_a, got_b = got_a[max(len(got_a) - len(want_a), 0):], got_b[max(len(got_b) - len(want_b), 0):]
             if got_a != want_a or got_b != want_b:
-                swapped_rank = b.shape[-1] if len(kernel) == 2 else None  # lorax's a (r, out), b (in, r)
+                swapped_rank = b.shape[-1] if str(layout) == "io" and len(b.shape) else None  # lorax's a (r, out), b (in, r)
                 swapped = swapped_rank is not None and (got_a, got_b) == (
                     layout.b_shape(kernel, swapped_rank), layout.a_shape(kernel, swapped_rank))
                 raise ValueError(
@@ -522,15 +522,22 @@ class LoraWeight(Lazy):
             >>> jlora.LoraWeight(jnp.ones((2, 3)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=1.0).example().shape
             (2, 3)
         """
-        if isinstance(self.w, Lazy):
-            return self.w.example()
-        return self._varying(self.w)  # its type, including the mesh axes it varies over inside shard_map
+        # its type, including the mesh axes it varies over inside shard_map
+        return self._varying(self.w.example() if isinstance(self.w, Lazy) else self.w)
 
     def _varying(self, w: Any) -> Any:
-        """``w`` typed as varying over the manual mesh axes the factors vary over inside
-        ``shard_map`` too (an adapter per device over a replicated base: the weight varies as they do)."""
-        extra = (_compat.varying_axes(self.a) | _compat.varying_axes(self.b)) - _compat.varying_axes(w)
-        return _compat.vary(w, tuple(sorted(extra))) if extra else w
+        """``w`` (each array of a lazy one) typed as varying over the manual mesh axes the factors
+        vary over inside ``shard_map`` too (an adapter per device over a replicated base: the
+        weight varies as they do)."""
+        if not (_compat.is_tracer(self.a) or _compat.is_tracer(self.b)):  # varying only inside shard_map
+            return w
+        factors = _compat.varying_axes(self.a) | _compat.varying_axes(self.b)
+
+        def one(v: Any) -> Any:
+            extra = factors - _compat.varying_axes(v) if isinstance(v, (jax.Array, jax.ShapeDtypeStruct)) else ()
+            return _compat.vary(v, tuple(sorted(extra))) if extra else v
+
+        return jax.tree.map(one, w)
 
     def prepare(self) -> "LoraWeight":
         """The same adapter with ``w`` under ``stop_gradient``: the base never gets a gradient.
@@ -550,7 +557,7 @@ class LoraWeight(Lazy):
         if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
             return self.replace(w=w)  # a node of its own: apply tells a returned input by its id
         w = lax.stop_gradient(w)  # every leaf of a lazy base too
-        return self.replace(w=w if isinstance(w, Lazy) else self._varying(w))
+        return self.replace(w=self._varying(w))
 
     def unstack(self):
         """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together (the factors'

@@ -329,6 +329,7 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
         (LoraConfig(targets=["attn.q_proj"]), r"paths are joined with '/', not '.': 'attn/q_proj' matches"),
         (LoraConfig(targets=[r".*\.q_proj"]), r"needs the prefix 're:', over '/'-joined paths: 're:.\*/q_proj' matches"),
         (LoraConfig(targets=["q_proj|v_proj"]), r"needs the prefix 're:' and matches a whole '/'-joined path"),
+        (LoraConfig(targets=["q_proj("]), r"'q_proj\(' matches no param; a regular expression needs the prefix 're:'"),
         (LoraConfig(targets=["norm/scale"]), r"'layers/0/norm/scale' \(float32\[16\]\): .*LoraConfig.trainable\)$"),
         (LoraConfig(targets=["q_proj/*"]), r"matches 'layers/0/attn/q_proj/bias' \(float32\[16\]\): .*; a pattern "
                                            r"naming the module \('q_proj'\) adapts its kernel"),

@@ -10,7 +10,7 @@ import pytest
 from flax.core import FrozenDict
 
 import jlora
-from oracle import perturb
+from oracle import normal, perturb
 
 KEY = jax.random.key(0)
 
@@ -242,6 +242,9 @@ def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning
             jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, b_lr_ratio=4.0).init(p)  # else by init
+    with pytest.raises(ValueError, match=r"then evaluate schedule-free's params with "
+                                         r"optax.contrib.schedule_free_eval_params of each label's state"):
+        jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p, b_lr_ratio=4.0)
     jlora.optimizer(optax.contrib.schedule_free_sgd(0.1), p).init(p)  # no ratio: fine
     jlora.optimizer(optax.contrib.dog(), p).init(p)
     for make in (lambda: jlora.optimizer(optax.lookahead(optax.sgd(0.1), 2, 0.5), p),  # inside, at any ratio
@@ -539,3 +542,36 @@ def test_nnx_optimizer_trains_a_lora_module_as_split_and_combine_do():
     for got, want in zip(jax.tree.leaves(jlora.split(optax.apply_updates(params, updates))[0]),
                          jax.tree.leaves(optax.apply_updates(trainable, updates_split)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_full_tree_gradients_over_a_lazy_base_update_the_adapter_alone():
+    """An adapter's w may be a pytree (a float lazy kind; here an adapter under an adapter): the
+    frozen half's zero updates hold it whole where the adapters' updates hold None."""
+    inner = jlora.LoraWeight(normal(KEY, (8, 8)), jnp.full((8, 2), 0.1), jnp.full((2, 8), 0.1), scale=1.0, path="q")
+    p = {"q": jlora.LoraWeight(inner, jnp.full((8, 2), 0.1), jnp.full((2, 8), 0.1), scale=1.0, path="q")}
+    tx = jlora.optimizer(optax.sgd(0.1), p)
+    g = jax.grad(lambda p: jlora.apply(lambda p, x: x @ p["q"])(p, jnp.ones((2, 8))).sum())(p)
+    u, _ = tx.update(g, tx.init(p), p)
+    new = optax.apply_updates(p, u)
+    jax.tree.map(np.testing.assert_array_equal, jlora.split(new)[1], jlora.split(p)[1])  # the base as it was
+    np.testing.assert_allclose(new["q"].a, p["q"].a - 0.1 * g["q"].a, rtol=1e-6)
+
+
+def test_an_equinox_module_of_gradients_as_an_extra_argument_reaches_tx_as_the_trainable_half():
+    """An Equinox module is callable, yet no callback: lbfgs's grad= of one is split like the gradients."""
+    eqx = pytest.importorskip("equinox")
+    key = jax.random.key(0)
+    x = jnp.ones((3, 4))
+    run = lambda m, x: jax.vmap(m)(x)
+    p = jlora.lora_init(key, eqx.nn.MLP(4, 2, 8, 1, key=key), jlora.LoraConfig(rank=2, targets=["layers"]),
+                        infer_layout=lambda m: run(m, x))
+    trainable, frozen = jlora.split(p)
+    loss = lambda m: jnp.sum(jlora.apply(run)(m, x) ** 2)
+    value, g = eqx.filter_value_and_grad(loss)(p)
+    value_fn = lambda t: loss(jlora.combine(t, frozen))
+    tx = jlora.optimizer(optax.lbfgs(), p)
+    got, _ = tx.update(g, tx.init(p), p, value=value, grad=g, value_fn=value_fn)
+    g_half = jlora.split(g)[0]
+    want, _ = tx.update(g_half, tx.init(trainable), trainable, value=value, grad=g_half, value_fn=value_fn)
+    for a, b in zip(jax.tree.leaves(jlora.split(got)[0]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -19,6 +19,18 @@ def tree():
     return perturb(jlora.lora_init(KEY, base, cfg), KEY)
 
 
+def test_split_refuses_a_tree_with_no_adapters():
+    """The base params lora_init was given (its result dropped), or merge's result: an empty
+    trainable half trained nothing, silently (with a plain optax tx)."""
+    base = {"q": {"kernel": jnp.ones((4, 4))}}
+    params = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["q"]))
+    for tree in (base, jlora.merge(params)):
+        with pytest.raises(ValueError, match=r"jlora.split: params hold no LoraWeight or Trainable leaf, so the "
+                                             r"trainable half would be empty"):
+            jlora.split(tree)
+    assert jlora.split({}) == ({}, {})  # no arrays: nothing to say
+
+
 def test_split_and_combine_partition_like_equinox():
     p = tree()
     trainable, frozen = jlora.split(p)

@@ -72,6 +72,8 @@ def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"got a \(2, 6\), b \(4, 2\) \(lorax's orientation, .*LoraWeight\(w, a=lx.b, "
                                          r"b=lx.a, scale=lx.alpha / r\)\)"):  # lorax's a (r, out), b (in, r)
         jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((2, 6)), jnp.zeros((4, 2)), scale=1.0, path="x")
+    with pytest.raises(ValueError, match=r"a must be \(4, 2\) and b \(2, 6\); got a \(4, 2\), b \(\)$"):
+        jlora.LoraWeight(jnp.ones((4, 6)), jnp.ones((4, 2)), jnp.float32(0), scale=1.0, path="x")  # a 0-d b
     with pytest.raises(ValueError, match=r"LoraWeight 'x': w must be a float array, got int32\[4,6\]"):
         jlora.LoraWeight(jnp.ones((4, 6), jnp.int32), jnp.ones((4, 2)), jnp.ones((2, 6)), scale=1.0, path="x")
     # merged into a real w, a complex product loses its imaginary part: apply and merge would differ
