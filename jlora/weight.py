@@ -555,7 +555,11 @@ class LoraWeight(Lazy):
                              "jax.jit(...).lower(...)")
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
         if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
-            return self.replace(w=w)  # a node of its own: apply tells a returned input by its id
+            # a node of its own (apply tells a returned input by its id), made as an unflatten makes
+            # one, w checked as replace checks it (a tree map may have cast it): an eager call
+            # prepares each node at every call
+            check_float("w", w, self.path)
+            return self.tree_unflatten(self.tree_flatten()[1], (w, self.a, self.b))
         w = lax.stop_gradient(w)  # every leaf of a lazy base too
         return self.replace(w=self._varying(w))
 
