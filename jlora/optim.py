@@ -202,15 +202,14 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
         bounds = " (within float32's range, 1.2e-38 to 3.4e38)" if real and 0 < value < math.inf else ""
         zero = " (a 0-d array may be 0, a schedule's end)" if dtype is not None and real else ""
         raise ValueError(f"{name} must be a finite number > 0{bounds}{zero}, got {ratio!r}{schedule}")
-    return ratio if dtype is not None else float(ratio)
+    return ratio if dtype is not None else value
 
 
 # States of transformations whose updates are differences of iterates, not steps proportional to
 # the learning rate, or whose step size grows with how far the params have moved (DoG, DoWG,
 # Prodigy: a b moved further raises a's step too): scaling b's updates would not scale b's
-# learning rate alone.
-_NOT_SCALABLE = ("ScheduleFreeState", "LookaheadState", "MechanicState", "COCOBState", "DoGState", "DoWGState",
-                 "ProdigyState")
+# learning rate alone. (Lookahead's is refused at any ratio: _check_scalable.)
+_NOT_SCALABLE = ("ScheduleFreeState", "MechanicState", "COCOBState", "DoGState", "DoWGState", "ProdigyState")
 
 
 def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
@@ -298,7 +297,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
         raise ValueError(f"jlora.optimizer: tx must be an optax transformation (init and update), got {tx!r}")
     if params is not None:
         params = without_variables(params)
-        if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+        if not _has_nodes(params):
             raise ValueError(f"jlora.optimizer: params must be the param tree after jlora.lora_init (or its trainable "
                              f"half), got a {type(params).__name__} with no LoraWeight or Trainable leaf; a LoRA+ ratio "
                              "goes in b_lr_ratio=")
@@ -320,23 +319,19 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
 
     def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         bare = without_variables(updates)
-        if not any(is_node(x) for x in jax.tree.leaves(bare, is_leaf=is_node)):
+        if not _has_nodes(bare):
             raise ValueError("jlora.optimizer: the gradients hold no adapters (no LoraWeight or Trainable): take "
                              "them with respect to the LoRA params (their trainable half), not the merged or base "
                              "params")
         trainable, frozen = split(bare)
         try:
             trainable_params = None if params is None else split(without_variables(params))[0]
-        except ValueError:
-            _check_arguments(bare, state, params)  # merged params, say
-            raise
-        try:
             if trainable_params is None:  # the gradients have the params' shapes (per-example ones, an axis more)
                 _check_state(state_shapes(trainable), state, per_example_ok=True)
             else:
                 _check_state(state_shapes(trainable_params), state)
         except ValueError:
-            _check_arguments(bare, state, params)  # a frozen half, or the arguments in another order
+            _check_arguments(bare, state, params)  # merged params, a frozen half, the arguments in another order
             raise
         # a tree-shaped extra argument (lbfgs's grad=) as tx sees the gradients: the trainable half
         extra_args = {k: split(without_variables(v))[0] if _has_nodes(v) else v for k, v in extra_args.items()}
