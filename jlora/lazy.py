@@ -206,7 +206,8 @@ def _user_stacklevel() -> int:
 
 
 def reset_warnings() -> None:
-    """Forget which fallbacks were already reported (each is reported once per process).
+    """Forget which fallbacks were already reported (each is reported once per process), and
+    whether LoRA dropout left off for want of ``lora_rng`` was (once per process too).
 
     Example:
         >>> import warnings, jax, jax.numpy as jnp, jlora
@@ -222,6 +223,7 @@ def reset_warnings() -> None:
     """
     global _GENERATION
     _WARNED.clear()
+    _DROPOUT_OFF_WARNED.clear()
     _GENERATION += 1  # an eager call's evaluation warned when compiled: compiled again (_compiled_entry), it warns again
 
 

@@ -330,6 +330,12 @@ def test_an_adapter_with_dropout_differentiated_without_lora_rng_warns_once(monk
         jax.jit(jax.grad(loss))(trainable, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        jax.jit(jax.grad(loss))(trainable, x + 1)  # once per process
+    lazy.reset_warnings()  # as the fallbacks' warnings, it is said again after a reset
+    with pytest.warns(UserWarning, match="dropout is off"):
+        jax.grad(loss)(trainable, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         jax.grad(loss)(trainable, x)  # once
 
 
