@@ -173,6 +173,25 @@ def prepare_out(opts: Options) -> Path:
     return out
 
 
+def _removes_an_out_it_made(job: Callable[[Options], dict]) -> Callable[[Options], dict]:
+    """``job`` that, failing (a diverged loss, Ctrl-C before the first step, a bad file found late),
+    removes the ``--out`` directories it made and left empty: no empty run directory behind."""
+    @functools.wraps(job)
+    def run(opts: Options) -> dict:
+        out = Path(opts.out)
+        made = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
+        try:
+            return job(opts)
+        except BaseException:
+            for d in made:
+                try:
+                    d.rmdir()  # only an empty one
+                except OSError:
+                    break
+            raise
+    return run
+
+
 def adapter_saver(out: Path, frozen: Any, config: jlora.LoraConfig, metadata: dict) -> Callable[[Any, int], None]:
     """``save(trainable, step)``: the adapter into ``out/adapter``, each file replaced atomically.
     An earlier run's (``--overwrite``) stays whole until this run's first save, which also removes
@@ -695,6 +714,7 @@ def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) ->
     return predict
 
 
+@_removes_an_out_it_made
 def classify(opts: Options) -> dict:
     """Fine-tune a sentence encoder for classification; returns the metrics it also writes.
 
@@ -801,6 +821,7 @@ def classify(opts: Options) -> dict:
     return results
 
 
+@_removes_an_out_it_made
 def causal_lm(opts: Options) -> dict:
     """Fine-tune a local Flax causal LM on a text file (next-token loss on fixed-length windows).
 

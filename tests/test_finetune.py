@@ -53,6 +53,26 @@ def test_a_diverging_loss_stops_training_before_it_is_saved():
     assert saved == []
 
 
+def test_a_run_that_fails_leaves_no_empty_out_directory(bert_dir, data_file, tmp_path, monkeypatch):
+    """A diverged run saves nothing, and takes away the --out it made (parents too); a directory
+    that was there before stays."""
+    def diverges(*args, **kwargs):
+        raise finetune.Diverged("LoRA: the loss is nan at step 1")
+
+    monkeypatch.setattr(finetune, "train", diverges)
+    opts = dict(model=str(bert_dir), data=str(data_file), steps=2, batch_size=8, max_length=8, plot=False,
+                baseline=False)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with pytest.raises(finetune.Diverged):
+        finetune.classify(finetune.Options(out=str(runs / "new" / "run"), **opts))
+    assert list(runs.iterdir()) == []
+    (runs / "mine").mkdir()
+    with pytest.raises(finetune.Diverged):
+        finetune.classify(finetune.Options(out=str(runs / "mine"), **opts))
+    assert (runs / "mine").is_dir()
+
+
 def test_ctrl_c_while_a_step_runs_keeps_the_last_whole_step(monkeypatch):
     """Ctrl-C lands while the loop waits for a step's result: what ``train`` returns (and a job
     saves as its last step) is the step its losses end at, not the half-taken next one."""
