@@ -533,6 +533,29 @@ def differentiated(x: Any) -> bool:
     return False
 
 
+def over_arrays(x: Any) -> bool:
+    """Whether ``x`` is an array, or a tracer of ``grad`` or ``vmap`` (JVP, linearize or batch
+    tracers, read as ``differentiated`` reads them) over one: JAX evaluates it op by op, with no
+    ``jit`` (or other) trace beneath.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> seen = []
+        >>> _ = jax.grad(lambda x: seen.append(over_arrays(x)) or x)(1.0)
+        >>> _ = jax.jit(jax.grad(lambda x: seen.append(over_arrays(x)) or x))(1.0)
+        >>> seen
+        [True, False]
+    """
+    while isinstance(x, jax.core.Tracer):
+        if hasattr(x, "primal"):
+            x = x.primal
+        elif hasattr(x, "batch_dim"):
+            x = getattr(x, "val", None)
+        else:
+            return False
+    return True
+
+
 def vmapped_by(x: Any) -> frozenset:
     """The ``jax.vmap`` traces that map ``x`` (ids), through the tracers of differentiation around
     it: two values batched alike have the same. JAX has no public test; a ``BatchTracer`` (its

@@ -538,9 +538,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
     arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
-    trace (no ``jax.jit`` around it), the evaluation itself runs compiled, once per trace, as
-    under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``, ``cond`` or loop body a
-    weight enters would be compiled again at each call.
+    ``jax.jit`` (eagerly, or under ``jax.grad`` or ``jax.vmap`` of an eager call), the evaluation
+    itself runs compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``,
+    ``scan``, ``cond`` or loop body a weight enters would be compiled again at each call, and a
+    ``jax.grad`` would differentiate each of the evaluation's many small ops at every call.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -682,19 +683,29 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
             return run
 
-        eager = compiled is not None and _compat.eager() and not any(_compat.is_tracer(v) for v in values)
-        entry = _compiled_entry(compiled, tuple(given), interpreter) if eager else None
+        # outside jax.jit (called eagerly, or under grad or vmap of an eager call), where JAX runs
+        # op by op: the evaluation is compiled (and differentiated or batched) once per trace
+        if compiled is None:
+            op_by_op = False
+        elif _compat.eager():
+            op_by_op = not any(_compat.is_tracer(v) for v in values)
+        else:
+            tracers = [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
+            op_by_op = bool(tracers) and all(map(_compat.over_arrays, tracers))
+        entry = _compiled_entry(compiled, tuple(given), interpreter) if op_by_op else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
         try:
             try:
                 out = (interpreter(came_back, records) if entry is None else entry[0])(values, lora_rng)
-            except _CONCRETE_VALUE_ERRORS:
+            except (*_CONCRETE_VALUE_ERRORS, TypeError):
                 if entry is None:
                     raise
-                # a lazy kind or rule that reads its arrays' values (host code): evaluated eagerly
-                compiled[tuple(given)] = (_GENERATION, None, {}, {})
+                # a lazy kind or rule that reads its arrays' values (host code), or a custom_jvp that
+                # closes over a traced value (differentiated compiled, JAX meets it as a constant):
+                # evaluated op by op, as without jax.jit (which says what is wrong where it fails too)
                 came_back, records = {}, {}
                 out = interpreter(came_back, records)(values, lora_rng)
+                compiled[tuple(given)] = (_GENERATION, None, {}, {})  # from now on
         except TypeError as err:
             text = str(closed.jaxpr) if isinstance(err, jax.errors.UnexpectedTracerError) else ""
             if ("custom_jvp_call" in text or "custom_vjp_call" in text) and hasattr(err, "add_note"):  # 3.11+
@@ -772,11 +783,11 @@ class _TraceCache(OrderedDict):
 
 
 def _compiled_entry(compiled: dict, given: tuple, interpreter: Callable) -> tuple | None:
-    """``(run, came_back, records)`` for a call outside any trace: the evaluation compiled once
+    """``(run, came_back, records)`` for a call outside any ``jax.jit``: the evaluation compiled once
     per trace and set of params that may come back (``given``; ``interpreter`` makes it), and
     again after ``reset_warnings`` (it warns when compiled). Evaluated eagerly, every ``jit``,
     ``scan``, ``cond`` or loop body the rules rebuild is a new function to JAX, compiled again at
-    each call. ``None`` where the evaluation reads its arrays' values (it runs eagerly)."""
+    each call. ``None`` where the evaluation reads its arrays' values (it runs op by op)."""
     entry = compiled.get(given)
     if entry is None or entry[0] != _GENERATION:
         came_back: dict[int, int] = {}
@@ -864,25 +875,24 @@ def _argument(args: tuple, kwargs: dict, leaf: int, is_leaf: Any = is_param) -> 
 
 
 def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
-    # a jaxpr holds what its trace fixed (a vmap's axis size, pmap's mesh): reused only in that trace;
-    # an eager call's entry (its compiled evaluations) and a transform's are kept apart, so a jit
-    # tracing the function does not evict the eager calls' compiled code
-    state = _compat.trace_state()
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
-        # rules), as jax.jit's cache has it
+        # rules, and what an enclosing vmap, pmap or shard_map fixes: its named axes and their
+        # sizes), as jax.jit's cache has it. A trace that closed over an enclosing trace's values
+        # is not kept (below). An eager call's entry (its compiled evaluations) and a transform's
+        # are kept apart, so a jit tracing the function does not evict the eager calls' compiled code.
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
                tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config(),
-               _compat.eager(state))
+               _compat.eager())
         hash(key)
     except TypeError:
         key = None
     with cache.lock:
         hit = cache.get(key) if key is not None else None
-        if hit is not None and hit[0] == state:
+        if hit is not None:
             cache.move_to_end(key)
-            return hit[1]
+            return hit
 
     def flat_fn(*dyn: Any) -> Any:
         leaves: list[Any] = [None] * n_leaves
@@ -921,7 +931,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
     result = (closed, outputs["tree"], outputs["static"], {} if cached else None)
     if cached:
         with cache.lock:
-            cache[key] = (state, result)
+            cache[key] = result
             while len(cache) > cache_size:
                 cache.popitem(last=False)
     return result

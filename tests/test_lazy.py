@@ -276,7 +276,7 @@ def test_the_wrapped_signature_shows_the_lora_rng_keyword():
         nested(p, jnp.ones((1, 4)))
 
 
-def test_a_trace_is_reused_only_under_the_trace_that_made_it():
+def test_a_trace_is_reused_only_under_the_same_named_axes():
     """What a trace fixes (a vmap's axis size) differs between two vmaps of the same shapes."""
     p = lora({"w": normal(KEY, (4, 3))}, ["w"])
     fn = lambda p, x: jax.lax.psum(x @ p["w"], "i") / jax.lax.psum(1, "i")  # the mean over the named axis
@@ -1120,6 +1120,40 @@ def test_an_eager_call_compiles_once_per_input_signature(caplog):
     with jax.log_compiles(True), caplog.at_level("WARNING"):
         forward(params, x)
     assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_grad_and_vmap_of_an_eager_call_trace_and_compile_once(caplog):
+    """Under jax.grad or jax.vmap with no jax.jit around them, the trace is reused and the
+    evaluation compiled once, as for an eager call: each call traced fn again and differentiated
+    the evaluation op by op (12x the time of a plain function's eager grad)."""
+    params = perturb(jlora.lora_init(KEY, {"k": normal(KEY, (8, 8))}, jlora.LoraConfig(rank=2, targets=["k"])), KEY)
+    traced = []
+
+    def fn(p, x):
+        traced.append(1)
+        return jnp.tanh(x @ p["k"]) @ p["k"]
+
+    forward, x = jlora.apply(fn), normal(KEY, (4, 8))
+    trainable, frozen = jlora.split(params)
+    loss = lambda t, x: forward(jlora.combine(t, frozen), x).sum()
+    grad, batched = jax.grad(loss), jax.vmap(forward, in_axes=(None, 0))
+    grad(trainable, x), batched(params, x[:, None])
+    assert len(traced) == 2
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for _ in range(3):
+            got, out = grad(trainable, x), batched(params, x[:, None])
+    assert len(traced) == 2 and not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    want = jax.grad(lambda w: fn({"k": w}, x).sum())(oracle_merge(params)["k"])
+    lw = params["k"]
+    np.testing.assert_allclose(got["k"].b, lw.scale * lw.a.T @ want, rtol=1e-5, atol=1e-5)  # compiled against eager
+    np.testing.assert_allclose(got["k"].a, lw.scale * want @ lw.b.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 0], fn(oracle_merge(params), x), rtol=1e-5, atol=1e-5)
+    # a Hessian-vector product (grad under jvp, no jit), against one through the merged weight
+    hessian_vector = jax.jvp(lambda t: grad(t, x), (trainable,), (jax.tree.map(jnp.ones_like, trainable),))[1]
+    merged = lambda a, b: fn({"k": lw.w + lw.scale * a @ b}, x).sum()
+    want_hv = jax.jvp(jax.grad(merged, argnums=(0, 1)), (lw.a, lw.b), (jnp.ones_like(lw.a), jnp.ones_like(lw.b)))[1]
+    np.testing.assert_allclose(hessian_vector["k"].a, want_hv[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hessian_vector["k"].b, want_hv[1], rtol=1e-5, atol=1e-5)
 
 
 def test_outside_every_trace_is_told_wherever_jlora_was_first_imported():

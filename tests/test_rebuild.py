@@ -235,7 +235,8 @@ def test_a_stored_sum_is_pinned_only_where_differentiated():
                             jlora.LoraConfig(rank=4, targets=["gate", "up", "down"]))
     x = jnp.ones((7, D))
     _, tangent = jax.jvp(lambda x: jlora.apply(mixed)(layer, x), (x,), (x,))  # forward mode works, as without jlora
-    np.testing.assert_allclose(tangent, jax.jvp(lambda x: mixed(jlora.merge(layer), x), (x,), (x,))[1], rtol=2e-2)
+    want = jax.jvp(lambda x: mixed(jlora.merge(layer), x), (x,), (x,))[1]  # eager; jlora's runs compiled
+    np.testing.assert_allclose(tangent, want, rtol=2e-2, atol=1e-2)  # bf16 rounding, on outputs of magnitude 1-4
 
 
 def test_no_trace_is_leaked_by_the_backward_a_jaxpr_keeps():
