@@ -7,6 +7,8 @@ one table with ratios against the floor and the full fine-tune measured in the s
     python benchmarks/train_step.py                    # small Llama, runs on a CPU in a minute or two
     python benchmarks/train_step.py --preset llama-1b  # Llama-3.2-1B shape, bf16, batch 4 x 1024 (GPU)
     python benchmarks/train_step.py --preset llama-160m  # a small Llama, bf16, batch 8 x 512 (GPU)
+    python benchmarks/train_step.py --preset llama-1b --mode jlora --stop lower  # trace only (a CPU will do):
+        # its "program" hash is the same for two versions of jlora that give XLA the same step
 
 Modes:
   full         grads for every weight + adamw on all of them
@@ -31,6 +33,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import time
@@ -54,6 +57,14 @@ PRESETS = {
 MODES = ("full", "floor", "jlora", "jlora-store", "jlora-recompute", "jlora-flat", "hand", "materialize")
 RECOMPUTE = {"jlora": "inputs", "jlora-store": False, "jlora-recompute": True, "jlora-flat": "inputs"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def program_hash(hlo: str) -> str:
+    """A short hash of a lowered step's StableHLO without its source locations: two versions of
+    jlora that give the same hash give XLA the same program (so the same speed and memory)."""
+    text = "\n".join(line for line in hlo.splitlines() if not line.startswith("#loc"))
+    text = re.sub(r" loc\([^()]*(\([^()]*\)[^()]*)*\)", "", text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = None) -> dict:
@@ -177,7 +188,8 @@ def run_mode(mode: str, preset: dict, stop: str = "run", profile: str | None = N
     trace_s = time.perf_counter() - t0
     if stop == "lower":
         hlo = lowered.as_text()
-        return dict(mode=mode, trace_s=trace_s, hlo_lines=hlo.count("\n"), dots=hlo.count("dot_general"))
+        return dict(mode=mode, trace_s=trace_s, hlo_lines=hlo.count("\n"), dots=hlo.count("dot_general"),
+                    program=program_hash(hlo))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     if stop == "compile":
