@@ -505,7 +505,7 @@ def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str]
 
 def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
     """Refuse a ``lora_config`` to be saved beside adapters it would not make (a reader would
-    rebuild other ones): each adapter's rank and scale against the config's for its path.
+    rebuild other ones): each adapter's rank, scale and dropout against the config's for its path.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -518,9 +518,10 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
             continue
         rank = pattern_value(x.path, config.rank_pattern, "rank_pattern", config.rank)
         scale = config.scale_for(rank, pattern_value(x.path, config.alpha_pattern, "alpha_pattern", config.alpha))
-        if x.rank != rank or not math.isclose(x.scale, scale, rel_tol=1e-6):
-            raise ValueError(f"{op}: lora_config makes '{x.path}' rank {rank}, scale {scale:g}; the adapter there has "
-                             f"rank {x.rank}, scale {x.scale:g}: pass the LoraConfig the adapters were made with")
+        if x.rank != rank or not math.isclose(x.scale, scale, rel_tol=1e-6) or x.dropout != config.dropout:
+            raise ValueError(f"{op}: lora_config makes '{x.path}' rank {rank}, scale {scale:g}, dropout "
+                             f"{config.dropout:g}; the adapter there has rank {x.rank}, scale {x.scale:g}, dropout "
+                             f"{x.dropout:g}: pass the LoraConfig the adapters were made with")
 
 
 def size_on_disk(path: str | os.PathLike) -> str:
@@ -602,31 +603,39 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
     new = {p: follow_base(node, by_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
-    _warn_unadapted(path, config.get("lora_config"), by_path, set(targets))
+    missing = unadapted_layers(config.get("lora_config"), by_path, set(targets))
+    if missing:
+        warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
+                      f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",
+                      stacklevel=2)
     return replace_leaves(base_params, new, is_leaf=is_param)
 
 
-def _warn_unadapted(path: str | os.PathLike, saved: dict | None, by_path: dict[str, Any], adapted: set[str]) -> None:
-    """Warn where the config an adapter was saved with adapts kernels of this base, in layers of
-    the modules it has adapters for, that it holds no adapter for: a base deeper than the one it
-    was trained on (all-MiniLM-L12 for -L6). (A module the trained model lacked, a pooler the job
-    left out, is not warned of.)"""
+def unadapted_layers(saved: dict | None, by_path: dict[str, Any], adapted: set[str]) -> list[str]:
+    """The kernels of a base that the config adapters were saved with (``saved``, its dict) adapts
+    in layers of the modules they have adapters for, and that they hold no adapter for: a base
+    deeper than the one they were trained on (all-MiniLM-L12 for -L6). A module the trained model
+    lacked (a pooler a job left out) is not named. ``by_path``: the base's leaves by path.
+
+    Example:
+        >>> import jax.numpy as jnp, jlora
+        >>> config = jlora.LoraConfig(rank=2, targets=["q"]).to_dict()
+        >>> base = {f"layers_{i}/q/kernel": jnp.ones((4, 4)) for i in range(3)}
+        >>> unadapted_layers(config, base, {"layers_0/q/kernel", "layers_1/q/kernel"})
+        ['layers_2/q/kernel']
+    """
     if not saved:
-        return
+        return []
     try:
         with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
             warnings.simplefilter("ignore")
             config = LoraConfig(**saved)
         would, _ = select(config, [(p, x) for p, x in by_path.items() if not is_node(x)])
     except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
-        return
-    layered = lambda p: re.sub(r"(?<![^/])\d+(?![^/])", "*", p)  # layers/11/q/kernel -> layers/*/q/kernel
+        return []
+    layered = lambda p: re.sub(r"\d+(?![^/])", "*", p)  # layers/11/q -> layers/*/q; linen's layers_11/q -> layers_*/q
     kinds = {layered(p) for p in adapted}
-    missing = sorted(p for p in set(would) - adapted if layered(p) in kinds)  # another layer of an adapted module
-    if missing:
-        warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
-                      f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",
-                      stacklevel=3)
+    return sorted(p for p in set(would) - adapted if layered(p) in kinds)  # another layer of an adapted module
 
 
 def _check_keys(path: str | os.PathLike, config: dict, tensors: Iterable[str]) -> None:

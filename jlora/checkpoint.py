@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _compat
-from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays
+from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays, unadapted_layers
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
 from jlora.paths import DELETED, is_deleted, path_str, replace_leaves
@@ -102,10 +102,12 @@ class AdapterCheckpointer:
         In a job of several processes a save commits through them all: call ``close()`` before
         ``jax.distributed.shutdown()``, or the last save is lost.
       lora_config: the ``jlora.LoraConfig`` the adapters were made with, kept with each step
-        (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank and scale,
-        and ``restore`` refuses a step saved with a config that makes other adapters (targets, ranks,
-        scales; or, saved with none, adapters this one would not make): resumed with an edited config,
-        the adapters would be the saved config's.
+        (``saved_config`` reads it back); ``save`` checks that it gives each adapter its rank, scale
+        and dropout, and ``restore`` refuses a step saved with a config that makes other adapters
+        (targets, ranks, scales; or, saved with none, adapters this one would not make), or onto a
+        base where it adapts more layers than the step has adapters for: resumed with an edited
+        config, the adapters would be the saved config's. Its LoRA dropout is the restored adapters'
+        (without it, the step's): a resumed run may change the rate.
 
     Steps are read from the directory at each call, so a checkpointer sees the steps other processes
     save (an evaluator polling a trainer's directory). In a job of several processes (``jax.distributed``)
@@ -148,7 +150,7 @@ class AdapterCheckpointer:
         self.directory = os.path.abspath(directory)  # a later os.chdir must not move it
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"AdapterCheckpointer: {self.directory} is a file, not a directory")
-        self.best_metric, self._best_mode = best_metric, best_mode
+        self.best_metric, self._best_mode, self._max_to_keep = best_metric, best_mode, max_to_keep
         self.lora_config = lora_config
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._reload_next = False
@@ -162,7 +164,8 @@ class AdapterCheckpointer:
         """Save the trainable half of ``params`` (and ``opt_state``) as ``step``. Returns whether
         it was written: like orbax, a step not newer than the latest saved one is skipped (``False``,
         with a warning: a new run in an old run's directory would otherwise lose every save).
-        ``force=True`` writes such a step too, but never over one on disk (an error)."""
+        ``force=True`` writes such a step too, but never over one on disk, nor where keeping the last
+        ``max_to_keep`` saved (it counts as the newest) would delete a newer step (errors)."""
         self._check_open("save")
         step = _step_index("save", step)
         try:
@@ -203,6 +206,12 @@ class AdapterCheckpointer:
         if force and step in steps:
             raise ValueError(f"AdapterCheckpointer.save: step {step} is already in {self.directory}, and a save never "
                              "replaces one; save into a new directory to start over")
+        if (force and latest is not None and step < latest and self.best_metric is None
+                and self._max_to_keep is not None and len(steps) >= self._max_to_keep):
+            raise ValueError(f"AdapterCheckpointer.save: step {step} not written: forced in beside steps {sorted(steps)}, "
+                             f"it would count as the newest, and keeping the last {self._max_to_keep} saved "
+                             f"(max_to_keep) would delete step {min(steps)}, newer than it; raise max_to_keep, or save into "
+                             "another directory")
         if not force and latest is not None and step <= latest:
             warnings.warn(f"AdapterCheckpointer.save: step {step} not written: {self.directory} already holds "
                           f"step {latest}, and saved steps only increase; save into a new directory to start over",
@@ -241,6 +250,9 @@ class AdapterCheckpointer:
         shardings of ``opt_state_like`` (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``), or
         ``None``. Defaults to the latest step."""
         self._check_open("restore")
+        if callable(getattr(opt_state_like, "init", None)) and callable(getattr(opt_state_like, "update", None)):
+            raise ValueError("AdapterCheckpointer.restore: opt_state_like is an optax transformation; pass a state of "
+                             "it, e.g. tx.init(trainable) or jax.eval_shape(tx.init, trainable)")
         step, meta = self._meta(step)
         specs = meta["specs"]
         self._check_config(step, meta["lora_config"])
@@ -272,12 +284,25 @@ class AdapterCheckpointer:
                 raise
             raise self._corrupted(step, f"{type(err).__name__}: {str(err)[:300]}") from err
         arrays = _on_device(got["adapters"])
+        # LoRA dropout is the lora_config's where one is given (a resumed run may change it), else the step's
+        dropout = lambda spec: spec.get("dropout", 0.0) if self.lora_config is None else self.lora_config.dropout
         new = {p: Trainable(arrays[p]) if spec["kind"] == "trainable" else
                LoraWeight(by_path[p], arrays[f"{p}/a"], arrays[f"{p}/b"], scale=spec["scale"], layout=spec["layout"], path=p,
-                          dropout=spec.get("dropout", 0.0)) for p, spec in specs.items()}
+                          dropout=dropout(spec)) for p, spec in specs.items()}
         params = replace_leaves(base_params, new, is_leaf=is_param)
         if self.lora_config is not None and meta["lora_config"] is None:  # saved without one: the adapters say
             check_config_makes("AdapterCheckpointer.restore", self.lora_config, params)
+        config = meta["lora_config"] or (self.lora_config.to_dict() if self.lora_config is not None else None)
+        missing = unadapted_layers(config, by_path, {p for p, spec in specs.items() if spec["kind"] != "trainable"})
+        if missing and self.lora_config is not None:  # it would be saved beside adapters it does not describe
+            raise ValueError(f"{self.directory}: checkpoint for another base model: lora_config adapts "
+                             f"{len(missing)} kernel(s) of this base, in layers of the modules step {step} has "
+                             f"adapters for, that it holds none for (a deeper base than the one it was trained "
+                             f"on?): {missing[:4]}")
+        if missing:
+            warnings.warn(f"{self.directory}: step {step}'s config adapts {len(missing)} kernel(s) of this base that it "
+                          "holds no adapter for, left as they are (a deeper base than the one it was trained on?): "
+                          f"{missing[:4]}", stacklevel=2)
         opt_state = None
         if opt_state_like is not None:
             saved = _on_device(dict(got["opt_state"])) if like_flat else {}
@@ -356,6 +381,8 @@ class AdapterCheckpointer:
         try:
             items = sorted(name for name in os.listdir(where) if os.path.isdir(os.path.join(where, name)))
         except OSError:
+            return None
+        if not os.listdir(where):  # nobody's checkpoint (a copy cut short): named damaged on restore
             return None
         if "adapters" in items:  # its metadata lost: still an adapter checkpoint, named damaged on restore
             self._own_steps.add(step)
@@ -617,7 +644,8 @@ def _damaged(err: Exception) -> bool:
     a file gone, broken JSON, tensorstore unable to read what it finds."""
     return (isinstance(err, (FileNotFoundError, json.JSONDecodeError))
             or (isinstance(err, KeyError) and "was not found in the checkpoint" in str(err))
-            or (isinstance(err, ValueError) and any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS"))))
+            or (isinstance(err, ValueError) and any(code in str(err) for code in ("OUT_OF_RANGE", "DATA_LOSS",
+                                                                                  "NOT_FOUND"))))
 
 
 _UNCOMMITTED = object()  # a placement: restored on the host, then put where JAX puts new arrays

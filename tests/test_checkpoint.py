@@ -114,8 +114,8 @@ def test_a_resume_with_another_lora_config_is_refused_at_restore(tmp_path):
         assert restored["q"]["kernel"].scale == params["q"]["kernel"].scale
     # a step saved without a config: its adapters are checked as a save checks them
     AdapterCheckpointer(tmp_path / "bare", async_save=False).save(1, params)
-    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: lora_config makes 'q/kernel' rank 4, scale 8; "
-                                         r"the adapter there has rank 4, scale 2"):
+    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: lora_config makes 'q/kernel' rank 4, scale 8, "
+                                         r"dropout 0.1; the adapter there has rank 4, scale 2"):
         AdapterCheckpointer(tmp_path / "bare", lora_config=edited).restore(base)
     AdapterCheckpointer(tmp_path / "bare", lora_config=cfg).restore(base)
 
@@ -203,6 +203,8 @@ def test_restore_from_abstract_base_params_and_clear_errors(tmp_path):
         ckpt.save(3, jax.eval_shape(lambda: params))
     with pytest.raises(ValueError, match=r"opt_state\[0\] is function, not an array: pass the state"):
         ckpt.save(3, params, opt_state=(optax.adam(1e-2).update,))
+    with pytest.raises(ValueError, match=r"restore: opt_state_like is an optax transformation; pass a state of it"):
+        ckpt.restore(base, opt_state_like=optax.adam(1e-2))
     assert ckpt.all_steps() == [1, 2] and sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]  # nothing half-written
 
 
@@ -258,7 +260,8 @@ def test_a_mistyped_directory_is_not_created_and_a_broken_step_is_named(tmp_path
         only.restore(base)
 
 
-@pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item", "no meta item"])
+@pytest.mark.parametrize("damage", ["truncated arrays", "broken array metadata", "no adapters item", "no meta item",
+                                    "no array data", "an empty step directory"])
 def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
     base, _, params, _ = setup()
     ckpt = AdapterCheckpointer(tmp_path / "ckpt", async_save=False)
@@ -272,12 +275,50 @@ def test_a_step_with_damaged_adapter_files_is_named(tmp_path, damage):
         (adapters / "_METADATA").write_text("{broken")
     elif damage == "no adapters item":
         shutil.rmtree(adapters)
+    elif damage == "no array data":  # a copy cut short: tensorstore's NOT_FOUND
+        shutil.rmtree(adapters / "d")
+    elif damage == "an empty step directory":
+        shutil.rmtree(adapters.parent)
+        adapters.parent.mkdir()
     else:
         shutil.rmtree(adapters.parent / "meta")
     with pytest.raises(ValueError, match=r"step 2 is incomplete or corrupted .*; restore another step of \[1, 2\]"):
         ckpt.restore(base)
     assert ckpt.restore(base, step=1)[2] == 1
     assert ckpt.save(3, params)  # a damaged step of its own is no other writer's: saving goes on
+
+
+def test_a_deeper_base_than_the_steps_is_refused_with_lora_config_and_warned_of_without(tmp_path):
+    """A base with more layers than the adapters were trained on: with lora_config, the extra
+    layers would train unadapted and the next save record a config that does not describe its
+    adapters; without, the step's saved config names them in a warning (as load_adapter does)."""
+    cfg = jlora.LoraConfig(rank=2, targets=["q"])
+    layers = lambda n: {f"layers_{i}": {"q": {"kernel": jnp.ones((8, 8))}} for i in range(n)}
+    AdapterCheckpointer(tmp_path, async_save=False, lora_config=cfg).save(1, jlora.lora_init(KEY, layers(2), cfg))
+    with pytest.raises(ValueError, match=r"checkpoint for another base model: lora_config adapts 1 kernel.* "
+                                         r"\['layers_2/q/kernel'\]"):
+        AdapterCheckpointer(tmp_path, lora_config=cfg).restore(layers(3))
+    with pytest.warns(UserWarning, match=r"step 1's config adapts 1 kernel\(s\) of this base .*'layers_2/q/kernel'"):
+        params, _, _ = AdapterCheckpointer(tmp_path).restore(layers(3))
+    assert not isinstance(params["layers_2"]["q"]["kernel"], jlora.LoraWeight)
+
+
+def test_lora_dropout_is_the_lora_configs_on_restore_and_checked_on_save(tmp_path):
+    """A resumed run may change LoRA dropout: the restored adapters take the lora_config's rate
+    (they kept the step's, and the next save recorded a config that did not describe them)."""
+    cfg = jlora.LoraConfig(rank=2, targets=["q"], dropout=0.1)
+    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    params = jlora.lora_init(KEY, base, cfg)
+    AdapterCheckpointer(tmp_path, async_save=False, lora_config=cfg).save(1, params)
+    assert AdapterCheckpointer(tmp_path).restore(base)[0]["q"]["kernel"].dropout == 0.1  # without one: the step's
+    higher = jlora.LoraConfig(rank=2, targets=["q"], dropout=0.3)
+    ckpt = AdapterCheckpointer(tmp_path, async_save=False, lora_config=higher)
+    restored, _, _ = ckpt.restore(base)
+    assert restored["q"]["kernel"].dropout == 0.3
+    with pytest.raises(ValueError, match=r"lora_config makes 'q/kernel' rank 2, scale 4, dropout 0.3; the adapter "
+                                         r"there has rank 2, scale 4, dropout 0.1"):
+        ckpt.save(2, params)
+    assert ckpt.save(2, restored)
 
 
 def test_keeps_the_last_n_or_the_best_n(tmp_path):
@@ -536,15 +577,20 @@ def test_the_steps_metadata_is_read_again_only_when_the_steps_on_disk_change(tmp
 
 def test_a_forced_older_step_leaves_the_newest_step_latest(tmp_path):
     base, _, params, _ = setup()
-    ckpt = AdapterCheckpointer(tmp_path, max_to_keep=3)
+    ckpt = AdapterCheckpointer(tmp_path, max_to_keep=4)
     for step in (10, 20, 30):
         ckpt.save(step, params)
     assert ckpt.save(5, params, force=True)
     ckpt.wait()
-    assert ckpt.all_steps() == [5, 20, 30] and ckpt.latest_step() == 30 and ckpt.restore(base)[2] == 30
+    assert ckpt.all_steps() == [5, 10, 20, 30] and ckpt.latest_step() == 30 and ckpt.restore(base)[2] == 30
     ckpt.save(40, params)
     ckpt.wait()
-    assert ckpt.all_steps() == [20, 30, 40]  # the oldest step pruned, not step 20
+    assert ckpt.all_steps() == [10, 20, 30, 40]  # the oldest step pruned, not step 10
+    # with max_to_keep steps kept, the forced step would count as the newest saved and prune step
+    # 10, newer than it: refused, nothing deleted
+    with pytest.raises(ValueError, match=r"step 7 not written: .* would delete step 10, newer than it"):
+        ckpt.save(7, params, force=True)
+    assert ckpt.all_steps() == [10, 20, 30, 40]
 
 
 def test_metrics_are_json_scalars_or_refused_before_a_step_is_written(tmp_path):
