@@ -49,6 +49,7 @@ from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 LINEAR_FACTORS, EMBEDDING_FACTORS = (".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")
 BASE_COPY = ".base_layer.weight"
+BASE_BIAS_COPY = ".base_layer.bias"
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
@@ -526,10 +527,11 @@ def _check_not_shared(what: str, path: str, hf_config: Any) -> None:
                          "their own embed_tokens), so the two would compute different outputs; leave it out")
 
 
-def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict) -> None:
-    """PEFT saves the base weight of an adapted embedding or LM head beside its adapter (for a
-    resized vocabulary): jlora reads adapters over the unchanged base, so the copy must be it."""
-    p = _flax_leaf(module, "weight", by_path, source)
+def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict, leaf: str = "weight") -> None:
+    """PEFT saves the base weight (and bias: GPT-J's head) of an adapted embedding or LM head
+    beside its adapter (for a resized vocabulary): jlora reads adapters over the unchanged base,
+    so the copy must be it."""
+    p = _flax_leaf(module, leaf, by_path, source)
     base = by_path[p]
     shape = tuple(reversed(base.shape)) if p.endswith("/kernel") else tuple(base.shape)  # PyTorch's (out, in)
     same = shape == value.shape
@@ -540,7 +542,7 @@ def _check_base_copy(source: Path, module: str, value: np.ndarray, by_path: dict
         value, want = np.asarray(value, np.float64), np.asarray(want, np.float64)
         same = np.allclose(value, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0))))
     if not same:
-        raise ValueError(f"{source}: the adapter carries a copy of {module}'s base weight (PEFT's "
+        raise ValueError(f"{source}: the adapter carries a copy of {module}'s base {leaf} (PEFT's "
                          f"save_embedding_layers, for a resized vocabulary), and it is not base_params' '{p}'; "
                          "load the adapter onto the base it was trained over")
 
@@ -861,6 +863,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     factors: dict[str, dict[str, np.ndarray]] = {}
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
+    bias_copies: dict[str, np.ndarray] = {}  # ... and their biases
     tied_head_copies: dict[str, np.ndarray] = {}  # ... of a head tied to the input embedding
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
@@ -884,6 +887,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             continue
         if key.startswith(PREFIX) and key.endswith(BASE_COPY):  # PEFT's save_embedding_layers: checked below
             base_copies[key[len(PREFIX): -len(BASE_COPY)]] = value
+            continue
+        if key.startswith(PREFIX) and key.endswith(BASE_BIAS_COPY):  # ... with the bias of a biased head (bias="none")
+            bias_copies[key[len(PREFIX): -len(BASE_BIAS_COPY)]] = value
             continue
         if _plain_copy(key):  # the same, of an embedding or head it did not adapt
             if _has_weight(module, by_path):
@@ -917,6 +923,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
+    for name, value in bias_copies.items():
+        _check_base_copy(path, name, value, by_path, "bias")
     for name, value in tied_head_copies.items():  # checked against the input embedding it is tied to
         tables = [p for p in by_path if p.endswith("/embedding") and tuple(by_path[p].shape) == np.shape(value)]
         if not tables:

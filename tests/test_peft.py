@@ -128,6 +128,27 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
         jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
 
 
+def test_the_base_copy_of_a_biased_head_is_checked_not_refused(tmp_path):
+    """GPT-J's LM head has a bias: adapted, PEFT saves its base weight and bias beside the adapter
+    (save_embedding_layers="auto"); the bias's copy was refused as an unexpected tensor."""
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    model = TINY["gptj"]()
+    torch.manual_seed(0)
+    torch_model = load_flax_weights_in_pytorch_model(tf.GPTJForCausalLM(model.config), model.params).eval()
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                  init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "head")
+    assert any(k.endswith("lm_head.base_layer.bias") for k in load_file(tmp_path / "head" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(IDS)).logits.numpy()
+    params = jlora.peft.load_adapter(tmp_path / "head", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-4)
+    shifted = {**model.params, "lm_head": {**model.params["lm_head"], "bias": model.params["lm_head"]["bias"] + 0.5}}
+    with pytest.raises(ValueError, match="carries a copy of lm_head's base bias .* not base_params' 'lm_head/bias'"):
+        jlora.peft.load_adapter(tmp_path / "head", shifted, model.config)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_base_copies_of_embeddings_and_heads_it_did_not_adapt_are_checked_not_refused(model_type, tmp_path):
     """save_embedding_layers=True also writes the base weights of an embedding and a head that are
