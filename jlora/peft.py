@@ -802,12 +802,16 @@ def describe(path: str | os.PathLike) -> str:
     rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
     alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
     factors: dict[str, dict[str, tuple]] = {}
-    whole = {}
+    whole, copies = {}, {}  # copies: base weights PEFT saved beside the adapter, which load_adapter checks
+    saved = (*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ()))
     for key, shape in shapes.items():
         name = key.removeprefix(PREFIX)
         if key.endswith(LINEAR_FACTORS + EMBEDDING_FACTORS):
             module, part = name.rsplit(".lora_embedding_" if ".lora_embedding_" in name else ".lora_", 1)
             factors.setdefault(module, {})[part[0]] = shape
+        elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
+              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved)):
+            copies[name] = shape
         else:
             whole[name] = shape
     lines = [f"PEFT LoRA adapter: {path}"]
@@ -825,9 +829,13 @@ def describe(path: str | os.PathLike) -> str:
                  if r != rank_of(module) else "")
         lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}{other}")
     lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
+    lines += [f"  {name}  {'x'.join(map(str, shape))}  the base's, saved beside the adapter (checked, not loaded)"
+              for name, shape in sorted(copies.items())]
     n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
     n_whole = sum(math.prod(shape) for shape in whole.values())
-    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole; {size_on_disk(path)} on disk")
+    n_copies = sum(math.prod(shape) for shape in copies.values())
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole"
+                 + (f" (+ {n_copies:,} in copies of base weights)" if copies else "") + f"; {size_on_disk(path)} on disk")
     return "\n".join(lines)
 
 
@@ -941,6 +949,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if ab["A"].ndim not in (2, 4):  # before the lookup: a conv Flax names otherwise (weight_g, weight_v) is this too
+            raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
+                             "jlora reads PEFT's Linear, Embedding and Conv2d adapters")
         p = name.replace(".", "/") + ("/embedding" if name in embeddings else "/kernel")
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}' for module {name!r}"
@@ -950,9 +961,6 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if name in embeddings:
             _check_untied(f"{path}: '{p}'", p, hf_config, shapes)
             _check_not_positions(f"{path}: '{p}'", p)
-        if ab["A"].ndim not in (2, 4):
-            raise ValueError(f"{path}: module {name!r}: lora_A {ab['A'].shape} is a {ab['A'].ndim - 2}-D conv's; "
-                             "jlora reads PEFT's Linear, Embedding and Conv2d adapters")
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
         _check_not_shared(f"{path}: '{p}'", p, hf_config)

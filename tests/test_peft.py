@@ -1057,6 +1057,14 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
     n_lora = sum(v.size for k, v in tensors.items() if "lora_" in k)
     n_whole = sum(v.size for k, v in tensors.items() if "lora_" not in k)
     assert f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole;" in info
+    # the base weights PEFT saves beside an adapted embedding or head are no trained leaves
+    made = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "lm_head"]))
+    made.save_pretrained(tmp_path / "head")
+    assert main(["info", str(tmp_path / "head")]) == 0
+    info = capsys.readouterr().out
+    assert "  lm_head.base_layer.weight  64x64  the base's, saved beside the adapter (checked, not loaded)" in info
+    assert "trained whole\n" not in info and "LoRA + 0 trained whole (+ 4,096 in copies of base weights);" in info
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in conftest.py)")
