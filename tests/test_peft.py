@@ -298,6 +298,11 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     save_file({k: v[..., None] if "lora_A" in k else v for k, v in tensors.items()}, str(weights))  # Conv1d's
     with pytest.raises(ValueError, match=r"lora_A \(2, 64, 1\) is a 1-D conv's; jlora reads PEFT's Linear, Embedding"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    # one whose Flax kernel has another name (wav2vec2's weight-normed conv): still a 1-D conv's
+    save_file({k.replace("q_proj", "pos_conv"): v[..., None] if "lora_A" in k else v for k, v in tensors.items()},
+              str(weights))
+    with pytest.raises(ValueError, match=r"pos_conv'?: lora_A \(2, 64, 1\) is a 1-D conv's"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     (tmp_path / "named").mkdir()
     (tmp_path / "dora").rename(tmp_path / "named" / "mine")  # PEFT saves an adapter not named "default" so
     with pytest.raises(ValueError, match=r"no adapter_config.json: .*it holds named adapters .*: load one of \['mine'\]"):
