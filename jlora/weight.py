@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import sys
 from typing import Any, Callable, NoReturn
 
 import jax
@@ -76,8 +77,9 @@ class NotAnArray:
                             "function's arguments (closed over, or an attribute of the function): pass the params or "
                             "the module as an argument, jlora.apply(lambda params, x: ...)(params, x)")
         raise TypeError(f"{self.describe()} was used as an array outside jlora.apply: wrap the function that takes "
-                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params). To look at it, "
-                        f"print it or {self._contents()} (an NNX variable holding it: variable.get_value(), not "
+                        "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params); an optimizer (an "
+                        "optax tx, nnx.Optimizer) takes adapters through jlora.optimizer(tx, params). To look at it, "
+                        f"print it or {self._contents()} (an NNX variable holding it: {_nnx_value()}, not "
                         "variable[...])")
 
     def __eq__(self, other: Any) -> Any:
@@ -104,6 +106,12 @@ class NotAnArray:
             raise AttributeError(str(err)) from None
 
     mT = T
+
+
+def _nnx_value() -> str:
+    """How an NNX variable's value is read: ``get_value()`` (Flax 0.12+) or ``.value`` (0.11)."""
+    variable = getattr(sys.modules.get("flax.nnx"), "Variable", None)
+    return "variable.value" if variable is not None and not hasattr(variable, "get_value") else "variable.get_value()"
 
 
 class Lazy(NotAnArray):
