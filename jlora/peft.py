@@ -50,6 +50,7 @@ CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safete
 LINEAR_FACTORS, EMBEDDING_FACTORS = (".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")
 BASE_COPY = ".base_layer.weight"
 BASE_BIAS_COPY = ".base_layer.bias"
+TIED_HEADS = ("lm_head", "proj_out", "decoder")  # output heads a Flax model may tie to its input embedding
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
@@ -650,12 +651,15 @@ def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -
                                  f"'{short}' there in place of the modules inside it)" if named_inside else ""))
 
 
-def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any) -> None:
-    """Refuse tensors for an ``lm_head`` (adapted, trained whole or its base copied) that the Flax
-    model does not have because it ties the head to its input embedding (GPT-2): PyTorch's model
-    has the module, the Flax one has nothing to load it onto."""
-    names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX) and not _plain_copy(k)]
-    for head in sorted({".".join(parts[: parts.index("lm_head") + 1]) for parts in names if "lm_head" in parts}):
+def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any, saved: Sequence[str]) -> None:
+    """Refuse tensors for an output head (GPT-2's and T5's ``lm_head``, Whisper's ``proj_out``,
+    BERT's ``cls.predictions.decoder``; adapted, trained whole (``saved``: modules_to_save) or its
+    base copied) that the Flax model does not have because it ties the head to its input
+    embedding: PyTorch's model has the module, the Flax one has nothing to load it onto."""
+    names = [parts for k in tensors if k.startswith(PREFIX) for parts in [k[len(PREFIX):].split(".")[:-1]]
+             if not _plain_copy(k) or _in_saved_module(".".join(parts), saved)]
+    heads = {".".join(parts[: i + 1]) for parts in names for i, part in enumerate(parts) if part in TIED_HEADS}
+    for head in sorted(heads):
         tied = getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
         if tied and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path):
             raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
@@ -876,7 +880,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
     saved = tuple(config.get("modules_to_save") or ())
     _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())])
-    _check_head_exists(path, tensors, by_path, hf_config)
+    _check_head_exists(path, tensors, by_path, hf_config, saved)
     _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():
         # with bias="all", PEFT also writes the biases inside a module it trains whole: the base's

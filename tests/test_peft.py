@@ -128,6 +128,16 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
         jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
 
 
+def test_a_head_tied_to_the_input_embedding_is_named_as_tied(tmp_path):
+    """GPT-2's Flax model has no lm_head of its own: a PEFT adapter that trains it whole
+    (modules_to_save) was refused as for 'another base model'."""
+    model, torch_model = pair("gpt2", tmp_path)
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+                        ).save_pretrained(tmp_path / "head")
+    with pytest.raises(ValueError, match="holds tensors for lm_head, which the Flax model ties to its input embedding"):
+        jlora.peft.load_adapter(tmp_path / "head", model.params, model.config)
+
+
 def test_the_base_copy_of_a_biased_head_is_checked_not_refused(tmp_path):
     """GPT-J's LM head has a bias: adapted, PEFT saves its base weight and bias beside the adapter
     (save_embedding_layers="auto"); the bias's copy was refused as an unexpected tensor."""
