@@ -330,9 +330,15 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     _warn_wider(every, bias_mode, lora_modules, in_saved)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    dropout = max(lw.dropout for _, lw in targets)
+    lower = sorted({lw.dropout for _, lw in targets} - {dropout})
+    if lower:  # PEFT's config has one rate: the outputs are the same, PEFT's further training is not
+        warnings.warn(f"jlora.peft.save_adapter: PEFT's config holds one lora_dropout: saved {dropout:g}, the highest, "
+                      f"though adapters here have {', '.join(f'{d:g}' for d in lower)} too (training on in PEFT "
+                      "drops them all at that rate)", stacklevel=2)
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": max(lw.dropout for _, lw in targets),
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": sorted(modules),
         "fan_in_fan_out": any(_is_conv1d(hf_config, m) for m in modules), "bias": bias_mode, "use_rslora": False,
         "modules_to_save": to_save or None,

@@ -128,6 +128,19 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
         jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
 
 
+def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warning(tmp_path):
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn", "c_fc"], dropout=0.1), jax.random.key(0))
+    params = jax.tree.map(lambda x: x.replace(dropout=0.3) if getattr(x, "path", "").endswith("c_attn/kernel") else x, lm.params,
+                          is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.warns(UserWarning, match=r"one lora_dropout: saved 0.3, the highest, though adapters here have 0.1 too"):
+        jlora.peft.save_adapter(tmp_path / "a", params, model.config)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.peft.save_adapter(tmp_path / "b", lm.params, model.config)
+
+
 def test_a_head_tied_to_the_input_embedding_is_named_as_tied(tmp_path):
     """GPT-2's Flax model has no lm_head of its own: a PEFT adapter that trains it whole
     (modules_to_save) was refused as for 'another base model'."""
