@@ -621,7 +621,7 @@ def unadapted_layers(saved: dict | None, by_path: dict[str, Any], adapted: set[s
         >>> import jax.numpy as jnp, jlora
         >>> config = jlora.LoraConfig(rank=2, targets=["q"]).to_dict()
         >>> base = {f"layers_{i}/q/kernel": jnp.ones((4, 4)) for i in range(3)}
-        >>> unadapted_layers(config, base, {"layers_0/q/kernel", "layers_1/q/kernel"})
+        >>> jlora.adapter.unadapted_layers(config, base, {"layers_0/q/kernel", "layers_1/q/kernel"})
         ['layers_2/q/kernel']
     """
     if not saved:
