@@ -487,6 +487,17 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
                          f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
 
 
+def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) -> None:
+    """Refuse an ``hf_config`` that is not the base's own (another model's), told by its vocabulary:
+    it decides how factors are read (GPT-2's ``Conv1D`` is stored transposed), so a wrong one
+    would load other adapters, silently."""
+    vocab = getattr(hf_config, "vocab_size", None)
+    rows = sorted({x.shape[0] for p, x in by_path.items() if p.endswith("/embedding") and len(x.shape) == 2})
+    if isinstance(vocab, int) and rows and vocab not in rows:
+        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, vocab_size {vocab}) is not base_params' "
+                         f"config: their embedding tables have {rows} rows; pass the model's own (model.config)")
+
+
 def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]) -> None:
     """Refuse an embedding (at Flax ``path``; adapted, or trained whole) that the model ties to its
     LM head: jlora's change reaches the head with it (the head is the same param), PEFT's (an
@@ -662,8 +673,9 @@ def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: An
     BERT's ``cls.predictions.decoder``; adapted, trained whole (``saved``: modules_to_save) or its
     base copied) that the Flax model does not have because it ties the head to its input
     embedding: PyTorch's model has the module, the Flax one has nothing to load it onto."""
-    names = [parts for k in tensors if k.startswith(PREFIX) for parts in [k[len(PREFIX):].split(".")[:-1]]
-             if not _plain_copy(k) or _in_saved_module(".".join(parts), saved)]
+    # a bias is left out: BERT's decoder.bias is its tied cls.predictions.bias (bias="all" saves both)
+    names = [parts for k in tensors if k.startswith(PREFIX) and not k.endswith(".bias")
+             for parts in [k[len(PREFIX):].split(".")[:-1]] if not _plain_copy(k) or _in_saved_module(".".join(parts), saved)]
     heads = {".".join(parts[: i + 1]) for parts in names for i, part in enumerate(parts) if part in TIED_HEADS}
     for head in sorted(heads):
         tied = getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
@@ -878,6 +890,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     by_flax_path = check_base(path, base_params)
     flax_path = {_torch_style(p): p for p in by_flax_path}  # from PyTorch's module names, '/'-joined
     by_path = {_torch_style(p): x for p, x in by_flax_path.items()}
+    _check_config_fits(path, hf_config, by_flax_path)
     factors: dict[str, dict[str, np.ndarray]] = {}
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module

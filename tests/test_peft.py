@@ -141,6 +141,17 @@ def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warni
         jlora.peft.save_adapter(tmp_path / "b", lm.params, model.config)
 
 
+def test_another_models_config_is_refused(tmp_path):
+    """The config decides how factors are read (GPT-2's Conv1D is stored transposed): a Llama
+    config over GPT-2's params loaded a square c_proj's adapter transposed, silently."""
+    model, torch_model = pair("gpt2", tmp_path)
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["c_proj"], init_lora_weights=False)
+                        ).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"hf_config \(llama, vocab_size 32000\) is not base_params' config: their "
+                                         r"embedding tables have \[.*\] rows"):
+        jlora.peft.load_adapter(tmp_path / "a", model.params, tf.LlamaConfig())
+
+
 def test_a_head_tied_to_the_input_embedding_is_named_as_tied(tmp_path):
     """GPT-2's Flax model has no lm_head of its own: a PEFT adapter that trains it whole
     (modules_to_save) was refused as for 'another base model'."""
