@@ -343,7 +343,7 @@ def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWe
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{op}: '{key}' is {np.dtype(x.dtype)}; LoRA factors and trained leaves are floating point")
     if not arrays:
-        raise ValueError(f"{op}: params hold no LoraWeight or Trainable leaf")
+        raise ValueError(f"{op}: params hold no LoraWeight or Trainable leaf{model_hint(params)}")
     return arrays, adapters, trained
 
 
@@ -501,6 +501,19 @@ def check_trainable_not_lazy(source: str | os.PathLike, trainable: Iterable[str]
     if lazy:
         raise ValueError(f"{source}: '{lazy[0]}' was trained in full, but the base holds a lazy "
                          f"{type(base[lazy[0]]).__name__} there; load onto the float base, or leave it out")
+
+
+def model_hint(params: Any) -> str:
+    """A hint where a model was passed for its params (a ``jlora.hf.LoraModel``, a Flax HF model).
+
+    Example:
+        >>> import jlora
+        >>> class Model:
+        ...     params = {}
+        >>> jlora.adapter.model_hint(Model())
+        ' (that is a Model: pass its .params)'
+    """
+    return f" (that is a {type(params).__name__}: pass its .params)" if hasattr(params, "params") else ""
 
 
 def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:

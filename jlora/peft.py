@@ -38,7 +38,7 @@ import numpy as np
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
-                           check_trainable_not_lazy, size_on_disk, write_files, writes_here)
+                           check_trainable_not_lazy, model_hint, size_on_disk, write_files, writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
@@ -242,7 +242,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
-        raise ValueError("jlora.peft.save_adapter: params hold no LoraWeight")
+        raise ValueError(f"jlora.peft.save_adapter: params hold no LoraWeight{model_hint(params)}")
     # a module with a fully trained leaf other than its bias is saved whole (modules_to_save), as
     # the task's head that PEFT saves whole for the task type where it is part of one
     trained = [p for p, x in nodes if isinstance(x, Trainable) and not p.endswith("/bias")]

@@ -374,6 +374,10 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     again = hf.LoraModel(model, jlora.adapter.load_config(tmp_path / "with"),
                          params=jlora.adapter.load_adapter(tmp_path / "with", model.params))
     assert again.config == first.config
+    for save in (lambda: jlora.adapter.save_adapter(tmp_path / "model", first),
+                 lambda: jlora.peft.save_adapter(tmp_path / "model", first, model.config)):
+        with pytest.raises(ValueError, match=r"hold no LoraWeight.* \(that is a LoraModel: pass its .params\)"):
+            save()
     with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: lora_config makes '.*' rank 4, .*; the adapter there has "
                                          r"rank 2"):
         hf.LoraModel(model, jlora.LoraConfig(rank=4), params=lm.params)
