@@ -9,7 +9,8 @@
   another rank (a ``rank_pattern`` key per module, as PEFT and jlora write it) against reading its
   safetensors file alone.
 - ``eager``: calls outside ``jax.jit`` on ``--layers`` x 56 small kernels, each against what it
-  wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jlora.optimizer``'s
+  wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jax.grad`` of a loss
+  through ``jlora.apply(f)`` against ``jax.grad`` of ``f`` on the merged params; ``jlora.optimizer``'s
   update against the same ``optax.adamw`` on the trainable half; ``lora_init`` with a
   ``rank_pattern`` and ``alpha_pattern`` key per kernel against ``lora_init`` without them.
 - ``dispatch``: the host time of one call of a jitted LoRA train step (``jlora.apply``,
@@ -155,7 +156,13 @@ def eager(layers: int) -> None:
     lazy, plain = per_call(jlora.apply(f), params, x), per_call(jax.jit(f), jlora.merge(params), x)
     print(f"eager call, {n} kernels: jlora.apply {lazy * 1e3:.2f} ms, jax.jit on merged params "
           f"{plain * 1e3:.2f} ms; x jit {lazy / plain:.1f}")
-    trainable, _ = jlora.split(params)
+    trainable, frozen = jlora.split(params)
+    forward = jlora.apply(f)
+    loss = lambda t, x: forward(jlora.combine(t, frozen), x).sum()
+    lazy = per_call(jax.grad(loss), trainable, x, calls=5)
+    plain = per_call(jax.grad(lambda p, x: f(p, x).sum()), jlora.merge(params), x, calls=5)
+    print(f"eager grad (jax.grad, no jax.jit), {n} kernels: jlora.apply {lazy * 1e3:.1f} ms, the function on merged "
+          f"params {plain * 1e3:.1f} ms; x plain {lazy / plain:.2f}")
     grads = jax.tree.map(jnp.ones_like, trainable)
     tx, inner = jlora.optimizer(optax.adamw(1e-3), params), optax.adamw(1e-3)
     ours = per_call(tx.update, grads, tx.init(trainable), trainable, calls=5)
