@@ -474,8 +474,8 @@ def lora_init(
                 convs = sorted({p.rsplit("/", 2)[-2] for p in used_by if "/" in p
                                 and _compat.conv_general_dilated_p in used_by[p]})
                 raise ValueError("LoraConfig.targets='all-linear' selects no kernel: it adapts dense kernels but for "
-                                 "the output head, as PEFT's, and infer_layout saw every other kernel in a conv or a "
-                                 "lookup, none in a matmul; name the kernels to adapt"
+                                 "the output head, as PEFT's, and infer_layout saw no other kernel in a matmul (in a "
+                                 "conv, a lookup, or in no use it could read); name the kernels to adapt"
                                  + (f", e.g. targets={convs[:3]}" if convs else ""))
     new, unknown, narrow = {}, [], []
     for path in adapt:

@@ -100,7 +100,7 @@ def test_all_linear_skips_head_and_embeddings_and_embedding_needs_explicit_targe
 
     classifier = Classifier()
     with pytest.raises(ValueError, match=r"selects no kernel: it adapts dense kernels but for the output head, .* "
-                                         r"every other kernel in a conv"):
+                                         r"saw no other kernel in a matmul \(in a conv, a lookup"):
         lora_init(KEY, classifier.init(KEY, x), LoraConfig(rank=2, targets="all-linear"),
                   infer_layout=lambda p: classifier.apply(p, x))
     p = lora_init(KEY, base(), LoraConfig(rank=4, targets=["embed"]))
