@@ -533,10 +533,10 @@ def differentiated(x: Any) -> bool:
     return False
 
 
-def over_arrays(x: Any) -> bool:
-    """Whether ``x`` is an array, or a tracer of ``grad`` or ``vmap`` (JVP, linearize or batch
-    tracers, read as ``differentiated`` reads them) over one: JAX evaluates it op by op, with no
-    ``jit`` (or other) trace beneath.
+def over_arrays(x: Any, through_vmap: bool = True) -> bool:
+    """Whether ``x`` is an array, or a tracer of ``grad`` or (``through_vmap``) ``vmap`` (JVP,
+    linearize or batch tracers, read as ``differentiated`` reads them) over one: JAX evaluates it
+    op by op, with no ``jit`` (or other) trace beneath.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -549,7 +549,7 @@ def over_arrays(x: Any) -> bool:
     while isinstance(x, jax.core.Tracer):
         if hasattr(x, "primal"):
             x = x.primal
-        elif hasattr(x, "batch_dim"):
+        elif hasattr(x, "batch_dim") and through_vmap:
             x = getattr(x, "val", None)
         else:
             return False

@@ -518,7 +518,8 @@ def model_hint(params: Any) -> str:
 
 def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
     """Refuse a ``lora_config`` to be saved beside adapters it would not make (a reader would
-    rebuild other ones): each adapter's rank, scale and dropout against the config's for its path.
+    rebuild other ones): each adapter's rank, scale and dropout against the config's for its path,
+    and no layer of an adapted module left without the adapter the config makes there.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -535,6 +536,14 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
             raise ValueError(f"{op}: lora_config makes '{x.path}' rank {rank}, scale {scale:g}, dropout "
                              f"{config.dropout:g}; the adapter there has rank {x.rank}, scale {x.scale:g}, dropout "
                              f"{x.dropout:g}: pass the LoraConfig the adapters were made with")
+    entries = leaves_with_paths(params, is_leaf=is_param)
+    base = {p: x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}
+    missing = unadapted_layers(config.to_dict(), {p: x for p, x in base.items() if x is not None},
+                               {p for p, x in entries if isinstance(x, LoraWeight)})
+    if missing:
+        raise ValueError(f"{op}: lora_config adapts {len(missing)} kernel(s), in layers of the modules the params hold "
+                         f"adapters for, that they hold none for: {missing[:4]}; pass the LoraConfig the adapters "
+                         "were made with")
 
 
 def size_on_disk(path: str | os.PathLike) -> str:

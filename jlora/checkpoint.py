@@ -206,7 +206,7 @@ class AdapterCheckpointer:
         if force and step in steps:
             raise ValueError(f"AdapterCheckpointer.save: step {step} is already in {self.directory}, and a save never "
                              "replaces one; save into a new directory to start over")
-        if (force and latest is not None and step < latest and self.best_metric is None
+        if (force and latest is not None and step < min(steps) and self.best_metric is None
                 and self._max_to_keep is not None and len(steps) >= self._max_to_keep):
             raise ValueError(f"AdapterCheckpointer.save: step {step} not written: forced in beside steps {sorted(steps)}, "
                              f"it would count as the newest, and keeping the last {self._max_to_keep} saved "

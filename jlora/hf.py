@@ -389,8 +389,8 @@ class LoraModel:
     ``model``, ``config``, ``params``, ``inputs``: as for ``jlora.hf.lora_init``; ``key`` makes the
     adapters (``jax.random.key(0)`` by default). ``lm.params`` holds the LoRA tree. ``params`` that
     hold adapters already (a saved adapter, ``jlora.adapter.load_adapter(path, model.params)``) are
-    taken as they are; ``lm.config`` is then the ``config`` given, or ``None`` (the adapter's own
-    config is ``jlora.adapter.read_config(path)``).
+    taken as they are (with the ``config``'s LoRA dropout, where one is given); ``lm.config`` is then
+    the ``config`` given, or ``None`` (the adapter's own config is ``jlora.adapter.read_config(path)``).
 
     ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
     or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
@@ -419,6 +419,9 @@ class LoraModel:
                 check_whole(x, path, "jlora.hf.LoraModel", used_as_is=True)
         if loaded and config is not None:
             _check_config_type(config)
+            # LoRA dropout is the config's (it only starts a step: inference loads without restating it)
+            params = jax.tree.map(lambda x: x.replace(dropout=config.dropout) if isinstance(x, LoraWeight) else x,
+                                  params, is_leaf=is_param)
             check_config_makes("jlora.hf.LoraModel", config, params)
         self.config = config if loaded else preset_config(model.config.model_type, config)
         key = jax.random.key(0) if key is None else key

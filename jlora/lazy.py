@@ -538,10 +538,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
     arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
-    ``jax.jit`` (eagerly, or under ``jax.grad`` or ``jax.vmap`` of an eager call), the evaluation
-    itself runs compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``,
-    ``scan``, ``cond`` or loop body a weight enters would be compiled again at each call, and a
-    ``jax.grad`` would differentiate each of the evaluation's many small ops at every call.
+    ``jax.jit`` (eagerly, or under ``jax.grad`` of an eager call), the evaluation itself runs
+    compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
+    ``cond`` or loop body a weight enters would be compiled again at each call, and a ``jax.grad``
+    would differentiate each of the evaluation's many small ops at every call.
 
     ``recompute``: what the backward keeps of the adapters' inputs (the ``x`` of ``x @ a``, which
     ``dA = xᵀ·dt`` needs and a frozen model's backward does not).
@@ -631,8 +631,11 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
+        # called outside jax.jit (eagerly, or under grad or vmap of an eager call), where JAX runs op by op
+        tracers = [] if _compat.eager() else [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
+        outside_jit = _compat.eager() or bool(tracers) and all(map(_compat.over_arrays, tracers))
         unhashable = [i for i, v in static if not _hashable(v)]
-        if unhashable and _compat.eager():  # under jax.jit (or grad, vmap) a trace is made once anyway
+        if unhashable and outside_jit:  # under jax.jit a trace is made once anyway
             leaf = leaves[unhashable[0]]
             warnings.warn(f"jlora.apply: {_argument(args, kwargs, unhashable[0])} is a {type(leaf).__name__}, which "
                           f"cannot be hashed, so {getattr(fn, '__name__', 'fn')}'s trace cannot be cached: each call "
@@ -683,15 +686,14 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
             return run
 
-        # outside jax.jit (called eagerly, or under grad or vmap of an eager call), where JAX runs
-        # op by op: the evaluation is compiled (and differentiated or batched) once per trace
-        if compiled is None:
+        # outside jax.jit, eagerly or under grad (not vmap, whose rules tell a factor batched apart from
+        # its shared base, which a jit would hide), the evaluation is compiled (and differentiated) once per trace
+        if compiled is None or not outside_jit:
             op_by_op = False
         elif _compat.eager():
             op_by_op = not any(_compat.is_tracer(v) for v in values)
         else:
-            tracers = [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
-            op_by_op = bool(tracers) and all(map(_compat.over_arrays, tracers))
+            op_by_op = all(_compat.over_arrays(v, through_vmap=False) for v in tracers)
         entry = _compiled_entry(compiled, tuple(given), interpreter) if op_by_op else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
         try:

@@ -301,6 +301,12 @@ def test_a_deeper_base_than_the_steps_is_refused_with_lora_config_and_warned_of_
     with pytest.warns(UserWarning, match=r"step 1's config adapts 1 kernel\(s\) of this base .*'layers_2/q/kernel'"):
         params, _, _ = AdapterCheckpointer(tmp_path).restore(layers(3))
     assert not isinstance(params["layers_2"]["q"]["kernel"], jlora.LoraWeight)
+    # the same base with an adapter dropped: its lora_config no longer describes it, refused at save
+    made = jlora.lora_init(KEY, layers(3), cfg)
+    made["layers_2"]["q"]["kernel"] = layers(3)["layers_2"]["q"]["kernel"]
+    with pytest.raises(ValueError, match=r"save: lora_config adapts 1 kernel\(s\), in layers of the modules the "
+                                         r"params hold adapters for, that they hold none for: \['layers_2/q/kernel'\]"):
+        AdapterCheckpointer(tmp_path / "dropped", async_save=False, lora_config=cfg).save(1, made)
 
 
 def test_lora_dropout_is_the_lora_configs_on_restore_and_checked_on_save(tmp_path):
@@ -591,6 +597,9 @@ def test_a_forced_older_step_leaves_the_newest_step_latest(tmp_path):
     with pytest.raises(ValueError, match=r"step 7 not written: .* would delete step 10, newer than it"):
         ckpt.save(7, params, force=True)
     assert ckpt.all_steps() == [10, 20, 30, 40]
+    assert ckpt.save(15, params, force=True)  # step 10 goes, older than it
+    ckpt.wait()
+    assert ckpt.all_steps() == [15, 20, 30, 40]
 
 
 def test_metrics_are_json_scalars_or_refused_before_a_step_is_written(tmp_path):

@@ -374,6 +374,11 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     again = hf.LoraModel(model, jlora.adapter.load_config(tmp_path / "with"),
                          params=jlora.adapter.load_adapter(tmp_path / "with", model.params))
     assert again.config == first.config
+    # LoRA dropout only starts a step: the config's, where it differs (loaded for inference without it)
+    other_rate = hf.LoraModel(model, first.config.replace(dropout=0.2), params=first.params)
+    rates = {x.dropout for x in jax.tree.leaves(other_rate.params, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+             if isinstance(x, jlora.LoraWeight)}
+    assert rates == {0.2}
     for save in (lambda: jlora.adapter.save_adapter(tmp_path / "model", first),
                  lambda: jlora.peft.save_adapter(tmp_path / "model", first, model.config)):
         with pytest.raises(ValueError, match=r"hold no LoraWeight.* \(that is a LoraModel: pass its .params\)"):

@@ -1156,6 +1156,28 @@ def test_grad_and_vmap_of_an_eager_call_trace_and_compile_once(caplog):
     np.testing.assert_allclose(hessian_vector["k"].b, want_hv[1], rtol=1e-5, atol=1e-5)
 
 
+def test_vmap_of_grad_of_an_eager_call_keeps_a_shared_base_unstacked(monkeypatch):
+    """Adapters mapped by a vmap over one base (an ensemble): the rules leave out the stacked
+    matmul [x | t] @ [w ; b], which would copy w per member. Compiled under the vmap, they could
+    not see the mapping, and stacked."""
+    import jlora.rules
+
+    stacked = []
+    monkeypatch.setattr(jlora.rules, "joint_dot", lambda *a, **k: stacked.append(1) or jlora.joint.joint_dot(*a, **k))
+    base = {"w1": normal(KEY, (32, 32)) / 6, "w2": normal(KEY, (32, 32)) / 6}
+    members = jax.vmap(lambda k: jlora.lora_init(k, base, jlora.LoraConfig(rank=2, targets=["w1", "w2"])))(
+        jax.random.split(KEY, 4))
+    trainable, frozen = jlora.split(members)
+    frozen = jax.tree.map(lambda w: w[0], frozen)  # one base
+    forward = jlora.apply(lambda p, x: jax.nn.gelu(x @ p["w1"]) @ p["w2"])
+    loss = lambda t, x: forward(jlora.combine(t, frozen), x).sum()
+    x = normal(KEY, (64, 32))
+    eager = jax.vmap(jax.grad(loss), in_axes=(0, None))(trainable, x)
+    assert not stacked
+    jitted = jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, None)))(trainable, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), eager, jitted)
+
+
 def test_outside_every_trace_is_told_wherever_jlora_was_first_imported():
     """The top-level trace state is read in a new thread: read inside a trace (jlora first imported
     inside a jitted function), it is still the top level's, so eager calls still run compiled."""
