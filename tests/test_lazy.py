@@ -1123,9 +1123,9 @@ def test_an_eager_call_compiles_once_per_input_signature(caplog):
 
 
 def test_grad_and_vmap_of_an_eager_call_trace_and_compile_once(caplog):
-    """Under jax.grad or jax.vmap with no jax.jit around them, the trace is reused and the
-    evaluation compiled once, as for an eager call: each call traced fn again and differentiated
-    the evaluation op by op (12x the time of a plain function's eager grad)."""
+    """Under jax.grad or jax.vmap with no jax.jit around them, the trace is reused, and under grad
+    the evaluation compiled once, as for an eager call: each call traced fn again, and grad
+    differentiated the evaluation op by op (12x the time of a plain function's eager grad)."""
     params = perturb(jlora.lora_init(KEY, {"k": normal(KEY, (8, 8))}, jlora.LoraConfig(rank=2, targets=["k"])), KEY)
     traced = []
 
