@@ -689,12 +689,12 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         # outside jax.jit, eagerly or under grad (not vmap, whose rules tell a factor batched apart from
         # its shared base, which a jit would hide), the evaluation is compiled (and differentiated) once per trace
         if compiled is None or not outside_jit:
-            op_by_op = False
+            run_compiled = False
         elif _compat.eager():
-            op_by_op = not any(_compat.is_tracer(v) for v in values)
+            run_compiled = not any(_compat.is_tracer(v) for v in values)
         else:
-            op_by_op = all(_compat.over_arrays(v, through_vmap=False) for v in tracers)
-        entry = _compiled_entry(compiled, tuple(given), interpreter) if op_by_op else None
+            run_compiled = all(_compat.over_arrays(v, through_vmap=False) for v in tracers)
+        entry = _compiled_entry(compiled, tuple(given), interpreter) if run_compiled else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
         try:
             try:
