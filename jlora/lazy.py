@@ -536,7 +536,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     leaves (and jax ``Ref``s) by their types, every other leaf (a Python number, a string, a function) as a static
     value, by its type and equality (as ``jax.jit``'s static arguments), and JAX's configuration
     (x64, matmul precision, promotion rules, the default PRNG). What ``fn`` reads from outside its
-    arguments (a closed-over Python value) is fixed by the trace. ``cache_size`` traces are kept
+    arguments (a closed-over Python value) is fixed by the trace, as under ``jax.jit``, and so under
+    ``jax.grad`` too: a closed-over value set anew (a traced one included) is not seen by a
+    cached trace; pass it as an argument. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
     ``jax.jit`` (eagerly, or under ``jax.grad`` of an eager call), the evaluation itself runs
     compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
@@ -697,17 +699,20 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         entry = _compiled_entry(compiled, tuple(given), interpreter) if run_compiled else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
         try:
-            try:
-                out = (interpreter(came_back, records) if entry is None else entry[0])(values, lora_rng)
-            except (*_CONCRETE_VALUE_ERRORS, TypeError):
-                if entry is None:
-                    raise
-                # a lazy kind or rule that reads its arrays' values (host code), or a custom_jvp that
-                # closes over a traced value (differentiated compiled, JAX meets it as a constant):
-                # evaluated op by op, as without jax.jit (which says what is wrong where it fails too)
-                came_back, records = {}, {}
+            out = None
+            if entry is not None:
+                try:
+                    out = entry[0](values, lora_rng)
+                except (*_CONCRETE_VALUE_ERRORS, TypeError):
+                    # a lazy kind or rule that reads its arrays' values (host code), or a custom_jvp that
+                    # closes over a traced value (differentiated compiled, JAX meets it as a constant):
+                    # evaluated op by op, as without jax.jit, below (which says what is wrong where it
+                    # fails too, with no compiled attempt's traceback before it)
+                    came_back, records = {}, {}
+            if out is None:
                 out = interpreter(came_back, records)(values, lora_rng)
-                compiled[tuple(given)] = (_GENERATION, None, {}, {})  # from now on
+                if entry is not None:
+                    compiled[tuple(given)] = (_GENERATION, None, {}, {})  # from now on
         except TypeError as err:
             text = str(closed.jaxpr) if isinstance(err, jax.errors.UnexpectedTracerError) else ""
             if ("custom_jvp_call" in text or "custom_vjp_call" in text) and hasattr(err, "add_note"):  # 3.11+
