@@ -159,6 +159,7 @@ def eager(layers: int) -> None:
     trainable, frozen = jlora.split(params)
     forward = jlora.apply(f)
     loss = lambda t, x: forward(jlora.combine(t, frozen), x).sum()
+    jax.grad(loss)(trainable, x)  # a trace's first grad runs op by op, its second compiles, as a loop's do
     lazy = per_call(jax.grad(loss), trainable, x, calls=5)
     plain = per_call(jax.grad(lambda p, x: f(p, x).sum()), jlora.merge(params), x, calls=5)
     print(f"eager grad (jax.grad, no jax.jit), {n} kernels: jlora.apply {lazy * 1e3:.1f} ms, the function on merged "
