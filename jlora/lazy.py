@@ -540,8 +540,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     ``jax.grad`` too: a closed-over value set anew (a traced one included) is not seen by a
     cached trace; pass it as an argument. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
-    ``jax.jit`` (eagerly, or under ``jax.grad`` of an eager call), the evaluation itself runs
-    compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
+    ``jax.jit`` (eagerly, or under ``jax.grad`` of an eager call from its second call on), the
+    evaluation itself runs compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
     ``cond`` or loop body a weight enters would be compiled again at each call, and a ``jax.grad``
     would differentiate each of the evaluation's many small ops at every call.
 
