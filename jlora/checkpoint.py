@@ -379,10 +379,11 @@ class AdapterCheckpointer:
             return None
         where = os.path.join(self.directory, str(step))
         try:
-            items = sorted(name for name in os.listdir(where) if os.path.isdir(os.path.join(where, name)))
+            names = os.listdir(where)
         except OSError:
             return None
-        if not os.listdir(where):  # nobody's checkpoint (a copy cut short): named damaged on restore
+        items = sorted(name for name in names if os.path.isdir(os.path.join(where, name)))
+        if not names:  # nobody's checkpoint (a copy cut short): named damaged on restore
             return None
         if "adapters" in items:  # its metadata lost: still an adapter checkpoint, named damaged on restore
             self._own_steps.add(step)

@@ -634,8 +634,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             else:
                 static.append((i, leaf))
         # called outside jax.jit (eagerly, or under grad or vmap of an eager call), where JAX runs op by op
-        tracers = [] if _compat.eager() else [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
-        outside_jit = _compat.eager() or bool(tracers) and all(map(_compat.over_arrays, tracers))
+        eager = _compat.eager()
+        tracers = [] if eager else [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
+        outside_jit = eager or bool(tracers) and all(map(_compat.over_arrays, tracers))
         unhashable = [i for i, v in static if not _hashable(v)]
         if unhashable and outside_jit:  # under jax.jit a trace is made once anyway
             leaf = leaves[unhashable[0]]
@@ -692,7 +693,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         # its shared base, which a jit would hide), the evaluation is compiled (and differentiated) once per trace
         if compiled is None or not outside_jit:
             run_compiled = False
-        elif _compat.eager():
+        elif eager:
             run_compiled = not any(_compat.is_tracer(v) for v in values)
         else:  # from its second call: one grad alone is evaluated faster op by op than compiled
             run_compiled = all(_compat.over_arrays(v, through_vmap=False) for v in tracers)
