@@ -369,7 +369,7 @@ jax.distributed.shutdown()
 """
 
 
-def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_arrays(tmp_path):
+def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_arrays(tmp_path, cpu_env):
     import socket
     import subprocess
     import sys
@@ -377,7 +377,7 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(2)
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SAVES, str(port), str(i), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -301,7 +301,9 @@ def test_optax_masked_around_the_optimizer_takes_a_mask_per_leaf():
         u, _ = tx.update(grads, tx.init(tree), tree)
         want, _ = optax.adam(0.1).update(g["q"]["kernel"].a, optax.adam(0.1).init(g["q"]["kernel"].a))
         np.testing.assert_allclose(u["q"]["kernel"].a, want, rtol=1e-6)
-        np.testing.assert_array_equal(u["q"]["kernel"].b, g["q"]["kernel"].b)  # masked: passed through
+        # masked: passed through (the full tree's gradient is a second grad of fn, which runs compiled, so
+        # it may differ from the first in the last bit)
+        np.testing.assert_allclose(u["q"]["kernel"].b, g["q"]["kernel"].b, rtol=1e-5, atol=1e-6)
 
 
 def test_update_names_a_frozen_half_or_arguments_in_another_order():
@@ -329,7 +331,9 @@ def test_lbfgs_takes_a_full_tree_gradient_as_its_trainable_half():
     g_half = jax.grad(value_fn)(trainable)
     got, _ = tx.update(g, tx.init(p), p, value=value, grad=g, value_fn=value_fn)
     want, _ = tx.update(g_half, tx.init(trainable), trainable, value=value, grad=g_half, value_fn=value_fn)
-    np.testing.assert_allclose(got["q"]["kernel"].a, want["q"]["kernel"].a, rtol=1e-6)
+    # g and g_half come from two grads of fn (the second runs compiled): equal to float rounding, which
+    # lbfgs's two-loop recursion amplifies
+    np.testing.assert_allclose(got["q"]["kernel"].a, want["q"]["kernel"].a, rtol=1e-4)
 
 
 def test_lookahead_goes_around_the_optimizer_with_a_ratio():

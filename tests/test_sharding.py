@@ -549,8 +549,8 @@ def test_an_adapter_per_device_over_a_replicated_base_inside_shard_map(kind):
     (y, g), (y_want, g_want) = per_device(jlora.apply(model)), per_device(lambda p, x: model(jlora.merge(p), x))
     np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
     tolerance = 1e-4 if kind == "float" else 1e-3  # the int8 matmul rounds otherwise than the merged weight's
-    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_want)):
-        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_want)):  # gradients up to ~150: float32 sums
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * max(1.0, np.abs(want).max() / 10))
 
 
 def _megatron_loss(p, x):
@@ -829,7 +829,7 @@ np.savez(sys.argv[3], **{p: np.asarray(x) for p, x in jlora.adapter.saved_arrays
 """
 
 
-def test_checkpoint_of_a_sharded_run_restores_on_one_device_and_on_another_device(tmp_path):
+def test_checkpoint_of_a_sharded_run_restores_on_one_device_and_on_another_device(tmp_path, cpu_env):
     """Trained on 8 devices, evaluated on 1 (another process), from plain base arrays and an
     optimizer state from jax.eval_shape; a base on device 3 gets its adapters on device 3."""
     mesh = sharding.make_mesh({"fsdp": 2, "model": 4})
@@ -839,7 +839,7 @@ def test_checkpoint_of_a_sharded_run_restores_on_one_device_and_on_another_devic
     state = jax.tree.map(lambda x: x + jnp.asarray(1, x.dtype), sharding.init_state(tx, trainable, mesh, RULES))
     AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, params, opt_state=state)
     np.savez(tmp_path / "base.npz", **{p: np.asarray(x) for p, x in jlora.paths.leaves_with_paths(_base())})
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(1)
     done = subprocess.run([sys.executable, "-c", RESTORE_ON_ONE_DEVICE, str(tmp_path / "ckpt"), str(tmp_path / "base.npz"),
                            str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -875,10 +875,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_single_process_losses(tmp_path):
+def test_two_processes_give_the_single_process_losses(tmp_path, cpu_env):
     script = str(ROOT / "examples" / "train_fsdp.py")
     port, ckpt_dir = _free_port(), tmp_path / "ckpt"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(4)
     procs = [subprocess.Popen(
         [sys.executable, script, "--mesh", "data=2,fsdp=4", "--steps", "3", "--lr", "1e-3", "--json", "--num-processes", "2",
          "--process-id", str(i), "--coordinator", f"localhost:{port}", "--checkpoint-dir", str(ckpt_dir)],
@@ -924,10 +924,10 @@ jax.distributed.shutdown()
 """
 
 
-def test_a_save_that_one_process_refuses_is_refused_by_all_of_them(tmp_path):
+def test_a_save_that_one_process_refuses_is_refused_by_all_of_them(tmp_path, cpu_env):
     """orbax's save is collective: a process going ahead alone would wait for the others forever."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(1)
     procs = [subprocess.Popen([sys.executable, "-c", DISAGREEING_SAVES, f"localhost:{port}", str(i), str(tmp_path)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
