@@ -74,7 +74,7 @@ def main() -> None:
 
     # A base model that counts by 1.
     base_loss = lambda p, _, seq: next_token_loss(model.apply({"params": p}, seq[:, :-1]), seq)
-    params, loss = fit(base_loss, params, None, optax.adam(3e-3), 100, offset=1)
+    params, loss = fit(base_loss, params, None, optax.adam(3e-3), 50, offset=1)
     print(f"base model (count by 1): loss {loss:.3f}")
 
     # LoRA teaches it to count by 3.
@@ -88,7 +88,7 @@ def main() -> None:
     lora_loss = lambda t, f, seq: next_token_loss(forward({"params": jlora.combine(t, f)}, seq[:, :-1]), seq)
     before = float(lora_loss(trainable, frozen, batch(jax.random.key(99), 3)))
     tx = jlora.optimizer(optax.adam(3e-3), trainable, b_lr_ratio=4.0)
-    trainable, after = fit(lora_loss, trainable, frozen, tx, 100, 3)
+    trainable, after = fit(lora_loss, trainable, frozen, tx, 50, 3)
     print(f"LoRA (count by 3): loss {before:.3f} -> {after:.3f}")
 
     lora = jlora.combine(trainable, frozen)

@@ -235,6 +235,8 @@ def test_causal_lm_train_steps_lower_the_loss_and_generate_agrees(model_type):
     mask = np.ones((1, 4), np.int32)  # what a tokenizer gives with return_tensors="np"
     with_mask = lm.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False).sequences
     np.testing.assert_array_equal(with_mask, unmerged)
+    if model_type != "gpt2":
+        return  # generate's options below take the same path for every decoder: checked once
     banned = [int(t) for t in unmerged[0, 4:6]]  # a list argument, as HF takes it (suppress_tokens)
     suppressed = lm.generate(prompt, max_new_tokens=6, do_sample=False, suppress_tokens=banned).sequences
     np.testing.assert_array_equal(suppressed, lm.generate(prompt, max_new_tokens=6, do_sample=False,

@@ -396,8 +396,8 @@ def test_calls_from_several_threads_share_the_cache_safely():
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            call = lambda i: (1 + i % 6, forward(p, jnp.ones((1 + i % 6, 4))), i % 50 or forward.cache_clear())
-            results = [(n, got) for n, got, _ in pool.map(call, range(1000))]
+            call = lambda i: (1 + i % 6, forward(p, jnp.ones((1 + i % 6, 4))), i % 25 or forward.cache_clear())
+            results = [(n, got) for n, got, _ in pool.map(call, range(300))]
     finally:
         sys.setswitchinterval(interval)
     for n, got in results:

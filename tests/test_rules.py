@@ -36,7 +36,7 @@ def dot_cases(draw):
     return roles, sizes, rank, x_axes, lazy_left
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(dot_cases(), st.integers(0, 2**16))
 def test_dot_general_any_dimension_numbers(case, seed):
     roles, sizes, rank, x_axes, lazy_left = case
