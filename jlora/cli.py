@@ -5,6 +5,7 @@
     jlora finetune --task causal-lm --model DIR --data corpus.txt
     jlora info jlora-out/adapter
     jlora merge jlora-out/adapter --model DIR --out merged/ [--torch]
+    jlora merge peft-adapter/ --model DIR --out merged/     # a PEFT LoRA adapter
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
                                       "LoRA adapter's")
 
     merge = sub.add_parser("merge", help="write a merged HF model directory",
-                           description="Merge an adapter into its base model and write a HF model directory: "
+                           description="Merge an adapter (jlora's or PEFT's) into its base model and write a HF "
+                                       "model directory: "
                                        "Flax weights, which Flax's from_pretrained loads, and with --torch "
                                        "PyTorch's too.")
-    merge.add_argument("adapter", help="adapter directory")
+    merge.add_argument("adapter", help="adapter directory: jlora's (from jlora finetune --out DIR: DIR/adapter) "
+                                       "or a PEFT LoRA adapter's")
     merge.add_argument("--model", default=None, help="base model directory (default: the one the adapter names, "
                                                      "as an absolute path)")
     merge.add_argument("--out", "--output-dir", required=True, help="directory to write: new or empty")
@@ -148,19 +151,23 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     import jlora
+    from jlora import peft
     from jlora.adapter import read_config
 
-    config = read_config(args.adapter)
-    meta = config.get("metadata") or {}
-    model_dir = args.model or meta.get("base_model")
+    config = peft.read_config(args.adapter) if _is_peft(args.adapter) else read_config(args.adapter)
+    is_peft = "peft_type" in config
+    meta = {} if is_peft else config.get("metadata") or {}
+    model_dir = args.model or (config.get("base_model_name_or_path") if is_peft else meta.get("base_model"))
     if not model_dir:
-        raise ValueError(f"{args.adapter}: the adapter names no base model (it was saved without metadata); "
-                         "pass --model DIR")
-    from jlora.finetune import DEFAULT_MODEL, check_creatable, load_job
+        raise ValueError(f"{args.adapter}: the adapter names no base model ("
+                         + ("its base_model_name_or_path is empty" if is_peft else "it was saved without metadata")
+                         + "); pass --model DIR")
+    from jlora.finetune import DEFAULT_MODEL, check_creatable, load_job, load_model
 
     if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
-        raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory; "
-                         "pass --model DIR")
+        raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory"
+                         + (" (a model hub's name: jlora reads local models only)" if is_peft else "")
+                         + "; pass --model DIR")
     out = Path(args.out)
     for what, kept, why in (("the base model", model_dir, "over the base, a later merge would apply the adapter twice"),
                             ("the adapter", args.adapter, "it would mix the model's files with the adapter's")):
@@ -172,8 +179,12 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty; merge into a new or empty directory")
     check_creatable(out, "--out")  # now, not after the model has loaded
 
-    model, tokenizer, lora, _ = load_job(args.adapter, model_dir, need_tokenizer=False)  # a merge needs weights only
     prefix = meta.get("model_prefix")
+    if is_peft:  # over the class the model's config.json names, as PEFT's base model is (an LM head, say)
+        model, tokenizer, _ = load_model(model_dir, "architecture", need_tokenizer=False)
+        lora = peft.load_adapter(args.adapter, model.params, model.config)
+    else:
+        model, tokenizer, lora, _ = load_job(args.adapter, model_dir, need_tokenizer=False)  # weights only
     params = jlora.merge(lora[prefix] if prefix else lora)
     if args.torch:  # first: it refuses weights PyTorch's class cannot take before anything is written
         from jlora.hf import save_torch
@@ -185,7 +196,7 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged model written to {args.out}" + (" (Flax and PyTorch weights)" if args.torch else ""))
     if tokenizer is None:
         print(f"note: {model_dir} has no tokenizer, so the merged model has none; copy its tokenizer's files there")
-    outside = sorted(p for p in config["trainable"] if prefix and not p.startswith(prefix + "/"))
+    outside = sorted(p for p in config.get("trainable", ()) if prefix and not p.startswith(prefix + "/"))
     if outside:  # the job's own head is not part of the HF model
         print(f"note: {', '.join(outside)} (trained beside the model, e.g. a classification head) "
               f"are not in the merged model; they stay in {args.adapter}")

@@ -149,6 +149,38 @@ def test_causal_lm_on_a_text_file(tmp_path, capsys):
     assert weights.stat().st_mode & 0o044 == (tmp_path / "merged" / "config.json").stat().st_mode & 0o044
 
 
+def test_merge_takes_a_peft_adapter_as_peft_merges_it(tmp_path, capsys):
+    """A PEFT LoRA adapter (made by PEFT on PyTorch) merged by ``jlora merge`` over the base its config
+    names: the merged model gives the logits of PEFT's own ``merge_and_unload``."""
+    peft, torch = pytest.importorskip("peft"), pytest.importorskip("torch")
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    config = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(WORDS) + 5, n_positions=64)
+    model = tf.FlaxGPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "gpt2")
+    torch.manual_seed(0)
+    torch_model = load_flax_weights_in_pytorch_model(tf.GPT2LMHeadModel(config), model.params).eval()
+    torch_model.name_or_path = str(tmp_path / "gpt2")  # what PEFT records as base_model_name_or_path
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"],
+                                                                  init_lora_weights=False, fan_in_fan_out=True))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = np.array([[3, 5, 7, 9]])
+    with torch.no_grad():
+        want = peft_model.merge_and_unload()(torch.tensor(ids)).logits.numpy()
+    assert float(np.abs(want - model(ids).logits).max()) > 1e-3  # the adapter matters
+    assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    assert "has no tokenizer" in capsys.readouterr().out
+    merged = tf.FlaxGPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(merged(ids).logits, want, rtol=1e-4, atol=1e-5)
+
+    config_file = tmp_path / "peft" / "adapter_config.json"  # a base named by its model hub's name
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "gpt2"}))
+    assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "m2")]) == 2
+    assert "its base model gpt2 (recorded at training) is not a directory (a model hub's name: jlora reads " \
+           "local models only); pass --model DIR" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "peft"), "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "m2")]) == 0
+
+
 def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
     assert main(["finetune", "--model", "/no/such/dir", "--data", str(data_file)]) == 2
     assert "error: --model /no/such/dir: not a directory" in capsys.readouterr().err
