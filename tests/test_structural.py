@@ -379,7 +379,7 @@ def join_cases(draw):
     return "".join(roles), sizes, axis, parts, cut
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(join_cases(), st.integers(0, 2**16))
 def test_kernels_joined_along_any_axis_then_cut_equal_the_merged_oracle(case, seed):
     layout, sizes, axis, parts, cut = case
