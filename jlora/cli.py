@@ -154,8 +154,8 @@ def _merge(args: argparse.Namespace) -> int:
     from jlora import peft
     from jlora.adapter import read_config
 
-    config = peft.read_config(args.adapter) if _is_peft(args.adapter) else read_config(args.adapter)
-    is_peft = "peft_type" in config
+    is_peft = _is_peft(args.adapter)
+    config = peft.read_config(args.adapter) if is_peft else read_config(args.adapter)
     meta = {} if is_peft else config.get("metadata") or {}
     model_dir = args.model or (config.get("base_model_name_or_path") if is_peft else meta.get("base_model"))
     if not model_dir:

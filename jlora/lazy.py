@@ -696,9 +696,10 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         elif eager:
             run_compiled = not any(_compat.is_tracer(v) for v in values)
         else:  # from its second call: one grad alone is evaluated faster op by op than compiled
-            run_compiled = all(_compat.over_arrays(v, through_vmap=False) for v in tracers)
-            run_compiled = run_compiled and compiled.setdefault(("called under grad", tuple(given)), 0) > 0
-            compiled[("called under grad", tuple(given))] = 1
+            called_before = ("called under grad", tuple(given))
+            run_compiled = called_before in compiled and all(
+                _compat.over_arrays(v, through_vmap=False) for v in tracers)
+            compiled[called_before] = True
         entry = _compiled_entry(compiled, tuple(given), interpreter) if run_compiled else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
         try:
