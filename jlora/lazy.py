@@ -540,7 +540,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     ``jax.grad`` too: a closed-over value set anew (a traced one included) is not seen by a
     cached trace; pass it as an argument. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
-    ``jax.jit`` (eagerly, or under ``jax.grad`` of an eager call from its second call on), the
+    ``jax.jit`` (eagerly, or under ``jax.grad`` or ``jax.vmap`` of an eager call from its second call
+    on: at once where none of its inputs is traced; under ``vmap`` where no adapter is mapped), the
     evaluation itself runs compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
     ``cond`` or loop body a weight enters would be compiled again at each call, and a ``jax.grad``
     would differentiate each of the evaluation's many small ops at every call.
@@ -689,16 +690,19 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
             return run
 
-        # outside jax.jit, eagerly or under grad (not vmap, whose rules tell a factor batched apart from
-        # its shared base, which a jit would hide), the evaluation is compiled (and differentiated) once per trace
-        if compiled is None or not outside_jit:
+        # outside jax.jit the evaluation is compiled (and differentiated or batched) once per trace; under
+        # vmap only where no adapter is mapped (the rules tell a mapped factor apart from its shared base,
+        # which a jit would hide)
+        if compiled is None:
             run_compiled = False
-        elif eager:
+        elif not tracers:  # eager, or nothing the call takes is traced (a frozen adapted encoder under grad)
             run_compiled = not any(_compat.is_tracer(v) for v in values)
+        elif not outside_jit or any(_compat.vmapped_by(x) for k, v in given.items() if isinstance(v, Lazy)
+                                    for x in jax.tree.leaves(values[k])):
+            run_compiled = False
         else:  # from its second call: one grad alone is evaluated faster op by op than compiled
-            called_before = ("called under grad", tuple(given))
-            run_compiled = called_before in compiled and all(
-                _compat.over_arrays(v, through_vmap=False) for v in tracers)
+            called_before = ("called under grad or vmap", tuple(given))
+            run_compiled = called_before in compiled
             compiled[called_before] = True
         entry = _compiled_entry(compiled, tuple(given), interpreter) if run_compiled else None
         came_back, records = ({}, {}) if entry is None else entry[1:]
