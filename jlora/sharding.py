@@ -473,11 +473,18 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
         return x is None or isinstance(x, optax.MaskedNode)
 
     def fitting(leaf: Any, sharding: Any) -> Any:  # Adafactor's factored moments have other shapes than their param
+        if type(leaf) in (list, tuple):  # several arrays for one param (SM3's, one per axis)
+            return jax.tree.map(lambda x: replicated, leaf)
         return sharding if _fits(sharding, np.shape(leaf)) else replicated
+
+    def per_param(x: Any) -> bool:  # where one param's state ends, a container of arrays included
+        return x is None or is_node(x) or isinstance(x, optax.MaskedNode) or type(x) in (list, tuple)
 
     def one(leaf: Any, sharding: Any) -> Any:
         if placeholder(leaf):
             return leaf
+        if type(leaf) in (list, tuple) and type(sharding) is type(leaf) and len(sharding) == len(leaf):
+            return type(leaf)(jax.tree.map(one, x, s, is_leaf=per_param) for x, s in zip(leaf, sharding))  # the params' own
         if is_node(leaf) and type(sharding) is not type(leaf):
             raise _NotTheParams(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} where "
                              f"param_shardings has {'none' if sharding is None else type(sharding).__name__}: give "
@@ -499,7 +506,7 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     try:
         return optax.tree_map_params(
             tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: x is None or is_node(x) or isinstance(x, optax.MaskedNode),
+            is_leaf=per_param,
         )
     except _NotTheParams:  # one's own, naming the leaf
         raise

@@ -371,6 +371,15 @@ def test_optimizer_state_shards_like_the_adapters():
         jax.tree.map(lambda x: x.sharding.shard_shape(x.shape), state)  # each laid out as its sharding says
         want = jax.eval_shape(tx.init, trainable)
         assert [np.shape(x) for x in jax.tree.leaves(state)] == [np.shape(x) for x in jax.tree.leaves(want)]
+    # SM3 keeps a list of accumulators per param (one per axis, replicated) beside moments of its shape
+    sm3_tx = jlora.optimizer(optax.sm3(1e-2), trainable)
+    state = sharding.init_state(sm3_tx, trainable, mesh, RULES)
+    sm3 = state.inner_states["adapter"].inner_state[0]
+    assert sm3.nu["up"]["kernel"].b.sharding.spec == P(None, "model")
+    assert [x.sharding.spec for x in sm3.mu["up"]["kernel"].b] == [P(), P()]
+    jax.tree.map(np.testing.assert_array_equal, state, sm3_tx.init(trainable))
+    shardings = sharding.state_shardings(sm3_tx, state, sharding.shardings(trainable, mesh, RULES), mesh)
+    assert [s.spec for s in shardings.inner_states["adapter"].inner_state[0].mu["up"]["kernel"].b] == [P(), P()]
     other = jlora.split(jlora.lora_init(jax.random.key(1), _base(), jlora.LoraConfig(rank=2, targets=["down"])))[0]
     with pytest.raises(ValueError, match="state_shardings: the state holds a LoraWeight where param_shardings has "
                                          "none: give the shardings of the params the state was made from"):
