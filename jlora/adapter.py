@@ -652,7 +652,8 @@ def unadapted_layers(saved: dict | None, by_path: dict[str, Any], adapted: set[s
         with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
             warnings.simplefilter("ignore")
             config = LoraConfig(**saved)
-        would, _ = select(config, [(p, x) for p, x in by_path.items() if not is_node(x)])
+        # weights: all-linear's (out, in) 'weight' leaves (Equinox's) too; a norm's or a table's is in no adapted module
+        would, _ = select(config, [(p, x) for p, x in by_path.items() if not is_node(x)], weights=True)
     except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
         return []
     layered = lambda p: re.sub(r"\d+(?![^/])", "*", p)  # layers/11/q -> layers/*/q; linen's layers_11/q -> layers_*/q

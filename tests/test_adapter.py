@@ -423,3 +423,10 @@ def test_an_adapter_loaded_onto_a_deeper_base_says_which_kernels_it_leaves_as_th
                                          r"adapter for, left as they are .*\['layers/2/q/kernel'\]"):
         loaded = load_adapter(tmp_path / "ad", deeper)
     assert not isinstance(loaded["layers"]["2"]["q"]["kernel"], jlora.LoraWeight)
+    # all-linear over (out, in) 'weight' leaves (Equinox's Linear), which only infer_layout tells from norms
+    torch_style = lambda n: {"layers": {str(k): {"lin": {"weight": layer(k)["q"]["kernel"]}} for k in range(n)}}
+    forward = lambda p: sum(jnp.ones(8) @ p["layers"][k]["lin"]["weight"].T for k in p["layers"])
+    cfg = jlora.LoraConfig(rank=2, targets="all-linear")
+    save_adapter(tmp_path / "eqx", jlora.lora_init(KEY, torch_style(2), cfg, infer_layout=forward), lora_config=cfg)
+    with pytest.warns(UserWarning, match=r"holds no adapter for, left as they are .*\['layers/2/lin/weight'\]"):
+        load_adapter(tmp_path / "eqx", torch_style(3))
