@@ -68,7 +68,7 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 # keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
 # replication, aLoRA, ...), or one a newer PEFT adds, is refused, never dropped.
 READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
-        "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+        "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights", "ensure_weight_tying"}
 DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
                "exclude_modules", "megatron_core", "qalora_group_size", "runtime_config", "eva_config",
                "layers_to_transform", "layers_pattern",
@@ -77,6 +77,13 @@ DESCRIPTIVE = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_
 # model jlora holds): PiSSA (and its "pissa_niter_N"), OLoRA, CorDA, LoftQ, LoRA-GA. Every other
 # one (gaussian, eva, orthogonal, mica, ...) only sets A and B, which the file holds.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT's EMBEDDING_LAYER_NAMES: with ensure_weight_tying, a target_modules (or modules_to_save) entry
+# so named makes PEFT tie the LM head to the input embedding's adapter (or trained copy), as it
+# reloads the config; GPT-2's "transformer.wte" alone leaves the head untied.
+PEFT_TYING_NAMES = ("embed_tokens", "lm_head")
+# The model's own modules under which Flax keeps a masked LM's head (BERT's cls.predictions.decoder,
+# RoBERTa's lm_head.decoder, ...): PyTorch's tied head there is not a causal LM's ``lm_head``.
+MLM_HEADS = ("cls", "lm_head", "predictions", "generator_lm_head")
 
 
 def module_name(path: str) -> str:
@@ -214,6 +221,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     cannot hold a LoRA inside it), and not ``SEQ_2_SEQ_LM`` for a model of speech or images
     (PEFT's model for it passes ``input_ids``).
 
+    An embedding the model ties to its LM head (GPT-2's ``wte``, Gemma's ``embed_tokens``; in
+    Flax the head is the table), adapted or trained whole, is written in PEFT's
+    ``ensure_weight_tying=True`` form, in which PEFT ties the head to it as Flax does: ``lm_head``
+    in ``target_modules`` (``modules_to_save``) beside it, and the head's tensors as PEFT saves
+    them (the embedding's factors transposed, or its trained copy).
+
     Example:
         >>> import tempfile, jax, jlora
         >>> from transformers import GPT2Config, FlaxGPT2LMHeadModel
@@ -270,10 +283,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     biases = [(p, x) for p, x in nodes if isinstance(x, Trainable) and p.endswith("/bias") and not in_saved(p)]
     shapes = {p: tuple(x.kernel_shape) if isinstance(x, LoraWeight) else np.shape(x.value if isinstance(x, Trainable) else x)
               for p, x in entries}
+    tied_heads = {}  # Flax path of a tied embedding -> PyTorch's name of the LM head PEFT is to tie to it
     for p, x in nodes:  # adapted or trained whole
-        _check_not_shared(f"jlora.peft.save_adapter: '{p}'", p, hf_config)
-        if isinstance(x, Trainable) and p.endswith("/embedding"):
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
+        what = f"jlora.peft.save_adapter: '{p}'"
+        _check_not_shared(what, p, hf_config)
+        if p.endswith("/embedding") and _check_untied(what, p, hf_config, shapes, peft_ties=True):
+            tied_heads[p] = _tied_head(what, p, hf_config, shapes)
     clash = [p for p, _ in targets if any(p.startswith(m + "/") for m in saved)]
     if clash:
         raise ValueError(f"jlora.peft.save_adapter: '{clash[0]}' has a LoRA adapter and fully trained leaves "
@@ -297,7 +312,6 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                              f"'{want}'; make the adapters with jlora.hf.lora_init, which reads the layouts off the "
                              f"model, or declare LoraConfig(layouts={{'{p.rsplit('/', 2)[-2]}': '{want}'}})")
         if embedding:
-            _check_untied(f"jlora.peft.save_adapter: '{p}'", p, hf_config, shapes)
             _check_not_positions(f"jlora.peft.save_adapter: '{p}'", p)
             if str(lw.layout) != "io":
                 raise ValueError(f"'{p}': an embedding adapter has layout 'io' (vocabulary, features) in PEFT's "
@@ -316,6 +330,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         tensors[f"{PREFIX}{name}{key_b}"] = np.ascontiguousarray(lora_b)
         ranks[name] = lw.rank
         alphas[name] = lw.scale * lw.rank  # PEFT: scaling = lora_alpha / r (rsLoRA is folded in)
+        if p in tied_heads:  # as PEFT saves the head it ties: the embedding's factors transposed, at its scale
+            head = tied_heads[p]
+            modules.append(head)
+            tensors[f"{PREFIX}{head}{LINEAR_FACTORS[0]}"] = np.ascontiguousarray(lora_b.T)
+            tensors[f"{PREFIX}{head}{LINEAR_FACTORS[1]}"] = np.ascontiguousarray(lora_a.T)
+            ranks[head], alphas[head] = ranks[name], alphas[name]
     lora_modules = set(modules)
     for p, x in biases:  # PEFT names the bias of a LoRA-wrapped module "<module>.base_layer.bias"
         name = _bias_module(p)
@@ -325,6 +345,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         if in_saved(p):
             name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x.materialize() if isinstance(x, Lazy) else x)
             tensors[f"{PREFIX}{p.rsplit('/', 1)[0].replace('/', '.')}.{name}"] = value
+            if p in tied_heads:  # PEFT saves the head it ties to a trained embedding as that same copy
+                tensors[f"{PREFIX}{tied_heads[p]}.weight"] = value
     bias_mode = "none" if not biases else (
         "lora_only" if all(_bias_module(p) in lora_modules for p, _ in biases) else "all")
     _warn_wider(every, bias_mode, lora_modules, in_saved)
@@ -341,8 +363,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": sorted(modules),
         "fan_in_fan_out": any(_is_conv1d(hf_config, m) for m in modules), "bias": bias_mode, "use_rslora": False,
-        "modules_to_save": to_save or None,
+        "modules_to_save": [*to_save, *sorted({h for p, h in tied_heads.items() if in_saved(p)})] or None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
+        **({"ensure_weight_tying": True} if tied_heads else {}),  # PEFT ties the head to the embedding's change
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},
     }
@@ -498,13 +521,33 @@ def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) ->
                          f"config: their embedding tables have {rows} rows; pass the model's own (model.config)")
 
 
-def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]) -> None:
-    """Refuse an embedding (at Flax ``path``; adapted, or trained whole) that the model ties to its
-    LM head: jlora's change reaches the head with it (the head is the same param), PEFT's (an
-    Embedding LoRA, or the module in ``modules_to_save``) only the lookup. Not tied: a model
-    whose params (``shapes``: every leaf's) hold an ``lm_head`` kernel of its own (Flax's Llama
-    keeps one whatever ``tie_word_embeddings`` says), or one without an LM head by its
-    ``architectures`` (a classifier, the model type's bare model: ``BertModel``)."""
+def _peft_ties(config: dict) -> str | None:
+    """What PEFT ties to the LM head on loading an adapter with ``config``, as its
+    ``_check_tied_modules`` decides: ``"save"`` the input embedding's trained copy, ``"target"``
+    its LoRA, ``None`` neither (no ``ensure_weight_tying``, or no entry named as
+    ``PEFT_TYING_NAMES``). The tied head then computes with the embedding's factors, transposed,
+    at the same scale, or the same copy: what Flax computes, whose head is the embedding."""
+    if not config.get("ensure_weight_tying"):
+        return None
+    named = lambda entries: any(str(m).split(".")[-1] in PEFT_TYING_NAMES for m in entries or ())
+    targets = config.get("target_modules")
+    if named(config.get("modules_to_save")):
+        return "save"
+    if (any(re.fullmatch(targets, n) for n in PEFT_TYING_NAMES) if isinstance(targets, str) else named(targets)):
+        return "target"
+    return None
+
+
+def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple], peft_ties: bool = False,
+                  config: dict | None = None) -> bool:
+    """Whether an embedding (at Flax ``path``; adapted, or trained whole) is one the model ties to
+    its LM head, refusing it unless ``peft_ties``: jlora's change reaches the head with it (the head
+    is the same param), PEFT's (an Embedding LoRA, or the module in ``modules_to_save``) only the
+    lookup, unless PEFT ties the head to it (``_peft_ties``). Not tied: a model whose params
+    (``shapes``: every leaf's) hold an ``lm_head`` kernel of its own (Flax's Llama keeps one
+    whatever ``tie_word_embeddings`` says), or one without an LM head by its ``architectures`` (a
+    classifier, the model type's bare model: ``BertModel``). ``config``: the adapter's, named in
+    the error."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # model type -> its bare model class
 
     archs = getattr(hf_config, "architectures", None) or []
@@ -515,13 +558,33 @@ def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]
     shape = tuple(shapes[path])
     own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]
                                        for q, s in shapes.items())
-    if (getattr(part, "tie_word_embeddings", False) and not headless and not own_head
-            and shape[:1] == (getattr(part, "vocab_size", None),)):
+    tied = bool(getattr(part, "tie_word_embeddings", False) and not headless and not own_head
+                and shape[:1] == (getattr(part, "vocab_size", None),))
+    if tied and not peft_ties:
+        ensured = (" (this adapter sets ensure_weight_tying, but names neither embed_tokens nor lm_head in its "
+                   "target_modules or modules_to_save, and PEFT reloads it untied: it saves GPT-2's "
+                   "'transformer.wte' without the 'lm_head' it tied while training; add 'lm_head' to that list in "
+                   f"its {CONFIG_FILE} to read it tied)") if (config or {}).get("ensure_weight_tying") else ""
         raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings, and architectures "
                          f"{archs or 'unset'}): a change to it reaches the head too in jlora but only the lookup in "
-                         "PEFT, so the two would compute different outputs; leave the embedding out of the targets "
+                         "PEFT, unless PEFT ties the head to it: LoraConfig(ensure_weight_tying=True) with "
+                         "embed_tokens or lm_head in target_modules (modules_to_save for one trained whole), the "
+                         f"form jlora reads{ensured}; else leave the embedding out of the targets "
                          "and of trainable (if the model has no LM head, set its config's architectures to its "
                          "class, e.g. ['BertForSequenceClassification'])")
+    return tied
+
+
+def _tied_head(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]) -> str:
+    """PyTorch's name of the LM head that the model ties to the embedding at Flax ``path``, for a
+    PEFT adapter that ties them (ensure_weight_tying): a causal LM's ``lm_head``. Refused for
+    another model (a masked LM's head, a composite model's decoder), whose head jlora cannot name."""
+    if (_part_config(hf_config, path.replace("/", ".")) is not hf_config or getattr(hf_config, "is_encoder_decoder", False)
+            or {q.split("/", 1)[0] for q in shapes} & set(MLM_HEADS)):
+        raise ValueError(f"{what} is tied to the LM head, which jlora names for PEFT (its ensure_weight_tying) only "
+                         "as a causal LM's lm_head, and this model's head has another name or place; leave the "
+                         "embedding out of the targets and of trainable")
+    return "lm_head"
 
 
 def _check_not_positions(what: str, path: str) -> None:
@@ -668,20 +731,59 @@ def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -
                                  f"'{short}' there in place of the modules inside it)" if named_inside else ""))
 
 
-def _check_head_exists(source: Path, tensors: dict, by_path: dict, hf_config: Any, saved: Sequence[str]) -> None:
-    """Refuse tensors for an output head (GPT-2's and T5's ``lm_head``, Whisper's ``proj_out``,
-    BERT's ``cls.predictions.decoder``; adapted, trained whole (``saved``: modules_to_save) or its
-    base copied) that the Flax model does not have because it ties the head to its input
-    embedding: PyTorch's model has the module, the Flax one has nothing to load it onto."""
+def _tied_heads(tensors: dict, by_path: dict, hf_config: Any) -> list[str]:
+    """The output heads (GPT-2's and T5's ``lm_head``, Whisper's ``proj_out``, BERT's
+    ``cls.predictions.decoder``) the adapter holds tensors for (adapted, trained whole or their
+    base copied) that the Flax model does not have because it ties the head to its input embedding."""
     # a bias is left out: BERT's decoder.bias is its tied cls.predictions.bias (bias="all" saves both)
-    names = [parts for k in tensors if k.startswith(PREFIX) and not k.endswith(".bias")
-             for parts in [k[len(PREFIX):].split(".")[:-1]] if not _plain_copy(k) or _in_saved_module(".".join(parts), saved)]
+    names = [k[len(PREFIX):].split(".")[:-1] for k in tensors if k.startswith(PREFIX) and not k.endswith(".bias")]
     heads = {".".join(parts[: i + 1]) for parts in names for i, part in enumerate(parts) if part in TIED_HEADS}
-    for head in sorted(heads):
-        tied = getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
-        if tied and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path):
-            raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
-                             "embedding (tie_word_embeddings): it has no head of its own to load them onto")
+    return sorted(head for head in heads if getattr(_part_config(hf_config, head), "tie_word_embeddings", False)
+                  and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path))
+
+
+def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[str], config: dict,
+                     factors: dict, tuned: dict, by_path: dict, hf_config: Any) -> None:
+    """Check a tensor PEFT saved (``key``, less ``PREFIX``) for one of the LM ``heads`` the Flax
+    model ties to its input embedding, never loading it (Flax's head is the embedding): the head's
+    base weight (PEFT's save_embedding_layers) must be the embedding's base; with ensure_weight_tying
+    (``_peft_ties``), its LoRA must be the embedding's factors transposed at the same scale, its
+    trained copy the embedding's. Anything else the Flax model cannot hold is refused."""
+    head = next(h for h in heads if key.startswith(h + "."))
+    leaf, ties = key[len(head) + 1:], _peft_ties(config)
+    shapes = {p: tuple(x.shape) for p, x in by_path.items()}
+    prefix = head.rsplit(".", 1)[0].replace(".", "/") + "/" if "." in head else ""
+    tables = [p for p in by_path if p.startswith(prefix) and p.endswith("/embedding")
+              and _check_untied("", p, hf_config, shapes, peft_ties=True)]
+    if not tables:
+        raise ValueError(f"{source}: the adapter holds {key}, for {head}, which the Flax model ties to its input "
+                         "embedding (tie_word_embeddings), and base_params hold no embedding tied to it")
+    table = tables[0]
+    module = table.rsplit("/", 1)[0].replace("/", ".")
+    trained = _in_saved_module(head, config.get("modules_to_save") or ())
+    if leaf in ("weight", "base_layer.weight") and not (trained and ties != "save"):
+        if leaf == "weight" and ties == "save" and table in tuned:
+            want, what = tuned[table], "trained copy (modules_to_save)"
+        else:
+            return _check_base_copy(source, module, value, by_path)
+    elif leaf in ("lora_A.weight", "lora_B.weight") and ties == "target" and module in factors:
+        want, what = factors[module]["B" if leaf == "lora_A.weight" else "A"].T, "LoRA factors, transposed,"
+        rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
+        alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
+        scales = [_scale(config, alpha_of(m), rank_of(m)) for m in (head, module)]
+        if scales[0] != scales[1]:
+            raise ValueError(f"{source}: PEFT scales {head}'s adapter, tied to {module}'s, by {scales[0]:g} "
+                             f"(its rank_pattern and alpha_pattern), and {module}'s by {scales[1]:g}: the Flax "
+                             f"model ties {head} to {module} and cannot scale the two apart")
+    else:
+        raise ValueError(f"{source}: the adapter holds tensors for {head}, which the Flax model ties to its input "
+                         "embedding (tie_word_embeddings): it has no head of its own to load them onto (PEFT ties "
+                         "the head to the embedding's adapter with LoraConfig(ensure_weight_tying=True) and "
+                         "embed_tokens or lm_head in target_modules, or modules_to_save: that form jlora reads)")
+    if np.shape(value) != np.shape(want) or not np.array_equal(np.asarray(value, np.float64), np.asarray(want, np.float64)):
+        raise ValueError(f"{source}: {key} is PEFT's copy of {module}'s {what} for {head}, tied to it "
+                         "(ensure_weight_tying), but differs from them: the Flax model's head is that embedding "
+                         "and cannot hold another; a damaged or edited adapter")
 
 
 def _other_level(p: str, by_path: dict) -> str:
@@ -825,7 +927,9 @@ def describe(path: str | os.PathLike) -> str:
     alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
     factors: dict[str, dict[str, tuple]] = {}
     whole, copies = {}, {}  # copies: base weights PEFT saved beside the adapter, which load_adapter checks
-    saved = (*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ()))
+    ties = _peft_ties(config)  # a head PEFT ties to a trained embedding is saved as its copy, as load_adapter reads
+    saved = (*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ()),
+             *(("lm_head",) if ties == "save" else ()))
     for key, shape in shapes.items():
         name = key.removeprefix(PREFIX)
         if key.endswith(LINEAR_FACTORS + EMBEDDING_FACTORS):
@@ -838,6 +942,9 @@ def describe(path: str | os.PathLike) -> str:
             whole[name] = shape
     lines = [f"PEFT LoRA adapter: {path}"]
     lines += [f"{key}: {config[key]}" for key in ("base_model_name_or_path", "task_type") if config.get(key)]
+    if ties:
+        lines.append("ensure_weight_tying: PEFT ties the LM head to the input embedding's "
+                     + ("adapter" if ties == "target" else "trained copy (modules_to_save)"))
     saved_rank = lambda m: factors[m]["A"][0] if factors[m].get("A") else rank_of(m)  # what the tensors hold
     ranks = sorted({saved_rank(m) for m in factors})
     lines.append(f"targets: {len(factors)} modules, rank {', '.join(map(str, ranks)) or '-'}")
@@ -865,6 +972,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     """Read a PEFT LoRA adapter into ``LoraWeight`` nodes over ``base_params`` (checked first).
     ``hf_config``: the HF model's config (``model.config``), which gives PyTorch's module names and
     layouts (GPT-2's ``Conv1D`` is ``(in, out)``, ``nn.Linear`` ``(out, in)``) and which embeddings are tied.
+    An adapter on (or a trained copy of) an embedding the Flax model ties to its LM head is read
+    where PEFT ties the head to it too (``ensure_weight_tying=True``, with ``embed_tokens`` or
+    ``lm_head`` in its config's list: ``_peft_ties``), the head's tensors checked against the
+    embedding's, never loaded; without it PEFT changes the lookup only, and it is refused.
 
     Example:
         >>> import tempfile, jax, jlora
@@ -895,11 +1006,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     embeddings: set[str] = set()  # modules whose factors are PEFT's lora_embedding_A/B
     base_copies: dict[str, np.ndarray] = {}  # base weights PEFT saved beside their adapters, by module
     bias_copies: dict[str, np.ndarray] = {}  # ... and their biases
-    tied_head_copies: dict[str, np.ndarray] = {}  # ... of a head tied to the input embedding
+    head_tensors: dict[str, np.ndarray] = {}  # those of a head the Flax model ties to its input embedding
     tuned: dict[str, np.ndarray] = {}  # fully trained leaves (biases, modules_to_save) by Flax path
-    saved = tuple(config.get("modules_to_save") or ())
+    ties = _peft_ties(config)
+    # PEFT saves a head it ties to a trained embedding (its modules_to_tie) beside it: onto Flax's own head
+    saved = (*(config.get("modules_to_save") or ()), *(("lm_head",) if ties == "save" else ()))
     _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())])
-    _check_head_exists(path, tensors, by_path, hf_config, saved)
+    heads = _tied_heads(tensors, by_path, hf_config)
     _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():
         # with bias="all", PEFT also writes the biases inside a module it trains whole: the base's
@@ -908,6 +1021,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             continue
         key = key.replace(".modules_to_save.", ".")
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
+        if any(module == h or module.startswith(h + ".") for h in heads) and leaf != "bias":  # checked below
+            head_tensors[key[len(PREFIX):]] = value
+            continue
         if saved and "lora_" not in key and _in_saved_module(module, saved):
             p = _flax_leaf(module, leaf, by_path, path)
             tuned[p] = _kernel_from_torch(value) if p.endswith("/kernel") else value
@@ -922,13 +1038,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         if key.startswith(PREFIX) and key.endswith(BASE_BIAS_COPY):  # ... with the bias of a biased head (bias="none")
             bias_copies[key[len(PREFIX): -len(BASE_BIAS_COPY)]] = value
             continue
-        if _plain_copy(key):  # the same, of an embedding or head it did not adapt
-            if _has_weight(module, by_path):
-                base_copies[module] = value
-                continue
-            if "lm_head" in module.split("."):  # tied to the input embedding: Flax has no head of its own
-                tied_head_copies[module] = value
-                continue
+        if _plain_copy(key) and _has_weight(module, by_path):  # the same, of an embedding or head it did not adapt
+            base_copies[module] = value
+            continue
         embedding = key.endswith(EMBEDDING_FACTORS)
         if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
             where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
@@ -950,20 +1062,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p in tuned:
         _check_not_shared(f"{path}: '{p}'", p, hf_config)
         if p.endswith("/embedding"):
-            _check_untied(f"{path}: '{p}'", p, hf_config, shapes)
+            _check_untied(f"{path}: '{p}'", p, hf_config, shapes, ties == "save", config)
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)
     for name, value in bias_copies.items():
         _check_base_copy(path, name, value, by_path, "bias")
-    for name, value in tied_head_copies.items():  # checked against the input embedding it is tied to
-        tables = [p for p in by_path if p.endswith("/embedding") and tuple(by_path[p].shape) == np.shape(value)]
-        if not tables:
-            raise ValueError(f"{path}: the adapter carries a copy of {name}'s base weight (PEFT's save_embedding_layers), "
-                             f"{np.shape(value)}, which the Flax model ties to its input embedding, and base_params hold "
-                             "no embedding of that shape")
-        _check_base_copy(path, tables[0].rsplit("/", 1)[0].replace("/", "."), value, by_path)
-    if not factors:
+    if not factors and not head_tensors:  # a tied head's alone are refused below
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA factors (lora_A / lora_B): an empty or damaged adapter")
     new = {}
     rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
@@ -982,7 +1087,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         w = by_path[p]
         check_float_targets(path, [p], by_path)
         if name in embeddings:
-            _check_untied(f"{path}: '{p}'", p, hf_config, shapes)
+            _check_untied(f"{path}: '{p}'", p, hf_config, shapes, ties == "target", config)
             _check_not_positions(f"{path}: '{p}'", p)
         if ab["A"].ndim == 4 and ab["B"].shape[2:] != (1, 1):
             raise ValueError(f"{path}: module {name!r}: lora_B {ab['B'].shape} is not a 1x1 conv; jlora cannot represent it")
@@ -1007,6 +1112,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         scale = _scale(config, alpha, r)
         new[flax_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout,
                                        path=flax_path[p], dropout=float(dropout))
+    for key, value in head_tensors.items():  # checked against the input embedding it is tied to
+        _check_tied_head(path, key, value, heads, config, factors, tuned, by_path, hf_config)
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike

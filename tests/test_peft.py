@@ -110,22 +110,79 @@ def test_embedding_and_lm_head_adapters_cross_both_ways(tmp_path):
     model, torch_model = pair("llama", tmp_path)
     _same_in_peft(model, torch_model, jlora.LoraConfig(rank=2, targets=targets), tmp_path / "from_jlora")
 
-    # GPT-2 ties wte to its head: jlora's adapter would change the head too, PEFT's only the lookup
+    # GPT-2 ties wte to its head: PEFT's adapter on it, without ensure_weight_tying, changes only the lookup
     model, torch_model = pair("gpt2", tmp_path)
-    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn", "wte"]), jax.random.key(0))
-    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
-        jlora.peft.save_adapter(tmp_path / "tied", lm.params, model.config)
     peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["wte"])).save_pretrained(tmp_path / "tied")
-    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
+    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head.*ensure_weight_tying=True"):
         jlora.peft.load_adapter(tmp_path / "tied", model.params, model.config)
     # trained whole, the same: PEFT's copy (modules_to_save) changes the lookup only
-    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn"], trainable=["wte"]), jax.random.key(0))
-    with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
-        jlora.peft.save_adapter(tmp_path / "tied_whole", lm.params, model.config)
     peft.get_peft_model(_torch_twin(model, tf.GPT2LMHeadModel), peft.LoraConfig(
         r=2, target_modules=["c_attn"], modules_to_save=["wte"])).save_pretrained(tmp_path / "tied_whole")
     with pytest.raises(ValueError, match="'transformer/wte/embedding' is tied to the LM head"):
         jlora.peft.load_adapter(tmp_path / "tied_whole", model.params, model.config)
+
+
+TINY_GEMMA = lambda: tf.FlaxGemmaForCausalLM(tf.GemmaConfig(  # ties its LM head to embed_tokens, in Flax too
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=16, vocab_size=64, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_tied_embedding_crosses_both_ways_with_ensure_weight_tying(whole, tmp_path):
+    """PEFT's ensure_weight_tying ties the LM head to embed_tokens' adapter (its factors transposed,
+    at its scale) or trained copy: what Flax computes, whose head is the embedding. Both were refused."""
+    model = TINY_GEMMA()
+    assert "lm_head" not in model.params
+    placed = dict(modules_to_save=["embed_tokens"]) if whole else dict(target_modules=["q_proj", "embed_tokens"])
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.GemmaForCausalLM), peft.LoraConfig(
+        r=2, lora_alpha=3, init_lora_weights=False, ensure_weight_tying=True, **{"target_modules": ["q_proj"], **placed}))
+    _perturb_saved_modules(peft_model.eval())
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    want = _torch_out(peft_model, input_ids=IDS)
+    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-4)
+    assert "ensure_weight_tying: PEFT ties the LM head" in jlora.peft.describe(tmp_path / "from_peft")
+
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["q_proj"] if whole else ["q_proj", "embed_tokens"],
+                                              trainable=["embed_tokens"] if whole else None), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
+    assert json.loads((tmp_path / "from_jlora" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    want = np.asarray(jlora.apply(model.__call__)(IDS, params=lm.params).logits)
+    assert float(np.abs(want - model(IDS).logits).max()) > 1e-3  # the change matters
+    got = _torch_out(peft.PeftModel.from_pretrained(_torch_twin(model, tf.GemmaForCausalLM), tmp_path / "from_jlora"),
+                     input_ids=IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    # the head's copy must be the embedding's: the Flax model cannot hold another
+    tensors = load_file(tmp_path / "from_peft" / "adapter_model.safetensors")
+    key = "base_model.model.lm_head." + ("weight" if whole else "lora_A.weight")
+    tensors[key] = tensors[key] + 0.5
+    from safetensors.numpy import save_file
+    save_file(tensors, tmp_path / "from_peft" / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{key[len('base_model.model.'):]} is PEFT's copy of model.embed_tokens's .* differs"):
+        jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+
+
+def test_gpt2s_tied_wte_crosses_as_peft_reloads_it(tmp_path):
+    """PEFT ties GPT-2's head to wte only where its config names lm_head (ensure_weight_tying looks
+    for embed_tokens or lm_head): jlora writes that, and PEFT runs its outputs; a file PEFT saved
+    with only 'transformer.wte' there PEFT reloads untied, and jlora refuses it, saying why."""
+    model, torch_model = pair("gpt2", tmp_path)
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn", "wte"]), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "from_jlora", lm.params, model.config)
+    assert "lm_head" in json.loads((tmp_path / "from_jlora" / "adapter_config.json").read_text())["target_modules"]
+    want = np.asarray(jlora.apply(model.__call__)(IDS, params=lm.params).logits)
+    got = _torch_out(peft.PeftModel.from_pretrained(torch_model, tmp_path / "from_jlora"), input_ids=IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(
+        IDS, params=jlora.peft.load_adapter(tmp_path / "from_jlora", model.params, model.config)).logits, want, rtol=1e-5, atol=1e-6)
+
+    peft.get_peft_model(_torch_twin(model, tf.GPT2LMHeadModel), peft.LoraConfig(
+        r=2, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)).save_pretrained(tmp_path / "from_peft")
+    with pytest.raises(ValueError, match="names neither embed_tokens nor lm_head .* PEFT reloads it untied"):
+        jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
 
 
 def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warning(tmp_path):
