@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -599,15 +600,25 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_param)[0]
             return [path_str(keys[2:]) for keys, _ in flat]  # past (args, kwargs) and the argument
 
-        values, dynamic, abstract, static, given = [], [], [], [], {}
+        values, dynamic, abstract, static, given, given_now, types = [], [], [], [], {}, set(), {}
+        eager = _compat.eager()  # called outside every trace
         for i, leaf in enumerate(leaves):
             trainable = leaf if isinstance(leaf, Trainable) else None
             if trainable is not None:
                 if leaf.value is None:  # the frozen half's placeholder
                     check_whole(leaf, param_paths()[i], "jlora.apply")
                 leaf = leaf.value
-            if isinstance(leaf, Lazy):
+            seen = _eager_seen(leaf) if eager and type(leaf) is LoraWeight else None
+            if seen is not None and id(seen[0]) not in given_now:  # one node twice in a call: each its own
                 given[len(values)] = leaf
+                given_now.add(id(seen[0]))
+                types[len(values)] = seen[2]
+                values.append(seen[0])
+                abstract.append(seen[1])
+                dynamic.append(i)
+            elif isinstance(leaf, Lazy):
+                given[len(values)] = leaf
+                given_leaf = leaf
                 try:
                     leaf = check_whole(leaf, getattr(leaf, "path", "") or param_paths()[i], "jlora.apply",
                                        used_as_is=True)
@@ -626,6 +637,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
+                if eager and type(given_leaf) is LoraWeight:
+                    _remember_eager(given_leaf, values[-1], abstract[-1])
+                    given_now.add(id(values[-1]))
             elif is_array(leaf):
                 if trainable is not None:  # returned as it came in, it comes back a Trainable
                     given[len(values)] = trainable
@@ -635,7 +649,6 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
             else:
                 static.append((i, leaf))
         # called outside jax.jit (eagerly, or under grad or vmap of an eager call), where JAX runs op by op
-        eager = _compat.eager()
         tracers = [] if eager else [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
         outside_jit = eager or bool(tracers) and all(map(_compat.over_arrays, tracers))
         unhashable = [i for i, v in static if not _hashable(v)]
@@ -650,7 +663,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
             traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
-                            bool(nnx_vars))
+                            bool(nnx_vars), [types.get(k) for k in range(len(abstract))] if types else None)
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
             named = _named_values(err, "dyn", args, kwargs, dynamic)
             if hasattr(err, "add_note"):  # Python 3.11+
@@ -797,6 +810,31 @@ class _TraceCache(OrderedDict):
         return _TraceCache, ()
 
 
+# What an eager call made of each LoraWeight it was given (checked and prepared, and its example),
+# kept while the node lives: a loop passes the same nodes at every call, and a node is immutable (an
+# eager call with 224 adapters spent about half its host time checking and preparing them again)
+_EAGER_SEEN: dict[int, tuple] = {}
+
+
+def _remember_eager(leaf: LoraWeight, prepared: LoraWeight, example: Any) -> None:
+    """Keep ``leaf``'s ``prepared`` node (a new one, which holds its arrays but not ``leaf``),
+    ``example`` and its type key for the eager calls it is given to next, until ``leaf`` is gone."""
+    key = id(leaf)
+
+    def forget(ref: Any) -> None:
+        if _EAGER_SEEN.get(key, (None,))[0] is ref:
+            _EAGER_SEEN.pop(key, None)
+
+    _EAGER_SEEN[key] = (weakref.ref(leaf, forget), prepared, example, _compat.type_key(example))
+
+
+def _eager_seen(leaf: LoraWeight) -> tuple | None:
+    """``(prepared, example, type key)`` that ``_remember_eager`` keeps for ``leaf``, or ``None``. (A function
+    of the module: a wrapped function pickled by value, for workers, takes no weak references.)"""
+    seen = _EAGER_SEEN.get(id(leaf))
+    return seen[1:] if seen is not None and seen[0]() is leaf else None
+
+
 def _compiled_entry(compiled: dict, given: tuple, interpreter: Callable) -> tuple | None:
     """``(run, came_back, records)`` for a call outside any ``jax.jit``: the evaluation compiled once
     per trace and set of params that may come back (``given``; ``interpreter`` makes it), and
@@ -889,7 +927,8 @@ def _argument(args: tuple, kwargs: dict, leaf: int, is_leaf: Any = is_param) -> 
     return f"{which} at '{inside}'" if inside else which
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx):
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx, types=None):
+    """``types``: ``abstract``'s type keys already known (``None`` where not)."""
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
@@ -898,7 +937,8 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         # is not kept (below). An eager call's entry (its compiled evaluations) and a transform's
         # are kept apart, so a jit tracing the function does not evict the eager calls' compiled code.
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) for a in abstract), _compat.context_key(), _compat.trace_config(),
+               tuple(_compat.type_key(a) if t is None else t for a, t in zip(abstract, types or [None] * len(abstract))),
+               _compat.context_key(), _compat.trace_config(),
                _compat.eager())
         hash(key)
     except TypeError:
