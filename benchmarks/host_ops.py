@@ -10,7 +10,9 @@
   safetensors file alone.
 - ``eager``: calls outside ``jax.jit`` on ``--layers`` x 56 small kernels, each against what it
   wraps: ``jlora.apply(f)`` against ``jax.jit(f)`` on the merged params; ``jax.grad`` of a loss
-  through ``jlora.apply(f)`` against ``jax.grad`` of ``f`` on the merged params; ``jlora.optimizer``'s
+  through ``jlora.apply(f)`` against ``jax.grad`` of ``f`` on the merged params; the same through
+  ``jlora.apply(f)`` with the adapters frozen (a grad for a head on top of it only) and a ``jax.vmap``
+  over inputs alone, against the eager call; ``jlora.optimizer``'s
   update against the same ``optax.adamw`` on the trainable half; ``lora_init`` with a
   ``rank_pattern`` and ``alpha_pattern`` key per kernel against ``lora_init`` without them.
 - ``dispatch``: the host time of one call of a jitted LoRA train step (``jlora.apply``,
@@ -164,6 +166,17 @@ def eager(layers: int) -> None:
     plain = per_call(jax.grad(lambda p, x: f(p, x).sum()), jlora.merge(params), x, calls=5)
     print(f"eager grad (jax.grad, no jax.jit), {n} kernels: jlora.apply {lazy * 1e3:.1f} ms, the function on merged "
           f"params {plain * 1e3:.1f} ms; x plain {lazy / plain:.2f}")
+    head = jnp.ones((16,))
+    frozen_grad = jax.grad(lambda h, x: (forward(params, x) @ h).sum())  # nothing apply takes is traced
+    eager_call = per_call(forward, params, x)
+    through_frozen = per_call(frozen_grad, head, x, calls=5)
+    print(f"eager grad of a head on a frozen adapted model, {n} kernels: {through_frozen * 1e3:.1f} ms, its eager "
+          f"call {eager_call * 1e3:.1f} ms; x call {through_frozen / eager_call:.1f}")
+    batched, xs = jax.vmap(forward, in_axes=(None, 0)), jnp.ones((3, 2, 16))
+    batched(params, xs)  # a trace's first vmap runs op by op, its second compiles
+    mapped = per_call(batched, params, xs, calls=5)
+    print(f"eager vmap over inputs alone, {n} kernels: {mapped * 1e3:.1f} ms, an eager call {eager_call * 1e3:.1f} ms; "
+          f"x call {mapped / eager_call:.1f}")
     grads = jax.tree.map(jnp.ones_like, trainable)
     tx, inner = jlora.optimizer(optax.adamw(1e-3), params), optax.adamw(1e-3)
     ours = per_call(tx.update, grads, tx.init(trainable), trainable, calls=5)

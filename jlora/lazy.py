@@ -542,7 +542,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     cached trace; pass it as an argument. ``cache_size`` traces are kept
     (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
     ``jax.jit`` (eagerly, or under ``jax.grad`` or ``jax.vmap`` of an eager call from its second call
-    on: at once where none of its inputs is traced; under ``vmap`` where no adapter is mapped), the
+    on; under ``vmap`` where no adapter is mapped), or where none of its inputs is traced (params
+    closed over inside a transformation: a ``jax.jit`` of the evaluation nested in it), the
     evaluation itself runs compiled, once per trace, as under ``jax.jit``: evaluated op by op, every ``jit``, ``scan``,
     ``cond`` or loop body a weight enters would be compiled again at each call, and a ``jax.grad``
     would differentiate each of the evaluation's many small ops at every call.
@@ -608,7 +609,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 if leaf.value is None:  # the frozen half's placeholder
                     check_whole(leaf, param_paths()[i], "jlora.apply")
                 leaf = leaf.value
-            seen = _eager_seen(leaf) if eager and type(leaf) is LoraWeight else None
+            seen = _eager_seen(leaf) if type(leaf) is LoraWeight else None
             if seen is not None and id(seen[0]) not in given_now:  # one node twice in a call: each its own
                 given[len(values)] = leaf
                 given_now.add(id(seen[0]))
@@ -637,7 +638,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 values.append(leaf.prepare())
                 abstract.append(leaf.example())
                 dynamic.append(i)
-                if eager and type(given_leaf) is LoraWeight:
+                if (type(given_leaf) is LoraWeight and not isinstance(given_leaf.w, Lazy)  # a base's prepare may make arrays
+                        and not any(map(_compat.is_tracer, (given_leaf.w, given_leaf.a, given_leaf.b)))):
                     _remember_eager(given_leaf, values[-1], abstract[-1])
                     given_now.add(id(values[-1]))
             elif is_array(leaf):
@@ -648,7 +650,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
             else:
                 static.append((i, leaf))
-        # called outside jax.jit (eagerly, or under grad or vmap of an eager call), where JAX runs op by op
+        # called outside jax.jit (eagerly, or under grad or vmap of an eager call), where JAX runs op by op;
+        # no tracer among the values: a constant to any trace around the call
         tracers = [] if eager else [v for v in jax.tree.leaves((values, lora_rng)) if _compat.is_tracer(v)]
         outside_jit = eager or bool(tracers) and all(map(_compat.over_arrays, tracers))
         unhashable = [i for i, v in static if not _hashable(v)]
@@ -810,9 +813,10 @@ class _TraceCache(OrderedDict):
         return _TraceCache, ()
 
 
-# What an eager call made of each LoraWeight it was given (checked and prepared, and its example),
-# kept while the node lives: a loop passes the same nodes at every call, and a node is immutable (an
-# eager call with 224 adapters spent about half its host time checking and preparing them again)
+# What a call made of each concrete LoraWeight it was given (checked and prepared, and its example),
+# kept while the node lives: an eager loop passes the same nodes at every call, and a node is
+# immutable (an eager call with 224 adapters spent about half its host time checking and preparing
+# them again)
 _EAGER_SEEN: dict[int, tuple] = {}
 
 

@@ -483,8 +483,12 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
     def one(leaf: Any, sharding: Any) -> Any:
         if placeholder(leaf):
             return leaf
-        if type(leaf) in (list, tuple) and type(sharding) is type(leaf) and len(sharding) == len(leaf):
-            return type(leaf)(jax.tree.map(one, x, s, is_leaf=per_param) for x, s in zip(leaf, sharding))  # the params' own
+        if type(leaf) in (list, tuple) and type(sharding) in (list, tuple):  # a list of the params' own
+            if type(sharding) is not type(leaf) or len(sharding) != len(leaf):
+                raise _NotTheParams(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} of "
+                                    f"{len(leaf)} where param_shardings has a {type(sharding).__name__} of "
+                                    f"{len(sharding)}: give the shardings of the params the state was made from")
+            return type(leaf)(jax.tree.map(one, x, s, is_leaf=per_param) for x, s in zip(leaf, sharding))
         if is_node(leaf) and type(sharding) is not type(leaf):
             raise _NotTheParams(f"jlora.sharding.state_shardings: the state holds a {type(leaf).__name__} where "
                              f"param_shardings has {'none' if sharding is None else type(sharding).__name__}: give "

@@ -380,6 +380,12 @@ def test_optimizer_state_shards_like_the_adapters():
     jax.tree.map(np.testing.assert_array_equal, state, sm3_tx.init(trainable))
     shardings = sharding.state_shardings(sm3_tx, state, sharding.shardings(trainable, mesh, RULES), mesh)
     assert [s.spec for s in shardings.inner_states["adapter"].inner_state[0].mu["up"]["kernel"].b] == [P(), P()]
+    # a list of the params' own (layers) is no param's several arrays: another model's shardings are refused
+    layers = lambda n: jlora.split(jlora.lora_init(jax.random.key(0), {"layers": [_base()["up"]] * n},
+                                                   jlora.LoraConfig(rank=2, targets=["layers"])))[0]
+    with pytest.raises(ValueError, match="the state holds a list of 2 where param_shardings has a list of 1"):
+        sharding.state_shardings(optax.adam(1e-3), optax.adam(1e-3).init(layers(2)),
+                                 sharding.shardings(layers(1), mesh, []), mesh)
     other = jlora.split(jlora.lora_init(jax.random.key(1), _base(), jlora.LoraConfig(rank=2, targets=["down"])))[0]
     with pytest.raises(ValueError, match="state_shardings: the state holds a LoraWeight where param_shardings has "
                                          "none: give the shardings of the params the state was made from"):
