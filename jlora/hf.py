@@ -487,7 +487,8 @@ class LoraModel:
         fn = self._generate.pop(key, None) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
-            fn = jlora.apply(lambda inputs, dyn, params: self.model.generate(*inputs, params=params, **static, **dyn))
+            model = self.model  # not self: a cached fn holding the LoraModel would keep it (and its params) in a cycle
+            fn = jlora.apply(lambda inputs, dyn, params: model.generate(*inputs, params=params, **static, **dyn))
         if cacheable:  # the last used last; one per temperature, prompt length...: the least recently used go
             self._generate[key] = fn
             while len(self._generate) > self.GENERATE_CACHE_SIZE:

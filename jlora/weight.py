@@ -385,6 +385,23 @@ class LoraWeight(Lazy):
         _set(obj, *children, *aux)
         return obj
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in LoraWeight.__slots__:  # a subclass's own attributes
+            return object.__setattr__(self, name, value)
+        raise AttributeError(f"LoraWeight {self.path!r}: a node is not changed in place (an eager jlora.apply reuses "
+                             f"what it made of it, as JAX treats arrays); make a new one: lw.replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        if name not in LoraWeight.__slots__:
+            return object.__delattr__(self, name)
+        self.__setattr__(name, None)
+
+    def __setstate__(self, state: Any) -> None:  # pickle and copy restore the fields through this
+        own, slots = state if isinstance(state, tuple) else (None, state)
+        _set(self, *(slots[name] for name in ("w", "a", "b", *self.STATIC_FIELDS)))
+        for name, value in (own or {}).items():  # a subclass's own attributes
+            object.__setattr__(self, name, value)
+
     def replace(self, **changes: Any) -> "LoraWeight":
         """A copy with some fields changed (like ``dataclasses.replace``): ``scale`` and ``dropout``
         checked as the constructor checks them, and that an array given is a float one; not the
@@ -701,6 +718,16 @@ class Trainable(NotAnArray):
             raise ValueError(f"Trainable: a lazy {type(value).__name__} (a quantized kernel, an adapter) cannot "
                              "be trained in full; only arrays can")
         object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Trainable: a node is not changed in place (as JAX treats arrays); make a new one: "
+                             f"jlora.Trainable(new_{name})")
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
+
+    def __setstate__(self, state: Any) -> None:  # pickle and copy restore the value through this
+        object.__setattr__(self, "value", (state[1] if isinstance(state, tuple) else state)["value"])
 
     def _contents(self) -> str:
         return "read its array, .value"

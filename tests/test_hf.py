@@ -493,6 +493,23 @@ def test_generate_keeps_its_compiled_calls_used_last(monkeypatch):
     assert [dict(key[1])["max_new_tokens"] for key in lm._generate] == [1, 3]
 
 
+def test_a_lora_model_dropped_after_generate_goes_at_once():
+    """Its compiled calls hold the model, not the LoraModel (and its params): dropped, it goes at
+    once, not at the next collection of reference cycles."""
+    import gc
+    import weakref
+
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2))
+    lm.generate(jnp.array([[3, 5, 7, 9]]), max_new_tokens=1, pad_token_id=0)
+    alive = weakref.ref(lm)
+    gc.disable()
+    try:
+        del lm
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_generate_follows_an_option_whose_state_changed_between_calls():
     """A logits processor compares by identity: a cached trace would keep the state it had first."""
     from transformers.generation.flax_logits_process import FlaxLogitsProcessor, FlaxLogitsProcessorList

@@ -47,6 +47,32 @@ def test_materialize_keeps_w_dtype():
     assert lw.materialize().dtype == jnp.bfloat16
 
 
+def test_a_node_is_not_changed_in_place_and_copies_whole():
+    """lw.b = ... went through unchecked, and an eager jlora.apply, which reuses what it made of a
+    node, kept computing with the old b: a node is changed by making a new one (replace)."""
+    import copy
+    import pickle
+
+    lw = random_lora(jax.random.key(1), (4, 6), "io", 2).replace(path="m/kernel", dropout=0.1)
+    for name in ("b", "scale", "layout"):
+        with pytest.raises(AttributeError, match=rf"'m/kernel': a node is not changed in place .* lw.replace\({name}="):
+            setattr(lw, name, None)
+    with pytest.raises(AttributeError, match=r"make a new one: jlora.Trainable\(new_value\)"):
+        jlora.Trainable(jnp.ones(2)).value = jnp.zeros(2)
+
+    class Tagged(jlora.LoraWeight):  # a subclass's own attributes stay its own
+        pass
+
+    tagged = Tagged(lw.w, lw.a, lw.b, scale=0.7, path="t")
+    tagged.note = "mine"
+    for clone in (copy.copy, copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+        back = clone(lw)
+        assert (back.path, back.dropout, back.scale, str(back.layout)) == ("m/kernel", 0.1, lw.scale, "io")
+        np.testing.assert_array_equal(back.b, lw.b)
+        np.testing.assert_array_equal(clone(jlora.Trainable(lw.a)).value, lw.a)
+    assert copy.copy(tagged).note == copy.deepcopy(tagged).note == "mine"
+
+
 def test_pytree_round_trip_and_key_paths():
     lw = random_lora(jax.random.key(1), (4, 6), "io", 2).replace(path="m/kernel", dropout=0.1)
     leaves, treedef = jax.tree_util.tree_flatten(lw)
