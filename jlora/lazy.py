@@ -609,7 +609,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 if leaf.value is None:  # the frozen half's placeholder
                     check_whole(leaf, param_paths()[i], "jlora.apply")
                 leaf = leaf.value
-            seen = _eager_seen(leaf) if type(leaf) is LoraWeight else None
+            seen = _prepared_before(leaf) if type(leaf) is LoraWeight else None
             if seen is not None and id(seen[0]) not in given_now:  # one node twice in a call: each its own
                 given[len(values)] = leaf
                 given_now.add(id(seen[0]))
@@ -640,7 +640,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
                 dynamic.append(i)
                 if (type(given_leaf) is LoraWeight and not isinstance(given_leaf.w, Lazy)  # a base's prepare may make arrays
                         and not any(map(_compat.is_tracer, (given_leaf.w, given_leaf.a, given_leaf.b)))):
-                    _remember_eager(given_leaf, values[-1], abstract[-1])
+                    _remember_prepared(given_leaf, values[-1], abstract[-1])
                     given_now.add(id(values[-1]))
             elif is_array(leaf):
                 if trainable is not None:  # returned as it came in, it comes back a Trainable
@@ -817,25 +817,25 @@ class _TraceCache(OrderedDict):
 # kept while the node lives: an eager loop passes the same nodes at every call, and a node is
 # immutable (an eager call with 224 adapters spent about half its host time checking and preparing
 # them again)
-_EAGER_SEEN: dict[int, tuple] = {}
+_PREPARED: dict[int, tuple] = {}
 
 
-def _remember_eager(leaf: LoraWeight, prepared: LoraWeight, example: Any) -> None:
+def _remember_prepared(leaf: LoraWeight, prepared: LoraWeight, example: Any) -> None:
     """Keep ``leaf``'s ``prepared`` node (a new one, which holds its arrays but not ``leaf``),
-    ``example`` and its type key for the eager calls it is given to next, until ``leaf`` is gone."""
+    ``example`` and its type key for the calls it is given to next, until ``leaf`` is gone."""
     key = id(leaf)
 
     def forget(ref: Any) -> None:
-        if _EAGER_SEEN.get(key, (None,))[0] is ref:
-            _EAGER_SEEN.pop(key, None)
+        if _PREPARED.get(key, (None,))[0] is ref:
+            _PREPARED.pop(key, None)
 
-    _EAGER_SEEN[key] = (weakref.ref(leaf, forget), prepared, example, _compat.type_key(example))
+    _PREPARED[key] = (weakref.ref(leaf, forget), prepared, example, _compat.type_key(example))
 
 
-def _eager_seen(leaf: LoraWeight) -> tuple | None:
-    """``(prepared, example, type key)`` that ``_remember_eager`` keeps for ``leaf``, or ``None``. (A function
+def _prepared_before(leaf: LoraWeight) -> tuple | None:
+    """``(prepared, example, type key)`` that ``_remember_prepared`` keeps for ``leaf``, or ``None``. (A function
     of the module: a wrapped function pickled by value, for workers, takes no weak references.)"""
-    seen = _EAGER_SEEN.get(id(leaf))
+    seen = _PREPARED.get(id(leaf))
     return seen[1:] if seen is not None and seen[0]() is leaf else None
 
 
