@@ -666,7 +666,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
             traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
-                            bool(nnx_vars), [types.get(k) for k in range(len(abstract))] if types else None)
+                            bool(nnx_vars), types)
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
             named = _named_values(err, "dyn", args, kwargs, dynamic)
             if hasattr(err, "add_note"):  # Python 3.11+
@@ -931,8 +931,8 @@ def _argument(args: tuple, kwargs: dict, leaf: int, is_leaf: Any = is_param) -> 
     return f"{which} at '{inside}'" if inside else which
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx, types=None):
-    """``types``: ``abstract``'s type keys already known (``None`` where not)."""
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx, types):
+    """``types``: type keys of ``abstract``'s values already known, by position."""
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
@@ -941,7 +941,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         # is not kept (below). An eager call's entry (its compiled evaluations) and a transform's
         # are kept apart, so a jit tracing the function does not evict the eager calls' compiled code.
         key = (treedef, dynamic, tuple((i, *_static_key(v)) for i, v in static),
-               tuple(_compat.type_key(a) if t is None else t for a, t in zip(abstract, types or [None] * len(abstract))),
+               tuple(types[k] if k in types else _compat.type_key(a) for k, a in enumerate(abstract)),
                _compat.context_key(), _compat.trace_config(),
                _compat.eager())
         hash(key)

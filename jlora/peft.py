@@ -743,15 +743,16 @@ def _tied_heads(tensors: dict, by_path: dict, hf_config: Any) -> list[str]:
 
 
 def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[str], config: dict,
-                     factors: dict, tuned: dict, by_path: dict, hf_config: Any) -> None:
+                     factors: dict, tuned: dict, by_path: dict, shapes: dict[str, tuple],
+                     scale_of: Callable[[str], float], hf_config: Any) -> None:
     """Check a tensor PEFT saved (``key``, less ``PREFIX``) for one of the LM ``heads`` the Flax
     model ties to its input embedding, never loading it (Flax's head is the embedding): the head's
     base weight (PEFT's save_embedding_layers) must be the embedding's base; with ensure_weight_tying
     (``_peft_ties``), its LoRA must be the embedding's factors transposed at the same scale, its
-    trained copy the embedding's. Anything else the Flax model cannot hold is refused."""
+    trained copy the embedding's. Anything else the Flax model cannot hold is refused. ``shapes``:
+    ``by_path``'s; ``scale_of``: PEFT's scale of a module's adapter."""
     head = next(h for h in heads if key.startswith(h + "."))
     leaf, ties = key[len(head) + 1:], _peft_ties(config)
-    shapes = {p: tuple(x.shape) for p, x in by_path.items()}
     prefix = head.rsplit(".", 1)[0].replace(".", "/") + "/" if "." in head else ""
     tables = [p for p in by_path if p.startswith(prefix) and p.endswith("/embedding")
               and _check_untied("", p, hf_config, shapes, peft_ties=True)]
@@ -768,9 +769,7 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
             return _check_base_copy(source, module, value, by_path)
     elif leaf in ("lora_A.weight", "lora_B.weight") and ties == "target" and module in factors:
         want, what = factors[module]["B" if leaf == "lora_A.weight" else "A"].T, "LoRA factors, transposed,"
-        rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
-        alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
-        scales = [_scale(config, alpha_of(m), rank_of(m)) for m in (head, module)]
+        scales = [scale_of(m) for m in (head, module)]
         if scales[0] != scales[1]:
             raise ValueError(f"{source}: PEFT scales {head}'s adapter, tied to {module}'s, by {scales[0]:g} "
                              f"(its rank_pattern and alpha_pattern), and {module}'s by {scales[1]:g}: the Flax "
@@ -780,7 +779,7 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
                          "embedding (tie_word_embeddings): it has no head of its own to load them onto (PEFT ties "
                          "the head to the embedding's adapter with LoraConfig(ensure_weight_tying=True) and "
                          "embed_tokens or lm_head in target_modules, or modules_to_save: that form jlora reads)")
-    if np.shape(value) != np.shape(want) or not np.array_equal(np.asarray(value, np.float64), np.asarray(want, np.float64)):
+    if not np.array_equal(np.asarray(value, np.float64), np.asarray(want, np.float64)):  # False for other shapes too
         raise ValueError(f"{source}: {key} is PEFT's copy of {module}'s {what} for {head}, tied to it "
                          "(ensure_weight_tying), but differs from them: the Flax model's head is that embedding "
                          "and cannot hold another; a damaged or edited adapter")
@@ -1113,7 +1112,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         new[flax_path[p]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), scale=scale, layout=layout,
                                        path=flax_path[p], dropout=float(dropout))
     for key, value in head_tensors.items():  # checked against the input embedding it is tied to
-        _check_tied_head(path, key, value, heads, config, factors, tuned, by_path, hf_config)
+        _check_tied_head(path, key, value, heads, config, factors, tuned, by_path, shapes,
+                         lambda m: _scale(config, alpha_of(m), rank_of(m)), hf_config)
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
