@@ -457,11 +457,11 @@ def lora_init(
     by_path = dict(entries)
     wrapped = _wrapped_weights(list(by_path))
     declared = [(pattern(p), Layout.parse(s)) for p, s in config.layouts]
-    inferred, used_by = {}, {}
+    inferred, used_by, vectors = {}, {}, set()
     if infer_layout is not None:
         from jlora.probe import infer_layouts
 
-        inferred = infer_layouts(infer_layout, params, adapt, used_by)
+        inferred = infer_layouts(infer_layout, params, adapt, used_by, vectors)
         if _all_linear(config):  # dense kernels only, as PEFT: no conv window
             linear = {_compat.dot_general_p, _compat.ragged_dot_general_p}
             # a 'weight' (Equinox's Linear, Embedding and norms share the name): only one seen in a matmul, never looked up
@@ -477,7 +477,8 @@ def lora_init(
                                  "the output head, as PEFT's, and infer_layout saw no other kernel in a matmul (in a "
                                  "conv, a lookup, or in no use it could read); name the kernels to adapt"
                                  + (f", e.g. targets={convs[:3]}" if convs else ""))
-    new, unknown, narrow = {}, [], []
+    new, unknown, narrow, stacked_vectors = {}, [], [], []
+    targets = compile_patterns(() if _all_linear(config) else config.targets)
     for path in adapt:
         w = by_path[path]
         rank = pattern_value(path, config.rank_pattern, "rank_pattern", config.rank)
@@ -492,6 +493,14 @@ def lora_init(
                           "and its PEFT form follow it); jlora.apply keeps a use factored where that layout "
                           "allows, and materialises the weight, with a MaterializeWarning, where it does not",
                           stacklevel=2)
+        if layout is None and _is_weight(path, wrapped) and w.ndim == 2 and path in vectors and path not in used_by:
+            # a layer's vector, never in a matmul or lookup: a stacked norm's scale, left as a 1-D one is
+            if any(pat.match(path) == LEAF for pat in targets):
+                raise ValueError(f"lora_init: target matches '{path}' ({_describe(w)}), which each layer of its stack "
+                                 "uses as a vector (a norm's scale): only kernels of 2 or more axes per layer can be "
+                                 "adapted (biases and norms go in LoraConfig.trainable)")
+            stacked_vectors.append(path)
+            continue
         if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
@@ -499,8 +508,8 @@ def lora_init(
             # named by a module above it, seen in no matmul: a stacked norm's scale (layers, features) more likely
             other = (f"; if it is no linear weight (a norm's scale, stacked with its layers), leave it out: "
                      f"LoraConfig(exclude=['{path.rsplit('/', 1)[0]}'])"
-                     if infer_layout is not None and "/" in path and not any(
-                         pat.match(path) == LEAF for pat in compile_patterns(() if _all_linear(config) else config.targets)) else "")
+                     if infer_layout is not None and "/" in path and not any(pat.match(path) == LEAF for pat in targets)
+                     else "")
             raise ValueError(
                 f"lora_init: '{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
                 f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "
@@ -549,6 +558,11 @@ def lora_init(
         warnings.warn(f"lora_init: all-linear leaves out {len(narrow)} kernel(s) narrower than rank {config.rank}, "
                       f"taken for heads: {narrow[:4]}; to adapt them, give them a rank that fits (rank_pattern)",
                       stacklevel=2)
+    for pat in targets if stacked_vectors else ():
+        if not any(pat.match(p) for p in new):  # a module of norms alone: as a 1-D norm, no kernel to adapt
+            raise ValueError(f"LoraConfig.targets: pattern {pat.text!r} matches no kernel to adapt: "
+                             f"{[p for p in stacked_vectors if pat.match(p)][:3]} are vectors per layer of a stack "
+                             "(a norm's scale); name linear layers, and put norms in LoraConfig.trainable")
     if not new:
         raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
                          f"({adapt[:3]}...); lower the rank")

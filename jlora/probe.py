@@ -187,6 +187,14 @@ if _compat.tile_p is not None:  # copies of the kernel along its own axes
     register(_compat.tile_p, Probe)(_same_axes)
 
 
+def _record_vectors(ctx: Context, invals: list) -> None:
+    """Record the probes that a layer of a stack uses elementwise as a vector (one of their
+    original axes left): a stacked norm's scale, ``(layers, features)``, which no linear weight is."""
+    for v in invals:
+        if isinstance(v, Probe) and v.sliced and len({o for a in v.axes for o in a}) == 1:
+            ctx.records["vectors"].update((v.path, *v.also))
+
+
 @register(_compat.mul_p, Probe)
 @register(_compat.div_p, Probe)
 @register(_compat.neg_p, Probe)
@@ -196,9 +204,19 @@ def _scaled(ctx: Context, eqn: Any, invals: list) -> Any:
     probes = [k for k, v in enumerate(invals) if isinstance(v, Probe)]
     others = [v for v in invals if not isinstance(v, Probe)]
     if len(probes) != 1 or any(np.ndim(v) for v in others) or (eqn.primitive is _compat.div_p and probes != [0]):
+        _record_vectors(ctx, invals)
         return NotImplemented
     probe = invals[probes[0]]
     return [probe.with_value(_compat.bind(eqn, [probe.value if k in probes else v for k, v in enumerate(invals)])[0])]
+
+
+@register(_compat.add_p, Probe)
+@register(_compat.sub_p, Probe)
+def _shifted(ctx: Context, eqn: Any, invals: list) -> Any:
+    """A sum is no use of a kernel (it materialises), but a layer's vector so used is recorded
+    (Gemma's ``x * (1 + scale)``)."""
+    _record_vectors(ctx, invals)
+    return NotImplemented
 
 
 @register(_compat.squeeze_p, Probe)
@@ -296,10 +314,12 @@ def _reshape(ctx: Context, eqn: Any, invals: list) -> Any:
 
 
 def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
-                  used_by: dict[str, set] | None = None) -> dict[str, Layout]:
+                  used_by: dict[str, set] | None = None, vectors: set[str] | None = None) -> dict[str, Layout]:
     """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them. ``used_by``, if
     given, receives the primitives that use each kernel (of ``dot_general``, ``ragged_dot_general``,
-    ``gather`` (a single row's ``squeeze`` too: a lookup) and ``conv_general_dilated``).
+    ``gather`` (a single row's ``squeeze`` too: a lookup) and ``conv_general_dilated``); ``vectors``
+    the paths that a layer of a stack (a ``scan``, ``jnp.unstack``, ``W[i]``) multiplies or adds
+    elementwise as a vector, as a norm's scale.
 
     Example:
         >>> import jax.numpy as jnp
@@ -324,7 +344,7 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
         return fn(jax.tree_util.tree_unflatten(treedef, full))
 
     closed = jax.make_jaxpr(call)(*abstract)
-    records: dict[str, dict] = {"layouts": {}, "used_by": {}}
+    records: dict[str, Any] = {"layouts": {}, "used_by": {}, "vectors": set()}
 
     def run(*arrays: Any) -> Any:
         vals = [
@@ -337,6 +357,8 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
     jax.make_jaxpr(run)(*abstract)
     if used_by is not None:
         used_by.update(records["used_by"])
+    if vectors is not None:
+        vectors.update(records["vectors"])
     ndim = {p: v.ndim for p, v in zip(leaf_paths, abstract)}
     layouts = {}
     for path, specs in records["layouts"].items():

@@ -199,21 +199,33 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     inferred = lora_init(KEY, tree, LoraConfig(rank=2, targets=["lin"]),
                          infer_layout=lambda p: jnp.ones((3, 8)) @ p["lin"]["weight"].T)["lin"]["weight"]
     assert str(inferred.layout) == "oi"
-    # a module above a stack of layers named: its norms' scales, (layers, features), are 2-D weights too; seen in
-    # no matmul, the error says how to leave them out as well as how to declare a layout
-    blocks = {"blocks": {"lin": {"weight": jnp.ones((2, 4, 8))}, "ln": {"weight": jnp.ones((2, 8))}}}
+    # a module above a stack of layers named: its norms' scales, (layers, features), are 2-D weights too, which a
+    # scan's layer uses as vectors: left alone, as a 1-D norm's is (Equinox names both arrays 'weight')
+    blocks = {"blocks": {"lin": {"weight": jnp.ones((2, 4, 8))}, "ln": {"weight": jnp.ones((2, 8))},
+                         "gemma_ln": {"weight": jnp.ones((2, 8))}}}
+    layer = lambda h, blk: blk["lin"]["weight"] @ (h * blk["ln"]["weight"] * (1 + blk["gemma_ln"]["weight"]))
 
     def scanned(p, x=jnp.ones(8)):
-        layer = lambda h, blk: (blk["lin"]["weight"] @ (h * blk["ln"]["weight"]), None)
-        return jax.lax.scan(lambda h, blk: (jnp.tile(layer(h, blk)[0], 2), None), x, p["blocks"])[0]
-    with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\); if it is no "
-                                         r"linear weight \(a norm's scale, stacked with its layers\), leave it out: "
-                                         r"LoraConfig\(exclude=\['blocks/ln'\]\)$"):
-        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=scanned)
-    stacked = lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"], exclude=["blocks/ln"]), infer_layout=scanned)
+        return jax.lax.scan(lambda h, blk: (jnp.tile(layer(h, blk), 2), None), x, p["blocks"])[0]
+    stacked = lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=scanned)
     assert sorted(adapted(stacked)) == ["blocks/lin/weight"] and str(stacked["blocks"]["lin"]["weight"].layout) == "boi"
+    assert stacked["blocks"]["ln"]["weight"] is blocks["blocks"]["ln"]["weight"]
+    with pytest.raises(ValueError, match=r"^LoraConfig.targets: pattern 'ln' matches no kernel to adapt: "
+                                         r"\['blocks/ln/weight'\] are vectors per layer of a stack \(a norm's scale\)"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["ln", "lin"]), infer_layout=scanned)
+    with pytest.raises(ValueError, match=r"^lora_init: target matches 'blocks/ln/weight' \(float32\[2,8\]\), which each "
+                                         r"layer of its stack uses as a vector \(a norm's scale\): only kernels of 2 or "
+                                         r"more axes per layer can be adapted"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=scanned)
+    # mapped by vmap (an ensemble), the trace keeps the stack whole: no layer is seen, so the error says how to
+    # leave a norm out as well as how to declare a layout
+    ensemble = lambda p: jax.vmap(layer, in_axes=(None, 0))(jnp.ones(8), p["blocks"])
+    with pytest.raises(ValueError, match=r"'blocks/gemma_ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\); if it "
+                                         r"is no linear weight \(a norm's scale, stacked with its layers\), leave it "
+                                         r"out: LoraConfig\(exclude=\['blocks/gemma_ln'\]\)$"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=ensemble)
     with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\)$"):
-        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=scanned)  # named: no hint
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=ensemble)  # named: no hint
 
 
 def test_a_step_donating_the_trainable_half_leaves_the_base_params_whole():
