@@ -504,12 +504,16 @@ def lora_init(
         if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
-                   "pass lora_init(..., infer_layout=lambda m: m(example_input)) or declare it")
+                   "pass lora_init(..., infer_layout=lambda m: m(example_input)) (which also tells a norm's scale "
+                   "stacked with its layers, and leaves it alone) or declare it")
             # named by a module above it, seen in no matmul: a stacked norm's scale (layers, features) more likely
-            other = (f"; if it is no linear weight (a norm's scale, stacked with its layers), leave it out: "
-                     f"LoraConfig(exclude=['{path.rsplit('/', 1)[0]}'])"
-                     if infer_layout is not None and "/" in path and not any(pat.match(path) == LEAF for pat in targets)
-                     else "")
+            module = path.rsplit("/", 1)[0]
+            naming = [pat.text for pat in targets if pat.match(module) == LEAF  # a target naming this module alone
+                      and all(p.startswith(module + "/") for p in adapt if pat.match(p))]
+            other = ("" if "/" not in path or any(pat.match(path) == LEAF for pat in targets) else
+                     "; if it is no linear weight (a norm's scale, stacked with its layers), "
+                     + (f"take {naming[0]!r} out of targets (norms go in LoraConfig.trainable)" if naming else
+                        f"leave it out: LoraConfig(exclude=['{module}'])"))
             raise ValueError(
                 f"lora_init: '{path}' is a 2-D weight: jlora does not guess whether it is stored (out, in), as in "
                 f"Equinox's Linear and PyTorch, or (in, out), as an embedding table: {how}, e.g. "

@@ -226,6 +226,16 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=ensemble)
     with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*\('io' for \(in, out\)\)$"):
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=ensemble)  # named: no hint
+    # without infer_layout: the same hints, and infer_layout named as what tells a norm
+    declared = {"layouts": {"lin": "boi"}}
+    with pytest.raises(ValueError, match=r"'blocks/gemma_ln/weight' is a 2-D weight: .*pass lora_init\(\.\.\., "
+                                         r"infer_layout=.*\) \(which also tells a norm's scale stacked with its layers, "
+                                         r"and leaves it alone\) .*leave it out: LoraConfig\(exclude=\['blocks/gemma_ln'\]\)$"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/*"], **declared))
+    with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*if it is no linear weight \(a norm's "
+                                         r"scale, stacked with its layers\), take 'ln' out of targets \(norms go in "
+                                         r"LoraConfig.trainable\)$"):
+        lora_init(KEY, blocks, LoraConfig(rank=2, targets=["ln", "lin"], **declared))
 
 
 def test_a_step_donating_the_trainable_half_leaves_the_base_params_whole():
