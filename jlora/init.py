@@ -155,19 +155,24 @@ def _wrapped_weights(paths: Sequence[str]) -> set[str]:
 
 def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     """The modules holding a weight a target can name (a >= 2-D float leaf of ``WEIGHT_NAMES`` or
-    ``EMBEDDING_NAMES``), layer indices written ``*``.
+    ``EMBEDDING_NAMES``; not a norm's, by its module's name: a stack's scales), layer indices written ``*``.
 
     Example:
         >>> _weight_modules([("layers/0/query/kernel", jnp.ones((2, 2))), ("layers/1/query/kernel", jnp.ones((2, 2))),
-        ...                  ("layers/0/norm/scale", jnp.ones(2))])
+        ...                  ("layers/0/norm/scale", jnp.ones(2)), ("stack/ln/weight", jnp.ones((2, 2)))])
         ['layers/*/query']
     """
     wrapped = _wrapped_weights([p for p, _ in entries])
+    owners = {path: path.split("/")[:-2 if path in wrapped else -1] for path, _ in entries}
     return list(dict.fromkeys(
-        "/".join("*" if c.isdigit() else c for c in path.split("/")[:-2 if path in wrapped else -1]) or "(the root)"
+        "/".join("*" if c.isdigit() else c for c in owners[path]) or "(the root)"
         for path, leaf in entries
         if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
+        and not (owners[path] and _NORM.search(owners[path][-1]))  # a stacked norm's (layers, features) scale
     ))
+
+
+_NORM = re.compile(r"norm|^ln(_|\d|$)", re.IGNORECASE)  # a norm module's name: layer_norm, RMSNorm, ln_1, ln
 
 
 def _no_match(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[str, Any]]) -> str:

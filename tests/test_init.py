@@ -404,6 +404,11 @@ def test_a_pattern_naming_a_layer_of_a_stack_is_told_the_stack_is_one_param():
     with pytest.raises(ValueError, match=r"'layers/3/down' matches no param; nearest modules: \['layers/up'\]; "
                                          r"modules with weights to adapt: layers/up$"):  # no stack it could mean
         lora_init(KEY, stacked, LoraConfig(**config, rank_pattern={"layers/3/down": 8}))
+    # Equinox's stacked norms hold (layers, features) 'weight's too: not listed as weights to adapt
+    norms = {"layers": {"up": {"weight": jnp.ones((12, 16, 16))}, "ln_1": {"weight": jnp.ones((12, 16))},
+                        "RMSNorm": {"weight": jnp.ones((12, 16))}}}
+    with pytest.raises(ValueError, match=r"'qq' matches no param; modules with weights to adapt: layers/up$"):
+        lora_init(KEY, norms, LoraConfig(rank=2, targets=["qq"], layouts={"up": "boi"}))
 
 
 def test_a_haiku_modules_w_and_embeddings_are_its_weight_and_table():
