@@ -242,6 +242,7 @@ class AdapterCheckpointer:
             check_config_makes("AdapterCheckpointer.save", self.lora_config, params)
         if opt_state is not None:
             _check_arrays(opt_state)
+            _check_state_fits(params, opt_state)
         return arrays, specs, metrics
 
     def restore(self, base_params: Any, step: int | None = None, *, opt_state_like: Any = None) -> tuple[Any, Any, int]:
@@ -621,6 +622,28 @@ def _check_arrays(opt_state: Any) -> None:
         if is_deleted(leaf):  # orbax would fail halfway, its temporary folder left
             raise ValueError(f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)} {DELETED}; save the "
                              "state the step returned")
+
+
+def _check_state_fits(params: Any, opt_state: Any) -> None:
+    """Refuse an optimizer state kept for other adapters than those of ``params`` (another rank,
+    other targets), naming the first: its step could never be restored with them. Arrays of other
+    axes than their factor's (Adafactor's factored moments) are not compared."""
+    mine = {n.path: n for n in jax.tree.leaves(params, is_leaf=is_param) if isinstance(n, LoraWeight)}
+    states = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=lambda x: isinstance(x, LoraWeight))[0]
+    for kp, node in states:
+        if not isinstance(node, LoraWeight) or node.path is None:
+            continue
+        where = f"AdapterCheckpointer.save: opt_state{jax.tree_util.keystr(kp)}"
+        own = mine.get(node.path)
+        if own is None:
+            raise ValueError(f"{where} is kept for an adapter at '{node.path}', and params have none there (the state "
+                             f"of other targets? params adapt {sorted(mine)[:4]}); save the state of these params")
+        for name in ("a", "b"):
+            kept, factor = getattr(node, name), getattr(own, name)
+            if is_saveable_array(kept) and np.ndim(kept) == np.ndim(factor) and np.shape(kept) != np.shape(factor):
+                raise ValueError(f"{where}.{name} has shape {tuple(np.shape(kept))}, the adapter's {name} at "
+                                 f"'{node.path}' {tuple(np.shape(factor))} (the state of another rank?); save the "
+                                 "state of these params")
 
 
 def _what_it_makes(config: LoraConfig) -> dict[str, Any]:
