@@ -160,6 +160,9 @@ class _SpecsRule:
     def __call__(self, path: str, shape: tuple, mesh: Mesh) -> PartitionSpec | None:
         return self.table.get(path)
 
+    def __repr__(self) -> str:
+        return f"sharding.from_specs(specs of {len(self.table)} param{'' if len(self.table) == 1 else 's'})"
+
 
 def fsdp(axis: str = "fsdp", *, min_size: int = 2**12) -> Rule:
     """Shard each leaf's largest axis that divides evenly over the mesh axis ``axis`` (FSDP / ZeRO-3).
@@ -318,7 +321,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
                     try:
                         return _checked(where, tuple(shape), _as_spec(spec), mesh)
                     except ValueError as err:  # which of several rules gave it
-                        named = r if isinstance(r, _PatternRule) else getattr(r, "__qualname__", r)
+                        named = r if isinstance(r, (_PatternRule, _SpecsRule)) else getattr(r, "__qualname__", r)
                         raise ValueError(f"{err}; the rule: {named}") from None
         return PartitionSpec()
 
@@ -512,13 +515,14 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
             tx, one, state, param_shardings, transform_non_params=lambda _: replicated,
             is_leaf=per_param,
         )
-    except _NotTheParams:  # one's own, naming the leaf
-        raise
+    except _NotTheParams as err:  # one's own, naming the leaf
+        raise ValueError(str(err)) from None
     except ValueError as err:
         raise ValueError("jlora.sharding.state_shardings: the state's per-param leaves are not shaped like the tree "
-                         "of param_shardings (a tx that takes its params wrapped, optax.lookahead's LookaheadParams: "
-                         "give the shardings of the tree the state keeps per param, shardings(params.fast, mesh, "
-                         f"rules)); JAX says: {str(err)[:200]}") from None
+                         "of param_shardings: a tx that keeps no state per param (optax.flatten's one vector of all "
+                         "params, for one device only) cannot be laid out like them; one that takes its params "
+                         "wrapped (optax.lookahead's LookaheadParams) needs the shardings of the tree the state keeps "
+                         f"per param, shardings(params.fast, mesh, rules); JAX says: {str(err)[:200]}") from None
 
 
 def _fits(sharding: Any, shape: tuple) -> bool:

@@ -121,6 +121,9 @@ def test_bad_rules_name_the_param():
 
     with pytest.raises(ValueError, match=r"the rule: test_bad_rules_name_the_param.<locals>.my_rule"):
         sharding.partition_specs(params, mesh, [my_rule])
+    with pytest.raises(ValueError, match=r"'dense/kernel': mesh has no axis 'tensor' .*; the rule: "
+                                         r"sharding.from_specs\(specs of 1 param\)$"):
+        sharding.partition_specs(params, mesh, [sharding.from_specs({"dense": {"kernel": P("tensor", None)}})])
     with pytest.raises(ValueError, match="'dense/kernel': spec .* has 3 entries"):
         sharding.partition_specs(params, mesh, [("dense", P(None, None, "model"))])
     with pytest.raises(ValueError, match=r"'dense/kernel': spec .* splits two axes over mesh axis 'model'"):
@@ -392,8 +395,9 @@ def test_optimizer_state_shards_like_the_adapters():
         sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(other, mesh, RULES), mesh)
     frozen = jlora.split(params)[1]  # the other half's: no factors' shardings, which jax.jit took as "unspecified"
     with pytest.raises(ValueError, match=r"the state holds an array for the a of '\w+/kernel', but param_shardings has none "
-                                         r"\(the shardings of the frozen half of jlora.split\?\)"):
+                                         r"\(the shardings of the frozen half of jlora.split\?\)") as refused:
         sharding.state_shardings(tx, tx.init(trainable), sharding.shardings(frozen, mesh, RULES), mesh)
+    assert refused.type is ValueError  # not the module's private subclass
     # optax.lookahead around the optimizer (as the README has it) takes LookaheadParams: its state mirrors the fast ones
     lookahead = optax.lookahead(jlora.optimizer(optax.adam(1e-2), trainable, b_lr_ratio=4.0), sync_period=2,
                                 slow_step_size=0.5)
@@ -403,8 +407,12 @@ def test_optimizer_state_shards_like_the_adapters():
     assert mu["up"]["kernel"].b.sharding.spec == P(None, "model")
     jax.tree.map(np.testing.assert_array_equal, state, lookahead.init(both))
     with pytest.raises(ValueError, match=r"state_shardings: the state's per-param leaves are not shaped like the tree "
-                                         r"of param_shardings .*shardings\(params.fast, mesh, rules\)"):
+                                         r"of param_shardings: .*shardings\(params.fast, mesh, rules\)"):
         sharding.state_shardings(lookahead, lookahead.init(both), sharding.shardings(both, mesh, RULES), mesh)
+    flat = jlora.optimizer(optax.flatten(optax.adam(1e-2)), trainable)  # one vector of moments: one device only
+    with pytest.raises(ValueError, match=r"a tx that keeps no state per param \(optax.flatten's one vector of all "
+                                         r"params, for one device only\) cannot be laid out like them"):
+        sharding.init_state(flat, trainable, mesh, RULES)
 
 
 # --- sharded training == single-device training ----------------------------------------------------
