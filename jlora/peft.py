@@ -84,6 +84,11 @@ PEFT_TYING_NAMES = ("embed_tokens", "lm_head")
 # The model's own modules under which Flax keeps a masked LM's head (BERT's cls.predictions.decoder,
 # RoBERTa's lm_head.decoder, ...): PyTorch's tied head there is not a causal LM's ``lm_head``.
 MLM_HEADS = ("cls", "lm_head", "predictions", "generator_lm_head")
+# A classifier's head modules, beside its base model (BART's classification_head; DistilBERT's
+# pre_classifier comes with a classifier).
+CLASSIFIER_HEADS = frozenset({"classifier", "classification_head", "score", "qa_outputs"})
+# transformers' auto classes (MODEL_<kind>_MAPPING_NAMES) of models with an LM head.
+LM_HEAD_KINDS = ("WITH_LM_HEAD", "FOR_CAUSAL_LM", "FOR_MASKED_LM", "FOR_SEQ_TO_SEQ_CAUSAL_LM", "FOR_PRETRAINING")
 
 
 def module_name(path: str) -> str:
@@ -546,15 +551,21 @@ def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]
     lookup, unless PEFT ties the head to it (``_peft_ties``). Not tied: a model whose params
     (``shapes``: every leaf's) hold an ``lm_head`` kernel of its own (Flax's Llama keeps one
     whatever ``tie_word_embeddings`` says), or one without an LM head by its ``architectures`` (a
-    classifier, the model type's bare model: ``BertModel``). ``config``: the adapter's, named in
+    classifier, the model type's bare model: ``BertModel``), by the params (a classifier's head
+    and no LM head's: ``architectures`` may name the checkpoint's pre-training class, or none), or
+    by its model type (no class of it has an LM head: CLIP's). ``config``: the adapter's, named in
     the error."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # model type -> its bare model class
+    from transformers.models.auto import modeling_auto as auto  # model type -> its classes
 
     archs = getattr(hf_config, "architectures", None) or []
-    bare = MODEL_MAPPING_NAMES.get(hf_config.model_type, ())
+    bare = auto.MODEL_MAPPING_NAMES.get(hf_config.model_type, ())
     bare = (bare,) if isinstance(bare, str) else tuple(bare)  # some types have two (funnel)
-    headless = archs and all(a.endswith(CLASSIFIERS) or a in bare for a in archs)
     part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
+    with_lm_head = set().union(*(getattr(auto, f"MODEL_{kind}_MAPPING_NAMES", {}) for kind in LM_HEAD_KINDS))
+    top = {q.split("/", 1)[0] for q in shapes}
+    headless = (archs and all(a.endswith(CLASSIFIERS) or a in bare for a in archs)
+                or (top & CLASSIFIER_HEADS and not top & set(MLM_HEADS))
+                or getattr(part, "model_type", hf_config.model_type) not in with_lm_head)
     shape = tuple(shapes[path])
     own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]
                                        for q, s in shapes.items())
@@ -742,17 +753,28 @@ def _tied_heads(tensors: dict, by_path: dict, hf_config: Any) -> list[str]:
                   and not any(p.startswith(head.replace(".", "/") + "/") for p in by_path))
 
 
+def _saved_tied(head_tensors: dict, heads: Sequence[str], tuned: dict) -> bool:
+    """Whether PEFT saved a tied head's weight (``head_tensors``) equal to an embedding trained
+    whole (``tuned``): its ``modules_to_tie`` with ``ensure_weight_tying``, whose config then names
+    neither ``embed_tokens`` nor ``lm_head`` (BLOOM's ``word_embeddings``). Loaded into PyTorch's
+    head, which is the base embedding's weight, it makes the head compute with the trained copy, as
+    Flax's head, the embedding, does."""
+    copies = [v for p, v in tuned.items() if p.endswith("/embedding")]
+    return any(key in (f"{h}.weight" for h in heads) and any(np.array_equal(value, c) for c in copies)
+               for key, value in head_tensors.items())
+
+
 def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[str], config: dict,
                      factors: dict, tuned: dict, by_path: dict, shapes: dict[str, tuple],
-                     scale_of: Callable[[str], float], hf_config: Any) -> None:
+                     scale_of: Callable[[str], float], hf_config: Any, ties: str | None) -> None:
     """Check a tensor PEFT saved (``key``, less ``PREFIX``) for one of the LM ``heads`` the Flax
     model ties to its input embedding, never loading it (Flax's head is the embedding): the head's
-    base weight (PEFT's save_embedding_layers) must be the embedding's base; with ensure_weight_tying
-    (``_peft_ties``), its LoRA must be the embedding's factors transposed at the same scale, its
-    trained copy the embedding's. Anything else the Flax model cannot hold is refused. ``shapes``:
-    ``by_path``'s; ``scale_of``: PEFT's scale of a module's adapter."""
+    base weight (PEFT's save_embedding_layers) must be the embedding's base; where PEFT ties them
+    (``ties``: ``_peft_ties``, or ``_saved_tied``), its LoRA must be the embedding's factors
+    transposed at the same scale, its trained copy the embedding's. Anything else the Flax model
+    cannot hold is refused. ``shapes``: ``by_path``'s; ``scale_of``: PEFT's scale of a module's adapter."""
     head = next(h for h in heads if key.startswith(h + "."))
-    leaf, ties = key[len(head) + 1:], _peft_ties(config)
+    leaf = key[len(head) + 1:]
     prefix = head.rsplit(".", 1)[0].replace(".", "/") + "/" if "." in head else ""
     tables = [p for p in by_path if p.startswith(prefix) and p.endswith("/embedding")
               and _check_untied("", p, hf_config, shapes, peft_ties=True)]
@@ -1052,6 +1074,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             embeddings.add(name)
     for p in [p for p, v in tuned.items() if p not in by_path and _tied_copy(p, v, tuned, by_path)]:
         del tuned[p]
+    if ties is None and _saved_tied(head_tensors, heads, tuned):
+        ties = "save"
     for p, value in tuned.items():
         if p not in by_path:
             raise ValueError(f"{path}: adapter for another base model: no Flax param '{p}'")
@@ -1113,7 +1137,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
                                        path=flax_path[p], dropout=float(dropout))
     for key, value in head_tensors.items():  # checked against the input embedding it is tied to
         _check_tied_head(path, key, value, heads, config, factors, tuned, by_path, shapes,
-                         lambda m: _scale(config, alpha_of(m), rank_of(m)), hf_config)
+                         lambda m: _scale(config, alpha_of(m), rank_of(m)), hf_config, ties)
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike

@@ -183,6 +183,46 @@ def test_gpt2s_tied_wte_crosses_as_peft_reloads_it(tmp_path):
         r=2, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)).save_pretrained(tmp_path / "from_peft")
     with pytest.raises(ValueError, match="names neither embed_tokens nor lm_head .* PEFT reloads it untied"):
         jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    # trained whole, the same config names 'transformer.wte' alone too, but PEFT saves the head's weight (the trained
+    # copy) beside it, which its reload loads into the head, the base wte's weight: tied, as jlora reads it
+    params, peft_model = _read_as_peft_runs_it(model, tf.GPT2LMHeadModel, tmp_path / "whole", target_modules=["c_attn"],
+                                               modules_to_save=["lm_head"], ensure_weight_tying=True)
+    assert json.loads((tmp_path / "whole" / "adapter_config.json").read_text())["modules_to_save"] == ["transformer.wte"]
+    reloaded = _torch_out(peft.PeftModel.from_pretrained(_torch_twin(model, tf.GPT2LMHeadModel), tmp_path / "whole"),
+                          input_ids=IDS)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, reloaded, rtol=1e-4, atol=1e-5)
+    assert float(np.abs(reloaded - model(IDS).logits).max()) > 1e-2  # the head's change matters
+
+
+@pytest.mark.parametrize("architectures", [None, ["RobertaForMaskedLM"]])
+def test_a_classifiers_embedding_is_no_tied_one_whatever_architectures_says(architectures, tmp_path):
+    """A classifier has no LM head, whatever tie_word_embeddings (on by default) says; its config's
+    architectures may be unset or name the checkpoint's pre-training class (roberta-base's). Its
+    adapted embedding was refused as tied, both ways."""
+    model = _tiny_roberta_classifier()
+    model.config.architectures = architectures
+    _read_as_peft_runs_it(model, tf.RobertaForSequenceClassification, tmp_path / "from_peft",
+                          target_modules=["query", "word_embeddings"], task_type="SEQ_CLS")
+    cfg = jlora.LoraConfig(rank=2, targets=["query", "word_embeddings"], trainable=["classifier"])
+    _same_in_peft(model, _torch_twin(model, tf.RobertaForSequenceClassification), cfg, tmp_path / "from_jlora")
+    saved = json.loads((tmp_path / "from_jlora" / "adapter_config.json").read_text())
+    assert "lm_head" not in str(saved["target_modules"]) and not saved.get("ensure_weight_tying")
+
+
+def test_an_embedding_of_a_model_type_without_lm_heads_is_no_tied_one(tmp_path):
+    """No CLIP class has an LM head: its text tower's token embedding was refused as tied."""
+    model = tf.FlaxCLIPTextModel(tf.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, vocab_size=64, max_position_embeddings=16))
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.CLIPTextModel), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "token_embedding"], init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    params = jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    got = jlora.apply(model.__call__)(IDS, params=params).last_hidden_state
+    np.testing.assert_allclose(got, _torch_out(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
+    jlora.peft.save_adapter(tmp_path / "from_jlora", params, model.config)
+    np.testing.assert_allclose(_torch_out(peft.PeftModel.from_pretrained(_torch_twin(model, tf.CLIPTextModel),
+                                                                         tmp_path / "from_jlora"), input_ids=IDS),
+                               got, rtol=1e-4, atol=1e-5)
 
 
 def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warning(tmp_path):
