@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 import weakref
 
 import jax
@@ -131,20 +132,28 @@ def test_an_optimizer_state_of_other_targets_is_refused_by_path(tmp_path):
                                          r"opt_state.*\['l1'\]\['kernel'\].a.*other targets"):
         ckpt.restore(base, opt_state_like=state_of("l2"))
     ckpt.restore(base, opt_state_like=state_of("l1"))
-    # refused at save too, as a state of another rank: a step that could never be restored is not written
+    # refused at save too: a step that could never be restored with these params' state is not written
     params = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["l1"]))
     with pytest.raises(ValueError, match=r"^AdapterCheckpointer.save: opt_state.*\['l2'\]\['kernel'\] is kept for an "
                                          r"adapter at 'l2/kernel', and params have none there \(the state of other "
                                          r"targets\? params adapt \['l1/kernel'\]\)"):
         ckpt.save(2, params, opt_state=state_of("l2"))
-    rank4 = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, targets=["l1"]))
-    with pytest.raises(ValueError, match=r"^AdapterCheckpointer.save: opt_state.*\['l1'\]\['kernel'\].a has shape "
-                                         r"\(8, 4\), the adapter's a at 'l1/kernel' \(8, 2\) \(the state of another "
-                                         r"rank\?\)"):
-        ckpt.save(2, jlora.split(params)[0], opt_state=jlora.optimizer(optax.adam(1e-2), rank4).init(rank4))
     assert ckpt.all_steps() == [1]
-    adafactor = jlora.optimizer(optax.adafactor(1e-2, min_dim_size_to_factor=2), params)  # factored moments: other axes
-    assert ckpt.save(2, params, opt_state=adafactor.init(params))
+    # a state of another rank is warned of (a transformation may keep a state of its own shape), and saved
+    rank4 = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, targets=["l1"]))
+    with pytest.warns(UserWarning, match=r"^AdapterCheckpointer.save: opt_state.*\['l1'\]\['kernel'\].a has shape "
+                                         r"\(8, 4\), the adapter's a at 'l1/kernel' \(8, 2\): the state of another "
+                                         r"rank\? A restore with the state of these params \(opt_state_like\) will "
+                                         r"refuse this step") as warned:
+        assert ckpt.save(2, jlora.split(params)[0], opt_state=jlora.optimizer(optax.adam(1e-2), rank4).init(rank4))
+    assert warned[0].filename == __file__  # where save was called
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adafactor = jlora.optimizer(optax.adafactor(1e-2, min_dim_size_to_factor=2), params)  # factored: other axes
+        assert ckpt.save(3, params, opt_state=adafactor.init(params))
+        # two towers adapted apart (another rank each) share their relative paths: each state fits one of them
+        towers = {"text": params, "vision": rank4}
+        assert ckpt.save(4, towers, opt_state=jlora.optimizer(optax.adam(1e-2), towers).init(towers))
 
 
 def test_factors_of_two_dtypes_round_trip(tmp_path):
