@@ -168,7 +168,7 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
         "/".join("*" if c.isdigit() else c for c in owners[path]) or "(the root)"
         for path, leaf in entries
         if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
-        and not (owners[path] and _NORM.search(owners[path][-1]))  # a stacked norm's (layers, features) scale
+        and not (getattr(leaf, "ndim", 0) == 2 and owners[path] and _NORM.search(owners[path][-1]))  # a stacked norm's scale
     ))
 
 
@@ -266,6 +266,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             raise ValueError(f"lora_init: '{path}' is {mutable} (mutable), not an array: jlora adapts and trains "
                              "arrays. For a Flax NNX model in ref or hijax variable mode, pass nnx.with_vars(model, "
                              "ref=False, hijax=False); for a tree of Refs, read them: jax.tree.map(lambda r: r[...], params)")
+        direct = []  # the target patterns naming this leaf itself
         if any(ex.match(path) for ex in exclude) or in_state(path, state):  # state: updated by the forward pass
             chosen = False
         elif all_linear:
@@ -294,8 +295,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
             for pat, kind in kinds.items():
                 hits[pat] += bool(chosen and kind)
         # all-linear's 'weight' (Equinox's, Haliax's) is adapted only where infer_layout sees it in a matmul:
-        # one that trainable names is trained whole where it is not (an Embedding's table), or named itself
-        provisional = all_linear and chosen and _is_weight(path, wrapped)
+        # one that trainable names is trained whole where it is not (an Embedding's table), or named itself;
+        # so is one a module target chose, where infer_layout may see a stacked norm's scale
+        provisional = chosen and _is_weight(path, wrapped) and (all_linear or (weights and not direct))
         tuned = [pat for pat in trainable if pat.match(path)]
         for pat in tuned:
             if chosen and pat.match(path) == LEAF:
@@ -510,7 +512,7 @@ def lora_init(
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) (which also tells a norm's scale "
-                   "stacked with its layers, and leaves it alone) or declare it")
+                   "stacked with layers a scan runs, and leaves it alone) or declare it")
             # named by a module above it, seen in no matmul: a stacked norm's scale (layers, features) more likely
             module = path.rsplit("/", 1)[0]
             naming = [pat.text for pat in targets if pat.match(module) == LEAF  # a target naming this module alone
@@ -576,7 +578,8 @@ def lora_init(
         raise ValueError(f"LoraConfig: rank {config.rank} exceeds min(in, out) of every kernel all-linear selects "
                          f"({adapt[:3]}...); lower the rank")
     for path in tune:
-        new[path] = Trainable(_own_copy(by_path[path]))
+        if path not in new:  # select's provisional weights, adapted after all, are not also trained whole
+            new[path] = Trainable(_own_copy(by_path[path]))
     return replace_leaves(params, new, is_leaf=is_param)
 
 

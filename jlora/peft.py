@@ -562,10 +562,12 @@ def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]
     bare = (bare,) if isinstance(bare, str) else tuple(bare)  # some types have two (funnel)
     part = _part_config(hf_config, path.replace("/", "."))  # a composite model's decoder ties its own
     with_lm_head = set().union(*(getattr(auto, f"MODEL_{kind}_MAPPING_NAMES", {}) for kind in LM_HEAD_KINDS))
+    model_type = getattr(part, "model_type", hf_config.model_type)
     top = {q.split("/", 1)[0] for q in shapes}
     headless = (archs and all(a.endswith(CLASSIFIERS) or a in bare for a in archs)
                 or (top & CLASSIFIER_HEADS and not top & set(MLM_HEADS))
-                or getattr(part, "model_type", hf_config.model_type) not in with_lm_head)
+                # a type transformers knows (not remote code, nor newer) with no LM-head class
+                or model_type in auto.MODEL_MAPPING_NAMES and model_type not in with_lm_head)
     shape = tuple(shapes[path])
     own_head = len(shape) == 2 and any(q.split("/")[-2:] == ["lm_head", "kernel"] and s == shape[::-1]
                                        for q, s in shapes.items())

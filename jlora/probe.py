@@ -318,8 +318,8 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
     """Layouts of the kernels at ``paths``, from how ``fn(params)`` uses them. ``used_by``, if
     given, receives the primitives that use each kernel (of ``dot_general``, ``ragged_dot_general``,
     ``gather`` (a single row's ``squeeze`` too: a lookup) and ``conv_general_dilated``); ``vectors``
-    the paths that a layer of a stack (a ``scan``, ``jnp.unstack``, ``W[i]``) multiplies or adds
-    elementwise as a vector, as a norm's scale.
+    the paths that a layer of a stack (a ``scan``, ``jnp.unstack``) multiplies or adds elementwise
+    as a vector, as a norm's scale (a row ``W[i]`` counts as a lookup: an embedding's).
 
     Example:
         >>> import jax.numpy as jnp

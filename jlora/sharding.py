@@ -519,10 +519,11 @@ def state_shardings(tx: optax.GradientTransformation, state: Any, param_sharding
         raise ValueError(str(err)) from None
     except ValueError as err:
         raise ValueError("jlora.sharding.state_shardings: the state's per-param leaves are not shaped like the tree "
-                         "of param_shardings: a tx that keeps no state per param (optax.flatten's one vector of all "
-                         "params, for one device only) cannot be laid out like them; one that takes its params "
-                         "wrapped (optax.lookahead's LookaheadParams) needs the shardings of the tree the state keeps "
-                         f"per param, shardings(params.fast, mesh, rules); JAX says: {str(err)[:200]}") from None
+                         "of param_shardings: give the shardings of the tree the state was made from (for a tx that "
+                         "takes its params wrapped, optax.lookahead's LookaheadParams, the tree its state keeps per "
+                         "param: shardings(params.fast, mesh, rules)); a tx that keeps no state per param "
+                         "(optax.flatten's one vector of all params) cannot be laid out like them; JAX says: "
+                         f"{str(err)[:200]}") from None
 
 
 def _fits(sharding: Any, shape: tuple) -> bool:

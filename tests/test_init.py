@@ -210,6 +210,11 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     stacked = lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"]), infer_layout=scanned)
     assert sorted(adapted(stacked)) == ["blocks/lin/weight"] and str(stacked["blocks"]["lin"]["weight"].layout) == "boi"
     assert stacked["blocks"]["ln"]["weight"] is blocks["blocks"]["ln"]["weight"]
+    for trainable in (["ln"], ["blocks"]):  # trained whole where trainable names them, as a 1-D norm's scale
+        tuned = lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks"], trainable=trainable), infer_layout=scanned)
+        assert sorted(adapted(tuned)) == ["blocks/lin/weight"]
+        kinds = {k: type(v["weight"]).__name__ for k, v in tuned["blocks"].items()}
+        assert kinds == {"lin": "LoraWeight", "ln": "Trainable", "gemma_ln": "Trainable" if trainable == ["blocks"] else "ArrayImpl"}
     with pytest.raises(ValueError, match=r"^LoraConfig.targets: pattern 'ln' matches no kernel to adapt: "
                                          r"\['blocks/ln/weight'\] are vectors per layer of a stack \(a norm's scale\)"):
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["ln", "lin"]), infer_layout=scanned)
@@ -229,8 +234,8 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
     # without infer_layout: the same hints, and infer_layout named as what tells a norm
     declared = {"layouts": {"lin": "boi"}}
     with pytest.raises(ValueError, match=r"'blocks/gemma_ln/weight' is a 2-D weight: .*pass lora_init\(\.\.\., "
-                                         r"infer_layout=.*\) \(which also tells a norm's scale stacked with its layers, "
-                                         r"and leaves it alone\) .*leave it out: LoraConfig\(exclude=\['blocks/gemma_ln'\]\)$"):
+                                         r"infer_layout=.*\) \(which also tells a norm's scale stacked with layers a scan "
+                                         r"runs, and leaves it alone\) .*leave it out: LoraConfig\(exclude=\['blocks/gemma_ln'\]\)$"):
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/*"], **declared))
     with pytest.raises(ValueError, match=r"'blocks/ln/weight' is a 2-D weight: .*if it is no linear weight \(a norm's "
                                          r"scale, stacked with its layers\), take 'ln' out of targets \(norms go in "

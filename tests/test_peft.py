@@ -223,6 +223,10 @@ def test_an_embedding_of_a_model_type_without_lm_heads_is_no_tied_one(tmp_path):
     np.testing.assert_allclose(_torch_out(peft.PeftModel.from_pretrained(_torch_twin(model, tf.CLIPTextModel),
                                                                          tmp_path / "from_jlora"), input_ids=IDS),
                                got, rtol=1e-4, atol=1e-5)
+    # a type transformers does not know (remote code, or newer) is taken at its tie_word_embeddings' word
+    remote = type("RemoteConfig", (tf.PretrainedConfig,), {"model_type": "remote-lm"})(vocab_size=64)
+    with pytest.raises(ValueError, match=r"^'wte/embedding' is tied to the LM head"):
+        jlora.peft._check_untied("'wte/embedding'", "wte/embedding", remote, {"wte/embedding": (64, 32)})
 
 
 def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warning(tmp_path):

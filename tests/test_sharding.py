@@ -411,7 +411,7 @@ def test_optimizer_state_shards_like_the_adapters():
         sharding.state_shardings(lookahead, lookahead.init(both), sharding.shardings(both, mesh, RULES), mesh)
     flat = jlora.optimizer(optax.flatten(optax.adam(1e-2)), trainable)  # one vector of moments: one device only
     with pytest.raises(ValueError, match=r"a tx that keeps no state per param \(optax.flatten's one vector of all "
-                                         r"params, for one device only\) cannot be laid out like them"):
+                                         r"params\) cannot be laid out like them"):
         sharding.init_state(flat, trainable, mesh, RULES)
 
 
