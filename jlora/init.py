@@ -500,15 +500,15 @@ def lora_init(
                           "and its PEFT form follow it); jlora.apply keeps a use factored where that layout "
                           "allows, and materialises the weight, with a MaterializeWarning, where it does not",
                           stacklevel=2)
-        if layout is None and _is_weight(path, wrapped) and w.ndim == 2 and path in vectors and path not in used_by:
-            # a layer's vector, never in a matmul or lookup: a stacked norm's scale, left as a 1-D one is
-            if any(pat.match(path) == LEAF for pat in targets):
-                raise ValueError(f"lora_init: target matches '{path}' ({_describe(w)}), which each layer of its stack "
-                                 "uses as a vector (a norm's scale): only kernels of 2 or more axes per layer can be "
-                                 "adapted (biases and norms go in LoraConfig.trainable)")
-            stacked_vectors.append(path)
-            continue
         if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
+            if path in vectors and path not in used_by:
+                # a layer's vector, never in a matmul or lookup: a stacked norm's scale, left as a 1-D one is
+                if any(pat.match(path) == LEAF for pat in targets):
+                    raise ValueError(f"lora_init: target matches '{path}' ({_describe(w)}), which each layer of its "
+                                     "stack uses as a vector (a norm's scale): only kernels of 2 or more axes per layer "
+                                     "can be adapted (biases and norms go in LoraConfig.trainable)")
+                stacked_vectors.append(path)
+                continue
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) (which also tells a norm's scale "
