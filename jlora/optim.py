@@ -54,6 +54,8 @@ def _no_change(x: Any) -> Any:
     ``p + -0.0`` is ``p`` for every float ``p`` (``+0.0`` would turn a ``-0.0`` into ``+0.0``; a
     complex ``p``'s two parts likewise). Bitwise where XLA folds the add (in the jitted step that
     made the update); an add of its own flushes subnormals and quiets signalling NaNs, as any does."""
+    if x.dtype == jax.dtypes.float0:  # an integer param's (a quantized base's, under grad's allow_int)
+        return jnp.zeros(x.shape, bool)  # p + False is p, in p's dtype; float0 has no add
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         return jnp.full_like(x, complex(-0.0, -0.0))
     return jnp.full_like(x, -0.0) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros_like(x)

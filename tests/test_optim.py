@@ -561,6 +561,35 @@ def test_full_tree_gradients_over_a_lazy_base_update_the_adapter_alone():
     np.testing.assert_allclose(new["q"].a, p["q"].a - 0.1 * g["q"].a, rtol=1e-6)
 
 
+def test_an_int8_base_trains_with_full_tree_gradients_taken_with_allow_int():
+    """A quantized base's integer parts get float0 gradients (``allow_int=True``; JAX refuses an
+    integer input otherwise): their zero updates keep the int8 kernel as it was under
+    ``optax.apply_updates`` (float0 has no add), in jax.grad's loop and NNX's alike, and the
+    adapters follow the trainable half's step."""
+    from quantized import quantize
+
+    nnx = pytest.importorskip("flax.nnx")
+    linear = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    linear.kernel = nnx.Param(quantize(linear.kernel[...]))
+    model = perturb(jlora.lora_init(KEY, linear, jlora.LoraConfig(rank=2, targets=["kernel"])), KEY)
+    forward = jlora.apply(lambda m, x: m(x))
+    x = normal(jax.random.key(1), (16, 8))
+    loss_fn = lambda m: jnp.mean(forward(m, x) ** 2)
+    trainable, frozen = jlora.split(model)
+    tx = jlora.optimizer(optax.adam(1e-2), trainable, b_lr_ratio=4.0)
+    updates, _ = tx.update(jax.grad(lambda t: loss_fn(jlora.combine(t, frozen)))(trainable), tx.init(trainable), trainable)
+    want = optax.apply_updates(trainable, updates)
+
+    got = optax.apply_updates(model, tx.update(jax.grad(loss_fn, allow_int=True)(model), tx.init(model), model)[0])
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt.update(model, nnx.grad(loss_fn, allow_int=True)(model))
+    int8 = lambda m: [leaf for leaf in jax.tree.leaves(m) if leaf.dtype == jnp.int8]
+    assert len(int8(frozen)) == 1
+    for new in (got, model):
+        np.testing.assert_array_equal(int8(new), int8(frozen))  # the kernel, int8 still
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), jlora.split(new)[0], want)
+
+
 def test_an_equinox_module_of_gradients_as_an_extra_argument_reaches_tx_as_the_trainable_half():
     """An Equinox module is callable, yet no callback: lbfgs's grad= of one is split like the gradients."""
     eqx = pytest.importorskip("equinox")
