@@ -414,6 +414,10 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                 try:
                     with _compat.eqn_context(eqn):  # the rule's ops in the context the equation was traced in
                         outs = rule(ctx, eqn, invals)
+                except Exception as err:
+                    _note_rule(err, rule, eqn, [f"{x.describe()}{f' ({ctx.where(x)})' if ctx.where(x) else ''}"
+                                                for x in lazy])
+                    raise
                 finally:
                     ctx.frame = outer
                 if outs is not NotImplemented:
@@ -425,6 +429,14 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     if outs is NotImplemented:
         outs = _compat.bind(eqn, invals)
     return outs
+
+
+def _note_rule(err: Exception, rule: Rule, eqn: Any, inputs: list[str]) -> None:
+    """Add to ``err`` which rule raised it, and on which lazy inputs: a kind's own bug (a scale of
+    the wrong shape) otherwise fails deep in JAX, naming no param. The innermost rule only."""
+    if hasattr(err, "add_note") and not any(n.startswith("jlora: raised in the rule") for n in getattr(err, "__notes__", ())):
+        err.add_note(f"jlora: raised in the rule {getattr(rule, '__qualname__', rule)} ({getattr(rule, '__module__', '?')}) "
+                     f"for {eqn.primitive}, on {', '.join(inputs)}")
 
 
 def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:

@@ -796,7 +796,14 @@ def materialized(x: "Lazy") -> jax.Array:
         >>> materialized(jlora.LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)), scale=1.0)).shape
         (2, 2)
     """
-    out = x.materialize()
+    try:
+        out = x.materialize()
+    except Exception as err:
+        own, name = type(x).__module__.startswith("jlora."), x.describe()
+        if hasattr(err, "add_note") and not (own and name == type(x).__name__):  # Python 3.11+
+            err.add_note(f"jlora: raised materialising {name}" if own else
+                         f"jlora: raised in {type(x).__name__}.materialize(), the lazy kind's own code")
+        raise
     shape, want = tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)  # numpy's float64, x64 off: float32
     if (tuple(out.shape), jnp.dtype(out.dtype)) != (shape, want):
         raise MaterializeMismatch(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, "

@@ -573,6 +573,21 @@ def test_a_rule_that_returns_a_bare_value_is_named():
         jlora.register(jax.extend.core.primitives.neg_p, int)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+def test_an_error_inside_a_kinds_rule_or_materialize_names_the_rule_kind_and_param():
+    """A kind's own bug (a scale of the wrong shape: per input, not per output) fails deep in JAX;
+    the error's notes say which rule or materialize() raised it, and on which param."""
+    bad = Int8Weight(jnp.ones((6, 4), jnp.int8), jnp.full((6,), 0.01))
+    params = jlora.lora_init(KEY, {"l": {"kernel": bad}}, jlora.LoraConfig(rank=2, targets=["l"]))
+    with pytest.raises(ValueError, match="Incompatible shapes") as raised:
+        jlora.apply(lambda p, x: x @ p["l"]["kernel"])(params, jnp.ones((3, 6)))
+    assert r"jlora: raised in the rule _int8_dot (quantized) for dot_general, on Int8Weight (the base of 'l/kernel')" \
+        in raised.value.__notes__
+    with pytest.raises(ValueError, match="Incompatible shapes") as raised:
+        jlora.merge(params)
+    assert "jlora: raised in Int8Weight.materialize(), the lazy kind's own code" in raised.value.__notes__
+
+
 def test_a_rule_registered_after_an_eager_call_applies_to_the_wrapper_from_its_next_call():
     """A user adds the rule a fallback's warning asked for: the wrapper that already ran eagerly
     (its evaluation compiled and kept) evaluates with it from then on, not with the fallback."""
