@@ -331,11 +331,13 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[RuleLike]) -> Any:
         if isinstance(x, LoraWeight):  # matched by the path lora_init gave it, else by where it is now
             if x.path and x.path != path:
                 seen.append(path)
-            return part_specs(x, spec_for(x.path or path, x.kernel_shape, also=path), x.path or path)
+            spec = spec_for(x.path or path, x.kernel_shape, also=path)
+            return _checked_parts(x.path or path, x, spec, part_specs(x, spec, x.path or path), mesh)
         if isinstance(x, Trainable):
             return Trainable(None if x.value is None else spec_for(path, np.shape(x.value)))
         if isinstance(x, Lazy):
-            return part_specs(x, spec_for(path, x.shape), path)
+            spec = spec_for(path, x.shape)
+            return _checked_parts(path, x, spec, part_specs(x, spec, path), mesh)
         if not has_shape(x):  # an Equinox module's activation, a string: no array to place
             return None
         return spec_for(path, np.shape(x))
@@ -389,7 +391,12 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
                          a=None if x.a is None else a_spec, b=None if x.b is None else b_spec)
     kind_specs = getattr(x, "part_specs", None)
     if callable(kind_specs):
-        return kind_specs(spec)
+        specs = kind_specs(spec)
+        if jax.tree.structure(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)) != jax.tree.structure(x):
+            raise ValueError(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, whose part_specs({spec}) gave "
+                             f"{specs!r}; it must return a {type(x).__name__} (the same pytree) with a PartitionSpec "
+                             f"in place of each of its {len(jax.tree.leaves(x))} arrays")
+        return specs
     if all(s is None for s in spec):
         return jax.tree.map(lambda _: PartitionSpec(), x)
     raise NoPartSpecs(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, and the rules shard the array it "
@@ -592,6 +599,22 @@ def _as_spec(spec: Any) -> PartitionSpec:
     if spec is None or isinstance(spec, str):
         return PartitionSpec(spec)
     raise ValueError(f"expected a PartitionSpec (or a tuple of mesh axis names), got {spec!r}")
+
+
+def _checked_parts(path: str, x: Lazy, spec: PartitionSpec, specs: Any, mesh: Mesh) -> Any:
+    """A lazy value's parts' ``specs`` (for the array it stands for sharded as ``spec``), checked
+    as a leaf's spec is: one per part, each fitting its part, whose shape may differ from the
+    array's (an int4 kernel packed two to a byte)."""
+    parts, given = jax.tree.leaves(x), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    kind = type(x.w if isinstance(x, LoraWeight) else x).__name__
+    for i, (part, part_spec) in enumerate(zip(parts, given, strict=True)):  # part_specs checked their structure
+        try:
+            _checked(path, tuple(np.shape(part)), part_spec, mesh)
+        except ValueError as err:
+            raise ValueError(f"{err}: array {i} of the lazy {kind} there, sharded as its part_specs({spec}) says; the "
+                             f"rule saw the array it stands for, of shape {tuple(x.shape)}: give '{path}' a spec that "
+                             "divides its parts too (a rule of its own), or replicate it") from None
+    return specs
 
 
 def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:

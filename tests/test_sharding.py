@@ -1006,6 +1006,41 @@ def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_de
     assert sharding.place(unknown, mesh, [])["up"]["kernel"].q.sharding.spec == P()  # replicated: nothing to say
 
 
+def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
+    """A kind's parts may have other shapes than the array it stands for (int4 packed two to a
+    byte): a spec that divides the array but not a part is refused naming the param, as is a
+    part_specs of another pytree, where JAX failed later naming neither."""
+    from quantized import Int8Weight
+
+    @jax.tree_util.register_pytree_node_class
+    class Packed(Int8Weight):  # two int4 values a byte along the first axis
+        shape = property(lambda self: (2 * self.q.shape[0], *self.q.shape[1:]))
+
+        def part_specs(self, spec):
+            return Packed(*jax.tree.leaves(super().part_specs(spec), is_leaf=lambda s: isinstance(s, P)))
+
+    mesh, fsdp = sharding.make_mesh({"fsdp": 8}), [sharding.fsdp("fsdp", min_size=16)]
+    base = {"mlp": {"kernel": Packed(jnp.zeros((36, 40), jnp.int8), jnp.ones(40))}}
+    divides_array_not_part = (r"'mlp/kernel': axis 0 of shape \(36, 40\) has size 36, which does not divide over mesh "
+                              r"axes \('fsdp',\) of size 8 .*: array 0 of the lazy Packed there, sharded as its part_specs"
+                              r"\(P(artitionSpec)?\('fsdp', None\)\) says; the rule saw the array it stands for, of shape \(72, 40\)")
+    with pytest.raises(ValueError, match=divides_array_not_part):
+        sharding.place(base, mesh, fsdp)
+    with pytest.raises(ValueError, match=divides_array_not_part):  # under its adapter
+        sharding.shardings(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["mlp"])), mesh, fsdp)
+    assert sharding.place(base, mesh, [("mlp", P(None, "fsdp"))])["mlp"]["kernel"].q.sharding.spec == P(None, "fsdp")
+
+    @jax.tree_util.register_pytree_node_class
+    class ParentsSpecs(Int8Weight):  # Int8Weight's part_specs: an Int8Weight, not this kind
+        pass
+
+    other = {"mlp": {"kernel": ParentsSpecs(jnp.zeros((16, 40), jnp.int8), jnp.ones(40))}}
+    with pytest.raises(ValueError, match=r"'mlp/kernel' is a lazy ParentsSpecs, whose part_specs\(P(artitionSpec)?\(None, 'fsdp'\)\) "
+                                         r"gave .*Int8Weight.*; it must return a ParentsSpecs \(the same pytree\) with a "
+                                         r"PartitionSpec in place of each of its 2 arrays"):
+        sharding.shardings(other, mesh, [("mlp", P(None, "fsdp"))])
+
+
 def test_an_adapter_stacked_on_an_adapter_shards_both_pairs_of_factors():
     mesh = sharding.make_mesh({"data": 2, "model": 4})
     inner = jlora.LoraWeight(jnp.ones((8, 16)), jnp.ones((8, 2)), jnp.ones((2, 16)), scale=0.5, path="w")
