@@ -56,7 +56,9 @@ INT8_DOTS = []  # one entry per matmul the int8 rule computed
 
 @jlora.register(jax.extend.core.primitives.dot_general_p, Int8Weight)
 def _int8_dot(ctx, eqn, invals):
-    """``x · w`` contracting w's first axis: the int8 matmul, then the scales of w's other axes."""
+    """``x · w`` contracting w's first axis: the int8 matmul, then the scales of w's other axes.
+    The matmul is the equation's own, bound to the int8 values cast to x's dtype
+    (``evaluate_eqn``), so its other params hold (``preferred_element_type``, ``out_sharding``)."""
     x, w = invals
     (_, w_contract), (x_batch, w_batch) = eqn.params["dimension_numbers"]
     if not isinstance(w, Int8Weight) or isinstance(x, jlora.Lazy) or tuple(w_contract) != (0,) or x_batch or w_batch:
@@ -65,8 +67,8 @@ def _int8_dot(ctx, eqn, invals):
     if full[0] != 1:
         return NotImplemented
     INT8_DOTS.append(1)
-    y = jax.lax.dot_general(x, w.q.astype(x.dtype), eqn.params["dimension_numbers"])
-    return [y * w.column_scale.reshape(full[1:])]
+    (y,) = jlora.lazy.evaluate_eqn(ctx, eqn, [x, w.q.astype(x.dtype)])
+    return [(y * w.column_scale.reshape(full[1:])).astype(y.dtype)]
 
 
 @jlora.register(jax.extend.core.primitives.convert_element_type_p, Int8Weight)

@@ -782,6 +782,11 @@ def test_a_quantized_base_in_a_bf16_model_keeps_its_int8_matmul():
     INT8_DOTS.clear()
     check_against_oracle(fn, {"w": lw}, normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
     assert INT8_DOTS
+    INT8_DOTS.clear()  # a matmul accumulating in float32 keeps doing so
+    wide = lambda p, x: jax.lax.dot_general(x.astype(jnp.bfloat16), p["w"].astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+    check_against_oracle(wide, {"w": lw}, normal(KEY, (3, 8)), rtol=2e-2, atol=2e-2)
+    assert INT8_DOTS
 
 
 def test_a_fallback_inside_a_rebuilt_body_names_each_quantized_kernel():
