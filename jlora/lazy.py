@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import itertools
+import math
 import numbers
 import os
 import re
@@ -168,6 +169,11 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
     _WARNED.update({(key, False), (key, undropped)})
     outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
                if undropped else "The result is exact; only the factored fast path was skipped")
+    if not undropped and not isinstance(value, LoraWeight):  # a quantized kernel: its whole float array
+        parts = sum(math.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(value))
+        whole = math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
+        outcome = (f"The result is exact, from the whole {jnp.dtype(value.dtype).name}{list(value.shape)} array it "
+                   f"stands for ({_size(whole)}, where its parts hold {_size(parts)})")
     eqns = _evaluating()
     # the innermost equation made in the user's code: one inside a jnp function that is itself a
     # jit (jnp.sort) has only JAX's frames
@@ -178,6 +184,11 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
         MaterializeWarning,
         stacklevel=_user_stacklevel(),
     )
+
+
+def _size(nbytes: int) -> str:
+    return next(f"{nbytes / 2**p:.3g} {unit}" for p, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes"))
+                if nbytes >= 2**p or not p)
 
 
 def _evaluating() -> list:

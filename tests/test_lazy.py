@@ -728,7 +728,9 @@ def test_lora_weight_over_a_lazy_base_uses_the_base_kinds_rules():
     assert INT8_DOTS  # the base term used the int8 rule
     np.testing.assert_allclose(jlora.merge({"w": lw})["w"], oracle_merge({"w": lw})["w"], rtol=1e-6)
     # the base kind has no transpose rule: its own fallback, while the adapter stays factored
-    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(the base of 'w'\) materialised at 'transpose'"):
+    with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(the base of 'w'\) materialised at 'transpose'.*"
+                                                      r"from the whole float32\[8, 6\] array it stands for \(192 bytes, "
+                                                      r"where its parts hold 72 bytes\)"):
         check_against_oracle(lambda p, x: (p["w"].T @ x.T).T, {"w": lw}, x)
     with pytest.warns(jlora.MaterializeWarning, match=r"Int8Weight \(argument 0 at 'bare/kernel'\) materialised at "
                                                       r"'transpose'"):
