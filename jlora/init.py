@@ -549,6 +549,7 @@ def lora_init(
                              f"{_describe(w)} kernel; {hint}")
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         traced = _compat.is_tracer(w)
+        _check_says_sharding(w, path)
         make = (_sharded_factory(w.sharding, layout) if not traced and isinstance(getattr(w, "sharding", None), NamedSharding)
                 else _init_factors)
         # an embedding table by its name, or by its use: looked up, never multiplied (Equinox's Embedding.weight)
@@ -581,6 +582,21 @@ def lora_init(
         if path not in new:  # select's provisional weights, adapted after all, are not also trained whole
             new[path] = Trainable(_own_copy(by_path[path]))
     return replace_leaves(params, new, is_leaf=is_param)
+
+
+def _check_says_sharding(w: Any, path: str) -> None:
+    """Warn of a lazy kernel whose parts are sharded over devices, but whose kind has no
+    ``sharding`` property to say the array's: its factors would be made on one device."""
+    if not isinstance(w, Lazy) or isinstance(w, LoraWeight) or getattr(w, "sharding", None) is not None:
+        return
+    spread = [x for x in jax.tree.leaves(w) if isinstance(x, jax.Array) and not _compat.is_tracer(x)
+              and len(x.sharding.device_set) > 1]
+    if spread:
+        devices = len(spread[0].sharding.device_set)
+        kind = type(w).__name__
+        warnings.warn(f"lora_init: '{path}' is a lazy {kind} whose arrays are on {devices} devices, but {kind} has no "
+                      "sharding property (the array it stands for's), so the factors of its adapter are made on one device, and a restore replicates them: give the kind "
+                      "one, e.g. sharding = property(lambda self: self.q.sharding)", stacklevel=3)
 
 
 def _own_copy(x: Any) -> Any:

@@ -24,7 +24,7 @@ class Int8Weight(jlora.Lazy):
     def part_specs(self, spec: PartitionSpec) -> "Int8Weight":
         """``q`` shards as the kernel, the scales as the kernel's axes they span (the last ones)."""
         full = tuple(spec) + (None,) * (self.ndim - len(spec))
-        return Int8Weight(spec, PartitionSpec(*full[self.ndim - self.column_scale.ndim:]))
+        return type(self)(spec, PartitionSpec(*full[self.ndim - self.column_scale.ndim:]))  # a subclass's own
 
     def materialize(self):
         return self.q.astype(self.column_scale.dtype) * self.column_scale

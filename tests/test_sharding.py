@@ -999,6 +999,16 @@ def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_de
     class NoPartSpecs(Int8Weight):
         part_specs = None
 
+    @jax.tree_util.register_pytree_node_class
+    class NoSharding(Int8Weight):
+        sharding = None
+
+    unsaid_kernel = NoSharding(*jax.tree.leaves(quantized["up"]["kernel"]))
+    unsaid = sharding.place({**quantized, "up": {**quantized["up"], "kernel": unsaid_kernel}}, mesh, RULES)
+    with pytest.warns(UserWarning, match=r"lora_init: 'up/kernel' is a lazy NoSharding whose arrays are on 8 devices, "
+                                         r"but NoSharding has no sharding property .* made on one device"):
+        jlora.lora_init(jax.random.key(1), unsaid, CONFIG)
+
     unknown = {**quantized, "up": {**quantized["up"], "kernel": NoPartSpecs(*jax.tree.leaves(quantized["up"]["kernel"]))}}
     with pytest.raises(ValueError, match="'up/kernel' is a lazy NoPartSpecs, and the rules shard the array it stands "
                                          r"for as \(None, 'model'\): give NoPartSpecs a method part_specs"):
@@ -1016,9 +1026,6 @@ def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
     class Packed(Int8Weight):  # two int4 values a byte along the first axis
         shape = property(lambda self: (2 * self.q.shape[0], *self.q.shape[1:]))
 
-        def part_specs(self, spec):
-            return Packed(*jax.tree.leaves(super().part_specs(spec), is_leaf=lambda s: isinstance(s, P)))
-
     mesh, fsdp = sharding.make_mesh({"fsdp": 8}), [sharding.fsdp("fsdp", min_size=16)]
     base = {"mlp": {"kernel": Packed(jnp.zeros((36, 40), jnp.int8), jnp.ones(40))}}
     divides_array_not_part = (r"'mlp/kernel': axis 0 of shape \(36, 40\) has size 36, which does not divide over mesh "
@@ -1031,8 +1038,9 @@ def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
     assert sharding.place(base, mesh, [("mlp", P(None, "fsdp"))])["mlp"]["kernel"].q.sharding.spec == P(None, "fsdp")
 
     @jax.tree_util.register_pytree_node_class
-    class ParentsSpecs(Int8Weight):  # Int8Weight's part_specs: an Int8Weight, not this kind
-        pass
+    class ParentsSpecs(Int8Weight):
+        def part_specs(self, spec):  # an Int8Weight, not this kind
+            return Int8Weight(*jax.tree.leaves(super().part_specs(spec), is_leaf=lambda s: isinstance(s, P)))
 
     other = {"mlp": {"kernel": ParentsSpecs(jnp.zeros((16, 40), jnp.int8), jnp.ones(40))}}
     with pytest.raises(ValueError, match=r"'mlp/kernel' is a lazy ParentsSpecs, whose part_specs\(P(artitionSpec)?\(None, 'fsdp'\)\) "
