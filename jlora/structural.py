@@ -28,7 +28,7 @@ from jax import lax
 
 from jlora import _compat, explicit
 from jlora.layout import Layout, reshape_groups
-from jlora.sharding import factor_shardings
+from jlora.sharding import factor_shardings, part_specs
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register
 from jlora.weight import Lazy, LoraWeight, narrow_float
 
@@ -281,6 +281,31 @@ def reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
             or (getattr(target.spec, "reduced", None) and not _compat.REDUCED_FACTORS)):
         return NotImplemented
     return [_placed(lw, bind(ctx, eqn, [lw.w], lw)[0], target, _compat.reshard)]
+
+
+def _parts_placed(x: Lazy, target: Any, put: Callable[[Any, Any], Any]) -> Any:
+    """A lazy kind's parts each ``put`` on its share of ``target`` (its method ``part_specs``), so a
+    quantized kernel constrained or resharded stays lazy, moving its parts' bytes, not the float
+    array's; ``NotImplemented`` (materialised) for a kind without ``part_specs``."""
+    if (not isinstance(target, jax.sharding.NamedSharding) or _unplaceable(target)
+            or getattr(target.spec, "reduced", None) or not callable(getattr(x, "part_specs", None))):
+        return NotImplemented
+    specs = part_specs(x, target.spec)
+    return jax.tree.map(lambda part, spec: put(part, jax.sharding.NamedSharding(target.mesh, spec)), x, specs)
+
+
+@register(_compat.sharding_constraint_p, Lazy)
+def lazy_sharding_constraint_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``with_sharding_constraint`` on a lazy kind (a quantized kernel): on each of its parts."""
+    out = _parts_placed(invals[0], eqn.params.get("sharding"), lax.with_sharding_constraint)
+    return out if out is NotImplemented else [out]
+
+
+@register(_compat.reshard_p, Lazy)
+def lazy_reshard_rule(ctx: Context, eqn: Any, invals: list) -> Any:
+    """``jax.sharding.reshard`` of a lazy kind (a quantized kernel gathered for its use): each part."""
+    out = _parts_placed(invals[0], eqn.params.get("dst_sharding"), _compat.reshard)
+    return out if out is NotImplemented else [out]
 
 
 if _compat.pvary_p is not None:  # None where JAX traces no pvary (see _compat)

@@ -781,6 +781,26 @@ def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     assert jaxpr.count("sharding_constraint") == 3  # on w, a (replicated) and b (split like w's columns)
 
 
+def test_sharding_constraint_on_a_quantized_kernel_constrains_its_parts():
+    """A lazy kind with part_specs (int8 and scales) stays lazy under a constraint, each part
+    constrained to its share, so the int8 matmul runs rather than the whole float kernel's."""
+    from quantized import INT8_DOTS, quantize
+
+    mesh = sharding.make_mesh({"model": 8})
+    params, x = _mlp_params(), jnp.ones((4, 16))
+    params["l1"]["kernel"] = params["l1"]["kernel"].replace(w=quantize(params["l1"]["kernel"].w))
+
+    def fn(p, x):
+        return x @ jax.lax.with_sharding_constraint(p["l1"]["kernel"], NamedSharding(mesh, P(None, "model")))
+
+    INT8_DOTS.clear()
+    out = jax.jit(jlora.apply(fn))(params, x)  # a MaterializeWarning is an error here
+    assert INT8_DOTS
+    np.testing.assert_allclose(out, x @ jlora.merge(params)["l1"]["kernel"], rtol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jlora.apply(fn))(params, x))
+    assert jaxpr.count("sharding_constraint") == 4  # on q, its scales, a and b
+
+
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_a_jit_inside_the_function_keeps_its_shardings(axis_type):
     """``jax.jit(..., in_shardings=..., out_shardings=...)`` called inside: its plain inputs and
