@@ -958,6 +958,8 @@ def describe(path: str | os.PathLike) -> str:
         if key.endswith(LINEAR_FACTORS + EMBEDDING_FACTORS):
             module, part = name.rsplit(".lora_embedding_" if ".lora_embedding_" in name else ".lora_", 1)
             factors.setdefault(module, {})[part[0]] = shape
+        elif key.endswith(".bias") and config.get("bias", "none") != "none":  # trained (bias="all", "lora_only")
+            whole[name.replace(".base_layer.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
               or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved)):
             copies[name] = shape

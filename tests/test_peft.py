@@ -2,6 +2,7 @@
 and adapters made by PEFT give the same logits in jlora."""
 
 import json
+import re
 import warnings
 
 import jax
@@ -458,6 +459,8 @@ def test_trained_biases_cross_both_ways(tmp_path):
             layer.attn.c_attn.bias.add_(-0.2)
         want = peft_model(torch.tensor(IDS)).logits.numpy()
     peft_model.save_pretrained(tmp_path / "adapter")
+    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) trained whole;", jlora.peft.describe(tmp_path / "adapter"))
+    assert sum(int(n.replace(",", "")) for n in counts.groups()) == peft_model.get_nb_trainable_parameters()[0]
     params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
     assert isinstance(params["transformer"]["h"]["0"]["mlp"]["c_fc"]["bias"], jlora.Trainable)
     np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits, want, rtol=1e-4, atol=1e-5)
