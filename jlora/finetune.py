@@ -672,6 +672,10 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
     model, tokenizer, _ = load_model(model_dir, task or "classify", need_tokenizer=need_tokenizer)
     if task is None and not _holds(model.params, config):  # saved from Python over the class config.json names
         model, tokenizer, _ = load_model(model_dir, "architecture", need_tokenizer=need_tokenizer)
+    trained_on, given = meta.get("model_type"), getattr(model.config, "model_type", None)
+    if trained_on and given and given != trained_on:  # its params may have the same names and shapes (RoBERTa's)
+        raise ValueError(f"{adapter}: an adapter for a {trained_on} model ({meta.get('base_model')}), and {model_dir} "
+                         f"holds a {given} model; give the base it was trained over")
     prefix, base = meta.get("model_prefix"), model.params
     if prefix:  # the job's own leaves beside the HF model (a classification head): placeholders to load onto
         base = {prefix: model.params}

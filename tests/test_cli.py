@@ -2,6 +2,7 @@
 the README's first command, not a unit test)."""
 
 import json
+import re
 import sys
 
 import jax
@@ -244,6 +245,12 @@ def test_merge_refuses_an_adapter_for_another_base(bert_dir, data_file, tmp_path
     _tokenizer(tmp_path).save_pretrained(tmp_path / "other")
     assert main(["merge", str(out / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m")]) == 2
     assert "adapter for another base model" in capsys.readouterr().err
+    roberta = tf.FlaxRobertaModel(tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=64, vocab_size=len(WORDS) + 5))
+    roberta.save_pretrained(tmp_path / "roberta")  # params of the same names and shapes as BERT's
+    assert main(["merge", str(out / "adapter"), "--model", str(tmp_path / "roberta"), "--out", str(tmp_path / "m")]) == 2
+    assert re.search(r"an adapter for a bert model \(.*bert\), and .*roberta holds a roberta model; give the base it "
+                     "was trained over", capsys.readouterr().err)
 
 
 def _ctrl_c_at_batch(monkeypatch, at):
