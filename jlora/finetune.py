@@ -279,6 +279,11 @@ def load_model(name: str, task: str, *, pooler: bool = True, need_tokenizer: boo
             else:
                 model = cls.from_pretrained(str(path), from_pt=from_pt, **options)
     except Exception as err:  # a corrupt file, a model class transformers lacks: one line, not its traceback
+        if isinstance(err, TypeError) and "clip() got an unexpected keyword argument" in str(err):  # not the weights
+            kind = json.loads((path / "config.json").read_text()).get("model_type", "this model")
+            raise ValueError(f"--model {name}: HF's Flax code for {kind} calls jnp.clip(a_min=/a_max=), which JAX "
+                             f"{jax.__version__} no longer takes: it runs on JAX < 0.10 only (the weights are not "
+                             "at fault)") from None
         raise ValueError(f"--model {name}: cannot load its {'PyTorch' if from_pt else 'Flax'} weights: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     if not need_tokenizer and not any(any(path.glob(p)) for p in _TOKENIZER_FILES):

@@ -1,6 +1,7 @@
 """The jlora command end to end on tiny models and data files (the default job on the real model is
 the README's first command, not a unit test)."""
 
+import importlib.util
 import json
 import re
 import sys
@@ -374,6 +375,12 @@ def test_model_directories_that_cannot_be_used(bert_dir, data_file, tmp_path, ca
         (corrupt / file.name).write_bytes(file.read_bytes()[:100] if file.name == "flax_model.msgpack" else file.read_bytes())
     assert main(["finetune", "--model", str(corrupt), "--out", str(tmp_path / "c")] + args) == 2
     assert "corrupt: cannot load its Flax weights" in capsys.readouterr().err
+    if jax.__version_info__ >= (0, 10) and importlib.util.find_spec("torch"):  # HF's Flax T5 on a JAX it cannot run on
+        tf.T5Model(tf.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=len(WORDS) + 5)
+                   ).save_pretrained(tmp_path / "t5")
+        assert main(["finetune", "--model", str(tmp_path / "t5"), "--out", str(tmp_path / "d")] + args) == 2
+        assert ("t5: HF's Flax code for t5 calls jnp.clip(a_min=/a_max=), which JAX "
+                f"{jax.__version__} no longer takes") in capsys.readouterr().err
 
 
 def test_a_model_without_a_pad_token_classifies(data_file, tmp_path):
