@@ -544,7 +544,7 @@ def _peft_ties(config: dict) -> str | None:
 
 
 def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple], peft_ties: bool = False,
-                  config: dict | None = None) -> bool:
+                  config: dict | None = None, adapted: bool = True) -> bool:
     """Whether an embedding (at Flax ``path``; adapted, or trained whole) is one the model ties to
     its LM head, refusing it unless ``peft_ties``: jlora's change reaches the head with it (the head
     is the same param), PEFT's (an Embedding LoRA, or the module in ``modules_to_save``) only the
@@ -574,10 +574,13 @@ def _check_untied(what: str, path: str, hf_config: Any, shapes: dict[str, tuple]
     tied = bool(getattr(part, "tie_word_embeddings", False) and not headless and not own_head
                 and shape[:1] == (getattr(part, "vocab_size", None),))
     if tied and not peft_ties:
-        ensured = (" (this adapter sets ensure_weight_tying, but names neither embed_tokens nor lm_head in its "
-                   "target_modules or modules_to_save, and PEFT reloads it untied: it saves GPT-2's "
-                   "'transformer.wte' without the 'lm_head' it tied while training; add 'lm_head' to that list in "
-                   f"its {CONFIG_FILE} to read it tied)") if (config or {}).get("ensure_weight_tying") else ""
+        ensured = "" if not (config or {}).get("ensure_weight_tying") else (
+            " (this adapter sets ensure_weight_tying, but names neither embed_tokens nor lm_head in its "
+            "target_modules, and PEFT reloads it untied: it saves GPT-2's 'transformer.wte' without the 'lm_head' "
+            f"it tied while training; add 'lm_head' to target_modules in its {CONFIG_FILE} to read it tied)" if adapted
+            else " (this adapter sets ensure_weight_tying, but PEFT tied nothing to an embedding it names otherwise "
+                 "than embed_tokens in modules_to_save: it trained that copy for the lookup alone, which jlora, "
+                 "whose head is the embedding, cannot represent)")
         raise ValueError(f"{what} is tied to the LM head (tie_word_embeddings, and architectures "
                          f"{archs or 'unset'}): a change to it reaches the head too in jlora but only the lookup in "
                          "PEFT, unless PEFT ties the head to it: LoraConfig(ensure_weight_tying=True) with "
@@ -1089,7 +1092,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p in tuned:
         _check_not_shared(f"{path}: '{p}'", p, hf_config)
         if p.endswith("/embedding"):
-            _check_untied(f"{path}: '{p}'", p, hf_config, shapes, ties == "save", config)
+            _check_untied(f"{path}: '{p}'", p, hf_config, shapes, ties == "save", config, adapted=False)
     check_trainable_not_lazy(path, tuned, by_path)
     for name, value in base_copies.items():
         _check_base_copy(path, name, value, by_path)

@@ -184,6 +184,12 @@ def test_gpt2s_tied_wte_crosses_as_peft_reloads_it(tmp_path):
         r=2, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)).save_pretrained(tmp_path / "from_peft")
     with pytest.raises(ValueError, match="names neither embed_tokens nor lm_head .* PEFT reloads it untied"):
         jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
+    # wte itself in modules_to_save: PEFT ties nothing (it warns), and trains the lookup's copy alone
+    peft.get_peft_model(_torch_twin(model, tf.GPT2LMHeadModel), peft.LoraConfig(
+        r=2, target_modules=["c_attn"], modules_to_save=["wte"], ensure_weight_tying=True)).save_pretrained(tmp_path / "mts")
+    with pytest.raises(ValueError, match="PEFT tied nothing to an embedding it names otherwise than embed_tokens in "
+                                         "modules_to_save: it trained that copy for the lookup alone"):
+        jlora.peft.load_adapter(tmp_path / "mts", model.params, model.config)
     # trained whole, the same config names 'transformer.wte' alone too, but PEFT saves the head's weight (the trained
     # copy) beside it, which its reload loads into the head, the base wte's weight: tied, as jlora reads it
     params, peft_model = _read_as_peft_runs_it(model, tf.GPT2LMHeadModel, tmp_path / "whole", target_modules=["c_attn"],
