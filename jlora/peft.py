@@ -519,11 +519,21 @@ def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) ->
     """Refuse an ``hf_config`` that is not the base's own (another model's), told by its vocabulary:
     it decides how factors are read (GPT-2's ``Conv1D`` is stored transposed), so a wrong one
     would load other adapters, silently."""
+    if not hf_config.model_type:  # a bare PretrainedConfig: no model type, whose layouts it would decide
+        raise ValueError(f"{source}: hf_config names no model_type (a bare PretrainedConfig); pass the model's own "
+                         "(model.config)")
     vocab = getattr(hf_config, "vocab_size", None)
-    rows = sorted({x.shape[0] for p, x in by_path.items() if p.endswith("/embedding") and len(x.shape) == 2})
+    tables = [tuple(x.shape) for p, x in by_path.items() if p.endswith("/embedding") and len(x.shape) == 2]
+    rows, columns = sorted({t[0] for t in tables}), sorted({t[1] for t in tables})
     if isinstance(vocab, int) and rows and vocab not in rows:
         raise ValueError(f"{source}: hf_config ({hf_config.model_type}, vocab_size {vocab}) is not base_params' "
                          f"config: their embedding tables have {rows} rows; pass the model's own (model.config)")
+    widths = {getattr(hf_config, name, None) for name in ("hidden_size", "embedding_size", "word_embed_proj_dim")}
+    widths = {w for w in widths if isinstance(w, int)}  # ALBERT's, ELECTRA's tables have embedding_size columns
+    if widths and columns and not widths & set(columns):
+        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, hidden_size {getattr(hf_config, 'hidden_size', '-')}) "
+                         f"is not base_params' config: their embedding tables have {columns} columns; pass the "
+                         "model's own (model.config)")
 
 
 def _peft_ties(config: dict) -> str | None:

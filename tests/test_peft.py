@@ -258,6 +258,12 @@ def test_another_models_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"hf_config \(llama, vocab_size 32000\) is not base_params' config: their "
                                          r"embedding tables have \[.*\] rows"):
         jlora.peft.load_adapter(tmp_path / "a", model.params, tf.LlamaConfig())
+    vocab = model.config.vocab_size  # the same vocabulary: told by the tables' width, or by no model type at all
+    with pytest.raises(ValueError, match=r"hf_config \(llama, hidden_size 4096\) is not base_params' config: their "
+                                         r"embedding tables have \[32\] columns"):
+        jlora.peft.load_adapter(tmp_path / "a", model.params, tf.LlamaConfig(vocab_size=vocab))
+    with pytest.raises(ValueError, match=r"hf_config names no model_type \(a bare PretrainedConfig\)"):
+        jlora.peft.load_adapter(tmp_path / "a", model.params, tf.PretrainedConfig(vocab_size=vocab))
 
 
 def test_a_head_tied_to_the_input_embedding_is_named_as_tied(tmp_path):
