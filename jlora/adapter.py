@@ -66,6 +66,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
         check_config_makes("save_adapter", lora_config, params)
     metadata = plain_metadata(metadata)
     tensors = {key: np.asarray(x) for key, x in arrays.items()}
+    check_finite("save_adapter", tensors, "no adapter is written")
     targets = {p: {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
                    "shape": [int(d) for d in x.kernel_shape]} for p, x in adapters.items()}
     trainable = {p: list(np.shape(x)) for p, x in trained.items()}
@@ -312,6 +313,23 @@ def _read_weights(path: str | os.PathLike, config: dict, read: Callable[[Any], A
             return read(f)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
+
+
+def check_finite(where: str, tensors: dict[str, np.ndarray], outcome: str) -> None:
+    """Refuse float arrays holding NaN or inf (a diverged run's, or a damaged file's), naming them.
+
+    Example:
+        >>> import numpy as np
+        >>> from jlora.adapter import check_finite
+        >>> check_finite("save_adapter", {"k/a": np.array([1.0, np.nan])}, "nothing is written")
+        Traceback (most recent call last):
+        ...
+        ValueError: save_adapter: NaN or inf in ['k/a'] (a diverged run, or a damaged file); nothing is written
+    """
+    bad = [key for key, x in tensors.items() if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(x).all()]
+    if bad:
+        raise ValueError(f"{where}: NaN or inf in {bad[:3]}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                         + f" (a diverged run, or a damaged file); {outcome}")
 
 
 def saved_arrays(op: str, params: Any) -> tuple[dict[str, Any], dict[str, LoraWeight], dict[str, Any]]:
@@ -589,6 +607,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     """
     config = read_config(path)
     tensors = load_tensors(path, config)
+    check_finite(str(Path(path) / WEIGHTS_FILE), tensors, "nothing is loaded")
     _check_keys(path, config, tensors)
     targets, trainable = config["targets"], config["trainable"]
     prefix, saved = (config.get("metadata") or {}).get("model_prefix"), [*targets, *trainable]

@@ -37,7 +37,7 @@ import numpy as np
 
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
-from jlora.adapter import (check_base, check_float_targets, check_other_format, check_saveable,
+from jlora.adapter import (check_base, check_finite, check_float_targets, check_other_format, check_saveable,
                            check_trainable_not_lazy, model_hint, size_on_disk, write_files, writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
@@ -374,6 +374,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
         "rank_pattern": {f"^{n}$": k for n, k in ranks.items() if k != r},
         "alpha_pattern": {f"^{n}$": a for n, a in alphas.items() if a != alpha},
     }
+    check_finite("jlora.peft.save_adapter", tensors, "no adapter is written")
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -1035,6 +1037,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
+    check_finite(str(path / WEIGHTS_FILE), tensors, "nothing is loaded")
     base_params, put_back = _module_params(base_params)
     by_flax_path = check_base(path, base_params)
     flax_path = {_torch_style(p): p for p in by_flax_path}  # from PyTorch's module names, '/'-joined

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import warnings
 
 import jax
@@ -152,6 +153,13 @@ def test_a_save_interrupted_between_its_two_files_loads_as_the_newer_save(tmp_pa
             read()
 
 
+def _metadata(file):
+    from safetensors import safe_open
+
+    with safe_open(str(file), "np") as f:
+        return f.metadata()
+
+
 def test_bad_adapters_give_clear_errors(tmp_path):
     base, cfg, p = lora_tree()
     with pytest.raises(ValueError, match="not a jlora adapter directory"):
@@ -179,6 +187,20 @@ def test_bad_adapters_give_clear_errors(tmp_path):
     assert "loss: 0.5" in describe(tmp_path / "meta") and "steps: 3" in describe(tmp_path / "meta")
     with pytest.raises(ValueError, match="save_adapter: 'q/(bias|kernel)' holds ShapeDtypeStruct, not an array"):
         save_adapter(tmp_path / "abstract", jax.eval_shape(lambda: p))
+    diverged = jax.tree.map(lambda x: x.replace(b=x.b.at[0, 0].set(jnp.nan)) if isinstance(x, jlora.LoraWeight) else x,
+                            p, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.raises(ValueError, match=r"save_adapter: NaN or inf in \['q/kernel/b', .*\] \(a diverged run, or a "
+                                         r"damaged file\); no adapter is written"):
+        save_adapter(tmp_path / "diverged", diverged)
+    assert not (tmp_path / "diverged").exists()
+    from safetensors.numpy import load_file, save_file  # a file whose numbers were damaged: NaN, read as such
+    tensors, metadata = load_file(tmp_path / "ad" / "adapter.safetensors"), _metadata(tmp_path / "ad" / "adapter.safetensors")
+    shutil.copytree(tmp_path / "ad", tmp_path / "damaged")
+    save_file({**tensors, "q/kernel/a": np.full_like(tensors["q/kernel/a"], np.inf)},
+              tmp_path / "damaged" / "adapter.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=r"damaged/adapter.safetensors: NaN or inf in \['q/kernel/a'\] .*; nothing is "
+                                         r"loaded"):
+        load_adapter(tmp_path / "damaged", base)
     weights = tmp_path / "ad" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read adapter weights"):

@@ -440,6 +440,15 @@ def test_unsupported_and_broken_adapters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds adapter_model.bin .PyTorch pickle.; jlora reads adapter_model.safetensors"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
     (tmp_path / "ok" / "adapter_model.bin").unlink()
+    save_file({k: np.full_like(v, np.nan) if "lora_A" in k else v for k, v in tensors.items()}, str(weights))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: NaN or inf in \['base_model.model.*lora_A.weight', "
+                                         r".*\(a diverged run, or a damaged file\); nothing is loaded"):
+        jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
+    diverged = jax.tree.map(lambda x: x.replace(a=x.a * jnp.inf) if isinstance(x, jlora.LoraWeight) else x, lm.params,
+                            is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.raises(ValueError, match=r"jlora.peft.save_adapter: NaN or inf in .*; no adapter is written"):
+        jlora.peft.save_adapter(tmp_path / "diverged", diverged, model.config)
+    assert not (tmp_path / "diverged").exists()
     save_file({k: v.astype(np.int32) if "lora_A" in k else v for k, v in tensors.items()}, str(weights))
     with pytest.raises(ValueError, match="is int32; LoRA factors are floating point"):
         jlora.peft.load_adapter(tmp_path / "ok", model.params, model.config)
