@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from jlora import interrupts
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning for JAX / Flax HF models.")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "finetune":
-            return _finetune(args)
+            with interrupts.remembered_interrupts():  # from here: the imports' gc callbacks may swallow one
+                return _finetune(args)
         if args.command == "info":
             if _is_peft(args.adapter):
                 from jlora.peft import describe

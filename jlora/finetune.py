@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import jlora
+from jlora import interrupts
 from jlora.adapter import read_config, save_adapter
 from jlora.data import BUILTIN_DATA, check_labelled_file, class_order, read_labelled, split_indices
 from jlora.paths import leaves_with_paths
@@ -594,6 +595,8 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, tx: Any, batches: Iter
         bar = progress.add_task(label, total=steps, info="")
         try:
             for i in range(steps):
+                if interrupts.remembered():  # a Ctrl-C swallowed where it came (jlora.interrupts)
+                    raise KeyboardInterrupt
                 # taken only once checked: a Ctrl-C while the step runs keeps the last step, whole
                 stepped, stepped_state, loss, finite = step(trainable, frozen, state, next(batches))
                 if not finite:

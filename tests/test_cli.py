@@ -4,6 +4,7 @@ the README's first command, not a unit test)."""
 import importlib.util
 import json
 import re
+import signal
 import sys
 
 import jax
@@ -14,7 +15,7 @@ import transformers as tf
 
 import jlora
 import jlora.adapter
-from jlora import data, finetune
+from jlora import data, finetune, interrupts
 from jlora.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(TensorFlow and JAX classes|attention mask and the pad token).*")
@@ -281,6 +282,35 @@ def test_ctrl_c_stops_cleanly_and_keeps_a_loadable_adapter(bert_dir, data_file, 
     base = tf.FlaxBertModel.from_pretrained(bert_dir)
     jlora.adapter.load_adapter(out / "adapter", {"encoder": base.params, "head": {
         "kernel": np.zeros((32, 2), np.float32), "bias": np.zeros(2, np.float32)}})
+
+
+def test_a_ctrl_c_swallowed_where_it_came_stops_the_job_at_the_next_step(
+        bert_dir, data_file, tmp_path, monkeypatch, capsys):
+    """A SIGINT that comes inside a callback Python cannot raise from (JAX's garbage-collection
+    callback) is only printed there; remembered, it stops the loop at its next step, as one raised does."""
+    from jlora import finetune
+
+    real = finetune._batches
+    handlers = []
+
+    def swallowed(n, batch, rng):
+        for i, rows in enumerate(real(n, batch, rng)):
+            if i == 7:
+                handlers.append(signal.getsignal(signal.SIGINT))
+                interrupts._INTERRUPTED.set()  # what the handler does before its KeyboardInterrupt is lost
+            yield rows
+
+    monkeypatch.setattr(finetune, "_batches", swallowed)
+    default = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(bert_dir), "--data", str(data_file), "--steps", "50", "--batch-size", "8",
+                 "--max-length", "8", "--out", str(out), "--no-baseline", "--no-plot"])
+    assert code == 130 and "interrupted" in capsys.readouterr().out
+    # lost while step 8 drew its batch: step 8 runs, and the loop stops before step 9
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["metadata"]["step"] == 8
+    assert signal.getsignal(signal.SIGINT) is default and not interrupts.remembered()
+    if default is signal.default_int_handler:  # installed while the job ran
+        assert handlers[0] is not default
 
 
 def test_an_earlier_run_is_kept_unless_overwrite_is_given(bert_dir, data_file, tmp_path, capsys):

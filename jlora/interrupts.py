@@ -1,0 +1,59 @@
+"""Ctrl-C in the ``jlora`` command: remembered as well as raised, so that one Python loses stops
+the job all the same. A SIGINT that comes while Python runs a callback it cannot raise from (JAX's
+garbage-collection callback) is only printed there ("Exception ignored in ..."), and the job ran on
+to its end; ``jlora.finetune.train`` raises a remembered one before its next step.
+
+Example:
+    >>> from jlora import interrupts
+    >>> with interrupts.remembered_interrupts():
+    ...     interrupts.remembered()
+    False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+_INTERRUPTED = threading.Event()
+
+
+def remembered() -> bool:
+    """Whether a Ctrl-C came inside ``remembered_interrupts`` (raised, or lost where it came).
+
+    Example:
+        >>> from jlora import interrupts
+        >>> interrupts.remembered()
+        False
+    """
+    return _INTERRUPTED.is_set()
+
+
+@contextlib.contextmanager
+def remembered_interrupts() -> Iterator[None]:
+    """SIGINT remembered (``remembered()``) as well as raised as ``KeyboardInterrupt``, by the main
+    thread's handler where it is Python's default; forgotten on leaving.
+
+    Example:
+        >>> from jlora import interrupts
+        >>> with interrupts.remembered_interrupts():
+        ...     pass
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
