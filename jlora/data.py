@@ -149,6 +149,10 @@ def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
         columns = reader.fieldnames
         if not columns or not {"text", "label"} <= set(columns):
             raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
+        twice = [name for name in ("text", "label") if columns.count(name) > 1]
+        if twice:  # the reader would keep the last of them, silently
+            raise ValueError(f"{path}:1: the header names '{twice[0]}' {columns.count(twice[0])} times; name one "
+                             "column so")
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if any(row.get(None) or ()):  # more (non-empty) fields than columns
@@ -177,6 +181,8 @@ def _label(value: Any, where: str) -> str:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\.0*\s*", value):  # a CSV's 1.0 is JSON's 1.0: label 1
+        return str(int(value.strip().split(".")[0]))
     if isinstance(value, str) and value.strip():
         return value.strip()  # "pos " and "pos" are one class
     what = "missing label" if value is None or isinstance(value, str) else "not a label"
