@@ -402,7 +402,9 @@ def as_flags(message: str) -> str:
                          ("pass LoraConfig(targets=[...]) or targets='all-linear'", "pass --targets PATTERN ... or --targets all-linear"),
                          ("LoraConfig.targets='all-linear'", "--targets all-linear"),
                          ("targets='all-linear'", "--targets all-linear"),
-                         ("LoraConfig: 'all-linear'", "--targets: 'all-linear'")):
+                         ("LoraConfig: 'all-linear'", "--targets: 'all-linear'"),
+                         ("biases and norms go in LoraConfig.trainable", "jlora finetune trains no bias or norm"),
+                         ("norms go in LoraConfig.trainable", "jlora finetune trains no norm")):
         message = message.replace(python, flag)
     message = re.sub(r"^lora_init: rank (\d+) for ('[^']*') exceeds", r"--rank \1 is too large for \2: it exceeds",
                      message)

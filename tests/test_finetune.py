@@ -2,6 +2,7 @@ import json
 import logging.handlers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
@@ -173,6 +174,14 @@ def test_a_model_type_without_a_preset_is_told_in_flags():
     assert finetune.as_flags("jlora.hf: no target preset for model type 'distilbert' (presets: bert); pass "
                              "LoraConfig(targets=[...]) or targets='all-linear'").endswith(
         "pass --targets PATTERN ... or --targets all-linear")
+
+
+def test_a_bias_named_in_targets_is_told_without_options_the_command_lacks():
+    params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(ValueError) as raised:
+        jlora.lora_init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets=["bias"]))
+    told = finetune.as_flags(str(raised.value))
+    assert "LoraConfig" not in told and told.endswith("(jlora finetune trains no bias or norm)")
 
 
 def test_options_of_the_wrong_type_name_their_flag(tmp_path):
