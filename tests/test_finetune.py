@@ -181,7 +181,7 @@ def test_a_bias_named_in_targets_is_told_without_options_the_command_lacks():
     with pytest.raises(ValueError) as raised:
         jlora.lora_init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets=["bias"]))
     told = finetune.as_flags(str(raised.value))
-    assert "LoraConfig" not in told and told.endswith("(jlora finetune trains no bias or norm)")
+    assert "LoraConfig" not in told and "(jlora finetune trains no bias or norm)" in told
 
 
 def test_options_of_the_wrong_type_name_their_flag(tmp_path):
