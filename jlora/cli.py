@@ -185,7 +185,14 @@ def _merge(args: argparse.Namespace) -> int:
     prefix = meta.get("model_prefix")
     if is_peft:  # over the class the model's config.json names, as PEFT's base model is (an LM head, say)
         model, tokenizer, _ = load_model(model_dir, "architecture", need_tokenizer=False)
-        lora = peft.load_adapter(args.adapter, model.params, model.config)
+        try:
+            lora = peft.load_adapter(args.adapter, model.params, model.config)
+        except ValueError as err:
+            if getattr(model.config, "architectures", None):
+                raise
+            raise ValueError(f"{err}; {model_dir}'s config.json names no architectures, so the bare model class was "
+                             f"loaded ({type(model).__name__}): name the class the adapter was trained on there, e.g. "
+                             '"architectures": ["LlamaForCausalLM"]') from None
     else:
         model, tokenizer, lora, _ = load_job(args.adapter, model_dir, need_tokenizer=False)  # weights only
     params = jlora.merge(lora[prefix] if prefix else lora)

@@ -4,6 +4,7 @@ the README's first command, not a unit test)."""
 import importlib.util
 import json
 import re
+import shutil
 import signal
 import sys
 
@@ -182,6 +183,13 @@ def test_merge_takes_a_peft_adapter_as_peft_merges_it(tmp_path, capsys):
     assert "its base model gpt2 (recorded at training) is not a directory (a model hub's name: jlora reads " \
            "local models only); pass --model DIR" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "peft"), "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "m2")]) == 0
+    bare = tmp_path / "no_architectures"  # config.json naming no class: the bare model is loaded, the head's names miss
+    shutil.copytree(tmp_path / "gpt2", bare)
+    (bare / "config.json").write_text(json.dumps({**json.loads((bare / "config.json").read_text()), "architectures": None}))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "peft"), "--model", str(bare), "--out", str(tmp_path / "m3")]) == 2
+    assert ("no_architectures's config.json names no architectures, so the bare model class was loaded "
+            '(FlaxGPT2Model): name the class the adapter was trained on there, e.g. "architectures"') in capsys.readouterr().err
 
 
 def test_errors_are_one_clear_line(bert_dir, data_file, tmp_path, capsys):
