@@ -1005,6 +1005,9 @@ def describe(path: str | os.PathLike) -> str:
     n_copies = sum(math.prod(shape) for shape in copies.values())
     lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole"
                  + (f" (+ {n_copies:,} in copies of base weights)" if copies else "") + f"; {size_on_disk(path)} on disk")
+    named = sorted(d.name for d in path.iterdir() if (d / CONFIG_FILE).is_file())
+    if named:  # PEFT saves its other adapters under their names beside the default one
+        lines.append(f"named adapters beside it: {', '.join(named)} (jlora info {path / named[0]})")
     return "\n".join(lines)
 
 

@@ -249,6 +249,17 @@ def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warni
         jlora.peft.save_adapter(tmp_path / "b", lm.params, model.config)
 
 
+def test_info_names_the_named_adapters_beside_the_default_one(tmp_path):
+    """PEFT saves adapters other than "default" in subdirectories named after them: jlora info on the
+    directory describes the default one, and says the others are there."""
+    model = TINY["gpt2"]()
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn"]), jax.random.key(0))
+    path = jlora.peft.save_adapter(tmp_path / "adapters", lm.params, model.config)
+    assert "named adapters" not in jlora.peft.describe(path)
+    jlora.peft.save_adapter(path / "other", lm.params, model.config)
+    assert jlora.peft.describe(path).endswith(f"named adapters beside it: other (jlora info {path / 'other'})")
+
+
 def test_another_models_config_is_refused(tmp_path):
     """The config decides how factors are read (GPT-2's Conv1D is stored transposed): a Llama
     config over GPT-2's params loaded a square c_proj's adapter transposed, silently."""
