@@ -796,8 +796,12 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
     tables = [p for p in by_path if p.startswith(prefix) and p.endswith("/embedding")
               and _check_untied("", p, hf_config, shapes, peft_ties=True)]
     if not tables:
+        elsewhere = [p for p in by_path if p.endswith("/embedding") and _check_untied("", p, hf_config, shapes, True)]
         raise ValueError(f"{source}: the adapter holds {key}, for {head}, which the Flax model ties to its input "
-                         "embedding (tie_word_embeddings), and base_params hold no embedding tied to it")
+                         "embedding (tie_word_embeddings), " + (
+                             f"'{elsewhere[0]}': jlora reads a tied head's tensors only beside its embedding (a "
+                             "causal LM's lm_head, a composite model's decoder); leave it out of target_modules and "
+                             "modules_to_save" if elsewhere else "and base_params hold no embedding tied to it"))
     table = tables[0]
     module = table.rsplit("/", 1)[0].replace("/", ".")
     trained = _in_saved_module(head, config.get("modules_to_save") or ())
@@ -1065,7 +1069,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
             continue
         key = key.replace(".modules_to_save.", ".")
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
-        if any(module == h or module.startswith(h + ".") for h in heads) and leaf != "bias":  # checked below
+        # checked below; a head's bias too where it was trained whole (Flax's may be elsewhere: BERT's)
+        if any(module == h or module.startswith(h + ".") for h in heads) and (
+                leaf != "bias" or saved and _in_saved_module(module, saved)):
             head_tensors[key[len(PREFIX):]] = value
             continue
         if saved and "lora_" not in key and _in_saved_module(module, saved):

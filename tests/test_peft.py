@@ -836,6 +836,21 @@ def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
                                _torch_out(peft_model, input_ids=IDS), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("peft_options", [{"target_modules": ["query", "decoder"]},
+                                          {"target_modules": ["query"], "modules_to_save": ["decoder"]}])
+def test_a_masked_lms_tied_decoder_adapted_or_trained_is_refused_saying_why(peft_options, tmp_path):
+    """PEFT changes BERT's decoder apart from the word embedding Flax ties it to: refused, naming
+    that embedding, where the errors said the base had none, or was another model."""
+    model = tf.FlaxBertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, vocab_size=64))
+    peft.get_peft_model(_torch_twin(model, tf.BertForMaskedLM), peft.LoraConfig(r=4, **peft_options)
+                        ).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"for cls.predictions.decoder, which the Flax model ties to its input embedding "
+                                         r"\(tie_word_embeddings\), 'bert/embeddings/word_embeddings/embedding': jlora "
+                                         r"reads a tied head's tensors only beside its embedding"):
+        jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_fan_in_fan_out_is_the_module_type_as_in_peft(model_type, tmp_path):
     """PEFT sets fan_in_fan_out by the module's type (GPT-2's Conv1D: on), whatever the config
