@@ -188,7 +188,7 @@ def _merge(args: argparse.Namespace) -> int:
         try:
             lora = peft.load_adapter(args.adapter, model.params, model.config)
         except ValueError as err:
-            if getattr(model.config, "architectures", None):
+            if getattr(model.config, "architectures", None) or "another base model" not in str(err):
                 raise
             raise ValueError(f"{err}; {model_dir}'s config.json names no architectures, so the bare model class was "
                              f"loaded ({type(model).__name__}): name the class the adapter was trained on there, e.g. "

@@ -590,13 +590,14 @@ def _check_says_sharding(w: Any, path: str) -> None:
     if not isinstance(w, Lazy) or isinstance(w, LoraWeight) or getattr(w, "sharding", None) is not None:
         return
     spread = [x for x in jax.tree.leaves(w) if isinstance(x, jax.Array) and not _compat.is_tracer(x)
-              and len(x.sharding.device_set) > 1]
+              and len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated]
     if spread:
         devices = len(spread[0].sharding.device_set)
         kind = type(w).__name__
-        warnings.warn(f"lora_init: '{path}' is a lazy {kind} whose arrays are on {devices} devices, but {kind} has no "
-                      "sharding property (the array it stands for's), so the factors of its adapter are made on one device, and a restore replicates them: give the kind "
-                      "one, e.g. sharding = property(lambda self: self.q.sharding)", stacklevel=3)
+        warnings.warn(f"lora_init: '{path}' is a lazy {kind} whose arrays are split over {devices} devices, but {kind} "
+                      "has no sharding property (the array it stands for's), so the factors of its adapter are made "
+                      "on one device, and a restore replicates them: give the kind one, e.g. "
+                      "sharding = property(lambda self: self.q.sharding)", stacklevel=3)
 
 
 def _own_copy(x: Any) -> Any:

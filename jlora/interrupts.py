@@ -41,19 +41,18 @@ def remembered_interrupts() -> Iterator[None]:
         >>> with interrupts.remembered_interrupts():
         ...     pass
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-
     def handler(signum: int, frame: Any) -> None:
         _INTERRUPTED.set()
         raise KeyboardInterrupt
 
     _INTERRUPTED.clear()
-    previous = signal.signal(signal.SIGINT, handler)
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     try:
+        if ours:
+            signal.signal(signal.SIGINT, handler)
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _INTERRUPTED.clear()

@@ -169,7 +169,8 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
     _WARNED.update({(key, False), (key, undropped)})
     outcome = ("LoRA dropout is NOT applied to this use (a whole weight has no low-rank path to drop)"
                if undropped else "The result is exact; only the factored fast path was skipped")
-    if not undropped and not isinstance(value, LoraWeight):  # a quantized kernel: its whole float array
+    if (not undropped and not isinstance(value, LoraWeight)  # a quantized kernel: its whole float array
+            and all(isinstance(d, int) for d in value.shape)):  # (not a shape-polymorphic export's symbols)
         parts = sum(math.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(value))
         whole = math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
         outcome = (f"The result is exact, from the whole {jnp.dtype(value.dtype).name}{list(value.shape)} array it "
@@ -187,6 +188,7 @@ def warn_once(what: str, value: Any, why: str = "", where: str = "", undropped: 
 
 
 def _size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it reaches, to 3 digits: ``"2.25 KiB"``."""
     return next(f"{nbytes / 2**p:.3g} {unit}" for p, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "bytes"))
                 if nbytes >= 2**p or not p)
 
@@ -246,7 +248,12 @@ def materialize(x: Any, what: str | None = None, why: str = "", where: str = "",
         return x
     if what is not None and (undropped or getattr(x, "warn_on_fallback", True)):
         warn_once(what, x, why, where, undropped)
-    return materialized(x)
+    try:
+        return materialized(x)
+    except Exception as err:
+        if where and hasattr(err, "add_note"):  # Python 3.11+: the param, which the value may not know
+            err.add_note(f"jlora: materialising {where}")
+        raise
 
 
 def materialize_all(xs: Sequence[Any], what: str | None = None, why: str = "", ctx: "Context | None" = None,
@@ -444,10 +451,14 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
 
 def _note_rule(err: Exception, rule: Rule, eqn: Any, inputs: list[str]) -> None:
     """Add to ``err`` which rule raised it, and on which lazy inputs: a kind's own bug (a scale of
-    the wrong shape) otherwise fails deep in JAX, naming no param. The innermost rule only."""
-    if hasattr(err, "add_note") and not any(n.startswith("jlora: raised in the rule") for n in getattr(err, "__notes__", ())):
-        err.add_note(f"jlora: raised in the rule {getattr(rule, '__qualname__', rule)} ({getattr(rule, '__module__', '?')}) "
-                     f"for {eqn.primitive}, on {', '.join(inputs)}")
+    the wrong shape) otherwise fails deep in JAX, naming no param. A kind's own rules only (jlora's
+    run the user's code: a custom_vjp's), the innermost, and not over a kind's materialize()'s note."""
+    module = getattr(rule, "__module__", None) or "?"
+    if (not hasattr(err, "add_note") or module.startswith("jlora.")
+            or any(n.startswith("jlora: raised in") for n in getattr(err, "__notes__", ()))):
+        return
+    err.add_note(f"jlora: raised in the rule {getattr(rule, '__qualname__', rule)} ({module}) for {eqn.primitive}, "
+                 f"on {', '.join(inputs)}")
 
 
 def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:

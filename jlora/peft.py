@@ -533,9 +533,9 @@ def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) ->
     widths = {getattr(hf_config, name, None) for name in ("hidden_size", "embedding_size", "word_embed_proj_dim")}
     widths = {w for w in widths if isinstance(w, int)}  # ALBERT's, ELECTRA's tables have embedding_size columns
     if widths and columns and not widths & set(columns):
-        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, hidden_size {getattr(hf_config, 'hidden_size', '-')}) "
-                         f"is not base_params' config: their embedding tables have {columns} columns; pass the "
-                         "model's own (model.config)")
+        hidden = getattr(hf_config, "hidden_size", "-")
+        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, hidden_size {hidden}) is not base_params' "
+                         f"config: their embedding tables have {columns} columns; pass the model's own (model.config)")
 
 
 def _peft_ties(config: dict) -> str | None:
@@ -977,8 +977,10 @@ def describe(path: str | os.PathLike) -> str:
         if key.endswith(LINEAR_FACTORS + EMBEDDING_FACTORS):
             module, part = name.rsplit(".lora_embedding_" if ".lora_embedding_" in name else ".lora_", 1)
             factors.setdefault(module, {})[part[0]] = shape
-        elif key.endswith(".bias") and config.get("bias", "none") != "none":  # trained (bias="all", "lora_only")
-            whole[name.replace(".base_layer.", ".")] = shape
+        elif (key.endswith(".bias") and config.get("bias", "none") != "none"  # trained (bias="all", "lora_only")
+              and ".original_module." not in key):  # not modules_to_save's frozen original
+            # a head's trained copy's bias is saved under its own name too (classifier.modules_to_save.bias)
+            whole[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
               or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved)):
             copies[name] = shape

@@ -392,10 +392,14 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
     kind_specs = getattr(x, "part_specs", None)
     if callable(kind_specs):
         specs = kind_specs(spec)
-        if jax.tree.structure(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)) != jax.tree.structure(x):
-            raise ValueError(f"jlora.sharding: '{path}' is a lazy {type(x).__name__}, whose part_specs({spec}) gave "
-                             f"{specs!r}; it must return a {type(x).__name__} (the same pytree) with a PartitionSpec "
-                             f"in place of each of its {len(jax.tree.leaves(x))} arrays")
+        if isinstance(specs, PartitionSpec):  # one for every part: a prefix, as shard_map's in_specs take
+            return jax.tree.map(lambda _: specs, x)
+        spec_or_none = lambda s: s is None or isinstance(s, PartitionSpec)  # None: a part that is no array
+        if jax.tree.structure(specs, is_leaf=spec_or_none) != jax.tree.structure(x, is_leaf=lambda s: s is None):
+            kind, n = type(x).__name__, len(jax.tree.leaves(x))
+            raise ValueError(f"jlora.sharding: {f'{path!r}' if path else 'a value'} is a lazy {kind}, whose part_specs("
+                             f"{spec}) gave a {type(specs).__name__}: it returns the pytree of a {kind} (the same "
+                             f"structure) with a PartitionSpec (or None) for each of its {n} parts")
         return specs
     if all(s is None for s in spec):
         return jax.tree.map(lambda _: PartitionSpec(), x)
@@ -605,9 +609,14 @@ def _checked_parts(path: str, x: Lazy, spec: PartitionSpec, specs: Any, mesh: Me
     """A lazy value's parts' ``specs`` (for the array it stands for sharded as ``spec``), checked
     as a leaf's spec is: one per part, each fitting its part, whose shape may differ from the
     array's (an int4 kernel packed two to a byte)."""
-    parts, given = jax.tree.leaves(x), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    if isinstance(x, LoraWeight) and not isinstance(x.w, Lazy):  # its factors' specs are derived to fit
+        return specs
+    parts = jax.tree.leaves(x, is_leaf=lambda s: s is None)
+    given = jax.tree.leaves(specs, is_leaf=lambda s: s is None or isinstance(s, PartitionSpec))
     kind = type(x.w if isinstance(x, LoraWeight) else x).__name__
     for i, (part, part_spec) in enumerate(zip(parts, given, strict=True)):  # part_specs checked their structure
+        if part_spec is None or not has_shape(part):
+            continue
         try:
             _checked(path, tuple(np.shape(part)), part_spec, mesh)
         except ValueError as err:
@@ -615,6 +624,23 @@ def _checked_parts(path: str, x: Lazy, spec: PartitionSpec, specs: Any, mesh: Me
                              f"rule saw the array it stands for, of shape {tuple(x.shape)}: give '{path}' a spec that "
                              "divides its parts too (a rule of its own), or replicate it") from None
     return specs
+
+
+def divides(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> bool:
+    """Whether ``spec`` splits an array of ``shape`` evenly over ``mesh`` (and names its axes once).
+
+    Example:
+        >>> import jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> mesh = jlora.sharding.make_mesh({"model": 1})
+        >>> jlora.sharding.divides((4, 2), P("model"), mesh), jlora.sharding.divides((4,), P(None, "model"), mesh)
+        (True, False)
+    """
+    try:
+        _checked("", tuple(shape), spec, mesh)
+    except ValueError:
+        return False
+    return True
 
 
 def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:

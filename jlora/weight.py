@@ -799,9 +799,9 @@ def materialized(x: "Lazy") -> jax.Array:
     try:
         out = x.materialize()
     except Exception as err:
-        own, name = type(x).__module__.startswith("jlora."), x.describe()
-        if hasattr(err, "add_note") and not (own and name == type(x).__name__):  # Python 3.11+
-            err.add_note(f"jlora: raised materialising {name}" if own else
+        path = getattr(x, "path", None)  # not describe(): a kind's own may fail too
+        if hasattr(err, "add_note") and (path or not type(x).__module__.startswith("jlora.")):  # Python 3.11+
+            err.add_note(f"jlora: raised materialising {type(x).__name__} at {path!r}" if path else
                          f"jlora: raised in {type(x).__name__}.materialize(), the lazy kind's own code")
         raise
     shape, want = tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)  # numpy's float64, x64 off: float32

@@ -586,6 +586,10 @@ def test_an_error_inside_a_kinds_rule_or_materialize_names_the_rule_kind_and_par
     with pytest.raises(ValueError, match="Incompatible shapes") as raised:
         jlora.merge(params)
     assert "jlora: raised in Int8Weight.materialize(), the lazy kind's own code" in raised.value.__notes__
+    with pytest.raises(ValueError, match="Incompatible shapes") as raised, pytest.warns(jlora.MaterializeWarning):
+        jlora.apply(lambda p, x: jnp.sin(p["l"]["kernel"]))({"l": {"kernel": bad}}, jnp.ones(3))  # a bare kind's fallback
+    assert raised.value.__notes__[:2] == ["jlora: raised in Int8Weight.materialize(), the lazy kind's own code",
+                                          "jlora: materialising argument 0 at 'l/kernel'"]
 
 
 def test_a_rule_registered_after_an_eager_call_applies_to_the_wrapper_from_its_next_call():

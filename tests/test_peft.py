@@ -249,6 +249,18 @@ def test_adapters_of_several_dropout_rates_are_saved_at_the_highest_with_a_warni
         jlora.peft.save_adapter(tmp_path / "b", lm.params, model.config)
 
 
+def test_info_counts_trained_biases_as_peft_does_beside_a_classifier_head(tmp_path):
+    """bias="all" with a classifier trained whole: PEFT saves the head's frozen original too
+    (``original_module``), a copy, not a trained bias."""
+    model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                           intermediate_size=64, vocab_size=50, num_labels=3))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                                            bias="all"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) trained whole", jlora.peft.describe(tmp_path / "adapter"))
+    assert sum(int(n.replace(",", "")) for n in counts.groups()) == peft_model.get_nb_trainable_parameters()[0]
+
+
 def test_info_names_the_named_adapters_beside_the_default_one(tmp_path):
     """PEFT saves adapters other than "default" in subdirectories named after them: jlora info on the
     directory describes the default one, and says the others are there."""

@@ -1025,7 +1025,7 @@ def test_a_quantized_base_shards_by_its_kinds_part_specs_and_trains_as_on_one_de
 
     unsaid_kernel = NoSharding(*jax.tree.leaves(quantized["up"]["kernel"]))
     unsaid = sharding.place({**quantized, "up": {**quantized["up"], "kernel": unsaid_kernel}}, mesh, RULES)
-    with pytest.warns(UserWarning, match=r"lora_init: 'up/kernel' is a lazy NoSharding whose arrays are on 8 devices, "
+    with pytest.warns(UserWarning, match=r"lora_init: 'up/kernel' is a lazy NoSharding whose arrays are split over 8 devices, "
                                          r"but NoSharding has no sharding property .* made on one device"):
         jlora.lora_init(jax.random.key(1), unsaid, CONFIG)
 
@@ -1046,6 +1046,9 @@ def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
     class Packed(Int8Weight):  # two int4 values a byte along the first axis
         shape = property(lambda self: (2 * self.q.shape[0], *self.q.shape[1:]))
 
+        def materialize(self):
+            return jnp.repeat(self.q, 2, axis=0).astype(self.column_scale.dtype) * self.column_scale
+
     mesh, fsdp = sharding.make_mesh({"fsdp": 8}), [sharding.fsdp("fsdp", min_size=16)]
     base = {"mlp": {"kernel": Packed(jnp.zeros((36, 40), jnp.int8), jnp.ones(40))}}
     divides_array_not_part = (r"'mlp/kernel': axis 0 of shape \(36, 40\) has size 36, which does not divide over mesh "
@@ -1056,6 +1059,11 @@ def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
     with pytest.raises(ValueError, match=divides_array_not_part):  # under its adapter
         sharding.shardings(jlora.lora_init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=["mlp"])), mesh, fsdp)
     assert sharding.place(base, mesh, [("mlp", P(None, "fsdp"))])["mlp"]["kernel"].q.sharding.spec == P(None, "fsdp")
+    # constrained inside the function as the array it stands for: its parts cannot be, so it is materialised
+    fn = lambda p, x: x @ jax.lax.with_sharding_constraint(p["mlp"]["kernel"], NamedSharding(mesh, P("fsdp", None)))
+    with pytest.warns(jlora.MaterializeWarning, match="Packed .* materialised at 'sharding_constraint'"):
+        out = jax.jit(jlora.apply(fn))(base, jnp.ones((2, 72)))
+    np.testing.assert_allclose(out, jnp.ones((2, 72)) @ base["mlp"]["kernel"].materialize())
 
     @jax.tree_util.register_pytree_node_class
     class ParentsSpecs(Int8Weight):
@@ -1063,10 +1071,19 @@ def test_a_lazy_kinds_part_specs_are_checked_against_its_parts():
             return Int8Weight(*jax.tree.leaves(super().part_specs(spec), is_leaf=lambda s: isinstance(s, P)))
 
     other = {"mlp": {"kernel": ParentsSpecs(jnp.zeros((16, 40), jnp.int8), jnp.ones(40))}}
-    with pytest.raises(ValueError, match=r"'mlp/kernel' is a lazy ParentsSpecs, whose part_specs\(P(artitionSpec)?\(None, 'fsdp'\)\) "
-                                         r"gave .*Int8Weight.*; it must return a ParentsSpecs \(the same pytree\) with a "
-                                         r"PartitionSpec in place of each of its 2 arrays"):
+    with pytest.raises(ValueError, match=r"'mlp/kernel' is a lazy ParentsSpecs, whose part_specs\(P(artitionSpec)?\(None, "
+                                         r"'fsdp'\)\) gave a Int8Weight: it returns the pytree of a ParentsSpecs \(the "
+                                         r"same structure\) with a PartitionSpec \(or None\) for each of its 2 parts"):
         sharding.shardings(other, mesh, [("mlp", P(None, "fsdp"))])
+
+    @jax.tree_util.register_pytree_node_class
+    class OneSpec(Int8Weight):
+        def part_specs(self, spec):  # one for both parts: a prefix, as shard_map's in_specs take
+            return P(None, spec[1]) if len(spec) > 1 else P()
+
+    prefix = sharding.place({"mlp": {"kernel": OneSpec(jnp.zeros((16, 40), jnp.int8), jnp.ones((1, 40)))}}, mesh,
+                            [("mlp", P(None, "fsdp"))])["mlp"]["kernel"]
+    assert prefix.q.sharding.spec == prefix.column_scale.sharding.spec == P(None, "fsdp")
 
 
 def test_an_adapter_stacked_on_an_adapter_shards_both_pairs_of_factors():
