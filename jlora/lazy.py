@@ -433,8 +433,7 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
                     with _compat.eqn_context(eqn):  # the rule's ops in the context the equation was traced in
                         outs = rule(ctx, eqn, invals)
                 except Exception as err:
-                    _note_rule(err, rule, eqn, [f"{x.describe()}{f' ({ctx.where(x)})' if ctx.where(x) else ''}"
-                                                for x in lazy])
+                    _note_rule(err, rule, eqn, lazy, ctx)
                     raise
                 finally:
                     ctx.frame = outer
@@ -449,16 +448,17 @@ def _eval_eqn(ctx: Context, frame: Frame, eqn: Any, invals: list) -> list:
     return outs
 
 
-def _note_rule(err: Exception, rule: Rule, eqn: Any, inputs: list[str]) -> None:
-    """Add to ``err`` which rule raised it, and on which lazy inputs: a kind's own bug (a scale of
-    the wrong shape) otherwise fails deep in JAX, naming no param. A kind's own rules only (jlora's
+def _note_rule(err: Exception, rule: Rule, eqn: Any, lazy: list, ctx: Context) -> None:
+    """Add to ``err`` which rule raised it, and on which ``lazy`` inputs: a kind's own bug (a scale
+    of the wrong shape) otherwise fails deep in JAX, naming no param. A kind's own rules only (jlora's
     run the user's code: a custom_vjp's), the innermost, and not over a kind's materialize()'s note."""
     module = getattr(rule, "__module__", None) or "?"
     if (not hasattr(err, "add_note") or module.startswith("jlora.")
             or any(n.startswith("jlora: raised in") for n in getattr(err, "__notes__", ()))):
         return
+    names = [type(x).__name__ + (f" ({ctx.where(x)})" if ctx.where(x) else "") for x in lazy]  # describe() may fail
     err.add_note(f"jlora: raised in the rule {getattr(rule, '__qualname__', rule)} ({module}) for {eqn.primitive}, "
-                 f"on {', '.join(inputs)}")
+                 f"on {', '.join(names)}")
 
 
 def _check_outputs(rule: Rule, eqn: Any, outs: Any) -> None:
