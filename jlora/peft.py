@@ -1172,6 +1172,12 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
+    heads_apart = [p for p in new if p.split("/")[-2:] == ["lm_head", "kernel"]]
+    if ties and heads_apart and any(p.endswith("/embedding") for p in new):  # HF's Flax Llama keeps an lm_head
+        warnings.warn(f"{path}: PEFT ties the LM head's {'adapter' if ties == 'target' else 'copy'} to the input "
+                      f"embedding's (ensure_weight_tying), but this Flax model keeps an LM head of its own "
+                      f"('{heads_apart[0]}'): read as two values, equal now, which training in jlora moves apart "
+                      "(and save_adapter writes untied)", stacklevel=2)
     unloaded = _unloaded_targets(config, by_path, set(factors))
     if unloaded:
         warnings.warn(f"{path}: the config targets {len(unloaded)} module(s) the adapter holds no factors for, left "

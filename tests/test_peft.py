@@ -261,6 +261,24 @@ def test_info_counts_trained_biases_as_peft_does_beside_a_classifier_head(tmp_pa
     assert sum(int(n.replace(",", "")) for n in counts.groups()) == peft_model.get_nb_trainable_parameters()[0]
 
 
+def test_a_tied_head_read_onto_a_flax_model_with_its_own_lm_head_is_warned_of(tmp_path):
+    """HF's Flax Llama keeps an lm_head of its own whatever tie_word_embeddings says: PEFT's tied
+    adapters on embed_tokens and lm_head load as two, equal (PEFT's logits), which training moves apart."""
+    model = tf.FlaxLlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                                   max_position_embeddings=32, tie_word_embeddings=True))
+    embedding = model.params["model"]["embed_tokens"]["embedding"]
+    model.params = {**model.params, "lm_head": {"kernel": embedding.T}}  # tied, as PyTorch's is
+    peft_model = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "embed_tokens", "lm_head"], init_lora_weights=False, ensure_weight_tying=True))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=r"PEFT ties the LM head's adapter to the input embedding's .*, but this Flax "
+                                         r"model keeps an LM head of its own \('lm_head/kernel'\): read as two values"):
+        params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    np.testing.assert_allclose(jlora.apply(model.__call__)(IDS, params=params).logits,
+                               _torch_out(peft_model.eval(), input_ids=IDS), rtol=1e-4, atol=1e-5)
+
+
 def test_info_names_the_named_adapters_beside_the_default_one(tmp_path):
     """PEFT saves adapters other than "default" in subdirectories named after them: jlora info on the
     directory describes the default one, and says the others are there."""
