@@ -394,8 +394,7 @@ def part_specs(x: Any, spec: PartitionSpec, path: str = "") -> Any:
         specs = kind_specs(spec)
         if isinstance(specs, PartitionSpec):  # one for every part: a prefix, as shard_map's in_specs take
             return jax.tree.map(lambda _: specs, x)
-        spec_or_none = lambda s: s is None or isinstance(s, PartitionSpec)  # None: a part that is no array
-        if jax.tree.structure(specs, is_leaf=spec_or_none) != jax.tree.structure(x, is_leaf=lambda s: s is None):
+        if jax.tree.structure(specs, is_leaf=_spec_or_none) != jax.tree.structure(x, is_leaf=_is_none):
             kind, n = type(x).__name__, len(jax.tree.leaves(x))
             raise ValueError(f"jlora.sharding: {f'{path!r}' if path else 'a value'} is a lazy {kind}, whose part_specs("
                              f"{spec}) gave a {type(specs).__name__}: it returns the pytree of a {kind} (the same "
@@ -611,10 +610,8 @@ def _checked_parts(path: str, x: Lazy, spec: PartitionSpec, specs: Any, mesh: Me
     array's (an int4 kernel packed two to a byte)."""
     if isinstance(x, LoraWeight) and not isinstance(x.w, Lazy):  # its factors' specs are derived to fit
         return specs
-    parts = jax.tree.leaves(x, is_leaf=lambda s: s is None)
-    given = jax.tree.leaves(specs, is_leaf=lambda s: s is None or isinstance(s, PartitionSpec))
     kind = type(x.w if isinstance(x, LoraWeight) else x).__name__
-    for i, (part, part_spec) in enumerate(zip(parts, given, strict=True)):  # part_specs checked their structure
+    for i, (part, part_spec) in enumerate(parts_and_specs(x, specs)):
         if part_spec is None or not has_shape(part):
             continue
         try:
@@ -624,6 +621,30 @@ def _checked_parts(path: str, x: Lazy, spec: PartitionSpec, specs: Any, mesh: Me
                              f"rule saw the array it stands for, of shape {tuple(x.shape)}: give '{path}' a spec that "
                              "divides its parts too (a rule of its own), or replicate it") from None
     return specs
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _spec_or_none(x: Any) -> bool:  # None: the spec of a part that is no array
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def parts_and_specs(x: Any, specs: Any) -> list[tuple[Any, PartitionSpec | None]]:
+    """Each part of the lazy value ``x`` (a ``None`` child too) beside its spec in ``specs``, which
+    ``part_specs`` gave, of ``x``'s structure (``None`` for a part that is no array).
+
+    Example:
+        >>> import numpy as np, jlora
+        >>> from jax.sharding import PartitionSpec as P
+        >>> lw = jlora.LoraWeight(np.ones((4, 2)), np.ones((4, 1)), np.zeros((1, 2)), scale=1.0)
+        >>> [(np.shape(part), tuple(spec)) for part, spec in
+        ...  jlora.sharding.parts_and_specs(lw, jlora.sharding.part_specs(lw, P("fsdp", None)))]
+        [((4, 2), ('fsdp', None)), ((4, 1), ('fsdp', None)), ((1, 2), (None, None))]
+    """
+    parts, given = jax.tree.leaves(x, is_leaf=_is_none), jax.tree.leaves(specs, is_leaf=_spec_or_none)
+    return list(zip(parts, given, strict=True))  # part_specs checked their structure
 
 
 def divides(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> bool:

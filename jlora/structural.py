@@ -28,7 +28,7 @@ from jax import lax
 
 from jlora import _compat, explicit
 from jlora.layout import Layout, reshape_groups
-from jlora.sharding import divides, factor_shardings, part_specs
+from jlora.sharding import divides, factor_shardings, part_specs, parts_and_specs
 from jlora.lazy import Context, evaluate_eqn, is_lazy, materialize, register
 from jlora.weight import Lazy, LoraWeight, narrow_float
 
@@ -291,10 +291,10 @@ def _parts_placed(x: Lazy, target: Any, put: Callable[[Any, Any], Any]) -> Any:
             or getattr(target.spec, "reduced", None) or not callable(getattr(x, "part_specs", None))):
         return NotImplemented
     specs = part_specs(x, target.spec)
-    parts = jax.tree.leaves(x, is_leaf=lambda s: s is None)
-    given = jax.tree.leaves(specs, is_leaf=lambda s: s is None or isinstance(s, jax.sharding.PartitionSpec))
-    if any(spec is not None and not divides(np.shape(part), spec, target.mesh) for part, spec in zip(parts, given)):
-        return NotImplemented  # a part the array's spec does not divide (int4 packed two to a byte): materialised
+    # a part the array's spec does not divide (int4 packed two to a byte): materialised
+    if any(spec is not None and not divides(np.shape(part), spec, target.mesh)
+           for part, spec in parts_and_specs(x, specs)):
+        return NotImplemented
     return jax.tree.map(lambda part, spec: part if spec is None else put(part, jax.sharding.NamedSharding(
         target.mesh, spec)), x, specs, is_leaf=lambda s: s is None)
 
