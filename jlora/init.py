@@ -21,7 +21,7 @@ from jlora.paths import (DELETED, LEAF, Pattern, compile_patterns, deleted_path,
                          replace_leaves)
 from jlora.sharding import factor_shardings
 from jlora.variables import check_unshared, in_state, mutable_kind, state_paths
-from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, is_node, is_param
+from jlora.weight import Lazy, LoraWeight, Trainable, check_registered, has_shape, is_node, is_param
 
 # Output heads that "all-linear" leaves alone, as PEFT does: a classification head whole (PEFT
 # trains it as a module to save); in an LM head, the projection (the head itself, or a kernel in it
@@ -433,7 +433,7 @@ def lora_init(
     if (gone := deleted_path(params)) is not None:  # JAX's error, where an array is first read, names none
         raise ValueError(f"lora_init: '{gone}' {DELETED}; pass live arrays")
     entries = leaves_with_paths(params, is_leaf=is_param)  # a quantized (lazy) kernel is one leaf
-    if not any(hasattr(leaf, "dtype") for _, leaf in entries):  # a model object, its functions, a boxed tree
+    if not any(has_shape(leaf) for _, leaf in entries):  # a model object (a Keras model has a dtype), a boxed tree
         got = type_name(params) if params is None else f"{type_name(params)} {repr(params)[:60]}"
         kinds = sorted({type_name(leaf) for _, leaf in entries})
         raise ValueError(f"lora_init: params hold no arrays (got {got}"

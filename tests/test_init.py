@@ -439,8 +439,11 @@ def test_a_tree_of_boxed_variables_is_told_to_unwrap_them():
         with pytest.raises(ValueError, match=r"params hold no arrays \(got dict .*, whose leaves are test_init\..*Parameter "
                                              r"objects\): pass the base model's param tree .*Penzai's pz.freeze_params\(model\)"):
             lora_init(KEY, boxed, LoraConfig(rank=2, targets=targets))
+    class Model:  # as Keras's: a dtype (its compute dtype), no shape
+        dtype = "float32"
     # a model object, not its params (a Keras model, Haiku's transformed pair of functions)
-    for model, kind in ((Parameter(3), r"test_init\..*Parameter"), ((lambda: 0, lambda: 1), r"tuple .*function")):
+    for model, kind in ((Parameter(3), r"test_init\..*Parameter"), ((lambda: 0, lambda: 1), r"tuple .*function"),
+                        (Model(), r"test_init\..*Model")):
         with pytest.raises(ValueError, match=rf"params hold no arrays \(got {kind}.*\): pass the base model's param tree "
                                              r"\(a linen model's variables\['params'\], Haiku's transformed.init\(key, x\)"):
             lora_init(KEY, model, LoraConfig(rank=2))
