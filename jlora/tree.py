@@ -157,7 +157,8 @@ def stack(adapters: Sequence[Any]) -> Any:
 def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:
     """``(path, what, what)`` of the first container that differs between two tree structures: in
     type (a ``FrozenDict`` where the other has a ``dict``, a list for a tuple) or in a static field
-    (an NNX module's ``deterministic`` flag after ``.eval()``), or ``None``."""
+    (an NNX module's ``deterministic`` flag after ``.eval()``, an Equinox module's ``width_size``),
+    or ``None``."""
     data1, data2 = first.node_data(), second.node_data()
     type1, type2 = (data1 or (None,))[0], (data2 or (None,))[0]
     if type1 is not type2:
@@ -167,33 +168,39 @@ def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str,
         for field, value1, value2 in zip(LoraWeight.STATIC_FIELDS, data1[1], data2[1]):
             if value1 != value2:
                 return path or "/", f"{field}={value1!r}", f"{field}={value2!r}"
-    fields = _static_fields(data1[1]) if data1 else None, _static_fields(data2[1]) if data2 else None
-    if fields[0] and fields[1] and fields[0].keys() == fields[1].keys():
-        for field, value in fields[0].items():
-            if value is not fields[1][field] and _differ(value, fields[1][field]):
-                return path or "/", f"{field}={value!r}", f"{field}={fields[1][field]!r}"
+    (keys, fields1), (_, fields2) = (_node_fields(*data) if data else (None, None) for data in (data1, data2))
+    if fields1 and fields2 and fields1.keys() == fields2.keys():
+        for field, value in fields1.items():
+            if value is not fields2[field] and _differ(value, fields2[field]):
+                return path or "/", f"{field}={value!r}", f"{field}={fields2[field]!r}"
     children1, children2 = first.children(), second.children()
-    # the children's names: an NNX module's aux data starts with them; a dict's aux data is its keys
-    keys = data1[1][0] if fields[0] is not None else data1[1] if data1 else None
     keys = keys if isinstance(keys, (list, tuple)) and len(keys) == len(children1) else None
     for i, (c1, c2) in enumerate(zip(children1, children2)):
         found = _container_difference(c1, c2, f"{path}/{keys[i] if keys else i}".lstrip("/"))
         if found:
             return found
+    if data1 and fields1 is None and data1[1] is not data2[1] and _differ(data1[1], data2[1]):  # no names for them
+        return path or "/", f"a {type1.__name__} of static data {data1[1]!r}"[:200], f"{data2[1]!r}"[:200]
     return None
 
 
-def _static_fields(aux: Any) -> dict[str, Any] | None:
-    """An NNX module node's static fields by name, or ``None`` for another kind of node. Its aux
-    data holds its children's names, then the static fields: their names and their values (Flax
-    0.12), or ``(name, value)`` pairs (Flax 0.11)."""
-    if not (isinstance(aux, tuple) and len(aux) in (2, 3) and all(isinstance(x, tuple) for x in aux)):
-        return None
-    if len(aux) == 3 and len(aux[1]) == len(aux[2]) and all(isinstance(n, str) for n in aux[1]):
-        return dict(zip(aux[1], aux[2]))
-    if len(aux) == 2 and all(isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str) for f in aux[1]):
-        return dict(aux[1])
-    return None
+def _node_fields(node_type: type, aux: Any) -> tuple[Sequence[str] | None, dict[str, Any] | None]:
+    """The names of a module node's children and its static fields by name, from its aux data, or
+    ``None`` for what this cannot read. An NNX module's aux data holds its children's names, then
+    the static fields: their names and their values (Flax 0.12), or ``(name, value)`` pairs (Flax
+    0.11); a dict's aux data is its keys. An Equinox module's holds its wrapper fields, then the
+    values of its dataclass fields marked static; its children are the other fields."""
+    if isinstance(aux, tuple) and len(aux) in (2, 3) and all(isinstance(x, tuple) for x in aux):
+        if len(aux) == 3 and len(aux[1]) == len(aux[2]) and all(isinstance(n, str) for n in aux[1]):
+            return aux[0], dict(zip(aux[1], aux[2]))
+        if len(aux) == 2 and all(isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str) for f in aux[1]):
+            return aux[0], dict(aux[1])
+    if type(node_type).__module__.startswith("equinox.") and dataclasses.is_dataclass(node_type) and isinstance(aux, tuple):
+        fields = dataclasses.fields(node_type)
+        static = [f.name for f in fields if f.metadata.get("static", False)]
+        if len(aux) == 1 + len(static):
+            return [f.name for f in fields if not f.metadata.get("static", False)], dict(zip(static, aux[1:]))
+    return aux if isinstance(aux, (list, tuple)) else None, None
 
 
 def _differ(x: Any, y: Any) -> bool:

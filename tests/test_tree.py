@@ -447,6 +447,38 @@ def test_combine_names_the_static_field_two_nnx_halves_differ_in():
         jlora.combine(trainable, frozen)
 
 
+def test_combine_names_the_static_field_two_equinox_halves_differ_in():
+    eqx = pytest.importorskip("equinox")
+    x = jnp.ones((2, 4))
+    halves = [jlora.split(jlora.lora_init(KEY, eqx.nn.MLP(4, 3, width, 2, key=KEY), jlora.LoraConfig(rank=2, targets=["layers"]),
+                                          infer_layout=lambda m: jax.vmap(m)(x)))
+              for width in (16, 8)]  # halves of two builds of a model
+    with pytest.raises(ValueError, match="at '/' trainable has width_size=16, frozen width_size=8"):
+        jlora.combine(halves[0][0], halves[1][1])
+    with pytest.raises(ValueError, match="at '0' trainable has out_features=16, frozen out_features=8"):
+        jlora.combine(halves[0][0].layers, halves[1][1].layers)
+
+
+def test_combine_shows_the_static_data_of_a_node_it_cannot_name_the_fields_of():
+    @jax.tree_util.register_pytree_node_class
+    class Box:
+        def __init__(self, value, tag):
+            self.value, self.tag = value, tag
+
+        def tree_flatten(self):
+            return (self.value,), (self.tag,)
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(children[0], *aux)
+
+    lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0)
+    trainable, frozen = jlora.split({"box": Box({"k": lw}, "left")})
+    frozen["box"].tag = "right"
+    with pytest.raises(ValueError, match=r"at 'box' trainable has a Box of static data \('left',\), frozen \('right',\)"):
+        jlora.combine(trainable, frozen)
+
+
 def test_adapters_stacked_over_one_base_are_used_under_vmap_only():
     base = {"q": {"kernel": jax.random.normal(KEY, (6, 5))}}
     config = jlora.LoraConfig(rank=2, targets=["q"])
