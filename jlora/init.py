@@ -330,7 +330,7 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
         raise ValueError(f"LoraConfig.targets={config.targets!r} selects no kernel; paths start {paths[:5]}"
                          + ("; 'all-linear' adapts dense kernels (leaves named 'kernel' or 'w'; 'weight' where "
                             "infer_layout sees it in a matmul, as Equinox's Linear): name the modules or leaves to "
-                            "adapt in targets, or pass lora_init(..., infer_layout=lambda m: m(x))"
+                            "adapt in targets" + ("" if weights else ", or pass lora_init(..., infer_layout=lambda m: m(x))")
                             + _no_match("targets", "", paths, entries)
                             if all_linear else ""))
     patterns = {"rank_pattern": [text for text, _ in config.rank_pattern],

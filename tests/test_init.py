@@ -155,8 +155,12 @@ def test_all_linear_adapts_the_weights_infer_layout_sees_in_a_matmul_as_equinox_
     got = adapted(lora_init(KEY, named, LoraConfig(rank=4, targets="all-linear"), infer_layout=held))
     assert sorted(got) == ["up/weight/0"] and str(got["up/weight/0"].layout) == "oi"
     with pytest.raises(ValueError, match=r"selects no kernel; .*'all-linear' adapts dense kernels \(leaves named 'kernel' "
-                                         r"or 'w'; 'weight' where infer_layout sees it in a matmul, as Equinox's Linear\)"):
+                                         r"or 'w'; 'weight' where infer_layout sees it in a matmul, as Equinox's Linear\): "
+                                         r"name the modules or leaves to adapt in targets, or pass lora_init\(\.\.\., infer_layout="):
         lora_init(KEY, tree, LoraConfig(rank=4, targets="all-linear"))
+    convs = {"conv": {"depthwise_kernel": jnp.ones((3, 3, 1, 4)), "pointwise_kernel": jnp.ones((1, 1, 4, 8))}}
+    with pytest.raises(ValueError, match=r"name the modules or leaves to adapt in targets; no adaptable"):  # it was passed
+        lora_init(KEY, convs, LoraConfig(rank=2, targets="all-linear"), infer_layout=lambda p: 0.0)
 
 
 def test_all_linear_leaves_conv_kernels_alone_as_peft_does():
