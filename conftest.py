@@ -1,13 +1,13 @@
-"""The whole suite's fixtures: the docstring examples (``--doctest-modules`` over ``jlora/``) run
-where a user's session would not find files of its own. ``tests/conftest.py`` holds the tests'."""
+"""The whole suite's fixtures (``tests/`` and the docstring examples of ``jlora/``);
+``tests/conftest.py`` holds the tests' own."""
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _doctest_in_an_empty_directory(request: pytest.FixtureRequest, tmp_path, monkeypatch) -> None:
-    """A docstring example runs in an empty working directory: one that names a relative path (the
-    default ``--out jlora-out``) neither reads nor writes the checkout (a ``jlora finetune`` run in
-    it, as the README's first line does, left an earlier run there that the examples refused)."""
-    if type(request.node).__name__ == "DoctestItem":
-        monkeypatch.chdir(tmp_path)
+def _in_an_empty_directory(tmp_path, monkeypatch) -> None:
+    """Every test and docstring example runs in an empty working directory: one that names a
+    relative path (``jlora finetune``'s default ``--out jlora-out``) neither reads nor writes the
+    checkout. The README's first line, run in the checkout, leaves an earlier run there, which
+    the examples and the CLI's tests then met as the "earlier run" refusal."""
+    monkeypatch.chdir(tmp_path)

@@ -955,7 +955,7 @@ def describe(path: str | os.PathLike) -> str:
         PEFT LoRA adapter: ...
         targets: 1 modules, rank 4
           transformer.h.0.attn.c_attn  32 -> 96  r=4  scale=2
-        parameters: 512 LoRA + 0 trained whole; ... KiB on disk
+        parameters: 512 LoRA + 0 fully trained; ... KiB on disk
     """
     from safetensors import SafetensorError, safe_open
 
@@ -1003,13 +1003,13 @@ def describe(path: str | os.PathLike) -> str:
         other = (f"  ({CONFIG_FILE} says r={rank_of(module)}: neither PEFT nor jlora loads it)"
                  if r != rank_of(module) else "")
         lines.append(f"  {module}  {fan_in} -> {fan_out}{'  (embedding)' if embedding else ''}  r={r}  scale={scale:g}{other}")
-    lines += [f"  {name}  {'x'.join(map(str, shape))}  trained whole" for name, shape in sorted(whole.items())]
+    lines += [f"  {name}  {'x'.join(map(str, shape))}  fully trained" for name, shape in sorted(whole.items())]
     lines += [f"  {name}  {'x'.join(map(str, shape))}  the base's, saved beside the adapter (checked, not loaded)"
               for name, shape in sorted(copies.items())]
     n_lora = sum(math.prod(shape) for ab in factors.values() for shape in ab.values())
     n_whole = sum(math.prod(shape) for shape in whole.values())
     n_copies = sum(math.prod(shape) for shape in copies.values())
-    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole"
+    lines.append(f"parameters: {n_lora:,} LoRA + {n_whole:,} fully trained"
                  + (f" (+ {n_copies:,} in copies of base weights)" if copies else "") + f"; {size_on_disk(path)} on disk")
     named = sorted(d.name for d in path.iterdir() if (d / CONFIG_FILE).is_file())
     if named:  # PEFT saves its other adapters under their names beside the default one

@@ -178,9 +178,9 @@ def test_merge_takes_a_peft_adapter_as_peft_merges_it(tmp_path, capsys):
     np.testing.assert_allclose(merged(ids).logits, want, rtol=1e-4, atol=1e-5)
 
     config_file = tmp_path / "peft" / "adapter_config.json"  # a base named by its model hub's name
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "gpt2"}))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "openai-community/gpt2"}))
     assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "m2")]) == 2
-    assert "its base model gpt2 (recorded at training) is not a directory (a model hub's name: jlora reads " \
+    assert "its base model openai-community/gpt2 (recorded at training) is not a directory (a model hub's name: jlora reads " \
            "local models only); pass --model DIR" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "peft"), "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "m2")]) == 0
     bare = tmp_path / "no_architectures"  # config.json naming no class: the bare model is loaded, the head's names miss

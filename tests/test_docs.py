@@ -82,8 +82,7 @@ def test_discovery_finds_the_public_examples():
 
 
 @pytest.mark.parametrize("name", sorted(TESTS))
-def test_example_runs_with_only_public_imports(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a user's session, not the checkout: a relative path (--out jlora-out) finds nothing
+def test_example_runs_with_only_public_imports(name):
     missing = _missing(name)
     if missing:
         pytest.skip(f"needs {missing}, not installed")

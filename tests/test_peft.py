@@ -257,7 +257,7 @@ def test_info_counts_trained_biases_as_peft_does_beside_a_classifier_head(tmp_pa
     peft_model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
                                                             bias="all"))
     peft_model.save_pretrained(tmp_path / "adapter")
-    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) trained whole", jlora.peft.describe(tmp_path / "adapter"))
+    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) fully trained", jlora.peft.describe(tmp_path / "adapter"))
     assert sum(int(n.replace(",", "")) for n in counts.groups()) == peft_model.get_nb_trainable_parameters()[0]
 
 
@@ -521,7 +521,7 @@ def test_trained_biases_cross_both_ways(tmp_path):
             layer.attn.c_attn.bias.add_(-0.2)
         want = peft_model(torch.tensor(IDS)).logits.numpy()
     peft_model.save_pretrained(tmp_path / "adapter")
-    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) trained whole;", jlora.peft.describe(tmp_path / "adapter"))
+    counts = re.search(r"parameters: ([\d,]+) LoRA \+ ([\d,]+) fully trained;", jlora.peft.describe(tmp_path / "adapter"))
     assert sum(int(n.replace(",", "")) for n in counts.groups()) == peft_model.get_nb_trainable_parameters()[0]
     params = jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
     assert isinstance(params["transformer"]["h"]["0"]["mlp"]["c_fc"]["bias"], jlora.Trainable)
@@ -1265,7 +1265,7 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
     assert "targets: 4 modules, rank 2, 4" in info
     assert "  model.layers.0.self_attn.q_proj  64 -> 64  r=4  scale=2\n" in info
     assert "  model.layers.0.self_attn.v_proj  64 -> 32  r=2  scale=4\n" in info  # 2 KV heads of 16
-    assert "  model.norm.weight  64  trained whole" in info
+    assert "  model.norm.weight  64  fully trained" in info
     # PEFT takes the first rank_pattern key that matches, but saves the keys sorted: the file's
     # tensors, not its config, say what each module's rank is
     config_file = tmp_path / "peft" / "adapter_config.json"
@@ -1276,7 +1276,7 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
             "nor jlora loads it)\n") in capsys.readouterr().out
     n_lora = sum(v.size for k, v in tensors.items() if "lora_" in k)
     n_whole = sum(v.size for k, v in tensors.items() if "lora_" not in k)
-    assert f"parameters: {n_lora:,} LoRA + {n_whole:,} trained whole;" in info
+    assert f"parameters: {n_lora:,} LoRA + {n_whole:,} fully trained;" in info
     # the base weights PEFT saves beside an adapted embedding or head are no trained leaves
     made = peft.get_peft_model(_torch_twin(model, tf.LlamaForCausalLM), peft.LoraConfig(
         r=4, target_modules=["q_proj", "lm_head"]))
@@ -1284,7 +1284,7 @@ def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
     assert main(["info", str(tmp_path / "head")]) == 0
     info = capsys.readouterr().out
     assert "  lm_head.base_layer.weight  64x64  the base's, saved beside the adapter (checked, not loaded)" in info
-    assert "trained whole\n" not in info and "LoRA + 0 trained whole (+ 4,096 in copies of base weights);" in info
+    assert "fully trained\n" not in info and "LoRA + 0 fully trained (+ 4,096 in copies of base weights);" in info
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in conftest.py)")
