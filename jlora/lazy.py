@@ -574,7 +574,9 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     arguments (a closed-over Python value) is fixed by the trace, as under ``jax.jit``, and so under
     ``jax.grad`` too: a closed-over value set anew (a traced one included) is not seen by a
     cached trace; pass it as an argument. ``cache_size`` traces are kept
-    (the least recently used go first); ``wrapped.cache_clear()`` drops them. Called outside any
+    (the least recently used go first; a warning says when a dropped one is made again: calls
+    cycling through more signatures, variable sequence lengths in eager serving, each trace and
+    compile anew); ``wrapped.cache_clear()`` drops them. Called outside any
     ``jax.jit`` (eagerly, or under ``jax.grad`` or ``jax.vmap`` of an eager call from its second call
     on; under ``vmap`` where no adapter is mapped), or where none of its inputs is traced (params
     closed over inside a transformation: a ``jax.jit`` of the evaluation nested in it), the
@@ -818,6 +820,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     def cache_clear() -> None:
         with cache.lock:
             cache.clear()
+            cache.dropped.clear()  # traced again after this, by choice
 
     wrapped.cache_clear = cache_clear  # type: ignore[attr-defined]
     wrapped._jlora_apply = True  # type: ignore[attr-defined]  # its lora_rng is apply's own (see _applied)
@@ -839,9 +842,26 @@ class _TraceCache(OrderedDict):
         0
     """
 
+    DROPPED_KEPT = 4096  # how many dropped traces' keys are remembered, by hash, to tell a cache too small
+
     def __init__(self) -> None:
         super().__init__()
         self.lock = threading.RLock()
+        self.dropped: OrderedDict[int, None] = OrderedDict()  # hashes of the keys of traces dropped, the latest last
+        self.warned = False  # of traces made again after they were dropped (once per wrapped function)
+
+    def drop_oldest(self) -> None:
+        """Drop the least recently used trace, remembering its key's hash."""
+        key, _ = self.popitem(last=False)
+        self.dropped[hash(key)] = None
+        if len(self.dropped) > self.DROPPED_KEPT:
+            self.dropped.popitem(last=False)
+
+    def dropped_before(self, key: Any) -> bool:
+        """Whether ``key``'s trace was made before and dropped: the first such is reported (True) once."""
+        again = hash(key) in self.dropped and not self.warned
+        self.warned |= again
+        return again
 
     def __reduce__(self) -> tuple:
         return _TraceCache, ()
@@ -986,6 +1006,14 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         if hit is not None:
             cache.move_to_end(key)
             return hit
+        again = key is not None and cache.dropped_before(key)
+    if again:
+        name = getattr(fn, "__name__", "fn")
+        warnings.warn(f"jlora.apply: {name} is traced again for a call signature (input shapes, dtypes, static "
+                      f"values) whose trace it had dropped: calls cycle through more than cache_size={cache_size} "
+                      "signatures, and each such call traces (and, outside jax.jit, compiles) anew; pass "
+                      f"jlora.apply({name}, cache_size=N), N the number of signatures, or call it inside jax.jit, "
+                      "whose cache keeps every signature", stacklevel=3)
 
     def flat_fn(*dyn: Any) -> Any:
         leaves: list[Any] = [None] * n_leaves
@@ -1026,5 +1054,5 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         with cache.lock:
             cache[key] = result
             while len(cache) > cache_size:
-                cache.popitem(last=False)
+                cache.drop_oldest()
     return result

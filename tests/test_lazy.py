@@ -246,6 +246,38 @@ def test_trace_is_cached_per_signature():
     assert len(calls) == 3
 
 
+def test_calls_cycling_through_more_signatures_than_the_cache_keeps_are_told_once():
+    """Eager serving of variable lengths, more than ``cache_size``: every call traced and compiled
+    anew (about 300x slower, p171), silently. The first trace made again after it was dropped warns."""
+    calls = []
+
+    def fn(p, x):
+        calls.append(1)
+        return x @ p["w"]
+
+    p = lora({"w": jnp.ones((4, 4))}, ["w"])
+    forward = jlora.apply(fn, cache_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (1, 2, 3, 1, 2, 3, 4):  # a fourth signature drops the first: nothing made again yet
+            forward(p, jnp.ones((n, 4)))
+        assert len(calls) == 4
+        forward.cache_clear()
+        forward(p, jnp.ones((1, 4)))  # traced again by choice
+    with pytest.warns(UserWarning, match=r"jlora.apply: fn is traced again for a call signature .* whose trace it had "
+                                         r"dropped: calls cycle through more than cache_size=3 signatures.*"
+                                         r"jlora.apply\(fn, cache_size=N\)") as record:
+        for n in (2, 3, 4, 5, 1, 2, 3, 4, 5):
+            got = forward(p, jnp.ones((n, 4)))
+    assert len(record) == 1 and record[0].filename == __file__  # once, at the call
+    np.testing.assert_allclose(got, jnp.ones((5, 4)) @ oracle_merge(p)["w"], rtol=1e-6)
+    wide = jlora.apply(fn, cache_size=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (1, 2, 3, 4, 5) * 2:
+            wide(p, jnp.ones((n, 4)))
+
+
 def test_an_unhashable_static_argument_is_named_as_the_reason_each_call_traces_again():
     """jax.jit refuses such an argument; apply takes it, traces each call, and says why."""
     import dataclasses
@@ -383,6 +415,7 @@ def test_a_trace_is_not_reused_under_another_jax_configuration():
         jax.config.update("jax_default_prng_impl", impl)
 
 
+@pytest.mark.filterwarnings("ignore:jlora.apply. <lambda> is traced again")  # its cache is too small on purpose
 def test_calls_from_several_threads_share_the_cache_safely():
     """Threads evicting, clearing and reading one small cache (more signatures than it keeps):
     every call gives its own result, none fails inside the cache."""
