@@ -391,6 +391,8 @@ class LoraModel:
     hold adapters already (a saved adapter, ``jlora.adapter.load_adapter(path, model.params)``) are
     taken as they are (with the ``config``'s LoRA dropout, where one is given); ``lm.config`` is then
     the ``config`` given, or ``None`` (the adapter's own config is ``jlora.adapter.read_config(path)``).
+    ``cache_size``: the input signatures (shapes: prompt lengths) whose compiled calls are kept, as
+    ``jlora.apply``'s, for the calls and for ``generate`` with each set of options.
 
     ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
     or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
@@ -408,7 +410,7 @@ class LoraModel:
     GENERATE_CACHE_SIZE = 32  # generate's compiled calls kept, the least recently used dropped first
 
     def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None,
-                 inputs: dict[str, Any] | None = None):
+                 inputs: dict[str, Any] | None = None, cache_size: int = 32):
         _check_model(model, "jlora.hf.LoraModel")
         self.model = model
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
@@ -431,7 +433,8 @@ class LoraModel:
         def forward(*args: Any, model_state: tuple, **kwargs: Any) -> Any:  # model_state: a static key, unused
             return _EveryKey.wrap(model(*args, **kwargs))
 
-        self._forward = jlora.apply(forward)
+        self._forward = jlora.apply(forward, cache_size=cache_size)
+        self._cache_size = cache_size
         self._generate: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
@@ -488,7 +491,8 @@ class LoraModel:
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
             model = self.model  # not self: a cached fn holding the LoraModel would keep it (and its params) in a cycle
-            fn = jlora.apply(lambda inputs, dyn, params: model.generate(*inputs, params=params, **static, **dyn))
+            fn = jlora.apply(lambda inputs, dyn, params: model.generate(*inputs, params=params, **static, **dyn),
+                             cache_size=self._cache_size)
         if cacheable:  # the last used last; one per temperature, prompt length...: the least recently used go
             self._generate[key] = fn
             while len(self._generate) > self.GENERATE_CACHE_SIZE:

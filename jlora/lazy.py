@@ -702,7 +702,7 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         state = [(path, v) for path, v, is_param in nnx_vars if not is_param]
         try:
             traced = _trace(fn, cache, cache_size, treedef, len(leaves), tuple(dynamic), static, abstract,
-                            bool(nnx_vars), types)
+                            bool(nnx_vars), types, outside_jit)
         except _CONCRETE_VALUE_ERRORS as err:  # JAX's message names 'dyn[k]', jlora's trace argument
             named = _named_values(err, "dyn", args, kwargs, dynamic)
             if hasattr(err, "add_note"):  # Python 3.11+
@@ -956,6 +956,14 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
+def _by_identity(v: Any) -> bool:
+    """Whether a static value hashes by identity (a function, a plain object; not ``None`` or a
+    class, which stay): a new one at each call is a new key, and a freed one's id may come back."""
+    if type(v) is tuple:
+        return any(map(_by_identity, v))
+    return v is not None and not isinstance(v, type) and type(v).__hash__ is object.__hash__
+
+
 def _hashable(v: Any) -> bool:
     try:
         hash(_static_key(v))
@@ -985,8 +993,9 @@ def _argument(args: tuple, kwargs: dict, leaf: int, is_leaf: Any = is_param) -> 
     return f"{which} at '{inside}'" if inside else which
 
 
-def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx, types):
-    """``types``: type keys of ``abstract``'s values already known, by position."""
+def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, has_nnx, types, outside_jit):
+    """``types``: type keys of ``abstract``'s values already known, by position; ``outside_jit``:
+    the evaluation is compiled per trace (a trace dropped and made again is compiled again)."""
     try:
         # static values with their types: 1, 1.0 and True are equal keys but trace differently;
         # JAX's trace-time configuration (x64, the default PRNG, matmul precision, promotion
@@ -1006,14 +1015,17 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         if hit is not None:
             cache.move_to_end(key)
             return hit
-        again = key is not None and cache.dropped_before(key)
+        # under jax.jit, whose own cache keeps every signature, a trace made again costs one trace;
+        # a static value hashed by identity (a new closure at each call) is traced at each call anyway
+        again = (outside_jit and key is not None and not any(_by_identity(v) for _, v in static)
+                 and cache.dropped_before(key))
     if again:
-        name = getattr(fn, "__name__", "fn")
-        warnings.warn(f"jlora.apply: {name} is traced again for a call signature (input shapes, dtypes, static "
-                      f"values) whose trace it had dropped: calls cycle through more than cache_size={cache_size} "
-                      "signatures, and each such call traces (and, outside jax.jit, compiles) anew; pass "
-                      f"jlora.apply({name}, cache_size=N), N the number of signatures, or call it inside jax.jit, "
-                      "whose cache keeps every signature", stacklevel=3)
+        warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} is traced again for a call signature (input "
+                      "shapes, dtypes, static values) whose trace it had dropped: calls cycle through more than "
+                      f"cache_size={cache_size} signatures, and each such call traces and compiles anew; raise "
+                      "cache_size to the number of signatures (jlora.apply(fn, cache_size=N), "
+                      "jlora.hf.LoraModel(..., cache_size=N)), or jit the call, whose cache keeps every signature",
+                      stacklevel=_user_stacklevel())
 
     def flat_fn(*dyn: Any) -> Any:
         leaves: list[Any] = [None] * n_leaves

@@ -188,17 +188,23 @@ def _node_fields(node_type: type, aux: Any) -> tuple[Sequence[str] | None, dict[
     """The names of a module node's children and its static fields by name, from its aux data, or
     ``None`` for what this cannot read. An NNX module's aux data holds its children's names, then
     the static fields: their names and their values (Flax 0.12), or ``(name, value)`` pairs (Flax
-    0.11); a dict's aux data is its keys. An Equinox module's holds its wrapper fields, then the
-    values of its dataclass fields marked static; its children are the other fields."""
+    0.11); a dict's aux data is its keys. An Equinox module's children are its dataclass fields not
+    marked static; its aux data holds its wrapper fields, then the static fields' values (Equinox
+    0.13.3 on), or is an object naming both (before: ``static_fields`` pairs from 0.12,
+    ``static_field_names`` and ``static_field_values`` in 0.11)."""
     if isinstance(aux, tuple) and len(aux) in (2, 3) and all(isinstance(x, tuple) for x in aux):
         if len(aux) == 3 and len(aux[1]) == len(aux[2]) and all(isinstance(n, str) for n in aux[1]):
             return aux[0], dict(zip(aux[1], aux[2]))
         if len(aux) == 2 and all(isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str) for f in aux[1]):
             return aux[0], dict(aux[1])
-    if type(node_type).__module__.startswith("equinox.") and dataclasses.is_dataclass(node_type) and isinstance(aux, tuple):
+    if type(node_type).__module__.startswith("equinox.") and dataclasses.is_dataclass(node_type):
+        if hasattr(aux, "dynamic_field_names"):  # Equinox before 0.13.3
+            static = (dict(aux.static_fields) if hasattr(aux, "static_fields")
+                      else dict(zip(aux.static_field_names, aux.static_field_values)))
+            return aux.dynamic_field_names, static
         fields = dataclasses.fields(node_type)
         static = [f.name for f in fields if f.metadata.get("static", False)]
-        if len(aux) == 1 + len(static):
+        if isinstance(aux, tuple) and len(aux) == 1 + len(static):
             return [f.name for f in fields if not f.metadata.get("static", False)], dict(zip(static, aux[1:]))
     return aux if isinstance(aux, (list, tuple)) else None, None
 

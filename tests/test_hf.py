@@ -1,6 +1,8 @@
 """HF Flax models: presets for every listed model type, lazy == merged, training, generate,
 gradient checkpointing."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -491,6 +493,27 @@ def test_generate_keeps_its_compiled_calls_used_last(monkeypatch):
     for n in (1, 2, 1, 3):  # 1 used again before 3 comes: 2 goes
         lm.generate(ids, max_new_tokens=n, pad_token_id=0)
     assert [dict(key[1])["max_new_tokens"] for key in lm._generate] == [1, 3]
+
+
+def test_a_lora_model_keeps_cache_size_signatures_and_says_when_calls_cycle_through_more():
+    """Eager serving of more prompt lengths than a LoraModel keeps: each call traced and compiled
+    anew. Told, at the user's call, with the setting to raise; none with it raised."""
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2), cache_size=2)
+    lengths = (1, 2, 3, 1)
+    with pytest.warns(UserWarning, match=r"calls cycle through more than cache_size=2 signatures.*"
+                                         r"jlora.hf.LoraModel\(\.\.\., cache_size=N\)") as record:
+        for n in lengths:
+            lm(jnp.ones((1, n), jnp.int32))
+    assert [w.filename for w in record if "traced again" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match="cache_size=2 signatures") as record:  # generate's calls likewise
+        for n in lengths:
+            lm.generate(jnp.ones((1, n), jnp.int32), max_new_tokens=1, pad_token_id=0)
+    assert [w.filename for w in record if "traced again" in str(w.message)] == [__file__]
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2), cache_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in lengths:
+            lm(jnp.ones((1, n), jnp.int32))
 
 
 def test_a_lora_model_dropped_after_generate_goes_at_once():

@@ -271,11 +271,23 @@ def test_calls_cycling_through_more_signatures_than_the_cache_keeps_are_told_onc
             got = forward(p, jnp.ones((n, 4)))
     assert len(record) == 1 and record[0].filename == __file__  # once, at the call
     np.testing.assert_allclose(got, jnp.ones((5, 4)) @ oracle_merge(p)["w"], rtol=1e-6)
-    wide = jlora.apply(fn, cache_size=5)
+    grad = jlora.apply(fn, cache_size=3)
+    with pytest.warns(UserWarning, match="traced again") as record:  # an eager grad: compiled per trace too
+        for n in (1, 2, 3, 4) * 2:
+            jax.grad(lambda t, x: grad(jlora.combine(t, jlora.split(p)[1]), x).sum())(jlora.split(p)[0], jnp.ones((n, 4)))
+    assert len(record) == 1 and record[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        wide = jlora.apply(fn, cache_size=5)
         for n in (1, 2, 3, 4, 5) * 2:
             wide(p, jnp.ones((n, 4)))
+        jitted = jlora.apply(fn, cache_size=3)  # under jax.jit, whose cache keeps every signature: a trace, no compile
+        for step in (jax.jit(lambda p, x: jitted(p, x)), jax.jit(lambda p, x: 2 * jitted(p, x))):
+            for n in (1, 2, 3, 4, 5):
+                step(p, jnp.ones((n, 4)))
+        closures = jlora.apply(lambda p, x, f: f(x @ p["w"]), cache_size=3)
+        for n in range(12):  # a new function at each call: traced at each call whatever the cache, not told
+            closures(p, jnp.ones((1 + n % 4, 4)), lambda y: y + 0)
 
 
 def test_an_unhashable_static_argument_is_named_as_the_reason_each_call_traces_again():
