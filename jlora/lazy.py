@@ -956,11 +956,11 @@ def _static_key(v: Any) -> tuple:
     return (type(v), v)
 
 
-def _by_identity(v: Any) -> bool:
+def _hashed_by_identity(v: Any) -> bool:
     """Whether a static value hashes by identity (a function, a plain object; not ``None`` or a
     class, which stay): a new one at each call is a new key, and a freed one's id may come back."""
     if type(v) is tuple:
-        return any(map(_by_identity, v))
+        return any(map(_hashed_by_identity, v))
     return v is not None and not isinstance(v, type) and type(v).__hash__ is object.__hash__
 
 
@@ -1017,7 +1017,7 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
             return hit
         # under jax.jit, whose own cache keeps every signature, a trace made again costs one trace;
         # a static value hashed by identity (a new closure at each call) is traced at each call anyway
-        again = (outside_jit and key is not None and not any(_by_identity(v) for _, v in static)
+        again = (outside_jit and key is not None and not any(_hashed_by_identity(v) for _, v in static)
                  and cache.dropped_before(key))
     if again:
         warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} is traced again for a call signature (input "
