@@ -65,7 +65,7 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     if lora_config is not None:
         check_config_makes("save_adapter", lora_config, params)
     metadata = plain_metadata(metadata)
-    tensors = {key: np.asarray(x) for key, x in arrays.items()}
+    tensors = {key: host_array(x) for key, x in arrays.items()}
     check_finite("save_adapter", tensors, "no adapter is written")
     targets = {p: {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
                    "shape": [int(d) for d in x.kernel_shape]} for p, x in adapters.items()}
@@ -416,9 +416,11 @@ def _saved_parts(x: Any) -> tuple:
 
 def writes_here(op: str, params: Any) -> bool:
     """Whether this process writes the save of ``params``: arrays on the devices of several
-    processes (replicated over them, as in data parallelism) are the same on each, and process 0
-    writes them; a process's own arrays it writes itself. Factors or trained values split across
-    processes (FSDP over hosts) are refused: a file needs each array whole on its writer.
+    processes that each process holds whole (replicated over them, as in data parallelism, or split
+    only among each process's own devices, as in tensor parallelism inside a host) are the same on
+    each, and process 0 writes them; a process's own arrays it writes itself. Factors or trained
+    values split across processes (FSDP over hosts) are refused: a file needs each array whole on
+    its writer. ``host_array`` reads an array so held.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -430,13 +432,45 @@ def writes_here(op: str, params: Any) -> bool:
         parts = _saved_parts(x)
         for part in parts:
             if isinstance(part, jax.Array) and not part.is_fully_addressable:
-                if not part.is_fully_replicated:
+                if not _held_whole(part):
                     raise ValueError(
-                        f"{op}: '{p}' is split across the devices of several processes; gather the trainable half "
-                        "on every process first, then save it: trainable = jax.experimental.multihost_utils."
-                        "process_allgather(jlora.split(params)[0], tiled=True)")
+                        f"{op}: '{p}' is split across the devices of several processes (this one holds part of it); "
+                        "gather the trainable half on every process first, then save it: trainable = jax.experimental."
+                        "multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)")
                 spans = True
     return not spans or jax.process_index() == 0
+
+
+def _held_whole(x: jax.Array) -> bool:
+    """Whether this process's own shards of ``x`` hold every element of it."""
+    if x.is_fully_replicated:
+        return True
+    index = lambda slices: tuple(s.indices(n) for s, n in zip(slices, x.shape))
+    every = {index(i) for i in x.sharding.devices_indices_map(x.shape).values()}
+    return every <= {index(shard.index) for shard in x.addressable_shards}
+
+
+def host_array(x: Any, path: str = "an array") -> np.ndarray:
+    """``x`` as a numpy array, read from this process's own shards where ``x`` spans the devices
+    of several processes but each holds it whole (tensor parallel inside each host; see
+    ``writes_here``), which ``np.asarray`` refuses; a ValueError naming ``path`` where this process
+    holds part of it only.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.adapter import host_array
+        >>> host_array(jnp.arange(3))
+        array([0, 1, 2], dtype=int32)
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    if not _held_whole(x):
+        raise ValueError(f"{path} {x.shape} is split across the devices of several processes (this one holds part of "
+                         "it): gather it first, jax.experimental.multihost_utils.process_allgather(x, tiled=True)")
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 def is_saveable_array(x: Any) -> bool:

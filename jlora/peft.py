@@ -38,7 +38,8 @@ import numpy as np
 from jlora.adapter import FORMAT as ADAPTER_FORMAT
 from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from jlora.adapter import (check_base, check_finite, check_float_targets, check_other_format, check_saveable,
-                           check_trainable_not_lazy, model_hint, size_on_disk, write_files, writes_here)
+                           check_trainable_not_lazy, host_array, model_hint, size_on_disk, write_files,
+                           writes_here)
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
@@ -149,7 +150,7 @@ def _kernel_from_torch(weight: np.ndarray) -> np.ndarray:
 def _to_torch(path: str, value: Any) -> tuple[str, np.ndarray]:
     """``(torch parameter name, array in torch's layout)`` of a Flax leaf of a saved module."""
     leaf = path.rsplit("/", 1)[-1]
-    value = np.asarray(value)
+    value = host_array(value, f"'{path}'")
     if leaf == "kernel":
         return "weight", _kernel_to_torch(value)
     return TORCH_NAMES.get(leaf, leaf), value
@@ -199,7 +200,7 @@ def _layout_ok(lw: LoraWeight) -> bool:
 def _factors_to_torch(lw: LoraWeight) -> tuple[np.ndarray, np.ndarray]:
     """``(lora_A.weight, lora_B.weight)``: Linear ``(r, in)``, ``(out, r)``; a 2-D conv (Flax
     ``HWIO`` kernel) ``(r, in, h, w)``, ``(out, r, 1, 1)`` as PEFT's Conv2d LoRA."""
-    a, b = np.asarray(lw.a), np.asarray(lw.b)  # in their dtype (bf16 factors stay bf16, as PEFT writes them)
+    a, b = host_array(lw.a), host_array(lw.b)  # in their dtype (bf16 factors stay bf16, as PEFT writes them)
     if str(lw.layout) == "iiio":
         return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
     return a.T, b.T
@@ -345,7 +346,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     for p, x in biases:  # PEFT names the bias of a LoRA-wrapped module "<module>.base_layer.bias"
         name = _bias_module(p)
         wrapped = ".base_layer" if name in lora_modules else ""
-        tensors[f"{PREFIX}{name}{wrapped}.bias"] = np.asarray(x.value)
+        tensors[f"{PREFIX}{name}{wrapped}.bias"] = host_array(x.value)
     for p, x in entries:  # modules_to_save: every leaf of the module, trained or not (a quantized one as floats)
         if in_saved(p):
             name, value = _to_torch(p, x.value if isinstance(x, Trainable) else x.materialize() if isinstance(x, Lazy) else x)

@@ -381,6 +381,16 @@ jlora.adapter.save_adapter(out + f"/gathered{jax.process_index()}", gathered, lo
 replicated = jlora.lora_init(jax.random.key(1), sharding.place(base, mesh, []), config)  # data parallel
 for _ in range(20):  # every process saves: process 0 writes, the others leave its files alone
     jlora.adapter.save_adapter(out + "/replicated", replicated, lora_config=config)
+tp_mesh = sharding.make_mesh({"data": 2, "model": -1})  # tensor parallel inside each process, data across them
+tp_rules = [sharding.rule("l1", jax.sharding.PartitionSpec(None, "model")),
+            sharding.rule("l2", jax.sharding.PartitionSpec("model", None))]
+tp = jlora.lora_init(jax.random.key(1), sharding.place(base, tp_mesh, tp_rules), config)
+assert not tp["l1"]["kernel"].b.is_fully_replicated and not tp["l2"]["kernel"].a.is_fully_replicated
+jlora.adapter.save_adapter(out + "/tensor_parallel", tp, lora_config=config)  # held whole by each: process 0 writes
+try:
+    jlora.adapter.host_array(params["l1"]["kernel"].a, "'l1/kernel' a")
+except ValueError as err:
+    print("host_array refused:", err)
 local = jlora.lora_init(jax.random.key(1), jax.tree.map(jnp.asarray, base), config)  # on one device of each process
 with AdapterCheckpointer(out + "/ckpt", async_save=False) as ckpt:
     ckpt.save(1, local)
@@ -407,11 +417,12 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
     for out in outs:
         assert "refused: save_adapter: 'l1/kernel' is split across the devices of several processes" in out
         assert "process_allgather" in out
+        assert "host_array refused: 'l1/kernel' a (8, 2) is split across the devices of several processes" in out
     base = {"l1": {"kernel": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)},
             "l2": {"kernel": np.linspace(1, 2, 32, dtype=np.float32).reshape(8, 4)}}
     with jax.default_device(jax.devices("cpu")[0]):  # the processes ran on CPU; a GPU draws other last bits
         want = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
-    saved = [load_adapter(tmp_path / name, base) for name in ("gathered0", "gathered1", "replicated")]
+    saved = [load_adapter(tmp_path / name, base) for name in ("gathered0", "gathered1", "replicated", "tensor_parallel")]
     assert not list(tmp_path.glob("replicated/.jlora-write-*"))
     from jlora.checkpoint import AdapterCheckpointer
 
