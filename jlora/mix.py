@@ -11,9 +11,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jlora import _compat
 from jlora.paths import path_str
+from jlora.sharding import _fits
 from jlora.weight import LoraWeight, Trainable, is_param
 
 
@@ -160,7 +162,17 @@ def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None) ->
     new_b = root[..., :, None] * (vt[..., :kept, :] @ jnp.swapaxes(q_b, -1, -2))
     new_a = new_a.reshape(*batch, *ins, kept).astype(first.a.dtype)
     new_b = new_b.reshape(*batch, kept, *outs).astype(first.b.dtype)
-    return {"a": _padded(new_a, rank, -1), "b": _padded(new_b, rank, nb), "scale": scale}
+    return {"a": _placed_like(_padded(new_a, rank, -1), first.a), "b": _placed_like(_padded(new_b, rank, nb), first.b),
+            "scale": scale}
+
+
+def _placed_like(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` put in the sharding of ``like`` (the factor it replaces) on a mesh, where that lays it
+    out: an SVD's results follow no sharding of its inputs, and would come back replicated."""
+    sharding = getattr(like, "sharding", None)
+    if _compat.is_tracer(x) or _compat.is_tracer(like) or not isinstance(sharding, NamedSharding):
+        return x
+    return jax.device_put(x, sharding) if _fits(sharding, x.shape) else x
 
 
 def _padded(x: jax.Array, rank: int, axis: int) -> jax.Array:

@@ -173,3 +173,27 @@ def test_a_rank_past_what_a_param_sums_keeps_its_sum_exactly_padded_with_zeros()
     past = jlora.mix([{"k": b} for b in big], [0.5, -1.0], rank=6)["k"]  # past the kernel's 5: all of it, padded
     assert past.rank == 6 and not np.any(past.a[:, 5:]) and not np.any(past.b[5:])
     np.testing.assert_allclose(delta(past), 0.5 * delta(big[0]) - delta(big[1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
+@pytest.mark.parametrize("rank", [None, 3])
+def test_mixed_factors_keep_the_shardings_their_kernel_gives_them(rank):
+    """Tensor-parallel adapters mix into factors placed as lora_init places them (an SVD's results
+    follow no input's sharding: they came back replicated)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jlora import sharding
+
+    mesh = sharding.make_mesh({"data": 4, "model": 2})
+    rules = [sharding.rule("l1", P(None, "model")), sharding.rule("l2", P("model", None))]
+    base = sharding.place({"l1": {"kernel": normal(KEY, (16, 8))}, "l2": {"kernel": normal(KEY, (8, 16))}}, mesh, rules)
+    cfg = jlora.LoraConfig(rank=4, targets=["l1", "l2"])
+    nonzero = lambda x: x.replace(b=x.b + 1.0) if isinstance(x, jlora.LoraWeight) else x  # keeps b's sharding
+    halves = [jax.tree.map(nonzero, jlora.split(jlora.lora_init(jax.random.key(i), base, cfg))[0],
+                           is_leaf=lambda x: isinstance(x, jlora.LoraWeight)) for i in (1, 2)]
+    want = sharding.partition_specs(halves[0], mesh, rules)
+    mixed = jlora.mix(halves, [0.5, 0.5], rank=rank)
+    for name in ("l1", "l2"):
+        for part in ("a", "b"):
+            got = getattr(mixed[name]["kernel"], part).sharding
+            assert got.spec == getattr(want[name]["kernel"], part) and got.mesh == mesh, (name, part, got)
