@@ -200,14 +200,23 @@ def _record_vectors(ctx: Context, invals: list) -> None:
 @register(_compat.neg_p, Probe)
 @register(_compat.stop_gradient_p, Probe)
 def _scaled(ctx: Context, eqn: Any, invals: list) -> Any:
-    """A kernel negated, detached, or times (over) a scalar keeps every axis in its place."""
+    """A kernel negated, detached, or times (over) a scalar or an array of its shape (a mask, a
+    scale per channel broadcast, a weight norm's divisor) keeps every axis in its place; a vector
+    so used is a vector still (an array of its shape is the input it scales)."""
     probes = [k for k, v in enumerate(invals) if isinstance(v, Probe)]
     others = [v for v in invals if not isinstance(v, Probe)]
-    if len(probes) != 1 or any(np.ndim(v) for v in others) or (eqn.primitive is _compat.div_p and probes != [0]):
+    kernel = len(probes) == 1 and invals[probes[0]].ndim >= 2 and all(invals[probes[0]].axes)
+    elementwise = lambda v: np.ndim(v) == 0 or kernel and _broadcasts_to(np.shape(v), invals[probes[0]].shape)
+    if len(probes) != 1 or not all(map(elementwise, others)) or (eqn.primitive is _compat.div_p and probes != [0]):
         _record_vectors(ctx, invals)
         return NotImplemented
     probe = invals[probes[0]]
     return [probe.with_value(_compat.bind(eqn, [probe.value if k in probes else v for k, v in enumerate(invals)])[0])]
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` and no further (size-1 axes grown)."""
+    return len(shape) == len(target) and all(n in (1, t) for n, t in zip(shape, target))
 
 
 @register(_compat.add_p, Probe)

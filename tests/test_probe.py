@@ -28,6 +28,22 @@ def test_a_kernel_scaled_by_a_scalar_is_seen_through():
     assert {k: str(v) for k, v in infer_layouts(fn, p, ["conv", "dense"]).items()} == {"conv": "iiio", "dense": "io"}
 
 
+def test_a_kernel_masked_or_scaled_by_an_array_of_its_shape_is_seen_through():
+    """Flax's ``nn.Conv(mask=...)``, a scale per output channel, ``nn.WeightNorm``'s divisor: each
+    keeps every axis of the kernel in its place (they were read as no use at all)."""
+    mask = jnp.zeros((3, 3, 4, 8)).at[:2].set(1.0)
+    p = {"masked": jnp.ones((3, 3, 4, 8)), "scaled": jnp.ones((3, 3, 8, 8)), "normed": jnp.ones((8, 2, 3))}
+    conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def fn(p):
+        h = conv(conv(jnp.ones((1, 5, 5, 4)), p["masked"] * mask), p["scaled"] * jnp.linspace(0.5, 1.5, 8))
+        normed = p["normed"] / jnp.sqrt((p["normed"] ** 2).sum(0, keepdims=True))
+        return jnp.einsum("bi,ihd->bhd", h.mean((1, 2)), normed)
+
+    got = {k: str(v) for k, v in infer_layouts(fn, p, ["masked", "scaled", "normed"]).items()}
+    assert got == {"masked": "iiio", "scaled": "iiio", "normed": "ioo"}
+
+
 def test_scan_slices_mark_batch_axes_and_reshape_merges():
     p = {"stack": jnp.ones((3, 4, 2, 2))}
 
