@@ -80,7 +80,8 @@ class NotAnArray:
                         "the params (forward = jlora.apply(fn)), or run fn on jlora.merge(params); an optimizer (an "
                         "optax tx, nnx.Optimizer) takes adapters through jlora.optimizer(tx, params). To look at it, "
                         f"print it or {self._contents()} (an NNX variable holding it: {_nnx_value()}, not "
-                        "variable[...])")
+                        "variable[...]). A param the wrapped function returns untouched (a model returning its learned "
+                        "temperature) comes back as this node: take its array, .value of a Trainable, .materialize() of an adapter")
 
     def __eq__(self, other: Any) -> Any:
         """``w == 0`` (a count of nonzeros, a mask) as any array use; a node is equal to itself only."""

@@ -997,6 +997,31 @@ def test_a_trainable_leaf_returned_as_it_came_in_stays_trainable():
     assert isinstance(doubled, jax.Array)
 
 
+
+def test_a_returned_temperature_says_how_to_read_it_and_its_gradient_is_the_merged_models():
+    """A CLIP-like model returning its learned ``logit_scale`` trained whole: the node comes back,
+    and using it as an array says where its array is; through ``.value`` the loss and its gradient
+    are those of the plain function on merged params."""
+    p = lora({"proj": normal(KEY, (4, 3)), "logit_scale": jnp.asarray(0.7)}, ["proj"], trainable=["logit_scale"])
+    p["proj"] = perturb({"proj": p["proj"]}, KEY)["proj"]
+    fn = lambda p, x: (x @ p["proj"], p["logit_scale"])
+    x = normal(jax.random.key(1), (2, 4))
+    _, scale = jlora.apply(fn)(p, x)
+    with pytest.raises(TypeError, match=r"returns untouched .* comes back as this node: take its array, .value of a "
+                                        r"Trainable, .materialize\(\) of an adapter"):
+        jnp.exp(scale)
+
+    def loss(trainable):
+        y, s = jlora.apply(fn)(jlora.combine(trainable, frozen), x)
+        return jnp.sum(jnp.exp(s.value) * jnp.tanh(y))
+
+    trainable, frozen = jlora.split(p)
+    merged_loss = lambda t: (lambda y, s: jnp.sum(jnp.exp(s) * jnp.tanh(y)))(*fn(oracle_merge(jlora.combine(t, frozen)), x))
+    np.testing.assert_allclose(loss(trainable), merged_loss(trainable), rtol=1e-6)
+    got, want = jax.grad(loss)(trainable), jax.grad(merged_loss)(trainable)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+
+
 def test_an_nnx_step_returning_the_module_carries_its_statistics_into_the_next_step():
     class Net(nnx.Module):
         def __init__(self, rngs):
