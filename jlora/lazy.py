@@ -814,7 +814,8 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
         missed = add_created({"args": args, "kwargs": kwargs}, created)  # sow's intermediates, as a call adds them
         if missed:
             warnings.warn(f"jlora.apply: {getattr(fn, '__name__', 'fn')} created NNX variables at {missed[:3]}, which "
-                          "have no module in its arguments to go into: return what you need of them", stacklevel=2)
+                          "have no module in its arguments to go into (or one with another value in that attribute): return "
+                          "what you need of them", stacklevel=2)
         return result
 
     def cache_clear() -> None:

@@ -182,7 +182,8 @@ def state_after_call(tree: Any, before: dict[str, Any]) -> tuple[dict[str, Any],
 def add_created(tree: Any, created: dict[str, Any]) -> list[str]:
     """Put each variable of ``created`` (path -> variable, from ``state_after_call`` on a copy of
     ``tree``) into the module of ``tree`` at its path's parent, under its last name, as the call of
-    the module did to the copy; returns the paths it could not put (no module there).
+    the module did to the copy, where the module has no such attribute or holds ``None`` there;
+    returns the paths it could not put (no module there, or another value in the attribute).
 
     Example:
         >>> import jax.numpy as jnp
@@ -205,7 +206,8 @@ def add_created(tree: Any, created: dict[str, Any]) -> list[str]:
         except (KeyError, IndexError, ValueError, TypeError, AttributeError):
             node = None
         nnx = sys.modules.get("flax.nnx")
-        if nnx is None or not isinstance(node, nnx.Module) or hasattr(node, name):
+        if nnx is None or not isinstance(node, nnx.Module) or getattr(node, name, None) is not None:  # None: a
+            # placeholder the call fills (nnx.MultiHeadAttention's cache, nnx.data(None) until init_cache)
             missed.append(path)
         else:
             setattr(node, name, variable)

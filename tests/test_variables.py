@@ -1,7 +1,7 @@
 import jax
 from flax import nnx
 
-from jlora.variables import nnx_variables, shared_paths, state_paths
+from jlora.variables import nnx_variables, shared_paths, state_paths, value_of
 
 
 class Net(nnx.Module):
@@ -46,3 +46,37 @@ def test_created_variables_go_into_the_module_at_their_path_and_nowhere_else():
     assert model.layers[0].h is h
     assert missed == ["args/0/layers/0/l1", "args/1/not/g", "args/2/x"]  # taken, not a module, no such place
     assert isinstance(model.layers[0].l1, nnx.Linear)
+
+
+def test_a_cache_made_in_the_wrapped_call_fills_its_placeholders_and_decodes_as_flax_does():
+    """``init_cache`` and the first token in one call (a prefill): nnx.MultiHeadAttention holds
+    ``None`` in its cache attributes until then (Flax 0.12), which the call fills; the next step
+    decodes from that cache, as the plain module on merged params does (the cache was dropped)."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    import jlora
+
+    batch, length, d = 2, 3, 8
+    x = jax.random.normal(jax.random.key(3), (batch, length, d))
+    make = lambda: nnx.MultiHeadAttention(num_heads=2, in_features=d, qkv_features=d, decode=False, rngs=nnx.Rngs(0))
+    cfg = jlora.LoraConfig(rank=2, targets=["query", "value"], layouts={"query": "ioo", "value": "ioo"})
+    lora = jlora.lora_init(jax.random.key(1), make(), cfg)
+    is_lora = lambda x: isinstance(x, jlora.LoraWeight)  # non-zero b: the adapters change the keys and values cached
+    nnx.update(lora, jax.tree.map(lambda x: x.replace(b=x.b + 0.5) if is_lora(x) else x, nnx.state(lora), is_leaf=is_lora))
+    plain = make()
+    nnx.update(plain, nnx.state(jlora.merge(lora), nnx.Param))
+
+    def prefill(m, token):
+        m.init_cache((batch, length, d))
+        return m(token, decode=True)
+
+    decode = lambda m, token: m(token, decode=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [jlora.apply(prefill)(lora, x[:, :1])] + [jlora.apply(decode)(lora, x[:, i:i + 1]) for i in (1, 2)]
+    want = [prefill(plain, x[:, :1])] + [decode(plain, x[:, i:i + 1]) for i in (1, 2)]
+    for g, w in zip(got, want):
+        assert jnp.allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert int(value_of(lora.cache_index)) == int(value_of(plain.cache_index)) == 3
