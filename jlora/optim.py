@@ -380,6 +380,15 @@ def schedule_free_eval_params(opt_state: Any, params: Any) -> Any:
     if len(found) != 1:
         raise ValueError(f"jlora.optim.schedule_free_eval_params: opt_state must hold one ScheduleFreeState (the "
                          f"state of jlora.optimizer(optax.contrib.schedule_free_...)), found {len(found)}")
-    trainable, frozen = split(params)
-    evaluated = optax.contrib.schedule_free_eval_params(found[0], trainable)
-    return combine(jax.tree.map(lambda e, p: e.astype(p.dtype), evaluated, trainable), frozen)
+    trainable, frozen = split(without_variables(params))
+    # the state as jlora.optimizer made it, its z in the half's containers (nnx.Optimizer wraps the
+    # state's leaves in variables of its own, and holds z in the nnx.State it was given)
+    state = without_variables(found[0])
+    z = jax.tree.leaves(state.z)
+    if [np.shape(x) for x in z] != [np.shape(x) for x in jax.tree.leaves(trainable)]:
+        raise ValueError("jlora.optim.schedule_free_eval_params: params are not those opt_state was made for: its "
+                         f"{len(z)} trained arrays are not the arrays of params' adapters and trained leaves")
+    state = state._replace(z=jax.tree.unflatten(jax.tree.structure(trainable), z))
+    evaluated = optax.contrib.schedule_free_eval_params(state, trainable)
+    out = combine(jax.tree.map(lambda e, p: e.astype(p.dtype), evaluated, trainable), frozen)
+    return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(out))  # NNX variables kept, if any

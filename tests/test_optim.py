@@ -548,6 +548,39 @@ def test_nnx_optimizer_trains_a_lora_module_as_split_and_combine_do():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_schedule_free_eval_params_of_an_nnx_optimizer_are_the_functional_loops():
+    """``nnx.Optimizer`` holds the schedule-free state in its own variables and containers: the
+    evaluation params of its model's ``nnx.State`` (and of that state as a pure dict) are those of
+    the same training on a plain trainable half, in the structure they were given in."""
+    nnx = pytest.importorskip("flax.nnx")
+    sf = jlora.optim.schedule_free_eval_params
+    make = lambda: perturb(jlora.lora_init(jax.random.key(1), nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+                                           jlora.LoraConfig(rank=2, targets=["kernel"], trainable=["bias"])),
+                           jax.random.key(2))
+    loss_fn = lambda m: jnp.mean((jlora.apply(lambda m, x: m(x))(m, jnp.ones((5, 4))) - 1.0) ** 2)
+    tx = lambda params: jlora.optimizer(optax.contrib.schedule_free_adamw(0.1), params)
+    model = make()
+    opt = nnx.Optimizer(model, tx(nnx.state(model, nnx.Param)), wrt=nnx.Param)
+    trainable, frozen = jlora.split(make())
+    ref_tx = tx(trainable)
+    state = ref_tx.init(trainable)
+    for _ in range(3):
+        opt.update(model, nnx.grad(loss_fn)(model))
+        updates, state = ref_tx.update(jax.grad(lambda t: loss_fn(jlora.combine(t, frozen)))(trainable), state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    want = sf(state, trainable)
+    params = nnx.state(model, nnx.Param)
+    for given in (params, nnx.to_pure_dict(params)):
+        got = sf(opt.opt_state, given)
+        assert jax.tree.structure(got) == jax.tree.structure(given)
+        for g, w in zip(jax.tree.leaves(jlora.split(got)[0]), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert not all(np.allclose(w, t) for w, t in zip(jax.tree.leaves(want), jax.tree.leaves(trainable)))  # not the iterate
+    with pytest.raises(ValueError, match="params are not those opt_state was made for"):
+        sf(opt.opt_state, {"kernel": jlora.lora_init(KEY, {"kernel": jnp.ones((4, 3))}, jlora.LoraConfig(rank=2,
+                                                                                                    targets=["kernel"]))})
+
+
 def test_full_tree_gradients_over_a_lazy_base_update_the_adapter_alone():
     """An adapter's w may be a pytree (a float lazy kind; here an adapter under an adapter): the
     frozen half's zero updates hold it whole where the adapters' updates hold None."""
