@@ -15,7 +15,7 @@ from jlora import _compat
 from jlora.paths import DELETED, deleted_path, is_deleted, leaves_with_paths, only_in, path_str
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
                           is_param, check_float, materialized, narrow_float)
-from jlora.variables import check_unshared, in_state, shared_paths, state_paths
+from jlora.variables import check_unshared, has_variables, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
 
@@ -90,7 +90,12 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     only1, only2 = as_node(only1, nodes[0]), as_node(only2, nodes[1])
     detail = ""
     both = [p for p in only1 if p in only2]
-    if both:
+    wrapped = [has_variables(first), has_variables(second)]
+    if wrapped[0] != wrapped[1]:
+        detail = (f": {names[wrapped[1]]} holds NNX variables (an nnx.State, a module), {names[wrapped[0]]} plain values "
+                  "(as an optax callback, lbfgs's value_fn, is given the params): make them one kind, e.g. both "
+                  "nnx.to_pure_dict(...) halves")
+    elif both:
         kind = lambda held: f"a {type(held[both[0]]).__name__}" if both[0] in held else "a plain leaf"
         detail = (f": at '{both[0]}' {names[0]} has {kind(nodes[0])}, {names[1]} {kind(nodes[1])} (from lora_init "
                   "calls with other targets?)")

@@ -603,3 +603,19 @@ def test_a_merge_that_jax_refuses_names_the_param():
     with pytest.raises(ValueError, match="incompatible devices") as err:
         jlora.merge(params)
     assert "jlora.merge: at 'q/kernel'" in err.value.__notes__
+
+
+def test_halves_one_of_nnx_variables_and_one_of_plain_values_are_told_apart_in_combine():
+    """An optax callback (lbfgs's ``value_fn``) is given a half of an ``nnx.State`` as plain values:
+    combining it with the state's other half said 'trainable has a LoraWeight, frozen a LoraWeight'."""
+    from flax import nnx
+
+    from jlora.variables import without_variables
+
+    state = nnx.state(jlora.lora_init(jax.random.key(0), nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+                                      jlora.LoraConfig(rank=2, targets=["kernel"])))
+    trainable, frozen = jlora.split(state)
+    with pytest.raises(ValueError, match=r"frozen holds NNX variables \(an nnx.State, a module\), trainable plain values"):
+        jlora.combine(without_variables(trainable), frozen)
+    pure = jlora.combine(*(nnx.to_pure_dict(half) for half in (trainable, frozen)))  # one kind: fine
+    np.testing.assert_array_equal(pure["kernel"].a, without_variables(state)["kernel"].a)
