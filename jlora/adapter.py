@@ -434,7 +434,8 @@ def writes_here(op: str, params: Any) -> bool:
             if isinstance(part, jax.Array) and not part.is_fully_addressable:
                 if not _held_whole(part):
                     raise ValueError(
-                        f"{op}: '{p}' is split across the devices of several processes (this one holds part of it); "
+                        f"{op}: '{p}' is split across the devices of several processes (this one holds "
+                        f"{'part' if part.addressable_shards else 'none'} of it); "
                         "gather the trainable half on every process first, then save it: trainable = jax.experimental."
                         "multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)")
                 spans = True
@@ -465,8 +466,9 @@ def host_array(x: Any, path: str = "an array") -> np.ndarray:
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     if not _held_whole(x):
-        raise ValueError(f"{path} {x.shape} is split across the devices of several processes (this one holds part of "
-                         "it): gather it first, jax.experimental.multihost_utils.process_allgather(x, tiled=True)")
+        raise ValueError(f"{path} {x.shape} is split across the devices of several processes (this one holds "
+                         f"{'part' if x.addressable_shards else 'none'} of it): gather it first, "
+                         "jax.experimental.multihost_utils.process_allgather(x, tiled=True)")
     out = np.empty(x.shape, x.dtype)
     for shard in x.addressable_shards:
         out[shard.index] = np.asarray(shard.data)

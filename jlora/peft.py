@@ -200,7 +200,7 @@ def _layout_ok(lw: LoraWeight) -> bool:
 def _factors_to_torch(lw: LoraWeight) -> tuple[np.ndarray, np.ndarray]:
     """``(lora_A.weight, lora_B.weight)``: Linear ``(r, in)``, ``(out, r)``; a 2-D conv (Flax
     ``HWIO`` kernel) ``(r, in, h, w)``, ``(out, r, 1, 1)`` as PEFT's Conv2d LoRA."""
-    a, b = host_array(lw.a), host_array(lw.b)  # in their dtype (bf16 factors stay bf16, as PEFT writes them)
+    a, b = host_array(lw.a, f"'{lw.path}' a"), host_array(lw.b, f"'{lw.path}' b")  # in their dtype (bf16 factors stay bf16, as PEFT writes them)
     if str(lw.layout) == "iiio":
         return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
     return a.T, b.T

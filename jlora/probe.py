@@ -200,18 +200,28 @@ def _record_vectors(ctx: Context, invals: list) -> None:
 @register(_compat.neg_p, Probe)
 @register(_compat.stop_gradient_p, Probe)
 def _scaled(ctx: Context, eqn: Any, invals: list) -> Any:
-    """A kernel negated, detached, or times (over) a scalar or an array of its shape (a mask, a
-    scale per channel broadcast, a weight norm's divisor) keeps every axis in its place; a vector
-    so used is a vector still (an array of its shape is the input it scales)."""
+    """A kernel negated, detached, or times (over) a scalar, a scale or mask (``_keeps_axes``) keeps
+    every axis in its place; a vector so used is a vector still."""
     probes = [k for k, v in enumerate(invals) if isinstance(v, Probe)]
     others = [v for v in invals if not isinstance(v, Probe)]
     kernel = len(probes) == 1 and invals[probes[0]].ndim >= 2 and all(invals[probes[0]].axes)
-    elementwise = lambda v: np.ndim(v) == 0 or kernel and _broadcasts_to(np.shape(v), invals[probes[0]].shape)
-    if len(probes) != 1 or not all(map(elementwise, others)) or (eqn.primitive is _compat.div_p and probes != [0]):
+    if (len(probes) != 1 or not all(np.ndim(v) == 0 or kernel and _keeps_axes(v, invals[probes[0]].shape) for v in others)
+            or (eqn.primitive is _compat.div_p and probes != [0])):
         _record_vectors(ctx, invals)
         return NotImplemented
     probe = invals[probes[0]]
     return [probe.with_value(_compat.bind(eqn, [probe.value if k in probes else v for k, v in enumerate(invals)])[0])]
+
+
+def _keeps_axes(other: Any, shape: tuple) -> bool:
+    """Whether a kernel of ``shape`` times ``other`` is the kernel still: ``other`` broadcast along
+    size-1 axes (a scale per channel, a weight norm's divisor) or a 0/1 mask of its shape
+    (``nn.Conv(mask=...)``); other data of its shape is what the param is used with, not followed."""
+    if not _broadcasts_to(np.shape(other), shape):
+        return False
+    if tuple(np.shape(other)) != tuple(shape):
+        return True
+    return not _compat.is_tracer(other) and bool(np.isin(np.asarray(other), (0, 1)).all())
 
 
 def _broadcasts_to(shape: tuple, target: tuple) -> bool:

@@ -90,9 +90,9 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     only1, only2 = as_node(only1, nodes[0]), as_node(only2, nodes[1])
     detail = ""
     both = [p for p in only1 if p in only2]
-    wrapped = [has_variables(first), has_variables(second)]
-    if wrapped[0] != wrapped[1]:
-        detail = (f": {names[wrapped[1]]} holds NNX variables (an nnx.State, a module), {names[wrapped[0]]} plain values "
+    if has_variables(first) != has_variables(second):
+        held, plain = names if has_variables(first) else names[::-1]
+        detail = (f": {held} holds NNX variables (an nnx.State, a module), {plain} plain values "
                   "(as an optax callback, lbfgs's value_fn, is given the params): make them one kind, e.g. both "
                   "nnx.to_pure_dict(...) halves")
     elif both:

@@ -345,6 +345,21 @@ def test_dropout_inside_while_loop_differs_per_iteration():
     np.testing.assert_allclose(same[0], same[2])
 
 
+def test_members_of_a_stack_reading_one_input_share_its_dropout_mask():
+    """As the README says: ``jax.vmap`` over a stack's members with the input unbatched (an
+    ``nn.vmap`` ensemble, ``in_axes=None``) is one matmul of that input, so one mask for all."""
+    members, d = 3, 8
+    one = random_lora(jax.random.key(2), (d, d), "io", 2)
+    stack = jlora.LoraWeight(jnp.zeros((members, d, d)), jnp.broadcast_to(one.a, (members, *one.a.shape)),
+                             jnp.broadcast_to(one.b + 1.0, (members, *one.b.shape)), scale=1.0, layout="bio",
+                             dropout=0.5)
+    fn = lambda p, x: jax.vmap(lambda w: x @ w)(p["stack"])
+    x = normal(jax.random.key(3), (4, d))
+    ys = jlora.apply(fn)({"stack": stack}, x, lora_rng=jax.random.key(1))
+    np.testing.assert_allclose(ys[0], ys[1], rtol=1e-6)  # alike members: alike outputs under dropout
+    assert not np.allclose(ys[0], jlora.apply(fn)({"stack": stack}, x)[0])  # dropout did act
+
+
 def test_dropout_inside_scan_differs_per_step(params):
     p = {"stack": params["stack"].replace(dropout=0.5)}
 

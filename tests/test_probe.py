@@ -42,6 +42,9 @@ def test_a_kernel_masked_or_scaled_by_an_array_of_its_shape_is_seen_through():
 
     got = {k: str(v) for k, v in infer_layouts(fn, p, ["masked", "scaled", "normed"]).items()}
     assert got == {"masked": "iiio", "scaled": "iiio", "normed": "ioo"}
+    data = jax.random.normal(jax.random.key(0), (5, 4))  # a param times data of its shape: a use, not a kernel
+    got = infer_layouts(lambda p: (data * p["pos"]) @ p["w"], {"pos": jnp.ones((5, 4)), "w": jnp.ones((4, 2))}, ["pos", "w"])
+    assert {k: str(v) for k, v in got.items()} == {"w": "io"}
 
 
 def test_scan_slices_mark_batch_axes_and_reshape_merges():
