@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import logging
 import os
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +29,7 @@ import jlora
 from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
-from jlora.lazy import _hashable
+from jlora.lazy import _hashable, _user_stacklevel
 from jlora.paths import leaves_with_paths
 from jlora.tree import check_whole
 from jlora.weight import LoraWeight, is_node, is_param
@@ -383,6 +385,10 @@ class _EveryKey:
         return cls(aux[0], dict(zip(aux[1], children)))
 
 
+_GENERATE_LOCK = threading.Lock()  # every LoraModel's generate cache: dict operations only, not the calls
+_DROPPED_KEPT = 4096  # hashes of dropped option sets remembered, for the warning
+
+
 class LoraModel:
     """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
 
@@ -392,7 +398,10 @@ class LoraModel:
     taken as they are (with the ``config``'s LoRA dropout, where one is given); ``lm.config`` is then
     the ``config`` given, or ``None`` (the adapter's own config is ``jlora.adapter.read_config(path)``).
     ``cache_size``: the input signatures (shapes: prompt lengths) whose compiled calls are kept, as
-    ``jlora.apply``'s, for the calls and for ``generate`` with each set of options.
+    ``jlora.apply``'s, for the calls and for ``generate`` with each set of options;
+    ``generate_cache_size``: the sets of options (``max_new_tokens``, ``temperature``...) whose
+    compiled decoding loops ``generate`` keeps (``GENERATE_CACHE_SIZE`` unless given; it warns once
+    when calls cycle through more, each then compiled anew).
 
     ``lm(...)`` takes the model's arguments and runs the lazy (unmerged) adapters, on ``lm.params``
     or on ``params=`` (a tree the training step updated), with LoRA dropout where ``lora_rng=`` is given;
@@ -410,8 +419,11 @@ class LoraModel:
     GENERATE_CACHE_SIZE = 32  # generate's compiled calls kept, the least recently used dropped first
 
     def __init__(self, model: Any, config: LoraConfig | None = None, key: Any = None, *, params: Any = None,
-                 inputs: dict[str, Any] | None = None, cache_size: int = 32):
+                 inputs: dict[str, Any] | None = None, cache_size: int = 32, generate_cache_size: int | None = None):
         _check_model(model, "jlora.hf.LoraModel")
+        generate_cache_size = self.GENERATE_CACHE_SIZE if generate_cache_size is None else generate_cache_size
+        if isinstance(generate_cache_size, bool) or not isinstance(generate_cache_size, int) or generate_cache_size < 1:
+            raise ValueError(f"jlora.hf.LoraModel: generate_cache_size must be a positive int, got {generate_cache_size!r}")
         self.model = model
         loaded = params is not None and any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=is_node))
         # loaded adapters were made with a config this model does not know: the one given, or none
@@ -436,6 +448,7 @@ class LoraModel:
         self._forward = jlora.apply(forward, cache_size=cache_size)
         self._cache_size = cache_size
         self._generate: dict[tuple, Callable] = {}
+        self._generate_cache_size, self._generate_dropped, self._generate_warned = generate_cache_size, set(), False
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
         """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA
@@ -458,7 +471,7 @@ class LoraModel:
         the inputs as the model's ``generate`` takes them (``input_ids``, or ``input_features=`` for
         Whisper; a vision encoder-decoder's pixels go first, by position, as HF's Flax ``generate``
         takes them: ``lm.generate(pixel_values, ...)``). Compiled once per prompt shape and set of
-        options (the 32 used last kept: ``GENERATE_CACHE_SIZE``), as ``jlora.apply``; an option that
+        options (the ``generate_cache_size`` used last kept, 32 by default), as ``jlora.apply``; an option that
         compares by identity (a logits processor, whose state may change) is traced anew at each
         call. ``merged=True`` runs HF's ``generate`` as it is on ``jlora.merge(params)``: merged at
         every call, its loop compiled anew each time (about 90× slower a call on a small model), for
@@ -487,17 +500,43 @@ class LoraModel:
         # (a logits processor, whose state may change between calls): no cached trace
         key = (len(inputs), _frozen(static), self._model_state())
         cacheable = _hashable(key) and not _by_identity(static)
-        fn = self._generate.pop(key, None) if cacheable else None
+        fn = self._cached_generate(key) if cacheable else None
         if fn is None:
             static = copy.deepcopy(static)  # a retrace (a new prompt length) must not see the caller's list changed
             model = self.model  # not self: a cached fn holding the LoraModel would keep it (and its params) in a cycle
             fn = jlora.apply(lambda inputs, dyn, params: model.generate(*inputs, params=params, **static, **dyn),
                              cache_size=self._cache_size)
-        if cacheable:  # the last used last; one per temperature, prompt length...: the least recently used go
-            self._generate[key] = fn
-            while len(self._generate) > self.GENERATE_CACHE_SIZE:
-                self._generate.pop(next(iter(self._generate)))
+            if cacheable:
+                fn = self._keep_generate(key, fn)
         return fn(inputs, dynamic, params=params)  # a keyword: an error names it as the caller passed it
+
+    def _cached_generate(self, key: tuple) -> Callable | None:
+        """``generate``'s compiled loop for ``key`` (a set of options), now the last used; ``None``
+        where none is kept."""
+        with _GENERATE_LOCK:
+            fn = self._generate.pop(key, None)
+            if fn is not None:
+                self._generate[key] = fn
+            return fn
+
+    def _keep_generate(self, key: tuple, fn: Callable) -> Callable:
+        """Keep ``fn`` for ``key`` (another thread's, if one came first), the least recently used
+        dropped past ``generate_cache_size``; warns once where ``key``'s was dropped before."""
+        with _GENERATE_LOCK:
+            fn = self._generate.setdefault(key, fn)
+            again = hash(key) in self._generate_dropped and not self._generate_warned
+            self._generate_warned |= again
+            while len(self._generate) > self._generate_cache_size:
+                oldest = next(iter(self._generate))
+                del self._generate[oldest]
+                if len(self._generate_dropped) < _DROPPED_KEPT:
+                    self._generate_dropped.add(hash(oldest))
+        if again:
+            warnings.warn(f"LoraModel.generate: a set of options whose decoding loop was compiled, then dropped, is "
+                          f"compiled again: calls cycle through more than {self._generate_cache_size} sets of options "
+                          "(max_new_tokens, temperature, ...), each compiled anew; raise "
+                          "jlora.hf.LoraModel(..., generate_cache_size=N)", stacklevel=_user_stacklevel())
+        return fn
 
     def merge(self) -> Any:
         """Plain params for the unmodified HF model (``model(..., params=lm.merge())``).

@@ -486,13 +486,23 @@ def test_generate_says_what_it_cannot_do():
         lm.generate(ids, max_new_tokens=2, params=trainable)
 
 
-def test_generate_keeps_its_compiled_calls_used_last(monkeypatch):
-    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2))
-    monkeypatch.setattr(lm, "GENERATE_CACHE_SIZE", 2)
+def test_generate_keeps_its_compiled_calls_used_last_and_says_when_calls_cycle_through_more():
+    """A server whose requests cycle through more sets of options than generate keeps compiles each
+    anew: told once, at the user's call, with the setting to raise."""
+    lm = hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2), generate_cache_size=2)
     ids = jnp.array([[3, 5, 7, 9]])
-    for n in (1, 2, 1, 3):  # 1 used again before 3 comes: 2 goes
-        lm.generate(ids, max_new_tokens=n, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (1, 2, 1, 3):  # 1 used again before 3 comes: 2 goes
+            lm.generate(ids, max_new_tokens=n, pad_token_id=0)
     assert [dict(key[1])["max_new_tokens"] for key in lm._generate] == [1, 3]
+    with pytest.warns(UserWarning, match=r"compiled again: calls cycle through more than 2 sets of options.*"
+                                         r"LoraModel\(\.\.\., generate_cache_size=N\)") as record:
+        for n in (2, 1, 3, 2):  # 2 was dropped: compiled again
+            lm.generate(ids, max_new_tokens=n, pad_token_id=0)
+    assert [w.filename for w in record if "generate_cache_size" in str(w.message)] == [__file__]
+    with pytest.raises(ValueError, match="generate_cache_size must be a positive int, got 0"):
+        hf.LoraModel(TINY["gpt2"](), jlora.LoraConfig(rank=2), generate_cache_size=0)
 
 
 def test_a_lora_model_keeps_cache_size_signatures_and_says_when_calls_cycle_through_more():
