@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import logging
 import os
-import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ import jlora
 from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
-from jlora.lazy import _hashable, _user_stacklevel
+from jlora.lazy import _hashable, _TraceCache, _user_stacklevel
 from jlora.paths import leaves_with_paths
 from jlora.tree import check_whole
 from jlora.weight import LoraWeight, is_node, is_param
@@ -385,10 +384,6 @@ class _EveryKey:
         return cls(aux[0], dict(zip(aux[1], children)))
 
 
-_GENERATE_LOCK = threading.Lock()  # every LoraModel's generate cache: dict operations only, not the calls
-_DROPPED_KEPT = 4096  # hashes of dropped option sets remembered, for the warning
-
-
 class LoraModel:
     """A HF Flax model with LoRA adapters: call it like the model, generate, merge, summarise.
 
@@ -447,8 +442,8 @@ class LoraModel:
 
         self._forward = jlora.apply(forward, cache_size=cache_size)
         self._cache_size = cache_size
-        self._generate: dict[tuple, Callable] = {}
-        self._generate_cache_size, self._generate_dropped, self._generate_warned = generate_cache_size, set(), False
+        self._generate = _TraceCache()  # generate's loops by set of options, as apply's traces by signature
+        self._generate_cache_size = generate_cache_size
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
         """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA
@@ -513,24 +508,20 @@ class LoraModel:
     def _cached_generate(self, key: tuple) -> Callable | None:
         """``generate``'s compiled loop for ``key`` (a set of options), now the last used; ``None``
         where none is kept."""
-        with _GENERATE_LOCK:
-            fn = self._generate.pop(key, None)
+        with self._generate.lock:
+            fn = self._generate.get(key)
             if fn is not None:
-                self._generate[key] = fn
+                self._generate.move_to_end(key)
             return fn
 
     def _keep_generate(self, key: tuple, fn: Callable) -> Callable:
         """Keep ``fn`` for ``key`` (another thread's, if one came first), the least recently used
         dropped past ``generate_cache_size``; warns once where ``key``'s was dropped before."""
-        with _GENERATE_LOCK:
+        with self._generate.lock:
             fn = self._generate.setdefault(key, fn)
-            again = hash(key) in self._generate_dropped and not self._generate_warned
-            self._generate_warned |= again
+            again = self._generate.dropped_before(key)
             while len(self._generate) > self._generate_cache_size:
-                oldest = next(iter(self._generate))
-                del self._generate[oldest]
-                if len(self._generate_dropped) < _DROPPED_KEPT:
-                    self._generate_dropped.add(hash(oldest))
+                self._generate.drop_oldest()
         if again:
             warnings.warn(f"LoraModel.generate: a set of options whose decoding loop was compiled, then dropped, is "
                           f"compiled again: calls cycle through more than {self._generate_cache_size} sets of options "
