@@ -63,7 +63,9 @@ FLAX_COLLECTIONS = ("batch_stats", "cache", "intermediates", "constants")
 # Models PEFT's SEQ_2_SEQ_LM model cannot run (it passes input_ids; they take speech or pixels).
 NOT_TEXT_TO_TEXT = ("whisper", "speech-encoder-decoder", "vision-encoder-decoder")
 # The modules PEFT's model for a task type trains whole, whatever modules_to_save says.
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# (PEFT 0.22 names DistilBERT's pre_classifier, which the earlier "classifier" took as a string suffix)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"), "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
+              "QUESTION_ANS": ("qa_outputs",)}
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
 # (the saved tensors hold all the rest: which layers ``layers_to_transform`` picked is in their
 # keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
@@ -273,8 +275,9 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                          "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
     saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
     to_save = [m.replace("/", ".") for m in saved]  # modules_to_save, PyTorch's names
-    # as PEFT matches modules_to_save: every module whose name ends with an entry (DistilBERT's
-    # "classifier" takes "pre_classifier" too), each saved whole, trained or not
+    # as PEFT before 0.22 matches modules_to_save, a superset of 0.22's (_peft_saves): every module
+    # whose name ends with an entry (DistilBERT's "classifier" takes "pre_classifier" too), each
+    # saved whole, trained or not, so that either reads the file alike
     in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
     missing = [p for (p, x), (torch_path, _) in zip(as_given, every) if x is None and in_saved(torch_path)]
     if missing:
@@ -692,24 +695,52 @@ def _warn_ambiguous_alpha(source: Path, table: dict, modules: Sequence[str]) -> 
             return
 
 
-def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
-    """Whether PyTorch module ``module`` is one of ``modules_to_save`` or inside one. PEFT trains
-    whole each module whose name ends with an entry (as a string: ``"layer_norm"`` takes
-    ``self_attn_layer_norm``) and saves its submodules' tensors (``classifier.dense.weight``).
+def _in_saved_module(module: str, saved: Sequence[str], dotted: bool = False) -> bool:
+    """Whether PyTorch module ``module`` is one of ``modules_to_save`` or inside one: PEFT trains
+    whole each module an entry names (``_peft_saves``) and saves its submodules' tensors
+    (``classifier.dense.weight``). ``dotted``: PEFT 0.22's rule, else the earlier one.
 
     Example:
         >>> _in_saved_module("classifier.dense", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"])
         (True, True)
-        >>> _in_saved_module("model.classifier_proj", ["classifier"])
+        >>> _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], dotted=True)
         False
     """
-    return _saved_prefix(module.split("."), saved) is not None
+    return _saved_prefix(module.split("."), saved, dotted) is not None
 
 
-def _saved_prefix(parts: Sequence[str], saved: Sequence[str]) -> int | None:
+def _saved_prefix(parts: Sequence[str], saved: Sequence[str], dotted: bool = False) -> int | None:
     """How many of a module path's ``parts`` name the module PEFT trains whole that it is in: the
-    first prefix whose name ends with an entry of ``saved`` (PEFT's ``key.endswith(target)``)."""
-    return next((i for i in range(1, len(parts) + 1) if any(".".join(parts[:i]).endswith(m) for m in saved)), None)
+    first prefix an entry of ``saved`` names (``_peft_saves``)."""
+    return next((i for i in range(1, len(parts) + 1) if any(_peft_saves(".".join(parts[:i]), m, dotted) for m in saved)),
+                None)
+
+
+def _peft_saves(module: str, entry: str, dotted: bool) -> bool:
+    """Whether PEFT trains ``module`` whole for the ``modules_to_save`` entry ``entry``: from PEFT
+    0.22 (``dotted``) the module of that name or ``.``-suffix, before it every module whose name
+    ends with the entry as a string (``layer_norm`` took BART's ``self_attn_layer_norm``).
+
+    Example:
+        >>> _peft_saves("model.classifier", "classifier", True), _peft_saves("pre_classifier", "classifier", True)
+        (True, False)
+        >>> _peft_saves("pre_classifier", "classifier", False)
+        True
+    """
+    return module.endswith(entry) and (not dotted or len(module) == len(entry) or module.endswith("." + entry))
+
+
+def _dotted_names(config: dict) -> bool:
+    """Whether the PEFT that wrote an adapter matched ``modules_to_save`` by ``.``-suffix (0.22 on;
+    ``peft_version`` is written from 0.18): a file without it (older, or written by jlora, which
+    saves whole every module either rule takes) is read by the earlier rule.
+
+    Example:
+        >>> _dotted_names({"peft_version": "0.22.0"}), _dotted_names({"peft_version": "0.21.2@a1b2c3"}), _dotted_names({})
+        (True, False, False)
+    """
+    found = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
+    return found is not None and (int(found[1]), int(found[2])) >= (0, 22)
 
 
 def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path: dict[str, Any]) -> bool:
@@ -735,7 +766,7 @@ def _check_own_lookups(source: Path, tensors: dict, by_path: dict, hf_config: An
                              "and decoder's lookups changes of their own; leave embed_tokens out of the adapter")
 
 
-def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -> None:
+def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str], dotted: bool) -> None:
     """Refuse a file in which a module PEFT trains whole sits inside another one it trains whole
     (``whole``: the modules PEFT trains whole, its ``modules_to_save`` and the task's head):
     BigBird's ``qa_outputs`` in ``qa_classifier``, the QUESTION_ANS task type adding the inner one;
@@ -746,14 +777,15 @@ def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str]) -
             continue
         wrapped = ".modules_to_save." in key  # the module PEFT wrapped, then its copy's tensors
         parts = key[len(PREFIX):].split(".modules_to_save.")[0].split(".")[:None if wrapped else -1]
-        ends = [i for i in range(1, len(parts) + 1) if any(".".join(parts[:i]).endswith(m) for m in whole)]
+        ends = [i for i in range(1, len(parts) + 1) if any(_peft_saves(".".join(parts[:i]), m, dotted) for m in whole)]
         if len(ends) > 1:
             outer, inner = ".".join(parts[:ends[0]]), ".".join(parts[:ends[1]])
             short = outer.rsplit(".", 1)[-1]
             # jlora before 3c1037a named a head's inner modules ('classifier.dense'), its task type adding the head
-            named_inside = any(m.startswith(short + ".") and inner.endswith(m) for m in whole)
+            named_inside = any(m.startswith(short + ".") and _peft_saves(inner, m, dotted) for m in whole)
             raise ValueError(f"{source}: PEFT trained '{inner}' whole inside '{outer}', which it also trained whole "
-                             f"(modules_to_save {list(whole)}: PEFT takes every module whose name ends with an entry, "
+                             f"(modules_to_save {list(whole)}: PEFT takes every module whose name ends with an entry"
+                             f"{' after a dot' if dotted else ''}, "
                              "or a task type added one): PEFT cannot load such a file back, nor can jlora; save it "
                              "with modules_to_save naming the outer module only" + (
                                  f" (a file jlora wrote so, before 3c1037a, loads once its {CONFIG_FILE} names "
@@ -805,7 +837,7 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
                              "modules_to_save" if elsewhere else "and base_params hold no embedding tied to it"))
     table = tables[0]
     module = table.rsplit("/", 1)[0].replace("/", ".")
-    trained = _in_saved_module(head, config.get("modules_to_save") or ())
+    trained = _in_saved_module(head, config.get("modules_to_save") or (), _dotted_names(config))
     if leaf in ("weight", "base_layer.weight") and not (trained and ties != "save"):
         if leaf == "weight" and ties == "save" and table in tuned:
             want, what = tuned[table], "trained copy (modules_to_save)"
@@ -983,7 +1015,7 @@ def describe(path: str | os.PathLike) -> str:
             # a head's trained copy's bias is saved under its own name too (classifier.modules_to_save.bias)
             whole[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
-              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved)):
+              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, _dotted_names(config))):
             copies[name] = shape
         else:
             whole[name] = shape
@@ -1062,7 +1094,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     ties = _peft_ties(config)
     # PEFT saves a head it ties to a trained embedding (its modules_to_tie) beside it: onto Flax's own head
     saved = (*(config.get("modules_to_save") or ()), *(("lm_head",) if ties == "save" else ()))
-    _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())])
+    dotted = _dotted_names(config)
+    _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())], dotted)
     heads = _tied_heads(tensors, by_path, hf_config)
     _check_own_lookups(path, tensors, by_path, hf_config)
     for key, value in tensors.items():
@@ -1074,10 +1107,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
         # checked below; a head's bias too where it was trained whole (Flax's may be elsewhere: BERT's)
         if any(module == h or module.startswith(h + ".") for h in heads) and (
-                leaf != "bias" or saved and _in_saved_module(module, saved)):
+                leaf != "bias" or saved and _in_saved_module(module, saved, dotted)):
             head_tensors[key[len(PREFIX):]] = value
             continue
-        if saved and "lora_" not in key and _in_saved_module(module, saved):
+        if saved and "lora_" not in key and _in_saved_module(module, saved, dotted):
             p = _flax_leaf(module, leaf, by_path, path)
             tuned[p] = _kernel_from_torch(value) if p.endswith("/kernel") else value
             continue
@@ -1097,6 +1130,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         embedding = key.endswith(EMBEDDING_FACTORS)
         if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
             where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
+            if dotted and _in_saved_module(module, saved):
+                where = (f" (PEFT {config['peft_version']} wrote it, and trains whole only the modules "
+                         f"modules_to_save {list(saved)} names: an entry is a module's name or the end of one after a "
+                         "dot, where PEFT before 0.22 took any name ending with it)")
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter{where}")
         name, part = key[len(PREFIX):].rsplit(".lora_embedding_" if embedding else ".lora_", 1)
         if not jnp.issubdtype(value.dtype, jnp.floating):  # numpy does not count bfloat16 as floating
@@ -1200,4 +1237,4 @@ def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str
         hit = lambda m: any(m == t or m.endswith("." + t) for t in targets)
     whole = [*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ())]
     modules = {p.rsplit("/", 1)[0].replace("/", ".") for p in by_path if p.endswith(("/kernel", "/embedding"))}
-    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole))
+    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, _dotted_names(config)))

@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import jlora
 import jlora.adapter
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")  # torch / transformers / peft
 IDS = np.array([[3, 5, 7, 9, 11, 2, 4, 6], [1, 2, 3, 4, 5, 6, 7, 8]])
 KEY = jax.random.key(0)
 TORCH = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "bert": tf.BertForSequenceClassification}
+# PEFT 0.22 takes a modules_to_save entry as a module's name or its ``.``-suffix, earlier PEFT as any string suffix
+PEFT_DOTTED = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)
 
 
 def pair(model_type, tmp_path):
@@ -804,9 +806,14 @@ def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"\(a file jlora wrote so, before 3c1037a, loads once its adapter_config.json "
                                          r"names 'classifier' there in place of the modules inside it\)"):
         jlora.peft.load_adapter(tmp_path / "old", head.params, head.config)
-    # "embeddings" names BERT's embeddings and each table in it: PEFT 0.21 writes the tables of the
-    # inner copies (which its forward pass does not use) under plain names
+    # "embeddings" named BERT's embeddings and each table in it before PEFT 0.22: PEFT 0.21 writes
+    # the tables of the inner copies (which its forward pass does not use) under plain names
     model = TINY["bert"]()
+    if PEFT_DOTTED:  # the embeddings module alone
+        params, _ = _read_as_peft_runs_it(model, tf.BertForSequenceClassification, tmp_path / "embeddings",
+                                          target_modules=["query"], modules_to_save=["embeddings"])
+        assert isinstance(params["bert"]["embeddings"]["word_embeddings"]["embedding"], jlora.Trainable)
+        return
     made = peft.get_peft_model(_torch_twin(model, tf.BertForSequenceClassification),
                                peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["embeddings"]))
     made.save_pretrained(tmp_path / "embeddings")
@@ -819,7 +826,8 @@ def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
 
 def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     """A norm trained whole: Llama's RMSNorm (Flax leaf ``weight``) both ways; PEFT's entries match
-    the end of a module's name as a string (``layer_norm`` takes BART's ``self_attn_layer_norm``)."""
+    the end of a module's name after a dot from PEFT 0.22, as a string before it (``layer_norm``
+    took BART's ``self_attn_layer_norm``): read by the rule of the PEFT that wrote the file."""
     model = TINY["llama"]()
     params, peft_model = _read_as_peft_runs_it(model, tf.LlamaForCausalLM, tmp_path / "norm", target_modules=["q_proj"],
                                                modules_to_save=["model.norm"])
@@ -832,7 +840,27 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     model = TINY["bart"]()
     params, _ = _read_as_peft_runs_it(model, tf.BartForConditionalGeneration, tmp_path / "suffix",
                                       target_modules=["q_proj"], modules_to_save=["layer_norm"])
-    assert isinstance(params["model"]["encoder"]["layers"]["0"]["self_attn_layer_norm"]["scale"], jlora.Trainable)
+    norm = lambda tree: tree["model"]["encoder"]["layers"]["0"]["self_attn_layer_norm"]
+    assert isinstance(norm(params)["scale"], jlora.Trainable) != PEFT_DOTTED
+    # the other PEFT's file, by hand: the norm's trained copy under its plain names (or none)
+    config = json.loads((tmp_path / "suffix" / "adapter_config.json").read_text())
+    factors = {k: v for k, v in load_file(tmp_path / "suffix" / "adapter_model.safetensors").items() if ".lora_" in k}
+    key = "base_model.model.model.encoder.layers.0.self_attn_layer_norm."
+    trained = {key + "weight": np.full(32, 1.5, np.float32), key + "bias": np.full(32, 0.25, np.float32)}
+    for version, extra in (("0.21.2", trained), ("0.22.0", {})):
+        other = tmp_path / f"suffix-{version}"
+        other.mkdir()
+        (other / "adapter_config.json").write_text(json.dumps({**config, "peft_version": version}))
+        save_file(factors | extra, other / "adapter_model.safetensors")
+        read = norm(jlora.peft.load_adapter(other, model.params, model.config))
+        assert isinstance(read["scale"], jlora.Trainable) == bool(extra)
+        if extra:
+            np.testing.assert_array_equal(read["scale"].value, trained[key + "weight"])
+            np.testing.assert_array_equal(read["bias"].value, trained[key + "bias"])
+    save_file(factors | trained, tmp_path / "suffix-0.22.0" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensor .*self_attn_layer_norm.*PEFT 0.22.0 wrote it, and trains "
+                                         r"whole only the modules modules_to_save \[.layer_norm.\] names"):
+        jlora.peft.load_adapter(tmp_path / "suffix-0.22.0", model.params, model.config)
 
     # so a head trained whole takes a LoRA-adapted module whose name ends like it: PEFT cannot load that
     model = tf.FlaxDistilBertForSequenceClassification(tf.DistilBertConfig(
