@@ -63,9 +63,9 @@ FLAX_COLLECTIONS = ("batch_stats", "cache", "intermediates", "constants")
 # Models PEFT's SEQ_2_SEQ_LM model cannot run (it passes input_ids; they take speech or pixels).
 NOT_TEXT_TO_TEXT = ("whisper", "speech-encoder-decoder", "vision-encoder-decoder")
 # The modules PEFT's model for a task type trains whole, whatever modules_to_save says.
-# (PEFT 0.22 names DistilBERT's pre_classifier, which the earlier "classifier" took as a string suffix)
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"), "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
-              "QUESTION_ANS": ("qa_outputs",)}
+# (PEFT 0.22 adds "pre_classifier" to the saved config's modules_to_save too: DistilBERT's, which the
+# earlier "classifier" took as a string suffix)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
 # (the saved tensors hold all the rest: which layers ``layers_to_transform`` picked is in their
 # keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
