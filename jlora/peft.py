@@ -275,7 +275,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
                          "cannot hold it; leave it out of trainable, or save with jlora.adapter.save_adapter")
     saved = sorted({_task_head(p.rsplit("/", 1)[0], task_type) for p in trained})
     to_save = [m.replace("/", ".") for m in saved]  # modules_to_save, PyTorch's names
-    # as PEFT before 0.22 matches modules_to_save, a superset of 0.22's (_peft_saves): every module
+    # as PEFT before 0.22 matches modules_to_save, a superset of 0.22's (_peft_names): every module
     # whose name ends with an entry (DistilBERT's "classifier" takes "pre_classifier" too), each
     # saved whole, trained or not, so that either reads the file alike
     in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
@@ -697,34 +697,35 @@ def _warn_ambiguous_alpha(source: Path, table: dict, modules: Sequence[str]) -> 
 
 def _in_saved_module(module: str, saved: Sequence[str], dotted: bool = False) -> bool:
     """Whether PyTorch module ``module`` is one of ``modules_to_save`` or inside one: PEFT trains
-    whole each module an entry names (``_peft_saves``) and saves its submodules' tensors
+    whole each module an entry names (``_peft_names``) and saves its submodules' tensors
     (``classifier.dense.weight``). ``dotted``: PEFT 0.22's rule, else the earlier one.
 
     Example:
         >>> _in_saved_module("classifier.dense", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"])
         (True, True)
-        >>> _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], dotted=True)
-        False
+        >>> _in_saved_module("model.classifier_proj", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], dotted=True)
+        (False, False)
     """
     return _saved_prefix(module.split("."), saved, dotted) is not None
 
 
 def _saved_prefix(parts: Sequence[str], saved: Sequence[str], dotted: bool = False) -> int | None:
     """How many of a module path's ``parts`` name the module PEFT trains whole that it is in: the
-    first prefix an entry of ``saved`` names (``_peft_saves``)."""
-    return next((i for i in range(1, len(parts) + 1) if any(_peft_saves(".".join(parts[:i]), m, dotted) for m in saved)),
+    first prefix an entry of ``saved`` names (``_peft_names``)."""
+    return next((i for i in range(1, len(parts) + 1) if any(_peft_names(".".join(parts[:i]), m, dotted) for m in saved)),
                 None)
 
 
-def _peft_saves(module: str, entry: str, dotted: bool) -> bool:
-    """Whether PEFT trains ``module`` whole for the ``modules_to_save`` entry ``entry``: from PEFT
-    0.22 (``dotted``) the module of that name or ``.``-suffix, before it every module whose name
-    ends with the entry as a string (``layer_norm`` took BART's ``self_attn_layer_norm``).
+def _peft_names(module: str, entry: str, dotted: bool) -> bool:
+    """Whether a PEFT list's ``entry`` names ``module``: for ``target_modules``, and from PEFT 0.22
+    (``dotted``) for ``modules_to_save``, the module of that name or ``.``-suffix; before it
+    ``modules_to_save`` took every module whose name ends with the entry as a string
+    (``layer_norm`` took BART's ``self_attn_layer_norm``).
 
     Example:
-        >>> _peft_saves("model.classifier", "classifier", True), _peft_saves("pre_classifier", "classifier", True)
+        >>> _peft_names("model.classifier", "classifier", True), _peft_names("pre_classifier", "classifier", True)
         (True, False)
-        >>> _peft_saves("pre_classifier", "classifier", False)
+        >>> _peft_names("pre_classifier", "classifier", False)
         True
     """
     return module.endswith(entry) and (not dotted or len(module) == len(entry) or module.endswith("." + entry))
@@ -777,12 +778,12 @@ def _check_saved_not_nested(source: Path, tensors: dict, whole: Sequence[str], d
             continue
         wrapped = ".modules_to_save." in key  # the module PEFT wrapped, then its copy's tensors
         parts = key[len(PREFIX):].split(".modules_to_save.")[0].split(".")[:None if wrapped else -1]
-        ends = [i for i in range(1, len(parts) + 1) if any(_peft_saves(".".join(parts[:i]), m, dotted) for m in whole)]
+        ends = [i for i in range(1, len(parts) + 1) if any(_peft_names(".".join(parts[:i]), m, dotted) for m in whole)]
         if len(ends) > 1:
             outer, inner = ".".join(parts[:ends[0]]), ".".join(parts[:ends[1]])
             short = outer.rsplit(".", 1)[-1]
             # jlora before 3c1037a named a head's inner modules ('classifier.dense'), its task type adding the head
-            named_inside = any(m.startswith(short + ".") and _peft_saves(inner, m, dotted) for m in whole)
+            named_inside = any(m.startswith(short + ".") and _peft_names(inner, m, dotted) for m in whole)
             raise ValueError(f"{source}: PEFT trained '{inner}' whole inside '{outer}', which it also trained whole "
                              f"(modules_to_save {list(whole)}: PEFT takes every module whose name ends with an entry"
                              f"{' after a dot' if dotted else ''}, "
@@ -1234,7 +1235,7 @@ def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str
     if isinstance(targets, str):
         hit = lambda m: re.fullmatch(targets, m) is not None
     else:
-        hit = lambda m: any(m == t or m.endswith("." + t) for t in targets)
+        hit = lambda m: any(_peft_names(m, t, dotted=True) for t in targets)  # PEFT's rule for target_modules
     whole = [*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ())]
     modules = {p.rsplit("/", 1)[0].replace("/", ".") for p in by_path if p.endswith(("/kernel", "/embedding"))}
     return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, _dotted_names(config)))
