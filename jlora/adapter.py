@@ -673,7 +673,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
             raise ValueError(f"{path}: '{p}': a/b shapes {tensors[f'{p}/a'].shape}, {tensors[f'{p}/b'].shape} "
                              f"do not match rank {spec['rank']} and layout '{layout}' (want {want_a}, {want_b})")
     for p, shape in trainable.items():  # kept in the dtype it was trained in (f32 over a bf16 base), as restore does
-        if list(by_path[p].shape) != list(shape) or not jnp.issubdtype(tensors[p].dtype, jnp.floating):
+        if (list(by_path[p].shape) != list(shape) or list(tensors[p].shape) != list(shape)
+                or not jnp.issubdtype(tensors[p].dtype, jnp.floating)):
             raise ValueError(f"{path}: '{p}' is {tensors[p].dtype}{list(tensors[p].shape)} in the adapter, "
                              f"{np.dtype(by_path[p].dtype)}{list(by_path[p].shape)} in the base")
     new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],

@@ -90,6 +90,9 @@ def test_a_leaf_trained_in_f32_over_a_bf16_base_loads_as_trained(tmp_path):
     _write_tensor(save_adapter(tmp_path / "int", p), "q/bias", np.arange(8, dtype=np.int32))  # an int leaf in the file
     with pytest.raises(ValueError, match=r"'q/bias' is int32\[8\] in the adapter, bfloat16\[8\] in the base"):
         load_adapter(tmp_path / "int", base)
+    _write_tensor(save_adapter(tmp_path / "wide", p), "q/bias", np.zeros(9, np.float32))  # the config still says [8]
+    with pytest.raises(ValueError, match=r"'q/bias' is float32\[9\] in the adapter, bfloat16\[8\] in the base"):
+        load_adapter(tmp_path / "wide", base)
 
 
 def test_a_second_save_replaces_the_first_and_nothing_else(tmp_path, monkeypatch):
