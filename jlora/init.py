@@ -128,6 +128,8 @@ def _why_unused(matched: Sequence[tuple[str, Any]], exclude: Sequence[Pattern], 
     if kernels:
         return f" (its kernels are {kernels[:3]}: only float arrays with 2 or more axes can be adapted)"
     others = [p for p, leaf in matched if _is_adaptable(leaf)]
+    if others and all(p.rsplit("/", 1)[-1] in ("bias", "scale") for p in others):  # a norm stacked with its layers
+        return f" (its leaves {others[:4]} are biases or a norm's scale: they go in LoraConfig.trainable)"
     if others:  # e.g. a GRU cell's weight_ih and weight_hh
         return (f" (a module is adapted at its 'kernel', 'weight' or 'w'; its leaves {others[:4]} are adapted by "
                 f"patterns naming them, e.g. '{others[0]}')")
@@ -500,15 +502,16 @@ def lora_init(
                           "and its PEFT form follow it); jlora.apply keeps a use factored where that layout "
                           "allows, and materialises the weight, with a MaterializeWarning, where it does not",
                           stacklevel=2)
+        if layout is None and w.ndim == 2 and path in vectors and path not in used_by:
+            # a layer's vector, never in a matmul or lookup: a stacked norm's scale (Equinox's weight,
+            # linen's and NNX's scale), left as a 1-D one is
+            if any(pat.match(path) == LEAF for pat in targets):
+                raise ValueError(f"lora_init: target matches '{path}' ({_describe(w)}), which each layer of its "
+                                 "stack uses as a vector (a norm's scale): only kernels of 2 or more axes per layer "
+                                 "can be adapted (biases and norms go in LoraConfig.trainable)")
+            stacked_vectors.append(path)
+            continue
         if layout is None and _is_weight(path, wrapped) and w.ndim == 2:
-            if path in vectors and path not in used_by:
-                # a layer's vector, never in a matmul or lookup: a stacked norm's scale, left as a 1-D one is
-                if any(pat.match(path) == LEAF for pat in targets):
-                    raise ValueError(f"lora_init: target matches '{path}' ({_describe(w)}), which each layer of its "
-                                     "stack uses as a vector (a norm's scale): only kernels of 2 or more axes per layer "
-                                     "can be adapted (biases and norms go in LoraConfig.trainable)")
-                stacked_vectors.append(path)
-                continue
             how = ("infer_layout saw no matmul or lookup it could read; declare it"
                    if infer_layout is not None else
                    "pass lora_init(..., infer_layout=lambda m: m(example_input)) (which also tells a norm's scale "

@@ -226,6 +226,17 @@ def test_a_2d_weight_needs_its_layout_said_and_a_module_target_adapts_it():
                                          r"layer of its stack uses as a vector \(a norm's scale\): only kernels of 2 or "
                                          r"more axes per layer can be adapted"):
         lora_init(KEY, blocks, LoraConfig(rank=2, targets=["blocks/ln/weight"]), infer_layout=scanned)
+    # Flax's names alike (a norm's scale and bias stacked by nnx.vmap or nn.scan), where 'io' was taken for them
+    flax_blocks = {"blocks": {"q": {"kernel": jnp.ones((2, 8, 8))}, "norm": {"scale": jnp.ones((2, 8)), "bias": jnp.zeros((2, 8))}}}
+    flax_layer = lambda h, blk: (h * blk["norm"]["scale"] + blk["norm"]["bias"]) @ blk["q"]["kernel"]
+    flax_scan = lambda p: jax.lax.scan(lambda h, blk: (flax_layer(h, blk), None), jnp.ones(8), p["blocks"])[0]
+    with pytest.raises(ValueError, match=r"^lora_init: target matches 'blocks/norm/scale' \(float32\[2,8\]\), which "
+                                         r"each layer of its stack uses as a vector"):
+        lora_init(KEY, flax_blocks, LoraConfig(rank=2, targets=["blocks/norm/scale"]), infer_layout=flax_scan)
+    with pytest.raises(ValueError, match=r"pattern 'blocks/norm' matches no param it can use \(its leaves "
+                                         r"\['blocks/norm/bias', 'blocks/norm/scale'\] are biases or a norm's scale: "
+                                         r"they go in LoraConfig.trainable\)"):
+        lora_init(KEY, flax_blocks, LoraConfig(rank=2, targets=["blocks/norm"]), infer_layout=flax_scan)
     # mapped by vmap (an ensemble), the trace keeps the stack whole: no layer is seen, so the error says how to
     # leave a norm out as well as how to declare a layout
     ensemble = lambda p: jax.vmap(layer, in_axes=(None, 0))(jnp.ones(8), p["blocks"])
