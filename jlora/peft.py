@@ -29,7 +29,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -744,6 +744,25 @@ def _dotted_names(config: dict) -> bool:
     return found is not None and (int(found[1]), int(found[2])) >= (0, 22)
 
 
+def _plain_name(key: str, tensors: Collection[str]) -> str:
+    """A tensor of a module's trained copy (``modules_to_save``) by its module's own name: with
+    ``bias="all"`` PEFT saves the copy's biases again under the wrapper, ``classifier.modules_to_save.bias``,
+    or with its adapter's name kept, ``classifier.modules_to_save.default.dense.bias``, for a module
+    of several beside ``classifier.dense.bias`` (RoBERTa's head).
+
+    Example:
+        >>> _plain_name("classifier.modules_to_save.default.dense.bias", ["classifier.dense.bias"])
+        'classifier.dense.bias'
+        >>> _plain_name("classifier.modules_to_save.bias", []), _plain_name("q.lora_A.weight", [])
+        ('classifier.bias', 'q.lora_A.weight')
+    """
+    outer, wrapped, inner = key.partition(".modules_to_save.")
+    if not wrapped:
+        return key
+    named = inner.split(".", 1)  # (the adapter's name, the rest)
+    return f"{outer}.{named[1]}" if len(named) == 2 and f"{outer}.{named[1]}" in tensors else f"{outer}.{inner}"
+
+
 def _tied_copy(p: str, value: np.ndarray, tuned: dict[str, np.ndarray], by_path: dict[str, Any]) -> bool:
     """Whether the saved leaf ``p``, which Flax does not have, is PyTorch's second name for one it
     does in an enclosing module (BERT's ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``:
@@ -1014,7 +1033,7 @@ def describe(path: str | os.PathLike) -> str:
         elif (key.endswith(".bias") and config.get("bias", "none") != "none"  # trained (bias="all", "lora_only")
               and ".original_module." not in key):  # not modules_to_save's frozen original
             # a head's trained copy's bias is saved under its own name too (classifier.modules_to_save.bias)
-            whole[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = shape
+            whole[_plain_name(key, shapes).removeprefix(PREFIX).replace(".base_layer.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
               or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, _dotted_names(config))):
             copies[name] = shape
@@ -1104,7 +1123,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         # copy (original_module: the base has it) and the trained one again (modules_to_save)
         if ".original_module." in key:
             continue
-        key = key.replace(".modules_to_save.", ".")
+        key = _plain_name(key, tensors)
         module, leaf = key[len(PREFIX):].rsplit(".", 1) if key.startswith(PREFIX) else ("", "")
         # checked below; a head's bias too where it was trained whole (Flax's may be elsewhere: BERT's)
         if any(module == h or module.startswith(h + ".") for h in heads) and (

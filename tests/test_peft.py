@@ -765,6 +765,12 @@ def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
     params, _ = _read_as_peft_runs_it(model, tf.RobertaForSequenceClassification, tmp_path / "from_peft",
                                       task_type="SEQ_CLS", target_modules=["query", "value"])
     assert isinstance(params["classifier"]["dense"]["kernel"], jlora.Trainable)
+    # with bias="all" PEFT saves the head's biases again under its wrapper, keeping the adapter's name
+    # (classifier.modules_to_save.default.dense.bias): read as the head's own, and counted once
+    _read_as_peft_runs_it(model, tf.RobertaForSequenceClassification, tmp_path / "biases", task_type="SEQ_CLS",
+                          target_modules=["query", "value"], bias="all")
+    assert any(".modules_to_save.default." in k for k in load_file(tmp_path / "biases" / "adapter_model.safetensors"))
+    assert "default" not in jlora.peft.describe(tmp_path / "biases")
 
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier/out_proj"]),
                       jax.random.key(0))
