@@ -305,9 +305,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     ends = [p for p, _ in targets if in_saved(p)]
     if ends:
         module = module_name(ends[0])
+        head = task_type in ("SEQ_CLS", "TOKEN_CLS") and module.rsplit(".", 1)[-1] == "pre_classifier"
         raise ValueError(f"jlora.peft.save_adapter: '{ends[0]}' has a LoRA adapter, and PEFT would train its module "
-                         f"'{module}' whole too: modules_to_save={to_save} (the modules "
-                         f"trained whole here) takes every module whose name ends so, and PEFT cannot load both; leave "
+                         f"'{module}' whole too: PEFT before 0.22 takes every module whose name ends with an entry of "
+                         f"modules_to_save={to_save} (the modules trained whole here), " + (
+                             f"0.22's model for {task_type} names pre_classifier, " if head else
+                             "0.22 the module an entry names, ") + "and PEFT cannot load both; leave "
                          f"'{module}' out of the targets (LoraConfig(exclude=['{module.rsplit('.', 1)[-1]}']))")
     tensors, ranks, alphas, modules = {}, {}, {}, []
     for p, lw in targets:
@@ -485,11 +488,13 @@ def _head_problem(task_type: str | None, targets: Sequence[str], trained: Sequen
     heads = TASK_HEADS.get(task_type, ())
     if not heads:
         return None
-    in_head = lambda p: _saved_prefix(p.split("/")[:-1], heads) is not None
+    # the head PEFT loads from the file is the module of its name (DistilBERT's pre_classifier is
+    # not its classifier); one it trains whole takes a LoRA-adapted one ending so too, before 0.22
+    in_head = lambda p, dotted=False: _saved_prefix(p.split("/")[:-1], heads, dotted) is not None
     lora = [p for p in targets if in_head(p)]
     if lora:
         return f"'{lora[0]}' has a LoRA adapter inside the task head, which PEFT's model for {task_type} trains whole"
-    if not any(in_head(p) for p in trained):
+    if not any(in_head(p, True) for p in trained):
         return (f"the task head ({' or '.join(heads)}) is not trained, but PEFT's model for {task_type} loads it "
                 "from the adapter")
     return None

@@ -882,6 +882,14 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
     loaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.DistilBertForSequenceClassification), tmp_path / "ends")
     np.testing.assert_allclose(_torch_out(loaded.eval(), input_ids=IDS),
                                jlora.apply(model.__call__)(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
+    # pre_classifier trained alone is no classifier head: no task type, which would have PEFT load the head
+    params = perturb(jlora.hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(
+        rank=4, targets=["q_lin"], trainable=["pre_classifier"])), KEY)
+    jlora.peft.save_adapter(tmp_path / "pre", params, model.config)
+    assert json.loads((tmp_path / "pre" / "adapter_config.json").read_text())["task_type"] is None
+    loaded = peft.PeftModel.from_pretrained(_torch_twin(model, tf.DistilBertForSequenceClassification), tmp_path / "pre")
+    np.testing.assert_allclose(_torch_out(loaded.eval(), input_ids=IDS),
+                               jlora.apply(model.__call__)(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_bias_all_on_a_masked_lm_reads_the_tied_decoder_bias_once(tmp_path):
