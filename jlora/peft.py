@@ -687,15 +687,15 @@ def _pattern_hits(table: dict) -> Callable[[str], list[tuple[str, Any]]]:
 
 def _warn_ambiguous_alpha(source: Path, table: dict, modules: Sequence[str]) -> None:
     """Warn of a module that two ``alpha_pattern`` keys match with other values: PEFT trains with
-    the first in its config's order but saves the keys sorted, so a reload (PEFT's, and jlora's,
-    which reads as PEFT does) may scale it by another alpha than it was trained with."""
+    the first in its config's order but before 0.22 saved the keys sorted, so a reload (PEFT's, and
+    jlora's, which reads as PEFT does) may scale it by another alpha than it was trained with."""
     hits = _pattern_hits(table)
     for module in modules:
         found = hits(module)
         if len({value for _, value in found}) > 1:
             warnings.warn(f"{source}: alpha_pattern keys {[k for k, _ in found]} all match {module!r}, with values "
                           f"{[v for _, v in found]}: jlora takes the first, {found[0][1]}, as PEFT's reload does, but "
-                          "PEFT saves the keys sorted, and may have trained it with another; check the adapter's "
+                          "PEFT before 0.22 saved the keys sorted, and may have trained it with another; check the adapter's "
                           "outputs against the trained model", stacklevel=3)
             return
 
@@ -736,13 +736,14 @@ def _peft_names(module: str, entry: str, dotted: bool) -> bool:
     return module.endswith(entry) and (not dotted or len(module) == len(entry) or module.endswith("." + entry))
 
 
-def _dotted_names(config: dict) -> bool:
-    """Whether the PEFT that wrote an adapter matched ``modules_to_save`` by ``.``-suffix (0.22 on;
-    ``peft_version`` is written from 0.18): a file without it (older, or written by jlora, which
-    saves whole every module either rule takes) is read by the earlier rule.
+def _from_peft_0_22(config: dict) -> bool:
+    """Whether PEFT 0.22 or later wrote an adapter (``peft_version``, written from 0.18): it matches
+    ``modules_to_save`` by ``.``-suffix, and saves ``rank_pattern`` and ``alpha_pattern`` in their
+    order, where earlier versions sorted them. A file without it (older, or written by jlora, which
+    saves whole every module either rule takes) is read by the earlier rules.
 
     Example:
-        >>> _dotted_names({"peft_version": "0.22.0"}), _dotted_names({"peft_version": "0.21.2@a1b2c3"}), _dotted_names({})
+        >>> _from_peft_0_22({"peft_version": "0.22.0"}), _from_peft_0_22({"peft_version": "0.21.2@a1b2c3"}), _from_peft_0_22({})
         (True, False, False)
     """
     found = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
@@ -862,7 +863,7 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
                              "modules_to_save" if elsewhere else "and base_params hold no embedding tied to it"))
     table = tables[0]
     module = table.rsplit("/", 1)[0].replace("/", ".")
-    trained = _in_saved_module(head, config.get("modules_to_save") or (), _dotted_names(config))
+    trained = _in_saved_module(head, config.get("modules_to_save") or (), _from_peft_0_22(config))
     if leaf in ("weight", "base_layer.weight") and not (trained and ties != "save"):
         if leaf == "weight" and ties == "save" and table in tuned:
             want, what = tuned[table], "trained copy (modules_to_save)"
@@ -1040,7 +1041,7 @@ def describe(path: str | os.PathLike) -> str:
             # a head's trained copy's bias is saved under its own name too (classifier.modules_to_save.bias)
             whole[_plain_name(key, shapes).removeprefix(PREFIX).replace(".base_layer.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
-              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, _dotted_names(config))):
+              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, _from_peft_0_22(config))):
             copies[name] = shape
         else:
             whole[name] = shape
@@ -1119,7 +1120,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     ties = _peft_ties(config)
     # PEFT saves a head it ties to a trained embedding (its modules_to_tie) beside it: onto Flax's own head
     saved = (*(config.get("modules_to_save") or ()), *(("lm_head",) if ties == "save" else ()))
-    dotted = _dotted_names(config)
+    dotted = _from_peft_0_22(config)
     _check_saved_not_nested(path, tensors, [*saved, *TASK_HEADS.get(config.get("task_type"), ())], dotted)
     heads = _tied_heads(tensors, by_path, hf_config)
     _check_own_lookups(path, tensors, by_path, hf_config)
@@ -1190,7 +1191,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     new = {}
     rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
     alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
-    _warn_ambiguous_alpha(path, config.get("alpha_pattern") or {}, sorted(factors))
+    if not _from_peft_0_22(config):  # which keeps the keys in their order
+        _warn_ambiguous_alpha(path, config.get("alpha_pattern") or {}, sorted(factors))
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
@@ -1262,4 +1264,4 @@ def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str
         hit = lambda m: any(_peft_names(m, t, dotted=True) for t in targets)  # PEFT's rule for target_modules
     whole = [*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ())]
     modules = {p.rsplit("/", 1)[0].replace("/", ".") for p in by_path if p.endswith(("/kernel", "/embedding"))}
-    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, _dotted_names(config)))
+    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, _from_peft_0_22(config)))

@@ -1276,7 +1276,7 @@ def test_adapters_trained_with_adamw_and_loraplus_follow_peft(model_type, how, t
 
 
 def test_alpha_pattern_keys_that_disagree_on_a_module_are_warned_of(tmp_path):
-    """PEFT trains with the first matching key in its config's order, but saves the keys sorted."""
+    """PEFT trains with the first matching key in its config's order, but saved the keys sorted before 0.22."""
     model = TINY["llama"]()
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["q_proj"]), jax.random.key(0))
     jlora.peft.save_adapter(tmp_path / "a", lm.params, model.config)
@@ -1287,10 +1287,19 @@ def test_alpha_pattern_keys_that_disagree_on_a_module_are_warned_of(tmp_path):
                                          r"'model.layers.0.self_attn.q_proj', with values \[32, 2\]: jlora takes the first"):
         loaded = jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
     assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == 16  # 32 / rank 2, as PEFT reloads
-    config_file.write_text(json.dumps({**config, "alpha_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 2}}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+    for agreeing in ({"alpha_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 2}},
+                     {"alpha_pattern": {"layers.0.self_attn.q_proj": 32, "q_proj": 2}, "peft_version": "0.22.0"}):
+        config_file.write_text(json.dumps({**config, **agreeing}))  # PEFT 0.22 keeps the keys in their order
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
+        assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == (16 if "peft_version" in agreeing else 1)
+    if PEFT_DOTTED:  # PEFT's own such file: read as PEFT runs it, unwarned
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _read_as_peft_runs_it(model, tf.LlamaForCausalLM, tmp_path / "peft", target_modules=["q_proj"],
+                                  alpha_pattern={"layers.0.self_attn.q_proj": 32, "q_proj": 2})
+        assert not [w for w in caught if "alpha_pattern keys" in str(w.message)]
 
 
 def test_jlora_info_describes_a_peft_adapter_from_its_header(tmp_path, capsys):
