@@ -598,6 +598,24 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
         raise ValueError(f"{op}: lora_config adapts {len(missing)} kernel(s), in layers of the modules the params hold "
                          f"adapters for, that they hold none for: {missing[:4]}; pass the LoraConfig the adapters "
                          "were made with")
+    try:
+        with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
+            warnings.simplefilter("ignore")
+            adapts, trains = select(config, [(p, x) for p, x in base.items() if x is not None], weights=True)
+    except (TypeError, ValueError):  # a config this tree does not fit at all: the checks above say what matters
+        return
+    for kind, made, what in ((LoraWeight, adapts, f"no adapter (its targets are {_patterns(config.targets)})"),
+                             (Trainable, trains, f"no leaf trained whole (its trainable is {list(config.trainable)})")):
+        held = [p for p, x in entries if isinstance(x, kind) and p not in made]
+        if held:
+            raise ValueError(f"{op}: lora_config makes {what} at '{held[0]}', where the params hold one"
+                             + (f" ({len(held)} such paths: {held[:4]})" if len(held) > 1 else "")
+                             + "; pass the LoraConfig the adapters were made with")
+
+
+def _patterns(patterns: Any) -> Any:
+    """A config's pattern list as its message shows it: ``"all-linear"`` as it is, else a list."""
+    return patterns if isinstance(patterns, str) else list(patterns)
 
 
 def size_on_disk(path: str | os.PathLike) -> str:

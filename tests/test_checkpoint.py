@@ -84,6 +84,14 @@ def test_the_lora_config_is_kept_with_each_step(tmp_path):
     assert jax.tree.structure(jlora.lora_init(KEY, base, reader.saved_config())) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="lora_config makes 'q/kernel' rank 8, .*; the adapter there has rank 4"):
         AdapterCheckpointer(tmp_path / "other", lora_config=cfg.replace(rank=8), async_save=False).save(1, params)
+    # one that makes fewer adapters or trained leaves than the params hold (its rebuild would lack them)
+    more = jlora.lora_init(KEY, base, cfg.replace(targets=("q", "out")))
+    with pytest.raises(ValueError, match=r"AdapterCheckpointer.save: lora_config makes no adapter \(its targets are "
+                                         r"\['q'\]\) at 'out/kernel', where the params hold one; pass the LoraConfig"):
+        AdapterCheckpointer(tmp_path / "fewer", lora_config=cfg, async_save=False).save(1, more)
+    with pytest.raises(ValueError, match=r"save_adapter: lora_config makes no leaf trained whole \(its trainable is "
+                                         r"\[\]\) at 'q/bias', where the params hold one"):
+        jlora.adapter.save_adapter(tmp_path / "untrained", params, lora_config=cfg.replace(trainable=()))
     with AdapterCheckpointer(tmp_path / "none", async_save=False) as bare:
         bare.save(1, params)
         assert bare.saved_config() is None
