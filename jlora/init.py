@@ -211,7 +211,7 @@ def _near(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[
         paths = [p for p, leaf in entries if _is_trainable(leaf)] or list(paths)
         near = nearest(text, paths)
         if near:
-            return f"; nearest paths: {near}"
+            return f"; nearest paths: {near}" + _layer_of_stack(text, entries, trained=True)
         owners = list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in p.split("/")[:-1]) or "(the root)"
                                     for p in paths))
         return f"; no path is near it; modules with params: {_listed(owners)}"
@@ -229,15 +229,17 @@ def _listed(names: Sequence[str], n: int = 12) -> str:
     return (", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")) or "none"
 
 
-def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]]) -> str:
+def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]], trained: bool = False) -> str:
     """A note for a pattern naming one layer (``layers/3/up``) of layers stacked into one param
-    (``layers/up/kernel``, nn.scan's), for an error message; '' for any other."""
+    (``layers/up/kernel``, nn.scan's; ``trained``: a ``trainable`` pattern, which a stacked norm's
+    scale, 2-D, answers too), for an error message; '' for any other."""
     unindexed = "/".join(c for c in text.split("/") if not (c.isdigit() or c == "*"))
     if text.startswith("re:") or unindexed in (text, ""):
         return ""
-    stacked = [p for p, leaf in entries if getattr(leaf, "ndim", 0) >= 3 and pattern(unindexed).match(p)]
-    return (f" ('{text}' names layers, but they are stacked in one param ({', '.join(stacked[:3])}), which takes one "
-            "rank, alpha and adapter shape for all of them: to set them per layer, or adapt some layers only, unroll "
+    stacked = [p for p, leaf in entries if getattr(leaf, "ndim", 0) >= (2 if trained else 3) and pattern(unindexed).match(p)]
+    what = ("which is trained whole for all of them: to train some layers only" if trained else
+            "which takes one rank, alpha and adapter shape for all of them: to set them per layer, or adapt some layers only")
+    return (f" ('{text}' names layers, but they are stacked in one param ({', '.join(stacked[:3])}), {what}, unroll "
             "the layers or stack them separately)") if stacked else ""
 
 

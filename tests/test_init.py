@@ -424,6 +424,12 @@ def test_a_pattern_naming_a_layer_of_a_stack_is_told_the_stack_is_one_param():
     with pytest.raises(ValueError, match=r"'layers/3/down' matches no param; nearest modules: \['layers/up'\]; "
                                          r"modules with weights to adapt: layers/up$"):  # no stack it could mean
         lora_init(KEY, stacked, LoraConfig(**config, rank_pattern={"layers/3/down": 8}))
+    # trainable: a norm stacked with its layers is one (layers, features) param
+    with_norm = {"layers": {**stacked["layers"], "norm": {"scale": jnp.ones((12, 16))}}}
+    with pytest.raises(ValueError, match=r"trainable: pattern 'layers/1/norm' matches no param; nearest paths: .*names "
+                                         r"layers, but they are stacked in one param \(layers/norm/scale\), which is "
+                                         r"trained whole for all of them"):
+        lora_init(KEY, with_norm, LoraConfig(**config, trainable=["layers/1/norm"]))
     # Equinox's stacked norms hold (layers, features) 'weight's too: not listed as weights to adapt
     norms = {"layers": {"up": {"weight": jnp.ones((12, 16, 16))}, "ln_1": {"weight": jnp.ones((12, 16))},
                         "RMSNorm": {"weight": jnp.ones((12, 16))}}}
