@@ -573,7 +573,8 @@ def model_hint(params: Any) -> str:
 def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
     """Refuse a ``lora_config`` to be saved beside adapters it would not make (a reader would
     rebuild other ones): each adapter's rank, scale and dropout against the config's for its path,
-    and no layer of an adapted module left without the adapter the config makes there.
+    no layer of an adapted module left without the adapter the config makes there, and, where the
+    params are the tree ``lora_init`` made, no adapter or leaf trained whole it does not make.
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -598,6 +599,8 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
         raise ValueError(f"{op}: lora_config adapts {len(missing)} kernel(s), in layers of the modules the params hold "
                          f"adapters for, that they hold none for: {missing[:4]}; pass the LoraConfig the adapters "
                          "were made with")
+    if any(isinstance(x, LoraWeight) and x.path != p for p, x in entries):
+        return  # not the tree lora_init made but one holding it (a job's head beside the model): its own leaves
     try:
         with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
             warnings.simplefilter("ignore")

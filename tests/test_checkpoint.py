@@ -92,6 +92,9 @@ def test_the_lora_config_is_kept_with_each_step(tmp_path):
     with pytest.raises(ValueError, match=r"save_adapter: lora_config makes no leaf trained whole \(its trainable is "
                                          r"\[\]\) at 'q/bias', where the params hold one"):
         jlora.adapter.save_adapter(tmp_path / "untrained", params, lora_config=cfg.replace(trainable=()))
+    # the tree lora_init made, held with a head of the caller's beside it: the config is the model's
+    jlora.adapter.save_adapter(tmp_path / "beside", {"model": params, "head": jlora.Trainable(jnp.ones((8, 2)))},
+                               lora_config=cfg)
     with AdapterCheckpointer(tmp_path / "none", async_save=False) as bare:
         bare.save(1, params)
         assert bare.saved_config() is None
