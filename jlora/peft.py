@@ -278,7 +278,7 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     # as PEFT before 0.22 matches modules_to_save, a superset of 0.22's (_peft_names): every module
     # whose name ends with an entry (DistilBERT's "classifier" takes "pre_classifier" too), each
     # saved whole, trained or not, so that either reads the file alike
-    in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save)
+    in_saved = lambda p: "/" in p and _in_saved_module(p.rsplit("/", 1)[0].replace("/", "."), to_save, False)
     missing = [p for (p, x), (torch_path, _) in zip(as_given, every) if x is None and in_saved(torch_path)]
     if missing:
         raise ValueError(f"jlora.peft.save_adapter: '{missing[0]}' is in the frozen half of jlora.split, but its "
@@ -305,13 +305,11 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     ends = [p for p, _ in targets if in_saved(p)]
     if ends:
         module = module_name(ends[0])
-        head = task_type in ("SEQ_CLS", "TOKEN_CLS") and module.rsplit(".", 1)[-1] == "pre_classifier"
-        raise ValueError(f"jlora.peft.save_adapter: '{ends[0]}' has a LoRA adapter, and PEFT would train its module "
-                         f"'{module}' whole too: PEFT before 0.22 takes every module whose name ends with an entry of "
-                         f"modules_to_save={to_save} (the modules trained whole here), " + (
-                             f"0.22's model for {task_type} names pre_classifier, " if head else
-                             "0.22 the module an entry names, ") + "and PEFT cannot load both; leave "
-                         f"'{module}' out of the targets (LoraConfig(exclude=['{module.rsplit('.', 1)[-1]}']))")
+        raise ValueError(f"jlora.peft.save_adapter: '{ends[0]}' has a LoRA adapter, and PEFT before 0.22 would train "
+                         f"its module '{module}' whole too (it takes any module whose name ends with an entry of "
+                         f"modules_to_save={to_save}, the modules trained whole here) and cannot load both; jlora "
+                         f"writes files every PEFT reads alike: leave '{module}' out of the targets "
+                         f"(LoraConfig(exclude=['{module.rsplit('.', 1)[-1]}']))")
     tensors, ranks, alphas, modules = {}, {}, {}, []
     for p, lw in targets:
         if not _layout_ok(lw):
@@ -477,7 +475,7 @@ def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], tr
                          f"{list(PEFT_TASK_TYPES)}; pass one, 'infer' or None")
     problem = _head_problem(task_type, targets, trained)
     if problem:
-        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem}; pass task_type=None (PEFT "
+        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem} pass task_type=None (PEFT "
                          "then loads the adapter onto the model as it is)")
     return task_type
 
@@ -490,13 +488,15 @@ def _head_problem(task_type: str | None, targets: Sequence[str], trained: Sequen
         return None
     # the head PEFT loads from the file is the module of its name (DistilBERT's pre_classifier is
     # not its classifier); one it trains whole takes a LoRA-adapted one ending so too, before 0.22
-    in_head = lambda p, dotted=False: _saved_prefix(p.split("/")[:-1], heads, dotted) is not None
-    lora = [p for p in targets if in_head(p)]
+    in_head = lambda p, dotted: _saved_prefix(p.split("/")[:-1], heads, dotted) is not None
+    lora = [p for p in targets if in_head(p, False)]
     if lora:
-        return f"'{lora[0]}' has a LoRA adapter inside the task head, which PEFT's model for {task_type} trains whole"
+        module = lora[0].rsplit("/", 2)[-2]
+        return (f"'{lora[0]}' has a LoRA adapter inside the task head, which PEFT's model for {task_type} trains "
+                f"whole: leave it out of the targets (LoraConfig(exclude=['{module}'])), or")
     if not any(in_head(p, True) for p in trained):
         return (f"the task head ({' or '.join(heads)}) is not trained, but PEFT's model for {task_type} loads it "
-                "from the adapter")
+                "from the adapter;")
     return None
 
 
@@ -510,7 +510,7 @@ def _task_head(module: str, task_type: str | None) -> str:
         ('classifier', 'classifier/dense')
     """
     parts = module.split("/")
-    end = _saved_prefix(parts, TASK_HEADS.get(task_type, ()))
+    end = _saved_prefix(parts, TASK_HEADS.get(task_type, ()), False)
     return module if end is None else "/".join(parts[:end])
 
 
@@ -700,21 +700,21 @@ def _warn_ambiguous_alpha(source: Path, table: dict, modules: Sequence[str]) -> 
             return
 
 
-def _in_saved_module(module: str, saved: Sequence[str], dotted: bool = False) -> bool:
+def _in_saved_module(module: str, saved: Sequence[str], dotted: bool) -> bool:
     """Whether PyTorch module ``module`` is one of ``modules_to_save`` or inside one: PEFT trains
     whole each module an entry names (``_peft_names``) and saves its submodules' tensors
     (``classifier.dense.weight``). ``dotted``: PEFT 0.22's rule, else the earlier one.
 
     Example:
-        >>> _in_saved_module("classifier.dense", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"])
+        >>> _in_saved_module("classifier.dense", ["classifier"], False), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], False)
         (True, True)
-        >>> _in_saved_module("model.classifier_proj", ["classifier"]), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], dotted=True)
+        >>> _in_saved_module("model.classifier_proj", ["classifier"], False), _in_saved_module("layers.0.self_attn_layer_norm", ["layer_norm"], True)
         (False, False)
     """
     return _saved_prefix(module.split("."), saved, dotted) is not None
 
 
-def _saved_prefix(parts: Sequence[str], saved: Sequence[str], dotted: bool = False) -> int | None:
+def _saved_prefix(parts: Sequence[str], saved: Sequence[str], dotted: bool) -> int | None:
     """How many of a module path's ``parts`` name the module PEFT trains whole that it is in: the
     first prefix an entry of ``saved`` names (``_peft_names``)."""
     return next((i for i in range(1, len(parts) + 1) if any(_peft_names(".".join(parts[:i]), m, dotted) for m in saved)),
@@ -740,14 +740,21 @@ def _from_peft_0_22(config: dict) -> bool:
     """Whether PEFT 0.22 or later wrote an adapter (``peft_version``, written from 0.18): it matches
     ``modules_to_save`` by ``.``-suffix, and saves ``rank_pattern`` and ``alpha_pattern`` in their
     order, where earlier versions sorted them. A file without it (older, or written by jlora, which
-    saves whole every module either rule takes) is read by the earlier rules.
+    saves whole every module either rule takes) is read by the earlier rules; a development version
+    after 0.21.0 is 0.22's (PEFT's main branch stayed on 0.21.x.dev after those changes, as PEFT
+    reads its own files).
 
     Example:
         >>> _from_peft_0_22({"peft_version": "0.22.0"}), _from_peft_0_22({"peft_version": "0.21.2@a1b2c3"}), _from_peft_0_22({})
         (True, False, False)
+        >>> _from_peft_0_22({"peft_version": "0.21.1.dev0@a1b2c3"}), _from_peft_0_22({"peft_version": "0.21.0.dev0"})
+        (True, False)
     """
-    found = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
-    return found is not None and (int(found[1]), int(found[2])) >= (0, 22)
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(\S*)", str(config.get("peft_version") or ""))
+    if found is None:
+        return False
+    release = (int(found[1]), int(found[2]), int(found[3] or 0))
+    return release >= (0, 22) or release >= (0, 21, 1) and "dev" in found[4]
 
 
 def _plain_name(key: str, tensors: Collection[str]) -> str:
@@ -1156,10 +1163,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         embedding = key.endswith(EMBEDDING_FACTORS)
         if not key.startswith(PREFIX) or not (embedding or key.endswith(LINEAR_FACTORS)):
             where = "" if key.startswith(PREFIX) else f" (PEFT's keys start with {PREFIX!r})"
-            if dotted and _in_saved_module(module, saved):
-                where = (f" (PEFT {config['peft_version']} wrote it, and trains whole only the modules "
-                         f"modules_to_save {list(saved)} names: an entry is a module's name or the end of one after a "
-                         "dot, where PEFT before 0.22 took any name ending with it)")
+            if dotted and _in_saved_module(module, saved, False):
+                where = (f" (its {CONFIG_FILE} says PEFT {config['peft_version']} wrote the file, which trains whole "
+                         f"only the modules modules_to_save {list(saved)} names: an entry is a module's name or the "
+                         "end of one after a dot, where PEFT before 0.22 took any name ending with it; if an earlier "
+                         f"PEFT wrote the file, set its peft_version there)")
             raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter{where}")
         name, part = key[len(PREFIX):].rsplit(".lora_embedding_" if embedding else ".lora_", 1)
         if not jnp.issubdtype(value.dtype, jnp.floating):  # numpy does not count bfloat16 as floating

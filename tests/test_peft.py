@@ -770,7 +770,11 @@ def test_a_task_head_of_several_modules_crosses_both_ways(tmp_path):
     _read_as_peft_runs_it(model, tf.RobertaForSequenceClassification, tmp_path / "biases", task_type="SEQ_CLS",
                           target_modules=["query", "value"], bias="all")
     assert any(".modules_to_save.default." in k for k in load_file(tmp_path / "biases" / "adapter_model.safetensors"))
-    assert "default" not in jlora.peft.describe(tmp_path / "biases")
+    described = jlora.peft.describe(tmp_path / "biases")
+    assert "default" not in described and described.count("  classifier.dense.bias  32  fully trained") == 1
+    whole = sum(v.size for k, v in load_file(tmp_path / "biases" / "adapter_model.safetensors").items()
+                if "lora_" not in k and ".original_module." not in k and ".modules_to_save." not in k)
+    assert f"LoRA + {whole:,} fully trained" in described
 
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=4, targets=["query", "value"], trainable=["classifier/out_proj"]),
                       jax.random.key(0))
@@ -819,6 +823,10 @@ def test_a_module_trained_whole_inside_another_is_refused_by_name(tmp_path):
         params, _ = _read_as_peft_runs_it(model, tf.BertForSequenceClassification, tmp_path / "embeddings",
                                           target_modules=["query"], modules_to_save=["embeddings"])
         assert isinstance(params["bert"]["embeddings"]["word_embeddings"]["embedding"], jlora.Trainable)
+        config_file = tmp_path / "embeddings" / "adapter_config.json"  # as PEFT 0.21 would have read that file
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "peft_version": "0.21.2"}))
+        with pytest.raises(ValueError, match=r"PEFT trained 'bert.embeddings.\w+' whole inside 'bert.embeddings'"):
+            jlora.peft.load_adapter(tmp_path / "embeddings", model.params, model.config)
         return
     made = peft.get_peft_model(_torch_twin(model, tf.BertForSequenceClassification),
                                peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["embeddings"]))
@@ -864,8 +872,9 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
             np.testing.assert_array_equal(read["scale"].value, trained[key + "weight"])
             np.testing.assert_array_equal(read["bias"].value, trained[key + "bias"])
     save_file(factors | trained, tmp_path / "suffix-0.22.0" / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"unexpected tensor .*self_attn_layer_norm.*PEFT 0.22.0 wrote it, and trains "
-                                         r"whole only the modules modules_to_save \[.layer_norm.\] names"):
+    with pytest.raises(ValueError, match=r"unexpected tensor .*self_attn_layer_norm.*says PEFT 0.22.0 wrote the file, "
+                                         r"which trains whole only the modules modules_to_save \[.layer_norm.\] names"
+                                         r".*if an earlier PEFT wrote the file, set its peft_version there\)$"):
         jlora.peft.load_adapter(tmp_path / "suffix-0.22.0", model.params, model.config)
 
     # so a head trained whole takes a LoRA-adapted module whose name ends like it: PEFT cannot load that
@@ -873,9 +882,9 @@ def test_modules_to_save_are_matched_as_peft_matches_them(tmp_path):
         dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=64, num_labels=3,
         architectures=["DistilBertForSequenceClassification"]))
     config = jlora.LoraConfig(rank=4, targets="all-linear", trainable=["classifier"])
-    with pytest.raises(ValueError, match=r"'pre_classifier/kernel' has a LoRA adapter, and PEFT would train its module "
-                                         r"'pre_classifier' whole too: .*modules_to_save=\['classifier'\].*"
-                                         r"exclude=\['pre_classifier'\]"):
+    with pytest.raises(ValueError, match=r"'pre_classifier/kernel' has a LoRA adapter, and PEFT before 0.22 would "
+                                         r"train its module 'pre_classifier' whole too \(it takes any module whose name "
+                                         r"ends with an entry of modules_to_save=\['classifier'\], .*exclude=\['pre_classifier'\]"):
         jlora.peft.save_adapter(tmp_path / "ends", jlora.hf.lora_init(jax.random.key(0), model, config), model.config)
     params = perturb(jlora.hf.lora_init(jax.random.key(0), model, config.replace(exclude=("pre_classifier",))), KEY)
     jlora.peft.save_adapter(tmp_path / "ends", params, model.config)  # pre_classifier saved whole, as PEFT reads it
@@ -1111,10 +1120,13 @@ def test_the_task_type_is_one_peft_can_load_the_adapter_with(tmp_path):
     assert json.loads((tmp_path / "frozen_head" / "adapter_config.json").read_text())["task_type"] is None
     theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "frozen_head").eval()
     np.testing.assert_allclose(_torch_out(theirs, input_ids=IDS), lm(IDS, params=params).logits, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS': the task head \(classifier or score\) is not trained"):
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS': the task head \(classifier or score\) is not trained, "
+                                         r"but PEFT's model for SEQ_CLS loads it from the adapter; pass task_type=None"):
         jlora.peft.save_adapter(tmp_path / "given", params, model.config, task_type="SEQ_CLS")
     on_head = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query", "classifier"]), jax.random.key(0)).params
-    with pytest.raises(ValueError, match="'classifier/kernel' has a LoRA adapter inside the task head"):
+    with pytest.raises(ValueError, match=r"'classifier/kernel' has a LoRA adapter inside the task head, which PEFT's "
+                                         r"model for SEQ_CLS trains whole: leave it out of the targets "
+                                         r"\(LoraConfig\(exclude=\['classifier'\]\)\), or pass task_type=None"):
         jlora.peft.save_adapter(tmp_path / "given", on_head, model.config, task_type="SEQ_CLS")
     trained = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"], trainable=["classifier"]),
                            jax.random.key(0)).params
@@ -1287,13 +1299,13 @@ def test_alpha_pattern_keys_that_disagree_on_a_module_are_warned_of(tmp_path):
                                          r"'model.layers.0.self_attn.q_proj', with values \[32, 2\]: jlora takes the first"):
         loaded = jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
     assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == 16  # 32 / rank 2, as PEFT reloads
-    for agreeing in ({"alpha_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 2}},
+    for unwarned in ({"alpha_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 2}},
                      {"alpha_pattern": {"layers.0.self_attn.q_proj": 32, "q_proj": 2}, "peft_version": "0.22.0"}):
-        config_file.write_text(json.dumps({**config, **agreeing}))  # PEFT 0.22 keeps the keys in their order
+        config_file.write_text(json.dumps({**config, **unwarned}))  # PEFT 0.22 keeps the keys in their order
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             loaded = jlora.peft.load_adapter(tmp_path / "a", model.params, model.config)
-        assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == (16 if "peft_version" in agreeing else 1)
+        assert loaded["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].scale == (16 if "peft_version" in unwarned else 1)
     if PEFT_DOTTED:  # PEFT's own such file: read as PEFT runs it, unwarned
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
