@@ -592,33 +592,28 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
                              f"{config.dropout:g}; the adapter there has rank {x.rank}, scale {x.scale:g}, dropout "
                              f"{x.dropout:g}: pass the LoraConfig the adapters were made with")
     entries = leaves_with_paths(params, is_leaf=is_param)
-    base = {p: x.w if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}
-    missing = unadapted_layers(config.to_dict(), {p: x for p, x in base.items() if x is not None},
-                               {p for p, x in entries if isinstance(x, LoraWeight)})
+    kernel = lambda x: x.w if x.w is not None else jax.ShapeDtypeStruct(x.kernel_shape, x.a.dtype)  # a split's half
+    base = {p: kernel(x) if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}
+    picked = _selects(config, {p: x for p, x in base.items() if x is not None})
+    if picked is None:  # a config this tree does not fit at all: the checks above say what matters
+        return
+    missing = _unadapted(picked[0], {p for p, x in entries if isinstance(x, LoraWeight)})
     if missing:
         raise ValueError(f"{op}: lora_config adapts {len(missing)} kernel(s), in layers of the modules the params hold "
                          f"adapters for, that they hold none for: {missing[:4]}; pass the LoraConfig the adapters "
                          "were made with")
     if any(isinstance(x, LoraWeight) and x.path != p for p, x in entries):
         return  # not the tree lora_init made but one holding it (a job's head beside the model): its own leaves
-    try:
-        with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
-            warnings.simplefilter("ignore")
-            adapts, trains = select(config, [(p, x) for p, x in base.items() if x is not None], weights=True)
-    except (TypeError, ValueError):  # a config this tree does not fit at all: the checks above say what matters
-        return
-    for kind, made, what in ((LoraWeight, adapts, f"no adapter (its targets are {_patterns(config.targets)})"),
-                             (Trainable, trains, f"no leaf trained whole (its trainable is {list(config.trainable)})")):
+    saved = config.to_dict()
+    for kind, made, what, yours in (
+            (LoraWeight, picked[0], f"no adapter (its targets are {saved['targets']})", ""),
+            (Trainable, picked[1], f"no leaf trained whole (its trainable is {saved['trainable']})",
+             " (for a leaf made Trainable by hand, one that names it in trainable)")):
         held = [p for p, x in entries if isinstance(x, kind) and p not in made]
         if held:
             raise ValueError(f"{op}: lora_config makes {what} at '{held[0]}', where the params hold one"
                              + (f" ({len(held)} such paths: {held[:4]})" if len(held) > 1 else "")
-                             + "; pass the LoraConfig the adapters were made with")
-
-
-def _patterns(patterns: Any) -> Any:
-    """A config's pattern list as its message shows it: ``"all-linear"`` as it is, else a list."""
-    return patterns if isinstance(patterns, str) else list(patterns)
+                             + f"; pass the LoraConfig the adapters were made with{yours}")
 
 
 def size_on_disk(path: str | os.PathLike) -> str:
@@ -723,16 +718,25 @@ def unadapted_layers(saved: dict | None, by_path: dict[str, Any], adapted: set[s
         >>> jlora.adapter.unadapted_layers(config, base, {"layers_0/q/kernel", "layers_1/q/kernel"})
         ['layers_2/q/kernel']
     """
-    if not saved:
-        return []
+    picked = _selects(saved, by_path) if saved else None
+    return [] if picked is None else _unadapted(picked[0], adapted)
+
+
+def _selects(config: LoraConfig | dict, by_path: dict[str, Any]) -> tuple[list[str], list[str]] | None:
+    """The paths a config (or its dict) adapts and trains whole over a tree's leaves, as
+    ``lora_init`` picks them (all-linear's ``weight`` leaves too, which infer_layout would sort);
+    ``None`` for a config the tree does not fit at all."""
     try:
         with warnings.catch_warnings():  # the config's own advice (float16 factors under Adam) is for training
             warnings.simplefilter("ignore")
-            config = LoraConfig(**saved)
-        # weights: all-linear's (out, in) 'weight' leaves (Equinox's) too; a norm's or a table's is in no adapted module
-        would, _ = select(config, [(p, x) for p, x in by_path.items() if not is_node(x)], weights=True)
-    except (TypeError, ValueError):  # a config this base does not fit at all: the checks above say what matters
-        return []
+            config = config if isinstance(config, LoraConfig) else LoraConfig(**config)
+            return select(config, [(p, x) for p, x in by_path.items() if not is_node(x)], weights=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def _unadapted(would: Iterable[str], adapted: set[str]) -> list[str]:
+    """The kernels of ``would`` (a config's picks) that ``adapted`` lacks in layers of modules it adapts."""
     layered = lambda p: re.sub(r"\d+(?![^/])", "*", p)  # layers/11/q -> layers/*/q; linen's layers_11/q -> layers_*/q
     kinds = {layered(p) for p in adapted}
     return sorted(p for p in set(would) - adapted if layered(p) in kinds)  # another layer of an adapted module

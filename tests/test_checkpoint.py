@@ -89,8 +89,10 @@ def test_the_lora_config_is_kept_with_each_step(tmp_path):
     with pytest.raises(ValueError, match=r"AdapterCheckpointer.save: lora_config makes no adapter \(its targets are "
                                          r"\['q'\]\) at 'out/kernel', where the params hold one; pass the LoraConfig"):
         AdapterCheckpointer(tmp_path / "fewer", lora_config=cfg, async_save=False).save(1, more)
+    with pytest.raises(ValueError, match=r"lora_config makes no adapter .* at 'out/kernel'"):  # a training loop's half
+        AdapterCheckpointer(tmp_path / "fewer", lora_config=cfg, async_save=False).save(1, jlora.split(more)[0])
     with pytest.raises(ValueError, match=r"save_adapter: lora_config makes no leaf trained whole \(its trainable is "
-                                         r"\[\]\) at 'q/bias', where the params hold one"):
+                                         r"\[\]\) at 'q/bias', where the params hold one; .* one that names it in trainable\)$"):
         jlora.adapter.save_adapter(tmp_path / "untrained", params, lora_config=cfg.replace(trainable=()))
     # the tree lora_init made, held with a head of the caller's beside it: the config is the model's
     jlora.adapter.save_adapter(tmp_path / "beside", {"model": params, "head": jlora.Trainable(jnp.ones((8, 2)))},
