@@ -232,11 +232,12 @@ def _listed(names: Sequence[str], n: int = 12) -> str:
 def _layer_of_stack(text: str, entries: Sequence[tuple[str, Any]], trained: bool = False) -> str:
     """A note for a pattern naming one layer (``layers/3/up``) of layers stacked into one param
     (``layers/up/kernel``, nn.scan's; ``trained``: a ``trainable`` pattern, which a stacked norm's
-    scale, 2-D, answers too), for an error message; '' for any other."""
+    scale or bias, 2-D, answers too), for an error message; '' for any other."""
     unindexed = "/".join(c for c in text.split("/") if not (c.isdigit() or c == "*"))
     if text.startswith("re:") or unindexed in (text, ""):
         return ""
-    stacked = [p for p, leaf in entries if getattr(leaf, "ndim", 0) >= (2 if trained else 3) and pattern(unindexed).match(p)]
+    per_layer = lambda p: 1 if trained and p.rsplit("/", 1)[-1] not in WEIGHT_NAMES + EMBEDDING_NAMES else 2  # a vector
+    stacked = [p for p, leaf in entries if getattr(leaf, "ndim", 0) > per_layer(p) and pattern(unindexed).match(p)]
     what = ("which is trained whole for all of them: to train some layers only" if trained else
             "which takes one rank, alpha and adapter shape for all of them: to set them per layer, or adapt some layers only")
     return (f" ('{text}' names layers, but they are stacked in one param ({', '.join(stacked[:3])}), {what}, unroll "

@@ -430,6 +430,9 @@ def test_a_pattern_naming_a_layer_of_a_stack_is_told_the_stack_is_one_param():
                                          r"layers, but they are stacked in one param \(layers/norm/scale\), which is "
                                          r"trained whole for all of them"):
         lora_init(KEY, with_norm, LoraConfig(**config, trainable=["layers/1/norm"]))
+    unstacked = {"layers": {"proj": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}}}  # one layer's kernel
+    with pytest.raises(ValueError, match=r"pattern 'layers/1/proj' matches no param; nearest paths: \[[^(]*\]$"):
+        lora_init(KEY, unstacked, LoraConfig(rank=2, targets=["proj"], trainable=["layers/1/proj"]))
     # Equinox's stacked norms hold (layers, features) 'weight's too: not listed as weights to adapt
     norms = {"layers": {"up": {"weight": jnp.ones((12, 16, 16))}, "ln_1": {"weight": jnp.ones((12, 16))},
                         "RMSNorm": {"weight": jnp.ones((12, 16))}}}
