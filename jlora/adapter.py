@@ -297,6 +297,21 @@ def tensor_shapes(path: str | os.PathLike, config: dict) -> dict[str, tuple[int,
     return _read_weights(path, config, lambda f: {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
 
 
+def _one_save(path: str | os.PathLike, read: Callable[[Any, dict], Any]) -> tuple[dict, Any]:
+    """The adapter's config and ``read(path, config)`` (``load_tensors``, ``tensor_shapes``), of one
+    save: a save renaming its files into place while they are read (a server reloading the adapter
+    that a job saves every N steps) has the two read again, up to three times."""
+    for attempt in range(3):
+        config = read_config(path)
+        try:
+            return config, read(path, config)
+        except ValueError:
+            now = _weights_config(Path(path))  # the weights of a save newer than the config read
+            if attempt == 2 or now is None or now.get("save_id") == config.get("save_id"):
+                raise
+    raise AssertionError("unreachable")
+
+
 def _read_weights(path: str | os.PathLike, config: dict, read: Callable[[Any], Any]) -> Any:
     """``read`` applied to the opened weights file of the adapter at ``path``, once its save id is
     checked against ``config``'s; a clear error for a file that cannot be read."""
@@ -657,8 +672,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         >>> jlora.adapter.load_adapter(path, {"k": jnp.ones((4, 4))})["k"].b.shape
         (2, 4)
     """
-    config = read_config(path)
-    tensors = load_tensors(path, config)
+    config, tensors = _one_save(path, load_tensors)
     check_finite(str(Path(path) / WEIGHTS_FILE), tensors, "nothing is loaded")
     _check_keys(path, config, tensors)
     targets, trainable = config["targets"], config["trainable"]
@@ -763,8 +777,7 @@ def describe(path: str | os.PathLike) -> str:
           k  4x4  layout io  r=2  scale=1
         parameters: 16 LoRA + 0 fully trained; ... KiB on disk
     """
-    config = read_config(path)
-    shapes = tensor_shapes(path, config)
+    config, shapes = _one_save(path, tensor_shapes)
     _check_keys(path, config, shapes)
     lines = [f"adapter: {Path(path)}"]
     meta = config.get("metadata") or {}

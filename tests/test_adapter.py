@@ -156,6 +156,27 @@ def test_a_save_interrupted_between_its_two_files_loads_as_the_newer_save(tmp_pa
             read()
 
 
+def test_a_save_landing_while_an_adapter_is_read_gives_that_save_whole(tmp_path, monkeypatch):
+    """A server reloading the adapter a job saves every N steps: a save renamed into place between
+    reading the config and the weights has both read again, never a refusal or a mix."""
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p)
+    newer = perturb(p, jax.random.key(9))
+    read, saved = jlora.adapter.read_config, []
+
+    def read_then_saved_over(path):
+        config = read(path)
+        if not saved:
+            saved.append(save_adapter(tmp_path / "ad", newer))
+        return config
+
+    monkeypatch.setattr(jlora.adapter, "read_config", read_then_saved_over)
+    jax.tree.map(np.testing.assert_array_equal, load_adapter(tmp_path / "ad", base), newer)
+    saved.clear()
+    save_adapter(tmp_path / "ad", p)
+    assert "q/kernel  8x8" in describe(tmp_path / "ad") and saved
+
+
 def _metadata(file):
     from safetensors import safe_open
 
