@@ -444,12 +444,29 @@ class LoraModel:
         self._cache_size = cache_size
         self._generate = _TraceCache()  # generate's loops by set of options, as apply's traces by signature
         self._generate_cache_size = generate_cache_size
+        self._fitting: set = set()  # the structures and shapes of params checked to fit the model
+
+    def _fitted(self, op: str, params: Any) -> Any:
+        """``params`` (``lm.params``, or a call's ``params=``) once checked to fit the model, as the
+        constructor checks them: another model's adapters refused by name, not run with the layers
+        this model lacks ignored. A tree of a structure and shapes already checked is not read again."""
+        leaves, treedef = jax.tree.flatten(params, is_leaf=is_param)
+        shape = lambda x: tuple(x.kernel_shape) if isinstance(x, LoraWeight) else np.shape(
+            x.value if isinstance(x, jlora.Trainable) else x)
+        key = (treedef, tuple(shape(x) for x in leaves))
+        if key not in self._fitting:
+            _check_fits(op, self.model, params)
+            if len(self._fitting) >= 64:  # a server's few adapters, not every tree ever passed
+                self._fitting.clear()
+            self._fitting.add(key)
+        return params
 
     def __call__(self, *args: Any, params: Any = None, lora_rng: Any = None, **kwargs: Any) -> Any:
         """The model's call with the adapters unmerged, on ``lm.params`` or ``params=``; LoRA
         dropout where ``lora_rng=`` is given."""
-        return _EveryKey.unwrap(self._forward(*args, params=self.params if params is None else params,
-                                              lora_rng=lora_rng, model_state=self._model_state(), **kwargs))
+        params = self._fitted("LoraModel", self.params if params is None else params)
+        return _EveryKey.unwrap(self._forward(*args, params=params, lora_rng=lora_rng, model_state=self._model_state(),
+                                              **kwargs))
 
     def _model_state(self) -> tuple:
         """What the model's calls read besides their arguments: its config, its generation config and
@@ -479,7 +496,7 @@ class LoraModel:
             >>> lm.generate(jnp.ones((1, 3), jnp.int32), max_new_tokens=2, pad_token_id=0).sequences.shape
             (1, 5)
         """
-        params = self.params if params is None else params
+        params = self._fitted("LoraModel.generate", self.params if params is None else params)
         if "lora_rng" in kwargs:
             raise ValueError("LoraModel.generate runs the adapters without LoRA dropout, as HF generates in eval "
                              "mode; lora_rng is for training calls, lm(..., lora_rng=key)")

@@ -399,6 +399,14 @@ def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
     with pytest.raises(ValueError, match=r"jlora.hf.LoraModel: params do not fit FlaxLlamaForCausalLM \(another model's\?\): "
                                          r"\['transformer/h/0/attn/c_attn/bias', .*\] are no params of the model"):
         hf.LoraModel(other, params=lm.params)
+    served = hf.LoraModel(other)  # ... and per request: a call's params=, or lm.params assigned
+    for call in (lambda: served(ids, params=lm.params), lambda: served.generate(ids, params=lm.params, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"^LoraModel(.generate)?: params do not fit FlaxLlamaForCausalLM "
+                                             r"\(another model's\?\): \['transformer/h/0/attn/c_attn/bias'"):
+            call()
+    served.params = lm.params
+    with pytest.raises(ValueError, match=r"^LoraModel: params do not fit FlaxLlamaForCausalLM"):
+        served(ids)
     # a model type without a preset: loaded adapters need none
     xglm = tf.FlaxXGLMForCausalLM(tf.XGLMConfig(vocab_size=64, d_model=32, num_layers=1, attention_heads=2, ffn_dim=64,
                                                  max_position_embeddings=32))
