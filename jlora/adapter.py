@@ -301,15 +301,16 @@ def _one_save(path: str | os.PathLike, read: Callable[[Any, dict], Any]) -> tupl
     """The adapter's config and ``read(path, config)`` (``load_tensors``, ``tensor_shapes``), of one
     save: a save renaming its files into place while they are read (a server reloading the adapter
     that a job saves every N steps) has the two read again, up to three times."""
-    for attempt in range(3):
+    for _ in range(2):
         config = read_config(path)
         try:
             return config, read(path, config)
         except ValueError:
             now = _weights_config(Path(path))  # the weights of a save newer than the config read
-            if attempt == 2 or now is None or now.get("save_id") == config.get("save_id"):
+            if now is None or now.get("save_id") == config.get("save_id"):
                 raise
-    raise AssertionError("unreachable")
+    config = read_config(path)
+    return config, read(path, config)
 
 
 def _read_weights(path: str | os.PathLike, config: dict, read: Callable[[Any], Any]) -> Any:

@@ -66,6 +66,8 @@ NOT_TEXT_TO_TEXT = ("whisper", "speech-encoder-decoder", "vision-encoder-decoder
 # (PEFT 0.22 adds "pre_classifier" to the saved config's modules_to_save too: DistilBERT's, which the
 # earlier "classifier" took as a string suffix)
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# What a task type PEFT's model for it could not load the adapter with gives way to
+AS_IT_IS = "pass task_type=None (PEFT then loads the adapter onto the model as it is)"
 # The PEFT options jlora reads, and those that only describe how an adapter was made or is run
 # (the saved tensors hold all the rest: which layers ``layers_to_transform`` picked is in their
 # keys). Any other option must be unset: an option jlora cannot represent (DoRA, layer
@@ -475,14 +477,13 @@ def _task_type(task_type: str | None, hf_config: Any, targets: Sequence[str], tr
                          f"{list(PEFT_TASK_TYPES)}; pass one, 'infer' or None")
     problem = _head_problem(task_type, targets, trained)
     if problem:
-        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem} pass task_type=None (PEFT "
-                         "then loads the adapter onto the model as it is)")
+        raise ValueError(f"jlora.peft.save_adapter: task_type={task_type!r}: {problem}")
     return task_type
 
 
 def _head_problem(task_type: str | None, targets: Sequence[str], trained: Sequence[str]) -> str | None:
     """Why PEFT's model for ``task_type`` could not load these adapters (it trains the task's head
-    whole: loads it from the adapter, and cannot wrap a LoRA inside it), or ``None``."""
+    whole: loads it from the adapter, and cannot wrap a LoRA inside it), and what to do, or ``None``."""
     heads = TASK_HEADS.get(task_type, ())
     if not heads:
         return None
@@ -493,10 +494,10 @@ def _head_problem(task_type: str | None, targets: Sequence[str], trained: Sequen
     if lora:
         module = lora[0].rsplit("/", 2)[-2]
         return (f"'{lora[0]}' has a LoRA adapter inside the task head, which PEFT's model for {task_type} trains "
-                f"whole: leave it out of the targets (LoraConfig(exclude=['{module}'])), or")
+                f"whole: leave it out of the targets (LoraConfig(exclude=['{module}'])), or {AS_IT_IS}")
     if not any(in_head(p, True) for p in trained):
         return (f"the task head ({' or '.join(heads)}) is not trained, but PEFT's model for {task_type} loads it "
-                "from the adapter;")
+                f"from the adapter; {AS_IT_IS}")
     return None
 
 
@@ -1036,6 +1037,7 @@ def describe(path: str | os.PathLike) -> str:
     factors: dict[str, dict[str, tuple]] = {}
     whole, copies = {}, {}  # copies: base weights PEFT saved beside the adapter, which load_adapter checks
     ties = _peft_ties(config)  # a head PEFT ties to a trained embedding is saved as its copy, as load_adapter reads
+    dotted = _from_peft_0_22(config)
     saved = (*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ()),
              *(("lm_head",) if ties == "save" else ()))
     for key, shape in shapes.items():
@@ -1048,7 +1050,7 @@ def describe(path: str | os.PathLike) -> str:
             # a head's trained copy's bias is saved under its own name too (classifier.modules_to_save.bias)
             whole[_plain_name(key, shapes).removeprefix(PREFIX).replace(".base_layer.", ".")] = shape
         elif (key.endswith((BASE_COPY, BASE_BIAS_COPY)) or ".original_module." in key
-              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, _from_peft_0_22(config))):
+              or _plain_copy(key) and not _in_saved_module(name.rsplit(".", 1)[0], saved, dotted)):
             copies[name] = shape
         else:
             whole[name] = shape
@@ -1199,7 +1201,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     new = {}
     rank_of = _pattern_lookup(config.get("rank_pattern") or {}, config["r"])
     alpha_of = _pattern_lookup(config.get("alpha_pattern") or {}, config["lora_alpha"])
-    if not _from_peft_0_22(config):  # which keeps the keys in their order
+    if not dotted:  # PEFT 0.22 keeps the keys in their order
         _warn_ambiguous_alpha(path, config.get("alpha_pattern") or {}, sorted(factors))
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
@@ -1272,4 +1274,5 @@ def _unloaded_targets(config: dict, by_path: dict, loaded: set[str]) -> list[str
         hit = lambda m: any(_peft_names(m, t, dotted=True) for t in targets)  # PEFT's rule for target_modules
     whole = [*(config.get("modules_to_save") or ()), *TASK_HEADS.get(config.get("task_type"), ())]
     modules = {p.rsplit("/", 1)[0].replace("/", ".") for p in by_path if p.endswith(("/kernel", "/embedding"))}
-    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, _from_peft_0_22(config)))
+    dotted = _from_peft_0_22(config)
+    return sorted(m for m in modules if hit(m) and m not in loaded and not _in_saved_module(m, whole, dotted))
