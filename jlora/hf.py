@@ -505,7 +505,9 @@ class LoraModel:
         if kwargs.get("trace", True) is False:
             raise ValueError("LoraModel.generate: trace=False runs HF's decoding loop in Python on the tokens' "
                              "values, which jlora.apply's trace cannot give; generate with merged=True for it")
-        is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))  # a tokenizer's attention_mask is numpy
+        # a tokenizer's attention_mask is numpy; a 0-d numpy array is an option's value (max_new_tokens)
+        kwargs = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in kwargs.items()}
+        is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}
         # lists (suppress_tokens) as tuples; a value still unhashable, or one that compares by identity

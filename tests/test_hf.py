@@ -357,6 +357,8 @@ def test_generate_takes_the_inputs_as_the_models_generate_does():
     np.testing.assert_array_equal(by_keyword, lm.generate(features, max_new_tokens=3).sequences)
     np.testing.assert_array_equal(by_keyword, lm.generate(input_features=features, max_new_tokens=3,
                                                           merged=True).sequences)
+    # an option given as a 0-d numpy array (read from a config file) is its value, as HF takes it
+    np.testing.assert_array_equal(by_keyword, lm.generate(features, max_new_tokens=np.array(3)).sequences)
 
 
 def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):
