@@ -557,12 +557,13 @@ def apply(fn: Callable, *, cache_size: int = 32, recompute: bool | str = "inputs
     """Wrap ``fn`` so that it accepts trees holding ``LoraWeight`` (and other lazy values).
 
     The wrapped function has ``fn``'s signature plus an optional keyword ``lora_rng``: a PRNG key
-    for LoRA dropout (without it, the adapters run deterministically). Outputs are plain arrays,
+    for LoRA dropout (without it, the adapters run deterministically). Array outputs are plain arrays,
     except a param returned as it came in (``return params``, NNX's ``nnx.state(model)``): that
     comes back as the same ``LoraWeight`` (or ``Trainable``). A kernel returned after an op (``w.T``) comes back
-    merged, with a ``MaterializeWarning``. Outputs that are neither arrays nor numbers (an Equinox
-    module's activation function) come back as the function returned them, as from Equinox's
-    ``filter_jit`` (a closure over a traced value would leak it). The state of a Flax NNX module in
+    merged, with a ``MaterializeWarning``. Outputs that are not arrays (a Python number, an Equinox
+    module's flags and activation function) come back as the function returned them, as from
+    Equinox's ``filter_jit``: a module returned runs again as it came in (a closure over a traced
+    value would leak it). The state of a Flax NNX module in
     the arguments (a ``BatchNorm``'s statistics, a ``Dropout``'s RNG count: every variable but the
     params) is updated as ``fn`` updates it, as a call of the module would, and a variable the
     call creates (``sow``'s intermediates) is added to its module.
@@ -1042,14 +1043,15 @@ def _trace(fn, cache, cache_size, treedef, n_leaves, dynamic, static, abstract, 
         return traced_outputs((out, *state_after_call({"args": a, "kwargs": k}, before)))
 
     def traced_outputs(result: Any) -> list:
-        # outputs that are not arrays or numbers (an Equinox module's activation function) leave
-        # the trace as they are, as Equinox's filter_jit does: make_jaxpr takes arrays only
+        # outputs that are not arrays (a Python number, an Equinox module's flags and activation
+        # function) leave the trace as they are, as from Equinox's filter_jit: the trace made them from
+        # static values, and an Equinox module returned keeps its Python fields for the next call
         flat, out_def = jax.tree.flatten(result)
         refs = [j for j, x in enumerate(flat) if _compat.is_ref(x)]
         if refs:
             raise ValueError(f"jlora.apply: {getattr(fn, '__name__', 'fn')} returns a jax Ref (output {refs[0]} of "
                              f"{len(flat)}), which jax.jit refuses too: return its value (r[...])")
-        keep = [is_array(x) or isinstance(x, (bool, int, float, complex)) for x in flat]
+        keep = [is_array(x) for x in flat]
         outputs.update(tree=out_def, static={j: x for j, (x, k) in enumerate(zip(flat, keep)) if not k})
         return [x for x, k in zip(flat, keep) if k]
 

@@ -189,6 +189,22 @@ def test_equinox_model_with_inferred_layouts():
         jax.tree.leaves(back, is_leaf=jlora.weight.is_node), jax.tree.leaves(p, is_leaf=jlora.weight.is_node)))
 
 
+def test_an_equinox_module_returned_keeps_its_python_fields_and_runs_again():
+    """As from eqx.filter_jit: a Dropout's ``inference`` flag and rate come back as Python values (as
+    arrays, the next call traced the flag and ``if inference:`` failed), so do numbers returned."""
+    model = (eqx.nn.Linear(4, 3, key=KEY), eqx.nn.Dropout(0.5, inference=True))
+    x = normal(KEY, (4,))
+    p = lora(model, ["weight"], fn=lambda m: m[0](x))
+    step = jlora.apply(lambda m, x: (m[1](m[0](x)), m, 3, True, 0.5))
+    y, back, *numbers = step(p, x)
+    assert back[1].inference is True and back[1].p == 0.5 and numbers == [3, True, 0.5]
+    assert all(type(n) is type(w) for n, w in zip(numbers, [3, True, 0.5]))
+    expected = jlora.merge(p)[0](x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step(back, x)[0], expected, rtol=1e-5, atol=1e-6)  # the module returned runs again
+    np.testing.assert_allclose(eqx.filter_jit(step)(back, x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_equinox_embedding_called_per_token_in_a_loop():
     """eqx.nn.Embedding's call is ``weight[token]`` (a scalar index): inferred as a lookup, and each
     row made whole (as small as the result) without a warning (an error in this suite)."""
@@ -349,9 +365,10 @@ def test_static_values_equal_across_types_trace_apart():
     assert len(calls) == 3
     tupled = jlora.apply(lambda p, x, s: (x @ p["w"]).sum() / s[0])
     assert float(tupled(p, x, (0.0,))) == np.inf and float(tupled(p, x, (-0.0,))) == -np.inf
-    # a constant output is an array, as jax.jit returns it
+    # a constant array output is a jax array, as jax.jit returns it; a Python number stays one, as
+    # from eqx.filter_jit (an Equinox module returned keeps its flags: see the Equinox test)
     constants = jlora.apply(lambda p, x: (x @ p["w"], 3, np.ones(2)))(p, x)
-    assert all(type(c) is type(constants[0]) for c in constants)
+    assert type(constants[2]) is type(constants[0]) and type(constants[1]) is int
 
 
 def test_an_adapter_with_dropout_differentiated_without_lora_rng_warns_once(monkeypatch):
