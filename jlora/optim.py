@@ -121,8 +121,13 @@ def _check_arguments(grads: Any, state: Any, params: Any) -> None:
     """Say what is wrong where ``update``'s arguments are a half of ``jlora.split`` other than the
     one it takes, or in another order (``update(grads, params, opt_state)``)."""
     if not isinstance(state, optax.MultiTransformState) and _has_nodes(state):  # ours is a multi_transform's
-        raise ValueError("jlora.optimizer: opt_state holds LoraWeight or Trainable nodes, as params do: "
-                         "update takes (grads, opt_state, params), in that order")
+        structure = jax.tree.structure(state)
+        if structure in (jax.tree.structure(grads), jax.tree.structure(params)):
+            raise ValueError("jlora.optimizer: opt_state holds LoraWeight or Trainable nodes, as params do: "
+                             "update takes (grads, opt_state, params), in that order")
+        raise ValueError("jlora.optimizer: opt_state was not made by this optimizer's init (it holds the params' "
+                         "LoraWeight or Trainable nodes, as the state of a plain optax tx initialised on them "
+                         "does): make it with tx.init(params), tx = jlora.optimizer(...)")
     _check_has_adapters(grads, "jlora.optimizer's update", "the gradients")
     if params is not None:
         _check_has_adapters(without_variables(params), "jlora.optimizer's update")
@@ -207,11 +212,14 @@ def _check_ratio(ratio: Any, name: str = "jlora.optimizer: b_lr_ratio") -> Any:
     return ratio if dtype is not None else value
 
 
-# States of transformations whose updates are differences of iterates, not steps proportional to
-# the learning rate, or whose step size grows with how far the params have moved (DoG, DoWG,
-# Prodigy: a b moved further raises a's step too): scaling b's updates would not scale b's
+# States of transformations whose updates are not steps proportional to the learning rate:
+# differences of iterates (schedule-free, Mechanic, COCOB, MADGRAD), a step size that grows with how
+# far the params have moved (DoG, as contrib's DoGState and core optax's
+# ScaleByDistanceOverGradientsState, DoWG, Prodigy: a b moved further raises a's step too), or
+# Polyak's step from the loss and the params (Momo). Scaling b's updates would not scale b's
 # learning rate alone. (Lookahead's is refused at any ratio: _check_scalable.)
-_NOT_SCALABLE = ("ScheduleFreeState", "MechanicState", "COCOBState", "DoGState", "DoWGState", "ProdigyState")
+_NOT_SCALABLE = ("ScheduleFreeState", "MechanicState", "COCOBState", "DoGState", "DoWGState", "ProdigyState",
+                 "ScaleByDistanceOverGradientsState", "MadgradState", "MomoState", "MomoAdamState")
 
 
 def _states_named(state: Any, names: tuple[str, ...]) -> list[Any]:
@@ -273,9 +281,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     ``b_lr_ratio`` (a number, or a scalar array: ``optax.inject_hyperparams`` can schedule it)
     multiplies ``b``'s updates after ``tx``: LoRA+ for any ``tx`` whose update is proportional to
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
-    are differences of iterates (schedule-free, Mechanic, COCOB, SAM's transparent mode), whose
-    step size grows with the params' distance from their start (DoG, DoWG, Prodigy), or whose
-    step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); ``optax.lookahead``
+    are differences of iterates (schedule-free, Mechanic, COCOB, MADGRAD, SAM's transparent mode),
+    whose step size grows with the params' distance from their start (DoG, DoWG, Prodigy) or is
+    Polyak's (Momo), or whose step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); ``optax.lookahead``
     with any (it goes around ``optimizer``); a
     transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
     be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
@@ -315,7 +323,15 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
                              "trainable half)")
         params = without_variables(params)  # no NNX variables in the state: nnx.Optimizer wraps its leaves in its own
         _check_has_adapters(params, "jlora.optimizer's init")
-        state = inner.init(split(params)[0])
+        try:
+            state = inner.init(split(params)[0])
+        except AttributeError as err:
+            if "'NoneType'" not in str(err):
+                raise
+            raise ValueError("jlora.optimizer's init: tx's init took a None for an array: tx gets the trainable half "
+                             "of jlora.split, which holds None where the frozen leaves were (as equinox.partition's "
+                             "halves do), and tx maps over None as a leaf (optax.contrib.galore does); use a tx that "
+                             f"skips None ({type(err).__name__}: {err})") from None
         _check_scalable(state, plain)
         return state
 

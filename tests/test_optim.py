@@ -230,15 +230,18 @@ def test_the_ratio_may_be_an_array_and_scheduled_by_inject_hyperparams():
 
 
 def test_a_ratio_is_refused_for_a_tx_whose_updates_are_not_steps_of_its_learning_rate():
-    """Schedule-free, lookahead, Mechanic, COCOB and SAM (stepping to its adversarial point and back)
-    return differences of iterates: scaling them is not LoRA+ (a ratio above 2 makes b oscillate and grow);
-    a line search checks the step it picks, not b's scaled one (the loss diverges)."""
+    """Schedule-free, lookahead, Mechanic, COCOB, MADGRAD and SAM (stepping to its adversarial point and
+    back) return differences of iterates; DoG, DoWG and Prodigy step by the distance moved, Momo by
+    Polyak's rule: scaling them is not LoRA+ (a ratio above 2 makes b oscillate and grow); a line search checks the step it picks, not b's scaled one (the loss diverges)."""
     p, _, _ = setup()
     scaled = "b_lr_ratio scales b's updates"
     sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05))
     for tx, match in ((optax.contrib.schedule_free_sgd(0.1), scaled), (optax.contrib.mechanize(optax.sgd(0.1)), scaled),
                       (optax.contrib.cocob(), scaled), (optax.lookahead(optax.sgd(0.1), 2, 0.5), "goes around it"),
                       (optax.contrib.dog(), scaled), (optax.contrib.dowg(), scaled), (optax.contrib.prodigy(), scaled),
+                      (optax.scale_by_distance_over_gradients(), scaled),  # core optax's DoG
+                      (optax.contrib.madgrad(0.01), scaled), (optax.contrib.momo(), scaled),
+                      (optax.contrib.momo_adam(), scaled),
                       (sam, "SAMState in transparent mode .*opaque_mode=True is fine")):
         with pytest.raises(ValueError, match=match):
             jlora.optimizer(tx, p, b_lr_ratio=4.0)  # given the params: refused at once
@@ -308,6 +311,14 @@ def test_optax_masked_around_the_optimizer_takes_a_mask_per_leaf():
         np.testing.assert_allclose(u["q"]["kernel"].b, g["q"]["kernel"].b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_tx_that_takes_none_for_an_array_is_told_why_init_fails():
+    """jlora.optimizer's tx sees the trainable half, with None at frozen leaves; optax.contrib.galore
+    maps over None as a leaf and failed deep in optax with "'NoneType' object has no attribute"."""
+    p, _, _ = setup()
+    with pytest.raises(ValueError, match=r"init: tx's init took a None for an array: .*optax.contrib.galore does"):
+        jlora.optimizer(optax.contrib.galore(0.01), p).init(p)
+
+
 def test_update_names_a_frozen_half_or_arguments_in_another_order():
     p, fn, x = setup()
     trainable, frozen = jlora.split(p)
@@ -321,6 +332,9 @@ def test_update_names_a_frozen_half_or_arguments_in_another_order():
     with pytest.raises(ValueError, match=r"opt_state holds LoraWeight or Trainable nodes, as params do: update takes "
                                          r"\(grads, opt_state, params\)"):
         tx.update(g, trainable, state)
+    with pytest.raises(ValueError, match=r"opt_state was not made by this optimizer's init .* make it with "
+                                         r"tx.init\(params\)"):
+        tx.update(g, optax.adam(0.1).init(trainable), trainable)  # a plain tx's state, in the right place
 
 
 def test_lbfgs_takes_a_full_tree_gradient_as_its_trainable_half():
