@@ -284,9 +284,12 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                 if not _is_adaptable(leaf):
                     kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in WEIGHT_NAMES
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
+                    what = ("biases and norms go in LoraConfig.trainable" if hasattr(leaf, "shape") else
+                            "eqx.nn.Shared's placeholder for a weight it holds at another path: target that path"
+                            if type(leaf).__name__ == "SharedNode" else "it is not an array")
                     raise ValueError(
                         f"lora_init: target {pat.text!r} matches '{path}' ({_describe(leaf)}): only float arrays "
-                        "with 2 or more axes can be adapted (biases and norms go in LoraConfig.trainable)"
+                        f"with 2 or more axes can be adapted ({what})"
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
                     )

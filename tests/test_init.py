@@ -392,6 +392,25 @@ def test_bad_input_names_the_path(cfg, match):
         lora_init(KEY, base(), cfg)
 
 
+def test_a_target_matching_a_leaf_that_is_not_an_array_says_so():
+    import equinox as eqx
+
+    class Tied(eqx.Module):  # the head's weight is the embedding's, held once by eqx.nn.Shared
+        shared: eqx.nn.Shared
+
+        def __init__(self, key):
+            embed, head = eqx.nn.Embedding(10, 4, key=key), eqx.nn.Linear(4, 10, use_bias=False, key=key)
+            self.shared = eqx.nn.Shared((embed, head), lambda s: s[1].weight, lambda s: s[0].weight)
+
+    with pytest.raises(ValueError, match=r"matches 'shared/pytree/1/weight' \(SharedNode\): only float arrays with 2 "
+                                         r"or more axes can be adapted \(eqx.nn.Shared's placeholder for a weight it "
+                                         r"holds at another path: target that path\)$"):
+        lora_init(KEY, Tied(KEY), LoraConfig(rank=2, targets=["weight"]))
+    lora_init(KEY, Tied(KEY), LoraConfig(rank=2, targets=["shared/pytree/0/weight"], layouts={"weight": "io"}))
+    with pytest.raises(ValueError, match=r"matches 'act' \(Activation\): .* \(it is not an array\)$"):
+        lora_init(KEY, {"act": type("Activation", (), {})(), "w": jnp.ones((4, 4))}, LoraConfig(rank=2, targets=["act"]))
+
+
 def test_a_rank_or_alpha_pattern_naming_only_params_left_out_warns():
     """As in PEFT a rank_pattern entry for a module no target adapts sets nothing; PEFT says nothing."""
     for cfg in (LoraConfig(rank=2, targets=["q_proj"], rank_pattern={"v_proj": 4}),
