@@ -289,7 +289,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
-    result, initialised on the full tree, would keep a zero copy of every frozen weight).
+    result, initialised on the full tree, would keep a zero copy of every frozen weight); its
+    ``has_updated(state)`` reads a state of its own, so on jlora's ask
+    ``optax.tree_utils.tree_get(state, "mini_step") == 0``.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, jlora

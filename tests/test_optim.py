@@ -417,7 +417,9 @@ def test_multisteps_inside_accumulates_the_adapters_gradients_only():
     assert sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0) == adapter  # sgd has none: the accumulators
     g = jax.grad(loss_of(fn, x))(p)
     first, state = tx.update(g, state, p)
+    assert int(optax.tree_utils.tree_get(state, "mini_step")) == 1  # the docstring's has_updated: not yet
     second, state = tx.update(g, state, p)
+    assert int(optax.tree_utils.tree_get(state, "mini_step")) == 0  # updated
     assert float(jnp.abs(first["q"]["kernel"].a).max()) == 0.0
     np.testing.assert_allclose(second["q"]["kernel"].a, -g["q"]["kernel"].a, rtol=1e-6)  # the mean of 2 equal grads
 
