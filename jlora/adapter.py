@@ -32,7 +32,7 @@ from jlora.config import LoraConfig
 from jlora.init import pattern_value, select
 from jlora.layout import Layout
 from jlora.paths import DELETED, is_deleted, leaves_with_paths, replace_leaves
-from jlora.sharding import follow_base
+from jlora.sharding import check_base_sharding, follow_base
 from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
@@ -503,6 +503,15 @@ def is_saveable_array(x: Any) -> bool:
     return hasattr(x, "__array__") and not isinstance(x, jax.ShapeDtypeStruct)
 
 
+def replicated_hint(here: Sequence[int], saved: Sequence[int]) -> str:
+    """What to say where a base leaf's shape is the saved one with a leading axis of one per local
+    device: a tree replicated for ``jax.pmap`` (``jax.device_put_replicated``), else nothing."""
+    if len(here) == len(saved) + 1 and here[0] == jax.local_device_count() and list(here[1:]) == list(saved):
+        return (f" (a leading axis of {here[0]}, one per device: a tree replicated for jax.pmap? load onto one "
+                "replica, jax.tree.map(lambda x: x[0], base_params), and replicate the result)")
+    return ""
+
+
 def check_base(source: str | os.PathLike, base_params: Any, targets: Iterable[str] = (),
                trainable: Iterable[str] = ()) -> dict[str, Any]:
     """``base_params``' leaves by path (a quantized kernel is one leaf), checked as the base of an
@@ -690,7 +699,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         if list(by_path[p].shape) != spec["shape"]:
             raise ValueError(
                 f"{path}: adapter for another base model: '{p}' has shape {list(by_path[p].shape)} "
-                f"in the base, {spec['shape']} in the adapter"
+                f"in the base, {spec['shape']} in the adapter{replicated_hint(by_path[p].shape, spec['shape'])}"
             )
         try:
             layout = Layout.parse(spec["layout"])
@@ -711,6 +720,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
+    for p in new:
+        check_base_sharding(str(path), p, by_path[p])
     new = {p: follow_base(node, by_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
     missing = unadapted_layers(config.get("lora_config"), by_path, set(targets))
     if missing:

@@ -28,16 +28,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jlora import _compat
-from jlora.adapter import check_base, check_config_makes, is_saveable_array, saved_arrays, unadapted_layers
+from jlora.adapter import (check_base, check_config_makes, is_saveable_array, replicated_hint, saved_arrays,
+                           unadapted_layers)
 from jlora.config import ALL_LINEAR, LoraConfig
 from jlora.layout import Layout
 from jlora.paths import DELETED, is_deleted, path_str, replace_leaves
-from jlora.sharding import factor_shardings
+from jlora.sharding import check_base_sharding, factor_shardings
 from jlora.weight import LoraWeight, Trainable, is_param
 
 
@@ -187,6 +189,8 @@ class AdapterCheckpointer:
             if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
                 items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
+            meta["opt_state_dtypes"] = [str(np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype)
+                                        for x in flat.values()]  # a Python number's as numpy's
             meta["opt_state_paths"] = _key_paths(opt_state)
             meta["opt_state_keys"] = {str(i): _impl_name(x)  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
@@ -249,7 +253,9 @@ class AdapterCheckpointer:
         """``(params, opt_state, step)``: ``base_params`` (arrays or ``jax.ShapeDtypeStruct`` with
         shardings) with the saved adapters; ``opt_state`` restored into the structure, dtypes and
         shardings of ``opt_state_like`` (e.g. ``tx.init(trainable)`` or its ``jax.eval_shape``), or
-        ``None``. Defaults to the latest step."""
+        ``None``. Defaults to the latest step. Refused, naming the leaf: a base sharding that does not
+        divide a kernel, an ``opt_state_like`` placed on other devices than the base (one kept from
+        a run on another mesh), or of integers where the step saved floats."""
         self._check_open("restore")
         if callable(getattr(opt_state_like, "init", None)) and callable(getattr(opt_state_like, "update", None)):
             raise ValueError("AdapterCheckpointer.restore: opt_state_like is an optax transformation; pass a state of "
@@ -271,8 +277,13 @@ class AdapterCheckpointer:
         for p, spec in specs.items():
             if not legacy and tuple(spec["shape"]) != tuple(by_path[p].shape):
                 raise ValueError(f"{self.directory}: checkpoint for another base model: '{p}' has shape "
-                                 f"{tuple(by_path[p].shape)} here but {tuple(spec['shape'])} in the checkpoint")
+                                 f"{tuple(by_path[p].shape)} here but {tuple(spec['shape'])} in the checkpoint"
+                                 f"{replicated_hint(by_path[p].shape, spec['shape'])}")
+        for p in specs:  # an abstract base may carry a sharding JAX refuses for the adapters put alike
+            check_base_sharding(str(self.directory), p, by_path[p])
         default = _default_placement(by_path)
+        if like_flat:
+            _check_state_devices(self.directory, opt_state_like, by_path)
         targets = None if legacy else _adapter_targets(specs, by_path, default)  # legacy: LoraWeight checks shapes
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if like_flat:
@@ -709,6 +720,33 @@ def _default_placement(base: Any) -> Any:
     return _UNCOMMITTED
 
 
+def _devices(x: Any) -> frozenset:
+    """The devices ``x`` (an array or ``jax.ShapeDtypeStruct``) was placed on on purpose: a sharding
+    over a mesh of devices, or a committed device; none for what follows its computation."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and not isinstance(sharding.mesh, jax.sharding.Mesh):
+        return frozenset()  # over an abstract mesh (jax.eval_shape's): placed where it is restored
+    if isinstance(sharding, jax.sharding.Sharding) and _committed(x):
+        return frozenset(sharding.device_set)
+    return frozenset()
+
+
+def _check_state_devices(directory: str, like: Any, base: dict[str, Any]) -> None:
+    """Refuse an ``opt_state_like`` placed on other devices than the base (a template kept from a
+    run on another mesh): the state would be restored there, and the first step refuse the two."""
+    here = frozenset().union(*map(_devices, base.values()))
+    if not here:
+        return
+    for path, leaf in zip(_key_paths(like), jax.tree.leaves(like)):
+        there = _devices(leaf)
+        if there and there != here:
+            raise ValueError(f"{directory}: opt_state_like{path} is placed on {len(there)} device(s), the base on "
+                             f"{len(here)}{'' if len(there) != len(here) else ', others'}: restored there, the state "
+                             "and the params could not go into one step; make opt_state_like on this base's "
+                             "placement (tx.init of the restored trainable half, or jax.eval_shape(tx.init, "
+                             "trainable), whose moments are restored as their adapters are)")
+
+
 def _committed(x: Any) -> bool:
     """Whether ``x`` (an array, or a lazy kind's arrays: a quantized kernel) was put on its device on
     purpose (``device_put`` to a device, a sharding): JAX keeps it there, where an uncommitted array
@@ -794,6 +832,12 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
         if tuple(np.shape(leaf)) != tuple(shape):
             raise ValueError(f"{directory}: opt_state_like{path} has shape {tuple(np.shape(leaf))}, "
                              f"step {step} saved {tuple(shape)} (another rank or optimizer?)")
+    for path, leaf, dtype in zip(paths, like_flat.values(), meta.get("opt_state_dtypes", ())):  # none before s53
+        like = np.asarray(leaf).dtype if isinstance(leaf, (bool, int, float)) else np.dtype(leaf.dtype)
+        if jnp.issubdtype(np.dtype(dtype), jnp.inexact) and not jnp.issubdtype(like, jnp.inexact):
+            raise ValueError(f"{directory}: opt_state_like{path} is {like}, step {step} saved {dtype}: restored into "
+                             "it, the values would be cut to integers; make opt_state_like with the tx that saved "
+                             "the state (tx.init(trainable) or its jax.eval_shape)")
 
 
 def _key_paths(tree: Any) -> list[str]:

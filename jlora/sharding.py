@@ -664,25 +664,42 @@ def divides(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> bool:
     return True
 
 
-def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+def check_base_sharding(where: str, path: str, leaf: Any) -> None:
+    """Refuse, naming ``path``, a base leaf whose ``NamedSharding`` does not divide its shape (a
+    ``jax.ShapeDtypeStruct`` may carry one that JAX refuses for an array): adapters loaded onto it,
+    put alike, would fail inside JAX, naming no param.
+
+    Example:
+        >>> import jax, jlora
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jlora.sharding.make_mesh({"fsdp": 1})
+        >>> leaf = jax.ShapeDtypeStruct((4, 2), "float32", sharding=NamedSharding(mesh, P("fsdp")))
+        >>> jlora.sharding.check_base_sharding("load_adapter", "dense/kernel", leaf)  # divides: no error
+    """
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and hasattr(leaf, "shape"):
+        _checked(path, tuple(leaf.shape), sharding.spec, sharding.mesh, f"{where}: the base's sharding")
+
+
+def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh, what: str = "sharding rule") -> PartitionSpec:
     if len(spec) > len(shape):
-        raise ValueError(f"sharding rule for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
+        raise ValueError(f"{what} for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
     per_axis = [() if names is None else (names,) if isinstance(names, str) else tuple(names) for names in spec]
     used = [n for names in per_axis for n in names]
     twice = sorted({n for n in used if used.count(n) > 1})
     if twice:
-        raise ValueError(f"sharding rule for '{path}': spec {spec} splits two axes over mesh axis {twice[0]!r}; "
+        raise ValueError(f"{what} for '{path}': spec {spec} splits two axes over mesh axis {twice[0]!r}; "
                          "a mesh axis splits one axis of a leaf")
     for ax, names in enumerate(per_axis):
         if not names:
             continue
         unknown = [n for n in names if n not in mesh.axis_names]
         if unknown:
-            raise ValueError(f"sharding rule for '{path}': mesh has no axis {unknown[0]!r} (axes: {mesh.axis_names})")
+            raise ValueError(f"{what} for '{path}': mesh has no axis {unknown[0]!r} (axes: {mesh.axis_names})")
         n = math.prod(mesh.shape[name] for name in names)
         if shape[ax] % n:
             raise ValueError(
-                f"sharding rule for '{path}': axis {ax} of shape {shape} has size {shape[ax]}, which does not "
+                f"{what} for '{path}': axis {ax} of shape {shape} has size {shape[ax]}, which does not "
                 f"divide over mesh axes {names} of size {n} (spec {spec})"
             )
     return spec

@@ -840,3 +840,57 @@ def test_an_optimizer_state_saved_in_flax_boxes_restores_onto_unboxed_params_and
         assert jax.tree.structure(got) == jax.tree.structure(like)
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.skipif(jax.device_count() < 3, reason="needs 3 devices (XLA_FLAGS in conftest.py)")
+def test_a_base_or_state_placed_where_the_restore_cannot_go_is_refused_by_path(tmp_path):
+    """From a probe moving checkpoints across meshes: an abstract base whose sharding does not divide
+    a kernel failed inside JAX naming the adapters' factor; a state template kept from the run on
+    another mesh restored there (the first step then refused the two); an int template cut the moments."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    base = {"enc": {"kernel": jnp.ones((32, 64))}, "dec": {"kernel": jnp.ones((64, 48))}}
+    params = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, targets=["enc", "dec"]))
+    trainable = jlora.split(params)[0]
+    tx = jlora.optimizer(optax.adam(1e-3))
+    AdapterCheckpointer(tmp_path, async_save=False).save(1, params, opt_state=tx.init(trainable))
+    jlora.adapter.save_adapter(tmp_path / "ad", params)
+    three = jlora.sharding.make_mesh({"fsdp": 3}, devices=jax.devices()[:3])
+    uneven = {"enc": {"kernel": jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=NamedSharding(three, P("fsdp")))},
+              "dec": {"kernel": jax.ShapeDtypeStruct((64, 48), jnp.float32, sharding=NamedSharding(three, P(None, "fsdp")))}}
+    match = r"the base's sharding for 'enc/kernel': axis 0 of shape \(32, 64\) has size 32, which does not divide"
+    with pytest.raises(ValueError, match=match):
+        AdapterCheckpointer(tmp_path).restore(uneven)
+    with pytest.raises(ValueError, match=match):
+        jlora.adapter.load_adapter(tmp_path / "ad", uneven)
+    # a state template on other devices than the base's
+    two = jlora.sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+    on = lambda mesh, tree: jax.device_put(tree, NamedSharding(mesh, P()))
+    kept = tx.init(on(three, trainable))  # the template from the run on three devices
+    with pytest.raises(ValueError, match=r"opt_state_like.* is placed on 3 device\(s\), the base on 2: .*make "
+                                         r"opt_state_like on this base's placement"):
+        AdapterCheckpointer(tmp_path).restore(on(two, base), opt_state_like=kept)
+    restored, state, _ = AdapterCheckpointer(tmp_path).restore(on(two, base), opt_state_like=tx.init(on(two, trainable)))
+    assert {d for x in jax.tree.leaves(state) for d in x.devices()} == set(jax.devices()[:2])
+    # a template of integers would cut the float moments
+    ints = jax.tree.map(lambda x: x.astype(jnp.int32), tx.init(trainable))
+    with pytest.raises(ValueError, match=r"opt_state_like.*\['dec'\]\['kernel'\].a is int32, step 1 saved float32: "
+                                         r"restored into it, the values would be cut to integers"):
+        AdapterCheckpointer(tmp_path).restore(base, opt_state_like=ints)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, tx.init(trainable))
+    AdapterCheckpointer(tmp_path).restore(base, opt_state_like=bf16)  # narrowed as asked: the docstring's dtypes
+
+
+def test_a_base_replicated_for_pmap_is_named_as_such(tmp_path):
+    base = {"dense": {"kernel": jnp.ones((8, 4))}}
+    params = jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, targets=["dense"]))
+    AdapterCheckpointer(tmp_path, async_save=False).save(1, params)
+    jlora.adapter.save_adapter(tmp_path / "ad", params)
+    n = jax.local_device_count()
+    replicated = jax.tree.map(lambda x: jnp.stack([x] * n), base)
+    hint = (r"a leading axis of \d+, one per device: a tree replicated for jax.pmap\? load onto one replica, "
+            r"jax.tree.map\(lambda x: x\[0\], base_params\)")
+    with pytest.raises(ValueError, match=rf"'dense/kernel' has shape \({n}, 8, 4\) here but \(8, 4\) .*{hint}"):
+        AdapterCheckpointer(tmp_path).restore(replicated)
+    with pytest.raises(ValueError, match=rf"'dense/kernel' has shape \[{n}, 8, 4\] in the base, \[8, 4\] .*{hint}"):
+        jlora.adapter.load_adapter(tmp_path / "ad", replicated)

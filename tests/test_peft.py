@@ -1366,3 +1366,12 @@ def test_a_peft_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shard
                               for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
     assert placement(loaded) == placement(fresh)
     assert P(None, "model") in [b.spec for pair in placement(loaded) if isinstance(pair, tuple) for b in pair]
+    # an abstract base whose sharding does not divide a kernel: refused naming it, not inside JAX
+    from jax.sharding import NamedSharding
+
+    three = jlora.sharding.make_mesh({"model": 3}, devices=jax.devices()[:3])
+    uneven = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(three, P("model"))),
+                          model.params)
+    with pytest.raises(ValueError, match=r"adapter: the base's sharding for 'model/layers/0/.*/kernel': axis 0 of shape .* which "
+                                         r"does not divide over mesh axes \('model',\) of size 3"):
+        jlora.peft.load_adapter(tmp_path / "adapter", uneven, model.config)
