@@ -832,7 +832,7 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
         if tuple(np.shape(leaf)) != tuple(shape):
             raise ValueError(f"{directory}: opt_state_like{path} has shape {tuple(np.shape(leaf))}, "
                              f"step {step} saved {tuple(shape)} (another rank or optimizer?)")
-    for path, leaf, dtype in zip(paths, like_flat.values(), meta.get("opt_state_dtypes", ())):  # none before s53
+    for path, leaf, dtype in zip(paths, like_flat.values(), meta.get("opt_state_dtypes", ())):  # older steps: none kept
         like = np.asarray(leaf).dtype if isinstance(leaf, (bool, int, float)) else np.dtype(leaf.dtype)
         if jnp.issubdtype(np.dtype(dtype), jnp.inexact) and not jnp.issubdtype(like, jnp.inexact):
             raise ValueError(f"{directory}: opt_state_like{path} is {like}, step {step} saved {dtype}: restored into "
