@@ -218,22 +218,39 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
 def output_embeddings(params: Any, config: Any) -> list[str]:
     """Paths of the kernels that project onto the vocabulary outside the layer stack: a model's
     output embeddings (an LM or MLM head that is not tied to the input table), which PEFT's
-    ``all-linear`` leaves alone whatever their name (``get_output_embeddings``).
+    ``all-linear`` leaves alone whatever their name (``get_output_embeddings``). One is a kernel
+    ``(d, V)`` where the params hold an input table ``(V, d)`` and ``V`` is a vocabulary size of
+    ``config`` or of a part of it (an encoder-decoder's decoder): a layer that only happens to be as
+    wide as the vocabulary (Wav2Vec2's feature projection, with a vocabulary of characters) is none.
 
     Example:
         >>> import jax.numpy as jnp, jlora
         >>> from transformers import BertConfig
         >>> params = {"cls": {"predictions": {"decoder": {"kernel": jnp.ones((32, 50))}}},
-        ...           "bert": {"encoder": {"layer": {"0": {"output": {"dense": {"kernel": jnp.ones((64, 32))}}}}}}}
+        ...           "bert": {"embeddings": {"word_embeddings": {"embedding": jnp.ones((50, 32))}},
+        ...                    "encoder": {"layer": {"0": {"output": {"dense": {"kernel": jnp.ones((64, 32))}}}}}}}
         >>> jlora.hf.output_embeddings(params, BertConfig(vocab_size=50))
         ['cls/predictions/decoder/kernel']
     """
-    vocab = getattr(config, "vocab_size", None)
-    return [
-        path for path, leaf in leaves_with_paths(params)
-        if vocab and path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2 and leaf.shape[-1] == vocab
-        and outside_layers(path)  # a kernel of layer "3" is no head
-    ]
+    vocabs = _vocab_sizes(config)
+    leaves = leaves_with_paths(params)
+    is_2d = lambda leaf: getattr(leaf, "ndim", 0) == 2
+    tables = {tuple(leaf.shape) for path, leaf in leaves
+              if path.endswith("embedding") and is_2d(leaf) and leaf.shape[0] in vocabs}
+    return [path for path, leaf in leaves
+            if path.endswith("kernel") and is_2d(leaf) and (leaf.shape[1], leaf.shape[0]) in tables
+            and outside_layers(path)]  # a kernel of layer "3" is no head
+
+
+def _vocab_sizes(config: Any, depth: int = 2) -> set[int]:
+    """The vocabulary sizes of an HF ``config`` and of the configs it holds (an encoder-decoder's
+    ``decoder``, a multimodal model's ``text_config``)."""
+    found = {config.vocab_size} if isinstance(getattr(config, "vocab_size", None), int) else set()
+    if depth:
+        for part in vars(config).values() if hasattr(config, "__dict__") else ():
+            if hasattr(part, "to_dict") and hasattr(part, "model_type"):  # a config held by the config
+                found |= _vocab_sizes(part, depth - 1)
+    return found
 
 
 def _check_fits(op: str, model: Any, params: Any, whole: bool = False, *, missing_hint: str = "",

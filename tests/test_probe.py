@@ -177,6 +177,29 @@ def test_tied_embedding_lookup_then_attend_is_one_layout():
     assert str(infer_layouts(fn, p, ["emb"])["emb"]) == "io"
 
 
+def test_a_kernel_used_both_ways_takes_its_more_frequent_use():
+    """A spectral norm's power iteration uses a Dense kernel as u @ W.T once, then v @ W (and the layer
+    x @ (W / sigma)): it is 'io', as the layer uses it (the first use made it 'oi', with its factors
+    swapped: a's Kaiming bound from the output width, LoRA+'s ratio on the input side). A table
+    attended to more often than looked up stays a table only on a tie."""
+    import flax.linen as nn
+    from flax import nnx
+
+    x = jnp.ones((2, 5))
+    layer = nn.SpectralNorm(nn.Dense(7))
+    variables = layer.init(jax.random.key(0), x, update_stats=False)
+    layouts = infer_layouts(lambda v: layer.apply(v, x, update_stats=False), variables, ["params/layer_instance/kernel"])
+    assert str(layouts["params/layer_instance/kernel"]) == "io"
+    graph, state = nnx.split(nnx.SpectralNorm(nnx.Linear(5, 7, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))
+    params = jlora.lora_init(jax.random.key(0), state, jlora.LoraConfig(rank=2, targets=["kernel"]),
+                             infer_layout=lambda s: nnx.merge(graph, s)(x, update_stats=False))
+    kernel = params["layer_instance"]["kernel"].get_value()
+    assert (str(kernel.layout), kernel.a.shape, kernel.b.shape) == ("io", (5, 2), (2, 7))
+    p = {"emb": jnp.ones((10, 4))}
+    attended_twice = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T + jnp.ones((2, 4)) @ p["emb"].T
+    assert str(infer_layouts(attended_twice, p, ["emb"])["emb"]) == "oi"
+
+
 def test_conflicting_uses_warn_and_keep_the_first():
     p = {"w": jnp.ones((3, 4, 5))}
     fn = lambda p: jnp.einsum("i,ijk->jk", jnp.ones(3), p["w"]) + jnp.einsum("ij,ijk->k", jnp.ones((3, 4)), p["w"])[None]
