@@ -190,11 +190,12 @@ def test_a_kernel_used_both_ways_takes_its_more_frequent_use():
     variables = layer.init(jax.random.key(0), x, update_stats=False)
     layouts = infer_layouts(lambda v: layer.apply(v, x, update_stats=False), variables, ["params/layer_instance/kernel"])
     assert str(layouts["params/layer_instance/kernel"]) == "io"
-    graph, state = nnx.split(nnx.SpectralNorm(nnx.Linear(5, 7, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))
-    params = jlora.lora_init(jax.random.key(0), state, jlora.LoraConfig(rank=2, targets=["kernel"]),
-                             infer_layout=lambda s: nnx.merge(graph, s)(x, update_stats=False))
-    kernel = params["layer_instance"]["kernel"].get_value()
-    assert (str(kernel.layout), kernel.a.shape, kernel.b.shape) == ("io", (5, 2), (2, 7))
+    if hasattr(nnx, "SpectralNorm"):  # flax 0.11+
+        graph, state = nnx.split(nnx.SpectralNorm(nnx.Linear(5, 7, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0)))
+        params = jlora.lora_init(jax.random.key(0), state, jlora.LoraConfig(rank=2, targets=["kernel"]),
+                                 infer_layout=lambda s: nnx.merge(graph, s)(x, update_stats=False))
+        kernel = params["layer_instance"]["kernel"].get_value()
+        assert (str(kernel.layout), kernel.a.shape, kernel.b.shape) == ("io", (5, 2), (2, 7))
     p = {"emb": jnp.ones((10, 4))}
     attended_twice = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T + jnp.ones((2, 4)) @ p["emb"].T
     assert str(infer_layouts(attended_twice, p, ["emb"])["emb"]) == "oi"
