@@ -343,6 +343,21 @@ def test_models_taking_other_inputs_are_traced_on_their_own_dummy_inputs(name):
     assert float(np.abs(np.asarray(merged) - plain(model.params)).max()) > 1e-4  # the adapters matter
 
 
+def test_a_layer_as_wide_as_the_vocabulary_is_no_output_embedding():
+    """CTC over 32 characters with a hidden size of 32: the feature projection (16 -> 32) is as wide as
+    the vocabulary, and all-linear adapts it, as PEFT does (it was left out as an output embedding:
+    one is a kernel (d, V) beside an input table (V, d), which an audio model has none of)."""
+    config = tf.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+                               feat_extract_norm="layer")
+    model = tf.FlaxWav2Vec2ForCTC(config)
+    assert hf.output_embeddings(model.params, config) == []
+    params = hf.lora_init(jax.random.key(0), model, jlora.LoraConfig(rank=2, targets="all-linear"))
+    adapted = {x.path for x in jax.tree.leaves(params, is_leaf=jlora.weight.is_node) if isinstance(x, jlora.LoraWeight)}
+    assert "wav2vec2/feature_projection/projection/kernel" in adapted
+
+
 def test_generate_takes_the_inputs_as_the_models_generate_does():
     """Whisper's generate is called with input_features=, as HF's examples call it."""
     model = tf.FlaxWhisperForConditionalGeneration(tf.WhisperConfig(

@@ -697,6 +697,12 @@ ALL_LINEAR_CASES = {  # Flax class, PyTorch class, config; untied output embeddi
                            lambda: tf.RobertaConfig(vocab_size=64, num_labels=3, **BERTLIKE)),
     "vit-classifier": (tf.FlaxViTForImageClassification, tf.ViTForImageClassification, lambda: tf.ViTConfig(
         image_size=16, patch_size=8, num_labels=3, **BERTLIKE)),
+    # an encoder-decoder's config has no vocab_size of its own: its decoder's MLM decoder is still the
+    # output embedding
+    "vit-bert-encoder-decoder": (tf.FlaxVisionEncoderDecoderModel, tf.VisionEncoderDecoderModel, lambda: (
+        tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            tf.ViTConfig(image_size=16, patch_size=8, **BERTLIKE),
+            _untied(tf.BertConfig, is_decoder=True, add_cross_attention=True, **BERTLIKE)))),
 }
 
 
