@@ -262,6 +262,8 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     as_given = leaves_with_paths(params, is_leaf=lambda x: x is None or is_param(x))
     every = [(_torch_style(p), x) for p, x in as_given]
     entries = [(p, x) for p, x in every if x is not None]
+    # a config of another model (its size) writes a file no load of these params takes
+    _check_config_fits("jlora.peft.save_adapter", hf_config, {p: x for p, x in as_given if hasattr(x, "shape")}, "params'")
     nodes = [(p, x) for p, x in entries if is_node(x)]
     targets = [(p, x) for p, x in nodes if isinstance(x, LoraWeight)]
     if not targets:
@@ -527,7 +529,7 @@ def _check_hf_config(op: str, hf_config: Any) -> None:
                          f"{hf_config.__name__ if isinstance(hf_config, type) else type(hf_config).__name__}{hint}")
 
 
-def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) -> None:
+def _check_config_fits(source: Any, hf_config: Any, by_path: dict[str, Any], whose: str = "base_params'") -> None:
     """Refuse an ``hf_config`` that is not the base's own (another model's), told by its vocabulary:
     it decides how factors are read (GPT-2's ``Conv1D`` is stored transposed), so a wrong one
     would load other adapters, silently."""
@@ -538,13 +540,13 @@ def _check_config_fits(source: Path, hf_config: Any, by_path: dict[str, Any]) ->
     tables = [tuple(x.shape) for p, x in by_path.items() if p.endswith("/embedding") and len(x.shape) == 2]
     rows, columns = sorted({t[0] for t in tables}), sorted({t[1] for t in tables})
     if isinstance(vocab, int) and rows and vocab not in rows:
-        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, vocab_size {vocab}) is not base_params' "
+        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, vocab_size {vocab}) is not {whose} "
                          f"config: their embedding tables have {rows} rows; pass the model's own (model.config)")
     widths = {getattr(hf_config, name, None) for name in ("hidden_size", "embedding_size", "word_embed_proj_dim")}
     widths = {w for w in widths if isinstance(w, int)}  # ALBERT's, ELECTRA's tables have embedding_size columns
     if widths and columns and not widths & set(columns):
         hidden = getattr(hf_config, "hidden_size", "-")
-        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, hidden_size {hidden}) is not base_params' "
+        raise ValueError(f"{source}: hf_config ({hf_config.model_type}, hidden_size {hidden}) is not {whose} "
                          f"config: their embedding tables have {columns} columns; pass the model's own (model.config)")
 
 

@@ -307,6 +307,13 @@ def test_another_models_config_is_refused(tmp_path):
         jlora.peft.load_adapter(tmp_path / "a", model.params, tf.LlamaConfig(vocab_size=vocab))
     with pytest.raises(ValueError, match=r"hf_config names no model_type \(a bare PretrainedConfig\)"):
         jlora.peft.load_adapter(tmp_path / "a", model.params, tf.PretrainedConfig(vocab_size=vocab))
+    # saving with another size's config wrote a file that no load onto these params takes
+    params = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_proj"]), jax.random.key(0)).params
+    wider = tf.GPT2Config(n_embd=48, n_layer=1, n_head=2, vocab_size=vocab)
+    with pytest.raises(ValueError, match=r"save_adapter: hf_config \(gpt2, hidden_size 48\) is not params' config: "
+                                         r"their embedding tables have \[32\] columns"):
+        jlora.peft.save_adapter(tmp_path / "b", params, wider)
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_head_tied_to_the_input_embedding_is_named_as_tied(tmp_path):
