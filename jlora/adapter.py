@@ -505,7 +505,16 @@ def is_saveable_array(x: Any) -> bool:
 
 def replicated_hint(here: Sequence[int], saved: Sequence[int]) -> str:
     """What to say where a base leaf's shape is the saved one with a leading axis of one per local
-    device: a tree replicated for ``jax.pmap`` (``jax.device_put_replicated``), else nothing."""
+    device: a tree replicated for ``jax.pmap`` (``jax.device_put_replicated``), else nothing.
+
+    Example:
+        >>> import jax
+        >>> from jlora.adapter import replicated_hint
+        >>> replicated_hint((jax.local_device_count(), 4, 2), (4, 2)).startswith(" (a leading axis of")
+        True
+        >>> replicated_hint((4, 2), (4, 3))
+        ''
+    """
     if len(here) == len(saved) + 1 and here[0] == jax.local_device_count() and list(here[1:]) == list(saved):
         return (f" (a leading axis of {here[0]}, one per device: a tree replicated for jax.pmap? load onto one "
                 "replica, jax.tree.map(lambda x: x[0], base_params), and replicate the result)")

@@ -189,8 +189,7 @@ class AdapterCheckpointer:
             if flat:  # orbax refuses an empty item (plain SGD's state): the metadata alone says it was saved
                 items["opt_state"] = ocp.args.StandardSave(flat)
             meta["opt_state"] = [list(np.shape(x)) for x in flat.values()]
-            meta["opt_state_dtypes"] = [str(np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype)
-                                        for x in flat.values()]  # a Python number's as numpy's
+            meta["opt_state_dtypes"] = [str(_dtype_of(x)) for x in flat.values()]
             meta["opt_state_paths"] = _key_paths(opt_state)
             meta["opt_state_keys"] = {str(i): _impl_name(x)  # to wrap their data again
                                       for i, x in enumerate(jax.tree.leaves(opt_state)) if _is_key(x)}
@@ -282,9 +281,9 @@ class AdapterCheckpointer:
         for p in specs:  # an abstract base may carry a sharding JAX refuses for the adapters put alike
             check_base_sharding(str(self.directory), p, by_path[p])
         default = _default_placement(by_path)
-        if like_flat:
-            _check_state_devices(self.directory, opt_state_like, by_path)
         targets = None if legacy else _adapter_targets(specs, by_path, default)  # legacy: LoraWeight checks shapes
+        if like_flat:
+            _check_state_devices(self.directory, opt_state_like, by_path, targets)
         restore_args = {"adapters": ocp.args.StandardRestore(targets)}
         if like_flat:
             restore_args["opt_state"] = ocp.args.StandardRestore(_abstract_state(opt_state_like, like_flat, targets,
@@ -720,7 +719,7 @@ def _default_placement(base: Any) -> Any:
     return _UNCOMMITTED
 
 
-def _devices(x: Any) -> frozenset:
+def _devices(x: Any) -> frozenset[Any]:
     """The devices ``x`` (an array or ``jax.ShapeDtypeStruct``) was placed on on purpose: a sharding
     over a mesh of devices, or a committed device; none for what follows its computation."""
     sharding = getattr(x, "sharding", None)
@@ -731,20 +730,24 @@ def _devices(x: Any) -> frozenset:
     return frozenset()
 
 
-def _check_state_devices(directory: str, like: Any, base: dict[str, Any]) -> None:
+def _check_state_devices(directory: str, like: Any, base: dict[str, Any], targets: dict[str, Any] | None) -> None:
     """Refuse an ``opt_state_like`` placed on other devices than the base (a template kept from a
-    run on another mesh): the state would be restored there, and the first step refuse the two."""
-    here = frozenset().union(*map(_devices, base.values()))
-    if not here:
-        return
-    for path, leaf in zip(_key_paths(like), jax.tree.leaves(like)):
+    run on another mesh): the state would be restored there, and the first step refuse the two. A
+    per-adapter leaf (a moment) is checked against its adapter's base leaf, any other against the
+    devices of the whole base (a base may be spread over several meshes: pipeline stages)."""
+    devices = {p: _devices(x) for p, x in base.items()}
+    everywhere = frozenset().union(*devices.values())
+    for (keys, leaf), path in zip(jax.tree_util.tree_flatten_with_path(like)[0], _key_paths(like)):
         there = _devices(leaf)
-        if there and there != here:
-            raise ValueError(f"{directory}: opt_state_like{path} is placed on {len(there)} device(s), the base on "
-                             f"{len(here)}{'' if len(there) != len(here) else ', others'}: restored there, the state "
-                             "and the params could not go into one step; make opt_state_like on this base's "
-                             "placement (tx.init of the restored trainable half, or jax.eval_shape(tx.init, "
-                             "trainable), whose moments are restored as their adapters are)")
+        adapter = _adapter_of(keys, leaf, targets)
+        owner = None if adapter is None else adapter.removesuffix("/a").removesuffix("/b")
+        here = devices.get(owner) or everywhere
+        if there and here and (there != here if owner in devices and devices[owner] else not there <= here):
+            raise ValueError(f"{directory}: opt_state_like{path} is placed on devices {sorted(d.id for d in there)}, "
+                             f"its {'adapter' if devices.get(owner) else 'base'} on {sorted(d.id for d in here)}: "
+                             "restored there, the state and the params could not go into one step; make "
+                             "opt_state_like on this base's placement (tx.init of the restored trainable half, or "
+                             "jax.eval_shape(tx.init, trainable), whose moments are restored as their adapters are)")
 
 
 def _committed(x: Any) -> bool:
@@ -794,17 +797,31 @@ def _abstract_state(like: Any, like_flat: dict[str, Any], targets: dict[str, Any
     out = {}
     for (keys, _), (i, x) in zip(jax.tree_util.tree_flatten_with_path(like)[0], like_flat.items()):
         place = _placed(x, default)
-        if getattr(x, "sharding", None) is None and targets:
-            path = "/" + path_str(keys)
-            # a box's value key (flax's LogicallyPartitioned) sits inside a moment's path, not in the
-            # adapter's; a field named value (Equinox's attention) is in both
-            unboxed = "/" + path_str([k for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")])
-            ends = [name for name, t in targets.items() if (path.endswith("/" + name) or unboxed.endswith("/" + name))
-                    and tuple(t.shape) == tuple(np.shape(x))]
-            if ends:
-                place = getattr(targets[max(ends, key=len)], "sharding", _UNCOMMITTED) or place
-        out[i] = _restore_target(np.shape(x), np.asarray(x).dtype if isinstance(x, (int, float)) else x.dtype, place)
+        adapter = _adapter_of(keys, x, targets) if getattr(x, "sharding", None) is None else None
+        if adapter is not None:
+            place = getattr(targets[adapter], "sharding", _UNCOMMITTED) or place
+        out[i] = _restore_target(np.shape(x), _dtype_of(x), place)
     return out
+
+
+def _adapter_of(keys: tuple, x: Any, targets: dict[str, Any] | None) -> str | None:
+    """The target (``'dense/kernel/a'``, a trained leaf's path) that a state leaf at ``keys`` of
+    ``x``'s shape is per-adapter for (its path ends in the target's, as Adam's
+    ``mu['dense']['kernel'].a``, the longest such; same shape), or ``None``."""
+    if not targets:
+        return None
+    path = "/" + path_str(keys)
+    # a box's value key (flax's LogicallyPartitioned) sits inside a moment's path, not in the
+    # adapter's; a field named value (Equinox's attention) is in both
+    unboxed = "/" + path_str([k for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")])
+    ends = [name for name, t in targets.items() if (path.endswith("/" + name) or unboxed.endswith("/" + name))
+            and tuple(t.shape) == tuple(np.shape(x))]
+    return max(ends, key=len) if ends else None
+
+
+def _dtype_of(x: Any) -> np.dtype:
+    """An array's dtype, or a Python number's as numpy's (``np.asarray(0.5).dtype``)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat: dict[str, Any]) -> None:
@@ -833,7 +850,7 @@ def _check_opt_state(directory: str, step: int, meta: dict, like: Any, like_flat
             raise ValueError(f"{directory}: opt_state_like{path} has shape {tuple(np.shape(leaf))}, "
                              f"step {step} saved {tuple(shape)} (another rank or optimizer?)")
     for path, leaf, dtype in zip(paths, like_flat.values(), meta.get("opt_state_dtypes", ())):  # older steps: none kept
-        like = np.asarray(leaf).dtype if isinstance(leaf, (bool, int, float)) else np.dtype(leaf.dtype)
+        like = _dtype_of(leaf)
         if jnp.issubdtype(np.dtype(dtype), jnp.inexact) and not jnp.issubdtype(like, jnp.inexact):
             raise ValueError(f"{directory}: opt_state_like{path} is {like}, step {step} saved {dtype}: restored into "
                              "it, the values would be cut to integers; make opt_state_like with the tx that saved "

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from jlora import _compat
 from jlora.adapter import as_opened, check_config_makes
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
@@ -215,6 +216,13 @@ def lora_init(key: Any, model: Any, config: LoraConfig | None = None, params: An
     return jlora.lora_init(key, params, config, infer_layout=traced)
 
 
+def _option_value(v: Any) -> bool:
+    """Whether a ``generate`` keyword is a number given as a 0-d array (``np.array(3)``), which HF
+    reads as the number it holds."""
+    return (isinstance(v, (np.ndarray, jax.Array)) and v.ndim == 0 and not _compat.is_tracer(v)
+            and (jnp.issubdtype(v.dtype, jnp.number) or v.dtype == np.bool_))
+
+
 def output_embeddings(params: Any, config: Any) -> list[str]:
     """Paths of the kernels that project onto the vocabulary outside the layer stack: a model's
     output embeddings (an LM or MLM head that is not tied to the input table), which PEFT's
@@ -233,8 +241,8 @@ def output_embeddings(params: Any, config: Any) -> list[str]:
         ['cls/predictions/decoder/kernel']
     """
     vocabs = _vocab_sizes(config)
-    leaves = leaves_with_paths(params)
-    is_2d = lambda leaf: getattr(leaf, "ndim", 0) == 2
+    leaves = leaves_with_paths(params, is_leaf=is_param)  # a quantized table is one leaf
+    is_2d = lambda leaf: len(getattr(leaf, "shape", ())) == 2
     tables = {tuple(leaf.shape) for path, leaf in leaves
               if path.endswith("embedding") and is_2d(leaf) and leaf.shape[0] in vocabs}
     return [path for path, leaf in leaves
@@ -522,8 +530,9 @@ class LoraModel:
         if kwargs.get("trace", True) is False:
             raise ValueError("LoraModel.generate: trace=False runs HF's decoding loop in Python on the tokens' "
                              "values, which jlora.apply's trace cannot give; generate with merged=True for it")
-        # a tokenizer's attention_mask is numpy; a 0-d numpy array is an option's value (max_new_tokens)
-        kwargs = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in kwargs.items()}
+        # a tokenizer's attention_mask is numpy; a 0-d number is an option's value (max_new_tokens), a
+        # PRNG key (prng_key) is traced
+        kwargs = {k: v.item() if _option_value(v) else v for k, v in kwargs.items()}
         is_array = lambda v: isinstance(v, (jax.Array, np.ndarray))
         static = {k: v for k, v in kwargs.items() if not is_array(v)}
         dynamic = {k: jnp.asarray(v) for k, v in kwargs.items() if is_array(v)}

@@ -60,6 +60,15 @@ def _describe(leaf: Any) -> str:
     return type(leaf).__name__
 
 
+def _not_adaptable_because(leaf: Any) -> str:
+    """What to say of a targeted leaf that is no float array of 2 or more axes."""
+    if hasattr(leaf, "shape"):
+        return "biases and norms go in LoraConfig.trainable"
+    if type(leaf).__name__ == "SharedNode":  # equinox.nn.Shared's, not imported for a name
+        return "eqx.nn.Shared's placeholder for a weight it holds at another path: target that path"
+    return "it is not an array"
+
+
 def _is_linear_kernel(path: str, leaf: Any, weights: bool, wrapped: bool = False) -> bool:
     """Whether all-linear adapts ``path``: a dense ``kernel`` (Haiku: ``w``) but the heads; with
     ``weights`` (infer_layout given, to tell Equinox's linear weights from its tables), a ``weight`` too,
@@ -284,12 +293,9 @@ def select(config: LoraConfig, entries: Sequence[tuple[str, Any]],
                 if not _is_adaptable(leaf):
                     kernel = any(p.rsplit("/", 1)[0] == parent and p.rsplit("/", 1)[-1] in WEIGHT_NAMES
                                  and _is_adaptable(x) for p, x in entries) and pat.text != path
-                    what = ("biases and norms go in LoraConfig.trainable" if hasattr(leaf, "shape") else
-                            "eqx.nn.Shared's placeholder for a weight it holds at another path: target that path"
-                            if type(leaf).__name__ == "SharedNode" else "it is not an array")
                     raise ValueError(
                         f"lora_init: target {pat.text!r} matches '{path}' ({_describe(leaf)}): only float arrays "
-                        f"with 2 or more axes can be adapted ({what})"
+                        f"with 2 or more axes can be adapted ({_not_adaptable_because(leaf)})"
                         + (f"; a pattern naming the module ('{parent.rsplit('/', 1)[-1]}') adapts its kernel, one "
                            "reaching into it matches its other leaves too" if kernel else "")
                     )

@@ -121,16 +121,22 @@ def _check_arguments(grads: Any, state: Any, params: Any) -> None:
     """Say what is wrong where ``update``'s arguments are a half of ``jlora.split`` other than the
     one it takes, or in another order (``update(grads, params, opt_state)``)."""
     if not isinstance(state, optax.MultiTransformState) and _has_nodes(state):  # ours is a multi_transform's
-        structure = jax.tree.structure(state)
-        if structure in (jax.tree.structure(grads), jax.tree.structure(params)):
-            raise ValueError("jlora.optimizer: opt_state holds LoraWeight or Trainable nodes, as params do: "
-                             "update takes (grads, opt_state, params), in that order")
-        raise ValueError("jlora.optimizer: opt_state was not made by this optimizer's init (it holds the params' "
-                         "LoraWeight or Trainable nodes, as the state of a plain optax tx initialised on them "
-                         "does): make it with tx.init(params), tx = jlora.optimizer(...)")
+        if _holds_optax_states(state) and not isinstance(params, optax.MultiTransformState):
+            raise ValueError("jlora.optimizer: opt_state was not made by this optimizer's init (it holds the params' "
+                             "LoraWeight or Trainable nodes inside optax's states, as a plain optax tx's state "
+                             "initialised on them does): make it with tx.init(params), tx = jlora.optimizer(...)")
+        raise ValueError("jlora.optimizer: opt_state holds LoraWeight or Trainable nodes, as params do: "
+                         "update takes (grads, opt_state, params), in that order")
     _check_has_adapters(grads, "jlora.optimizer's update", "the gradients")
     if params is not None:
         _check_has_adapters(without_variables(params), "jlora.optimizer's update")
+
+
+def _holds_optax_states(tree: Any) -> bool:
+    """Whether ``tree`` holds a state of an optax transformation (``ScaleByAdamState``, ``EmptyState``:
+    named tuples of optax's), as no param tree does."""
+    is_state = lambda x: isinstance(x, tuple) and hasattr(x, "_fields") and type(x).__module__.startswith("optax")
+    return any(is_state(x) for x in jax.tree.leaves(tree, is_leaf=is_state))
 
 
 def _state_shapes(inner: optax.GradientTransformation) -> Callable[[Any], Any]:
@@ -283,9 +289,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     its learning rate (SGD, momentum, Adam(W), Lion, RMSProp, Adafactor). A ``tx`` whose updates
     are differences of iterates (schedule-free, Mechanic, COCOB, MADGRAD, SAM's transparent mode),
     whose step size grows with the params' distance from their start (DoG, DoWG, Prodigy) or is
-    Polyak's (Momo), or whose step length a line search picks (``optax.lbfgs``'s default), is refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by ``init``); ``optax.lookahead``
-    with any (it goes around ``optimizer``); a
-    transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
+    Polyak's (Momo), or whose step length a line search picks (``optax.lbfgs``'s default), is
+    refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by
+    ``init``); ``optax.lookahead`` with any (it goes around ``optimizer``); a transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
     be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
@@ -330,10 +336,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
         except AttributeError as err:
             if "'NoneType'" not in str(err):
                 raise
-            raise ValueError("jlora.optimizer's init: tx's init took a None for an array: tx gets the trainable half "
-                             "of jlora.split, which holds None where the frozen leaves were (as equinox.partition's "
-                             "halves do), and tx maps over None as a leaf (optax.contrib.galore does); use a tx that "
-                             f"skips None ({type(err).__name__}: {err})") from None
+            raise ValueError(f"jlora.optimizer's init: tx's init failed on a None ({type(err).__name__}: {err}, "
+                             "above): tx gets the trainable half of jlora.split, which holds None where the frozen "
+                             "leaves were (as equinox.partition's halves do); a tx that maps over None as a leaf "
+                             "(optax.contrib.galore does) cannot take it: use one that skips None") from err
         _check_scalable(state, plain)
         return state
 

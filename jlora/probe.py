@@ -3,9 +3,9 @@
 Each target kernel enters the evaluator of ``jlora.lazy`` as a ``Probe``, a lazy kind that follows
 the kernel through transposes, casts, reshapes and scans, and records at every ``dot_general``,
 ``ragged_dot``, ``gather`` (or a single row's ``squeeze``) or ``conv`` which of its original axes
-are contracted (input), batched (batch) or kept (output); the first use gives the layout (of two
-uses that differ only in which axes are input and output, the more frequent one, as a spectral norm
-makes), a later one that disagrees otherwise warns. Only abstract values are used: nothing is computed.
+are contracted (input), batched (batch) or kept (output); the first use gives the layout (of uses
+that differ only in which axes are input and output, a lookup's, else the more frequent one's, as
+a spectral norm makes), a later one that disagrees otherwise warns. Only abstract values are used: nothing is computed.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _record(ctx: Context, probe: Probe, roles: dict[int, str], primitive: Any) -
     if sorted(per_axis) != list(range(n)):
         return
     spec = "".join(per_axis[i] for i in range(n))
-    for path in (probe.path, *probe.also):  # every use, in order: the layout is the most used one's
-        ctx.records["layouts"].setdefault(path, []).append(spec)
+    for path in (probe.path, *probe.also):  # every use, in order, with what used it
+        ctx.records["layouts"].setdefault(path, []).append((spec, primitive))
 
 
 @register(_compat.dot_general_p, Probe)
@@ -380,15 +380,12 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
         vectors.update(records["vectors"])
     ndim = {p: v.ndim for p, v in zip(leaf_paths, abstract)}
     layouts = {}
-    for path, uses in records["layouts"].items():
+    for path, records_of_path in records["layouts"].items():
+        uses = [spec for spec, _ in records_of_path]
         if not _valid(uses[0]) or len(uses[0]) != ndim[path]:  # an axis the probe lost track of
             continue
-        # a kernel also used transposed takes the layout of its more frequent use, the first one's on a
-        # tie: a tied table looked up, then attended to, is a table; a spectral norm's power iteration
-        # (u @ W.T, then v @ W twice) and the layer's own x @ (W / sigma) make a Dense kernel's 'io'
-        specs = list(dict.fromkeys(uses))
-        first = Layout.parse(max((s for s in specs if _compatible(Layout.parse(specs[0]), s)), key=uses.count))
-        for other in specs:
+        first = Layout.parse(_chosen(records_of_path))
+        for other in dict.fromkeys(uses):
             if not _compatible(first, other):
                 warnings.warn(
                     f"jlora: kernel {path!r} is used with layouts '{first}' and '{other}'; "
@@ -398,6 +395,21 @@ def infer_layouts(fn: Callable[[Any], Any], params: Any, paths: Sequence[str],
                 )
         layouts[path] = first
     return layouts
+
+
+def _chosen(uses: list[tuple[str, Any]]) -> str:
+    """The layout of a kernel's uses (``(spec, primitive)``, in order): the first use's, but where
+    uses differ only in which axes are input and output, a lookup's (a tied table looked up, then
+    attended to, however often, is a table), else the more frequent one's, the first's on a tie (a
+    spectral norm's power iteration, u @ W.T then v @ W twice, and the layer's x @ (W / sigma) make
+    a Dense kernel 'io')."""
+    first = uses[0][0]
+    transposed = [(spec, primitive) for spec, primitive in uses if _compatible(Layout.parse(first), spec)]
+    lookups = [spec for spec, primitive in transposed if primitive is _compat.gather_p]
+    if lookups:
+        return lookups[0]
+    specs = [spec for spec, _ in transposed]
+    return max(dict.fromkeys(specs), key=specs.count)
 
 
 def _valid(spec: str) -> bool:

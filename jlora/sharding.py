@@ -678,13 +678,18 @@ def check_base_sharding(where: str, path: str, leaf: Any) -> None:
     """
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, NamedSharding) and hasattr(leaf, "shape"):
-        _checked(path, tuple(leaf.shape), sharding.spec, sharding.mesh, f"{where}: the base's sharding")
+        try:
+            _checked(path, tuple(leaf.shape), sharding.spec, sharding.mesh, f"{where}: the base's sharding")
+        except ValueError as err:
+            raise ValueError(f"{err}: give the base a sharding that divides it (replicate that axis, or split it "
+                             "over mesh axes whose sizes divide it)") from None
 
 
 def _checked(path: str, shape: tuple, spec: PartitionSpec, mesh: Mesh, what: str = "sharding rule") -> PartitionSpec:
-    if len(spec) > len(shape):
-        raise ValueError(f"{what} for '{path}': spec {spec} has {len(spec)} entries; the leaf has shape {shape}")
-    per_axis = [() if names is None else (names,) if isinstance(names, str) else tuple(names) for names in spec]
+    entries = _compat.spec_partitions(spec)  # a spec with reduced axes (an Explicit mesh's) is not iterated
+    if len(entries) > len(shape):
+        raise ValueError(f"{what} for '{path}': spec {spec} has {len(entries)} entries; the leaf has shape {shape}")
+    per_axis = [() if names is None else (names,) if isinstance(names, str) else tuple(names) for names in entries]
     used = [n for names in per_axis for n in names]
     twice = sorted({n for n in used if used.count(n) > 1})
     if twice:

@@ -867,18 +867,46 @@ def test_a_base_or_state_placed_where_the_restore_cannot_go_is_refused_by_path(t
     two = jlora.sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
     on = lambda mesh, tree: jax.device_put(tree, NamedSharding(mesh, P()))
     kept = tx.init(on(three, trainable))  # the template from the run on three devices
-    with pytest.raises(ValueError, match=r"opt_state_like.* is placed on 3 device\(s\), the base on 2: .*make "
-                                         r"opt_state_like on this base's placement"):
+    with pytest.raises(ValueError, match=r"opt_state_like.*\['kernel'\].a is placed on devices \[0, 1, 2\], its "
+                                         r"adapter on \[0, 1\]: .*make opt_state_like on this base's placement"):
         AdapterCheckpointer(tmp_path).restore(on(two, base), opt_state_like=kept)
     restored, state, _ = AdapterCheckpointer(tmp_path).restore(on(two, base), opt_state_like=tx.init(on(two, trainable)))
     assert {d for x in jax.tree.leaves(state) for d in x.devices()} == set(jax.devices()[:2])
+    # a base spread over two meshes (pipeline stages): each moment on its own adapter's devices is right
+    other = jlora.sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[2:4])
+    staged = {"enc": on(two, base["enc"]), "dec": on(other, base["dec"])}
+    staged_trainable = jlora.split(jlora.lora_init(KEY, staged, jlora.LoraConfig(rank=4, targets=["enc", "dec"])))[0]
+    _, state, _ = AdapterCheckpointer(tmp_path).restore(staged, opt_state_like=tx.init(staged_trainable))
+    mu = state.inner_states["adapter"].inner_state[0].mu
+    assert mu["dec"]["kernel"].a.devices() == set(jax.devices()[2:4]) and mu["enc"]["kernel"].b.devices() == set(jax.devices()[:2])
     # a template of integers would cut the float moments
     ints = jax.tree.map(lambda x: x.astype(jnp.int32), tx.init(trainable))
     with pytest.raises(ValueError, match=r"opt_state_like.*\['dec'\]\['kernel'\].a is int32, step 1 saved float32: "
                                          r"restored into it, the values would be cut to integers"):
         AdapterCheckpointer(tmp_path).restore(base, opt_state_like=ints)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, tx.init(trainable))
-    AdapterCheckpointer(tmp_path).restore(base, opt_state_like=bf16)  # narrowed as asked: the docstring's dtypes
+    _, state, _ = AdapterCheckpointer(tmp_path).restore(base, opt_state_like=bf16)  # narrowed as asked (the docstring)
+    assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
+
+
+@pytest.mark.skipif(not hasattr(jax.sharding, "AxisType") or jax.device_count() < 4, reason="an Explicit mesh: JAX 0.7+, 4 devices")
+def test_a_base_sharded_with_reduced_axes_loads(tmp_path):
+    """A spec holding reduced axes (an Explicit mesh's FSDP gather) refuses to be iterated (JAX 0.8+):
+    the base sharding check reads its partitions."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    try:
+        spec = P(None, "model", reduced={"fsdp"})
+    except TypeError:
+        pytest.skip("PartitionSpec has no reduced axes before JAX 0.8")
+    mesh = jax.make_mesh((2, 2), ("fsdp", "model"), axis_types=(AxisType.Explicit,) * 2, devices=jax.devices()[:4])
+    leaf = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(mesh, spec))
+    params = jlora.lora_init(KEY, {"q": {"kernel": jnp.ones((8, 8))}}, jlora.LoraConfig(rank=2, targets=["q"]))
+    jlora.adapter.save_adapter(tmp_path / "ad", params)
+    AdapterCheckpointer(tmp_path / "ckpt", async_save=False).save(1, params)
+    for got in (jlora.adapter.load_adapter(tmp_path / "ad", {"q": {"kernel": leaf}}),
+                AdapterCheckpointer(tmp_path / "ckpt").restore({"q": {"kernel": leaf}})[0]):
+        np.testing.assert_array_equal(got["q"]["kernel"].a, params["q"]["kernel"].a)
 
 
 def test_a_base_replicated_for_pmap_is_named_as_such(tmp_path):

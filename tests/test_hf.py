@@ -358,6 +358,16 @@ def test_a_layer_as_wide_as_the_vocabulary_is_no_output_embedding():
     assert "wav2vec2/feature_projection/projection/kernel" in adapted
 
 
+def test_an_output_embedding_beside_a_quantized_input_table_is_one():
+    """A quantized input table is one leaf (an int8 array and its scales): its shape still tells the
+    untied LM head beside it for the output embedding all-linear leaves alone."""
+    from quantized import quantize
+
+    params = {"embed_tokens": {"embedding": quantize(jnp.ones((50, 32)))},
+              "decoder_head": {"kernel": jnp.ones((32, 50))}, "layers": {"0": {"up": {"kernel": jnp.ones((32, 50))}}}}
+    assert hf.output_embeddings(params, tf.LlamaConfig(vocab_size=50)) == ["decoder_head/kernel"]
+
+
 def test_generate_takes_the_inputs_as_the_models_generate_does():
     """Whisper's generate is called with input_features=, as HF's examples call it."""
     model = tf.FlaxWhisperForConditionalGeneration(tf.WhisperConfig(
@@ -374,6 +384,7 @@ def test_generate_takes_the_inputs_as_the_models_generate_does():
                                                           merged=True).sequences)
     # an option given as a 0-d numpy array (read from a config file) is its value, as HF takes it
     np.testing.assert_array_equal(by_keyword, lm.generate(features, max_new_tokens=np.array(3)).sequences)
+    np.testing.assert_array_equal(by_keyword, lm.generate(features, max_new_tokens=jnp.array(3)).sequences)
 
 
 def test_a_saved_adapter_runs_in_a_lora_model_as_it_was_trained(tmp_path):

@@ -181,7 +181,7 @@ def test_a_kernel_used_both_ways_takes_its_more_frequent_use():
     """A spectral norm's power iteration uses a Dense kernel as u @ W.T once, then v @ W (and the layer
     x @ (W / sigma)): it is 'io', as the layer uses it (the first use made it 'oi', with its factors
     swapped: a's Kaiming bound from the output width, LoRA+'s ratio on the input side). A table
-    attended to more often than looked up stays a table only on a tie."""
+    looked up is a table, however often it is attended to."""
     import flax.linen as nn
     from flax import nnx
 
@@ -196,9 +196,11 @@ def test_a_kernel_used_both_ways_takes_its_more_frequent_use():
                                  infer_layout=lambda s: nnx.merge(graph, s)(x, update_stats=False))
         kernel = params["layer_instance"]["kernel"].get_value()
         assert (str(kernel.layout), kernel.a.shape, kernel.b.shape) == ("io", (5, 2), (2, 7))
-    p = {"emb": jnp.ones((10, 4))}
+    p = {"emb": jnp.ones((10, 4))}  # a table looked up is a table, attended to however often (Medusa's heads)
     attended_twice = lambda p: p["emb"][jnp.array([1, 2])] @ p["emb"].T + jnp.ones((2, 4)) @ p["emb"].T
-    assert str(infer_layouts(attended_twice, p, ["emb"])["emb"]) == "oi"
+    assert str(infer_layouts(attended_twice, p, ["emb"])["emb"]) == "io"
+    attended_first = lambda p: (jnp.ones((2, 4)) @ p["emb"].T).sum() + (jnp.ones((3, 4)) @ p["emb"].T).sum() + p["emb"][1]
+    assert str(infer_layouts(attended_first, p, ["emb"])["emb"]) == "io"
 
 
 def test_conflicting_uses_warn_and_keep_the_first():
