@@ -86,6 +86,8 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # so named makes PEFT tie the LM head to the input embedding's adapter (or trained copy), as it
 # reloads the config; GPT-2's "transformer.wte" alone leaves the head untied.
 PEFT_TYING_NAMES = ("embed_tokens", "lm_head")
+# Flax's names of the input embeddings an LM head is tied to (GPT-2's wte, BERT's word_embeddings).
+WORD_EMBEDDINGS = ("wte", "embed_tokens", "word_embeddings", "shared", "embed_in", "word_embedding")
 # The model's own modules under which Flax keeps a masked LM's head (BERT's cls.predictions.decoder,
 # RoBERTa's lm_head.decoder, ...): PyTorch's tied head there is not a causal LM's ``lm_head``.
 MLM_HEADS = ("cls", "lm_head", "predictions", "generator_lm_head")
@@ -871,8 +873,13 @@ def _check_tied_head(source: Path, key: str, value: np.ndarray, heads: Sequence[
                              f"'{elsewhere[0]}': jlora reads a tied head's tensors only beside its embedding (a "
                              "causal LM's lm_head, a composite model's decoder); leave it out of target_modules and "
                              "modules_to_save" if elsewhere else "and base_params hold no embedding tied to it"))
-    table = tables[0]
-    module = table.rsplit("/", 1)[0].replace("/", ".")
+    # the input embedding the head is tied to: one the adapter holds factors or a copy for, else one
+    # named as word embeddings are, before another table of as many rows (GPT-2's positions, where
+    # n_positions == vocab_size)
+    module_of = lambda p: p.rsplit("/", 1)[0].replace("/", ".")
+    table = min(tables, key=lambda p: (module_of(p) not in factors and p not in tuned,
+                                       p.split("/")[-2] not in WORD_EMBEDDINGS))
+    module = module_of(table)
     trained = _in_saved_module(head, config.get("modules_to_save") or (), _from_peft_0_22(config))
     if leaf in ("weight", "base_layer.weight") and not (trained and ties != "save"):
         if leaf == "weight" and ties == "save" and table in tuned:

@@ -167,6 +167,17 @@ def test_a_tied_embedding_crosses_both_ways_with_ensure_weight_tying(whole, tmp_
         jlora.peft.load_adapter(tmp_path / "from_peft", model.params, model.config)
 
 
+def test_a_tied_wte_round_trips_where_the_position_table_has_as_many_rows(tmp_path):
+    """n_positions == vocab_size (a character model): wpe has a vocabulary's rows too, and was taken
+    for the table the head is tied to, refusing jlora's own file; the word embedding is wte."""
+    model = tf.FlaxGPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=64))
+    lm = hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["c_attn", "wte"]), jax.random.key(0))
+    lm.params = perturb(lm.params, jax.random.key(1))
+    jlora.peft.save_adapter(tmp_path / "ad", lm.params, model.config)
+    loaded = jlora.peft.load_adapter(tmp_path / "ad", model.params, model.config)
+    jax.tree.map(np.testing.assert_array_equal, jlora.split(loaded)[0], jlora.split(lm.params)[0])
+
+
 def test_gpt2s_tied_wte_crosses_as_peft_reloads_it(tmp_path):
     """PEFT ties GPT-2's head to wte only where its config names lm_head (ensure_weight_tying looks
     for embed_tokens or lm_head): jlora writes that, and PEFT runs its outputs; a file PEFT saved
