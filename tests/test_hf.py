@@ -457,6 +457,14 @@ def test_a_lora_model_refuses_a_half_or_a_stack_of_adapters_when_built_and_serve
     for i, t in enumerate([trainable, jax.tree.map(lambda x: 2 * x, trainable)]):
         want = model(ids, params=jlora.merge(jlora.combine(t, frozen))).logits
         np.testing.assert_allclose(served[i], want, rtol=1e-5, atol=1e-5)
+    # adapters that train whole leaves (ln_f): the README's zero adapter keeps the base's values there
+    config = jlora.LoraConfig(rank=2, targets=["c_attn"], trainable=["ln_f"])
+    trained = jlora.split(perturb(hf.lora_init(jax.random.key(0), model, config), jax.random.key(2)))[0]
+    zero, frozen_with = jlora.split(hf.lora_init(jax.random.key(3), model, config))
+    served = jax.vmap(lambda t, x: lm(x, params=jlora.combine(t, frozen_with)).logits, in_axes=(0, None))(
+        jlora.stack([trained, zero]), ids)
+    np.testing.assert_allclose(served[1], jax.jit(model.__call__)(ids).logits, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(served[0] - served[1]).max()) > 1e-3
 
 
 def test_rows_generate_each_with_its_own_adapter_under_vmap():
