@@ -128,8 +128,8 @@ def test_a_resume_with_another_lora_config_is_refused_at_restore(tmp_path):
         assert restored["q"]["kernel"].scale == params["q"]["kernel"].scale
     # a step saved without a config: its adapters are checked as a save checks them
     AdapterCheckpointer(tmp_path / "bare", async_save=False).save(1, params)
-    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: lora_config makes 'q/kernel' rank 4, scale 8, "
-                                         r"dropout 0.1; the adapter there has rank 4, scale 2"):
+    with pytest.raises(ValueError, match=r"AdapterCheckpointer.restore: lora_config makes 'q/kernel' scale 8; the "
+                                         r"adapter there has scale 2: pass the LoraConfig"):  # what differs, only
         AdapterCheckpointer(tmp_path / "bare", lora_config=edited).restore(base)
     AdapterCheckpointer(tmp_path / "bare", lora_config=cfg).restore(base)
 
@@ -357,8 +357,7 @@ def test_lora_dropout_is_the_lora_configs_on_restore_and_checked_on_save(tmp_pat
     ckpt = AdapterCheckpointer(tmp_path, async_save=False, lora_config=higher)
     restored, _, _ = ckpt.restore(base)
     assert restored["q"]["kernel"].dropout == 0.3
-    with pytest.raises(ValueError, match=r"lora_config makes 'q/kernel' rank 2, scale 4, dropout 0.3; the adapter "
-                                         r"there has rank 2, scale 4, dropout 0.1"):
+    with pytest.raises(ValueError, match=r"lora_config makes 'q/kernel' dropout 0.3; the adapter there has dropout 0.1:"):
         ckpt.save(2, params)
     assert ckpt.save(2, restored)
 
