@@ -621,13 +621,15 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
             continue
         rank = pattern_value(x.path, config.rank_pattern, "rank_pattern", config.rank)
         scale = config.scale_for(rank, pattern_value(x.path, config.alpha_pattern, "alpha_pattern", config.alpha))
-        differ = [(name, made, held) for name, made, held, same in (
-            ("rank", rank, x.rank, x.rank == rank), ("scale", scale, x.scale, math.isclose(x.scale, scale, rel_tol=1e-6)),
-            ("dropout", config.dropout, x.dropout, x.dropout == config.dropout)) if not same]
+        checks = (("rank", rank, x.rank, x.rank == rank),
+                  ("scale", scale, x.scale, math.isclose(x.scale, scale, rel_tol=1e-6)),
+                  ("dropout", config.dropout, x.dropout, x.dropout == config.dropout))
+        differ = [(name, made, held) for name, made, held, same in checks if not same]
         if differ:  # only what differs: a caller may have set the dropout to the config's (LoraModel)
-            raise ValueError(f"{op}: lora_config makes '{x.path}' {', '.join(f'{n} {m:g}' for n, m, _ in differ)}; the "
-                             f"adapter there has {', '.join(f'{n} {h:g}' for n, _, h in differ)}: pass the LoraConfig "
-                             "the adapters were made with")
+            made = ", ".join(f"{name} {value:g}" for name, value, _ in differ)
+            held = ", ".join(f"{name} {value:g}" for name, _, value in differ)
+            raise ValueError(f"{op}: lora_config makes '{x.path}' {made}; the adapter there has {held}: pass the "
+                             "LoraConfig the adapters were made with")
     entries = leaves_with_paths(params, is_leaf=is_param)
     kernel = lambda x: x.w if x.w is not None else jax.ShapeDtypeStruct(x.kernel_shape, x.a.dtype)  # a split's half
     base = {p: kernel(x) if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}
