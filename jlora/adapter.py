@@ -32,7 +32,7 @@ from jlora.config import LoraConfig
 from jlora.init import pattern_value, select
 from jlora.layout import Layout
 from jlora.paths import DELETED, is_deleted, leaves_with_paths, replace_leaves
-from jlora.sharding import check_base_sharding, follow_base
+from jlora.sharding import follow_bases
 from jlora.tree import check_whole
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
@@ -734,9 +734,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     new = {p: LoraWeight(by_path[p], jnp.asarray(tensors[f"{p}/a"]), jnp.asarray(tensors[f"{p}/b"]), scale=spec["scale"],
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
-    for p in new:
-        check_base_sharding(str(path), p, by_path[p])
-    new = {p: follow_base(node, by_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
+    new = follow_bases(str(path), new, by_path)  # on a sharded base: sharded alike
     missing = unadapted_layers(config.get("lora_config"), by_path, set(targets))
     if missing:
         warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "

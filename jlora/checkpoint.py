@@ -737,16 +737,19 @@ def _check_state_devices(directory: str, like: Any, base: dict[str, Any], target
     devices of the whole base (a base may be spread over several meshes: pipeline stages)."""
     devices = {p: _devices(x) for p, x in base.items()}
     everywhere = frozenset().union(*devices.values())
-    for (keys, leaf), path in zip(jax.tree_util.tree_flatten_with_path(like)[0], _key_paths(like)):
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
         there = _devices(leaf)
         adapter = _adapter_of(keys, leaf, targets)
-        owner = None if adapter is None else adapter.removesuffix("/a").removesuffix("/b")
-        here = devices.get(owner) or everywhere
-        if there and here and (there != here if owner in devices and devices[owner] else not there <= here):
-            raise ValueError(f"{directory}: opt_state_like{path} is placed on devices {sorted(d.id for d in there)}, "
-                             f"its {'adapter' if devices.get(owner) else 'base'} on {sorted(d.id for d in here)}: "
-                             "restored there, the state and the params could not go into one step; make "
-                             "opt_state_like on this base's placement (tx.init of the restored trainable half, or "
+        own = devices.get(adapter.removesuffix("/a").removesuffix("/b")) if adapter else None
+        if own:  # a moment: on its adapter's devices
+            here, whose, misplaced = own, "adapter", there != own
+        else:  # a count, a leaf of no adapter: within the base's
+            here, whose, misplaced = everywhere, "base", not there <= everywhere
+        if there and here and misplaced:
+            raise ValueError(f"{directory}: opt_state_like{jax.tree_util.keystr(keys)} is placed on devices "
+                             f"{sorted(d.id for d in there)}, its {whose} on {sorted(d.id for d in here)}: restored "
+                             "there, the state and the params could not go into one step; make opt_state_like on "
+                             "this base's placement (tx.init of the restored trainable half, or "
                              "jax.eval_shape(tx.init, trainable), whose moments are restored as their adapters are)")
 
 

@@ -291,8 +291,9 @@ def optimizer(tx: optax.GradientTransformation, params: Any = None, *, b_lr_rati
     whose step size grows with the params' distance from their start (DoG, DoWG, Prodigy) or is
     Polyak's (Momo), or whose step length a line search picks (``optax.lbfgs``'s default), is
     refused with a ratio other than 1 (by ``optimizer`` when it is given ``params``, else by
-    ``init``); ``optax.lookahead`` with any (it goes around ``optimizer``); a transformation that projects the params (``optax.keep_params_nonnegative``, a projection) cannot
-    be told from its state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
+    ``init``); ``optax.lookahead`` with any (it goes around ``optimizer``); a transformation that
+    projects the params (``optax.keep_params_nonnegative``, a projection) cannot be told from its
+    state, and with a ratio its projection of ``b`` is scaled too: keep those to 1.
     Accumulate gradients with ``optimizer(optax.MultiSteps(tx, k).gradient_transformation(), ...)``:
     inside, the accumulators hold the adapters' gradients only (``optax.MultiSteps`` around the
     result, initialised on the full tree, would keep a zero copy of every frozen weight); its

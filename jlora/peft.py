@@ -44,7 +44,7 @@ from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
 from jlora.paths import leaves_with_paths, replace_leaves
-from jlora.sharding import check_base_sharding, follow_base
+from jlora.sharding import follow_bases
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -1255,9 +1255,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
                          lambda m: _scale(config, alpha_of(m), rank_of(m)), hf_config, ties)
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
-    for p in new:
-        check_base_sharding(str(path), p, by_flax_path[p])
-    new = {p: follow_base(node, by_flax_path[p]) for p, node in new.items()}  # on a sharded base: sharded alike
+    new = follow_bases(str(path), new, by_flax_path)  # on a sharded base: sharded alike
     heads_apart = [p for p in new if p.split("/")[-2:] == ["lm_head", "kernel"]]
     if ties and heads_apart and any(p.endswith("/embedding") for p in new):  # HF's Flax Llama keeps an lm_head
         warnings.warn(f"{path}: PEFT ties the LM head's {'adapter' if ties == 'target' else 'copy'} to the input "

@@ -403,8 +403,8 @@ def _chosen(uses: list[tuple[str, Any]]) -> str:
     attended to, however often, is a table), else the more frequent one's, the first's on a tie (a
     spectral norm's power iteration, u @ W.T then v @ W twice, and the layer's x @ (W / sigma) make
     a Dense kernel 'io')."""
-    first = uses[0][0]
-    transposed = [(spec, primitive) for spec, primitive in uses if _compatible(Layout.parse(first), spec)]
+    first = Layout.parse(uses[0][0])
+    transposed = [(spec, primitive) for spec, primitive in uses if _compatible(first, spec)]
     lookups = [spec for spec, primitive in transposed if primitive is _compat.gather_p]
     if lookups:
         return lookups[0]

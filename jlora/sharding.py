@@ -460,6 +460,21 @@ def follow_base(node: LoraWeight | Trainable, base_leaf: Any) -> LoraWeight | Tr
     return node.replace(a=_put(node.a, a_sharding), b=_put(node.b, b_sharding))
 
 
+def follow_bases(where: str, nodes: dict[str, LoraWeight | Trainable], base: dict[str, Any]) -> dict[str, Any]:
+    """``follow_base`` for each of ``nodes`` (by param path) over its leaf of ``base`` (by path), each
+    base leaf's sharding checked first (``check_base_sharding``: ``where`` starts the error).
+
+    Example:
+        >>> import numpy as np, jlora
+        >>> lw = jlora.LoraWeight(np.ones((4, 2)), np.ones((4, 1)), np.zeros((1, 2)), scale=1.0)
+        >>> list(jlora.sharding.follow_bases("load_adapter", {"k": lw}, {"k": np.ones((4, 2))}))
+        ['k']
+    """
+    for path in nodes:
+        check_base_sharding(where, path, base[path])
+    return {path: follow_base(node, base[path]) for path, node in nodes.items()}
+
+
 class _NotTheParams(ValueError):
     """``state_shardings``' own refusal, told apart from the tree errors of optax it explains."""
 
