@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jlora import _compat
 from jlora.paths import path_str
 from jlora.sharding import _fits
-from jlora.weight import LoraWeight, Trainable, is_param
+from jlora.weight import LoraWeight, Trainable, is_param, zero_padded
 
 
 def mix(adapters: Sequence[Any], weights: Sequence[Any], *, rank: int | None = None) -> Any:
@@ -162,7 +162,7 @@ def _mixed(nodes: list[LoraWeight], weights: Sequence[Any], rank: int | None) ->
     new_b = root[..., :, None] * (vt[..., :kept, :] @ jnp.swapaxes(q_b, -1, -2))
     new_a = new_a.reshape(*batch, *ins, kept).astype(first.a.dtype)
     new_b = new_b.reshape(*batch, kept, *outs).astype(first.b.dtype)
-    return {"a": _placed_like(_padded(new_a, rank, -1), first.a), "b": _placed_like(_padded(new_b, rank, nb), first.b),
+    return {"a": _placed_like(zero_padded(new_a, rank, -1), first.a), "b": _placed_like(zero_padded(new_b, rank, nb), first.b),
             "scale": scale}
 
 
@@ -173,10 +173,3 @@ def _placed_like(x: jax.Array, like: Any) -> jax.Array:
     if _compat.is_tracer(x) or _compat.is_tracer(like) or not isinstance(sharding, NamedSharding):
         return x
     return jax.device_put(x, sharding) if _fits(sharding, x.shape) else x
-
-
-def _padded(x: jax.Array, rank: int, axis: int) -> jax.Array:
-    """``x`` with zeros appended along its rank ``axis`` up to ``rank``."""
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, rank - x.shape[axis])
-    return jnp.pad(x, pad)

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _compat
-from jlora.paths import DELETED, deleted_path, is_deleted, leaves_with_paths, only_in, path_str
+from jlora.paths import DELETED, deleted_path, is_deleted, leaves_with_paths, only_in, path_str, replace_leaves
 from jlora.weight import (Lazy, LoraWeight, MaterializeMismatch, Trainable, check_registered, has_shape, is_node,
-                          is_param, check_float, materialized, narrow_float)
+                          is_param, check_float, materialized, narrow_float, zero_padded)
 from jlora.variables import check_unshared, has_variables, in_state, shared_paths, state_paths
 
 FROZEN, LORA_A, LORA_B, TRAINABLE = "frozen", "lora_a", "lora_b", "trainable"
@@ -116,12 +116,18 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
 
 
-def stack(adapters: Sequence[Any]) -> Any:
+def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
     """Adapters of one structure stacked along a new leading axis, to serve them over one base:
     trainable halves of ``jlora.split`` (no base weight: each would be copied), run under
     ``jax.vmap`` over the stack with one frozen half, one adapter per batch row. Refuses, naming
     the param, adapters that differ in structure, in a ``LoraWeight``'s static fields (scale,
     dropout rate: set ``dropout=0.0`` to serve) or in a shape (another rank).
+
+    With ``pad=True``, adapters of other ranks and alphas stack too, each param's factors padded
+    with zeros to the largest rank there and each scale folded into ``b`` as adapter 0's (the
+    zero directions add nothing: each row's update is its own adapter's, to one rounding of
+    ``b``); combine the stack with adapter 0's frozen half. Every row then computes at the largest
+    rank.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -134,6 +140,8 @@ def stack(adapters: Sequence[Any]) -> Any:
     """
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.stack: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
+    if pad:
+        adapters = _padded_alike(adapters)
     first = leaves_with_paths(adapters[0])
     for i, tree in enumerate(adapters):
         based = [p for p, x in leaves_with_paths(tree, is_leaf=is_node) if isinstance(x, LoraWeight) and has_shape(x.w)]
@@ -145,18 +153,45 @@ def stack(adapters: Sequence[Any]) -> Any:
             try:
                 _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
             except ValueError as err:
-                raise ValueError(f"{err}; adapters stack where their scales (alpha and rank), dropout rates and "
-                                 "targets agree (to serve, set the rate to 0: lw.replace(dropout=0.0); a scale of the "
-                                 "same rank folds into b exactly: lw.replace(b=lw.b * (lw.scale / s), scale=s))"
-                                 ) from None
+                raise ValueError(f"{err}; adapters stack where their dropout rates and targets agree (to serve, set "
+                                 "the rate to 0: lw.replace(dropout=0.0)), and their ranks and scales, or with "
+                                 "jlora.stack(adapters, pad=True)") from None
             for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
-                                     f"{np.shape(x)} (another rank, or ensembles of other sizes?)")
+                                     f"{np.shape(x)} (another rank: jlora.stack(adapters, pad=True); or ensembles of other sizes?)")
                 if getattr(x, "dtype", None) != getattr(y, "dtype", None):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} is {getattr(y, 'dtype', None)}, adapter 0 "
                                      f"{getattr(x, 'dtype', None)}: cast them alike (stacking would promote them)")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def _padded_alike(adapters: Sequence[Any]) -> list[Any]:
+    """``adapters`` with each ``LoraWeight``'s factors zero-padded to the largest rank at its path
+    and its scale folded into ``b`` as adapter 0's there (``jlora.stack(..., pad=True)``)."""
+    nodes = [dict(leaves_with_paths(tree, is_leaf=is_node)) for tree in adapters]
+    factored = lambda x: isinstance(x, LoraWeight) and has_shape(x.a) and has_shape(x.b)
+    ranks: dict[str, int] = {}
+    for found in nodes:
+        for path, x in found.items():
+            if factored(x):
+                ranks[path] = max(ranks.get(path, 0), x.rank)
+    out = []
+    for i, found in enumerate(nodes):
+        new = {}
+        for path, x in found.items():
+            first = nodes[0].get(path)
+            if not (factored(x) and factored(first)):
+                continue  # left as it is, for the structure check to name
+            scale = first.scale
+            if x.scale != scale and not scale:
+                raise ValueError(f"jlora.stack: at '{path}' adapter 0's scale is 0, adapter {i}'s {x.scale}: an "
+                                 "update cannot be folded into a zero scale (put another adapter first)")
+            b = x.b if x.scale == scale else (x.b * (x.scale / scale)).astype(x.b.dtype)
+            nb = len(x.fitted().layout.group("b"))  # b's rank axis follows its batch axes
+            new[path] = x.replace(a=zero_padded(x.a, ranks[path], -1), b=zero_padded(b, ranks[path], nb), scale=scale)
+        out.append(replace_leaves(adapters[i], new, is_leaf=is_node))
+    return out
 
 
 def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:

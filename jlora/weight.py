@@ -314,7 +314,7 @@ class LoraWeight(Lazy):
                 raise ValueError(
                     f"LoraWeight {self.path!r}: for w {tuple(w.shape)} with layout '{layout}' and rank {rank} (a's last axis), "
                     f"a must be {want_a} and b {want_b}; got a {tuple(a.shape)}, b {tuple(b.shape)}"
-                    + (f" (lorax's orientation, ΔW = b @ a: jlora's a is (in, r) and b (r, out), ΔW = scale·a @ b; "
+                    + (" (lorax's orientation, ΔW = b @ a: jlora's a is (in, r) and b (r, out), ΔW = scale·a @ b; "
                        "from lorax's, LoraWeight(w, a=lx.b, b=lx.a, scale=lx.alpha / r))" if swapped else "")
                 )
 
@@ -810,6 +810,14 @@ def materialized(x: "Lazy") -> jax.Array:
         raise MaterializeMismatch(f"{type(x).__name__}.materialize() gave {jnp.dtype(out.dtype).name}{list(out.shape)}, "
                                   f"but the value says it is {want.name}{list(x.shape)} (its shape and dtype)")
     return out
+
+
+def zero_padded(x: jax.Array, size: int, axis: int) -> jax.Array:
+    """``x`` with zeros appended along ``axis`` up to ``size`` (a factor's rank axis: the zero
+    directions add nothing to ``a @ b``)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
 
 
 def is_node(x: Any) -> bool:

@@ -694,7 +694,7 @@ def test_a_kind_whose_materialize_disagrees_with_its_shape_or_dtype_is_named():
                                             rf"the value says it is {said}"):  # bare, and as an adapter's base
             jlora.merge({"k": Claims(jnp.ones((4, 3)), shape, dtype)})
         base = Claims(jnp.ones((4, 3)), shape, dtype)
-        with pytest.raises(TypeError, match=rf"jlora.merge: 'k': Claims.materialize\(\) gave float32\[4, 3\]"):
+        with pytest.raises(TypeError, match=r"jlora.merge: 'k': Claims.materialize\(\) gave float32\[4, 3\]"):
             jlora.merge({"k": jlora.LoraWeight(base, jnp.ones((shape[0], 1), dtype), jnp.zeros((1, shape[1]), dtype),
                                                scale=1.0)})
 

@@ -555,7 +555,7 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     wider = jlora.split(jlora.lora_init(KEY, base, jlora.LoraConfig(rank=4, alpha=16, targets=["q", "v"],
                                                                      trainable=["q/bias"])))[0]
     with pytest.raises(ValueError, match=r"jlora.stack: at 'q/kernel/a' adapter 1 has shape \(8, 4\), adapter 0 \(8, 2\) "
-                                         r"\(another rank, or ensembles of other sizes\?\)"):
+                                         r"\(another rank: jlora.stack\(adapters, pad=True\); or ensembles of other sizes\?\)"):
         jlora.stack([halves[0], wider])
     with pytest.raises(ValueError, match=r"jlora.stack: at 'q/bias' adapter 1 is bfloat16, adapter 0 float32"):
         jlora.stack([halves[0], jax.tree.map(lambda x: x.astype(jnp.bfloat16), halves[1])])
@@ -564,6 +564,32 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     with pytest.raises(ValueError, match=r"jlora.unmerge: merged 'q/kernel' has shape \(8, 8\), .*\(layout 'bio'\); a "
                                          r"stack of adapters \(jlora.stack\) has one merged model per adapter"):
         jlora.unmerge(jlora.merge(trees[0]), stacked)
+
+
+def test_adapters_of_other_ranks_and_alphas_stack_padded_each_row_its_own():
+    """PEFT's mixed-adapter batches take adapters of any ranks and alphas; padded with zeros to the
+    largest rank, each scale folded into b as adapter 0's, every row is its own adapter's."""
+    key = jax.random.split(KEY, 4)
+    base = {"q": {"kernel": jax.random.normal(key[0], (8, 8))},
+            "layers": {"kernel": jax.random.normal(key[1], (2, 8, 8))}}  # stacked layers: b's rank axis is its 2nd
+    fn = lambda p, x: jnp.tanh(x @ p["q"]["kernel"]) @ p["layers"]["kernel"][0] @ p["layers"]["kernel"][1]
+    configs = [jlora.LoraConfig(rank=r, alpha=alpha, layouts={"layers/kernel": "bio"}) for r, alpha in [(2, 8), (4, 4), (1, 3)]]
+    trees = [perturb(jlora.lora_init(key[2], base, c), jax.random.key(i), 0.5)
+             for i, c in enumerate(configs)]
+    halves = [jlora.split(t)[0] for t in trees]
+    frozen = jlora.split(trees[0])[1]
+    with pytest.raises(ValueError, match=r"do not have the same structure.*or with jlora.stack\(adapters, pad=True\)"):
+        jlora.stack(halves)
+    stacked = jlora.stack(halves, pad=True)
+    assert stacked["layers"]["kernel"].b.shape == (3, 2, 4, 8) and stacked["q"]["kernel"].scale == 4.0
+    np.testing.assert_array_equal(stacked["q"]["kernel"].a[2, :, 1:], 0.0)  # rank 1: three zero directions
+    x = jax.random.normal(key[3], (3, 5, 8))
+    got = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x)
+    for i, t in enumerate(trees):
+        np.testing.assert_allclose(got[i], fn(oracle_merge(t), x[i]), rtol=1e-5, atol=1e-5)
+    zero = jax.tree.map(lambda lw: lw.replace(scale=0.0), halves[0], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.raises(ValueError, match=r"jlora.stack: at '(q|layers)/kernel' adapter 0's scale is 0, adapter 1's 1.0"):
+        jlora.stack([zero, halves[1]], pad=True)
 
 
 def test_arrays_a_jitted_step_deleted_are_named_by_merge_unmerge_and_apply():
