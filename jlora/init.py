@@ -99,7 +99,9 @@ def pattern_value(path: str, table: Sequence[tuple[str, Any]], option: str, defa
     values = {v for _, v in hits}
     if len(values) > 1:
         raise ValueError(
-            f"LoraConfig.{option}: patterns {[p for p, _ in hits]} all match '{path}' with different values {sorted(values)}"
+            f"LoraConfig.{option}: patterns {[p for p, _ in hits]} all match '{path}' with different values "
+            f"{sorted(values)}; jlora does not pick one (PEFT takes the first): narrow a pattern so they do not overlap "
+            "(LoraConfig's rank and alpha are the values where no pattern matches)"
         )
     return hits[0][1] if hits else default
 
@@ -166,7 +168,8 @@ def _wrapped_weights(paths: Sequence[str]) -> set[str]:
 
 def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     """The modules holding a weight a target can name (a >= 2-D float leaf of ``WEIGHT_NAMES`` or
-    ``EMBEDDING_NAMES``; not a norm's, by its module's name: a stack's scales), layer indices written ``*``.
+    ``EMBEDDING_NAMES``; not a norm's, by its module's name: a stack's scales), layer indices written ``*``;
+    a weight at the root (a flat dict of arrays) by its own name.
 
     Example:
         >>> _weight_modules([("layers/0/query/kernel", jnp.ones((2, 2))), ("layers/1/query/kernel", jnp.ones((2, 2))),
@@ -176,9 +179,10 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     wrapped = _wrapped_weights([p for p, _ in entries])
     owners = {path: path.split("/")[:-2 if path in wrapped else -1] for path, _ in entries}
     return list(dict.fromkeys(
-        "/".join("*" if c.isdigit() else c for c in owners[path]) or "(the root)"
+        "/".join("*" if c.isdigit() else c for c in owners[path]) or path  # a weight at the root: its own name
         for path, leaf in entries
-        if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
+        if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped or "/" not in path)
+        and _is_adaptable(leaf)
         and not (getattr(leaf, "ndim", 0) == 2 and owners[path] and _NORM.search(owners[path][-1]))  # a stacked norm's scale
     ))
 
@@ -221,7 +225,7 @@ def _near(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[
         near = nearest(text, paths)
         if near:
             return f"; nearest paths: {near}" + _layer_of_stack(text, entries, trained=True)
-        owners = list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in p.split("/")[:-1]) or "(the root)"
+        owners = list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in p.split("/")[:-1]) or p
                                     for p in paths))
         return f"; no path is near it; modules with params: {_listed(owners)}"
     modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"

@@ -378,7 +378,8 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
         (LoraConfig(targets=["step"]), r"matches 'step' \(int32\[\]\): only float arrays"),
         (LoraConfig(rank=9, targets=["v_proj"]), r"rank 9 for 'layers/0/attn/v_proj/kernel' exceeds min\(in=16, out=8\)"),
         (LoraConfig(targets=["attn"], rank_pattern={"q_proj": 2, "layers/0/attn/q_proj": 4}),
-         "patterns .* all match 'layers/0/attn/q_proj/kernel' with different values"),
+         "patterns .* all match 'layers/0/attn/q_proj/kernel' with different values \\[2, 4\\]; jlora does not pick one "
+         r"\(PEFT takes the first\): narrow a pattern"),
         (LoraConfig(targets=["q_proj"], trainable=["q_proj/kernel"]), "both a LoRA target and LoraConfig.trainable"),
         (LoraConfig(targets=["q_proj"], trainable=["nothing_here"]), "trainable: pattern 'nothing_here' matches no"),
         (LoraConfig(targets=["q_proj"], trainable=["step"]), r"trainable 'step' matches 'step' \(int32\[\]\)"),
@@ -390,6 +391,16 @@ def test_a_quantized_kernel_is_adapted_whole_as_the_float_kernel_would_be():
 def test_bad_input_names_the_path(cfg, match):
     with pytest.raises(ValueError, match=match):
         lora_init(KEY, base(), cfg)
+
+
+def test_a_mistyped_target_over_a_flat_dict_names_its_leaves():
+    """lorax's examples hold their weights at the root: a module list there named only '(the root)'."""
+    flat = {"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4)), "bias": jnp.ones(4)}
+    with pytest.raises(ValueError, match=r"pattern 'wq' matches no param; nearest modules: \['w'\]; modules with "
+                                         r"weights to adapt: v, w$"):
+        lora_init(KEY, flat, LoraConfig(rank=2, targets=["wq"]))
+    with pytest.raises(ValueError, match=r"pattern 'q' matches no param; .*modules with params: bias, v, w$"):
+        lora_init(KEY, flat, LoraConfig(rank=2, targets=["w"], trainable=["q"]))
 
 
 def test_a_target_matching_a_leaf_that_is_not_an_array_says_so():
