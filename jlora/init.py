@@ -178,13 +178,12 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
     """
     wrapped = _wrapped_weights([p for p, _ in entries])
     owners = {path: path.split("/")[:-2 if path in wrapped else -1] for path, _ in entries}
-    return list(dict.fromkeys(
-        "/".join("*" if c.isdigit() else c for c in owners[path]) or path  # a weight at the root: its own name
-        for path, leaf in entries
-        if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped or "/" not in path)
-        and _is_adaptable(leaf)
-        and not (getattr(leaf, "ndim", 0) == 2 and owners[path] and _NORM.search(owners[path][-1]))  # a stacked norm's scale
-    ))
+    named = [path for path, leaf in entries
+             if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
+             and not (getattr(leaf, "ndim", 0) == 2 and owners[path] and _NORM.search(owners[path][-1]))]  # norm scales
+    listed = set(named) | {path for path, leaf in entries if named and "/" not in path and _is_adaptable(leaf)}
+    return list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in owners[path]) or path  # at the root: its name
+                              for path, _ in entries if path in listed))
 
 
 _NORM = re.compile(r"norm|^ln(_|\d|$)", re.IGNORECASE)  # a norm module's name: layer_norm, RMSNorm, ln_1, ln
