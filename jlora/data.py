@@ -123,6 +123,8 @@ def check_labelled_file(path: str) -> str:
         ValueError: --data missing.csv: no such file (built-in sets: bbc-news, tweet-sentiment)
     """
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--data {path}: a directory; give a .csv or .jsonl file in it")
     if not file.is_file():
         raise ValueError(f"--data {path}: no such file (built-in sets: {', '.join(BUILTIN_DATA)})")
     suffix = file.suffix.lower()
@@ -136,31 +138,58 @@ def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, f"{path}:{n}"))
             yield f"{path}:{n}", row["text"], row["label"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    """A JSON object's dict, refused where it names ``text`` or ``label`` twice (json keeps the last)."""
+    keys = [k for k, _ in pairs]
+    twice = [k for k in ("text", "label") if keys.count(k) > 1]
+    if twice:
+        raise ValueError(f"{where}: the object names '{twice[0]}' {keys.count(twice[0])} times; name it once")
+    return dict(pairs)
+
+
 def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
     limit = csv.field_size_limit(2**31 - 1)  # a long text is a text (the default stops at 128 KiB)
-    reader = csv.DictReader(f)
+    reader = csv.reader(f, strict=True)  # strict: a quote closed mid-field ('"a" b') or never is an error
+    start = 1
     try:
-        columns = reader.fieldnames
+        columns = next(reader, None)
         if not columns or not {"text", "label"} <= set(columns):
             raise ValueError(f"{path}:1: the header must name 'text' and 'label' columns, found {columns}")
         twice = [name for name in ("text", "label") if columns.count(name) > 1]
-        if twice:  # the reader would keep the last of them, silently
+        if twice:  # a reader by name would keep the last of them, silently
             raise ValueError(f"{path}:1: the header names '{twice[0]}' {columns.count(twice[0])} times; name one "
                              "column so")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if any(row.get(None) or ()):  # more (non-empty) fields than columns
-                raise ValueError(f"{where}: {len(columns) + len(row[None])} fields for {len(columns)} columns "
+        while True:
+            start = reader.line_num + 1  # the row's first line: a quoted field may span several
+            fields = next(reader, None)
+            if fields is None:
+                return
+            if not "".join(fields).strip():  # an empty or blank line, as the JSONL reader skips
+                continue
+            where = f"{path}:{start}"
+            if any(fields[len(columns):]):  # more (non-empty) fields than columns
+                raise ValueError(f"{where}: {len(fields)} fields for {len(columns)} columns "
                                  "(quote a text that holds a comma)")
-            yield where, row["text"], row["label"]
+            row = dict(zip(columns, fields))
+            if (row.get("text"), row.get("label")) == ("text", "label"):
+                raise ValueError(f"{where}: the header again (files joined?); keep one header, at the top")
+            label = row.get("label")
+            if label is not None and "\n" in label.strip():
+                raise ValueError(f"{where}: the label spans lines {start}-{reader.line_num} ({label[:40]!r}...): a "
+                                 f"quote opened on line {start} and closed on line {reader.line_num}? A label is one "
+                                 "line")
+            yield where, row.get("text"), label
     except csv.Error as err:
-        raise ValueError(f"{path}:{reader.line_num}: not CSV the reader can read ({err})") from None
+        what = ("a quote opened in this row is never closed" if "end of data" in str(err) else
+                "not CSV the reader can read (a quoted field holds text after its closing quote; quote a whole field "
+                "and double a quote inside it)" if "expected after" in str(err) else "not CSV the reader can read")
+        raise ValueError(f"{path}:{start}: {what} ({err})") from None
     finally:
         csv.field_size_limit(limit)
 

@@ -82,3 +82,30 @@ def test_data_files_as_users_write_them(tmp_path):
         read("l.csv", "text,label\ncaf\u00e9,x\n", encoding="latin-1")
     with pytest.raises(ValueError, match="built-in sets: bbc-news, tweet-sentiment"):
         data.read_labelled(str(tmp_path / "tweet_sentiment"))
+
+
+def test_a_stray_quote_or_joined_files_are_refused_not_read_as_fewer_rows(tmp_path):
+    """A quote the writer left open made one field of the rows after it: fewer rows, a new class."""
+    def read(name, content):
+        file = tmp_path / name
+        file.write_text(content)
+        return data.read_labelled(str(file))
+
+    rows = "".join(f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8))
+    with pytest.raises(ValueError, match=r"q.csv:3: the label spans lines 3-6 \('pos\\nreview 0,neg\\nreview 1,pos.*'\.\.\.\): a quote "
+                                         r"opened on line 3 and closed on line 6\? A label is one line"):
+        read("q.csv", "text,label\nfine,neg\nok text,\"pos\nreview 0,neg\nreview 1,pos\nend,neg\"\n" + rows)
+    with pytest.raises(ValueError, match=r"s.csv:2: not CSV the reader can read \(a quoted field holds text after its "
+                                         r"closing quote"):
+        read("s.csv", 'text,label\n"oops a stray quote,pos\nsecond,neg\n"third",pos\nfourth,neg\n')
+    with pytest.raises(ValueError, match=r"u.csv:3: a quote opened in this row is never closed"):
+        read("u.csv", 'text,label\na,1\n"b,2\nc,1\n')
+    with pytest.raises(ValueError, match=r"j.csv:4: the header again \(files joined\?\)"):
+        read("j.csv", "text,label\na,1\nb,2\ntext,label\nc,1\n")
+    # blank rows are skipped as in JSONL: spaces, a tab, a spreadsheet's empty row ','
+    assert read("b.csv", "text,label\na,1\n   \n\t\n,\nb,2\n") == (["a", "b"], ["1", "2"])
+    assert read("m.csv", 'text,label\n"two\nlines",x\nb,y\n') == (["two\nlines", "b"], ["x", "y"])  # a text may span
+    with pytest.raises(ValueError, match=r"d.jsonl:2: .*the object names 'label' 2 times; name it once"):
+        read("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1, "label": 2}\n')
+    with pytest.raises(ValueError, match=r"--data .*: a directory; give a .csv or .jsonl file in it"):
+        data.read_labelled(str(tmp_path))
