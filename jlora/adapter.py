@@ -297,10 +297,19 @@ def tensor_shapes(path: str | os.PathLike, config: dict) -> dict[str, tuple[int,
     return _read_weights(path, config, lambda f: {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
 
 
-def _one_save(path: str | os.PathLike, read: Callable[[Any, dict], Any]) -> tuple[dict, Any]:
+def one_save(path: str | os.PathLike, read: Callable[[Any, dict], Any]) -> tuple[dict, Any]:
     """The adapter's config and ``read(path, config)`` (``load_tensors``, ``tensor_shapes``), of one
     save: a save renaming its files into place while they are read (a server reloading the adapter
-    that a job saves every N steps) has the two read again, up to three times."""
+    that a job saves every N steps) has the two read again, up to three times.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> config, tensors = jlora.adapter.one_save(path, jlora.adapter.load_tensors)
+        >>> sorted(tensors), config["targets"]["k"]["rank"]
+        (['k/a', 'k/b'], 2)
+    """
     for _ in range(2):
         config = read_config(path)
         try:
@@ -696,7 +705,21 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
         >>> jlora.adapter.load_adapter(path, {"k": jnp.ones((4, 4))})["k"].b.shape
         (2, 4)
     """
-    config, tensors = _one_save(path, load_tensors)
+    return loaded(path, base_params, *one_save(path, load_tensors))
+
+
+def loaded(path: str | os.PathLike, base_params: Any, config: dict, tensors: dict[str, np.ndarray]) -> Any:
+    """``load_adapter``'s tree from one save's ``config`` and ``tensors`` (``one_save``'s): for a
+    caller that reads the config first (``jlora.finetune.load_job``'s metadata), of that same save.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jlora
+        >>> lw = jlora.LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 2)), jnp.zeros((2, 4)), scale=1.0, path="k")
+        >>> path = jlora.adapter.save_adapter(tempfile.mkdtemp() + "/adapter", {"k": lw})
+        >>> config, tensors = jlora.adapter.one_save(path, jlora.adapter.load_tensors)
+        >>> jlora.adapter.loaded(path, {"k": jnp.ones((4, 4))}, config, tensors)["k"].rank
+        2
+    """
     check_finite(str(Path(path) / WEIGHTS_FILE), tensors, "nothing is loaded")
     _check_keys(path, config, tensors)
     targets, trainable = config["targets"], config["trainable"]
@@ -739,7 +762,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any) -> Any:
     if missing:
         warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
                       f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",
-                      stacklevel=2)
+                      stacklevel=3)
     return replace_leaves(base_params, new, is_leaf=is_param)
 
 
@@ -801,7 +824,7 @@ def describe(path: str | os.PathLike) -> str:
           k  4x4  layout io  r=2  scale=1
         parameters: 16 LoRA + 0 fully trained; ... KiB on disk
     """
-    config, shapes = _one_save(path, tensor_shapes)
+    config, shapes = one_save(path, tensor_shapes)
     _check_keys(path, config, shapes)
     lines = [f"adapter: {Path(path)}"]
     meta = config.get("metadata") or {}

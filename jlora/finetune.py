@@ -670,9 +670,9 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
         >>> meta["classes"]  # doctest: +SKIP
         ['negative', 'neutral', 'positive']
     """
-    from jlora.adapter import load_adapter
+    from jlora.adapter import one_save, load_tensors, loaded
 
-    config = read_config(adapter)
+    config, tensors = one_save(adapter, load_tensors)  # one save's metadata and weights: a job may save meanwhile
     meta = config.get("metadata") or {}
     model_dir = model_dir or meta.get("base_model")
     if not model_dir:
@@ -696,7 +696,7 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
                 for name in parents:
                     node = node.setdefault(name, {})
                 node[leaf] = np.zeros(shape, np.float32)
-    return model, tokenizer, load_adapter(adapter, base), meta
+    return model, tokenizer, loaded(adapter, base, config, tensors), meta
 
 
 def load_classifier(adapter: str | os.PathLike, model_dir: str | None = None) -> Callable[[Sequence[str]], list[str]]:

@@ -164,6 +164,28 @@ def test_an_adapter_saved_from_python_loads_over_the_class_that_holds_it(bert_di
     assert isinstance(params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"], jlora.LoraWeight)
 
 
+def test_load_job_gives_the_metadata_and_weights_of_one_save(bert_dir, tmp_path, monkeypatch):
+    """A server reloading a --save-every job's adapter: a save landing while the model loads gave
+    the earlier save's metadata (its step, its classes) beside the later save's weights."""
+    bare = tf.FlaxBertModel.from_pretrained(bert_dir)
+    lora = jlora.lora_init(jax.random.key(0), bare.params, jlora.LoraConfig(rank=2, targets=["query"]))
+    save = lambda step: jlora.adapter.save_adapter(  # step s: every b holds s
+        tmp_path / "adapter", jax.tree.map(lambda x: x.replace(b=jnp.full_like(x.b, step)) if isinstance(
+            x, jlora.LoraWeight) else x, lora, is_leaf=lambda x: isinstance(x, jlora.LoraWeight)),
+        metadata={"base_model": str(bert_dir), "step": step})
+    save(1)
+    load_model = finetune.load_model
+
+    def saved_meanwhile(*args, **kwargs):
+        save(2)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "load_model", saved_meanwhile)
+    _, _, params, meta = finetune.load_job(tmp_path / "adapter")
+    b = params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"].b
+    assert meta["step"] == 1 and float(b[0, 0]) == 1.0
+
+
 def test_a_local_directory_named_as_the_default_model_is_the_one_loaded(bert_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bert_dir.rename(tmp_path / finetune.DEFAULT_MODEL)
