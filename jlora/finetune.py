@@ -103,7 +103,7 @@ class Options:
             except ValueError:
                 raise ValueError(f"--out {self.out}: {adapter} is not a jlora adapter directory (a run writes "
                                  "its adapter there); choose another --out") from None
-        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        earlier = [name for name in RUN_FILES if (out / name).exists() and not (name == "adapter" and leftovers)]
         if earlier and not self.overwrite:
             raise ValueError(f"--out {self.out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
                              "to replace it, or choose another --out")

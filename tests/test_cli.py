@@ -359,6 +359,7 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves_and_never_takes
     killed = tmp_path / "killed"  # a run killed in its first save, before its files were in place
     (killed / "adapter" / ".jlora-write-x1").mkdir(parents=True)
     finetune.Options(model=str(bert_dir), data=str(data_file), out=str(killed), overwrite=True)  # taken as a run's
+    finetune.Options(model=str(bert_dir), data=str(data_file), out=str(killed))  # and no earlier run: no --overwrite
 
 
 def test_merge_finds_its_base_from_anywhere_and_writes_only_into_an_empty_directory(
