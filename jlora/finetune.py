@@ -743,6 +743,8 @@ def classify(opts: Options) -> dict:
     if opts.max_length <= special:  # the tokenizer cannot truncate to it: ragged rows, or no text at all
         raise ValueError(f"--max-length {opts.max_length}: must be at least {special + 1} (the tokenizer adds "
                          f"{special} special tokens to each text)")
+    key = jax.random.key(opts.seed)
+    cfg, encoder = adapt(jax.random.fold_in(key, 1), model, opts)  # a bad --targets told before the data is read
     texts, names = BUILTIN_DATA[opts.data]() if opts.data in BUILTIN_DATA else read_labelled(opts.data)
     classes = class_order(names)
     labels = np.array([classes.index(n) for n in names], np.int32)
@@ -753,8 +755,6 @@ def classify(opts: Options) -> dict:
     if not (len(train_idx) and len(val_idx) and len(test_idx)):
         raise ValueError(f"{opts.data}: {len(texts)} examples are too few for the fixed 70/15/15 split "
                          f"(train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)}); need 4 or more")
-    key = jax.random.key(opts.seed)
-    cfg, encoder = adapt(jax.random.fold_in(key, 1), model, opts)
     out = prepare_out(opts)  # after every check on the input
     batch, steps = _schedule(opts, len(train_idx))
     forward = jlora.apply(model.__call__)
@@ -846,6 +846,8 @@ def causal_lm(opts: Options) -> dict:
     """
     model, tokenizer, model_path = load_model(opts.model, "causal-lm")
     check_length(model, opts.max_length)
+    check_causal(model, opts.model)
+    cfg, params = adapt(jax.random.key(opts.seed), model, opts)  # a bad --targets told before the text is read
     file = Path(opts.data)  # a plain text file: Options checked it
     try:
         text = file.read_text(encoding="utf-8-sig")
@@ -856,8 +858,6 @@ def causal_lm(opts: Options) -> dict:
     if len(tokens) < opts.max_length + window:  # two windows, overlapping by a token
         raise ValueError(f"{file}: {len(tokens)} tokens; need at least {opts.max_length + window} for --max-length "
                          f"{opts.max_length}")
-    check_causal(model, opts.model)
-    cfg, params = adapt(jax.random.key(opts.seed), model, opts)
     out = prepare_out(opts)
     starts = window_starts(len(tokens), opts.max_length)
     batch, steps = _schedule(opts, len(starts))

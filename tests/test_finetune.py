@@ -241,11 +241,18 @@ def test_every_row_is_shown_once_an_epoch(n, batch):
 def test_bad_lora_options_fail_before_any_training_in_the_flags_words(bert_dir, data_file, tmp_path, monkeypatch,
                                                                    options, match):
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained before checking the LoRA options"))
+    monkeypatch.setattr(finetune, "read_labelled", lambda *a: pytest.fail("read the data before checking them"))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=match):
         finetune.classify(finetune.Options(model=str(bert_dir), data=str(data_file), max_length=8, out=str(out),
                                            **options))
     assert not out.exists()
+    corpus = tmp_path / "corpus.txt"  # a causal LM's corpus, tokenized whole: minutes for a large one
+    corpus.write_text("a text " * 50)
+    monkeypatch.setattr(finetune, "token_ids", lambda *a: pytest.fail("tokenized the corpus before the checks"))
+    with pytest.raises(ValueError):  # BERT is refused, or the options, before any tokenizing
+        finetune.causal_lm(finetune.Options(task="causal-lm", model=str(bert_dir), data=str(corpus), max_length=8,
+                                            out=str(out), **options))
 
 
 def test_classify_leaves_out_the_pooler_it_never_uses(bert_dir, data_file, tmp_path):
