@@ -167,10 +167,15 @@ def _merge(args: argparse.Namespace) -> int:
                          + "); pass --model DIR")
     from jlora.finetune import DEFAULT_MODEL, check_creatable, load_job, load_model
 
+    beside = Path(args.adapter).resolve().parent / model_dir  # PEFT records the path it was given: from its cwd
+    if is_peft and not args.model and not Path(model_dir).is_dir() and not Path(model_dir).is_absolute() \
+            and beside.is_dir():
+        print(f"base model: {beside} (the adapter's {model_dir}, found beside it)", file=sys.stderr)
+        model_dir = str(beside)
     if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
         raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory"
-                         + (" (a model hub's name: jlora reads local models only)" if is_peft else "")
-                         + "; pass --model DIR")
+                         + (" (a model hub's name, or a path from the directory PEFT ran in: jlora reads local "
+                            "models only)" if is_peft else "") + "; pass --model DIR")
     out = Path(args.out)
     for what, kept, why in (("the base model", model_dir, "over the base, a later merge would apply the adapter twice"),
                             ("the adapter", args.adapter, "it would mix the model's files with the adapter's")):
