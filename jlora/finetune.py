@@ -679,8 +679,13 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
         raise ValueError(f"{adapter}: the adapter names no base model (it was saved without metadata); "
                          "pass the model's directory")
     task = meta.get("task")
-    model, tokenizer, _ = load_model(model_dir, task or "classify", need_tokenizer=need_tokenizer)
-    if task is None and not _holds(model.params, config):  # saved from Python over the class config.json names
+    try:
+        model, tokenizer, _ = load_model(model_dir, task or "classify", need_tokenizer=need_tokenizer)
+    except ValueError:
+        if task is not None:
+            raise
+        model = None  # a type with no bare Flax auto class (a vision or speech encoder-decoder)
+    if task is None and (model is None or not _holds(model.params, config)):  # saved from Python over its class
         model, tokenizer, _ = load_model(model_dir, "architecture", need_tokenizer=need_tokenizer)
     trained_on, given = meta.get("model_type"), getattr(model.config, "model_type", None)
     if trained_on and given and given != trained_on:  # its params may have the same names and shapes (RoBERTa's)

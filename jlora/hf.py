@@ -333,7 +333,8 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     torch_class = getattr(transformers, name, None)
     if torch_class is None:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
-    torch_model = torch_class(model.config).eval()  # on the CPU, then every weight is overwritten
+    torch_model = torch_class(copy.deepcopy(model.config)).eval()  # on the CPU, then every weight is overwritten
+    # (a copy: saving sets its config's architectures, which jlora.peft.save_adapter reads from the Flax model's)
     # the tables the class computes itself, frozen (Marian's, Pegasus' sinusoidal positions): Flax computes them too
     computed = {key: weight.detach().clone() for key, weight in torch_model.named_parameters()
                 if not weight.requires_grad}

@@ -54,7 +54,7 @@ BASE_BIAS_COPY = ".base_layer.bias"
 TIED_HEADS = ("lm_head", "proj_out", "decoder")  # output heads a Flax model may tie to its input embedding
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
-              "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
+              "ForConditionalGeneration": "SEQ_2_SEQ_LM", "MTModel": "SEQ_2_SEQ_LM"}  # MarianMTModel
 PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft.TaskType
 # Architectures of a classifier: no LM head (to tie to the input embedding).
 CLASSIFIERS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")

@@ -164,6 +164,21 @@ def test_an_adapter_saved_from_python_loads_over_the_class_that_holds_it(bert_di
     assert isinstance(params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"], jlora.LoraWeight)
 
 
+def test_an_adapter_of_a_type_with_no_bare_auto_class_loads_over_its_class(tmp_path):
+    """A vision encoder-decoder has no FlaxAutoModel entry: the bare-model try failed the load."""
+    vit = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64)
+    gpt2 = tf.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    model = tf.FlaxVisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2))
+    model.save_pretrained(tmp_path / "base")
+    lora = jlora.hf.LoraModel(model, jlora.LoraConfig(rank=2, targets=["query"])).params
+    jlora.adapter.save_adapter(tmp_path / "adapter", lora)
+    loaded, _, params, _ = finetune.load_job(tmp_path / "adapter", str(tmp_path / "base"), need_tokenizer=False)
+    assert type(loaded).__name__ == "FlaxVisionEncoderDecoderModel"
+    assert isinstance(params["encoder"]["encoder"]["layer"]["0"]["attention"]["attention"]["query"]["kernel"],
+                      jlora.LoraWeight)
+
+
 def test_load_job_gives_the_metadata_and_weights_of_one_save(bert_dir, tmp_path, monkeypatch):
     """A server reloading a --save-every job's adapter: a save landing while the model loads gave
     the earlier save's metadata (its step, its classes) beside the later save's weights."""

@@ -148,6 +148,7 @@ def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
     import logging
 
     model = TINY["gpt2"]()
+    model.config.architectures = None  # a model built from a config: save_pretrained would set them on it
     lm = hf.LoraModel(model, jlora.LoraConfig(rank=2), jax.random.key(0))
     notes, handler = [], logging.Handler()
     handler.emit = notes.append
@@ -157,6 +158,7 @@ def test_save_torch_needs_plain_params_and_a_pytorch_class(tmp_path):
     finally:
         logging.getLogger("transformers.modeling_flax_pytorch_utils").removeHandler(handler)
     assert not [n.getMessage() for n in notes if "newly initialized" in n.getMessage()]  # as transformers logs it
+    assert model.config.architectures is None  # the model's own config untouched (PEFT's task type reads it)
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lm.merge())  # kept in bf16, not widened to float32
     hf.save_torch(model, half, tmp_path / "bf16")
     from safetensors import safe_open

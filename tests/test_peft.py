@@ -1158,6 +1158,9 @@ def test_the_task_type_is_one_peft_can_load_the_adapter_with(tmp_path):
     assert json.loads((tmp_path / "trained_head" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     jlora.peft.save_adapter(tmp_path / "none", trained, model.config, task_type=None)
     assert json.loads((tmp_path / "none" / "adapter_config.json").read_text())["task_type"] is None
+    from transformers import MarianConfig  # a translation model of no "For..." class name
+    assert jlora.peft._task_type("infer", MarianConfig(architectures=["MarianMTModel"]), ["q_proj/kernel"], []) \
+        == "SEQ_2_SEQ_LM"
 
 
 def test_what_peft_cannot_hold_is_refused_on_save(tmp_path):
