@@ -134,7 +134,7 @@ def check_data(data: str, task: str) -> None:
     if data in BUILTIN_DATA:
         raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
     if not file.is_file():
-        raise ValueError(f"--data {data}: no such file")
+        raise ValueError(f"--data {data}: " + ("a directory; give a text file in it" if file.is_dir() else "no such file"))
     if file.suffix.lower() in (".jsonl", ".csv"):
         raise ValueError(f"--data {data}: --task causal-lm needs a plain text file (e.g. corpus.txt)")
 

@@ -141,7 +141,8 @@ def test_a_label_without_training_rows_is_reported():
 
 def test_data_is_checked_before_any_model_loads(tmp_path):
     for data, task, match in ((tmp_path / "missing.jsonl", "classify", "no such file .built-in sets: bbc-news"),
-                              (tmp_path, "classify", "no such file"),
+                              (tmp_path, "classify", "a directory; give a .csv or .jsonl file in it"),
+                              (tmp_path, "causal-lm", "a directory; give a text file in it"),
                               (tmp_path / "rows.csv", "causal-lm", "--task causal-lm needs a plain text file"),
                               (tmp_path / "corpus.txt", "classify", "use a .csv or .jsonl file"),
                               ("tweet-sentiment", "causal-lm", "--task causal-lm needs a plain text file")):
