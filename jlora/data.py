@@ -210,8 +210,8 @@ def _label(value: Any, where: str) -> str:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.0*)?\s*", value):  # a CSV's 1.0 is JSON's 1.0: 1
-        return str(int(value.strip().split(".")[0]))  # and 01 is 1, -0 is 0, as numbers
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.0*)?\s*", value):  # a CSV's 1.0 is JSON's 1.0: 1
+        return str(int(value.strip().split(".")[0]))  # and 01 and +1 are 1, -0 is 0, as numbers
     if isinstance(value, str) and value.strip():
         return value.strip()  # "pos " and "pos" are one class
     what = "missing label" if value is None or isinstance(value, str) else "not a label"

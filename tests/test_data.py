@@ -53,7 +53,7 @@ def test_data_files_as_users_write_them(tmp_path):
     assert texts == ["a\u2028b", "c\u0085d"] and labels == ["10", "2"]
     assert data.class_order(["10", "2", "0"]) == ["0", "2", "10"]
     assert read("f.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')[1] == ["1", "0"]  # pandas' 1.0
-    assert read("f.csv", "text,label\na,1.0\nb,0\nc,-2.\nd,1.5\ne,01\nf,-0\n")[1] == ["1", "0", "-2", "1.5", "1", "0"]
+    assert read("f.csv", "text,label\na,1.0\nb,0\nc,-2.\nd,1.5\ne,01\nf,-0\ng,+1\n")[1] == ["1", "0", "-2", "1.5", "1", "0", "1"]
     with pytest.raises(ValueError, match=r"2.csv:1: the header names 'text' 2 times; name one column so"):
         read("2.csv", "text,text,label\ntitle,body,x\n")  # the reader kept the last, silently
     with pytest.raises(ValueError, match=r"s.jsonl:2: the text is not valid Unicode \(surrogates not allowed at "
