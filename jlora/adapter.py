@@ -31,6 +31,7 @@ import numpy as np
 from jlora.config import LoraConfig
 from jlora.init import pattern_value, select
 from jlora.layout import Layout
+from jlora.lazy import _user_stacklevel
 from jlora.paths import DELETED, is_deleted, leaves_with_paths, replace_leaves
 from jlora.sharding import follow_bases
 from jlora.tree import check_whole
@@ -762,7 +763,7 @@ def loaded(path: str | os.PathLike, base_params: Any, config: dict, tensors: dic
     if missing:
         warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "
                       f"adapter for, left as they are (a deeper base than the one it was trained on?): {missing[:4]}",
-                      stacklevel=3)
+                      stacklevel=_user_stacklevel())
     return replace_leaves(base_params, new, is_leaf=is_param)
 
 

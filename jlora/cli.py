@@ -174,8 +174,8 @@ def _merge(args: argparse.Namespace) -> int:
         model_dir = str(beside)
     if not args.model and model_dir != DEFAULT_MODEL and not Path(model_dir).is_dir():
         raise ValueError(f"{args.adapter}: its base model {model_dir} (recorded at training) is not a directory"
-                         + (" (a model hub's name, or a path from the directory PEFT ran in: jlora reads local "
-                            "models only)" if is_peft else "") + "; pass --model DIR")
+                         + (" here or beside the adapter (a model hub's name, or a path from the directory PEFT "
+                            "ran in: jlora reads local models only)" if is_peft else "") + "; pass --model DIR")
     out = Path(args.out)
     for what, kept, why in (("the base model", model_dir, "over the base, a later merge would apply the adapter twice"),
                             ("the adapter", args.adapter, "it would mix the model's files with the adapter's")):

@@ -138,19 +138,23 @@ def _jsonl_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, f"{path}:{n}"))
-            yield f"{path}:{n}", row["text"], row["label"]
+            row = json.loads(line, object_pairs_hook=_JsonObject)
+            text, label = row["text"], row["label"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label' ({err})") from None
+        if row.twice:  # json keeps the last of them, silently
+            raise ValueError(f"{path}:{n}: the object names '{row.twice[0]}' more than once; name it once")
+        yield f"{path}:{n}", text, label
 
 
-def _unique_keys(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
-    """A JSON object's dict, refused where it names ``text`` or ``label`` twice (json keeps the last)."""
-    keys = [k for k, _ in pairs]
-    twice = [k for k in ("text", "label") if keys.count(k) > 1]
-    if twice:
-        raise ValueError(f"{where}: the object names '{twice[0]}' {keys.count(twice[0])} times; name it once")
-    return dict(pairs)
+class _JsonObject(dict):
+    """A JSON object, from its ``(key, value)`` pairs, that knows whether it named ``text`` or
+    ``label`` twice (``twice``): json's dict keeps the last."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        keys = [k for k, _ in pairs]
+        self.twice = [k for k in ("text", "label") if keys.count(k) > 1]
 
 
 def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
@@ -177,13 +181,13 @@ def _csv_rows(f: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
                 raise ValueError(f"{where}: {len(fields)} fields for {len(columns)} columns "
                                  "(quote a text that holds a comma)")
             row = dict(zip(columns, fields))
-            if (row.get("text"), row.get("label")) == ("text", "label"):
+            if (row.get("text", "").lstrip("\ufeff"), row.get("label")) == ("text", "label"):  # an Excel file's BOM
                 raise ValueError(f"{where}: the header again (files joined?); keep one header, at the top")
             label = row.get("label")
             if label is not None and "\n" in label.strip():
-                raise ValueError(f"{where}: the label spans lines {start}-{reader.line_num} ({label[:40]!r}...): a "
-                                 f"quote opened on line {start} and closed on line {reader.line_num}? A label is one "
-                                 "line")
+                shown = repr(label[:40]) + ("..." if len(label) > 40 else "")
+                raise ValueError(f"{where}: the label spans lines, to line {reader.line_num} ({shown}): a quote left "
+                                 f"open in this row, closed on line {reader.line_num}? A label is one line")
             yield where, row.get("text"), label
     except csv.Error as err:
         what = ("a quote opened in this row is never closed" if "end of data" in str(err) else

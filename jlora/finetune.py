@@ -670,7 +670,7 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
         >>> meta["classes"]  # doctest: +SKIP
         ['negative', 'neutral', 'positive']
     """
-    from jlora.adapter import one_save, load_tensors, loaded
+    from jlora.adapter import load_tensors, loaded, one_save
 
     config, tensors = one_save(adapter, load_tensors)  # one save's metadata and weights: a job may save meanwhile
     meta = config.get("metadata") or {}
@@ -681,8 +681,8 @@ def load_job(adapter: str | os.PathLike, model_dir: str | None = None, *,
     task = meta.get("task")
     try:
         model, tokenizer, _ = load_model(model_dir, task or "classify", need_tokenizer=need_tokenizer)
-    except ValueError:
-        if task is not None:
+    except ValueError as err:
+        if task is not None or "Unrecognized configuration class" not in str(err):
             raise
         model = None  # a type with no bare Flax auto class (a vision or speech encoder-decoder)
     if task is None and (model is None or not _holds(model.params, config)):  # saved from Python over its class

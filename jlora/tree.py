@@ -137,6 +137,9 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
         >>> run = lambda t, x: jlora.apply(lambda p, x: x @ p["k"])(jlora.combine(t, frozen), x)
         >>> jax.vmap(run)(stacked, jnp.ones((2, 1, 4))).shape
         (2, 1, 3)
+        >>> wider = jlora.split({"k": jlora.LoraWeight(lw.w, jnp.ones((4, 3)), jnp.ones((3, 3)), scale=0.5)})[0]
+        >>> jlora.stack([trainable, wider], pad=True)["k"].b.shape  # rank 2 padded to 3; b's 0.5 folded as 1.0
+        (2, 3, 3)
     """
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.stack: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
@@ -154,12 +157,13 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
                 _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
             except ValueError as err:
                 raise ValueError(f"{err}; adapters stack where their dropout rates and targets agree (to serve, set "
-                                 "the rate to 0: lw.replace(dropout=0.0)), and their ranks and scales, or with "
-                                 "jlora.stack(adapters, pad=True)") from None
+                                 "the rate to 0: lw.replace(dropout=0.0))" + ("" if pad else ", and their ranks and "
+                                 "scales, or with jlora.stack(adapters, pad=True)")) from None
             for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
-                                     f"{np.shape(x)} (another rank: jlora.stack(adapters, pad=True); or ensembles of other sizes?)")
+                                     f"{np.shape(x)} (" + ("ensembles of other sizes?)" if pad else
+                                     "another rank: jlora.stack(adapters, pad=True); or ensembles of other sizes?)"))
                 if getattr(x, "dtype", None) != getattr(y, "dtype", None):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} is {getattr(y, 'dtype', None)}, adapter 0 "
                                      f"{getattr(x, 'dtype', None)}: cast them alike (stacking would promote them)")

@@ -814,7 +814,14 @@ def materialized(x: "Lazy") -> jax.Array:
 
 def zero_padded(x: jax.Array, size: int, axis: int) -> jax.Array:
     """``x`` with zeros appended along ``axis`` up to ``size`` (a factor's rank axis: the zero
-    directions add nothing to ``a @ b``)."""
+    directions add nothing to ``a @ b``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jlora.weight import zero_padded
+        >>> zero_padded(jnp.ones((4, 2)), 3, -1)[0]
+        Array([1., 1., 0.], dtype=float32)
+    """
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad)

@@ -180,8 +180,9 @@ def test_merge_takes_a_peft_adapter_as_peft_merges_it(tmp_path, capsys):
     config_file = tmp_path / "peft" / "adapter_config.json"  # a base named by its model hub's name
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "openai-community/gpt2"}))
     assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "m2")]) == 2
-    assert "its base model openai-community/gpt2 (recorded at training) is not a directory (a model hub's name, or a " \
-           "path from the directory PEFT ran in: jlora reads local models only); pass --model DIR" in capsys.readouterr().err
+    assert "its base model openai-community/gpt2 (recorded at training) is not a directory here or beside the adapter " \
+           "(a model hub's name, or a path from the directory PEFT ran in: jlora reads local models only); pass --model " \
+           "DIR" in capsys.readouterr().err
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "gpt2"}))
     assert main(["merge", str(tmp_path / "peft"), "--out", str(tmp_path / "beside")]) == 0  # PEFT ran in tmp_path
     assert f"base model: {tmp_path / 'gpt2'} (the adapter's gpt2, found beside it)" in capsys.readouterr().err

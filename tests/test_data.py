@@ -92,20 +92,25 @@ def test_a_stray_quote_or_joined_files_are_refused_not_read_as_fewer_rows(tmp_pa
         return data.read_labelled(str(file))
 
     rows = "".join(f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8))
-    with pytest.raises(ValueError, match=r"q.csv:3: the label spans lines 3-6 \('pos\\nreview 0,neg\\nreview 1,pos.*'\.\.\.\): a quote "
-                                         r"opened on line 3 and closed on line 6\? A label is one line"):
+    with pytest.raises(ValueError, match=r"q.csv:3: the label spans lines, to line 6 \('pos\\nreview 0,neg\\nreview 1,pos\\nend,neg'"
+                                         r"\): a quote left open in this row, closed on line 6\? A label is one line"):
         read("q.csv", "text,label\nfine,neg\nok text,\"pos\nreview 0,neg\nreview 1,pos\nend,neg\"\n" + rows)
     with pytest.raises(ValueError, match=r"s.csv:2: not CSV the reader can read \(a quoted field holds text after its "
                                          r"closing quote"):
         read("s.csv", 'text,label\n"oops a stray quote,pos\nsecond,neg\n"third",pos\nfourth,neg\n')
     with pytest.raises(ValueError, match=r"u.csv:3: a quote opened in this row is never closed"):
         read("u.csv", 'text,label\na,1\n"b,2\nc,1\n')
-    with pytest.raises(ValueError, match=r"j.csv:4: the header again \(files joined\?\)"):
-        read("j.csv", "text,label\na,1\nb,2\ntext,label\nc,1\n")
+    for joined in ("text,label\nc,1\n", "\ufefftext,label\nc,1\n"):  # the second file's own BOM (Excel's) kept
+        with pytest.raises(ValueError, match=r"j.csv:4: the header again \(files joined\?\)"):
+            read("j.csv", "text,label\na,1\nb,2\n" + joined)
     # blank rows are skipped as in JSONL: spaces, a tab, a spreadsheet's empty row ','
     assert read("b.csv", "text,label\na,1\n   \n\t\n,\nb,2\n") == (["a", "b"], ["1", "2"])
     assert read("m.csv", 'text,label\n"two\nlines",x\nb,y\n') == (["two\nlines", "b"], ["x", "y"])  # a text may span
-    with pytest.raises(ValueError, match=r"d.jsonl:2: .*the object names 'label' 2 times; name it once"):
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the object names 'label' more than once; name it once"):
         read("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1, "label": 2}\n')
+    nested = '{"text": "b", "label": 2, "meta": {"label": "x", "label": "y"}}'  # a nested object's keys are its own
+    assert read("o.jsonl", '{"text": "a", "label": 1}\n' + nested + "\n") == (["a", "b"], ["1", "2"])
+    with pytest.raises(ValueError, match=r"l.csv:3: the label spans lines, to line 5 \('p\\nq'\): "):
+        read("l.csv", 'text,label\na,x\n"two\nlines","p\nq"\n')  # short: shown whole
     with pytest.raises(ValueError, match=r"--data .*: a directory; give a .csv or .jsonl file in it"):
         data.read_labelled(str(tmp_path))

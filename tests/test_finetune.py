@@ -265,10 +265,16 @@ def test_bad_lora_options_fail_before_any_training_in_the_flags_words(bert_dir, 
     assert not out.exists()
     corpus = tmp_path / "corpus.txt"  # a causal LM's corpus, tokenized whole: minutes for a large one
     corpus.write_text("a text " * 50)
+    lm = tf.FlaxGPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(WORDS) + 5, n_positions=64))
+    lm.save_pretrained(tmp_path / "lm")
+    _tokenizer(tmp_path).save_pretrained(tmp_path / "lm")
     monkeypatch.setattr(finetune, "token_ids", lambda *a: pytest.fail("tokenized the corpus before the checks"))
-    with pytest.raises(ValueError):  # BERT is refused, or the options, before any tokenizing
+    with pytest.raises(ValueError, match=r"^--(targets|rank)"):
+        finetune.causal_lm(finetune.Options(task="causal-lm", model=str(tmp_path / "lm"), data=str(corpus),
+                                            max_length=8, out=str(out), **options))
+    with pytest.raises(ValueError, match="not causal"):  # a model that cannot do the task, likewise
         finetune.causal_lm(finetune.Options(task="causal-lm", model=str(bert_dir), data=str(corpus), max_length=8,
-                                            out=str(out), **options))
+                                            out=str(out)))
 
 
 def test_classify_leaves_out_the_pooler_it_never_uses(bert_dir, data_file, tmp_path):

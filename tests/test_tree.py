@@ -587,6 +587,9 @@ def test_adapters_of_other_ranks_and_alphas_stack_padded_each_row_its_own():
     got = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x)
     for i, t in enumerate(trees):
         np.testing.assert_allclose(got[i], fn(oracle_merge(t), x[i]), rtol=1e-5, atol=1e-5)
+    dropped = jax.tree.map(lambda lw: lw.replace(dropout=0.1), halves[1], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+    with pytest.raises(ValueError, match=r"'dropout': 0.1.*set the rate to 0: lw.replace\(dropout=0.0\)\)$"):
+        jlora.stack([halves[0], dropped], pad=True)  # pad does not help there: not suggested
     zero = jax.tree.map(lambda lw: lw.replace(scale=0.0), halves[0], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     with pytest.raises(ValueError, match=r"jlora.stack: at '(q|layers)/kernel' adapter 0's scale is 0, adapter 1's 1.0"):
         jlora.stack([zero, halves[1]], pad=True)
