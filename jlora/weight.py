@@ -585,14 +585,16 @@ class LoraWeight(Lazy):
             # one, w checked as replace checks it (a tree map may have cast it): an eager call
             # prepares each node at every call
             check_float("w", w, self.path)
-            return self.tree_unflatten(self.tree_flatten()[1], (w, self.a, self.b))
+            children, aux = self.tree_flatten()  # a subclass's own arrays too (DoRA's magnitude), kept
+            return self.tree_unflatten(aux, tuple(w if c is self.w else c for c in children))
         w = lax.stop_gradient(w)  # every leaf of a lazy base too
         return self.replace(w=self._varying(w))
 
     def unstack(self):
         """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together (the factors'
         batch axis for it moved to their front), each layer's adapter rebuilt factored; ``None``
-        for any other layout.
+        for any other layout, and for a subclass holding arrays of its own that does not say how
+        they slice (its own ``unstack``): it is materialised, and the stack sliced.
 
         Example:
             >>> import jax, jax.numpy as jnp, jlora
@@ -602,6 +604,8 @@ class LoraWeight(Lazy):
             >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
             LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
         """
+        if len(self.tree_flatten()[0]) != 3:  # arrays beyond w, a and b: each layer would hold them whole
+            return None
         role, k = self.layout.axes[0]
         if role == "b" and k != 0:  # vmap of a scan over a stack puts the scanned axis first: the factors follow
             axes = (("b", 0),) + tuple(("b", j + 1 if j < k else j) if r == "b" else (r, j)
@@ -630,7 +634,7 @@ class LoraWeight(Lazy):
             >>> lw.describe()
             "LoraWeight at 'q/kernel'"
         """
-        return f"LoraWeight at {self.path!r}" if self.path else "LoraWeight"
+        return f"{type(self).__name__} at {self.path!r}" if self.path else type(self).__name__  # a subclass: its own
 
     def __repr__(self) -> str:
         return (

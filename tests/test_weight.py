@@ -303,3 +303,56 @@ def test_nnx_eval_shape_under_a_mesh_keeps_the_adapters():
         seen = []  # a tracer's type has its sharding: nothing made up for it
         jax.jit(lambda lw: seen.append(lw.sharding) or lw.w)(lw)
     assert seen == [None]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Magnitude(jlora.LoraWeight):
+    """A DoRA-like kind: a LoraWeight holding one more array, ``m``, scaling each output column."""
+
+    def __init__(self, w, a, b, m, **kw):
+        super().__init__(w, a, b, **kw)
+        object.__setattr__(self, "m", m)
+
+    def tree_flatten_with_keys(self):
+        children, aux = super().tree_flatten_with_keys()
+        return (*children, (jax.tree_util.GetAttrKey("m"), self.m)), aux
+
+    def tree_flatten(self):
+        children, aux = super().tree_flatten()
+        return (*children, self.m), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = super().tree_unflatten(aux, children[:3])
+        object.__setattr__(obj, "m", children[3])
+        return obj
+
+    def replace(self, **changes):
+        m = changes.pop("m", self.m)
+        obj = super().replace(**changes)
+        object.__setattr__(obj, "m", m)
+        return obj
+
+    def materialize(self):
+        return (self.w + self.delta(self.w.dtype)) * self.m
+
+
+def test_a_subclass_holding_its_own_array_is_used_eagerly_and_sliced_by_scan_exactly():
+    """Eagerly, its node was rebuilt from w, a and b alone (IndexError); under lax.scan each layer
+    kept the whole stack of m (wrong numbers where the batch matched the layer count)."""
+    key = jax.random.split(jax.random.key(3), 4)
+    stack = Magnitude(jax.random.normal(key[0], (3, 4, 4)), jax.random.normal(key[1], (3, 4, 2)),
+                      jax.random.normal(key[2], (3, 2, 4)), jax.random.uniform(key[3], (3, 1, 4)) + 0.5,
+                      scale=0.5, layout="bio", path="layers")
+    x = jnp.ones((3, 4))  # a batch as long as the stack: m's (3, 1, 4) broadcast without an error
+
+    def layers(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"])[0]
+
+    want = layers({"layers": stack.materialize()}, x)
+    with pytest.warns(jlora.MaterializeWarning, match="Magnitude at 'layers' materialised"):  # its own kind named
+        np.testing.assert_allclose(jax.jit(jlora.apply(layers))({"layers": stack}, x), want, rtol=1e-5, atol=1e-6)
+    layer = jax.tree.map(lambda z: z[0], stack).replace(layout="io", path="layer")
+    with pytest.warns(jlora.MaterializeWarning):  # its own materialize: no rule of LoraWeight's applies
+        got = jlora.apply(lambda p, x: x @ p["k"])({"k": layer}, x)
+    np.testing.assert_allclose(got, x @ layer.materialize(), rtol=1e-5, atol=1e-6)
