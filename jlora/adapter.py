@@ -639,7 +639,8 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
             made = ", ".join(f"{name} {value:g}" for name, value, _ in differ)
             held = ", ".join(f"{name} {value:g}" for name, _, value in differ)
             raise ValueError(f"{op}: lora_config makes '{x.path}' {made}; the adapter there has {held}: pass the "
-                             "LoraConfig the adapters were made with")
+                             "LoraConfig the adapters were made with (adapters changed since, e.g. a rank cut: one "
+                             "whose rank_pattern and alpha_pattern say so, or no lora_config)")
     entries = leaves_with_paths(params, is_leaf=is_param)
     kernel = lambda x: x.w if x.w is not None else jax.ShapeDtypeStruct(x.kernel_shape, x.a.dtype)  # a split's half
     base = {p: kernel(x) if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}
