@@ -109,8 +109,9 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
         meta1, meta2 = (meta(nodes.get(diff[0])) if diff else None for nodes in (nodes1, nodes2))
         scales = isinstance(meta1, dict) and isinstance(meta2, dict) and meta1["scale"] != meta2["scale"]
         detail = (f": they differ at {diff[:5]}, e.g. '{diff[0]}': {meta1} in {names[0]}, {meta2} in {names[1]}"
-                  + (" (LoRA scales of another rank or alpha: from two lora_init calls? a scale folds into b "
-                     "exactly: lw.replace(b=lw.b * (lw.scale / s), scale=s))" if scales else "") if diff else
+                  + (" (LoRA scales of another rank or alpha: from two lora_init calls, or a jlora.stack(..., "
+                     "pad=True), whose frozen half is its adapter 0's? a scale folds into b, to one rounding: "
+                     "lw.replace(b=lw.b * (lw.scale / s), scale=s))" if scales else "") if diff else
                   f": at '{container[0]}' {names[0]} has {container[1]}, {names[1]} {container[2]}"
                   if container else ": they differ in the node metadata")
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
@@ -156,9 +157,10 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
             try:
                 _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
             except ValueError as err:
-                raise ValueError(f"{err}; adapters stack where their dropout rates and targets agree (to serve, set "
-                                 "the rate to 0: lw.replace(dropout=0.0))" + ("" if pad else ", and their ranks and "
-                                 "scales, or with jlora.stack(adapters, pad=True)")) from None
+                raise ValueError(f"{err}; adapters stack where their dropout rates agree (to serve, set the rate "
+                                 "to 0 in every adapter and in the frozen half: lw.replace(dropout=0.0))" + (
+                                 "" if pad else ", and their ranks, scales and targets, or with "
+                                 "jlora.stack(adapters, pad=True)")) from None
             for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
                 if np.shape(x) != np.shape(y):
                     raise ValueError(f"jlora.stack: at '{path}' adapter {i} has shape {np.shape(y)}, adapter 0 "
@@ -172,8 +174,10 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
 
 def _padded_alike(adapters: Sequence[Any]) -> list[Any]:
     """``adapters`` with each ``LoraWeight``'s factors zero-padded to the largest rank at its path
-    and its scale folded into ``b`` as adapter 0's there (``jlora.stack(..., pad=True)``)."""
-    nodes = [dict(leaves_with_paths(tree, is_leaf=is_node)) for tree in adapters]
+    and its scale folded into ``b`` as adapter 0's there, and a zero adapter where one has none
+    that adapter 0 has (``jlora.stack(..., pad=True)``)."""
+    hole_or_node = lambda x: x is None or is_node(x)
+    nodes = [dict(leaves_with_paths(tree, is_leaf=hole_or_node)) for tree in adapters]
     factored = lambda x: isinstance(x, LoraWeight) and has_shape(x.a) and has_shape(x.b)
     ranks: dict[str, int] = {}
     for found in nodes:
@@ -185,17 +189,35 @@ def _padded_alike(adapters: Sequence[Any]) -> list[Any]:
         new = {}
         for path, x in found.items():
             first = nodes[0].get(path)
+            if x is None and factored(first):  # this adapter leaves that kernel as it is: a zero update there
+                x = first.replace(a=jnp.zeros_like(first.a), b=jnp.zeros_like(first.b))
+            elif first is None and factored(x):
+                raise ValueError(f"jlora.stack: adapter {i} adapts '{path}', adapter 0 does not: with pad=True, put "
+                                 "first an adapter that adapts every param the others do (its frozen half serves all)")
             if not (factored(x) and factored(first)):
                 continue  # left as it is, for the structure check to name
-            scale = first.scale
-            if x.scale != scale and not scale:
-                raise ValueError(f"jlora.stack: at '{path}' adapter 0's scale is 0, adapter {i}'s {x.scale}: an "
-                                 "update cannot be folded into a zero scale (put another adapter first)")
-            b = x.b if x.scale == scale else (x.b * (x.scale / scale)).astype(x.b.dtype)
             nb = len(x.fitted().layout.group("b"))  # b's rank axis follows its batch axes
-            new[path] = x.replace(a=zero_padded(x.a, ranks[path], -1), b=zero_padded(b, ranks[path], nb), scale=scale)
-        out.append(replace_leaves(adapters[i], new, is_leaf=is_node))
+            new[path] = x.replace(a=zero_padded(x.a, ranks[path], -1),
+                                  b=zero_padded(_folded(x, first.scale, i, path), ranks[path], nb), scale=first.scale)
+        out.append(replace_leaves(adapters[i], new, is_leaf=hole_or_node))
     return out
+
+
+def _folded(x: LoraWeight, scale: float, i: int, path: str) -> jax.Array:
+    """``x.b`` times ``x.scale / scale`` (formed in float32 at least), in ``b``'s dtype; an error
+    where that dtype cannot hold it (a float16 ``b`` past 65504), or ``scale`` is 0."""
+    if x.scale == scale:
+        return x.b
+    if not scale:
+        raise ValueError(f"jlora.stack: at '{path}' adapter 0's scale is 0, adapter {i}'s {x.scale}: an update "
+                         "cannot be folded into a zero scale (put another adapter first)")
+    wide = jnp.promote_types(x.b.dtype, jnp.float32)
+    b = (x.b.astype(wide) * (x.scale / scale)).astype(x.b.dtype)
+    if not _compat.is_tracer(b) and not bool(jnp.isfinite(b).all()) and bool(jnp.isfinite(x.b).all()):
+        raise ValueError(f"jlora.stack: at '{path}' adapter {i}'s b times its scale over adapter 0's "
+                         f"({x.scale:g} / {scale:g}) overflows {x.b.dtype}: cast the factors to float32, or put first "
+                         "an adapter of a scale nearer the others'")
+    return b
 
 
 def _container_difference(first: Any, second: Any, path: str = "") -> tuple[str, str, str] | None:

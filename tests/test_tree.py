@@ -54,8 +54,9 @@ def test_combine_refuses_trees_that_do_not_match():
     alpha = lambda a: jlora.lora_init(KEY, base, jlora.LoraConfig(rank=2, alpha=a, targets=["q"]))
     with pytest.raises(ValueError, match=r"differ at \['q/kernel'\], e.g. 'q/kernel': \{'scale': 1.0, 'layout': "
                                          r"Layout\('io'\), .*\} in trainable, \{'scale': 2.0, .*\} in frozen \(LoRA scales of "
-                                         r"another rank or alpha: from two lora_init calls\? a scale folds into b "
-                                         r"exactly: lw.replace\(b=lw.b \* \(lw.scale / s\), scale=s\)\)"):
+                                         r"another rank or alpha: from two lora_init calls, or a jlora.stack\(\.\.\., "
+                                         r"pad=True\), whose frozen half is its adapter 0's\? a scale folds into b, to "
+                                         r"one rounding: lw.replace\(b=lw.b \* \(lw.scale / s\), scale=s\)\)"):
         jlora.combine(jlora.split(alpha(2.0))[0], jlora.split(alpha(4.0))[1])
     # as it says: folded, the half combines with the other's frozen half and computes the same
     half = jlora.split(perturb(alpha(2.0), KEY))[0]
@@ -547,7 +548,8 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
     dropped = jax.tree.map(lambda x: x.replace(dropout=0.1) if isinstance(x, jlora.LoraWeight) else x, halves[1],
                            is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     with pytest.raises(ValueError, match=r"jlora.stack: adapter 0 and adapter 1 do not have the same structure: .*"
-                                         r"'dropout': 0.1.*set the rate to 0: lw.replace\(dropout=0.0\)"):
+                                         r"'dropout': 0.1.*set the rate to 0 in every adapter and in the frozen half: "
+                                         r"lw.replace\(dropout=0.0\)"):
         jlora.stack([halves[0], dropped])
     base = {"q": {"kernel": trees[0]["q"]["kernel"].w, "bias": jnp.zeros(8)}, "v": {"kernel": trees[0]["v"]["kernel"].w},
             "none": None}
@@ -588,8 +590,24 @@ def test_adapters_of_other_ranks_and_alphas_stack_padded_each_row_its_own():
     for i, t in enumerate(trees):
         np.testing.assert_allclose(got[i], fn(oracle_merge(t), x[i]), rtol=1e-5, atol=1e-5)
     dropped = jax.tree.map(lambda lw: lw.replace(dropout=0.1), halves[1], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
-    with pytest.raises(ValueError, match=r"'dropout': 0.1.*set the rate to 0: lw.replace\(dropout=0.0\)\)$"):
+    with pytest.raises(ValueError, match=r"'dropout': 0.1.*set the rate to 0 in every adapter and in the frozen half: "
+                                         r"lw.replace\(dropout=0.0\)\)$"):
         jlora.stack([halves[0], dropped], pad=True)  # pad does not help there: not suggested
+    # an adapter of fewer targets: a zero update where it has none, as PEFT serves a row without one
+    qv = jlora.LoraConfig(rank=3, alpha=3, targets=["q"], layouts={"layers/kernel": "bio"})
+    fewer = perturb(jlora.lora_init(key[2], base, qv), jax.random.key(7), 0.5)
+    got = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(
+        jlora.stack([halves[0], jlora.split(fewer)[0]], pad=True), x[:2])
+    np.testing.assert_allclose(got[1], fn(oracle_merge(fewer), x[1]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"adapter 1 adapts 'layers/kernel', adapter 0 does not: with pad=True, put "
+                                         r"first an adapter that adapts every param the others do"):
+        jlora.stack([jlora.split(fewer)[0], halves[0]], pad=True)
+    # a float16 b times a scale ratio of 4096 overflows: refused, not served as inf
+    small, large = (jlora.LoraWeight(None, jnp.ones((4, r), jnp.float16), jnp.full((r, 3), 20.0, jnp.float16),
+                                     scale=s) for r, s in ((64 // 16, 1 / 64), (1, 64.0)))
+    with pytest.raises(ValueError, match=r"at 'k' adapter 1's b times its scale over adapter 0's \(64 / 0.015625\) "
+                                         r"overflows float16: cast the factors to float32"):
+        jlora.stack([{"k": small}, {"k": large}], pad=True)
     zero = jax.tree.map(lambda lw: lw.replace(scale=0.0), halves[0], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     with pytest.raises(ValueError, match=r"jlora.stack: at '(q|layers)/kernel' adapter 0's scale is 0, adapter 1's 1.0"):
         jlora.stack([zero, halves[1]], pad=True)
