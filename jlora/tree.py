@@ -117,7 +117,7 @@ def _check_same_structure(first: Any, second: Any, names: tuple[str, str], op: s
     raise ValueError(f"{op}: {names[0]} and {names[1]} do not have the same structure{detail}")
 
 
-def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
+def stack(adapters: Sequence[Any], *, pad: bool | int = False) -> Any:
     """Adapters of one structure stacked along a new leading axis, to serve them over one base:
     trainable halves of ``jlora.split`` (no base weight: each would be copied), run under
     ``jax.vmap`` over the stack with one frozen half, one adapter per batch row. Refuses, naming
@@ -128,7 +128,8 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
     with zeros to the largest rank there and each scale folded into ``b`` as adapter 0's (the
     zero directions add nothing: each row's update is its own adapter's, to one rounding of
     ``b``); combine the stack with adapter 0's frozen half. Every row then computes at the largest
-    rank.
+    rank; ``pad=k`` pads to rank ``k`` at least, so that a jitted server keeps one shape (and one
+    compile) as adapters of ranks up to ``k`` come and go.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -144,8 +145,10 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
     """
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise ValueError(f"jlora.stack: adapters must be a non-empty list of adapters, got {type(adapters).__name__}")
+    if not isinstance(pad, (bool, int, np.integer)) or (not isinstance(pad, bool) and pad < 1):
+        raise ValueError(f"jlora.stack: pad must be True, False or a rank >= 1 to pad to, got {pad!r}")
     if pad:
-        adapters = _padded_alike(adapters)
+        adapters = _padded_alike(adapters, 0 if pad is True else int(pad))
     first = leaves_with_paths(adapters[0])
     for i, tree in enumerate(adapters):
         based = [p for p, x in leaves_with_paths(tree, is_leaf=is_node) if isinstance(x, LoraWeight) and has_shape(x.w)]
@@ -172,10 +175,10 @@ def stack(adapters: Sequence[Any], *, pad: bool = False) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
-def _padded_alike(adapters: Sequence[Any]) -> list[Any]:
+def _padded_alike(adapters: Sequence[Any], rank: int) -> list[Any]:
     """``adapters`` with each ``LoraWeight``'s factors zero-padded to the largest rank at its path
-    and its scale folded into ``b`` as adapter 0's there, and a zero adapter where one has none
-    that adapter 0 has (``jlora.stack(..., pad=True)``)."""
+    (``rank`` at least) and its scale folded into ``b`` as adapter 0's there, and a zero adapter
+    where one has none that adapter 0 has (``jlora.stack(..., pad=True)``)."""
     hole_or_node = lambda x: x is None or is_node(x)
     nodes = [dict(leaves_with_paths(tree, is_leaf=hole_or_node)) for tree in adapters]
     factored = lambda x: isinstance(x, LoraWeight) and has_shape(x.a) and has_shape(x.b)
@@ -183,7 +186,7 @@ def _padded_alike(adapters: Sequence[Any]) -> list[Any]:
     for found in nodes:
         for path, x in found.items():
             if factored(x):
-                ranks[path] = max(ranks.get(path, 0), x.rank)
+                ranks[path] = max(ranks.get(path, rank), x.rank)
     out = []
     for i, found in enumerate(nodes):
         new = {}

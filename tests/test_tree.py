@@ -585,10 +585,16 @@ def test_adapters_of_other_ranks_and_alphas_stack_padded_each_row_its_own():
     stacked = jlora.stack(halves, pad=True)
     assert stacked["layers"]["kernel"].b.shape == (3, 2, 4, 8) and stacked["q"]["kernel"].scale == 4.0
     np.testing.assert_array_equal(stacked["q"]["kernel"].a[2, :, 1:], 0.0)  # rank 1: three zero directions
+    fixed = jlora.stack(halves, pad=6)  # one shape for any ranks up to 6: one compile for a server
+    assert fixed["q"]["kernel"].a.shape == (3, 8, 6) and fixed["layers"]["kernel"].b.shape == (3, 2, 6, 8)
+    for bad in (0, 2.5, "4"):
+        with pytest.raises(ValueError, match=r"jlora.stack: pad must be True, False or a rank >= 1 to pad to, got"):
+            jlora.stack(halves, pad=bad)
     x = jax.random.normal(key[3], (3, 5, 8))
-    got = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x)
-    for i, t in enumerate(trees):
-        np.testing.assert_allclose(got[i], fn(oracle_merge(t), x[i]), rtol=1e-5, atol=1e-5)
+    serve = jax.jit(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))
+    for got in (serve(stacked, x), serve(fixed, x)):
+        for i, t in enumerate(trees):
+            np.testing.assert_allclose(got[i], fn(oracle_merge(t), x[i]), rtol=1e-5, atol=1e-5)
     dropped = jax.tree.map(lambda lw: lw.replace(dropout=0.1), halves[1], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     with pytest.raises(ValueError, match=r"'dropout': 0.1.*set the rate to 0 in every adapter and in the frozen half: "
                                          r"lw.replace\(dropout=0.0\)\)$"):
