@@ -124,10 +124,12 @@ def stack(adapters: Sequence[Any], *, pad: bool | int = False) -> Any:
     the param, adapters that differ in structure, in a ``LoraWeight``'s static fields (scale,
     dropout rate: set ``dropout=0.0`` to serve) or in a shape (another rank).
 
-    With ``pad=True``, adapters of other ranks and alphas stack too, each param's factors padded
-    with zeros to the largest rank there and each scale folded into ``b`` as adapter 0's (the
+    With ``pad=True``, adapters of other ranks, alphas and targets stack too, each param's factors
+    padded with zeros to the largest rank there and each scale folded into ``b`` as adapter 0's (the
     zero directions add nothing: each row's update is its own adapter's, to one rounding of
-    ``b``); combine the stack with adapter 0's frozen half. Every row then computes at the largest
+    ``b``; a fold that leaves ``b``'s float range is refused), and a zero adapter where one lacks
+    a target adapter 0 has (put first the adapter with every target); combine the stack with
+    adapter 0's frozen half. Every row then computes at the largest
     rank; ``pad=k`` pads to rank ``k`` at least, so that a jitted server keeps one shape (and one
     compile) as adapters of ranks up to ``k`` come and go.
 
@@ -160,8 +162,9 @@ def stack(adapters: Sequence[Any], *, pad: bool | int = False) -> Any:
             try:
                 _check_same_structure(adapters[0], tree, ("adapter 0", f"adapter {i}"), "jlora.stack")
             except ValueError as err:
-                raise ValueError(f"{err}; adapters stack where their dropout rates agree (to serve, set the rate "
-                                 "to 0 in every adapter and in the frozen half: lw.replace(dropout=0.0))" + (
+                raise ValueError(f"{err}; adapters stack where their dropout rates and the leaves they train "
+                                 "whole agree (to serve, set the rate to 0 in every adapter and in the frozen half: "
+                                 "lw.replace(dropout=0.0))" + (
                                  "" if pad else ", and their ranks, scales and targets, or with "
                                  "jlora.stack(adapters, pad=True)")) from None
             for (path, x), (_, y) in zip(first, leaves_with_paths(tree)):
@@ -194,9 +197,11 @@ def _padded_alike(adapters: Sequence[Any], rank: int) -> list[Any]:
             first = nodes[0].get(path)
             if x is None and factored(first):  # this adapter leaves that kernel as it is: a zero update there
                 x = first.replace(a=jnp.zeros_like(first.a), b=jnp.zeros_like(first.b))
-            elif first is None and factored(x):
+            elif path in nodes[0] and first is None and factored(x):
                 raise ValueError(f"jlora.stack: adapter {i} adapts '{path}', adapter 0 does not: with pad=True, put "
-                                 "first an adapter that adapts every param the others do (its frozen half serves all)")
+                                 "first an adapter that adapts every param the others do (its frozen half serves "
+                                 "all); for adapters of disjoint targets, a zero one over all their targets, "
+                                 "jlora.split(jlora.lora_init(key, base, config))[0], b being zero")
             if not (factored(x) and factored(first)):
                 continue  # left as it is, for the structure check to name
             nb = len(x.fitted().layout.group("b"))  # b's rank axis follows its batch axes
@@ -208,18 +213,22 @@ def _padded_alike(adapters: Sequence[Any], rank: int) -> list[Any]:
 
 def _folded(x: LoraWeight, scale: float, i: int, path: str) -> jax.Array:
     """``x.b`` times ``x.scale / scale`` (formed in float32 at least), in ``b``'s dtype; an error
-    where that dtype cannot hold it (a float16 ``b`` past 65504), or ``scale`` is 0."""
+    where that dtype cannot hold it (a float16 ``b`` past 65504, or below its normal range),
+    checked on arrays (not under ``jax.jit``), or where ``scale`` is 0."""
     if x.scale == scale:
         return x.b
     if not scale:
         raise ValueError(f"jlora.stack: at '{path}' adapter 0's scale is 0, adapter {i}'s {x.scale}: an update "
                          "cannot be folded into a zero scale (put another adapter first)")
-    wide = jnp.promote_types(x.b.dtype, jnp.float32)
-    b = (x.b.astype(wide) * (x.scale / scale)).astype(x.b.dtype)
-    if not _compat.is_tracer(b) and not bool(jnp.isfinite(b).all()) and bool(jnp.isfinite(x.b).all()):
-        raise ValueError(f"jlora.stack: at '{path}' adapter {i}'s b times its scale over adapter 0's "
-                         f"({x.scale:g} / {scale:g}) overflows {x.b.dtype}: cast the factors to float32, or put first "
-                         "an adapter of a scale nearer the others'")
+    wide = x.b.astype(jnp.promote_types(x.b.dtype, jnp.float32)) * (x.scale / scale)
+    b = wide.astype(x.b.dtype)
+    if not _compat.is_tracer(b):
+        tiny = jnp.finfo(x.b.dtype).smallest_normal
+        lost = ~jnp.isfinite(b) & jnp.isfinite(wide) | (wide != 0) & (jnp.abs(wide) < tiny)
+        if bool(lost.any()):
+            raise ValueError(f"jlora.stack: at '{path}' adapter {i}'s b times its scale over adapter 0's "
+                             f"({x.scale:g} / {scale:g}) leaves the range of {x.b.dtype}: cast the factors to "
+                             "float32, or put first an adapter of a scale nearer the others'")
     return b
 
 

@@ -580,15 +580,14 @@ class LoraWeight(Lazy):
                              "gives), not arrays: run the wrapped function under jax.eval_shape, or compile it with "
                              "jax.jit(...).lower(...)")
         w = self.w.prepare() if isinstance(self.w, Lazy) else self.w
-        if not any(map(_compat.is_tracer, jax.tree.leaves(w))):  # concrete: nothing outside differentiates it
-            # a node of its own (apply tells a returned input by its id), made as an unflatten makes
-            # one, w checked as replace checks it (a tree map may have cast it): an eager call
-            # prepares each node at every call
-            check_float("w", w, self.path)
-            children, aux = self.tree_flatten()  # a subclass's own arrays too (DoRA's magnitude), kept
-            return self.tree_unflatten(aux, tuple(w if c is self.w else c for c in children))
-        w = lax.stop_gradient(w)  # every leaf of a lazy base too
-        return self.replace(w=self._varying(w))
+        if any(map(_compat.is_tracer, jax.tree.leaves(w))):
+            w = self._varying(lax.stop_gradient(w))  # every leaf of a lazy base too
+        # else concrete, nothing outside differentiates it: a node of its own (apply tells a returned
+        # input by its id), w checked as replace checks it (a tree map may have cast it); an eager
+        # call prepares each node at every call
+        check_float("w", w, self.path)
+        children, aux = self.tree_flatten()  # made as an unflatten makes one: a subclass's own arrays kept
+        return self.tree_unflatten(aux, tuple(w if c is self.w else c for c in children))
 
     def unstack(self):
         """Stacked along a leading batch axis: ``w``, ``a`` and ``b`` sliced together (the factors'
@@ -604,8 +603,8 @@ class LoraWeight(Lazy):
             >>> rebuild(jax.tree.map(lambda c: c[0], children))  # layer 0
             LoraWeight(w=float32[2,2], a=float32[2,1], b=float32[1,2], scale=1, layout='io')
         """
-        if len(self.tree_flatten()[0]) != 3:  # arrays beyond w, a and b: each layer would hold them whole
-            return None
+        if len(self.tree_flatten()[0]) != 3 and type(self).unstack is LoraWeight.unstack:
+            return None  # arrays beyond w, a and b that no unstack of its own slices: each layer would hold them whole
         role, k = self.layout.axes[0]
         if role == "b" and k != 0:  # vmap of a scan over a stack puts the scanned axis first: the factors follow
             axes = (("b", 0),) + tuple(("b", j + 1 if j < k else j) if r == "b" else (r, j)
@@ -626,7 +625,7 @@ class LoraWeight(Lazy):
         return (*w_parts, self.a, self.b), lambda ch: template.replace(w=w_rebuild(ch[:n]), a=ch[n], b=ch[n + 1])
 
     def describe(self) -> str:
-        """``LoraWeight at '<path>'``, as messages name it.
+        """``LoraWeight at '<path>'`` (a subclass: its own name), as messages name it.
 
         Example:
             >>> import jax.numpy as jnp, jlora

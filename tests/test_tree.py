@@ -612,8 +612,11 @@ def test_adapters_of_other_ranks_and_alphas_stack_padded_each_row_its_own():
     small, large = (jlora.LoraWeight(None, jnp.ones((4, r), jnp.float16), jnp.full((r, 3), 20.0, jnp.float16),
                                      scale=s) for r, s in ((64 // 16, 1 / 64), (1, 64.0)))
     with pytest.raises(ValueError, match=r"at 'k' adapter 1's b times its scale over adapter 0's \(64 / 0.015625\) "
-                                         r"overflows float16: cast the factors to float32"):
+                                         r"leaves the range of float16: cast the factors to float32"):
         jlora.stack([{"k": small}, {"k": large}], pad=True)
+    with pytest.raises(ValueError, match=r"adapter 1's b times its scale over adapter 0's \(0.015625 / 64\) leaves the "
+                                         r"range of float16"):  # and below: 0.02 / 4096 is no normal float16
+        jlora.stack([{"k": large}, {"k": small.replace(b=small.b * 1e-3)}], pad=True)
     zero = jax.tree.map(lambda lw: lw.replace(scale=0.0), halves[0], is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     with pytest.raises(ValueError, match=r"jlora.stack: at '(q|layers)/kernel' adapter 0's scale is 0, adapter 1's 1.0"):
         jlora.stack([zero, halves[1]], pad=True)

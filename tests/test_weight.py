@@ -356,3 +356,37 @@ def test_a_subclass_holding_its_own_array_is_used_eagerly_and_sliced_by_scan_exa
     with pytest.warns(jlora.MaterializeWarning):  # its own materialize: no rule of LoraWeight's applies
         got = jlora.apply(lambda p, x: x @ p["k"])({"k": layer}, x)
     np.testing.assert_allclose(got, x @ layer.materialize(), rtol=1e-5, atol=1e-6)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class SlicedMagnitude(Magnitude):
+    """One that says how its magnitude slices: the scan keeps w, a and b factored per layer."""
+
+    def unstack(self):
+        children, rebuild = super().unstack()
+        return (*children, self.m), lambda ch: rebuild(ch[:-1]).replace(m=ch[-1])
+
+
+def test_a_subclass_keeps_its_own_array_under_jit_and_slices_it_by_its_own_unstack():
+    key = jax.random.split(jax.random.key(4), 4)
+    stack = SlicedMagnitude(jax.random.normal(key[0], (3, 4, 4)), jax.random.normal(key[1], (3, 4, 2)),
+                            jax.random.normal(key[2], (3, 2, 4)), jax.random.uniform(key[3], (3, 1, 4)) + 0.5,
+                            scale=0.5, layout="bio", path="layers")
+    x = jnp.ones((3, 4))
+
+    def layers(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"])[0]
+
+    with pytest.warns(jlora.MaterializeWarning) as warned:  # a layer: its own materialize, the stack sliced
+        got = jax.jit(jlora.apply(layers))({"layers": stack}, x)
+    assert {"dot_general"} == {re.search(r"materialised at '(\w+)'", str(w.message)).group(1) for w in warned}
+    np.testing.assert_allclose(got, layers({"layers": stack.materialize()}, x), rtol=1e-5, atol=1e-6)
+
+    @jax.tree_util.register_pytree_with_keys_class
+    class Unreplaced(Magnitude):  # LoraWeight's replace, which knows nothing of m: jit's rebuild kept it anyway
+        replace = jlora.LoraWeight.replace
+
+    layer = Unreplaced(stack.w[0], stack.a[0], stack.b[0], stack.m[0], scale=0.5, path="layer")
+    with pytest.warns(jlora.MaterializeWarning):
+        got = jax.jit(jlora.apply(lambda p, x: x @ p["k"]))({"k": layer}, x)
+    np.testing.assert_allclose(got, x @ layer.materialize(), rtol=1e-5, atol=1e-6)
