@@ -124,14 +124,13 @@ def stack(adapters: Sequence[Any], *, pad: bool | int = False) -> Any:
     the param, adapters that differ in structure, in a ``LoraWeight``'s static fields (scale,
     dropout rate: set ``dropout=0.0`` to serve) or in a shape (another rank).
 
-    With ``pad=True``, adapters of other ranks, alphas and targets stack too, each param's factors
-    padded with zeros to the largest rank there and each scale folded into ``b`` as adapter 0's (the
-    zero directions add nothing: each row's update is its own adapter's, to one rounding of
-    ``b``; a fold that leaves ``b``'s float range is refused), and a zero adapter where one lacks
-    a target adapter 0 has (put first the adapter with every target); combine the stack with
-    adapter 0's frozen half. Every row then computes at the largest
-    rank; ``pad=k`` pads to rank ``k`` at least, so that a jitted server keeps one shape (and one
-    compile) as adapters of ranks up to ``k`` come and go.
+    With ``pad=True``, adapters of other ranks, alphas and targets stack too: each param's factors
+    padded with zeros to the largest rank there, each scale folded into ``b`` as adapter 0's (the
+    zero directions add nothing: each row's update is its own adapter's, to one rounding of ``b``;
+    a fold that leaves ``b``'s float range is refused), and a zero adapter where one lacks a target
+    adapter 0 has (put first the adapter with every target). Combine the stack with adapter 0's
+    frozen half. Every row then computes at the largest rank, or at ``pad=k`` at least: a jitted
+    server keeps one shape (and one compile) as adapters of ranks up to ``k`` come and go.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
