@@ -638,10 +638,9 @@ def check_config_makes(op: str, config: LoraConfig, params: Any) -> None:
         if differ:  # only what differs: a caller may have set the dropout to the config's (LoraModel)
             made = ", ".join(f"{name} {value:g}" for name, value, _ in differ)
             held = ", ".join(f"{name} {value:g}" for name, _, value in differ)
-            cut = ("rank", rank, x.rank) in differ[:1]
             raise ValueError(f"{op}: lora_config makes '{x.path}' {made}; the adapter there has {held}: pass the "
                              "LoraConfig the adapters were made with" + (" (adapters changed since, e.g. a rank cut: "
-                             "one whose rank_pattern and alpha_pattern say so, or none)" if cut else ""))
+                             "one whose rank_pattern and alpha_pattern say so, or none)" if x.rank != rank else ""))
     entries = leaves_with_paths(params, is_leaf=is_param)
     kernel = lambda x: x.w if x.w is not None else jax.ShapeDtypeStruct(x.kernel_shape, x.a.dtype)  # a split's half
     base = {p: kernel(x) if isinstance(x, LoraWeight) else x.value if isinstance(x, Trainable) else x for p, x in entries}

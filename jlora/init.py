@@ -182,8 +182,13 @@ def _weight_modules(entries: Sequence[tuple[str, Any]]) -> list[str]:
              if (path.rsplit("/", 1)[-1] in WEIGHT_NAMES + EMBEDDING_NAMES or path in wrapped) and _is_adaptable(leaf)
              and not (getattr(leaf, "ndim", 0) == 2 and owners[path] and _NORM.search(owners[path][-1]))]  # norm scales
     listed = set(named) | {path for path, leaf in entries if named and "/" not in path and _is_adaptable(leaf)}
-    return list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in owners[path]) or path  # at the root: its name
-                              for path, _ in entries if path in listed))
+    return list(dict.fromkeys(_module_of(path, owners[path]) for path, _ in entries if path in listed))
+
+
+def _module_of(path: str, owner: Sequence[str]) -> str:
+    """The module ``owner`` (a param's path parts without its leaf name) as a message names it,
+    layer indices written ``*``; a param at the root by its own ``path``."""
+    return "/".join("*" if c.isdigit() else c for c in owner) or path
 
 
 _NORM = re.compile(r"norm|^ln(_|\d|$)", re.IGNORECASE)  # a norm module's name: layer_norm, RMSNorm, ln_1, ln
@@ -224,8 +229,7 @@ def _near(option: str, text: str, paths: Sequence[str], entries: Sequence[tuple[
         near = nearest(text, paths)
         if near:
             return f"; nearest paths: {near}" + _layer_of_stack(text, entries, trained=True)
-        owners = list(dict.fromkeys("/".join("*" if c.isdigit() else c for c in p.split("/")[:-1]) or p
-                                    for p in paths))
+        owners = list(dict.fromkeys(_module_of(p, p.split("/")[:-1]) for p in paths))
         return f"; no path is near it; modules with params: {_listed(owners)}"
     modules, kind, what = _weight_modules(entries), "modules", "modules with weights to adapt"
     if not modules:  # no kernel/weight/embedding leaf (a Keras variable list, Penzai): the leaves themselves
