@@ -13,10 +13,11 @@ Supported: JAX 0.6.2 (oldest, tested in CI) to 0.11.x (GPU image), see ``pyproje
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -202,6 +203,26 @@ def evaluating_jaxpr() -> Iterator[None]:
         yield
     finally:
         bases.pop()
+
+
+def unscoped(fn: Callable) -> Callable:
+    """``fn`` traced under no ``jax.named_scope`` names, the equations it binds too (see
+    ``eqn_context``), for a function JAX traces into a jaxpr of its own (``custom_vmap``,
+    ``custom_jvp``): lowering the call puts the call's names before its ops' names, which would
+    otherwise hold them twice (``jvp(blk)/jvp(blk)/dot_general``)."""
+    if _source_info_util is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        bases = _name_bases()
+        _THREAD.name_bases = []
+        try:
+            with _source_info_util.reset_name_stack():
+                return fn(*args)
+        finally:
+            _THREAD.name_bases = bases
+    return run
 
 
 def _name_bases() -> list:

@@ -71,8 +71,29 @@ def joint_dot(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array, dot: Dot,
     """
     shape, dtype, x_sharding = x.shape, x.dtype, explicit.sharding(x)
 
-    def joint(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    def stacked(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         return dot(jnp.concatenate([x, t], x_axis), jnp.concatenate([w, b], w_axis))
+
+    # mapped by a vmap that the caller could not see (a jax.jit or jax.checkpoint between the vmap
+    # and jlora.apply): adapters mapped over one base would stack a copy of w per adapter; the sum
+    # copies nothing
+    batched = jax.custom_batching.custom_vmap(_compat.unscoped(stacked))
+
+    @batched.def_vmap
+    def _(axis_size: int, in_batched: list, x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> tuple:
+        one_base = in_batched[3] and not in_batched[2]
+        run = (lambda x, t, w, b: dot(x, w) + dot(t, b)) if one_base else stacked
+        axes = tuple(0 if mapped else None for mapped in in_batched)
+        return jax.vmap(run, in_axes=axes)(x, t, w, b), True
+
+    # custom_vmap is differentiated by none of JAX's reverse modes: the derivatives of the sum
+    # (needed where fwd below is differentiated itself: a gradient's gradient)
+    joint = jax.custom_jvp(_compat.unscoped(batched))
+
+    @joint.defjvp
+    def _(primals: tuple, tangents: tuple) -> tuple:
+        (x, t, w, b), (dx, dt, dw, db) = primals, tangents
+        return batched(x, t, w, b), dot(dx, w) + dot(dt, b) + dot(x, dw) + dot(t, db)
 
     def fwd(x: jax.Array, t: jax.Array, w: jax.Array, b: jax.Array) -> tuple:
         # x's type (with the manual mesh axes it varies over), 1 element; on a mesh with Explicit

@@ -53,6 +53,26 @@ def test_the_backward_keeps_neither_x_nor_the_stacked_weight():
     assert t.shape in shapes and w.shape in shapes
 
 
+@pytest.mark.parametrize("mapped", ["b", "w", "both"])
+def test_a_vmap_stacks_no_copy_of_an_unmapped_weight(mapped):
+    """Adapters mapped over one base (served, or trained as a stack) by a vmap that reached the
+    stacked matmul unseen, through a jax.jit: [w ; b] would copy w per adapter; the sum copies
+    nothing. One adapter over mapped bases stacks, copying only b per base."""
+    x, t, w, b = operands()
+    ws, bs = jnp.stack([w, 2 * w, -w]), jnp.stack([b, 3 * b, -b])
+    w_in, b_in = (ws if mapped in ("w", "both") else w), (bs if mapped in ("b", "both") else b)
+    axes = (0, 0, 0 if mapped in ("w", "both") else None, 0 if mapped in ("b", "both") else None)
+    xs, ts = jnp.stack([x] * 3), jnp.stack([t, -t, 2 * t])
+    joint = jax.vmap(jax.jit(lambda x, t, w, b: joint_dot(x, t, w, b, dot_for(0), 2, 0)), in_axes=axes)
+    plain = jax.vmap(lambda x, t, w, b: dot_for(0)(x, w) + dot_for(0)(t, b), in_axes=axes)
+    close = lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    close(joint(xs, ts, w_in, b_in), plain(xs, ts, w_in, b_in))
+    loss = lambda f: lambda x, t, b: jnp.sum(jnp.tanh(f(x, t, w_in, b)) ** 2)
+    jax.tree.map(close, jax.grad(loss(joint), (0, 1, 2))(xs, ts, b_in), jax.grad(loss(plain), (0, 1, 2))(xs, ts, b_in))
+    jaxpr = str(jax.make_jaxpr(joint)(xs, ts, w_in, b_in))
+    assert ("concatenate" in jaxpr) == (mapped != "b")  # no [w ; b] per adapter over one w
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS in conftest.py)")
 def test_inside_shard_map_with_a_replicated_weight():
     mesh = jlora.sharding.make_mesh({"data": 8})

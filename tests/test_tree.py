@@ -538,6 +538,11 @@ def test_stacked_adapters_serve_one_per_row_over_one_base():
         np.testing.assert_allclose(got[i], fn(oracle_merge(jlora.combine(half, frozen)), x[i]), rtol=1e-5, atol=1e-6)
     jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))(stacked, x))
     assert "3,8,8]" not in jaxpr  # no per-adapter (3, 8, 8) ΔW, nor a copy of w per adapter
+    for unseen in (jax.jit, jax.checkpoint):  # the vmap hidden from jlora.apply: still no copy of w per adapter
+        row = jax.vmap(unseen(lambda t, x: jlora.apply(fn)(jlora.combine(t, frozen), x)))
+        np.testing.assert_allclose(row(stacked, x), got, rtol=1e-5, atol=1e-6)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: jnp.sum(row(t, x))))(stacked))
+        assert "3,8,8]" not in jaxpr and "3,10,8]" not in jaxpr
     # one adapter over a stack of bases keeps the stacked matmul [x | t] @ [w ; b]: it copies b per base
     bases = jax.tree.map(lambda w: jnp.stack([w] * 3), frozen)
     over_bases = jax.vmap(lambda f, x: jlora.apply(fn)(jlora.combine(halves[0], f), x))
