@@ -440,13 +440,14 @@ def _saved_parts(x: Any) -> tuple:
     return (x.a, x.b) if isinstance(x, LoraWeight) else (x.value,) if isinstance(x, Trainable) else ()
 
 
-def writes_here(op: str, params: Any) -> bool:
+def writes_here(op: str, params: Any, parts: Callable[[Any], tuple] | None = None) -> bool:
     """Whether this process writes the save of ``params``: arrays on the devices of several
     processes that each process holds whole (replicated over them, as in data parallelism, or split
     only among each process's own devices, as in tensor parallelism inside a host) are the same on
     each, and process 0 writes them; a process's own arrays it writes itself. Factors or trained
     values split across processes (FSDP over hosts) are refused: a file needs each array whole on
-    its writer. ``host_array`` reads an array so held.
+    its writer. ``host_array`` reads an array so held. ``parts`` gives the arrays a save writes of
+    a leaf or node (default: the factors of a ``LoraWeight``, a ``Trainable``'s value).
 
     Example:
         >>> import jax.numpy as jnp, jlora
@@ -455,15 +456,15 @@ def writes_here(op: str, params: Any) -> bool:
     """
     spans = False
     for p, x in leaves_with_paths(params, is_leaf=is_node):
-        parts = _saved_parts(x)
-        for part in parts:
+        for part in (parts or _saved_parts)(x):
             if isinstance(part, jax.Array) and not part.is_fully_addressable:
                 if not _held_whole(part):
                     raise ValueError(
                         f"{op}: '{p}' is split across the devices of several processes (this one holds "
-                        f"{'part' if part.addressable_shards else 'none'} of it); "
-                        "gather the trainable half on every process first, then save it: trainable = jax.experimental."
-                        "multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)")
+                        f"{'part' if part.addressable_shards else 'none'} of it); replicate it over the mesh on "
+                        "every process first, then save that on every process (process 0 writes): "
+                        + ("trainable = jlora.sharding.place(jlora.split(params)[0], mesh, [])" if parts is None
+                           else "params = jlora.sharding.place(params, mesh, [])"))
                 spans = True
     return not spans or jax.process_index() == 0
 
@@ -493,8 +494,8 @@ def host_array(x: Any, path: str = "an array") -> np.ndarray:
         return np.asarray(x)
     if not _held_whole(x):
         raise ValueError(f"{path} {x.shape} is split across the devices of several processes (this one holds "
-                         f"{'part' if x.addressable_shards else 'none'} of it): gather it first, "
-                         "jax.experimental.multihost_utils.process_allgather(x, tiled=True)")
+                         f"{'part' if x.addressable_shards else 'none'} of it): replicate it over the mesh first, on "
+                         "every process: jlora.sharding.place(x, mesh, [])")
     out = np.empty(x.shape, x.dtype)
     for shard in x.addressable_shards:
         out[shard.index] = np.asarray(shard.data)

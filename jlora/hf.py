@@ -26,7 +26,7 @@ import numpy as np
 
 import jlora
 from jlora import _compat
-from jlora.adapter import as_opened, check_config_makes
+from jlora.adapter import as_opened, check_config_makes, host_array, writes_here
 from jlora.config import ALL_LINEAR, LoraConfig, check_key, type_name
 from jlora.init import outside_layers
 from jlora.lazy import _hashable, _TraceCache, _user_stacklevel
@@ -295,6 +295,11 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     ``meta`` device; this builds the PyTorch model on the CPU and copies the weights in with
     transformers' Flax-to-PyTorch converter.)
 
+    With several processes, call it on every process: weights that each holds whole (replicated
+    over the mesh) are written by process 0 while the others return at once (read the files
+    after a barrier); weights split across processes are refused (replicate them first,
+    ``jlora.sharding.place(params, mesh, [])``).
+
     Example:
         >>> import tempfile, numpy as np, torch, transformers, jlora
         >>> model = transformers.FlaxBertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
@@ -333,6 +338,8 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     torch_class = getattr(transformers, name, None)
     if torch_class is None:
         raise ValueError(f"{type(model).__name__} has no PyTorch class {name} in transformers {transformers.__version__}")
+    if not writes_here("save_torch", params, parts=lambda x: (x,)):
+        return Path(directory)
     torch_model = torch_class(copy.deepcopy(model.config)).eval()  # on the CPU, then every weight is overwritten
     # (a copy: saving sets its config's architectures, which jlora.peft.save_adapter reads from the Flax model's)
     # the tables the class computes itself, frozen (Marian's, Pegasus' sinusoidal positions): Flax computes them too
@@ -345,7 +352,8 @@ def save_torch(model: Any, params: Any, directory: str | os.PathLike) -> Path:
     level = logger.level
     logger.setLevel(logging.ERROR)  # (a tied head, GPT-2's, is "newly initialized" there, and is filled)
     try:
-        load_flax_weights_in_pytorch_model(torch_model, jax.tree.map(np.array, params))  # writable copies for torch
+        load_flax_weights_in_pytorch_model(  # writable copies for torch
+            torch_model, jax.tree.map(lambda x: np.array(host_array(x)), params))
     finally:
         logger.setLevel(level)
     floats = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}

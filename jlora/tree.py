@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -130,7 +131,10 @@ def stack(adapters: Sequence[Any], *, pad: bool | int = False) -> Any:
     a fold that leaves ``b``'s float range is refused), and a zero adapter where one lacks a target
     adapter 0 has (put first the adapter with every target). Combine the stack with adapter 0's
     frozen half. Every row then computes at the largest rank, or at ``pad=k`` at least: a jitted
-    server keeps one shape (and one compile) as adapters of ranks up to ``k`` come and go.
+    server keeps one shape (and one compile) as adapters of ranks up to ``k`` come and go. Trained
+    (the step under ``jax.vmap``, the optimizer's too), a padded adapter whose scale is not adapter
+    0's takes other steps than its own would: the fold multiplied its ``b``. Adapter ``k`` of a
+    stack: ``jax.tree.map(lambda v: v[k], stacked)``.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlora
@@ -671,7 +675,11 @@ def summary(tree: Any) -> Summary:
             trainable += n
             total += n + _size(x.w)
             shape = "x".join(map(str, x.w.shape))
-            targets.append((path, shape, str(x.fitted().layout), x.rank, x.scale, n))  # an ensemble's 'bio'
+            layout = str(x.fitted().layout)  # an ensemble's 'bio'
+            stacked = len(x.a.shape) - len(x.fitted().layout.a_shape(x.kernel_shape, x.rank))
+            if stacked > 0:  # adapters stacked over one base (jlora.stack, combined): their sum
+                layout += f", {math.prod(x.a.shape[:stacked])} adapters"
+            targets.append((path, shape, layout, x.rank, x.scale, n))
         elif isinstance(x, Trainable):
             n = _size(x.value)
             trainable += n

@@ -289,6 +289,13 @@ class LoraWeight(Lazy):
             if not stacked:
                 raise ValueError(f"LoraWeight {self.path!r}: w has shape {tuple(w.shape)} but layout '{layout}'")
             if len(w.shape) < layout.ndim:
+                full = [n for n in ("a", "b") if has_shape(getattr(self, n))
+                        and len(getattr(self, n).shape) >= len(getattr(layout, f"{n}_shape")((1,) * layout.ndim, 1))]
+                if len(full) == 2:  # w alone cut: jax.tree.map(lambda v: v[k], combined stack)
+                    raise ValueError(f"LoraWeight {self.path!r}: w {tuple(w.shape)} has fewer axes than its layout "
+                                     f"'{layout}' names, a {tuple(a.shape)} and b {tuple(b.shape)} do not: a slice of "
+                                     "the whole tree cut the base too; slice the trainable half only, "
+                                     "jax.tree.map(lambda v: v[k], trainable), and combine it with the frozen half")
                 return  # fewer axes than a kernel: a slice of a stack (inside scan), or values mapped over the tree
         if has_shape(w) and has_shape(a) and has_shape(b) and len(a.shape) > 0:
             rank = a.shape[-1]

@@ -293,9 +293,13 @@ def test_mistakes_that_would_lose_or_double_an_adapter_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'q/kernel' holds adapters stacked over one base \(a \(2, 8, 2\), b \(2, 2, 8\) "
                                          r"over w \(8, 8\)\): save one at a time from the trainable half"):
         save_adapter(tmp_path / "stacked", stacked)
-    with pytest.raises(ValueError, match=r"'stack/kernel' has w \(8, 4\), fewer axes than its layout 'bio' names .* slice the "
+    with pytest.raises(ValueError, match=r"'q/kernel': w \(8,\) has fewer axes than its layout 'io' names, a \(8, 2\) "
+                                         r"and b \(2, 8\) do not: a slice of the whole tree cut the base too; slice the "
                                          r"trainable half only"):
         save_adapter(tmp_path / "stacked", jax.tree.map(lambda v: v[1], stacked))  # the base cut too
+    with pytest.raises(ValueError, match=r"'stack/kernel' has w \(8, 4\), fewer axes than its layout 'bio' names \(a "
+                                         r"\(8, 2\), b \(2, 4\)\): a slice of the whole tree cut the base too"):
+        save_adapter(tmp_path / "sliced", jax.tree.map(lambda v: v[1], {"stack": p["stack"]}))  # a layer's cut alike
     save_adapter(tmp_path / "stacked", jax.tree.map(lambda v: v[1], jlora.split(stacked)[0]))
     save_adapter(tmp_path / "ad", p)
     # loaded onto the LoRA tree itself, it would apply twice
@@ -400,6 +404,9 @@ try:
     jlora.adapter.save_adapter(out + "/split", params)
 except ValueError as err:
     print("refused:", err)
+placed = sharding.place(jlora.split(params)[0], mesh, [])  # the message's recipe: replicated, process 0 writes
+print("placed writes here:", jlora.adapter.writes_here("save_adapter", placed))
+jlora.adapter.save_adapter(out + "/placed", placed, lora_config=config)
 gathered = multihost_utils.process_allgather(jlora.split(params)[0], tiled=True)  # numpy: this process's own
 jlora.adapter.save_adapter(out + f"/gathered{jax.process_index()}", gathered, lora_config=config)
 replicated = jlora.lora_init(jax.random.key(1), sharding.place(base, mesh, []), config)  # data parallel
@@ -438,15 +445,16 @@ def test_two_processes_save_an_adapter_from_process_0_and_checkpoint_their_own_a
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    for out in outs:
+    for i, out in enumerate(outs):
         assert "refused: save_adapter: 'l1/kernel' is split across the devices of several processes" in out
-        assert "process_allgather" in out
+        assert "trainable = jlora.sharding.place(jlora.split(params)[0], mesh, [])" in out
+        assert f"placed writes here: {i == 0}" in out
         assert "host_array refused: 'l1/kernel' a (8, 2) is split across the devices of several processes" in out
     base = {"l1": {"kernel": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)},
             "l2": {"kernel": np.linspace(1, 2, 32, dtype=np.float32).reshape(8, 4)}}
     with jax.default_device(jax.devices("cpu")[0]):  # the processes ran on CPU; a GPU draws other last bits
         want = jlora.lora_init(jax.random.key(1), base, jlora.LoraConfig(rank=2, targets=["l1", "l2"]))
-    saved = [load_adapter(tmp_path / name, base) for name in ("gathered0", "gathered1", "replicated", "tensor_parallel")]
+    saved = [load_adapter(tmp_path / name, base) for name in ("placed", "gathered0", "gathered1", "replicated", "tensor_parallel")]
     assert not list(tmp_path.glob("replicated/.jlora-write-*"))
     from jlora.checkpoint import AdapterCheckpointer
 

@@ -1,6 +1,7 @@
 """HF Flax models: presets for every listed model type, lazy == merged, training, generate,
 gradient checkpointing."""
 
+import re
 import warnings
 
 import jax
@@ -125,6 +126,59 @@ def test_merged_weights_written_for_pytorch_give_the_lazy_output(model_type, tmp
     with torch.no_grad():
         got = first_output(in_torch(**{k: torch.from_numpy(np.array(v)) for k, v in inputs.items()})).numpy()
     np.testing.assert_allclose(got, lazy, rtol=1e-4, atol=1e-4)
+
+
+TWO_PROCESS_SAVE_TORCH = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+import numpy as np, transformers as tf
+from unittest import mock
+from jlora import hf, sharding
+out = sys.argv[3]
+model = tf.FlaxBertModel(tf.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                       vocab_size=16), seed=0)
+mesh = sharding.make_mesh({"fsdp": 2, "data": -1})  # fsdp over the two processes
+split = sharding.place(model.params, mesh, [sharding.fsdp(min_size=16)])
+try:
+    hf.save_torch(model, split, out + "/split")
+except ValueError as err:
+    print("refused:", err)
+with mock.patch.object(tf.BertModel, "save_pretrained", autospec=True, side_effect=tf.BertModel.save_pretrained) as save:
+    hf.save_torch(model, sharding.place(split, mesh, []), out + "/replicated")
+print("wrote", save.call_count)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_write_pytorch_weights_from_process_0(tmp_path, cpu_env):
+    """Every process calls save_torch; process 0 alone writes weights held whole by each, and a
+    split weight is refused on every process, naming it (p198: a deep JAX error, then every
+    process writing one directory)."""
+    pytest.importorskip("torch")
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SAVE_TORCH, str(port), str(i), str(tmp_path)],
+                              env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    for i, out in enumerate(outs):
+        assert re.search(r"refused: save_torch: '[^']+' is split across the devices of several processes \(this one "
+                         r"holds part of it\); replicate it .*params = jlora.sharding.place\(params, mesh, \[\]\)", out), out
+        assert f"wrote {1 - i}" in out
+    assert not (tmp_path / "split").exists()
+    model = tf.FlaxBertModel(tf.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                           vocab_size=16), seed=0)
+    torch_model = tf.BertModel.from_pretrained(tmp_path / "replicated")
+    np.testing.assert_array_equal(torch_model.pooler.dense.bias.detach().numpy(),
+                                  np.asarray(model.params["pooler"]["dense"]["bias"]))
 
 
 def test_a_model_whose_pytorch_class_computes_its_positions_is_written_for_pytorch(tmp_path):

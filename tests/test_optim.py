@@ -664,3 +664,34 @@ def test_an_equinox_module_of_gradients_as_an_extra_argument_reaches_tx_as_the_t
     want, _ = tx.update(g_half, tx.init(trainable), trainable, value=value, grad=g_half, value_fn=value_fn)
     for a, b in zip(jax.tree.leaves(jlora.split(got)[0]), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_stack_of_adapters_trained_at_once_under_vmap_follows_each_trained_alone():
+    """A sweep: three adapters (seeds, data, learning rates of their own) stacked over one base,
+    the whole step vmapped with the optimizer's init and update, global-norm clipping included:
+    each follows its own training alone."""
+    base = {"q": {"kernel": jax.random.normal(KEY, (8, 8)), "bias": jnp.zeros(8)}, "out": {"kernel": jnp.ones((8, 2))}}
+    config = jlora.LoraConfig(rank=2, targets=["q", "out"], trainable=["q/bias"])
+    trees = [perturb(jlora.lora_init(jax.random.key(i), base, config), jax.random.key(10 + i)) for i in range(3)]
+    frozen = jlora.split(trees[0])[1]
+    fn = jlora.apply(lambda p, x: jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"]) @ p["out"]["kernel"])
+    xs = jax.random.normal(KEY, (3, 16, 8))  # rows at least half the input width: the stacked matmul where it pays
+    lrs = jnp.array([1e-2, 3e-2, 1e-1])
+    tx = lambda lr: jlora.optimizer(optax.chain(optax.clip_by_global_norm(0.05), optax.adam(lr)), trees[0],
+                                    b_lr_ratio=4.0)
+
+    def step(trainable, state, x, lr):
+        loss = lambda t: jnp.mean((fn(jlora.combine(t, frozen), x) - 1.0) ** 2)
+        updates, state = tx(lr).update(jax.grad(loss)(trainable), state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    def train(trainable, x, lr, run):
+        state = jax.vmap(lambda t, lr: tx(lr).init(t))(trainable, lr) if run is not step else tx(lr).init(trainable)
+        for _ in range(4):
+            trainable, state = run(trainable, state, x, lr)
+        return trainable
+
+    together = train(jlora.stack([jlora.split(t)[0] for t in trees]), xs, lrs, jax.jit(jax.vmap(step)))
+    for i, t in enumerate(trees):
+        alone = train(jlora.split(t)[0], xs[i], lrs[i], step)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6), alone, together)

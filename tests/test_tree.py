@@ -522,6 +522,28 @@ def test_a_module_holding_a_layer_twice_is_counted_once_and_not_split():
         jlora.split(model)
 
 
+def test_one_adapter_picked_from_a_combined_stack_is_refused_naming_the_param(tmp_path):
+    """Picking adapter k from the combined tree slices each w too (a row of the base): apply, merge
+    and save say so, not JAX's dot_general (p199); picked from the trainable half it is that adapter."""
+    trees = [perturb(tree(), jax.random.key(i)) for i in range(3)]
+    frozen = jlora.split(trees[0])[1]
+    stacked = jlora.stack([jlora.split(t)[0] for t in trees])
+    fn = lambda p, x: x @ p["q"]["kernel"]
+    bad = jax.tree.map(lambda v: v[1], jlora.combine(stacked, frozen))
+    message = (r"'q/kernel': w \(8,\) has fewer axes than its layout 'io' names, a \(8, 2\) and b \(2, 8\) do not: "
+               r"a slice of the whole tree cut the base too; slice the trainable half only, jax.tree.map\(lambda v: "
+               r"v\[k\], trainable\)")
+    for op, call in [("jlora.apply", lambda: jlora.apply(fn)(bad, jnp.ones((2, 8)))), ("jlora.merge", lambda: jlora.merge(bad)),
+                     ("save_adapter", lambda: jlora.adapter.save_adapter(tmp_path / "ad", bad))]:
+        with pytest.raises(ValueError, match=rf"{op}: LoraWeight {message}"):
+            call()
+    table = str(jlora.summary(jlora.combine(stacked, frozen)))  # the stack's factors counted, and said to be 3 adapters'
+    assert "q/kernel  8x8    io, 3 adapters" in table and "trainable params: 192 ||" in table, table  # 3·(32+24+8)
+    picked = jlora.combine(jax.tree.map(lambda v: v[1], stacked), frozen)
+    np.testing.assert_allclose(jlora.apply(fn)(picked, jnp.ones((2, 8))), fn(oracle_merge(trees[1]), jnp.ones((2, 8))),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_stacked_adapters_serve_one_per_row_over_one_base():
     """Multi-tenant serving: each row of the batch with its own adapter, the base once; each row as
     the merged weights of its adapter give it, and no adapter's ΔW formed."""
