@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig
+from jlora.fingerprint import fingerprint, warn_other_base
 from jlora.init import pattern_value, select
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
@@ -70,6 +71,10 @@ def save_adapter(path: str | os.PathLike, params: Any, *, lora_config: Any = Non
     check_finite("save_adapter", tensors, "no adapter is written")
     targets = {p: {"layout": str(x.layout), "rank": x.rank, "scale": x.scale, "dropout": x.dropout,
                    "shape": [int(d) for d in x.kernel_shape]} for p, x in adapters.items()}
+    for p, x in adapters.items():  # what a load checks the base against (not from a trainable half)
+        base = fingerprint(x.w)
+        if base is not None:
+            targets[p]["base"] = base
     trainable = {p: list(np.shape(x)) for p, x in trained.items()}
     save_id = uuid.uuid4().hex  # in both files: a load refuses a pair from two saves
     config = {
@@ -761,6 +766,8 @@ def loaded(path: str | os.PathLike, base_params: Any, config: dict, tensors: dic
                          layout=spec["layout"], path=p, dropout=spec.get("dropout", 0.0)) for p, spec in targets.items()}
     new.update({p: Trainable(jnp.asarray(tensors[p])) for p in trainable})
     new = follow_bases(str(path), new, by_path)  # on a sharded base: sharded alike
+    warn_other_base(str(path), {p: spec["base"] for p, spec in targets.items() if "base" in spec}, by_path,
+                    stacklevel=_user_stacklevel())
     missing = unadapted_layers(config.get("lora_config"), by_path, set(targets))
     if missing:
         warnings.warn(f"{path}: its config adapts {len(missing)} kernel(s) of this base that the adapter holds no "

@@ -40,6 +40,7 @@ from jlora.adapter import WEIGHTS_FILE as ADAPTER_WEIGHTS
 from jlora.adapter import (check_base, check_finite, check_float_targets, check_other_format, check_saveable,
                            check_trainable_not_lazy, host_array, model_hint, size_on_disk, write_files,
                            writes_here)
+from jlora.fingerprint import fingerprint, warn_other_base
 from jlora.hf import LAYOUT_PRESETS
 from jlora.layout import Layout
 from jlora.lazy import _user_stacklevel
@@ -48,6 +49,7 @@ from jlora.sharding import follow_bases
 from jlora.weight import Lazy, LoraWeight, Trainable, is_node, is_param
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+BASE_KEY = "jlora_base"  # the adapted kernels' fingerprints (jlora.fingerprint) in the weights' header, by Flax path
 LINEAR_FACTORS, EMBEDDING_FACTORS = (".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")
 BASE_COPY = ".base_layer.weight"
 BASE_BIAS_COPY = ".base_layer.bias"
@@ -387,8 +389,12 @@ def save_adapter(path: str | os.PathLike, params: Any, hf_config: Any, *, base_m
     }
     check_finite("jlora.peft.save_adapter", tensors, "no adapter is written")
 
+    # the kernels' fingerprints, which jlora.peft.load_adapter checks the base against (PEFT reads none)
+    base = {p: fp for p, lw in targets if (fp := fingerprint(lw.w)) is not None}
+    header = {"format": "pt", **({BASE_KEY: json.dumps(base)} if base else {})}
+
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=header)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     return write_files(path, write) if here else Path(path)
@@ -1113,7 +1119,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         >>> str(loaded["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].layout)  # GPT-2's Conv1D: (out, in)
         'oi'
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
     _check_hf_config("jlora.peft.load_adapter", hf_config)
@@ -1121,6 +1127,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     dropout = config.get("lora_dropout") or 0.0
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
+        with safe_open(str(path / WEIGHTS_FILE), "np") as f:
+            header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
     check_finite(str(path / WEIGHTS_FILE), tensors, "nothing is loaded")
@@ -1256,6 +1264,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
     for p, value in tuned.items():  # PEFT's trained biases and saved modules: fully trained leaves
         new[flax_path[p]] = Trainable(jnp.asarray(value, by_path[p].dtype))
     new = follow_bases(str(path), new, by_flax_path)  # on a sharded base: sharded alike
+    try:  # written by jlora.peft.save_adapter; a hand-edited header is no fingerprint
+        saved_base = json.loads(header.get(BASE_KEY, "{}"))
+    except ValueError:
+        saved_base = {}
+    if isinstance(saved_base, dict):
+        warn_other_base(str(path), {p: fp for p, fp in saved_base.items() if isinstance(new.get(p), LoraWeight)},
+                        by_flax_path, stacklevel=2)
     heads_apart = [p for p in new if p.split("/")[-2:] == ["lm_head", "kernel"]]
     if ties and heads_apart and any(p.endswith("/embedding") for p in new):  # HF's Flax Llama keeps an lm_head
         warnings.warn(f"{path}: PEFT ties the LM head's {'adapter' if ties == 'target' else 'copy'} to the input "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.adapter import describe, load_adapter, save_adapter
+from jlora.adapter import describe, load_adapter, read_config, save_adapter
 from oracle import perturb
 from quantized import quantize
 
@@ -495,3 +495,28 @@ def test_an_adapter_loaded_onto_a_deeper_base_says_which_kernels_it_leaves_as_th
     save_adapter(tmp_path / "eqx", jlora.lora_init(KEY, torch_style(2), cfg, infer_layout=forward), lora_config=cfg)
     with pytest.warns(UserWarning, match=r"holds no adapter for, left as they are .*\['layers/2/lin/weight'\]"):
         load_adapter(tmp_path / "eqx", torch_style(3))
+
+
+def test_an_adapter_loaded_over_another_base_of_the_same_shapes_is_told(tmp_path):
+    """A random init where the pretrained model was meant (or another checkpoint, or a base its
+    init changed) loads silently in PEFT; jlora names the kernels that differ from the ones the
+    adapter was saved over. The same base in bf16, quantized, abstract or sharded is the same."""
+    base, cfg, p = lora_tree()
+    save_adapter(tmp_path / "ad", p, lora_config=cfg)
+    assert len(read_config(tmp_path / "ad")["targets"]["q/kernel"]["base"]) == 4
+    other = {**base, "q": {**base["q"], "kernel": jax.random.normal(jax.random.key(7), (8, 8))}}
+    with pytest.warns(UserWarning, match=r"the base differs from the one the adapter was saved over at 1 of 2 adapted "
+                                         r"kernels \(\['q/kernel'\]\): a random init where the pretrained model was "
+                                         r"meant \(from_config, not from_pretrained\?\)"):
+        back = load_adapter(tmp_path / "ad", other)
+    assert back["q"]["kernel"].w is other["q"]["kernel"]  # loaded all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for same_base in (jax.tree.map(lambda x: x.astype(jnp.bfloat16), base),
+                          {**base, "q": {**base["q"], "kernel": quantize(base["q"]["kernel"])}},
+                          jax.eval_shape(lambda: base),
+                          jlora.sharding.place(base, jlora.sharding.make_mesh({"fsdp": -1}), [jlora.sharding.fsdp(min_size=1)])):
+            load_adapter(tmp_path / "ad", same_base)
+        save_adapter(tmp_path / "half", jlora.split(p)[0], lora_config=cfg)  # no base to take a fingerprint of
+        assert "base" not in read_config(tmp_path / "half")["targets"]["q/kernel"]
+        load_adapter(tmp_path / "half", other)

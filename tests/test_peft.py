@@ -52,6 +52,21 @@ def test_jlora_adapter_runs_the_same_in_peft(model_type, tmp_path):
     assert float(np.abs(got - model(IDS).logits).max()) > 1e-3  # the adapter matters
 
 
+def test_jlora_reads_back_the_base_fingerprint_it_writes_beside_peft_s_weights(tmp_path):
+    """The fingerprints ride in the weights' header, which PEFT does not read (it loads the file,
+    _same_in_peft): read back over a random init of the same shapes, jlora says so."""
+    model, torch_model = pair("llama", tmp_path)
+    cfg = jlora.LoraConfig(rank=4, targets=["q_proj", "v_proj"])
+    _same_in_peft(model, torch_model, cfg, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.peft.load_adapter(tmp_path / "adapter", model.params, model.config)
+    other = type(model)(model.config, seed=7).params
+    with pytest.warns(UserWarning, match=r"adapter: the base differs from the one the adapter was saved over at 4 of 4 "
+                                         r"adapted kernels \(\['model/layers/0/self_attn/q_proj/kernel'"):
+        jlora.peft.load_adapter(tmp_path / "adapter", other, model.config)
+
+
 def _same_in_peft(model, torch_model, cfg, directory):
     """jlora adapters (``cfg``, perturbed) saved in PEFT's format: PEFT's logits equal jlora's."""
     lm = hf.LoraModel(model, cfg, jax.random.key(0))
