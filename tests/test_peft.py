@@ -19,7 +19,7 @@ import jlora
 import jlora.adapter
 import jlora.peft
 from jlora import hf
-from oracle import perturb
+from oracle import normal, perturb
 from quantized import quantize
 from test_hf import TINY
 
@@ -1417,3 +1417,29 @@ def test_a_peft_adapter_loaded_onto_a_sharded_base_is_sharded_as_lora_init_shard
     with pytest.raises(ValueError, match=r"adapter: the base's sharding for 'model/layers/0/.*/kernel': axis 0 of shape .* which "
                                          r"does not divide over mesh axes \('model',\) of size 3"):
         jlora.peft.load_adapter(tmp_path / "adapter", uneven, model.config)
+
+
+def test_a_decoder_only_reward_model_crosses_to_peft_as_the_readme_builds_it(tmp_path):
+    """transformers 4 has no Flax LlamaForSequenceClassification: the body's params and a head of
+    one's own, {"model": body, "score": ...}, saved with the PyTorch class in architectures, load
+    in PEFT's class with the head as modules_to_save and score the same."""
+    model = TINY["llama"]()
+    body = tf.FlaxLlamaModel(model.config, seed=0)
+    tree = {"model": model.params["model"], "score": {"kernel": normal(jax.random.key(7), (model.config.hidden_size, 1))}}
+    params = perturb(jlora.lora_init(KEY, tree, jlora.LoraConfig(rank=4, targets=["q_proj", "v_proj"], trainable=["score"])),
+                     jax.random.key(1))
+
+    def score(p, ids):  # the last token's score, as PyTorch's class pools without padding
+        return (body(ids, params=p["model"]).last_hidden_state @ p["score"]["kernel"])[:, -1, 0]
+
+    config = tf.LlamaConfig(**{**model.config.to_dict(), "architectures": ["LlamaForSequenceClassification"],
+                               "num_labels": 1, "pad_token_id": 0})
+    out = jlora.peft.save_adapter(tmp_path / "adapter", params, config)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["score"]
+    hf.save_torch(model, model.params, tmp_path / "base")
+    torch_model = tf.LlamaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1, pad_token_id=0)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, out).eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(IDS)).logits[:, 0].numpy()
+    np.testing.assert_allclose(got, jlora.apply(score)(params, IDS), rtol=1e-4, atol=1e-5)
