@@ -10,6 +10,7 @@ and jlora's ratios to the baseline; the outputs are checked to agree.
 
     python benchmarks/serve.py
     python benchmarks/serve.py --adapters 32 --tokens 256
+    python benchmarks/serve.py --inner jit    # a jax.jit (or checkpoint) between the vmap and jlora.apply
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2816)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--inner", choices=["none", "jit", "checkpoint"], default="none",
+                        help="what stands between the vmap and jlora.apply, hiding the mapping from it")
     args = parser.parse_args()
     keys = jax.random.split(jax.random.key(0), 5)
     d, f = args.width, args.hidden
@@ -68,11 +71,13 @@ def main() -> None:
     halves = [jax.tree.map(lambda x: x + 0.01 * (i + 1), trainable) for i in range(args.adapters)]  # b not zero
     stacked = jlora.stack(halves)
     xs = jax.random.normal(keys[4], (args.adapters, args.tokens, d))
-    served = jax.vmap(lambda t, x: jlora.apply(mlp)(jlora.combine(t, frozen), x))
+    inner = {"none": lambda f: f, "jit": jax.jit, "checkpoint": jax.checkpoint}[args.inner]
+    served = jax.vmap(inner(lambda t, x: jlora.apply(mlp)(jlora.combine(t, frozen), x)))
     ours = measure(served, stacked, xs, calls=args.calls)
     theirs = measure(lambda t, x: hand(t, frozen, x), stacked, xs, calls=args.calls)
     np.testing.assert_allclose(ours[2], theirs[2], rtol=2e-4, atol=2e-5)
-    report(f"{args.adapters} adapters (rank {args.rank}) over one {d}x{f} MLP block, {args.tokens} tokens a row", ours, theirs)
+    report(f"{args.adapters} adapters (rank {args.rank}) over one {d}x{f} MLP block, {args.tokens} tokens a row"
+           + ("" if args.inner == "none" else f", a jax.{args.inner} inside the vmap"), ours, theirs)
 
 
 def report(title: str, ours: tuple, theirs: tuple) -> None:
