@@ -43,6 +43,15 @@ def fingerprint(w: Any) -> list[float] | None:
     elif (isinstance(w, jax.core.Tracer) or not hasattr(w, "__array__") or isinstance(w, jax.ShapeDtypeStruct)
           or not jnp.issubdtype(w.dtype, jnp.floating)):
         return None
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(w)):
+        return None  # split over processes: no collective in a save that process 0 may make alone
+    try:  # a gather JAX refuses (a mesh with Explicit axes): no fingerprint rather than no save
+        return _fingerprint(w)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _fingerprint(w: Any) -> list[float]:
     values = w.materialize() if isinstance(w, Lazy) else w
     per_axis = max(1, round(_SAMPLE ** (1 / max(values.ndim, 1))))
     # the sample taken where w is (a numpy base is not copied to a device whole)
@@ -75,7 +84,7 @@ def same(saved: Any, here: Any) -> bool:
     """
     if not (isinstance(saved, list) and isinstance(here, list) and len(saved) == len(here) == K):
         return True
-    if not all(isinstance(z, (int, float)) and math.isfinite(z) for z in [*saved, *here]):
+    if not all(isinstance(z, float) and math.isfinite(z) for z in [*saved, *here]):
         return True
     return sum(abs(a - b) for a, b in zip(saved, here)) / K <= TOLERANCE
 
