@@ -1120,15 +1120,13 @@ def load_adapter(path: str | os.PathLike, base_params: Any, hf_config: Any) -> A
         'oi'
     """
     from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import load_file
 
     _check_hf_config("jlora.peft.load_adapter", hf_config)
     path, config = Path(path), read_config(path)
     dropout = config.get("lora_dropout") or 0.0
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
+    try:  # the tensors and the header's fingerprints, in one read
         with safe_open(str(path / WEIGHTS_FILE), "np") as f:
-            header = f.metadata() or {}
+            tensors, header = {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE}: cannot read adapter weights ({err})") from None
     check_finite(str(path / WEIGHTS_FILE), tensors, "nothing is loaded")

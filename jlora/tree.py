@@ -675,11 +675,11 @@ def summary(tree: Any) -> Summary:
             trainable += n
             total += n + _size(x.w)
             shape = "x".join(map(str, x.w.shape))
-            layout = str(x.fitted().layout)  # an ensemble's 'bio'
-            stacked = len(x.a.shape) - len(x.fitted().layout.a_shape(x.kernel_shape, x.rank))
-            if stacked > 0:  # adapters stacked over one base (jlora.stack, combined): their sum
-                layout += f", {math.prod(x.a.shape[:stacked])} adapters"
-            targets.append((path, shape, layout, x.rank, x.scale, n))
+            layout = x.fitted().layout  # an ensemble's 'bio'
+            stacked = len(x.a.shape) - len(layout.a_shape(x.kernel_shape, x.rank))
+            # adapters stacked over one base (jlora.stack, combined): their sum
+            named = f"{layout}, {math.prod(x.a.shape[:stacked])} adapters" if stacked > 0 else str(layout)
+            targets.append((path, shape, named, x.rank, x.scale, n))
         elif isinstance(x, Trainable):
             n = _size(x.value)
             trainable += n

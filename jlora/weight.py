@@ -291,7 +291,7 @@ class LoraWeight(Lazy):
             if len(w.shape) < layout.ndim:
                 full = [n for n in ("a", "b") if has_shape(getattr(self, n))
                         and len(getattr(self, n).shape) >= len(getattr(layout, f"{n}_shape")((1,) * layout.ndim, 1))]
-                if len(full) == 2 and "b" not in str(layout):  # w alone cut: jax.tree.map(lambda v: v[k], combined stack)
+                if len(full) == 2 and not layout.group("b"):  # w alone cut: jax.tree.map(lambda v: v[k], combined stack)
                     raise ValueError(f"LoraWeight {self.path!r}: w {tuple(w.shape)} has fewer axes than its layout "
                                      f"'{layout}' names, a {tuple(a.shape)} and b {tuple(b.shape)} do not: a slice of "
                                      "the whole tree cut the base too; slice the trainable half only, "
